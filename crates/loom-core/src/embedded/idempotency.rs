@@ -1,0 +1,215 @@
+//! [`IdempotencyStore`] on redb.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{ReadableTable, Table};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::codec::{self, RecordType};
+use crate::error::{StoreError, StoreResult};
+use crate::id::{ActorId, IdempotencyKey};
+use crate::store::{IdempotencyStore, Reservation, prepare_result};
+use crate::time::Timestamp;
+
+use super::EmbeddedStore;
+use super::tables::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, se};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Row {
+    result: Option<Value>,
+    expires_at: Timestamp,
+}
+
+impl Row {
+    fn reservation(self) -> Reservation {
+        match self.result {
+            Some(v) => Reservation::Completed(v),
+            None => Reservation::Pending {
+                expires_at: self.expires_at,
+            },
+        }
+    }
+}
+
+type Records<'t> = Table<'t, (&'static str, &'static str), &'static [u8]>;
+type Expiry<'t> = Table<'t, (u64, &'static str, &'static str), ()>;
+
+fn get(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    actor: &ActorId,
+    key: &IdempotencyKey,
+) -> StoreResult<Option<Row>> {
+    match table.get((actor.as_str(), key.as_str())).map_err(se)? {
+        None => Ok(None),
+        Some(v) => codec::decode(RecordType::Idempotency, v.value())
+            .map(Some)
+            .map_err(|e| StoreError::corrupt(format!("idempotency record {key} of {actor}"), e)),
+    }
+}
+
+/// Replaces the record (and its expiry index key) with `row`, or removes it for `None`.
+fn set(
+    records: &mut Records<'_>,
+    expiry: &mut Expiry<'_>,
+    actor: &ActorId,
+    key: &IdempotencyKey,
+    old: Option<&Row>,
+    row: Option<&Row>,
+) -> StoreResult<()> {
+    let (a, k) = (actor.as_str(), key.as_str());
+    if let Some(old) = old {
+        expiry
+            .remove((old.expires_at.as_millis(), a, k))
+            .map_err(se)?;
+    }
+    match row {
+        Some(row) => {
+            let bytes = codec::encode(RecordType::Idempotency, row).map_err(|e| {
+                StoreError::corrupt(format!("idempotency record {key} of {actor}"), e)
+            })?;
+            records.insert((a, k), bytes.as_slice()).map_err(se)?;
+            expiry
+                .insert((row.expires_at.as_millis(), a, k), ())
+                .map_err(se)?;
+        }
+        None => {
+            records.remove((a, k)).map_err(se)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_ttl(ttl: Duration) -> StoreResult<()> {
+    if ttl.is_zero() {
+        return Err(StoreError::InvalidRequest(
+            "idempotency ttl must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl IdempotencyStore for EmbeddedStore {
+    async fn reserve(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Reservation> {
+        check_ttl(ttl)?;
+        let (actor, key) = (actor.clone(), key.clone());
+        self.write(move |txn| {
+            let now = Timestamp::now();
+            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+            let old = get(&records, &actor, &key)?;
+            if let Some(row) = &old
+                && row.expires_at > now
+            {
+                return Ok(row.clone().reservation());
+            }
+            let row = Row {
+                result: None,
+                expires_at: now + ttl,
+            };
+            set(
+                &mut records,
+                &mut expiry,
+                &actor,
+                &key,
+                old.as_ref(),
+                Some(&row),
+            )?;
+            Ok(Reservation::Reserved)
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        result: &Value,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        check_ttl(ttl)?;
+        prepare_result(actor, key, result)?;
+        let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
+        self.write(move |txn| {
+            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+            let old = get(&records, &actor, &key)?;
+            let row = Row {
+                result: Some(result),
+                expires_at: Timestamp::now() + ttl,
+            };
+            set(
+                &mut records,
+                &mut expiry,
+                &actor,
+                &key,
+                old.as_ref(),
+                Some(&row),
+            )
+        })
+        .await
+    }
+
+    async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
+        let (actor, key) = (actor.clone(), key.clone());
+        self.write(move |txn| {
+            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+            match get(&records, &actor, &key)? {
+                Some(row) if row.result.is_none() => {
+                    set(&mut records, &mut expiry, &actor, &key, Some(&row), None)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn lookup(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+    ) -> StoreResult<Option<Reservation>> {
+        let (actor, key) = (actor.clone(), key.clone());
+        self.read(move |txn| {
+            let records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+            let now = Timestamp::now();
+            Ok(get(&records, &actor, &key)?
+                .filter(|r| r.expires_at > now)
+                .map(Row::reservation))
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
+        self.write(move |txn| {
+            let now = Timestamp::now().as_millis();
+            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+            let mut doomed = Vec::new();
+            for item in expiry
+                .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
+                .map_err(se)?
+                .take(limit)
+            {
+                let (k, _) = item.map_err(se)?;
+                let (at, a, key) = k.value();
+                doomed.push((at, a.to_owned(), key.to_owned()));
+            }
+            for (at, a, key) in &doomed {
+                expiry.remove((*at, a.as_str(), key.as_str())).map_err(se)?;
+                records.remove((a.as_str(), key.as_str())).map_err(se)?;
+            }
+            Ok(doomed.len() as u64)
+        })
+        .await
+    }
+}

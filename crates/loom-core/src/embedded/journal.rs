@@ -1,0 +1,322 @@
+//! [`JournalStore`] on redb.
+
+use async_trait::async_trait;
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+
+use crate::codec;
+use crate::entry::{Entry, Seq, Snapshot};
+use crate::error::{StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::store::{
+    EntryStream, JournalInfo, JournalStore, SeqRange, paged_read, prepare_append, prepare_snapshot,
+};
+
+use super::EmbeddedStore;
+use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, se};
+
+/// Entries per read transaction while streaming.
+const READ_PAGE: usize = 1024;
+
+fn meta_of(
+    table: &impl ReadableTable<&'static str, (u64, u64)>,
+    actor: &str,
+) -> StoreResult<(Seq, Seq)> {
+    Ok(table
+        .get(actor)
+        .map_err(se)?
+        .map(|v| v.value())
+        .unwrap_or((0, 0)))
+}
+
+fn snapshot_seqs(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    actor: &str,
+) -> StoreResult<Vec<Seq>> {
+    let mut out = Vec::new();
+    for item in table.range((actor, 0)..=(actor, Seq::MAX)).map_err(se)? {
+        let (k, _) = item.map_err(se)?;
+        out.push(k.value().1);
+    }
+    Ok(out)
+}
+
+fn append(
+    txn: &WriteTransaction,
+    actor: &ActorId,
+    expected_next: Seq,
+    encoded: &[Vec<u8>],
+) -> StoreResult<Seq> {
+    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
+    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    if expected_next != highest + 1 {
+        return Err(StoreError::Conflict {
+            actor: actor.clone(),
+            expected: expected_next,
+            actual: highest + 1,
+        });
+    }
+    if encoded.is_empty() {
+        return Ok(highest);
+    }
+    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+    for (i, bytes) in encoded.iter().enumerate() {
+        journal
+            .insert((actor.as_str(), expected_next + i as Seq), bytes.as_slice())
+            .map_err(se)?;
+    }
+    let highest = highest + encoded.len() as Seq;
+    meta.insert(actor.as_str(), (highest, trimmed))
+        .map_err(se)?;
+    Ok(highest)
+}
+
+fn read_page(
+    txn: &ReadTransaction,
+    actor: &ActorId,
+    from: Seq,
+    to: Seq,
+    limit: usize,
+) -> StoreResult<Vec<Entry>> {
+    let table = txn.open_table(JOURNAL).map_err(se)?;
+    let mut out = Vec::with_capacity(limit.min(READ_PAGE));
+    for item in table
+        .range((actor.as_str(), from)..=(actor.as_str(), to))
+        .map_err(se)?
+        .take(limit)
+    {
+        let (k, v) = item.map_err(se)?;
+        let seq = k.value().1;
+        let entry = codec::decode_entry(seq, v.value())
+            .map_err(|e| StoreError::corrupt(format!("entry {seq} of {actor}"), e))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+fn save_snapshot(
+    txn: &WriteTransaction,
+    actor: &ActorId,
+    seq: Seq,
+    bytes: &[u8],
+    keep: usize,
+) -> StoreResult<()> {
+    let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    if seq > highest {
+        return Err(StoreError::SnapshotRefused {
+            actor: actor.clone(),
+            seq,
+            reason: format!("the journal's highest seq is {highest}"),
+        });
+    }
+    if seq < trimmed {
+        return Err(StoreError::SnapshotRefused {
+            actor: actor.clone(),
+            seq,
+            reason: format!(
+                "entries through {trimmed} were trimmed, so replay from {seq} is impossible"
+            ),
+        });
+    }
+    let mut snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+    snaps.insert((actor.as_str(), seq), bytes).map_err(se)?;
+    let seqs = snapshot_seqs(&snaps, actor.as_str())?;
+    for old in seqs.iter().take(seqs.len().saturating_sub(keep)) {
+        snaps.remove((actor.as_str(), *old)).map_err(se)?;
+    }
+    Ok(())
+}
+
+fn trim(txn: &WriteTransaction, actor: &ActorId, through: Seq) -> StoreResult<()> {
+    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
+    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+    let oldest = snaps
+        .range((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX))
+        .map_err(se)?
+        .next()
+        .transpose()
+        .map_err(se)?
+        .map(|(k, _)| k.value().1);
+    match oldest {
+        Some(oldest) if through <= oldest => {}
+        _ => {
+            return Err(StoreError::TrimRefused {
+                actor: actor.clone(),
+                through,
+                oldest_snapshot: oldest,
+            });
+        }
+    }
+    if through <= trimmed {
+        return Ok(());
+    }
+    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+    journal
+        .retain_in(
+            (actor.as_str(), trimmed + 1)..=(actor.as_str(), through),
+            |_, _| false,
+        )
+        .map_err(se)?;
+    meta.insert(actor.as_str(), (highest, through))
+        .map_err(se)?;
+    Ok(())
+}
+
+fn delete(txn: &WriteTransaction, actor: &ActorId) -> StoreResult<()> {
+    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
+    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+    journal
+        .retain_in(
+            (actor.as_str(), trimmed + 1)..=(actor.as_str(), Seq::MAX),
+            |_, _| false,
+        )
+        .map_err(se)?;
+    let mut snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+    snaps
+        .retain_in((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX), |_, _| {
+            false
+        })
+        .map_err(se)?;
+    if highest > 0 {
+        meta.insert(actor.as_str(), (highest, highest))
+            .map_err(se)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl JournalStore for EmbeddedStore {
+    async fn append(
+        &self,
+        actor: &ActorId,
+        expected_next: Seq,
+        entries: &[Entry],
+    ) -> StoreResult<Seq> {
+        let encoded = prepare_append(actor, expected_next, entries)?;
+        let actor = actor.clone();
+        self.write(move |txn| append(txn, &actor, expected_next, &encoded))
+            .await
+    }
+
+    fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
+        let store = self.clone();
+        let id = actor.clone();
+        paged_read(actor.clone(), range, READ_PAGE, move |from, to, limit| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                store
+                    .read(move |txn| read_page(txn, &id, from, to, limit))
+                    .await
+            }
+        })
+    }
+
+    async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+            Ok(meta_of(&meta, actor.as_str())?.0)
+        })
+        .await
+    }
+
+    async fn info(&self, actor: &ActorId) -> StoreResult<JournalInfo> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+            let (highest, trimmed_through) = meta_of(&meta, actor.as_str())?;
+            let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+            Ok(JournalInfo {
+                highest,
+                trimmed_through,
+                snapshots: snapshot_seqs(&snaps, actor.as_str())?,
+            })
+        })
+        .await
+    }
+
+    async fn save_snapshot(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+    ) -> StoreResult<()> {
+        let bytes = prepare_snapshot(actor, snapshot, keep)?;
+        let actor = actor.clone();
+        let seq = snapshot.seq;
+        self.write(move |txn| save_snapshot(txn, &actor, seq, &bytes, keep))
+            .await
+    }
+
+    async fn load_snapshot(
+        &self,
+        actor: &ActorId,
+        at_or_below: Seq,
+    ) -> StoreResult<Option<Snapshot>> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+            let last = snaps
+                .range((actor.as_str(), 0)..=(actor.as_str(), at_or_below))
+                .map_err(se)?
+                .next_back()
+                .transpose()
+                .map_err(se)?;
+            match last {
+                None => Ok(None),
+                Some((k, v)) => {
+                    let seq = k.value().1;
+                    codec::decode_snapshot(seq, v.value())
+                        .map(Some)
+                        .map_err(|e| StoreError::corrupt(format!("snapshot {seq} of {actor}"), e))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let actor = actor.clone();
+        self.write(move |txn| trim(txn, &actor, through)).await
+    }
+
+    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+        let actor = actor.clone();
+        self.write(move |txn| delete(txn, &actor)).await
+    }
+
+    async fn list_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        let after = after.cloned();
+        self.read(move |txn| {
+            let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+            let iter = match &after {
+                Some(a) => meta.range::<&str>((
+                    std::ops::Bound::Excluded(a.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => meta.range::<&str>(..),
+            }
+            .map_err(se)?;
+            let mut out = Vec::new();
+            for item in iter.take(limit) {
+                let (k, _) = item.map_err(se)?;
+                let id: ActorId = k.value().parse().map_err(|e: crate::IdError| {
+                    StoreError::corrupt(
+                        "journal actor id",
+                        crate::codec::CodecError::Body(e.to_string()),
+                    )
+                })?;
+                out.push(id);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,161 @@
+//! [`LeaseManager`] on redb.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, RecordType};
+use crate::error::{StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::store::{Lease, LeaseManager, check_owner};
+use crate::time::Timestamp;
+
+use super::EmbeddedStore;
+use super::tables::{LEASES, se};
+
+/// A lease row. Kept after release (`owner: None`) so that the token keeps growing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Row {
+    owner: Option<String>,
+    token: u64,
+    expires_at: Timestamp,
+}
+
+fn get(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    actor: &ActorId,
+) -> StoreResult<Option<Row>> {
+    match table.get(actor.as_str()).map_err(se)? {
+        None => Ok(None),
+        Some(v) => codec::decode(RecordType::Lease, v.value())
+            .map(Some)
+            .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e)),
+    }
+}
+
+fn put(txn: &WriteTransaction, actor: &ActorId, row: &Row) -> StoreResult<()> {
+    let bytes = codec::encode(RecordType::Lease, row)
+        .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e))?;
+    let mut table = txn.open_table(LEASES).map_err(se)?;
+    table.insert(actor.as_str(), bytes.as_slice()).map_err(se)?;
+    Ok(())
+}
+
+fn live(row: &Row, now: Timestamp) -> Option<&str> {
+    row.owner.as_deref().filter(|_| row.expires_at > now)
+}
+
+fn check_ttl(ttl: Duration) -> StoreResult<()> {
+    if ttl.is_zero() {
+        return Err(StoreError::InvalidRequest(
+            "lease ttl must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl LeaseManager for EmbeddedStore {
+    async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        check_owner(owner)?;
+        check_ttl(ttl)?;
+        let (actor, owner) = (actor.clone(), owner.to_owned());
+        self.write(move |txn| {
+            let now = Timestamp::now();
+            let old = get(&txn.open_table(LEASES).map_err(se)?, &actor)?;
+            if let Some(row) = &old
+                && let Some(holder) = live(row, now)
+            {
+                return Err(StoreError::LeaseHeld {
+                    actor: actor.clone(),
+                    owner: holder.to_owned(),
+                    token: row.token,
+                    remaining_ms: row.expires_at.saturating_since(now).as_millis() as u64,
+                });
+            }
+            let row = Row {
+                owner: Some(owner.clone()),
+                token: old.map_or(0, |r| r.token) + 1,
+                expires_at: now + ttl,
+            };
+            put(txn, &actor, &row)?;
+            Ok(Lease {
+                actor,
+                owner,
+                token: row.token,
+                expires_at: row.expires_at,
+            })
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
+        check_ttl(ttl)?;
+        let lease = lease.clone();
+        self.write(move |txn| {
+            let now = Timestamp::now();
+            let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
+            match row {
+                Some(row) if row.token == lease.token && live(&row, now).is_some() => {
+                    let row = Row {
+                        expires_at: now + ttl,
+                        ..row
+                    };
+                    put(txn, &lease.actor, &row)?;
+                    Ok(Lease {
+                        expires_at: row.expires_at,
+                        ..lease
+                    })
+                }
+                _ => Err(StoreError::LeaseLost {
+                    actor: lease.actor.clone(),
+                    token: lease.token,
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> StoreResult<bool> {
+        let lease = lease.clone();
+        self.write(move |txn| {
+            let now = Timestamp::now();
+            let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
+            match row {
+                Some(row) if row.token == lease.token && live(&row, now).is_some() => {
+                    put(
+                        txn,
+                        &lease.actor,
+                        &Row {
+                            owner: None,
+                            token: row.token,
+                            expires_at: now,
+                        },
+                    )?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let now = Timestamp::now();
+            let row = get(&txn.open_table(LEASES).map_err(se)?, &actor)?;
+            Ok(row.and_then(|row| {
+                live(&row, now).map(|owner| Lease {
+                    actor: actor.clone(),
+                    owner: owner.to_owned(),
+                    token: row.token,
+                    expires_at: row.expires_at,
+                })
+            }))
+        })
+        .await
+    }
+}

@@ -1,0 +1,553 @@
+//! [`Mailbox`] on redb. Table layout and invariants: see `tables.rs` (`MESSAGES` to `READY`).
+//!
+//! Each actor's mailbox has at most one *current* message: the one handed out and not yet acked,
+//! or waiting out a nack delay. While it exists nothing else is handed out, which keeps per-actor
+//! order across retries. The others wait in `QUEUE`, ordered by due time then position.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{ReadableTable, Table, WriteTransaction};
+
+use crate::codec::{self, RecordType};
+use crate::envelope::Envelope;
+use crate::error::{StoreError, StoreResult};
+use crate::id::{ActorId, MessageId};
+use crate::limits::clip_reason;
+use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
+use crate::time::Timestamp;
+
+use super::tables::{
+    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, META, QUEUE, READY, se,
+};
+use super::{EmbeddedStore, meta_counter};
+
+const EMPTY: u64 = u64::MAX;
+
+/// One row of `MAILBOX_META`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    last_position: u64,
+    current: u64,
+    ready_at: u64,
+    count: u64,
+    last_due: u64,
+}
+
+impl Meta {
+    fn get(
+        table: &impl ReadableTable<&'static str, (u64, u64, u64, u64, u64)>,
+        actor: &str,
+    ) -> StoreResult<Meta> {
+        Ok(match table.get(actor).map_err(se)? {
+            Some(v) => {
+                let (last_position, current, ready_at, count, last_due) = v.value();
+                Meta {
+                    last_position,
+                    current,
+                    ready_at,
+                    count,
+                    last_due,
+                }
+            }
+            None => Meta {
+                last_position: 0,
+                current: 0,
+                ready_at: EMPTY,
+                count: 0,
+                last_due: 0,
+            },
+        })
+    }
+}
+
+/// The tables one mailbox operation touches, opened once.
+struct Tables<'t> {
+    messages: Table<'t, (&'static str, u64), &'static [u8]>,
+    state: Table<'t, (&'static str, u64), (u64, u64, u32, u128)>,
+    errors: Table<'t, (&'static str, u64), &'static str>,
+    queue: Table<'t, (&'static str, u64, u64), ()>,
+    meta: Table<'t, &'static str, (u64, u64, u64, u64, u64)>,
+    ready: Table<'t, (u64, &'static str), ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        Ok(Tables {
+            messages: txn.open_table(MESSAGES).map_err(se)?,
+            state: txn.open_table(MESSAGE_STATE).map_err(se)?,
+            errors: txn.open_table(MESSAGE_ERRORS).map_err(se)?,
+            queue: txn.open_table(QUEUE).map_err(se)?,
+            meta: txn.open_table(MAILBOX_META).map_err(se)?,
+            ready: txn.open_table(READY).map_err(se)?,
+        })
+    }
+
+    /// When the actor next has something to hand out, given its current message.
+    fn ready_at(&self, actor: &str, current: u64) -> StoreResult<u64> {
+        if current != 0 {
+            return Ok(self.state_of(actor, current)?.visible_at);
+        }
+        let first = self
+            .queue
+            .range((actor, 0, 0)..=(actor, u64::MAX, u64::MAX))
+            .map_err(se)?
+            .next()
+            .transpose()
+            .map_err(se)?;
+        Ok(first.map(|(k, _)| k.value().1).unwrap_or(EMPTY))
+    }
+
+    fn state_of(&self, actor: &str, position: u64) -> StoreResult<State> {
+        self.state
+            .get((actor, position))
+            .map_err(se)?
+            .map(|v| {
+                let (due, visible_at, deliveries, id) = v.value();
+                State {
+                    due,
+                    visible_at,
+                    deliveries,
+                    id,
+                }
+            })
+            .ok_or_else(|| {
+                StoreError::storage(
+                    super::tables::BACKEND,
+                    Inconsistent(format!("{actor} position {position} has no delivery state")),
+                )
+            })
+    }
+
+    /// Writes the actor's meta row and keeps `READY` in step with it.
+    fn put_meta(&mut self, actor: &str, old: Meta, new: Meta) -> StoreResult<()> {
+        let new_ready = if new.count == 0 { EMPTY } else { new.ready_at };
+        if old.ready_at != EMPTY && old.ready_at != new_ready {
+            self.ready.remove((old.ready_at, actor)).map_err(se)?;
+        }
+        if new_ready != EMPTY && new_ready != old.ready_at {
+            self.ready.insert((new_ready, actor), ()).map_err(se)?;
+        }
+        let row = Meta {
+            ready_at: new_ready,
+            ..new
+        };
+        self.meta
+            .insert(
+                actor,
+                (
+                    row.last_position,
+                    row.current,
+                    row.ready_at,
+                    row.count,
+                    row.last_due,
+                ),
+            )
+            .map_err(se)?;
+        Ok(())
+    }
+
+    fn envelope(&self, actor: &ActorId, position: u64) -> StoreResult<Envelope> {
+        let bytes = self
+            .messages
+            .get((actor.as_str(), position))
+            .map_err(se)?
+            .ok_or_else(|| {
+                StoreError::storage(
+                    super::tables::BACKEND,
+                    Inconsistent(format!("{actor} position {position} has no message")),
+                )
+            })?;
+        codec::decode(RecordType::Message, bytes.value()).map_err(|e| {
+            StoreError::corrupt(
+                format!("message at position {position} of {actor}'s mailbox"),
+                e,
+            )
+        })
+    }
+
+    fn enqueue(
+        &mut self,
+        actor: &ActorId,
+        message_id: MessageId,
+        bytes: &[u8],
+        deliver_at: Option<Timestamp>,
+        now: u64,
+    ) -> StoreResult<u64> {
+        let a = actor.as_str();
+        let old = Meta::get(&self.meta, a)?;
+        let position = old.last_position + 1;
+        let mut new = Meta {
+            last_position: position,
+            count: old.count + 1,
+            ..old
+        };
+        let due = match deliver_at {
+            Some(t) if t.as_millis() > now => t.as_millis(),
+            _ => {
+                new.last_due = now.max(old.last_due);
+                new.last_due
+            }
+        };
+        self.messages.insert((a, position), bytes).map_err(se)?;
+        let id = message_id.as_uuid().as_u128();
+        self.state
+            .insert((a, position), (due, 0, 0, id))
+            .map_err(se)?;
+        self.queue.insert((a, due, position), ()).map_err(se)?;
+        if old.current == 0 {
+            new.ready_at = if old.count == 0 {
+                due
+            } else {
+                old.ready_at.min(due)
+            };
+        }
+        self.put_meta(a, old, new)?;
+        Ok(position)
+    }
+
+    /// Checks that `receipt` is the current delivery of the actor's current message.
+    fn check_receipt(&self, receipt: &Receipt) -> StoreResult<(Meta, State)> {
+        let a = receipt.actor.as_str();
+        let meta = Meta::get(&self.meta, a)?;
+        let stale = || StoreError::StaleReceipt {
+            actor: receipt.actor.clone(),
+            message_id: receipt.message_id,
+        };
+        if meta.current != receipt.position || meta.current == 0 {
+            return Err(stale());
+        }
+        let state = self.state_of(a, receipt.position)?;
+        if state.deliveries != receipt.delivery
+            || state.id != receipt.message_id.as_uuid().as_u128()
+        {
+            return Err(stale());
+        }
+        Ok((meta, state))
+    }
+
+    /// Removes the actor's current message and moves on to the next.
+    fn remove_current(&mut self, actor: &str, old: Meta) -> StoreResult<()> {
+        let p = old.current;
+        self.messages.remove((actor, p)).map_err(se)?;
+        self.state.remove((actor, p)).map_err(se)?;
+        self.errors.remove((actor, p)).map_err(se)?;
+        let new = Meta {
+            current: 0,
+            count: old.count - 1,
+            ready_at: self.ready_at(actor, 0)?,
+            ..old
+        };
+        self.put_meta(actor, old, new)
+    }
+}
+
+/// One row of `MESSAGE_STATE`.
+#[derive(Debug, Clone, Copy)]
+struct State {
+    due: u64,
+    visible_at: u64,
+    deliveries: u32,
+    id: u128,
+}
+
+impl State {
+    fn row(self) -> (u64, u64, u32, u128) {
+        (self.due, self.visible_at, self.deliveries, self.id)
+    }
+}
+
+/// The tables disagree with each other: a bug or a damaged file, never a user error.
+#[derive(Debug, thiserror::Error)]
+#[error("mailbox tables disagree: {0}")]
+struct Inconsistent(String);
+
+/// Moves the actor's current message to the dead letters.
+fn bury(
+    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
+    actor: &ActorId,
+    meta: Meta,
+    deliveries: u32,
+    reason: &str,
+) -> StoreResult<u64> {
+    let envelope = t.envelope(actor, meta.current)?;
+    let mut counters = txn.open_table(META).map_err(se)?;
+    let id = meta_counter(&counters, "dead_letter_seq")? + 1;
+    let dead = DeadLetter {
+        id,
+        envelope,
+        reason: clip_reason(reason),
+        deliveries,
+        at: Timestamp::now(),
+    };
+    let bytes = codec::encode(RecordType::DeadLetter, &dead)
+        .map_err(|e| StoreError::corrupt(format!("dead letter of {actor}"), e))?;
+    let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(se)?;
+    dead_letters.insert(id, bytes.as_slice()).map_err(se)?;
+    counters.insert("dead_letter_seq", id).map_err(se)?;
+    t.remove_current(actor.as_str(), meta)?;
+    tracing::warn!(%actor, message_id = %dead.envelope.id, dead_letter = id, reason = %dead.reason, "message dead-lettered");
+    Ok(id)
+}
+
+fn lease(
+    txn: &WriteTransaction,
+    actor: &ActorId,
+    opts: LeaseOptions,
+) -> StoreResult<Option<Delivery>> {
+    let a = actor.as_str();
+    let mut t = Tables::open(txn)?;
+    let now = Timestamp::now().as_millis();
+    loop {
+        let meta = Meta::get(&t.meta, a)?;
+        let position = if meta.current != 0 {
+            let State {
+                visible_at,
+                deliveries,
+                ..
+            } = t.state_of(a, meta.current)?;
+            if visible_at > now {
+                return Ok(None);
+            }
+            if deliveries >= opts.max_deliveries {
+                let last = t
+                    .errors
+                    .get((a, meta.current))
+                    .map_err(se)?
+                    .map(|v| v.value().to_owned());
+                let reason = match last {
+                    Some(e) => format!("gave up after {deliveries} deliveries; last error: {e}"),
+                    None => {
+                        format!("delivered {deliveries} times and never acked (each lease ran out)")
+                    }
+                };
+                bury(txn, &mut t, actor, meta, deliveries, &reason)?;
+                continue;
+            }
+            meta.current
+        } else {
+            let first = t
+                .queue
+                .range((a, 0, 0)..=(a, now, u64::MAX))
+                .map_err(se)?
+                .next()
+                .transpose()
+                .map_err(se)?
+                .map(|(k, _)| {
+                    let (_, due, position) = k.value();
+                    (due, position)
+                });
+            match first {
+                None => return Ok(None),
+                Some((due, position)) => {
+                    t.queue.remove((a, due, position)).map_err(se)?;
+                    position
+                }
+            }
+        };
+        let mut envelope = t.envelope(actor, position)?;
+        let state = t.state_of(a, position)?;
+        let deliveries = state.deliveries + 1;
+        let visible_at = (Timestamp::from_millis(now) + opts.visibility).as_millis();
+        let state = State {
+            visible_at,
+            deliveries,
+            ..state
+        };
+        t.state.insert((a, position), state.row()).map_err(se)?;
+        let last_error = t
+            .errors
+            .get((a, position))
+            .map_err(se)?
+            .map(|v| v.value().to_owned());
+        let new = Meta {
+            current: position,
+            ready_at: visible_at,
+            ..meta
+        };
+        t.put_meta(a, meta, new)?;
+        envelope.attempt = deliveries - 1;
+        let receipt = Receipt {
+            actor: actor.clone(),
+            position,
+            message_id: envelope.id,
+            delivery: deliveries,
+        };
+        return Ok(Some(Delivery {
+            envelope,
+            receipt,
+            last_error,
+        }));
+    }
+}
+
+fn check_options(opts: &LeaseOptions) -> StoreResult<()> {
+    if opts.max_deliveries == 0 {
+        return Err(StoreError::InvalidRequest(
+            "max_deliveries must be at least 1".into(),
+        ));
+    }
+    if opts.visibility.is_zero() {
+        return Err(StoreError::InvalidRequest(
+            "visibility timeout must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Mailbox for EmbeddedStore {
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        let bytes = prepare_message(msg)?;
+        let actor = msg.to.clone();
+        let id = msg.id;
+        self.write(move |txn| {
+            let mut t = Tables::open(txn)?;
+            t.enqueue(&actor, id, &bytes, deliver_at, Timestamp::now().as_millis())
+        })
+        .await
+    }
+
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        check_options(&opts)?;
+        let actor = actor.clone();
+        self.write(move |txn| lease(txn, &actor, opts)).await
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        let receipt = receipt.clone();
+        self.write(move |txn| {
+            let mut t = Tables::open(txn)?;
+            let (meta, _) = t.check_receipt(&receipt)?;
+            t.remove_current(receipt.actor.as_str(), meta)
+        })
+        .await
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        let receipt = receipt.clone();
+        let error = clip_reason(error);
+        self.write(move |txn| {
+            let mut t = Tables::open(txn)?;
+            let (meta, state) = t.check_receipt(&receipt)?;
+            let a = receipt.actor.as_str();
+            let visible_at = (Timestamp::now() + delay).as_millis();
+            t.state
+                .insert(
+                    (a, receipt.position),
+                    State {
+                        visible_at,
+                        ..state
+                    }
+                    .row(),
+                )
+                .map_err(se)?;
+            t.errors
+                .insert((a, receipt.position), error.as_str())
+                .map_err(se)?;
+            t.put_meta(
+                a,
+                meta,
+                Meta {
+                    ready_at: visible_at,
+                    ..meta
+                },
+            )
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        let receipt = receipt.clone();
+        let reason = reason.to_owned();
+        self.write(move |txn| {
+            let mut t = Tables::open(txn)?;
+            let (meta, state) = t.check_receipt(&receipt)?;
+            bury(txn, &mut t, &receipt.actor, meta, state.deliveries, &reason)
+        })
+        .await
+    }
+
+    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
+        self.read(move |txn| {
+            let ready = txn.open_table(READY).map_err(se)?;
+            let now = Timestamp::now().as_millis();
+            let mut out = Vec::new();
+            for item in ready
+                .range(..(now.saturating_add(1), ""))
+                .map_err(se)?
+                .take(limit)
+            {
+                let (k, _) = item.map_err(se)?;
+                out.push(parse_actor(k.value().1)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        self.read(move |txn| {
+            let ready = txn.open_table(READY).map_err(se)?;
+            let first = ready.first().map_err(se)?;
+            Ok(first.map(|(k, _)| Timestamp::from_millis(k.value().0)))
+        })
+        .await
+    }
+
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let meta = txn.open_table(MAILBOX_META).map_err(se)?;
+            Ok(Meta::get(&meta, actor.as_str())?.count)
+        })
+        .await
+    }
+
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        self.read(move |txn| {
+            let table = txn.open_table(DEAD_LETTERS).map_err(se)?;
+            let start = after.map_or(0, |a| a.saturating_add(1));
+            let mut out = Vec::new();
+            for item in table.range(start..).map_err(se)?.take(limit) {
+                let (k, v) = item.map_err(se)?;
+                let dl: DeadLetter = codec::decode(RecordType::DeadLetter, v.value())
+                    .map_err(|e| StoreError::corrupt(format!("dead letter {}", k.value()), e))?;
+                out.push(dl);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(DEAD_LETTERS).map_err(se)?;
+            let dl: DeadLetter = match table.get(id).map_err(se)? {
+                None => return Err(StoreError::DeadLetterNotFound(id)),
+                Some(v) => codec::decode(RecordType::DeadLetter, v.value())
+                    .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?,
+            };
+            let mut envelope = dl.envelope;
+            envelope.attempt = 0;
+            let bytes = prepare_message(&envelope)?;
+            table.remove(id).map_err(se)?;
+            let mut t = Tables::open(txn)?;
+            t.enqueue(
+                &envelope.to,
+                envelope.id,
+                &bytes,
+                None,
+                Timestamp::now().as_millis(),
+            )
+        })
+        .await
+    }
+}
+
+fn parse_actor(s: &str) -> StoreResult<ActorId> {
+    s.parse().map_err(|e: crate::IdError| {
+        StoreError::corrupt("mailbox actor id", codec::CodecError::Body(e.to_string()))
+    })
+}

@@ -1,0 +1,201 @@
+//! What a journal holds: [`Entry`] and its [`EntryKind`]s, and the [`Snapshot`] that stands for a
+//! prefix of the journal. How they are laid out in bytes is in [`crate::codec`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::id::{ActorId, IdempotencyKey, MessageId};
+use crate::time::Timestamp;
+
+/// A position in one actor's journal. The first entry is 1; 0 means "nothing yet".
+///
+/// Seqs have no gaps and are never reused, even after a trim or a delete.
+pub type Seq = u64;
+
+/// The number of a durable call inside one invocation, counted from 1.
+pub type Step = u32;
+
+/// One journal record: what happened, when, and at which position.
+///
+/// ```
+/// use loom_core::{Entry, EntryKind, Timestamp};
+///
+/// let e = Entry::new(1, EntryKind::TimerFired { step: 2 });
+/// assert_eq!(e.seq, 1);
+/// assert!(e.at <= Timestamp::now());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The entry's position.
+    pub seq: Seq,
+    /// When it was written.
+    pub at: Timestamp,
+    /// What it records.
+    pub kind: EntryKind,
+}
+
+impl Entry {
+    /// An entry at `seq`, stamped now.
+    pub fn new(seq: Seq, kind: EntryKind) -> Self {
+        Entry {
+            seq,
+            at: Timestamp::now(),
+            kind,
+        }
+    }
+}
+
+/// The kinds of journal entries; see DESIGN.md, "Entry kinds", for when each is written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EntryKind {
+    /// An invocation started.
+    Invoked {
+        /// The message being processed.
+        message_id: MessageId,
+        /// The message body.
+        payload: Value,
+        /// The caller's idempotency key, if it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<IdempotencyKey>,
+    },
+    /// The handler changed the state: an RFC 6902 patch from the old state to the new.
+    StatePatched {
+        /// The patch.
+        patch: json_patch::Patch,
+    },
+    /// A side effect is about to run.
+    ActivityStarted {
+        /// Its durable step.
+        step: Step,
+        /// The activity's name.
+        name: String,
+        /// Its input.
+        input: Value,
+    },
+    /// A side effect succeeded.
+    ActivityCompleted {
+        /// Its durable step.
+        step: Step,
+        /// What it returned.
+        output: Value,
+    },
+    /// A side effect failed.
+    ActivityFailed {
+        /// Its durable step.
+        step: Step,
+        /// Why.
+        error: String,
+    },
+    /// The actor sent a message (it leaves exactly once).
+    MessageSent {
+        /// Its durable step.
+        step: Step,
+        /// The recipient.
+        to: ActorId,
+        /// The message's id, derived from the invocation and the step.
+        message_id: MessageId,
+    },
+    /// A child actor was created.
+    ChildSpawned {
+        /// Its durable step.
+        step: Step,
+        /// The child, derived from the parent and the step.
+        child: ActorId,
+        /// The child's first message.
+        input: Value,
+    },
+    /// A durable sleep or a scheduled message started.
+    TimerStarted {
+        /// Its durable step.
+        step: Step,
+        /// When it fires.
+        fire_at: Timestamp,
+    },
+    /// A timer fired.
+    TimerFired {
+        /// The step of its `TimerStarted`.
+        step: Step,
+    },
+    /// The invocation suspended to wait for an event.
+    EventAwaited {
+        /// Its durable step.
+        step: Step,
+        /// The event's name.
+        name: String,
+    },
+    /// The awaited event arrived.
+    EventReceived {
+        /// The step of its `EventAwaited`.
+        step: Step,
+        /// The event's name.
+        name: String,
+        /// Its data.
+        data: Value,
+    },
+    /// The invocation ended with a reply.
+    Completed {
+        /// The reply.
+        reply: Value,
+    },
+    /// The invocation ended with an error.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl EntryKind {
+    /// The entry kind's name as written in the journal, such as `state_patched`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EntryKind::Invoked { .. } => "invoked",
+            EntryKind::StatePatched { .. } => "state_patched",
+            EntryKind::ActivityStarted { .. } => "activity_started",
+            EntryKind::ActivityCompleted { .. } => "activity_completed",
+            EntryKind::ActivityFailed { .. } => "activity_failed",
+            EntryKind::MessageSent { .. } => "message_sent",
+            EntryKind::ChildSpawned { .. } => "child_spawned",
+            EntryKind::TimerStarted { .. } => "timer_started",
+            EntryKind::TimerFired { .. } => "timer_fired",
+            EntryKind::EventAwaited { .. } => "event_awaited",
+            EntryKind::EventReceived { .. } => "event_received",
+            EntryKind::Completed { .. } => "completed",
+            EntryKind::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// The actor's state after applying entries `1..=seq`.
+///
+/// ```
+/// use loom_core::Snapshot;
+///
+/// let s = Snapshot::new(100, serde_json::json!({ "balance": 42 }));
+/// assert_eq!(s.seq, 100);
+/// assert_eq!(s.format, 1);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The last entry the state includes.
+    pub seq: Seq,
+    /// The state, as JSON.
+    pub state: Value,
+    /// When the snapshot was taken.
+    pub at: Timestamp,
+    /// The version of the state's schema, chosen by the actor; lets a newer actor read an older
+    /// snapshot or refuse it.
+    pub format: u32,
+}
+
+impl Snapshot {
+    /// A snapshot at `seq` of `state`, stamped now, with state format 1.
+    pub fn new(seq: Seq, state: Value) -> Self {
+        Snapshot {
+            seq,
+            state,
+            at: Timestamp::now(),
+            format: 1,
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Identifiers: [`ActorId`] (`kind/key`), [`MessageId`], and the idempotency key.
+//!
+//! Every identifier is checked when it is built, so a value of these types is always valid:
+//! stores never see a malformed id. Bad input is a typed [`IdError`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{MAX_IDEMPOTENCY_KEY_LEN, MAX_KEY_LEN, MAX_KIND_LEN};
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// The actor kind is empty.
+    #[error("actor kind is empty")]
+    EmptyKind,
+    /// The actor key is empty.
+    #[error("actor key is empty")]
+    EmptyKey,
+    /// The actor kind is longer than [`MAX_KIND_LEN`] bytes.
+    #[error("actor kind is {len} bytes long; the limit is {limit}")]
+    KindTooLong {
+        /// Length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The actor key is longer than [`MAX_KEY_LEN`] bytes.
+    #[error("actor key is {len} bytes long; the limit is {limit}")]
+    KeyTooLong {
+        /// Length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The kind holds a character outside `[A-Za-z0-9_.-]`.
+    #[error("actor kind {kind:?} has the character {ch:?}; kinds use only A-Z a-z 0-9 _ . -")]
+    BadKindChar {
+        /// The offending kind.
+        kind: String,
+        /// The first character refused.
+        ch: char,
+    },
+    /// The key holds a control character (or, for idempotency keys, whitespace).
+    #[error("{what} {value:?} has the control or blank character {ch:?}")]
+    BadChar {
+        /// Which identifier.
+        what: &'static str,
+        /// The offending value.
+        value: String,
+        /// The first character refused.
+        ch: char,
+    },
+    /// A `kind/key` string without a `/`.
+    #[error("actor id {0:?} is not of the form kind/key")]
+    MissingSlash(String),
+    /// A message id that is not a UUID.
+    #[error("message id {0:?} is not a UUID")]
+    BadMessageId(String),
+    /// An idempotency key that is empty.
+    #[error("idempotency key is empty")]
+    EmptyIdempotencyKey,
+    /// An idempotency key longer than [`MAX_IDEMPOTENCY_KEY_LEN`] bytes.
+    #[error("idempotency key is {len} bytes long; the limit is {limit}")]
+    IdempotencyKeyTooLong {
+        /// Length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+}
+
+/// The identity of one actor: its kind (the registered type) and its key, printed `kind/key`.
+///
+/// The kind is 1 to [`MAX_KIND_LEN`] bytes of `A-Z a-z 0-9 _ . -`; the key is 1 to
+/// [`MAX_KEY_LEN`] bytes of UTF-8 without control characters (it may contain `/`).
+///
+/// ```
+/// use loom_core::ActorId;
+///
+/// let alice = ActorId::new("account", "alice")?;
+/// assert_eq!(alice.to_string(), "account/alice");
+/// assert_eq!("account/alice".parse::<ActorId>()?, alice);
+/// assert!(ActorId::new("account", "").is_err());
+/// # Ok::<(), loom_core::IdError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ActorId {
+    // `kind/key`, kept whole so that stores can use it as a key without formatting.
+    full: String,
+    slash: usize,
+}
+
+impl ActorId {
+    /// Builds an id from its kind and key, checking both.
+    pub fn new(kind: impl AsRef<str>, key: impl AsRef<str>) -> Result<Self, IdError> {
+        let (kind, key) = (kind.as_ref(), key.as_ref());
+        check_kind(kind)?;
+        check_key(key)?;
+        Ok(ActorId {
+            full: format!("{kind}/{key}"),
+            slash: kind.len(),
+        })
+    }
+
+    /// The actor kind, such as `account`.
+    pub fn kind(&self) -> &str {
+        &self.full[..self.slash]
+    }
+
+    /// The actor key, such as `alice`.
+    pub fn key(&self) -> &str {
+        &self.full[self.slash + 1..]
+    }
+
+    /// The id as `kind/key`.
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+fn check_kind(kind: &str) -> Result<(), IdError> {
+    if kind.is_empty() {
+        return Err(IdError::EmptyKind);
+    }
+    if kind.len() > MAX_KIND_LEN {
+        return Err(IdError::KindTooLong {
+            len: kind.len(),
+            limit: MAX_KIND_LEN,
+        });
+    }
+    if let Some(ch) = kind
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(IdError::BadKindChar {
+            kind: kind.to_owned(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+fn check_key(key: &str) -> Result<(), IdError> {
+    if key.is_empty() {
+        return Err(IdError::EmptyKey);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(IdError::KeyTooLong {
+            len: key.len(),
+            limit: MAX_KEY_LEN,
+        });
+    }
+    if let Some(ch) = key.chars().find(|c| c.is_control()) {
+        return Err(IdError::BadChar {
+            what: "actor key",
+            value: key.to_owned(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+impl FromStr for ActorId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let (kind, key) = s
+            .split_once('/')
+            .ok_or_else(|| IdError::MissingSlash(s.to_owned()))?;
+        ActorId::new(kind, key)
+    }
+}
+
+impl TryFrom<String> for ActorId {
+    type Error = IdError;
+
+    fn try_from(s: String) -> Result<Self, IdError> {
+        s.parse()
+    }
+}
+
+impl From<ActorId> for String {
+    fn from(id: ActorId) -> String {
+        id.full
+    }
+}
+
+impl fmt::Display for ActorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl fmt::Debug for ActorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ActorId({})", self.full)
+    }
+}
+
+/// A message's unique id: a UUIDv7, so ids sort by creation time.
+///
+/// ```
+/// use loom_core::MessageId;
+///
+/// let a = MessageId::new();
+/// let b: MessageId = a.to_string().parse()?;
+/// assert_eq!(a, b);
+/// # Ok::<(), loom_core::IdError>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(uuid::Uuid);
+
+impl MessageId {
+    /// A fresh UUIDv7.
+    pub fn new() -> Self {
+        MessageId(uuid::Uuid::now_v7())
+    }
+
+    /// A message id derived from a name and a parent id: the same inputs always give the same id.
+    ///
+    /// The runtime uses this for messages sent from inside a handler, so that a replayed step
+    /// produces the message id it produced the first time.
+    pub fn derived(parent: &MessageId, name: &str) -> Self {
+        MessageId(uuid::Uuid::new_v5(&parent.0, name.as_bytes()))
+    }
+
+    /// The id as a UUID.
+    pub fn as_uuid(&self) -> &uuid::Uuid {
+        &self.0
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        MessageId::new()
+    }
+}
+
+impl From<uuid::Uuid> for MessageId {
+    fn from(u: uuid::Uuid) -> Self {
+        MessageId(u)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        uuid::Uuid::parse_str(s)
+            .map(MessageId)
+            .map_err(|_| IdError::BadMessageId(s.to_owned()))
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0)
+    }
+}
+
+/// A caller-chosen key that makes a request idempotent: 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] bytes,
+/// no control characters and no whitespace.
+///
+/// ```
+/// use loom_core::IdempotencyKey;
+///
+/// let k = IdempotencyKey::new("order-1234")?;
+/// assert_eq!(k.as_str(), "order-1234");
+/// assert!(IdempotencyKey::new("has space").is_err());
+/// # Ok::<(), loom_core::IdError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Checks and wraps a key.
+    pub fn new(key: impl Into<String>) -> Result<Self, IdError> {
+        let key = key.into();
+        if key.is_empty() {
+            return Err(IdError::EmptyIdempotencyKey);
+        }
+        if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(IdError::IdempotencyKeyTooLong {
+                len: key.len(),
+                limit: MAX_IDEMPOTENCY_KEY_LEN,
+            });
+        }
+        if let Some(ch) = key.chars().find(|c| c.is_control() || c.is_whitespace()) {
+            return Err(IdError::BadChar {
+                what: "idempotency key",
+                value: key,
+                ch,
+            });
+        }
+        Ok(IdempotencyKey(key))
+    }
+
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = IdError;
+
+    fn try_from(s: String) -> Result<Self, IdError> {
+        IdempotencyKey::new(s)
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(k: IdempotencyKey) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdempotencyKey({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_at_the_edge() {
+        assert_eq!(ActorId::new("", "a"), Err(IdError::EmptyKind));
+        assert_eq!(ActorId::new("a", ""), Err(IdError::EmptyKey));
+        assert!(matches!(
+            ActorId::new("a b", "k"),
+            Err(IdError::BadKindChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            ActorId::new("k", "a\nb"),
+            Err(IdError::BadChar { ch: '\n', .. })
+        ));
+        assert!(matches!(
+            ActorId::new("k".repeat(MAX_KIND_LEN + 1), "x"),
+            Err(IdError::KindTooLong { .. })
+        ));
+        assert!(ActorId::new("k".repeat(MAX_KIND_LEN), "x".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(matches!(
+            ActorId::new("k", "x".repeat(MAX_KEY_LEN + 1)),
+            Err(IdError::KeyTooLong { .. })
+        ));
+        assert!(matches!(
+            "nokey".parse::<ActorId>(),
+            Err(IdError::MissingSlash(_))
+        ));
+    }
+
+    #[test]
+    fn keys_may_hold_slashes_and_unicode() {
+        let id: ActorId = "order/2024/ünïcode".parse().unwrap();
+        assert_eq!(id.kind(), "order");
+        assert_eq!(id.key(), "2024/ünïcode");
+    }
+
+    #[test]
+    fn serde_refuses_bad_ids() {
+        let ok: ActorId = serde_json::from_str("\"a/b\"").unwrap();
+        assert_eq!(ok.as_str(), "a/b");
+        assert!(serde_json::from_str::<ActorId>("\"/b\"").is_err());
+        assert!(serde_json::from_str::<IdempotencyKey>("\"\"").is_err());
+    }
+
+    #[test]
+    fn derived_message_ids_are_stable() {
+        let p = MessageId::new();
+        assert_eq!(
+            MessageId::derived(&p, "step-1"),
+            MessageId::derived(&p, "step-1")
+        );
+        assert_ne!(
+            MessageId::derived(&p, "step-1"),
+            MessageId::derived(&p, "step-2")
+        );
+    }
+}

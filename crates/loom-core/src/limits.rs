@@ -1,0 +1,68 @@
+//! Every size limit Loom enforces, in one place.
+//!
+//! Limits are checked before anything is written, so an oversized input is a typed error
+//! ([`crate::StoreError::TooLarge`] or [`crate::IdError`]) and never a partial write. They are
+//! the same for every backend, so a journal can always be migrated from one store to another.
+
+/// Longest actor kind, in bytes.
+pub const MAX_KIND_LEN: usize = 64;
+
+/// Longest actor key, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Largest encoded journal entry, in bytes (4 MiB).
+pub const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most entries in one atomic append.
+pub const MAX_BATCH_ENTRIES: usize = 10_000;
+
+/// Largest total encoded size of one atomic append, in bytes (16 MiB).
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest encoded snapshot, in bytes (64 MiB).
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest encoded message (envelope with its payload), in bytes (1 MiB).
+///
+/// Smaller than [`MAX_ENTRY_BYTES`] so that the `Invoked` entry recording a message always fits.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Largest encoded idempotency result, in bytes (1 MiB).
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+
+/// Longest text kept as a dead letter's reason or a failure's error, in bytes; longer text is cut
+/// at a character boundary and marked, never refused, so that an error can always be recorded.
+pub const MAX_REASON_LEN: usize = 8 * 1024;
+
+/// Longest lease owner (node) name, in bytes.
+pub const MAX_OWNER_LEN: usize = 256;
+
+/// Cuts `text` to at most [`MAX_REASON_LEN`] bytes on a character boundary, marking the cut.
+pub fn clip_reason(text: &str) -> String {
+    if text.len() <= MAX_REASON_LEN {
+        return text.to_owned();
+    }
+    const MARK: &str = "…[cut]";
+    let mut end = MAX_REASON_LEN - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_clipped_on_char_boundaries() {
+        assert_eq!(clip_reason("short"), "short");
+        let long = "é".repeat(MAX_REASON_LEN);
+        let clipped = clip_reason(&long);
+        assert!(clipped.len() <= MAX_REASON_LEN);
+        assert!(clipped.ends_with("[cut]"));
+    }
+}

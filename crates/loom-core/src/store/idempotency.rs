@@ -1,0 +1,87 @@
+//! [`IdempotencyStore`]: remember that a request was seen, and what it answered.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::error::{Limit, StoreError, StoreResult};
+use crate::id::{ActorId, IdempotencyKey};
+use crate::limits::MAX_RESULT_BYTES;
+use crate::time::Timestamp;
+
+/// The outcome of [`IdempotencyStore::reserve`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reservation {
+    /// The caller holds the key now and should do the work, then
+    /// [`complete`](IdempotencyStore::complete) or [`abandon`](IdempotencyStore::abandon) it.
+    Reserved,
+    /// Someone else reserved the key and has not finished.
+    Pending {
+        /// When that reservation runs out.
+        expires_at: Timestamp,
+    },
+    /// The work was done; here is what it answered.
+    Completed(Value),
+}
+
+/// Idempotency records, per actor and key, each with a time to live.
+///
+/// Rules every backend keeps:
+/// - [`reserve`](Self::reserve) is atomic: of any number of concurrent callers, exactly one gets
+///   [`Reservation::Reserved`];
+/// - a record is gone once its TTL has run out: reserving the key again succeeds;
+/// - [`complete`](Self::complete) records the result, which later reservations return.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Reserves `key` for `ttl`, or reports who has it.
+    async fn reserve(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Reservation>;
+
+    /// Records the result for `key`, kept for `ttl` from now.
+    async fn complete(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        result: &Value,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// Drops a pending reservation (the work failed and may be tried again). A completed record
+    /// is kept. Returns whether a reservation was dropped.
+    async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool>;
+
+    /// The record for `key`, if it has not expired: `Pending` or `Completed`.
+    async fn lookup(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+    ) -> StoreResult<Option<Reservation>>;
+
+    /// Removes up to `limit` expired records; returns how many.
+    async fn purge_expired(&self, limit: usize) -> StoreResult<u64>;
+}
+
+/// Checks a result for [`IdempotencyStore::complete`] against [`MAX_RESULT_BYTES`]; every
+/// backend calls it.
+pub fn prepare_result(
+    actor: &ActorId,
+    key: &IdempotencyKey,
+    result: &Value,
+) -> StoreResult<Vec<u8>> {
+    let bytes = serde_json::to_vec(result)
+        .map_err(|e| StoreError::InvalidRequest(format!("result for {key} of {actor}: {e}")))?;
+    if bytes.len() > MAX_RESULT_BYTES {
+        return Err(StoreError::TooLarge {
+            what: format!("result for idempotency key {key} of {actor}"),
+            size: bytes.len(),
+            limit: MAX_RESULT_BYTES,
+            limit_kind: Limit::ResultBytes,
+        });
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,330 @@
+//! [`JournalStore`]: per-actor journals of numbered entries, and their snapshots.
+
+use std::future::Future;
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt};
+
+use crate::codec;
+use crate::entry::{Entry, Seq, Snapshot};
+use crate::error::{Limit, StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_ENTRY_BYTES, MAX_SNAPSHOT_BYTES};
+
+/// Which entries to read: seqs `from..=to`, at most `max` of them.
+///
+/// ```
+/// use loom_core::SeqRange;
+///
+/// let r = SeqRange::all().from(5).to(9).max(2);
+/// assert_eq!((r.from, r.to, r.max), (5, 9, 2));
+/// assert!(SeqRange::all().from(3).to(2).is_empty());
+/// assert!(SeqRange::all().max(0).is_empty());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRange {
+    /// First seq wanted (inclusive).
+    pub from: Seq,
+    /// Last seq wanted (inclusive).
+    pub to: Seq,
+    /// Most entries to return.
+    pub max: u64,
+}
+
+impl SeqRange {
+    /// Every entry.
+    pub const fn all() -> Self {
+        SeqRange {
+            from: 1,
+            to: Seq::MAX,
+            max: u64::MAX,
+        }
+    }
+
+    /// Starting at `from`.
+    pub const fn from(self, from: Seq) -> Self {
+        SeqRange { from, ..self }
+    }
+
+    /// Ending at `to`, inclusive.
+    pub const fn to(self, to: Seq) -> Self {
+        SeqRange { to, ..self }
+    }
+
+    /// At most `max` entries.
+    pub const fn max(self, max: u64) -> Self {
+        SeqRange { max, ..self }
+    }
+
+    /// True if no entry can match.
+    pub const fn is_empty(&self) -> bool {
+        self.max == 0 || self.from > self.to || self.to == 0
+    }
+}
+
+/// A stream of journal entries in seq order, gapless.
+pub type EntryStream = BoxStream<'static, StoreResult<Entry>>;
+
+/// What a journal holds, without reading its entries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JournalInfo {
+    /// The highest seq ever written (0 if none); never decreases.
+    pub highest: Seq,
+    /// Entries up to and including this seq were trimmed or deleted; the journal holds
+    /// `trimmed_through + 1 ..= highest`.
+    pub trimmed_through: Seq,
+    /// Seqs of the kept snapshots, oldest first.
+    pub snapshots: Vec<Seq>,
+}
+
+impl JournalInfo {
+    /// How many entries the journal holds.
+    pub fn len(&self) -> u64 {
+        self.highest - self.trimmed_through
+    }
+
+    /// True if it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-actor journals and snapshots.
+///
+/// Rules every backend keeps (and the conformance suite checks):
+/// - [`append`](Self::append) is atomic for its batch and conditional on `expected_next`;
+/// - seqs are gapless and never reused; [`highest_seq`](Self::highest_seq) never decreases, not
+///   after a trim, not after a delete;
+/// - [`read`](Self::read) streams: it never holds a whole journal in memory;
+/// - [`trim`](Self::trim) never passes the oldest kept snapshot;
+/// - every error is typed, and a refused request writes nothing.
+#[async_trait]
+pub trait JournalStore: Send + Sync + 'static {
+    /// Appends `entries` as one atomic batch, if the journal's next seq is `expected_next`.
+    ///
+    /// The entries must be numbered `expected_next, expected_next + 1, …`
+    /// ([`StoreError::BatchOutOfOrder`] otherwise). If the journal's highest seq is not
+    /// `expected_next - 1`, fails with [`StoreError::Conflict`] and writes nothing. Entries over
+    /// the limits fail with [`StoreError::TooLarge`] and nothing is written. An empty batch
+    /// writes nothing and only checks the condition. Returns the new highest seq. When it
+    /// returns `Ok`, the entries are durable (as durable as the backend is configured to be).
+    async fn append(
+        &self,
+        actor: &ActorId,
+        expected_next: Seq,
+        entries: &[Entry],
+    ) -> StoreResult<Seq>;
+
+    /// Streams the entries in `range`, in order. Trimmed or deleted entries are not returned; the
+    /// stream starts at the first kept entry in the range. If entries disappear while the stream
+    /// is being read (a concurrent trim), the stream ends with [`StoreError::Gap`] rather than skip.
+    fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream;
+
+    /// The highest seq ever appended to the journal; 0 for an actor never written.
+    async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq>;
+
+    /// Highest seq, trim point and kept snapshots.
+    async fn info(&self, actor: &ActorId) -> StoreResult<JournalInfo>;
+
+    /// Saves a snapshot, then keeps only the newest `keep` snapshots (at least 1), atomically.
+    ///
+    /// A snapshot at an existing seq replaces it. Refused ([`StoreError::SnapshotRefused`]) for a
+    /// seq above the highest seq (it would claim entries that do not exist) or at or below the
+    /// trim point (the entries after it that a fallback would replay are gone), and for seq 0.
+    async fn save_snapshot(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+    ) -> StoreResult<()>;
+
+    /// The newest kept snapshot with seq at most `at_or_below` (`Seq::MAX` for the newest).
+    ///
+    /// A snapshot that fails its checks is an error ([`StoreError::Corrupt`]), never skipped
+    /// silently: the caller decides to fall back to an older one (see [`JournalInfo::snapshots`]).
+    async fn load_snapshot(
+        &self,
+        actor: &ActorId,
+        at_or_below: Seq,
+    ) -> StoreResult<Option<Snapshot>>;
+
+    /// Removes entries `..=through`.
+    ///
+    /// Refused with [`StoreError::TrimRefused`] unless a kept snapshot exists and `through` is at
+    /// most the oldest kept snapshot's seq. Trimming to a point already trimmed is a no-op.
+    /// Highest seq is unchanged.
+    async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()>;
+
+    /// Removes every entry and snapshot of the actor. Its highest seq is kept: the next append
+    /// must use `highest + 1`, so a seq is never reused.
+    async fn delete(&self, actor: &ActorId) -> StoreResult<()>;
+
+    /// Actors that have a journal (including deleted ones), in id order, after `after`.
+    async fn list_actors(&self, after: Option<&ActorId>, limit: usize)
+    -> StoreResult<Vec<ActorId>>;
+}
+
+/// Checks and encodes a batch for [`JournalStore::append`]: numbering, limits, encoding.
+///
+/// Every backend calls this before touching its store, so the rules are the same everywhere.
+pub fn prepare_append(
+    actor: &ActorId,
+    expected_next: Seq,
+    entries: &[Entry],
+) -> StoreResult<Vec<Vec<u8>>> {
+    if expected_next == 0 {
+        return Err(StoreError::InvalidRequest(format!(
+            "append to {actor}: expected_next must be at least 1"
+        )));
+    }
+    if entries.len() > MAX_BATCH_ENTRIES {
+        return Err(StoreError::TooLarge {
+            what: format!("batch for {actor}"),
+            size: entries.len(),
+            limit: MAX_BATCH_ENTRIES,
+            limit_kind: Limit::BatchEntries,
+        });
+    }
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let want = expected_next + index as Seq;
+        if entry.seq != want {
+            return Err(StoreError::BatchOutOfOrder {
+                actor: actor.clone(),
+                index,
+                found: entry.seq,
+                expected: want,
+            });
+        }
+        let bytes = codec::encode_entry(entry).map_err(|e| {
+            StoreError::InvalidRequest(format!("entry {} of {actor}: {e}", entry.seq))
+        })?;
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(StoreError::TooLarge {
+                what: format!("entry {} of {actor}", entry.seq),
+                size: bytes.len(),
+                limit: MAX_ENTRY_BYTES,
+                limit_kind: Limit::EntryBytes,
+            });
+        }
+        total += bytes.len();
+        if total > MAX_BATCH_BYTES {
+            return Err(StoreError::TooLarge {
+                what: format!("batch for {actor}"),
+                size: total,
+                limit: MAX_BATCH_BYTES,
+                limit_kind: Limit::BatchBytes,
+            });
+        }
+        out.push(bytes);
+    }
+    Ok(out)
+}
+
+/// Checks and encodes a snapshot for [`JournalStore::save_snapshot`] (size, `keep`, seq 0).
+pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> StoreResult<Vec<u8>> {
+    if keep == 0 {
+        return Err(StoreError::InvalidRequest(format!(
+            "snapshot of {actor}: keep must be at least 1"
+        )));
+    }
+    if snapshot.seq == 0 {
+        return Err(StoreError::SnapshotRefused {
+            actor: actor.clone(),
+            seq: 0,
+            reason: "seq 0 covers no entry".into(),
+        });
+    }
+    let bytes = codec::encode_snapshot(snapshot)
+        .map_err(|e| StoreError::InvalidRequest(format!("snapshot of {actor}: {e}")))?;
+    if bytes.len() > MAX_SNAPSHOT_BYTES {
+        return Err(StoreError::TooLarge {
+            what: format!("snapshot {} of {actor}", snapshot.seq),
+            size: bytes.len(),
+            limit: MAX_SNAPSHOT_BYTES,
+            limit_kind: Limit::SnapshotBytes,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Builds a [`JournalStore::read`] stream from a page fetcher.
+///
+/// `fetch(from, to, limit)` returns up to `limit` entries with seqs in `from..=to`, in order.
+/// The stream asks for the next page only when the previous one is consumed, so memory stays
+/// bounded by one page. It checks that the entries are gapless: the first page may start after
+/// `range.from` (those entries were trimmed), but after that every entry must follow the last, or
+/// the stream yields [`StoreError::Gap`] and ends.
+pub fn paged_read<F, Fut>(actor: ActorId, range: SeqRange, page: usize, fetch: F) -> EntryStream
+where
+    F: FnMut(Seq, Seq, usize) -> Fut + Send + 'static,
+    Fut: Future<Output = StoreResult<Vec<Entry>>> + Send + 'static,
+{
+    struct State<F> {
+        actor: ActorId,
+        next: Seq,
+        to: Seq,
+        left: u64,
+        started: bool,
+        done: bool,
+        page: usize,
+        fetch: F,
+    }
+    if range.is_empty() {
+        return stream::empty().boxed();
+    }
+    let state = State {
+        actor,
+        next: range.from.max(1),
+        to: range.to,
+        left: range.max,
+        started: false,
+        done: false,
+        page: page.max(1),
+        fetch,
+    };
+    stream::unfold(state, |mut st| async move {
+        if st.done || st.left == 0 || st.next > st.to {
+            return None;
+        }
+        let limit = usize::try_from(st.left).unwrap_or(usize::MAX).min(st.page);
+        let batch = match (st.fetch)(st.next, st.to, limit).await {
+            Ok(b) => b,
+            Err(e) => {
+                st.done = true;
+                return Some((vec![Err(e)], st));
+            }
+        };
+        if batch.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for entry in batch {
+            if st.left == 0 || entry.seq > st.to {
+                st.done = true;
+                break;
+            }
+            if (st.started && entry.seq != st.next) || entry.seq < st.next {
+                out.push(Err(StoreError::Gap {
+                    actor: st.actor.clone(),
+                    expected: st.next,
+                    found: entry.seq,
+                }));
+                st.done = true;
+                break;
+            }
+            st.started = true;
+            st.next = entry.seq + 1;
+            st.left -= 1;
+            out.push(Ok(entry));
+        }
+        if out.len() < limit {
+            // A short page means the journal has nothing more in range right now.
+            st.done = true;
+        }
+        Some((out, st))
+    })
+    .flat_map(stream::iter)
+    .boxed()
+}

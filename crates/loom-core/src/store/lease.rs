@@ -1,0 +1,65 @@
+//! [`LeaseManager`]: who may run an actor, with fencing tokens.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Limit, StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::limits::MAX_OWNER_LEN;
+use crate::time::Timestamp;
+
+/// A held lease on one actor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The actor.
+    pub actor: ActorId,
+    /// Who holds it (a node name, unique per process).
+    pub owner: String,
+    /// The fencing token: it grows with every acquisition of this actor's lease, by anyone.
+    pub token: u64,
+    /// When it runs out unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// Leases with fencing tokens: at most one holder per actor at a time.
+///
+/// Rules every backend keeps:
+/// - [`acquire`](Self::acquire) succeeds only if nobody holds an unexpired lease on the actor;
+///   it gives a token greater than every token given for that actor before, even after
+///   releases, expiries and restarts;
+/// - [`renew`](Self::renew) succeeds only for the current, unexpired lease (same token);
+///   after expiry it fails even if nobody else took the lease;
+/// - [`release`](Self::release) never touches a lease other than the one given.
+#[async_trait]
+pub trait LeaseManager: Send + Sync + 'static {
+    /// Takes the actor's lease for `ttl`, or fails with [`StoreError::LeaseHeld`].
+    async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease>;
+
+    /// Extends a held lease to `ttl` from now, or fails with [`StoreError::LeaseLost`].
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease>;
+
+    /// Gives a lease up. Returns false if it was no longer held (expired or taken over), in
+    /// which case nothing changed.
+    async fn release(&self, lease: &Lease) -> StoreResult<bool>;
+
+    /// The actor's current unexpired lease, if any.
+    async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>>;
+}
+
+/// Checks an owner name (non-empty, bounded); every backend calls it.
+pub fn check_owner(owner: &str) -> StoreResult<()> {
+    if owner.is_empty() {
+        return Err(StoreError::InvalidRequest("lease owner is empty".into()));
+    }
+    if owner.len() > MAX_OWNER_LEN {
+        return Err(StoreError::TooLarge {
+            what: "lease owner".into(),
+            size: owner.len(),
+            limit: MAX_OWNER_LEN,
+            limit_kind: Limit::OwnerLen,
+        });
+    }
+    Ok(())
+}

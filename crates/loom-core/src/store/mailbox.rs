@@ -1,0 +1,138 @@
+//! [`Mailbox`]: durable per-actor queues of messages.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::codec;
+use crate::envelope::Envelope;
+use crate::error::{Limit, StoreError, StoreResult};
+use crate::id::{ActorId, MessageId};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::time::Timestamp;
+
+/// How to lease a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseOptions {
+    /// How long the message stays invisible to other consumers unless acked or nacked.
+    pub visibility: Duration,
+    /// A message already handed out this many times without an ack goes to the dead letters at
+    /// the next lease instead of being handed out again (this catches a message whose handler
+    /// crashes its process every time). At least 1.
+    pub max_deliveries: u32,
+}
+
+impl Default for LeaseOptions {
+    fn default() -> Self {
+        LeaseOptions {
+            visibility: Duration::from_secs(30),
+            max_deliveries: 10,
+        }
+    }
+}
+
+/// Proof of a lease on one message; needed to ack, nack or dead-letter it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The recipient.
+    pub actor: ActorId,
+    /// The message's position in the actor's mailbox.
+    pub position: u64,
+    /// The message.
+    pub message_id: MessageId,
+    /// Which delivery this receipt is for; a receipt from an earlier delivery is stale.
+    pub delivery: u32,
+}
+
+/// A message handed out by [`Mailbox::lease`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The message; its `attempt` is the number of earlier deliveries.
+    pub envelope: Envelope,
+    /// What acks it.
+    pub receipt: Receipt,
+    /// The error the previous delivery was nacked with, if any.
+    pub last_error: Option<String>,
+}
+
+/// A message that will not be delivered again until it is requeued.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// Its id in the dead-letter list (grows).
+    pub id: u64,
+    /// The message.
+    pub envelope: Envelope,
+    /// Why it was given up on.
+    pub reason: String,
+    /// How many times it was delivered.
+    pub deliveries: u32,
+    /// When it was given up on.
+    pub at: Timestamp,
+}
+
+/// Durable per-actor FIFO queues.
+///
+/// Rules every backend keeps:
+/// - [`enqueue`](Self::enqueue) returns only once the message is durable;
+/// - per actor, messages are handed out in enqueue order among those that are due; a message
+///   with `deliver_at` in the future is not due yet and does not hold up the others;
+/// - at most one message per actor is out at a time: while the head is leased (or waiting out a
+///   nack delay) [`lease`](Self::lease) returns `None` for that actor, so the order holds even
+///   across retries;
+/// - a lease that is neither acked nor nacked expires after its visibility timeout, and the
+///   message is handed out again with a higher delivery count; the old receipt is then stale;
+/// - a message delivered `max_deliveries` times without an ack, or dead-lettered explicitly,
+///   moves to the dead-letter list with its reason; dead letters can be listed and requeued.
+#[async_trait]
+pub trait Mailbox: Send + Sync + 'static {
+    /// Durably enqueues `msg` for `msg.to`, due now or at `deliver_at`. Returns its position in
+    /// the actor's mailbox (positions grow and are never reused).
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64>;
+
+    /// Hands out the actor's next due message, if there is one and none is out.
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>>;
+
+    /// Removes a delivered message. [`StoreError::StaleReceipt`] if the receipt is not the
+    /// message's current delivery (or the message is gone).
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()>;
+
+    /// Gives a delivered message back, to be handed out again after `delay`, keeping its place at
+    /// the head of the actor's queue; records `error` as the reason.
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()>;
+
+    /// Moves a delivered message to the dead letters with `reason`; returns the dead letter's id.
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64>;
+
+    /// Actors whose mailbox has a message due now, in no particular order (at most `limit`). An
+    /// actor listed may still give `None` from [`lease`](Self::lease) if its head is out.
+    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>>;
+
+    /// The earliest time at which some message in any mailbox becomes due or visible again;
+    /// `None` if every mailbox is empty.
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+
+    /// How many messages wait in the actor's mailbox (due or not, out or not).
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64>;
+
+    /// Dead letters with id greater than `after`, oldest first, at most `limit`.
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
+
+    /// Puts a dead letter back at the end of its actor's mailbox with its delivery count reset,
+    /// and removes it from the dead letters. Returns its new position.
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64>;
+}
+
+/// Checks a message for [`Mailbox::enqueue`] and encodes the envelope; every backend calls it.
+pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
+    let bytes = codec::encode(codec::RecordType::Message, msg)
+        .map_err(|e| StoreError::InvalidRequest(format!("message {}: {e}", msg.id)))?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(StoreError::TooLarge {
+            what: format!("message {} to {}", msg.id, msg.to),
+            size: bytes.len(),
+            limit: MAX_MESSAGE_BYTES,
+            limit_kind: Limit::MessageBytes,
+        });
+    }
+    Ok(bytes)
+}

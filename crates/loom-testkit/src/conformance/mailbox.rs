@@ -1,0 +1,460 @@
+//! [`Mailbox`] cases: durable per-actor FIFO, leases with visibility timeouts, nacks, delays,
+//! dead letters.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use loom_core::limits::MAX_MESSAGE_BYTES;
+use loom_core::{ActorId, Envelope, LeaseOptions, Limit, Receipt, Store, StoreError, Timestamp};
+use serde_json::json;
+
+use super::{Case, cases};
+
+pub(super) fn cases() -> Vec<Case> {
+    cases![
+        enqueue_then_lease_in_fifo_order,
+        only_one_message_per_actor_is_out_at_a_time,
+        ack_removes_the_message,
+        expired_visibility_redelivers_with_a_higher_attempt,
+        stale_receipt_is_refused_after_redelivery,
+        nack_with_delay_keeps_the_head_and_the_order,
+        delayed_message_waits_and_does_not_hold_up_others,
+        dead_letter_after_max_deliveries_with_the_reason,
+        explicit_dead_letter_keeps_the_reason,
+        dead_letters_list_and_requeue,
+        requeue_of_unknown_dead_letter_is_a_typed_error,
+        ready_actors_and_next_due_follow_the_mailboxes,
+        mailboxes_are_isolated_per_actor,
+        oversized_message_is_refused_and_nothing_enqueued,
+        pending_counts_every_waiting_message,
+        positions_grow_and_are_never_reused,
+        concurrent_leases_hand_a_message_out_once,
+        bad_lease_options_are_refused,
+        message_fields_round_trip,
+    ]
+}
+
+fn id(key: &str) -> ActorId {
+    ActorId::new("conf", key).expect("valid id")
+}
+
+fn msg(to: &ActorId, n: u64) -> Envelope {
+    Envelope::new(to.clone(), json!({ "n": n }))
+}
+
+fn long() -> LeaseOptions {
+    LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    }
+}
+
+fn short(max_deliveries: u32) -> LeaseOptions {
+    LeaseOptions {
+        visibility: Duration::from_millis(100),
+        max_deliveries,
+    }
+}
+
+/// Waits until a condition on time has surely passed (generous, so a slow machine stays green).
+async fn wait_past(d: Duration) {
+    tokio::time::sleep(d + Duration::from_millis(150)).await;
+}
+
+async fn take_and_ack(store: &dyn Store, actor: &ActorId) -> Option<u64> {
+    let d = store.lease(actor, long()).await.unwrap()?;
+    store.ack(&d.receipt).await.unwrap();
+    d.envelope.payload["n"].as_u64()
+}
+
+async fn enqueue_then_lease_in_fifo_order(store: Arc<dyn Store>) {
+    let a = id("a");
+    for n in 0..20 {
+        store.enqueue(&msg(&a, n), None).await.unwrap();
+    }
+    for n in 0..20 {
+        assert_eq!(take_and_ack(&*store, &a).await, Some(n));
+    }
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+}
+
+async fn only_one_message_per_actor_is_out_at_a_time(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let first = store.lease(&a, long()).await.unwrap().expect("first");
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "second handed out while first is out"
+    );
+    store.ack(&first.receipt).await.unwrap();
+    let second = store.lease(&a, long()).await.unwrap().expect("second");
+    assert_eq!(second.envelope.payload["n"], 1);
+}
+
+async fn ack_removes_the_message(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let d = store.lease(&a, short(5)).await.unwrap().expect("delivery");
+    store.ack(&d.receipt).await.unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    wait_past(Duration::from_millis(100)).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "acked message came back"
+    );
+    let err = store.ack(&d.receipt).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleReceipt { .. }), "{err:?}");
+}
+
+async fn expired_visibility_redelivers_with_a_higher_attempt(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = msg(&a, 7);
+    store.enqueue(&m, None).await.unwrap();
+    let first = store
+        .lease(&a, short(5))
+        .await
+        .unwrap()
+        .expect("first delivery");
+    assert_eq!(first.envelope.attempt, 0);
+    assert_eq!(first.receipt.delivery, 1);
+    wait_past(Duration::from_millis(100)).await;
+    let second = store.lease(&a, long()).await.unwrap().expect("redelivery");
+    assert_eq!(second.envelope.id, m.id);
+    assert_eq!(second.envelope.attempt, 1);
+    assert_eq!(second.receipt.delivery, 2);
+}
+
+async fn stale_receipt_is_refused_after_redelivery(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let first = store.lease(&a, short(5)).await.unwrap().expect("first");
+    wait_past(Duration::from_millis(100)).await;
+    let second = store.lease(&a, long()).await.unwrap().expect("second");
+    for r in [
+        store.ack(&first.receipt).await,
+        store.nack(&first.receipt, Duration::ZERO, "late").await,
+        store.dead_letter(&first.receipt, "late").await.map(|_| ()),
+    ] {
+        assert!(matches!(r, Err(StoreError::StaleReceipt { .. })), "{r:?}");
+    }
+    store.ack(&second.receipt).await.unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+}
+
+async fn nack_with_delay_keeps_the_head_and_the_order(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("first");
+    store
+        .nack(&d.receipt, Duration::from_millis(300), "try later")
+        .await
+        .unwrap();
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "a later message overtook a message waiting to be retried"
+    );
+    wait_past(Duration::from_millis(300)).await;
+    let again = store.lease(&a, long()).await.unwrap().expect("retry");
+    assert_eq!(again.envelope.payload["n"], 0);
+    assert_eq!(again.envelope.attempt, 1);
+    assert_eq!(again.last_error.as_deref(), Some("try later"));
+    store.ack(&again.receipt).await.unwrap();
+    assert_eq!(take_and_ack(&*store, &a).await, Some(1));
+}
+
+async fn delayed_message_waits_and_does_not_hold_up_others(store: Arc<dyn Store>) {
+    let a = id("a");
+    let later = Timestamp::now() + Duration::from_millis(400);
+    store.enqueue(&msg(&a, 0), Some(later)).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    assert_eq!(take_and_ack(&*store, &a).await, Some(1));
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "delayed message came early"
+    );
+    let due = store.next_due().await.unwrap().expect("a due time");
+    assert!(
+        due >= later,
+        "next_due {due} is before the delivery time {later}"
+    );
+    wait_past(Duration::from_millis(400)).await;
+    assert_eq!(take_and_ack(&*store, &a).await, Some(0));
+}
+
+async fn dead_letter_after_max_deliveries_with_the_reason(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    for attempt in 0..3 {
+        let d = store.lease(&a, short(3)).await.unwrap().expect("delivery");
+        assert_eq!(d.envelope.attempt, attempt);
+        store
+            .nack(&d.receipt, Duration::ZERO, &format!("failure {attempt}"))
+            .await
+            .unwrap();
+    }
+    // The fourth lease gives up on the message and moves on to the next one.
+    let next = store
+        .lease(&a, short(3))
+        .await
+        .unwrap()
+        .expect("next message");
+    assert_eq!(next.envelope.payload["n"], 1);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id, m.id);
+    assert_eq!(dead[0].deliveries, 3);
+    assert!(
+        dead[0].reason.contains("failure 2"),
+        "reason: {}",
+        dead[0].reason
+    );
+    // A message whose every lease ran out (its consumer died) is given up on too.
+    let b = id("b");
+    store.enqueue(&msg(&b, 0), None).await.unwrap();
+    for _ in 0..2 {
+        store.lease(&b, short(2)).await.unwrap().expect("delivery");
+        wait_past(Duration::from_millis(100)).await;
+    }
+    assert!(store.lease(&b, short(2)).await.unwrap().is_none());
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead[1].reason.contains("never acked"),
+        "reason: {}",
+        dead[1].reason
+    );
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+}
+
+async fn explicit_dead_letter_keeps_the_reason(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let dl = store
+        .dead_letter(&d.receipt, "unknown actor kind `conf`")
+        .await
+        .unwrap();
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, dl);
+    assert_eq!(dead[0].envelope, m);
+    assert_eq!(dead[0].reason, "unknown actor kind `conf`");
+    assert_eq!(take_and_ack(&*store, &a).await, Some(1));
+}
+
+async fn dead_letters_list_and_requeue(store: Arc<dyn Store>) {
+    let a = id("a");
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        store.enqueue(&msg(&a, n), None).await.unwrap();
+        let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+        ids.push(
+            store
+                .dead_letter(&d.receipt, &format!("bad {n}"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "dead-letter ids must grow: {ids:?}"
+    );
+    let first = store.dead_letters(None, 2).await.unwrap();
+    let rest = store.dead_letters(Some(first[1].id), 10).await.unwrap();
+    assert_eq!(first.len() + rest.len(), 5);
+    assert_eq!(rest[0].reason, "bad 2");
+    store.requeue_dead_letter(ids[3]).await.unwrap();
+    assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 4);
+    let back = store.lease(&a, long()).await.unwrap().expect("requeued");
+    assert_eq!(back.envelope.payload["n"], 3);
+    assert_eq!(back.envelope.attempt, 0);
+    store.ack(&back.receipt).await.unwrap();
+}
+
+async fn requeue_of_unknown_dead_letter_is_a_typed_error(store: Arc<dyn Store>) {
+    let err = store.requeue_dead_letter(999).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::DeadLetterNotFound(999)),
+        "{err:?}"
+    );
+}
+
+async fn ready_actors_and_next_due_follow_the_mailboxes(store: Arc<dyn Store>) {
+    assert!(store.ready_actors(10).await.unwrap().is_empty());
+    assert!(store.next_due().await.unwrap().is_none());
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    store.enqueue(&msg(&b, 0), None).await.unwrap();
+    store
+        .enqueue(
+            &msg(&c, 0),
+            Some(Timestamp::now() + Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    let ready: HashSet<ActorId> = store.ready_actors(10).await.unwrap().into_iter().collect();
+    assert_eq!(ready, HashSet::from([a.clone(), b.clone()]));
+    assert_eq!(store.ready_actors(1).await.unwrap().len(), 1);
+    let d = store.lease(&a, long()).await.unwrap().expect("a");
+    let ready: HashSet<ActorId> = store.ready_actors(10).await.unwrap().into_iter().collect();
+    assert_eq!(
+        ready,
+        HashSet::from([b.clone()]),
+        "an actor whose message is out is not ready"
+    );
+    store.ack(&d.receipt).await.unwrap();
+    take_and_ack(&*store, &b).await.expect("b");
+    assert!(store.ready_actors(10).await.unwrap().is_empty());
+    let due = store.next_due().await.unwrap().expect("c is due later");
+    assert!(due > Timestamp::now() + Duration::from_secs(3000));
+}
+
+async fn mailboxes_are_isolated_per_actor(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    store.enqueue(&msg(&b, 2), None).await.unwrap();
+    let da = store.lease(&a, long()).await.unwrap().expect("a");
+    // b is served while a's message is out.
+    let db = store.lease(&b, long()).await.unwrap().expect("b");
+    assert_eq!(da.envelope.payload["n"], 1);
+    assert_eq!(db.envelope.payload["n"], 2);
+    assert!(matches!(
+        store
+            .ack(&Receipt {
+                actor: a.clone(),
+                ..db.receipt.clone()
+            })
+            .await,
+        Err(StoreError::StaleReceipt { .. })
+    ));
+    store.ack(&da.receipt).await.unwrap();
+    store.ack(&db.receipt).await.unwrap();
+}
+
+async fn oversized_message_is_refused_and_nothing_enqueued(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = Envelope::new(a.clone(), json!("m".repeat(MAX_MESSAGE_BYTES)));
+    let err = store.enqueue(&m, None).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                limit_kind: Limit::MessageBytes,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    let fits = Envelope::new(a.clone(), json!("m".repeat(MAX_MESSAGE_BYTES - 1024)));
+    store.enqueue(&fits, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert!(d.envelope == fits, "the large message came back different");
+}
+
+async fn pending_counts_every_waiting_message(store: Arc<dyn Store>) {
+    let a = id("a");
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    for n in 0..3 {
+        store.enqueue(&msg(&a, n), None).await.unwrap();
+    }
+    store
+        .enqueue(
+            &msg(&a, 3),
+            Some(Timestamp::now() + Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 4);
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store.pending(&a).await.unwrap(),
+        4,
+        "a message out is still pending"
+    );
+    store.ack(&d.receipt).await.unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 3);
+}
+
+async fn positions_grow_and_are_never_reused(store: Arc<dyn Store>) {
+    let a = id("a");
+    let p1 = store.enqueue(&msg(&a, 0), None).await.unwrap();
+    take_and_ack(&*store, &a).await.expect("first");
+    let p2 = store.enqueue(&msg(&a, 1), None).await.unwrap();
+    assert!(p2 > p1, "position {p2} reused or went back from {p1}");
+    let d = store.lease(&a, long()).await.unwrap().expect("second");
+    assert_eq!(d.receipt.position, p2);
+}
+
+async fn concurrent_leases_hand_a_message_out_once(store: Arc<dyn Store>) {
+    let a = id("a");
+    for n in 0..3 {
+        store.enqueue(&msg(&a, n), None).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            store.lease(&a, long()).await.unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        if let Some(d) = t.await.unwrap() {
+            got.push(d);
+        }
+    }
+    assert_eq!(
+        got.len(),
+        1,
+        "{} consumers got a message of one actor at once",
+        got.len()
+    );
+    assert_eq!(got[0].envelope.payload["n"], 0);
+}
+
+async fn bad_lease_options_are_refused(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let zero_max = LeaseOptions {
+        max_deliveries: 0,
+        ..long()
+    };
+    assert!(matches!(
+        store.lease(&a, zero_max).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    let zero_vis = LeaseOptions {
+        visibility: Duration::ZERO,
+        ..long()
+    };
+    assert!(matches!(
+        store.lease(&a, zero_vis).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_some(),
+        "a refused lease consumed the message"
+    );
+}
+
+async fn message_fields_round_trip(store: Arc<dyn Store>) {
+    let a = id("a");
+    let mut m = msg(&a, 0);
+    m.idempotency_key = Some(loom_core::IdempotencyKey::new("idem-1").unwrap());
+    m.reply_to = Some(id("caller"));
+    m.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    store.enqueue(&m, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(d.envelope, m);
+    assert_eq!(d.receipt.message_id, m.id);
+    assert!(d.last_error.is_none());
+}

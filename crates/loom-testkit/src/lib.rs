@@ -1,0 +1,24 @@
+//! # loom-testkit
+//!
+//! What proves a Loom store keeps its promises:
+//! - [`conformance`]: the store conformance suite, one function per store trait, each returning
+//!   named test cases for a backend; every backend runs the same list;
+//! - [`fixture`]: fresh, isolated stores for each case.
+//!
+//! Backends use it from a test binary with `harness = false`:
+//!
+//! ```no_run
+//! use loom_testkit::{conformance, Fixture, Factory};
+//!
+//! fn main() {
+//!     let factory = Factory::new(|| async {
+//!         Fixture::new(loom_core::EmbeddedStore::in_memory().expect("in-memory store"))
+//!     });
+//!     conformance::run("memory", factory);
+//! }
+//! ```
+
+pub mod conformance;
+mod fixture;
+
+pub use fixture::{Factory, Fixture};
