@@ -20,5 +20,6 @@
 
 pub mod conformance;
 mod fixture;
+pub mod model;
 
 pub use fixture::{Factory, Fixture};
