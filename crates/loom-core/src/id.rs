@@ -53,6 +53,9 @@ pub enum IdError {
         /// The first character refused.
         ch: char,
     },
+    /// Kinds starting with `_` are reserved for Loom's own mailboxes.
+    #[error("actor kind {0:?} starts with `_`, which is reserved for Loom")]
+    ReservedKind(String),
     /// A `kind/key` string without a `/`.
     #[error("actor id {0:?} is not of the form kind/key")]
     MissingSlash(String),
@@ -99,11 +102,49 @@ impl ActorId {
     pub fn new(kind: impl AsRef<str>, key: impl AsRef<str>) -> Result<Self, IdError> {
         let (kind, key) = (kind.as_ref(), key.as_ref());
         check_kind(kind)?;
+        if kind.starts_with('_') {
+            return Err(IdError::ReservedKind(kind.to_owned()));
+        }
         check_key(key)?;
-        Ok(ActorId {
+        Ok(Self::unchecked(kind, key))
+    }
+
+    fn unchecked(kind: &str, key: &str) -> Self {
+        ActorId {
             full: format!("{kind}/{key}"),
             slash: kind.len(),
-        })
+        }
+    }
+
+    /// The mailbox that carries events named `name` to this actor (see `Context::wait_event`).
+    ///
+    /// It is a *system* mailbox: its kind starts with `_`, and
+    /// [`Mailbox::ready_actors`](crate::Mailbox::ready_actors) never lists it, because only the
+    /// invocation waiting for the event reads it. Its key is derived from the actor and the name,
+    /// so it is the same on every node.
+    ///
+    /// ```
+    /// use loom_core::ActorId;
+    ///
+    /// let order = ActorId::new("order", "42")?;
+    /// let lane = order.event_lane("approved");
+    /// assert!(lane.is_system());
+    /// assert_eq!(lane, order.event_lane("approved"));
+    /// assert_ne!(lane, order.event_lane("rejected"));
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn event_lane(&self, name: &str) -> ActorId {
+        let mut seed = Vec::with_capacity(self.full.len() + 1 + name.len());
+        seed.extend_from_slice(self.full.as_bytes());
+        seed.push(0);
+        seed.extend_from_slice(name.as_bytes());
+        let key = uuid::Uuid::new_v5(&LANE_NAMESPACE, &seed);
+        Self::unchecked("_event", &key.to_string())
+    }
+
+    /// True for Loom's own mailboxes (kinds starting with `_`).
+    pub fn is_system(&self) -> bool {
+        self.full.starts_with('_')
     }
 
     /// The actor kind, such as `account`.
@@ -121,6 +162,9 @@ impl ActorId {
         &self.full
     }
 }
+
+/// Namespace of event-lane ids (a fixed, random UUID).
+const LANE_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6c6f_6f6d_2d65_7665_6e74_2d6c_616e_6531);
 
 fn check_kind(kind: &str) -> Result<(), IdError> {
     if kind.is_empty() {
@@ -167,11 +211,15 @@ fn check_key(key: &str) -> Result<(), IdError> {
 impl FromStr for ActorId {
     type Err = IdError;
 
+    /// Parses `kind/key`. System ids (kind `_…`) parse too, so that stores and tools can read
+    /// back every id they hold; [`ActorId::new`] is the constructor that refuses them.
     fn from_str(s: &str) -> Result<Self, IdError> {
         let (kind, key) = s
             .split_once('/')
             .ok_or_else(|| IdError::MissingSlash(s.to_owned()))?;
-        ActorId::new(kind, key)
+        check_kind(kind)?;
+        check_key(key)?;
+        Ok(Self::unchecked(kind, key))
     }
 }
 
@@ -367,6 +415,10 @@ mod tests {
         assert!(matches!(
             "nokey".parse::<ActorId>(),
             Err(IdError::MissingSlash(_))
+        ));
+        assert!(matches!(
+            ActorId::new("_event", "x"),
+            Err(IdError::ReservedKind(_))
         ));
     }
 

@@ -48,6 +48,7 @@ pub use error::{Cause, Limit, StoreError, StoreResult};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use store::{
     DeadLetter, Delivery, EntryStream, IdempotencyStore, JournalInfo, JournalStore, Lease,
-    LeaseManager, LeaseOptions, Mailbox, Receipt, Reservation, SeqRange, Store,
+    LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record, Reservation, SeqRange, Settle,
+    Store, Turn,
 };
 pub use time::Timestamp;

@@ -81,7 +81,33 @@ fn set(
     Ok(())
 }
 
-fn check_ttl(ttl: Duration) -> StoreResult<()> {
+/// Records `result` for `key`, replacing whatever was there; for [`IdempotencyStore::complete`]
+/// and for turns.
+pub(super) fn record(
+    txn: &redb::WriteTransaction,
+    actor: &ActorId,
+    key: &IdempotencyKey,
+    result: Value,
+    ttl: Duration,
+) -> StoreResult<()> {
+    let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+    let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+    let old = get(&records, actor, key)?;
+    let row = Row {
+        result: Some(result),
+        expires_at: Timestamp::now() + ttl,
+    };
+    set(
+        &mut records,
+        &mut expiry,
+        actor,
+        key,
+        old.as_ref(),
+        Some(&row),
+    )
+}
+
+pub(super) fn check_ttl(ttl: Duration) -> StoreResult<()> {
     if ttl.is_zero() {
         return Err(StoreError::InvalidRequest(
             "idempotency ttl must be positive".into(),

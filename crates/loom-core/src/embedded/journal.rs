@@ -17,7 +17,7 @@ use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, se};
 /// Entries per read transaction while streaming.
 const READ_PAGE: usize = 1024;
 
-fn meta_of(
+pub(super) fn meta_of(
     table: &impl ReadableTable<&'static str, (u64, u64)>,
     actor: &str,
 ) -> StoreResult<(Seq, Seq)> {
@@ -40,7 +40,7 @@ fn snapshot_seqs(
     Ok(out)
 }
 
-fn append(
+pub(super) fn append(
     txn: &WriteTransaction,
     actor: &ActorId,
     expected_next: Seq,

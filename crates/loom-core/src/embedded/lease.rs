@@ -17,13 +17,13 @@ use super::tables::{LEASES, se};
 
 /// A lease row. Kept after release (`owner: None`) so that the token keeps growing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Row {
-    owner: Option<String>,
-    token: u64,
-    expires_at: Timestamp,
+pub(super) struct Row {
+    pub(super) owner: Option<String>,
+    pub(super) token: u64,
+    pub(super) expires_at: Timestamp,
 }
 
-fn get(
+pub(super) fn get(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     actor: &ActorId,
 ) -> StoreResult<Option<Row>> {
@@ -43,7 +43,7 @@ fn put(txn: &WriteTransaction, actor: &ActorId, row: &Row) -> StoreResult<()> {
     Ok(())
 }
 
-fn live(row: &Row, now: Timestamp) -> Option<&str> {
+pub(super) fn live(row: &Row, now: Timestamp) -> Option<&str> {
     row.owner.as_deref().filter(|_| row.expires_at > now)
 }
 

@@ -26,7 +26,7 @@ const EMPTY: u64 = u64::MAX;
 
 /// One row of `MAILBOX_META`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Meta {
+pub(super) struct Meta {
     last_position: u64,
     current: u64,
     ready_at: u64,
@@ -62,7 +62,7 @@ impl Meta {
 }
 
 /// The tables one mailbox operation touches, opened once.
-struct Tables<'t> {
+pub(super) struct Tables<'t> {
     messages: Table<'t, (&'static str, u64), &'static [u8]>,
     state: Table<'t, (&'static str, u64), (u64, u64, u32, u128)>,
     errors: Table<'t, (&'static str, u64), &'static str>,
@@ -72,7 +72,7 @@ struct Tables<'t> {
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+    pub(super) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
         Ok(Tables {
             messages: txn.open_table(MESSAGES).map_err(se)?,
             state: txn.open_table(MESSAGE_STATE).map_err(se)?,
@@ -122,10 +122,13 @@ impl<'t> Tables<'t> {
     /// Writes the actor's meta row and keeps `READY` in step with it.
     fn put_meta(&mut self, actor: &str, old: Meta, new: Meta) -> StoreResult<()> {
         let new_ready = if new.count == 0 { EMPTY } else { new.ready_at };
-        if old.ready_at != EMPTY && old.ready_at != new_ready {
+        // System mailboxes (event lanes) are read only by the invocation waiting on them, so they
+        // are kept out of READY, which is for finding actors to run.
+        let listed = !actor.starts_with('_');
+        if listed && old.ready_at != EMPTY && old.ready_at != new_ready {
             self.ready.remove((old.ready_at, actor)).map_err(se)?;
         }
-        if new_ready != EMPTY && new_ready != old.ready_at {
+        if listed && new_ready != EMPTY && new_ready != old.ready_at {
             self.ready.insert((new_ready, actor), ()).map_err(se)?;
         }
         let row = Meta {
@@ -147,7 +150,7 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn envelope(&self, actor: &ActorId, position: u64) -> StoreResult<Envelope> {
+    pub(super) fn envelope(&self, actor: &ActorId, position: u64) -> StoreResult<Envelope> {
         let bytes = self
             .messages
             .get((actor.as_str(), position))
@@ -166,7 +169,7 @@ impl<'t> Tables<'t> {
         })
     }
 
-    fn enqueue(
+    pub(super) fn enqueue(
         &mut self,
         actor: &ActorId,
         message_id: MessageId,
@@ -207,7 +210,7 @@ impl<'t> Tables<'t> {
     }
 
     /// Checks that `receipt` is the current delivery of the actor's current message.
-    fn check_receipt(&self, receipt: &Receipt) -> StoreResult<(Meta, State)> {
+    pub(super) fn check_receipt(&self, receipt: &Receipt) -> StoreResult<(Meta, State)> {
         let a = receipt.actor.as_str();
         let meta = Meta::get(&self.meta, a)?;
         let stale = || StoreError::StaleReceipt {
@@ -227,7 +230,8 @@ impl<'t> Tables<'t> {
     }
 
     /// Removes the actor's current message and moves on to the next.
-    fn remove_current(&mut self, actor: &str, old: Meta) -> StoreResult<()> {
+    pub(super) fn remove_current(&mut self, actor: &str) -> StoreResult<()> {
+        let old = Meta::get(&self.meta, actor)?;
         let p = old.current;
         self.messages.remove((actor, p)).map_err(se)?;
         self.state.remove((actor, p)).map_err(se)?;
@@ -244,7 +248,7 @@ impl<'t> Tables<'t> {
 
 /// One row of `MESSAGE_STATE`.
 #[derive(Debug, Clone, Copy)]
-struct State {
+pub(super) struct State {
     due: u64,
     visible_at: u64,
     deliveries: u32,
@@ -263,15 +267,15 @@ impl State {
 struct Inconsistent(String);
 
 /// Moves the actor's current message to the dead letters.
-fn bury(
+pub(super) fn bury(
     txn: &WriteTransaction,
     t: &mut Tables<'_>,
     actor: &ActorId,
-    meta: Meta,
-    deliveries: u32,
     reason: &str,
 ) -> StoreResult<u64> {
+    let meta = Meta::get(&t.meta, actor.as_str())?;
     let envelope = t.envelope(actor, meta.current)?;
+    let deliveries = t.state_of(actor.as_str(), meta.current)?.deliveries;
     let mut counters = txn.open_table(META).map_err(se)?;
     let id = meta_counter(&counters, "dead_letter_seq")? + 1;
     let dead = DeadLetter {
@@ -286,7 +290,7 @@ fn bury(
     let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(se)?;
     dead_letters.insert(id, bytes.as_slice()).map_err(se)?;
     counters.insert("dead_letter_seq", id).map_err(se)?;
-    t.remove_current(actor.as_str(), meta)?;
+    t.remove_current(actor.as_str())?;
     tracing::warn!(%actor, message_id = %dead.envelope.id, dead_letter = id, reason = %dead.reason, "message dead-lettered");
     Ok(id)
 }
@@ -322,7 +326,7 @@ fn lease(
                         format!("delivered {deliveries} times and never acked (each lease ran out)")
                     }
                 };
-                bury(txn, &mut t, actor, meta, deliveries, &reason)?;
+                bury(txn, &mut t, actor, &reason)?;
                 continue;
             }
             meta.current
@@ -419,8 +423,42 @@ impl Mailbox for EmbeddedStore {
         let receipt = receipt.clone();
         self.write(move |txn| {
             let mut t = Tables::open(txn)?;
-            let (meta, _) = t.check_receipt(&receipt)?;
-            t.remove_current(receipt.actor.as_str(), meta)
+            t.check_receipt(&receipt)?;
+            t.remove_current(receipt.actor.as_str())
+        })
+        .await
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        if visibility.is_zero() {
+            return Err(StoreError::InvalidRequest(
+                "visibility timeout must be positive".into(),
+            ));
+        }
+        let receipt = receipt.clone();
+        self.write(move |txn| {
+            let mut t = Tables::open(txn)?;
+            let (meta, state) = t.check_receipt(&receipt)?;
+            let a = receipt.actor.as_str();
+            let visible_at = (Timestamp::now() + visibility).as_millis();
+            t.state
+                .insert(
+                    (a, receipt.position),
+                    State {
+                        visible_at,
+                        ..state
+                    }
+                    .row(),
+                )
+                .map_err(se)?;
+            t.put_meta(
+                a,
+                meta,
+                Meta {
+                    ready_at: visible_at,
+                    ..meta
+                },
+            )
         })
         .await
     }
@@ -463,8 +501,8 @@ impl Mailbox for EmbeddedStore {
         let reason = reason.to_owned();
         self.write(move |txn| {
             let mut t = Tables::open(txn)?;
-            let (meta, state) = t.check_receipt(&receipt)?;
-            bury(txn, &mut t, &receipt.actor, meta, state.deliveries, &reason)
+            t.check_receipt(&receipt)?;
+            bury(txn, &mut t, &receipt.actor, &reason)
         })
         .await
     }

@@ -17,6 +17,7 @@ mod lease;
 mod lock;
 mod mailbox;
 pub(crate) mod tables;
+mod turn;
 mod writer;
 
 use std::path::{Path, PathBuf};

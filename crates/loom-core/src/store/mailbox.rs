@@ -100,11 +100,17 @@ pub trait Mailbox: Send + Sync + 'static {
     /// the head of the actor's queue; records `error` as the reason.
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()>;
 
+    /// Keeps a delivered message out for another `visibility` from now (for an invocation that
+    /// takes long: a durable sleep, a wait for an event). [`StoreError::StaleReceipt`] if the
+    /// receipt is no longer current.
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()>;
+
     /// Moves a delivered message to the dead letters with `reason`; returns the dead letter's id.
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64>;
 
-    /// Actors whose mailbox has a message due now, in no particular order (at most `limit`). An
-    /// actor listed may still give `None` from [`lease`](Self::lease) if its head is out.
+    /// Actors whose mailbox has a message due now and none out, in no particular order (at most
+    /// `limit`). System mailboxes ([`ActorId::is_system`]) are never listed: only the invocation
+    /// that waits on one reads it.
     async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>>;
 
     /// The earliest time at which some message in any mailbox becomes due or visible again;

@@ -13,6 +13,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod turn;
 
 pub use idempotency::{IdempotencyStore, Reservation, prepare_result};
 pub use journal::{
@@ -20,11 +21,18 @@ pub use journal::{
 };
 pub use lease::{Lease, LeaseManager, check_owner};
 pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
+pub use turn::{Outgoing, Record, Settle, Turn};
 
-/// A backend serving all four concerns.
+use async_trait::async_trait;
+
+use crate::entry::Seq;
+use crate::error::StoreResult;
+
+/// A backend serving all four concerns, and the atomic [`Turn`] that ties them together.
 ///
-/// Implemented for every type that implements the four traits; use `Arc<dyn Store>` to pick a
-/// backend at run time.
-pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {}
-
-impl<T: JournalStore + Mailbox + LeaseManager + IdempotencyStore> Store for T {}
+/// Use `Arc<dyn Store>` to pick a backend at run time.
+#[async_trait]
+pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {
+    /// Commits a [`Turn`] atomically (see its rules); returns the journal's new highest seq.
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq>;
+}

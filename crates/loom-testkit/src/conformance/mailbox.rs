@@ -32,6 +32,8 @@ pub(super) fn cases() -> Vec<Case> {
         concurrent_leases_hand_a_message_out_once,
         bad_lease_options_are_refused,
         message_fields_round_trip,
+        extend_keeps_a_message_out_longer,
+        event_lanes_are_leased_directly_and_never_listed_as_ready,
     ]
 }
 
@@ -457,4 +459,43 @@ async fn message_fields_round_trip(store: Arc<dyn Store>) {
     assert_eq!(d.envelope, m);
     assert_eq!(d.receipt.message_id, m.id);
     assert!(d.last_error.is_none());
+}
+
+async fn extend_keeps_a_message_out_longer(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let d = store.lease(&a, short(5)).await.unwrap().expect("delivery");
+    store
+        .extend(&d.receipt, Duration::from_secs(60))
+        .await
+        .unwrap();
+    wait_past(Duration::from_millis(100)).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "an extended lease ran out early"
+    );
+    store.ack(&d.receipt).await.unwrap();
+    let stale = store.extend(&d.receipt, Duration::from_secs(60)).await;
+    assert!(
+        matches!(stale, Err(StoreError::StaleReceipt { .. })),
+        "{stale:?}"
+    );
+}
+
+async fn event_lanes_are_leased_directly_and_never_listed_as_ready(store: Arc<dyn Store>) {
+    let a = id("a");
+    let lane = a.event_lane("approved");
+    assert!(lane.is_system());
+    store
+        .enqueue(&Envelope::new(lane.clone(), json!({"ok": true})), None)
+        .await
+        .unwrap();
+    assert!(
+        store.ready_actors(10).await.unwrap().is_empty(),
+        "an event lane was listed as ready"
+    );
+    let d = store.lease(&lane, long()).await.unwrap().expect("event");
+    assert_eq!(d.envelope.payload, json!({"ok": true}));
+    store.ack(&d.receipt).await.unwrap();
+    assert_eq!(store.pending(&lane).await.unwrap(), 0);
 }

@@ -10,6 +10,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod turn;
 
 use std::sync::Arc;
 
@@ -83,12 +84,18 @@ pub fn idempotency(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "idempotency", idempotency::cases(), factory)
 }
 
+/// The [`loom_core::Store::commit_turn`] cases.
+pub fn turn(backend: &str, factory: &Factory) -> Vec<Trial> {
+    trials(backend, "turn", turn::cases(), factory)
+}
+
 /// Every case for every trait.
 pub fn all(backend: &str, factory: &Factory) -> Vec<Trial> {
     let mut out = journal(backend, factory);
     out.extend(mailbox(backend, factory));
     out.extend(lease(backend, factory));
     out.extend(idempotency(backend, factory));
+    out.extend(turn(backend, factory));
     out
 }
 

@@ -1,0 +1,97 @@
+//! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
+
+use async_trait::async_trait;
+
+use crate::entry::Seq;
+use crate::error::{StoreError, StoreResult};
+use crate::store::{
+    Outgoing, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+};
+use crate::time::Timestamp;
+
+use super::EmbeddedStore;
+use super::mailbox::{Tables, bury};
+use super::tables::{JOURNAL_META, LEASES, se};
+use super::{idempotency, journal, lease};
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq> {
+        // Everything that can be checked without the store is checked here, before queueing.
+        let entries = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
+        let outgoing: Vec<(Outgoing, Vec<u8>)> = turn
+            .send
+            .iter()
+            .map(|o| prepare_message(&o.envelope).map(|bytes| (o.clone(), bytes)))
+            .collect::<StoreResult<_>>()?;
+        if let Some(r) = &turn.record {
+            prepare_result(r.actor, r.key, r.result)?;
+            idempotency::check_ttl(r.ttl)?;
+        }
+        let actor = turn.actor.clone();
+        let expected_next = turn.expected_next;
+        let fence = turn.fence.cloned();
+        let settle = turn.settle.map(|s| match s {
+            Settle::Ack(r) => (r.clone(), None),
+            Settle::DeadLetter(r, reason) => (r.clone(), Some(reason.to_owned())),
+        });
+        let record = turn
+            .record
+            .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
+        self.write(move |txn| {
+            // Checks first, writes after: a refused turn writes nothing (see writer.rs).
+            let now = Timestamp::now();
+            if let Some(fence) = &fence {
+                let row = lease::get(&txn.open_table(LEASES).map_err(se)?, &fence.actor)?;
+                let held = row
+                    .as_ref()
+                    .is_some_and(|r| r.token == fence.token && lease::live(r, now).is_some());
+                if !held {
+                    return Err(StoreError::LeaseLost {
+                        actor: fence.actor.clone(),
+                        token: fence.token,
+                    });
+                }
+            }
+            {
+                let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+                let (highest, _) = journal::meta_of(&meta, actor.as_str())?;
+                if expected_next != highest + 1 {
+                    return Err(StoreError::Conflict {
+                        actor: actor.clone(),
+                        expected: expected_next,
+                        actual: highest + 1,
+                    });
+                }
+            }
+            if let Some((receipt, reason)) = &settle {
+                let t = Tables::open(txn)?;
+                t.check_receipt(receipt)?;
+                if reason.is_some() {
+                    // Decoded now so that dead-lettering cannot fail after the writes began.
+                    t.envelope(&receipt.actor, receipt.position)?;
+                }
+            }
+            let highest = journal::append(txn, &actor, expected_next, &entries)?;
+            {
+                let mut t = Tables::open(txn)?;
+                let now_ms = now.as_millis();
+                for (o, bytes) in &outgoing {
+                    t.enqueue(&o.envelope.to, o.envelope.id, bytes, o.deliver_at, now_ms)?;
+                }
+                match &settle {
+                    Some((receipt, None)) => t.remove_current(receipt.actor.as_str())?,
+                    Some((receipt, Some(reason))) => {
+                        bury(txn, &mut t, &receipt.actor, reason)?;
+                    }
+                    None => {}
+                }
+            }
+            if let Some((a, key, result, ttl)) = record {
+                idempotency::record(txn, &a, &key, result, ttl)?;
+            }
+            Ok(highest)
+        })
+        .await
+    }
+}

@@ -1,0 +1,87 @@
+//! [`Turn`]: everything one step of an actor makes durable, committed as one atomic write.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::entry::{Entry, Seq};
+use crate::envelope::Envelope;
+use crate::id::{ActorId, IdempotencyKey};
+use crate::store::{Lease, Receipt};
+use crate::time::Timestamp;
+
+/// A message a turn sends (its outbox), enqueued by the same atomic write as the turn's entries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The message.
+    pub envelope: Envelope,
+    /// When it is due; `None` for now.
+    pub deliver_at: Option<Timestamp>,
+}
+
+/// What a turn does with the delivery it processed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Settle<'a> {
+    /// Remove the message: it was applied.
+    Ack(&'a Receipt),
+    /// Move the message to the dead letters with this reason.
+    DeadLetter(&'a Receipt, &'a str),
+}
+
+/// An idempotency result a turn records (the reply to a request, kept for retries).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record<'a> {
+    /// The actor the key belongs to.
+    pub actor: &'a ActorId,
+    /// The key.
+    pub key: &'a IdempotencyKey,
+    /// The result.
+    pub result: &'a Value,
+    /// How long to keep it.
+    pub ttl: Duration,
+}
+
+/// One atomic write of an actor's turn.
+///
+/// Either all of it happens or none of it does:
+/// - if `fence` is set and that lease is no longer held (expired, released, taken over),
+///   [`StoreError::LeaseLost`](crate::StoreError::LeaseLost);
+/// - if the journal's next seq is not `expected_next`, [`StoreError::Conflict`](crate::StoreError::Conflict);
+/// - if `settle`'s receipt is stale, [`StoreError::StaleReceipt`](crate::StoreError::StaleReceipt);
+///
+/// otherwise the entries are appended, every `send` message enqueued, the delivery acked or
+/// dead-lettered, and the idempotency result recorded, in one durable write. This is how a
+/// message is applied at most once (its ack and its effects are one write) and how an outgoing
+/// message leaves exactly once (its enqueue and its `MessageSent` entry are one write).
+#[derive(Debug, Clone, Copy)]
+pub struct Turn<'a> {
+    /// The journal.
+    pub actor: &'a ActorId,
+    /// Its next seq, as the caller believes.
+    pub expected_next: Seq,
+    /// Entries numbered from `expected_next` (may be empty).
+    pub entries: &'a [Entry],
+    /// Commit only while this lease is held.
+    pub fence: Option<&'a Lease>,
+    /// Messages to enqueue.
+    pub send: &'a [Outgoing],
+    /// The processed delivery.
+    pub settle: Option<Settle<'a>>,
+    /// An idempotency result to record.
+    pub record: Option<Record<'a>>,
+}
+
+impl<'a> Turn<'a> {
+    /// A turn that only appends `entries`.
+    pub fn append(actor: &'a ActorId, expected_next: Seq, entries: &'a [Entry]) -> Self {
+        Turn {
+            actor,
+            expected_next,
+            entries,
+            fence: None,
+            send: &[],
+            settle: None,
+            record: None,
+        }
+    }
+}

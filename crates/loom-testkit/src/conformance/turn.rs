@@ -1,0 +1,360 @@
+//! [`Store::commit_turn`] cases: a turn's entries, ack, outgoing messages and recorded result are
+//! one atomic write, refused as a whole when any of its conditions fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use loom_core::limits::MAX_MESSAGE_BYTES;
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, Limit, MessageId, Outgoing,
+    Record, Reservation, Seq, SeqRange, Settle, Store, StoreError, Timestamp, Turn,
+};
+use serde_json::json;
+
+use super::{Case, cases};
+
+pub(super) fn cases() -> Vec<Case> {
+    cases![
+        turn_appends_acks_sends_and_records_in_one_write,
+        conflicting_turn_changes_nothing,
+        turn_with_a_stale_receipt_changes_nothing,
+        fenced_turn_after_the_lease_is_lost_changes_nothing,
+        fenced_turn_with_the_lease_held_commits,
+        turn_can_dead_letter_its_delivery,
+        turn_sending_to_its_own_actor_keeps_the_mailbox_consistent,
+        turn_without_entries_only_settles,
+        turn_with_an_oversized_outgoing_message_changes_nothing,
+    ]
+}
+
+fn id(key: &str) -> ActorId {
+    ActorId::new("conf", key).expect("valid id")
+}
+
+fn entries(from: Seq, to: Seq) -> Vec<Entry> {
+    (from..=to)
+        .map(|s| Entry::new(s, EntryKind::Completed { reply: json!(s) }))
+        .collect()
+}
+
+fn long() -> LeaseOptions {
+    LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    }
+}
+
+async fn journal(store: &dyn Store, a: &ActorId) -> Vec<Seq> {
+    let got: Vec<Entry> = store
+        .read(a, SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read");
+    got.into_iter().map(|e| e.seq).collect()
+}
+
+async fn deliver(store: &dyn Store, a: &ActorId) -> loom_core::Delivery {
+    store
+        .enqueue(&Envelope::new(a.clone(), json!("in")), None)
+        .await
+        .expect("enqueue");
+    store
+        .lease(a, long())
+        .await
+        .expect("lease")
+        .expect("a delivery")
+}
+
+async fn wait_past(d: Duration) {
+    tokio::time::sleep(d + Duration::from_millis(150)).await;
+}
+
+async fn turn_appends_acks_sends_and_records_in_one_write(store: Arc<dyn Store>) {
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    let d = deliver(&*store, &a).await;
+    let key = IdempotencyKey::new("req-1").unwrap();
+    let later = Timestamp::now() + Duration::from_secs(3600);
+    let send = vec![
+        Outgoing {
+            envelope: Envelope::new(b.clone(), json!("to b")),
+            deliver_at: None,
+        },
+        Outgoing {
+            envelope: Envelope::new(c.clone(), json!("to c, later")),
+            deliver_at: Some(later),
+        },
+    ];
+    let written = entries(1, 2);
+    let result = json!({"reply": 7});
+    let highest = store
+        .commit_turn(Turn {
+            actor: &a,
+            expected_next: 1,
+            entries: &written,
+            fence: None,
+            send: &send,
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &result,
+                ttl: Duration::from_secs(600),
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(highest, 2);
+    assert_eq!(journal(&*store, &a).await, vec![1, 2]);
+    assert_eq!(
+        store.pending(&a).await.unwrap(),
+        0,
+        "the delivery was not acked"
+    );
+    let to_b = store
+        .lease(&b, long())
+        .await
+        .unwrap()
+        .expect("message to b");
+    assert_eq!(to_b.envelope, send[0].envelope);
+    assert_eq!(store.pending(&c).await.unwrap(), 1);
+    assert!(
+        store.lease(&c, long()).await.unwrap().is_none(),
+        "delayed message came early"
+    );
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Completed(result))
+    );
+}
+
+async fn conflicting_turn_changes_nothing(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    store.append(&a, 1, &entries(1, 3)).await.unwrap();
+    let d = deliver(&*store, &a).await;
+    let key = IdempotencyKey::new("req").unwrap();
+    let send = vec![Outgoing {
+        envelope: Envelope::new(b.clone(), json!(1)),
+        deliver_at: None,
+    }];
+    let err = store
+        .commit_turn(Turn {
+            actor: &a,
+            expected_next: 2,
+            entries: &entries(2, 2),
+            fence: None,
+            send: &send,
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &json!(1),
+                ttl: Duration::from_secs(60),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 2,
+                actual: 4,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(journal(&*store, &a).await, vec![1, 2, 3]);
+    assert_eq!(
+        store.pending(&b).await.unwrap(),
+        0,
+        "an outgoing message left with a refused turn"
+    );
+    assert_eq!(store.lookup(&a, &key).await.unwrap(), None);
+    store
+        .ack(&d.receipt)
+        .await
+        .expect("the delivery is still out and ackable");
+}
+
+async fn turn_with_a_stale_receipt_changes_nothing(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    store
+        .enqueue(&Envelope::new(a.clone(), json!(1)), None)
+        .await
+        .unwrap();
+    let short = LeaseOptions {
+        visibility: Duration::from_millis(100),
+        max_deliveries: 5,
+    };
+    let first = store.lease(&a, short).await.unwrap().expect("first");
+    wait_past(Duration::from_millis(100)).await;
+    let _second = store.lease(&a, long()).await.unwrap().expect("second");
+    let send = vec![Outgoing {
+        envelope: Envelope::new(b.clone(), json!(1)),
+        deliver_at: None,
+    }];
+    let err = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&first.receipt)),
+            send: &send,
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::StaleReceipt { .. }), "{err:?}");
+    assert!(journal(&*store, &a).await.is_empty());
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+}
+
+async fn fenced_turn_after_the_lease_is_lost_changes_nothing(store: Arc<dyn Store>) {
+    let a = id("a");
+    let old = store
+        .acquire(&a, "node-1", Duration::from_millis(100))
+        .await
+        .unwrap();
+    wait_past(Duration::from_millis(100)).await;
+    let expired = store
+        .commit_turn(Turn {
+            fence: Some(&old),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(expired, StoreError::LeaseLost { .. }),
+        "{expired:?}"
+    );
+    let _new = store
+        .acquire(&a, "node-2", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let taken = store
+        .commit_turn(Turn {
+            fence: Some(&old),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(taken, StoreError::LeaseLost { .. }), "{taken:?}");
+    assert!(
+        journal(&*store, &a).await.is_empty(),
+        "a fenced-off writer appended"
+    );
+}
+
+async fn fenced_turn_with_the_lease_held_commits(store: Arc<dyn Store>) {
+    let a = id("a");
+    let lease = store
+        .acquire(&a, "node-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let h = store
+        .commit_turn(Turn {
+            fence: Some(&lease),
+            ..Turn::append(&a, 1, &entries(1, 2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(h, 2);
+}
+
+async fn turn_can_dead_letter_its_delivery(store: Arc<dyn Store>) {
+    let a = id("a");
+    let d = deliver(&*store, &a).await;
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::DeadLetter(
+                &d.receipt,
+                "handler failed 5 times: boom",
+            )),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    assert_eq!(journal(&*store, &a).await, vec![1]);
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id, d.envelope.id);
+    assert_eq!(dead[0].reason, "handler failed 5 times: boom");
+}
+
+async fn turn_sending_to_its_own_actor_keeps_the_mailbox_consistent(store: Arc<dyn Store>) {
+    let a = id("a");
+    let d = deliver(&*store, &a).await;
+    let to_self = Envelope::new(a.clone(), json!("again"));
+    let send = vec![Outgoing {
+        envelope: to_self.clone(),
+        deliver_at: None,
+    }];
+    store
+        .commit_turn(Turn {
+            send: &send,
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+    assert_eq!(store.ready_actors(10).await.unwrap(), vec![a.clone()]);
+    let next = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("the message to itself");
+    assert_eq!(next.envelope, to_self);
+    store.ack(&next.receipt).await.unwrap();
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    assert!(store.ready_actors(10).await.unwrap().is_empty());
+}
+
+async fn turn_without_entries_only_settles(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.append(&a, 1, &entries(1, 2)).await.unwrap();
+    let d = deliver(&*store, &a).await;
+    let h = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&a, 3, &[])
+        })
+        .await
+        .unwrap();
+    assert_eq!(h, 2);
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+}
+
+async fn turn_with_an_oversized_outgoing_message_changes_nothing(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let d = deliver(&*store, &a).await;
+    let send = vec![Outgoing {
+        envelope: Envelope {
+            id: MessageId::new(),
+            ..Envelope::new(b.clone(), json!("x".repeat(MAX_MESSAGE_BYTES)))
+        },
+        deliver_at: None,
+    }];
+    let err = store
+        .commit_turn(Turn {
+            send: &send,
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::TooLarge {
+                limit_kind: Limit::MessageBytes,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(journal(&*store, &a).await.is_empty());
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+}
