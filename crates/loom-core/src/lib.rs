@@ -47,8 +47,8 @@ pub use envelope::Envelope;
 pub use error::{Cause, Limit, StoreError, StoreResult};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use store::{
-    DeadLetter, Delivery, EntryStream, IdempotencyStore, JournalInfo, JournalStore, Lease,
-    LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record, Reservation, SeqRange, Settle,
-    Store, Turn,
+    DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo, JournalStore,
+    Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record, Reservation, SeqRange,
+    Settle, Store, Turn,
 };
 pub use time::Timestamp;

@@ -107,6 +107,37 @@ pub(super) fn record(
     )
 }
 
+/// Reserves `key` unless a live record holds it; returns that record's reservation if so.
+pub(super) fn reserve(
+    txn: &redb::WriteTransaction,
+    actor: &ActorId,
+    key: &IdempotencyKey,
+    ttl: Duration,
+) -> StoreResult<Option<Reservation>> {
+    let now = Timestamp::now();
+    let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
+    let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+    let old = get(&records, actor, key)?;
+    if let Some(row) = &old
+        && row.expires_at > now
+    {
+        return Ok(Some(row.clone().reservation()));
+    }
+    let row = Row {
+        result: None,
+        expires_at: now + ttl,
+    };
+    set(
+        &mut records,
+        &mut expiry,
+        actor,
+        key,
+        old.as_ref(),
+        Some(&row),
+    )?;
+    Ok(None)
+}
+
 pub(super) fn check_ttl(ttl: Duration) -> StoreResult<()> {
     if ttl.is_zero() {
         return Err(StoreError::InvalidRequest(

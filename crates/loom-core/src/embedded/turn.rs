@@ -1,11 +1,15 @@
 //! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::entry::Seq;
+use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
+use crate::id::IdempotencyKey;
 use crate::store::{
-    Outgoing, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+    Enqueued, Outgoing, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
 };
 use crate::time::Timestamp;
 
@@ -91,6 +95,27 @@ impl Store for EmbeddedStore {
                 idempotency::record(txn, &a, &key, result, ttl)?;
             }
             Ok(highest)
+        })
+        .await
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued> {
+        idempotency::check_ttl(ttl)?;
+        let bytes = prepare_message(msg)?;
+        let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
+        self.write(move |txn| {
+            if let Some(existing) = idempotency::reserve(txn, &to, &key, ttl)? {
+                return Ok(Enqueued::Duplicate(existing));
+            }
+            let mut t = Tables::open(txn)?;
+            let position = t.enqueue(&to, id, &bytes, deliver_at, Timestamp::now().as_millis())?;
+            Ok(Enqueued::New(position))
         })
         .await
     }

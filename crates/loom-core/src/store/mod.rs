@@ -23,10 +23,24 @@ pub use lease::{Lease, LeaseManager, check_owner};
 pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
 pub use turn::{Outgoing, Record, Settle, Turn};
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::entry::Seq;
+use crate::envelope::Envelope;
 use crate::error::StoreResult;
+use crate::id::IdempotencyKey;
+use crate::time::Timestamp;
+
+/// The outcome of [`Store::enqueue_once`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    /// The key was free: it is now reserved and the message enqueued at this position.
+    New(u64),
+    /// The key was taken: nothing was enqueued; this is what the key holds.
+    Duplicate(Reservation),
+}
 
 /// A backend serving all four concerns, and the atomic [`Turn`] that ties them together.
 ///
@@ -35,4 +49,17 @@ use crate::error::StoreResult;
 pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {
     /// Commits a [`Turn`] atomically (see its rules); returns the journal's new highest seq.
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq>;
+
+    /// Reserves `key` for `msg.to` (for `ttl`) and enqueues `msg`, in one atomic write, unless
+    /// the key is already reserved or completed, in which case nothing is written.
+    ///
+    /// This is how a client retry with the same idempotency key never enqueues twice, and how a
+    /// crash between "reserve" and "enqueue" cannot leave a reservation without its message.
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued>;
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use loom_core::limits::MAX_MESSAGE_BYTES;
 use loom_core::{
-    ActorId, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, Limit, MessageId, Outgoing,
-    Record, Reservation, Seq, SeqRange, Settle, Store, StoreError, Timestamp, Turn,
+    ActorId, Enqueued, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, Limit, MessageId,
+    Outgoing, Record, Reservation, Seq, SeqRange, Settle, Store, StoreError, Timestamp, Turn,
 };
 use serde_json::json;
 
@@ -25,6 +25,9 @@ pub(super) fn cases() -> Vec<Case> {
         turn_sending_to_its_own_actor_keeps_the_mailbox_consistent,
         turn_without_entries_only_settles,
         turn_with_an_oversized_outgoing_message_changes_nothing,
+        enqueue_once_enqueues_once_per_key,
+        concurrent_enqueue_once_enqueues_one_message,
+        enqueue_once_returns_the_recorded_result,
     ]
 }
 
@@ -357,4 +360,89 @@ async fn turn_with_an_oversized_outgoing_message_changes_nothing(store: Arc<dyn 
     assert!(journal(&*store, &a).await.is_empty());
     assert_eq!(store.pending(&a).await.unwrap(), 1);
     assert_eq!(store.pending(&b).await.unwrap(), 0);
+}
+
+async fn enqueue_once_enqueues_once_per_key(store: Arc<dyn Store>) {
+    let a = id("a");
+    let key = IdempotencyKey::new("client-retry").unwrap();
+    let m1 = Envelope::new(a.clone(), json!(1));
+    let m2 = Envelope::new(a.clone(), json!(2));
+    let ttl = Duration::from_secs(600);
+    assert!(matches!(
+        store.enqueue_once(&m1, None, &key, ttl).await.unwrap(),
+        Enqueued::New(_)
+    ));
+    let again = store.enqueue_once(&m2, None, &key, ttl).await.unwrap();
+    assert!(
+        matches!(again, Enqueued::Duplicate(Reservation::Pending { .. })),
+        "{again:?}"
+    );
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+    let other = IdempotencyKey::new("another").unwrap();
+    assert!(matches!(
+        store.enqueue_once(&m2, None, &other, ttl).await.unwrap(),
+        Enqueued::New(_)
+    ));
+    assert_eq!(store.pending(&a).await.unwrap(), 2);
+}
+
+async fn concurrent_enqueue_once_enqueues_one_message(store: Arc<dyn Store>) {
+    let a = id("a");
+    let key = IdempotencyKey::new("same").unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let (store, a, key) = (store.clone(), a.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .enqueue_once(
+                    &Envelope::new(a, json!(n)),
+                    None,
+                    &key,
+                    Duration::from_secs(600),
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Enqueued::New(_)) {
+            new += 1;
+        }
+    }
+    assert_eq!(new, 1);
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+}
+
+async fn enqueue_once_returns_the_recorded_result(store: Arc<dyn Store>) {
+    let a = id("a");
+    let key = IdempotencyKey::new("k").unwrap();
+    let ttl = Duration::from_secs(600);
+    store
+        .enqueue_once(&Envelope::new(a.clone(), json!(1)), None, &key, ttl)
+        .await
+        .unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &json!({"reply": 1}),
+                ttl,
+            }),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    let again = store
+        .enqueue_once(&Envelope::new(a.clone(), json!(1)), None, &key, ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Enqueued::Duplicate(Reservation::Completed(json!({"reply": 1})))
+    );
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
 }
