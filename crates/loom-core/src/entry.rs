@@ -123,15 +123,22 @@ pub enum EntryKind {
         step: Step,
         /// The event's name.
         name: String,
+        /// When the wait gives up, if it has a timeout. Fixed when the wait starts, so a restart
+        /// does not restart the clock.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<Timestamp>,
     },
-    /// The awaited event arrived.
+    /// The awaited event arrived, or the wait timed out.
     EventReceived {
         /// The step of its `EventAwaited`.
         step: Step,
         /// The event's name.
         name: String,
-        /// Its data.
+        /// Its data (`null` on a timeout).
         data: Value,
+        /// True if the wait ended at its deadline without the event.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        timed_out: bool,
     },
     /// The invocation ended with a reply.
     Completed {

@@ -38,6 +38,7 @@ mod envelope;
 mod error;
 mod id;
 pub mod limits;
+pub mod runtime;
 pub mod store;
 mod time;
 
@@ -46,6 +47,7 @@ pub use entry::{Entry, EntryKind, Seq, Snapshot, Step};
 pub use envelope::Envelope;
 pub use error::{Cause, Limit, StoreError, StoreResult};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
+pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
     DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo, JournalStore,
     Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record, Reservation, SeqRange,

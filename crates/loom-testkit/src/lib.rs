@@ -19,7 +19,9 @@
 //! ```
 
 pub mod conformance;
+pub mod faults;
 mod fixture;
 pub mod model;
+pub mod runtime;
 
 pub use fixture::{Factory, Fixture};

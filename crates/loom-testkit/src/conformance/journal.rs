@@ -200,11 +200,24 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
         EntryKind::EventAwaited {
             step: 6,
             name: "approved".into(),
+            deadline: None,
         },
         EntryKind::EventReceived {
             step: 6,
             name: "approved".into(),
             data: json!({"by": "ops"}),
+            timed_out: false,
+        },
+        EntryKind::EventAwaited {
+            step: 7,
+            name: "paid".into(),
+            deadline: Some(Timestamp::from_millis(1_800_000_000_000)),
+        },
+        EntryKind::EventReceived {
+            step: 7,
+            name: "paid".into(),
+            data: json!(null),
+            timed_out: true,
         },
         EntryKind::Completed { reply: json!(42) },
         EntryKind::Failed {

@@ -1,0 +1,96 @@
+//! The [`Actor`] trait: what user code implements.
+
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::context::Context;
+
+/// A kind of durable actor.
+///
+/// The runtime keeps one `State` per actor id (`KIND/key`), starting from `State::default()`.
+/// [`handle`](Self::handle) gets the state, a [`Context`] for durable calls, and one message; it
+/// returns a reply or a [`Rejected`]:
+/// - on `Ok`, the state change is journaled (as a JSON Patch), together with the reply, in one
+///   atomic write that also consumes the message;
+/// - on `Err(Rejected)`, the state goes back to what it was before the message, and the
+///   rejection is journaled and returned to the caller.
+///
+/// Keep the handler deterministic: anything that may differ between runs (clocks, randomness,
+/// I/O) goes through [`Context::activity`], whose result is journaled and replayed after a crash.
+///
+/// ```
+/// use loom_core::runtime::{Actor, Context, Rejected};
+/// use serde::{Deserialize, Serialize};
+///
+/// struct Account;
+///
+/// #[derive(Default, Serialize, Deserialize)]
+/// struct Balance {
+///     cents: i64,
+/// }
+///
+/// #[derive(Serialize, Deserialize)]
+/// enum AccountMsg {
+///     Deposit(i64),
+///     Withdraw(i64),
+///     Balance,
+/// }
+///
+/// impl Actor for Account {
+///     const KIND: &'static str = "account";
+///     type State = Balance;
+///     type Message = AccountMsg;
+///     type Reply = i64;
+///
+///     async fn handle(&self, state: &mut Balance, _ctx: &mut Context<'_>, msg: AccountMsg) -> Result<i64, Rejected> {
+///         match msg {
+///             AccountMsg::Deposit(n) => state.cents += n,
+///             AccountMsg::Withdraw(n) if n > state.cents => return Err(Rejected::new("insufficient funds")),
+///             AccountMsg::Withdraw(n) => state.cents -= n,
+///             AccountMsg::Balance => {}
+///         }
+///         Ok(state.cents)
+///     }
+/// }
+/// ```
+pub trait Actor: Send + Sync + 'static {
+    /// The kind's name, the first half of every id of this kind (`account` in `account/alice`).
+    const KIND: &'static str;
+    /// The actor's state.
+    type State: Serialize + DeserializeOwned + Default + Send + Sync + 'static;
+    /// What it receives.
+    type Message: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What it answers.
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Handles one message.
+    fn handle(
+        &self,
+        state: &mut Self::State,
+        ctx: &mut Context<'_>,
+        msg: Self::Message,
+    ) -> impl Future<Output = Result<Self::Reply, Rejected>> + Send;
+}
+
+/// A handler's refusal of a message: the state is left as it was, and the caller gets the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{reason}")]
+pub struct Rejected {
+    reason: String,
+}
+
+impl Rejected {
+    /// A rejection with a reason.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Rejected {
+            reason: reason.into(),
+        }
+    }
+
+    /// The reason.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}

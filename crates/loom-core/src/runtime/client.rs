@@ -1,0 +1,258 @@
+//! [`ActorRef`]: how code outside actors talks to them.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::envelope::Envelope;
+use crate::error::StoreError;
+use crate::id::{ActorId, IdError, IdempotencyKey, MessageId};
+use crate::store::{Enqueued, Reservation};
+use crate::time::Timestamp;
+
+use super::Runtime;
+use super::actor::{Actor, Rejected};
+use super::record::{Outcome, Recorded};
+use super::trace;
+
+/// Why a message could not be sent. Nothing was enqueued.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// The actor key is not a valid key.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    /// No actor of this kind is registered with the runtime.
+    #[error("actor kind {0:?} is not registered with this runtime")]
+    UnknownKind(String),
+    /// The message does not serialize to JSON.
+    #[error("message does not encode: {0}")]
+    Encode(String),
+    /// The actor's mailbox holds `Config::max_mailbox` messages already (backpressure).
+    #[error("mailbox of {actor} is full ({pending} messages waiting)")]
+    MailboxFull {
+        /// The actor.
+        actor: ActorId,
+        /// How many messages wait.
+        pending: u64,
+    },
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runtime is shutting down.
+    #[error("runtime is shut down")]
+    Shutdown,
+}
+
+/// Why `ask` did not return a reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AskError {
+    /// The message was not sent.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The handler rejected the message (state unchanged).
+    #[error("rejected: {0}")]
+    Rejected(Rejected),
+    /// The message was given up on and dead-lettered.
+    #[error("failed: {0}")]
+    Failed(String),
+    /// No reply within the timeout. The message may still be processed; asking again with the
+    /// same idempotency key returns its reply without sending it twice.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The reply does not decode as the actor's reply type.
+    #[error("reply does not decode: {0}")]
+    BadReply(String),
+}
+
+/// Options of [`ActorRef::send_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Sends at most once per key (within the reply TTL): a retry with the same key does not
+    /// enqueue again.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// Delivers the message after this delay.
+    pub delay: Option<Duration>,
+}
+
+/// Options of [`ActorRef::ask_with`].
+#[derive(Debug, Clone, Default)]
+pub struct AskOptions {
+    /// A retry with the same key is not processed twice and gets the recorded reply.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// How long to wait (default `Config::ask_timeout`).
+    pub timeout: Option<Duration>,
+}
+
+/// What a send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Enqueued durably, with this id.
+    Enqueued(MessageId),
+    /// A message with the same idempotency key was sent before; nothing was enqueued.
+    Duplicate,
+}
+
+/// A handle to one actor (`A::KIND/key`); cheap to clone.
+pub struct ActorRef<A: Actor> {
+    rt: Runtime,
+    id: Result<ActorId, IdError>,
+    _kind: PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> Clone for ActorRef<A> {
+    fn clone(&self) -> Self {
+        ActorRef {
+            rt: self.rt.clone(),
+            id: self.id.clone(),
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<A: Actor> ActorRef<A> {
+    pub(crate) fn new(rt: Runtime, key: &str) -> Self {
+        ActorRef {
+            rt,
+            id: ActorId::new(A::KIND, key),
+            _kind: PhantomData,
+        }
+    }
+
+    /// The actor's id, or why the key is invalid.
+    pub fn id(&self) -> Result<&ActorId, IdError> {
+        self.id.as_ref().map_err(Clone::clone)
+    }
+
+    fn envelope(&self, msg: &A::Message) -> Result<Envelope, SendError> {
+        let id = self.id.clone()?;
+        if !self.rt.shared.kinds.contains_key(A::KIND) {
+            return Err(SendError::UnknownKind(A::KIND.to_owned()));
+        }
+        let payload = serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))?;
+        let mut env = Envelope::new(id, payload);
+        env.traceparent = Some(trace::root());
+        Ok(env)
+    }
+
+    /// Sends `msg`; returns once it is durably in the actor's mailbox.
+    pub async fn send(&self, msg: A::Message) -> Result<MessageId, SendError> {
+        let env = self.envelope(&msg)?;
+        let id = env.id;
+        self.rt.enqueue(env, None).await?;
+        Ok(id)
+    }
+
+    /// Sends `msg` with options (idempotency key, delay).
+    pub async fn send_with(&self, msg: A::Message, opts: SendOptions) -> Result<Sent, SendError> {
+        let mut env = self.envelope(&msg)?;
+        let deliver_at = opts.delay.map(|d| Timestamp::now() + d);
+        match opts.idempotency_key {
+            None => {
+                let id = env.id;
+                self.rt.enqueue(env, deliver_at).await?;
+                Ok(Sent::Enqueued(id))
+            }
+            Some(key) => {
+                env.idempotency_key = Some(key.clone());
+                let id = env.id;
+                match self.rt.enqueue_once(env, deliver_at, &key).await? {
+                    Enqueued::New(_) => Ok(Sent::Enqueued(id)),
+                    Enqueued::Duplicate(_) => Ok(Sent::Duplicate),
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` and waits for the reply (at most `Config::ask_timeout`).
+    pub async fn ask(&self, msg: A::Message) -> Result<A::Reply, AskError> {
+        self.ask_with(msg, AskOptions::default()).await
+    }
+
+    /// Sends `msg` and waits for the reply, with options. With an idempotency key, asking again
+    /// after a timeout or a crash does not process the message twice: it waits for, or returns,
+    /// the recorded reply.
+    pub async fn ask_with(&self, msg: A::Message, opts: AskOptions) -> Result<A::Reply, AskError> {
+        let mut env = self.envelope(&msg)?;
+        let key = match opts.idempotency_key {
+            Some(k) => k,
+            None => IdempotencyKey::new(format!("ask-{}", env.id)).map_err(SendError::from)?,
+        };
+        env.idempotency_key = Some(key.clone());
+        let actor = env.to.clone();
+        let timeout = opts.timeout.unwrap_or(self.rt.shared.config.ask_timeout);
+        let hub = self.rt.shared.hub.clone();
+        let mut local = hub.wait_reply(&actor, &key);
+        let recorded = match self.rt.enqueue_once(env, None, &key).await {
+            Ok(Enqueued::Duplicate(Reservation::Completed(v))) => Some(v),
+            Ok(_) => None,
+            Err(e) => {
+                hub.prune(&actor, &key);
+                return Err(e.into());
+            }
+        };
+        let value = match recorded {
+            Some(v) => v,
+            None => {
+                let started = tokio::time::Instant::now();
+                let poll = self
+                    .rt
+                    .shared
+                    .config
+                    .poll_interval
+                    .max(Duration::from_millis(5))
+                    * 2;
+                loop {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        hub.prune(&actor, &key);
+                        return Err(AskError::Timeout(timeout));
+                    }
+                    tokio::select! {
+                        got = &mut local => match got {
+                            Ok(v) => break v,
+                            Err(_) => local = hub.wait_reply(&actor, &key),
+                        },
+                        _ = tokio::time::sleep(poll.min(left)) => {
+                            // The actor may run on another node: look at the recorded result.
+                            if let Some(Reservation::Completed(v)) = self.rt.shared.store.lookup(&actor, &key).await.map_err(SendError::from)? {
+                                break v;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        hub.prune(&actor, &key);
+        decode::<A>(value)
+    }
+
+    /// Delivers the event `name` with `data` to this actor: the invocation waiting for it in
+    /// `Context::wait_event` resumes with it. An event delivered before anyone waits is kept.
+    pub async fn deliver_event<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        data: &T,
+    ) -> Result<MessageId, SendError> {
+        let id = self.id.clone()?;
+        let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
+        let lane = id.event_lane(name);
+        let mut env = Envelope::new(lane.clone(), payload);
+        env.traceparent = Some(trace::root());
+        let message_id = env.id;
+        self.rt.shared.store.enqueue(&env, None).await?;
+        self.rt.shared.hub.notify(&lane);
+        Ok(message_id)
+    }
+}
+
+fn decode<A: Actor>(value: Value) -> Result<A::Reply, AskError> {
+    let recorded: Recorded =
+        serde_json::from_value(value).map_err(|e| AskError::BadReply(e.to_string()))?;
+    match recorded.outcome {
+        Outcome::Ok(v) => serde_json::from_value(v).map_err(|e| AskError::BadReply(e.to_string())),
+        Outcome::Rejected(r) => Err(AskError::Rejected(Rejected::new(r))),
+        Outcome::Failed(f) => Err(AskError::Failed(f)),
+    }
+}

@@ -1,0 +1,162 @@
+//! Runtime settings, each with a default a production system can start from.
+
+use std::time::Duration;
+
+/// When to snapshot and trim (Akka's "retention criteria" as one value).
+///
+/// After a turn, if at least `every_entries` entries or `every_bytes` bytes were journaled since
+/// the last snapshot, the runtime saves a snapshot off the hot path and, once it is durable,
+/// trims the entries that the oldest kept snapshot covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// Snapshot after this many entries (default 100); `None` for no count-based snapshots.
+    pub every_entries: Option<u64>,
+    /// Snapshot after about this many journaled bytes (default 1 MiB); `None` for none.
+    pub every_bytes: Option<u64>,
+    /// Snapshots to keep (default 2; at least 1). The trim point never passes the oldest.
+    pub keep: usize,
+}
+
+impl Compaction {
+    /// No snapshots and no trimming: recovery replays the whole journal (streaming it).
+    pub const DISABLED: Compaction = Compaction {
+        every_entries: None,
+        every_bytes: None,
+        keep: 2,
+    };
+
+    /// True if it ever snapshots.
+    pub fn enabled(&self) -> bool {
+        self.every_entries.is_some() || self.every_bytes.is_some()
+    }
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            every_entries: Some(100),
+            every_bytes: Some(1024 * 1024),
+            keep: 2,
+        }
+    }
+}
+
+/// How failed invocations are retried.
+///
+/// A failed attempt (a panicking handler, a store error) is retried after
+/// `min(initial * 2^attempt, max)`, scaled by a random factor in `[0.5, 1.5)` (jitter), until
+/// `max_attempts` attempts were made; then the message goes to the dead letters with its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Delay before the first retry (default 100 ms).
+    pub initial: Duration,
+    /// Longest delay (default 30 s).
+    pub max: Duration,
+    /// Attempts before giving up (default 5; at least 1).
+    pub max_attempts: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
+impl Retry {
+    /// The delay before retry number `attempt` (1 for the first retry), with jitter.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.initial.saturating_mul(
+            1u32.checked_shl(attempt.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        );
+        let base = exp.min(self.max);
+        base.mul_f64(0.5 + fastrand::f64())
+    }
+}
+
+/// Everything the runtime can be tuned with; see each field's default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name in leases (default: `loom-<pid>-<random>`); unique per process.
+    pub node: String,
+    /// How long an actor lease lasts without renewal (default 10 s); renewed every third of it.
+    pub lease_ttl: Duration,
+    /// How long a message stays out while its invocation runs before another consumer may take it
+    /// (default 30 s); extended while a long invocation sleeps or waits.
+    pub visibility: Duration,
+    /// Retries of failed invocations.
+    pub retry: Retry,
+    /// Snapshots and trimming.
+    pub compaction: Compaction,
+    /// An actor with nothing to do for this long is passivated (default 60 s).
+    pub idle_timeout: Duration,
+    /// Most actors active at once on this node (default 10 000); the least recently used idle
+    /// one is passivated to make room.
+    pub max_active: usize,
+    /// How often the dispatcher looks for work enqueued by other nodes, due delayed messages and
+    /// retries (default 50 ms).
+    pub poll_interval: Duration,
+    /// Most messages waiting in one actor's mailbox; a send beyond it fails with
+    /// `SendError::MailboxFull` (default 100 000; `None` for no bound).
+    pub max_mailbox: Option<u64>,
+    /// How long replies are kept for callers retrying with the same idempotency key (default 24 h).
+    pub reply_ttl: Duration,
+    /// How long `ask` waits for a reply by default (default 30 s).
+    pub ask_timeout: Duration,
+    /// How long a graceful shutdown waits for in-flight invocations (default 30 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: format!("loom-{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            lease_ttl: Duration::from_secs(10),
+            visibility: Duration::from_secs(30),
+            retry: Retry::default(),
+            compaction: Compaction::default(),
+            idle_timeout: Duration::from_secs(60),
+            max_active: 10_000,
+            poll_interval: Duration::from_millis(50),
+            max_mailbox: Some(100_000),
+            reply_ttl: Duration::from_secs(24 * 3600),
+            ask_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        let r = Retry {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            max_attempts: 10,
+        };
+        for _ in 0..100 {
+            let d1 = r.delay(1);
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 < Duration::from_millis(150),
+                "{d1:?}"
+            );
+            let d3 = r.delay(3);
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 < Duration::from_millis(600),
+                "{d3:?}"
+            );
+            let d30 = r.delay(30);
+            assert!(
+                d30 >= Duration::from_millis(500) && d30 < Duration::from_millis(1500),
+                "{d30:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! [`Context`]: the durable calls a handler makes, each journaled before its effect is visible,
+//! and replayed from the journal when an invocation is resumed after a crash.
+//!
+//! Every durable call takes the next *step* number. In live mode a call journals what it does;
+//! in replay mode (an invocation resumed after a crash) it first looks at what the journal says
+//! step `n` was: a different kind or name stops the invocation with a non-determinism error that
+//! parks the actor, a recorded result is returned without running anything again, and a step the
+//! journal started but never finished (an activity interrupted by the crash) runs again.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::entry::{Entry, EntryKind, Seq, Step};
+use crate::envelope::Envelope;
+use crate::error::StoreError;
+use crate::id::{ActorId, MessageId};
+use crate::store::{Lease, LeaseOptions, Outgoing, Receipt, Settle, Store, Turn};
+use crate::time::Timestamp;
+
+use super::actor::{Actor, Rejected};
+use super::config::Config;
+use super::hub::Hub;
+use super::trace;
+
+/// Why a durable call did not give its result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// The activity ran and returned an error (journaled; a replay returns it again).
+    #[error("activity {name} failed: {error}")]
+    ActivityFailed {
+        /// The activity.
+        name: String,
+        /// Its error.
+        error: String,
+    },
+    /// The wait for an event reached its deadline.
+    #[error("waiting for event {name} timed out")]
+    TimedOut {
+        /// The event.
+        name: String,
+    },
+    /// A value could not be encoded or decoded (an event whose data is not the expected type,
+    /// a message that does not serialize).
+    #[error("{0}")]
+    Invalid(String),
+    /// The invocation cannot go on here (the store failed, the lease was lost, the code no longer
+    /// matches the journal). The runtime takes over: whatever the handler returns is ignored, and
+    /// the invocation is retried, reloaded or parked.
+    #[error("invocation interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl From<StepError> for Rejected {
+    fn from(e: StepError) -> Self {
+        Rejected::new(e.to_string())
+    }
+}
+
+/// The key handed to an activity for the outside system to deduplicate with: the same for every
+/// run of the same step of the same invocation (`actor/message-id/step`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActivityKey(String);
+
+impl ActivityKey {
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Display for ActivityKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an invocation stopped before finishing; decided by the runtime, not the handler.
+#[derive(Debug, Clone)]
+pub(crate) enum Interrupt {
+    /// The store failed: retry the invocation later.
+    Store(StoreError),
+    /// The journal moved under us (another writer): reload the actor.
+    Conflict(StoreError),
+    /// The actor's lease is gone: stop at once.
+    LeaseLost,
+    /// The code no longer matches the journal: park the actor.
+    NonDeterminism(String),
+}
+
+impl Interrupt {
+    pub(crate) fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::LeaseLost { .. } => Interrupt::LeaseLost,
+            StoreError::Conflict { .. } | StoreError::StaleReceipt { .. } => Interrupt::Conflict(e),
+            other => Interrupt::Store(other),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Interrupt::Store(e) => format!("store failure: {e}"),
+            Interrupt::Conflict(e) => format!("journal moved: {e}"),
+            Interrupt::LeaseLost => "the actor's lease was lost".to_owned(),
+            Interrupt::NonDeterminism(m) => format!("non-determinism: {m}"),
+        }
+    }
+}
+
+/// What the runtime hands a context: the services of this actor's activation.
+pub(crate) struct Io {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) lease: Lease,
+}
+
+/// The state of one invocation while it runs.
+pub(crate) struct Invocation {
+    pub(crate) actor: ActorId,
+    pub(crate) envelope: Envelope,
+    pub(crate) receipt: Receipt,
+    /// The journal's next seq.
+    pub(crate) next_seq: Seq,
+    /// Entries not yet durable, numbered from `next_seq`.
+    pub(crate) pending: Vec<Entry>,
+    /// Messages to send with the next durable write.
+    pub(crate) outbox: Vec<Outgoing>,
+    /// True once the `Invoked` entry is durable.
+    pub(crate) journaled: bool,
+    /// Replay: what the journal recorded for each step of this invocation.
+    pub(crate) recorded: BTreeMap<Step, Vec<EntryKind>>,
+    pub(crate) step: Step,
+    pub(crate) interrupt: Option<Interrupt>,
+    /// Approximate bytes of the entries journaled by this invocation (for compaction).
+    pub(crate) weight: u64,
+}
+
+impl Invocation {
+    pub(crate) fn push(&mut self, kind: EntryKind) {
+        self.weight += super::weight(&kind);
+        let seq = self.next_seq + self.pending.len() as Seq;
+        self.pending.push(Entry::new(seq, kind));
+    }
+}
+
+/// What a handler uses for everything that must survive a crash.
+///
+/// See the module documentation for live and replay mode.
+pub struct Context<'a> {
+    pub(crate) inv: &'a mut Invocation,
+    pub(crate) io: &'a Io,
+}
+
+fn kind_and_name(k: &EntryKind) -> (&'static str, String) {
+    match k {
+        EntryKind::ActivityStarted { name, .. } => ("activity", name.clone()),
+        EntryKind::MessageSent { to, .. } => ("send", to.to_string()),
+        EntryKind::ChildSpawned { child, .. } => ("spawn", child.kind().to_owned()),
+        EntryKind::TimerStarted { .. } => ("sleep", String::new()),
+        EntryKind::EventAwaited { name, .. } => ("wait_event", name.clone()),
+        other => (other.name(), String::new()),
+    }
+}
+
+impl<'a> Context<'a> {
+    /// The actor running.
+    pub fn actor_id(&self) -> &ActorId {
+        &self.inv.actor
+    }
+
+    /// The id of the message being handled.
+    pub fn message_id(&self) -> MessageId {
+        self.inv.envelope.id
+    }
+
+    /// How many times this message was delivered before (0 on the first delivery).
+    pub fn attempt(&self) -> u32 {
+        self.inv.envelope.attempt
+    }
+
+    /// The actor the sender asked replies to go to, if any.
+    pub fn reply_to(&self) -> Option<&ActorId> {
+        self.inv.envelope.reply_to.as_ref()
+    }
+
+    fn check(&self) -> Result<(), StepError> {
+        match &self.inv.interrupt {
+            Some(i) => Err(StepError::Interrupted(i.describe())),
+            None => Ok(()),
+        }
+    }
+
+    fn interrupt(&mut self, i: Interrupt) -> StepError {
+        let e = StepError::Interrupted(i.describe());
+        if self.inv.interrupt.is_none() {
+            self.inv.interrupt = Some(i);
+        }
+        e
+    }
+
+    /// Takes the next step number and, in replay, what the journal recorded for it, checking that
+    /// the journal's step is the same kind and name as this call.
+    fn next_step(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<(Step, Option<Vec<EntryKind>>), StepError> {
+        self.check()?;
+        self.inv.step += 1;
+        let step = self.inv.step;
+        let Some(recorded) = self.inv.recorded.remove(&step) else {
+            return Ok((step, None));
+        };
+        let (jk, jn) = recorded
+            .first()
+            .map(kind_and_name)
+            .unwrap_or(("nothing", String::new()));
+        if jk != kind || jn != name {
+            let msg = format!(
+                "step {step} of message {} on {}: the journal has {jk} {jn:?}, the code now calls {kind} {name:?}",
+                self.inv.envelope.id, self.inv.actor
+            );
+            return Err(self.interrupt(Interrupt::NonDeterminism(msg)));
+        }
+        Ok((step, Some(recorded)))
+    }
+
+    /// Makes everything pending durable (entries and outgoing messages, in one write).
+    pub(crate) async fn flush(&mut self) -> Result<(), StepError> {
+        self.check()?;
+        if self.inv.pending.is_empty() && self.inv.outbox.is_empty() {
+            return Ok(());
+        }
+        let turn = Turn {
+            fence: Some(&self.io.lease),
+            send: &self.inv.outbox,
+            ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
+        };
+        match self.io.store.commit_turn(turn).await {
+            Ok(highest) => {
+                self.inv.next_seq = highest + 1;
+                self.inv.pending.clear();
+                self.inv.outbox.clear();
+                self.inv.journaled = true;
+                Ok(())
+            }
+            Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
+        }
+    }
+
+    /// Runs `fut` while keeping the invoking message out of other consumers' reach.
+    async fn keep_out<T>(&mut self, fut: impl Future<Output = T>) -> Result<T, StepError> {
+        let every = self.io.config.visibility / 3;
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                _ = tokio::time::sleep(every) => {
+                    if let Err(e) = self.io.store.extend(&self.inv.receipt, self.io.config.visibility).await {
+                        return Err(self.interrupt(Interrupt::from_store(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a side effect once per journal: journals that it starts, runs `f`, and journals its
+    /// result before the handler goes on. After a crash, a completed activity returns its
+    /// journaled result without running again; one that started but never finished runs again
+    /// with the same [`ActivityKey`] (at-least-once: the outside system dedupes with the key).
+    ///
+    /// `f`'s error is journaled as text and returned as [`StepError::ActivityFailed`].
+    pub async fn activity<I, O, E, F, Fut>(
+        &mut self,
+        name: &str,
+        input: &I,
+        f: F,
+    ) -> Result<O, StepError>
+    where
+        I: Serialize + ?Sized,
+        O: Serialize + DeserializeOwned,
+        E: Display,
+        F: FnOnce(ActivityKey) -> Fut,
+        Fut: Future<Output = Result<O, E>>,
+    {
+        let (step, recorded) = self.next_step("activity", name)?;
+        if let Some(recorded) = &recorded
+            && let Some(result) = recorded.get(1)
+        {
+            return match result {
+                EntryKind::ActivityCompleted { output, .. } => {
+                    serde_json::from_value(output.clone()).map_err(|e| {
+                        StepError::Invalid(format!(
+                            "journaled output of activity {name} does not decode: {e}"
+                        ))
+                    })
+                }
+                EntryKind::ActivityFailed { error, .. } => Err(StepError::ActivityFailed {
+                    name: name.to_owned(),
+                    error: error.clone(),
+                }),
+                other => {
+                    let msg = format!(
+                        "step {step}: activity {name} is followed by {} in the journal",
+                        other.name()
+                    );
+                    Err(self.interrupt(Interrupt::NonDeterminism(msg)))
+                }
+            };
+        }
+        if recorded.is_none() {
+            let input = serde_json::to_value(input).map_err(|e| {
+                StepError::Invalid(format!("input of activity {name} does not encode: {e}"))
+            })?;
+            self.inv.push(EntryKind::ActivityStarted {
+                step,
+                name: name.to_owned(),
+                input,
+            });
+            // An activity starts only after every entry before it is durable.
+            self.flush().await?;
+        }
+        let key = ActivityKey(format!(
+            "{}/{}/{step}",
+            self.inv.actor, self.inv.envelope.id
+        ));
+        let span = tracing::debug_span!("activity", name, step);
+        let result = {
+            let _enter = span.enter();
+            tracing::debug!(key = %key, "activity runs");
+            drop(_enter);
+            self.keep_out(f(key)).await?
+        };
+        match result {
+            Ok(output) => {
+                let value = serde_json::to_value(&output).map_err(|e| {
+                    StepError::Invalid(format!("output of activity {name} does not encode: {e}"))
+                })?;
+                self.inv.push(EntryKind::ActivityCompleted {
+                    step,
+                    output: value,
+                });
+                // Journaled before the handler goes on.
+                self.flush().await?;
+                Ok(output)
+            }
+            Err(e) => {
+                let error = crate::limits::clip_reason(&e.to_string());
+                self.inv.push(EntryKind::ActivityFailed {
+                    step,
+                    error: error.clone(),
+                });
+                self.flush().await?;
+                Err(StepError::ActivityFailed {
+                    name: name.to_owned(),
+                    error,
+                })
+            }
+        }
+    }
+
+    /// Sends `msg` to the actor `B::KIND/key`. It leaves exactly once: with the turn's next
+    /// durable write, in the same atomic write as the `MessageSent` entry that records it.
+    pub fn send<B: Actor>(
+        &mut self,
+        key: impl AsRef<str>,
+        msg: &B::Message,
+    ) -> Result<(), StepError> {
+        self.send_at::<B>(key, msg, None)
+    }
+
+    /// Sends `msg` to `B::KIND/key`, due after `delay` (a scheduled message; durable like
+    /// [`send`](Self::send), and the delay counts from the first run, not from a replay).
+    pub fn send_after<B: Actor>(
+        &mut self,
+        key: impl AsRef<str>,
+        msg: &B::Message,
+        delay: Duration,
+    ) -> Result<(), StepError> {
+        self.send_at::<B>(key, msg, Some(delay))
+    }
+
+    fn send_at<B: Actor>(
+        &mut self,
+        key: impl AsRef<str>,
+        msg: &B::Message,
+        delay: Option<Duration>,
+    ) -> Result<(), StepError> {
+        let to =
+            ActorId::new(B::KIND, key.as_ref()).map_err(|e| StepError::Invalid(e.to_string()))?;
+        let (step, recorded) = self.next_step("send", to.as_str())?;
+        if recorded.is_some() {
+            return Ok(());
+        }
+        let payload = serde_json::to_value(msg)
+            .map_err(|e| StepError::Invalid(format!("message to {to} does not encode: {e}")))?;
+        self.queue(
+            step,
+            to,
+            payload,
+            delay.map(|d| Timestamp::now() + d),
+            false,
+        );
+        Ok(())
+    }
+
+    /// Creates a child actor of kind `C` by sending it `input` as its first message. The child's
+    /// key is derived from this actor, this message and the step: a replay finds the same child.
+    pub fn spawn<C: Actor>(&mut self, input: &C::Message) -> Result<ActorId, StepError> {
+        let (step, recorded) = self.next_step("spawn", C::KIND)?;
+        if let Some(recorded) = recorded {
+            if let Some(EntryKind::ChildSpawned { child, .. }) = recorded.first() {
+                return Ok(child.clone());
+            }
+        }
+        let seed = format!("{}/{}/{step}", self.inv.actor, self.inv.envelope.id);
+        let key = uuid::Uuid::new_v5(self.inv.envelope.id.as_uuid(), seed.as_bytes());
+        let child = ActorId::new(C::KIND, key.to_string())
+            .map_err(|e| StepError::Invalid(e.to_string()))?;
+        let payload = serde_json::to_value(input).map_err(|e| {
+            StepError::Invalid(format!("input of child {child} does not encode: {e}"))
+        })?;
+        self.queue(step, child.clone(), payload, None, true);
+        Ok(child)
+    }
+
+    fn queue(
+        &mut self,
+        step: Step,
+        to: ActorId,
+        payload: Value,
+        deliver_at: Option<Timestamp>,
+        spawn: bool,
+    ) {
+        let message_id = MessageId::derived(&self.inv.envelope.id, &format!("step-{step}"));
+        let envelope = Envelope {
+            id: message_id,
+            to: to.clone(),
+            payload: payload.clone(),
+            idempotency_key: None,
+            reply_to: Some(self.inv.actor.clone()),
+            traceparent: Some(trace::child(self.inv.envelope.traceparent.as_deref())),
+            attempt: 0,
+        };
+        if spawn {
+            self.inv.push(EntryKind::ChildSpawned {
+                step,
+                child: to,
+                input: payload,
+            });
+        } else {
+            self.inv.push(EntryKind::MessageSent {
+                step,
+                to,
+                message_id,
+            });
+        }
+        self.inv.outbox.push(Outgoing {
+            envelope,
+            deliver_at,
+        });
+    }
+
+    /// Sleeps durably: the wake-up time is journaled before sleeping, so a restart continues the
+    /// same sleep instead of starting it again.
+    pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
+        let (step, recorded) = self.next_step("sleep", "")?;
+        let fire_at = match recorded {
+            Some(r) => {
+                if r.iter().any(|k| matches!(k, EntryKind::TimerFired { .. })) {
+                    return Ok(());
+                }
+                match r.first() {
+                    Some(EntryKind::TimerStarted { fire_at, .. }) => *fire_at,
+                    _ => Timestamp::now(),
+                }
+            }
+            None => {
+                let fire_at = Timestamp::now() + duration;
+                self.inv.push(EntryKind::TimerStarted { step, fire_at });
+                self.flush().await?;
+                fire_at
+            }
+        };
+        let left = fire_at.saturating_since(Timestamp::now());
+        self.keep_out(tokio::time::sleep(left)).await?;
+        self.inv.push(EntryKind::TimerFired { step });
+        Ok(())
+    }
+
+    /// Waits for the event `name` delivered to this actor (see `ActorRef::deliver_event`), at
+    /// most until `timeout` (counted from the first run: a restart does not restart it).
+    ///
+    /// While it waits, the invocation holds the actor: later messages queue behind it. An event
+    /// delivered before the wait began is kept and received as soon as the wait begins.
+    pub async fn wait_event<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<T, StepError> {
+        let (step, recorded) = self.next_step("wait_event", name)?;
+        let deadline = match recorded {
+            Some(r) => {
+                if let Some(EntryKind::EventReceived {
+                    data, timed_out, ..
+                }) = r.get(1)
+                {
+                    if *timed_out {
+                        return Err(StepError::TimedOut {
+                            name: name.to_owned(),
+                        });
+                    }
+                    return decode_event(name, data.clone());
+                }
+                match r.first() {
+                    Some(EntryKind::EventAwaited { deadline, .. }) => *deadline,
+                    _ => None,
+                }
+            }
+            None => {
+                let deadline = timeout.map(|t| Timestamp::now() + t);
+                self.inv.push(EntryKind::EventAwaited {
+                    step,
+                    name: name.to_owned(),
+                    deadline,
+                });
+                self.flush().await?;
+                deadline
+            }
+        };
+        let lane = self.inv.actor.event_lane(name);
+        let notify = self.io.hub.notifier(&lane);
+        let opts = LeaseOptions {
+            visibility: self.io.config.visibility,
+            max_deliveries: 1000,
+        };
+        loop {
+            let notified = notify.notified();
+            match self.io.store.lease(&lane, opts).await {
+                Ok(Some(event)) => {
+                    let data = event.envelope.payload.clone();
+                    self.inv.push(EntryKind::EventReceived {
+                        step,
+                        name: name.to_owned(),
+                        data: data.clone(),
+                        timed_out: false,
+                    });
+                    // The event is consumed in the same write that journals it.
+                    let turn = Turn {
+                        fence: Some(&self.io.lease),
+                        send: &self.inv.outbox,
+                        settle: Some(Settle::Ack(&event.receipt)),
+                        ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
+                    };
+                    return match self.io.store.commit_turn(turn).await {
+                        Ok(highest) => {
+                            self.inv.next_seq = highest + 1;
+                            self.inv.pending.clear();
+                            self.inv.outbox.clear();
+                            decode_event(name, data)
+                        }
+                        Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.interrupt(Interrupt::from_store(e))),
+            }
+            let now = Timestamp::now();
+            if let Some(d) = deadline
+                && now >= d
+            {
+                self.inv.push(EntryKind::EventReceived {
+                    step,
+                    name: name.to_owned(),
+                    data: Value::Null,
+                    timed_out: true,
+                });
+                return Err(StepError::TimedOut {
+                    name: name.to_owned(),
+                });
+            }
+            let mut wait = self.io.config.poll_interval.max(Duration::from_millis(10)) * 4;
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_since(now) + Duration::from_millis(1));
+            }
+            self.keep_out(async {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            })
+            .await?;
+        }
+    }
+}
+
+fn decode_event<T: DeserializeOwned>(name: &str, data: Value) -> Result<T, StepError> {
+    serde_json::from_value(data)
+        .map_err(|e| StepError::Invalid(format!("event {name} does not decode: {e}")))
+}

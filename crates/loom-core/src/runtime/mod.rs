@@ -1,0 +1,813 @@
+//! The actor runtime: durable execution of [`Actor`]s on any [`Store`].
+//!
+//! ```
+//! use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default)]
+//! struct Counter;
+//!
+//! impl Actor for Counter {
+//!     const KIND: &'static str = "counter";
+//!     type State = u64;
+//!     type Message = u64;
+//!     type Reply = u64;
+//!
+//!     async fn handle(&self, state: &mut u64, _ctx: &mut Context<'_>, add: u64) -> Result<u64, Rejected> {
+//!         *state += add;
+//!         Ok(*state)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let rt = Runtime::builder().embedded(dir.path()).register::<Counter>().start().await?;
+//! let c = rt.actor::<Counter>("visits");
+//! c.send(2).await?;                 // durable once it returns
+//! assert_eq!(c.ask(3).await?, 5);   // the reply, journaled with the state change
+//! rt.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! How it works, and which promise each part keeps:
+//! - a message is enqueued durably before `send` returns (`Store::enqueue`);
+//! - an actor is active on one node at a time: activation takes its lease, and every write is
+//!   fenced by the lease and conditional on the journal's next seq;
+//! - activation loads the newest readable snapshot and streams the journal tail;
+//! - a turn's entries, its message's ack, its outgoing messages and its reply are one atomic
+//!   write ([`Turn`]);
+//! - compaction snapshots off the hot path and trims only what the oldest kept snapshot covers.
+
+mod actor;
+mod cell;
+mod client;
+mod config;
+mod context;
+mod hub;
+mod record;
+mod trace;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use actor::{Actor, Rejected};
+pub use client::{ActorRef, AskError, AskOptions, SendError, SendOptions, Sent};
+pub use config::{Compaction, Config, Retry};
+pub use context::{ActivityKey, Context, StepError};
+
+use crate::embedded::EmbeddedStore;
+use crate::entry::EntryKind;
+use crate::envelope::Envelope;
+use crate::error::StoreError;
+use crate::id::{ActorId, IdempotencyKey};
+use crate::store::{Enqueued, Lease, LeaseOptions, Record, Settle, Store, Turn};
+use crate::time::Timestamp;
+
+use cell::{Cell, Next, RecoverError};
+use context::Io;
+use hub::Hub;
+use record::{Outcome, Recorded};
+
+/// Counters of what the runtime did; see [`Runtime::metrics`].
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) invocations: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+    pub(crate) recoveries: AtomicU64,
+    pub(crate) replayed_entries: AtomicU64,
+    pub(crate) compactions: AtomicU64,
+    pub(crate) compaction_failures: AtomicU64,
+    pub(crate) corrupt_snapshots: AtomicU64,
+    pub(crate) leases_lost: AtomicU64,
+}
+
+/// A snapshot of the runtime's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSnapshot {
+    /// Invocations started (including retries and resumptions).
+    pub invocations: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Messages given up on.
+    pub dead_letters: u64,
+    /// Actor activations (recoveries from the store).
+    pub recoveries: u64,
+    /// Journal entries replayed by those recoveries.
+    pub replayed_entries: u64,
+    /// Compactions done.
+    pub compactions: u64,
+    /// Compactions that failed (the journal stays longer; nothing is lost).
+    pub compaction_failures: u64,
+    /// Unreadable snapshots skipped in favour of older ones.
+    pub corrupt_snapshots: u64,
+    /// Actors stopped because their lease was lost.
+    pub leases_lost: u64,
+    /// Actors active now.
+    pub active: u64,
+}
+
+/// An active actor's handles, as the runtime sees them.
+struct Active {
+    abort: Option<tokio::task::AbortHandle>,
+    stop: CancellationToken,
+    busy: Arc<AtomicBool>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+/// The erased start function of one registered kind.
+trait Kind: Send + Sync {
+    fn start(
+        &self,
+        shared: Arc<Shared>,
+        id: ActorId,
+        lease: Lease,
+        stop: CancellationToken,
+        busy: Arc<AtomicBool>,
+        last_used: Arc<Mutex<Instant>>,
+    ) -> BoxFuture<'static, ()>;
+}
+
+struct KindOf<A: Actor>(Arc<A>);
+
+impl<A: Actor> Kind for KindOf<A> {
+    fn start(
+        &self,
+        shared: Arc<Shared>,
+        id: ActorId,
+        lease: Lease,
+        stop: CancellationToken,
+        busy: Arc<AtomicBool>,
+        last_used: Arc<Mutex<Instant>>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(run::<A>(
+            self.0.clone(),
+            shared,
+            id,
+            lease,
+            stop,
+            busy,
+            last_used,
+        ))
+    }
+}
+
+pub(crate) struct Shared {
+    store: Arc<dyn Store>,
+    config: Arc<Config>,
+    hub: Arc<Hub>,
+    kinds: HashMap<&'static str, Arc<dyn Kind>>,
+    active: Mutex<HashMap<ActorId, Active>>,
+    parked: Mutex<HashMap<ActorId, String>>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    wake: Notify,
+}
+
+impl Shared {
+    /// Wakes the actor if it is active here; otherwise asks the dispatcher to look for work.
+    fn wake(self: &Arc<Self>, id: &ActorId) {
+        if !self.hub.notify(id) {
+            let me = self.clone();
+            let id = id.clone();
+            self.tasks.spawn(async move { me.ensure_active(&id).await });
+        }
+    }
+
+    /// Activates the actor on this node unless it is active, parked, or leased elsewhere.
+    async fn ensure_active(self: &Arc<Self>, id: &ActorId) {
+        if self.shutdown.is_cancelled() || id.is_system() {
+            return;
+        }
+        if self
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+        {
+            return;
+        }
+        let Some(kind) = self.kinds.get(id.kind()).cloned() else {
+            self.reject_unknown_kind(id).await;
+            return;
+        };
+        let (stop, busy, last_used) = {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if active.contains_key(id) {
+                drop(active);
+                self.hub.notify(id);
+                return;
+            }
+            if active.len() >= self.config.max_active {
+                evict_lru(&active);
+            }
+            let a = Active {
+                abort: None,
+                stop: self.shutdown.child_token(),
+                busy: Arc::new(AtomicBool::new(false)),
+                last_used: Arc::new(Mutex::new(Instant::now())),
+            };
+            let handles = (a.stop.clone(), a.busy.clone(), a.last_used.clone());
+            active.insert(id.clone(), a);
+            handles
+        };
+        self.hub.notifier(id);
+        match self
+            .store
+            .acquire(id, &self.config.node, self.config.lease_ttl)
+            .await
+        {
+            Ok(lease) => {
+                let fut = kind.start(self.clone(), id.clone(), lease, stop, busy, last_used);
+                let handle = self.tasks.spawn(fut);
+                if let Some(a) = self
+                    .active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(id)
+                {
+                    a.abort = Some(handle.abort_handle());
+                }
+            }
+            Err(e) => {
+                if !matches!(e, StoreError::LeaseHeld { .. }) {
+                    tracing::warn!(actor = %id, error = %e, "could not take the actor's lease");
+                }
+                self.deactivated(id);
+            }
+        }
+    }
+
+    fn deactivated(&self, id: &ActorId) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.hub.forget(id);
+    }
+
+    /// A message for a kind nobody registered: a dead letter with the reason.
+    async fn reject_unknown_kind(&self, id: &ActorId) {
+        let opts = LeaseOptions {
+            visibility: self.config.visibility,
+            max_deliveries: u32::MAX,
+        };
+        let reason = format!(
+            "unknown actor kind {:?}: no actor of this kind is registered",
+            id.kind()
+        );
+        loop {
+            let d = match self.store.lease(id, opts).await {
+                Ok(Some(d)) => d,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(actor = %id, error = %e, "could not read the mailbox of an unknown kind");
+                    return;
+                }
+            };
+            let record = Recorded {
+                message_id: d.envelope.id,
+                outcome: Outcome::Failed(reason.clone()),
+            };
+            let value = serde_json::to_value(&record).unwrap_or(Value::Null);
+            let key = d.envelope.idempotency_key.clone();
+            let highest = match self.store.highest_seq(id).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(actor = %id, error = %e, "could not read the journal of an unknown kind");
+                    return;
+                }
+            };
+            let turn = Turn {
+                settle: Some(Settle::DeadLetter(&d.receipt, &reason)),
+                record: key.as_ref().map(|k| Record {
+                    actor: id,
+                    key: k,
+                    result: &value,
+                    ttl: self.config.reply_ttl,
+                }),
+                ..Turn::append(id, highest + 1, &[])
+            };
+            match self.store.commit_turn(turn).await {
+                Ok(_) => {
+                    self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(actor = %id, message_id = %d.envelope.id, %reason, "message dead-lettered");
+                    if let Some(k) = &key {
+                        self.hub.reply(id, k, &value);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(actor = %id, error = %e, "could not dead-letter a message of an unknown kind");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Asks the least recently used idle actor to passivate.
+fn evict_lru(active: &HashMap<ActorId, Active>) {
+    let victim = active
+        .iter()
+        .filter(|(_, a)| !a.busy.load(Ordering::Acquire) && !a.stop.is_cancelled())
+        .min_by_key(|(_, a)| *a.last_used.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some((id, a)) = victim {
+        tracing::debug!(actor = %id, "passivating the least recently used actor to make room");
+        a.stop.cancel();
+    }
+}
+
+/// Why an actor's task ended.
+enum Exit {
+    Passivated,
+    LeaseLost,
+    Park(String),
+    Failed(StoreError),
+}
+
+async fn run<A: Actor>(
+    actor: Arc<A>,
+    shared: Arc<Shared>,
+    id: ActorId,
+    lease: Lease,
+    stop: CancellationToken,
+    busy: Arc<AtomicBool>,
+    last_used: Arc<Mutex<Instant>>,
+) {
+    let lost = CancellationToken::new();
+    // Aborted when this task ends or is aborted, so a killed runtime stops renewing at once.
+    let _renewer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(renew(
+        shared.store.clone(),
+        lease.clone(),
+        shared.config.lease_ttl,
+        lost.clone(),
+    )));
+    let io = Io {
+        store: shared.store.clone(),
+        config: shared.config.clone(),
+        hub: shared.hub.clone(),
+        lease: lease.clone(),
+    };
+    let exit = tokio::select! {
+        exit = serve::<A>(actor, &shared, &io, &id, &stop, &busy, &last_used) => exit,
+        _ = lost.cancelled() => Exit::LeaseLost,
+    };
+    match &exit {
+        Exit::Passivated => tracing::debug!(actor = %id, "passivated"),
+        Exit::LeaseLost => {
+            shared.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(actor = %id, "lease lost; the actor stopped");
+        }
+        Exit::Park(reason) => {
+            tracing::error!(actor = %id, %reason, "actor parked");
+            shared
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), reason.clone());
+        }
+        Exit::Failed(e) => {
+            tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
+        }
+    }
+    if !matches!(exit, Exit::LeaseLost) {
+        match shared.store.release(&lease).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(actor = %id, error = %e, "could not release the lease; it expires on its own")
+            }
+        }
+    }
+    shared.deactivated(&id);
+}
+
+/// Renews the lease every third of its ttl; cancels `lost` when it cannot be kept.
+async fn renew(store: Arc<dyn Store>, mut lease: Lease, ttl: Duration, lost: CancellationToken) {
+    let every = ttl / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        loop {
+            match store.renew(&lease, ttl).await {
+                Ok(l) => {
+                    lease = l;
+                    break;
+                }
+                Err(StoreError::LeaseLost { .. }) => {
+                    lost.cancel();
+                    return;
+                }
+                Err(e) => {
+                    if Timestamp::now() >= lease.expires_at {
+                        tracing::warn!(actor = %lease.actor, error = %e, "could not renew the lease before it expired");
+                        lost.cancel();
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve<A: Actor>(
+    actor: Arc<A>,
+    shared: &Arc<Shared>,
+    io: &Io,
+    id: &ActorId,
+    stop: &CancellationToken,
+    busy: &AtomicBool,
+    last_used: &Mutex<Instant>,
+) -> Exit {
+    let recover = || Cell::<A>::recover(actor.clone(), id.clone(), io, shared);
+    let mut cell = match recover().await {
+        Ok(c) => c,
+        Err(RecoverError::Store(e)) => return Exit::Failed(e),
+        Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
+    };
+    let signal = shared.hub.notifier(id);
+    let opts = LeaseOptions {
+        visibility: io.config.visibility,
+        // Crash loops (a message that kills the process every time) end in the dead letters too.
+        max_deliveries: io.config.retry.max_attempts.max(1) + 2,
+    };
+    let mut idle_since = Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return Exit::Passivated;
+        }
+        match io.store.lease(id, opts).await {
+            Ok(Some(d)) => {
+                busy.store(true, Ordering::Release);
+                let next = cell.process(io, shared, d).await;
+                busy.store(false, Ordering::Release);
+                *last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                idle_since = Instant::now();
+                match next {
+                    Next::Continue => {}
+                    Next::Backoff(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = stop.cancelled() => return Exit::Passivated,
+                        }
+                    }
+                    Next::Reload => {
+                        cell = match recover().await {
+                            Ok(c) => c,
+                            Err(RecoverError::Store(e)) => return Exit::Failed(e),
+                            Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
+                        }
+                    }
+                    Next::Park(reason) => return Exit::Park(reason),
+                    Next::Stop => return Exit::LeaseLost,
+                }
+            }
+            Ok(None) => {
+                let left = io.config.idle_timeout.saturating_sub(idle_since.elapsed());
+                if left.is_zero() {
+                    return Exit::Passivated;
+                }
+                tokio::select! {
+                    _ = signal.notified() => {}
+                    _ = tokio::time::sleep(left) => {}
+                    _ = stop.cancelled() => return Exit::Passivated,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(actor = %id, error = %e, "could not read the mailbox; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(io.config.poll_interval.max(Duration::from_millis(10))) => {}
+                    _ = stop.cancelled() => return Exit::Passivated,
+                }
+            }
+        }
+    }
+}
+
+/// Looks for work enqueued by other nodes, due delayed messages and due retries.
+async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        match shared.store.ready_actors(512).await {
+            Ok(ids) => {
+                for id in ids {
+                    shared.ensure_active(&id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+        }
+    }
+}
+
+/// Why the runtime did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Two actor types registered the same kind, or a kind is not a valid kind name.
+    #[error("{0}")]
+    Registration(String),
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    store: Option<StoreChoice>,
+    config: Config,
+    kinds: Vec<(&'static str, Arc<dyn Kind>)>,
+}
+
+enum StoreChoice {
+    Embedded(PathBuf),
+    Memory,
+    Given(Arc<dyn Store>),
+}
+
+impl RuntimeBuilder {
+    /// Uses the embedded store in directory `dir` (the default: `./loom-data`).
+    pub fn embedded(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.store = Some(StoreChoice::Embedded(dir.into()));
+        self
+    }
+
+    /// Uses an in-memory store (nothing survives the process).
+    pub fn memory(mut self) -> Self {
+        self.store = Some(StoreChoice::Memory);
+        self
+    }
+
+    /// Uses any store.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(StoreChoice::Given(store));
+        self
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Changes the configuration in place.
+    pub fn configure(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
+    /// Registers actor kind `A`, built with `A::default()`.
+    pub fn register<A: Actor + Default>(self) -> Self {
+        self.register_actor(A::default())
+    }
+
+    /// Registers actor kind `A` with a given instance (holding, say, a client for activities).
+    pub fn register_actor<A: Actor>(mut self, actor: A) -> Self {
+        self.kinds
+            .push((A::KIND, Arc::new(KindOf(Arc::new(actor)))));
+        self
+    }
+
+    /// Opens the store and starts the runtime; actors with pending work are activated.
+    pub async fn start(self) -> Result<Runtime, StartError> {
+        let mut kinds: HashMap<&'static str, Arc<dyn Kind>> = HashMap::new();
+        for (name, kind) in self.kinds {
+            ActorId::new(name, "k")
+                .map_err(|e| StartError::Registration(format!("actor kind {name:?}: {e}")))?;
+            if kinds.insert(name, kind).is_some() {
+                return Err(StartError::Registration(format!(
+                    "actor kind {name:?} is registered twice"
+                )));
+            }
+        }
+        let store: Arc<dyn Store> = match self
+            .store
+            .unwrap_or(StoreChoice::Embedded(PathBuf::from("./loom-data")))
+        {
+            StoreChoice::Embedded(dir) => Arc::new(EmbeddedStore::open(dir)?),
+            StoreChoice::Memory => Arc::new(EmbeddedStore::in_memory()?),
+            StoreChoice::Given(s) => s,
+        };
+        let shared = Arc::new(Shared {
+            store,
+            config: Arc::new(self.config),
+            hub: Arc::new(Hub::default()),
+            kinds,
+            active: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            wake: Notify::new(),
+        });
+        shared.tasks.spawn(dispatch(shared.clone()));
+        tracing::info!(node = %shared.config.node, "runtime started");
+        Ok(Runtime { shared })
+    }
+}
+
+/// The actor runtime; cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+impl Runtime {
+    /// A builder with the default configuration and the embedded store at `./loom-data`.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            store: None,
+            config: Config::default(),
+            kinds: Vec::new(),
+        }
+    }
+
+    /// A handle to the actor `A::KIND/key` (an invalid key is reported when it is used).
+    pub fn actor<A: Actor>(&self, key: impl AsRef<str>) -> ActorRef<A> {
+        ActorRef::new(self.clone(), key.as_ref())
+    }
+
+    /// The store the runtime runs on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Actors parked (stopped until fixed), with the reason.
+    pub fn parked(&self) -> Vec<(ActorId, String)> {
+        let parked = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = parked.iter().map(|(a, r)| (a.clone(), r.clone())).collect();
+        out.sort();
+        out
+    }
+
+    /// Lets a parked actor run again (after the code was fixed, say); true if it was parked.
+    pub fn unpark(&self, id: &ActorId) -> bool {
+        let was = self
+            .shared
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some();
+        if was {
+            self.shared.wake(id);
+        }
+        was
+    }
+
+    /// The runtime's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let m = &self.shared.metrics;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            invocations: get(&m.invocations),
+            retries: get(&m.retries),
+            dead_letters: get(&m.dead_letters),
+            recoveries: get(&m.recoveries),
+            replayed_entries: get(&m.replayed_entries),
+            compactions: get(&m.compactions),
+            compaction_failures: get(&m.compaction_failures),
+            corrupt_snapshots: get(&m.corrupt_snapshots),
+            leases_lost: get(&m.leases_lost),
+            active: self
+                .shared
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len() as u64,
+        }
+    }
+
+    /// True if the actor is active on this node now.
+    pub fn is_active(&self, id: &ActorId) -> bool {
+        self.shared
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    /// Stops taking work, lets in-flight invocations finish (up to `Config::shutdown_timeout`),
+    /// passivates every actor and releases its lease.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        if tokio::time::timeout(
+            self.shared.config.shutdown_timeout,
+            self.shared.tasks.wait(),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                "shutdown timed out with invocations still running; they resume after a restart"
+            );
+        }
+    }
+
+    /// Stops everything at once, as a crash would: invocations are dropped mid-way, leases are
+    /// not released (they expire), nothing is drained. What was acknowledged stays durable; what
+    /// was in flight is resumed by whichever runtime takes the actors over. For tests of
+    /// recovery, and for emergencies. Returns once every actor task has stopped (a write it
+    /// had already handed to the store may still land, as it may in a real crash).
+    pub async fn kill(&self) {
+        self.shared.shutdown.cancel();
+        {
+            let active = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
+            for a in active.values() {
+                if let Some(abort) = &a.abort {
+                    abort.abort();
+                }
+            }
+        }
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+    }
+
+    async fn enqueue(&self, env: Envelope, deliver_at: Option<Timestamp>) -> Result<(), SendError> {
+        self.check_open(&env.to).await?;
+        self.shared.store.enqueue(&env, deliver_at).await?;
+        self.shared.wake(&env.to);
+        Ok(())
+    }
+
+    async fn enqueue_once(
+        &self,
+        env: Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+    ) -> Result<Enqueued, SendError> {
+        self.check_open(&env.to).await?;
+        let to = env.to.clone();
+        let r = self
+            .shared
+            .store
+            .enqueue_once(&env, deliver_at, key, self.shared.config.reply_ttl)
+            .await?;
+        if matches!(r, Enqueued::New(_)) {
+            self.shared.wake(&to);
+        }
+        Ok(r)
+    }
+
+    async fn check_open(&self, to: &ActorId) -> Result<(), SendError> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(SendError::Shutdown);
+        }
+        if let Some(max) = self.shared.config.max_mailbox {
+            let pending = self.shared.store.pending(to).await?;
+            if pending >= max {
+                return Err(SendError::MailboxFull {
+                    actor: to.clone(),
+                    pending,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cheap estimate of an entry's journaled size, for the byte-based compaction trigger.
+pub(crate) fn weight(kind: &EntryKind) -> u64 {
+    fn value(v: &Value) -> u64 {
+        match v {
+            Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+            Value::String(s) => s.len() as u64 + 2,
+            Value::Array(a) => 2 + a.iter().map(value).sum::<u64>(),
+            Value::Object(o) => {
+                2 + o
+                    .iter()
+                    .map(|(k, v)| k.len() as u64 + 3 + value(v))
+                    .sum::<u64>()
+            }
+        }
+    }
+    64 + match kind {
+        EntryKind::Invoked { payload, .. } => value(payload),
+        EntryKind::StatePatched { patch } => patch.0.len() as u64 * 48,
+        EntryKind::ActivityStarted { input, name, .. } => value(input) + name.len() as u64,
+        EntryKind::ActivityCompleted { output, .. } => value(output),
+        EntryKind::ChildSpawned { input, .. } => value(input),
+        EntryKind::EventReceived { data, .. } => value(data),
+        EntryKind::Completed { reply } => value(reply),
+        EntryKind::ActivityFailed { error, .. } | EntryKind::Failed { error } => error.len() as u64,
+        _ => 0,
+    }
+}

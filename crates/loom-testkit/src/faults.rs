@@ -1,0 +1,301 @@
+//! [`FaultyStore`]: a store wrapper that fails on command, for fault-injection tests.
+//!
+//! Every call goes to the wrapped store unless a fault is armed for it; an injected failure is a
+//! [`StoreError::Storage`] (as from a failed disk or connection) or, for snapshots, a
+//! [`StoreError::Corrupt`], and the wrapped store is not touched by the failed call.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::codec::CodecError;
+use loom_core::{
+    ActorId, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope, IdempotencyKey,
+    IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox,
+    Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult, Timestamp, Turn,
+};
+use serde_json::Value;
+
+/// Which faults are armed. Counters fail the next N calls; flags fail every call while set.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Fail the next N `commit_turn` and `append` calls.
+    pub fail_writes: AtomicU32,
+    /// Fail every lease renewal while set.
+    pub fail_renewals: AtomicBool,
+    /// Fail the next N mailbox `lease` calls.
+    pub fail_leases: AtomicU32,
+    /// Fail the next N journal reads (`read`, `info`, `load_snapshot`).
+    pub fail_reads: AtomicU32,
+    corrupt: Mutex<HashSet<(ActorId, Seq)>>,
+    /// How many failures were injected.
+    pub injected: AtomicU64,
+}
+
+impl Faults {
+    /// Makes the snapshot of `actor` at `seq` read as corrupt.
+    pub fn corrupt_snapshot(&self, actor: &ActorId, seq: Seq) {
+        self.corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((actor.clone(), seq));
+    }
+
+    fn take(&self, counter: &AtomicU32) -> bool {
+        let hit = counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if hit {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+}
+
+/// An injected failure.
+#[derive(Debug, thiserror::Error)]
+#[error("injected fault: {0}")]
+pub struct Injected(&'static str);
+
+fn injected(what: &'static str) -> StoreError {
+    StoreError::storage("faulty", Injected(what))
+}
+
+/// Wraps a store; see the module documentation.
+#[derive(Clone)]
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    /// The armed faults; change them at any time.
+    pub faults: Arc<Faults>,
+}
+
+impl FaultyStore {
+    /// Wraps `inner` with no fault armed.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        FaultyStore {
+            inner,
+            faults: Arc::new(Faults::default()),
+        }
+    }
+}
+
+#[async_trait]
+impl JournalStore for FaultyStore {
+    async fn append(
+        &self,
+        actor: &ActorId,
+        expected_next: Seq,
+        entries: &[Entry],
+    ) -> StoreResult<Seq> {
+        if self.faults.take(&self.faults.fail_writes) {
+            return Err(injected("append"));
+        }
+        self.inner.append(actor, expected_next, entries).await
+    }
+
+    fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
+        if self.faults.take(&self.faults.fail_reads) {
+            return Box::pin(futures::stream::once(async { Err(injected("read")) }));
+        }
+        self.inner.read(actor, range)
+    }
+
+    async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
+        self.inner.highest_seq(actor).await
+    }
+
+    async fn info(&self, actor: &ActorId) -> StoreResult<JournalInfo> {
+        if self.faults.take(&self.faults.fail_reads) {
+            return Err(injected("info"));
+        }
+        self.inner.info(actor).await
+    }
+
+    async fn save_snapshot(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+    ) -> StoreResult<()> {
+        self.inner.save_snapshot(actor, snapshot, keep).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        actor: &ActorId,
+        at_or_below: Seq,
+    ) -> StoreResult<Option<Snapshot>> {
+        if self.faults.take(&self.faults.fail_reads) {
+            return Err(injected("load_snapshot"));
+        }
+        let found = self.inner.load_snapshot(actor, at_or_below).await?;
+        if let Some(s) = &found {
+            let corrupt = self
+                .faults
+                .corrupt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&(actor.clone(), s.seq));
+            if corrupt {
+                self.faults.injected.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::corrupt(
+                    format!("snapshot {} of {actor}", s.seq),
+                    CodecError::Checksum {
+                        stored: 0,
+                        computed: 1,
+                    },
+                ));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        self.inner.trim(actor, through).await
+    }
+
+    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+        self.inner.delete(actor).await
+    }
+
+    async fn list_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        self.inner.list_actors(after, limit).await
+    }
+}
+
+#[async_trait]
+impl Mailbox for FaultyStore {
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        self.inner.enqueue(msg, deliver_at).await
+    }
+
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        if self.faults.take(&self.faults.fail_leases) {
+            return Err(injected("lease"));
+        }
+        self.inner.lease(actor, opts).await
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        self.inner.ack(receipt).await
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        self.inner.nack(receipt, delay, error).await
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        self.inner.extend(receipt, visibility).await
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        self.inner.dead_letter(receipt, reason).await
+    }
+
+    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
+        self.inner.ready_actors(limit).await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        self.inner.next_due().await
+    }
+
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        self.inner.pending(actor).await
+    }
+
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        self.inner.dead_letters(after, limit).await
+    }
+
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
+        self.inner.requeue_dead_letter(id).await
+    }
+}
+
+#[async_trait]
+impl LeaseManager for FaultyStore {
+    async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        self.inner.acquire(actor, owner, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
+        if self.faults.fail_renewals.load(Ordering::Acquire) {
+            self.faults.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected("renew"));
+        }
+        self.inner.renew(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> StoreResult<bool> {
+        self.inner.release(lease).await
+    }
+
+    async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>> {
+        self.inner.holder(actor).await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for FaultyStore {
+    async fn reserve(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Reservation> {
+        self.inner.reserve(actor, key, ttl).await
+    }
+
+    async fn complete(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        result: &Value,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        self.inner.complete(actor, key, result, ttl).await
+    }
+
+    async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
+        self.inner.abandon(actor, key).await
+    }
+
+    async fn lookup(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+    ) -> StoreResult<Option<Reservation>> {
+        self.inner.lookup(actor, key).await
+    }
+
+    async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
+        self.inner.purge_expired(limit).await
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq> {
+        if self.faults.take(&self.faults.fail_writes) {
+            return Err(injected("commit_turn"));
+        }
+        self.inner.commit_turn(turn).await
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued> {
+        self.inner.enqueue_once(msg, deliver_at, key, ttl).await
+    }
+}

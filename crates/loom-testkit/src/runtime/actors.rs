@@ -1,0 +1,327 @@
+//! Actors the runtime cases drive, with a [`Probe`] to watch them from outside.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use loom_core::runtime::{Actor, Context, Rejected, StepError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+
+/// What the cases observe from outside the actors.
+pub struct Probe {
+    /// Runs of each activity (by name), counting re-runs after crashes.
+    pub runs: Mutex<HashMap<String, u32>>,
+    /// Activity keys handed out, in order.
+    pub keys: Mutex<Vec<String>>,
+    /// Handlers waiting at the gate take a permit; the case adds permits to let them go.
+    pub gate: Semaphore,
+    /// Signalled when a handler reaches the gate (or a holding activity starts).
+    pub reached: Notify,
+    in_flight: AtomicI64,
+    /// The most handler invocations of one actor seen running at once.
+    pub max_in_flight: AtomicI64,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe {
+            runs: Mutex::default(),
+            keys: Mutex::default(),
+            gate: Semaphore::new(0),
+            reached: Notify::new(),
+            in_flight: AtomicI64::new(0),
+            max_in_flight: AtomicI64::new(0),
+        }
+    }
+}
+
+impl Probe {
+    /// How many times activity `name` ran.
+    pub fn runs(&self, name: &str) -> u32 {
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Lets `n` waiting handlers through the gate.
+    pub fn open(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    async fn hold(&self) {
+        self.reached.notify_one();
+        match self.gate.acquire().await {
+            Ok(permit) => permit.forget(),
+            // The gate is never closed; a closed gate just lets everyone through.
+            Err(_) => {}
+        }
+    }
+}
+
+/// A bank account: the plain, no-durable-call actor.
+pub struct Account {
+    /// Shared with the case.
+    pub probe: Arc<Probe>,
+}
+
+/// Account state.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Balance {
+    /// Cents.
+    pub balance: i64,
+    /// Deposits applied.
+    pub deposits: u64,
+}
+
+/// Account messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AccountMsg {
+    /// Add.
+    Deposit(i64),
+    /// Take, or reject if it would go negative.
+    Withdraw(i64),
+    /// Read.
+    Balance,
+    /// Panic in the handler.
+    Panic,
+    /// Change the state, then wait at the probe's gate (not a durable call).
+    Hold(i64),
+    /// Change the state, then sleep (not a durable call) for this many ms.
+    Slow(i64, u64),
+    /// Change the state, then reject: the change must not stick.
+    BadDeposit(i64),
+}
+
+impl Actor for Account {
+    const KIND: &'static str = "acct";
+    type State = Balance;
+    type Message = AccountMsg;
+    type Reply = i64;
+
+    async fn handle(
+        &self,
+        state: &mut Balance,
+        _ctx: &mut Context<'_>,
+        msg: AccountMsg,
+    ) -> Result<i64, Rejected> {
+        let now = self.probe.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.probe.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let result = match msg {
+            AccountMsg::Deposit(n) => {
+                state.balance += n;
+                state.deposits += 1;
+                Ok(state.balance)
+            }
+            AccountMsg::Withdraw(n) if n > state.balance => Err(Rejected::new(format!(
+                "insufficient funds: {} < {n}",
+                state.balance
+            ))),
+            AccountMsg::Withdraw(n) => {
+                state.balance -= n;
+                Ok(state.balance)
+            }
+            AccountMsg::Balance => Ok(state.balance),
+            AccountMsg::Panic => {
+                self.probe.in_flight.fetch_sub(1, Ordering::SeqCst);
+                panic!("the handler blew up");
+            }
+            AccountMsg::Hold(n) => {
+                state.balance += n;
+                self.probe.hold().await;
+                Ok(state.balance)
+            }
+            AccountMsg::Slow(n, ms) => {
+                state.balance += n;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(state.balance)
+            }
+            AccountMsg::BadDeposit(n) => {
+                state.balance += n;
+                state.deposits += 1;
+                Err(Rejected::new("deposit refused after the state was changed"))
+            }
+        };
+        self.probe.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// One durable call in a [`Worker`] script.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Step {
+    /// `ctx.activity(name, …)`; it fails if `fail`, and waits at the gate while running if `hold`.
+    Activity {
+        /// Name.
+        name: String,
+        /// Return an error.
+        fail: bool,
+        /// Wait at the gate inside the activity.
+        hold: bool,
+    },
+    /// `ctx.send::<Account>(key, Deposit(amount))`.
+    Send {
+        /// Account key.
+        key: String,
+        /// Amount.
+        amount: i64,
+    },
+    /// `ctx.send_after::<Account>(key, Deposit(amount), delay)`.
+    SendAfter {
+        /// Account key.
+        key: String,
+        /// Amount.
+        amount: i64,
+        /// Delay in ms.
+        ms: u64,
+    },
+    /// `ctx.spawn::<Account>(Deposit(amount))`.
+    Spawn {
+        /// Amount.
+        amount: i64,
+    },
+    /// `ctx.sleep(ms)`.
+    Sleep {
+        /// Duration in ms.
+        ms: u64,
+    },
+    /// `ctx.wait_event(name, timeout)`.
+    Wait {
+        /// Event name.
+        name: String,
+        /// Timeout in ms.
+        timeout_ms: Option<u64>,
+    },
+    /// Wait at the probe's gate (not a durable call: a place to crash).
+    Gate,
+}
+
+/// Runs scripts of durable calls; its state logs what each step returned.
+pub struct Worker {
+    /// Shared with the case.
+    pub probe: Arc<Probe>,
+    /// Prefix for activity names: a different prefix is "changed code" for replay.
+    pub version: &'static str,
+}
+
+/// Worker state: a line per step, over all invocations.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Log {
+    /// Lines.
+    pub lines: Vec<String>,
+}
+
+impl Actor for Worker {
+    const KIND: &'static str = "worker";
+    type State = Log;
+    type Message = Vec<Step>;
+    type Reply = Vec<String>;
+
+    async fn handle(
+        &self,
+        state: &mut Log,
+        ctx: &mut Context<'_>,
+        script: Vec<Step>,
+    ) -> Result<Vec<String>, Rejected> {
+        let mut out = Vec::new();
+        for step in script {
+            let line = match step {
+                Step::Activity { name, fail, hold } => {
+                    let name = format!("{}{name}", self.version);
+                    let probe = self.probe.clone();
+                    let n2 = name.clone();
+                    let r: Result<String, StepError> = ctx
+                        .activity(&name, &fail, |key| async move {
+                            *probe
+                                .runs
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(n2.clone())
+                                .or_default() += 1;
+                            probe
+                                .keys
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(key.to_string());
+                            if hold {
+                                probe.hold().await;
+                            }
+                            if fail {
+                                Err(format!("{n2} failed"))
+                            } else {
+                                Ok(format!("{n2} done"))
+                            }
+                        })
+                        .await;
+                    match r {
+                        Ok(v) => v,
+                        Err(StepError::ActivityFailed { error, .. }) => format!("error: {error}"),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Step::Send { key, amount } => {
+                    ctx.send::<Account>(&key, &AccountMsg::Deposit(amount))?;
+                    format!("sent {amount} to {key}")
+                }
+                Step::SendAfter { key, amount, ms } => {
+                    ctx.send_after::<Account>(
+                        &key,
+                        &AccountMsg::Deposit(amount),
+                        Duration::from_millis(ms),
+                    )?;
+                    format!("scheduled {amount} to {key}")
+                }
+                Step::Spawn { amount } => {
+                    let child = ctx.spawn::<Account>(&AccountMsg::Deposit(amount))?;
+                    format!("spawned {child}")
+                }
+                Step::Sleep { ms } => {
+                    ctx.sleep(Duration::from_millis(ms)).await?;
+                    format!("slept {ms}")
+                }
+                Step::Wait { name, timeout_ms } => {
+                    match ctx
+                        .wait_event::<String>(&name, timeout_ms.map(Duration::from_millis))
+                        .await
+                    {
+                        Ok(data) => format!("event {name}: {data}"),
+                        Err(StepError::TimedOut { .. }) => format!("event {name}: timed out"),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Step::Gate => {
+                    self.probe.hold().await;
+                    "passed the gate".to_owned()
+                }
+            };
+            out.push(line.clone());
+            state.lines.push(line);
+        }
+        Ok(out)
+    }
+}
+
+/// An actor kind no runtime in the cases registers.
+#[derive(Default)]
+pub struct Ghost;
+
+impl Actor for Ghost {
+    const KIND: &'static str = "ghost";
+    type State = ();
+    type Message = ();
+    type Reply = ();
+
+    async fn handle(
+        &self,
+        _state: &mut (),
+        _ctx: &mut Context<'_>,
+        _msg: (),
+    ) -> Result<(), Rejected> {
+        Ok(())
+    }
+}
