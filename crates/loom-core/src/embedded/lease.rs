@@ -159,3 +159,33 @@ impl LeaseManager for EmbeddedStore {
         .await
     }
 }
+
+/// Releases every live lease (keeping its token); returns how many. For a store opened by a new
+/// process: the previous holder is gone.
+pub(super) fn release_all(txn: &WriteTransaction) -> StoreResult<u64> {
+    let now = Timestamp::now();
+    let mut table = txn.open_table(LEASES).map_err(se)?;
+    let mut live_rows = Vec::new();
+    for item in table.iter().map_err(se)? {
+        let (k, v) = item.map_err(se)?;
+        let actor: ActorId = k.value().parse().map_err(|e: crate::IdError| {
+            StoreError::corrupt("lease actor id", codec::CodecError::Body(e.to_string()))
+        })?;
+        let row: Row = codec::decode(RecordType::Lease, v.value())
+            .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e))?;
+        if live(&row, now).is_some() {
+            live_rows.push((actor, row.token));
+        }
+    }
+    for (actor, token) in &live_rows {
+        let row = Row {
+            owner: None,
+            token: *token,
+            expires_at: now,
+        };
+        let bytes = codec::encode(RecordType::Lease, &row)
+            .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e))?;
+        table.insert(actor.as_str(), bytes.as_slice()).map_err(se)?;
+    }
+    Ok(live_rows.len() as u64)
+}

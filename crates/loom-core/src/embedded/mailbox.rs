@@ -589,3 +589,47 @@ fn parse_actor(s: &str) -> StoreResult<ActorId> {
         StoreError::corrupt("mailbox actor id", codec::CodecError::Body(e.to_string()))
     })
 }
+
+/// Makes every leased message visible again now (delivery counts kept); returns how many. For a
+/// store opened by a new process: the consumer that leased them is gone.
+pub(super) fn return_all(txn: &WriteTransaction) -> StoreResult<u64> {
+    let now = Timestamp::now().as_millis();
+    let mut t = Tables::open(txn)?;
+    let mut out = Vec::new();
+    for item in t.meta.iter().map_err(se)? {
+        let (k, v) = item.map_err(se)?;
+        let (last_position, current, ready_at, count, last_due) = v.value();
+        if current != 0 && ready_at > now {
+            let meta = Meta {
+                last_position,
+                current,
+                ready_at,
+                count,
+                last_due,
+            };
+            out.push((k.value().to_owned(), meta));
+        }
+    }
+    for (actor, meta) in &out {
+        let state = t.state_of(actor, meta.current)?;
+        t.state
+            .insert(
+                (actor.as_str(), meta.current),
+                State {
+                    visible_at: now,
+                    ..state
+                }
+                .row(),
+            )
+            .map_err(se)?;
+        t.put_meta(
+            actor,
+            *meta,
+            Meta {
+                ready_at: now,
+                ..*meta
+            },
+        )?;
+    }
+    Ok(out.len() as u64)
+}

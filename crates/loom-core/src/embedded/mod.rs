@@ -140,6 +140,18 @@ impl EmbeddedStore {
                 }
             }
         }
+        // Only the process holding the directory lock opens the file, so leases and leased
+        // messages found here belong to a process that is gone: release them now instead of
+        // waiting for them to time out. Tokens are kept, so fencing still holds.
+        let released = lease::release_all(&txn)?;
+        let returned = mailbox::return_all(&txn)?;
+        if released + returned > 0 {
+            tracing::info!(
+                released,
+                returned,
+                "released the leases and leased messages of the previous process"
+            );
+        }
         txn.commit().map_err(se)?;
         let db = Arc::new(db);
         let writer =
