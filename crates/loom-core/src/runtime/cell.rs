@@ -14,50 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
+use futures::FutureExt;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::entry::{EntryKind, Seq, Snapshot, Step};
-use crate::error::StoreError;
+use crate::entry::{EntryKind, Seq};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
-use crate::store::{Delivery, Record, SeqRange, Settle, Turn};
+use crate::store::{Delivery, Record, Settle, Turn};
 
 use super::Shared;
 use super::actor::Actor;
 use super::context::{Context, Interrupt, Invocation, Io};
 use super::record::{Outcome, Recorded};
-
-/// How many completed message ids an actor remembers to recognize a redelivery.
-pub(crate) const RECENT: usize = 128;
-
-/// The format of the runtime's snapshot body ([`Body`]).
-pub(crate) const SNAPSHOT_FORMAT: u32 = 1;
-
-/// What the runtime puts in a snapshot: the actor's state and the ids of its last messages.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Body {
-    pub(crate) state: Value,
-    pub(crate) recent: Vec<MessageId>,
-}
-
-/// An invocation the journal started but did not finish.
-#[derive(Debug, Default)]
-struct Unfinished {
-    message_id: Option<MessageId>,
-    steps: BTreeMap<Step, Vec<EntryKind>>,
-}
-
-/// Why an actor could not be recovered.
-#[derive(Debug)]
-pub(crate) enum RecoverError {
-    /// The store failed; try again later.
-    Store(StoreError),
-    /// The journal cannot produce a state (every snapshot unreadable after a trim, a patch that
-    /// does not apply, a state that does not decode): the actor is parked with the reason.
-    Unrecoverable(String),
-}
+use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
 
 /// What the loop does after a delivery.
 pub(crate) enum Next {
@@ -77,6 +46,9 @@ pub(crate) struct Cell<A: Actor> {
     id: ActorId,
     state: A::State,
     value: Value,
+    /// True while `value` is `State::default()` and no patch was journaled on top of it: the next
+    /// patch then replaces the whole state, so the journal never depends on the code's default.
+    from_default: bool,
     next_seq: Seq,
     recent: VecDeque<MessageId>,
     unfinished: Option<Unfinished>,
@@ -93,111 +65,15 @@ impl<A: Actor> Cell<A> {
         io: &Io,
         shared: &Shared,
     ) -> Result<Self, RecoverError> {
-        let store = &io.store;
-        let info = store.info(&id).await.map_err(RecoverError::Store)?;
-        let mut base = None;
-        for &seq in info.snapshots.iter().rev() {
-            match store.load_snapshot(&id, seq).await {
-                Ok(Some(s)) => {
-                    base = Some(s);
-                    break;
-                }
-                Ok(None) => {}
-                Err(e @ StoreError::Corrupt { .. }) => {
-                    shared
-                        .metrics
-                        .corrupt_snapshots
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(actor = %id, seq, error = %e, "snapshot is unreadable; falling back to an older snapshot plus replay");
-                }
-                Err(e) => return Err(RecoverError::Store(e)),
-            }
-        }
-        let (from, mut value, recent) = match base {
-            Some(s) => {
-                if s.format != SNAPSHOT_FORMAT {
-                    return Err(RecoverError::Unrecoverable(format!(
-                        "snapshot {} has format {}; this runtime reads format {SNAPSHOT_FORMAT}",
-                        s.seq, s.format
-                    )));
-                }
-                let body: Body = serde_json::from_value(s.state).map_err(|e| {
-                    RecoverError::Unrecoverable(format!(
-                        "snapshot {} body does not decode: {e}",
-                        s.seq
-                    ))
-                })?;
-                (s.seq + 1, body.state, body.recent)
-            }
-            None if !info.snapshots.is_empty() && info.trimmed_through > 0 => {
-                return Err(RecoverError::Unrecoverable(format!(
-                    "no snapshot of {id} is readable and entries through {} were trimmed",
-                    info.trimmed_through
-                )));
-            }
-            None => {
-                let value = serde_json::to_value(A::State::default()).map_err(|e| {
-                    RecoverError::Unrecoverable(format!("default state does not encode: {e}"))
-                })?;
-                (info.trimmed_through + 1, value, Vec::new())
-            }
-        };
-        let mut recent: VecDeque<MessageId> = recent.into();
-        let mut unfinished: Option<Unfinished> = None;
-        let mut replayed = 0u64;
-        let mut bytes = 0u64;
-        let mut next_seq = from;
-        let mut entries = store.read(&id, SeqRange::all().from(from));
-        while let Some(entry) = entries.try_next().await.map_err(|e| match e {
-            e @ StoreError::Corrupt { .. } => RecoverError::Unrecoverable(e.to_string()),
-            other => RecoverError::Store(other),
-        })? {
-            next_seq = entry.seq + 1;
-            replayed += 1;
-            bytes += super::weight(&entry.kind);
-            match entry.kind {
-                EntryKind::Invoked { message_id, .. } => {
-                    unfinished = Some(Unfinished {
-                        message_id: Some(message_id),
-                        steps: BTreeMap::new(),
-                    });
-                }
-                EntryKind::StatePatched { patch } => {
-                    json_patch::patch(&mut value, &patch).map_err(|e| {
-                        RecoverError::Unrecoverable(format!(
-                            "state patch at seq {} does not apply: {e}",
-                            entry.seq
-                        ))
-                    })?;
-                }
-                EntryKind::Completed { .. } | EntryKind::Failed { .. } => {
-                    if let Some(Unfinished {
-                        message_id: Some(m),
-                        ..
-                    }) = unfinished.take()
-                    {
-                        remember(&mut recent, m);
-                    }
-                }
-                kind => {
-                    let step = step_of(&kind);
-                    match (&mut unfinished, step) {
-                        (Some(u), Some(step)) => u.steps.entry(step).or_default().push(kind),
-                        _ => {
-                            return Err(RecoverError::Unrecoverable(format!(
-                                "entry {} ({}) is outside any invocation",
-                                entry.seq,
-                                kind.name()
-                            )));
-                        }
-                    }
-                }
-            }
-        }
-        // The journal may have moved past the last entry read (entries appended since): the
-        // store's highest seq is the authority for the next append.
-        next_seq = next_seq.max(info.highest + 1);
-        let state: A::State = serde_json::from_value(value.clone()).map_err(|e| {
+        let initial = serde_json::to_value(A::State::default()).map_err(|e| {
+            RecoverError::Unrecoverable(format!("default state does not encode: {e}"))
+        })?;
+        let r = replay(&*io.store, &id, initial).await?;
+        shared
+            .metrics
+            .corrupt_snapshots
+            .fetch_add(r.corrupt_snapshots, Ordering::Relaxed);
+        let state: A::State = serde_json::from_value(r.value.clone()).map_err(|e| {
             RecoverError::Unrecoverable(format!(
                 "journaled state does not decode as {} state: {e}",
                 A::KIND
@@ -207,18 +83,19 @@ impl<A: Actor> Cell<A> {
         shared
             .metrics
             .replayed_entries
-            .fetch_add(replayed, Ordering::Relaxed);
-        tracing::debug!(actor = %id, from, replayed, "recovered");
+            .fetch_add(r.replayed, Ordering::Relaxed);
+        tracing::debug!(actor = %id, replayed = r.replayed, "recovered");
         Ok(Cell {
             actor,
             id,
             state,
-            value,
-            next_seq,
-            recent,
-            unfinished,
-            since_snapshot: replayed,
-            bytes_since_snapshot: bytes,
+            value: r.value,
+            from_default: r.from_default,
+            next_seq: r.next_seq,
+            recent: r.recent,
+            unfinished: r.unfinished,
+            since_snapshot: r.replayed,
+            bytes_since_snapshot: r.bytes,
             compacting: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -349,11 +226,10 @@ impl<A: Actor> Cell<A> {
             self.restore_state();
             return Next::Park(reason);
         }
-        if let Some(v) = &new_value {
-            let patch = json_patch::diff(&self.value, v);
-            if !patch.0.is_empty() {
-                inv.push(EntryKind::StatePatched { patch });
-            }
+        if let Some(v) = &new_value
+            && let Some(patch) = state_patch(&self.value, v, self.from_default)
+        {
+            inv.push(EntryKind::StatePatched { patch });
         }
         match &outcome {
             Outcome::Ok(reply) => inv.push(EntryKind::Completed {
@@ -385,6 +261,7 @@ impl<A: Actor> Cell<A> {
             Ok(highest) => {
                 self.next_seq = highest + 1;
                 if let Some(v) = new_value {
+                    self.from_default &= v == self.value;
                     self.value = v;
                 }
                 remember(&mut self.recent, id);
@@ -589,7 +466,7 @@ impl<A: Actor> Cell<A> {
         );
         let keep = policy.keep.max(1);
         shared.tasks.clone().spawn(async move {
-            let result = compact(&*store, &id, seq, body, keep).await;
+            let result = super::replay::snapshot_and_trim(&*store, &id, seq, &body, keep).await;
             flag.store(false, Ordering::Release);
             match result {
                 Ok(trimmed) => {
@@ -602,56 +479,6 @@ impl<A: Actor> Cell<A> {
                 }
             }
         });
-    }
-}
-
-/// Saves a snapshot at `seq` and, once it is durable, trims through the oldest kept snapshot.
-/// Entries appended meanwhile are above `seq`, so the trim never touches them.
-pub(crate) async fn compact(
-    store: &dyn crate::store::Store,
-    id: &ActorId,
-    seq: Seq,
-    body: Body,
-    keep: usize,
-) -> Result<Seq, StoreError> {
-    let state = serde_json::to_value(&body)
-        .map_err(|e| StoreError::InvalidRequest(format!("snapshot body does not encode: {e}")))?;
-    let snapshot = Snapshot {
-        seq,
-        state,
-        at: crate::Timestamp::now(),
-        format: SNAPSHOT_FORMAT,
-    };
-    store.save_snapshot(id, &snapshot, keep).await?;
-    let info = store.info(id).await?;
-    let Some(&oldest) = info.snapshots.first() else {
-        return Ok(info.trimmed_through);
-    };
-    if oldest > info.trimmed_through {
-        store.trim(id, oldest).await?;
-    }
-    Ok(oldest)
-}
-
-fn remember(recent: &mut VecDeque<MessageId>, id: MessageId) {
-    if recent.len() >= RECENT {
-        recent.pop_front();
-    }
-    recent.push_back(id);
-}
-
-fn step_of(kind: &EntryKind) -> Option<Step> {
-    match kind {
-        EntryKind::ActivityStarted { step, .. }
-        | EntryKind::ActivityCompleted { step, .. }
-        | EntryKind::ActivityFailed { step, .. }
-        | EntryKind::MessageSent { step, .. }
-        | EntryKind::ChildSpawned { step, .. }
-        | EntryKind::TimerStarted { step, .. }
-        | EntryKind::TimerFired { step }
-        | EntryKind::EventAwaited { step, .. }
-        | EntryKind::EventReceived { step, .. } => Some(*step),
-        _ => None,
     }
 }
 

@@ -46,6 +46,7 @@ mod config;
 mod context;
 mod hub;
 mod record;
+mod replay;
 mod trace;
 
 use std::collections::HashMap;
@@ -64,6 +65,7 @@ pub use actor::{Actor, Rejected};
 pub use client::{ActorRef, AskError, AskOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
+pub use replay::{CompactError, Compacted, SNAPSHOT_FORMAT, compact_journal};
 
 use crate::embedded::EmbeddedStore;
 use crate::entry::EntryKind;
@@ -73,10 +75,11 @@ use crate::id::{ActorId, IdempotencyKey};
 use crate::store::{Enqueued, Lease, LeaseOptions, Record, Settle, Store, Turn};
 use crate::time::Timestamp;
 
-use cell::{Cell, Next, RecoverError};
+use cell::{Cell, Next};
 use context::Io;
 use hub::Hub;
 use record::{Outcome, Recorded};
+use replay::RecoverError;
 
 /// Counters of what the runtime did; see [`Runtime::metrics`].
 #[derive(Debug, Default)]

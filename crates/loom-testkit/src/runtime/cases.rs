@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use loom_core::runtime::{AskError, AskOptions, Compaction, SendError, SendOptions, Sent};
+use loom_core::runtime::{
+    AskError, AskOptions, CompactError, Compaction, SendError, SendOptions, Sent, compact_journal,
+};
 use loom_core::{ActorId, EntryKind, Envelope, IdempotencyKey, Seq, Timestamp};
 use serde_json::{Value, json};
 
@@ -60,6 +62,9 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         graceful_shutdown_drains_in_flight_invocations,
         active_actors_are_bounded,
         full_mailbox_pushes_back,
+        compact_journal_works_without_the_actors_code,
+        compact_journal_keeps_what_an_unfinished_invocation_needs,
+        first_state_change_replaces_the_whole_state,
     ]
 }
 
@@ -1213,5 +1218,101 @@ async fn full_mailbox_pushes_back(h: &Harness) {
     })
     .await;
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 3);
+    rt.shutdown().await;
+}
+
+async fn compact_journal_works_without_the_actors_code(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    let a = rt.actor::<Account>("alice");
+    for _ in 0..30 {
+        a.send(AccountMsg::Deposit(2)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 60);
+    rt.shutdown().await;
+    let id = acct("alice");
+    let highest = h.highest(&id).await;
+    let done = compact_journal(&*h.store, &id, 2).await.unwrap();
+    assert_eq!(done.snapshot, highest);
+    assert_eq!(done.trimmed_through, highest);
+    assert!(matches!(
+        compact_journal(&*h.store, &id, 2).await,
+        Err(CompactError::Nothing(_))
+    ));
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        60
+    );
+    assert_eq!(rt.metrics().replayed_entries, 0, "{:?}", rt.metrics());
+    rt.shutdown().await;
+}
+
+async fn compact_journal_keeps_what_an_unfinished_invocation_needs(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w");
+    w.ask(vec![activity("first")]).await.unwrap();
+    w.send(vec![activity("a"), Step::Gate]).await.unwrap();
+    reached(h).await;
+    rt.kill().await;
+    let id = worker("w");
+    let done = compact_journal(&*h.store, &id, 2).await.unwrap();
+    let first_invocation_end = h
+        .journal(&id)
+        .await
+        .iter()
+        .find(|e| matches!(e.kind, EntryKind::Invoked { .. }))
+        .map(|e| e.seq - 1)
+        .unwrap();
+    assert_eq!(
+        done.snapshot, first_invocation_end,
+        "the snapshot must not cut into the unfinished invocation"
+    );
+    h.probe.open(1);
+    let rt = h.runtime().await;
+    finished(h, &id, 1).await;
+    assert_eq!(
+        h.probe.runs("a"),
+        1,
+        "the unfinished invocation lost its journaled activity"
+    );
+    assert_eq!(
+        replies(h, &id).await,
+        vec![json!(["a done", "passed the gate"])]
+    );
+    rt.shutdown().await;
+}
+
+async fn first_state_change_replaces_the_whole_state(h: &Harness) {
+    let rt = h.runtime().await;
+    rt.actor::<Account>("alice")
+        .ask(AccountMsg::Deposit(5))
+        .await
+        .unwrap();
+    rt.actor::<Account>("alice")
+        .ask(AccountMsg::Deposit(5))
+        .await
+        .unwrap();
+    let patches: Vec<Value> = h
+        .journal(&acct("alice"))
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::StatePatched { patch } => Some(serde_json::to_value(patch).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        patches[0],
+        json!([{"op": "replace", "path": "", "value": {"balance": 5, "deposits": 1}}])
+    );
+    assert_eq!(
+        patches[1],
+        json!([{"op": "replace", "path": "/balance", "value": 10}, {"op": "replace", "path": "/deposits", "value": 2}])
+    );
     rt.shutdown().await;
 }

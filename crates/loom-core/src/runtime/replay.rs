@@ -1,0 +1,312 @@
+//! Rebuilding an actor's state from its journal, and compacting the journal.
+//!
+//! An actor's state is JSON, and the journal records every change to it as an RFC 6902 patch;
+//! the first change after the default state replaces the whole document. So the state at any seq
+//! can be rebuilt from the newest readable snapshot plus the `StatePatched` entries after it,
+//! without the actor's code: that is what recovery does, and what lets `loom journal compact`
+//! snapshot an actor the tool knows nothing about.
+//!
+//! Invariants kept here:
+//! - a snapshot is taken only where no invocation is half-done (its seq ends an invocation), so
+//!   the entries an unfinished invocation needs for replay are never trimmed;
+//! - a trim never passes the oldest kept snapshot (the store refuses it anyway);
+//! - an unreadable snapshot is skipped with a warning for an older one plus a longer replay.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::entry::{EntryKind, Seq, Snapshot, Step};
+use crate::error::StoreError;
+use crate::id::{ActorId, MessageId};
+use crate::store::{SeqRange, Store};
+
+/// How many completed message ids an actor remembers to recognize a redelivery.
+pub(crate) const RECENT: usize = 128;
+
+/// The format of the runtime's snapshot body ([`Body`]).
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// What the runtime puts in a snapshot: the actor's state and the ids of its last messages.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Body {
+    pub(crate) state: Value,
+    pub(crate) recent: Vec<MessageId>,
+}
+
+/// An invocation the journal started but did not finish.
+#[derive(Debug, Default)]
+pub(crate) struct Unfinished {
+    pub(crate) message_id: Option<MessageId>,
+    pub(crate) steps: BTreeMap<Step, Vec<EntryKind>>,
+}
+
+/// Why an actor could not be recovered.
+#[derive(Debug)]
+pub(crate) enum RecoverError {
+    /// The store failed; try again later.
+    Store(StoreError),
+    /// The journal cannot produce a state (every snapshot unreadable after a trim, a patch that
+    /// does not apply, a state that does not decode): the actor is parked with the reason.
+    Unrecoverable(String),
+}
+
+/// The result of [`replay`].
+pub(crate) struct Replayed {
+    pub(crate) value: Value,
+    pub(crate) from_default: bool,
+    pub(crate) recent: VecDeque<MessageId>,
+    pub(crate) unfinished: Option<Unfinished>,
+    pub(crate) next_seq: Seq,
+    /// The last seq at which no invocation was half-done.
+    pub(crate) settled: Seq,
+    pub(crate) replayed: u64,
+    pub(crate) bytes: u64,
+    pub(crate) corrupt_snapshots: u64,
+}
+
+/// Rebuilds the actor's JSON state: newest readable snapshot, then the journal after it,
+/// streamed (memory holds one page of entries and the current invocation's steps, never the
+/// history). `initial` is the state when there is no snapshot.
+pub(crate) async fn replay(
+    store: &dyn Store,
+    id: &ActorId,
+    initial: Value,
+) -> Result<Replayed, RecoverError> {
+    let info = store.info(id).await.map_err(RecoverError::Store)?;
+    let mut base = None;
+    let mut corrupt_snapshots = 0;
+    for &seq in info.snapshots.iter().rev() {
+        match store.load_snapshot(id, seq).await {
+            Ok(Some(s)) => {
+                base = Some(s);
+                break;
+            }
+            Ok(None) => {}
+            Err(e @ StoreError::Corrupt { .. }) => {
+                corrupt_snapshots += 1;
+                tracing::warn!(actor = %id, seq, error = %e, "snapshot is unreadable; falling back to an older snapshot plus replay");
+            }
+            Err(e) => return Err(RecoverError::Store(e)),
+        }
+    }
+    let (from, mut value, recent, from_default) = match base {
+        Some(s) => {
+            if s.format != SNAPSHOT_FORMAT {
+                return Err(RecoverError::Unrecoverable(format!(
+                    "snapshot {} has format {}; this runtime reads format {SNAPSHOT_FORMAT}",
+                    s.seq, s.format
+                )));
+            }
+            let body: Body = serde_json::from_value(s.state).map_err(|e| {
+                RecoverError::Unrecoverable(format!("snapshot {} body does not decode: {e}", s.seq))
+            })?;
+            (s.seq + 1, body.state, body.recent, false)
+        }
+        None if !info.snapshots.is_empty() && info.trimmed_through > 0 => {
+            return Err(RecoverError::Unrecoverable(format!(
+                "no snapshot of {id} is readable and entries through {} were trimmed",
+                info.trimmed_through
+            )));
+        }
+        None => (info.trimmed_through + 1, initial, Vec::new(), true),
+    };
+    let mut out = Replayed {
+        value: Value::Null,
+        from_default,
+        recent: recent.into(),
+        unfinished: None,
+        next_seq: from,
+        settled: from - 1,
+        replayed: 0,
+        bytes: 0,
+        corrupt_snapshots,
+    };
+    let mut entries = store.read(id, SeqRange::all().from(from));
+    while let Some(entry) = entries.try_next().await.map_err(|e| match e {
+        e @ StoreError::Corrupt { .. } => RecoverError::Unrecoverable(e.to_string()),
+        other => RecoverError::Store(other),
+    })? {
+        out.next_seq = entry.seq + 1;
+        out.replayed += 1;
+        out.bytes += super::weight(&entry.kind);
+        match entry.kind {
+            EntryKind::Invoked { message_id, .. } => {
+                out.unfinished = Some(Unfinished {
+                    message_id: Some(message_id),
+                    steps: BTreeMap::new(),
+                });
+            }
+            EntryKind::StatePatched { patch } => {
+                json_patch::patch(&mut value, &patch).map_err(|e| {
+                    RecoverError::Unrecoverable(format!(
+                        "state patch at seq {} does not apply: {e}",
+                        entry.seq
+                    ))
+                })?;
+                out.from_default = false;
+            }
+            EntryKind::Completed { .. } | EntryKind::Failed { .. } => {
+                if let Some(Unfinished {
+                    message_id: Some(m),
+                    ..
+                }) = out.unfinished.take()
+                {
+                    remember(&mut out.recent, m);
+                }
+                out.settled = entry.seq;
+            }
+            kind => match (&mut out.unfinished, step_of(&kind)) {
+                (Some(u), Some(step)) => u.steps.entry(step).or_default().push(kind),
+                _ => {
+                    return Err(RecoverError::Unrecoverable(format!(
+                        "entry {} ({}) is outside any invocation",
+                        entry.seq,
+                        kind.name()
+                    )));
+                }
+            },
+        }
+    }
+    // Entries appended since the read began are above it: the store's highest seq is the
+    // authority for the next append.
+    out.next_seq = out.next_seq.max(info.highest + 1);
+    if out.unfinished.is_none() {
+        out.settled = out.next_seq - 1;
+    }
+    out.value = value;
+    Ok(out)
+}
+
+/// The patch that takes the state from `old` to `new`: a whole-document replace when `old` is
+/// the code's default (so the journal does not depend on it), a diff otherwise; `None` if equal.
+pub(crate) fn state_patch(
+    old: &Value,
+    new: &Value,
+    from_default: bool,
+) -> Option<json_patch::Patch> {
+    if old == new {
+        return None;
+    }
+    if from_default {
+        // `replace` at the root works on any document, so replay can start from nothing.
+        return serde_json::from_value(json!([{ "op": "replace", "path": "", "value": new }])).ok();
+    }
+    Some(json_patch::diff(old, new))
+}
+
+/// Saves a snapshot at `seq` and, once it is durable, trims through the oldest kept snapshot.
+/// Entries appended meanwhile are above `seq`, so the trim never touches them. Returns the new
+/// trim point.
+pub(crate) async fn snapshot_and_trim(
+    store: &dyn Store,
+    id: &ActorId,
+    seq: Seq,
+    body: &Body,
+    keep: usize,
+) -> Result<Seq, StoreError> {
+    let state = serde_json::to_value(body)
+        .map_err(|e| StoreError::InvalidRequest(format!("snapshot body does not encode: {e}")))?;
+    let snapshot = Snapshot {
+        seq,
+        state,
+        at: crate::Timestamp::now(),
+        format: SNAPSHOT_FORMAT,
+    };
+    store.save_snapshot(id, &snapshot, keep).await?;
+    let info = store.info(id).await?;
+    let Some(&oldest) = info.snapshots.first() else {
+        return Ok(info.trimmed_through);
+    };
+    if oldest > info.trimmed_through {
+        store.trim(id, oldest).await?;
+        return Ok(oldest);
+    }
+    Ok(info.trimmed_through)
+}
+
+/// What [`compact_journal`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// The seq of the snapshot it saved.
+    pub snapshot: Seq,
+    /// The journal's trim point afterwards.
+    pub trimmed_through: Seq,
+}
+
+/// Why [`compact_journal`] did not compact.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The journal cannot be replayed (see the reason).
+    #[error("journal of {actor} cannot be replayed: {reason}")]
+    Unrecoverable {
+        /// The actor.
+        actor: ActorId,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing to snapshot: the journal has no state change since its last snapshot or start.
+    #[error("nothing to compact for {0}: no state to snapshot beyond what is already kept")]
+    Nothing(ActorId),
+}
+
+/// Compacts one actor's journal without its code: rebuilds its state from the newest readable
+/// snapshot and the journal's patches, saves a snapshot at the last seq where no invocation was
+/// half-done, keeps the newest `keep` snapshots, and trims what the oldest kept one covers.
+///
+/// Safe to run while the actor runs elsewhere: the snapshot is of entries already durable, and
+/// the trim never passes it.
+pub async fn compact_journal(
+    store: &dyn Store,
+    id: &ActorId,
+    keep: usize,
+) -> Result<Compacted, CompactError> {
+    let r = replay(store, id, Value::Null).await.map_err(|e| match e {
+        RecoverError::Store(e) => CompactError::Store(e),
+        RecoverError::Unrecoverable(reason) => CompactError::Unrecoverable {
+            actor: id.clone(),
+            reason,
+        },
+    })?;
+    let info = store.info(id).await?;
+    let already = info.snapshots.last().copied().unwrap_or(0);
+    if r.from_default || r.settled <= already || r.settled == 0 {
+        return Err(CompactError::Nothing(id.clone()));
+    }
+    let body = Body {
+        state: r.value,
+        recent: r.recent.into_iter().collect(),
+    };
+    let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep).await?;
+    Ok(Compacted {
+        snapshot: r.settled,
+        trimmed_through,
+    })
+}
+
+pub(crate) fn remember(recent: &mut VecDeque<MessageId>, id: MessageId) {
+    if recent.len() >= RECENT {
+        recent.pop_front();
+    }
+    recent.push_back(id);
+}
+
+fn step_of(kind: &EntryKind) -> Option<Step> {
+    match kind {
+        EntryKind::ActivityStarted { step, .. }
+        | EntryKind::ActivityCompleted { step, .. }
+        | EntryKind::ActivityFailed { step, .. }
+        | EntryKind::MessageSent { step, .. }
+        | EntryKind::ChildSpawned { step, .. }
+        | EntryKind::TimerStarted { step, .. }
+        | EntryKind::TimerFired { step }
+        | EntryKind::EventAwaited { step, .. }
+        | EntryKind::EventReceived { step, .. } => Some(*step),
+        _ => None,
+    }
+}
