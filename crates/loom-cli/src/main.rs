@@ -1,18 +1,26 @@
-//! `loom`: look into Loom stores.
+//! `loom`: look into, check and benchmark Loom stores.
+
+mod bench;
+mod journal;
+mod output;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use futures::TryStreamExt;
-use loom_core::{ActorId, EmbeddedStore, JournalStore, Seq, SeqRange, StoreError};
+use loom_core::Seq;
+
+use output::Failure;
+use store::{StoreUrl, open_existing};
 
 #[derive(Parser)]
-#[command(name = "loom", version, about = "Inspect and verify Loom journals")]
+#[command(
+    name = "loom",
+    version,
+    about = "Inspect, verify and benchmark Loom stores"
+)]
 struct Cli {
-    /// The store: `embedded:PATH` or a directory path.
-    #[arg(long, global = true, default_value = "./loom-data")]
-    store: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,8 +28,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Journals: list, show, verify.
-    #[command(subcommand)]
-    Journal(JournalCommand),
+    Journal {
+        /// The store: `embedded:PATH` or a directory.
+        #[arg(long, global = true, default_value = "./loom-data")]
+        store: String,
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+    /// Benchmarks, each measured against a same-run baseline.
+    Bench {
+        /// The scenario.
+        #[arg(value_enum)]
+        scenario: bench::Scenario,
+        /// The store (default: a fresh temporary embedded store).
+        #[arg(long)]
+        store: Option<String>,
+        /// Actors (append-concurrent) or accounts (bank).
+        #[arg(long)]
+        actors: Option<usize>,
+        /// Appends (append-seq), appends per actor (append-concurrent), history length
+        /// (recover) or transfers (bank).
+        #[arg(long)]
+        entries: Option<u64>,
+        /// Bytes of payload per entry.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
+        /// One JSON object per scenario instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: one activation run of `loom bench recover`, in its own process.
+    #[command(hide = true)]
+    BenchChild {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        times: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -46,161 +91,38 @@ enum JournalCommand {
     },
 }
 
-/// A failure to report to the user, with what to do about it.
-struct Failure(String);
-
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        Failure(e.to_string())
-    }
-}
-
-/// Prints one line of output. A reader that went away (`loom … | head`) ends the program quietly
-/// and successfully, as Unix tools do.
-fn out(line: impl std::fmt::Display) -> Result<(), Failure> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match writeln!(stdout, "{line}") {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
-        Err(e) => Err(Failure(format!("cannot write output: {e}"))),
-    }
-}
-
-fn open(store: &str) -> Result<EmbeddedStore, Failure> {
-    let path = PathBuf::from(store.strip_prefix("embedded:").unwrap_or(store));
-    if store.contains("://") {
-        return Err(Failure(format!(
-            "store URL {store:?} is not supported by this build; use embedded:PATH or a directory"
-        )));
-    }
-    if !path.exists() {
-        return Err(Failure(format!(
-            "no store at {}: the directory does not exist (pass --store DIR)",
-            path.display()
-        )));
-    }
-    Ok(EmbeddedStore::open_existing(&path)?)
-}
-
-fn parse_actor(s: &str) -> Result<ActorId, Failure> {
-    s.parse()
-        .map_err(|e| Failure(format!("bad actor id {s:?}: {e} (expected kind/key)")))
-}
-
-async fn all_actors(store: &EmbeddedStore) -> Result<Vec<ActorId>, Failure> {
-    let mut out = Vec::new();
-    let mut after = None;
-    loop {
-        let page = store.list_actors(after.as_ref(), 1000).await?;
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
-        out.extend(page);
-        after = Some(last);
-    }
-    Ok(out)
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let store = open(&cli.store)?;
     match cli.command {
-        Command::Journal(JournalCommand::Ls) => {
-            let actors = all_actors(&store).await?;
-            let width = actors
-                .iter()
-                .map(|a| a.as_str().len())
-                .max()
-                .unwrap_or(5)
-                .max(5);
-            out(format_args!(
-                "{:<width$}  {:>10}  {:>10}  {:>10}  SNAPSHOTS",
-                "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES"
-            ))?;
-            for a in actors {
-                let info = store.info(&a).await?;
-                let snaps: Vec<String> = info.snapshots.iter().map(|s| s.to_string()).collect();
-                out(format_args!(
-                    "{:<width$}  {:>10}  {:>10}  {:>10}  {}",
-                    a.as_str(),
-                    info.highest,
-                    info.trimmed_through,
-                    info.len(),
-                    if snaps.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        snaps.join(",")
-                    }
-                ))?;
-            }
-        }
-        Command::Journal(JournalCommand::Show { actor, from, to }) => {
-            let a = parse_actor(&actor)?;
-            let info = store.info(&a).await?;
-            if info.highest == 0 {
-                return Err(Failure(format!("no journal for {a} in this store")));
-            }
-            let mut entries = store.read(&a, SeqRange::all().from(from).to(to));
-            while let Some(e) = entries.try_next().await? {
-                out(serde_json::to_string(&e).map_err(|e| Failure(e.to_string()))?)?;
-            }
-        }
-        Command::Journal(JournalCommand::Verify { actor }) => {
-            let actors = match actor {
-                Some(a) => vec![parse_actor(&a)?],
-                None => all_actors(&store).await?,
-            };
-            let mut problems = 0;
-            let mut checked = 0u64;
-            for a in &actors {
-                match verify_one(&store, a).await {
-                    Ok(n) => checked += n,
-                    Err(e) => {
-                        problems += 1;
-                        eprintln!("{a}: {e}");
-                    }
+        Command::Journal { store, command } => {
+            let opened = open_existing(&StoreUrl::parse(&store)?)?;
+            let s = &*opened.store;
+            match command {
+                JournalCommand::Ls => journal::ls(s).await,
+                JournalCommand::Show { actor, from, to } => {
+                    journal::show(s, &actor, from, to).await
                 }
+                JournalCommand::Verify { actor } => journal::verify(s, actor.as_deref()).await,
             }
-            if problems > 0 {
-                return Err(Failure(format!(
-                    "{problems} of {} journals failed verification",
-                    actors.len()
-                )));
-            }
-            out(format_args!(
-                "ok: {} journals, {checked} entries verified",
-                actors.len()
-            ))?;
         }
-    }
-    Ok(())
-}
-
-async fn verify_one(store: &EmbeddedStore, a: &ActorId) -> Result<u64, StoreError> {
-    let info = store.info(a).await?;
-    let mut entries = store.read(a, SeqRange::all());
-    let mut expect = info.trimmed_through + 1;
-    while let Some(e) = entries.try_next().await? {
-        if e.seq != expect {
-            return Err(StoreError::Gap {
-                actor: a.clone(),
-                expected: expect,
-                found: e.seq,
-            });
+        Command::Bench {
+            scenario,
+            store,
+            actors,
+            entries,
+            payload,
+            json,
+        } => {
+            let settings = bench::Settings {
+                store,
+                actors,
+                entries,
+                payload,
+                json,
+            };
+            bench::run(scenario, settings).await
         }
-        expect += 1;
+        Command::BenchChild { store, key, times } => bench::child(&store, &key, times).await,
     }
-    if expect != info.highest + 1 {
-        return Err(StoreError::Gap {
-            actor: a.clone(),
-            expected: expect,
-            found: info.highest + 1,
-        });
-    }
-    for s in &info.snapshots {
-        store.load_snapshot(a, *s).await?;
-    }
-    Ok(info.len())
 }
 
 fn main() -> ExitCode {

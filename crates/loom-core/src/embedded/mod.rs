@@ -37,6 +37,22 @@ use writer::Writer;
 /// Name of the data file inside the data directory.
 pub const DATA_FILE: &str = "loom.redb";
 
+/// Settings of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// Bytes of redb page cache (default 32 MiB). Reads beyond it go to the OS page cache; it
+    /// bounds the store's share of the process's memory however long the journals read are.
+    pub cache_bytes: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            cache_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
 /// The embedded store; cheap to clone (clones share one database).
 ///
 /// ```
@@ -89,11 +105,19 @@ impl EmbeddedStore {
     /// Fails with [`StoreError::Locked`] if another process (or another store in this process)
     /// has the directory open.
     pub fn open(dir: impl AsRef<Path>) -> StoreResult<Self> {
+        Self::open_with(dir, EmbeddedOptions::default())
+    }
+
+    /// Opens (creating if needed) the store in directory `dir` with `options`.
+    pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> StoreResult<Self> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
         let lock = DirLock::acquire(dir)?;
-        let db = Database::create(dir.join(DATA_FILE)).map_err(se)?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(dir.join(DATA_FILE))
+            .map_err(se)?;
         Self::start(db, Some(dir.to_path_buf()), Some(lock))
     }
 

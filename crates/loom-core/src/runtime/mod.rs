@@ -93,6 +93,7 @@ pub(crate) struct Metrics {
     pub(crate) compaction_failures: AtomicU64,
     pub(crate) corrupt_snapshots: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
+    pub(crate) activation_nanos: AtomicU64,
 }
 
 /// A snapshot of the runtime's counters.
@@ -116,6 +117,9 @@ pub struct MetricsSnapshot {
     pub corrupt_snapshots: u64,
     /// Actors stopped because their lease was lost.
     pub leases_lost: u64,
+    /// Total time spent activating actors (taking the lease, loading the snapshot, replaying the
+    /// tail), in microseconds; divide by `recoveries` for the mean.
+    pub activation_micros: u64,
     /// Actors active now.
     pub active: u64,
 }
@@ -433,8 +437,16 @@ async fn serve<A: Actor>(
     last_used: &Mutex<Instant>,
 ) -> Exit {
     let recover = || Cell::<A>::recover(actor.clone(), id.clone(), io, shared);
+    let activation_began = *last_used.lock().unwrap_or_else(|p| p.into_inner());
     let mut cell = match recover().await {
-        Ok(c) => c,
+        Ok(c) => {
+            let took = u64::try_from(activation_began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            shared
+                .metrics
+                .activation_nanos
+                .fetch_add(took, Ordering::Relaxed);
+            c
+        }
         Err(RecoverError::Store(e)) => return Exit::Failed(e),
         Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
     };
@@ -689,6 +701,7 @@ impl Runtime {
             compaction_failures: get(&m.compaction_failures),
             corrupt_snapshots: get(&m.corrupt_snapshots),
             leases_lost: get(&m.leases_lost),
+            activation_micros: get(&m.activation_nanos) / 1000,
             active: self
                 .shared
                 .active

@@ -1,0 +1,487 @@
+//! The bank workload: accounts and transfers, and the check that nothing was lost or doubled.
+//!
+//! Each transfer is an actor: it runs a fraud check (an activity, journaled), then sends a debit
+//! to the source account; the account answers with `Debited` or `DebitRefused`; on `Debited` the
+//! transfer sends a credit to the target account, which answers `Credited`. Every message between
+//! actors leaves exactly once (its send is part of the sender's atomic turn) and is applied
+//! exactly once (its ack is part of the receiver's atomic turn). Accounts and transfers are
+//! submitted with idempotency keys, so a run that was killed and started again opens nothing
+//! twice and starts no transfer twice.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use loom_core::IdempotencyKey;
+use loom_core::runtime::{
+    Actor, AskError, AskOptions, Context, Rejected, Runtime, RuntimeBuilder, SendError, SendOptions,
+};
+use serde::{Deserialize, Serialize};
+
+/// A bank account.
+#[derive(Default)]
+pub struct Account;
+
+/// Its state.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AccountState {
+    opened: bool,
+    balance: i64,
+    debits: u64,
+    credits: u64,
+}
+
+/// What an account receives.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum AccountMsg {
+    /// Open with an initial balance (once).
+    Open(i64),
+    /// Take `amount` for `transfer`, or refuse it.
+    Debit {
+        /// The transfer's key.
+        transfer: String,
+        /// Amount.
+        amount: i64,
+    },
+    /// Add `amount` for `transfer`.
+    Credit {
+        /// The transfer's key.
+        transfer: String,
+        /// Amount.
+        amount: i64,
+    },
+    /// Read.
+    Balance,
+}
+
+/// An account as it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Balance.
+    pub balance: i64,
+    /// Debits applied.
+    pub debits: u64,
+    /// Credits applied.
+    pub credits: u64,
+}
+
+impl Actor for Account {
+    const KIND: &'static str = "account";
+    type State = AccountState;
+    type Message = AccountMsg;
+    type Reply = Ledger;
+
+    async fn handle(
+        &self,
+        s: &mut AccountState,
+        ctx: &mut Context<'_>,
+        msg: AccountMsg,
+    ) -> Result<Ledger, Rejected> {
+        match msg {
+            AccountMsg::Open(amount) => {
+                if s.opened {
+                    return Err(Rejected::new("already open"));
+                }
+                s.opened = true;
+                s.balance = amount;
+            }
+            AccountMsg::Debit { transfer, amount } => {
+                if s.balance >= amount {
+                    s.balance -= amount;
+                    s.debits += 1;
+                    ctx.send::<Transfer>(&transfer, &TransferMsg::Debited)?;
+                } else {
+                    ctx.send::<Transfer>(&transfer, &TransferMsg::DebitRefused)?;
+                }
+            }
+            AccountMsg::Credit { transfer, amount } => {
+                s.balance += amount;
+                s.credits += 1;
+                ctx.send::<Transfer>(&transfer, &TransferMsg::Credited)?;
+            }
+            AccountMsg::Balance => {}
+        }
+        Ok(Ledger {
+            balance: s.balance,
+            debits: s.debits,
+            credits: s.credits,
+        })
+    }
+}
+
+/// A transfer between two accounts.
+#[derive(Default)]
+pub struct Transfer;
+
+/// Where a transfer is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    /// Not started.
+    #[default]
+    New,
+    /// Waiting for the debit.
+    Debiting,
+    /// Waiting for the credit.
+    Crediting,
+    /// Both legs applied.
+    Done,
+    /// Refused (fraud check or funds); no leg applied.
+    Refused,
+}
+
+impl Status {
+    /// True once it will not change again.
+    pub fn settled(self) -> bool {
+        matches!(self, Status::Done | Status::Refused)
+    }
+}
+
+/// A transfer's state.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TransferState {
+    status: Status,
+    from: String,
+    to: String,
+    amount: i64,
+}
+
+/// What a transfer receives.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum TransferMsg {
+    /// Begin.
+    Start {
+        /// Source account key.
+        from: String,
+        /// Target account key.
+        to: String,
+        /// Amount.
+        amount: i64,
+    },
+    /// The source account took the money.
+    Debited,
+    /// The source account refused.
+    DebitRefused,
+    /// The target account got the money.
+    Credited,
+    /// Read.
+    Status,
+}
+
+impl Actor for Transfer {
+    const KIND: &'static str = "transfer";
+    type State = TransferState;
+    type Message = TransferMsg;
+    type Reply = Status;
+
+    async fn handle(
+        &self,
+        s: &mut TransferState,
+        ctx: &mut Context<'_>,
+        msg: TransferMsg,
+    ) -> Result<Status, Rejected> {
+        let me = ctx.actor_id().key().to_owned();
+        match (s.status, msg) {
+            (Status::New, TransferMsg::Start { from, to, amount }) => {
+                // A side effect whose result is journaled: after a crash it is not run again.
+                let cleared: bool = ctx
+                    .activity("fraud-check", &(&from, &to, amount), |_key| async move {
+                        Ok::<_, std::convert::Infallible>(amount <= 10_000)
+                    })
+                    .await?;
+                if !cleared {
+                    s.status = Status::Refused;
+                    return Ok(s.status);
+                }
+                ctx.send::<Account>(
+                    &from,
+                    &AccountMsg::Debit {
+                        transfer: me,
+                        amount,
+                    },
+                )?;
+                *s = TransferState {
+                    status: Status::Debiting,
+                    from,
+                    to,
+                    amount,
+                };
+            }
+            (Status::Debiting, TransferMsg::Debited) => {
+                ctx.send::<Account>(
+                    &s.to,
+                    &AccountMsg::Credit {
+                        transfer: me,
+                        amount: s.amount,
+                    },
+                )?;
+                s.status = Status::Crediting;
+            }
+            (Status::Debiting, TransferMsg::DebitRefused) => s.status = Status::Refused,
+            (Status::Crediting, TransferMsg::Credited) => s.status = Status::Done,
+            (_, TransferMsg::Status) => {}
+            (status, other) => return Err(Rejected::new(format!("{other:?} in state {status:?}"))),
+        }
+        Ok(s.status)
+    }
+}
+
+/// The size and shape of a bank run.
+#[derive(Debug, Clone, Copy)]
+pub struct Bank {
+    /// Accounts (at least 2).
+    pub accounts: u32,
+    /// Transfers.
+    pub transfers: u32,
+    /// Opening balance of each account.
+    pub initial: i64,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Seed of the transfer plan.
+    pub seed: u64,
+    /// Number of the first transfer (`t<first>` …), so that several runs on one store do not
+    /// overlap.
+    pub first: u32,
+    /// Number of the first account (`a<first_account>` …), likewise.
+    pub first_account: u32,
+}
+
+impl Default for Bank {
+    fn default() -> Self {
+        Bank {
+            accounts: 100,
+            transfers: 10_000,
+            initial: 1_000,
+            concurrency: 256,
+            seed: 42,
+            first: 0,
+            first_account: 0,
+        }
+    }
+}
+
+/// Why a bank run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BankError {
+    /// A send failed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// An ask failed.
+    #[error(transparent)]
+    Ask(#[from] AskError),
+    /// The books do not balance: something was lost or applied twice.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// Transfers did not settle in time.
+    #[error("{0} transfers did not settle in time")]
+    Unsettled(usize),
+}
+
+/// What a verified run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// Transfers done.
+    pub done: u32,
+    /// Transfers refused.
+    pub refused: u32,
+    /// Total balance (equal to accounts × initial).
+    pub total: i64,
+}
+
+impl Bank {
+    /// Registers the bank's actor kinds.
+    pub fn register(builder: RuntimeBuilder) -> RuntimeBuilder {
+        builder.register::<Account>().register::<Transfer>()
+    }
+
+    /// Transfer `i` of the plan: the same for a seed, so a restarted run submits the same ones.
+    pub fn plan(&self, i: u32) -> (String, String, i64) {
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ (u64::from(i) << 20));
+        let from = rng.u32(..self.accounts);
+        let mut to = rng.u32(..self.accounts - 1);
+        if to >= from {
+            to += 1;
+        }
+        let base = self.first_account;
+        (
+            format!("a{}", base + from),
+            format!("a{}", base + to),
+            rng.i64(1..=300),
+        )
+    }
+
+    /// The account numbers of this run.
+    pub fn account_ids(&self) -> std::ops::Range<u32> {
+        self.first_account..self.first_account + self.accounts
+    }
+
+    /// The transfer numbers of this run.
+    pub fn ids(&self) -> std::ops::Range<u32> {
+        self.first..self.first + self.transfers
+    }
+
+    /// Opens every account, once (idempotent across restarts).
+    pub async fn open_accounts(&self, rt: &Runtime) -> Result<(), BankError> {
+        let results: Vec<Result<_, SendError>> = futures::stream::iter(self.account_ids())
+            .map(|n| {
+                let acct = rt.actor::<Account>(format!("a{n}"));
+                let opts = SendOptions {
+                    idempotency_key: Some(key(format!("open-a{n}"))),
+                    delay: None,
+                };
+                let initial = self.initial;
+                async move { acct.send_with(AccountMsg::Open(initial), opts).await }
+            })
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Starts transfer `i` (idempotent across restarts) and waits for its first durable turn;
+    /// returns how long that took.
+    pub async fn start(&self, rt: &Runtime, i: u32) -> Result<Duration, BankError> {
+        let (from, to, amount) = self.plan(i);
+        let t0 = Instant::now();
+        let opts = AskOptions {
+            idempotency_key: Some(key(format!("start-t{i}"))),
+            timeout: None,
+        };
+        rt.actor::<Transfer>(format!("t{i}"))
+            .ask_with(TransferMsg::Start { from, to, amount }, opts)
+            .await?;
+        Ok(t0.elapsed())
+    }
+
+    /// Starts every transfer with `concurrency` in flight; `tick` is called after each. Returns
+    /// each start's latency.
+    pub async fn start_all(
+        &self,
+        rt: &Runtime,
+        tick: impl Fn() + Clone,
+    ) -> Result<Vec<Duration>, BankError> {
+        let results: Vec<Result<Duration, BankError>> = futures::stream::iter(self.ids())
+            .map(|i| {
+                let tick = tick.clone();
+                async move {
+                    let r = self.start(rt, i).await;
+                    tick();
+                    r
+                }
+            })
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Waits until every transfer is done or refused (at most `limit`); `progress` gets the count
+    /// of settled ones.
+    pub async fn settle(
+        &self,
+        rt: &Runtime,
+        limit: Duration,
+        progress: impl Fn(u64),
+    ) -> Result<HashMap<u32, Status>, BankError> {
+        let mut statuses: HashMap<u32, Status> = HashMap::new();
+        let deadline = Instant::now() + limit;
+        loop {
+            let pending: Vec<u32> = self
+                .ids()
+                .filter(|i| !statuses.get(i).is_some_and(|s| s.settled()))
+                .collect();
+            if pending.is_empty() {
+                return Ok(statuses);
+            }
+            if Instant::now() > deadline {
+                return Err(BankError::Unsettled(pending.len()));
+            }
+            let checked: Vec<Result<(u32, Status), AskError>> = futures::stream::iter(pending)
+                .map(|i| {
+                    let t = rt.actor::<Transfer>(format!("t{i}"));
+                    async move { t.ask(TransferMsg::Status).await.map(|s| (i, s)) }
+                })
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
+            for r in checked {
+                let (i, s) = r?;
+                statuses.insert(i, s);
+            }
+            progress(statuses.values().filter(|s| s.settled()).count() as u64);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Checks the books: total balance conserved, and each account holds exactly the debits and
+    /// credits of the settled transfers (a leg lost or applied twice shows up here).
+    pub async fn verify(
+        &self,
+        rt: &Runtime,
+        statuses: &HashMap<u32, Status>,
+    ) -> Result<Verified, BankError> {
+        let mut expected: HashMap<String, Ledger> = self
+            .account_ids()
+            .map(|n| {
+                (
+                    format!("a{n}"),
+                    Ledger {
+                        balance: self.initial,
+                        debits: 0,
+                        credits: 0,
+                    },
+                )
+            })
+            .collect();
+        let (mut done, mut refused) = (0, 0);
+        for i in self.ids() {
+            let (from, to, amount) = self.plan(i);
+            match statuses.get(&i) {
+                Some(Status::Done) => {
+                    done += 1;
+                    let f = expected
+                        .get_mut(&from)
+                        .ok_or_else(|| BankError::Verify(format!("unknown account {from}")))?;
+                    f.balance -= amount;
+                    f.debits += 1;
+                    let t = expected
+                        .get_mut(&to)
+                        .ok_or_else(|| BankError::Verify(format!("unknown account {to}")))?;
+                    t.balance += amount;
+                    t.credits += 1;
+                }
+                Some(Status::Refused) => refused += 1,
+                other => return Err(BankError::Verify(format!("transfer t{i} is {other:?}"))),
+            }
+        }
+        let mut total = 0;
+        for n in self.account_ids() {
+            let name = format!("a{n}");
+            let got = rt.actor::<Account>(&name).ask(AccountMsg::Balance).await?;
+            if got != expected[&name] {
+                return Err(BankError::Verify(format!(
+                    "account {name} is {got:?}, expected {:?}",
+                    expected[&name]
+                )));
+            }
+            total += got.balance;
+        }
+        let want = i64::from(self.accounts) * self.initial;
+        if total != want {
+            return Err(BankError::Verify(format!(
+                "total balance {total}, expected {want}"
+            )));
+        }
+        Ok(Verified {
+            done,
+            refused,
+            total,
+        })
+    }
+}
+
+fn key(s: String) -> IdempotencyKey {
+    IdempotencyKey::new(s).expect("the bank's keys are valid idempotency keys")
+}

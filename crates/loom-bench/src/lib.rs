@@ -1,0 +1,15 @@
+//! # loom-bench
+//!
+//! Workloads and benchmark scenarios for Loom. Every scenario measures its baseline in the same
+//! run, on the same machine and disk, and reports the ratio: machines are noisy, ratios less so.
+//!
+//! - [`bank`]: the bank workload (accounts, transfers, verification), used by the `bank` example,
+//!   `loom bench bank` and the torture harness;
+//! - [`scenarios`]: `append-seq`, `append-concurrent`, `recover`, `bank`;
+//! - [`baseline`]: the physical limits they are compared with (a raw write + fdatasync loop);
+//! - [`report`]: one [`report::Measurement`] per scenario, as a table or JSON.
+
+pub mod bank;
+pub mod baseline;
+pub mod report;
+pub mod scenarios;

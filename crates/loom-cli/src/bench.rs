@@ -1,0 +1,264 @@
+//! `loom bench`: the benchmark scenarios, each against its same-run baseline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use loom_bench::bank::Bank;
+use loom_bench::report::{Measurement, peak_rss_mb, table};
+use loom_bench::scenarios::{self, Counter, Stats};
+use loom_core::runtime::Runtime;
+use loom_core::{ActorId, SeqRange};
+use serde_json::json;
+
+use crate::output::{Failure, out};
+use crate::store::{Opened, StoreUrl, open_or_create};
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// One actor, awaited appends one after another.
+    AppendSeq,
+    /// Many actors appending at once.
+    AppendConcurrent,
+    /// Activation time of an actor with a long history, with and without compaction.
+    Recover,
+    /// The bank workload, at full speed and at half of it.
+    Bank,
+    /// Every scenario above.
+    All,
+}
+
+/// Settings from the command line.
+pub struct Settings {
+    pub store: Option<String>,
+    pub actors: Option<usize>,
+    pub entries: Option<u64>,
+    pub payload: usize,
+    pub json: bool,
+}
+
+pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
+    // Without --store, a fresh directory that is removed afterwards.
+    let tmp = tempfile::tempdir()?;
+    let url = match &s.store {
+        Some(u) => StoreUrl::parse(u)?,
+        None => StoreUrl::Embedded(tmp.path().join("store")),
+    };
+    let dir = match &url {
+        StoreUrl::Embedded(p) => p.clone(),
+        StoreUrl::Memory => tmp.path().to_path_buf(),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let label = url.label();
+    let all = scenario == Scenario::All;
+    let mut results = Vec::new();
+    if all || scenario == Scenario::AppendSeq {
+        let opened = open_or_create(&url)?;
+        let n = s.entries.unwrap_or(2000) as usize;
+        results
+            .push(scenarios::append_seq(opened.store.clone(), &label, &dir, n, s.payload).await?);
+    }
+    if all || scenario == Scenario::AppendConcurrent {
+        let opened = open_or_create(&url)?;
+        let actors = s.actors.unwrap_or(1000);
+        let per_actor = s.entries.unwrap_or(20) as usize;
+        results.push(
+            scenarios::append_concurrent(
+                opened.store.clone(),
+                &label,
+                &dir,
+                actors,
+                per_actor,
+                s.payload,
+                stats(&opened),
+            )
+            .await?,
+        );
+    }
+    if all || scenario == Scenario::Recover {
+        results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
+    }
+    if all || scenario == Scenario::Bank {
+        let opened = open_or_create(&url)?;
+        let cfg = Bank {
+            accounts: s.actors.unwrap_or(100) as u32,
+            transfers: s.entries.unwrap_or(10_000) as u32,
+            concurrency: 512,
+            seed: u64::from(fastrand::u32(..)),
+            first: fastrand::u32(..1_000_000) * 1000,
+            ..Bank::default()
+        };
+        let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
+            .configure(|c| c.ask_timeout = Duration::from_secs(600))
+            .start()
+            .await?;
+        results.extend(scenarios::bank(&rt, &label, &dir, cfg, stats(&opened)).await?);
+        rt.shutdown().await;
+    }
+    if s.json {
+        for m in &results {
+            out(serde_json::to_string(m)?)?;
+        }
+    } else {
+        out(table(&results).trim_end())?;
+    }
+    Ok(())
+}
+
+fn stats(opened: &Opened) -> Stats {
+    let e = opened.embedded.clone()?;
+    Some(Arc::new(move || {
+        let s = e.writer_stats();
+        (s.commits, s.requests)
+    }))
+}
+
+/// What a `bench-child activate` run reports.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ChildReport {
+    pub latencies_ms: Vec<f64>,
+    pub first_ask_ms: Vec<f64>,
+    pub peak_rss_mb: f64,
+    pub read_entries_per_s: f64,
+    pub entries: u64,
+}
+
+async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measurement>, Failure> {
+    if *url == StoreUrl::Memory {
+        return Err(Failure(
+            "recover measures a store reopened by another process; use an embedded store".into(),
+        ));
+    }
+    let (plain, compacted) = (
+        format!("plain-{entries}-{:x}", fastrand::u32(..)),
+        format!("compacted-{entries}-{:x}", fastrand::u32(..)),
+    );
+    {
+        let opened = open_or_create(url)?;
+        let bar = ProgressBar::new(2 * entries);
+        bar.set_style(
+            ProgressStyle::with_template("building history [{bar:40}] {pos}/{len} entries")?
+                .progress_chars("=> "),
+        );
+        let chunk = 100_000;
+        for key in [&plain, &compacted] {
+            let mut left = entries;
+            while left > 0 {
+                let n = left.min(chunk);
+                scenarios::build_history(&*opened.store, key, n).await?;
+                left -= n;
+                bar.inc(n);
+            }
+        }
+        bar.finish_and_clear();
+        // As compaction would leave it: a snapshot, then a tail of fewer than 100 entries.
+        scenarios::compact(&*opened.store, &compacted).await?;
+        scenarios::build_history(&*opened.store, &compacted, 60).await?;
+    }
+    let child = |key: &str, times: usize| -> Result<ChildReport, Failure> {
+        let StoreUrl::Embedded(dir) = url else {
+            unreachable!("checked above")
+        };
+        let output = Command::new(std::env::current_exe()?)
+            .args(["bench-child", "--store"])
+            .arg(dir)
+            .args(["--key", key, "--times", &times.to_string()])
+            .output()?;
+        if !output.status.success() {
+            return Err(Failure(format!(
+                "recover child failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let cold = child(&plain, 3)?;
+    let warm = child(&compacted, 200)?;
+    let mut plain_lat: Vec<Duration> = cold
+        .latencies_ms
+        .iter()
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    let replay_rate = cold.entries as f64
+        / (cold.latencies_ms.iter().sum::<f64>() / cold.latencies_ms.len() as f64 / 1000.0);
+    let mut without = Measurement::new(
+        "recover-no-compaction",
+        label,
+        replay_rate,
+        cold.read_entries_per_s,
+        &mut plain_lat,
+    )
+    .with("unit", "entries replayed")
+    .with("latency_of", "activation: lease, whole journal streamed")
+    .with("history_entries", cold.entries)
+    .with("activations", cold.latencies_ms.len())
+    .with(
+        "baseline_is",
+        "the store streaming and decoding the same entries, without the runtime",
+    );
+    without.peak_rss_mb = cold.peak_rss_mb;
+    let mut warm_lat: Vec<Duration> = warm
+        .latencies_ms
+        .iter()
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    let rate = 1000.0 / (warm.latencies_ms.iter().sum::<f64>() / warm.latencies_ms.len() as f64);
+    let mut first: Vec<Duration> = warm
+        .first_ask_ms
+        .iter()
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    first.sort();
+    let mut with = Measurement::new("recover", label, rate, 0.0, &mut warm_lat)
+        .with("unit", "activations")
+        .with(
+            "latency_of",
+            "activation: lease, newest snapshot, journal tail",
+        )
+        .with(
+            "first_ask_p50_ms",
+            loom_bench::report::percentile_ms(&first, 0.5),
+        )
+        .with(
+            "first_ask_p99_ms",
+            loom_bench::report::percentile_ms(&first, 0.99),
+        )
+        .with("history_entries", entries + 60)
+        .with("kept_entries", warm.entries)
+        .with("activations", warm.latencies_ms.len());
+    with.peak_rss_mb = warm.peak_rss_mb;
+    Ok(vec![with, without])
+}
+
+/// `loom bench-child`: activates one counter `times` times in this fresh process and reports.
+pub async fn child(dir: &Path, key: &str, times: usize) -> Result<(), Failure> {
+    let opened = open_or_create(&StoreUrl::Embedded(PathBuf::from(dir)))?;
+    let latencies = scenarios::activations(opened.store.clone(), key, times).await?;
+    let id = ActorId::new(<Counter as loom_core::Actor>::KIND, key)?;
+    let info = opened.store.info(&id).await?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut entries = opened.store.read(&id, SeqRange::all());
+    while entries.try_next().await?.is_some() {
+        n += 1;
+    }
+    let read_rate = n as f64 / start.elapsed().as_secs_f64();
+    let report = ChildReport {
+        latencies_ms: latencies
+            .iter()
+            .map(|a| a.activation.as_secs_f64() * 1000.0)
+            .collect(),
+        first_ask_ms: latencies
+            .iter()
+            .map(|a| a.first_ask.as_secs_f64() * 1000.0)
+            .collect(),
+        peak_rss_mb: peak_rss_mb(),
+        read_entries_per_s: read_rate,
+        entries: info.len(),
+    };
+    out(json!(report))
+}

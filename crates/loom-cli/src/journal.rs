@@ -1,0 +1,124 @@
+//! `loom journal …`: look at journals.
+
+use futures::TryStreamExt;
+use loom_core::{ActorId, Seq, SeqRange, Store, StoreError};
+
+use crate::output::{Failure, out};
+
+pub fn parse_actor(s: &str) -> Result<ActorId, Failure> {
+    s.parse()
+        .map_err(|e| Failure(format!("bad actor id {s:?}: {e} (expected kind/key)")))
+}
+
+pub async fn all_actors(store: &dyn Store) -> Result<Vec<ActorId>, Failure> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_actors(after.as_ref(), 1000).await?;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        out.extend(page);
+        after = Some(last);
+    }
+    Ok(out)
+}
+
+pub async fn ls(store: &dyn Store) -> Result<(), Failure> {
+    let actors = all_actors(store).await?;
+    let width = actors
+        .iter()
+        .map(|a| a.as_str().len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    out(format_args!(
+        "{:<width$}  {:>10}  {:>10}  {:>10}  SNAPSHOTS",
+        "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES"
+    ))?;
+    for a in actors {
+        let info = store.info(&a).await?;
+        let snaps: Vec<String> = info.snapshots.iter().map(|s| s.to_string()).collect();
+        out(format_args!(
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {}",
+            a.as_str(),
+            info.highest,
+            info.trimmed_through,
+            info.len(),
+            if snaps.is_empty() {
+                "-".to_owned()
+            } else {
+                snaps.join(",")
+            }
+        ))?;
+    }
+    Ok(())
+}
+
+pub async fn show(store: &dyn Store, actor: &str, from: Seq, to: Seq) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    let info = store.info(&a).await?;
+    if info.highest == 0 {
+        return Err(Failure(format!("no journal for {a} in this store")));
+    }
+    let mut entries = store.read(&a, SeqRange::all().from(from).to(to));
+    while let Some(e) = entries.try_next().await? {
+        out(serde_json::to_string(&e).map_err(|e| Failure(e.to_string()))?)?;
+    }
+    Ok(())
+}
+
+pub async fn verify(store: &dyn Store, actor: Option<&str>) -> Result<(), Failure> {
+    let actors = match actor {
+        Some(a) => vec![parse_actor(a)?],
+        None => all_actors(store).await?,
+    };
+    let mut problems = 0;
+    let mut checked = 0u64;
+    for a in &actors {
+        match verify_one(store, a).await {
+            Ok(n) => checked += n,
+            Err(e) => {
+                problems += 1;
+                eprintln!("{a}: {e}");
+            }
+        }
+    }
+    if problems > 0 {
+        return Err(Failure(format!(
+            "{problems} of {} journals failed verification",
+            actors.len()
+        )));
+    }
+    out(format_args!(
+        "ok: {} journals, {checked} entries verified",
+        actors.len()
+    ))
+}
+
+async fn verify_one(store: &dyn Store, a: &ActorId) -> Result<u64, StoreError> {
+    let info = store.info(a).await?;
+    let mut entries = store.read(a, SeqRange::all());
+    let mut expect = info.trimmed_through + 1;
+    while let Some(e) = entries.try_next().await? {
+        if e.seq != expect {
+            return Err(StoreError::Gap {
+                actor: a.clone(),
+                expected: expect,
+                found: e.seq,
+            });
+        }
+        expect += 1;
+    }
+    if expect != info.highest + 1 {
+        return Err(StoreError::Gap {
+            actor: a.clone(),
+            expected: expect,
+            found: info.highest + 1,
+        });
+    }
+    for s in &info.snapshots {
+        store.load_snapshot(a, *s).await?;
+    }
+    Ok(info.len())
+}

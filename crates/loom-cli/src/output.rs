@@ -1,0 +1,22 @@
+//! Printing results and failures.
+
+/// A failure to report to the user: what went wrong and what to do about it.
+pub struct Failure(pub String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+/// Prints one line of output. A reader that went away (`loom … | head`) ends the program quietly
+/// and successfully, as Unix tools do.
+pub fn out(line: impl std::fmt::Display) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{line}") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Failure(format!("cannot write output: {e}"))),
+    }
+}
