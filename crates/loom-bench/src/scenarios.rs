@@ -278,11 +278,16 @@ pub async fn bank(
     let verified = cfg.verify(rt, &statuses).await?;
     let invocations = (after.invocations - before.invocations) as f64;
     let peak = invocations / elapsed;
-    let batch = match (gc0, stats.as_ref().map(|s| s())) {
+    let gc1 = stats.as_ref().map(|s| s());
+    let batch = match (gc0, gc1) {
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => {
             ((r1 - r0) as f64 / (c1 - c0) as f64).round().max(1.0) as usize
         }
         _ => 1,
+    };
+    let writes_per_invocation = match (gc0, gc1) {
+        (Some((_, r0)), Some((_, r1))) if invocations > 0.0 => (r1 - r0) as f64 / invocations,
+        _ => 0.0,
     };
     let dir2 = dir.to_path_buf();
     let (baseline, _) = tokio::task::spawn_blocking(move || fsync_loop(&dir2, 512, batch, 500))
@@ -298,7 +303,11 @@ pub async fn bank(
             "latency_of",
             "a transfer's first durable turn, at full load",
         )
-        .with("avg_batch", batch);
+        .with("avg_batch", batch)
+        .with(
+            "store_writes_per_invocation",
+            (writes_per_invocation * 100.0).round() / 100.0,
+        );
 
     // Half of the peak rate: transfers submitted on a fixed schedule.
     let per_transfer = invocations / f64::from(cfg.transfers);

@@ -49,8 +49,8 @@ pub use error::{Cause, Limit, StoreError, StoreResult};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
-    DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo, JournalStore,
-    Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record, Reservation, SeqRange,
-    Settle, Store, Turn,
+    Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record,
+    Reservation, SeqRange, Settle, Store, Turn,
 };
 pub use time::Timestamp;

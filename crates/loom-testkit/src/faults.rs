@@ -12,9 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::CodecError;
 use loom_core::{
-    ActorId, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope, IdempotencyKey,
-    IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox,
-    Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult, Timestamp, Turn,
+    ActorId, Committed, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope,
+    IdempotencyKey, IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions,
+    Mailbox, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult,
+    Timestamp, Turn,
 };
 use serde_json::Value;
 
@@ -282,7 +283,7 @@ impl IdempotencyStore for FaultyStore {
 
 #[async_trait]
 impl Store for FaultyStore {
-    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq> {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("commit_turn"));
         }

@@ -295,11 +295,74 @@ pub(super) fn bury(
     Ok(id)
 }
 
-fn lease(
+/// A message handed out by [`lease`], still encoded: decoding happens off the writer thread.
+pub(super) struct Leased {
+    actor: ActorId,
+    bytes: Vec<u8>,
+    position: u64,
+    deliveries: u32,
+    last_error: Option<String>,
+}
+
+impl Leased {
+    /// Decodes the envelope and builds the delivery.
+    pub(super) fn finish(self) -> StoreResult<Delivery> {
+        let mut envelope: Envelope =
+            codec::decode(RecordType::Message, &self.bytes).map_err(|e| {
+                StoreError::corrupt(
+                    format!(
+                        "message at position {} of {}'s mailbox",
+                        self.position, self.actor
+                    ),
+                    e,
+                )
+            })?;
+        envelope.attempt = self.deliveries - 1;
+        let receipt = Receipt {
+            actor: self.actor,
+            position: self.position,
+            message_id: envelope.id,
+            delivery: self.deliveries,
+        };
+        Ok(Delivery {
+            envelope,
+            receipt,
+            last_error: self.last_error,
+        })
+    }
+}
+
+/// True if [`lease`] would hand something out (or give up on something) now. Read-only, so an
+/// empty or busy mailbox costs no write and no fsync.
+pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreResult<bool> {
+    let a = actor.as_str();
+    let now = Timestamp::now().as_millis();
+    let meta_table = txn.open_table(MAILBOX_META).map_err(se)?;
+    let meta = Meta::get(&meta_table, a)?;
+    if meta.current != 0 {
+        let state = txn.open_table(MESSAGE_STATE).map_err(se)?;
+        let visible_at = state
+            .get((a, meta.current))
+            .map_err(se)?
+            .map(|v| v.value().1)
+            .unwrap_or(0);
+        return Ok(visible_at <= now);
+    }
+    let queue = txn.open_table(QUEUE).map_err(se)?;
+    let first = queue
+        .range((a, 0, 0)..=(a, now, u64::MAX))
+        .map_err(se)?
+        .next()
+        .transpose()
+        .map_err(se)?;
+    Ok(first.is_some())
+}
+
+pub(super) fn lease(
     txn: &WriteTransaction,
     actor: &ActorId,
     opts: LeaseOptions,
-) -> StoreResult<Option<Delivery>> {
+) -> StoreResult<Option<Leased>> {
     let a = actor.as_str();
     let mut t = Tables::open(txn)?;
     let now = Timestamp::now().as_millis();
@@ -350,7 +413,17 @@ fn lease(
                 }
             }
         };
-        let mut envelope = t.envelope(actor, position)?;
+        let bytes = t
+            .messages
+            .get((a, position))
+            .map_err(se)?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| {
+                StoreError::storage(
+                    super::tables::BACKEND,
+                    Inconsistent(format!("{actor} position {position} has no message")),
+                )
+            })?;
         let state = t.state_of(a, position)?;
         let deliveries = state.deliveries + 1;
         let visible_at = (Timestamp::from_millis(now) + opts.visibility).as_millis();
@@ -371,22 +444,17 @@ fn lease(
             ..meta
         };
         t.put_meta(a, meta, new)?;
-        envelope.attempt = deliveries - 1;
-        let receipt = Receipt {
+        return Ok(Some(Leased {
             actor: actor.clone(),
+            bytes,
             position,
-            message_id: envelope.id,
-            delivery: deliveries,
-        };
-        return Ok(Some(Delivery {
-            envelope,
-            receipt,
+            deliveries,
             last_error,
         }));
     }
 }
 
-fn check_options(opts: &LeaseOptions) -> StoreResult<()> {
+pub(super) fn check_options(opts: &LeaseOptions) -> StoreResult<()> {
     if opts.max_deliveries == 0 {
         return Err(StoreError::InvalidRequest(
             "max_deliveries must be at least 1".into(),
@@ -415,8 +483,13 @@ impl Mailbox for EmbeddedStore {
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
         check_options(&opts)?;
+        let a = actor.clone();
+        if !self.read(move |txn| leasable(txn, &a)).await? {
+            return Ok(None);
+        }
         let actor = actor.clone();
-        self.write(move |txn| lease(txn, &actor, opts)).await
+        let leased = self.write(move |txn| lease(txn, &actor, opts)).await?;
+        leased.map(Leased::finish).transpose()
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {

@@ -4,24 +4,28 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::entry::Seq;
 use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::IdempotencyKey;
 use crate::store::{
-    Enqueued, Outgoing, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+    Committed, Enqueued, Outgoing, Settle, Store, Turn, prepare_append, prepare_message,
+    prepare_result,
 };
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
-use super::mailbox::{Tables, bury};
+use super::mailbox::{self, Tables, bury};
 use super::tables::{JOURNAL_META, LEASES, se};
 use super::{idempotency, journal, lease};
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq> {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before queueing.
+        if let Some(opts) = &turn.next {
+            mailbox::check_options(opts)?;
+        }
+        let next = turn.next;
         let entries = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
         let outgoing: Vec<(Outgoing, Vec<u8>)> = turn
             .send
@@ -94,9 +98,19 @@ impl Store for EmbeddedStore {
             if let Some((a, key, result, ttl)) = record {
                 idempotency::record(txn, &a, &key, result, ttl)?;
             }
-            Ok(highest)
+            let leased = match next {
+                Some(opts) => mailbox::lease(txn, &actor, opts)?,
+                None => None,
+            };
+            Ok((highest, leased))
         })
         .await
+        .and_then(|(highest, leased)| {
+            Ok(Committed {
+                highest,
+                next: leased.map(mailbox::Leased::finish).transpose()?,
+            })
+        })
     }
 
     async fn enqueue_once(

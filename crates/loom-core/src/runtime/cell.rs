@@ -30,7 +30,8 @@ use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patc
 
 /// What the loop does after a delivery.
 pub(crate) enum Next {
-    Continue,
+    /// Go on; with the actor's next message when the turn's write already leased it.
+    Continue(Option<Delivery>),
     /// Retry later: the message was nacked with this delay.
     Backoff(Duration),
     /// The journal moved under us, or an invocation was partly journaled: reload from the store.
@@ -123,7 +124,7 @@ impl<A: Actor> Cell<A> {
                 ..Turn::append(&self.id, self.next_seq, &[])
             };
             return match io.store.commit_turn(turn).await {
-                Ok(_) => Next::Continue,
+                Ok(_) => Next::Continue(None),
                 Err(e) => {
                     self.on_interrupt(io, shared, &d, Interrupt::from_store(e))
                         .await
@@ -143,8 +144,8 @@ impl<A: Actor> Cell<A> {
                 ..Turn::append(&self.id, self.next_seq, &inv.pending)
             };
             match io.store.commit_turn(turn).await {
-                Ok(h) => {
-                    self.next_seq = h + 1;
+                Ok(c) => {
+                    self.next_seq = c.highest + 1;
                     if let Some(m) = abandoned {
                         remember(&mut self.recent, m);
                     }
@@ -255,11 +256,12 @@ impl<A: Actor> Cell<A> {
                 result: &record_value,
                 ttl: io.config.reply_ttl,
             }),
+            next: Some(io.lease_options),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
         match io.store.commit_turn(turn).await {
-            Ok(highest) => {
-                self.next_seq = highest + 1;
+            Ok(committed) => {
+                self.next_seq = committed.highest + 1;
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;
                     self.value = v;
@@ -274,7 +276,7 @@ impl<A: Actor> Cell<A> {
                     shared.wake(&o.envelope.to);
                 }
                 self.maybe_compact(io, shared);
-                Next::Continue
+                Next::Continue(committed.next)
             }
             Err(e) => {
                 self.restore_state();
@@ -337,7 +339,7 @@ impl<A: Actor> Cell<A> {
                 // Something of this invocation may be journaled: reload to resume it.
                 let next = self.retry_or_give_up(io, shared, d, true, &reason).await;
                 match next {
-                    Next::Backoff(_) | Next::Continue => Next::Reload,
+                    Next::Backoff(_) | Next::Continue(_) => Next::Reload,
                     other => other,
                 }
             }
@@ -428,8 +430,8 @@ impl<A: Actor> Cell<A> {
                 if journaled {
                     Next::Reload
                 } else {
-                    self.next_seq = h + 1;
-                    Next::Continue
+                    self.next_seq = h.highest + 1;
+                    Next::Continue(None)
                 }
             }
             Err(e) => {

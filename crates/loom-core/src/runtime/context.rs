@@ -116,6 +116,8 @@ impl Interrupt {
 /// What the runtime hands a context: the services of this actor's activation.
 pub(crate) struct Io {
     pub(crate) store: Arc<dyn Store>,
+    /// How this actor leases its messages.
+    pub(crate) lease_options: LeaseOptions,
     pub(crate) config: Arc<Config>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) lease: Lease,
@@ -244,8 +246,8 @@ impl<'a> Context<'a> {
             ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
         };
         match self.io.store.commit_turn(turn).await {
-            Ok(highest) => {
-                self.inv.next_seq = highest + 1;
+            Ok(c) => {
+                self.inv.next_seq = c.highest + 1;
                 self.inv.pending.clear();
                 self.inv.outbox.clear();
                 self.inv.journaled = true;
@@ -560,8 +562,8 @@ impl<'a> Context<'a> {
                         ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
                     };
                     return match self.io.store.commit_turn(turn).await {
-                        Ok(highest) => {
-                            self.inv.next_seq = highest + 1;
+                        Ok(c) => {
+                            self.inv.next_seq = c.highest + 1;
                             self.inv.pending.clear();
                             self.inv.outbox.clear();
                             decode_event(name, data)

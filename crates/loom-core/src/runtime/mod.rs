@@ -361,6 +361,11 @@ async fn run<A: Actor>(
         lost.clone(),
     )));
     let io = Io {
+        lease_options: LeaseOptions {
+            visibility: shared.config.visibility,
+            // Crash loops (a message that kills the process every time) end in the dead letters too.
+            max_deliveries: shared.config.retry.max_attempts.max(1) + 2,
+        },
         store: shared.store.clone(),
         config: shared.config.clone(),
         hub: shared.hub.clone(),
@@ -451,17 +456,19 @@ async fn serve<A: Actor>(
         Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
     };
     let signal = shared.hub.notifier(id);
-    let opts = LeaseOptions {
-        visibility: io.config.visibility,
-        // Crash loops (a message that kills the process every time) end in the dead letters too.
-        max_deliveries: io.config.retry.max_attempts.max(1) + 2,
-    };
     let mut idle_since = Instant::now();
+    // A message the last turn's write already leased; it is processed even when stopping, so
+    // that it is not left out until its visibility timeout.
+    let mut leased: Option<crate::store::Delivery> = None;
     loop {
-        if stop.is_cancelled() {
+        if leased.is_none() && stop.is_cancelled() {
             return Exit::Passivated;
         }
-        match io.store.lease(id, opts).await {
+        let next = match leased.take() {
+            Some(d) => Ok(Some(d)),
+            None => io.store.lease(id, io.lease_options).await,
+        };
+        match next {
             Ok(Some(d)) => {
                 busy.store(true, Ordering::Release);
                 let next = cell.process(io, shared, d).await;
@@ -469,7 +476,7 @@ async fn serve<A: Actor>(
                 *last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 idle_since = Instant::now();
                 match next {
-                    Next::Continue => {}
+                    Next::Continue(d) => leased = d,
                     Next::Backoff(d) => {
                         tokio::select! {
                             _ = tokio::time::sleep(d) => {}

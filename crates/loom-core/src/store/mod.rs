@@ -21,13 +21,12 @@ pub use journal::{
 };
 pub use lease::{Lease, LeaseManager, check_owner};
 pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
-pub use turn::{Outgoing, Record, Settle, Turn};
+pub use turn::{Committed, Outgoing, Record, Settle, Turn};
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::entry::Seq;
 use crate::envelope::Envelope;
 use crate::error::StoreResult;
 use crate::id::IdempotencyKey;
@@ -47,8 +46,8 @@ pub enum Enqueued {
 /// Use `Arc<dyn Store>` to pick a backend at run time.
 #[async_trait]
 pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {
-    /// Commits a [`Turn`] atomically (see its rules); returns the journal's new highest seq.
-    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Seq>;
+    /// Commits a [`Turn`] atomically (see its rules).
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed>;
 
     /// Reserves `key` for `msg.to` (for `ttl`) and enqueues `msg`, in one atomic write, unless
     /// the key is already reserved or completed, in which case nothing is written.

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::entry::{Entry, Seq};
 use crate::envelope::Envelope;
 use crate::id::{ActorId, IdempotencyKey};
-use crate::store::{Lease, Receipt};
+use crate::store::{Delivery, Lease, LeaseOptions, Receipt};
 use crate::time::Timestamp;
 
 /// A message a turn sends (its outbox), enqueued by the same atomic write as the turn's entries.
@@ -69,6 +69,18 @@ pub struct Turn<'a> {
     pub settle: Option<Settle<'a>>,
     /// An idempotency result to record.
     pub record: Option<Record<'a>>,
+    /// After everything else, lease the actor's next message in the same write (saves the
+    /// consumer a round trip and a commit when the mailbox has a backlog).
+    pub next: Option<LeaseOptions>,
+}
+
+/// What [`Store::commit_turn`](crate::Store::commit_turn) did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    /// The journal's highest seq after the turn.
+    pub highest: Seq,
+    /// The actor's next message, if the turn asked for it and one was due.
+    pub next: Option<Delivery>,
 }
 
 impl<'a> Turn<'a> {
@@ -82,6 +94,7 @@ impl<'a> Turn<'a> {
             send: &[],
             settle: None,
             record: None,
+            next: None,
         }
     }
 }

@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<Case> {
         turn_can_dead_letter_its_delivery,
         turn_sending_to_its_own_actor_keeps_the_mailbox_consistent,
         turn_without_entries_only_settles,
+        turn_can_lease_the_next_message_in_the_same_write,
         turn_with_an_oversized_outgoing_message_changes_nothing,
         enqueue_once_enqueues_once_per_key,
         concurrent_enqueue_once_enqueues_one_message,
@@ -104,10 +105,12 @@ async fn turn_appends_acks_sends_and_records_in_one_write(store: Arc<dyn Store>)
                 result: &result,
                 ttl: Duration::from_secs(600),
             }),
+            next: None,
         })
         .await
         .unwrap();
-    assert_eq!(highest, 2);
+    assert_eq!(highest.highest, 2);
+    assert!(highest.next.is_none());
     assert_eq!(journal(&*store, &a).await, vec![1, 2]);
     assert_eq!(
         store.pending(&a).await.unwrap(),
@@ -154,6 +157,7 @@ async fn conflicting_turn_changes_nothing(store: Arc<dyn Store>) {
                 result: &json!(1),
                 ttl: Duration::from_secs(60),
             }),
+            next: None,
         })
         .await
         .unwrap_err();
@@ -261,7 +265,7 @@ async fn fenced_turn_with_the_lease_held_commits(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    assert_eq!(h, 2);
+    assert_eq!(h.highest, 2);
 }
 
 async fn turn_can_dead_letter_its_delivery(store: Arc<dyn Store>) {
@@ -325,7 +329,7 @@ async fn turn_without_entries_only_settles(store: Arc<dyn Store>) {
         })
         .await
         .unwrap();
-    assert_eq!(h, 2);
+    assert_eq!(h.highest, 2);
     assert_eq!(store.pending(&a).await.unwrap(), 0);
 }
 
@@ -444,5 +448,36 @@ async fn enqueue_once_returns_the_recorded_result(store: Arc<dyn Store>) {
         again,
         Enqueued::Duplicate(Reservation::Completed(json!({"reply": 1})))
     );
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+}
+
+async fn turn_can_lease_the_next_message_in_the_same_write(store: Arc<dyn Store>) {
+    let a = id("a");
+    let first = deliver(&*store, &a).await;
+    let second = Envelope::new(a.clone(), json!("second"));
+    store.enqueue(&second, None).await.unwrap();
+    let c = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&first.receipt)),
+            next: Some(long()),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    let next = c.next.expect("the next message");
+    assert_eq!(next.envelope, second);
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "the next message was not leased by the turn"
+    );
+    let c = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&next.receipt)),
+            next: Some(long()),
+            ..Turn::append(&a, 2, &entries(2, 2))
+        })
+        .await
+        .unwrap();
+    assert!(c.next.is_none());
     assert_eq!(store.pending(&a).await.unwrap(), 0);
 }
