@@ -23,5 +23,6 @@ pub mod faults;
 mod fixture;
 pub mod model;
 pub mod runtime;
+pub mod servers;
 
 pub use fixture::{Factory, Fixture};

@@ -62,7 +62,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &IdempotencyKey,
     ) -> StoreResult<Option<Reservation>>;
 
-    /// Removes up to `limit` expired records; returns how many.
+    /// Removes up to `limit` expired records; returns how many. Expired records are already
+    /// invisible to every other call; a backend whose records expire by themselves (Redis keys
+    /// with a TTL) has nothing to purge and returns 0. Live records are never removed.
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64>;
 }
 

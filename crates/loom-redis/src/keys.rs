@@ -1,0 +1,112 @@
+//! Key names. Every key starts with the store's prefix; an actor's keys share one hash tag (the
+//! part in braces), so that in a cluster they live in one slot. The full layout, with what each
+//! key holds, is at the top of `loom.lua`.
+
+use loom_core::{ActorId, IdempotencyKey};
+
+/// Key names under one prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+/// An actor's journal keys.
+pub(crate) struct JournalKeys {
+    pub(crate) j: String,
+    pub(crate) jm: String,
+    pub(crate) sn: String,
+    pub(crate) sz: String,
+}
+
+/// An actor's mailbox keys.
+pub(crate) struct MailboxKeys {
+    pub(crate) mm: String,
+    pub(crate) mq: String,
+    pub(crate) md: String,
+    pub(crate) mdx: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn actor(&self, actor: &ActorId, suffix: &str) -> String {
+        let id = actor.as_str();
+        // Braces inside the tag would change which part Redis hashes; such ids are hex-encoded.
+        if id.contains(['{', '}']) {
+            let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("{}:{{x{hex}}}:{suffix}", self.prefix)
+        } else {
+            format!("{}:{{{id}}}:{suffix}", self.prefix)
+        }
+    }
+
+    pub(crate) fn journal(&self, a: &ActorId) -> JournalKeys {
+        JournalKeys {
+            j: self.actor(a, "j"),
+            jm: self.actor(a, "jm"),
+            sn: self.actor(a, "sn"),
+            sz: self.actor(a, "sz"),
+        }
+    }
+
+    pub(crate) fn mailbox(&self, a: &ActorId) -> MailboxKeys {
+        MailboxKeys {
+            mm: self.actor(a, "mm"),
+            mq: self.actor(a, "mq"),
+            md: self.actor(a, "md"),
+            mdx: self.actor(a, "mdx"),
+        }
+    }
+
+    pub(crate) fn lease(&self, a: &ActorId) -> (String, String) {
+        (self.actor(a, "ls"), self.actor(a, "lt"))
+    }
+
+    pub(crate) fn idempotency(&self, a: &ActorId, key: &IdempotencyKey) -> String {
+        self.actor(a, &format!("i:{key}"))
+    }
+
+    pub(crate) fn actors(&self) -> String {
+        format!("{}:actors", self.prefix)
+    }
+
+    pub(crate) fn ready(&self) -> String {
+        format!("{}:ready", self.prefix)
+    }
+
+    pub(crate) fn dead_letters(&self) -> String {
+        format!("{}:dl", self.prefix)
+    }
+
+    pub(crate) fn dead_letter_seq(&self) -> String {
+        format!("{}:dlseq", self.prefix)
+    }
+
+    /// Every key of this prefix matches this pattern (for tools that clean up a prefix).
+    pub(crate) fn pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_actors_keys_share_one_tag_and_braces_are_encoded() {
+        let k = Keys::new("p");
+        let a = ActorId::new("acct", "alice").unwrap();
+        assert_eq!(k.journal(&a).j, "p:{acct/alice}:j");
+        assert_eq!(k.mailbox(&a).mm, "p:{acct/alice}:mm");
+        let b = ActorId::new("acct", "we}ird{").unwrap();
+        let j = k.journal(&b).j;
+        assert!(
+            j.starts_with("p:{x") && j.ends_with("}:j") && j.matches('{').count() == 1,
+            "{j}"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! # loom-redis
+//!
+//! Loom's store on Redis, for many nodes: journals on streams with explicit ids (`<seq>-0`, so
+//! Redis itself refuses a non-increasing id), mailboxes on streams read through a consumer group
+//! (`XREADGROUP` hands a message out, `XCLAIM` takes over a delivery whose consumer died, `XACK`
+//! settles it) with delayed messages in a sorted set, leases with `SET … PX` and a fencing token
+//! from `INCR`, idempotency records with `SET NX PX`. Every conditional or multi-key operation is
+//! one Lua script (`loom.lua`, which also documents the key layout), so it is atomic.
+//!
+//! Concurrent requests from many actors share the connection: the connection manager pipelines
+//! them, which is Redis's group commit.
+//!
+//! ## What Redis's persistence settings guarantee
+//!
+//! A Loom store is only as durable as the server:
+//! - `appendonly yes` with `appendfsync always`: every acknowledged write is on disk before
+//!   Redis answers; nothing acknowledged is lost when the server or its machine crashes. This is
+//!   the setting Loom's promises assume, and the one its tests run with.
+//! - `appendonly yes` with `appendfsync everysec` (Redis's default for AOF): a machine crash
+//!   loses up to one second of acknowledged writes.
+//! - `appendonly no` (RDB snapshots only, or nothing): a restart loses everything written since
+//!   the last snapshot — acknowledged data is lost.
+//!
+//! [`RedisStore::connect`] reads the server's settings and logs a warning for the last two.
+//!
+//! ## Deployment
+//!
+//! A turn that sends messages writes other actors' mailboxes in the same script as its own
+//! journal, and the ready and dead-letter indexes are global keys, so the store needs a single
+//! Redis primary (with replicas for failover), not a sharded Redis Cluster.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), loom_core::StoreError> {
+//! let store = loom_redis::RedisStore::connect("redis://127.0.0.1:6379/").await?;
+//! # Ok(()) }
+//! ```
+
+mod keys;
+mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loom_core::StoreError;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use keys::Keys;
+
+pub(crate) const BACKEND: &str = "redis";
+
+/// Settings of a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Every key starts with `<prefix>:` (default `loom`); nothing outside it is read or written.
+    pub prefix: String,
+    /// How long to wait for a reply before failing with [`StoreError::Unavailable`] (default 10 s).
+    pub response_timeout: Duration,
+    /// How long to wait for a connection (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            prefix: "loom".to_owned(),
+            response_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Redis store; cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisStore({})", self.keys.pattern())
+    }
+}
+
+const LUA: &str = include_str!("loom.lua");
+
+fn script(entry: &str) -> Script {
+    Script::new(&format!("{LUA}\nreturn {entry}(KEYS, ARGV)\n"))
+}
+
+pub(crate) struct Scripts {
+    pub(crate) append: Script,
+    pub(crate) save_snapshot: Script,
+    pub(crate) load_snapshot: Script,
+    pub(crate) trim: Script,
+    pub(crate) delete: Script,
+    pub(crate) enqueue: Script,
+    pub(crate) enqueue_once: Script,
+    pub(crate) lease: Script,
+    pub(crate) settle: Script,
+    pub(crate) requeue: Script,
+    pub(crate) ready_actors: Script,
+    pub(crate) acquire: Script,
+    pub(crate) lease_cas: Script,
+    pub(crate) holder: Script,
+    pub(crate) reserve: Script,
+    pub(crate) abandon: Script,
+    pub(crate) lookup: Script,
+    pub(crate) turn: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            append: script("append"),
+            save_snapshot: script("save_snapshot"),
+            load_snapshot: script("load_snapshot"),
+            trim: script("trim"),
+            delete: script("delete"),
+            enqueue: script("enqueue"),
+            enqueue_once: script("enqueue_once"),
+            lease: script("lease"),
+            settle: script("settle"),
+            requeue: script("requeue"),
+            ready_actors: script("ready_actors"),
+            acquire: script("acquire"),
+            lease_cas: script("lease_cas"),
+            holder: script("holder"),
+            reserve: script("reserve"),
+            abandon: script("abandon"),
+            lookup: script("lookup"),
+            turn: script("turn"),
+        }
+    }
+}
+
+/// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
+/// (the request may or may not have run; every Loom write is safe to retry), anything else
+/// [`StoreError::Storage`].
+pub(crate) fn re(e: redis::RedisError) -> StoreError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        StoreError::unavailable(BACKEND, e)
+    } else {
+        StoreError::storage(BACKEND, e)
+    }
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://`, `rediss://` for TLS, `unix:///path` or
+    /// `redis+unix:///path`; user and password in the URL as `redis://user:pass@host/`) with
+    /// the default options.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// Connects with `options`.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        if options.prefix.is_empty() || options.prefix.contains(['{', '}', '*']) {
+            return Err(StoreError::InvalidRequest(format!(
+                "Redis key prefix {:?} must be non-empty and free of braces and '*'",
+                options.prefix
+            )));
+        }
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::InvalidRequest(format!("Redis URL {}: {e}", redact(url))))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(options.response_timeout))
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(re)?;
+        let store = RedisStore {
+            conn,
+            keys: Keys::new(&options.prefix),
+            scripts: Arc::new(Scripts::new()),
+        };
+        store.check_persistence().await;
+        Ok(store)
+    }
+
+    /// One server setting, or `None` if the server does not say (managed services often
+    /// disable `CONFIG`).
+    async fn config_get(&self, name: &str) -> Option<String> {
+        let mut c = self.conn.clone();
+        let v: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut c)
+            .await;
+        v.ok().and_then(|v| v.get(1).cloned())
+    }
+
+    /// What the server's persistence settings guarantee (see the crate documentation).
+    pub async fn durability(&self) -> Durability {
+        let appendonly = self.config_get("appendonly").await;
+        let appendfsync = self.config_get("appendfsync").await;
+        let warning = match (appendonly.as_deref(), appendfsync.as_deref()) {
+            (Some("yes"), Some("always")) => None,
+            (Some("yes"), Some(other)) => Some(format!(
+                "Redis appendfsync is {other:?}, not \"always\": a machine crash can lose up to a second of acknowledged writes"
+            )),
+            (Some(_), _) => Some(
+                "Redis appendonly is off: a restart loses every acknowledged write since the last RDB snapshot".to_owned(),
+            ),
+            (None, _) => Some(
+                "could not read Redis persistence settings (CONFIG GET refused); Loom assumes appendonly yes, appendfsync always"
+                    .to_owned(),
+            ),
+        };
+        Durability {
+            appendonly,
+            appendfsync,
+            warning,
+        }
+    }
+
+    /// Warns when the server is configured so that acknowledged writes can be lost.
+    async fn check_persistence(&self) {
+        if let Some(w) = self.durability().await.warning {
+            tracing::warn!("{w}");
+        }
+    }
+
+    pub(crate) async fn run(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: Vec<Vec<u8>>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(*k);
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        let v: Value = inv.invoke_async(&mut conn).await.map_err(re)?;
+        match v {
+            Value::Array(items) => Ok(items),
+            other => Err(StoreError::storage(
+                BACKEND,
+                Unexpected(format!("script replied {other:?}")),
+            )),
+        }
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The pattern every key of this store matches (`<prefix>:*`).
+    pub fn key_pattern(&self) -> String {
+        self.keys.pattern()
+    }
+}
+
+/// The server's persistence settings, as [`RedisStore::durability`] read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durability {
+    /// `appendonly`, if readable.
+    pub appendonly: Option<String>,
+    /// `appendfsync`, if readable.
+    pub appendfsync: Option<String>,
+    /// Why acknowledged writes could be lost, if they could (also logged at connect).
+    pub warning: Option<String>,
+}
+
+/// A reply Loom's scripts never give.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply from Redis: {0}")]
+pub(crate) struct Unexpected(pub(crate) String);
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(super::redact("redis://u:secret@h:1/"), "redis://u:***@h:1/");
+        assert_eq!(super::redact("redis://h:1/"), "redis://h:1/");
+    }
+}

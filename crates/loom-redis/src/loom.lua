@@ -1,0 +1,447 @@
+-- Loom's Redis scripts. Each script is this prelude followed by one `return <entry>(KEYS, ARGV)`.
+--
+-- Key layout (P = prefix, T = the actor's hash tag; see keys.rs):
+--   P:{T}:j    stream, the journal; entry id "<seq>-0", field e = entry frame
+--   P:{T}:jm   hash, journal meta: h = highest seq, t = trimmed through
+--   P:{T}:sn   hash, snapshot seq -> snapshot frame;  P:{T}:sz zset of kept snapshot seqs
+--   P:{T}:mq   stream, the mailbox's due messages, read through consumer group "g"; fields
+--              m = envelope frame, id = message id, p = position
+--   P:{T}:mm   hash, mailbox meta: pos (last position), n (messages), q (undelivered in mq),
+--              cur (current position, 0 if none), curid (its stream id), curmsg (its message
+--              id), vis (visible at ms), dlv (its deliveries), err (last nack error)
+--   P:{T}:md   zset, delayed messages: member = position, score = due ms
+--   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
+--   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
+--   P:{T}:lt   counter, the last fencing token given (never deleted: tokens only grow)
+--   P:{T}:i:K  string, idempotency record for key K: "P" pending or "C" .. result; with a TTL
+--   P:actors   zset (score 0) of every actor with a journal, for listing in id order
+--   P:ready    zset, actor -> ready-at ms: one member per non-empty, non-system mailbox
+--   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
+--   P:dlseq    counter, the last dead-letter id
+--
+-- Invariants, as in the embedded store (see its tables.rs): the journal holds exactly the seqs
+-- t+1..h; h and t only grow; at most one message per mailbox is current, and while it is,
+-- nothing else of that mailbox is handed out; P:ready mirrors each mailbox's ready-at. Every
+-- script checks before it writes, so a refused request writes nothing.
+--
+-- Replies: { 'ok', ... } or { '<error kind>', details... }; Rust turns them into typed errors.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function num(v)
+  if v == false or v == nil then return 0 end
+  return tonumber(v)
+end
+
+-- Journal ---------------------------------------------------------------------------------
+
+-- j = { j, jm, actors, actor }
+local function j_highest(j)
+  local v = redis.call('HMGET', j.jm, 'h', 't')
+  return num(v[1]), num(v[2])
+end
+
+-- Checks the condition; returns nil if it holds, else the refusal.
+local function j_check(j, expected)
+  local h = j_highest(j)
+  if expected ~= h + 1 then
+    return { 'conflict', tostring(h + 1) }
+  end
+  return nil
+end
+
+-- Appends frames as seqs expected, expected+1, ...; the condition was checked.
+local function j_append(j, expected, frames)
+  local h = j_highest(j)
+  if #frames == 0 then return h end
+  for i, f in ipairs(frames) do
+    redis.call('XADD', j.j, tostring(expected + i - 1) .. '-0', 'e', f)
+  end
+  local nh = expected + #frames - 1
+  redis.call('HSET', j.jm, 'h', nh)
+  if h == 0 then
+    redis.call('ZADD', j.actors, 0, j.actor)
+  end
+  return nh
+end
+
+-- Mailbox ---------------------------------------------------------------------------------
+
+-- mb = { mm, mq, md, mdx, ready, actor }
+local function mb_ready(mb, now)
+  local cur = num(redis.call('HGET', mb.mm, 'cur'))
+  local at = nil
+  if cur ~= 0 then
+    at = num(redis.call('HGET', mb.mm, 'vis'))
+  else
+    if num(redis.call('HGET', mb.mm, 'q')) > 0 then
+      at = now
+    end
+    local d = redis.call('ZRANGE', mb.md, 0, 0, 'WITHSCORES')
+    if #d > 0 then
+      local due = tonumber(d[2])
+      if at == nil or due < at then at = due end
+    end
+  end
+  -- System mailboxes (event lanes) are read only by the invocation waiting on them.
+  if string.sub(mb.actor, 1, 1) == '_' then return end
+  if at == nil then
+    redis.call('ZREM', mb.ready, mb.actor)
+  else
+    redis.call('ZADD', mb.ready, at, mb.actor)
+  end
+end
+
+local function mb_group(mb)
+  if redis.call('EXISTS', mb.mq) == 0 then
+    redis.call('XGROUP', 'CREATE', mb.mq, 'g', '$', 'MKSTREAM')
+  end
+end
+
+-- Puts a due message at the end of the stream.
+local function mb_push(mb, pos, msgid, frame)
+  mb_group(mb)
+  redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
+  redis.call('HINCRBY', mb.mm, 'q', 1)
+end
+
+local function mb_enqueue(mb, msgid, frame, due, now)
+  local pos = redis.call('HINCRBY', mb.mm, 'pos', 1)
+  redis.call('HINCRBY', mb.mm, 'n', 1)
+  if due > now then
+    redis.call('ZADD', mb.md, due, pos)
+    redis.call('HSET', mb.mdx, pos, msgid .. '|' .. frame)
+  else
+    mb_push(mb, pos, msgid, frame)
+  end
+  mb_ready(mb, now)
+  return pos
+end
+
+-- Moves delayed messages that are due into the stream, in due order.
+local function mb_promote(mb, now)
+  local due = redis.call('ZRANGEBYSCORE', mb.md, '-inf', now)
+  for _, pos in ipairs(due) do
+    local v = redis.call('HGET', mb.mdx, pos)
+    local bar = string.find(v, '|', 1, true)
+    mb_push(mb, pos, string.sub(v, 1, bar - 1), string.sub(v, bar + 1))
+    redis.call('HDEL', mb.mdx, pos)
+    redis.call('ZREM', mb.md, pos)
+  end
+end
+
+local function mb_fields(entry)
+  local f = {}
+  local kv = entry[2]
+  for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
+  return f
+end
+
+-- The current message's stream entry.
+local function mb_current_entry(mb)
+  local id = redis.call('HGET', mb.mm, 'curid')
+  local r = redis.call('XRANGE', mb.mq, id, id)
+  return id, mb_fields(r[1])
+end
+
+-- Checks a receipt {pos, delivery, msgid} against the current message; nil if it is current.
+local function mb_check(mb, pos, delivery, msgid)
+  local v = redis.call('HMGET', mb.mm, 'cur', 'dlv', 'curmsg')
+  if num(v[1]) == 0 or num(v[1]) ~= pos or num(v[2]) ~= delivery or v[3] ~= msgid then
+    return { 'stale' }
+  end
+  return nil
+end
+
+-- Removes the current message (acked or buried) and moves on.
+local function mb_remove_current(mb, now)
+  local id = redis.call('HGET', mb.mm, 'curid')
+  redis.call('XACK', mb.mq, 'g', id)
+  redis.call('XDEL', mb.mq, id)
+  redis.call('HSET', mb.mm, 'cur', 0)
+  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err')
+  redis.call('HINCRBY', mb.mm, 'n', -1)
+  mb_ready(mb, now)
+end
+
+-- Moves the current message to the dead letters; returns the dead letter's id.
+local function mb_bury(mb, dl, dlseq, reason, now)
+  local _, f = mb_current_entry(mb)
+  local dlv = num(redis.call('HGET', mb.mm, 'dlv'))
+  local n = redis.call('INCR', dlseq)
+  redis.call('XADD', dl, tostring(n) .. '-0', 'env', f.m, 'actor', mb.actor, 'reason', reason, 'dlv', dlv, 'at', now)
+  mb_remove_current(mb, now)
+  return n
+end
+
+-- Hands out the next due message, if any and none is out: { frame, pos, deliveries, err }.
+local function mb_lease(mb, dl, dlseq, vis, max, now)
+  mb_promote(mb, now)
+  while true do
+    local cur = num(redis.call('HGET', mb.mm, 'cur'))
+    if cur ~= 0 then
+      local v = redis.call('HMGET', mb.mm, 'vis', 'dlv', 'err')
+      if num(v[1]) > now then return nil end
+      local dlv = num(v[2])
+      if dlv >= max then
+        local reason
+        if v[3] then
+          reason = 'gave up after ' .. dlv .. ' deliveries; last error: ' .. v[3]
+        else
+          reason = 'delivered ' .. dlv .. ' times and never acked (each lease ran out)'
+        end
+        mb_bury(mb, dl, dlseq, reason, now)
+      else
+        -- Take the delivery over (its consumer died or gave it back): XCLAIM counts it.
+        local id = redis.call('HGET', mb.mm, 'curid')
+        local r = redis.call('XCLAIM', mb.mq, 'g', 'loom', 0, id)
+        local f = mb_fields(r[1])
+        redis.call('HSET', mb.mm, 'dlv', dlv + 1, 'vis', now + vis)
+        mb_ready(mb, now)
+        return { f.m, tonumber(f.p), dlv + 1, v[3] or false }
+      end
+    else
+      if num(redis.call('HGET', mb.mm, 'q')) == 0 then return nil end
+      local r = redis.call('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
+      if not r or #r[1][2] == 0 then return nil end
+      local entry = r[1][2][1]
+      local f = mb_fields(entry)
+      redis.call('HSET', mb.mm, 'cur', f.p, 'curid', entry[1], 'curmsg', f.id, 'dlv', 1, 'vis', now + vis)
+      redis.call('HINCRBY', mb.mm, 'q', -1)
+      mb_ready(mb, now)
+      return { f.m, tonumber(f.p), 1, false }
+    end
+  end
+end
+
+-- Entry points ----------------------------------------------------------------------------
+
+-- KEYS: j, jm, actors   ARGV: actor, expected, frames...
+local function append(KEYS, ARGV)
+  local j = { j = KEYS[1], jm = KEYS[2], actors = KEYS[3], actor = ARGV[1] }
+  local expected = tonumber(ARGV[2])
+  local refused = j_check(j, expected)
+  if refused then return refused end
+  local frames = {}
+  for i = 3, #ARGV do frames[#frames + 1] = ARGV[i] end
+  return { 'ok', tostring(j_append(j, expected, frames)) }
+end
+
+-- KEYS: jm, sn, sz   ARGV: seq, keep, frame
+local function save_snapshot(KEYS, ARGV)
+  local seq, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local v = redis.call('HMGET', KEYS[1], 'h', 't')
+  local h, t = num(v[1]), num(v[2])
+  if seq > h then return { 'ahead', tostring(h) } end
+  if seq < t then return { 'behind', tostring(t) } end
+  redis.call('HSET', KEYS[2], seq, ARGV[3])
+  redis.call('ZADD', KEYS[3], seq, seq)
+  while redis.call('ZCARD', KEYS[3]) > keep do
+    local old = redis.call('ZPOPMIN', KEYS[3])
+    redis.call('HDEL', KEYS[2], old[1])
+  end
+  return { 'ok' }
+end
+
+-- KEYS: j, jm, sz   ARGV: through
+local function trim(KEYS, ARGV)
+  local through = tonumber(ARGV[1])
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)
+  if #oldest == 0 then return { 'refused', '' } end
+  if through > tonumber(oldest[1]) then return { 'refused', oldest[1] } end
+  local t = num(redis.call('HGET', KEYS[2], 't'))
+  if through <= t then return { 'ok' } end
+  redis.call('XTRIM', KEYS[1], 'MINID', tostring(through + 1) .. '-0')
+  redis.call('HSET', KEYS[2], 't', through)
+  return { 'ok' }
+end
+
+-- KEYS: j, jm, sn, sz
+local function delete(KEYS, ARGV)
+  local h = num(redis.call('HGET', KEYS[2], 'h'))
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+  if h > 0 then redis.call('HSET', KEYS[2], 't', h) end
+  return { 'ok' }
+end
+
+-- KEYS: mm, mq, md, mdx, ready   ARGV: actor, msgid, frame, due
+local function enqueue(KEYS, ARGV)
+  local now = now_ms()
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
+end
+
+-- KEYS: mm, mq, md, mdx, ready, idem   ARGV: actor, msgid, frame, due, ttl
+local function enqueue_once(KEYS, ARGV)
+  local now = now_ms()
+  local v = redis.call('GET', KEYS[6])
+  if v then return { 'dup', v, tostring(now + redis.call('PTTL', KEYS[6])) } end
+  redis.call('SET', KEYS[6], 'P', 'PX', ARGV[5])
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
+end
+
+-- KEYS: mm, mq, md, mdx, ready, dl, dlseq   ARGV: actor, visibility, max deliveries
+local function lease(KEYS, ARGV)
+  local now = now_ms()
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  local r = mb_lease(mb, KEYS[6], KEYS[7], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+  if not r then return { 'none' } end
+  return { 'ok', r[1], tostring(r[2]), tostring(r[3]), r[4] }
+end
+
+-- KEYS: mm, mq, md, mdx, ready, dl, dlseq
+-- ARGV: actor, op (ack|nack|extend|bury), pos, delivery, msgid, ms (delay or visibility), text
+local function settle(KEYS, ARGV)
+  local now = now_ms()
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  local op = ARGV[2]
+  local refused = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+  if refused then return refused end
+  if op == 'ack' then
+    mb_remove_current(mb, now)
+    return { 'ok' }
+  elseif op == 'nack' or op == 'extend' then
+    redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]))
+    if op == 'nack' then redis.call('HSET', mb.mm, 'err', ARGV[7]) end
+    mb_ready(mb, now)
+    return { 'ok' }
+  else
+    return { 'ok', tostring(mb_bury(mb, KEYS[6], KEYS[7], ARGV[7], now)) }
+  end
+end
+
+-- KEYS: dl, mm, mq, md, mdx, ready   ARGV: dead letter id, actor, msgid
+local function requeue(KEYS, ARGV)
+  local now = now_ms()
+  local id = ARGV[1] .. '-0'
+  local r = redis.call('XRANGE', KEYS[1], id, id)
+  if #r == 0 then return { 'missing' } end
+  local f = mb_fields(r[1])
+  redis.call('XDEL', KEYS[1], id)
+  local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[2] }
+  return { 'ok', tostring(mb_enqueue(mb, ARGV[3], f.env, 0, now)) }
+end
+
+-- KEYS: ready   ARGV: limit
+local function ready_actors(KEYS, ARGV)
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+end
+
+-- KEYS: ls, lt   ARGV: owner, ttl
+local function acquire(KEYS, ARGV)
+  local now = now_ms()
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    local nl = string.find(v, '\n', 1, true)
+    return { 'held', string.sub(v, 1, nl - 1), string.sub(v, nl + 1), tostring(redis.call('PTTL', KEYS[1])) }
+  end
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. token, 'PX', ARGV[2])
+  return { 'ok', tostring(token), tostring(now + tonumber(ARGV[2])) }
+end
+
+-- KEYS: ls   ARGV: owner, token, op (renew|release), ttl
+local function lease_cas(KEYS, ARGV)
+  local now = now_ms()
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] .. '\n' .. ARGV[2] then return { 'lost' } end
+  if ARGV[3] == 'renew' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    return { 'ok', tostring(now + tonumber(ARGV[4])) }
+  end
+  redis.call('DEL', KEYS[1])
+  return { 'ok' }
+end
+
+-- KEYS: idem   ARGV: ttl
+local function reserve(KEYS, ARGV)
+  if redis.call('SET', KEYS[1], 'P', 'NX', 'PX', ARGV[1]) then return { 'ok' } end
+  return { 'taken', redis.call('GET', KEYS[1]), tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+end
+
+-- KEYS: idem
+local function abandon(KEYS, ARGV)
+  if redis.call('GET', KEYS[1]) == 'P' then
+    redis.call('DEL', KEYS[1])
+    return { 'ok', '1' }
+  end
+  return { 'ok', '0' }
+end
+
+-- A turn: everything one step of an actor makes durable, all or nothing.
+-- KEYS: j, jm, actors, ready, dl, dlseq, ls, idem,
+--       mm, mq, md, mdx of the actor's own mailbox (for `next`),
+--       mm, mq, md, mdx of the settled delivery's mailbox (its own, or one of its event lanes),
+--       then mm, mq, md, mdx of each outgoing message's recipient.
+-- ARGV[1]: JSON header {actor, mbox (the settled mailbox's actor), expected, n (entries),
+--          fence = [owner, token] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
+--          absent, record_ttl or absent, next = [visibility, max] or absent,
+--          out = [{to, id, due}, ...]}
+-- ARGV[2..]: the entry frames, then the outgoing envelope frames, then the record value.
+local function turn(KEYS, ARGV)
+  local now = now_ms()
+  local h = cjson.decode(ARGV[1])
+  local j = { j = KEYS[1], jm = KEYS[2], actors = KEYS[3], actor = h.actor }
+  local own = { mm = KEYS[9], mq = KEYS[10], md = KEYS[11], mdx = KEYS[12], ready = KEYS[4], actor = h.actor }
+  local sm = { mm = KEYS[13], mq = KEYS[14], md = KEYS[15], mdx = KEYS[16], ready = KEYS[4], actor = h.mbox }
+  if h.fence then
+    if redis.call('GET', KEYS[7]) ~= h.fence[1] .. '\n' .. h.fence[2] then return { 'lost' } end
+  end
+  local refused = j_check(j, h.expected)
+  if refused then return refused end
+  if h.settle then
+    refused = mb_check(sm, h.settle.pos, h.settle.dlv, h.settle.id)
+    if refused then return refused end
+  end
+  local frames = {}
+  for i = 1, h.n do frames[i] = ARGV[1 + i] end
+  local highest = j_append(j, h.expected, frames)
+  for i, o in ipairs(h.out) do
+    local k = 16 + (i - 1) * 4
+    local to = { mm = KEYS[k + 1], mq = KEYS[k + 2], md = KEYS[k + 3], mdx = KEYS[k + 4], ready = KEYS[4], actor = o.to }
+    mb_enqueue(to, o.id, ARGV[1 + h.n + i], o.due, now)
+  end
+  if h.settle then
+    if h.settle.op == 'ack' then
+      mb_remove_current(sm, now)
+    else
+      mb_bury(sm, KEYS[5], KEYS[6], h.settle.reason, now)
+    end
+  end
+  if h.record_ttl then
+    redis.call('SET', KEYS[8], ARGV[2 + h.n + #h.out], 'PX', h.record_ttl)
+  end
+  local r = nil
+  if h.next then
+    r = mb_lease(own, KEYS[5], KEYS[6], h.next[1], h.next[2], now)
+  end
+  if r then
+    return { 'ok', tostring(highest), r[1], tostring(r[2]), tostring(r[3]), r[4] }
+  end
+  return { 'ok', tostring(highest) }
+end
+
+-- KEYS: sn, sz   ARGV: at_or_below
+local function load_snapshot(KEYS, ARGV)
+  local s = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], '-inf', 'LIMIT', 0, 1)
+  if #s == 0 then return { 'none' } end
+  return { 'ok', s[1], redis.call('HGET', KEYS[1], s[1]) }
+end
+
+-- KEYS: ls
+local function holder(KEYS, ARGV)
+  local v = redis.call('GET', KEYS[1])
+  if not v then return { 'none' } end
+  local nl = string.find(v, '\n', 1, true)
+  return { 'ok', string.sub(v, 1, nl - 1), string.sub(v, nl + 1), tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+end
+
+-- KEYS: idem
+local function lookup(KEYS, ARGV)
+  local v = redis.call('GET', KEYS[1])
+  if not v then return { 'none' } end
+  return { 'ok', v, tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+end
