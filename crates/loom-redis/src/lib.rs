@@ -58,6 +58,9 @@ pub struct RedisOptions {
     pub response_timeout: Duration,
     /// How long to wait for a connection (default 5 s).
     pub connect_timeout: Duration,
+    /// For `rediss://`: the CA certificate (PEM) that signed the server's certificate, when it
+    /// is not in the system's trust store. `None` uses the system's roots.
+    pub tls_root_cert: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -66,6 +69,7 @@ impl Default for RedisOptions {
             prefix: "loom".to_owned(),
             response_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            tls_root_cert: None,
         }
     }
 }
@@ -140,7 +144,23 @@ impl Scripts {
 /// (the request may or may not have run; every Loom write is safe to retry), anything else
 /// [`StoreError::Storage`].
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
+    }
+    use redis::{ErrorKind, ServerErrorKind};
+    // A server still loading its data, or between roles, answers again shortly.
+    let busy = matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading | ServerErrorKind::TryAgain | ServerErrorKind::MasterDown
+        )
+    );
+    if busy
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+    {
         StoreError::unavailable(BACKEND, e)
     } else {
         StoreError::storage(BACKEND, e)
@@ -148,9 +168,10 @@ pub(crate) fn re(e: redis::RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://`, `rediss://` for TLS, `unix:///path` or
-    /// `redis+unix:///path`; user and password in the URL as `redis://user:pass@host/`) with
-    /// the default options.
+    /// Connects to `url` with the default options: `redis://host:port/db`, `rediss://…` for TLS,
+    /// `unix:///path` or `redis+unix:///path` for a socket. Credentials go in the URL:
+    /// `redis://user:password@host/` (ACL user; omit `user` for `requirepass`), or
+    /// `redis+unix:///path?user=…&pass=…`. A refused login is [`StoreError::InvalidRequest`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with(url, RedisOptions::default()).await
     }
@@ -163,8 +184,20 @@ impl RedisStore {
                 options.prefix
             )));
         }
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::InvalidRequest(format!("Redis URL {}: {e}", redact(url))))?;
+        let bad_url = |e: redis::RedisError| {
+            StoreError::InvalidRequest(format!("Redis URL {}: {e}", redact(url)))
+        };
+        let client = match &options.tls_root_cert {
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )
+            .map_err(bad_url)?,
+            None => redis::Client::open(url).map_err(bad_url)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.response_timeout))
             .set_connection_timeout(Some(options.connect_timeout))

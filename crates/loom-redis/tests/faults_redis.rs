@@ -29,6 +29,7 @@ async fn connect(url: &str, prefix: &str) -> RedisStore {
         prefix: prefix.to_owned(),
         response_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
+        tls_root_cert: None,
     };
     RedisStore::connect_with(url, options)
         .await
@@ -302,4 +303,77 @@ async fn bad_urls_and_prefixes_are_typed_errors() {
     )
     .await;
     assert!(matches!(bad_prefix, Err(StoreError::InvalidRequest(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_and_acl_users_in_the_url() {
+    let server = RedisServer::start_with(&[
+        "--requirepass",
+        "s3cret",
+        "--user",
+        "loom",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let sock = server.socket();
+    let sock = sock.display();
+    let a = id(1);
+    for url in [
+        format!("redis+unix://{sock}?pass=s3cret"),
+        format!("redis+unix://{sock}?user=loom&pass=pw"),
+    ] {
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let next = store.highest_seq(&a).await.unwrap() + 1;
+        store
+            .append(&a, next, &[entry(1, next)])
+            .await
+            .expect("append");
+    }
+    for url in [
+        format!("redis+unix://{sock}?pass=wrong"),
+        format!("redis+unix://{sock}?user=loom&pass=nope"),
+    ] {
+        match RedisStore::connect(&url).await {
+            Err(StoreError::InvalidRequest(m)) => assert!(m.contains("refused the login"), "{m}"),
+            other => panic!("{url}: expected a refused login, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let (_server, url, ca) = RedisServer::start_tls();
+    let options = RedisOptions {
+        tls_root_cert: Some(ca),
+        ..RedisOptions::default()
+    };
+    let store = RedisStore::connect_with(&url, options)
+        .await
+        .expect("connect over TLS");
+    let a = id(2);
+    store
+        .append(&a, 1, &[entry(2, 1), entry(2, 2)])
+        .await
+        .expect("append over TLS");
+    let entries: Vec<Entry> = store
+        .read(&a, SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read over TLS");
+    assert_eq!(entries.len(), 2);
+    // Without the CA, the server's certificate is not trusted: a typed error, not a hang.
+    let untrusted = RedisStore::connect_with(
+        &url,
+        RedisOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..RedisOptions::default()
+        },
+    )
+    .await;
+    assert!(untrusted.is_err(), "an untrusted certificate was accepted");
 }

@@ -63,6 +63,101 @@ impl RedisServer {
         format!("redis+unix://{}", self.socket().display())
     }
 
+    /// Starts a server that also listens with TLS on a free port of 127.0.0.1, with a fresh CA
+    /// and server certificate made by `openssl`. Returns it, the `rediss://` URL, and the CA
+    /// certificate (PEM) to trust.
+    pub fn start_tls() -> (Self, String, Vec<u8>) {
+        let tmp = tempfile::Builder::new()
+            .prefix("loom-tls-")
+            .tempdir()
+            .expect("temp dir for certificates");
+        let d = tmp.path();
+        let openssl = find_binary("openssl", "apt-get install -y openssl");
+        let run = |args: &[&str]| {
+            let out = Command::new(&openssl)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=loom-test-ca",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        )
+        .expect("write ext.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let port = free_port();
+        let p = |f: &str| d.join(f).display().to_string();
+        let (cert, key, ca) = (p("server.crt"), p("server.key"), p("ca.crt"));
+        let port_s = port.to_string();
+        let server = Self::start_with(&[
+            "--bind",
+            "127.0.0.1",
+            "--tls-port",
+            &port_s,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ]);
+        let ca_pem = std::fs::read(d.join("ca.crt")).expect("read the CA");
+        // The certificates must outlive the server's start; it has read them by now.
+        drop(tmp);
+        (server, format!("rediss://localhost:{port}/"), ca_pem)
+    }
+
     /// The server's data directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -130,6 +225,12 @@ impl Drop for RedisServer {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local address").port()
+}
+
 /// True if a Redis server answers PING on `socket`.
 fn ping(socket: &Path) -> bool {
     let Ok(mut s) = UnixStream::connect(socket) else {
@@ -139,6 +240,8 @@ fn ping(socket: &Path) -> bool {
     if s.write_all(b"PING\r\n").is_err() {
         return false;
     }
+    // "+PONG", or "-NOAUTH …" from a server that wants a password: either way, it is up and
+    // has loaded its data ("-LOADING …" means it is still replaying its append-only file).
     let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
 }
