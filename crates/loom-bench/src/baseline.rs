@@ -3,8 +3,30 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+
+/// A same-run baseline: given a record size, a batch size and a number of rounds, the physical
+/// limit's records per second for the store under test.
+pub type Baseline =
+    Arc<dyn Fn(usize, usize, usize) -> BoxFuture<'static, Result<f64, String>> + Send + Sync>;
+
+/// The baseline of a store on local disk: [`fsync_loop`] in `dir`.
+pub fn fsync(dir: PathBuf) -> Baseline {
+    Arc::new(move |size, batch, rounds| {
+        let dir = dir.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || fsync_loop(&dir, size, batch, rounds))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|(ops, _)| ops)
+                .map_err(|e| e.to_string())
+        })
+    })
+}
 
 /// Appends `rounds` batches of `batch` records of `size` bytes to a fresh file in `dir`, with one
 /// `fdatasync` per batch. Returns records per second and the latency of each batch.

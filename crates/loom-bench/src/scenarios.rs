@@ -1,6 +1,5 @@
 //! The benchmark scenarios. Each returns [`Measurement`]s with its same-run baseline.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::bank::{Bank, BankError};
-use crate::baseline::fsync_loop;
+use crate::baseline::Baseline;
 use crate::report::Measurement;
 
 /// Why a scenario failed.
@@ -53,7 +52,7 @@ fn bench_actor(scenario: &str, n: usize) -> ActorId {
 pub async fn append_seq(
     store: Arc<dyn Store>,
     label: &str,
-    dir: &Path,
+    baseline: &Baseline,
     n: usize,
     payload: usize,
 ) -> Result<Measurement, BenchError> {
@@ -69,10 +68,9 @@ pub async fn append_seq(
     let size = codec::encode_entry(&entry(1, payload))
         .map_err(|e| BenchError::Other(e.to_string()))?
         .len();
-    let dir = dir.to_path_buf();
-    let (baseline, _) = tokio::task::spawn_blocking(move || fsync_loop(&dir, size, 1, n.min(2000)))
+    let baseline = baseline(size, 1, n.min(2000))
         .await
-        .map_err(|e| BenchError::Other(e.to_string()))??;
+        .map_err(BenchError::Other)?;
     Ok(
         Measurement::new("append-seq", label, ops, baseline, &mut latencies)
             .with("unit", "appends")
@@ -87,7 +85,7 @@ pub async fn append_seq(
 pub async fn append_concurrent(
     store: Arc<dyn Store>,
     label: &str,
-    dir: &Path,
+    baseline: &Baseline,
     actors: usize,
     per_actor: usize,
     payload: usize,
@@ -119,16 +117,16 @@ pub async fn append_concurrent(
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => {
             ((r1 - r0) as f64 / (c1 - c0) as f64).round().max(1.0) as usize
         }
-        _ => 1,
+        // A store that does not say: as many records per round trip as requests in flight.
+        _ => actors,
     };
     let size = codec::encode_entry(&entry(1, payload))
         .map_err(|e| BenchError::Other(e.to_string()))?
         .len();
     let rounds = (total / batch).clamp(50, 2000);
-    let dir = dir.to_path_buf();
-    let (baseline, _) = tokio::task::spawn_blocking(move || fsync_loop(&dir, size, batch, rounds))
+    let baseline = baseline(size, batch, rounds)
         .await
-        .map_err(|e| BenchError::Other(e.to_string()))??;
+        .map_err(BenchError::Other)?;
     Ok(
         Measurement::new("append-concurrent", label, ops, baseline, &mut latencies)
             .with("unit", "appends")
@@ -263,7 +261,7 @@ pub async fn compact(store: &dyn Store, key: &str) -> Result<(), BenchError> {
 pub async fn bank(
     rt: &Runtime,
     label: &str,
-    dir: &Path,
+    baseline: &Baseline,
     cfg: Bank,
     stats: Stats,
 ) -> Result<Vec<Measurement>, BenchError> {
@@ -283,16 +281,14 @@ pub async fn bank(
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => {
             ((r1 - r0) as f64 / (c1 - c0) as f64).round().max(1.0) as usize
         }
-        _ => 1,
+        // A store that does not say: as many records per round trip as requests in flight.
+        _ => cfg.concurrency,
     };
     let writes_per_invocation = match (gc0, gc1) {
         (Some((_, r0)), Some((_, r1))) if invocations > 0.0 => (r1 - r0) as f64 / invocations,
         _ => 0.0,
     };
-    let dir2 = dir.to_path_buf();
-    let (baseline, _) = tokio::task::spawn_blocking(move || fsync_loop(&dir2, 512, batch, 500))
-        .await
-        .map_err(|e| BenchError::Other(e.to_string()))??;
+    let baseline = baseline(512, batch, 500).await.map_err(BenchError::Other)?;
     let full = Measurement::new("bank", label, peak, baseline, &mut latencies)
         .with("unit", "invocations")
         .with("transfers", cfg.transfers)

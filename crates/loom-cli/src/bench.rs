@@ -1,6 +1,5 @@
 //! `loom bench`: the benchmark scenarios, each against its same-run baseline.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +7,8 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use loom_bench::bank::Bank;
-use loom_bench::report::{Measurement, peak_rss_mb, table};
+use loom_bench::baseline::{Baseline, fsync};
+use loom_bench::report::{Measurement, peak_rss_mb, percentile_ms, table};
 use loom_bench::scenarios::{self, Counter, Stats};
 use loom_core::runtime::Runtime;
 use loom_core::{ActorId, SeqRange};
@@ -41,64 +41,123 @@ pub struct Settings {
     pub json: bool,
 }
 
+/// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
+fn baseline_for(url: &StoreUrl, scratch: &std::path::Path) -> Baseline {
+    match url {
+        StoreUrl::Embedded(dir) => fsync(dir.clone()),
+        StoreUrl::Memory => fsync(scratch.to_path_buf()),
+        StoreUrl::Redis { url, prefix } => xadd(url.clone(), format!("{prefix}:baseline")),
+    }
+}
+
+/// Raw pipelined `XADD`s of the same payload on the same server: `batch` per round trip.
+fn xadd(url: String, key: String) -> Baseline {
+    Arc::new(move |size, batch, rounds| {
+        let (url, key) = (url.clone(), key.clone());
+        Box::pin(async move {
+            let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?;
+            let payload = vec![b'x'; size];
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let mut p = redis::pipe();
+                for _ in 0..batch {
+                    p.cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("e")
+                        .arg(&payload)
+                        .ignore();
+                }
+                let () = p.query_async(&mut c).await.map_err(|e| e.to_string())?;
+            }
+            let ops = (rounds * batch) as f64 / start.elapsed().as_secs_f64();
+            let () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(ops)
+        })
+    })
+}
+
 pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
     // Without --store, a fresh directory that is removed afterwards.
     let tmp = tempfile::tempdir()?;
     let url = match &s.store {
-        Some(u) => StoreUrl::parse(u)?,
+        // On Redis, a prefix of its own, deleted afterwards: the benchmark touches nothing else.
+        Some(u) => StoreUrl::parse(u, &format!("loombench{:08x}", fastrand::u32(..)))?,
         None => StoreUrl::Embedded(tmp.path().join("store")),
     };
-    let dir = match &url {
-        StoreUrl::Embedded(p) => p.clone(),
-        StoreUrl::Memory => tmp.path().to_path_buf(),
-    };
-    std::fs::create_dir_all(&dir)?;
+    if let StoreUrl::Embedded(dir) = &url {
+        std::fs::create_dir_all(dir)?;
+    }
     let label = url.label();
+    let baseline = baseline_for(&url, tmp.path());
     let all = scenario == Scenario::All;
     let mut results = Vec::new();
-    if all || scenario == Scenario::AppendSeq {
-        let opened = open_or_create(&url)?;
-        let n = s.entries.unwrap_or(2000) as usize;
-        results
-            .push(scenarios::append_seq(opened.store.clone(), &label, &dir, n, s.payload).await?);
+    let outcome = async {
+        if all || scenario == Scenario::AppendSeq {
+            let opened = open_or_create(&url).await?;
+            let n = s.entries.unwrap_or(2000) as usize;
+            results.push(
+                scenarios::append_seq(opened.store.clone(), &label, &baseline, n, s.payload)
+                    .await?,
+            );
+        }
+        if all || scenario == Scenario::AppendConcurrent {
+            let opened = open_or_create(&url).await?;
+            let actors = s.actors.unwrap_or(1000);
+            let per_actor = s.entries.unwrap_or(20) as usize;
+            results.push(
+                scenarios::append_concurrent(
+                    opened.store.clone(),
+                    &label,
+                    &baseline,
+                    actors,
+                    per_actor,
+                    s.payload,
+                    stats(&opened),
+                )
+                .await?,
+            );
+        }
+        if all || scenario == Scenario::Recover {
+            results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
+        }
+        if all || scenario == Scenario::Bank {
+            let opened = open_or_create(&url).await?;
+            let cfg = Bank {
+                accounts: s.actors.unwrap_or(100) as u32,
+                transfers: s.entries.unwrap_or(10_000) as u32,
+                concurrency: 512,
+                seed: u64::from(fastrand::u32(..)),
+                first: fastrand::u32(..1_000_000) * 1000,
+                ..Bank::default()
+            };
+            let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
+                .configure(|c| c.ask_timeout = Duration::from_secs(600))
+                .start()
+                .await?;
+            results.extend(scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?);
+            rt.shutdown().await;
+        }
+        Ok::<_, Failure>(())
     }
-    if all || scenario == Scenario::AppendConcurrent {
-        let opened = open_or_create(&url)?;
-        let actors = s.actors.unwrap_or(1000);
-        let per_actor = s.entries.unwrap_or(20) as usize;
-        results.push(
-            scenarios::append_concurrent(
-                opened.store.clone(),
-                &label,
-                &dir,
-                actors,
-                per_actor,
-                s.payload,
-                stats(&opened),
-            )
-            .await?,
-        );
+    .await;
+    if let StoreUrl::Redis { .. } = &url
+        && s.store.is_some()
+    {
+        let opened = open_or_create(&url).await?;
+        if let Some(r) = opened.redis {
+            r.destroy().await?;
+        }
     }
-    if all || scenario == Scenario::Recover {
-        results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
-    }
-    if all || scenario == Scenario::Bank {
-        let opened = open_or_create(&url)?;
-        let cfg = Bank {
-            accounts: s.actors.unwrap_or(100) as u32,
-            transfers: s.entries.unwrap_or(10_000) as u32,
-            concurrency: 512,
-            seed: u64::from(fastrand::u32(..)),
-            first: fastrand::u32(..1_000_000) * 1000,
-            ..Bank::default()
-        };
-        let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
-            .configure(|c| c.ask_timeout = Duration::from_secs(600))
-            .start()
-            .await?;
-        results.extend(scenarios::bank(&rt, &label, &dir, cfg, stats(&opened)).await?);
-        rt.shutdown().await;
-    }
+    outcome?;
     if s.json {
         for m in &results {
             out(serde_json::to_string(m)?)?;
@@ -117,7 +176,7 @@ fn stats(opened: &Opened) -> Stats {
     }))
 }
 
-/// What a `bench-child activate` run reports.
+/// What a `bench-child` run reports.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct ChildReport {
     pub latencies_ms: Vec<f64>,
@@ -130,15 +189,16 @@ pub struct ChildReport {
 async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measurement>, Failure> {
     if *url == StoreUrl::Memory {
         return Err(Failure(
-            "recover measures a store reopened by another process; use an embedded store".into(),
+            "recover measures a store opened again by another process; memory: cannot be".into(),
         ));
     }
+    let tag = fastrand::u32(..);
     let (plain, compacted) = (
-        format!("plain-{entries}-{:x}", fastrand::u32(..)),
-        format!("compacted-{entries}-{:x}", fastrand::u32(..)),
+        format!("plain-{entries}-{tag:x}"),
+        format!("compacted-{entries}-{tag:x}"),
     );
     {
-        let opened = open_or_create(url)?;
+        let opened = open_or_create(url).await?;
         let bar = ProgressBar::new(2 * entries);
         bar.set_style(
             ProgressStyle::with_template("building history [{bar:40}] {pos}/{len} entries")?
@@ -160,12 +220,18 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
         scenarios::build_history(&*opened.store, &compacted, 60).await?;
     }
     let child = |key: &str, times: usize| -> Result<ChildReport, Failure> {
-        let StoreUrl::Embedded(dir) = url else {
-            unreachable!("checked above")
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("bench-child");
+        match url {
+            StoreUrl::Embedded(dir) => cmd.arg("--store").arg(dir),
+            StoreUrl::Redis { url, prefix } => cmd
+                .arg("--store")
+                .arg(url)
+                .arg("--redis-prefix")
+                .arg(prefix),
+            StoreUrl::Memory => unreachable!("refused above"),
         };
-        let output = Command::new(std::env::current_exe()?)
-            .args(["bench-child", "--store"])
-            .arg(dir)
+        let output = cmd
             .args(["--key", key, "--times", &times.to_string()])
             .output()?;
         if !output.status.success() {
@@ -178,19 +244,19 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
     };
     let cold = child(&plain, 3)?;
     let warm = child(&compacted, 200)?;
-    let mut plain_lat: Vec<Duration> = cold
-        .latencies_ms
-        .iter()
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
-    let replay_rate = cold.entries as f64
-        / (cold.latencies_ms.iter().sum::<f64>() / cold.latencies_ms.len() as f64 / 1000.0);
+    let ms = |v: &[f64]| -> Vec<Duration> {
+        v.iter()
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect()
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let replay_rate = cold.entries as f64 / (mean(&cold.latencies_ms) / 1000.0);
     let mut without = Measurement::new(
         "recover-no-compaction",
         label,
         replay_rate,
         cold.read_entries_per_s,
-        &mut plain_lat,
+        &mut ms(&cold.latencies_ms),
     )
     .with("unit", "entries replayed")
     .with("latency_of", "activation: lease, whole journal streamed")
@@ -201,42 +267,32 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
         "the store streaming and decoding the same entries, without the runtime",
     );
     without.peak_rss_mb = cold.peak_rss_mb;
-    let mut warm_lat: Vec<Duration> = warm
-        .latencies_ms
-        .iter()
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
-    let rate = 1000.0 / (warm.latencies_ms.iter().sum::<f64>() / warm.latencies_ms.len() as f64);
-    let mut first: Vec<Duration> = warm
-        .first_ask_ms
-        .iter()
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
+    let mut first = ms(&warm.first_ask_ms);
     first.sort();
-    let mut with = Measurement::new("recover", label, rate, 0.0, &mut warm_lat)
-        .with("unit", "activations")
-        .with(
-            "latency_of",
-            "activation: lease, newest snapshot, journal tail",
-        )
-        .with(
-            "first_ask_p50_ms",
-            loom_bench::report::percentile_ms(&first, 0.5),
-        )
-        .with(
-            "first_ask_p99_ms",
-            loom_bench::report::percentile_ms(&first, 0.99),
-        )
-        .with("history_entries", entries + 60)
-        .with("kept_entries", warm.entries)
-        .with("activations", warm.latencies_ms.len());
+    let mut with = Measurement::new(
+        "recover",
+        label,
+        1000.0 / mean(&warm.latencies_ms),
+        0.0,
+        &mut ms(&warm.latencies_ms),
+    )
+    .with("unit", "activations")
+    .with(
+        "latency_of",
+        "activation: lease, newest snapshot, journal tail",
+    )
+    .with("first_ask_p50_ms", percentile_ms(&first, 0.5))
+    .with("first_ask_p99_ms", percentile_ms(&first, 0.99))
+    .with("history_entries", entries + 60)
+    .with("kept_entries", warm.entries)
+    .with("activations", warm.latencies_ms.len());
     with.peak_rss_mb = warm.peak_rss_mb;
     Ok(vec![with, without])
 }
 
 /// `loom bench-child`: activates one counter `times` times in this fresh process and reports.
-pub async fn child(dir: &Path, key: &str, times: usize) -> Result<(), Failure> {
-    let opened = open_or_create(&StoreUrl::Embedded(PathBuf::from(dir)))?;
+pub async fn child(url: &StoreUrl, key: &str, times: usize) -> Result<(), Failure> {
+    let opened = open_or_create(url).await?;
     let latencies = scenarios::activations(opened.store.clone(), key, times).await?;
     let id = ActorId::new(<Counter as loom_core::Actor>::KIND, key)?;
     let info = opened.store.info(&id).await?;
@@ -246,7 +302,6 @@ pub async fn child(dir: &Path, key: &str, times: usize) -> Result<(), Failure> {
     while entries.try_next().await?.is_some() {
         n += 1;
     }
-    let read_rate = n as f64 / start.elapsed().as_secs_f64();
     let report = ChildReport {
         latencies_ms: latencies
             .iter()
@@ -257,7 +312,7 @@ pub async fn child(dir: &Path, key: &str, times: usize) -> Result<(), Failure> {
             .map(|a| a.first_ask.as_secs_f64() * 1000.0)
             .collect(),
         peak_rss_mb: peak_rss_mb(),
-        read_entries_per_s: read_rate,
+        read_entries_per_s: n as f64 / start.elapsed().as_secs_f64(),
         entries: info.len(),
     };
     out(json!(report))

@@ -5,7 +5,6 @@ mod journal;
 mod output;
 mod store;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +20,9 @@ use store::{StoreUrl, open_existing};
     about = "Inspect, verify and benchmark Loom stores"
 )]
 struct Cli {
+    /// Key prefix on a Redis store (the runtime's default is `loom`).
+    #[arg(long, global = true, default_value = "loom")]
+    redis_prefix: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,7 +31,7 @@ struct Cli {
 enum Command {
     /// Journals: list, show, verify.
     Journal {
-        /// The store: `embedded:PATH` or a directory.
+        /// The store: `embedded:PATH`, a directory, or `redis://host[:port]`.
         #[arg(long, global = true, default_value = "./loom-data")]
         store: String,
         #[command(subcommand)]
@@ -61,7 +63,7 @@ enum Command {
     #[command(hide = true)]
     BenchChild {
         #[arg(long)]
-        store: PathBuf,
+        store: String,
         #[arg(long)]
         key: String,
         #[arg(long)]
@@ -94,7 +96,7 @@ enum JournalCommand {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Journal { store, command } => {
-            let opened = open_existing(&StoreUrl::parse(&store)?)?;
+            let opened = open_existing(&StoreUrl::parse(&store, &cli.redis_prefix)?).await?;
             let s = &*opened.store;
             match command {
                 JournalCommand::Ls => journal::ls(s).await,
@@ -121,7 +123,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             bench::run(scenario, settings).await
         }
-        Command::BenchChild { store, key, times } => bench::child(&store, &key, times).await,
+        Command::BenchChild { store, key, times } => {
+            bench::child(&StoreUrl::parse(&store, &cli.redis_prefix)?, &key, times).await
+        }
     }
 }
 

@@ -80,7 +80,10 @@ fn bad_input_is_a_clear_error_and_a_failing_exit() {
     let (ok, _, err) = loom(&["journal", "show", "account/bob", "--store", store]);
     assert!(!ok);
     assert!(err.contains("no journal for account/bob"), "{err}");
-    let (ok, _, err) = loom(&["journal", "ls", "--store", "redis://localhost:1"]);
+    let (ok, _, err) = loom(&["journal", "ls", "--store", "redis://127.0.0.1:1"]);
     assert!(!ok);
-    assert!(err.contains("not supported"), "{err}");
+    assert!(err.contains("redis store unavailable"), "{err}");
+    let (ok, _, err) = loom(&["journal", "ls", "--store", "ftp://x"]);
+    assert!(!ok);
+    assert!(err.contains("not known"), "{err}");
 }

@@ -285,6 +285,37 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// Deletes every key under this store's prefix (nothing else); returns how many. For tools
+    /// and benchmarks that clean up what they created.
+    pub async fn destroy(&self) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(re)?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// The pattern every key of this store matches (`<prefix>:*`).
     pub fn key_pattern(&self) -> String {
         self.keys.pattern()
