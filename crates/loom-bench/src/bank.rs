@@ -378,7 +378,7 @@ impl Bank {
     }
 
     /// Waits until every transfer is done or refused (at most `limit`); `progress` gets the count
-    /// of settled ones.
+    /// of settled ones. Status checks that fail are asked again, so a flaky store only slows it.
     pub async fn settle(
         &self,
         rt: &Runtime,
@@ -407,8 +407,14 @@ impl Bank {
                 .collect()
                 .await;
             for r in checked {
-                let (i, s) = r?;
-                statuses.insert(i, s);
+                match r {
+                    Ok((i, s)) => {
+                        statuses.insert(i, s);
+                    }
+                    // A failed status check is not an answer: ask again next round, until the
+                    // deadline (the store may be briefly unavailable).
+                    Err(e) => tracing::debug!(error = %e, "status check failed; asking again"),
+                }
             }
             progress(statuses.values().filter(|s| s.settled()).count() as u64);
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -4,6 +4,7 @@ mod bench;
 mod journal;
 mod output;
 mod store;
+mod torture;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,35 @@ enum Command {
         /// One JSON object per scenario instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
+    /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
+    Torture {
+        /// The store to torture.
+        #[arg(long, value_enum, default_value = "embedded")]
+        backend: torture::Backend,
+        /// How many kills.
+        #[arg(long, default_value_t = 20)]
+        kills: u32,
+        /// Seed of the kill schedule (printed at the start; pass it to reproduce a run).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[command(flatten)]
+        shape: torture::Shape,
+        /// One JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: one child of `loom torture`.
+    #[command(hide = true)]
+    TortureChild {
+        #[arg(long)]
+        store: String,
+        #[command(flatten)]
+        shape: torture::Shape,
+        /// Check instead of run: the file lists the acknowledged transfers.
+        #[arg(long = "final")]
+        final_check: Option<std::path::PathBuf>,
     },
     /// Internal: one activation run of `loom bench recover`, in its own process.
     #[command(hide = true)]
@@ -122,6 +152,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 json,
             };
             bench::run(scenario, settings).await
+        }
+        Command::Torture {
+            backend,
+            kills,
+            seed,
+            shape,
+            json,
+        } => {
+            tokio::task::spawn_blocking(move || torture::run(backend, kills, seed, shape, json))
+                .await?
+        }
+        Command::TortureChild {
+            store,
+            shape,
+            final_check,
+        } => {
+            torture::child(
+                &StoreUrl::parse(&store, &cli.redis_prefix)?,
+                shape,
+                final_check.as_deref(),
+            )
+            .await
         }
         Command::BenchChild { store, key, times } => {
             bench::child(&StoreUrl::parse(&store, &cli.redis_prefix)?, &key, times).await

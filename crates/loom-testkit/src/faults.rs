@@ -1,8 +1,12 @@
-//! [`FaultyStore`]: a store wrapper that fails on command, for fault-injection tests.
+//! [`FaultyStore`]: a store wrapper that fails on command or at random, for fault-injection tests.
 //!
-//! Every call goes to the wrapped store unless a fault is armed for it; an injected failure is a
-//! [`StoreError::Storage`] (as from a failed disk or connection) or, for snapshots, a
-//! [`StoreError::Corrupt`], and the wrapped store is not touched by the failed call.
+//! Every call goes to the wrapped store unless a fault is armed for it. Three kinds of failure:
+//! - refused: the call fails with [`StoreError::Storage`] (as from a failed disk or connection)
+//!   and the wrapped store is not touched;
+//! - lost reply: the call reaches the wrapped store and takes effect, but the caller gets
+//!   [`StoreError::Unavailable`] and cannot tell that it happened — the hardest case for anyone
+//!   who retries;
+//! - corrupt snapshot: loading a chosen snapshot fails with [`StoreError::Corrupt`].
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -19,10 +23,11 @@ use loom_core::{
 };
 use serde_json::Value;
 
-/// Which faults are armed. Counters fail the next N calls; flags fail every call while set.
+/// Which faults are armed. Counters fail the next N calls; flags fail every call while set;
+/// percentages fail writes at random (seeded with [`Faults::seed`]).
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// Fail the next N `commit_turn` and `append` calls.
+    /// Fail (refuse) the next N `commit_turn` and `append` calls.
     pub fail_writes: AtomicU32,
     /// Fail every lease renewal while set.
     pub fail_renewals: AtomicBool,
@@ -30,6 +35,11 @@ pub struct Faults {
     pub fail_leases: AtomicU32,
     /// Fail the next N journal reads (`read`, `info`, `load_snapshot`).
     pub fail_reads: AtomicU32,
+    /// Percent of writes (appends, turns, enqueues, leases, acks, nacks) refused at random.
+    pub refused_percent: AtomicU32,
+    /// Percent of writes that take effect but whose reply is lost, at random.
+    pub lost_reply_percent: AtomicU32,
+    rng: Mutex<Option<fastrand::Rng>>,
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
     /// How many failures were injected.
     pub injected: AtomicU64,
@@ -44,6 +54,17 @@ impl Faults {
             .insert((actor.clone(), seq));
     }
 
+    /// Seeds the random faults (a run is reproduced from its seed).
+    pub fn seed(&self, seed: u64) {
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = Some(fastrand::Rng::with_seed(seed));
+    }
+
+    /// Disarms every random fault.
+    pub fn calm(&self) {
+        self.refused_percent.store(0, Ordering::SeqCst);
+        self.lost_reply_percent.store(0, Ordering::SeqCst);
+    }
+
     fn take(&self, counter: &AtomicU32) -> bool {
         let hit = counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -52,6 +73,38 @@ impl Faults {
             self.injected.fetch_add(1, Ordering::Relaxed);
         }
         hit
+    }
+
+    fn roll(&self, percent: &AtomicU32) -> bool {
+        let p = percent.load(Ordering::Relaxed);
+        if p == 0 {
+            return false;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = rng
+            .get_or_insert_with(|| fastrand::Rng::with_seed(0))
+            .u32(0..100)
+            < p;
+        if hit {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    /// Before a write: refuse it at random.
+    fn before(&self, what: &'static str) -> StoreResult<()> {
+        if self.roll(&self.refused_percent) {
+            return Err(injected(what));
+        }
+        Ok(())
+    }
+
+    /// After a write: lose its reply at random (only if it took effect).
+    fn after<T>(&self, what: &'static str, r: StoreResult<T>) -> StoreResult<T> {
+        if r.is_ok() && self.roll(&self.lost_reply_percent) {
+            return Err(StoreError::unavailable("faulty", Injected(what)));
+        }
+        r
     }
 }
 
@@ -80,6 +133,17 @@ impl FaultyStore {
             faults: Arc::new(Faults::default()),
         }
     }
+
+    /// Runs a write through the armed faults.
+    async fn write<T>(
+        &self,
+        what: &'static str,
+        f: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        self.faults.before(what)?;
+        let r = f.await;
+        self.faults.after(what, r)
+    }
 }
 
 #[async_trait]
@@ -93,7 +157,8 @@ impl JournalStore for FaultyStore {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("append"));
         }
-        self.inner.append(actor, expected_next, entries).await
+        self.write("append", self.inner.append(actor, expected_next, entries))
+            .await
     }
 
     fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
@@ -120,7 +185,11 @@ impl JournalStore for FaultyStore {
         snapshot: &Snapshot,
         keep: usize,
     ) -> StoreResult<()> {
-        self.inner.save_snapshot(actor, snapshot, keep).await
+        self.write(
+            "save_snapshot",
+            self.inner.save_snapshot(actor, snapshot, keep),
+        )
+        .await
     }
 
     async fn load_snapshot(
@@ -154,7 +223,7 @@ impl JournalStore for FaultyStore {
     }
 
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
-        self.inner.trim(actor, through).await
+        self.write("trim", self.inner.trim(actor, through)).await
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
@@ -173,30 +242,34 @@ impl JournalStore for FaultyStore {
 #[async_trait]
 impl Mailbox for FaultyStore {
     async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
-        self.inner.enqueue(msg, deliver_at).await
+        self.write("enqueue", self.inner.enqueue(msg, deliver_at))
+            .await
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
         if self.faults.take(&self.faults.fail_leases) {
             return Err(injected("lease"));
         }
-        self.inner.lease(actor, opts).await
+        self.write("lease", self.inner.lease(actor, opts)).await
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
-        self.inner.ack(receipt).await
+        self.write("ack", self.inner.ack(receipt)).await
     }
 
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
-        self.inner.nack(receipt, delay, error).await
+        self.write("nack", self.inner.nack(receipt, delay, error))
+            .await
     }
 
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
-        self.inner.extend(receipt, visibility).await
+        self.write("extend", self.inner.extend(receipt, visibility))
+            .await
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
-        self.inner.dead_letter(receipt, reason).await
+        self.write("dead_letter", self.inner.dead_letter(receipt, reason))
+            .await
     }
 
     async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
@@ -223,7 +296,8 @@ impl Mailbox for FaultyStore {
 #[async_trait]
 impl LeaseManager for FaultyStore {
     async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
-        self.inner.acquire(actor, owner, ttl).await
+        self.write("acquire", self.inner.acquire(actor, owner, ttl))
+            .await
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
@@ -231,7 +305,7 @@ impl LeaseManager for FaultyStore {
             self.faults.injected.fetch_add(1, Ordering::Relaxed);
             return Err(injected("renew"));
         }
-        self.inner.renew(lease, ttl).await
+        self.write("renew", self.inner.renew(lease, ttl)).await
     }
 
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
@@ -251,7 +325,8 @@ impl IdempotencyStore for FaultyStore {
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Reservation> {
-        self.inner.reserve(actor, key, ttl).await
+        self.write("reserve", self.inner.reserve(actor, key, ttl))
+            .await
     }
 
     async fn complete(
@@ -261,7 +336,8 @@ impl IdempotencyStore for FaultyStore {
         result: &Value,
         ttl: Duration,
     ) -> StoreResult<()> {
-        self.inner.complete(actor, key, result, ttl).await
+        self.write("complete", self.inner.complete(actor, key, result, ttl))
+            .await
     }
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
@@ -287,7 +363,8 @@ impl Store for FaultyStore {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("commit_turn"));
         }
-        self.inner.commit_turn(turn).await
+        self.write("commit_turn", self.inner.commit_turn(turn))
+            .await
     }
 
     async fn enqueue_once(
@@ -297,6 +374,10 @@ impl Store for FaultyStore {
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Enqueued> {
-        self.inner.enqueue_once(msg, deliver_at, key, ttl).await
+        self.write(
+            "enqueue_once",
+            self.inner.enqueue_once(msg, deliver_at, key, ttl),
+        )
+        .await
     }
 }

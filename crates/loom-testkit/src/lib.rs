@@ -24,5 +24,6 @@ mod fixture;
 pub mod model;
 pub mod runtime;
 pub mod servers;
+pub mod torture;
 
 pub use fixture::{Factory, Fixture};

@@ -65,6 +65,7 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         compact_journal_works_without_the_actors_code,
         compact_journal_keeps_what_an_unfinished_invocation_needs,
         first_state_change_replaces_the_whole_state,
+        bank_keeps_its_books_through_random_store_faults,
     ]
 }
 
@@ -1314,5 +1315,63 @@ async fn first_state_change_replaces_the_whole_state(h: &Harness) {
         patches[1],
         json!([{"op": "replace", "path": "/balance", "value": 10}, {"op": "replace", "path": "/deposits", "value": 2}])
     );
+    rt.shutdown().await;
+}
+
+async fn bank_keeps_its_books_through_random_store_faults(h: &Harness) {
+    use loom_bench::bank::Bank;
+    use std::sync::atomic::Ordering::SeqCst;
+    let seed = fastrand::u64(..);
+    eprintln!("random store faults with seed {seed}");
+    h.faults.seed(seed);
+    let mut config = Harness::config();
+    // Enough attempts that a message is not given up on because of injected faults alone.
+    config.retry.max_attempts = 12;
+    let rt = Bank::register(loom_core::Runtime::builder().store(h.store.clone()))
+        .config(config)
+        .start()
+        .await
+        .expect("runtime");
+    let bank = Bank {
+        accounts: 8,
+        transfers: 200,
+        concurrency: 32,
+        seed,
+        ..Bank::default()
+    };
+    h.faults.refused_percent.store(5, SeqCst);
+    h.faults.lost_reply_percent.store(5, SeqCst);
+    // A client retries each request until it is acknowledged; idempotency keys make that safe.
+    while bank.open_accounts(&rt).await.is_err() {}
+    futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(bank.ids()),
+        bank.concurrency,
+        |i| {
+            let (bank, rt) = (&bank, &rt);
+            async move {
+                let mut tries = 0;
+                while let Err(e) = bank.start(rt, i).await {
+                    tries += 1;
+                    assert!(tries < 100, "transfer {i} never acknowledged: {e}");
+                }
+            }
+        },
+    )
+    .await;
+    let statuses = bank
+        .settle(&rt, WAIT * 3, |_| {})
+        .await
+        .expect("every transfer settles");
+    assert!(
+        h.faults.injected.load(SeqCst) > 20,
+        "too few faults were injected to prove anything"
+    );
+    h.faults.calm();
+    let verified = bank
+        .verify(&rt, &statuses)
+        .await
+        .expect("the books balance after random faults");
+    assert_eq!(verified.done + verified.refused, bank.transfers);
+    assert!(rt.parked().is_empty(), "{:?}", rt.parked());
     rt.shutdown().await;
 }
