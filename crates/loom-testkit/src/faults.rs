@@ -381,3 +381,71 @@ impl Store for FaultyStore {
         .await
     }
 }
+
+/// A redb storage backend over a file that fails writes, fsyncs or reads on command: faults
+/// under the embedded store, where its group commit meets the disk.
+#[derive(Debug)]
+pub struct FaultyDisk {
+    inner: loom_core::embedded::FileBackend,
+    /// The armed faults.
+    pub faults: Arc<DiskFaults>,
+}
+
+/// The faults a [`FaultyDisk`] can inject; counters fail the next N calls.
+#[derive(Debug, Default)]
+pub struct DiskFaults {
+    /// Fail the next N `fdatasync`s.
+    pub fail_syncs: AtomicU32,
+    /// Fail the next N writes.
+    pub fail_writes: AtomicU32,
+    /// Fail the next N reads.
+    pub fail_reads: AtomicU32,
+    /// How many failures were injected.
+    pub injected: AtomicU64,
+}
+
+impl DiskFaults {
+    fn hit(&self, counter: &AtomicU32, what: &str) -> std::io::Result<()> {
+        if counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(std::io::Error::other(format!("injected {what} failure")));
+        }
+        Ok(())
+    }
+}
+
+impl FaultyDisk {
+    /// Opens (creating) `path` with no fault armed.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        Ok(FaultyDisk {
+            inner: loom_core::embedded::FileBackend::new(file).map_err(std::io::Error::other)?,
+            faults: Arc::default(),
+        })
+    }
+}
+
+impl loom_core::embedded::StorageBackend for FaultyDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.faults.hit(&self.faults.fail_reads, "read")?;
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.faults.hit(&self.faults.fail_syncs, "fdatasync")?;
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.faults.hit(&self.faults.fail_writes, "write")?;
+        self.inner.write(offset, data)
+    }
+}

@@ -16,7 +16,7 @@ mod journal;
 mod lease;
 mod lock;
 mod mailbox;
-pub(crate) mod tables;
+pub mod tables;
 mod turn;
 mod writer;
 
@@ -30,6 +30,9 @@ use crate::codec::CodecError;
 use crate::error::{StoreError, StoreResult};
 
 pub use lock::LOCK_FILE;
+/// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
+pub use redb::StorageBackend;
+pub use redb::backends::FileBackend;
 use lock::{DirLock, with_path};
 use tables::{LAYOUT_VERSION, META, se};
 use writer::Writer;
@@ -133,6 +136,16 @@ impl EmbeddedStore {
             )));
         }
         Self::open(dir)
+    }
+
+    /// A store on any redb storage backend (a fault-injecting one in tests, say). No directory
+    /// and no lock file: the caller keeps other processes out of the storage.
+    pub fn on_backend(backend: impl redb::StorageBackend, options: EmbeddedOptions) -> StoreResult<Self> {
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create_with_backend(backend)
+            .map_err(se)?;
+        Self::start(db, None, None)
     }
 
     /// A store in memory: the same engine and rules, nothing on disk, gone when dropped.

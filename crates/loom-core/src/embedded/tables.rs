@@ -1,49 +1,50 @@
 //! The embedded store's tables. Each table's key and value layout, and the invariant that ties
-//! it to the others, is written next to its definition.
+//! it to the others, is written next to its definition. Public for tools that read a data file
+//! directly (forensics, corruption tests); write to them only through [`super::EmbeddedStore`].
 
 use redb::TableDefinition;
 
 use crate::error::StoreError;
 
 /// Backend name in errors.
-pub(super) const BACKEND: &str = "embedded";
+pub const BACKEND: &str = "embedded";
 
 /// The table layout this build writes; a data file with another layout is refused on open.
-pub(super) const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 1;
 
 /// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given.
-pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// `(actor, seq)` → an entry frame (see [`crate::codec`]). Holds exactly the seqs
 /// `trimmed_through + 1 ..= highest` of [`JOURNAL_META`]: appends add at the top, trims and
 /// deletes remove from the bottom, nothing else writes here.
-pub(super) const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
+pub const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("journal");
 
 /// `actor` → `(highest, trimmed_through)`. Both only grow: a seq is never reused, and entries once
 /// trimmed never come back. `trimmed_through <= highest`.
-pub(super) const JOURNAL_META: TableDefinition<&str, (u64, u64)> =
+pub const JOURNAL_META: TableDefinition<&str, (u64, u64)> =
     TableDefinition::new("journal_meta");
 
 /// `(actor, seq)` → a snapshot frame. Only the newest `keep` are kept; none is below
 /// `trimmed_through`, and `trimmed_through` never passes the oldest one (when one exists).
-pub(super) const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
+pub const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
 
 /// `(actor, position)` → the message's envelope frame, written once at enqueue.
-pub(super) const MESSAGES: TableDefinition<(&str, u64), &[u8]> =
+pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("mailbox_messages");
 
 /// `(actor, position)` → `(due_at_ms, visible_at_ms, deliveries, message_id)`: the message's
 /// delivery state, and its id so that a receipt is checked against the message it names.
-pub(super) const MESSAGE_STATE: TableDefinition<(&str, u64), (u64, u64, u32, u128)> =
+pub const MESSAGE_STATE: TableDefinition<(&str, u64), (u64, u64, u32, u128)> =
     TableDefinition::new("mailbox_state");
 
 /// `(actor, position)` → the error of the message's last nack.
-pub(super) const MESSAGE_ERRORS: TableDefinition<(&str, u64), &str> =
+pub const MESSAGE_ERRORS: TableDefinition<(&str, u64), &str> =
     TableDefinition::new("mailbox_errors");
 
 /// `(actor, due_at_ms, position)` → `()`: the actor's waiting messages in the order they are
 /// handed out. The actor's *current* message (out, or waiting for a retry) is not here.
-pub(super) const QUEUE: TableDefinition<(&str, u64, u64), ()> =
+pub const QUEUE: TableDefinition<(&str, u64, u64), ()> =
     TableDefinition::new("mailbox_queue");
 
 /// `actor` → `(last_position, current_position or 0, ready_at_ms, count, last_due_ms)`.
@@ -51,34 +52,34 @@ pub(super) const QUEUE: TableDefinition<(&str, u64, u64), ()> =
 /// `visible_at` if there is one, else the first [`QUEUE`] key's due time; `u64::MAX` when the
 /// mailbox is empty. `last_due` keeps due times of undelayed messages from going backwards when
 /// the clock does, so they are handed out in the order sent.
-pub(super) const MAILBOX_META: TableDefinition<&str, (u64, u64, u64, u64, u64)> =
+pub const MAILBOX_META: TableDefinition<&str, (u64, u64, u64, u64, u64)> =
     TableDefinition::new("mailbox_meta");
 
 /// `(ready_at_ms, actor)` → `()`: one key per non-empty mailbox, mirroring `ready_at` in
 /// [`MAILBOX_META`].
-pub(super) const READY: TableDefinition<(u64, &str), ()> = TableDefinition::new("mailbox_ready");
+pub const READY: TableDefinition<(u64, &str), ()> = TableDefinition::new("mailbox_ready");
 
 /// dead-letter id → a dead-letter frame.
-pub(super) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
 /// `actor` → a lease frame. Kept after release or expiry, so the next token is always larger.
-pub(super) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+pub const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// `(actor, key)` → an idempotency frame.
-pub(super) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("idempotency");
 
 /// `(expires_at_ms, actor, key)` → `()`: one key per [`IDEMPOTENCY`] record, for purging.
-pub(super) const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
+pub const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
 /// Wraps a redb failure.
-pub(super) fn se(e: impl Into<redb::Error>) -> StoreError {
+pub(crate) fn se(e: impl Into<redb::Error>) -> StoreError {
     StoreError::storage(BACKEND, e.into())
 }
 
 /// Creates every table, so that read transactions always find them.
-pub(super) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(META)?;
     txn.open_table(JOURNAL)?;
     txn.open_table(JOURNAL_META)?;
