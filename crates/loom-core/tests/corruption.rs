@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use loom_core::embedded::{DATA_FILE, tables};
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError};
-use redb::{ReadableTable, ReadableDatabase};
+use redb::{ReadableDatabase, ReadableTable};
 use serde_json::json;
 
 const ACTORS: u32 = 12;
@@ -20,7 +20,12 @@ fn id(n: u32) -> ActorId {
 }
 
 fn entry(n: u32, seq: u64) -> Entry {
-    let mut e = Entry::new(seq, EntryKind::Completed { reply: json!({ "actor": n, "seq": seq, "pad": "p".repeat(40) }) });
+    let mut e = Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "actor": n, "seq": seq, "pad": "p".repeat(40) }),
+        },
+    );
     e.at = loom_core::Timestamp::from_millis(1_700_000_000_000 + seq);
     e
 }
@@ -50,13 +55,23 @@ async fn read_all(dir: &Path) -> (u64, u64) {
         loop {
             match s.try_next().await {
                 Ok(Some(e)) => {
-                    assert_eq!(e, entry(n, e.seq), "actor {n}: wrong data served at seq {}", e.seq);
+                    assert_eq!(
+                        e,
+                        entry(n, e.seq),
+                        "actor {n}: wrong data served at seq {}",
+                        e.seq
+                    );
                     served += 1;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     assert!(
-                        matches!(e, StoreError::Corrupt { .. } | StoreError::Storage { .. } | StoreError::Gap { .. }),
+                        matches!(
+                            e,
+                            StoreError::Corrupt { .. }
+                                | StoreError::Storage { .. }
+                                | StoreError::Gap { .. }
+                        ),
                         "unexpected error kind: {e:?}"
                     );
                     errors += 1;
@@ -86,7 +101,10 @@ async fn flipped_bytes_are_detected_or_harmless_never_served() {
         let (_served, errors) = read_all(dir.path()).await;
         detected += errors;
     }
-    assert!(detected > 0, "40 damaged files and not one error: the checks do not run");
+    assert!(
+        detected > 0,
+        "40 damaged files and not one error: the checks do not run"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +130,12 @@ impl loom_core::Actor for Counter {
     type Message = u64;
     type Reply = u64;
 
-    async fn handle(&self, n: &mut u64, _ctx: &mut loom_core::Context<'_>, add: u64) -> Result<u64, loom_core::Rejected> {
+    async fn handle(
+        &self,
+        n: &mut u64,
+        _ctx: &mut loom_core::Context<'_>,
+        add: u64,
+    ) -> Result<u64, loom_core::Rejected> {
         *n += add;
         Ok(*n)
     }
@@ -162,14 +185,18 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
             newest = key;
             let mid = value.len() / 2;
             value[mid] ^= 0x20;
-            snaps.insert(("counter/c", key), value.as_slice()).expect("write the damage");
+            snaps
+                .insert(("counter/c", key), value.as_slice())
+                .expect("write the damage");
         }
         txn.commit().expect("commit");
     }
     let store = EmbeddedStore::open(dir.path()).expect("reopen");
     let a = ActorId::new("counter", "c").unwrap();
     match store.load_snapshot(&a, newest).await {
-        Err(StoreError::Corrupt { what, .. }) => assert!(what.contains(&format!("snapshot {newest}")), "{what}"),
+        Err(StoreError::Corrupt { what, .. }) => {
+            assert!(what.contains(&format!("snapshot {newest}")), "{what}")
+        }
         other => panic!("a damaged snapshot was served: {other:?}"),
     }
     let rt = Runtime::builder()
@@ -179,7 +206,15 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
         .start()
         .await
         .expect("runtime");
-    assert_eq!(rt.actor::<Counter>("c").ask(0).await.expect("ask"), 40, "the fallback lost state");
-    assert_eq!(rt.metrics().corrupt_snapshots, 1, "the fallback was not reported");
+    assert_eq!(
+        rt.actor::<Counter>("c").ask(0).await.expect("ask"),
+        40,
+        "the fallback lost state"
+    );
+    assert_eq!(
+        rt.metrics().corrupt_snapshots,
+        1,
+        "the fallback was not reported"
+    );
     rt.shutdown().await;
 }

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use futures::TryStreamExt;
-use loom_core::{ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError};
+use loom_core::{
+    ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError,
+};
 use loom_testkit::faults::FaultyDisk;
 use serde_json::json;
 
@@ -17,18 +19,29 @@ fn id(n: u32) -> ActorId {
 }
 
 fn entry(n: u32, seq: u64) -> Entry {
-    Entry::new(seq, EntryKind::Completed { reply: json!({ "actor": n, "seq": seq }) })
+    Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "actor": n, "seq": seq }),
+        },
+    )
 }
 
 /// Appends `rounds` times to 8 actors at once; returns what was acknowledged and the errors.
-async fn load(store: &EmbeddedStore, acked: &mut HashMap<u32, u64>, rounds: u32) -> Vec<StoreError> {
+async fn load(
+    store: &EmbeddedStore,
+    acked: &mut HashMap<u32, u64>,
+    rounds: u32,
+) -> Vec<StoreError> {
     let mut errors = Vec::new();
     for _ in 0..rounds {
         let mut tasks = Vec::new();
         for n in 0..8 {
             let store = store.clone();
             let next = acked.get(&n).copied().unwrap_or(0) + 1;
-            tasks.push(tokio::spawn(async move { (n, next, store.append(&id(n), next, &[entry(n, next)]).await) }));
+            tasks.push(tokio::spawn(async move {
+                (n, next, store.append(&id(n), next, &[entry(n, next)]).await)
+            }));
         }
         for t in tasks {
             let (n, next, r) = t.await.expect("task");
@@ -47,8 +60,16 @@ async fn load(store: &EmbeddedStore, acked: &mut HashMap<u32, u64>, rounds: u32)
 async fn check(dir: &std::path::Path, acked: &HashMap<u32, u64>) {
     let store = EmbeddedStore::open(dir).expect("reopen after the faults");
     for (n, want) in acked {
-        let entries: Vec<Entry> = store.read(&id(*n), SeqRange::all()).try_collect().await.expect("read");
-        assert!(entries.len() as u64 >= *want, "actor {n}: acknowledged {want}, found {}", entries.len());
+        let entries: Vec<Entry> = store
+            .read(&id(*n), SeqRange::all())
+            .try_collect()
+            .await
+            .expect("read");
+        assert!(
+            entries.len() as u64 >= *want,
+            "actor {n}: acknowledged {want}, found {}",
+            entries.len()
+        );
         for (i, e) in entries.iter().enumerate() {
             assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap");
             assert_eq!(e.kind, entry(*n, e.seq).kind);
@@ -61,16 +82,23 @@ async fn fault(arm: impl FnOnce(&loom_testkit::faults::DiskFaults)) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut acked = HashMap::new();
     {
-        let disk = FaultyDisk::open(&dir.path().join(loom_core::embedded::DATA_FILE)).expect("open file");
+        let disk =
+            FaultyDisk::open(&dir.path().join(loom_core::embedded::DATA_FILE)).expect("open file");
         let faults = disk.faults.clone();
         let store = EmbeddedStore::on_backend(disk, EmbeddedOptions::default()).expect("store");
         assert!(load(&store, &mut acked, 5).await.is_empty());
         arm(&faults);
         let errors = load(&store, &mut acked, 5).await;
-        assert!(faults.injected.load(Ordering::SeqCst) > 0, "the fault was never hit");
+        assert!(
+            faults.injected.load(Ordering::SeqCst) > 0,
+            "the fault was never hit"
+        );
         assert!(!errors.is_empty(), "a failed commit was acknowledged");
         for e in &errors {
-            assert!(matches!(e, StoreError::Storage { .. } | StoreError::Conflict { .. }), "untyped failure: {e:?}");
+            assert!(
+                matches!(e, StoreError::Storage { .. } | StoreError::Conflict { .. }),
+                "untyped failure: {e:?}"
+            );
         }
     }
     check(dir.path(), &acked).await;
@@ -89,7 +117,8 @@ async fn a_failed_write_is_never_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_read_is_a_typed_error() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let disk = FaultyDisk::open(&dir.path().join(loom_core::embedded::DATA_FILE)).expect("open file");
+    let disk =
+        FaultyDisk::open(&dir.path().join(loom_core::embedded::DATA_FILE)).expect("open file");
     let faults = disk.faults.clone();
     // A tiny cache, so that reads go to the disk.
     let store = EmbeddedStore::on_backend(disk, EmbeddedOptions { cache_bytes: 0 }).expect("store");

@@ -406,7 +406,10 @@ pub struct DiskFaults {
 
 impl DiskFaults {
     fn hit(&self, counter: &AtomicU32, what: &str) -> std::io::Result<()> {
-        if counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
+        if counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
             self.injected.fetch_add(1, Ordering::Relaxed);
             return Err(std::io::Error::other(format!("injected {what} failure")));
         }
@@ -417,7 +420,12 @@ impl DiskFaults {
 impl FaultyDisk {
     /// Opens (creating) `path` with no fault armed.
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         Ok(FaultyDisk {
             inner: loom_core::embedded::FileBackend::new(file).map_err(std::io::Error::other)?,
             faults: Arc::default(),

@@ -30,10 +30,10 @@ use crate::codec::CodecError;
 use crate::error::{StoreError, StoreResult};
 
 pub use lock::LOCK_FILE;
+use lock::{DirLock, with_path};
 /// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
 pub use redb::StorageBackend;
 pub use redb::backends::FileBackend;
-use lock::{DirLock, with_path};
 use tables::{LAYOUT_VERSION, META, se};
 use writer::Writer;
 
@@ -140,7 +140,10 @@ impl EmbeddedStore {
 
     /// A store on any redb storage backend (a fault-injecting one in tests, say). No directory
     /// and no lock file: the caller keeps other processes out of the storage.
-    pub fn on_backend(backend: impl redb::StorageBackend, options: EmbeddedOptions) -> StoreResult<Self> {
+    pub fn on_backend(
+        backend: impl redb::StorageBackend,
+        options: EmbeddedOptions,
+    ) -> StoreResult<Self> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)

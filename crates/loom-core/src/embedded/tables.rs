@@ -22,16 +22,14 @@ pub const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("j
 
 /// `actor` → `(highest, trimmed_through)`. Both only grow: a seq is never reused, and entries once
 /// trimmed never come back. `trimmed_through <= highest`.
-pub const JOURNAL_META: TableDefinition<&str, (u64, u64)> =
-    TableDefinition::new("journal_meta");
+pub const JOURNAL_META: TableDefinition<&str, (u64, u64)> = TableDefinition::new("journal_meta");
 
 /// `(actor, seq)` → a snapshot frame. Only the newest `keep` are kept; none is below
 /// `trimmed_through`, and `trimmed_through` never passes the oldest one (when one exists).
 pub const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
 
 /// `(actor, position)` → the message's envelope frame, written once at enqueue.
-pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> =
-    TableDefinition::new("mailbox_messages");
+pub const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("mailbox_messages");
 
 /// `(actor, position)` → `(due_at_ms, visible_at_ms, deliveries, message_id)`: the message's
 /// delivery state, and its id so that a receipt is checked against the message it names.
@@ -44,8 +42,7 @@ pub const MESSAGE_ERRORS: TableDefinition<(&str, u64), &str> =
 
 /// `(actor, due_at_ms, position)` → `()`: the actor's waiting messages in the order they are
 /// handed out. The actor's *current* message (out, or waiting for a retry) is not here.
-pub const QUEUE: TableDefinition<(&str, u64, u64), ()> =
-    TableDefinition::new("mailbox_queue");
+pub const QUEUE: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("mailbox_queue");
 
 /// `actor` → `(last_position, current_position or 0, ready_at_ms, count, last_due_ms)`.
 /// `ready_at` is exactly when the actor next has something to hand out: the current message's
@@ -66,8 +63,7 @@ pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead
 pub const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 
 /// `(actor, key)` → an idempotency frame.
-pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
-    TableDefinition::new("idempotency");
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
 
 /// `(expires_at_ms, actor, key)` → `()`: one key per [`IDEMPOTENCY`] record, for purging.
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
