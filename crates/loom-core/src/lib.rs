@@ -51,6 +51,6 @@ pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
     JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record,
-    Reservation, SeqRange, Settle, Store, Turn,
+    Reservation, SeqRange, Settle, Store, Turn, Waiting,
 };
 pub use time::Timestamp;

@@ -86,6 +86,31 @@ impl Keys {
         format!("{}:dlseq", self.prefix)
     }
 
+    /// Matches the mailbox meta key of every actor.
+    pub(crate) fn mailbox_pattern(&self) -> String {
+        format!("{}:{{*}}:mm", self.prefix)
+    }
+
+    /// The actor whose key `key` is (the inverse of the naming above).
+    pub(crate) fn actor_of(&self, key: &str) -> Option<ActorId> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let end = rest.rfind("}:")?;
+        let tag = &rest[..end];
+        if tag.contains('/') {
+            return tag.parse().ok();
+        }
+        // Hex-encoded (the id had braces): "x" then two hex digits per byte.
+        let hex = tag.strip_prefix('x')?;
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect();
+        String::from_utf8(bytes?).ok()?.parse().ok()
+    }
+
     /// Every key of this prefix matches this pattern (for tools that clean up a prefix).
     pub(crate) fn pattern(&self) -> String {
         format!("{}:*", self.prefix)
@@ -108,5 +133,7 @@ mod tests {
             j.starts_with("p:{x") && j.ends_with("}:j") && j.matches('{').count() == 1,
             "{j}"
         );
+        assert_eq!(k.actor_of(&k.mailbox(&b).mm), Some(b));
+        assert_eq!(k.actor_of(&k.mailbox(&a).mm), Some(a));
     }
 }

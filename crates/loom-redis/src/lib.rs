@@ -113,6 +113,8 @@ pub(crate) struct Scripts {
     pub(crate) abandon: Script,
     pub(crate) lookup: Script,
     pub(crate) turn: Script,
+    pub(crate) begin_at: Script,
+    pub(crate) messages: Script,
 }
 
 impl Scripts {
@@ -136,6 +138,8 @@ impl Scripts {
             abandon: script("abandon"),
             lookup: script("lookup"),
             turn: script("turn"),
+            begin_at: script("begin_at"),
+            messages: script("messages"),
         }
     }
 }

@@ -445,3 +445,35 @@ local function lookup(KEYS, ARGV)
   if not v then return { 'none' } end
   return { 'ok', v, tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
 end
+
+-- KEYS: jm, actors   ARGV: actor, through
+local function begin_at(KEYS, ARGV)
+  local h = num(redis.call('HGET', KEYS[1], 'h'))
+  if h ~= 0 then return { 'conflict', tostring(h + 1) } end
+  local t = tonumber(ARGV[2])
+  if t > 0 then
+    redis.call('HSET', KEYS[1], 'h', t, 't', t)
+    redis.call('ZADD', KEYS[2], 0, ARGV[1])
+  end
+  return { 'ok' }
+end
+
+-- KEYS: mm, mq, md, mdx   Lists every waiting message: { cur, [pos, frame, due]... }
+local function messages(KEYS, ARGV)
+  local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+    local f = mb_fields(e)
+    out[#out + 1] = f.p
+    out[#out + 1] = f.m
+    out[#out + 1] = '0'
+  end
+  local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+  for i = 1, #delayed, 2 do
+    local v = redis.call('HGET', KEYS[4], delayed[i])
+    local bar = string.find(v, '|', 1, true)
+    out[#out + 1] = delayed[i]
+    out[#out + 1] = string.sub(v, bar + 1)
+    out[#out + 1] = delayed[i + 1]
+  end
+  return out
+end

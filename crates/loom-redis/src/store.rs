@@ -7,8 +7,8 @@ use loom_core::codec::{self, CodecError, RecordType};
 use loom_core::store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
     JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Receipt, Reservation, SeqRange,
-    Settle, Store, Turn, check_owner, paged_read, prepare_append, prepare_message, prepare_result,
-    prepare_snapshot,
+    Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
+    prepare_result, prepare_snapshot,
 };
 use loom_core::{
     ActorId, Entry, Envelope, IdempotencyKey, Seq, Snapshot, StoreError, StoreResult, Timestamp,
@@ -380,6 +380,26 @@ impl JournalStore for RedisStore {
         Ok(())
     }
 
+    async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let k = self.keys.journal(actor);
+        let r = self
+            .run(
+                &self.scripts.begin_at,
+                &[&k.jm, &self.keys.actors()],
+                vec![s(actor.as_str()), s(through)],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => Ok(()),
+            "conflict" => Err(StoreError::Conflict {
+                actor: actor.clone(),
+                expected: 1,
+                actual: number(r.get(1), "next seq")?,
+            }),
+            other => Err(unexpected(format!("begin_at replied {other}"))),
+        }
+    }
+
     async fn list_actors(
         &self,
         after: Option<&ActorId>,
@@ -518,6 +538,94 @@ impl Mailbox for RedisStore {
             .await
             .map_err(re)?;
         Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        let m = self.keys.mailbox(actor);
+        let r = self
+            .run(
+                &self.scripts.messages,
+                &[&m.mm, &m.mq, &m.md, &m.mdx],
+                vec![],
+            )
+            .await?;
+        let current = number(r.first(), "current position")?;
+        let mut out = Vec::new();
+        for chunk in r[1..].chunks(3) {
+            let position = number(chunk.first(), "position")?;
+            if after.is_some_and(|a| position <= a) {
+                continue;
+            }
+            let frame = bytes(chunk.get(1)).ok_or_else(|| unexpected("message without a frame"))?;
+            let envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
+                StoreError::corrupt(
+                    format!("message at position {position} of {actor}'s mailbox"),
+                    e,
+                )
+            })?;
+            let due = number(chunk.get(2), "due")?;
+            out.push(Waiting {
+                position,
+                envelope,
+                deliver_at: (due > 0).then(|| Timestamp::from_millis(due)),
+                out: position == current,
+            });
+        }
+        out.sort_by_key(|w| w.position);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let mut conn = self.conn();
+        let pattern = self.keys.mailbox_pattern();
+        let mut cursor: u64 = 0;
+        let mut found = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            for k in keys {
+                if let Some(actor) = self.keys.actor_of(&k) {
+                    found.push((actor, k));
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.sort();
+        let mut out = Vec::new();
+        for (actor, key) in found {
+            if after.is_some_and(|a| &actor <= a) {
+                continue;
+            }
+            let n: Option<i64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("n")
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            if n.unwrap_or(0) > 0 {
+                out.push(actor);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {

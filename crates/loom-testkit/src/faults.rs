@@ -19,7 +19,7 @@ use loom_core::{
     ActorId, Committed, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope,
     IdempotencyKey, IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions,
     Mailbox, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult,
-    Timestamp, Turn,
+    Timestamp, Turn, Waiting,
 };
 use serde_json::Value;
 
@@ -237,6 +237,11 @@ impl JournalStore for FaultyStore {
     ) -> StoreResult<Vec<ActorId>> {
         self.inner.list_actors(after, limit).await
     }
+
+    async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        self.write("begin_at", self.inner.begin_at(actor, through))
+            .await
+    }
 }
 
 #[async_trait]
@@ -286,6 +291,19 @@ impl Mailbox for FaultyStore {
 
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
         self.inner.dead_letters(after, limit).await
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        self.inner.messages(actor, after, limit).await
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        self.inner.mailboxes(after, limit).await
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {

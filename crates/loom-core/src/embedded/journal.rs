@@ -288,6 +288,27 @@ impl JournalStore for EmbeddedStore {
         self.write(move |txn| delete(txn, &actor)).await
     }
 
+    async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let actor = actor.clone();
+        self.write(move |txn| {
+            let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
+            let (highest, _) = meta_of(&meta, actor.as_str())?;
+            if highest != 0 {
+                return Err(StoreError::Conflict {
+                    actor: actor.clone(),
+                    expected: 1,
+                    actual: highest + 1,
+                });
+            }
+            if through > 0 {
+                meta.insert(actor.as_str(), (through, through))
+                    .map_err(se)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn list_actors(
         &self,
         after: Option<&ActorId>,

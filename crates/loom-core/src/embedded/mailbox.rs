@@ -14,7 +14,9 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
+use crate::store::{
+    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, prepare_message,
+};
 use crate::time::Timestamp;
 
 use super::tables::{
@@ -612,6 +614,81 @@ impl Mailbox for EmbeddedStore {
         self.read(move |txn| {
             let meta = txn.open_table(MAILBOX_META).map_err(se)?;
             Ok(Meta::get(&meta, actor.as_str())?.count)
+        })
+        .await
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        let actor = actor.clone();
+        self.read(move |txn| {
+            let a = actor.as_str();
+            let now = Timestamp::now().as_millis();
+            let meta = Meta::get(&txn.open_table(MAILBOX_META).map_err(se)?, a)?;
+            let state = txn.open_table(MESSAGE_STATE).map_err(se)?;
+            let messages = txn.open_table(MESSAGES).map_err(se)?;
+            let start = after.map_or(0, |p| p.saturating_add(1));
+            let mut out = Vec::new();
+            for item in state
+                .range((a, start)..=(a, u64::MAX))
+                .map_err(se)?
+                .take(limit)
+            {
+                let (k, v) = item.map_err(se)?;
+                let position = k.value().1;
+                let (due, _, _, _) = v.value();
+                let bytes = messages.get((a, position)).map_err(se)?.ok_or_else(|| {
+                    StoreError::storage(
+                        super::tables::BACKEND,
+                        Inconsistent(format!("{a} position {position} has no message")),
+                    )
+                })?;
+                let envelope: Envelope = codec::decode(RecordType::Message, bytes.value())
+                    .map_err(|e| {
+                        StoreError::corrupt(
+                            format!("message at position {position} of {a}'s mailbox"),
+                            e,
+                        )
+                    })?;
+                out.push(Waiting {
+                    position,
+                    envelope,
+                    deliver_at: (due > now).then(|| Timestamp::from_millis(due)),
+                    out: meta.current == position,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let after = after.cloned();
+        self.read(move |txn| {
+            let meta = txn.open_table(MAILBOX_META).map_err(se)?;
+            let iter = match &after {
+                Some(a) => meta.range::<&str>((
+                    std::ops::Bound::Excluded(a.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => meta.range::<&str>(..),
+            }
+            .map_err(se)?;
+            let mut out = Vec::new();
+            for item in iter {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, v) = item.map_err(se)?;
+                if v.value().3 > 0 {
+                    out.push(parse_actor(k.value())?);
+                }
+            }
+            Ok(out)
         })
         .await
     }

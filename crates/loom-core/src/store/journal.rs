@@ -159,6 +159,13 @@ pub trait JournalStore: Send + Sync + 'static {
     /// must use `highest + 1`, so a seq is never reused.
     async fn delete(&self, actor: &ActorId) -> StoreResult<()>;
 
+    /// Makes an actor that has no journal (highest 0) look as if entries `1..=through` had been
+    /// written and trimmed: highest and trim point become `through`, so the next append is
+    /// `through + 1`. For copying a compacted journal to another store (migrate, import); its
+    /// snapshots are saved after. Refused with [`StoreError::Conflict`] if the actor has a
+    /// journal already (expected 1, actual its next seq).
+    async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()>;
+
     /// Actors that have a journal (including deleted ones), in id order, after `after`.
     async fn list_actors(&self, after: Option<&ActorId>, limit: usize)
     -> StoreResult<Vec<ActorId>>;

@@ -55,6 +55,19 @@ pub struct Delivery {
     pub last_error: Option<String>,
 }
 
+/// A message waiting in a mailbox, as [`Mailbox::messages`] lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Waiting {
+    /// Its position.
+    pub position: u64,
+    /// The message.
+    pub envelope: Envelope,
+    /// When it becomes due, if that is still ahead.
+    pub deliver_at: Option<Timestamp>,
+    /// True if it is handed out now (or waiting out a nack delay).
+    pub out: bool,
+}
+
 /// A message that will not be delivered again until it is requeued.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {
@@ -119,6 +132,19 @@ pub trait Mailbox: Send + Sync + 'static {
 
     /// How many messages wait in the actor's mailbox (due or not, out or not).
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64>;
+
+    /// The actor's waiting messages with position greater than `after`, in position order, at
+    /// most `limit` (for tools: inspecting, migrating).
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>>;
+
+    /// Actors whose mailbox holds messages (system mailboxes included), in id order, after
+    /// `after`, at most `limit`.
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>>;
 
     /// Dead letters with id greater than `after`, oldest first, at most `limit`.
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;

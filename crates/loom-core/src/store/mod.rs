@@ -20,7 +20,7 @@ pub use journal::{
     EntryStream, JournalInfo, JournalStore, SeqRange, paged_read, prepare_append, prepare_snapshot,
 };
 pub use lease::{Lease, LeaseManager, check_owner};
-pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, prepare_message};
+pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, prepare_message};
 pub use turn::{Committed, Outgoing, Record, Settle, Turn};
 
 use std::time::Duration;

@@ -63,6 +63,8 @@ pub(super) fn cases() -> Vec<Case> {
         snapshot_below_trim_point_is_refused,
         snapshot_over_the_size_limit_is_refused,
         snapshot_keep_zero_is_refused,
+        begin_at_starts_an_empty_journal_after_a_trim_point,
+        begin_at_is_refused_on_a_journal_that_exists,
     ]
 }
 
@@ -938,4 +940,48 @@ async fn snapshot_keep_zero_is_refused(store: Arc<dyn Store>) {
     let err = store.save_snapshot(&a, &snap(1), 0).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidRequest(_)), "{err:?}");
     assert!(store.info(&a).await.unwrap().snapshots.is_empty());
+}
+
+async fn begin_at_starts_an_empty_journal_after_a_trim_point(store: Arc<dyn Store>) {
+    let a = id("copied");
+    store.begin_at(&a, 40).await.unwrap();
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.highest, info.trimmed_through), (40, 40));
+    assert!(matches!(
+        store.append(&a, 1, &entries(1, 1)).await,
+        Err(StoreError::Conflict { actual: 41, .. })
+    ));
+    store.save_snapshot(&a, &snap(40), 2).await.unwrap();
+    store.append(&a, 41, &entries(41, 45)).await.unwrap();
+    assert_eq!(all_seqs(&*store, &a).await, span(41, 45));
+    assert_eq!(
+        store
+            .load_snapshot(&a, Seq::MAX)
+            .await
+            .unwrap()
+            .map(|s| s.seq),
+        Some(40)
+    );
+    assert!(store.list_actors(None, 10).await.unwrap().contains(&a));
+    store.begin_at(&id("empty"), 0).await.unwrap();
+    assert_eq!(store.highest_seq(&id("empty")).await.unwrap(), 0);
+}
+
+async fn begin_at_is_refused_on_a_journal_that_exists(store: Arc<dyn Store>) {
+    let a = id("a");
+    fill(&*store, &a, 3).await;
+    let err = store.begin_at(&a, 10).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 1,
+                actual: 4,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.highest, info.trimmed_through), (3, 0));
 }

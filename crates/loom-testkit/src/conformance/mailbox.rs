@@ -34,6 +34,7 @@ pub(super) fn cases() -> Vec<Case> {
         message_fields_round_trip,
         extend_keeps_a_message_out_longer,
         event_lanes_are_leased_directly_and_never_listed_as_ready,
+        messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
     ]
 }
 
@@ -498,4 +499,56 @@ async fn event_lanes_are_leased_directly_and_never_listed_as_ready(store: Arc<dy
     assert_eq!(d.envelope.payload, json!({"ok": true}));
     store.ack(&d.receipt).await.unwrap();
     assert_eq!(store.pending(&lane).await.unwrap(), 0);
+}
+
+async fn messages_lists_what_waits_and_mailboxes_lists_who_has_mail(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let later = Timestamp::now() + Duration::from_secs(3600);
+    let m0 = msg(&a, 0);
+    let m1 = msg(&a, 1);
+    let m2 = msg(&a, 2);
+    store.enqueue(&m0, None).await.unwrap();
+    store.enqueue(&m1, Some(later)).await.unwrap();
+    store.enqueue(&m2, None).await.unwrap();
+    store.enqueue(&msg(&b, 0), None).await.unwrap();
+    let lane = a.event_lane("e");
+    store
+        .enqueue(&Envelope::new(lane.clone(), json!(1)), None)
+        .await
+        .unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(d.envelope.id, m0.id);
+    let waiting = store.messages(&a, None, 10).await.unwrap();
+    assert_eq!(
+        waiting.iter().map(|w| w.envelope.id).collect::<Vec<_>>(),
+        vec![m0.id, m1.id, m2.id]
+    );
+    assert!(waiting[0].out && !waiting[1].out && !waiting[2].out);
+    assert_eq!(
+        waiting[1].deliver_at.map(|t| t.as_millis()),
+        Some(later.as_millis())
+    );
+    assert!(waiting[0].deliver_at.is_none() && waiting[2].deliver_at.is_none());
+    let rest = store
+        .messages(&a, Some(waiting[0].position), 1)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].envelope.id, m1.id);
+    let mut boxes = store.mailboxes(None, 10).await.unwrap();
+    boxes.sort();
+    let mut want = vec![a.clone(), b.clone(), lane];
+    want.sort();
+    assert_eq!(boxes, want);
+    store.ack(&d.receipt).await.unwrap();
+    let db = store.lease(&b, long()).await.unwrap().expect("b");
+    store.ack(&db.receipt).await.unwrap();
+    assert!(
+        !store.mailboxes(None, 10).await.unwrap().contains(&b),
+        "an empty mailbox was listed"
+    );
+    let page = store.mailboxes(None, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    let next = store.mailboxes(Some(&page[0]), 10).await.unwrap();
+    assert!(!next.contains(&page[0]));
 }
