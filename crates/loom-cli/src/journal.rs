@@ -24,8 +24,18 @@ pub async fn all_actors(store: &dyn Store) -> Result<Vec<ActorId>, Failure> {
     Ok(out)
 }
 
-pub async fn ls(store: &dyn Store) -> Result<(), Failure> {
+pub async fn ls(store: &dyn Store, json: bool) -> Result<(), Failure> {
     let actors = all_actors(store).await?;
+    if json {
+        for a in actors {
+            let info = store.info(&a).await?;
+            out(serde_json::json!({
+                "actor": a.as_str(), "highest": info.highest, "trimmed_through": info.trimmed_through,
+                "entries": info.len(), "snapshots": info.snapshots,
+            }))?;
+        }
+        return Ok(());
+    }
     let width = actors
         .iter()
         .map(|a| a.as_str().len())

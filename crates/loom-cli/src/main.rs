@@ -1,24 +1,27 @@
-//! `loom`: look into, check and benchmark Loom stores.
+//! `loom`: look into, check, repair, move and benchmark Loom stores.
 
+mod admin;
 mod bench;
 mod journal;
 mod output;
 mod store;
 mod torture;
+mod transfer;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loom_core::Seq;
 
 use output::Failure;
-use store::{StoreUrl, open_existing};
+use store::{StoreUrl, open_existing, open_or_create};
 
 #[derive(Parser)]
 #[command(
     name = "loom",
     version,
-    about = "Inspect, verify and benchmark Loom stores"
+    about = "Inspect, verify, repair, move and benchmark Loom stores"
 )]
 struct Cli {
     /// Key prefix on a Redis store (the runtime's default is `loom`).
@@ -28,15 +31,60 @@ struct Cli {
     command: Command,
 }
 
+/// The store option shared by the commands that work on one store.
+#[derive(clap::Args, Clone)]
+struct StoreArg {
+    /// The store: `embedded:PATH`, a directory, or `redis://host[:port]` (also `rediss://`,
+    /// `redis+unix:///path`).
+    #[arg(long, global = true, default_value = "./loom-data")]
+    store: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Journals: list, show, verify.
+    /// Journals: list, show, stats, verify, compact, delete.
     Journal {
-        /// The store: `embedded:PATH`, a directory, or `redis://host[:port]`.
-        #[arg(long, global = true, default_value = "./loom-data")]
-        store: String,
+        #[command(flatten)]
+        store: StoreArg,
         #[command(subcommand)]
         command: JournalCommand,
+    },
+    /// Dead letters: list, requeue.
+    Deadletters {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// Writes every journal, snapshot and waiting message to a file (a versioned line format).
+    Export {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Reads an export file into a store that holds none of its journals; checks the whole file
+    /// first and writes nothing if anything is wrong with it.
+    Import {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The export file.
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
+    /// Copies every journal, snapshot and waiting message from one store to another, then
+    /// verifies the copy. Stop the runtimes using the source first.
+    Migrate {
+        /// The source store.
+        #[arg(long)]
+        from: String,
+        /// The target store (holding none of the source's journals).
+        #[arg(long)]
+        to: String,
+        /// One JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Benchmarks, each measured against a same-run baseline.
     Bench {
@@ -87,7 +135,7 @@ enum Command {
         shape: torture::Shape,
         /// Check instead of run: the file lists the acknowledged transfers.
         #[arg(long = "final")]
-        final_check: Option<std::path::PathBuf>,
+        final_check: Option<PathBuf>,
     },
     /// Internal: one activation run of `loom bench recover`, in its own process.
     #[command(hide = true)]
@@ -104,7 +152,11 @@ enum Command {
 #[derive(Subcommand)]
 enum JournalCommand {
     /// Every actor with a journal: highest seq, trim point, snapshots.
-    Ls,
+    Ls {
+        /// One JSON object per journal.
+        #[arg(long)]
+        json: bool,
+    },
     /// The entries of one actor's journal, one JSON object per line.
     Show {
         /// The actor, as `kind/key`.
@@ -116,25 +168,110 @@ enum JournalCommand {
         #[arg(long, default_value_t = Seq::MAX)]
         to: Seq,
     },
+    /// Counts per journal (or for one actor): entries kept, trim point, snapshots, messages waiting.
+    Stats {
+        /// Only this actor, as `kind/key`.
+        actor: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reads every entry and snapshot and checks it (checksums, numbering, no gaps).
     Verify {
         /// Only this actor, as `kind/key`.
         actor: Option<String>,
     },
+    /// Snapshots an actor's state (rebuilt from its journal, no code needed) and trims what the
+    /// oldest kept snapshot covers.
+    Compact {
+        /// The actor, as `kind/key`.
+        actor: String,
+        /// Snapshots to keep.
+        #[arg(long, default_value_t = 2)]
+        keep: usize,
+        /// JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes an actor's journal and snapshots (its seqs are never reused).
+    Delete {
+        /// The actor, as `kind/key`.
+        actor: String,
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Dead letters, oldest first, with their reasons.
+    Ls {
+        /// Only those after this id.
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per dead letter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts a dead letter back at the end of its mailbox.
+    Requeue {
+        /// Its id.
+        id: u64,
+    },
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let prefix = cli.redis_prefix;
+    let url = |s: &str| StoreUrl::parse(s, &prefix);
     match cli.command {
         Command::Journal { store, command } => {
-            let opened = open_existing(&StoreUrl::parse(&store, &cli.redis_prefix)?).await?;
+            let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                JournalCommand::Ls => journal::ls(s).await,
+                JournalCommand::Ls { json } => journal::ls(s, json).await,
                 JournalCommand::Show { actor, from, to } => {
                     journal::show(s, &actor, from, to).await
                 }
+                JournalCommand::Stats { actor, json } => {
+                    admin::stats(s, actor.as_deref(), json).await
+                }
                 JournalCommand::Verify { actor } => journal::verify(s, actor.as_deref()).await,
+                JournalCommand::Compact { actor, keep, json } => {
+                    admin::compact(s, &actor, keep, json).await
+                }
+                JournalCommand::Delete { actor, yes } => admin::delete(s, &actor, yes).await,
             }
+        }
+        Command::Deadletters { store, command } => {
+            let opened = open_existing(&url(&store.store)?).await?;
+            let s = &*opened.store;
+            match command {
+                DeadLetterCommand::Ls { after, limit, json } => {
+                    admin::dead_letters(s, after, limit, json).await
+                }
+                DeadLetterCommand::Requeue { id } => admin::requeue(s, id).await,
+            }
+        }
+        Command::Export { store, out } => {
+            let opened = open_existing(&url(&store.store)?).await?;
+            transfer::export(&*opened.store, &out).await
+        }
+        Command::Import { store, input } => {
+            let opened = open_or_create(&url(&store.store)?).await?;
+            transfer::import(&*opened.store, &input).await
+        }
+        Command::Migrate { from, to, json } => {
+            let (from, to) = (url(&from)?, url(&to)?);
+            if from == to {
+                return Err(Failure("--from and --to are the same store".into()));
+            }
+            let source = open_existing(&from).await?;
+            let target = open_or_create(&to).await?;
+            transfer::migrate(&*source.store, &*target.store, json).await
         }
         Command::Bench {
             scenario,
@@ -167,17 +304,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             store,
             shape,
             final_check,
-        } => {
-            torture::child(
-                &StoreUrl::parse(&store, &cli.redis_prefix)?,
-                shape,
-                final_check.as_deref(),
-            )
-            .await
-        }
-        Command::BenchChild { store, key, times } => {
-            bench::child(&StoreUrl::parse(&store, &cli.redis_prefix)?, &key, times).await
-        }
+        } => torture::child(&url(&store)?, shape, final_check.as_deref()).await,
+        Command::BenchChild { store, key, times } => bench::child(&url(&store)?, &key, times).await,
     }
 }
 

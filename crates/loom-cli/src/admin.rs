@@ -1,0 +1,175 @@
+//! `loom journal stats / compact / delete`, `loom deadletters ls / requeue`.
+
+use loom_core::runtime::{CompactError, compact_journal};
+use loom_core::{ActorId, Store};
+use serde::Serialize;
+
+use crate::journal::{all_actors, parse_actor};
+use crate::output::{Failure, out};
+
+#[derive(Serialize)]
+struct Stats {
+    actor: String,
+    highest: u64,
+    trimmed_through: u64,
+    entries: u64,
+    snapshots: Vec<u64>,
+    pending_messages: u64,
+}
+
+pub async fn stats(store: &dyn Store, actor: Option<&str>, json: bool) -> Result<(), Failure> {
+    let actors = match actor {
+        Some(a) => vec![parse_actor(a)?],
+        None => all_actors(store).await?,
+    };
+    let mut rows = Vec::new();
+    for a in &actors {
+        let info = store.info(a).await?;
+        if actor.is_some() && info.highest == 0 {
+            return Err(Failure(format!("no journal for {a} in this store")));
+        }
+        rows.push(Stats {
+            actor: a.to_string(),
+            highest: info.highest,
+            trimmed_through: info.trimmed_through,
+            entries: info.len(),
+            snapshots: info.snapshots.clone(),
+            pending_messages: store.pending(a).await?,
+        });
+    }
+    let total: u64 = rows.iter().map(|r| r.entries).sum();
+    let pending: u64 = rows.iter().map(|r| r.pending_messages).sum();
+    if json {
+        for r in &rows {
+            out(serde_json::to_string(r)?)?;
+        }
+        if actor.is_none() {
+            out(
+                serde_json::json!({"journals": rows.len(), "entries": total, "pending_messages": pending}),
+            )?;
+        }
+        return Ok(());
+    }
+    let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
+    out(format_args!(
+        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}  SNAPSHOTS",
+        "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES", "PENDING"
+    ))?;
+    for r in &rows {
+        let snaps: Vec<String> = r.snapshots.iter().map(u64::to_string).collect();
+        out(format_args!(
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+            r.actor,
+            r.highest,
+            r.trimmed_through,
+            r.entries,
+            r.pending_messages,
+            if snaps.is_empty() {
+                "-".to_owned()
+            } else {
+                snaps.join(",")
+            }
+        ))?;
+    }
+    if actor.is_none() {
+        out(format_args!(
+            "{} journals, {total} entries kept, {pending} messages waiting",
+            rows.len()
+        ))?;
+    }
+    Ok(())
+}
+
+pub async fn compact(
+    store: &dyn Store,
+    actor: &str,
+    keep: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    if store.info(&a).await?.highest == 0 {
+        return Err(Failure(format!("no journal for {a} in this store")));
+    }
+    match compact_journal(store, &a, keep).await {
+        Ok(c) => {
+            if json {
+                out(
+                    serde_json::json!({"actor": a.as_str(), "snapshot": c.snapshot, "trimmed_through": c.trimmed_through}),
+                )
+            } else {
+                out(format_args!(
+                    "{a}: snapshot at {}, journal trimmed through {}",
+                    c.snapshot, c.trimmed_through
+                ))
+            }
+        }
+        Err(CompactError::Nothing(_)) => out(format_args!(
+            "{a}: nothing to compact (no state change since the last snapshot)"
+        )),
+        Err(e) => Err(Failure(e.to_string())),
+    }
+}
+
+pub async fn delete(store: &dyn Store, actor: &str, yes: bool) -> Result<(), Failure> {
+    let a: ActorId = parse_actor(actor)?;
+    let info = store.info(&a).await?;
+    if info.highest == 0 {
+        return Err(Failure(format!("no journal for {a} in this store")));
+    }
+    if !yes {
+        return Err(Failure(format!(
+            "this deletes the {} entries and {} snapshots of {a} for good; run again with --yes to do it",
+            info.len(),
+            info.snapshots.len()
+        )));
+    }
+    store.delete(&a).await?;
+    out(format_args!(
+        "{a}: journal and snapshots deleted (seqs up to {} stay used: the next append is {})",
+        info.highest,
+        info.highest + 1
+    ))
+}
+
+pub async fn dead_letters(
+    store: &dyn Store,
+    after: Option<u64>,
+    limit: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    let dead = store.dead_letters(after, limit).await?;
+    if json {
+        for d in &dead {
+            out(serde_json::to_string(d)?)?;
+        }
+        return Ok(());
+    }
+    out(format_args!(
+        "{:>6}  {:<40}  {:>10}  {:<24}  REASON",
+        "ID", "ACTOR", "DELIVERIES", "AT"
+    ))?;
+    for d in &dead {
+        out(format_args!(
+            "{:>6}  {:<40}  {:>10}  {:<24}  {}",
+            d.id,
+            d.envelope.to.as_str(),
+            d.deliveries,
+            d.at.to_string(),
+            d.reason.replace('\n', " ")
+        ))?;
+    }
+    if dead.len() == limit {
+        out(format_args!(
+            "(more: --after {})",
+            dead.last().map_or(0, |d| d.id)
+        ))?;
+    }
+    Ok(())
+}
+
+pub async fn requeue(store: &dyn Store, id: u64) -> Result<(), Failure> {
+    let position = store.requeue_dead_letter(id).await?;
+    out(format_args!(
+        "dead letter {id} is back in its mailbox at position {position}"
+    ))
+}

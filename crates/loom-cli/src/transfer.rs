@@ -1,0 +1,512 @@
+//! `loom export`, `loom import`, `loom migrate`: moving journals, snapshots and waiting messages
+//! between stores.
+//!
+//! ## The export format (version 1)
+//!
+//! UTF-8 text, one JSON object per line:
+//!
+//! ```text
+//! {"loom_export":1}
+//! {"journal":{"actor":"acct/alice","highest":120,"trimmed_through":100,"snapshots":2}}
+//! {"entry":{"actor":"acct/alice","entry":{"seq":101,"at":…,"kind":{…}}}}     (seqs trimmed_through+1 ..= highest, in order)
+//! {"snapshot":{"actor":"acct/alice","snapshot":{"seq":100,…}}}              (oldest first)
+//! … more journals …
+//! {"message":{"envelope":{…},"deliver_at":1700000000000}}                   (deliver_at null if due)
+//! {"end":{"journals":…,"entries":…,"snapshots":…,"messages":…,"crc32":…}}
+//! ```
+//!
+//! `crc32` is the CRC-32 (IEEE) of every byte before the `end` line. `loom import` checks the
+//! whole file (version, order, numbering, counts, checksum) and that the target holds none of
+//! its journals before it writes anything, so a damaged or truncated file is refused whole.
+//! Dead letters are not exported: requeue them first, or inspect them in the source.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, StoreError, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::journal::all_actors;
+use crate::output::{Failure, out};
+
+/// The export format version this build writes and reads.
+pub const EXPORT_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    LoomExport(u32),
+    Journal {
+        actor: ActorId,
+        highest: Seq,
+        trimmed_through: Seq,
+        snapshots: usize,
+    },
+    Entry {
+        actor: ActorId,
+        entry: Entry,
+    },
+    Snapshot {
+        actor: ActorId,
+        snapshot: Snapshot,
+    },
+    Message {
+        envelope: Envelope,
+        deliver_at: Option<Timestamp>,
+    },
+    End(Counts),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Counts {
+    journals: u64,
+    entries: u64,
+    snapshots: u64,
+    messages: u64,
+    #[serde(default)]
+    crc32: u32,
+}
+
+const PAGE: usize = 1000;
+
+fn bar(len: u64, what: &'static str) -> Result<ProgressBar, Failure> {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} journals")?
+            .progress_chars("=> "),
+    );
+    b.set_message(what);
+    Ok(b)
+}
+
+/// Every waiting message of every mailbox in `store`.
+async fn all_messages(store: &dyn Store) -> Result<Vec<(Envelope, Option<Timestamp>)>, Failure> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let boxes = store.mailboxes(after.as_ref(), 1000).await?;
+        let Some(last) = boxes.last().cloned() else {
+            break;
+        };
+        for b in &boxes {
+            let mut pos = None;
+            loop {
+                let page = store.messages(b, pos, PAGE).await?;
+                let Some(l) = page.last() else { break };
+                pos = Some(l.position);
+                out.extend(page.into_iter().map(|w| (w.envelope, w.deliver_at)));
+            }
+        }
+        after = Some(last);
+    }
+    Ok(out)
+}
+
+pub async fn export(store: &dyn Store, path: &Path) -> Result<(), Failure> {
+    if path.exists() {
+        return Err(Failure(format!(
+            "{} exists; export writes a new file",
+            path.display()
+        )));
+    }
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| Failure(format!("cannot create {}: {e}", tmp.display())))?;
+    let mut w = BufWriter::new(file);
+    let mut crc = crc32fast::Hasher::new();
+    let mut counts = Counts::default();
+    let mut line = |w: &mut BufWriter<std::fs::File>, l: &Line| -> Result<(), Failure> {
+        let mut bytes = serde_json::to_vec(l)?;
+        bytes.push(b'\n');
+        crc.update(&bytes);
+        w.write_all(&bytes)?;
+        Ok(())
+    };
+    line(&mut w, &Line::LoomExport(EXPORT_VERSION))?;
+    let actors = all_actors(store).await?;
+    let progress = bar(actors.len() as u64, "exported")?;
+    for a in &actors {
+        let info = store.info(a).await?;
+        line(
+            &mut w,
+            &Line::Journal {
+                actor: a.clone(),
+                highest: info.highest,
+                trimmed_through: info.trimmed_through,
+                snapshots: info.snapshots.len(),
+            },
+        )?;
+        let mut entries = store.read(a, SeqRange::all());
+        while let Some(e) = entries.try_next().await? {
+            line(
+                &mut w,
+                &Line::Entry {
+                    actor: a.clone(),
+                    entry: e,
+                },
+            )?;
+            counts.entries += 1;
+        }
+        for &seq in &info.snapshots {
+            let snapshot = store.load_snapshot(a, seq).await?.ok_or_else(|| {
+                Failure(format!("snapshot {seq} of {a} vanished during the export"))
+            })?;
+            line(
+                &mut w,
+                &Line::Snapshot {
+                    actor: a.clone(),
+                    snapshot,
+                },
+            )?;
+            counts.snapshots += 1;
+        }
+        counts.journals += 1;
+        progress.inc(1);
+    }
+    for (envelope, deliver_at) in all_messages(store).await? {
+        line(
+            &mut w,
+            &Line::Message {
+                envelope,
+                deliver_at,
+            },
+        )?;
+        counts.messages += 1;
+    }
+    progress.finish_and_clear();
+    let end = Counts {
+        crc32: crc.finalize(),
+        ..counts
+    };
+    let mut bytes = serde_json::to_vec(&Line::End(end))?;
+    bytes.push(b'\n');
+    w.write_all(&bytes)?;
+    w.flush()?;
+    w.get_ref().sync_all()?;
+    drop(w);
+    std::fs::rename(&tmp, path)?;
+    out(format_args!(
+        "exported {} journals, {} entries, {} snapshots, {} messages to {}",
+        end.journals,
+        end.entries,
+        end.snapshots,
+        end.messages,
+        path.display()
+    ))
+}
+
+/// Checks an export file whole: returns its counts and the journals it holds.
+fn check(path: &Path) -> Result<(Counts, Vec<ActorId>), Failure> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
+    let bad = |n: usize, what: String| {
+        Failure(format!(
+            "{} line {n}: {what}; nothing was imported",
+            path.display()
+        ))
+    };
+    let mut crc = crc32fast::Hasher::new();
+    let mut counts = Counts::default();
+    let mut journals = Vec::new();
+    // The journal being read: actor, next seq expected, last seq, snapshots still expected.
+    let mut current: Option<(ActorId, Seq, Seq, usize)> = None;
+    let mut ended = None;
+    let mut reader = BufReader::new(file);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        n += 1;
+        if ended.is_some() {
+            return Err(bad(n, "text after the end record".into()));
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(bad(n, "the file is cut off".into()));
+        }
+        let l: Line = serde_json::from_slice(&buf)
+            .map_err(|e| bad(n, format!("not an export record ({e})")))?;
+        let finish_journal = |cur: &mut Option<(ActorId, Seq, Seq, usize)>| -> Result<(), Failure> {
+            if let Some((a, next, highest, snaps)) = cur.take() {
+                if next != highest + 1 {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "{a} ends at entry {} but its highest is {highest}",
+                            next - 1
+                        ),
+                    ));
+                }
+                if snaps != 0 {
+                    return Err(bad(n, format!("{a} is missing {snaps} snapshots")));
+                }
+            }
+            Ok(())
+        };
+        match l {
+            Line::LoomExport(v) if n == 1 => {
+                if v != EXPORT_VERSION {
+                    return Err(bad(
+                        n,
+                        format!("export version {v}; this build reads version {EXPORT_VERSION}"),
+                    ));
+                }
+            }
+            _ if n == 1 => return Err(bad(n, "not a Loom export (no header)".into())),
+            Line::LoomExport(_) => return Err(bad(n, "a second header".into())),
+            Line::Journal {
+                actor,
+                highest,
+                trimmed_through,
+                snapshots,
+            } => {
+                finish_journal(&mut current)?;
+                if trimmed_through > highest {
+                    return Err(bad(n, format!("{actor} is trimmed past its highest seq")));
+                }
+                journals.push(actor.clone());
+                counts.journals += 1;
+                current = Some((actor, trimmed_through + 1, highest, snapshots));
+            }
+            Line::Entry { actor, entry } => match &mut current {
+                Some((a, next, _, _)) if *a == actor && entry.seq == *next => {
+                    *next += 1;
+                    counts.entries += 1;
+                }
+                _ => {
+                    return Err(bad(
+                        n,
+                        format!("entry {} of {actor} is out of place", entry.seq),
+                    ));
+                }
+            },
+            Line::Snapshot { actor, snapshot } => match &mut current {
+                Some((a, next, _, snaps)) if *a == actor && *snaps > 0 && snapshot.seq < *next => {
+                    *snaps -= 1;
+                    counts.snapshots += 1;
+                }
+                _ => {
+                    return Err(bad(
+                        n,
+                        format!("snapshot {} of {actor} is out of place", snapshot.seq),
+                    ));
+                }
+            },
+            Line::Message { .. } => {
+                finish_journal(&mut current)?;
+                counts.messages += 1;
+            }
+            Line::End(end) => {
+                finish_journal(&mut current)?;
+                let computed = Counts {
+                    crc32: crc.clone().finalize(),
+                    ..counts
+                };
+                if end != computed {
+                    return Err(bad(
+                        n,
+                        format!("the end record says {end:?}, the file holds {computed:?}"),
+                    ));
+                }
+                ended = Some(end);
+            }
+        }
+        if ended.is_none() {
+            crc.update(&buf);
+        }
+    }
+    let end = ended.ok_or_else(|| bad(n + 1, "no end record: the file is cut off".into()))?;
+    Ok((end, journals))
+}
+
+/// Refuses a target that already holds any of `journals`.
+async fn target_is_free(target: &dyn Store, journals: &[ActorId]) -> Result<(), Failure> {
+    for a in journals {
+        let h = target.highest_seq(a).await?;
+        if h != 0 {
+            return Err(Failure(format!(
+                "the target store already has a journal for {a} (highest seq {h}); import and migrate write into stores that do not; nothing was written"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn import(target: &dyn Store, path: &Path) -> Result<(), Failure> {
+    let (counts, journals) = check(path)?;
+    target_is_free(target, &journals).await?;
+    let progress = bar(counts.journals, "imported")?;
+    let file = std::fs::File::open(path)?;
+    let mut batch: Vec<Entry> = Vec::new();
+    let mut snapshots: Vec<Snapshot> = Vec::new();
+    let mut current: Option<ActorId> = None;
+    async fn flush_journal(
+        target: &dyn Store,
+        actor: &ActorId,
+        batch: &mut Vec<Entry>,
+        snapshots: &mut Vec<Snapshot>,
+    ) -> Result<(), StoreError> {
+        if let Some(first) = batch.first() {
+            target.append(actor, first.seq, batch).await?;
+            batch.clear();
+        }
+        let keep = snapshots.len().max(1);
+        for s in snapshots.drain(..) {
+            target.save_snapshot(actor, &s, keep).await?;
+        }
+        Ok(())
+    }
+    for line in BufReader::new(file).lines() {
+        let l: Line = serde_json::from_str(&line?)?;
+        match l {
+            Line::Journal {
+                actor,
+                trimmed_through,
+                ..
+            } => {
+                if let Some(a) = current.take() {
+                    flush_journal(target, &a, &mut batch, &mut snapshots).await?;
+                    progress.inc(1);
+                }
+                target.begin_at(&actor, trimmed_through).await?;
+                current = Some(actor);
+            }
+            Line::Entry { actor, entry } => {
+                batch.push(entry);
+                if batch.len() >= PAGE {
+                    flush_entries(target, &actor, &mut batch).await?;
+                }
+            }
+            Line::Snapshot { snapshot, .. } => snapshots.push(snapshot),
+            Line::Message {
+                envelope,
+                deliver_at,
+            } => {
+                if let Some(a) = current.take() {
+                    flush_journal(target, &a, &mut batch, &mut snapshots).await?;
+                    progress.inc(1);
+                }
+                target.enqueue(&envelope, deliver_at).await?;
+            }
+            Line::End(_) => {
+                if let Some(a) = current.take() {
+                    flush_journal(target, &a, &mut batch, &mut snapshots).await?;
+                    progress.inc(1);
+                }
+            }
+            Line::LoomExport(_) => {}
+        }
+    }
+    progress.finish_and_clear();
+    out(format_args!(
+        "imported {} journals, {} entries, {} snapshots, {} messages from {}",
+        counts.journals,
+        counts.entries,
+        counts.snapshots,
+        counts.messages,
+        path.display()
+    ))
+}
+
+async fn flush_entries(
+    target: &dyn Store,
+    actor: &ActorId,
+    batch: &mut Vec<Entry>,
+) -> Result<(), StoreError> {
+    if let Some(first) = batch.first() {
+        target.append(actor, first.seq, batch).await?;
+        batch.clear();
+    }
+    Ok(())
+}
+
+/// A fingerprint of a journal's kept entries (their encoded frames), for comparing two stores.
+async fn fingerprint(store: &dyn Store, a: &ActorId) -> Result<(u64, u32), Failure> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut n = 0;
+    let mut entries = store.read(a, SeqRange::all());
+    while let Some(e) = entries.try_next().await? {
+        crc.update(&serde_json::to_vec(&e)?);
+        n += 1;
+    }
+    Ok((n, crc.finalize()))
+}
+
+pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Result<(), Failure> {
+    let actors = all_actors(source).await?;
+    target_is_free(target, &actors).await?;
+    let progress = bar(actors.len() as u64, "copied")?;
+    let mut counts = Counts::default();
+    for a in &actors {
+        let info = source.info(a).await?;
+        target.begin_at(a, info.trimmed_through).await?;
+        let mut entries = source.read(a, SeqRange::all());
+        let mut batch = Vec::with_capacity(PAGE);
+        while let Some(e) = entries.try_next().await? {
+            batch.push(e);
+            counts.entries += 1;
+            if batch.len() >= PAGE {
+                flush_entries(target, a, &mut batch).await?;
+            }
+        }
+        flush_entries(target, a, &mut batch).await?;
+        for &seq in &info.snapshots {
+            let s = source
+                .load_snapshot(a, seq)
+                .await?
+                .ok_or_else(|| Failure(format!("snapshot {seq} of {a} vanished during the copy; is a runtime still using the source?")))?;
+            target.save_snapshot(a, &s, info.snapshots.len()).await?;
+            counts.snapshots += 1;
+        }
+        counts.journals += 1;
+        progress.inc(1);
+    }
+    let messages = all_messages(source).await?;
+    let mut per_box: BTreeMap<ActorId, u64> = BTreeMap::new();
+    for (envelope, deliver_at) in &messages {
+        target.enqueue(envelope, *deliver_at).await?;
+        *per_box.entry(envelope.to.clone()).or_default() += 1;
+        counts.messages += 1;
+    }
+    progress.finish_and_clear();
+    // Verify the copy: same journals, same entries, same snapshots, same waiting messages.
+    for a in &actors {
+        let (s, t) = (source.info(a).await?, target.info(a).await?);
+        if (s.highest, s.trimmed_through, &s.snapshots)
+            != (t.highest, t.trimmed_through, &t.snapshots)
+        {
+            return Err(Failure(format!(
+                "verification failed for {a}: source {s:?}, target {t:?}"
+            )));
+        }
+        if fingerprint(source, a).await? != fingerprint(target, a).await? {
+            return Err(Failure(format!(
+                "verification failed for {a}: the entries differ"
+            )));
+        }
+    }
+    for (a, n) in &per_box {
+        let got = target.pending(a).await?;
+        if got < *n {
+            return Err(Failure(format!(
+                "verification failed for the mailbox of {a}: {n} messages sent, {got} there"
+            )));
+        }
+    }
+    if json {
+        out(serde_json::json!({
+            "journals": counts.journals, "entries": counts.entries, "snapshots": counts.snapshots,
+            "messages": counts.messages, "verified": true
+        }))
+    } else {
+        out(format_args!(
+            "migrated and verified {} journals, {} entries, {} snapshots, {} messages",
+            counts.journals, counts.entries, counts.snapshots, counts.messages
+        ))
+    }
+}

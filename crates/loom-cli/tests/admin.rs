@@ -1,0 +1,308 @@
+//! The `loom` binary's journal, dead-letter, export, import and migrate commands, on real
+//! stores (embedded directories and a private Redis), including bad input.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use loom_core::runtime::{Compaction, Runtime};
+use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timestamp};
+use loom_testkit::servers::RedisServer;
+use serde_json::json;
+
+fn loom(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
+        .args(args)
+        .output()
+        .expect("run loom");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (ok, out, err) = loom(args);
+    assert!(ok, "loom {args:?} failed: {err}");
+    out
+}
+
+#[derive(Default)]
+struct Counter;
+
+impl loom_core::Actor for Counter {
+    const KIND: &'static str = "counter";
+    type State = u64;
+    type Message = u64;
+    type Reply = u64;
+
+    async fn handle(
+        &self,
+        n: &mut u64,
+        _ctx: &mut loom_core::Context<'_>,
+        add: u64,
+    ) -> Result<u64, loom_core::Rejected> {
+        *n += add;
+        Ok(*n)
+    }
+}
+
+/// A store with compacted journals (snapshots, trim points), waiting messages (due and
+/// delayed) and a dead letter.
+fn seeded(dir: &Path) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let store = Arc::new(EmbeddedStore::open(dir).expect("open"));
+        let loom = Runtime::builder()
+            .store(store.clone())
+            .register::<Counter>()
+            .configure(|c| {
+                c.compaction = Compaction {
+                    every_entries: Some(20),
+                    every_bytes: None,
+                    keep: 2,
+                }
+            })
+            .start()
+            .await
+            .expect("runtime");
+        for k in ["a", "b", "c"] {
+            let c = loom.actor::<Counter>(k);
+            for _ in 0..30 {
+                c.send(1).await.expect("send");
+            }
+            assert_eq!(c.ask(0).await.expect("ask"), 30);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for k in ["a", "b", "c"] {
+            let id = ActorId::new("counter", k).unwrap();
+            while loom_core::JournalStore::info(&*store, &id)
+                .await
+                .unwrap()
+                .trimmed_through
+                == 0
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no compaction of {id}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        loom.shutdown().await;
+        // Waiting messages, written after the runtime stopped so that they stay waiting.
+        let inbox = ActorId::new("inbox", "x").unwrap();
+        store
+            .enqueue(&Envelope::new(inbox.clone(), json!("due")), None)
+            .await
+            .unwrap();
+        store
+            .enqueue(
+                &Envelope::new(inbox.clone(), json!("later")),
+                Some(Timestamp::now() + Duration::from_secs(3600)),
+            )
+            .await
+            .unwrap();
+        let dead = ActorId::new("inbox", "dead").unwrap();
+        store
+            .enqueue(&Envelope::new(dead.clone(), json!("poison")), None)
+            .await
+            .unwrap();
+        let d = store
+            .lease(&dead, LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("delivery");
+        store.dead_letter(&d.receipt, "poison pill").await.unwrap();
+    });
+}
+
+#[test]
+fn stats_compact_delete_and_dead_letters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let stats = ok(&["journal", "--store", s, "stats"]);
+    assert!(
+        stats.contains("counter/a") && stats.contains("3 journals"),
+        "{stats}"
+    );
+    let one: serde_json::Value =
+        serde_json::from_str(ok(&["journal", "--store", s, "stats", "counter/a", "--json"]).trim())
+            .unwrap();
+    assert!(one["trimmed_through"].as_u64().unwrap() > 0, "{one}");
+    let compacted = ok(&["journal", "--store", s, "compact", "counter/b", "--json"]);
+    let c: serde_json::Value = serde_json::from_str(compacted.trim()).unwrap();
+    let b: serde_json::Value =
+        serde_json::from_str(ok(&["journal", "--store", s, "stats", "counter/b", "--json"]).trim())
+            .unwrap();
+    assert_eq!(
+        b["snapshots"].as_array().unwrap().last().unwrap(),
+        &c["snapshot"],
+        "{b} {c}"
+    );
+    // Two snapshots are kept, and the trim never passes the older one.
+    assert_eq!(b["snapshots"][0], c["trimmed_through"], "{b} {c}");
+    assert_eq!(b["trimmed_through"], c["trimmed_through"]);
+    let (ok_, _, err) = loom(&["journal", "--store", s, "delete", "counter/c"]);
+    assert!(!ok_ && err.contains("--yes"), "{err}");
+    ok(&["journal", "--store", s, "delete", "counter/c", "--yes"]);
+    let after: serde_json::Value =
+        serde_json::from_str(ok(&["journal", "--store", s, "stats", "counter/c", "--json"]).trim())
+            .unwrap();
+    assert_eq!(after["entries"], 0);
+    let dead = ok(&["deadletters", "--store", s, "ls", "--json"]);
+    let d: serde_json::Value =
+        serde_json::from_str(dead.lines().next().expect("a dead letter")).unwrap();
+    assert_eq!(d["reason"], "poison pill");
+    ok(&["deadletters", "--store", s, "requeue", &d["id"].to_string()]);
+    assert!(
+        ok(&["deadletters", "--store", s, "ls", "--json"])
+            .trim()
+            .is_empty()
+    );
+    let verify = ok(&["journal", "--store", s, "verify"]);
+    assert!(verify.starts_with("ok:"), "{verify}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["journal", "--store", s, "stats", "counter/nobody"],
+            "no journal for counter/nobody",
+        ),
+        (
+            vec!["journal", "--store", s, "compact", "nokey"],
+            "expected kind/key",
+        ),
+        (
+            vec!["journal", "--store", s, "delete", "counter/nobody", "--yes"],
+            "no journal",
+        ),
+        (
+            vec!["deadletters", "--store", s, "requeue", "999"],
+            "no dead letter with id 999",
+        ),
+        (vec!["journal", "--store", "ftp://x", "ls"], "not known"),
+        (
+            vec!["journal", "--store", "/nonexistent/loom", "ls"],
+            "does not exist",
+        ),
+        (
+            vec!["import", "--store", s, "--in", "/nonexistent/export.jsonl"],
+            "cannot open",
+        ),
+        (vec!["migrate", "--from", s, "--to", s], "same store"),
+    ] {
+        let (ok_, _, err) = loom(&args);
+        assert!(!ok_, "{args:?} succeeded");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!Path::new("/nonexistent/loom").exists());
+}
+
+#[test]
+fn export_import_round_trip_and_damaged_exports_are_refused_whole() {
+    let src = tempfile::tempdir().expect("temp dir");
+    seeded(src.path());
+    let s = src.path().to_str().unwrap();
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = work.path().join("export.jsonl");
+    let f = file.to_str().unwrap();
+    ok(&["export", "--store", s, "--out", f]);
+    let (ok_, _, err) = loom(&["export", "--store", s, "--out", f]);
+    assert!(!ok_ && err.contains("exists"), "{err}");
+    let dst = work.path().join("copy");
+    let d = dst.to_str().unwrap();
+    ok(&["import", "--store", d, "--in", f]);
+    assert_eq!(
+        ok(&["journal", "--store", s, "ls", "--json"]),
+        ok(&["journal", "--store", d, "ls", "--json"])
+    );
+    let (ok_, _, err) = loom(&["import", "--store", d, "--in", f]);
+    assert!(!ok_ && err.contains("already has a journal"), "{err}");
+    // Damaged copies: a flipped byte, a cut tail. Each is refused before anything is written.
+    let bytes = std::fs::read(&file).unwrap();
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] = if flipped[mid] == b'1' { b'2' } else { b'1' };
+    let cut = &bytes[..bytes.len() * 2 / 3];
+    for (name, damaged) in [("flipped.jsonl", flipped.as_slice()), ("cut.jsonl", cut)] {
+        let path = work.path().join(name);
+        std::fs::write(&path, damaged).unwrap();
+        let target = work.path().join(format!("{name}.store"));
+        let t = target.to_str().unwrap();
+        let (ok_, _, err) = loom(&["import", "--store", t, "--in", path.to_str().unwrap()]);
+        assert!(!ok_, "a damaged export ({name}) was imported");
+        assert!(err.contains("nothing was imported"), "{name}: {err}");
+        let listed = ok(&["journal", "--store", t, "ls", "--json"]);
+        assert!(
+            listed.trim().is_empty(),
+            "{name}: something was written: {listed}"
+        );
+    }
+}
+
+#[test]
+fn migrate_embedded_to_redis_and_back_round_trips() {
+    let server = RedisServer::start();
+    let src = tempfile::tempdir().expect("temp dir");
+    seeded(src.path());
+    let s = src.path().to_str().unwrap();
+    let redis = server.url();
+    let out = ok(&[
+        "--redis-prefix",
+        "moved",
+        "migrate",
+        "--from",
+        s,
+        "--to",
+        &redis,
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
+    assert!(
+        report["snapshots"].as_u64().unwrap() > 0 && report["messages"].as_u64().unwrap() == 2,
+        "{report}"
+    );
+    let back = tempfile::tempdir().expect("temp dir");
+    let b = back.path().join("store");
+    let b = b.to_str().unwrap();
+    ok(&[
+        "--redis-prefix",
+        "moved",
+        "migrate",
+        "--from",
+        &redis,
+        "--to",
+        b,
+    ]);
+    assert_eq!(
+        ok(&["journal", "--store", s, "ls", "--json"]),
+        ok(&["journal", "--store", b, "ls", "--json"])
+    );
+    let stats = |store: &str| {
+        ok(&["journal", "--store", store, "stats", "--json"])
+            .lines()
+            .last()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(stats(s), stats(b));
+    let on_redis = ok(&[
+        "--redis-prefix",
+        "moved",
+        "journal",
+        "--store",
+        &redis,
+        "verify",
+    ]);
+    assert!(on_redis.starts_with("ok: 3 journals"), "{on_redis}");
+}
