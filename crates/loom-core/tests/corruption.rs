@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use loom_core::embedded::{DATA_FILE, tables};
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 use serde_json::json;
 
 const ACTORS: u32 = 12;
