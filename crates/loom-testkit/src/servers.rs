@@ -245,3 +245,185 @@ fn ping(socket: &Path) -> bool {
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
 }
+
+/// A private PostgreSQL cluster: `initdb` into a temporary directory, a unix socket there, its
+/// own port, no TCP listener. As root (PostgreSQL refuses to run as root), its processes run as
+/// the `postgres` user, which owns the directory.
+pub struct PostgresServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    running: bool,
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The newest major version first (directories are named by it).
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Some(d) = dirs.pop() {
+        return d;
+    }
+    find_binary("initdb", "apt-get install -y postgresql")
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+impl PostgresServer {
+    /// Creates and starts a cluster.
+    pub fn start() -> Self {
+        let bin = postgres_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("loom-pg-")
+            .tempdir()
+            .expect("temp dir for postgres");
+        let as_postgres = is_root();
+        if as_postgres {
+            let ok = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(
+                ok.success(),
+                "chown of the cluster directory to postgres failed"
+            );
+        }
+        let mut s = PostgresServer {
+            dir,
+            bin,
+            port: free_port(),
+            as_postgres,
+            running: false,
+        };
+        let data = s.data();
+        let out = s
+            .command("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.launch();
+        s
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn launch(&mut self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-o", &opts, "-w", "-t", "60", "start"])
+            .output()
+            .expect("run pg_ctl start");
+        if !out.status.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.running = true;
+    }
+
+    /// The URL to connect to it (as the `postgres` superuser, over the unix socket).
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/postgres?host={}&port={}",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
+    /// Stops the server with `pg_ctl stop -m immediate`: no checkpoint, no clean shutdown, as a
+    /// crash would (the next start replays the write-ahead log).
+    pub fn stop_immediate(&mut self) {
+        if !self.running {
+            return;
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .expect("run pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = false;
+    }
+
+    /// Stops it immediately and starts it again on the same data.
+    pub fn restart(&mut self) {
+        self.stop_immediate();
+        self.launch();
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        if self.running {
+            // Best effort while tearing down; the directory is removed right after.
+            let _ = self
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}

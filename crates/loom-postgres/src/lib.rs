@@ -1,0 +1,214 @@
+//! # loom-postgres
+//!
+//! Loom's store on PostgreSQL, for teams that already run it: a journal table keyed by
+//! `(actor, seq)`, a per-actor meta row holding the highest seq (kept through trims and
+//! deletes), snapshots with keep-K, per-actor mailboxes locked with `FOR UPDATE SKIP LOCKED`,
+//! a lease table with fencing tokens that only grow, idempotency records with expiry.
+//!
+//! Every conditional or multi-table operation is one server-side function (see `schema.sql`,
+//! which also documents the tables and their invariants), so it is one transaction and one
+//! round trip; a conditional append is guarded both by the meta row's lock and by the primary
+//! key, so two writers can never both succeed for a seq.
+//!
+//! The schema is created (or checked) on connect, in the configured schema (default `loom`);
+//! nothing outside it is touched. Concurrent requests from many actors run on a connection pool,
+//! and PostgreSQL's write-ahead log flushes concurrent commits together: its group commit.
+//! Durability is PostgreSQL's: with `synchronous_commit = on` (the default) and `fsync = on`, a
+//! write is on disk when it is acknowledged.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), loom_core::StoreError> {
+//! let store = loom_postgres::PostgresStore::connect("postgres://loom:secret@db.example/app?sslmode=require").await?;
+//! # Ok(()) }
+//! ```
+
+mod store;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use loom_core::StoreError;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub(crate) const BACKEND: &str = "postgres";
+
+/// The schema version this build creates and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Settings of a [`PostgresStore`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The schema holding Loom's tables (default `loom`): lower-case letters, digits and `_`.
+    pub schema: String,
+    /// Pool size (default 16).
+    pub max_connections: u32,
+    /// Statement timeout; a statement running longer fails with [`StoreError::Unavailable`]
+    /// (default 10 s).
+    pub statement_timeout: Duration,
+    /// How long to wait for a pooled connection (default 10 s).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            schema: "loom".to_owned(),
+            max_connections: 16,
+            statement_timeout: Duration::from_secs(10),
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The PostgreSQL store; cheap to clone (clones share the pool).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresStore(schema {})", self.schema)
+    }
+}
+
+/// Turns a database error into a store error: connection trouble, timeouts, deadlocks and
+/// serialization failures are [`StoreError::Unavailable`] (retry; every Loom write is safe to
+/// retry), anything else [`StoreError::Storage`].
+pub(crate) fn pe(e: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    let transient = match &e {
+        E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
+        E::Database(d) => matches!(
+            d.code().as_deref(),
+            // serialization_failure, deadlock_detected, query_canceled (statement timeout),
+            // admin_shutdown, crash_shutdown, cannot_connect_now, connection exceptions
+            Some(
+                "40001"
+                    | "40P01"
+                    | "57014"
+                    | "57P01"
+                    | "57P02"
+                    | "57P03"
+                    | "08000"
+                    | "08003"
+                    | "08006"
+            )
+        ),
+        _ => false,
+    };
+    if transient {
+        StoreError::unavailable(BACKEND, e)
+    } else if matches!(&e, E::Database(d) if d.code().as_deref() == Some("28P01") || d.code().as_deref() == Some("28000"))
+    {
+        StoreError::InvalidRequest(format!("PostgreSQL refused the login: {e}"))
+    } else {
+        StoreError::storage(BACKEND, e)
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host:port/db?sslmode=require`, or a unix
+    /// socket with `?host=/path/to/dir`) with the default options, creating the schema if needed.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, PostgresOptions::default()).await
+    }
+
+    /// Connects with `options`.
+    pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let schema = options.schema.clone();
+        let valid = !schema.is_empty()
+            && schema.len() <= 48
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !schema.starts_with(|c: char| c.is_ascii_digit())
+            && !schema.starts_with("pg_");
+        if !valid {
+            return Err(StoreError::InvalidRequest(format!(
+                "PostgreSQL schema {schema:?} must be 1 to 48 of a-z, 0-9, _ (not starting with a digit or pg_)"
+            )));
+        }
+        let timeout = format!("{}ms", options.statement_timeout.as_millis().max(1));
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::InvalidRequest(format!("PostgreSQL URL: {e}")))?
+            .options([("statement_timeout", timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(pe)?;
+        let store = PostgresStore { pool, schema };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Creates the schema and its tables and functions, or checks that they are this build's.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let s = &self.schema;
+        let mut tx = self.pool.begin().await.map_err(pe)?;
+        // One migrator at a time per schema, across every process.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("loom schema {s}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(pe)?;
+        // `s` was checked above to be [a-z0-9_]: the only text put into these statements.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY);"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(pe)?;
+        let version: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT max(version) FROM {s}.schema_version"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pe)?;
+        match version {
+            None => {
+                let sql = include_str!("schema.sql").replace("{s}", s);
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(pe)?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {s}.schema_version VALUES ($1)"
+                )))
+                .bind(SCHEMA_VERSION)
+                .execute(&mut *tx)
+                .await
+                .map_err(pe)?;
+                tracing::info!(schema = %s, version = SCHEMA_VERSION, "created Loom's schema");
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(StoreError::InvalidRequest(format!(
+                    "schema {s} has Loom schema version {other}; this build knows version {SCHEMA_VERSION}"
+                )));
+            }
+        }
+        tx.commit().await.map_err(pe)?;
+        Ok(())
+    }
+
+    /// The schema this store uses.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Drops the schema and everything in it (for tools and tests that clean up what they made).
+    pub async fn destroy(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(())
+    }
+}

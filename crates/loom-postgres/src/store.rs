@@ -1,0 +1,857 @@
+//! The store traits on PostgreSQL: each operation is one function call or one query (see
+//! `schema.sql`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::codec::{self, CodecError, RecordType};
+use loom_core::store::{
+    Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Receipt, Reservation, SeqRange,
+    Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
+    prepare_result, prepare_snapshot,
+};
+use loom_core::{
+    ActorId, Entry, Envelope, IdempotencyKey, Seq, Snapshot, StoreError, StoreResult, Timestamp,
+};
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::{BACKEND, PostgresStore, pe};
+
+/// Entries per query while streaming a journal.
+const READ_PAGE: i64 = 1024;
+
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+fn unexpected(what: impl Into<String>) -> StoreError {
+    StoreError::storage(BACKEND, Unexpected(what.into()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply from PostgreSQL: {0}")]
+struct Unexpected(String);
+
+fn check_ttl(what: &str, d: Duration) -> StoreResult<()> {
+    if d.is_zero() {
+        return Err(StoreError::InvalidRequest(format!(
+            "{what} must be positive"
+        )));
+    }
+    Ok(())
+}
+
+fn check_lease_options(opts: &LeaseOptions) -> StoreResult<()> {
+    if opts.max_deliveries == 0 {
+        return Err(StoreError::InvalidRequest(
+            "max_deliveries must be at least 1".into(),
+        ));
+    }
+    check_ttl("visibility timeout", opts.visibility)
+}
+
+fn parse_actor(s: &str, what: &str) -> StoreResult<ActorId> {
+    s.parse().map_err(|e: loom_core::IdError| {
+        StoreError::corrupt(what.to_owned(), CodecError::Body(e.to_string()))
+    })
+}
+
+fn delivery(
+    actor: &ActorId,
+    frame: Vec<u8>,
+    position: i64,
+    deliveries: i32,
+    last_error: Option<String>,
+) -> StoreResult<Delivery> {
+    let mut envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
+        StoreError::corrupt(
+            format!("message at position {position} of {actor}'s mailbox"),
+            e,
+        )
+    })?;
+    let deliveries = u32::try_from(deliveries).unwrap_or(0);
+    envelope.attempt = deliveries.saturating_sub(1);
+    let receipt = Receipt {
+        actor: actor.clone(),
+        position: position as u64,
+        message_id: envelope.id,
+        delivery: deliveries,
+    };
+    Ok(Delivery {
+        envelope,
+        receipt,
+        last_error,
+    })
+}
+
+fn reservation(
+    actor: &ActorId,
+    key: &IdempotencyKey,
+    result: Option<Vec<u8>>,
+    expires_at: i64,
+) -> StoreResult<Reservation> {
+    match result {
+        None => Ok(Reservation::Pending {
+            expires_at: Timestamp::from_millis(expires_at.max(0) as u64),
+        }),
+        Some(json) => serde_json::from_slice(&json)
+            .map(Reservation::Completed)
+            .map_err(|e| {
+                StoreError::corrupt(
+                    format!("idempotency record {key} of {actor}"),
+                    CodecError::Body(e.to_string()),
+                )
+            }),
+    }
+}
+
+impl PostgresStore {
+    /// A query text with the schema filled in. The schema is the only text ever put into a
+    /// query (values are bound parameters), and it was checked at connect to be `[a-z0-9_]`.
+    fn q(&self, sql: &str) -> sqlx::AssertSqlSafe<String> {
+        sqlx::AssertSqlSafe(sql.replace("{s}", &self.schema))
+    }
+
+    async fn read_page(
+        &self,
+        actor: &ActorId,
+        from: Seq,
+        to: Seq,
+        limit: usize,
+    ) -> StoreResult<Vec<Entry>> {
+        let rows = sqlx::query(self.q(
+            "SELECT seq, frame FROM {s}.journal WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+        ))
+        .bind(actor.as_str())
+        .bind(int(from))
+        .bind(int(to))
+        .bind((limit as i64).min(READ_PAGE))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|r| {
+                let seq = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                codec::decode_entry(seq, &frame)
+                    .map_err(|e| StoreError::corrupt(format!("entry {seq} of {actor}"), e))
+            })
+            .collect()
+    }
+
+    async fn settle_op(&self, r: &Receipt, op: &str, delay: i64, text: &str) -> StoreResult<i64> {
+        let row = sqlx::query(self.q("SELECT ok, val FROM {s}.settle($1, $2, $3, $4, $5, $6, $7)"))
+            .bind(r.actor.as_str())
+            .bind(op)
+            .bind(int(r.position))
+            .bind(i32::try_from(r.delivery).unwrap_or(i32::MAX))
+            .bind(r.message_id.to_string())
+            .bind(delay)
+            .bind(text)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if !row.get::<bool, _>(0) {
+            return Err(StoreError::StaleReceipt {
+                actor: r.actor.clone(),
+                message_id: r.message_id,
+            });
+        }
+        Ok(row.get(1))
+    }
+}
+
+#[async_trait]
+impl JournalStore for PostgresStore {
+    async fn append(
+        &self,
+        actor: &ActorId,
+        expected_next: Seq,
+        entries: &[Entry],
+    ) -> StoreResult<Seq> {
+        let frames = prepare_append(actor, expected_next, entries)?;
+        let r = sqlx::query(self.q("SELECT ok, val FROM {s}.append($1, $2, $3)"))
+            .bind(actor.as_str())
+            .bind(int(expected_next))
+            .bind(frames)
+            .fetch_one(&self.pool)
+            .await;
+        match r {
+            Ok(row) if row.get::<bool, _>(0) => Ok(row.get::<i64, _>(1) as u64),
+            Ok(row) => Err(StoreError::Conflict {
+                actor: actor.clone(),
+                expected: expected_next,
+                actual: row.get::<i64, _>(1) as u64,
+            }),
+            // Two first appends raced: the primary key let one through.
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
+                Err(StoreError::Conflict {
+                    actor: actor.clone(),
+                    expected: expected_next,
+                    actual: self.highest_seq(actor).await? + 1,
+                })
+            }
+            Err(e) => Err(pe(e)),
+        }
+    }
+
+    fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
+        let store = self.clone();
+        let id = actor.clone();
+        paged_read(
+            actor.clone(),
+            range,
+            READ_PAGE as usize,
+            move |from, to, limit| {
+                let store = store.clone();
+                let id = id.clone();
+                async move { store.read_page(&id, from, to, limit).await }
+            },
+        )
+    }
+
+    async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
+        let h: Option<i64> =
+            sqlx::query_scalar(self.q("SELECT highest FROM {s}.journal_meta WHERE actor = $1"))
+                .bind(actor.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        Ok(h.unwrap_or(0) as u64)
+    }
+
+    async fn info(&self, actor: &ActorId) -> StoreResult<JournalInfo> {
+        let row = sqlx::query(self.q(
+            "SELECT coalesce(m.highest, 0), coalesce(m.trimmed, 0), \
+             coalesce((SELECT array_agg(seq ORDER BY seq) FROM {s}.snapshots WHERE actor = $1), '{}') \
+             FROM (SELECT 1) AS one LEFT JOIN {s}.journal_meta m ON m.actor = $1",
+        ))
+        .bind(actor.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        let snapshots: Vec<i64> = row.get(2);
+        Ok(JournalInfo {
+            highest: row.get::<i64, _>(0) as u64,
+            trimmed_through: row.get::<i64, _>(1) as u64,
+            snapshots: snapshots.into_iter().map(|s| s as u64).collect(),
+        })
+    }
+
+    async fn save_snapshot(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+    ) -> StoreResult<()> {
+        let frame = prepare_snapshot(actor, snapshot, keep)?;
+        let row = sqlx::query(self.q("SELECT status, val FROM {s}.save_snapshot($1, $2, $3, $4)"))
+            .bind(actor.as_str())
+            .bind(int(snapshot.seq))
+            .bind(i32::try_from(keep).unwrap_or(i32::MAX))
+            .bind(frame)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        let status: String = row.get(0);
+        let val: i64 = row.get(1);
+        let refused = |reason: String| StoreError::SnapshotRefused {
+            actor: actor.clone(),
+            seq: snapshot.seq,
+            reason,
+        };
+        match status.as_str() {
+            "ok" => Ok(()),
+            "ahead" => Err(refused(format!("the journal's highest seq is {val}"))),
+            "behind" => Err(refused(format!(
+                "entries through {val} were trimmed, so replay from {} is impossible",
+                snapshot.seq
+            ))),
+            other => Err(unexpected(format!("save_snapshot returned {other}"))),
+        }
+    }
+
+    async fn load_snapshot(
+        &self,
+        actor: &ActorId,
+        at_or_below: Seq,
+    ) -> StoreResult<Option<Snapshot>> {
+        let row = sqlx::query(self.q(
+            "SELECT seq, frame FROM {s}.snapshots WHERE actor = $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1",
+        ))
+        .bind(actor.as_str())
+        .bind(int(at_or_below))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let seq = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                codec::decode_snapshot(seq, &frame)
+                    .map(Some)
+                    .map_err(|e| StoreError::corrupt(format!("snapshot {seq} of {actor}"), e))
+            }
+        }
+    }
+
+    async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let row = sqlx::query(self.q("SELECT ok, oldest FROM {s}.trim($1, $2)"))
+            .bind(actor.as_str())
+            .bind(int(through))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if row.get::<bool, _>(0) {
+            return Ok(());
+        }
+        Err(StoreError::TrimRefused {
+            actor: actor.clone(),
+            through,
+            oldest_snapshot: row.get::<Option<i64>, _>(1).map(|s| s as u64),
+        })
+    }
+
+    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+        sqlx::query(self.q("SELECT {s}.delete($1)"))
+            .bind(actor.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(())
+    }
+
+    async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let row = sqlx::query(self.q("SELECT ok, val FROM {s}.begin_at($1, $2)"))
+            .bind(actor.as_str())
+            .bind(int(through))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if row.get::<bool, _>(0) {
+            return Ok(());
+        }
+        Err(StoreError::Conflict {
+            actor: actor.clone(),
+            expected: 1,
+            actual: row.get::<i64, _>(1) as u64,
+        })
+    }
+
+    async fn list_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        let ids: Vec<String> = sqlx::query_scalar(self.q(
+            "SELECT actor FROM {s}.journal_meta WHERE actor COLLATE \"C\" > $1 ORDER BY actor COLLATE \"C\" LIMIT $2",
+        ))
+        .bind(after.map_or("", |a| a.as_str()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        ids.iter()
+            .map(|s| parse_actor(s, "journal actor id"))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Mailbox for PostgresStore {
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        let frame = prepare_message(msg)?;
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.enqueue($1, $2, $3, $4)"))
+            .bind(msg.to.as_str())
+            .bind(msg.id.to_string())
+            .bind(frame)
+            .bind(deliver_at.map_or(0, |t| int(t.as_millis())))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(pos as u64)
+    }
+
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        check_lease_options(&opts)?;
+        let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3)"))
+            .bind(actor.as_str())
+            .bind(ms(opts.visibility))
+            .bind(i32::try_from(opts.max_deliveries).unwrap_or(i32::MAX))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        match row.get::<Option<Vec<u8>>, _>(0) {
+            None => Ok(None),
+            Some(frame) => delivery(actor, frame, row.get(1), row.get(2), row.get(3)).map(Some),
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        self.settle_op(receipt, "ack", 0, "").await.map(|_| ())
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        let error = loom_core::limits::clip_reason(error);
+        self.settle_op(
+            receipt,
+            "nack",
+            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            &error,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        check_ttl("visibility timeout", visibility)?;
+        self.settle_op(receipt, "extend", ms(visibility), "")
+            .await
+            .map(|_| ())
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        let reason = loom_core::limits::clip_reason(reason);
+        self.settle_op(receipt, "bury", 0, &reason)
+            .await
+            .map(|id| id as u64)
+    }
+
+    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let ids: Vec<String> = sqlx::query_scalar(self.q(
+            "SELECT actor FROM {s}.mailbox WHERE ready_at <= {s}.now_ms() AND left(actor, 1) <> '_' LIMIT $1",
+        ))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        ids.iter()
+            .map(|s| parse_actor(s, "mailbox actor id"))
+            .collect()
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        let at: Option<i64> = sqlx::query_scalar(self.q(
+            "SELECT min(ready_at) FROM {s}.mailbox WHERE ready_at IS NOT NULL AND left(actor, 1) <> '_'",
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(at.map(|t| Timestamp::from_millis(t.max(0) as u64)))
+    }
+
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        let n: Option<i64> =
+            sqlx::query_scalar(self.q("SELECT count FROM {s}.mailbox WHERE actor = $1"))
+                .bind(actor.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        let rows = sqlx::query(self.q(
+            "SELECT m.position, m.frame, m.due_at, b.current = m.position, {s}.now_ms() \
+             FROM {s}.messages m JOIN {s}.mailbox b ON b.actor = m.actor \
+             WHERE m.actor = $1 AND m.position > $2 ORDER BY m.position LIMIT $3",
+        ))
+        .bind(actor.as_str())
+        .bind(after.map_or(0, int))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|r| {
+                let position = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                let due: i64 = r.get(2);
+                let now: i64 = r.get(4);
+                let envelope: Envelope =
+                    codec::decode(RecordType::Message, &frame).map_err(|e| {
+                        StoreError::corrupt(
+                            format!("message at position {position} of {actor}'s mailbox"),
+                            e,
+                        )
+                    })?;
+                Ok(Waiting {
+                    position,
+                    envelope,
+                    deliver_at: (due > now).then(|| Timestamp::from_millis(due as u64)),
+                    out: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let ids: Vec<String> = sqlx::query_scalar(self.q(
+            "SELECT actor FROM {s}.mailbox WHERE count > 0 AND actor COLLATE \"C\" > $1 ORDER BY actor COLLATE \"C\" LIMIT $2",
+        ))
+        .bind(after.map_or("", |a| a.as_str()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        ids.iter()
+            .map(|s| parse_actor(s, "mailbox actor id"))
+            .collect()
+    }
+
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(self.q(
+            "SELECT id, envelope, reason, deliveries, at FROM {s}.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+        ))
+        .bind(after.map_or(0, int))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|r| {
+                let id = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                let mut envelope: Envelope = codec::decode(RecordType::Message, &frame)
+                    .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
+                envelope.attempt = 0;
+                Ok(DeadLetter {
+                    id,
+                    envelope,
+                    reason: r.get(2),
+                    deliveries: u32::try_from(r.get::<i32, _>(3)).unwrap_or(0),
+                    at: Timestamp::from_millis(r.get::<i64, _>(4).max(0) as u64),
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue($1)"))
+            .bind(int(id))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if pos == 0 {
+            return Err(StoreError::DeadLetterNotFound(id));
+        }
+        Ok(pos as u64)
+    }
+}
+
+#[async_trait]
+impl LeaseManager for PostgresStore {
+    async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        check_owner(owner)?;
+        check_ttl("lease ttl", ttl)?;
+        let row = sqlx::query(
+            self.q("SELECT ok, holder, tok, expires, {s}.now_ms() FROM {s}.acquire($1, $2, $3)"),
+        )
+        .bind(actor.as_str())
+        .bind(owner)
+        .bind(ms(ttl))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        let token = row.get::<i64, _>(2) as u64;
+        let expires = row.get::<i64, _>(3);
+        if row.get::<bool, _>(0) {
+            return Ok(Lease {
+                actor: actor.clone(),
+                owner: owner.to_owned(),
+                token,
+                expires_at: Timestamp::from_millis(expires.max(0) as u64),
+            });
+        }
+        let now: i64 = row.get(4);
+        Err(StoreError::LeaseHeld {
+            actor: actor.clone(),
+            owner: row.get(1),
+            token,
+            remaining_ms: (expires - now).max(0) as u64,
+        })
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
+        check_ttl("lease ttl", ttl)?;
+        let at: Option<i64> =
+            sqlx::query_scalar(self.q("SELECT {s}.lease_cas($1, $2, 'renew', $3)"))
+                .bind(lease.actor.as_str())
+                .bind(int(lease.token))
+                .bind(ms(ttl))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(pe)?;
+        match at {
+            Some(at) => Ok(Lease {
+                expires_at: Timestamp::from_millis(at.max(0) as u64),
+                ..lease.clone()
+            }),
+            None => Err(StoreError::LeaseLost {
+                actor: lease.actor.clone(),
+                token: lease.token,
+            }),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> StoreResult<bool> {
+        let at: Option<i64> =
+            sqlx::query_scalar(self.q("SELECT {s}.lease_cas($1, $2, 'release', 0)"))
+                .bind(lease.actor.as_str())
+                .bind(int(lease.token))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(pe)?;
+        Ok(at.is_some())
+    }
+
+    async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>> {
+        let row = sqlx::query(self.q(
+            "SELECT owner, token, expires_at FROM {s}.leases WHERE actor = $1 AND owner IS NOT NULL AND expires_at > {s}.now_ms()",
+        ))
+        .bind(actor.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(row.map(|r| Lease {
+            actor: actor.clone(),
+            owner: r.get(0),
+            token: r.get::<i64, _>(1) as u64,
+            expires_at: Timestamp::from_millis(r.get::<i64, _>(2).max(0) as u64),
+        }))
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn reserve(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Reservation> {
+        check_ttl("idempotency ttl", ttl)?;
+        let row = sqlx::query(self.q("SELECT reserved, res, expires FROM {s}.reserve($1, $2, $3)"))
+            .bind(actor.as_str())
+            .bind(key.as_str())
+            .bind(ms(ttl))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if row.get::<bool, _>(0) {
+            return Ok(Reservation::Reserved);
+        }
+        reservation(actor, key, row.get(1), row.get(2))
+    }
+
+    async fn complete(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+        result: &Value,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        check_ttl("idempotency ttl", ttl)?;
+        let bytes = prepare_result(actor, key, result)?;
+        sqlx::query(self.q("SELECT {s}.record($1, $2, $3, $4)"))
+            .bind(actor.as_str())
+            .bind(key.as_str())
+            .bind(bytes)
+            .bind(ms(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(())
+    }
+
+    async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
+        let done = sqlx::query(
+            self.q("DELETE FROM {s}.idempotency WHERE actor = $1 AND key = $2 AND result IS NULL"),
+        )
+        .bind(actor.as_str())
+        .bind(key.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn lookup(
+        &self,
+        actor: &ActorId,
+        key: &IdempotencyKey,
+    ) -> StoreResult<Option<Reservation>> {
+        let row = sqlx::query(self.q(
+            "SELECT result, expires_at FROM {s}.idempotency WHERE actor = $1 AND key = $2 AND expires_at > {s}.now_ms()",
+        ))
+        .bind(actor.as_str())
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        match row {
+            None => Ok(None),
+            Some(r) => reservation(actor, key, r.get(0), r.get(1)).map(Some),
+        }
+    }
+
+    async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
+        let done = sqlx::query(self.q("DELETE FROM {s}.idempotency WHERE (actor, key) IN \
+             (SELECT actor, key FROM {s}.idempotency WHERE expires_at <= {s}.now_ms() LIMIT $1)"))
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(done.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
+        if let Some(opts) = &turn.next {
+            check_lease_options(opts)?;
+        }
+        let mut out_actors = Vec::with_capacity(turn.send.len());
+        let mut out_ids = Vec::with_capacity(turn.send.len());
+        let mut out_frames = Vec::with_capacity(turn.send.len());
+        let mut out_due = Vec::with_capacity(turn.send.len());
+        for o in turn.send {
+            out_frames.push(prepare_message(&o.envelope)?);
+            out_actors.push(o.envelope.to.as_str().to_owned());
+            out_ids.push(o.envelope.id.to_string());
+            out_due.push(o.deliver_at.map_or(0, |t| int(t.as_millis())));
+        }
+        let mut record = None;
+        if let Some(r) = &turn.record {
+            check_ttl("idempotency ttl", r.ttl)?;
+            if r.actor != turn.actor {
+                return Err(StoreError::InvalidRequest(
+                    "a turn records results only for its own actor".into(),
+                ));
+            }
+            record = Some((
+                r.key.as_str().to_owned(),
+                prepare_result(r.actor, r.key, r.result)?,
+                ms(r.ttl),
+            ));
+        }
+        let (op, receipt, reason) = match turn.settle {
+            Some(Settle::Ack(r)) => (Some("ack"), Some(r), String::new()),
+            Some(Settle::DeadLetter(r, reason)) => (
+                Some("bury"),
+                Some(r),
+                loom_core::limits::clip_reason(reason),
+            ),
+            None => (None, None, String::new()),
+        };
+        let row = sqlx::query(self.q(
+            "SELECT status, highest, nframe, npos, ndlv, nerr FROM {s}.turn(\
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        ))
+        .bind(turn.actor.as_str())
+        .bind(int(turn.expected_next))
+        .bind(frames)
+        .bind(turn.fence.map(|l| int(l.token)))
+        .bind(out_actors)
+        .bind(out_ids)
+        .bind(out_frames)
+        .bind(out_due)
+        .bind(op)
+        .bind(receipt.map(|r| r.actor.as_str().to_owned()))
+        .bind(receipt.map(|r| int(r.position)))
+        .bind(receipt.map(|r| i32::try_from(r.delivery).unwrap_or(i32::MAX)))
+        .bind(receipt.map(|r| r.message_id.to_string()))
+        .bind(reason)
+        .bind(record.as_ref().map(|r| r.0.clone()))
+        .bind(record.as_ref().map(|r| r.1.clone()))
+        .bind(record.as_ref().map(|r| r.2))
+        .bind(turn.next.map(|o| ms(o.visibility)))
+        .bind(
+            turn.next
+                .map(|o| i32::try_from(o.max_deliveries).unwrap_or(i32::MAX)),
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        let status: String = row.get(0);
+        match status.as_str() {
+            "ok" => {
+                let highest = row.get::<i64, _>(1) as u64;
+                let next = match row.get::<Option<Vec<u8>>, _>(2) {
+                    Some(frame) => Some(delivery(
+                        turn.actor,
+                        frame,
+                        row.get(3),
+                        row.get(4),
+                        row.get(5),
+                    )?),
+                    None => None,
+                };
+                Ok(Committed { highest, next })
+            }
+            "conflict" => Err(StoreError::Conflict {
+                actor: turn.actor.clone(),
+                expected: turn.expected_next,
+                actual: row.get::<i64, _>(1) as u64,
+            }),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: turn.actor.clone(),
+                token: turn.fence.map_or(0, |l| l.token),
+            }),
+            "stale" => {
+                let r = receipt.ok_or_else(|| unexpected("stale receipt without a receipt"))?;
+                Err(StoreError::StaleReceipt {
+                    actor: r.actor.clone(),
+                    message_id: r.message_id,
+                })
+            }
+            other => Err(unexpected(format!("turn returned {other}"))),
+        }
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        let frame = prepare_message(msg)?;
+        let row = sqlx::query(
+            self.q("SELECT new, pos, res, expires FROM {s}.enqueue_once($1, $2, $3, $4, $5, $6)"),
+        )
+        .bind(msg.to.as_str())
+        .bind(msg.id.to_string())
+        .bind(frame)
+        .bind(deliver_at.map_or(0, |t| int(t.as_millis())))
+        .bind(key.as_str())
+        .bind(ms(ttl))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        if row.get::<bool, _>(0) {
+            return Ok(Enqueued::New(row.get::<i64, _>(1) as u64));
+        }
+        Ok(Enqueued::Duplicate(reservation(
+            &msg.to,
+            key,
+            row.get(2),
+            row.get(3),
+        )?))
+    }
+}
