@@ -1,0 +1,277 @@
+//! Faults on a real PostgreSQL: the server stopped with `pg_ctl stop -m immediate` under load and
+//! started again, dropped connections, racing writers, bad URLs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use loom_core::{ActorId, Entry, EntryKind, JournalStore, SeqRange, StoreError};
+use loom_postgres::{PostgresOptions, PostgresStore};
+use loom_testkit::servers::PostgresServer;
+use serde_json::json;
+
+fn entry(actor: u32, seq: u64) -> Entry {
+    Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "actor": actor, "seq": seq }),
+        },
+    )
+}
+
+fn id(n: u32) -> ActorId {
+    ActorId::new("fault", format!("a{n}")).expect("id")
+}
+
+async fn connect(url: &str) -> PostgresStore {
+    let options = PostgresOptions {
+        schema: "faults".into(),
+        max_connections: 8,
+        statement_timeout: Duration::from_secs(5),
+        acquire_timeout: Duration::from_secs(2),
+    };
+    PostgresStore::connect_with(url, options)
+        .await
+        .expect("connect")
+}
+
+/// Appends to `id(n)` until told to stop, retrying a failed append with the same seq; returns
+/// the highest seq acknowledged and how many typed connection errors it saw.
+async fn writer(store: PostgresStore, n: u32, stop: Arc<tokio::sync::Notify>) -> (u64, u64) {
+    let a = id(n);
+    let (mut acked, mut unavailable, mut next) = (0, 0, 1);
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    loop {
+        let batch = [entry(n, next)];
+        tokio::select! {
+            _ = &mut stopped => return (acked, unavailable),
+            r = store.append(&a, next, &batch) => match r {
+                Ok(h) => {
+                    acked = h;
+                    next = h + 1;
+                }
+                Err(StoreError::Unavailable { .. }) => {
+                    unavailable += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // The failed try had run after all: the retry finds out.
+                Err(StoreError::Conflict { actual, .. }) if actual == next + 1 => {
+                    acked = next;
+                    next += 1;
+                }
+                Err(e) => panic!("writer {n}: unexpected error {e:?}"),
+            }
+        }
+    }
+}
+
+async fn check(store: &PostgresStore, acked: &HashMap<u32, u64>) {
+    for (n, want) in acked {
+        let entries: Vec<Entry> = store
+            .read(&id(*n), SeqRange::all())
+            .try_collect()
+            .await
+            .expect("read");
+        assert!(
+            entries.len() as u64 >= *want,
+            "actor {n}: {want} acknowledged, {} survived",
+            entries.len()
+        );
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap or fork");
+            assert_eq!(e.kind, entry(*n, e.seq).kind);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_stopped_immediately_under_load_loses_no_acknowledged_append() {
+    let mut server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url).await;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let tasks: Vec<_> = (0..12)
+        .map(|n| tokio::spawn(writer(store.clone(), n, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..2 {
+        server.restart();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    stop.notify_waiters();
+    let mut acked = HashMap::new();
+    let mut errors = 0;
+    for (n, t) in tasks.into_iter().enumerate() {
+        let (h, e) = t.await.expect("writer");
+        acked.insert(n as u32, h);
+        errors += e;
+    }
+    assert!(
+        errors > 0,
+        "the stops interrupted no append; the test proved nothing"
+    );
+    server.restart();
+    check(&connect(&url).await, &acked).await;
+}
+
+/// The pid of the session running an `append` that waits on a lock, once there is one.
+async fn blocked_append(admin: &sqlx::PgPool) -> i32 {
+    for _ in 0..500 {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%append%'",
+        )
+        .fetch_optional(admin)
+        .await
+        .expect("pg_stat_activity");
+        if let Some(pid) = pid {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the append never blocked on the held lock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() {
+    let server = PostgresServer::start();
+    let store = connect(&server.url()).await;
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let a = id(0);
+    assert_eq!(
+        store
+            .append(&a, 1, &[entry(0, 1)])
+            .await
+            .expect("first append"),
+        1
+    );
+    for round in 0..5u64 {
+        let next = round + 2;
+        // Hold the actor's journal row so the append is in flight inside the server, then cut its
+        // connection there, as a failover or a proxy timeout would.
+        let mut tx = admin.begin().await.expect("begin");
+        sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
+            .bind(a.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .expect("lock the actor's row");
+        let (s, a2) = (store.clone(), a.clone());
+        let pending = tokio::spawn(async move { s.append(&a2, next, &[entry(0, next)]).await });
+        let pid = blocked_append(&admin).await;
+        let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .expect("terminate");
+        assert!(cut, "round {round}: the session was not terminated");
+        match pending.await.expect("append task") {
+            Err(StoreError::Unavailable { .. }) => {}
+            other => panic!("round {round}: a cut connection must be Unavailable, got {other:?}"),
+        }
+        tx.rollback().await.expect("release");
+        // The pool replaces the dead connection; the retry succeeds exactly once.
+        assert_eq!(
+            store
+                .append(&a, next, &[entry(0, next)])
+                .await
+                .expect("retry"),
+            next
+        );
+        match store.append(&a, next, &[entry(0, next)]).await {
+            Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, next + 1),
+            other => panic!("round {round}: a second retry must conflict, got {other:?}"),
+        }
+    }
+    check(&store, &HashMap::from([(0, 6)])).await;
+    assert_eq!(
+        store.highest_seq(&a).await.expect("highest"),
+        6,
+        "a retry duplicated an entry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_racing_on_one_actor_never_fork_it() {
+    let server = PostgresServer::start();
+    let nodes = [connect(&server.url()).await, connect(&server.url()).await];
+    let a = id(7);
+    let mut tasks = Vec::new();
+    for (node, store) in nodes.iter().enumerate() {
+        let (store, a) = (store.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            while won.len() < 100 {
+                let next = store.highest_seq(&a).await.expect("highest") + 1;
+                let e = Entry::new(
+                    next,
+                    EntryKind::Completed {
+                        reply: json!({ "node": node, "seq": next }),
+                    },
+                );
+                match store.append(&a, next, &[e]).await {
+                    Ok(_) => won.push(next),
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => panic!("node {node}: {e:?}"),
+                }
+            }
+            won
+        }));
+    }
+    let mut owner = HashMap::new();
+    for (node, t) in tasks.into_iter().enumerate() {
+        for seq in t.await.expect("node") {
+            assert!(
+                owner.insert(seq, node).is_none(),
+                "seq {seq} acknowledged to both writers"
+            );
+        }
+    }
+    let entries: Vec<Entry> = nodes[0]
+        .read(&a, SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read");
+    assert_eq!(entries.len(), 200);
+    for e in &entries {
+        assert_eq!(
+            e.kind,
+            EntryKind::Completed {
+                reply: json!({ "node": owner[&e.seq], "seq": e.seq })
+            }
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_urls_schemas_and_logins_are_typed_errors() {
+    assert!(matches!(
+        PostgresStore::connect("not a url").await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    let server = PostgresServer::start();
+    let bad_schema = PostgresStore::connect_with(
+        &server.url(),
+        PostgresOptions {
+            schema: "Robert'); DROP TABLE x;--".into(),
+            ..PostgresOptions::default()
+        },
+    )
+    .await;
+    assert!(matches!(bad_schema, Err(StoreError::InvalidRequest(_))));
+    let unreachable = PostgresStore::connect_with(
+        "postgres://postgres@localhost/postgres?host=/nonexistent&port=1",
+        PostgresOptions {
+            acquire_timeout: Duration::from_secs(1),
+            ..PostgresOptions::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(unreachable, Err(StoreError::Unavailable { .. })),
+        "{unreachable:?}"
+    );
+}
