@@ -15,7 +15,7 @@ use loom_core::{ActorId, SeqRange};
 use serde_json::json;
 
 use crate::output::{Failure, out};
-use crate::store::{Opened, StoreUrl, open_or_create};
+use crate::store::{Namespace, Opened, StoreUrl, open_or_create};
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,7 +47,55 @@ fn baseline_for(url: &StoreUrl, scratch: &std::path::Path) -> Baseline {
         StoreUrl::Embedded(dir) => fsync(dir.clone()),
         StoreUrl::Memory => fsync(scratch.to_path_buf()),
         StoreUrl::Redis { url, prefix } => xadd(url.clone(), format!("{prefix}:baseline")),
+        StoreUrl::Postgres { url, schema } => insert(url.clone(), schema.clone()),
     }
+}
+
+/// Raw multi-row `INSERT`s of the same payload into a plain table in the store's schema on the
+/// same server, one committed transaction (one WAL flush) per batch of `batch` rows.
+fn insert(url: String, schema: String) -> Baseline {
+    Arc::new(move |size, batch, rounds| {
+        let (url, schema) = (url.clone(), schema.clone());
+        Box::pin(async move {
+            use sqlx::{AssertSqlSafe, Connection};
+            let e = |e: sqlx::Error| e.to_string();
+            let mut c = sqlx::PgConnection::connect(&url).await.map_err(e)?;
+            // The store made the schema before any scenario asks for its baseline.
+            let table = format!("{schema}.baseline_inserts");
+            let create = format!(
+                "CREATE TABLE {table} (id bigserial PRIMARY KEY, actor text NOT NULL, frame bytea NOT NULL)"
+            );
+            sqlx::raw_sql(AssertSqlSafe(create))
+                .execute(&mut c)
+                .await
+                .map_err(e)?;
+            let payload = vec![b'x'; size];
+            let insert = format!(
+                "INSERT INTO {table} (actor, frame) SELECT 'baseline', $1 FROM generate_series(1, $2)"
+            );
+            let start = Instant::now();
+            let mut outcome = Ok(());
+            for _ in 0..rounds {
+                outcome = sqlx::query(AssertSqlSafe(insert.clone()))
+                    .bind(&payload)
+                    .bind(batch as i32)
+                    .execute(&mut c)
+                    .await
+                    .map(|_| ());
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            let ops = (rounds * batch) as f64 / start.elapsed().as_secs_f64();
+            let drop = format!("DROP TABLE {table}");
+            sqlx::raw_sql(AssertSqlSafe(drop))
+                .execute(&mut c)
+                .await
+                .map_err(e)?;
+            outcome.map_err(e)?;
+            Ok(ops)
+        })
+    })
 }
 
 /// Raw pipelined `XADD`s of the same payload on the same server: `batch` per round trip.
@@ -89,8 +137,12 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
     // Without --store, a fresh directory that is removed afterwards.
     let tmp = tempfile::tempdir()?;
     let url = match &s.store {
-        // On Redis, a prefix of its own, deleted afterwards: the benchmark touches nothing else.
-        Some(u) => StoreUrl::parse(u, &format!("loombench{:08x}", fastrand::u32(..)))?,
+        // On Redis and PostgreSQL, a prefix or schema of its own, deleted afterwards: the
+        // benchmark touches nothing else.
+        Some(u) => StoreUrl::parse(
+            u,
+            &Namespace::both(&format!("loombench{:08x}", fastrand::u32(..))),
+        )?,
         None => StoreUrl::Embedded(tmp.path().join("store")),
     };
     if let StoreUrl::Embedded(dir) = &url {
@@ -149,13 +201,8 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         Ok::<_, Failure>(())
     }
     .await;
-    if let StoreUrl::Redis { .. } = &url
-        && s.store.is_some()
-    {
-        let opened = open_or_create(&url).await?;
-        if let Some(r) = opened.redis {
-            r.destroy().await?;
-        }
+    if matches!(url, StoreUrl::Redis { .. } | StoreUrl::Postgres { .. }) {
+        open_or_create(&url).await?.destroy_namespace().await?;
     }
     outcome?;
     if s.json {
@@ -229,6 +276,9 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
                 .arg(url)
                 .arg("--redis-prefix")
                 .arg(prefix),
+            StoreUrl::Postgres { url, schema } => {
+                cmd.arg("--store").arg(url).arg("--pg-schema").arg(schema)
+            }
             StoreUrl::Memory => unreachable!("refused above"),
         };
         let output = cmd

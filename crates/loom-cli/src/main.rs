@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use loom_core::Seq;
 
 use output::Failure;
-use store::{StoreUrl, open_existing, open_or_create};
+use store::{Namespace, StoreUrl, open_existing, open_or_create};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,9 @@ struct Cli {
     /// Key prefix on a Redis store (the runtime's default is `loom`).
     #[arg(long, global = true, default_value = "loom")]
     redis_prefix: String,
+    /// Schema on a PostgreSQL store (the runtime's default is `loom`).
+    #[arg(long, global = true, default_value = "loom")]
+    pg_schema: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,8 +37,8 @@ struct Cli {
 /// The store option shared by the commands that work on one store.
 #[derive(clap::Args, Clone)]
 struct StoreArg {
-    /// The store: `embedded:PATH`, a directory, or `redis://host[:port]` (also `rediss://`,
-    /// `redis+unix:///path`).
+    /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
+    /// `redis+unix:///path`) or `postgres://user@host/db`.
     #[arg(long, global = true, default_value = "./loom-data")]
     store: String,
 }
@@ -225,8 +228,11 @@ enum DeadLetterCommand {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let prefix = cli.redis_prefix;
-    let url = |s: &str| StoreUrl::parse(s, &prefix);
+    let ns = Namespace {
+        redis_prefix: cli.redis_prefix,
+        pg_schema: cli.pg_schema,
+    };
+    let url = |s: &str| StoreUrl::parse(s, &ns);
     match cli.command {
         Command::Journal { store, command } => {
             let opened = open_existing(&url(&store.store)?).await?;

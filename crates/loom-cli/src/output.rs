@@ -1,6 +1,7 @@
 //! Printing results and failures.
 
 /// A failure to report to the user: what went wrong and what to do about it.
+#[derive(Debug)]
 pub struct Failure(pub String);
 
 impl<E: std::fmt::Display> From<E> for Failure {

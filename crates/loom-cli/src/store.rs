@@ -1,13 +1,33 @@
 //! Choosing a store by URL: `embedded:PATH` (or a bare path), `memory:`, `redis://…`,
-//! `rediss://…`, `redis+unix://…`.
+//! `rediss://…`, `redis+unix://…`, `postgres://…`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use loom_core::{EmbeddedStore, Store};
+use loom_postgres::{PostgresOptions, PostgresStore};
 use loom_redis::{RedisOptions, RedisStore};
 
 use crate::output::Failure;
+
+/// Where on a shared server a store lives: the Redis key prefix and the PostgreSQL schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// Key prefix on Redis.
+    pub redis_prefix: String,
+    /// Schema on PostgreSQL.
+    pub pg_schema: String,
+}
+
+impl Namespace {
+    /// The same name for both.
+    pub fn both(name: &str) -> Self {
+        Namespace {
+            redis_prefix: name.to_owned(),
+            pg_schema: name.to_owned(),
+        }
+    }
+}
 
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,11 +38,13 @@ pub enum StoreUrl {
     Memory,
     /// A Redis server (the URL as given), and the key prefix to use on it.
     Redis { url: String, prefix: String },
+    /// A PostgreSQL database (the URL as given), and the schema to use in it.
+    Postgres { url: String, schema: String },
 }
 
 impl StoreUrl {
-    /// Parses `embedded:PATH`, `memory:`, a Redis URL, or a bare path.
-    pub fn parse(url: &str, redis_prefix: &str) -> Result<Self, Failure> {
+    /// Parses `embedded:PATH`, `memory:`, a Redis or PostgreSQL URL, or a bare path.
+    pub fn parse(url: &str, ns: &Namespace) -> Result<Self, Failure> {
         if let Some(path) = url.strip_prefix("embedded:") {
             if path.is_empty() {
                 return Err(Failure(
@@ -38,13 +60,14 @@ impl StoreUrl {
             return match scheme {
                 "redis" | "rediss" | "redis+unix" | "unix" => Ok(StoreUrl::Redis {
                     url: url.to_owned(),
-                    prefix: redis_prefix.to_owned(),
+                    prefix: ns.redis_prefix.clone(),
                 }),
-                "postgres" | "postgresql" => Err(Failure(
-                    "PostgreSQL stores are not supported by this build yet; use embedded:PATH or redis://".into(),
-                )),
+                "postgres" | "postgresql" => Ok(StoreUrl::Postgres {
+                    url: url.to_owned(),
+                    schema: ns.pg_schema.clone(),
+                }),
                 other => Err(Failure(format!(
-                    "store URL scheme {other:?} is not known; use embedded:PATH, a directory, memory:, or redis://host[:port]"
+                    "store URL scheme {other:?} is not known; use embedded:PATH, a directory, memory:, redis://host[:port] or postgres://host/db"
                 ))),
             };
         }
@@ -60,13 +83,25 @@ impl StoreUrl {
             StoreUrl::Embedded(p) => format!("embedded:{}", p.display()),
             StoreUrl::Memory => "memory:".to_owned(),
             StoreUrl::Redis { url, prefix } => {
-                let host = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
-                let scheme = url.split_once("://").map_or("redis", |(s, _)| s);
-                let host = host.strip_prefix(&format!("{scheme}://")).unwrap_or(host);
-                format!("{scheme}://{host} (prefix {prefix})")
+                format!("{} (prefix {prefix})", without_credentials(url))
+            }
+            StoreUrl::Postgres { url, schema } => {
+                format!("{} (schema {schema})", without_credentials(url))
             }
         }
     }
+}
+
+/// `scheme://host/…` without any `user:password@`.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The authority ends at the first '/', '?' or '#'; credentials are before its last '@'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{path}")
 }
 
 /// An open store.
@@ -77,6 +112,30 @@ pub struct Opened {
     pub embedded: Option<EmbeddedStore>,
     /// The Redis store, when it is one.
     pub redis: Option<RedisStore>,
+    /// The PostgreSQL store, when it is one.
+    pub postgres: Option<PostgresStore>,
+}
+
+impl Opened {
+    fn embedded(s: EmbeddedStore) -> Self {
+        Opened {
+            store: Arc::new(s.clone()),
+            embedded: Some(s),
+            redis: None,
+            postgres: None,
+        }
+    }
+
+    /// Removes everything a benchmark wrote under its own prefix or schema on a shared server.
+    pub async fn destroy_namespace(&self) -> Result<(), Failure> {
+        if let Some(r) = &self.redis {
+            r.destroy().await?;
+        }
+        if let Some(p) = &self.postgres {
+            p.destroy().await?;
+        }
+        Ok(())
+    }
 }
 
 async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
@@ -89,6 +148,21 @@ async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
         store: Arc::new(s.clone()),
         embedded: None,
         redis: Some(s),
+        postgres: None,
+    })
+}
+
+async fn postgres(url: &str, schema: &str) -> Result<Opened, Failure> {
+    let options = PostgresOptions {
+        schema: schema.to_owned(),
+        ..PostgresOptions::default()
+    };
+    let s = PostgresStore::connect_with(url, options).await?;
+    Ok(Opened {
+        store: Arc::new(s.clone()),
+        embedded: None,
+        redis: None,
+        postgres: Some(s),
     })
 }
 
@@ -102,17 +176,13 @@ pub async fn open_existing(url: &StoreUrl) -> Result<Opened, Failure> {
                     path.display()
                 )));
             }
-            let s = EmbeddedStore::open_existing(path)?;
-            Ok(Opened {
-                store: Arc::new(s.clone()),
-                embedded: Some(s),
-                redis: None,
-            })
+            Ok(Opened::embedded(EmbeddedStore::open_existing(path)?))
         }
         StoreUrl::Memory => Err(Failure(
             "memory: holds nothing to inspect; pass the store to look at with --store".into(),
         )),
         StoreUrl::Redis { url, prefix } => redis(url, prefix).await,
+        StoreUrl::Postgres { url, schema } => postgres(url, schema).await,
     }
 }
 
@@ -122,10 +192,42 @@ pub async fn open_or_create(url: &StoreUrl) -> Result<Opened, Failure> {
         StoreUrl::Embedded(path) => EmbeddedStore::open(path)?,
         StoreUrl::Memory => EmbeddedStore::in_memory()?,
         StoreUrl::Redis { url, prefix } => return redis(url, prefix).await,
+        StoreUrl::Postgres { url, schema } => return postgres(url, schema).await,
     };
-    Ok(Opened {
-        store: Arc::new(s.clone()),
-        embedded: Some(s),
-        redis: None,
-    })
+    Ok(Opened::embedded(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_labels_hide_credentials() {
+        let ns = Namespace::both("ns");
+        assert_eq!(
+            StoreUrl::parse("postgres://u:secret@db:5433/app?sslmode=require", &ns)
+                .expect("parse")
+                .label(),
+            "postgres://db:5433/app?sslmode=require (schema ns)"
+        );
+        assert_eq!(
+            StoreUrl::parse("redis://:pw@host:6380/0", &ns)
+                .expect("parse")
+                .label(),
+            "redis://host:6380/0 (prefix ns)"
+        );
+        assert_eq!(
+            StoreUrl::parse("redis+unix:///tmp/r.sock", &ns)
+                .expect("parse")
+                .label(),
+            "redis+unix:///tmp/r.sock (prefix ns)"
+        );
+        assert_eq!(
+            StoreUrl::parse("./data", &ns).expect("parse"),
+            StoreUrl::Embedded(PathBuf::from("./data"))
+        );
+        assert!(StoreUrl::parse("mysql://x", &ns).is_err());
+        assert!(StoreUrl::parse("embedded:", &ns).is_err());
+        assert!(StoreUrl::parse("", &ns).is_err());
+    }
 }

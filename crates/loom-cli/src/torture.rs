@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use loom_bench::bank::{Bank, Status, Transfer, TransferMsg};
 use loom_core::runtime::{Runtime, StartError};
 use loom_core::{SeqRange, StoreError};
-use loom_testkit::servers::RedisServer;
+use loom_testkit::servers::{PostgresServer, RedisServer};
 use loom_testkit::torture::{self, FinalReport, Target, Torture};
 
 use crate::journal::all_actors;
@@ -26,6 +26,24 @@ pub enum Backend {
     Embedded,
     /// A private redis-server (appendonly yes, appendfsync always), itself killed in some rounds.
     Redis,
+    /// A private PostgreSQL cluster, itself stopped with `pg_ctl stop -m immediate` (no
+    /// checkpoint, as a crash) in some rounds.
+    Postgres,
+}
+
+/// The private server a run tortures alongside the runtime.
+enum Server {
+    Redis(RedisServer),
+    Postgres(PostgresServer),
+}
+
+impl Server {
+    fn restart(&mut self) {
+        match self {
+            Server::Redis(s) => s.restart(),
+            Server::Postgres(s) => s.restart(),
+        }
+    }
 }
 
 /// The bank's shape in a torture run.
@@ -75,7 +93,7 @@ struct Children {
     store: String,
     prefix: String,
     shape: Shape,
-    server: Option<RedisServer>,
+    server: Option<Server>,
     server_kill_percent: u32,
 }
 
@@ -86,6 +104,8 @@ impl Children {
             .arg("--store")
             .arg(&self.store)
             .arg("--redis-prefix")
+            .arg(&self.prefix)
+            .arg("--pg-schema")
             .arg(&self.prefix);
         c.args(self.shape.args());
         c
@@ -130,7 +150,11 @@ pub fn run(
         ),
         Backend::Redis => {
             let s = RedisServer::start();
-            (s.url(), Some(s))
+            (s.url(), Some(Server::Redis(s)))
+        }
+        Backend::Postgres => {
+            let s = PostgresServer::start();
+            (s.url(), Some(Server::Postgres(s)))
         }
     };
     let mut children = Children {

@@ -1,5 +1,5 @@
 //! The `loom` binary's journal, dead-letter, export, import and migrate commands, on real
-//! stores (embedded directories and a private Redis), including bad input.
+//! stores (embedded directories, a private Redis, a private PostgreSQL), including bad input.
 
 use std::path::Path;
 use std::process::Command;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timestamp};
-use loom_testkit::servers::RedisServer;
+use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::json;
 
 fn loom(args: &[&str]) -> (bool, String, String) {
@@ -249,41 +249,34 @@ fn export_import_round_trip_and_damaged_exports_are_refused_whole() {
     }
 }
 
-#[test]
-fn migrate_embedded_to_redis_and_back_round_trips() {
-    let server = RedisServer::start();
+/// Migrates the seeded store to `remote` (a server URL, with `ns` naming the prefix or schema)
+/// and back to a fresh directory; both copies must list, count and verify the same.
+fn round_trip_through(remote: &str, ns: &[&str]) {
     let src = tempfile::tempdir().expect("temp dir");
     seeded(src.path());
     let s = src.path().to_str().unwrap();
-    let redis = server.url();
-    let out = ok(&[
-        "--redis-prefix",
-        "moved",
-        "migrate",
-        "--from",
-        s,
-        "--to",
-        &redis,
-        "--json",
-    ]);
+    let with_ns = |args: &[&str]| -> String {
+        let mut all = ns.to_vec();
+        all.extend_from_slice(args);
+        ok(&all)
+    };
+    let out = with_ns(&["migrate", "--from", s, "--to", remote, "--json"]);
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["verified"], true, "{report}");
     assert!(
         report["snapshots"].as_u64().unwrap() > 0 && report["messages"].as_u64().unwrap() == 2,
         "{report}"
     );
+    // A second migration into the same place is refused: the target already holds the journals.
+    let mut again = ns.to_vec();
+    again.extend_from_slice(&["migrate", "--from", s, "--to", remote]);
+    let (success, _, stderr) = loom(&again);
+    assert!(!success, "migrating twice into {remote} must be refused");
+    assert!(stderr.contains("error:"), "{stderr}");
     let back = tempfile::tempdir().expect("temp dir");
     let b = back.path().join("store");
     let b = b.to_str().unwrap();
-    ok(&[
-        "--redis-prefix",
-        "moved",
-        "migrate",
-        "--from",
-        &redis,
-        "--to",
-        b,
-    ]);
+    with_ns(&["migrate", "--from", remote, "--to", b]);
     assert_eq!(
         ok(&["journal", "--store", s, "ls", "--json"]),
         ok(&["journal", "--store", b, "ls", "--json"])
@@ -296,13 +289,20 @@ fn migrate_embedded_to_redis_and_back_round_trips() {
             .to_owned()
     };
     assert_eq!(stats(s), stats(b));
-    let on_redis = ok(&[
-        "--redis-prefix",
-        "moved",
-        "journal",
-        "--store",
-        &redis,
-        "verify",
-    ]);
-    assert!(on_redis.starts_with("ok: 3 journals"), "{on_redis}");
+    let remote_stats = with_ns(&["journal", "--store", remote, "stats", "--json"]);
+    assert_eq!(remote_stats.lines().last().unwrap(), stats(s));
+    let verified = with_ns(&["journal", "--store", remote, "verify"]);
+    assert!(verified.starts_with("ok: 3 journals"), "{verified}");
+}
+
+#[test]
+fn migrate_embedded_to_redis_and_back_round_trips() {
+    let server = RedisServer::start();
+    round_trip_through(&server.url(), &["--redis-prefix", "moved"]);
+}
+
+#[test]
+fn migrate_embedded_to_postgres_and_back_round_trips() {
+    let server = PostgresServer::start();
+    round_trip_through(&server.url(), &["--pg-schema", "moved"]);
 }

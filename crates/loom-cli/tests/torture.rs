@@ -1,4 +1,5 @@
-//! `loom torture`, the real binary, 20 SIGKILLs per backend: nothing acknowledged is lost,
+//! `loom torture`, the real binary, 20 SIGKILLs per backend (and crashes of the Redis and
+//! PostgreSQL servers themselves): nothing acknowledged is lost,
 //! nothing is applied twice, every journal is gapless, no actor is parked.
 
 use std::process::Command;
@@ -42,4 +43,9 @@ fn torture_embedded_20_kills() {
 #[test]
 fn torture_redis_20_kills_and_server_kills() {
     torture("redis");
+}
+
+#[test]
+fn torture_postgres_20_kills_and_server_crashes() {
+    torture("postgres");
 }
