@@ -80,8 +80,11 @@ fn check_lease_options(opts: &LeaseOptions) -> StoreResult<()> {
     check_ttl("visibility timeout", opts.visibility)
 }
 
+/// A stream entry's id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Fields of a stream entry (`[id, [field, value, ...]]`).
-fn entry_fields(v: &Value) -> Option<(String, Vec<(String, Vec<u8>)>)> {
+fn entry_fields(v: &Value) -> Option<StreamEntry> {
     let Value::Array(parts) = v else { return None };
     let id = text(parts.first())?;
     let Value::Array(kv) = parts.get(1)? else {

@@ -31,7 +31,7 @@ use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patc
 /// What the loop does after a delivery.
 pub(crate) enum Next {
     /// Go on; with the actor's next message when the turn's write already leased it.
-    Continue(Option<Delivery>),
+    Continue(Option<Box<Delivery>>),
     /// Retry later: the message was nacked with this delay.
     Backoff(Duration),
     /// The journal moved under us, or an invocation was partly journaled: reload from the store.
@@ -276,7 +276,7 @@ impl<A: Actor> Cell<A> {
                     shared.wake(&o.envelope.to);
                 }
                 self.maybe_compact(io, shared);
-                Next::Continue(committed.next)
+                Next::Continue(committed.next.map(Box::new))
             }
             Err(e) => {
                 self.restore_state();

@@ -417,10 +417,10 @@ impl<'a> Context<'a> {
     /// key is derived from this actor, this message and the step: a replay finds the same child.
     pub fn spawn<C: Actor>(&mut self, input: &C::Message) -> Result<ActorId, StepError> {
         let (step, recorded) = self.next_step("spawn", C::KIND)?;
-        if let Some(recorded) = recorded {
-            if let Some(EntryKind::ChildSpawned { child, .. }) = recorded.first() {
-                return Ok(child.clone());
-            }
+        if let Some(EntryKind::ChildSpawned { child, .. }) =
+            recorded.as_ref().and_then(|r| r.first())
+        {
+            return Ok(child.clone());
         }
         let seed = format!("{}/{}/{step}", self.inv.actor, self.inv.envelope.id);
         let key = uuid::Uuid::new_v5(self.inv.envelope.id.as_uuid(), seed.as_bytes());

@@ -476,7 +476,7 @@ async fn serve<A: Actor>(
                 *last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 idle_since = Instant::now();
                 match next {
-                    Next::Continue(d) => leased = d,
+                    Next::Continue(d) => leased = d.map(|d| *d),
                     Next::Backoff(d) => {
                         tokio::select! {
                             _ = tokio::time::sleep(d) => {}

@@ -56,10 +56,9 @@ impl Probe {
 
     async fn hold(&self) {
         self.reached.notify_one();
-        match self.gate.acquire().await {
-            Ok(permit) => permit.forget(),
-            // The gate is never closed; a closed gate just lets everyone through.
-            Err(_) => {}
+        // The gate is never closed; a closed gate just lets everyone through.
+        if let Ok(permit) = self.gate.acquire().await {
+            permit.forget();
         }
     }
 }
