@@ -13,8 +13,11 @@
 //! The schema is created (or checked) on connect, in the configured schema (default `loom`);
 //! nothing outside it is touched. Concurrent requests from many actors run on a connection pool,
 //! and PostgreSQL's write-ahead log flushes concurrent commits together: its group commit.
-//! Durability is PostgreSQL's: with `synchronous_commit = on` (the default) and `fsync = on`, a
-//! write is on disk when it is acknowledged.
+//! Durability is PostgreSQL's: Loom's sessions run with `synchronous_commit = on` whatever the
+//! server's default, so a write is acknowledged only after its WAL flush (and on synchronous
+//! standbys, if any are configured). `fsync` and `full_page_writes` cannot be set per session;
+//! [`PostgresStore::durability`] reads them and the store logs a warning at connect when either
+//! is off.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), loom_core::StoreError> {
@@ -98,11 +101,16 @@ pub(crate) fn pe(e: sqlx::Error) -> StoreError {
         ),
         _ => false,
     };
+    let code = match &e {
+        E::Database(d) => d.code().map(|c| c.into_owned()),
+        _ => None,
+    };
     if transient {
         StoreError::unavailable(BACKEND, e)
-    } else if matches!(&e, E::Database(d) if d.code().as_deref() == Some("28P01") || d.code().as_deref() == Some("28000"))
-    {
+    } else if matches!(code.as_deref(), Some("28P01" | "28000")) {
         StoreError::InvalidRequest(format!("PostgreSQL refused the login: {e}"))
+    } else if code.as_deref() == Some("3D000") {
+        StoreError::InvalidRequest(format!("PostgreSQL has no such database: {e}"))
     } else {
         StoreError::storage(BACKEND, e)
     }
@@ -133,7 +141,12 @@ impl PostgresStore {
         let timeout = format!("{}ms", options.statement_timeout.as_millis().max(1));
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::InvalidRequest(format!("PostgreSQL URL: {e}")))?
-            .options([("statement_timeout", timeout.as_str())]);
+            // A commit is acknowledged only once it is flushed (and, with synchronous standbys
+            // configured, on them too), whatever the server's default for other clients.
+            .options([
+                ("statement_timeout", timeout.as_str()),
+                ("synchronous_commit", "on"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
@@ -142,7 +155,48 @@ impl PostgresStore {
             .map_err(pe)?;
         let store = PostgresStore { pool, schema };
         store.migrate().await?;
+        if let Some(w) = store.durability().await?.warning {
+            tracing::warn!("{w}");
+        }
         Ok(store)
+    }
+
+    /// What the server's settings guarantee for this store's writes (see the crate
+    /// documentation); a warning names any setting that can lose or corrupt acknowledged
+    /// writes in a crash. Also logged at connect.
+    pub async fn durability(&self) -> Result<Durability, StoreError> {
+        let (fsync, synchronous_commit, full_page_writes): (String, String, String) =
+            sqlx::query_as(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit'), \
+                 current_setting('full_page_writes')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        let mut problems = Vec::new();
+        if fsync != "on" {
+            problems.push(
+                "fsync is off: a machine crash can lose acknowledged writes and corrupt the database",
+            );
+        }
+        if synchronous_commit == "off" {
+            problems.push(
+                "synchronous_commit is off for Loom's sessions: a crash can lose acknowledged writes",
+            );
+        }
+        if full_page_writes != "on" {
+            problems.push(
+                "full_page_writes is off: a torn page after a power loss can corrupt the database",
+            );
+        }
+        let warning =
+            (!problems.is_empty()).then(|| format!("PostgreSQL: {}", problems.join("; ")));
+        Ok(Durability {
+            fsync,
+            synchronous_commit,
+            full_page_writes,
+            warning,
+        })
     }
 
     /// Creates the schema and its tables and functions, or checks that they are this build's.
@@ -211,4 +265,18 @@ impl PostgresStore {
         .map_err(pe)?;
         Ok(())
     }
+}
+
+/// The server settings that decide whether an acknowledged write survives a crash, as
+/// [`PostgresStore::durability`] read them (for this store's sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durability {
+    /// `fsync`.
+    pub fsync: String,
+    /// `synchronous_commit`, as Loom's sessions run (Loom sets `on`).
+    pub synchronous_commit: String,
+    /// `full_page_writes`.
+    pub full_page_writes: String,
+    /// Why acknowledged writes could be lost or corrupted, if they could.
+    pub warning: Option<String>,
 }

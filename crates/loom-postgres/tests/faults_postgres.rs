@@ -274,4 +274,46 @@ async fn bad_urls_schemas_and_logins_are_typed_errors() {
         matches!(unreachable, Err(StoreError::Unavailable { .. })),
         "{unreachable:?}"
     );
+    let base = server.url();
+    for (what, url) in [
+        ("no such role", base.replace("postgres@", "nobody@")),
+        ("no such database", base.replace("/postgres?", "/nosuchdb?")),
+    ] {
+        let r = PostgresStore::connect(&url).await;
+        assert!(
+            matches!(r, Err(StoreError::InvalidRequest(_))),
+            "{what}: {r:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_server_settings_are_reported_and_synchronous_commit_is_forced_on() {
+    let safe = PostgresServer::start();
+    let d = connect(&safe.url())
+        .await
+        .durability()
+        .await
+        .expect("durability");
+    assert_eq!(d.warning, None, "{d:?}");
+    // A server whose default is to acknowledge before the WAL flush: Loom's sessions still wait.
+    let lax = PostgresServer::start_with(&["synchronous_commit=off"]);
+    let d = connect(&lax.url())
+        .await
+        .durability()
+        .await
+        .expect("durability");
+    assert_eq!((d.synchronous_commit.as_str(), d.warning), ("on", None));
+    // Settings a session cannot override are reported.
+    let unsafe_server = PostgresServer::start_with(&["fsync=off", "full_page_writes=off"]);
+    let d = connect(&unsafe_server.url())
+        .await
+        .durability()
+        .await
+        .expect("durability");
+    let warning = d.warning.expect("a warning");
+    assert!(
+        warning.contains("fsync is off") && warning.contains("full_page_writes is off"),
+        "{warning}"
+    );
 }

@@ -255,6 +255,7 @@ pub struct PostgresServer {
     port: u16,
     as_postgres: bool,
     running: bool,
+    settings: Vec<String>,
 }
 
 fn postgres_bin() -> PathBuf {
@@ -292,8 +293,14 @@ fn is_root() -> bool {
 }
 
 impl PostgresServer {
-    /// Creates and starts a cluster.
+    /// Creates and starts a cluster (`fsync = on`, `synchronous_commit = on`).
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Creates and starts a cluster with extra `name=value` settings (after the defaults, so
+    /// they win), as in `start_with(&["fsync=off"])`.
+    pub fn start_with(settings: &[&str]) -> Self {
         let bin = postgres_bin();
         let dir = tempfile::Builder::new()
             .prefix("loom-pg-")
@@ -318,6 +325,7 @@ impl PostgresServer {
             port: free_port(),
             as_postgres,
             running: false,
+            settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
         let data = s.data();
         let out = s
@@ -353,9 +361,10 @@ impl PostgresServer {
 
     fn launch(&mut self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=200",
+            "-p {} -k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=200{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings.concat()
         );
         let out = self
             .command("pg_ctl")
