@@ -356,6 +356,22 @@ local function lease_cas(KEYS, ARGV)
   return { 'ok' }
 end
 
+-- KEYS: ls of each lease   ARGV: ttl, then owner, token of each lease
+-- Renews every lease still held with its token: { new expiry, or '' if lost } per lease.
+local function renew_many(KEYS, ARGV)
+  local now = now_ms()
+  local out = {}
+  for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[2 * i] .. '\n' .. ARGV[2 * i + 1] then
+      redis.call('PEXPIRE', KEYS[i], ARGV[1])
+      out[i] = tostring(now + tonumber(ARGV[1]))
+    else
+      out[i] = ''
+    end
+  end
+  return out
+end
+
 -- KEYS: idem   ARGV: ttl
 local function reserve(KEYS, ARGV)
   if redis.call('SET', KEYS[1], 'P', 'NX', 'PX', ARGV[1]) then return { 'ok' } end

@@ -771,6 +771,46 @@ impl LeaseManager for RedisStore {
         }
     }
 
+    async fn renew_many(
+        &self,
+        leases: &[Lease],
+        ttl_: Duration,
+    ) -> StoreResult<Vec<StoreResult<Lease>>> {
+        check_ttl("lease ttl", ttl_)?;
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = leases.iter().map(|l| self.keys.lease(&l.actor).0).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut args = vec![ttl(ttl_)];
+        for l in leases {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
+        }
+        let r = self.run(&self.scripts.renew_many, &keys, args).await?;
+        if r.len() != leases.len() {
+            return Err(unexpected(format!(
+                "renew_many replied {} results for {} leases",
+                r.len(),
+                leases.len()
+            )));
+        }
+        leases
+            .iter()
+            .zip(&r)
+            .map(|(l, v)| match text(Some(v)).as_deref() {
+                Some("") => Ok(Err(StoreError::LeaseLost {
+                    actor: l.actor.clone(),
+                    token: l.token,
+                })),
+                _ => Ok(Ok(Lease {
+                    expires_at: Timestamp::from_millis(number(Some(v), "expiry")?),
+                    ..l.clone()
+                })),
+            })
+            .collect()
+    }
+
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
         let (ls, _) = self.keys.lease(&lease.actor);
         let r = self

@@ -43,6 +43,10 @@ pub struct Faults {
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
     /// How many failures were injected.
     pub injected: AtomicU64,
+    /// Lease renewal calls that reached the store (`renew` and `renew_many`).
+    pub renewal_calls: AtomicU64,
+    /// Leases those calls asked to renew.
+    pub renewals: AtomicU64,
 }
 
 impl Faults {
@@ -323,7 +327,26 @@ impl LeaseManager for FaultyStore {
             self.faults.injected.fetch_add(1, Ordering::Relaxed);
             return Err(injected("renew"));
         }
+        self.faults.renewal_calls.fetch_add(1, Ordering::Relaxed);
+        self.faults.renewals.fetch_add(1, Ordering::Relaxed);
         self.write("renew", self.inner.renew(lease, ttl)).await
+    }
+
+    async fn renew_many(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> StoreResult<Vec<StoreResult<Lease>>> {
+        if self.faults.fail_renewals.load(Ordering::Acquire) {
+            self.faults.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected("renew"));
+        }
+        self.faults.renewal_calls.fetch_add(1, Ordering::Relaxed);
+        self.faults
+            .renewals
+            .fetch_add(leases.len() as u64, Ordering::Relaxed);
+        self.write("renew", self.inner.renew_many(leases, ttl))
+            .await
     }
 
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {

@@ -56,6 +56,33 @@ fn check_ttl(ttl: Duration) -> StoreResult<()> {
     Ok(())
 }
 
+/// Extends `lease` to `now + ttl` if it is still the actor's live lease; writes nothing if not.
+fn renew_in(
+    txn: &WriteTransaction,
+    lease: Lease,
+    ttl: Duration,
+    now: Timestamp,
+) -> StoreResult<Lease> {
+    let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
+    match row {
+        Some(row) if row.token == lease.token && live(&row, now).is_some() => {
+            let row = Row {
+                expires_at: now + ttl,
+                ..row
+            };
+            put(txn, &lease.actor, &row)?;
+            Ok(Lease {
+                expires_at: row.expires_at,
+                ..lease
+            })
+        }
+        _ => Err(StoreError::LeaseLost {
+            actor: lease.actor.clone(),
+            token: lease.token,
+        }),
+    }
+}
+
 #[async_trait]
 impl LeaseManager for EmbeddedStore {
     async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
@@ -94,26 +121,30 @@ impl LeaseManager for EmbeddedStore {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
         check_ttl(ttl)?;
         let lease = lease.clone();
+        self.write(move |txn| renew_in(txn, lease, ttl, Timestamp::now()))
+            .await
+    }
+
+    async fn renew_many(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> StoreResult<Vec<StoreResult<Lease>>> {
+        check_ttl(ttl)?;
+        let leases = leases.to_vec();
+        // One write transaction for all of them. A lease that is lost (or whose row does not
+        // decode) is its own slot's error and wrote nothing, so the others still commit; a
+        // storage failure fails the whole batch (the writer aborts it).
         self.write(move |txn| {
             let now = Timestamp::now();
-            let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
-            match row {
-                Some(row) if row.token == lease.token && live(&row, now).is_some() => {
-                    let row = Row {
-                        expires_at: now + ttl,
-                        ..row
-                    };
-                    put(txn, &lease.actor, &row)?;
-                    Ok(Lease {
-                        expires_at: row.expires_at,
-                        ..lease
-                    })
+            let mut out = Vec::with_capacity(leases.len());
+            for lease in leases {
+                match renew_in(txn, lease, ttl, now) {
+                    Err(e) if e.is_transient() => return Err(e),
+                    r => out.push(r),
                 }
-                _ => Err(StoreError::LeaseLost {
-                    actor: lease.actor.clone(),
-                    token: lease.token,
-                }),
             }
+            Ok(out)
         })
         .await
     }

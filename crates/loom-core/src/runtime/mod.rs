@@ -45,6 +45,7 @@ mod client;
 mod config;
 mod context;
 mod hub;
+mod leases;
 mod record;
 mod replay;
 mod trace;
@@ -122,6 +123,8 @@ pub struct MetricsSnapshot {
     pub activation_micros: u64,
     /// Actors active now.
     pub active: u64,
+    /// Leases this node keeps renewed now (one per active actor).
+    pub leases_held: u64,
 }
 
 /// An active actor's handles, as the runtime sees them.
@@ -180,6 +183,9 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     wake: Notify,
+    keeper: Arc<leases::Keeper>,
+    /// The keeper's task: aborted by `kill`, after the drain by `shutdown`, and with the runtime.
+    keeper_task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 impl Shared {
@@ -353,13 +359,8 @@ async fn run<A: Actor>(
     last_used: Arc<Mutex<Instant>>,
 ) {
     let lost = CancellationToken::new();
-    // Aborted when this task ends or is aborted, so a killed runtime stops renewing at once.
-    let _renewer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(renew(
-        shared.store.clone(),
-        lease.clone(),
-        shared.config.lease_ttl,
-        lost.clone(),
-    )));
+    // Renewed with every other lease of this node until this task ends, however it ends.
+    let kept = shared.keeper.keep(lease.clone(), lost.clone());
     let io = Io {
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,
@@ -393,6 +394,7 @@ async fn run<A: Actor>(
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
         }
     }
+    drop(kept);
     if !matches!(exit, Exit::LeaseLost) {
         match shared.store.release(&lease).await {
             Ok(_) => {}
@@ -402,34 +404,6 @@ async fn run<A: Actor>(
         }
     }
     shared.deactivated(&id);
-}
-
-/// Renews the lease every third of its ttl; cancels `lost` when it cannot be kept.
-async fn renew(store: Arc<dyn Store>, mut lease: Lease, ttl: Duration, lost: CancellationToken) {
-    let every = ttl / 3;
-    loop {
-        tokio::time::sleep(every).await;
-        loop {
-            match store.renew(&lease, ttl).await {
-                Ok(l) => {
-                    lease = l;
-                    break;
-                }
-                Err(StoreError::LeaseLost { .. }) => {
-                    lost.cancel();
-                    return;
-                }
-                Err(e) => {
-                    if Timestamp::now() >= lease.expires_at {
-                        tracing::warn!(actor = %lease.actor, error = %e, "could not renew the lease before it expired");
-                        lost.cancel();
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
 }
 
 async fn serve<A: Actor>(
@@ -622,7 +596,12 @@ impl RuntimeBuilder {
             StoreChoice::Memory => Arc::new(EmbeddedStore::in_memory()?),
             StoreChoice::Given(s) => s,
         };
+        let keeper = leases::Keeper::new(store.clone(), self.config.lease_ttl);
+        let keeper_task =
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper.clone().run()));
         let shared = Arc::new(Shared {
+            keeper,
+            keeper_task,
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
@@ -715,6 +694,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
+            leases_held: self.shared.keeper.len() as u64,
         }
     }
 
@@ -743,6 +723,8 @@ impl Runtime {
                 "shutdown timed out with invocations still running; they resume after a restart"
             );
         }
+        // Every actor has released its lease (or, after a timeout, lets it expire).
+        self.shared.keeper_task.abort();
     }
 
     /// Stops everything at once, as a crash would: invocations are dropped mid-way, leases are
@@ -752,6 +734,7 @@ impl Runtime {
     /// had already handed to the store may still land, as it may in a real crash).
     pub async fn kill(&self) {
         self.shared.shutdown.cancel();
+        self.shared.keeper_task.abort();
         {
             let active = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
             for a in active.values() {

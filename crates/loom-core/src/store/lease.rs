@@ -40,6 +40,26 @@ pub trait LeaseManager: Send + Sync + 'static {
     /// Extends a held lease to `ttl` from now, or fails with [`StoreError::LeaseLost`].
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease>;
 
+    /// Renews many leases at once, with the rules of [`renew`](Self::renew): one result per
+    /// lease, in order, [`StoreError::LeaseLost`] in the slot of a lease no longer held. A node
+    /// renews all its actors' leases with one call, so backends make it one round trip and one
+    /// durable write; this default renews them one by one. An `Err` for the whole call says
+    /// nothing about which leases were renewed: the caller tries again while they last.
+    async fn renew_many(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> StoreResult<Vec<StoreResult<Lease>>> {
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            match self.renew(lease, ttl).await {
+                Err(e) if !matches!(e, StoreError::LeaseLost { .. }) => return Err(e),
+                r => out.push(r),
+            }
+        }
+        Ok(out)
+    }
+
     /// Gives a lease up. Returns false if it was no longer held (expired or taken over), in
     /// which case nothing changed.
     async fn release(&self, lease: &Lease) -> StoreResult<bool>;

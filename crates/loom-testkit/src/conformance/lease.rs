@@ -16,6 +16,7 @@ pub(super) fn cases() -> Vec<Case> {
         renew_extends_the_lease,
         renew_after_expiry_fails_even_if_nobody_took_it,
         renew_with_a_stale_token_fails_after_takeover,
+        renew_many_renews_held_leases_and_reports_lost_ones_in_order,
         release_never_touches_another_holders_lease,
         concurrent_acquires_have_one_winner,
         bad_owner_names_are_refused,
@@ -120,6 +121,57 @@ async fn renew_with_a_stale_token_fails_after_takeover(store: Arc<dyn Store>) {
         Err(StoreError::LeaseLost { .. })
     ));
     assert_eq!(store.holder(&a).await.unwrap(), Some(new));
+}
+
+async fn renew_many_renews_held_leases_and_reports_lost_ones_in_order(store: Arc<dyn Store>) {
+    assert!(store.renew_many(&[], LONG).await.unwrap().is_empty());
+    // Held, expired, taken over, released, held: in an order that is not the actors' order.
+    let (e, b, c, d, a) = (id("e"), id("b"), id("c"), id("d"), id("a"));
+    let held_e = store
+        .acquire(&e, "n1", Duration::from_millis(500))
+        .await
+        .unwrap();
+    let expired = store.acquire(&b, "n1", SHORT).await.unwrap();
+    let stale = store.acquire(&c, "n1", SHORT).await.unwrap();
+    let released = store.acquire(&d, "n1", LONG).await.unwrap();
+    let held_a = store
+        .acquire(&a, "n1", Duration::from_millis(500))
+        .await
+        .unwrap();
+    wait_past(SHORT).await;
+    let taker = store.acquire(&c, "n2", LONG).await.unwrap();
+    assert!(store.release(&released).await.unwrap());
+    let asked = [held_e.clone(), expired, stale, released, held_a.clone()];
+    let out = store.renew_many(&asked, LONG).await.unwrap();
+    assert_eq!(out.len(), asked.len());
+    for (i, (r, l)) in out.iter().zip(&asked).enumerate() {
+        match (i, r) {
+            (0 | 4, Ok(renewed)) => {
+                assert_eq!((&renewed.actor, renewed.token), (&l.actor, l.token));
+                assert!(renewed.expires_at > l.expires_at, "slot {i} not extended");
+            }
+            (1..=3, Err(StoreError::LeaseLost { actor, token })) => {
+                assert_eq!((actor, *token), (&l.actor, l.token), "slot {i}");
+            }
+            _ => panic!("slot {i}: unexpected {r:?}"),
+        }
+    }
+    // The renewals took effect: the short leases outlive their first ttl.
+    wait_past(Duration::from_millis(500)).await;
+    for held in [&held_e, &held_a] {
+        assert_eq!(
+            store.holder(&held.actor).await.unwrap().map(|h| h.token),
+            Some(held.token)
+        );
+    }
+    // Nothing else changed.
+    assert_eq!(store.holder(&c).await.unwrap(), Some(taker));
+    assert!(store.holder(&b).await.unwrap().is_none());
+    assert!(store.holder(&d).await.unwrap().is_none());
+    assert!(matches!(
+        store.renew_many(&[held_a], Duration::ZERO).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
 }
 
 async fn release_never_touches_another_holders_lease(store: Arc<dyn Store>) {

@@ -57,6 +57,7 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt,
         passivation_and_reactivation,
         lost_lease_stops_writes,
+        leases_of_many_idle_actors_are_renewed_together,
         one_invocation_at_a_time_per_actor,
         many_actors_run_in_parallel,
         graceful_shutdown_drains_in_flight_invocations,
@@ -1094,6 +1095,58 @@ async fn lost_lease_stops_writes(h: &Harness) {
     // Once the lease is free again, the held message is redone and the deposit applied, once each.
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 111);
     rt.shutdown().await;
+}
+
+async fn leases_of_many_idle_actors_are_renewed_together(h: &Harness) {
+    let ttl = Duration::from_millis(600);
+    let rt = h.runtime_with(|c| c.lease_ttl = ttl).await;
+    let n = 40;
+    for i in 0..n {
+        let a = rt.actor::<Account>(format!("idle{i}"));
+        assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+    }
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        let holder = h.store.holder(&acct(&format!("idle{i}"))).await.unwrap();
+        tokens.push(holder.expect("an active actor holds its lease").token);
+    }
+    assert_eq!(rt.metrics().leases_held, n as u64);
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let (calls, leases) = (count(&h.faults.renewal_calls), count(&h.faults.renewals));
+    // Five ttls idle: without renewals every lease would have run out.
+    tokio::time::sleep(ttl * 5).await;
+    for (i, token) in tokens.iter().enumerate() {
+        let id = acct(&format!("idle{i}"));
+        assert!(rt.is_active(&id), "idle{i} lost its lease while idle");
+        let holder = h.store.holder(&id).await.unwrap();
+        assert_eq!(
+            holder.map(|l| l.token),
+            Some(*token),
+            "idle{i}'s lease ran out"
+        );
+    }
+    let calls = count(&h.faults.renewal_calls) - calls;
+    let leases = count(&h.faults.renewals) - leases;
+    assert!(
+        leases >= 10 * n as u64,
+        "{leases} renewals of {n} leases in five ttls"
+    );
+    assert!(
+        calls * 10 <= leases,
+        "{calls} renewal calls for {leases} renewals: leases are not renewed together"
+    );
+    assert_eq!(rt.metrics().leases_lost, 0);
+    rt.shutdown().await;
+    assert_eq!(rt.metrics().leases_held, 0);
+    for i in 0..n {
+        assert!(
+            h.store
+                .holder(&acct(&format!("idle{i}")))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
 }
 
 async fn one_invocation_at_a_time_per_actor(h: &Harness) {

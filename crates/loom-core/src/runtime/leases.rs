@@ -1,0 +1,201 @@
+//! Keeping this node's leases: one task renews the leases of every active actor together, with
+//! one [`LeaseManager::renew_many`](crate::LeaseManager::renew_many) call per batch, instead of
+//! a timer and a durable write per actor (ten thousand idle actors would otherwise cost three
+//! thousand writes a second).
+//!
+//! Invariants:
+//! - A lease is renewed once a third of its ttl has passed since it was taken or last renewed
+//!   (measured from when the renewal was sent), so a renewal has two thirds of the ttl to
+//!   succeed; a failed one is retried every [`RETRY`]. Leases due within the next sixth of the
+//!   ttl go along with the ones due now, so leases taken at different moments soon share calls.
+//! - An actor whose lease is reported lost, or runs out before a renewal succeeds, has its
+//!   `lost` token cancelled and stops at once. (Its fenced writes would be refused anyway.)
+//! - A renewal only ever replaces the lease with the same token; a lease given up while its
+//!   renewal was in flight is not brought back.
+//! - Nothing is renewed for an actor whose task has ended: the [`Kept`] guard forgets the
+//!   lease when the task ends, however it ends (return, panic, abort).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::StoreError;
+use crate::id::ActorId;
+use crate::store::{Lease, Store};
+use crate::time::Timestamp;
+
+/// How soon a failed renewal is tried again.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// Most leases renewed by one call.
+const BATCH: usize = 512;
+
+struct Held {
+    lease: Lease,
+    next_at: Instant,
+    lost: CancellationToken,
+}
+
+/// The leases this node holds, renewed together.
+pub(crate) struct Keeper {
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    held: Mutex<HashMap<ActorId, Held>>,
+    added: Notify,
+}
+
+/// Keeps a lease renewed while it lives; forgets it when dropped.
+pub(crate) struct Kept {
+    keeper: Arc<Keeper>,
+    actor: ActorId,
+    token: u64,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let mut held = self.keeper.lock();
+        if held
+            .get(&self.actor)
+            .is_some_and(|h| h.lease.token == self.token)
+        {
+            held.remove(&self.actor);
+        }
+    }
+}
+
+impl Keeper {
+    pub(crate) fn new(store: Arc<dyn Store>, ttl: Duration) -> Arc<Self> {
+        Arc::new(Keeper {
+            store,
+            ttl,
+            held: Mutex::new(HashMap::new()),
+            added: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ActorId, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Renews `lease` (just taken) until the guard is dropped; cancels `lost` if it cannot.
+    pub(crate) fn keep(self: &Arc<Self>, lease: Lease, lost: CancellationToken) -> Kept {
+        let kept = Kept {
+            keeper: self.clone(),
+            actor: lease.actor.clone(),
+            token: lease.token,
+        };
+        let next_at = Instant::now() + self.every();
+        self.lock().insert(
+            lease.actor.clone(),
+            Held {
+                lease,
+                next_at,
+                lost,
+            },
+        );
+        self.added.notify_one();
+        kept
+    }
+
+    /// How many leases are kept (for tests and metrics).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Renews due leases until the task is aborted.
+    pub(crate) async fn run(self: Arc<Self>) {
+        loop {
+            let now = Instant::now();
+            let soon = now + self.every() / 2;
+            let (due, wake_at) = {
+                let held = self.lock();
+                let due: Vec<Lease> = if held.values().any(|h| h.next_at <= now) {
+                    held.values()
+                        .filter(|h| h.next_at <= soon)
+                        .map(|h| h.lease.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let wake_at = held
+                    .values()
+                    .map(|h| h.next_at)
+                    .min()
+                    .unwrap_or(now + self.every());
+                (due, wake_at)
+            };
+            if due.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                    _ = self.added.notified() => {}
+                }
+                continue;
+            }
+            for chunk in due.chunks(BATCH) {
+                let sent = Instant::now();
+                let outcome = self.store.renew_many(chunk, self.ttl).await;
+                self.settle(chunk, sent, outcome);
+            }
+        }
+    }
+
+    /// Applies the outcome of renewing `asked`, sent at `sent`.
+    fn settle(
+        &self,
+        asked: &[Lease],
+        sent: Instant,
+        outcome: Result<Vec<Result<Lease, StoreError>>, StoreError>,
+    ) {
+        let mut held = self.lock();
+        let results: Vec<Result<Lease, StoreError>> = match outcome {
+            Ok(r) if r.len() == asked.len() => r,
+            Ok(r) => {
+                let e = StoreError::InvalidRequest(format!(
+                    "renew_many answered {} results for {} leases",
+                    r.len(),
+                    asked.len()
+                ));
+                asked.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => asked.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (asked, result) in asked.iter().zip(results) {
+            // Only the lease that was sent: it may have been given up (and even taken again)
+            // while the renewal was in flight.
+            let Some(h) = held
+                .get_mut(&asked.actor)
+                .filter(|h| h.lease.token == asked.token)
+            else {
+                continue;
+            };
+            match result {
+                Ok(renewed) => {
+                    h.lease = renewed;
+                    h.next_at = sent + self.every();
+                }
+                Err(StoreError::LeaseLost { .. }) => {
+                    h.lost.cancel();
+                    held.remove(&asked.actor);
+                }
+                Err(e) => {
+                    if Timestamp::now() >= h.lease.expires_at {
+                        tracing::warn!(actor = %asked.actor, error = %e, "could not renew the lease before it expired");
+                        h.lost.cancel();
+                        held.remove(&asked.actor);
+                    } else {
+                        tracing::debug!(actor = %asked.actor, error = %e, "lease renewal failed; retrying");
+                        h.next_at = Instant::now() + RETRY;
+                    }
+                }
+            }
+        }
+    }
+}
