@@ -69,16 +69,16 @@ fn insert(url: String, schema: String) -> Baseline {
                 .execute(&mut c)
                 .await
                 .map_err(e)?;
-            let payload = vec![b'x'; size];
+            // The batch's payloads go over the wire as the store's would: one array of them.
+            let payloads = vec![vec![b'x'; size]; batch];
             let insert = format!(
-                "INSERT INTO {table} (actor, frame) SELECT 'baseline', $1 FROM generate_series(1, $2)"
+                "INSERT INTO {table} (actor, frame) SELECT 'baseline', f FROM unnest($1::bytea[]) AS f"
             );
             let start = Instant::now();
             let mut outcome = Ok(());
             for _ in 0..rounds {
                 outcome = sqlx::query(AssertSqlSafe(insert.clone()))
-                    .bind(&payload)
-                    .bind(batch as i32)
+                    .bind(&payloads)
                     .execute(&mut c)
                     .await
                     .map(|_| ());

@@ -11,8 +11,11 @@
 //! key, so two writers can never both succeed for a seq.
 //!
 //! The schema is created (or checked) on connect, in the configured schema (default `loom`);
-//! nothing outside it is touched. Concurrent requests from many actors run on a connection pool,
-//! and PostgreSQL's write-ahead log flushes concurrent commits together: its group commit.
+//! nothing outside it is touched. Group commit: concurrent appends, and concurrent turns, from
+//! many actors are sent together as one statement per batch (`append_many`, `turn_many`), so
+//! one transaction and one WAL flush serve the whole batch, and each caller hears back only
+//! after that commit (see `batch.rs`). Everything else runs on a connection pool, where
+//! PostgreSQL's own WAL group commit merges the flushes of concurrent transactions.
 //! Durability is PostgreSQL's: Loom's sessions run with `synchronous_commit = on` whatever the
 //! server's default, so a write is acknowledged only after its WAL flush (and on synchronous
 //! standbys, if any are configured). `fsync` and `full_page_writes` cannot be set per session;
@@ -25,6 +28,8 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
+mod group;
 mod store;
 
 use std::str::FromStr;
@@ -68,6 +73,9 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: PgPool,
     schema: String,
+    /// Group commit of appends and of turns (see `batch.rs`).
+    appends: std::sync::Arc<batch::Batcher<group::AppendReq, group::AppendOut>>,
+    turns: std::sync::Arc<batch::Batcher<group::TurnReq, group::TurnOut>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -153,7 +161,13 @@ impl PostgresStore {
             .connect_with(connect)
             .await
             .map_err(pe)?;
-        let store = PostgresStore { pool, schema };
+        let workers = group::workers(options.max_connections.max(1));
+        let store = PostgresStore {
+            appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),
+            turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers)),
+            pool,
+            schema,
+        };
         store.migrate().await?;
         if let Some(w) = store.durability().await?.warning {
             tracing::warn!("{w}");

@@ -91,7 +91,17 @@ LANGUAGE plpgsql AS $$
 DECLARE h bigint; n integer := coalesce(array_length(p_frames, 1), 0);
 BEGIN
     SELECT highest INTO h FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
-    IF NOT FOUND THEN h := 0; END IF;
+    IF NOT FOUND THEN
+        h := 0;
+        IF p_expected = 1 AND n > 0 THEN
+            -- A first append: make the meta row and lock it, so that a racing first append
+            -- waits here and then sees this one (rather than failing on the journal's key,
+            -- which would abort every other append in its batch).
+            INSERT INTO {s}.journal_meta (actor, highest, trimmed) VALUES (p_actor, 0, 0)
+                ON CONFLICT (actor) DO NOTHING;
+            SELECT highest INTO h FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
+        END IF;
+    END IF;
     IF p_expected <> h + 1 THEN ok := false; val := h + 1; RETURN; END IF;
     IF n > 0 THEN
         INSERT INTO {s}.journal (actor, seq, frame)
@@ -100,6 +110,26 @@ BEGIN
             ON CONFLICT (actor) DO UPDATE SET highest = EXCLUDED.highest;
     END IF;
     ok := true; val := h + n;
+END $$;
+
+-- Group commit: many appends in one statement (one transaction, one WAL flush). Each append is
+-- decided alone, exactly as `append` would; p_frames holds every append's frames, p_counts how
+-- many are each one's. Locks are taken in actor order, so concurrent batches cannot deadlock.
+-- Returns (index in the arrays, ok, value as from `append`) per append.
+CREATE FUNCTION {s}.append_many(p_actors text[], p_expected bigint[], p_counts integer[], p_frames bytea[])
+RETURNS TABLE (idx bigint, ok boolean, val bigint) LANGUAGE plpgsql AS $$
+DECLARE x record; r record; starts integer[]; pos integer := 1;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_actors, 1), 0) LOOP
+        starts[i] := pos;
+        pos := pos + p_counts[i];
+    END LOOP;
+    FOR x IN SELECT u.a, u.i FROM unnest(p_actors) WITH ORDINALITY AS u(a, i) ORDER BY u.a, u.i LOOP
+        SELECT * INTO r FROM {s}.append(x.a, p_expected[x.i],
+            coalesce(p_frames[starts[x.i] : starts[x.i] + p_counts[x.i] - 1], ARRAY[]::bytea[]));
+        idx := x.i; ok := r.ok; val := r.val;
+        RETURN NEXT;
+    END LOOP;
 END $$;
 
 -- Mailbox ----------------------------------------------------------------------------------
@@ -276,6 +306,20 @@ BEGIN
     RETURN now;
 END $$;
 
+-- Renews every lease still held with its token, locking in actor order (so that concurrent
+-- calls cannot deadlock): (index in the arrays, new expiry or NULL if lost) per lease.
+CREATE FUNCTION {s}.renew_many(p_actors text[], p_tokens bigint[], p_ttl bigint)
+RETURNS TABLE (idx bigint, expires bigint) LANGUAGE plpgsql AS $$
+DECLARE x record;
+BEGIN
+    FOR x IN SELECT u.a, u.t, u.i FROM unnest(p_actors, p_tokens) WITH ORDINALITY AS u(a, t, i)
+             ORDER BY u.a, u.i LOOP
+        idx := x.i;
+        expires := {s}.lease_cas(x.a, x.t, 'renew', p_ttl);
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
 -- Idempotency ------------------------------------------------------------------------------
 
 -- Returns (reserved, result, expires_at): reserved false means the key is taken (result NULL
@@ -417,4 +461,56 @@ BEGIN
         nframe := r.frame; npos := r.pos; ndlv := r.dlv; nerr := r.err;
     END IF;
     status := 'ok';
+END $$;
+
+-- Group commit of turns: many turns in one statement (one transaction, one WAL flush), each
+-- decided alone exactly as `turn` would (a refused turn writes nothing, so it does not affect
+-- the others). Per-turn lists are flattened: p_frames and the p_out_* arrays hold every turn's
+-- items, p_frame_counts and p_out_counts how many are each one's. Every row the batch will lock
+-- is locked first, class by class in the order single turns use (leases, mailboxes, journals)
+-- and by actor within a class, so batches and single turns cannot deadlock one another.
+-- Returns `turn`'s columns plus the turn's index in the arrays.
+CREATE FUNCTION {s}.turn_many(
+    p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
+    p_fence_token bigint[],
+    p_out_counts integer[], p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text[], p_settle_actor text[], p_pos bigint[], p_dlv integer[], p_msg text[], p_reason text[],
+    p_record_key text[], p_record bytea[], p_record_ttl bigint[],
+    p_next_vis bigint[], p_next_max integer[])
+RETURNS TABLE (idx bigint, status text, highest bigint, nframe bytea, npos bigint, ndlv integer, nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := coalesce(array_length(p_actor, 1), 0);
+    fstart integer[]; ostart integer[]; fpos integer := 1; opos integer := 1;
+    boxes text[]; r record;
+BEGIN
+    FOR i IN 1 .. n LOOP
+        fstart[i] := fpos; fpos := fpos + p_frame_counts[i];
+        ostart[i] := opos; opos := opos + p_out_counts[i];
+    END LOOP;
+    PERFORM 1 FROM {s}.leases
+        WHERE actor = ANY(ARRAY(SELECT p_actor[i] FROM generate_series(1, n) AS i WHERE p_fence_token[i] IS NOT NULL))
+        ORDER BY actor FOR SHARE;
+    boxes := ARRAY(SELECT DISTINCT x FROM unnest(
+        coalesce(p_out_actors, '{}') || p_actor || ARRAY(SELECT x FROM unnest(p_settle_actor) AS x WHERE x IS NOT NULL)) AS x
+        ORDER BY x);
+    PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
+    PERFORM 1 FROM {s}.journal_meta WHERE actor = ANY(p_actor) ORDER BY actor FOR UPDATE;
+    FOR i IN 1 .. n LOOP
+        SELECT * INTO r FROM {s}.turn(
+            p_actor[i], p_expected[i],
+            coalesce(p_frames[fstart[i] : fstart[i] + p_frame_counts[i] - 1], ARRAY[]::bytea[]),
+            p_fence_token[i],
+            coalesce(p_out_actors[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_ids[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_frames[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bytea[]),
+            coalesce(p_out_due[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bigint[]),
+            p_settle[i], p_settle_actor[i], p_pos[i], p_dlv[i], p_msg[i], p_reason[i],
+            p_record_key[i], p_record[i], p_record_ttl[i],
+            p_next_vis[i], p_next_max[i]);
+        idx := i; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+        ndlv := r.ndlv; nerr := r.nerr;
+        RETURN NEXT;
+    END LOOP;
 END $$;

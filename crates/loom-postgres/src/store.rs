@@ -17,6 +17,7 @@ use loom_core::{
 use serde_json::Value;
 use sqlx::Row;
 
+use crate::group::{AppendReq, TurnReq};
 use crate::{BACKEND, PostgresStore, pe};
 
 /// Entries per query while streaming a journal.
@@ -30,7 +31,7 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
-fn unexpected(what: impl Into<String>) -> StoreError {
+pub(crate) fn unexpected(what: impl Into<String>) -> StoreError {
     StoreError::storage(BACKEND, Unexpected(what.into()))
 }
 
@@ -176,28 +177,19 @@ impl JournalStore for PostgresStore {
         entries: &[Entry],
     ) -> StoreResult<Seq> {
         let frames = prepare_append(actor, expected_next, entries)?;
-        let r = sqlx::query(self.q("SELECT ok, val FROM {s}.append($1, $2, $3)"))
-            .bind(actor.as_str())
-            .bind(int(expected_next))
-            .bind(frames)
-            .fetch_one(&self.pool)
-            .await;
-        match r {
-            Ok(row) if row.get::<bool, _>(0) => Ok(row.get::<i64, _>(1) as u64),
-            Ok(row) => Err(StoreError::Conflict {
+        let req = AppendReq {
+            actor: actor.as_str().to_owned(),
+            expected: int(expected_next),
+            frames,
+        };
+        let bytes = req.bytes();
+        match self.appends.submit(req, bytes).await? {
+            (true, highest) => Ok(highest as u64),
+            (false, next) => Err(StoreError::Conflict {
                 actor: actor.clone(),
                 expected: expected_next,
-                actual: row.get::<i64, _>(1) as u64,
+                actual: next as u64,
             }),
-            // Two first appends raced: the primary key let one through.
-            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23505") => {
-                Err(StoreError::Conflict {
-                    actor: actor.clone(),
-                    expected: expected_next,
-                    actual: self.highest_seq(actor).await? + 1,
-                })
-            }
-            Err(e) => Err(pe(e)),
         }
     }
 
@@ -606,6 +598,48 @@ impl LeaseManager for PostgresStore {
         }
     }
 
+    async fn renew_many(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> StoreResult<Vec<StoreResult<Lease>>> {
+        check_ttl("lease ttl", ttl)?;
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let actors: Vec<&str> = leases.iter().map(|l| l.actor.as_str()).collect();
+        let tokens: Vec<i64> = leases.iter().map(|l| int(l.token)).collect();
+        let rows: Vec<(i64, Option<i64>)> =
+            sqlx::query_as(self.q("SELECT idx, expires FROM {s}.renew_many($1, $2, $3)"))
+                .bind(actors)
+                .bind(tokens)
+                .bind(ms(ttl))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pe)?;
+        let mut out: Vec<Option<StoreResult<Lease>>> = vec![None; leases.len()];
+        for (idx, expires) in rows {
+            let i = usize::try_from(idx - 1)
+                .ok()
+                .filter(|i| *i < leases.len())
+                .ok_or_else(|| unexpected(format!("renew_many returned index {idx}")))?;
+            let l = &leases[i];
+            out[i] = Some(match expires {
+                Some(at) => Ok(Lease {
+                    expires_at: Timestamp::from_millis(at.max(0) as u64),
+                    ..l.clone()
+                }),
+                None => Err(StoreError::LeaseLost {
+                    actor: l.actor.clone(),
+                    token: l.token,
+                }),
+            });
+        }
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| unexpected("renew_many skipped a lease")))
+            .collect()
+    }
+
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
         let at: Option<i64> =
             sqlx::query_scalar(self.q("SELECT {s}.lease_cas($1, $2, 'release', 0)"))
@@ -758,55 +792,61 @@ impl Store for PostgresStore {
             ),
             None => (None, None, String::new()),
         };
-        let row = sqlx::query(self.q(
-            "SELECT status, highest, nframe, npos, ndlv, nerr FROM {s}.turn(\
-             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        ))
-        .bind(turn.actor.as_str())
-        .bind(int(turn.expected_next))
-        .bind(frames)
-        .bind(turn.fence.map(|l| int(l.token)))
-        .bind(out_actors)
-        .bind(out_ids)
-        .bind(out_frames)
-        .bind(out_due)
-        .bind(op)
-        .bind(receipt.map(|r| r.actor.as_str().to_owned()))
-        .bind(receipt.map(|r| int(r.position)))
-        .bind(receipt.map(|r| i32::try_from(r.delivery).unwrap_or(i32::MAX)))
-        .bind(receipt.map(|r| r.message_id.to_string()))
-        .bind(reason)
-        .bind(record.as_ref().map(|r| r.0.clone()))
-        .bind(record.as_ref().map(|r| r.1.clone()))
-        .bind(record.as_ref().map(|r| r.2))
-        .bind(turn.next.map(|o| ms(o.visibility)))
-        .bind(
-            turn.next
+        let (record_key, record, record_ttl) = match record {
+            Some((k, r, t)) => (Some(k), Some(r), Some(t)),
+            None => (None, None, None),
+        };
+        let req = TurnReq {
+            actor: turn.actor.as_str().to_owned(),
+            expected: int(turn.expected_next),
+            frames,
+            fence: turn.fence.map(|l| int(l.token)),
+            out_actors,
+            out_ids,
+            out_frames,
+            out_due,
+            settle: op.map(str::to_owned),
+            settle_actor: receipt.map(|r| r.actor.as_str().to_owned()),
+            pos: receipt.map(|r| int(r.position)),
+            dlv: receipt.map(|r| i32::try_from(r.delivery).unwrap_or(i32::MAX)),
+            msg: receipt.map(|r| r.message_id.to_string()),
+            reason,
+            record_key,
+            record,
+            record_ttl,
+            next_vis: turn.next.map(|o| ms(o.visibility)),
+            next_max: turn
+                .next
                 .map(|o| i32::try_from(o.max_deliveries).unwrap_or(i32::MAX)),
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(pe)?;
-        let status: String = row.get(0);
-        match status.as_str() {
+        };
+        let bytes = req.bytes();
+        let out = self.turns.submit(req, bytes).await?;
+        let highest = || {
+            out.highest
+                .map(|h| h as u64)
+                .ok_or_else(|| unexpected("turn gave no highest seq"))
+        };
+        match out.status.as_str() {
             "ok" => {
-                let highest = row.get::<i64, _>(1) as u64;
-                let next = match row.get::<Option<Vec<u8>>, _>(2) {
+                let next = match out.nframe.clone() {
                     Some(frame) => Some(delivery(
                         turn.actor,
                         frame,
-                        row.get(3),
-                        row.get(4),
-                        row.get(5),
+                        out.npos.unwrap_or(0),
+                        out.ndlv.unwrap_or(0),
+                        out.nerr.clone(),
                     )?),
                     None => None,
                 };
-                Ok(Committed { highest, next })
+                Ok(Committed {
+                    highest: highest()?,
+                    next,
+                })
             }
             "conflict" => Err(StoreError::Conflict {
                 actor: turn.actor.clone(),
                 expected: turn.expected_next,
-                actual: row.get::<i64, _>(1) as u64,
+                actual: highest()?,
             }),
             "lost" => Err(StoreError::LeaseLost {
                 actor: turn.actor.clone(),

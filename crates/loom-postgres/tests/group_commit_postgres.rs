@@ -1,0 +1,223 @@
+//! Group commit on a real PostgreSQL: concurrent appends and turns share transactions, each
+//! request is still decided alone, a request the server refuses does not fail the others of its
+//! batch, and batches of turns that lock each other's mailboxes never deadlock.
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, Outgoing, SeqRange, Store,
+    StoreError, Turn,
+};
+use loom_postgres::{PostgresOptions, PostgresStore};
+use loom_testkit::servers::PostgresServer;
+use serde_json::json;
+
+fn entry(seq: u64) -> Entry {
+    Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "seq": seq }),
+        },
+    )
+}
+
+fn id(key: &str) -> ActorId {
+    ActorId::new("group", key).expect("id")
+}
+
+async fn connect(url: &str, max_connections: u32) -> PostgresStore {
+    let options = PostgresOptions {
+        schema: "grp".into(),
+        max_connections,
+        ..PostgresOptions::default()
+    };
+    PostgresStore::connect_with(url, options)
+        .await
+        .expect("connect")
+}
+
+/// A fresh transaction id: the difference of two, less one, counts the write transactions
+/// between them (every transaction that writes takes one id; reads take none).
+async fn xid(admin: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(admin)
+        .await
+        .expect("pg_current_xact_id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_transactions_and_each_is_decided_alone() {
+    let server = PostgresServer::start();
+    let store = connect(&server.url(), 16).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    let before = xid(&admin).await;
+    let mut tasks = Vec::new();
+    for n in 0..400 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.append(&id(&format!("a{n}")), 1, &[entry(1)]).await
+        }));
+    }
+    // Eight first appends racing on one actor, inside the same batches.
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(&id("shared"), 1, &[entry(1)]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("append"), 1);
+    }
+    let mut won = 0;
+    for t in racers {
+        match t.await.expect("task") {
+            Ok(1) => won += 1,
+            Err(StoreError::Conflict { actual: 2, .. }) => {}
+            other => panic!("a racing first append must win or conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one racing first append wins");
+    let shared: Vec<Entry> = store
+        .read(&id("shared"), SeqRange::all())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(shared.len(), 1);
+    let used = xid(&admin).await - before - 1;
+    eprintln!("408 appends in {used} write transactions");
+    assert!(
+        used < 408 / 4,
+        "408 appends took {used} transactions: appends are not committed together"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_server_refuses_does_not_fail_the_others_in_its_batch() {
+    let server = PostgresServer::start();
+    // Four connections: one batch of appends in flight at a time, so the queue below becomes
+    // one batch.
+    let store = connect(&server.url(), 4).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    // A fault in the server: inserting into the journal for one actor raises an error.
+    sqlx::raw_sql(
+        "CREATE FUNCTION grp.poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'poisoned actor'; END $$; \
+         CREATE TRIGGER poison BEFORE INSERT ON grp.journal FOR EACH ROW \
+         WHEN (NEW.actor = 'group/poison') EXECUTE FUNCTION grp.poison();",
+    )
+    .execute(&admin)
+    .await
+    .expect("trigger");
+    // Hold the only batch worker on a locked row while the others queue behind it.
+    let blocker = id("blocker");
+    store.append(&blocker, 1, &[entry(1)]).await.expect("first");
+    let mut tx = admin.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM grp.journal_meta WHERE actor = 'group/blocker' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .expect("lock");
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&id("blocker"), 2, &[entry(2)]).await })
+    };
+    let mut waiting = false;
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%append%'",
+        )
+        .fetch_one(&admin)
+        .await
+        .expect("pg_stat_activity");
+        if n > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waiting, "the blocking append never waited on the lock");
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.append(&id(&format!("ok{n}")), 1, &[entry(1)]).await
+        }));
+    }
+    let poisoned = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&id("poison"), 1, &[entry(1)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.expect("release");
+    assert_eq!(held.await.unwrap().expect("blocked append"), 2);
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap().expect("an innocent append of the batch"),
+            1
+        );
+    }
+    match poisoned.await.unwrap() {
+        Err(StoreError::Storage { .. }) => {}
+        other => panic!("the poisoned append must fail with a storage error, got {other:?}"),
+    }
+    assert_eq!(store.highest_seq(&id("poison")).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_turns_sending_to_each_other_never_deadlock() {
+    let server = PostgresServer::start();
+    // Two nodes, so that batches from different pools interleave their locks.
+    let nodes = [
+        connect(&server.url(), 16).await,
+        connect(&server.url(), 16).await,
+    ];
+    let actors = 40;
+    let turns_each = 8;
+    let mut tasks = Vec::new();
+    for a in 0..actors {
+        let store = nodes[a % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let me = id(&format!("t{a}"));
+            for seq in 1..=turns_each {
+                // Each turn writes the mailboxes of three others, in a different order each time.
+                let send: Vec<Outgoing> = [1, actors / 2, actors - 1]
+                    .iter()
+                    .map(|d| Outgoing {
+                        envelope: Envelope::new(
+                            id(&format!("t{}", (a + d * seq as usize) % actors)),
+                            json!({ "from": a, "seq": seq }),
+                        ),
+                        deliver_at: None,
+                    })
+                    .collect();
+                let entries = [entry(seq)];
+                let turn = Turn {
+                    send: &send,
+                    ..Turn::append(&me, seq, &entries)
+                };
+                store
+                    .commit_turn(turn)
+                    .await
+                    .map_err(|e| format!("t{a} turn {seq}: {e}"))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .expect("task")
+            .expect("no turn may fail (a deadlock would)");
+    }
+    let mut waiting = 0;
+    for a in 0..actors {
+        waiting += nodes[0]
+            .pending(&id(&format!("t{a}")))
+            .await
+            .expect("pending");
+        assert_eq!(
+            nodes[1].highest_seq(&id(&format!("t{a}"))).await.unwrap(),
+            turns_each
+        );
+    }
+    assert_eq!(waiting, (actors as u64) * turns_each * 3);
+}
