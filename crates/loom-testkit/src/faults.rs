@@ -29,6 +29,8 @@ use serde_json::Value;
 pub struct Faults {
     /// Fail (refuse) the next N `commit_turn` and `append` calls.
     pub fail_writes: AtomicU32,
+    /// Fail (refuse) the next N `trim` calls: a crash between a snapshot and its trim.
+    pub fail_trims: AtomicU32,
     /// Fail every lease renewal while set.
     pub fail_renewals: AtomicBool,
     /// Fail the next N mailbox `lease` calls.
@@ -227,6 +229,9 @@ impl JournalStore for FaultyStore {
     }
 
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        if self.faults.take(&self.faults.fail_trims) {
+            return Err(injected("trim"));
+        }
         self.write("trim", self.inner.trim(actor, through)).await
     }
 

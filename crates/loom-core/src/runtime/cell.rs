@@ -126,7 +126,7 @@ impl<A: Actor> Cell<A> {
             return match io.store.commit_turn(turn).await {
                 Ok(_) => Next::Continue(None),
                 Err(e) => {
-                    self.on_interrupt(io, shared, &d, Interrupt::from_store(e))
+                    self.on_interrupt(io, shared, &d, false, Interrupt::from_store(e))
                         .await
                 }
             };
@@ -152,7 +152,7 @@ impl<A: Actor> Cell<A> {
                 }
                 Err(e) => {
                     return self
-                        .on_interrupt(io, shared, &d, Interrupt::from_store(e))
+                        .on_interrupt(io, shared, &d, false, Interrupt::from_store(e))
                         .await;
                 }
             }
@@ -188,7 +188,9 @@ impl<A: Actor> Cell<A> {
         };
         if let Some(interrupt) = inv.interrupt.take() {
             self.restore_state();
-            return self.on_interrupt(io, shared, &d, interrupt).await;
+            return self
+                .on_interrupt(io, shared, &d, inv.journaled, interrupt)
+                .await;
         }
         let (outcome, new_value) = match outcome {
             Err(panic) => {
@@ -280,7 +282,7 @@ impl<A: Actor> Cell<A> {
             }
             Err(e) => {
                 self.restore_state();
-                self.on_interrupt(io, shared, &d, Interrupt::from_store(e))
+                self.on_interrupt(io, shared, &d, inv.journaled, Interrupt::from_store(e))
                     .await
             }
         }
@@ -314,11 +316,13 @@ impl<A: Actor> Cell<A> {
         }
     }
 
+    /// `journaled`: whether part of this invocation is known to be in the journal already.
     async fn on_interrupt(
         &mut self,
         io: &Io,
         shared: &Arc<Shared>,
         d: &Delivery,
+        journaled: bool,
         i: Interrupt,
     ) -> Next {
         match i {
@@ -336,8 +340,14 @@ impl<A: Actor> Cell<A> {
             }
             Interrupt::Store(e) => {
                 let reason = format!("store failure: {e}");
-                // Something of this invocation may be journaled: reload to resume it.
-                let next = self.retry_or_give_up(io, shared, d, true, &reason).await;
+                // A write that failed for want of the store (a lost connection, a failed disk)
+                // may have landed; one refused on its merits (too large, invalid) did not. If
+                // something of this invocation may be journaled, reload to resume it, and
+                // close it with `Failed` when giving up; otherwise the journal is left as it is.
+                let journaled = journaled || e.is_transient();
+                let next = self
+                    .retry_or_give_up(io, shared, d, journaled, &reason)
+                    .await;
                 match next {
                     Next::Backoff(_) | Next::Continue(_) => Next::Reload,
                     other => other,

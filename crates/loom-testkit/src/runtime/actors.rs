@@ -76,6 +76,9 @@ pub struct Balance {
     pub balance: i64,
     /// Deposits applied.
     pub deposits: u64,
+    /// Filler set by [`AccountMsg::Grow`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub filler: String,
 }
 
 /// Account messages.
@@ -95,6 +98,8 @@ pub enum AccountMsg {
     Slow(i64, u64),
     /// Change the state, then reject: the change must not stick.
     BadDeposit(i64),
+    /// Grow the state by this many bytes (to go past the entry size limit).
+    Grow(usize),
 }
 
 impl Actor for Account {
@@ -139,6 +144,10 @@ impl Actor for Account {
                 state.balance += n;
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(state.balance)
+            }
+            AccountMsg::Grow(n) => {
+                state.filler.push_str(&"x".repeat(n));
+                Ok(state.filler.len() as i64)
             }
             AccountMsg::BadDeposit(n) => {
                 state.balance += n;

@@ -55,6 +55,9 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         compaction_snapshots_and_trims,
         compaction_racing_appends_loses_nothing,
         recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt,
+        crash_between_snapshot_and_trim_is_harmless,
+        no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why,
+        oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
         passivation_and_reactivation,
         lost_lease_stops_writes,
         leases_of_many_idle_actors_are_renewed_together,
@@ -1037,6 +1040,155 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
         rt.metrics().corrupt_snapshots,
         1,
         "the fallback was not reported"
+    );
+    rt.shutdown().await;
+}
+
+async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
+    let id = acct("alice");
+    let rt = h.runtime_with(|c| c.compaction = every(10)).await;
+    let a = rt.actor::<Account>("alice");
+    // Every trim of the first compactions fails after its snapshot was saved.
+    h.faults
+        .fail_trims
+        .store(1000, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..30 {
+        a.send(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 30);
+    eventually(WAIT, "snapshots saved, their trims failed", || async {
+        rt.metrics().compaction_failures >= 2
+    })
+    .await;
+    let info = h.store.info(&id).await.unwrap();
+    assert!(!info.snapshots.is_empty(), "{info:?}");
+    assert_eq!(info.trimmed_through, 0, "a failed trim trimmed: {info:?}");
+    // As after a crash between the two: restart, state intact, and the next compaction trims.
+    rt.kill().await;
+    h.faults
+        .fail_trims
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let rt = h.runtime_with(|c| c.compaction = every(10)).await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 30);
+    for _ in 0..20 {
+        a.send(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 50);
+    eventually(WAIT, "a later compaction trims", || async {
+        let info = h.store.info(&id).await.unwrap();
+        info.trimmed_through > 0 && info.trimmed_through <= info.snapshots[0]
+    })
+    .await;
+    rt.shutdown().await;
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        50
+    );
+    rt.shutdown().await;
+}
+
+async fn no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why(h: &Harness) {
+    let id = acct("alice");
+    let rt = h.runtime_with(|c| c.compaction = every(10)).await;
+    let a = rt.actor::<Account>("alice");
+    for _ in 0..50 {
+        a.send(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 50);
+    eventually(WAIT, "two snapshots and a trim", || async {
+        let info = h.store.info(&id).await.unwrap();
+        info.snapshots.len() == 2 && info.trimmed_through > 0
+    })
+    .await;
+    rt.shutdown().await;
+    let info = h.store.info(&id).await.unwrap();
+    for seq in &info.snapshots {
+        h.faults.corrupt_snapshot(&id, *seq);
+    }
+    let before = h.highest(&id).await;
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    let a = rt.actor::<Account>("alice");
+    // Replaying the untrimmed tail from zero would be silently wrong: the actor must stop.
+    a.send(AccountMsg::Deposit(1)).await.unwrap();
+    eventually(WAIT, "the actor is parked", || async {
+        rt.parked().iter().any(|(p, _)| *p == id)
+    })
+    .await;
+    let reason = rt
+        .parked()
+        .into_iter()
+        .find(|(p, _)| *p == id)
+        .map(|(_, r)| r)
+        .unwrap_or_default();
+    assert!(
+        reason.contains("no snapshot") && reason.contains("trimmed"),
+        "{reason}"
+    );
+    assert_eq!(h.highest(&id).await, before, "a parked actor wrote");
+    assert_eq!(
+        h.store.pending(&id).await.unwrap(),
+        1,
+        "the message was lost"
+    );
+    rt.shutdown().await;
+}
+
+async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(h: &Harness) {
+    use loom_core::StoreError;
+    use loom_core::limits::{MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES};
+    let id = acct("alice");
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
+    let before = h.highest(&id).await;
+    // A message over the limit: refused at send, nothing enqueued.
+    let big = "x".repeat(MAX_MESSAGE_BYTES);
+    match rt
+        .actor::<Worker>("w")
+        .send(vec![Step::Send {
+            key: big,
+            amount: 1,
+        }])
+        .await
+    {
+        Err(SendError::Store(StoreError::TooLarge { .. })) => {}
+        other => panic!("an oversized message must be a typed error, got {other:?}"),
+    }
+    assert_eq!(h.store.pending(&worker("w")).await.unwrap(), 0);
+    // A turn whose state change is over the entry limit: the invocation fails, is retried,
+    // then dead-lettered with the reason; the state and journal keep what came before.
+    match a.ask(AccountMsg::Grow(MAX_ENTRY_BYTES + 1)).await {
+        Err(AskError::Failed(reason)) => {
+            assert!(
+                reason.contains("too large") || reason.contains("limit"),
+                "{reason}"
+            )
+        }
+        other => panic!("an oversized state change must fail the invocation, got {other:?}"),
+    }
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        h.highest(&id).await,
+        before,
+        "part of the oversized turn was written"
+    );
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 8);
+    rt.shutdown().await;
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        8
     );
     rt.shutdown().await;
 }
