@@ -188,10 +188,15 @@ fn writer_loop(db: &Database, rx: &mpsc::Receiver<Box<dyn Job>>, counters: &Coun
             }
         }
         let n = jobs.len() as u64;
-        let txn = match db.begin_write() {
+        // Immediate durability (redb's default, stated so that it cannot change under us):
+        // `commit` returns only once the batch is fsynced, and only then are callers answered.
+        let txn = match db.begin_write().map_err(se).and_then(|mut txn| {
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(se)?;
+            Ok(txn)
+        }) {
             Ok(txn) => txn,
             Err(e) => {
-                let e = se(e);
                 tracing::error!(error = %e, "embedded store could not begin a write transaction");
                 for job in jobs {
                     job.fail(e.clone());
