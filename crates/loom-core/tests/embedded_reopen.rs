@@ -56,3 +56,55 @@ async fn reopening_releases_the_dead_holders_leases_and_leased_messages() {
     ));
     store.ack(&again.receipt).await.expect("ack");
 }
+
+#[derive(Default)]
+struct Counter;
+
+impl loom_core::Actor for Counter {
+    const KIND: &'static str = "counter";
+    type State = u64;
+    type Message = u64;
+    type Reply = u64;
+
+    async fn handle(
+        &self,
+        n: &mut u64,
+        _ctx: &mut loom_core::Context<'_>,
+        add: u64,
+    ) -> Result<u64, loom_core::Rejected> {
+        *n += add;
+        Ok(*n)
+    }
+}
+
+/// `shutdown` and `kill` return only once the runtime has let go of the store, lease keeper
+/// included: the directory opens again at once, with every step acknowledged before still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_opens_again_as_soon_as_shutdown_or_kill_returns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for round in 0..30u64 {
+        let rt = loom_core::runtime::Runtime::builder()
+            .embedded(dir.path())
+            .register::<Counter>()
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the runtime did not start: {e}"));
+        for i in 0..4 {
+            let n = rt
+                .actor::<Counter>(&format!("c{i}"))
+                .ask(1)
+                .await
+                .expect("ask");
+            assert_eq!(n, round + 1, "round {round}: actor c{i} lost a step");
+        }
+        if round % 2 == 0 {
+            rt.shutdown().await;
+        } else {
+            rt.kill().await;
+        }
+        drop(rt);
+        let store = EmbeddedStore::open(dir.path())
+            .unwrap_or_else(|e| panic!("round {round}: the directory is still held: {e}"));
+        drop(store);
+    }
+}

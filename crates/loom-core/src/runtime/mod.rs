@@ -184,8 +184,10 @@ pub(crate) struct Shared {
     tasks: TaskTracker,
     wake: Notify,
     keeper: Arc<leases::Keeper>,
-    /// The keeper's task: aborted by `kill`, after the drain by `shutdown`, and with the runtime.
-    keeper_task: tokio_util::task::AbortOnDropHandle<()>,
+    /// The keeper's task: stopped by `kill`, after the drain by `shutdown`, and with the runtime.
+    /// `stop_keeper` waits for it to be gone, so that its handle on the store is released before
+    /// `shutdown` returns (an embedded store's directory can then be opened again at once).
+    keeper_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 impl Shared {
@@ -601,7 +603,7 @@ impl RuntimeBuilder {
             tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper.clone().run()));
         let shared = Arc::new(Shared {
             keeper,
-            keeper_task,
+            keeper_task: Mutex::new(Some(keeper_task)),
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
@@ -724,7 +726,25 @@ impl Runtime {
             );
         }
         // Every actor has released its lease (or, after a timeout, lets it expire).
-        self.shared.keeper_task.abort();
+        self.stop_keeper().await;
+    }
+
+    /// Aborts the lease keeper and waits until its task (and its handle on the store) is gone.
+    async fn stop_keeper(&self) {
+        let task = self
+            .shared
+            .keeper_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.abort();
+            match task.await {
+                Ok(()) => {}
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => tracing::error!(error = %e, "the lease keeper failed"),
+            }
+        }
     }
 
     /// Stops everything at once, as a crash would: invocations are dropped mid-way, leases are
@@ -734,7 +754,7 @@ impl Runtime {
     /// had already handed to the store may still land, as it may in a real crash).
     pub async fn kill(&self) {
         self.shared.shutdown.cancel();
-        self.shared.keeper_task.abort();
+        self.stop_keeper().await;
         {
             let active = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
             for a in active.values() {
