@@ -124,6 +124,27 @@ pub(crate) fn pe(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// Like [`pe`], for the first connection: a TLS handshake that failed on the certificate is a
+/// configuration error (retrying cannot help), said as such.
+fn connect_error(e: sqlx::Error) -> StoreError {
+    let certificate = match &e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::InvalidData
+                && io.to_string().to_lowercase().contains("certificate")
+        }
+        _ => false,
+    };
+    if certificate {
+        StoreError::InvalidRequest(format!(
+            "PostgreSQL's TLS certificate was refused ({e}); trust its CA with \
+             `sslrootcert=PATH` in the URL, or check the host name"
+        ))
+    } else {
+        pe(e)
+    }
+}
+
 impl PostgresStore {
     /// Connects to `url` (`postgres://user:password@host:port/db?sslmode=require`, or a unix
     /// socket with `?host=/path/to/dir`) with the default options, creating the schema if needed.
@@ -160,7 +181,7 @@ impl PostgresStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await
-            .map_err(pe)?;
+            .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
         let store = PostgresStore {
             appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),

@@ -317,3 +317,59 @@ async fn unsafe_server_settings_are_reported_and_synchronous_commit_is_forced_on
         "{warning}"
     );
 }
+
+/// A server that takes only TLS connections with a password: the URL carries both (the
+/// password percent-encoded, the CA as `sslrootcert`), the session really is encrypted, and a
+/// wrong password, an untrusted certificate or a plain connection is an error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_password_from_the_url() {
+    let (_server, url, _ca) = PostgresServer::start_tls();
+    let store = connect(&url).await;
+    let a = id(7);
+    let written = [entry(7, 1), entry(7, 2)];
+    store
+        .append(&a, 1, &written)
+        .await
+        .expect("append over TLS");
+    let entries: Vec<Entry> = store
+        .read(&a, SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read over TLS");
+    assert_eq!(entries, written);
+    let pool = sqlx::PgPool::connect(&url).await.expect("plain sqlx pool");
+    let (ssl, user): (bool, String) = sqlx::query_as(
+        "SELECT ssl, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("pg_stat_ssl");
+    assert!(ssl, "the session is not encrypted");
+    assert_eq!(user, "loom");
+    pool.close().await;
+
+    let wrong_password = PostgresStore::connect(&url.replace("s3cret%2F", "wrong%2F")).await;
+    assert!(
+        matches!(wrong_password, Err(StoreError::InvalidRequest(ref m)) if m.contains("password")),
+        "{wrong_password:?}"
+    );
+    let (without_ca, _) = url.split_once("&sslrootcert=").expect("a CA in the URL");
+    let plain = url.replace("sslmode=verify-full", "sslmode=disable");
+    for (what, bad, says) in [
+        ("untrusted certificate", without_ca, "sslrootcert"),
+        ("no TLS", &plain, "no encryption"),
+    ] {
+        let r = PostgresStore::connect_with(
+            bad,
+            PostgresOptions {
+                acquire_timeout: Duration::from_secs(2),
+                ..PostgresOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            matches!(r, Err(StoreError::InvalidRequest(ref m)) if m.contains(says)),
+            "{what}: {r:?}"
+        );
+    }
+}

@@ -22,56 +22,13 @@ pub fn find_binary(name: &str, install: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed; install it with `{install}` (./scripts/test does this when run as root)"))
 }
 
-/// A private `redis-server`, persisting with `appendonly yes` and `appendfsync always`.
-pub struct RedisServer {
-    dir: tempfile::TempDir,
-    binary: PathBuf,
-    child: Option<Child>,
-    extra: Vec<String>,
-}
+/// A fresh certificate authority and a server certificate it signed, for `localhost` and
+/// `127.0.0.1`, made by `openssl` in a directory: `ca.crt`, `server.crt`, `server.key`.
+pub struct TestCertificates;
 
-impl RedisServer {
-    /// Starts a server in a fresh temporary directory.
-    pub fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    /// Starts a server with extra settings (`["--appendonly", "no"]`), which override the defaults.
-    pub fn start_with(extra: &[&str]) -> Self {
-        let binary = find_binary("redis-server", "apt-get install -y redis-server");
-        let dir = tempfile::Builder::new()
-            .prefix("loom-redis-")
-            .tempdir()
-            .expect("temp dir for redis");
-        let mut server = RedisServer {
-            dir,
-            binary,
-            child: None,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        server.launch();
-        server
-    }
-
-    /// The socket path.
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("redis.sock")
-    }
-
-    /// The URL to connect to it.
-    pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket().display())
-    }
-
-    /// Starts a server that also listens with TLS on a free port of 127.0.0.1, with a fresh CA
-    /// and server certificate made by `openssl`. Returns it, the `rediss://` URL, and the CA
-    /// certificate (PEM) to trust.
-    pub fn start_tls() -> (Self, String, Vec<u8>) {
-        let tmp = tempfile::Builder::new()
-            .prefix("loom-tls-")
-            .tempdir()
-            .expect("temp dir for certificates");
-        let d = tmp.path();
+impl TestCertificates {
+    /// Writes `ca.crt`, `ca.key`, `server.crt` and `server.key` (valid for one day) into `d`.
+    pub fn make(d: &Path) {
         let openssl = find_binary("openssl", "apt-get install -y openssl");
         let run = |args: &[&str]| {
             let out = Command::new(&openssl)
@@ -134,6 +91,60 @@ impl RedisServer {
             "-extfile",
             "ext.cnf",
         ]);
+    }
+}
+
+/// A private `redis-server`, persisting with `appendonly yes` and `appendfsync always`.
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a server in a fresh temporary directory.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra settings (`["--appendonly", "no"]`), which override the defaults.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let binary = find_binary("redis-server", "apt-get install -y redis-server");
+        let dir = tempfile::Builder::new()
+            .prefix("loom-redis-")
+            .tempdir()
+            .expect("temp dir for redis");
+        let mut server = RedisServer {
+            dir,
+            binary,
+            child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.launch();
+        server
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// The URL to connect to it.
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    /// Starts a server that also listens with TLS on a free port of 127.0.0.1, with a fresh CA
+    /// and server certificate (see [`TestCertificates`]). Returns it, the `rediss://` URL, and
+    /// the CA certificate (PEM) to trust.
+    pub fn start_tls() -> (Self, String, Vec<u8>) {
+        let tmp = tempfile::Builder::new()
+            .prefix("loom-tls-")
+            .tempdir()
+            .expect("temp dir for certificates");
+        let d = tmp.path();
+        TestCertificates::make(d);
         let port = free_port();
         let p = |f: &str| d.join(f).display().to_string();
         let (cert, key, ca) = (p("server.crt"), p("server.key"), p("ca.crt"));
@@ -301,17 +312,89 @@ impl PostgresServer {
     /// Creates and starts a cluster with extra `name=value` settings (after the defaults, so
     /// they win), as in `start_with(&["fsync=off"])`.
     pub fn start_with(settings: &[&str]) -> Self {
-        let bin = postgres_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("loom-pg-")
+        let mut s = Self::create(settings);
+        s.launch();
+        s
+    }
+
+    /// Starts a cluster that also listens on a free port of 127.0.0.1, where it takes only TLS
+    /// connections (certificate from a fresh CA, see [`TestCertificates`]) authenticated by
+    /// SCRAM password. Returns it, a URL for the role `loom` whose password needs
+    /// percent-encoding (`s3cret/with:odd@chars`) that requires the certificate to be valid
+    /// for the host (`sslmode=verify-full` with the CA as `sslrootcert`), and the CA's path.
+    pub fn start_tls() -> (Self, String, PathBuf) {
+        let tls = tempfile::Builder::new()
+            .prefix("loom-pg-tls-")
             .tempdir()
-            .expect("temp dir for postgres");
-        let as_postgres = is_root();
-        if as_postgres {
+            .expect("temp dir for certificates");
+        TestCertificates::make(tls.path());
+        let mut s = Self::create(&[]);
+        let port = s.port;
+        let tls_dir = s.dir.path().join("tls");
+        std::fs::create_dir(&tls_dir).expect("create the certificate directory");
+        for f in ["ca.crt", "server.crt", "server.key"] {
+            std::fs::copy(tls.path().join(f), tls_dir.join(f)).expect("copy a certificate");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            tls_dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod the server key");
+        s.chown();
+        // First match wins: the socket stays trusted (for the set-up below), TCP without TLS
+        // is refused, TCP with TLS needs the password.
+        std::fs::write(
+            s.data().join("pg_hba.conf"),
+            "local all all trust\nhostnossl all all all reject\nhostssl all all all scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        let t = |f: &str| tls_dir.join(f).display().to_string();
+        s.settings.push(format!(
+            " -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            t("server.crt"),
+            t("server.key")
+        ));
+        s.launch();
+        let out = s
+            .command("psql")
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(s.dir.path())
+            .args([
+                "-p",
+                &s.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+            ])
+            .arg(
+                "CREATE ROLE loom LOGIN PASSWORD 's3cret/with:odd@chars'; \
+                 GRANT CREATE ON DATABASE postgres TO loom;",
+            )
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "creating the role failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ca = tls_dir.join("ca.crt");
+        let url = format!(
+            "postgres://loom:s3cret%2Fwith%3Aodd%40chars@localhost:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        );
+        (s, url, ca)
+    }
+
+    /// Gives the cluster directory to the `postgres` user when running as root.
+    fn chown(&self) {
+        if self.as_postgres {
             let ok = Command::new("chown")
                 .arg("-R")
                 .arg("postgres:postgres")
-                .arg(dir.path())
+                .arg(self.dir.path())
                 .status()
                 .expect("chown");
             assert!(
@@ -319,7 +402,17 @@ impl PostgresServer {
                 "chown of the cluster directory to postgres failed"
             );
         }
-        let mut s = PostgresServer {
+    }
+
+    /// Creates a cluster (`initdb`) without starting it.
+    fn create(settings: &[&str]) -> Self {
+        let bin = postgres_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("loom-pg-")
+            .tempdir()
+            .expect("temp dir for postgres");
+        let as_postgres = is_root();
+        let s = PostgresServer {
             dir,
             bin,
             port: free_port(),
@@ -327,6 +420,7 @@ impl PostgresServer {
             running: false,
             settings: settings.iter().map(|s| format!(" -c {s}")).collect(),
         };
+        s.chown();
         let data = s.data();
         let out = s
             .command("initdb")
@@ -340,7 +434,6 @@ impl PostgresServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        s.launch();
         s
     }
 
