@@ -247,7 +247,12 @@ fn ping(socket: &Path) -> bool {
     let Ok(mut s) = UnixStream::connect(socket) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.set_read_timeout(Some(Duration::from_millis(500)))
+        .is_err()
+    {
+        // Without a timeout the read below could block for ever; count it as not answering.
+        return false;
+    }
     if s.write_all(b"PING\r\n").is_err() {
         return false;
     }
