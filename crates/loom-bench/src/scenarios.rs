@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::bank::{Bank, BankError};
-use crate::baseline::Baseline;
+use crate::baseline::{Baseline, Baselines};
 use crate::report::Measurement;
 
 /// Why a scenario failed.
@@ -48,11 +48,12 @@ fn bench_actor(scenario: &str, n: usize) -> ActorId {
 }
 
 /// `append-seq`: one actor, `n` awaited appends one after another, against a raw write +
-/// fdatasync per record on a file in `dir`.
+/// fdatasync per record on a file in `dir` (and, with `baselines.engine`, against the storage engine
+/// doing the same writes, see [`crate::baseline::redb_engine`]).
 pub async fn append_seq(
     store: Arc<dyn Store>,
     label: &str,
-    baseline: &Baseline,
+    baselines: &Baselines,
     n: usize,
     payload: usize,
 ) -> Result<Measurement, BenchError> {
@@ -68,15 +69,39 @@ pub async fn append_seq(
     let size = codec::encode_entry(&entry(1, payload))
         .map_err(|e| BenchError::Other(e.to_string()))?
         .len();
-    let baseline = baseline(size, 1, n.min(2000))
+    let rounds = n.min(2000);
+    let baseline = (baselines.raw)(size, 1, rounds)
         .await
         .map_err(BenchError::Other)?;
-    Ok(
-        Measurement::new("append-seq", label, ops, baseline, &mut latencies)
-            .with("unit", "appends")
-            .with("appends", n)
-            .with("entry_bytes", size),
-    )
+    let m = Measurement::new("append-seq", label, ops, baseline, &mut latencies)
+        .with("unit", "appends")
+        .with("appends", n)
+        .with("entry_bytes", size);
+    with_engine(m, baselines.engine.as_ref(), ops, size, 1, rounds).await
+}
+
+/// Adds the engine baseline, when there is one, as `engine_baseline_ops_per_s` and
+/// `engine_ratio`.
+async fn with_engine(
+    m: Measurement,
+    engine: Option<&Baseline>,
+    ops: f64,
+    size: usize,
+    batch: usize,
+    rounds: usize,
+) -> Result<Measurement, BenchError> {
+    let Some(engine) = engine else {
+        return Ok(m);
+    };
+    let e = engine(size, batch, rounds)
+        .await
+        .map_err(BenchError::Other)?;
+    Ok(m.with("engine_baseline_ops_per_s", e)
+        .with("engine_ratio", ops / e)
+        .with(
+            "engine_baseline_is",
+            "the same reads and writes straight on a redb file, one Immediate commit per batch",
+        ))
 }
 
 /// `append-concurrent`: `actors` actors each appending `per_actor` entries, one after another,
@@ -85,7 +110,7 @@ pub async fn append_seq(
 pub async fn append_concurrent(
     store: Arc<dyn Store>,
     label: &str,
-    baseline: &Baseline,
+    baselines: &Baselines,
     actors: usize,
     per_actor: usize,
     payload: usize,
@@ -124,17 +149,16 @@ pub async fn append_concurrent(
         .map_err(|e| BenchError::Other(e.to_string()))?
         .len();
     let rounds = (total / batch).clamp(50, 2000);
-    let baseline = baseline(size, batch, rounds)
+    let baseline = (baselines.raw)(size, batch, rounds)
         .await
         .map_err(BenchError::Other)?;
-    Ok(
-        Measurement::new("append-concurrent", label, ops, baseline, &mut latencies)
-            .with("unit", "appends")
-            .with("actors", actors)
-            .with("appends", total)
-            .with("entry_bytes", size)
-            .with("avg_batch", batch),
-    )
+    let m = Measurement::new("append-concurrent", label, ops, baseline, &mut latencies)
+        .with("unit", "appends")
+        .with("actors", actors)
+        .with("appends", total)
+        .with("entry_bytes", size)
+        .with("avg_batch", batch);
+    with_engine(m, baselines.engine.as_ref(), ops, size, batch, rounds).await
 }
 
 /// The actor of the `recover` scenario: a counter.

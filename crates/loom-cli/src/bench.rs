@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use loom_bench::bank::Bank;
-use loom_bench::baseline::{Baseline, fsync};
+use loom_bench::baseline::{Baseline, Baselines, fsync};
 use loom_bench::report::{Measurement, peak_rss_mb, percentile_ms, table};
 use loom_bench::scenarios::{self, Counter, Stats};
 use loom_core::runtime::Runtime;
@@ -150,6 +150,15 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
     }
     let label = url.label();
     let baseline = baseline_for(&url, tmp.path());
+    let baselines = Baselines {
+        raw: baseline.clone(),
+        // The embedded store's engine, doing the same writes without Loom: how much of the gap
+        // to the raw file is Loom's.
+        engine: match &url {
+            StoreUrl::Embedded(dir) => Some(loom_bench::baseline::redb_engine(dir.clone())),
+            _ => None,
+        },
+    };
     let all = scenario == Scenario::All;
     let mut results = Vec::new();
     let outcome = async {
@@ -157,7 +166,7 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             let opened = open_or_create(&url).await?;
             let n = s.entries.unwrap_or(2000) as usize;
             results.push(
-                scenarios::append_seq(opened.store.clone(), &label, &baseline, n, s.payload)
+                scenarios::append_seq(opened.store.clone(), &label, &baselines, n, s.payload)
                     .await?,
             );
         }
@@ -169,7 +178,7 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                 scenarios::append_concurrent(
                     opened.store.clone(),
                     &label,
-                    &baseline,
+                    &baselines,
                     actors,
                     per_actor,
                     s.payload,

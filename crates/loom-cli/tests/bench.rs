@@ -1,0 +1,132 @@
+//! `loom bench` on each store, with small sizes: every scenario reports one JSON object with
+//! its same-run baseline, and a run on a shared server leaves nothing behind.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use loom_testkit::servers::{PostgresServer, RedisServer};
+use serde_json::Value;
+
+fn loom(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
+        .args(args)
+        .output()
+        .expect("run loom");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs every scenario small on `store` (a fresh embedded store when `None`) and checks what
+/// each reports; returns the reports by scenario.
+fn bench_all(store: Option<&str>) -> Vec<Value> {
+    let mut args = vec![
+        "bench",
+        "all",
+        "--actors",
+        "10",
+        "--entries",
+        "200",
+        "--json",
+    ];
+    if let Some(s) = store {
+        args.extend(["--store", s]);
+    }
+    let (ok, out, err) = loom(&args);
+    assert!(ok, "loom bench failed: {err}");
+    let reports: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let scenarios: BTreeSet<&str> = reports
+        .iter()
+        .map(|r| r["scenario"].as_str().expect("scenario"))
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "append-seq",
+        "append-concurrent",
+        "recover",
+        "recover-no-compaction",
+        "bank",
+        "bank-half-rate",
+    ]
+    .into();
+    assert_eq!(scenarios, expected, "{out}");
+    for r in &reports {
+        let num = |k: &str| {
+            r[k].as_f64()
+                .unwrap_or_else(|| panic!("{} has no number {k}: {r}", r["scenario"]))
+        };
+        assert!(r["store"].is_string(), "{r}");
+        assert!(num("ops_per_s") > 0.0, "{r}");
+        assert!(num("p50_ms") > 0.0 && num("p99_ms") >= num("p50_ms"), "{r}");
+        assert!(num("peak_rss_mb") > 0.0, "{r}");
+        // `recover` has no baseline (it is compared with itself, with and without compaction).
+        if r["scenario"] != "recover" {
+            let (ops, base) = (num("ops_per_s"), num("baseline_ops_per_s"));
+            assert!(base > 0.0, "no baseline: {r}");
+            assert!((num("ratio") - ops / base).abs() < 1e-9, "{r}");
+        }
+    }
+    reports
+}
+
+#[test]
+fn every_scenario_reports_its_baseline_on_embedded_with_the_engine_alongside() {
+    let reports = bench_all(None);
+    for r in reports.iter().filter(|r| {
+        r["scenario"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("append"))
+    }) {
+        let e = r["engine_baseline_ops_per_s"]
+            .as_f64()
+            .expect("engine baseline");
+        assert!(e > 0.0, "{r}");
+        let ratio = r["engine_ratio"].as_f64().expect("engine ratio");
+        assert!(
+            (ratio - r["ops_per_s"].as_f64().unwrap() / e).abs() < 1e-9,
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn every_scenario_reports_its_baseline_on_redis_and_leaves_no_key() {
+    let server = RedisServer::start();
+    bench_all(Some(&server.url()));
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut c = client.get_connection().expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).expect("KEYS");
+    assert!(keys.is_empty(), "left behind: {keys:?}");
+}
+
+#[test]
+fn every_scenario_reports_its_baseline_on_postgres_and_leaves_no_schema() {
+    let server = PostgresServer::start();
+    bench_all(Some(&server.url()));
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let left: Vec<String> = rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&server.url()).await.expect("connect");
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'loombench%'")
+            .fetch_all(&pool)
+            .await
+            .expect("list schemas")
+    });
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn bad_scenarios_and_unreachable_stores_fail_clearly() {
+    let (ok, _, err) = loom(&["bench", "no-such-scenario"]);
+    assert!(!ok);
+    assert!(err.contains("no-such-scenario"), "{err}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-socket");
+    let url = format!("redis+unix://{}", missing.display());
+    let (ok, out, err) = loom(&["bench", "append-seq", "--store", &url]);
+    assert!(!ok, "{out}");
+    assert!(err.to_lowercase().contains("redis"), "{err}");
+}
