@@ -48,8 +48,8 @@ fn bench_actor(scenario: &str, n: usize) -> ActorId {
 }
 
 /// `append-seq`: one actor, `n` awaited appends one after another, against a raw write +
-/// fdatasync per record on a file in `dir` (and, with `baselines.engine`, against the storage engine
-/// doing the same writes, see [`crate::baseline::redb_engine`]).
+/// fdatasync per record on a file in `dir` (and, with `baselines.engine`, against the storage
+/// engine doing the same writes, see [`crate::baseline::redb_engine`]).
 pub async fn append_seq(
     store: Arc<dyn Store>,
     label: &str,
