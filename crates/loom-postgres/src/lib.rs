@@ -41,7 +41,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub(crate) const BACKEND: &str = "postgres";
 
 /// The schema version this build creates and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
+/// schema runs them all; an older one the ones it lacks, in one transaction.
+const MIGRATIONS: [&str; 2] = [include_str!("schema.sql"), include_str!("schema_v2.sql")];
 
 /// Settings of a [`PostgresStore`].
 #[derive(Debug, Clone)]
@@ -55,6 +59,11 @@ pub struct PostgresOptions {
     pub statement_timeout: Duration,
     /// How long to wait for a pooled connection (default 10 s).
     pub acquire_timeout: Duration,
+    /// `LISTEN` on the schema's channel so that messages enqueued by other processes wake this
+    /// one's dispatcher at once (default on; see [`loom_core::Mailbox::wakeups`]). Turn off
+    /// behind a pooler that cannot keep a session, such as PgBouncer in transaction mode: the
+    /// runtime then finds such messages by polling.
+    pub notifications: bool,
 }
 
 impl Default for PostgresOptions {
@@ -64,6 +73,7 @@ impl Default for PostgresOptions {
             max_connections: 16,
             statement_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
+            notifications: true,
         }
     }
 }
@@ -76,6 +86,45 @@ pub struct PostgresStore {
     /// Group commit of appends and of turns (see `batch.rs`).
     appends: std::sync::Arc<batch::Batcher<group::AppendReq, group::AppendOut>>,
     turns: std::sync::Arc<batch::Batcher<group::TurnReq, group::TurnOut>>,
+    /// Counts notifications on the schema's channel (`None` with notifications off).
+    wakeups: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The task that listens for them, stopped with the last clone of the store.
+    _listener: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
+}
+
+/// `LISTEN`s on the schema's channel (`schema_v2.sql` sends on it) and counts what arrives.
+async fn listen(
+    pool: &PgPool,
+    schema: &str,
+) -> Result<
+    (
+        tokio::sync::watch::Receiver<u64>,
+        tokio_util::task::AbortOnDropHandle<()>,
+    ),
+    StoreError,
+> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .map_err(pe)?;
+    listener
+        .listen(&format!("loom_wake_{schema}"))
+        .await
+        .map_err(pe)?;
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        loop {
+            match listener.try_recv().await {
+                // A notification; or `None`, the connection was lost (the next call reconnects
+                // and listens again, and what was sent meanwhile is gone): look either way.
+                Ok(_) => tx.send_modify(|n| *n += 1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "PostgreSQL notifications: listening again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+    Ok((rx, tokio_util::task::AbortOnDropHandle::new(task)))
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -183,13 +232,20 @@ impl PostgresStore {
             .await
             .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
-        let store = PostgresStore {
+        let mut store = PostgresStore {
             appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),
             turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers)),
             pool,
             schema,
+            wakeups: None,
+            _listener: None,
         };
         store.migrate().await?;
+        if options.notifications {
+            let (rx, task) = listen(&store.pool, &store.schema).await?;
+            store.wakeups = Some(rx);
+            store._listener = Some(std::sync::Arc::new(task));
+        }
         if let Some(w) = store.durability().await?.warning {
             tracing::warn!("{w}");
         }
@@ -257,28 +313,27 @@ impl PostgresStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(pe)?;
-        match version {
-            None => {
-                let sql = include_str!("schema.sql").replace("{s}", s);
-                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(pe)?;
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO {s}.schema_version VALUES ($1)"
-                )))
-                .bind(SCHEMA_VERSION)
+        let from = version.unwrap_or(0);
+        if !(0..=SCHEMA_VERSION).contains(&from) {
+            return Err(StoreError::InvalidRequest(format!(
+                "schema {s} has Loom schema version {from}; this build knows versions up to {SCHEMA_VERSION}"
+            )));
+        }
+        for (v, migration) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(migration.replace("{s}", s)))
                 .execute(&mut *tx)
                 .await
                 .map_err(pe)?;
-                tracing::info!(schema = %s, version = SCHEMA_VERSION, "created Loom's schema");
-            }
-            Some(SCHEMA_VERSION) => {}
-            Some(other) => {
-                return Err(StoreError::InvalidRequest(format!(
-                    "schema {s} has Loom schema version {other}; this build knows version {SCHEMA_VERSION}"
-                )));
-            }
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {s}.schema_version VALUES ($1)"
+            )))
+            .bind(v as i32 + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(pe)?;
+        }
+        if from < SCHEMA_VERSION {
+            tracing::info!(schema = %s, from, to = SCHEMA_VERSION, "migrated Loom's schema");
         }
         tx.commit().await.map_err(pe)?;
         Ok(())

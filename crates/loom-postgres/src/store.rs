@@ -439,6 +439,10 @@ impl Mailbox for PostgresStore {
         Ok(at.map(|t| Timestamp::from_millis(t.max(0) as u64)))
     }
 
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.wakeups.clone()
+    }
+
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
         let n: Option<i64> =
             sqlx::query_scalar(self.q("SELECT count FROM {s}.mailbox WHERE actor = $1"))

@@ -30,6 +30,7 @@ async fn connect(url: &str) -> PostgresStore {
         max_connections: 8,
         statement_timeout: Duration::from_secs(5),
         acquire_timeout: Duration::from_secs(2),
+        ..PostgresOptions::default()
     };
     PostgresStore::connect_with(url, options)
         .await

@@ -294,6 +294,10 @@ impl Mailbox for FaultyStore {
         self.inner.next_due().await
     }
 
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.wakeups()
+    }
+
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
         self.inner.pending(actor).await
     }

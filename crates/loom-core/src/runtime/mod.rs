@@ -494,6 +494,7 @@ async fn serve<A: Actor>(
 
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 async fn dispatch(shared: Arc<Shared>) {
+    let mut wakeups = shared.store.wakeups();
     loop {
         match shared.store.ready_actors(512).await {
             Ok(ids) => {
@@ -506,8 +507,23 @@ async fn dispatch(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
+            _ = woken(&mut wakeups) => {}
             _ = tokio::time::sleep(shared.config.poll_interval) => {}
         }
+    }
+}
+
+/// Returns when the store signals work from another process; never, if it has no such signal
+/// (or it has stopped: the poll then carries on alone).
+async fn woken(wakeups: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match wakeups {
+        Some(w) => {
+            if w.changed().await.is_err() {
+                *wakeups = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

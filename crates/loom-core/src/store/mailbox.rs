@@ -130,6 +130,16 @@ pub trait Mailbox: Send + Sync + 'static {
     /// `None` if every mailbox is empty.
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
 
+    /// A signal that another process may have enqueued a message due now, so that an idle
+    /// dispatcher looks at once instead of at its next poll (PostgreSQL: `LISTEN`/`NOTIFY`).
+    /// The value only counts signals; wait with `changed()`. `None`, the default, for stores
+    /// that offer none: the runtime then finds such messages by polling
+    /// [`ready_actors`](Self::ready_actors) every `poll_interval`. A signal may be spurious, or
+    /// missed while the store reconnects; the poll stays as the safety net either way.
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// How many messages wait in the actor's mailbox (due or not, out or not).
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64>;
 

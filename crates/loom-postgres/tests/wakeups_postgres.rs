@@ -1,0 +1,141 @@
+//! `LISTEN`/`NOTIFY`: a message enqueued by another process wakes an idle runtime at once, not
+//! at its next poll; and the schema's migrations run forward only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loom_core::runtime::Runtime;
+use loom_core::{ActorId, Envelope, JournalStore, Mailbox, StoreError};
+use loom_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
+use loom_testkit::servers::PostgresServer;
+use serde_json::json;
+
+#[derive(Default)]
+struct Counter;
+
+impl loom_core::Actor for Counter {
+    const KIND: &'static str = "counter";
+    type State = u64;
+    type Message = u64;
+    type Reply = u64;
+
+    async fn handle(
+        &self,
+        n: &mut u64,
+        _ctx: &mut loom_core::Context<'_>,
+        add: u64,
+    ) -> Result<u64, loom_core::Rejected> {
+        *n += add;
+        Ok(*n)
+    }
+}
+
+async fn connect(url: &str, notifications: bool) -> PostgresStore {
+    PostgresStore::connect_with(
+        url,
+        PostgresOptions {
+            schema: "wake".into(),
+            max_connections: 4,
+            notifications,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .expect("connect")
+}
+
+/// Starts a runtime that polls only every 60 s, lets its first poll pass, has another process
+/// (another store, another pool) send to actor `key`, and returns how long the runtime took
+/// to journal the message, if it did within `patience`.
+async fn picked_up(
+    url: &str,
+    notifications: bool,
+    key: &str,
+    patience: Duration,
+) -> Option<Duration> {
+    let node = connect(url, notifications).await;
+    assert_eq!(node.wakeups().is_some(), notifications);
+    let rt = Runtime::builder()
+        .store(Arc::new(node))
+        .register::<Counter>()
+        .configure(|c| c.poll_interval = Duration::from_secs(60))
+        .start()
+        .await
+        .expect("runtime");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = connect(url, true).await;
+    let id = ActorId::new("counter", key).expect("id");
+    let sent = Instant::now();
+    other
+        .enqueue(&Envelope::new(id.clone(), json!(5)), None)
+        .await
+        .expect("enqueue from another process");
+    let mut took = None;
+    while sent.elapsed() < patience {
+        if other.highest_seq(&id).await.expect("highest") > 0 {
+            took = Some(sent.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.shutdown().await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_another_process_wakes_an_idle_runtime_at_once() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    // Control: without notifications the message waits for the 60 s poll.
+    assert_eq!(
+        picked_up(&url, false, "polled", Duration::from_secs(3)).await,
+        None,
+        "picked up without a notification: this test cannot tell the two apart"
+    );
+    let took = picked_up(&url, true, "notified", Duration::from_secs(20))
+        .await
+        .expect("the notification did not wake the runtime");
+    eprintln!("a notified runtime journaled the message {took:?} after it was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_migrations_are_run_and_a_newer_schema_is_refused() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
+    drop(connect(&url, true).await);
+    let versions = |admin: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i32>("SELECT version FROM wake.schema_version ORDER BY version")
+            .fetch_all(&admin)
+            .await
+            .expect("versions")
+    };
+    let all: Vec<i32> = (1..=SCHEMA_VERSION).collect();
+    assert_eq!(versions(admin.clone()).await, all);
+    // A schema made by the previous version: the next connect brings it up to date.
+    sqlx::query("DELETE FROM wake.schema_version WHERE version = $1")
+        .bind(SCHEMA_VERSION)
+        .execute(&admin)
+        .await
+        .expect("pretend an older schema");
+    drop(connect(&url, true).await);
+    assert_eq!(versions(admin.clone()).await, all);
+    // A schema from a newer build is refused, not written to.
+    sqlx::query("INSERT INTO wake.schema_version VALUES ($1)")
+        .bind(SCHEMA_VERSION + 1)
+        .execute(&admin)
+        .await
+        .expect("pretend a newer schema");
+    let newer = PostgresStore::connect_with(
+        &url,
+        PostgresOptions {
+            schema: "wake".into(),
+            ..PostgresOptions::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(newer, Err(StoreError::InvalidRequest(ref m)) if m.contains("version")),
+        "{newer:?}"
+    );
+}
