@@ -97,7 +97,16 @@ const ENGINE_HIGHEST: redb::TableDefinition<&str, u64> = redb::TableDefinition::
 
 fn redb_loop(dir: &Path, size: usize, batch: usize, rounds: usize) -> Result<f64, redb::Error> {
     let path = dir.join(format!("engine-baseline-{}.redb", std::process::id()));
-    let db = redb::Database::create(&path)?;
+    let measured = redb_rounds(&path, size, batch, rounds);
+    // Removed whether or not the rounds went through: the directory may be the user's store.
+    let removed = std::fs::remove_file(&path);
+    let ops = measured?;
+    removed?;
+    Ok(ops)
+}
+
+fn redb_rounds(path: &Path, size: usize, batch: usize, rounds: usize) -> Result<f64, redb::Error> {
+    let db = redb::Database::create(path)?;
     let record = vec![b'x'; size.max(1)];
     let actors: Vec<String> = (0..batch.max(1))
         .map(|i| format!("bench/engine-{i}"))
@@ -117,8 +126,5 @@ fn redb_loop(dir: &Path, size: usize, batch: usize, rounds: usize) -> Result<f64
         }
         txn.commit()?;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    drop(db);
-    std::fs::remove_file(&path)?;
-    Ok((rounds * batch.max(1)) as f64 / elapsed)
+    Ok((rounds * batch.max(1)) as f64 / start.elapsed().as_secs_f64())
 }

@@ -92,10 +92,13 @@ pub struct PostgresStore {
     _listener: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
-/// `LISTEN`s on the schema's channel (`schema_v2.sql` sends on it) and counts what arrives.
+/// `LISTEN`s on the schema's channel (`schema_v2.sql` sends on it) and counts what arrives,
+/// except what this store's own sessions sent (payload `origin`): its runtime woke itself.
+/// `pool` is the listener's own, of one connection, so that it takes nothing from the store's.
 async fn listen(
     pool: &PgPool,
     schema: &str,
+    origin: String,
 ) -> Result<
     (
         tokio::sync::watch::Receiver<u64>,
@@ -114,6 +117,7 @@ async fn listen(
     let task = tokio::spawn(async move {
         loop {
             match listener.try_recv().await {
+                Ok(Some(n)) if n.payload() == origin => {}
                 // A notification; or `None`, the connection was lost (the next call reconnects
                 // and listens again, and what was sent meanwhile is gone): look either way.
                 Ok(_) => tx.send_modify(|n| *n += 1),
@@ -173,11 +177,22 @@ pub(crate) fn pe(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// A name for this store's sessions, unique enough among the processes on one database.
+fn origin() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos:x}-{n}", std::process::id())
+}
+
 /// Like [`pe`], for the first connection: a TLS handshake that failed on the certificate is a
 /// configuration error (retrying cannot help), said as such.
 fn connect_error(e: sqlx::Error) -> StoreError {
     let certificate = match &e {
-        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Tls(_) => e.to_string().to_lowercase().contains("certificate"),
         sqlx::Error::Io(io) => {
             io.kind() == std::io::ErrorKind::InvalidData
                 && io.to_string().to_lowercase().contains("certificate")
@@ -217,6 +232,7 @@ impl PostgresStore {
             )));
         }
         let timeout = format!("{}ms", options.statement_timeout.as_millis().max(1));
+        let origin = origin();
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::InvalidRequest(format!("PostgreSQL URL: {e}")))?
             // A commit is acknowledged only once it is flushed (and, with synchronous standbys
@@ -224,11 +240,13 @@ impl PostgresStore {
             .options([
                 ("statement_timeout", timeout.as_str()),
                 ("synchronous_commit", "on"),
+                // Who sent a wake-up (`schema_v2.sql`), so that the sender's listener skips it.
+                ("loom.origin", origin.as_str()),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
@@ -242,7 +260,13 @@ impl PostgresStore {
         };
         store.migrate().await?;
         if options.notifications {
-            let (rx, task) = listen(&store.pool, &store.schema).await?;
+            let own = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_with(connect)
+                .await
+                .map_err(connect_error)?;
+            let (rx, task) = listen(&own, &store.schema, origin).await?;
             store.wakeups = Some(rx);
             store._listener = Some(std::sync::Arc::new(task));
         }

@@ -3,7 +3,9 @@
 -- mb_enqueue (every enqueue goes through it: plain sends, enqueue_once, a turn's outbox, a
 -- requeued dead letter) also NOTIFYs the schema's channel. PostgreSQL delivers the notification
 -- after the commit, and folds identical ones of one transaction into one, so a batch of turns
--- costs one. Messages due later are found by the dispatchers' poll, as before.
+-- costs one. The payload names the sending store (the `loom.origin` setting of its sessions),
+-- whose own runtime has woken itself and skips it. Messages due later are found by the
+-- dispatchers' poll, as before.
 
 CREATE OR REPLACE FUNCTION {s}.mb_enqueue(p_actor text, p_id text, p_frame bytea, p_due bigint, p_now bigint) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -16,7 +18,7 @@ BEGIN
     ELSE
         due := greatest(p_now, ld);
         UPDATE {s}.mailbox SET last_due = due WHERE actor = p_actor;
-        PERFORM pg_notify('loom_wake_{s}', '');
+        PERFORM pg_notify('loom_wake_{s}', coalesce(current_setting('loom.origin', true), ''));
     END IF;
     INSERT INTO {s}.messages (actor, position, message_id, frame, due_at, visible_at, deliveries)
         VALUES (p_actor, pos, p_id, p_frame, due, 0, 0);

@@ -139,3 +139,40 @@ async fn missing_migrations_are_run_and_a_newer_schema_is_refused() {
         "{newer:?}"
     );
 }
+
+/// A store is not woken by its own sends (its runtime woke itself), only by other stores'; and
+/// the listener has a connection of its own, so even a pool of one still serves the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_is_woken_by_others_sends_not_its_own() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let a = PostgresStore::connect_with(
+        &url,
+        PostgresOptions {
+            schema: "wake".into(),
+            max_connections: 1,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .expect("connect with a pool of one");
+    let b = connect(&url, true).await;
+    let mut woken = a.wakeups().expect("notifications are on");
+    let id = ActorId::new("counter", "w").expect("id");
+    a.enqueue(&Envelope::new(id.clone(), json!(1)), None)
+        .await
+        .expect("own send");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !woken.has_changed().expect("listener alive"),
+        "woken by its own send"
+    );
+    b.enqueue(&Envelope::new(id.clone(), json!(2)), None)
+        .await
+        .expect("another store's send");
+    tokio::time::timeout(Duration::from_secs(20), woken.changed())
+        .await
+        .expect("not woken by another store's send")
+        .expect("listener alive");
+    assert_eq!(a.pending(&id).await.expect("pending"), 2);
+}

@@ -356,7 +356,7 @@ impl PostgresServer {
         .expect("write pg_hba.conf");
         let t = |f: &str| tls_dir.join(f).display().to_string();
         s.settings.push(format!(
-            " -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            " -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
             t("server.crt"),
             t("server.key")
         ));
@@ -459,7 +459,8 @@ impl PostgresServer {
 
     fn launch(&mut self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=200{}",
+            // pg_ctl runs this through /bin/sh: the path is quoted.
+            "-p {} -k '{}' -c listen_addresses='' -c fsync=on -c synchronous_commit=on -c max_connections=200{}",
             self.port,
             self.dir.path().display(),
             self.settings.concat()
