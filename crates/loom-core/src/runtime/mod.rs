@@ -185,9 +185,11 @@ pub(crate) struct Shared {
     wake: Notify,
     keeper: Arc<leases::Keeper>,
     /// The keeper's task: stopped by `kill`, after the drain by `shutdown`, and with the runtime.
-    /// `stop_keeper` waits for it to be gone, so that its handle on the store is released before
-    /// `shutdown` returns (an embedded store's directory can then be opened again at once).
-    keeper_task: Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
+    /// `stop_keeper` waits for it to be gone, so that once `shutdown` has drained everything
+    /// (or `kill` has stopped everything) the runtime holds the store no more, and an embedded
+    /// store's directory can be opened again at once. An async mutex, held while waiting, so
+    /// that a second, concurrent caller also returns only once the keeper is gone.
+    keeper_task: tokio::sync::Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
 impl Shared {
@@ -619,7 +621,7 @@ impl RuntimeBuilder {
             tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper.clone().run()));
         let shared = Arc::new(Shared {
             keeper,
-            keeper_task: Mutex::new(Some(keeper_task)),
+            keeper_task: tokio::sync::Mutex::new(Some(keeper_task)),
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
@@ -747,13 +749,8 @@ impl Runtime {
 
     /// Aborts the lease keeper and waits until its task (and its handle on the store) is gone.
     async fn stop_keeper(&self) {
-        let task = self
-            .shared
-            .keeper_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(task) = task {
+        let mut slot = self.shared.keeper_task.lock().await;
+        if let Some(task) = slot.take() {
             task.abort();
             match task.await {
                 Ok(()) => {}
