@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timestamp};
+use loom_testkit::runtime::Counter;
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::json;
 
@@ -27,26 +28,6 @@ fn ok(args: &[&str]) -> String {
     let (ok, out, err) = loom(args);
     assert!(ok, "loom {args:?} failed: {err}");
     out
-}
-
-#[derive(Default)]
-struct Counter;
-
-impl loom_core::Actor for Counter {
-    const KIND: &'static str = "counter";
-    type State = u64;
-    type Message = u64;
-    type Reply = u64;
-
-    async fn handle(
-        &self,
-        n: &mut u64,
-        _ctx: &mut loom_core::Context<'_>,
-        add: u64,
-    ) -> Result<u64, loom_core::Rejected> {
-        *n += add;
-        Ok(*n)
-    }
 }
 
 /// A store with compacted journals (snapshots, trim points), waiting messages (due and

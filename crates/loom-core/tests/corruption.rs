@@ -9,6 +9,7 @@ use futures::TryStreamExt;
 use loom_core::embedded::{DATA_FILE, tables};
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError};
+use loom_testkit::runtime::Counter;
 use redb::ReadableTable;
 use serde_json::json;
 
@@ -118,26 +119,6 @@ async fn cut_tails_are_detected_or_harmless_never_served() {
         let cut = rng.usize(1..original.len());
         std::fs::write(dir.path().join(DATA_FILE), &original[..cut]).expect("write cut copy");
         read_all(dir.path()).await;
-    }
-}
-
-#[derive(Default)]
-struct Counter;
-
-impl loom_core::Actor for Counter {
-    const KIND: &'static str = "counter";
-    type State = u64;
-    type Message = u64;
-    type Reply = u64;
-
-    async fn handle(
-        &self,
-        n: &mut u64,
-        _ctx: &mut loom_core::Context<'_>,
-        add: u64,
-    ) -> Result<u64, loom_core::Rejected> {
-        *n += add;
-        Ok(*n)
     }
 }
 

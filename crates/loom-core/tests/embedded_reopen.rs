@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseManager, LeaseOptions, Mailbox};
+use loom_testkit::runtime::Counter;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,26 +56,6 @@ async fn reopening_releases_the_dead_holders_leases_and_leased_messages() {
         Err(loom_core::StoreError::StaleReceipt { .. })
     ));
     store.ack(&again.receipt).await.expect("ack");
-}
-
-#[derive(Default)]
-struct Counter;
-
-impl loom_core::Actor for Counter {
-    const KIND: &'static str = "counter";
-    type State = u64;
-    type Message = u64;
-    type Reply = u64;
-
-    async fn handle(
-        &self,
-        n: &mut u64,
-        _ctx: &mut loom_core::Context<'_>,
-        add: u64,
-    ) -> Result<u64, loom_core::Rejected> {
-        *n += add;
-        Ok(*n)
-    }
 }
 
 /// `shutdown` and `kill` return only once the runtime has let go of the store, lease keeper

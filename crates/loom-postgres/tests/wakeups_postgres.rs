@@ -7,28 +7,9 @@ use std::time::{Duration, Instant};
 use loom_core::runtime::Runtime;
 use loom_core::{ActorId, Envelope, JournalStore, Mailbox, StoreError};
 use loom_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
+use loom_testkit::runtime::Counter;
 use loom_testkit::servers::PostgresServer;
 use serde_json::json;
-
-#[derive(Default)]
-struct Counter;
-
-impl loom_core::Actor for Counter {
-    const KIND: &'static str = "counter";
-    type State = u64;
-    type Message = u64;
-    type Reply = u64;
-
-    async fn handle(
-        &self,
-        n: &mut u64,
-        _ctx: &mut loom_core::Context<'_>,
-        add: u64,
-    ) -> Result<u64, loom_core::Rejected> {
-        *n += add;
-        Ok(*n)
-    }
-}
 
 async fn connect(url: &str, notifications: bool) -> PostgresStore {
     PostgresStore::connect_with(

@@ -333,3 +333,20 @@ impl Actor for Ghost {
         Ok(())
     }
 }
+
+/// The smallest stateful actor: kind `counter`, state `u64`; a message adds to it and the reply
+/// is the new total (so `ask(0)` reads it). For tests that need an actor, not a behaviour.
+#[derive(Default)]
+pub struct Counter;
+
+impl Actor for Counter {
+    const KIND: &'static str = "counter";
+    type State = u64;
+    type Message = u64;
+    type Reply = u64;
+
+    async fn handle(&self, n: &mut u64, _ctx: &mut Context<'_>, add: u64) -> Result<u64, Rejected> {
+        *n += add;
+        Ok(*n)
+    }
+}

@@ -17,7 +17,7 @@ use libtest_mimic::Trial;
 use loom_core::runtime::{Config, Retry, Runtime};
 use loom_core::{ActorId, EntryKind, Seq, SeqRange, Store};
 
-pub use actors::{Account, AccountMsg, Balance, Ghost, Log, Probe, Step, Worker};
+pub use actors::{Account, AccountMsg, Balance, Counter, Ghost, Log, Probe, Step, Worker};
 
 use crate::faults::{Faults, FaultyStore};
 use crate::{Factory, Fixture};
