@@ -31,6 +31,20 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Leases expire at an absolute time (PEXPIREAT) that the scripts also return, so that reading it
+-- back gives exactly what acquire and renew said: PEXPIRETIME on Redis 7; before it, from PTTL,
+-- which may differ from it by a millisecond.
+local function expire_at(key, at)
+  redis.call('PEXPIREAT', key, at)
+  return tostring(at)
+end
+
+local function expiry_of(key)
+  local at = redis.pcall('PEXPIRETIME', key)
+  if type(at) == 'number' then return at end
+  return now_ms() + redis.call('PTTL', key)
+end
+
 local function num(v)
   if v == false or v == nil then return 0 end
   return tonumber(v)
@@ -341,7 +355,7 @@ local function acquire(KEYS, ARGV)
   end
   local token = redis.call('INCR', KEYS[2])
   redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. token, 'PX', ARGV[2])
-  return { 'ok', tostring(token), tostring(now + tonumber(ARGV[2])) }
+  return { 'ok', tostring(token), expire_at(KEYS[1], now + tonumber(ARGV[2])) }
 end
 
 -- KEYS: ls   ARGV: owner, token, op (renew|release), ttl
@@ -349,8 +363,7 @@ local function lease_cas(KEYS, ARGV)
   local now = now_ms()
   if redis.call('GET', KEYS[1]) ~= ARGV[1] .. '\n' .. ARGV[2] then return { 'lost' } end
   if ARGV[3] == 'renew' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    return { 'ok', tostring(now + tonumber(ARGV[4])) }
+    return { 'ok', expire_at(KEYS[1], now + tonumber(ARGV[4])) }
   end
   redis.call('DEL', KEYS[1])
   return { 'ok' }
@@ -363,8 +376,7 @@ local function renew_many(KEYS, ARGV)
   local out = {}
   for i = 1, #KEYS do
     if redis.call('GET', KEYS[i]) == ARGV[2 * i] .. '\n' .. ARGV[2 * i + 1] then
-      redis.call('PEXPIRE', KEYS[i], ARGV[1])
-      out[i] = tostring(now + tonumber(ARGV[1]))
+      out[i] = expire_at(KEYS[i], now + tonumber(ARGV[1]))
     else
       out[i] = ''
     end
@@ -452,7 +464,7 @@ local function holder(KEYS, ARGV)
   local v = redis.call('GET', KEYS[1])
   if not v then return { 'none' } end
   local nl = string.find(v, '\n', 1, true)
-  return { 'ok', string.sub(v, 1, nl - 1), string.sub(v, nl + 1), tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+  return { 'ok', string.sub(v, 1, nl - 1), string.sub(v, nl + 1), tostring(expiry_of(KEYS[1])) }
 end
 
 -- KEYS: idem
