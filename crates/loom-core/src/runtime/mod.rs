@@ -39,6 +39,7 @@
 //!   write ([`Turn`]);
 //! - compaction snapshots off the hot path and trims only what the oldest kept snapshot covers.
 
+mod actives;
 mod actor;
 mod cell;
 mod client;
@@ -76,6 +77,7 @@ use crate::id::{ActorId, IdempotencyKey};
 use crate::store::{Enqueued, Lease, LeaseOptions, Record, Settle, Store, Turn};
 use crate::time::Timestamp;
 
+use actives::{Active, Actives};
 use cell::{Cell, Next};
 use context::Io;
 use hub::Hub;
@@ -127,14 +129,6 @@ pub struct MetricsSnapshot {
     pub leases_held: u64,
 }
 
-/// An active actor's handles, as the runtime sees them.
-struct Active {
-    abort: Option<tokio::task::AbortHandle>,
-    stop: CancellationToken,
-    busy: Arc<AtomicBool>,
-    last_used: Arc<Mutex<Instant>>,
-}
-
 /// The erased start function of one registered kind.
 trait Kind: Send + Sync {
     fn start(
@@ -177,7 +171,7 @@ pub(crate) struct Shared {
     config: Arc<Config>,
     hub: Arc<Hub>,
     kinds: HashMap<&'static str, Arc<dyn Kind>>,
-    active: Mutex<HashMap<ActorId, Active>>,
+    active: Mutex<Actives>,
     parked: Mutex<HashMap<ActorId, String>>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -221,20 +215,13 @@ impl Shared {
         };
         let (stop, busy, last_used) = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if active.contains_key(id) {
+            if active.contains(id) {
                 drop(active);
                 self.hub.notify(id);
                 return;
             }
-            if active.len() >= self.config.max_active {
-                evict_lru(&active);
-            }
-            let a = Active {
-                abort: None,
-                stop: self.shutdown.child_token(),
-                busy: Arc::new(AtomicBool::new(false)),
-                last_used: Arc::new(Mutex::new(Instant::now())),
-            };
+            active.make_room(self.config.max_active);
+            let a = Active::new(self.shutdown.child_token());
             let handles = (a.stop.clone(), a.busy.clone(), a.last_used.clone());
             active.insert(id.clone(), a);
             handles
@@ -330,18 +317,6 @@ impl Shared {
                 }
             }
         }
-    }
-}
-
-/// Asks the least recently used idle actor to passivate.
-fn evict_lru(active: &HashMap<ActorId, Active>) {
-    let victim = active
-        .iter()
-        .filter(|(_, a)| !a.busy.load(Ordering::Acquire) && !a.stop.is_cancelled())
-        .min_by_key(|(_, a)| *a.last_used.lock().unwrap_or_else(|p| p.into_inner()));
-    if let Some((id, a)) = victim {
-        tracing::debug!(actor = %id, "passivating the least recently used actor to make room");
-        a.stop.cancel();
     }
 }
 
@@ -626,7 +601,7 @@ impl RuntimeBuilder {
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
             kinds,
-            active: Mutex::new(HashMap::new()),
+            active: Mutex::new(Actives::default()),
             parked: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
@@ -724,7 +699,7 @@ impl Runtime {
             .active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
+            .contains(id)
     }
 
     /// Stops taking work, lets in-flight invocations finish (up to `Config::shutdown_timeout`),

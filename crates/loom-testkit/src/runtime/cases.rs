@@ -59,6 +59,7 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why,
         oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
         passivation_and_reactivation,
+        more_actors_than_max_active_keep_their_state,
         lost_lease_stops_writes,
         leases_of_many_idle_actors_are_renewed_together,
         one_invocation_at_a_time_per_actor,
@@ -1206,6 +1207,35 @@ async fn passivation_and_reactivation(h: &Harness) {
     .await;
     assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 6);
     assert!(rt.metrics().recoveries >= 2);
+    rt.shutdown().await;
+}
+
+/// `max_active` is a bound on memory, not on correctness: with many more actors than it, the
+/// least recently used are passivated to make room and come back with their state.
+async fn more_actors_than_max_active_keep_their_state(h: &Harness) {
+    const LIMIT: usize = 4;
+    const ACTORS: i64 = 24;
+    let rt = h.runtime_with(|c| c.max_active = LIMIT).await;
+    for round in 1..=3i64 {
+        for i in 0..ACTORS {
+            let a = rt.actor::<Account>(&format!("many-{i}"));
+            assert_eq!(
+                a.ask(AccountMsg::Deposit(i + 1)).await.unwrap(),
+                round * (i + 1),
+                "actor {i} in round {round}"
+            );
+        }
+    }
+    eventually(WAIT, "evicted actors leave, down to the limit", || async {
+        rt.metrics().active <= LIMIT as u64
+    })
+    .await;
+    // Every actor was evicted and came back at least once per round after the first.
+    assert!(
+        rt.metrics().recoveries >= 2 * ACTORS as u64,
+        "{:?}",
+        rt.metrics()
+    );
     rt.shutdown().await;
 }
 

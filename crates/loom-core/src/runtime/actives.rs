@@ -1,0 +1,186 @@
+//! The actors active on one node, and making room for more when `Config::max_active` is reached.
+//!
+//! Invariants:
+//! - `leaving` counts exactly the entries whose `evicted` flag is set: actors asked to passivate
+//!   to make room, whose tasks have not ended yet. They still hold their leases and entries, but
+//!   room has already been made for them, so they do not count against the limit again.
+//! - Eviction scans every entry (O(n)), so it asks a *batch* of the least recently used idle
+//!   actors to passivate at once: 1/64 of the limit, at least one. At the limit the scan then
+//!   runs once per batch of activations instead of once per activation (a workload touching
+//!   more actors than the limit, like the bank benchmark, spent an eighth of its CPU here).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::id::ActorId;
+
+/// An active actor's handles, as the runtime sees them.
+pub(super) struct Active {
+    pub(super) abort: Option<tokio::task::AbortHandle>,
+    pub(super) stop: CancellationToken,
+    pub(super) busy: Arc<AtomicBool>,
+    pub(super) last_used: Arc<Mutex<Instant>>,
+    /// Asked to passivate to make room (see the module invariants).
+    evicted: bool,
+}
+
+impl Active {
+    pub(super) fn new(stop: CancellationToken) -> Active {
+        Active {
+            abort: None,
+            stop,
+            busy: Arc::new(AtomicBool::new(false)),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+            evicted: false,
+        }
+    }
+}
+
+/// The active actors of a node.
+#[derive(Default)]
+pub(super) struct Actives {
+    map: HashMap<ActorId, Active>,
+    leaving: usize,
+}
+
+impl Actives {
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(super) fn contains(&self, id: &ActorId) -> bool {
+        self.map.contains_key(id)
+    }
+
+    pub(super) fn get_mut(&mut self, id: &ActorId) -> Option<&mut Active> {
+        self.map.get_mut(id)
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Active> {
+        self.map.values()
+    }
+
+    pub(super) fn insert(&mut self, id: ActorId, a: Active) {
+        if let Some(old) = self.map.insert(id, a) {
+            self.forgot(&old);
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: &ActorId) {
+        if let Some(old) = self.map.remove(id) {
+            self.forgot(&old);
+        }
+    }
+
+    fn forgot(&mut self, a: &Active) {
+        if a.evicted {
+            self.leaving -= 1;
+        }
+    }
+
+    /// Before an activation: if the actors not already leaving fill `max_active`, asks the least
+    /// recently used idle ones to passivate, a batch at a time. Returns how many were asked.
+    pub(super) fn make_room(&mut self, max_active: usize) -> usize {
+        if self.map.len() - self.leaving < max_active {
+            return 0;
+        }
+        let batch = (max_active / 64).max(1);
+        let mut idle: Vec<(Instant, &ActorId)> = self
+            .map
+            .iter()
+            .filter(|(_, a)| !a.evicted && !a.busy.load(Ordering::Acquire))
+            .map(|(id, a)| (*a.last_used.lock().unwrap_or_else(|p| p.into_inner()), id))
+            .collect();
+        let n = batch.min(idle.len());
+        if n == 0 {
+            return 0;
+        }
+        if n < idle.len() {
+            idle.select_nth_unstable_by_key(n - 1, |(t, _)| *t);
+        }
+        let victims: Vec<ActorId> = idle[..n].iter().map(|(_, id)| (*id).clone()).collect();
+        for id in &victims {
+            if let Some(a) = self.map.get_mut(id) {
+                tracing::debug!(actor = %id, "passivating a least recently used actor to make room");
+                a.evicted = true;
+                a.stop.cancel();
+            }
+        }
+        self.leaving += n;
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn actives(n: usize) -> (Actives, Vec<ActorId>) {
+        let mut set = Actives::default();
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let id = ActorId::new("t", format!("a{i}")).unwrap();
+            set.insert(id.clone(), Active::new(CancellationToken::new()));
+            ids.push(id);
+        }
+        (set, ids)
+    }
+
+    fn used_at(set: &Actives, id: &ActorId, t: Instant) {
+        *set.map[id].last_used.lock().unwrap() = t;
+    }
+
+    #[test]
+    fn below_the_limit_nobody_is_asked_to_leave() {
+        let (mut set, _) = actives(3);
+        assert_eq!(set.make_room(4), 0);
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_actors_leave_first_a_batch_at_a_time() {
+        let (mut set, ids) = actives(256);
+        let base = Instant::now();
+        for (i, id) in ids.iter().enumerate() {
+            used_at(
+                &set,
+                id,
+                base + std::time::Duration::from_secs(1000 - i as u64),
+            );
+        }
+        // The oldest (the last inserted) is busy: it must be passed over.
+        set.map[&ids[255]].busy.store(true, Ordering::Release);
+        assert_eq!(set.make_room(256), 4);
+        let stopped: Vec<usize> = (0..256)
+            .filter(|&i| set.map[&ids[i]].stop.is_cancelled())
+            .collect();
+        assert_eq!(stopped, vec![251, 252, 253, 254]);
+        // The four leaving no longer count: the next activations need no scan until the
+        // room they made is used.
+        assert_eq!(set.make_room(256), 0);
+        for i in 0..4 {
+            let id = ActorId::new("t", format!("new{i}")).unwrap();
+            set.insert(id, Active::new(CancellationToken::new()));
+        }
+        assert_eq!(set.make_room(256), 4);
+        // Once the leaving ones are gone, their room is counted once, not twice.
+        for id in &ids[251..255] {
+            set.remove(id);
+        }
+        assert_eq!(set.leaving, 4);
+        assert_eq!(set.len(), 256);
+    }
+
+    #[test]
+    fn when_every_actor_is_busy_nobody_is_evicted() {
+        let (mut set, ids) = actives(2);
+        for id in &ids {
+            set.map[id].busy.store(true, Ordering::Release);
+        }
+        assert_eq!(set.make_room(2), 0);
+        assert!(ids.iter().all(|id| !set.map[id].stop.is_cancelled()));
+    }
+}
