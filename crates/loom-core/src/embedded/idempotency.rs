@@ -14,7 +14,7 @@ use crate::store::{IdempotencyStore, Reservation, prepare_result};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
-use super::tables::{IDEMPOTENCY, IDEMPOTENCY_EXPIRY, se};
+use super::tables::{IDEMPOTENCY, Tx, se};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Row {
@@ -84,40 +84,33 @@ fn set(
 /// Records `result` for `key`, replacing whatever was there; for [`IdempotencyStore::complete`]
 /// and for turns.
 pub(super) fn record(
-    txn: &redb::WriteTransaction,
+    tx: &mut Tx<'_>,
     actor: &ActorId,
     key: &IdempotencyKey,
     result: Value,
     ttl: Duration,
 ) -> StoreResult<()> {
-    let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-    let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
-    let old = get(&records, actor, key)?;
+    let records = tx.idempotency.get()?;
+    let expiry = tx.idempotency_expiry.get()?;
+    let old = get(&*records, actor, key)?;
     let row = Row {
         result: Some(result),
         expires_at: Timestamp::now() + ttl,
     };
-    set(
-        &mut records,
-        &mut expiry,
-        actor,
-        key,
-        old.as_ref(),
-        Some(&row),
-    )
+    set(records, expiry, actor, key, old.as_ref(), Some(&row))
 }
 
 /// Reserves `key` unless a live record holds it; returns that record's reservation if so.
 pub(super) fn reserve(
-    txn: &redb::WriteTransaction,
+    tx: &mut Tx<'_>,
     actor: &ActorId,
     key: &IdempotencyKey,
     ttl: Duration,
 ) -> StoreResult<Option<Reservation>> {
     let now = Timestamp::now();
-    let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-    let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
-    let old = get(&records, actor, key)?;
+    let records = tx.idempotency.get()?;
+    let expiry = tx.idempotency_expiry.get()?;
+    let old = get(&*records, actor, key)?;
     if let Some(row) = &old
         && row.expires_at > now
     {
@@ -127,14 +120,7 @@ pub(super) fn reserve(
         result: None,
         expires_at: now + ttl,
     };
-    set(
-        &mut records,
-        &mut expiry,
-        actor,
-        key,
-        old.as_ref(),
-        Some(&row),
-    )?;
+    set(records, expiry, actor, key, old.as_ref(), Some(&row))?;
     Ok(None)
 }
 
@@ -157,11 +143,11 @@ impl IdempotencyStore for EmbeddedStore {
     ) -> StoreResult<Reservation> {
         check_ttl(ttl)?;
         let (actor, key) = (actor.clone(), key.clone());
-        self.write(move |txn| {
+        self.write(move |tx| {
             let now = Timestamp::now();
-            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
-            let old = get(&records, &actor, &key)?;
+            let records = tx.idempotency.get()?;
+            let expiry = tx.idempotency_expiry.get()?;
+            let old = get(&*records, &actor, &key)?;
             if let Some(row) = &old
                 && row.expires_at > now
             {
@@ -171,14 +157,7 @@ impl IdempotencyStore for EmbeddedStore {
                 result: None,
                 expires_at: now + ttl,
             };
-            set(
-                &mut records,
-                &mut expiry,
-                &actor,
-                &key,
-                old.as_ref(),
-                Some(&row),
-            )?;
+            set(records, expiry, &actor, &key, old.as_ref(), Some(&row))?;
             Ok(Reservation::Reserved)
         })
         .await
@@ -194,34 +173,27 @@ impl IdempotencyStore for EmbeddedStore {
         check_ttl(ttl)?;
         prepare_result(actor, key, result)?;
         let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
-        self.write(move |txn| {
-            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
-            let old = get(&records, &actor, &key)?;
+        self.write(move |tx| {
+            let records = tx.idempotency.get()?;
+            let expiry = tx.idempotency_expiry.get()?;
+            let old = get(&*records, &actor, &key)?;
             let row = Row {
                 result: Some(result),
                 expires_at: Timestamp::now() + ttl,
             };
-            set(
-                &mut records,
-                &mut expiry,
-                &actor,
-                &key,
-                old.as_ref(),
-                Some(&row),
-            )
+            set(records, expiry, &actor, &key, old.as_ref(), Some(&row))
         })
         .await
     }
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
         let (actor, key) = (actor.clone(), key.clone());
-        self.write(move |txn| {
-            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
-            match get(&records, &actor, &key)? {
+        self.write(move |tx| {
+            let records = tx.idempotency.get()?;
+            let expiry = tx.idempotency_expiry.get()?;
+            match get(&*records, &actor, &key)? {
                 Some(row) if row.result.is_none() => {
-                    set(&mut records, &mut expiry, &actor, &key, Some(&row), None)?;
+                    set(records, expiry, &actor, &key, Some(&row), None)?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -247,10 +219,10 @@ impl IdempotencyStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
-        self.write(move |txn| {
+        self.write(move |tx| {
             let now = Timestamp::now().as_millis();
-            let mut records = txn.open_table(IDEMPOTENCY).map_err(se)?;
-            let mut expiry = txn.open_table(IDEMPOTENCY_EXPIRY).map_err(se)?;
+            let records = tx.idempotency.get()?;
+            let expiry = tx.idempotency_expiry.get()?;
             let mut doomed = Vec::new();
             for item in expiry
                 .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))

@@ -1,7 +1,7 @@
 //! [`JournalStore`] on redb.
 
 use async_trait::async_trait;
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable};
 
 use crate::codec;
 use crate::entry::{Entry, Seq, Snapshot};
@@ -12,7 +12,7 @@ use crate::store::{
 };
 
 use super::EmbeddedStore;
-use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, se};
+use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, Tx, se};
 
 /// Entries per read transaction while streaming.
 const READ_PAGE: usize = 1024;
@@ -41,13 +41,13 @@ fn snapshot_seqs(
 }
 
 pub(super) fn append(
-    txn: &WriteTransaction,
+    tx: &mut Tx<'_>,
     actor: &ActorId,
     expected_next: Seq,
     encoded: &[Vec<u8>],
 ) -> StoreResult<Seq> {
-    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
-    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    let meta = tx.journal_meta.get()?;
+    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
     if expected_next != highest + 1 {
         return Err(StoreError::Conflict {
             actor: actor.clone(),
@@ -58,7 +58,7 @@ pub(super) fn append(
     if encoded.is_empty() {
         return Ok(highest);
     }
-    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+    let journal = tx.journal.get()?;
     for (i, bytes) in encoded.iter().enumerate() {
         journal
             .insert((actor.as_str(), expected_next + i as Seq), bytes.as_slice())
@@ -94,14 +94,14 @@ fn read_page(
 }
 
 fn save_snapshot(
-    txn: &WriteTransaction,
+    tx: &mut Tx<'_>,
     actor: &ActorId,
     seq: Seq,
     bytes: &[u8],
     keep: usize,
 ) -> StoreResult<()> {
-    let meta = txn.open_table(JOURNAL_META).map_err(se)?;
-    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
+    let meta = tx.journal_meta.get()?;
+    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
     if seq > highest {
         return Err(StoreError::SnapshotRefused {
             actor: actor.clone(),
@@ -118,19 +118,19 @@ fn save_snapshot(
             ),
         });
     }
-    let mut snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+    let snaps = tx.snapshots.get()?;
     snaps.insert((actor.as_str(), seq), bytes).map_err(se)?;
-    let seqs = snapshot_seqs(&snaps, actor.as_str())?;
+    let seqs = snapshot_seqs(&*snaps, actor.as_str())?;
     for old in seqs.iter().take(seqs.len().saturating_sub(keep)) {
         snaps.remove((actor.as_str(), *old)).map_err(se)?;
     }
     Ok(())
 }
 
-fn trim(txn: &WriteTransaction, actor: &ActorId, through: Seq) -> StoreResult<()> {
-    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
-    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
-    let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+fn trim(tx: &mut Tx<'_>, actor: &ActorId, through: Seq) -> StoreResult<()> {
+    let meta = tx.journal_meta.get()?;
+    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let snaps = tx.snapshots.get()?;
     let oldest = snaps
         .range((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX))
         .map_err(se)?
@@ -151,7 +151,7 @@ fn trim(txn: &WriteTransaction, actor: &ActorId, through: Seq) -> StoreResult<()
     if through <= trimmed {
         return Ok(());
     }
-    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+    let journal = tx.journal.get()?;
     journal
         .retain_in(
             (actor.as_str(), trimmed + 1)..=(actor.as_str(), through),
@@ -163,17 +163,17 @@ fn trim(txn: &WriteTransaction, actor: &ActorId, through: Seq) -> StoreResult<()
     Ok(())
 }
 
-fn delete(txn: &WriteTransaction, actor: &ActorId) -> StoreResult<()> {
-    let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
-    let (highest, trimmed) = meta_of(&meta, actor.as_str())?;
-    let mut journal = txn.open_table(JOURNAL).map_err(se)?;
+fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
+    let meta = tx.journal_meta.get()?;
+    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let journal = tx.journal.get()?;
     journal
         .retain_in(
             (actor.as_str(), trimmed + 1)..=(actor.as_str(), Seq::MAX),
             |_, _| false,
         )
         .map_err(se)?;
-    let mut snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
+    let snaps = tx.snapshots.get()?;
     snaps
         .retain_in((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX), |_, _| {
             false
@@ -196,7 +196,7 @@ impl JournalStore for EmbeddedStore {
     ) -> StoreResult<Seq> {
         let encoded = prepare_append(actor, expected_next, entries)?;
         let actor = actor.clone();
-        self.write(move |txn| append(txn, &actor, expected_next, &encoded))
+        self.write(move |tx| append(tx, &actor, expected_next, &encoded))
             .await
     }
 
@@ -247,7 +247,7 @@ impl JournalStore for EmbeddedStore {
         let bytes = prepare_snapshot(actor, snapshot, keep)?;
         let actor = actor.clone();
         let seq = snapshot.seq;
-        self.write(move |txn| save_snapshot(txn, &actor, seq, &bytes, keep))
+        self.write(move |tx| save_snapshot(tx, &actor, seq, &bytes, keep))
             .await
     }
 
@@ -280,19 +280,19 @@ impl JournalStore for EmbeddedStore {
 
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
         let actor = actor.clone();
-        self.write(move |txn| trim(txn, &actor, through)).await
+        self.write(move |tx| trim(tx, &actor, through)).await
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
         let actor = actor.clone();
-        self.write(move |txn| delete(txn, &actor)).await
+        self.write(move |tx| delete(tx, &actor)).await
     }
 
     async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
         let actor = actor.clone();
-        self.write(move |txn| {
-            let mut meta = txn.open_table(JOURNAL_META).map_err(se)?;
-            let (highest, _) = meta_of(&meta, actor.as_str())?;
+        self.write(move |tx| {
+            let meta = tx.journal_meta.get()?;
+            let (highest, _) = meta_of(&*meta, actor.as_str())?;
             if highest != 0 {
                 return Err(StoreError::Conflict {
                     actor: actor.clone(),

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, RecordType};
@@ -13,7 +13,7 @@ use crate::store::{Lease, LeaseManager, check_owner};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
-use super::tables::{LEASES, se};
+use super::tables::{LEASES, Tx, se};
 
 /// A lease row. Kept after release (`owner: None`) so that the token keeps growing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,10 +35,10 @@ pub(super) fn get(
     }
 }
 
-fn put(txn: &WriteTransaction, actor: &ActorId, row: &Row) -> StoreResult<()> {
+fn put(tx: &mut Tx<'_>, actor: &ActorId, row: &Row) -> StoreResult<()> {
     let bytes = codec::encode(RecordType::Lease, row)
         .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e))?;
-    let mut table = txn.open_table(LEASES).map_err(se)?;
+    let table = tx.leases.get()?;
     table.insert(actor.as_str(), bytes.as_slice()).map_err(se)?;
     Ok(())
 }
@@ -57,20 +57,15 @@ fn check_ttl(ttl: Duration) -> StoreResult<()> {
 }
 
 /// Extends `lease` to `now + ttl` if it is still the actor's live lease; writes nothing if not.
-fn renew_in(
-    txn: &WriteTransaction,
-    lease: Lease,
-    ttl: Duration,
-    now: Timestamp,
-) -> StoreResult<Lease> {
-    let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
+fn renew_in(tx: &mut Tx<'_>, lease: Lease, ttl: Duration, now: Timestamp) -> StoreResult<Lease> {
+    let row = get(&*tx.leases.get()?, &lease.actor)?;
     match row {
         Some(row) if row.token == lease.token && live(&row, now).is_some() => {
             let row = Row {
                 expires_at: now + ttl,
                 ..row
             };
-            put(txn, &lease.actor, &row)?;
+            put(tx, &lease.actor, &row)?;
             Ok(Lease {
                 expires_at: row.expires_at,
                 ..lease
@@ -89,9 +84,9 @@ impl LeaseManager for EmbeddedStore {
         check_owner(owner)?;
         check_ttl(ttl)?;
         let (actor, owner) = (actor.clone(), owner.to_owned());
-        self.write(move |txn| {
+        self.write(move |tx| {
             let now = Timestamp::now();
-            let old = get(&txn.open_table(LEASES).map_err(se)?, &actor)?;
+            let old = get(&*tx.leases.get()?, &actor)?;
             if let Some(row) = &old
                 && let Some(holder) = live(row, now)
             {
@@ -107,7 +102,7 @@ impl LeaseManager for EmbeddedStore {
                 token: old.map_or(0, |r| r.token) + 1,
                 expires_at: now + ttl,
             };
-            put(txn, &actor, &row)?;
+            put(tx, &actor, &row)?;
             Ok(Lease {
                 actor,
                 owner,
@@ -121,7 +116,7 @@ impl LeaseManager for EmbeddedStore {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
         check_ttl(ttl)?;
         let lease = lease.clone();
-        self.write(move |txn| renew_in(txn, lease, ttl, Timestamp::now()))
+        self.write(move |tx| renew_in(tx, lease, ttl, Timestamp::now()))
             .await
     }
 
@@ -135,11 +130,11 @@ impl LeaseManager for EmbeddedStore {
         // One write transaction for all of them. A lease that is lost (or whose row does not
         // decode) is its own slot's error and wrote nothing, so the others still commit; a
         // storage failure fails the whole batch (the writer aborts it).
-        self.write(move |txn| {
+        self.write(move |tx| {
             let now = Timestamp::now();
             let mut out = Vec::with_capacity(leases.len());
             for lease in leases {
-                match renew_in(txn, lease, ttl, now) {
+                match renew_in(tx, lease, ttl, now) {
                     Err(e) if e.is_transient() => return Err(e),
                     r => out.push(r),
                 }
@@ -151,13 +146,13 @@ impl LeaseManager for EmbeddedStore {
 
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
         let lease = lease.clone();
-        self.write(move |txn| {
+        self.write(move |tx| {
             let now = Timestamp::now();
-            let row = get(&txn.open_table(LEASES).map_err(se)?, &lease.actor)?;
+            let row = get(&*tx.leases.get()?, &lease.actor)?;
             match row {
                 Some(row) if row.token == lease.token && live(&row, now).is_some() => {
                     put(
-                        txn,
+                        tx,
                         &lease.actor,
                         &Row {
                             owner: None,
@@ -193,9 +188,9 @@ impl LeaseManager for EmbeddedStore {
 
 /// Releases every live lease (keeping its token); returns how many. For a store opened by a new
 /// process: the previous holder is gone.
-pub(super) fn release_all(txn: &WriteTransaction) -> StoreResult<u64> {
+pub(super) fn release_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let now = Timestamp::now();
-    let mut table = txn.open_table(LEASES).map_err(se)?;
+    let table = tx.leases.get()?;
     let mut live_rows = Vec::new();
     for item in table.iter().map_err(se)? {
         let (k, v) = item.map_err(se)?;

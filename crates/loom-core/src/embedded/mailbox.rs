@@ -20,7 +20,7 @@ use crate::store::{
 use crate::time::Timestamp;
 
 use super::tables::{
-    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, META, QUEUE, READY, se,
+    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, QUEUE, READY, Tx, se,
 };
 use super::{EmbeddedStore, meta_counter};
 
@@ -269,17 +269,13 @@ impl State {
 struct Inconsistent(String);
 
 /// Moves the actor's current message to the dead letters.
-pub(super) fn bury(
-    txn: &WriteTransaction,
-    t: &mut Tables<'_>,
-    actor: &ActorId,
-    reason: &str,
-) -> StoreResult<u64> {
+pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResult<u64> {
+    let t = tx.mailbox.get()?;
     let meta = Meta::get(&t.meta, actor.as_str())?;
     let envelope = t.envelope(actor, meta.current)?;
     let deliveries = t.state_of(actor.as_str(), meta.current)?.deliveries;
-    let mut counters = txn.open_table(META).map_err(se)?;
-    let id = meta_counter(&counters, "dead_letter_seq")? + 1;
+    let counters = tx.meta.get()?;
+    let id = meta_counter(&*counters, "dead_letter_seq")? + 1;
     let dead = DeadLetter {
         id,
         envelope,
@@ -289,8 +285,10 @@ pub(super) fn bury(
     };
     let bytes = codec::encode(RecordType::DeadLetter, &dead)
         .map_err(|e| StoreError::corrupt(format!("dead letter of {actor}"), e))?;
-    let mut dead_letters = txn.open_table(DEAD_LETTERS).map_err(se)?;
-    dead_letters.insert(id, bytes.as_slice()).map_err(se)?;
+    tx.dead_letters
+        .get()?
+        .insert(id, bytes.as_slice())
+        .map_err(se)?;
     counters.insert("dead_letter_seq", id).map_err(se)?;
     t.remove_current(actor.as_str())?;
     tracing::warn!(%actor, message_id = %dead.envelope.id, dead_letter = id, reason = %dead.reason, "message dead-lettered");
@@ -361,14 +359,14 @@ pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreRes
 }
 
 pub(super) fn lease(
-    txn: &WriteTransaction,
+    tx: &mut Tx<'_>,
     actor: &ActorId,
     opts: LeaseOptions,
 ) -> StoreResult<Option<Leased>> {
     let a = actor.as_str();
-    let mut t = Tables::open(txn)?;
     let now = Timestamp::now().as_millis();
     loop {
+        let t = tx.mailbox.get()?;
         let meta = Meta::get(&t.meta, a)?;
         let position = if meta.current != 0 {
             let State {
@@ -391,7 +389,7 @@ pub(super) fn lease(
                         format!("delivered {deliveries} times and never acked (each lease ran out)")
                     }
                 };
-                bury(txn, &mut t, actor, &reason)?;
+                bury(tx, actor, &reason)?;
                 continue;
             }
             meta.current
@@ -476,8 +474,8 @@ impl Mailbox for EmbeddedStore {
         let bytes = prepare_message(msg)?;
         let actor = msg.to.clone();
         let id = msg.id;
-        self.write(move |txn| {
-            let mut t = Tables::open(txn)?;
+        self.write(move |tx| {
+            let t = tx.mailbox.get()?;
             t.enqueue(&actor, id, &bytes, deliver_at, Timestamp::now().as_millis())
         })
         .await
@@ -490,14 +488,14 @@ impl Mailbox for EmbeddedStore {
             return Ok(None);
         }
         let actor = actor.clone();
-        let leased = self.write(move |txn| lease(txn, &actor, opts)).await?;
+        let leased = self.write(move |tx| lease(tx, &actor, opts)).await?;
         leased.map(Leased::finish).transpose()
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
         let receipt = receipt.clone();
-        self.write(move |txn| {
-            let mut t = Tables::open(txn)?;
+        self.write(move |tx| {
+            let t = tx.mailbox.get()?;
             t.check_receipt(&receipt)?;
             t.remove_current(receipt.actor.as_str())
         })
@@ -511,8 +509,8 @@ impl Mailbox for EmbeddedStore {
             ));
         }
         let receipt = receipt.clone();
-        self.write(move |txn| {
-            let mut t = Tables::open(txn)?;
+        self.write(move |tx| {
+            let t = tx.mailbox.get()?;
             let (meta, state) = t.check_receipt(&receipt)?;
             let a = receipt.actor.as_str();
             let visible_at = (Timestamp::now() + visibility).as_millis();
@@ -541,8 +539,8 @@ impl Mailbox for EmbeddedStore {
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
         let receipt = receipt.clone();
         let error = clip_reason(error);
-        self.write(move |txn| {
-            let mut t = Tables::open(txn)?;
+        self.write(move |tx| {
+            let t = tx.mailbox.get()?;
             let (meta, state) = t.check_receipt(&receipt)?;
             let a = receipt.actor.as_str();
             let visible_at = (Timestamp::now() + delay).as_millis();
@@ -574,10 +572,10 @@ impl Mailbox for EmbeddedStore {
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
         let receipt = receipt.clone();
         let reason = reason.to_owned();
-        self.write(move |txn| {
-            let mut t = Tables::open(txn)?;
+        self.write(move |tx| {
+            let t = tx.mailbox.get()?;
             t.check_receipt(&receipt)?;
-            bury(txn, &mut t, &receipt.actor, &reason)
+            bury(tx, &receipt.actor, &reason)
         })
         .await
     }
@@ -710,8 +708,8 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
-        self.write(move |txn| {
-            let mut table = txn.open_table(DEAD_LETTERS).map_err(se)?;
+        self.write(move |tx| {
+            let table = tx.dead_letters.get()?;
             let dl: DeadLetter = match table.get(id).map_err(se)? {
                 None => return Err(StoreError::DeadLetterNotFound(id)),
                 Some(v) => codec::decode(RecordType::DeadLetter, v.value())
@@ -721,7 +719,7 @@ impl Mailbox for EmbeddedStore {
             envelope.attempt = 0;
             let bytes = prepare_message(&envelope)?;
             table.remove(id).map_err(se)?;
-            let mut t = Tables::open(txn)?;
+            let t = tx.mailbox.get()?;
             t.enqueue(
                 &envelope.to,
                 envelope.id,
@@ -742,9 +740,9 @@ fn parse_actor(s: &str) -> StoreResult<ActorId> {
 
 /// Makes every leased message visible again now (delivery counts kept); returns how many. For a
 /// store opened by a new process: the consumer that leased them is gone.
-pub(super) fn return_all(txn: &WriteTransaction) -> StoreResult<u64> {
+pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let now = Timestamp::now().as_millis();
-    let mut t = Tables::open(txn)?;
+    let t = tx.mailbox.get()?;
     let mut out = Vec::new();
     for item in t.meta.iter().map_err(se)? {
         let (k, v) = item.map_err(se)?;

@@ -34,7 +34,7 @@ use lock::{DirLock, with_path};
 /// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
 pub use redb::StorageBackend;
 pub use redb::backends::FileBackend;
-use tables::{LAYOUT_VERSION, META, se};
+use tables::{LAYOUT_VERSION, se};
 use writer::Writer;
 
 /// Name of the data file inside the data directory.
@@ -82,6 +82,7 @@ pub struct EmbeddedStore {
 struct Inner {
     db: Arc<Database>,
     writer: Writer,
+    reads: Arc<Reads>,
     dir: Option<PathBuf>,
     // Dropped after the database (fields drop in order), so the lock outlives every write.
     _lock: Option<DirLock>,
@@ -90,6 +91,59 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.writer.shutdown();
+        // A read whose caller went away (its task was aborted, say) still runs to the end on
+        // a blocking thread, holding the database: wait for it, so that once the last handle
+        // is dropped the directory can be opened again at once.
+        self.reads.wait_idle();
+    }
+}
+
+/// Reads running on blocking threads. Invariant: `running` counts the [`ReadGuard`]s alive,
+/// and each guard lets go of its database handle before it leaves the count.
+#[derive(Default)]
+struct Reads {
+    running: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl Reads {
+    fn enter(self: &Arc<Self>, db: Arc<Database>) -> ReadGuard {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        ReadGuard {
+            db: Some(db),
+            reads: self.clone(),
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running > 0 {
+            running = self.idle.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One read in flight: holds the database until the read is over, panicking or not.
+struct ReadGuard {
+    db: Option<Arc<Database>>,
+    reads: Arc<Reads>,
+}
+
+impl ReadGuard {
+    /// The database; `None` only while the guard drops, so never seen by a read.
+    fn db(&self) -> StoreResult<&Database> {
+        self.db.as_deref().ok_or(StoreError::Closed)
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        self.db.take();
+        let mut running = self.reads.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+        if *running == 0 {
+            self.reads.idle.notify_all();
+        }
     }
 }
 
@@ -162,8 +216,9 @@ impl EmbeddedStore {
     fn start(db: Database, dir: Option<PathBuf>, lock: Option<DirLock>) -> StoreResult<Self> {
         let txn = db.begin_write().map_err(se)?;
         tables::create_all(&txn).map_err(se)?;
+        let mut tx = tables::Tx::new(&txn);
         {
-            let mut meta = txn.open_table(META).map_err(se)?;
+            let meta = tx.meta.get()?;
             let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
             match layout {
                 None => {
@@ -183,8 +238,9 @@ impl EmbeddedStore {
         // Only the process holding the directory lock opens the file, so leases and leased
         // messages found here belong to a process that is gone: release them now instead of
         // waiting for them to time out. Tokens are kept, so fencing still holds.
-        let released = lease::release_all(&txn)?;
-        let returned = mailbox::return_all(&txn)?;
+        let released = lease::release_all(&mut tx)?;
+        let returned = mailbox::return_all(&mut tx)?;
+        drop(tx);
         if released + returned > 0 {
             tracing::info!(
                 released,
@@ -200,6 +256,7 @@ impl EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 writer,
+                reads: Arc::default(),
                 dir,
                 _lock: lock,
             }),
@@ -226,10 +283,13 @@ impl EmbeddedStore {
         F: FnOnce(&ReadTransaction) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
-        let db = self.inner.db.clone();
+        let guard = self.inner.reads.enter(self.inner.db.clone());
         tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(se)?;
-            f(&txn)
+            let txn = guard.db()?.begin_read().map_err(se)?;
+            let out = f(&txn);
+            drop(txn);
+            drop(guard);
+            out
         })
         .await
         .map_err(|e| StoreError::storage(tables::BACKEND, e))?
@@ -238,7 +298,7 @@ impl EmbeddedStore {
     /// Runs a write function in the next group commit; returns once it is durable.
     async fn write<R, F>(&self, f: F) -> StoreResult<R>
     where
-        F: FnOnce(&redb::WriteTransaction) -> StoreResult<R> + Send + 'static,
+        F: FnOnce(&mut tables::Tx<'_>) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
         self.inner.writer.run(f).await

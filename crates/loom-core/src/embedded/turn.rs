@@ -14,8 +14,7 @@ use crate::store::{
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
-use super::mailbox::{self, Tables, bury};
-use super::tables::{JOURNAL_META, LEASES, se};
+use super::mailbox::{self, bury};
 use super::{idempotency, journal, lease};
 
 #[async_trait]
@@ -46,11 +45,11 @@ impl Store for EmbeddedStore {
         let record = turn
             .record
             .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
-        self.write(move |txn| {
+        self.write(move |tx| {
             // Checks first, writes after: a refused turn writes nothing (see writer.rs).
             let now = Timestamp::now();
             if let Some(fence) = &fence {
-                let row = lease::get(&txn.open_table(LEASES).map_err(se)?, &fence.actor)?;
+                let row = lease::get(&*tx.leases.get()?, &fence.actor)?;
                 let held = row
                     .as_ref()
                     .is_some_and(|r| r.token == fence.token && lease::live(r, now).is_some());
@@ -62,8 +61,7 @@ impl Store for EmbeddedStore {
                 }
             }
             {
-                let meta = txn.open_table(JOURNAL_META).map_err(se)?;
-                let (highest, _) = journal::meta_of(&meta, actor.as_str())?;
+                let (highest, _) = journal::meta_of(&*tx.journal_meta.get()?, actor.as_str())?;
                 if expected_next != highest + 1 {
                     return Err(StoreError::Conflict {
                         actor: actor.clone(),
@@ -73,16 +71,16 @@ impl Store for EmbeddedStore {
                 }
             }
             if let Some((receipt, reason)) = &settle {
-                let t = Tables::open(txn)?;
+                let t = tx.mailbox.get()?;
                 t.check_receipt(receipt)?;
                 if reason.is_some() {
                     // Decoded now so that dead-lettering cannot fail after the writes began.
                     t.envelope(&receipt.actor, receipt.position)?;
                 }
             }
-            let highest = journal::append(txn, &actor, expected_next, &entries)?;
+            let highest = journal::append(tx, &actor, expected_next, &entries)?;
             {
-                let mut t = Tables::open(txn)?;
+                let t = tx.mailbox.get()?;
                 let now_ms = now.as_millis();
                 for (o, bytes) in &outgoing {
                     t.enqueue(&o.envelope.to, o.envelope.id, bytes, o.deliver_at, now_ms)?;
@@ -90,16 +88,16 @@ impl Store for EmbeddedStore {
                 match &settle {
                     Some((receipt, None)) => t.remove_current(receipt.actor.as_str())?,
                     Some((receipt, Some(reason))) => {
-                        bury(txn, &mut t, &receipt.actor, reason)?;
+                        bury(tx, &receipt.actor, reason)?;
                     }
                     None => {}
                 }
             }
             if let Some((a, key, result, ttl)) = record {
-                idempotency::record(txn, &a, &key, result, ttl)?;
+                idempotency::record(tx, &a, &key, result, ttl)?;
             }
             let leased = match next {
-                Some(opts) => mailbox::lease(txn, &actor, opts)?,
+                Some(opts) => mailbox::lease(tx, &actor, opts)?,
                 None => None,
             };
             Ok((highest, leased))
@@ -123,11 +121,11 @@ impl Store for EmbeddedStore {
         idempotency::check_ttl(ttl)?;
         let bytes = prepare_message(msg)?;
         let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
-        self.write(move |txn| {
-            if let Some(existing) = idempotency::reserve(txn, &to, &key, ttl)? {
+        self.write(move |tx| {
+            if let Some(existing) = idempotency::reserve(tx, &to, &key, ttl)? {
                 return Ok(Enqueued::Duplicate(existing));
             }
-            let mut t = Tables::open(txn)?;
+            let t = tx.mailbox.get()?;
             let position = t.enqueue(&to, id, &bytes, deliver_at, Timestamp::now().as_millis())?;
             Ok(Enqueued::New(position))
         })

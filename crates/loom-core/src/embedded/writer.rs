@@ -22,12 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
-use redb::{Database, WriteTransaction};
+use redb::Database;
 use tokio::sync::oneshot;
 
 use crate::error::{StoreError, StoreResult};
 
-use super::tables::{BACKEND, se};
+use super::tables::{BACKEND, Tx, se};
 
 /// Most requests in one transaction.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -42,7 +42,7 @@ struct Ran {
 }
 
 trait Job: Send {
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran;
+    fn run(self: Box<Self>, tx: &mut Tx<'_>) -> Ran;
     fn fail(self: Box<Self>, e: StoreError);
 }
 
@@ -53,12 +53,12 @@ struct Op<F, R> {
 
 impl<F, R> Job for Op<F, R>
 where
-    F: FnOnce(&WriteTransaction) -> StoreResult<R> + Send + 'static,
+    F: FnOnce(&mut Tx<'_>) -> StoreResult<R> + Send + 'static,
     R: Send + 'static,
 {
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran {
+    fn run(self: Box<Self>, tx: &mut Tx<'_>) -> Ran {
         let Op { op, reply } = *self;
-        let result = catch_unwind(AssertUnwindSafe(|| op(txn)))
+        let result = catch_unwind(AssertUnwindSafe(|| op(tx)))
             .unwrap_or_else(|panic| Err(StoreError::storage(BACKEND, Panicked::from(panic))));
         match result {
             Ok(value) => Ran {
@@ -144,7 +144,7 @@ impl Writer {
     /// Runs `op` in the next batch and returns its result once the batch is durable.
     pub(super) async fn run<R, F>(&self, op: F) -> StoreResult<R>
     where
-        F: FnOnce(&WriteTransaction) -> StoreResult<R> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
@@ -206,15 +206,18 @@ fn writer_loop(db: &Database, rx: &mpsc::Receiver<Box<dyn Job>>, counters: &Coun
         };
         let mut done = Vec::with_capacity(jobs.len());
         let mut poison = None;
+        let mut tx = Tx::new(&txn);
         for job in jobs {
             if let Some(e) = &poison {
                 job.fail(StoreError::clone(e));
                 continue;
             }
-            let ran = job.run(&txn);
+            let ran = job.run(&mut tx);
             poison = ran.poison;
             done.push(ran.done);
         }
+        // The tables close here, before the commit that needs them closed.
+        drop(tx);
         let failure = match poison {
             Some(e) => {
                 if let Err(abort) = txn.abort() {
