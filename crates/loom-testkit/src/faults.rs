@@ -507,3 +507,53 @@ impl loom_core::embedded::StorageBackend for FaultyDisk {
         self.inner.write(offset, data)
     }
 }
+
+/// The embedded store's redo log file with faults: wrap it with
+/// [`loom_core::EmbeddedStore::open_with_redo`]. Writes and syncs fail as armed in
+/// [`DiskFaults`]; while [`FaultyRedo::hold`] is set, every sync waits (and says so in
+/// [`FaultyRedo::holding`]) until it is cleared, which lets a test look at the store while a
+/// batch is committed but not yet durable.
+pub struct FaultyRedo {
+    file: std::fs::File,
+    /// The armed faults (`fail_writes`, `fail_syncs`; reads do not go through here).
+    pub faults: Arc<DiskFaults>,
+    /// Set to hold syncs.
+    pub hold: Arc<AtomicBool>,
+    /// True while a sync is being held.
+    pub holding: Arc<AtomicBool>,
+}
+
+impl FaultyRedo {
+    /// Wraps the log file, with no fault armed.
+    pub fn new(file: std::fs::File) -> Self {
+        FaultyRedo {
+            file,
+            faults: Arc::default(),
+            hold: Arc::default(),
+            holding: Arc::default(),
+        }
+    }
+}
+
+impl loom_core::RedoFile for FaultyRedo {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.faults.hit(&self.faults.fail_writes, "write")?;
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+    }
+
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        while self.hold.load(Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.holding.store(false, Ordering::SeqCst);
+        self.faults.hit(&self.faults.fail_syncs, "fdatasync")?;
+        self.file.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.faults.hit(&self.faults.fail_writes, "truncate")?;
+        self.file.set_len(len)?;
+        self.file.sync_all()
+    }
+}

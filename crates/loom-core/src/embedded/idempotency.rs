@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, Table};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -14,6 +14,7 @@ use crate::store::{IdempotencyStore, Reservation, prepare_result};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
+use super::redo::Rec;
 use super::tables::{IDEMPOTENCY, Tx, se};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,8 +34,8 @@ impl Row {
     }
 }
 
-type Records<'t> = Table<'t, (&'static str, &'static str), &'static [u8]>;
-type Expiry<'t> = Table<'t, (u64, &'static str, &'static str), ()>;
+type Records<'t> = Rec<'t, (&'static str, &'static str), &'static [u8]>;
+type Expiry<'t> = Rec<'t, (u64, &'static str, &'static str), ()>;
 
 fn get(
     table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
@@ -92,7 +93,7 @@ pub(super) fn record(
 ) -> StoreResult<()> {
     let records = tx.idempotency.get()?;
     let expiry = tx.idempotency_expiry.get()?;
-    let old = get(&*records, actor, key)?;
+    let old = get(&**records, actor, key)?;
     let row = Row {
         result: Some(result),
         expires_at: Timestamp::now() + ttl,
@@ -110,7 +111,7 @@ pub(super) fn reserve(
     let now = Timestamp::now();
     let records = tx.idempotency.get()?;
     let expiry = tx.idempotency_expiry.get()?;
-    let old = get(&*records, actor, key)?;
+    let old = get(&**records, actor, key)?;
     if let Some(row) = &old
         && row.expires_at > now
     {
@@ -147,7 +148,7 @@ impl IdempotencyStore for EmbeddedStore {
             let now = Timestamp::now();
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
-            let old = get(&*records, &actor, &key)?;
+            let old = get(&**records, &actor, &key)?;
             if let Some(row) = &old
                 && row.expires_at > now
             {
@@ -176,7 +177,7 @@ impl IdempotencyStore for EmbeddedStore {
         self.write(move |tx| {
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
-            let old = get(&*records, &actor, &key)?;
+            let old = get(&**records, &actor, &key)?;
             let row = Row {
                 result: Some(result),
                 expires_at: Timestamp::now() + ttl,
@@ -191,7 +192,7 @@ impl IdempotencyStore for EmbeddedStore {
         self.write(move |tx| {
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
-            match get(&*records, &actor, &key)? {
+            match get(&**records, &actor, &key)? {
                 Some(row) if row.result.is_none() => {
                     set(records, expiry, &actor, &key, Some(&row), None)?;
                     Ok(true)

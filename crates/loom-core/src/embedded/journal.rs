@@ -47,7 +47,7 @@ pub(super) fn append(
     encoded: &[Vec<u8>],
 ) -> StoreResult<Seq> {
     let meta = tx.journal_meta.get()?;
-    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
     if expected_next != highest + 1 {
         return Err(StoreError::Conflict {
             actor: actor.clone(),
@@ -101,7 +101,7 @@ fn save_snapshot(
     keep: usize,
 ) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
-    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
     if seq > highest {
         return Err(StoreError::SnapshotRefused {
             actor: actor.clone(),
@@ -120,7 +120,7 @@ fn save_snapshot(
     }
     let snaps = tx.snapshots.get()?;
     snaps.insert((actor.as_str(), seq), bytes).map_err(se)?;
-    let seqs = snapshot_seqs(&*snaps, actor.as_str())?;
+    let seqs = snapshot_seqs(&**snaps, actor.as_str())?;
     for old in seqs.iter().take(seqs.len().saturating_sub(keep)) {
         snaps.remove((actor.as_str(), *old)).map_err(se)?;
     }
@@ -129,7 +129,7 @@ fn save_snapshot(
 
 fn trim(tx: &mut Tx<'_>, actor: &ActorId, through: Seq) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
-    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
     let snaps = tx.snapshots.get()?;
     let oldest = snaps
         .range((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX))
@@ -153,10 +153,7 @@ fn trim(tx: &mut Tx<'_>, actor: &ActorId, through: Seq) -> StoreResult<()> {
     }
     let journal = tx.journal.get()?;
     journal
-        .retain_in(
-            (actor.as_str(), trimmed + 1)..=(actor.as_str(), through),
-            |_, _| false,
-        )
+        .remove_range((actor.as_str(), trimmed + 1), (actor.as_str(), through))
         .map_err(se)?;
     meta.insert(actor.as_str(), (highest, through))
         .map_err(se)?;
@@ -165,19 +162,14 @@ fn trim(tx: &mut Tx<'_>, actor: &ActorId, through: Seq) -> StoreResult<()> {
 
 fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
-    let (highest, trimmed) = meta_of(&*meta, actor.as_str())?;
+    let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
     let journal = tx.journal.get()?;
     journal
-        .retain_in(
-            (actor.as_str(), trimmed + 1)..=(actor.as_str(), Seq::MAX),
-            |_, _| false,
-        )
+        .remove_range((actor.as_str(), trimmed + 1), (actor.as_str(), Seq::MAX))
         .map_err(se)?;
     let snaps = tx.snapshots.get()?;
     snaps
-        .retain_in((actor.as_str(), 0)..=(actor.as_str(), Seq::MAX), |_, _| {
-            false
-        })
+        .remove_range((actor.as_str(), 0), (actor.as_str(), Seq::MAX))
         .map_err(se)?;
     if highest > 0 {
         meta.insert(actor.as_str(), (highest, highest))
@@ -292,7 +284,7 @@ impl JournalStore for EmbeddedStore {
         let actor = actor.clone();
         self.write(move |tx| {
             let meta = tx.journal_meta.get()?;
-            let (highest, _) = meta_of(&*meta, actor.as_str())?;
+            let (highest, _) = meta_of(&**meta, actor.as_str())?;
             if highest != 0 {
                 return Err(StoreError::Conflict {
                     actor: actor.clone(),

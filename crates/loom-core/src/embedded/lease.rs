@@ -58,7 +58,7 @@ fn check_ttl(ttl: Duration) -> StoreResult<()> {
 
 /// Extends `lease` to `now + ttl` if it is still the actor's live lease; writes nothing if not.
 fn renew_in(tx: &mut Tx<'_>, lease: Lease, ttl: Duration, now: Timestamp) -> StoreResult<Lease> {
-    let row = get(&*tx.leases.get()?, &lease.actor)?;
+    let row = get(&**tx.leases.get()?, &lease.actor)?;
     match row {
         Some(row) if row.token == lease.token && live(&row, now).is_some() => {
             let row = Row {
@@ -86,7 +86,7 @@ impl LeaseManager for EmbeddedStore {
         let (actor, owner) = (actor.clone(), owner.to_owned());
         self.write(move |tx| {
             let now = Timestamp::now();
-            let old = get(&*tx.leases.get()?, &actor)?;
+            let old = get(&**tx.leases.get()?, &actor)?;
             if let Some(row) = &old
                 && let Some(holder) = live(row, now)
             {
@@ -148,7 +148,7 @@ impl LeaseManager for EmbeddedStore {
         let lease = lease.clone();
         self.write(move |tx| {
             let now = Timestamp::now();
-            let row = get(&*tx.leases.get()?, &lease.actor)?;
+            let row = get(&**tx.leases.get()?, &lease.actor)?;
             match row {
                 Some(row) if row.token == lease.token && live(&row, now).is_some() => {
                     put(

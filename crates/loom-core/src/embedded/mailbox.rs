@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::codec::{self, RecordType};
 use crate::envelope::Envelope;
@@ -19,8 +19,9 @@ use crate::store::{
 };
 use crate::time::Timestamp;
 
+use super::redo::{Op, Rec, Sink, apply_to};
 use super::tables::{
-    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, QUEUE, READY, Tx, se,
+    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, QUEUE, READY, Tx, id, se,
 };
 use super::{EmbeddedStore, meta_counter};
 
@@ -65,24 +66,40 @@ impl Meta {
 
 /// The tables one mailbox operation touches, opened once.
 pub(super) struct Tables<'t> {
-    messages: Table<'t, (&'static str, u64), &'static [u8]>,
-    state: Table<'t, (&'static str, u64), (u64, u64, u32, u128)>,
-    errors: Table<'t, (&'static str, u64), &'static str>,
-    queue: Table<'t, (&'static str, u64, u64), ()>,
-    meta: Table<'t, &'static str, (u64, u64, u64, u64, u64)>,
-    ready: Table<'t, (u64, &'static str), ()>,
+    messages: Rec<'t, (&'static str, u64), &'static [u8]>,
+    state: Rec<'t, (&'static str, u64), (u64, u64, u32, u128)>,
+    errors: Rec<'t, (&'static str, u64), &'static str>,
+    queue: Rec<'t, (&'static str, u64, u64), ()>,
+    meta: Rec<'t, &'static str, (u64, u64, u64, u64, u64)>,
+    ready: Rec<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> Tables<'t> {
-    pub(super) fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+    pub(super) fn open(txn: &'t WriteTransaction, sink: Sink<'t>) -> StoreResult<Self> {
         Ok(Tables {
-            messages: txn.open_table(MESSAGES).map_err(se)?,
-            state: txn.open_table(MESSAGE_STATE).map_err(se)?,
-            errors: txn.open_table(MESSAGE_ERRORS).map_err(se)?,
-            queue: txn.open_table(QUEUE).map_err(se)?,
-            meta: txn.open_table(MAILBOX_META).map_err(se)?,
-            ready: txn.open_table(READY).map_err(se)?,
+            messages: Rec::open(txn, sink, id::MESSAGES, MESSAGES)?,
+            state: Rec::open(txn, sink, id::MESSAGE_STATE, MESSAGE_STATE)?,
+            errors: Rec::open(txn, sink, id::MESSAGE_ERRORS, MESSAGE_ERRORS)?,
+            queue: Rec::open(txn, sink, id::QUEUE, QUEUE)?,
+            meta: Rec::open(txn, sink, id::MAILBOX_META, MAILBOX_META)?,
+            ready: Rec::open(txn, sink, id::READY, READY)?,
         })
+    }
+
+    /// Applies a logged write to one of the mailbox tables (redo log replay).
+    pub(super) fn apply(&mut self, op: &Op<'_>) -> StoreResult<()> {
+        match op.table() {
+            id::MESSAGES => apply_to(&mut self.messages, op),
+            id::MESSAGE_STATE => apply_to(&mut self.state, op),
+            id::MESSAGE_ERRORS => apply_to(&mut self.errors, op),
+            id::QUEUE => apply_to(&mut self.queue, op),
+            id::MAILBOX_META => apply_to(&mut self.meta, op),
+            id::READY => apply_to(&mut self.ready, op),
+            other => Err(StoreError::corrupt(
+                super::redo::REDO_FILE,
+                codec::CodecError::Body(format!("a write to unknown table {other}")),
+            )),
+        }
     }
 
     /// When the actor next has something to hand out, given its current message.
@@ -180,7 +197,7 @@ impl<'t> Tables<'t> {
         now: u64,
     ) -> StoreResult<u64> {
         let a = actor.as_str();
-        let old = Meta::get(&self.meta, a)?;
+        let old = Meta::get(&*self.meta, a)?;
         let position = old.last_position + 1;
         let mut new = Meta {
             last_position: position,
@@ -214,7 +231,7 @@ impl<'t> Tables<'t> {
     /// Checks that `receipt` is the current delivery of the actor's current message.
     pub(super) fn check_receipt(&self, receipt: &Receipt) -> StoreResult<(Meta, State)> {
         let a = receipt.actor.as_str();
-        let meta = Meta::get(&self.meta, a)?;
+        let meta = Meta::get(&*self.meta, a)?;
         let stale = || StoreError::StaleReceipt {
             actor: receipt.actor.clone(),
             message_id: receipt.message_id,
@@ -233,7 +250,7 @@ impl<'t> Tables<'t> {
 
     /// Removes the actor's current message and moves on to the next.
     pub(super) fn remove_current(&mut self, actor: &str) -> StoreResult<()> {
-        let old = Meta::get(&self.meta, actor)?;
+        let old = Meta::get(&*self.meta, actor)?;
         let p = old.current;
         self.messages.remove((actor, p)).map_err(se)?;
         self.state.remove((actor, p)).map_err(se)?;
@@ -271,11 +288,11 @@ struct Inconsistent(String);
 /// Moves the actor's current message to the dead letters.
 pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResult<u64> {
     let t = tx.mailbox.get()?;
-    let meta = Meta::get(&t.meta, actor.as_str())?;
+    let meta = Meta::get(&*t.meta, actor.as_str())?;
     let envelope = t.envelope(actor, meta.current)?;
     let deliveries = t.state_of(actor.as_str(), meta.current)?.deliveries;
     let counters = tx.meta.get()?;
-    let id = meta_counter(&*counters, "dead_letter_seq")? + 1;
+    let id = meta_counter(&**counters, "dead_letter_seq")? + 1;
     let dead = DeadLetter {
         id,
         envelope,
@@ -367,7 +384,7 @@ pub(super) fn lease(
     let now = Timestamp::now().as_millis();
     loop {
         let t = tx.mailbox.get()?;
-        let meta = Meta::get(&t.meta, a)?;
+        let meta = Meta::get(&*t.meta, a)?;
         let position = if meta.current != 0 {
             let State {
                 visible_at,

@@ -16,6 +16,7 @@ mod journal;
 mod lease;
 mod lock;
 mod mailbox;
+mod redo;
 pub mod tables;
 mod turn;
 mod writer;
@@ -34,8 +35,10 @@ use lock::{DirLock, with_path};
 /// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
 pub use redb::StorageBackend;
 pub use redb::backends::FileBackend;
+use redo::Durability;
+pub use redo::{REDO_FILE, RedoFile};
 use tables::{LAYOUT_VERSION, se};
-use writer::Writer;
+use writer::{LogSetup, Writer};
 
 /// Name of the data file inside the data directory.
 pub const DATA_FILE: &str = "loom.redb";
@@ -82,6 +85,7 @@ pub struct EmbeddedStore {
 struct Inner {
     db: Arc<Database>,
     writer: Writer,
+    durability: Arc<Durability>,
     reads: Arc<Reads>,
     dir: Option<PathBuf>,
     // Dropped after the database (fields drop in order), so the lock outlives every write.
@@ -150,10 +154,53 @@ impl Drop for ReadGuard {
 /// What the writer has done since the store was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterStats {
-    /// Durable commits (each one fsync).
+    /// Batches committed (on disk, each one record of the redo log; otherwise one fsync).
     pub commits: u64,
     /// Write requests acknowledged by those commits.
     pub requests: u64,
+    /// Checkpoints: redb made durable through the latest batch and the redo log emptied.
+    pub checkpoints: u64,
+}
+
+/// What a store on disk opens with.
+struct Disk {
+    dir: PathBuf,
+    lock: DirLock,
+    wrap: Box<dyn FnOnce(std::fs::File) -> Box<dyn RedoFile> + Send>,
+}
+
+/// Opens (creating) the redo log; returns it, its bytes, and whether it was just created.
+fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
+    use std::io::Read;
+    let path = dir.join(REDO_FILE);
+    let err = |e: std::io::Error| StoreError::storage(tables::BACKEND, with_path(e, &path));
+    let created = !path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(err)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(err)?;
+    Ok((file, bytes, created))
+}
+
+/// Empties the redo log down to its header, durably (and its directory entry, if new).
+fn reset_log(file: &std::fs::File, dir: &Path, created: bool) -> StoreResult<()> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(REDO_FILE);
+    let err = |e: std::io::Error| StoreError::storage(tables::BACKEND, with_path(e, &path));
+    file.set_len(0).map_err(err)?;
+    file.write_all_at(redo::MAGIC, 0).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    if created {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
+    }
+    Ok(())
 }
 
 impl EmbeddedStore {
@@ -175,7 +222,50 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_bytes)
             .create(dir.join(DATA_FILE))
             .map_err(se)?;
-        Self::start(db, Some(dir.to_path_buf()), Some(lock))
+        Self::start(
+            db,
+            Some(Disk {
+                dir: dir.to_path_buf(),
+                lock,
+                wrap: Box::new(|f| Box::new(f)),
+            }),
+        )
+    }
+
+    /// [`EmbeddedStore::open_with`], with the redo log file wrapped by `wrap`: for tests that
+    /// make the log's writes or syncs fail, or hold them up.
+    ///
+    /// ```
+    /// use loom_core::{EmbeddedOptions, EmbeddedStore};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// // The plain file, unwrapped: the same as `open_with`.
+    /// let store = EmbeddedStore::open_with_redo(dir.path(), EmbeddedOptions::default(), |f| {
+    ///     Box::new(f)
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_with_redo(
+        dir: impl AsRef<Path>,
+        options: EmbeddedOptions,
+        wrap: impl FnOnce(std::fs::File) -> Box<dyn RedoFile> + Send + 'static,
+    ) -> StoreResult<Self> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
+        let lock = DirLock::acquire(dir)?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(dir.join(DATA_FILE))
+            .map_err(se)?;
+        Self::start(
+            db,
+            Some(Disk {
+                dir: dir.to_path_buf(),
+                lock,
+                wrap: Box::new(wrap),
+            }),
+        )
     }
 
     /// Opens the store in `dir`, which must already hold one: for tools that inspect a store and
@@ -202,7 +292,7 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)
             .map_err(se)?;
-        Self::start(db, None, None)
+        Self::start(db, None)
     }
 
     /// A store in memory: the same engine and rules, nothing on disk, gone when dropped.
@@ -210,18 +300,26 @@ impl EmbeddedStore {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(se)?;
-        Self::start(db, None, None)
+        Self::start(db, None)
     }
 
-    fn start(db: Database, dir: Option<PathBuf>, lock: Option<DirLock>) -> StoreResult<Self> {
+    fn start(db: Database, disk: Option<Disk>) -> StoreResult<Self> {
+        let (dir, lock, log) = match disk {
+            Some(Disk { dir, lock, wrap }) => {
+                let (file, bytes, created) = open_log(&dir)?;
+                (Some(dir), Some(lock), Some((file, bytes, created, wrap)))
+            }
+            None => (None, None, None),
+        };
         let txn = db.begin_write().map_err(se)?;
         tables::create_all(&txn).map_err(se)?;
-        let mut tx = tables::Tx::new(&txn);
+        let mut tx = tables::Tx::new(&txn, None);
         {
             let meta = tx.meta.get()?;
             let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
             match layout {
-                None => {
+                // Layout 1 is layout 2 without a redo log: upgraded in place.
+                None | Some(1) => {
                     meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
                 }
                 Some(LAYOUT_VERSION) => {}
@@ -235,6 +333,32 @@ impl EmbeddedStore {
                 }
             }
         }
+        // Batches acknowledged through the redo log since the last checkpoint: applied again,
+        // in order, before anything else reads or writes.
+        let lsn = match &log {
+            Some((_, bytes, _, _)) => {
+                let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
+                let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
+                if replayed.torn_bytes > 0 {
+                    tracing::warn!(
+                        bytes = replayed.torn_bytes,
+                        "dropped the torn tail of the redo log (a write the crash cut short, never acknowledged)"
+                    );
+                }
+                if replayed.records > 0 {
+                    tracing::info!(
+                        records = replayed.records,
+                        "replayed the redo log since the last checkpoint"
+                    );
+                }
+                tx.meta
+                    .get()?
+                    .insert(writer::REDO_LSN, replayed.last_lsn)
+                    .map_err(se)?;
+                replayed.last_lsn
+            }
+            None => 0,
+        };
         // Only the process holding the directory lock opens the file, so leases and leased
         // messages found here belong to a process that is gone: release them now instead of
         // waiting for them to time out. Tokens are kept, so fencing still holds.
@@ -249,13 +373,27 @@ impl EmbeddedStore {
             );
         }
         txn.commit().map_err(se)?;
+        // redb now holds every replayed batch durably: the log can start empty.
+        let setup = match (log, &dir) {
+            (Some((file, _, created, wrap)), Some(dir)) => {
+                reset_log(&file, dir, created)?;
+                Some(LogSetup {
+                    file: wrap(file),
+                    offset: redo::MAGIC.len() as u64,
+                    lsn,
+                })
+            }
+            _ => None,
+        };
         let db = Arc::new(db);
-        let writer =
-            Writer::start(db.clone()).map_err(|e| StoreError::storage(tables::BACKEND, e))?;
+        let durability = Arc::new(Durability::new(lsn));
+        let writer = Writer::start(db.clone(), setup, durability.clone())
+            .map_err(|e| StoreError::storage(tables::BACKEND, e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 db,
                 writer,
+                durability,
                 reads: Arc::default(),
                 dir,
                 _lock: lock,
@@ -274,6 +412,7 @@ impl EmbeddedStore {
         WriterStats {
             commits: c.commits.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
         }
     }
 
@@ -284,15 +423,21 @@ impl EmbeddedStore {
         R: Send + 'static,
     {
         let guard = self.inner.reads.enter(self.inner.db.clone());
-        tokio::task::spawn_blocking(move || {
+        let durability = self.inner.durability.clone();
+        let (out, seen) = tokio::task::spawn_blocking(move || {
             let txn = guard.db()?.begin_read().map_err(se)?;
+            // Read after the transaction began: every batch it can see is at most this one.
+            let seen = durability.visible();
             let out = f(&txn);
             drop(txn);
             drop(guard);
-            out
+            Ok::<_, StoreError>((out, seen))
         })
         .await
-        .map_err(|e| StoreError::storage(tables::BACKEND, e))?
+        .map_err(|e| StoreError::storage(tables::BACKEND, e))??;
+        // What was read is returned only once it is durable (see `redo.rs`).
+        self.inner.durability.wait(seen).await?;
+        out
     }
 
     /// Runs a write function in the next group commit; returns once it is durable.

@@ -2,17 +2,23 @@
 //! it to the others, is written next to its definition. Public for tools that read a data file
 //! directly (forensics, corruption tests); write to them only through [`super::EmbeddedStore`].
 
-use redb::{Table, TableDefinition, WriteTransaction};
+use redb::{TableDefinition, WriteTransaction};
 
 use crate::error::{StoreError, StoreResult};
+
+use super::redo::{Apply, Op, Rec, Sink, apply_to};
 
 /// Backend name in errors.
 pub const BACKEND: &str = "embedded";
 
-/// The table layout this build writes; a data file with another layout is refused on open.
-pub const LAYOUT_VERSION: u64 = 1;
+/// The table layout this build writes; a data file with a newer layout is refused on open.
+/// Layout 2 added the redo log (`loom.redo`, and `"redo_lsn"` in [`META`]); a build that knows
+/// only layout 1 would ignore the log and lose what it holds, so it refuses layout 2. A layout 1
+/// file is upgraded when opened.
+pub const LAYOUT_VERSION: u64 = 2;
 
-/// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given.
+/// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given;
+/// `"redo_lsn"` → the last batch of the redo log a checkpoint made durable here.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// `(actor, seq)` → an entry frame (see [`crate::codec`]). Holds exactly the seqs
@@ -99,14 +105,20 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
 /// that was a fifth of the writer thread's time under load.
 pub(super) struct Lazy<'t, T> {
     txn: &'t WriteTransaction,
-    open: fn(&'t WriteTransaction) -> StoreResult<T>,
+    sink: Sink<'t>,
+    open: fn(&'t WriteTransaction, Sink<'t>) -> StoreResult<T>,
     value: Option<T>,
 }
 
 impl<'t, T> Lazy<'t, T> {
-    fn new(txn: &'t WriteTransaction, open: fn(&'t WriteTransaction) -> StoreResult<T>) -> Self {
+    fn new(
+        txn: &'t WriteTransaction,
+        sink: Sink<'t>,
+        open: fn(&'t WriteTransaction, Sink<'t>) -> StoreResult<T>,
+    ) -> Self {
         Lazy {
             txn,
+            sink,
             open,
             value: None,
         }
@@ -116,39 +128,83 @@ impl<'t, T> Lazy<'t, T> {
     pub(super) fn get(&mut self) -> StoreResult<&mut T> {
         let value = match self.value.take() {
             Some(v) => v,
-            None => (self.open)(self.txn)?,
+            None => (self.open)(self.txn, self.sink)?,
         };
         Ok(self.value.insert(value))
     }
 }
 
+/// The number each table is known by in the redo log (`redo.rs`). Never reuse or change one:
+/// logs written by earlier builds name tables by these numbers.
+pub(super) mod id {
+    pub const META: u8 = 0;
+    pub const JOURNAL: u8 = 1;
+    pub const JOURNAL_META: u8 = 2;
+    pub const SNAPSHOTS: u8 = 3;
+    pub const MESSAGES: u8 = 4;
+    pub const MESSAGE_STATE: u8 = 5;
+    pub const MESSAGE_ERRORS: u8 = 6;
+    pub const QUEUE: u8 = 7;
+    pub const MAILBOX_META: u8 = 8;
+    pub const READY: u8 = 9;
+    pub const DEAD_LETTERS: u8 = 10;
+    pub const LEASES: u8 = 11;
+    pub const IDEMPOTENCY: u8 = 12;
+    pub const IDEMPOTENCY_EXPIRY: u8 = 13;
+}
+
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after
-/// another on the same `Tx`; the writer drops it (closing the tables) before it commits.
+/// another on the same `Tx`; the writer drops it (closing the tables) before it commits. Every
+/// write goes through a [`Rec`], so it is also recorded in the batch's redo record, if any.
 pub(super) struct Tx<'t> {
-    pub(super) meta: Lazy<'t, Table<'t, &'static str, u64>>,
-    pub(super) journal: Lazy<'t, Table<'t, (&'static str, u64), &'static [u8]>>,
-    pub(super) journal_meta: Lazy<'t, Table<'t, &'static str, (u64, u64)>>,
-    pub(super) snapshots: Lazy<'t, Table<'t, (&'static str, u64), &'static [u8]>>,
+    pub(super) meta: Lazy<'t, Rec<'t, &'static str, u64>>,
+    pub(super) journal: Lazy<'t, Rec<'t, (&'static str, u64), &'static [u8]>>,
+    pub(super) journal_meta: Lazy<'t, Rec<'t, &'static str, (u64, u64)>>,
+    pub(super) snapshots: Lazy<'t, Rec<'t, (&'static str, u64), &'static [u8]>>,
     pub(super) mailbox: Lazy<'t, super::mailbox::Tables<'t>>,
-    pub(super) dead_letters: Lazy<'t, Table<'t, u64, &'static [u8]>>,
-    pub(super) leases: Lazy<'t, Table<'t, &'static str, &'static [u8]>>,
-    pub(super) idempotency: Lazy<'t, Table<'t, (&'static str, &'static str), &'static [u8]>>,
-    pub(super) idempotency_expiry: Lazy<'t, Table<'t, (u64, &'static str, &'static str), ()>>,
+    pub(super) dead_letters: Lazy<'t, Rec<'t, u64, &'static [u8]>>,
+    pub(super) leases: Lazy<'t, Rec<'t, &'static str, &'static [u8]>>,
+    pub(super) idempotency: Lazy<'t, Rec<'t, (&'static str, &'static str), &'static [u8]>>,
+    pub(super) idempotency_expiry: Lazy<'t, Rec<'t, (u64, &'static str, &'static str), ()>>,
 }
 
 impl<'t> Tx<'t> {
-    /// The tables of `txn`, none opened yet.
-    pub(super) fn new(txn: &'t WriteTransaction) -> Self {
+    /// The tables of `txn`, none opened yet, recording their writes into `sink`.
+    pub(super) fn new(txn: &'t WriteTransaction, sink: Sink<'t>) -> Self {
         Tx {
-            meta: Lazy::new(txn, |t| t.open_table(META).map_err(se)),
-            journal: Lazy::new(txn, |t| t.open_table(JOURNAL).map_err(se)),
-            journal_meta: Lazy::new(txn, |t| t.open_table(JOURNAL_META).map_err(se)),
-            snapshots: Lazy::new(txn, |t| t.open_table(SNAPSHOTS).map_err(se)),
-            mailbox: Lazy::new(txn, super::mailbox::Tables::open),
-            dead_letters: Lazy::new(txn, |t| t.open_table(DEAD_LETTERS).map_err(se)),
-            leases: Lazy::new(txn, |t| t.open_table(LEASES).map_err(se)),
-            idempotency: Lazy::new(txn, |t| t.open_table(IDEMPOTENCY).map_err(se)),
-            idempotency_expiry: Lazy::new(txn, |t| t.open_table(IDEMPOTENCY_EXPIRY).map_err(se)),
+            meta: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::META, META)),
+            journal: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::JOURNAL, JOURNAL)),
+            journal_meta: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::JOURNAL_META, JOURNAL_META)
+            }),
+            snapshots: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::SNAPSHOTS, SNAPSHOTS)),
+            mailbox: Lazy::new(txn, sink, super::mailbox::Tables::open),
+            dead_letters: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::DEAD_LETTERS, DEAD_LETTERS)
+            }),
+            leases: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::LEASES, LEASES)),
+            idempotency: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::IDEMPOTENCY, IDEMPOTENCY)
+            }),
+            idempotency_expiry: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::IDEMPOTENCY_EXPIRY, IDEMPOTENCY_EXPIRY)
+            }),
+        }
+    }
+}
+
+impl Apply for Tx<'_> {
+    fn apply(&mut self, op: &Op<'_>) -> StoreResult<()> {
+        match op.table() {
+            id::META => apply_to(self.meta.get()?, op),
+            id::JOURNAL => apply_to(self.journal.get()?, op),
+            id::JOURNAL_META => apply_to(self.journal_meta.get()?, op),
+            id::SNAPSHOTS => apply_to(self.snapshots.get()?, op),
+            id::DEAD_LETTERS => apply_to(self.dead_letters.get()?, op),
+            id::LEASES => apply_to(self.leases.get()?, op),
+            id::IDEMPOTENCY => apply_to(self.idempotency.get()?, op),
+            id::IDEMPOTENCY_EXPIRY => apply_to(self.idempotency_expiry.get()?, op),
+            _ => self.mailbox.get()?.apply(op),
         }
     }
 }

@@ -49,7 +49,7 @@ impl Store for EmbeddedStore {
             // Checks first, writes after: a refused turn writes nothing (see writer.rs).
             let now = Timestamp::now();
             if let Some(fence) = &fence {
-                let row = lease::get(&*tx.leases.get()?, &fence.actor)?;
+                let row = lease::get(&**tx.leases.get()?, &fence.actor)?;
                 let held = row
                     .as_ref()
                     .is_some_and(|r| r.token == fence.token && lease::live(r, now).is_some());
@@ -61,7 +61,7 @@ impl Store for EmbeddedStore {
                 }
             }
             {
-                let (highest, _) = journal::meta_of(&*tx.journal_meta.get()?, actor.as_str())?;
+                let (highest, _) = journal::meta_of(&**tx.journal_meta.get()?, actor.as_str())?;
                 if expected_next != highest + 1 {
                     return Err(StoreError::Conflict {
                         actor: actor.clone(),

@@ -1,0 +1,681 @@
+//! The redo log: how a group commit becomes durable without redb fsyncing its B-tree pages.
+//!
+//! An on-disk store runs every batch in a redb transaction committed with `Durability::None`
+//! (in memory and the OS page cache, no fsync), and records the batch's writes, byte for byte,
+//! as one record appended to `loom.redo`. A separate thread writes and `fdatasync`s the log, and
+//! only then are the batch's callers answered. Every so often (see `writer.rs`) the writer makes
+//! the redb file itself durable with one `Durability::Immediate` commit, a *checkpoint*, which
+//! also stores the last batch it covers as `redo_lsn` in [`META`](super::tables::META); then the
+//! log is emptied. On open, records after `redo_lsn` are applied again ([`replay`]).
+//!
+//! Why: a batch of appends to many actors dirties one B-tree leaf per actor, and redb's own
+//! durable commit writes and fsyncs every such page (4 KiB per 300-byte entry). The log writes
+//! each entry once, sequentially, which is what the raw-file baseline measures. Checkpoints
+//! write each dirty page once per interval instead of once per batch.
+//!
+//! Invariants:
+//! - A batch is acknowledged only after its record (or a later checkpoint) is durable.
+//! - Records carry consecutive sequence numbers (LSNs). The log holds, after an 8-byte header,
+//!   records with LSNs `redo_lsn + 1, redo_lsn + 2, …` (older ones may precede them between a
+//!   checkpoint and the truncation that follows it; replay skips them).
+//! - A record holds exactly the writes of its batch, in the order they were made, so applying
+//!   it to the state after the previous batch gives the state after this one.
+//! - Nothing a read returns comes from a batch that is not durable yet: a read notes the last
+//!   batch that may be visible to it ([`Durability::visible`], raised *before* each commit) and
+//!   waits for the log to reach it. Once the log fails, reads and writes fail until the store
+//!   is opened again, and the reopened store has every acknowledged batch.
+//! - Only the tail can be torn (a record is written only after the one before it is durable):
+//!   replay stops at the first record that is incomplete or fails its checksum, and truncates
+//!   the log there.
+//!
+//! Record layout (integers little-endian):
+//!
+//! ```text
+//! file:   "LOOMRDO1" record*
+//! record: body_len u32 | crc32(body) u32 | body
+//! body:   lsn u64 | op*
+//! op:     1 table u8 key_len u32 key value_len u32 value     insert (or replace)
+//!         2 table u8 key_len u32 key                         remove
+//!         3 table u8 first_len u32 first last_len u32 last    remove every key in first..=last
+//! ```
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
+use tokio::sync::watch;
+
+use crate::codec::CodecError;
+use crate::error::{StoreError, StoreResult};
+
+use super::tables::se;
+
+/// Name of the redo log inside the data directory.
+pub const REDO_FILE: &str = "loom.redo";
+
+/// The first bytes of a redo log; the digit is the format version.
+pub(super) const MAGIC: &[u8; 8] = b"LOOMRDO1";
+
+/// Largest record accepted on replay: a batch is at most `MAX_BATCH` requests of at most a few
+/// MiB each, so anything larger is damage, not data.
+const MAX_RECORD: usize = 1 << 31;
+
+const INSERT: u8 = 1;
+const REMOVE: u8 = 2;
+const REMOVE_RANGE: u8 = 3;
+
+/// Where one batch's writes are recorded; `None` when the store keeps no log.
+pub(super) type Sink<'t> = Option<&'t RefCell<Vec<u8>>>;
+
+/// A table that records every write it makes into the batch's [`Sink`]. Reads go straight to
+/// the redb table through `Deref`; writes are only possible through the methods below, so none
+/// can bypass the log.
+pub(super) struct Rec<'t, K: Key + 'static, V: Value + 'static> {
+    table: Table<'t, K, V>,
+    id: u8,
+    sink: Sink<'t>,
+}
+
+impl<'t, K: Key + 'static, V: Value + 'static> Rec<'t, K, V> {
+    /// Opens table `def`, known in the log as `id`.
+    pub(super) fn open(
+        txn: &'t WriteTransaction,
+        sink: Sink<'t>,
+        id: u8,
+        def: TableDefinition<K, V>,
+    ) -> StoreResult<Self> {
+        Ok(Rec {
+            table: txn.open_table(def).map_err(se)?,
+            id,
+            sink,
+        })
+    }
+
+    fn record(&self, op: u8, a: &[u8], b: Option<&[u8]>) {
+        if let Some(sink) = self.sink {
+            let mut buf = sink.borrow_mut();
+            buf.push(op);
+            buf.push(self.id);
+            put_bytes(&mut buf, a);
+            if let Some(b) = b {
+                put_bytes(&mut buf, b);
+            }
+        }
+    }
+
+    /// Inserts or replaces `key`.
+    pub(super) fn insert<'k, 'v>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<(), redb::StorageError> {
+        let (key, value) = (key.borrow(), value.borrow());
+        self.table.insert(key, value)?;
+        // Recorded after redb took it: a write redb refused is not in the batch.
+        self.record(
+            INSERT,
+            K::as_bytes(key).as_ref(),
+            Some(V::as_bytes(value).as_ref()),
+        );
+        Ok(())
+    }
+
+    /// Removes `key` if present.
+    pub(super) fn remove<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+    ) -> Result<(), redb::StorageError> {
+        let key = key.borrow();
+        self.table.remove(key)?;
+        self.record(REMOVE, K::as_bytes(key).as_ref(), None);
+        Ok(())
+    }
+
+    /// Removes every key in `first..=last`.
+    pub(super) fn remove_range<'k>(
+        &mut self,
+        first: K::SelfType<'k>,
+        last: K::SelfType<'k>,
+    ) -> Result<(), redb::StorageError> {
+        let (a, b) = (
+            K::as_bytes(&first).as_ref().to_vec(),
+            K::as_bytes(&last).as_ref().to_vec(),
+        );
+        self.table.retain_in(first..=last, |_, _| false)?;
+        self.record(REMOVE_RANGE, &a, Some(&b));
+        Ok(())
+    }
+
+    /// Applies one logged write to this table (replay; records nothing).
+    fn apply(&mut self, op: &Op<'_>) -> Result<(), redb::StorageError> {
+        match *op {
+            Op::Insert { key, value, .. } => {
+                self.table
+                    .insert(K::from_bytes(key), V::from_bytes(value))?;
+            }
+            Op::Remove { key, .. } => {
+                self.table.remove(K::from_bytes(key))?;
+            }
+            Op::RemoveRange { first, last, .. } => {
+                self.table
+                    .retain_in(K::from_bytes(first)..=K::from_bytes(last), |_, _| false)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'t, K: Key + 'static, V: Value + 'static> Deref for Rec<'t, K, V> {
+    type Target = Table<'t, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
+/// Applies logged writes to tables; implemented by the store's table set (see `tables.rs`).
+pub(super) trait Apply {
+    /// The table known in the log as `id`, or `None` for an unknown id.
+    fn apply(&mut self, op: &Op<'_>) -> StoreResult<()>;
+}
+
+/// Applies `op` to `table` (for [`Apply`] implementations).
+pub(super) fn apply_to<K: Key + 'static, V: Value + 'static>(
+    table: &mut Rec<'_, K, V>,
+    op: &Op<'_>,
+) -> StoreResult<()> {
+    table.apply(op).map_err(se)
+}
+
+fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
+    // Keys and values are bounded far below 4 GiB by redb and by the store's limits.
+    buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    buf.extend_from_slice(b);
+}
+
+/// One logged write, borrowed from a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op<'a> {
+    Insert {
+        table: u8,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Remove {
+        table: u8,
+        key: &'a [u8],
+    },
+    RemoveRange {
+        table: u8,
+        first: &'a [u8],
+        last: &'a [u8],
+    },
+}
+
+impl Op<'_> {
+    /// The table the write is to.
+    pub(super) fn table(&self) -> u8 {
+        match *self {
+            Op::Insert { table, .. } | Op::Remove { table, .. } | Op::RemoveRange { table, .. } => {
+                table
+            }
+        }
+    }
+}
+
+/// The header and LSN slot a batch's sink starts with; [`seal`] fills them in.
+pub(super) const RECORD_PREFIX: usize = 16;
+
+/// A fresh sink buffer, with room for the record header.
+pub(super) fn new_record() -> Vec<u8> {
+    let mut buf = Vec::with_capacity(4096);
+    buf.resize(RECORD_PREFIX, 0);
+    buf
+}
+
+/// Turns a sink buffer into a finished record for batch `lsn`.
+pub(super) fn seal(mut buf: Vec<u8>, lsn: u64) -> Vec<u8> {
+    buf[8..16].copy_from_slice(&lsn.to_le_bytes());
+    let body_len = (buf.len() - 8) as u32;
+    let crc = crc32fast::hash(&buf[8..]);
+    buf[0..4].copy_from_slice(&body_len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// Splits a record body (after its LSN) into writes.
+fn ops(mut body: &[u8]) -> Result<Vec<Op<'_>>, String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err(format!("a write is cut short ({} of {n} bytes)", b.len()));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], String> {
+        let len = u32::from_le_bytes(take(b, 4)?.try_into().map_err(|_| "length")?);
+        take(b, len as usize)
+    }
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let head = take(&mut body, 2)?;
+        let (kind, table) = (head[0], head[1]);
+        out.push(match kind {
+            INSERT => Op::Insert {
+                table,
+                key: bytes(&mut body)?,
+                value: bytes(&mut body)?,
+            },
+            REMOVE => Op::Remove {
+                table,
+                key: bytes(&mut body)?,
+            },
+            REMOVE_RANGE => Op::RemoveRange {
+                table,
+                first: bytes(&mut body)?,
+                last: bytes(&mut body)?,
+            },
+            other => return Err(format!("unknown write kind {other}")),
+        });
+    }
+    Ok(out)
+}
+
+/// What [`replay`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Replayed {
+    /// Records applied again.
+    pub(super) records: u64,
+    /// The LSN of the last batch now in redb.
+    pub(super) last_lsn: u64,
+    /// Bytes of a torn tail that were dropped.
+    pub(super) torn_bytes: u64,
+}
+
+/// Applies the records of `log` that come after `checkpoint` to `tables`, in order.
+///
+/// A record that fails its checksum, or is cut short, ends the log: it is the tail of a write
+/// that never completed (and was never acknowledged). A record that passes its checksum but
+/// does not follow the one before it, or whose writes do not parse, is damage: an error.
+pub(super) fn replay(log: &[u8], checkpoint: u64, tables: &mut dyn Apply) -> StoreResult<Replayed> {
+    let corrupt = |msg: String| StoreError::corrupt(REDO_FILE, CodecError::Body(msg));
+    if log.is_empty() {
+        return Ok(Replayed {
+            last_lsn: checkpoint,
+            ..Replayed::default()
+        });
+    }
+    if log.len() < MAGIC.len() || &log[..MAGIC.len()] != MAGIC {
+        return Err(corrupt(
+            "the file does not start with a redo log header".into(),
+        ));
+    }
+    let mut at = MAGIC.len();
+    let mut out = Replayed {
+        last_lsn: checkpoint,
+        ..Replayed::default()
+    };
+    while at < log.len() {
+        let rest = &log[at..];
+        let Some(body) = rest.get(8..).and_then(|tail| {
+            let len = u32::from_le_bytes(rest[0..4].try_into().ok()?) as usize;
+            let crc = u32::from_le_bytes(rest[4..8].try_into().ok()?);
+            let body = tail.get(..len).filter(|_| (8..MAX_RECORD).contains(&len))?;
+            (crc32fast::hash(body) == crc).then_some(body)
+        }) else {
+            out.torn_bytes = rest.len() as u64;
+            break;
+        };
+        at += 8 + body.len();
+        let lsn = u64::from_le_bytes(body[0..8].try_into().map_err(|_| corrupt("lsn".into()))?);
+        if lsn <= checkpoint {
+            continue;
+        }
+        if lsn != out.last_lsn + 1 {
+            return Err(corrupt(format!(
+                "record {lsn} follows record {} (records are missing)",
+                out.last_lsn
+            )));
+        }
+        for op in ops(&body[8..]).map_err(|e| corrupt(format!("record {lsn}: {e}")))? {
+            tables.apply(&op)?;
+        }
+        out.records += 1;
+        out.last_lsn = lsn;
+    }
+    Ok(out)
+}
+
+/// The file the log is written to. A trait so that tests can make writes and syncs fail.
+pub trait RedoFile: Send + 'static {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes everything written so far durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes, durably.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl RedoFile for File {
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)?;
+        self.sync_all()
+    }
+}
+
+/// How far batches have got: shared by the writer, the log thread and readers.
+pub(super) struct Durability {
+    /// The last batch that may be visible to a read: raised before each redb commit.
+    visible: AtomicU64,
+    /// The last batch that is durable, and whether the log has failed.
+    durable: watch::Sender<Durable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Durable {
+    lsn: u64,
+    failed: Option<String>,
+}
+
+impl Durability {
+    pub(super) fn new(lsn: u64) -> Self {
+        Durability {
+            visible: AtomicU64::new(lsn),
+            durable: watch::Sender::new(Durable { lsn, failed: None }),
+        }
+    }
+
+    /// Called before committing batch `lsn`: reads that begin from now on may see it.
+    pub(super) fn commit_begins(&self, lsn: u64) {
+        self.visible.store(lsn, Ordering::SeqCst);
+    }
+
+    /// The last batch a read that has begun may see.
+    pub(super) fn visible(&self) -> u64 {
+        self.visible.load(Ordering::SeqCst)
+    }
+
+    /// The last batch that is durable.
+    pub(super) fn durable(&self) -> u64 {
+        self.durable.borrow().lsn
+    }
+
+    fn durable_through(&self, lsn: u64) {
+        self.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
+    }
+
+    fn fail(&self, e: &StoreError) {
+        self.durable.send_modify(|d| d.failed = Some(e.to_string()));
+    }
+
+    /// The log's failure, if it has failed.
+    pub(super) fn failure(&self) -> Option<StoreError> {
+        self.durable.borrow().failed.as_ref().map(|e| failed(e))
+    }
+
+    /// Waits until batch `lsn` is durable; fails if the log failed first.
+    pub(super) async fn wait(&self, lsn: u64) -> StoreResult<()> {
+        let mut rx = self.durable.subscribe();
+        let d = rx
+            .wait_for(|d| d.lsn >= lsn || d.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        match &d.failed {
+            Some(e) if d.lsn < lsn => Err(failed(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn failed(e: &str) -> StoreError {
+    StoreError::storage(
+        super::tables::BACKEND,
+        io::Error::other(format!(
+            "the redo log failed ({e}); nothing written since was acknowledged; open the store again to recover"
+        )),
+    )
+}
+
+/// Called with the batch's failure, if any, once its record is durable (or never will be).
+pub(super) type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// What the writer hands the log thread: a sealed batch record, and what to do once it is
+/// durable.
+pub(super) struct Item {
+    pub(super) lsn: u64,
+    pub(super) bytes: Vec<u8>,
+    pub(super) done: Vec<Done>,
+}
+
+/// The log file and where the next record goes. Shared by the log thread and the writer, which
+/// writes a record itself when nothing else is waiting (one thread hand-off less per batch),
+/// and empties the log after a checkpoint. Records reach the file in LSN order, except that
+/// records a checkpoint already covers may still be written after it emptied the log (replay
+/// skips them): the writer writes one itself only once every earlier one is durable.
+/// Emptying happens only here, under the lock, and only through the checkpoint's LSN.
+pub(super) struct LogFile {
+    file: Box<dyn RedoFile>,
+    offset: u64,
+    failure: Option<StoreError>,
+}
+
+impl LogFile {
+    pub(super) fn new(file: Box<dyn RedoFile>, offset: u64) -> Self {
+        LogFile {
+            file,
+            offset,
+            failure: None,
+        }
+    }
+
+    /// Writes `records` (the last one being batch `last`) and syncs them. After a failure,
+    /// every later call fails too.
+    pub(super) fn append(
+        &mut self,
+        records: &[&[u8]],
+        last: u64,
+        durability: &Durability,
+    ) -> Result<(), StoreError> {
+        if let Some(e) = &self.failure {
+            return Err(e.clone());
+        }
+        let result = (|| {
+            for bytes in records {
+                self.file.write_all_at(bytes, self.offset)?;
+                self.offset += bytes.len() as u64;
+            }
+            self.file.sync_data()
+        })();
+        match result {
+            Ok(()) => {
+                durability.durable_through(last);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e, durability)),
+        }
+    }
+
+    /// Empties the log after a checkpoint through batch `lsn`.
+    pub(super) fn truncate(&mut self, lsn: u64, durability: &Durability) -> Result<(), StoreError> {
+        if let Some(e) = &self.failure {
+            return Err(e.clone());
+        }
+        match self.file.truncate(MAGIC.len() as u64) {
+            Ok(()) => {
+                self.offset = MAGIC.len() as u64;
+                durability.durable_through(lsn);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e, durability)),
+        }
+    }
+
+    fn fail(&mut self, e: io::Error, durability: &Durability) -> StoreError {
+        tracing::error!(error = %e, "the redo log failed; the store takes no more writes until it is opened again");
+        let e = StoreError::storage(super::tables::BACKEND, e);
+        durability.fail(&e);
+        self.failure = Some(e.clone());
+        e
+    }
+}
+
+/// The log thread: writes records in order, one `fdatasync` for all that are waiting.
+pub(super) fn log_loop(
+    file: &std::sync::Mutex<LogFile>,
+    rx: &mpsc::Receiver<Item>,
+    durability: &Durability,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut items = vec![first];
+        while let Ok(item) = rx.try_recv() {
+            items.push(item);
+        }
+        let last = items.last().map_or(0, |i| i.lsn);
+        let records: Vec<&[u8]> = items.iter().map(|i| i.bytes.as_slice()).collect();
+        let result = file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(&records, last, durability);
+        let failure = result.err();
+        for item in items {
+            for d in item.done {
+                d(failure.as_ref());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Collect(Vec<(u8, u8, Vec<u8>, Vec<u8>)>);
+
+    impl Apply for Collect {
+        fn apply(&mut self, op: &Op<'_>) -> StoreResult<()> {
+            self.0.push(match *op {
+                Op::Insert { table, key, value } => (INSERT, table, key.to_vec(), value.to_vec()),
+                Op::Remove { table, key } => (REMOVE, table, key.to_vec(), vec![]),
+                Op::RemoveRange { table, first, last } => {
+                    (REMOVE_RANGE, table, first.to_vec(), last.to_vec())
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// (kind, table, key or first, value or last)
+    type Write<'a> = (u8, u8, &'a [u8], Option<&'a [u8]>);
+
+    fn record(lsn: u64, writes: &[Write<'_>]) -> Vec<u8> {
+        let mut buf = new_record();
+        for (op, table, a, b) in writes {
+            buf.push(*op);
+            buf.push(*table);
+            put_bytes(&mut buf, a);
+            if let Some(b) = b {
+                put_bytes(&mut buf, b);
+            }
+        }
+        seal(buf, lsn)
+    }
+
+    fn log(records: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        for r in records {
+            out.extend_from_slice(r);
+        }
+        out
+    }
+
+    #[test]
+    fn records_after_the_checkpoint_are_applied_in_order() {
+        let l = log(&[
+            record(4, &[(INSERT, 1, b"old", Some(b"x"))]),
+            record(
+                5,
+                &[(INSERT, 1, b"k", Some(b"v")), (REMOVE, 2, b"gone", None)],
+            ),
+            record(6, &[(REMOVE_RANGE, 3, b"a", Some(b"z"))]),
+        ]);
+        let mut c = Collect(vec![]);
+        let r = replay(&l, 4, &mut c).unwrap();
+        assert_eq!(
+            r,
+            Replayed {
+                records: 2,
+                last_lsn: 6,
+                torn_bytes: 0
+            }
+        );
+        assert_eq!(
+            c.0,
+            vec![
+                (INSERT, 1, b"k".to_vec(), b"v".to_vec()),
+                (REMOVE, 2, b"gone".to_vec(), vec![]),
+                (REMOVE_RANGE, 3, b"a".to_vec(), b"z".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_log_at_every_cut() {
+        let full = log(&[
+            record(1, &[(INSERT, 1, b"k1", Some(b"v1"))]),
+            record(2, &[(INSERT, 1, b"k2", Some(b"v2"))]),
+        ]);
+        let first_end = MAGIC.len() + record(1, &[(INSERT, 1, b"k1", Some(b"v1"))]).len();
+        for cut in first_end..full.len() {
+            let mut c = Collect(vec![]);
+            let r = replay(&full[..cut], 0, &mut c).unwrap();
+            assert_eq!(r.records, 1, "cut at {cut}");
+            assert_eq!(r.torn_bytes, (cut - first_end) as u64);
+        }
+        // A flipped bit in the last record is a torn tail too.
+        let mut flipped = full.clone();
+        let n = flipped.len();
+        flipped[n - 1] ^= 0x40;
+        let r = replay(&flipped, 0, &mut Collect(vec![])).unwrap();
+        assert_eq!(r.last_lsn, 1);
+    }
+
+    #[test]
+    fn a_missing_record_is_damage_not_a_tail() {
+        let l = log(&[
+            record(1, &[(INSERT, 1, b"k", Some(b"v"))]),
+            record(3, &[(INSERT, 1, b"k", Some(b"w"))]),
+        ]);
+        let e = replay(&l, 0, &mut Collect(vec![])).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_redo_log_is_refused() {
+        let e = replay(b"not a log at all", 0, &mut Collect(vec![])).unwrap_err();
+        assert!(e.to_string().contains("header"), "{e}");
+        // An empty file (created, never written) is an empty log.
+        assert_eq!(replay(b"", 7, &mut Collect(vec![])).unwrap().last_lsn, 7);
+    }
+
+    #[test]
+    fn an_unknown_write_kind_is_damage() {
+        let l = log(&[record(1, &[(9, 1, b"k", None)])]);
+        let e = replay(&l, 0, &mut Collect(vec![])).unwrap_err();
+        assert!(e.to_string().contains("unknown write kind"), "{e}");
+    }
+}

@@ -1,0 +1,254 @@
+//! The embedded store's redo log (`embedded/redo.rs`): a batch is acknowledged only once its
+//! record is durable, nothing a read returns is less durable than that, a failed log stops the
+//! store instead of acknowledging what it could not keep, checkpoints empty the log, and
+//! replay copes with a torn tail and refuses a damaged log.
+//!
+//! Replay after a real crash (SIGKILL mid-load) is in `loom-testkit/tests/crash_embedded.rs`
+//! and in `loom torture`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use loom_core::embedded::{DATA_FILE, REDO_FILE};
+use loom_core::{
+    ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError,
+};
+use loom_testkit::faults::{DiskFaults, FaultyRedo};
+use serde_json::json;
+
+fn id(n: u32) -> ActorId {
+    ActorId::new("redo", format!("a{n}")).expect("id")
+}
+
+fn entry(n: u32, seq: u64) -> Entry {
+    Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "actor": n, "seq": seq }),
+        },
+    )
+}
+
+struct Handles {
+    faults: Arc<DiskFaults>,
+    hold: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
+}
+
+fn open_faulty(dir: &std::path::Path) -> (EmbeddedStore, Handles) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = EmbeddedStore::open_with_redo(dir, EmbeddedOptions::default(), move |f| {
+        let redo = FaultyRedo::new(f);
+        tx.send(Handles {
+            faults: redo.faults.clone(),
+            hold: redo.hold.clone(),
+            holding: redo.holding.clone(),
+        })
+        .expect("send handles");
+        Box::new(redo)
+    })
+    .expect("open");
+    (store, rx.recv().expect("handles"))
+}
+
+/// Appends once to each of 8 actors at once; records what was acknowledged.
+async fn round(store: &EmbeddedStore, acked: &mut HashMap<u32, u64>) -> Vec<StoreError> {
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        let next = acked.get(&n).copied().unwrap_or(0) + 1;
+        tasks.push(tokio::spawn(async move {
+            (n, store.append(&id(n), next, &[entry(n, next)]).await)
+        }));
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (n, Ok(h)) => {
+                acked.insert(n, h);
+            }
+            (_, Err(e)) => errors.push(e),
+        }
+    }
+    errors
+}
+
+async fn journal(store: &EmbeddedStore, n: u32) -> Vec<Entry> {
+    store
+        .read(&id(n), SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read")
+}
+
+/// Every acknowledged append is there, gapless and intact.
+async fn check(dir: &std::path::Path, acked: &HashMap<u32, u64>) {
+    let store = EmbeddedStore::open(dir).expect("reopen");
+    for (n, want) in acked {
+        let entries = journal(&store, *n).await;
+        assert!(
+            entries.len() as u64 >= *want,
+            "actor {n}: acknowledged {want}, found {}",
+            entries.len()
+        );
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap");
+            assert_eq!(e.kind, entry(*n, e.seq).kind);
+        }
+    }
+}
+
+async fn failed_log(arm: impl FnOnce(&DiskFaults)) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut acked = HashMap::new();
+    {
+        let (store, h) = open_faulty(dir.path());
+        for _ in 0..5 {
+            assert!(round(&store, &mut acked).await.is_empty());
+        }
+        arm(&h.faults);
+        let errors = round(&store, &mut acked).await;
+        assert!(h.faults.injected.load(Ordering::SeqCst) > 0, "never hit");
+        assert!(
+            !errors.is_empty(),
+            "a batch the log could not keep was acknowledged"
+        );
+        for e in &errors {
+            assert!(matches!(e, StoreError::Storage { .. }), "untyped: {e:?}");
+        }
+        // The store stays stopped: no later write is acknowledged, and no read returns what
+        // may not survive, even though the disk works again.
+        let later = round(&store, &mut acked).await;
+        assert_eq!(
+            later.len(),
+            8,
+            "a write after the log failed was acknowledged"
+        );
+        let read: Result<Vec<Entry>, _> = store.read(&id(0), SeqRange::all()).try_collect().await;
+        assert!(matches!(read, Err(StoreError::Storage { .. })), "{read:?}");
+        assert!(matches!(
+            store.highest_seq(&id(0)).await,
+            Err(StoreError::Storage { .. })
+        ));
+    }
+    check(dir.path(), &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_sync_is_never_acknowledged_and_stops_the_store() {
+    failed_log(|f| f.fail_syncs.store(1, Ordering::SeqCst)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_write_is_never_acknowledged_and_stops_the_store() {
+    failed_log(|f| f.fail_writes.store(1, Ordering::SeqCst)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neither_the_writer_nor_a_reader_sees_a_batch_before_it_is_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, h) = open_faulty(dir.path());
+    store
+        .append(&id(0), 1, &[entry(0, 1)])
+        .await
+        .expect("append 1");
+    h.hold.store(true, Ordering::SeqCst);
+    let s = store.clone();
+    let append = tokio::spawn(async move { s.append(&id(0), 2, &[entry(0, 2)]).await });
+    // Wait until the batch is committed to redb and its record is being synced.
+    let start = Instant::now();
+    while !h.holding.load(Ordering::SeqCst) {
+        assert!(start.elapsed() < Duration::from_secs(10), "never synced");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let s = store.clone();
+    let highest = tokio::spawn(async move { s.highest_seq(&id(0)).await });
+    let s = store.clone();
+    let entries = tokio::spawn(async move {
+        s.read(&id(0), SeqRange::all())
+            .try_collect::<Vec<Entry>>()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!append.is_finished(), "acknowledged before the log sync");
+    assert!(
+        !highest.is_finished() && !entries.is_finished(),
+        "a read returned a batch that is not durable yet"
+    );
+    h.hold.store(false, Ordering::SeqCst);
+    assert_eq!(append.await.expect("task").expect("append 2"), 2);
+    assert_eq!(highest.await.expect("task").expect("highest"), 2);
+    assert_eq!(entries.await.expect("task").expect("read").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_store_checkpoints_and_a_closed_one_needs_no_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join(REDO_FILE);
+    let header = 8;
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let entries: Vec<Entry> = (1..=50).map(|s| entry(1, s)).collect();
+        store.append(&id(1), 1, &entries).await.expect("append");
+        assert!(std::fs::metadata(&log).expect("log").len() > header);
+        let start = Instant::now();
+        while store.writer_stats().checkpoints == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(std::fs::metadata(&log).expect("log").len(), header);
+        store
+            .append(&id(1), 51, &[entry(1, 51)])
+            .await
+            .expect("append");
+    }
+    // Closed: the last batches were checkpointed, the log is empty, and the data file alone
+    // holds everything (read here with redb directly, not through the store).
+    assert_eq!(std::fs::metadata(&log).expect("log").len(), header);
+    let db = redb::Database::open(dir.path().join(DATA_FILE)).expect("redb");
+    let txn = redb::ReadableDatabase::begin_read(&db).expect("read");
+    let table = txn
+        .open_table(loom_core::embedded::tables::JOURNAL)
+        .expect("journal");
+    let n = redb::ReadableTableMetadata::len(&table).expect("len");
+    assert_eq!(n, 51);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_log_tail_is_dropped_and_a_damaged_log_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join(REDO_FILE);
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        store
+            .append(&id(2), 1, &[entry(2, 1)])
+            .await
+            .expect("append");
+    }
+    // A record the crash cut short: a length, part of a checksum, nothing else.
+    let mut bytes = std::fs::read(&log).expect("read log");
+    bytes.extend_from_slice(&[200, 0, 0, 0, 7, 7]);
+    std::fs::write(&log, &bytes).expect("write log");
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("a torn tail is not damage");
+        assert_eq!(journal(&store, 2).await.len(), 1);
+        store
+            .append(&id(2), 2, &[entry(2, 2)])
+            .await
+            .expect("append");
+    }
+    // Not a redo log at all: refused, and left as found for whoever investigates.
+    std::fs::write(&log, b"something else entirely").expect("write log");
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Corrupt { .. }) => {}
+        Ok(_) => panic!("opened over a damaged redo log"),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&log).expect("read log"),
+        b"something else entirely"
+    );
+}
