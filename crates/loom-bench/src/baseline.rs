@@ -76,9 +76,10 @@ pub fn fsync_loop(
 /// The engine's own limit for the embedded store: the reads and writes one conditional append
 /// needs (read the actor's highest seq, insert the entry under `(actor, seq)`, write the new
 /// highest), done straight on a fresh redb file in `dir`, `batch` appends to distinct actors
-/// per write transaction, each committed with `Durability::Immediate` (one fsync). What is left
-/// between this and the store is Loom's own cost; what is left between this and [`fsync`] is
-/// redb's.
+/// per write transaction, each committed with `Durability::Immediate` (one fsync). This is the
+/// engine making each batch durable itself; the store instead fsyncs a redo log record and
+/// checkpoints redb now and then (see `loom_core`'s `embedded/redo.rs`), so it can beat this.
+/// What is left between this and [`fsync`] is what redb's own durable commit costs.
 pub fn redb_engine(dir: PathBuf) -> Baseline {
     Arc::new(move |size, batch, rounds| {
         let dir = dir.clone();

@@ -3,10 +3,12 @@
 //! Built on [redb](https://docs.rs/redb) (copy-on-write B-trees, checksummed commits, ACID), with
 //! **group commit** (see `writer.rs`): concurrent requests from any number of actors share one
 //! write transaction and one fsync, and each caller's future completes only after that commit is
-//! durable.
+//! durable. On disk the fsync is of a **redo log** (`redo.rs`) holding each batch's writes;
+//! redb's own file is made durable by periodic checkpoints, and the log replayed after a crash.
 //!
-//! The directory holds `loom.redb` (the data) and `LOCK`, whose `flock` keeps a second process
-//! out; the refused process gets [`StoreError::Locked`] naming the directory and the holder.
+//! The directory holds `loom.redb` (the data), `loom.redo` (the redo log, empty after a clean
+//! close) and `LOCK`, whose `flock` keeps a second process out; the refused process gets
+//! [`StoreError::Locked`] naming the directory and the holder.
 //!
 //! [`EmbeddedStore::in_memory`] runs the same engine and the same code on memory instead of a file:
 //! that is the in-memory backend, for tests and examples that need no durability.
