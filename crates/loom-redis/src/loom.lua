@@ -67,9 +67,10 @@ local function j_check(j, expected)
   return nil
 end
 
--- Appends frames as seqs expected, expected+1, ...; the condition was checked.
+-- Appends frames as seqs expected, expected+1, ...; the condition was checked, so the highest
+-- seq is expected - 1 (not read again: one command less per append).
 local function j_append(j, expected, frames)
-  local h = j_highest(j)
+  local h = expected - 1
   if #frames == 0 then return h end
   for i, f in ipairs(frames) do
     redis.call('XADD', j.j, tostring(expected + i - 1) .. '-0', 'e', f)
