@@ -189,6 +189,16 @@ fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
     Ok((file, bytes, created))
 }
 
+/// Keeps a copy of a dropped redo log tail next to the log, for whoever investigates; says where,
+/// or why it could not.
+fn keep_torn_tail(dir: &Path, tail: &[u8]) -> Result<PathBuf, String> {
+    let at = crate::time::Timestamp::now().as_millis();
+    let path = dir.join(format!("{REDO_FILE}.torn-{at}"));
+    std::fs::write(&path, tail)
+        .map(|()| path.clone())
+        .map_err(|e| format!("could not keep the dropped tail in {}: {e}", path.display()))
+}
+
 /// Empties the redo log down to its header, durably (and its directory entry, if new).
 fn reset_log(file: &std::fs::File, dir: &Path, created: bool) -> StoreResult<()> {
     use std::os::unix::fs::FileExt;
@@ -342,9 +352,12 @@ impl EmbeddedStore {
                 let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
                 let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
                 if replayed.torn_bytes > 0 {
+                    let tail = &bytes[bytes.len() - replayed.torn_bytes as usize..];
+                    let kept = dir.as_ref().map(|d| keep_torn_tail(d, tail));
                     tracing::warn!(
                         bytes = replayed.torn_bytes,
-                        "dropped the torn tail of the redo log (a write the crash cut short, never acknowledged)"
+                        kept = ?kept,
+                        "dropped the torn tail of the redo log (records written after the last completed sync, never acknowledged)"
                     );
                 }
                 if replayed.records > 0 {

@@ -62,9 +62,13 @@ pub const REDO_FILE: &str = "loom.redo";
 /// The first bytes of a redo log; the digit is the format version.
 pub(super) const MAGIC: &[u8; 8] = b"LOOMRDO1";
 
-/// Largest record accepted on replay: a batch is at most `MAX_BATCH` requests of at most a few
-/// MiB each, so anything larger is damage, not data.
-const MAX_RECORD: usize = 1 << 31;
+/// A batch stops taking requests once its record passes this size (the request that passed it
+/// stays in; the rest wait for the next batch), so a record is at most this plus one request,
+/// and one request is bounded by the store's limits (`limits.rs`) far below [`MAX_RECORD`].
+pub(super) const RECORD_SOFT_CAP: usize = 64 << 20;
+
+/// Largest record accepted: anything larger is refused when sealing, and ends replay.
+pub(super) const MAX_RECORD: usize = 1 << 30;
 
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
@@ -239,14 +243,17 @@ pub(super) fn new_record() -> Vec<u8> {
     buf
 }
 
-/// Turns a sink buffer into a finished record for batch `lsn`.
-pub(super) fn seal(mut buf: Vec<u8>, lsn: u64) -> Vec<u8> {
+/// Turns a sink buffer into a finished record for batch `lsn`; `None` if it is larger than
+/// any record may be (see [`RECORD_SOFT_CAP`]: that takes a bug).
+pub(super) fn seal(mut buf: Vec<u8>, lsn: u64) -> Option<Vec<u8>> {
     buf[8..16].copy_from_slice(&lsn.to_le_bytes());
-    let body_len = (buf.len() - 8) as u32;
+    let body_len = u32::try_from(buf.len() - 8)
+        .ok()
+        .filter(|&n| (n as usize) < MAX_RECORD)?;
     let crc = crc32fast::hash(&buf[8..]);
     buf[0..4].copy_from_slice(&body_len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
-    buf
+    Some(buf)
 }
 
 /// Splits a record body (after its LSN) into writes.
@@ -419,7 +426,9 @@ impl Durability {
         self.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
     }
 
-    fn fail(&self, e: &StoreError) {
+    /// Latches a failure: from now on nothing more becomes durable, and every request and every
+    /// read that could see an undurable batch fails.
+    pub(super) fn fail(&self, e: &StoreError) {
         self.durable.send_modify(|d| d.failed = Some(e.to_string()));
     }
 
@@ -592,7 +601,7 @@ mod tests {
                 put_bytes(&mut buf, b);
             }
         }
-        seal(buf, lsn)
+        seal(buf, lsn).expect("small record")
     }
 
     fn log(records: &[Vec<u8>]) -> Vec<u8> {

@@ -263,6 +263,7 @@ impl Logged {
                 BACKEND,
                 std::io::Error::other("the redo log thread stopped"),
             );
+            self.durability.fail(&e);
             for d in item.done {
                 d(Some(&e));
             }
@@ -335,6 +336,17 @@ fn next_job(
     }
 }
 
+/// Writes, unlogged, the number of the batch `txn` is into [`META`]: whatever state of redb
+/// becomes durable (by a checkpoint, or by redb itself when the database closes) then names the
+/// last batch it holds, and replay skips exactly those.
+fn stamp(txn: &redb::WriteTransaction, lsn: u64) -> StoreResult<()> {
+    txn.open_table(META)
+        .map_err(se)?
+        .insert(REDO_LSN, lsn)
+        .map_err(se)?;
+    Ok(())
+}
+
 fn writer_loop(
     db: &Database,
     rx: &mpsc::Receiver<Box<dyn Job>>,
@@ -343,8 +355,18 @@ fn writer_loop(
 ) {
     // A request taken off the channel to learn whether any was waiting; the next batch's first.
     let mut peeked = None;
-    while let Some(first) = next_job(db, rx, &mut peeked, counters, &mut log) {
+    // Requests left over when a batch's record reached its size cap: the next batch's first.
+    let mut carried: std::collections::VecDeque<Box<dyn Job>> = Default::default();
+    loop {
+        let first = match carried.pop_front() {
+            Some(job) => job,
+            None => match next_job(db, rx, &mut peeked, counters, &mut log) {
+                Some(job) => job,
+                None => break,
+            },
+        };
         let mut jobs = vec![first];
+        jobs.extend(carried.drain(..));
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
@@ -357,7 +379,6 @@ fn writer_loop(
             }
             continue;
         }
-        let n = jobs.len() as u64;
         // Without a log, Immediate durability (redb's default, stated so that it cannot change
         // under us): `commit` returns only once the batch is fsynced. With one, the log makes
         // the batch durable and redb's copy is made durable by the next checkpoint.
@@ -382,7 +403,8 @@ fn writer_loop(
         let mut done = Vec::with_capacity(jobs.len());
         let mut poison = None;
         let mut tx = Tx::new(&txn, log.as_ref().map(|_| &sink));
-        for job in jobs {
+        let mut jobs = jobs.into_iter();
+        for job in jobs.by_ref() {
             if let Some(e) = &poison {
                 job.fail(StoreError::clone(e));
                 continue;
@@ -390,9 +412,35 @@ fn writer_loop(
             let ran = job.run(&mut tx);
             poison = ran.poison;
             done.push(ran.done);
+            let size = sink.borrow().len();
+            if size >= redo::MAX_RECORD {
+                // One request (a turn sending a great many messages, say) wrote more than a
+                // record may hold: the batch cannot be logged, so none of it is kept.
+                // The requests not run yet wait for the next batch.
+                poison = Some(StoreError::storage(
+                    BACKEND,
+                    std::io::Error::other(format!(
+                        "a write batch of {size} bytes is over the redo log's limit of {} bytes; \
+                         nothing in it was kept",
+                        redo::MAX_RECORD
+                    )),
+                ));
+                break;
+            } else if size >= redo::RECORD_SOFT_CAP {
+                break;
+            }
         }
+        carried.extend(jobs);
+        let n = done.len() as u64;
         // The tables close here, before the commit that needs them closed.
         drop(tx);
+        let lsn = log.as_ref().map_or(0, |l| l.lsn + 1);
+        if poison.is_none()
+            && log.is_some()
+            && let Err(e) = stamp(&txn, lsn)
+        {
+            poison = Some(e);
+        }
         if let Some(e) = poison {
             if let Err(abort) = txn.abort() {
                 tracing::error!(error = %abort, "embedded store could not abort a poisoned batch");
@@ -405,26 +453,29 @@ fn writer_loop(
         }
         if let Some(l) = &mut log {
             // Raised before the commit, so a read that can see this batch waits for it.
-            let lsn = l.lsn + 1;
             l.durability.commit_begins(lsn);
-            let committed = txn.commit().map_err(se);
+            let committed = txn.commit().map_err(se).and_then(|()| {
+                redo::seal(sink.into_inner(), lsn).ok_or_else(|| {
+                    StoreError::storage(
+                        BACKEND,
+                        std::io::Error::other("a redo record over the size limit"),
+                    )
+                })
+            });
             l.lsn = lsn;
-            let record = match &committed {
-                Ok(()) => redo::seal(sink.into_inner(), lsn),
-                // Nothing of the batch is visible, but its number was announced: an empty
-                // record keeps the numbers consecutive and lets waiting reads go on.
-                Err(_) => redo::seal(redo::new_record(), lsn),
-            };
-            l.bytes += record.len() as u64;
             match committed {
-                Ok(()) => {
+                Ok(record) => {
+                    l.bytes += record.len() as u64;
                     counters.commits.fetch_add(1, Ordering::Relaxed);
                     counters.requests.fetch_add(n, Ordering::Relaxed);
                     // Alone (nothing queued behind this batch, nothing of the log thread's
                     // still to write): write the record here, saving a thread hand-off. Busy:
                     // hand it over and go on with the next batch while it is fsynced.
-                    peeked = rx.try_recv().ok();
-                    let alone = peeked.is_none() && l.durability.durable() + 1 == lsn;
+                    if peeked.is_none() && carried.is_empty() {
+                        peeked = rx.try_recv().ok();
+                    }
+                    let alone =
+                        peeked.is_none() && carried.is_empty() && l.durability.durable() + 1 == lsn;
                     if alone {
                         let result = l.file.lock().unwrap_or_else(|p| p.into_inner()).append(
                             &[&record],
@@ -444,15 +495,13 @@ fn writer_loop(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, requests = n, "embedded store batch failed; nothing in it was acknowledged");
+                    // redb may have made the batch visible before failing, and it cannot be
+                    // logged: stop here, as after a failed log write (see `redo.rs`).
+                    tracing::error!(error = %e, requests = n, "embedded store batch failed; nothing in it was acknowledged; the store takes no more writes until it is opened again");
+                    l.durability.fail(&e);
                     for d in done {
                         d(Some(&e));
                     }
-                    l.send(Item {
-                        lsn,
-                        bytes: record,
-                        done: Vec::new(),
-                    });
                 }
             }
             if l.due() {
