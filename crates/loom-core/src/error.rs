@@ -24,6 +24,8 @@ pub enum Limit {
     ResultBytes,
     /// [`crate::limits::MAX_OWNER_LEN`].
     OwnerLen,
+    /// The embedded store's redo log record (1 GiB): one write request's bytes, all included.
+    RedoRecordBytes,
 }
 
 /// A shared, cloneable cause (stores hand one failure to every caller of a group commit).

@@ -194,7 +194,12 @@ fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
 fn keep_torn_tail(dir: &Path, tail: &[u8]) -> Result<PathBuf, String> {
     let at = crate::time::Timestamp::now().as_millis();
     let path = dir.join(format!("{REDO_FILE}.torn-{at}"));
-    std::fs::write(&path, tail)
+    // Synced, so that the copy outlives the log's truncation that follows.
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, tail)?;
+        f.sync_all()
+    });
+    written
         .map(|()| path.clone())
         .map_err(|e| format!("could not keep the dropped tail in {}: {e}", path.display()))
 }

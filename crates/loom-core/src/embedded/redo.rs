@@ -4,9 +4,11 @@
 //! (in memory and the OS page cache, no fsync), and records the batch's writes, byte for byte,
 //! as one record appended to `loom.redo`. A separate thread writes and `fdatasync`s the log, and
 //! only then are the batch's callers answered. Every so often (see `writer.rs`) the writer makes
-//! the redb file itself durable with one `Durability::Immediate` commit, a *checkpoint*, which
-//! also stores the last batch it covers as `redo_lsn` in [`META`](super::tables::META); then the
-//! log is emptied. On open, records after `redo_lsn` are applied again ([`replay`]).
+//! the redb file itself durable with one `Durability::Immediate` commit, a *checkpoint*; then the
+//! log is emptied. Every batch stores its own number as `redo_lsn` in
+//! [`META`](super::tables::META), unlogged, so whatever state of redb is durable (a checkpoint's,
+//! or the one redb writes itself when the database closes) names the last batch it holds. On
+//! open, records after `redo_lsn` are applied again ([`replay`]).
 //!
 //! Why: a batch of appends to many actors dirties one B-tree leaf per actor, and redb's own
 //! durable commit writes and fsyncs every such page (4 KiB per 300-byte entry). The log writes
@@ -24,9 +26,9 @@
 //!   batch that may be visible to it ([`Durability::visible`], raised *before* each commit) and
 //!   waits for the log to reach it. Once the log fails, reads and writes fail until the store
 //!   is opened again, and the reopened store has every acknowledged batch.
-//! - Only the tail can be torn (a record is written only after the one before it is durable):
-//!   replay stops at the first record that is incomplete or fails its checksum, and truncates
-//!   the log there.
+//! - Only records written after the last completed `fdatasync` can be torn by a crash, and none
+//!   of them was acknowledged: replay stops at the first record that is incomplete or fails its
+//!   checksum, drops the rest (keeping a copy as `loom.redo.torn-<ms>`), and empties the log.
 //!
 //! Record layout (integers little-endian):
 //!
@@ -64,7 +66,9 @@ pub(super) const MAGIC: &[u8; 8] = b"LOOMRDO1";
 
 /// A batch stops taking requests once its record passes this size (the request that passed it
 /// stays in; the rest wait for the next batch), so a record is at most this plus one request,
-/// and one request is bounded by the store's limits (`limits.rs`) far below [`MAX_RECORD`].
+/// and one request is bounded by the store's limits (`limits.rs`) to well below [`MAX_RECORD`],
+/// except a turn sending a great many messages: a batch whose record would pass
+/// [`MAX_RECORD`] is refused whole (`writer.rs`).
 pub(super) const RECORD_SOFT_CAP: usize = 64 << 20;
 
 /// Largest record accepted: anything larger is refused when sealing, and ends replay.

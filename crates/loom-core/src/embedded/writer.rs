@@ -53,7 +53,7 @@ pub(super) const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// A store with no requests for this long checkpoints, so an idle store's log is empty.
 pub(super) const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
 
-/// The key in [`META`] of the last batch a checkpoint made durable in redb.
+/// The key in [`META`] of the last batch whose writes the state holds (see [`stamp`]).
 pub(super) const REDO_LSN: &str = "redo_lsn";
 
 struct Ran {
@@ -275,7 +275,9 @@ impl Logged {
     /// tried again later.
     fn checkpoint(&mut self, db: &Database, counters: &Counters) {
         self.since = Instant::now();
-        if self.lsn == self.checkpointed {
+        // After a failure nothing more is made durable (redb may still do so when it closes:
+        // the outcome of the failed requests is unknown, see RELIABILITY.md).
+        if self.lsn == self.checkpointed || self.durability.failure().is_some() {
             return;
         }
         let lsn = self.lsn;
@@ -414,16 +416,25 @@ fn writer_loop(
             done.push(ran.done);
             let size = sink.borrow().len();
             if size >= redo::MAX_RECORD {
-                // One request (a turn sending a great many messages, say) wrote more than a
-                // record may hold: the batch cannot be logged, so none of it is kept.
-                // The requests not run yet wait for the next batch.
+                // This request (a turn sending a great many messages, say) wrote more than a
+                // record may hold (the ones before it stayed under the soft cap): the batch
+                // cannot be logged, so none of it is kept. This request is refused on its
+                // merits; the others ran with it get a retryable error; the requests not run
+                // yet wait for the next batch.
+                if let Some(offender) = done.pop() {
+                    offender(Some(&StoreError::TooLarge {
+                        what: "one write request's redo log record".into(),
+                        size,
+                        limit: redo::MAX_RECORD,
+                        limit_kind: crate::error::Limit::RedoRecordBytes,
+                    }));
+                }
                 poison = Some(StoreError::storage(
                     BACKEND,
-                    std::io::Error::other(format!(
-                        "a write batch of {size} bytes is over the redo log's limit of {} bytes; \
-                         nothing in it was kept",
-                        redo::MAX_RECORD
-                    )),
+                    std::io::Error::other(
+                        "another request of this write batch was too large to log; nothing in \
+                         the batch was kept",
+                    ),
                 ));
                 break;
             } else if size >= redo::RECORD_SOFT_CAP {
