@@ -5,9 +5,9 @@
 //! as one record appended to `loom.redo`. A separate thread writes and `fdatasync`s the log, and
 //! only then are the batch's callers answered. Every so often (see `writer.rs`) the writer makes
 //! the redb file itself durable with one `Durability::Immediate` commit, a *checkpoint*; then the
-//! log is emptied. Every batch stores its own number as `redo_lsn` in
-//! [`META`](super::tables::META), unlogged, so whatever state of redb is durable (a checkpoint's,
-//! or the one redb writes itself when the database closes) names the last batch it holds. On
+//! log is emptied. A checkpoint stores the number of the last batch it covers as `redo_lsn` in
+//! [`META`](super::tables::META); so does the store when it closes (redb makes every committed
+//! batch durable then), so whatever state of redb is durable names the last batch it holds. On
 //! open, records after `redo_lsn` are applied again ([`replay`]).
 //!
 //! Why: a batch of appends to many actors dirties one B-tree leaf per actor, and redb's own

@@ -18,8 +18,8 @@ pub const BACKEND: &str = "embedded";
 pub const LAYOUT_VERSION: u64 = 2;
 
 /// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given;
-/// `"redo_lsn"` → the last batch of the redo log whose writes are in this state (written,
-/// unlogged, by every batch).
+/// `"redo_lsn"` → the last batch of the redo log whose writes the durable state holds
+/// (written by checkpoints and on close).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// `(actor, seq)` → an entry frame (see [`crate::codec`]). Holds exactly the seqs

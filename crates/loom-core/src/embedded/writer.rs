@@ -53,7 +53,8 @@ pub(super) const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// A store with no requests for this long checkpoints, so an idle store's log is empty.
 pub(super) const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
 
-/// The key in [`META`] of the last batch whose writes the state holds (see [`stamp`]).
+/// The key in [`META`] of the last batch whose writes the durable state holds: written by each
+/// checkpoint, and on close (`Inner::stamp_on_close` in `mod.rs`).
 pub(super) const REDO_LSN: &str = "redo_lsn";
 
 struct Ran {
@@ -338,17 +339,6 @@ fn next_job(
     }
 }
 
-/// Writes, unlogged, the number of the batch `txn` is into [`META`]: whatever state of redb
-/// becomes durable (by a checkpoint, or by redb itself when the database closes) then names the
-/// last batch it holds, and replay skips exactly those.
-fn stamp(txn: &redb::WriteTransaction, lsn: u64) -> StoreResult<()> {
-    txn.open_table(META)
-        .map_err(se)?
-        .insert(REDO_LSN, lsn)
-        .map_err(se)?;
-    Ok(())
-}
-
 fn writer_loop(
     db: &Database,
     rx: &mpsc::Receiver<Box<dyn Job>>,
@@ -446,12 +436,6 @@ fn writer_loop(
         // The tables close here, before the commit that needs them closed.
         drop(tx);
         let lsn = log.as_ref().map_or(0, |l| l.lsn + 1);
-        if poison.is_none()
-            && log.is_some()
-            && let Err(e) = stamp(&txn, lsn)
-        {
-            poison = Some(e);
-        }
         if let Some(e) = poison {
             if let Err(abort) = txn.abort() {
                 tracing::error!(error = %abort, "embedded store could not abort a poisoned batch");
