@@ -4,78 +4,15 @@
 //! acknowledged survives; the store reports typed errors (no panic), and after a reopen the
 //! journals are gapless and hold every acknowledged append.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use common::{check, entry, id, load};
 use futures::TryStreamExt;
-use loom_core::{
-    ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError,
-};
+use loom_core::{EmbeddedOptions, EmbeddedStore, Entry, JournalStore, SeqRange, StoreError};
 use loom_testkit::faults::FaultyDisk;
-use serde_json::json;
-
-fn id(n: u32) -> ActorId {
-    ActorId::new("disk", format!("a{n}")).expect("id")
-}
-
-fn entry(n: u32, seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "actor": n, "seq": seq }),
-        },
-    )
-}
-
-/// Appends `rounds` times to 8 actors at once; returns what was acknowledged and the errors.
-async fn load(
-    store: &EmbeddedStore,
-    acked: &mut HashMap<u32, u64>,
-    rounds: u32,
-) -> Vec<StoreError> {
-    let mut errors = Vec::new();
-    for _ in 0..rounds {
-        let mut tasks = Vec::new();
-        for n in 0..8 {
-            let store = store.clone();
-            let next = acked.get(&n).copied().unwrap_or(0) + 1;
-            tasks.push(tokio::spawn(async move {
-                (n, next, store.append(&id(n), next, &[entry(n, next)]).await)
-            }));
-        }
-        for t in tasks {
-            let (n, next, r) = t.await.expect("task");
-            match r {
-                Ok(h) => {
-                    assert_eq!(h, next);
-                    acked.insert(n, h);
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-    }
-    errors
-}
-
-async fn check(dir: &std::path::Path, acked: &HashMap<u32, u64>) {
-    let store = EmbeddedStore::open(dir).expect("reopen after the faults");
-    for (n, want) in acked {
-        let entries: Vec<Entry> = store
-            .read(&id(*n), SeqRange::all())
-            .try_collect()
-            .await
-            .expect("read");
-        assert!(
-            entries.len() as u64 >= *want,
-            "actor {n}: acknowledged {want}, found {}",
-            entries.len()
-        );
-        for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap");
-            assert_eq!(e.kind, entry(*n, e.seq).kind);
-        }
-    }
-}
 
 /// Runs load, injects a fault, runs load again; every failure must be a typed storage error.
 async fn fault(arm: impl FnOnce(&loom_testkit::faults::DiskFaults)) {

@@ -6,31 +6,19 @@
 //! Replay after a real crash (SIGKILL mid-load) is in `loom-testkit/tests/crash_embedded.rs`
 //! and in `loom torture`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{check, entry, id, journal, load};
 use futures::TryStreamExt;
 use loom_core::embedded::{DATA_FILE, REDO_FILE};
-use loom_core::{
-    ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError,
-};
+use loom_core::{EmbeddedOptions, EmbeddedStore, Entry, JournalStore, SeqRange, StoreError};
 use loom_testkit::faults::{DiskFaults, FaultyRedo};
 use serde_json::json;
-
-fn id(n: u32) -> ActorId {
-    ActorId::new("redo", format!("a{n}")).expect("id")
-}
-
-fn entry(n: u32, seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "actor": n, "seq": seq }),
-        },
-    )
-}
 
 struct Handles {
     faults: Arc<DiskFaults>,
@@ -54,63 +42,16 @@ fn open_faulty(dir: &std::path::Path) -> (EmbeddedStore, Handles) {
     (store, rx.recv().expect("handles"))
 }
 
-/// Appends once to each of 8 actors at once; records what was acknowledged.
-async fn round(store: &EmbeddedStore, acked: &mut HashMap<u32, u64>) -> Vec<StoreError> {
-    let mut tasks = Vec::new();
-    for n in 0..8 {
-        let store = store.clone();
-        let next = acked.get(&n).copied().unwrap_or(0) + 1;
-        tasks.push(tokio::spawn(async move {
-            (n, store.append(&id(n), next, &[entry(n, next)]).await)
-        }));
-    }
-    let mut errors = Vec::new();
-    for t in tasks {
-        match t.await.expect("task") {
-            (n, Ok(h)) => {
-                acked.insert(n, h);
-            }
-            (_, Err(e)) => errors.push(e),
-        }
-    }
-    errors
-}
-
-async fn journal(store: &EmbeddedStore, n: u32) -> Vec<Entry> {
-    store
-        .read(&id(n), SeqRange::all())
-        .try_collect()
-        .await
-        .expect("read")
-}
-
-/// Every acknowledged append is there, gapless and intact.
-async fn check(dir: &std::path::Path, acked: &HashMap<u32, u64>) {
-    let store = EmbeddedStore::open(dir).expect("reopen");
-    for (n, want) in acked {
-        let entries = journal(&store, *n).await;
-        assert!(
-            entries.len() as u64 >= *want,
-            "actor {n}: acknowledged {want}, found {}",
-            entries.len()
-        );
-        for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap");
-            assert_eq!(e.kind, entry(*n, e.seq).kind);
-        }
-    }
-}
-
 async fn failed_log(arm: impl FnOnce(&DiskFaults)) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut acked = HashMap::new();
     {
         let (store, h) = open_faulty(dir.path());
         for _ in 0..5 {
-            assert!(round(&store, &mut acked).await.is_empty());
+            assert!(load(&store, &mut acked, 1).await.is_empty());
         }
         arm(&h.faults);
-        let errors = round(&store, &mut acked).await;
+        let errors = load(&store, &mut acked, 1).await;
         assert!(h.faults.injected.load(Ordering::SeqCst) > 0, "never hit");
         assert!(
             !errors.is_empty(),
@@ -124,7 +65,7 @@ async fn failed_log(arm: impl FnOnce(&DiskFaults)) {
         // Kept busy for longer than the idle checkpoint delay, as a live system would be.
         let until = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < until {
-            let later = round(&store, &mut acked).await;
+            let later = load(&store, &mut acked, 1).await;
             assert_eq!(
                 later.len(),
                 8,

@@ -261,22 +261,7 @@ impl EmbeddedStore {
 
     /// Opens (creating if needed) the store in directory `dir` with `options`.
     pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> StoreResult<Self> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
-        let lock = DirLock::acquire(dir)?;
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(dir.join(DATA_FILE))
-            .map_err(se)?;
-        Self::start(
-            db,
-            Some(Disk {
-                dir: dir.to_path_buf(),
-                lock,
-                wrap: Box::new(|f| Box::new(f)),
-            }),
-        )
+        Self::open_with_redo(dir, options, |f| Box::new(f))
     }
 
     /// [`EmbeddedStore::open_with`], with the redo log file wrapped by `wrap`: for tests that

@@ -467,6 +467,8 @@ fn writer_loop(
                     // still to write): write the record here, saving a thread hand-off. Busy:
                     // hand it over and go on with the next batch while it is fsynced.
                     if peeked.is_none() && carried.is_empty() {
+                        // Not a store result: `Err` means no request is waiting (empty), or
+                        // none ever will (closed), which `next_job` sees on its own.
                         peeked = rx.try_recv().ok();
                     }
                     let alone =
