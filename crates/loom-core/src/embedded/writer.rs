@@ -391,7 +391,11 @@ fn writer_loop(
                 continue;
             }
         };
-        let sink = RefCell::new(redo::new_record());
+        // Only a store with a log records its writes (and needs the record's room).
+        let sink = RefCell::new(match log {
+            Some(_) => redo::new_record(),
+            None => Vec::new(),
+        });
         let mut done = Vec::with_capacity(jobs.len());
         let mut poison = None;
         let mut tx = Tx::new(&txn, log.as_ref().map(|_| &sink));
