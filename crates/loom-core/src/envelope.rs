@@ -37,6 +37,14 @@ pub struct Envelope {
     /// sets this when it hands the message out.
     #[serde(default)]
     pub attempt: u32,
+    /// For a dead letter put back in its mailbox: the id the message had when it was first
+    /// sent. A requeued message gets a new `id`, so that it runs again instead of being taken
+    /// for a duplicate of the run that failed; what the runtime derives from a message (the ids
+    /// of the messages it sends, its children, its activities' keys) comes from
+    /// [`origin`](Self::origin), so it stays the same and receivers still dedupe what the failed
+    /// run already sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued_from: Option<MessageId>,
 }
 
 impl Envelope {
@@ -50,6 +58,36 @@ impl Envelope {
             reply_to: None,
             traceparent: None,
             attempt: 0,
+            requeued_from: None,
+        }
+    }
+
+    /// The id the message was first sent with: [`requeued_from`](Self::requeued_from) if it was
+    /// requeued, else its `id`.
+    pub fn origin(&self) -> MessageId {
+        self.requeued_from.unwrap_or(self.id)
+    }
+
+    /// This message as it goes back into its mailbox from the dead letters: a new id (it is a
+    /// new delivery, to be run, not deduplicated), the same origin, payload and idempotency key,
+    /// and no earlier attempts.
+    ///
+    /// ```
+    /// use loom_core::{ActorId, Envelope};
+    ///
+    /// let m = Envelope::new(ActorId::new("account", "alice")?, serde_json::json!(1));
+    /// let back = m.requeued();
+    /// assert_ne!(back.id, m.id);
+    /// assert_eq!(back.origin(), m.id);
+    /// assert_eq!(back.requeued().origin(), m.id);
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn requeued(&self) -> Envelope {
+        Envelope {
+            id: MessageId::new(),
+            requeued_from: Some(self.origin()),
+            attempt: 0,
+            ..self.clone()
         }
     }
 }

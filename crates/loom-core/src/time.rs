@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 /// let t = Timestamp::from_millis(1_700_000_000_000);
 /// assert_eq!(t + Duration::from_secs(1), Timestamp::from_millis(1_700_000_001_000));
 /// assert_eq!(t.to_string(), "2023-11-14T22:13:20.000Z");
+/// assert_eq!(Timestamp::MAX.to_string(), "never");
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -22,6 +23,10 @@ pub struct Timestamp(u64);
 impl Timestamp {
     /// The epoch.
     pub const ZERO: Timestamp = Timestamp(0);
+
+    /// The end of time: a deadline that never comes (an idempotency reservation held until its
+    /// message is settled, say). Printed `never`.
+    pub const MAX: Timestamp = Timestamp(u64::MAX);
 
     /// Now, by this machine's clock.
     pub fn now() -> Self {
@@ -59,8 +64,13 @@ impl std::ops::Add<Duration> for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = UNIX_EPOCH + Duration::from_millis(self.0);
-        write!(f, "{}", humantime::format_rfc3339_millis(t))
+        // Past what the calendar can print (year 10000 and on), only `MAX` is meaningful.
+        match UNIX_EPOCH.checked_add(Duration::from_millis(self.0)) {
+            Some(t) if self.0 < 253_402_300_800_000 => {
+                write!(f, "{}", humantime::format_rfc3339_millis(t))
+            }
+            _ => f.write_str("never"),
+        }
     }
 }
 

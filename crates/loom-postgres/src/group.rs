@@ -45,6 +45,7 @@ pub(crate) struct TurnReq {
     pub(crate) dlv: Option<i32>,
     pub(crate) msg: Option<String>,
     pub(crate) reason: String,
+    pub(crate) record_actor: Option<String>,
     pub(crate) record_key: Option<String>,
     pub(crate) record: Option<Vec<u8>>,
     pub(crate) record_ttl: Option<i64>,
@@ -170,12 +171,12 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
     let one = sql(
         schema,
         "SELECT status, highest, nframe, npos, ndlv, nerr FROM {s}.turn(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
     );
     let many = sql(
         schema,
         "SELECT idx, status, highest, nframe, npos, ndlv, nerr FROM {s}.turn_many(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
     );
     let run: RunBatch<TurnReq, TurnOut> = Arc::new(move |reqs: Vec<TurnReq>| {
         let (pool, one, many) = (pool.clone(), one.clone(), many.clone());
@@ -198,6 +199,7 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
                         .bind(t.dlv)
                         .bind(t.msg)
                         .bind(t.reason)
+                        .bind(t.record_actor)
                         .bind(t.record_key)
                         .bind(t.record)
                         .bind(t.record_ttl)
@@ -234,6 +236,7 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
                 .bind(c.dlv)
                 .bind(c.msg)
                 .bind(c.reason)
+                .bind(c.record_actor)
                 .bind(c.record_key)
                 .bind(c.record)
                 .bind(c.record_ttl)
@@ -280,6 +283,7 @@ struct Columns {
     dlv: Vec<Option<i32>>,
     msg: Vec<Option<String>>,
     reason: Vec<String>,
+    record_actor: Vec<Option<String>>,
     record_key: Vec<Option<String>>,
     record: Vec<Option<Vec<u8>>>,
     record_ttl: Vec<Option<i64>>,
@@ -305,6 +309,7 @@ impl Columns {
         self.dlv.push(t.dlv);
         self.msg.push(t.msg.clone());
         self.reason.push(t.reason.clone());
+        self.record_actor.push(t.record_actor.clone());
         self.record_key.push(t.record_key.clone());
         self.record.push(t.record.clone());
         self.record_ttl.push(t.record_ttl);

@@ -45,7 +45,11 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
 /// schema runs them all; an older one the ones it lacks, in one transaction.
-const MIGRATIONS: [&str; 2] = [include_str!("schema.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: [&str; 3] = [
+    include_str!("schema.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+];
 
 /// Settings of a [`PostgresStore`].
 #[derive(Debug, Clone)]

@@ -98,6 +98,10 @@ fn reservation(
     expires_at: i64,
 ) -> StoreResult<Reservation> {
     match result {
+        // i64::MAX: held until its message is settled (see `enqueue_once` in schema_v3.sql).
+        None if expires_at == i64::MAX => Ok(Reservation::Pending {
+            expires_at: Timestamp::MAX,
+        }),
         None => Ok(Reservation::Pending {
             expires_at: Timestamp::from_millis(expires_at.max(0) as u64),
         }),
@@ -535,8 +539,22 @@ impl Mailbox for PostgresStore {
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
-        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue($1)"))
+        let frame: Option<Vec<u8>> =
+            sqlx::query_scalar(self.q("SELECT envelope FROM {s}.dead_letters WHERE id = $1"))
+                .bind(int(id))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        let Some(frame) = frame else {
+            return Err(StoreError::DeadLetterNotFound(id));
+        };
+        let dead: Envelope = codec::decode(RecordType::Message, &frame)
+            .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
+        let back = dead.requeued();
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue_as($1, $2, $3)"))
             .bind(int(id))
+            .bind(back.id.to_string())
+            .bind(prepare_message(&back)?)
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;
@@ -759,6 +777,7 @@ impl IdempotencyStore for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
         if let Some(opts) = &turn.next {
             check_lease_options(opts)?;
@@ -776,12 +795,8 @@ impl Store for PostgresStore {
         let mut record = None;
         if let Some(r) = &turn.record {
             check_ttl("idempotency ttl", r.ttl)?;
-            if r.actor != turn.actor {
-                return Err(StoreError::InvalidRequest(
-                    "a turn records results only for its own actor".into(),
-                ));
-            }
             record = Some((
+                r.actor.as_str().to_owned(),
                 r.key.as_str().to_owned(),
                 prepare_result(r.actor, r.key, r.result)?,
                 ms(r.ttl),
@@ -796,9 +811,9 @@ impl Store for PostgresStore {
             ),
             None => (None, None, String::new()),
         };
-        let (record_key, record, record_ttl) = match record {
-            Some((k, r, t)) => (Some(k), Some(r), Some(t)),
-            None => (None, None, None),
+        let (record_actor, record_key, record, record_ttl) = match record {
+            Some((a, k, r, t)) => (Some(a), Some(k), Some(r), Some(t)),
+            None => (None, None, None, None),
         };
         let req = TurnReq {
             actor: turn.actor.as_str().to_owned(),
@@ -815,6 +830,7 @@ impl Store for PostgresStore {
             dlv: receipt.map(|r| i32::try_from(r.delivery).unwrap_or(i32::MAX)),
             msg: receipt.map(|r| r.message_id.to_string()),
             reason,
+            record_actor,
             record_key,
             record,
             record_ttl,

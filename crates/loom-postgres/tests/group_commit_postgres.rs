@@ -221,3 +221,67 @@ async fn batches_of_turns_sending_to_each_other_never_deadlock() {
     }
     assert_eq!(waiting, (actors as u64) * turns_each * 3);
 }
+
+/// `enqueue_once` takes a key's row and then its mailbox's; a turn takes the mailboxes it
+/// touches and then the key it records. In opposite orders the two deadlock (PostgreSQL then
+/// aborts one). A trigger holds the key's row for a moment after `enqueue_once` takes it, and a
+/// turn recording that key starts meanwhile: both must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_once_and_a_turn_recording_its_key_never_deadlock() {
+    use loom_core::{IdempotencyKey, IdempotencyStore, LeaseOptions, Record, Settle};
+    let server = PostgresServer::start();
+    let store = connect(&server.url(), 8).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    sqlx::raw_sql(
+        "CREATE FUNCTION grp.slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_sleep(0.4); RETURN NEW; END $$; \
+         CREATE TRIGGER slow AFTER INSERT ON grp.idempotency FOR EACH ROW \
+         WHEN (NEW.key = 'slow') EXECUTE FUNCTION grp.slow();",
+    )
+    .execute(&admin)
+    .await
+    .expect("trigger");
+    let key = IdempotencyKey::new("slow").unwrap();
+    let ttl = Duration::from_secs(60);
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    };
+    for round in 0..3 {
+        let a = id(&format!("lock-{round}"));
+        store
+            .enqueue_once(&Envelope::new(a.clone(), json!("first")), None, &key, ttl)
+            .await
+            .expect("first send");
+        let d = store.lease(&a, opts).await.unwrap().expect("delivery");
+        // Free the key, so that the next enqueue_once takes it afresh (an insert).
+        assert!(store.abandon(&a, &key).await.unwrap());
+        let again = {
+            let (store, a, key) = (store.clone(), a.clone(), key.clone());
+            tokio::spawn(async move {
+                store
+                    .enqueue_once(&Envelope::new(a, json!("again")), None, &key, ttl)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let result = json!("done");
+        let turn = store
+            .commit_turn(Turn {
+                settle: Some(Settle::Ack(&d.receipt)),
+                record: Some(Record {
+                    actor: &a,
+                    key: &key,
+                    result: &result,
+                    ttl,
+                }),
+                ..Turn::append(&a, 1, &[entry(1)])
+            })
+            .await;
+        let again = again.await.expect("task");
+        assert!(
+            turn.is_ok() && again.is_ok(),
+            "round {round}: turn {turn:?}, enqueue_once {again:?}"
+        );
+    }
+}

@@ -45,6 +45,14 @@ local function expiry_of(key)
   return now_ms() + redis.call('PTTL', key)
 end
 
+-- When an idempotency record expires: '' for a reservation held until its message is settled
+-- (no TTL; see enqueue_once).
+local function record_expiry(key)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then return '' end
+  return tostring(now_ms() + ttl)
+end
+
 local function num(v)
   if v == false or v == nil then return 0 end
   return tonumber(v)
@@ -290,11 +298,13 @@ local function enqueue(KEYS, ARGV)
 end
 
 -- KEYS: mm, mq, md, mdx, ready, idem   ARGV: actor, msgid, frame, due, ttl
+-- The reservation has no TTL: it is held until the turn that settles the message records the
+-- result (with its TTL), however long the message waits.
 local function enqueue_once(KEYS, ARGV)
   local now = now_ms()
   local v = redis.call('GET', KEYS[6])
-  if v then return { 'dup', v, tostring(now + redis.call('PTTL', KEYS[6])) } end
-  redis.call('SET', KEYS[6], 'P', 'PX', ARGV[5])
+  if v then return { 'dup', v, record_expiry(KEYS[6]) } end
+  redis.call('SET', KEYS[6], 'P')
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
   return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
 end
@@ -329,16 +339,15 @@ local function settle(KEYS, ARGV)
   end
 end
 
--- KEYS: dl, mm, mq, md, mdx, ready   ARGV: dead letter id, actor, msgid
+-- KEYS: dl, mm, mq, md, mdx, ready   ARGV: dead letter id, actor, msgid, frame
+-- The frame is the dead letter's envelope as it goes back (a new id; see Envelope::requeued).
 local function requeue(KEYS, ARGV)
   local now = now_ms()
   local id = ARGV[1] .. '-0'
-  local r = redis.call('XRANGE', KEYS[1], id, id)
-  if #r == 0 then return { 'missing' } end
-  local f = mb_fields(r[1])
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return { 'missing' } end
   redis.call('XDEL', KEYS[1], id)
   local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[2] }
-  return { 'ok', tostring(mb_enqueue(mb, ARGV[3], f.env, 0, now)) }
+  return { 'ok', tostring(mb_enqueue(mb, ARGV[3], ARGV[4], 0, now)) }
 end
 
 -- KEYS: ready   ARGV: limit
@@ -388,7 +397,7 @@ end
 -- KEYS: idem   ARGV: ttl
 local function reserve(KEYS, ARGV)
   if redis.call('SET', KEYS[1], 'P', 'NX', 'PX', ARGV[1]) then return { 'ok' } end
-  return { 'taken', redis.call('GET', KEYS[1]), tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+  return { 'taken', redis.call('GET', KEYS[1]), record_expiry(KEYS[1]) }
 end
 
 -- KEYS: idem
@@ -472,7 +481,7 @@ end
 local function lookup(KEYS, ARGV)
   local v = redis.call('GET', KEYS[1])
   if not v then return { 'none' } end
-  return { 'ok', v, tostring(now_ms() + redis.call('PTTL', KEYS[1])) }
+  return { 'ok', v, record_expiry(KEYS[1]) }
 end
 
 -- KEYS: jm, actors   ARGV: actor, through

@@ -664,8 +664,9 @@ impl Mailbox for RedisStore {
         let Some(item) = items.first() else {
             return Err(StoreError::DeadLetterNotFound(id));
         };
-        let dl = dead_letter(item)?;
-        let m = self.keys.mailbox(&dl.envelope.to);
+        let back = dead_letter(item)?.envelope.requeued();
+        let frame = prepare_message(&back)?;
+        let m = self.keys.mailbox(&back.to);
         let r = self
             .run(
                 &self.scripts.requeue,
@@ -677,7 +678,7 @@ impl Mailbox for RedisStore {
                     &m.mdx,
                     &self.keys.ready(),
                 ],
-                vec![s(id), s(dl.envelope.to.as_str()), s(dl.envelope.id)],
+                vec![s(id), s(back.to.as_str()), s(back.id), frame],
             )
             .await?;
         match status(&r).as_str() {
@@ -839,17 +840,20 @@ impl LeaseManager for RedisStore {
     }
 }
 
-/// Reads an idempotency record's value (`P` or `C<json>`) and expiry.
+/// Reads an idempotency record's value (`P` or `C<json>`) and its expiry as the scripts give it
+/// (`record_expiry`: empty for a reservation held until its message is settled).
 fn reservation(
     actor: &ActorId,
     key: &IdempotencyKey,
     value: &[u8],
-    expires_at: u64,
+    expiry: Option<&Value>,
 ) -> StoreResult<Reservation> {
+    let expires_at = match text(expiry).as_deref() {
+        Some("") => Timestamp::MAX,
+        _ => Timestamp::from_millis(number(expiry, "expiry")?),
+    };
     match value.split_first() {
-        Some((b'P', _)) => Ok(Reservation::Pending {
-            expires_at: Timestamp::from_millis(expires_at),
-        }),
+        Some((b'P', _)) => Ok(Reservation::Pending { expires_at }),
         Some((b'C', json)) => serde_json::from_slice(json)
             .map(Reservation::Completed)
             .map_err(|e| {
@@ -880,12 +884,7 @@ impl IdempotencyStore for RedisStore {
             .await?;
         match status(&r).as_str() {
             "ok" => Ok(Reservation::Reserved),
-            "taken" => reservation(
-                actor,
-                key,
-                &bytes(r.get(1)).unwrap_or_default(),
-                number(r.get(2), "expiry")?,
-            ),
+            "taken" => reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2)),
             other => Err(unexpected(format!("reserve replied {other}"))),
         }
     }
@@ -927,13 +926,9 @@ impl IdempotencyStore for RedisStore {
         let r = self.run(&self.scripts.lookup, &[&k], vec![]).await?;
         match status(&r).as_str() {
             "none" => Ok(None),
-            "ok" => reservation(
-                actor,
-                key,
-                &bytes(r.get(1)).unwrap_or_default(),
-                number(r.get(2), "expiry")?,
-            )
-            .map(Some),
+            "ok" => {
+                reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2)).map(Some)
+            }
             other => Err(unexpected(format!("lookup replied {other}"))),
         }
     }
@@ -982,6 +977,7 @@ struct OutHeader<'a> {
 #[async_trait]
 impl Store for RedisStore {
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
         if let Some(opts) = &turn.next {
             check_lease_options(opts)?;
@@ -993,11 +989,6 @@ impl Store for RedisStore {
         let mut record_value = None;
         if let Some(r) = &turn.record {
             check_ttl("idempotency ttl", r.ttl)?;
-            if r.actor != turn.actor {
-                return Err(StoreError::InvalidRequest(
-                    "a turn records results only for its own actor".into(),
-                ));
-            }
             let mut v = prepare_result(r.actor, r.key, r.result)?;
             v.insert(0, b'C');
             record_value = Some(v);
@@ -1156,7 +1147,7 @@ impl Store for RedisStore {
                 &msg.to,
                 key,
                 &bytes(r.get(1)).unwrap_or_default(),
-                number(r.get(2), "expiry")?,
+                r.get(2),
             )?)),
             other => Err(unexpected(format!("enqueue_once replied {other}"))),
         }

@@ -101,12 +101,14 @@ pub(super) fn record(
     set(records, expiry, actor, key, old.as_ref(), Some(&row))
 }
 
-/// Reserves `key` unless a live record holds it; returns that record's reservation if so.
+/// Reserves `key` unless a live record holds it; returns that record's reservation if so. The
+/// reservation lasts `ttl`, or with `None` until a result is recorded ([`Timestamp::MAX`]: the
+/// expiry index then never reaches it).
 pub(super) fn reserve(
     tx: &mut Tx<'_>,
     actor: &ActorId,
     key: &IdempotencyKey,
-    ttl: Duration,
+    ttl: Option<Duration>,
 ) -> StoreResult<Option<Reservation>> {
     let now = Timestamp::now();
     let records = tx.idempotency.get()?;
@@ -119,7 +121,7 @@ pub(super) fn reserve(
     }
     let row = Row {
         result: None,
-        expires_at: now + ttl,
+        expires_at: ttl.map_or(Timestamp::MAX, |ttl| now + ttl),
     };
     set(records, expiry, actor, key, old.as_ref(), Some(&row))?;
     Ok(None)
@@ -145,21 +147,7 @@ impl IdempotencyStore for EmbeddedStore {
         check_ttl(ttl)?;
         let (actor, key) = (actor.clone(), key.clone());
         self.write(move |tx| {
-            let now = Timestamp::now();
-            let records = tx.idempotency.get()?;
-            let expiry = tx.idempotency_expiry.get()?;
-            let old = get(&**records, &actor, &key)?;
-            if let Some(row) = &old
-                && row.expires_at > now
-            {
-                return Ok(row.clone().reservation());
-            }
-            let row = Row {
-                result: None,
-                expires_at: now + ttl,
-            };
-            set(records, expiry, &actor, &key, old.as_ref(), Some(&row))?;
-            Ok(Reservation::Reserved)
+            Ok(reserve(tx, &actor, &key, Some(ttl))?.unwrap_or(Reservation::Reserved))
         })
         .await
     }

@@ -732,8 +732,7 @@ impl Mailbox for EmbeddedStore {
                 Some(v) => codec::decode(RecordType::DeadLetter, v.value())
                     .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?,
             };
-            let mut envelope = dl.envelope;
-            envelope.attempt = 0;
+            let envelope = dl.envelope.requeued();
             let bytes = prepare_message(&envelope)?;
             table.remove(id).map_err(se)?;
             let t = tx.mailbox.get()?;

@@ -21,6 +21,7 @@ use super::{idempotency, journal, lease};
 impl Store for EmbeddedStore {
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before queueing.
+        turn.check()?;
         if let Some(opts) = &turn.next {
             mailbox::check_options(opts)?;
         }
@@ -122,7 +123,7 @@ impl Store for EmbeddedStore {
         let bytes = prepare_message(msg)?;
         let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
         self.write(move |tx| {
-            if let Some(existing) = idempotency::reserve(tx, &to, &key, ttl)? {
+            if let Some(existing) = idempotency::reserve(tx, &to, &key, None)? {
                 return Ok(Enqueued::Duplicate(existing));
             }
             let t = tx.mailbox.get()?;

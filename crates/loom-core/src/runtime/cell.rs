@@ -132,6 +132,23 @@ impl<A: Actor> Cell<A> {
             };
         }
         let resuming = self.unfinished.as_ref().and_then(|u| u.message_id) == Some(id);
+        let allowed = io.config.retry.max_attempts.max(1);
+        if d.envelope.attempt >= allowed {
+            // Every attempt was started and none of them finished, failed or gave the message
+            // back: the process stopped (or the actor lost its lease) during each. Give up before
+            // running it again, through the same turn as any other failure, so that its
+            // caller's idempotency key gets the failure and a journaled invocation is closed
+            // (a message that kills its process would otherwise take down node after node).
+            let reason = format!(
+                "gave up after {} deliveries: none of them finished (the process stopped or the actor moved during each){}",
+                d.envelope.attempt,
+                d.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+            return self.give_up(io, shared, &d, resuming, &reason).await;
+        }
         if self.unfinished.is_some() && !resuming {
             // The journal holds an invocation whose message is gone (dead-lettered): close it.
             let abandoned = self.unfinished.take().and_then(|u| u.message_id);

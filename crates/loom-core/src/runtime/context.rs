@@ -64,7 +64,8 @@ impl From<StepError> for Rejected {
 }
 
 /// The key handed to an activity for the outside system to deduplicate with: the same for every
-/// run of the same step of the same invocation (`actor/message-id/step`).
+/// run of the same step of the same invocation (`actor/message-id/step`, with the message's
+/// origin id, so that a requeued message's activities keep their keys).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ActivityKey(String);
 
@@ -177,9 +178,17 @@ impl<'a> Context<'a> {
         &self.inv.actor
     }
 
-    /// The id of the message being handled.
+    /// The id of the message being handled. A dead letter put back in its mailbox runs under a
+    /// new id; [`origin_id`](Self::origin_id) is the one it was first sent with.
     pub fn message_id(&self) -> MessageId {
         self.inv.envelope.id
+    }
+
+    /// The id the message being handled was first sent with (the same as
+    /// [`message_id`](Self::message_id) unless it was requeued from the dead letters). Activity
+    /// keys, child ids and the ids of the messages this invocation sends derive from it.
+    pub fn origin_id(&self) -> MessageId {
+        self.inv.envelope.origin()
     }
 
     /// How many times this message was delivered before (0 on the first delivery).
@@ -331,7 +340,8 @@ impl<'a> Context<'a> {
         }
         let key = ActivityKey(format!(
             "{}/{}/{step}",
-            self.inv.actor, self.inv.envelope.id
+            self.inv.actor,
+            self.inv.envelope.origin()
         ));
         let span = tracing::debug_span!("activity", name, step);
         let result = {
@@ -422,8 +432,9 @@ impl<'a> Context<'a> {
         {
             return Ok(child.clone());
         }
-        let seed = format!("{}/{}/{step}", self.inv.actor, self.inv.envelope.id);
-        let key = uuid::Uuid::new_v5(self.inv.envelope.id.as_uuid(), seed.as_bytes());
+        let origin = self.inv.envelope.origin();
+        let seed = format!("{}/{origin}/{step}", self.inv.actor);
+        let key = uuid::Uuid::new_v5(origin.as_uuid(), seed.as_bytes());
         let child = ActorId::new(C::KIND, key.to_string())
             .map_err(|e| StepError::Invalid(e.to_string()))?;
         let payload = serde_json::to_value(input).map_err(|e| {
@@ -441,7 +452,8 @@ impl<'a> Context<'a> {
         deliver_at: Option<Timestamp>,
         spawn: bool,
     ) {
-        let message_id = MessageId::derived(&self.inv.envelope.id, &format!("step-{step}"));
+        // From the message's origin, so that a requeued message sends what it sent before.
+        let message_id = MessageId::derived(&self.inv.envelope.origin(), &format!("step-{step}"));
         let envelope = Envelope {
             id: message_id,
             to: to.clone(),
@@ -450,6 +462,7 @@ impl<'a> Context<'a> {
             reply_to: Some(self.inv.actor.clone()),
             traceparent: Some(trace::child(self.inv.envelope.traceparent.as_deref())),
             attempt: 0,
+            requeued_from: None,
         };
         if spawn {
             self.inv.push(EntryKind::ChildSpawned {

@@ -159,8 +159,9 @@ pub trait Mailbox: Send + Sync + 'static {
     /// Dead letters with id greater than `after`, oldest first, at most `limit`.
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>>;
 
-    /// Puts a dead letter back at the end of its actor's mailbox with its delivery count reset,
-    /// and removes it from the dead letters. Returns its new position.
+    /// Puts a dead letter back at the end of its actor's mailbox as
+    /// [`Envelope::requeued`] makes it (a new id, the same origin, no earlier attempts), and
+    /// removes it from the dead letters, in one atomic write. Returns its new position.
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64>;
 }
 

@@ -49,8 +49,15 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {
     /// Commits a [`Turn`] atomically (see its rules).
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed>;
 
-    /// Reserves `key` for `msg.to` (for `ttl`) and enqueues `msg`, in one atomic write, unless
-    /// the key is already reserved or completed, in which case nothing is written.
+    /// Reserves `key` for `msg.to` and enqueues `msg`, in one atomic write, unless the key is
+    /// already reserved or completed, in which case nothing is written.
+    ///
+    /// The reservation is held until the message is settled: it does not expire while the
+    /// message waits (a delay, a backlog, a parked actor), however long that is, and shows as
+    /// [`Reservation::Pending`] with `expires_at` [`Timestamp::MAX`]. The turn that settles the
+    /// message records the result ([`Turn::record`]), which is then kept for that record's ttl.
+    /// `ttl` is only checked here (positive); a message the store itself dead-letters (after
+    /// `max_deliveries`) keeps its key reserved until the dead letter is requeued and settled.
     ///
     /// This is how a client retry with the same idempotency key never enqueues twice, and how a
     /// crash between "reserve" and "enqueue" cannot leave a reservation without its message.

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::entry::{Entry, Seq};
 use crate::envelope::Envelope;
+use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, IdempotencyKey};
 use crate::store::{Delivery, Lease, LeaseOptions, Receipt};
 use crate::time::Timestamp;
@@ -28,7 +29,9 @@ pub enum Settle<'a> {
     DeadLetter(&'a Receipt, &'a str),
 }
 
-/// An idempotency result a turn records (the reply to a request, kept for retries).
+/// An idempotency result a turn records (the reply to a request, kept for retries). The key's
+/// reservation, held since [`Store::enqueue_once`](crate::Store::enqueue_once), ends here: the
+/// result is kept for `ttl` from this turn.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Record<'a> {
     /// The actor the key belongs to.
@@ -84,6 +87,24 @@ pub struct Committed {
 }
 
 impl<'a> Turn<'a> {
+    /// Checks the rules every backend enforces before writing anything: a turn records a result
+    /// only under its own actor or under the mailbox it settles (an event lane of the actor:
+    /// the key of the event it consumes). Every backend calls this first.
+    pub fn check(&self) -> StoreResult<()> {
+        if let Some(r) = &self.record {
+            let settled = self.settle.map(|s| match s {
+                Settle::Ack(r) | Settle::DeadLetter(r, _) => &r.actor,
+            });
+            if r.actor != self.actor && Some(r.actor) != settled {
+                return Err(StoreError::InvalidRequest(format!(
+                    "a turn of {} records a result for {}: only for its own actor or the mailbox it settles",
+                    self.actor, r.actor
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A turn that only appends `entries`.
     pub fn append(actor: &'a ActorId, expected_next: Seq, entries: &'a [Entry]) -> Self {
         Turn {

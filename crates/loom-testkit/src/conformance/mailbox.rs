@@ -273,12 +273,39 @@ async fn dead_letters_list_and_requeue(store: Arc<dyn Store>) {
     let rest = store.dead_letters(Some(first[1].id), 10).await.unwrap();
     assert_eq!(first.len() + rest.len(), 5);
     assert_eq!(rest[0].reason, "bad 2");
+    let buried = store
+        .dead_letters(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.id == ids[3])
+        .expect("dead letter 3");
     store.requeue_dead_letter(ids[3]).await.unwrap();
     assert_eq!(store.dead_letters(None, 10).await.unwrap().len(), 4);
     let back = store.lease(&a, long()).await.unwrap().expect("requeued");
     assert_eq!(back.envelope.payload["n"], 3);
     assert_eq!(back.envelope.attempt, 0);
+    // A new delivery identity (so it is run, not taken for a duplicate), the same origin.
+    assert_ne!(back.envelope.id, buried.envelope.id);
+    assert_eq!(back.receipt.message_id, back.envelope.id);
+    assert_eq!(back.envelope.origin(), buried.envelope.id);
+    assert_eq!(back.envelope.requeued_from, Some(buried.envelope.id));
     store.ack(&back.receipt).await.unwrap();
+    // Requeued twice, it keeps its first origin.
+    let d = store.lease(&a, long()).await.unwrap();
+    assert!(d.is_none());
+    store.enqueue(&back.envelope, None).await.unwrap();
+    let again = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let dl = store.dead_letter(&again.receipt, "again").await.unwrap();
+    store.requeue_dead_letter(dl).await.unwrap();
+    let twice = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("requeued twice");
+    assert_eq!(twice.envelope.origin(), buried.envelope.id);
+    assert_ne!(twice.envelope.id, back.envelope.id);
+    store.ack(&twice.receipt).await.unwrap();
 }
 
 async fn requeue_of_unknown_dead_letter_is_a_typed_error(store: Arc<dyn Store>) {

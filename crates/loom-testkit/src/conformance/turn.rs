@@ -29,6 +29,9 @@ pub(super) fn cases() -> Vec<Case> {
         enqueue_once_enqueues_once_per_key,
         concurrent_enqueue_once_enqueues_one_message,
         enqueue_once_returns_the_recorded_result,
+        enqueue_once_holds_its_key_until_a_turn_records_it,
+        a_turn_records_only_for_its_actor_or_the_mailbox_it_settles,
+        a_turn_and_a_plain_append_racing_on_fresh_actors_never_both_succeed,
     ]
 }
 
@@ -480,4 +483,148 @@ async fn turn_can_lease_the_next_message_in_the_same_write(store: Arc<dyn Store>
         .unwrap();
     assert!(c.next.is_none());
     assert_eq!(store.pending(&a).await.unwrap(), 0);
+}
+
+async fn enqueue_once_holds_its_key_until_a_turn_records_it(store: Arc<dyn Store>) {
+    let a = id("a");
+    let key = IdempotencyKey::new("held").unwrap();
+    let short = Duration::from_millis(300);
+    let first = Envelope::new(a.clone(), json!(1));
+    store.enqueue_once(&first, None, &key, short).await.unwrap();
+    // Long past the ttl, the message still waits: a retry must not enqueue it again.
+    wait_past(short * 2).await;
+    let again = store
+        .enqueue_once(&Envelope::new(a.clone(), json!(2)), None, &key, short)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Enqueued::Duplicate(Reservation::Pending {
+            expires_at: Timestamp::MAX
+        }),
+        "a reservation expired while its message waited"
+    );
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Pending {
+            expires_at: Timestamp::MAX
+        })
+    );
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+    // The turn that settles the message records the result: kept for its ttl from then.
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(d.envelope.id, first.id);
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &json!("done"),
+                ttl: short,
+            }),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .enqueue_once(&Envelope::new(a.clone(), json!(3)), None, &key, short)
+            .await
+            .unwrap(),
+        Enqueued::Duplicate(Reservation::Completed(json!("done")))
+    );
+    wait_past(short).await;
+    assert!(store.lookup(&a, &key).await.unwrap().is_none());
+    assert!(matches!(
+        store
+            .enqueue_once(&Envelope::new(a.clone(), json!(4)), None, &key, short)
+            .await
+            .unwrap(),
+        Enqueued::New(_)
+    ));
+}
+
+async fn a_turn_records_only_for_its_actor_or_the_mailbox_it_settles(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let key = IdempotencyKey::new("k").unwrap();
+    let result = json!("r");
+    let record = |actor| Record {
+        actor,
+        key: &key,
+        result: &result,
+        ttl: Duration::from_secs(60),
+    };
+    // Another actor's key: refused, nothing written.
+    let err = store
+        .commit_turn(Turn {
+            record: Some(record(&b)),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidRequest(_)), "{err:?}");
+    assert!(journal(&*store, &a).await.is_empty());
+    assert!(store.lookup(&b, &key).await.unwrap().is_none());
+    // The mailbox it settles (an event lane): allowed.
+    let lane = a.event_lane("approved");
+    store
+        .enqueue_once(
+            &Envelope::new(lane.clone(), json!("yes")),
+            None,
+            &key,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let event = store
+        .lease(&lane, long())
+        .await
+        .unwrap()
+        .expect("the event");
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&event.receipt)),
+            record: Some(record(&lane)),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lookup(&lane, &key).await.unwrap(),
+        Some(Reservation::Completed(json!("r")))
+    );
+    assert_eq!(store.pending(&lane).await.unwrap(), 0);
+}
+
+async fn a_turn_and_a_plain_append_racing_on_fresh_actors_never_both_succeed(
+    store: Arc<dyn Store>,
+) {
+    for round in 0..60 {
+        let a = id(&format!("race-{round}"));
+        let (s1, s2, a1, a2) = (store.clone(), store.clone(), a.clone(), a.clone());
+        let plain = tokio::spawn(async move { s1.append(&a1, 1, &entries(1, 1)).await });
+        let turn = tokio::spawn(async move {
+            let mine = entries(1, 2);
+            s2.commit_turn(Turn::append(&a2, 1, &mine)).await
+        });
+        let (plain, turn) = (plain.await.unwrap(), turn.await.unwrap());
+        match (&plain, &turn) {
+            (Ok(_), Err(StoreError::Conflict { .. })) => {
+                assert_eq!(journal(&*store, &a).await, vec![1], "round {round}");
+            }
+            (Err(StoreError::Conflict { .. }), Ok(c)) => {
+                assert_eq!(c.highest, 2, "round {round}");
+                assert_eq!(journal(&*store, &a).await, vec![1, 2], "round {round}");
+            }
+            other => panic!(
+                "round {round}: the append and the turn both wrote seq 1, or failed: {other:?}"
+            ),
+        }
+        assert_eq!(
+            store.highest_seq(&a).await.unwrap(),
+            journal(&*store, &a).await.len() as Seq,
+            "round {round}"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use loom_core::runtime::{Actor, Context, Rejected, StepError};
@@ -23,6 +23,8 @@ pub struct Probe {
     in_flight: AtomicI64,
     /// The most handler invocations of one actor seen running at once.
     pub max_in_flight: AtomicI64,
+    /// Set once the code is "fixed": [`Step::Broken`] panics until then.
+    pub fixed: AtomicBool,
 }
 
 impl Default for Probe {
@@ -34,6 +36,7 @@ impl Default for Probe {
             reached: Notify::new(),
             in_flight: AtomicI64::new(0),
             max_in_flight: AtomicI64::new(0),
+            fixed: AtomicBool::new(false),
         }
     }
 }
@@ -207,6 +210,8 @@ pub enum Step {
     },
     /// Wait at the probe's gate (not a durable call: a place to crash).
     Gate,
+    /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
+    Broken,
 }
 
 /// Runs scripts of durable calls; its state logs what each step returned.
@@ -305,6 +310,12 @@ impl Actor for Worker {
                 Step::Gate => {
                     self.probe.hold().await;
                     "passed the gate".to_owned()
+                }
+                Step::Broken => {
+                    if !self.probe.fixed.load(Ordering::SeqCst) {
+                        panic!("a broken step");
+                    }
+                    "fixed".to_owned()
                 }
             };
             out.push(line.clone());

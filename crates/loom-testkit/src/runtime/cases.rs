@@ -2,23 +2,15 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use loom_core::runtime::{
     AskError, AskOptions, CompactError, Compaction, SendError, SendOptions, Sent, compact_journal,
 };
 use loom_core::{ActorId, EntryKind, Envelope, IdempotencyKey, Seq, Timestamp};
 use serde_json::{Value, json};
 
-use super::{Account, AccountMsg, Ghost, Harness, RuntimeCase, Step, Worker, eventually};
-
-macro_rules! runtime_cases {
-    ($($name:ident),* $(,)?) => {
-        vec![$(RuntimeCase {
-            name: stringify!($name),
-            run: |h| -> BoxFuture<'_, ()> { Box::pin($name(h)) },
-        }),*]
-    };
-}
+use super::{
+    Account, AccountMsg, Ghost, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases,
+};
 
 pub(super) fn all() -> Vec<RuntimeCase> {
     runtime_cases![
@@ -74,17 +66,17 @@ pub(super) fn all() -> Vec<RuntimeCase> {
     ]
 }
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(super) const WAIT: Duration = Duration::from_secs(20);
 
-fn acct(key: &str) -> ActorId {
+pub(super) fn acct(key: &str) -> ActorId {
     ActorId::new("acct", key).expect("id")
 }
 
-fn worker(key: &str) -> ActorId {
+pub(super) fn worker(key: &str) -> ActorId {
     ActorId::new("worker", key).expect("id")
 }
 
-fn activity(name: &str) -> Step {
+pub(super) fn activity(name: &str) -> Step {
     Step::Activity {
         name: name.into(),
         fail: false,
@@ -93,7 +85,7 @@ fn activity(name: &str) -> Step {
 }
 
 /// Waits until the actor's journal holds `n` `Completed` or `Failed` entries.
-async fn finished(h: &Harness, id: &ActorId, n: usize) {
+pub(super) async fn finished(h: &Harness, id: &ActorId, n: usize) {
     eventually(
         WAIT,
         &format!("{n} finished invocations of {id}"),
@@ -109,7 +101,7 @@ async fn finished(h: &Harness, id: &ActorId, n: usize) {
 }
 
 /// The replies journaled by the actor's completed invocations.
-async fn replies(h: &Harness, id: &ActorId) -> Vec<Value> {
+pub(super) async fn replies(h: &Harness, id: &ActorId) -> Vec<Value> {
     h.journal(id)
         .await
         .into_iter()
@@ -120,7 +112,7 @@ async fn replies(h: &Harness, id: &ActorId) -> Vec<Value> {
         .collect()
 }
 
-async fn reached(h: &Harness) {
+pub(super) async fn reached(h: &Harness) {
     tokio::time::timeout(WAIT, h.probe.reached.notified())
         .await
         .expect("a handler reached the gate");

@@ -7,6 +7,18 @@
 
 mod actors;
 mod cases;
+mod delivery;
+
+/// Builds [`RuntimeCase`]s from case functions, named after them.
+macro_rules! runtime_cases {
+    ($($name:ident),* $(,)?) => {
+        vec![$($crate::runtime::RuntimeCase {
+            name: stringify!($name),
+            run: |h| -> futures::future::BoxFuture<'_, ()> { Box::pin($name(h)) },
+        }),*]
+    };
+}
+use runtime_cases;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -150,6 +162,7 @@ pub struct RuntimeCase {
 pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
     cases::all()
         .into_iter()
+        .chain(delivery::cases())
         .map(|case| {
             let factory = factory.clone();
             Trial::test(format!("runtime::{backend}::{}", case.name), move || {

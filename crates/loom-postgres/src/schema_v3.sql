@@ -1,0 +1,139 @@
+-- Version 3: holes a review found outside the crash path (issue 11).
+
+-- A dead letter goes back to its mailbox as `Envelope::requeued` makes it (a new message id, so
+-- that it runs again instead of being taken for a duplicate): the caller passes the new frame.
+-- Returns the new position, or 0 if the dead letter is gone.
+DROP FUNCTION {s}.requeue(bigint);
+CREATE FUNCTION {s}.requeue_as(p_id bigint, p_msg text, p_frame bytea) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE a text;
+BEGIN
+    DELETE FROM {s}.dead_letters WHERE id = p_id RETURNING actor INTO a;
+    IF NOT FOUND THEN RETURN 0; END IF;
+    RETURN {s}.mb_enqueue(a, p_msg, p_frame, 0, {s}.now_ms());
+END $$;
+
+-- Reserves p_key and enqueues, or reports what holds the key. The reservation is held (expires
+-- at bigint max) until its message is settled: the turn that settles it records the result
+-- with its ttl from then, so a message that waits longer than the ttl (a delay, a backlog, a
+-- parked actor) cannot be sent twice by a client retry. The mailbox row is locked before the
+-- key, the order a turn locks them in (its mailboxes, then the key it records), so the two
+-- cannot deadlock.
+CREATE OR REPLACE FUNCTION {s}.enqueue_once(p_actor text, p_id text, p_frame bytea, p_due bigint, p_key text, p_ttl bigint,
+    OUT new boolean, OUT pos bigint, OUT res bytea, OUT expires bigint)
+LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    PERFORM {s}.mb_row(p_actor);
+    PERFORM 1 FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE;
+    SELECT * INTO r FROM {s}.reserve(p_actor, p_key, p_ttl);
+    IF NOT r.reserved THEN new := false; res := r.res; expires := r.expires; RETURN; END IF;
+    UPDATE {s}.idempotency SET expires_at = 9223372036854775807 WHERE actor = p_actor AND key = p_key;
+    new := true;
+    pos := {s}.mb_enqueue(p_actor, p_id, p_frame, p_due, {s}.now_ms());
+END $$;
+
+-- A turn, as in version 1, with two changes:
+-- - the result of the append that writes the entries is checked: when the actor had no journal
+--   at the first check, a plain append racing the turn may have written seq 1 since, and the
+--   turn must then be a conflict, not report entries it never wrote;
+-- - the idempotency record may belong to the mailbox the turn settles (an event lane: the key
+--   of the event the turn consumes), not only to the turn's actor (p_record_actor).
+DROP FUNCTION {s}.turn_many(text[], bigint[], integer[], bytea[], bigint[], integer[], text[], text[], bytea[], bigint[],
+    text[], text[], bigint[], integer[], text[], text[], text[], bytea[], bigint[], bigint[], integer[]);
+DROP FUNCTION {s}.turn(text, bigint, bytea[], bigint, text[], text[], bytea[], bigint[],
+    text, text, bigint, integer, text, text, text, bytea, bigint, bigint, integer);
+
+CREATE FUNCTION {s}.turn(
+    p_actor text, p_expected bigint, p_frames bytea[],
+    p_fence_token bigint,
+    p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text, p_settle_actor text, p_pos bigint, p_dlv integer, p_msg text, p_reason text,
+    p_record_actor text, p_record_key text, p_record bytea, p_record_ttl bigint,
+    p_next_vis bigint, p_next_max integer,
+    OUT status text, OUT highest bigint, OUT nframe bytea, OUT npos bigint, OUT ndlv integer, OUT nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE now bigint := {s}.now_ms(); r record; boxes text[];
+BEGIN
+    IF p_fence_token IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+        IF NOT FOUND OR r.token <> p_fence_token OR r.owner IS NULL OR r.expires_at <= now THEN
+            status := 'lost'; RETURN;
+        END IF;
+    END IF;
+    -- Lock every mailbox this turn touches in one order, so that turns cannot deadlock.
+    boxes := ARRAY(SELECT DISTINCT x FROM unnest(
+        array_append(array_append(coalesce(p_out_actors, '{}'), p_actor), coalesce(p_settle_actor, p_actor))) AS x ORDER BY x);
+    PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
+    SELECT * INTO r FROM {s}.append(p_actor, p_expected, ARRAY[]::bytea[]);
+    IF NOT r.ok THEN status := 'conflict'; highest := r.val; RETURN; END IF;
+    IF p_settle IS NOT NULL AND NOT {s}.mb_check(p_settle_actor, p_pos, p_dlv, p_msg) THEN
+        status := 'stale'; RETURN;
+    END IF;
+    -- Nothing is written before this append, so a conflict here still writes nothing.
+    SELECT * INTO r FROM {s}.append(p_actor, p_expected, p_frames);
+    IF NOT r.ok THEN status := 'conflict'; highest := r.val; RETURN; END IF;
+    highest := r.val;
+    FOR i IN 1 .. coalesce(array_length(p_out_actors, 1), 0) LOOP
+        PERFORM {s}.mb_enqueue(p_out_actors[i], p_out_ids[i], p_out_frames[i], p_out_due[i], now);
+    END LOOP;
+    IF p_settle = 'ack' THEN
+        PERFORM {s}.mb_remove_current(p_settle_actor);
+    ELSIF p_settle = 'bury' THEN
+        PERFORM {s}.mb_bury(p_settle_actor, p_reason, now);
+    END IF;
+    IF p_record_key IS NOT NULL THEN
+        PERFORM {s}.record(coalesce(p_record_actor, p_actor), p_record_key, p_record, p_record_ttl);
+    END IF;
+    IF p_next_vis IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.mb_lease(p_actor, p_next_vis, p_next_max, now);
+        nframe := r.frame; npos := r.pos; ndlv := r.dlv; nerr := r.err;
+    END IF;
+    status := 'ok';
+END $$;
+
+-- Group commit of turns, as in version 1 (see there), with p_record_actor.
+CREATE FUNCTION {s}.turn_many(
+    p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
+    p_fence_token bigint[],
+    p_out_counts integer[], p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text[], p_settle_actor text[], p_pos bigint[], p_dlv integer[], p_msg text[], p_reason text[],
+    p_record_actor text[], p_record_key text[], p_record bytea[], p_record_ttl bigint[],
+    p_next_vis bigint[], p_next_max integer[])
+RETURNS TABLE (idx bigint, status text, highest bigint, nframe bytea, npos bigint, ndlv integer, nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := coalesce(array_length(p_actor, 1), 0);
+    fstart integer[]; ostart integer[]; fpos integer := 1; opos integer := 1;
+    boxes text[]; r record;
+BEGIN
+    FOR i IN 1 .. n LOOP
+        fstart[i] := fpos; fpos := fpos + p_frame_counts[i];
+        ostart[i] := opos; opos := opos + p_out_counts[i];
+    END LOOP;
+    PERFORM 1 FROM {s}.leases
+        WHERE actor = ANY(ARRAY(SELECT p_actor[i] FROM generate_series(1, n) AS i WHERE p_fence_token[i] IS NOT NULL))
+        ORDER BY actor FOR SHARE;
+    boxes := ARRAY(SELECT DISTINCT x FROM unnest(
+        coalesce(p_out_actors, '{}') || p_actor || ARRAY(SELECT x FROM unnest(p_settle_actor) AS x WHERE x IS NOT NULL)) AS x
+        ORDER BY x);
+    PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
+    PERFORM 1 FROM {s}.journal_meta WHERE actor = ANY(p_actor) ORDER BY actor FOR UPDATE;
+    FOR i IN 1 .. n LOOP
+        SELECT * INTO r FROM {s}.turn(
+            p_actor[i], p_expected[i],
+            coalesce(p_frames[fstart[i] : fstart[i] + p_frame_counts[i] - 1], ARRAY[]::bytea[]),
+            p_fence_token[i],
+            coalesce(p_out_actors[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_ids[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_frames[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bytea[]),
+            coalesce(p_out_due[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bigint[]),
+            p_settle[i], p_settle_actor[i], p_pos[i], p_dlv[i], p_msg[i], p_reason[i],
+            p_record_actor[i], p_record_key[i], p_record[i], p_record_ttl[i],
+            p_next_vis[i], p_next_max[i]);
+        idx := i; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+        ndlv := r.ndlv; nerr := r.nerr;
+        RETURN NEXT;
+    END LOOP;
+END $$;
