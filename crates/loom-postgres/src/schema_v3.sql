@@ -137,3 +137,58 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END $$;
+
+-- Journals -----------------------------------------------------------------------------------
+
+-- The highest seq when the journal was last deleted: no snapshot at or below it is accepted, so
+-- a compaction finishing after a delete cannot bring the deleted state back.
+ALTER TABLE {s}.journal_meta ADD COLUMN deleted bigint NOT NULL DEFAULT 0;
+
+CREATE OR REPLACE FUNCTION {s}.delete(p_actor text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
+    DELETE FROM {s}.journal WHERE actor = p_actor;
+    DELETE FROM {s}.snapshots WHERE actor = p_actor;
+    UPDATE {s}.journal_meta SET trimmed = highest, deleted = highest WHERE actor = p_actor AND highest > 0;
+END $$;
+
+-- Returns (status, value): ('ok', 0), ('ahead', highest), ('behind', trimmed), ('deleted',
+-- deleted through).
+CREATE OR REPLACE FUNCTION {s}.save_snapshot(p_actor text, p_seq bigint, p_keep integer, p_frame bytea,
+    OUT status text, OUT val bigint)
+LANGUAGE plpgsql AS $$
+DECLARE h bigint; t bigint; d bigint;
+BEGIN
+    SELECT highest, trimmed, deleted INTO h, t, d FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
+    IF NOT FOUND THEN h := 0; t := 0; d := 0; END IF;
+    IF p_seq > h THEN status := 'ahead'; val := h; RETURN; END IF;
+    IF p_seq < t THEN status := 'behind'; val := t; RETURN; END IF;
+    IF p_seq <= d THEN status := 'deleted'; val := d; RETURN; END IF;
+    INSERT INTO {s}.snapshots (actor, seq, frame) VALUES (p_actor, p_seq, p_frame)
+        ON CONFLICT (actor, seq) DO UPDATE SET frame = EXCLUDED.frame;
+    DELETE FROM {s}.snapshots WHERE actor = p_actor AND seq IN (
+        SELECT seq FROM {s}.snapshots WHERE actor = p_actor ORDER BY seq DESC OFFSET p_keep);
+    status := 'ok'; val := 0;
+END $$;
+
+-- Compaction: save_snapshot and the trim through the oldest kept snapshot in one transaction,
+-- only while the lease with token p_fence_token is held (NULL: unfenced). Returns
+-- ('lost', 0), a refusal as from save_snapshot, or ('ok', the trim point after).
+CREATE FUNCTION {s}.compact(p_actor text, p_seq bigint, p_keep integer, p_frame bytea, p_fence_token bigint,
+    OUT status text, OUT val bigint)
+LANGUAGE plpgsql AS $$
+DECLARE r record; oldest bigint;
+BEGIN
+    IF p_fence_token IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+        IF NOT FOUND OR r.token <> p_fence_token OR r.owner IS NULL OR r.expires_at <= {s}.now_ms() THEN
+            status := 'lost'; val := 0; RETURN;
+        END IF;
+    END IF;
+    SELECT * INTO r FROM {s}.save_snapshot(p_actor, p_seq, p_keep, p_frame);
+    IF r.status <> 'ok' THEN status := r.status; val := r.val; RETURN; END IF;
+    SELECT min(seq) INTO oldest FROM {s}.snapshots WHERE actor = p_actor;
+    PERFORM {s}.trim(p_actor, oldest);
+    SELECT trimmed INTO val FROM {s}.journal_meta WHERE actor = p_actor;
+    status := 'ok';
+END $$;

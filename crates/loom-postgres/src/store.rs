@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use loom_core::codec::{self, CodecError, RecordType};
 use loom_core::store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Receipt, Reservation, SeqRange,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Receipt, Reservation, SeqRange,
     Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
     prepare_result, prepare_snapshot,
 };
@@ -91,6 +91,31 @@ fn delivery(
     })
 }
 
+/// Reads the (status, value) of a function that saves a snapshot: the value of `ok`, or why it
+/// was refused.
+fn snapshot_status(
+    actor: &ActorId,
+    seq: Seq,
+    status: String,
+    val: i64,
+    function: &str,
+) -> StoreResult<Seq> {
+    let refused = |reason: String| StoreError::SnapshotRefused {
+        actor: actor.clone(),
+        seq,
+        reason,
+    };
+    match status.as_str() {
+        "ok" => Ok(val.max(0) as u64),
+        "ahead" => Err(refused(format!("the journal's highest seq is {val}"))),
+        "behind" => Err(refused(format!(
+            "entries through {val} were trimmed, so replay from {seq} is impossible"
+        ))),
+        "deleted" => Err(refused(format!("the journal was deleted through {val}"))),
+        other => Err(unexpected(format!("{function} returned {other}"))),
+    }
+}
+
 fn reservation(
     actor: &ActorId,
     key: &IdempotencyKey,
@@ -123,15 +148,19 @@ impl PostgresStore {
         sqlx::AssertSqlSafe(sql.replace("{s}", &self.schema))
     }
 
+    /// A page of entries and the trim point, read by one statement (one snapshot of the data).
     async fn read_page(
         &self,
         actor: &ActorId,
         from: Seq,
         to: Seq,
         limit: usize,
-    ) -> StoreResult<Vec<Entry>> {
+    ) -> StoreResult<Page> {
         let rows = sqlx::query(self.q(
-            "SELECT seq, frame FROM {s}.journal WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            "SELECT m.t, j.seq, j.frame FROM \
+             (SELECT coalesce((SELECT trimmed FROM {s}.journal_meta WHERE actor = $1), 0) AS t) AS m \
+             LEFT JOIN LATERAL (SELECT seq, frame FROM {s}.journal \
+                WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS j ON true",
         ))
         .bind(actor.as_str())
         .bind(int(from))
@@ -140,14 +169,20 @@ impl PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(pe)?;
-        rows.iter()
-            .map(|r| {
-                let seq = r.get::<i64, _>(0) as u64;
-                let frame: Vec<u8> = r.get(1);
+        let trimmed_through = rows.first().map(|r| r.get::<i64, _>(0) as u64);
+        let entries = rows
+            .iter()
+            .filter_map(|r| Some((r.get::<Option<i64>, _>(1)?, r.get::<Option<Vec<u8>>, _>(2)?)))
+            .map(|(seq, frame)| {
+                let seq = seq as u64;
                 codec::decode_entry(seq, &frame)
                     .map_err(|e| StoreError::corrupt(format!("entry {seq} of {actor}"), e))
             })
-            .collect()
+            .collect::<StoreResult<Vec<Entry>>>()?;
+        Ok(Page {
+            entries,
+            trimmed_through,
+        })
     }
 
     async fn settle_op(&self, r: &Receipt, op: &str, delay: i64, text: &str) -> StoreResult<i64> {
@@ -204,7 +239,8 @@ impl JournalStore for PostgresStore {
             actor.clone(),
             range,
             READ_PAGE as usize,
-            move |from, to, limit| {
+            // The trim point comes with every page (the same statement), asked for or not.
+            move |from, to, limit, _with_trim| {
                 let store = store.clone();
                 let id = id.clone();
                 async move { store.read_page(&id, from, to, limit).await }
@@ -255,22 +291,34 @@ impl JournalStore for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;
+        snapshot_status(actor, snapshot.seq, row.get(0), row.get(1), "save_snapshot").map(|_| ())
+    }
+
+    async fn compact(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Seq> {
+        let frame = prepare_snapshot(actor, snapshot, keep)?;
+        let row = sqlx::query(self.q("SELECT status, val FROM {s}.compact($1, $2, $3, $4, $5)"))
+            .bind(actor.as_str())
+            .bind(int(snapshot.seq))
+            .bind(i32::try_from(keep).unwrap_or(i32::MAX))
+            .bind(frame)
+            .bind(fence.map(|l| int(l.token)))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
         let status: String = row.get(0);
-        let val: i64 = row.get(1);
-        let refused = |reason: String| StoreError::SnapshotRefused {
-            actor: actor.clone(),
-            seq: snapshot.seq,
-            reason,
-        };
-        match status.as_str() {
-            "ok" => Ok(()),
-            "ahead" => Err(refused(format!("the journal's highest seq is {val}"))),
-            "behind" => Err(refused(format!(
-                "entries through {val} were trimmed, so replay from {} is impossible",
-                snapshot.seq
-            ))),
-            other => Err(unexpected(format!("save_snapshot returned {other}"))),
+        if status == "lost" {
+            return Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            });
         }
+        snapshot_status(actor, snapshot.seq, status, row.get(1), "compact")
     }
 
     async fn load_snapshot(

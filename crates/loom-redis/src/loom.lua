@@ -2,7 +2,8 @@
 --
 -- Key layout (P = prefix, T = the actor's hash tag; see keys.rs):
 --   P:{T}:j    stream, the journal; entry id "<seq>-0", field e = entry frame
---   P:{T}:jm   hash, journal meta: h = highest seq, t = trimmed through
+--   P:{T}:jm   hash, journal meta: h = highest seq, t = trimmed through, d = the highest seq
+--              when the journal was last deleted (no snapshot at or below it is accepted)
 --   P:{T}:sn   hash, snapshot seq -> snapshot frame;  P:{T}:sz zset of kept snapshot seqs
 --   P:{T}:mq   stream, the mailbox's due messages, read through consumer group "g"; fields
 --              m = envelope frame, id = message id, p = position
@@ -253,19 +254,41 @@ local function append(KEYS, ARGV)
   return { 'ok', tostring(j_append(j, expected, frames)) }
 end
 
+-- Checks a snapshot at seq against the journal meta (jm: h highest, t trimmed, d deleted
+-- through); nil if it may be saved, else the refusal.
+local function s_check(jm, seq)
+  local v = redis.call('HMGET', jm, 'h', 't', 'd')
+  local h, t, d = num(v[1]), num(v[2]), num(v[3])
+  if seq > h then return { 'ahead', tostring(h) } end
+  if seq < t then return { 'behind', tostring(t) } end
+  if seq <= d then return { 'deleted', tostring(d) } end
+  return nil
+end
+
+local function s_save(sn, sz, seq, keep, frame)
+  redis.call('HSET', sn, seq, frame)
+  redis.call('ZADD', sz, seq, seq)
+  while redis.call('ZCARD', sz) > keep do
+    local old = redis.call('ZPOPMIN', sz)
+    redis.call('HDEL', sn, old[1])
+  end
+end
+
+-- Trims the journal through `through` (checked by the caller against the oldest snapshot).
+local function j_trim(j, jm, through)
+  local t = num(redis.call('HGET', jm, 't'))
+  if through <= t then return t end
+  redis.call('XTRIM', j, 'MINID', tostring(through + 1) .. '-0')
+  redis.call('HSET', jm, 't', through)
+  return through
+end
+
 -- KEYS: jm, sn, sz   ARGV: seq, keep, frame
 local function save_snapshot(KEYS, ARGV)
   local seq, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
-  local v = redis.call('HMGET', KEYS[1], 'h', 't')
-  local h, t = num(v[1]), num(v[2])
-  if seq > h then return { 'ahead', tostring(h) } end
-  if seq < t then return { 'behind', tostring(t) } end
-  redis.call('HSET', KEYS[2], seq, ARGV[3])
-  redis.call('ZADD', KEYS[3], seq, seq)
-  while redis.call('ZCARD', KEYS[3]) > keep do
-    local old = redis.call('ZPOPMIN', KEYS[3])
-    redis.call('HDEL', KEYS[2], old[1])
-  end
+  local refused = s_check(KEYS[1], seq)
+  if refused then return refused end
+  s_save(KEYS[2], KEYS[3], seq, keep, ARGV[3])
   return { 'ok' }
 end
 
@@ -275,18 +298,29 @@ local function trim(KEYS, ARGV)
   local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)
   if #oldest == 0 then return { 'refused', '' } end
   if through > tonumber(oldest[1]) then return { 'refused', oldest[1] } end
-  local t = num(redis.call('HGET', KEYS[2], 't'))
-  if through <= t then return { 'ok' } end
-  redis.call('XTRIM', KEYS[1], 'MINID', tostring(through + 1) .. '-0')
-  redis.call('HSET', KEYS[2], 't', through)
+  j_trim(KEYS[1], KEYS[2], through)
   return { 'ok' }
+end
+
+-- Compaction: a snapshot and the trim through the oldest kept one, in one script, fenced.
+-- KEYS: j, jm, sn, sz, ls   ARGV: seq, keep, frame, then owner, token of the fence (optional)
+local function compact(KEYS, ARGV)
+  if ARGV[4] then
+    if redis.call('GET', KEYS[5]) ~= ARGV[4] .. '\n' .. ARGV[5] then return { 'lost' } end
+  end
+  local seq, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local refused = s_check(KEYS[2], seq)
+  if refused then return refused end
+  s_save(KEYS[3], KEYS[4], seq, keep, ARGV[3])
+  local oldest = tonumber(redis.call('ZRANGE', KEYS[4], 0, 0)[1])
+  return { 'ok', tostring(j_trim(KEYS[1], KEYS[2], oldest)) }
 end
 
 -- KEYS: j, jm, sn, sz
 local function delete(KEYS, ARGV)
   local h = num(redis.call('HGET', KEYS[2], 'h'))
   redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
-  if h > 0 then redis.call('HSET', KEYS[2], 't', h) end
+  if h > 0 then redis.call('HSET', KEYS[2], 't', h, 'd', h) end
   return { 'ok' }
 end
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use loom_core::codec::{self, CodecError, RecordType};
 use loom_core::store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Receipt, Reservation, SeqRange,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Receipt, Reservation, SeqRange,
     Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
     prepare_result, prepare_snapshot,
 };
@@ -105,24 +105,38 @@ fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
 }
 
 impl RedisStore {
+    /// A page of entries and, if `with_trim`, the trim point read in the same `MULTI`.
     async fn read_page(
         &self,
         actor: &ActorId,
         from: Seq,
         to: Seq,
         limit: usize,
-    ) -> StoreResult<Vec<Entry>> {
+        with_trim: bool,
+    ) -> StoreResult<Page> {
         let k = self.keys.journal(actor);
         let mut conn = self.conn();
-        let v: Value = redis::cmd("XRANGE")
+        let mut range = redis::cmd("XRANGE");
+        range
             .arg(&k.j)
             .arg(format!("{from}-0"))
             .arg(format!("{to}-0"))
             .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(re)?;
+            .arg(limit);
+        let (v, trimmed_through) = if with_trim {
+            let (t, v): (Option<u64>, Value) = redis::pipe()
+                .atomic()
+                .cmd("HGET")
+                .arg(&k.jm)
+                .arg("t")
+                .add_command(range)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            (v, Some(t.unwrap_or(0)))
+        } else {
+            (range.query_async(&mut conn).await.map_err(re)?, None)
+        };
         let Value::Array(items) = v else {
             return Err(unexpected("XRANGE reply"));
         };
@@ -141,7 +155,10 @@ impl RedisStore {
                     .map_err(|e| StoreError::corrupt(format!("entry {seq} of {actor}"), e))?,
             );
         }
-        Ok(out)
+        Ok(Page {
+            entries: out,
+            trimmed_through,
+        })
     }
 
     fn mailbox_keys<'a>(&self, actor: &ActorId, global: &'a mut Vec<String>) -> &'a [String] {
@@ -195,6 +212,31 @@ impl RedisStore {
             }),
             other => Err(unexpected(format!("settle replied {other}"))),
         }
+    }
+}
+
+/// Reads the reply of a script that saves a snapshot: `ok`, or why it was refused.
+fn snapshot_reply(actor: &ActorId, seq: Seq, r: &[Value], script: &str) -> StoreResult<()> {
+    let refused = |reason: String| StoreError::SnapshotRefused {
+        actor: actor.clone(),
+        seq,
+        reason,
+    };
+    match status(r).as_str() {
+        "ok" => Ok(()),
+        "ahead" => Err(refused(format!(
+            "the journal's highest seq is {}",
+            number(r.get(1), "highest")?
+        ))),
+        "behind" => Err(refused(format!(
+            "entries through {} were trimmed, so replay from {seq} is impossible",
+            number(r.get(1), "trim point")?
+        ))),
+        "deleted" => Err(refused(format!(
+            "the journal was deleted through {}",
+            number(r.get(1), "deletion point")?
+        ))),
+        other => Err(unexpected(format!("{script} replied {other}"))),
     }
 }
 
@@ -257,11 +299,16 @@ impl JournalStore for RedisStore {
     fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
         let store = self.clone();
         let id = actor.clone();
-        paged_read(actor.clone(), range, READ_PAGE, move |from, to, limit| {
-            let store = store.clone();
-            let id = id.clone();
-            async move { store.read_page(&id, from, to, limit).await }
-        })
+        paged_read(
+            actor.clone(),
+            range,
+            READ_PAGE,
+            move |from, to, limit, with_trim| {
+                let store = store.clone();
+                let id = id.clone();
+                async move { store.read_page(&id, from, to, limit, with_trim).await }
+            },
+        )
     }
 
     async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
@@ -313,24 +360,39 @@ impl JournalStore for RedisStore {
                 vec![s(snapshot.seq), s(keep), frame],
             )
             .await?;
-        let refused = |reason: String| StoreError::SnapshotRefused {
-            actor: actor.clone(),
-            seq: snapshot.seq,
-            reason,
-        };
-        match status(&r).as_str() {
-            "ok" => Ok(()),
-            "ahead" => Err(refused(format!(
-                "the journal's highest seq is {}",
-                number(r.get(1), "highest")?
-            ))),
-            "behind" => Err(refused(format!(
-                "entries through {} were trimmed, so replay from {} is impossible",
-                number(r.get(1), "trim point")?,
-                snapshot.seq
-            ))),
-            other => Err(unexpected(format!("save_snapshot replied {other}"))),
+        snapshot_reply(actor, snapshot.seq, &r, "save_snapshot").map(|_| ())
+    }
+
+    async fn compact(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Seq> {
+        let frame = prepare_snapshot(actor, snapshot, keep)?;
+        let k = self.keys.journal(actor);
+        let (ls, _) = self.keys.lease(actor);
+        let mut args = vec![s(snapshot.seq), s(keep), frame];
+        if let Some(l) = fence {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
         }
+        let r = self
+            .run(
+                &self.scripts.compact,
+                &[&k.j, &k.jm, &k.sn, &k.sz, &ls],
+                args,
+            )
+            .await?;
+        if status(&r) == "lost" {
+            return Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            });
+        }
+        snapshot_reply(actor, snapshot.seq, &r, "compact")
+            .and_then(|()| number(r.get(1), "trim point"))
     }
 
     async fn load_snapshot(

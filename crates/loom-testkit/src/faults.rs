@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use loom_core::codec::CodecError;
 use loom_core::{
     ActorId, Committed, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope,
@@ -43,6 +44,7 @@ pub struct Faults {
     pub lost_reply_percent: AtomicU32,
     rng: Mutex<Option<fastrand::Rng>>,
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
+    pause_read: Mutex<Option<Arc<ReadPause>>>,
     /// How many failures were injected.
     pub injected: AtomicU64,
     /// Lease renewal calls that reached the store (`renew` and `renew_many`).
@@ -51,7 +53,24 @@ pub struct Faults {
     pub renewals: AtomicU64,
 }
 
+/// A journal read held before it starts: see [`Faults::pause_next_read`].
+#[derive(Debug, Default)]
+pub struct ReadPause {
+    /// Notified when the paused read is reached.
+    pub reached: tokio::sync::Notify,
+    /// Notify to let the read go on.
+    pub resume: tokio::sync::Notify,
+}
+
 impl Faults {
+    /// Holds the next journal `read` before it reads anything, until the case notifies
+    /// `resume` on the returned pause (it is told through `reached` when the read arrives).
+    pub fn pause_next_read(&self) -> Arc<ReadPause> {
+        let pause = Arc::new(ReadPause::default());
+        *self.pause_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
+        pause
+    }
+
     /// Makes the snapshot of `actor` at `seq` read as corrupt.
     pub fn corrupt_snapshot(&self, actor: &ActorId, seq: Seq) {
         self.corrupt
@@ -171,6 +190,25 @@ impl JournalStore for FaultyStore {
         if self.faults.take(&self.faults.fail_reads) {
             return Box::pin(futures::stream::once(async { Err(injected("read")) }));
         }
+        let paused = self
+            .faults
+            .pause_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pause) = paused {
+            // The read starts only once the case lets it: whatever the case does meanwhile (a
+            // compaction, say) happens between the reader's look at the journal and its read.
+            let (inner, actor) = (self.inner.clone(), actor.clone());
+            return Box::pin(
+                futures::stream::once(async move {
+                    pause.reached.notify_one();
+                    pause.resume.notified().await;
+                    inner.read(&actor, range)
+                })
+                .flatten(),
+            );
+        }
         self.inner.read(actor, range)
     }
 
@@ -233,6 +271,23 @@ impl JournalStore for FaultyStore {
             return Err(injected("trim"));
         }
         self.write("trim", self.inner.trim(actor, through)).await
+    }
+
+    async fn compact(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Seq> {
+        if self.faults.take(&self.faults.fail_trims) {
+            // A store that saves the snapshot and then fails before the trim (as one that did
+            // them in two writes could, crashing between them): the state that leaves behind.
+            self.inner.save_snapshot(actor, snapshot, keep).await?;
+            return Err(injected("compact after its snapshot"));
+        }
+        self.write("compact", self.inner.compact(actor, snapshot, keep, fence))
+            .await
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {

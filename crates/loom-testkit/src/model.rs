@@ -84,6 +84,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Journal {
     highest: Seq,
     trimmed: Seq,
+    /// The highest seq at the last delete: no snapshot at or below it is accepted.
+    deleted: Seq,
     entries: BTreeMap<Seq, u64>,
     snapshots: BTreeMap<Seq, u64>,
 }
@@ -173,7 +175,7 @@ impl Run {
                     .await;
                 let want = if keep == 0 {
                     "invalid request"
-                } else if seq == 0 || seq > m.highest || seq < m.trimmed {
+                } else if seq == 0 || seq > m.highest || seq < m.trimmed || seq <= m.deleted {
                     "snapshot refused"
                 } else {
                     m.snapshots.insert(seq, self.counter);
@@ -208,6 +210,7 @@ impl Run {
                 m.entries.clear();
                 m.snapshots.clear();
                 m.trimmed = m.highest;
+                m.deleted = m.highest;
                 prop_assert_eq!(kind(&got), "ok", "{:?} gave {:?}", op, got);
             }
             Op::Read {

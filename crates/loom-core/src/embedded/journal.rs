@@ -8,11 +8,12 @@ use crate::entry::{Entry, Seq, Snapshot};
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
 use crate::store::{
-    EntryStream, JournalInfo, JournalStore, SeqRange, paged_read, prepare_append, prepare_snapshot,
+    EntryStream, JournalInfo, JournalStore, Lease, Page, SeqRange, paged_read, prepare_append,
+    prepare_snapshot,
 };
 
-use super::EmbeddedStore;
 use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, Tx, se};
+use super::{EmbeddedStore, lease};
 
 /// Entries per read transaction while streaming.
 const READ_PAGE: usize = 1024;
@@ -70,13 +71,21 @@ pub(super) fn append(
     Ok(highest)
 }
 
+/// A page of entries, and the trim point in the same read transaction if `with_trim`.
 fn read_page(
     txn: &ReadTransaction,
     actor: &ActorId,
     from: Seq,
     to: Seq,
     limit: usize,
-) -> StoreResult<Vec<Entry>> {
+    with_trim: bool,
+) -> StoreResult<Page> {
+    let trimmed_through = if with_trim {
+        let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+        Some(meta_of(&meta, actor.as_str())?.1)
+    } else {
+        None
+    };
     let table = txn.open_table(JOURNAL).map_err(se)?;
     let mut out = Vec::with_capacity(limit.min(READ_PAGE));
     for item in table
@@ -90,7 +99,10 @@ fn read_page(
             .map_err(|e| StoreError::corrupt(format!("entry {seq} of {actor}"), e))?;
         out.push(entry);
     }
-    Ok(out)
+    Ok(Page {
+        entries: out,
+        trimmed_through,
+    })
 }
 
 fn save_snapshot(
@@ -116,6 +128,19 @@ fn save_snapshot(
             reason: format!(
                 "entries through {trimmed} were trimmed, so replay from {seq} is impossible"
             ),
+        });
+    }
+    let deleted = tx
+        .journal_deleted
+        .get()?
+        .get(actor.as_str())
+        .map_err(se)?
+        .map_or(0, |v| v.value());
+    if seq <= deleted {
+        return Err(StoreError::SnapshotRefused {
+            actor: actor.clone(),
+            seq,
+            reason: format!("the journal was deleted through {deleted}"),
         });
     }
     let snaps = tx.snapshots.get()?;
@@ -160,6 +185,28 @@ fn trim(tx: &mut Tx<'_>, actor: &ActorId, through: Seq) -> StoreResult<()> {
     Ok(())
 }
 
+/// Saves a snapshot and trims through the oldest kept one: compaction, in one write (the caller
+/// checked the fence). Returns the trim point after.
+fn compact(
+    tx: &mut Tx<'_>,
+    actor: &ActorId,
+    seq: Seq,
+    bytes: &[u8],
+    keep: usize,
+) -> StoreResult<Seq> {
+    save_snapshot(tx, actor, seq, bytes, keep)?;
+    let (_, trimmed) = meta_of(&**tx.journal_meta.get()?, actor.as_str())?;
+    let oldest = snapshot_seqs(&**tx.snapshots.get()?, actor.as_str())?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    if oldest <= trimmed {
+        return Ok(trimmed);
+    }
+    trim(tx, actor, oldest)?;
+    Ok(oldest)
+}
+
 fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
     let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
@@ -173,6 +220,10 @@ fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
         .map_err(se)?;
     if highest > 0 {
         meta.insert(actor.as_str(), (highest, highest))
+            .map_err(se)?;
+        tx.journal_deleted
+            .get()?
+            .insert(actor.as_str(), highest)
             .map_err(se)?;
     }
     Ok(())
@@ -195,15 +246,20 @@ impl JournalStore for EmbeddedStore {
     fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
         let store = self.clone();
         let id = actor.clone();
-        paged_read(actor.clone(), range, READ_PAGE, move |from, to, limit| {
-            let store = store.clone();
-            let id = id.clone();
-            async move {
-                store
-                    .read(move |txn| read_page(txn, &id, from, to, limit))
-                    .await
-            }
-        })
+        paged_read(
+            actor.clone(),
+            range,
+            READ_PAGE,
+            move |from, to, limit, with_trim| {
+                let store = store.clone();
+                let id = id.clone();
+                async move {
+                    store
+                        .read(move |txn| read_page(txn, &id, from, to, limit, with_trim))
+                        .await
+                }
+            },
+        )
     }
 
     async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
@@ -273,6 +329,24 @@ impl JournalStore for EmbeddedStore {
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
         let actor = actor.clone();
         self.write(move |tx| trim(tx, &actor, through)).await
+    }
+
+    async fn compact(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Seq> {
+        let bytes = prepare_snapshot(actor, snapshot, keep)?;
+        let (actor, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
+        self.write(move |tx| {
+            if let Some(fence) = &fence {
+                lease::check_fence(tx, fence)?;
+            }
+            compact(tx, &actor, seq, &bytes, keep)
+        })
+        .await
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {

@@ -47,6 +47,22 @@ pub(super) fn live(row: &Row, now: Timestamp) -> Option<&str> {
     row.owner.as_deref().filter(|_| row.expires_at > now)
 }
 
+/// Fails with [`StoreError::LeaseLost`] unless `fence` is the actor's live lease (same token,
+/// unexpired): the check every fenced write makes before it writes.
+pub(super) fn check_fence(tx: &mut Tx<'_>, fence: &Lease) -> StoreResult<()> {
+    let row = get(&**tx.leases.get()?, &fence.actor)?;
+    let held = row
+        .as_ref()
+        .is_some_and(|r| r.token == fence.token && live(r, Timestamp::now()).is_some());
+    if !held {
+        return Err(StoreError::LeaseLost {
+            actor: fence.actor.clone(),
+            token: fence.token,
+        });
+    }
+    Ok(())
+}
+
 fn check_ttl(ttl: Duration) -> StoreResult<()> {
     if ttl.is_zero() {
         return Err(StoreError::InvalidRequest(

@@ -31,6 +31,11 @@ pub const JOURNAL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("j
 /// trimmed never come back. `trimmed_through <= highest`.
 pub const JOURNAL_META: TableDefinition<&str, (u64, u64)> = TableDefinition::new("journal_meta");
 
+/// `actor` → the highest seq when its journal was last deleted. No snapshot at or below it is
+/// accepted (a compaction finishing after a delete cannot bring the deleted state back).
+/// Only [`JournalStore::delete`](crate::JournalStore::delete) writes here.
+pub const JOURNAL_DELETED: TableDefinition<&str, u64> = TableDefinition::new("journal_deleted");
+
 /// `(actor, seq)` → a snapshot frame. Only the newest `keep` are kept; none is below
 /// `trimmed_through`, and `trimmed_through` never passes the oldest one (when one exists).
 pub const SNAPSHOTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("snapshots");
@@ -86,6 +91,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
     txn.open_table(META)?;
     txn.open_table(JOURNAL)?;
     txn.open_table(JOURNAL_META)?;
+    txn.open_table(JOURNAL_DELETED)?;
     txn.open_table(SNAPSHOTS)?;
     txn.open_table(MESSAGES)?;
     txn.open_table(MESSAGE_STATE)?;
@@ -152,6 +158,7 @@ pub(super) mod id {
     pub const LEASES: u8 = 11;
     pub const IDEMPOTENCY: u8 = 12;
     pub const IDEMPOTENCY_EXPIRY: u8 = 13;
+    pub const JOURNAL_DELETED: u8 = 14;
 }
 
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after
@@ -161,6 +168,7 @@ pub(super) struct Tx<'t> {
     pub(super) meta: Lazy<'t, Rec<'t, &'static str, u64>>,
     pub(super) journal: Lazy<'t, Rec<'t, (&'static str, u64), &'static [u8]>>,
     pub(super) journal_meta: Lazy<'t, Rec<'t, &'static str, (u64, u64)>>,
+    pub(super) journal_deleted: Lazy<'t, Rec<'t, &'static str, u64>>,
     pub(super) snapshots: Lazy<'t, Rec<'t, (&'static str, u64), &'static [u8]>>,
     pub(super) mailbox: Lazy<'t, super::mailbox::Tables<'t>>,
     pub(super) dead_letters: Lazy<'t, Rec<'t, u64, &'static [u8]>>,
@@ -177,6 +185,9 @@ impl<'t> Tx<'t> {
             journal: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::JOURNAL, JOURNAL)),
             journal_meta: Lazy::new(txn, sink, |t, s| {
                 Rec::open(t, s, id::JOURNAL_META, JOURNAL_META)
+            }),
+            journal_deleted: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::JOURNAL_DELETED, JOURNAL_DELETED)
             }),
             snapshots: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::SNAPSHOTS, SNAPSHOTS)),
             mailbox: Lazy::new(txn, sink, super::mailbox::Tables::open),
@@ -200,6 +211,7 @@ impl Apply for Tx<'_> {
             id::META => apply_to(self.meta.get()?, op),
             id::JOURNAL => apply_to(self.journal.get()?, op),
             id::JOURNAL_META => apply_to(self.journal_meta.get()?, op),
+            id::JOURNAL_DELETED => apply_to(self.journal_deleted.get()?, op),
             id::SNAPSHOTS => apply_to(self.snapshots.get()?, op),
             id::DEAD_LETTERS => apply_to(self.dead_letters.get()?, op),
             id::LEASES => apply_to(self.leases.get()?, op),

@@ -50,16 +50,7 @@ impl Store for EmbeddedStore {
             // Checks first, writes after: a refused turn writes nothing (see writer.rs).
             let now = Timestamp::now();
             if let Some(fence) = &fence {
-                let row = lease::get(&**tx.leases.get()?, &fence.actor)?;
-                let held = row
-                    .as_ref()
-                    .is_some_and(|r| r.token == fence.token && lease::live(r, now).is_some());
-                if !held {
-                    return Err(StoreError::LeaseLost {
-                        actor: fence.actor.clone(),
-                        token: fence.token,
-                    });
-                }
+                lease::check_fence(tx, fence)?;
             }
             {
                 let (highest, _) = journal::meta_of(&**tx.journal_meta.get()?, actor.as_str())?;

@@ -487,15 +487,18 @@ impl<A: Actor> Cell<A> {
             state: self.value.clone(),
             recent: self.recent.iter().copied().collect(),
         };
-        let (store, id, flag, shared) = (
+        let (store, id, flag, shared, lease) = (
             io.store.clone(),
             self.id.clone(),
             self.compacting.clone(),
             shared.clone(),
+            io.lease.clone(),
         );
         let keep = policy.keep.max(1);
         shared.tasks.clone().spawn(async move {
-            let result = super::replay::snapshot_and_trim(&*store, &id, seq, &body, keep).await;
+            let result =
+                super::replay::snapshot_and_trim(&*store, &id, seq, &body, keep, Some(&lease))
+                    .await;
             flag.store(false, Ordering::Release);
             match result {
                 Ok(trimmed) => {

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::entry::{EntryKind, Seq, Snapshot, Step};
 use crate::error::StoreError;
 use crate::id::{ActorId, MessageId};
-use crate::store::{SeqRange, Store};
+use crate::store::{Lease, SeqRange, Store};
 
 /// How many completed message ids an actor remembers to recognize a redelivery.
 pub(crate) const RECENT: usize = 128;
@@ -67,10 +67,35 @@ pub(crate) struct Replayed {
     pub(crate) corrupt_snapshots: u64,
 }
 
+/// How many times [`replay`] starts over when the journal is trimmed under it.
+const REPLAY_TRIES: u32 = 8;
+
 /// Rebuilds the actor's JSON state: newest readable snapshot, then the journal after it,
 /// streamed (memory holds one page of entries and the current invocation's steps, never the
 /// history). `initial` is the state when there is no snapshot.
+///
+/// The journal is read [strictly](SeqRange::strict) from just after the state it starts from:
+/// a compaction elsewhere (an older incarnation, a node that lost the lease, `loom journal
+/// compact`) may trim between the look at the snapshots and the read, and then the read fails
+/// instead of starting later, and replay starts over from the newer snapshot (rule D9).
 pub(crate) async fn replay(
+    store: &dyn Store,
+    id: &ActorId,
+    initial: Value,
+) -> Result<Replayed, RecoverError> {
+    let mut tries = 0;
+    loop {
+        match replay_once(store, id, initial.clone()).await {
+            Err(RecoverError::Store(e @ StoreError::Gap { .. })) if tries + 1 < REPLAY_TRIES => {
+                tries += 1;
+                tracing::debug!(actor = %id, error = %e, "the journal was trimmed while it was replayed; starting over");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn replay_once(
     store: &dyn Store,
     id: &ActorId,
     initial: Value,
@@ -124,7 +149,7 @@ pub(crate) async fn replay(
         bytes: 0,
         corrupt_snapshots,
     };
-    let mut entries = store.read(id, SeqRange::all().from(from));
+    let mut entries = store.read(id, SeqRange::all().from(from).strict());
     while let Some(entry) = entries.try_next().await.map_err(|e| match e {
         e @ StoreError::Corrupt { .. } => RecoverError::Unrecoverable(e.to_string()),
         other => RecoverError::Store(other),
@@ -197,15 +222,17 @@ pub(crate) fn state_patch(
     Some(json_patch::diff(old, new))
 }
 
-/// Saves a snapshot at `seq` and, once it is durable, trims through the oldest kept snapshot.
-/// Entries appended meanwhile are above `seq`, so the trim never touches them. Returns the new
-/// trim point.
+/// Saves a snapshot at `seq` and trims through the oldest kept snapshot, in one write
+/// ([`JournalStore::compact`](crate::JournalStore::compact)), fenced by the actor's lease when
+/// the runtime compacts (rule D8). Entries appended meanwhile are above `seq`, so the trim never
+/// touches them. Returns the new trim point.
 pub(crate) async fn snapshot_and_trim(
     store: &dyn Store,
     id: &ActorId,
     seq: Seq,
     body: &Body,
     keep: usize,
+    fence: Option<&Lease>,
 ) -> Result<Seq, StoreError> {
     let state = serde_json::to_value(body)
         .map_err(|e| StoreError::InvalidRequest(format!("snapshot body does not encode: {e}")))?;
@@ -215,16 +242,7 @@ pub(crate) async fn snapshot_and_trim(
         at: crate::Timestamp::now(),
         format: SNAPSHOT_FORMAT,
     };
-    store.save_snapshot(id, &snapshot, keep).await?;
-    let info = store.info(id).await?;
-    let Some(&oldest) = info.snapshots.first() else {
-        return Ok(info.trimmed_through);
-    };
-    if oldest > info.trimmed_through {
-        store.trim(id, oldest).await?;
-        return Ok(oldest);
-    }
-    Ok(info.trimmed_through)
+    store.compact(id, &snapshot, keep, fence).await
 }
 
 /// What [`compact_journal`] did.
@@ -259,8 +277,9 @@ pub enum CompactError {
 /// snapshot and the journal's patches, saves a snapshot at the last seq where no invocation was
 /// half-done, keeps the newest `keep` snapshots, and trims what the oldest kept one covers.
 ///
-/// Safe to run while the actor runs elsewhere: the snapshot is of entries already durable, and
-/// the trim never passes it.
+/// Safe to run while the actor runs elsewhere: the snapshot is of entries already durable, the
+/// trim never passes it, and a runtime recovering the actor meanwhile notices the trim and
+/// starts over from the new snapshot (see [`replay`]'s strict read).
 pub async fn compact_journal(
     store: &dyn Store,
     id: &ActorId,
@@ -282,7 +301,7 @@ pub async fn compact_journal(
         state: r.value,
         recent: r.recent.into_iter().collect(),
     };
-    let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep).await?;
+    let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep, None).await?;
     Ok(Compacted {
         snapshot: r.settled,
         trimmed_through,

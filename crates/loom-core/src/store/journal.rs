@@ -10,16 +10,19 @@ use crate::entry::{Entry, Seq, Snapshot};
 use crate::error::{Limit, StoreError, StoreResult};
 use crate::id::ActorId;
 use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_ENTRY_BYTES, MAX_SNAPSHOT_BYTES};
+use crate::store::Lease;
 
-/// Which entries to read: seqs `from..=to`, at most `max` of them.
+/// Which entries to read: seqs `from..=to`, at most `max` of them; with
+/// [`strict`](Self::strict), starting exactly at `from`.
 ///
 /// ```
 /// use loom_core::SeqRange;
 ///
 /// let r = SeqRange::all().from(5).to(9).max(2);
-/// assert_eq!((r.from, r.to, r.max), (5, 9, 2));
+/// assert_eq!((r.from, r.to, r.max, r.strict), (5, 9, 2, false));
 /// assert!(SeqRange::all().from(3).to(2).is_empty());
 /// assert!(SeqRange::all().max(0).is_empty());
+/// assert!(SeqRange::all().from(7).strict().strict);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqRange {
@@ -29,6 +32,8 @@ pub struct SeqRange {
     pub to: Seq,
     /// Most entries to return.
     pub max: u64,
+    /// The read must start at `from`: see [`JournalStore::read`].
+    pub strict: bool,
 }
 
 impl SeqRange {
@@ -38,6 +43,19 @@ impl SeqRange {
             from: 1,
             to: Seq::MAX,
             max: u64::MAX,
+            strict: false,
+        }
+    }
+
+    /// Requires the read to start at `from`, for a reader whose state already covers
+    /// `..from` (recovery after a snapshot at `from - 1`): if the entries from `from` on were
+    /// trimmed (a compaction elsewhere since the reader looked), the stream fails with
+    /// [`StoreError::Gap`] instead of silently starting later. The check is made in the same
+    /// read as the first page, so no trim can slip between them.
+    pub const fn strict(self) -> Self {
+        SeqRange {
+            strict: true,
+            ..self
         }
     }
 
@@ -116,8 +134,11 @@ pub trait JournalStore: Send + Sync + 'static {
     ) -> StoreResult<Seq>;
 
     /// Streams the entries in `range`, in order. Trimmed or deleted entries are not returned; the
-    /// stream starts at the first kept entry in the range. If entries disappear while the stream
-    /// is being read (a concurrent trim), the stream ends with [`StoreError::Gap`] rather than skip.
+    /// stream starts at the first kept entry in the range, unless the range is
+    /// [`strict`](SeqRange::strict): then, if the journal's trim point is at or past `from` when
+    /// the first page is read (checked in the same read), the stream yields
+    /// [`StoreError::Gap`] and ends. If entries disappear while the stream is being read (a
+    /// concurrent trim), the stream ends with [`StoreError::Gap`] rather than skip.
     fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream;
 
     /// The highest seq ever appended to the journal; 0 for an actor never written.
@@ -129,8 +150,10 @@ pub trait JournalStore: Send + Sync + 'static {
     /// Saves a snapshot, then keeps only the newest `keep` snapshots (at least 1), atomically.
     ///
     /// A snapshot at an existing seq replaces it. Refused ([`StoreError::SnapshotRefused`]) for a
-    /// seq above the highest seq (it would claim entries that do not exist) or at or below the
-    /// trim point (the entries after it that a fallback would replay are gone), and for seq 0.
+    /// seq above the highest seq (it would claim entries that do not exist), below the trim point
+    /// (the entries after it that a fallback would replay are gone), at or below the point where
+    /// the journal was [deleted](Self::delete) (it would bring a deleted state back), and for
+    /// seq 0.
     async fn save_snapshot(
         &self,
         actor: &ActorId,
@@ -155,8 +178,22 @@ pub trait JournalStore: Send + Sync + 'static {
     /// Highest seq is unchanged.
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()>;
 
+    /// Saves `snapshot` as [`save_snapshot`](Self::save_snapshot) does, and trims through the
+    /// oldest kept snapshot (when that is past the trim point), in one atomic write, only while
+    /// `fence` is held ([`StoreError::LeaseLost`] otherwise, nothing written). Returns the trim
+    /// point after. This is compaction: a node that lost the actor's lease can no longer
+    /// compact it, and there is no moment at which the snapshot is saved but not yet trimmed.
+    async fn compact(
+        &self,
+        actor: &ActorId,
+        snapshot: &Snapshot,
+        keep: usize,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Seq>;
+
     /// Removes every entry and snapshot of the actor. Its highest seq is kept: the next append
-    /// must use `highest + 1`, so a seq is never reused.
+    /// must use `highest + 1`, so a seq is never reused; and no snapshot at or below it is
+    /// accepted again (a compaction that was under way cannot bring the deleted state back).
     async fn delete(&self, actor: &ActorId) -> StoreResult<()>;
 
     /// Makes an actor that has no journal (highest 0) look as if entries `1..=through` had been
@@ -256,23 +293,36 @@ pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> St
     Ok(bytes)
 }
 
+/// One page of a [`paged_read`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Page {
+    /// The entries, in seq order.
+    pub entries: Vec<Entry>,
+    /// The journal's trim point, read in the same transaction (or snapshot) as the entries, if
+    /// the fetch was asked for it.
+    pub trimmed_through: Option<Seq>,
+}
+
 /// Builds a [`JournalStore::read`] stream from a page fetcher.
 ///
-/// `fetch(from, to, limit)` returns up to `limit` entries with seqs in `from..=to`, in order.
-/// The stream asks for the next page only when the previous one is consumed, so memory stays
-/// bounded by one page. It checks that the entries are gapless: the first page may start after
-/// `range.from` (those entries were trimmed), but after that every entry must follow the last, or
-/// the stream yields [`StoreError::Gap`] and ends.
+/// `fetch(from, to, limit, with_trim)` returns up to `limit` entries with seqs in `from..=to`,
+/// in order, and, when `with_trim` is true, the trim point as of the same read (asked for the
+/// first page of a [strict](SeqRange::strict) read only). The stream asks for the next page
+/// only when the previous one is consumed, so memory stays bounded by one page. It checks that
+/// the entries are gapless: the first page may start after `range.from` (those entries were
+/// trimmed) unless the read is strict, but after that every entry must follow the last, or the
+/// stream yields [`StoreError::Gap`] and ends.
 pub fn paged_read<F, Fut>(actor: ActorId, range: SeqRange, page: usize, fetch: F) -> EntryStream
 where
-    F: FnMut(Seq, Seq, usize) -> Fut + Send + 'static,
-    Fut: Future<Output = StoreResult<Vec<Entry>>> + Send + 'static,
+    F: FnMut(Seq, Seq, usize, bool) -> Fut + Send + 'static,
+    Fut: Future<Output = StoreResult<Page>> + Send + 'static,
 {
     struct State<F> {
         actor: ActorId,
         next: Seq,
         to: Seq,
         left: u64,
+        strict: bool,
         started: bool,
         done: bool,
         page: usize,
@@ -286,6 +336,7 @@ where
         next: range.from.max(1),
         to: range.to,
         left: range.max,
+        strict: range.strict,
         started: false,
         done: false,
         page: page.max(1),
@@ -296,13 +347,40 @@ where
             return None;
         }
         let limit = usize::try_from(st.left).unwrap_or(usize::MAX).min(st.page);
-        let batch = match (st.fetch)(st.next, st.to, limit).await {
-            Ok(b) => b,
+        let strict = st.strict && !st.started;
+        let page = match (st.fetch)(st.next, st.to, limit, strict).await {
+            Ok(p) => p,
             Err(e) => {
                 st.done = true;
                 return Some((vec![Err(e)], st));
             }
         };
+        if strict {
+            // The reader's state covers `..next`; if what follows was trimmed, it cannot go on.
+            match page.trimmed_through {
+                Some(t) if t >= st.next => {
+                    st.done = true;
+                    let gap = StoreError::Gap {
+                        actor: st.actor.clone(),
+                        expected: st.next,
+                        found: t + 1,
+                    };
+                    return Some((vec![Err(gap)], st));
+                }
+                Some(_) => {}
+                None => {
+                    st.done = true;
+                    let e = StoreError::InvalidRequest(format!(
+                        "read of {}: the store gave no trim point for a strict read",
+                        st.actor
+                    ));
+                    return Some((vec![Err(e)], st));
+                }
+            }
+            // Untrimmed from `next` on: the first entry, if any, must be `next` itself.
+            st.started = true;
+        }
+        let batch = page.entries;
         if batch.is_empty() {
             return None;
         }

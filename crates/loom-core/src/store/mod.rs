@@ -17,7 +17,8 @@ mod turn;
 
 pub use idempotency::{IdempotencyStore, Reservation, prepare_result};
 pub use journal::{
-    EntryStream, JournalInfo, JournalStore, SeqRange, paged_read, prepare_append, prepare_snapshot,
+    EntryStream, JournalInfo, JournalStore, Page, SeqRange, paged_read, prepare_append,
+    prepare_snapshot,
 };
 pub use lease::{Lease, LeaseManager, check_owner};
 pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, prepare_message};

@@ -65,6 +65,10 @@ pub(super) fn cases() -> Vec<Case> {
         snapshot_keep_zero_is_refused,
         begin_at_starts_an_empty_journal_after_a_trim_point,
         begin_at_is_refused_on_a_journal_that_exists,
+        strict_read_fails_when_its_start_was_trimmed,
+        compact_saves_and_trims_in_one_write,
+        compact_fenced_by_a_lost_lease_changes_nothing,
+        no_snapshot_brings_a_deleted_journal_back,
     ]
 }
 
@@ -984,4 +988,141 @@ async fn begin_at_is_refused_on_a_journal_that_exists(store: Arc<dyn Store>) {
     );
     let info = store.info(&a).await.unwrap();
     assert_eq!((info.highest, info.trimmed_through), (3, 0));
+}
+
+async fn strict_read_fails_when_its_start_was_trimmed(store: Arc<dyn Store>) {
+    let a = id("a");
+    fill(&*store, &a, 10).await;
+    // Untrimmed: a strict read is a plain read.
+    assert_eq!(
+        seqs(&*store, &a, SeqRange::all().strict()).await,
+        span(1, 10)
+    );
+    store.save_snapshot(&a, &snap(5), 2).await.unwrap();
+    store.trim(&a, 5).await.unwrap();
+    // A reader whose state covers ..3 cannot go on from 6: it must be told, not given 6...
+    let err = store
+        .read(&a, SeqRange::all().from(3).strict())
+        .try_collect::<Vec<Entry>>()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Gap {
+                expected: 3,
+                found: 6,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = store
+        .read(&a, SeqRange::all().from(5).strict())
+        .try_collect::<Vec<Entry>>()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Gap { .. }), "{err:?}");
+    // ...while a reader whose state covers ..5 (the snapshot) reads on.
+    assert_eq!(
+        seqs(&*store, &a, SeqRange::all().from(6).strict()).await,
+        span(6, 10)
+    );
+    assert!(
+        seqs(&*store, &a, SeqRange::all().from(11).strict())
+            .await
+            .is_empty()
+    );
+    // A plain read still starts at the first kept entry.
+    assert_eq!(
+        seqs(&*store, &a, SeqRange::all().from(3)).await,
+        span(6, 10)
+    );
+    // A deleted journal: nothing to read strictly from anywhere it held.
+    store.delete(&a).await.unwrap();
+    let err = store
+        .read(&a, SeqRange::all().from(6).strict())
+        .try_collect::<Vec<Entry>>()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Gap { .. }), "{err:?}");
+}
+
+async fn compact_saves_and_trims_in_one_write(store: Arc<dyn Store>) {
+    let a = id("a");
+    fill(&*store, &a, 10).await;
+    assert_eq!(store.compact(&a, &snap(4), 2, None).await.unwrap(), 4);
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.snapshots.clone(), info.trimmed_through), (vec![4], 4));
+    // Keeping two: the trim stops at the older kept snapshot.
+    assert_eq!(store.compact(&a, &snap(8), 2, None).await.unwrap(), 4);
+    assert_eq!(store.compact(&a, &snap(10), 2, None).await.unwrap(), 8);
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.snapshots, info.trimmed_through), (vec![8, 10], 8));
+    assert_eq!(all_seqs(&*store, &a).await, span(9, 10));
+    assert_eq!(
+        store
+            .load_snapshot(&a, Seq::MAX)
+            .await
+            .unwrap()
+            .map(|s| s.seq),
+        Some(10)
+    );
+    // Refused as save_snapshot would be, and then nothing changes.
+    let err = store.compact(&a, &snap(11), 2, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::SnapshotRefused { .. }), "{err:?}");
+    let err = store.compact(&a, &snap(3), 2, None).await.unwrap_err();
+    assert!(matches!(err, StoreError::SnapshotRefused { .. }), "{err:?}");
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.snapshots, info.trimmed_through), (vec![8, 10], 8));
+}
+
+async fn compact_fenced_by_a_lost_lease_changes_nothing(store: Arc<dyn Store>) {
+    let a = id("a");
+    fill(&*store, &a, 6).await;
+    let ttl = std::time::Duration::from_millis(300);
+    let old = store.acquire(&a, "old-node", ttl).await.unwrap();
+    // Held: the compaction goes through.
+    assert_eq!(store.compact(&a, &snap(2), 1, Some(&old)).await.unwrap(), 2);
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(150)).await;
+    // Expired: refused, even with nobody else holding it.
+    let err = store
+        .compact(&a, &snap(4), 1, Some(&old))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    // Taken over: refused.
+    let new = store
+        .acquire(&a, "new-node", std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let err = store
+        .compact(&a, &snap(6), 1, Some(&old))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    let info = store.info(&a).await.unwrap();
+    assert_eq!((info.snapshots, info.trimmed_through), (vec![2], 2));
+    assert_eq!(store.compact(&a, &snap(6), 1, Some(&new)).await.unwrap(), 6);
+}
+
+async fn no_snapshot_brings_a_deleted_journal_back(store: Arc<dyn Store>) {
+    let a = id("a");
+    fill(&*store, &a, 5).await;
+    store.save_snapshot(&a, &snap(3), 2).await.unwrap();
+    store.delete(&a).await.unwrap();
+    // A compaction that read the journal before the delete finishes after it: refused, at the
+    // deletion point and below.
+    for seq in [3, 5] {
+        let err = store.save_snapshot(&a, &snap(seq), 2).await.unwrap_err();
+        assert!(matches!(err, StoreError::SnapshotRefused { .. }), "{err:?}");
+        let err = store.compact(&a, &snap(seq), 2, None).await.unwrap_err();
+        assert!(matches!(err, StoreError::SnapshotRefused { .. }), "{err:?}");
+    }
+    assert!(store.load_snapshot(&a, Seq::MAX).await.unwrap().is_none());
+    assert!(store.info(&a).await.unwrap().snapshots.is_empty());
+    // The journal lives on above it.
+    store.append(&a, 6, &[entry(6)]).await.unwrap();
+    store.save_snapshot(&a, &snap(6), 2).await.unwrap();
+    assert_eq!(store.info(&a).await.unwrap().snapshots, vec![6]);
 }

@@ -48,6 +48,7 @@ pub(super) fn all() -> Vec<RuntimeCase> {
         compaction_racing_appends_loses_nothing,
         recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt,
         crash_between_snapshot_and_trim_is_harmless,
+        recovery_racing_a_compaction_starts_over_from_the_new_snapshot,
         no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why,
         oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
         passivation_and_reactivation,
@@ -1081,6 +1082,46 @@ async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
             .await
             .unwrap(),
         50
+    );
+    rt.shutdown().await;
+}
+
+/// A runtime recovering an actor reads the journal from where its snapshot (or the start)
+/// leaves off; a compaction elsewhere may trim in between (an older incarnation's, or
+/// `loom journal compact`). The state's early field, set by the first message and never again,
+/// would silently be lost if the recovery started at the first entry left.
+async fn recovery_racing_a_compaction_starts_over_from_the_new_snapshot(h: &Harness) {
+    let id = acct("alice");
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Grow(3)).await.unwrap(), 3);
+    for _ in 0..10 {
+        a.send(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 10);
+    rt.shutdown().await;
+
+    // The next recovery looks at the journal (no snapshot), then waits before reading it...
+    let pause = h.faults.pause_next_read();
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    let a = rt.actor::<Account>("alice");
+    a.send(AccountMsg::Deposit(1)).await.unwrap();
+    tokio::time::timeout(WAIT, pause.reached.notified())
+        .await
+        .expect("the recovery reads the journal");
+    // ...while the journal is compacted: a snapshot at its end, everything before trimmed.
+    let done = compact_journal(&*h.store, &id, 1).await.unwrap();
+    assert_eq!(done.trimmed_through, h.highest(&id).await);
+    pause.resume.notify_one();
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 11);
+    assert_eq!(
+        a.ask(AccountMsg::Grow(0)).await.unwrap(),
+        3,
+        "the recovery lost the state the trimmed entries held"
     );
     rt.shutdown().await;
 }
