@@ -1,5 +1,6 @@
 //! `loom`: look into, check, repair, move and benchmark Loom stores.
 
+mod actors;
 mod admin;
 mod bench;
 mod journal;
@@ -58,6 +59,20 @@ enum Command {
         store: StoreArg,
         #[command(subcommand)]
         command: DeadLetterCommand,
+    },
+    /// Parked actors (stopped until their code is fixed): list, unpark.
+    Parked {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(subcommand)]
+        command: ParkedCommand,
+    },
+    /// Mailboxes with waiting messages (of kinds no node hosts, say): list, bury.
+    Mailbox {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(subcommand)]
+        command: MailboxCommand,
     },
     /// Writes every journal, snapshot and waiting message to a file (a versioned line format).
     Export {
@@ -207,6 +222,51 @@ enum JournalCommand {
 }
 
 #[derive(Subcommand)]
+enum ParkedCommand {
+    /// Every parked actor, with the reason, the message and step it stopped at, and when.
+    Ls {
+        /// One JSON object per parked actor.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lets a parked actor run again: the message it stopped at runs with a fresh set of
+    /// attempts (fix the code first, or it parks again).
+    Unpark {
+        /// The actor, as `kind/key`.
+        actor: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MailboxCommand {
+    /// Actors with waiting messages: how many, and whether parked.
+    Ls {
+        /// Only actors of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// One JSON object per mailbox.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves the messages waiting (and due) for an actor to the dead letters, recording the
+    /// failure for callers that retry with an idempotency key; refused while a node runs the
+    /// actor.
+    Bury {
+        /// The actor, as `kind/key`.
+        actor: String,
+        /// Why (kept with each dead letter).
+        #[arg(
+            long,
+            default_value = "dead-lettered by an operator (loom mailbox bury)"
+        )]
+        reason: String,
+        /// Really do it.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeadLetterCommand {
     /// Dead letters, oldest first, with their reasons.
     Ls {
@@ -260,6 +320,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     admin::dead_letters(s, after, limit, json).await
                 }
                 DeadLetterCommand::Requeue { id } => admin::requeue(s, id).await,
+            }
+        }
+        Command::Parked { store, command } => {
+            let opened = open_existing(&url(&store.store)?).await?;
+            let s = &*opened.store;
+            match command {
+                ParkedCommand::Ls { json } => actors::parked(s, json).await,
+                ParkedCommand::Unpark { actor } => actors::unpark(s, &actor).await,
+            }
+        }
+        Command::Mailbox { store, command } => {
+            let opened = open_existing(&url(&store.store)?).await?;
+            let s = &*opened.store;
+            match command {
+                MailboxCommand::Ls { kind, json } => {
+                    actors::mailboxes(s, kind.as_deref(), json).await
+                }
+                MailboxCommand::Bury { actor, reason, yes } => {
+                    actors::bury(s, &actor, &reason, yes).await
+                }
             }
         }
         Command::Export { store, out } => {

@@ -311,8 +311,9 @@ pub async fn child(url: &StoreUrl, shape: Shape, acked: Option<&Path>) -> Result
     }
     report.parked = rt
         .parked()
+        .await?
         .into_iter()
-        .map(|(a, r)| format!("{a}: {r}"))
+        .map(|(a, p)| format!("{a}: {}", p.reason))
         .collect();
     let store = rt.store().clone();
     rt.shutdown().await;

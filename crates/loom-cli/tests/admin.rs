@@ -287,3 +287,112 @@ fn migrate_embedded_to_postgres_and_back_round_trips() {
     let server = PostgresServer::start();
     round_trip_through(&server.url(), &["--pg-schema", "moved"]);
 }
+
+/// `loom parked` and `loom mailbox` on a store holding a parked actor and messages of a kind
+/// no runtime hosts (the seeded `inbox/x`: one due, one delayed an hour).
+#[test]
+fn parked_actors_and_waiting_mailboxes() {
+    use loom_core::{IdempotencyKey, IdempotencyStore, Park, Parking, Reservation, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let a = ActorId::new("counter", "a").unwrap();
+    let inbox = ActorId::new("inbox", "x").unwrap();
+    let key = IdempotencyKey::new("client-1").unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let parked_message = rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        // As a runtime sends with a key: the key is on the envelope, and reserved.
+        let keyed = Envelope {
+            idempotency_key: Some(key.clone()),
+            ..Envelope::new(inbox.clone(), json!("keyed"))
+        };
+        store
+            .enqueue_once(&keyed, None, &key, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let m = Envelope::new(a.clone(), json!(5));
+        store.enqueue(&m, None).await.unwrap();
+        store
+            .lease(&a, LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("delivery");
+        let park = Park {
+            message_id: Some(m.id),
+            step: Some(3),
+            ..Park::new(
+                "node-7",
+                "step 3: the journal has activity \"a\", the code calls \"b\"",
+            )
+        };
+        store.park(&a, &park, None).await.unwrap();
+        m.id
+    });
+
+    let listed = ok(&["parked", "--store", s, "ls"]);
+    assert!(
+        listed.contains("counter/a")
+            && listed.contains("the code calls")
+            && listed.contains("1 parked"),
+        "{listed}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(ok(&["parked", "--store", s, "ls", "--json"]).trim()).unwrap();
+    assert_eq!(json["message_id"], parked_message.to_string());
+    assert_eq!(json["step"], 3);
+    assert_eq!(json["node"], "node-7");
+    let mailboxes = ok(&["mailbox", "--store", s, "ls"]);
+    assert!(
+        mailboxes.contains("counter/a") && mailboxes.contains("yes"),
+        "{mailboxes}"
+    );
+    let only_inbox = ok(&["mailbox", "--store", s, "ls", "--kind", "inbox", "--json"]);
+    let rows: Vec<serde_json::Value> = only_inbox
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{only_inbox}");
+    assert_eq!(
+        (rows[0]["actor"].as_str(), rows[0]["pending"].as_u64()),
+        (Some("inbox/x"), Some(3))
+    );
+
+    let unparked = ok(&["parked", "--store", s, "unpark", "counter/a"]);
+    assert!(unparked.contains("unparked"), "{unparked}");
+    let (ok_, _, err) = loom(&["parked", "--store", s, "unpark", "counter/a"]);
+    assert!(!ok_ && err.contains("not parked"), "{err}");
+    assert_eq!(
+        ok(&["parked", "--store", s, "ls"]).trim(),
+        "no actor is parked"
+    );
+
+    let (ok_, _, err) = loom(&["mailbox", "--store", s, "bury", "inbox/x"]);
+    assert!(!ok_ && err.contains("--yes"), "{err}");
+    let buried = ok(&[
+        "mailbox",
+        "--store",
+        s,
+        "bury",
+        "inbox/x",
+        "--reason",
+        "inbox retired",
+        "--yes",
+    ]);
+    assert!(
+        buried.contains("2 messages moved") && buried.contains("1 still waiting"),
+        "{buried}"
+    );
+    let dead = ok(&["deadletters", "--store", s, "ls"]);
+    assert_eq!(dead.matches("inbox retired").count(), 2, "{dead}");
+    // The caller of the keyed message gets the failure, not a resend.
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        match store.lookup(&inbox, &key).await.unwrap() {
+            Some(Reservation::Completed(v)) => {
+                assert!(v.to_string().contains("inbox retired"), "{v}")
+            }
+            other => panic!("the key was not settled: {other:?}"),
+        }
+    });
+}

@@ -6,7 +6,7 @@
 //! offset  size  field
 //! 0       1     format version (FORMAT_VERSION = 1)
 //! 1       1     record type: b'E' entry, b'S' snapshot, b'M' mailbox message, b'D' dead letter,
-//!               b'I' idempotency record, b'L' lease
+//!               b'I' idempotency record, b'L' lease, b'P' park record
 //! 2       4     CRC-32 (IEEE) of the body, little-endian
 //! 6       n     body: the record as UTF-8 JSON (serde, field names as in the Rust types)
 //! ```
@@ -48,6 +48,8 @@ pub enum RecordType {
     Idempotency = b'I',
     /// A lease.
     Lease = b'L',
+    /// A parked actor's record.
+    Park = b'P',
 }
 
 impl RecordType {
@@ -59,6 +61,7 @@ impl RecordType {
             b'D' => RecordType::DeadLetter,
             b'I' => RecordType::Idempotency,
             b'L' => RecordType::Lease,
+            b'P' => RecordType::Park,
             _ => return None,
         })
     }

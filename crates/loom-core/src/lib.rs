@@ -50,7 +50,7 @@ pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Receipt, Record,
-    Reservation, SeqRange, Settle, Store, Turn, Waiting,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Park, Parking, Receipt,
+    Record, Reservation, SeqRange, Settle, Store, Turn, Waiting,
 };
 pub use time::Timestamp;

@@ -89,3 +89,45 @@ async fn the_directory_opens_again_as_soon_as_shutdown_or_kill_returns() {
         drop(store);
     }
 }
+
+/// A data file of layout 2 (one ready index for every kind) opens upgraded: its ready mailboxes
+/// are found by their kind, and the file says layout 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_2_file_is_upgraded_and_its_ready_mailboxes_found_by_kind() {
+    use loom_core::embedded::tables::{LAYOUT_VERSION, META, READY};
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = redb::Database::create(dir.path().join(loom_core::embedded::DATA_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("layout", 2).unwrap();
+            let mut ready = txn.open_table(READY).unwrap();
+            ready.insert((1000, "counter/c1"), ()).unwrap();
+            ready.insert((2000, "gauge/g1"), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.ready_actors(&["counter"], 10).await.unwrap(),
+        vec![ActorId::new("counter", "c1").unwrap()]
+    );
+    assert_eq!(
+        store.ready_actors(&["gauge"], 10).await.unwrap(),
+        vec![ActorId::new("gauge", "g1").unwrap()]
+    );
+    drop(store);
+    let db = redb::Database::open(dir.path().join(loom_core::embedded::DATA_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let layout = txn
+        .open_table(META)
+        .unwrap()
+        .get("layout")
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(layout, LAYOUT_VERSION);
+    assert!(txn.open_table(READY).unwrap().is_empty().unwrap());
+}

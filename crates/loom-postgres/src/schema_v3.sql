@@ -1,10 +1,11 @@
--- Version 3: holes a review found outside the crash path (issue 11).
+-- Version 3: holes a review found outside the crash path (issue 11). Every statement can run
+-- again on a schema that has it (IF EXISTS, IF NOT EXISTS, OR REPLACE).
 
 -- A dead letter goes back to its mailbox as `Envelope::requeued` makes it (a new message id, so
 -- that it runs again instead of being taken for a duplicate): the caller passes the new frame.
 -- Returns the new position, or 0 if the dead letter is gone.
-DROP FUNCTION {s}.requeue(bigint);
-CREATE FUNCTION {s}.requeue_as(p_id bigint, p_msg text, p_frame bytea) RETURNS bigint LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS {s}.requeue(bigint);
+CREATE OR REPLACE FUNCTION {s}.requeue_as(p_id bigint, p_msg text, p_frame bytea) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE a text;
 BEGIN
     DELETE FROM {s}.dead_letters WHERE id = p_id RETURNING actor INTO a;
@@ -38,12 +39,12 @@ END $$;
 --   turn must then be a conflict, not report entries it never wrote;
 -- - the idempotency record may belong to the mailbox the turn settles (an event lane: the key
 --   of the event the turn consumes), not only to the turn's actor (p_record_actor).
-DROP FUNCTION {s}.turn_many(text[], bigint[], integer[], bytea[], bigint[], integer[], text[], text[], bytea[], bigint[],
+DROP FUNCTION IF EXISTS {s}.turn_many(text[], bigint[], integer[], bytea[], bigint[], integer[], text[], text[], bytea[], bigint[],
     text[], text[], bigint[], integer[], text[], text[], text[], bytea[], bigint[], bigint[], integer[]);
-DROP FUNCTION {s}.turn(text, bigint, bytea[], bigint, text[], text[], bytea[], bigint[],
+DROP FUNCTION IF EXISTS {s}.turn(text, bigint, bytea[], bigint, text[], text[], bytea[], bigint[],
     text, text, bigint, integer, text, text, text, bytea, bigint, bigint, integer);
 
-CREATE FUNCTION {s}.turn(
+CREATE OR REPLACE FUNCTION {s}.turn(
     p_actor text, p_expected bigint, p_frames bytea[],
     p_fence_token bigint,
     p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
@@ -93,7 +94,7 @@ BEGIN
 END $$;
 
 -- Group commit of turns, as in version 1 (see there), with p_record_actor.
-CREATE FUNCTION {s}.turn_many(
+CREATE OR REPLACE FUNCTION {s}.turn_many(
     p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
     p_fence_token bigint[],
     p_out_counts integer[], p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
@@ -142,7 +143,7 @@ END $$;
 
 -- The highest seq when the journal was last deleted: no snapshot at or below it is accepted, so
 -- a compaction finishing after a delete cannot bring the deleted state back.
-ALTER TABLE {s}.journal_meta ADD COLUMN deleted bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.journal_meta ADD COLUMN IF NOT EXISTS deleted bigint NOT NULL DEFAULT 0;
 
 CREATE OR REPLACE FUNCTION {s}.delete(p_actor text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -174,7 +175,7 @@ END $$;
 -- Compaction: save_snapshot and the trim through the oldest kept snapshot in one transaction,
 -- only while the lease with token p_fence_token is held (NULL: unfenced). Returns
 -- ('lost', 0), a refusal as from save_snapshot, or ('ok', the trim point after).
-CREATE FUNCTION {s}.compact(p_actor text, p_seq bigint, p_keep integer, p_frame bytea, p_fence_token bigint,
+CREATE OR REPLACE FUNCTION {s}.compact(p_actor text, p_seq bigint, p_keep integer, p_frame bytea, p_fence_token bigint,
     OUT status text, OUT val bigint)
 LANGUAGE plpgsql AS $$
 DECLARE r record; oldest bigint;
@@ -191,4 +192,106 @@ BEGIN
     PERFORM {s}.trim(p_actor, oldest);
     SELECT trimmed INTO val FROM {s}.journal_meta WHERE actor = p_actor;
     status := 'ok';
+END $$;
+
+-- Mailboxes: ready per kind, parked actors ------------------------------------------------------
+
+-- A node looks for ready actors of the kinds it hosts, and only those.
+CREATE INDEX IF NOT EXISTS mailbox_kind_ready ON {s}.mailbox (split_part(actor, '/', 1), ready_at)
+    WHERE ready_at IS NOT NULL;
+
+-- Parked actors (a park frame each). While an actor is here, its mailbox hands nothing out and
+-- its ready_at is NULL.
+CREATE TABLE IF NOT EXISTS {s}.parked (
+    actor text PRIMARY KEY,
+    frame bytea NOT NULL
+);
+
+-- Recomputes ready_at (the row is locked by the caller): NULL while parked.
+CREATE OR REPLACE FUNCTION {s}.mb_ready(p_actor text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE cur bigint; at bigint;
+BEGIN
+    IF EXISTS (SELECT 1 FROM {s}.parked WHERE actor = p_actor) THEN
+        at := NULL;
+    ELSE
+        SELECT current INTO cur FROM {s}.mailbox WHERE actor = p_actor;
+        IF cur <> 0 THEN
+            SELECT visible_at INTO at FROM {s}.messages WHERE actor = p_actor AND position = cur;
+        ELSE
+            SELECT min(due_at) INTO at FROM {s}.messages WHERE actor = p_actor;
+        END IF;
+    END IF;
+    UPDATE {s}.mailbox SET ready_at = at WHERE actor = p_actor;
+END $$;
+
+-- As in version 1, but nothing is handed out while the actor is parked.
+CREATE OR REPLACE FUNCTION {s}.mb_lease(p_actor text, p_vis bigint, p_max integer, p_now bigint,
+    OUT frame bytea, OUT pos bigint, OUT dlv integer, OUT err text)
+LANGUAGE plpgsql AS $$
+DECLARE cur bigint; m record;
+BEGIN
+    SELECT current INTO cur FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN RETURN; END IF;
+    IF EXISTS (SELECT 1 FROM {s}.parked WHERE actor = p_actor) THEN RETURN; END IF;
+    LOOP
+        IF cur <> 0 THEN
+            SELECT * INTO m FROM {s}.messages WHERE actor = p_actor AND position = cur;
+            IF m.visible_at > p_now THEN RETURN; END IF;
+            IF m.deliveries >= p_max THEN
+                PERFORM {s}.mb_bury(p_actor, CASE WHEN m.last_error IS NOT NULL
+                    THEN 'gave up after ' || m.deliveries || ' deliveries; last error: ' || m.last_error
+                    ELSE 'delivered ' || m.deliveries || ' times and never acked (each lease ran out)' END, p_now);
+                cur := 0;
+                CONTINUE;
+            END IF;
+        ELSE
+            SELECT * INTO m FROM {s}.messages WHERE actor = p_actor AND due_at <= p_now
+                ORDER BY due_at, position LIMIT 1;
+            IF NOT FOUND THEN RETURN; END IF;
+        END IF;
+        UPDATE {s}.messages SET deliveries = deliveries + 1, visible_at = p_now + p_vis
+            WHERE actor = p_actor AND position = m.position;
+        UPDATE {s}.mailbox SET current = m.position WHERE actor = p_actor;
+        PERFORM {s}.mb_ready(p_actor);
+        frame := m.frame; pos := m.position; dlv := m.deliveries + 1; err := m.last_error;
+        RETURN;
+    END LOOP;
+END $$;
+
+-- Parks the actor while the lease with token p_fence_token is held (NULL: unfenced): 'ok' or
+-- 'lost'. Locks the lease, then the mailbox, as turns do.
+CREATE OR REPLACE FUNCTION {s}.park(p_actor text, p_frame bytea, p_fence_token bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    IF p_fence_token IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+        IF NOT FOUND OR r.token <> p_fence_token OR r.owner IS NULL OR r.expires_at <= {s}.now_ms() THEN
+            RETURN 'lost';
+        END IF;
+    END IF;
+    PERFORM {s}.mb_row(p_actor);
+    PERFORM 1 FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE;
+    INSERT INTO {s}.parked (actor, frame) VALUES (p_actor, p_frame)
+        ON CONFLICT (actor) DO UPDATE SET frame = EXCLUDED.frame;
+    PERFORM {s}.mb_ready(p_actor);
+    RETURN 'ok';
+END $$;
+
+-- Unparks the actor: drops its record, gives its current message a fresh start, lists its
+-- mailbox again. Returns the record, NULL if it was not parked.
+CREATE OR REPLACE FUNCTION {s}.unpark(p_actor text) RETURNS bytea LANGUAGE plpgsql AS $$
+DECLARE f bytea; cur bigint;
+BEGIN
+    SELECT current INTO cur FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE;
+    DELETE FROM {s}.parked WHERE actor = p_actor RETURNING frame INTO f;
+    IF NOT FOUND THEN RETURN NULL; END IF;
+    IF cur IS NOT NULL AND cur <> 0 THEN
+        UPDATE {s}.messages SET deliveries = 0, visible_at = {s}.now_ms()
+            WHERE actor = p_actor AND position = cur;
+    END IF;
+    IF cur IS NOT NULL THEN
+        PERFORM {s}.mb_ready(p_actor);
+    END IF;
+    RETURN f;
 END $$;

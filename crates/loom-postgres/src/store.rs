@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use loom_core::codec::{self, CodecError, RecordType};
 use loom_core::store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Receipt, Reservation, SeqRange,
-    Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
-    prepare_result, prepare_snapshot,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Park, Parking, Receipt,
+    Reservation, SeqRange, Settle, Store, Turn, Waiting, check_owner, interleave, paged_read,
+    prepare_append, prepare_message, prepare_result, prepare_snapshot,
 };
 use loom_core::{
     ActorId, Entry, Envelope, IdempotencyKey, Seq, Snapshot, StoreError, StoreResult, Timestamp,
@@ -468,17 +468,31 @@ impl Mailbox for PostgresStore {
             .map(|id| id as u64)
     }
 
-    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
-        let ids: Vec<String> = sqlx::query_scalar(self.q(
-            "SELECT actor FROM {s}.mailbox WHERE ready_at <= {s}.now_ms() AND left(actor, 1) <> '_' LIMIT $1",
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, String)> = sqlx::query_as(self.q(
+            "SELECT k.i, m.actor FROM unnest($1::text[]) WITH ORDINALITY AS k(kind, i) \
+             CROSS JOIN LATERAL (SELECT actor, ready_at FROM {s}.mailbox \
+                WHERE split_part(actor, '/', 1) = k.kind AND ready_at <= {s}.now_ms() \
+                ORDER BY ready_at LIMIT $2) AS m \
+             ORDER BY k.i, m.ready_at",
         ))
+        .bind(kinds)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(pe)?;
-        ids.iter()
-            .map(|s| parse_actor(s, "mailbox actor id"))
-            .collect()
+        let mut per_kind = vec![Vec::new(); kinds.len()];
+        for (i, actor) in rows {
+            let slot = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| per_kind.get_mut(i))
+                .ok_or_else(|| unexpected(format!("ready_actors returned kind index {i}")))?;
+            slot.push(parse_actor(&actor, "mailbox actor id")?);
+        }
+        Ok(interleave(per_kind, limit))
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
@@ -961,5 +975,63 @@ impl Store for PostgresStore {
             row.get(2),
             row.get(3),
         )?))
+    }
+}
+
+#[async_trait]
+impl Parking for PostgresStore {
+    async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
+        let status: String = sqlx::query_scalar(self.q("SELECT {s}.park($1, $2, $3)"))
+            .bind(actor.as_str())
+            .bind(park.encode()?)
+            .bind(fence.map(|l| int(l.token)))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        match status.as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            }),
+            other => Err(unexpected(format!("park returned {other}"))),
+        }
+    }
+
+    async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let frame: Option<Vec<u8>> = sqlx::query_scalar(self.q("SELECT {s}.unpark($1)"))
+            .bind(actor.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        frame.as_deref().map(Park::decode).transpose()
+    }
+
+    async fn parked(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let frame: Option<Vec<u8>> =
+            sqlx::query_scalar(self.q("SELECT frame FROM {s}.parked WHERE actor = $1"))
+                .bind(actor.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        frame.as_deref().map(Park::decode).transpose()
+    }
+
+    async fn parked_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<(ActorId, Park)>> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(self.q(
+            "SELECT actor, frame FROM {s}.parked WHERE actor COLLATE \"C\" > $1 ORDER BY actor COLLATE \"C\" LIMIT $2",
+        ))
+        .bind(after.map_or("", |a| a.as_str()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|(a, f)| Ok((parse_actor(a, "parked actor id")?, Park::decode(f)?)))
+            .collect()
     }
 }

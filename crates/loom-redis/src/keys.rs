@@ -74,8 +74,29 @@ impl Keys {
         format!("{}:actors", self.prefix)
     }
 
-    pub(crate) fn ready(&self) -> String {
+    /// The ready index of one actor kind (kinds are `[A-Za-z0-9_.-]`, safe in a key name).
+    pub(crate) fn ready(&self, kind: &str) -> String {
+        format!("{}:ready:{kind}", self.prefix)
+    }
+
+    /// Matches every kind's ready index.
+    pub(crate) fn ready_pattern(&self) -> String {
+        format!("{}:ready:*", self.prefix)
+    }
+
+    /// The ready index of layouts before per-kind ones (moved at connect; see `lib.rs`).
+    pub(crate) fn legacy_ready(&self) -> String {
         format!("{}:ready", self.prefix)
+    }
+
+    /// The actor's park record.
+    pub(crate) fn park(&self, a: &ActorId) -> String {
+        self.actor(a, "pk")
+    }
+
+    /// Every parked actor (a sorted set, score 0, for listing in id order).
+    pub(crate) fn parked(&self) -> String {
+        format!("{}:parked", self.prefix)
     }
 
     pub(crate) fn dead_letters(&self) -> String {

@@ -117,6 +117,9 @@ pub(crate) struct Scripts {
     pub(crate) turn: Script,
     pub(crate) begin_at: Script,
     pub(crate) messages: Script,
+    pub(crate) park: Script,
+    pub(crate) unpark: Script,
+    pub(crate) migrate_ready: Script,
 }
 
 impl Scripts {
@@ -144,6 +147,9 @@ impl Scripts {
             turn: script("turn"),
             begin_at: script("begin_at"),
             messages: script("messages"),
+            park: script("park"),
+            unpark: script("unpark"),
+            migrate_ready: script("migrate_ready"),
         }
     }
 }
@@ -219,7 +225,30 @@ impl RedisStore {
             scripts: Arc::new(Scripts::new()),
         };
         store.check_persistence().await;
+        store.upgrade().await?;
         Ok(store)
+    }
+
+    /// Moves what older builds kept in another shape (once; nothing to do after that). Stop the
+    /// nodes of an older build before the first node of this one connects.
+    async fn upgrade(&self) -> Result<(), StoreError> {
+        let legacy = self.keys.legacy_ready();
+        let mut conn = self.conn.clone();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&legacy)
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        if exists {
+            let r = self
+                .run(&self.scripts.migrate_ready, &[&legacy], vec![])
+                .await?;
+            tracing::info!(
+                mailboxes = ?r.get(1),
+                "moved the ready index to one per actor kind"
+            );
+        }
+        Ok(())
     }
 
     /// One server setting, or `None` if the server does not say (managed services often

@@ -15,8 +15,12 @@
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
 --   P:{T}:lt   counter, the last fencing token given (never deleted: tokens only grow)
 --   P:{T}:i:K  string, idempotency record for key K: "P" pending or "C" .. result; with a TTL
+--   P:{T}:pk   string, the actor's park record (a park frame) while it is parked; its mailbox
+--              meta then has field park = 1, and its mailbox hands nothing out
 --   P:actors   zset (score 0) of every actor with a journal, for listing in id order
---   P:ready    zset, actor -> ready-at ms: one member per non-empty, non-system mailbox
+--   P:ready:K  zset, actor -> ready-at ms: one member per non-empty, non-system, unparked
+--              mailbox of an actor of kind K
+--   P:parked   zset (score 0) of every parked actor, for listing in id order
 --   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
 --   P:dlseq    counter, the last dead-letter id
 --
@@ -94,8 +98,15 @@ end
 
 -- Mailbox ---------------------------------------------------------------------------------
 
--- mb = { mm, mq, md, mdx, ready, actor }
+-- mb = { mm, mq, md, mdx, ready, actor }; ready is the ready index of the actor's kind.
 local function mb_ready(mb, now)
+  -- System mailboxes (event lanes) are read only by the invocation waiting on them.
+  if string.sub(mb.actor, 1, 1) == '_' then return end
+  -- A parked actor's mailbox is held: not listed until it is unparked.
+  if redis.call('HEXISTS', mb.mm, 'park') == 1 then
+    redis.call('ZREM', mb.ready, mb.actor)
+    return
+  end
   local cur = num(redis.call('HGET', mb.mm, 'cur'))
   local at = nil
   if cur ~= 0 then
@@ -110,8 +121,6 @@ local function mb_ready(mb, now)
       if at == nil or due < at then at = due end
     end
   end
-  -- System mailboxes (event lanes) are read only by the invocation waiting on them.
-  if string.sub(mb.actor, 1, 1) == '_' then return end
   if at == nil then
     redis.call('ZREM', mb.ready, mb.actor)
   else
@@ -201,8 +210,10 @@ local function mb_bury(mb, dl, dlseq, reason, now)
   return n
 end
 
--- Hands out the next due message, if any and none is out: { frame, pos, deliveries, err }.
+-- Hands out the next due message, if any and none is out and the actor is not parked:
+-- { frame, pos, deliveries, err }.
 local function mb_lease(mb, dl, dlseq, vis, max, now)
+  if redis.call('HEXISTS', mb.mm, 'park') == 1 then return nil end
   mb_promote(mb, now)
   while true do
     local cur = num(redis.call('HGET', mb.mm, 'cur'))
@@ -384,9 +395,60 @@ local function requeue(KEYS, ARGV)
   return { 'ok', tostring(mb_enqueue(mb, ARGV[3], ARGV[4], 0, now)) }
 end
 
--- KEYS: ready   ARGV: limit
+-- KEYS: the ready index of each kind asked for   ARGV: limit
+-- Returns each kind's list, oldest first: { n1, actors of kind 1..., n2, ... }.
 local function ready_actors(KEYS, ARGV)
-  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+  local now = now_ms()
+  local out = {}
+  for i = 1, #KEYS do
+    local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+    out[#out + 1] = tostring(#r)
+    for _, a in ipairs(r) do out[#out + 1] = a end
+  end
+  return out
+end
+
+-- KEYS: ls (fence), pk, mm, ready, parked   ARGV: actor, frame, then owner, token (optional)
+local function park(KEYS, ARGV)
+  if ARGV[3] then
+    if redis.call('GET', KEYS[1]) ~= ARGV[3] .. '\n' .. ARGV[4] then return { 'lost' } end
+  end
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('HSET', KEYS[3], 'park', 1)
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], 0, ARGV[1])
+  return { 'ok' }
+end
+
+-- KEYS: pk, mm, mq, md, mdx, ready, parked   ARGV: actor
+-- Drops the record, gives the current message (if any) a fresh start, lists the mailbox again.
+local function unpark(KEYS, ARGV)
+  local now = now_ms()
+  local v = redis.call('GET', KEYS[1])
+  if not v then return { 'none' } end
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], 'park')
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  if num(redis.call('HGET', KEYS[2], 'cur')) ~= 0 then
+    redis.call('HSET', KEYS[2], 'dlv', 0, 'vis', now)
+  end
+  local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[1] }
+  mb_ready(mb, now)
+  return { 'ok', v }
+end
+
+-- KEYS: the legacy P:ready
+-- Moves the ready index of older builds to the per-kind P:ready:K (at connect; a one-time
+-- upgrade on a single primary, so the per-kind names are built here).
+local function migrate_ready(KEYS, ARGV)
+  local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #all, 2 do
+    local a = all[i]
+    local kind = string.sub(a, 1, string.find(a, '/', 1, true) - 1)
+    redis.call('ZADD', KEYS[1] .. ':' .. kind, all[i + 1], a)
+  end
+  redis.call('DEL', KEYS[1])
+  return { 'ok', tostring(#all / 2) }
 end
 
 -- KEYS: ls, lt   ARGV: owner, ttl
@@ -444,10 +506,11 @@ local function abandon(KEYS, ARGV)
 end
 
 -- A turn: everything one step of an actor makes durable, all or nothing.
--- KEYS: j, jm, actors, ready, dl, dlseq, ls, idem,
---       mm, mq, md, mdx of the actor's own mailbox (for `next`),
---       mm, mq, md, mdx of the settled delivery's mailbox (its own, or one of its event lanes),
---       then mm, mq, md, mdx of each outgoing message's recipient.
+-- KEYS: j, jm, actors, dl, dlseq, ls, idem,
+--       mm, mq, md, mdx, ready of the actor's own mailbox (for `next`),
+--       mm, mq, md, mdx, ready of the settled delivery's mailbox (its own, or one of its event
+--       lanes), then mm, mq, md, mdx, ready of each outgoing message's recipient (ready: the
+--       index of the mailbox's kind).
 -- ARGV[1]: JSON header {actor, mbox (the settled mailbox's actor), expected, n (entries),
 --          fence = [owner, token] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
 --          absent, record_ttl or absent, next = [visibility, max] or absent,
@@ -457,10 +520,13 @@ local function turn(KEYS, ARGV)
   local now = now_ms()
   local h = cjson.decode(ARGV[1])
   local j = { j = KEYS[1], jm = KEYS[2], actors = KEYS[3], actor = h.actor }
-  local own = { mm = KEYS[9], mq = KEYS[10], md = KEYS[11], mdx = KEYS[12], ready = KEYS[4], actor = h.actor }
-  local sm = { mm = KEYS[13], mq = KEYS[14], md = KEYS[15], mdx = KEYS[16], ready = KEYS[4], actor = h.mbox }
+  local function box(k, actor)
+    return { mm = KEYS[k], mq = KEYS[k + 1], md = KEYS[k + 2], mdx = KEYS[k + 3], ready = KEYS[k + 4], actor = actor }
+  end
+  local own = box(8, h.actor)
+  local sm = box(13, h.mbox)
   if h.fence then
-    if redis.call('GET', KEYS[7]) ~= h.fence[1] .. '\n' .. h.fence[2] then return { 'lost' } end
+    if redis.call('GET', KEYS[6]) ~= h.fence[1] .. '\n' .. h.fence[2] then return { 'lost' } end
   end
   local refused = j_check(j, h.expected)
   if refused then return refused end
@@ -472,23 +538,21 @@ local function turn(KEYS, ARGV)
   for i = 1, h.n do frames[i] = ARGV[1 + i] end
   local highest = j_append(j, h.expected, frames)
   for i, o in ipairs(h.out) do
-    local k = 16 + (i - 1) * 4
-    local to = { mm = KEYS[k + 1], mq = KEYS[k + 2], md = KEYS[k + 3], mdx = KEYS[k + 4], ready = KEYS[4], actor = o.to }
-    mb_enqueue(to, o.id, ARGV[1 + h.n + i], o.due, now)
+    mb_enqueue(box(18 + (i - 1) * 5, o.to), o.id, ARGV[1 + h.n + i], o.due, now)
   end
   if h.settle then
     if h.settle.op == 'ack' then
       mb_remove_current(sm, now)
     else
-      mb_bury(sm, KEYS[5], KEYS[6], h.settle.reason, now)
+      mb_bury(sm, KEYS[4], KEYS[5], h.settle.reason, now)
     end
   end
   if h.record_ttl then
-    redis.call('SET', KEYS[8], ARGV[2 + h.n + #h.out], 'PX', h.record_ttl)
+    redis.call('SET', KEYS[7], ARGV[2 + h.n + #h.out], 'PX', h.record_ttl)
   end
   local r = nil
   if h.next then
-    r = mb_lease(own, KEYS[5], KEYS[6], h.next[1], h.next[2], now)
+    r = mb_lease(own, KEYS[4], KEYS[5], h.next[1], h.next[2], now)
   end
   if r then
     return { 'ok', tostring(highest), r[1], tostring(r[2]), tostring(r[3]), r[4] }

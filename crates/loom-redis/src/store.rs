@@ -6,9 +6,9 @@ use async_trait::async_trait;
 use loom_core::codec::{self, CodecError, RecordType};
 use loom_core::store::{
     Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Receipt, Reservation, SeqRange,
-    Settle, Store, Turn, Waiting, check_owner, paged_read, prepare_append, prepare_message,
-    prepare_result, prepare_snapshot,
+    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Page, Park, Parking, Receipt,
+    Reservation, SeqRange, Settle, Store, Turn, Waiting, check_owner, interleave, paged_read,
+    prepare_append, prepare_message, prepare_result, prepare_snapshot,
 };
 use loom_core::{
     ActorId, Entry, Envelope, IdempotencyKey, Seq, Snapshot, StoreError, StoreResult, Timestamp,
@@ -169,7 +169,7 @@ impl RedisStore {
             m.mq,
             m.md,
             m.mdx,
-            self.keys.ready(),
+            self.keys.ready(actor.kind()),
             self.keys.dead_letters(),
             self.keys.dead_letter_seq(),
         ]);
@@ -504,7 +504,7 @@ impl Mailbox for RedisStore {
         let r = self
             .run(
                 &self.scripts.enqueue,
-                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready()],
+                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(msg.to.kind())],
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due)],
             )
             .await?;
@@ -561,37 +561,73 @@ impl Mailbox for RedisStore {
         number(r.get(1), "dead letter id")
     }
 
-    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = kinds.iter().map(|k| self.keys.ready(k)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let r = self
-            .run(
-                &self.scripts.ready_actors,
-                &[&self.keys.ready()],
-                vec![s(limit)],
-            )
+            .run(&self.scripts.ready_actors, &keys, vec![s(limit)])
             .await?;
-        r.iter()
-            .map(|v| {
-                text(Some(v))
-                    .ok_or_else(|| unexpected("ready actor"))?
-                    .parse()
-                    .map_err(|e: loom_core::IdError| {
-                        StoreError::corrupt("mailbox actor id", CodecError::Body(e.to_string()))
+        let mut per_kind = Vec::with_capacity(kinds.len());
+        let mut rest = r.as_slice();
+        while let Some((n, tail)) = rest.split_first() {
+            let n = usize::try_from(number(Some(n), "ready count")?).unwrap_or(usize::MAX);
+            let (list, tail) = tail.split_at(n.min(tail.len()));
+            per_kind.push(
+                list.iter()
+                    .map(|v| {
+                        text(Some(v))
+                            .ok_or_else(|| unexpected("ready actor"))?
+                            .parse()
+                            .map_err(|e: loom_core::IdError| {
+                                StoreError::corrupt(
+                                    "mailbox actor id",
+                                    CodecError::Body(e.to_string()),
+                                )
+                            })
                     })
-            })
-            .collect()
+                    .collect::<StoreResult<Vec<ActorId>>>()?,
+            );
+            rest = tail;
+        }
+        Ok(interleave(per_kind, limit))
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         let mut conn = self.conn();
-        let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(self.keys.ready())
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await
-            .map_err(re)?;
-        Ok(v.first().map(|(_, at)| Timestamp::from_millis(*at as u64)))
+        let mut cursor: u64 = 0;
+        let mut earliest: Option<u64> = None;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.ready_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            for key in keys {
+                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(re)?;
+                if let Some((_, at)) = v.first() {
+                    let at = *at as u64;
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            if next == 0 {
+                return Ok(earliest.map(Timestamp::from_millis));
+            }
+            cursor = next;
+        }
     }
 
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
@@ -738,7 +774,7 @@ impl Mailbox for RedisStore {
                     &m.mq,
                     &m.md,
                     &m.mdx,
-                    &self.keys.ready(),
+                    &self.keys.ready(back.to.kind()),
                 ],
                 vec![s(id), s(back.to.as_str()), s(back.id), frame],
             )
@@ -1125,7 +1161,6 @@ impl Store for RedisStore {
             jk.j,
             jk.jm,
             self.keys.actors(),
-            self.keys.ready(),
             self.keys.dead_letters(),
             self.keys.dead_letter_seq(),
             ls,
@@ -1134,14 +1169,22 @@ impl Store for RedisStore {
             own.mq,
             own.md,
             own.mdx,
+            self.keys.ready(turn.actor.kind()),
             mk.mm,
             mk.mq,
             mk.md,
             mk.mdx,
+            self.keys.ready(mailbox_actor.kind()),
         ];
         for o in turn.send {
             let m = self.keys.mailbox(&o.envelope.to);
-            keys.extend([m.mm, m.mq, m.md, m.mdx]);
+            keys.extend([
+                m.mm,
+                m.mq,
+                m.md,
+                m.mdx,
+                self.keys.ready(o.envelope.to.kind()),
+            ]);
         }
         let header = serde_json::to_vec(&header)
             .map_err(|e| StoreError::InvalidRequest(format!("turn header: {e}")))?;
@@ -1199,7 +1242,14 @@ impl Store for RedisStore {
         let r = self
             .run(
                 &self.scripts.enqueue_once,
-                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(), &idem],
+                &[
+                    &m.mm,
+                    &m.mq,
+                    &m.md,
+                    &m.mdx,
+                    &self.keys.ready(msg.to.kind()),
+                    &idem,
+                ],
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due), ttl(ttl_)],
             )
             .await?;
@@ -1213,5 +1263,110 @@ impl Store for RedisStore {
             )?)),
             other => Err(unexpected(format!("enqueue_once replied {other}"))),
         }
+    }
+}
+
+#[async_trait]
+impl Parking for RedisStore {
+    async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
+        let frame = park.encode()?;
+        let (ls, _) = self.keys.lease(actor);
+        let m = self.keys.mailbox(actor);
+        let mut args = vec![s(actor.as_str()), frame];
+        if let Some(l) = fence {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
+        }
+        let r = self
+            .run(
+                &self.scripts.park,
+                &[
+                    &ls,
+                    &self.keys.park(actor),
+                    &m.mm,
+                    &self.keys.ready(actor.kind()),
+                    &self.keys.parked(),
+                ],
+                args,
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            }),
+            other => Err(unexpected(format!("park replied {other}"))),
+        }
+    }
+
+    async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let m = self.keys.mailbox(actor);
+        let r = self
+            .run(
+                &self.scripts.unpark,
+                &[
+                    &self.keys.park(actor),
+                    &m.mm,
+                    &m.mq,
+                    &m.md,
+                    &m.mdx,
+                    &self.keys.ready(actor.kind()),
+                    &self.keys.parked(),
+                ],
+                vec![s(actor.as_str())],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "none" => Ok(None),
+            "ok" => {
+                let frame = bytes(r.get(1)).ok_or_else(|| unexpected("unpark without a record"))?;
+                Park::decode(&frame).map(Some)
+            }
+            other => Err(unexpected(format!("unpark replied {other}"))),
+        }
+    }
+
+    async fn parked(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let mut conn = self.conn();
+        let frame: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys.park(actor))
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        frame.as_deref().map(Park::decode).transpose()
+    }
+
+    async fn parked_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<(ActorId, Park)>> {
+        let mut conn = self.conn();
+        let min = match after {
+            Some(a) => format!("({a}"),
+            None => "-".to_owned(),
+        };
+        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.parked())
+            .arg(min)
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let actor: ActorId = id.parse().map_err(|e: loom_core::IdError| {
+                StoreError::corrupt("parked actor id", CodecError::Body(e.to_string()))
+            })?;
+            // Unparked since it was listed: skip it.
+            if let Some(p) = self.parked(&actor).await? {
+                out.push((actor, p));
+            }
+        }
+        Ok(out)
     }
 }

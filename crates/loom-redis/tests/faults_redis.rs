@@ -377,3 +377,49 @@ async fn tls_with_a_private_ca() {
     .await;
     assert!(untrusted.is_err(), "an untrusted certificate was accepted");
 }
+
+/// A store written by a build that kept one ready index for every kind: the first connect of
+/// this build moves it to one index per kind, and the moved actors are found by their kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_ready_index_is_moved_to_one_per_kind_at_connect() {
+    use loom_core::Mailbox;
+    let server = RedisServer::start();
+    let admin = redis::Client::open(server.url()).expect("client");
+    let mut conn = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let _: () = redis::cmd("ZADD")
+        .arg("old:ready")
+        .arg(1000)
+        .arg("counter/c1")
+        .arg(2000)
+        .arg("gauge/g1")
+        .arg(3000)
+        .arg("counter/c2")
+        .query_async(&mut conn)
+        .await
+        .expect("seed the old index");
+    let store = connect(&server.url(), "old").await;
+    let counters = store.ready_actors(&["counter"], 10).await.unwrap();
+    assert_eq!(
+        counters,
+        vec![
+            ActorId::new("counter", "c1").unwrap(),
+            ActorId::new("counter", "c2").unwrap()
+        ]
+    );
+    assert_eq!(
+        store.ready_actors(&["gauge"], 10).await.unwrap(),
+        vec![ActorId::new("gauge", "g1").unwrap()]
+    );
+    let left: bool = redis::cmd("EXISTS")
+        .arg("old:ready")
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert!(!left, "the old index is still there");
+    // A second connect finds nothing to move.
+    drop(connect(&server.url(), "old").await);
+    assert_eq!(store.ready_actors(&["counter"], 10).await.unwrap().len(), 2);
+}

@@ -19,8 +19,8 @@ use loom_core::codec::CodecError;
 use loom_core::{
     ActorId, Committed, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope,
     IdempotencyKey, IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions,
-    Mailbox, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult,
-    Timestamp, Turn, Waiting,
+    Mailbox, Park, Parking, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError,
+    StoreResult, Timestamp, Turn, Waiting,
 };
 use serde_json::Value;
 
@@ -341,8 +341,8 @@ impl Mailbox for FaultyStore {
             .await
     }
 
-    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
-        self.inner.ready_actors(limit).await
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        self.inner.ready_actors(kinds, limit).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
@@ -459,6 +459,30 @@ impl IdempotencyStore for FaultyStore {
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
         self.inner.purge_expired(limit).await
+    }
+}
+
+#[async_trait]
+impl Parking for FaultyStore {
+    async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
+        self.write("park", self.inner.park(actor, park, fence))
+            .await
+    }
+
+    async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        self.inner.unpark(actor).await
+    }
+
+    async fn parked(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        self.inner.parked(actor).await
+    }
+
+    async fn parked_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<(ActorId, Park)>> {
+        self.inner.parked_actors(after, limit).await
     }
 }
 

@@ -15,13 +15,14 @@ use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
 use crate::store::{
-    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, prepare_message,
+    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
 };
 use crate::time::Timestamp;
 
 use super::redo::{Op, Rec, Sink, apply_to};
 use super::tables::{
-    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, QUEUE, READY, Tx, id, se,
+    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, PARKED, QUEUE,
+    READY_BY_KIND, Tx, id, se,
 };
 use super::{EmbeddedStore, meta_counter};
 
@@ -71,7 +72,8 @@ pub(super) struct Tables<'t> {
     errors: Rec<'t, (&'static str, u64), &'static str>,
     queue: Rec<'t, (&'static str, u64, u64), ()>,
     meta: Rec<'t, &'static str, (u64, u64, u64, u64, u64)>,
-    ready: Rec<'t, (u64, &'static str), ()>,
+    ready: Rec<'t, (&'static str, u64, &'static str), ()>,
+    pub(super) parked: Rec<'t, &'static str, &'static [u8]>,
 }
 
 impl<'t> Tables<'t> {
@@ -82,7 +84,8 @@ impl<'t> Tables<'t> {
             errors: Rec::open(txn, sink, id::MESSAGE_ERRORS, MESSAGE_ERRORS)?,
             queue: Rec::open(txn, sink, id::QUEUE, QUEUE)?,
             meta: Rec::open(txn, sink, id::MAILBOX_META, MAILBOX_META)?,
-            ready: Rec::open(txn, sink, id::READY, READY)?,
+            ready: Rec::open(txn, sink, id::READY_BY_KIND, READY_BY_KIND)?,
+            parked: Rec::open(txn, sink, id::PARKED, PARKED)?,
         })
     }
 
@@ -94,7 +97,8 @@ impl<'t> Tables<'t> {
             id::MESSAGE_ERRORS => apply_to(&mut self.errors, op),
             id::QUEUE => apply_to(&mut self.queue, op),
             id::MAILBOX_META => apply_to(&mut self.meta, op),
-            id::READY => apply_to(&mut self.ready, op),
+            id::READY_BY_KIND => apply_to(&mut self.ready, op),
+            id::PARKED => apply_to(&mut self.parked, op),
             other => Err(StoreError::corrupt(
                 super::redo::REDO_FILE,
                 codec::CodecError::Body(format!("a write to unknown table {other}")),
@@ -138,17 +142,27 @@ impl<'t> Tables<'t> {
             })
     }
 
-    /// Writes the actor's meta row and keeps `READY` in step with it.
+    /// True if the actor is parked (its mailbox is held).
+    pub(super) fn is_parked(&self, actor: &str) -> StoreResult<bool> {
+        Ok(self.parked.get(actor).map_err(se)?.is_some())
+    }
+
+    /// Writes the actor's meta row and keeps `READY_BY_KIND` in step with it.
     fn put_meta(&mut self, actor: &str, old: Meta, new: Meta) -> StoreResult<()> {
         let new_ready = if new.count == 0 { EMPTY } else { new.ready_at };
-        // System mailboxes (event lanes) are read only by the invocation waiting on them, so they
-        // are kept out of READY, which is for finding actors to run.
-        let listed = !actor.starts_with('_');
-        if listed && old.ready_at != EMPTY && old.ready_at != new_ready {
-            self.ready.remove((old.ready_at, actor)).map_err(se)?;
-        }
-        if listed && new_ready != EMPTY && new_ready != old.ready_at {
-            self.ready.insert((new_ready, actor), ()).map_err(se)?;
+        // System mailboxes (event lanes) are read only by the invocation waiting on them, and a
+        // parked actor's mailbox is held, so neither is listed: the index is for finding actors
+        // to run.
+        if old.ready_at != new_ready && !actor.starts_with('_') && !self.is_parked(actor)? {
+            let kind = kind_of(actor);
+            if old.ready_at != EMPTY {
+                self.ready.remove((kind, old.ready_at, actor)).map_err(se)?;
+            }
+            if new_ready != EMPTY {
+                self.ready
+                    .insert((kind, new_ready, actor), ())
+                    .map_err(se)?;
+            }
         }
         let row = Meta {
             ready_at: new_ready,
@@ -280,6 +294,65 @@ impl State {
     }
 }
 
+/// The kind of a stored actor id (`kind/key`; kinds hold no `/`).
+fn kind_of(actor: &str) -> &str {
+    actor.split_once('/').map_or(actor, |(k, _)| k)
+}
+
+/// Adds the actor to the ready index at `at` (the layout upgrade).
+pub(super) fn list_ready(tx: &mut Tx<'_>, actor: &str, at: u64) -> StoreResult<()> {
+    tx.mailbox
+        .get()?
+        .ready
+        .insert((kind_of(actor), at, actor), ())
+        .map_err(se)?;
+    Ok(())
+}
+
+/// Parks the actor: records `frame` and takes its mailbox out of the ready index.
+pub(super) fn park(tx: &mut Tx<'_>, actor: &ActorId, frame: &[u8]) -> StoreResult<()> {
+    let t = tx.mailbox.get()?;
+    let a = actor.as_str();
+    let meta = Meta::get(&*t.meta, a)?;
+    if !t.is_parked(a)? && meta.ready_at != EMPTY && !actor.is_system() {
+        t.ready.remove((kind_of(a), meta.ready_at, a)).map_err(se)?;
+    }
+    t.parked.insert(a, frame).map_err(se)?;
+    Ok(())
+}
+
+/// Unparks the actor: drops its record, gives its current message a fresh start, and lists its
+/// mailbox again. Returns the record, if it was parked.
+pub(super) fn unpark(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<Option<Vec<u8>>> {
+    let t = tx.mailbox.get()?;
+    let a = actor.as_str();
+    let Some(frame) = t.parked.get(a).map_err(se)?.map(|v| v.value().to_vec()) else {
+        return Ok(None);
+    };
+    t.parked.remove(a).map_err(se)?;
+    let meta = Meta::get(&*t.meta, a)?;
+    if meta.current != 0 {
+        let state = t.state_of(a, meta.current)?;
+        let fresh = State {
+            visible_at: Timestamp::now().as_millis(),
+            deliveries: 0,
+            ..state
+        };
+        t.state.insert((a, meta.current), fresh.row()).map_err(se)?;
+    }
+    let ready_at = t.ready_at(a, meta.current)?;
+    // Unlisted while parked: put_meta lists it as if it had been empty.
+    t.put_meta(
+        a,
+        Meta {
+            ready_at: EMPTY,
+            ..meta
+        },
+        Meta { ready_at, ..meta },
+    )?;
+    Ok(Some(frame))
+}
+
 /// The tables disagree with each other: a bug or a damaged file, never a user error.
 #[derive(Debug, thiserror::Error)]
 #[error("mailbox tables disagree: {0}")]
@@ -354,6 +427,15 @@ impl Leased {
 pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreResult<bool> {
     let a = actor.as_str();
     let now = Timestamp::now().as_millis();
+    if txn
+        .open_table(PARKED)
+        .map_err(se)?
+        .get(a)
+        .map_err(se)?
+        .is_some()
+    {
+        return Ok(false);
+    }
     let meta_table = txn.open_table(MAILBOX_META).map_err(se)?;
     let meta = Meta::get(&meta_table, a)?;
     if meta.current != 0 {
@@ -382,6 +464,9 @@ pub(super) fn lease(
 ) -> StoreResult<Option<Leased>> {
     let a = actor.as_str();
     let now = Timestamp::now().as_millis();
+    if tx.mailbox.get()?.is_parked(a)? {
+        return Ok(None);
+    }
     loop {
         let t = tx.mailbox.get()?;
         let meta = Meta::get(&*t.meta, a)?;
@@ -597,29 +682,42 @@ impl Mailbox for EmbeddedStore {
         .await
     }
 
-    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>> {
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
         self.read(move |txn| {
-            let ready = txn.open_table(READY).map_err(se)?;
+            let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
             let now = Timestamp::now().as_millis();
-            let mut out = Vec::new();
-            for item in ready
-                .range(..(now.saturating_add(1), ""))
-                .map_err(se)?
-                .take(limit)
-            {
-                let (k, _) = item.map_err(se)?;
-                out.push(parse_actor(k.value().1)?);
+            let mut per_kind = Vec::with_capacity(kinds.len());
+            for kind in &kinds {
+                let mut list = Vec::new();
+                for item in ready
+                    .range((kind.as_str(), 0, "")..(kind.as_str(), now.saturating_add(1), ""))
+                    .map_err(se)?
+                    .take(limit)
+                {
+                    let (k, _) = item.map_err(se)?;
+                    list.push(parse_actor(k.value().2)?);
+                }
+                per_kind.push(list);
             }
-            Ok(out)
+            Ok(interleave(per_kind, limit))
         })
         .await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         self.read(move |txn| {
-            let ready = txn.open_table(READY).map_err(se)?;
-            let first = ready.first().map_err(se)?;
-            Ok(first.map(|(k, _)| Timestamp::from_millis(k.value().0)))
+            let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
+            // The first key of each kind, skipping from one kind to the next.
+            let mut earliest: Option<u64> = None;
+            let mut from = String::new();
+            while let Some(item) = ready.range((from.as_str(), 0, "")..).map_err(se)?.next() {
+                let (k, _) = item.map_err(se)?;
+                let (kind, at, _) = k.value();
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                from = format!("{kind}\0");
+            }
+            Ok(earliest.map(Timestamp::from_millis))
         })
         .await
     }

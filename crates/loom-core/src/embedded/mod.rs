@@ -18,6 +18,7 @@ mod journal;
 mod lease;
 mod lock;
 mod mailbox;
+mod park;
 mod redo;
 pub mod tables;
 mod turn;
@@ -346,12 +347,12 @@ impl EmbeddedStore {
         let txn = db.begin_write().map_err(se)?;
         tables::create_all(&txn).map_err(se)?;
         let mut tx = tables::Tx::new(&txn, None);
-        {
+        let layout = {
             let meta = tx.meta.get()?;
             let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
             match layout {
-                // Layout 1 is layout 2 without a redo log: upgraded in place.
-                None | Some(1) => {
+                // Older layouts are upgraded in place below, after their redo log is replayed.
+                None | Some(1) | Some(2) => {
                     meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
                 }
                 Some(LAYOUT_VERSION) => {}
@@ -364,7 +365,8 @@ impl EmbeddedStore {
                     ));
                 }
             }
-        }
+            layout
+        };
         // Batches acknowledged through the redo log since the last checkpoint: applied again,
         // in order, before anything else reads or writes.
         let lsn = match &log {
@@ -394,6 +396,9 @@ impl EmbeddedStore {
             }
             None => 0,
         };
+        if matches!(layout, Some(1) | Some(2)) {
+            upgrade_ready_index(&mut tx)?;
+        }
         // Only the process holding the directory lock opens the file, so leases and leased
         // messages found here belong to a process that is gone: release them now instead of
         // waiting for them to time out. Tokens are kept, so fencing still holds.
@@ -492,6 +497,30 @@ impl std::fmt::Debug for EmbeddedStore {
             None => write!(f, "EmbeddedStore(memory)"),
         }
     }
+}
+
+/// Layout 2 to 3: moves the ready index (`READY`, by time) to `READY_BY_KIND`.
+fn upgrade_ready_index(tx: &mut tables::Tx<'_>) -> StoreResult<()> {
+    let mut entries = Vec::new();
+    for item in tx.legacy_ready.get()?.iter().map_err(se)? {
+        let (k, _) = item.map_err(se)?;
+        let (at, actor) = k.value();
+        entries.push((at, actor.to_owned()));
+    }
+    let ready = tx.legacy_ready.get()?;
+    for (at, actor) in &entries {
+        ready.remove((*at, actor.as_str())).map_err(se)?;
+    }
+    for (at, actor) in &entries {
+        mailbox::list_ready(tx, actor, *at)?;
+    }
+    if !entries.is_empty() {
+        tracing::info!(
+            mailboxes = entries.len(),
+            "upgraded the store's ready index to layout {LAYOUT_VERSION}"
+        );
+    }
+    Ok(())
 }
 
 /// Reads a `u64` counter in [`META`].

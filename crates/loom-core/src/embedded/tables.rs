@@ -13,9 +13,10 @@ pub const BACKEND: &str = "embedded";
 
 /// The table layout this build writes; a data file with a newer layout is refused on open.
 /// Layout 2 added the redo log (`loom.redo`, and `"redo_lsn"` in [`META`]); a build that knows
-/// only layout 1 would ignore the log and lose what it holds, so it refuses layout 2. A layout 1
-/// file is upgraded when opened.
-pub const LAYOUT_VERSION: u64 = 2;
+/// only layout 1 would ignore the log and lose what it holds, so it refuses layout 2. Layout 3
+/// keeps ready mailboxes per kind ([`READY_BY_KIND`], replacing `mailbox_ready`) and parked
+/// actors ([`PARKED`]). Older files are upgraded when opened (`upgrade` in `mod.rs`).
+pub const LAYOUT_VERSION: u64 = 3;
 
 /// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given;
 /// `"redo_lsn"` → the last batch of the redo log whose writes the durable state holds
@@ -64,9 +65,19 @@ pub const QUEUE: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("m
 pub const MAILBOX_META: TableDefinition<&str, (u64, u64, u64, u64, u64)> =
     TableDefinition::new("mailbox_meta");
 
-/// `(ready_at_ms, actor)` → `()`: one key per non-empty mailbox, mirroring `ready_at` in
-/// [`MAILBOX_META`].
+/// `(kind, ready_at_ms, actor)` → `()`: one key per non-empty mailbox of an actor that is not
+/// a system mailbox and not [`PARKED`], mirroring `ready_at` in [`MAILBOX_META`]. Per kind, so
+/// that a node finds the ready actors of the kinds it hosts without reading any other's.
+pub const READY_BY_KIND: TableDefinition<(&str, u64, &str), ()> =
+    TableDefinition::new("mailbox_ready_by_kind");
+
+/// Layouts 1 and 2: `(ready_at_ms, actor)` → `()`, [`READY_BY_KIND`] without the kind. Read only
+/// to replay a redo log written by such a build and to upgrade the file.
 pub const READY: TableDefinition<(u64, &str), ()> = TableDefinition::new("mailbox_ready");
+
+/// `actor` → a park frame ([`crate::store::Park`]). While an actor is here its mailbox hands
+/// nothing out and it has no [`READY_BY_KIND`] key.
+pub const PARKED: TableDefinition<&str, &[u8]> = TableDefinition::new("parked");
 
 /// dead-letter id → a dead-letter frame.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
@@ -98,7 +109,8 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
     txn.open_table(MESSAGE_ERRORS)?;
     txn.open_table(QUEUE)?;
     txn.open_table(MAILBOX_META)?;
-    txn.open_table(READY)?;
+    txn.open_table(READY_BY_KIND)?;
+    txn.open_table(PARKED)?;
     txn.open_table(DEAD_LETTERS)?;
     txn.open_table(LEASES)?;
     txn.open_table(IDEMPOTENCY)?;
@@ -159,6 +171,8 @@ pub(super) mod id {
     pub const IDEMPOTENCY: u8 = 12;
     pub const IDEMPOTENCY_EXPIRY: u8 = 13;
     pub const JOURNAL_DELETED: u8 = 14;
+    pub const PARKED: u8 = 15;
+    pub const READY_BY_KIND: u8 = 16;
 }
 
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after
@@ -172,6 +186,8 @@ pub(super) struct Tx<'t> {
     pub(super) snapshots: Lazy<'t, Rec<'t, (&'static str, u64), &'static [u8]>>,
     pub(super) mailbox: Lazy<'t, super::mailbox::Tables<'t>>,
     pub(super) dead_letters: Lazy<'t, Rec<'t, u64, &'static [u8]>>,
+    /// Layouts 1 and 2's ready index, for replay and the upgrade only.
+    pub(super) legacy_ready: Lazy<'t, Rec<'t, (u64, &'static str), ()>>,
     pub(super) leases: Lazy<'t, Rec<'t, &'static str, &'static [u8]>>,
     pub(super) idempotency: Lazy<'t, Rec<'t, (&'static str, &'static str), &'static [u8]>>,
     pub(super) idempotency_expiry: Lazy<'t, Rec<'t, (u64, &'static str, &'static str), ()>>,
@@ -194,6 +210,7 @@ impl<'t> Tx<'t> {
             dead_letters: Lazy::new(txn, sink, |t, s| {
                 Rec::open(t, s, id::DEAD_LETTERS, DEAD_LETTERS)
             }),
+            legacy_ready: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::READY, READY)),
             leases: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::LEASES, LEASES)),
             idempotency: Lazy::new(txn, sink, |t, s| {
                 Rec::open(t, s, id::IDEMPOTENCY, IDEMPOTENCY)
@@ -214,6 +231,7 @@ impl Apply for Tx<'_> {
             id::JOURNAL_DELETED => apply_to(self.journal_deleted.get()?, op),
             id::SNAPSHOTS => apply_to(self.snapshots.get()?, op),
             id::DEAD_LETTERS => apply_to(self.dead_letters.get()?, op),
+            id::READY => apply_to(self.legacy_ready.get()?, op),
             id::LEASES => apply_to(self.leases.get()?, op),
             id::IDEMPOTENCY => apply_to(self.idempotency.get()?, op),
             id::IDEMPOTENCY_EXPIRY => apply_to(self.idempotency_expiry.get()?, op),

@@ -18,9 +18,9 @@ use futures::FutureExt;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::entry::{EntryKind, Seq};
+use crate::entry::{EntryKind, Seq, Step};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
-use crate::store::{Delivery, Record, Settle, Turn};
+use crate::store::{Delivery, Park, Record, Settle, Turn};
 
 use super::Shared;
 use super::actor::Actor;
@@ -36,8 +36,8 @@ pub(crate) enum Next {
     Backoff(Duration),
     /// The journal moved under us, or an invocation was partly journaled: reload from the store.
     Reload,
-    /// Stop this actor and show it as parked.
-    Park(String),
+    /// Park this actor (see [`Park`]).
+    Park(Park),
     /// The lease is gone: stop at once.
     Stop,
 }
@@ -244,7 +244,7 @@ impl<A: Actor> Cell<A> {
                 self.id, inv.step
             );
             self.restore_state();
-            return Next::Park(reason);
+            return Next::Park(self.park(io, &d, Some(first), &reason));
         }
         if let Some(v) = &new_value
             && let Some(patch) = state_patch(&self.value, v, self.from_default)
@@ -305,6 +305,15 @@ impl<A: Actor> Cell<A> {
         }
     }
 
+    /// The park record for stopping at `step` of `d`'s invocation.
+    fn park(&self, io: &Io, d: &Delivery, step: Option<Step>, reason: &str) -> Park {
+        Park {
+            message_id: Some(d.envelope.id),
+            step,
+            ..Park::new(io.config.node.clone(), reason)
+        }
+    }
+
     fn invocation(&self, _io: &Io, d: &Delivery, resuming: bool) -> Invocation {
         Invocation {
             actor: self.id.clone(),
@@ -351,9 +360,9 @@ impl<A: Actor> Cell<A> {
                 tracing::warn!(actor = %self.id, error = %e, "journal moved under this actor; reloading");
                 Next::Reload
             }
-            Interrupt::NonDeterminism(reason) => {
+            Interrupt::NonDeterminism(step, reason) => {
                 tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
-                Next::Park(reason)
+                Next::Park(self.park(io, d, Some(step), &reason))
             }
             Interrupt::Store(e) => {
                 let reason = format!("store failure: {e}");

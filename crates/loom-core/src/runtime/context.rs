@@ -91,8 +91,8 @@ pub(crate) enum Interrupt {
     Conflict(StoreError),
     /// The actor's lease is gone: stop at once.
     LeaseLost,
-    /// The code no longer matches the journal: park the actor.
-    NonDeterminism(String),
+    /// The code no longer matches the journal at this step: park the actor.
+    NonDeterminism(Step, String),
 }
 
 impl Interrupt {
@@ -109,7 +109,7 @@ impl Interrupt {
             Interrupt::Store(e) => format!("store failure: {e}"),
             Interrupt::Conflict(e) => format!("journal moved: {e}"),
             Interrupt::LeaseLost => "the actor's lease was lost".to_owned(),
-            Interrupt::NonDeterminism(m) => format!("non-determinism: {m}"),
+            Interrupt::NonDeterminism(_, m) => format!("non-determinism: {m}"),
         }
     }
 }
@@ -238,7 +238,7 @@ impl<'a> Context<'a> {
                 "step {step} of message {} on {}: the journal has {jk} {jn:?}, the code now calls {kind} {name:?}",
                 self.inv.envelope.id, self.inv.actor
             );
-            return Err(self.interrupt(Interrupt::NonDeterminism(msg)));
+            return Err(self.interrupt(Interrupt::NonDeterminism(step, msg)));
         }
         Ok((step, Some(recorded)))
     }
@@ -322,7 +322,7 @@ impl<'a> Context<'a> {
                         "step {step}: activity {name} is followed by {} in the journal",
                         other.name()
                     );
-                    Err(self.interrupt(Interrupt::NonDeterminism(msg)))
+                    Err(self.interrupt(Interrupt::NonDeterminism(step, msg)))
                 }
             };
         }

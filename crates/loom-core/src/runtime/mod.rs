@@ -41,6 +41,7 @@
 
 mod actives;
 mod actor;
+mod admin;
 mod cell;
 mod client;
 mod config;
@@ -64,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use actor::{Actor, Rejected};
+pub use admin::{BuryError, bury_mailbox};
 pub use client::{ActorRef, AskError, AskOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
@@ -74,14 +76,13 @@ use crate::entry::EntryKind;
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::id::{ActorId, IdempotencyKey};
-use crate::store::{Enqueued, Lease, LeaseOptions, Record, Settle, Store, Turn};
+use crate::store::{Enqueued, Lease, LeaseOptions, Park, Store};
 use crate::time::Timestamp;
 
 use actives::{Active, Actives};
 use cell::{Cell, Next};
 use context::Io;
 use hub::Hub;
-use record::{Outcome, Recorded};
 use replay::RecoverError;
 
 /// Counters of what the runtime did; see [`Runtime::metrics`].
@@ -172,7 +173,12 @@ pub(crate) struct Shared {
     hub: Arc<Hub>,
     kinds: HashMap<&'static str, Arc<dyn Kind>>,
     active: Mutex<Actives>,
-    parked: Mutex<HashMap<ActorId, String>>,
+    /// Actors this node parked, and until when it takes that as still true without looking
+    /// again (the store holds the record and the actor's mailbox; this only saves activating a
+    /// parked actor on every local send).
+    parked: Mutex<HashMap<ActorId, Instant>>,
+    /// The kinds registered here, for the ready scan.
+    hosted: Vec<&'static str>,
     metrics: Metrics,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -196,21 +202,25 @@ impl Shared {
         }
     }
 
-    /// Activates the actor on this node unless it is active, parked, or leased elsewhere.
+    /// Activates the actor on this node unless it is active, parked, leased elsewhere, or of a
+    /// kind this node does not host: messages to such a kind are never touched here; they wait
+    /// in their mailbox for a node that hosts it.
     async fn ensure_active(self: &Arc<Self>, id: &ActorId) {
         if self.shutdown.is_cancelled() || id.is_system() {
             return;
         }
-        if self
-            .parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
         {
-            return;
+            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            match parked.get(id) {
+                Some(until) if *until > Instant::now() => return,
+                Some(_) => {
+                    parked.remove(id);
+                }
+                None => {}
+            }
         }
         let Some(kind) = self.kinds.get(id.kind()).cloned() else {
-            self.reject_unknown_kind(id).await;
+            tracing::debug!(actor = %id, "not hosted here; its messages wait for a node that hosts its kind");
             return;
         };
         let (stop, busy, last_used) = {
@@ -260,71 +270,16 @@ impl Shared {
             .remove(id);
         self.hub.forget(id);
     }
-
-    /// A message for a kind nobody registered: a dead letter with the reason.
-    async fn reject_unknown_kind(&self, id: &ActorId) {
-        let opts = LeaseOptions {
-            visibility: self.config.visibility,
-            max_deliveries: u32::MAX,
-        };
-        let reason = format!(
-            "unknown actor kind {:?}: no actor of this kind is registered",
-            id.kind()
-        );
-        loop {
-            let d = match self.store.lease(id, opts).await {
-                Ok(Some(d)) => d,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(actor = %id, error = %e, "could not read the mailbox of an unknown kind");
-                    return;
-                }
-            };
-            let record = Recorded {
-                message_id: d.envelope.id,
-                outcome: Outcome::Failed(reason.clone()),
-            };
-            let value = serde_json::to_value(&record).unwrap_or(Value::Null);
-            let key = d.envelope.idempotency_key.clone();
-            let highest = match self.store.highest_seq(id).await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::warn!(actor = %id, error = %e, "could not read the journal of an unknown kind");
-                    return;
-                }
-            };
-            let turn = Turn {
-                settle: Some(Settle::DeadLetter(&d.receipt, &reason)),
-                record: key.as_ref().map(|k| Record {
-                    actor: id,
-                    key: k,
-                    result: &value,
-                    ttl: self.config.reply_ttl,
-                }),
-                ..Turn::append(id, highest + 1, &[])
-            };
-            match self.store.commit_turn(turn).await {
-                Ok(_) => {
-                    self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(actor = %id, message_id = %d.envelope.id, %reason, "message dead-lettered");
-                    if let Some(k) = &key {
-                        self.hub.reply(id, k, &value);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(actor = %id, error = %e, "could not dead-letter a message of an unknown kind");
-                    return;
-                }
-            }
-        }
-    }
 }
+
+/// How long a node takes an actor it parked as still parked before it looks again.
+const PARK_RECHECK: Duration = Duration::from_secs(5);
 
 /// Why an actor's task ended.
 enum Exit {
     Passivated,
     LeaseLost,
-    Park(String),
+    Park(Park),
     Failed(StoreError),
 }
 
@@ -361,13 +316,22 @@ async fn run<A: Actor>(
             shared.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(actor = %id, "lease lost; the actor stopped");
         }
-        Exit::Park(reason) => {
-            tracing::error!(actor = %id, %reason, "actor parked");
+        Exit::Park(park) => {
+            // Recorded in the store, fenced by the lease (rule D12): every node honours it,
+            // across restarts, until someone unparks the actor.
+            match shared.store.park(&id, park, Some(&lease)).await {
+                Ok(()) => {
+                    tracing::error!(actor = %id, reason = %park.reason, "actor parked; `loom parked ls` shows it, `loom parked unpark` lets it run again")
+                }
+                Err(e) => {
+                    tracing::error!(actor = %id, reason = %park.reason, error = %e, "actor stopped, but its park could not be recorded; it will be tried again")
+                }
+            }
             shared
                 .parked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), reason.clone());
+                .insert(id.clone(), Instant::now() + PARK_RECHECK);
         }
         Exit::Failed(e) => {
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
@@ -406,7 +370,9 @@ async fn serve<A: Actor>(
             c
         }
         Err(RecoverError::Store(e)) => return Exit::Failed(e),
-        Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
+        Err(RecoverError::Unrecoverable(reason)) => {
+            return Exit::Park(Park::new(io.config.node.clone(), &reason));
+        }
     };
     let signal = shared.hub.notifier(id);
     let mut idle_since = Instant::now();
@@ -440,10 +406,12 @@ async fn serve<A: Actor>(
                         cell = match recover().await {
                             Ok(c) => c,
                             Err(RecoverError::Store(e)) => return Exit::Failed(e),
-                            Err(RecoverError::Unrecoverable(reason)) => return Exit::Park(reason),
+                            Err(RecoverError::Unrecoverable(reason)) => {
+                                return Exit::Park(Park::new(io.config.node.clone(), &reason));
+                            }
                         }
                     }
-                    Next::Park(reason) => return Exit::Park(reason),
+                    Next::Park(park) => return Exit::Park(park),
                     Next::Stop => return Exit::LeaseLost,
                 }
             }
@@ -473,7 +441,7 @@ async fn serve<A: Actor>(
 async fn dispatch(shared: Arc<Shared>) {
     let mut wakeups = shared.store.wakeups();
     loop {
-        match shared.store.ready_actors(512).await {
+        match shared.store.ready_actors(&shared.hosted, 512).await {
             Ok(ids) => {
                 for id in ids {
                     shared.ensure_active(&id).await;
@@ -600,6 +568,7 @@ impl RuntimeBuilder {
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
+            hosted: kinds.keys().copied().collect(),
             kinds,
             active: Mutex::new(Actives::default()),
             parked: Mutex::new(HashMap::new()),
@@ -645,27 +614,37 @@ impl Runtime {
         &self.shared.config
     }
 
-    /// Actors parked (stopped until fixed), with the reason.
-    pub fn parked(&self) -> Vec<(ActorId, String)> {
-        let parked = self.shared.parked.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<_> = parked.iter().map(|(a, r)| (a.clone(), r.clone())).collect();
-        out.sort();
-        out
+    /// Actors parked (stopped until fixed) by any node of this store, with their records, in id
+    /// order (`loom parked ls` shows the same).
+    pub async fn parked(&self) -> Result<Vec<(ActorId, Park)>, StoreError> {
+        let mut out: Vec<(ActorId, Park)> = Vec::new();
+        loop {
+            let page = self
+                .shared
+                .store
+                .parked_actors(out.last().map(|(a, _)| a), 1000)
+                .await?;
+            let done = page.len() < 1000;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
     }
 
-    /// Lets a parked actor run again (after the code was fixed, say); true if it was parked.
-    pub fn unpark(&self, id: &ActorId) -> bool {
-        let was = self
-            .shared
+    /// Lets a parked actor run again (after the code was fixed, say): the message it stopped at
+    /// runs again with a fresh set of attempts. True if it was parked.
+    pub async fn unpark(&self, id: &ActorId) -> Result<bool, StoreError> {
+        let was = self.shared.store.unpark(id).await?.is_some();
+        self.shared
             .parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-            .is_some();
+            .remove(id);
         if was {
             self.shared.wake(id);
         }
-        was
+        Ok(was)
     }
 
     /// The runtime's counters.

@@ -121,10 +121,13 @@ pub trait Mailbox: Send + Sync + 'static {
     /// Moves a delivered message to the dead letters with `reason`; returns the dead letter's id.
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64>;
 
-    /// Actors whose mailbox has a message due now and none out, in no particular order (at most
-    /// `limit`). System mailboxes ([`ActorId::is_system`]) are never listed: only the invocation
-    /// that waits on one reads it.
-    async fn ready_actors(&self, limit: usize) -> StoreResult<Vec<ActorId>>;
+    /// Actors of the given `kinds` whose mailbox has a message due now and none out, and that are
+    /// not [parked](crate::store::Parking), at most `limit`: the actors a node hosting `kinds`
+    /// should run. Within a kind, the longest-ready come first, and no kind's backlog hides
+    /// another kind's ready actors (the result takes from each kind in turn). Mailboxes of other
+    /// kinds are not looked at, however many wait. System mailboxes ([`ActorId::is_system`]) are
+    /// never listed: only the invocation that waits on one reads it.
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>>;
 
     /// The earliest time at which some message in any mailbox becomes due or visible again;
     /// `None` if every mailbox is empty.
@@ -178,4 +181,27 @@ pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
         });
     }
     Ok(bytes)
+}
+
+/// Takes from each kind's list in turn until `limit`: what [`Mailbox::ready_actors`] returns from
+/// per-kind lists (each in ready order), so that no kind's backlog hides another's.
+pub fn interleave(per_kind: Vec<Vec<ActorId>>, limit: usize) -> Vec<ActorId> {
+    let mut lists: Vec<std::vec::IntoIter<ActorId>> =
+        per_kind.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let before = out.len();
+        for list in &mut lists {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(a) = list.next() {
+                out.push(a);
+            }
+        }
+        if out.len() == before {
+            break;
+        }
+    }
+    out
 }

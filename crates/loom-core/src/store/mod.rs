@@ -2,7 +2,7 @@
 //! and idempotency records.
 //!
 //! One trait per concern — [`JournalStore`], [`Mailbox`], [`LeaseManager`],
-//! [`IdempotencyStore`] — and [`Store`] for a backend that serves all four. The rules written on
+//! [`IdempotencyStore`], [`Parking`] — and [`Store`] for a backend that serves them all. The rules written on
 //! each method are the contract; `loom-testkit`'s conformance suite checks every backend against
 //! them, case by case.
 //!
@@ -13,6 +13,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod park;
 mod turn;
 
 pub use idempotency::{IdempotencyStore, Reservation, prepare_result};
@@ -21,7 +22,10 @@ pub use journal::{
     prepare_snapshot,
 };
 pub use lease::{Lease, LeaseManager, check_owner};
-pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, prepare_message};
+pub use mailbox::{
+    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
+};
+pub use park::{Park, Parking};
 pub use turn::{Committed, Outgoing, Record, Settle, Turn};
 
 use std::time::Duration;
@@ -42,11 +46,11 @@ pub enum Enqueued {
     Duplicate(Reservation),
 }
 
-/// A backend serving all four concerns, and the atomic [`Turn`] that ties them together.
+/// A backend serving every concern, and the atomic [`Turn`] that ties them together.
 ///
 /// Use `Arc<dyn Store>` to pick a backend at run time.
 #[async_trait]
-pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore {
+pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Parking {
     /// Commits a [`Turn`] atomically (see its rules).
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed>;
 

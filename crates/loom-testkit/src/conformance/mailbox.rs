@@ -35,6 +35,8 @@ pub(super) fn cases() -> Vec<Case> {
         extend_keeps_a_message_out_longer,
         event_lanes_are_leased_directly_and_never_listed_as_ready,
         messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
+        ready_actors_lists_only_the_kinds_asked_for,
+        one_kinds_backlog_does_not_hide_another_kinds_ready_actors,
     ]
 }
 
@@ -317,7 +319,7 @@ async fn requeue_of_unknown_dead_letter_is_a_typed_error(store: Arc<dyn Store>) 
 }
 
 async fn ready_actors_and_next_due_follow_the_mailboxes(store: Arc<dyn Store>) {
-    assert!(store.ready_actors(10).await.unwrap().is_empty());
+    assert!(store.ready_actors(&["conf"], 10).await.unwrap().is_empty());
     assert!(store.next_due().await.unwrap().is_none());
     let (a, b, c) = (id("a"), id("b"), id("c"));
     store.enqueue(&msg(&a, 0), None).await.unwrap();
@@ -329,11 +331,21 @@ async fn ready_actors_and_next_due_follow_the_mailboxes(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
-    let ready: HashSet<ActorId> = store.ready_actors(10).await.unwrap().into_iter().collect();
+    let ready: HashSet<ActorId> = store
+        .ready_actors(&["conf"], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(ready, HashSet::from([a.clone(), b.clone()]));
-    assert_eq!(store.ready_actors(1).await.unwrap().len(), 1);
+    assert_eq!(store.ready_actors(&["conf"], 1).await.unwrap().len(), 1);
     let d = store.lease(&a, long()).await.unwrap().expect("a");
-    let ready: HashSet<ActorId> = store.ready_actors(10).await.unwrap().into_iter().collect();
+    let ready: HashSet<ActorId> = store
+        .ready_actors(&["conf"], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(
         ready,
         HashSet::from([b.clone()]),
@@ -341,7 +353,7 @@ async fn ready_actors_and_next_due_follow_the_mailboxes(store: Arc<dyn Store>) {
     );
     store.ack(&d.receipt).await.unwrap();
     take_and_ack(&*store, &b).await.expect("b");
-    assert!(store.ready_actors(10).await.unwrap().is_empty());
+    assert!(store.ready_actors(&["conf"], 10).await.unwrap().is_empty());
     let due = store.next_due().await.unwrap().expect("c is due later");
     assert!(due > Timestamp::now() + Duration::from_secs(3000));
 }
@@ -519,7 +531,7 @@ async fn event_lanes_are_leased_directly_and_never_listed_as_ready(store: Arc<dy
         .await
         .unwrap();
     assert!(
-        store.ready_actors(10).await.unwrap().is_empty(),
+        store.ready_actors(&["conf"], 10).await.unwrap().is_empty(),
         "an event lane was listed as ready"
     );
     let d = store.lease(&lane, long()).await.unwrap().expect("event");
@@ -578,4 +590,52 @@ async fn messages_lists_what_waits_and_mailboxes_lists_who_has_mail(store: Arc<d
     assert_eq!(page.len(), 1);
     let next = store.mailboxes(Some(&page[0]), 10).await.unwrap();
     assert!(!next.contains(&page[0]));
+}
+
+async fn ready_actors_lists_only_the_kinds_asked_for(store: Arc<dyn Store>) {
+    let gauge = ActorId::new("gauge", "g").unwrap();
+    let counter = ActorId::new("counter", "c").unwrap();
+    store.enqueue(&msg(&gauge, 0), None).await.unwrap();
+    store.enqueue(&msg(&counter, 0), None).await.unwrap();
+    assert_eq!(
+        store.ready_actors(&["gauge"], 10).await.unwrap(),
+        vec![gauge.clone()]
+    );
+    assert_eq!(
+        store.ready_actors(&["counter"], 10).await.unwrap(),
+        vec![counter.clone()]
+    );
+    let both: HashSet<ActorId> = store
+        .ready_actors(&["counter", "gauge"], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(both, HashSet::from([gauge, counter]));
+    assert!(
+        store
+            .ready_actors(&["nobody"], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.ready_actors(&[], 10).await.unwrap().is_empty());
+}
+
+async fn one_kinds_backlog_does_not_hide_another_kinds_ready_actors(store: Arc<dyn Store>) {
+    // Forty ready counters, older than the one ready gauge.
+    for n in 0..40 {
+        let c = ActorId::new("counter", format!("c{n}")).unwrap();
+        store.enqueue(&msg(&c, 0), None).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let gauge = ActorId::new("gauge", "g").unwrap();
+    store.enqueue(&msg(&gauge, 0), None).await.unwrap();
+    let ready = store.ready_actors(&["counter", "gauge"], 10).await.unwrap();
+    assert_eq!(ready.len(), 10);
+    assert!(ready.contains(&gauge), "{ready:?}");
+    assert_eq!(
+        store.ready_actors(&["gauge"], 1).await.unwrap(),
+        vec![gauge]
+    );
 }

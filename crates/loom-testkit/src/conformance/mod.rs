@@ -10,6 +10,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod park;
 mod turn;
 
 use std::sync::Arc;
@@ -84,6 +85,11 @@ pub fn idempotency(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "idempotency", idempotency::cases(), factory)
 }
 
+/// The [`loom_core::Parking`] cases.
+pub fn park(backend: &str, factory: &Factory) -> Vec<Trial> {
+    trials(backend, "park", park::cases(), factory)
+}
+
 /// The [`loom_core::Store::commit_turn`] cases.
 pub fn turn(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "turn", turn::cases(), factory)
@@ -95,6 +101,7 @@ pub fn all(backend: &str, factory: &Factory) -> Vec<Trial> {
     out.extend(mailbox(backend, factory));
     out.extend(lease(backend, factory));
     out.extend(idempotency(backend, factory));
+    out.extend(park(backend, factory));
     out.extend(turn(backend, factory));
     out
 }

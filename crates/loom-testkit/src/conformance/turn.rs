@@ -309,7 +309,10 @@ async fn turn_sending_to_its_own_actor_keeps_the_mailbox_consistent(store: Arc<d
         .await
         .unwrap();
     assert_eq!(store.pending(&a).await.unwrap(), 1);
-    assert_eq!(store.ready_actors(10).await.unwrap(), vec![a.clone()]);
+    assert_eq!(
+        store.ready_actors(&["conf"], 10).await.unwrap(),
+        vec![a.clone()]
+    );
     let next = store
         .lease(&a, long())
         .await
@@ -318,7 +321,7 @@ async fn turn_sending_to_its_own_actor_keeps_the_mailbox_consistent(store: Arc<d
     assert_eq!(next.envelope, to_self);
     store.ack(&next.receipt).await.unwrap();
     assert_eq!(store.pending(&a).await.unwrap(), 0);
-    assert!(store.ready_actors(10).await.unwrap().is_empty());
+    assert!(store.ready_actors(&["conf"], 10).await.unwrap().is_empty());
 }
 
 async fn turn_without_entries_only_settles(store: Arc<dyn Store>) {

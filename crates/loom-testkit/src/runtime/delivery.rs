@@ -17,6 +17,8 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         requeued_dead_letter_without_journaled_steps_runs_again,
         idempotency_key_is_held_while_its_message_waits,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
+        messages_of_a_kind_no_node_hosts_wait_for_its_host,
+        parked_actor_stays_parked_across_restarts_until_unparked,
     ]
 }
 
@@ -216,5 +218,127 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
         other => panic!("the key was not settled with the failure: {other:?}"),
     }
     assert_eq!(h.probe.runs("a"), 1);
+    rt.shutdown().await;
+}
+
+/// Two nodes on one store: a node hosting `counter` sent it 200 messages due shortly and
+/// stopped; another node, hosting other kinds, runs past their due time. It must not touch them
+/// (they wait, visible, nothing dead-lettered), and 600 mailboxes of the unhosted kind must not
+/// hide a hosted actor from its ready scan. When a counter host comes back, each of the 200
+/// applies once.
+async fn messages_of_a_kind_no_node_hosts_wait_for_its_host(h: &Harness) {
+    use super::Counter;
+    use loom_core::{ActorId, Envelope, Timestamp};
+    let c1 = ActorId::new("counter", "c1").unwrap();
+    // What the stopped counter node left: due in 300 ms (raw enqueues: that node is gone).
+    let due = Timestamp::now() + Duration::from_millis(300);
+    for _ in 0..200 {
+        h.store
+            .enqueue(&Envelope::new(c1.clone(), serde_json::json!(1)), Some(due))
+            .await
+            .unwrap();
+    }
+    for n in 0..600 {
+        let other = ActorId::new("counter", format!("k{n}")).unwrap();
+        h.store
+            .enqueue(&Envelope::new(other, serde_json::json!(1)), None)
+            .await
+            .unwrap();
+    }
+    let other_node = h.runtime().await;
+    // A hosted actor's message from another process: only the ready scan finds it.
+    let alice = acct("alice");
+    h.store
+        .enqueue(
+            &Envelope::new(
+                alice.clone(),
+                serde_json::to_value(AccountMsg::Deposit(5)).unwrap(),
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    finished(h, &alice, 1).await;
+    eventually(WAIT, "the counter's messages are due", || async {
+        Timestamp::now() > due + Duration::from_millis(300)
+    })
+    .await;
+    assert_eq!(h.store.pending(&c1).await.unwrap(), 200);
+    assert!(
+        h.store.dead_letters(None, 10).await.unwrap().is_empty(),
+        "a node dead-lettered messages of a kind it does not host"
+    );
+    assert_eq!(h.highest(&c1).await, 0);
+    other_node.shutdown().await;
+
+    let host = loom_core::Runtime::builder()
+        .store(h.store.clone())
+        .config(Harness::config())
+        .register::<Counter>()
+        .start()
+        .await
+        .expect("counter node");
+    eventually(WAIT, "the counter applies its 200 messages", || async {
+        h.store.pending(&c1).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(host.actor::<Counter>("c1").ask(0).await.unwrap(), 200);
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    host.shutdown().await;
+}
+
+/// Non-determinism parks the actor in the store: eight restarts of the changed code later it is
+/// still parked, its message neither run nor dead-lettered, its journal untouched. Unparked
+/// under the fixed code, the invocation completes once, its journaled activity not run again.
+async fn parked_actor_stays_parked_across_restarts_until_unparked(h: &Harness) {
+    let w = worker("w");
+    let rt = h.runtime().await;
+    let sent = rt
+        .actor::<Worker>("w")
+        .send(vec![activity("a"), Step::Gate])
+        .await
+        .unwrap();
+    reached(h).await;
+    rt.kill().await;
+    let before = h.highest(&w).await;
+    for round in 0..8 {
+        let rt = h.runtime_versioned("v2-", |_| {}).await;
+        if round == 0 {
+            eventually(WAIT, "the changed code parks the actor", || async {
+                h.store.parked(&w).await.unwrap().is_some()
+            })
+            .await;
+        } else {
+            // Long enough for a redelivery (the visibility and the lease both ran out).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let parked = rt.parked().await.unwrap();
+        assert_eq!(parked.len(), 1, "round {round}: {parked:?}");
+        assert_eq!(
+            h.highest(&w).await,
+            before,
+            "round {round}: a parked actor wrote"
+        );
+        assert_eq!(h.probe.runs("v2-a"), 0);
+        rt.kill().await;
+    }
+    let park = h.store.parked(&w).await.unwrap().expect("still parked");
+    assert_eq!(park.message_id, Some(sent));
+    assert_eq!(park.step, Some(1));
+    assert!(park.reason.contains("v2-a"), "{}", park.reason);
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    assert_eq!(h.store.pending(&w).await.unwrap(), 1);
+
+    // The code is fixed (the original version again), and the actor unparked.
+    let rt = h.runtime().await;
+    h.probe.open(1);
+    assert!(rt.unpark(&w).await.unwrap());
+    finished(h, &w, 1).await;
+    assert_eq!(
+        replies(h, &w).await,
+        vec![serde_json::json!(["a done", "passed the gate"])]
+    );
+    assert_eq!(h.probe.runs("a"), 1, "the journaled activity ran again");
+    assert!(rt.parked().await.unwrap().is_empty());
     rt.shutdown().await;
 }

@@ -1,0 +1,153 @@
+//! `loom parked …` and `loom mailbox …`: actors that wait for someone (a fix, a host), and
+//! what an operator does about them.
+
+use loom_core::runtime::{BuryError, bury_mailbox};
+use loom_core::{ActorId, Store};
+use serde::Serialize;
+
+use crate::journal::parse_actor;
+use crate::output::{Failure, out};
+
+/// `loom parked ls`: every parked actor, with why, where and when.
+pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
+    let mut all = Vec::new();
+    loop {
+        let page = store
+            .parked_actors(all.last().map(|(a, _): &(ActorId, _)| a), 1000)
+            .await?;
+        let done = page.len() < 1000;
+        all.extend(page);
+        if done {
+            break;
+        }
+    }
+    if json {
+        for (a, p) in &all {
+            out(serde_json::json!({
+                "actor": a.as_str(), "reason": p.reason, "message_id": p.message_id,
+                "step": p.step, "node": p.node, "at": p.at.to_string(),
+            }))?;
+        }
+        return Ok(());
+    }
+    if all.is_empty() {
+        return out("no actor is parked");
+    }
+    let width = all.iter().map(|(a, _)| a.as_str().len()).max().unwrap_or(5);
+    out(format_args!(
+        "{:<width$}  {:<24}  {:<36}  {:>4}  REASON",
+        "ACTOR", "AT", "MESSAGE", "STEP"
+    ))?;
+    for (a, p) in &all {
+        out(format_args!(
+            "{:<width$}  {:<24}  {:<36}  {:>4}  {}",
+            a.as_str(),
+            p.at.to_string(),
+            p.message_id.map_or("-".to_owned(), |m| m.to_string()),
+            p.step.map_or("-".to_owned(), |s| s.to_string()),
+            p.reason.replace('\n', " ")
+        ))?;
+    }
+    out(format_args!(
+        "{} parked; `loom parked unpark ACTOR` lets one run again (fix its code first)",
+        all.len()
+    ))
+}
+
+/// `loom parked unpark ACTOR`.
+pub async fn unpark(store: &dyn Store, actor: &str) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    match store.unpark(&a).await? {
+        Some(p) => out(format_args!(
+            "{a} is unparked: its mailbox is open again, and the message it stopped at{} runs \
+             with a fresh set of attempts on the next node that hosts {} (it was parked: {})",
+            p.message_id.map_or(String::new(), |m| format!(" ({m})")),
+            a.kind(),
+            p.reason
+        )),
+        None => Err(Failure(format!("{a} is not parked"))),
+    }
+}
+
+#[derive(Serialize)]
+struct Mailbox {
+    actor: String,
+    pending: u64,
+    parked: bool,
+}
+
+/// `loom mailbox ls [--kind K]`: actors with waiting messages, how many, and whether parked.
+pub async fn mailboxes(store: &dyn Store, kind: Option<&str>, json: bool) -> Result<(), Failure> {
+    let mut rows = Vec::new();
+    let mut after: Option<ActorId> = None;
+    loop {
+        let page = store.mailboxes(after.as_ref(), 1000).await?;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        for a in page {
+            if a.is_system() || kind.is_some_and(|k| a.kind() != k) {
+                continue;
+            }
+            rows.push(Mailbox {
+                pending: store.pending(&a).await?,
+                parked: store.parked(&a).await?.is_some(),
+                actor: a.to_string(),
+            });
+        }
+        after = Some(last);
+    }
+    if json {
+        for r in &rows {
+            out(serde_json::to_string(r)?)?;
+        }
+        return Ok(());
+    }
+    let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
+    out(format_args!(
+        "{:<width$}  {:>8}  PARKED",
+        "ACTOR", "PENDING"
+    ))?;
+    for r in &rows {
+        out(format_args!(
+            "{:<width$}  {:>8}  {}",
+            r.actor,
+            r.pending,
+            if r.parked { "yes" } else { "-" }
+        ))?;
+    }
+    let total: u64 = rows.iter().map(|r| r.pending).sum();
+    out(format_args!(
+        "{} mailboxes, {total} messages waiting",
+        rows.len()
+    ))
+}
+
+/// `loom mailbox bury ACTOR --reason R --yes`.
+pub async fn bury(store: &dyn Store, actor: &str, reason: &str, yes: bool) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    let pending = store.pending(&a).await?;
+    if pending == 0 {
+        return Err(Failure(format!("{a} has no waiting message")));
+    }
+    if !yes {
+        return Err(Failure(format!(
+            "this moves the {pending} messages waiting for {a} to the dead letters; run again \
+             with --yes to do it"
+        )));
+    }
+    let owner = format!("loom-cli-{}", std::process::id());
+    match bury_mailbox(store, &a, reason, &owner).await {
+        Ok(n) => {
+            let left = store.pending(&a).await?;
+            out(format_args!(
+                "{a}: {n} messages moved to the dead letters ({left} still waiting: delayed, not \
+                 due yet); `loom deadletters ls` shows them"
+            ))
+        }
+        Err(BuryError::Store(loom_core::StoreError::LeaseHeld { owner, .. })) => Err(Failure(
+            format!("{a} is running on {owner}; stop it there first"),
+        )),
+        Err(e) => Err(Failure(e.to_string())),
+    }
+}

@@ -1,0 +1,92 @@
+//! What an operator does to actors from outside the runtime (`loom`), with the runtime's own
+//! rules: dead-lettering the messages that wait in a mailbox.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::StoreError;
+use crate::id::ActorId;
+use crate::store::{LeaseOptions, Record, Settle, Store, Turn};
+
+use super::record::{Outcome, Recorded};
+
+/// Why [`bury_mailbox`] did not (finish to) dead-letter an actor's messages.
+#[derive(Debug, thiserror::Error)]
+pub enum BuryError {
+    /// The store failed or refused (a node holds the actor, say: it is running it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The actor is parked: its mailbox is held; unpark it first (which lets its current message
+    /// run), or fix and unpark it.
+    #[error("{0} is parked; its mailbox is held until it is unparked")]
+    Parked(ActorId),
+}
+
+/// Moves every message waiting in `actor`'s mailbox to the dead letters with `reason`, as the
+/// runtime would give them up: each in one turn that dead-letters it and records the failure
+/// under its idempotency key, if it has one (so a caller retrying gets the failure, not a
+/// resend). For messages of a kind no node hosts, which the runtime leaves waiting.
+///
+/// Takes the actor's lease as `owner` first, so it never races a node running the actor
+/// ([`StoreError::LeaseHeld`] if one is), and fences every turn with it. Returns how many
+/// messages it moved. Only messages due now are moved: one sent with a delay stays until it is
+/// due (run it again then). The failure is kept under the key for the default
+/// [`Config::reply_ttl`](super::Config::reply_ttl).
+pub async fn bury_mailbox(
+    store: &dyn Store,
+    actor: &ActorId,
+    reason: &str,
+    owner: &str,
+) -> Result<u64, BuryError> {
+    if store.parked(actor).await?.is_some() {
+        return Err(BuryError::Parked(actor.clone()));
+    }
+    let ttl = Duration::from_secs(30);
+    let lease = store.acquire(actor, owner, ttl).await?;
+    let result = bury_all(store, actor, reason, &lease).await;
+    if let Err(e) = store.release(&lease).await {
+        tracing::warn!(%actor, error = %e, "could not release the lease; it expires on its own");
+    }
+    result
+}
+
+async fn bury_all(
+    store: &dyn Store,
+    actor: &ActorId,
+    reason: &str,
+    lease: &crate::store::Lease,
+) -> Result<u64, BuryError> {
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(30),
+        max_deliveries: u32::MAX,
+    };
+    let reply_ttl = super::Config::default().reply_ttl;
+    let mut buried = 0;
+    loop {
+        let Some(d) = store.lease(actor, opts).await? else {
+            break;
+        };
+        let recorded = Recorded {
+            message_id: d.envelope.id,
+            outcome: Outcome::Failed(reason.to_owned()),
+        };
+        let value = serde_json::to_value(&recorded).unwrap_or(Value::Null);
+        let highest = store.highest_seq(actor).await?;
+        let key = d.envelope.idempotency_key.clone();
+        let turn = Turn {
+            fence: Some(lease),
+            settle: Some(Settle::DeadLetter(&d.receipt, reason)),
+            record: key.as_ref().map(|k| Record {
+                actor,
+                key: k,
+                result: &value,
+                ttl: reply_ttl,
+            }),
+            ..Turn::append(actor, highest + 1, &[])
+        };
+        store.commit_turn(turn).await?;
+        buried += 1;
+    }
+    Ok(buried)
+}
