@@ -199,3 +199,74 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
     );
     rt.shutdown().await;
 }
+
+/// One message whose stored frame rotted: it goes to the dead letters with reason "corrupt
+/// frame" (its raw bytes kept), and the message behind it is processed. Before, every lease
+/// counted a delivery and failed to decode it, and burying it decoded it again and failed: the
+/// mailbox was blocked for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_message_frame_is_dead_lettered_and_the_next_message_runs() {
+    use loom_core::{Envelope, Mailbox};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = ActorId::new("counter", "c").unwrap();
+    let damaged = Envelope::new(c.clone(), json!(5));
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        store.enqueue(&damaged, None).await.expect("enqueue");
+        store
+            .enqueue(&Envelope::new(c.clone(), json!(7)), None)
+            .await
+            .expect("enqueue");
+    }
+    {
+        let db = redb::Database::open(dir.path().join(DATA_FILE)).expect("open the data file");
+        let txn = db.begin_write().expect("write txn");
+        {
+            let mut messages = txn.open_table(tables::MESSAGES).expect("messages table");
+            let mut value = messages
+                .get(("counter/c", 1))
+                .expect("read")
+                .expect("message 1")
+                .value()
+                .to_vec();
+            let n = value.len();
+            value[n - 2] ^= 0x11;
+            messages
+                .insert(("counter/c", 1), value.as_slice())
+                .expect("write the damage");
+        }
+        txn.commit().expect("commit");
+    }
+    let rt = Runtime::builder()
+        .embedded(dir.path())
+        .register::<Counter>()
+        .start()
+        .await
+        .expect("runtime");
+    let store = rt.store().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while store.pending(&c).await.expect("pending") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the damaged message blocks the mailbox"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rt.actor::<Counter>("c").ask(0).await.expect("ask"), 7);
+    let dead = store.dead_letters(None, 10).await.expect("dead letters");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].reason.starts_with("corrupt frame"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].envelope.id, damaged.id);
+    assert!(
+        dead[0].envelope.payload["corrupt_frame"]
+            .as_str()
+            .is_some_and(|hex| !hex.is_empty()),
+        "{:?}",
+        dead[0].envelope.payload
+    );
+    rt.shutdown().await;
+}

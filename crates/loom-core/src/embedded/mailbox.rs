@@ -358,12 +358,35 @@ pub(super) fn unpark(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<Option<Vec
 #[error("mailbox tables disagree: {0}")]
 struct Inconsistent(String);
 
-/// Moves the actor's current message to the dead letters.
+/// Moves the actor's current message to the dead letters. A message whose stored frame does
+/// not decode is buried all the same, as an envelope carrying its raw bytes (hex) under
+/// `corrupt_frame`, so that one damaged message never blocks its mailbox (rule D14).
 pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResult<u64> {
     let t = tx.mailbox.get()?;
     let meta = Meta::get(&*t.meta, actor.as_str())?;
-    let envelope = t.envelope(actor, meta.current)?;
-    let deliveries = t.state_of(actor.as_str(), meta.current)?.deliveries;
+    let state = t.state_of(actor.as_str(), meta.current)?;
+    let envelope = match t.envelope(actor, meta.current) {
+        Ok(e) => e,
+        Err(StoreError::Corrupt { .. }) => {
+            let raw = t
+                .messages
+                .get((actor.as_str(), meta.current))
+                .map_err(se)?
+                .map(|v| {
+                    v.value()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            Envelope {
+                id: MessageId::from(uuid::Uuid::from_u128(state.id)),
+                ..Envelope::new(actor.clone(), serde_json::json!({ "corrupt_frame": raw }))
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let deliveries = state.deliveries;
     let counters = tx.meta.get()?;
     let id = meta_counter(&**counters, "dead_letter_seq")? + 1;
     let dead = DeadLetter {
@@ -383,6 +406,24 @@ pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResul
     t.remove_current(actor.as_str())?;
     tracing::warn!(%actor, message_id = %dead.envelope.id, dead_letter = id, reason = %dead.reason, "message dead-lettered");
     Ok(id)
+}
+
+/// Buries the actor's current message as a corrupt frame, if it is still the delivery that was
+/// handed out (`position`, `deliveries`); returns whether it did.
+pub(super) fn bury_corrupt(
+    tx: &mut Tx<'_>,
+    actor: &ActorId,
+    position: u64,
+    deliveries: u32,
+    reason: &str,
+) -> StoreResult<bool> {
+    let t = tx.mailbox.get()?;
+    let meta = Meta::get(&*t.meta, actor.as_str())?;
+    if meta.current != position || t.state_of(actor.as_str(), position)?.deliveries != deliveries {
+        return Ok(false);
+    }
+    bury(tx, actor, reason)?;
+    Ok(true)
 }
 
 /// A message handed out by [`lease`], still encoded: decoding happens off the writer thread.
@@ -589,9 +630,16 @@ impl Mailbox for EmbeddedStore {
         if !self.read(move |txn| leasable(txn, &a)).await? {
             return Ok(None);
         }
-        let actor = actor.clone();
-        let leased = self.write(move |tx| lease(tx, &actor, opts)).await?;
-        leased.map(Leased::finish).transpose()
+        // Each pass hands out the next message or buries a corrupt one, so this ends.
+        loop {
+            let actor = actor.clone();
+            let Some(leased) = self.write(move |tx| lease(tx, &actor, opts)).await? else {
+                return Ok(None);
+            };
+            if let Some(d) = self.finish_or_bury(leased).await? {
+                return Ok(Some(d));
+            }
+        }
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
@@ -843,6 +891,26 @@ impl Mailbox for EmbeddedStore {
             )
         })
         .await
+    }
+}
+
+impl EmbeddedStore {
+    /// Decodes a leased message; one whose frame is damaged goes to the dead letters at once
+    /// with reason "corrupt frame: …" (`None`), instead of failing every lease of its mailbox.
+    pub(super) async fn finish_or_bury(&self, leased: Leased) -> StoreResult<Option<Delivery>> {
+        let (actor, position, deliveries) =
+            (leased.actor.clone(), leased.position, leased.deliveries);
+        match leased.finish() {
+            Ok(d) => Ok(Some(d)),
+            Err(e @ StoreError::Corrupt { .. }) => {
+                let reason = clip_reason(&format!("corrupt frame: {e}"));
+                tracing::error!(%actor, position, error = %e, "a stored message does not decode; it goes to the dead letters");
+                self.write(move |tx| bury_corrupt(tx, &actor, position, deliveries, &reason))
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -46,61 +46,67 @@ impl Store for EmbeddedStore {
         let record = turn
             .record
             .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
-        self.write(move |tx| {
-            // Checks first, writes after: a refused turn writes nothing (see writer.rs).
-            let now = Timestamp::now();
-            if let Some(fence) = &fence {
-                lease::check_fence(tx, fence)?;
-            }
-            {
-                let (highest, _) = journal::meta_of(&**tx.journal_meta.get()?, actor.as_str())?;
-                if expected_next != highest + 1 {
-                    return Err(StoreError::Conflict {
-                        actor: actor.clone(),
-                        expected: expected_next,
-                        actual: highest + 1,
-                    });
+        let committed = self
+            .write(move |tx| {
+                // Checks first, writes after: a refused turn writes nothing (see writer.rs).
+                let now = Timestamp::now();
+                if let Some(fence) = &fence {
+                    lease::check_fence(tx, fence)?;
                 }
-            }
-            if let Some((receipt, reason)) = &settle {
-                let t = tx.mailbox.get()?;
-                t.check_receipt(receipt)?;
-                if reason.is_some() {
-                    // Decoded now so that dead-lettering cannot fail after the writes began.
-                    t.envelope(&receipt.actor, receipt.position)?;
-                }
-            }
-            let highest = journal::append(tx, &actor, expected_next, &entries)?;
-            {
-                let t = tx.mailbox.get()?;
-                let now_ms = now.as_millis();
-                for (o, bytes) in &outgoing {
-                    t.enqueue(&o.envelope.to, o.envelope.id, bytes, o.deliver_at, now_ms)?;
-                }
-                match &settle {
-                    Some((receipt, None)) => t.remove_current(receipt.actor.as_str())?,
-                    Some((receipt, Some(reason))) => {
-                        bury(tx, &receipt.actor, reason)?;
+                {
+                    let (highest, _) = journal::meta_of(&**tx.journal_meta.get()?, actor.as_str())?;
+                    if expected_next != highest + 1 {
+                        return Err(StoreError::Conflict {
+                            actor: actor.clone(),
+                            expected: expected_next,
+                            actual: highest + 1,
+                        });
                     }
-                    None => {}
                 }
-            }
-            if let Some((a, key, result, ttl)) = record {
-                idempotency::record(tx, &a, &key, result, ttl)?;
-            }
-            let leased = match next {
-                Some(opts) => mailbox::lease(tx, &actor, opts)?,
-                None => None,
-            };
-            Ok((highest, leased))
-        })
-        .await
-        .and_then(|(highest, leased)| {
-            Ok(Committed {
-                highest,
-                next: leased.map(mailbox::Leased::finish).transpose()?,
+                if let Some((receipt, _)) = &settle {
+                    // Burying cannot fail on the message itself (a damaged frame is buried raw).
+                    tx.mailbox.get()?.check_receipt(receipt)?;
+                }
+                let highest = journal::append(tx, &actor, expected_next, &entries)?;
+                {
+                    let t = tx.mailbox.get()?;
+                    let now_ms = now.as_millis();
+                    for (o, bytes) in &outgoing {
+                        t.enqueue(&o.envelope.to, o.envelope.id, bytes, o.deliver_at, now_ms)?;
+                    }
+                    match &settle {
+                        Some((receipt, None)) => t.remove_current(receipt.actor.as_str())?,
+                        Some((receipt, Some(reason))) => {
+                            bury(tx, &receipt.actor, reason)?;
+                        }
+                        None => {}
+                    }
+                }
+                if let Some((a, key, result, ttl)) = record {
+                    idempotency::record(tx, &a, &key, result, ttl)?;
+                }
+                let leased = match next {
+                    Some(opts) => mailbox::lease(tx, &actor, opts)?,
+                    None => None,
+                };
+                Ok((highest, leased))
             })
-        })
+            .await?;
+        let (highest, leased) = committed;
+        // The turn is committed, so nothing after this point may report it failed (rule D15):
+        // a next message that does not decode is buried, and if even that fails, it comes back
+        // when its visibility runs out and is buried then.
+        let next = match leased {
+            Some(l) => match self.finish_or_bury(l).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not bury a damaged message after a turn; it is tried again when its lease runs out");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Committed { highest, next })
     }
 
     async fn enqueue_once(

@@ -85,6 +85,13 @@ pub struct AskOptions {
     pub timeout: Option<Duration>,
 }
 
+/// Options of [`ActorRef::deliver_event_with`].
+#[derive(Debug, Clone, Default)]
+pub struct EventOptions {
+    /// The event's key: deliveries with one key are one event. `None` derives it from the data.
+    pub key: Option<IdempotencyKey>,
+}
+
 /// What a send did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
@@ -230,20 +237,59 @@ impl<A: Actor> ActorRef<A> {
 
     /// Delivers the event `name` with `data` to this actor: the invocation waiting for it in
     /// `Context::wait_event` resumes with it. An event delivered before anyone waits is kept.
+    ///
+    /// Events are deduplicated per actor and name by their key (see
+    /// [`deliver_event_with`](Self::deliver_event_with)); here the key is derived from `data`:
+    /// the same name and data delivered again (a webhook retried) is one event, and the second
+    /// delivery is [`Sent::Duplicate`], until `Config::reply_ttl` after a wait received it. To
+    /// deliver equal data twice as two events, give each its own key.
     pub async fn deliver_event<T: Serialize + ?Sized>(
         &self,
         name: &str,
         data: &T,
-    ) -> Result<MessageId, SendError> {
+    ) -> Result<Sent, SendError> {
+        self.deliver_event_with(name, data, EventOptions::default())
+            .await
+    }
+
+    /// Delivers an event with options: its key (an id the sender gives it, a webhook's event id
+    /// say). Two deliveries with one key are one event: the second is [`Sent::Duplicate`] and
+    /// reaches no wait, while the first waits to be received or until `Config::reply_ttl` after
+    /// a wait received it.
+    pub async fn deliver_event_with<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        data: &T,
+        opts: EventOptions,
+    ) -> Result<Sent, SendError> {
         let id = self.id.clone()?;
         let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
+        let key = match opts.key {
+            Some(k) => k,
+            // The data's canonical JSON (object keys sorted) names it.
+            None => IdempotencyKey::new(format!(
+                "event-{}",
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, payload.to_string().as_bytes())
+            ))?,
+        };
         let lane = id.event_lane(name);
         let mut env = Envelope::new(lane.clone(), payload);
         env.traceparent = Some(trace::root());
+        env.idempotency_key = Some(key.clone());
         let message_id = env.id;
-        self.rt.shared.store.enqueue(&env, None).await?;
-        self.rt.shared.hub.notify(&lane);
-        Ok(message_id)
+        let r = self
+            .rt
+            .shared
+            .store
+            .enqueue_once(&env, None, &key, self.rt.shared.config.reply_ttl)
+            .await?;
+        match r {
+            Enqueued::New(_) => {
+                self.rt.shared.hub.notify(&lane);
+                Ok(Sent::Enqueued(message_id))
+            }
+            Enqueued::Duplicate(_) => Ok(Sent::Duplicate),
+        }
     }
 }
 

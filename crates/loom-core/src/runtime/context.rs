@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::entry::{Entry, EntryKind, Seq, Step};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::id::{ActorId, MessageId};
-use crate::store::{Lease, LeaseOptions, Outgoing, Receipt, Settle, Store, Turn};
+use crate::store::{Lease, LeaseOptions, Outgoing, Receipt, Record, Settle, Store, Turn};
 use crate::time::Timestamp;
 
 use super::actor::{Actor, Rejected};
@@ -514,7 +514,10 @@ impl<'a> Context<'a> {
     /// most until `timeout` (counted from the first run: a restart does not restart it).
     ///
     /// While it waits, the invocation holds the actor: later messages queue behind it. An event
-    /// delivered before the wait began is kept and received as soon as the wait begins.
+    /// delivered before the wait began is kept and received as soon as the wait begins. Events
+    /// of one name are received in the order delivered, each by one wait; an event delivered
+    /// twice with one key (`ActorRef::deliver_event_with`; by default the key comes from the
+    /// data) is received once.
     pub async fn wait_event<T: DeserializeOwned>(
         &mut self,
         name: &str,
@@ -567,11 +570,21 @@ impl<'a> Context<'a> {
                         data: data.clone(),
                         timed_out: false,
                     });
-                    // The event is consumed in the same write that journals it.
+                    // The event is consumed in the same write that journals it, and its key
+                    // recorded, so that the same event delivered again is refused as a
+                    // duplicate instead of satisfying the next wait (rule D6).
+                    let received = json!({ "event": name, "received_by": self.inv.envelope.id });
+                    let key = event.envelope.idempotency_key.clone();
                     let turn = Turn {
                         fence: Some(&self.io.lease),
                         send: &self.inv.outbox,
                         settle: Some(Settle::Ack(&event.receipt)),
+                        record: key.as_ref().map(|k| Record {
+                            actor: &lane,
+                            key: k,
+                            result: &received,
+                            ttl: self.io.config.reply_ttl,
+                        }),
                         ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
                     };
                     return match self.io.store.commit_turn(turn).await {

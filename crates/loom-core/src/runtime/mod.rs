@@ -66,7 +66,7 @@ use tokio_util::task::TaskTracker;
 
 pub use actor::{Actor, Rejected};
 pub use admin::{BuryError, bury_mailbox};
-pub use client::{ActorRef, AskError, AskOptions, SendError, SendOptions, Sent};
+pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
 pub use replay::{CompactError, Compacted, SNAPSHOT_FORMAT, compact_journal};

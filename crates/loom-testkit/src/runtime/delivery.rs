@@ -19,6 +19,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         messages_of_a_kind_no_node_hosts_wait_for_its_host,
         parked_actor_stays_parked_across_restarts_until_unparked,
+        the_same_event_delivered_twice_is_received_once,
     ]
 }
 
@@ -340,5 +341,59 @@ async fn parked_actor_stays_parked_across_restarts_until_unparked(h: &Harness) {
     );
     assert_eq!(h.probe.runs("a"), 1, "the journaled activity ran again");
     assert!(rt.parked().await.unwrap().is_empty());
+    rt.shutdown().await;
+}
+
+/// A webhook delivered twice: the first delivery satisfies a wait, the second is a duplicate
+/// and must not satisfy the next wait. Two events with their own keys are two events, even
+/// with equal data.
+async fn the_same_event_delivered_twice_is_received_once(h: &Harness) {
+    use loom_core::runtime::EventOptions;
+    let w = worker("w");
+    let rt = h.runtime().await;
+    let wref = rt.actor::<Worker>("w");
+    let wait = |timeout_ms| Step::Wait {
+        name: "approved".into(),
+        timeout_ms,
+    };
+    wref.send(vec![wait(None), wait(Some(800))]).await.unwrap();
+    assert!(matches!(
+        wref.deliver_event("approved", "yes").await.unwrap(),
+        Sent::Enqueued(_)
+    ));
+    assert_eq!(
+        wref.deliver_event("approved", "yes").await.unwrap(),
+        Sent::Duplicate
+    );
+    finished(h, &w, 1).await;
+    assert_eq!(
+        replies(h, &w).await,
+        vec![serde_json::json!([
+            "event approved: yes",
+            "event approved: timed out"
+        ])]
+    );
+    // Received: a late redelivery is still a duplicate (for the reply ttl).
+    assert_eq!(
+        wref.deliver_event("approved", "yes").await.unwrap(),
+        Sent::Duplicate
+    );
+    let keyed = |k: &str| EventOptions {
+        key: Some(IdempotencyKey::new(k).unwrap()),
+    };
+    wref.send(vec![wait(None), wait(None)]).await.unwrap();
+    for k in ["approval-1", "approval-2"] {
+        assert!(matches!(
+            wref.deliver_event_with("approved", "again", keyed(k))
+                .await
+                .unwrap(),
+            Sent::Enqueued(_)
+        ));
+    }
+    finished(h, &w, 2).await;
+    assert_eq!(
+        replies(h, &w).await[1],
+        serde_json::json!(["event approved: again", "event approved: again"])
+    );
     rt.shutdown().await;
 }
