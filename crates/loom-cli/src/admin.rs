@@ -173,3 +173,50 @@ pub async fn requeue(store: &dyn Store, id: u64) -> Result<(), Failure> {
         "dead letter {id} is back in its mailbox at position {position}"
     ))
 }
+
+/// `loom redo salvage --store DIR [--yes]`: opens an embedded store whose redo log is damaged in
+/// the middle, keeping the batches before the damage and moving the rest aside.
+pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
+    use loom_core::{EmbeddedOptions, EmbeddedStore, StoreError};
+    if !dir.join(loom_core::embedded::DATA_FILE).is_file() {
+        return Err(Failure(format!(
+            "{} holds no Loom store (no {})",
+            dir.display(),
+            loom_core::embedded::DATA_FILE
+        )));
+    }
+    match EmbeddedStore::open(dir) {
+        Ok(_) => {
+            return out(format_args!(
+                "{}: the redo log is intact; nothing to salvage",
+                dir.display()
+            ));
+        }
+        Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("redo") => {
+            if !yes {
+                return Err(Failure(format!(
+                    "{e}\nsalvaging opens the store without the batches from the damage on (they \
+                     are moved to {}/loom.redo.damaged-<ms>); copy the directory first if it \
+                     matters, then run again with --yes",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let options = EmbeddedOptions {
+        salvage_damaged_redo: true,
+        ..EmbeddedOptions::default()
+    };
+    drop(EmbeddedStore::open_with(dir, options)?);
+    let kept: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("loom.redo.damaged-"))
+        .collect();
+    out(format_args!(
+        "{}: salvaged; it opens again, without the batches from the damage on (kept in {})",
+        dir.display(),
+        kept.join(", ")
+    ))
+}

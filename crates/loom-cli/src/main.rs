@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: MailboxCommand,
     },
+    /// The embedded store's redo log: salvage one damaged in the middle.
+    Redo {
+        #[command(subcommand)]
+        command: RedoCommand,
+    },
     /// Writes every journal, snapshot and waiting message to a file (a versioned line format).
     Export {
         #[command(flatten)]
@@ -222,6 +227,21 @@ enum JournalCommand {
 }
 
 #[derive(Subcommand)]
+enum RedoCommand {
+    /// Opens an embedded store refused for a redo log damaged in the middle, keeping the
+    /// batches before the damage; the damaged bytes and all after them (acknowledged batches
+    /// included) are moved to `loom.redo.damaged-<ms>`. Restore a backup instead if you can.
+    Salvage {
+        /// The data directory (`embedded:PATH` or a path).
+        #[arg(long)]
+        store: String,
+        /// Really do it.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ParkedCommand {
     /// Every parked actor, with the reason, the message and step it stopped at, and when.
     Ls {
@@ -342,6 +362,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Redo {
+            command: RedoCommand::Salvage { store, yes },
+        } => match url(&store)? {
+            StoreUrl::Embedded(dir) => admin::salvage_redo(&dir, yes),
+            _ => Err(Failure(
+                "only an embedded store has a redo log (--store embedded:PATH)".into(),
+            )),
+        },
         Command::Export { store, out } => {
             let opened = open_existing(&url(&store.store)?).await?;
             transfer::export(&*opened.store, &out).await

@@ -58,7 +58,14 @@ async fn a_failed_read_is_a_typed_error() {
         FaultyDisk::open(&dir.path().join(loom_core::embedded::DATA_FILE)).expect("open file");
     let faults = disk.faults.clone();
     // A tiny cache, so that reads go to the disk.
-    let store = EmbeddedStore::on_backend(disk, EmbeddedOptions { cache_bytes: 0 }).expect("store");
+    let store = EmbeddedStore::on_backend(
+        disk,
+        EmbeddedOptions {
+            cache_bytes: 0,
+            ..EmbeddedOptions::default()
+        },
+    )
+    .expect("store");
     let entries: Vec<Entry> = (1..=500).map(|s| entry(0, s)).collect();
     store.append(&id(0), 1, &entries).await.expect("append");
     faults.fail_reads.store(1000, Ordering::SeqCst);

@@ -287,3 +287,124 @@ async fn batches_past_the_record_size_cap_are_split_and_all_kept() {
         assert_eq!(s.state["big"].as_str().map(str::len), Some(8 << 20));
     }
 }
+
+/// The directory as a crash would leave it right now: both files copied while the store is
+/// open and idle (the page cache is what a SIGKILLed process leaves behind). Returns how many
+/// redo records the copied log holds.
+fn crash_image(from: &std::path::Path, to: &std::path::Path) -> usize {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [DATA_FILE, REDO_FILE] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    let log = std::fs::read(to.join(REDO_FILE)).unwrap();
+    log.windows(4).filter(|w| *w == b"LRec").count()
+}
+
+/// Three acknowledged appends, a crash before any checkpoint, and rot in the first record's
+/// body: the records after it prove it was acknowledged, so the store refuses to open, naming
+/// the file and the offset, and drops nothing. `salvage_damaged_redo` (what `loom redo salvage`
+/// sets) then opens it without them, keeping the bytes aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("image");
+    // A checkpoint (after 250 ms of traffic, or 1 s idle) would empty the log first: try again.
+    let mut tries = 0;
+    let live = loop {
+        tries += 1;
+        let live = dir.path().join(format!("live-{tries}"));
+        let store = EmbeddedStore::open(&live).expect("open");
+        for seq in 1..=3 {
+            store
+                .append(&id(1), seq, &[entry(1, seq)])
+                .await
+                .expect("append");
+        }
+        // Absent on the first try; a leftover of the last one otherwise.
+        let _ = std::fs::remove_dir_all(&image);
+        let records = crash_image(&live, &image);
+        drop(store);
+        if records == 3 {
+            break live;
+        }
+        assert!(tries < 5, "never caught the log before a checkpoint");
+    };
+    let log = image.join(REDO_FILE);
+    let mut bytes = std::fs::read(&log).unwrap();
+    // The header (8), the first record's mark, length, checksum (12), lsn and stamp (16), then
+    // its writes: rot in them.
+    bytes[8 + 12 + 16 + 10] ^= 0x04;
+    std::fs::write(&log, &bytes).unwrap();
+    match EmbeddedStore::open(&image) {
+        Err(StoreError::Corrupt { what, source }) => {
+            assert!(
+                what.contains("loom.redo") && what.contains("at byte 8"),
+                "{what}"
+            );
+            let why = source.to_string();
+            assert!(
+                why.contains("batches through 2 were acknowledged")
+                    && why.contains("loom redo salvage"),
+                "{why}"
+            );
+        }
+        Ok(_) => panic!("opened over a damaged redo log"),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log was changed");
+    // The operator's choice: open without the damaged batches.
+    let salvage = EmbeddedOptions {
+        salvage_damaged_redo: true,
+        ..EmbeddedOptions::default()
+    };
+    {
+        let store = EmbeddedStore::open_with(&image, salvage).expect("salvage");
+        assert!(journal(&store, 1).await.is_empty());
+        store
+            .append(&id(1), 1, &[entry(1, 1)])
+            .await
+            .expect("the salvaged store takes writes");
+    }
+    let kept = std::fs::read_dir(&image)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("loom.redo.damaged-")
+        })
+        .expect("the dropped bytes are kept");
+    assert_eq!(std::fs::read(kept.path()).unwrap(), bytes[8..]);
+    // The live store, untouched, has all three.
+    let store = EmbeddedStore::open(&live).expect("reopen live");
+    assert_eq!(journal(&store, 1).await.len(), 3);
+}
+
+/// A panic on the thread that writes the log (here inside the log write, on the writer thread
+/// or the log thread, whichever writes): the batch it was making durable is visible to reads
+/// but never will be durable. The store must latch failed: the read that sees the batch fails
+/// instead of waiting forever, and so does every later write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_writing_the_log_latches_the_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, h) = open_faulty(dir.path());
+    store
+        .append(&id(1), 1, &[entry(1, 1)])
+        .await
+        .expect("append");
+    h.faults.panic_writes.store(1, Ordering::SeqCst);
+    let failed = store.append(&id(1), 2, &[entry(1, 2)]).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let read = tokio::time::timeout(Duration::from_secs(10), store.highest_seq(&id(1)))
+        .await
+        .expect("a read hangs after the thread writing the log died");
+    assert!(read.is_err(), "{read:?}");
+    assert!(
+        store.append(&id(1), 2, &[entry(1, 2)]).await.is_err(),
+        "a write after the panic was taken"
+    );
+    drop(store);
+    // Reopened: the acknowledged append is there and the journal gapless (the failed one's
+    // outcome is unknown, as for any request that failed with the store).
+    check(dir.path(), &HashMap::from([(1, 1)])).await;
+}

@@ -21,7 +21,11 @@
 //! - `appendonly no` (RDB snapshots only, or nothing): a restart loses everything written since
 //!   the last snapshot — acknowledged data is lost.
 //!
-//! [`RedisStore::connect`] reads the server's settings and logs a warning for the last two.
+//! - `maxmemory-policy` other than `noeviction`: a server that reaches `maxmemory` deletes
+//!   keys, journal entries and waiting messages among them.
+//!
+//! [`RedisStore::connect`] reads the server's settings and logs a warning for all but the
+//! first (with `noeviction`).
 //!
 //! ## Deployment
 //!
@@ -263,11 +267,13 @@ impl RedisStore {
         v.ok().and_then(|v| v.get(1).cloned())
     }
 
-    /// What the server's persistence settings guarantee (see the crate documentation).
+    /// What the server's persistence and eviction settings guarantee (see the crate
+    /// documentation).
     pub async fn durability(&self) -> Durability {
         let appendonly = self.config_get("appendonly").await;
         let appendfsync = self.config_get("appendfsync").await;
-        let warning = match (appendonly.as_deref(), appendfsync.as_deref()) {
+        let maxmemory_policy = self.config_get("maxmemory-policy").await;
+        let persistence = match (appendonly.as_deref(), appendfsync.as_deref()) {
             (Some("yes"), Some("always")) => None,
             (Some("yes"), Some(other)) => Some(format!(
                 "Redis appendfsync is {other:?}, not \"always\": a machine crash can lose up to a second of acknowledged writes"
@@ -280,14 +286,28 @@ impl RedisStore {
                     .to_owned(),
             ),
         };
+        // Any policy but noeviction lets Redis delete keys when it reaches maxmemory: journal
+        // entries, waiting messages, leases, acknowledged or not.
+        let eviction = match maxmemory_policy.as_deref() {
+            Some("noeviction") | None => None,
+            Some(other) => Some(format!(
+                "Redis maxmemory-policy is {other:?}, not \"noeviction\": when the server reaches maxmemory it deletes keys, and with them acknowledged journal entries and messages; set maxmemory-policy noeviction"
+            )),
+        };
+        let warning = match (persistence, eviction) {
+            (Some(p), Some(e)) => Some(format!("{p}; {e}")),
+            (p, e) => p.or(e),
+        };
         Durability {
             appendonly,
             appendfsync,
+            maxmemory_policy,
             warning,
         }
     }
 
-    /// Warns when the server is configured so that acknowledged writes can be lost.
+    /// Warns when the server is configured so that acknowledged writes can be lost (persistence
+    /// or eviction).
     async fn check_persistence(&self) {
         if let Some(w) = self.durability().await.warning {
             tracing::warn!("{w}");
@@ -366,6 +386,8 @@ pub struct Durability {
     pub appendonly: Option<String>,
     /// `appendfsync`, if readable.
     pub appendfsync: Option<String>,
+    /// `maxmemory-policy`, if readable.
+    pub maxmemory_policy: Option<String>,
     /// Why acknowledged writes could be lost, if they could (also logged at connect).
     pub warning: Option<String>,
 }

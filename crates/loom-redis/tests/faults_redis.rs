@@ -274,6 +274,15 @@ async fn persistence_that_cannot_keep_acknowledged_writes_is_reported() {
         .warning
         .expect("a warning");
     assert!(w.contains("everysec"), "{w}");
+    let evicting =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+    let d = connect(&evicting.url(), "p").await.durability().await;
+    assert_eq!(d.maxmemory_policy.as_deref(), Some("allkeys-lru"));
+    let w = d.warning.expect("a warning");
+    assert!(
+        w.contains("maxmemory-policy") && w.contains("noeviction"),
+        "{w}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

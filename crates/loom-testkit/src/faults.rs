@@ -529,6 +529,9 @@ pub struct DiskFaults {
     pub fail_writes: AtomicU32,
     /// Fail the next N reads.
     pub fail_reads: AtomicU32,
+    /// Panic in the next N writes ([`FaultyRedo`] only): a bug on the thread that writes, as
+    /// the store would meet it.
+    pub panic_writes: AtomicU32,
     /// How many failures were injected.
     pub injected: AtomicU64,
 }
@@ -616,6 +619,9 @@ impl FaultyRedo {
 
 impl loom_core::RedoFile for FaultyRedo {
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.faults.hit(&self.faults.panic_writes, "write").is_err() {
+            panic!("injected panic in a redo log write");
+        }
         self.faults.hit(&self.faults.fail_writes, "write")?;
         std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
     }

@@ -52,12 +52,19 @@ pub struct EmbeddedOptions {
     /// Bytes of redb page cache (default 32 MiB). Reads beyond it go to the OS page cache; it
     /// bounds the store's share of the process's memory however long the journals read are.
     pub cache_bytes: usize,
+    /// Open even though the redo log is damaged in the middle (default false: such a store is
+    /// refused with [`StoreError::Corrupt`] naming the file and offset). The batches before the
+    /// damage are kept; the damaged bytes and everything after them, acknowledged batches
+    /// included, are moved to `loom.redo.damaged-<ms>` and lost to the store. An operator's
+    /// decision (`loom redo salvage`), after any copy of the directory worth saving was made.
+    pub salvage_damaged_redo: bool,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             cache_bytes: 32 * 1024 * 1024,
+            salvage_damaged_redo: false,
         }
     }
 }
@@ -220,11 +227,11 @@ fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
     Ok((file, bytes, created))
 }
 
-/// Keeps a copy of a dropped redo log tail next to the log, for whoever investigates; says where,
-/// or why it could not.
-fn keep_torn_tail(dir: &Path, tail: &[u8]) -> Result<PathBuf, String> {
+/// Keeps a copy of dropped redo log bytes next to the log (`loom.redo.<what>-<ms>`), for
+/// whoever investigates; says where, or why it could not.
+fn keep_dropped(dir: &Path, what: &str, tail: &[u8]) -> Result<PathBuf, String> {
     let at = crate::time::Timestamp::now().as_millis();
-    let path = dir.join(format!("{REDO_FILE}.torn-{at}"));
+    let path = dir.join(format!("{REDO_FILE}.{what}-{at}"));
     // Synced, so that the copy outlives the log's truncation that follows.
     let written = std::fs::File::create(&path).and_then(|mut f| {
         std::io::Write::write_all(&mut f, tail)?;
@@ -298,6 +305,7 @@ impl EmbeddedStore {
                 lock,
                 wrap: Box::new(wrap),
             }),
+            options.salvage_damaged_redo,
         )
     }
 
@@ -325,7 +333,7 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)
             .map_err(se)?;
-        Self::start(db, None)
+        Self::start(db, None, false)
     }
 
     /// A store in memory: the same engine and rules, nothing on disk, gone when dropped.
@@ -333,10 +341,10 @@ impl EmbeddedStore {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(se)?;
-        Self::start(db, None)
+        Self::start(db, None, false)
     }
 
-    fn start(db: Database, disk: Option<Disk>) -> StoreResult<Self> {
+    fn start(db: Database, disk: Option<Disk>, salvage: bool) -> StoreResult<Self> {
         let (dir, lock, log) = match disk {
             Some(Disk { dir, lock, wrap }) => {
                 let (file, bytes, created) = open_log(&dir)?;
@@ -346,7 +354,8 @@ impl EmbeddedStore {
         };
         let txn = db.begin_write().map_err(se)?;
         tables::create_all(&txn).map_err(se)?;
-        let mut tx = tables::Tx::new(&txn, None);
+        let writes = std::cell::Cell::new(0);
+        let mut tx = tables::Tx::new(&txn, redo::Sink::new(None, &writes));
         let layout = {
             let meta = tx.meta.get()?;
             let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
@@ -373,13 +382,48 @@ impl EmbeddedStore {
             Some((_, bytes, _, _)) => {
                 let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
                 let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
+                let log_path = dir.as_ref().map(|d| d.join(REDO_FILE));
+                if let Some(damage) = replayed.damage {
+                    let where_ = log_path
+                        .as_ref()
+                        .map_or(REDO_FILE.to_owned(), |p| p.display().to_string());
+                    if !salvage {
+                        // Nothing is written (the transaction is dropped), and the log stays as
+                        // it is for whoever recovers it (rule D4).
+                        return Err(StoreError::corrupt(
+                            format!("{where_} at byte {}", damage.offset),
+                            CodecError::Body(format!(
+                                "the redo log is damaged after batch {}, and a later record says                                  batches through {} were acknowledged: the store is not opened,                                  so that none is silently lost. Restore the directory from a                                  backup, or open it without them with `loom redo salvage --store                                  {} --yes` (they are kept aside)",
+                                damage.after,
+                                damage.durable,
+                                dir.as_ref()
+                                    .map_or(String::new(), |d| d.display().to_string())
+                            )),
+                        ));
+                    }
+                    let tail = &bytes[damage.offset as usize..];
+                    let kept = dir.as_ref().map(|d| keep_dropped(d, "damaged", tail));
+                    tracing::error!(
+                        offset = damage.offset,
+                        after = damage.after,
+                        acknowledged_through = damage.durable,
+                        kept = ?kept,
+                        "salvaged a damaged redo log: the batches after the damage are dropped"
+                    );
+                }
                 if replayed.torn_bytes > 0 {
                     let tail = &bytes[bytes.len() - replayed.torn_bytes as usize..];
-                    let kept = dir.as_ref().map(|d| keep_torn_tail(d, tail));
+                    let kept = dir.as_ref().map(|d| keep_dropped(d, "torn", tail));
                     tracing::warn!(
                         bytes = replayed.torn_bytes,
                         kept = ?kept,
                         "dropped the torn tail of the redo log (records written after the last completed sync, never acknowledged)"
+                    );
+                }
+                if replayed.skipped_bytes > 0 {
+                    tracing::warn!(
+                        bytes = replayed.skipped_bytes,
+                        "skipped damaged bytes of the redo log that held no batch it needed"
                     );
                 }
                 if replayed.records > 0 {

@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{StoreError, StoreResult};
 
-use super::redo::{self, Done, Durability, Item, LogFile, RedoFile};
+use super::redo::{self, Done, Durability, Item, LatchOnPanic, LogFile, RedoFile, Sink};
 use super::tables::{BACKEND, META, Tx, se};
 
 /// Most requests in one transaction.
@@ -62,6 +62,8 @@ struct Ran {
     done: Done,
     /// Set when the request failed in a way that may have left partial writes.
     poison: Option<StoreError>,
+    /// Set when the request was refused on its merits (it must have written nothing).
+    refused: bool,
 }
 
 trait Job: Send {
@@ -95,9 +97,11 @@ where
                     let _ = reply.send(answer);
                 }),
                 poison: None,
+                refused: false,
             },
             Err(e) if e.is_transient() => Ran {
                 poison: Some(e.clone()),
+                refused: false,
                 done: Box::new(move |_| {
                     // As above: a caller that went away needs no answer.
                     let _ = reply.send(Err(e));
@@ -105,6 +109,7 @@ where
             },
             Err(e) => Ran {
                 poison: None,
+                refused: true,
                 done: Box::new(move |_| {
                     // As above: a caller that went away needs no answer.
                     let _ = reply.send(Err(e));
@@ -169,11 +174,17 @@ impl Writer {
         let c = counters.clone();
         let log = match log {
             None => None,
-            Some(setup) => Some(Logged::start(setup, durability)?),
+            Some(setup) => Some(Logged::start(setup, durability.clone())?),
         };
         let thread = std::thread::Builder::new()
             .name("loom-embedded-writer".into())
-            .spawn(move || writer_loop(&db, &rx, &c, log))?;
+            .spawn(move || {
+                let _latch = LatchOnPanic {
+                    durability: &durability,
+                    thread: "writer",
+                };
+                writer_loop(&db, &rx, &c, log)
+            })?;
         Ok(Writer {
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -398,15 +409,30 @@ fn writer_loop(
         });
         let mut done = Vec::with_capacity(jobs.len());
         let mut poison = None;
-        let mut tx = Tx::new(&txn, log.as_ref().map(|_| &sink));
+        let writes = std::cell::Cell::new(0);
+        let mut tx = Tx::new(&txn, Sink::new(log.as_ref().map(|_| &sink), &writes));
         let mut jobs = jobs.into_iter();
         for job in jobs.by_ref() {
             if let Some(e) = &poison {
                 job.fail(StoreError::clone(e));
                 continue;
             }
+            let before = writes.get();
             let ran = job.run(&mut tx);
             poison = ran.poison;
+            if ran.refused && writes.get() != before {
+                // A refusal must be true: a request refused on its merits that wrote anything
+                // (a bug) would report failure for writes about to commit (rule D15). Abort the
+                // batch instead, so that nothing it wrote lands.
+                let e = StoreError::storage(
+                    BACKEND,
+                    std::io::Error::other(
+                        "a request refused on its merits had written (a bug); its batch was aborted",
+                    ),
+                );
+                tracing::error!(error = %e, "embedded store write batch aborted");
+                poison = Some(e);
+            }
             done.push(ran.done);
             let size = sink.borrow().len();
             if size >= redo::MAX_RECORD {
@@ -454,7 +480,7 @@ fn writer_loop(
             // Raised before the commit, so a read that can see this batch waits for it.
             l.durability.commit_begins(lsn);
             let committed = txn.commit().map_err(se).and_then(|()| {
-                redo::seal(sink.into_inner(), lsn).ok_or_else(|| {
+                redo::seal(sink.into_inner(), lsn, l.durability.durable()).ok_or_else(|| {
                     StoreError::storage(
                         BACKEND,
                         std::io::Error::other("a redo record over the size limit"),
@@ -532,5 +558,41 @@ fn writer_loop(
         if thread.join().is_err() {
             tracing::error!("embedded store log thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedStore;
+
+    /// A request refused on its merits must have written nothing; one that wrote anyway (a
+    /// bug) must not have its writes committed under a refusal: its batch is aborted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_request_that_wrote_does_not_commit_its_writes() {
+        let store = EmbeddedStore::in_memory().unwrap();
+        let refused = store
+            .write(|tx| {
+                tx.meta.get()?.insert("stray", 1).map_err(se)?;
+                Err::<(), _>(StoreError::InvalidRequest("refused after a write".into()))
+            })
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::InvalidRequest(_))),
+            "{refused:?}"
+        );
+        let stray = store
+            .read(|txn| {
+                let meta = txn.open_table(META).map_err(se)?;
+                Ok(meta.get("stray").map_err(se)?.map(|v| v.value()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(stray, None, "the refused request's write was committed");
+        // The store goes on.
+        store
+            .write(|tx| tx.meta.get()?.insert("fine", 2).map_err(se).map(|_| ()))
+            .await
+            .unwrap();
     }
 }
