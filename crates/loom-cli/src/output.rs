@@ -4,9 +4,10 @@
 #[derive(Debug)]
 pub struct Failure(pub String);
 
-impl<E: std::fmt::Display> From<E> for Failure {
+impl<E: std::error::Error + 'static> From<E> for Failure {
+    /// The error as a sentence, with what to do when Loom knows ([`loom_core::explain`]).
     fn from(e: E) -> Self {
-        Failure(e.to_string())
+        Failure(loom_core::explain(&e))
     }
 }
 

@@ -81,8 +81,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
+fn main() -> std::process::ExitCode {
+    // Errors as sentences, with what to do when Loom knows (a full disk, say).
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", loom_core::explain(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     if args.accounts < 2 {
         return Err("--accounts must be at least 2".into());

@@ -143,8 +143,19 @@ impl Actor for Order {
     }
 }
 
+fn main() -> std::process::ExitCode {
+    // Errors as sentences, with what to do when Loom knows (a full disk, say).
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", loom_core::explain(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let world = Arc::new(World::default());
     let rt = Runtime::builder()

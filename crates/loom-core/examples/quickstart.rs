@@ -10,8 +10,19 @@ use std::time::Instant;
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore};
 use serde_json::json;
 
+fn main() -> std::process::ExitCode {
+    // Errors as sentences, with what to do when Loom knows (a full disk, say).
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", loom_core::explain(&*e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "./loom-data".to_owned());

@@ -250,7 +250,91 @@ impl StoreError {
             StoreError::Unavailable { .. } | StoreError::Storage { .. }
         )
     }
+
+    /// The kind of the I/O error at the root of this one, if there is one (`StorageFull` for a
+    /// full disk, say), however deep it is in the chain of causes.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return Some(io.kind());
+            }
+            // A shared cause is an `Arc`, whose own `source` skips the error inside it.
+            cause = match e.downcast_ref::<Cause>() {
+                Some(shared) => Some(&**shared),
+                None => e.source(),
+            };
+        }
+        None
+    }
+
+    /// What a person can do about this error, in a sentence, where there is something to say.
+    ///
+    /// ```
+    /// use loom_core::StoreError;
+    ///
+    /// let full = StoreError::storage("embedded", std::io::Error::from(std::io::ErrorKind::StorageFull));
+    /// assert!(full.hint().unwrap().contains("is full: free space"));
+    /// ```
+    pub fn hint(&self) -> Option<&'static str> {
+        if self.io_kind() == Some(std::io::ErrorKind::StorageFull) {
+            return Some(
+                "the disk holding the store is full: free space on it; Loom goes on by itself once writes succeed again, and nothing acknowledged was lost",
+            );
+        }
+        match self {
+            StoreError::Unavailable { .. } => Some(
+                "the store cannot be reached: check the server and the network; Loom retries, and a request that failed this way may or may not have happened",
+            ),
+            StoreError::Storage { .. } => Some(
+                "the store failed: Loom retries with backoff, and nothing acknowledged was lost; see the cause above",
+            ),
+            StoreError::Locked { .. } => Some(
+                "another process has the data directory open: stop it, or use another directory",
+            ),
+            StoreError::Corrupt { .. } => Some(
+                "stored data failed its checks: `loom journal verify` finds every damaged record; restore from a backup if it matters",
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// Shorthand for store results.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An error as a person should read it: its message, and on the next line what to do about it
+/// when Loom knows (a full disk, an unreachable server, another process holding the data
+/// directory: see [`StoreError::hint`]), found anywhere in its chain of causes. For programs
+/// that print errors (the `loom` tool, the examples); never a `Debug` dump.
+///
+/// ```
+/// use loom_core::{StoreError, explain};
+///
+/// let e = StoreError::storage("embedded", std::io::Error::from(std::io::ErrorKind::StorageFull));
+/// let text = explain(&e);
+/// assert!(text.starts_with("embedded storage failed"));
+/// assert!(text.contains("\nwhat to do: the disk holding the store is full"));
+/// ```
+pub fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut hint = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(s) = c.downcast_ref::<StoreError>() {
+            hint = hint.or(s.hint());
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::StorageFull
+        {
+            hint = StoreError::storage("", std::io::Error::from(io.kind())).hint();
+        }
+        cause = match c.downcast_ref::<Cause>() {
+            Some(shared) => Some(&**shared),
+            None => c.source(),
+        };
+    }
+    match hint {
+        Some(h) => format!("{e}\nwhat to do: {h}"),
+        None => e.to_string(),
+    }
+}

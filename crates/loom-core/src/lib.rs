@@ -45,7 +45,7 @@ mod time;
 pub use embedded::{EmbeddedOptions, EmbeddedStore, RedoFile};
 pub use entry::{Entry, EntryKind, Seq, Snapshot, Step};
 pub use envelope::Envelope;
-pub use error::{Cause, Limit, StoreError, StoreResult};
+pub use error::{Cause, Limit, StoreError, StoreResult, explain};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{

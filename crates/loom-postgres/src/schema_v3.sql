@@ -2,15 +2,24 @@
 -- again on a schema that has it (IF EXISTS, IF NOT EXISTS, OR REPLACE).
 
 -- A dead letter goes back to its mailbox as `Envelope::requeued` makes it (a new message id, so
--- that it runs again instead of being taken for a duplicate): the caller passes the new frame.
--- Returns the new position, or 0 if the dead letter is gone.
+-- that it runs again instead of being taken for a duplicate): the caller passes the new frame,
+-- and the message's idempotency key, if it has one, which is held again (as by enqueue_once)
+-- until the requeued run records its result. Returns the new position, or 0 if the dead letter
+-- is gone.
 DROP FUNCTION IF EXISTS {s}.requeue(bigint);
-CREATE OR REPLACE FUNCTION {s}.requeue_as(p_id bigint, p_msg text, p_frame bytea) RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE a text;
+CREATE OR REPLACE FUNCTION {s}.requeue_as(p_id bigint, p_msg text, p_frame bytea, p_key text)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE a text; pos bigint;
 BEGIN
     DELETE FROM {s}.dead_letters WHERE id = p_id RETURNING actor INTO a;
     IF NOT FOUND THEN RETURN 0; END IF;
-    RETURN {s}.mb_enqueue(a, p_msg, p_frame, 0, {s}.now_ms());
+    pos := {s}.mb_enqueue(a, p_msg, p_frame, 0, {s}.now_ms());
+    IF p_key IS NOT NULL THEN
+        INSERT INTO {s}.idempotency (actor, key, result, expires_at)
+            VALUES (a, p_key, NULL, 9223372036854775807)
+            ON CONFLICT (actor, key) DO UPDATE SET result = NULL, expires_at = EXCLUDED.expires_at;
+    END IF;
+    RETURN pos;
 END $$;
 
 -- Reserves p_key and enqueues, or reports what holds the key. The reservation is held (expires
@@ -278,8 +287,9 @@ BEGIN
     RETURN 'ok';
 END $$;
 
--- Unparks the actor: drops its record, gives its current message a fresh start, lists its
--- mailbox again. Returns the record, NULL if it was not parked.
+-- Unparks the actor: drops its record, makes its current message visible now (its delivery
+-- count kept, so that no receipt repeats), lists its mailbox again. Returns the record, NULL if
+-- it was not parked.
 CREATE OR REPLACE FUNCTION {s}.unpark(p_actor text) RETURNS bytea LANGUAGE plpgsql AS $$
 DECLARE f bytea; cur bigint;
 BEGIN
@@ -287,7 +297,7 @@ BEGIN
     DELETE FROM {s}.parked WHERE actor = p_actor RETURNING frame INTO f;
     IF NOT FOUND THEN RETURN NULL; END IF;
     IF cur IS NOT NULL AND cur <> 0 THEN
-        UPDATE {s}.messages SET deliveries = 0, visible_at = {s}.now_ms()
+        UPDATE {s}.messages SET visible_at = {s}.now_ms()
             WHERE actor = p_actor AND position = cur;
     END IF;
     IF cur IS NOT NULL THEN

@@ -160,7 +160,8 @@ impl PostgresStore {
             "SELECT m.t, j.seq, j.frame FROM \
              (SELECT coalesce((SELECT trimmed FROM {s}.journal_meta WHERE actor = $1), 0) AS t) AS m \
              LEFT JOIN LATERAL (SELECT seq, frame FROM {s}.journal \
-                WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS j ON true",
+                WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS j ON true \
+             ORDER BY j.seq",
         ))
         .bind(actor.as_str())
         .bind(int(from))
@@ -475,7 +476,7 @@ impl Mailbox for PostgresStore {
         let rows: Vec<(i64, String)> = sqlx::query_as(self.q(
             "SELECT k.i, m.actor FROM unnest($1::text[]) WITH ORDINALITY AS k(kind, i) \
              CROSS JOIN LATERAL (SELECT actor, ready_at FROM {s}.mailbox \
-                WHERE split_part(actor, '/', 1) = k.kind AND ready_at <= {s}.now_ms() \
+                WHERE split_part(actor, '/', 1) = k.kind AND ready_at <= (SELECT {s}.now_ms()) \
                 ORDER BY ready_at LIMIT $2) AS m \
              ORDER BY k.i, m.ready_at",
         ))
@@ -613,10 +614,11 @@ impl Mailbox for PostgresStore {
         let dead: Envelope = codec::decode(RecordType::Message, &frame)
             .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
         let back = dead.requeued();
-        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue_as($1, $2, $3)"))
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue_as($1, $2, $3, $4)"))
             .bind(int(id))
             .bind(back.id.to_string())
             .bind(prepare_message(&back)?)
+            .bind(back.idempotency_key.as_ref().map(|k| k.as_str().to_owned()))
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;

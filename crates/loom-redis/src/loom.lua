@@ -384,13 +384,16 @@ local function settle(KEYS, ARGV)
   end
 end
 
--- KEYS: dl, mm, mq, md, mdx, ready   ARGV: dead letter id, actor, msgid, frame
+-- KEYS: dl, mm, mq, md, mdx, ready, idem (the message's key, if it has one)
+-- ARGV: dead letter id, actor, msgid, frame
 -- The frame is the dead letter's envelope as it goes back (a new id; see Envelope::requeued).
+-- Its key is held again (no TTL) until the requeued run records its result.
 local function requeue(KEYS, ARGV)
   local now = now_ms()
   local id = ARGV[1] .. '-0'
   if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return { 'missing' } end
   redis.call('XDEL', KEYS[1], id)
+  if KEYS[7] then redis.call('SET', KEYS[7], 'P') end
   local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[2] }
   return { 'ok', tostring(mb_enqueue(mb, ARGV[3], ARGV[4], 0, now)) }
 end
@@ -421,7 +424,8 @@ local function park(KEYS, ARGV)
 end
 
 -- KEYS: pk, mm, mq, md, mdx, ready, parked   ARGV: actor
--- Drops the record, gives the current message (if any) a fresh start, lists the mailbox again.
+-- Drops the record, makes the current message (if any) visible now (its delivery count kept),
+-- lists the mailbox again.
 local function unpark(KEYS, ARGV)
   local now = now_ms()
   local v = redis.call('GET', KEYS[1])
@@ -430,7 +434,7 @@ local function unpark(KEYS, ARGV)
   redis.call('HDEL', KEYS[2], 'park')
   redis.call('ZREM', KEYS[7], ARGV[1])
   if num(redis.call('HGET', KEYS[2], 'cur')) ~= 0 then
-    redis.call('HSET', KEYS[2], 'dlv', 0, 'vis', now)
+    redis.call('HSET', KEYS[2], 'vis', now)
   end
   local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[1] }
   mb_ready(mb, now)
@@ -444,8 +448,11 @@ local function migrate_ready(KEYS, ARGV)
   local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
   for i = 1, #all, 2 do
     local a = all[i]
-    local kind = string.sub(a, 1, string.find(a, '/', 1, true) - 1)
-    redis.call('ZADD', KEYS[1] .. ':' .. kind, all[i + 1], a)
+    local slash = string.find(a, '/', 1, true)
+    -- Every actor id has a slash; anything else was never an actor's and is dropped.
+    if slash then
+      redis.call('ZADD', KEYS[1] .. ':' .. string.sub(a, 1, slash - 1), all[i + 1], a)
+    end
   end
   redis.call('DEL', KEYS[1])
   return { 'ok', tostring(#all / 2) }

@@ -765,17 +765,22 @@ impl Mailbox for RedisStore {
         let back = dead_letter(item)?.envelope.requeued();
         let frame = prepare_message(&back)?;
         let m = self.keys.mailbox(&back.to);
+        let mut keys = vec![
+            self.keys.dead_letters(),
+            m.mm,
+            m.mq,
+            m.md,
+            m.mdx,
+            self.keys.ready(back.to.kind()),
+        ];
+        if let Some(key) = &back.idempotency_key {
+            keys.push(self.keys.idempotency(&back.to, key));
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let r = self
             .run(
                 &self.scripts.requeue,
-                &[
-                    &self.keys.dead_letters(),
-                    &m.mm,
-                    &m.mq,
-                    &m.md,
-                    &m.mdx,
-                    &self.keys.ready(back.to.kind()),
-                ],
+                &keys,
                 vec![s(id), s(back.to.as_str()), s(back.id), frame],
             )
             .await?;

@@ -127,6 +127,19 @@ pub(super) fn reserve(
     Ok(None)
 }
 
+/// Holds `key` for a message that waits again (a requeued dead letter): pending until a turn
+/// records its result, whatever the key held before.
+pub(super) fn hold(tx: &mut Tx<'_>, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<()> {
+    let records = tx.idempotency.get()?;
+    let expiry = tx.idempotency_expiry.get()?;
+    let old = get(&**records, actor, key)?;
+    let row = Row {
+        result: None,
+        expires_at: Timestamp::MAX,
+    };
+    set(records, expiry, actor, key, old.as_ref(), Some(&row))
+}
+
 pub(super) fn check_ttl(ttl: Duration) -> StoreResult<()> {
     if ttl.is_zero() {
         return Err(StoreError::InvalidRequest(

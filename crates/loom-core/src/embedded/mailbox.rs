@@ -321,8 +321,9 @@ pub(super) fn park(tx: &mut Tx<'_>, actor: &ActorId, frame: &[u8]) -> StoreResul
     Ok(())
 }
 
-/// Unparks the actor: drops its record, gives its current message a fresh start, and lists its
-/// mailbox again. Returns the record, if it was parked.
+/// Unparks the actor: drops its record, makes its current message visible now (its delivery
+/// count kept, so that no receipt repeats), and lists its mailbox again. Returns the record, if
+/// it was parked.
 pub(super) fn unpark(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<Option<Vec<u8>>> {
     let t = tx.mailbox.get()?;
     let a = actor.as_str();
@@ -333,12 +334,11 @@ pub(super) fn unpark(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<Option<Vec
     let meta = Meta::get(&*t.meta, a)?;
     if meta.current != 0 {
         let state = t.state_of(a, meta.current)?;
-        let fresh = State {
+        let now = State {
             visible_at: Timestamp::now().as_millis(),
-            deliveries: 0,
             ..state
         };
-        t.state.insert((a, meta.current), fresh.row()).map_err(se)?;
+        t.state.insert((a, meta.current), now.row()).map_err(se)?;
     }
     let ready_at = t.ready_at(a, meta.current)?;
     // Unlisted while parked: put_meta lists it as if it had been empty.
@@ -882,13 +882,18 @@ impl Mailbox for EmbeddedStore {
             let bytes = prepare_message(&envelope)?;
             table.remove(id).map_err(se)?;
             let t = tx.mailbox.get()?;
-            t.enqueue(
+            let position = t.enqueue(
                 &envelope.to,
                 envelope.id,
                 &bytes,
                 None,
                 Timestamp::now().as_millis(),
-            )
+            )?;
+            // Its key is its caller's again: held until the requeued run settles it.
+            if let Some(key) = &envelope.idempotency_key {
+                super::idempotency::hold(tx, &envelope.to, key)?;
+            }
+            Ok(position)
         })
         .await
     }

@@ -20,6 +20,7 @@ mod lock;
 mod mailbox;
 mod park;
 mod redo;
+mod reopen;
 pub mod tables;
 mod turn;
 mod writer;
@@ -58,6 +59,11 @@ pub struct EmbeddedOptions {
     /// included, are moved to `loom.redo.damaged-<ms>` and lost to the store. An operator's
     /// decision (`loom redo salvage`), after any copy of the directory worth saving was made.
     pub salvage_damaged_redo: bool,
+    /// After a storage failure (a full disk, an I/O error: the store then refuses every request,
+    /// see `writer.rs`), reopen the store in the background, with backoff (0.5 s doubling to
+    /// 30 s), until it opens again: writes then go on by themselves once the cause is gone
+    /// (default true). Off, the store stays failed until the process opens it again.
+    pub reopen_after_failure: bool,
 }
 
 impl Default for EmbeddedOptions {
@@ -65,6 +71,7 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             cache_bytes: 32 * 1024 * 1024,
             salvage_damaged_redo: false,
+            reopen_after_failure: true,
         }
     }
 }
@@ -89,17 +96,17 @@ impl Default for EmbeddedOptions {
 /// ```
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    inner: Arc<Inner>,
+    shared: Arc<reopen::Shared>,
 }
 
+/// One opening of the database: what a reopen after a failure replaces whole.
 struct Inner {
     db: Arc<Database>,
     writer: Writer,
     durability: Arc<Durability>,
     reads: Arc<Reads>,
-    dir: Option<PathBuf>,
-    // Dropped after the database (fields drop in order), so the lock outlives every write.
-    _lock: Option<DirLock>,
+    /// On disk (with a redo log), not in memory or on a caller's backend.
+    on_disk: bool,
 }
 
 impl Drop for Inner {
@@ -109,7 +116,7 @@ impl Drop for Inner {
         // a blocking thread, holding the database: wait for it, so that once the last handle
         // is dropped the directory can be opened again at once.
         self.reads.wait_idle();
-        if self.dir.is_some() {
+        if self.on_disk {
             self.stamp_on_close();
         }
     }
@@ -202,11 +209,13 @@ pub struct WriterStats {
     pub checkpoints: u64,
 }
 
+/// Wraps the redo log file (see [`EmbeddedStore::open_with_redo`]); called at every opening.
+type Wrap = Arc<dyn Fn(std::fs::File) -> Box<dyn RedoFile> + Send + Sync>;
+
 /// What a store on disk opens with.
-struct Disk {
-    dir: PathBuf,
-    lock: DirLock,
-    wrap: Box<dyn FnOnce(std::fs::File) -> Box<dyn RedoFile> + Send>,
+struct Disk<'a> {
+    dir: &'a Path,
+    wrap: &'a Wrap,
 }
 
 /// Opens (creating) the redo log; returns it, its bytes, and whether it was just created.
@@ -288,25 +297,25 @@ impl EmbeddedStore {
     pub fn open_with_redo(
         dir: impl AsRef<Path>,
         options: EmbeddedOptions,
-        wrap: impl FnOnce(std::fs::File) -> Box<dyn RedoFile> + Send + 'static,
+        wrap: impl Fn(std::fs::File) -> Box<dyn RedoFile> + Send + Sync + 'static,
     ) -> StoreResult<Self> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
         let lock = DirLock::acquire(dir)?;
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(dir.join(DATA_FILE))
-            .map_err(se)?;
-        Self::start(
-            db,
-            Some(Disk {
-                dir: dir.to_path_buf(),
-                lock,
-                wrap: Box::new(wrap),
-            }),
-            options.salvage_damaged_redo,
-        )
+        let wrap: Wrap = Arc::new(wrap);
+        let inner = open_dir(dir, options, &wrap)?;
+        Ok(EmbeddedStore {
+            shared: reopen::Shared::new(
+                inner,
+                Some(reopen::Disk {
+                    dir: dir.to_path_buf(),
+                    options,
+                    wrap,
+                    _lock: lock,
+                }),
+            ),
+        })
     }
 
     /// Opens the store in `dir`, which must already hold one: for tools that inspect a store and
@@ -333,7 +342,9 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)
             .map_err(se)?;
-        Self::start(db, None, false)
+        Ok(EmbeddedStore {
+            shared: reopen::Shared::new(start(db, None, false)?, None),
+        })
     }
 
     /// A store in memory: the same engine and rules, nothing on disk, gone when dropped.
@@ -341,158 +352,183 @@ impl EmbeddedStore {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(se)?;
-        Self::start(db, None, false)
-    }
-
-    fn start(db: Database, disk: Option<Disk>, salvage: bool) -> StoreResult<Self> {
-        let (dir, lock, log) = match disk {
-            Some(Disk { dir, lock, wrap }) => {
-                let (file, bytes, created) = open_log(&dir)?;
-                (Some(dir), Some(lock), Some((file, bytes, created, wrap)))
-            }
-            None => (None, None, None),
-        };
-        let txn = db.begin_write().map_err(se)?;
-        tables::create_all(&txn).map_err(se)?;
-        let writes = std::cell::Cell::new(0);
-        let mut tx = tables::Tx::new(&txn, redo::Sink::new(None, &writes));
-        let layout = {
-            let meta = tx.meta.get()?;
-            let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
-            match layout {
-                // Older layouts are upgraded in place below, after their redo log is replayed.
-                None | Some(1) | Some(2) => {
-                    meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
-                }
-                Some(LAYOUT_VERSION) => {}
-                Some(other) => {
-                    return Err(StoreError::corrupt(
-                        "store layout",
-                        CodecError::UnknownVersion {
-                            found: u8::try_from(other).unwrap_or(u8::MAX),
-                        },
-                    ));
-                }
-            }
-            layout
-        };
-        // Batches acknowledged through the redo log since the last checkpoint: applied again,
-        // in order, before anything else reads or writes.
-        let lsn = match &log {
-            Some((_, bytes, _, _)) => {
-                let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
-                let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
-                let log_path = dir.as_ref().map(|d| d.join(REDO_FILE));
-                if let Some(damage) = replayed.damage {
-                    let where_ = log_path
-                        .as_ref()
-                        .map_or(REDO_FILE.to_owned(), |p| p.display().to_string());
-                    if !salvage {
-                        // Nothing is written (the transaction is dropped), and the log stays as
-                        // it is for whoever recovers it (rule D4).
-                        return Err(StoreError::corrupt(
-                            format!("{where_} at byte {}", damage.offset),
-                            CodecError::Body(format!(
-                                "the redo log is damaged after batch {}, and a later record says                                  batches through {} were acknowledged: the store is not opened,                                  so that none is silently lost. Restore the directory from a                                  backup, or open it without them with `loom redo salvage --store                                  {} --yes` (they are kept aside)",
-                                damage.after,
-                                damage.durable,
-                                dir.as_ref()
-                                    .map_or(String::new(), |d| d.display().to_string())
-                            )),
-                        ));
-                    }
-                    let tail = &bytes[damage.offset as usize..];
-                    let kept = dir.as_ref().map(|d| keep_dropped(d, "damaged", tail));
-                    tracing::error!(
-                        offset = damage.offset,
-                        after = damage.after,
-                        acknowledged_through = damage.durable,
-                        kept = ?kept,
-                        "salvaged a damaged redo log: the batches after the damage are dropped"
-                    );
-                }
-                if replayed.torn_bytes > 0 {
-                    let tail = &bytes[bytes.len() - replayed.torn_bytes as usize..];
-                    let kept = dir.as_ref().map(|d| keep_dropped(d, "torn", tail));
-                    tracing::warn!(
-                        bytes = replayed.torn_bytes,
-                        kept = ?kept,
-                        "dropped the torn tail of the redo log (records written after the last completed sync, never acknowledged)"
-                    );
-                }
-                if replayed.skipped_bytes > 0 {
-                    tracing::warn!(
-                        bytes = replayed.skipped_bytes,
-                        "skipped damaged bytes of the redo log that held no batch it needed"
-                    );
-                }
-                if replayed.records > 0 {
-                    tracing::info!(
-                        records = replayed.records,
-                        "replayed the redo log since the last checkpoint"
-                    );
-                }
-                tx.meta
-                    .get()?
-                    .insert(writer::REDO_LSN, replayed.last_lsn)
-                    .map_err(se)?;
-                replayed.last_lsn
-            }
-            None => 0,
-        };
-        if matches!(layout, Some(1) | Some(2)) {
-            upgrade_ready_index(&mut tx)?;
-        }
-        // Only the process holding the directory lock opens the file, so leases and leased
-        // messages found here belong to a process that is gone: release them now instead of
-        // waiting for them to time out. Tokens are kept, so fencing still holds.
-        let released = lease::release_all(&mut tx)?;
-        let returned = mailbox::return_all(&mut tx)?;
-        drop(tx);
-        if released + returned > 0 {
-            tracing::info!(
-                released,
-                returned,
-                "released the leases and leased messages of the previous process"
-            );
-        }
-        txn.commit().map_err(se)?;
-        // redb now holds every replayed batch durably: the log can start empty.
-        let setup = match (log, &dir) {
-            (Some((file, _, created, wrap)), Some(dir)) => {
-                reset_log(&file, dir, created)?;
-                Some(LogSetup {
-                    file: wrap(file),
-                    offset: redo::MAGIC.len() as u64,
-                    lsn,
-                })
-            }
-            _ => None,
-        };
-        let db = Arc::new(db);
-        let durability = Arc::new(Durability::new(lsn));
-        let writer = Writer::start(db.clone(), setup, durability.clone())
-            .map_err(|e| StoreError::storage(tables::BACKEND, e))?;
         Ok(EmbeddedStore {
-            inner: Arc::new(Inner {
-                db,
-                writer,
-                durability,
-                reads: Arc::default(),
-                dir,
-                _lock: lock,
-            }),
+            shared: reopen::Shared::new(start(db, None, false)?, None),
         })
     }
+}
 
+/// Opens the database in `dir` (whose lock the caller holds): at open, and at every reopen
+/// after a failure.
+fn open_dir(dir: &Path, options: EmbeddedOptions, wrap: &Wrap) -> StoreResult<Inner> {
+    let db = Database::builder()
+        .set_cache_size(options.cache_bytes)
+        .create(dir.join(DATA_FILE))
+        .map_err(se)?;
+    start(db, Some(Disk { dir, wrap }), options.salvage_damaged_redo)
+}
+
+/// Brings an opened database up to date (layout, redo log replay, what a dead process held)
+/// and starts its writer.
+fn start(db: Database, disk: Option<Disk<'_>>, salvage: bool) -> StoreResult<Inner> {
+    let (dir, log) = match disk {
+        Some(Disk { dir, wrap }) => {
+            let (file, bytes, created) = open_log(dir)?;
+            (Some(dir), Some((file, bytes, created, wrap)))
+        }
+        None => (None, None),
+    };
+    let txn = db.begin_write().map_err(se)?;
+    tables::create_all(&txn).map_err(se)?;
+    let writes = std::cell::Cell::new(0);
+    let mut tx = tables::Tx::new(&txn, redo::Sink::new(None, &writes));
+    let layout = {
+        let meta = tx.meta.get()?;
+        let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
+        match layout {
+            // Older layouts are upgraded in place below, after their redo log is replayed.
+            None | Some(1) | Some(2) => {
+                meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
+            }
+            Some(LAYOUT_VERSION) => {}
+            Some(other) => {
+                return Err(StoreError::corrupt(
+                    "store layout",
+                    CodecError::UnknownVersion {
+                        found: u8::try_from(other).unwrap_or(u8::MAX),
+                    },
+                ));
+            }
+        }
+        layout
+    };
+    // Batches acknowledged through the redo log since the last checkpoint: applied again,
+    // in order, before anything else reads or writes.
+    let lsn = match &log {
+        Some((_, bytes, _, _)) => {
+            let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
+            let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
+            let log_path = dir.as_ref().map(|d| d.join(REDO_FILE));
+            if let Some(damage) = replayed.damage {
+                let where_ = log_path
+                    .as_ref()
+                    .map_or(REDO_FILE.to_owned(), |p| p.display().to_string());
+                if !salvage {
+                    // Nothing is written (the transaction is dropped), and the log stays as
+                    // it is for whoever recovers it (rule D4).
+                    return Err(StoreError::corrupt(
+                        format!("{where_} at byte {}", damage.offset),
+                        CodecError::Body(format!(
+                            "the redo log is damaged after batch {}, and a later record says \
+                                 batches through {} were acknowledged: the store is not opened, \
+                                 so that none is silently lost. Restore the directory from a \
+                                 backup, or open it without them with `loom redo salvage --store \
+                                 {} --yes` (they are kept aside)",
+                            damage.after,
+                            damage.durable,
+                            dir.as_ref()
+                                .map_or(String::new(), |d| d.display().to_string())
+                        )),
+                    ));
+                }
+                let tail = &bytes[damage.offset as usize..];
+                let kept = dir.as_ref().map(|d| keep_dropped(d, "damaged", tail));
+                tracing::error!(
+                    offset = damage.offset,
+                    after = damage.after,
+                    acknowledged_through = damage.durable,
+                    kept = ?kept,
+                    "salvaged a damaged redo log: the batches after the damage are dropped"
+                );
+            }
+            if replayed.torn_bytes > 0 {
+                let tail = &bytes[bytes.len() - replayed.torn_bytes as usize..];
+                let kept = dir.as_ref().map(|d| keep_dropped(d, "torn", tail));
+                tracing::warn!(
+                    bytes = replayed.torn_bytes,
+                    kept = ?kept,
+                    "dropped the torn tail of the redo log (records written after the last completed sync, never acknowledged)"
+                );
+            }
+            if replayed.skipped_bytes > 0 {
+                tracing::warn!(
+                    bytes = replayed.skipped_bytes,
+                    "skipped damaged bytes of the redo log that held no batch it needed"
+                );
+            }
+            if replayed.records > 0 {
+                tracing::info!(
+                    records = replayed.records,
+                    "replayed the redo log since the last checkpoint"
+                );
+            }
+            tx.meta
+                .get()?
+                .insert(writer::REDO_LSN, replayed.last_lsn)
+                .map_err(se)?;
+            replayed.last_lsn
+        }
+        None => 0,
+    };
+    if matches!(layout, Some(1) | Some(2)) {
+        upgrade_ready_index(&mut tx)?;
+    }
+    // Only the process holding the directory lock opens the file, so leases and leased
+    // messages found here belong to a process that is gone: release them now instead of
+    // waiting for them to time out. Tokens are kept, so fencing still holds.
+    let released = lease::release_all(&mut tx)?;
+    let returned = mailbox::return_all(&mut tx)?;
+    drop(tx);
+    if released + returned > 0 {
+        tracing::info!(
+            released,
+            returned,
+            "released the leases and leased messages of the previous process"
+        );
+    }
+    txn.commit().map_err(se)?;
+    // redb now holds every replayed batch durably: the log can start empty.
+    let setup = match (log, &dir) {
+        (Some((file, _, created, wrap)), Some(dir)) => {
+            reset_log(&file, dir, created)?;
+            Some(LogSetup {
+                file: wrap(file),
+                offset: redo::MAGIC.len() as u64,
+                lsn,
+            })
+        }
+        _ => None,
+    };
+    let db = Arc::new(db);
+    let durability = Arc::new(Durability::new(lsn));
+    let writer = Writer::start(db.clone(), setup, durability.clone())
+        .map_err(|e| StoreError::storage(tables::BACKEND, e))?;
+    Ok(Inner {
+        db,
+        writer,
+        durability,
+        reads: Arc::default(),
+        on_disk: dir.is_some(),
+    })
+}
+
+impl EmbeddedStore {
     /// The data directory, or `None` in memory.
     pub fn dir(&self) -> Option<&Path> {
-        self.inner.dir.as_deref()
+        self.shared.dir()
     }
 
     /// Commits and requests so far: `requests / commits` is the average group-commit batch.
+    /// (Counted since the last opening: a reopen after a failure starts again from zero.)
     pub fn writer_stats(&self) -> WriterStats {
-        let c = &self.inner.writer.counters;
+        let Ok(inner) = self.shared.inner() else {
+            return WriterStats {
+                commits: 0,
+                requests: 0,
+                checkpoints: 0,
+            };
+        };
+        let c = &inner.writer.counters;
         WriterStats {
             commits: c.commits.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
@@ -506,8 +542,9 @@ impl EmbeddedStore {
         F: FnOnce(&ReadTransaction) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
-        let guard = self.inner.reads.enter(self.inner.db.clone());
-        let durability = self.inner.durability.clone();
+        let inner = self.shared.inner()?;
+        let guard = inner.reads.enter(inner.db.clone());
+        let durability = inner.durability.clone();
         let (out, seen) = tokio::task::spawn_blocking(move || {
             let txn = guard.db()?.begin_read().map_err(se)?;
             // Read after the transaction began: every batch it can see is at most this one.
@@ -520,7 +557,7 @@ impl EmbeddedStore {
         .await
         .map_err(|e| StoreError::storage(tables::BACKEND, e))??;
         // What was read is returned only once it is durable (see `redo.rs`).
-        self.inner.durability.wait(seen).await?;
+        inner.durability.wait(seen).await?;
         out
     }
 
@@ -530,13 +567,13 @@ impl EmbeddedStore {
         F: FnOnce(&mut tables::Tx<'_>) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
-        self.inner.writer.run(f).await
+        self.shared.inner()?.writer.run(f).await
     }
 }
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.inner.dir {
+        match self.shared.dir() {
             Some(d) => write!(f, "EmbeddedStore({})", d.display()),
             None => write!(f, "EmbeddedStore(memory)"),
         }

@@ -578,10 +578,10 @@ pub(super) struct Durability {
     durable: watch::Sender<Durable>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 struct Durable {
     lsn: u64,
-    failed: Option<String>,
+    failed: Option<StoreError>,
 }
 
 impl Durability {
@@ -614,12 +614,14 @@ impl Durability {
     /// Latches a failure: from now on nothing more becomes durable, and every request and every
     /// read that could see an undurable batch fails.
     pub(super) fn fail(&self, e: &StoreError) {
-        self.durable.send_modify(|d| d.failed = Some(e.to_string()));
+        self.durable.send_modify(|d| {
+            d.failed.get_or_insert_with(|| e.clone());
+        });
     }
 
     /// The log's failure, if it has failed.
     pub(super) fn failure(&self) -> Option<StoreError> {
-        self.durable.borrow().failed.as_ref().map(|e| failed(e))
+        self.durable.borrow().failed.as_ref().map(failed)
     }
 
     /// Waits until batch `lsn` is durable; fails if the log failed first.
@@ -636,14 +638,18 @@ impl Durability {
     }
 }
 
-fn failed(e: &str) -> StoreError {
-    StoreError::storage(
-        super::tables::BACKEND,
-        io::Error::other(format!(
-            "the redo log failed ({e}); nothing written since was acknowledged; open the store again to recover"
-        )),
-    )
+/// What every request gets once the store has failed: a `Storage` error whose source is the
+/// first failure (so that its cause, a full disk say, is still there to find).
+fn failed(e: &StoreError) -> StoreError {
+    StoreError::storage(super::tables::BACKEND, Latched(e.clone()))
 }
+
+/// The store failed earlier with this error, and takes no writes until it is opened again.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the embedded store failed ({0}); nothing written since was acknowledged; it reopens itself once it can"
+)]
+struct Latched(#[source] StoreError);
 
 /// Called with the batch's failure, if any, once its record is durable (or never will be).
 pub(super) type Done = Box<dyn FnOnce(Option<&StoreError>) + Send>;

@@ -92,9 +92,13 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
-/// Wraps a redb failure.
+/// Wraps a redb failure. An I/O error is kept as the `std::io::Error` it is (redb's errors do
+/// not give their cause), so that what it was, a full disk say, can be found and explained.
 pub(crate) fn se(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::storage(BACKEND, e.into())
+    match e.into() {
+        redb::Error::Io(io) => StoreError::storage(BACKEND, io),
+        other => StoreError::storage(BACKEND, other),
+    }
 }
 
 /// Creates every table, so that read transactions always find them.

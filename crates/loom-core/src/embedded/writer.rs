@@ -283,8 +283,8 @@ impl Logged {
     }
 
     /// Makes redb itself durable through the last batch, then lets the log be emptied. A failed
-    /// checkpoint loses nothing (the log still holds every batch since the last one); it is
-    /// tried again later.
+    /// checkpoint loses nothing (the log still holds every batch since the last one), but stops
+    /// the store: redb takes no write after a failed commit until it is opened again.
     fn checkpoint(&mut self, db: &Database, counters: &Counters) {
         self.since = Instant::now();
         // After a failure nothing more is made durable (redb may still do so when it closes:
@@ -316,7 +316,13 @@ impl Logged {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "embedded store checkpoint failed; the redo log keeps every batch until one succeeds");
+                // Nothing is lost (the log still holds every batch since the last checkpoint),
+                // but redb refuses every write after a failed commit: stop here, with this
+                // error as the cause (a full disk, say), rather than with redb's "previous I/O
+                // error" at the next batch. The store reopens itself (`reopen.rs`).
+                let e = se(e);
+                tracing::error!(error = %e, "embedded store checkpoint failed; the store stops taking writes until it opens again");
+                self.durability.fail(&e);
             }
         }
     }

@@ -132,8 +132,8 @@ impl<A: Actor> Cell<A> {
             };
         }
         let resuming = self.unfinished.as_ref().and_then(|u| u.message_id) == Some(id);
-        let allowed = io.config.retry.max_attempts.max(1);
-        if d.envelope.attempt >= allowed {
+        let waiting = resuming && self.unfinished.as_ref().is_some_and(|u| u.waiting());
+        if d.envelope.attempt >= give_up_after(io.config.retry.max_attempts) && !waiting {
             // Every attempt was started and none of them finished, failed or gave the message
             // back: the process stopped (or the actor lost its lease) during each. Give up before
             // running it again, through the same turn as any other failure, so that its
@@ -280,6 +280,7 @@ impl<A: Actor> Cell<A> {
         };
         match io.store.commit_turn(turn).await {
             Ok(committed) => {
+                shared.health.ok();
                 self.next_seq = committed.highest + 1;
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;
@@ -365,6 +366,7 @@ impl<A: Actor> Cell<A> {
                 Next::Park(self.park(io, d, Some(step), &reason))
             }
             Interrupt::Store(e) => {
+                shared.health.failed(&e);
                 let reason = format!("store failure: {e}");
                 // A write that failed for want of the store (a lost connection, a failed disk)
                 // may have landed; one refused on its merits (too large, invalid) did not. If
@@ -521,6 +523,14 @@ impl<A: Actor> Cell<A> {
             }
         });
     }
+}
+
+/// How many deliveries of a message may each end without a word (the process stopped, the
+/// actor moved) before the runtime gives it up: as many as its attempts, and two more for the
+/// restarts and moves that are no fault of the message. Deliveries that resume a durable wait
+/// (a sleep, a wait for an event) do not count.
+pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
+    max_attempts.max(1) + 2
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

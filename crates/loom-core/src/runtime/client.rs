@@ -64,7 +64,15 @@ pub enum AskError {
     /// The reply does not decode as the actor's reply type.
     #[error("reply does not decode: {0}")]
     BadReply(String),
+    /// The message was sent, but the store has kept failing since (for a second or more), so
+    /// no reply can come now. The message stays in its mailbox and runs once the store works
+    /// again: ask again with the same idempotency key to get its reply without sending it twice.
+    #[error("the store is failing, so no reply can come now: {0}")]
+    Store(StoreError),
 }
+
+/// How long the store must have been failing before a waiting `ask` gives up on its reply.
+const FAILING_GIVES_UP_ASK: Duration = Duration::from_secs(1);
 
 /// Options of [`ActorRef::send_with`].
 #[derive(Debug, Clone, Default)]
@@ -215,6 +223,14 @@ impl<A: Actor> ActorRef<A> {
                     if left.is_zero() {
                         hub.prune(&actor, &key);
                         return Err(AskError::Timeout(timeout));
+                    }
+                    // A store that keeps failing cannot produce the reply: say so now instead
+                    // of at the timeout.
+                    if let Some((failing, e)) = self.rt.shared.health.failing_for()
+                        && failing >= FAILING_GIVES_UP_ASK
+                    {
+                        hub.prune(&actor, &key);
+                        return Err(AskError::Store(e));
                     }
                     tokio::select! {
                         got = &mut local => match got {

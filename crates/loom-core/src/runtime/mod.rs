@@ -46,6 +46,7 @@ mod cell;
 mod client;
 mod config;
 mod context;
+mod health;
 mod hub;
 mod leases;
 mod record;
@@ -69,6 +70,7 @@ pub use admin::{BuryError, bury_mailbox};
 pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
+pub use health::{Health, StoreHealth};
 pub use replay::{CompactError, Compacted, SNAPSHOT_FORMAT, compact_journal};
 
 use crate::embedded::EmbeddedStore;
@@ -184,6 +186,8 @@ pub(crate) struct Shared {
     tasks: TaskTracker,
     wake: Notify,
     keeper: Arc<leases::Keeper>,
+    /// What the runtime's requests met at the store.
+    health: health::Observed,
     /// The keeper's task: stopped by `kill`, after the drain by `shutdown`, and with the runtime.
     /// `stop_keeper` waits for it to be gone, so that once `shutdown` has drained everything
     /// (or `kill` has stopped everything) the runtime holds the store no more, and an embedded
@@ -209,14 +213,36 @@ impl Shared {
         if self.shutdown.is_cancelled() || id.is_system() {
             return;
         }
-        {
-            let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-            match parked.get(id) {
-                Some(until) if *until > Instant::now() => return,
-                Some(_) => {
-                    parked.remove(id);
+        let parked_here = self
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied();
+        if let Some(until) = parked_here {
+            if until > Instant::now() {
+                return;
+            }
+            // Parked here a while ago: activating it would replay its journal only to find its
+            // mailbox held, so look first (unparked elsewhere, `loom parked unpark`, say).
+            match self.store.parked(id).await {
+                Ok(Some(_)) => {
+                    self.parked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), Instant::now() + PARK_RECHECK);
+                    return;
                 }
-                None => {}
+                Ok(None) => {
+                    self.parked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                }
+                Err(e) => {
+                    tracing::warn!(actor = %id, error = %e, "could not look whether the actor is still parked");
+                    return;
+                }
             }
         }
         let Some(kind) = self.kinds.get(id.kind()).cloned() else {
@@ -237,11 +263,12 @@ impl Shared {
             handles
         };
         self.hub.notifier(id);
-        match self
+        let acquired = self
             .store
             .acquire(id, &self.config.node, self.config.lease_ttl)
-            .await
-        {
+            .await;
+        self.health.write(&acquired);
+        match acquired {
             Ok(lease) => {
                 let fut = kind.start(self.clone(), id.clone(), lease, stop, busy, last_used);
                 let handle = self.tasks.spawn(fut);
@@ -298,8 +325,10 @@ async fn run<A: Actor>(
     let io = Io {
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,
-            // Crash loops (a message that kills the process every time) end in the dead letters too.
-            max_deliveries: shared.config.retry.max_attempts.max(1) + 2,
+            // The runtime gives up a message that ended too many deliveries without a word
+            // (`cell.rs`); the store's own limit is a net below that, for a runtime that could
+            // not even do that.
+            max_deliveries: cell::give_up_after(shared.config.retry.max_attempts) + 2,
         },
         store: shared.store.clone(),
         config: shared.config.clone(),
@@ -318,8 +347,25 @@ async fn run<A: Actor>(
         }
         Exit::Park(park) => {
             // Recorded in the store, fenced by the lease (rule D12): every node honours it,
-            // across restarts, until someone unparks the actor.
-            match shared.store.park(&id, park, Some(&lease)).await {
+            // across restarts, until someone unparks the actor. A park found at activation
+            // (the journal does not replay) keeps the record of an earlier park, which says
+            // more (the message, the step).
+            let earlier = match park.message_id {
+                None => match shared.store.parked(&id).await {
+                    Ok(p) => p,
+                    // Parked again below, which is what not knowing costs.
+                    Err(e) => {
+                        tracing::debug!(actor = %id, error = %e, "could not read an earlier park");
+                        None
+                    }
+                },
+                Some(_) => None,
+            };
+            let parked = match earlier {
+                Some(_) => Ok(()),
+                None => shared.store.park(&id, park, Some(&lease)).await,
+            };
+            match parked {
                 Ok(()) => {
                     tracing::error!(actor = %id, reason = %park.reason, "actor parked; `loom parked ls` shows it, `loom parked unpark` lets it run again")
                 }
@@ -427,6 +473,7 @@ async fn serve<A: Actor>(
                 }
             }
             Err(e) => {
+                shared.health.failed(&e);
                 tracing::warn!(actor = %id, error = %e, "could not read the mailbox; trying again");
                 tokio::select! {
                     _ = tokio::time::sleep(io.config.poll_interval.max(Duration::from_millis(10))) => {}
@@ -447,7 +494,10 @@ async fn dispatch(shared: Arc<Shared>) {
                     shared.ensure_active(&id).await;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
+            Err(e) => {
+                shared.health.failed(&e);
+                tracing::warn!(error = %e, "could not look for ready actors")
+            }
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -568,6 +618,7 @@ impl RuntimeBuilder {
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
+            health: health::Observed::default(),
             hosted: kinds.keys().copied().collect(),
             kinds,
             active: Mutex::new(Actives::default()),
@@ -645,6 +696,21 @@ impl Runtime {
             self.shared.wake(id);
         }
         Ok(was)
+    }
+
+    /// How the runtime's store is doing: [`StoreHealth::Failing`] (since when, the latest
+    /// error, what to do) from the first failed request until a write succeeds again. A store
+    /// failure is also logged once, with the same hint, when it begins.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = loom_core::Runtime::builder().memory().start().await?;
+    /// assert!(rt.health().is_healthy());
+    /// # Ok(()) }
+    /// ```
+    pub fn health(&self) -> Health {
+        self.shared.health.health()
     }
 
     /// The runtime's counters.
@@ -736,7 +802,9 @@ impl Runtime {
 
     async fn enqueue(&self, env: Envelope, deliver_at: Option<Timestamp>) -> Result<(), SendError> {
         self.check_open(&env.to).await?;
-        self.shared.store.enqueue(&env, deliver_at).await?;
+        let r = self.shared.store.enqueue(&env, deliver_at).await;
+        self.shared.health.write(&r);
+        r?;
         self.shared.wake(&env.to);
         Ok(())
     }
@@ -753,7 +821,9 @@ impl Runtime {
             .shared
             .store
             .enqueue_once(&env, deliver_at, key, self.shared.config.reply_ttl)
-            .await?;
+            .await;
+        self.shared.health.write(&r);
+        let r = r?;
         if matches!(r, Enqueued::New(_)) {
             self.shared.wake(&to);
         }

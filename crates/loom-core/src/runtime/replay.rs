@@ -43,6 +43,17 @@ pub(crate) struct Unfinished {
     pub(crate) steps: BTreeMap<Step, Vec<EntryKind>>,
 }
 
+impl Unfinished {
+    /// True if the invocation stopped in a durable wait (a sleep or a wait for an event that
+    /// has not ended): a restart during the wait is not a failed attempt.
+    pub(crate) fn waiting(&self) -> bool {
+        matches!(
+            self.steps.values().next_back().map(Vec::as_slice),
+            Some([EntryKind::TimerStarted { .. }] | [EntryKind::EventAwaited { .. }])
+        )
+    }
+}
+
 /// Why an actor could not be recovered.
 #[derive(Debug)]
 pub(crate) enum RecoverError {
@@ -105,11 +116,20 @@ async fn replay_once(
     let mut corrupt_snapshots = 0;
     for &seq in info.snapshots.iter().rev() {
         match store.load_snapshot(id, seq).await {
-            Ok(Some(s)) => {
+            // The newest at or below `seq`: older than `seq` when `seq` is gone since.
+            Ok(Some(s)) if s.seq == seq => {
                 base = Some(s);
                 break;
             }
-            Ok(None) => {}
+            // Listed, then gone: a compaction elsewhere replaced it. Start over from what it
+            // left (as for a trim under the read, below).
+            Ok(_) => {
+                return Err(RecoverError::Store(StoreError::Gap {
+                    actor: id.clone(),
+                    expected: seq,
+                    found: 0,
+                }));
+            }
             Err(e @ StoreError::Corrupt { .. }) => {
                 corrupt_snapshots += 1;
                 tracing::warn!(actor = %id, seq, error = %e, "snapshot is unreadable; falling back to an older snapshot plus replay");

@@ -164,7 +164,10 @@ pub trait Mailbox: Send + Sync + 'static {
 
     /// Puts a dead letter back at the end of its actor's mailbox as
     /// [`Envelope::requeued`] makes it (a new id, the same origin, no earlier attempts), and
-    /// removes it from the dead letters, in one atomic write. Returns its new position.
+    /// removes it from the dead letters, in one atomic write. If it carries an idempotency key,
+    /// the key is held again for it (as by [`Store::enqueue_once`](crate::Store::enqueue_once)),
+    /// replacing the failure recorded when it was given up: its caller gets the outcome of the
+    /// requeued run. Returns its new position.
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64>;
 }
 

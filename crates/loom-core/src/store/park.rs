@@ -71,9 +71,9 @@ impl Park {
 ///   [`ready_actors`](crate::Mailbox::ready_actors) does not list it; messages sent to it wait;
 /// - [`park`](Self::park) is fenced: with a lease that is no longer held it fails with
 ///   [`StoreError::LeaseLost`] and writes nothing;
-/// - [`unpark`](Self::unpark) gives the message that was out when the actor was parked a fresh
-///   start (no earlier deliveries), so that it is not dead-lettered for the attempts the park
-///   cost it, and makes the mailbox ready.
+/// - [`unpark`](Self::unpark) makes the message that was out when the actor was parked
+///   visible at once (its delivery count kept, so that no receipt ever repeats) and the
+///   mailbox ready again.
 #[async_trait]
 pub trait Parking: Send + Sync + 'static {
     /// Parks the actor with `park` (replacing an earlier record), while `fence` is held.

@@ -32,6 +32,7 @@ pub(super) fn cases() -> Vec<Case> {
         enqueue_once_holds_its_key_until_a_turn_records_it,
         a_turn_records_only_for_its_actor_or_the_mailbox_it_settles,
         a_turn_and_a_plain_append_racing_on_fresh_actors_never_both_succeed,
+        a_requeued_message_holds_its_key_again,
     ]
 }
 
@@ -630,4 +631,78 @@ async fn a_turn_and_a_plain_append_racing_on_fresh_actors_never_both_succeed(
             "round {round}"
         );
     }
+}
+
+/// A message given up on has its key recorded with the failure; requeued, it runs again, so its
+/// key is held again for it (a retry is a duplicate, never a second copy) until its new run
+/// records the outcome.
+async fn a_requeued_message_holds_its_key_again(store: Arc<dyn Store>) {
+    let a = id("a");
+    let key = IdempotencyKey::new("req").unwrap();
+    let ttl = Duration::from_secs(60);
+    let m = Envelope {
+        idempotency_key: Some(key.clone()),
+        ..Envelope::new(a.clone(), json!("work"))
+    };
+    store.enqueue_once(&m, None, &key, ttl).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let failed = json!("failed");
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::DeadLetter(&d.receipt, "broken")),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &failed,
+                ttl,
+            }),
+            ..Turn::append(&a, 1, &[])
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Completed(failed))
+    );
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    store.requeue_dead_letter(dead[0].id).await.unwrap();
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Pending {
+            expires_at: Timestamp::MAX
+        })
+    );
+    let retry = Envelope {
+        idempotency_key: Some(key.clone()),
+        ..Envelope::new(a.clone(), json!("work"))
+    };
+    assert!(matches!(
+        store.enqueue_once(&retry, None, &key, ttl).await.unwrap(),
+        Enqueued::Duplicate(Reservation::Pending { .. })
+    ));
+    assert_eq!(store.pending(&a).await.unwrap(), 1);
+    let d = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("the requeued run");
+    assert_eq!(d.envelope.idempotency_key, Some(key.clone()));
+    let done = json!("done");
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &done,
+                ttl,
+            }),
+            ..Turn::append(&a, 1, &entries(1, 1))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Completed(done))
+    );
 }

@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         requeued_dead_letter_without_journaled_steps_runs_again,
         idempotency_key_is_held_while_its_message_waits,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
+        restarts_during_a_durable_wait_do_not_give_it_up,
         messages_of_a_kind_no_node_hosts_wait_for_its_host,
         parked_actor_stays_parked_across_restarts_until_unparked,
         the_same_event_delivered_twice_is_received_once,
@@ -197,8 +198,9 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
         .send_with(vec![activity("a"), Step::Gate], send)
         .await
         .unwrap();
-    // Harness::config allows 3 attempts: each one stops at the gate and the process "dies".
-    for _ in 0..3 {
+    // Harness::config allows 3 attempts, and restarts two more: each delivery stops at the
+    // gate and the process "dies".
+    for _ in 0..5 {
         reached(h).await;
         rt.kill().await;
         rt = h.runtime().await;
@@ -208,7 +210,7 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
         .reason
         .clone();
     assert!(
-        reason.contains("gave up after 3 deliveries"),
+        reason.contains("gave up after 5 deliveries"),
         "{dead}: {reason}"
     );
     assert_eq!(h.kinds(&w).await.last(), Some(&"failed"));
@@ -394,6 +396,45 @@ async fn the_same_event_delivered_twice_is_received_once(h: &Harness) {
     assert_eq!(
         replies(h, &w).await[1],
         serde_json::json!(["event approved: again", "event approved: again"])
+    );
+    rt.shutdown().await;
+}
+
+/// An invocation waiting for an event lives through more restarts than a message may end
+/// deliveries without a word: those restarts are no failure of the message, and the wait goes
+/// on until its event comes.
+async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
+    let w = worker("w");
+    let mut rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .send(vec![Step::Wait {
+            name: "go".into(),
+            timeout_ms: None,
+        }])
+        .await
+        .unwrap();
+    eventually(WAIT, "the wait is journaled", || async {
+        h.count(&w, |k| matches!(k, EntryKind::EventAwaited { .. }))
+            .await
+            == 1
+    })
+    .await;
+    // Six restarts, each after the message came back to a new runtime (its lease and its
+    // visibility ran out): more than give-up's five.
+    for _ in 0..6 {
+        rt.kill().await;
+        rt = h.runtime().await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+    }
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    rt.actor::<Worker>("w")
+        .deliver_event("go", "at last")
+        .await
+        .unwrap();
+    finished(h, &w, 1).await;
+    assert_eq!(
+        replies(h, &w).await,
+        vec![serde_json::json!(["event go: at last"])]
     );
     rt.shutdown().await;
 }

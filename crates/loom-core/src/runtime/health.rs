@@ -1,0 +1,111 @@
+//! The runtime's view of its store: working, or failing since when and why, from what its own
+//! requests met. Logged once when it changes; [`Runtime::health`](super::Runtime::health) shows
+//! it; callers waiting in `ask` stop waiting for a store that keeps failing.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::StoreError;
+use crate::time::Timestamp;
+
+/// How the runtime's store is doing, as [`Runtime::health`](super::Runtime::health) reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// Its last write succeeded (or none failed yet).
+    Healthy,
+    /// Its requests have failed since `since`, and no write succeeded after.
+    Failing {
+        /// When the failures began.
+        since: Timestamp,
+        /// The latest failure.
+        error: String,
+        /// What to do about it, if there is something to say (a full disk, say).
+        hint: Option<String>,
+    },
+}
+
+/// The runtime's health; see [`Runtime::health`](super::Runtime::health).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The store.
+    pub store: StoreHealth,
+}
+
+impl Health {
+    /// True if nothing is failing.
+    pub fn is_healthy(&self) -> bool {
+        self.store == StoreHealth::Healthy
+    }
+}
+
+struct Failing {
+    since: Timestamp,
+    began: Instant,
+    error: StoreError,
+}
+
+/// What the runtime's requests met.
+#[derive(Default)]
+pub(crate) struct Observed {
+    failing: Mutex<Option<Failing>>,
+}
+
+impl Observed {
+    /// A request failed with `e`: the store is failing if `e` is the store's failure (not a
+    /// refusal of the request).
+    pub(crate) fn failed(&self, e: &StoreError) {
+        if !e.is_transient() {
+            return;
+        }
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *failing {
+            Some(f) => f.error = e.clone(),
+            None => {
+                tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "the store is failing; Loom retries, and `Runtime::health` shows it");
+                *failing = Some(Failing {
+                    since: Timestamp::now(),
+                    began: Instant::now(),
+                    error: e.clone(),
+                });
+            }
+        }
+    }
+
+    /// A write succeeded: the store works.
+    pub(crate) fn ok(&self) {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = failing.take() {
+            tracing::info!(after = ?f.began.elapsed(), "the store works again");
+        }
+    }
+
+    /// Notes the outcome of a write.
+    pub(crate) fn write<T>(&self, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) => self.ok(),
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// How long the store has been failing, and its latest failure.
+    pub(crate) fn failing_for(&self) -> Option<(Duration, StoreError)> {
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        failing
+            .as_ref()
+            .map(|f| (f.began.elapsed(), f.error.clone()))
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        Health {
+            store: match &*failing {
+                None => StoreHealth::Healthy,
+                Some(f) => StoreHealth::Failing {
+                    since: f.since,
+                    error: f.error.to_string(),
+                    hint: f.error.hint().map(str::to_owned),
+                },
+            },
+        }
+    }
+}
