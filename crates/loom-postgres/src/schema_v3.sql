@@ -1,4 +1,5 @@
--- Version 3: holes a review found outside the crash path (issue 11). Every statement can run
+-- Version 3: holes a review found outside the crash path (issue 11); rules D5, D7, D8, D11, D12,
+-- D13 of RELIABILITY.md. Every statement can run
 -- again on a schema that has it (IF EXISTS, IF NOT EXISTS, OR REPLACE).
 
 -- A dead letter goes back to its mailbox as `Envelope::requeued` makes it (a new message id, so

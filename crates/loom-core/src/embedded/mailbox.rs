@@ -147,7 +147,7 @@ impl<'t> Tables<'t> {
         Ok(self.parked.get(actor).map_err(se)?.is_some())
     }
 
-    /// Writes the actor's meta row and keeps `READY_BY_KIND` in step with it.
+    /// Writes the actor's meta row and keeps `READY_BY_KIND` in step with it (rules D12, D13).
     fn put_meta(&mut self, actor: &str, old: Meta, new: Meta) -> StoreResult<()> {
         let new_ready = if new.count == 0 { EMPTY } else { new.ready_at };
         // System mailboxes (event lanes) are read only by the invocation waiting on them, and a

@@ -15,14 +15,14 @@
 //! each entry once, sequentially, which is what the raw-file baseline measures. Checkpoints
 //! write each dirty page once per interval instead of once per batch.
 //!
-//! Invariants:
-//! - A batch is acknowledged only after its record (or a later checkpoint) is durable.
+//! Invariants (rules D1–D4 of RELIABILITY.md):
+//! - D1: a batch is acknowledged only after its record (or a later checkpoint) is durable.
 //! - Records carry consecutive sequence numbers (LSNs). The log holds, after an 8-byte header,
 //!   records with LSNs `redo_lsn + 1, redo_lsn + 2, …` (older ones may precede them between a
 //!   checkpoint and the truncation that follows it; replay skips them).
 //! - A record holds exactly the writes of its batch, in the order they were made, so applying
 //!   it to the state after the previous batch gives the state after this one.
-//! - Nothing a read returns comes from a batch that is not durable yet: a read notes the last
+//! - D2: nothing a read returns comes from a batch that is not durable yet: a read notes the last
 //!   batch that may be visible to it ([`Durability::visible`], raised *before* each commit) and
 //!   waits for the log to reach it. Once the log fails, reads and writes fail until the store
 //!   is opened again, and the reopened store has every acknowledged batch.

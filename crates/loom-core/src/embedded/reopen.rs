@@ -1,4 +1,4 @@
-//! Reopening after a storage failure.
+//! Reopening after a storage failure (rule D3 of RELIABILITY.md).
 //!
 //! Once the redo log or a commit fails (a full disk, an I/O error), the store refuses every
 //! request (`writer.rs`, `redo.rs`), and redb itself refuses writes until the database is

@@ -14,12 +14,16 @@
 //!   requests) the writer makes redb itself durable and the log is emptied.
 //! - In memory or on a caller's redb backend: each batch commits with `Durability::Immediate`.
 //!
-//! Invariants:
-//! - A request's answer is sent only after the batch that holds its writes is durable; if the
-//!   commit or the log fails, every request in the batch gets the error and none is acknowledged.
-//! - A request refused on its merits (a conflict, a limit) must not have written anything: every
-//!   operation checks first and writes after. So a refusal never needs a rollback and never
-//!   affects the other requests of its batch.
+//! Invariants (the durability rules are numbered in RELIABILITY.md):
+//! - D1: a request's answer is sent only after the batch that holds its writes is durable; if
+//!   the commit or the log fails, every request in the batch gets the error and none is
+//!   acknowledged.
+//! - D15: a request refused on its merits (a conflict, a limit) must not have written anything:
+//!   every operation checks first and writes after, and a refused request that wrote anyway
+//!   aborts its batch. So a refusal never needs a rollback and never affects the other
+//!   requests of its batch.
+//! - D3: a failed commit, log write, sync or checkpoint, or a panic on this thread or the log
+//!   thread, stops the store until it is opened again (`reopen.rs`).
 //! - A storage failure (or a panic) inside a request may leave partial writes, so it *poisons*
 //!   the batch: the transaction is aborted and every request in it gets the error.
 //! - Requests run in the order they were sent; a later request sees the writes of earlier ones.

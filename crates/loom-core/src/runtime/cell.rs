@@ -1,10 +1,12 @@
 //! One active actor: recovery from snapshot plus journal tail, then the turn loop.
 //!
-//! Invariants kept here:
+//! Invariants kept here (rules of RELIABILITY.md):
 //! - the in-memory state is exactly snapshot + every journaled `StatePatched` up to `next_seq - 1`;
 //!   a turn whose write fails leaves it as it was (the old state is put back);
-//! - a message is applied at most once: its ack is part of the turn's atomic write, and a
-//!   message whose id the journal already completed (`recent`) is acked without running;
+//! - D5, D6: a message is applied at most once: its ack is part of the turn's atomic write, and
+//!   a message whose id the journal already completed (`recent`) is acked without running;
+//! - D7: every settlement records the message's key (a turn, or a give-up turn);
+//! - D16: a store failure fails the attempt, which is retried, then given up with its reason;
 //! - an invocation whose `Invoked` entry is in the journal but that never completed is resumed
 //!   by replay when its message comes back, never started afresh.
 

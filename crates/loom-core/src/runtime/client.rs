@@ -159,7 +159,8 @@ impl<A: Actor> ActorRef<A> {
         Ok(id)
     }
 
-    /// Sends `msg` with options (idempotency key, delay).
+    /// Sends `msg` with options (idempotency key, delay). A key is held until the message is
+    /// settled, then its outcome kept for `Config::reply_ttl` (rule D7).
     pub async fn send_with(&self, msg: A::Message, opts: SendOptions) -> Result<Sent, SendError> {
         let mut env = self.envelope(&msg)?;
         let deliver_at = opts.delay.map(|d| Timestamp::now() + d);

@@ -1,5 +1,5 @@
-//! The runtime's view of its store: working, or failing since when and why, from what its own
-//! requests met. Logged once when it changes; [`Runtime::health`](super::Runtime::health) shows
+//! The runtime's view of its store (rule D16): working, or failing since when and why, from what
+//! its own requests met. Logged once when it changes; [`Runtime::health`](super::Runtime::health) shows
 //! it; callers waiting in `ask` stop waiting for a store that keeps failing.
 
 use std::sync::Mutex;

@@ -63,7 +63,7 @@ impl Park {
     }
 }
 
-/// Parked actors.
+/// Parked actors (rule D12 of RELIABILITY.md).
 ///
 /// Rules every backend keeps:
 /// - while an actor is parked its mailbox is held: [`lease`](crate::Mailbox::lease) hands

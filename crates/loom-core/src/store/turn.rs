@@ -44,7 +44,7 @@ pub struct Record<'a> {
     pub ttl: Duration,
 }
 
-/// One atomic write of an actor's turn.
+/// One atomic write of an actor's turn (rule D5 of RELIABILITY.md).
 ///
 /// Either all of it happens or none of it does:
 /// - if `fence` is set and that lease is no longer held (expired, released, taken over),
