@@ -20,7 +20,7 @@ pub type Step = u32;
 /// ```
 /// use loom_core::{Entry, EntryKind, Timestamp};
 ///
-/// let e = Entry::new(1, EntryKind::TimerFired { step: 2 });
+/// let e = Entry::new(1, EntryKind::TimerFired { step: 2, resumed_in: None });
 /// assert_eq!(e.seq, 1);
 /// assert!(e.at <= Timestamp::now());
 /// ```
@@ -116,6 +116,12 @@ pub enum EntryKind {
     TimerFired {
         /// The step of its `TimerStarted`.
         step: Step,
+        /// Set when the sleep ended in a later delivery of the message than the one that began
+        /// it (the process restarted during the sleep): that delivery's
+        /// [`attempt`](crate::Envelope::attempt). The deliveries before it waited and are not
+        /// held against the message; the runtime counts from here when it decides to give up.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_in: Option<u32>,
     },
     /// The invocation suspended to wait for an event.
     EventAwaited {
@@ -139,6 +145,10 @@ pub enum EntryKind {
         /// True if the wait ended at its deadline without the event.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         timed_out: bool,
+        /// As in [`TimerFired`](EntryKind::TimerFired): the delivery that saw the wait end, if
+        /// not the one that began it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_in: Option<u32>,
     },
     /// The invocation ended with a reply.
     Completed {

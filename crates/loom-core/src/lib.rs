@@ -22,7 +22,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = EmbeddedStore::in_memory()?;
 //! let alice = ActorId::new("account", "alice")?;
-//! store.append(&alice, 1, &[Entry::new(1, EntryKind::TimerFired { step: 1 })]).await?;
+//! store.append(&alice, 1, &[Entry::new(1, EntryKind::TimerFired { step: 1, resumed_in: None })]).await?;
 //! let entries: Vec<Entry> = store.read(&alice, SeqRange::all()).try_collect().await?;
 //! assert_eq!(entries.len(), 1);
 //! assert_eq!(store.highest_seq(&alice).await?, 1);

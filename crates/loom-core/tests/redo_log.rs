@@ -414,3 +414,59 @@ async fn a_panic_while_writing_the_log_latches_the_store() {
     // outcome is unknown, as for any request that failed with the store).
     check(dir.path(), &HashMap::from([(1, 1)])).await;
 }
+
+/// The store reopens itself after a failed log sync while this process goes on: the leases it
+/// holds and the message it leased are still its own after the reopen (renewed, acked), not
+/// released as a dead process's would be at a first opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_after_a_failure_keeps_this_processs_leases_and_leased_messages() {
+    use loom_core::{ActorId, Envelope, LeaseManager, LeaseOptions, Mailbox};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = EmbeddedStore::open_with_redo(dir.path(), EmbeddedOptions::default(), move |f| {
+        let redo = FaultyRedo::new(f);
+        // Only the first opening's faults are armed; a closed channel later is fine.
+        let _ = tx.send(redo.faults.clone());
+        Box::new(redo)
+    })
+    .expect("open");
+    let faults = rx.recv().expect("faults");
+    let a = ActorId::new("counter", "a").expect("id");
+    let ttl = Duration::from_secs(60);
+    let lease = store.acquire(&a, "node-1", ttl).await.expect("acquire");
+    store
+        .enqueue(&Envelope::new(a.clone(), json!(1)), None)
+        .await
+        .expect("enqueue");
+    let opts = LeaseOptions {
+        visibility: ttl,
+        max_deliveries: 10,
+    };
+    let d = store
+        .lease(&a, opts)
+        .await
+        .expect("lease")
+        .expect("a message");
+    faults.fail_syncs.store(1, Ordering::SeqCst);
+    let failed = store.append(&id(0), 1, &[entry(0, 1)]).await;
+    assert!(
+        matches!(failed, Err(StoreError::Storage { .. })),
+        "{failed:?}"
+    );
+    // It reopens by itself (first attempt after 0.5 s).
+    let start = Instant::now();
+    while store.highest_seq(&id(0)).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never reopened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renewed = store
+        .renew(&lease, ttl)
+        .await
+        .expect("the lease is still ours");
+    assert_eq!(renewed.token, lease.token);
+    store
+        .ack(&d.receipt)
+        .await
+        .expect("the leased message is still ours");
+    assert_eq!(store.pending(&a).await.expect("pending"), 0);
+}

@@ -22,7 +22,9 @@
 //!   the last snapshot — acknowledged data is lost.
 //!
 //! - `maxmemory-policy` other than `noeviction`: a server that reaches `maxmemory` deletes
-//!   keys, journal entries and waiting messages among them.
+//!   keys, journal entries and waiting messages among them (`allkeys-*`), or the keys with a
+//!   TTL, recorded replies and leases (`volatile-*`). With `maxmemory 0` (no limit, the
+//!   default) nothing is deleted yet, but the warning stands: a limit set later starts it.
 //!
 //! [`RedisStore::connect`] reads the server's settings and logs a warning for all but the
 //! first (with `noeviction`).
@@ -273,6 +275,7 @@ impl RedisStore {
         let appendonly = self.config_get("appendonly").await;
         let appendfsync = self.config_get("appendfsync").await;
         let maxmemory_policy = self.config_get("maxmemory-policy").await;
+        let maxmemory = self.config_get("maxmemory").await;
         let persistence = match (appendonly.as_deref(), appendfsync.as_deref()) {
             (Some("yes"), Some("always")) => None,
             (Some("yes"), Some(other)) => Some(format!(
@@ -288,11 +291,25 @@ impl RedisStore {
         };
         // Any policy but noeviction lets Redis delete keys when it reaches maxmemory: journal
         // entries, waiting messages, leases, acknowledged or not.
+        // The volatile-* policies delete only keys with a TTL: Loom's recorded replies and
+        // leases, so a retried send may run twice and a lease vanish under its holder.
         let eviction = match maxmemory_policy.as_deref() {
             Some("noeviction") | None => None,
-            Some(other) => Some(format!(
-                "Redis maxmemory-policy is {other:?}, not \"noeviction\": when the server reaches maxmemory it deletes keys, and with them acknowledged journal entries and messages; set maxmemory-policy noeviction"
-            )),
+            Some(other) => {
+                let what = if other.starts_with("volatile") {
+                    "keys with a TTL, and with them recorded replies (a retried send may then run twice) and leases (two nodes may then run one actor until fencing stops one)"
+                } else {
+                    "keys, and with them acknowledged journal entries and messages"
+                };
+                let yet = if maxmemory.as_deref() == Some("0") {
+                    " (maxmemory is 0, no limit, so nothing is deleted yet; setting a limit starts it)"
+                } else {
+                    ""
+                };
+                Some(format!(
+                    "Redis maxmemory-policy is {other:?}, not \"noeviction\": when the server reaches maxmemory it deletes {what}{yet}; set maxmemory-policy noeviction"
+                ))
+            }
         };
         let warning = match (persistence, eviction) {
             (Some(p), Some(e)) => Some(format!("{p}; {e}")),

@@ -280,7 +280,18 @@ async fn persistence_that_cannot_keep_acknowledged_writes_is_reported() {
     assert_eq!(d.maxmemory_policy.as_deref(), Some("allkeys-lru"));
     let w = d.warning.expect("a warning");
     assert!(
-        w.contains("maxmemory-policy") && w.contains("noeviction"),
+        w.contains("maxmemory-policy") && w.contains("journal entries") && w.contains("noeviction"),
+        "{w}"
+    );
+    let volatile = RedisServer::start_with(&["--maxmemory-policy", "volatile-lru"]);
+    let w = connect(&volatile.url(), "p")
+        .await
+        .durability()
+        .await
+        .warning
+        .expect("a warning");
+    assert!(
+        w.contains("keys with a TTL") && w.contains("maxmemory is 0"),
         "{w}"
     );
 }

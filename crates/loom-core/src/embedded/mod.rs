@@ -304,7 +304,7 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
         let lock = DirLock::acquire(dir)?;
         let wrap: Wrap = Arc::new(wrap);
-        let inner = open_dir(dir, options, &wrap)?;
+        let inner = open_dir(dir, options, &wrap, Opening::First)?;
         Ok(EmbeddedStore {
             shared: reopen::Shared::new(
                 inner,
@@ -343,7 +343,7 @@ impl EmbeddedStore {
             .create_with_backend(backend)
             .map_err(se)?;
         Ok(EmbeddedStore {
-            shared: reopen::Shared::new(start(db, None, false)?, None),
+            shared: reopen::Shared::new(start(db, None, false, Opening::First)?, None),
         })
     }
 
@@ -353,24 +353,50 @@ impl EmbeddedStore {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(se)?;
         Ok(EmbeddedStore {
-            shared: reopen::Shared::new(start(db, None, false)?, None),
+            shared: reopen::Shared::new(start(db, None, false, Opening::First)?, None),
         })
     }
 }
 
+/// Which opening of a directory by this process this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// The first: what the file holds of leases and leased messages belonged to a process that
+    /// is gone.
+    First,
+    /// After a failure (`reopen.rs`): this process still runs, and its leases and leased
+    /// messages are still its own.
+    Again,
+}
+
 /// Opens the database in `dir` (whose lock the caller holds): at open, and at every reopen
 /// after a failure.
-fn open_dir(dir: &Path, options: EmbeddedOptions, wrap: &Wrap) -> StoreResult<Inner> {
+fn open_dir(
+    dir: &Path,
+    options: EmbeddedOptions,
+    wrap: &Wrap,
+    opening: Opening,
+) -> StoreResult<Inner> {
     let db = Database::builder()
         .set_cache_size(options.cache_bytes)
         .create(dir.join(DATA_FILE))
         .map_err(se)?;
-    start(db, Some(Disk { dir, wrap }), options.salvage_damaged_redo)
+    start(
+        db,
+        Some(Disk { dir, wrap }),
+        options.salvage_damaged_redo,
+        opening,
+    )
 }
 
 /// Brings an opened database up to date (layout, redo log replay, what a dead process held)
 /// and starts its writer.
-fn start(db: Database, disk: Option<Disk<'_>>, salvage: bool) -> StoreResult<Inner> {
+fn start(
+    db: Database,
+    disk: Option<Disk<'_>>,
+    salvage: bool,
+    opening: Opening,
+) -> StoreResult<Inner> {
     let (dir, log) = match disk {
         Some(Disk { dir, wrap }) => {
             let (file, bytes, created) = open_log(dir)?;
@@ -433,6 +459,17 @@ fn start(db: Database, disk: Option<Disk<'_>>, salvage: bool) -> StoreResult<Inn
                 }
                 let tail = &bytes[damage.offset as usize..];
                 let kept = dir.as_ref().map(|d| keep_dropped(d, "damaged", tail));
+                // Salvage drops acknowledged batches from the store: only once they are kept
+                // aside for whoever recovers them. A copy that could not be made (a full disk)
+                // stops it, and nothing is written.
+                if let Some(Err(why)) = &kept {
+                    return Err(StoreError::storage(
+                        tables::BACKEND,
+                        std::io::Error::other(format!(
+                            "salvage refused: the damaged tail of {where_} must be kept aside before it is dropped, and {why}"
+                        )),
+                    ));
+                }
                 tracing::error!(
                     offset = damage.offset,
                     after = damage.after,
@@ -473,11 +510,14 @@ fn start(db: Database, disk: Option<Disk<'_>>, salvage: bool) -> StoreResult<Inn
     if matches!(layout, Some(1) | Some(2)) {
         upgrade_ready_index(&mut tx)?;
     }
-    // Only the process holding the directory lock opens the file, so leases and leased
-    // messages found here belong to a process that is gone: release them now instead of
-    // waiting for them to time out. Tokens are kept, so fencing still holds.
-    let released = lease::release_all(&mut tx)?;
-    let returned = mailbox::return_all(&mut tx)?;
+    // Only the process holding the directory lock opens the file, so at its first opening the
+    // leases and leased messages found here belong to a process that is gone: release them now
+    // instead of waiting for them to time out. Tokens are kept, so fencing still holds. (At a
+    // reopen they are this process's own, and kept.)
+    let (released, returned) = match opening {
+        Opening::First => (lease::release_all(&mut tx)?, mailbox::return_all(&mut tx)?),
+        Opening::Again => (0, 0),
+    };
     drop(tx);
     if released + returned > 0 {
         tracing::info!(

@@ -31,13 +31,17 @@
 //!   it was sealed; so a valid record after a bad one that says the batch the bad one should
 //!   hold was already durable proves the bad bytes are damage, not a tear (rule D4). Replay
 //!   stops at the first record that is incomplete or fails its checksum and then:
-//!   - if the next valid record is the one replay needs next (the bad bytes held a record a
-//!     checkpoint already covers), skips the bad bytes and goes on;
+//!   - if the next valid record the checkpoint does not cover is the one replay needs next
+//!     (the bad bytes held a record a checkpoint already covers), skips the bad bytes and goes
+//!     on;
 //!   - if records replay needs are missing and a later record proves them durable, refuses to
 //!     open with [`StoreError::Corrupt`] naming the file and the byte offset (the log is left
 //!     as it is; `loom redo salvage` opens the store without them, keeping them aside);
 //!   - otherwise it is a torn tail: drops it (keeping a copy as `loom.redo.torn-<ms>`) and
 //!     empties the log.
+//!
+//!   Intact records with a gap in their LSNs (no bad bytes between) are damage too, whatever
+//!   the stamps say: a crash cannot make them.
 //!
 //!   A tear can only be told from damage if a later record exists: damage to the records of
 //!   the very last `fdatasync` before a crash looks like a tear, and they are dropped with the
@@ -421,10 +425,21 @@ fn next_record(log: &[u8], from: usize) -> Option<(usize, Found<'_>)> {
     None
 }
 
+/// The last batch the intact records from `from` on say was durable.
+fn durable_after(log: &[u8], from: usize) -> u64 {
+    let mut durable = 0;
+    let mut scan = from;
+    while let Some((_, f)) = next_record(log, scan) {
+        durable = durable.max(f.durable);
+        scan = f.end;
+    }
+    durable
+}
+
 /// Applies the records of `log` that come after `checkpoint` to `tables`, in order; see the
 /// module documentation for what happens at bad bytes. A record that passes its checks but
-/// does not follow the one before it (when nothing bad lies between), or whose writes do not
-/// parse, is an error.
+/// does not follow the one before it (when nothing bad lies between) is damage; one whose
+/// writes do not parse is an error.
 pub(super) fn replay(log: &[u8], checkpoint: u64, tables: &mut dyn Apply) -> StoreResult<Replayed> {
     let corrupt = |msg: String| StoreError::corrupt(REDO_FILE, CodecError::Body(msg));
     let mut out = Replayed {
@@ -447,12 +462,19 @@ pub(super) fn replay(log: &[u8], checkpoint: u64, tables: &mut dyn Apply) -> Sto
         let found = match record_at(log, at) {
             Some(f) => f,
             None => {
-                let next = next_record(log, at + 1);
+                // The first intact record after the bad bytes that the checkpoint does not
+                // cover (a covered one says nothing of what the bad bytes held).
+                let mut next = next_record(log, at + 1);
+                while let Some((_, f)) = next
+                    && f.lsn <= checkpoint
+                {
+                    next = next_record(log, f.end);
+                }
                 let needed = out.last_lsn + 1;
                 match next {
-                    // What follows is exactly what replay needs (or covered already): the bad
-                    // bytes held nothing it needs.
-                    Some((p, f)) if f.lsn == needed || f.lsn <= checkpoint => {
+                    // What follows is exactly what replay needs: the bad bytes (and any
+                    // covered records among them) held nothing it needs.
+                    Some((p, f)) if f.lsn == needed => {
                         tracing::warn!(
                             offset = at,
                             bytes = p - at,
@@ -462,12 +484,7 @@ pub(super) fn replay(log: &[u8], checkpoint: u64, tables: &mut dyn Apply) -> Sto
                         f
                     }
                     Some((p, _)) => {
-                        let mut durable = 0;
-                        let mut scan = p;
-                        while let Some((_, f)) = next_record(log, scan) {
-                            durable = durable.max(f.durable);
-                            scan = f.end;
-                        }
+                        let durable = durable_after(log, p);
                         if durable >= needed {
                             out.damage = Some(Damage {
                                 offset: at as u64,
@@ -487,16 +504,23 @@ pub(super) fn replay(log: &[u8], checkpoint: u64, tables: &mut dyn Apply) -> Sto
                 }
             }
         };
-        at = found.end;
         if found.lsn <= checkpoint {
+            at = found.end;
             continue;
         }
         if found.lsn != out.last_lsn + 1 {
-            return Err(corrupt(format!(
-                "record {} follows record {} (records are missing)",
-                found.lsn, out.last_lsn
-            )));
+            // Intact records with a gap between them: records are missing, though no bytes
+            // are bad (a crash cannot do that; an edit or a copy can). Damage, whatever the
+            // later records say was durable: nothing from here on is applied.
+            out.damage = Some(Damage {
+                offset: at as u64,
+                bytes: (log.len() - at) as u64,
+                after: out.last_lsn,
+                durable: durable_after(log, at).max(found.lsn - 1),
+            });
+            break;
         }
+        at = found.end;
         for op in ops(found.ops).map_err(|e| corrupt(format!("record {}: {e}", found.lsn)))? {
             tables.apply(&op)?;
         }
@@ -957,9 +981,48 @@ mod tests {
 
     #[test]
     fn a_missing_record_is_damage_not_a_tail() {
-        let l = log(&[put(1), put(3)]);
-        let e = replay(&l, 0, &mut Collect(vec![])).unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
+        let l = log(&[put(1), put(3), put(4)]);
+        let mut c = Collect(vec![]);
+        let r = replay(&l, 0, &mut c).unwrap();
+        let at = (MAGIC.len() + put(1).len()) as u64;
+        assert_eq!(
+            r.damage,
+            Some(Damage {
+                offset: at,
+                bytes: l.len() as u64 - at,
+                after: 1,
+                durable: 3,
+            })
+        );
+        assert_eq!((r.last_lsn, r.records, c.0.len()), (1, 1, 1));
+    }
+
+    /// Bad bytes followed by records the checkpoint covers, then a gap: the covered records
+    /// say nothing of what the bad bytes held, so the gap is judged by the stamps, not skipped.
+    #[test]
+    fn covered_records_after_bad_bytes_do_not_hide_a_gap() {
+        let l = log(&[
+            put(3),
+            put(4),
+            record_stamped(6, 5, &[(INSERT, 1, b"6", Some(b"v"))]),
+        ]);
+        let mut bad = l.clone();
+        bad[MAGIC.len() + RECORD_PREFIX + 1] ^= 0x01;
+        let mut c = Collect(vec![]);
+        let r = replay(&bad, 4, &mut c).unwrap();
+        assert_eq!(r.damage.map(|d| (d.after, d.durable)), Some((4, 5)));
+        assert!(c.0.is_empty(), "applied past the damage");
+        // Without a stamp saying batch 5 was durable, it is a tear (never acknowledged).
+        let l = log(&[
+            put(3),
+            put(4),
+            record_stamped(6, 4, &[(INSERT, 1, b"6", Some(b"v"))]),
+        ]);
+        let mut bad = l.clone();
+        bad[MAGIC.len() + RECORD_PREFIX + 1] ^= 0x01;
+        let r = replay(&bad, 4, &mut Collect(vec![])).unwrap();
+        assert_eq!((r.last_lsn, r.damage), (4, None));
+        assert_eq!(r.torn_bytes, (bad.len() - MAGIC.len()) as u64);
     }
 
     #[test]

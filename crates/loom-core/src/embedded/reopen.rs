@@ -10,6 +10,8 @@
 //! after its failure.
 //!
 //! Invariants:
+//! - At a reopen the leases and leased messages in the file are this process's own, still in
+//!   use: they are kept (the first opening releases them, as a dead process's).
 //! - At most one opening of the directory exists at a time: the old one is dropped (every
 //!   handle to it gone, its database closed) before the next one is opened, and the
 //!   directory's lock is held throughout (it belongs to the store, not to an opening).
@@ -25,7 +27,7 @@ use crate::error::{StoreError, StoreResult};
 
 use super::lock::DirLock;
 use super::tables::BACKEND;
-use super::{EmbeddedOptions, Inner, Wrap, open_dir};
+use super::{EmbeddedOptions, Inner, Opening, Wrap, open_dir};
 
 /// The first wait before a reopen; it doubles after each failed attempt.
 const FIRST_WAIT: Duration = Duration::from_millis(500);
@@ -49,7 +51,11 @@ pub(super) struct Shared {
     /// Set while a reopen thread runs.
     reopening: AtomicBool,
     /// Why the store is between openings, for the errors requests get meanwhile.
-    why: Mutex<String>,
+    why: Mutex<Option<StoreError>>,
+    /// When the last reopen succeeded, and the wait before it: a store that fails again soon
+    /// after waits longer before its next attempt, so that a disk hovering near full does not
+    /// make it reopen twice a second.
+    last: Mutex<Option<(Instant, Duration)>>,
     // Dropped after `current` (fields drop in order): the lock outlives every opening.
     disk: Option<Disk>,
 }
@@ -59,7 +65,8 @@ impl Shared {
         Arc::new(Shared {
             current: RwLock::new(Some(Arc::new(inner))),
             reopening: AtomicBool::new(false),
-            why: Mutex::new(String::new()),
+            why: Mutex::new(None),
+            last: Mutex::new(None),
             disk,
         })
     }
@@ -83,12 +90,16 @@ impl Shared {
                 }
                 Ok(inner)
             }
+            // The failure that started the reopen, or the last attempt's, as the cause.
             None => Err(StoreError::storage(
                 BACKEND,
-                std::io::Error::other(format!(
-                    "the embedded store is reopening after a failure ({}); requests fail until it opens again",
-                    self.why.lock().unwrap_or_else(|p| p.into_inner())
-                )),
+                Reopening(
+                    self.why
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                        .unwrap_or(StoreError::Closed),
+                ),
             )),
         }
     }
@@ -98,7 +109,7 @@ impl Shared {
         if !disk.options.reopen_after_failure || self.reopening.swap(true, Ordering::AcqRel) {
             return;
         }
-        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = failure.to_string();
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(failure.clone());
         tracing::error!(dir = %disk.dir.display(), error = %failure, "the embedded store failed; it reopens itself in the background once it can");
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
@@ -110,9 +121,22 @@ impl Shared {
     }
 }
 
+/// The store is between openings after this failure.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the embedded store is reopening after a failure ({0}); requests fail until it opens again"
+)]
+struct Reopening(#[source] StoreError);
+
 /// Reopens the store behind `weak` until it opens, or the store is dropped.
 fn reopen(weak: &Weak<Shared>) {
-    let mut wait = FIRST_WAIT;
+    let recent = weak
+        .upgrade()
+        .and_then(|s| *s.last.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut wait = match recent {
+        Some((at, last)) if at.elapsed() < MAX_WAIT * 2 => (last * 2).min(MAX_WAIT),
+        _ => FIRST_WAIT,
+    };
     let mut attempts = 0u32;
     loop {
         std::thread::sleep(wait);
@@ -127,8 +151,10 @@ fn reopen(weak: &Weak<Shared>) {
             .take();
         if let Some(old) = old {
             let since = Instant::now();
+            let mut warned = false;
             while Arc::strong_count(&old) > 1 {
-                if since.elapsed() > MAX_WAIT {
+                if !warned && since.elapsed() > MAX_WAIT {
+                    warned = true;
                     tracing::warn!(
                         "requests still hold the failed embedded store; waiting for them"
                     );
@@ -138,15 +164,17 @@ fn reopen(weak: &Weak<Shared>) {
             drop(old);
         }
         attempts += 1;
-        match open_dir(&disk.dir, disk.options, &disk.wrap) {
+        match open_dir(&disk.dir, disk.options, &disk.wrap, Opening::Again) {
             Ok(inner) => {
                 *shared.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inner));
+                *shared.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), wait));
                 shared.reopening.store(false, Ordering::Release);
                 tracing::info!(dir = %disk.dir.display(), attempts, "the embedded store opened again and takes writes");
                 return;
             }
             Err(e) => {
-                *shared.why.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+                *shared.why.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 tracing::warn!(dir = %disk.dir.display(), error = %e, next_in = ?wait * 2, "the embedded store could not open again yet");
                 wait = (wait * 2).min(MAX_WAIT);
             }

@@ -101,6 +101,25 @@ pub(crate) fn se(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
+/// True if `e` says redb met an I/O error (now, or earlier: `PreviousIo`). redb then refuses
+/// every write until the database is opened again, so the store must stop (rule D3).
+pub(crate) fn engine_failed(e: &StoreError) -> bool {
+    if e.io_kind().is_some() {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(redb::Error::PreviousIo) = c.downcast_ref::<redb::Error>() {
+            return true;
+        }
+        cause = match c.downcast_ref::<crate::error::Cause>() {
+            Some(shared) => Some(&**shared),
+            None => c.source(),
+        };
+    }
+    false
+}
+
 /// Creates every table, so that read transactions always find them.
 pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(META)?;

@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use crate::error::{StoreError, StoreResult};
 
 use super::redo::{self, Done, Durability, Item, LatchOnPanic, LogFile, RedoFile, Sink};
-use super::tables::{BACKEND, META, Tx, se};
+use super::tables::{BACKEND, META, Tx, engine_failed, se};
 
 /// Most requests in one transaction.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -405,7 +405,12 @@ fn writer_loop(
         }) {
             Ok(txn) => txn,
             Err(e) => {
-                tracing::error!(error = %e, "embedded store could not begin a write transaction");
+                // redb refuses writes after an I/O error (`PreviousIo`): stop (D3), so that
+                // the store opens again.
+                tracing::error!(error = %e, "embedded store could not begin a write transaction; it takes no more writes until it opens again");
+                if let Some(l) = &log {
+                    l.durability.fail(&e);
+                }
                 for job in jobs {
                     job.fail(e.clone());
                 }
@@ -481,6 +486,13 @@ fn writer_loop(
                 tracing::error!(error = %abort, "embedded store could not abort a poisoned batch");
             }
             tracing::error!(error = %e, requests = n, "embedded store batch failed; nothing in it was acknowledged");
+            // An I/O error inside a request (redb writing pages out as its cache fills, say):
+            // redb takes no write from now on, so stop here with this cause (D3).
+            if let Some(l) = &log
+                && engine_failed(&e)
+            {
+                l.durability.fail(&e);
+            }
             for d in done {
                 d(Some(&e));
             }

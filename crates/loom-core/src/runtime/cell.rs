@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::entry::{EntryKind, Seq, Step};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
-use crate::store::{Delivery, Park, Record, Settle, Turn};
+use crate::store::{Delivery, LeaseOptions, Park, Record, Settle, Turn};
 
 use super::Shared;
 use super::actor::Actor;
@@ -135,15 +135,21 @@ impl<A: Actor> Cell<A> {
         }
         let resuming = self.unfinished.as_ref().and_then(|u| u.message_id) == Some(id);
         let waiting = resuming && self.unfinished.as_ref().is_some_and(|u| u.waiting());
-        if d.envelope.attempt >= give_up_after(io.config.retry.max_attempts) && !waiting {
+        // Deliveries that only waited (a restart during a durable sleep or event wait) do not
+        // count: from the one that saw the wait end, they do.
+        let from = match &self.unfinished {
+            Some(u) if resuming => u.counted_from(),
+            _ => 0,
+        };
+        let counted = d.envelope.attempt.saturating_sub(from);
+        if counted >= give_up_after(io.config.retry.max_attempts) && !waiting {
             // Every attempt was started and none of them finished, failed or gave the message
             // back: the process stopped (or the actor lost its lease) during each. Give up before
             // running it again, through the same turn as any other failure, so that its
             // caller's idempotency key gets the failure and a journaled invocation is closed
             // (a message that kills its process would otherwise take down node after node).
             let reason = format!(
-                "gave up after {} deliveries: none of them finished (the process stopped or the actor moved during each){}",
-                d.envelope.attempt,
+                "gave up after {counted} deliveries: none of them finished (the process stopped or the actor moved during each){}",
                 d.last_error
                     .as_deref()
                     .map(|e| format!("; last error: {e}"))
@@ -524,6 +530,26 @@ impl<A: Actor> Cell<A> {
                 }
             }
         });
+    }
+}
+
+impl<A: Actor> Cell<A> {
+    /// How the store hands out this actor's next message: its delivery limit is the net below
+    /// the runtime's own give-up (`Io::lease_options`), counted from where a durable wait of
+    /// the unfinished invocation ended, and lifted while that invocation is still in one: the
+    /// restarts a wait lives through must not make the store bury its message, with neither
+    /// its key settled nor its caller told.
+    pub(crate) fn lease_options(&self, io: &Io) -> LeaseOptions {
+        let net = io.lease_options.max_deliveries;
+        let max_deliveries = match &self.unfinished {
+            Some(u) if u.waiting() => u32::MAX,
+            Some(u) => u.counted_from().saturating_add(net),
+            None => net,
+        };
+        LeaseOptions {
+            max_deliveries,
+            ..io.lease_options
+        }
     }
 }
 

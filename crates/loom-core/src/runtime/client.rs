@@ -64,11 +64,19 @@ pub enum AskError {
     /// The reply does not decode as the actor's reply type.
     #[error("reply does not decode: {0}")]
     BadReply(String),
-    /// The message was sent, but the store has kept failing since (for a second or more), so
-    /// no reply can come now. The message stays in its mailbox and runs once the store works
-    /// again: ask again with the same idempotency key to get its reply without sending it twice.
-    #[error("the store is failing, so no reply can come now: {0}")]
-    Store(StoreError),
+    /// The message was sent, but the store has kept failing since (failures a second or more
+    /// apart, none succeeding between), so no reply can come now. The message stays in its
+    /// mailbox and runs once the store works again: ask again with `key` (the caller's, or the
+    /// one Loom made up for this ask) to get its reply without sending it twice.
+    #[error(
+        "the store is failing, so no reply can come now (ask again with key {key} for it): {error}"
+    )]
+    Store {
+        /// The failure that began it (a full disk, say).
+        error: StoreError,
+        /// The message's idempotency key.
+        key: IdempotencyKey,
+    },
 }
 
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
@@ -227,11 +235,9 @@ impl<A: Actor> ActorRef<A> {
                     }
                     // A store that keeps failing cannot produce the reply: say so now instead
                     // of at the timeout.
-                    if let Some((failing, e)) = self.rt.shared.health.failing_for()
-                        && failing >= FAILING_GIVES_UP_ASK
-                    {
+                    if let Some(error) = self.rt.shared.health.keeps_failing(FAILING_GIVES_UP_ASK) {
                         hub.prune(&actor, &key);
-                        return Err(AskError::Store(e));
+                        return Err(AskError::Store { error, key });
                     }
                     tokio::select! {
                         got = &mut local => match got {

@@ -487,26 +487,33 @@ impl<'a> Context<'a> {
     /// same sleep instead of starting it again.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
         let (step, recorded) = self.next_step("sleep", "")?;
-        let fire_at = match recorded {
+        let (fire_at, resumed_in) = match recorded {
             Some(r) => {
                 if r.iter().any(|k| matches!(k, EntryKind::TimerFired { .. })) {
                     return Ok(());
                 }
-                match r.first() {
+                let fire_at = match r.first() {
                     Some(EntryKind::TimerStarted { fire_at, .. }) => *fire_at,
                     _ => Timestamp::now(),
-                }
+                };
+                (fire_at, Some(self.inv.envelope.attempt))
             }
             None => {
                 let fire_at = Timestamp::now() + duration;
                 self.inv.push(EntryKind::TimerStarted { step, fire_at });
                 self.flush().await?;
-                fire_at
+                (fire_at, None)
             }
         };
         let left = fire_at.saturating_since(Timestamp::now());
         self.keep_out(tokio::time::sleep(left)).await?;
-        self.inv.push(EntryKind::TimerFired { step });
+        self.inv.push(EntryKind::TimerFired { step, resumed_in });
+        if resumed_in.is_some() {
+            // The sleep began in an earlier delivery: journal its end at once, so that the
+            // deliveries that only slept are not held against the message from here on (and a
+            // handler that stops its process after the sleep is still given up).
+            self.flush().await?;
+        }
         Ok(())
     }
 
@@ -524,6 +531,7 @@ impl<'a> Context<'a> {
         timeout: Option<Duration>,
     ) -> Result<T, StepError> {
         let (step, recorded) = self.next_step("wait_event", name)?;
+        let resumed_in = recorded.as_ref().map(|_| self.inv.envelope.attempt);
         let deadline = match recorded {
             Some(r) => {
                 if let Some(EntryKind::EventReceived {
@@ -569,6 +577,7 @@ impl<'a> Context<'a> {
                         name: name.to_owned(),
                         data: data.clone(),
                         timed_out: false,
+                        resumed_in,
                     });
                     // The event is consumed in the same write that journals it, and its key
                     // recorded, so that the same event delivered again is refused as a
@@ -609,7 +618,13 @@ impl<'a> Context<'a> {
                     name: name.to_owned(),
                     data: Value::Null,
                     timed_out: true,
+                    resumed_in,
                 });
+                if resumed_in.is_some() {
+                    // As in `sleep`: the wait's end is journaled at once when it began in an
+                    // earlier delivery.
+                    self.flush().await?;
+                }
                 return Err(StepError::TimedOut {
                     name: name.to_owned(),
                 });

@@ -17,8 +17,12 @@ pub enum StoreHealth {
     Failing {
         /// When the failures began.
         since: Timestamp,
-        /// The latest failure.
+        /// The failure that began it.
         error: String,
+        /// The latest failure (the same as `error` if only one came, or all alike).
+        latest: String,
+        /// How many failures the runtime's requests met since `since`.
+        failures: u64,
         /// What to do about it, if there is something to say (a full disk, say).
         hint: Option<String>,
     },
@@ -41,7 +45,14 @@ impl Health {
 struct Failing {
     since: Timestamp,
     began: Instant,
-    error: StoreError,
+    /// The failure that began it: the cause, usually (a full disk), where later ones may only
+    /// be its echoes (a store reopening after it).
+    first: StoreError,
+    /// The latest failure, and when it came.
+    last: StoreError,
+    last_at: Instant,
+    /// How many failures came since `began`.
+    count: u64,
 }
 
 /// What the runtime's requests met.
@@ -59,13 +70,21 @@ impl Observed {
         }
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *failing {
-            Some(f) => f.error = e.clone(),
+            Some(f) => {
+                f.last = e.clone();
+                f.last_at = Instant::now();
+                f.count += 1;
+            }
             None => {
                 tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "the store is failing; Loom retries, and `Runtime::health` shows it");
+                let now = Instant::now();
                 *failing = Some(Failing {
                     since: Timestamp::now(),
-                    began: Instant::now(),
-                    error: e.clone(),
+                    began: now,
+                    first: e.clone(),
+                    last: e.clone(),
+                    last_at: now,
+                    count: 1,
                 });
             }
         }
@@ -87,12 +106,15 @@ impl Observed {
         }
     }
 
-    /// How long the store has been failing, and its latest failure.
-    pub(crate) fn failing_for(&self) -> Option<(Duration, StoreError)> {
+    /// The failure that began it, if the store keeps failing: failures came at least `span`
+    /// apart with no success between (one failure, or a burst of them, is not enough: the
+    /// store may work again with nothing asked of it since).
+    pub(crate) fn keeps_failing(&self, span: Duration) -> Option<StoreError> {
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         failing
             .as_ref()
-            .map(|f| (f.began.elapsed(), f.error.clone()))
+            .filter(|f| f.count >= 2 && f.last_at.duration_since(f.began) >= span)
+            .map(|f| f.first.clone())
     }
 
     pub(crate) fn health(&self) -> Health {
@@ -102,8 +124,10 @@ impl Observed {
                 None => StoreHealth::Healthy,
                 Some(f) => StoreHealth::Failing {
                     since: f.since,
-                    error: f.error.to_string(),
-                    hint: f.error.hint().map(str::to_owned),
+                    error: f.first.to_string(),
+                    latest: f.last.to_string(),
+                    failures: f.count,
+                    hint: f.first.hint().or(f.last.hint()).map(str::to_owned),
                 },
             },
         }

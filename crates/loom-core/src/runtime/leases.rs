@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::StoreError;
 use crate::id::ActorId;
+use crate::runtime::health::Observed;
 use crate::store::{Lease, Store};
 use crate::time::Timestamp;
 
@@ -44,6 +45,8 @@ struct Held {
 pub(crate) struct Keeper {
     store: Arc<dyn Store>,
     ttl: Duration,
+    /// Renewals are writes: what they meet is the runtime's view of its store too.
+    health: Arc<Observed>,
     held: Mutex<HashMap<ActorId, Held>>,
     added: Notify,
 }
@@ -68,10 +71,11 @@ impl Drop for Kept {
 }
 
 impl Keeper {
-    pub(crate) fn new(store: Arc<dyn Store>, ttl: Duration) -> Arc<Self> {
+    pub(crate) fn new(store: Arc<dyn Store>, ttl: Duration, health: Arc<Observed>) -> Arc<Self> {
         Arc::new(Keeper {
             store,
             ttl,
+            health,
             held: Mutex::new(HashMap::new()),
             added: Notify::new(),
         })
@@ -154,6 +158,18 @@ impl Keeper {
         sent: Instant,
         outcome: Result<Vec<Result<Lease, StoreError>>, StoreError>,
     ) {
+        match &outcome {
+            Ok(r) if r.iter().any(Result::is_ok) => self.health.ok(),
+            Ok(r) => {
+                if let Some(Err(e)) = r
+                    .iter()
+                    .find(|r| r.as_ref().is_err_and(StoreError::is_transient))
+                {
+                    self.health.failed(e);
+                }
+            }
+            Err(e) => self.health.failed(e),
+        }
         let mut held = self.lock();
         let results: Vec<Result<Lease, StoreError>> = match outcome {
             Ok(r) if r.len() == asked.len() => r,

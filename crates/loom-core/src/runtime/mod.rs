@@ -187,7 +187,7 @@ pub(crate) struct Shared {
     wake: Notify,
     keeper: Arc<leases::Keeper>,
     /// What the runtime's requests met at the store.
-    health: health::Observed,
+    health: Arc<health::Observed>,
     /// The keeper's task: stopped by `kill`, after the drain by `shutdown`, and with the runtime.
     /// `stop_keeper` waits for it to be gone, so that once `shutdown` has drained everything
     /// (or `kill` has stopped everything) the runtime holds the store no more, and an embedded
@@ -326,8 +326,9 @@ async fn run<A: Actor>(
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,
             // The runtime gives up a message that ended too many deliveries without a word
-            // (`cell.rs`); the store's own limit is a net below that, for a runtime that could
-            // not even do that.
+            // (`cell.rs`); the store's own limit is a net below that, for a message the runtime
+            // never sees (a frame that does not decode). `Cell::lease_options` lifts it for the
+            // message of a durable wait in progress.
             max_deliveries: cell::give_up_after(shared.config.retry.max_attempts) + 2,
         },
         store: shared.store.clone(),
@@ -431,7 +432,7 @@ async fn serve<A: Actor>(
         }
         let next = match leased.take() {
             Some(d) => Ok(Some(d)),
-            None => io.store.lease(id, io.lease_options).await,
+            None => io.store.lease(id, cell.lease_options(io)).await,
         };
         match next {
             Ok(Some(d)) => {
@@ -494,10 +495,9 @@ async fn dispatch(shared: Arc<Shared>) {
                     shared.ensure_active(&id).await;
                 }
             }
-            Err(e) => {
-                shared.health.failed(&e);
-                tracing::warn!(error = %e, "could not look for ready actors")
-            }
+            // Not noted in `health`: a read that failed once says little of the store (a
+            // connection dropped), and what the runtime writes says the rest.
+            Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -609,7 +609,8 @@ impl RuntimeBuilder {
             StoreChoice::Memory => Arc::new(EmbeddedStore::in_memory()?),
             StoreChoice::Given(s) => s,
         };
-        let keeper = leases::Keeper::new(store.clone(), self.config.lease_ttl);
+        let health = Arc::new(health::Observed::default());
+        let keeper = leases::Keeper::new(store.clone(), self.config.lease_ttl, health.clone());
         let keeper_task =
             tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper.clone().run()));
         let shared = Arc::new(Shared {
@@ -618,7 +619,7 @@ impl RuntimeBuilder {
             store,
             config: Arc::new(self.config),
             hub: Arc::new(Hub::default()),
-            health: health::Observed::default(),
+            health,
             hosted: kinds.keys().copied().collect(),
             kinds,
             active: Mutex::new(Actives::default()),
@@ -698,8 +699,9 @@ impl Runtime {
         Ok(was)
     }
 
-    /// How the runtime's store is doing: [`StoreHealth::Failing`] (since when, the latest
-    /// error, what to do) from the first failed request until a write succeeds again. A store
+    /// How the runtime's store is doing: [`StoreHealth::Failing`] (since when, the failure
+    /// that began it, the latest, what to do) from the first failed write, lease renewal or
+    /// mailbox read until a write or renewal succeeds again. A store
     /// failure is also logged once, with the same hint, when it begins.
     ///
     /// ```

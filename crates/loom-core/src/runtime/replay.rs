@@ -52,6 +52,22 @@ impl Unfinished {
             Some([EntryKind::TimerStarted { .. }] | [EntryKind::EventAwaited { .. }])
         )
     }
+
+    /// The delivery from which deliveries count against the message: the latest that saw a
+    /// durable wait of this invocation end after a restart (`resumed_in`), or 0. Those before
+    /// it only waited.
+    pub(crate) fn counted_from(&self) -> u32 {
+        self.steps
+            .values()
+            .flatten()
+            .filter_map(|k| match k {
+                EntryKind::TimerFired { resumed_in, .. }
+                | EntryKind::EventReceived { resumed_in, .. } => *resumed_in,
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Why an actor could not be recovered.
@@ -343,7 +359,7 @@ fn step_of(kind: &EntryKind) -> Option<Step> {
         | EntryKind::MessageSent { step, .. }
         | EntryKind::ChildSpawned { step, .. }
         | EntryKind::TimerStarted { step, .. }
-        | EntryKind::TimerFired { step }
+        | EntryKind::TimerFired { step, .. }
         | EntryKind::EventAwaited { step, .. }
         | EntryKind::EventReceived { step, .. } => Some(*step),
         _ => None,

@@ -202,7 +202,10 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             step: 5,
             fire_at: Timestamp::from_millis(1_800_000_000_123),
         },
-        EntryKind::TimerFired { step: 5 },
+        EntryKind::TimerFired {
+            step: 5,
+            resumed_in: Some(3),
+        },
         EntryKind::EventAwaited {
             step: 6,
             name: "approved".into(),
@@ -213,6 +216,7 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             name: "approved".into(),
             data: json!({"by": "ops"}),
             timed_out: false,
+            resumed_in: None,
         },
         EntryKind::EventAwaited {
             step: 7,
@@ -224,6 +228,7 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             name: "paid".into(),
             data: json!(null),
             timed_out: true,
+            resumed_in: Some(2),
         },
         EntryKind::Completed { reply: json!(42) },
         EntryKind::Failed {

@@ -18,6 +18,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         idempotency_key_is_held_while_its_message_waits,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
+        deliveries_after_a_durable_sleep_ends_count_again,
         messages_of_a_kind_no_node_hosts_wait_for_its_host,
         parked_actor_stays_parked_across_restarts_until_unparked,
         the_same_event_delivered_twice_is_received_once,
@@ -419,9 +420,10 @@ async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
             == 1
     })
     .await;
-    // Six restarts, each after the message came back to a new runtime (its lease and its
-    // visibility ran out): more than give-up's five.
-    for _ in 0..6 {
+    // Eight restarts, each after the message came back to a new runtime (its lease and its
+    // visibility ran out): more than give-up's five, and more than the store's own delivery
+    // limit below it (seven), which the runtime lifts for a message in a durable wait.
+    for _ in 0..8 {
         rt.kill().await;
         rt = h.runtime().await;
         tokio::time::sleep(Duration::from_millis(1600)).await;
@@ -435,6 +437,43 @@ async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
     assert_eq!(
         replies(h, &w).await,
         vec![serde_json::json!(["event go: at last"])]
+    );
+    rt.shutdown().await;
+}
+
+/// A handler that stops its process after a durable sleep ends, every time: the deliveries
+/// after the sleep's end count again (the one that saw it end, journaled at once, and those
+/// after it), so the message is given up like any other instead of being redelivered forever
+/// as one still sleeping.
+async fn deliveries_after_a_durable_sleep_ends_count_again(h: &Harness) {
+    let w = worker("w");
+    let mut rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .send(vec![Step::Sleep { ms: 200 }, Step::Gate])
+        .await
+        .unwrap();
+    // The delivery that slept, the one that resumed past the sleep (exempt: the sleep's end
+    // was not journaled yet), then five counted ones: the sixth is given up before it runs.
+    for _ in 0..6 {
+        reached(h).await;
+        rt.kill().await;
+        rt = h.runtime().await;
+    }
+    one_dead_letter(h).await;
+    let reason = h.store.dead_letters(None, 10).await.unwrap()[0]
+        .reason
+        .clone();
+    assert!(reason.contains("gave up after 5 deliveries"), "{reason}");
+    assert_eq!(
+        h.count(&w, |k| matches!(
+            k,
+            EntryKind::TimerFired {
+                resumed_in: Some(1),
+                ..
+            }
+        ))
+        .await,
+        1
     );
     rt.shutdown().await;
 }
