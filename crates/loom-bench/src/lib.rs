@@ -7,9 +7,12 @@
 //!   `loom bench bank` and the torture harness;
 //! - [`scenarios`]: `append-seq`, `append-concurrent`, `recover`, `bank`;
 //! - [`baseline`]: the physical limits they are compared with (a raw write + fdatasync loop);
+//! - [`engines`]: the engine bake-off (redb with a redo log against fjall, one bank turn's
+//!   writes straight on each engine);
 //! - [`report`]: one [`report::Measurement`] per scenario, as a table or JSON.
 
 pub mod bank;
 pub mod baseline;
+pub mod engines;
 pub mod report;
 pub mod scenarios;

@@ -133,3 +133,136 @@ pub fn table(ms: &[Measurement]) -> String {
     }
     out
 }
+
+/// Min, median and max of one scenario's runs (`loom bench --repeat N`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub summary: String,
+    /// How many runs.
+    pub runs: usize,
+    /// Operations per second: min, median, max.
+    pub ops_per_s: [f64; 3],
+    /// Ratio to the same-run baseline: min, median, max.
+    pub ratio: [f64; 3],
+    /// 99th percentile latency in ms: min, median, max.
+    pub p99_ms: [f64; 3],
+    /// CPU ms per 1000 operations where the scenario measures it: min, median, max.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ms_per_1000: Option<[f64; 3]>,
+}
+
+/// Min, median (the lower middle of an even count) and max.
+pub fn spread(values: &mut [f64]) -> [f64; 3] {
+    if values.is_empty() {
+        return [0.0; 3];
+    }
+    values.sort_by(f64::total_cmp);
+    [
+        values[0],
+        values[(values.len() - 1) / 2],
+        values[values.len() - 1],
+    ]
+}
+
+/// One [`Summary`] per scenario, in the order scenarios first appear in `ms`.
+pub fn summaries(ms: &[Measurement]) -> Vec<Summary> {
+    let mut names: Vec<&str> = Vec::new();
+    for m in ms {
+        if !names.contains(&m.scenario.as_str()) {
+            names.push(&m.scenario);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let runs: Vec<&Measurement> = ms.iter().filter(|m| m.scenario == name).collect();
+            let of = |f: &dyn Fn(&Measurement) -> f64| {
+                spread(&mut runs.iter().map(|m| f(m)).collect::<Vec<_>>())
+            };
+            let cpu: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.details.get("cpu_ms_per_1000_turns")?.as_f64())
+                .collect();
+            Summary {
+                summary: name.to_owned(),
+                runs: runs.len(),
+                ops_per_s: of(&|m| m.ops_per_s),
+                ratio: of(&|m| m.ratio),
+                p99_ms: of(&|m| m.p99_ms),
+                cpu_ms_per_1000: (cpu.len() == runs.len()).then(|| spread(&mut cpu.clone())),
+            }
+        })
+        .collect()
+}
+
+/// Renders summaries as an aligned table: `min / median / max` in each cell.
+pub fn summary_table(ss: &[Summary]) -> String {
+    let three = |v: [f64; 3], digits: usize| {
+        format!("{:.d$} / {:.d$} / {:.d$}", v[0], v[1], v[2], d = digits)
+    };
+    let mut rows = vec![[
+        "SCENARIO".to_owned(),
+        "RUNS".to_owned(),
+        "OPS/S MIN / MEDIAN / MAX".to_owned(),
+        "RATIO".to_owned(),
+        "P99 MS".to_owned(),
+        "CPU MS/1000".to_owned(),
+    ]];
+    for s in ss {
+        rows.push([
+            s.summary.clone(),
+            s.runs.to_string(),
+            three(s.ops_per_s, 0),
+            three(s.ratio, 2),
+            three(s.p99_ms, 2),
+            s.cpu_ms_per_1000.map(|c| three(c, 0)).unwrap_or_default(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c == 0 {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_min_median_max() {
+        assert_eq!(spread(&mut [3.0, 1.0, 2.0]), [1.0, 2.0, 3.0]);
+        assert_eq!(spread(&mut [4.0, 1.0, 3.0, 2.0]), [1.0, 2.0, 4.0]);
+        assert_eq!(spread(&mut []), [0.0; 3]);
+    }
+
+    #[test]
+    fn summaries_group_runs_by_scenario_in_order() {
+        let m = |name: &str, ops: f64| Measurement::new(name, "s", ops, 10.0, &mut []);
+        let ms = [m("b", 1.0), m("a", 5.0), m("b", 3.0), m("b", 2.0)];
+        let ss = summaries(&ms);
+        assert_eq!(ss.len(), 2);
+        assert_eq!((ss[0].summary.as_str(), ss[0].runs), ("b", 3));
+        assert_eq!(ss[0].ops_per_s, [1.0, 2.0, 3.0]);
+        assert_eq!(ss[0].ratio, [0.1, 0.2, 0.3]);
+        assert_eq!(ss[1].ops_per_s, [5.0; 3]);
+        assert!(ss[0].cpu_ms_per_1000.is_none());
+        assert!(summary_table(&ss).contains("1 / 2 / 3"));
+    }
+}

@@ -47,25 +47,47 @@ fn bench_actor(scenario: &str, n: usize) -> ActorId {
         .expect("bench ids are valid")
 }
 
-/// `append-seq`: one actor, `n` awaited appends one after another, against a raw write +
-/// fdatasync per record on a file in `dir` (and, with `baselines.engine`, against the storage
-/// engine doing the same writes, see [`crate::baseline::redb_engine`]).
+/// How long a scenario runs: a number of operations, or until a measured time has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Length {
+    /// This many operations (per actor, where there are several).
+    Count(usize),
+    /// Until this much time has passed (each actor finishes the operation it is in).
+    Time(Duration),
+}
+
+impl Length {
+    /// Whether operation `done + 1`, started at `now`, is still part of the run.
+    fn goes_on(self, done: usize, start: Instant) -> bool {
+        match self {
+            Length::Count(n) => done < n,
+            Length::Time(t) => start.elapsed() < t,
+        }
+    }
+}
+
+/// `append-seq`: one actor, awaited appends one after another for `length`, against a raw
+/// write + fdatasync per record on a file in `dir` (and, with `baselines.engine`, against the
+/// storage engine doing the same writes, see [`crate::baseline::redb_engine`]).
 pub async fn append_seq(
     store: Arc<dyn Store>,
     label: &str,
     baselines: &Baselines,
-    n: usize,
+    length: Length,
     payload: usize,
 ) -> Result<Measurement, BenchError> {
     let id = bench_actor("seq", 0);
-    let mut latencies = Vec::with_capacity(n);
+    let mut latencies = Vec::new();
     let start = Instant::now();
-    for seq in 1..=n as u64 {
+    while length.goes_on(latencies.len(), start) {
+        let seq = latencies.len() as u64 + 1;
         let t = Instant::now();
         store.append(&id, seq, &[entry(seq, payload)]).await?;
         latencies.push(t.elapsed());
     }
-    let ops = n as f64 / start.elapsed().as_secs_f64();
+    let n = latencies.len();
+    let seconds = start.elapsed().as_secs_f64();
+    let ops = n as f64 / seconds;
     let size = codec::encode_entry(&entry(1, payload))
         .map_err(|e| BenchError::Other(e.to_string()))?
         .len();
@@ -76,6 +98,7 @@ pub async fn append_seq(
     let m = Measurement::new("append-seq", label, ops, baseline, &mut latencies)
         .with("unit", "appends")
         .with("appends", n)
+        .with("seconds", seconds)
         .with("entry_bytes", size);
     with_engine(m, baselines.engine.as_ref(), ops, size, 1, rounds).await
 }
@@ -104,7 +127,7 @@ async fn with_engine(
         ))
 }
 
-/// `append-concurrent`: `actors` actors each appending `per_actor` entries, one after another,
+/// `append-concurrent`: `actors` actors each appending entries one after another for `length`,
 /// all at once; against the raw fsync loop with the same batch size the store achieved (its
 /// average group-commit batch), or one record per fsync when the store does not say.
 pub async fn append_concurrent(
@@ -112,7 +135,7 @@ pub async fn append_concurrent(
     label: &str,
     baselines: &Baselines,
     actors: usize,
-    per_actor: usize,
+    length: Length,
     payload: usize,
     stats: Stats,
 ) -> Result<Measurement, BenchError> {
@@ -123,8 +146,9 @@ pub async fn append_concurrent(
         let store = store.clone();
         let id = bench_actor("conc", n);
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(per_actor);
-            for seq in 1..=per_actor as u64 {
+            let mut latencies = Vec::new();
+            while length.goes_on(latencies.len(), start) {
+                let seq = latencies.len() as u64 + 1;
                 let t = Instant::now();
                 store.append(&id, seq, &[entry(seq, payload)]).await?;
                 latencies.push(t.elapsed());
@@ -132,12 +156,13 @@ pub async fn append_concurrent(
             Ok::<_, StoreError>(latencies)
         }));
     }
-    let mut latencies = Vec::with_capacity(actors * per_actor);
+    let mut latencies = Vec::new();
     for t in tasks {
         latencies.extend(t.await.map_err(|e| BenchError::Other(e.to_string()))??);
     }
-    let total = actors * per_actor;
-    let ops = total as f64 / start.elapsed().as_secs_f64();
+    let total = latencies.len();
+    let seconds = start.elapsed().as_secs_f64();
+    let ops = total as f64 / seconds;
     let batch = match (before, stats.as_ref().map(|s| s())) {
         (Some((c0, r0)), Some((c1, r1))) if c1 > c0 => {
             ((r1 - r0) as f64 / (c1 - c0) as f64).round().max(1.0) as usize
@@ -156,6 +181,7 @@ pub async fn append_concurrent(
         .with("unit", "appends")
         .with("actors", actors)
         .with("appends", total)
+        .with("seconds", seconds)
         .with("entry_bytes", size)
         .with("avg_batch", batch);
     with_engine(m, baselines.engine.as_ref(), ops, size, batch, rounds).await

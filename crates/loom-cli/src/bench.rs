@@ -8,8 +8,10 @@ use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use loom_bench::bank::Bank;
 use loom_bench::baseline::{Baseline, Baselines, fsync};
-use loom_bench::report::{Measurement, peak_rss_mb, percentile_ms, table};
-use loom_bench::scenarios::{self, Counter, Stats};
+use loom_bench::report::{
+    Measurement, peak_rss_mb, percentile_ms, summaries, summary_table, table,
+};
+use loom_bench::scenarios::{self, Counter, Length, Stats};
 use loom_core::runtime::Runtime;
 use loom_core::{ActorId, SeqRange};
 use serde_json::json;
@@ -30,6 +32,10 @@ pub enum Scenario {
     Bank,
     /// Every scenario above.
     All,
+    /// The engine bake-off: one partitioned bank turn's writes straight on redb with a redo log
+    /// and on fjall, per partition count, against raw fdatasync (not part of `all`: it measures
+    /// engines, not the store under test).
+    Engines,
 }
 
 /// Settings from the command line.
@@ -39,6 +45,12 @@ pub struct Settings {
     pub entries: Option<u64>,
     pub payload: usize,
     pub json: bool,
+    /// Measured time of the append scenarios when no count is given, and of each engine run.
+    pub seconds: f64,
+    /// Runs of the whole selection; with more than one, a min/median/max table follows.
+    pub repeat: usize,
+    /// Partition counts of the engine bake-off.
+    pub partitions: Vec<usize>,
 }
 
 /// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
@@ -160,52 +172,88 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         },
     };
     let all = scenario == Scenario::All;
+    if s.repeat == 0 || !s.seconds.is_finite() || s.seconds <= 0.0 || s.seconds > 86_400.0 {
+        return Err(Failure(
+            "--repeat must be above 0 and --seconds from above 0 to 86400".into(),
+        ));
+    }
+    let seconds = Duration::from_secs_f64(s.seconds);
+    if s.partitions.iter().any(|&p| p == 0 || p > 64) {
+        return Err(Failure("--partitions takes counts from 1 to 64".into()));
+    }
     let mut results = Vec::new();
     let outcome = async {
-        if all || scenario == Scenario::AppendSeq {
-            let opened = open_or_create(&url).await?;
-            let n = s.entries.unwrap_or(2000) as usize;
-            results.push(
-                scenarios::append_seq(opened.store.clone(), &label, &baselines, n, s.payload)
+        for _ in 0..s.repeat {
+            if all || scenario == Scenario::AppendSeq {
+                let opened = open_or_create(&url).await?;
+                let length = s
+                    .entries
+                    .map_or(Length::Time(seconds), |n| Length::Count(n as usize));
+                results.push(
+                    scenarios::append_seq(
+                        opened.store.clone(),
+                        &label,
+                        &baselines,
+                        length,
+                        s.payload,
+                    )
                     .await?,
-            );
-        }
-        if all || scenario == Scenario::AppendConcurrent {
-            let opened = open_or_create(&url).await?;
-            let actors = s.actors.unwrap_or(1000);
-            let per_actor = s.entries.unwrap_or(20) as usize;
-            results.push(
-                scenarios::append_concurrent(
-                    opened.store.clone(),
-                    &label,
-                    &baselines,
-                    actors,
-                    per_actor,
-                    s.payload,
-                    stats(&opened),
-                )
-                .await?,
-            );
-        }
-        if all || scenario == Scenario::Recover {
-            results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
-        }
-        if all || scenario == Scenario::Bank {
-            let opened = open_or_create(&url).await?;
-            let cfg = Bank {
-                accounts: s.actors.unwrap_or(100) as u32,
-                transfers: s.entries.unwrap_or(10_000) as u32,
-                concurrency: 512,
-                seed: u64::from(fastrand::u32(..)),
-                first: fastrand::u32(..1_000_000) * 1000,
-                ..Bank::default()
-            };
-            let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
-                .configure(|c| c.ask_timeout = Duration::from_secs(600))
-                .start()
-                .await?;
-            results.extend(scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?);
-            rt.shutdown().await;
+                );
+            }
+            if all || scenario == Scenario::AppendConcurrent {
+                let opened = open_or_create(&url).await?;
+                let actors = s.actors.unwrap_or(1000);
+                let length = s
+                    .entries
+                    .map_or(Length::Time(seconds), |n| Length::Count(n as usize));
+                results.push(
+                    scenarios::append_concurrent(
+                        opened.store.clone(),
+                        &label,
+                        &baselines,
+                        actors,
+                        length,
+                        s.payload,
+                        stats(&opened),
+                    )
+                    .await?,
+                );
+            }
+            if all || scenario == Scenario::Recover {
+                results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
+            }
+            if all || scenario == Scenario::Bank {
+                let opened = open_or_create(&url).await?;
+                let cfg = Bank {
+                    accounts: s.actors.unwrap_or(100) as u32,
+                    transfers: s.entries.unwrap_or(10_000) as u32,
+                    concurrency: 512,
+                    seed: u64::from(fastrand::u32(..)),
+                    first: fastrand::u32(..1_000_000) * 1000,
+                    ..Bank::default()
+                };
+                let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
+                    .configure(|c| c.ask_timeout = Duration::from_secs(600))
+                    .start()
+                    .await?;
+                results.extend(scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?);
+                rt.shutdown().await;
+            }
+            if scenario == Scenario::Engines {
+                // On the store's disk when it has one, else in the scratch directory.
+                let dir = match &url {
+                    StoreUrl::Embedded(dir) => dir.clone(),
+                    _ => tmp.path().to_path_buf(),
+                };
+                let partitions = s.partitions.clone();
+                let ms = tokio::task::spawn_blocking(move || {
+                    loom_bench::engines::bakeoff(&dir, &partitions, seconds)
+                })
+                .await
+                .map_err(|e| Failure(format!("the bake-off stopped: {e}")))?
+                .map_err(|e| Failure(e.to_string()))?;
+                results.extend(ms);
+            }
         }
         Ok::<_, Failure>(())
     }
@@ -214,12 +262,20 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         open_or_create(&url).await?.destroy_namespace().await?;
     }
     outcome?;
+    let summary = (s.repeat > 1).then(|| summaries(&results));
     if s.json {
         for m in &results {
             out(serde_json::to_string(m)?)?;
         }
+        for m in summary.iter().flatten() {
+            out(serde_json::to_string(m)?)?;
+        }
     } else {
         out(table(&results).trim_end())?;
+        if let Some(summary) = summary {
+            out("")?;
+            out(summary_table(&summary).trim_end())?;
+        }
     }
     Ok(())
 }

@@ -130,6 +130,17 @@ enum Command {
         /// One JSON object per scenario instead of a table.
         #[arg(long)]
         json: bool,
+        /// Seconds of measured time for the append scenarios (when --entries is not given)
+        /// and for each engine of the bake-off.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Runs of the selected scenarios, one after another; with more than one, a table of
+        /// min / median / max per scenario follows.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Partition counts the engine bake-off measures.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        partitions: Vec<usize>,
     },
     /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
     /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
@@ -394,6 +405,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             entries,
             payload,
             json,
+            seconds,
+            repeat,
+            partitions,
         } => {
             let settings = bench::Settings {
                 store,
@@ -401,6 +415,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 entries,
                 payload,
                 json,
+                seconds,
+                repeat,
+                partitions,
             };
             bench::run(scenario, settings).await
         }

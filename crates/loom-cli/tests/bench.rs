@@ -130,3 +130,87 @@ fn bad_scenarios_and_unreachable_stores_fail_clearly() {
     assert!(!ok, "{out}");
     assert!(err.to_lowercase().contains("redis"), "{err}");
 }
+
+fn json_lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// The engine bake-off through the real binary: each engine on each partition count, twice,
+/// with its raw baseline, its CPU per 1000 turns, and a min / median / max summary per engine.
+#[test]
+fn the_engine_bakeoff_reports_each_engine_per_partition_count_with_a_summary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store");
+    let store = store.to_str().expect("utf-8 path");
+    let (ok, out, err) = loom(&[
+        "bench",
+        "engines",
+        "--store",
+        store,
+        "--seconds",
+        "0.3",
+        "--partitions",
+        "1,2",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "loom bench engines failed: {err}");
+    let lines = json_lines(&out);
+    let runs: Vec<&Value> = lines.iter().filter(|l| l["scenario"].is_string()).collect();
+    let summaries: Vec<&Value> = lines.iter().filter(|l| l["summary"].is_string()).collect();
+    let names: BTreeSet<&str> = runs
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<&str> = [
+        "engine-redb+redo-p1",
+        "engine-fjall-p1",
+        "engine-redb+redo-p2",
+        "engine-fjall-p2",
+    ]
+    .into();
+    assert_eq!(names, expected, "{out}");
+    assert_eq!(runs.len(), 8, "{out}");
+    for r in &runs {
+        assert!(r["ops_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["baseline_ops_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["cpu_ms_per_1000_turns"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["disk_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(summaries.len(), 4, "{out}");
+    for s in &summaries {
+        assert_eq!(s["runs"], 2, "{s}");
+        let ops: Vec<f64> = s["ops_per_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(ops[0] <= ops[1] && ops[1] <= ops[2], "{s}");
+        assert!(s["cpu_ms_per_1000"].is_array(), "{s}");
+    }
+    // The bake-off's directories and files are gone; the store directory is left as it was.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("store"))
+        .expect("store dir")
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with("bakeoff"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Without `--entries`, the append scenarios run for `--seconds` of measured time.
+#[test]
+fn append_scenarios_run_for_the_measured_time_asked() {
+    let (ok, out, err) = loom(&["bench", "append-seq", "--seconds", "0.5", "--json"]);
+    assert!(ok, "{err}");
+    let r = &json_lines(&out)[0];
+    let seconds = r["seconds"].as_f64().expect("seconds");
+    assert!(seconds >= 0.5, "{r}");
+    assert!(r["appends"].as_u64().unwrap() > 1, "{r}");
+    let (ok, _, err) = loom(&["bench", "engines", "--partitions", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--partitions"), "{err}");
+}
