@@ -1,6 +1,7 @@
 //! The store traits on PostgreSQL: each operation is one function call or one query (see
 //! `schema.sql`).
 
+use loom_core::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,24 +40,6 @@ pub(crate) fn unexpected(what: impl Into<String>) -> StoreError {
 #[error("unexpected reply from PostgreSQL: {0}")]
 struct Unexpected(String);
 
-fn check_ttl(what: &str, d: Duration) -> StoreResult<()> {
-    if d.is_zero() {
-        return Err(StoreError::InvalidRequest(format!(
-            "{what} must be positive"
-        )));
-    }
-    Ok(())
-}
-
-fn check_lease_options(opts: &LeaseOptions) -> StoreResult<()> {
-    if opts.max_deliveries == 0 {
-        return Err(StoreError::InvalidRequest(
-            "max_deliveries must be at least 1".into(),
-        ));
-    }
-    check_ttl("visibility timeout", opts.visibility)
-}
-
 fn parse_actor(s: &str, what: &str) -> StoreResult<ActorId> {
     s.parse().map_err(|e: loom_core::IdError| {
         StoreError::corrupt(what.to_owned(), CodecError::Body(e.to_string()))
@@ -70,25 +53,13 @@ fn delivery(
     deliveries: i32,
     last_error: Option<String>,
 ) -> StoreResult<Delivery> {
-    let mut envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
-        StoreError::corrupt(
-            format!("message at position {position} of {actor}'s mailbox"),
-            e,
-        )
-    })?;
-    let deliveries = u32::try_from(deliveries).unwrap_or(0);
-    envelope.attempt = deliveries.saturating_sub(1);
-    let receipt = Receipt {
-        actor: actor.clone(),
-        position: position as u64,
-        message_id: envelope.id,
-        delivery: deliveries,
-    };
-    Ok(Delivery {
-        envelope,
-        receipt,
+    Delivery::from_frame(
+        actor.clone(),
+        &frame,
+        position as u64,
+        i64::from(deliveries),
         last_error,
-    })
+    )
 }
 
 /// Reads the (status, value) of a function that saves a snapshot: the value of `ok`, or why it
@@ -425,7 +396,7 @@ impl Mailbox for PostgresStore {
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
-        check_lease_options(&opts)?;
+        opts.validate()?;
         let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3)"))
             .bind(actor.as_str())
             .bind(ms(opts.visibility))
@@ -844,7 +815,7 @@ impl Store for PostgresStore {
         turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
         if let Some(opts) = &turn.next {
-            check_lease_options(opts)?;
+            opts.validate()?;
         }
         let mut out_actors = Vec::with_capacity(turn.send.len());
         let mut out_ids = Vec::with_capacity(turn.send.len());

@@ -1,5 +1,6 @@
 //! The store traits on Redis. Each operation is one script or one read command; see `loom.lua`.
 
+use loom_core::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -60,24 +61,6 @@ fn ttl(d: Duration) -> Vec<u8> {
 
 fn s(v: impl ToString) -> Vec<u8> {
     v.to_string().into_bytes()
-}
-
-fn check_ttl(what: &str, d: Duration) -> StoreResult<()> {
-    if d.is_zero() {
-        return Err(StoreError::InvalidRequest(format!(
-            "{what} must be positive"
-        )));
-    }
-    Ok(())
-}
-
-fn check_lease_options(opts: &LeaseOptions) -> StoreResult<()> {
-    if opts.max_deliveries == 0 {
-        return Err(StoreError::InvalidRequest(
-            "max_deliveries must be at least 1".into(),
-        ));
-    }
-    check_ttl("visibility timeout", opts.visibility)
 }
 
 /// A stream entry's id and its fields.
@@ -244,26 +227,14 @@ fn snapshot_reply(actor: &ActorId, seq: Seq, r: &[Value], script: &str) -> Store
 fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
     let frame = bytes(r.first()).ok_or_else(|| unexpected("lease reply without a frame"))?;
     let position = number(r.get(1), "position")?;
-    let deliveries = u32::try_from(number(r.get(2), "deliveries")?).unwrap_or(u32::MAX);
-    let last_error = text(r.get(3));
-    let mut envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
-        StoreError::corrupt(
-            format!("message at position {position} of {actor}'s mailbox"),
-            e,
-        )
-    })?;
-    envelope.attempt = deliveries.saturating_sub(1);
-    let receipt = Receipt {
-        actor: actor.clone(),
+    let deliveries = number(r.get(2), "deliveries")?;
+    Delivery::from_frame(
+        actor.clone(),
+        &frame,
         position,
-        message_id: envelope.id,
-        delivery: deliveries,
-    };
-    Ok(Delivery {
-        envelope,
-        receipt,
-        last_error,
-    })
+        i64::try_from(deliveries).unwrap_or(i64::MAX),
+        text(r.get(3)),
+    )
 }
 
 #[async_trait]
@@ -512,7 +483,7 @@ impl Mailbox for RedisStore {
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
-        check_lease_options(&opts)?;
+        opts.validate()?;
         let mut keys = Vec::new();
         let keys: Vec<&str> = self
             .mailbox_keys(actor, &mut keys)
@@ -1083,7 +1054,7 @@ impl Store for RedisStore {
         turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
         if let Some(opts) = &turn.next {
-            check_lease_options(opts)?;
+            opts.validate()?;
         }
         let mut out_frames = Vec::with_capacity(turn.send.len());
         for o in turn.send {

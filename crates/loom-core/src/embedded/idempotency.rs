@@ -1,5 +1,6 @@
 //! [`IdempotencyStore`] on redb.
 
+use crate::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -140,15 +141,6 @@ pub(super) fn hold(tx: &mut Tx<'_>, actor: &ActorId, key: &IdempotencyKey) -> St
     set(records, expiry, actor, key, old.as_ref(), Some(&row))
 }
 
-pub(super) fn check_ttl(ttl: Duration) -> StoreResult<()> {
-    if ttl.is_zero() {
-        return Err(StoreError::InvalidRequest(
-            "idempotency ttl must be positive".into(),
-        ));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl IdempotencyStore for EmbeddedStore {
     async fn reserve(
@@ -157,7 +149,7 @@ impl IdempotencyStore for EmbeddedStore {
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Reservation> {
-        check_ttl(ttl)?;
+        check_ttl("idempotency ttl", ttl)?;
         let (actor, key) = (actor.clone(), key.clone());
         self.write(move |tx| {
             Ok(reserve(tx, &actor, &key, Some(ttl))?.unwrap_or(Reservation::Reserved))
@@ -172,7 +164,7 @@ impl IdempotencyStore for EmbeddedStore {
         result: &Value,
         ttl: Duration,
     ) -> StoreResult<()> {
-        check_ttl(ttl)?;
+        check_ttl("idempotency ttl", ttl)?;
         prepare_result(actor, key, result)?;
         let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
         self.write(move |tx| {

@@ -1,5 +1,6 @@
 //! [`LeaseManager`] on redb.
 
+use crate::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -63,15 +64,6 @@ pub(super) fn check_fence(tx: &mut Tx<'_>, fence: &Lease) -> StoreResult<()> {
     Ok(())
 }
 
-fn check_ttl(ttl: Duration) -> StoreResult<()> {
-    if ttl.is_zero() {
-        return Err(StoreError::InvalidRequest(
-            "lease ttl must be positive".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// Extends `lease` to `now + ttl` if it is still the actor's live lease; writes nothing if not.
 fn renew_in(tx: &mut Tx<'_>, lease: Lease, ttl: Duration, now: Timestamp) -> StoreResult<Lease> {
     let row = get(&**tx.leases.get()?, &lease.actor)?;
@@ -98,7 +90,7 @@ fn renew_in(tx: &mut Tx<'_>, lease: Lease, ttl: Duration, now: Timestamp) -> Sto
 impl LeaseManager for EmbeddedStore {
     async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
         check_owner(owner)?;
-        check_ttl(ttl)?;
+        check_ttl("lease ttl", ttl)?;
         let (actor, owner) = (actor.clone(), owner.to_owned());
         self.write(move |tx| {
             let now = Timestamp::now();
@@ -130,7 +122,7 @@ impl LeaseManager for EmbeddedStore {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
-        check_ttl(ttl)?;
+        check_ttl("lease ttl", ttl)?;
         let lease = lease.clone();
         self.write(move |tx| renew_in(tx, lease, ttl, Timestamp::now()))
             .await
@@ -141,7 +133,7 @@ impl LeaseManager for EmbeddedStore {
         leases: &[Lease],
         ttl: Duration,
     ) -> StoreResult<Vec<StoreResult<Lease>>> {
-        check_ttl(ttl)?;
+        check_ttl("lease ttl", ttl)?;
         let leases = leases.to_vec();
         // One write transaction for all of them. A lease that is lost (or whose row does not
         // decode) is its own slot's error and wrote nothing, so the others still commit; a

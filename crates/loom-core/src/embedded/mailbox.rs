@@ -4,6 +4,7 @@
 //! or waiting out a nack delay. While it exists nothing else is handed out, which keeps per-actor
 //! order across retries. The others wait in `QUEUE`, ordered by due time then position.
 
+use crate::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -438,28 +439,13 @@ pub(super) struct Leased {
 impl Leased {
     /// Decodes the envelope and builds the delivery.
     pub(super) fn finish(self) -> StoreResult<Delivery> {
-        let mut envelope: Envelope =
-            codec::decode(RecordType::Message, &self.bytes).map_err(|e| {
-                StoreError::corrupt(
-                    format!(
-                        "message at position {} of {}'s mailbox",
-                        self.position, self.actor
-                    ),
-                    e,
-                )
-            })?;
-        envelope.attempt = self.deliveries - 1;
-        let receipt = Receipt {
-            actor: self.actor,
-            position: self.position,
-            message_id: envelope.id,
-            delivery: self.deliveries,
-        };
-        Ok(Delivery {
-            envelope,
-            receipt,
-            last_error: self.last_error,
-        })
+        Delivery::from_frame(
+            self.actor,
+            &self.bytes,
+            self.position,
+            i64::from(self.deliveries),
+            self.last_error,
+        )
     }
 }
 
@@ -597,20 +583,6 @@ pub(super) fn lease(
     }
 }
 
-pub(super) fn check_options(opts: &LeaseOptions) -> StoreResult<()> {
-    if opts.max_deliveries == 0 {
-        return Err(StoreError::InvalidRequest(
-            "max_deliveries must be at least 1".into(),
-        ));
-    }
-    if opts.visibility.is_zero() {
-        return Err(StoreError::InvalidRequest(
-            "visibility timeout must be positive".into(),
-        ));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Mailbox for EmbeddedStore {
     async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
@@ -625,7 +597,7 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
-        check_options(&opts)?;
+        opts.validate()?;
         let a = actor.clone();
         if !self.read(move |txn| leasable(txn, &a)).await? {
             return Ok(None);
@@ -653,11 +625,7 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
-        if visibility.is_zero() {
-            return Err(StoreError::InvalidRequest(
-                "visibility timeout must be positive".into(),
-            ));
-        }
+        check_ttl("visibility timeout", visibility)?;
         let receipt = receipt.clone();
         self.write(move |tx| {
             let t = tx.mailbox.get()?;

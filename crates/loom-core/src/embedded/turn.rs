@@ -1,5 +1,6 @@
 //! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
 
+use crate::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,7 +24,7 @@ impl Store for EmbeddedStore {
         // Everything that can be checked without the store is checked here, before queueing.
         turn.check()?;
         if let Some(opts) = &turn.next {
-            mailbox::check_options(opts)?;
+            opts.validate()?;
         }
         let next = turn.next;
         let entries = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
@@ -34,7 +35,7 @@ impl Store for EmbeddedStore {
             .collect::<StoreResult<_>>()?;
         if let Some(r) = &turn.record {
             prepare_result(r.actor, r.key, r.result)?;
-            idempotency::check_ttl(r.ttl)?;
+            check_ttl("idempotency ttl", r.ttl)?;
         }
         let actor = turn.actor.clone();
         let expected_next = turn.expected_next;
@@ -116,7 +117,7 @@ impl Store for EmbeddedStore {
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Enqueued> {
-        idempotency::check_ttl(ttl)?;
+        check_ttl("idempotency ttl", ttl)?;
         let bytes = prepare_message(msg)?;
         let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
         self.write(move |tx| {

@@ -22,6 +22,29 @@ pub struct LeaseOptions {
     pub max_deliveries: u32,
 }
 
+impl LeaseOptions {
+    /// Refuses options no backend can honour: `max_deliveries` of 0, a zero visibility timeout.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::store::LeaseOptions;
+    ///
+    /// assert!(LeaseOptions::default().validate().is_ok());
+    /// let none = LeaseOptions { max_deliveries: 0, ..LeaseOptions::default() };
+    /// assert!(none.validate().is_err());
+    /// let blink = LeaseOptions { visibility: Duration::ZERO, ..LeaseOptions::default() };
+    /// assert!(blink.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> StoreResult<()> {
+        if self.max_deliveries == 0 {
+            return Err(StoreError::InvalidRequest(
+                "max_deliveries must be at least 1".into(),
+            ));
+        }
+        super::check_ttl("visibility timeout", self.visibility)
+    }
+}
+
 impl Default for LeaseOptions {
     fn default() -> Self {
         LeaseOptions {
@@ -53,6 +76,60 @@ pub struct Delivery {
     pub receipt: Receipt,
     /// The error the previous delivery was nacked with, if any.
     pub last_error: Option<String>,
+}
+
+impl Delivery {
+    /// Builds a delivery from a leased message as a backend stores it: the encoded envelope,
+    /// its position and its delivery count (this delivery included, so at least 1). Every
+    /// backend goes through here, so a frame that does not decode or a count out of range is
+    /// the same typed [`StoreError::Corrupt`] everywhere, naming the message.
+    ///
+    /// ```
+    /// use loom_core::store::Delivery;
+    /// use loom_core::{ActorId, Envelope, codec};
+    ///
+    /// let to = ActorId::new("account", "alice")?;
+    /// let msg = Envelope::new(to.clone(), serde_json::json!({"Deposit": 5}));
+    /// let frame = codec::encode(codec::RecordType::Message, &msg)?;
+    /// let d = Delivery::from_frame(to.clone(), &frame, 7, 2, None)?;
+    /// assert_eq!((d.envelope.attempt, d.receipt.delivery, d.receipt.position), (1, 2, 7));
+    /// assert!(Delivery::from_frame(to, &frame, 7, 0, None).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_frame(
+        actor: ActorId,
+        frame: &[u8],
+        position: u64,
+        deliveries: i64,
+        last_error: Option<String>,
+    ) -> StoreResult<Delivery> {
+        let what = || format!("message at position {position} of {actor}'s mailbox");
+        let deliveries = u32::try_from(deliveries)
+            .ok()
+            .filter(|&d| d >= 1)
+            .ok_or_else(|| {
+                StoreError::corrupt(
+                    what(),
+                    codec::CodecError::Body(format!(
+                        "a leased message with delivery count {deliveries}"
+                    )),
+                )
+            })?;
+        let mut envelope: Envelope = codec::decode(codec::RecordType::Message, frame)
+            .map_err(|e| StoreError::corrupt(what(), e))?;
+        envelope.attempt = deliveries - 1;
+        let receipt = Receipt {
+            actor,
+            position,
+            message_id: envelope.id,
+            delivery: deliveries,
+        };
+        Ok(Delivery {
+            envelope,
+            receipt,
+            last_error,
+        })
+    }
 }
 
 /// A message waiting in a mailbox, as [`Mailbox::messages`] lists it.

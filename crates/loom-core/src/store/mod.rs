@@ -7,7 +7,8 @@
 //! them, case by case.
 //!
 //! Logic that does not depend on the backend (checking a batch before it is written, streaming a
-//! read page by page) lives here once, in [`prepare_append`] and [`paged_read`].
+//! read page by page, checking options, building a delivery) lives here once: [`prepare_append`],
+//! [`paged_read`], [`check_ttl`], [`LeaseOptions::validate`], [`Delivery::from_frame`].
 
 mod idempotency;
 mod journal;
@@ -36,6 +37,27 @@ use crate::envelope::Envelope;
 use crate::error::StoreResult;
 use crate::id::IdempotencyKey;
 use crate::time::Timestamp;
+
+/// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a
+/// visibility timeout) with [`StoreError::InvalidRequest`](crate::StoreError::InvalidRequest)
+/// naming `what`. Every backend checks its TTLs here.
+///
+/// ```
+/// use std::time::Duration;
+/// use loom_core::store::check_ttl;
+///
+/// assert!(check_ttl("lease ttl", Duration::from_secs(5)).is_ok());
+/// let e = check_ttl("lease ttl", Duration::ZERO).unwrap_err();
+/// assert!(e.to_string().contains("lease ttl must be positive"), "{e}");
+/// ```
+pub fn check_ttl(what: &str, d: Duration) -> StoreResult<()> {
+    if d.is_zero() {
+        return Err(crate::StoreError::InvalidRequest(format!(
+            "{what} must be positive"
+        )));
+    }
+    Ok(())
+}
 
 /// The outcome of [`Store::enqueue_once`].
 #[derive(Debug, Clone, PartialEq)]
