@@ -103,7 +103,7 @@ async fn work<I, O>(
         let n = replies.len();
         let mut results = run(requests).await;
         if results.len() != n {
-            let e = crate::store::unexpected(format!(
+            let e = crate::sql::unexpected(format!(
                 "a batch of {n} requests gave {} results",
                 results.len()
             ));

@@ -333,6 +333,6 @@ fn by_index<O>(n: usize, rows: &[PgRow], f: impl Fn(&PgRow) -> O) -> Vec<StoreRe
         }
     }
     out.into_iter()
-        .map(|o| o.ok_or_else(|| crate::store::unexpected("a batch skipped a request")))
+        .map(|o| o.ok_or_else(|| crate::sql::unexpected("a batch skipped a request")))
         .collect()
 }

@@ -22,6 +22,11 @@
 //! [`PostgresStore::durability`] reads them and the store logs a warning at connect when either
 //! is off.
 //!
+//! The files follow the embedded store's and Redis's map, one concern per file: `journal.rs`,
+//! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
+//! `park.rs`; `sql.rs` holds what they share, `batch.rs` and `group.rs` the group commit,
+//! `schema.sql` the tables and functions.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), loom_core::StoreError> {
 //! let store = loom_postgres::PostgresStore::connect("postgres://loom:secret@db.example/app?sslmode=require").await?;
@@ -30,7 +35,13 @@
 
 mod batch;
 mod group;
-mod store;
+mod idempotency;
+mod journal;
+mod lease;
+mod mailbox;
+mod park;
+mod sql;
+mod turn;
 
 use std::str::FromStr;
 use std::time::Duration;

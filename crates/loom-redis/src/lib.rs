@@ -29,6 +29,12 @@
 //! [`RedisStore::connect`] reads the server's settings and logs a warning for all but the
 //! first (with `noeviction`).
 //!
+//! ## Files
+//!
+//! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
+//! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
+//! `park.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts.
+//!
 //! ## Deployment
 //!
 //! A turn that sends messages writes other actors' mailboxes in the same script as its own
@@ -41,8 +47,14 @@
 //! # Ok(()) }
 //! ```
 
+mod idempotency;
+mod journal;
 mod keys;
-mod store;
+mod lease;
+mod mailbox;
+mod park;
+mod resp;
+mod turn;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,280 @@
+//! [`Mailbox`] on PostgreSQL: one row per message, dead letters in their own table (`schema.sql`).
+
+use loom_core::store::check_ttl;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::codec::{self, RecordType};
+use loom_core::store::{
+    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
+};
+use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
+use sqlx::Row;
+
+use crate::sql::*;
+use crate::{PostgresStore, pe};
+
+pub(crate) fn delivery(
+    actor: &ActorId,
+    frame: Vec<u8>,
+    position: i64,
+    deliveries: i32,
+    last_error: Option<String>,
+) -> StoreResult<Delivery> {
+    Delivery::from_frame(
+        actor.clone(),
+        &frame,
+        position as u64,
+        i64::from(deliveries),
+        last_error,
+    )
+}
+
+impl PostgresStore {
+    pub(crate) async fn settle_op(
+        &self,
+        r: &Receipt,
+        op: &str,
+        delay: i64,
+        text: &str,
+    ) -> StoreResult<i64> {
+        let row = sqlx::query(self.q("SELECT ok, val FROM {s}.settle($1, $2, $3, $4, $5, $6, $7)"))
+            .bind(r.actor.as_str())
+            .bind(op)
+            .bind(int(r.position))
+            .bind(i32::try_from(r.delivery).unwrap_or(i32::MAX))
+            .bind(r.message_id.to_string())
+            .bind(delay)
+            .bind(text)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if !row.get::<bool, _>(0) {
+            return Err(StoreError::StaleReceipt {
+                actor: r.actor.clone(),
+                message_id: r.message_id,
+            });
+        }
+        Ok(row.get(1))
+    }
+}
+
+#[async_trait]
+impl Mailbox for PostgresStore {
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        let frame = prepare_message(msg)?;
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.enqueue($1, $2, $3, $4)"))
+            .bind(msg.to.as_str())
+            .bind(msg.id.to_string())
+            .bind(frame)
+            .bind(deliver_at.map_or(0, |t| int(t.as_millis())))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(pos as u64)
+    }
+
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        opts.validate()?;
+        let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3)"))
+            .bind(actor.as_str())
+            .bind(ms(opts.visibility))
+            .bind(i32::try_from(opts.max_deliveries).unwrap_or(i32::MAX))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        match row.get::<Option<Vec<u8>>, _>(0) {
+            None => Ok(None),
+            Some(frame) => delivery(actor, frame, row.get(1), row.get(2), row.get(3)).map(Some),
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        self.settle_op(receipt, "ack", 0, "").await.map(|_| ())
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        let error = loom_core::limits::clip_reason(error);
+        self.settle_op(
+            receipt,
+            "nack",
+            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            &error,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        check_ttl("visibility timeout", visibility)?;
+        self.settle_op(receipt, "extend", ms(visibility), "")
+            .await
+            .map(|_| ())
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        let reason = loom_core::limits::clip_reason(reason);
+        self.settle_op(receipt, "bury", 0, &reason)
+            .await
+            .map(|id| id as u64)
+    }
+
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, String)> = sqlx::query_as(self.q(
+            "SELECT k.i, m.actor FROM unnest($1::text[]) WITH ORDINALITY AS k(kind, i) \
+             CROSS JOIN LATERAL (SELECT actor, ready_at FROM {s}.mailbox \
+                WHERE split_part(actor, '/', 1) = k.kind AND ready_at <= (SELECT {s}.now_ms()) \
+                ORDER BY ready_at LIMIT $2) AS m \
+             ORDER BY k.i, m.ready_at",
+        ))
+        .bind(kinds)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        let mut per_kind = vec![Vec::new(); kinds.len()];
+        for (i, actor) in rows {
+            let slot = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| per_kind.get_mut(i))
+                .ok_or_else(|| unexpected(format!("ready_actors returned kind index {i}")))?;
+            slot.push(parse_actor(&actor, "mailbox actor id")?);
+        }
+        Ok(interleave(per_kind, limit))
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        let at: Option<i64> = sqlx::query_scalar(self.q(
+            "SELECT min(ready_at) FROM {s}.mailbox WHERE ready_at IS NOT NULL AND left(actor, 1) <> '_'",
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        Ok(at.map(|t| Timestamp::from_millis(t.max(0) as u64)))
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.wakeups.clone()
+    }
+
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        let n: Option<i64> =
+            sqlx::query_scalar(self.q("SELECT count FROM {s}.mailbox WHERE actor = $1"))
+                .bind(actor.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        let rows = sqlx::query(self.q(
+            "SELECT m.position, m.frame, m.due_at, b.current = m.position, {s}.now_ms() \
+             FROM {s}.messages m JOIN {s}.mailbox b ON b.actor = m.actor \
+             WHERE m.actor = $1 AND m.position > $2 ORDER BY m.position LIMIT $3",
+        ))
+        .bind(actor.as_str())
+        .bind(after.map_or(0, int))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|r| {
+                let position = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                let due: i64 = r.get(2);
+                let now: i64 = r.get(4);
+                let envelope: Envelope =
+                    codec::decode(RecordType::Message, &frame).map_err(|e| {
+                        StoreError::corrupt(
+                            format!("message at position {position} of {actor}'s mailbox"),
+                            e,
+                        )
+                    })?;
+                Ok(Waiting {
+                    position,
+                    envelope,
+                    deliver_at: (due > now).then(|| Timestamp::from_millis(due as u64)),
+                    out: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let ids: Vec<String> = sqlx::query_scalar(self.q(
+            "SELECT actor FROM {s}.mailbox WHERE count > 0 AND actor COLLATE \"C\" > $1 ORDER BY actor COLLATE \"C\" LIMIT $2",
+        ))
+        .bind(after.map_or("", |a| a.as_str()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        ids.iter()
+            .map(|s| parse_actor(s, "mailbox actor id"))
+            .collect()
+    }
+
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        let rows = sqlx::query(self.q(
+            "SELECT id, envelope, reason, deliveries, at FROM {s}.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+        ))
+        .bind(after.map_or(0, int))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pe)?;
+        rows.iter()
+            .map(|r| {
+                let id = r.get::<i64, _>(0) as u64;
+                let frame: Vec<u8> = r.get(1);
+                let mut envelope: Envelope = codec::decode(RecordType::Message, &frame)
+                    .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
+                envelope.attempt = 0;
+                Ok(DeadLetter {
+                    id,
+                    envelope,
+                    reason: r.get(2),
+                    deliveries: u32::try_from(r.get::<i32, _>(3)).unwrap_or(0),
+                    at: Timestamp::from_millis(r.get::<i64, _>(4).max(0) as u64),
+                })
+            })
+            .collect()
+    }
+
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
+        let frame: Option<Vec<u8>> =
+            sqlx::query_scalar(self.q("SELECT envelope FROM {s}.dead_letters WHERE id = $1"))
+                .bind(int(id))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        let Some(frame) = frame else {
+            return Err(StoreError::DeadLetterNotFound(id));
+        };
+        let dead: Envelope = codec::decode(RecordType::Message, &frame)
+            .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
+        let back = dead.requeued();
+        let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue_as($1, $2, $3, $4)"))
+            .bind(int(id))
+            .bind(back.id.to_string())
+            .bind(prepare_message(&back)?)
+            .bind(back.idempotency_key.as_ref().map(|k| k.as_str().to_owned()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        if pos == 0 {
+            return Err(StoreError::DeadLetterNotFound(id));
+        }
+        Ok(pos as u64)
+    }
+}

@@ -1,0 +1,39 @@
+//! What every file of this backend shares: converting numbers and durations for SQL, naming
+//! the store's schema in a query, and the error for a reply that makes no sense.
+
+use std::time::Duration;
+
+use loom_core::codec::CodecError;
+use loom_core::{ActorId, StoreError, StoreResult};
+
+use crate::{BACKEND, PostgresStore};
+
+pub(crate) fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+pub(crate) fn unexpected(what: impl Into<String>) -> StoreError {
+    StoreError::storage(BACKEND, Unexpected(what.into()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected reply from PostgreSQL: {0}")]
+pub(crate) struct Unexpected(String);
+
+pub(crate) fn parse_actor(s: &str, what: &str) -> StoreResult<ActorId> {
+    s.parse().map_err(|e: loom_core::IdError| {
+        StoreError::corrupt(what.to_owned(), CodecError::Body(e.to_string()))
+    })
+}
+
+impl PostgresStore {
+    /// A query text with the schema filled in. The schema is the only text ever put into a
+    /// query (values are bound parameters), and it was checked at connect to be `[a-z0-9_]`.
+    pub(crate) fn q(&self, sql: &str) -> sqlx::AssertSqlSafe<String> {
+        sqlx::AssertSqlSafe(sql.replace("{s}", &self.schema))
+    }
+}

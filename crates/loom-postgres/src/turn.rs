@@ -1,0 +1,160 @@
+//! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
+//! into batches by `group.rs` (`schema.sql`).
+
+use loom_core::store::check_ttl;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::store::{
+    Committed, Enqueued, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+};
+use loom_core::{Envelope, IdempotencyKey, StoreError, StoreResult, Timestamp};
+use sqlx::Row;
+
+use crate::group::TurnReq;
+use crate::idempotency::*;
+use crate::mailbox::*;
+use crate::sql::*;
+use crate::{PostgresStore, pe};
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        turn.check()?;
+        let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
+        if let Some(opts) = &turn.next {
+            opts.validate()?;
+        }
+        let mut out_actors = Vec::with_capacity(turn.send.len());
+        let mut out_ids = Vec::with_capacity(turn.send.len());
+        let mut out_frames = Vec::with_capacity(turn.send.len());
+        let mut out_due = Vec::with_capacity(turn.send.len());
+        for o in turn.send {
+            out_frames.push(prepare_message(&o.envelope)?);
+            out_actors.push(o.envelope.to.as_str().to_owned());
+            out_ids.push(o.envelope.id.to_string());
+            out_due.push(o.deliver_at.map_or(0, |t| int(t.as_millis())));
+        }
+        let mut record = None;
+        if let Some(r) = &turn.record {
+            check_ttl("idempotency ttl", r.ttl)?;
+            record = Some((
+                r.actor.as_str().to_owned(),
+                r.key.as_str().to_owned(),
+                prepare_result(r.actor, r.key, r.result)?,
+                ms(r.ttl),
+            ));
+        }
+        let (op, receipt, reason) = match turn.settle {
+            Some(Settle::Ack(r)) => (Some("ack"), Some(r), String::new()),
+            Some(Settle::DeadLetter(r, reason)) => (
+                Some("bury"),
+                Some(r),
+                loom_core::limits::clip_reason(reason),
+            ),
+            None => (None, None, String::new()),
+        };
+        let (record_actor, record_key, record, record_ttl) = match record {
+            Some((a, k, r, t)) => (Some(a), Some(k), Some(r), Some(t)),
+            None => (None, None, None, None),
+        };
+        let req = TurnReq {
+            actor: turn.actor.as_str().to_owned(),
+            expected: int(turn.expected_next),
+            frames,
+            fence: turn.fence.map(|l| int(l.token)),
+            out_actors,
+            out_ids,
+            out_frames,
+            out_due,
+            settle: op.map(str::to_owned),
+            settle_actor: receipt.map(|r| r.actor.as_str().to_owned()),
+            pos: receipt.map(|r| int(r.position)),
+            dlv: receipt.map(|r| i32::try_from(r.delivery).unwrap_or(i32::MAX)),
+            msg: receipt.map(|r| r.message_id.to_string()),
+            reason,
+            record_actor,
+            record_key,
+            record,
+            record_ttl,
+            next_vis: turn.next.map(|o| ms(o.visibility)),
+            next_max: turn
+                .next
+                .map(|o| i32::try_from(o.max_deliveries).unwrap_or(i32::MAX)),
+        };
+        let bytes = req.bytes();
+        let out = self.turns.submit(req, bytes).await?;
+        let highest = || {
+            out.highest
+                .map(|h| h as u64)
+                .ok_or_else(|| unexpected("turn gave no highest seq"))
+        };
+        match out.status.as_str() {
+            "ok" => {
+                let next = match out.nframe.clone() {
+                    Some(frame) => Some(delivery(
+                        turn.actor,
+                        frame,
+                        out.npos.unwrap_or(0),
+                        out.ndlv.unwrap_or(0),
+                        out.nerr.clone(),
+                    )?),
+                    None => None,
+                };
+                Ok(Committed {
+                    highest: highest()?,
+                    next,
+                })
+            }
+            "conflict" => Err(StoreError::Conflict {
+                actor: turn.actor.clone(),
+                expected: turn.expected_next,
+                actual: highest()?,
+            }),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: turn.actor.clone(),
+                token: turn.fence.map_or(0, |l| l.token),
+            }),
+            "stale" => {
+                let r = receipt.ok_or_else(|| unexpected("stale receipt without a receipt"))?;
+                Err(StoreError::StaleReceipt {
+                    actor: r.actor.clone(),
+                    message_id: r.message_id,
+                })
+            }
+            other => Err(unexpected(format!("turn returned {other}"))),
+        }
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        let frame = prepare_message(msg)?;
+        let row = sqlx::query(
+            self.q("SELECT new, pos, res, expires FROM {s}.enqueue_once($1, $2, $3, $4, $5, $6)"),
+        )
+        .bind(msg.to.as_str())
+        .bind(msg.id.to_string())
+        .bind(frame)
+        .bind(deliver_at.map_or(0, |t| int(t.as_millis())))
+        .bind(key.as_str())
+        .bind(ms(ttl))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        if row.get::<bool, _>(0) {
+            return Ok(Enqueued::New(row.get::<i64, _>(1) as u64));
+        }
+        Ok(Enqueued::Duplicate(reservation(
+            &msg.to,
+            key,
+            row.get(2),
+            row.get(3),
+        )?))
+    }
+}

@@ -1,0 +1,412 @@
+//! [`Mailbox`] on Redis: a sorted set of due positions and a hash of frames per actor, dead letters in a stream; see `loom.lua`.
+
+use loom_core::store::check_ttl;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::codec::{self, CodecError, RecordType};
+use loom_core::store::{
+    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
+};
+use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
+use redis::Value;
+
+use crate::resp::*;
+use crate::{RedisStore, re};
+
+/// Builds a delivery from a lease reply's `[frame, position, deliveries, error]`.
+pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
+    let frame = bytes(r.first()).ok_or_else(|| unexpected("lease reply without a frame"))?;
+    let position = number(r.get(1), "position")?;
+    let deliveries = number(r.get(2), "deliveries")?;
+    Delivery::from_frame(
+        actor.clone(),
+        &frame,
+        position,
+        i64::try_from(deliveries).unwrap_or(i64::MAX),
+        text(r.get(3)),
+    )
+}
+
+impl RedisStore {
+    pub(crate) fn mailbox_keys<'a>(
+        &self,
+        actor: &ActorId,
+        global: &'a mut Vec<String>,
+    ) -> &'a [String] {
+        let m = self.keys.mailbox(actor);
+        global.clear();
+        global.extend([
+            m.mm,
+            m.mq,
+            m.md,
+            m.mdx,
+            self.keys.ready(actor.kind()),
+            self.keys.dead_letters(),
+            self.keys.dead_letter_seq(),
+        ]);
+        global
+    }
+
+    pub(crate) async fn settle_op(
+        &self,
+        r: &Receipt,
+        op: &str,
+        ms: u64,
+        text_arg: &str,
+    ) -> StoreResult<Vec<Value>> {
+        let mut keys = Vec::new();
+        let keys: Vec<&str> = self
+            .mailbox_keys(&r.actor, &mut keys)
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let reply = self
+            .run(
+                &self.scripts.settle,
+                &keys,
+                vec![
+                    s(r.actor.as_str()),
+                    s(op),
+                    s(r.position),
+                    s(r.delivery),
+                    s(r.message_id),
+                    s(ms),
+                    text_arg.as_bytes().to_vec(),
+                ],
+            )
+            .await?;
+        match status(&reply).as_str() {
+            "ok" => Ok(reply),
+            "stale" => Err(StoreError::StaleReceipt {
+                actor: r.actor.clone(),
+                message_id: r.message_id,
+            }),
+            other => Err(unexpected(format!("settle replied {other}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Mailbox for RedisStore {
+    async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        let frame = prepare_message(msg)?;
+        let m = self.keys.mailbox(&msg.to);
+        let due = deliver_at.map_or(0, Timestamp::as_millis);
+        let r = self
+            .run(
+                &self.scripts.enqueue,
+                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(msg.to.kind())],
+                vec![s(msg.to.as_str()), s(msg.id), frame, s(due)],
+            )
+            .await?;
+        number(r.get(1), "position")
+    }
+
+    async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        opts.validate()?;
+        let mut keys = Vec::new();
+        let keys: Vec<&str> = self
+            .mailbox_keys(actor, &mut keys)
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let r = self
+            .run(
+                &self.scripts.lease,
+                &keys,
+                vec![
+                    s(actor.as_str()),
+                    ttl(opts.visibility),
+                    s(opts.max_deliveries),
+                ],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "none" => Ok(None),
+            "ok" => delivery(actor, &r[1..]).map(Some),
+            other => Err(unexpected(format!("lease replied {other}"))),
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        self.settle_op(receipt, "ack", 0, "").await.map(|_| ())
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        let error = loom_core::limits::clip_reason(error);
+        self.settle_op(receipt, "nack", delay.as_millis() as u64, &error)
+            .await
+            .map(|_| ())
+    }
+
+    async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        check_ttl("visibility timeout", visibility)?;
+        self.settle_op(receipt, "extend", visibility.as_millis() as u64, "")
+            .await
+            .map(|_| ())
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        let reason = loom_core::limits::clip_reason(reason);
+        let r = self.settle_op(receipt, "bury", 0, &reason).await?;
+        number(r.get(1), "dead letter id")
+    }
+
+    async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = kinds.iter().map(|k| self.keys.ready(k)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let r = self
+            .run(&self.scripts.ready_actors, &keys, vec![s(limit)])
+            .await?;
+        let mut per_kind = Vec::with_capacity(kinds.len());
+        let mut rest = r.as_slice();
+        while let Some((n, tail)) = rest.split_first() {
+            let n = usize::try_from(number(Some(n), "ready count")?).unwrap_or(usize::MAX);
+            let (list, tail) = tail.split_at(n.min(tail.len()));
+            per_kind.push(
+                list.iter()
+                    .map(|v| {
+                        text(Some(v))
+                            .ok_or_else(|| unexpected("ready actor"))?
+                            .parse()
+                            .map_err(|e: loom_core::IdError| {
+                                StoreError::corrupt(
+                                    "mailbox actor id",
+                                    CodecError::Body(e.to_string()),
+                                )
+                            })
+                    })
+                    .collect::<StoreResult<Vec<ActorId>>>()?,
+            );
+            rest = tail;
+        }
+        Ok(interleave(per_kind, limit))
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
+        let mut conn = self.conn();
+        let mut cursor: u64 = 0;
+        let mut earliest: Option<u64> = None;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.ready_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            for key in keys {
+                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(re)?;
+                if let Some((_, at)) = v.first() {
+                    let at = *at as u64;
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            if next == 0 {
+                return Ok(earliest.map(Timestamp::from_millis));
+            }
+            cursor = next;
+        }
+    }
+
+    async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        let mut conn = self.conn();
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(self.keys.mailbox(actor).mm)
+            .arg("n")
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn messages(
+        &self,
+        actor: &ActorId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Waiting>> {
+        let m = self.keys.mailbox(actor);
+        let r = self
+            .run(
+                &self.scripts.messages,
+                &[&m.mm, &m.mq, &m.md, &m.mdx],
+                vec![],
+            )
+            .await?;
+        let current = number(r.first(), "current position")?;
+        let mut out = Vec::new();
+        for chunk in r[1..].chunks(3) {
+            let position = number(chunk.first(), "position")?;
+            if after.is_some_and(|a| position <= a) {
+                continue;
+            }
+            let frame = bytes(chunk.get(1)).ok_or_else(|| unexpected("message without a frame"))?;
+            let envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
+                StoreError::corrupt(
+                    format!("message at position {position} of {actor}'s mailbox"),
+                    e,
+                )
+            })?;
+            let due = number(chunk.get(2), "due")?;
+            out.push(Waiting {
+                position,
+                envelope,
+                deliver_at: (due > 0).then(|| Timestamp::from_millis(due)),
+                out: position == current,
+            });
+        }
+        out.sort_by_key(|w| w.position);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
+        let mut conn = self.conn();
+        let pattern = self.keys.mailbox_pattern();
+        let mut cursor: u64 = 0;
+        let mut found = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            for k in keys {
+                if let Some(actor) = self.keys.actor_of(&k) {
+                    found.push((actor, k));
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.sort();
+        let mut out = Vec::new();
+        for (actor, key) in found {
+            if after.is_some_and(|a| &actor <= a) {
+                continue;
+            }
+            let n: Option<i64> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("n")
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            if n.unwrap_or(0) > 0 {
+                out.push(actor);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
+        let mut conn = self.conn();
+        let start = format!("{}-0", after.map_or(0, |a| a.saturating_add(1)));
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.keys.dead_letters())
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let Value::Array(items) = v else {
+            return Err(unexpected("XRANGE reply"));
+        };
+        items.iter().map(dead_letter).collect()
+    }
+
+    async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
+        let mut conn = self.conn();
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.keys.dead_letters())
+            .arg(format!("{id}-0"))
+            .arg(format!("{id}-0"))
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let Value::Array(items) = v else {
+            return Err(unexpected("XRANGE reply"));
+        };
+        let Some(item) = items.first() else {
+            return Err(StoreError::DeadLetterNotFound(id));
+        };
+        let back = dead_letter(item)?.envelope.requeued();
+        let frame = prepare_message(&back)?;
+        let m = self.keys.mailbox(&back.to);
+        let mut keys = vec![
+            self.keys.dead_letters(),
+            m.mm,
+            m.mq,
+            m.md,
+            m.mdx,
+            self.keys.ready(back.to.kind()),
+        ];
+        if let Some(key) = &back.idempotency_key {
+            keys.push(self.keys.idempotency(&back.to, key));
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let r = self
+            .run(
+                &self.scripts.requeue,
+                &keys,
+                vec![s(id), s(back.to.as_str()), s(back.id), frame],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => number(r.get(1), "position"),
+            "missing" => Err(StoreError::DeadLetterNotFound(id)),
+            other => Err(unexpected(format!("requeue replied {other}"))),
+        }
+    }
+}
+
+pub(crate) fn dead_letter(item: &Value) -> StoreResult<DeadLetter> {
+    let (sid, fields) = entry_fields(item).ok_or_else(|| unexpected("dead letter shape"))?;
+    let id: u64 = sid
+        .strip_suffix("-0")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| unexpected(format!("dead letter id {sid}")))?;
+    let get = |name: &str| {
+        field(&fields, name).ok_or_else(|| unexpected(format!("dead letter {id} without {name}")))
+    };
+    let mut envelope: Envelope = codec::decode(RecordType::Message, get("env")?)
+        .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
+    envelope.attempt = 0;
+    let num = |name: &str| -> StoreResult<u64> {
+        std::str::from_utf8(get(name)?)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| unexpected(format!("dead letter {id} field {name}")))
+    };
+    Ok(DeadLetter {
+        id,
+        envelope,
+        reason: String::from_utf8_lossy(get("reason")?).into_owned(),
+        deliveries: u32::try_from(num("dlv")?).unwrap_or(u32::MAX),
+        at: Timestamp::from_millis(num("at")?),
+    })
+}

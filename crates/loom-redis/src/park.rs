@@ -1,0 +1,114 @@
+//! [`Parking`] on Redis: parked actors in one hash; see `loom.lua`.
+
+use async_trait::async_trait;
+use loom_core::codec::CodecError;
+use loom_core::store::{Lease, Park, Parking};
+use loom_core::{ActorId, StoreError, StoreResult};
+
+use crate::resp::*;
+use crate::{RedisStore, re};
+
+#[async_trait]
+impl Parking for RedisStore {
+    async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
+        let frame = park.encode()?;
+        let (ls, _) = self.keys.lease(actor);
+        let m = self.keys.mailbox(actor);
+        let mut args = vec![s(actor.as_str()), frame];
+        if let Some(l) = fence {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
+        }
+        let r = self
+            .run(
+                &self.scripts.park,
+                &[
+                    &ls,
+                    &self.keys.park(actor),
+                    &m.mm,
+                    &self.keys.ready(actor.kind()),
+                    &self.keys.parked(),
+                ],
+                args,
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => Ok(()),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            }),
+            other => Err(unexpected(format!("park replied {other}"))),
+        }
+    }
+
+    async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let m = self.keys.mailbox(actor);
+        let r = self
+            .run(
+                &self.scripts.unpark,
+                &[
+                    &self.keys.park(actor),
+                    &m.mm,
+                    &m.mq,
+                    &m.md,
+                    &m.mdx,
+                    &self.keys.ready(actor.kind()),
+                    &self.keys.parked(),
+                ],
+                vec![s(actor.as_str())],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "none" => Ok(None),
+            "ok" => {
+                let frame = bytes(r.get(1)).ok_or_else(|| unexpected("unpark without a record"))?;
+                Park::decode(&frame).map(Some)
+            }
+            other => Err(unexpected(format!("unpark replied {other}"))),
+        }
+    }
+
+    async fn parked(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let mut conn = self.conn();
+        let frame: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys.park(actor))
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        frame.as_deref().map(Park::decode).transpose()
+    }
+
+    async fn parked_actors(
+        &self,
+        after: Option<&ActorId>,
+        limit: usize,
+    ) -> StoreResult<Vec<(ActorId, Park)>> {
+        let mut conn = self.conn();
+        let min = match after {
+            Some(a) => format!("({a}"),
+            None => "-".to_owned(),
+        };
+        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+            .arg(self.keys.parked())
+            .arg(min)
+            .arg("+")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let actor: ActorId = id.parse().map_err(|e: loom_core::IdError| {
+                StoreError::corrupt("parked actor id", CodecError::Body(e.to_string()))
+            })?;
+            // Unparked since it was listed: skip it.
+            if let Some(p) = self.parked(&actor).await? {
+                out.push((actor, p));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,245 @@
+//! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
+
+use loom_core::store::check_ttl;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::store::{
+    Committed, Enqueued, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+};
+use loom_core::{Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
+use serde::Serialize;
+
+use crate::RedisStore;
+use crate::idempotency::*;
+use crate::mailbox::*;
+use crate::resp::*;
+
+/// The turn script's header (see `turn` in `loom.lua`).
+#[derive(Serialize)]
+struct TurnHeader<'a> {
+    actor: &'a str,
+    mbox: &'a str,
+    expected: Seq,
+    n: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fence: Option<(&'a str, String)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settle: Option<SettleHeader<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_ttl: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<(u64, u32)>,
+    out: Vec<OutHeader<'a>>,
+}
+
+#[derive(Serialize)]
+struct SettleHeader<'a> {
+    op: &'static str,
+    pos: u64,
+    dlv: u32,
+    id: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutHeader<'a> {
+    to: &'a str,
+    id: String,
+    due: u64,
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        turn.check()?;
+        let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;
+        if let Some(opts) = &turn.next {
+            opts.validate()?;
+        }
+        let mut out_frames = Vec::with_capacity(turn.send.len());
+        for o in turn.send {
+            out_frames.push(prepare_message(&o.envelope)?);
+        }
+        let mut record_value = None;
+        if let Some(r) = &turn.record {
+            check_ttl("idempotency ttl", r.ttl)?;
+            let mut v = prepare_result(r.actor, r.key, r.result)?;
+            v.insert(0, b'C');
+            record_value = Some(v);
+        }
+        let (settle, settle_actor) = match turn.settle {
+            Some(Settle::Ack(r)) => (
+                Some(SettleHeader {
+                    op: "ack",
+                    pos: r.position,
+                    dlv: r.delivery,
+                    id: r.message_id.to_string(),
+                    reason: "",
+                }),
+                Some(&r.actor),
+            ),
+            Some(Settle::DeadLetter(r, reason)) => (
+                Some(SettleHeader {
+                    op: "bury",
+                    pos: r.position,
+                    dlv: r.delivery,
+                    id: r.message_id.to_string(),
+                    reason,
+                }),
+                Some(&r.actor),
+            ),
+            None => (None, None),
+        };
+        // The turn settles a delivery of its own actor's mailbox, or of one of its event lanes.
+        let mailbox_actor = settle_actor.unwrap_or(turn.actor);
+        let clipped;
+        let settle = match settle {
+            Some(mut h) => {
+                clipped = loom_core::limits::clip_reason(h.reason);
+                h.reason = &clipped;
+                Some(h)
+            }
+            None => None,
+        };
+        let header = TurnHeader {
+            actor: turn.actor.as_str(),
+            mbox: mailbox_actor.as_str(),
+            expected: turn.expected_next,
+            n: frames.len(),
+            fence: turn.fence.map(|l| (l.owner.as_str(), l.token.to_string())),
+            settle,
+            record_ttl: turn.record.map(|r| r.ttl.as_millis().max(1) as u64),
+            next: turn
+                .next
+                .map(|o| (o.visibility.as_millis().max(1) as u64, o.max_deliveries)),
+            out: turn
+                .send
+                .iter()
+                .map(|o| OutHeader {
+                    to: o.envelope.to.as_str(),
+                    id: o.envelope.id.to_string(),
+                    due: o.deliver_at.map_or(0, Timestamp::as_millis),
+                })
+                .collect(),
+        };
+        let jk = self.keys.journal(turn.actor);
+        let own = self.keys.mailbox(turn.actor);
+        let mk = self.keys.mailbox(mailbox_actor);
+        let (ls, _) = self.keys.lease(turn.actor);
+        let idem = match &turn.record {
+            Some(r) => self.keys.idempotency(r.actor, r.key),
+            None => self.keys.idempotency(
+                turn.actor,
+                &IdempotencyKey::new("-").map_err(StoreError::from)?,
+            ),
+        };
+        let mut keys: Vec<String> = vec![
+            jk.j,
+            jk.jm,
+            self.keys.actors(),
+            self.keys.dead_letters(),
+            self.keys.dead_letter_seq(),
+            ls,
+            idem,
+            own.mm,
+            own.mq,
+            own.md,
+            own.mdx,
+            self.keys.ready(turn.actor.kind()),
+            mk.mm,
+            mk.mq,
+            mk.md,
+            mk.mdx,
+            self.keys.ready(mailbox_actor.kind()),
+        ];
+        for o in turn.send {
+            let m = self.keys.mailbox(&o.envelope.to);
+            keys.extend([
+                m.mm,
+                m.mq,
+                m.md,
+                m.mdx,
+                self.keys.ready(o.envelope.to.kind()),
+            ]);
+        }
+        let header = serde_json::to_vec(&header)
+            .map_err(|e| StoreError::InvalidRequest(format!("turn header: {e}")))?;
+        let mut args = vec![header];
+        args.extend(frames);
+        args.extend(out_frames);
+        args.extend(record_value);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let r = self.run(&self.scripts.turn, &keys, args).await?;
+        match status(&r).as_str() {
+            "ok" => {
+                let highest = number(r.get(1), "highest")?;
+                let next = if r.len() > 2 {
+                    Some(delivery(turn.actor, &r[2..])?)
+                } else {
+                    None
+                };
+                Ok(Committed { highest, next })
+            }
+            "conflict" => Err(StoreError::Conflict {
+                actor: turn.actor.clone(),
+                expected: turn.expected_next,
+                actual: number(r.get(1), "next seq")?,
+            }),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: turn.actor.clone(),
+                token: turn.fence.map_or(0, |l| l.token),
+            }),
+            "stale" => {
+                let r = match turn.settle {
+                    Some(Settle::Ack(r) | Settle::DeadLetter(r, _)) => r,
+                    None => return Err(unexpected("stale receipt without a receipt")),
+                };
+                Err(StoreError::StaleReceipt {
+                    actor: r.actor.clone(),
+                    message_id: r.message_id,
+                })
+            }
+            other => Err(unexpected(format!("turn replied {other}"))),
+        }
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl_: Duration,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl_)?;
+        let frame = prepare_message(msg)?;
+        let m = self.keys.mailbox(&msg.to);
+        let idem = self.keys.idempotency(&msg.to, key);
+        let due = deliver_at.map_or(0, Timestamp::as_millis);
+        let r = self
+            .run(
+                &self.scripts.enqueue_once,
+                &[
+                    &m.mm,
+                    &m.mq,
+                    &m.md,
+                    &m.mdx,
+                    &self.keys.ready(msg.to.kind()),
+                    &idem,
+                ],
+                vec![s(msg.to.as_str()), s(msg.id), frame, s(due), ttl(ttl_)],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => Ok(Enqueued::New(number(r.get(1), "position")?)),
+            "dup" => Ok(Enqueued::Duplicate(reservation(
+                &msg.to,
+                key,
+                &bytes(r.get(1)).unwrap_or_default(),
+                r.get(2),
+            )?)),
+            other => Err(unexpected(format!("enqueue_once replied {other}"))),
+        }
+    }
+}
