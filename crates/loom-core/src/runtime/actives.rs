@@ -18,12 +18,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::id::ActorId;
 
-/// An active actor's handles, as the runtime sees them.
+/// What an active actor's task shares with the node; the task holds a clone.
+#[derive(Clone)]
+pub(super) struct Handle {
+    /// Cancelled to ask the task to passivate.
+    pub(super) stop: CancellationToken,
+    /// True while the actor is in a turn (it is not evicted then).
+    pub(super) busy: Arc<AtomicBool>,
+    /// When it last finished a turn, or was activated.
+    pub(super) last_used: Arc<Mutex<Instant>>,
+}
+
+/// An active actor, as the node sees it: its task's [`Handle`], and what only the node keeps.
 pub(super) struct Active {
     pub(super) abort: Option<tokio::task::AbortHandle>,
-    pub(super) stop: CancellationToken,
-    pub(super) busy: Arc<AtomicBool>,
-    pub(super) last_used: Arc<Mutex<Instant>>,
+    pub(super) handle: Handle,
     /// Asked to passivate to make room (see the module invariants).
     evicted: bool,
 }
@@ -32,11 +41,21 @@ impl Active {
     pub(super) fn new(stop: CancellationToken) -> Active {
         Active {
             abort: None,
-            stop,
-            busy: Arc::new(AtomicBool::new(false)),
-            last_used: Arc::new(Mutex::new(Instant::now())),
+            handle: Handle {
+                stop,
+                busy: Arc::new(AtomicBool::new(false)),
+                last_used: Arc::new(Mutex::new(Instant::now())),
+            },
             evicted: false,
         }
+    }
+}
+
+impl std::ops::Deref for Active {
+    type Target = Handle;
+
+    fn deref(&self) -> &Handle {
+        &self.handle
     }
 }
 

@@ -1,0 +1,371 @@
+//! Activation and dispatch: how an actor becomes active on this node (its lease taken, its
+//! state recovered), serves its mailbox one message at a time, and stops; and the dispatcher
+//! that finds actors with work.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::actives::{Active, Handle};
+use super::cell::{self, Cell, Next};
+use super::context::Io;
+use super::replay::RecoverError;
+use super::{Actor, Shared};
+use crate::error::StoreError;
+use crate::id::ActorId;
+use crate::store::{Lease, LeaseOptions, Park};
+
+/// The erased start function of one registered kind.
+pub(super) trait Kind: Send + Sync {
+    fn start(
+        &self,
+        shared: Arc<Shared>,
+        id: ActorId,
+        lease: Lease,
+        handle: Handle,
+    ) -> BoxFuture<'static, ()>;
+}
+
+pub(super) struct KindOf<A: Actor>(pub(super) Arc<A>);
+
+impl<A: Actor> Kind for KindOf<A> {
+    fn start(
+        &self,
+        shared: Arc<Shared>,
+        id: ActorId,
+        lease: Lease,
+        handle: Handle,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(run::<A>(self.0.clone(), shared, id, lease, handle))
+    }
+}
+
+impl Shared {
+    /// Wakes the actor if it is active here; otherwise asks the dispatcher to look for work.
+    pub(super) fn wake(self: &Arc<Self>, id: &ActorId) {
+        if !self.hub.notify(id) {
+            let me = self.clone();
+            let id = id.clone();
+            self.tasks.spawn(async move { me.ensure_active(&id).await });
+        }
+    }
+
+    /// Activates the actor on this node unless it is active, parked, leased elsewhere, or of a
+    /// kind this node does not host: messages to such a kind are never touched here; they wait
+    /// in their mailbox for a node that hosts it.
+    pub(super) async fn ensure_active(self: &Arc<Self>, id: &ActorId) {
+        if self.shutdown.is_cancelled() || id.is_system() {
+            return;
+        }
+        let parked_here = self
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied();
+        if let Some(until) = parked_here {
+            if until > Instant::now() {
+                return;
+            }
+            // Parked here a while ago: activating it would replay its journal only to find its
+            // mailbox held, so look first (unparked elsewhere, `loom parked unpark`, say).
+            match self.store.parked(id).await {
+                Ok(Some(_)) => {
+                    self.parked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), Instant::now() + PARK_RECHECK);
+                    return;
+                }
+                Ok(None) => {
+                    self.parked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                }
+                Err(e) => {
+                    tracing::warn!(actor = %id, error = %e, "could not look whether the actor is still parked");
+                    return;
+                }
+            }
+        }
+        let Some(kind) = self.kinds.get(id.kind()).cloned() else {
+            tracing::debug!(actor = %id, "not hosted here; its messages wait for a node that hosts its kind");
+            return;
+        };
+        let handle = {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            if active.contains(id) {
+                drop(active);
+                self.hub.notify(id);
+                return;
+            }
+            active.make_room(self.config.max_active);
+            let a = Active::new(self.shutdown.child_token());
+            let handle = a.handle.clone();
+            active.insert(id.clone(), a);
+            handle
+        };
+        self.hub.notifier(id);
+        let acquired = self
+            .store
+            .acquire(id, &self.config.node, self.config.lease_ttl)
+            .await;
+        self.health.write(&acquired);
+        match acquired {
+            Ok(lease) => {
+                let fut = kind.start(self.clone(), id.clone(), lease, handle);
+                let handle = self.tasks.spawn(fut);
+                if let Some(a) = self
+                    .active
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(id)
+                {
+                    a.abort = Some(handle.abort_handle());
+                }
+            }
+            Err(e) => {
+                if !matches!(e, StoreError::LeaseHeld { .. }) {
+                    tracing::warn!(actor = %id, error = %e, "could not take the actor's lease");
+                }
+                self.deactivated(id);
+            }
+        }
+    }
+
+    pub(super) fn deactivated(&self, id: &ActorId) {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.hub.forget(id);
+    }
+}
+
+/// How long a node takes an actor it parked as still parked before it looks again.
+const PARK_RECHECK: Duration = Duration::from_secs(5);
+
+/// Why an actor's task ended.
+enum Exit {
+    Passivated,
+    LeaseLost,
+    Park(Park),
+    Failed(StoreError),
+}
+
+async fn run<A: Actor>(
+    actor: Arc<A>,
+    shared: Arc<Shared>,
+    id: ActorId,
+    lease: Lease,
+    handle: Handle,
+) {
+    let lost = CancellationToken::new();
+    // Renewed with every other lease of this node until this task ends, however it ends.
+    let kept = shared.keeper.keep(lease.clone(), lost.clone());
+    let io = Io {
+        lease_options: LeaseOptions {
+            visibility: shared.config.visibility,
+            // The runtime gives up a message that ended too many deliveries without a word
+            // (`cell.rs`); the store's own limit is a net below that, for a message the runtime
+            // never sees (a frame that does not decode). `Cell::lease_options` lifts it for the
+            // message of a durable wait in progress.
+            max_deliveries: cell::give_up_after(shared.config.retry.max_attempts) + 2,
+        },
+        store: shared.store.clone(),
+        config: shared.config.clone(),
+        hub: shared.hub.clone(),
+        lease: lease.clone(),
+    };
+    let exit = tokio::select! {
+        exit = serve::<A>(actor, &shared, &io, &id, &handle) => exit,
+        _ = lost.cancelled() => Exit::LeaseLost,
+    };
+    match &exit {
+        Exit::Passivated => tracing::debug!(actor = %id, "passivated"),
+        Exit::LeaseLost => {
+            shared.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(actor = %id, "lease lost; the actor stopped");
+        }
+        Exit::Park(park) => {
+            // Recorded in the store, fenced by the lease (rule D12): every node honours it,
+            // across restarts, until someone unparks the actor. A park found at activation
+            // (the journal does not replay) keeps the record of an earlier park, which says
+            // more (the message, the step).
+            let earlier = match park.message_id {
+                None => match shared.store.parked(&id).await {
+                    Ok(p) => p,
+                    // Parked again below, which is what not knowing costs.
+                    Err(e) => {
+                        tracing::debug!(actor = %id, error = %e, "could not read an earlier park");
+                        None
+                    }
+                },
+                Some(_) => None,
+            };
+            let parked = match earlier {
+                Some(_) => Ok(()),
+                None => shared.store.park(&id, park, Some(&lease)).await,
+            };
+            match parked {
+                Ok(()) => {
+                    tracing::error!(actor = %id, reason = %park.reason, "actor parked; `loom parked ls` shows it, `loom parked unpark` lets it run again")
+                }
+                Err(e) => {
+                    tracing::error!(actor = %id, reason = %park.reason, error = %e, "actor stopped, but its park could not be recorded; it will be tried again")
+                }
+            }
+            shared
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), Instant::now() + PARK_RECHECK);
+        }
+        Exit::Failed(e) => {
+            tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
+        }
+    }
+    drop(kept);
+    if !matches!(exit, Exit::LeaseLost) {
+        match shared.store.release(&lease).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(actor = %id, error = %e, "could not release the lease; it expires on its own")
+            }
+        }
+    }
+    shared.deactivated(&id);
+}
+
+async fn serve<A: Actor>(
+    actor: Arc<A>,
+    shared: &Arc<Shared>,
+    io: &Io,
+    id: &ActorId,
+    handle: &Handle,
+) -> Exit {
+    let Handle {
+        stop,
+        busy,
+        last_used,
+    } = handle;
+    let recover = || Cell::<A>::recover(actor.clone(), id.clone(), io, shared);
+    let activation_began = *last_used.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cell = match recover().await {
+        Ok(c) => {
+            let took = u64::try_from(activation_began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            shared
+                .metrics
+                .activation_nanos
+                .fetch_add(took, Ordering::Relaxed);
+            c
+        }
+        Err(RecoverError::Store(e)) => return Exit::Failed(e),
+        Err(RecoverError::Unrecoverable(reason)) => {
+            return Exit::Park(Park::new(io.config.node.clone(), &reason));
+        }
+    };
+    let signal = shared.hub.notifier(id);
+    let mut idle_since = Instant::now();
+    // A message the last turn's write already leased; it is processed even when stopping, so
+    // that it is not left out until its visibility timeout.
+    let mut leased: Option<crate::store::Delivery> = None;
+    loop {
+        if leased.is_none() && stop.is_cancelled() {
+            return Exit::Passivated;
+        }
+        let next = match leased.take() {
+            Some(d) => Ok(Some(d)),
+            None => io.store.lease(id, cell.lease_options(io)).await,
+        };
+        match next {
+            Ok(Some(d)) => {
+                busy.store(true, Ordering::Release);
+                let next = cell.process(io, shared, d).await;
+                busy.store(false, Ordering::Release);
+                *last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                idle_since = Instant::now();
+                match next {
+                    Next::Continue(d) => leased = d.map(|d| *d),
+                    Next::Backoff(d) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = stop.cancelled() => return Exit::Passivated,
+                        }
+                    }
+                    Next::Reload => {
+                        cell = match recover().await {
+                            Ok(c) => c,
+                            Err(RecoverError::Store(e)) => return Exit::Failed(e),
+                            Err(RecoverError::Unrecoverable(reason)) => {
+                                return Exit::Park(Park::new(io.config.node.clone(), &reason));
+                            }
+                        }
+                    }
+                    Next::Park(park) => return Exit::Park(park),
+                    Next::Stop => return Exit::LeaseLost,
+                }
+            }
+            Ok(None) => {
+                let left = io.config.idle_timeout.saturating_sub(idle_since.elapsed());
+                if left.is_zero() {
+                    return Exit::Passivated;
+                }
+                tokio::select! {
+                    _ = signal.notified() => {}
+                    _ = tokio::time::sleep(left) => {}
+                    _ = stop.cancelled() => return Exit::Passivated,
+                }
+            }
+            Err(e) => {
+                shared.health.failed(&e);
+                tracing::warn!(actor = %id, error = %e, "could not read the mailbox; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(io.config.poll_interval.max(Duration::from_millis(10))) => {}
+                    _ = stop.cancelled() => return Exit::Passivated,
+                }
+            }
+        }
+    }
+}
+
+/// Looks for work enqueued by other nodes, due delayed messages and due retries.
+pub(super) async fn dispatch(shared: Arc<Shared>) {
+    let mut wakeups = shared.store.wakeups();
+    loop {
+        match shared.store.ready_actors(&shared.hosted, 512).await {
+            Ok(ids) => {
+                for id in ids {
+                    shared.ensure_active(&id).await;
+                }
+            }
+            // Not noted in `health`: a read that failed once says little of the store (a
+            // connection dropped), and what the runtime writes says the rest.
+            Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = shared.wake.notified() => {}
+            _ = woken(&mut wakeups) => {}
+            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+        }
+    }
+}
+
+/// Returns when the store signals work from another process; never, if it has no such signal
+/// (or it has stopped: the poll then carries on alone).
+async fn woken(wakeups: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match wakeups {
+        Some(w) => {
+            if w.changed().await.is_err() {
+                *wakeups = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
