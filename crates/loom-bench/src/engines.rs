@@ -28,6 +28,8 @@
 //!   250 ms or 64 MiB of log a checkpoint commits redb with `Durability::Immediate` and empties
 //!   the log. redb allows one write transaction at a time, so partitions share it; their logs
 //!   sync in parallel.
+//! - [`Engine::RedbRedoPerPartition`]: the same, with one redb file per partition, so that
+//!   partitions share no lock at all (the engine instance is then per partition, not one).
 //! - [`Engine::Fjall`]: one fjall database (an LSM with its own journal), one keyspace per
 //!   table; the batch is written to fjall's journal (`PersistMode::Buffer`, atomic) and then
 //!   `Database::persist(PersistMode::SyncData)`. fjall has one journal per database and syncs
@@ -56,17 +58,25 @@ pub enum Engine {
     RedbRedo,
     /// fjall 3.x, one database, batches synced through its journal.
     Fjall,
+    /// redb with a redo log, one redb file per partition (so partitions share no write lock;
+    /// with one partition, the same as [`Engine::RedbRedo`]).
+    RedbRedoPerPartition,
 }
 
 impl Engine {
     /// Both engines, in the order a run measures them.
-    pub const ALL: [Engine; 2] = [Engine::RedbRedo, Engine::Fjall];
+    pub const ALL: [Engine; 3] = [
+        Engine::RedbRedo,
+        Engine::Fjall,
+        Engine::RedbRedoPerPartition,
+    ];
 
     /// Its name in a report.
     pub fn name(self) -> &'static str {
         match self {
             Engine::RedbRedo => "redb+redo",
             Engine::Fjall => "fjall",
+            Engine::RedbRedoPerPartition => "redb+redo-file-per-partition",
         }
     }
 }
@@ -432,7 +442,7 @@ pub fn run(
 ) -> Result<Outcome, EngineError> {
     let dir = tempfile_dir(parent, engine)?;
     let outcome = match engine {
-        Engine::RedbRedo => redb_run(&dir, pattern, seconds),
+        Engine::RedbRedo | Engine::RedbRedoPerPartition => redb_run(&dir, pattern, seconds, engine),
         Engine::Fjall => fjall_run(&dir, pattern, seconds),
     };
     let removed = std::fs::remove_dir_all(&dir);
@@ -505,21 +515,34 @@ fn redo_record(ops: &[Op], buf: &mut Vec<u8>) {
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn redb_run(dir: &Path, pattern: Pattern, seconds: Duration) -> Result<Outcome, EngineError> {
+fn redb_run(
+    dir: &Path,
+    pattern: Pattern,
+    seconds: Duration,
+    engine: Engine,
+) -> Result<Outcome, EngineError> {
     let cpu0 = process_cpu();
-    let db = Arc::new(redb::Database::create(dir.join("loom.redb"))?);
-    {
+    // One file that every partition's writer shares, or one file per partition.
+    let files = match engine {
+        Engine::RedbRedoPerPartition => pattern.partitions,
+        _ => 1,
+    };
+    let path = |f: usize| dir.join(format!("loom-{f}.redb"));
+    let mut dbs = Vec::with_capacity(files);
+    for f in 0..files {
+        let db = redb::Database::create(path(f))?;
         let txn = db.begin_write()?;
         for t in Table::ALL {
             txn.open_table(t.redb())?;
         }
         txn.commit()?;
+        dbs.push(Arc::new(db));
     }
     let start = Instant::now();
     let deadline = start + seconds;
     let handles: Vec<_> = (0..pattern.partitions)
         .map(|w| {
-            let db = db.clone();
+            let db = dbs[w % files].clone();
             let log_path = dir.join(format!("loom.redo.{w}"));
             thread::spawn(move || redb_writer(&db, &log_path, w, pattern, deadline))
         })
@@ -527,22 +550,26 @@ fn redb_run(dir: &Path, pattern: Pattern, seconds: Duration) -> Result<Outcome, 
     let (turns, batch_latencies) = join_writers(handles)?;
     let elapsed = start.elapsed();
     let disk_bytes = dir_bytes(dir)?;
-    let db =
-        Arc::try_unwrap(db).map_err(|_| EngineError::Check("a writer kept the database".into()))?;
-    // Close as the store does: one last durable commit, then the logs are not needed.
-    let mut txn = db.begin_write()?;
-    txn.set_durability(redb::Durability::Immediate)?;
-    txn.commit()?;
-    drop(db);
+    for db in dbs {
+        let db = Arc::try_unwrap(db)
+            .map_err(|_| EngineError::Check("a writer kept the database".into()))?;
+        // Close as the store does: one last durable commit, then the logs are not needed.
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        txn.commit()?;
+    }
     let cpu = process_cpu().saturating_sub(cpu0);
-    let db = redb::Database::open(dir.join("loom.redb"))?;
-    let entries_after_reopen = db
-        .begin_read()
-        .map_err(redb::Error::from)?
-        .open_table(Table::Journal.redb())?
-        .len()?;
+    let mut entries_after_reopen = 0;
+    for f in 0..files {
+        let db = redb::Database::open(path(f))?;
+        entries_after_reopen += db
+            .begin_read()
+            .map_err(redb::Error::from)?
+            .open_table(Table::Journal.redb())?
+            .len()?;
+    }
     Ok(Outcome {
-        engine: Engine::RedbRedo,
+        engine,
         pattern,
         turns,
         elapsed,
@@ -755,6 +782,10 @@ pub fn bakeoff(
         };
         let baseline = raw_fsync(parent, pattern, seconds)?;
         for engine in Engine::ALL {
+            // With one partition a file per partition is the shared file: measured once.
+            if p == 1 && engine == Engine::RedbRedoPerPartition {
+                continue;
+            }
             out.push(run(engine, parent, pattern, seconds)?.measurement(baseline));
         }
     }

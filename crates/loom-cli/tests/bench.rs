@@ -170,17 +170,18 @@ fn the_engine_bakeoff_reports_each_engine_per_partition_count_with_a_summary() {
         "engine-fjall-p1",
         "engine-redb+redo-p2",
         "engine-fjall-p2",
+        "engine-redb+redo-file-per-partition-p2",
     ]
     .into();
     assert_eq!(names, expected, "{out}");
-    assert_eq!(runs.len(), 8, "{out}");
+    assert_eq!(runs.len(), 10, "{out}");
     for r in &runs {
         assert!(r["ops_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["baseline_ops_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["cpu_ms_per_1000_turns"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["disk_bytes"].as_u64().unwrap() > 0, "{r}");
     }
-    assert_eq!(summaries.len(), 4, "{out}");
+    assert_eq!(summaries.len(), 5, "{out}");
     for s in &summaries {
         assert_eq!(s["runs"], 2, "{s}");
         let ops: Vec<f64> = s["ops_per_s"]
