@@ -8,7 +8,7 @@ use std::time::Duration;
 use loom_core::runtime::{AskOptions, SendOptions, Sent};
 use loom_core::{EntryKind, IdempotencyKey, MessageId, Reservation};
 
-use super::cases::{WAIT, acct, activity, finished, reached, replies, worker};
+use super::common::{WAIT, acct, activity, finished, reached, replies, worker};
 use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {

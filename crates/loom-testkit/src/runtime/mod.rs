@@ -5,9 +5,16 @@
 //! `runtime::<backend>::<case>`. A case can start several runtimes on the same store one after
 //! the other, killing the first as a crash would, to check recovery and replay.
 
+mod activities;
 mod actors;
-mod cases;
+mod common;
+mod compaction;
 mod delivery;
+mod exactly_once;
+mod failures;
+mod lifecycle;
+mod state;
+mod waits;
 
 /// Builds [`RuntimeCase`]s from case functions, named after them.
 macro_rules! runtime_cases {
@@ -160,30 +167,39 @@ pub struct RuntimeCase {
 
 /// The runtime cases for `backend`, as test trials.
 pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
-    cases::all()
-        .into_iter()
-        .chain(delivery::cases())
-        .map(|case| {
-            let factory = factory.clone();
-            Trial::test(format!("runtime::{backend}::{}", case.name), move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("tokio runtime: {e}"))?;
-                rt.block_on(async move {
-                    let fixture = factory.create().await;
-                    let faulty = FaultyStore::new(fixture.store.clone());
-                    let harness = Harness {
-                        faults: faulty.faults.clone(),
-                        store: Arc::new(faulty),
-                        probe: Arc::new(Probe::default()),
-                        _fixture: fixture,
-                    };
-                    (case.run)(&harness).await;
-                });
-                Ok(())
-            })
+    [
+        state::cases(),
+        exactly_once::cases(),
+        activities::cases(),
+        waits::cases(),
+        delivery::cases(),
+        failures::cases(),
+        compaction::cases(),
+        lifecycle::cases(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|case| {
+        let factory = factory.clone();
+        Trial::test(format!("runtime::{backend}::{}", case.name), move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("tokio runtime: {e}"))?;
+            rt.block_on(async move {
+                let fixture = factory.create().await;
+                let faulty = FaultyStore::new(fixture.store.clone());
+                let harness = Harness {
+                    faults: faulty.faults.clone(),
+                    store: Arc::new(faulty),
+                    probe: Arc::new(Probe::default()),
+                    _fixture: fixture,
+                };
+                (case.run)(&harness).await;
+            });
+            Ok(())
         })
-        .collect()
+    })
+    .collect()
 }

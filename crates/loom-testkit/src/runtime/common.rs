@@ -1,0 +1,60 @@
+//! What the runtime cases share: ids, steps, and waiting for what the test actors report.
+
+use std::time::Duration;
+
+use loom_core::{ActorId, EntryKind};
+use serde_json::Value;
+
+use super::{Harness, Step, eventually};
+
+pub(super) const WAIT: Duration = Duration::from_secs(20);
+
+pub(super) fn acct(key: &str) -> ActorId {
+    ActorId::new("acct", key).expect("id")
+}
+
+pub(super) fn worker(key: &str) -> ActorId {
+    ActorId::new("worker", key).expect("id")
+}
+
+pub(super) fn activity(name: &str) -> Step {
+    Step::Activity {
+        name: name.into(),
+        fail: false,
+        hold: false,
+    }
+}
+
+/// Waits until the actor's journal holds `n` `Completed` or `Failed` entries.
+pub(super) async fn finished(h: &Harness, id: &ActorId, n: usize) {
+    eventually(
+        WAIT,
+        &format!("{n} finished invocations of {id}"),
+        || async {
+            h.count(id, |k| {
+                matches!(k, EntryKind::Completed { .. } | EntryKind::Failed { .. })
+            })
+            .await
+                >= n
+        },
+    )
+    .await;
+}
+
+/// The replies journaled by the actor's completed invocations.
+pub(super) async fn replies(h: &Harness, id: &ActorId) -> Vec<Value> {
+    h.journal(id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Completed { reply } => Some(reply),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(super) async fn reached(h: &Harness) {
+    tokio::time::timeout(WAIT, h.probe.reached.notified())
+        .await
+        .expect("a handler reached the gate");
+}

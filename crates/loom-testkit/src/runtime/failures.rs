@@ -1,0 +1,188 @@
+//! Runtime cases about failures: non-determinism parks, panics and exhausted retries dead-letter, store failures are retried, bad input is a typed error.
+
+use std::time::Duration;
+
+use loom_core::runtime::{AskError, SendError};
+use loom_core::{ActorId, EntryKind, Envelope};
+use serde_json::json;
+
+use super::common::{WAIT, acct, activity, reached, worker};
+use super::{
+    Account, AccountMsg, Ghost, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases,
+};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        nondeterminism_parks_the_actor_naming_both_steps,
+        panicking_handler_fails_only_that_invocation,
+        exhausted_retries_dead_letter_the_message_with_its_error,
+        store_failures_are_retried_not_swallowed,
+        malformed_payload_is_dead_lettered_and_the_journal_untouched,
+        unknown_kind_is_a_typed_error_and_its_messages_wait,
+        invalid_key_is_a_typed_error,
+    ]
+}
+
+async fn nondeterminism_parks_the_actor_naming_both_steps(h: &Harness) {
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .send(vec![activity("a"), Step::Gate])
+        .await
+        .unwrap();
+    reached(h).await;
+    rt.kill().await;
+    let before = h.highest(&worker("w")).await;
+    let rt = h.runtime_versioned("v2-", |_| {}).await;
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (id, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(id, worker("w"));
+    let reason = park.reason;
+    assert!(
+        reason.contains("activity \"a\"") && reason.contains("activity \"v2-a\""),
+        "{reason}"
+    );
+    assert_eq!(park.step, Some(1));
+    assert_eq!(
+        h.highest(&worker("w")).await,
+        before,
+        "a parked actor wrote to its journal"
+    );
+    h.probe.open(1);
+    rt.shutdown().await;
+}
+
+async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    let b = rt.actor::<Account>("bob");
+    a.send(AccountMsg::Panic).await.unwrap();
+    a.send(AccountMsg::Deposit(5)).await.unwrap();
+    b.send(AccountMsg::Deposit(7)).await.unwrap();
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 5);
+    assert_eq!(b.ask(AccountMsg::Balance).await.unwrap(), 7);
+    assert!(rt.metrics().retries >= 2, "{:?}", rt.metrics());
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("the handler blew up"),
+        "{}",
+        dead[0].reason
+    );
+    assert!(
+        h.kinds(&acct("alice")).await.iter().all(|k| *k != "failed"),
+        "a panic before any durable step touched the journal"
+    );
+    rt.shutdown().await;
+}
+
+async fn exhausted_retries_dead_letter_the_message_with_its_error(h: &Harness) {
+    let rt = h.runtime().await;
+    match rt.actor::<Account>("alice").ask(AccountMsg::Panic).await {
+        Err(AskError::Failed(reason)) => {
+            assert!(
+                reason.contains("gave up after 3 attempts")
+                    && reason.contains("the handler blew up"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.to, acct("alice"));
+    assert!(
+        dead[0].reason.contains("gave up after 3 attempts"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(rt.metrics().dead_letters, 1);
+    rt.shutdown().await;
+}
+
+async fn store_failures_are_retried_not_swallowed(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    h.faults
+        .fail_writes
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(a.ask(AccountMsg::Deposit(5)).await.unwrap(), 5);
+    assert_eq!(
+        a.ask(AccountMsg::Balance).await.unwrap(),
+        5,
+        "a retried turn was applied twice"
+    );
+    assert!(h.faults.injected.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert!(rt.metrics().retries >= 1);
+    rt.shutdown().await;
+}
+
+async fn malformed_payload_is_dead_lettered_and_the_journal_untouched(h: &Harness) {
+    let rt = h.runtime().await;
+    let carol = acct("carol");
+    h.store
+        .enqueue(
+            &Envelope::new(carol.clone(), json!({"NoSuchVariant": 1})),
+            None,
+        )
+        .await
+        .unwrap();
+    let c = rt.actor::<Account>("carol");
+    assert_eq!(c.ask(AccountMsg::Deposit(3)).await.unwrap(), 3);
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("malformed message"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(
+        h.count(&carol, |k| matches!(k, EntryKind::Invoked { .. }))
+            .await,
+        1
+    );
+    rt.shutdown().await;
+}
+
+/// A kind this runtime does not host: sending through it is a typed error; a message that
+/// arrives anyway (from a node that hosts the kind) is never touched here: it waits for a host.
+async fn unknown_kind_is_a_typed_error_and_its_messages_wait(h: &Harness) {
+    let rt = h.runtime().await;
+    match rt.actor::<Ghost>("x").send(()).await {
+        Err(SendError::UnknownKind(k)) => assert_eq!(k, "ghost"),
+        other => panic!("expected UnknownKind, got {other:?}"),
+    }
+    let ghost = ActorId::new("ghost", "x").unwrap();
+    h.store
+        .enqueue(&Envelope::new(ghost.clone(), json!(null)), None)
+        .await
+        .unwrap();
+    // Many polls later, it still waits, untouched.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.store.pending(&ghost).await.unwrap(), 1);
+    let waiting = h.store.messages(&ghost, None, 10).await.unwrap();
+    assert!(
+        !waiting[0].out,
+        "a runtime not hosting the kind leased its message"
+    );
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    assert_eq!(h.highest(&ghost).await, 0);
+    rt.shutdown().await;
+}
+
+async fn invalid_key_is_a_typed_error(h: &Harness) {
+    let rt = h.runtime().await;
+    assert!(matches!(
+        rt.actor::<Account>("").send(AccountMsg::Balance).await,
+        Err(SendError::InvalidId(_))
+    ));
+    assert!(matches!(
+        rt.actor::<Account>("bad\nkey")
+            .ask(AccountMsg::Balance)
+            .await,
+        Err(AskError::Send(SendError::InvalidId(_)))
+    ));
+    rt.shutdown().await;
+}

@@ -1,0 +1,286 @@
+//! Runtime cases about an actor's life on a node: passivation, the bound on active actors, leases lost and renewed, one invocation at a time, shutdown, back-pressure.
+
+use std::time::Duration;
+
+use loom_core::EntryKind;
+use loom_core::runtime::SendError;
+
+use super::common::{WAIT, acct, reached};
+use super::{Account, AccountMsg, Harness, RuntimeCase, eventually, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        passivation_and_reactivation,
+        more_actors_than_max_active_keep_their_state,
+        lost_lease_stops_writes,
+        leases_of_many_idle_actors_are_renewed_together,
+        one_invocation_at_a_time_per_actor,
+        many_actors_run_in_parallel,
+        graceful_shutdown_drains_in_flight_invocations,
+        active_actors_are_bounded,
+        full_mailbox_pushes_back,
+    ]
+}
+
+async fn passivation_and_reactivation(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.idle_timeout = Duration::from_millis(200))
+        .await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(5)).await.unwrap(), 5);
+    let id = acct("alice");
+    eventually(WAIT, "the idle actor is passivated", || async {
+        !rt.is_active(&id)
+    })
+    .await;
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 6);
+    assert!(rt.metrics().recoveries >= 2);
+    rt.shutdown().await;
+}
+
+/// `max_active` is a bound on memory, not on correctness: with many more actors than it, the
+/// least recently used are passivated to make room and come back with their state.
+async fn more_actors_than_max_active_keep_their_state(h: &Harness) {
+    const LIMIT: usize = 4;
+    const ACTORS: i64 = 24;
+    let rt = h.runtime_with(|c| c.max_active = LIMIT).await;
+    for round in 1..=3i64 {
+        for i in 0..ACTORS {
+            let a = rt.actor::<Account>(&format!("many-{i}"));
+            assert_eq!(
+                a.ask(AccountMsg::Deposit(i + 1)).await.unwrap(),
+                round * (i + 1),
+                "actor {i} in round {round}"
+            );
+        }
+    }
+    eventually(WAIT, "evicted actors leave, down to the limit", || async {
+        rt.metrics().active <= LIMIT as u64
+    })
+    .await;
+    // Every actor was evicted and came back at least once per round after the first.
+    assert!(
+        rt.metrics().recoveries >= 2 * ACTORS as u64,
+        "{:?}",
+        rt.metrics()
+    );
+    rt.shutdown().await;
+}
+
+async fn lost_lease_stops_writes(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.lease_ttl = Duration::from_millis(600))
+        .await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+    a.send(AccountMsg::Hold(10)).await.unwrap();
+    reached(h).await;
+    h.faults
+        .fail_renewals
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(WAIT, "the runtime notices the lost lease", || async {
+        rt.metrics().leases_lost == 1
+    })
+    .await;
+    let id = acct("alice");
+    let intruder = h
+        .store
+        .acquire(&id, "intruder", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let before = h.highest(&id).await;
+    h.probe.open(1);
+    a.send(AccountMsg::Deposit(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        h.highest(&id).await,
+        before,
+        "an actor wrote after losing its lease"
+    );
+    assert!(!rt.is_active(&id));
+    h.store.release(&intruder).await.unwrap();
+    h.faults
+        .fail_renewals
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // Once the lease is free again, the held message is redone and the deposit applied, once each.
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 111);
+    rt.shutdown().await;
+}
+
+async fn leases_of_many_idle_actors_are_renewed_together(h: &Harness) {
+    let ttl = Duration::from_millis(600);
+    let rt = h.runtime_with(|c| c.lease_ttl = ttl).await;
+    let n = 40;
+    for i in 0..n {
+        let a = rt.actor::<Account>(format!("idle{i}"));
+        assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+    }
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        let holder = h.store.holder(&acct(&format!("idle{i}"))).await.unwrap();
+        tokens.push(holder.expect("an active actor holds its lease").token);
+    }
+    assert_eq!(rt.metrics().leases_held, n as u64);
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let (calls, leases) = (count(&h.faults.renewal_calls), count(&h.faults.renewals));
+    // Five ttls idle: without renewals every lease would have run out.
+    tokio::time::sleep(ttl * 5).await;
+    for (i, token) in tokens.iter().enumerate() {
+        let id = acct(&format!("idle{i}"));
+        assert!(rt.is_active(&id), "idle{i} lost its lease while idle");
+        let holder = h.store.holder(&id).await.unwrap();
+        assert_eq!(
+            holder.map(|l| l.token),
+            Some(*token),
+            "idle{i}'s lease ran out"
+        );
+    }
+    let calls = count(&h.faults.renewal_calls) - calls;
+    let leases = count(&h.faults.renewals) - leases;
+    assert!(
+        leases >= 10 * n as u64,
+        "{leases} renewals of {n} leases in five ttls"
+    );
+    assert!(
+        calls * 10 <= leases,
+        "{calls} renewal calls for {leases} renewals: leases are not renewed together"
+    );
+    assert_eq!(rt.metrics().leases_lost, 0);
+    rt.shutdown().await;
+    assert_eq!(rt.metrics().leases_held, 0);
+    for i in 0..n {
+        assert!(
+            h.store
+                .holder(&acct(&format!("idle{i}")))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+async fn one_invocation_at_a_time_per_actor(h: &Harness) {
+    let rt = h.runtime().await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let a = rt.actor::<Account>("alice");
+        tasks.push(tokio::spawn(async move {
+            a.send(AccountMsg::Slow(1, 10)).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        20
+    );
+    assert_eq!(
+        h.probe
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    rt.shutdown().await;
+}
+
+async fn many_actors_run_in_parallel(h: &Harness) {
+    let rt = h.runtime().await;
+    for n in 0..30 {
+        rt.actor::<Account>(format!("a{n}"))
+            .send(AccountMsg::Slow(n, 100))
+            .await
+            .unwrap();
+    }
+    for n in 0..30 {
+        assert_eq!(
+            rt.actor::<Account>(format!("a{n}"))
+                .ask(AccountMsg::Balance)
+                .await
+                .unwrap(),
+            n
+        );
+    }
+    assert!(
+        h.probe
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 1,
+        "actors ran one at a time"
+    );
+    rt.shutdown().await;
+}
+
+async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
+    let rt = h.runtime().await;
+    let id = acct("alice");
+    rt.actor::<Account>("alice")
+        .send(AccountMsg::Slow(5, 400))
+        .await
+        .unwrap();
+    eventually(WAIT, "the invocation is running", || async {
+        h.probe
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    })
+    .await;
+    rt.shutdown().await;
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
+            .await,
+        1,
+        "shutdown dropped an in-flight invocation"
+    );
+    assert_eq!(h.store.pending(&id).await.unwrap(), 0);
+    assert!(
+        h.store.holder(&id).await.unwrap().is_none(),
+        "the lease was not released"
+    );
+    assert!(matches!(
+        rt.actor::<Account>("alice").send(AccountMsg::Balance).await,
+        Err(SendError::Shutdown)
+    ));
+}
+
+async fn active_actors_are_bounded(h: &Harness) {
+    let rt = h.runtime_with(|c| c.max_active = 3).await;
+    for n in 0..10 {
+        assert_eq!(
+            rt.actor::<Account>(format!("a{n}"))
+                .ask(AccountMsg::Deposit(1))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    eventually(WAIT, "at most 4 actors active", || async {
+        rt.metrics().active <= 4
+    })
+    .await;
+    rt.shutdown().await;
+}
+
+async fn full_mailbox_pushes_back(h: &Harness) {
+    let rt = h.runtime_with(|c| c.max_mailbox = Some(3)).await;
+    let a = rt.actor::<Account>("alice");
+    a.send(AccountMsg::Hold(1)).await.unwrap();
+    reached(h).await;
+    a.send(AccountMsg::Deposit(1)).await.unwrap();
+    a.send(AccountMsg::Deposit(1)).await.unwrap();
+    match a.send(AccountMsg::Deposit(1)).await {
+        Err(SendError::MailboxFull { pending, .. }) => assert_eq!(pending, 3),
+        other => panic!("expected MailboxFull, got {other:?}"),
+    }
+    h.probe.open(1);
+    let id = acct("alice");
+    eventually(WAIT, "the backlog drains", || async {
+        h.store.pending(&id).await.unwrap() == 0
+    })
+    .await;
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 3);
+    rt.shutdown().await;
+}

@@ -1,0 +1,196 @@
+//! Runtime cases about an actor's state: acknowledged changes survive restarts and crashes, rejected turns leave no trace, bad input is refused whole.
+
+use loom_core::EntryKind;
+use loom_core::runtime::{AskError, SendError};
+use serde_json::{Value, json};
+
+use super::common::{acct, worker};
+use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        send_and_ask,
+        state_survives_restart_and_patches_apply_once,
+        state_survives_a_crash,
+        rejected_turn_leaves_no_trace_in_the_state,
+        first_state_change_replaces_the_whole_state,
+        oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
+    ]
+}
+
+async fn send_and_ask(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    a.send(AccountMsg::Deposit(100)).await.unwrap();
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 100);
+    assert_eq!(
+        h.kinds(&acct("alice")).await,
+        vec![
+            "invoked",
+            "state_patched",
+            "completed",
+            "invoked",
+            "completed"
+        ]
+    );
+    rt.shutdown().await;
+}
+
+async fn state_survives_restart_and_patches_apply_once(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    for _ in 0..5 {
+        a.send(AccountMsg::Deposit(10)).await.unwrap();
+    }
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 50);
+    rt.shutdown().await;
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        50
+    );
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Deposit(1))
+            .await
+            .unwrap(),
+        51
+    );
+    rt.shutdown().await;
+}
+
+async fn state_survives_a_crash(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
+    a.send(AccountMsg::Deposit(3)).await.unwrap();
+    rt.kill().await;
+    let rt = h.runtime().await;
+    // Acknowledged means durable: the second deposit was sent before the crash.
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        10
+    );
+    rt.shutdown().await;
+}
+
+async fn rejected_turn_leaves_no_trace_in_the_state(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    a.send(AccountMsg::Deposit(10)).await.unwrap();
+    match a.ask(AccountMsg::Withdraw(50)).await {
+        Err(AskError::Rejected(r)) => assert!(r.reason().contains("insufficient funds"), "{r}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    match a.ask(AccountMsg::BadDeposit(1000)).await {
+        Err(AskError::Rejected(_)) => {}
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(
+        a.ask(AccountMsg::Deposit(1)).await.unwrap(),
+        11,
+        "a rejected turn changed the state"
+    );
+    let kinds = h.kinds(&acct("alice")).await;
+    assert_eq!(kinds.iter().filter(|k| **k == "failed").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == "state_patched").count(), 2);
+    rt.shutdown().await;
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        11
+    );
+    rt.shutdown().await;
+}
+
+async fn first_state_change_replaces_the_whole_state(h: &Harness) {
+    let rt = h.runtime().await;
+    rt.actor::<Account>("alice")
+        .ask(AccountMsg::Deposit(5))
+        .await
+        .unwrap();
+    rt.actor::<Account>("alice")
+        .ask(AccountMsg::Deposit(5))
+        .await
+        .unwrap();
+    let patches: Vec<Value> = h
+        .journal(&acct("alice"))
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::StatePatched { patch } => Some(serde_json::to_value(patch).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        patches[0],
+        json!([{"op": "replace", "path": "", "value": {"balance": 5, "deposits": 1}}])
+    );
+    assert_eq!(
+        patches[1],
+        json!([{"op": "replace", "path": "/balance", "value": 10}, {"op": "replace", "path": "/deposits", "value": 2}])
+    );
+    rt.shutdown().await;
+}
+
+async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(h: &Harness) {
+    use loom_core::StoreError;
+    use loom_core::limits::{MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES};
+    let id = acct("alice");
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
+    let before = h.highest(&id).await;
+    // A message over the limit: refused at send, nothing enqueued.
+    let big = "x".repeat(MAX_MESSAGE_BYTES);
+    match rt
+        .actor::<Worker>("w")
+        .send(vec![Step::Send {
+            key: big,
+            amount: 1,
+        }])
+        .await
+    {
+        Err(SendError::Store(StoreError::TooLarge { .. })) => {}
+        other => panic!("an oversized message must be a typed error, got {other:?}"),
+    }
+    assert_eq!(h.store.pending(&worker("w")).await.unwrap(), 0);
+    // A turn whose state change is over the entry limit: the invocation fails, is retried,
+    // then dead-lettered with the reason; the state and journal keep what came before.
+    match a.ask(AccountMsg::Grow(MAX_ENTRY_BYTES + 1)).await {
+        Err(AskError::Failed(reason)) => {
+            assert!(
+                reason.contains("too large") || reason.contains("limit"),
+                "{reason}"
+            )
+        }
+        other => panic!("an oversized state change must fail the invocation, got {other:?}"),
+    }
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        h.highest(&id).await,
+        before,
+        "part of the oversized turn was written"
+    );
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 8);
+    rt.shutdown().await;
+    let rt = h.runtime().await;
+    assert_eq!(
+        rt.actor::<Account>("alice")
+            .ask(AccountMsg::Balance)
+            .await
+            .unwrap(),
+        8
+    );
+    rt.shutdown().await;
+}

@@ -1,0 +1,225 @@
+//! Runtime cases about durable waits: sleeps, delayed sends and events, live and across crashes.
+
+use std::time::Duration;
+
+use loom_core::{EntryKind, Timestamp};
+use serde_json::json;
+
+use super::common::{WAIT, acct, activity, finished, replies, worker};
+use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        durable_sleep_live,
+        durable_sleep_replay_does_not_restart_the_clock,
+        send_after_arrives_after_its_delay,
+        wait_event_live,
+        event_delivered_before_the_wait_is_kept,
+        wait_event_times_out_with_an_error_the_handler_sees,
+        wait_event_replay_after_a_crash,
+        messages_queue_behind_a_waiting_invocation,
+    ]
+}
+
+async fn durable_sleep_live(h: &Harness) {
+    let rt = h.runtime().await;
+    let started = Timestamp::now();
+    let reply = rt
+        .actor::<Worker>("w")
+        .ask(vec![Step::Sleep { ms: 200 }])
+        .await
+        .unwrap();
+    assert_eq!(reply, vec!["slept 200"]);
+    assert!(Timestamp::now().saturating_since(started) >= Duration::from_millis(200));
+    let kinds = h.kinds(&worker("w")).await;
+    assert!(
+        kinds.contains(&"timer_started") && kinds.contains(&"timer_fired"),
+        "{kinds:?}"
+    );
+    rt.shutdown().await;
+}
+
+async fn durable_sleep_replay_does_not_restart_the_clock(h: &Harness) {
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .send(vec![Step::Sleep { ms: 4000 }])
+        .await
+        .unwrap();
+    let w = worker("w");
+    eventually(WAIT, "the timer is journaled", || async {
+        h.count(&w, |k| matches!(k, EntryKind::TimerStarted { .. }))
+            .await
+            == 1
+    })
+    .await;
+    let fire_at = h
+        .journal(&w)
+        .await
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EntryKind::TimerStarted { fire_at, .. } => Some(fire_at),
+            _ => None,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    rt.kill().await;
+    let rt = h.runtime().await;
+    finished(h, &w, 1).await;
+    let done = h
+        .journal(&w)
+        .await
+        .into_iter()
+        .find(|e| matches!(e.kind, EntryKind::Completed { .. }))
+        .unwrap();
+    assert!(
+        done.at >= fire_at,
+        "woke at {} before the timer's {fire_at}",
+        done.at
+    );
+    // A restarted clock would wake 2 s (the time before the crash) after the journaled time.
+    assert!(
+        done.at.saturating_since(fire_at) < Duration::from_millis(1900),
+        "woke at {}, long after the journaled {fire_at}: the sleep restarted",
+        done.at
+    );
+    assert_eq!(
+        h.count(&w, |k| matches!(k, EntryKind::TimerStarted { .. }))
+            .await,
+        1
+    );
+    rt.shutdown().await;
+}
+
+async fn send_after_arrives_after_its_delay(h: &Harness) {
+    let rt = h.runtime().await;
+    let script = vec![Step::SendAfter {
+        key: "bob".into(),
+        amount: 5,
+        ms: 1500,
+    }];
+    rt.actor::<Worker>("w").ask(script).await.unwrap();
+    let bob = rt.actor::<Account>("bob");
+    assert_eq!(
+        bob.ask(AccountMsg::Balance).await.unwrap(),
+        0,
+        "the scheduled message came early"
+    );
+    finished(h, &acct("bob"), 2).await;
+    assert_eq!(bob.ask(AccountMsg::Balance).await.unwrap(), 5);
+    rt.shutdown().await;
+}
+
+async fn wait_event_live(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w");
+    w.send(vec![Step::Wait {
+        name: "approved".into(),
+        timeout_ms: None,
+    }])
+    .await
+    .unwrap();
+    eventually(WAIT, "the wait is journaled", || async {
+        h.count(&worker("w"), |k| {
+            matches!(k, EntryKind::EventAwaited { .. })
+        })
+        .await
+            == 1
+    })
+    .await;
+    w.deliver_event("approved", "by ops").await.unwrap();
+    finished(h, &worker("w"), 1).await;
+    assert_eq!(
+        replies(h, &worker("w")).await,
+        vec![json!(["event approved: by ops"])]
+    );
+    rt.shutdown().await;
+}
+
+async fn event_delivered_before_the_wait_is_kept(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w");
+    w.deliver_event("approved", "early").await.unwrap();
+    let reply = w
+        .ask(vec![Step::Wait {
+            name: "approved".into(),
+            timeout_ms: Some(10_000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(reply, vec!["event approved: early"]);
+    rt.shutdown().await;
+}
+
+async fn wait_event_times_out_with_an_error_the_handler_sees(h: &Harness) {
+    let rt = h.runtime().await;
+    let reply = rt
+        .actor::<Worker>("w")
+        .ask(vec![Step::Wait {
+            name: "never".into(),
+            timeout_ms: Some(300),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(reply, vec!["event never: timed out"]);
+    rt.shutdown().await;
+}
+
+async fn wait_event_replay_after_a_crash(h: &Harness) {
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .send(vec![
+            activity("before"),
+            Step::Wait {
+                name: "approved".into(),
+                timeout_ms: None,
+            },
+        ])
+        .await
+        .unwrap();
+    eventually(WAIT, "the wait is journaled", || async {
+        h.count(&worker("w"), |k| {
+            matches!(k, EntryKind::EventAwaited { .. })
+        })
+        .await
+            == 1
+    })
+    .await;
+    rt.kill().await;
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("w")
+        .deliver_event("approved", "after the crash")
+        .await
+        .unwrap();
+    finished(h, &worker("w"), 1).await;
+    assert_eq!(
+        replies(h, &worker("w")).await,
+        vec![json!(["before done", "event approved: after the crash"])]
+    );
+    assert_eq!(h.probe.runs("before"), 1);
+    rt.shutdown().await;
+}
+
+async fn messages_queue_behind_a_waiting_invocation(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w");
+    w.send(vec![Step::Wait {
+        name: "go".into(),
+        timeout_ms: None,
+    }])
+    .await
+    .unwrap();
+    w.send(vec![activity("later")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        h.probe.runs("later"),
+        0,
+        "a message overtook an invocation waiting for an event"
+    );
+    w.deliver_event("go", "now").await.unwrap();
+    finished(h, &worker("w"), 2).await;
+    assert_eq!(
+        replies(h, &worker("w")).await,
+        vec![json!(["event go: now"]), json!(["later done"])]
+    );
+    rt.shutdown().await;
+}
