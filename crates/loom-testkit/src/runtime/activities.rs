@@ -46,9 +46,7 @@ async fn activity_replay_returns_the_journaled_result_without_running(h: &Harnes
         .await
         .unwrap();
     reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
     assert_eq!(
         h.probe.runs("a"),
@@ -81,9 +79,7 @@ async fn activity_interrupted_by_a_crash_runs_again_with_the_same_key(h: &Harnes
         .await
         .unwrap();
     reached(h).await;
-    rt.kill().await;
-    h.probe.open(2);
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 2).await;
     finished(h, &worker("w"), 1).await;
     assert_eq!(h.probe.runs("charge"), 2);
     let keys = h.probe.keys.lock().unwrap().clone();
@@ -120,9 +116,7 @@ async fn activity_failure_is_journaled_and_replayed(h: &Harness) {
     ];
     rt.actor::<Worker>("w").send(script).await.unwrap();
     reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
     assert_eq!(h.probe.runs("a"), 1);
     assert_eq!(

@@ -203,8 +203,7 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
     // gate and the process "dies".
     for _ in 0..5 {
         reached(h).await;
-        rt.kill().await;
-        rt = h.runtime().await;
+        rt = h.crash_and_resume(rt, 0).await;
     }
     let dead = one_dead_letter(h).await;
     let reason = h.store.dead_letters(None, 10).await.unwrap()[0]
@@ -424,8 +423,7 @@ async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
     // visibility ran out): more than give-up's five, and more than the store's own delivery
     // limit below it (seven), which the runtime lifts for a message in a durable wait.
     for _ in 0..8 {
-        rt.kill().await;
-        rt = h.runtime().await;
+        rt = h.crash_and_resume(rt, 0).await;
         tokio::time::sleep(Duration::from_millis(1600)).await;
     }
     assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
@@ -456,8 +454,7 @@ async fn deliveries_after_a_durable_sleep_ends_count_again(h: &Harness) {
     // was not journaled yet), then five counted ones: the sixth is given up before it runs.
     for _ in 0..6 {
         reached(h).await;
-        rt.kill().await;
-        rt = h.runtime().await;
+        rt = h.crash_and_resume(rt, 0).await;
     }
     one_dead_letter(h).await;
     let reason = h.store.dead_letters(None, 10).await.unwrap()[0]

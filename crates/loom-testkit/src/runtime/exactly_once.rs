@@ -193,9 +193,7 @@ async fn send_replay_does_not_send_again(h: &Harness) {
     ];
     rt.actor::<Worker>("w").send(script).await.unwrap();
     reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
     assert_eq!(
         rt.actor::<Account>("bob")
@@ -218,9 +216,7 @@ async fn spawn_replay_finds_the_same_child(h: &Harness) {
         .await
         .unwrap();
     reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
     let reply = replies(h, &worker("w")).await.remove(0);
     let line = reply[0].as_str().unwrap().to_owned();

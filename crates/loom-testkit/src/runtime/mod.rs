@@ -53,6 +53,15 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// The crash of a node and its restart: kills `rt` as SIGKILL would (no drain, no lease
+    /// released), lets `open` more test actors through the probe's gate, and starts a new
+    /// runtime on the same store, which must take over the killed node's actors.
+    pub async fn crash_and_resume(&self, rt: Runtime, open: usize) -> Runtime {
+        rt.kill().await;
+        self.probe.open(open);
+        self.runtime().await
+    }
+
     /// Settings that make crash takeover and retries quick.
     pub fn config() -> Config {
         Config {

@@ -67,8 +67,7 @@ async fn state_survives_a_crash(h: &Harness) {
     let a = rt.actor::<Account>("alice");
     assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
     a.send(AccountMsg::Deposit(3)).await.unwrap();
-    rt.kill().await;
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 0).await;
     // Acknowledged means durable: the second deposit was sent before the crash.
     assert_eq!(
         rt.actor::<Account>("alice")

@@ -62,8 +62,7 @@ async fn durable_sleep_replay_does_not_restart_the_clock(h: &Harness) {
         })
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    rt.kill().await;
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 0).await;
     finished(h, &w, 1).await;
     let done = h
         .journal(&w)
@@ -184,8 +183,7 @@ async fn wait_event_replay_after_a_crash(h: &Harness) {
             == 1
     })
     .await;
-    rt.kill().await;
-    let rt = h.runtime().await;
+    let rt = h.crash_and_resume(rt, 0).await;
     rt.actor::<Worker>("w")
         .deliver_event("approved", "after the crash")
         .await
