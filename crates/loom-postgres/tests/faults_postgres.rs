@@ -2,27 +2,15 @@
 //! started again, dropped connections, racing writers, bad URLs.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use loom_core::{ActorId, Entry, EntryKind, JournalStore, SeqRange, StoreError};
+use loom_core::{Entry, JournalStore, SeqRange, StoreError};
 use loom_postgres::{PostgresOptions, PostgresStore};
+use loom_testkit::load::{
+    Writers, actor as id, check_acknowledged, entry, racing_nodes_never_fork_a_journal,
+};
 use loom_testkit::servers::PostgresServer;
-use serde_json::json;
-
-fn entry(actor: u32, seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "actor": actor, "seq": seq }),
-        },
-    )
-}
-
-fn id(n: u32) -> ActorId {
-    ActorId::new("fault", format!("a{n}")).expect("id")
-}
 
 async fn connect(url: &str) -> PostgresStore {
     let options = PostgresOptions {
@@ -37,84 +25,23 @@ async fn connect(url: &str) -> PostgresStore {
         .expect("connect")
 }
 
-/// Appends to `id(n)` until told to stop, retrying a failed append with the same seq; returns
-/// the highest seq acknowledged and how many typed connection errors it saw.
-async fn writer(store: PostgresStore, n: u32, stop: Arc<tokio::sync::Notify>) -> (u64, u64) {
-    let a = id(n);
-    let (mut acked, mut unavailable, mut next) = (0, 0, 1);
-    let stopped = stop.notified();
-    tokio::pin!(stopped);
-    loop {
-        let batch = [entry(n, next)];
-        tokio::select! {
-            _ = &mut stopped => return (acked, unavailable),
-            r = store.append(&a, next, &batch) => match r {
-                Ok(h) => {
-                    acked = h;
-                    next = h + 1;
-                }
-                Err(StoreError::Unavailable { .. }) => {
-                    unavailable += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                // The failed try had run after all: the retry finds out.
-                Err(StoreError::Conflict { actual, .. }) if actual == next + 1 => {
-                    acked = next;
-                    next += 1;
-                }
-                Err(e) => panic!("writer {n}: unexpected error {e:?}"),
-            }
-        }
-    }
-}
-
-async fn check(store: &PostgresStore, acked: &HashMap<u32, u64>) {
-    for (n, want) in acked {
-        let entries: Vec<Entry> = store
-            .read(&id(*n), SeqRange::all())
-            .try_collect()
-            .await
-            .expect("read");
-        assert!(
-            entries.len() as u64 >= *want,
-            "actor {n}: {want} acknowledged, {} survived",
-            entries.len()
-        );
-        for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap or fork");
-            assert_eq!(e.kind, entry(*n, e.seq).kind);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_stopped_immediately_under_load_loses_no_acknowledged_append() {
     let mut server = PostgresServer::start();
     let url = server.url();
-    let store = connect(&url).await;
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let tasks: Vec<_> = (0..12)
-        .map(|n| tokio::spawn(writer(store.clone(), n, stop.clone())))
-        .collect();
+    let writers = Writers::spawn(connect(&url).await, 12);
     tokio::time::sleep(Duration::from_millis(800)).await;
     for _ in 0..2 {
         server.restart();
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
-    stop.notify_waiters();
-    let mut acked = HashMap::new();
-    let mut errors = 0;
-    for (n, t) in tasks.into_iter().enumerate() {
-        let (h, e) = t.await.expect("writer");
-        acked.insert(n as u32, h);
-        errors += e;
-    }
+    let (acked, errors) = writers.stop().await;
     assert!(
         errors > 0,
         "the stops interrupted no append; the test proved nothing"
     );
     server.restart();
-    check(&connect(&url).await, &acked).await;
+    check_acknowledged(&connect(&url).await, &acked).await;
 }
 
 /// The pid of the session running an `append` that waits on a lock, once there is one.
@@ -187,7 +114,7 @@ async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() 
             other => panic!("round {round}: a second retry must conflict, got {other:?}"),
         }
     }
-    check(&store, &HashMap::from([(0, 6)])).await;
+    check_acknowledged(&store, &HashMap::from([(0, 6)])).await;
     assert_eq!(
         store.highest_seq(&a).await.expect("highest"),
         6,
@@ -198,53 +125,8 @@ async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_racing_on_one_actor_never_fork_it() {
     let server = PostgresServer::start();
-    let nodes = [connect(&server.url()).await, connect(&server.url()).await];
-    let a = id(7);
-    let mut tasks = Vec::new();
-    for (node, store) in nodes.iter().enumerate() {
-        let (store, a) = (store.clone(), a.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut won = Vec::new();
-            while won.len() < 100 {
-                let next = store.highest_seq(&a).await.expect("highest") + 1;
-                let e = Entry::new(
-                    next,
-                    EntryKind::Completed {
-                        reply: json!({ "node": node, "seq": next }),
-                    },
-                );
-                match store.append(&a, next, &[e]).await {
-                    Ok(_) => won.push(next),
-                    Err(StoreError::Conflict { .. }) => {}
-                    Err(e) => panic!("node {node}: {e:?}"),
-                }
-            }
-            won
-        }));
-    }
-    let mut owner = HashMap::new();
-    for (node, t) in tasks.into_iter().enumerate() {
-        for seq in t.await.expect("node") {
-            assert!(
-                owner.insert(seq, node).is_none(),
-                "seq {seq} acknowledged to both writers"
-            );
-        }
-    }
-    let entries: Vec<Entry> = nodes[0]
-        .read(&a, SeqRange::all())
-        .try_collect()
-        .await
-        .expect("read");
-    assert_eq!(entries.len(), 200);
-    for e in &entries {
-        assert_eq!(
-            e.kind,
-            EntryKind::Completed {
-                reply: json!({ "node": owner[&e.seq], "seq": e.seq })
-            }
-        );
-    }
+    racing_nodes_never_fork_a_journal([connect(&server.url()).await, connect(&server.url()).await])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,27 +2,15 @@
 //! and persistence settings that cannot keep Loom's promises.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use loom_core::{ActorId, Entry, EntryKind, JournalStore, SeqRange, StoreError};
+use loom_core::{ActorId, Entry, JournalStore, SeqRange, StoreError};
 use loom_redis::{RedisOptions, RedisStore};
+use loom_testkit::load::{
+    Writers, actor as id, check_acknowledged, entry, racing_nodes_never_fork_a_journal,
+};
 use loom_testkit::servers::RedisServer;
-use serde_json::json;
-
-fn entry(actor: u32, seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "actor": actor, "seq": seq }),
-        },
-    )
-}
-
-fn id(n: u32) -> ActorId {
-    ActorId::new("fault", format!("a{n}")).expect("id")
-}
 
 async fn connect(url: &str, prefix: &str) -> RedisStore {
     let options = RedisOptions {
@@ -36,80 +24,11 @@ async fn connect(url: &str, prefix: &str) -> RedisStore {
         .expect("connect")
 }
 
-/// Appends to `id(n)` until told to stop, retrying an append that failed on the connection with
-/// the same seq (a retry must never duplicate); returns the highest seq acknowledged and the
-/// number of typed connection errors seen.
-async fn writer(store: RedisStore, n: u32, stop: Arc<tokio::sync::Notify>) -> (u64, u64) {
-    let a = id(n);
-    let mut acked = 0;
-    let mut unavailable = 0;
-    let mut next = 1;
-    let stopped = stop.notified();
-    tokio::pin!(stopped);
-    loop {
-        let batch = [entry(n, next)];
-        tokio::select! {
-            _ = &mut stopped => return (acked, unavailable),
-            r = store.append(&a, next, &batch) => match r {
-                Ok(h) => {
-                    acked = h;
-                    next = h + 1;
-                }
-                // The append may or may not have run before the connection broke: the retry
-                // with the same seq finds out (a conflict means it ran).
-                Err(StoreError::Unavailable { .. }) => {
-                    unavailable += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(StoreError::Conflict { actual, .. }) if actual == next + 1 => {
-                    acked = next;
-                    next += 1;
-                }
-                Err(e) => panic!("writer {n}: unexpected error {e:?}"),
-            }
-        }
-    }
-}
-
-async fn check_journals(store: &RedisStore, acked: &HashMap<u32, u64>) {
-    for (n, want) in acked {
-        let a = id(*n);
-        let entries: Vec<Entry> = store
-            .read(&a, SeqRange::all())
-            .try_collect()
-            .await
-            .expect("read");
-        assert!(
-            entries.len() as u64 >= *want,
-            "actor {n}: {want} acknowledged, {} survived",
-            entries.len()
-        );
-        for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.seq, i as u64 + 1, "actor {n}: gap or fork");
-            assert_eq!(
-                e.kind,
-                entry(*n, e.seq).kind,
-                "actor {n}: wrong entry at {}",
-                e.seq
-            );
-        }
-        assert_eq!(
-            store.highest_seq(&a).await.expect("highest"),
-            entries.len() as u64
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_under_load_loses_no_acknowledged_append() {
     let mut server = RedisServer::start();
     let url = server.url();
-    let store = connect(&url, "kill").await;
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let mut tasks = Vec::new();
-    for n in 0..16 {
-        tasks.push(tokio::spawn(writer(store.clone(), n, stop.clone())));
-    }
+    let writers = Writers::spawn(connect(&url, "kill").await, 16);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // SIGKILL, twice, mid-load; the writers keep going through the outage.
     for _ in 0..2 {
@@ -118,22 +37,14 @@ async fn server_killed_under_load_loses_no_acknowledged_append() {
         server.restart();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    stop.notify_waiters();
-    let mut acked = HashMap::new();
-    let mut errors = 0;
-    for (n, t) in tasks.into_iter().enumerate() {
-        let (h, e) = t.await.expect("writer");
-        acked.insert(n as u32, h);
-        errors += e;
-    }
+    let (acked, errors) = writers.stop().await;
     assert!(
         errors > 0,
         "the kills did not interrupt any append; the test proved nothing"
     );
     assert!(acked.values().all(|h| *h > 0));
     server.restart();
-    let fresh = connect(&url, "kill").await;
-    check_journals(&fresh, &acked).await;
+    check_acknowledged(&connect(&url, "kill").await, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +97,7 @@ async fn dropped_connection_is_a_typed_error_and_a_retry_writes_no_duplicate() {
     }
     assert!(unavailable > 0, "no append saw the dropped connection");
     let acked = HashMap::from([(0, next - 1)]);
-    check_journals(&store, &acked).await;
+    check_acknowledged(&store, &acked).await;
     assert_eq!(
         store.highest_seq(&a).await.unwrap(),
         next - 1,
@@ -197,58 +108,11 @@ async fn dropped_connection_is_a_typed_error_and_a_retry_writes_no_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_racing_on_one_actor_never_fork_the_journal() {
     let server = RedisServer::start();
-    let nodes = [
+    racing_nodes_never_fork_a_journal([
         connect(&server.url(), "race").await,
         connect(&server.url(), "race").await,
-    ];
-    let a = id(7);
-    let mut tasks = Vec::new();
-    for (node, store) in nodes.iter().enumerate() {
-        let store = store.clone();
-        let a = a.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut won = Vec::new();
-            while won.len() < 100 {
-                let next = store.highest_seq(&a).await.expect("highest") + 1;
-                let e = Entry::new(
-                    next,
-                    EntryKind::Completed {
-                        reply: json!({ "node": node, "seq": next }),
-                    },
-                );
-                match store.append(&a, next, &[e]).await {
-                    Ok(_) => won.push(next),
-                    Err(StoreError::Conflict { .. }) => {}
-                    Err(e) => panic!("node {node}: {e:?}"),
-                }
-            }
-            won
-        }));
-    }
-    let mut owner = HashMap::new();
-    for (node, t) in tasks.into_iter().enumerate() {
-        for seq in t.await.expect("node") {
-            assert!(
-                owner.insert(seq, node).is_none(),
-                "seq {seq} acknowledged to both nodes"
-            );
-        }
-    }
-    let entries: Vec<Entry> = nodes[0]
-        .read(&a, SeqRange::all())
-        .try_collect()
-        .await
-        .expect("read");
-    assert_eq!(entries.len(), 200);
-    for (i, e) in entries.iter().enumerate() {
-        assert_eq!(e.seq, i as u64 + 1);
-        assert_eq!(
-            e.kind,
-            EntryKind::Completed {
-                reply: json!({ "node": owner[&e.seq], "seq": e.seq })
-            }
-        );
-    }
+    ])
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

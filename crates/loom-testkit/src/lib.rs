@@ -3,7 +3,9 @@
 //! What proves a Loom store keeps its promises:
 //! - [`conformance`]: the store conformance suite, one function per store trait, each returning
 //!   named test cases for a backend; every backend runs the same list;
-//! - [`fixture`]: fresh, isolated stores for each case.
+//! - [`fixture`]: fresh, isolated stores for each case;
+//! - [`load`]: writers through server faults and the checks after them, for the fault suites
+//!   of the server backends.
 //!
 //! Backends use it from a test binary with `harness = false`:
 //!
@@ -21,6 +23,7 @@
 pub mod conformance;
 pub mod faults;
 mod fixture;
+pub mod load;
 pub mod model;
 pub mod runtime;
 pub mod servers;
