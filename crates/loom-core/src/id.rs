@@ -98,6 +98,24 @@ pub struct ActorId {
 }
 
 impl ActorId {
+    /// Parses an id a store read back from its own data (a key, a column, a list). An id that
+    /// does not parse there is damage, not bad input: [`StoreError::Corrupt`](crate::StoreError::Corrupt)
+    /// naming `what`. Every backend reads stored ids through here.
+    ///
+    /// ```
+    /// use loom_core::ActorId;
+    ///
+    /// assert_eq!(ActorId::from_stored("account/alice", "journal actor id")?.key(), "alice");
+    /// let e = ActorId::from_stored("no-slash", "journal actor id").unwrap_err();
+    /// assert!(e.to_string().contains("journal actor id"), "{e}");
+    /// # Ok::<(), loom_core::StoreError>(())
+    /// ```
+    pub fn from_stored(s: &str, what: &str) -> crate::StoreResult<ActorId> {
+        s.parse().map_err(|e: IdError| {
+            crate::StoreError::corrupt(what, crate::codec::CodecError::Body(e.to_string()))
+        })
+    }
+
     /// Builds an id from its kind and key, checking both.
     pub fn new(kind: impl AsRef<str>, key: impl AsRef<str>) -> Result<Self, IdError> {
         let (kind, key) = (kind.as_ref(), key.as_ref());

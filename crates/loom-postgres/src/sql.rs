@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use loom_core::codec::CodecError;
 use loom_core::{ActorId, StoreError, StoreResult};
 
 use crate::{BACKEND, PostgresStore};
@@ -25,9 +24,7 @@ pub(crate) fn unexpected(what: impl Into<String>) -> StoreError {
 pub(crate) struct Unexpected(String);
 
 pub(crate) fn parse_actor(s: &str, what: &str) -> StoreResult<ActorId> {
-    s.parse().map_err(|e: loom_core::IdError| {
-        StoreError::corrupt(what.to_owned(), CodecError::Body(e.to_string()))
-    })
+    ActorId::from_stored(s, what)
 }
 
 impl PostgresStore {

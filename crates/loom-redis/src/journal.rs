@@ -1,7 +1,7 @@
 //! [`JournalStore`] on Redis: a stream per actor, a meta hash, snapshots; see `loom.lua`.
 
 use async_trait::async_trait;
-use loom_core::codec::{self, CodecError};
+use loom_core::codec::{self};
 use loom_core::store::{
     EntryStream, JournalInfo, JournalStore, Lease, Page, SeqRange, paged_read, prepare_append,
     prepare_snapshot,
@@ -323,11 +323,7 @@ impl JournalStore for RedisStore {
             .await
             .map_err(re)?;
         ids.into_iter()
-            .map(|s| {
-                s.parse().map_err(|e: loom_core::IdError| {
-                    StoreError::corrupt("journal actor id", CodecError::Body(e.to_string()))
-                })
-            })
+            .map(|s| ActorId::from_stored(&s, "journal actor id"))
             .collect()
     }
 }

@@ -4,7 +4,7 @@ use loom_core::store::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::codec::{self, CodecError, RecordType};
+use loom_core::codec::{self, RecordType};
 use loom_core::store::{
     DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
 };
@@ -170,15 +170,10 @@ impl Mailbox for RedisStore {
             per_kind.push(
                 list.iter()
                     .map(|v| {
-                        text(Some(v))
-                            .ok_or_else(|| unexpected("ready actor"))?
-                            .parse()
-                            .map_err(|e: loom_core::IdError| {
-                                StoreError::corrupt(
-                                    "mailbox actor id",
-                                    CodecError::Body(e.to_string()),
-                                )
-                            })
+                        ActorId::from_stored(
+                            &text(Some(v)).ok_or_else(|| unexpected("ready actor"))?,
+                            "mailbox actor id",
+                        )
                     })
                     .collect::<StoreResult<Vec<ActorId>>>()?,
             );

@@ -1,7 +1,6 @@
 //! [`Parking`] on Redis: parked actors in one hash; see `loom.lua`.
 
 use async_trait::async_trait;
-use loom_core::codec::CodecError;
 use loom_core::store::{Lease, Park, Parking};
 use loom_core::{ActorId, StoreError, StoreResult};
 
@@ -101,9 +100,7 @@ impl Parking for RedisStore {
             .map_err(re)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            let actor: ActorId = id.parse().map_err(|e: loom_core::IdError| {
-                StoreError::corrupt("parked actor id", CodecError::Body(e.to_string()))
-            })?;
+            let actor = ActorId::from_stored(&id, "parked actor id")?;
             // Unparked since it was listed: skip it.
             if let Some(p) = self.parked(&actor).await? {
                 out.push((actor, p));

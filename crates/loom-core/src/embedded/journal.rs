@@ -394,12 +394,7 @@ impl JournalStore for EmbeddedStore {
             let mut out = Vec::new();
             for item in iter.take(limit) {
                 let (k, _) = item.map_err(se)?;
-                let id: ActorId = k.value().parse().map_err(|e: crate::IdError| {
-                    StoreError::corrupt(
-                        "journal actor id",
-                        crate::codec::CodecError::Body(e.to_string()),
-                    )
-                })?;
+                let id = ActorId::from_stored(k.value(), "journal actor id")?;
                 out.push(id);
             }
             Ok(out)

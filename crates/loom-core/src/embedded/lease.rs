@@ -202,9 +202,7 @@ pub(super) fn release_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let mut live_rows = Vec::new();
     for item in table.iter().map_err(se)? {
         let (k, v) = item.map_err(se)?;
-        let actor: ActorId = k.value().parse().map_err(|e: crate::IdError| {
-            StoreError::corrupt("lease actor id", codec::CodecError::Body(e.to_string()))
-        })?;
+        let actor = ActorId::from_stored(k.value(), "lease actor id")?;
         let row: Row = codec::decode(RecordType::Lease, v.value())
             .map_err(|e| StoreError::corrupt(format!("lease of {actor}"), e))?;
         if live(&row, now).is_some() {

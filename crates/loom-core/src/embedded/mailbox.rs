@@ -888,9 +888,7 @@ impl EmbeddedStore {
 }
 
 fn parse_actor(s: &str) -> StoreResult<ActorId> {
-    s.parse().map_err(|e: crate::IdError| {
-        StoreError::corrupt("mailbox actor id", codec::CodecError::Body(e.to_string()))
-    })
+    ActorId::from_stored(s, "mailbox actor id")
 }
 
 /// Makes every leased message visible again now (delivery counts kept); returns how many. For a

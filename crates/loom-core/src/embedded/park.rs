@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::error::{StoreError, StoreResult};
+use crate::error::StoreResult;
 use crate::id::ActorId;
 use crate::store::{Lease, Park, Parking};
 
@@ -11,12 +11,7 @@ use super::tables::{PARKED, se};
 use super::{EmbeddedStore, lease, mailbox};
 
 fn parse(actor: &str, bytes: &[u8]) -> StoreResult<(ActorId, Park)> {
-    let id = actor.parse().map_err(|e: crate::IdError| {
-        StoreError::corrupt(
-            "parked actor id",
-            crate::codec::CodecError::Body(e.to_string()),
-        )
-    })?;
+    let id = ActorId::from_stored(actor, "parked actor id")?;
     Ok((id, Park::decode(bytes)?))
 }
 
