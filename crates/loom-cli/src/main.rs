@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loom_core::Seq;
+use tracing_subscriber::EnvFilter;
 
 use output::Failure;
 use store::{Namespace, StoreUrl, open_existing, open_or_create};
@@ -440,8 +441,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Logs on stderr: warnings by default (a store whose settings cannot keep Loom's promises, a
+/// store failure), more with `RUST_LOG` (`info`, `debug`, `loom_core=debug`, ...).
+fn init_logs() {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => match EnvFilter::try_new(&spec) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("warning: RUST_LOG={spec:?} is not a filter ({e}); showing warnings");
+                EnvFilter::new("warn")
+            }
+        },
+        _ => EnvFilter::new("warn"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

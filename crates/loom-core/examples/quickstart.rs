@@ -11,6 +11,15 @@ use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore};
 use serde_json::json;
 
 fn main() -> std::process::ExitCode {
+    // Loom's warnings (a store setting that cannot keep its promises, a store failure) go to
+    // stderr; `RUST_LOG=info` or `debug` shows more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     // Errors as sentences, with what to do when Loom knows (a full disk, say).
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -103,8 +103,14 @@ pub fn run(target: &mut dyn Target, cfg: Torture, scratch: &Path) -> Report {
     let mut server_kills = 0;
     let mut finished_early = 0;
     for round in 0..cfg.kills {
-        let mut child = target
-            .child()
+        let mut cmd = target.child();
+        // Killed children meet the store mid-fault by design; their warnings about it (the
+        // store unreachable, a lease lost) are the expected effect, not news. Errors still show,
+        // and RUST_LOG, when set, wins. The final child logs as a user's process would.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "error");
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
