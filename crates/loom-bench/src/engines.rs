@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use fjall::{KeyspaceCreateOptions, PersistMode};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::report::{Measurement, peak_rss_mb};
+use crate::report::{Measurement, peak_rss_mb, process_cpu};
 
 /// The engine under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,19 +403,6 @@ fn meta_value(v: Option<&[u8]>) -> Result<u64, EngineError> {
             EngineError::Check(format!("a meta value of {} bytes", b.len()))
         })?)),
     }
-}
-
-/// CPU time of this process so far (all threads).
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is a valid `who`.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn dir_bytes(dir: &Path) -> std::io::Result<u64> {

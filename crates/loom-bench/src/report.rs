@@ -1,5 +1,6 @@
 //! What a scenario reports.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -82,6 +83,80 @@ pub fn peak_rss_mb() -> f64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU time of this process so far, every thread included (`getrusage`).
+pub fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given and reads nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// CPU time of each thread of this process so far, by thread id, with the thread's name
+/// (Linux `/proc/self/task/*/stat`; empty elsewhere). Threads that ended are not listed.
+pub fn thread_cpu() -> HashMap<u32, (String, Duration)> {
+    let mut out = HashMap::new();
+    // SAFETY: sysconf reads a constant of the system.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks <= 0 {
+        return out;
+    }
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A thread may end between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `tid (name) state ...`: the name may hold spaces and parentheses, so split at the last
+        // `)`; utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(u), Some(s)) = (tick(11), tick(12)) {
+            let cpu = Duration::from_secs_f64((u + s) as f64 / ticks as f64);
+            out.insert(tid, (name, cpu));
+        }
+    }
+    out
+}
+
+/// The thread that used the most CPU between two [`thread_cpu`] readings: its name and its
+/// share of `wall` (1.0 is one core all the time).
+pub fn busiest_thread(
+    before: &HashMap<u32, (String, Duration)>,
+    after: &HashMap<u32, (String, Duration)>,
+    wall: Duration,
+) -> Option<(String, f64)> {
+    after
+        .iter()
+        .map(|(tid, (name, cpu))| {
+            let was = before.get(tid).map_or(Duration::ZERO, |(_, c)| *c);
+            (name, cpu.saturating_sub(was))
+        })
+        .max_by_key(|(_, used)| *used)
+        .map(|(name, used)| {
+            (
+                name.clone(),
+                used.as_secs_f64() / wall.as_secs_f64().max(1e-9),
+            )
+        })
 }
 
 /// Renders measurements as an aligned table.
@@ -182,7 +257,12 @@ pub fn summaries(ms: &[Measurement]) -> Vec<Summary> {
             };
             let cpu: Vec<f64> = runs
                 .iter()
-                .filter_map(|m| m.details.get("cpu_ms_per_1000_turns")?.as_f64())
+                .filter_map(|m| {
+                    m.details
+                        .get("cpu_ms_per_1000_turns")
+                        .or_else(|| m.details.get("cpu_ms_per_1000_invocations"))?
+                        .as_f64()
+                })
                 .collect();
             Summary {
                 summary: name.to_owned(),
@@ -244,6 +324,28 @@ pub fn summary_table(ss: &[Summary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_thread_is_found_by_its_name() {
+        let before = thread_cpu();
+        let start = std::time::Instant::now();
+        let spinner = std::thread::Builder::new()
+            .name("bench-spinner".into())
+            .spawn(move || {
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(400) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                // Read while this thread still runs: an ended thread is not listed.
+                (x, thread_cpu())
+            })
+            .unwrap();
+        let (_, after) = spinner.join().unwrap();
+        let (name, share) = busiest_thread(&before, &after, start.elapsed()).expect("a thread");
+        assert_eq!(name, "bench-spinner");
+        assert!(share > 0.3 && share < 1.2, "{share}");
+        assert!(process_cpu() >= Duration::from_millis(300));
+    }
 
     #[test]
     fn spread_is_min_median_max() {

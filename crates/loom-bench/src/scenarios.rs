@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::bank::{Bank, BankError};
 use crate::baseline::{Baseline, Baselines};
-use crate::report::Measurement;
+use crate::report::{Measurement, busiest_thread, process_cpu, thread_cpu};
 
 /// Why a scenario failed.
 #[derive(Debug, thiserror::Error)]
@@ -318,10 +318,16 @@ pub async fn bank(
     cfg.open_accounts(rt).await?;
     let before = rt.metrics();
     let gc0 = stats.as_ref().map(|s| s());
+    let (cpu0, threads0) = (process_cpu(), thread_cpu());
     let start = Instant::now();
     let mut latencies = cfg.start_all(rt, || {}).await?;
     let statuses = cfg.settle(rt, Duration::from_secs(1200), |_| {}).await?;
-    let elapsed = start.elapsed().as_secs_f64();
+    let wall = start.elapsed();
+    let elapsed = wall.as_secs_f64();
+    let (cpu, busiest) = (
+        process_cpu().saturating_sub(cpu0),
+        busiest_thread(&threads0, &thread_cpu(), wall),
+    );
     let after = rt.metrics();
     let verified = cfg.verify(rt, &statuses).await?;
     let invocations = (after.invocations - before.invocations) as f64;
@@ -353,6 +359,18 @@ pub async fn bank(
         .with(
             "store_writes_per_invocation",
             (writes_per_invocation * 100.0).round() / 100.0,
+        )
+        .with(
+            "cpu_ms_per_1000_invocations",
+            (cpu.as_secs_f64() * 1000.0 / (invocations / 1000.0).max(1e-9) * 10.0).round() / 10.0,
+        )
+        .with(
+            "busiest_thread",
+            busiest.as_ref().map_or(String::new(), |(n, _)| n.clone()),
+        )
+        .with(
+            "busiest_thread_utilization",
+            busiest.map_or(0.0, |(_, u)| (u * 100.0).round() / 100.0),
         );
 
     // Half of the peak rate: transfers submitted on a fixed schedule.

@@ -230,6 +230,9 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     concurrency: 512,
                     seed: u64::from(fastrand::u32(..)),
                     first: fastrand::u32(..1_000_000) * 1000,
+                    // Fresh accounts for every run: a repeat on the same store must not find
+                    // the balances of the run before (its verification counts from zero).
+                    first_account: fastrand::u32(..1_000_000) * 1000,
                     ..Bank::default()
                 };
                 let rt = Bank::register(Runtime::builder().store(opened.store.clone()))

@@ -76,6 +76,21 @@ fn bench_all(store: Option<&str>) -> Vec<Value> {
 #[test]
 fn every_scenario_reports_its_baseline_on_embedded_with_the_engine_alongside() {
     let reports = bench_all(None);
+    // The bank says what an invocation costs in CPU and which thread was busiest.
+    let bank = reports
+        .iter()
+        .find(|r| r["scenario"] == "bank")
+        .expect("a bank report");
+    assert!(
+        bank["cpu_ms_per_1000_invocations"].as_f64().unwrap() > 0.0,
+        "{bank}"
+    );
+    assert!(
+        !bank["busiest_thread"].as_str().unwrap().is_empty(),
+        "{bank}"
+    );
+    let u = bank["busiest_thread_utilization"].as_f64().unwrap();
+    assert!(u > 0.0 && u <= 1.5, "{bank}");
     for r in reports.iter().filter(|r| {
         r["scenario"]
             .as_str()
@@ -244,4 +259,26 @@ fn loom_shows_the_stores_warnings_by_default() {
         err.contains("RUST_LOG") && err.contains("appendfsync"),
         "{err}"
     );
+}
+
+/// Repeated bank runs on one store each verify their own books (a repeat once reused the
+/// accounts of the run before and failed its verification).
+#[test]
+fn repeated_bank_runs_on_one_store_each_verify() {
+    let (ok, out, err) = loom(&[
+        "bench",
+        "bank",
+        "--actors",
+        "10",
+        "--entries",
+        "200",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines = json_lines(&out);
+    let banks = lines.iter().filter(|l| l["scenario"] == "bank").count();
+    assert_eq!(banks, 2, "{out}");
+    assert!(lines.iter().any(|l| l["summary"] == "bank"), "{out}");
 }
