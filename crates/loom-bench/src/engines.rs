@@ -19,37 +19,50 @@
 //!
 //! # The durability rule
 //!
-//! A batch counts only once `fdatasync` has returned on the file that makes it durable, and the
-//! fsync happens outside any lock that other partitions' writers need, on both engines:
+//! A batch counts only once `fdatasync` has returned on the file that makes it durable:
 //!
-//! - [`Engine::RedbRedo`]: what the embedded store does today (`loom_core`'s `embedded/redo.rs`):
-//!   the batch commits to redb with `Durability::None`, its writes are serialized into one
-//!   checksummed record appended to the partition's own log file and `fdatasync`ed; every
-//!   250 ms or 64 MiB of log a checkpoint commits redb with `Durability::Immediate` and empties
-//!   the log. redb allows one write transaction at a time, so partitions share it; their logs
-//!   sync in parallel.
+//! - [`Engine::RedbRedo`]: the embedded store's scheme (`loom_core`'s `embedded/redo.rs`): the
+//!   batch commits to redb with `Durability::None`, its writes are serialized into one
+//!   checksummed record appended to the partition's own log file and `fdatasync`ed, outside
+//!   redb's write lock; every 250 ms or 64 MiB of log a checkpoint commits redb with
+//!   `Durability::Immediate` (under the write lock) and empties the log. Unlike the store, which
+//!   commits the next batch while the log thread syncs, a writer here commits, writes and syncs
+//!   one batch after the other, so the store can do better than this row. redb allows one write
+//!   transaction at a time, so the partitions of one file take turns for it, and each writer
+//!   checkpoints on its own timer (P checkpoints per period where a real shared design would do
+//!   one). Shared by several partitions' logs, this variant is also **not crash-safe as
+//!   written**: one partition's checkpoint makes the others' unlogged commits durable, which a
+//!   replay of their logs would then undo in part. It measures what sharing one file could give
+//!   at best; the store would need log sequence numbers across partitions to ship it.
 //! - [`Engine::RedbRedoPerPartition`]: the same, with one redb file per partition, so that
-//!   partitions share no lock at all (the engine instance is then per partition, not one).
+//!   partitions share no lock at all (the engine instance is then per partition, not one), and
+//!   each file's checkpoint covers only its own partition's log: crash-safe as the store is.
 //! - [`Engine::Fjall`]: one fjall database (an LSM with its own journal), one keyspace per
 //!   table; the batch is written to fjall's journal (`PersistMode::Buffer`, atomic) and then
 //!   `Database::persist(PersistMode::SyncData)`. fjall has one journal per database and syncs
-//!   it under the journal's lock, so partitions share that lock.
+//!   it under the journal's lock, so partitions share that lock, fsync included.
 //!
-//! Both recover every batch whose fsync returned (fjall by its journal, redb by the log replay
-//! that `embedded/redo.rs` implements; the bake-off writes the same bytes the replay needs but
-//! does not replay them).
+//! After each run the engine is closed (redb: a last durable commit; fjall: `SyncAll`), opened
+//! again, and its journal entries counted: every counted turn's entries must be there. That
+//! shows every counted write reached the engine; it does not by itself show each was durable
+//! when counted (that is the rule above, and the crash tests of the store itself).
+//!
+//! CPU is the whole process's (`getrusage`) from open to close, the engines' background
+//! threads included; fjall's flushes and compactions still queued at close are not run, so its
+//! figure is, if anything, low.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fjall::{KeyspaceCreateOptions, PersistMode};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::report::{Measurement, peak_rss_mb, process_cpu};
+use crate::report::{Measurement, process_cpu};
 
 /// The engine under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +201,6 @@ impl Outcome {
             (self.cpu_ms_per_1000() * 10.0).round() / 10.0,
         )
         .with("disk_bytes", self.disk_bytes)
-        .with("peak_rss_mb", peak_rss_mb())
         .with(
             "baseline_is",
             "write + fdatasync of the same bytes per batch to a plain file, one file per partition",
@@ -460,19 +472,60 @@ fn tempfile_dir(parent: &Path, engine: Engine) -> std::io::Result<std::path::Pat
 /// What each writer thread returns: turns made durable and batch latencies.
 type Written = (u64, Vec<Duration>);
 
+/// When the writers of a run stop: at the deadline, or as soon as one of them failed (so that
+/// `run` never removes a directory a writer still uses).
+#[derive(Clone)]
+struct Until {
+    deadline: Instant,
+    failed: Arc<AtomicBool>,
+}
+
+impl Until {
+    fn new(deadline: Instant) -> Until {
+        Until {
+            deadline,
+            failed: Arc::default(),
+        }
+    }
+
+    fn going(&self) -> bool {
+        Instant::now() < self.deadline && !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Runs one writer, stopping the others if it fails.
+    fn watch(&self, r: Result<Written, EngineError>) -> Result<Written, EngineError> {
+        if r.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 fn join_writers(
     handles: Vec<thread::JoinHandle<Result<Written, EngineError>>>,
 ) -> Result<Written, EngineError> {
     let mut turns = 0;
     let mut latencies = Vec::new();
+    let mut first_error = None;
+    // Every thread is joined before anything is returned: none outlives the run.
     for h in handles {
-        let (t, l) = h
-            .join()
-            .map_err(|_| EngineError::Check("a writer thread panicked".into()))??;
-        turns += t;
-        latencies.extend(l);
+        match h.join() {
+            Ok(Ok((t, l))) => {
+                turns += t;
+                latencies.extend(l);
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(EngineError::Check("a writer thread panicked".into()));
+            }
+        }
     }
-    Ok((turns, latencies))
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((turns, latencies)),
+    }
 }
 
 // ---- redb + redo log -------------------------------------------------------------------------
@@ -526,12 +579,12 @@ fn redb_run(
         dbs.push(Arc::new(db));
     }
     let start = Instant::now();
-    let deadline = start + seconds;
+    let until = Until::new(start + seconds);
     let handles: Vec<_> = (0..pattern.partitions)
         .map(|w| {
-            let db = dbs[w % files].clone();
+            let (db, until) = (dbs[w % files].clone(), until.clone());
             let log_path = dir.join(format!("loom.redo.{w}"));
-            thread::spawn(move || redb_writer(&db, &log_path, w, pattern, deadline))
+            thread::spawn(move || until.watch(redb_writer(&db, &log_path, w, pattern, &until)))
         })
         .collect();
     let (turns, batch_latencies) = join_writers(handles)?;
@@ -572,7 +625,7 @@ fn redb_writer(
     log_path: &Path,
     partition: usize,
     pattern: Pattern,
-    deadline: Instant,
+    until: &Until,
 ) -> Result<Written, EngineError> {
     let mut log: File = OpenOptions::new()
         .create(true)
@@ -584,7 +637,7 @@ fn redb_writer(
     let mut record = Vec::new();
     let mut latencies = Vec::new();
     let mut done = 0u64;
-    while Instant::now() < deadline {
+    while until.going() {
         let t = Instant::now();
         let mut txn = db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
@@ -617,8 +670,9 @@ fn redb_writer(
         log.write_all(&record)?;
         log.sync_data()?;
         log_bytes += record.len() as u64;
-        latencies.push(t.elapsed());
         done += pattern.turns_per_batch as u64;
+        // A checkpoint delays the requests behind it; it counts in the latency of the batch
+        // that ran it.
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || log_bytes >= CHECKPOINT_LOG_BYTES {
             // Everything this partition logged is in redb's committed state; make it durable
             // there, then the log is not needed.
@@ -630,6 +684,7 @@ fn redb_writer(
             log_bytes = 0;
             last_checkpoint = Instant::now();
         }
+        latencies.push(t.elapsed());
     }
     Ok((done, latencies))
 }
@@ -646,11 +701,11 @@ fn fjall_run(dir: &Path, pattern: Pattern, seconds: Duration) -> Result<Outcome,
         .collect::<Result<_, _>>()?;
     let keyspaces = Arc::new(keyspaces);
     let start = Instant::now();
-    let deadline = start + seconds;
+    let until = Until::new(start + seconds);
     let handles: Vec<_> = (0..pattern.partitions)
         .map(|w| {
-            let (db, keyspaces) = (db.clone(), keyspaces.clone());
-            thread::spawn(move || fjall_writer(&db, &keyspaces, w, pattern, deadline))
+            let (db, keyspaces, until) = (db.clone(), keyspaces.clone(), until.clone());
+            thread::spawn(move || until.watch(fjall_writer(&db, &keyspaces, w, pattern, &until)))
         })
         .collect();
     let (turns, batch_latencies) = join_writers(handles)?;
@@ -680,7 +735,7 @@ fn fjall_writer(
     keyspaces: &[fjall::Keyspace],
     partition: usize,
     pattern: Pattern,
-    deadline: Instant,
+    until: &Until,
 ) -> Result<Written, EngineError> {
     let mut turns = Turns::new(partition, pattern);
     let mut latencies = Vec::new();
@@ -689,7 +744,7 @@ fn fjall_writer(
     // the accounts of one batch are distinct (turns go round-robin over more accounts than a
     // batch holds), so reading the committed value is enough.
     assert!(pattern.accounts >= pattern.turns_per_batch);
-    while Instant::now() < deadline {
+    while until.going() {
         let t = Instant::now();
         let mut batch = db.batch().durability(Some(PersistMode::Buffer));
         for _ in 0..pattern.turns_per_batch {

@@ -445,7 +445,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 /// store failure), more with `RUST_LOG` (`info`, `debug`, `loom_core=debug`, ...).
 fn init_logs() {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => match EnvFilter::try_new(&spec) {
+        Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(with_warnings(&spec)) {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("warning: RUST_LOG={spec:?} is not a filter ({e}); showing warnings");
@@ -459,6 +459,21 @@ fn init_logs() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `spec` with warnings kept for every target it does not name: `loom_core=debug` becomes
+/// `warn,loom_core=debug`; a spec that sets a level for everything (`error`, `info,sqlx=off`)
+/// is left as it is.
+fn with_warnings(spec: &str) -> String {
+    let global = spec
+        .split(',')
+        .map(str::trim)
+        .any(|d| d.parse::<tracing_subscriber::filter::LevelFilter>().is_ok());
+    if global {
+        spec.to_owned()
+    } else {
+        format!("warn,{spec}")
+    }
 }
 
 fn main() -> ExitCode {
@@ -480,5 +495,19 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_warnings;
+
+    #[test]
+    fn a_filter_for_some_targets_keeps_everyone_elses_warnings() {
+        assert_eq!(with_warnings("loom_core=debug"), "warn,loom_core=debug");
+        assert_eq!(with_warnings("loom_core"), "warn,loom_core");
+        assert_eq!(with_warnings("error"), "error");
+        assert_eq!(with_warnings("info,sqlx=off"), "info,sqlx=off");
+        assert_eq!(with_warnings("DEBUG"), "DEBUG");
     }
 }

@@ -252,8 +252,10 @@ fn loom_shows_the_stores_warnings_by_default() {
         err.contains("WARN") && err.contains("appendfsync is \"everysec\""),
         "{err}"
     );
-    // Quieter when asked; a filter that does not parse is said, and the default kept.
+    // Quieter when asked; a filter for one target keeps the others' warnings; a filter that
+    // does not parse is said, and the default kept.
     assert!(!run(Some("error")).contains("appendfsync"));
+    assert!(run(Some("loom_core=debug")).contains("appendfsync"));
     let err = run(Some("=bad=filter["));
     assert!(
         err.contains("RUST_LOG") && err.contains("appendfsync"),
