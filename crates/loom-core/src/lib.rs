@@ -49,8 +49,8 @@ pub use error::{Cause, Limit, StoreError, StoreResult, explain};
 pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
-    Committed, DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo,
-    JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Outgoing, Park, Parking, Receipt,
-    Record, Reservation, SeqRange, Settle, Store, Turn, Waiting,
+    DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo, JournalStore,
+    Lease, LeaseManager, LeaseOptions, Mailbox, Park, Parking, Receipt, Reservation, SeqRange,
+    Store, Waiting,
 };
 pub use time::Timestamp;

@@ -1,10 +1,11 @@
 //! [`LeaseManager`] on PostgreSQL: one fenced lease row per actor (`schema.sql`).
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::store::{Lease, LeaseManager, check_owner};
+use loom_core::store::backend::check_owner;
+use loom_core::store::{Lease, LeaseManager};
 use loom_core::{ActorId, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 

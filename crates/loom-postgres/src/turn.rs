@@ -1,13 +1,14 @@
 //! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
 //! into batches by `group.rs` (`schema.sql`).
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::store::{
-    Committed, Enqueued, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+use loom_core::store::backend::{
+    Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
+use loom_core::store::{Enqueued, Store};
 use loom_core::{Envelope, IdempotencyKey, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 

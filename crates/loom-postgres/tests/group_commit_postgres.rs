@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use loom_core::store::backend::{Outgoing, Turn};
 use loom_core::{
-    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, Outgoing, SeqRange, Store,
-    StoreError, Turn,
+    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, SeqRange, Store, StoreError,
 };
 use loom_postgres::{PostgresOptions, PostgresStore};
 use loom_testkit::servers::PostgresServer;
@@ -228,7 +228,8 @@ async fn batches_of_turns_sending_to_each_other_never_deadlock() {
 /// turn recording that key starts meanwhile: both must succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_once_and_a_turn_recording_its_key_never_deadlock() {
-    use loom_core::{IdempotencyKey, IdempotencyStore, LeaseOptions, Record, Settle};
+    use loom_core::store::backend::{Record, Settle};
+    use loom_core::{IdempotencyKey, IdempotencyStore, LeaseOptions};
     let server = PostgresServer::start();
     let store = connect(&server.url(), 8).await;
     let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");

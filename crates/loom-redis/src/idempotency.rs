@@ -1,11 +1,12 @@
 //! [`IdempotencyStore`] on Redis: a hash per key, held while its message waits; see `loom.lua`.
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::CodecError;
-use loom_core::store::{IdempotencyStore, Reservation, prepare_result};
+use loom_core::store::backend::prepare_result;
+use loom_core::store::{IdempotencyStore, Reservation};
 use loom_core::{ActorId, IdempotencyKey, StoreError, StoreResult, Timestamp};
 use redis::Value;
 use serde_json::Value as Json;

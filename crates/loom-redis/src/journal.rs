@@ -2,10 +2,8 @@
 
 use async_trait::async_trait;
 use loom_core::codec::{self};
-use loom_core::store::{
-    EntryStream, JournalInfo, JournalStore, Lease, Page, SeqRange, paged_read, prepare_append,
-    prepare_snapshot,
-};
+use loom_core::store::backend::{Page, paged_read, prepare_append, prepare_snapshot};
+use loom_core::store::{EntryStream, JournalInfo, JournalStore, Lease, SeqRange};
 use loom_core::{ActorId, Entry, Seq, Snapshot, StoreError, StoreResult};
 use redis::Value;
 

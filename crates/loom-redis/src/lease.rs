@@ -1,10 +1,11 @@
 //! [`LeaseManager`] on Redis: one fenced lease key per actor; see `loom.lua`.
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::store::{Lease, LeaseManager, check_owner};
+use loom_core::store::backend::check_owner;
+use loom_core::store::{Lease, LeaseManager};
 use loom_core::{ActorId, StoreError, StoreResult, Timestamp};
 
 use crate::RedisStore;

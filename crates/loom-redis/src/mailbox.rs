@@ -1,13 +1,12 @@
 //! [`Mailbox`] on Redis: a sorted set of due positions and a hash of frames per actor, dead letters in a stream; see `loom.lua`.
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::{
-    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
-};
+use loom_core::store::backend::{interleave, prepare_message};
+use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use redis::Value;
 

@@ -1,12 +1,13 @@
 //! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
 
-use loom_core::store::check_ttl;
+use loom_core::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::store::{
-    Committed, Enqueued, Settle, Store, Turn, prepare_append, prepare_message, prepare_result,
+use loom_core::store::backend::{
+    Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
+use loom_core::store::{Enqueued, Store};
 use loom_core::{Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
 use serde::Serialize;
 

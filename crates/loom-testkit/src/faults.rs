@@ -16,11 +16,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use loom_core::codec::CodecError;
+use loom_core::store::backend::{Committed, Turn};
 use loom_core::{
-    ActorId, Committed, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope,
-    IdempotencyKey, IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions,
-    Mailbox, Park, Parking, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError,
-    StoreResult, Timestamp, Turn, Waiting,
+    ActorId, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope, IdempotencyKey,
+    IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Park,
+    Parking, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult,
+    Timestamp, Waiting,
 };
 use serde_json::Value;
 

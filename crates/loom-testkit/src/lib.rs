@@ -3,7 +3,7 @@
 //! What proves a Loom store keeps its promises:
 //! - [`conformance`]: the store conformance suite, one function per store trait, each returning
 //!   named test cases for a backend; every backend runs the same list;
-//! - [`fixture`]: fresh, isolated stores for each case;
+//! - [`Fixture`] and [`Factory`]: fresh, isolated stores for each case;
 //! - [`load`]: writers through server faults and the checks after them, for the fault suites
 //!   of the server backends.
 //!

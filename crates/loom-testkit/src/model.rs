@@ -1,4 +1,4 @@
-//! A model-based test of [`JournalStore`]: random sequences of append, snapshot, trim, delete,
+//! A model-based test of [`JournalStore`](loom_core::JournalStore): random sequences of append, snapshot, trim, delete,
 //! read and reopen, each checked against a plain in-memory model of the rules.
 //!
 //! After every operation the store must have answered as the model did (same success, same kind

@@ -1,6 +1,6 @@
 //! [`IdempotencyStore`] on redb.
 
-use crate::store::check_ttl;
+use crate::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,7 +11,8 @@ use serde_json::Value;
 use crate::codec::{self, RecordType};
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, IdempotencyKey};
-use crate::store::{IdempotencyStore, Reservation, prepare_result};
+use crate::store::backend::prepare_result;
+use crate::store::{IdempotencyStore, Reservation};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;

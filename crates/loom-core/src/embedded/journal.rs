@@ -7,10 +7,8 @@ use crate::codec;
 use crate::entry::{Entry, Seq, Snapshot};
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
-use crate::store::{
-    EntryStream, JournalInfo, JournalStore, Lease, Page, SeqRange, paged_read, prepare_append,
-    prepare_snapshot,
-};
+use crate::store::backend::{Page, paged_read, prepare_append, prepare_snapshot};
+use crate::store::{EntryStream, JournalInfo, JournalStore, Lease, SeqRange};
 
 use super::tables::{JOURNAL, JOURNAL_META, SNAPSHOTS, Tx, se};
 use super::{EmbeddedStore, lease};

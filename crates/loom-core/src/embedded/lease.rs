@@ -1,6 +1,6 @@
 //! [`LeaseManager`] on redb.
 
-use crate::store::check_ttl;
+use crate::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, RecordType};
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
-use crate::store::{Lease, LeaseManager, check_owner};
+use crate::store::backend::check_owner;
+use crate::store::{Lease, LeaseManager};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;

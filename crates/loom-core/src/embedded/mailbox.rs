@@ -4,7 +4,7 @@
 //! or waiting out a nack delay. While it exists nothing else is handed out, which keeps per-actor
 //! order across retries. The others wait in `QUEUE`, ordered by due time then position.
 
-use crate::store::check_ttl;
+use crate::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,9 +15,8 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::{
-    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
-};
+use crate::store::backend::{interleave, prepare_message};
+use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use crate::time::Timestamp;
 
 use super::redo::{Op, Rec, Sink, apply_to};

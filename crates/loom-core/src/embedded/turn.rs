@@ -1,6 +1,6 @@
 //! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
 
-use crate::store::check_ttl;
+use crate::store::backend::check_ttl;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,10 +8,10 @@ use async_trait::async_trait;
 use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::IdempotencyKey;
-use crate::store::{
-    Committed, Enqueued, Outgoing, Settle, Store, Turn, prepare_append, prepare_message,
-    prepare_result,
+use crate::store::backend::{
+    Committed, Outgoing, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
+use crate::store::{Enqueued, Store};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;

@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use crate::error::StoreError;
 use crate::id::ActorId;
-use crate::store::{LeaseOptions, Record, Settle, Store, Turn};
+use crate::store::backend::{Record, Settle, Turn};
+use crate::store::{LeaseOptions, Store};
 
 use super::record::{Outcome, Recorded};
 

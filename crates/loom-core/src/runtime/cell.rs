@@ -22,7 +22,8 @@ use tracing::Instrument;
 
 use crate::entry::{EntryKind, Seq, Step};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
-use crate::store::{Delivery, LeaseOptions, Park, Record, Settle, Turn};
+use crate::store::backend::{Record, Settle, Turn};
+use crate::store::{Delivery, LeaseOptions, Park};
 
 use super::Shared;
 use super::actor::Actor;

@@ -21,7 +21,8 @@ use crate::entry::{Entry, EntryKind, Seq, Step};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::id::{ActorId, MessageId};
-use crate::store::{Lease, LeaseOptions, Outgoing, Receipt, Record, Settle, Store, Turn};
+use crate::store::backend::{Outgoing, Record, Settle, Turn};
+use crate::store::{Lease, LeaseOptions, Receipt, Store};
 use crate::time::Timestamp;
 
 use super::actor::{Actor, Rejected};

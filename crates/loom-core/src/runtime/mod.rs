@@ -36,7 +36,7 @@
 //!   fenced by the lease and conditional on the journal's next seq;
 //! - activation loads the newest readable snapshot and streams the journal tail;
 //! - a turn's entries, its message's ack, its outgoing messages and its reply are one atomic
-//!   write ([`Turn`]);
+//!   write ([`Turn`](crate::store::backend::Turn));
 //! - compaction snapshots off the hot path and trims only what the oldest kept snapshot covers.
 
 mod activation;

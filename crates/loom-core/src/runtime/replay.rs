@@ -26,7 +26,7 @@ use crate::store::{Lease, SeqRange, Store};
 /// How many completed message ids an actor remembers to recognize a redelivery.
 pub(crate) const RECENT: usize = 128;
 
-/// The format of the runtime's snapshot body ([`Body`]).
+/// The format of the runtime's snapshot body.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
 /// What the runtime puts in a snapshot: the actor's state and the ids of its last messages.
@@ -315,7 +315,7 @@ pub enum CompactError {
 ///
 /// Safe to run while the actor runs elsewhere: the snapshot is of entries already durable, the
 /// trim never passes it, and a runtime recovering the actor meanwhile notices the trim and
-/// starts over from the new snapshot (see [`replay`]'s strict read).
+/// starts over from the new snapshot (recovery's strict read, rule D9 of RELIABILITY.md).
 pub async fn compact_journal(
     store: &dyn Store,
     id: &ActorId,

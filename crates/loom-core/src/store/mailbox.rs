@@ -41,7 +41,7 @@ impl LeaseOptions {
                 "max_deliveries must be at least 1".into(),
             ));
         }
-        super::check_ttl("visibility timeout", self.visibility)
+        super::backend::check_ttl("visibility timeout", self.visibility)
     }
 }
 

@@ -6,10 +6,12 @@
 //! each method are the contract; `loom-testkit`'s conformance suite checks every backend against
 //! them, case by case.
 //!
-//! Logic that does not depend on the backend (checking a batch before it is written, streaming a
-//! read page by page, checking options, building a delivery) lives here once: [`prepare_append`],
-//! [`paged_read`], [`check_ttl`], [`LeaseOptions::validate`], [`Delivery::from_frame`].
+//! What only a backend needs — the [`Turn`] a store commits and the checks every
+//! backend runs before it writes ([`prepare_append`](backend::prepare_append),
+//! [`check_ttl`](backend::check_ttl), ...) — is in [`backend`]; [`LeaseOptions::validate`] and
+//! [`Delivery::from_frame`] are the rest of that shared logic.
 
+pub mod backend;
 mod idempotency;
 mod journal;
 mod lease;
@@ -17,17 +19,13 @@ mod mailbox;
 mod park;
 mod turn;
 
-pub use idempotency::{IdempotencyStore, Reservation, prepare_result};
-pub use journal::{
-    EntryStream, JournalInfo, JournalStore, Page, SeqRange, paged_read, prepare_append,
-    prepare_snapshot,
-};
-pub use lease::{Lease, LeaseManager, check_owner};
-pub use mailbox::{
-    DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting, interleave, prepare_message,
-};
+pub use idempotency::{IdempotencyStore, Reservation};
+pub use journal::{EntryStream, JournalInfo, JournalStore, SeqRange};
+pub use lease::{Lease, LeaseManager};
+pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 pub use park::{Park, Parking};
-pub use turn::{Committed, Outgoing, Record, Settle, Turn};
+
+use backend::{Committed, Turn};
 
 use std::time::Duration;
 
@@ -37,27 +35,6 @@ use crate::envelope::Envelope;
 use crate::error::StoreResult;
 use crate::id::IdempotencyKey;
 use crate::time::Timestamp;
-
-/// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a
-/// visibility timeout) with [`StoreError::InvalidRequest`](crate::StoreError::InvalidRequest)
-/// naming `what`. Every backend checks its TTLs here.
-///
-/// ```
-/// use std::time::Duration;
-/// use loom_core::store::check_ttl;
-///
-/// assert!(check_ttl("lease ttl", Duration::from_secs(5)).is_ok());
-/// let e = check_ttl("lease ttl", Duration::ZERO).unwrap_err();
-/// assert!(e.to_string().contains("lease ttl must be positive"), "{e}");
-/// ```
-pub fn check_ttl(what: &str, d: Duration) -> StoreResult<()> {
-    if d.is_zero() {
-        return Err(crate::StoreError::InvalidRequest(format!(
-            "{what} must be positive"
-        )));
-    }
-    Ok(())
-}
 
 /// The outcome of [`Store::enqueue_once`].
 #[derive(Debug, Clone, PartialEq)]

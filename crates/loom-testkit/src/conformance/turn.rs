@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use loom_core::limits::MAX_MESSAGE_BYTES;
+use loom_core::store::backend::{Outgoing, Record, Settle, Turn};
 use loom_core::{
     ActorId, Enqueued, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, Limit, MessageId,
-    Outgoing, Record, Reservation, Seq, SeqRange, Settle, Store, StoreError, Timestamp, Turn,
+    Reservation, Seq, SeqRange, Store, StoreError, Timestamp,
 };
 use serde_json::json;
 
