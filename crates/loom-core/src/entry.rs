@@ -150,6 +150,17 @@ pub enum EntryKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resumed_in: Option<u32>,
     },
+    /// A value the handler took from the world ([`Context::now`](crate::Context::now),
+    /// [`random_u64`](crate::Context::random_u64), [`uuid`](crate::Context::uuid)): journaled
+    /// on the first run, read back on a replay, so the handler sees the same value again.
+    Recorded {
+        /// The step that took it.
+        step: Step,
+        /// What it is: `now`, `random_u64` or `uuid`.
+        name: String,
+        /// The value.
+        value: Value,
+    },
     /// The invocation ended with a reply.
     Completed {
         /// The reply.
@@ -177,6 +188,7 @@ impl EntryKind {
             EntryKind::TimerFired { .. } => "timer_fired",
             EntryKind::EventAwaited { .. } => "event_awaited",
             EntryKind::EventReceived { .. } => "event_received",
+            EntryKind::Recorded { .. } => "recorded",
             EntryKind::Completed { .. } => "completed",
             EntryKind::Failed { .. } => "failed",
         }

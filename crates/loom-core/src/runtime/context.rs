@@ -169,6 +169,7 @@ fn kind_and_name(k: &EntryKind) -> (&'static str, String) {
         EntryKind::ChildSpawned { child, .. } => ("spawn", child.kind().to_owned()),
         EntryKind::TimerStarted { .. } => ("sleep", String::new()),
         EntryKind::EventAwaited { name, .. } => ("wait_event", name.clone()),
+        EntryKind::Recorded { name, .. } => ("record", name.clone()),
         other => (other.name(), String::new()),
     }
 }
@@ -265,6 +266,73 @@ impl<'a> Context<'a> {
             }
             Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
         }
+    }
+
+    /// The current time, read once per step: the first run reads the clock and journals it, a
+    /// replay returns what was journaled. Use it instead of `Timestamp::now()` or
+    /// `SystemTime::now()` wherever the time decides what the handler does, so that a replay
+    /// after a crash takes the same branch.
+    ///
+    /// ```
+    /// use loom_core::runtime::{Actor, Context, Rejected};
+    ///
+    /// #[derive(Default)]
+    /// struct Stamp;
+    ///
+    /// impl Actor for Stamp {
+    ///     const KIND: &'static str = "stamp";
+    ///     type State = Vec<String>;
+    ///     type Message = ();
+    ///     type Reply = String;
+    ///
+    ///     async fn handle(&self, seen: &mut Vec<String>, ctx: &mut Context<'_>, _: ()) -> Result<String, Rejected> {
+    ///         let at = ctx.now()?;             // the same after a crash and replay
+    ///         let id = ctx.uuid()?;            // likewise
+    ///         let coin = ctx.random_u64()? % 2; // likewise
+    ///         seen.push(format!("{id} at {at}: {coin}"));
+    ///         Ok(seen.last().cloned().unwrap_or_default())
+    ///     }
+    /// }
+    /// ```
+    pub fn now(&mut self) -> Result<Timestamp, StepError> {
+        self.record("now", Timestamp::now)
+    }
+
+    /// A random number, drawn once per step and journaled like [`now`](Self::now).
+    pub fn random_u64(&mut self) -> Result<u64, StepError> {
+        self.record("random_u64", || fastrand::u64(..))
+    }
+
+    /// A random (version 4) UUID, drawn once per step and journaled like [`now`](Self::now).
+    pub fn uuid(&mut self) -> Result<uuid::Uuid, StepError> {
+        self.record("uuid", uuid::Uuid::new_v4)
+    }
+
+    /// Takes `fresh()` on the first run and journals it as a `Recorded` entry (written with the
+    /// turn's next write, before anything it may lead to leaves the actor); on a replay, the
+    /// journaled value.
+    fn record<T: Serialize + DeserializeOwned>(
+        &mut self,
+        name: &'static str,
+        fresh: impl FnOnce() -> T,
+    ) -> Result<T, StepError> {
+        let (step, recorded) = self.next_step("record", name)?;
+        if let Some(EntryKind::Recorded { value, .. }) = recorded.as_ref().and_then(|r| r.first()) {
+            return serde_json::from_value(value.clone()).map_err(|e| {
+                StepError::Invalid(format!(
+                    "the {name} journaled at step {step} does not decode: {e}"
+                ))
+            });
+        }
+        let v = fresh();
+        let value = serde_json::to_value(&v)
+            .map_err(|e| StepError::Invalid(format!("{name} does not encode: {e}")))?;
+        self.inv.push(EntryKind::Recorded {
+            step,
+            name: name.to_owned(),
+            value,
+        });
+        Ok(v)
     }
 
     /// Runs `fut` while keeping the invoking message out of other consumers' reach.

@@ -352,6 +352,7 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
         EntryKind::ActivityCompleted { output, .. } => value(output),
         EntryKind::ChildSpawned { input, .. } => value(input),
         EntryKind::EventReceived { data, .. } => value(data),
+        EntryKind::Recorded { value: v, name, .. } => value(v) + name.len() as u64,
         EntryKind::Completed { reply } => value(reply),
         EntryKind::ActivityFailed { error, .. } | EntryKind::Failed { error } => error.len() as u64,
         _ => 0,

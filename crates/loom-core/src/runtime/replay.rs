@@ -361,7 +361,8 @@ fn step_of(kind: &EntryKind) -> Option<Step> {
         | EntryKind::TimerStarted { step, .. }
         | EntryKind::TimerFired { step, .. }
         | EntryKind::EventAwaited { step, .. }
-        | EntryKind::EventReceived { step, .. } => Some(*step),
+        | EntryKind::EventReceived { step, .. }
+        | EntryKind::Recorded { step, .. } => Some(*step),
         _ => None,
     }
 }

@@ -230,6 +230,11 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             timed_out: true,
             resumed_in: Some(2),
         },
+        EntryKind::Recorded {
+            step: 8,
+            name: "uuid".into(),
+            value: json!("3a051813-2711-45fb-a3ae-8ff1939d8a47"),
+        },
         EntryKind::Completed { reply: json!(42) },
         EntryKind::Failed {
             error: "boom".into(),

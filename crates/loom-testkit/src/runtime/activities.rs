@@ -12,6 +12,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         activity_replay_returns_the_journaled_result_without_running,
         activity_interrupted_by_a_crash_runs_again_with_the_same_key,
         activity_failure_is_journaled_and_replayed,
+        clock_random_and_uuid_replay_what_the_first_run_saw,
     ]
 }
 
@@ -131,5 +132,57 @@ async fn activity_failure_is_journaled_and_replayed(h: &Harness) {
         .await,
         1
     );
+    rt.shutdown().await;
+}
+
+/// `ctx.now()`, `ctx.random_u64()` and `ctx.uuid()` are journaled on the first run: after a
+/// crash the handler runs again and sees the same three values; another message draws new ones.
+async fn clock_random_and_uuid_replay_what_the_first_run_saw(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = worker("w");
+    rt.actor::<Worker>("w")
+        .send(vec![
+            Step::Clock,
+            Step::Activity {
+                name: "a".into(),
+                fail: false,
+                hold: true,
+            },
+        ])
+        .await
+        .unwrap();
+    reached(h).await;
+    // Crashed inside the activity: the handler runs again from the start.
+    let rt = h.crash_and_resume(rt, 1).await;
+    finished(h, &w, 1).await;
+    let seen = h
+        .probe
+        .observed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], seen[1], "the replay saw other values");
+    assert_eq!(
+        h.count(&w, |k| matches!(k, EntryKind::Recorded { .. }))
+            .await,
+        3
+    );
+    // A new message draws new values.
+    let reply = rt
+        .actor::<Worker>("w")
+        .ask(vec![Step::Clock])
+        .await
+        .unwrap();
+    let fresh = &reply[0];
+    assert_ne!(fresh, &seen[0]);
+    let field = |line: &str, name: &str| {
+        line.split(' ')
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .map(str::to_owned)
+    };
+    assert_ne!(field(fresh, "random"), field(&seen[0], "random"));
+    assert_ne!(field(fresh, "uuid"), field(&seen[0], "uuid"));
     rt.shutdown().await;
 }

@@ -16,6 +16,8 @@ pub struct Probe {
     pub runs: Mutex<HashMap<String, u32>>,
     /// Activity keys handed out, in order.
     pub keys: Mutex<Vec<String>>,
+    /// What each run of [`Step::Clock`] saw, in order, replays included.
+    pub observed: Mutex<Vec<String>>,
     /// Handlers waiting at the gate take a permit; the case adds permits to let them go.
     pub gate: Semaphore,
     /// Signalled when a handler reaches the gate (or a holding activity starts).
@@ -32,6 +34,7 @@ impl Default for Probe {
         Probe {
             runs: Mutex::default(),
             keys: Mutex::default(),
+            observed: Mutex::default(),
             gate: Semaphore::new(0),
             reached: Notify::new(),
             in_flight: AtomicI64::new(0),
@@ -208,6 +211,9 @@ pub enum Step {
         /// Timeout in ms.
         timeout_ms: Option<u64>,
     },
+    /// `ctx.now()`, `ctx.random_u64()` and `ctx.uuid()`; what they returned goes to the probe's
+    /// `observed` list on every run, replays included.
+    Clock,
     /// Wait at the probe's gate (not a durable call: a place to crash).
     Gate,
     /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
@@ -306,6 +312,20 @@ impl Actor for Worker {
                         Err(StepError::TimedOut { .. }) => format!("event {name}: timed out"),
                         Err(e) => return Err(e.into()),
                     }
+                }
+                Step::Clock => {
+                    let line = format!(
+                        "now {} random {} uuid {}",
+                        ctx.now()?,
+                        ctx.random_u64()?,
+                        ctx.uuid()?
+                    );
+                    self.probe
+                        .observed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(line.clone());
+                    line
                 }
                 Step::Gate => {
                     self.probe.hold().await;
