@@ -21,7 +21,10 @@ mod mailbox;
 mod park;
 mod redo;
 mod reopen;
+#[cfg(feature = "testing")]
 pub mod tables;
+#[cfg(not(feature = "testing"))]
+mod tables;
 mod turn;
 mod writer;
 
@@ -37,10 +40,14 @@ use crate::error::{StoreError, StoreResult};
 pub use lock::LOCK_FILE;
 use lock::{DirLock, with_path};
 /// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
+#[cfg(feature = "testing")]
 pub use redb::StorageBackend;
+#[cfg(feature = "testing")]
 pub use redb::backends::FileBackend;
 use redo::Durability;
-pub use redo::{REDO_FILE, RedoFile};
+pub use redo::REDO_FILE;
+#[cfg(feature = "testing")]
+pub use redo::RedoFile;
 use tables::{LAYOUT_VERSION, se};
 use writer::{LogSetup, Writer};
 
@@ -210,7 +217,7 @@ pub struct WriterStats {
 }
 
 /// Wraps the redo log file (see [`EmbeddedStore::open_with_redo`]); called at every opening.
-type Wrap = Arc<dyn Fn(std::fs::File) -> Box<dyn RedoFile> + Send + Sync>;
+type Wrap = Arc<dyn Fn(std::fs::File) -> Box<dyn redo::RedoFile> + Send + Sync>;
 
 /// What a store on disk opens with.
 struct Disk<'a> {
@@ -278,7 +285,7 @@ impl EmbeddedStore {
 
     /// Opens (creating if needed) the store in directory `dir` with `options`.
     pub fn open_with(dir: impl AsRef<Path>, options: EmbeddedOptions) -> StoreResult<Self> {
-        Self::open_with_redo(dir, options, |f| Box::new(f))
+        Self::open_wrapped(dir, options, |f| Box::new(f))
     }
 
     /// [`EmbeddedStore::open_with`], with the redo log file wrapped by `wrap`: for tests that
@@ -294,10 +301,19 @@ impl EmbeddedStore {
     /// })?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[cfg(feature = "testing")]
     pub fn open_with_redo(
         dir: impl AsRef<Path>,
         options: EmbeddedOptions,
         wrap: impl Fn(std::fs::File) -> Box<dyn RedoFile> + Send + Sync + 'static,
+    ) -> StoreResult<Self> {
+        Self::open_wrapped(dir, options, wrap)
+    }
+
+    fn open_wrapped(
+        dir: impl AsRef<Path>,
+        options: EmbeddedOptions,
+        wrap: impl Fn(std::fs::File) -> Box<dyn redo::RedoFile> + Send + Sync + 'static,
     ) -> StoreResult<Self> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
@@ -334,6 +350,7 @@ impl EmbeddedStore {
 
     /// A store on any redb storage backend (a fault-injecting one in tests, say). No directory
     /// and no lock file: the caller keeps other processes out of the storage.
+    #[cfg(feature = "testing")]
     pub fn on_backend(
         backend: impl redb::StorageBackend,
         options: EmbeddedOptions,
