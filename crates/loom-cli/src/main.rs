@@ -465,14 +465,22 @@ fn init_logs() {
 /// `warn,loom_core=debug`; a spec that sets a level for everything (`error`, `info,sqlx=off`)
 /// is left as it is.
 fn with_warnings(spec: &str) -> String {
-    let global = spec
+    // Empty pieces (a trailing or doubled comma) would read as a level of their own: dropped.
+    let pieces: Vec<&str> = spec
         .split(',')
         .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let global = pieces
+        .iter()
         .any(|d| d.parse::<tracing_subscriber::filter::LevelFilter>().is_ok());
     if global {
-        spec.to_owned()
+        pieces.join(",")
     } else {
-        format!("warn,{spec}")
+        std::iter::once("warn")
+            .chain(pieces)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -509,5 +517,7 @@ mod tests {
         assert_eq!(with_warnings("error"), "error");
         assert_eq!(with_warnings("info,sqlx=off"), "info,sqlx=off");
         assert_eq!(with_warnings("DEBUG"), "DEBUG");
+        assert_eq!(with_warnings("loom_core=debug,"), "warn,loom_core=debug");
+        assert_eq!(with_warnings(" ,error,,"), "error");
     }
 }

@@ -47,6 +47,7 @@ impl Entry {
 
 /// The kinds of journal entries; see DESIGN.md, "Entry kinds", for when each is written.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EntryKind {
     /// An invocation started.

@@ -100,7 +100,8 @@ pub struct ActorId {
 impl ActorId {
     /// Parses an id a store read back from its own data (a key, a column, a list). An id that
     /// does not parse there is damage, not bad input: [`StoreError::Corrupt`](crate::StoreError::Corrupt)
-    /// naming `what`. Every backend reads stored ids through here.
+    /// naming `what`. Every backend reads the ids it stored as values through here (a Redis key
+    /// name that is not a Loom id, met while scanning, is skipped instead).
     ///
     /// ```
     /// use loom_core::ActorId;

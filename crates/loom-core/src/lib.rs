@@ -42,9 +42,9 @@ pub mod runtime;
 pub mod store;
 mod time;
 
-pub use embedded::{EmbeddedOptions, EmbeddedStore};
 #[cfg(feature = "testing")]
 pub use embedded::RedoFile;
+pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use entry::{Entry, EntryKind, Seq, Snapshot, Step};
 pub use envelope::Envelope;
 pub use error::{Cause, Limit, StoreError, StoreResult, explain};

@@ -216,7 +216,8 @@ pub struct WriterStats {
     pub checkpoints: u64,
 }
 
-/// Wraps the redo log file (see [`EmbeddedStore::open_with_redo`]); called at every opening.
+/// Wraps the redo log file (tests wrap it through `EmbeddedStore::open_with_redo`, behind the
+/// `testing` feature); called at every opening.
 type Wrap = Arc<dyn Fn(std::fs::File) -> Box<dyn redo::RedoFile> + Send + Sync>;
 
 /// What a store on disk opens with.
