@@ -5,11 +5,14 @@
 //! ```
 //!
 //! Each transfer is an actor: a fraud check (an activity, journaled once), a debit message to the
-//! source account, a credit message to the target (see `loom_bench::bank` for the actors). Kill
+//! source account, a credit message to the target (the actors are in `actors.rs`, beside this
+//! file; `loom-bench` drives them for the run and the check). Kill
 //! it at any moment (Ctrl-C, `kill -9`) and start it again with the same `--data`: accounts and
 //! transfers are submitted with idempotency keys, so nothing is opened or started twice, and every
 //! transfer in flight resumes where its journal says. At the end it checks that the total balance
 //! is conserved and that every transfer was applied exactly once to both accounts.
+
+mod actors;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,7 +51,12 @@ struct Args {
 async fn start(data: &PathBuf) -> Result<Runtime, StartError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let started = Bank::register(Runtime::builder().embedded(data))
+        // The actors of `actors.rs`; loom-bench's `Bank` drives them by kind and message (the
+        // same file, so the same kinds and messages) and checks the books at the end.
+        let started = Runtime::builder()
+            .embedded(data)
+            .register::<actors::Account>()
+            .register::<actors::Transfer>()
             .configure(|c| c.ask_timeout = Duration::from_secs(120))
             .start()
             .await;
