@@ -50,13 +50,13 @@ pub struct Settings {
     /// Runs of the whole selection; with more than one, a min/median/max table follows.
     pub repeat: usize,
     /// Partition counts of the engine bake-off.
-    pub partitions: Vec<usize>,
+    pub partitions: Option<Vec<usize>>,
 }
 
 /// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
 fn baseline_for(url: &StoreUrl, scratch: &std::path::Path) -> Baseline {
     match url {
-        StoreUrl::Embedded(dir) => fsync(dir.clone()),
+        StoreUrl::Embedded(dir, ..) => fsync(dir.clone()),
         StoreUrl::Memory => fsync(scratch.to_path_buf()),
         StoreUrl::Redis { url, prefix } => xadd(url.clone(), format!("{prefix}:baseline")),
         StoreUrl::Postgres { url, schema } => insert(url.clone(), schema.clone()),
@@ -155,9 +155,9 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             u,
             &Namespace::both(&format!("loombench{:08x}", fastrand::u32(..))),
         )?,
-        None => StoreUrl::Embedded(tmp.path().join("store")),
+        None => StoreUrl::Embedded(tmp.path().join("store"), None),
     };
-    if let StoreUrl::Embedded(dir) = &url {
+    if let StoreUrl::Embedded(dir, ..) = &url {
         std::fs::create_dir_all(dir)?;
     }
     let label = url.label();
@@ -167,7 +167,7 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         // The embedded store's engine, doing the same writes without Loom: how much of the gap
         // to the raw file is Loom's.
         engine: match &url {
-            StoreUrl::Embedded(dir) => Some(loom_bench::baseline::redb_engine(dir.clone())),
+            StoreUrl::Embedded(dir, ..) => Some(loom_bench::baseline::redb_engine(dir.clone())),
             _ => None,
         },
     };
@@ -178,7 +178,7 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         ));
     }
     let seconds = Duration::from_secs_f64(s.seconds);
-    if s.partitions.iter().any(|&p| p == 0 || p > 64) {
+    if s.partitions.iter().flatten().any(|&p| p == 0 || p > 64) {
         return Err(Failure("--partitions takes counts from 1 to 64".into()));
     }
     let mut results = Vec::new();
@@ -222,8 +222,27 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             if all || scenario == Scenario::Recover {
                 results.extend(recover(&url, &label, s.entries.unwrap_or(1_000_000)).await?);
             }
-            if all || scenario == Scenario::Bank {
-                let opened = open_or_create(&url).await?;
+            // `bank --partitions 1,2` on an embedded store: a fresh store per count.
+            let bank_stores: Vec<(StoreUrl, String)> = match (&url, &s.partitions) {
+                (StoreUrl::Embedded(dir, _), Some(counts)) => counts
+                    .iter()
+                    .map(|&p| {
+                        let at = dir.join(format!("bank-p{p}-{}", fastrand::u32(..)));
+                        let u = StoreUrl::Embedded(at, Some(p as u32));
+                        (u, format!("{label} P={p}"))
+                    })
+                    .collect(),
+                _ => vec![(url.clone(), label.clone())],
+            };
+            for (url, label) in bank_stores
+                .iter()
+                .filter(|_| all || scenario == Scenario::Bank)
+            {
+                let opened = open_or_create(url).await?;
+                let label = match &opened.embedded {
+                    Some(e) if !label.contains("P=") => format!("{label} P={}", e.partitions()),
+                    _ => label.clone(),
+                };
                 let cfg = Bank {
                     accounts: s.actors.unwrap_or(100) as u32,
                     transfers: s.entries.unwrap_or(10_000) as u32,
@@ -245,10 +264,10 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             if scenario == Scenario::Engines {
                 // On the store's disk when it has one, else in the scratch directory.
                 let dir = match &url {
-                    StoreUrl::Embedded(dir) => dir.clone(),
+                    StoreUrl::Embedded(dir, ..) => dir.clone(),
                     _ => tmp.path().to_path_buf(),
                 };
-                let partitions = s.partitions.clone();
+                let partitions = s.partitions.clone().unwrap_or_else(|| vec![1, 2]);
                 let ms = tokio::task::spawn_blocking(move || {
                     loom_bench::engines::bakeoff(&dir, &partitions, seconds)
                 })
@@ -338,7 +357,7 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("bench-child");
         match url {
-            StoreUrl::Embedded(dir) => cmd.arg("--store").arg(dir),
+            StoreUrl::Embedded(dir, ..) => cmd.arg("--store").arg(dir),
             StoreUrl::Redis { url, prefix } => cmd
                 .arg("--store")
                 .arg(url)

@@ -78,7 +78,11 @@ pub async fn show(store: &dyn Store, actor: &str, from: Seq, to: Seq) -> Result<
     Ok(())
 }
 
-pub async fn verify(store: &dyn Store, actor: Option<&str>) -> Result<(), Failure> {
+pub async fn verify(
+    store: &dyn Store,
+    embedded: Option<&loom_core::EmbeddedStore>,
+    actor: Option<&str>,
+) -> Result<(), Failure> {
     let actors = match actor {
         Some(a) => vec![parse_actor(a)?],
         None => all_actors(store).await?,
@@ -94,6 +98,26 @@ pub async fn verify(store: &dyn Store, actor: Option<&str>) -> Result<(), Failur
             }
         }
     }
+    // The partitions' outboxes and high-water marks (the relay's invariants).
+    let mut relay = String::new();
+    if let Some(e) = embedded {
+        let states = e.outbox_states().await?;
+        let wrong = loom_core::embedded::check_outboxes(&states);
+        for w in &wrong {
+            eprintln!("{w}");
+        }
+        if !wrong.is_empty() {
+            return Err(Failure(format!(
+                "{} problems in the partitions' outboxes and high-water marks",
+                wrong.len()
+            )));
+        }
+        let waiting: u64 = states.iter().map(|s| s.pending).sum();
+        relay = format!(
+            "; {} partitions, outboxes and high-water marks consistent, {waiting} messages waiting to move",
+            states.len()
+        );
+    }
     if problems > 0 {
         return Err(Failure(format!(
             "{problems} of {} journals failed verification",
@@ -101,7 +125,7 @@ pub async fn verify(store: &dyn Store, actor: Option<&str>) -> Result<(), Failur
         )));
     }
     out(format_args!(
-        "ok: {} journals, {checked} entries verified",
+        "ok: {} journals, {checked} entries verified{relay}",
         actors.len()
     ))
 }

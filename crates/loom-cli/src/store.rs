@@ -32,8 +32,9 @@ impl Namespace {
 /// A parsed store URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
-    /// The embedded store in a directory.
-    Embedded(PathBuf),
+    /// The embedded store in a directory, and the partition count asked for
+    /// (`embedded:DIR?partitions=N`; only a new store takes it).
+    Embedded(PathBuf, Option<u32>),
     /// A fresh in-memory store.
     Memory,
     /// A Redis server (the URL as given), and the key prefix to use on it.
@@ -51,7 +52,19 @@ impl StoreUrl {
                     "embedded: needs a directory, as in embedded:./loom-data".into(),
                 ));
             }
-            return Ok(StoreUrl::Embedded(PathBuf::from(path)));
+            let (path, partitions) = match path.rsplit_once("?partitions=") {
+                Some((dir, n)) => {
+                    let n: u32 = n.parse().map_err(|_| {
+                        Failure(format!(
+                            "partitions={n:?} is not a number; use embedded:DIR?partitions=N"
+                        ))
+                    })?;
+                    loom_core::partition::check_partitions(n)?;
+                    (dir, Some(n))
+                }
+                None => (path, None),
+            };
+            return Ok(StoreUrl::Embedded(PathBuf::from(path), partitions));
         }
         if url == "memory:" {
             return Ok(StoreUrl::Memory);
@@ -74,13 +87,14 @@ impl StoreUrl {
         if url.is_empty() {
             return Err(Failure("the store URL is empty".into()));
         }
-        Ok(StoreUrl::Embedded(PathBuf::from(url)))
+        Ok(StoreUrl::Embedded(PathBuf::from(url), None))
     }
 
     /// How the store is named in output (without credentials).
     pub fn label(&self) -> String {
         match self {
-            StoreUrl::Embedded(p) => format!("embedded:{}", p.display()),
+            StoreUrl::Embedded(p, None) => format!("embedded:{}", p.display()),
+            StoreUrl::Embedded(p, Some(n)) => format!("embedded:{}?partitions={n}", p.display()),
             StoreUrl::Memory => "memory:".to_owned(),
             StoreUrl::Redis { url, prefix } => {
                 format!("{} (prefix {prefix})", without_credentials(url))
@@ -169,14 +183,24 @@ async fn postgres(url: &str, schema: &str) -> Result<Opened, Failure> {
 /// Opens a store that must already exist (for inspecting: never creates an empty one by mistake).
 pub async fn open_existing(url: &StoreUrl) -> Result<Opened, Failure> {
     match url {
-        StoreUrl::Embedded(path) => {
+        StoreUrl::Embedded(path, partitions) => {
             if !path.exists() {
                 return Err(Failure(format!(
                     "no store at {}: the directory does not exist (pass --store DIR)",
                     path.display()
                 )));
             }
-            Ok(Opened::embedded(EmbeddedStore::open_existing(path)?))
+            let store = EmbeddedStore::open_existing(path)?;
+            if let Some(n) = partitions
+                && store.partitions() != *n
+            {
+                return Err(Failure(format!(
+                    "the store in {} has {} partition(s), not {n}; `loom store repartition` changes that",
+                    path.display(),
+                    store.partitions()
+                )));
+            }
+            Ok(Opened::embedded(store))
         }
         StoreUrl::Memory => Err(Failure(
             "memory: holds nothing to inspect; pass the store to look at with --store".into(),
@@ -189,7 +213,13 @@ pub async fn open_existing(url: &StoreUrl) -> Result<Opened, Failure> {
 /// Opens a store, creating it if needed.
 pub async fn open_or_create(url: &StoreUrl) -> Result<Opened, Failure> {
     let s = match url {
-        StoreUrl::Embedded(path) => EmbeddedStore::open(path)?,
+        StoreUrl::Embedded(path, partitions) => EmbeddedStore::open_with(
+            path,
+            loom_core::EmbeddedOptions {
+                partitions: *partitions,
+                ..loom_core::EmbeddedOptions::default()
+            },
+        )?,
         StoreUrl::Memory => EmbeddedStore::in_memory()?,
         StoreUrl::Redis { url, prefix } => return redis(url, prefix).await,
         StoreUrl::Postgres { url, schema } => return postgres(url, schema).await,
@@ -224,7 +254,7 @@ mod tests {
         );
         assert_eq!(
             StoreUrl::parse("./data", &ns).expect("parse"),
-            StoreUrl::Embedded(PathBuf::from("./data"))
+            StoreUrl::Embedded(PathBuf::from("./data"), None)
         );
         assert!(StoreUrl::parse("mysql://x", &ns).is_err());
         assert!(StoreUrl::parse("embedded:", &ns).is_err());

@@ -158,7 +158,23 @@ impl ActorId {
         seed.push(0);
         seed.extend_from_slice(name.as_bytes());
         let key = uuid::Uuid::new_v5(&LANE_NAMESPACE, &seed);
-        Self::unchecked("_event", &key.to_string())
+        // The owner's placement hash leads the key, so that the lane lives in its owner's
+        // partition (see [`crate::partition`]).
+        Self::unchecked("_event", &format!("{:016x}.{key}", self.placement_hash()))
+    }
+
+    /// The hash that places this id in a partition ([`crate::partition::partition_of`]): FNV-1a
+    /// of `kind/key`, except for an event lane, which carries its owner's hash in its key.
+    pub(crate) fn placement_hash(&self) -> u64 {
+        if self.kind() == "_event"
+            && let Some(h) = self
+                .key()
+                .split_once('.')
+                .and_then(|(h, _)| u64::from_str_radix(h, 16).ok())
+        {
+            return h;
+        }
+        crate::partition::fnv1a(self.full.as_bytes())
     }
 
     /// True for Loom's own mailboxes (kinds starting with `_`).

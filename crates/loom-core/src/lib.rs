@@ -38,6 +38,7 @@ mod envelope;
 mod error;
 mod id;
 pub mod limits;
+pub mod partition;
 pub mod runtime;
 pub mod store;
 mod time;

@@ -7,11 +7,24 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use loom_core::embedded::{DATA_FILE, tables};
+use loom_core::partition::partition_of;
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, SeqRange, StoreError};
 use loom_testkit::runtime::Counter;
 use redb::ReadableTable;
 use serde_json::json;
+
+/// These tests damage the files of partition 0 (`loom.redb`, `loom.redo`) by hand: their store
+/// has that one partition.
+fn one(dir: impl AsRef<std::path::Path>) -> loom_core::StoreResult<EmbeddedStore> {
+    EmbeddedStore::open_with(
+        dir,
+        loom_core::EmbeddedOptions {
+            partitions: Some(1),
+            ..loom_core::EmbeddedOptions::default()
+        },
+    )
+}
 
 const ACTORS: u32 = 12;
 const ENTRIES: u64 = 300;
@@ -33,7 +46,7 @@ fn entry(n: u32, seq: u64) -> Entry {
 
 /// A data file with known journals.
 async fn template(dir: &Path) {
-    let store = EmbeddedStore::open(dir).expect("open");
+    let store = one(dir).expect("open");
     for n in 0..ACTORS {
         let entries: Vec<Entry> = (1..=ENTRIES).map(|s| entry(n, s)).collect();
         store.append(&id(n), 1, &entries).await.expect("append");
@@ -43,7 +56,7 @@ async fn template(dir: &Path) {
 /// Reads everything; every entry served must be the one written. Returns (entries served,
 /// errors reported).
 async fn read_all(dir: &Path) -> (u64, u64) {
-    let store = match EmbeddedStore::open(dir) {
+    let store = match one(dir) {
         Ok(s) => s,
         Err(e) => {
             assert!(!e.to_string().is_empty());
@@ -130,6 +143,7 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
         every_bytes: None,
         keep: 2,
     };
+    let partitions;
     {
         let rt = Runtime::builder()
             .embedded(dir.path())
@@ -150,12 +164,16 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
             assert!(std::time::Instant::now() < deadline, "no two snapshots");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        partitions = store.partitions();
         rt.shutdown().await;
     }
     // Damage the newest snapshot's record in the file, byte by byte, as rot would.
     let newest;
     {
-        let db = redb::Database::open(dir.path().join(DATA_FILE)).expect("open the data file");
+        // In the file of the actor's partition.
+        let a = ActorId::new("counter", "c").unwrap();
+        let file = loom_core::embedded::data_file(partition_of(&a, partitions));
+        let db = redb::Database::open(dir.path().join(file)).expect("open the data file");
         let txn = db.begin_write().expect("write txn");
         {
             let mut snaps = txn.open_table(tables::SNAPSHOTS).expect("snapshots table");
@@ -211,7 +229,7 @@ async fn a_corrupt_message_frame_is_dead_lettered_and_the_next_message_runs() {
     let c = ActorId::new("counter", "c").unwrap();
     let damaged = Envelope::new(c.clone(), json!(5));
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = one(dir.path()).expect("open");
         store.enqueue(&damaged, None).await.expect("enqueue");
         store
             .enqueue(&Envelope::new(c.clone(), json!(7)), None)

@@ -20,6 +20,18 @@ use loom_core::{EmbeddedOptions, EmbeddedStore, Entry, JournalStore, SeqRange, S
 use loom_testkit::faults::{DiskFaults, FaultyRedo};
 use serde_json::json;
 
+/// These tests damage the files of partition 0 (`loom.redb`, `loom.redo`) by hand: their store
+/// has that one partition.
+fn one(dir: impl AsRef<std::path::Path>) -> loom_core::StoreResult<EmbeddedStore> {
+    EmbeddedStore::open_with(
+        dir,
+        loom_core::EmbeddedOptions {
+            partitions: Some(1),
+            ..loom_core::EmbeddedOptions::default()
+        },
+    )
+}
+
 struct Handles {
     faults: Arc<DiskFaults>,
     hold: Arc<AtomicBool>,
@@ -32,7 +44,10 @@ fn open_faulty(dir: &std::path::Path) -> (EmbeddedStore, Handles) {
     let (tx, rx) = std::sync::mpsc::channel();
     let options = EmbeddedOptions {
         reopen_after_failure: false,
-        ..EmbeddedOptions::default()
+        ..EmbeddedOptions {
+            partitions: Some(1),
+            ..EmbeddedOptions::default()
+        }
     };
     let store = EmbeddedStore::open_with_redo(dir, options, move |f| {
         let redo = FaultyRedo::new(f);
@@ -175,7 +190,7 @@ async fn an_idle_store_checkpoints_and_a_closed_one_needs_no_log() {
     let log = dir.path().join(REDO_FILE);
     let header = 8;
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = one(dir.path()).expect("open");
         let entries: Vec<Entry> = (1..=50).map(|s| entry(1, s)).collect();
         store.append(&id(1), 1, &entries).await.expect("append");
         assert!(std::fs::metadata(&log).expect("log").len() > header);
@@ -207,7 +222,7 @@ async fn a_torn_log_tail_is_dropped_and_a_damaged_log_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join(REDO_FILE);
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = one(dir.path()).expect("open");
         store
             .append(&id(2), 1, &[entry(2, 1)])
             .await
@@ -218,7 +233,7 @@ async fn a_torn_log_tail_is_dropped_and_a_damaged_log_refused() {
     bytes.extend_from_slice(&[200, 0, 0, 0, 7, 7]);
     std::fs::write(&log, &bytes).expect("write log");
     {
-        let store = EmbeddedStore::open(dir.path()).expect("a torn tail is not damage");
+        let store = one(dir.path()).expect("a torn tail is not damage");
         assert_eq!(journal(&store, 2).await.len(), 1);
         // The dropped bytes are kept beside the log for whoever investigates.
         let kept: Vec<Vec<u8>> = std::fs::read_dir(dir.path())
@@ -239,7 +254,7 @@ async fn a_torn_log_tail_is_dropped_and_a_damaged_log_refused() {
     }
     // Not a redo log at all: refused, and left as found for whoever investigates.
     std::fs::write(&log, b"something else entirely").expect("write log");
-    match EmbeddedStore::open(dir.path()) {
+    match one(dir.path()) {
         Err(StoreError::Corrupt { .. }) => {}
         Ok(_) => panic!("opened over a damaged redo log"),
         Err(other) => panic!("untyped: {other:?}"),
@@ -257,7 +272,7 @@ async fn batches_past_the_record_size_cap_are_split_and_all_kept() {
     let dir = tempfile::tempdir().expect("temp dir");
     let big = "x".repeat(8 << 20);
     {
-        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let store = one(dir.path()).expect("open");
         for n in 0..12 {
             store
                 .append(&id(n), 1, &[entry(n, 1)])
@@ -282,7 +297,7 @@ async fn batches_past_the_record_size_cap_are_split_and_all_kept() {
         assert_eq!(after.requests - before.requests, 12);
         assert!(after.commits - before.commits >= 2, "{before:?} {after:?}");
     }
-    let store = EmbeddedStore::open(dir.path()).expect("reopen");
+    let store = one(dir.path()).expect("reopen");
     for n in 0..12 {
         let s = store
             .load_snapshot(&id(n), u64::MAX)
@@ -319,7 +334,7 @@ async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
     let live = loop {
         tries += 1;
         let live = dir.path().join(format!("live-{tries}"));
-        let store = EmbeddedStore::open(&live).expect("open");
+        let store = one(&live).expect("open");
         for seq in 1..=3 {
             store
                 .append(&id(1), seq, &[entry(1, seq)])
@@ -341,7 +356,7 @@ async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
     // its writes: rot in them.
     bytes[8 + 12 + 16 + 10] ^= 0x04;
     std::fs::write(&log, &bytes).unwrap();
-    match EmbeddedStore::open(&image) {
+    match one(&image) {
         Err(StoreError::Corrupt { what, source }) => {
             assert!(
                 what.contains("loom.redo") && what.contains("at byte 8"),
@@ -361,7 +376,10 @@ async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
     // The operator's choice: open without the damaged batches.
     let salvage = EmbeddedOptions {
         salvage_damaged_redo: true,
-        ..EmbeddedOptions::default()
+        ..EmbeddedOptions {
+            partitions: Some(1),
+            ..EmbeddedOptions::default()
+        }
     };
     {
         let store = EmbeddedStore::open_with(&image, salvage).expect("salvage");
@@ -382,7 +400,7 @@ async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
         .expect("the dropped bytes are kept");
     assert_eq!(std::fs::read(kept.path()).unwrap(), bytes[8..]);
     // The live store, untouched, has all three.
-    let store = EmbeddedStore::open(&live).expect("reopen live");
+    let store = one(&live).expect("reopen live");
     assert_eq!(journal(&store, 1).await.len(), 3);
 }
 
@@ -423,12 +441,19 @@ async fn a_reopen_after_a_failure_keeps_this_processs_leases_and_leased_messages
     use loom_core::{ActorId, Envelope, LeaseManager, LeaseOptions, Mailbox};
     let dir = tempfile::tempdir().expect("temp dir");
     let (tx, rx) = std::sync::mpsc::channel();
-    let store = EmbeddedStore::open_with_redo(dir.path(), EmbeddedOptions::default(), move |f| {
-        let redo = FaultyRedo::new(f);
-        // Only the first opening's faults are armed; a closed channel later is fine.
-        let _ = tx.send(redo.faults.clone());
-        Box::new(redo)
-    })
+    let store = EmbeddedStore::open_with_redo(
+        dir.path(),
+        EmbeddedOptions {
+            partitions: Some(1),
+            ..EmbeddedOptions::default()
+        },
+        move |f| {
+            let redo = FaultyRedo::new(f);
+            // Only the first opening's faults are armed; a closed channel later is fine.
+            let _ = tx.send(redo.faults.clone());
+            Box::new(redo)
+        },
+    )
     .expect("open");
     let faults = rx.recv().expect("faults");
     let a = ActorId::new("counter", "a").expect("id");

@@ -150,9 +150,10 @@ impl IdempotencyStore for EmbeddedStore {
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Reservation> {
+        let p = self.part(actor);
         check_ttl("idempotency ttl", ttl)?;
         let (actor, key) = (actor.clone(), key.clone());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             Ok(reserve(tx, &actor, &key, Some(ttl))?.unwrap_or(Reservation::Reserved))
         })
         .await
@@ -165,10 +166,11 @@ impl IdempotencyStore for EmbeddedStore {
         result: &Value,
         ttl: Duration,
     ) -> StoreResult<()> {
+        let p = self.part(actor);
         check_ttl("idempotency ttl", ttl)?;
         prepare_result(actor, key, result)?;
         let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
             let old = get(&**records, &actor, &key)?;
@@ -182,8 +184,9 @@ impl IdempotencyStore for EmbeddedStore {
     }
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
+        let p = self.part(actor);
         let (actor, key) = (actor.clone(), key.clone());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
             match get(&**records, &actor, &key)? {
@@ -202,8 +205,9 @@ impl IdempotencyStore for EmbeddedStore {
         actor: &ActorId,
         key: &IdempotencyKey,
     ) -> StoreResult<Option<Reservation>> {
+        let p = self.part(actor);
         let (actor, key) = (actor.clone(), key.clone());
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let records = txn.open_table(IDEMPOTENCY).map_err(se)?;
             let now = Timestamp::now();
             Ok(get(&records, &actor, &key)?
@@ -214,26 +218,32 @@ impl IdempotencyStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
-        self.write(move |tx| {
-            let now = Timestamp::now().as_millis();
-            let records = tx.idempotency.get()?;
-            let expiry = tx.idempotency_expiry.get()?;
-            let mut doomed = Vec::new();
-            for item in expiry
-                .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
-                .map_err(se)?
-                .take(limit)
-            {
-                let (k, _) = item.map_err(se)?;
-                let (at, a, key) = k.value();
-                doomed.push((at, a.to_owned(), key.to_owned()));
-            }
-            for (at, a, key) in &doomed {
-                expiry.remove((*at, a.as_str(), key.as_str())).map_err(se)?;
-                records.remove((a.as_str(), key.as_str())).map_err(se)?;
-            }
-            Ok(doomed.len() as u64)
-        })
-        .await
+        let mut purged = 0;
+        for p in 0..self.partitions() {
+            purged += self.write_in(p, move |tx| purge_in(tx, limit)).await?;
+        }
+        Ok(purged)
     }
+}
+
+/// Purges up to `limit` expired records of one partition.
+fn purge_in(tx: &mut Tx<'_>, limit: usize) -> StoreResult<u64> {
+    let now = Timestamp::now().as_millis();
+    let records = tx.idempotency.get()?;
+    let expiry = tx.idempotency_expiry.get()?;
+    let mut doomed = Vec::new();
+    for item in expiry
+        .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
+        .map_err(se)?
+        .take(limit)
+    {
+        let (k, _) = item.map_err(se)?;
+        let (at, a, key) = k.value();
+        doomed.push((at, a.to_owned(), key.to_owned()));
+    }
+    for (at, a, key) in &doomed {
+        expiry.remove((*at, a.as_str(), key.as_str())).map_err(se)?;
+        records.remove((a.as_str(), key.as_str())).map_err(se)?;
+    }
+    Ok(doomed.len() as u64)
 }

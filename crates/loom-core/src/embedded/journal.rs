@@ -235,15 +235,17 @@ impl JournalStore for EmbeddedStore {
         expected_next: Seq,
         entries: &[Entry],
     ) -> StoreResult<Seq> {
+        let p = self.part(actor);
         let encoded = prepare_append(actor, expected_next, entries)?;
         let actor = actor.clone();
-        self.write(move |tx| append(tx, &actor, expected_next, &encoded))
+        self.write_in(p, move |tx| append(tx, &actor, expected_next, &encoded))
             .await
     }
 
     fn read(&self, actor: &ActorId, range: SeqRange) -> EntryStream {
         let store = self.clone();
         let id = actor.clone();
+        let p = self.part(actor);
         paged_read(
             actor.clone(),
             range,
@@ -253,7 +255,9 @@ impl JournalStore for EmbeddedStore {
                 let id = id.clone();
                 async move {
                     store
-                        .read(move |txn| read_page(txn, &id, from, to, limit, with_trim))
+                        .read_in(p, move |txn| {
+                            read_page(txn, &id, from, to, limit, with_trim)
+                        })
                         .await
                 }
             },
@@ -261,8 +265,9 @@ impl JournalStore for EmbeddedStore {
     }
 
     async fn highest_seq(&self, actor: &ActorId) -> StoreResult<Seq> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let meta = txn.open_table(JOURNAL_META).map_err(se)?;
             Ok(meta_of(&meta, actor.as_str())?.0)
         })
@@ -270,8 +275,9 @@ impl JournalStore for EmbeddedStore {
     }
 
     async fn info(&self, actor: &ActorId) -> StoreResult<JournalInfo> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let meta = txn.open_table(JOURNAL_META).map_err(se)?;
             let (highest, trimmed_through) = meta_of(&meta, actor.as_str())?;
             let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
@@ -290,10 +296,11 @@ impl JournalStore for EmbeddedStore {
         snapshot: &Snapshot,
         keep: usize,
     ) -> StoreResult<()> {
+        let p = self.part(actor);
         let bytes = prepare_snapshot(actor, snapshot, keep)?;
         let actor = actor.clone();
         let seq = snapshot.seq;
-        self.write(move |tx| save_snapshot(tx, &actor, seq, &bytes, keep))
+        self.write_in(p, move |tx| save_snapshot(tx, &actor, seq, &bytes, keep))
             .await
     }
 
@@ -302,8 +309,9 @@ impl JournalStore for EmbeddedStore {
         actor: &ActorId,
         at_or_below: Seq,
     ) -> StoreResult<Option<Snapshot>> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let snaps = txn.open_table(SNAPSHOTS).map_err(se)?;
             let last = snaps
                 .range((actor.as_str(), 0)..=(actor.as_str(), at_or_below))
@@ -325,8 +333,9 @@ impl JournalStore for EmbeddedStore {
     }
 
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.write(move |tx| trim(tx, &actor, through)).await
+        self.write_in(p, move |tx| trim(tx, &actor, through)).await
     }
 
     async fn compact(
@@ -336,9 +345,10 @@ impl JournalStore for EmbeddedStore {
         keep: usize,
         fence: Option<&Lease>,
     ) -> StoreResult<Seq> {
+        let p = self.part(actor);
         let bytes = prepare_snapshot(actor, snapshot, keep)?;
         let (actor, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             if let Some(fence) = &fence {
                 lease::check_fence(tx, fence)?;
             }
@@ -348,13 +358,15 @@ impl JournalStore for EmbeddedStore {
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.write(move |tx| delete(tx, &actor)).await
+        self.write_in(p, move |tx| delete(tx, &actor)).await
     }
 
     async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let meta = tx.journal_meta.get()?;
             let (highest, _) = meta_of(&**meta, actor.as_str())?;
             if highest != 0 {
@@ -379,24 +391,28 @@ impl JournalStore for EmbeddedStore {
         limit: usize,
     ) -> StoreResult<Vec<ActorId>> {
         let after = after.cloned();
-        self.read(move |txn| {
-            let meta = txn.open_table(JOURNAL_META).map_err(se)?;
-            let iter = match &after {
-                Some(a) => meta.range::<&str>((
-                    std::ops::Bound::Excluded(a.as_str()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => meta.range::<&str>(..),
-            }
-            .map_err(se)?;
-            let mut out = Vec::new();
-            for item in iter.take(limit) {
-                let (k, _) = item.map_err(se)?;
-                let id = ActorId::from_stored(k.value(), "journal actor id")?;
-                out.push(id);
-            }
-            Ok(out)
-        })
+        self.read_merged(
+            limit,
+            |a: &ActorId, b| a.cmp(b),
+            move |txn| {
+                let meta = txn.open_table(JOURNAL_META).map_err(se)?;
+                let iter = match &after {
+                    Some(a) => meta.range::<&str>((
+                        std::ops::Bound::Excluded(a.as_str()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => meta.range::<&str>(..),
+                }
+                .map_err(se)?;
+                let mut out = Vec::new();
+                for item in iter.take(limit) {
+                    let (k, _) = item.map_err(se)?;
+                    let id = ActorId::from_stored(k.value(), "journal actor id")?;
+                    out.push(id);
+                }
+                Ok(out)
+            },
+        )
         .await
     }
 }

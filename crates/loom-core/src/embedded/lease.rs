@@ -90,10 +90,11 @@ fn renew_in(tx: &mut Tx<'_>, lease: Lease, ttl: Duration, now: Timestamp) -> Sto
 #[async_trait]
 impl LeaseManager for EmbeddedStore {
     async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        let p = self.part(actor);
         check_owner(owner)?;
         check_ttl("lease ttl", ttl)?;
         let (actor, owner) = (actor.clone(), owner.to_owned());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let now = Timestamp::now();
             let old = get(&**tx.leases.get()?, &actor)?;
             if let Some(row) = &old
@@ -123,9 +124,10 @@ impl LeaseManager for EmbeddedStore {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
+        let p = self.part(&lease.actor);
         check_ttl("lease ttl", ttl)?;
         let lease = lease.clone();
-        self.write(move |tx| renew_in(tx, lease, ttl, Timestamp::now()))
+        self.write_in(p, move |tx| renew_in(tx, lease, ttl, Timestamp::now()))
             .await
     }
 
@@ -139,23 +141,46 @@ impl LeaseManager for EmbeddedStore {
         // One write transaction for all of them. A lease that is lost (or whose row does not
         // decode) is its own slot's error and wrote nothing, so the others still commit; a
         // storage failure fails the whole batch (the writer aborts it).
-        self.write(move |tx| {
-            let now = Timestamp::now();
-            let mut out = Vec::with_capacity(leases.len());
-            for lease in leases {
-                match renew_in(tx, lease, ttl, now) {
-                    Err(e) if e.is_transient() => return Err(e),
-                    r => out.push(r),
-                }
+        // Per partition, one write for all of that partition's leases; answers in the order
+        // asked.
+        let mut out: Vec<Option<StoreResult<Lease>>> = vec![None; leases.len()];
+        for p in 0..self.partitions() {
+            let mine: Vec<(usize, Lease)> = leases
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| self.part(&l.actor) == p)
+                .map(|(i, l)| (i, l.clone()))
+                .collect();
+            if mine.is_empty() {
+                continue;
             }
-            Ok(out)
-        })
-        .await
+            let renewed = self
+                .write_in(p, move |tx| {
+                    let now = Timestamp::now();
+                    let mut out = Vec::with_capacity(mine.len());
+                    for (i, lease) in mine {
+                        match renew_in(tx, lease, ttl, now) {
+                            Err(e) if e.is_transient() => return Err(e),
+                            r => out.push((i, r)),
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+            for (i, r) in renewed {
+                out[i] = Some(r);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+            .collect())
     }
 
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
+        let p = self.part(&lease.actor);
         let lease = lease.clone();
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let now = Timestamp::now();
             let row = get(&**tx.leases.get()?, &lease.actor)?;
             match row {
@@ -178,8 +203,9 @@ impl LeaseManager for EmbeddedStore {
     }
 
     async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let now = Timestamp::now();
             let row = get(&txn.open_table(LEASES).map_err(se)?, &actor)?;
             Ok(row.and_then(|row| {

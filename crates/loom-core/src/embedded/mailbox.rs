@@ -388,7 +388,11 @@ pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResul
     };
     let deliveries = state.deliveries;
     let counters = tx.meta.get()?;
-    let id = meta_counter(&**counters, "dead_letter_seq")? + 1;
+    // Dead-letter ids are unique across the store's partitions: partition p of n gives
+    // p, p + n, p + 2n, ... (a store of one partition: 1, 2, 3, ...).
+    let local = meta_counter(&**counters, "dead_letter_seq")? + 1;
+    let n = meta_counter(&**counters, super::PARTITIONS)?.max(1);
+    let id = local * n + meta_counter(&**counters, super::PARTITION)?;
     let dead = DeadLetter {
         id,
         envelope,
@@ -402,7 +406,7 @@ pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResul
         .get()?
         .insert(id, bytes.as_slice())
         .map_err(se)?;
-    counters.insert("dead_letter_seq", id).map_err(se)?;
+    counters.insert("dead_letter_seq", local).map_err(se)?;
     t.remove_current(actor.as_str())?;
     tracing::warn!(%actor, message_id = %dead.envelope.id, dead_letter = id, reason = %dead.reason, "message dead-lettered");
     Ok(id)
@@ -585,10 +589,11 @@ pub(super) fn lease(
 #[async_trait]
 impl Mailbox for EmbeddedStore {
     async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
+        let p = self.part(&msg.to);
         let bytes = prepare_message(msg)?;
         let actor = msg.to.clone();
         let id = msg.id;
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             t.enqueue(&actor, id, &bytes, deliver_at, Timestamp::now().as_millis())
         })
@@ -596,15 +601,16 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
+        let p = self.part(actor);
         opts.validate()?;
         let a = actor.clone();
-        if !self.read(move |txn| leasable(txn, &a)).await? {
+        if !self.read_in(p, move |txn| leasable(txn, &a)).await? {
             return Ok(None);
         }
         // Each pass hands out the next message or buries a corrupt one, so this ends.
         loop {
             let actor = actor.clone();
-            let Some(leased) = self.write(move |tx| lease(tx, &actor, opts)).await? else {
+            let Some(leased) = self.write_in(p, move |tx| lease(tx, &actor, opts)).await? else {
                 return Ok(None);
             };
             if let Some(d) = self.finish_or_bury(leased).await? {
@@ -614,8 +620,9 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
+        let p = self.part(&receipt.actor);
         let receipt = receipt.clone();
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             t.check_receipt(&receipt)?;
             t.remove_current(receipt.actor.as_str())
@@ -624,9 +631,10 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
+        let p = self.part(&receipt.actor);
         check_ttl("visibility timeout", visibility)?;
         let receipt = receipt.clone();
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             let (meta, state) = t.check_receipt(&receipt)?;
             let a = receipt.actor.as_str();
@@ -654,9 +662,10 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
+        let p = self.part(&receipt.actor);
         let receipt = receipt.clone();
         let error = clip_reason(error);
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             let (meta, state) = t.check_receipt(&receipt)?;
             let a = receipt.actor.as_str();
@@ -687,9 +696,10 @@ impl Mailbox for EmbeddedStore {
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
+        let p = self.part(&receipt.actor);
         let receipt = receipt.clone();
         let reason = reason.to_owned();
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             t.check_receipt(&receipt)?;
             bury(tx, &receipt.actor, &reason)
@@ -699,47 +709,37 @@ impl Mailbox for EmbeddedStore {
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
         let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
-        self.read(move |txn| {
-            let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
-            let now = Timestamp::now().as_millis();
-            let mut per_kind = Vec::with_capacity(kinds.len());
-            for kind in &kinds {
-                let mut list = Vec::new();
-                for item in ready
-                    .range((kind.as_str(), 0, "")..(kind.as_str(), now.saturating_add(1), ""))
-                    .map_err(se)?
-                    .take(limit)
-                {
-                    let (k, _) = item.map_err(se)?;
-                    list.push(parse_actor(k.value().2)?);
-                }
-                per_kind.push(list);
-            }
-            Ok(interleave(per_kind, limit))
-        })
-        .await
+        let mut per_partition = Vec::new();
+        for p in 0..self.partitions() {
+            let kinds = kinds.clone();
+            per_partition.push(
+                self.read_in(p, move |txn| ready_in(txn, &kinds, limit))
+                    .await?,
+            );
+        }
+        // Each partition's first, then each one's second, ...: none starves another.
+        Ok(interleave(per_partition, limit))
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
-        self.read(move |txn| {
-            let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
-            // The first key of each kind, skipping from one kind to the next.
-            let mut earliest: Option<u64> = None;
-            let mut from = String::new();
-            while let Some(item) = ready.range((from.as_str(), 0, "")..).map_err(se)?.next() {
-                let (k, _) = item.map_err(se)?;
-                let (kind, at, _) = k.value();
-                earliest = Some(earliest.map_or(at, |e| e.min(at)));
-                from = format!("{kind}\0");
+        let mut earliest: Option<Timestamp> = None;
+        for p in 0..self.partitions() {
+            if let Some(t) = self.read_in(p, next_due_in).await? {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
             }
-            Ok(earliest.map(Timestamp::from_millis))
-        })
-        .await
+        }
+        Ok(earliest)
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        // Messages the relays move arrive without a sender in this process to wake anyone.
+        (self.partitions() > 1).then(|| self.relay_wakeups())
     }
 
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let meta = txn.open_table(MAILBOX_META).map_err(se)?;
             Ok(Meta::get(&meta, actor.as_str())?.count)
         })
@@ -752,8 +752,9 @@ impl Mailbox for EmbeddedStore {
         after: Option<u64>,
         limit: usize,
     ) -> StoreResult<Vec<Waiting>> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let a = actor.as_str();
             let now = Timestamp::now().as_millis();
             let meta = Meta::get(&txn.open_table(MAILBOX_META).map_err(se)?, a)?;
@@ -796,49 +797,61 @@ impl Mailbox for EmbeddedStore {
 
     async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
         let after = after.cloned();
-        self.read(move |txn| {
-            let meta = txn.open_table(MAILBOX_META).map_err(se)?;
-            let iter = match &after {
-                Some(a) => meta.range::<&str>((
-                    std::ops::Bound::Excluded(a.as_str()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => meta.range::<&str>(..),
-            }
-            .map_err(se)?;
-            let mut out = Vec::new();
-            for item in iter {
-                if out.len() >= limit {
-                    break;
+        self.read_merged(
+            limit,
+            |a: &ActorId, b| a.cmp(b),
+            move |txn| {
+                let meta = txn.open_table(MAILBOX_META).map_err(se)?;
+                let iter = match &after {
+                    Some(a) => meta.range::<&str>((
+                        std::ops::Bound::Excluded(a.as_str()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => meta.range::<&str>(..),
                 }
-                let (k, v) = item.map_err(se)?;
-                if v.value().3 > 0 {
-                    out.push(parse_actor(k.value())?);
+                .map_err(se)?;
+                let mut out = Vec::new();
+                for item in iter {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item.map_err(se)?;
+                    if v.value().3 > 0 {
+                        out.push(parse_actor(k.value())?);
+                    }
                 }
-            }
-            Ok(out)
-        })
+                Ok(out)
+            },
+        )
         .await
     }
 
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
-        self.read(move |txn| {
-            let table = txn.open_table(DEAD_LETTERS).map_err(se)?;
-            let start = after.map_or(0, |a| a.saturating_add(1));
-            let mut out = Vec::new();
-            for item in table.range(start..).map_err(se)?.take(limit) {
-                let (k, v) = item.map_err(se)?;
-                let dl: DeadLetter = codec::decode(RecordType::DeadLetter, v.value())
-                    .map_err(|e| StoreError::corrupt(format!("dead letter {}", k.value()), e))?;
-                out.push(dl);
-            }
-            Ok(out)
-        })
+        self.read_merged(
+            limit,
+            |a: &DeadLetter, b| a.id.cmp(&b.id),
+            move |txn| {
+                let table = txn.open_table(DEAD_LETTERS).map_err(se)?;
+                let start = after.map_or(0, |a| a.saturating_add(1));
+                let mut out = Vec::new();
+                for item in table.range(start..).map_err(se)?.take(limit) {
+                    let (k, v) = item.map_err(se)?;
+                    let dl: DeadLetter =
+                        codec::decode(RecordType::DeadLetter, v.value()).map_err(|e| {
+                            StoreError::corrupt(format!("dead letter {}", k.value()), e)
+                        })?;
+                    out.push(dl);
+                }
+                Ok(out)
+            },
+        )
         .await
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
-        self.write(move |tx| {
+        // The id says which partition holds it (see `bury`).
+        let p = (id % u64::from(self.partitions())) as u32;
+        self.write_in(p, move |tx| {
             let table = tx.dead_letters.get()?;
             let dl: DeadLetter = match table.get(id).map_err(se)? {
                 None => return Err(StoreError::DeadLetterNotFound(id)),
@@ -877,13 +890,55 @@ impl EmbeddedStore {
             Err(e @ StoreError::Corrupt { .. }) => {
                 let reason = clip_reason(&format!("corrupt frame: {e}"));
                 tracing::error!(%actor, position, error = %e, "a stored message does not decode; it goes to the dead letters");
-                self.write(move |tx| bury_corrupt(tx, &actor, position, deliveries, &reason))
-                    .await?;
+                let p = self.part(&actor);
+                self.write_in(p, move |tx| {
+                    bury_corrupt(tx, &actor, position, deliveries, &reason)
+                })
+                .await?;
                 Ok(None)
             }
             Err(e) => Err(e),
         }
     }
+}
+
+/// The ready actors of `kinds` in one partition, at most `limit`, kinds interleaved.
+fn ready_in(
+    txn: &redb::ReadTransaction,
+    kinds: &[String],
+    limit: usize,
+) -> StoreResult<Vec<ActorId>> {
+    let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
+    let now = Timestamp::now().as_millis();
+    let mut per_kind = Vec::with_capacity(kinds.len());
+    for kind in kinds {
+        let mut list = Vec::new();
+        for item in ready
+            .range((kind.as_str(), 0, "")..(kind.as_str(), now.saturating_add(1), ""))
+            .map_err(se)?
+            .take(limit)
+        {
+            let (k, _) = item.map_err(se)?;
+            list.push(parse_actor(k.value().2)?);
+        }
+        per_kind.push(list);
+    }
+    Ok(interleave(per_kind, limit))
+}
+
+/// When the first message of one partition is due.
+fn next_due_in(txn: &redb::ReadTransaction) -> StoreResult<Option<Timestamp>> {
+    let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
+    // The first key of each kind, skipping from one kind to the next.
+    let mut earliest: Option<u64> = None;
+    let mut from = String::new();
+    while let Some(item) = ready.range((from.as_str(), 0, "")..).map_err(se)?.next() {
+        let (k, _) = item.map_err(se)?;
+        let (kind, at, _) = k.value();
+        earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        from = format!("{kind}\0");
+    }
+    Ok(earliest.map(Timestamp::from_millis))
 }
 
 fn parse_actor(s: &str) -> StoreResult<ActorId> {

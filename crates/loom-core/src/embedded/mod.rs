@@ -6,8 +6,15 @@
 //! durable. On disk the fsync is of a **redo log** (`redo.rs`) holding each batch's writes;
 //! redb's own file is made durable by periodic checkpoints, and the log replayed after a crash.
 //!
-//! The directory holds `loom.redb` (the data), `loom.redo` (the redo log, empty after a clean
-//! close) and `LOCK`, whose `flock` keeps a second process out; the refused process gets
+//! The store is cut into **partitions** (see [`crate::partition`]): each is its own redb file,
+//! redo log and writer thread, so that turns of different partitions commit in parallel, and a
+//! turn writes only its own partition; a message to another partition leaves through the
+//! outbox and is moved by the relay (`relay.rs`). The count is fixed when the store is created
+//! (default: the machine's cores) and recorded in every file.
+//!
+//! The directory holds `loom.redb` and `loom.redo` (partition 0's data and redo log, the redo
+//! log empty after a clean close), `loom-pN.redb` and `loom-pN.redo` for each further partition
+//! N, and `LOCK`, whose `flock` keeps a second process out; the refused process gets
 //! [`StoreError::Locked`] naming the directory and the holder.
 //!
 //! [`EmbeddedStore::in_memory`] runs the same engine and the same code on memory instead of a file:
@@ -20,6 +27,7 @@ mod lock;
 mod mailbox;
 mod park;
 mod redo;
+mod relay;
 mod reopen;
 #[cfg(feature = "testing")]
 pub mod tables;
@@ -36,6 +44,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 
 use crate::codec::CodecError;
 use crate::error::{StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::partition::{check_partitions, partition_of};
 
 pub use lock::LOCK_FILE;
 use lock::{DirLock, with_path};
@@ -48,11 +58,34 @@ use redo::Durability;
 pub use redo::REDO_FILE;
 #[cfg(feature = "testing")]
 pub use redo::RedoFile;
+pub use relay::{OutboxState, check_outboxes};
 use tables::{LAYOUT_VERSION, se};
 use writer::{LogSetup, Writer};
 
-/// Name of the data file inside the data directory.
+/// Name of the data file inside the data directory (partition 0's).
 pub const DATA_FILE: &str = "loom.redb";
+
+/// Name of partition `p`'s data file: [`DATA_FILE`] for partition 0, `loom-p<p>.redb` after.
+pub fn data_file(p: u32) -> String {
+    if p == 0 {
+        DATA_FILE.to_owned()
+    } else {
+        format!("loom-p{p}.redb")
+    }
+}
+
+/// Name of partition `p`'s redo log: [`REDO_FILE`] for partition 0, `loom-p<p>.redo` after.
+pub fn redo_file(p: u32) -> String {
+    if p == 0 {
+        REDO_FILE.to_owned()
+    } else {
+        format!("loom-p{p}.redo")
+    }
+}
+
+/// `META` keys of the partition count and of the file's own partition.
+const PARTITIONS: &str = "partitions";
+const PARTITION: &str = "partition";
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +104,11 @@ pub struct EmbeddedOptions {
     /// 30 s), until it opens again: writes then go on by themselves once the cause is gone
     /// (default true). Off, the store stays failed until the process opens it again.
     pub reopen_after_failure: bool,
+    /// How many partitions a store created by this opening gets (`None`: the machine's cores,
+    /// [`default_partitions`](crate::partition::default_partitions)). An existing store keeps
+    /// the count it was created with; asking for another is refused with
+    /// [`StoreError::InvalidRequest`] (`loom store repartition` changes it, offline).
+    pub partitions: Option<u32>,
 }
 
 impl Default for EmbeddedOptions {
@@ -79,6 +117,7 @@ impl Default for EmbeddedOptions {
             cache_bytes: 32 * 1024 * 1024,
             salvage_damaged_redo: false,
             reopen_after_failure: true,
+            partitions: None,
         }
     }
 }
@@ -103,7 +142,15 @@ impl Default for EmbeddedOptions {
 /// ```
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    shared: Arc<reopen::Shared>,
+    parts: Arc<Parts>,
+}
+
+/// The partitions of one store, and their relays.
+struct Parts {
+    /// Partition `p` is `list[p]`.
+    list: Arc<[Arc<reopen::Shared>]>,
+    /// Dropped (stopped and joined) before the partitions close: a relay holds them.
+    relays: relay::Relays,
 }
 
 /// One opening of the database: what a reopen after a failure replaces whole.
@@ -114,6 +161,8 @@ struct Inner {
     reads: Arc<Reads>,
     /// On disk (with a redo log), not in memory or on a caller's backend.
     on_disk: bool,
+    /// The store's partition count, as recorded in this file.
+    partitions: u32,
 }
 
 impl Drop for Inner {
@@ -224,12 +273,25 @@ type Wrap = Arc<dyn Fn(std::fs::File) -> Box<dyn redo::RedoFile> + Send + Sync>;
 struct Disk<'a> {
     dir: &'a Path,
     wrap: &'a Wrap,
+    part: u32,
+}
+
+/// Which partition a file is, and what the opening expects of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ident {
+    /// The partition.
+    pub(super) index: u32,
+    /// The store's partition count; `None` to take what the file records (partition 0 of a
+    /// store being opened).
+    pub(super) count: Option<u32>,
+    /// The store is being created: a file without a recorded count gets `count`.
+    pub(super) new: bool,
 }
 
 /// Opens (creating) the redo log; returns it, its bytes, and whether it was just created.
-fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
+fn open_log(dir: &Path, part: u32) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
     use std::io::Read;
-    let path = dir.join(REDO_FILE);
+    let path = dir.join(redo_file(part));
     let err = |e: std::io::Error| StoreError::storage(tables::BACKEND, with_path(e, &path));
     let created = !path.exists();
     let mut file = std::fs::OpenOptions::new()
@@ -246,9 +308,9 @@ fn open_log(dir: &Path) -> StoreResult<(std::fs::File, Vec<u8>, bool)> {
 
 /// Keeps a copy of dropped redo log bytes next to the log (`loom.redo.<what>-<ms>`), for
 /// whoever investigates; says where, or why it could not.
-fn keep_dropped(dir: &Path, what: &str, tail: &[u8]) -> Result<PathBuf, String> {
+fn keep_dropped(dir: &Path, part: u32, what: &str, tail: &[u8]) -> Result<PathBuf, String> {
     let at = crate::time::Timestamp::now().as_millis();
-    let path = dir.join(format!("{REDO_FILE}.{what}-{at}"));
+    let path = dir.join(format!("{}.{what}-{at}", redo_file(part)));
     // Synced, so that the copy outlives the log's truncation that follows.
     let written = std::fs::File::create(&path).and_then(|mut f| {
         std::io::Write::write_all(&mut f, tail)?;
@@ -260,9 +322,9 @@ fn keep_dropped(dir: &Path, what: &str, tail: &[u8]) -> Result<PathBuf, String> 
 }
 
 /// Empties the redo log down to its header, durably (and its directory entry, if new).
-fn reset_log(file: &std::fs::File, dir: &Path, created: bool) -> StoreResult<()> {
+fn reset_log(file: &std::fs::File, dir: &Path, part: u32, created: bool) -> StoreResult<()> {
     use std::os::unix::fs::FileExt;
-    let path = dir.join(REDO_FILE);
+    let path = dir.join(redo_file(part));
     let err = |e: std::io::Error| StoreError::storage(tables::BACKEND, with_path(e, &path));
     file.set_len(0).map_err(err)?;
     file.write_all_at(redo::MAGIC, 0).map_err(err)?;
@@ -319,19 +381,75 @@ impl EmbeddedStore {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
-        let lock = DirLock::acquire(dir)?;
+        let lock = Arc::new(DirLock::acquire(dir)?);
         let wrap: Wrap = Arc::new(wrap);
-        let inner = open_dir(dir, options, &wrap, Opening::First)?;
+        let asked = options.partitions.map(check_partitions).transpose()?;
+        let disk = |index: u32, count: u32| reopen::Disk {
+            dir: dir.to_path_buf(),
+            options,
+            wrap: wrap.clone(),
+            ident: Ident {
+                index,
+                count: Some(count),
+                new: false,
+            },
+            _lock: lock.clone(),
+        };
+        let mut list: Vec<(u32, Inner)> = Vec::new();
+        if dir.join(DATA_FILE).exists() {
+            // An existing store: partition 0 says how many there are.
+            let ident = Ident {
+                index: 0,
+                count: asked,
+                new: false,
+            };
+            let first = open_dir(dir, ident, options, &wrap, Opening::First)?;
+            let count = first.partitions;
+            list.push((0, first));
+            for p in 1..count {
+                if !dir.join(data_file(p)).exists() {
+                    return Err(StoreError::corrupt(
+                        format!("{}", dir.join(data_file(p)).display()),
+                        CodecError::Body(format!(
+                            "the store has {count} partitions and partition {p}'s file is missing; restore the directory from a backup"
+                        )),
+                    ));
+                }
+                let ident = Ident {
+                    index: p,
+                    count: Some(count),
+                    new: false,
+                };
+                list.push((p, open_dir(dir, ident, options, &wrap, Opening::First)?));
+            }
+        } else {
+            // A new store: partition 0 is created last, so that a store whose creation was
+            // cut short is created again, not opened with partitions missing.
+            let count = asked.unwrap_or_else(crate::partition::default_partitions);
+            for p in (0..count).rev() {
+                let ident = Ident {
+                    index: p,
+                    count: Some(count),
+                    new: true,
+                };
+                list.push((p, open_dir(dir, ident, options, &wrap, Opening::First)?));
+            }
+            list.reverse();
+        }
+        let count = list.len() as u32;
+        let shared = list
+            .into_iter()
+            .map(|(p, inner)| reopen::Shared::new(inner, Some(disk(p, count))))
+            .collect();
+        EmbeddedStore::from_parts(shared)
+    }
+
+    /// The store of these partitions, with its relays started.
+    fn from_parts(list: Vec<Arc<reopen::Shared>>) -> StoreResult<Self> {
+        let list: Arc<[Arc<reopen::Shared>]> = list.into();
+        let relays = relay::Relays::start(&list)?;
         Ok(EmbeddedStore {
-            shared: reopen::Shared::new(
-                inner,
-                Some(reopen::Disk {
-                    dir: dir.to_path_buf(),
-                    options,
-                    wrap,
-                    _lock: lock,
-                }),
-            ),
+            parts: Arc::new(Parts { list, relays }),
         })
     }
 
@@ -360,19 +478,46 @@ impl EmbeddedStore {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(backend)
             .map_err(se)?;
-        Ok(EmbeddedStore {
-            shared: reopen::Shared::new(start(db, None, false, Opening::First)?, None),
-        })
+        let inner = start(db, None, false, Opening::First, Ident::single())?;
+        EmbeddedStore::from_parts(vec![reopen::Shared::new(inner, None)])
     }
 
-    /// A store in memory: the same engine and rules, nothing on disk, gone when dropped.
+    /// A store in memory: the same engine and rules, nothing on disk, gone when dropped. One
+    /// partition.
     pub fn in_memory() -> StoreResult<Self> {
-        let db = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(se)?;
-        Ok(EmbeddedStore {
-            shared: reopen::Shared::new(start(db, None, false, Opening::First)?, None),
-        })
+        Self::in_memory_partitioned(1)
+    }
+
+    /// A store in memory of `partitions` partitions (each its own engine, writer and relay, as
+    /// on disk).
+    ///
+    /// ```
+    /// use loom_core::{EmbeddedStore, Store};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = EmbeddedStore::in_memory_partitioned(4)?;
+    /// assert_eq!(store.partitions(), 4);
+    /// # Ok(()) }
+    /// ```
+    pub fn in_memory_partitioned(partitions: u32) -> StoreResult<Self> {
+        let count = check_partitions(partitions)?;
+        let mut list = Vec::new();
+        for index in 0..count {
+            let db = Database::builder()
+                .create_with_backend(redb::backends::InMemoryBackend::new())
+                .map_err(se)?;
+            let ident = Ident {
+                index,
+                count: Some(count),
+                new: true,
+            };
+            list.push(reopen::Shared::new(
+                start(db, None, false, Opening::First, ident)?,
+                None,
+            ));
+        }
+        EmbeddedStore::from_parts(list)
     }
 }
 
@@ -387,24 +532,93 @@ enum Opening {
     Again,
 }
 
-/// Opens the database in `dir` (whose lock the caller holds): at open, and at every reopen
-/// after a failure.
+#[cfg(feature = "testing")]
+impl Ident {
+    /// The one partition of a store that has one.
+    fn single() -> Self {
+        Ident {
+            index: 0,
+            count: Some(1),
+            new: true,
+        }
+    }
+}
+
+/// Opens partition `ident.index`'s database in `dir` (whose lock the caller holds): at open,
+/// and at every reopen after a failure.
 fn open_dir(
     dir: &Path,
+    ident: Ident,
     options: EmbeddedOptions,
     wrap: &Wrap,
     opening: Opening,
 ) -> StoreResult<Inner> {
     let db = Database::builder()
         .set_cache_size(options.cache_bytes)
-        .create(dir.join(DATA_FILE))
+        .create(dir.join(data_file(ident.index)))
         .map_err(se)?;
     start(
         db,
-        Some(Disk { dir, wrap }),
+        Some(Disk {
+            dir,
+            wrap,
+            part: ident.index,
+        }),
         options.salvage_damaged_redo,
         opening,
+        ident,
     )
+}
+
+/// Checks (or, in a new file, records) which partition of how many the file is; returns the
+/// count.
+fn check_ident(tx: &mut tables::Tx<'_>, ident: Ident, dir: Option<&Path>) -> StoreResult<u32> {
+    let meta = tx.meta.get()?;
+    let count = meta.get(PARTITIONS).map_err(se)?.map(|v| v.value());
+    let index = meta.get(PARTITION).map_err(se)?.map(|v| v.value());
+    let name = dir.map_or_else(
+        || format!("partition {}", ident.index),
+        |d| d.join(data_file(ident.index)).display().to_string(),
+    );
+    let recorded = match count {
+        Some(c) => {
+            if index != Some(u64::from(ident.index)) {
+                return Err(StoreError::corrupt(
+                    name,
+                    CodecError::Body(format!(
+                        "the file says it is partition {index:?}, where partition {} was expected",
+                        ident.index
+                    )),
+                ));
+            }
+            u32::try_from(c).unwrap_or(u32::MAX)
+        }
+        None => {
+            // A file written before partitions (layout 3 or older) is a store of one.
+            let legacy = !ident.new && ident.index == 0;
+            if !ident.new && !legacy {
+                return Err(StoreError::corrupt(
+                    name,
+                    CodecError::Body("a partition file that does not say which it is".into()),
+                ));
+            }
+            let c = if legacy { 1 } else { ident.count.unwrap_or(1) };
+            meta.insert(PARTITIONS, u64::from(c)).map_err(se)?;
+            meta.insert(PARTITION, u64::from(ident.index)).map_err(se)?;
+            c
+        }
+    };
+    if let Some(asked) = ident.count
+        && asked != recorded
+    {
+        let at = dir.map_or(String::new(), |d| d.display().to_string());
+        return Err(StoreError::InvalidRequest(format!(
+            "the store in {at} has {recorded} partition(s), and was opened with partitions={asked}; \
+             a store keeps the count it was created with: change it offline with \
+             `loom store repartition --store {at} --partitions {asked}`"
+        )));
+    }
+    Ok(recorded)
 }
 
 /// Brings an opened database up to date (layout, redo log replay, what a dead process held)
@@ -414,10 +628,12 @@ fn start(
     disk: Option<Disk<'_>>,
     salvage: bool,
     opening: Opening,
+    ident: Ident,
 ) -> StoreResult<Inner> {
+    let part = ident.index;
     let (dir, log) = match disk {
-        Some(Disk { dir, wrap }) => {
-            let (file, bytes, created) = open_log(dir)?;
+        Some(Disk { dir, wrap, part }) => {
+            let (file, bytes, created) = open_log(dir, part)?;
             (Some(dir), Some((file, bytes, created, wrap)))
         }
         None => (None, None),
@@ -431,7 +647,7 @@ fn start(
         let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
         match layout {
             // Older layouts are upgraded in place below, after their redo log is replayed.
-            None | Some(1) | Some(2) => {
+            None | Some(1) | Some(2) | Some(3) => {
                 meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
             }
             Some(LAYOUT_VERSION) => {}
@@ -452,11 +668,11 @@ fn start(
         Some((_, bytes, _, _)) => {
             let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
             let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
-            let log_path = dir.as_ref().map(|d| d.join(REDO_FILE));
+            let log_path = dir.as_ref().map(|d| d.join(redo_file(part)));
             if let Some(damage) = replayed.damage {
                 let where_ = log_path
                     .as_ref()
-                    .map_or(REDO_FILE.to_owned(), |p| p.display().to_string());
+                    .map_or(redo_file(part), |p| p.display().to_string());
                 if !salvage {
                     // Nothing is written (the transaction is dropped), and the log stays as
                     // it is for whoever recovers it (rule D4).
@@ -476,7 +692,7 @@ fn start(
                     ));
                 }
                 let tail = &bytes[damage.offset as usize..];
-                let kept = dir.as_ref().map(|d| keep_dropped(d, "damaged", tail));
+                let kept = dir.as_ref().map(|d| keep_dropped(d, part, "damaged", tail));
                 // Salvage drops acknowledged batches from the store: only once they are kept
                 // aside for whoever recovers them. A copy that could not be made (a full disk)
                 // stops it, and nothing is written.
@@ -498,7 +714,7 @@ fn start(
             }
             if replayed.torn_bytes > 0 {
                 let tail = &bytes[bytes.len() - replayed.torn_bytes as usize..];
-                let kept = dir.as_ref().map(|d| keep_dropped(d, "torn", tail));
+                let kept = dir.as_ref().map(|d| keep_dropped(d, part, "torn", tail));
                 tracing::warn!(
                     bytes = replayed.torn_bytes,
                     kept = ?kept,
@@ -528,6 +744,7 @@ fn start(
     if matches!(layout, Some(1) | Some(2)) {
         upgrade_ready_index(&mut tx)?;
     }
+    let partitions = check_ident(&mut tx, ident, dir)?;
     // Only the process holding the directory lock opens the file, so at its first opening the
     // leases and leased messages found here belong to a process that is gone: release them now
     // instead of waiting for them to time out. Tokens are kept, so fencing still holds. (At a
@@ -548,7 +765,7 @@ fn start(
     // redb now holds every replayed batch durably: the log can start empty.
     let setup = match (log, &dir) {
         (Some((file, _, created, wrap)), Some(dir)) => {
-            reset_log(&file, dir, created)?;
+            reset_log(&file, dir, part, created)?;
             Some(LogSetup {
                 file: wrap(file),
                 offset: redo::MAGIC.len() as u64,
@@ -567,71 +784,157 @@ fn start(
         durability,
         reads: Arc::default(),
         on_disk: dir.is_some(),
+        partitions,
     })
 }
 
 impl EmbeddedStore {
     /// The data directory, or `None` in memory.
     pub fn dir(&self) -> Option<&Path> {
-        self.shared.dir()
+        self.parts.list[0].dir()
+    }
+
+    /// How many partitions the store has.
+    pub fn partitions(&self) -> u32 {
+        self.parts.list.len() as u32
+    }
+
+    /// Messages the relays have moved between partitions since the store opened.
+    pub fn relayed(&self) -> u64 {
+        self.parts.relays.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Each partition's outbox and high-water marks.
+    pub async fn outbox_states(&self) -> StoreResult<Vec<OutboxState>> {
+        let n = self.partitions();
+        let mut out = Vec::new();
+        for p in 0..n {
+            out.push(
+                self.read_in(p, move |txn| relay::state_of(txn, p, n))
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The partition of `actor`.
+    fn part(&self, actor: &ActorId) -> u32 {
+        partition_of(actor, self.partitions())
     }
 
     /// Commits and requests so far: `requests / commits` is the average group-commit batch.
     /// (Counted since the last opening: a reopen after a failure starts again from zero.)
+    /// Summed over the partitions.
     pub fn writer_stats(&self) -> WriterStats {
-        let Ok(inner) = self.shared.inner() else {
-            return WriterStats {
-                commits: 0,
-                requests: 0,
-                checkpoints: 0,
-            };
+        let mut stats = WriterStats {
+            commits: 0,
+            requests: 0,
+            checkpoints: 0,
         };
-        let c = &inner.writer.counters;
-        WriterStats {
-            commits: c.commits.load(Ordering::Relaxed),
-            requests: c.requests.load(Ordering::Relaxed),
-            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+        for part in self.parts.list.iter() {
+            let Ok(inner) = part.inner() else { continue };
+            let c = &inner.writer.counters;
+            stats.commits += c.commits.load(Ordering::Relaxed);
+            stats.requests += c.requests.load(Ordering::Relaxed);
+            stats.checkpoints += c.checkpoints.load(Ordering::Relaxed);
         }
+        stats
     }
 
-    /// Runs a read-only function in a fresh read transaction, off the async threads.
-    async fn read<R, F>(&self, f: F) -> StoreResult<R>
+    /// Runs a read-only function on partition `p` (see [`read_on`]).
+    async fn read_in<R, F>(&self, p: u32, f: F) -> StoreResult<R>
     where
         F: FnOnce(&ReadTransaction) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
-        let inner = self.shared.inner()?;
-        let guard = inner.reads.enter(inner.db.clone());
-        let durability = inner.durability.clone();
-        let (out, seen) = tokio::task::spawn_blocking(move || {
-            let txn = guard.db()?.begin_read().map_err(se)?;
-            // Read after the transaction began: every batch it can see is at most this one.
-            let seen = durability.visible();
-            let out = f(&txn);
-            drop(txn);
-            drop(guard);
-            Ok::<_, StoreError>((out, seen))
-        })
-        .await
-        .map_err(|e| StoreError::storage(tables::BACKEND, e))??;
-        // What was read is returned only once it is durable (see `redo.rs`).
-        inner.durability.wait(seen).await?;
-        out
+        read_on(&self.parts.list[p as usize], f).await
     }
 
-    /// Runs a write function in the next group commit; returns once it is durable.
-    async fn write<R, F>(&self, f: F) -> StoreResult<R>
+    /// Runs `f` on every partition, each returning its first `limit` items in `order`, and
+    /// merges them: the store's first `limit` in that order.
+    async fn read_merged<T, F>(
+        &self,
+        limit: usize,
+        order: impl Fn(&T, &T) -> std::cmp::Ordering,
+        f: F,
+    ) -> StoreResult<Vec<T>>
+    where
+        F: Fn(&ReadTransaction) -> StoreResult<Vec<T>> + Clone + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut all = Vec::new();
+        for p in 0..self.partitions() {
+            all.extend(self.read_in(p, f.clone()).await?);
+        }
+        all.sort_by(order);
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Bumped whenever a relay has enqueued messages.
+    fn relay_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.parts.relays.moved.subscribe()
+    }
+
+    /// Runs a write function in the next group commit of `actor`'s partition; returns once it
+    /// is durable.
+    async fn write<R, F>(&self, actor: &ActorId, f: F) -> StoreResult<R>
     where
         F: FnOnce(&mut tables::Tx<'_>) -> StoreResult<R> + Send + 'static,
         R: Send + 'static,
     {
-        self.shared.inner()?.writer.run(f).await
+        self.write_in(self.part(actor), f).await
     }
+
+    /// Runs a write function in the next group commit of partition `p`.
+    async fn write_in<R, F>(&self, p: u32, f: F) -> StoreResult<R>
+    where
+        F: FnOnce(&mut tables::Tx<'_>) -> StoreResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        write_on(&self.parts.list[p as usize], f).await
+    }
+}
+
+/// Runs a read-only function in a fresh read transaction of one partition, off the async
+/// threads; returns once what it read is durable.
+async fn read_on<R, F>(part: &Arc<reopen::Shared>, f: F) -> StoreResult<R>
+where
+    F: FnOnce(&ReadTransaction) -> StoreResult<R> + Send + 'static,
+    R: Send + 'static,
+{
+    let inner = part.inner()?;
+    let guard = inner.reads.enter(inner.db.clone());
+    let durability = inner.durability.clone();
+    let (out, seen) = tokio::task::spawn_blocking(move || {
+        let txn = guard.db()?.begin_read().map_err(se)?;
+        // Read after the transaction began: every batch it can see is at most this one.
+        let seen = durability.visible();
+        let out = f(&txn);
+        drop(txn);
+        drop(guard);
+        Ok::<_, StoreError>((out, seen))
+    })
+    .await
+    .map_err(|e| StoreError::storage(tables::BACKEND, e))??;
+    // What was read is returned only once it is durable (see `redo.rs`).
+    inner.durability.wait(seen).await?;
+    out
+}
+
+/// Runs a write function in the next group commit of one partition; returns once it is
+/// durable.
+async fn write_on<R, F>(part: &Arc<reopen::Shared>, f: F) -> StoreResult<R>
+where
+    F: FnOnce(&mut tables::Tx<'_>) -> StoreResult<R> + Send + 'static,
+    R: Send + 'static,
+{
+    part.inner()?.writer.run(f).await
 }
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.shared.dir() {
+        match self.dir() {
             Some(d) => write!(f, "EmbeddedStore({})", d.display()),
             None => write!(f, "EmbeddedStore(memory)"),
         }

@@ -18,9 +18,10 @@ fn parse(actor: &str, bytes: &[u8]) -> StoreResult<(ActorId, Park)> {
 #[async_trait]
 impl Parking for EmbeddedStore {
     async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
+        let p = self.part(actor);
         let frame = park.encode()?;
         let (actor, fence) = (actor.clone(), fence.cloned());
-        self.write(move |tx| {
+        self.write_in(p, move |tx| {
             if let Some(fence) = &fence {
                 lease::check_fence(tx, fence)?;
             }
@@ -30,14 +31,18 @@ impl Parking for EmbeddedStore {
     }
 
     async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        let frame = self.write(move |tx| mailbox::unpark(tx, &actor)).await?;
+        let frame = self
+            .write_in(p, move |tx| mailbox::unpark(tx, &actor))
+            .await?;
         frame.as_deref().map(Park::decode).transpose()
     }
 
     async fn parked(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
+        let p = self.part(actor);
         let actor = actor.clone();
-        self.read(move |txn| {
+        self.read_in(p, move |txn| {
             let table = txn.open_table(PARKED).map_err(se)?;
             let frame = table.get(actor.as_str()).map_err(se)?;
             frame.map(|v| Park::decode(v.value())).transpose()
@@ -51,23 +56,27 @@ impl Parking for EmbeddedStore {
         limit: usize,
     ) -> StoreResult<Vec<(ActorId, Park)>> {
         let after = after.cloned();
-        self.read(move |txn| {
-            let table = txn.open_table(PARKED).map_err(se)?;
-            let iter = match &after {
-                Some(a) => table.range::<&str>((
-                    std::ops::Bound::Excluded(a.as_str()),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => table.range::<&str>(..),
-            }
-            .map_err(se)?;
-            let mut out = Vec::new();
-            for item in iter.take(limit) {
-                let (k, v) = item.map_err(se)?;
-                out.push(parse(k.value(), v.value())?);
-            }
-            Ok(out)
-        })
+        self.read_merged(
+            limit,
+            |a: &(ActorId, Park), b| a.0.cmp(&b.0),
+            move |txn| {
+                let table = txn.open_table(PARKED).map_err(se)?;
+                let iter = match &after {
+                    Some(a) => table.range::<&str>((
+                        std::ops::Bound::Excluded(a.as_str()),
+                        std::ops::Bound::Unbounded,
+                    )),
+                    None => table.range::<&str>(..),
+                }
+                .map_err(se)?;
+                let mut out = Vec::new();
+                for item in iter.take(limit) {
+                    let (k, v) = item.map_err(se)?;
+                    out.push(parse(k.value(), v.value())?);
+                }
+                Ok(out)
+            },
+        )
         .await
     }
 }

@@ -27,7 +27,7 @@ use crate::error::{StoreError, StoreResult};
 
 use super::lock::DirLock;
 use super::tables::BACKEND;
-use super::{EmbeddedOptions, Inner, Opening, Wrap, open_dir};
+use super::{EmbeddedOptions, Ident, Inner, Opening, Wrap, open_dir};
 
 /// The first wait before a reopen; it doubles after each failed attempt.
 const FIRST_WAIT: Duration = Duration::from_millis(500);
@@ -40,8 +40,11 @@ pub(super) struct Disk {
     pub(super) dir: PathBuf,
     pub(super) options: EmbeddedOptions,
     pub(super) wrap: Wrap,
-    /// Held as long as the store: no other process opens the directory between openings.
-    pub(super) _lock: DirLock,
+    /// Which partition this is, of how many.
+    pub(super) ident: Ident,
+    /// Held as long as the store (every partition holds it): no other process opens the
+    /// directory between openings.
+    pub(super) _lock: Arc<DirLock>,
 }
 
 /// What every clone of an [`EmbeddedStore`](super::EmbeddedStore) shares.
@@ -164,7 +167,13 @@ fn reopen(weak: &Weak<Shared>) {
             drop(old);
         }
         attempts += 1;
-        match open_dir(&disk.dir, disk.options, &disk.wrap, Opening::Again) {
+        match open_dir(
+            &disk.dir,
+            disk.ident,
+            disk.options,
+            &disk.wrap,
+            Opening::Again,
+        ) {
             Ok(inner) => {
                 *shared.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inner));
                 *shared.last.lock().unwrap_or_else(|p| p.into_inner()) =

@@ -15,12 +15,19 @@ pub const BACKEND: &str = "embedded";
 /// Layout 2 added the redo log (`loom.redo`, and `"redo_lsn"` in [`META`]); a build that knows
 /// only layout 1 would ignore the log and lose what it holds, so it refuses layout 2. Layout 3
 /// keeps ready mailboxes per kind ([`READY_BY_KIND`], replacing `mailbox_ready`) and parked
-/// actors ([`PARKED`]). Older files are upgraded when opened (`upgrade` in `mod.rs`).
-pub const LAYOUT_VERSION: u64 = 3;
+/// actors ([`PARKED`]). Layout 4 cuts the store into partitions (one file and redo log each,
+/// `"partitions"` and `"partition"` in [`META`]) with an [`OUTBOX`] and [`HIGH_WATER`] marks, and
+/// puts event lanes in their owner's partition; a build that knows only layout 3 would see one
+/// partition of several and ignore the outbox. Older files are upgraded when opened (`upgrade`
+/// in `mod.rs`).
+pub const LAYOUT_VERSION: u64 = 4;
 
 /// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given;
 /// `"redo_lsn"` → the last batch of the redo log whose writes the durable state holds
-/// (written by checkpoints and on close).
+/// (written by checkpoints and on close); `"partitions"` → how many partitions the store has,
+/// and `"partition"` → which one this file is (both written when the file is created, never
+/// changed: `loom store repartition` writes a new store); `"outbox_seq"` → the last [`OUTBOX`]
+/// number given.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// `(actor, seq)` → an entry frame (see [`crate::codec`]). Holds exactly the seqs
@@ -92,6 +99,23 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
+/// outbox seq → `(to, message id, due_at_ms or u64::MAX for now, envelope frame)`: messages
+/// a turn of this partition sent to actors of other partitions, in the order sent, numbered
+/// without gaps from 1 (`"outbox_seq"` in [`META`] is the last). Written by turns, read and
+/// trimmed from the bottom by this partition's relay (`relay.rs`) once every target partition
+/// has taken them.
+pub const OUTBOX: TableDefinition<u64, OutboxRow> = TableDefinition::new("outbox");
+
+/// An [`OUTBOX`] row: `(to, message id, due_at_ms or u64::MAX, envelope frame)`.
+pub type OutboxRow = (&'static str, u128, u64, &'static [u8]);
+
+/// source partition → the highest outbox seq of that partition whose message this partition
+/// has enqueued. Only grows. The relay enqueues an outbox message here only if its seq is
+/// above the mark, and raises the mark in the same write: so a message is enqueued once
+/// however often the relay moves it (after a crash between "enqueued here" and "trimmed
+/// there", or a move repeated).
+pub const HIGH_WATER: TableDefinition<u32, u64> = TableDefinition::new("high_water");
+
 /// Wraps a redb failure. An I/O error is kept as the `std::io::Error` it is (redb's errors do
 /// not give their cause), so that what it was, a full disk say, can be found and explained.
 pub(crate) fn se(e: impl Into<redb::Error>) -> StoreError {
@@ -138,6 +162,8 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
     txn.open_table(LEASES)?;
     txn.open_table(IDEMPOTENCY)?;
     txn.open_table(IDEMPOTENCY_EXPIRY)?;
+    txn.open_table(OUTBOX)?;
+    txn.open_table(HIGH_WATER)?;
     Ok(())
 }
 
@@ -196,6 +222,8 @@ pub(super) mod id {
     pub const JOURNAL_DELETED: u8 = 14;
     pub const PARKED: u8 = 15;
     pub const READY_BY_KIND: u8 = 16;
+    pub const OUTBOX: u8 = 17;
+    pub const HIGH_WATER: u8 = 18;
 }
 
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after
@@ -214,6 +242,8 @@ pub(super) struct Tx<'t> {
     pub(super) leases: Lazy<'t, Rec<'t, &'static str, &'static [u8]>>,
     pub(super) idempotency: Lazy<'t, Rec<'t, (&'static str, &'static str), &'static [u8]>>,
     pub(super) idempotency_expiry: Lazy<'t, Rec<'t, (u64, &'static str, &'static str), ()>>,
+    pub(super) outbox: Lazy<'t, Rec<'t, u64, OutboxRow>>,
+    pub(super) high_water: Lazy<'t, Rec<'t, u32, u64>>,
 }
 
 impl<'t> Tx<'t> {
@@ -241,6 +271,10 @@ impl<'t> Tx<'t> {
             idempotency_expiry: Lazy::new(txn, sink, |t, s| {
                 Rec::open(t, s, id::IDEMPOTENCY_EXPIRY, IDEMPOTENCY_EXPIRY)
             }),
+            outbox: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::OUTBOX, OUTBOX)),
+            high_water: Lazy::new(txn, sink, |t, s| {
+                Rec::open(t, s, id::HIGH_WATER, HIGH_WATER)
+            }),
         }
     }
 }
@@ -258,6 +292,8 @@ impl Apply for Tx<'_> {
             id::LEASES => apply_to(self.leases.get()?, op),
             id::IDEMPOTENCY => apply_to(self.idempotency.get()?, op),
             id::IDEMPOTENCY_EXPIRY => apply_to(self.idempotency_expiry.get()?, op),
+            id::OUTBOX => apply_to(self.outbox.get()?, op),
+            id::HIGH_WATER => apply_to(self.high_water.get()?, op),
             _ => self.mailbox.get()?.apply(op),
         }
     }

@@ -16,10 +16,15 @@ use crate::time::Timestamp;
 
 use super::EmbeddedStore;
 use super::mailbox::{self, bury};
-use super::{idempotency, journal, lease};
+use super::{idempotency, journal, lease, relay};
+use crate::partition::partition_of;
 
 #[async_trait]
 impl Store for EmbeddedStore {
+    fn partitions(&self) -> u32 {
+        EmbeddedStore::partitions(self)
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before queueing.
         turn.check()?;
@@ -33,6 +38,22 @@ impl Store for EmbeddedStore {
             .iter()
             .map(|o| prepare_message(&o.envelope).map(|bytes| (o.clone(), bytes)))
             .collect::<StoreResult<_>>()?;
+        // A turn writes only its own partition: a message to an actor of another partition
+        // goes to this partition's outbox, and the relay moves it (`relay.rs`).
+        let (n, p) = (self.partitions(), self.part(turn.actor));
+        let (outgoing, remote): (Vec<_>, Vec<_>) = outgoing
+            .into_iter()
+            .partition(|(o, _)| partition_of(&o.envelope.to, n) == p);
+        if let Some(s) = &turn.settle {
+            let (Settle::Ack(r) | Settle::DeadLetter(r, _)) = s;
+            if partition_of(&r.actor, n) != p {
+                return Err(StoreError::InvalidRequest(format!(
+                    "a turn of {} settles a message of {}, which is in another partition",
+                    turn.actor, r.actor
+                )));
+            }
+        }
+        let sends_away = !remote.is_empty();
         if let Some(r) = &turn.record {
             prepare_result(r.actor, r.key, r.result)?;
             check_ttl("idempotency ttl", r.ttl)?;
@@ -48,7 +69,7 @@ impl Store for EmbeddedStore {
             .record
             .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
         let committed = self
-            .write(move |tx| {
+            .write_in(p, move |tx| {
                 // Checks first, writes after: a refused turn writes nothing (see writer.rs).
                 let now = Timestamp::now();
                 if let Some(fence) = &fence {
@@ -75,6 +96,11 @@ impl Store for EmbeddedStore {
                     for (o, bytes) in &outgoing {
                         t.enqueue(&o.envelope.to, o.envelope.id, bytes, o.deliver_at, now_ms)?;
                     }
+                }
+                {
+                    let away: Vec<_> = remote.iter().map(|(o, b)| (o, b.as_slice())).collect();
+                    relay::push(tx, &away)?;
+                    let t = tx.mailbox.get()?;
                     match &settle {
                         Some((receipt, None)) => t.remove_current(receipt.actor.as_str())?,
                         Some((receipt, Some(reason))) => {
@@ -94,6 +120,9 @@ impl Store for EmbeddedStore {
             })
             .await?;
         let (highest, leased) = committed;
+        if sends_away {
+            self.parts.relays.wake(p);
+        }
         // The turn is committed, so nothing after this point may report it failed (rule D15):
         // a next message that does not decode is buried, and if even that fails, it comes back
         // when its visibility runs out and is buried then.
@@ -120,7 +149,7 @@ impl Store for EmbeddedStore {
         check_ttl("idempotency ttl", ttl)?;
         let bytes = prepare_message(msg)?;
         let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
-        self.write(move |tx| {
+        self.write(&msg.to, move |tx| {
             if let Some(existing) = idempotency::reserve(tx, &to, &key, None)? {
                 return Ok(Enqueued::Duplicate(existing));
             }

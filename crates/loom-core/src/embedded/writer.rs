@@ -594,7 +594,7 @@ mod tests {
     async fn a_refused_request_that_wrote_does_not_commit_its_writes() {
         let store = EmbeddedStore::in_memory().unwrap();
         let refused = store
-            .write(|tx| {
+            .write_in(0, |tx| {
                 tx.meta.get()?.insert("stray", 1).map_err(se)?;
                 Err::<(), _>(StoreError::InvalidRequest("refused after a write".into()))
             })
@@ -604,7 +604,7 @@ mod tests {
             "{refused:?}"
         );
         let stray = store
-            .read(|txn| {
+            .read_in(0, |txn| {
                 let meta = txn.open_table(META).map_err(se)?;
                 Ok(meta.get("stray").map_err(se)?.map(|v| v.value()))
             })
@@ -613,7 +613,9 @@ mod tests {
         assert_eq!(stray, None, "the refused request's write was committed");
         // The store goes on.
         store
-            .write(|tx| tx.meta.get()?.insert("fine", 2).map_err(se).map(|_| ()))
+            .write_in(0, |tx| {
+                tx.meta.get()?.insert("fine", 2).map_err(se).map(|_| ())
+            })
             .await
             .unwrap();
     }

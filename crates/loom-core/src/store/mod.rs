@@ -53,6 +53,15 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Park
     /// Commits a [`Turn`] atomically (see its rules).
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed>;
 
+    /// How many partitions the store is cut into (see [`crate::partition`]); fixed when the
+    /// store is created. A turn writes only its actor's partition; a message it sends to an
+    /// actor of another partition reaches that actor's mailbox through the sender partition's
+    /// outbox and relay, exactly once, a little later than the turn's commit. 1 for a store
+    /// that is not partitioned (today's Redis and PostgreSQL backends).
+    fn partitions(&self) -> u32 {
+        1
+    }
+
     /// Reserves `key` for `msg.to` and enqueues `msg`, in one atomic write, unless the key is
     /// already reserved or completed, in which case nothing is written.
     ///

@@ -11,6 +11,7 @@ mod journal;
 mod lease;
 mod mailbox;
 mod park;
+pub mod partitions;
 mod turn;
 
 use std::sync::Arc;
@@ -95,6 +96,11 @@ pub fn turn(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "turn", turn::cases(), factory)
 }
 
+/// The partition, outbox and relay cases.
+pub fn partition(backend: &str, factory: &Factory) -> Vec<Trial> {
+    trials(backend, "partition", partitions::cases(), factory)
+}
+
 /// Every case for every trait.
 pub fn all(backend: &str, factory: &Factory) -> Vec<Trial> {
     let mut out = journal(backend, factory);
@@ -103,6 +109,7 @@ pub fn all(backend: &str, factory: &Factory) -> Vec<Trial> {
     out.extend(idempotency(backend, factory));
     out.extend(park(backend, factory));
     out.extend(turn(backend, factory));
+    out.extend(partition(backend, factory));
     out
 }
 

@@ -122,6 +122,9 @@ async fn turn_appends_acks_sends_and_records_in_one_write(store: Arc<dyn Store>)
         0,
         "the delivery was not acked"
     );
+    // In another partition, a sent message arrives through the relay, a little later.
+    super::partitions::arrived(&*store, &b, 1).await;
+    super::partitions::arrived(&*store, &c, 1).await;
     let to_b = store
         .lease(&b, long())
         .await

@@ -1,0 +1,429 @@
+//! The outbox relay: how a message reaches an actor of another partition (rule D18 of
+//! RELIABILITY.md).
+//!
+//! A turn writes only its own partition. A message it sends to an actor of the same partition
+//! is enqueued by the turn itself; one to an actor of partition `q != p` is appended to `p`'s
+//! [`OUTBOX`] in the same write, numbered by `p`'s outbox seq. Partition `p`'s relay (one thread
+//! per partition, while the store is open) then, in a loop:
+//!
+//! 1. reads the outbox from the bottom, only what is durable (a message is never delivered
+//!    ahead of the turn that sent it: a crash could still take that turn back);
+//! 2. for each target partition `q`, in one write of `q`: enqueues each message whose seq is
+//!    above `q`'s [`HIGH_WATER`] mark for `p`, and raises the mark to the last one — so a move
+//!    repeated after a crash, or twice, enqueues nothing twice, however many other messages
+//!    arrived in between;
+//! 3. trims `p`'s outbox through what every target has taken.
+//!
+//! A crash between 2 and 3 leaves messages in the outbox that `q` already has: the next move
+//! skips them by the mark. Messages keep their ids, delays and keys; per (sender, receiver)
+//! pair they arrive in the order sent (one outbox, read in order, one write per target).
+//!
+//! Invariants:
+//! - `HIGH_WATER[q][p] <= "outbox_seq"` of `p`: a mark never passes what `p` has numbered
+//!   (`loom journal verify` checks it).
+//! - Outbox seqs of `p` are gapless from the first kept to `"outbox_seq"`; only the relay of
+//!   `p` removes them, from the bottom, and only through seqs every target has taken.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redb::{ReadableTable, ReadableTableMetadata};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{StoreError, StoreResult};
+use crate::id::ActorId;
+use crate::partition::partition_of;
+use crate::store::backend::Outgoing;
+use crate::time::Timestamp;
+
+use super::reopen::Shared;
+use super::tables::{HIGH_WATER, META, OUTBOX, Tx, se};
+use super::{meta_counter, read_on, write_on};
+
+/// Outbox messages moved per pass.
+const BATCH: usize = 512;
+
+/// `META` key of the last outbox seq given.
+pub(super) const OUTBOX_SEQ: &str = "outbox_seq";
+
+/// One outbox message, as the relay moves it.
+#[derive(Debug, Clone)]
+pub(super) struct Moving {
+    pub(super) seq: u64,
+    pub(super) to: String,
+    pub(super) id: u128,
+    pub(super) due: u64,
+    pub(super) frame: Vec<u8>,
+}
+
+/// In a turn of its partition: appends `sent` (messages to actors of other partitions, with
+/// their frames) to the outbox, numbered in order.
+pub(super) fn push(tx: &mut Tx<'_>, sent: &[(&Outgoing, &[u8])]) -> StoreResult<()> {
+    if sent.is_empty() {
+        return Ok(());
+    }
+    let mut seq = meta_counter(&**tx.meta.get()?, OUTBOX_SEQ)?;
+    let outbox = tx.outbox.get()?;
+    for (o, frame) in sent {
+        seq += 1;
+        let due = o.deliver_at.map_or(u64::MAX, |t| t.as_millis());
+        outbox
+            .insert(
+                seq,
+                (
+                    o.envelope.to.as_str(),
+                    o.envelope.id.as_uuid().as_u128(),
+                    due,
+                    *frame,
+                ),
+            )
+            .map_err(se)?;
+    }
+    tx.meta.get()?.insert(OUTBOX_SEQ, seq).map_err(se)?;
+    Ok(())
+}
+
+/// In a write of the target partition: enqueues the messages of `source`'s outbox above the
+/// high-water mark, raises the mark; returns how many were enqueued.
+pub(super) fn deliver(tx: &mut Tx<'_>, source: u32, moving: &[Moving]) -> StoreResult<u64> {
+    let mark = tx
+        .high_water
+        .get()?
+        .get(source)
+        .map_err(se)?
+        .map_or(0, |v| v.value());
+    let now = Timestamp::now().as_millis();
+    let mut top = mark;
+    let mut enqueued = 0;
+    for m in moving {
+        if m.seq <= top {
+            continue;
+        }
+        let to = ActorId::from_stored(&m.to, "outbox message recipient")?;
+        let at = (m.due != u64::MAX).then(|| Timestamp::from_millis(m.due));
+        let id = crate::id::MessageId::from(uuid::Uuid::from_u128(m.id));
+        tx.mailbox.get()?.enqueue(&to, id, &m.frame, at, now)?;
+        top = m.seq;
+        enqueued += 1;
+    }
+    if top > mark {
+        tx.high_water.get()?.insert(source, top).map_err(se)?;
+    }
+    Ok(enqueued)
+}
+
+/// Removes the outbox messages through `through`.
+pub(super) fn trim(tx: &mut Tx<'_>, through: u64) -> StoreResult<()> {
+    tx.outbox.get()?.remove_range(0, through).map_err(se)
+}
+
+/// Reads up to `limit` outbox messages after seq `after`.
+pub(super) fn read_outbox(
+    txn: &redb::ReadTransaction,
+    after: u64,
+    limit: usize,
+) -> StoreResult<Vec<Moving>> {
+    let outbox = txn.open_table(OUTBOX).map_err(se)?;
+    let mut out = Vec::new();
+    for item in outbox
+        .range(after.saturating_add(1)..)
+        .map_err(se)?
+        .take(limit)
+    {
+        let (k, v) = item.map_err(se)?;
+        let (to, id, due, frame) = v.value();
+        out.push(Moving {
+            seq: k.value(),
+            to: to.to_owned(),
+            id,
+            due,
+            frame: frame.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// Checks the relay's invariants over every partition's state (`states[p]` is partition p's);
+/// returns what is wrong, one sentence each (`loom journal verify` prints them).
+pub fn check_outboxes(states: &[OutboxState]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let n = states.len() as u32;
+    for s in states {
+        let p = s.partition;
+        if s.misaddressed > 0 {
+            wrong.push(format!(
+                "partition {p}: {} outbox messages are addressed to its own actors",
+                s.misaddressed
+            ));
+        }
+        if s.misplaced > 0 {
+            wrong.push(format!(
+                "partition {p}: {} journals or mailboxes belong to actors of other partitions",
+                s.misplaced
+            ));
+        }
+        if let Some(first) = s.first_pending
+            && (first == 0 || first + s.pending - 1 != s.outbox_seq)
+        {
+            wrong.push(format!(
+                "partition {p}: its outbox holds {} messages from seq {first}, but its last seq is {}: a gap",
+                s.pending, s.outbox_seq
+            ));
+        }
+        for &(source, mark) in &s.high_water {
+            match states.get(source as usize) {
+                _ if source >= n || source == p => wrong.push(format!(
+                    "partition {p}: a high-water mark for partition {source}, which cannot send to it"
+                )),
+                Some(src) if mark > src.outbox_seq => wrong.push(format!(
+                    "partition {p}: its mark for partition {source} is {mark}, past that partition's last outbox seq {}",
+                    src.outbox_seq
+                )),
+                _ => {}
+            }
+        }
+    }
+    wrong
+}
+
+/// What a partition's outbox and marks hold (for `loom journal verify` and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxState {
+    /// The partition.
+    pub partition: u32,
+    /// The last outbox seq it gave.
+    pub outbox_seq: u64,
+    /// Messages still in its outbox (not yet trimmed).
+    pub pending: u64,
+    /// The first seq still in its outbox, if any.
+    pub first_pending: Option<u64>,
+    /// Its high-water mark for each source partition that sent it something: `(source, seq)`.
+    pub high_water: Vec<(u32, u64)>,
+    /// Outbox messages addressed to an actor of this same partition, or whose recipient does
+    /// not parse: damage (a turn enqueues those directly).
+    pub misaddressed: u64,
+    /// Journals and mailboxes kept in this partition whose actor belongs to another (or does
+    /// not parse): damage, or files of another store.
+    pub misplaced: u64,
+}
+
+pub(super) fn state_of(
+    txn: &redb::ReadTransaction,
+    partition: u32,
+    partitions: u32,
+) -> StoreResult<OutboxState> {
+    let meta = txn.open_table(META).map_err(se)?;
+    let outbox_seq = meta_counter(&meta, OUTBOX_SEQ)?;
+    let outbox = txn.open_table(OUTBOX).map_err(se)?;
+    let pending = outbox.len().map_err(se)?;
+    let first_pending = outbox.first().map_err(se)?.map(|(k, _)| k.value());
+    let mut misaddressed = 0;
+    for item in outbox.iter().map_err(se)? {
+        let (_, v) = item.map_err(se)?;
+        match ActorId::from_stored(v.value().0, "outbox recipient") {
+            Ok(to) if partition_of(&to, partitions) != partition => {}
+            _ => misaddressed += 1,
+        }
+    }
+    let mut misplaced = 0;
+    let journals = txn.open_table(super::tables::JOURNAL_META).map_err(se)?;
+    let mailboxes = txn.open_table(super::tables::MAILBOX_META).map_err(se)?;
+    let mut placed = |key: &str| match ActorId::from_stored(key, "actor id") {
+        Ok(a) if partition_of(&a, partitions) == partition => {}
+        _ => misplaced += 1,
+    };
+    for item in journals.iter().map_err(se)? {
+        placed(item.map_err(se)?.0.value());
+    }
+    for item in mailboxes.iter().map_err(se)? {
+        placed(item.map_err(se)?.0.value());
+    }
+    let marks = txn.open_table(HIGH_WATER).map_err(se)?;
+    let mut high_water = Vec::new();
+    for item in marks.iter().map_err(se)? {
+        let (k, v) = item.map_err(se)?;
+        high_water.push((k.value(), v.value()));
+    }
+    Ok(OutboxState {
+        partition,
+        outbox_seq,
+        pending,
+        first_pending,
+        high_water,
+        misaddressed,
+        misplaced,
+    })
+}
+
+/// The relay threads of a store of several partitions; stops and joins them when dropped.
+pub(super) struct Relays {
+    stop: CancellationToken,
+    wake: Vec<Arc<Notify>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Bumped each time a relay enqueued messages: [`Mailbox::wakeups`](crate::Mailbox::wakeups).
+    pub(super) moved: tokio::sync::watch::Sender<u64>,
+    /// Messages enqueued by the relays since the store opened.
+    pub(super) delivered: Arc<AtomicU64>,
+}
+
+impl Relays {
+    /// Starts one relay per partition (none for a store of one partition).
+    pub(super) fn start(parts: &Arc<[Arc<Shared>]>) -> StoreResult<Relays> {
+        let stop = CancellationToken::new();
+        let moved = tokio::sync::watch::Sender::new(0u64);
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut relays = Relays {
+            stop: stop.clone(),
+            wake: Vec::new(),
+            threads: Vec::new(),
+            moved: moved.clone(),
+            delivered: delivered.clone(),
+        };
+        if parts.len() <= 1 {
+            return Ok(relays);
+        }
+        for p in 0..parts.len() {
+            let wake = Arc::new(Notify::new());
+            relays.wake.push(wake.clone());
+            let relay = Relay {
+                p: p as u32,
+                parts: parts.clone(),
+                stop: stop.clone(),
+                wake,
+                moved: moved.clone(),
+                delivered: delivered.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("loom-embedded-relay-{p}"))
+                .spawn(move || relay.run())
+                .map_err(|e| StoreError::storage(super::tables::BACKEND, e))?;
+            relays.threads.push(thread);
+        }
+        Ok(relays)
+    }
+
+    /// Tells partition `p`'s relay that its outbox has something new.
+    pub(super) fn wake(&self, p: u32) {
+        if let Some(w) = self.wake.get(p as usize) {
+            w.notify_one();
+        }
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("an embedded store relay thread panicked");
+            }
+        }
+    }
+}
+
+/// One partition's relay.
+struct Relay {
+    p: u32,
+    parts: Arc<[Arc<Shared>]>,
+    stop: CancellationToken,
+    wake: Arc<Notify>,
+    moved: tokio::sync::watch::Sender<u64>,
+    delivered: Arc<AtomicU64>,
+}
+
+/// How long the relay sleeps when it was not woken: messages left in the outbox by an earlier
+/// opening (or a move that failed) are picked up at least this often.
+const IDLE: Duration = Duration::from_secs(1);
+
+impl Relay {
+    fn run(self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(partition = self.p, error = %e, "could not start the relay of an embedded store partition; its messages to other partitions wait in its outbox until the store is opened again");
+                return;
+            }
+        };
+        rt.block_on(self.serve());
+    }
+
+    async fn serve(&self) {
+        // Relayed through this seq (in memory: the marks make a repeat harmless).
+        let mut after = 0;
+        let mut backoff = Duration::from_millis(50);
+        let mut failing = false;
+        loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            match self.pass(after).await {
+                Ok(Some(through)) => {
+                    after = through;
+                    backoff = Duration::from_millis(50);
+                    if failing {
+                        failing = false;
+                        tracing::info!(partition = self.p, "the relay moves messages again");
+                    }
+                    continue;
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(IDLE) => {}
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(partition = self.p, error = %e, "the relay could not move messages to other partitions; they wait in the outbox and it tries again");
+                    }
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Moves one batch; returns the last seq moved, or `None` if the outbox had nothing after
+    /// `after`.
+    async fn pass(&self, after: u64) -> StoreResult<Option<u64>> {
+        let source = &self.parts[self.p as usize];
+        let batch = read_on(source, move |txn| read_outbox(txn, after, BATCH)).await?;
+        let Some(last) = batch.last().map(|m| m.seq) else {
+            return Ok(None);
+        };
+        let n = self.parts.len() as u32;
+        let mut by_target: Vec<Vec<Moving>> = vec![Vec::new(); n as usize];
+        for m in batch {
+            let to = ActorId::from_stored(&m.to, "outbox message recipient")?;
+            by_target[partition_of(&to, n) as usize].push(m);
+        }
+        let mut enqueued = 0;
+        for (q, moving) in by_target.into_iter().enumerate() {
+            if moving.is_empty() {
+                continue;
+            }
+            let p = self.p;
+            enqueued += write_on(&self.parts[q], move |tx| deliver(tx, p, &moving)).await?;
+        }
+        if enqueued > 0 {
+            self.delivered.fetch_add(enqueued, Ordering::Relaxed);
+            self.moved.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        // Every target has them: the outbox can let them go. If this fails, they are moved
+        // again later and skipped by the marks.
+        if let Err(e) = write_on(source, move |tx| trim(tx, last)).await {
+            tracing::warn!(partition = self.p, error = %e, "could not trim the outbox after a move; it is trimmed after the next one");
+        }
+        Ok(Some(last))
+    }
+}

@@ -1,0 +1,289 @@
+//! Partition cases: every actor lives in one partition; a message a turn sends to an actor of
+//! another partition reaches it through the outbox and relay exactly once, with its id, delay
+//! and key, in the order sent per (sender, receiver) pair. On a store of one partition every
+//! send is direct, and the same cases hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use loom_core::partition::partition_of;
+use loom_core::store::backend::{Outgoing, Settle, Turn};
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, MessageId, Store, Timestamp,
+};
+use serde_json::json;
+
+use super::{Case, cases};
+
+pub(super) fn cases() -> Vec<Case> {
+    cases![
+        every_actor_maps_to_one_partition_of_the_store,
+        sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys,
+        many_senders_in_many_partitions_deliver_exactly_once,
+        a_sender_compacted_or_deleted_before_the_move_still_delivers_once,
+    ]
+}
+
+/// How long a relayed message may take to arrive in a case.
+const ARRIVAL: Duration = Duration::from_secs(20);
+
+/// Waits until `actor`'s mailbox holds at least `n` messages (a relayed message arrives a
+/// little after the turn that sent it); panics after [`ARRIVAL`].
+pub async fn arrived(store: &dyn Store, actor: &ActorId, n: u64) {
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    loop {
+        let pending = store.pending(actor).await.expect("pending");
+        if pending >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{actor} holds {pending} of {n} messages after {ARRIVAL:?}: the relay did not move them"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn id(kind: &str, key: &str) -> ActorId {
+    ActorId::new(kind, key).expect("valid id")
+}
+
+fn opts() -> LeaseOptions {
+    LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    }
+}
+
+/// Actors with keys `prefix-0..`, at least `per` of them in every partition.
+fn spread(store: &dyn Store, prefix: &str, per: usize) -> Vec<ActorId> {
+    let n = store.partitions();
+    let mut counts = vec![0usize; n as usize];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while counts.iter().any(|c| *c < per) {
+        let a = id("part", &format!("{prefix}-{i}"));
+        let p = partition_of(&a, n) as usize;
+        if counts[p] < per {
+            counts[p] += 1;
+            out.push(a);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// One turn of `actor` sending `send`, settling nothing.
+async fn send_turn(store: &dyn Store, actor: &ActorId, next: u64, send: &[Outgoing]) {
+    let entry = [Entry::new(
+        next,
+        EntryKind::Completed { reply: json!(next) },
+    )];
+    store
+        .commit_turn(Turn {
+            send,
+            ..Turn::append(actor, next, &entry)
+        })
+        .await
+        .expect("turn");
+}
+
+/// Leases and acks every message `actor` has now, in order.
+async fn drain(store: &dyn Store, actor: &ActorId) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    while let Some(d) = store.lease(actor, opts()).await.expect("lease") {
+        store.ack(&d.receipt).await.expect("ack");
+        out.push(d.envelope);
+    }
+    out
+}
+
+async fn every_actor_maps_to_one_partition_of_the_store(store: Arc<dyn Store>) {
+    let n = store.partitions();
+    assert!(n >= 1);
+    for i in 0..500 {
+        let a = id("part", &format!("m{i}"));
+        let p = partition_of(&a, n);
+        assert!(p < n);
+        assert_eq!(
+            partition_of(&a.event_lane("e"), n),
+            p,
+            "a lane leaves its actor"
+        );
+    }
+    // Every partition takes writes and serves reads on its own.
+    for (i, a) in spread(&*store, "w", 1).iter().enumerate() {
+        send_turn(&*store, a, 1, &[]).await;
+        assert_eq!(store.highest_seq(a).await.unwrap(), 1, "actor {i}");
+    }
+    let listed = store.list_actors(None, 10_000).await.unwrap();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        listed, sorted,
+        "the journals of all partitions list as one, in order"
+    );
+    assert!(listed.len() >= n as usize);
+}
+
+async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
+    store: Arc<dyn Store>,
+) {
+    let sender = id("part", "sender");
+    let targets = spread(&*store, "t", 2);
+    let later = Timestamp::now() + Duration::from_millis(1500);
+    let mut sent: HashMap<ActorId, Vec<Envelope>> = HashMap::new();
+    let mut delayed: Vec<Envelope> = Vec::new();
+    for round in 0..5u64 {
+        let mut send = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let mut e = Envelope::new(t.clone(), json!({ "round": round, "i": i }));
+            e.idempotency_key = Some(IdempotencyKey::new(format!("k-{round}-{i}")).unwrap());
+            e.id = MessageId::derived(&MessageId::new(), "send");
+            sent.entry(t.clone()).or_default().push(e.clone());
+            send.push(Outgoing {
+                envelope: e,
+                deliver_at: None,
+            });
+        }
+        if round == 0 {
+            let e = Envelope::new(targets[targets.len() - 1].clone(), json!("later"));
+            delayed.push(e.clone());
+            send.push(Outgoing {
+                envelope: e,
+                deliver_at: Some(later),
+            });
+        }
+        send_turn(&*store, &sender, round + 1, &send).await;
+    }
+    let last = targets[targets.len() - 1].clone();
+    for t in &targets {
+        let extra = u64::from(*t == last);
+        arrived(&*store, t, 5 + extra).await;
+        let got = drain(&*store, t).await;
+        assert_eq!(
+            &got, &sent[t],
+            "{t}: not the messages sent, once each, in order"
+        );
+    }
+    assert_eq!(
+        store.pending(&last).await.unwrap(),
+        1,
+        "the delayed one waits"
+    );
+    assert!(
+        store.lease(&last, opts()).await.unwrap().is_none(),
+        "a delayed message came early through the relay"
+    );
+    tokio::time::sleep(later.saturating_since(Timestamp::now()) + Duration::from_millis(100)).await;
+    let got = store.lease(&last, opts()).await.unwrap().expect("due now");
+    assert_eq!(got.envelope, delayed[0]);
+    store.ack(&got.receipt).await.unwrap();
+    // Nothing arrives a second time later.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for t in &targets {
+        assert_eq!(
+            store.pending(t).await.unwrap(),
+            0,
+            "{t} got a message twice"
+        );
+    }
+}
+
+async fn many_senders_in_many_partitions_deliver_exactly_once(store: Arc<dyn Store>) {
+    let senders = spread(&*store, "s", 3);
+    let receivers = spread(&*store, "r", 2);
+    let rounds = 8u64;
+    let mut tasks = Vec::new();
+    for s in senders.clone() {
+        let store = store.clone();
+        let receivers = receivers.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..rounds {
+                let send: Vec<Outgoing> = receivers
+                    .iter()
+                    .map(|r| Outgoing {
+                        envelope: Envelope::new(
+                            r.clone(),
+                            json!({ "from": s.as_str(), "round": round }),
+                        ),
+                        deliver_at: None,
+                    })
+                    .collect();
+                send_turn(&*store, &s, round + 1, &send).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let expected = senders.len() as u64 * rounds;
+    for r in &receivers {
+        arrived(&*store, r, expected).await;
+        let got = drain(&*store, r).await;
+        assert_eq!(got.len() as u64, expected, "{r}");
+        // Per sender, in the order sent.
+        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
+        for e in &got {
+            by_sender
+                .entry(e.payload["from"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(e.payload["round"].as_u64().unwrap());
+        }
+        for (s, rounds_seen) in by_sender {
+            assert_eq!(rounds_seen, (0..rounds).collect::<Vec<_>>(), "{s} → {r}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for r in &receivers {
+        assert_eq!(
+            store.pending(r).await.unwrap(),
+            0,
+            "{r} got a message twice"
+        );
+    }
+}
+
+async fn a_sender_compacted_or_deleted_before_the_move_still_delivers_once(store: Arc<dyn Store>) {
+    let targets = spread(&*store, "c", 1);
+    let senders = spread(&*store, "cs", 1);
+    for s in &senders {
+        let send: Vec<Outgoing> = targets
+            .iter()
+            .map(|t| Outgoing {
+                envelope: Envelope::new(t.clone(), json!({ "from": s.as_str() })),
+                deliver_at: None,
+            })
+            .collect();
+        send_turn(&*store, s, 1, &send).await;
+        // At once, before the relay may have moved anything: the sender's journal goes.
+        store
+            .compact(s, &loom_core::Snapshot::new(1, json!({})), 1, None)
+            .await
+            .expect("compact");
+        store.delete(s).await.expect("delete");
+    }
+    for t in &targets {
+        arrived(&*store, t, senders.len() as u64).await;
+        assert_eq!(drain(&*store, t).await.len(), senders.len(), "{t}");
+    }
+    // A receiver settling in its own turn, with its own sends, is unaffected.
+    let d = {
+        let t = &targets[0];
+        store
+            .enqueue(&Envelope::new(t.clone(), json!("x")), None)
+            .await
+            .unwrap();
+        store.lease(t, opts()).await.unwrap().expect("x")
+    };
+    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&targets[0], 1, &entry)
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.pending(&targets[0]).await.unwrap(), 0);
+}
