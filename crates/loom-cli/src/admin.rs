@@ -220,3 +220,118 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
         kept.join(", ")
     ))
 }
+
+/// `loom store repartition --store DIR --partitions N`: copies the store into a new one of `N`
+/// partitions next to it, compares the two, then puts the copy in `DIR` and keeps the old one
+/// beside it as `DIR.before-repartition-<ms>` (delete it once satisfied). Offline: the store's
+/// lock keeps a running app out, and this command out of a running app's store.
+pub async fn repartition(
+    dir: &std::path::Path,
+    partitions: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    use loom_core::EmbeddedStore;
+    loom_core::partition::check_partitions(partitions)?;
+    let source = EmbeddedStore::open_existing(dir)?;
+    if source.partitions() == partitions {
+        return out(format_args!(
+            "{} already has {partitions} partition(s); nothing to do",
+            dir.display()
+        ));
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Failure(format!("{} names no directory", dir.display())))?;
+    let stamp = loom_core::Timestamp::now().as_millis();
+    let staging = dir.with_file_name(format!("{name}.repartition-{stamp}"));
+    let backup = dir.with_file_name(format!("{name}.before-repartition-{stamp}"));
+    let copied = source.copy_repartitioned(&staging, partitions).await?;
+    let copy = EmbeddedStore::open(&staging)?;
+    if let Err(e) = same_contents(&source, &copy).await {
+        return Err(Failure(format!(
+            "the copy in {} differs from the store ({e}); the store is left as it was",
+            staging.display()
+        )));
+    }
+    drop(copy);
+    drop(source);
+    std::fs::rename(dir, &backup)?;
+    std::fs::rename(&staging, dir)?;
+    if json {
+        out(serde_json::json!({
+            "from": copied.from, "to": copied.to, "rows": copied.rows,
+            "dead_letters": copied.dead_letters, "backup": backup.display().to_string(),
+        }))
+    } else {
+        out(format_args!(
+            "repartitioned {} from {} to {} partitions: {} rows and {} dead letters copied and compared; the old store is kept in {} (delete it once satisfied)",
+            dir.display(),
+            copied.from,
+            copied.to,
+            copied.rows,
+            copied.dead_letters,
+            backup.display()
+        ))
+    }
+}
+
+/// Compares what two stores hold, journal by journal and mailbox by mailbox.
+async fn same_contents(a: &dyn Store, b: &dyn Store) -> Result<(), String> {
+    let e = |e: loom_core::StoreError| e.to_string();
+    let actors = all_actors(a).await.map_err(|f| f.0)?;
+    if actors != all_actors(b).await.map_err(|f| f.0)? {
+        return Err("the lists of journals differ".into());
+    }
+    for actor in &actors {
+        let (x, y) = (
+            a.info(actor).await.map_err(e)?,
+            b.info(actor).await.map_err(e)?,
+        );
+        if (x.highest, x.trimmed_through, &x.snapshots)
+            != (y.highest, y.trimmed_through, &y.snapshots)
+        {
+            return Err(format!("{actor}: {x:?} against {y:?}"));
+        }
+    }
+    let mut after: Option<ActorId> = None;
+    loop {
+        let page = a.mailboxes(after.as_ref(), 1000).await.map_err(e)?;
+        for m in &page {
+            let (x, y) = (
+                a.pending(m).await.map_err(e)?,
+                b.pending(m).await.map_err(e)?,
+            );
+            if x != y {
+                return Err(format!("the mailbox of {m}: {x} messages against {y}"));
+            }
+        }
+        match page.last() {
+            Some(last) => after = Some(last.clone()),
+            None => break,
+        }
+    }
+    let count_dead = async |s: &dyn Store| -> Result<usize, String> {
+        let (mut n, mut after) = (0, None);
+        loop {
+            let page = s.dead_letters(after, 1000).await.map_err(e)?;
+            n += page.len();
+            match page.last() {
+                Some(d) => after = Some(d.id),
+                None => return Ok(n),
+            }
+        }
+    };
+    let (x, y) = (count_dead(a).await?, count_dead(b).await?);
+    if x != y {
+        return Err(format!("{x} dead letters against {y}"));
+    }
+    let (x, y) = (
+        a.parked_actors(None, usize::MAX).await.map_err(e)?.len(),
+        b.parked_actors(None, usize::MAX).await.map_err(e)?.len(),
+    );
+    if x != y {
+        return Err(format!("{x} parked actors against {y}"));
+    }
+    Ok(())
+}

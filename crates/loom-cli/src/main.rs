@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: MailboxCommand,
     },
+    /// The embedded store itself: change its partition count.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// The embedded store's redo log: salvage one damaged in the middle.
     Redo {
         #[command(subcommand)]
@@ -241,6 +246,24 @@ enum JournalCommand {
 }
 
 #[derive(Subcommand)]
+enum StoreCommand {
+    /// Rewrites an embedded store with another partition count, offline (stop the app first):
+    /// copies everything into a new store, compares, swaps it in, keeps the old one beside it
+    /// as `DIR.before-repartition-<ms>`.
+    Repartition {
+        /// The data directory (`embedded:PATH` or a path).
+        #[arg(long)]
+        store: String,
+        /// The new partition count (1 to 256).
+        #[arg(long)]
+        partitions: u32,
+        /// One JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum RedoCommand {
     /// Opens an embedded store refused for a redo log damaged in the middle, keeping the
     /// batches before the damage; the damaged bytes and all after them (acknowledged batches
@@ -378,6 +401,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Store {
+            command:
+                StoreCommand::Repartition {
+                    store,
+                    partitions,
+                    json,
+                },
+        } => match url(&store)? {
+            StoreUrl::Embedded(dir, ..) => admin::repartition(&dir, partitions, json).await,
+            _ => Err(Failure(
+                "only an embedded store is repartitioned by loom (--store embedded:PATH); Redis and PostgreSQL have one partition".into(),
+            )),
+        },
         Command::Redo {
             command: RedoCommand::Salvage { store, yes },
         } => match url(&store)? {

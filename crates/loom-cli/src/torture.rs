@@ -145,7 +145,12 @@ pub fn run(
     let scratch = tempfile::tempdir()?;
     let (store, server) = match backend {
         Backend::Embedded => (
-            format!("embedded:{}", scratch.path().join("store").display()),
+            // Two partitions whatever the machine: transfers and their accounts sit in
+            // different partitions, so every kill also lands in the middle of relay moves.
+            format!(
+                "embedded:{}?partitions=2",
+                scratch.path().join("store").display()
+            ),
             None,
         ),
         Backend::Redis => {

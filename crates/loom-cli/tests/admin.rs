@@ -411,7 +411,12 @@ fn a_damaged_redo_log_is_refused_and_salvaged_on_request() {
     for tries in 1.. {
         let live = dir.path().join(format!("live-{tries}"));
         let records = rt.block_on(async {
-            let store = EmbeddedStore::open(&live).expect("open");
+            // One partition: the test damages `loom.redo`, partition 0's log, by hand.
+            let one = loom_core::EmbeddedOptions {
+                partitions: Some(1),
+                ..loom_core::EmbeddedOptions::default()
+            };
+            let store = EmbeddedStore::open_with(&live, one).expect("open");
             for seq in 1..=3 {
                 let e = Entry::new(seq, EntryKind::Completed { reply: json!(seq) });
                 store.append(&a, seq, &[e]).await.expect("append");
@@ -456,4 +461,107 @@ fn a_damaged_redo_log_is_refused_and_salvaged_on_request() {
     ok(&["journal", "--store", s, "ls"]);
     let again = ok(&["redo", "salvage", "--store", s]);
     assert!(again.contains("nothing to salvage"), "{again}");
+}
+
+#[test]
+fn repartition_copies_everything_into_the_new_count_and_keeps_the_old_store() {
+    use loom_core::{IdempotencyKey, IdempotencyStore, JournalStore, Park, Parking};
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("store");
+    seeded(&dir);
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let key = IdempotencyKey::new("order-7").unwrap();
+    let (a, parked) = (
+        ActorId::new("counter", "a").unwrap(),
+        ActorId::new("inbox", "parked").unwrap(),
+    );
+    let before = rt.block_on(async {
+        let store = EmbeddedStore::open(&dir).expect("open");
+        store
+            .complete(&a, &key, &json!({"ok": 1}), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let park = Park {
+            reason: "the code changed".into(),
+            message_id: None,
+            step: Some(3),
+            node: "node-1".into(),
+            at: Timestamp::now(),
+        };
+        store.park(&parked, &park, None).await.unwrap();
+        (store.partitions(), store.info(&a).await.unwrap())
+    });
+    let to = if before.0 == 3 { 2 } else { 3 };
+    let s = dir.to_str().unwrap();
+    let said = ok(&[
+        "store",
+        "repartition",
+        "--store",
+        s,
+        "--partitions",
+        &to.to_string(),
+    ]);
+    assert!(
+        said.contains(&format!("from {} to {to} partitions", before.0))
+            && said.contains("1 dead letters"),
+        "{said}"
+    );
+    let backups: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("store.before-repartition-"))
+        .collect();
+    assert_eq!(
+        backups.len(),
+        1,
+        "the old store is kept beside: {backups:?}"
+    );
+    let verified = ok(&["journal", "--store", s, "verify"]);
+    assert!(
+        verified.contains(&format!(
+            "{to} partitions, outboxes and high-water marks consistent"
+        )),
+        "{verified}"
+    );
+    rt.block_on(async {
+        let store = EmbeddedStore::open(&dir).expect("open the copy");
+        assert_eq!(store.partitions(), to);
+        assert_eq!(store.info(&a).await.unwrap(), before.1);
+        assert_eq!(
+            store.lookup(&a, &key).await.unwrap(),
+            Some(loom_core::Reservation::Completed(json!({"ok": 1})))
+        );
+        assert_eq!(
+            store.parked(&parked).await.unwrap().map(|p| p.reason),
+            Some("the code changed".into())
+        );
+        let inbox = ActorId::new("inbox", "x").unwrap();
+        assert_eq!(store.pending(&inbox).await.unwrap(), 2);
+        let dead = store.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, "poison pill");
+        store.requeue_dead_letter(dead[0].id).await.unwrap();
+        assert_eq!(store.pending(&dead[0].envelope.to).await.unwrap(), 1);
+    });
+    // The same count again: nothing to do. A URL asking for another count is refused.
+    let again = ok(&[
+        "store",
+        "repartition",
+        "--store",
+        s,
+        "--partitions",
+        &to.to_string(),
+    ]);
+    assert!(again.contains("nothing to do"), "{again}");
+    let (ok_, _, err) = loom(&[
+        "journal",
+        "--store",
+        &format!("embedded:{s}?partitions=7"),
+        "ls",
+    ]);
+    assert!(
+        !ok_ && err.contains(&format!("has {to} partition(s)")),
+        "{err}"
+    );
 }

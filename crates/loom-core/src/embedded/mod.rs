@@ -29,6 +29,7 @@ mod park;
 mod redo;
 mod relay;
 mod reopen;
+mod repartition;
 #[cfg(feature = "testing")]
 pub mod tables;
 #[cfg(not(feature = "testing"))]
@@ -59,6 +60,7 @@ pub use redo::REDO_FILE;
 #[cfg(feature = "testing")]
 pub use redo::RedoFile;
 pub use relay::{OutboxState, check_outboxes};
+pub use repartition::Repartitioned;
 use tables::{LAYOUT_VERSION, se};
 use writer::{LogSetup, Writer};
 
@@ -815,6 +817,25 @@ impl EmbeddedStore {
             );
         }
         Ok(out)
+    }
+
+    /// Test hook: while `hold` is true the relays move nothing (messages to other partitions
+    /// wait in the outboxes), as when the relays are slow or stopped.
+    #[cfg(feature = "testing")]
+    pub fn hold_relays(&self, hold: bool) {
+        self.parts.relays.hooks.hold.store(hold, Ordering::Release);
+        if !hold {
+            for p in 0..self.partitions() {
+                self.parts.relays.wake(p);
+            }
+        }
+    }
+
+    /// Test hook: while `keep` is true the relays move messages but never trim the outboxes, as
+    /// if the process died after every move and before its trim.
+    #[cfg(feature = "testing")]
+    pub fn keep_outboxes(&self, keep: bool) {
+        self.parts.relays.hooks.keep.store(keep, Ordering::Release);
     }
 
     /// The partition of `actor`.

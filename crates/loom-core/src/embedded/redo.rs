@@ -203,19 +203,23 @@ impl<'t, K: Key + 'static, V: Value + 'static> Rec<'t, K, V> {
         Ok(())
     }
 
-    /// Applies one logged write to this table (replay; records nothing).
+    /// Applies one logged write to this table, recording it in the batch's record if the
+    /// batch has one (replay's has none; a copy between stores, `repartition.rs`, does).
     fn apply(&mut self, op: &Op<'_>) -> Result<(), redb::StorageError> {
         match *op {
             Op::Insert { key, value, .. } => {
                 self.table
                     .insert(K::from_bytes(key), V::from_bytes(value))?;
+                self.record(INSERT, key, Some(value));
             }
             Op::Remove { key, .. } => {
                 self.table.remove(K::from_bytes(key))?;
+                self.record(REMOVE, key, None);
             }
             Op::RemoveRange { first, last, .. } => {
                 self.table
                     .retain_in(K::from_bytes(first)..=K::from_bytes(last), |_, _| false)?;
+                self.record(REMOVE_RANGE, first, Some(last));
             }
         }
         Ok(())

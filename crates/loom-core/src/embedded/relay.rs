@@ -25,7 +25,7 @@
 //!   `p` removes them, from the bottom, and only through seqs every target has taken.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -266,6 +266,17 @@ pub(super) struct Relays {
     pub(super) moved: tokio::sync::watch::Sender<u64>,
     /// Messages enqueued by the relays since the store opened.
     pub(super) delivered: Arc<AtomicU64>,
+    /// Test hooks: `hold` stops moves, `keep` stops trims (as a crash right after each move
+    /// would). Set only through the `testing` feature's methods.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(super) hooks: Arc<Hooks>,
+}
+
+/// What tests make the relays do (see `EmbeddedStore::hold_relays`).
+#[derive(Default)]
+pub(super) struct Hooks {
+    pub(super) hold: AtomicBool,
+    pub(super) keep: AtomicBool,
 }
 
 impl Relays {
@@ -274,12 +285,14 @@ impl Relays {
         let stop = CancellationToken::new();
         let moved = tokio::sync::watch::Sender::new(0u64);
         let delivered = Arc::new(AtomicU64::new(0));
+        let hooks = Arc::new(Hooks::default());
         let mut relays = Relays {
             stop: stop.clone(),
             wake: Vec::new(),
             threads: Vec::new(),
             moved: moved.clone(),
             delivered: delivered.clone(),
+            hooks: hooks.clone(),
         };
         if parts.len() <= 1 {
             return Ok(relays);
@@ -294,6 +307,7 @@ impl Relays {
                 wake,
                 moved: moved.clone(),
                 delivered: delivered.clone(),
+                hooks: hooks.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("loom-embedded-relay-{p}"))
@@ -331,6 +345,7 @@ struct Relay {
     wake: Arc<Notify>,
     moved: tokio::sync::watch::Sender<u64>,
     delivered: Arc<AtomicU64>,
+    hooks: Arc<Hooks>,
 }
 
 /// How long the relay sleeps when it was not woken: messages left in the outbox by an earlier
@@ -396,6 +411,9 @@ impl Relay {
     /// Moves one batch; returns the last seq moved, or `None` if the outbox had nothing after
     /// `after`.
     async fn pass(&self, after: u64) -> StoreResult<Option<u64>> {
+        if self.hooks.hold.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         let source = &self.parts[self.p as usize];
         let batch = read_on(source, move |txn| read_outbox(txn, after, BATCH)).await?;
         let Some(last) = batch.last().map(|m| m.seq) else {
@@ -421,6 +439,9 @@ impl Relay {
         }
         // Every target has them: the outbox can let them go. If this fails, they are moved
         // again later and skipped by the marks.
+        if self.hooks.keep.load(Ordering::Acquire) {
+            return Ok(Some(last));
+        }
         if let Err(e) = write_on(source, move |tx| trim(tx, last)).await {
             tracing::warn!(partition = self.p, error = %e, "could not trim the outbox after a move; it is trimmed after the next one");
         }

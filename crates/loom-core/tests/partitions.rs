@@ -1,0 +1,209 @@
+//! The embedded store's partitions and relay under the faults the conformance kit cannot
+//! reach through the store contract: a move repeated after a crash between "enqueued there"
+//! and "trimmed here", relays that stop while senders compact and delete, a store reopened in
+//! between, and the partition count recorded in the files.
+
+use std::time::Duration;
+
+use loom_core::embedded::check_outboxes;
+use loom_core::partition::partition_of;
+use loom_core::store::backend::{Outgoing, Turn};
+use loom_core::{
+    ActorId, EmbeddedOptions, EmbeddedStore, Entry, EntryKind, Envelope, JournalStore,
+    LeaseOptions, Mailbox, Snapshot, Store, StoreError,
+};
+use serde_json::json;
+
+fn with(partitions: u32) -> EmbeddedOptions {
+    EmbeddedOptions {
+        partitions: Some(partitions),
+        ..EmbeddedOptions::default()
+    }
+}
+
+/// `n` actors of partition `p` (of `of`).
+fn in_partition(prefix: &str, p: u32, of: u32, n: usize) -> Vec<ActorId> {
+    (0..)
+        .map(|i| ActorId::new("acct", format!("{prefix}{i}")).unwrap())
+        .filter(|a| partition_of(a, of) == p)
+        .take(n)
+        .collect()
+}
+
+/// Every sender sends one message to every receiver in each of `rounds` turns.
+async fn send_all(store: &EmbeddedStore, senders: &[ActorId], receivers: &[ActorId], rounds: u64) {
+    for s in senders {
+        let from = store.highest_seq(s).await.unwrap();
+        for r in 0..rounds {
+            let seq = from + r + 1;
+            let send: Vec<Outgoing> = receivers
+                .iter()
+                .map(|to| Outgoing {
+                    envelope: Envelope::new(to.clone(), json!({ "from": s.as_str(), "n": seq })),
+                    deliver_at: None,
+                })
+                .collect();
+            let entry = [Entry::new(seq, EntryKind::Completed { reply: json!(seq) })];
+            store
+                .commit_turn(Turn {
+                    send: &send,
+                    ..Turn::append(s, seq, &entry)
+                })
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn pending(store: &EmbeddedStore, actors: &[ActorId]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for a in actors {
+        out.push(store.pending(a).await.unwrap());
+    }
+    out
+}
+
+async fn outbox_waiting(store: &EmbeddedStore) -> u64 {
+    store
+        .outbox_states()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.pending)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_repeated_after_a_crash_between_enqueue_and_trim_enqueues_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let senders = in_partition("s", 0, 2, 3);
+    let receivers = in_partition("r", 1, 2, 4);
+    {
+        let store = EmbeddedStore::open_with(dir.path(), with(2)).unwrap();
+        // Every move is followed by a "crash" before its trim: nothing is ever trimmed.
+        store.keep_outboxes(true);
+        send_all(&store, &senders, &receivers, 40).await;
+        wait_for("all moved", async || {
+            pending(&store, &receivers).await == vec![120; 4]
+        })
+        .await;
+        assert_eq!(outbox_waiting(&store).await, 480, "trims were skipped");
+    }
+    // The next opening moves the whole outbox again: the marks refuse every message.
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.partitions(),
+        2,
+        "the count is the store's, not the machine's"
+    );
+    wait_for("the outbox trimmed", async || {
+        outbox_waiting(&store).await == 0
+    })
+    .await;
+    assert_eq!(
+        pending(&store, &receivers).await,
+        vec![120; 4],
+        "a message came twice"
+    );
+    assert!(check_outboxes(&store.outbox_states().await.unwrap()).is_empty());
+    // And the same again, moving twice within one opening: a duplicate move changes nothing.
+    store.keep_outboxes(true);
+    send_all(&store, &senders, &receivers, 5).await;
+    wait_for("moved", async || {
+        pending(&store, &receivers).await == vec![135; 4]
+    })
+    .await;
+    store.keep_outboxes(false);
+    drop(store);
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    wait_for("trimmed", async || outbox_waiting(&store).await == 0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pending(&store, &receivers).await, vec![135; 4]);
+    // Per sender, in the order sent.
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    };
+    for r in &receivers {
+        let mut last: std::collections::HashMap<String, u64> = Default::default();
+        while let Some(d) = store.lease(r, opts).await.unwrap() {
+            let from = d.envelope.payload["from"].as_str().unwrap().to_owned();
+            let n = d.envelope.payload["n"].as_u64().unwrap();
+            let before = last.insert(from, n).unwrap_or(0);
+            assert!(n > before, "{r}: out of order");
+            store.ack(&d.receipt).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_in_the_outbox_while_relays_stop_and_survive_senders_compacted_deleted_and_a_reopen()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let senders = in_partition("s", 2, 3, 2);
+    let receivers: Vec<ActorId> = [0, 1]
+        .iter()
+        .flat_map(|&p| in_partition("r", p, 3, 2))
+        .collect();
+    {
+        let store = EmbeddedStore::open_with(dir.path(), with(3)).unwrap();
+        store.hold_relays(true);
+        send_all(&store, &senders, &receivers, 10).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pending(&store, &receivers).await, vec![0; 4]);
+        assert_eq!(outbox_waiting(&store).await, 80);
+        // The senders' journals are compacted and deleted before anything moved.
+        for s in &senders {
+            store
+                .compact(s, &Snapshot::new(10, json!({})), 1, None)
+                .await
+                .unwrap();
+            store.delete(s).await.unwrap();
+        }
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    wait_for("moved after the reopen", async || {
+        pending(&store, &receivers).await == vec![20; 4]
+    })
+    .await;
+    wait_for("trimmed", async || outbox_waiting(&store).await == 0).await;
+    assert!(store.relayed() >= 80);
+    assert!(check_outboxes(&store.outbox_states().await.unwrap()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_is_recorded_and_a_missing_partition_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(EmbeddedStore::open_with(dir.path(), with(3)).unwrap());
+    for f in ["loom.redb", "loom-p1.redb", "loom-p2.redb", "loom-p1.redo"] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    match EmbeddedStore::open_with(dir.path(), with(2)) {
+        Err(StoreError::InvalidRequest(m)) => {
+            assert!(m.contains("has 3 partition(s)"), "{m}");
+            assert!(m.contains("loom store repartition"), "{m}");
+        }
+        other => panic!("opened with another count: {other:?}"),
+    }
+    assert_eq!(EmbeddedStore::open(dir.path()).unwrap().partitions(), 3);
+    std::fs::remove_file(dir.path().join("loom-p2.redb")).unwrap();
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Corrupt { what, source }) => {
+            assert!(what.contains("loom-p2.redb"), "{what}");
+            assert!(source.to_string().contains("missing"), "{source}");
+        }
+        other => panic!("opened without a partition: {other:?}"),
+    }
+    assert!(matches!(
+        EmbeddedStore::open_with(tempfile::tempdir().unwrap().path(), with(0)),
+        Err(StoreError::InvalidRequest(_))
+    ));
+}
