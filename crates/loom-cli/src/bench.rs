@@ -258,7 +258,16 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     .configure(|c| c.ask_timeout = Duration::from_secs(600))
                     .start()
                     .await?;
-                results.extend(scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?);
+                let mut runs = scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?;
+                // With --partitions, each count is its own scenario in the summary.
+                if s.partitions.is_some()
+                    && let Some(e) = &opened.embedded
+                {
+                    for m in &mut runs {
+                        m.scenario = format!("{} P={}", m.scenario, e.partitions());
+                    }
+                }
+                results.extend(runs);
                 rt.shutdown().await;
             }
             if scenario == Scenario::Engines {

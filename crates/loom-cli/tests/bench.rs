@@ -287,3 +287,31 @@ fn repeated_bank_runs_on_one_store_each_verify() {
     assert_eq!(banks, 2, "{out}");
     assert!(lines.iter().any(|l| l["summary"] == "bank"), "{out}");
 }
+
+#[test]
+fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
+    let (ok, out, err) = loom(&[
+        "bench",
+        "bank",
+        "--partitions",
+        "1,2",
+        "--actors",
+        "10",
+        "--entries",
+        "200",
+        "--json",
+    ]);
+    assert!(ok, "loom bench bank --partitions failed: {err}");
+    let scenarios: BTreeSet<String> = json_lines(&out)
+        .iter()
+        .filter_map(|r| r["scenario"].as_str().map(str::to_owned))
+        .collect();
+    for s in [
+        "bank P=1",
+        "bank-half-rate P=1",
+        "bank P=2",
+        "bank-half-rate P=2",
+    ] {
+        assert!(scenarios.contains(s), "{s} missing: {scenarios:?}");
+    }
+}

@@ -354,6 +354,10 @@ impl Mailbox for FaultyStore {
         self.inner.wakeups()
     }
 
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<[ActorId]>>> {
+        self.inner.arrivals()
+    }
+
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
         self.inner.pending(actor).await
     }
@@ -489,6 +493,10 @@ impl Parking for FaultyStore {
 
 #[async_trait]
 impl Store for FaultyStore {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions()
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("commit_turn"));

@@ -731,9 +731,9 @@ impl Mailbox for EmbeddedStore {
         Ok(earliest)
     }
 
-    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<[ActorId]>>> {
         // Messages the relays move arrive without a sender in this process to wake anyone.
-        (self.partitions() > 1).then(|| self.relay_wakeups())
+        (self.partitions() > 1).then(|| self.relay_arrivals())
     }
 
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {

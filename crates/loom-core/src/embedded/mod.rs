@@ -892,9 +892,9 @@ impl EmbeddedStore {
         Ok(all)
     }
 
-    /// Bumped whenever a relay has enqueued messages.
-    fn relay_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.parts.relays.moved.subscribe()
+    /// The recipients of each relay move.
+    fn relay_arrivals(&self) -> tokio::sync::broadcast::Receiver<Arc<[ActorId]>> {
+        self.parts.relays.arrivals.subscribe()
     }
 
     /// Runs a write function in the next group commit of `actor`'s partition; returns once it

@@ -86,8 +86,12 @@ pub(super) fn push(tx: &mut Tx<'_>, sent: &[(&Outgoing, &[u8])]) -> StoreResult<
 }
 
 /// In a write of the target partition: enqueues the messages of `source`'s outbox above the
-/// high-water mark, raises the mark; returns how many were enqueued.
-pub(super) fn deliver(tx: &mut Tx<'_>, source: u32, moving: &[Moving]) -> StoreResult<u64> {
+/// high-water mark, raises the mark; returns the recipients of those it enqueued.
+pub(super) fn deliver(
+    tx: &mut Tx<'_>,
+    source: u32,
+    moving: &[Moving],
+) -> StoreResult<Vec<ActorId>> {
     let mark = tx
         .high_water
         .get()?
@@ -96,7 +100,7 @@ pub(super) fn deliver(tx: &mut Tx<'_>, source: u32, moving: &[Moving]) -> StoreR
         .map_or(0, |v| v.value());
     let now = Timestamp::now().as_millis();
     let mut top = mark;
-    let mut enqueued = 0;
+    let mut enqueued = Vec::new();
     for m in moving {
         if m.seq <= top {
             continue;
@@ -106,7 +110,7 @@ pub(super) fn deliver(tx: &mut Tx<'_>, source: u32, moving: &[Moving]) -> StoreR
         let id = crate::id::MessageId::from(uuid::Uuid::from_u128(m.id));
         tx.mailbox.get()?.enqueue(&to, id, &m.frame, at, now)?;
         top = m.seq;
-        enqueued += 1;
+        enqueued.push(to);
     }
     if top > mark {
         tx.high_water.get()?.insert(source, top).map_err(se)?;
@@ -262,10 +266,10 @@ pub(super) struct Relays {
     stop: CancellationToken,
     wake: Vec<Arc<Notify>>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// Bumped each time a relay enqueued messages: [`Mailbox::wakeups`](crate::Mailbox::wakeups).
-    pub(super) moved: tokio::sync::watch::Sender<u64>,
     /// Messages enqueued by the relays since the store opened.
     pub(super) delivered: Arc<AtomicU64>,
+    /// The recipients of each move: [`Mailbox::arrivals`](crate::Mailbox::arrivals).
+    pub(super) arrivals: tokio::sync::broadcast::Sender<Arc<[ActorId]>>,
     /// Test hooks: `hold` stops moves, `keep` stops trims (as a crash right after each move
     /// would). Set only through the `testing` feature's methods.
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
@@ -283,14 +287,14 @@ impl Relays {
     /// Starts one relay per partition (none for a store of one partition).
     pub(super) fn start(parts: &Arc<[Arc<Shared>]>) -> StoreResult<Relays> {
         let stop = CancellationToken::new();
-        let moved = tokio::sync::watch::Sender::new(0u64);
         let delivered = Arc::new(AtomicU64::new(0));
         let hooks = Arc::new(Hooks::default());
+        let (arrivals, _) = tokio::sync::broadcast::channel(1024);
         let mut relays = Relays {
+            arrivals: arrivals.clone(),
             stop: stop.clone(),
             wake: Vec::new(),
             threads: Vec::new(),
-            moved: moved.clone(),
             delivered: delivered.clone(),
             hooks: hooks.clone(),
         };
@@ -305,9 +309,9 @@ impl Relays {
                 parts: parts.clone(),
                 stop: stop.clone(),
                 wake,
-                moved: moved.clone(),
                 delivered: delivered.clone(),
                 hooks: hooks.clone(),
+                arrivals: arrivals.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("loom-embedded-relay-{p}"))
@@ -343,10 +347,14 @@ struct Relay {
     parts: Arc<[Arc<Shared>]>,
     stop: CancellationToken,
     wake: Arc<Notify>,
-    moved: tokio::sync::watch::Sender<u64>,
     delivered: Arc<AtomicU64>,
     hooks: Arc<Hooks>,
+    arrivals: tokio::sync::broadcast::Sender<Arc<[ActorId]>>,
 }
+
+/// Trims of an outbox are at most this often: the relay's cursor is in memory, so a trim only
+/// frees space (and bounds what is moved again after a restart, skipped by the marks).
+const TRIM_EVERY: Duration = Duration::from_millis(100);
 
 /// How long the relay sleeps when it was not woken: messages left in the outbox by an earlier
 /// opening (or a move that failed) are picked up at least this often.
@@ -370,6 +378,8 @@ impl Relay {
     async fn serve(&self) {
         // Relayed through this seq (in memory: the marks make a repeat harmless).
         let mut after = 0;
+        // Trimmed through this seq, and when.
+        let (mut trimmed, mut trimmed_at) = (0, std::time::Instant::now());
         let mut backoff = Duration::from_millis(50);
         let mut failing = false;
         loop {
@@ -384,9 +394,15 @@ impl Relay {
                         failing = false;
                         tracing::info!(partition = self.p, "the relay moves messages again");
                     }
-                    continue;
+                    // Under load, trims at most every TRIM_EVERY.
+                    if trimmed_at.elapsed() >= TRIM_EVERY {
+                        trimmed = self.trim_through(after, trimmed).await;
+                        trimmed_at = std::time::Instant::now();
+                    }
                 }
                 Ok(None) => {
+                    // Idle: trim what was moved, then wait.
+                    trimmed = self.trim_through(after, trimmed).await;
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = self.wake.notified() => {}
@@ -408,6 +424,23 @@ impl Relay {
         }
     }
 
+    /// Every target has what was moved through `moved`: the outbox lets it go. Returns what is
+    /// trimmed now (`trimmed` if the trim failed: those messages are moved again later, if
+    /// ever, and skipped by the marks).
+    async fn trim_through(&self, moved: u64, trimmed: u64) -> u64 {
+        if moved <= trimmed || self.hooks.keep.load(Ordering::Acquire) {
+            return trimmed;
+        }
+        let source = &self.parts[self.p as usize];
+        match write_on(source, move |tx| trim(tx, moved)).await {
+            Ok(()) => moved,
+            Err(e) => {
+                tracing::warn!(partition = self.p, error = %e, "could not trim the outbox after a move; it is trimmed after the next one");
+                trimmed
+            }
+        }
+    }
+
     /// Moves one batch; returns the last seq moved, or `None` if the outbox had nothing after
     /// `after`.
     async fn pass(&self, after: u64) -> StoreResult<Option<u64>> {
@@ -425,25 +458,17 @@ impl Relay {
             let to = ActorId::from_stored(&m.to, "outbox message recipient")?;
             by_target[partition_of(&to, n) as usize].push(m);
         }
-        let mut enqueued = 0;
         for (q, moving) in by_target.into_iter().enumerate() {
             if moving.is_empty() {
                 continue;
             }
             let p = self.p;
-            enqueued += write_on(&self.parts[q], move |tx| deliver(tx, p, &moving)).await?;
-        }
-        if enqueued > 0 {
-            self.delivered.fetch_add(enqueued, Ordering::Relaxed);
-            self.moved.send_modify(|v| *v = v.wrapping_add(1));
-        }
-        // Every target has them: the outbox can let them go. If this fails, they are moved
-        // again later and skipped by the marks.
-        if self.hooks.keep.load(Ordering::Acquire) {
-            return Ok(Some(last));
-        }
-        if let Err(e) = write_on(source, move |tx| trim(tx, last)).await {
-            tracing::warn!(partition = self.p, error = %e, "could not trim the outbox after a move; it is trimmed after the next one");
+            let to = write_on(&self.parts[q], move |tx| deliver(tx, p, &moving)).await?;
+            if !to.is_empty() {
+                self.delivered.fetch_add(to.len() as u64, Ordering::Relaxed);
+                // No receiver (no runtime on this store) is fine: nobody is to be woken.
+                let _ = self.arrivals.send(to.into());
+            }
         }
         Ok(Some(last))
     }

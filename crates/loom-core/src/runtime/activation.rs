@@ -336,23 +336,57 @@ async fn serve<A: Actor>(
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
     let mut wakeups = shared.store.wakeups();
+    let mut arrivals = shared.store.arrivals();
+    let mut scan = true;
     loop {
-        match shared.store.ready_actors(&shared.hosted, 512).await {
-            Ok(ids) => {
-                for id in ids {
-                    shared.ensure_active(&id).await;
+        if scan {
+            match shared.store.ready_actors(&shared.hosted, 512).await {
+                Ok(ids) => {
+                    for id in ids {
+                        shared.ensure_active(&id).await;
+                    }
                 }
+                // Not noted in `health`: a read that failed once says little of the store (a
+                // connection dropped), and what the runtime writes says the rest.
+                Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
             }
-            // Not noted in `health`: a read that failed once says little of the store (a
-            // connection dropped), and what the runtime writes says the rest.
-            Err(e) => tracing::warn!(error = %e, "could not look for ready actors"),
         }
+        scan = true;
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
             _ = woken(&mut wakeups) => {}
+            got = arrived(&mut arrivals) => {
+                // Messages the store moved into these mailboxes (a relay between
+                // partitions): wake exactly them. If the feed fell behind, scan.
+                if let Some(ids) = got {
+                    for id in ids.iter() {
+                        shared.wake(id);
+                    }
+                    scan = false;
+                }
+            }
             _ = tokio::time::sleep(shared.config.poll_interval) => {}
         }
+    }
+}
+
+/// The next batch of actors whose mailboxes the store filled; `None` if the feed fell behind
+/// (the caller scans); never returns if the store has no such feed.
+async fn arrived(
+    arrivals: &mut Option<tokio::sync::broadcast::Receiver<Arc<[ActorId]>>>,
+) -> Option<Arc<[ActorId]>> {
+    use tokio::sync::broadcast::error::RecvError;
+    match arrivals {
+        Some(rx) => match rx.recv().await {
+            Ok(ids) => Some(ids),
+            Err(RecvError::Lagged(_)) => None,
+            Err(RecvError::Closed) => {
+                *arrivals = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -301,8 +301,14 @@ impl<A: Actor> Cell<A> {
                 if let Some(k) = &key {
                     io.hub.reply(&self.id, k, &record_value);
                 }
+                // A message to another partition is not in its mailbox yet: the relay moves
+                // it, and the store's wake-up (`Mailbox::wakeups`) says when.
+                let n = io.store.partitions();
+                let here = crate::partition::partition_of(&self.id, n);
                 for o in &inv.outbox {
-                    shared.wake(&o.envelope.to);
+                    if crate::partition::partition_of(&o.envelope.to, n) == here {
+                        shared.wake(&o.envelope.to);
+                    }
                 }
                 self.maybe_compact(io, shared);
                 Next::Continue(committed.next.map(Box::new))

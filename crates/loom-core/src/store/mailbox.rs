@@ -1,5 +1,6 @@
 //! [`Mailbox`]: durable per-actor queues of messages.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -217,6 +218,15 @@ pub trait Mailbox: Send + Sync + 'static {
     /// [`ready_actors`](Self::ready_actors) every `poll_interval`. A signal may be spurious, or
     /// missed while the store reconnects; the poll stays as the safety net either way.
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// The actors whose mailboxes the store itself filled (a partitioned store's relay moving
+    /// messages between partitions), batch by batch as they arrive, so that the runtime wakes
+    /// exactly them instead of scanning for ready actors. `None`, the default, for stores that
+    /// fill no mailbox on their own. A receiver that falls behind gets
+    /// `RecvError::Lagged` and should scan ([`ready_actors`](Self::ready_actors)) once.
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ActorId]>>> {
         None
     }
 
