@@ -212,7 +212,7 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
     let kept: Vec<String> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("loom.redo.damaged-"))
+        .filter(|n| n.contains(".redo.damaged-"))
         .collect();
     out(format_args!(
         "{}: salvaged; it opens again, without the batches from the damage on (kept in {})",
@@ -255,9 +255,26 @@ pub async fn repartition(
         )));
     }
     drop(copy);
+    // One atomic exchange, while the old store is still open and locked: at every moment `DIR`
+    // holds a whole store (the old, then the new), never nothing an app could start on empty.
+    exchange(&staging, dir).map_err(|e| {
+        Failure(format!(
+            "could not swap {} into {} ({e}); the store is left as it was and the copy stays in {}",
+            staging.display(),
+            dir.display(),
+            staging.display()
+        ))
+    })?;
+    std::fs::rename(&staging, &backup)?;
+    if let Some(parent) = dir.parent() {
+        let parent = if parent.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            parent
+        };
+        std::fs::File::open(parent)?.sync_all()?;
+    }
     drop(source);
-    std::fs::rename(dir, &backup)?;
-    std::fs::rename(&staging, dir)?;
     if json {
         out(serde_json::json!({
             "from": copied.from, "to": copied.to, "rows": copied.rows,
@@ -273,6 +290,31 @@ pub async fn repartition(
             copied.dead_letters,
             backup.display()
         ))
+    }
+}
+
+/// Swaps two paths atomically (`renameat2` with `RENAME_EXCHANGE`).
+fn exchange(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

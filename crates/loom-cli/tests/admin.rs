@@ -489,7 +489,8 @@ fn repartition_copies_everything_into_the_new_count_and_keeps_the_old_store() {
             at: Timestamp::now(),
         };
         store.park(&parked, &park, None).await.unwrap();
-        (store.partitions(), store.info(&a).await.unwrap())
+        let old_dead = store.dead_letters(None, 10).await.unwrap()[0].id;
+        (store.partitions(), store.info(&a).await.unwrap(), old_dead)
     });
     let to = if before.0 == 3 { 2 } else { 3 };
     let s = dir.to_str().unwrap();
@@ -541,6 +542,10 @@ fn repartition_copies_everything_into_the_new_count_and_keeps_the_old_store() {
         let dead = store.dead_letters(None, 10).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].reason, "poison pill");
+        assert!(
+            dead[0].id > before.2,
+            "an old dead-letter id names another message now"
+        );
         store.requeue_dead_letter(dead[0].id).await.unwrap();
         assert_eq!(store.pending(&dead[0].envelope.to).await.unwrap(), 1);
     });

@@ -158,13 +158,40 @@ impl ActorId {
         seed.push(0);
         seed.extend_from_slice(name.as_bytes());
         let key = uuid::Uuid::new_v5(&LANE_NAMESPACE, &seed);
-        // The owner's placement hash leads the key, so that the lane lives in its owner's
-        // partition (see [`crate::partition`]).
-        Self::unchecked("_event", &format!("{:016x}.{key}", self.placement_hash()))
+        Self::unchecked("_event", &key.to_string())
+    }
+
+    /// The event lane for `name` in a store of `partitions` partitions: in a store of several,
+    /// the owner's placement hash leads the lane's key, so that the lane lives in its owner's
+    /// partition (see [`crate::partition`]); in a store of one (every Redis and PostgreSQL
+    /// store, and embedded stores created before partitions) it is [`event_lane`](Self::event_lane),
+    /// as every earlier build named it. The runtime uses this.
+    ///
+    /// ```
+    /// use loom_core::ActorId;
+    /// use loom_core::partition::partition_of;
+    ///
+    /// let order = ActorId::new("order", "42")?;
+    /// assert_eq!(order.event_lane_in("paid", 1), order.event_lane("paid"));
+    /// let lane = order.event_lane_in("paid", 8);
+    /// assert!(lane.is_system());
+    /// assert_eq!(partition_of(&lane, 8), partition_of(&order, 8));
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn event_lane_in(&self, name: &str, partitions: u32) -> ActorId {
+        let lane = self.event_lane(name);
+        if partitions <= 1 {
+            return lane;
+        }
+        Self::unchecked(
+            "_event",
+            &format!("{:016x}.{}", self.placement_hash(), lane.key()),
+        )
     }
 
     /// The hash that places this id in a partition ([`crate::partition::partition_of`]): FNV-1a
-    /// of `kind/key`, except for an event lane, which carries its owner's hash in its key.
+    /// of `kind/key`, except for an event lane of a partitioned store
+    /// ([`event_lane_in`](Self::event_lane_in)), which carries its owner's hash in its key.
     pub(crate) fn placement_hash(&self) -> u64 {
         if self.kind() == "_event"
             && let Some(h) = self

@@ -8,8 +8,8 @@
 //!
 //! The hash is FNV-1a (64 bit) of the actor id's bytes (`kind/key`), taken modulo `P`. It is
 //! part of the store format: never change it, or an existing store's actors are looked for in
-//! the wrong partition. An event lane ([`ActorId::event_lane`]) carries its owner's hash in its
-//! key, so it lands in its owner's partition.
+//! the wrong partition. An event lane of a partitioned store ([`ActorId::event_lane_in`])
+//! carries its owner's hash in its key, so it lands in its owner's partition.
 //!
 //! ```
 //! use loom_core::ActorId;
@@ -21,7 +21,7 @@
 //! // Stable: the same id, the same partition, in every process and build.
 //! assert_eq!(p, partition_of(&alice, 4));
 //! // An event lane goes where its actor is.
-//! assert_eq!(partition_of(&alice.event_lane("approved"), 4), p);
+//! assert_eq!(partition_of(&alice.event_lane_in("approved", 4), 4), p);
 //! // With one partition, everything is in partition 0.
 //! assert_eq!(partition_of(&alice, 1), 0);
 //! # Ok::<(), loom_core::IdError>(())
@@ -101,7 +101,7 @@ mod tests {
             let id = ActorId::new("order", format!("o{i}")).unwrap();
             for p in [2, 3, 7, 64] {
                 assert_eq!(
-                    partition_of(&id.event_lane("paid"), p),
+                    partition_of(&id.event_lane_in("paid", p), p),
                     partition_of(&id, p)
                 );
             }

@@ -206,4 +206,57 @@ async fn the_partition_count_is_recorded_and_a_missing_partition_refused() {
         EmbeddedStore::open_with(tempfile::tempdir().unwrap().path(), with(0)),
         Err(StoreError::InvalidRequest(_))
     ));
+    // Partition 0's file lost while another partition holds actors: refused, not adopted into
+    // a new, empty store.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open_with(dir.path(), with(2)).unwrap();
+        let a = in_partition("x", 1, 2, 1).remove(0);
+        let e = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+        store.append(&a, 1, &e).await.unwrap();
+    }
+    std::fs::remove_file(dir.path().join("loom.redb")).unwrap();
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Corrupt { source, .. }) => {
+            assert!(
+                source.to_string().contains("partition 0's file is missing"),
+                "{source}"
+            )
+        }
+        other => panic!("a store without partition 0 was opened: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_numbered_behind_a_mark_continues_after_it_instead_of_losing_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let senders = in_partition("s", 0, 2, 1);
+    let receivers = in_partition("r", 1, 2, 1);
+    {
+        let store = EmbeddedStore::open_with(dir.path(), with(2)).unwrap();
+        send_all(&store, &senders, &receivers, 5).await;
+        wait_for("moved", async || {
+            pending(&store, &receivers).await == vec![5]
+        })
+        .await;
+        wait_for("trimmed", async || outbox_waiting(&store).await == 0).await;
+    }
+    // Partition 0's outbox numbers go back (as a salvaged redo log or an older backup of its
+    // file would leave them), while partition 1 still holds the mark 5 for it.
+    {
+        let db = redb::Database::open(dir.path().join("loom.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(loom_core::embedded::tables::META)
+            .unwrap()
+            .insert("outbox_seq", 2)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    send_all(&store, &senders, &receivers, 3).await;
+    wait_for("the new sends arrive", async || {
+        pending(&store, &receivers).await == vec![8]
+    })
+    .await;
+    assert!(check_outboxes(&store.outbox_states().await.unwrap()).is_empty());
 }

@@ -218,9 +218,14 @@ impl IdempotencyStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
+        // Up to `limit` in all, partition after partition.
         let mut purged = 0;
         for p in 0..self.partitions() {
-            purged += self.write_in(p, move |tx| purge_in(tx, limit)).await?;
+            let left = limit.saturating_sub(purged as usize);
+            if left == 0 {
+                break;
+            }
+            purged += self.write_in(p, move |tx| purge_in(tx, left)).await?;
         }
         Ok(purged)
     }

@@ -154,6 +154,7 @@ impl LeaseManager for EmbeddedStore {
             if mine.is_empty() {
                 continue;
             }
+            let slots: Vec<usize> = mine.iter().map(|(i, _)| *i).collect();
             let renewed = self
                 .write_in(p, move |tx| {
                     let now = Timestamp::now();
@@ -166,9 +167,20 @@ impl LeaseManager for EmbeddedStore {
                     }
                     Ok(out)
                 })
-                .await?;
-            for (i, r) in renewed {
-                out[i] = Some(r);
+                .await;
+            match renewed {
+                Ok(renewed) => {
+                    for (i, r) in renewed {
+                        out[i] = Some(r);
+                    }
+                }
+                // One partition failing fails only its own leases' renewals: the others, in
+                // healthy partitions, are renewed (and kept) all the same.
+                Err(e) => {
+                    for i in slots {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
             }
         }
         Ok(out

@@ -710,12 +710,20 @@ impl Mailbox for EmbeddedStore {
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
         let kinds: Vec<String> = kinds.iter().map(|k| (*k).to_owned()).collect();
         let mut per_partition = Vec::new();
+        let mut failed = None;
         for p in 0..self.partitions() {
             let kinds = kinds.clone();
-            per_partition.push(
-                self.read_in(p, move |txn| ready_in(txn, &kinds, limit))
-                    .await?,
-            );
+            // A failed partition does not hide the ready actors of the others.
+            match self
+                .read_in(p, move |txn| ready_in(txn, &kinds, limit))
+                .await
+            {
+                Ok(list) => per_partition.push(list),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let (true, Some(e)) = (per_partition.is_empty(), failed) {
+            return Err(e);
         }
         // Each partition's first, then each one's second, ...: none starves another.
         Ok(interleave(per_partition, limit))
@@ -723,12 +731,22 @@ impl Mailbox for EmbeddedStore {
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         let mut earliest: Option<Timestamp> = None;
+        let (mut failed, mut answered) = (None, false);
         for p in 0..self.partitions() {
-            if let Some(t) = self.read_in(p, next_due_in).await? {
-                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            match self.read_in(p, next_due_in).await {
+                Ok(t) => {
+                    answered = true;
+                    if let Some(t) = t {
+                        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                    }
+                }
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(earliest)
+        match (answered, failed) {
+            (false, Some(e)) => Err(e),
+            _ => Ok(earliest),
+        }
     }
 
     fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<[ActorId]>>> {

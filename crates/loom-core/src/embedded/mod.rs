@@ -434,11 +434,24 @@ impl EmbeddedStore {
                     count: Some(count),
                     new: true,
                 };
-                list.push((p, open_dir(dir, ident, options, &wrap, Opening::First)?));
+                let inner = open_dir(dir, ident, options, &wrap, Opening::First)?;
+                // A partition file holding actors where no store exists: `loom.redb` was lost,
+                // not a creation cut short. Refused, never adopted into an empty store.
+                if p > 0 && holds_actors(&inner)? {
+                    return Err(StoreError::corrupt(
+                        format!("{}", dir.join(DATA_FILE).display()),
+                        CodecError::Body(format!(
+                            "partition 0's file is missing while {} holds actors; restore the directory from a backup",
+                            data_file(p)
+                        )),
+                    ));
+                }
+                list.push((p, inner));
             }
             list.reverse();
         }
         let count = list.len() as u32;
+        relay::reconcile(&list.iter().map(|(_, i)| i).collect::<Vec<_>>())?;
         let shared = list
             .into_iter()
             .map(|(p, inner)| reopen::Shared::new(inner, Some(disk(p, count))))
@@ -514,11 +527,13 @@ impl EmbeddedStore {
                 count: Some(count),
                 new: true,
             };
-            list.push(reopen::Shared::new(
-                start(db, None, false, Opening::First, ident)?,
-                None,
-            ));
+            list.push(start(db, None, false, Opening::First, ident)?);
         }
+        relay::reconcile(&list.iter().collect::<Vec<_>>())?;
+        let list = list
+            .into_iter()
+            .map(|inner| reopen::Shared::new(inner, None))
+            .collect();
         EmbeddedStore::from_parts(list)
     }
 }
@@ -574,7 +589,12 @@ fn open_dir(
 
 /// Checks (or, in a new file, records) which partition of how many the file is; returns the
 /// count.
-fn check_ident(tx: &mut tables::Tx<'_>, ident: Ident, dir: Option<&Path>) -> StoreResult<u32> {
+fn check_ident(
+    tx: &mut tables::Tx<'_>,
+    ident: Ident,
+    dir: Option<&Path>,
+    fresh: bool,
+) -> StoreResult<u32> {
     let meta = tx.meta.get()?;
     let count = meta.get(PARTITIONS).map_err(se)?.map(|v| v.value());
     let index = meta.get(PARTITION).map_err(se)?.map(|v| v.value());
@@ -596,15 +616,22 @@ fn check_ident(tx: &mut tables::Tx<'_>, ident: Ident, dir: Option<&Path>) -> Sto
             u32::try_from(c).unwrap_or(u32::MAX)
         }
         None => {
-            // A file written before partitions (layout 3 or older) is a store of one.
-            let legacy = !ident.new && ident.index == 0;
-            if !ident.new && !legacy {
+            // A file written before partitions (layout 3 or older) is a store of one. A file
+            // that never had a commit (`fresh`: its creation was cut short) is created now.
+            let legacy = !ident.new && ident.index == 0 && !fresh;
+            if !ident.new && !legacy && !fresh {
                 return Err(StoreError::corrupt(
                     name,
                     CodecError::Body("a partition file that does not say which it is".into()),
                 ));
             }
-            let c = if legacy { 1 } else { ident.count.unwrap_or(1) };
+            let c = if legacy {
+                1
+            } else {
+                ident
+                    .count
+                    .unwrap_or_else(crate::partition::default_partitions)
+            };
             meta.insert(PARTITIONS, u64::from(c)).map_err(se)?;
             meta.insert(PARTITION, u64::from(ident.index)).map_err(se)?;
             c
@@ -613,6 +640,14 @@ fn check_ident(tx: &mut tables::Tx<'_>, ident: Ident, dir: Option<&Path>) -> Sto
     if let Some(asked) = ident.count
         && asked != recorded
     {
+        if ident.index > 0 {
+            return Err(StoreError::corrupt(
+                name,
+                CodecError::Body(format!(
+                    "this partition file says its store has {recorded} partitions, and partition 0 says {asked}: files of different stores are mixed"
+                )),
+            ));
+        }
         let at = dir.map_or(String::new(), |d| d.display().to_string());
         return Err(StoreError::InvalidRequest(format!(
             "the store in {at} has {recorded} partition(s), and was opened with partitions={asked}; \
@@ -746,7 +781,7 @@ fn start(
     if matches!(layout, Some(1) | Some(2)) {
         upgrade_ready_index(&mut tx)?;
     }
-    let partitions = check_ident(&mut tx, ident, dir)?;
+    let partitions = check_ident(&mut tx, ident, dir, layout.is_none())?;
     // Only the process holding the directory lock opens the file, so at its first opening the
     // leases and leased messages found here belong to a process that is gone: release them now
     // instead of waiting for them to time out. Tokens are kept, so fencing still holds. (At a
@@ -984,6 +1019,14 @@ fn upgrade_ready_index(tx: &mut tables::Tx<'_>) -> StoreResult<()> {
         );
     }
     Ok(())
+}
+
+/// True if a partition's file holds any journal or mailbox.
+fn holds_actors(inner: &Inner) -> StoreResult<bool> {
+    let txn = inner.db.begin_read().map_err(se)?;
+    let journals = txn.open_table(tables::JOURNAL_META).map_err(se)?;
+    let mailboxes = txn.open_table(tables::MAILBOX_META).map_err(se)?;
+    Ok(journals.first().map_err(se)?.is_some() || mailboxes.first().map_err(se)?.is_some())
 }
 
 /// Reads a `u64` counter in [`META`].

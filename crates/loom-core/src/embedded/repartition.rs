@@ -24,8 +24,12 @@ use super::redo::{Apply, Op};
 use super::tables::{self, id, se};
 use super::{EmbeddedOptions, EmbeddedStore, PARTITION, PARTITIONS, meta_counter};
 
-/// Rows read and written at a time.
+/// Rows read and written at a time, at most.
 const CHUNK: usize = 2000;
+
+/// Bytes read and written at a time, at most (past one row): large entries, snapshots and
+/// messages make small chunks.
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// What [`EmbeddedStore::copy_repartitioned`] copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,13 +59,18 @@ fn chunk<K: Key + 'static, V: Value + 'static>(
         None => table.range::<K::SelfType<'_>>(..),
     }
     .map_err(se)?;
-    let mut out = Vec::new();
+    let (mut out, mut bytes) = (Vec::new(), 0);
     for item in iter.take(limit) {
         let (k, v) = item.map_err(se)?;
-        out.push((
+        let row = (
             K::as_bytes(&k.value()).as_ref().to_vec(),
             V::as_bytes(&v.value()).as_ref().to_vec(),
-        ));
+        );
+        bytes += row.0.len() + row.1.len();
+        out.push(row);
+        if bytes >= CHUNK_BYTES {
+            break;
+        }
     }
     Ok(out)
 }
@@ -101,6 +110,9 @@ impl EmbeddedStore {
             )));
         }
         self.drain_outboxes().await?;
+        if (self.partitions() > 1) != (partitions > 1) {
+            self.check_no_events_in_lanes().await?;
+        }
         let copy = EmbeddedStore::open_with(
             target,
             EmbeddedOptions {
@@ -185,7 +197,32 @@ impl EmbeddedStore {
             (u64, &str, &str),
             |k| k.1
         );
-        // Dead letters, in their order, under ids of the partition they move to.
+        // Dead letters, in their order, under ids of the partition they move to, all above the
+        // old ids (so that an old id never names another message).
+        let mut highest = 0u64;
+        for p in 0..self.partitions() {
+            let last = self
+                .read_in(p, |txn| {
+                    let t = txn.open_table(tables::DEAD_LETTERS).map_err(se)?;
+                    let last = redb::ReadableTable::last(&t).map_err(se)?;
+                    Ok(last.map(|(k, _)| k.value()))
+                })
+                .await?;
+            highest = highest.max(last.unwrap_or(0));
+        }
+        if highest > 0 {
+            let start = highest / u64::from(partitions) + 1;
+            for q in 0..partitions {
+                copy.write_in(q, move |tx| {
+                    tx.meta
+                        .get()?
+                        .insert("dead_letter_seq", start)
+                        .map_err(se)?;
+                    Ok(())
+                })
+                .await?;
+            }
+        }
         for p in 0..self.partitions() {
             let mut after: Option<Vec<u8>> = None;
             loop {
@@ -225,6 +262,41 @@ impl EmbeddedStore {
         }
         drop(copy);
         Ok(done)
+    }
+
+    /// Event lanes are named differently in a store of one partition and in one of several
+    /// ([`ActorId::event_lane_in`]): refuses while any lane holds a waiting event or an event's
+    /// key, which the runtime would no longer find under the new name.
+    async fn check_no_events_in_lanes(&self) -> StoreResult<()> {
+        let mut lanes = 0u64;
+        for p in 0..self.partitions() {
+            lanes += self
+                .read_in(p, |txn| {
+                    let meta = txn.open_table(tables::MAILBOX_META).map_err(se)?;
+                    let keys = txn.open_table(tables::IDEMPOTENCY).map_err(se)?;
+                    let mut n = 0u64;
+                    for item in meta.range("_event/".."_event0").map_err(se)? {
+                        if item.map_err(se)?.1.value().3 > 0 {
+                            n += 1;
+                        }
+                    }
+                    for item in keys.range(("_event/", "")..("_event0", "")).map_err(se)? {
+                        item.map_err(se)?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+                .await?;
+        }
+        if lanes > 0 {
+            return Err(StoreError::InvalidRequest(format!(
+                "{lanes} event lanes hold waiting events or the keys of received ones, and lanes are \
+                 named differently in a store of one partition and in one of several: let the \
+                 waiting events be received and their keys expire (the runtime's reply_ttl), \
+                 then repartition"
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until the relays have moved everything out of every outbox.

@@ -338,8 +338,12 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     let mut wakeups = shared.store.wakeups();
     let mut arrivals = shared.store.arrivals();
     let mut scan = true;
+    // The scan for due delayed messages, retries and other nodes' messages runs at least every
+    // poll interval, however often arrivals wake the loop in between.
+    let mut next_scan = tokio::time::Instant::now();
     loop {
-        if scan {
+        if scan || tokio::time::Instant::now() >= next_scan {
+            next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             match shared.store.ready_actors(&shared.hosted, 512).await {
                 Ok(ids) => {
                     for id in ids {
@@ -366,7 +370,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     scan = false;
                 }
             }
-            _ = tokio::time::sleep(shared.config.poll_interval) => {}
+            _ = tokio::time::sleep_until(next_scan) => {}
         }
     }
 }

@@ -302,7 +302,7 @@ impl<A: Actor> Cell<A> {
                     io.hub.reply(&self.id, k, &record_value);
                 }
                 // A message to another partition is not in its mailbox yet: the relay moves
-                // it, and the store's wake-up (`Mailbox::wakeups`) says when.
+                // it, and the store's feed of arrivals (`Mailbox::arrivals`) says when.
                 let n = io.store.partitions();
                 let here = crate::partition::partition_of(&self.id, n);
                 for o in &inv.outbox {

@@ -295,7 +295,7 @@ impl<A: Actor> ActorRef<A> {
                 uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, payload.to_string().as_bytes())
             ))?,
         };
-        let lane = id.event_lane(name);
+        let lane = id.event_lane_in(name, self.rt.shared.store.partitions());
         let mut env = Envelope::new(lane.clone(), payload);
         env.traceparent = Some(trace::root());
         env.idempotency_key = Some(key.clone());

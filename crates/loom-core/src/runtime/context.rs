@@ -630,7 +630,10 @@ impl<'a> Context<'a> {
                 deadline
             }
         };
-        let lane = self.inv.actor.event_lane(name);
+        let lane = self
+            .inv
+            .actor
+            .event_lane_in(name, self.io.store.partitions());
         let notify = self.io.hub.notifier(&lane);
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,

@@ -524,7 +524,7 @@ async fn extend_keeps_a_message_out_longer(store: Arc<dyn Store>) {
 
 async fn event_lanes_are_leased_directly_and_never_listed_as_ready(store: Arc<dyn Store>) {
     let a = id("a");
-    let lane = a.event_lane("approved");
+    let lane = a.event_lane_in("approved", store.partitions());
     assert!(lane.is_system());
     store
         .enqueue(&Envelope::new(lane.clone(), json!({"ok": true})), None)
@@ -550,7 +550,7 @@ async fn messages_lists_what_waits_and_mailboxes_lists_who_has_mail(store: Arc<d
     store.enqueue(&m1, Some(later)).await.unwrap();
     store.enqueue(&m2, None).await.unwrap();
     store.enqueue(&msg(&b, 0), None).await.unwrap();
-    let lane = a.event_lane("e");
+    let lane = a.event_lane_in("e", store.partitions());
     store
         .enqueue(&Envelope::new(lane.clone(), json!(1)), None)
         .await

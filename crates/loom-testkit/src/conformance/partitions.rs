@@ -107,7 +107,7 @@ async fn every_actor_maps_to_one_partition_of_the_store(store: Arc<dyn Store>) {
         let p = partition_of(&a, n);
         assert!(p < n);
         assert_eq!(
-            partition_of(&a.event_lane("e"), n),
+            partition_of(&a.event_lane_in("e", n), n),
             p,
             "a lane leaves its actor"
         );

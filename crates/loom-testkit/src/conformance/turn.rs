@@ -575,7 +575,7 @@ async fn a_turn_records_only_for_its_actor_or_the_mailbox_it_settles(store: Arc<
     assert!(journal(&*store, &a).await.is_empty());
     assert!(store.lookup(&b, &key).await.unwrap().is_none());
     // The mailbox it settles (an event lane): allowed.
-    let lane = a.event_lane("approved");
+    let lane = a.event_lane_in("approved", store.partitions());
     store
         .enqueue_once(
             &Envelope::new(lane.clone(), json!("yes")),
