@@ -260,3 +260,106 @@ async fn an_outbox_numbered_behind_a_mark_continues_after_it_instead_of_losing_s
     .await;
     assert!(check_outboxes(&store.outbox_states().await.unwrap()).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_a_partition_that_fails_and_reopens_wait_and_arrive_once_while_others_go_on() {
+    use loom_testkit::faults::{DiskFaults, FaultyRedo};
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    // Partition 1's redo log fails every write while `broken` is set, in this opening and in
+    // every reopening the store tries; partition 0's never does.
+    let broken = Arc::new(AtomicBool::new(false));
+    let current: Arc<std::sync::Mutex<Option<Arc<DiskFaults>>>> = Arc::default();
+    let (b, c) = (broken.clone(), current.clone());
+    let store = EmbeddedStore::open_with_redo(dir.path(), with(2), move |f| {
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+        let redo = FaultyRedo::new(f);
+        if path.ends_with("loom-p1.redo") {
+            if b.load(Ordering::SeqCst) {
+                redo.faults.fail_writes.store(u32::MAX, Ordering::SeqCst);
+            }
+            *c.lock().unwrap() = Some(redo.faults.clone());
+        }
+        Box::new(redo)
+    })
+    .unwrap();
+    let senders = in_partition("s", 0, 2, 2);
+    let receivers = in_partition("r", 1, 2, 3);
+    let neighbours = in_partition("n", 0, 2, 2);
+    send_all(&store, &senders, &receivers, 3).await;
+    wait_for("moved", async || {
+        pending(&store, &receivers).await == vec![6; 3]
+    })
+    .await;
+
+    // Partition 1 fails: its next write does.
+    broken.store(true, Ordering::SeqCst);
+    let faults = current.lock().unwrap().clone().unwrap();
+    faults.fail_writes.store(u32::MAX, Ordering::SeqCst);
+    let e = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+    assert!(store.append(&receivers[0], 1, &e).await.is_err());
+    // Partition 0 goes on: its turns commit, sending to partition 1 and to its own actors.
+    for round in 0..4u64 {
+        for s in &senders {
+            let seq = store.highest_seq(s).await.unwrap() + 1;
+            let mut send: Vec<Outgoing> = receivers
+                .iter()
+                .chain(&neighbours)
+                .map(|to| Outgoing {
+                    envelope: Envelope::new(
+                        to.clone(),
+                        json!({ "from": s.as_str(), "n": seq, "round": round }),
+                    ),
+                    deliver_at: None,
+                })
+                .collect();
+            send.truncate(5);
+            let entry = [Entry::new(seq, EntryKind::Completed { reply: json!(seq) })];
+            store
+                .commit_turn(Turn {
+                    send: &send,
+                    ..Turn::append(s, seq, &entry)
+                })
+                .await
+                .expect("a turn of a healthy partition");
+        }
+    }
+    assert_eq!(
+        pending(&store, &neighbours).await,
+        vec![8; 2],
+        "same-partition sends went on"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Nothing reached partition 1 meanwhile (it may be between reopenings, or reopened and
+    // failing again at its next write).
+    if let Ok(p) = store.pending(&receivers[0]).await {
+        assert_eq!(p, 6, "a move into a failed partition was acknowledged");
+    }
+
+    // It recovers: the store reopens it by itself, and the relay moves what waited, once.
+    broken.store(false, Ordering::SeqCst);
+    faults.fail_writes.store(0, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(p) =
+            futures::future::try_join_all(receivers.iter().map(|r| store.pending(r))).await
+            && p == vec![14; 3]
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never arrived after the reopen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pending(&store, &receivers).await,
+        vec![14; 3],
+        "a message came twice"
+    );
+}
