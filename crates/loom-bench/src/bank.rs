@@ -9,7 +9,10 @@
 //! twice and starts no transfer twice.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that a simulated run (virtual time, see `loom_core::seam`) settles by it.
+use tokio::time::Instant;
 
 use futures::StreamExt;
 use loom_core::IdempotencyKey;

@@ -8,14 +8,13 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
-use loom_bench::bank::{Bank, Status, Transfer, TransferMsg};
+use futures::StreamExt;
+use loom_bench::bank::Bank;
+use loom_core::StoreError;
 use loom_core::runtime::{Runtime, StartError};
-use loom_core::{SeqRange, StoreError};
 use loom_testkit::servers::{PostgresServer, RedisServer};
-use loom_testkit::torture::{self, FinalReport, Target, Torture};
+use loom_testkit::torture::{self, Target, Torture};
 
-use crate::journal::all_actors;
 use crate::output::{Failure, out};
 use crate::store::{StoreUrl, open_or_create};
 
@@ -282,76 +281,6 @@ pub async fn child(url: &StoreUrl, shape: Shape, acked: Option<&Path>) -> Result
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    let mut report = FinalReport::default();
-    for &i in &listed {
-        let status = loop {
-            match rt
-                .actor::<Transfer>(format!("t{i}"))
-                .ask(TransferMsg::Status)
-                .await
-            {
-                Ok(s) => break s,
-                Err(_) => retry("a status").await,
-            }
-        };
-        if status == Status::New {
-            report.lost.push(i);
-        }
-    }
-    while bank.start_all(&rt, || {}).await.is_err() {
-        retry("starting the rest").await;
-    }
-    let statuses = loop {
-        match bank.settle(&rt, Duration::from_secs(600), |_| {}).await {
-            Ok(s) => break s,
-            Err(_) => retry("settling").await,
-        }
-    };
-    match bank.verify(&rt, &statuses).await {
-        Ok(v) => {
-            report.done = v.done;
-            report.refused = v.refused;
-        }
-        Err(e) => report.verify_error = Some(e.to_string()),
-    }
-    report.parked = rt
-        .parked()
-        .await?
-        .into_iter()
-        .map(|(a, p)| format!("{a}: {}", p.reason))
-        .collect();
-    let store = rt.store().clone();
-    rt.shutdown().await;
-    for a in all_actors(&*store).await? {
-        let info = store.info(&a).await?;
-        let mut expect = info.trimmed_through + 1;
-        let mut entries = store.read(&a, SeqRange::all());
-        let mut problem = None;
-        loop {
-            match entries.try_next().await {
-                Ok(Some(e)) if e.seq == expect => expect += 1,
-                Ok(Some(e)) => {
-                    problem = Some(format!("{a}: expected seq {expect}, found {}", e.seq));
-                    break;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    problem = Some(format!("{a}: {e}"));
-                    break;
-                }
-            }
-        }
-        if problem.is_none() && expect != info.highest + 1 {
-            problem = Some(format!(
-                "{a}: entries end at {}, highest is {}",
-                expect - 1,
-                info.highest
-            ));
-        }
-        if let Some(p) = problem {
-            report.journal_error.get_or_insert(p);
-        }
-        report.journals += 1;
-    }
+    let report = torture::check_bank(&rt, &bank, &listed).await?;
     out(format_args!("report {}", serde_json::to_string(&report)?))
 }

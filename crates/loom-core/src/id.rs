@@ -328,7 +328,7 @@ pub struct MessageId(uuid::Uuid);
 impl MessageId {
     /// A fresh UUIDv7.
     pub fn new() -> Self {
-        MessageId(uuid::Uuid::now_v7())
+        MessageId(crate::seam::uuid_v7())
     }
 
     /// A message id derived from a name and a parent id: the same inputs always give the same id.

@@ -40,6 +40,7 @@ mod id;
 pub mod limits;
 pub mod partition;
 pub mod runtime;
+pub mod seam;
 pub mod store;
 mod time;
 

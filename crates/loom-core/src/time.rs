@@ -28,8 +28,11 @@ impl Timestamp {
     /// message is settled, say). Printed `never`.
     pub const MAX: Timestamp = Timestamp(u64::MAX);
 
-    /// Now, by this machine's clock.
+    /// Now, by this machine's clock (or the simulated one, see [`crate::seam`]).
     pub fn now() -> Self {
+        if let Some(ms) = crate::seam::simulated_now_ms() {
+            return Timestamp(ms);
+        }
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             // A clock before 1970 is a broken machine; treat it as the epoch rather than panic.

@@ -197,3 +197,108 @@ fn read_acks(child: &mut Child, acked: Arc<Mutex<BTreeSet<u32>>>) -> std::thread
         }
     })
 }
+
+/// The final check of a bank run after crashes (the torture's final child, the simulator's end
+/// of every run), on a runtime over the store the crashed runs used: no transfer in `acked` was
+/// lost (each has started: its status is past `New`); then every transfer is started (those
+/// never acknowledged may never have begun) and settled; the books are verified (total
+/// conserved, each account holding exactly the legs of the settled transfers, so a leg applied
+/// twice or lost shows); nothing is parked; every journal reads back gapless from its trim point
+/// to its highest seq.
+///
+/// Requests that fail are asked again every 100 ms (the store may still be recovering), so a
+/// caller bounds the whole check with a timeout of its own. Shuts `rt` down before it reads the
+/// journals, so that nothing writes while they are read.
+pub async fn check_bank(
+    rt: &loom_core::Runtime,
+    bank: &loom_bench::bank::Bank,
+    acked: &BTreeSet<u32>,
+) -> Result<FinalReport, loom_core::StoreError> {
+    use futures::TryStreamExt;
+    use loom_bench::bank::{Status, Transfer, TransferMsg};
+
+    let retry = |what: &'static str| async move {
+        tracing::debug!("bank check: {what} failed; asking again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut report = FinalReport::default();
+    for &i in acked {
+        let status = loop {
+            match rt
+                .actor::<Transfer>(format!("t{i}"))
+                .ask(TransferMsg::Status)
+                .await
+            {
+                Ok(s) => break s,
+                Err(_) => retry("a status").await,
+            }
+        };
+        if status == Status::New {
+            report.lost.push(i);
+        }
+    }
+    while bank.start_all(rt, || {}).await.is_err() {
+        retry("starting the rest").await;
+    }
+    let statuses = loop {
+        match bank.settle(rt, Duration::from_secs(600), |_| {}).await {
+            Ok(s) => break s,
+            Err(_) => retry("settling").await,
+        }
+    };
+    match bank.verify(rt, &statuses).await {
+        Ok(v) => {
+            report.done = v.done;
+            report.refused = v.refused;
+        }
+        Err(e) => report.verify_error = Some(e.to_string()),
+    }
+    report.parked = rt
+        .parked()
+        .await?
+        .into_iter()
+        .map(|(a, p)| format!("{a}: {}", p.reason))
+        .collect();
+    let store = rt.store().clone();
+    rt.shutdown().await;
+    let mut after = None;
+    loop {
+        let page = store.list_actors(after.as_ref(), 1000).await?;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        for a in page {
+            let info = store.info(&a).await?;
+            let mut expect = info.trimmed_through + 1;
+            let mut entries = store.read(&a, loom_core::SeqRange::all());
+            let mut problem = None;
+            loop {
+                match entries.try_next().await {
+                    Ok(Some(e)) if e.seq == expect => expect += 1,
+                    Ok(Some(e)) => {
+                        problem = Some(format!("{a}: expected seq {expect}, found {}", e.seq));
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        problem = Some(format!("{a}: {e}"));
+                        break;
+                    }
+                }
+            }
+            if problem.is_none() && expect != info.highest + 1 {
+                problem = Some(format!(
+                    "{a}: entries end at {}, highest is {}",
+                    expect - 1,
+                    info.highest
+                ));
+            }
+            if let Some(p) = problem {
+                report.journal_error.get_or_insert(p);
+            }
+            report.journals += 1;
+        }
+        after = Some(last);
+    }
+    Ok(report)
+}

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -182,6 +183,7 @@ async fn run<A: Actor>(
         lease: lease.clone(),
     };
     let exit = tokio::select! {
+        biased;
         exit = serve::<A>(actor, &shared, &io, &id, &handle) => exit,
         _ = lost.cancelled() => Exit::LeaseLost,
     };
@@ -293,6 +295,7 @@ async fn serve<A: Actor>(
                     Next::Continue(d) => leased = d.map(|d| *d),
                     Next::Backoff(d) => {
                         tokio::select! {
+                            biased;
                             _ = tokio::time::sleep(d) => {}
                             _ = stop.cancelled() => return Exit::Passivated,
                         }
@@ -316,6 +319,7 @@ async fn serve<A: Actor>(
                     return Exit::Passivated;
                 }
                 tokio::select! {
+                    biased;
                     _ = signal.notified() => {}
                     _ = tokio::time::sleep(left) => {}
                     _ = stop.cancelled() => return Exit::Passivated,
@@ -325,6 +329,7 @@ async fn serve<A: Actor>(
                 shared.health.failed(&e);
                 tracing::warn!(actor = %id, error = %e, "could not read the mailbox; trying again");
                 tokio::select! {
+                    biased;
                     _ = tokio::time::sleep(io.config.poll_interval.max(Duration::from_millis(10))) => {}
                     _ = stop.cancelled() => return Exit::Passivated,
                 }
@@ -357,6 +362,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
         }
         scan = true;
         tokio::select! {
+            biased;
             _ = shared.shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
             _ = woken(&mut wakeups) => {}

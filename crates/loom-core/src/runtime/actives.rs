@@ -9,10 +9,10 @@
 //!   runs once per batch of activations instead of once per activation (a workload touching
 //!   more actors than the limit, like the bank benchmark, spent an eighth of its CPU here).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +62,7 @@ impl std::ops::Deref for Active {
 /// The active actors of a node.
 #[derive(Default)]
 pub(super) struct Actives {
-    map: HashMap<ActorId, Active>,
+    map: BTreeMap<ActorId, Active>,
     leaving: usize,
 }
 

@@ -1,6 +1,6 @@
 //! [`RuntimeBuilder`]: choosing the store, registering actor kinds, configuring, starting.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -88,7 +88,7 @@ impl RuntimeBuilder {
 
     /// Opens the store and starts the runtime; actors with pending work are activated.
     pub async fn start(self) -> Result<Runtime, StartError> {
-        let mut kinds: HashMap<&'static str, Arc<dyn Kind>> = HashMap::new();
+        let mut kinds: BTreeMap<&'static str, Arc<dyn Kind>> = BTreeMap::new();
         for (name, kind) in self.kinds {
             ActorId::new(name, "k")
                 .map_err(|e| StartError::Registration(format!("actor kind {name:?}: {e}")))?;

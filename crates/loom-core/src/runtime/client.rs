@@ -240,6 +240,7 @@ impl<A: Actor> ActorRef<A> {
                         return Err(AskError::Store { error, key });
                     }
                     tokio::select! {
+                        biased;
                         got = &mut local => match got {
                             Ok(v) => break v,
                             Err(_) => local = hub.wait_reply(&actor, &key),

@@ -74,7 +74,7 @@ impl Retry {
                 .unwrap_or(u32::MAX),
         );
         let base = exp.min(self.max);
-        base.mul_f64(0.5 + fastrand::f64())
+        base.mul_f64(0.5 + crate::seam::random_f64())
     }
 }
 
@@ -114,7 +114,11 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            node: format!("loom-{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            node: format!(
+                "loom-{}-{:08x}",
+                std::process::id(),
+                crate::seam::random_u32()
+            ),
             lease_ttl: Duration::from_secs(10),
             visibility: Duration::from_secs(30),
             retry: Retry::default(),

@@ -300,12 +300,12 @@ impl<'a> Context<'a> {
 
     /// A random number, drawn once per step and journaled like [`now`](Self::now).
     pub fn random_u64(&mut self) -> Result<u64, StepError> {
-        self.record("random_u64", || fastrand::u64(..))
+        self.record("random_u64", crate::seam::random_u64)
     }
 
     /// A random (version 4) UUID, drawn once per step and journaled like [`now`](Self::now).
     pub fn uuid(&mut self) -> Result<uuid::Uuid, StepError> {
-        self.record("uuid", uuid::Uuid::new_v4)
+        self.record("uuid", crate::seam::uuid_v4)
     }
 
     /// Takes `fresh()` on the first run and journals it as a `Recorded` entry (written with the
@@ -341,6 +341,7 @@ impl<'a> Context<'a> {
         tokio::pin!(fut);
         loop {
             tokio::select! {
+                biased;
                 out = &mut fut => return Ok(out),
                 _ = tokio::time::sleep(every) => {
                     if let Err(e) = self.io.store.extend(&self.inv.receipt, self.io.config.visibility).await {
@@ -707,6 +708,7 @@ impl<'a> Context<'a> {
             }
             self.keep_out(async {
                 tokio::select! {
+                    biased;
                     _ = notified => {}
                     _ = tokio::time::sleep(wait) => {}
                 }

@@ -3,7 +3,8 @@
 //! it; callers waiting in `ask` stop waiting for a store that keeps failing.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::error::StoreError;
 use crate::time::Timestamp;

@@ -15,7 +15,7 @@
 //! - Nothing is renewed for an actor whose task has ended: the [`Kept`] guard forgets the
 //!   lease when the task ends, however it ends (return, panic, abort).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ pub(crate) struct Keeper {
     ttl: Duration,
     /// Renewals are writes: what they meet is the runtime's view of its store too.
     health: Arc<Observed>,
-    held: Mutex<HashMap<ActorId, Held>>,
+    held: Mutex<BTreeMap<ActorId, Held>>,
     added: Notify,
 }
 
@@ -76,12 +76,12 @@ impl Keeper {
             store,
             ttl,
             health,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(BTreeMap::new()),
             added: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ActorId, Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorId, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -149,6 +149,7 @@ impl Keeper {
             };
             if due.is_empty() {
                 tokio::select! {
+                    biased;
                     _ = tokio::time::sleep_until(wake_at) => {}
                     _ = self.added.notified() => {}
                 }

@@ -56,10 +56,10 @@ mod record;
 mod replay;
 mod trace;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -93,7 +93,7 @@ pub(crate) struct Shared {
     store: Arc<dyn Store>,
     config: Arc<Config>,
     hub: Arc<Hub>,
-    kinds: HashMap<&'static str, Arc<dyn Kind>>,
+    kinds: BTreeMap<&'static str, Arc<dyn Kind>>,
     active: Mutex<Actives>,
     /// Actors this node parked, and until when it takes that as still true without looking
     /// again (the store holds the record and the actor's mailbox; this only saves activating a

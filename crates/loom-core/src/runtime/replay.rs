@@ -154,6 +154,20 @@ async fn replay_once(
         }
     }
     let (from, mut value, recent, from_default) = match base {
+        // Every listed snapshot is at or above the trim point (rule D10), so a readable one
+        // below it means the store trimmed past its oldest kept snapshot and the newer ones
+        // are unreadable: the entries between are gone, and starting over would only find the
+        // same gap again (found by the simulator, `loom-sim --bug trim-past-oldest-snapshot`:
+        // the actor was activated again and again, forever).
+        Some(s) if s.seq < info.trimmed_through => {
+            return Err(RecoverError::Unrecoverable(format!(
+                "entries {}..={} of {id} were trimmed, but its newest readable snapshot is at {} \
+                 (the newer ones are unreadable): the store trimmed past its oldest kept snapshot",
+                s.seq + 1,
+                info.trimmed_through,
+                s.seq
+            )));
+        }
         Some(s) => {
             if s.format != SNAPSHOT_FORMAT {
                 return Err(RecoverError::Unrecoverable(format!(

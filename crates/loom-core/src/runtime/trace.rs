@@ -2,7 +2,7 @@
 
 /// A new root `traceparent`: version 00, a random trace id, a random span id, sampled.
 pub(crate) fn root() -> String {
-    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let trace = crate::seam::uuid_v4().simple().to_string();
     format!("00-{trace}-{:016x}-01", span_id())
 }
 
@@ -27,7 +27,7 @@ pub(crate) fn child(parent: Option<&str>) -> String {
 
 fn span_id() -> u64 {
     // A zero span id is invalid in W3C trace context.
-    fastrand::u64(1..)
+    crate::seam::random_u64_in(1..)
 }
 
 #[cfg(test)]

@@ -1,0 +1,398 @@
+//! One simulated run: the bank on the real runtime, on a [`SimStore`], under a fault schedule
+//! drawn from one seed; then the same final check as the torture's.
+//!
+//! A run is a sequence of *rounds*. Each round starts a node (a fresh [`Runtime`] on the same
+//! store, as a restarted process would be), drives transfers through it, and ends it with a
+//! **crash** (every task dropped mid-way; writes already handed to the store stay, as in a
+//! process killed by SIGKILL) or a **power loss** (the crash, and every write not yet synced is
+//! gone). Meanwhile the store injects its faults (latency, transient errors, lost replies, a
+//! full disk for a while). After the last round the faults stop, a last node starts, and
+//! [`check_bank`] proves the promises: no acknowledged transfer lost, the books balanced (no leg
+//! lost or applied twice), nothing parked, every journal gapless.
+//!
+//! Everything runs on one thread, on a current-thread tokio runtime with a paused clock, with
+//! [`loom_core::seam`] switched to simulation: the run is a function of its [`Plan`], and two
+//! runs of one plan produce the same trace hash.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use loom_bench::bank::Bank;
+use loom_core::runtime::{Compaction, Retry, Runtime};
+use loom_core::{Store, Timestamp, seam};
+use loom_testkit::torture::{FinalReport, check_bank};
+use serde::Serialize;
+
+use crate::store::{Bugs, Faults, SimStats, SimStore};
+
+/// The simulated wall clock starts here (2026-01-01T00:00:00Z), whatever the seed.
+const EPOCH: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+/// How long (simulated) the final check may take before the run counts as stuck. A healthy
+/// run's final check takes a few simulated seconds (leases of the crashed nodes expire in 3).
+const FINAL_LIMIT: Duration = Duration::from_secs(600);
+
+/// How often (simulated) the final check looks for parked actors: a parked actor never
+/// settles, so the run fails at once instead of waiting out [`FINAL_LIMIT`].
+const PARKED_CHECK: Duration = Duration::from_secs(5);
+
+/// Which faults a run may inject; shrinking turns them off one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enabled {
+    /// Power losses (else every round ends in a crash).
+    pub power_loss: bool,
+    /// Request latency and fsync latency.
+    pub latency: bool,
+    /// Transient request failures.
+    pub transient: bool,
+    /// Replies lost after the write landed.
+    pub lost_reply: bool,
+    /// A full disk for part of a round.
+    pub disk_full: bool,
+    /// One snapshot damaged on disk (bit rot), at most once a run.
+    pub rot: bool,
+}
+
+impl Enabled {
+    /// Every fault.
+    pub const ALL: Enabled = Enabled {
+        power_loss: true,
+        latency: true,
+        transient: true,
+        lost_reply: true,
+        disk_full: true,
+        rot: true,
+    };
+}
+
+/// Everything a run depends on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Plan {
+    /// The seed: the fault schedule, the store's faults, every id and random draw.
+    pub seed: u64,
+    /// Rounds, each ended by a crash or a power loss.
+    pub rounds: u32,
+    /// Accounts of the bank.
+    pub accounts: u32,
+    /// Transfers of the bank.
+    pub transfers: u32,
+    /// Faults that may be injected.
+    pub faults: Enabled,
+    /// Bugs switched on.
+    pub bugs: Bugs,
+}
+
+impl Plan {
+    /// The default plan for `seed`.
+    pub fn new(seed: u64) -> Plan {
+        Plan {
+            seed,
+            rounds: 4,
+            accounts: 6,
+            transfers: 40,
+            faults: Enabled::ALL,
+            bugs: Bugs::default(),
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The plan it ran.
+    pub plan: Plan,
+    /// Hash of every store request (method, argument, simulated time, outcome), in order.
+    pub trace: u64,
+    /// Store requests made.
+    pub events: u64,
+    /// Simulated time the run took, in ms.
+    pub simulated_ms: u64,
+    /// Rounds ended by a crash.
+    pub crashes: u32,
+    /// Rounds ended by a power loss.
+    pub power_losses: u32,
+    /// Transfers acknowledged before a crash or power loss.
+    pub acknowledged: usize,
+    /// What the store injected.
+    pub stats: SimStats,
+    /// The final check's report (absent if the run failed before it).
+    pub report: Option<FinalReport>,
+    /// Why the run failed, if it did.
+    pub failure: Option<String>,
+    /// The store's last requests, when the run failed.
+    pub recent: Vec<String>,
+}
+
+impl Outcome {
+    /// True if every promise held.
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    /// The outcome of a run that panicked (its store and trace are gone with it).
+    pub fn panicked(plan: Plan, message: String) -> Outcome {
+        Outcome {
+            plan,
+            trace: 0,
+            events: 0,
+            simulated_ms: 0,
+            crashes: 0,
+            power_losses: 0,
+            acknowledged: 0,
+            stats: SimStats::default(),
+            report: None,
+            failure: Some(format!("panicked: {message}")),
+            recent: Vec::new(),
+        }
+    }
+}
+
+/// Runs `plan` to the end on a fresh single-threaded runtime with a paused clock.
+pub fn run(plan: Plan) -> Outcome {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread tokio runtime");
+    rt.block_on(async move {
+        let _sim = seam::simulate(plan.seed, EPOCH);
+        world(plan).await
+    })
+}
+
+/// The store's faults for a round, drawn from the schedule.
+/// Every number is drawn whether its fault is on or not, so that turning one fault off (as
+/// shrinking does) leaves the rest of the schedule as it was.
+fn faults(plan: &Plan, rng: &mut fastrand::Rng) -> Faults {
+    let on = plan.faults;
+    let ms = Duration::from_millis;
+    let latency = (ms(0), ms(rng.u64(1..=20)));
+    let fsync = (ms(rng.u64(0..=1)), ms(rng.u64(2..=10)));
+    let transient = rng.f64() * 0.03;
+    let lost_reply = rng.f64() * 0.02;
+    let none = (ms(0), ms(0));
+    Faults {
+        latency: if on.latency { latency } else { none },
+        fsync: if on.latency { fsync } else { none },
+        transient: if on.transient { transient } else { 0.0 },
+        lost_reply: if on.lost_reply { lost_reply } else { 0.0 },
+        disk_full: false,
+    }
+}
+
+/// A node: a runtime on the shared store, tuned for short simulated rounds.
+async fn start_node(store: &SimStore, name: String) -> Result<Runtime, String> {
+    let mut last = String::new();
+    // A start reads the store; under injected failures it may take a few tries.
+    for _ in 0..100 {
+        let started =
+            Bank::register(Runtime::builder().store(Arc::new(store.clone()) as Arc<dyn Store>))
+                .configure(|c| {
+                    c.node = name.clone();
+                    c.lease_ttl = Duration::from_secs(3);
+                    c.visibility = Duration::from_secs(5);
+                    c.ask_timeout = Duration::from_secs(20);
+                    c.shutdown_timeout = Duration::from_secs(5);
+                    c.retry = Retry {
+                        initial: Duration::from_millis(20),
+                        max: Duration::from_secs(2),
+                        max_attempts: 8,
+                    };
+                    // Small, so that every run snapshots and trims many times.
+                    c.compaction = Compaction {
+                        every_entries: Some(6),
+                        every_bytes: None,
+                        keep: 2,
+                    };
+                })
+                .start()
+                .await;
+        match started {
+            Ok(rt) => return Ok(rt),
+            Err(e) => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(format!("node {name} could not start: {last}"))
+}
+
+/// Starts every transfer not yet acknowledged, retrying each until it is; records the
+/// acknowledged ones. Runs until every transfer is acknowledged or the task is dropped.
+async fn drive(rt: Runtime, bank: Bank, acked: Arc<Mutex<BTreeSet<u32>>>) {
+    let pending: Vec<u32> = {
+        let a = acked.lock().unwrap_or_else(|p| p.into_inner());
+        bank.ids().filter(|i| !a.contains(i)).collect()
+    };
+    futures::stream::iter(pending)
+        .for_each_concurrent(bank.concurrency, |i| {
+            let (rt, acked) = (&rt, acked.clone());
+            async move {
+                while bank.start(rt, i).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
+            }
+        })
+        .await;
+}
+
+async fn world(plan: Plan) -> Outcome {
+    let began = tokio::time::Instant::now();
+    let mut rng = fastrand::Rng::with_seed(plan.seed ^ 0x005e_ed0f_100a);
+    let store = SimStore::new(plan.seed, faults(&plan, &mut rng));
+    store.set_bugs(plan.bugs);
+    let mut rotten = false;
+    let bank = Bank {
+        accounts: plan.accounts,
+        transfers: plan.transfers,
+        initial: 1_000,
+        concurrency: 8,
+        seed: plan.seed,
+        first: 0,
+        first_account: 0,
+    };
+    let acked: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let (mut crashes, mut power_losses) = (0, 0);
+    let mut failure = None;
+    for round in 0..plan.rounds {
+        let round_faults = faults(&plan, &mut rng);
+        store.set_faults(round_faults);
+        let rt = match start_node(&store, format!("node-{round}")).await {
+            Ok(rt) => rt,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        if round == 0 {
+            // The accounts are opened (and acknowledged) before the first fault: a power loss
+            // that took an opening back shows in the books.
+            while bank.open_accounts(&rt).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let driver = tokio::spawn(drive(rt.clone(), bank, acked.clone()));
+        let run_for = Duration::from_millis(rng.u64(100..=2_000));
+        let (fill, at, lasts) = (
+            rng.u8(0..4) == 0,
+            run_for.mul_f64(rng.f64()),
+            Duration::from_millis(rng.u64(50..=1_000)),
+        );
+        if plan.faults.disk_full && fill {
+            // The disk fills for part of the round, then is freed.
+            tokio::time::sleep(at).await;
+            store.set_faults(Faults {
+                disk_full: true,
+                ..round_faults
+            });
+            tokio::time::sleep(lasts).await;
+            store.set_faults(round_faults);
+            tokio::time::sleep(run_for.saturating_sub(at)).await;
+        } else {
+            tokio::time::sleep(run_for).await;
+        }
+        driver.abort();
+        // Aborted on purpose: a killed process's client goes with it.
+        let _ = driver.await;
+        rt.kill().await;
+        drop(rt);
+        let (power, rot) = (rng.u8(0..3) == 0, rng.u8(0..2) == 0);
+        if plan.faults.power_loss && power {
+            store.power_loss();
+            power_losses += 1;
+        } else {
+            store.crash();
+            crashes += 1;
+        }
+        if plan.faults.rot && !rotten && rot {
+            // At most once: with two snapshots of one actor rotten, nothing could recover it.
+            rotten = store.rot_a_snapshot().is_some();
+        }
+    }
+    let mut report = None;
+    if failure.is_none() {
+        store.set_faults(Faults::default());
+        match start_node(&store, "node-final".into()).await {
+            Err(e) => failure = Some(e),
+            Ok(rt) => {
+                let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                // The accounts are not opened again: their openings were acknowledged in the
+                // first round, and must have survived every fault since.
+                let checked = tokio::select! {
+                    biased;
+                    r = tokio::time::timeout(FINAL_LIMIT, check_bank(&rt, &bank, &acked)) => r,
+                    parked = parked(&rt) => Ok(Ok(FinalReport { parked, ..FinalReport::default() })),
+                };
+                match checked {
+                    Err(_) => {
+                        failure = Some(format!(
+                            "the final check did not finish within {} s of simulated time",
+                            FINAL_LIMIT.as_secs()
+                        ));
+                        rt.kill().await;
+                    }
+                    Ok(Err(e)) => failure = Some(format!("the final check failed: {e}")),
+                    Ok(Ok(r)) => {
+                        failure = broken(&r);
+                        report = Some(r);
+                    }
+                }
+            }
+        }
+    }
+    let recent = if failure.is_some() {
+        store.recent()
+    } else {
+        Vec::new()
+    };
+    Outcome {
+        plan,
+        trace: store.trace_hash(),
+        events: store.events(),
+        simulated_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        crashes,
+        power_losses,
+        acknowledged: acked.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        stats: store.stats(),
+        report,
+        failure,
+        recent,
+    }
+}
+
+/// Returns the parked actors once there are any (never, in a healthy run).
+async fn parked(rt: &Runtime) -> Vec<String> {
+    loop {
+        tokio::time::sleep(PARKED_CHECK).await;
+        if let Ok(p) = rt.parked().await
+            && !p.is_empty()
+        {
+            return p
+                .into_iter()
+                .map(|(a, p)| format!("{a}: {}", p.reason))
+                .collect();
+        }
+    }
+}
+
+/// What the final report says is broken, if anything.
+fn broken(r: &FinalReport) -> Option<String> {
+    let mut out = Vec::new();
+    if !r.lost.is_empty() {
+        out.push(format!("acknowledged transfers lost: {:?}", r.lost));
+    }
+    if let Some(v) = &r.verify_error {
+        out.push(format!("the books do not balance: {v}"));
+    }
+    if !r.parked.is_empty() {
+        out.push(format!("actors parked: {:?}", r.parked));
+    }
+    if let Some(j) = &r.journal_error {
+        out.push(format!("a journal is broken: {j}"));
+    }
+    (!out.is_empty()).then(|| out.join("; "))
+}

@@ -1,0 +1,117 @@
+//! [`Store::commit_turn`] and [`Store::enqueue_once`] for [`SimStore`]: each one request, so
+//! all of it or none of it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use loom_core::store::backend::{
+    Committed, Settle, Turn, check_ttl, prepare_append, prepare_message, prepare_result,
+};
+use loom_core::{
+    ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreResult, Timestamp,
+};
+
+use super::{Frame, SimStore};
+
+/// An outgoing message, checked and encoded.
+struct Out {
+    to: ActorId,
+    id: MessageId,
+    deliver_at: Option<Timestamp>,
+    frame: Frame,
+}
+
+#[async_trait]
+impl Store for SimStore {
+    async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
+        // Everything that can be checked without the store is checked here, before the request.
+        turn.check()?;
+        if let Some(opts) = &turn.next {
+            opts.validate()?;
+        }
+        let entries: Vec<Frame> = prepare_append(turn.actor, turn.expected_next, turn.entries)?
+            .into_iter()
+            .map(Frame::from)
+            .collect();
+        let outgoing: Vec<Out> = turn
+            .send
+            .iter()
+            .map(|o| {
+                Ok(Out {
+                    to: o.envelope.to.clone(),
+                    id: o.envelope.id,
+                    deliver_at: o.deliver_at,
+                    frame: Frame::from(prepare_message(&o.envelope)?),
+                })
+            })
+            .collect::<StoreResult<_>>()?;
+        if let Some(r) = &turn.record {
+            prepare_result(r.actor, r.key, r.result)?;
+            check_ttl("idempotency ttl", r.ttl)?;
+        }
+        let settle = turn.settle.map(|s| match s {
+            Settle::Ack(r) => (r, None),
+            Settle::DeadLetter(r, reason) => (r, Some(reason)),
+        });
+        let arg = format!("{} {}", turn.actor, turn.expected_next);
+        self.update("commit_turn", &arg, |d, now| {
+            // Checks first (rule D15): a refused turn writes nothing.
+            if let Some(fence) = turn.fence {
+                d.leases.check_fence(fence, now)?;
+            }
+            d.journals.check_next(turn.actor, turn.expected_next)?;
+            if let Some((receipt, _)) = settle {
+                d.mailboxes.check_receipt(receipt)?;
+            }
+            // Writes after: each `?` below repeats a check just passed, under the same lock,
+            // so none fails, and the turn is all or nothing (rule D5).
+            let highest = d
+                .journals
+                .append(turn.actor, turn.expected_next, &entries)?;
+            for o in outgoing {
+                d.mailboxes.enqueue(&o.to, o.id, o.frame, o.deliver_at, now);
+            }
+            match settle {
+                Some((receipt, None)) => {
+                    d.mailboxes.settle(receipt)?;
+                }
+                Some((receipt, Some(reason))) => {
+                    let current = d.mailboxes.settle(receipt)?;
+                    d.mailboxes.bury(&receipt.actor, current, reason, now);
+                }
+                None => {}
+            }
+            if let Some(r) = turn.record {
+                d.records
+                    .record(r.actor, r.key, r.result.clone(), r.ttl, now);
+            }
+            let next = turn
+                .next
+                .and_then(|opts| d.mailboxes.lease(&d.parked, turn.actor, opts, now));
+            Ok(Committed { highest, next })
+        })
+        .await
+    }
+
+    async fn enqueue_once(
+        &self,
+        msg: &Envelope,
+        deliver_at: Option<Timestamp>,
+        key: &IdempotencyKey,
+        ttl: Duration,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        let frame = Frame::from(prepare_message(msg)?);
+        let arg = format!("{} {} {key}", msg.to, msg.id);
+        self.update("enqueue_once", &arg, |d, now| {
+            // Held until the turn that settles the message records its result, however long
+            // the message waits: no ttl here.
+            if let Some(existing) = d.records.reserve(&msg.to, key, None, now) {
+                return Ok(Enqueued::Duplicate(existing));
+            }
+            let position = d.mailboxes.enqueue(&msg.to, msg.id, frame, deliver_at, now);
+            Ok(Enqueued::New(position))
+        })
+        .await
+    }
+}
