@@ -70,6 +70,7 @@ enum Fault {
     LostReply,
     DiskFull,
     Rot,
+    Stall,
 }
 
 /// Bugs that can be switched back on, to show that the simulator finds them.
@@ -79,13 +80,18 @@ enum Bug {
     AckBeforeFsync,
     /// Compaction trims through the snapshot it saves, past the oldest kept one.
     TrimPastOldestSnapshot,
+    /// A turn commits without checking its fence.
+    SkipFenceCheck,
 }
 
 #[derive(clap::Args, Clone)]
 struct Shape {
-    /// Rounds, each ended by a crash or a power loss.
+    /// Rounds, each ended by a crash or a power loss of every node.
     #[arg(long, default_value_t = 4)]
     rounds: u32,
+    /// Nodes in every round (runtimes on the same store, each on its own connection).
+    #[arg(long, default_value_t = 2)]
+    nodes: u32,
     /// Accounts.
     #[arg(long, default_value_t = 6)]
     accounts: u32,
@@ -106,6 +112,7 @@ impl Shape {
         Plan {
             seed,
             rounds: self.rounds,
+            nodes: self.nodes.max(1),
             accounts: self.accounts.max(2),
             transfers: self.transfers,
             faults: Enabled {
@@ -115,10 +122,12 @@ impl Shape {
                 lost_reply: !off(Fault::LostReply),
                 disk_full: !off(Fault::DiskFull),
                 rot: !off(Fault::Rot),
+                stall: !off(Fault::Stall),
             },
             bugs: Bugs {
                 ack_before_fsync: self.bug.contains(&Bug::AckBeforeFsync),
                 trim_past_oldest_snapshot: self.bug.contains(&Bug::TrimPastOldestSnapshot),
+                skip_fence_check: self.bug.contains(&Bug::SkipFenceCheck),
             },
         }
     }
@@ -142,8 +151,8 @@ fn guarded(plan: Plan) -> Outcome {
 /// The command line that replays `plan`.
 fn command_line(plan: &Plan) -> String {
     let mut s = format!(
-        "loom-sim run --seed {} --rounds {} --accounts {} --transfers {}",
-        plan.seed, plan.rounds, plan.accounts, plan.transfers
+        "loom-sim run --seed {} --rounds {} --nodes {} --accounts {} --transfers {}",
+        plan.seed, plan.rounds, plan.nodes, plan.accounts, plan.transfers
     );
     let f = plan.faults;
     let off: Vec<&str> = [
@@ -153,6 +162,7 @@ fn command_line(plan: &Plan) -> String {
         (f.lost_reply, "lost-reply"),
         (f.disk_full, "disk-full"),
         (f.rot, "rot"),
+        (f.stall, "stall"),
     ]
     .into_iter()
     .filter(|(on, _)| !on)
@@ -165,6 +175,7 @@ fn command_line(plan: &Plan) -> String {
     let bugs: Vec<&str> = [
         (b.ack_before_fsync, "ack-before-fsync"),
         (b.trim_past_oldest_snapshot, "trim-past-oldest-snapshot"),
+        (b.skip_fence_check, "skip-fence-check"),
     ]
     .into_iter()
     .filter(|(on, _)| *on)
@@ -181,14 +192,15 @@ fn summary(o: &Outcome) -> String {
     let (done, refused) = o.report.as_ref().map_or((0, 0), |r| (r.done, r.refused));
     format!(
         "seed {}: {verdict}; trace {:016x} ({} requests, {:.1} s simulated); {} crashes, {} power \
-         losses, {} transfers acknowledged, {done} done, {refused} refused; injected {} \
-         transient errors, {} lost replies, {} full-disk refusals",
+         losses, {} stalls, {} transfers acknowledged, {done} done, {refused} refused; injected \
+         {} transient errors, {} lost replies, {} full-disk refusals",
         o.plan.seed,
         o.trace,
         o.events,
         o.simulated_ms as f64 / 1000.0,
         o.crashes,
         o.power_losses,
+        o.stalls,
         o.acknowledged,
         o.stats.transient,
         o.stats.lost_reply,
@@ -237,10 +249,17 @@ fn smaller(p: &Plan) -> Vec<Plan> {
             },
         ),
         (f.rot, Enabled { rot: false, ..f }),
+        (f.stall, Enabled { stall: false, ..f }),
     ] {
         if on {
             out.push(Plan { faults: off, ..*p });
         }
+    }
+    if p.nodes > 1 {
+        out.push(Plan {
+            nodes: p.nodes - 1,
+            ..*p
+        });
     }
     if p.rounds > 1 {
         out.push(Plan {

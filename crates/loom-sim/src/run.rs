@@ -53,6 +53,8 @@ pub struct Enabled {
     pub disk_full: bool,
     /// One snapshot damaged on disk (bit rot), at most once a run.
     pub rot: bool,
+    /// A node's connection stalls, sometimes past its leases.
+    pub stall: bool,
 }
 
 impl Enabled {
@@ -64,6 +66,7 @@ impl Enabled {
         lost_reply: true,
         disk_full: true,
         rot: true,
+        stall: true,
     };
 }
 
@@ -72,8 +75,10 @@ impl Enabled {
 pub struct Plan {
     /// The seed: the fault schedule, the store's faults, every id and random draw.
     pub seed: u64,
-    /// Rounds, each ended by a crash or a power loss.
+    /// Rounds, each ended by a crash or a power loss of every node.
     pub rounds: u32,
+    /// Nodes (runtimes on the same store, each on its own connection) in every round.
+    pub nodes: u32,
     /// Accounts of the bank.
     pub accounts: u32,
     /// Transfers of the bank.
@@ -90,6 +95,7 @@ impl Plan {
         Plan {
             seed,
             rounds: 4,
+            nodes: 2,
             accounts: 6,
             transfers: 40,
             faults: Enabled::ALL,
@@ -113,6 +119,8 @@ pub struct Outcome {
     pub crashes: u32,
     /// Rounds ended by a power loss.
     pub power_losses: u32,
+    /// Node connections stalled.
+    pub stalls: u32,
     /// Transfers acknowledged before a crash or power loss.
     pub acknowledged: usize,
     /// What the store injected.
@@ -140,6 +148,7 @@ impl Outcome {
             simulated_ms: 0,
             crashes: 0,
             power_losses: 0,
+            stalls: 0,
             acknowledged: 0,
             stats: SimStats::default(),
             report: None,
@@ -220,16 +229,25 @@ async fn start_node(store: &SimStore, name: String) -> Result<Runtime, String> {
     Err(format!("node {name} could not start: {last}"))
 }
 
+/// Something that happens to a round, at a moment drawn from the schedule.
+enum Event {
+    /// The disk fills (true) or is freed (false).
+    DiskFull(bool),
+    /// Node `n`'s connection to the store stalls for a while.
+    Stall(usize, Duration),
+}
+
 /// Starts every transfer not yet acknowledged, retrying each until it is; records the
-/// acknowledged ones. Runs until every transfer is acknowledged or the task is dropped.
-async fn drive(rt: Runtime, bank: Bank, acked: Arc<Mutex<BTreeSet<u32>>>) {
+/// acknowledged ones. Transfer `i` is asked through node `i % nodes`. Runs until every
+/// transfer is acknowledged or the task is dropped.
+async fn drive(nodes: Vec<Runtime>, bank: Bank, acked: Arc<Mutex<BTreeSet<u32>>>) {
     let pending: Vec<u32> = {
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
         bank.ids().filter(|i| !a.contains(i)).collect()
     };
     futures::stream::iter(pending)
         .for_each_concurrent(bank.concurrency, |i| {
-            let (rt, acked) = (&rt, acked.clone());
+            let (rt, acked) = (&nodes[i as usize % nodes.len()], acked.clone());
             async move {
                 while bank.start(rt, i).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -256,50 +274,81 @@ async fn world(plan: Plan) -> Outcome {
         first_account: 0,
     };
     let acked: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
-    let (mut crashes, mut power_losses) = (0, 0);
+    let (mut crashes, mut power_losses, mut stalls) = (0, 0, 0);
     let mut failure = None;
     for round in 0..plan.rounds {
         let round_faults = faults(&plan, &mut rng);
         store.set_faults(round_faults);
-        let rt = match start_node(&store, format!("node-{round}")).await {
-            Ok(rt) => rt,
-            Err(e) => {
-                failure = Some(e);
-                break;
+        let mut nodes = Vec::new();
+        for n in 0..plan.nodes {
+            let link = store.link();
+            match start_node(&link, format!("node-{round}-{n}")).await {
+                Ok(rt) => nodes.push((rt, link)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
-        };
+        }
+        if failure.is_some() {
+            break;
+        }
         if round == 0 {
             // The accounts are opened (and acknowledged) before the first fault: a power loss
             // that took an opening back shows in the books.
-            while bank.open_accounts(&rt).await.is_err() {
+            while bank.open_accounts(&nodes[0].0).await.is_err() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let driver = tokio::spawn(drive(rt.clone(), bank, acked.clone()));
-        let run_for = Duration::from_millis(rng.u64(100..=2_000));
-        let (fill, at, lasts) = (
+        let clients: Vec<Runtime> = nodes.iter().map(|(rt, _)| rt.clone()).collect();
+        let driver = tokio::spawn(drive(clients, bank, acked.clone()));
+        // What happens to the round, drawn whether each fault is on or not (see `faults`).
+        let mut run_for = Duration::from_millis(rng.u64(100..=2_000));
+        let (fill, fill_at, fill_lasts) = (
             rng.u8(0..4) == 0,
             run_for.mul_f64(rng.f64()),
             Duration::from_millis(rng.u64(50..=1_000)),
         );
+        let (stall, stall_node, stall_at, stall_lasts) = (
+            rng.u8(0..2) == 0,
+            rng.usize(..nodes.len()),
+            run_for.mul_f64(rng.f64()),
+            // Longer than the lease (3 s) and the message visibility (5 s), sometimes.
+            Duration::from_millis(rng.u64(2_000..=8_000)),
+        );
+        let mut events = Vec::new();
         if plan.faults.disk_full && fill {
-            // The disk fills for part of the round, then is freed.
-            tokio::time::sleep(at).await;
-            store.set_faults(Faults {
-                disk_full: true,
-                ..round_faults
-            });
-            tokio::time::sleep(lasts).await;
-            store.set_faults(round_faults);
-            tokio::time::sleep(run_for.saturating_sub(at)).await;
-        } else {
-            tokio::time::sleep(run_for).await;
+            events.push((fill_at, Event::DiskFull(true)));
+            events.push((fill_at + fill_lasts, Event::DiskFull(false)));
         }
+        if plan.faults.stall && stall {
+            events.push((stall_at, Event::Stall(stall_node, stall_lasts)));
+            // Long enough for the others to take its actors over, and for what it sent
+            // during the stall to arrive after.
+            run_for = run_for.max(stall_at + stall_lasts + Duration::from_secs(2));
+        }
+        events.sort_by_key(|(at, _)| *at);
+        let began = tokio::time::Instant::now();
+        for (at, event) in events {
+            tokio::time::sleep_until(began + at).await;
+            match event {
+                Event::DiskFull(full) => store.set_faults(Faults {
+                    disk_full: full,
+                    ..round_faults
+                }),
+                Event::Stall(n, d) => {
+                    nodes[n].1.stall(d);
+                    stalls += 1;
+                }
+            }
+        }
+        tokio::time::sleep_until(began + run_for).await;
         driver.abort();
         // Aborted on purpose: a killed process's client goes with it.
         let _ = driver.await;
-        rt.kill().await;
-        drop(rt);
+        for (rt, _) in nodes {
+            rt.kill().await;
+        }
         let (power, rot) = (rng.u8(0..3) == 0, rng.u8(0..2) == 0);
         if plan.faults.power_loss && power {
             store.power_loss();
@@ -344,6 +393,17 @@ async fn world(plan: Plan) -> Outcome {
             }
         }
     }
+    let violations = store.violations();
+    if !violations.is_empty() {
+        let v = format!(
+            "the fence audit saw rule D8 broken: {}",
+            violations.join("; ")
+        );
+        failure = Some(match failure {
+            Some(f) => format!("{f}; {v}"),
+            None => v,
+        });
+    }
     let recent = if failure.is_some() {
         store.recent()
     } else {
@@ -356,6 +416,7 @@ async fn world(plan: Plan) -> Outcome {
         simulated_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
         crashes,
         power_losses,
+        stalls,
         acknowledged: acked.lock().unwrap_or_else(|p| p.into_inner()).len(),
         stats: store.stats(),
         report,

@@ -213,6 +213,10 @@ pub struct Bugs {
     /// harmless until the newest snapshot is unreadable and recovery falls back to an older
     /// one whose entries are gone.
     pub trim_past_oldest_snapshot: bool,
+    /// A turn commits without checking its fence (rule D8): a node whose lease expired while
+    /// it was stalled commits what it did meanwhile. The store's fence audit records each such
+    /// commit ([`SimStore::violations`]).
+    pub skip_fence_check: bool,
 }
 
 /// The store's state, behind its one mutex.
@@ -386,11 +390,23 @@ async fn pause(d: Duration) {
 #[derive(Clone)]
 pub struct SimStore {
     inner: Arc<Inner>,
+    /// The connection this handle's requests travel on (see [`SimStore::link`]).
+    link: Option<Arc<Link>>,
 }
 
 struct Inner {
     seed: u64,
     state: Mutex<State>,
+    /// What the fence audit saw (see [`SimStore::violations`]). Apart from `state`, so that
+    /// a request's closure can record into it while it holds the data.
+    violations: Mutex<Vec<String>>,
+}
+
+/// One node's connection to the store: requests sent on it while it is stalled arrive when
+/// the stall ends (a network partition, a long GC pause of the node's process).
+#[derive(Debug, Default)]
+struct Link {
+    stalled_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl SimStore {
@@ -418,8 +434,56 @@ impl SimStore {
             inner: Arc::new(Inner {
                 seed,
                 state: Mutex::new(state),
+                violations: Mutex::new(Vec::new()),
             }),
+            link: None,
         }
+    }
+
+    /// A handle to the same store on a connection of its own, for one node: [`stall`]
+    /// delays only the requests of this handle (and its clones).
+    ///
+    /// [`stall`]: Self::stall
+    pub fn link(&self) -> SimStore {
+        SimStore {
+            inner: self.inner.clone(),
+            link: Some(Arc::default()),
+        }
+    }
+
+    /// Stalls this handle's connection for `d` from now: a request sent meanwhile reaches the
+    /// store only when the stall ends, as after a network partition or a long pause of the
+    /// node's process. Its lease renewals stall too, so its leases expire and other nodes take
+    /// its actors over while it still believes it holds them. No-op on a handle without a
+    /// [`link`](Self::link).
+    pub fn stall(&self, d: Duration) {
+        if let Some(link) = &self.link {
+            let until = tokio::time::Instant::now() + d;
+            *link.stalled_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+            let mut s = self.state();
+            let line = format!("{}ms stall {} ms", s.elapsed_ms(), d.as_millis());
+            s.trace.push(line);
+        }
+    }
+
+    /// Rule breaks the fence audit saw: a turn that committed although its fence was not the
+    /// actor's current lease (rule D8). Empty unless [`Bugs::skip_fence_check`] is on: the
+    /// store refuses such turns.
+    pub fn violations(&self) -> Vec<String> {
+        self.inner
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a rule break (see [`violations`](Self::violations)).
+    fn violation(&self, what: String) {
+        self.inner
+            .violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(what);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -622,6 +686,13 @@ impl SimStore {
             (s.epoch, s.draw(range))
         };
         pause(latency).await;
+        let stalled = self
+            .link
+            .as_ref()
+            .and_then(|l| *l.stalled_until.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(until) = stalled {
+            tokio::time::sleep_until(until).await;
+        }
         // 2. Arrived: it may fail before anything happens. In the ack-before-fsync bug, a write
         // syncs what earlier writes left behind first (it will not wait for its own sync).
         let presync = {

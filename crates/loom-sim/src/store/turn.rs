@@ -54,10 +54,17 @@ impl Store for SimStore {
             Settle::DeadLetter(r, reason) => (r, Some(reason)),
         });
         let arg = format!("{} {}", turn.actor, turn.expected_next);
+        let skip_fence = self.bugs().skip_fence_check;
         self.update("commit_turn", &arg, |d, now| {
             // Checks first (rule D15): a refused turn writes nothing.
-            if let Some(fence) = turn.fence {
-                d.leases.check_fence(fence, now)?;
+            let mut stale = None;
+            if let Some(fence) = turn.fence
+                && let Err(e) = d.leases.check_fence(fence, now)
+            {
+                if !skip_fence {
+                    return Err(e);
+                }
+                stale = Some(e);
             }
             d.journals.check_next(turn.actor, turn.expected_next)?;
             if let Some((receipt, _)) = settle {
@@ -88,6 +95,13 @@ impl Store for SimStore {
             let next = turn
                 .next
                 .and_then(|opts| d.mailboxes.lease(&d.parked, turn.actor, opts, now));
+            if let Some(e) = stale {
+                // The fence audit: only the deliberate bug lets such a turn commit.
+                self.violation(format!(
+                    "a turn of {} committed through seq {highest} under a lost lease ({e})",
+                    turn.actor
+                ));
+            }
             Ok(Committed { highest, next })
         })
         .await
