@@ -15,12 +15,17 @@
 //!   full disk;
 //! - **a trace**: a running hash of every request (method, argument, virtual time, outcome), so
 //!   that two runs with the same seed can be compared with one number, and the last lines of it
-//!   for printing when a run fails.
+//!   for printing when a run fails;
+//! - **partitions** ([`SimStore::new_partitioned`](store::SimStore::new_partitioned)), as the
+//!   embedded store has them: a message a turn sends to an actor of another partition leaves
+//!   through the sender partition's outbox and is moved by its relay, whose moves are requests
+//!   like any other (so faults and power losses land mid-move).
 //!
-//! The store passes the same conformance suite as every other backend
-//! (`cargo test -p loom-sim --test conformance_sim`). Its file map is the other backends':
-//! `store/journal.rs`, `mailbox.rs`, `lease.rs`, `idempotency.rs`, `park.rs`, `turn.rs`, with
-//! the durability model, the faults and the trace in `store/mod.rs`.
+//! The store passes the same conformance suite as every other backend, with one partition and
+//! with three (`cargo test -p loom-sim --test conformance_sim`). Its file map is the other
+//! backends': `store/journal.rs`, `mailbox.rs`, `lease.rs`, `idempotency.rs`, `park.rs`,
+//! `turn.rs`, `relay.rs`, with the durability model, the faults and the trace in
+//! `store/mod.rs`.
 //!
 //! ```
 //! use loom_core::{ActorId, Entry, EntryKind, JournalStore};

@@ -82,6 +82,8 @@ enum Bug {
     TrimPastOldestSnapshot,
     /// A turn commits without checking its fence.
     SkipFenceCheck,
+    /// The relay enqueues outbox rows already moved (no high-water mark).
+    AcceptDuplicateRelay,
 }
 
 #[derive(clap::Args, Clone)]
@@ -92,6 +94,9 @@ struct Shape {
     /// Nodes in every round (runtimes on the same store, each on its own connection).
     #[arg(long, default_value_t = 2)]
     nodes: u32,
+    /// Partitions of the store (messages between them go through the outbox and relay).
+    #[arg(long, default_value_t = 2)]
+    partitions: u32,
     /// Accounts.
     #[arg(long, default_value_t = 6)]
     accounts: u32,
@@ -113,6 +118,7 @@ impl Shape {
             seed,
             rounds: self.rounds,
             nodes: self.nodes.max(1),
+            partitions: self.partitions,
             accounts: self.accounts.max(2),
             transfers: self.transfers,
             faults: Enabled {
@@ -128,6 +134,7 @@ impl Shape {
                 ack_before_fsync: self.bug.contains(&Bug::AckBeforeFsync),
                 trim_past_oldest_snapshot: self.bug.contains(&Bug::TrimPastOldestSnapshot),
                 skip_fence_check: self.bug.contains(&Bug::SkipFenceCheck),
+                accept_duplicate_relay: self.bug.contains(&Bug::AcceptDuplicateRelay),
             },
         }
     }
@@ -151,8 +158,8 @@ fn guarded(plan: Plan) -> Outcome {
 /// The command line that replays `plan`.
 fn command_line(plan: &Plan) -> String {
     let mut s = format!(
-        "loom-sim run --seed {} --rounds {} --nodes {} --accounts {} --transfers {}",
-        plan.seed, plan.rounds, plan.nodes, plan.accounts, plan.transfers
+        "loom-sim run --seed {} --rounds {} --nodes {} --partitions {} --accounts {} --transfers {}",
+        plan.seed, plan.rounds, plan.nodes, plan.partitions, plan.accounts, plan.transfers
     );
     let f = plan.faults;
     let off: Vec<&str> = [
@@ -176,6 +183,7 @@ fn command_line(plan: &Plan) -> String {
         (b.ack_before_fsync, "ack-before-fsync"),
         (b.trim_past_oldest_snapshot, "trim-past-oldest-snapshot"),
         (b.skip_fence_check, "skip-fence-check"),
+        (b.accept_duplicate_relay, "accept-duplicate-relay"),
     ]
     .into_iter()
     .filter(|(on, _)| *on)

@@ -8,7 +8,9 @@
 //! gone). Meanwhile the store injects its faults (latency, transient errors, lost replies, a
 //! full disk for a while). After the last round the faults stop, a last node starts, and
 //! [`check_bank`] proves the promises: no acknowledged transfer lost, the books balanced (no leg
-//! lost or applied twice), nothing parked, every journal gapless.
+//! lost or applied twice), nothing parked, every journal gapless; and the store's audits
+//! (rule D8: no turn commits under a lost lease; rule D18: the relay moves no outbox row twice)
+//! saw nothing.
 //!
 //! Everything runs on one thread, on a current-thread tokio runtime with a paused clock, with
 //! [`loom_core::seam`] switched to simulation: the run is a function of its [`Plan`], and two
@@ -79,6 +81,9 @@ pub struct Plan {
     pub rounds: u32,
     /// Nodes (runtimes on the same store, each on its own connection) in every round.
     pub nodes: u32,
+    /// Partitions of the store: messages between actors of different partitions travel
+    /// through the sender's outbox and the relay.
+    pub partitions: u32,
     /// Accounts of the bank.
     pub accounts: u32,
     /// Transfers of the bank.
@@ -96,6 +101,7 @@ impl Plan {
             seed,
             rounds: 4,
             nodes: 2,
+            partitions: 2,
             accounts: 6,
             transfers: 40,
             faults: Enabled::ALL,
@@ -141,6 +147,11 @@ impl Outcome {
 
     /// The outcome of a run that panicked (its store and trace are gone with it).
     pub fn panicked(plan: Plan, message: String) -> Outcome {
+        Outcome::refused(plan, format!("panicked: {message}"))
+    }
+
+    /// The outcome of a run that could not run, or ended before it had a trace.
+    pub fn refused(plan: Plan, failure: String) -> Outcome {
         Outcome {
             plan,
             trace: 0,
@@ -152,7 +163,7 @@ impl Outcome {
             acknowledged: 0,
             stats: SimStats::default(),
             report: None,
-            failure: Some(format!("panicked: {message}")),
+            failure: Some(failure),
             recent: Vec::new(),
         }
     }
@@ -261,7 +272,11 @@ async fn drive(nodes: Vec<Runtime>, bank: Bank, acked: Arc<Mutex<BTreeSet<u32>>>
 async fn world(plan: Plan) -> Outcome {
     let began = tokio::time::Instant::now();
     let mut rng = fastrand::Rng::with_seed(plan.seed ^ 0x005e_ed0f_100a);
-    let store = SimStore::new(plan.seed, faults(&plan, &mut rng));
+    let store = match SimStore::new_partitioned(plan.seed, faults(&plan, &mut rng), plan.partitions)
+    {
+        Ok(s) => s,
+        Err(e) => return Outcome::refused(plan, e.to_string()),
+    };
     store.set_bugs(plan.bugs);
     let mut rotten = false;
     let bank = Bank {
@@ -396,7 +411,7 @@ async fn world(plan: Plan) -> Outcome {
     let violations = store.violations();
     if !violations.is_empty() {
         let v = format!(
-            "the fence audit saw rule D8 broken: {}",
+            "the store's audit saw a rule broken: {}",
             violations.join("; ")
         );
         failure = Some(match failure {

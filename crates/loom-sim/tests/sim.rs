@@ -109,7 +109,25 @@ fn a_turn_committed_without_its_fence_check_is_found_by_the_fence_audit() {
     .expect("no seed found the turn committed without its fence check");
     let why = o.failure.unwrap_or_default();
     assert!(
-        why.contains("rule D8 broken") && why.contains("under a lost lease"),
+        why.contains("audit saw a rule broken") && why.contains("under a lost lease"),
+        "seed {}: {why}",
+        o.plan.seed
+    );
+}
+
+#[test]
+fn a_duplicated_relay_delivery_is_found_by_the_relay_audit() {
+    let o = first_failure(100, |seed| Plan {
+        bugs: Bugs {
+            accept_duplicate_relay: true,
+            ..Bugs::default()
+        },
+        ..Plan::new(seed)
+    })
+    .expect("no seed found the duplicated relay delivery");
+    let why = o.failure.unwrap_or_default();
+    assert!(
+        why.contains("moved twice by the relay"),
         "seed {}: {why}",
         o.plan.seed
     );

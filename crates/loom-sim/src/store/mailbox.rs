@@ -472,6 +472,12 @@ impl Mailbox for SimStore {
         .await
     }
 
+    /// The recipients of each relay move, for a store of several partitions (the relay is
+    /// the only thing that fills a mailbox on its own); `None` for one of one partition.
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<[ActorId]>>> {
+        (self.inner.partitions > 1).then(|| self.inner.arrivals.subscribe())
+    }
+
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
         let arg = kinds.join(",");
         self.query("ready_actors", &arg, |d, now| {

@@ -12,8 +12,10 @@
 //!   waited only with `tokio::time::sleep` (virtual under a paused clock);
 //! - every random draw comes from one `fastrand::Rng`, seeded by the constructor and kept
 //!   behind the same mutex as the data;
-//! - the store starts no thread and no task: a request runs entirely inside its caller's
-//!   future. The mutex is a `std::sync::Mutex`, never held across an `.await`.
+//! - a request runs entirely inside its caller's future. A store of one partition starts no
+//!   thread and no task; one of several starts one relay task per partition on the runtime
+//!   it is created on (see "Partitions" below), whose requests are requests like any other. The
+//!   mutex is a `std::sync::Mutex`, never held across an `.await`.
 //!
 //! # Durability
 //!
@@ -49,6 +51,19 @@
 //! earlier writes left if the last sync is [`LAZY_SYNC`] old. A power loss then drops
 //! acknowledged writes.
 //!
+//! # Partitions
+//!
+//! [`SimStore::new_partitioned`] makes a store of several partitions, as the embedded store
+//! has them: an actor lives in partition `loom_core::partition::partition_of(actor, P)`, a turn
+//! writes only its actor's partition, and a message it sends to an actor of another partition
+//! leaves through the sender partition's outbox, in the turn's write, and is moved into its
+//! target mailbox by that partition's relay, a tokio task, exactly once (rule D18; `relay.rs`
+//! explains the protocol and keeps its invariants). The relay moves only durable outbox rows,
+//! and its moves and trims are requests like any other: they wait their latency, fail with the
+//! injected faults, sync, are taken back by a power loss, and add trace lines. The relay's
+//! deliberate bug ([`Bugs::accept_duplicate_relay`]) skips the high-water mark, and the
+//! relay audit records each message the relay made durable twice ([`SimStore::violations`]).
+//!
 //! # Trace
 //!
 //! Every request that answers adds one line, `<ms>ms <method> <argument> -> <outcome>`, where
@@ -67,14 +82,21 @@ pub const LAZY_SYNC: Duration = Duration::from_millis(200);
 mod lease;
 mod mailbox;
 mod park;
+mod relay;
 mod turn;
+
+#[doc(hidden)]
+pub use relay::RelayHold;
+pub use relay::{RELAY_BATCH, RELAY_TICK};
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use loom_core::partition::check_partitions;
 use loom_core::{ActorId, MessageId, Seq, StoreError, StoreResult, Timestamp};
+use tokio::sync::{Notify, broadcast};
 
 /// Backend name in errors.
 pub const BACKEND: &str = "sim";
@@ -198,6 +220,8 @@ struct Data {
     records: idempotency::Records,
     /// Park records (`park.rs`); the mailbox honours them.
     parked: park::Parked,
+    /// Outboxes and high-water marks of a store of several partitions (`relay.rs`).
+    relay: relay::Outboxes,
 }
 
 /// Deliberate bugs, each a rule of the store contract broken on purpose, to show that the
@@ -217,6 +241,11 @@ pub struct Bugs {
     /// it was stalled commits what it did meanwhile. The store's fence audit records each such
     /// commit ([`SimStore::violations`]).
     pub skip_fence_check: bool,
+    /// The relay enqueues every outbox row it finds, skipping the target's high-water mark
+    /// (rule D18). Harmless while every move is trimmed at once; a move repeated after a
+    /// failed trim, or after a power loss between a move and its trim, delivers its messages
+    /// twice, and the relay audit records each ([`SimStore::violations`]).
+    pub accept_duplicate_relay: bool,
 }
 
 /// The store's state, behind its one mutex.
@@ -237,6 +266,8 @@ struct State {
     faults: Faults,
     /// The deliberate bugs switched on ([`SimStore::set_bugs`]).
     bugs: Bugs,
+    /// The relay's test hooks ([`SimStore::hold_relay`]).
+    relay_hold: RelayHold,
     /// When `durable` was last brought up to date.
     synced_at: tokio::time::Instant,
     stats: SimStats,
@@ -274,14 +305,17 @@ impl State {
     }
 
     /// Makes everything applied so far durable, if `seen` is not durable yet (group commit:
-    /// one copy covers every write applied before it).
-    fn sync_through(&mut self, seen: u64) {
+    /// one copy covers every write applied before it); returns whether it copied. Called only
+    /// through [`SimStore::sync_through`], which keeps the relay audit in step.
+    fn sync_through(&mut self, seen: u64) -> bool {
         if self.durable_version < seen {
             self.durable = self.live.clone();
             self.durable_version = self.version;
             self.stats.syncs += 1;
             self.synced_at = tokio::time::Instant::now();
+            return true;
         }
+        false
     }
 
     /// Milliseconds of tokio's clock (virtual when paused) since the store was created.
@@ -396,11 +430,24 @@ pub struct SimStore {
 
 struct Inner {
     seed: u64,
+    /// Fixed at creation: `1..=MAX_PARTITIONS`.
+    partitions: u32,
     state: Mutex<State>,
-    /// What the fence audit saw (see [`SimStore::violations`]). Apart from `state`, so that
-    /// a request's closure can record into it while it holds the data.
+    /// What the fence and relay audits saw (see [`SimStore::violations`]). Apart from `state`,
+    /// so that a request's closure can record into it while it holds the data.
     violations: Mutex<Vec<String>>,
+    /// The relay audit (`relay.rs`). Apart from `state`, so that a move's closure can record
+    /// into it while it holds the data. Lock order: `state`, then this, then `violations`.
+    relayed: Mutex<relay::Oracle>,
+    /// Partition `p`'s relay waits on `wake[p]`; empty for a store of one partition.
+    wake: Vec<Arc<Notify>>,
+    /// The recipients of each relay move ([`Mailbox::arrivals`](loom_core::Mailbox::arrivals)).
+    arrivals: broadcast::Sender<Arc<[ActorId]>>,
 }
+
+/// How many batches of recipients [`Mailbox::arrivals`](loom_core::Mailbox::arrivals) holds
+/// for a receiver that falls behind (it then gets `Lagged` and scans).
+const ARRIVALS: usize = 1024;
 
 /// One node's connection to the store: requests sent on it while it is stalled arrive when
 /// the stall ends (a network partition, a long GC pause of the node's process).
@@ -410,12 +457,54 @@ struct Link {
 }
 
 impl SimStore {
-    /// An empty store whose random draws come from `seed`, injecting `faults`.
+    /// An empty store of one partition whose random draws come from `seed`, injecting
+    /// `faults`.
     ///
     /// Create it on the tokio runtime that will use it: trace times count from here by
     /// tokio's clock, so a store created before a paused runtime started would put the real
     /// time between the two into every trace line.
     pub fn new(seed: u64, faults: Faults) -> SimStore {
+        SimStore::with_partitions(seed, faults, 1)
+    }
+
+    /// An empty store of `partitions` partitions (see the [module docs](self)), whose random
+    /// draws come from `seed`, injecting `faults`. With more than one, it starts one relay task
+    /// per partition on the current tokio runtime; they end once the last handle to the store
+    /// is dropped.
+    ///
+    /// Fails with [`StoreError::InvalidRequest`] for a count outside
+    /// `1..=`[`MAX_PARTITIONS`](loom_core::partition::MAX_PARTITIONS) (as the embedded store
+    /// does), and for more than one partition outside a tokio runtime (nothing could run the
+    /// relays).
+    ///
+    /// ```
+    /// use loom_core::Store;
+    /// use loom_sim::store::{Faults, SimStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = SimStore::new_partitioned(1, Faults::default(), 3)?;
+    /// assert_eq!(store.partitions(), 3);
+    /// assert!(SimStore::new_partitioned(1, Faults::default(), 0).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn new_partitioned(seed: u64, faults: Faults, partitions: u32) -> StoreResult<SimStore> {
+        let partitions = check_partitions(partitions)?;
+        if partitions == 1 {
+            return Ok(SimStore::with_partitions(seed, faults, 1));
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::InvalidRequest(
+                "a simulated store of several partitions is created on the tokio runtime that runs its relays".into(),
+            )
+        })?;
+        let store = SimStore::with_partitions(seed, faults, partitions);
+        relay::start(&store.inner, &runtime);
+        Ok(store)
+    }
+
+    /// The store, without its relays started. `partitions` is checked by the caller.
+    fn with_partitions(seed: u64, faults: Faults, partitions: u32) -> SimStore {
         let state = State {
             live: Data::default(),
             durable: Data::default(),
@@ -425,6 +514,7 @@ impl SimStore {
             rng: fastrand::Rng::with_seed(seed),
             faults,
             bugs: Bugs::default(),
+            relay_hold: RelayHold::Run,
             synced_at: tokio::time::Instant::now(),
             stats: SimStats::default(),
             trace: Trace::new(),
@@ -433,8 +523,16 @@ impl SimStore {
         SimStore {
             inner: Arc::new(Inner {
                 seed,
+                partitions,
                 state: Mutex::new(state),
                 violations: Mutex::new(Vec::new()),
+                relayed: Mutex::new(relay::Oracle::default()),
+                wake: if partitions > 1 {
+                    (0..partitions).map(|_| Arc::new(Notify::new())).collect()
+                } else {
+                    Vec::new()
+                },
+                arrivals: broadcast::channel(ARRIVALS).0,
             }),
             link: None,
         }
@@ -466,9 +564,11 @@ impl SimStore {
         }
     }
 
-    /// Rule breaks the fence audit saw: a turn that committed although its fence was not the
-    /// actor's current lease (rule D8). Empty unless [`Bugs::skip_fence_check`] is on: the
-    /// store refuses such turns.
+    /// Rule breaks the audits saw: a turn that committed although its fence was not the
+    /// actor's current lease (rule D8), and a message the relay enqueued a second time in the
+    /// durable data (rule D18). Empty unless [`Bugs::skip_fence_check`] or
+    /// [`Bugs::accept_duplicate_relay`] is on: the store
+    /// refuses such turns, and the relay's high-water marks skip what was moved.
     pub fn violations(&self) -> Vec<String> {
         self.inner
             .violations
@@ -488,6 +588,23 @@ impl SimStore {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`State::sync_through`], with the relay audit kept in step: called with the data's
+    /// mutex held (`s`), so that the moves the audit holds as pending are exactly those the
+    /// copy made durable. Records each duplicate the copy made durable.
+    fn sync_through(&self, s: &mut State, seen: u64) {
+        if s.sync_through(seen) {
+            let twice = self
+                .inner
+                .relayed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .synced();
+            for what in twice {
+                self.violation(what);
+            }
+        }
     }
 
     /// The seed the store was created with.
@@ -532,6 +649,12 @@ impl SimStore {
         s.durable_version = s.version;
         s.epoch += 1;
         s.stats.power_losses += 1;
+        // Still under the data's mutex: no move lands between the two.
+        self.inner
+            .relayed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .power_lost();
         let line = format!("{}ms power-loss", s.elapsed_ms());
         s.trace.push(line);
     }
@@ -717,7 +840,7 @@ impl SimStore {
             pause(fsync).await;
             let mut s = self.state();
             s.alive(epoch)?;
-            s.sync_through(seen);
+            self.sync_through(&mut s, seen);
         }
         // 3. Applied to the live data, all at one instant.
         let (result, wrote, sync) = {
@@ -759,7 +882,7 @@ impl SimStore {
             pause(fsync).await;
             let mut s = self.state();
             s.alive(epoch)?;
-            s.sync_through(seen);
+            self.sync_through(&mut s, seen);
         }
         // 5. The reply.
         if wrote {
@@ -779,6 +902,7 @@ impl fmt::Debug for SimStore {
         let s = self.state();
         f.debug_struct("SimStore")
             .field("seed", &self.inner.seed)
+            .field("partitions", &self.inner.partitions)
             .field("version", &s.version)
             .field("durable_version", &s.durable_version)
             .field("faults", &s.faults)

@@ -1,16 +1,20 @@
 //! [`Store::commit_turn`] and [`Store::enqueue_once`] for [`SimStore`]: each one request, so
-//! all of it or none of it.
+//! all of it or none of it. A turn writes only its actor's partition: what it sends to an actor
+//! of another partition goes to its partition's outbox, in the same write (`relay.rs`).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use loom_core::partition::partition_of;
 use loom_core::store::backend::{
     Committed, Settle, Turn, check_ttl, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::{
-    ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreResult, Timestamp,
+    ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreError, StoreResult,
+    Timestamp,
 };
 
+use super::relay::Row;
 use super::{Frame, SimStore};
 
 /// An outgoing message, checked and encoded.
@@ -23,6 +27,10 @@ struct Out {
 
 #[async_trait]
 impl Store for SimStore {
+    fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before the request.
         turn.check()?;
@@ -45,6 +53,34 @@ impl Store for SimStore {
                 })
             })
             .collect::<StoreResult<_>>()?;
+        // A turn writes only its own partition: a message to an actor of another partition
+        // goes to this partition's outbox, and the relay moves it (`relay.rs`).
+        let (n, p) = (
+            self.partitions(),
+            partition_of(turn.actor, self.partitions()),
+        );
+        let (outgoing, remote): (Vec<Out>, Vec<Out>) = outgoing
+            .into_iter()
+            .partition(|o| partition_of(&o.to, n) == p);
+        let remote: Vec<Row> = remote
+            .into_iter()
+            .map(|o| Row {
+                to: o.to,
+                id: o.id,
+                frame: o.frame,
+                deliver_at: o.deliver_at,
+            })
+            .collect();
+        let sends_away = !remote.is_empty();
+        if let Some(s) = &turn.settle {
+            let (Settle::Ack(r) | Settle::DeadLetter(r, _)) = s;
+            if partition_of(&r.actor, n) != p {
+                return Err(StoreError::InvalidRequest(format!(
+                    "a turn of {} settles a message of {}, which is in another partition",
+                    turn.actor, r.actor
+                )));
+            }
+        }
         if let Some(r) = &turn.record {
             prepare_result(r.actor, r.key, r.result)?;
             check_ttl("idempotency ttl", r.ttl)?;
@@ -55,56 +91,65 @@ impl Store for SimStore {
         });
         let arg = format!("{} {}", turn.actor, turn.expected_next);
         let skip_fence = self.bugs().skip_fence_check;
-        self.update("commit_turn", &arg, |d, now| {
-            // Checks first (rule D15): a refused turn writes nothing.
-            let mut stale = None;
-            if let Some(fence) = turn.fence
-                && let Err(e) = d.leases.check_fence(fence, now)
-            {
-                if !skip_fence {
-                    return Err(e);
+        let committed = self
+            .update("commit_turn", &arg, |d, now| {
+                // Checks first (rule D15): a refused turn writes nothing.
+                let mut stale = None;
+                if let Some(fence) = turn.fence
+                    && let Err(e) = d.leases.check_fence(fence, now)
+                {
+                    if !skip_fence {
+                        return Err(e);
+                    }
+                    stale = Some(e);
                 }
-                stale = Some(e);
-            }
-            d.journals.check_next(turn.actor, turn.expected_next)?;
-            if let Some((receipt, _)) = settle {
-                d.mailboxes.check_receipt(receipt)?;
-            }
-            // Writes after: each `?` below repeats a check just passed, under the same lock,
-            // so none fails, and the turn is all or nothing (rule D5).
-            let highest = d
-                .journals
-                .append(turn.actor, turn.expected_next, &entries)?;
-            for o in outgoing {
-                d.mailboxes.enqueue(&o.to, o.id, o.frame, o.deliver_at, now);
-            }
-            match settle {
-                Some((receipt, None)) => {
-                    d.mailboxes.settle(receipt)?;
+                d.journals.check_next(turn.actor, turn.expected_next)?;
+                if let Some((receipt, _)) = settle {
+                    d.mailboxes.check_receipt(receipt)?;
                 }
-                Some((receipt, Some(reason))) => {
-                    let current = d.mailboxes.settle(receipt)?;
-                    d.mailboxes.bury(&receipt.actor, current, reason, now);
+                // Writes after: each `?` below repeats a check just passed, under the same lock,
+                // so none fails, and the turn is all or nothing (rule D5).
+                let highest = d
+                    .journals
+                    .append(turn.actor, turn.expected_next, &entries)?;
+                for o in outgoing {
+                    d.mailboxes.enqueue(&o.to, o.id, o.frame, o.deliver_at, now);
                 }
-                None => {}
-            }
-            if let Some(r) = turn.record {
-                d.records
-                    .record(r.actor, r.key, r.result.clone(), r.ttl, now);
-            }
-            let next = turn
-                .next
-                .and_then(|opts| d.mailboxes.lease(&d.parked, turn.actor, opts, now));
-            if let Some(e) = stale {
-                // The fence audit: only the deliberate bug lets such a turn commit.
-                self.violation(format!(
-                    "a turn of {} committed through seq {highest} under a lost lease ({e})",
-                    turn.actor
-                ));
-            }
-            Ok(Committed { highest, next })
-        })
-        .await
+                d.relay.push(p, remote);
+                match settle {
+                    Some((receipt, None)) => {
+                        d.mailboxes.settle(receipt)?;
+                    }
+                    Some((receipt, Some(reason))) => {
+                        let current = d.mailboxes.settle(receipt)?;
+                        d.mailboxes.bury(&receipt.actor, current, reason, now);
+                    }
+                    None => {}
+                }
+                if let Some(r) = turn.record {
+                    d.records
+                        .record(r.actor, r.key, r.result.clone(), r.ttl, now);
+                }
+                let next = turn
+                    .next
+                    .and_then(|opts| d.mailboxes.lease(&d.parked, turn.actor, opts, now));
+                if let Some(e) = stale {
+                    // The fence audit: only the deliberate bug lets such a turn commit.
+                    self.violation(format!(
+                        "a turn of {} committed through seq {highest} under a lost lease ({e})",
+                        turn.actor
+                    ));
+                }
+                Ok(Committed { highest, next })
+            })
+            .await;
+        // Also when it failed: a write whose reply was lost, or that a sync of someone else's
+        // made durable before a power loss, is in the outbox all the same (a spurious wake-up
+        // costs one look at it).
+        if sends_away {
+            self.wake_relay(p);
+        }
+        committed
     }
 
     async fn enqueue_once(
