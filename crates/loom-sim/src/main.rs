@@ -71,6 +71,7 @@ enum Fault {
     DiskFull,
     Rot,
     Stall,
+    NodeCrash,
 }
 
 /// Bugs that can be switched back on, to show that the simulator finds them.
@@ -100,8 +101,8 @@ struct Shape {
     /// Accounts.
     #[arg(long, default_value_t = 6)]
     accounts: u32,
-    /// Transfers.
-    #[arg(long, default_value_t = 40)]
+    /// Transfers (each round drives its share).
+    #[arg(long, default_value_t = 60)]
     transfers: u32,
     /// Faults not to inject (comma-separated).
     #[arg(long, value_delimiter = ',')]
@@ -129,6 +130,7 @@ impl Shape {
                 disk_full: !off(Fault::DiskFull),
                 rot: !off(Fault::Rot),
                 stall: !off(Fault::Stall),
+                node_crash: !off(Fault::NodeCrash),
             },
             bugs: Bugs {
                 ack_before_fsync: self.bug.contains(&Bug::AckBeforeFsync),
@@ -170,6 +172,7 @@ fn command_line(plan: &Plan) -> String {
         (f.disk_full, "disk-full"),
         (f.rot, "rot"),
         (f.stall, "stall"),
+        (f.node_crash, "node-crash"),
     ]
     .into_iter()
     .filter(|(on, _)| !on)
@@ -200,7 +203,7 @@ fn summary(o: &Outcome) -> String {
     let (done, refused) = o.report.as_ref().map_or((0, 0), |r| (r.done, r.refused));
     format!(
         "seed {}: {verdict}; trace {:016x} ({} requests, {:.1} s simulated); {} crashes, {} power \
-         losses, {} stalls, {} transfers acknowledged, {done} done, {refused} refused; injected \
+         losses, {} stalls, {} node crashes, {} rounds ended under load, {} transfers acknowledged, {done} done, {refused} refused; injected \
          {} transient errors, {} lost replies, {} full-disk refusals",
         o.plan.seed,
         o.trace,
@@ -209,6 +212,8 @@ fn summary(o: &Outcome) -> String {
         o.crashes,
         o.power_losses,
         o.stalls,
+        o.node_crashes,
+        o.busy_kills,
         o.acknowledged,
         o.stats.transient,
         o.stats.lost_reply,
@@ -258,6 +263,13 @@ fn smaller(p: &Plan) -> Vec<Plan> {
         ),
         (f.rot, Enabled { rot: false, ..f }),
         (f.stall, Enabled { stall: false, ..f }),
+        (
+            f.node_crash,
+            Enabled {
+                node_crash: false,
+                ..f
+            },
+        ),
     ] {
         if on {
             out.push(Plan { faults: off, ..*p });

@@ -20,7 +20,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use loom_bench::bank::Bank;
 use loom_core::runtime::{Compaction, Retry, Runtime};
 use loom_core::{Store, Timestamp, seam};
@@ -43,7 +42,8 @@ const PARKED_CHECK: Duration = Duration::from_secs(5);
 /// Which faults a run may inject; shrinking turns them off one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Enabled {
-    /// Power losses (else every round ends in a crash).
+    /// Power losses: at the end of a round (else it ends in a crash), and sometimes under the
+    /// running nodes.
     pub power_loss: bool,
     /// Request latency and fsync latency.
     pub latency: bool,
@@ -57,6 +57,8 @@ pub struct Enabled {
     pub rot: bool,
     /// A node's connection stalls, sometimes past its leases.
     pub stall: bool,
+    /// One node crashes mid-round while the others go on.
+    pub node_crash: bool,
 }
 
 impl Enabled {
@@ -69,6 +71,7 @@ impl Enabled {
         disk_full: true,
         rot: true,
         stall: true,
+        node_crash: true,
     };
 }
 
@@ -103,7 +106,7 @@ impl Plan {
             nodes: 2,
             partitions: 2,
             accounts: 6,
-            transfers: 40,
+            transfers: 60,
             faults: Enabled::ALL,
             bugs: Bugs::default(),
         }
@@ -127,6 +130,10 @@ pub struct Outcome {
     pub power_losses: u32,
     /// Node connections stalled.
     pub stalls: u32,
+    /// Single nodes crashed mid-round.
+    pub node_crashes: u32,
+    /// Rounds whose client was still starting transfers when the round ended.
+    pub busy_kills: u32,
     /// Transfers acknowledged before a crash or power loss.
     pub acknowledged: usize,
     /// What the store injected.
@@ -160,6 +167,8 @@ impl Outcome {
             crashes: 0,
             power_losses: 0,
             stalls: 0,
+            node_crashes: 0,
+            busy_kills: 0,
             acknowledged: 0,
             stats: SimStats::default(),
             report: None,
@@ -171,15 +180,53 @@ impl Outcome {
 
 /// Runs `plan` to the end on a fresh single-threaded runtime with a paused clock.
 pub fn run(plan: Plan) -> Outcome {
+    if plan.nodes == 0 || plan.accounts < 2 || plan.rounds == 0 {
+        return Outcome::refused(
+            plan,
+            "a plan needs at least 1 node, 2 accounts and 1 round".into(),
+        );
+    }
+    count_panics();
+    PANICS.with(|p| p.set(0));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a current-thread tokio runtime");
-    rt.block_on(async move {
+    let mut outcome = rt.block_on(async move {
         let _sim = seam::simulate(plan.seed, EPOCH);
         world(plan).await
-    })
+    });
+    // Dropped here, so that a panic in a task cancelled by the drop is counted too.
+    drop(rt);
+    let panics = PANICS.with(|p| p.get());
+    if panics > 0 {
+        let p = format!("{panics} task(s) panicked (tokio kept going; see stderr)");
+        outcome.failure = Some(match outcome.failure.take() {
+            Some(f) => format!("{f}; {p}"),
+            None => p,
+        });
+    }
+    outcome
+}
+
+thread_local! {
+    /// Panics on this thread since the run began: tokio catches a panicking task's panic and
+    /// goes on, so a run counts them itself.
+    static PANICS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs (once per process) a panic hook that counts panics per thread, then does what the
+/// previous hook did.
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.with(|p| p.set(p.get() + 1));
+            previous(info);
+        }));
+    });
 }
 
 /// The store's faults for a round, drawn from the schedule.
@@ -246,27 +293,40 @@ enum Event {
     DiskFull(bool),
     /// Node `n`'s connection to the store stalls for a while.
     Stall(usize, Duration),
+    /// Node `n` crashes (the others take its actors over once its leases expire).
+    Crash(usize),
+    /// The store loses power under the running nodes (a server restarted, an embedded store
+    /// reopened after a failure): what was not synced is gone, requests in flight fail.
+    PowerLoss,
 }
 
-/// Starts every transfer not yet acknowledged, retrying each until it is; records the
-/// acknowledged ones. Transfer `i` is asked through node `i % nodes`. Runs until every
-/// transfer is acknowledged or the task is dropped.
-async fn drive(nodes: Vec<Runtime>, bank: Bank, acked: Arc<Mutex<BTreeSet<u32>>>) {
+/// Starts every transfer below `upto` not yet acknowledged, one after another spread `over` the
+/// round, retrying each until it is acknowledged; records the acknowledged ones. Transfer `i` is
+/// asked through node `i % nodes`. Runs until each is acknowledged or the task is dropped.
+async fn drive(
+    nodes: Vec<Runtime>,
+    bank: Bank,
+    upto: u32,
+    over: Duration,
+    acked: Arc<Mutex<BTreeSet<u32>>>,
+) {
     let pending: Vec<u32> = {
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
-        bank.ids().filter(|i| !a.contains(i)).collect()
+        bank.ids().filter(|i| *i < upto && !a.contains(i)).collect()
     };
-    futures::stream::iter(pending)
-        .for_each_concurrent(bank.concurrency, |i| {
-            let (rt, acked) = (&nodes[i as usize % nodes.len()], acked.clone());
-            async move {
-                while bank.start(rt, i).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
+    // Spread over the round, so that its end (a crash, a power loss) finds starts in flight.
+    let pace = over / u32::try_from(pending.len() + 1).unwrap_or(u32::MAX);
+    let starts = pending.into_iter().enumerate().map(|(k, i)| {
+        let (rt, acked) = (&nodes[i as usize % nodes.len()], acked.clone());
+        async move {
+            tokio::time::sleep(pace * u32::try_from(k).unwrap_or(u32::MAX)).await;
+            while bank.start(rt, i).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        })
-        .await;
+            acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
+        }
+    });
+    futures::future::join_all(starts).await;
 }
 
 async fn world(plan: Plan) -> Outcome {
@@ -290,6 +350,7 @@ async fn world(plan: Plan) -> Outcome {
     };
     let acked: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
     let (mut crashes, mut power_losses, mut stalls) = (0, 0, 0);
+    let (mut node_crashes, mut busy_kills, mut rejections) = (0, 0, 0);
     let mut failure = None;
     for round in 0..plan.rounds {
         let round_faults = faults(&plan, &mut rng);
@@ -316,9 +377,16 @@ async fn world(plan: Plan) -> Outcome {
             }
         }
         let clients: Vec<Runtime> = nodes.iter().map(|(rt, _)| rt.clone()).collect();
-        let driver = tokio::spawn(drive(clients, bank, acked.clone()));
+        // Each round drives its own slice of the transfers (and what earlier rounds left), so
+        // that its crash or power loss lands under load, not on a bank already done.
+        let upto = plan
+            .transfers
+            .div_ceil(plan.rounds)
+            .saturating_mul(round + 1)
+            .min(plan.transfers);
         // What happens to the round, drawn whether each fault is on or not (see `faults`).
         let mut run_for = Duration::from_millis(rng.u64(100..=2_000));
+        let driver = tokio::spawn(drive(clients, bank, upto, run_for, acked.clone()));
         let (fill, fill_at, fill_lasts) = (
             rng.u8(0..4) == 0,
             run_for.mul_f64(rng.f64()),
@@ -331,7 +399,19 @@ async fn world(plan: Plan) -> Outcome {
             // Longer than the lease (3 s) and the message visibility (5 s), sometimes.
             Duration::from_millis(rng.u64(2_000..=8_000)),
         );
+        let (crash, crash_node, crash_at) = (
+            rng.u8(0..4) == 0,
+            rng.usize(..nodes.len()),
+            run_for.mul_f64(rng.f64()),
+        );
+        let (mid_power, mid_power_at) = (rng.u8(0..6) == 0, run_for.mul_f64(rng.f64()));
         let mut events = Vec::new();
+        if plan.faults.node_crash && crash && nodes.len() > 1 {
+            events.push((crash_at, Event::Crash(crash_node)));
+        }
+        if plan.faults.power_loss && mid_power {
+            events.push((mid_power_at, Event::PowerLoss));
+        }
         if plan.faults.disk_full && fill {
             events.push((fill_at, Event::DiskFull(true)));
             events.push((fill_at + fill_lasts, Event::DiskFull(false)));
@@ -343,6 +423,7 @@ async fn world(plan: Plan) -> Outcome {
             run_for = run_for.max(stall_at + stall_lasts + Duration::from_secs(2));
         }
         events.sort_by_key(|(at, _)| *at);
+        let mut dead = Vec::new();
         let began = tokio::time::Instant::now();
         for (at, event) in events {
             tokio::time::sleep_until(began + at).await;
@@ -355,15 +436,35 @@ async fn world(plan: Plan) -> Outcome {
                     nodes[n].1.stall(d);
                     stalls += 1;
                 }
+                Event::Crash(n) => {
+                    if !dead.contains(&n) {
+                        kill(&nodes[n], &mut rejections).await;
+                        dead.push(n);
+                        node_crashes += 1;
+                    }
+                }
+                Event::PowerLoss => {
+                    store.power_loss();
+                    power_losses += 1;
+                }
             }
         }
         tokio::time::sleep_until(began + run_for).await;
-        driver.abort();
-        // Aborted on purpose: a killed process's client goes with it.
-        let _ = driver.await;
-        for (rt, _) in nodes {
-            rt.kill().await;
+        if !driver.is_finished() {
+            busy_kills += 1;
         }
+        driver.abort();
+        match driver.await {
+            Err(e) if e.is_panic() => failure = Some(format!("the client panicked: {e}")),
+            // Cancelled on purpose (a killed process's client goes with it), or done.
+            _ => {}
+        }
+        for (n, node) in nodes.iter().enumerate() {
+            if !dead.contains(&n) {
+                kill(node, &mut rejections).await;
+            }
+        }
+        drop(nodes);
         let (power, rot) = (rng.u8(0..3) == 0, rng.u8(0..2) == 0);
         if plan.faults.power_loss && power {
             store.power_loss();
@@ -405,6 +506,15 @@ async fn world(plan: Plan) -> Outcome {
                         report = Some(r);
                     }
                 }
+                rejections += rt.metrics().rejections;
+                if rejections > 0 && failure.is_none() {
+                    // The bank's handlers refuse only what should never reach them: a Start,
+                    // Debited or Credited applied a second time (rule D6), or an account
+                    // opened twice.
+                    failure = Some(format!(
+                        "{rejections} message(s) refused by a handler: a message was applied twice"
+                    ));
+                }
             }
         }
     }
@@ -432,6 +542,8 @@ async fn world(plan: Plan) -> Outcome {
         crashes,
         power_losses,
         stalls,
+        node_crashes,
+        busy_kills,
         acknowledged: acked.lock().unwrap_or_else(|p| p.into_inner()).len(),
         stats: store.stats(),
         report,
@@ -453,6 +565,14 @@ async fn parked(rt: &Runtime) -> Vec<String> {
                 .collect();
         }
     }
+}
+
+/// Crashes a node: its connection is cut first (nothing it sent that has not arrived yet will),
+/// then every task of its runtime is dropped. Adds what its handlers refused to `rejections`.
+async fn kill((rt, link): &(Runtime, SimStore), rejections: &mut u64) {
+    link.sever();
+    *rejections += rt.metrics().rejections;
+    rt.kill().await;
 }
 
 /// What the final report says is broken, if anything.

@@ -44,6 +44,13 @@ fn healthy_seeds_inject_every_fault_and_keep_every_promise() {
     assert!(sum(|o| o.power_losses.into()) > 0);
     assert!(sum(|o| o.crashes.into()) > 0);
     assert!(sum(|o| o.stalls.into()) > 0);
+    assert!(sum(|o| o.node_crashes.into()) > 0);
+    // Many rounds end while the client is still starting transfers (about half on these
+    // seeds): the faults land under load, not on a bank already done.
+    assert!(
+        3 * sum(|o| o.busy_kills.into()) > sum(|o| o.plan.rounds.into()),
+        "too few rounds ended under load"
+    );
     assert!(sum(|o| o.stats.transient) > 0);
     assert!(sum(|o| o.stats.lost_reply) > 0);
     assert!(sum(|o| o.stats.disk_full) > 0);
@@ -63,7 +70,7 @@ fn an_acknowledgement_before_the_fsync_is_found_as_a_lost_transfer() {
     .expect("no seed found the acknowledgement before the fsync");
     let why = o.failure.unwrap_or_default();
     assert!(
-        why.contains("lost") || why.contains("do not balance"),
+        why.contains("acknowledged before durable"),
         "seed {}: {why}",
         o.plan.seed
     );
@@ -85,7 +92,8 @@ fn a_trim_past_the_oldest_kept_snapshot_is_found_when_a_snapshot_rots() {
     .expect("no seed found the trim past the oldest kept snapshot");
     let why = o.failure.unwrap_or_default();
     assert!(
-        why.contains("actors parked") && why.contains("trimmed past its oldest kept snapshot"),
+        why.contains("trimmed past its oldest kept snapshot")
+            || why.contains("past its oldest kept snapshot at"),
         "seed {}: {why}",
         o.plan.seed
     );

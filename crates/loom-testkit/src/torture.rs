@@ -204,7 +204,8 @@ fn read_acks(child: &mut Child, acked: Arc<Mutex<BTreeSet<u32>>>) -> std::thread
 /// never acknowledged may never have begun) and settled; the books are verified (total
 /// conserved, each account holding exactly the legs of the settled transfers, so a leg applied
 /// twice or lost shows); nothing is parked; every journal reads back gapless from its trim point
-/// to its highest seq.
+/// to its highest seq, is trimmed no further than its oldest kept snapshot, and there is one
+/// for every account and transfer.
 ///
 /// Requests that fail are asked again every 100 ms (the store may still be recovering), so a
 /// caller bounds the whole check with a timeout of its own. Shuts `rt` down before it reads the
@@ -286,6 +287,16 @@ pub async fn check_bank(
                     }
                 }
             }
+            if problem.is_none()
+                && let Some(&oldest) = info.snapshots.first()
+                && oldest < info.trimmed_through
+            {
+                // Rule D10: a trim never passes the oldest kept snapshot.
+                problem = Some(format!(
+                    "{a}: trimmed through {}, past its oldest kept snapshot at {oldest}",
+                    info.trimmed_through
+                ));
+            }
             if problem.is_none() && expect != info.highest + 1 {
                 problem = Some(format!(
                     "{a}: entries end at {}, highest is {}",
@@ -299,6 +310,14 @@ pub async fn check_bank(
             report.journals += 1;
         }
         after = Some(last);
+    }
+    let expected = u64::from(bank.accounts) + u64::from(bank.transfers);
+    if report.journals < expected && report.journal_error.is_none() {
+        // Every account was opened and every transfer started: each has a journal.
+        report.journal_error = Some(format!(
+            "{} journals listed, expected at least {expected} (the accounts and transfers)",
+            report.journals
+        ));
     }
     Ok(report)
 }

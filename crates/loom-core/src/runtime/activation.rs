@@ -50,7 +50,7 @@ impl Shared {
         if !self.hub.notify(id) {
             let me = self.clone();
             let id = id.clone();
-            self.tasks.spawn(async move { me.ensure_active(&id).await });
+            self.spawn(async move { me.ensure_active(&id).await });
         }
     }
 
@@ -119,7 +119,7 @@ impl Shared {
         match acquired {
             Ok(lease) => {
                 let fut = kind.start(self.clone(), id.clone(), lease, handle);
-                let handle = self.tasks.spawn(fut);
+                let handle = self.spawn(fut);
                 if let Some(a) = self
                     .active
                     .lock()

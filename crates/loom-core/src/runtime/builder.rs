@@ -123,10 +123,11 @@ impl RuntimeBuilder {
             parked: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             shutdown: CancellationToken::new(),
+            killed: CancellationToken::new(),
             tasks: TaskTracker::new(),
             wake: Notify::new(),
         });
-        shared.tasks.spawn(dispatch(shared.clone()));
+        shared.spawn(dispatch(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");
         Ok(Runtime { shared })
     }

@@ -243,6 +243,7 @@ impl<A: Actor> Cell<A> {
             }
             Ok(Err(rejected)) => {
                 self.restore_state();
+                shared.metrics.rejections.fetch_add(1, Ordering::Relaxed);
                 (Outcome::Rejected(rejected.reason().to_owned()), None)
             }
         };
@@ -521,7 +522,8 @@ impl<A: Actor> Cell<A> {
             io.lease.clone(),
         );
         let keep = policy.keep.max(1);
-        shared.tasks.clone().spawn(async move {
+        let spawner = shared.clone();
+        spawner.spawn(async move {
             let result =
                 super::replay::snapshot_and_trim(&*store, &id, seq, &body, keep, Some(&lease))
                     .await;

@@ -114,11 +114,16 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            node: format!(
-                "loom-{}-{:08x}",
-                std::process::id(),
-                crate::seam::random_u32()
-            ),
+            node: if crate::seam::is_simulated() {
+                // The process id would make two runs of one seed differ.
+                format!("loom-sim-{:08x}", crate::seam::random_u32())
+            } else {
+                format!(
+                    "loom-{}-{:08x}",
+                    std::process::id(),
+                    crate::seam::random_u32()
+                )
+            },
             lease_ttl: Duration::from_secs(10),
             visibility: Duration::from_secs(30),
             retry: Retry::default(),

@@ -8,6 +8,7 @@ pub(crate) struct Metrics {
     pub(crate) invocations: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    pub(crate) rejections: AtomicU64,
     pub(crate) recoveries: AtomicU64,
     pub(crate) replayed_entries: AtomicU64,
     pub(crate) compactions: AtomicU64,
@@ -26,6 +27,9 @@ pub struct MetricsSnapshot {
     pub retries: u64,
     /// Messages given up on.
     pub dead_letters: u64,
+    /// Invocations whose handler refused the message ([`Rejected`](super::Rejected)); the
+    /// caller got the reason.
+    pub rejections: u64,
     /// Actor activations (recoveries from the store).
     pub recoveries: u64,
     /// Journal entries replayed by those recoveries.

@@ -103,6 +103,9 @@ pub(crate) struct Shared {
     hosted: Vec<&'static str>,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Cancelled by [`Runtime::kill`]: every task the runtime spawned stops at its next await,
+    /// wherever it is (a store request that never answers included), as in a crash.
+    killed: CancellationToken,
     tasks: TaskTracker,
     wake: Notify,
     keeper: Arc<leases::Keeper>,
@@ -204,6 +207,7 @@ impl Runtime {
             invocations: get(&m.invocations),
             retries: get(&m.retries),
             dead_letters: get(&m.dead_letters),
+            rejections: get(&m.rejections),
             recoveries: get(&m.recoveries),
             replayed_entries: get(&m.replayed_entries),
             compactions: get(&m.compactions),
@@ -269,6 +273,7 @@ impl Runtime {
     /// recovery, and for emergencies. Returns once every actor task has stopped (a write it
     /// had already handed to the store may still land, as it may in a real crash).
     pub async fn kill(&self) {
+        self.shared.killed.cancel();
         self.shared.shutdown.cancel();
         self.stop_keeper().await;
         {
@@ -356,5 +361,23 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
         EntryKind::Completed { reply } => value(reply),
         EntryKind::ActivityFailed { error, .. } | EntryKind::Failed { error } => error.len() as u64,
         _ => 0,
+    }
+}
+
+impl Shared {
+    /// Spawns a task of this runtime: tracked (shutdown waits for it) and dropped at its next
+    /// await by [`Runtime::kill`].
+    fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let killed = self.killed.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = killed.cancelled() => {}
+                _ = fut => {}
+            }
+        })
     }
 }

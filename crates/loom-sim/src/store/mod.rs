@@ -271,29 +271,30 @@ struct State {
     /// When `durable` was last brought up to date.
     synced_at: tokio::time::Instant,
     stats: SimStats,
+    /// The highest version a request was answered from (what it wrote or saw), injected
+    /// failures aside: the durability audit's mark (see [`SimStore::power_loss`]).
+    answered: u64,
     trace: Trace,
     /// When the store was created, by tokio's clock: trace times are measured from here.
     created: tokio::time::Instant,
 }
 
 impl State {
-    /// A duration drawn uniformly from `min..=max` (`min` if the range is empty).
+    /// A duration drawn uniformly from `min..=max` (`min` if the range is empty). Draws
+    /// even then, so that turning a fault off (as shrinking does) leaves every other draw of
+    /// the run where it was.
     fn draw(&mut self, (min, max): (Duration, Duration)) -> Duration {
+        let x = self.rng.f64();
         if max <= min {
             return min;
         }
-        let lo = u64::try_from(min.as_nanos()).unwrap_or(u64::MAX);
-        let hi = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(self.rng.u64(lo..=hi))
+        min + (max - min).mul_f64(x)
     }
 
-    /// True with probability `p`. Draws nothing for a fault that is off, so that switching a
-    /// fault off does not change the draws of the others.
+    /// True with probability `p`. Draws even for a fault that is off (see [`draw`](Self::draw)).
     fn chance(&mut self, p: f64) -> bool {
-        if p <= 0.0 {
-            return false;
-        }
-        p >= 1.0 || self.rng.f64() < p
+        let x = self.rng.f64();
+        p > 0.0 && x < p
     }
 
     /// Fails a request that began before the latest power loss.
@@ -397,7 +398,10 @@ fn outcome<R>(r: &StoreResult<R>) -> String {
 
 /// Sleeps `d` on tokio's clock; a zero duration does not sleep (nor yield) at all.
 async fn pause(d: Duration) {
-    if !d.is_zero() {
+    if d.is_zero() {
+        // A real store never answers inside the caller's poll: let other tasks run first.
+        tokio::task::yield_now().await;
+    } else {
         tokio::time::sleep(d).await;
     }
 }
@@ -454,6 +458,8 @@ const ARRIVALS: usize = 1024;
 #[derive(Debug, Default)]
 struct Link {
     stalled_until: Mutex<Option<tokio::time::Instant>>,
+    /// The node crashed: nothing it sent and that has not arrived yet ever arrives.
+    severed: std::sync::atomic::AtomicBool,
 }
 
 impl SimStore {
@@ -517,6 +523,7 @@ impl SimStore {
             relay_hold: RelayHold::Run,
             synced_at: tokio::time::Instant::now(),
             stats: SimStats::default(),
+            answered: 0,
             trace: Trace::new(),
             created: tokio::time::Instant::now(),
         };
@@ -562,6 +569,25 @@ impl SimStore {
             let line = format!("{}ms stall {} ms", s.elapsed_ms(), d.as_millis());
             s.trace.push(line);
         }
+    }
+
+    /// Cuts this handle's connection for good, as when its node crashes: a request sent on it
+    /// that has not reached the store yet never does (nor does any sent later). No-op on a
+    /// handle without a [`link`](Self::link).
+    pub fn sever(&self) {
+        if let Some(link) = &self.link {
+            link.severed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let mut s = self.state();
+            let line = format!("{}ms sever", s.elapsed_ms());
+            s.trace.push(line);
+        }
+    }
+
+    fn severed(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.severed.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Rule breaks the audits saw: a turn that committed although its fence was not the
@@ -643,6 +669,18 @@ impl SimStore {
     /// leased messages and the rest are data like any other: what was durable stays.
     pub fn power_loss(&self) {
         let mut s = self.state();
+        if s.answered > s.durable_version {
+            // The durability audit (rule D1): a caller was answered from a version that is
+            // about to vanish. Never without the ack-before-fsync bug: every answer waits for
+            // the sync of what it wrote or saw.
+            let lost = format!(
+                "a power loss dropped versions {}..={} of the store, already answered to a caller \
+                 (acknowledged before durable)",
+                s.durable_version + 1,
+                s.answered
+            );
+            self.violation(lost);
+        }
         let kept = s.durable.clone();
         s.live = kept;
         s.version += 1;
@@ -816,6 +854,10 @@ impl SimStore {
         if let Some(until) = stalled {
             tokio::time::sleep_until(until).await;
         }
+        if self.severed() {
+            // Sent by a node that crashed before it arrived: it never does.
+            std::future::pending::<()>().await;
+        }
         // 2. Arrived: it may fail before anything happens. In the ack-before-fsync bug, a write
         // syncs what earlier writes left behind first (it will not wait for its own sync).
         let presync = {
@@ -842,8 +884,12 @@ impl SimStore {
             s.alive(epoch)?;
             self.sync_through(&mut s, seen);
         }
-        // 3. Applied to the live data, all at one instant.
-        let (result, wrote, sync) = {
+        // 3. Applied to the live data, all at one instant (unless its node crashed since it
+        // was sent: no await between this look and the write).
+        if self.severed() {
+            std::future::pending::<()>().await;
+        }
+        let (result, wrote, seen, sync) = {
             let mut s = self.state();
             s.alive(epoch)?;
             let now = Timestamp::now();
@@ -875,7 +921,7 @@ impl SimStore {
             } else {
                 None
             };
-            (result, wrote, sync)
+            (result, wrote, seen, sync)
         };
         // 4. The sync (group commit).
         if let Some((seen, fsync)) = sync {
@@ -885,14 +931,15 @@ impl SimStore {
             self.sync_through(&mut s, seen);
         }
         // 5. The reply.
+        let mut s = self.state();
         if wrote {
-            let mut s = self.state();
             let p = s.faults.lost_reply;
             if s.chance(p) {
                 s.stats.lost_reply += 1;
                 return Err(SimFault::LostReply.into());
             }
         }
+        s.answered = s.answered.max(seen);
         result
     }
 }
