@@ -67,6 +67,17 @@ async fn acknowledged_writes_survive_a_power_loss() {
     assert_eq!(stats.power_losses, 1);
 }
 
+/// Lets the spawned write run until it is applied and waits for its sync.
+async fn applied(store: &SimStore) {
+    for _ in 0..10 {
+        if store.unsynced() == 1 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.unsynced(), 1, "the write was not applied");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_write_in_flight_at_a_power_loss_fails_and_is_gone() {
     let store = SimStore::new(
@@ -81,9 +92,9 @@ async fn a_write_in_flight_at_a_power_loss_fails_and_is_gone() {
         let (store, a) = (store.clone(), a.clone());
         tokio::spawn(async move { store.append(&a, 1, &[entry(1)]).await })
     };
-    // The write is applied and waits for its sync.
-    tokio::task::yield_now().await;
-    assert_eq!(store.unsynced(), 1);
+    // The write is applied (a request yields once even without latency) and waits for its
+    // sync.
+    applied(&store).await;
     store.power_loss();
     let err = writer.await.unwrap().unwrap_err();
     assert_eq!(SimFault::of(&err), Some(SimFault::PowerLoss), "{err:?}");
@@ -129,8 +140,7 @@ async fn a_read_returns_only_what_is_durable() {
         let (store, a) = (store.clone(), a.clone());
         tokio::spawn(async move { store.append(&a, 1, &[entry(1)]).await })
     };
-    tokio::task::yield_now().await;
-    assert_eq!(store.unsynced(), 1);
+    applied(&store).await;
     // The read sees the write before it is acknowledged, so it waits for its sync.
     assert_eq!(store.highest_seq(&a).await.unwrap(), 1);
     assert_eq!(store.unsynced(), 0);
