@@ -243,7 +243,7 @@ impl<A: Actor> Cell<A> {
             }
             Ok(Err(rejected)) => {
                 self.restore_state();
-                shared.metrics.rejections.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(actor = %self.id, message = %d.envelope.id, reason = rejected.reason(), "the handler refused the message");
                 (Outcome::Rejected(rejected.reason().to_owned()), None)
             }
         };
@@ -269,6 +269,7 @@ impl<A: Actor> Cell<A> {
                 error: reason.clone(),
             }),
         }
+        let rejected = matches!(outcome, Outcome::Rejected(_));
         let recorded = Recorded {
             message_id: id,
             outcome,
@@ -291,6 +292,11 @@ impl<A: Actor> Cell<A> {
         match io.store.commit_turn(turn).await {
             Ok(committed) => {
                 shared.health.ok();
+                if rejected {
+                    // Counted once the refusal is journaled: a refusal whose turn was refused
+                    // (fenced by a lease lost meanwhile) refused nothing.
+                    shared.metrics.rejections.fetch_add(1, Ordering::Relaxed);
+                }
                 self.next_seq = committed.highest + 1;
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;

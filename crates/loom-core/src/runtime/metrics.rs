@@ -27,8 +27,8 @@ pub struct MetricsSnapshot {
     pub retries: u64,
     /// Messages given up on.
     pub dead_letters: u64,
-    /// Invocations whose handler refused the message ([`Rejected`](super::Rejected)); the
-    /// caller got the reason.
+    /// Invocations whose handler refused the message ([`Rejected`](super::Rejected)), counted
+    /// when the refusal is journaled; the caller got the reason.
     pub rejections: u64,
     /// Actor activations (recoveries from the store).
     pub recoveries: u64,

@@ -348,6 +348,8 @@ impl Trace {
     }
 
     fn push(&mut self, line: String) {
+        // Every line, for `RUST_LOG=loom_sim::trace=trace`.
+        tracing::trace!(target: "loom_sim::trace", "{line}");
         for b in line.bytes().chain(std::iter::once(b'\n')) {
             self.hash ^= u64::from(b);
             self.hash = self.hash.wrapping_mul(FNV_PRIME);
