@@ -140,3 +140,17 @@ fn a_duplicated_relay_delivery_is_found_by_the_relay_audit() {
         o.plan.seed
     );
 }
+
+/// Seeds that once failed, each with the default plan of the build that found it; each must
+/// keep every promise from now on.
+/// - 599: a node stalled past its lease ran a handler on its stale state and refused a
+///   `Debited` the new owner's `Start` had caused; the refusal's turn was fenced, but the
+///   rejection count took it for a message applied twice (it now counts journaled refusals).
+#[test]
+fn seeds_that_once_failed_keep_every_promise() {
+    for seed in [599] {
+        let o = run(Plan::new(seed));
+        assert!(o.ok(), "seed {seed}: {:?}", o.failure);
+        assert!(o.stalls > 0, "seed {seed} no longer stalls a node: {o:?}");
+    }
+}
