@@ -146,9 +146,11 @@ fn a_duplicated_relay_delivery_is_found_by_the_relay_audit() {
 /// - 599: a node stalled past its lease ran a handler on its stale state and refused a
 ///   `Debited` the new owner's `Start` had caused; the refusal's turn was fenced, but the
 ///   rejection count took it for a message applied twice (it now counts journaled refusals).
+const ONCE_FAILED: &[u64] = &[599];
+
 #[test]
 fn seeds_that_once_failed_keep_every_promise() {
-    for seed in [599] {
+    for &seed in ONCE_FAILED {
         let o = run(Plan::new(seed));
         assert!(o.ok(), "seed {seed}: {:?}", o.failure);
         assert!(o.stalls > 0, "seed {seed} no longer stalls a node: {o:?}");
