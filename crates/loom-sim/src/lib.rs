@@ -46,5 +46,6 @@
 
 pub mod run;
 pub mod store;
+pub mod workload;
 
 pub use store::{Faults, SimFault, SimStats, SimStore};

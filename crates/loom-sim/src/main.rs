@@ -85,25 +85,38 @@ enum Bug {
     SkipFenceCheck,
     /// The relay enqueues outbox rows already moved (no high-water mark).
     AcceptDuplicateRelay,
+    /// Scheduled messages are due in whole seconds, rounded down (timers fire early).
+    TimersInWholeSeconds,
 }
 
 #[derive(clap::Args, Clone)]
 struct Shape {
-    /// Rounds, each ended by a crash or a power loss of every node.
-    #[arg(long, default_value_t = 4)]
-    rounds: u32,
-    /// Nodes in every round (runtimes on the same store, each on its own connection).
-    #[arg(long, default_value_t = 2)]
-    nodes: u32,
-    /// Partitions of the store (messages between them go through the outbox and relay).
-    #[arg(long, default_value_t = 2)]
-    partitions: u32,
-    /// Accounts.
-    #[arg(long, default_value_t = 6)]
-    accounts: u32,
-    /// Transfers (each round drives its share).
-    #[arg(long, default_value_t = 60)]
-    transfers: u32,
+    /// Rounds, each ended by a crash or a power loss of every node [default: 4].
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Nodes in every round (runtimes on the same store, each on its own connection)
+    /// [default: 2].
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// Partitions of the store (messages between them go through the outbox and relay)
+    /// [default: 2].
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Accounts [default: 6].
+    #[arg(long)]
+    accounts: Option<u32>,
+    /// Transfers (each round drives its share, as of every workload) [default: 60].
+    #[arg(long)]
+    transfers: Option<u32>,
+    /// Calls to the counters, whose replies are checked for linearizability [default: 40].
+    #[arg(long)]
+    calls: Option<u32>,
+    /// Orders of the saga [default: 8].
+    #[arg(long)]
+    orders: Option<u32>,
+    /// Timers (scheduled messages and durable sleeps) [default: 12].
+    #[arg(long)]
+    timers: Option<u32>,
     /// Faults not to inject (comma-separated).
     #[arg(long, value_delimiter = ',')]
     without: Vec<Fault>,
@@ -115,13 +128,17 @@ struct Shape {
 impl Shape {
     fn plan(&self, seed: u64) -> Plan {
         let off = |f| self.without.contains(&f);
+        let d = Plan::new(seed);
         Plan {
             seed,
-            rounds: self.rounds,
-            nodes: self.nodes.max(1),
-            partitions: self.partitions,
-            accounts: self.accounts.max(2),
-            transfers: self.transfers,
+            rounds: self.rounds.unwrap_or(d.rounds),
+            nodes: self.nodes.unwrap_or(d.nodes).max(1),
+            partitions: self.partitions.unwrap_or(d.partitions),
+            accounts: self.accounts.unwrap_or(d.accounts).max(2),
+            transfers: self.transfers.unwrap_or(d.transfers),
+            calls: self.calls.unwrap_or(d.calls),
+            orders: self.orders.unwrap_or(d.orders),
+            timers: self.timers.unwrap_or(d.timers),
             faults: Enabled {
                 power_loss: !off(Fault::PowerLoss),
                 latency: !off(Fault::Latency),
@@ -137,6 +154,7 @@ impl Shape {
                 trim_past_oldest_snapshot: self.bug.contains(&Bug::TrimPastOldestSnapshot),
                 skip_fence_check: self.bug.contains(&Bug::SkipFenceCheck),
                 accept_duplicate_relay: self.bug.contains(&Bug::AcceptDuplicateRelay),
+                timers_in_whole_seconds: self.bug.contains(&Bug::TimersInWholeSeconds),
             },
         }
     }
@@ -160,8 +178,17 @@ fn guarded(plan: Plan) -> Outcome {
 /// The command line that replays `plan`.
 fn command_line(plan: &Plan) -> String {
     let mut s = format!(
-        "loom-sim run --seed {} --rounds {} --nodes {} --partitions {} --accounts {} --transfers {}",
-        plan.seed, plan.rounds, plan.nodes, plan.partitions, plan.accounts, plan.transfers
+        "loom-sim run --seed {} --rounds {} --nodes {} --partitions {} --accounts {} --transfers {} \
+         --calls {} --orders {} --timers {}",
+        plan.seed,
+        plan.rounds,
+        plan.nodes,
+        plan.partitions,
+        plan.accounts,
+        plan.transfers,
+        plan.calls,
+        plan.orders,
+        plan.timers
     );
     let f = plan.faults;
     let off: Vec<&str> = [
@@ -187,6 +214,7 @@ fn command_line(plan: &Plan) -> String {
         (b.trim_past_oldest_snapshot, "trim-past-oldest-snapshot"),
         (b.skip_fence_check, "skip-fence-check"),
         (b.accept_duplicate_relay, "accept-duplicate-relay"),
+        (b.timers_in_whole_seconds, "timers-in-whole-seconds"),
     ]
     .into_iter()
     .filter(|(on, _)| *on)
@@ -203,8 +231,9 @@ fn summary(o: &Outcome) -> String {
     let (done, refused) = o.report.as_ref().map_or((0, 0), |r| (r.done, r.refused));
     format!(
         "seed {}: {verdict}; trace {:016x} ({} requests, {:.1} s simulated); {} crashes, {} power \
-         losses, {} stalls, {} node crashes, {} rounds ended under load, {} transfers acknowledged, {done} done, {refused} refused; injected \
-         {} transient errors, {} lost replies, {} full-disk refusals",
+         losses, {} stalls, {} node crashes, {} rounds ended under load; acknowledged in the \
+         rounds: {} transfers ({done} done, {refused} refused in the end), {} counter calls, {} \
+         orders, {} timers; injected {} transient errors, {} lost replies, {} full-disk refusals",
         o.plan.seed,
         o.trace,
         o.events,
@@ -215,6 +244,9 @@ fn summary(o: &Outcome) -> String {
         o.node_crashes,
         o.busy_kills,
         o.acknowledged,
+        o.workloads_acknowledged.0,
+        o.workloads_acknowledged.1,
+        o.workloads_acknowledged.2,
         o.stats.transient,
         o.stats.lost_reply,
         o.stats.disk_full,
@@ -287,23 +319,36 @@ fn smaller(p: &Plan) -> Vec<Plan> {
             ..*p
         });
     }
-    if p.transfers > 1 {
-        out.push(Plan {
-            transfers: p.transfers / 2,
-            ..*p
-        });
+    // A workload dropped whole, then halved.
+    for (n, with) in [
+        (
+            p.calls,
+            (|p, n| Plan { calls: n, ..p }) as fn(Plan, u32) -> Plan,
+        ),
+        (p.orders, |p, n| Plan { orders: n, ..p }),
+        (p.timers, |p, n| Plan { timers: n, ..p }),
+        (p.transfers, |p, n| Plan { transfers: n, ..p }),
+    ] {
+        if n > 0 {
+            out.push(with(*p, 0));
+        }
+        if n > 1 {
+            out.push(with(*p, n / 2));
+        }
     }
     out
 }
 
-/// Greedily shrinks a failing plan: takes the first smaller plan that still fails, until none
+/// Greedily shrinks a failing plan: takes the first smaller plan that still fails one of the
+/// checks the original failed (one that fails only differently is another bug), until none
 /// does. Returns the smallest failing outcome found.
 fn shrink(failing: Outcome) -> Outcome {
+    let target = failing.failed.clone();
     let mut best = failing;
     'outer: loop {
         for p in smaller(&best.plan) {
             let o = guarded(p);
-            if !o.ok() {
+            if o.failed.iter().any(|c| target.contains(c)) {
                 best = o;
                 continue 'outer;
             }

@@ -1,16 +1,20 @@
-//! One simulated run: the bank on the real runtime, on a [`SimStore`], under a fault schedule
-//! drawn from one seed; then the same final check as the torture's.
+//! One simulated run: the workloads (the bank, counters, the order saga, timers) on the real
+//! runtime, on a [`SimStore`], under a fault schedule drawn from one seed; then the torture's
+//! final check of the bank and each workload's own check.
 //!
 //! A run is a sequence of *rounds*. Each round starts a node (a fresh [`Runtime`] on the same
 //! store, as a restarted process would be), drives transfers through it, and ends it with a
 //! **crash** (every task dropped mid-way; writes already handed to the store stay, as in a
 //! process killed by SIGKILL) or a **power loss** (the crash, and every write not yet synced is
 //! gone). Meanwhile the store injects its faults (latency, transient errors, lost replies, a
-//! full disk for a while). After the last round the faults stop, a last node starts, and
-//! [`check_bank`] proves the promises: no acknowledged transfer lost, the books balanced (no leg
-//! lost or applied twice), nothing parked, every journal gapless; and the store's audits
-//! (rule D8: no turn commits under a lost lease; rule D18: the relay moves no outbox row twice)
-//! saw nothing.
+//! full disk for a while). After the last round the faults stop, a last node starts, finishes
+//! what the rounds left, and the checks prove the promises: [`check_bank`] (no acknowledged
+//! transfer lost, the books balanced: no leg lost or applied twice, nothing parked, every
+//! journal gapless), the [workloads](crate::workload)' checks (each counter's replies
+//! linearizable against its journal; every order shipped or compensated, the outside world
+//! agreeing; every timer fired once and none early), no handler refusal, no task panic; and
+//! the store's audits (rule D1: no answered write lost to a power loss; rule D8: no turn
+//! commits under a lost lease; rule D18: the relay moves no outbox row twice) saw nothing.
 //!
 //! Everything runs on one thread, on a current-thread tokio runtime with a paused clock, with
 //! [`loom_core::seam`] switched to simulation: the run is a function of its [`Plan`], and two
@@ -21,12 +25,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use loom_bench::bank::Bank;
-use loom_core::runtime::{Compaction, Retry, Runtime};
+use loom_core::runtime::{Compaction, Retry, Runtime, RuntimeBuilder};
 use loom_core::{Store, Timestamp, seam};
 use loom_testkit::torture::{FinalReport, check_bank};
 use serde::Serialize;
 
 use crate::store::{Bugs, Faults, SimStats, SimStore};
+use crate::workload::counter::Counters;
+use crate::workload::saga::Orders;
+use crate::workload::timer::Timers;
+use crate::workload::{paced, until_ok};
 
 /// The simulated wall clock starts here (2026-01-01T00:00:00Z), whatever the seed.
 const EPOCH: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -91,6 +99,12 @@ pub struct Plan {
     pub accounts: u32,
     /// Transfers of the bank.
     pub transfers: u32,
+    /// Calls to the counters (the linearizability workload).
+    pub calls: u32,
+    /// Orders of the saga workload.
+    pub orders: u32,
+    /// Timers of the timer workload.
+    pub timers: u32,
     /// Faults that may be injected.
     pub faults: Enabled,
     /// Bugs switched on.
@@ -107,6 +121,9 @@ impl Plan {
             partitions: 2,
             accounts: 6,
             transfers: 60,
+            calls: 40,
+            orders: 8,
+            timers: 12,
             faults: Enabled::ALL,
             bugs: Bugs::default(),
         }
@@ -136,12 +153,16 @@ pub struct Outcome {
     pub busy_kills: u32,
     /// Transfers acknowledged before a crash or power loss.
     pub acknowledged: usize,
+    /// Counter calls, orders and timers acknowledged before a crash or power loss.
+    pub workloads_acknowledged: (usize, usize, usize),
     /// What the store injected.
     pub stats: SimStats,
     /// The final check's report (absent if the run failed before it).
     pub report: Option<FinalReport>,
     /// Why the run failed, if it did.
     pub failure: Option<String>,
+    /// Which checks failed (what shrinking keeps failing).
+    pub failed: Vec<Check>,
     /// The store's last requests, when the run failed.
     pub recent: Vec<String>,
 }
@@ -154,7 +175,10 @@ impl Outcome {
 
     /// The outcome of a run that panicked (its store and trace are gone with it).
     pub fn panicked(plan: Plan, message: String) -> Outcome {
-        Outcome::refused(plan, format!("panicked: {message}"))
+        Outcome {
+            failed: vec![Check::Panic],
+            ..Outcome::refused(plan, format!("panicked: {message}"))
+        }
     }
 
     /// The outcome of a run that could not run, or ended before it had a trace.
@@ -170,11 +194,75 @@ impl Outcome {
             node_crashes: 0,
             busy_kills: 0,
             acknowledged: 0,
+            workloads_acknowledged: (0, 0, 0),
             stats: SimStats::default(),
             report: None,
             failure: Some(failure),
+            failed: vec![Check::Run],
             recent: Vec::new(),
         }
+    }
+}
+
+/// A check a run can fail; a shrunk plan must fail one of the checks the original failed (a
+/// smaller plan that fails differently is another bug, not a smaller instance of this one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Check {
+    /// The run could not run (a bad plan, a node that never started, a check that could not
+    /// read the store).
+    Run,
+    /// A task panicked.
+    Panic,
+    /// The final node did not finish within [`FINAL_LIMIT`].
+    Stuck,
+    /// An acknowledged transfer was lost.
+    Lost,
+    /// The bank's books do not balance.
+    Books,
+    /// An actor was parked.
+    Parked,
+    /// A journal has a gap, or the journals are too few.
+    Journal,
+    /// A handler refused a message (one applied twice).
+    Refused,
+    /// A counter's replies are not linearizable against its journal.
+    Linearizable,
+    /// An order did not end, or the world disagrees with its status.
+    Saga,
+    /// A timer did not fire exactly once, or fired early.
+    Timers,
+    /// One of the store's audits (D1, D8, D18) saw a rule broken.
+    Audit,
+}
+
+/// The failures of a run, in the order they were found.
+#[derive(Default)]
+struct Failures(Vec<(Check, String)>);
+
+impl Failures {
+    fn add(&mut self, check: Check, why: String) {
+        self.0.push((check, why));
+    }
+
+    fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// The failure text (`None` if the run kept every promise) and the failed checks.
+    fn finish(self) -> (Option<String>, Vec<Check>) {
+        if self.0.is_empty() {
+            return (None, Vec::new());
+        }
+        let text = self
+            .0
+            .iter()
+            .map(|(_, w)| w.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut checks: Vec<Check> = self.0.into_iter().map(|(c, _)| c).collect();
+        checks.sort();
+        checks.dedup();
+        (Some(text), checks)
     }
 }
 
@@ -206,6 +294,9 @@ pub fn run(plan: Plan) -> Outcome {
             Some(f) => format!("{f}; {p}"),
             None => p,
         });
+        outcome.failed.push(Check::Panic);
+        outcome.failed.sort();
+        outcome.failed.dedup();
     }
     outcome
 }
@@ -249,33 +340,130 @@ fn faults(plan: &Plan, rng: &mut fastrand::Rng) -> Faults {
     }
 }
 
+/// What a run drives: the bank and the other [workloads](crate::workload).
+#[derive(Clone)]
+struct Workloads {
+    bank: Bank,
+    /// The transfers acknowledged so far.
+    acked: Arc<Mutex<BTreeSet<u32>>>,
+    counters: Counters,
+    orders: Orders,
+    timers: Timers,
+}
+
+impl Workloads {
+    fn new(plan: &Plan) -> Workloads {
+        Workloads {
+            bank: Bank {
+                accounts: plan.accounts,
+                transfers: plan.transfers,
+                initial: 1_000,
+                concurrency: 8,
+                seed: plan.seed,
+                first: 0,
+                first_account: 0,
+            },
+            acked: Arc::default(),
+            counters: Counters::new(plan.seed, 3, plan.calls),
+            orders: Orders::new(plan.seed, plan.orders),
+            timers: Timers::new(plan.seed, plan.timers),
+        }
+    }
+
+    /// Every workload's actors, registered on a node.
+    fn register(&self, builder: RuntimeBuilder) -> RuntimeBuilder {
+        let builder = Timers::register(Counters::register(Bank::register(builder)));
+        self.orders.register(builder)
+    }
+
+    /// Drives, through `nodes`, every item of every workload up to round `round`'s share of
+    /// `rounds` (all of them in the last) not acknowledged yet, spread `over`. Returns when all
+    /// are acknowledged (or never, if the task is dropped first).
+    async fn drive(self, nodes: Vec<Runtime>, round: u32, rounds: u32, over: Duration) {
+        // Each round drives its own slice (and what earlier rounds left), so that its crash or
+        // power loss lands under load, not on work already done.
+        let upto = |n: u32| n.div_ceil(rounds).saturating_mul(round + 1).min(n);
+        let bank = drive_bank(
+            nodes.clone(),
+            self.bank,
+            upto(self.bank.transfers),
+            over,
+            self.acked.clone(),
+        );
+        let (calls, orders, timers) = (
+            upto(self.counters.calls),
+            upto(self.orders.orders),
+            upto(self.timers.timers),
+        );
+        futures::future::join4(
+            bank,
+            self.counters.drive(nodes.clone(), calls, over),
+            self.orders.drive(nodes.clone(), orders, over),
+            self.timers.drive(nodes, timers, over),
+        )
+        .await;
+    }
+
+    /// Counter calls, orders and timers acknowledged so far.
+    fn acknowledged(&self) -> (usize, usize, usize) {
+        (
+            self.counters.answered(),
+            self.orders.acknowledged(),
+            self.timers.acknowledged(),
+        )
+    }
+
+    /// The final node's part: drives what the rounds left through `rt`, checks the
+    /// workloads, then the bank ([`check_bank`], which shuts `rt` down). The bank's report, or
+    /// the first check failed.
+    async fn finish(&self, rt: &Runtime, store: &SimStore) -> Result<FinalReport, (Check, String)> {
+        self.clone()
+            .drive(vec![rt.clone()], 0, 1, Duration::ZERO)
+            .await;
+        self.counters
+            .check(store)
+            .map_err(|e| (Check::Linearizable, e))?;
+        self.orders.check(rt).await.map_err(|e| (Check::Saga, e))?;
+        self.timers
+            .check(rt)
+            .await
+            .map_err(|e| (Check::Timers, e))?;
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // The accounts are not opened again: their openings were acknowledged in the first
+        // round, and must have survived every fault since.
+        check_bank(rt, &self.bank, &acked)
+            .await
+            .map_err(|e| (Check::Run, format!("the final check failed: {e}")))
+    }
+}
+
 /// A node: a runtime on the shared store, tuned for short simulated rounds.
-async fn start_node(store: &SimStore, name: String) -> Result<Runtime, String> {
+async fn start_node(store: &SimStore, name: String, work: &Workloads) -> Result<Runtime, String> {
     let mut last = String::new();
     // A start reads the store; under injected failures it may take a few tries.
     for _ in 0..100 {
-        let started =
-            Bank::register(Runtime::builder().store(Arc::new(store.clone()) as Arc<dyn Store>))
-                .configure(|c| {
-                    c.node = name.clone();
-                    c.lease_ttl = Duration::from_secs(3);
-                    c.visibility = Duration::from_secs(5);
-                    c.ask_timeout = Duration::from_secs(20);
-                    c.shutdown_timeout = Duration::from_secs(5);
-                    c.retry = Retry {
-                        initial: Duration::from_millis(20),
-                        max: Duration::from_secs(2),
-                        max_attempts: 8,
-                    };
-                    // Small, so that every run snapshots and trims many times.
-                    c.compaction = Compaction {
-                        every_entries: Some(6),
-                        every_bytes: None,
-                        keep: 2,
-                    };
-                })
-                .start()
-                .await;
+        let started = work
+            .register(Runtime::builder().store(Arc::new(store.clone()) as Arc<dyn Store>))
+            .configure(|c| {
+                c.node = name.clone();
+                c.lease_ttl = Duration::from_secs(3);
+                c.visibility = Duration::from_secs(5);
+                c.ask_timeout = Duration::from_secs(20);
+                c.shutdown_timeout = Duration::from_secs(5);
+                c.retry = Retry {
+                    initial: Duration::from_millis(20),
+                    max: Duration::from_secs(2),
+                    max_attempts: 8,
+                };
+                // Small, so that every run snapshots and trims many times.
+                c.compaction = Compaction {
+                    every_entries: Some(6),
+                    every_bytes: None,
+                    keep: 2,
+                };
+            })
+            .start()
+            .await;
         match started {
             Ok(rt) => return Ok(rt),
             Err(e) => {
@@ -303,7 +491,7 @@ enum Event {
 /// Starts every transfer below `upto` not yet acknowledged, one after another spread `over` the
 /// round, retrying each until it is acknowledged; records the acknowledged ones. Transfer `i` is
 /// asked through node `i % nodes`. Runs until each is acknowledged or the task is dropped.
-async fn drive(
+async fn drive_bank(
     nodes: Vec<Runtime>,
     bank: Bank,
     upto: u32,
@@ -314,19 +502,14 @@ async fn drive(
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
         bank.ids().filter(|i| *i < upto && !a.contains(i)).collect()
     };
-    // Spread over the round, so that its end (a crash, a power loss) finds starts in flight.
-    let pace = over / u32::try_from(pending.len() + 1).unwrap_or(u32::MAX);
-    let starts = pending.into_iter().enumerate().map(|(k, i)| {
-        let (rt, acked) = (&nodes[i as usize % nodes.len()], acked.clone());
+    paced(pending, over, |i| {
+        let (rt, acked) = (nodes[i as usize % nodes.len()].clone(), acked.clone());
         async move {
-            tokio::time::sleep(pace * u32::try_from(k).unwrap_or(u32::MAX)).await;
-            while bank.start(rt, i).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            until_ok(|| bank.start(&rt, i)).await;
             acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
         }
-    });
-    futures::future::join_all(starts).await;
+    })
+    .await;
 }
 
 async fn world(plan: Plan) -> Outcome {
@@ -339,54 +522,36 @@ async fn world(plan: Plan) -> Outcome {
     };
     store.set_bugs(plan.bugs);
     let mut rotten = false;
-    let bank = Bank {
-        accounts: plan.accounts,
-        transfers: plan.transfers,
-        initial: 1_000,
-        concurrency: 8,
-        seed: plan.seed,
-        first: 0,
-        first_account: 0,
-    };
-    let acked: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let work = Workloads::new(&plan);
     let (mut crashes, mut power_losses, mut stalls) = (0, 0, 0);
     let (mut node_crashes, mut busy_kills, mut rejections) = (0, 0, 0);
-    let mut failure = None;
+    let mut failures = Failures::default();
     for round in 0..plan.rounds {
         let round_faults = faults(&plan, &mut rng);
         store.set_faults(round_faults);
         let mut nodes = Vec::new();
         for n in 0..plan.nodes {
             let link = store.link();
-            match start_node(&link, format!("node-{round}-{n}")).await {
+            match start_node(&link, format!("node-{round}-{n}"), &work).await {
                 Ok(rt) => nodes.push((rt, link)),
                 Err(e) => {
-                    failure = Some(e);
+                    failures.add(Check::Run, e);
                     break;
                 }
             }
         }
-        if failure.is_some() {
+        if failures.any() {
             break;
         }
         if round == 0 {
             // The accounts are opened (and acknowledged) before the first fault: a power loss
             // that took an opening back shows in the books.
-            while bank.open_accounts(&nodes[0].0).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            until_ok(|| work.bank.open_accounts(&nodes[0].0)).await;
         }
         let clients: Vec<Runtime> = nodes.iter().map(|(rt, _)| rt.clone()).collect();
-        // Each round drives its own slice of the transfers (and what earlier rounds left), so
-        // that its crash or power loss lands under load, not on a bank already done.
-        let upto = plan
-            .transfers
-            .div_ceil(plan.rounds)
-            .saturating_mul(round + 1)
-            .min(plan.transfers);
         // What happens to the round, drawn whether each fault is on or not (see `faults`).
         let mut run_for = Duration::from_millis(rng.u64(100..=2_000));
-        let driver = tokio::spawn(drive(clients, bank, upto, run_for, acked.clone()));
+        let driver = tokio::spawn(work.clone().drive(clients, round, plan.rounds, run_for));
         let (fill, fill_at, fill_lasts) = (
             rng.u8(0..4) == 0,
             run_for.mul_f64(rng.f64()),
@@ -455,7 +620,9 @@ async fn world(plan: Plan) -> Outcome {
         }
         driver.abort();
         match driver.await {
-            Err(e) if e.is_panic() => failure = Some(format!("the client panicked: {e}")),
+            Err(e) if e.is_panic() => {
+                failures.add(Check::Panic, format!("the client panicked: {e}"))
+            }
             // Cancelled on purpose (a killed process's client goes with it), or done.
             _ => {}
         }
@@ -478,57 +645,68 @@ async fn world(plan: Plan) -> Outcome {
             rotten = store.rot_a_snapshot().is_some();
         }
     }
+    // What the rounds got acknowledged (the final node then drives the rest).
+    let acknowledged = (
+        work.acked.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        work.acknowledged(),
+    );
     let mut report = None;
-    if failure.is_none() {
+    if !failures.any() {
         store.set_faults(Faults::default());
-        match start_node(&store, "node-final".into()).await {
-            Err(e) => failure = Some(e),
+        match start_node(&store, "node-final".into(), &work).await {
+            Err(e) => failures.add(Check::Run, e),
             Ok(rt) => {
-                let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                // The accounts are not opened again: their openings were acknowledged in the
-                // first round, and must have survived every fault since.
                 let checked = tokio::select! {
                     biased;
-                    r = tokio::time::timeout(FINAL_LIMIT, check_bank(&rt, &bank, &acked)) => r,
+                    r = tokio::time::timeout(FINAL_LIMIT, work.finish(&rt, &store)) => r,
                     parked = parked(&rt) => Ok(Ok(FinalReport { parked, ..FinalReport::default() })),
                 };
                 match checked {
                     Err(_) => {
-                        failure = Some(format!(
-                            "the final check did not finish within {} s of simulated time",
-                            FINAL_LIMIT.as_secs()
-                        ));
+                        failures.add(
+                            Check::Stuck,
+                            format!(
+                                "the final check did not finish within {} s of simulated time",
+                                FINAL_LIMIT.as_secs()
+                            ),
+                        );
                         rt.kill().await;
                     }
-                    Ok(Err(e)) => failure = Some(format!("the final check failed: {e}")),
+                    Ok(Err((check, why))) => {
+                        failures.add(check, why);
+                        rt.kill().await;
+                    }
                     Ok(Ok(r)) => {
-                        failure = broken(&r);
+                        broken(&r, &mut failures);
                         report = Some(r);
                     }
                 }
                 rejections += rt.metrics().rejections;
-                if rejections > 0 && failure.is_none() {
-                    // The bank's handlers refuse only what should never reach them: a Start,
-                    // Debited or Credited applied a second time (rule D6), or an account
+                if rejections > 0 && !failures.any() {
+                    // The workloads' handlers refuse only what should never reach them: a
+                    // Start, Debited or Credited applied a second time (rule D6), or an account
                     // opened twice.
-                    failure = Some(format!(
-                        "{rejections} message(s) refused by a handler: a message was applied twice"
-                    ));
+                    failures.add(
+                        Check::Refused,
+                        format!(
+                            "{rejections} message(s) refused by a handler: a message was applied twice"
+                        ),
+                    );
                 }
             }
         }
     }
     let violations = store.violations();
     if !violations.is_empty() {
-        let v = format!(
-            "the store's audit saw a rule broken: {}",
-            violations.join("; ")
+        failures.add(
+            Check::Audit,
+            format!(
+                "the store's audit saw a rule broken: {}",
+                violations.join("; ")
+            ),
         );
-        failure = Some(match failure {
-            Some(f) => format!("{f}; {v}"),
-            None => v,
-        });
     }
+    let (failure, failed) = failures.finish();
     let recent = if failure.is_some() {
         store.recent()
     } else {
@@ -544,10 +722,12 @@ async fn world(plan: Plan) -> Outcome {
         stalls,
         node_crashes,
         busy_kills,
-        acknowledged: acked.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        acknowledged: acknowledged.0,
+        workloads_acknowledged: acknowledged.1,
         stats: store.stats(),
         report,
         failure,
+        failed,
         recent,
     }
 }
@@ -575,20 +755,21 @@ async fn kill((rt, link): &(Runtime, SimStore), rejections: &mut u64) {
     rt.kill().await;
 }
 
-/// What the final report says is broken, if anything.
-fn broken(r: &FinalReport) -> Option<String> {
-    let mut out = Vec::new();
+/// Records what the final report says is broken, if anything.
+fn broken(r: &FinalReport, failures: &mut Failures) {
     if !r.lost.is_empty() {
-        out.push(format!("acknowledged transfers lost: {:?}", r.lost));
+        failures.add(
+            Check::Lost,
+            format!("acknowledged transfers lost: {:?}", r.lost),
+        );
     }
     if let Some(v) = &r.verify_error {
-        out.push(format!("the books do not balance: {v}"));
+        failures.add(Check::Books, format!("the books do not balance: {v}"));
     }
     if !r.parked.is_empty() {
-        out.push(format!("actors parked: {:?}", r.parked));
+        failures.add(Check::Parked, format!("actors parked: {:?}", r.parked));
     }
     if let Some(j) = &r.journal_error {
-        out.push(format!("a journal is broken: {j}"));
+        failures.add(Check::Journal, format!("a journal is broken: {j}"));
     }
-    (!out.is_empty()).then(|| out.join("; "))
 }

@@ -1,7 +1,7 @@
 //! The simulator itself: runs replay from their seed, healthy seeds keep every promise, and
 //! each bug put back on purpose is found (and named) within a few seeds.
 
-use loom_sim::run::{Outcome, Plan, run};
+use loom_sim::run::{Check, Outcome, Plan, run};
 use loom_sim::store::Bugs;
 
 /// The first failing outcome among seeds `1..=limit` of `plan_for`, if any.
@@ -56,6 +56,10 @@ fn healthy_seeds_inject_every_fault_and_keep_every_promise() {
     assert!(sum(|o| o.stats.disk_full) > 0);
     assert!(sum(|o| o.stats.rotten_snapshots) > 0);
     assert!(sum(|o| o.acknowledged as u64) > 0);
+    // And every workload had work acknowledged before a crash or power loss.
+    assert!(sum(|o| o.workloads_acknowledged.0 as u64) > 0);
+    assert!(sum(|o| o.workloads_acknowledged.1 as u64) > 0);
+    assert!(sum(|o| o.workloads_acknowledged.2 as u64) > 0);
 }
 
 #[test]
@@ -141,8 +145,26 @@ fn a_duplicated_relay_delivery_is_found_by_the_relay_audit() {
     );
 }
 
-/// Seeds that once failed, each with the default plan of the build that found it; each must
-/// keep every promise from now on.
+#[test]
+fn timers_that_fire_early_are_found_by_the_timer_check() {
+    let o = first_failure(100, |seed| Plan {
+        bugs: Bugs {
+            timers_in_whole_seconds: true,
+            ..Bugs::default()
+        },
+        ..Plan::new(seed)
+    })
+    .expect("no seed found the timers that fire early");
+    let why = o.failure.unwrap_or_default();
+    assert!(
+        o.failed == [Check::Timers] && why.contains("before it was due"),
+        "seed {}: {why}",
+        o.plan.seed
+    );
+}
+
+/// Seeds that once failed, each with the default plan of the build that found it (the bank
+/// alone: the other workloads came later); each must keep every promise from now on.
 /// - 599: a node stalled past its lease ran a handler on its stale state and refused a
 ///   `Debited` the new owner's `Start` had caused; the refusal's turn was fenced, but the
 ///   rejection count took it for a message applied twice (it now counts journaled refusals).
@@ -151,7 +173,12 @@ const ONCE_FAILED: &[u64] = &[599];
 #[test]
 fn seeds_that_once_failed_keep_every_promise() {
     for &seed in ONCE_FAILED {
-        let o = run(Plan::new(seed));
+        let o = run(Plan {
+            calls: 0,
+            orders: 0,
+            timers: 0,
+            ..Plan::new(seed)
+        });
         assert!(o.ok(), "seed {seed}: {:?}", o.failure);
         assert!(o.stalls > 0, "seed {seed} no longer stalls a node: {o:?}");
     }

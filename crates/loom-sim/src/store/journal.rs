@@ -35,6 +35,35 @@ pub(super) struct Journal {
     deleted: Seq,
     entries: BTreeMap<Seq, Frame>,
     snapshots: BTreeMap<Seq, Frame>,
+    /// Every entry ever appended, trimmed or not, newest first: what the workloads' checkers
+    /// read back ([`SimStore::history`]). Not part of the store contract (no request reads
+    /// it); a persistent list, so that the copy-on-write of a journal stays cheap, and held in
+    /// the journal so that a power loss takes back exactly the entries it takes back.
+    history: Option<Arc<Appended>>,
+}
+
+/// One link of [`Journal::history`].
+#[derive(Debug)]
+struct Appended {
+    seq: Seq,
+    frame: Frame,
+    before: Option<Arc<Appended>>,
+}
+
+impl Drop for Appended {
+    /// Unlinks the chain one link at a time: the default drop would recurse once per entry,
+    /// and a long journal's history would overflow the stack.
+    fn drop(&mut self) {
+        let mut next = self.before.take();
+        while let Some(link) = next {
+            next = match Arc::try_unwrap(link) {
+                Ok(mut alone) => alone.before.take(),
+                // Shared with another copy of the journal (the durable one): that copy keeps
+                // the rest.
+                Err(_) => None,
+            };
+        }
+    }
 }
 
 /// Every journal. Invariant: an actor is here exactly when its highest seq is above 0 (it was
@@ -88,9 +117,13 @@ impl Journals {
         }
         let journal = self.make_mut(actor);
         for (i, frame) in frames.iter().enumerate() {
-            journal
-                .entries
-                .insert(expected_next + i as Seq, frame.clone());
+            let seq = expected_next + i as Seq;
+            journal.entries.insert(seq, frame.clone());
+            journal.history = Some(Arc::new(Appended {
+                seq,
+                frame: frame.clone(),
+                before: journal.history.take(),
+            }));
         }
         journal.highest = highest + frames.len() as Seq;
         Ok(journal.highest)
@@ -259,6 +292,20 @@ impl Journals {
         Ok(())
     }
 
+    /// Every entry ever appended to the actor's journal (trimmed or not), oldest first.
+    fn history(&self, actor: &ActorId) -> StoreResult<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut next = self.of(actor).and_then(|j| j.history.as_deref());
+        while let Some(link) = next {
+            let entry = codec::decode_entry(link.seq, &link.frame)
+                .map_err(|e| StoreError::corrupt(format!("entry {} of {actor}", link.seq), e))?;
+            out.push(entry);
+            next = link.before.as_deref();
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     fn info(&self, actor: &ActorId) -> JournalInfo {
         self.of(actor)
             .map_or_else(JournalInfo::default, |j| JournalInfo {
@@ -315,6 +362,32 @@ impl Journals {
             .take(limit)
             .map(|(a, _)| a.clone())
             .collect()
+    }
+}
+
+impl SimStore {
+    /// Every entry ever appended to `actor`'s journal and still in the live data, oldest
+    /// first, including those compaction trimmed: the witness the workloads' checkers hold
+    /// replies against (a request of no store contract, so it is neither traced nor faulted).
+    ///
+    /// ```
+    /// use loom_core::{ActorId, Entry, EntryKind, JournalStore, Seq};
+    /// use loom_sim::store::{Faults, SimStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = SimStore::new(1, Faults::default());
+    /// let a = ActorId::new("counter", "c")?;
+    /// let done = |seq: Seq| Entry::new(seq, EntryKind::Completed { reply: serde_json::json!(seq) });
+    /// store.append(&a, 1, &[done(1), done(2)]).await?;
+    /// store.save_snapshot(&a, &loom_core::Snapshot::new(2, serde_json::json!(0)), 1).await?;
+    /// store.trim(&a, 2).await?;
+    /// assert_eq!(store.info(&a).await?.trimmed_through, 2);
+    /// assert_eq!(store.history(&a)?.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn history(&self, actor: &ActorId) -> StoreResult<Vec<Entry>> {
+        self.state().live.journals.history(actor)
     }
 }
 

@@ -91,6 +91,8 @@ pub(super) struct Mailboxes {
     boxes: BTreeMap<ActorId, Arc<Queue>>,
     dead: BTreeMap<u64, Arc<DeadLetter>>,
     last_dead: u64,
+    /// The deliberate bug [`Bugs::timers_in_whole_seconds`](super::Bugs::timers_in_whole_seconds).
+    pub(super) whole_seconds: bool,
 }
 
 /// What a lease step does with the mailbox's head.
@@ -133,6 +135,7 @@ impl Mailboxes {
         let q = Arc::make_mut(self.boxes.entry(to.clone()).or_default());
         q.last_position += 1;
         let due = match deliver_at {
+            Some(t) if self.whole_seconds && t.as_millis() > now => t.as_millis() / 1000 * 1000,
             Some(t) if t.as_millis() > now => t.as_millis(),
             _ => {
                 q.last_due = q.last_due.max(now);

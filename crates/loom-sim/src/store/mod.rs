@@ -246,6 +246,10 @@ pub struct Bugs {
     /// failed trim, or after a power loss between a move and its trim, delivers its messages
     /// twice, and the relay audit records each ([`SimStore::violations`]).
     pub accept_duplicate_relay: bool,
+    /// The mailbox keeps a scheduled message's due time in whole seconds, rounded down (as a
+    /// store that scores a sorted set by UNIX seconds would): a timer may fire up to a second
+    /// early (the promise of `Context::send_after`). The timer workload's check finds it.
+    pub timers_in_whole_seconds: bool,
 }
 
 /// The store's state, behind its one mutex.
@@ -653,7 +657,11 @@ impl SimStore {
     /// Switches deliberate bugs on or off (all off by default), to show that the simulator
     /// finds each of them (see [`Bugs`]).
     pub fn set_bugs(&self, bugs: Bugs) {
-        self.state().bugs = bugs;
+        let mut s = self.state();
+        s.bugs = bugs;
+        // Kept in the data itself, live and durable, so that a power loss keeps it.
+        s.live.mailboxes.whole_seconds = bugs.timers_in_whole_seconds;
+        s.durable.mailboxes.whole_seconds = bugs.timers_in_whole_seconds;
     }
 
     /// The bugs switched on.
