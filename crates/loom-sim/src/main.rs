@@ -41,8 +41,9 @@ enum Command {
         json: bool,
     },
     /// Runs seeds one after another until `--runs` or `--seconds` is reached; prints every
-    /// failing seed with the smallest plan that still fails (faults dropped one by one, fewer
-    /// rounds and transfers). Exits with failure if any seed failed.
+    /// failing seed with the smallest plan that still fails one of its checks (faults dropped
+    /// one by one, fewer nodes and rounds, each workload dropped or halved). Exits with failure
+    /// if any seed failed.
     Explore {
         /// Most runs (default: no limit but time).
         #[arg(long)]
@@ -253,7 +254,8 @@ fn summary(o: &Outcome) -> String {
     )
 }
 
-/// Smaller plans that might still fail: each fault dropped, fewer rounds, fewer transfers.
+/// Smaller plans that might still fail: each fault dropped, a node fewer, a round fewer, each
+/// workload dropped or halved.
 fn smaller(p: &Plan) -> Vec<Plan> {
     let mut out = Vec::new();
     let f = p.faults;

@@ -2,11 +2,11 @@
 //! runtime, on a [`SimStore`], under a fault schedule drawn from one seed; then the torture's
 //! final check of the bank and each workload's own check.
 //!
-//! A run is a sequence of *rounds*. Each round starts a node (a fresh [`Runtime`] on the same
-//! store, as a restarted process would be), drives transfers through it, and ends it with a
-//! **crash** (every task dropped mid-way; writes already handed to the store stay, as in a
-//! process killed by SIGKILL) or a **power loss** (the crash, and every write not yet synced is
-//! gone). Meanwhile the store injects its faults (latency, transient errors, lost replies, a
+//! A run is a sequence of *rounds*. Each round starts its nodes (fresh [`Runtime`]s on the
+//! same store, each on its own connection, as restarted processes would be), drives its share
+//! of every workload through them, and ends them with a **crash** (every task dropped mid-way;
+//! writes already sent to the store stay, as in a process killed by SIGKILL) or a **power
+//! loss** (the crash, and every write not yet synced is gone). Meanwhile the store injects its faults (latency, transient errors, lost replies, a
 //! full disk for a while). After the last round the faults stop, a last node starts, finishes
 //! what the rounds left, and the checks prove the promises: [`check_bank`] (no acknowledged
 //! transfer lost, the books balanced: no leg lost or applied twice, nothing parked, every
@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loom_bench::bank::Bank;
+use loom_bench::bank::{Bank, BankError};
 use loom_core::runtime::{Compaction, Retry, Runtime, RuntimeBuilder};
 use loom_core::{Store, Timestamp, seam};
 use loom_testkit::torture::{FinalReport, check_bank};
@@ -34,7 +34,7 @@ use crate::store::{Bugs, Faults, SimStats, SimStore};
 use crate::workload::counter::Counters;
 use crate::workload::saga::Orders;
 use crate::workload::timer::Timers;
-use crate::workload::{paced, until_ok};
+use crate::workload::{Errors, final_answer, paced, until_ok};
 
 /// The simulated wall clock starts here (2026-01-01T00:00:00Z), whatever the seed.
 const EPOCH: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -149,7 +149,7 @@ pub struct Outcome {
     pub stalls: u32,
     /// Single nodes crashed mid-round.
     pub node_crashes: u32,
-    /// Rounds whose client was still starting transfers when the round ended.
+    /// Rounds that ended while transfers of their share were still unacknowledged.
     pub busy_kills: u32,
     /// Transfers acknowledged before a crash or power loss.
     pub acknowledged: usize,
@@ -231,6 +231,9 @@ pub enum Check {
     Saga,
     /// A timer did not fire exactly once, or fired early.
     Timers,
+    /// A request of a workload was answered for good with an error (refused, failed, a reply
+    /// that does not decode): in a healthy run every one succeeds.
+    Answer,
     /// One of the store's audits (D1, D8, D18) saw a rule broken.
     Audit,
 }
@@ -346,6 +349,8 @@ struct Workloads {
     bank: Bank,
     /// The transfers acknowledged so far.
     acked: Arc<Mutex<BTreeSet<u32>>>,
+    /// Transfers answered for good with an error.
+    bank_errors: Errors,
     counters: Counters,
     orders: Orders,
     timers: Timers,
@@ -364,6 +369,7 @@ impl Workloads {
                 first_account: 0,
             },
             acked: Arc::default(),
+            bank_errors: Errors::default(),
             counters: Counters::new(plan.seed, 3, plan.calls),
             orders: Orders::new(plan.seed, plan.orders),
             timers: Timers::new(plan.seed, plan.timers),
@@ -388,7 +394,7 @@ impl Workloads {
             self.bank,
             upto(self.bank.transfers),
             over,
-            self.acked.clone(),
+            (self.acked.clone(), self.bank_errors.clone()),
         );
         let (calls, orders, timers) = (
             upto(self.counters.calls),
@@ -404,6 +410,18 @@ impl Workloads {
         .await;
     }
 
+    /// True while transfers of round `round`'s share (of `rounds`) are unacknowledged.
+    fn bank_busy(&self, round: u32, rounds: u32) -> bool {
+        let upto = self
+            .bank
+            .transfers
+            .div_ceil(rounds)
+            .saturating_mul(round + 1)
+            .min(self.bank.transfers);
+        let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+        (0..upto).any(|i| !acked.contains(&i))
+    }
+
     /// Counter calls, orders and timers acknowledged so far.
     fn acknowledged(&self) -> (usize, usize, usize) {
         (
@@ -413,27 +431,40 @@ impl Workloads {
         )
     }
 
-    /// The final node's part: drives what the rounds left through `rt`, checks the
-    /// workloads, then the bank ([`check_bank`], which shuts `rt` down). The bank's report, or
-    /// the first check failed.
-    async fn finish(&self, rt: &Runtime, store: &SimStore) -> Result<FinalReport, (Check, String)> {
+    /// The final node's part: drives what the rounds left through `rt`, checks every
+    /// workload, then the bank ([`check_bank`], which shuts `rt` down). Returns the bank's
+    /// report (if its check could run) and every other check that failed.
+    async fn finish(
+        &self,
+        rt: &Runtime,
+        store: &SimStore,
+    ) -> (Option<FinalReport>, Vec<(Check, String)>) {
         self.clone()
             .drive(vec![rt.clone()], 0, 1, Duration::ZERO)
             .await;
-        self.counters
-            .check(store)
-            .map_err(|e| (Check::Linearizable, e))?;
-        self.orders.check(rt).await.map_err(|e| (Check::Saga, e))?;
-        self.timers
-            .check(rt)
-            .await
-            .map_err(|e| (Check::Timers, e))?;
+        let mut failed = Vec::new();
+        if let Err(e) = self.bank_errors.check() {
+            failed.push((Check::Answer, format!("bank: {e}")));
+        }
+        if let Err(e) = self.counters.check(store) {
+            failed.push((Check::Linearizable, e));
+        }
+        if let Err(e) = self.orders.check(store) {
+            failed.push((Check::Saga, e));
+        }
+        if let Err(e) = self.timers.check(rt).await {
+            failed.push((Check::Timers, e));
+        }
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // The accounts are not opened again: their openings were acknowledged in the first
         // round, and must have survived every fault since.
-        check_bank(rt, &self.bank, &acked)
-            .await
-            .map_err(|e| (Check::Run, format!("the final check failed: {e}")))
+        match check_bank(rt, &self.bank, &acked).await {
+            Ok(report) => (Some(report), failed),
+            Err(e) => {
+                failed.push((Check::Run, format!("the final check failed: {e}")));
+                (None, failed)
+            }
+        }
     }
 }
 
@@ -489,23 +520,37 @@ enum Event {
 }
 
 /// Starts every transfer below `upto` not yet acknowledged, one after another spread `over` the
-/// round, retrying each until it is acknowledged; records the acknowledged ones. Transfer `i` is
-/// asked through node `i % nodes`. Runs until each is acknowledged or the task is dropped.
+/// round, retrying each until it is acknowledged; records the acknowledged ones (and those
+/// answered for good with an error, not retried). Transfer `i` is asked through node
+/// `i % nodes`. Runs until each is answered or the task is dropped.
 async fn drive_bank(
     nodes: Vec<Runtime>,
     bank: Bank,
     upto: u32,
     over: Duration,
-    acked: Arc<Mutex<BTreeSet<u32>>>,
+    (acked, errors): (Arc<Mutex<BTreeSet<u32>>>, Errors),
 ) {
     let pending: Vec<u32> = {
         let a = acked.lock().unwrap_or_else(|p| p.into_inner());
         bank.ids().filter(|i| *i < upto && !a.contains(i)).collect()
     };
     paced(pending, over, |i| {
-        let (rt, acked) = (nodes[i as usize % nodes.len()].clone(), acked.clone());
+        let (rt, acked, errors) = (
+            nodes[i as usize % nodes.len()].clone(),
+            acked.clone(),
+            errors.clone(),
+        );
         async move {
-            until_ok(|| bank.start(&rt, i)).await;
+            loop {
+                match bank.start(&rt, i).await {
+                    Ok(_) => break,
+                    Err(BankError::Ask(e)) if final_answer(&e) => {
+                        errors.push(format!("transfer t{i}: {e}"));
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
             acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
         }
     })
@@ -615,7 +660,7 @@ async fn world(plan: Plan) -> Outcome {
             }
         }
         tokio::time::sleep_until(began + run_for).await;
-        if !driver.is_finished() {
+        if work.bank_busy(round, plan.rounds) {
             busy_kills += 1;
         }
         driver.abort();
@@ -659,7 +704,10 @@ async fn world(plan: Plan) -> Outcome {
                 let checked = tokio::select! {
                     biased;
                     r = tokio::time::timeout(FINAL_LIMIT, work.finish(&rt, &store)) => r,
-                    parked = parked(&rt) => Ok(Ok(FinalReport { parked, ..FinalReport::default() })),
+                    parked = parked(&rt) => {
+                        rt.kill().await;
+                        Ok((Some(FinalReport { parked, ..FinalReport::default() }), Vec::new()))
+                    }
                 };
                 match checked {
                     Err(_) => {
@@ -672,20 +720,25 @@ async fn world(plan: Plan) -> Outcome {
                         );
                         rt.kill().await;
                     }
-                    Ok(Err((check, why))) => {
-                        failures.add(check, why);
-                        rt.kill().await;
-                    }
-                    Ok(Ok(r)) => {
-                        broken(&r, &mut failures);
-                        report = Some(r);
+                    Ok((r, failed)) => {
+                        for (check, why) in failed {
+                            failures.add(check, why);
+                        }
+                        match r {
+                            Some(r) => {
+                                broken(&r, &mut failures);
+                                report = Some(r);
+                            }
+                            // The bank's check could not run to its shutdown.
+                            None => rt.kill().await,
+                        }
                     }
                 }
                 rejections += rt.metrics().rejections;
                 if rejections > 0 && !failures.any() {
-                    // The workloads' handlers refuse only what should never reach them: a
-                    // Start, Debited or Credited applied a second time (rule D6), or an account
-                    // opened twice.
+                    // The workloads' handlers refuse only what should never reach them: the
+                    // bank's Start, Debited or Credited applied a second time (rule D6), or an
+                    // account opened twice (the others refuse nothing).
                     failures.add(
                         Check::Refused,
                         format!(

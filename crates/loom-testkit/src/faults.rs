@@ -35,6 +35,9 @@ pub struct Faults {
     pub fail_trims: AtomicU32,
     /// Fail every lease renewal while set.
     pub fail_renewals: AtomicBool,
+    /// Hold every lease renewal unanswered while set (a stalled connection): it reaches the
+    /// store only once this is cleared, if its caller still waits.
+    pub hang_renewals: AtomicBool,
     /// Fail the next N mailbox `lease` calls.
     pub fail_leases: AtomicU32,
     /// Fail the next N journal reads (`read`, `info`, `load_snapshot`).
@@ -409,6 +412,12 @@ impl LeaseManager for FaultyStore {
         if self.faults.fail_renewals.load(Ordering::Acquire) {
             self.faults.injected.fetch_add(1, Ordering::Relaxed);
             return Err(injected("renew"));
+        }
+        if self.faults.hang_renewals.load(Ordering::Acquire) {
+            self.faults.injected.fetch_add(1, Ordering::Relaxed);
+            while self.faults.hang_renewals.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         self.faults.renewal_calls.fetch_add(1, Ordering::Relaxed);
         self.faults

@@ -10,6 +10,10 @@
 //!   ttl go along with the ones due now, so leases taken at different moments soon share calls.
 //! - An actor whose lease is reported lost, or runs out before a renewal succeeds, has its
 //!   `lost` token cancelled and stops at once. (Its fenced writes would be refused anyway.)
+//!   A renewal that has not answered by the earliest expiry of the leases it carries is given
+//!   up at that moment (they are treated as failed): a node cut off from its store (a network
+//!   partition, a stalled connection) stops its actors when their leases run out, instead of
+//!   running their handlers, and their activities, on past them until the store answers.
 //! - A renewal only ever replaces the lease with the same token; a lease given up while its
 //!   renewal was in flight is not brought back.
 //! - Nothing is renewed for an actor whose task has ended: the [`Kept`] guard forgets the
@@ -28,6 +32,14 @@ use crate::id::ActorId;
 use crate::runtime::health::Observed;
 use crate::store::{Lease, Store};
 use crate::time::Timestamp;
+
+/// When the first of `leases` expires, on tokio's clock (leases expire by the wall clock,
+/// [`Timestamp`]; `now` is the same moment on tokio's).
+fn expiry(leases: &[Lease], now: Instant) -> Instant {
+    let wall = Timestamp::now();
+    let first = leases.iter().map(|l| l.expires_at).min().unwrap_or(wall);
+    now + first.saturating_since(wall)
+}
 
 /// How soon a failed renewal is tried again.
 const RETRY: Duration = Duration::from_millis(50);
@@ -157,13 +169,28 @@ impl Keeper {
             }
             for chunk in due.chunks(BATCH) {
                 let sent = Instant::now();
-                let outcome = self.store.renew_many(chunk, self.ttl).await;
+                let outcome = match tokio::time::timeout_at(
+                    expiry(chunk, sent),
+                    self.store.renew_many(chunk, self.ttl),
+                )
+                .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(StoreError::unavailable(
+                        "lease renewal",
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer before the lease expired",
+                        ),
+                    )),
+                };
                 self.settle(chunk, sent, outcome);
             }
         }
     }
 
-    /// Applies the outcome of renewing `asked`, sent at `sent`.
+    /// Applies the outcome of renewing `asked`, sent at `sent`. A lease past its expiry by
+    /// then is given up (its actor stops) unless the renewal succeeded.
     fn settle(
         &self,
         asked: &[Lease],

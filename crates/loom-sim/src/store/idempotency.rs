@@ -153,9 +153,10 @@ impl IdempotencyStore for SimStore {
     ) -> StoreResult<Reservation> {
         check_ttl("idempotency ttl", ttl)?;
         let arg = format!("{actor} {key}");
-        self.update("reserve", &arg, |d, now| {
+        let (actor, key) = (actor.clone(), key.clone());
+        self.update("reserve", &arg, move |d, now| {
             Ok(d.records
-                .reserve(actor, key, Some(ttl), now)
+                .reserve(&actor, &key, Some(ttl), now)
                 .unwrap_or(Reservation::Reserved))
         })
         .await
@@ -171,8 +172,9 @@ impl IdempotencyStore for SimStore {
         check_ttl("idempotency ttl", ttl)?;
         prepare_result(actor, key, result)?;
         let arg = format!("{actor} {key}");
-        self.update("complete", &arg, |d, now| {
-            d.records.record(actor, key, result.clone(), ttl, now);
+        let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
+        self.update("complete", &arg, move |d, now| {
+            d.records.record(&actor, &key, result, ttl, now);
             Ok(())
         })
         .await
@@ -180,8 +182,11 @@ impl IdempotencyStore for SimStore {
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
         let arg = format!("{actor} {key}");
-        self.update("abandon", &arg, |d, _| Ok(d.records.abandon(actor, key)))
-            .await
+        let (actor, key) = (actor.clone(), key.clone());
+        self.update("abandon", &arg, move |d, _| {
+            Ok(d.records.abandon(&actor, &key))
+        })
+        .await
     }
 
     async fn lookup(
@@ -197,7 +202,7 @@ impl IdempotencyStore for SimStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
-        self.update("purge_expired", &limit.to_string(), |d, now| {
+        self.update("purge_expired", &limit.to_string(), move |d, now| {
             Ok(d.records.purge(limit, now))
         })
         .await

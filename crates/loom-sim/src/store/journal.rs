@@ -403,8 +403,9 @@ impl JournalStore for SimStore {
             .into_iter()
             .map(Frame::from)
             .collect();
-        self.update("append", actor.as_str(), |d, _| {
-            d.journals.append(actor, expected_next, &frames)
+        let id = actor.clone();
+        self.update("append", actor.as_str(), move |d, _| {
+            d.journals.append(&id, expected_next, &frames)
         })
         .await
     }
@@ -449,8 +450,9 @@ impl JournalStore for SimStore {
         keep: usize,
     ) -> StoreResult<()> {
         let frame = Frame::from(prepare_snapshot(actor, snapshot, keep)?);
-        self.update("save_snapshot", actor.as_str(), |d, _| {
-            d.journals.save_snapshot(actor, snapshot.seq, frame, keep)
+        let (id, seq) = (actor.clone(), snapshot.seq);
+        self.update("save_snapshot", actor.as_str(), move |d, _| {
+            d.journals.save_snapshot(&id, seq, frame, keep)
         })
         .await
     }
@@ -467,8 +469,9 @@ impl JournalStore for SimStore {
     }
 
     async fn trim(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
-        self.update("trim", actor.as_str(), |d, _| {
-            d.journals.trim(actor, through)
+        let id = actor.clone();
+        self.update("trim", actor.as_str(), move |d, _| {
+            d.journals.trim(&id, through)
         })
         .await
     }
@@ -482,27 +485,29 @@ impl JournalStore for SimStore {
     ) -> StoreResult<Seq> {
         let frame = Frame::from(prepare_snapshot(actor, snapshot, keep)?);
         let past_oldest = self.bugs().trim_past_oldest_snapshot;
-        self.update("compact", actor.as_str(), |d, now| {
-            if let Some(fence) = fence {
+        let (id, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
+        self.update("compact", actor.as_str(), move |d, now| {
+            if let Some(fence) = &fence {
                 d.leases.check_fence(fence, now)?;
             }
-            d.journals
-                .compact(actor, snapshot.seq, frame, keep, past_oldest)
+            d.journals.compact(&id, seq, frame, keep, past_oldest)
         })
         .await
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
-        self.update("delete", actor.as_str(), |d, _| {
-            d.journals.delete(actor);
+        let id = actor.clone();
+        self.update("delete", actor.as_str(), move |d, _| {
+            d.journals.delete(&id);
             Ok(())
         })
         .await
     }
 
     async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {
-        self.update("begin_at", actor.as_str(), |d, _| {
-            d.journals.begin_at(actor, through)
+        let id = actor.clone();
+        self.update("begin_at", actor.as_str(), move |d, _| {
+            d.journals.begin_at(&id, through)
         })
         .await
     }

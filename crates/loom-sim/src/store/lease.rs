@@ -133,8 +133,9 @@ impl LeaseManager for SimStore {
         check_owner(owner)?;
         check_ttl("lease ttl", ttl)?;
         let arg = format!("{actor} {owner}");
-        self.update("acquire", &arg, |d, now| {
-            d.leases.acquire(actor, owner, ttl, now)
+        let (actor, owner) = (actor.clone(), owner.to_owned());
+        self.update("acquire", &arg, move |d, now| {
+            d.leases.acquire(&actor, &owner, ttl, now)
         })
         .await
     }
@@ -142,8 +143,11 @@ impl LeaseManager for SimStore {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Lease> {
         check_ttl("lease ttl", ttl)?;
         let arg = format!("{} {}", lease.actor, lease.token);
-        self.update("renew", &arg, |d, now| d.leases.renew(lease, ttl, now))
-            .await
+        let lease = lease.clone();
+        self.update("renew", &arg, move |d, now| {
+            d.leases.renew(&lease, ttl, now)
+        })
+        .await
     }
 
     async fn renew_many(
@@ -158,7 +162,8 @@ impl LeaseManager for SimStore {
         // One write for all of them: a lost lease is its own slot's error and wrote nothing,
         // so the others still renew.
         let arg = leases.len().to_string();
-        self.update("renew_many", &arg, |d, now| {
+        let leases = leases.to_vec();
+        self.update("renew_many", &arg, move |d, now| {
             Ok(leases
                 .iter()
                 .map(|lease| d.leases.renew(lease, ttl, now))
@@ -169,8 +174,11 @@ impl LeaseManager for SimStore {
 
     async fn release(&self, lease: &Lease) -> StoreResult<bool> {
         let arg = format!("{} {}", lease.actor, lease.token);
-        self.update("release", &arg, |d, now| Ok(d.leases.release(lease, now)))
-            .await
+        let lease = lease.clone();
+        self.update("release", &arg, move |d, now| {
+            Ok(d.leases.release(&lease, now))
+        })
+        .await
     }
 
     async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>> {

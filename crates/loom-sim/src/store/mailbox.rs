@@ -418,27 +418,30 @@ impl Mailbox for SimStore {
     async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64> {
         let frame = Frame::from(prepare_message(msg)?);
         let arg = format!("{} {}", msg.to, msg.id);
-        self.update("enqueue", &arg, |d, now| {
-            Ok(d.mailboxes.enqueue(&msg.to, msg.id, frame, deliver_at, now))
+        let (to, id) = (msg.to.clone(), msg.id);
+        self.update("enqueue", &arg, move |d, now| {
+            Ok(d.mailboxes.enqueue(&to, id, frame, deliver_at, now))
         })
         .await
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
         opts.validate()?;
+        let (id, looked) = (actor.clone(), actor.clone());
         self.update_if(
             "lease",
             actor.as_str(),
-            |d, now| d.mailboxes.leasable(&d.parked, actor, now),
-            |d, now| Ok(d.mailboxes.lease(&d.parked, actor, opts, now)),
+            move |d, now| d.mailboxes.leasable(&d.parked, &looked, now),
+            move |d, now| Ok(d.mailboxes.lease(&d.parked, &id, opts, now)),
         )
         .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
         let arg = format!("{} {}", receipt.actor, receipt.message_id);
-        self.update("ack", &arg, |d, _| {
-            d.mailboxes.settle(receipt)?;
+        let receipt = receipt.clone();
+        self.update("ack", &arg, move |d, _| {
+            d.mailboxes.settle(&receipt)?;
             Ok(())
         })
         .await
@@ -447,8 +450,9 @@ impl Mailbox for SimStore {
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
         let error = clip_reason(error);
         let arg = format!("{} {}", receipt.actor, receipt.message_id);
-        self.update("nack", &arg, |d, now| {
-            let c = d.mailboxes.held_mut(receipt)?;
+        let receipt = receipt.clone();
+        self.update("nack", &arg, move |d, now| {
+            let c = d.mailboxes.held_mut(&receipt)?;
             c.visible_at = (now + delay).as_millis();
             c.error = Some(error);
             Ok(())
@@ -459,8 +463,9 @@ impl Mailbox for SimStore {
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
         check_ttl("visibility timeout", visibility)?;
         let arg = format!("{} {}", receipt.actor, receipt.message_id);
-        self.update("extend", &arg, |d, now| {
-            d.mailboxes.held_mut(receipt)?.visible_at = (now + visibility).as_millis();
+        let receipt = receipt.clone();
+        self.update("extend", &arg, move |d, now| {
+            d.mailboxes.held_mut(&receipt)?.visible_at = (now + visibility).as_millis();
             Ok(())
         })
         .await
@@ -468,9 +473,10 @@ impl Mailbox for SimStore {
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
         let arg = format!("{} {}", receipt.actor, receipt.message_id);
-        self.update("dead_letter", &arg, |d, now| {
-            let c = d.mailboxes.settle(receipt)?;
-            Ok(d.mailboxes.bury(&receipt.actor, c, reason, now))
+        let (receipt, reason) = (receipt.clone(), reason.to_owned());
+        self.update("dead_letter", &arg, move |d, now| {
+            let c = d.mailboxes.settle(&receipt)?;
+            Ok(d.mailboxes.bury(&receipt.actor, c, &reason, now))
         })
         .await
     }
@@ -532,7 +538,7 @@ impl Mailbox for SimStore {
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
         // Drawn from the store's generator (not the process's), so that the run replays.
         let new_id = self.fresh_message_id();
-        self.update("requeue_dead_letter", &id.to_string(), |d, now| {
+        self.update("requeue_dead_letter", &id.to_string(), move |d, now| {
             let dead = d
                 .mailboxes
                 .dead

@@ -12,10 +12,14 @@
 //!   waited only with `tokio::time::sleep` (virtual under a paused clock);
 //! - every random draw comes from one `fastrand::Rng`, seeded by the constructor and kept
 //!   behind the same mutex as the data;
-//! - a request runs entirely inside its caller's future. A store of one partition starts no
-//!   thread and no task; one of several starts one relay task per partition on the runtime
-//!   it is created on (see "Partitions" below), whose requests are requests like any other. The
-//!   mutex is a `std::sync::Mutex`, never held across an `.await`.
+//! - a read runs inside its caller's future; a write, once sent, runs in a task of its own
+//!   (spawned at once, so in the order the writes were sent), as a request on the wire goes on
+//!   whether or not its sender still waits: a caller that gives up (a timeout, a task dropped)
+//!   does not take its write back. Only the crash of its node does, before it arrives
+//!   ([`SimStore::sever`]). Besides those, a store of one partition starts no task; one of
+//!   several starts one relay task per partition on the runtime it is created on (see
+//!   "Partitions" below), whose requests are requests like any other. The mutex is a
+//!   `std::sync::Mutex`, never held across an `.await`.
 //!
 //! # Durability
 //!
@@ -792,10 +796,10 @@ impl SimStore {
     /// changes anything (a refused write writes nothing).
     async fn update<R, F>(&self, method: &'static str, arg: &str, f: F) -> StoreResult<R>
     where
-        F: FnOnce(&mut Data, Timestamp) -> StoreResult<R> + Send,
-        R: Send,
+        F: FnOnce(&mut Data, Timestamp) -> StoreResult<R> + Send + 'static,
+        R: Send + 'static,
     {
-        self.exec(method, arg, true, |_, _| true, f).await
+        self.send(method, arg, |_, _| true, f).await
     }
 
     /// A request that writes only if `writes` says so, at the same instant, on the same data
@@ -809,11 +813,37 @@ impl SimStore {
         f: F,
     ) -> StoreResult<R>
     where
-        P: FnOnce(&Data, Timestamp) -> bool + Send,
-        F: FnOnce(&mut Data, Timestamp) -> StoreResult<R> + Send,
-        R: Send,
+        P: FnOnce(&Data, Timestamp) -> bool + Send + 'static,
+        F: FnOnce(&mut Data, Timestamp) -> StoreResult<R> + Send + 'static,
+        R: Send + 'static,
     {
-        self.exec(method, arg, true, writes, f).await
+        self.send(method, arg, writes, f).await
+    }
+
+    /// Sends a write: it runs in a task of its own (see the [module docs](self)), and the
+    /// caller waits for its reply. Dropping the caller's future drops only the wait.
+    async fn send<R, P, F>(
+        &self,
+        method: &'static str,
+        arg: &str,
+        writes: P,
+        f: F,
+    ) -> StoreResult<R>
+    where
+        P: FnOnce(&Data, Timestamp) -> bool + Send + 'static,
+        F: FnOnce(&mut Data, Timestamp) -> StoreResult<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (store, arg) = (self.clone(), arg.to_owned());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let result = store.exec(method, &arg, true, writes, f).await;
+            // An error only says that the caller gave up waiting: the write happened (or
+            // failed) all the same, as on a real store.
+            let _ = reply.send(result);
+        });
+        // The task is gone without a reply only if the tokio runtime is shutting down.
+        answer.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Runs one request through the pipeline and records it in the trace.

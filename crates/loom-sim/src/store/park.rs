@@ -44,24 +44,26 @@ impl Parked {
 impl Parking for SimStore {
     async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
         let frame = Frame::from(park.encode()?);
-        self.update("park", actor.as_str(), |d, now| {
-            if let Some(fence) = fence {
+        let (id, fence) = (actor.clone(), fence.cloned());
+        self.update("park", actor.as_str(), move |d, now| {
+            if let Some(fence) = &fence {
                 d.leases.check_fence(fence, now)?;
             }
-            d.parked.by_actor.insert(actor.clone(), frame);
+            d.parked.by_actor.insert(id, frame);
             Ok(())
         })
         .await
     }
 
     async fn unpark(&self, actor: &ActorId) -> StoreResult<Option<Park>> {
-        self.update("unpark", actor.as_str(), |d, now| {
+        let id = actor.clone();
+        self.update("unpark", actor.as_str(), move |d, now| {
             // Decoded before anything changes: a record that does not decode stays parked.
-            let Some(park) = d.parked.get(actor)? else {
+            let Some(park) = d.parked.get(&id)? else {
                 return Ok(None);
             };
-            d.parked.by_actor.remove(actor);
-            d.mailboxes.release_current(actor, now);
+            d.parked.by_actor.remove(&id);
+            d.mailboxes.release_current(&id, now);
             Ok(Some(park))
         })
         .await

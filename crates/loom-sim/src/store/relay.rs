@@ -377,19 +377,23 @@ impl SimStore {
         let mut failed = false;
         for (q, moving) in by_target {
             let arg = format!("{p}->{q} {}", moving.len());
+            let inner = self.inner.clone();
             let moved = self
                 .update_if(
                     "relay",
                     &arg,
-                    |d, _| {
-                        !d.relay
-                            .to_enqueue(q, p, &moving, accept_duplicates)
-                            .is_empty()
+                    {
+                        let moving = moving.clone();
+                        move |d, _| {
+                            !d.relay
+                                .to_enqueue(q, p, &moving, accept_duplicates)
+                                .is_empty()
+                        }
                     },
-                    |d, now| {
+                    move |d, now| {
                         let enqueued = deliver(d, q, p, &moving, accept_duplicates, now);
                         // Under the data's mutex, so in step with syncs (see `Oracle`).
-                        self.inner
+                        inner
                             .relayed
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -428,8 +432,8 @@ impl SimStore {
                 "relay-trim",
                 &arg,
                 // Writes only if it removes something.
-                |d, _| d.relay.trimmable(n, p, last) > 0,
-                |d, _| Ok(d.relay.trim(n, p, last)),
+                move |d, _| d.relay.trimmable(n, p, last) > 0,
+                move |d, _| Ok(d.relay.trim(n, p, last)),
             )
             .await;
         match trimmed {

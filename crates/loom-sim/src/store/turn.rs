@@ -85,17 +85,24 @@ impl Store for SimStore {
             prepare_result(r.actor, r.key, r.result)?;
             check_ttl("idempotency ttl", r.ttl)?;
         }
+        // Owned, for the request outlives this call (see the store's module docs).
         let settle = turn.settle.map(|s| match s {
-            Settle::Ack(r) => (r, None),
-            Settle::DeadLetter(r, reason) => (r, Some(reason)),
+            Settle::Ack(r) => (r.clone(), None),
+            Settle::DeadLetter(r, reason) => (r.clone(), Some(reason.to_owned())),
         });
+        let record = turn
+            .record
+            .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
+        let (actor, expected_next) = (turn.actor.clone(), turn.expected_next);
+        let (fence, next) = (turn.fence.cloned(), turn.next);
         let arg = format!("{} {}", turn.actor, turn.expected_next);
         let skip_fence = self.bugs().skip_fence_check;
+        let store = self.clone();
         let committed = self
-            .update("commit_turn", &arg, |d, now| {
+            .update("commit_turn", &arg, move |d, now| {
                 // Checks first (rule D15): a refused turn writes nothing.
                 let mut stale = None;
-                if let Some(fence) = turn.fence
+                if let Some(fence) = &fence
                     && let Err(e) = d.leases.check_fence(fence, now)
                 {
                     if !skip_fence {
@@ -103,41 +110,35 @@ impl Store for SimStore {
                     }
                     stale = Some(e);
                 }
-                d.journals.check_next(turn.actor, turn.expected_next)?;
-                if let Some((receipt, _)) = settle {
+                d.journals.check_next(&actor, expected_next)?;
+                if let Some((receipt, _)) = &settle {
                     d.mailboxes.check_receipt(receipt)?;
                 }
                 // Writes after: each `?` below repeats a check just passed, under the same lock,
                 // so none fails, and the turn is all or nothing (rule D5).
-                let highest = d
-                    .journals
-                    .append(turn.actor, turn.expected_next, &entries)?;
+                let highest = d.journals.append(&actor, expected_next, &entries)?;
                 for o in outgoing {
                     d.mailboxes.enqueue(&o.to, o.id, o.frame, o.deliver_at, now);
                 }
                 d.relay.push(p, remote);
                 match settle {
                     Some((receipt, None)) => {
-                        d.mailboxes.settle(receipt)?;
+                        d.mailboxes.settle(&receipt)?;
                     }
                     Some((receipt, Some(reason))) => {
-                        let current = d.mailboxes.settle(receipt)?;
-                        d.mailboxes.bury(&receipt.actor, current, reason, now);
+                        let current = d.mailboxes.settle(&receipt)?;
+                        d.mailboxes.bury(&receipt.actor, current, &reason, now);
                     }
                     None => {}
                 }
-                if let Some(r) = turn.record {
-                    d.records
-                        .record(r.actor, r.key, r.result.clone(), r.ttl, now);
+                if let Some((actor, key, result, ttl)) = record {
+                    d.records.record(&actor, &key, result, ttl, now);
                 }
-                let next = turn
-                    .next
-                    .and_then(|opts| d.mailboxes.lease(&d.parked, turn.actor, opts, now));
+                let next = next.and_then(|opts| d.mailboxes.lease(&d.parked, &actor, opts, now));
                 if let Some(e) = stale {
                     // The fence audit: only the deliberate bug lets such a turn commit.
-                    self.violation(format!(
-                        "a turn of {} committed through seq {highest} under a lost lease ({e})",
-                        turn.actor
+                    store.violation(format!(
+                        "a turn of {actor} committed through seq {highest} under a lost lease ({e})"
                     ));
                 }
                 Ok(Committed { highest, next })
@@ -162,13 +163,14 @@ impl Store for SimStore {
         check_ttl("idempotency ttl", ttl)?;
         let frame = Frame::from(prepare_message(msg)?);
         let arg = format!("{} {} {key}", msg.to, msg.id);
-        self.update("enqueue_once", &arg, |d, now| {
+        let (to, id, key) = (msg.to.clone(), msg.id, key.clone());
+        self.update("enqueue_once", &arg, move |d, now| {
             // Held until the turn that settles the message records its result, however long
             // the message waits: no ttl here.
-            if let Some(existing) = d.records.reserve(&msg.to, key, None, now) {
+            if let Some(existing) = d.records.reserve(&to, &key, None, now) {
                 return Ok(Enqueued::Duplicate(existing));
             }
-            let position = d.mailboxes.enqueue(&msg.to, msg.id, frame, deliver_at, now);
+            let position = d.mailboxes.enqueue(&to, id, frame, deliver_at, now);
             Ok(Enqueued::New(position))
         })
         .await

@@ -30,7 +30,7 @@ use loom_core::runtime::{Actor, AskOptions, Context, Rejected, Runtime, RuntimeB
 use loom_core::{ActorId, Entry, EntryKind};
 use serde::{Deserialize, Serialize};
 
-use super::{key, paced, until_ok};
+use super::{Errors, ask_until, key, paced};
 use crate::store::SimStore;
 
 /// A counter.
@@ -89,6 +89,7 @@ pub struct Counters {
     pub calls: u32,
     log: Arc<Mutex<Vec<Call>>>,
     ticks: Arc<AtomicU64>,
+    errors: Errors,
 }
 
 impl Counters {
@@ -118,6 +119,7 @@ impl Counters {
             calls,
             log: Arc::new(Mutex::new(log)),
             ticks: Arc::default(),
+            errors: Errors::default(),
         }
     }
 
@@ -156,7 +158,8 @@ impl Counters {
         .await;
     }
 
-    /// Makes call `i` until it is answered; records its first invocation and its answer.
+    /// Makes call `i` until it is answered; records its first invocation and its answer (or
+    /// the error it was answered with for good).
     async fn call(&self, rt: &Runtime, i: u32) {
         let (counter, name, msg) = {
             let mut log = self.log();
@@ -167,7 +170,7 @@ impl Counters {
             (call.counter, call.key.clone(), call.msg)
         };
         let actor = rt.actor::<Counter>(format!("c{counter}"));
-        let reply = until_ok(|| {
+        let reply = ask_until(|| {
             let opts = AskOptions {
                 idempotency_key: Some(key(name.clone())),
                 timeout: None,
@@ -176,6 +179,14 @@ impl Counters {
         })
         .await;
         let at = self.tick();
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                self.errors
+                    .push(format!("call {name} to counter/c{counter}: {e}"));
+                return;
+            }
+        };
         let mut log = self.log();
         let call = &mut log[i as usize];
         if call.answered.is_none() {
@@ -185,6 +196,7 @@ impl Counters {
 
     /// Checks every counter's replies against its journal (see the [module docs](self)).
     pub fn check(&self, store: &SimStore) -> Result<(), String> {
+        self.errors.check()?;
         let mut journals = BTreeMap::new();
         for c in 0..self.counters {
             let id = ActorId::new(Counter::KIND, format!("c{c}")).map_err(|e| e.to_string())?;
@@ -284,7 +296,8 @@ fn invocations(counter: u32, journal: &[Entry]) -> Result<Vec<Applied>, String> 
 
 /// Checks `calls` against the counters' whole journals (`journals[c]` for `counter/c<c>`):
 /// the three rules of the [module docs](self). Calls never answered may or may not be in a
-/// journal; calls answered must be.
+/// journal; calls answered must be. Every invocation in a journal must be one of `calls`, with
+/// its message, at its counter.
 ///
 /// ```
 /// use std::collections::BTreeMap;
@@ -298,6 +311,7 @@ fn invocations(counter: u32, journal: &[Entry]) -> Result<Vec<Applied>, String> 
 /// assert!(linearizable(&[answered], &BTreeMap::from([(0, vec![])])).is_err());
 /// ```
 pub fn linearizable(calls: &[Call], journals: &BTreeMap<u32, Vec<Entry>>) -> Result<(), String> {
+    let by_key: BTreeMap<&str, &Call> = calls.iter().map(|c| (c.key.as_str(), c)).collect();
     // Where each key was applied: (counter, position in its journal, seq, reply).
     let mut applied: BTreeMap<String, (u32, usize, u64, i64)> = BTreeMap::new();
     for (&counter, journal) in journals {
@@ -309,6 +323,19 @@ pub fn linearizable(calls: &[Call], journals: &BTreeMap<u32, Vec<Entry>>) -> Res
                     a.seq, a.msg
                 ));
             };
+            let Some(call) = by_key.get(key.as_str()) else {
+                return Err(format!(
+                    "counter/c{counter}: the invocation at seq {} has key {key}, which no client sent",
+                    a.seq
+                ));
+            };
+            if call.counter != counter || call.msg != a.msg {
+                return Err(format!(
+                    "call {key} ({:?} to counter/c{}) was applied as {:?} by counter/c{counter} \
+                     (seq {})",
+                    call.msg, call.counter, a.msg, a.seq
+                ));
+            }
             if let Some((c, _, seq, _)) =
                 applied.insert(key.clone(), (counter, pos, a.seq, a.reply))
             {
@@ -329,12 +356,6 @@ pub fn linearizable(calls: &[Call], journals: &BTreeMap<u32, Vec<Entry>>) -> Res
                 call.key
             ));
         };
-        if counter != call.counter {
-            return Err(format!(
-                "call {} to counter/c{} was applied by counter/c{counter}",
-                call.key, call.counter
-            ));
-        }
         if recorded != reply {
             return Err(format!(
                 "call {} was answered {reply}, but its journal (counter/c{counter} seq {seq}) \
@@ -480,6 +501,19 @@ mod tests {
         let calls = [call("a", Add(1), 0, Some((1, 1)))];
         let journals = BTreeMap::from([(0, vec![]), (1, journal(&[("a", Add(1), 1)]))]);
         let e = linearizable(&calls, &journals).unwrap_err();
-        assert!(e.contains("applied by counter/c1"), "{e}");
+        assert!(e.contains("applied as Add(1) by counter/c1"), "{e}");
+    }
+
+    #[test]
+    fn a_call_applied_with_another_message_fails() {
+        let calls = [call("a", Add(1), 0, None)];
+        let e = linearizable(&calls, &one(journal(&[("a", Add(2), 2)]))).unwrap_err();
+        assert!(e.contains("applied as Add(2)"), "{e}");
+    }
+
+    #[test]
+    fn an_invocation_no_client_sent_fails() {
+        let e = linearizable(&[], &one(journal(&[("x", Add(2), 2)]))).unwrap_err();
+        assert!(e.contains("which no client sent"), "{e}");
     }
 }

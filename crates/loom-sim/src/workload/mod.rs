@@ -19,7 +19,10 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use loom_core::IdempotencyKey;
+use loom_core::runtime::AskError;
 
 pub mod counter;
 pub mod saga;
@@ -53,6 +56,52 @@ where
         match f().await {
             Ok(v) => return v,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// True for an ask's answer that no retry changes: a refusal, a failure recorded under the
+/// call's idempotency key, a reply that does not decode. The rest (the store unreachable, no
+/// reply in time) may pass on a retry.
+pub(crate) fn final_answer(e: &AskError) -> bool {
+    matches!(
+        e,
+        AskError::Rejected(_) | AskError::Failed(_) | AskError::BadReply(_)
+    )
+}
+
+/// Asks until answered, 100 ms (simulated) apart, retrying what may pass on a retry; returns an
+/// answer that never will ([`final_answer`]) as the error.
+pub(crate) async fn ask_until<T, Fut>(mut ask: impl FnMut() -> Fut) -> Result<T, AskError>
+where
+    Fut: Future<Output = Result<T, AskError>>,
+{
+    loop {
+        match ask().await {
+            Ok(v) => return Ok(v),
+            Err(e) if final_answer(&e) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// What a workload's clients were answered for good with an error (none in a healthy run):
+/// the item is not retried, and the check reports it.
+#[derive(Clone, Default)]
+pub(crate) struct Errors(Arc<Mutex<Vec<String>>>);
+
+impl Errors {
+    pub(crate) fn push(&self, what: String) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(what);
+    }
+
+    /// Fails with every error recorded, if any.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let e = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("answered with an error for good: {}", e.join("; ")))
         }
     }
 }

@@ -7,20 +7,22 @@
 //! card, a refusal or no approval in time makes it compensate (refund, release). The world
 //! outlives every crash and power loss of the run, as the real outside world would.
 //!
-//! The check, after the final node has placed every order again with its idempotency key:
-//! every order ended (never `New`); an order whose client got an answer still has that
-//! status; and what each order did to the world matches its status: a shipped order took one
-//! item and charged its amount, a cancelled one took and charged nothing (every compensation
-//! ran exactly once; no activity applied twice).
+//! The check, after the final node has placed every order not answered yet (with its
+//! idempotency key, so an order placed before is not placed twice): every order was answered,
+//! and ended (never `New`); its journal's last reply is the status its client was answered;
+//! and what each order did to the world matches its status: a shipped order took one item and
+//! charged its amount, a cancelled one took and charged nothing (every compensation ran exactly
+//! once; no activity applied twice).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loom_core::ActorId;
 use loom_core::runtime::{Actor, AskOptions, Runtime, RuntimeBuilder};
+use loom_core::{ActorId, EntryKind};
 
-use super::{key, paced, until_ok};
+use super::{Errors, ask_until, key, paced, until_ok};
+use crate::store::SimStore;
 
 #[path = "../../../loom-core/examples/order_saga/actors.rs"]
 mod actors;
@@ -34,6 +36,7 @@ pub struct Orders {
     seed: u64,
     world: Arc<World>,
     answered: Arc<Mutex<BTreeMap<u32, Status>>>,
+    errors: Errors,
 }
 
 impl Orders {
@@ -44,6 +47,7 @@ impl Orders {
             seed,
             world: Arc::default(),
             answered: Arc::default(),
+            errors: Errors::default(),
         }
     }
 
@@ -107,39 +111,57 @@ impl Orders {
                         until_ok(|| order.deliver_event("approved", &verdict)).await;
                     }
                 };
-                let placed = until_ok(|| {
+                let placed = ask_until(|| {
                     let opts = AskOptions {
                         idempotency_key: Some(key(format!("place-o{i}"))),
                         timeout: None,
                     };
                     order.ask_with(place.clone(), opts)
                 });
-                let (status, ()) = futures::future::join(placed, approve).await;
-                this.answered().insert(i, status);
+                match futures::future::join(placed, approve).await {
+                    (Ok(status), ()) => {
+                        this.answered().insert(i, status);
+                    }
+                    (Err(e), ()) => this.errors.push(format!("order/o{i}: {e}")),
+                }
             }
         })
         .await;
     }
 
-    /// Checks every order (see the [module docs](self)). Call after [`drive`](Self::drive)
-    /// answered them all.
-    pub async fn check(&self, rt: &Runtime) -> Result<(), String> {
+    /// Checks every order (see the [module docs](self)), reading each one's journal from
+    /// `store` (sending it nothing). Call after [`drive`](Self::drive) answered them all.
+    pub fn check(&self, store: &SimStore) -> Result<(), String> {
+        self.errors.check()?;
         let answered = self.answered().clone();
         for i in 0..self.orders {
             let (place, _) = self.plan(i);
-            let order = rt.actor::<Order>(format!("o{i}"));
-            // A second `Place` only reads the status.
-            let status = until_ok(|| order.ask(place.clone())).await;
             let id = ActorId::new(Order::KIND, format!("o{i}")).map_err(|e| e.to_string())?;
-            if status == Status::New {
-                return Err(format!("{id} never ended"));
+            let Some(status) = answered.get(&i) else {
+                return Err(format!("{id} was never answered"));
+            };
+            if *status == Status::New {
+                return Err(format!("{id} answered New: it never ended"));
             }
-            if let Some(seen) = answered.get(&i)
-                && *seen != status
-            {
-                return Err(format!("{id} answered {seen:?} but ended {status:?}"));
+            let last = store
+                .history(&id)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .rev()
+                .find_map(|e| match e.kind {
+                    EntryKind::Completed { reply } => Some(reply),
+                    _ => None,
+                });
+            let recorded: Option<Status> = last
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| format!("{id}: its journal's reply is not a status: {e}"))?;
+            if recorded.as_ref() != Some(status) {
+                return Err(format!(
+                    "{id} was answered {status:?}, but its journal's last reply is {recorded:?}"
+                ));
             }
-            self.world.check(&id, &status, place.amount)?;
+            self.world.check(&id, status, place.amount)?;
         }
         Ok(())
     }

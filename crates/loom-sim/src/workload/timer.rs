@@ -19,7 +19,7 @@ use loom_core::Timestamp;
 use loom_core::runtime::{Actor, AskOptions, Context, Rejected, Runtime, RuntimeBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{key, paced, until_ok};
+use super::{Errors, ask_until, key, paced, until_ok};
 
 /// Actors the timers are spread over: several timers share an actor, so rings queue behind
 /// naps and naps behind rings.
@@ -27,6 +27,10 @@ const ALARMS: u32 = 3;
 
 /// How long (simulated) the check waits for the last rings.
 const RING_WAIT: Duration = Duration::from_secs(120);
+
+/// How long (simulated) the check waits after every timer rang once, for a second ring to show
+/// (a ring delivered again after its visibility timeout, 5 s in a run).
+const SECOND_RING: Duration = Duration::from_secs(10);
 
 /// An actor holding timers.
 #[derive(Default)]
@@ -118,6 +122,7 @@ pub struct Timers {
     pub timers: u32,
     seed: u64,
     acked: Arc<Mutex<BTreeSet<u32>>>,
+    errors: Errors,
 }
 
 impl Timers {
@@ -127,6 +132,7 @@ impl Timers {
             timers,
             seed,
             acked: Arc::default(),
+            errors: Errors::default(),
         }
     }
 
@@ -177,7 +183,7 @@ impl Timers {
             async move {
                 let (actor, msg) = this.plan(i);
                 let alarm = rt.actor::<Alarm>(actor);
-                until_ok(|| {
+                let answered = ask_until(|| {
                     let opts = AskOptions {
                         idempotency_key: Some(key(format!("timer-{i}"))),
                         timeout: None,
@@ -185,32 +191,46 @@ impl Timers {
                     alarm.ask_with(msg, opts)
                 })
                 .await;
+                if let Err(e) = answered {
+                    this.errors.push(format!("timer {i}: {e}"));
+                }
                 this.acked().insert(i);
             }
         })
         .await;
     }
 
-    /// Waits (up to [`RING_WAIT`]) until every timer set has rung, then checks every timer:
-    /// each set one rang exactly once, not before its due time; each nap lasted its `ms`;
-    /// nothing rang that was not set. Call after [`drive`](Self::drive) acknowledged them all.
+    /// Every alarm's state.
+    async fn states(&self, rt: &Runtime) -> BTreeMap<String, AlarmState> {
+        let mut states = BTreeMap::new();
+        for a in 0..ALARMS.min(self.timers) {
+            let actor = rt.actor::<Alarm>(format!("al{a}"));
+            let state = until_ok(|| actor.ask(AlarmMsg::Report)).await;
+            states.insert(format!("al{a}"), state.unwrap_or_default());
+        }
+        states
+    }
+
+    /// Waits (up to [`RING_WAIT`]) until every timer set has rung, and [`SECOND_RING`] more,
+    /// then checks every timer: each set one rang exactly once, not before its due time; each
+    /// nap lasted its `ms`; nothing rang that was not set. Call after [`drive`](Self::drive)
+    /// acknowledged them all.
     pub async fn check(&self, rt: &Runtime) -> Result<(), String> {
+        self.errors.check()?;
         let waited = tokio::time::Instant::now();
-        let states = loop {
-            let mut states = BTreeMap::new();
-            for a in 0..ALARMS.min(self.timers) {
-                let actor = rt.actor::<Alarm>(format!("al{a}"));
-                let state = until_ok(|| actor.ask(AlarmMsg::Report)).await;
-                states.insert(format!("al{a}"), state.unwrap_or_default());
-            }
-            let waiting = states
+        loop {
+            let waiting = self
+                .states(rt)
+                .await
                 .values()
-                .any(|s: &AlarmState| s.set.keys().any(|id| !s.rung.contains_key(id)));
+                .any(|s| s.set.keys().any(|id| !s.rung.contains_key(id)));
             if !waiting || waited.elapsed() > RING_WAIT {
-                break states;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-        };
+        }
+        tokio::time::sleep(SECOND_RING).await;
+        let states = self.states(rt).await;
         for i in 0..self.timers {
             let (actor, msg) = self.plan(i);
             let s = &states[&actor];

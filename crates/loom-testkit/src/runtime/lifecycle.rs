@@ -13,6 +13,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         passivation_and_reactivation,
         more_actors_than_max_active_keep_their_state,
         lost_lease_stops_writes,
+        a_renewal_that_never_answers_stops_the_actor_when_its_lease_expires,
         leases_of_many_idle_actors_are_renewed_together,
         one_invocation_at_a_time_per_actor,
         many_actors_run_in_parallel,
@@ -104,6 +105,34 @@ async fn lost_lease_stops_writes(h: &Harness) {
         .store(false, std::sync::atomic::Ordering::SeqCst);
     // Once the lease is free again, the held message is redone and the deposit applied, once each.
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 111);
+    rt.shutdown().await;
+}
+
+/// A node cut off from its store (a stalled connection, a network partition) stops its actors
+/// when their leases expire, instead of running their handlers on until a renewal answers:
+/// another node may own them by then.
+async fn a_renewal_that_never_answers_stops_the_actor_when_its_lease_expires(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.lease_ttl = Duration::from_millis(600))
+        .await;
+    let a = rt.actor::<Account>("alice");
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+    a.send(AccountMsg::Hold(10)).await.unwrap();
+    reached(h).await;
+    h.faults
+        .hang_renewals
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = acct("alice");
+    eventually(WAIT, "the actor stops when its lease expires", || async {
+        rt.metrics().leases_lost == 1 && !rt.is_active(&id)
+    })
+    .await;
+    h.faults
+        .hang_renewals
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // The held message is redone under a new lease and applied once.
+    h.probe.open(1);
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 11);
     rt.shutdown().await;
 }
 
