@@ -10,6 +10,11 @@
 //! comes from one generator seeded by the caller. Then a single-threaded tokio runtime with a
 //! paused clock is fully deterministic: the same seed gives the same run.
 //!
+//! A simulated node may run on a **skewed clock** ([`skewed`]): a runtime started in a skewed
+//! task keeps that skew ([`skew`]) for every task it spawns, so they read the simulated wall
+//! clock plus the skew, as a machine whose clock runs ahead or behind; the simulated store
+//! reads the unskewed one ([`store_now`]).
+//!
 //! The other sources of nondeterminism are kept out of the runtime's code paths by rule, not by
 //! this module, and each is written down where it is kept:
 //! - monotonic time is `tokio::time::Instant` (virtual when paused), never `std::time::Instant`;
@@ -38,6 +43,7 @@
 //! ```
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::marker::PhantomData;
 
 use crate::time::Timestamp;
@@ -51,6 +57,11 @@ struct Simulated {
 
 thread_local! {
     static SIM: RefCell<Option<Simulated>> = const { RefCell::new(None) };
+}
+
+tokio::task_local! {
+    /// How far (ms, either way) the clock of the simulated node running this task is off.
+    static SKEW: i64;
 }
 
 /// Simulation on the current thread, until dropped (see [`simulate`]).
@@ -97,8 +108,15 @@ pub fn is_simulated() -> bool {
     SIM.with(|s| s.borrow().is_some())
 }
 
-/// Milliseconds since the Unix epoch: simulated if the thread is, else `None`.
+/// Milliseconds since the Unix epoch, by this task's clock (its node's [skew](skewed)
+/// included): simulated if the thread is, else `None`.
 pub(crate) fn simulated_now_ms() -> Option<u64> {
+    let skew = SKEW.try_with(|s| *s).unwrap_or(0);
+    unskewed_ms().map(|ms| ms.saturating_add_signed(skew))
+}
+
+/// The simulated wall clock without any node's skew, or `None` if the thread is not simulated.
+fn unskewed_ms() -> Option<u64> {
     SIM.with(|s| {
         s.borrow().as_ref().map(|sim| {
             let elapsed = tokio::time::Instant::now().saturating_duration_since(sim.start);
@@ -106,6 +124,39 @@ pub(crate) fn simulated_now_ms() -> Option<u64> {
                 .saturating_add(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
         })
     })
+}
+
+/// The time by the store's clock: under simulation, the simulated wall clock without the
+/// [skew](skewed) of the node whose task asks (a simulated store is one machine, whoever calls
+/// it); else [`Timestamp::now`].
+pub fn store_now() -> Timestamp {
+    unskewed_ms().map_or_else(Timestamp::now, Timestamp::from_millis)
+}
+
+/// Runs `fut` with its wall clock `skew_ms` off the simulated one (ahead if positive): a
+/// simulated node whose machine's clock is wrong. A runtime started in it runs every task it
+/// spawns with the same skew. Outside a simulation the skew changes nothing: a real clock is
+/// what it is.
+///
+/// ```
+/// use loom_core::{Timestamp, seam};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let _sim = seam::simulate(1, Timestamp::from_millis(10_000));
+/// let behind = seam::skewed(-250, async { Timestamp::now() }).await;
+/// assert_eq!(behind, Timestamp::from_millis(9_750));
+/// assert_eq!(seam::store_now(), Timestamp::from_millis(10_000));
+/// # }
+/// ```
+pub fn skewed<F: Future>(skew_ms: i64, fut: F) -> impl Future<Output = F::Output> {
+    SKEW.scope(skew_ms, fut)
+}
+
+/// The [skew](skewed) of the current task's clock, in ms (0 if it has none): what a runtime
+/// keeps for the tasks it spawns.
+pub fn skew() -> i64 {
+    SKEW.try_with(|s| *s).unwrap_or(0)
 }
 
 fn with_rng<R>(sim: impl FnOnce(&mut fastrand::Rng) -> R, real: impl FnOnce() -> R) -> R {
@@ -171,6 +222,27 @@ mod tests {
         let a = uuid_v7();
         assert_eq!(a.get_version_num(), 7);
         assert_eq!(uuid_v4().get_version_num(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skewed_task_and_the_tasks_it_spawns_read_their_own_clock() {
+        let _sim = simulate(1, Timestamp::from_millis(5_000));
+        let (own, spawned) = skewed(300, async {
+            let spawned = tokio::spawn(skewed(skew(), async { Timestamp::now() }));
+            (Timestamp::now(), spawned.await.unwrap())
+        })
+        .await;
+        assert_eq!(own, Timestamp::from_millis(5_300));
+        assert_eq!(spawned, Timestamp::from_millis(5_300));
+        // Not kept: by a plain spawn, and by the store's clock.
+        let plain = skewed(300, async {
+            tokio::spawn(async { Timestamp::now() }).await.unwrap()
+        });
+        assert_eq!(plain.await, Timestamp::from_millis(5_000));
+        assert_eq!(
+            skewed(300, async { store_now() }).await,
+            Timestamp::from_millis(5_000)
+        );
     }
 
     #[test]

@@ -73,6 +73,8 @@ enum Fault {
     Rot,
     Stall,
     NodeCrash,
+    /// Nodes' clocks off by up to 200 ms either way.
+    Skew,
 }
 
 /// Bugs that can be switched back on, to show that the simulator finds them.
@@ -149,6 +151,7 @@ impl Shape {
                 rot: !off(Fault::Rot),
                 stall: !off(Fault::Stall),
                 node_crash: !off(Fault::NodeCrash),
+                skew: !off(Fault::Skew),
             },
             bugs: Bugs {
                 ack_before_fsync: self.bug.contains(&Bug::AckBeforeFsync),
@@ -201,6 +204,7 @@ fn command_line(plan: &Plan) -> String {
         (f.rot, "rot"),
         (f.stall, "stall"),
         (f.node_crash, "node-crash"),
+        (f.skew, "skew"),
     ]
     .into_iter()
     .filter(|(on, _)| !on)
@@ -296,6 +300,7 @@ fn smaller(p: &Plan) -> Vec<Plan> {
             },
         ),
         (f.rot, Enabled { rot: false, ..f }),
+        (f.skew, Enabled { skew: false, ..f }),
         (f.stall, Enabled { stall: false, ..f }),
         (
             f.node_crash,

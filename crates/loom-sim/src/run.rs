@@ -47,6 +47,10 @@ const FINAL_LIMIT: Duration = Duration::from_secs(600);
 /// settles, so the run fails at once instead of waiting out [`FINAL_LIMIT`].
 const PARKED_CHECK: Duration = Duration::from_secs(5);
 
+/// The most a node's clock is off, either way, when [`Enabled::skew`] is on. The timer check
+/// allows twice this (a timer set on a node ahead, handled on one behind).
+pub const MAX_SKEW: Duration = Duration::from_millis(200);
+
 /// Which faults a run may inject; shrinking turns them off one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Enabled {
@@ -67,6 +71,8 @@ pub struct Enabled {
     pub stall: bool,
     /// One node crashes mid-round while the others go on.
     pub node_crash: bool,
+    /// Each node's clock is off by up to [`MAX_SKEW`] either way (the store's is right).
+    pub skew: bool,
 }
 
 impl Enabled {
@@ -80,6 +86,7 @@ impl Enabled {
         rot: true,
         stall: true,
         node_crash: true,
+        skew: true,
     };
 }
 
@@ -149,6 +156,8 @@ pub struct Outcome {
     pub stalls: u32,
     /// Single nodes crashed mid-round.
     pub node_crashes: u32,
+    /// The largest clock skew of a node, in ms either way.
+    pub largest_skew_ms: u64,
     /// Rounds that ended while transfers of their share were still unacknowledged.
     pub busy_kills: u32,
     /// Transfers acknowledged before a crash or power loss.
@@ -192,6 +201,7 @@ impl Outcome {
             power_losses: 0,
             stalls: 0,
             node_crashes: 0,
+            largest_skew_ms: 0,
             busy_kills: 0,
             acknowledged: 0,
             workloads_acknowledged: (0, 0, 0),
@@ -354,6 +364,8 @@ struct Workloads {
     counters: Counters,
     orders: Orders,
     timers: Timers,
+    /// How far two nodes' clocks may disagree (twice [`MAX_SKEW`] with skew on, else 0).
+    clock_tolerance: Duration,
 }
 
 impl Workloads {
@@ -373,6 +385,11 @@ impl Workloads {
             counters: Counters::new(plan.seed, 3, plan.calls),
             orders: Orders::new(plan.seed, plan.orders),
             timers: Timers::new(plan.seed, plan.timers),
+            clock_tolerance: if plan.faults.skew {
+                MAX_SKEW * 2
+            } else {
+                Duration::ZERO
+            },
         }
     }
 
@@ -452,7 +469,7 @@ impl Workloads {
         if let Err(e) = self.orders.check(store) {
             failed.push((Check::Saga, e));
         }
-        if let Err(e) = self.timers.check(rt).await {
+        if let Err(e) = self.timers.check(rt, self.clock_tolerance).await {
             failed.push((Check::Timers, e));
         }
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -570,14 +587,23 @@ async fn world(plan: Plan) -> Outcome {
     let work = Workloads::new(&plan);
     let (mut crashes, mut power_losses, mut stalls) = (0, 0, 0);
     let (mut node_crashes, mut busy_kills, mut rejections) = (0, 0, 0);
+    let mut largest_skew_ms = 0;
+    // Drawn apart from the schedule, so that turning skew off leaves the rest as it was.
+    let mut skews = fastrand::Rng::with_seed(plan.seed ^ 0x05ce_3000);
     let mut failures = Failures::default();
     for round in 0..plan.rounds {
         let round_faults = faults(&plan, &mut rng);
         store.set_faults(round_faults);
         let mut nodes = Vec::new();
+        let most = i64::try_from(MAX_SKEW.as_millis()).unwrap_or(i64::MAX);
         for n in 0..plan.nodes {
             let link = store.link();
-            match start_node(&link, format!("node-{round}-{n}"), &work).await {
+            let skew = skews.i64(-most..=most);
+            let skew = if plan.faults.skew { skew } else { 0 };
+            largest_skew_ms = largest_skew_ms.max(skew.unsigned_abs());
+            // The node's runtime keeps the skew it was started with for all its tasks.
+            let node = seam::skewed(skew, start_node(&link, format!("node-{round}-{n}"), &work));
+            match node.await {
                 Ok(rt) => nodes.push((rt, link)),
                 Err(e) => {
                     failures.add(Check::Run, e);
@@ -774,6 +800,7 @@ async fn world(plan: Plan) -> Outcome {
         power_losses,
         stalls,
         node_crashes,
+        largest_skew_ms,
         busy_kills,
         acknowledged: acknowledged.0,
         workloads_acknowledged: acknowledged.1,

@@ -1,7 +1,7 @@
 //! The simulator itself: runs replay from their seed, healthy seeds keep every promise, and
 //! each bug put back on purpose is found (and named) within a few seeds.
 
-use loom_sim::run::{Check, Outcome, Plan, run};
+use loom_sim::run::{Check, Enabled, Outcome, Plan, run};
 use loom_sim::store::Bugs;
 
 /// The first failing outcome among seeds `1..=limit` of `plan_for`, if any.
@@ -55,6 +55,7 @@ fn healthy_seeds_inject_every_fault_and_keep_every_promise() {
     assert!(sum(|o| o.stats.lost_reply) > 0);
     assert!(sum(|o| o.stats.disk_full) > 0);
     assert!(sum(|o| o.stats.rotten_snapshots) > 0);
+    assert!(sum(|o| o.largest_skew_ms) > 0);
     assert!(sum(|o| o.acknowledged as u64) > 0);
     // And every workload had work acknowledged before a crash or power loss.
     assert!(sum(|o| o.workloads_acknowledged.0 as u64) > 0);
@@ -164,7 +165,8 @@ fn timers_that_fire_early_are_found_by_the_timer_check() {
 }
 
 /// Seeds that once failed, each with the default plan of the build that found it (the bank
-/// alone: the other workloads came later); each must keep every promise from now on.
+/// alone and clocks right: the other workloads and the skew came later); each must keep every
+/// promise from now on.
 /// - 599: a node stalled past its lease ran a handler on its stale state and refused a
 ///   `Debited` the new owner's `Start` had caused; the refusal's turn was fenced, but the
 ///   rejection count took it for a message applied twice (it now counts journaled refusals).
@@ -173,11 +175,16 @@ const ONCE_FAILED: &[u64] = &[599];
 #[test]
 fn seeds_that_once_failed_keep_every_promise() {
     for &seed in ONCE_FAILED {
+        let plan = Plan::new(seed);
         let o = run(Plan {
             calls: 0,
             orders: 0,
             timers: 0,
-            ..Plan::new(seed)
+            faults: Enabled {
+                skew: false,
+                ..plan.faults
+            },
+            ..plan
         });
         assert!(o.ok(), "seed {seed}: {:?}", o.failure);
         assert!(o.stalls > 0, "seed {seed} no longer stalls a node: {o:?}");

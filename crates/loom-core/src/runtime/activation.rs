@@ -311,6 +311,8 @@ async fn serve<A: Actor>(
                     }
                     Next::Park(park) => return Exit::Park(park),
                     Next::Stop => return Exit::LeaseLost,
+                    // Its lease released, its memory freed: the message comes back when due.
+                    Next::Suspend => return Exit::Passivated,
                 }
             }
             Ok(None) => {

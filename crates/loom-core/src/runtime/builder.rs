@@ -107,9 +107,12 @@ impl RuntimeBuilder {
             StoreChoice::Given(s) => s,
         };
         let health = Arc::new(health::Observed::default());
+        // A simulated node's clock skew (see `seam::skewed`), kept for every task it spawns.
+        let skew = crate::seam::skew();
         let keeper = leases::Keeper::new(store.clone(), self.config.lease_ttl, health.clone());
-        let keeper_task =
-            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keeper.clone().run()));
+        let keeper_task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            crate::seam::skewed(skew, keeper.clone().run()),
+        ));
         let shared = Arc::new(Shared {
             keeper,
             keeper_task: tokio::sync::Mutex::new(Some(keeper_task)),
@@ -126,6 +129,7 @@ impl RuntimeBuilder {
             killed: CancellationToken::new(),
             tasks: TaskTracker::new(),
             wake: Notify::new(),
+            skew,
         });
         shared.spawn(dispatch(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");

@@ -24,6 +24,7 @@ use crate::entry::{EntryKind, Seq, Step};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
 use crate::store::backend::{Record, Settle, Turn};
 use crate::store::{Delivery, LeaseOptions, Park};
+use crate::time::Timestamp;
 
 use super::Shared;
 use super::actor::Actor;
@@ -43,6 +44,8 @@ pub(crate) enum Next {
     Park(Park),
     /// The lease is gone: stop at once.
     Stop,
+    /// The invocation suspended (its message nacked until it is due again): passivate.
+    Suspend,
 }
 
 pub(crate) struct Cell<A: Actor> {
@@ -386,6 +389,25 @@ impl<A: Actor> Cell<A> {
             Interrupt::NonDeterminism(step, reason) => {
                 tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
                 Next::Park(self.park(io, d, Some(step), &reason))
+            }
+            Interrupt::Suspend(until) => {
+                // The message stays the mailbox's current one, invisible until the sleep ends
+                // (later messages wait behind it); the delivery that then takes it resumes the
+                // sleep, which does not count against the message (rule D17).
+                let delay = until.saturating_since(Timestamp::now());
+                let reason = format!("suspended: sleeping until {until}");
+                match io.store.nack(&d.receipt, delay, &reason).await {
+                    Ok(()) => {
+                        shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(actor = %self.id, %until, "suspended");
+                        Next::Suspend
+                    }
+                    Err(e) => {
+                        // Still leased: replaying runs the sleep again, which suspends again.
+                        tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
+                        Next::Reload
+                    }
+                }
             }
             Interrupt::Store(e) => {
                 shared.health.failed(&e);

@@ -109,6 +109,12 @@ pub struct Config {
     pub ask_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight invocations (default 30 s).
     pub shutdown_timeout: Duration,
+    /// A durable sleep ([`Context::sleep`](super::Context::sleep)) with more than this left
+    /// suspends its invocation instead of sleeping in memory (default 1 s): the actor is
+    /// passivated, its lease released and its memory freed, and its message comes back when
+    /// the sleep ends; the replay then continues at the same step. Meanwhile the actor's later
+    /// messages wait (one invocation at a time). `Duration::MAX` never suspends.
+    pub suspend_after: Duration,
 }
 
 impl Default for Config {
@@ -135,6 +141,7 @@ impl Default for Config {
             reply_ttl: Duration::from_secs(24 * 3600),
             ask_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            suspend_after: Duration::from_secs(1),
         }
     }
 }

@@ -94,6 +94,9 @@ pub(crate) enum Interrupt {
     LeaseLost,
     /// The code no longer matches the journal at this step: park the actor.
     NonDeterminism(Step, String),
+    /// A durable sleep has longer left than `Config::suspend_after`: suspend the invocation
+    /// until then (its message back at that time, the actor passivated meanwhile).
+    Suspend(Timestamp),
 }
 
 impl Interrupt {
@@ -111,6 +114,7 @@ impl Interrupt {
             Interrupt::Conflict(e) => format!("journal moved: {e}"),
             Interrupt::LeaseLost => "the actor's lease was lost".to_owned(),
             Interrupt::NonDeterminism(_, m) => format!("non-determinism: {m}"),
+            Interrupt::Suspend(until) => format!("suspended until {until}"),
         }
     }
 }
@@ -555,6 +559,12 @@ impl<'a> Context<'a> {
 
     /// Sleeps durably: the wake-up time is journaled before sleeping, so a restart continues the
     /// same sleep instead of starting it again.
+    ///
+    /// A sleep with more than `Config::suspend_after` left (default 1 s) does not hold the actor
+    /// in memory: the invocation suspends (this call returns [`StepError::Interrupted`], which
+    /// the handler passes on with `?`), the actor is passivated and its lease released, and the
+    /// message comes back when the sleep ends, on whichever node; the replay then returns from
+    /// this call and the handler goes on. Later messages to the actor wait meanwhile.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
         let (step, recorded) = self.next_step("sleep", "")?;
         let (fire_at, resumed_in) = match recorded {
@@ -576,6 +586,10 @@ impl<'a> Context<'a> {
             }
         };
         let left = fire_at.saturating_since(Timestamp::now());
+        if left > self.io.config.suspend_after {
+            // Journaled above (or in the run that began it): the replay continues it.
+            return Err(self.interrupt(Interrupt::Suspend(fire_at)));
+        }
         self.keep_out(tokio::time::sleep(left)).await?;
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
         if resumed_in.is_some() {

@@ -15,6 +15,7 @@ pub(crate) struct Metrics {
     pub(crate) compaction_failures: AtomicU64,
     pub(crate) corrupt_snapshots: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
+    pub(crate) suspensions: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
 }
 
@@ -42,6 +43,9 @@ pub struct MetricsSnapshot {
     pub corrupt_snapshots: u64,
     /// Actors stopped because their lease was lost.
     pub leases_lost: u64,
+    /// Invocations suspended in a long durable sleep (the actor passivated, its message back
+    /// when the sleep ends; see `Config::suspend_after`).
+    pub suspensions: u64,
     /// Total time spent activating actors (taking the lease, loading the snapshot, replaying the
     /// tail), in microseconds; divide by `recoveries` for the mean.
     pub activation_micros: u64,

@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     /// store's directory can be opened again at once. An async mutex, held while waiting, so
     /// that a second, concurrent caller also returns only once the keeper is gone.
     keeper_task: tokio::sync::Mutex<Option<tokio_util::task::AbortOnDropHandle<()>>>,
+    /// The clock skew (ms) a simulation gave the task that started the runtime, kept for every
+    /// task it spawns (see `seam::skewed`); 0 outside a simulation.
+    skew: i64,
 }
 
 /// The actor runtime; cheap to clone.
@@ -214,6 +217,7 @@ impl Runtime {
             compaction_failures: get(&m.compaction_failures),
             corrupt_snapshots: get(&m.corrupt_snapshots),
             leases_lost: get(&m.leases_lost),
+            suspensions: get(&m.suspensions),
             activation_micros: get(&m.activation_nanos) / 1000,
             active: self
                 .shared
@@ -372,12 +376,13 @@ impl Shared {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let killed = self.killed.clone();
-        self.tasks.spawn(async move {
+        // The runtime's clock skew, if a simulation gave it one (0 otherwise).
+        self.tasks.spawn(crate::seam::skewed(self.skew, async move {
             tokio::select! {
                 biased;
                 _ = killed.cancelled() => {}
                 _ = fut => {}
             }
-        })
+        }))
     }
 }

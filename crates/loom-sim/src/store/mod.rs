@@ -8,7 +8,8 @@
 //! with a paused clock replays exactly:
 //! - all state is plain owned data in one `Data` value (`BTreeMap`s and `BTreeSet`s, never a hash map:
 //!   their iteration order is random per process);
-//! - time is read only from [`Timestamp::now`] (the wall clock, or the simulated one) and
+//! - time is read only from [`seam::store_now`] (the wall clock, or the simulated one without
+//!   any node's skew: the store is one machine, whichever node asks) and
 //!   waited only with `tokio::time::sleep` (virtual under a paused clock);
 //! - every random draw comes from one `fastrand::Rng`, seeded by the constructor and kept
 //!   behind the same mutex as the data;
@@ -99,7 +100,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use loom_core::partition::check_partitions;
-use loom_core::{ActorId, MessageId, Seq, StoreError, StoreResult, Timestamp};
+use loom_core::{ActorId, MessageId, Seq, StoreError, StoreResult, Timestamp, seam};
 use tokio::sync::{Notify, broadcast};
 
 /// Backend name in errors.
@@ -773,9 +774,9 @@ impl SimStore {
     }
 
     /// A fresh message id from the store's own generator: a time-ordered UUID (version 7) of
-    /// [`Timestamp::now`], as [`MessageId::new`] makes, but deterministic for the seed.
+    /// [`seam::store_now`], as [`MessageId::new`] makes, but deterministic for the seed.
     fn fresh_message_id(&self) -> MessageId {
-        let ms = Timestamp::now().as_millis();
+        let ms = seam::store_now().as_millis();
         let bits = self.state().rng.u128(..).to_le_bytes();
         let mut random = [0u8; 10];
         random.copy_from_slice(&bits[..10]);
@@ -932,7 +933,8 @@ impl SimStore {
         let (result, wrote, seen, sync) = {
             let mut s = self.state();
             s.alive(epoch)?;
-            let now = Timestamp::now();
+            // The store's own clock, whichever node's task asks.
+            let now = seam::store_now();
             let wrote = may_write && writes(&s.live, now);
             if wrote && s.faults.disk_full {
                 s.stats.disk_full += 1;

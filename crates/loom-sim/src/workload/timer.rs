@@ -8,8 +8,10 @@
 //!   continued, not restarted, after a crash) and records when it began and ended.
 //!
 //! Times come from [`Context::now`] (journaled, so a replay sees the first run's), on the
-//! simulated wall clock. The check: every timer set rings exactly once, never before its due
-//! time; every nap lasts at least its `ms`; nothing rings that was not set.
+//! clock of the node that ran the step. The check: every timer set rings exactly once, never
+//! before its due time; every nap lasts at least its `ms`; nothing rings that was not set. When
+//! the nodes' clocks disagree (a simulated skew), "before" allows for their disagreement: a
+//! timer set on a node ahead and rung on a node behind reads early by their difference.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -213,9 +215,9 @@ impl Timers {
 
     /// Waits (up to [`RING_WAIT`]) until every timer set has rung, and [`SECOND_RING`] more,
     /// then checks every timer: each set one rang exactly once, not before its due time; each
-    /// nap lasted its `ms`; nothing rang that was not set. Call after [`drive`](Self::drive)
-    /// acknowledged them all.
-    pub async fn check(&self, rt: &Runtime) -> Result<(), String> {
+    /// nap lasted its `ms`; nothing rang that was not set. Times read on different nodes may
+    /// disagree by up to `tolerance`. Call after [`drive`](Self::drive) acknowledged them all.
+    pub async fn check(&self, rt: &Runtime, tolerance: Duration) -> Result<(), String> {
         self.errors.check()?;
         let waited = tokio::time::Instant::now();
         loop {
@@ -248,7 +250,7 @@ impl Timers {
                                 RING_WAIT.as_secs()
                             ));
                         }
-                        Some([at]) if at < due => {
+                        Some([at]) if *at + tolerance < *due => {
                             return Err(format!(
                                 "timer {id} (alarm/{actor}) rang at {at}, before it was due at {due}"
                             ));
@@ -268,7 +270,7 @@ impl Timers {
                             "nap {id} (alarm/{actor}) was acknowledged but never taken"
                         ));
                     };
-                    if *ended < *began + Duration::from_millis(ms) {
+                    if *ended + tolerance < *began + Duration::from_millis(ms) {
                         return Err(format!(
                             "nap {id} (alarm/{actor}) of {ms} ms began at {began} and ended early, at {ended}"
                         ));

@@ -12,6 +12,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
         durable_sleep_live,
         durable_sleep_replay_does_not_restart_the_clock,
+        a_long_sleep_suspends_the_actor_until_it_ends,
         send_after_arrives_after_its_delay,
         wait_event_live,
         event_delivered_before_the_wait_is_kept,
@@ -86,6 +87,50 @@ async fn durable_sleep_replay_does_not_restart_the_clock(h: &Harness) {
             .await,
         1
     );
+    rt.shutdown().await;
+}
+
+/// A sleep longer than `suspend_after` suspends: while it sleeps the actor is passivated and
+/// holds no lease, later messages wait behind it, and the sleep ends on time (not before).
+async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w");
+    let started = Timestamp::now();
+    let asked = tokio::spawn({
+        let w = w.clone();
+        async move { w.ask(vec![Step::Sleep { ms: 1500 }]).await }
+    });
+    let id = worker("w");
+    eventually(WAIT, "the invocation suspends", || async {
+        rt.metrics().suspensions == 1 && !rt.is_active(&id)
+    })
+    .await;
+    assert_eq!(
+        h.store.holder(&id).await.unwrap(),
+        None,
+        "a suspended actor holds its lease"
+    );
+    w.send(vec![activity("later")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.probe.runs("later"),
+        0,
+        "a message overtook a suspended invocation"
+    );
+    let reply = asked.await.unwrap().unwrap();
+    assert_eq!(reply, vec!["slept 1500"]);
+    assert!(
+        Timestamp::now().saturating_since(started) >= Duration::from_millis(1500),
+        "the suspended sleep ended early"
+    );
+    finished(h, &id, 2).await;
+    assert_eq!(
+        replies(h, &id).await,
+        vec![json!(["slept 1500"]), json!(["later done"])]
+    );
+    assert_eq!(rt.metrics().suspensions, 1);
     rt.shutdown().await;
 }
 
