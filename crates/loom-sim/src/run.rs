@@ -47,8 +47,7 @@ const FINAL_LIMIT: Duration = Duration::from_secs(600);
 /// settles, so the run fails at once instead of waiting out [`FINAL_LIMIT`].
 const PARKED_CHECK: Duration = Duration::from_secs(5);
 
-/// The most a node's clock is off, either way, when [`Enabled::skew`] is on. The timer check
-/// allows twice this (a timer set on a node ahead, handled on one behind).
+/// The most a node's clock is off, either way, when [`Enabled::skew`] is on.
 pub const MAX_SKEW: Duration = Duration::from_millis(200);
 
 /// Which faults a run may inject; shrinking turns them off one by one.
@@ -364,8 +363,6 @@ struct Workloads {
     counters: Counters,
     orders: Orders,
     timers: Timers,
-    /// How far two nodes' clocks may disagree (twice [`MAX_SKEW`] with skew on, else 0).
-    clock_tolerance: Duration,
 }
 
 impl Workloads {
@@ -385,11 +382,6 @@ impl Workloads {
             counters: Counters::new(plan.seed, 3, plan.calls),
             orders: Orders::new(plan.seed, plan.orders),
             timers: Timers::new(plan.seed, plan.timers),
-            clock_tolerance: if plan.faults.skew {
-                MAX_SKEW * 2
-            } else {
-                Duration::ZERO
-            },
         }
     }
 
@@ -469,7 +461,7 @@ impl Workloads {
         if let Err(e) = self.orders.check(store) {
             failed.push((Check::Saga, e));
         }
-        if let Err(e) = self.timers.check(rt, self.clock_tolerance).await {
+        if let Err(e) = self.timers.check(rt).await {
             failed.push((Check::Timers, e));
         }
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -560,7 +552,10 @@ async fn drive_bank(
         async move {
             loop {
                 match bank.start(&rt, i).await {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
+                        break;
+                    }
                     Err(BankError::Ask(e)) if final_answer(&e) => {
                         errors.push(format!("transfer t{i}: {e}"));
                         break;
@@ -568,7 +563,6 @@ async fn drive_bank(
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
-            acked.lock().unwrap_or_else(|p| p.into_inner()).insert(i);
         }
     })
     .await;

@@ -21,11 +21,13 @@ use crate::store::{Lease, LeaseOptions, Park};
 
 /// The erased start function of one registered kind.
 pub(super) trait Kind: Send + Sync {
+    /// `taken`: when the request that took `lease` was sent (see `Keeper::keep`).
     fn start(
         &self,
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
+        taken: Instant,
         handle: Handle,
     ) -> BoxFuture<'static, ()>;
 }
@@ -38,9 +40,10 @@ impl<A: Actor> Kind for KindOf<A> {
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
+        taken: Instant,
         handle: Handle,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(run::<A>(self.0.clone(), shared, id, lease, handle))
+        Box::pin(run::<A>(self.0.clone(), shared, id, lease, taken, handle))
     }
 }
 
@@ -111,6 +114,7 @@ impl Shared {
             handle
         };
         self.hub.notifier(id);
+        let asked = Instant::now();
         let acquired = self
             .store
             .acquire(id, &self.config.node, self.config.lease_ttl)
@@ -118,7 +122,7 @@ impl Shared {
         self.health.write(&acquired);
         match acquired {
             Ok(lease) => {
-                let fut = kind.start(self.clone(), id.clone(), lease, handle);
+                let fut = kind.start(self.clone(), id.clone(), lease, asked, handle);
                 let handle = self.spawn(fut);
                 if let Some(a) = self
                     .active
@@ -163,11 +167,12 @@ async fn run<A: Actor>(
     shared: Arc<Shared>,
     id: ActorId,
     lease: Lease,
+    taken: Instant,
     handle: Handle,
 ) {
     let lost = CancellationToken::new();
     // Renewed with every other lease of this node until this task ends, however it ends.
-    let kept = shared.keeper.keep(lease.clone(), lost.clone());
+    let kept = shared.keeper.keep(lease.clone(), taken, lost.clone());
     let io = Io {
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,

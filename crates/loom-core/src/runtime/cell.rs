@@ -32,6 +32,10 @@ use super::context::{Context, Interrupt, Invocation, Io};
 use super::record::{Outcome, Recorded};
 use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
 
+/// The longest a message is put back for a suspended sleep (a century); a longer sleep (a
+/// "sleep forever") suspends again when the message comes back.
+const MAX_SUSPENSION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// What the loop does after a delivery.
 pub(crate) enum Next {
     /// Go on; with the actor's next message when the turn's write already leased it.
@@ -132,7 +136,7 @@ impl<A: Actor> Cell<A> {
             return match io.store.commit_turn(turn).await {
                 Ok(_) => Next::Continue(None),
                 Err(e) => {
-                    self.on_interrupt(io, shared, &d, false, Interrupt::from_store(e))
+                    self.on_interrupt(io, shared, &d, false, 0, Interrupt::from_store(e))
                         .await
                 }
             };
@@ -181,7 +185,7 @@ impl<A: Actor> Cell<A> {
                 }
                 Err(e) => {
                     return self
-                        .on_interrupt(io, shared, &d, false, Interrupt::from_store(e))
+                        .on_interrupt(io, shared, &d, false, 0, Interrupt::from_store(e))
                         .await;
                 }
             }
@@ -201,6 +205,7 @@ impl<A: Actor> Cell<A> {
         };
         let mut inv = self.invocation(io, &d, resuming);
         inv.recorded = recorded;
+        inv.counted_from = from;
         if !resuming {
             inv.push(EntryKind::Invoked {
                 message_id: id,
@@ -218,7 +223,7 @@ impl<A: Actor> Cell<A> {
         if let Some(interrupt) = inv.interrupt.take() {
             self.restore_state();
             return self
-                .on_interrupt(io, shared, &d, inv.journaled, interrupt)
+                .on_interrupt(io, shared, &d, inv.journaled, inv.counted_from, interrupt)
                 .await;
         }
         let (outcome, new_value) = match outcome {
@@ -227,7 +232,7 @@ impl<A: Actor> Cell<A> {
                 let reason = format!("handler panicked: {}", panic_message(&panic));
                 tracing::warn!(error = %reason, "invocation failed");
                 return self
-                    .retry_or_give_up(io, shared, &d, inv.journaled, &reason)
+                    .retry_or_give_up(io, shared, &d, inv.journaled, inv.counted_from, &reason)
                     .await;
             }
             Ok(Ok(reply)) => {
@@ -239,7 +244,14 @@ impl<A: Actor> Cell<A> {
                         self.restore_state();
                         let reason = format!("state or reply does not encode: {e}");
                         return self
-                            .retry_or_give_up(io, shared, &d, inv.journaled, &reason)
+                            .retry_or_give_up(
+                                io,
+                                shared,
+                                &d,
+                                inv.journaled,
+                                inv.counted_from,
+                                &reason,
+                            )
                             .await;
                     }
                 }
@@ -325,8 +337,15 @@ impl<A: Actor> Cell<A> {
             }
             Err(e) => {
                 self.restore_state();
-                self.on_interrupt(io, shared, &d, inv.journaled, Interrupt::from_store(e))
-                    .await
+                self.on_interrupt(
+                    io,
+                    shared,
+                    &d,
+                    inv.journaled,
+                    inv.counted_from,
+                    Interrupt::from_store(e),
+                )
+                .await
             }
         }
     }
@@ -353,6 +372,7 @@ impl<A: Actor> Cell<A> {
             step: 0,
             interrupt: None,
             weight: 0,
+            counted_from: 0,
         }
     }
 
@@ -368,13 +388,15 @@ impl<A: Actor> Cell<A> {
         }
     }
 
-    /// `journaled`: whether part of this invocation is known to be in the journal already.
+    /// `journaled`: whether part of this invocation is known to be in the journal already;
+    /// `from`: the delivery from which the message's attempts count (`Invocation::counted_from`).
     async fn on_interrupt(
         &mut self,
         io: &Io,
         shared: &Arc<Shared>,
         d: &Delivery,
         journaled: bool,
+        from: u32,
         i: Interrupt,
     ) -> Next {
         match i {
@@ -394,7 +416,8 @@ impl<A: Actor> Cell<A> {
                 // The message stays the mailbox's current one, invisible until the sleep ends
                 // (later messages wait behind it); the delivery that then takes it resumes the
                 // sleep, which does not count against the message (rule D17).
-                let delay = until.saturating_since(Timestamp::now());
+                // At most a century: a store counts the delay in ms from now in 64 bits.
+                let delay = until.saturating_since(Timestamp::now()).min(MAX_SUSPENSION);
                 let reason = format!("suspended: sleeping until {until}");
                 match io.store.nack(&d.receipt, delay, &reason).await {
                     Ok(()) => {
@@ -418,7 +441,7 @@ impl<A: Actor> Cell<A> {
                 // close it with `Failed` when giving up; otherwise the journal is left as it is.
                 let journaled = journaled || e.is_transient();
                 let next = self
-                    .retry_or_give_up(io, shared, d, journaled, &reason)
+                    .retry_or_give_up(io, shared, d, journaled, from, &reason)
                     .await;
                 match next {
                     Next::Backoff(_) | Next::Continue(_) => Next::Reload,
@@ -436,9 +459,12 @@ impl<A: Actor> Cell<A> {
         shared: &Arc<Shared>,
         d: &Delivery,
         journaled: bool,
+        from: u32,
         reason: &str,
     ) -> Next {
-        let attempts = d.envelope.attempt + 1;
+        // Deliveries before `from` only waited (a restart or a suspension during a durable
+        // wait): they are not failed attempts (rule D17).
+        let attempts = d.envelope.attempt.saturating_sub(from) + 1;
         let retry = io.config.retry;
         if attempts < retry.max_attempts {
             shared.metrics.retries.fetch_add(1, Ordering::Relaxed);

@@ -148,6 +148,10 @@ pub(crate) struct Invocation {
     pub(crate) interrupt: Option<Interrupt>,
     /// Approximate bytes of the entries journaled by this invocation (for compaction).
     pub(crate) weight: u64,
+    /// The delivery from which this message's deliveries count as attempts (rule D17): the
+    /// latest that saw a durable wait of this invocation end (`resumed_in`), or 0. Deliveries
+    /// before it only waited (a restart, a suspension).
+    pub(crate) counted_from: u32,
 }
 
 impl Invocation {
@@ -197,7 +201,9 @@ impl<'a> Context<'a> {
         self.inv.envelope.origin()
     }
 
-    /// How many times this message was delivered before (0 on the first delivery).
+    /// How many times this message was delivered before (0 on the first delivery). Deliveries
+    /// that only waited count too: a restart or a suspension during a durable sleep or event
+    /// wait ended one (they are not held against the message when it is retried).
     pub fn attempt(&self) -> u32 {
         self.inv.envelope.attempt
     }
@@ -211,6 +217,14 @@ impl<'a> Context<'a> {
         match &self.inv.interrupt {
             Some(i) => Err(StepError::Interrupted(i.describe())),
             None => Ok(()),
+        }
+    }
+
+    /// A durable wait that began in an earlier delivery ended in this one (`resumed_in`): this
+    /// message's attempts count from here.
+    fn resumed(&mut self, resumed_in: Option<u32>) {
+        if let Some(a) = resumed_in {
+            self.inv.counted_from = self.inv.counted_from.max(a);
         }
     }
 
@@ -592,6 +606,7 @@ impl<'a> Context<'a> {
         }
         self.keep_out(tokio::time::sleep(left)).await?;
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
+        self.resumed(resumed_in);
         if resumed_in.is_some() {
             // The sleep began in an earlier delivery: journal its end at once, so that the
             // deliveries that only slept are not held against the message from here on (and a
@@ -666,6 +681,7 @@ impl<'a> Context<'a> {
                         timed_out: false,
                         resumed_in,
                     });
+                    self.resumed(resumed_in);
                     // The event is consumed in the same write that journals it, and its key
                     // recorded, so that the same event delivered again is refused as a
                     // duplicate instead of satisfying the next wait (rule D6).
@@ -707,6 +723,7 @@ impl<'a> Context<'a> {
                     timed_out: true,
                     resumed_in,
                 });
+                self.resumed(resumed_in);
                 if resumed_in.is_some() {
                     // As in `sleep`: the wait's end is journaled at once when it began in an
                     // earlier delivery.

@@ -10,10 +10,15 @@
 //!   ttl go along with the ones due now, so leases taken at different moments soon share calls.
 //! - An actor whose lease is reported lost, or runs out before a renewal succeeds, has its
 //!   `lost` token cancelled and stops at once. (Its fenced writes would be refused anyway.)
-//!   A renewal that has not answered by the earliest expiry of the leases it carries is given
+//!   A renewal that has not answered by the earliest deadline of the leases it carries is given
 //!   up at that moment (they are treated as failed): a node cut off from its store (a network
 //!   partition, a stalled connection) stops its actors when their leases run out, instead of
 //!   running their handlers, and their activities, on past them until the store answers.
+//! - A lease's deadline is counted on this node's monotonic clock from when the request that
+//!   took or last renewed it was *sent*, plus the ttl: the store counted the lease's expiry from
+//!   when it received that request, later, so the deadline never passes the store's expiry,
+//!   whatever the two machines' wall clocks say (the store's `expires_at` is read by the
+//!   store's clock, and is not compared with this node's).
 //! - A renewal only ever replaces the lease with the same token; a lease given up while its
 //!   renewal was in flight is not brought back.
 //! - Nothing is renewed for an actor whose task has ended: the [`Kept`] guard forgets the
@@ -31,15 +36,6 @@ use crate::error::StoreError;
 use crate::id::ActorId;
 use crate::runtime::health::Observed;
 use crate::store::{Lease, Store};
-use crate::time::Timestamp;
-
-/// When the first of `leases` expires, on tokio's clock (leases expire by the wall clock,
-/// [`Timestamp`]; `now` is the same moment on tokio's).
-fn expiry(leases: &[Lease], now: Instant) -> Instant {
-    let wall = Timestamp::now();
-    let first = leases.iter().map(|l| l.expires_at).min().unwrap_or(wall);
-    now + first.saturating_since(wall)
-}
 
 /// How soon a failed renewal is tried again.
 const RETRY: Duration = Duration::from_millis(50);
@@ -50,6 +46,8 @@ const BATCH: usize = 512;
 struct Held {
     lease: Lease,
     next_at: Instant,
+    /// By then the store may hold the lease expired (see the module docs).
+    deadline: Instant,
     lost: CancellationToken,
 }
 
@@ -101,8 +99,14 @@ impl Keeper {
         self.ttl / 3
     }
 
-    /// Renews `lease` (just taken) until the guard is dropped; cancels `lost` if it cannot.
-    pub(crate) fn keep(self: &Arc<Self>, lease: Lease, lost: CancellationToken) -> Kept {
+    /// Renews `lease` until the guard is dropped; cancels `lost` if it cannot. `taken` is when
+    /// the request that took it was sent.
+    pub(crate) fn keep(
+        self: &Arc<Self>,
+        lease: Lease,
+        taken: Instant,
+        lost: CancellationToken,
+    ) -> Kept {
         let kept = Kept {
             keeper: self.clone(),
             actor: lease.actor.clone(),
@@ -117,6 +121,7 @@ impl Keeper {
                 Held {
                     lease,
                     next_at,
+                    deadline: taken + self.ttl,
                     lost,
                 },
             );
@@ -144,10 +149,10 @@ impl Keeper {
             let soon = now + self.every() / 2;
             let (due, wake_at) = {
                 let held = self.lock();
-                let due: Vec<Lease> = if held.values().any(|h| h.next_at <= now) {
+                let due: Vec<(Lease, Instant)> = if held.values().any(|h| h.next_at <= now) {
                     held.values()
                         .filter(|h| h.next_at <= soon)
-                        .map(|h| h.lease.clone())
+                        .map(|h| (h.lease.clone(), h.deadline))
                         .collect()
                 } else {
                     Vec::new()
@@ -169,9 +174,12 @@ impl Keeper {
             }
             for chunk in due.chunks(BATCH) {
                 let sent = Instant::now();
+                // The first deadline of the batch bounds it: its lease is given up then.
+                let deadline = chunk.iter().map(|(_, d)| *d).min().unwrap_or(sent);
+                let chunk: Vec<Lease> = chunk.iter().map(|(l, _)| l.clone()).collect();
                 let outcome = match tokio::time::timeout_at(
-                    expiry(chunk, sent),
-                    self.store.renew_many(chunk, self.ttl),
+                    deadline,
+                    self.store.renew_many(&chunk, self.ttl),
                 )
                 .await
                 {
@@ -184,7 +192,7 @@ impl Keeper {
                         ),
                     )),
                 };
-                self.settle(chunk, sent, outcome);
+                self.settle(&chunk, sent, outcome);
             }
         }
     }
@@ -235,13 +243,14 @@ impl Keeper {
                 Ok(renewed) => {
                     h.lease = renewed;
                     h.next_at = sent + self.every();
+                    h.deadline = sent + self.ttl;
                 }
                 Err(StoreError::LeaseLost { .. }) => {
                     h.lost.cancel();
                     held.remove(&asked.actor);
                 }
                 Err(e) => {
-                    if Timestamp::now() >= h.lease.expires_at {
+                    if Instant::now() >= h.deadline {
                         tracing::warn!(actor = %asked.actor, error = %e, "could not renew the lease before it expired");
                         h.lost.cancel();
                         held.remove(&asked.actor);

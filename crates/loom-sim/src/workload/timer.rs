@@ -7,18 +7,23 @@
 //! - [`AlarmMsg::Nap`] sleeps `ms` inside the invocation ([`Context::sleep`]: a durable timer,
 //!   continued, not restarted, after a crash) and records when it began and ended.
 //!
-//! Times come from [`Context::now`] (journaled, so a replay sees the first run's), on the
-//! clock of the node that ran the step. The check: every timer set rings exactly once, never
-//! before its due time; every nap lasts at least its `ms`; nothing rings that was not set. When
-//! the nodes' clocks disagree (a simulated skew), "before" allows for their disagreement: a
-//! timer set on a node ahead and rung on a node behind reads early by their difference.
+//! The check: every timer set rings exactly once, never before its due time; every nap lasts
+//! at least its `ms`; nothing rings that was not set. Exactly, although the nodes' clocks
+//! disagree (a simulated skew), because each time is read on the clock the promise is made by:
+//! - a nap's start and end come from [`Context::now`] (journaled, so a replay sees the first
+//!   run's), on the clocks of the nodes that ran those steps: a sleep ends when the clock of the
+//!   node that runs it reaches the journaled `fire_at` (its start plus `ms`), whichever node
+//!   began it;
+//! - a ring's due time is the setting node's clock plus `ms`, which is also when the store
+//!   makes the scheduled message due (by its own clock); so the ring records the store's clock
+//!   ([`seam::store_now`], through an activity, so that a replay reads the journaled value).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loom_core::Timestamp;
 use loom_core::runtime::{Actor, AskOptions, Context, Rejected, Runtime, RuntimeBuilder};
+use loom_core::{Timestamp, seam};
 use serde::{Deserialize, Serialize};
 
 use super::{Errors, ask_until, key, paced, until_ok};
@@ -101,7 +106,12 @@ impl Actor for Alarm {
                 state.set.insert(id, due);
             }
             AlarmMsg::Ring { id, .. } => {
-                let now = ctx.now()?;
+                // The store's clock: the one the scheduled message was due by.
+                let now = ctx
+                    .activity("store-clock", &id, |_| async {
+                        Ok::<_, String>(seam::store_now())
+                    })
+                    .await?;
                 state.rung.entry(id).or_default().push(now);
             }
             AlarmMsg::Nap { id, ms } => {
@@ -215,9 +225,9 @@ impl Timers {
 
     /// Waits (up to [`RING_WAIT`]) until every timer set has rung, and [`SECOND_RING`] more,
     /// then checks every timer: each set one rang exactly once, not before its due time; each
-    /// nap lasted its `ms`; nothing rang that was not set. Times read on different nodes may
-    /// disagree by up to `tolerance`. Call after [`drive`](Self::drive) acknowledged them all.
-    pub async fn check(&self, rt: &Runtime, tolerance: Duration) -> Result<(), String> {
+    /// nap lasted its `ms`; nothing rang that was not set (see the [module docs](self) for the
+    /// clocks). Call after [`drive`](Self::drive) acknowledged them all.
+    pub async fn check(&self, rt: &Runtime) -> Result<(), String> {
         self.errors.check()?;
         let waited = tokio::time::Instant::now();
         loop {
@@ -250,7 +260,7 @@ impl Timers {
                                 RING_WAIT.as_secs()
                             ));
                         }
-                        Some([at]) if *at + tolerance < *due => {
+                        Some([at]) if at < due => {
                             return Err(format!(
                                 "timer {id} (alarm/{actor}) rang at {at}, before it was due at {due}"
                             ));
@@ -270,7 +280,7 @@ impl Timers {
                             "nap {id} (alarm/{actor}) was acknowledged but never taken"
                         ));
                     };
-                    if *ended + tolerance < *began + Duration::from_millis(ms) {
+                    if *ended < *began + Duration::from_millis(ms) {
                         return Err(format!(
                             "nap {id} (alarm/{actor}) of {ms} ms began at {began} and ended early, at {ended}"
                         ));

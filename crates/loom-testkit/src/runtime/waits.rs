@@ -13,6 +13,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         durable_sleep_live,
         durable_sleep_replay_does_not_restart_the_clock,
         a_long_sleep_suspends_the_actor_until_it_ends,
+        a_failure_after_suspensions_is_retried_as_a_first_attempt,
         send_after_arrives_after_its_delay,
         wait_event_live,
         event_delivered_before_the_wait_is_kept,
@@ -131,6 +132,34 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
         vec![json!(["slept 1500"]), json!(["later done"])]
     );
     assert_eq!(rt.metrics().suspensions, 1);
+    rt.shutdown().await;
+}
+
+/// Suspensions are deliveries that only waited: a failure after several of them still gets
+/// every retry (rule D17), instead of being taken for the last attempt.
+async fn a_failure_after_suspensions_is_retried_as_a_first_attempt(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(50))
+        .await;
+    let mut script = vec![Step::Sleep { ms: 200 }; 5];
+    script.push(Step::Broken);
+    let w = rt.actor::<Worker>("w");
+    let asked = tokio::spawn(async move { w.ask(script).await });
+    eventually(WAIT, "the broken step fails and is retried", || async {
+        rt.metrics().retries >= 1
+    })
+    .await;
+    assert_eq!(rt.metrics().suspensions, 5);
+    assert_eq!(
+        rt.metrics().dead_letters,
+        0,
+        "the suspensions were counted as failed attempts"
+    );
+    h.probe
+        .fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let reply = asked.await.unwrap().unwrap();
+    assert_eq!(reply.last().map(String::as_str), Some("fixed"));
     rt.shutdown().await;
 }
 
