@@ -16,3 +16,4 @@ pub mod baseline;
 pub mod engines;
 pub mod report;
 pub mod scenarios;
+pub mod sleepers;

@@ -75,12 +75,22 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MB; 0 where unknown.
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// Resident memory of this process now (Linux `VmRSS`), in MB; 0 where unknown.
+pub fn current_rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+/// A `kB` line of `/proc/self/status`, in MB; 0 where unknown.
+fn status_mb(field: &str) -> f64 {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return 0.0;
     };
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }

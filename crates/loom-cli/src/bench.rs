@@ -32,6 +32,11 @@ pub enum Scenario {
     Bank,
     /// Every scenario above.
     All,
+    /// Many actors in one long durable sleep each, woken over a window (`--actors`, default
+    /// 100 000; `--window`, default 60 s): memory and store bytes per sleeper while they wait
+    /// (suspended) and how late they wake, against the same sleepers held in memory (at most
+    /// 5 000). Not part of `all`: it takes the window and more.
+    Sleepers,
     /// The engine bake-off: one partitioned bank turn's writes straight on redb with a redo log
     /// and on fjall, per partition count, against raw fdatasync (not part of `all`: it measures
     /// engines, not the store under test).
@@ -51,6 +56,8 @@ pub struct Settings {
     pub repeat: usize,
     /// Partition counts of the engine bake-off.
     pub partitions: Option<Vec<usize>>,
+    /// The window of the sleepers' wake-ups, in seconds.
+    pub window: f64,
 }
 
 /// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
@@ -270,6 +277,10 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                 results.extend(runs);
                 rt.shutdown().await;
             }
+            if scenario == Scenario::Sleepers {
+                results
+                    .extend(sleepers(&url, &label, s.actors.unwrap_or(100_000), s.window).await?);
+            }
             if scenario == Scenario::Engines {
                 // On the store's disk when it has one, else in the scratch directory.
                 let dir = match &url {
@@ -309,6 +320,66 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The sleepers scenario: suspended, then the baseline held in memory (at most 5 000 of them),
+/// each on a fresh store where the store is a directory.
+async fn sleepers(
+    url: &StoreUrl,
+    label: &str,
+    actors: usize,
+    window: f64,
+) -> Result<Vec<Measurement>, Failure> {
+    use loom_bench::sleepers::{Sleepers, run};
+    if actors == 0 || !window.is_finite() || window <= 0.0 || window > 86_400.0 {
+        return Err(Failure(
+            "sleepers needs --actors above 0 and --window from above 0 to 86400".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for (suspend, n) in [(true, actors), (false, actors.min(5_000))] {
+        let url = match url {
+            StoreUrl::Embedded(dir, p) => {
+                StoreUrl::Embedded(dir.join(format!("sleepers-{}", fastrand::u32(..))), *p)
+            }
+            other => other.clone(),
+        };
+        let opened = open_or_create(&url).await?;
+        let dir = match &url {
+            StoreUrl::Embedded(dir, ..) => Some(dir.clone()),
+            _ => None,
+        };
+        let shape = Sleepers {
+            actors: n,
+            window: Duration::from_secs_f64(window),
+            // Time to send every message and put every sleeper to sleep before the first
+            // wakes (setting one up takes a few store writes).
+            lead: Duration::from_secs(5).max(Duration::from_millis(n as u64 / 2)),
+            suspend,
+        };
+        let m = run(opened.store.clone(), label, shape, || {
+            dir.as_deref().map(dir_bytes)
+        })
+        .await
+        .map_err(|e| Failure(e.to_string()))?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Bytes of the files under `dir` (0 for what cannot be read).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn stats(opened: &Opened) -> Stats {

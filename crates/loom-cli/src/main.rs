@@ -149,6 +149,9 @@ enum Command {
         /// (default: one run on the store as it is, a new one getting the machine's cores).
         #[arg(long, value_delimiter = ',')]
         partitions: Option<Vec<usize>>,
+        /// Seconds over which the sleepers' wake-ups are spread.
+        #[arg(long, default_value_t = 60.0)]
+        window: f64,
     },
     /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
     /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
@@ -449,6 +452,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             seconds,
             repeat,
             partitions,
+            window,
         } => {
             let settings = bench::Settings {
                 store,
@@ -459,6 +463,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 seconds,
                 repeat,
                 partitions,
+                window,
             };
             bench::run(scenario, settings).await
         }

@@ -317,3 +317,36 @@ fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
         assert!(scenarios.contains(s), "{s} missing: {scenarios:?}");
     }
 }
+
+/// `loom bench sleepers`, small: every sleeper suspends while it waits (none stays active),
+/// none wakes early or is lost, and the in-memory baseline holds them all active instead.
+#[test]
+fn sleepers_suspend_while_they_wait_and_all_wake() {
+    let (ok, out, err) = loom(&[
+        "bench", "sleepers", "--actors", "300", "--window", "2", "--json",
+    ]);
+    assert!(ok, "loom bench sleepers failed: {err}");
+    let reports = json_lines(&out);
+    let by = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r["scenario"] == name)
+            .unwrap_or_else(|| panic!("no {name} report: {out}"))
+    };
+    let (suspended, held) = (by("sleepers"), by("sleepers (in memory)"));
+    assert_eq!(suspended["actors"], 300);
+    assert_eq!(suspended["suspensions"], 300, "{suspended}");
+    assert!(
+        suspended["active_while_waiting"].as_u64().unwrap() < 300,
+        "the suspended sleepers stayed in memory: {suspended}"
+    );
+    assert_eq!(held["suspensions"], 0, "{held}");
+    assert_eq!(held["active_while_waiting"], 300, "{held}");
+    for r in [suspended, held] {
+        for k in ["p50_ms", "p99_ms", "rss_per_sleeper_bytes", "store_bytes_per_sleeper"] {
+            assert!(r[k].as_f64().is_some(), "{} has no {k}: {r}", r["scenario"]);
+        }
+    }
+    let (ok, _, err) = loom(&["bench", "sleepers", "--actors", "0"]);
+    assert!(!ok && err.contains("--actors above 0"), "{err}");
+}

@@ -1,0 +1,203 @@
+//! The sleepers workload: many actors, each in one long durable sleep, woken at moments spread
+//! uniformly over a window. What suspension (`Config::suspend_after`) saves and costs: memory
+//! and store bytes per sleeper while they wait, and how late they wake.
+//!
+//! Each sleeper gets one message, "sleep until T"; its handler sleeps (`ctx.sleep`) until T and
+//! records how late it woke. With suspension on (the default), a sleeper passivates while it
+//! sleeps; the same run with suspension off (`suspend_after = Duration::MAX`, every sleeper held
+//! in memory, at most `max_active` of them) is the baseline.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use loom_core::runtime::{Actor, Context, Rejected, Runtime, RuntimeBuilder};
+use loom_core::{Store, Timestamp};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::report::{Measurement, current_rss_mb};
+
+/// An actor that sleeps until the moment its message names, then records how late it woke.
+pub struct Sleeper {
+    /// How late each sleeper woke, in the order they woke.
+    pub woke: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl Actor for Sleeper {
+    const KIND: &'static str = "sleeper";
+    type State = ();
+    /// When to wake, in ms since the Unix epoch.
+    type Message = u64;
+    type Reply = ();
+
+    async fn handle(
+        &self,
+        _state: &mut (),
+        ctx: &mut Context<'_>,
+        until: u64,
+    ) -> Result<(), Rejected> {
+        let due = Timestamp::from_millis(until);
+        // Journaled: a replay after the suspension sleeps what is left of the same sleep.
+        let left = due.saturating_since(ctx.now()?);
+        ctx.sleep(left).await?;
+        let late = Timestamp::now().saturating_since(due);
+        self.woke
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(late);
+        Ok(())
+    }
+}
+
+/// The shape of a sleepers run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sleepers {
+    /// Sleepers.
+    pub actors: usize,
+    /// The wake-ups are spread uniformly over this window.
+    pub window: Duration,
+    /// The window begins this long after the first message is sent, so that every sleeper is
+    /// asleep (suspended) before the first wakes.
+    pub lead: Duration,
+    /// Suspend the sleepers (the default), or hold them in memory (the baseline).
+    pub suspend: bool,
+}
+
+/// Why a sleepers run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SleepersError {
+    /// A send failed.
+    #[error(transparent)]
+    Send(#[from] loom_core::runtime::SendError),
+    /// The runtime did not start.
+    #[error(transparent)]
+    Start(#[from] loom_core::runtime::StartError),
+    /// Not every sleeper woke in time.
+    #[error("only {woke} of {actors} sleepers woke within {waited:?}")]
+    Unwoken {
+        /// Sleepers that woke.
+        woke: usize,
+        /// Sleepers.
+        actors: usize,
+        /// How long the run waited.
+        waited: Duration,
+    },
+}
+
+/// Runs the sleepers on `store` and measures them. `store_bytes` reads the store's size on
+/// disk, where it has one. The measurement's operations are wake-ups per second over the
+/// window; its latencies are how late each sleeper woke; its details hold memory and store
+/// bytes per sleeper while they wait.
+pub async fn run(
+    store: Arc<dyn Store>,
+    label: &str,
+    shape: Sleepers,
+    store_bytes: impl Fn() -> Option<u64>,
+) -> Result<Measurement, SleepersError> {
+    let woke: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let rss_before = current_rss_mb();
+    let bytes_before = store_bytes();
+    let rt = register(Runtime::builder().store(store), woke.clone())
+        .configure(|c| {
+            if !shape.suspend {
+                c.suspend_after = Duration::MAX;
+            }
+        })
+        .start()
+        .await?;
+    let began = Instant::now();
+    let start = Timestamp::now() + shape.lead;
+    let window_ms = u64::try_from(shape.window.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let seed = u64::from(fastrand::u32(..));
+    // A fresh set of keys per run, so that a second run on one store starts new sleepers.
+    let run = fastrand::u32(..);
+    let sends = futures::stream::iter(0..shape.actors)
+        .map(|i| {
+            let mut rng = fastrand::Rng::with_seed(seed ^ (i as u64));
+            let until = start.as_millis() + rng.u64(..window_ms);
+            let sleeper = rt.actor::<Sleeper>(format!("s{run:08x}-{i}"));
+            async move { sleeper.send(until).await }
+        })
+        .buffer_unordered(512)
+        .collect::<Vec<_>>()
+        .await;
+    for s in sends {
+        s?;
+    }
+    let sent_in = began.elapsed();
+    // Measured while they wait: once every sleeper is asleep, before the first wakes.
+    let asleep = |rt: &Runtime| {
+        let m = rt.metrics();
+        if shape.suspend {
+            m.suspensions >= shape.actors as u64
+        } else {
+            m.active >= shape.actors.min(rt.config().max_active) as u64
+        }
+    };
+    while !asleep(&rt) && Timestamp::now() < start {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settled_in = began.elapsed();
+    let (rss_waiting, active_waiting) = (current_rss_mb(), rt.metrics().active);
+    let bytes_waiting = store_bytes();
+    let limit = shape.lead + shape.window + Duration::from_secs(120);
+    loop {
+        let n = woke.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if n >= shape.actors {
+            break;
+        }
+        if began.elapsed() > limit {
+            rt.shutdown().await;
+            return Err(SleepersError::Unwoken {
+                woke: n,
+                actors: shape.actors,
+                waited: began.elapsed(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let suspensions = rt.metrics().suspensions;
+    rt.shutdown().await;
+    let mut late = woke.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let per = |mb: f64| mb * 1024.0 * 1024.0 / shape.actors.max(1) as f64;
+    let wakeups_per_s = shape.actors as f64 / shape.window.as_secs_f64();
+    let mut m = Measurement::new(
+        if shape.suspend {
+            "sleepers"
+        } else {
+            "sleepers (in memory)"
+        },
+        label,
+        wakeups_per_s,
+        0.0,
+        &mut late,
+    );
+    let max_late_ms = late.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let details = json!({
+        "unit": "wake-ups/s over the window; p50/p99: how late a sleeper woke",
+        "actors": shape.actors,
+        "window_s": shape.window.as_secs_f64(),
+        "sent_in_s": sent_in.as_secs_f64(),
+        "asleep_in_s": settled_in.as_secs_f64(),
+        "suspensions": suspensions,
+        "active_while_waiting": active_waiting,
+        "rss_per_sleeper_bytes": per((rss_waiting - rss_before).max(0.0)),
+        "store_bytes_per_sleeper": match (bytes_before, bytes_waiting) {
+            (Some(b), Some(w)) => json!(w.saturating_sub(b) as f64 / shape.actors.max(1) as f64),
+            _ => json!(null),
+        },
+        "max_late_ms": max_late_ms,
+    });
+    if let serde_json::Value::Object(map) = details {
+        m.details.extend(map);
+    }
+    Ok(m)
+}
+
+/// Registers the sleeper, recording into `woke`.
+pub fn register(builder: RuntimeBuilder, woke: Arc<Mutex<Vec<Duration>>>) -> RuntimeBuilder {
+    builder.register_actor(Sleeper { woke })
+}
