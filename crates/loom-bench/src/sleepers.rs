@@ -134,14 +134,17 @@ pub async fn run(
         if shape.suspend {
             m.suspensions >= shape.actors as u64
         } else {
-            m.active >= shape.actors.min(rt.config().max_active) as u64
+            // Active and holding its lease (an actor counts as active from the moment its
+            // activation begins).
+            m.leases_held >= shape.actors.min(rt.config().max_active) as u64
         }
     };
     while !asleep(&rt) && Timestamp::now() < start {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let settled_in = began.elapsed();
-    let (rss_waiting, active_waiting) = (current_rss_mb(), rt.metrics().active);
+    let waiting = rt.metrics();
+    let rss_waiting = current_rss_mb();
     let bytes_waiting = store_bytes();
     let limit = shape.lead + shape.window + Duration::from_secs(120);
     loop {
@@ -183,7 +186,9 @@ pub async fn run(
         "sent_in_s": sent_in.as_secs_f64(),
         "asleep_in_s": settled_in.as_secs_f64(),
         "suspensions": suspensions,
-        "active_while_waiting": active_waiting,
+        "active_while_waiting": waiting.active,
+        // Each renewed every third of the lease ttl: writes the store does for sleepers.
+        "leases_held_while_waiting": waiting.leases_held,
         "rss_per_sleeper_bytes": per((rss_waiting - rss_before).max(0.0)),
         "store_bytes_per_sleeper": match (bytes_before, bytes_waiting) {
             (Some(b), Some(w)) => json!(w.saturating_sub(b) as f64 / shape.actors.max(1) as f64),

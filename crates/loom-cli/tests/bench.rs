@@ -342,8 +342,15 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     );
     assert_eq!(held["suspensions"], 0, "{held}");
     assert_eq!(held["active_while_waiting"], 300, "{held}");
+    assert_eq!(held["leases_held_while_waiting"], 300, "{held}");
+    assert_eq!(suspended["leases_held_while_waiting"], 0, "{suspended}");
     for r in [suspended, held] {
-        for k in ["p50_ms", "p99_ms", "rss_per_sleeper_bytes", "store_bytes_per_sleeper"] {
+        for k in [
+            "p50_ms",
+            "p99_ms",
+            "rss_per_sleeper_bytes",
+            "store_bytes_per_sleeper",
+        ] {
             assert!(r[k].as_f64().is_some(), "{} has no {k}: {r}", r["scenario"]);
         }
     }

@@ -114,11 +114,17 @@ impl Shared {
             handle
         };
         self.hub.notifier(id);
+        // Bounded: a burst of activations (every message of a flood of sends to new actors, a
+        // crowd of sleepers due at once) would otherwise queue thousands of lease writes ahead
+        // of everything else the store does, lease renewals included. The semaphore is never
+        // closed, so a permit always comes.
+        let permit = self.activating.acquire().await;
         let asked = Instant::now();
         let acquired = self
             .store
             .acquire(id, &self.config.node, self.config.lease_ttl)
             .await;
+        drop(permit);
         self.health.write(&acquired);
         match acquired {
             Ok(lease) => {
@@ -358,9 +364,11 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             match shared.store.ready_actors(&shared.hosted, 512).await {
                 Ok(ids) => {
-                    for id in ids {
-                        shared.ensure_active(&id).await;
-                    }
+                    // All at once: each activation takes a lease (a write), and a store's group
+                    // commit makes one write of many taken together; one after another, a
+                    // burst of due messages (sleepers waking) would be activated one fsync
+                    // apart.
+                    futures::future::join_all(ids.iter().map(|id| shared.ensure_active(id))).await;
                 }
                 // Not noted in `health`: a read that failed once says little of the store (a
                 // connection dropped), and what the runtime writes says the rest.

@@ -19,6 +19,10 @@ use crate::error::StoreError;
 use crate::id::ActorId;
 use crate::store::Store;
 
+/// Most activations taking their lease at once (a bound on the burst of lease writes a flood
+/// of new work puts in front of the store's other requests).
+const ACTIVATING: usize = 256;
+
 /// Why the runtime did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -130,6 +134,7 @@ impl RuntimeBuilder {
             tasks: TaskTracker::new(),
             wake: Notify::new(),
             skew,
+            activating: tokio::sync::Semaphore::new(ACTIVATING),
         });
         shared.spawn(dispatch(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");

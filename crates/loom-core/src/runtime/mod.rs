@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     /// The clock skew (ms) a simulation gave the task that started the runtime, kept for every
     /// task it spawns (see `seam::skewed`); 0 outside a simulation.
     skew: i64,
+    /// Lease acquisitions of activations in flight at once (see `ensure_active`).
+    activating: tokio::sync::Semaphore,
 }
 
 /// The actor runtime; cheap to clone.
