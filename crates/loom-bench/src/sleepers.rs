@@ -7,11 +7,12 @@
 //! sleeps; the same run with suspension off (`suspend_after = Duration::MAX`, every sleeper held
 //! in memory, at most `max_active` of them) is the baseline.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use loom_core::runtime::{Actor, Context, Rejected, Runtime, RuntimeBuilder};
+use loom_core::runtime::{Actor, Context, Rejected, Runtime};
 use loom_core::{Store, Timestamp};
 use serde_json::json;
 use tokio::time::Instant;
@@ -22,6 +23,8 @@ use crate::report::{Measurement, current_rss_mb};
 pub struct Sleeper {
     /// How late each sleeper woke, in the order they woke.
     pub woke: Arc<Mutex<Vec<Duration>>>,
+    /// Runs that reached the sleep (a suspended sleeper's replay reaches it again).
+    pub asleep: Arc<AtomicUsize>,
 }
 
 impl Actor for Sleeper {
@@ -40,6 +43,7 @@ impl Actor for Sleeper {
         let due = Timestamp::from_millis(until);
         // Journaled: a replay after the suspension sleeps what is left of the same sleep.
         let left = due.saturating_since(ctx.now()?);
+        self.asleep.fetch_add(1, Ordering::Relaxed);
         ctx.sleep(left).await?;
         let late = Timestamp::now().saturating_since(due);
         self.woke
@@ -96,9 +100,15 @@ pub async fn run(
     store_bytes: impl Fn() -> Option<u64>,
 ) -> Result<Measurement, SleepersError> {
     let woke: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let asleep: Arc<AtomicUsize> = Arc::default();
     let rss_before = current_rss_mb();
     let bytes_before = store_bytes();
-    let rt = register(Runtime::builder().store(store), woke.clone())
+    let rt = Runtime::builder()
+        .store(store)
+        .register_actor(Sleeper {
+            woke: woke.clone(),
+            asleep: asleep.clone(),
+        })
         .configure(|c| {
             if !shape.suspend {
                 c.suspend_after = Duration::MAX;
@@ -128,20 +138,19 @@ pub async fn run(
         s?;
     }
     let sent_in = began.elapsed();
-    // Measured while they wait: once every sleeper is asleep, before the first wakes.
-    let asleep = |rt: &Runtime| {
-        let m = rt.metrics();
+    // Measured while they wait: once every sleeper is asleep (suspended, or in its sleep in
+    // memory), before the first wakes.
+    let all_asleep = |rt: &Runtime| {
         if shape.suspend {
-            m.suspensions >= shape.actors as u64
+            rt.metrics().suspensions >= shape.actors as u64
         } else {
-            // Active and holding its lease (an actor counts as active from the moment its
-            // activation begins).
-            m.leases_held >= shape.actors.min(rt.config().max_active) as u64
+            asleep.load(Ordering::Relaxed) >= shape.actors.min(rt.config().max_active)
         }
     };
-    while !asleep(&rt) && Timestamp::now() < start {
+    while !all_asleep(&rt) && Timestamp::now() < start {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let all_asleep = all_asleep(&rt);
     let settled_in = began.elapsed();
     let waiting = rt.metrics();
     let rss_waiting = current_rss_mb();
@@ -186,6 +195,9 @@ pub async fn run(
         "sent_in_s": sent_in.as_secs_f64(),
         "asleep_in_s": settled_in.as_secs_f64(),
         "suspensions": suspensions,
+        // False if the window began before every sleeper was asleep: the figures below were
+        // then read while some were still being set up.
+        "all_asleep": all_asleep,
         "active_while_waiting": waiting.active,
         // Each renewed every third of the lease ttl: writes the store does for sleepers.
         "leases_held_while_waiting": waiting.leases_held,
@@ -200,9 +212,4 @@ pub async fn run(
         m.details.extend(map);
     }
     Ok(m)
-}
-
-/// Registers the sleeper, recording into `woke`.
-pub fn register(builder: RuntimeBuilder, woke: Arc<Mutex<Vec<Duration>>>) -> RuntimeBuilder {
-    builder.register_actor(Sleeper { woke })
 }

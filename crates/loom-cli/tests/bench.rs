@@ -335,6 +335,11 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     };
     let (suspended, held) = (by("sleepers"), by("sleepers (in memory)"));
     assert_eq!(suspended["actors"], 300);
+    assert_eq!(
+        suspended["all_asleep"], true,
+        "not all asleep in time: {suspended}"
+    );
+    assert_eq!(held["all_asleep"], true, "not all asleep in time: {held}");
     assert_eq!(suspended["suspensions"], 300, "{suspended}");
     assert!(
         suspended["active_while_waiting"].as_u64().unwrap() < 300,

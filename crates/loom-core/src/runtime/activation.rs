@@ -117,8 +117,17 @@ impl Shared {
         // Bounded: a burst of activations (every message of a flood of sends to new actors, a
         // crowd of sleepers due at once) would otherwise queue thousands of lease writes ahead
         // of everything else the store does, lease renewals included. The semaphore is never
-        // closed, so a permit always comes.
-        let permit = self.activating.acquire().await;
+        // closed, so a permit always comes, unless the runtime stops first: then the waiting
+        // activation is dropped without touching the store.
+        let permit = tokio::select! {
+            biased;
+            _ = handle.stop.cancelled() => None,
+            p = self.activating.acquire() => Some(p),
+        };
+        if permit.is_none() || self.shutdown.is_cancelled() {
+            self.deactivated(id);
+            return;
+        }
         let asked = Instant::now();
         let acquired = self
             .store

@@ -111,6 +111,8 @@ impl Actives {
         let mut idle: Vec<(Instant, &ActorId)> = self
             .map
             .iter()
+            // One still waiting to take its lease may be chosen: it then drops out before it
+            // touches the store (`ensure_active`), and a later scan finds its message again.
             .filter(|(_, a)| !a.evicted && !a.busy.load(Ordering::Acquire))
             .map(|(id, a)| (*a.last_used.lock().unwrap_or_else(|p| p.into_inner()), id))
             .collect();

@@ -46,11 +46,12 @@ pub struct MetricsSnapshot {
     /// Invocations suspended in a long durable sleep (the actor passivated, its message back
     /// when the sleep ends; see `Config::suspend_after`).
     pub suspensions: u64,
-    /// Total time spent activating actors (taking the lease, loading the snapshot, replaying the
-    /// tail), in microseconds; divide by `recoveries` for the mean.
+    /// Total time spent activating actors (waiting for a turn to take the lease when many
+    /// activate at once, taking it, loading the snapshot, replaying the tail), in
+    /// microseconds; divide by `recoveries` for the mean.
     pub activation_micros: u64,
     /// Actors active now.
     pub active: u64,
-    /// Leases this node keeps renewed now (one per active actor).
+    /// Leases this node keeps renewed now (one per active actor that has taken its lease).
     pub leases_held: u64,
 }
