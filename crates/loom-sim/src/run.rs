@@ -395,9 +395,7 @@ impl Workloads {
     /// `rounds` (all of them in the last) not acknowledged yet, spread `over`. Returns when all
     /// are acknowledged (or never, if the task is dropped first).
     async fn drive(self, nodes: Vec<Runtime>, round: u32, rounds: u32, over: Duration) {
-        // Each round drives its own slice (and what earlier rounds left), so that its crash or
-        // power loss lands under load, not on work already done.
-        let upto = |n: u32| n.div_ceil(rounds).saturating_mul(round + 1).min(n);
+        let upto = |n: u32| share(n, round, rounds);
         let bank = drive_bank(
             nodes.clone(),
             self.bank,
@@ -421,12 +419,7 @@ impl Workloads {
 
     /// True while transfers of round `round`'s share (of `rounds`) are unacknowledged.
     fn bank_busy(&self, round: u32, rounds: u32) -> bool {
-        let upto = self
-            .bank
-            .transfers
-            .div_ceil(rounds)
-            .saturating_mul(round + 1)
-            .min(self.bank.transfers);
+        let upto = share(self.bank.transfers, round, rounds);
         let acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
         (0..upto).any(|i| !acked.contains(&i))
     }
@@ -475,6 +468,13 @@ impl Workloads {
             }
         }
     }
+}
+
+/// The items of `n` that round `round` of `rounds` drives: `0..share`. Each round drives its
+/// own slice (and what earlier rounds left), so that its crash or power loss lands under load,
+/// not on work already done; the last drives them all.
+fn share(n: u32, round: u32, rounds: u32) -> u32 {
+    n.div_ceil(rounds).saturating_mul(round + 1).min(n)
 }
 
 /// A node: a runtime on the shared store, tuned for short simulated rounds.

@@ -213,14 +213,16 @@ impl Timers {
     }
 
     /// Every alarm's state.
-    async fn states(&self, rt: &Runtime) -> BTreeMap<String, AlarmState> {
+    async fn states(&self, rt: &Runtime) -> Result<BTreeMap<String, AlarmState>, String> {
         let mut states = BTreeMap::new();
         for a in 0..ALARMS.min(self.timers) {
             let actor = rt.actor::<Alarm>(format!("al{a}"));
-            let state = until_ok(|| actor.ask(AlarmMsg::Report)).await;
-            states.insert(format!("al{a}"), state.unwrap_or_default());
+            let state = until_ok(|| actor.ask(AlarmMsg::Report))
+                .await
+                .ok_or_else(|| format!("alarm/al{a} answered a report with nothing"))?;
+            states.insert(format!("al{a}"), state);
         }
-        states
+        Ok(states)
     }
 
     /// Waits (up to [`RING_WAIT`]) until every timer set has rung, and [`SECOND_RING`] more,
@@ -233,7 +235,7 @@ impl Timers {
         loop {
             let waiting = self
                 .states(rt)
-                .await
+                .await?
                 .values()
                 .any(|s| s.set.keys().any(|id| !s.rung.contains_key(id)));
             if !waiting || waited.elapsed() > RING_WAIT {
@@ -242,7 +244,7 @@ impl Timers {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         tokio::time::sleep(SECOND_RING).await;
-        let states = self.states(rt).await;
+        let states = self.states(rt).await?;
         for i in 0..self.timers {
             let (actor, msg) = self.plan(i);
             let s = &states[&actor];
