@@ -142,7 +142,10 @@ pub async fn run(
     // memory), before the first wakes.
     let all_asleep = |rt: &Runtime| {
         if shape.suspend {
-            rt.metrics().suspensions >= shape.actors as u64
+            // Suspended, and passivated: the lease is released just after the suspension is
+            // counted.
+            let m = rt.metrics();
+            m.suspensions >= shape.actors as u64 && m.leases_held == 0
         } else {
             asleep.load(Ordering::Relaxed) >= shape.actors.min(rt.config().max_active)
         }
