@@ -81,12 +81,39 @@ pub enum EntryKind {
         /// What it returned.
         output: Value,
     },
-    /// A side effect failed.
+    /// A side effect failed for good: a terminal error, or its last attempt failed.
     ActivityFailed {
         /// Its durable step.
         step: Step,
         /// Why.
         error: String,
+        /// The error's typed value for the caller, if the activity gave one
+        /// ([`ActivityError::with_value`](crate::runtime::ActivityError::with_value)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<Value>,
+    },
+    /// An attempt of a side effect failed with a retryable error; the next attempt is due at
+    /// `retry_at` (fixed now, so a restart keeps the schedule instead of starting it over).
+    ActivityAttemptFailed {
+        /// Its durable step.
+        step: Step,
+        /// The attempt that failed, counted from 1.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// When the next attempt may start.
+        retry_at: Timestamp,
+    },
+    /// Attempt `attempt` (2 or more) of a side effect starts, its backoff over.
+    ActivityRetried {
+        /// Its durable step.
+        step: Step,
+        /// The attempt starting.
+        attempt: u32,
+        /// As in [`TimerFired`](EntryKind::TimerFired): the delivery that saw the backoff end,
+        /// if not the one that began it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_in: Option<u32>,
     },
     /// The actor sent a message (it leaves exactly once).
     MessageSent {
@@ -183,6 +210,8 @@ impl EntryKind {
             EntryKind::ActivityStarted { .. } => "activity_started",
             EntryKind::ActivityCompleted { .. } => "activity_completed",
             EntryKind::ActivityFailed { .. } => "activity_failed",
+            EntryKind::ActivityAttemptFailed { .. } => "activity_attempt_failed",
+            EntryKind::ActivityRetried { .. } => "activity_retried",
             EntryKind::MessageSent { .. } => "message_sent",
             EntryKind::ChildSpawned { .. } => "child_spawned",
             EntryKind::TimerStarted { .. } => "timer_started",

@@ -4,6 +4,7 @@ use std::future::Future;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::context::Context;
 
@@ -74,11 +75,31 @@ pub trait Actor: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Reply, Rejected>> + Send;
 }
 
-/// A handler's refusal of a message: the state is left as it was, and the caller gets the reason.
+/// A handler's refusal of a message: the state is left as it was, and the caller gets the
+/// reason, and a typed value if the handler gave one.
+///
+/// ```
+/// use loom_core::runtime::Rejected;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct Shortfall {
+///     missing_cents: i64,
+/// }
+///
+/// let r = Rejected::with_value("insufficient funds", &Shortfall { missing_cents: 250 });
+/// assert_eq!(r.reason(), "insufficient funds");
+/// // What the caller does with `AskError::Rejected(r)`:
+/// let s: Shortfall = r.value_as().unwrap().unwrap();
+/// assert_eq!(s.missing_cents, 250);
+/// assert!(Rejected::new("no").value().is_none());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{reason}")]
 pub struct Rejected {
     reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Value>,
 }
 
 impl Rejected {
@@ -86,11 +107,42 @@ impl Rejected {
     pub fn new(reason: impl Into<String>) -> Self {
         Rejected {
             reason: reason.into(),
+            value: None,
         }
+    }
+
+    /// A rejection with a reason and a typed value for the caller (read back with
+    /// [`value_as`](Self::value_as)). A value that does not encode as JSON is left out, and the
+    /// reason says why.
+    pub fn with_value<T: Serialize + ?Sized>(reason: impl Into<String>, value: &T) -> Self {
+        let reason = reason.into();
+        match serde_json::to_value(value) {
+            Ok(v) => Rejected {
+                reason,
+                value: Some(v),
+            },
+            Err(e) => Rejected::new(format!("{reason} (its value does not encode: {e})")),
+        }
+    }
+
+    /// The same rejection with `value` (JSON) as its value; `None` removes it.
+    pub fn set_value(mut self, value: Option<Value>) -> Self {
+        self.value = value;
+        self
     }
 
     /// The reason.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// The value, as JSON, if the handler gave one.
+    pub fn value(&self) -> Option<&Value> {
+        self.value.as_ref()
+    }
+
+    /// The value decoded as `T`: `Ok(None)` if there is none, an error if it is not a `T`.
+    pub fn value_as<T: DeserializeOwned>(&self) -> Result<Option<T>, serde_json::Error> {
+        self.value.clone().map(serde_json::from_value).transpose()
     }
 }

@@ -259,7 +259,15 @@ impl<A: Actor> Cell<A> {
             Ok(Err(rejected)) => {
                 self.restore_state();
                 tracing::debug!(actor = %self.id, message = %d.envelope.id, reason = rejected.reason(), "the handler refused the message");
-                (Outcome::Rejected(rejected.reason().to_owned()), None)
+                let reason = rejected.reason().to_owned();
+                let outcome = match rejected.value() {
+                    Some(value) => Outcome::RejectedWithValue {
+                        reason,
+                        value: value.clone(),
+                    },
+                    None => Outcome::Rejected(reason),
+                };
+                (outcome, None)
             }
         };
         if !inv.recorded.is_empty() {
@@ -280,11 +288,16 @@ impl<A: Actor> Cell<A> {
             Outcome::Ok(reply) => inv.push(EntryKind::Completed {
                 reply: reply.clone(),
             }),
-            Outcome::Rejected(reason) | Outcome::Failed(reason) => inv.push(EntryKind::Failed {
+            Outcome::Rejected(reason)
+            | Outcome::RejectedWithValue { reason, .. }
+            | Outcome::Failed(reason) => inv.push(EntryKind::Failed {
                 error: reason.clone(),
             }),
         }
-        let rejected = matches!(outcome, Outcome::Rejected(_));
+        let rejected = matches!(
+            outcome,
+            Outcome::Rejected(_) | Outcome::RejectedWithValue { .. }
+        );
         let recorded = Recorded {
             message_id: id,
             outcome,
@@ -418,7 +431,7 @@ impl<A: Actor> Cell<A> {
                 // sleep, which does not count against the message (rule D17).
                 // At most a century: a store counts the delay in ms from now in 64 bits.
                 let delay = until.saturating_since(Timestamp::now()).min(MAX_SUSPENSION);
-                let reason = format!("suspended: sleeping until {until}");
+                let reason = format!("suspended: waiting until {until}");
                 match io.store.nack(&d.receipt, delay, &reason).await {
                     Ok(()) => {
                         shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);

@@ -323,6 +323,9 @@ fn decode<A: Actor>(value: Value) -> Result<A::Reply, AskError> {
     match recorded.outcome {
         Outcome::Ok(v) => serde_json::from_value(v).map_err(|e| AskError::BadReply(e.to_string())),
         Outcome::Rejected(r) => Err(AskError::Rejected(Rejected::new(r))),
+        Outcome::RejectedWithValue { reason, value } => Err(AskError::Rejected(
+            Rejected::new(reason).set_value(Some(value)),
+        )),
         Outcome::Failed(f) => Err(AskError::Failed(f)),
     }
 }

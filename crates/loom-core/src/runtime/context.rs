@@ -33,13 +33,17 @@ use super::trace;
 /// Why a durable call did not give its result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StepError {
-    /// The activity ran and returned an error (journaled; a replay returns it again).
+    /// The activity failed for good: a terminal error, or its last attempt failed (journaled;
+    /// a replay returns it again).
     #[error("activity {name} failed: {error}")]
     ActivityFailed {
         /// The activity.
         name: String,
         /// Its error.
         error: String,
+        /// The error's typed value, if the activity gave one
+        /// ([`ActivityError::with_value`](super::ActivityError::with_value)).
+        value: Option<Value>,
     },
     /// The wait for an event reached its deadline.
     #[error("waiting for event {name} timed out")]
@@ -59,8 +63,13 @@ pub enum StepError {
 }
 
 impl From<StepError> for Rejected {
+    /// The error as a rejection; an activity's typed value goes with it to the caller.
     fn from(e: StepError) -> Self {
-        Rejected::new(e.to_string())
+        let value = match &e {
+            StepError::ActivityFailed { value, .. } => value.clone(),
+            _ => None,
+        };
+        Rejected::new(e.to_string()).set_value(value)
     }
 }
 
@@ -68,7 +77,7 @@ impl From<StepError> for Rejected {
 /// run of the same step of the same invocation (`actor/message-id/step`, with the message's
 /// origin id, so that a requeued message's activities keep their keys).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ActivityKey(String);
+pub struct ActivityKey(pub(crate) String);
 
 impl ActivityKey {
     /// The key.
@@ -222,13 +231,13 @@ impl<'a> Context<'a> {
 
     /// A durable wait that began in an earlier delivery ended in this one (`resumed_in`): this
     /// message's attempts count from here.
-    fn resumed(&mut self, resumed_in: Option<u32>) {
+    pub(super) fn resumed(&mut self, resumed_in: Option<u32>) {
         if let Some(a) = resumed_in {
             self.inv.counted_from = self.inv.counted_from.max(a);
         }
     }
 
-    fn interrupt(&mut self, i: Interrupt) -> StepError {
+    pub(super) fn interrupt(&mut self, i: Interrupt) -> StepError {
         let e = StepError::Interrupted(i.describe());
         if self.inv.interrupt.is_none() {
             self.inv.interrupt = Some(i);
@@ -238,7 +247,7 @@ impl<'a> Context<'a> {
 
     /// Takes the next step number and, in replay, what the journal recorded for it, checking that
     /// the journal's step is the same kind and name as this call.
-    fn next_step(
+    pub(super) fn next_step(
         &mut self,
         kind: &'static str,
         name: &str,
@@ -354,7 +363,10 @@ impl<'a> Context<'a> {
     }
 
     /// Runs `fut` while keeping the invoking message out of other consumers' reach.
-    async fn keep_out<T>(&mut self, fut: impl Future<Output = T>) -> Result<T, StepError> {
+    pub(super) async fn keep_out<T>(
+        &mut self,
+        fut: impl Future<Output = T>,
+    ) -> Result<T, StepError> {
         let every = self.io.config.visibility / 3;
         tokio::pin!(fut);
         loop {
@@ -366,102 +378,6 @@ impl<'a> Context<'a> {
                         return Err(self.interrupt(Interrupt::from_store(e)));
                     }
                 }
-            }
-        }
-    }
-
-    /// Runs a side effect once per journal: journals that it starts, runs `f`, and journals its
-    /// result before the handler goes on. After a crash, a completed activity returns its
-    /// journaled result without running again; one that started but never finished runs again
-    /// with the same [`ActivityKey`] (at-least-once: the outside system dedupes with the key).
-    ///
-    /// `f`'s error is journaled as text and returned as [`StepError::ActivityFailed`].
-    pub async fn activity<I, O, E, F, Fut>(
-        &mut self,
-        name: &str,
-        input: &I,
-        f: F,
-    ) -> Result<O, StepError>
-    where
-        I: Serialize + ?Sized,
-        O: Serialize + DeserializeOwned,
-        E: Display,
-        F: FnOnce(ActivityKey) -> Fut,
-        Fut: Future<Output = Result<O, E>>,
-    {
-        let (step, recorded) = self.next_step("activity", name)?;
-        if let Some(recorded) = &recorded
-            && let Some(result) = recorded.get(1)
-        {
-            return match result {
-                EntryKind::ActivityCompleted { output, .. } => {
-                    serde_json::from_value(output.clone()).map_err(|e| {
-                        StepError::Invalid(format!(
-                            "journaled output of activity {name} does not decode: {e}"
-                        ))
-                    })
-                }
-                EntryKind::ActivityFailed { error, .. } => Err(StepError::ActivityFailed {
-                    name: name.to_owned(),
-                    error: error.clone(),
-                }),
-                other => {
-                    let msg = format!(
-                        "step {step}: activity {name} is followed by {} in the journal",
-                        other.name()
-                    );
-                    Err(self.interrupt(Interrupt::NonDeterminism(step, msg)))
-                }
-            };
-        }
-        if recorded.is_none() {
-            let input = serde_json::to_value(input).map_err(|e| {
-                StepError::Invalid(format!("input of activity {name} does not encode: {e}"))
-            })?;
-            self.inv.push(EntryKind::ActivityStarted {
-                step,
-                name: name.to_owned(),
-                input,
-            });
-            // An activity starts only after every entry before it is durable.
-            self.flush().await?;
-        }
-        let key = ActivityKey(format!(
-            "{}/{}/{step}",
-            self.inv.actor,
-            self.inv.envelope.origin()
-        ));
-        let span = tracing::debug_span!("activity", name, step);
-        let result = {
-            let _enter = span.enter();
-            tracing::debug!(key = %key, "activity runs");
-            drop(_enter);
-            self.keep_out(f(key)).await?
-        };
-        match result {
-            Ok(output) => {
-                let value = serde_json::to_value(&output).map_err(|e| {
-                    StepError::Invalid(format!("output of activity {name} does not encode: {e}"))
-                })?;
-                self.inv.push(EntryKind::ActivityCompleted {
-                    step,
-                    output: value,
-                });
-                // Journaled before the handler goes on.
-                self.flush().await?;
-                Ok(output)
-            }
-            Err(e) => {
-                let error = crate::limits::clip_reason(&e.to_string());
-                self.inv.push(EntryKind::ActivityFailed {
-                    step,
-                    error: error.clone(),
-                });
-                self.flush().await?;
-                Err(StepError::ActivityFailed {
-                    name: name.to_owned(),
-                    error,
-                })
             }
         }
     }

@@ -41,6 +41,7 @@
 
 mod activation;
 mod actives;
+mod activity;
 mod actor;
 mod admin;
 mod builder;
@@ -66,6 +67,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
 pub use admin::{BuryError, bury_mailbox};
 pub use builder::{RuntimeBuilder, StartError};
@@ -365,7 +367,9 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
         EntryKind::EventReceived { data, .. } => value(data),
         EntryKind::Recorded { value: v, name, .. } => value(v) + name.len() as u64,
         EntryKind::Completed { reply } => value(reply),
-        EntryKind::ActivityFailed { error, .. } | EntryKind::Failed { error } => error.len() as u64,
+        EntryKind::ActivityFailed { error, .. }
+        | EntryKind::ActivityAttemptFailed { error, .. }
+        | EntryKind::Failed { error, .. } => error.len() as u64,
         _ => 0,
     }
 }

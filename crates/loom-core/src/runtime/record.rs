@@ -14,6 +14,14 @@ pub(crate) enum Outcome {
     Ok(Value),
     /// The handler rejected the message.
     Rejected(String),
+    /// The handler rejected the message with a typed value (a separate variant, so that
+    /// records written before values existed still read as `Rejected`).
+    RejectedWithValue {
+        /// Why.
+        reason: String,
+        /// The value.
+        value: Value,
+    },
     /// The message was given up on (dead-lettered).
     Failed(String),
 }

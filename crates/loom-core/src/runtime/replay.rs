@@ -44,12 +44,17 @@ pub(crate) struct Unfinished {
 }
 
 impl Unfinished {
-    /// True if the invocation stopped in a durable wait (a sleep or a wait for an event that
-    /// has not ended): a restart during the wait is not a failed attempt.
+    /// True if the invocation stopped in a durable wait (a sleep, a wait for an event, an
+    /// activity's backoff before its next attempt, none of them ended): a restart during the
+    /// wait is not a failed attempt.
     pub(crate) fn waiting(&self) -> bool {
+        let last = self.steps.values().next_back().map(Vec::as_slice);
         matches!(
-            self.steps.values().next_back().map(Vec::as_slice),
+            last,
             Some([EntryKind::TimerStarted { .. }] | [EntryKind::EventAwaited { .. }])
+        ) || matches!(
+            last.and_then(<[EntryKind]>::last),
+            Some(EntryKind::ActivityAttemptFailed { .. })
         )
     }
 
@@ -62,7 +67,8 @@ impl Unfinished {
             .flatten()
             .filter_map(|k| match k {
                 EntryKind::TimerFired { resumed_in, .. }
-                | EntryKind::EventReceived { resumed_in, .. } => *resumed_in,
+                | EntryKind::EventReceived { resumed_in, .. }
+                | EntryKind::ActivityRetried { resumed_in, .. } => *resumed_in,
                 _ => None,
             })
             .max()
@@ -370,6 +376,8 @@ fn step_of(kind: &EntryKind) -> Option<Step> {
         EntryKind::ActivityStarted { step, .. }
         | EntryKind::ActivityCompleted { step, .. }
         | EntryKind::ActivityFailed { step, .. }
+        | EntryKind::ActivityAttemptFailed { step, .. }
+        | EntryKind::ActivityRetried { step, .. }
         | EntryKind::MessageSent { step, .. }
         | EntryKind::ChildSpawned { step, .. }
         | EntryKind::TimerStarted { step, .. }

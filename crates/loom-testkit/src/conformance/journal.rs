@@ -184,9 +184,26 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             step: 1,
             output: json!("receipt-1"),
         },
+        EntryKind::ActivityAttemptFailed {
+            step: 2,
+            attempt: 1,
+            error: "connection reset".into(),
+            retry_at: Timestamp::from_millis(1_800_000_000_456),
+        },
+        EntryKind::ActivityRetried {
+            step: 2,
+            attempt: 2,
+            resumed_in: Some(1),
+        },
         EntryKind::ActivityFailed {
             step: 2,
             error: "card declined".into(),
+            value: Some(json!({"code": 51})),
+        },
+        EntryKind::ActivityFailed {
+            step: 9,
+            error: "no value".into(),
+            value: None,
         },
         EntryKind::MessageSent {
             step: 3,

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use loom_core::runtime::{Actor, Context, Rejected, StepError};
+use loom_core::Timestamp;
+use loom_core::runtime::{ActivityError, ActivityPolicy, Actor, Context, Rejected, StepError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
@@ -214,6 +215,27 @@ pub enum Step {
     /// `ctx.now()`, `ctx.random_u64()` and `ctx.uuid()`; what they returned goes to the probe's
     /// `observed` list on every run, replays included.
     Clock,
+    /// `ctx.activity_with(name, …)` under `ActivityPolicy::retry(attempts)` with a backoff of
+    /// `backoff_ms` (doubling) and a time limit per attempt of `timeout_ms`. Attempts before
+    /// `ok_at` fail (never succeeds if 0), retryably unless `terminal` (then with the value
+    /// `{"attempt": n}`); the first `hang` attempts never end. Each attempt's start is in the
+    /// probe's `observed` list as `name attempt n at <ms>`.
+    Retried {
+        /// Name.
+        name: String,
+        /// The attempt that succeeds (0: none).
+        ok_at: u32,
+        /// Attempts in all.
+        attempts: u32,
+        /// First backoff in ms.
+        backoff_ms: u64,
+        /// Time limit per attempt in ms.
+        timeout_ms: Option<u64>,
+        /// Attempts that hang.
+        hang: u32,
+        /// Fail terminally.
+        terminal: bool,
+    },
     /// Wait at the probe's gate (not a durable call: a place to crash).
     Gate,
     /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
@@ -326,6 +348,67 @@ impl Actor for Worker {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(line.clone());
                     line
+                }
+                Step::Retried {
+                    name,
+                    ok_at,
+                    attempts,
+                    backoff_ms,
+                    timeout_ms,
+                    hang,
+                    terminal,
+                } => {
+                    let mut policy = ActivityPolicy::retry(attempts).backoff(
+                        Duration::from_millis(backoff_ms),
+                        Duration::from_millis(backoff_ms * 4),
+                    );
+                    if let Some(ms) = timeout_ms {
+                        policy = policy.timeout(Duration::from_millis(ms));
+                    }
+                    let probe = self.probe.clone();
+                    let r: Result<String, StepError> = ctx
+                        .activity_with(&name, &(), policy, |_key, attempt| {
+                            let probe = probe.clone();
+                            let name = name.clone();
+                            async move {
+                                *probe
+                                    .runs
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .entry(name.clone())
+                                    .or_default() += 1;
+                                probe
+                                    .observed
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(format!(
+                                        "{name} attempt {attempt} at {}",
+                                        Timestamp::now().as_millis()
+                                    ));
+                                if attempt <= hang {
+                                    std::future::pending::<()>().await;
+                                }
+                                if attempt == ok_at {
+                                    return Ok(format!("{name} done on attempt {attempt}"));
+                                }
+                                let e = format!("{name} attempt {attempt} failed");
+                                Err(if terminal {
+                                    ActivityError::terminal(e)
+                                        .with_value(&serde_json::json!({ "attempt": attempt }))
+                                } else {
+                                    ActivityError::retryable(e)
+                                })
+                            }
+                        })
+                        .await;
+                    match r {
+                        Ok(v) => v,
+                        Err(e @ StepError::ActivityFailed { .. }) if terminal => {
+                            return Err(e.into());
+                        }
+                        Err(StepError::ActivityFailed { error, .. }) => format!("error: {error}"),
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Step::Gate => {
                     self.probe.hold().await;

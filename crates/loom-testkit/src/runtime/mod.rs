@@ -13,6 +13,7 @@ mod delivery;
 mod exactly_once;
 mod failures;
 mod lifecycle;
+mod policies;
 mod state;
 mod waits;
 
@@ -180,6 +181,7 @@ pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
         state::cases(),
         exactly_once::cases(),
         activities::cases(),
+        policies::cases(),
         waits::cases(),
         delivery::cases(),
         failures::cases(),
