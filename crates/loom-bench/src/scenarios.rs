@@ -239,7 +239,10 @@ pub async fn build_history(store: &dyn Store, key: &str, entries: u64) -> Result
                 payload: json!({ "Add": 1 }),
                 idempotency_key: None,
             },
-            EntryKind::StatePatched { patch },
+            EntryKind::StatePatched {
+                patch,
+                version: None,
+            },
             EntryKind::Completed { reply: json!(i) },
         ] {
             batch.push(Entry::new(seq + batch.len() as u64, kind));

@@ -64,6 +64,22 @@ pub enum EntryKind {
     StatePatched {
         /// The patch.
         patch: json_patch::Patch,
+        /// The version of the state's schema the patch writes
+        /// ([`Actor::STATE_VERSION`](crate::Actor::STATE_VERSION)), set on the patch that
+        /// replaces the default state when the version is not 1; unchanged otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
+    /// Newer code loaded state written under an older version of its schema and upgraded it
+    /// ([`Actor::upgrade_state`](crate::Actor::upgrade_state)): from here on the state is
+    /// `state`, at version `to`, and later patches apply to it.
+    StateUpgraded {
+        /// The version it was.
+        from: u32,
+        /// The version it is.
+        to: u32,
+        /// The upgraded state, whole.
+        state: Value,
     },
     /// A side effect is about to run.
     ActivityStarted {
@@ -179,12 +195,14 @@ pub enum EntryKind {
         resumed_in: Option<u32>,
     },
     /// A value the handler took from the world ([`Context::now`](crate::Context::now),
-    /// [`random_u64`](crate::Context::random_u64), [`uuid`](crate::Context::uuid)): journaled
+    /// [`random_u64`](crate::Context::random_u64), [`uuid`](crate::Context::uuid),
+    /// [`patched`](crate::Context::patched)): journaled
     /// on the first run, read back on a replay, so the handler sees the same value again.
     Recorded {
         /// The step that took it.
         step: Step,
-        /// What it is: `now`, `random_u64` or `uuid`.
+        /// What it is: `now`, `random_u64`, `uuid`, or `patched:<change>` (the marker of
+        /// [`Context::patched`](crate::Context::patched), whose value is `true`).
         name: String,
         /// The value.
         value: Value,
@@ -207,6 +225,7 @@ impl EntryKind {
         match self {
             EntryKind::Invoked { .. } => "invoked",
             EntryKind::StatePatched { .. } => "state_patched",
+            EntryKind::StateUpgraded { .. } => "state_upgraded",
             EntryKind::ActivityStarted { .. } => "activity_started",
             EntryKind::ActivityCompleted { .. } => "activity_completed",
             EntryKind::ActivityFailed { .. } => "activity_failed",

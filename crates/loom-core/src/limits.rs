@@ -37,6 +37,31 @@ pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 /// at a character boundary and marked, never refused, so that an error can always be recorded.
 pub const MAX_REASON_LEN: usize = 8 * 1024;
 
+/// Largest encoded value an error carries to its caller ([`Rejected::with_value`],
+/// [`ActivityError::with_value`]), in bytes (64 KiB). A larger value is left out and the
+/// error's text says so, so that the error can always be recorded.
+///
+/// [`Rejected::with_value`]: crate::runtime::Rejected::with_value
+/// [`ActivityError::with_value`]: crate::runtime::ActivityError::with_value
+pub const MAX_ERROR_VALUE_BYTES: usize = 64 * 1024;
+
+/// `value` as JSON if it encodes within [`MAX_ERROR_VALUE_BYTES`]; otherwise why not.
+pub fn error_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<serde_json::Value, String> {
+    let v = serde_json::to_value(value).map_err(|e| format!("its value does not encode: {e}"))?;
+    let len = serde_json::to_vec(&v)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if len > MAX_ERROR_VALUE_BYTES {
+        return Err(format!(
+            "its value was left out: {len} bytes, over the limit of {MAX_ERROR_VALUE_BYTES}"
+        ));
+    }
+    Ok(v)
+}
+
+/// Longest change id of [`Context::patched`](crate::Context::patched), in bytes.
+pub const MAX_CHANGE_ID_LEN: usize = 128;
+
 /// Longest lease owner (node) name, in bytes.
 pub const MAX_OWNER_LEN: usize = 256;
 
@@ -64,5 +89,13 @@ mod tests {
         let clipped = clip_reason(&long);
         assert!(clipped.len() <= MAX_REASON_LEN);
         assert!(clipped.ends_with("[cut]"));
+    }
+
+    #[test]
+    fn error_values_over_the_limit_are_left_out_with_a_reason() {
+        assert_eq!(error_value(&[1, 2]).unwrap(), serde_json::json!([1, 2]));
+        let big = "x".repeat(MAX_ERROR_VALUE_BYTES);
+        let why = error_value(&big).unwrap_err();
+        assert!(why.contains("over the limit"), "{why}");
     }
 }

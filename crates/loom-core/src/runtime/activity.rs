@@ -33,7 +33,8 @@ use super::context::{ActivityKey, Context, Interrupt, StepError};
 
 /// How an activity is retried and timed out ([`Context::activity_with`]).
 ///
-/// `retry.max_attempts` counts every attempt (1: no retry); before attempt `n + 1` the
+/// `retry.max_attempts` counts every attempt (1: no retry; an attempt cut short by a crash
+/// runs again under the same number, so `f` may see a number twice); before attempt `n + 1` the
 /// activity waits [`Retry::delay`]`(n)`: `min(initial * 2^(n-1), max)` with jitter (a factor
 /// in `[0.5, 1.5)`). Each attempt may be cut off after `attempt_timeout` (the attempt's future
 /// is dropped, and the timeout counts as a retryable error).
@@ -145,11 +146,13 @@ impl ActivityError {
     }
 
     /// The same error with a typed value for the handler and its caller. A value that does not
-    /// encode as JSON is left out, and the message says why.
+    /// encode as JSON, or is larger than
+    /// [`MAX_ERROR_VALUE_BYTES`](crate::limits::MAX_ERROR_VALUE_BYTES), is left out, and the
+    /// message says why.
     pub fn with_value<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
-        match serde_json::to_value(value) {
+        match crate::limits::error_value(value) {
             Ok(v) => self.value = Some(v),
-            Err(e) => self.message = format!("{} (its value does not encode: {e})", self.message),
+            Err(why) => self.message = format!("{} ({why})", self.message),
         }
         self
     }
@@ -303,6 +306,7 @@ impl Context<'_> {
         // when the next may start.
         let mut attempt = 1;
         let mut retry_at = None;
+        let mut last_error = None;
         match &recorded {
             Some(r) => {
                 for k in r.iter().skip(1) {
@@ -324,10 +328,12 @@ impl Context<'_> {
                         EntryKind::ActivityAttemptFailed {
                             attempt: a,
                             retry_at: at,
+                            error,
                             ..
                         } => {
                             attempt = a + 1;
                             retry_at = Some(*at);
+                            last_error = Some(error.clone());
                         }
                         EntryKind::ActivityRetried { attempt: a, .. } => {
                             attempt = *a;
@@ -356,6 +362,25 @@ impl Context<'_> {
                 self.flush().await?;
             }
         }
+        if let Some(error) = last_error.filter(|_| retry_at.is_some() && attempt > max_attempts) {
+            // The policy allows fewer attempts than when the backoff began (changed code): the
+            // attempts are spent, so the activity fails without running again.
+            let error = crate::limits::clip_reason(&format!(
+                "{error} (attempt {} of {max_attempts})",
+                attempt - 1
+            ));
+            self.inv.push(EntryKind::ActivityFailed {
+                step,
+                error: error.clone(),
+                value: None,
+            });
+            self.flush().await?;
+            return Err(StepError::ActivityFailed {
+                name: name.to_owned(),
+                error,
+                value: None,
+            });
+        }
         // A backoff the journal began was begun by an earlier delivery.
         let mut resumed_in = retry_at.map(|_| self.inv.envelope.attempt);
         let key = ActivityKey(format!(
@@ -376,9 +401,11 @@ impl Context<'_> {
                     attempt,
                     resumed_in,
                 });
-                self.resumed(resumed_in.take());
-                // Durable before the attempt runs (see the module's invariants).
+                // Durable before the attempt runs (see the module's invariants), and before
+                // the attempts count from this delivery: if the write fails, the journal still
+                // says the backoff began in an earlier delivery, so the deliveries since count.
                 self.flush().await?;
+                self.resumed(resumed_in.take());
             }
             tracing::debug!(activity = name, step, attempt, key = %key, "activity runs");
             let run = f(key.clone(), attempt);

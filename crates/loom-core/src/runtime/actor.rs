@@ -66,6 +66,70 @@ pub trait Actor: Send + Sync + 'static {
     /// What it answers.
     type Reply: Serialize + DeserializeOwned + Send + 'static;
 
+    /// The version of `State`'s schema (default 1). Raise it when `State` changes shape, and
+    /// say in [`upgrade_state`](Self::upgrade_state) how an older state becomes this one.
+    const STATE_VERSION: u32 = 1;
+
+    /// Turns state written under an older version of the schema (`from`, below
+    /// [`STATE_VERSION`](Self::STATE_VERSION)) into this version's, as JSON.
+    ///
+    /// Called when an actor whose journal or snapshot holds older state is loaded; the
+    /// upgraded state is journaled (a `state_upgraded` entry) before the actor handles
+    /// anything, so the upgrade runs once per actor and later patches apply to the new shape.
+    /// An error parks the actor with the reason (nothing is lost: fix the code and unpark it).
+    /// State written under a *newer* version than the code's parks it too.
+    ///
+    /// The default refuses every upgrade.
+    ///
+    /// ```
+    /// use loom_core::runtime::{Actor, Context, Rejected};
+    /// use serde::{Deserialize, Serialize};
+    /// use serde_json::{Value, json};
+    ///
+    /// struct Account;
+    ///
+    /// // Version 1 was `{ "cents": i64 }`; version 2 keeps a currency too.
+    /// #[derive(Default, Serialize, Deserialize)]
+    /// struct Balance {
+    ///     cents: i64,
+    ///     currency: String,
+    /// }
+    ///
+    /// impl Actor for Account {
+    ///     const KIND: &'static str = "account";
+    ///     const STATE_VERSION: u32 = 2;
+    ///     type State = Balance;
+    ///     type Message = i64;
+    ///     type Reply = i64;
+    ///
+    ///     fn upgrade_state(&self, from: u32, mut state: Value) -> Result<Value, String> {
+    ///         match from {
+    ///             1 => {
+    ///                 state["currency"] = json!("EUR");
+    ///                 Ok(state)
+    ///             }
+    ///             v => Err(format!("no upgrade from version {v}")),
+    ///         }
+    ///     }
+    ///
+    ///     async fn handle(&self, b: &mut Balance, _ctx: &mut Context<'_>, n: i64) -> Result<i64, Rejected> {
+    ///         b.cents += n;
+    ///         Ok(b.cents)
+    ///     }
+    /// }
+    ///
+    /// let v1 = json!({ "cents": 500 });
+    /// assert_eq!(Account.upgrade_state(1, v1).unwrap(), json!({ "cents": 500, "currency": "EUR" }));
+    /// ```
+    fn upgrade_state(&self, from: u32, _state: Value) -> Result<Value, String> {
+        Err(format!(
+            "{} state is at version {from}, the code's is {}, and the code has no upgrade \
+             (implement Actor::upgrade_state)",
+            Self::KIND,
+            Self::STATE_VERSION
+        ))
+    }
+
     /// Handles one message.
     fn handle(
         &self,
@@ -112,16 +176,17 @@ impl Rejected {
     }
 
     /// A rejection with a reason and a typed value for the caller (read back with
-    /// [`value_as`](Self::value_as)). A value that does not encode as JSON is left out, and the
+    /// [`value_as`](Self::value_as)). A value that does not encode as JSON, or is larger than
+    /// [`MAX_ERROR_VALUE_BYTES`](crate::limits::MAX_ERROR_VALUE_BYTES), is left out, and the
     /// reason says why.
     pub fn with_value<T: Serialize + ?Sized>(reason: impl Into<String>, value: &T) -> Self {
         let reason = reason.into();
-        match serde_json::to_value(value) {
+        match crate::limits::error_value(value) {
             Ok(v) => Rejected {
                 reason,
                 value: Some(v),
             },
-            Err(e) => Rejected::new(format!("{reason} (its value does not encode: {e})")),
+            Err(why) => Rejected::new(format!("{reason} ({why})")),
         }
     }
 

@@ -20,7 +20,7 @@ use futures::FutureExt;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::entry::{EntryKind, Seq, Step};
+use crate::entry::{Entry, EntryKind, Seq, Step};
 use crate::id::{ActorId, IdempotencyKey, MessageId};
 use crate::store::backend::{Record, Settle, Turn};
 use crate::store::{Delivery, LeaseOptions, Park};
@@ -79,11 +79,18 @@ impl<A: Actor> Cell<A> {
         let initial = serde_json::to_value(A::State::default()).map_err(|e| {
             RecoverError::Unrecoverable(format!("default state does not encode: {e}"))
         })?;
-        let r = replay(&*io.store, &id, initial).await?;
+        let mut r = replay(&*io.store, &id, initial).await?;
         shared
             .metrics
             .corrupt_snapshots
             .fetch_add(r.corrupt_snapshots, Ordering::Relaxed);
+        if !r.from_default && r.version != A::STATE_VERSION {
+            upgrade(&*actor, &id, io, &mut r).await?;
+            shared
+                .metrics
+                .state_upgrades
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let state: A::State = serde_json::from_value(r.value.clone()).map_err(|e| {
             RecoverError::Unrecoverable(format!(
                 "journaled state does not decode as {} state: {e}",
@@ -282,7 +289,10 @@ impl<A: Actor> Cell<A> {
         if let Some(v) = &new_value
             && let Some(patch) = state_patch(&self.value, v, self.from_default)
         {
-            inv.push(EntryKind::StatePatched { patch });
+            // The patch that replaces the default state says which schema it writes (a journal
+            // without one is at version 1).
+            let version = (self.from_default && A::STATE_VERSION != 1).then_some(A::STATE_VERSION);
+            inv.push(EntryKind::StatePatched { patch, version });
         }
         match &outcome {
             Outcome::Ok(reply) => inv.push(EntryKind::Completed {
@@ -579,6 +589,7 @@ impl<A: Actor> Cell<A> {
         let seq = self.next_seq - 1;
         let body = Body {
             state: self.value.clone(),
+            version: A::STATE_VERSION,
             recent: self.recent.iter().copied().collect(),
         };
         let (store, id, flag, shared, lease) = (
@@ -607,6 +618,58 @@ impl<A: Actor> Cell<A> {
             }
         });
     }
+}
+
+/// Upgrades state journaled under an older schema version to the code's
+/// (`Actor::upgrade_state`), and journals the result (`StateUpgraded`, fenced by the actor's
+/// lease) before the actor handles anything: patches computed from here on are against the new
+/// shape, and a replay finds the new state before them. State from newer code, or an upgrade
+/// that fails, makes the actor unrecoverable here (parked, nothing lost).
+async fn upgrade<A: Actor>(
+    actor: &A,
+    id: &ActorId,
+    io: &Io,
+    r: &mut super::replay::Replayed,
+) -> Result<(), RecoverError> {
+    let (from, to) = (r.version, A::STATE_VERSION);
+    if from > to {
+        return Err(RecoverError::Unrecoverable(format!(
+            "{id}: its state is at version {from}, newer than this code's {to} (newer code \
+             wrote it; run that code, or give this code an upgrade path, then unpark)"
+        )));
+    }
+    let state = actor
+        .upgrade_state(from, std::mem::take(&mut r.value))
+        .map_err(|e| {
+            RecoverError::Unrecoverable(format!(
+                "{id}: upgrading its state from version {from} to {to} failed: {e}"
+            ))
+        })?;
+    let entry = Entry::new(
+        r.next_seq,
+        EntryKind::StateUpgraded {
+            from,
+            to,
+            state: state.clone(),
+        },
+    );
+    let turn = Turn {
+        fence: Some(&io.lease),
+        ..Turn::append(id, r.next_seq, std::slice::from_ref(&entry))
+    };
+    let committed = io
+        .store
+        .commit_turn(turn)
+        .await
+        .map_err(RecoverError::Store)?;
+    tracing::info!(actor = %id, from, to, "state upgraded");
+    r.next_seq = committed.highest + 1;
+    r.value = state;
+    r.version = to;
+    if r.unfinished.is_none() {
+        r.settled = committed.highest;
+    }
+    Ok(())
 }
 
 impl<A: Actor> Cell<A> {

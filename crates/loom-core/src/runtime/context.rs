@@ -21,6 +21,7 @@ use crate::entry::{Entry, EntryKind, Seq, Step};
 use crate::envelope::Envelope;
 use crate::error::StoreError;
 use crate::id::{ActorId, MessageId};
+use crate::limits::MAX_CHANGE_ID_LEN;
 use crate::store::backend::{Outgoing, Record, Settle, Turn};
 use crate::store::{Lease, LeaseOptions, Receipt, Store};
 use crate::time::Timestamp;
@@ -211,8 +212,9 @@ impl<'a> Context<'a> {
     }
 
     /// How many times this message was delivered before (0 on the first delivery). Deliveries
-    /// that only waited count too: a restart or a suspension during a durable sleep or event
-    /// wait ended one (they are not held against the message when it is retried).
+    /// that only waited count too: a restart or a suspension during a durable sleep, an event
+    /// wait or an activity's backoff ended one (they are not held against the message when it
+    /// is retried).
     pub fn attempt(&self) -> u32 {
         self.inv.envelope.attempt
     }
@@ -333,6 +335,72 @@ impl<'a> Context<'a> {
     /// A random (version 4) UUID, drawn once per step and journaled like [`now`](Self::now).
     pub fn uuid(&mut self) -> Result<uuid::Uuid, StepError> {
         self.record("uuid", crate::seam::uuid_v4)
+    }
+
+    /// Whether this invocation runs the code after the change `change` (Temporal's
+    /// `patched`): lets an invocation that began under old code finish on the old code's path
+    /// after an upgrade, while new invocations take the new one.
+    ///
+    /// Live, it journals a marker (a `Recorded` entry named `patched:<change>`, one step) and
+    /// returns `true`. On a replay, it returns `true` if the journal has that marker at this
+    /// step, and `false` if it has another step there: the invocation began under code without
+    /// the change, which went on to that step; the call then takes no step, so the old path's
+    /// next call meets its own journaled step. Once no invocation from before the change can
+    /// be left, the old branch can go; keep the `patched` call (or remove both together with
+    /// the journals that have the marker).
+    ///
+    /// ```
+    /// use loom_core::runtime::{Actor, Context, Rejected};
+    ///
+    /// struct Order;
+    ///
+    /// impl Actor for Order {
+    ///     const KIND: &'static str = "order";
+    ///     type State = ();
+    ///     type Message = u64;
+    ///     type Reply = String;
+    ///
+    ///     async fn handle(&self, _: &mut (), ctx: &mut Context<'_>, cents: u64) -> Result<String, Rejected> {
+    ///         ctx.activity("reserve", &cents, |_| async { Ok::<_, String>(()) }).await?;
+    ///         // Added in v2: a fraud check. Orders begun under v1 skip it on their replay.
+    ///         if ctx.patched("fraud-check")? {
+    ///             ctx.activity("fraud-check", &cents, |_| async { Ok::<_, String>(()) }).await?;
+    ///         }
+    ///         ctx.activity("charge", &cents, |_| async { Ok::<_, String>(()) }).await?;
+    ///         Ok("charged".into())
+    ///     }
+    /// }
+    /// ```
+    pub fn patched(&mut self, change: &str) -> Result<bool, StepError> {
+        self.check()?;
+        if change.is_empty() || change.len() > MAX_CHANGE_ID_LEN {
+            return Err(StepError::Invalid(format!(
+                "a change id is 1 to {MAX_CHANGE_ID_LEN} bytes, not {}",
+                change.len()
+            )));
+        }
+        let marker = format!("patched:{change}");
+        let step = self.inv.step + 1;
+        match self.inv.recorded.get(&step).and_then(|r| r.first()) {
+            // Began under code with the change (this very call): replay its choice.
+            Some(EntryKind::Recorded { name, .. }) if *name == marker => {
+                self.inv.recorded.remove(&step);
+                self.inv.step = step;
+                Ok(true)
+            }
+            // Began under code without it, which journaled something else here.
+            Some(_) => Ok(false),
+            // Past everything the journal has for this invocation: new code's path.
+            None => {
+                self.inv.step = step;
+                self.inv.push(EntryKind::Recorded {
+                    step,
+                    name: marker,
+                    value: Value::Bool(true),
+                });
+                Ok(true)
+            }
+        }
     }
 
     /// Takes `fresh()` on the first run and journals it as a `Recorded` entry (written with the
@@ -522,12 +590,15 @@ impl<'a> Context<'a> {
         }
         self.keep_out(tokio::time::sleep(left)).await?;
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
-        self.resumed(resumed_in);
         if resumed_in.is_some() {
             // The sleep began in an earlier delivery: journal its end at once, so that the
             // deliveries that only slept are not held against the message from here on (and a
-            // handler that stops its process after the sleep is still given up).
+            // handler that stops its process after the sleep is still given up). Attempts
+            // count from here only once that is durable: if the write fails, the journal still
+            // says the sleep goes on, and the deliveries since must count (or a store that
+            // keeps refusing it would have the message retried forever).
             self.flush().await?;
+            self.resumed(resumed_in);
         }
         Ok(())
     }
@@ -597,7 +668,6 @@ impl<'a> Context<'a> {
                         timed_out: false,
                         resumed_in,
                     });
-                    self.resumed(resumed_in);
                     // The event is consumed in the same write that journals it, and its key
                     // recorded, so that the same event delivered again is refused as a
                     // duplicate instead of satisfying the next wait (rule D6).
@@ -620,6 +690,8 @@ impl<'a> Context<'a> {
                             self.inv.next_seq = c.highest + 1;
                             self.inv.pending.clear();
                             self.inv.outbox.clear();
+                            // Counted from here once the wait's end is durable (as in `sleep`).
+                            self.resumed(resumed_in);
                             decode_event(name, data)
                         }
                         Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
@@ -639,11 +711,11 @@ impl<'a> Context<'a> {
                     timed_out: true,
                     resumed_in,
                 });
-                self.resumed(resumed_in);
                 if resumed_in.is_some() {
                     // As in `sleep`: the wait's end is journaled at once when it began in an
-                    // earlier delivery.
+                    // earlier delivery, and attempts count from here once it is durable.
                     self.flush().await?;
+                    self.resumed(resumed_in);
                 }
                 return Err(StepError::TimedOut {
                     name: name.to_owned(),

@@ -16,6 +16,7 @@ pub(crate) struct Metrics {
     pub(crate) corrupt_snapshots: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
     pub(crate) suspensions: AtomicU64,
+    pub(crate) state_upgrades: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
 }
 
@@ -46,6 +47,9 @@ pub struct MetricsSnapshot {
     /// Invocations suspended in a long durable sleep (the actor passivated, its message back
     /// when the sleep ends; see `Config::suspend_after`).
     pub suspensions: u64,
+    /// Actors whose state was upgraded to the code's schema version on loading
+    /// ([`Actor::upgrade_state`](super::Actor::upgrade_state)).
+    pub state_upgrades: u64,
     /// Total time spent activating actors (waiting for a turn to take the lease when many
     /// activate at once, taking it, loading the snapshot, replaying the tail), in
     /// microseconds; divide by `recoveries` for the mean.

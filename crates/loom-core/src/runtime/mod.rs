@@ -222,6 +222,7 @@ impl Runtime {
             corrupt_snapshots: get(&m.corrupt_snapshots),
             leases_lost: get(&m.leases_lost),
             suspensions: get(&m.suspensions),
+            state_upgrades: get(&m.state_upgrades),
             activation_micros: get(&m.activation_nanos) / 1000,
             active: self
                 .shared
@@ -360,7 +361,8 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
     }
     64 + match kind {
         EntryKind::Invoked { payload, .. } => value(payload),
-        EntryKind::StatePatched { patch } => patch.0.len() as u64 * 48,
+        EntryKind::StatePatched { patch, .. } => patch.0.len() as u64 * 48,
+        EntryKind::StateUpgraded { state, .. } => value(state),
         EntryKind::ActivityStarted { input, name, .. } => value(input) + name.len() as u64,
         EntryKind::ActivityCompleted { output, .. } => value(output),
         EntryKind::ChildSpawned { input, .. } => value(input),

@@ -29,11 +29,24 @@ pub(crate) const RECENT: usize = 128;
 /// The format of the runtime's snapshot body.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
-/// What the runtime puts in a snapshot: the actor's state and the ids of its last messages.
+/// What the runtime puts in a snapshot: the actor's state, the version of its schema, and the
+/// ids of its last messages.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Body {
     pub(crate) state: Value,
+    /// `Actor::STATE_VERSION` of the code that wrote `state` (1 in snapshots from before
+    /// versions were kept).
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
+    pub(crate) version: u32,
     pub(crate) recent: Vec<MessageId>,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+fn is_first_version(v: &u32) -> bool {
+    *v == 1
 }
 
 /// An invocation the journal started but did not finish.
@@ -89,6 +102,8 @@ pub(crate) enum RecoverError {
 /// The result of [`replay`].
 pub(crate) struct Replayed {
     pub(crate) value: Value,
+    /// The version of the state's schema `value` is at (meaningless while `from_default`).
+    pub(crate) version: u32,
     pub(crate) from_default: bool,
     pub(crate) recent: VecDeque<MessageId>,
     pub(crate) unfinished: Option<Unfinished>,
@@ -159,7 +174,7 @@ async fn replay_once(
             Err(e) => return Err(RecoverError::Store(e)),
         }
     }
-    let (from, mut value, recent, from_default) = match base {
+    let (from, mut value, mut version, recent, from_default) = match base {
         // Every listed snapshot is at or above the trim point (rule D10), so a readable one
         // below it means the store trimmed past its oldest kept snapshot and the newer ones
         // are unreadable: the entries between are gone, and starting over would only find the
@@ -184,7 +199,7 @@ async fn replay_once(
             let body: Body = serde_json::from_value(s.state).map_err(|e| {
                 RecoverError::Unrecoverable(format!("snapshot {} body does not decode: {e}", s.seq))
             })?;
-            (s.seq + 1, body.state, body.recent, false)
+            (s.seq + 1, body.state, body.version, body.recent, false)
         }
         None if !info.snapshots.is_empty() && info.trimmed_through > 0 => {
             return Err(RecoverError::Unrecoverable(format!(
@@ -192,10 +207,11 @@ async fn replay_once(
                 info.trimmed_through
             )));
         }
-        None => (info.trimmed_through + 1, initial, Vec::new(), true),
+        None => (info.trimmed_through + 1, initial, 1, Vec::new(), true),
     };
     let mut out = Replayed {
         value: Value::Null,
+        version: 1,
         from_default,
         recent: recent.into(),
         unfinished: None,
@@ -220,13 +236,23 @@ async fn replay_once(
                     steps: BTreeMap::new(),
                 });
             }
-            EntryKind::StatePatched { patch } => {
+            EntryKind::StatePatched { patch, version: v } => {
                 json_patch::patch(&mut value, &patch).map_err(|e| {
                     RecoverError::Unrecoverable(format!(
                         "state patch at seq {} does not apply: {e}",
                         entry.seq
                     ))
                 })?;
+                if let Some(v) = v {
+                    version = v;
+                }
+                out.from_default = false;
+            }
+            // Whole, so applying it twice (an upgrade journaled again after a failed turn)
+            // is harmless.
+            EntryKind::StateUpgraded { to, state, .. } => {
+                value = state;
+                version = to;
                 out.from_default = false;
             }
             EntryKind::Completed { .. } | EntryKind::Failed { .. } => {
@@ -258,6 +284,7 @@ async fn replay_once(
         out.settled = out.next_seq - 1;
     }
     out.value = value;
+    out.version = version;
     Ok(out)
 }
 
@@ -355,6 +382,7 @@ pub async fn compact_journal(
     }
     let body = Body {
         state: r.value,
+        version: r.version,
         recent: r.recent.into_iter().collect(),
     };
     let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep, None).await?;

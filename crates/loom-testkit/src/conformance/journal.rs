@@ -174,6 +174,19 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
                 json!([{"op": "replace", "path": "/balance", "value": 100}]),
             )
             .unwrap(),
+            version: None,
+        },
+        EntryKind::StatePatched {
+            patch: serde_json::from_value(
+                json!([{"op": "replace", "path": "", "value": {"v": 2}}]),
+            )
+            .unwrap(),
+            version: Some(2),
+        },
+        EntryKind::StateUpgraded {
+            from: 2,
+            to: 3,
+            state: json!({"v": 3, "note": "upgraded"}),
         },
         EntryKind::ActivityStarted {
             step: 1,

@@ -61,7 +61,7 @@ impl Probe {
         self.gate.add_permits(n);
     }
 
-    async fn hold(&self) {
+    pub(super) async fn hold(&self) {
         self.reached.notify_one();
         // The gate is never closed; a closed gate just lets everyone through.
         if let Ok(permit) = self.gate.acquire().await {

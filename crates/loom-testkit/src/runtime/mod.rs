@@ -15,6 +15,7 @@ mod failures;
 mod lifecycle;
 mod policies;
 mod state;
+mod upgrades;
 mod waits;
 
 /// Builds [`RuntimeCase`]s from case functions, named after them.
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use libtest_mimic::Trial;
-use loom_core::runtime::{Config, Retry, Runtime};
+use loom_core::runtime::{Config, Retry, Runtime, RuntimeBuilder};
 use loom_core::{ActorId, EntryKind, Seq, SeqRange, Store};
 
 pub use actors::{Account, AccountMsg, Balance, Counter, Ghost, Log, Probe, Step, Worker};
@@ -96,21 +97,34 @@ impl Harness {
         version: &'static str,
         f: impl FnOnce(&mut Config),
     ) -> Runtime {
+        self.runtime_registering(
+            |b| {
+                b.register_actor(Worker {
+                    probe: self.probe.clone(),
+                    version,
+                })
+            },
+            f,
+        )
+        .await
+    }
+
+    /// A runtime with the account, the actors `register` adds, and [`Harness::config`]
+    /// changed by `f` (for cases with actors of their own).
+    pub async fn runtime_registering(
+        &self,
+        register: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
+        f: impl FnOnce(&mut Config),
+    ) -> Runtime {
         let mut config = Self::config();
         f(&mut config);
-        Runtime::builder()
+        let builder = Runtime::builder()
             .store(self.store.clone())
             .config(config)
             .register_actor(Account {
                 probe: self.probe.clone(),
-            })
-            .register_actor(Worker {
-                probe: self.probe.clone(),
-                version,
-            })
-            .start()
-            .await
-            .expect("runtime starts")
+            });
+        register(builder).start().await.expect("runtime starts")
     }
 
     /// Every entry of the actor's journal that is still kept.
@@ -182,6 +196,7 @@ pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
         exactly_once::cases(),
         activities::cases(),
         policies::cases(),
+        upgrades::cases(),
         waits::cases(),
         delivery::cases(),
         failures::cases(),

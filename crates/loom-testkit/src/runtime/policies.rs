@@ -8,7 +8,7 @@ use loom_core::runtime::{AskError, AskOptions};
 use loom_core::{EntryKind, IdempotencyKey, Timestamp};
 use serde_json::json;
 
-use super::common::{WAIT, finished, replies, worker};
+use super::common::{WAIT, finished, reached, replies, worker};
 use super::{Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
@@ -18,6 +18,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         activity_terminal_error_is_not_retried_and_reaches_the_caller_with_its_value,
         activity_attempt_past_its_time_limit_is_cut_off_and_retried,
         activity_backoff_survives_a_crash_and_keeps_its_schedule,
+        activity_retried_across_many_suspensions_is_not_given_up,
     ]
 }
 
@@ -102,17 +103,42 @@ async fn activity_retries_with_backoff_until_an_attempt_succeeds(h: &Harness) {
         starts[1].1 - starts[0].1 >= 25,
         "the first backoff was shorter than half its delay: {starts:?}"
     );
+    // The delays double from 50 ms, with jitter in [0.5, 1.5): 25..75 ms, then 50..150 ms.
+    let delays: Vec<u64> = h
+        .journal(&worker("w"))
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::ActivityAttemptFailed { retry_at, .. } => {
+                Some(retry_at.as_millis().saturating_sub(e.at.as_millis()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        (24..=76).contains(&delays[0]) && (49..=151).contains(&delays[1]),
+        "{delays:?}"
+    );
     rt.shutdown().await;
 }
 
 async fn activity_out_of_attempts_fails_with_its_last_error(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
-    assert_eq!(
-        w.ask(vec![retried(0, 3, 20)]).await.unwrap(),
-        vec!["error: r attempt 3 failed (attempt 3 of 3)"]
-    );
+    rt.actor::<Worker>("w")
+        .send(vec![retried(0, 3, 20), Step::Gate])
+        .await
+        .unwrap();
+    reached(h).await;
     assert_eq!(h.probe.runs("r"), 3);
+    // Crashed after the activity failed for good: the replay returns the journaled failure
+    // without running an attempt.
+    let rt = h.crash_and_resume(rt, 1).await;
+    finished(h, &worker("w"), 1).await;
+    assert_eq!(
+        h.probe.runs("r"),
+        3,
+        "a failed activity ran again on replay"
+    );
     let kinds = h.kinds(&worker("w")).await;
     assert_eq!(
         kinds
@@ -123,10 +149,12 @@ async fn activity_out_of_attempts_fails_with_its_last_error(h: &Harness) {
         "{kinds:?}"
     );
     assert_eq!(kinds.iter().filter(|k| **k == "activity_failed").count(), 1);
-    // A replay returns the journaled failure without running an attempt.
     assert_eq!(
         replies(h, &worker("w")).await,
-        vec![json!(["error: r attempt 3 failed (attempt 3 of 3)"])]
+        vec![json!([
+            "error: r attempt 3 failed (attempt 3 of 3)",
+            "passed the gate"
+        ])]
     );
     rt.shutdown().await;
 }
@@ -218,8 +246,8 @@ async fn activity_backoff_survives_a_crash_and_keeps_its_schedule(h: &Harness) {
         .send(vec![retried(2, 3, 1500)])
         .await
         .unwrap();
-    eventually(WAIT, "the first attempt failed", || async {
-        !schedule(h).await.is_empty()
+    eventually(WAIT, "the backoff suspended the invocation", || async {
+        rt.metrics().suspensions == 1
     })
     .await;
     let rt = h.crash_and_resume(rt, 0).await;
@@ -257,5 +285,27 @@ async fn activity_backoff_survives_a_crash_and_keeps_its_schedule(h: &Harness) {
         resumed, 1,
         "the retry after the crash is not marked resumed"
     );
+    rt.shutdown().await;
+}
+
+/// Every backoff suspends, so each retry runs in a new delivery of the message: more
+/// deliveries than the runtime's own give-up allows, none of them a failed attempt of the
+/// message (rule D17), so it is not given up.
+async fn activity_retried_across_many_suspensions_is_not_given_up(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.suspend_after = Duration::from_millis(5);
+            // Gives a message up after 3 deliveries that end without a word.
+            c.retry.max_attempts = 1;
+        })
+        .await;
+    let w = rt.actor::<Worker>("w");
+    assert_eq!(
+        w.ask(vec![retried(6, 6, 40)]).await.unwrap(),
+        vec!["r done on attempt 6"]
+    );
+    assert_eq!(h.probe.runs("r"), 6);
+    assert_eq!(rt.metrics().suspensions, 5);
+    assert_eq!(rt.metrics().dead_letters, 0);
     rt.shutdown().await;
 }

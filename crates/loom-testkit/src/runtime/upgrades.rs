@@ -1,0 +1,311 @@
+//! Runtime cases about safe code upgrades: an invocation half done under old code finishes on
+//! the old code's path after a restart under new code (`ctx.patched`), state written under an
+//! older schema version is upgraded once when new code loads it (from a snapshot and from
+//! patches), a new actor's journal says its version, and old code parks on newer state.
+
+use std::sync::Arc;
+
+use loom_core::runtime::{Actor, Compaction, Context, Rejected, compact_journal};
+use loom_core::{ActorId, EntryKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::common::{WAIT, finished, reached, replies};
+use super::{Harness, Probe, RuntimeCase, eventually, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        an_invocation_half_done_under_old_code_finishes_on_the_old_path_after_an_upgrade,
+        state_written_by_old_code_is_upgraded_once_when_new_code_loads_it,
+        a_new_actor_journals_its_state_version_and_old_code_parks_on_it,
+    ]
+}
+
+/// What both versions of kind `upgrade` receive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Msg {
+    /// Run the activities, waiting at the probe's gate before the last if `gate`.
+    Go { gate: bool },
+    /// Reply with the state as JSON.
+    Read,
+}
+
+/// Version 1: state `{count}`; `Go` runs activities a, b, (gate), d.
+struct V1(Arc<Probe>);
+
+#[derive(Default, Serialize, Deserialize)]
+struct CountV1 {
+    count: u32,
+}
+
+/// Version 2: state `{total, upgraded_from}`; `Go` runs a, then c if patched, then b, (gate), d.
+struct V2(Arc<Probe>);
+
+#[derive(Default, Serialize, Deserialize)]
+struct CountV2 {
+    total: u64,
+    upgraded_from: Option<u32>,
+}
+
+async fn run(probe: &Arc<Probe>, ctx: &mut Context<'_>, name: &str) -> Result<(), Rejected> {
+    let p = probe.clone();
+    let n = name.to_owned();
+    ctx.activity(name, &(), |_| async move {
+        *p.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(n)
+            .or_default() += 1;
+        Ok::<_, String>(())
+    })
+    .await?;
+    Ok(())
+}
+
+impl Actor for V1 {
+    const KIND: &'static str = "upgrade";
+    type State = CountV1;
+    type Message = Msg;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        state: &mut CountV1,
+        ctx: &mut Context<'_>,
+        msg: Msg,
+    ) -> Result<String, Rejected> {
+        let Msg::Go { gate } = msg else {
+            return Ok(serde_json::to_string(state).unwrap_or_default());
+        };
+        run(&self.0, ctx, "a").await?;
+        run(&self.0, ctx, "b").await?;
+        if gate {
+            self.0.hold().await;
+        }
+        run(&self.0, ctx, "d").await?;
+        state.count += 1;
+        Ok("a b d".into())
+    }
+}
+
+impl Actor for V2 {
+    const KIND: &'static str = "upgrade";
+    const STATE_VERSION: u32 = 2;
+    type State = CountV2;
+    type Message = Msg;
+    type Reply = String;
+
+    fn upgrade_state(&self, from: u32, state: Value) -> Result<Value, String> {
+        match (from, state["count"].as_u64()) {
+            (1, Some(count)) => Ok(json!({ "total": count, "upgraded_from": 1 })),
+            _ => Err(format!("no upgrade from version {from}: {state}")),
+        }
+    }
+
+    async fn handle(
+        &self,
+        state: &mut CountV2,
+        ctx: &mut Context<'_>,
+        msg: Msg,
+    ) -> Result<String, Rejected> {
+        let Msg::Go { gate } = msg else {
+            return Ok(serde_json::to_string(state).unwrap_or_default());
+        };
+        let mut path = vec!["a"];
+        run(&self.0, ctx, "a").await?;
+        if ctx.patched("add-c")? {
+            run(&self.0, ctx, "c").await?;
+            path.push("c");
+        }
+        run(&self.0, ctx, "b").await?;
+        if gate {
+            self.0.hold().await;
+        }
+        run(&self.0, ctx, "d").await?;
+        path.extend(["b", "d"]);
+        state.total += 1;
+        Ok(path.join(" "))
+    }
+}
+
+fn upgrade(key: &str) -> ActorId {
+    ActorId::new("upgrade", key).expect("id")
+}
+
+async fn v1(h: &Harness) -> loom_core::Runtime {
+    v1_with(h, |_| {}).await
+}
+
+async fn v1_with(
+    h: &Harness,
+    f: impl FnOnce(&mut loom_core::runtime::Config),
+) -> loom_core::Runtime {
+    let p = h.probe.clone();
+    h.runtime_registering(|b| b.register_actor(V1(p)), f).await
+}
+
+async fn v2(h: &Harness) -> loom_core::Runtime {
+    let p = h.probe.clone();
+    h.runtime_registering(|b| b.register_actor(V2(p)), |_| {})
+        .await
+}
+
+async fn read(rt: &loom_core::Runtime, actor: &str) -> Value {
+    let r = rt.actor::<V2>(actor).ask(Msg::Read).await.unwrap();
+    serde_json::from_str(&r).unwrap()
+}
+
+async fn upgrades(h: &Harness, id: &ActorId) -> Vec<(u32, u32)> {
+    h.journal(id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::StateUpgraded { from, to, .. } => Some((from, to)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn an_invocation_half_done_under_old_code_finishes_on_the_old_path_after_an_upgrade(
+    h: &Harness,
+) {
+    let id = upgrade("u");
+    let rt = v1(h).await;
+    let a = rt.actor::<V1>("u");
+    assert_eq!(a.ask(Msg::Go { gate: false }).await.unwrap(), "a b d");
+    // Half done under v1: a and b journaled, waiting at the gate before d.
+    a.send(Msg::Go { gate: true }).await.unwrap();
+    reached(h).await;
+    rt.kill().await;
+    h.probe.open(1);
+    let rt = v2(h).await;
+    finished(h, &id, 2).await;
+    // v2's replay skipped c (v1 journaled b at that step), replayed a and b, and ran d.
+    assert_eq!(replies(h, &id).await[1], json!("a b d"));
+    let runs = |n: &str| h.probe.runs(n);
+    assert_eq!((runs("a"), runs("b"), runs("c"), runs("d")), (2, 2, 0, 2));
+    assert_eq!(upgrades(h, &id).await, vec![(1, 2)]);
+    assert_eq!(
+        read(&rt, "u").await,
+        json!({ "total": 2, "upgraded_from": 1 })
+    );
+    // New invocations take the new path, and keep it when replayed after a crash.
+    let b = rt.actor::<V2>("u");
+    assert_eq!(b.ask(Msg::Go { gate: false }).await.unwrap(), "a c b d");
+    b.send(Msg::Go { gate: true }).await.unwrap();
+    reached(h).await;
+    let rt = {
+        rt.kill().await;
+        h.probe.open(1);
+        v2(h).await
+    };
+    finished(h, &id, 5).await;
+    assert_eq!(replies(h, &id).await[4], json!("a c b d"));
+    assert_eq!(
+        runs("c"),
+        2,
+        "the patched branch's activity ran again on replay"
+    );
+    assert_eq!(read(&rt, "u").await["total"], json!(4));
+    assert_eq!(upgrades(h, &id).await.len(), 1, "upgraded twice");
+    rt.shutdown().await;
+}
+
+async fn state_written_by_old_code_is_upgraded_once_when_new_code_loads_it(h: &Harness) {
+    let id = upgrade("s");
+    // v1 snapshots often, so that v2 loads a v1 snapshot and v1 patches after it.
+    let rt = v1_with(h, |c| {
+        c.compaction = Compaction {
+            every_entries: Some(5),
+            every_bytes: None,
+            keep: 1,
+        }
+    })
+    .await;
+    let a = rt.actor::<V1>("s");
+    for _ in 0..4 {
+        a.ask(Msg::Go { gate: false }).await.unwrap();
+    }
+    eventually(WAIT, "v1 took a snapshot", || async {
+        !h.store.info(&id).await.unwrap().snapshots.is_empty()
+    })
+    .await;
+    a.ask(Msg::Go { gate: false }).await.unwrap();
+    rt.shutdown().await;
+    let snapshot = *h.store.info(&id).await.unwrap().snapshots.last().unwrap();
+    assert!(
+        snapshot < h.highest(&id).await,
+        "no v1 patches after the snapshot"
+    );
+
+    let rt = v2(h).await;
+    assert_eq!(
+        read(&rt, "s").await,
+        json!({ "total": 5, "upgraded_from": 1 })
+    );
+    assert_eq!(rt.metrics().state_upgrades, 1);
+    rt.actor::<V2>("s")
+        .ask(Msg::Go { gate: false })
+        .await
+        .unwrap();
+    rt.kill().await;
+    // Replayed from the v1 snapshot, through the upgrade, then the v2 patch: no new upgrade.
+    let rt = v2(h).await;
+    assert_eq!(read(&rt, "s").await["total"], json!(6));
+    assert_eq!(rt.metrics().state_upgrades, 0);
+    assert_eq!(upgrades(h, &id).await, vec![(1, 2)]);
+    rt.shutdown().await;
+    // A snapshot taken now is at version 2, and loads under v2 without an upgrade.
+    compact_journal(&*h.store, &id, 1).await.unwrap();
+    let rt = v2(h).await;
+    assert_eq!(read(&rt, "s").await["total"], json!(6));
+    assert_eq!(rt.metrics().state_upgrades, 0);
+    rt.shutdown().await;
+}
+
+async fn a_new_actor_journals_its_state_version_and_old_code_parks_on_it(h: &Harness) {
+    let id = upgrade("n");
+    let rt = v2(h).await;
+    rt.actor::<V2>("n")
+        .ask(Msg::Go { gate: false })
+        .await
+        .unwrap();
+    rt.kill().await;
+    let versions: Vec<Option<u32>> = h
+        .journal(&id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::StatePatched { version, .. } => Some(version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(versions, vec![Some(2)]);
+    let rt = v2(h).await;
+    assert_eq!(
+        read(&rt, "n").await,
+        json!({ "total": 1, "upgraded_from": null })
+    );
+    assert_eq!(rt.metrics().state_upgrades, 0, "a v2 journal was upgraded");
+    rt.shutdown().await;
+    // Old code cannot read newer state: it parks the actor, and writes nothing.
+    let before = h.highest(&id).await;
+    let rt = v1(h).await;
+    rt.actor::<V1>("n")
+        .send(Msg::Go { gate: false })
+        .await
+        .unwrap();
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (parked, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(parked, id);
+    assert!(
+        park.reason.contains("version 2, newer than this code's 1"),
+        "{}",
+        park.reason
+    );
+    assert_eq!(h.highest(&id).await, before);
+    rt.shutdown().await;
+}
