@@ -239,10 +239,7 @@ pub async fn build_history(store: &dyn Store, key: &str, entries: u64) -> Result
                 payload: json!({ "Add": 1 }),
                 idempotency_key: None,
             },
-            EntryKind::StatePatched {
-                patch,
-                version: None,
-            },
+            EntryKind::StatePatched { patch },
             EntryKind::Completed { reply: json!(i) },
         ] {
             batch.push(Entry::new(seq + batch.len() as u64, kind));

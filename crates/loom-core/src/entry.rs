@@ -64,17 +64,16 @@ pub enum EntryKind {
     StatePatched {
         /// The patch.
         patch: json_patch::Patch,
-        /// The version of the state's schema the patch writes
-        /// ([`Actor::STATE_VERSION`](crate::Actor::STATE_VERSION)), set on the patch that
-        /// replaces the default state when the version is not 1; unchanged otherwise.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        version: Option<u32>,
     },
-    /// Newer code loaded state written under an older version of its schema and upgraded it
-    /// ([`Actor::upgrade_state`](crate::Actor::upgrade_state)): from here on the state is
-    /// `state`, at version `to`, and later patches apply to it.
+    /// The state, whole, at a version of its schema other than 1
+    /// ([`Actor::STATE_VERSION`](crate::Actor::STATE_VERSION)): newer code loaded state
+    /// written under an older version and upgraded it
+    /// ([`Actor::upgrade_state`](crate::Actor::upgrade_state)), or (`from` 0) an actor whose
+    /// code is past version 1 changed its state for the first time. From here on the state is
+    /// `state`, at version `to`, and later patches apply to it. (A kind of its own, not a field
+    /// of `state_patched`, so that code from before versions refuses it instead of misreading.)
     StateUpgraded {
-        /// The version it was.
+        /// The version it was (0: none yet).
         from: u32,
         /// The version it is.
         to: u32,

@@ -175,6 +175,9 @@ enum Exit {
     LeaseLost,
     Park(Park),
     Failed(StoreError),
+    /// Not for this node's code (state from newer code): left for another node, and not
+    /// activated here again for a while.
+    Declined(String),
 }
 
 async fn run<A: Actor>(
@@ -250,6 +253,17 @@ async fn run<A: Actor>(
         Exit::Failed(e) => {
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
         }
+        Exit::Declined(reason) => {
+            shared.metrics.declined.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(actor = %id, %reason, "actor left to a node running newer code; its messages wait for one");
+            // Looked at again after a while, as a parked actor is; the store has no park, so
+            // the next look activates it, and declines again while this code is older.
+            shared
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), Instant::now() + PARK_RECHECK);
+        }
     }
     drop(kept);
     if !matches!(exit, Exit::LeaseLost) {
@@ -290,6 +304,7 @@ async fn serve<A: Actor>(
         Err(RecoverError::Unrecoverable(reason)) => {
             return Exit::Park(Park::new(io.config.node.clone(), &reason));
         }
+        Err(RecoverError::Declined(reason)) => return Exit::Declined(reason),
     };
     let signal = shared.hub.notifier(id);
     let mut idle_since = Instant::now();
@@ -327,6 +342,7 @@ async fn serve<A: Actor>(
                             Err(RecoverError::Unrecoverable(reason)) => {
                                 return Exit::Park(Park::new(io.config.node.clone(), &reason));
                             }
+                            Err(RecoverError::Declined(reason)) => return Exit::Declined(reason),
                         }
                     }
                     Next::Park(park) => return Exit::Park(park),

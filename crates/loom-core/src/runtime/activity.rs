@@ -401,11 +401,8 @@ impl Context<'_> {
                     attempt,
                     resumed_in,
                 });
-                // Durable before the attempt runs (see the module's invariants), and before
-                // the attempts count from this delivery: if the write fails, the journal still
-                // says the backoff began in an earlier delivery, so the deliveries since count.
-                self.flush().await?;
-                self.resumed(resumed_in.take());
+                // Durable before the attempt runs (see the module's invariants).
+                self.flush_resumed(resumed_in.take()).await?;
             }
             tracing::debug!(activity = name, step, attempt, key = %key, "activity runs");
             let run = f(key.clone(), attempt);

@@ -76,8 +76,10 @@ pub trait Actor: Send + Sync + 'static {
     /// Called when an actor whose journal or snapshot holds older state is loaded; the
     /// upgraded state is journaled (a `state_upgraded` entry) before the actor handles
     /// anything, so the upgrade runs once per actor and later patches apply to the new shape.
-    /// An error parks the actor with the reason (nothing is lost: fix the code and unpark it).
-    /// State written under a *newer* version than the code's parks it too.
+    /// An error (or a panic, or a result that does not decode as `State`) parks the actor with
+    /// the reason, and journals nothing: fix the code and unpark it. A node whose code is
+    /// *older* than the state's version leaves the actor to a node with newer code (it is not
+    /// parked; its messages wait meanwhile). `STATE_VERSION` starts at 1.
     ///
     /// The default refuses every upgrade.
     ///
@@ -190,8 +192,8 @@ impl Rejected {
         }
     }
 
-    /// The same rejection with `value` (JSON) as its value; `None` removes it.
-    pub fn set_value(mut self, value: Option<Value>) -> Self {
+    /// The same rejection with `value` (JSON, already within the limit) as its value.
+    pub(crate) fn set_value(mut self, value: Option<Value>) -> Self {
         self.value = value;
         self
     }

@@ -21,6 +21,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::entry::{Entry, EntryKind, Seq, Step};
+use crate::error::StoreError;
 use crate::id::{ActorId, IdempotencyKey, MessageId};
 use crate::store::backend::{Record, Settle, Turn};
 use crate::store::{Delivery, LeaseOptions, Park};
@@ -84,6 +85,7 @@ impl<A: Actor> Cell<A> {
             .metrics
             .corrupt_snapshots
             .fetch_add(r.corrupt_snapshots, Ordering::Relaxed);
+        const { assert!(A::STATE_VERSION >= 1, "Actor::STATE_VERSION starts at 1") };
         if !r.from_default && r.version != A::STATE_VERSION {
             upgrade(&*actor, &id, io, &mut r).await?;
             shared
@@ -266,7 +268,7 @@ impl<A: Actor> Cell<A> {
             Ok(Err(rejected)) => {
                 self.restore_state();
                 tracing::debug!(actor = %self.id, message = %d.envelope.id, reason = rejected.reason(), "the handler refused the message");
-                let reason = rejected.reason().to_owned();
+                let reason = crate::limits::clip_reason(rejected.reason());
                 let outcome = match rejected.value() {
                     Some(value) => Outcome::RejectedWithValue {
                         reason,
@@ -289,10 +291,17 @@ impl<A: Actor> Cell<A> {
         if let Some(v) = &new_value
             && let Some(patch) = state_patch(&self.value, v, self.from_default)
         {
-            // The patch that replaces the default state says which schema it writes (a journal
-            // without one is at version 1).
-            let version = (self.from_default && A::STATE_VERSION != 1).then_some(A::STATE_VERSION);
-            inv.push(EntryKind::StatePatched { patch, version });
+            if self.from_default && A::STATE_VERSION != 1 {
+                // The first state of an actor whose code is past version 1 says its version (a
+                // journal that does not is at version 1); whole, as that first patch would be.
+                inv.push(EntryKind::StateUpgraded {
+                    from: 0,
+                    to: A::STATE_VERSION,
+                    state: v.clone(),
+                });
+            } else {
+                inv.push(EntryKind::StatePatched { patch });
+            }
         }
         match &outcome {
             Outcome::Ok(reply) => inv.push(EntryKind::Completed {
@@ -396,6 +405,7 @@ impl<A: Actor> Cell<A> {
             interrupt: None,
             weight: 0,
             counted_from: 0,
+            patches: Default::default(),
         }
     }
 
@@ -633,18 +643,27 @@ async fn upgrade<A: Actor>(
 ) -> Result<(), RecoverError> {
     let (from, to) = (r.version, A::STATE_VERSION);
     if from > to {
-        return Err(RecoverError::Unrecoverable(format!(
-            "{id}: its state is at version {from}, newer than this code's {to} (newer code \
-             wrote it; run that code, or give this code an upgrade path, then unpark)"
+        return Err(RecoverError::Declined(format!(
+            "{id}: its state is at version {from}, newer than this code's {to}"
         )));
     }
-    let state = actor
-        .upgrade_state(from, std::mem::take(&mut r.value))
-        .map_err(|e| {
-            RecoverError::Unrecoverable(format!(
-                "{id}: upgrading its state from version {from} to {to} failed: {e}"
-            ))
-        })?;
+    let failed = |e: String| {
+        RecoverError::Unrecoverable(format!(
+            "{id}: upgrading its state from version {from} to {to} failed: {e}"
+        ))
+    };
+    let old = std::mem::take(&mut r.value);
+    let state = std::panic::catch_unwind(AssertUnwindSafe(|| actor.upgrade_state(from, old)))
+        .map_err(|p| failed(format!("it panicked: {}", panic_message(&p))))?
+        .map_err(failed)?;
+    // Checked before it is journaled: an upgrade that gives a state the code cannot read
+    // must leave the journal as it was, so that fixed code upgrades it again.
+    if let Err(e) = serde_json::from_value::<A::State>(state.clone()) {
+        return Err(failed(format!(
+            "the upgraded state does not decode as {} state: {e}",
+            A::KIND
+        )));
+    }
     let entry = Entry::new(
         r.next_seq,
         EntryKind::StateUpgraded {
@@ -657,11 +676,20 @@ async fn upgrade<A: Actor>(
         fence: Some(&io.lease),
         ..Turn::append(id, r.next_seq, std::slice::from_ref(&entry))
     };
-    let committed = io
-        .store
-        .commit_turn(turn)
-        .await
-        .map_err(RecoverError::Store)?;
+    let committed = io.store.commit_turn(turn).await.map_err(|e| {
+        if e.is_transient()
+            || matches!(
+                e,
+                StoreError::LeaseLost { .. } | StoreError::Conflict { .. }
+            )
+        {
+            RecoverError::Store(e)
+        } else {
+            // Refused on its merits (a state too large for one entry, say): trying again
+            // would be refused again.
+            failed(format!("the store refused the upgraded state: {e}"))
+        }
+    })?;
     tracing::info!(actor = %id, from, to, "state upgraded");
     r.next_seq = committed.highest + 1;
     r.value = state;

@@ -162,6 +162,8 @@ pub(crate) struct Invocation {
     /// latest that saw a durable wait of this invocation end (`resumed_in`), or 0. Deliveries
     /// before it only waited (a restart, a suspension).
     pub(crate) counted_from: u32,
+    /// What [`Context::patched`] answered for each change in this run.
+    pub(crate) patches: std::collections::HashMap<String, bool>,
 }
 
 impl Invocation {
@@ -274,6 +276,22 @@ impl<'a> Context<'a> {
         Ok((step, Some(recorded)))
     }
 
+    /// [`flush`](Self::flush)es the end of a durable wait that began in an earlier delivery
+    /// (`resumed_in`, rule D17). The message's attempts count from this delivery once that end
+    /// is durable, or if the write failed for want of the store (it may have landed, and a
+    /// store that is down is waited out, not held against the message). A write refused on
+    /// its merits leaves them counted from before: the journal still says the wait goes on,
+    /// and a message whose every resumption is refused is given up, not retried forever.
+    pub(super) async fn flush_resumed(&mut self, resumed_in: Option<u32>) -> Result<(), StepError> {
+        let r = self.flush().await;
+        let transient =
+            matches!(&self.inv.interrupt, Some(Interrupt::Store(e)) if e.is_transient());
+        if r.is_ok() || transient {
+            self.resumed(resumed_in);
+        }
+        r
+    }
+
     /// Makes everything pending durable (entries and outgoing messages, in one write).
     pub(crate) async fn flush(&mut self) -> Result<(), StepError> {
         self.check()?;
@@ -341,11 +359,14 @@ impl<'a> Context<'a> {
     /// `patched`): lets an invocation that began under old code finish on the old code's path
     /// after an upgrade, while new invocations take the new one.
     ///
-    /// Live, it journals a marker (a `Recorded` entry named `patched:<change>`, one step) and
-    /// returns `true`. On a replay, it returns `true` if the journal has that marker at this
+    /// The first call for a change in an invocation decides; later calls for it return the
+    /// same answer without taking a step. Live, it journals a marker (a `Recorded` entry named
+    /// `patched:<change>`, one step) and returns `true`. On a replay, it returns `true` if the journal has that marker at this
     /// step, and `false` if it has another step there: the invocation began under code without
     /// the change, which went on to that step; the call then takes no step, so the old path's
-    /// next call meets its own journaled step. Once no invocation from before the change can
+    /// next call meets its own journaled step. (An invocation from before the change that had
+    /// not yet passed this point takes the new path: nothing journaled contradicts it.) Once
+    /// no invocation from before the change can
     /// be left, the old branch can go; keep the `patched` call (or remove both together with
     /// the journals that have the marker).
     ///
@@ -379,17 +400,22 @@ impl<'a> Context<'a> {
                 change.len()
             )));
         }
+        // The first call for a change decides for the whole invocation: one that began under
+        // old code stays on the old path at every place the change guards.
+        if let Some(&known) = self.inv.patches.get(change) {
+            return Ok(known);
+        }
         let marker = format!("patched:{change}");
         let step = self.inv.step + 1;
-        match self.inv.recorded.get(&step).and_then(|r| r.first()) {
+        let patched = match self.inv.recorded.get(&step).and_then(|r| r.first()) {
             // Began under code with the change (this very call): replay its choice.
             Some(EntryKind::Recorded { name, .. }) if *name == marker => {
                 self.inv.recorded.remove(&step);
                 self.inv.step = step;
-                Ok(true)
+                true
             }
             // Began under code without it, which journaled something else here.
-            Some(_) => Ok(false),
+            Some(_) => false,
             // Past everything the journal has for this invocation: new code's path.
             None => {
                 self.inv.step = step;
@@ -398,9 +424,11 @@ impl<'a> Context<'a> {
                     name: marker,
                     value: Value::Bool(true),
                 });
-                Ok(true)
+                true
             }
-        }
+        };
+        self.inv.patches.insert(change.to_owned(), patched);
+        Ok(patched)
     }
 
     /// Takes `fresh()` on the first run and journals it as a `Recorded` entry (written with the
@@ -593,12 +621,8 @@ impl<'a> Context<'a> {
         if resumed_in.is_some() {
             // The sleep began in an earlier delivery: journal its end at once, so that the
             // deliveries that only slept are not held against the message from here on (and a
-            // handler that stops its process after the sleep is still given up). Attempts
-            // count from here only once that is durable: if the write fails, the journal still
-            // says the sleep goes on, and the deliveries since must count (or a store that
-            // keeps refusing it would have the message retried forever).
-            self.flush().await?;
-            self.resumed(resumed_in);
+            // handler that stops its process after the sleep is still given up).
+            self.flush_resumed(resumed_in).await?;
         }
         Ok(())
     }
@@ -694,7 +718,13 @@ impl<'a> Context<'a> {
                             self.resumed(resumed_in);
                             decode_event(name, data)
                         }
-                        Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
+                        Err(e) => {
+                            // As in `flush_resumed`.
+                            if e.is_transient() {
+                                self.resumed(resumed_in);
+                            }
+                            Err(self.interrupt(Interrupt::from_store(e)))
+                        }
                     };
                 }
                 Ok(None) => {}
@@ -713,9 +743,8 @@ impl<'a> Context<'a> {
                 });
                 if resumed_in.is_some() {
                     // As in `sleep`: the wait's end is journaled at once when it began in an
-                    // earlier delivery, and attempts count from here once it is durable.
-                    self.flush().await?;
-                    self.resumed(resumed_in);
+                    // earlier delivery.
+                    self.flush_resumed(resumed_in).await?;
                 }
                 return Err(StepError::TimedOut {
                     name: name.to_owned(),

@@ -17,6 +17,7 @@ pub(crate) struct Metrics {
     pub(crate) leases_lost: AtomicU64,
     pub(crate) suspensions: AtomicU64,
     pub(crate) state_upgrades: AtomicU64,
+    pub(crate) declined: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
 }
 
@@ -50,6 +51,9 @@ pub struct MetricsSnapshot {
     /// Actors whose state was upgraded to the code's schema version on loading
     /// ([`Actor::upgrade_state`](super::Actor::upgrade_state)).
     pub state_upgrades: u64,
+    /// Activations this node left to a node running newer code (the actor's state is at a
+    /// newer schema version than this code's).
+    pub declined: u64,
     /// Total time spent activating actors (waiting for a turn to take the lease when many
     /// activate at once, taking it, loading the snapshot, replaying the tail), in
     /// microseconds; divide by `recoveries` for the mean.

@@ -76,7 +76,9 @@ pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
 pub use health::{Health, StoreHealth};
 pub use metrics::MetricsSnapshot;
-pub use replay::{CompactError, Compacted, SNAPSHOT_FORMAT, compact_journal};
+pub use replay::{
+    CompactError, Compacted, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSIONED, compact_journal,
+};
 
 use crate::entry::EntryKind;
 use crate::envelope::Envelope;
@@ -223,6 +225,7 @@ impl Runtime {
             leases_lost: get(&m.leases_lost),
             suspensions: get(&m.suspensions),
             state_upgrades: get(&m.state_upgrades),
+            declined: get(&m.declined),
             activation_micros: get(&m.activation_nanos) / 1000,
             active: self
                 .shared
@@ -361,7 +364,7 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
     }
     64 + match kind {
         EntryKind::Invoked { payload, .. } => value(payload),
-        EntryKind::StatePatched { patch, .. } => patch.0.len() as u64 * 48,
+        EntryKind::StatePatched { patch } => patch.0.len() as u64 * 48,
         EntryKind::StateUpgraded { state, .. } => value(state),
         EntryKind::ActivityStarted { input, name, .. } => value(input) + name.len() as u64,
         EntryKind::ActivityCompleted { output, .. } => value(output),

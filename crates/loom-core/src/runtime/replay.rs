@@ -29,6 +29,11 @@ pub(crate) const RECENT: usize = 128;
 /// The format of the runtime's snapshot body.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
+/// The format of a snapshot body whose state is at a schema version other than 1 (the body
+/// says which): a format of its own, so that code from before versions refuses it instead of
+/// reading the state as version 1.
+pub const SNAPSHOT_FORMAT_VERSIONED: u32 = 2;
+
 /// What the runtime puts in a snapshot: the actor's state, the version of its schema, and the
 /// ids of its last messages.
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,6 +102,9 @@ pub(crate) enum RecoverError {
     /// The journal cannot produce a state (every snapshot unreadable after a trim, a patch that
     /// does not apply, a state that does not decode): the actor is parked with the reason.
     Unrecoverable(String),
+    /// Newer code wrote the actor's state: this node leaves it to a node running that code
+    /// (not parked, so a rolling upgrade or a rollback does not stop it for good).
+    Declined(String),
 }
 
 /// The result of [`replay`].
@@ -190,9 +198,10 @@ async fn replay_once(
             )));
         }
         Some(s) => {
-            if s.format != SNAPSHOT_FORMAT {
+            if s.format != SNAPSHOT_FORMAT && s.format != SNAPSHOT_FORMAT_VERSIONED {
                 return Err(RecoverError::Unrecoverable(format!(
-                    "snapshot {} has format {}; this runtime reads format {SNAPSHOT_FORMAT}",
+                    "snapshot {} has format {}; this runtime reads formats {SNAPSHOT_FORMAT} \
+                     and {SNAPSHOT_FORMAT_VERSIONED}",
                     s.seq, s.format
                 )));
             }
@@ -236,20 +245,19 @@ async fn replay_once(
                     steps: BTreeMap::new(),
                 });
             }
-            EntryKind::StatePatched { patch, version: v } => {
+            EntryKind::StatePatched { patch } => {
                 json_patch::patch(&mut value, &patch).map_err(|e| {
                     RecoverError::Unrecoverable(format!(
                         "state patch at seq {} does not apply: {e}",
                         entry.seq
                     ))
                 })?;
-                if let Some(v) = v {
-                    version = v;
-                }
                 out.from_default = false;
             }
-            // Whole, so applying it twice (an upgrade journaled again after a failed turn)
-            // is harmless.
+            // Whole, so applying it again is harmless. An upgrade journaled at activation may
+            // sit inside an unfinished invocation, past `settled`: a snapshot taken at
+            // `settled` then holds the upgraded state (the invocation changes no state until
+            // it ends), and the replay from it meets the same whole state again.
             EntryKind::StateUpgraded { to, state, .. } => {
                 value = state;
                 version = to;
@@ -323,7 +331,11 @@ pub(crate) async fn snapshot_and_trim(
         seq,
         state,
         at: crate::Timestamp::now(),
-        format: SNAPSHOT_FORMAT,
+        format: if body.version == 1 {
+            SNAPSHOT_FORMAT
+        } else {
+            SNAPSHOT_FORMAT_VERSIONED
+        },
     };
     store.compact(id, &snapshot, keep, fence).await
 }
@@ -370,10 +382,12 @@ pub async fn compact_journal(
 ) -> Result<Compacted, CompactError> {
     let r = replay(store, id, Value::Null).await.map_err(|e| match e {
         RecoverError::Store(e) => CompactError::Store(e),
-        RecoverError::Unrecoverable(reason) => CompactError::Unrecoverable {
-            actor: id.clone(),
-            reason,
-        },
+        RecoverError::Unrecoverable(reason) | RecoverError::Declined(reason) => {
+            CompactError::Unrecoverable {
+                actor: id.clone(),
+                reason,
+            }
+        }
     })?;
     let info = store.info(id).await?;
     let already = info.snapshots.last().copied().unwrap_or(0);

@@ -126,7 +126,7 @@ async fn first_state_change_replaces_the_whole_state(h: &Harness) {
         .await
         .into_iter()
         .filter_map(|e| match e.kind {
-            EntryKind::StatePatched { patch, .. } => Some(serde_json::to_value(patch).unwrap()),
+            EntryKind::StatePatched { patch } => Some(serde_json::to_value(patch).unwrap()),
             _ => None,
         })
         .collect();

@@ -1,7 +1,8 @@
 //! Runtime cases about safe code upgrades: an invocation half done under old code finishes on
 //! the old code's path after a restart under new code (`ctx.patched`), state written under an
 //! older schema version is upgraded once when new code loads it (from a snapshot and from
-//! patches), a new actor's journal says its version, and old code parks on newer state.
+//! patches), a new actor's journal says its version, old code leaves newer state to new code,
+//! and a failed upgrade parks the actor without journaling anything.
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
         an_invocation_half_done_under_old_code_finishes_on_the_old_path_after_an_upgrade,
         state_written_by_old_code_is_upgraded_once_when_new_code_loads_it,
-        a_new_actor_journals_its_state_version_and_old_code_parks_on_it,
+        a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_code,
+        a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark,
     ]
 }
 
@@ -39,7 +41,8 @@ struct CountV1 {
 }
 
 /// Version 2: state `{total, upgraded_from}`; `Go` runs a, then c if patched, then b, (gate), d.
-struct V2(Arc<Probe>);
+/// With `broken`, its upgrade gives a state it cannot read.
+struct V2(Arc<Probe>, bool);
 
 #[derive(Default, Serialize, Deserialize)]
 struct CountV2 {
@@ -97,6 +100,7 @@ impl Actor for V2 {
 
     fn upgrade_state(&self, from: u32, state: Value) -> Result<Value, String> {
         match (from, state["count"].as_u64()) {
+            (1, Some(_)) if self.1 => Ok(json!({ "total": "many" })),
             (1, Some(count)) => Ok(json!({ "total": count, "upgraded_from": 1 })),
             _ => Err(format!("no upgrade from version {from}: {state}")),
         }
@@ -145,8 +149,12 @@ async fn v1_with(
 }
 
 async fn v2(h: &Harness) -> loom_core::Runtime {
+    v2_broken(h, false).await
+}
+
+async fn v2_broken(h: &Harness, broken: bool) -> loom_core::Runtime {
     let p = h.probe.clone();
-    h.runtime_registering(|b| b.register_actor(V2(p)), |_| {})
+    h.runtime_registering(|b| b.register_actor(V2(p, broken)), |_| {})
         .await
 }
 
@@ -263,35 +271,62 @@ async fn state_written_by_old_code_is_upgraded_once_when_new_code_loads_it(h: &H
     rt.shutdown().await;
 }
 
-async fn a_new_actor_journals_its_state_version_and_old_code_parks_on_it(h: &Harness) {
+async fn a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_code(h: &Harness) {
     let id = upgrade("n");
     let rt = v2(h).await;
-    rt.actor::<V2>("n")
-        .ask(Msg::Go { gate: false })
-        .await
-        .unwrap();
+    let n = rt.actor::<V2>("n");
+    n.ask(Msg::Go { gate: false }).await.unwrap();
+    n.ask(Msg::Go { gate: false }).await.unwrap();
     rt.kill().await;
-    let versions: Vec<Option<u32>> = h
-        .journal(&id)
-        .await
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::StatePatched { version, .. } => Some(version),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(versions, vec![Some(2)]);
+    // The first state says its version; later changes are patches.
+    assert_eq!(upgrades(h, &id).await, vec![(0, 2)]);
+    assert_eq!(h.count(&id, |k| k.name() == "state_patched").await, 1);
     let rt = v2(h).await;
     assert_eq!(
         read(&rt, "n").await,
-        json!({ "total": 1, "upgraded_from": null })
+        json!({ "total": 2, "upgraded_from": null })
     );
     assert_eq!(rt.metrics().state_upgrades, 0, "a v2 journal was upgraded");
     rt.shutdown().await;
-    // Old code cannot read newer state: it parks the actor, and writes nothing.
+    // Old code cannot read newer state: it leaves the actor alone (not parked, nothing
+    // written), and the message waits for new code.
     let before = h.highest(&id).await;
     let rt = v1(h).await;
     rt.actor::<V1>("n")
+        .send(Msg::Go { gate: false })
+        .await
+        .unwrap();
+    eventually(WAIT, "old code declined the actor", || async {
+        rt.metrics().declined >= 1
+    })
+    .await;
+    assert_eq!(rt.metrics().recoveries, 0);
+    assert!(rt.parked().await.unwrap().is_empty(), "old code parked it");
+    assert_eq!(
+        h.highest(&id).await,
+        before,
+        "old code wrote to its journal"
+    );
+    rt.shutdown().await;
+    let rt = v2(h).await;
+    finished(h, &id, 3).await;
+    assert_eq!(read(&rt, "n").await["total"], json!(3));
+    rt.shutdown().await;
+}
+
+/// An upgrade whose state the code cannot read parks the actor and journals nothing; fixed
+/// code, once the actor is unparked, upgrades it from the old state.
+async fn a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark(h: &Harness) {
+    let id = upgrade("f");
+    let rt = v1(h).await;
+    rt.actor::<V1>("f")
+        .ask(Msg::Go { gate: false })
+        .await
+        .unwrap();
+    rt.shutdown().await;
+    let before = h.highest(&id).await;
+    let rt = v2_broken(h, true).await;
+    rt.actor::<V2>("f")
         .send(Msg::Go { gate: false })
         .await
         .unwrap();
@@ -299,13 +334,27 @@ async fn a_new_actor_journals_its_state_version_and_old_code_parks_on_it(h: &Har
         !rt.parked().await.unwrap().is_empty()
     })
     .await;
-    let (parked, park) = rt.parked().await.unwrap().remove(0);
-    assert_eq!(parked, id);
+    let (_, park) = rt.parked().await.unwrap().remove(0);
     assert!(
-        park.reason.contains("version 2, newer than this code's 1"),
+        park.reason
+            .contains("upgrading its state from version 1 to 2 failed")
+            && park.reason.contains("does not decode"),
         "{}",
         park.reason
     );
-    assert_eq!(h.highest(&id).await, before);
+    assert_eq!(
+        h.highest(&id).await,
+        before,
+        "the bad upgrade was journaled"
+    );
+    rt.shutdown().await;
+    let rt = v2(h).await;
+    assert!(rt.unpark(&id).await.unwrap());
+    finished(h, &id, 2).await;
+    assert_eq!(
+        read(&rt, "f").await,
+        json!({ "total": 2, "upgraded_from": 1 })
+    );
+    assert_eq!(upgrades(h, &id).await, vec![(1, 2)]);
     rt.shutdown().await;
 }
