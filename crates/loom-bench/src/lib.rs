@@ -9,10 +9,12 @@
 //! - [`baseline`]: the physical limits they are compared with (a raw write + fdatasync loop);
 //! - [`engines`]: the engine bake-off (redb with a redo log against fjall, one bank turn's
 //!   writes straight on each engine);
+//! - [`compression`]: what zstd frames save and cost on a state-heavy actor;
 //! - [`report`]: one [`report::Measurement`] per scenario, as a table or JSON.
 
 pub mod bank;
 pub mod baseline;
+pub mod compression;
 pub mod engines;
 pub mod report;
 pub mod scenarios;

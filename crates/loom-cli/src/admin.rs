@@ -1,7 +1,9 @@
 //! `loom journal stats / compact / delete`, `loom deadletters ls / requeue`.
 
+use futures::TryStreamExt;
+use loom_core::codec;
 use loom_core::runtime::{CompactError, compact_journal};
-use loom_core::{ActorId, Store};
+use loom_core::{ActorId, Seq, SeqRange, Store};
 use serde::Serialize;
 
 use crate::journal::{all_actors, parse_actor};
@@ -15,9 +17,69 @@ struct Stats {
     entries: u64,
     snapshots: Vec<u64>,
     pending_messages: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<Bytes>,
 }
 
-pub async fn stats(store: &dyn Store, actor: Option<&str>, json: bool) -> Result<(), Failure> {
+/// What a journal's kept records take: as JSON frames, and as this build stores them.
+#[derive(Serialize, Default, Clone, Copy)]
+struct Bytes {
+    json: u64,
+    stored: u64,
+    compressed_records: u64,
+}
+
+impl Bytes {
+    fn add(&mut self, e: &codec::Encoded) {
+        self.json += e.plain_len as u64;
+        self.stored += e.frame.len() as u64;
+        self.compressed_records += u64::from(e.is_compressed());
+    }
+
+    fn sum(self, o: Bytes) -> Bytes {
+        Bytes {
+            json: self.json + o.json,
+            stored: self.stored + o.stored,
+            compressed_records: self.compressed_records + o.compressed_records,
+        }
+    }
+}
+
+/// Reads every kept entry and snapshot of `a` and encodes it as this build stores it.
+async fn bytes_of(store: &dyn Store, a: &ActorId, snapshots: &[Seq]) -> Result<Bytes, Failure> {
+    let mut b = Bytes::default();
+    let mut entries = store.read(a, SeqRange::all());
+    while let Some(e) = entries.try_next().await? {
+        b.add(
+            &codec::encode_sized(codec::RecordType::Entry, &e, true)
+                .map_err(|e| Failure(e.to_string()))?,
+        );
+    }
+    for seq in snapshots {
+        if let Some(s) = store.load_snapshot(a, *seq).await? {
+            b.add(
+                &codec::encode_sized(codec::RecordType::Snapshot, &s, true)
+                    .map_err(|e| Failure(e.to_string()))?,
+            );
+        }
+    }
+    Ok(b)
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 10 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 10 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+pub async fn stats(
+    store: &dyn Store,
+    actor: Option<&str>,
+    with_bytes: bool,
+    json: bool,
+) -> Result<(), Failure> {
     let actors = match actor {
         Some(a) => vec![parse_actor(a)?],
         None => all_actors(store).await?,
@@ -28,6 +90,10 @@ pub async fn stats(store: &dyn Store, actor: Option<&str>, json: bool) -> Result
         if actor.is_some() && info.highest == 0 {
             return Err(Failure(format!("no journal for {a} in this store")));
         }
+        let bytes = match with_bytes {
+            true => Some(bytes_of(store, a, &info.snapshots).await?),
+            false => None,
+        };
         rows.push(Stats {
             actor: a.to_string(),
             highest: info.highest,
@@ -35,30 +101,45 @@ pub async fn stats(store: &dyn Store, actor: Option<&str>, json: bool) -> Result
             entries: info.len(),
             snapshots: info.snapshots.clone(),
             pending_messages: store.pending(a).await?,
+            bytes,
         });
     }
     let total: u64 = rows.iter().map(|r| r.entries).sum();
     let pending: u64 = rows.iter().map(|r| r.pending_messages).sum();
+    let all_bytes = rows
+        .iter()
+        .filter_map(|r| r.bytes)
+        .fold(Bytes::default(), Bytes::sum);
     if json {
         for r in &rows {
             out(serde_json::to_string(r)?)?;
         }
         if actor.is_none() {
-            out(
-                serde_json::json!({"journals": rows.len(), "entries": total, "pending_messages": pending}),
-            )?;
+            let mut t = serde_json::json!({"journals": rows.len(), "entries": total, "pending_messages": pending});
+            if with_bytes {
+                t["bytes"] = serde_json::to_value(all_bytes)?;
+            }
+            out(t)?;
         }
         return Ok(());
     }
     let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
+    let bytes_head = match with_bytes {
+        true => format!("  {:>10}  {:>10}", "JSON", "STORED"),
+        false => String::new(),
+    };
     out(format_args!(
-        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}  SNAPSHOTS",
+        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}{bytes_head}  SNAPSHOTS",
         "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES", "PENDING"
     ))?;
     for r in &rows {
         let snaps: Vec<String> = r.snapshots.iter().map(u64::to_string).collect();
+        let bytes = match r.bytes {
+            Some(b) => format!("  {:>10}  {:>10}", human(b.json), human(b.stored)),
+            None => String::new(),
+        };
         out(format_args!(
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}  {}",
+            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}{bytes}  {}",
             r.actor,
             r.highest,
             r.trimmed_through,
@@ -75,6 +156,15 @@ pub async fn stats(store: &dyn Store, actor: Option<&str>, json: bool) -> Result
         out(format_args!(
             "{} journals, {total} entries kept, {pending} messages waiting",
             rows.len()
+        ))?;
+    }
+    if with_bytes && all_bytes.json > 0 {
+        out(format_args!(
+            "{} as JSON, {} stored ({:.0}%), {} records compressed",
+            human(all_bytes.json),
+            human(all_bytes.stored),
+            all_bytes.stored as f64 * 100.0 / all_bytes.json as f64,
+            all_bytes.compressed_records
         ))?;
     }
     Ok(())

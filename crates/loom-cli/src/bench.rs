@@ -37,6 +37,10 @@ pub enum Scenario {
     /// (suspended) and how late they wake, against the same sleepers held in memory (at most
     /// 5 000). Not part of `all`: it takes the window and more.
     Sleepers,
+    /// What compressed frames save and cost on an actor with ~64 KiB of state: the codec's
+    /// encode/decode time and bytes, compressed against plain JSON, and messages per second
+    /// and bytes kept on the store (each part `--seconds`; not part of `all`).
+    Compression,
     /// The engine bake-off: one partitioned bank turn's writes straight on redb with a redo log
     /// and on fjall, per partition count, against raw fdatasync (not part of `all`: it measures
     /// engines, not the store under test).
@@ -280,6 +284,25 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             if scenario == Scenario::Sleepers {
                 results
                     .extend(sleepers(&url, &label, s.actors.unwrap_or(100_000), s.window).await?);
+            }
+            if scenario == Scenario::Compression {
+                use loom_bench::compression::{Shape, codec_costs, ledger};
+                let shape = Shape {
+                    orders: 500,
+                    seconds: s.seconds,
+                };
+                let codec_label = label.clone();
+                let codec = tokio::task::spawn_blocking(move || codec_costs(&codec_label, shape))
+                    .await
+                    .map_err(|e| Failure(format!("the codec measurement stopped: {e}")))?
+                    .map_err(|e| Failure(e.to_string()))?;
+                results.push(codec);
+                let opened = open_or_create(&url).await?;
+                results.push(
+                    ledger(opened.store.clone(), &label, shape)
+                        .await
+                        .map_err(|e| Failure(e.to_string()))?,
+                );
             }
             if scenario == Scenario::Engines {
                 // On the store's disk when it has one, else in the scratch directory.

@@ -217,6 +217,12 @@ enum JournalCommand {
     Stats {
         /// Only this actor, as `kind/key`.
         actor: Option<String>,
+        /// Also read every kept entry and snapshot and report their bytes: as JSON, and as
+        /// stored (entries and snapshots over 4 KiB are stored zstd-compressed when that is
+        /// smaller; sizes are as this build writes them, so records written by a build before
+        /// compression count as compressed too).
+        #[arg(long)]
+        bytes: bool,
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -362,8 +368,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 JournalCommand::Show { actor, from, to } => {
                     journal::show(s, &actor, from, to).await
                 }
-                JournalCommand::Stats { actor, json } => {
-                    admin::stats(s, actor.as_deref(), json).await
+                JournalCommand::Stats { actor, bytes, json } => {
+                    admin::stats(s, actor.as_deref(), bytes, json).await
                 }
                 JournalCommand::Verify { actor } => {
                     journal::verify(s, opened.embedded.as_ref(), actor.as_deref()).await

@@ -570,3 +570,58 @@ fn repartition_copies_everything_into_the_new_count_and_keeps_the_old_store() {
         "{err}"
     );
 }
+
+/// A journal with a large entry, written by one process (stored compressed) and read by
+/// another: `journal show` prints it whole, and `journal stats --bytes` says what compression
+/// saved.
+#[test]
+fn compressed_entries_read_back_in_another_process_and_stats_show_the_bytes_saved() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rows: Vec<_> = (0..2000)
+        .map(|i| json!({"order": i, "customer": format!("c-{}", i % 50), "status": "paid"}))
+        .collect();
+    let id = ActorId::new("ledger", "big").unwrap();
+    {
+        let rt = tokio::runtime::Runtime::new().expect("tokio");
+        rt.block_on(async {
+            let store = EmbeddedStore::open(dir.path()).expect("open");
+            let entries = [
+                loom_core::Entry::new(1, loom_core::EntryKind::Completed { reply: json!(rows) }),
+                loom_core::Entry::new(2, loom_core::EntryKind::Completed { reply: json!(1) }),
+            ];
+            loom_core::JournalStore::append(&store, &id, 1, &entries)
+                .await
+                .expect("append");
+        });
+    }
+    let s = dir.path().to_str().unwrap();
+    let shown = ok(&["journal", "--store", s, "show", "ledger/big"]);
+    let first: serde_json::Value = serde_json::from_str(shown.lines().next().unwrap()).unwrap();
+    assert_eq!(first["kind"]["reply"], json!(rows));
+    let stats: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "journal",
+            "--store",
+            s,
+            "stats",
+            "ledger/big",
+            "--bytes",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    let b = &stats["bytes"];
+    assert_eq!(b["compressed_records"], 1, "{stats}");
+    assert!(
+        b["stored"].as_u64().unwrap() * 4 < b["json"].as_u64().unwrap(),
+        "{stats}"
+    );
+    let table = ok(&["journal", "--store", s, "stats", "--bytes"]);
+    assert!(
+        table.contains("STORED") && table.contains("1 records compressed"),
+        "{table}"
+    );
+    // Without --bytes, nothing is read and no byte columns are shown.
+    assert!(!ok(&["journal", "--store", s, "stats"]).contains("STORED"));
+}

@@ -362,3 +362,44 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     let (ok, _, err) = loom(&["bench", "sleepers", "--actors", "0"]);
     assert!(!ok && err.contains("--actors above 0"), "{err}");
 }
+
+/// `loom bench compression`, short: the codec's compressed snapshot is much smaller than its
+/// JSON, and the ledger's kept records are stored compressed (the baseline's are not).
+#[test]
+fn compression_reports_bytes_saved_and_time_against_plain_json() {
+    let (ok, out, err) = loom(&["bench", "compression", "--seconds", "0.5", "--json"]);
+    assert!(ok, "loom bench compression failed: {err}");
+    let reports = json_lines(&out);
+    let by = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r["scenario"] == name)
+            .unwrap_or_else(|| panic!("no {name} report: {out}"))
+    };
+    let (codec, ledger) = (by("compression codec"), by("compression ledger"));
+    assert!(codec["json_bytes"].as_u64().unwrap() > 60_000, "{codec}");
+    assert!(codec["stored_of_json"].as_f64().unwrap() < 0.5, "{codec}");
+    for k in [
+        "encode_us_json",
+        "encode_us_zstd",
+        "decode_us_json",
+        "decode_us_zstd",
+    ] {
+        let s = &codec[k];
+        assert!(
+            s["min"].as_f64().unwrap() <= s["median"].as_f64().unwrap()
+                && s["median"].as_f64().unwrap() <= s["max"].as_f64().unwrap(),
+            "{k}: {codec}"
+        );
+    }
+    assert!(
+        ledger["compressed_records"].as_u64().unwrap() > 0,
+        "{ledger}"
+    );
+    assert_eq!(ledger["baseline_compressed_records"], 0, "{ledger}");
+    assert!(ledger["stored_of_json"].as_f64().unwrap() < 0.5, "{ledger}");
+    assert!(
+        ledger["baseline_ops_per_s"].as_f64().unwrap() > 0.0,
+        "{ledger}"
+    );
+}

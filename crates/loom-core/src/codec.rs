@@ -4,12 +4,20 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     format version (FORMAT_VERSION = 1)
+//! 0       1     format version: 1 (FORMAT_VERSION) the body is JSON; 2 (FORMAT_ZSTD) the
+//!               body is that JSON compressed with zstd (one frame, its content size set)
 //! 1       1     record type: b'E' entry, b'S' snapshot, b'M' mailbox message, b'D' dead letter,
 //!               b'I' idempotency record, b'L' lease, b'P' park record
-//! 2       4     CRC-32 (IEEE) of the body, little-endian
+//! 2       4     CRC-32 (IEEE) of the body as stored (compressed or not), little-endian
 //! 6       n     body: the record as UTF-8 JSON (serde, field names as in the Rust types)
 //! ```
+//!
+//! Entries and snapshots whose JSON is longer than [`COMPRESS_ABOVE`] are stored compressed
+//! when that makes them smaller; every other record, and every smaller one, is stored as JSON.
+//! Frames of either version are read by every build since compression came; a build from
+//! before refuses a compressed frame as an unknown version, never misreads it. Size limits
+//! ([`crate::limits`]) apply to the uncompressed frame, so whether a record fits does not depend
+//! on how well it compresses, and a journal fits every store alike.
 //!
 //! Invariants kept here, for every backend alike:
 //! - a frame whose version this build does not know is refused ([`CodecError::UnknownVersion`]),
@@ -26,8 +34,45 @@ use serde::de::DeserializeOwned;
 
 use crate::entry::{Entry, Seq, Snapshot};
 
-/// The frame format this build writes, and the only one it reads.
+/// The frame format whose body is plain JSON.
 pub const FORMAT_VERSION: u8 = 1;
+
+/// The frame format whose body is zstd-compressed JSON.
+pub const FORMAT_ZSTD: u8 = 2;
+
+/// Entries and snapshots with more JSON than this (bytes) are stored compressed if that is
+/// smaller (4 KiB: below it, zstd saves little and costs a few microseconds per record).
+pub const COMPRESS_ABOVE: usize = 4 * 1024;
+
+static COMPRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns compression of new entries and snapshots on (the default) or off for this process.
+/// Frames of both formats are read either way. Off is for a rolling upgrade from a build that
+/// predates compression (it refuses compressed frames): run the new build with compression off
+/// until no old node is left, then turn it on.
+///
+/// ```
+/// use loom_core::codec;
+///
+/// codec::set_compression(false);
+/// assert!(!codec::compression());
+/// codec::set_compression(true);
+/// ```
+pub fn set_compression(on: bool) {
+    COMPRESS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True if new large entries and snapshots are stored compressed ([`set_compression`]).
+pub fn compression() -> bool {
+    COMPRESS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The zstd level (3: zstd's default, fast to write and much faster to read).
+const ZSTD_LEVEL: i32 = 3;
+
+/// Most bytes a compressed body may expand to: the largest record any limit allows, so a
+/// corrupt or hostile size field cannot make a reader allocate more.
+const MAX_EXPANDED: usize = crate::limits::MAX_SNAPSHOT_BYTES;
 
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 6;
@@ -77,7 +122,9 @@ pub enum CodecError {
         len: usize,
     },
     /// A format version this build does not read.
-    #[error("record has format version {found}; this build reads version {FORMAT_VERSION}")]
+    #[error(
+        "record has format version {found}; this build reads versions {FORMAT_VERSION} and {FORMAT_ZSTD}"
+    )]
     UnknownVersion {
         /// The version found.
         found: u8,
@@ -113,6 +160,52 @@ pub enum CodecError {
     /// keys).
     #[error("record does not encode: {0}")]
     Encode(String),
+    /// A compressed body does not decompress (or would expand past the largest record).
+    #[error("compressed record body does not decompress: {0}")]
+    Decompress(String),
+}
+
+/// A frame, and the size it has uncompressed (what size limits apply to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The frame as stored.
+    pub frame: Vec<u8>,
+    /// The frame's length with its body as plain JSON.
+    pub plain_len: usize,
+}
+
+impl Encoded {
+    /// True if the body is stored compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.frame.first() == Some(&FORMAT_ZSTD)
+    }
+}
+
+/// Encodes a record as one frame, compressing its body if `compress`, [`compression`] is on,
+/// the JSON is longer than [`COMPRESS_ABOVE`], and compression makes it smaller.
+pub fn encode_sized<T: Serialize>(
+    ty: RecordType,
+    value: &T,
+    compress: bool,
+) -> Result<Encoded, CodecError> {
+    let frame = encode(ty, value)?;
+    let plain_len = frame.len();
+    if !compress || !compression() || plain_len - HEADER_LEN <= COMPRESS_ABOVE {
+        return Ok(Encoded { frame, plain_len });
+    }
+    let packed = zstd::bulk::compress(&frame[HEADER_LEN..], ZSTD_LEVEL)
+        .map_err(|e| CodecError::Encode(format!("zstd: {e}")))?;
+    if packed.len() + HEADER_LEN >= plain_len {
+        return Ok(Encoded { frame, plain_len });
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
+    out.extend_from_slice(&[FORMAT_ZSTD, ty as u8]);
+    out.extend_from_slice(&crc32fast::hash(&packed).to_le_bytes());
+    out.extend_from_slice(&packed);
+    Ok(Encoded {
+        frame: out,
+        plain_len,
+    })
 }
 
 /// Encodes any record as one frame.
@@ -125,12 +218,13 @@ pub fn encode<T: Serialize>(ty: RecordType, value: &T) -> Result<Vec<u8>, CodecE
     Ok(buf)
 }
 
-/// Checks a frame's header and checksum and returns its body.
+/// Checks a frame's header and checksum and returns its body as stored (compressed if the
+/// frame's version is [`FORMAT_ZSTD`]; [`decode`] expands it).
 pub fn open_frame(ty: RecordType, bytes: &[u8]) -> Result<&[u8], CodecError> {
     if bytes.len() < HEADER_LEN {
         return Err(CodecError::Truncated { len: bytes.len() });
     }
-    if bytes[0] != FORMAT_VERSION {
+    if bytes[0] != FORMAT_VERSION && bytes[0] != FORMAT_ZSTD {
         return Err(CodecError::UnknownVersion { found: bytes[0] });
     }
     if RecordType::from_byte(bytes[1]) != Some(ty) {
@@ -148,15 +242,41 @@ pub fn open_frame(ty: RecordType, bytes: &[u8]) -> Result<&[u8], CodecError> {
     Ok(body)
 }
 
-/// Decodes a frame of the given type.
+/// Decodes a frame of the given type, compressed or not.
 pub fn decode<T: DeserializeOwned>(ty: RecordType, bytes: &[u8]) -> Result<T, CodecError> {
     let body = open_frame(ty, bytes)?;
+    if bytes[0] == FORMAT_ZSTD {
+        let json = expand(body)?;
+        return serde_json::from_slice(&json).map_err(|e| CodecError::Body(e.to_string()));
+    }
     serde_json::from_slice(body).map_err(|e| CodecError::Body(e.to_string()))
 }
 
-/// Encodes a journal entry.
+/// Decompresses a body, refusing one whose declared size is missing or past [`MAX_EXPANDED`].
+fn expand(body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let size = zstd::zstd_safe::get_frame_content_size(body)
+        .map_err(|e| CodecError::Decompress(format!("no content size: {e:?}")))?
+        .ok_or_else(|| CodecError::Decompress("no content size".into()))?;
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|s| *s <= MAX_EXPANDED)
+        .ok_or_else(|| {
+            CodecError::Decompress(format!("declares {size} bytes, over {MAX_EXPANDED}"))
+        })?;
+    let out =
+        zstd::bulk::decompress(body, size).map_err(|e| CodecError::Decompress(e.to_string()))?;
+    if out.len() != size {
+        return Err(CodecError::Decompress(format!(
+            "expanded to {} bytes, declared {size}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Encodes a journal entry (compressed if large, see [`COMPRESS_ABOVE`]).
 pub fn encode_entry(entry: &Entry) -> Result<Vec<u8>, CodecError> {
-    encode(RecordType::Entry, entry)
+    Ok(encode_sized(RecordType::Entry, entry, true)?.frame)
 }
 
 /// Decodes a journal entry read from position `seq`, checking that it is that entry.
@@ -171,9 +291,9 @@ pub fn decode_entry(seq: Seq, bytes: &[u8]) -> Result<Entry, CodecError> {
     Ok(entry)
 }
 
-/// Encodes a snapshot.
+/// Encodes a snapshot (compressed if large, see [`COMPRESS_ABOVE`]).
 pub fn encode_snapshot(snapshot: &Snapshot) -> Result<Vec<u8>, CodecError> {
-    encode(RecordType::Snapshot, snapshot)
+    Ok(encode_sized(RecordType::Snapshot, snapshot, true)?.frame)
 }
 
 /// Decodes a snapshot stored at `seq`, checking that it is that snapshot.
@@ -237,6 +357,65 @@ mod tests {
         }
     }
 
+    fn large() -> Entry {
+        let rows: Vec<_> = (0..400)
+            .map(|i| serde_json::json!({"id": i, "name": format!("customer-{i}"), "ok": true}))
+            .collect();
+        Entry::new(7, EntryKind::Completed { reply: rows.into() })
+    }
+
+    #[test]
+    fn large_entries_are_compressed_and_read_back() {
+        let e = large();
+        let enc = encode_sized(RecordType::Entry, &e, true).unwrap();
+        assert!(enc.is_compressed());
+        assert_eq!(enc.frame[0], FORMAT_ZSTD);
+        assert!(
+            enc.frame.len() * 3 < enc.plain_len,
+            "{} of {}",
+            enc.frame.len(),
+            enc.plain_len
+        );
+        assert_eq!(enc.plain_len, encode(RecordType::Entry, &e).unwrap().len());
+        assert_eq!(decode_entry(7, &enc.frame).unwrap(), e);
+        // A plain frame of the same entry (as an older build wrote it) still reads.
+        assert_eq!(
+            decode_entry(7, &encode(RecordType::Entry, &e).unwrap()).unwrap(),
+            e
+        );
+        // Small entries stay plain JSON.
+        assert!(
+            !encode_sized(RecordType::Entry, &entry(), true)
+                .unwrap()
+                .is_compressed()
+        );
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_compressed_frame_is_detected() {
+        let bytes = encode_entry(&large()).unwrap();
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 1 << (i % 8);
+            assert!(decode_entry(7, &b).is_err(), "flip at byte {i} passed");
+        }
+    }
+
+    #[test]
+    fn a_compressed_body_declaring_a_huge_size_is_refused() {
+        // A zstd frame header (magic, a single-segment descriptor with an 8-byte content
+        // size) that claims 1 GiB: refused before anything is allocated.
+        let mut body = vec![0x28, 0xB5, 0x2F, 0xFD, 0xE0];
+        body.extend_from_slice(&(1u64 << 30).to_le_bytes());
+        let mut frame = vec![FORMAT_ZSTD, b'E'];
+        frame.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        assert!(matches!(
+            decode_entry(7, &frame),
+            Err(CodecError::Decompress(_))
+        ));
+    }
+
     #[test]
     fn misplaced_and_mistyped_records_are_refused() {
         let bytes = encode_entry(&entry()).unwrap();
@@ -252,10 +431,10 @@ mod tests {
             Err(CodecError::WrongType { .. })
         ));
         let mut future = bytes.clone();
-        future[0] = 2;
+        future[0] = 3;
         assert_eq!(
             decode_entry(7, &future),
-            Err(CodecError::UnknownVersion { found: 2 })
+            Err(CodecError::UnknownVersion { found: 3 })
         );
     }
 }

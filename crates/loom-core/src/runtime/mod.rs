@@ -364,7 +364,19 @@ pub(crate) fn weight(kind: &EntryKind) -> u64 {
     }
     64 + match kind {
         EntryKind::Invoked { payload, .. } => value(payload),
-        EntryKind::StatePatched { patch } => patch.0.len() as u64 * 48,
+        // The values the patch carries: a large state changed in one op weighs what it holds.
+        EntryKind::StatePatched { patch } => patch
+            .0
+            .iter()
+            .map(|op| {
+                48 + match op {
+                    json_patch::PatchOperation::Add(o) => value(&o.value),
+                    json_patch::PatchOperation::Replace(o) => value(&o.value),
+                    json_patch::PatchOperation::Test(o) => value(&o.value),
+                    _ => 0,
+                }
+            })
+            .sum(),
         EntryKind::StateUpgraded { state, .. } => value(state),
         EntryKind::ActivityStarted { input, name, .. } => value(input) + name.len() as u64,
         EntryKind::ActivityCompleted { output, .. } => value(output),

@@ -241,18 +241,20 @@ pub fn prepare_append(
                 expected: want,
             });
         }
-        let bytes = codec::encode_entry(entry).map_err(|e| {
+        let encoded = codec::encode_sized(codec::RecordType::Entry, entry, true).map_err(|e| {
             StoreError::InvalidRequest(format!("entry {} of {actor}: {e}", entry.seq))
         })?;
-        if bytes.len() > MAX_ENTRY_BYTES {
+        // Limits are on the uncompressed size (see `codec`).
+        if encoded.plain_len > MAX_ENTRY_BYTES {
             return Err(StoreError::TooLarge {
                 what: format!("entry {} of {actor}", entry.seq),
-                size: bytes.len(),
+                size: encoded.plain_len,
                 limit: MAX_ENTRY_BYTES,
                 limit_kind: Limit::EntryBytes,
             });
         }
-        total += bytes.len();
+        let bytes = encoded.frame;
+        total += encoded.plain_len;
         if total > MAX_BATCH_BYTES {
             return Err(StoreError::TooLarge {
                 what: format!("batch for {actor}"),
@@ -280,17 +282,18 @@ pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> St
             reason: "seq 0 covers no entry".into(),
         });
     }
-    let bytes = codec::encode_snapshot(snapshot)
+    let encoded = codec::encode_sized(codec::RecordType::Snapshot, snapshot, true)
         .map_err(|e| StoreError::InvalidRequest(format!("snapshot of {actor}: {e}")))?;
-    if bytes.len() > MAX_SNAPSHOT_BYTES {
+    // Limits are on the uncompressed size (see `codec`).
+    if encoded.plain_len > MAX_SNAPSHOT_BYTES {
         return Err(StoreError::TooLarge {
             what: format!("snapshot {} of {actor}", snapshot.seq),
-            size: bytes.len(),
+            size: encoded.plain_len,
             limit: MAX_SNAPSHOT_BYTES,
             limit_kind: Limit::SnapshotBytes,
         });
     }
-    Ok(bytes)
+    Ok(encoded.frame)
 }
 
 /// One page of a [`paged_read`].

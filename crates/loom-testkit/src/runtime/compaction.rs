@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why,
         compact_journal_works_without_the_actors_code,
         compact_journal_keeps_what_an_unfinished_invocation_needs,
+        large_state_stored_compressed_survives_a_crash,
     ]
 }
 
@@ -330,6 +331,43 @@ async fn compact_journal_keeps_what_an_unfinished_invocation_needs(h: &Harness) 
     assert_eq!(
         replies(h, &id).await,
         vec![json!(["a done", "passed the gate"])]
+    );
+    rt.shutdown().await;
+}
+
+/// State far above `codec::COMPRESS_ABOVE`: its patches and snapshots are stored compressed,
+/// and a crash after them recovers it exactly, from the snapshot and the patches after it.
+async fn large_state_stored_compressed_survives_a_crash(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.compaction = Compaction {
+                every_entries: None,
+                every_bytes: Some(256 * 1024),
+                keep: 1,
+            }
+        })
+        .await;
+    let a = rt.actor::<Account>("big");
+    for i in 1..=5 {
+        assert_eq!(a.ask(AccountMsg::Grow(100_000)).await.unwrap(), i * 100_000);
+    }
+    eventually(WAIT, "a snapshot of the large state", || async {
+        !h.store
+            .info(&acct("big"))
+            .await
+            .unwrap()
+            .snapshots
+            .is_empty()
+    })
+    .await;
+    a.ask(AccountMsg::Grow(7)).await.unwrap();
+    let rt = h.crash_and_resume(rt, 0).await;
+    assert_eq!(
+        rt.actor::<Account>("big")
+            .ask(AccountMsg::Grow(0))
+            .await
+            .unwrap(),
+        500_007
     );
     rt.shutdown().await;
 }
