@@ -208,10 +208,18 @@ pub async fn ledger(
     label: &str,
     shape: Shape,
 ) -> Result<Measurement, CompressionError> {
-    codec::set_compression(false);
-    let plain = ledger_once(store.clone(), shape).await;
-    codec::set_compression(true);
-    let plain = plain?;
+    /// Turns compression back on however the baseline run ends (a panic included).
+    struct On;
+    impl Drop for On {
+        fn drop(&mut self) {
+            codec::set_compression(true);
+        }
+    }
+    let plain = {
+        let _on = On;
+        codec::set_compression(false);
+        ledger_once(store.clone(), shape).await?
+    };
     let mut packed = ledger_once(store, shape).await?;
     let mut m = Measurement::new(
         "compression ledger",

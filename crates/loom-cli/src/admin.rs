@@ -21,25 +21,27 @@ struct Stats {
     bytes: Option<Bytes>,
 }
 
-/// What a journal's kept records take: as JSON frames, and as this build stores them.
+/// What a journal's kept records take: as JSON frames, and encoded as this build writes them
+/// (an estimate of what they take stored: records written by a build before compression, or
+/// with it off, are stored plain).
 #[derive(Serialize, Default, Clone, Copy)]
 struct Bytes {
     json: u64,
-    stored: u64,
+    encoded: u64,
     compressed_records: u64,
 }
 
 impl Bytes {
     fn add(&mut self, e: &codec::Encoded) {
         self.json += e.plain_len as u64;
-        self.stored += e.frame.len() as u64;
+        self.encoded += e.frame.len() as u64;
         self.compressed_records += u64::from(e.is_compressed());
     }
 
     fn sum(self, o: Bytes) -> Bytes {
         Bytes {
             json: self.json + o.json,
-            stored: self.stored + o.stored,
+            encoded: self.encoded + o.encoded,
             compressed_records: self.compressed_records + o.compressed_records,
         }
     }
@@ -125,7 +127,7 @@ pub async fn stats(
     }
     let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
     let bytes_head = match with_bytes {
-        true => format!("  {:>10}  {:>10}", "JSON", "STORED"),
+        true => format!("  {:>10}  {:>10}", "JSON", "ENCODED"),
         false => String::new(),
     };
     out(format_args!(
@@ -135,7 +137,7 @@ pub async fn stats(
     for r in &rows {
         let snaps: Vec<String> = r.snapshots.iter().map(u64::to_string).collect();
         let bytes = match r.bytes {
-            Some(b) => format!("  {:>10}  {:>10}", human(b.json), human(b.stored)),
+            Some(b) => format!("  {:>10}  {:>10}", human(b.json), human(b.encoded)),
             None => String::new(),
         };
         out(format_args!(
@@ -160,10 +162,10 @@ pub async fn stats(
     }
     if with_bytes && all_bytes.json > 0 {
         out(format_args!(
-            "{} as JSON, {} stored ({:.0}%), {} records compressed",
+            "{} as JSON, {} as this build encodes them ({:.0}%), {} records compressed",
             human(all_bytes.json),
-            human(all_bytes.stored),
-            all_bytes.stored as f64 * 100.0 / all_bytes.json as f64,
+            human(all_bytes.encoded),
+            all_bytes.encoded as f64 * 100.0 / all_bytes.json as f64,
             all_bytes.compressed_records
         ))?;
     }

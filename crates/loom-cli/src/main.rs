@@ -217,10 +217,10 @@ enum JournalCommand {
     Stats {
         /// Only this actor, as `kind/key`.
         actor: Option<String>,
-        /// Also read every kept entry and snapshot and report their bytes: as JSON, and as
-        /// stored (entries and snapshots over 4 KiB are stored zstd-compressed when that is
-        /// smaller; sizes are as this build writes them, so records written by a build before
-        /// compression count as compressed too).
+        /// Also read every kept entry and snapshot and report their bytes: as JSON, and
+        /// encoded as this build writes them (entries and snapshots over 4 KiB zstd-compressed
+        /// when that is smaller). The second is an estimate of what they take stored: records
+        /// written by a build before compression, or with it off, are stored as JSON.
         #[arg(long)]
         bytes: bool,
         /// JSON instead of a table.

@@ -614,14 +614,14 @@ fn compressed_entries_read_back_in_another_process_and_stats_show_the_bytes_save
     let b = &stats["bytes"];
     assert_eq!(b["compressed_records"], 1, "{stats}");
     assert!(
-        b["stored"].as_u64().unwrap() * 4 < b["json"].as_u64().unwrap(),
+        b["encoded"].as_u64().unwrap() * 4 < b["json"].as_u64().unwrap(),
         "{stats}"
     );
     let table = ok(&["journal", "--store", s, "stats", "--bytes"]);
     assert!(
-        table.contains("STORED") && table.contains("1 records compressed"),
+        table.contains("ENCODED") && table.contains("1 records compressed"),
         "{table}"
     );
     // Without --bytes, nothing is read and no byte columns are shown.
-    assert!(!ok(&["journal", "--store", s, "stats"]).contains("STORED"));
+    assert!(!ok(&["journal", "--store", s, "stats"]).contains("ENCODED"));
 }

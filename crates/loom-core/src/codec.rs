@@ -44,12 +44,14 @@ pub const FORMAT_ZSTD: u8 = 2;
 /// smaller (4 KiB: below it, zstd saves little and costs a few microseconds per record).
 pub const COMPRESS_ABOVE: usize = 4 * 1024;
 
-static COMPRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// 0: not decided yet (read `LOOM_COMPRESSION` on first use); 1: on; 2: off.
+static COMPRESS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Turns compression of new entries and snapshots on (the default) or off for this process.
-/// Frames of both formats are read either way. Off is for a rolling upgrade from a build that
-/// predates compression (it refuses compressed frames): run the new build with compression off
-/// until no old node is left, then turn it on.
+/// Turns compression of new entries and snapshots on (the default) or off for this process;
+/// the environment variable `LOOM_COMPRESSION=off` does the same for any program using Loom,
+/// the `loom` tool included. Frames of both formats are read either way. Off is for a rolling
+/// upgrade from a build that predates compression (it refuses compressed frames, and parks
+/// the actor): run the new build with compression off until no old node is left, then on.
 ///
 /// ```
 /// use loom_core::codec;
@@ -59,12 +61,25 @@ static COMPRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// codec::set_compression(true);
 /// ```
 pub fn set_compression(on: bool) {
-    COMPRESS.store(on, std::sync::atomic::Ordering::Relaxed);
+    COMPRESS.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// True if new large entries and snapshots are stored compressed ([`set_compression`]).
 pub fn compression() -> bool {
-    COMPRESS.load(std::sync::atomic::Ordering::Relaxed)
+    use std::sync::atomic::Ordering::Relaxed;
+    match COMPRESS.load(Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("LOOM_COMPRESSION")
+                .is_ok_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no"));
+            // Whoever decides first wins; a racing `set_compression` is kept.
+            match COMPRESS.compare_exchange(0, if off { 2 } else { 1 }, Relaxed, Relaxed) {
+                Ok(_) => !off,
+                Err(now) => now == 1,
+            }
+        }
+    }
 }
 
 /// The zstd level (3: zstd's default, fast to write and much faster to read).
@@ -189,17 +204,38 @@ pub fn encode_sized<T: Serialize>(
     compress: bool,
 ) -> Result<Encoded, CodecError> {
     let frame = encode(ty, value)?;
+    match compress {
+        true => compress_frame(frame),
+        false => Ok(Encoded {
+            plain_len: frame.len(),
+            frame,
+        }),
+    }
+}
+
+/// Compresses a plain entry or snapshot frame (from [`encode`]) if [`compression`] is on, its
+/// JSON is longer than [`COMPRESS_ABOVE`], and compressing makes it smaller; otherwise keeps
+/// it as it is. (Separate from encoding so that a caller can check limits on the plain size
+/// before spending time compressing.)
+pub fn compress_frame(frame: Vec<u8>) -> Result<Encoded, CodecError> {
     let plain_len = frame.len();
-    if !compress || !compression() || plain_len - HEADER_LEN <= COMPRESS_ABOVE {
+    let ty = frame.get(1).copied().and_then(RecordType::from_byte);
+    let compressible = matches!(ty, Some(RecordType::Entry | RecordType::Snapshot));
+    if !compressible
+        || frame.first() != Some(&FORMAT_VERSION)
+        || !compression()
+        || plain_len - HEADER_LEN <= COMPRESS_ABOVE
+    {
         return Ok(Encoded { frame, plain_len });
     }
+    let ty = frame[1];
     let packed = zstd::bulk::compress(&frame[HEADER_LEN..], ZSTD_LEVEL)
         .map_err(|e| CodecError::Encode(format!("zstd: {e}")))?;
     if packed.len() + HEADER_LEN >= plain_len {
         return Ok(Encoded { frame, plain_len });
     }
     let mut out = Vec::with_capacity(HEADER_LEN + packed.len());
-    out.extend_from_slice(&[FORMAT_ZSTD, ty as u8]);
+    out.extend_from_slice(&[FORMAT_ZSTD, ty]);
     out.extend_from_slice(&crc32fast::hash(&packed).to_le_bytes());
     out.extend_from_slice(&packed);
     Ok(Encoded {
@@ -246,23 +282,31 @@ pub fn open_frame(ty: RecordType, bytes: &[u8]) -> Result<&[u8], CodecError> {
 pub fn decode<T: DeserializeOwned>(ty: RecordType, bytes: &[u8]) -> Result<T, CodecError> {
     let body = open_frame(ty, bytes)?;
     if bytes[0] == FORMAT_ZSTD {
-        let json = expand(body)?;
+        // Only entries and snapshots are ever compressed, each within its own limit.
+        let limit = match ty {
+            RecordType::Entry => crate::limits::MAX_ENTRY_BYTES,
+            RecordType::Snapshot => MAX_EXPANDED,
+            _ => {
+                return Err(CodecError::Decompress(format!(
+                    "a {ty:?} record is never stored compressed"
+                )));
+            }
+        };
+        let json = expand(body, limit)?;
         return serde_json::from_slice(&json).map_err(|e| CodecError::Body(e.to_string()));
     }
     serde_json::from_slice(body).map_err(|e| CodecError::Body(e.to_string()))
 }
 
-/// Decompresses a body, refusing one whose declared size is missing or past [`MAX_EXPANDED`].
-fn expand(body: &[u8]) -> Result<Vec<u8>, CodecError> {
+/// Decompresses a body, refusing one whose declared size is missing or past `limit`.
+fn expand(body: &[u8], limit: usize) -> Result<Vec<u8>, CodecError> {
     let size = zstd::zstd_safe::get_frame_content_size(body)
         .map_err(|e| CodecError::Decompress(format!("no content size: {e:?}")))?
         .ok_or_else(|| CodecError::Decompress("no content size".into()))?;
     let size = usize::try_from(size)
         .ok()
-        .filter(|s| *s <= MAX_EXPANDED)
-        .ok_or_else(|| {
-            CodecError::Decompress(format!("declares {size} bytes, over {MAX_EXPANDED}"))
-        })?;
+        .filter(|s| *s <= limit)
+        .ok_or_else(|| CodecError::Decompress(format!("declares {size} bytes, over {limit}")))?;
     let out =
         zstd::bulk::decompress(body, size).map_err(|e| CodecError::Decompress(e.to_string()))?;
     if out.len() != size {

@@ -230,6 +230,7 @@ pub fn prepare_append(
         });
     }
     let mut total = 0usize;
+    let mut plain_frames = Vec::with_capacity(entries.len());
     let mut out = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         let want = expected_next + index as Seq;
@@ -241,20 +242,19 @@ pub fn prepare_append(
                 expected: want,
             });
         }
-        let encoded = codec::encode_sized(codec::RecordType::Entry, entry, true).map_err(|e| {
+        let plain = codec::encode(codec::RecordType::Entry, entry).map_err(|e| {
             StoreError::InvalidRequest(format!("entry {} of {actor}: {e}", entry.seq))
         })?;
-        // Limits are on the uncompressed size (see `codec`).
-        if encoded.plain_len > MAX_ENTRY_BYTES {
+        // Limits are on the uncompressed size (see `codec`), checked before compressing.
+        if plain.len() > MAX_ENTRY_BYTES {
             return Err(StoreError::TooLarge {
                 what: format!("entry {} of {actor}", entry.seq),
-                size: encoded.plain_len,
+                size: plain.len(),
                 limit: MAX_ENTRY_BYTES,
                 limit_kind: Limit::EntryBytes,
             });
         }
-        let bytes = encoded.frame;
-        total += encoded.plain_len;
+        total += plain.len();
         if total > MAX_BATCH_BYTES {
             return Err(StoreError::TooLarge {
                 what: format!("batch for {actor}"),
@@ -263,7 +263,13 @@ pub fn prepare_append(
                 limit_kind: Limit::BatchBytes,
             });
         }
-        out.push(bytes);
+        plain_frames.push(plain);
+    }
+    for plain in plain_frames {
+        let frame = codec::compress_frame(plain)
+            .map_err(|e| StoreError::InvalidRequest(format!("entry of {actor}: {e}")))?
+            .frame;
+        out.push(frame);
     }
     Ok(out)
 }
@@ -282,18 +288,20 @@ pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> St
             reason: "seq 0 covers no entry".into(),
         });
     }
-    let encoded = codec::encode_sized(codec::RecordType::Snapshot, snapshot, true)
+    let plain = codec::encode(codec::RecordType::Snapshot, snapshot)
         .map_err(|e| StoreError::InvalidRequest(format!("snapshot of {actor}: {e}")))?;
-    // Limits are on the uncompressed size (see `codec`).
-    if encoded.plain_len > MAX_SNAPSHOT_BYTES {
+    // Limits are on the uncompressed size (see `codec`), checked before compressing.
+    if plain.len() > MAX_SNAPSHOT_BYTES {
         return Err(StoreError::TooLarge {
             what: format!("snapshot {} of {actor}", snapshot.seq),
-            size: encoded.plain_len,
+            size: plain.len(),
             limit: MAX_SNAPSHOT_BYTES,
             limit_kind: Limit::SnapshotBytes,
         });
     }
-    Ok(encoded.frame)
+    codec::compress_frame(plain)
+        .map(|e| e.frame)
+        .map_err(|e| StoreError::InvalidRequest(format!("snapshot of {actor}: {e}")))
 }
 
 /// One page of a [`paged_read`].
@@ -415,4 +423,37 @@ where
     })
     .flat_map(stream::iter)
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EntryKind;
+
+    fn large() -> serde_json::Value {
+        serde_json::json!(
+            (0..2000)
+                .map(|i| format!("row {i} of a large state"))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    /// What every backend stores: large entries and snapshots compressed, small ones plain.
+    #[test]
+    fn stores_get_large_records_compressed_and_small_ones_plain() {
+        let a = ActorId::new("t", "a").unwrap();
+        let frames = prepare_append(
+            &a,
+            1,
+            &[
+                Entry::new(1, EntryKind::Completed { reply: large() }),
+                Entry::new(2, EntryKind::Completed { reply: 1.into() }),
+            ],
+        )
+        .unwrap();
+        assert_eq!(frames[0][0], codec::FORMAT_ZSTD);
+        assert_eq!(frames[1][0], codec::FORMAT_VERSION);
+        let snap = prepare_snapshot(&a, &Snapshot::new(1, large()), 1).unwrap();
+        assert_eq!(snap[0], codec::FORMAT_ZSTD);
+    }
 }
