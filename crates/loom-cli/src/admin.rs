@@ -1,4 +1,4 @@
-//! `loom journal stats / compact / delete`, `loom deadletters ls / requeue`.
+//! `loom journal stats / compact / delete`, `loom deadletters ls / requeue / purge`.
 
 use futures::TryStreamExt;
 use loom_core::codec;
@@ -257,6 +257,54 @@ pub async fn dead_letters(
         ))?;
     }
     Ok(())
+}
+
+/// `--before`: an RFC 3339 time, or an age counted back from now (`7d`, `36h`, `90s`).
+fn parse_before(s: &str) -> Result<loom_core::Timestamp, Failure> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        let ms = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| Failure(format!("--before {s}: before 1970")))?
+            .as_millis();
+        return Ok(loom_core::Timestamp::from_millis(ms as u64));
+    }
+    match humantime::parse_duration(s) {
+        Ok(age) => {
+            let now = loom_core::Timestamp::now().as_millis();
+            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            Ok(loom_core::Timestamp::from_millis(now.saturating_sub(age)))
+        }
+        Err(_) => Err(Failure(format!(
+            "--before {s:?} is neither a time (2026-11-30T00:00:00Z) nor an age (7d, 36h)"
+        ))),
+    }
+}
+
+pub async fn purge(
+    store: &dyn Store,
+    before: Option<&str>,
+    yes: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let before = before.map(parse_before).transpose()?;
+    if !yes {
+        return Err(Failure(
+            "purging deletes dead letters for good; add --yes to do it".into(),
+        ));
+    }
+    let purged = loom_core::runtime::purge_dead_letters(store, before).await?;
+    let left = store.dead_letters(None, 1).await?.len();
+    if json {
+        return out(serde_json::json!({
+            "purged": purged,
+            "before": before.map(|b| b.to_string()),
+            "any_left": left > 0,
+        }));
+    }
+    out(format_args!(
+        "{purged} dead letters purged{}",
+        before.map_or(String::new(), |b| format!(" (given up on before {b})"))
+    ))
 }
 
 pub async fn requeue(store: &dyn Store, id: u64) -> Result<(), Failure> {

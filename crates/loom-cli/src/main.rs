@@ -346,6 +346,20 @@ enum DeadLetterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time,
+    /// or an age such as `7d` or `36h`), or all of them. Their callers' idempotency keys keep
+    /// the failure until they expire.
+    Purge {
+        /// Only those given up on before this: `2026-11-30T00:00:00Z`, or an age (`7d`).
+        #[arg(long)]
+        before: Option<String>,
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+        /// JSON instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
     /// Puts a dead letter back at the end of its mailbox.
     Requeue {
         /// Its id.
@@ -388,6 +402,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     admin::dead_letters(s, after, limit, json).await
                 }
                 DeadLetterCommand::Requeue { id } => admin::requeue(s, id).await,
+                DeadLetterCommand::Purge { before, yes, json } => {
+                    admin::purge(s, before.as_deref(), yes, json).await
+                }
             }
         }
         Command::Parked { store, command } => {

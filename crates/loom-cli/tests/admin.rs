@@ -625,3 +625,69 @@ fn compressed_entries_read_back_in_another_process_and_stats_show_the_bytes_save
     // Without --bytes, nothing is read and no byte columns are shown.
     assert!(!ok(&["journal", "--store", s, "stats"]).contains("ENCODED"));
 }
+
+/// `loom deadletters purge`: refuses without `--yes` and on a bad `--before`, keeps those
+/// given up on after `--before`, and deletes the rest for good.
+#[test]
+fn deadletters_purge_deletes_those_before_a_time_and_asks_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let count = || {
+        ok(&["deadletters", "--store", s, "ls", "--json"])
+            .lines()
+            .count()
+    };
+    let before = count();
+    assert!(before >= 1);
+    let (ok_, _, err) = loom(&["deadletters", "--store", s, "purge"]);
+    assert!(!ok_ && err.contains("--yes"), "{err}");
+    let (ok_, _, err) = loom(&[
+        "deadletters",
+        "--store",
+        s,
+        "purge",
+        "--before",
+        "soon",
+        "--yes",
+    ]);
+    assert!(!ok_ && err.contains("neither a time"), "{err}");
+    let old: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "deadletters",
+            "--store",
+            s,
+            "purge",
+            "--before",
+            "2001-01-01T00:00:00Z",
+            "--yes",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(old["purged"], 0, "{old}");
+    assert_eq!(count(), before);
+    // An age: everything given up on more than a day ago (nothing here).
+    let day: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "deadletters",
+            "--store",
+            s,
+            "purge",
+            "--before",
+            "1d",
+            "--yes",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(day["purged"], 0, "{day}");
+    let all = ok(&["deadletters", "--store", s, "purge", "--yes"]);
+    assert!(
+        all.contains(&format!("{before} dead letters purged")),
+        "{all}"
+    );
+    assert_eq!(count(), 0);
+}

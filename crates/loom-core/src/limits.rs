@@ -62,6 +62,9 @@ pub fn error_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<serde_json
 /// Longest change id of [`Context::patched`](crate::Context::patched), in bytes.
 pub const MAX_CHANGE_ID_LEN: usize = 128;
 
+/// Most dead letters purged in one call ([`crate::Mailbox::purge_dead_letters`]).
+pub const MAX_PURGE_IDS: usize = 1000;
+
 /// Longest lease owner (node) name, in bytes.
 pub const MAX_OWNER_LEN: usize = 256;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{interleave, prepare_message};
+use loom_core::store::backend::{check_purge, interleave, prepare_message};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
@@ -248,6 +248,17 @@ impl Mailbox for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
+        check_purge(ids)?;
+        let ids: Vec<i64> = ids.iter().map(|&id| int(id)).collect();
+        let done = sqlx::query(self.q("DELETE FROM {s}.dead_letters WHERE id = ANY($1)"))
+            .bind(&ids)
+            .execute(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(done.rows_affected())
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {

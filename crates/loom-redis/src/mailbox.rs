@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{interleave, prepare_message};
+use loom_core::store::backend::{check_purge, interleave, prepare_message};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use redis::Value;
@@ -331,6 +331,22 @@ impl Mailbox for RedisStore {
             return Err(unexpected("XRANGE reply"));
         };
         items.iter().map(dead_letter).collect()
+    }
+
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
+        check_purge(ids)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Dead letters are entries of one stream, `id-0`: XDEL deletes those there, one command.
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(self.keys.dead_letters());
+        for id in ids {
+            cmd.arg(format!("{id}-0"));
+        }
+        let mut conn = self.conn();
+        let n: u64 = cmd.query_async(&mut conn).await.map_err(re)?;
+        Ok(n)
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {

@@ -385,6 +385,10 @@ impl Mailbox for FaultyStore {
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
         self.inner.requeue_dead_letter(id).await
     }
+
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
+        self.inner.purge_dead_letters(ids).await
+    }
 }
 
 #[async_trait]

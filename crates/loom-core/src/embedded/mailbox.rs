@@ -15,7 +15,7 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::backend::{interleave, prepare_message};
+use crate::store::backend::{check_purge, interleave, prepare_message};
 use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use crate::time::Timestamp;
 
@@ -864,6 +864,34 @@ impl Mailbox for EmbeddedStore {
             },
         )
         .await
+    }
+
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
+        check_purge(ids)?;
+        // The id says which partition holds it (see `bury`): one write per partition.
+        let n = u64::from(self.partitions());
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+        for &id in ids {
+            by_partition.entry((id % n) as u32).or_default().push(id);
+        }
+        let mut purged = 0;
+        for (p, ids) in by_partition {
+            purged += self
+                .write_in(p, move |tx| {
+                    let table = tx.dead_letters.get()?;
+                    let mut removed = 0;
+                    for id in ids {
+                        let there = table.get(id).map_err(se)?.is_some();
+                        if there {
+                            table.remove(id).map_err(se)?;
+                            removed += 1;
+                        }
+                    }
+                    Ok(removed)
+                })
+                .await?;
+        }
+        Ok(purged)
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {

@@ -91,3 +91,45 @@ async fn bury_all(
     }
     Ok(buried)
 }
+
+/// Deletes the dead letters given up on before `before` (all of them if `None`), oldest first,
+/// a page at a time ([`Mailbox::purge_dead_letters`](crate::Mailbox::purge_dead_letters));
+/// returns how many. Their idempotency keys keep the recorded failures until they expire, so
+/// a caller asking again still learns that its message failed.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), loom_core::StoreError> {
+/// use loom_core::runtime::purge_dead_letters;
+/// use loom_core::{EmbeddedStore, Timestamp};
+///
+/// let store = EmbeddedStore::in_memory()?;
+/// let week_ago = Timestamp::from_millis(Timestamp::now().as_millis() - 7 * 24 * 3600 * 1000);
+/// assert_eq!(purge_dead_letters(&store, Some(week_ago)).await?, 0);
+/// # Ok(())
+/// # }
+/// ```
+pub async fn purge_dead_letters(
+    store: &dyn Store,
+    before: Option<crate::Timestamp>,
+) -> Result<u64, StoreError> {
+    let mut purged = 0;
+    let mut after = None;
+    loop {
+        let page = store
+            .dead_letters(after, crate::limits::MAX_PURGE_IDS)
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(purged);
+        };
+        after = Some(last.id);
+        let ids: Vec<u64> = page
+            .iter()
+            .filter(|d| before.is_none_or(|b| d.at < b))
+            .map(|d| d.id)
+            .collect();
+        if !ids.is_empty() {
+            purged += store.purge_dead_letters(&ids).await?;
+        }
+    }
+}

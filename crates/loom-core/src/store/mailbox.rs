@@ -256,6 +256,25 @@ pub trait Mailbox: Send + Sync + 'static {
     /// replacing the failure recorded when it was given up: its caller gets the outcome of the
     /// requeued run. Returns its new position.
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64>;
+
+    /// Deletes the dead letters with these ids; an id that is not (or no longer) a dead letter
+    /// is skipped. Returns how many were deleted. Each deletion stands alone: a failure part
+    /// way leaves some deleted and the rest kept, and purging the same ids again finishes the
+    /// job. A purged message's idempotency key keeps its recorded failure until it expires.
+    /// At most [`MAX_PURGE_IDS`](crate::limits::MAX_PURGE_IDS) ids per call.
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64>;
+}
+
+/// Checks the ids of a [`Mailbox::purge_dead_letters`] call; every backend calls it.
+pub fn check_purge(ids: &[u64]) -> StoreResult<()> {
+    if ids.len() > crate::limits::MAX_PURGE_IDS {
+        return Err(StoreError::InvalidRequest(format!(
+            "{} dead letters to purge in one call; at most {}",
+            ids.len(),
+            crate::limits::MAX_PURGE_IDS
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a message for [`Mailbox::enqueue`] and encodes the envelope; every backend calls it.

@@ -535,6 +535,19 @@ impl Mailbox for SimStore {
         .await
     }
 
+    async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
+        loom_core::store::backend::check_purge(ids)?;
+        let ids = ids.to_vec();
+        let arg = format!("{} ids", ids.len());
+        self.update("purge_dead_letters", &arg, move |d, _| {
+            Ok(ids
+                .iter()
+                .filter(|id| d.mailboxes.dead.remove(id).is_some())
+                .count() as u64)
+        })
+        .await
+    }
+
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
         // Drawn from the store's generator (not the process's), so that the run replays.
         let new_id = self.fresh_message_id();

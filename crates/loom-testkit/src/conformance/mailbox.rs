@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<Case> {
         explicit_dead_letter_keeps_the_reason,
         dead_letters_list_and_requeue,
         requeue_of_unknown_dead_letter_is_a_typed_error,
+        purge_deletes_the_dead_letters_named_and_skips_the_rest,
         ready_actors_and_next_due_follow_the_mailboxes,
         mailboxes_are_isolated_per_actor,
         oversized_message_is_refused_and_nothing_enqueued,
@@ -308,6 +309,45 @@ async fn dead_letters_list_and_requeue(store: Arc<dyn Store>) {
     assert_eq!(twice.envelope.origin(), buried.envelope.id);
     assert_ne!(twice.envelope.id, back.envelope.id);
     store.ack(&twice.receipt).await.unwrap();
+}
+
+async fn purge_deletes_the_dead_letters_named_and_skips_the_rest(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let to = if n % 2 == 0 { &a } else { &b };
+        store.enqueue(&msg(to, n), None).await.unwrap();
+        let d = store.lease(to, long()).await.unwrap().expect("delivery");
+        ids.push(store.dead_letter(&d.receipt, "bad").await.unwrap());
+    }
+    // Two of them, one twice, and an id that never was.
+    let purged = store
+        .purge_dead_letters(&[ids[0], ids[2], ids[2], 99_999])
+        .await
+        .unwrap();
+    assert_eq!(purged, 2);
+    let left: Vec<u64> = store
+        .dead_letters(None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left, vec![ids[1], ids[3]]);
+    assert_eq!(store.purge_dead_letters(&[ids[0]]).await.unwrap(), 0);
+    assert_eq!(store.purge_dead_letters(&[]).await.unwrap(), 0);
+    assert!(matches!(
+        store.requeue_dead_letter(ids[0]).await.unwrap_err(),
+        StoreError::DeadLetterNotFound(_)
+    ));
+    // The mailboxes are untouched, and the kept dead letters still requeue.
+    store.requeue_dead_letter(ids[3]).await.unwrap();
+    assert!(store.lease(&b, long()).await.unwrap().is_some());
+    let too_many = vec![1; loom_core::limits::MAX_PURGE_IDS + 1];
+    assert!(matches!(
+        store.purge_dead_letters(&too_many).await.unwrap_err(),
+        StoreError::InvalidRequest(_)
+    ));
 }
 
 async fn requeue_of_unknown_dead_letter_is_a_typed_error(store: Arc<dyn Store>) {
