@@ -259,9 +259,10 @@ pub async fn dead_letters(
     Ok(())
 }
 
-/// `--before`: an RFC 3339 time, or an age counted back from now (`7d`, `36h`, `90s`).
+/// `--before`: an RFC 3339 time in UTC (`Z`), or an age counted back from now on this
+/// machine's clock (`7d`, `36h`, `90s`).
 fn parse_before(s: &str) -> Result<loom_core::Timestamp, Failure> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+    if let Ok(t) = humantime::parse_rfc3339(s) {
         let ms = t
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|_| Failure(format!("--before {s}: before 1970")))?
@@ -275,7 +276,7 @@ fn parse_before(s: &str) -> Result<loom_core::Timestamp, Failure> {
             Ok(loom_core::Timestamp::from_millis(now.saturating_sub(age)))
         }
         Err(_) => Err(Failure(format!(
-            "--before {s:?} is neither a time (2026-11-30T00:00:00Z) nor an age (7d, 36h)"
+            "--before {s:?} is neither a UTC time (2026-11-30T00:00:00Z) nor an age (7d, 36h)"
         ))),
     }
 }
@@ -292,7 +293,8 @@ pub async fn purge(
             "purging deletes dead letters for good; add --yes to do it".into(),
         ));
     }
-    let purged = loom_core::runtime::purge_dead_letters(store, before).await?;
+    let reply_ttl = loom_core::runtime::Config::default().reply_ttl;
+    let purged = loom_core::runtime::purge_dead_letters(store, before, reply_ttl).await?;
     let left = store.dead_letters(None, 1).await?.len();
     if json {
         return out(serde_json::json!({

@@ -346,11 +346,11 @@ enum DeadLetterCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time,
-    /// or an age such as `7d` or `36h`), or all of them. Their callers' idempotency keys keep
-    /// the failure until they expire.
+    /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time in
+    /// UTC, or an age such as `7d` or `36h` on this machine's clock), or all of them. A caller
+    /// asking again with a purged message's idempotency key learns that it failed.
     Purge {
-        /// Only those given up on before this: `2026-11-30T00:00:00Z`, or an age (`7d`).
+        /// Only those given up on before this: `2026-11-30T00:00:00Z` (UTC), or an age (`7d`).
         #[arg(long)]
         before: Option<String>,
         /// Really delete.

@@ -651,7 +651,7 @@ fn deadletters_purge_deletes_those_before_a_time_and_asks_first() {
         "soon",
         "--yes",
     ]);
-    assert!(!ok_ && err.contains("neither a time"), "{err}");
+    assert!(!ok_ && err.contains("neither a UTC time"), "{err}");
     let old: serde_json::Value = serde_json::from_str(
         ok(&[
             "deadletters",

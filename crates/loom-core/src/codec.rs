@@ -224,7 +224,7 @@ pub fn compress_frame(frame: Vec<u8>) -> Result<Encoded, CodecError> {
     if !compressible
         || frame.first() != Some(&FORMAT_VERSION)
         || !compression()
-        || plain_len - HEADER_LEN <= COMPRESS_ABOVE
+        || plain_len <= HEADER_LEN + COMPRESS_ABOVE
     {
         return Ok(Encoded { frame, plain_len });
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::error::StoreError;
 use crate::id::ActorId;
 use crate::store::backend::{Record, Settle, Turn};
-use crate::store::{LeaseOptions, Store};
+use crate::store::{LeaseOptions, Reservation, Store};
 
 use super::record::{Outcome, Recorded};
 
@@ -94,8 +94,10 @@ async fn bury_all(
 
 /// Deletes the dead letters given up on before `before` (all of them if `None`), oldest first,
 /// a page at a time ([`Mailbox::purge_dead_letters`](crate::Mailbox::purge_dead_letters));
-/// returns how many. Their idempotency keys keep the recorded failures until they expire, so
-/// a caller asking again still learns that its message failed.
+/// returns how many. A caller asking again with a purged message's idempotency key learns that
+/// it failed: a key the runtime settled keeps its recorded failure until it expires, and a key
+/// still held (a message the store buried by itself, which only a requeue would have settled)
+/// is settled first with the failure "purged", kept for `reply_ttl`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -105,13 +107,15 @@ async fn bury_all(
 ///
 /// let store = EmbeddedStore::in_memory()?;
 /// let week_ago = Timestamp::from_millis(Timestamp::now().as_millis() - 7 * 24 * 3600 * 1000);
-/// assert_eq!(purge_dead_letters(&store, Some(week_ago)).await?, 0);
+/// let reply_ttl = std::time::Duration::from_secs(24 * 3600);
+/// assert_eq!(purge_dead_letters(&store, Some(week_ago), reply_ttl).await?, 0);
 /// # Ok(())
 /// # }
 /// ```
 pub async fn purge_dead_letters(
     store: &dyn Store,
     before: Option<crate::Timestamp>,
+    reply_ttl: Duration,
 ) -> Result<u64, StoreError> {
     let mut purged = 0;
     let mut after = None;
@@ -123,11 +127,29 @@ pub async fn purge_dead_letters(
             return Ok(purged);
         };
         after = Some(last.id);
-        let ids: Vec<u64> = page
+        let doomed: Vec<_> = page
             .iter()
             .filter(|d| before.is_none_or(|b| d.at < b))
-            .map(|d| d.id)
             .collect();
+        for d in &doomed {
+            let (to, Some(key)) = (&d.envelope.to, &d.envelope.idempotency_key) else {
+                continue;
+            };
+            if let Some(Reservation::Pending { .. }) = store.lookup(to, key).await? {
+                let recorded = Recorded {
+                    message_id: d.envelope.id,
+                    outcome: Outcome::Failed(crate::limits::clip_reason(&format!(
+                        "purged from the dead letters, where it went: {}",
+                        d.reason
+                    ))),
+                };
+                let value = serde_json::to_value(&recorded).map_err(|e| {
+                    StoreError::InvalidRequest(format!("failure record does not encode: {e}"))
+                })?;
+                store.complete(to, key, &value, reply_ttl).await?;
+            }
+        }
+        let ids: Vec<u64> = doomed.iter().map(|d| d.id).collect();
         if !ids.is_empty() {
             purged += store.purge_dead_letters(&ids).await?;
         }

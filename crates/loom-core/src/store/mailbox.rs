@@ -260,7 +260,9 @@ pub trait Mailbox: Send + Sync + 'static {
     /// Deletes the dead letters with these ids; an id that is not (or no longer) a dead letter
     /// is skipped. Returns how many were deleted. Each deletion stands alone: a failure part
     /// way leaves some deleted and the rest kept, and purging the same ids again finishes the
-    /// job. A purged message's idempotency key keeps its recorded failure until it expires.
+    /// job. The ids only: a caller's idempotency key is left as it is
+    /// ([`runtime::purge_dead_letters`](crate::runtime::purge_dead_letters) settles a key
+    /// still held first).
     /// At most [`MAX_PURGE_IDS`](crate::limits::MAX_PURGE_IDS) ids per call.
     async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64>;
 }

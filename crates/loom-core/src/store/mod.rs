@@ -70,7 +70,9 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Park
     /// [`Reservation::Pending`] with `expires_at` [`Timestamp::MAX`]. The turn that settles the
     /// message records the result ([`Turn::record`]), which is then kept for that record's ttl.
     /// `ttl` is only checked here (positive); a message the store itself dead-letters (after
-    /// `max_deliveries`) keeps its key reserved until the dead letter is requeued and settled.
+    /// `max_deliveries`) keeps its key reserved until the dead letter is requeued and settled,
+    /// or purged ([`runtime::purge_dead_letters`](crate::runtime::purge_dead_letters) settles
+    /// it with the failure).
     ///
     /// This is how a client retry with the same idempotency key never enqueues twice, and how a
     /// crash between "reserve" and "enqueue" cannot leave a reservation without its message.

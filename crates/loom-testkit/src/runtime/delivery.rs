@@ -22,6 +22,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         messages_of_a_kind_no_node_hosts_wait_for_its_host,
         parked_actor_stays_parked_across_restarts_until_unparked,
         the_same_event_delivered_twice_is_received_once,
+        purging_a_dead_letter_settles_a_key_still_held,
     ]
 }
 
@@ -472,5 +473,53 @@ async fn deliveries_after_a_durable_sleep_ends_count_again(h: &Harness) {
         .await,
         1
     );
+    rt.shutdown().await;
+}
+
+/// A message the store buried by itself (no turn recorded its failure) keeps its key held;
+/// purging it settles the key with the failure, so a caller asking again learns it failed
+/// instead of waiting forever.
+async fn purging_a_dead_letter_settles_a_key_still_held(h: &Harness) {
+    let a = acct("held");
+    let key = IdempotencyKey::new("purged-1").unwrap();
+    let mut env = loom_core::Envelope::new(a.clone(), serde_json::json!({ "Deposit": 5 }));
+    env.idempotency_key = Some(key.clone());
+    let week = Duration::from_secs(7 * 24 * 3600);
+    h.store.enqueue_once(&env, None, &key, week).await.unwrap();
+    let opts = loom_core::LeaseOptions {
+        visibility: Duration::from_secs(30),
+        max_deliveries: 10,
+    };
+    let d = h.store.lease(&a, opts).await.unwrap().expect("delivery");
+    h.store
+        .dead_letter(&d.receipt, "buried by hand")
+        .await
+        .unwrap();
+    assert!(matches!(
+        h.store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Pending { .. })
+    ));
+    let purged = loom_core::runtime::purge_dead_letters(&*h.store, None, week)
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    let rt = h.runtime().await;
+    let asked = rt
+        .actor::<Account>("held")
+        .ask_with(
+            AccountMsg::Deposit(5),
+            AskOptions {
+                idempotency_key: Some(key),
+                timeout: Some(Duration::from_secs(5)),
+            },
+        )
+        .await;
+    match asked {
+        Err(loom_core::runtime::AskError::Failed(reason)) => {
+            assert!(reason.contains("purged"), "{reason}")
+        }
+        other => panic!("not the recorded failure: {other:?}"),
+    }
     rt.shutdown().await;
 }
