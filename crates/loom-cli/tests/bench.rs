@@ -367,7 +367,7 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
 /// JSON, and the ledger's kept records are stored compressed (the baseline's are not).
 #[test]
 fn compression_reports_bytes_saved_and_time_against_plain_json() {
-    let (ok, out, err) = loom(&["bench", "compression", "--seconds", "0.5", "--json"]);
+    let (ok, out, err) = loom(&["bench", "compression", "--seconds", "0.2", "--json"]);
     assert!(ok, "loom bench compression failed: {err}");
     let reports = json_lines(&out);
     let by = |name: &str| {
