@@ -351,8 +351,11 @@ enum DeadLetterCommand {
     /// asking again with a purged message's idempotency key learns that it failed.
     Purge {
         /// Only those given up on before this: `2026-11-30T00:00:00Z` (UTC), or an age (`7d`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         before: Option<String>,
+        /// Only these (repeat the flag); also deletes one whose frame no longer decodes.
+        #[arg(long)]
+        id: Vec<u64>,
         /// Really delete.
         #[arg(long)]
         yes: bool,
@@ -402,9 +405,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     admin::dead_letters(s, after, limit, json).await
                 }
                 DeadLetterCommand::Requeue { id } => admin::requeue(s, id).await,
-                DeadLetterCommand::Purge { before, yes, json } => {
-                    admin::purge(s, before.as_deref(), yes, json).await
-                }
+                DeadLetterCommand::Purge {
+                    before,
+                    id,
+                    yes,
+                    json,
+                } => admin::purge(s, before.as_deref(), &id, yes, json).await,
             }
         }
         Command::Parked { store, command } => {

@@ -684,6 +684,31 @@ fn deadletters_purge_deletes_those_before_a_time_and_asks_first() {
     )
     .unwrap();
     assert_eq!(day["purged"], 0, "{day}");
+    // One by id: exactly that one.
+    let first: serde_json::Value = serde_json::from_str(
+        ok(&["deadletters", "--store", s, "ls", "--json"])
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let id = first["id"].to_string();
+    let (ok_, _, err) = loom(&[
+        "deadletters",
+        "--store",
+        s,
+        "purge",
+        "--id",
+        &id,
+        "--before",
+        "1d",
+        "--yes",
+    ]);
+    assert!(!ok_ && err.contains("cannot be used with"), "{err}");
+    let one = ok(&["deadletters", "--store", s, "purge", "--id", &id, "--yes"]);
+    assert!(one.contains("1 dead letters purged"), "{one}");
+    assert_eq!(count(), before - 1);
+    let before = before - 1;
     let all = ok(&["deadletters", "--store", s, "purge", "--yes"]);
     assert!(
         all.contains(&format!("{before} dead letters purged")),

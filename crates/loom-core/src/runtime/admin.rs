@@ -132,26 +132,66 @@ pub async fn purge_dead_letters(
             .filter(|d| before.is_none_or(|b| d.at < b))
             .collect();
         for d in &doomed {
-            let (to, Some(key)) = (&d.envelope.to, &d.envelope.idempotency_key) else {
-                continue;
-            };
-            if let Some(Reservation::Pending { .. }) = store.lookup(to, key).await? {
-                let recorded = Recorded {
-                    message_id: d.envelope.id,
-                    outcome: Outcome::Failed(crate::limits::clip_reason(&format!(
-                        "purged from the dead letters, where it went: {}",
-                        d.reason
-                    ))),
-                };
-                let value = serde_json::to_value(&recorded).map_err(|e| {
-                    StoreError::InvalidRequest(format!("failure record does not encode: {e}"))
-                })?;
-                store.complete(to, key, &value, reply_ttl).await?;
-            }
+            settle_purged(store, d, reply_ttl).await?;
         }
         let ids: Vec<u64> = doomed.iter().map(|d| d.id).collect();
         if !ids.is_empty() {
             purged += store.purge_dead_letters(&ids).await?;
         }
     }
+}
+
+/// Deletes the dead letters with these ids (any number; an id that is not a dead letter is
+/// skipped), settling a key still held as [`purge_dead_letters`] does for each that can be
+/// read. One that cannot (a frame that does not decode, which makes listing fail on some
+/// stores) is deleted all the same; its key, unreadable with it, is left as it is.
+pub async fn purge_dead_letter_ids(
+    store: &dyn Store,
+    ids: &[u64],
+    reply_ttl: Duration,
+) -> Result<u64, StoreError> {
+    for &id in ids {
+        let one = store.dead_letters(id.checked_sub(1), 1).await;
+        match one {
+            Ok(page) => {
+                if let Some(d) = page.first().filter(|d| d.id == id) {
+                    settle_purged(store, d, reply_ttl).await?;
+                }
+            }
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::warn!(id, error = %e, "dead letter does not decode; deleting it without settling its key");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut purged = 0;
+    for chunk in ids.chunks(crate::limits::MAX_PURGE_IDS) {
+        purged += store.purge_dead_letters(chunk).await?;
+    }
+    Ok(purged)
+}
+
+/// Settles the idempotency key of a dead letter about to be purged, if it is still held.
+async fn settle_purged(
+    store: &dyn Store,
+    d: &crate::store::DeadLetter,
+    reply_ttl: Duration,
+) -> Result<(), StoreError> {
+    let (to, Some(key)) = (&d.envelope.to, &d.envelope.idempotency_key) else {
+        return Ok(());
+    };
+    if let Some(Reservation::Pending { .. }) = store.lookup(to, key).await? {
+        let recorded = Recorded {
+            message_id: d.envelope.id,
+            outcome: Outcome::Failed(crate::limits::clip_reason(&format!(
+                "purged from the dead letters, where it went: {}",
+                d.reason
+            ))),
+        };
+        let value = serde_json::to_value(&recorded).map_err(|e| {
+            StoreError::InvalidRequest(format!("failure record does not encode: {e}"))
+        })?;
+        store.complete(to, key, &value, reply_ttl).await?;
+    }
+    Ok(())
 }
