@@ -180,6 +180,20 @@ async fn settle_purged(
     let (to, Some(key)) = (&d.envelope.to, &d.envelope.idempotency_key) else {
         return Ok(());
     };
+    // A pending key does not say whose it is: after this dead letter's record expired, a new
+    // message may have taken the key and wait in the mailbox. Its key is its own.
+    let mut after = None;
+    loop {
+        let page = store.messages(to, after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        if page
+            .iter()
+            .any(|w| w.envelope.idempotency_key.as_ref() == Some(key))
+        {
+            return Ok(());
+        }
+        after = Some(last.position);
+    }
     if let Some(Reservation::Pending { .. }) = store.lookup(to, key).await? {
         let recorded = Recorded {
             message_id: d.envelope.id,

@@ -499,11 +499,33 @@ async fn purging_a_dead_letter_settles_a_key_still_held(h: &Harness) {
         h.store.lookup(&a, &key).await.unwrap(),
         Some(Reservation::Pending { .. })
     ));
+    // Another buried message whose key a waiting message carries (the key taken again after
+    // its record expired, say): that key is the waiting message's, and is left alone.
+    let b = acct("taken");
+    let taken = IdempotencyKey::new("taken-1").unwrap();
+    let mut first = loom_core::Envelope::new(b.clone(), serde_json::json!({ "Deposit": 1 }));
+    first.idempotency_key = Some(taken.clone());
+    h.store
+        .enqueue_once(&first, None, &taken, week)
+        .await
+        .unwrap();
+    let d = h.store.lease(&b, opts).await.unwrap().expect("delivery");
+    h.store
+        .dead_letter(&d.receipt, "buried by hand")
+        .await
+        .unwrap();
+    let mut second = loom_core::Envelope::new(b.clone(), serde_json::json!({ "Deposit": 2 }));
+    second.idempotency_key = Some(taken.clone());
+    h.store.enqueue(&second, None).await.unwrap();
     let purged = loom_core::runtime::purge_dead_letters(&*h.store, None, week)
         .await
         .unwrap();
-    assert_eq!(purged, 1);
+    assert_eq!(purged, 2);
     assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    assert!(matches!(
+        h.store.lookup(&b, &taken).await.unwrap(),
+        Some(Reservation::Pending { .. })
+    ));
     let rt = h.runtime().await;
     let asked = rt
         .actor::<Account>("held")
