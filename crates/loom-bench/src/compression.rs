@@ -11,10 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
 use loom_core::codec::{self, RecordType};
-use loom_core::runtime::{Actor, Compaction, Context, Rejected, Runtime};
-use loom_core::{ActorId, SeqRange, Snapshot, Store};
+use loom_core::runtime::{Actor, Compaction, Context, Rejected, Runtime, journal_bytes};
+use loom_core::{ActorId, Snapshot, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -177,30 +176,6 @@ pub fn codec_costs(label: &str, shape: Shape) -> Result<Measurement, Compression
     Ok(m)
 }
 
-/// Bytes of the kept entries and snapshots of `id`: as JSON frames, and as stored by this
-/// build with compression as it is now (how many of them compressed).
-pub async fn journal_bytes(
-    store: &dyn Store,
-    id: &ActorId,
-) -> Result<(u64, u64, u64), CompressionError> {
-    let (mut json, mut stored, mut packed) = (0u64, 0u64, 0u64);
-    let mut add = |e: codec::Encoded| {
-        json += e.plain_len as u64;
-        stored += e.frame.len() as u64;
-        packed += u64::from(e.is_compressed());
-    };
-    let mut entries = store.read(id, SeqRange::all());
-    while let Some(e) = entries.try_next().await.map_err(failed)? {
-        add(codec::encode_sized(RecordType::Entry, &e, true).map_err(failed)?);
-    }
-    for seq in store.info(id).await.map_err(failed)?.snapshots {
-        if let Some(s) = store.load_snapshot(id, seq).await.map_err(failed)? {
-            add(codec::encode_sized(RecordType::Snapshot, &s, true).map_err(failed)?);
-        }
-    }
-    Ok((json, stored, packed))
-}
-
 /// The ledger run on `store`, with compression off (the baseline) and then on: messages one
 /// after another for `shape.seconds` each, to a fresh actor each.
 pub async fn ledger(
@@ -291,7 +266,9 @@ async fn ledger_once(
     let compactions = rt.metrics().compactions;
     rt.shutdown().await;
     let id = ActorId::new(Ledger::KIND, &key).map_err(failed)?;
-    let (json, stored, compressed) = journal_bytes(&*store, &id).await?;
+    // Measured now, with compression as this run had it: what the run stored.
+    let b = journal_bytes(&*store, &id).await.map_err(failed)?;
+    let (json, stored, compressed) = (b.json, b.encoded, b.compressed_records);
     Ok(Run {
         ops,
         latencies,

@@ -1,9 +1,7 @@
 //! `loom journal stats / compact / delete`, `loom deadletters ls / requeue / purge`.
 
-use futures::TryStreamExt;
-use loom_core::codec;
-use loom_core::runtime::{CompactError, compact_journal};
-use loom_core::{ActorId, Seq, SeqRange, Store};
+use loom_core::runtime::{CompactError, JournalBytes, compact_journal, journal_bytes};
+use loom_core::{ActorId, Store};
 use serde::Serialize;
 
 use crate::journal::{all_actors, parse_actor};
@@ -18,54 +16,7 @@ struct Stats {
     snapshots: Vec<u64>,
     pending_messages: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    bytes: Option<Bytes>,
-}
-
-/// What a journal's kept records take: as JSON frames, and encoded as this build writes them
-/// (an estimate of what they take stored: records written by a build before compression, or
-/// with it off, are stored plain).
-#[derive(Serialize, Default, Clone, Copy)]
-struct Bytes {
-    json: u64,
-    encoded: u64,
-    compressed_records: u64,
-}
-
-impl Bytes {
-    fn add(&mut self, e: &codec::Encoded) {
-        self.json += e.plain_len as u64;
-        self.encoded += e.frame.len() as u64;
-        self.compressed_records += u64::from(e.is_compressed());
-    }
-
-    fn sum(self, o: Bytes) -> Bytes {
-        Bytes {
-            json: self.json + o.json,
-            encoded: self.encoded + o.encoded,
-            compressed_records: self.compressed_records + o.compressed_records,
-        }
-    }
-}
-
-/// Reads every kept entry and snapshot of `a` and encodes it as this build stores it.
-async fn bytes_of(store: &dyn Store, a: &ActorId, snapshots: &[Seq]) -> Result<Bytes, Failure> {
-    let mut b = Bytes::default();
-    let mut entries = store.read(a, SeqRange::all());
-    while let Some(e) = entries.try_next().await? {
-        b.add(
-            &codec::encode_sized(codec::RecordType::Entry, &e, true)
-                .map_err(|e| Failure(e.to_string()))?,
-        );
-    }
-    for seq in snapshots {
-        if let Some(s) = store.load_snapshot(a, *seq).await? {
-            b.add(
-                &codec::encode_sized(codec::RecordType::Snapshot, &s, true)
-                    .map_err(|e| Failure(e.to_string()))?,
-            );
-        }
-    }
-    Ok(b)
+    bytes: Option<JournalBytes>,
 }
 
 fn human(n: u64) -> String {
@@ -93,7 +44,7 @@ pub async fn stats(
             return Err(Failure(format!("no journal for {a} in this store")));
         }
         let bytes = match with_bytes {
-            true => Some(bytes_of(store, a, &info.snapshots).await?),
+            true => Some(journal_bytes(store, a).await?),
             false => None,
         };
         rows.push(Stats {
@@ -111,7 +62,7 @@ pub async fn stats(
     let all_bytes = rows
         .iter()
         .filter_map(|r| r.bytes)
-        .fold(Bytes::default(), Bytes::sum);
+        .fold(JournalBytes::default(), JournalBytes::sum);
     if json {
         for r in &rows {
             out(serde_json::to_string(r)?)?;
@@ -299,13 +250,15 @@ pub async fn purge(
         [] => loom_core::runtime::purge_dead_letters(store, before, reply_ttl).await?,
         ids => loom_core::runtime::purge_dead_letter_ids(store, ids, reply_ttl).await?,
     };
-    // A dead letter that does not decode makes listing fail on some stores: then say nothing
-    // about what is left rather than fail a purge that was done.
-    let left = store
-        .dead_letters(None, 1)
-        .await
-        .map(|d| !d.is_empty())
-        .ok();
+    // A dead letter that does not decode makes listing fail on some stores: then the purge,
+    // which is done, is reported, and what is left is said to be unknown, with why.
+    let left = match store.dead_letters(None, 1).await {
+        Ok(d) => Some(!d.is_empty()),
+        Err(e) => {
+            eprintln!("could not list what is left: {}", loom_core::explain(&e));
+            None
+        }
+    };
     if json {
         return out(serde_json::json!({
             "purged": purged,

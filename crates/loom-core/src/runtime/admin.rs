@@ -209,3 +209,51 @@ async fn settle_purged(
     }
     Ok(())
 }
+
+/// What an actor's kept entries and snapshots take: as JSON frames, and encoded as this build
+/// writes them now ([`codec::encode_sized`](crate::codec::encode_sized): compressed where that
+/// is on and pays). The second is an estimate of what they take stored: a store keeps the
+/// frames as they were written (plain by a build before compression, or with it off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JournalBytes {
+    /// Bytes as plain JSON frames.
+    pub json: u64,
+    /// Bytes as this build encodes them.
+    pub encoded: u64,
+    /// Records this build stores compressed.
+    pub compressed_records: u64,
+}
+
+impl JournalBytes {
+    /// Both counts added.
+    pub fn sum(self, o: JournalBytes) -> JournalBytes {
+        JournalBytes {
+            json: self.json + o.json,
+            encoded: self.encoded + o.encoded,
+            compressed_records: self.compressed_records + o.compressed_records,
+        }
+    }
+}
+
+/// Reads every kept entry and snapshot of `actor` and measures it ([`JournalBytes`]).
+pub async fn journal_bytes(store: &dyn Store, actor: &ActorId) -> Result<JournalBytes, StoreError> {
+    use crate::codec::{self, RecordType};
+    use futures::TryStreamExt;
+    let mut b = JournalBytes::default();
+    let mut add = |e: codec::Encoded| {
+        b.json += e.plain_len as u64;
+        b.encoded += e.frame.len() as u64;
+        b.compressed_records += u64::from(e.is_compressed());
+    };
+    let encode_err = |e: codec::CodecError| StoreError::InvalidRequest(e.to_string());
+    let mut entries = store.read(actor, crate::store::SeqRange::all());
+    while let Some(e) = entries.try_next().await? {
+        add(codec::encode_sized(RecordType::Entry, &e, true).map_err(encode_err)?);
+    }
+    for seq in store.info(actor).await?.snapshots {
+        if let Some(s) = store.load_snapshot(actor, seq).await? {
+            add(codec::encode_sized(RecordType::Snapshot, &s, true).map_err(encode_err)?);
+        }
+    }
+    Ok(b)
+}

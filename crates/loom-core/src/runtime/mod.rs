@@ -69,7 +69,9 @@ use tokio_util::task::TaskTracker;
 
 pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
-pub use admin::{BuryError, bury_mailbox, purge_dead_letter_ids, purge_dead_letters};
+pub use admin::{
+    BuryError, JournalBytes, bury_mailbox, journal_bytes, purge_dead_letter_ids, purge_dead_letters,
+};
 pub use builder::{RuntimeBuilder, StartError};
 pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};

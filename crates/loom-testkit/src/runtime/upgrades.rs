@@ -78,7 +78,7 @@ impl Actor for V1 {
         msg: Msg,
     ) -> Result<String, Rejected> {
         let Msg::Go { gate } = msg else {
-            return Ok(serde_json::to_string(state).unwrap_or_default());
+            return serde_json::to_string(state).map_err(|e| Rejected::new(e.to_string()));
         };
         run(&self.0, ctx, "a").await?;
         run(&self.0, ctx, "b").await?;
@@ -113,7 +113,7 @@ impl Actor for V2 {
         msg: Msg,
     ) -> Result<String, Rejected> {
         let Msg::Go { gate } = msg else {
-            return Ok(serde_json::to_string(state).unwrap_or_default());
+            return serde_json::to_string(state).map_err(|e| Rejected::new(e.to_string()));
         };
         let mut path = vec!["a"];
         run(&self.0, ctx, "a").await?;
