@@ -1,8 +1,11 @@
 //! The `loom` binary's journal, dead-letter, export, import and migrate commands, on real
 //! stores (embedded directories, a private Redis, a private PostgreSQL), including bad input.
 
+mod common;
+
+use common::{loom, ok};
+
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,24 +14,6 @@ use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timesta
 use loom_testkit::runtime::Counter;
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::json;
-
-fn loom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
-        .args(args)
-        .output()
-        .expect("run loom");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = loom(args);
-    assert!(ok, "loom {args:?} failed: {err}");
-    out
-}
 
 /// A store with compacted journals (snapshots, trim points), waiting messages (due and
 /// delayed) and a dead letter.

@@ -1,23 +1,15 @@
 //! `loom bench` on each store, with small sizes: every scenario reports one JSON object with
 //! its same-run baseline, and a run on a shared server leaves nothing behind.
 
+mod common;
+
+use common::{json_lines, loom};
+
 use std::collections::BTreeSet;
 use std::process::Command;
 
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::Value;
-
-fn loom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
-        .args(args)
-        .output()
-        .expect("run loom");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Runs every scenario small on `store` (a fresh embedded store when `None`) and checks what
 /// each reports; returns the reports by scenario.
@@ -148,12 +140,6 @@ fn bad_scenarios_and_unreachable_stores_fail_clearly() {
     let (ok, out, err) = loom(&["bench", "append-seq", "--store", &url]);
     assert!(!ok, "{out}");
     assert!(err.to_lowercase().contains("redis"), "{err}");
-}
-
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
 }
 
 /// The engine bake-off through the real binary: each engine on each partition count, twice,

@@ -2,27 +2,9 @@
 //! otherwise run beside the other bench tests (cargo runs one test binary at a time), where a
 //! private Redis answering under `appendfsync always` on a busy disk is what they measure.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
-
-fn loom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
-        .args(args)
-        .output()
-        .expect("run loom");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json_lines(out: &str) -> Vec<Value> {
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect()
-}
+use common::{json_lines, loom};
 
 /// `loom bench compression`, short: the codec's compressed snapshot is much smaller than its
 /// JSON, and the ledger's kept records are stored compressed (the baseline's are not).

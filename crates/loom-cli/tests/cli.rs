@@ -1,21 +1,11 @@
 //! The real `loom` binary on real stores, including bad input.
 
-use std::process::Command;
+mod common;
+
+use common::loom;
 
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, Snapshot};
 use serde_json::json;
-
-fn loom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
-        .args(args)
-        .output()
-        .expect("run loom");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn seeded_store() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
