@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_purge, interleave, prepare_message};
+use loom_core::store::backend::{check_lane, check_purge, interleave, prepare_message};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
@@ -109,6 +109,38 @@ impl Mailbox for PostgresStore {
         self.settle_op(receipt, "extend", ms(visibility), "")
             .await
             .map(|_| ())
+    }
+
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
+        let reason = loom_core::limits::clip_reason(reason);
+        let status: String =
+            sqlx::query_scalar(self.q("SELECT {s}.suspend($1, $2, $3, $4, $5, $6, $7)"))
+                .bind(receipt.actor.as_str())
+                .bind(int(receipt.position))
+                .bind(i32::try_from(receipt.delivery).unwrap_or(i32::MAX))
+                .bind(receipt.message_id.to_string())
+                .bind(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                .bind(&reason)
+                .bind(lane.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(pe)?;
+        match status.as_str() {
+            "ok" => Ok(true),
+            "busy" => Ok(false),
+            "stale" => Err(StoreError::StaleReceipt {
+                actor: receipt.actor.clone(),
+                message_id: receipt.message_id,
+            }),
+            other => Err(unexpected(format!("suspend returned {other}"))),
+        }
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {

@@ -1,7 +1,7 @@
 //! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
 //! into batches by `group.rs` (`schema.sql`).
 
-use loom_core::store::backend::check_ttl;
+use loom_core::store::backend::{check_lane, check_ttl};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,8 +9,9 @@ use loom_core::store::backend::{
     Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::store::{Enqueued, Store};
-use loom_core::{Envelope, IdempotencyKey, StoreError, StoreResult, Timestamp};
+use loom_core::{ActorId, Envelope, IdempotencyKey, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
+use sqlx::postgres::PgRow;
 
 use crate::group::TurnReq;
 use crate::idempotency::*;
@@ -148,14 +149,44 @@ impl Store for PostgresStore {
         .fetch_one(&self.pool)
         .await
         .map_err(pe)?;
-        if row.get::<bool, _>(0) {
-            return Ok(Enqueued::New(row.get::<i64, _>(1) as u64));
-        }
-        Ok(Enqueued::Duplicate(reservation(
-            &msg.to,
-            key,
-            row.get(2),
-            row.get(3),
-        )?))
+        enqueued(msg, key, &row)
     }
+
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl: Duration,
+        owner: &ActorId,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        check_lane(&msg.to, owner, self.partitions())?;
+        let frame = prepare_message(msg)?;
+        let row = sqlx::query(
+            self.q("SELECT new, pos, res, expires FROM {s}.enqueue_event($1, $2, $3, $4, $5, $6)"),
+        )
+        .bind(msg.to.as_str())
+        .bind(msg.id.to_string())
+        .bind(frame)
+        .bind(key.as_str())
+        .bind(ms(ttl))
+        .bind(owner.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        enqueued(msg, key, &row)
+    }
+}
+
+/// Reads the row of `enqueue_once` or `enqueue_event`.
+fn enqueued(msg: &Envelope, key: &IdempotencyKey, row: &PgRow) -> StoreResult<Enqueued> {
+    if row.get::<bool, _>(0) {
+        return Ok(Enqueued::New(row.get::<i64, _>(1) as u64));
+    }
+    Ok(Enqueued::Duplicate(reservation(
+        &msg.to,
+        key,
+        row.get(2),
+        row.get(3),
+    )?))
 }

@@ -9,7 +9,9 @@
 --              m = envelope frame, id = message id, p = position
 --   P:{T}:mm   hash, mailbox meta: pos (last position), n (messages), q (undelivered in mq),
 --              cur (current position, 0 if none), curid (its stream id), curmsg (its message
---              id), vis (visible at ms), dlv (its deliveries), err (last nack error)
+--              id), vis (visible at ms), dlv (its deliveries), err (last nack error); while the
+--              current message is suspended on an event lane (Mailbox::suspend): wl (the lane),
+--              wp and wd (the position and deliveries it was suspended at)
 --   P:{T}:md   zset, delayed messages: member = position, score = due ms
 --   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
@@ -198,9 +200,22 @@ local function mb_remove_current(mb, now)
   redis.call('XACK', mb.mq, 'g', id)
   redis.call('XDEL', mb.mq, id)
   redis.call('HSET', mb.mm, 'cur', 0)
-  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err')
+  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd')
   redis.call('HINCRBY', mb.mm, 'n', -1)
   mb_ready(mb, now)
+end
+
+-- Makes the owner's message suspended on `lane` visible now, if it still is: current, at the
+-- position and delivery count it was suspended at (handed out again since, it is left alone).
+-- ob = { mm, ready, actor } of the owner.
+local function mb_wake(ob, lane, now)
+  local v = redis.call('HMGET', ob.mm, 'wl', 'wp', 'wd', 'cur', 'dlv', 'vis')
+  if v[1] ~= lane then return end
+  redis.call('HDEL', ob.mm, 'wl', 'wp', 'wd')
+  if num(v[4]) == 0 or num(v[4]) ~= num(v[2]) or num(v[5]) ~= num(v[3]) then return end
+  if num(v[6]) <= now then return end
+  redis.call('HSET', ob.mm, 'vis', now)
+  mb_ready(ob, now)
 end
 
 -- Moves the current message to the dead letters; returns the dead letter's id.
@@ -357,6 +372,20 @@ local function enqueue_once(KEYS, ARGV)
   return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
 end
 
+-- An event: enqueue_once on the lane, and the owner's wake-up in the same script.
+-- KEYS: mm, mq, md, mdx, ready (the lane's), idem, owner's mm, owner's ready
+-- ARGV: lane, msgid, frame, owner
+local function enqueue_event(KEYS, ARGV)
+  local now = now_ms()
+  local v = redis.call('GET', KEYS[6])
+  if v then return { 'dup', v, record_expiry(KEYS[6]) } end
+  redis.call('SET', KEYS[6], 'P')
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  local pos = mb_enqueue(mb, ARGV[2], ARGV[3], 0, now)
+  mb_wake({ mm = KEYS[7], ready = KEYS[8], actor = ARGV[4] }, ARGV[1], now)
+  return { 'ok', tostring(pos) }
+end
+
 -- KEYS: mm, mq, md, mdx, ready, dl, dlseq   ARGV: actor, visibility, max deliveries
 local function lease(KEYS, ARGV)
   local now = now_ms()
@@ -366,8 +395,11 @@ local function lease(KEYS, ARGV)
   return { 'ok', r[1], tostring(r[2]), tostring(r[3]), r[4] }
 end
 
--- KEYS: mm, mq, md, mdx, ready, dl, dlseq
--- ARGV: actor, op (ack|nack|extend|bury), pos, delivery, msgid, ms (delay or visibility), text
+-- KEYS: mm, mq, md, mdx, ready, dl, dlseq, and for suspend the lane's mm
+-- ARGV: actor, op (ack|nack|extend|bury|suspend), pos, delivery, msgid, ms (delay or
+-- visibility), text, and for suspend the lane
+-- suspend is nack that an event on the lane ends early (enqueue_event); refused ('busy',
+-- nothing written) if the lane holds a message.
 local function settle(KEYS, ARGV)
   local now = now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
@@ -376,6 +408,11 @@ local function settle(KEYS, ARGV)
   if refused then return refused end
   if op == 'ack' then
     mb_remove_current(mb, now)
+    return { 'ok' }
+  elseif op == 'suspend' then
+    if num(redis.call('HGET', KEYS[8], 'n')) > 0 then return { 'busy' } end
+    redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]), 'err', ARGV[7], 'wl', ARGV[8], 'wp', ARGV[3], 'wd', ARGV[4])
+    mb_ready(mb, now)
     return { 'ok' }
   elseif op == 'nack' or op == 'extend' then
     redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_purge, interleave, prepare_message};
+use loom_core::store::backend::{check_lane, check_purge, interleave, prepare_message};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use redis::Value;
@@ -47,36 +47,34 @@ impl RedisStore {
         global
     }
 
+    /// `lane`: for `suspend` only, the lane suspended on.
     pub(crate) async fn settle_op(
         &self,
         r: &Receipt,
         op: &str,
         ms: u64,
         text_arg: &str,
+        lane: Option<&ActorId>,
     ) -> StoreResult<Vec<Value>> {
         let mut keys = Vec::new();
-        let keys: Vec<&str> = self
-            .mailbox_keys(&r.actor, &mut keys)
-            .iter()
-            .map(String::as_str)
-            .collect();
-        let reply = self
-            .run(
-                &self.scripts.settle,
-                &keys,
-                vec![
-                    s(r.actor.as_str()),
-                    s(op),
-                    s(r.position),
-                    s(r.delivery),
-                    s(r.message_id),
-                    s(ms),
-                    text_arg.as_bytes().to_vec(),
-                ],
-            )
-            .await?;
+        self.mailbox_keys(&r.actor, &mut keys);
+        let mut args = vec![
+            s(r.actor.as_str()),
+            s(op),
+            s(r.position),
+            s(r.delivery),
+            s(r.message_id),
+            s(ms),
+            text_arg.as_bytes().to_vec(),
+        ];
+        if let Some(lane) = lane {
+            keys.push(self.keys.mailbox(lane).mm);
+            args.push(s(lane.as_str()));
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let reply = self.run(&self.scripts.settle, &keys, args).await?;
         match status(&reply).as_str() {
-            "ok" => Ok(reply),
+            "ok" | "busy" => Ok(reply),
             "stale" => Err(StoreError::StaleReceipt {
                 actor: r.actor.clone(),
                 message_id: r.message_id,
@@ -129,26 +127,44 @@ impl Mailbox for RedisStore {
     }
 
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
-        self.settle_op(receipt, "ack", 0, "").await.map(|_| ())
+        self.settle_op(receipt, "ack", 0, "", None)
+            .await
+            .map(|_| ())
     }
 
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
         let error = loom_core::limits::clip_reason(error);
-        self.settle_op(receipt, "nack", delay.as_millis() as u64, &error)
+        self.settle_op(receipt, "nack", delay.as_millis() as u64, &error, None)
             .await
             .map(|_| ())
     }
 
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()> {
         check_ttl("visibility timeout", visibility)?;
-        self.settle_op(receipt, "extend", visibility.as_millis() as u64, "")
+        self.settle_op(receipt, "extend", visibility.as_millis() as u64, "", None)
             .await
             .map(|_| ())
     }
 
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
+        let reason = loom_core::limits::clip_reason(reason);
+        let ms = delay.as_millis().min(u128::from(u64::MAX)) as u64;
+        let r = self
+            .settle_op(receipt, "suspend", ms, &reason, Some(lane))
+            .await?;
+        Ok(status(&r) == "ok")
+    }
+
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
         let reason = loom_core::limits::clip_reason(reason);
-        let r = self.settle_op(receipt, "bury", 0, &reason).await?;
+        let r = self.settle_op(receipt, "bury", 0, &reason, None).await?;
         number(r.get(1), "dead letter id")
     }
 

@@ -1,6 +1,6 @@
 //! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
 
-use loom_core::store::backend::check_ttl;
+use loom_core::store::backend::{check_lane, check_ttl};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,7 +8,8 @@ use loom_core::store::backend::{
     Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::store::{Enqueued, Store};
-use loom_core::{Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
+use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
+use redis::Value;
 use serde::Serialize;
 
 use crate::RedisStore;
@@ -232,7 +233,46 @@ impl Store for RedisStore {
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due), ttl(ttl_)],
             )
             .await?;
-        match status(&r).as_str() {
+        self.enqueued(msg, key, &r)
+    }
+
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl_: Duration,
+        owner: &ActorId,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl_)?;
+        check_lane(&msg.to, owner, self.partitions())?;
+        let frame = prepare_message(msg)?;
+        let m = self.keys.mailbox(&msg.to);
+        let o = self.keys.mailbox(owner);
+        let idem = self.keys.idempotency(&msg.to, key);
+        let r = self
+            .run(
+                &self.scripts.enqueue_event,
+                &[
+                    &m.mm,
+                    &m.mq,
+                    &m.md,
+                    &m.mdx,
+                    &self.keys.ready(msg.to.kind()),
+                    &idem,
+                    &o.mm,
+                    &self.keys.ready(owner.kind()),
+                ],
+                vec![s(msg.to.as_str()), s(msg.id), frame, s(owner.as_str())],
+            )
+            .await?;
+        self.enqueued(msg, key, &r)
+    }
+}
+
+impl RedisStore {
+    /// Reads the reply of `enqueue_once` or `enqueue_event`.
+    fn enqueued(&self, msg: &Envelope, key: &IdempotencyKey, r: &[Value]) -> StoreResult<Enqueued> {
+        match status(r).as_str() {
             "ok" => Ok(Enqueued::New(number(r.get(1), "position")?)),
             "dup" => Ok(Enqueued::Duplicate(reservation(
                 &msg.to,

@@ -326,6 +326,17 @@ impl Mailbox for FaultyStore {
         self.write("lease", self.inner.lease(actor, opts)).await
     }
 
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        self.write("suspend", self.inner.suspend(receipt, lane, delay, reason))
+            .await
+    }
+
     async fn ack(&self, receipt: &Receipt) -> StoreResult<()> {
         self.write("ack", self.inner.ack(receipt)).await
     }
@@ -528,6 +539,20 @@ impl Store for FaultyStore {
         self.write(
             "enqueue_once",
             self.inner.enqueue_once(msg, deliver_at, key, ttl),
+        )
+        .await
+    }
+
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl: Duration,
+        owner: &ActorId,
+    ) -> StoreResult<Enqueued> {
+        self.write(
+            "enqueue_event",
+            self.inner.enqueue_event(msg, key, ttl, owner),
         )
         .await
     }

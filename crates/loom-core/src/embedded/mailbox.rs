@@ -15,14 +15,14 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::backend::{check_purge, interleave, prepare_message};
+use crate::store::backend::{check_lane, check_purge, interleave, prepare_message};
 use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use crate::time::Timestamp;
 
 use super::redo::{Op, Rec, Sink, apply_to};
 use super::tables::{
     DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, PARKED, QUEUE,
-    READY_BY_KIND, Tx, id, se,
+    READY_BY_KIND, Tx, WAKES, id, se,
 };
 use super::{EmbeddedStore, meta_counter};
 
@@ -74,6 +74,7 @@ pub(super) struct Tables<'t> {
     meta: Rec<'t, &'static str, (u64, u64, u64, u64, u64)>,
     ready: Rec<'t, (&'static str, u64, &'static str), ()>,
     pub(super) parked: Rec<'t, &'static str, &'static [u8]>,
+    wakes: Rec<'t, &'static str, (u64, u32, &'static str)>,
 }
 
 impl<'t> Tables<'t> {
@@ -86,6 +87,7 @@ impl<'t> Tables<'t> {
             meta: Rec::open(txn, sink, id::MAILBOX_META, MAILBOX_META)?,
             ready: Rec::open(txn, sink, id::READY_BY_KIND, READY_BY_KIND)?,
             parked: Rec::open(txn, sink, id::PARKED, PARKED)?,
+            wakes: Rec::open(txn, sink, id::WAKES, WAKES)?,
         })
     }
 
@@ -99,6 +101,7 @@ impl<'t> Tables<'t> {
             id::MAILBOX_META => apply_to(&mut self.meta, op),
             id::READY_BY_KIND => apply_to(&mut self.ready, op),
             id::PARKED => apply_to(&mut self.parked, op),
+            id::WAKES => apply_to(&mut self.wakes, op),
             other => Err(StoreError::corrupt(
                 super::redo::REDO_FILE,
                 codec::CodecError::Body(format!("a write to unknown table {other}")),
@@ -260,6 +263,98 @@ impl<'t> Tables<'t> {
             return Err(stale());
         }
         Ok((meta, state))
+    }
+
+    /// Makes the current message invisible until `visible_at`, recording `error` as why (a nack,
+    /// a suspension).
+    fn hold_current(
+        &mut self,
+        actor: &str,
+        meta: Meta,
+        state: State,
+        visible_at: u64,
+        error: &str,
+    ) -> StoreResult<()> {
+        self.state
+            .insert(
+                (actor, meta.current),
+                State {
+                    visible_at,
+                    ..state
+                }
+                .row(),
+            )
+            .map_err(se)?;
+        self.errors
+            .insert((actor, meta.current), error)
+            .map_err(se)?;
+        self.put_meta(
+            actor,
+            meta,
+            Meta {
+                ready_at: visible_at,
+                ..meta
+            },
+        )
+    }
+
+    /// Suspends the delivery `receipt` on `lane` until `visible_at` ([`Mailbox::suspend`]):
+    /// false, writing nothing, if the lane holds a message.
+    pub(super) fn suspend(
+        &mut self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        visible_at: u64,
+        error: &str,
+    ) -> StoreResult<bool> {
+        let (meta, state) = self.check_receipt(receipt)?;
+        if Meta::get(&*self.meta, lane.as_str())?.count > 0 {
+            return Ok(false);
+        }
+        let a = receipt.actor.as_str();
+        self.hold_current(a, meta, state, visible_at, error)?;
+        self.wakes
+            .insert(a, (meta.current, state.deliveries, lane.as_str()))
+            .map_err(se)?;
+        Ok(true)
+    }
+
+    /// Wakes `owner`'s message suspended on `lane`, if it still is (see [`WAKES`]).
+    pub(super) fn wake(&mut self, owner: &ActorId, lane: &ActorId, now: u64) -> StoreResult<()> {
+        let a = owner.as_str();
+        let Some((position, deliveries)) = self.wakes.get(a).map_err(se)?.and_then(|v| {
+            let (p, d, l) = v.value();
+            (l == lane.as_str()).then_some((p, d))
+        }) else {
+            return Ok(());
+        };
+        self.wakes.remove(a).map_err(se)?;
+        let meta = Meta::get(&*self.meta, a)?;
+        if meta.current != position || meta.current == 0 {
+            return Ok(());
+        }
+        let state = self.state_of(a, position)?;
+        if state.deliveries != deliveries || state.visible_at <= now {
+            return Ok(());
+        }
+        self.state
+            .insert(
+                (a, position),
+                State {
+                    visible_at: now,
+                    ..state
+                }
+                .row(),
+            )
+            .map_err(se)?;
+        self.put_meta(
+            a,
+            meta,
+            Meta {
+                ready_at: now,
+                ..meta
+            },
+        )
     }
 
     /// Removes the actor's current message and moves on to the next.
@@ -668,29 +763,28 @@ impl Mailbox for EmbeddedStore {
         self.write_in(p, move |tx| {
             let t = tx.mailbox.get()?;
             let (meta, state) = t.check_receipt(&receipt)?;
-            let a = receipt.actor.as_str();
             let visible_at = (Timestamp::now() + delay).as_millis();
-            t.state
-                .insert(
-                    (a, receipt.position),
-                    State {
-                        visible_at,
-                        ..state
-                    }
-                    .row(),
-                )
-                .map_err(se)?;
-            t.errors
-                .insert((a, receipt.position), error.as_str())
-                .map_err(se)?;
-            t.put_meta(
-                a,
-                meta,
-                Meta {
-                    ready_at: visible_at,
-                    ..meta
-                },
-            )
+            t.hold_current(receipt.actor.as_str(), meta, state, visible_at, &error)
+        })
+        .await
+    }
+
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        let p = self.part(&receipt.actor);
+        check_lane(lane, &receipt.actor, self.partitions())?;
+        let (receipt, lane) = (receipt.clone(), lane.clone());
+        let error = clip_reason(reason);
+        self.write_in(p, move |tx| {
+            let visible_at = (Timestamp::now() + delay).as_millis();
+            tx.mailbox
+                .get()?
+                .suspend(&receipt, &lane, visible_at, &error)
         })
         .await
     }

@@ -189,6 +189,7 @@ impl EmbeddedStore {
             |k| k.2
         );
         copy_table!(tables::PARKED, id::PARKED, &str, |k| k);
+        copy_table!(tables::WAKES, id::WAKES, &str, |k| k);
         copy_table!(tables::LEASES, id::LEASES, &str, |k| k);
         copy_table!(tables::IDEMPOTENCY, id::IDEMPOTENCY, (&str, &str), |k| k.0);
         copy_table!(

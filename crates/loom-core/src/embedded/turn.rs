@@ -1,13 +1,13 @@
 //! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
 
-use crate::store::backend::check_ttl;
+use crate::store::backend::{check_lane, check_ttl};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
-use crate::id::IdempotencyKey;
+use crate::id::{ActorId, IdempotencyKey};
 use crate::store::backend::{
     Committed, Outgoing, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
@@ -155,6 +155,30 @@ impl Store for EmbeddedStore {
             }
             let t = tx.mailbox.get()?;
             let position = t.enqueue(&to, id, &bytes, deliver_at, Timestamp::now().as_millis())?;
+            Ok(Enqueued::New(position))
+        })
+        .await
+    }
+
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl: Duration,
+        owner: &ActorId,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        check_lane(&msg.to, owner, self.partitions())?;
+        let bytes = prepare_message(msg)?;
+        let (to, id, key, owner) = (msg.to.clone(), msg.id, key.clone(), owner.clone());
+        self.write(&msg.to, move |tx| {
+            if let Some(existing) = idempotency::reserve(tx, &to, &key, None)? {
+                return Ok(Enqueued::Duplicate(existing));
+            }
+            let t = tx.mailbox.get()?;
+            let now = Timestamp::now().as_millis();
+            let position = t.enqueue(&to, id, &bytes, None, now)?;
+            t.wake(&owner, &to, now)?;
             Ok(Enqueued::New(position))
         })
         .await

@@ -465,6 +465,30 @@ impl<A: Actor> Cell<A> {
                     }
                 }
             }
+            Interrupt::SuspendOn(until, lane) => {
+                // As a suspended sleep, and the event's delivery makes the message visible at
+                // once (`Mailbox::suspend`). Refused if an event arrived since the wait last
+                // looked: the replay then receives it.
+                let delay = until.map_or(MAX_SUSPENSION, |u| {
+                    u.saturating_since(Timestamp::now()).min(MAX_SUSPENSION)
+                });
+                let reason = match until {
+                    Some(u) => format!("suspended: waiting for an event until {u}"),
+                    None => "suspended: waiting for an event".to_owned(),
+                };
+                match io.store.suspend(&d.receipt, &lane, delay, &reason).await {
+                    Ok(true) => {
+                        shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(actor = %self.id, %lane, "suspended until an event");
+                        Next::Suspend
+                    }
+                    Ok(false) => Next::Reload,
+                    Err(e) => {
+                        tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
+                        Next::Reload
+                    }
+                }
+            }
             Interrupt::Store(e) => {
                 shared.health.failed(&e);
                 let reason = format!("store failure: {e}");

@@ -305,11 +305,14 @@ impl<A: Actor> ActorRef<A> {
             .rt
             .shared
             .store
-            .enqueue_once(&env, None, &key, self.rt.shared.config.reply_ttl)
+            .enqueue_event(&env, &key, self.rt.shared.config.reply_ttl, &id)
             .await?;
         match r {
             Enqueued::New(_) => {
+                // A wait of this process gets it at once; a suspended one was made visible by
+                // the same write, and is run here if no other node does first.
                 self.rt.shared.hub.notify(&lane);
+                self.rt.shared.wake(&id);
                 Ok(Sent::Enqueued(message_id))
             }
             Enqueued::Duplicate(_) => Ok(Sent::Duplicate),

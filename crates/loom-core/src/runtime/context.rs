@@ -107,6 +107,9 @@ pub(crate) enum Interrupt {
     /// A durable sleep has longer left than `Config::suspend_after`: suspend the invocation
     /// until then (its message back at that time, the actor passivated meanwhile).
     Suspend(Timestamp),
+    /// A wait for an event has waited `Config::suspend_after` in memory: suspend the invocation
+    /// until an event arrives on this lane or the wait's deadline passes (`None`: no deadline).
+    SuspendOn(Option<Timestamp>, ActorId),
 }
 
 impl Interrupt {
@@ -125,6 +128,7 @@ impl Interrupt {
             Interrupt::LeaseLost => "the actor's lease was lost".to_owned(),
             Interrupt::NonDeterminism(_, m) => format!("non-determinism: {m}"),
             Interrupt::Suspend(until) => format!("suspended until {until}"),
+            Interrupt::SuspendOn(_, lane) => format!("suspended until an event on {lane}"),
         }
     }
 }
@@ -635,6 +639,14 @@ impl<'a> Context<'a> {
     /// of one name are received in the order delivered, each by one wait; an event delivered
     /// twice with one key (`ActorRef::deliver_event_with`; by default the key comes from the
     /// data) is received once.
+    ///
+    /// A wait that has gone `Config::suspend_after` (default 1 s) in memory without its event,
+    /// and has longer than that left, suspends, as a long [`sleep`](Self::sleep) does: this call
+    /// returns [`StepError::Interrupted`] (pass it on with `?`), the actor is passivated and its
+    /// lease released, and its message comes back when the event is delivered or the timeout
+    /// passes, on whichever node; the replay then continues this call. The event's delivery
+    /// and the wake-up are one write, and the suspension checks for an event in the same write
+    /// that suspends, so an event is never missed between the two.
     pub async fn wait_event<T: DeserializeOwned>(
         &mut self,
         name: &str,
@@ -676,6 +688,7 @@ impl<'a> Context<'a> {
             .actor
             .event_lane_in(name, self.io.store.partitions());
         let notify = self.io.hub.notifier(&lane);
+        let waiting_since = tokio::time::Instant::now();
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,
             max_deliveries: 1000,
@@ -749,6 +762,14 @@ impl<'a> Context<'a> {
                 return Err(StepError::TimedOut {
                     name: name.to_owned(),
                 });
+            }
+            let suspend_after = self.io.config.suspend_after;
+            if waiting_since.elapsed() >= suspend_after
+                && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after)
+            {
+                // EventAwaited is journaled (above, or in the run that began the wait): the
+                // replay continues the wait.
+                return Err(self.interrupt(Interrupt::SuspendOn(deadline, lane)));
             }
             let mut wait = self.io.config.poll_interval.max(Duration::from_millis(10)) * 4;
             if let Some(d) = deadline {

@@ -196,6 +196,28 @@ pub trait Mailbox: Send + Sync + 'static {
     /// receipt is no longer current.
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()>;
 
+    /// Suspends a delivered message until an event arrives on `lane` or `delay` passes,
+    /// whichever comes first: as [`nack`](Self::nack) with `delay` and `reason`, and besides,
+    /// the next event [`Store::enqueue_event`](crate::Store::enqueue_event) puts on `lane` for
+    /// this actor makes the message visible at once (a *wake-up*), if it has not been handed out
+    /// again since. `lane` is one of the actor's event lanes
+    /// ([`ActorId::event_lane_in`](crate::ActorId::event_lane_in)), so it lives in the actor's
+    /// partition.
+    ///
+    /// Refused, with `Ok(false)` and nothing written (the delivery stays out), if `lane` holds
+    /// a message already (due or out): the waiter reads it instead of sleeping. The check and
+    /// the suspension are one atomic write, and so are an event's enqueue and its wake-up, so
+    /// an event cannot slip between the waiter's last look and its suspension (no lost
+    /// wake-up). A message suspends on one lane at a time: suspending it again replaces the
+    /// lane. [`StoreError::StaleReceipt`] if the receipt is no longer current.
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool>;
+
     /// Moves a delivered message to the dead letters with `reason`; returns the dead letter's id.
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64>;
 
@@ -274,6 +296,24 @@ pub fn check_purge(ids: &[u64]) -> StoreResult<()> {
             "{} dead letters to purge in one call; at most {}",
             ids.len(),
             crate::limits::MAX_PURGE_IDS
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the lanes of a [`Mailbox::suspend`] or [`Store::enqueue_event`](crate::Store::enqueue_event)
+/// call: `lane` must be an event lane ([`ActorId::event_lane_in`]) in `owner`'s partition of a
+/// store of `partitions`, so that the wake-up and the event are one write; every backend calls it.
+pub fn check_lane(lane: &ActorId, owner: &ActorId, partitions: u32) -> StoreResult<()> {
+    use crate::partition::partition_of;
+    if lane.kind() != "_event" || owner.is_system() {
+        return Err(StoreError::InvalidRequest(format!(
+            "{lane} is not an event lane of {owner}"
+        )));
+    }
+    if partition_of(lane, partitions) != partition_of(owner, partitions) {
+        return Err(StoreError::InvalidRequest(format!(
+            "event lane {lane} is not in the partition of {owner}"
         )));
     }
     Ok(())

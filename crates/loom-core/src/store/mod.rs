@@ -83,4 +83,17 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Park
         key: &IdempotencyKey,
         ttl: Duration,
     ) -> StoreResult<Enqueued>;
+
+    /// Delivers an event: [`enqueue_once`](Self::enqueue_once) of `msg` (due now) on an event
+    /// lane of `owner` (`msg.to`, from [`ActorId::event_lane_in`](crate::ActorId::event_lane_in)),
+    /// and, in the same atomic write, when the event is new, the wake-up of `owner`'s message if
+    /// it is [suspended](Mailbox::suspend) on that lane and has not been handed out again since:
+    /// it becomes visible now. A duplicate wakes nothing.
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl: Duration,
+        owner: &crate::id::ActorId,
+    ) -> StoreResult<Enqueued>;
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::limits::clip_reason;
-use loom_core::store::backend::{check_ttl, interleave, prepare_message};
+use loom_core::store::backend::{check_lane, check_ttl, interleave, prepare_message};
 use loom_core::{
     ActorId, DeadLetter, Delivery, Envelope, LeaseOptions, Mailbox, MessageId, Receipt, StoreError,
     StoreResult, Timestamp, Waiting,
@@ -44,6 +44,9 @@ pub(super) struct Current {
     deliveries: u32,
     /// The error of its last nack.
     error: Option<String>,
+    /// While suspended on an event lane ([`Mailbox::suspend`]): the lane, and the delivery it
+    /// was suspended at (a mark that no longer matches `deliveries` is stale).
+    wake_on: Option<(ActorId, u32)>,
 }
 
 /// One actor's mailbox.
@@ -182,6 +185,44 @@ impl Mailboxes {
             .ok_or_else(|| stale(receipt))
     }
 
+    /// Suspends the delivery `receipt` on `lane` until `visible_at` ([`Mailbox::suspend`]):
+    /// false, changing nothing, if the lane holds a message.
+    pub(super) fn suspend(
+        &mut self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        visible_at: u64,
+        error: String,
+    ) -> StoreResult<bool> {
+        self.check_receipt(receipt)?;
+        if self.queue(lane).is_some_and(|q| q.len() > 0) {
+            return Ok(false);
+        }
+        let c = self.held_mut(receipt)?;
+        c.visible_at = visible_at;
+        c.error = Some(error);
+        c.wake_on = Some((lane.clone(), c.deliveries));
+        Ok(true)
+    }
+
+    /// Makes `owner`'s message suspended on `lane` visible at `now`, if it still is.
+    pub(super) fn wake(&mut self, owner: &ActorId, lane: &ActorId, now: u64) {
+        let Some(c) = self
+            .boxes
+            .get_mut(owner)
+            .and_then(|q| Arc::make_mut(q).current.as_mut())
+        else {
+            return;
+        };
+        if let Some((l, deliveries)) = c.wake_on.take_if(|(l, _)| l == lane)
+            && deliveries == c.deliveries
+            && c.visible_at > now
+        {
+            debug_assert_eq!(&l, lane);
+            c.visible_at = now;
+        }
+    }
+
     /// Moves `current`, taken out of `actor`'s mailbox, to the dead letters; returns the dead
     /// letter's id. A message whose frame does not decode is buried all the same, as an
     /// envelope carrying its raw bytes (hex) under `corrupt_frame`, so that one damaged message
@@ -268,6 +309,7 @@ impl Mailboxes {
                             visible_at: 0,
                             deliveries: 0,
                             error: None,
+                            wake_on: None,
                         })
                     }
                 }
@@ -456,6 +498,24 @@ impl Mailbox for SimStore {
             c.visible_at = (now + delay).as_millis();
             c.error = Some(error);
             Ok(())
+        })
+        .await
+    }
+
+    async fn suspend(
+        &self,
+        receipt: &Receipt,
+        lane: &ActorId,
+        delay: Duration,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
+        let error = clip_reason(reason);
+        let arg = format!("{} {} {lane}", receipt.actor, receipt.message_id);
+        let (receipt, lane) = (receipt.clone(), lane.clone());
+        self.update("suspend", &arg, move |d, now| {
+            let visible_at = (now + delay).as_millis();
+            d.mailboxes.suspend(&receipt, &lane, visible_at, error)
         })
         .await
     }

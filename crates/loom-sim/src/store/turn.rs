@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{
-    Committed, Settle, Turn, check_ttl, prepare_append, prepare_message, prepare_result,
+    Committed, Settle, Turn, check_lane, check_ttl, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::{
     ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreError, StoreResult,
@@ -171,6 +171,29 @@ impl Store for SimStore {
                 return Ok(Enqueued::Duplicate(existing));
             }
             let position = d.mailboxes.enqueue(&to, id, frame, deliver_at, now);
+            Ok(Enqueued::New(position))
+        })
+        .await
+    }
+
+    async fn enqueue_event(
+        &self,
+        msg: &Envelope,
+        key: &IdempotencyKey,
+        ttl: Duration,
+        owner: &ActorId,
+    ) -> StoreResult<Enqueued> {
+        check_ttl("idempotency ttl", ttl)?;
+        check_lane(&msg.to, owner, self.partitions())?;
+        let frame = Frame::from(prepare_message(msg)?);
+        let arg = format!("{} {} {key} {owner}", msg.to, msg.id);
+        let (to, id, key, owner) = (msg.to.clone(), msg.id, key.clone(), owner.clone());
+        self.update("enqueue_event", &arg, move |d, now| {
+            if let Some(existing) = d.records.reserve(&to, &key, None, now) {
+                return Ok(Enqueued::Duplicate(existing));
+            }
+            let position = d.mailboxes.enqueue(&to, id, frame, None, now);
+            d.mailboxes.wake(&owner, &to, now.as_millis());
             Ok(Enqueued::New(position))
         })
         .await

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use loom_core::limits::MAX_MESSAGE_BYTES;
-use loom_core::{ActorId, Envelope, LeaseOptions, Limit, Receipt, Store, StoreError, Timestamp};
+use loom_core::{
+    ActorId, Enqueued, Envelope, IdempotencyKey, LeaseOptions, Limit, Receipt, Store, StoreError,
+    Timestamp,
+};
 use serde_json::json;
 
 use super::{Case, cases};
@@ -38,6 +41,10 @@ pub(super) fn cases() -> Vec<Case> {
         messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
         ready_actors_lists_only_the_kinds_asked_for,
         one_kinds_backlog_does_not_hide_another_kinds_ready_actors,
+        an_event_on_its_lane_wakes_a_suspended_message,
+        suspending_is_refused_while_the_lane_holds_a_message,
+        a_wake_up_leaves_a_message_handed_out_again_alone,
+        suspend_refuses_a_stale_receipt_and_a_foreign_lane,
     ]
 }
 
@@ -678,4 +685,181 @@ async fn one_kinds_backlog_does_not_hide_another_kinds_ready_actors(store: Arc<d
         store.ready_actors(&["gauge"], 1).await.unwrap(),
         vec![gauge]
     );
+}
+
+/// Delivers event `n` on `owner`'s lane `name`, as `ActorRef::deliver_event` does.
+async fn deliver(store: &dyn Store, owner: &ActorId, name: &str, n: u64) -> Enqueued {
+    let lane = owner.event_lane_in(name, store.partitions());
+    let key = IdempotencyKey::new(format!("event-{name}-{n}")).unwrap();
+    store
+        .enqueue_event(
+            &Envelope::new(lane, json!({ "n": n })),
+            &key,
+            Duration::from_secs(60),
+            owner,
+        )
+        .await
+        .unwrap()
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+async fn an_event_on_its_lane_wakes_a_suspended_message(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let lane = a.event_lane_in("approved", store.partitions());
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    store.enqueue(&msg(&b, 0), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let suspended = store
+        .suspend(&d.receipt, &lane, HOUR, "waiting for approved")
+        .await
+        .unwrap();
+    assert!(suspended, "an empty lane was refused");
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert_eq!(
+        store.ready_actors(&["conf"], 10).await.unwrap(),
+        vec![b.clone()]
+    );
+    // An event on another lane of a, and one of b's lanes, wake nothing.
+    assert!(matches!(
+        deliver(&*store, &a, "rejected", 1).await,
+        Enqueued::New(_)
+    ));
+    assert!(matches!(
+        deliver(&*store, &b, "approved", 2).await,
+        Enqueued::New(_)
+    ));
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert!(matches!(
+        deliver(&*store, &a, "approved", 3).await,
+        Enqueued::New(_)
+    ));
+    let mut ready = store.ready_actors(&["conf"], 10).await.unwrap();
+    ready.sort();
+    assert_eq!(
+        ready,
+        vec![a.clone(), b.clone()],
+        "the woken actor is listed as ready"
+    );
+    let again = store.lease(&a, long()).await.unwrap().expect("woken");
+    assert_eq!(
+        again.envelope.id, m.id,
+        "the suspended message keeps its place"
+    );
+    assert_eq!(again.receipt.delivery, d.receipt.delivery + 1);
+    let e = store
+        .lease(&lane, long())
+        .await
+        .unwrap()
+        .expect("the event");
+    assert_eq!(e.envelope.payload, json!({ "n": 3 }));
+    // A wake-up is used once: suspended again, the message waits for the next event.
+    store.ack(&e.receipt).await.unwrap();
+    assert!(
+        store
+            .suspend(&again.receipt, &lane, HOUR, "again")
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        deliver(&*store, &a, "approved", 3).await,
+        Enqueued::Duplicate(_)
+    ));
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "a duplicate event woke the message"
+    );
+    assert!(matches!(
+        deliver(&*store, &a, "approved", 4).await,
+        Enqueued::New(_)
+    ));
+    let third = store.lease(&a, long()).await.unwrap().expect("woken again");
+    assert_eq!(third.envelope.id, m.id);
+}
+
+async fn suspending_is_refused_while_the_lane_holds_a_message(store: Arc<dyn Store>) {
+    let a = id("a");
+    let lane = a.event_lane_in("approved", store.partitions());
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    deliver(&*store, &a, "approved", 1).await;
+    assert!(
+        !store.suspend(&d.receipt, &lane, HOUR, "w").await.unwrap(),
+        "suspended although its event had arrived"
+    );
+    // Nothing was written: the delivery is still out, and still the caller's.
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    store.ack(&d.receipt).await.unwrap();
+    // An event that is out (leased by a waiter that has not settled it) counts as well.
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let _event = store
+        .lease(&lane, long())
+        .await
+        .unwrap()
+        .expect("the event");
+    assert!(!store.suspend(&d.receipt, &lane, HOUR, "w").await.unwrap());
+}
+
+async fn a_wake_up_leaves_a_message_handed_out_again_alone(store: Arc<dyn Store>) {
+    let a = id("a");
+    let lane = a.event_lane_in("approved", store.partitions());
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let delay = Duration::from_millis(100);
+    assert!(store.suspend(&d.receipt, &lane, delay, "w").await.unwrap());
+    wait_past(delay).await;
+    // The suspension ran out (a timeout): the message is handed out again, for a minute.
+    let again = store.lease(&a, long()).await.unwrap().expect("due again");
+    deliver(&*store, &a, "approved", 1).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "a late event made a message that is out visible"
+    );
+    store.ack(&again.receipt).await.unwrap();
+    // A suspension that ended with an ack leaves no mark behind for the next message.
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let next = store.lease(&a, long()).await.unwrap().expect("next");
+    store.nack(&next.receipt, HOUR, "backoff").await.unwrap();
+    deliver(&*store, &a, "approved", 2).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "an event woke a message that only nacked"
+    );
+}
+
+async fn suspend_refuses_a_stale_receipt_and_a_foreign_lane(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let lane = a.event_lane_in("approved", store.partitions());
+    store.enqueue(&msg(&a, 0), None).await.unwrap();
+    let d = store.lease(&a, short(5)).await.unwrap().expect("delivery");
+    let not_a_lane = store.suspend(&d.receipt, &b, HOUR, "w").await;
+    assert!(
+        matches!(not_a_lane, Err(StoreError::InvalidRequest(_))),
+        "{not_a_lane:?}"
+    );
+    wait_past(Duration::from_millis(100)).await;
+    let again = store.lease(&a, long()).await.unwrap().expect("redelivered");
+    let stale = store.suspend(&d.receipt, &lane, HOUR, "w").await;
+    assert!(
+        matches!(stale, Err(StoreError::StaleReceipt { .. })),
+        "{stale:?}"
+    );
+    // The refused calls changed nothing: the current delivery is still out and acks.
+    store.ack(&again.receipt).await.unwrap();
+    let not_an_owner = store
+        .enqueue_event(
+            &Envelope::new(b.clone(), json!(1)),
+            &IdempotencyKey::new("k").unwrap(),
+            Duration::from_secs(60),
+            &a,
+        )
+        .await;
+    assert!(
+        matches!(not_an_owner, Err(StoreError::InvalidRequest(_))),
+        "{not_an_owner:?}"
+    );
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
 }
