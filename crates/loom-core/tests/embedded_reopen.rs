@@ -131,3 +131,75 @@ async fn a_layout_2_file_is_upgraded_and_its_ready_mailboxes_found_by_kind() {
     assert_eq!(layout, LAYOUT_VERSION);
     assert!(txn.open_table(READY).unwrap().is_empty().unwrap());
 }
+
+/// A message suspended on an event lane waits for its event, not for a consumer: reopening the
+/// store leaves it suspended (the event wakes it), and a repartition, which renames the lanes,
+/// hands it out again at the copy's first opening, so that its wait suspends again on the
+/// lane's new name instead of waiting for an event that can no longer find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_wait_survives_a_reopen_and_a_repartition_renaming_its_lane() {
+    use loom_core::{EmbeddedOptions, Enqueued, IdempotencyKey, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = ActorId::new("order", "a").expect("id");
+    let long = LeaseOptions {
+        visibility: Duration::from_secs(3600),
+        max_deliveries: 10,
+    };
+    let hour = Duration::from_secs(3600);
+    let deliver = async |store: &EmbeddedStore| {
+        let lane = a.event_lane_in("approved", store.partitions());
+        let key = IdempotencyKey::new("approval").unwrap();
+        let env = Envelope::new(lane, json!(true));
+        let r = store.enqueue_event(&env, &key, hour, &a).await.unwrap();
+        assert!(matches!(r, Enqueued::New(_)), "{r:?}");
+    };
+    // Two stores of one partition, each with a's message suspended on its lane.
+    let (reopened, moved) = (dir.path().join("reopened"), dir.path().join("moved"));
+    for path in [&reopened, &moved] {
+        let opts = EmbeddedOptions {
+            partitions: Some(1),
+            ..EmbeddedOptions::default()
+        };
+        let store = EmbeddedStore::open_with(path, opts).expect("open");
+        store
+            .enqueue(&Envelope::new(a.clone(), json!("place")), None)
+            .await
+            .unwrap();
+        let d = store.lease(&a, long).await.unwrap().expect("delivery");
+        let lane = a.event_lane_in("approved", 1);
+        assert!(store.suspend(&d.receipt, &lane, hour, "w").await.unwrap());
+    }
+    {
+        let store = EmbeddedStore::open(&reopened).expect("reopen");
+        assert!(
+            store.lease(&a, long).await.unwrap().is_none(),
+            "reopening handed a suspended message out"
+        );
+        deliver(&store).await;
+        assert!(
+            store.lease(&a, long).await.unwrap().is_some(),
+            "the event did not wake the wait after a reopen"
+        );
+    }
+    let three = dir.path().join("three");
+    EmbeddedStore::open(&moved)
+        .expect("open")
+        .copy_repartitioned(&three, 3)
+        .await
+        .expect("repartition");
+    let store = EmbeddedStore::open(&three).expect("open the copy");
+    assert_eq!(store.partitions(), 3);
+    let d = store
+        .lease(&a, long)
+        .await
+        .unwrap()
+        .expect("the copy hands the suspended message out to suspend again");
+    let lane = a.event_lane_in("approved", 3);
+    assert!(store.suspend(&d.receipt, &lane, hour, "w").await.unwrap());
+    assert!(store.lease(&a, long).await.unwrap().is_none());
+    deliver(&store).await;
+    assert!(
+        store.lease(&a, long).await.unwrap().is_some(),
+        "an event on the lane's new name did not wake the wait"
+    );
+}

@@ -49,6 +49,7 @@ pub struct Faults {
     rng: Mutex<Option<fastrand::Rng>>,
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
     pause_read: Mutex<Option<Arc<ReadPause>>>,
+    pause_suspend: Mutex<Option<Arc<ReadPause>>>,
     /// How many failures were injected.
     pub injected: AtomicU64,
     /// Lease renewal calls that reached the store (`renew` and `renew_many`).
@@ -72,6 +73,17 @@ impl Faults {
     pub fn pause_next_read(&self) -> Arc<ReadPause> {
         let pause = Arc::new(ReadPause::default());
         *self.pause_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
+        pause
+    }
+
+    /// Holds the next mailbox `suspend` before it reaches the store, as [`pause_next_read`]
+    /// holds a read: what the case does meanwhile (deliver the event the wait suspends for,
+    /// say) happens between the waiter's last look at its lane and its suspension.
+    ///
+    /// [`pause_next_read`]: Self::pause_next_read
+    pub fn pause_next_suspend(&self) -> Arc<ReadPause> {
+        let pause = Arc::new(ReadPause::default());
+        *self.pause_suspend.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
         pause
     }
 
@@ -333,6 +345,16 @@ impl Mailbox for FaultyStore {
         delay: Duration,
         reason: &str,
     ) -> StoreResult<bool> {
+        let paused = self
+            .faults
+            .pause_suspend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pause) = paused {
+            pause.reached.notify_one();
+            pause.resume.notified().await;
+        }
         self.write("suspend", self.inner.suspend(receipt, lane, delay, reason))
             .await
     }

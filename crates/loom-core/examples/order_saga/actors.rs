@@ -75,6 +75,11 @@ impl World {
 pub struct Order {
     /// The systems its activities call.
     pub world: Arc<World>,
+    /// How long an order waits for its approval (three days in the example, by default). The
+    /// wait does not hold the order in memory: after `Config::suspend_after` (1 s) it suspends,
+    /// its actor passivated, and the approval's delivery (or the deadline) wakes it, on
+    /// whichever node.
+    pub approval_wait: Duration,
 }
 
 /// Where an order is.
@@ -95,15 +100,12 @@ pub struct Place {
     /// What it costs; above [`DECLINED_ABOVE`] the card is declined.
     pub amount: i64,
     /// Whether it waits for an `approved` event (`true` approves, `false` refuses), at most
-    /// [`APPROVAL_WAIT`].
+    /// [`Order::approval_wait`].
     pub needs_approval: bool,
 }
 
 /// The card declines charges above this amount.
 pub const DECLINED_ABOVE: i64 = 500;
-
-/// How long an order waits for its approval.
-pub const APPROVAL_WAIT: Duration = Duration::from_secs(3);
 
 impl Actor for Order {
     const KIND: &'static str = "order";
@@ -140,7 +142,7 @@ impl Actor for Order {
             Err(StepError::ActivityFailed { error, .. }) => Some((error, false)),
             Err(e) => return Err(e.into()),
             Ok(()) if order.needs_approval => match ctx
-                .wait_event::<bool>("approved", Some(APPROVAL_WAIT))
+                .wait_event::<bool>("approved", Some(self.approval_wait))
                 .await
             {
                 Ok(true) => None,

@@ -5,11 +5,17 @@
 //! ```
 //!
 //! An order reserves stock and charges the card (activities, each journaled once); a large
-//! order then waits for an `approved` event, at most a few seconds; after a durable cool-off
-//! timer it ships. When the card is declined or the approval never comes, the saga compensates:
-//! it refunds what it charged and releases what it reserved. The payment and inventory systems
-//! here are in-process stand-ins that deduplicate by the activity key Loom hands them, as a real
-//! payment API deduplicates by idempotency key.
+//! order then waits for an `approved` event, for up to three days (`--approval-wait`); after a
+//! durable cool-off timer it ships. When the card is declined, the approval is refused or it
+//! never comes, the saga compensates: it refunds what it charged and releases what it reserved.
+//! The payment and inventory systems here are in-process stand-ins that deduplicate by the
+//! activity key Loom hands them, as a real payment API deduplicates by idempotency key.
+//!
+//! A wait of days holds nothing in memory: after a second it suspends (the order's actor is
+//! passivated and its lease released) and the approval's delivery wakes it. The example shows
+//! the waiting orders suspended before an operator answers them. An order nobody answers is
+//! placed too when the wait is short enough to watch it time out (at most a minute:
+//! `--approval-wait 3s`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +33,29 @@ struct Args {
     /// Data directory of the embedded store.
     #[arg(long, default_value = "./loom-data-saga")]
     data: PathBuf,
+    /// How long an order waits for its approval (`3d`, `90s`, `1500ms`).
+    #[arg(long, default_value = "3d", value_parser = parse_wait)]
+    approval_wait: Duration,
+}
+
+/// A wait of `<n>d`, `<n>h`, `<n>m`, `<n>s` or `<n>ms`.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a wait such as 3d, 90s or 1500ms"))?;
+    let unit_ms = match unit {
+        "d" => 86_400_000,
+        "h" => 3_600_000,
+        "m" => 60_000,
+        "s" => 1_000,
+        "ms" => 1,
+        _ => return Err(format!("{s:?}: the unit must be d, h, m, s or ms")),
+    };
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +86,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .embedded(&args.data)
         .register_actor(Order {
             world: world.clone(),
+            approval_wait: args.approval_wait,
         })
         .start()
         .await?;
@@ -77,7 +107,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         (
-            "unapproved",
+            "refused",
             Place {
                 amount: 250,
                 needs_approval: true,
@@ -90,9 +120,23 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 needs_approval: false,
             },
         ),
+        (
+            "unanswered",
+            Place {
+                amount: 200,
+                needs_approval: true,
+            },
+        ),
     ];
+    let watch_timeout = args.approval_wait <= Duration::from_secs(60);
+    // A wait suspends once it has waited `suspend_after` in memory with longer than that left.
+    let suspend_after = loom_core::runtime::Config::default().suspend_after;
+    let suspends = args.approval_wait > suspend_after * 2 + Duration::from_millis(500);
     let mut asks = Vec::new();
     for (name, place) in orders {
+        if name == "unanswered" && !watch_timeout {
+            continue;
+        }
         let order = rt.actor::<Order>(format!("{run}-{name}"));
         let amount = place.amount;
         asks.push((
@@ -102,10 +146,29 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             tokio::spawn(async move { order.ask(place).await }),
         ));
     }
-    // An operator approves one order while it waits.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The orders that wait for approval suspend after a second: none of them is in memory.
+    if suspends {
+        let waiting = if watch_timeout { 3 } else { 2 };
+        let ids = ["approved", "refused"]
+            .map(|name| rt.actor::<Order>(format!("{run}-{name}")).id().cloned());
+        let ids = ids.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let suspended = tokio::time::timeout(Duration::from_secs(30), async {
+            while rt.metrics().suspensions < waiting || ids.iter().any(|id| rt.is_active(id)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if suspended.is_err() {
+            return Err("the orders waiting for approval did not suspend".into());
+        }
+        println!("{waiting} orders wait for approval, suspended: passivated, out of memory");
+    }
+    // An operator approves one order and refuses another; each delivery wakes its order.
     rt.actor::<Order>(format!("{run}-approved"))
         .deliver_event("approved", &true)
+        .await?;
+    rt.actor::<Order>(format!("{run}-refused"))
+        .deliver_event("approved", &false)
         .await?;
     for (name, id, amount, ask) in asks {
         let status = ask.await??;

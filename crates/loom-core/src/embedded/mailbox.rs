@@ -1086,7 +1086,10 @@ fn parse_actor(s: &str) -> StoreResult<ActorId> {
 }
 
 /// Makes every leased message visible again now (delivery counts kept); returns how many. For a
-/// store opened by a new process: the consumer that leased them is gone.
+/// store opened by a new process: the consumer that leased them is gone. A message suspended
+/// on an event lane ([`WAKES`], still matching) is left suspended: it waits for its event or
+/// its deadline, not for a consumer, and thousands of multi-day waits are not replayed at every
+/// start.
 pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let now = Timestamp::now().as_millis();
     let t = tx.mailbox.get()?;
@@ -1105,8 +1108,17 @@ pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
             out.push((k.value().to_owned(), meta));
         }
     }
+    let mut returned = 0u64;
     for (actor, meta) in &out {
         let state = t.state_of(actor, meta.current)?;
+        let suspended = t.wakes.get(actor.as_str()).map_err(se)?.is_some_and(|v| {
+            let (position, deliveries, _) = v.value();
+            position == meta.current && deliveries == state.deliveries
+        });
+        if suspended {
+            continue;
+        }
+        returned += 1;
         t.state
             .insert(
                 (actor.as_str(), meta.current),
@@ -1126,5 +1138,5 @@ pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
             },
         )?;
     }
-    Ok(out.len() as u64)
+    Ok(returned)
 }

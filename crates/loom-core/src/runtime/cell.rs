@@ -469,9 +469,10 @@ impl<A: Actor> Cell<A> {
                 // As a suspended sleep, and the event's delivery makes the message visible at
                 // once (`Mailbox::suspend`). Refused if an event arrived since the wait last
                 // looked: the replay then receives it.
-                let delay = until.map_or(MAX_SUSPENSION, |u| {
-                    u.saturating_since(Timestamp::now()).min(MAX_SUSPENSION)
-                });
+                let delay = until
+                    .map_or(MAX_SUSPENSION, |u| u.saturating_since(Timestamp::now()))
+                    .min(io.config.event_recheck)
+                    .min(MAX_SUSPENSION);
                 let reason = match until {
                     Some(u) => format!("suspended: waiting for an event until {u}"),
                     None => "suspended: waiting for an event".to_owned(),
@@ -482,10 +483,13 @@ impl<A: Actor> Cell<A> {
                         tracing::debug!(actor = %self.id, %lane, "suspended until an event");
                         Next::Suspend
                     }
-                    Ok(false) => Next::Reload,
+                    Ok(false) => {
+                        tracing::debug!(actor = %self.id, %lane, "an event arrived as the wait suspended; receiving it");
+                        self.hand_back_now(io, d).await
+                    }
                     Err(e) => {
                         tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
-                        Next::Reload
+                        self.hand_back_now(io, d).await
                     }
                 }
             }
@@ -506,6 +510,20 @@ impl<A: Actor> Cell<A> {
                 }
             }
         }
+    }
+
+    /// The delivery is still out to this actor, which is to run it again at once: give the
+    /// message back with no delay, so that the reload leases it now instead of when its
+    /// visibility runs out. (If that fails too, it comes back then.)
+    async fn hand_back_now(&self, io: &Io, d: &Delivery) -> Next {
+        if let Err(e) = io
+            .store
+            .nack(&d.receipt, Duration::ZERO, "resumed at once")
+            .await
+        {
+            tracing::warn!(actor = %self.id, error = %e, "could not hand the message back; it is delivered again when its visibility runs out");
+        }
+        Next::Reload
     }
 
     /// A failed attempt: nack with backoff, or after the last attempt dead-letter the message

@@ -309,10 +309,11 @@ impl<A: Actor> ActorRef<A> {
             .await?;
         match r {
             Enqueued::New(_) => {
-                // A wait of this process gets it at once; a suspended one was made visible by
-                // the same write, and is run here if no other node does first.
+                // A wait of this process gets it at once. A suspended one was made visible by
+                // the same write, and the dispatchers find it at their next poll (or a store's
+                // wake-up signal); activating the owner from here would cost a lease and a
+                // replay for every event that wakes nothing.
                 self.rt.shared.hub.notify(&lane);
-                self.rt.shared.wake(&id);
                 Ok(Sent::Enqueued(message_id))
             }
             Enqueued::Duplicate(_) => Ok(Sent::Duplicate),

@@ -113,8 +113,17 @@ pub struct Config {
     /// suspends its invocation instead of sleeping in memory (default 1 s): the actor is
     /// passivated, its lease released and its memory freed, and its message comes back when
     /// the sleep ends; the replay then continues at the same step. Meanwhile the actor's later
-    /// messages wait (one invocation at a time). `Duration::MAX` never suspends.
+    /// messages wait (one invocation at a time). A wait for an event
+    /// ([`Context::wait_event`](super::Context::wait_event)) that has waited this long in memory
+    /// without its event, and has longer than this left, suspends the same way, until its event
+    /// is delivered or its timeout passes. `Duration::MAX` never suspends.
     pub suspend_after: Duration,
+    /// The longest a suspended wait for an event stays suspended before it looks at its event
+    /// lane again (default 1 h), should its event arrive without waking it: an event delivered
+    /// by a node of an earlier build (which does not wake waits), or a dead-lettered event
+    /// requeued onto its lane. The look is a replay of the invocation, which suspends again if
+    /// the event is not there.
+    pub event_recheck: Duration,
 }
 
 impl Default for Config {
@@ -142,6 +151,7 @@ impl Default for Config {
             ask_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             suspend_after: Duration::from_secs(1),
+            event_recheck: Duration::from_secs(3600),
         }
     }
 }

@@ -688,6 +688,12 @@ impl<'a> Context<'a> {
             .actor
             .event_lane_in(name, self.io.store.partitions());
         let notify = self.io.hub.notifier(&lane);
+        // The lane's wake-up is dropped when this wait ends, however it ends (a suspended wait
+        // keeps nothing in memory).
+        let _forget = Forget {
+            hub: self.io.hub.clone(),
+            lane: lane.clone(),
+        };
         let waiting_since = tokio::time::Instant::now();
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,
@@ -784,6 +790,18 @@ impl<'a> Context<'a> {
             })
             .await?;
         }
+    }
+}
+
+/// Drops a lane's wake-up from the hub when a wait for an event ends.
+struct Forget {
+    hub: Arc<Hub>,
+    lane: ActorId,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.hub.forget(&self.lane);
     }
 }
 

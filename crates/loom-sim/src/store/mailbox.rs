@@ -207,6 +207,14 @@ impl Mailboxes {
 
     /// Makes `owner`'s message suspended on `lane` visible at `now`, if it still is.
     pub(super) fn wake(&mut self, owner: &ActorId, lane: &ActorId, now: u64) {
+        let marked = self
+            .queue(owner)
+            .and_then(|q| q.current.as_ref())
+            .is_some_and(|c| c.wake_on.as_ref().is_some_and(|(l, _)| l == lane));
+        if !marked {
+            // Nothing to change: the queue, which a snapshot may share, is not copied.
+            return;
+        }
         let Some(c) = self
             .boxes
             .get_mut(owner)

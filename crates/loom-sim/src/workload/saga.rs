@@ -55,6 +55,8 @@ impl Orders {
     pub fn register(&self, builder: RuntimeBuilder) -> RuntimeBuilder {
         builder.register_actor(Order {
             world: self.world.clone(),
+            // Approvals come within 4 s or never (`plan`): some waits time out.
+            approval_wait: Duration::from_secs(3),
         })
     }
 

@@ -20,6 +20,10 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         wait_event_times_out_with_an_error_the_handler_sees,
         wait_event_replay_after_a_crash,
         messages_queue_behind_a_waiting_invocation,
+        a_long_wait_for_an_event_suspends_until_the_event_arrives,
+        a_suspended_wait_times_out_no_earlier_than_its_deadline,
+        a_suspended_wait_survives_a_crash_and_its_deadline_passing_meanwhile,
+        an_event_arriving_as_the_wait_suspends_is_received_at_once,
     ]
 }
 
@@ -293,5 +297,177 @@ async fn messages_queue_behind_a_waiting_invocation(h: &Harness) {
         replies(h, &worker("w")).await,
         vec![json!(["event go: now"]), json!(["later done"])]
     );
+    rt.shutdown().await;
+}
+
+fn wait_for(name: &str, timeout_ms: Option<u64>) -> Step {
+    Step::Wait {
+        name: name.into(),
+        timeout_ms,
+    }
+}
+
+/// A wait for an event that has gone `suspend_after` without it suspends: the actor is
+/// passivated and holds no lease, later messages wait behind it, and the event's delivery wakes
+/// it (at once, not at a poll or a timeout) to finish the invocation.
+async fn a_long_wait_for_an_event_suspends_until_the_event_arrives(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w");
+    let asked = tokio::spawn({
+        let w = w.clone();
+        async move {
+            w.ask(vec![activity("before"), wait_for("approved", None)])
+                .await
+        }
+    });
+    let id = worker("w");
+    eventually(WAIT, "the wait suspends", || async {
+        rt.metrics().suspensions == 1 && !rt.is_active(&id)
+    })
+    .await;
+    assert_eq!(
+        h.store.holder(&id).await.unwrap(),
+        None,
+        "a suspended actor holds its lease"
+    );
+    w.send(vec![activity("later")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.probe.runs("later"),
+        0,
+        "a message overtook a suspended wait"
+    );
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::EventReceived { .. }))
+            .await,
+        0,
+        "the wait ended with no event"
+    );
+    w.deliver_event("approved", "by ops").await.unwrap();
+    let reply = tokio::time::timeout(WAIT, asked)
+        .await
+        .expect("the event did not wake the suspended wait")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, vec!["before done", "event approved: by ops"]);
+    finished(h, &id, 2).await;
+    assert_eq!(
+        replies(h, &id).await,
+        vec![
+            json!(["before done", "event approved: by ops"]),
+            json!(["later done"])
+        ]
+    );
+    assert_eq!(
+        h.probe.runs("before"),
+        1,
+        "the replay ran an activity again"
+    );
+    assert_eq!(rt.metrics().suspensions, 1);
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::EventAwaited { .. }))
+            .await,
+        1
+    );
+    rt.shutdown().await;
+}
+
+async fn a_suspended_wait_times_out_no_earlier_than_its_deadline(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let started = Timestamp::now();
+    let reply = rt
+        .actor::<Worker>("w")
+        .ask(vec![wait_for("never", Some(1500))])
+        .await
+        .unwrap();
+    assert_eq!(reply, vec!["event never: timed out"]);
+    assert!(
+        Timestamp::now().saturating_since(started) >= Duration::from_millis(1500),
+        "the suspended wait timed out early"
+    );
+    assert_eq!(rt.metrics().suspensions, 1);
+    assert_eq!(rt.metrics().dead_letters, 0);
+    rt.shutdown().await;
+}
+
+/// A crash while a wait is suspended loses nothing: an event delivered after the restart wakes
+/// one wait, and a wait whose deadline passed while no node ran wakes at the restart and times
+/// out.
+async fn a_suspended_wait_survives_a_crash_and_its_deadline_passing_meanwhile(h: &Harness) {
+    let quick = |c: &mut loom_core::runtime::Config| c.suspend_after = Duration::from_millis(100);
+    let rt = h.runtime_with(quick).await;
+    let (a, b) = (worker("a"), worker("b"));
+    rt.actor::<Worker>("a")
+        .send(vec![wait_for("approved", None)])
+        .await
+        .unwrap();
+    rt.actor::<Worker>("b")
+        .send(vec![wait_for("never", Some(1200))])
+        .await
+        .unwrap();
+    eventually(WAIT, "both waits suspend", || async {
+        rt.metrics().suspensions == 2
+    })
+    .await;
+    rt.kill().await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let rt = h.runtime_with(quick).await;
+    finished(h, &b, 1).await;
+    assert_eq!(
+        replies(h, &b).await,
+        vec![json!(["event never: timed out"])]
+    );
+    rt.actor::<Worker>("a")
+        .deliver_event("approved", "after the crash")
+        .await
+        .unwrap();
+    finished(h, &a, 1).await;
+    assert_eq!(
+        replies(h, &a).await,
+        vec![json!(["event approved: after the crash"])]
+    );
+    for id in [&a, &b] {
+        assert_eq!(
+            h.count(id, |k| matches!(k, EntryKind::EventReceived { .. }))
+                .await,
+            1,
+            "{id}"
+        );
+    }
+    rt.shutdown().await;
+}
+
+/// The event lands between the wait's last look at its lane and its suspension: the store
+/// refuses the suspension (the lane holds the event), and the invocation receives the event at
+/// once, not when its delivery's visibility (here 30 s) runs out.
+async fn an_event_arriving_as_the_wait_suspends_is_received_at_once(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.suspend_after = Duration::from_millis(100);
+            c.visibility = Duration::from_secs(30);
+        })
+        .await;
+    let pause = h.faults.pause_next_suspend();
+    let w = rt.actor::<Worker>("w");
+    let asked = tokio::spawn({
+        let w = w.clone();
+        async move { w.ask(vec![wait_for("approved", None)]).await }
+    });
+    tokio::time::timeout(WAIT, pause.reached.notified())
+        .await
+        .expect("the wait did not try to suspend");
+    w.deliver_event("approved", "just in time").await.unwrap();
+    pause.resume.notify_one();
+    let reply = tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .expect("the event that refused the suspension waited for the delivery's visibility")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, vec!["event approved: just in time"]);
+    assert_eq!(rt.metrics().suspensions, 0, "suspended beside its event");
     rt.shutdown().await;
 }
