@@ -126,7 +126,7 @@ impl Bank {
                     delay: None,
                 };
                 let initial = self.initial;
-                async move { acct.send_with(AccountMsg::Open(initial), opts).await }
+                async move { acct?.send_with(AccountMsg::Open(initial), opts).await }
             })
             .buffer_unordered(self.concurrency)
             .collect()
@@ -147,6 +147,7 @@ impl Bank {
             timeout: None,
         };
         rt.actor::<Transfer>(format!("t{i}"))
+            .map_err(SendError::from)?
             .ask_with(TransferMsg::Start { from, to, amount }, opts)
             .await?;
         Ok(t0.elapsed())
@@ -198,7 +199,10 @@ impl Bank {
             let checked: Vec<Result<(u32, Status), AskError>> = futures::stream::iter(pending)
                 .map(|i| {
                     let t = rt.actor::<Transfer>(format!("t{i}"));
-                    async move { t.ask(TransferMsg::Status).await.map(|s| (i, s)) }
+                    async move {
+                        let t = t.map_err(SendError::from)?;
+                        t.ask(TransferMsg::Status).await.map(|s| (i, s))
+                    }
                 })
                 .buffer_unordered(self.concurrency)
                 .collect()
@@ -262,7 +266,11 @@ impl Bank {
         let mut total = 0;
         for n in self.account_ids() {
             let name = format!("a{n}");
-            let got = rt.actor::<Account>(&name).ask(AccountMsg::Balance).await?;
+            let got = rt
+                .actor::<Account>(&name)
+                .map_err(SendError::from)?
+                .ask(AccountMsg::Balance)
+                .await?;
             if got != expected[&name] {
                 return Err(BankError::Verify(format!(
                     "account {name} is {got:?}, expected {:?}",

@@ -249,7 +249,7 @@ async fn ledger_once(
         .await
         .map_err(failed)?;
     let key = format!("book-{:08x}", fastrand::u32(..));
-    let actor = rt.actor::<Ledger>(&key);
+    let actor = rt.actor::<Ledger>(&key).map_err(failed)?;
     let statuses = ["paid", "packed", "shipped", "delivered"];
     let until = Instant::now() + Duration::from_secs_f64(shape.seconds);
     let mut latencies = Vec::new();

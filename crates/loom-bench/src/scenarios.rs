@@ -284,6 +284,7 @@ pub async fn activations(
             .map_err(|e| BenchError::Other(e.to_string()))?;
         let t = Instant::now();
         rt.actor::<Counter>(key)
+            .map_err(|e| BenchError::Other(e.to_string()))?
             .ask(CounterMsg::Get)
             .await
             .map_err(|e| BenchError::Other(e.to_string()))?;

@@ -129,7 +129,7 @@ pub async fn run(
             let mut rng = fastrand::Rng::with_seed(seed ^ (i as u64));
             let until = start.as_millis() + rng.u64(..window_ms);
             let sleeper = rt.actor::<Sleeper>(format!("s{run:08x}-{i}"));
-            async move { sleeper.send(until).await }
+            async move { sleeper?.send(until).await }
         })
         .buffer_unordered(512)
         .collect::<Vec<_>>()

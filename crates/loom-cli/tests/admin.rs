@@ -35,7 +35,7 @@ fn seeded(dir: &Path) {
             .await
             .expect("runtime");
         for k in ["a", "b", "c"] {
-            let c = loom.actor::<Counter>(k);
+            let c = loom.actor::<Counter>(k).unwrap();
             for _ in 0..30 {
                 c.send(1).await.expect("send");
             }

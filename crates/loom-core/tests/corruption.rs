@@ -152,7 +152,7 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
             .start()
             .await
             .expect("runtime");
-        let c = rt.actor::<Counter>("c");
+        let c = rt.actor::<Counter>("c").unwrap();
         for _ in 0..40 {
             c.send(1).await.expect("send");
         }
@@ -206,7 +206,7 @@ async fn a_damaged_snapshot_record_falls_back_to_the_older_one_and_says_so() {
         .await
         .expect("runtime");
     assert_eq!(
-        rt.actor::<Counter>("c").ask(0).await.expect("ask"),
+        rt.actor::<Counter>("c").unwrap().ask(0).await.expect("ask"),
         40,
         "the fallback lost state"
     );
@@ -270,7 +270,10 @@ async fn a_corrupt_message_frame_is_dead_lettered_and_the_next_message_runs() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(rt.actor::<Counter>("c").ask(0).await.expect("ask"), 7);
+    assert_eq!(
+        rt.actor::<Counter>("c").unwrap().ask(0).await.expect("ask"),
+        7
+    );
     let dead = store.dead_letters(None, 10).await.expect("dead letters");
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(

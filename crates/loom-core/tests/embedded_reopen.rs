@@ -73,6 +73,7 @@ async fn the_directory_opens_again_as_soon_as_shutdown_or_kill_returns() {
         for i in 0..4 {
             let n = rt
                 .actor::<Counter>(&format!("c{i}"))
+                .unwrap()
                 .ask(1)
                 .await
                 .expect("ask");

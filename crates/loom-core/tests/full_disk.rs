@@ -97,7 +97,7 @@ async fn a_full_disk_is_reported_and_writes_resume_once_space_is_freed() {
         .start()
         .await
         .expect("runtime");
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
     let ballast = fill(&fs, 2 << 20);
     // Each turn journals the whole grown state: the disk fills within a few.

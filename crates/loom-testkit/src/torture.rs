@@ -224,12 +224,11 @@ pub async fn check_bank(
     };
     let mut report = FinalReport::default();
     for &i in acked {
+        let transfer = rt
+            .actor::<Transfer>(format!("t{i}"))
+            .map_err(|e| loom_core::StoreError::InvalidRequest(e.to_string()))?;
         let status = loop {
-            match rt
-                .actor::<Transfer>(format!("t{i}"))
-                .ask(TransferMsg::Status)
-                .await
-            {
+            match transfer.ask(TransferMsg::Status).await {
                 Ok(s) => break s,
                 Err(_) => retry("a status").await,
             }

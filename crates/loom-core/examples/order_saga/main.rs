@@ -137,11 +137,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         if name == "unanswered" && !watch_timeout {
             continue;
         }
-        let order = rt.actor::<Order>(format!("{run}-{name}"));
+        let order = rt.actor::<Order>(format!("{run}-{name}"))?;
         let amount = place.amount;
         asks.push((
             name,
-            order.id()?.clone(),
+            order.id().clone(),
             amount,
             tokio::spawn(async move { order.ask(place).await }),
         ));
@@ -149,8 +149,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // The orders that wait for approval suspend after a second: none of them is in memory.
     if suspends {
         let waiting = if watch_timeout { 3 } else { 2 };
-        let ids = ["approved", "refused"]
-            .map(|name| rt.actor::<Order>(format!("{run}-{name}")).id().cloned());
+        let ids = ["approved", "refused"].map(|name| {
+            rt.actor::<Order>(format!("{run}-{name}"))
+                .map(|o| o.id().clone())
+        });
         let ids = ids.into_iter().collect::<Result<Vec<_>, _>>()?;
         let suspended = tokio::time::timeout(Duration::from_secs(30), async {
             while rt.metrics().suspensions < waiting || ids.iter().any(|id| rt.is_active(id)) {
@@ -164,10 +166,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("{waiting} orders wait for approval, suspended: passivated, out of memory");
     }
     // An operator approves one order and refuses another; each delivery wakes its order.
-    rt.actor::<Order>(format!("{run}-approved"))
+    rt.actor::<Order>(format!("{run}-approved"))?
         .deliver_event("approved", &true)
         .await?;
-    rt.actor::<Order>(format!("{run}-refused"))
+    rt.actor::<Order>(format!("{run}-refused"))?
         .deliver_event("approved", &false)
         .await?;
     for (name, id, amount, ask) in asks {

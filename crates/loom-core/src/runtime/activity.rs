@@ -190,31 +190,71 @@ impl Context<'_> {
     /// `f`'s error is journaled as text and returned as [`StepError::ActivityFailed`], at once:
     /// for retries, a time limit or a typed error, use [`activity_with`](Self::activity_with).
     ///
-    /// ```
-    /// use loom_core::runtime::{Actor, Context, Rejected};
+    /// Here an invocation is cut short by a crash after its activity ran; the next process
+    /// replays it, and the activity returns its journaled result instead of running again:
     ///
-    /// struct Mailer;
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use loom_core::runtime::{Actor, AskOptions, Context, Rejected, Runtime, SendOptions};
+    /// use loom_core::IdempotencyKey;
+    ///
+    /// struct Mailer {
+    ///     runs: Arc<AtomicU32>,
+    /// }
     ///
     /// impl Actor for Mailer {
     ///     const KIND: &'static str = "mailer";
-    ///     type State = u32;
+    ///     type State = ();
     ///     type Message = String;
     ///     type Reply = String;
     ///
-    ///     async fn handle(&self, sent: &mut u32, ctx: &mut Context<'_>, to: String) -> Result<String, Rejected> {
+    ///     async fn handle(&self, _: &mut (), ctx: &mut Context<'_>, to: String) -> Result<String, Rejected> {
+    ///         let (runs, address) = (self.runs.clone(), to.clone());
     ///         // Live: runs the closure and journals its result. Replay: returns the journaled
     ///         // result without running it again.
     ///         let receipt = ctx
     ///             .activity("send-mail", &to, |key| async move {
     ///                 // `key` is the same on every run of this step: pass it to the mail
     ///                 // service as its idempotency key.
-    ///                 Ok::<_, String>(format!("queued {key}"))
+    ///                 runs.fetch_add(1, Ordering::SeqCst);
+    ///                 Ok::<_, String>(format!("queued for {address}"))
     ///             })
     ///             .await?;
-    ///         *sent += 1;
+    ///         ctx.wait_event::<()>("confirmed", None).await?; // the crash strikes while it waits
     ///         Ok(receipt)
     ///     }
     /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// let runs = Arc::new(AtomicU32::new(0));
+    /// let node = || {
+    ///     Runtime::builder()
+    ///         .embedded(dir.path())
+    ///         .register_actor(Mailer { runs: runs.clone() })
+    ///         .start()
+    /// };
+    /// let key = IdempotencyKey::new("welcome-ada")?;
+    /// let rt = node().await?;
+    /// let opts = SendOptions { idempotency_key: Some(key.clone()), ..SendOptions::default() };
+    /// rt.actor::<Mailer>("m")?.send_with("ada@example.com".to_owned(), opts).await?;
+    /// while runs.load(Ordering::SeqCst) == 0 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// }
+    /// rt.kill().await; // a crash: the invocation is half done, the process gone
+    /// drop(rt);
+    ///
+    /// let rt = node().await?; // the invocation resumes by replay
+    /// let mailer = rt.actor::<Mailer>("m")?;
+    /// mailer.deliver_event("confirmed", &()).await?;
+    /// let opts = AskOptions { idempotency_key: Some(key), ..AskOptions::default() };
+    /// let receipt = mailer.ask_with("ada@example.com".to_owned(), opts).await?;
+    /// assert_eq!(receipt, "queued for ada@example.com");
+    /// assert_eq!(runs.load(Ordering::SeqCst), 1, "the replay did not send the mail again");
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
     /// ```
     pub async fn activity<I, O, E, F, Fut>(
         &mut self,

@@ -34,6 +34,31 @@ pub enum StartError {
     Registration(String),
 }
 
+/// What [`RuntimeBuilder::store`] takes: any [`Store`], by value or in an `Arc`, or an
+/// `Arc<dyn Store>`.
+pub trait IntoStore {
+    /// The store, shared.
+    fn into_store(self) -> Arc<dyn Store>;
+}
+
+impl<S: Store> IntoStore for S {
+    fn into_store(self) -> Arc<dyn Store> {
+        Arc::new(self)
+    }
+}
+
+impl<S: Store> IntoStore for Arc<S> {
+    fn into_store(self) -> Arc<dyn Store> {
+        self
+    }
+}
+
+impl IntoStore for Arc<dyn Store> {
+    fn into_store(self) -> Arc<dyn Store> {
+        self
+    }
+}
+
 /// Builds a [`Runtime`].
 pub struct RuntimeBuilder {
     pub(super) store: Option<StoreChoice>,
@@ -60,9 +85,21 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Uses any store.
-    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
-        self.store = Some(StoreChoice::Given(store));
+    /// Uses any store: one taken by value, one shared in an `Arc`, or an `Arc<dyn Store>`
+    /// picked at run time (see [`IntoStore`]).
+    ///
+    /// ```
+    /// use loom_core::EmbeddedStore;
+    /// use loom_core::runtime::Runtime;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().store(EmbeddedStore::in_memory()?).start().await?;
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn store(mut self, store: impl IntoStore) -> Self {
+        self.store = Some(StoreChoice::Given(store.into_store()));
         self
     }
 

@@ -120,7 +120,7 @@ pub enum Sent {
 /// A handle to one actor (`A::KIND/key`); cheap to clone.
 pub struct ActorRef<A: Actor> {
     rt: Runtime,
-    id: Result<ActorId, IdError>,
+    id: ActorId,
     _kind: PhantomData<fn() -> A>,
 }
 
@@ -135,21 +135,21 @@ impl<A: Actor> Clone for ActorRef<A> {
 }
 
 impl<A: Actor> ActorRef<A> {
-    pub(crate) fn new(rt: Runtime, key: &str) -> Self {
-        ActorRef {
+    pub(crate) fn new(rt: Runtime, key: &str) -> Result<Self, IdError> {
+        Ok(ActorRef {
             rt,
-            id: ActorId::new(A::KIND, key),
+            id: ActorId::new(A::KIND, key)?,
             _kind: PhantomData,
-        }
+        })
     }
 
-    /// The actor's id, or why the key is invalid.
-    pub fn id(&self) -> Result<&ActorId, IdError> {
-        self.id.as_ref().map_err(Clone::clone)
+    /// The actor's id.
+    pub fn id(&self) -> &ActorId {
+        &self.id
     }
 
     fn envelope(&self, msg: &A::Message) -> Result<Envelope, SendError> {
-        let id = self.id.clone()?;
+        let id = self.id.clone();
         if !self.rt.shared.kinds.contains_key(A::KIND) {
             return Err(SendError::UnknownKind(A::KIND.to_owned()));
         }
@@ -286,7 +286,7 @@ impl<A: Actor> ActorRef<A> {
         data: &T,
         opts: EventOptions,
     ) -> Result<Sent, SendError> {
-        let id = self.id.clone()?;
+        let id = self.id.clone();
         let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
         let key = match opts.key {
             Some(k) => k,

@@ -344,6 +344,15 @@ impl<'a> Context<'a> {
     ///         Ok(seen.last().cloned().unwrap_or_default())
     ///     }
     /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = loom_core::runtime::Runtime::builder().memory().register_actor(Stamp).start().await?;
+    /// let stamp = rt.actor::<Stamp>("s")?;
+    /// let (first, second) = (stamp.ask(()).await?, stamp.ask(()).await?);
+    /// assert_ne!(first, second, "each invocation draws its own values");
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
     /// ```
     pub fn now(&mut self) -> Result<Timestamp, StepError> {
         self.record("now", Timestamp::now)
@@ -484,6 +493,52 @@ impl<'a> Context<'a> {
 
     /// Sends `msg` to the actor `B::KIND/key`. It leaves exactly once: with the turn's next
     /// durable write, in the same atomic write as the `MessageSent` entry that records it.
+    /// Live, it queues the message for that write; on a replay, the journal's `MessageSent`
+    /// says it left already, and nothing is sent again. (Its id derives from this message and
+    /// the step, so the receiver could deduplicate it too.)
+    ///
+    /// ```
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    ///
+    /// struct Inbox;
+    /// impl Actor for Inbox {
+    ///     const KIND: &'static str = "inbox";
+    ///     type State = Vec<String>;
+    ///     type Message = Option<String>; // a note to keep, or None to read them
+    ///     type Reply = Vec<String>;
+    ///     async fn handle(&self, notes: &mut Vec<String>, _: &mut Context<'_>, note: Option<String>) -> Result<Vec<String>, Rejected> {
+    ///         notes.extend(note);
+    ///         Ok(notes.clone())
+    ///     }
+    /// }
+    ///
+    /// struct Greeter;
+    /// impl Actor for Greeter {
+    ///     const KIND: &'static str = "greeter";
+    ///     type State = ();
+    ///     type Message = String;
+    ///     type Reply = ();
+    ///     async fn handle(&self, _: &mut (), ctx: &mut Context<'_>, name: String) -> Result<(), Rejected> {
+    ///         ctx.send::<Inbox>(&name, &Some(format!("hello, {name}")))?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Inbox).register_actor(Greeter).start().await?;
+    /// rt.actor::<Greeter>("g")?.ask("ada".to_owned()).await?;
+    /// // The greeting left with the greeter's turn; the inbox handles it in its own turn.
+    /// let inbox = rt.actor::<Inbox>("ada")?;
+    /// let mut notes = inbox.ask(None).await?;
+    /// while notes.is_empty() {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    ///     notes = inbox.ask(None).await?;
+    /// }
+    /// assert_eq!(notes, vec!["hello, ada"]);
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn send<B: Actor>(
         &mut self,
         key: impl AsRef<str>,
@@ -528,7 +583,55 @@ impl<'a> Context<'a> {
     }
 
     /// Creates a child actor of kind `C` by sending it `input` as its first message. The child's
-    /// key is derived from this actor, this message and the step: a replay finds the same child.
+    /// key is derived from this actor, this message and the step: a replay finds the same child
+    /// (and sends nothing again), so a crash never makes two children of one spawn.
+    ///
+    /// ```
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    ///
+    /// struct Job;
+    /// impl Actor for Job {
+    ///     const KIND: &'static str = "job";
+    ///     type State = u32;
+    ///     type Message = u32; // work to add, or 0 to read
+    ///     type Reply = u32;
+    ///     async fn handle(&self, done: &mut u32, _: &mut Context<'_>, work: u32) -> Result<u32, Rejected> {
+    ///         *done += work;
+    ///         Ok(*done)
+    ///     }
+    /// }
+    ///
+    /// struct Batch;
+    /// impl Actor for Batch {
+    ///     const KIND: &'static str = "batch";
+    ///     type State = Vec<String>;
+    ///     type Message = u32;
+    ///     type Reply = Vec<String>;
+    ///     async fn handle(&self, jobs: &mut Vec<String>, ctx: &mut Context<'_>, n: u32) -> Result<Vec<String>, Rejected> {
+    ///         for i in 0..n {
+    ///             let child = ctx.spawn::<Job>(&(i + 1))?;
+    ///             jobs.push(child.key().to_owned());
+    ///         }
+    ///         Ok(jobs.clone())
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Job).register_actor(Batch).start().await?;
+    /// let children = rt.actor::<Batch>("nightly")?.ask(2).await?;
+    /// assert_eq!(children.len(), 2);
+    /// // Each child got its input as its first message.
+    /// let second = rt.actor::<Job>(&children[1])?;
+    /// let mut done = second.ask(0).await?;
+    /// while done == 0 {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    ///     done = second.ask(0).await?;
+    /// }
+    /// assert_eq!(done, 2);
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub fn spawn<C: Actor>(&mut self, input: &C::Message) -> Result<ActorId, StepError> {
         let (step, recorded) = self.next_step("spawn", C::KIND)?;
         if let Some(EntryKind::ChildSpawned { child, .. }) =
@@ -590,6 +693,38 @@ impl<'a> Context<'a> {
     /// Sleeps durably: the wake-up time is journaled before sleeping, so a restart continues the
     /// same sleep instead of starting it again.
     ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    ///
+    /// struct Reminder;
+    /// impl Actor for Reminder {
+    ///     const KIND: &'static str = "reminder";
+    ///     type State = ();
+    ///     type Message = u64;
+    ///     type Reply = String;
+    ///     async fn handle(&self, _: &mut (), ctx: &mut Context<'_>, ms: u64) -> Result<String, Rejected> {
+    ///         // Live: journals the wake-up time, then sleeps. Replay (after a crash): the same
+    ///         // wake-up time, whatever time it is now.
+    ///         ctx.sleep(Duration::from_millis(ms)).await?;
+    ///         Ok(format!("slept {ms} ms"))
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Reminder).start().await?;
+    /// let began = Instant::now();
+    /// assert_eq!(rt.actor::<Reminder>("short")?.ask(200).await?, "slept 200 ms");
+    /// assert!(began.elapsed() >= Duration::from_millis(200));
+    /// assert_eq!(rt.metrics().suspensions, 0, "a short sleep waits in memory");
+    /// // Longer than `Config::suspend_after` (1 s): the invocation suspends meanwhile.
+    /// assert_eq!(rt.actor::<Reminder>("long")?.ask(1500).await?, "slept 1500 ms");
+    /// assert_eq!(rt.metrics().suspensions, 1);
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// A sleep with more than `Config::suspend_after` left (default 1 s) does not hold the actor
     /// in memory: the invocation suspends (this call returns [`StepError::Interrupted`], which
     /// the handler passes on with `?`), the actor is passivated and its lease released, and the
@@ -647,6 +782,41 @@ impl<'a> Context<'a> {
     /// passes, on whichever node; the replay then continues this call. The event's delivery
     /// and the wake-up are one write, and the suspension checks for an event in the same write
     /// that suspends, so an event is never missed between the two.
+    ///
+    /// Live, it journals that it waits (with its deadline), and then what it received; on a
+    /// replay it returns the journaled event (or timeout) without waiting, or, if the crash
+    /// came while it waited, waits on until the same deadline.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime, StepError};
+    ///
+    /// struct Approval;
+    /// impl Actor for Approval {
+    ///     const KIND: &'static str = "approval";
+    ///     type State = ();
+    ///     type Message = ();
+    ///     type Reply = String;
+    ///     async fn handle(&self, _: &mut (), ctx: &mut Context<'_>, _: ()) -> Result<String, Rejected> {
+    ///         Ok(match ctx.wait_event::<bool>("approved", Some(Duration::from_millis(300))).await {
+    ///             Ok(true) => "approved".into(),
+    ///             Ok(false) => "refused".into(),
+    ///             Err(StepError::TimedOut { .. }) => "no answer".into(),
+    ///             Err(e) => return Err(e.into()), // an interruption: pass it on
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Approval).start().await?;
+    /// let early = rt.actor::<Approval>("early")?;
+    /// early.deliver_event("approved", &true).await?; // before the wait began: kept for it
+    /// assert_eq!(early.ask(()).await?, "approved");
+    /// assert_eq!(rt.actor::<Approval>("ignored")?.ask(()).await?, "no answer");
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
     pub async fn wait_event<T: DeserializeOwned>(
         &mut self,
         name: &str,

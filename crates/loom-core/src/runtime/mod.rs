@@ -23,7 +23,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
 //! let rt = Runtime::builder().embedded(dir.path()).register::<Counter>().start().await?;
-//! let c = rt.actor::<Counter>("visits");
+//! let c = rt.actor::<Counter>("visits")?;
 //! c.send(2).await?;                 // durable once it returns
 //! assert_eq!(c.ask(3).await?, 5);   // the reply, journaled with the state change
 //! rt.shutdown().await;
@@ -72,7 +72,7 @@ pub use actor::{Actor, Rejected};
 pub use admin::{
     BuryError, JournalBytes, bury_mailbox, journal_bytes, purge_dead_letter_ids, purge_dead_letters,
 };
-pub use builder::{RuntimeBuilder, StartError};
+pub use builder::{IntoStore, RuntimeBuilder, StartError};
 pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
 pub use config::{Compaction, Config, Retry};
 pub use context::{ActivityKey, Context, StepError};
@@ -85,7 +85,7 @@ pub use replay::{
 use crate::entry::EntryKind;
 use crate::envelope::Envelope;
 use crate::error::StoreError;
-use crate::id::{ActorId, IdempotencyKey};
+use crate::id::{ActorId, IdError, IdempotencyKey};
 use crate::store::{Enqueued, Park, Store};
 use crate::time::Timestamp;
 
@@ -146,8 +146,32 @@ impl Runtime {
         }
     }
 
-    /// A handle to the actor `A::KIND/key` (an invalid key is reported when it is used).
-    pub fn actor<A: Actor>(&self, key: impl AsRef<str>) -> ActorRef<A> {
+    /// A handle to the actor `A::KIND/key`; an invalid key (empty, too long, with a control
+    /// character: see [`ActorId::new`]) is refused here, before anything is sent.
+    ///
+    /// ```
+    /// # use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    /// # struct Account;
+    /// # impl Actor for Account {
+    /// #     const KIND: &'static str = "account";
+    /// #     type State = i64;
+    /// #     type Message = i64;
+    /// #     type Reply = i64;
+    /// #     async fn handle(&self, b: &mut i64, _: &mut Context<'_>, d: i64) -> Result<i64, Rejected> {
+    /// #         *b += d;
+    /// #         Ok(*b)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Account).start().await?;
+    /// let alice = rt.actor::<Account>("alice")?;
+    /// assert_eq!(alice.id().to_string(), "account/alice");
+    /// assert!(rt.actor::<Account>("").is_err(), "an empty key is refused at once");
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn actor<A: Actor>(&self, key: impl AsRef<str>) -> Result<ActorRef<A>, IdError> {
         ActorRef::new(self.clone(), key.as_ref())
     }
 

@@ -169,7 +169,13 @@ impl Counters {
             }
             (call.counter, call.key.clone(), call.msg)
         };
-        let actor = rt.actor::<Counter>(format!("c{counter}"));
+        let actor = match rt.actor::<Counter>(format!("c{counter}")) {
+            Ok(a) => a,
+            Err(e) => {
+                self.errors.push(format!("counter/c{counter}: {e}"));
+                return;
+            }
+        };
         let reply = ask_until(|| {
             let opts = AskOptions {
                 idempotency_key: Some(key(name.clone())),

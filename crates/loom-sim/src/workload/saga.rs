@@ -106,7 +106,10 @@ impl Orders {
             let rt = nodes[i as usize % nodes.len()].clone();
             async move {
                 let (place, approval) = this.plan(i);
-                let order = rt.actor::<Order>(format!("o{i}"));
+                let order = match rt.actor::<Order>(format!("o{i}")) {
+                    Ok(o) => o,
+                    Err(e) => return this.errors.push(format!("order/o{i}: {e}")),
+                };
                 let approve = async {
                     if let Some((verdict, after)) = approval {
                         tokio::time::sleep(after).await;

@@ -194,7 +194,10 @@ impl Timers {
             let rt = nodes[i as usize % nodes.len()].clone();
             async move {
                 let (actor, msg) = this.plan(i);
-                let alarm = rt.actor::<Alarm>(actor);
+                let alarm = match rt.actor::<Alarm>(&actor) {
+                    Ok(a) => a,
+                    Err(e) => return this.errors.push(format!("alarm/{actor}: {e}")),
+                };
                 let answered = ask_until(|| {
                     let opts = AskOptions {
                         idempotency_key: Some(key(format!("timer-{i}"))),
@@ -216,7 +219,9 @@ impl Timers {
     async fn states(&self, rt: &Runtime) -> Result<BTreeMap<String, AlarmState>, String> {
         let mut states = BTreeMap::new();
         for a in 0..ALARMS.min(self.timers) {
-            let actor = rt.actor::<Alarm>(format!("al{a}"));
+            let actor = rt
+                .actor::<Alarm>(format!("al{a}"))
+                .map_err(|e| e.to_string())?;
             let state = until_ok(|| actor.ask(AlarmMsg::Report))
                 .await
                 .ok_or_else(|| format!("alarm/al{a} answered a report with nothing"))?;

@@ -18,7 +18,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 
 async fn activity_live_journals_start_and_result(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     assert_eq!(w.ask(vec![activity("a")]).await.unwrap(), vec!["a done"]);
     assert_eq!(h.probe.runs("a"), 1);
     assert_eq!(
@@ -43,6 +43,7 @@ async fn activity_live_journals_start_and_result(h: &Harness) {
 async fn activity_replay_returns_the_journaled_result_without_running(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![activity("a"), Step::Gate])
         .await
         .unwrap();
@@ -72,6 +73,7 @@ async fn activity_replay_returns_the_journaled_result_without_running(h: &Harnes
 async fn activity_interrupted_by_a_crash_runs_again_with_the_same_key(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Activity {
             name: "charge".into(),
             fail: false,
@@ -115,7 +117,7 @@ async fn activity_failure_is_journaled_and_replayed(h: &Harness) {
         },
         Step::Gate,
     ];
-    rt.actor::<Worker>("w").send(script).await.unwrap();
+    rt.actor::<Worker>("w").unwrap().send(script).await.unwrap();
     reached(h).await;
     let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
@@ -141,6 +143,7 @@ async fn clock_random_and_uuid_replay_what_the_first_run_saw(h: &Harness) {
     let rt = h.runtime().await;
     let w = worker("w");
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![
             Step::Clock,
             Step::Activity {
@@ -171,6 +174,7 @@ async fn clock_random_and_uuid_replay_what_the_first_run_saw(h: &Harness) {
     // A new message draws new values.
     let reply = rt
         .actor::<Worker>("w")
+        .unwrap()
         .ask(vec![Step::Clock])
         .await
         .unwrap();

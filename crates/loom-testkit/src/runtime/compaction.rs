@@ -31,7 +31,7 @@ fn every(n: u64) -> Compaction {
 
 async fn compaction_snapshots_and_trims(h: &Harness) {
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     for _ in 0..60 {
         a.send(AccountMsg::Deposit(1)).await.unwrap();
     }
@@ -52,6 +52,7 @@ async fn compaction_snapshots_and_trims(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -65,7 +66,7 @@ async fn compaction_racing_appends_loses_nothing(h: &Harness) {
     let rt = h.runtime_with(|c| c.compaction = every(2)).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let a = rt.actor::<Account>("alice");
+        let a = rt.actor::<Account>("alice").unwrap();
         tasks.push(tokio::spawn(async move {
             for _ in 0..50 {
                 a.send(AccountMsg::Deposit(1)).await.unwrap();
@@ -75,7 +76,7 @@ async fn compaction_racing_appends_loses_nothing(h: &Harness) {
     for t in tasks {
         t.await.unwrap();
     }
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 200);
     assert!(rt.metrics().compactions > 0);
     let info = h.store.info(&acct("alice")).await.unwrap();
@@ -89,6 +90,7 @@ async fn compaction_racing_appends_loses_nothing(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -99,7 +101,7 @@ async fn compaction_racing_appends_loses_nothing(h: &Harness) {
 
 async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: &Harness) {
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     for _ in 0..50 {
         a.send(AccountMsg::Deposit(1)).await.unwrap();
     }
@@ -118,6 +120,7 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
         .await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -134,7 +137,7 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
 async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
     let id = acct("alice");
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     // Every trim of the first compactions fails after its snapshot was saved.
     h.faults
         .fail_trims
@@ -156,7 +159,7 @@ async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
         .fail_trims
         .store(0, std::sync::atomic::Ordering::SeqCst);
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 30);
     for _ in 0..20 {
         a.send(AccountMsg::Deposit(1)).await.unwrap();
@@ -171,6 +174,7 @@ async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -188,7 +192,7 @@ async fn recovery_racing_a_compaction_starts_over_from_the_new_snapshot(h: &Harn
     let rt = h
         .runtime_with(|c| c.compaction = Compaction::DISABLED)
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Grow(3)).await.unwrap(), 3);
     for _ in 0..10 {
         a.send(AccountMsg::Deposit(1)).await.unwrap();
@@ -201,7 +205,7 @@ async fn recovery_racing_a_compaction_starts_over_from_the_new_snapshot(h: &Harn
     let rt = h
         .runtime_with(|c| c.compaction = Compaction::DISABLED)
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     a.send(AccountMsg::Deposit(1)).await.unwrap();
     tokio::time::timeout(WAIT, pause.reached.notified())
         .await
@@ -222,7 +226,7 @@ async fn recovery_racing_a_compaction_starts_over_from_the_new_snapshot(h: &Harn
 async fn no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why(h: &Harness) {
     let id = acct("alice");
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     for _ in 0..50 {
         a.send(AccountMsg::Deposit(1)).await.unwrap();
     }
@@ -241,7 +245,7 @@ async fn no_readable_snapshot_after_a_trim_parks_the_actor_and_says_why(h: &Harn
     let rt = h
         .runtime_with(|c| c.compaction = Compaction::DISABLED)
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     // Replaying the untrimmed tail from zero would be silently wrong: the actor must stop.
     a.send(AccountMsg::Deposit(1)).await.unwrap();
     eventually(WAIT, "the actor is parked", || async {
@@ -273,7 +277,7 @@ async fn compact_journal_works_without_the_actors_code(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.compaction = Compaction::DISABLED)
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     for _ in 0..30 {
         a.send(AccountMsg::Deposit(2)).await.unwrap();
     }
@@ -291,6 +295,7 @@ async fn compact_journal_works_without_the_actors_code(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -302,7 +307,7 @@ async fn compact_journal_works_without_the_actors_code(h: &Harness) {
 
 async fn compact_journal_keeps_what_an_unfinished_invocation_needs(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     w.ask(vec![activity("first")]).await.unwrap();
     w.send(vec![activity("a"), Step::Gate]).await.unwrap();
     reached(h).await;
@@ -347,7 +352,7 @@ async fn large_state_stored_compressed_survives_a_crash(h: &Harness) {
             }
         })
         .await;
-    let a = rt.actor::<Account>("big");
+    let a = rt.actor::<Account>("big").unwrap();
     for i in 1..=5 {
         assert_eq!(a.ask(AccountMsg::Grow(100_000)).await.unwrap(), i * 100_000);
     }
@@ -364,6 +369,7 @@ async fn large_state_stored_compressed_survives_a_crash(h: &Harness) {
     let rt = h.crash_and_resume(rt, 0).await;
     assert_eq!(
         rt.actor::<Account>("big")
+            .unwrap()
             .ask(AccountMsg::Grow(0))
             .await
             .unwrap(),

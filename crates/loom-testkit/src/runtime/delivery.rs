@@ -63,7 +63,7 @@ async fn requeued_dead_letter_runs_again_and_what_it_sent_stays_deduplicated(h: 
         activity("a"),
         Step::Broken,
     ];
-    rt.actor::<Worker>("w").send(script).await.unwrap();
+    rt.actor::<Worker>("w").unwrap().send(script).await.unwrap();
     let dead = one_dead_letter(h).await;
     assert_eq!(
         h.probe.runs("a"),
@@ -100,6 +100,7 @@ async fn requeued_dead_letter_runs_again_and_what_it_sent_stays_deduplicated(h: 
     // The deposit was sent twice with one id: bob applied it once.
     assert_eq!(
         rt.actor::<Account>("bob")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -113,7 +114,7 @@ async fn requeued_dead_letter_without_journaled_steps_runs_again(h: &Harness) {
     let rt = h.runtime().await;
     let key = IdempotencyKey::new("req").unwrap();
     let ask = |rt: &loom_core::Runtime| {
-        let (w, key) = (rt.actor::<Worker>("w"), key.clone());
+        let (w, key) = (rt.actor::<Worker>("w").unwrap(), key.clone());
         async move {
             w.ask_with(
                 vec![Step::Broken],
@@ -150,7 +151,7 @@ async fn idempotency_key_is_held_while_its_message_waits(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.reply_ttl = Duration::from_millis(500))
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     let opts = || SendOptions {
         idempotency_key: Some(IdempotencyKey::new("K").unwrap()),
         delay: Some(Duration::from_secs(1)),
@@ -197,6 +198,7 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
     };
     let mut rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send_with(vec![activity("a"), Step::Gate], send)
         .await
         .unwrap();
@@ -286,7 +288,10 @@ async fn messages_of_a_kind_no_node_hosts_wait_for_its_host(h: &Harness) {
         h.store.pending(&c1).await.unwrap() == 0
     })
     .await;
-    assert_eq!(host.actor::<Counter>("c1").ask(0).await.unwrap(), 200);
+    assert_eq!(
+        host.actor::<Counter>("c1").unwrap().ask(0).await.unwrap(),
+        200
+    );
     assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
     host.shutdown().await;
 }
@@ -299,6 +304,7 @@ async fn parked_actor_stays_parked_across_restarts_until_unparked(h: &Harness) {
     let rt = h.runtime().await;
     let sent = rt
         .actor::<Worker>("w")
+        .unwrap()
         .send(vec![activity("a"), Step::Gate])
         .await
         .unwrap();
@@ -354,7 +360,7 @@ async fn the_same_event_delivered_twice_is_received_once(h: &Harness) {
     use loom_core::runtime::EventOptions;
     let w = worker("w");
     let rt = h.runtime().await;
-    let wref = rt.actor::<Worker>("w");
+    let wref = rt.actor::<Worker>("w").unwrap();
     let wait = |timeout_ms| Step::Wait {
         name: "approved".into(),
         timeout_ms,
@@ -408,6 +414,7 @@ async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
     let w = worker("w");
     let mut rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Wait {
             name: "go".into(),
             timeout_ms: None,
@@ -429,6 +436,7 @@ async fn restarts_during_a_durable_wait_do_not_give_it_up(h: &Harness) {
     }
     assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
     rt.actor::<Worker>("w")
+        .unwrap()
         .deliver_event("go", "at last")
         .await
         .unwrap();
@@ -448,6 +456,7 @@ async fn deliveries_after_a_durable_sleep_ends_count_again(h: &Harness) {
     let w = worker("w");
     let mut rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Sleep { ms: 200 }, Step::Gate])
         .await
         .unwrap();
@@ -529,6 +538,7 @@ async fn purging_a_dead_letter_settles_a_key_still_held(h: &Harness) {
     let rt = h.runtime().await;
     let asked = rt
         .actor::<Account>("held")
+        .unwrap()
         .ask_with(
             AccountMsg::Deposit(5),
             AskOptions {

@@ -30,7 +30,7 @@ async fn redelivered_message_is_applied_once(h: &Harness) {
     // The same message twice, as a redelivery after a lost ack would bring it.
     h.store.enqueue(&env, None).await.unwrap();
     h.store.enqueue(&env, None).await.unwrap();
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 10);
     let invoked = h
         .count(
@@ -44,7 +44,7 @@ async fn redelivered_message_is_applied_once(h: &Harness) {
 
 async fn repeated_idempotency_key_returns_the_recorded_reply(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     let key = IdempotencyKey::new("deposit-1").unwrap();
     let opts = || AskOptions {
         idempotency_key: Some(key.clone()),
@@ -80,6 +80,7 @@ async fn repeated_idempotency_key_returns_the_recorded_reply(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask_with(AccountMsg::Deposit(10), opts())
             .await
             .unwrap(),
@@ -87,6 +88,7 @@ async fn repeated_idempotency_key_returns_the_recorded_reply(h: &Harness) {
     );
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -99,7 +101,7 @@ async fn concurrent_asks_with_one_key_apply_once(h: &Harness) {
     let rt = h.runtime().await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let a = rt.actor::<Account>("alice");
+        let a = rt.actor::<Account>("alice").unwrap();
         tasks.push(tokio::spawn(async move {
             a.ask_with(
                 AccountMsg::Deposit(10),
@@ -117,6 +119,7 @@ async fn concurrent_asks_with_one_key_apply_once(h: &Harness) {
     }
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -127,7 +130,7 @@ async fn concurrent_asks_with_one_key_apply_once(h: &Harness) {
 
 async fn ask_timeout_then_retry_with_the_key_gets_the_reply_once(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     a.send(AccountMsg::Hold(0)).await.unwrap();
     reached(h).await;
     let opts = |timeout| AskOptions {
@@ -164,10 +167,11 @@ async fn send_leaves_exactly_once(h: &Harness) {
             amount: 7,
         },
     ];
-    rt.actor::<Worker>("w").ask(script).await.unwrap();
+    rt.actor::<Worker>("w").unwrap().ask(script).await.unwrap();
     finished(h, &acct("bob"), 2).await;
     assert_eq!(
         rt.actor::<Account>("bob")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -191,12 +195,13 @@ async fn send_replay_does_not_send_again(h: &Harness) {
         activity("a"),
         Step::Gate,
     ];
-    rt.actor::<Worker>("w").send(script).await.unwrap();
+    rt.actor::<Worker>("w").unwrap().send(script).await.unwrap();
     reached(h).await;
     let rt = h.crash_and_resume(rt, 1).await;
     finished(h, &worker("w"), 1).await;
     assert_eq!(
         rt.actor::<Account>("bob")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -212,6 +217,7 @@ async fn send_replay_does_not_send_again(h: &Harness) {
 async fn spawn_replay_finds_the_same_child(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Spawn { amount: 5 }, activity("a"), Step::Gate])
         .await
         .unwrap();
@@ -225,6 +231,7 @@ async fn spawn_replay_finds_the_same_child(h: &Harness) {
     finished(h, &child, 1).await;
     assert_eq!(
         rt.actor::<Account>(child.key())
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),

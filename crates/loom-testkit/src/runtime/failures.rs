@@ -26,6 +26,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 async fn nondeterminism_parks_the_actor_naming_both_steps(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![activity("a"), Step::Gate])
         .await
         .unwrap();
@@ -56,8 +57,8 @@ async fn nondeterminism_parks_the_actor_naming_both_steps(h: &Harness) {
 
 async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
-    let b = rt.actor::<Account>("bob");
+    let a = rt.actor::<Account>("alice").unwrap();
+    let b = rt.actor::<Account>("bob").unwrap();
     a.send(AccountMsg::Panic).await.unwrap();
     a.send(AccountMsg::Deposit(5)).await.unwrap();
     b.send(AccountMsg::Deposit(7)).await.unwrap();
@@ -80,7 +81,12 @@ async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
 
 async fn exhausted_retries_dead_letter_the_message_with_its_error(h: &Harness) {
     let rt = h.runtime().await;
-    match rt.actor::<Account>("alice").ask(AccountMsg::Panic).await {
+    match rt
+        .actor::<Account>("alice")
+        .unwrap()
+        .ask(AccountMsg::Panic)
+        .await
+    {
         Err(AskError::Failed(reason)) => {
             assert!(
                 reason.contains("gave up after 3 attempts")
@@ -104,7 +110,7 @@ async fn exhausted_retries_dead_letter_the_message_with_its_error(h: &Harness) {
 
 async fn store_failures_are_retried_not_swallowed(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     h.faults
         .fail_writes
         .store(2, std::sync::atomic::Ordering::SeqCst);
@@ -129,7 +135,7 @@ async fn malformed_payload_is_dead_lettered_and_the_journal_untouched(h: &Harnes
         )
         .await
         .unwrap();
-    let c = rt.actor::<Account>("carol");
+    let c = rt.actor::<Account>("carol").unwrap();
     assert_eq!(c.ask(AccountMsg::Deposit(3)).await.unwrap(), 3);
     let dead = h.store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -150,7 +156,7 @@ async fn malformed_payload_is_dead_lettered_and_the_journal_untouched(h: &Harnes
 /// arrives anyway (from a node that hosts the kind) is never touched here: it waits for a host.
 async fn unknown_kind_is_a_typed_error_and_its_messages_wait(h: &Harness) {
     let rt = h.runtime().await;
-    match rt.actor::<Ghost>("x").send(()).await {
+    match rt.actor::<Ghost>("x").unwrap().send(()).await {
         Err(SendError::UnknownKind(k)) => assert_eq!(k, "ghost"),
         other => panic!("expected UnknownKind, got {other:?}"),
     }
@@ -174,15 +180,18 @@ async fn unknown_kind_is_a_typed_error_and_its_messages_wait(h: &Harness) {
 
 async fn invalid_key_is_a_typed_error(h: &Harness) {
     let rt = h.runtime().await;
+    // Refused when the handle is made, before anything is sent.
+    use loom_core::IdError;
+    let long = "k".repeat(loom_core::limits::MAX_KEY_LEN + 1);
+    assert!(matches!(rt.actor::<Account>(""), Err(IdError::EmptyKey)));
     assert!(matches!(
-        rt.actor::<Account>("").send(AccountMsg::Balance).await,
-        Err(SendError::InvalidId(_))
+        rt.actor::<Account>(&long),
+        Err(IdError::KeyTooLong { .. })
     ));
     assert!(matches!(
-        rt.actor::<Account>("bad\nkey")
-            .ask(AccountMsg::Balance)
-            .await,
-        Err(AskError::Send(SendError::InvalidId(_)))
+        rt.actor::<Account>("bad\nkey"),
+        Err(IdError::BadChar { .. })
     ));
+    assert_eq!(h.store.mailboxes(None, 10).await.unwrap(), vec![]);
     rt.shutdown().await;
 }

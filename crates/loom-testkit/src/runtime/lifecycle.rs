@@ -27,7 +27,7 @@ async fn passivation_and_reactivation(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.idle_timeout = Duration::from_millis(200))
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(5)).await.unwrap(), 5);
     let id = acct("alice");
     eventually(WAIT, "the idle actor is passivated", || async {
@@ -47,7 +47,7 @@ async fn more_actors_than_max_active_keep_their_state(h: &Harness) {
     let rt = h.runtime_with(|c| c.max_active = LIMIT).await;
     for round in 1..=3i64 {
         for i in 0..ACTORS {
-            let a = rt.actor::<Account>(&format!("many-{i}"));
+            let a = rt.actor::<Account>(&format!("many-{i}")).unwrap();
             assert_eq!(
                 a.ask(AccountMsg::Deposit(i + 1)).await.unwrap(),
                 round * (i + 1),
@@ -72,7 +72,7 @@ async fn lost_lease_stops_writes(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.lease_ttl = Duration::from_millis(600))
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
     a.send(AccountMsg::Hold(10)).await.unwrap();
     reached(h).await;
@@ -115,7 +115,7 @@ async fn a_renewal_that_never_answers_stops_the_actor_when_its_lease_expires(h: 
     let rt = h
         .runtime_with(|c| c.lease_ttl = Duration::from_millis(600))
         .await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
     a.send(AccountMsg::Hold(10)).await.unwrap();
     reached(h).await;
@@ -141,7 +141,7 @@ async fn leases_of_many_idle_actors_are_renewed_together(h: &Harness) {
     let rt = h.runtime_with(|c| c.lease_ttl = ttl).await;
     let n = 40;
     for i in 0..n {
-        let a = rt.actor::<Account>(format!("idle{i}"));
+        let a = rt.actor::<Account>(format!("idle{i}")).unwrap();
         assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
     }
     let mut tokens = Vec::new();
@@ -192,7 +192,7 @@ async fn one_invocation_at_a_time_per_actor(h: &Harness) {
     let rt = h.runtime().await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
-        let a = rt.actor::<Account>("alice");
+        let a = rt.actor::<Account>("alice").unwrap();
         tasks.push(tokio::spawn(async move {
             a.send(AccountMsg::Slow(1, 10)).await.unwrap()
         }));
@@ -202,6 +202,7 @@ async fn one_invocation_at_a_time_per_actor(h: &Harness) {
     }
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -220,6 +221,7 @@ async fn many_actors_run_in_parallel(h: &Harness) {
     let rt = h.runtime().await;
     for n in 0..30 {
         rt.actor::<Account>(format!("a{n}"))
+            .unwrap()
             .send(AccountMsg::Slow(n, 100))
             .await
             .unwrap();
@@ -227,6 +229,7 @@ async fn many_actors_run_in_parallel(h: &Harness) {
     for n in 0..30 {
         assert_eq!(
             rt.actor::<Account>(format!("a{n}"))
+                .unwrap()
                 .ask(AccountMsg::Balance)
                 .await
                 .unwrap(),
@@ -247,6 +250,7 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
     let rt = h.runtime().await;
     let id = acct("alice");
     rt.actor::<Account>("alice")
+        .unwrap()
         .send(AccountMsg::Slow(5, 400))
         .await
         .unwrap();
@@ -270,7 +274,10 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
         "the lease was not released"
     );
     assert!(matches!(
-        rt.actor::<Account>("alice").send(AccountMsg::Balance).await,
+        rt.actor::<Account>("alice")
+            .unwrap()
+            .send(AccountMsg::Balance)
+            .await,
         Err(SendError::Shutdown)
     ));
 }
@@ -280,6 +287,7 @@ async fn active_actors_are_bounded(h: &Harness) {
     for n in 0..10 {
         assert_eq!(
             rt.actor::<Account>(format!("a{n}"))
+                .unwrap()
                 .ask(AccountMsg::Deposit(1))
                 .await
                 .unwrap(),
@@ -295,7 +303,7 @@ async fn active_actors_are_bounded(h: &Harness) {
 
 async fn full_mailbox_pushes_back(h: &Harness) {
     let rt = h.runtime_with(|c| c.max_mailbox = Some(3)).await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     a.send(AccountMsg::Hold(1)).await.unwrap();
     reached(h).await;
     a.send(AccountMsg::Deposit(1)).await.unwrap();

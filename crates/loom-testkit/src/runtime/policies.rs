@@ -67,7 +67,7 @@ async fn schedule(h: &Harness) -> Vec<(u32, Timestamp)> {
 
 async fn activity_retries_with_backoff_until_an_attempt_succeeds(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     assert_eq!(
         w.ask(vec![retried(3, 5, 50)]).await.unwrap(),
         vec!["r done on attempt 3"]
@@ -125,6 +125,7 @@ async fn activity_retries_with_backoff_until_an_attempt_succeeds(h: &Harness) {
 async fn activity_out_of_attempts_fails_with_its_last_error(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![retried(0, 3, 20), Step::Gate])
         .await
         .unwrap();
@@ -161,7 +162,7 @@ async fn activity_out_of_attempts_fails_with_its_last_error(h: &Harness) {
 
 async fn activity_terminal_error_is_not_retried_and_reaches_the_caller_with_its_value(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let script = vec![Step::Retried {
         name: "r".into(),
         ok_at: 0,
@@ -209,7 +210,7 @@ async fn activity_terminal_error_is_not_retried_and_reaches_the_caller_with_its_
 
 async fn activity_attempt_past_its_time_limit_is_cut_off_and_retried(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let script = vec![Step::Retried {
         name: "r".into(),
         ok_at: 2,
@@ -243,6 +244,7 @@ async fn activity_backoff_survives_a_crash_and_keeps_its_schedule(h: &Harness) {
         .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
         .await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![retried(2, 3, 1500)])
         .await
         .unwrap();
@@ -299,7 +301,7 @@ async fn activity_retried_across_many_suspensions_is_not_given_up(h: &Harness) {
             c.retry.max_attempts = 1;
         })
         .await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     assert_eq!(
         w.ask(vec![retried(6, 6, 40)]).await.unwrap(),
         vec!["r done on attempt 6"]

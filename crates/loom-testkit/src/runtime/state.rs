@@ -20,7 +20,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 
 async fn send_and_ask(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     a.send(AccountMsg::Deposit(100)).await.unwrap();
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 100);
     assert_eq!(
@@ -38,7 +38,7 @@ async fn send_and_ask(h: &Harness) {
 
 async fn state_survives_restart_and_patches_apply_once(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     for _ in 0..5 {
         a.send(AccountMsg::Deposit(10)).await.unwrap();
     }
@@ -47,6 +47,7 @@ async fn state_survives_restart_and_patches_apply_once(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -54,6 +55,7 @@ async fn state_survives_restart_and_patches_apply_once(h: &Harness) {
     );
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Deposit(1))
             .await
             .unwrap(),
@@ -64,13 +66,14 @@ async fn state_survives_restart_and_patches_apply_once(h: &Harness) {
 
 async fn state_survives_a_crash(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
     a.send(AccountMsg::Deposit(3)).await.unwrap();
     let rt = h.crash_and_resume(rt, 0).await;
     // Acknowledged means durable: the second deposit was sent before the crash.
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -81,7 +84,7 @@ async fn state_survives_a_crash(h: &Harness) {
 
 async fn rejected_turn_leaves_no_trace_in_the_state(h: &Harness) {
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     a.send(AccountMsg::Deposit(10)).await.unwrap();
     match a.ask(AccountMsg::Withdraw(50)).await {
         Err(AskError::Rejected(r)) => assert!(r.reason().contains("insufficient funds"), "{r}"),
@@ -103,6 +106,7 @@ async fn rejected_turn_leaves_no_trace_in_the_state(h: &Harness) {
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),
@@ -114,10 +118,12 @@ async fn rejected_turn_leaves_no_trace_in_the_state(h: &Harness) {
 async fn first_state_change_replaces_the_whole_state(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Account>("alice")
+        .unwrap()
         .ask(AccountMsg::Deposit(5))
         .await
         .unwrap();
     rt.actor::<Account>("alice")
+        .unwrap()
         .ask(AccountMsg::Deposit(5))
         .await
         .unwrap();
@@ -146,13 +152,14 @@ async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(
     use loom_core::limits::{MAX_ENTRY_BYTES, MAX_MESSAGE_BYTES};
     let id = acct("alice");
     let rt = h.runtime().await;
-    let a = rt.actor::<Account>("alice");
+    let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
     let before = h.highest(&id).await;
     // A message over the limit: refused at send, nothing enqueued.
     let big = "x".repeat(MAX_MESSAGE_BYTES);
     match rt
         .actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Send {
             key: big,
             amount: 1,
@@ -186,6 +193,7 @@ async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(
     let rt = h.runtime().await;
     assert_eq!(
         rt.actor::<Account>("alice")
+            .unwrap()
             .ask(AccountMsg::Balance)
             .await
             .unwrap(),

@@ -159,7 +159,7 @@ async fn v2_broken(h: &Harness, broken: bool) -> loom_core::Runtime {
 }
 
 async fn read(rt: &loom_core::Runtime, actor: &str) -> Value {
-    let r = rt.actor::<V2>(actor).ask(Msg::Read).await.unwrap();
+    let r = rt.actor::<V2>(actor).unwrap().ask(Msg::Read).await.unwrap();
     serde_json::from_str(&r).unwrap()
 }
 
@@ -179,7 +179,7 @@ async fn an_invocation_half_done_under_old_code_finishes_on_the_old_path_after_a
 ) {
     let id = upgrade("u");
     let rt = v1(h).await;
-    let a = rt.actor::<V1>("u");
+    let a = rt.actor::<V1>("u").unwrap();
     assert_eq!(a.ask(Msg::Go { gate: false }).await.unwrap(), "a b d");
     // Half done under v1: a and b journaled, waiting at the gate before d.
     a.send(Msg::Go { gate: true }).await.unwrap();
@@ -198,7 +198,7 @@ async fn an_invocation_half_done_under_old_code_finishes_on_the_old_path_after_a
         json!({ "total": 2, "upgraded_from": 1 })
     );
     // New invocations take the new path, and keep it when replayed after a crash.
-    let b = rt.actor::<V2>("u");
+    let b = rt.actor::<V2>("u").unwrap();
     assert_eq!(b.ask(Msg::Go { gate: false }).await.unwrap(), "a c b d");
     b.send(Msg::Go { gate: true }).await.unwrap();
     reached(h).await;
@@ -230,7 +230,7 @@ async fn state_written_by_old_code_is_upgraded_once_when_new_code_loads_it(h: &H
         }
     })
     .await;
-    let a = rt.actor::<V1>("s");
+    let a = rt.actor::<V1>("s").unwrap();
     for _ in 0..4 {
         a.ask(Msg::Go { gate: false }).await.unwrap();
     }
@@ -253,6 +253,7 @@ async fn state_written_by_old_code_is_upgraded_once_when_new_code_loads_it(h: &H
     );
     assert_eq!(rt.metrics().state_upgrades, 1);
     rt.actor::<V2>("s")
+        .unwrap()
         .ask(Msg::Go { gate: false })
         .await
         .unwrap();
@@ -274,7 +275,7 @@ async fn state_written_by_old_code_is_upgraded_once_when_new_code_loads_it(h: &H
 async fn a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_code(h: &Harness) {
     let id = upgrade("n");
     let rt = v2(h).await;
-    let n = rt.actor::<V2>("n");
+    let n = rt.actor::<V2>("n").unwrap();
     n.ask(Msg::Go { gate: false }).await.unwrap();
     n.ask(Msg::Go { gate: false }).await.unwrap();
     rt.kill().await;
@@ -293,6 +294,7 @@ async fn a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_co
     let before = h.highest(&id).await;
     let rt = v1(h).await;
     rt.actor::<V1>("n")
+        .unwrap()
         .send(Msg::Go { gate: false })
         .await
         .unwrap();
@@ -320,6 +322,7 @@ async fn a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpar
     let id = upgrade("f");
     let rt = v1(h).await;
     rt.actor::<V1>("f")
+        .unwrap()
         .ask(Msg::Go { gate: false })
         .await
         .unwrap();
@@ -327,6 +330,7 @@ async fn a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpar
     let before = h.highest(&id).await;
     let rt = v2_broken(h, true).await;
     rt.actor::<V2>("f")
+        .unwrap()
         .send(Msg::Go { gate: false })
         .await
         .unwrap();

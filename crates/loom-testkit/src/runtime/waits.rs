@@ -32,6 +32,7 @@ async fn durable_sleep_live(h: &Harness) {
     let started = Timestamp::now();
     let reply = rt
         .actor::<Worker>("w")
+        .unwrap()
         .ask(vec![Step::Sleep { ms: 200 }])
         .await
         .unwrap();
@@ -48,6 +49,7 @@ async fn durable_sleep_live(h: &Harness) {
 async fn durable_sleep_replay_does_not_restart_the_clock(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![Step::Sleep { ms: 4000 }])
         .await
         .unwrap();
@@ -101,7 +103,7 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
         .await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let started = Timestamp::now();
     let asked = tokio::spawn({
         let w = w.clone();
@@ -147,7 +149,7 @@ async fn a_failure_after_suspensions_is_retried_as_a_first_attempt(h: &Harness) 
         .await;
     let mut script = vec![Step::Sleep { ms: 200 }; 5];
     script.push(Step::Broken);
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let asked = tokio::spawn(async move { w.ask(script).await });
     eventually(WAIT, "the broken step fails and is retried", || async {
         rt.metrics().retries >= 1
@@ -174,8 +176,8 @@ async fn send_after_arrives_after_its_delay(h: &Harness) {
         amount: 5,
         ms: 1500,
     }];
-    rt.actor::<Worker>("w").ask(script).await.unwrap();
-    let bob = rt.actor::<Account>("bob");
+    rt.actor::<Worker>("w").unwrap().ask(script).await.unwrap();
+    let bob = rt.actor::<Account>("bob").unwrap();
     assert_eq!(
         bob.ask(AccountMsg::Balance).await.unwrap(),
         0,
@@ -188,7 +190,7 @@ async fn send_after_arrives_after_its_delay(h: &Harness) {
 
 async fn wait_event_live(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     w.send(vec![Step::Wait {
         name: "approved".into(),
         timeout_ms: None,
@@ -214,7 +216,7 @@ async fn wait_event_live(h: &Harness) {
 
 async fn event_delivered_before_the_wait_is_kept(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     w.deliver_event("approved", "early").await.unwrap();
     let reply = w
         .ask(vec![Step::Wait {
@@ -231,6 +233,7 @@ async fn wait_event_times_out_with_an_error_the_handler_sees(h: &Harness) {
     let rt = h.runtime().await;
     let reply = rt
         .actor::<Worker>("w")
+        .unwrap()
         .ask(vec![Step::Wait {
             name: "never".into(),
             timeout_ms: Some(300),
@@ -244,6 +247,7 @@ async fn wait_event_times_out_with_an_error_the_handler_sees(h: &Harness) {
 async fn wait_event_replay_after_a_crash(h: &Harness) {
     let rt = h.runtime().await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .send(vec![
             activity("before"),
             Step::Wait {
@@ -263,6 +267,7 @@ async fn wait_event_replay_after_a_crash(h: &Harness) {
     .await;
     let rt = h.crash_and_resume(rt, 0).await;
     rt.actor::<Worker>("w")
+        .unwrap()
         .deliver_event("approved", "after the crash")
         .await
         .unwrap();
@@ -277,7 +282,7 @@ async fn wait_event_replay_after_a_crash(h: &Harness) {
 
 async fn messages_queue_behind_a_waiting_invocation(h: &Harness) {
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     w.send(vec![Step::Wait {
         name: "go".into(),
         timeout_ms: None,
@@ -314,7 +319,7 @@ async fn a_long_wait_for_an_event_suspends_until_the_event_arrives(h: &Harness) 
     let rt = h
         .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
         .await;
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let asked = tokio::spawn({
         let w = w.clone();
         async move {
@@ -381,6 +386,7 @@ async fn a_suspended_wait_times_out_no_earlier_than_its_deadline(h: &Harness) {
     let started = Timestamp::now();
     let reply = rt
         .actor::<Worker>("w")
+        .unwrap()
         .ask(vec![wait_for("never", Some(1500))])
         .await
         .unwrap();
@@ -402,10 +408,12 @@ async fn a_suspended_wait_survives_a_crash_and_its_deadline_passing_meanwhile(h:
     let rt = h.runtime_with(quick).await;
     let (a, b) = (worker("a"), worker("b"));
     rt.actor::<Worker>("a")
+        .unwrap()
         .send(vec![wait_for("approved", None)])
         .await
         .unwrap();
     rt.actor::<Worker>("b")
+        .unwrap()
         .send(vec![wait_for("never", Some(1200))])
         .await
         .unwrap();
@@ -422,6 +430,7 @@ async fn a_suspended_wait_survives_a_crash_and_its_deadline_passing_meanwhile(h:
         vec![json!(["event never: timed out"])]
     );
     rt.actor::<Worker>("a")
+        .unwrap()
         .deliver_event("approved", "after the crash")
         .await
         .unwrap();
@@ -452,7 +461,7 @@ async fn an_event_arriving_as_the_wait_suspends_is_received_at_once(h: &Harness)
         })
         .await;
     let pause = h.faults.pause_next_suspend();
-    let w = rt.actor::<Worker>("w");
+    let w = rt.actor::<Worker>("w").unwrap();
     let asked = tokio::spawn({
         let w = w.clone();
         async move { w.ask(vec![wait_for("approved", None)]).await }
