@@ -405,6 +405,8 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             biased;
             _ = shared.shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
+            // A message this node suspended comes due: scan now, not at the next poll.
+            _ = shared.alarms.rung() => {}
             _ = woken(&mut wakeups) => {}
             got = arrived(&mut arrivals) => {
                 // Messages the store moved into these mailboxes (a relay between

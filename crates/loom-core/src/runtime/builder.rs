@@ -172,6 +172,7 @@ impl RuntimeBuilder {
             wake: Notify::new(),
             skew,
             activating: tokio::sync::Semaphore::new(ACTIVATING),
+            alarms: Default::default(),
         });
         shared.spawn(dispatch(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");

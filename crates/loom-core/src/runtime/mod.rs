@@ -44,6 +44,7 @@ mod actives;
 mod activity;
 mod actor;
 mod admin;
+mod alarms;
 mod builder;
 mod cell;
 mod client;
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     skew: i64,
     /// Lease acquisitions of activations in flight at once (see `ensure_active`).
     activating: tokio::sync::Semaphore,
+    /// When the messages of invocations this node suspended come due (see `alarms.rs`).
+    alarms: alarms::Alarms,
 }
 
 /// The actor runtime; cheap to clone.
