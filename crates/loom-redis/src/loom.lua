@@ -372,18 +372,15 @@ local function enqueue_once(KEYS, ARGV)
   return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
 end
 
--- An event: enqueue_once on the lane, and the owner's wake-up in the same script.
--- KEYS: mm, mq, md, mdx, ready (the lane's), idem, owner's mm, owner's ready
--- ARGV: lane, msgid, frame, owner
+-- An event: enqueue_once on the lane (due now), and the owner's wake-up in the same script.
+-- KEYS: as enqueue_once (the lane's), then the owner's mm and ready
+-- ARGV: as enqueue_once (due 0), then the owner
 local function enqueue_event(KEYS, ARGV)
-  local now = now_ms()
-  local v = redis.call('GET', KEYS[6])
-  if v then return { 'dup', v, record_expiry(KEYS[6]) } end
-  redis.call('SET', KEYS[6], 'P')
-  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
-  local pos = mb_enqueue(mb, ARGV[2], ARGV[3], 0, now)
-  mb_wake({ mm = KEYS[7], ready = KEYS[8], actor = ARGV[4] }, ARGV[1], now)
-  return { 'ok', tostring(pos) }
+  local r = enqueue_once(KEYS, ARGV)
+  if r[1] == 'ok' then
+    mb_wake({ mm = KEYS[7], ready = KEYS[8], actor = ARGV[6] }, ARGV[1], now_ms())
+  end
+  return r
 end
 
 -- KEYS: mm, mq, md, mdx, ready, dl, dlseq   ARGV: actor, visibility, max deliveries

@@ -262,7 +262,14 @@ impl Store for RedisStore {
                     &o.mm,
                     &self.keys.ready(owner.kind()),
                 ],
-                vec![s(msg.to.as_str()), s(msg.id), frame, s(owner.as_str())],
+                vec![
+                    s(msg.to.as_str()),
+                    s(msg.id),
+                    frame,
+                    s(0),
+                    ttl(ttl_),
+                    s(owner.as_str()),
+                ],
             )
             .await?;
         self.enqueued(msg, key, &r)

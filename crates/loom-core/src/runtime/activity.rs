@@ -201,6 +201,7 @@ impl Context<'_> {
     ///
     /// struct Mailer {
     ///     runs: Arc<AtomicU32>,
+    ///     journaled: Arc<tokio::sync::Notify>,
     /// }
     ///
     /// impl Actor for Mailer {
@@ -221,6 +222,7 @@ impl Context<'_> {
     ///                 Ok::<_, String>(format!("queued for {address}"))
     ///             })
     ///             .await?;
+    ///         self.journaled.notify_one(); // the activity's result is durable by now
     ///         ctx.wait_event::<()>("confirmed", None).await?; // the crash strikes while it waits
     ///         Ok(receipt)
     ///     }
@@ -230,19 +232,16 @@ impl Context<'_> {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
     /// let runs = Arc::new(AtomicU32::new(0));
+    /// let journaled = Arc::new(tokio::sync::Notify::new());
     /// let node = || {
-    ///     Runtime::builder()
-    ///         .embedded(dir.path())
-    ///         .register_actor(Mailer { runs: runs.clone() })
-    ///         .start()
+    ///     let mailer = Mailer { runs: runs.clone(), journaled: journaled.clone() };
+    ///     Runtime::builder().embedded(dir.path()).register_actor(mailer).start()
     /// };
     /// let key = IdempotencyKey::new("welcome-ada")?;
     /// let rt = node().await?;
     /// let opts = SendOptions { idempotency_key: Some(key.clone()), ..SendOptions::default() };
     /// rt.actor::<Mailer>("m")?.send_with("ada@example.com".to_owned(), opts).await?;
-    /// while runs.load(Ordering::SeqCst) == 0 {
-    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    /// }
+    /// tokio::time::timeout(std::time::Duration::from_secs(10), journaled.notified()).await?;
     /// rt.kill().await; // a crash: the invocation is half done, the process gone
     /// drop(rt);
     ///

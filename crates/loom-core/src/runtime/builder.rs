@@ -35,7 +35,7 @@ pub enum StartError {
 }
 
 /// What [`RuntimeBuilder::store`] takes: any [`Store`], by value or in an `Arc`, or an
-/// `Arc<dyn Store>`.
+/// `Arc<dyn Store>` (a `Box<dyn Store>` goes in as `Arc::from(boxed)`).
 pub trait IntoStore {
     /// The store, shared.
     fn into_store(self) -> Arc<dyn Store>;

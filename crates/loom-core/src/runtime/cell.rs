@@ -455,7 +455,7 @@ impl<A: Actor> Cell<A> {
                 match io.store.nack(&d.receipt, delay, &reason).await {
                     Ok(()) => {
                         shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
-                        shared.alarms.set(Timestamp::now() + delay);
+                        shared.alarms.set_after(delay);
                         tracing::debug!(actor = %self.id, %until, "suspended");
                         Next::Suspend
                     }
@@ -481,8 +481,9 @@ impl<A: Actor> Cell<A> {
                 match io.store.suspend(&d.receipt, &lane, delay, &reason).await {
                     Ok(true) => {
                         shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
-                        if delay < MAX_SUSPENSION {
-                            shared.alarms.set(Timestamp::now() + delay);
+                        // Only a deadline: a recheck (events wake the wait) is not worth a scan.
+                        if until.is_some() && delay < io.config.event_recheck {
+                            shared.alarms.set_after(delay);
                         }
                         tracing::debug!(actor = %self.id, %lane, "suspended until an event");
                         Next::Suspend

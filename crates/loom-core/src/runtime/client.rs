@@ -20,7 +20,10 @@ use super::trace;
 /// Why a message could not be sent. Nothing was enqueued.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
-    /// The actor key is not a valid key.
+    /// An actor id is not valid. `Runtime::actor` refuses a bad key when the handle is made,
+    /// so a handle never sends with one; this variant is for callers who make ids themselves
+    /// and convert the [`IdError`] (`?` on a `Result<_, IdError>` in a function returning
+    /// `SendError`).
     #[error(transparent)]
     InvalidId(#[from] IdError),
     /// No actor of this kind is registered with the runtime.

@@ -530,11 +530,16 @@ impl<'a> Context<'a> {
     /// rt.actor::<Greeter>("g")?.ask("ada".to_owned()).await?;
     /// // The greeting left with the greeter's turn; the inbox handles it in its own turn.
     /// let inbox = rt.actor::<Inbox>("ada")?;
-    /// let mut notes = inbox.ask(None).await?;
-    /// while notes.is_empty() {
-    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    ///     notes = inbox.ask(None).await?;
-    /// }
+    /// let notes = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    ///     loop {
+    ///         let notes = inbox.ask(None).await?;
+    ///         if !notes.is_empty() {
+    ///             return Ok::<_, loom_core::runtime::AskError>(notes);
+    ///         }
+    ///         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    ///     }
+    /// })
+    /// .await??;
     /// assert_eq!(notes, vec!["hello, ada"]);
     /// # rt.shutdown().await;
     /// # Ok(()) }
@@ -623,11 +628,16 @@ impl<'a> Context<'a> {
     /// assert_eq!(children.len(), 2);
     /// // Each child got its input as its first message.
     /// let second = rt.actor::<Job>(&children[1])?;
-    /// let mut done = second.ask(0).await?;
-    /// while done == 0 {
-    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    ///     done = second.ask(0).await?;
-    /// }
+    /// let done = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    ///     loop {
+    ///         let done = second.ask(0).await?;
+    ///         if done > 0 {
+    ///             return Ok::<_, loom_core::runtime::AskError>(done);
+    ///         }
+    ///         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    ///     }
+    /// })
+    /// .await??;
     /// assert_eq!(done, 2);
     /// # rt.shutdown().await;
     /// # Ok(()) }

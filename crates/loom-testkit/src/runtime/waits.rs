@@ -110,22 +110,7 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
         async move { w.ask(vec![Step::Sleep { ms: 1500 }]).await }
     });
     let id = worker("w");
-    eventually(WAIT, "the invocation suspends", || async {
-        rt.metrics().suspensions == 1 && !rt.is_active(&id)
-    })
-    .await;
-    assert_eq!(
-        h.store.holder(&id).await.unwrap(),
-        None,
-        "a suspended actor holds its lease"
-    );
-    w.send(vec![activity("later")]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        h.probe.runs("later"),
-        0,
-        "a message overtook a suspended invocation"
-    );
+    suspended_with_a_message_behind(h, &rt, &w).await;
     let reply = asked.await.unwrap().unwrap();
     assert_eq!(reply, vec!["slept 1500"]);
     assert!(
@@ -328,22 +313,7 @@ async fn a_long_wait_for_an_event_suspends_until_the_event_arrives(h: &Harness) 
         }
     });
     let id = worker("w");
-    eventually(WAIT, "the wait suspends", || async {
-        rt.metrics().suspensions == 1 && !rt.is_active(&id)
-    })
-    .await;
-    assert_eq!(
-        h.store.holder(&id).await.unwrap(),
-        None,
-        "a suspended actor holds its lease"
-    );
-    w.send(vec![activity("later")]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        h.probe.runs("later"),
-        0,
-        "a message overtook a suspended wait"
-    );
+    suspended_with_a_message_behind(h, &rt, &w).await;
     assert_eq!(
         h.count(&id, |k| matches!(k, EntryKind::EventReceived { .. }))
             .await,
@@ -479,4 +449,30 @@ async fn an_event_arriving_as_the_wait_suspends_is_received_at_once(h: &Harness)
     assert_eq!(reply, vec!["event approved: just in time"]);
     assert_eq!(rt.metrics().suspensions, 0, "suspended beside its event");
     rt.shutdown().await;
+}
+
+/// Waits for `w`'s invocation to suspend (the actor passivated), checks that it holds no lease,
+/// and sends it a message (`later`) that must wait behind the suspended invocation.
+async fn suspended_with_a_message_behind(
+    h: &Harness,
+    rt: &loom_core::runtime::Runtime,
+    w: &loom_core::runtime::ActorRef<Worker>,
+) {
+    let id = w.id().clone();
+    eventually(WAIT, "the invocation suspends", || async {
+        rt.metrics().suspensions == 1 && !rt.is_active(&id)
+    })
+    .await;
+    assert_eq!(
+        h.store.holder(&id).await.unwrap(),
+        None,
+        "a suspended actor holds its lease"
+    );
+    w.send(vec![activity("later")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.probe.runs("later"),
+        0,
+        "a message overtook a suspended invocation"
+    );
 }
