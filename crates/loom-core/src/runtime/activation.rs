@@ -376,11 +376,10 @@ async fn serve<A: Actor>(
     }
 }
 
-/// Most actors one scan for ready actors asks for.
+/// Most actors one scan for ready actors asks for. (A crowd of more due at one alarm is found
+/// by the scans that follow: the next alarm's, or the poll. Scanning again at once when a scan
+/// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
 const SCAN: usize = 512;
-
-/// How soon a scan that found [`SCAN`] actors is followed by the next.
-const FULL_SCAN_AGAIN: Duration = Duration::from_millis(5);
 
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
@@ -395,11 +394,6 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             match shared.store.ready_actors(&shared.hosted, SCAN).await {
                 Ok(ids) => {
-                    if ids.len() >= SCAN {
-                        // More may be due (an alarm's crowd, a backlog): look again soon,
-                        // not a whole poll interval later.
-                        next_scan = tokio::time::Instant::now() + FULL_SCAN_AGAIN;
-                    }
                     // All at once: each activation takes a lease (a write), and a store's group
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync
