@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_lane, check_purge, interleave, prepare_message};
+use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
@@ -118,8 +118,7 @@ impl Mailbox for PostgresStore {
         delay: Duration,
         reason: &str,
     ) -> StoreResult<bool> {
-        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
-        let reason = loom_core::limits::clip_reason(reason);
+        let reason = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
         let status: String =
             sqlx::query_scalar(self.q("SELECT {s}.suspend($1, $2, $3, $4, $5, $6, $7)"))
                 .bind(receipt.actor.as_str())

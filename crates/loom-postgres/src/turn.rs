@@ -1,7 +1,7 @@
 //! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
 //! into batches by `group.rs` (`schema.sql`).
 
-use loom_core::store::backend::{check_lane, check_ttl};
+use loom_core::store::backend::{check_ttl, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -159,9 +159,7 @@ impl Store for PostgresStore {
         ttl: Duration,
         owner: &ActorId,
     ) -> StoreResult<Enqueued> {
-        check_ttl("idempotency ttl", ttl)?;
-        check_lane(&msg.to, owner, self.partitions())?;
-        let frame = prepare_message(msg)?;
+        let frame = prepare_event(msg, ttl, owner, self.partitions())?;
         let row = sqlx::query(
             self.q("SELECT new, pos, res, expires FROM {s}.enqueue_event($1, $2, $3, $4, $5, $6)"),
         )

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_lane, check_purge, interleave, prepare_message};
+use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
 use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
 use redis::Value;
@@ -153,8 +153,7 @@ impl Mailbox for RedisStore {
         delay: Duration,
         reason: &str,
     ) -> StoreResult<bool> {
-        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
-        let reason = loom_core::limits::clip_reason(reason);
+        let reason = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
         let ms = delay.as_millis().min(u128::from(u64::MAX)) as u64;
         let r = self
             .settle_op(receipt, "suspend", ms, &reason, Some(lane))

@@ -1,6 +1,6 @@
 //! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
 
-use loom_core::store::backend::{check_lane, check_ttl};
+use loom_core::store::backend::{check_ttl, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -243,9 +243,7 @@ impl Store for RedisStore {
         ttl_: Duration,
         owner: &ActorId,
     ) -> StoreResult<Enqueued> {
-        check_ttl("idempotency ttl", ttl_)?;
-        check_lane(&msg.to, owner, self.partitions())?;
-        let frame = prepare_message(msg)?;
+        let frame = prepare_event(msg, ttl_, owner, self.partitions())?;
         let m = self.keys.mailbox(&msg.to);
         let o = self.keys.mailbox(owner);
         let idem = self.keys.idempotency(&msg.to, key);

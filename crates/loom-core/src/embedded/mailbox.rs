@@ -15,7 +15,7 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::backend::{check_lane, check_purge, interleave, prepare_message};
+use crate::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
 use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
 use crate::time::Timestamp;
 
@@ -777,9 +777,8 @@ impl Mailbox for EmbeddedStore {
         reason: &str,
     ) -> StoreResult<bool> {
         let p = self.part(&receipt.actor);
-        check_lane(lane, &receipt.actor, self.partitions())?;
+        let error = prepare_suspend(receipt, lane, reason, self.partitions())?;
         let (receipt, lane) = (receipt.clone(), lane.clone());
-        let error = clip_reason(reason);
         self.write_in(p, move |tx| {
             let visible_at = (Timestamp::now() + delay).as_millis();
             tx.mailbox

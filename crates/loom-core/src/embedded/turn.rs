@@ -1,6 +1,6 @@
 //! [`Store::commit_turn`] on redb: one write transaction, so all of a turn or none of it.
 
-use crate::store::backend::{check_lane, check_ttl};
+use crate::store::backend::{check_ttl, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -167,9 +167,7 @@ impl Store for EmbeddedStore {
         ttl: Duration,
         owner: &ActorId,
     ) -> StoreResult<Enqueued> {
-        check_ttl("idempotency ttl", ttl)?;
-        check_lane(&msg.to, owner, self.partitions())?;
-        let bytes = prepare_message(msg)?;
+        let bytes = prepare_event(msg, ttl, owner, self.partitions())?;
         let (to, id, key, owner) = (msg.to.clone(), msg.id, key.clone(), owner.clone());
         self.write(&msg.to, move |tx| {
             if let Some(existing) = idempotency::reserve(tx, &to, &key, None)? {

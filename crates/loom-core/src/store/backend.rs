@@ -9,7 +9,9 @@ use crate::error::StoreResult;
 pub use super::idempotency::prepare_result;
 pub use super::journal::{Page, paged_read, prepare_append, prepare_snapshot};
 pub use super::lease::check_owner;
-pub use super::mailbox::{check_lane, check_purge, interleave, prepare_message};
+pub use super::mailbox::{
+    check_lane, check_purge, interleave, prepare_event, prepare_message, prepare_suspend,
+};
 pub use super::turn::{Committed, Outgoing, Record, Settle, Turn};
 
 /// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a

@@ -319,6 +319,30 @@ pub fn check_lane(lane: &ActorId, owner: &ActorId, partitions: u32) -> StoreResu
     Ok(())
 }
 
+/// Checks a [`Mailbox::suspend`] call and clips its reason; every backend calls it.
+pub fn prepare_suspend(
+    receipt: &Receipt,
+    lane: &ActorId,
+    reason: &str,
+    partitions: u32,
+) -> StoreResult<String> {
+    check_lane(lane, &receipt.actor, partitions)?;
+    Ok(crate::limits::clip_reason(reason))
+}
+
+/// Checks a [`Store::enqueue_event`](crate::Store::enqueue_event) call and encodes the event;
+/// every backend calls it.
+pub fn prepare_event(
+    msg: &Envelope,
+    ttl: std::time::Duration,
+    owner: &ActorId,
+    partitions: u32,
+) -> StoreResult<Vec<u8>> {
+    crate::store::backend::check_ttl("idempotency ttl", ttl)?;
+    check_lane(&msg.to, owner, partitions)?;
+    prepare_message(msg)
+}
+
 /// Checks a message for [`Mailbox::enqueue`] and encodes the envelope; every backend calls it.
 pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
     let bytes = codec::encode(codec::RecordType::Message, msg)

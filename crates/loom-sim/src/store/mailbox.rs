@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::limits::clip_reason;
-use loom_core::store::backend::{check_lane, check_ttl, interleave, prepare_message};
+use loom_core::store::backend::{check_ttl, interleave, prepare_message, prepare_suspend};
 use loom_core::{
     ActorId, DeadLetter, Delivery, Envelope, LeaseOptions, Mailbox, MessageId, Receipt, StoreError,
     StoreResult, Timestamp, Waiting,
@@ -517,8 +517,7 @@ impl Mailbox for SimStore {
         delay: Duration,
         reason: &str,
     ) -> StoreResult<bool> {
-        check_lane(lane, &receipt.actor, loom_core::Store::partitions(self))?;
-        let error = clip_reason(reason);
+        let error = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
         let arg = format!("{} {} {lane}", receipt.actor, receipt.message_id);
         let (receipt, lane) = (receipt.clone(), lane.clone());
         self.update("suspend", &arg, move |d, now| {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{
-    Committed, Settle, Turn, check_lane, check_ttl, prepare_append, prepare_message, prepare_result,
+    Committed, Settle, Turn, check_ttl, prepare_append, prepare_event, prepare_message,
+    prepare_result,
 };
 use loom_core::{
     ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreError, StoreResult,
@@ -183,9 +184,7 @@ impl Store for SimStore {
         ttl: Duration,
         owner: &ActorId,
     ) -> StoreResult<Enqueued> {
-        check_ttl("idempotency ttl", ttl)?;
-        check_lane(&msg.to, owner, self.partitions())?;
-        let frame = Frame::from(prepare_message(msg)?);
+        let frame = Frame::from(prepare_event(msg, ttl, owner, self.partitions())?);
         let arg = format!("{} {} {key} {owner}", msg.to, msg.id);
         let (to, id, key, owner) = (msg.to.clone(), msg.id, key.clone(), owner.clone());
         self.update("enqueue_event", &arg, move |d, now| {
