@@ -193,6 +193,20 @@ pub enum EntryKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resumed_in: Option<u32>,
     },
+    /// The wait of a step (a sleep, a wait for an event, an activity's backoff before its next
+    /// attempt) ended early because the invocation was asked to be cancelled
+    /// ([`ActorRef::cancel`](crate::ActorRef::cancel)); the step returned
+    /// [`StepError::Cancelled`](crate::runtime::StepError::Cancelled) and a replay returns it
+    /// again. (A kind of its own, so that code from before cancellation refuses it instead of
+    /// misreading.)
+    WaitCancelled {
+        /// The step whose wait it ends.
+        step: Step,
+        /// As in [`TimerFired`](EntryKind::TimerFired): the delivery that saw the wait end, if
+        /// not the one that began it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resumed_in: Option<u32>,
+    },
     /// A value the handler took from the world ([`Context::now`](crate::Context::now),
     /// [`random_u64`](crate::Context::random_u64), [`uuid`](crate::Context::uuid),
     /// [`patched`](crate::Context::patched)): journaled
@@ -236,6 +250,7 @@ impl EntryKind {
             EntryKind::TimerFired { .. } => "timer_fired",
             EntryKind::EventAwaited { .. } => "event_awaited",
             EntryKind::EventReceived { .. } => "event_received",
+            EntryKind::WaitCancelled { .. } => "wait_cancelled",
             EntryKind::Recorded { .. } => "recorded",
             EntryKind::Completed { .. } => "completed",
             EntryKind::Failed { .. } => "failed",

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use loom_core::store::Suspension;
 use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseManager, LeaseOptions, Mailbox};
 use loom_testkit::runtime::Counter;
 use serde_json::json;
@@ -168,7 +169,13 @@ async fn a_suspended_wait_survives_a_reopen_and_a_repartition_renaming_its_lane(
             .unwrap();
         let d = store.lease(&a, long).await.unwrap().expect("delivery");
         let lane = a.event_lane_in("approved", 1);
-        assert!(store.suspend(&d.receipt, &lane, hour, "w").await.unwrap());
+        assert_eq!(
+            store
+                .suspend(&d.receipt, Some(&lane), hour, "w")
+                .await
+                .unwrap(),
+            Suspension::Suspended
+        );
     }
     {
         let store = EmbeddedStore::open(&reopened).expect("reopen");
@@ -196,11 +203,91 @@ async fn a_suspended_wait_survives_a_reopen_and_a_repartition_renaming_its_lane(
         .unwrap()
         .expect("the copy hands the suspended message out to suspend again");
     let lane = a.event_lane_in("approved", 3);
-    assert!(store.suspend(&d.receipt, &lane, hour, "w").await.unwrap());
+    assert_eq!(
+        store
+            .suspend(&d.receipt, Some(&lane), hour, "w")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
     assert!(store.lease(&a, long).await.unwrap().is_none());
     deliver(&store).await;
     assert!(
         store.lease(&a, long).await.unwrap().is_some(),
         "an event on the lane's new name did not wake the wait"
+    );
+}
+
+/// A suspended sleep is left suspended by a reopen (only its time or a cancellation wakes it),
+/// and a cancellation's mark survives a reopen and a repartition with its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_sleep_and_a_cancellation_survive_a_reopen_and_a_repartition() {
+    use loom_core::EmbeddedOptions;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = ActorId::new("order", "a").expect("id");
+    let long = LeaseOptions {
+        visibility: Duration::from_secs(3600),
+        max_deliveries: 10,
+    };
+    let hour = Duration::from_secs(3600);
+    let (first, second) = (
+        Envelope::new(a.clone(), json!("sleeps")),
+        Envelope::new(a.clone(), json!("behind")),
+    );
+    let path = dir.path().join("store");
+    {
+        let opts = EmbeddedOptions {
+            partitions: Some(1),
+            ..EmbeddedOptions::default()
+        };
+        let store = EmbeddedStore::open_with(&path, opts).expect("open");
+        store.enqueue(&first, None).await.unwrap();
+        store.enqueue(&second, None).await.unwrap();
+        let d = store.lease(&a, long).await.unwrap().expect("delivery");
+        assert_eq!(
+            store
+                .suspend(&d.receipt, None, hour, "sleeping")
+                .await
+                .unwrap(),
+            Suspension::Suspended
+        );
+        assert!(store.cancel(&a, second.id).await.unwrap().is_some());
+    }
+    {
+        let store = EmbeddedStore::open(&path).expect("reopen");
+        assert!(
+            store.lease(&a, long).await.unwrap().is_none(),
+            "reopening handed a suspended sleep out"
+        );
+        let listed = store.messages(&a, None, 10).await.unwrap();
+        assert_eq!(
+            listed.iter().map(|w| w.cancelling).collect::<Vec<_>>(),
+            vec![false, true]
+        );
+    }
+    let three = dir.path().join("three");
+    EmbeddedStore::open(&path)
+        .expect("open")
+        .copy_repartitioned(&three, 3)
+        .await
+        .expect("repartition");
+    let store = EmbeddedStore::open(&three).expect("open the copy");
+    let d = store
+        .lease(&a, long)
+        .await
+        .unwrap()
+        .expect("handed out to suspend again");
+    assert_eq!(d.envelope.id, first.id);
+    store.ack(&d.receipt).await.unwrap();
+    let d = store
+        .lease(&a, long)
+        .await
+        .unwrap()
+        .expect("the second message");
+    assert_eq!(d.envelope.id, second.id);
+    assert_eq!(
+        store.suspend(&d.receipt, None, hour, "w").await.unwrap(),
+        Suspension::Cancelled,
+        "the cancellation was lost by the repartition"
     );
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
-use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
+use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+use loom_core::{ActorId, Envelope, MessageId, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 
 use crate::sql::*;
@@ -114,10 +114,10 @@ impl Mailbox for PostgresStore {
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let reason = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
         let status: String =
             sqlx::query_scalar(self.q("SELECT {s}.suspend($1, $2, $3, $4, $5, $6, $7)"))
@@ -127,19 +127,30 @@ impl Mailbox for PostgresStore {
                 .bind(receipt.message_id.to_string())
                 .bind(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
                 .bind(&reason)
-                .bind(lane.as_str())
+                .bind(lane.map(ActorId::as_str))
                 .fetch_one(&self.pool)
                 .await
                 .map_err(pe)?;
         match status.as_str() {
-            "ok" => Ok(true),
-            "busy" => Ok(false),
+            "ok" => Ok(Suspension::Suspended),
+            "busy" => Ok(Suspension::EventWaiting),
+            "cancelled" => Ok(Suspension::Cancelled),
             "stale" => Err(StoreError::StaleReceipt {
                 actor: receipt.actor.clone(),
                 message_id: receipt.message_id,
             }),
             other => Err(unexpected(format!("suspend returned {other}"))),
         }
+    }
+
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>> {
+        let pos: Option<i64> = sqlx::query_scalar(self.q("SELECT {s}.cancel($1, $2)"))
+            .bind(actor.as_str())
+            .bind(message.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(pos.map(|p| p as u64))
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
@@ -207,7 +218,7 @@ impl Mailbox for PostgresStore {
         limit: usize,
     ) -> StoreResult<Vec<Waiting>> {
         let rows = sqlx::query(self.q(
-            "SELECT m.position, m.frame, m.due_at, b.current = m.position, {s}.now_ms() \
+            "SELECT m.position, m.frame, m.due_at, b.current = m.position, {s}.now_ms(), m.cancel \
              FROM {s}.messages m JOIN {s}.mailbox b ON b.actor = m.actor \
              WHERE m.actor = $1 AND m.position > $2 ORDER BY m.position LIMIT $3",
         ))
@@ -235,6 +246,7 @@ impl Mailbox for PostgresStore {
                     envelope,
                     deliver_at: (due > now).then(|| Timestamp::from_millis(due as u64)),
                     out: r.get(3),
+                    cancelling: r.get(5),
                 })
             })
             .collect()

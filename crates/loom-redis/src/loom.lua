@@ -11,7 +11,9 @@
 --              cur (current position, 0 if none), curid (its stream id), curmsg (its message
 --              id), vis (visible at ms), dlv (its deliveries), err (last nack error); while the
 --              current message is suspended on an event lane (Mailbox::suspend): wl (the lane),
---              wp and wd (the position and deliveries it was suspended at)
+--              wp and wd (the position and deliveries it was suspended at; wl is '' for a
+--              sleep); c:<message id> = 1 for each message asked to be cancelled
+--              (Mailbox::cancel), removed with the message
 --   P:{T}:md   zset, delayed messages: member = position, score = due ms
 --   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
@@ -196,11 +198,12 @@ end
 
 -- Removes the current message (acked or buried) and moves on.
 local function mb_remove_current(mb, now)
-  local id = redis.call('HGET', mb.mm, 'curid')
+  local v = redis.call('HMGET', mb.mm, 'curid', 'curmsg')
+  local id = v[1]
   redis.call('XACK', mb.mq, 'g', id)
   redis.call('XDEL', mb.mq, id)
   redis.call('HSET', mb.mm, 'cur', 0)
-  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd')
+  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd', 'c:' .. (v[2] or ''))
   redis.call('HINCRBY', mb.mm, 'n', -1)
   mb_ready(mb, now)
 end
@@ -208,9 +211,10 @@ end
 -- Makes the owner's message suspended on `lane` visible now, if it still is: current, at the
 -- position and delivery count it was suspended at (handed out again since, it is left alone).
 -- ob = { mm, ready, actor } of the owner.
+-- lane false: whatever lane it is suspended on (a cancellation).
 local function mb_wake(ob, lane, now)
   local v = redis.call('HMGET', ob.mm, 'wl', 'wp', 'wd', 'cur', 'dlv', 'vis')
-  if v[1] ~= lane then return end
+  if not v[1] or (lane and v[1] ~= lane) then return end
   redis.call('HDEL', ob.mm, 'wl', 'wp', 'wd')
   if num(v[4]) == 0 or num(v[4]) ~= num(v[2]) or num(v[5]) ~= num(v[3]) then return end
   if num(v[6]) <= now then return end
@@ -392,11 +396,12 @@ local function lease(KEYS, ARGV)
   return { 'ok', r[1], tostring(r[2]), tostring(r[3]), r[4] }
 end
 
--- KEYS: mm, mq, md, mdx, ready, dl, dlseq, and for suspend the lane's mm
+-- KEYS: mm, mq, md, mdx, ready, dl, dlseq, and for suspend on a lane the lane's mm
 -- ARGV: actor, op (ack|nack|extend|bury|suspend), pos, delivery, msgid, ms (delay or
--- visibility), text, and for suspend the lane
--- suspend is nack that an event on the lane ends early (enqueue_event); refused ('busy',
--- nothing written) if the lane holds a message.
+-- visibility), text, and for suspend the lane ('' for none)
+-- suspend is a nack that an event on the lane (enqueue_event) or a cancellation ends early;
+-- refused, nothing written, if the message was asked to be cancelled ('cancelled') or the lane
+-- holds a message ('busy').
 local function settle(KEYS, ARGV)
   local now = now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
@@ -407,7 +412,8 @@ local function settle(KEYS, ARGV)
     mb_remove_current(mb, now)
     return { 'ok' }
   elseif op == 'suspend' then
-    if num(redis.call('HGET', KEYS[8], 'n')) > 0 then return { 'busy' } end
+    if redis.call('HEXISTS', mb.mm, 'c:' .. ARGV[5]) == 1 then return { 'cancelled' } end
+    if ARGV[8] ~= '' and num(redis.call('HGET', KEYS[8], 'n')) > 0 then return { 'busy' } end
     redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]), 'err', ARGV[7], 'wl', ARGV[8], 'wp', ARGV[3], 'wd', ARGV[4])
     mb_ready(mb, now)
     return { 'ok' }
@@ -419,6 +425,33 @@ local function settle(KEYS, ARGV)
   else
     return { 'ok', tostring(mb_bury(mb, KEYS[6], KEYS[7], ARGV[7], now)) }
   end
+end
+
+-- Marks message ARGV[2] of the mailbox as asked to be cancelled, and wakes it if it is the
+-- suspended current one (Mailbox::cancel): { 'ok', position }, or { 'none' } if it is not
+-- in the mailbox (nothing written).
+-- KEYS: mm, mq, md, mdx, ready   ARGV: actor, msgid
+local function cancel(KEYS, ARGV)
+  local now = now_ms()
+  local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
+  local msgid = ARGV[2]
+  local pos = nil
+  for _, e in ipairs(redis.call('XRANGE', mb.mq, '-', '+')) do
+    local f = mb_fields(e)
+    if f.id == msgid then pos = f.p break end
+  end
+  if not pos then
+    local delayed = redis.call('HGETALL', mb.mdx)
+    for i = 1, #delayed, 2 do
+      if string.sub(delayed[i + 1], 1, #msgid + 1) == msgid .. '|' then pos = delayed[i] break end
+    end
+  end
+  if not pos then return { 'none' } end
+  redis.call('HSET', mb.mm, 'c:' .. msgid, 1)
+  if num(redis.call('HGET', mb.mm, 'cur')) == tonumber(pos) then
+    mb_wake(mb, false, now)
+  end
+  return { 'ok', tostring(pos) }
 end
 
 -- KEYS: dl, mm, mq, md, mdx, ready, idem (the message's key, if it has one)
@@ -641,11 +674,16 @@ end
 -- KEYS: mm, mq, md, mdx   Lists every waiting message: { cur, [pos, frame, due]... }
 local function messages(KEYS, ARGV)
   local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
+  local function cancelling(msgid)
+    if redis.call('HEXISTS', KEYS[1], 'c:' .. msgid) == 1 then return '1' end
+    return '0'
+  end
   for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
     local f = mb_fields(e)
     out[#out + 1] = f.p
     out[#out + 1] = f.m
     out[#out + 1] = '0'
+    out[#out + 1] = cancelling(f.id)
   end
   local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
   for i = 1, #delayed, 2 do
@@ -654,6 +692,7 @@ local function messages(KEYS, ARGV)
     out[#out + 1] = delayed[i]
     out[#out + 1] = string.sub(v, bar + 1)
     out[#out + 1] = delayed[i + 1]
+    out[#out + 1] = cancelling(string.sub(v, 1, bar - 1))
   end
   return out
 end

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
-use loom_core::{ActorId, Envelope, StoreError, StoreResult, Timestamp};
+use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+use loom_core::{ActorId, Envelope, MessageId, StoreError, StoreResult, Timestamp};
 use redis::Value;
 
 use crate::resp::*;
@@ -54,7 +54,8 @@ impl RedisStore {
         op: &str,
         ms: u64,
         text_arg: &str,
-        lane: Option<&ActorId>,
+        // For `suspend` only: its lane, if any.
+        lane: Option<Option<&ActorId>>,
     ) -> StoreResult<Vec<Value>> {
         let mut keys = Vec::new();
         self.mailbox_keys(&r.actor, &mut keys);
@@ -67,14 +68,18 @@ impl RedisStore {
             s(ms),
             text_arg.as_bytes().to_vec(),
         ];
-        if let Some(lane) = lane {
-            keys.push(self.keys.mailbox(lane).mm);
-            args.push(s(lane.as_str()));
+        match lane {
+            Some(Some(lane)) => {
+                keys.push(self.keys.mailbox(lane).mm);
+                args.push(s(lane.as_str()));
+            }
+            Some(None) => args.push(s("")),
+            None => {}
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let reply = self.run(&self.scripts.settle, &keys, args).await?;
         match status(&reply).as_str() {
-            "ok" | "busy" => Ok(reply),
+            "ok" | "busy" | "cancelled" => Ok(reply),
             "stale" => Err(StoreError::StaleReceipt {
                 actor: r.actor.clone(),
                 message_id: r.message_id,
@@ -149,16 +154,36 @@ impl Mailbox for RedisStore {
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let reason = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
         let ms = delay.as_millis().min(u128::from(u64::MAX)) as u64;
         let r = self
             .settle_op(receipt, "suspend", ms, &reason, Some(lane))
             .await?;
-        Ok(status(&r) == "ok")
+        Ok(match status(&r).as_str() {
+            "busy" => Suspension::EventWaiting,
+            "cancelled" => Suspension::Cancelled,
+            _ => Suspension::Suspended,
+        })
+    }
+
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>> {
+        let m = self.keys.mailbox(actor);
+        let r = self
+            .run(
+                &self.scripts.cancel,
+                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(actor.kind())],
+                vec![s(actor.as_str()), s(message)],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "none" => Ok(None),
+            "ok" => number(r.get(1), "position").map(Some),
+            other => Err(unexpected(format!("cancel replied {other}"))),
+        }
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
@@ -258,7 +283,7 @@ impl Mailbox for RedisStore {
             .await?;
         let current = number(r.first(), "current position")?;
         let mut out = Vec::new();
-        for chunk in r[1..].chunks(3) {
+        for chunk in r[1..].chunks(4) {
             let position = number(chunk.first(), "position")?;
             if after.is_some_and(|a| position <= a) {
                 continue;
@@ -276,6 +301,7 @@ impl Mailbox for RedisStore {
                 envelope,
                 deliver_at: (due > 0).then(|| Timestamp::from_millis(due)),
                 out: position == current,
+                cancelling: text(chunk.get(3)).as_deref() == Some("1"),
             });
         }
         out.sort_by_key(|w| w.position);

@@ -16,12 +16,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use loom_core::codec::CodecError;
+use loom_core::store::Suspension;
 use loom_core::store::backend::{Committed, Turn};
 use loom_core::{
     ActorId, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope, IdempotencyKey,
-    IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox, Park,
-    Parking, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError, StoreResult,
-    Timestamp, Waiting,
+    IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox,
+    MessageId, Park, Parking, Receipt, Reservation, Seq, SeqRange, Snapshot, Store, StoreError,
+    StoreResult, Timestamp, Waiting,
 };
 use serde_json::Value;
 
@@ -341,10 +342,10 @@ impl Mailbox for FaultyStore {
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let paused = self
             .faults
             .pause_suspend
@@ -356,6 +357,11 @@ impl Mailbox for FaultyStore {
             pause.resume.notified().await;
         }
         self.write("suspend", self.inner.suspend(receipt, lane, delay, reason))
+            .await
+    }
+
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>> {
+        self.write("cancel", self.inner.cancel(actor, message))
             .await
     }
 

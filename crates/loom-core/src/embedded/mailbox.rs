@@ -16,12 +16,12 @@ use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
 use crate::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Waiting};
+use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
 use crate::time::Timestamp;
 
 use super::redo::{Op, Rec, Sink, apply_to};
 use super::tables::{
-    DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, PARKED, QUEUE,
+    CANCELS, DEAD_LETTERS, MAILBOX_META, MESSAGE_ERRORS, MESSAGE_STATE, MESSAGES, PARKED, QUEUE,
     READY_BY_KIND, Tx, WAKES, id, se,
 };
 use super::{EmbeddedStore, meta_counter};
@@ -75,6 +75,7 @@ pub(super) struct Tables<'t> {
     ready: Rec<'t, (&'static str, u64, &'static str), ()>,
     pub(super) parked: Rec<'t, &'static str, &'static [u8]>,
     wakes: Rec<'t, &'static str, (u64, u32, &'static str)>,
+    cancels: Rec<'t, (&'static str, u64), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -88,6 +89,7 @@ impl<'t> Tables<'t> {
             ready: Rec::open(txn, sink, id::READY_BY_KIND, READY_BY_KIND)?,
             parked: Rec::open(txn, sink, id::PARKED, PARKED)?,
             wakes: Rec::open(txn, sink, id::WAKES, WAKES)?,
+            cancels: Rec::open(txn, sink, id::CANCELS, CANCELS)?,
         })
     }
 
@@ -102,6 +104,7 @@ impl<'t> Tables<'t> {
             id::READY_BY_KIND => apply_to(&mut self.ready, op),
             id::PARKED => apply_to(&mut self.parked, op),
             id::WAKES => apply_to(&mut self.wakes, op),
+            id::CANCELS => apply_to(&mut self.cancels, op),
             other => Err(StoreError::corrupt(
                 super::redo::REDO_FILE,
                 codec::CodecError::Body(format!("a write to unknown table {other}")),
@@ -298,33 +301,51 @@ impl<'t> Tables<'t> {
         )
     }
 
-    /// Suspends the delivery `receipt` on `lane` until `visible_at` ([`Mailbox::suspend`]):
-    /// false, writing nothing, if the lane holds a message.
+    /// Suspends the delivery `receipt` until `visible_at`, or an event on `lane` or a
+    /// cancellation ([`Mailbox::suspend`]); refused, writing nothing, if the message was asked
+    /// to be cancelled or the lane holds a message.
     pub(super) fn suspend(
         &mut self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         visible_at: u64,
         error: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let (meta, state) = self.check_receipt(receipt)?;
-        if Meta::get(&*self.meta, lane.as_str())?.count > 0 {
-            return Ok(false);
-        }
         let a = receipt.actor.as_str();
+        if self.cancels.get((a, meta.current)).map_err(se)?.is_some() {
+            return Ok(Suspension::Cancelled);
+        }
+        if let Some(lane) = lane
+            && Meta::get(&*self.meta, lane.as_str())?.count > 0
+        {
+            return Ok(Suspension::EventWaiting);
+        }
         self.hold_current(a, meta, state, visible_at, error)?;
         self.wakes
-            .insert(a, (meta.current, state.deliveries, lane.as_str()))
+            .insert(
+                a,
+                (
+                    meta.current,
+                    state.deliveries,
+                    lane.map_or("", |l| l.as_str()),
+                ),
+            )
             .map_err(se)?;
-        Ok(true)
+        Ok(Suspension::Suspended)
     }
 
     /// Wakes `owner`'s message suspended on `lane`, if it still is (see [`WAKES`]).
     pub(super) fn wake(&mut self, owner: &ActorId, lane: &ActorId, now: u64) -> StoreResult<()> {
-        let a = owner.as_str();
+        self.wake_marked(owner.as_str(), Some(lane.as_str()), now)
+    }
+
+    /// Wakes the actor's suspended message if its mark ([`WAKES`]) still holds and names
+    /// `lane` (`None`: whatever it names).
+    fn wake_marked(&mut self, a: &str, lane: Option<&str>, now: u64) -> StoreResult<()> {
         let Some((position, deliveries)) = self.wakes.get(a).map_err(se)?.and_then(|v| {
             let (p, d, l) = v.value();
-            (l == lane.as_str()).then_some((p, d))
+            lane.is_none_or(|lane| l == lane).then_some((p, d))
         }) else {
             return Ok(());
         };
@@ -357,6 +378,34 @@ impl<'t> Tables<'t> {
         )
     }
 
+    /// Marks the message `message` of the actor as to be cancelled and wakes it if it is the
+    /// suspended current one ([`Mailbox::cancel`]); its position, or `None` if it is not here.
+    pub(super) fn cancel(
+        &mut self,
+        actor: &ActorId,
+        message: MessageId,
+        now: u64,
+    ) -> StoreResult<Option<u64>> {
+        let a = actor.as_str();
+        let want = message.as_uuid().as_u128();
+        let mut found = None;
+        for item in self.state.range((a, 0)..=(a, u64::MAX)).map_err(se)? {
+            let (k, v) = item.map_err(se)?;
+            if v.value().3 == want {
+                found = Some(k.value().1);
+                break;
+            }
+        }
+        let Some(position) = found else {
+            return Ok(None);
+        };
+        self.cancels.insert((a, position), ()).map_err(se)?;
+        if Meta::get(&*self.meta, a)?.current == position {
+            self.wake_marked(a, None, now)?;
+        }
+        Ok(Some(position))
+    }
+
     /// Removes the actor's current message and moves on to the next.
     pub(super) fn remove_current(&mut self, actor: &str) -> StoreResult<()> {
         let old = Meta::get(&*self.meta, actor)?;
@@ -364,6 +413,7 @@ impl<'t> Tables<'t> {
         self.messages.remove((actor, p)).map_err(se)?;
         self.state.remove((actor, p)).map_err(se)?;
         self.errors.remove((actor, p)).map_err(se)?;
+        self.cancels.remove((actor, p)).map_err(se)?;
         let new = Meta {
             current: 0,
             count: old.count - 1,
@@ -772,18 +822,28 @@ impl Mailbox for EmbeddedStore {
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let p = self.part(&receipt.actor);
         let error = prepare_suspend(receipt, lane, reason, self.partitions())?;
-        let (receipt, lane) = (receipt.clone(), lane.clone());
+        let (receipt, lane) = (receipt.clone(), lane.cloned());
         self.write_in(p, move |tx| {
             let visible_at = (Timestamp::now() + delay).as_millis();
             tx.mailbox
                 .get()?
-                .suspend(&receipt, &lane, visible_at, &error)
+                .suspend(&receipt, lane.as_ref(), visible_at, &error)
+        })
+        .await
+    }
+
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>> {
+        let p = self.part(actor);
+        let actor = actor.clone();
+        self.write_in(p, move |tx| {
+            let now = Timestamp::now().as_millis();
+            tx.mailbox.get()?.cancel(&actor, message, now)
         })
         .await
     }
@@ -871,6 +931,7 @@ impl Mailbox for EmbeddedStore {
             let meta = Meta::get(&txn.open_table(MAILBOX_META).map_err(se)?, a)?;
             let state = txn.open_table(MESSAGE_STATE).map_err(se)?;
             let messages = txn.open_table(MESSAGES).map_err(se)?;
+            let cancels = txn.open_table(CANCELS).map_err(se)?;
             let start = after.map_or(0, |p| p.saturating_add(1));
             let mut out = Vec::new();
             for item in state
@@ -899,6 +960,7 @@ impl Mailbox for EmbeddedStore {
                     envelope,
                     deliver_at: (due > now).then(|| Timestamp::from_millis(due)),
                     out: meta.current == position,
+                    cancelling: cancels.get((a, position)).map_err(se)?.is_some(),
                 });
             }
             Ok(out)
@@ -1085,10 +1147,10 @@ fn parse_actor(s: &str) -> StoreResult<ActorId> {
 }
 
 /// Makes every leased message visible again now (delivery counts kept); returns how many. For a
-/// store opened by a new process: the consumer that leased them is gone. A message suspended
-/// on an event lane ([`WAKES`], still matching) is left suspended: it waits for its event or
-/// its deadline, not for a consumer, and thousands of multi-day waits are not replayed at every
-/// start.
+/// store opened by a new process: the consumer that leased them is gone. A suspended message
+/// ([`WAKES`], still matching: a sleep, or a wait for an event) is left suspended: it waits
+/// for its time, event or cancellation, not for a consumer, and thousands of multi-day waits
+/// are not replayed at every start.
 pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let now = Timestamp::now().as_millis();
     let t = tx.mailbox.get()?;

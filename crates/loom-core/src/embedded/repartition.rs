@@ -189,6 +189,7 @@ impl EmbeddedStore {
             |k| k.2
         );
         copy_table!(tables::PARKED, id::PARKED, &str, |k| k);
+        copy_table!(tables::CANCELS, id::CANCELS, (&str, u64), |k| k.0);
         // Not WAKES: its lane names change with the partition count (`event_lane_in`), so the
         // marks are left behind, and the new store's first open hands every message they held
         // suspended out again (`mailbox::return_all` keeps only messages a mark still holds):

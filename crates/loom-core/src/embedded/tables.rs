@@ -87,12 +87,17 @@ pub const READY: TableDefinition<(u64, &str), ()> = TableDefinition::new("mailbo
 pub const PARKED: TableDefinition<&str, &[u8]> = TableDefinition::new("parked");
 
 /// `actor` → `(position, deliveries, lane)`: the actor's message at `position`, delivered
-/// `deliveries` times, is suspended until an event arrives on its event lane `lane`
-/// ([`crate::Mailbox::suspend`]). An event enqueued on `lane` for the actor makes that message
-/// visible at once, if it is still current and has not been handed out again (its delivery
-/// count unchanged), and removes the row; a row that no longer matches is stale and harmless,
-/// and the actor's next suspension replaces it. At most one row per actor.
+/// `deliveries` times, is suspended until an event arrives on its event lane `lane` (`""` for
+/// a sleep: no lane) ([`crate::Mailbox::suspend`]). An event enqueued on `lane` for the actor,
+/// or a cancellation of the message ([`CANCELS`]), makes that message visible at once, if it
+/// is still current and has not been handed out again (its delivery count unchanged), and
+/// removes the row; a row that no longer matches is stale and harmless, and the actor's next
+/// suspension replaces it. At most one row per actor.
 pub const WAKES: TableDefinition<&str, (u64, u32, &str)> = TableDefinition::new("wakes");
+
+/// `(actor, position)` → `()`: the message at `position` was asked to be cancelled
+/// ([`crate::Mailbox::cancel`]). Only for a message in [`MESSAGE_STATE`]: removed with it.
+pub const CANCELS: TableDefinition<(&str, u64), ()> = TableDefinition::new("cancels");
 
 /// dead-letter id → a dead-letter frame.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
@@ -167,6 +172,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
     txn.open_table(READY_BY_KIND)?;
     txn.open_table(PARKED)?;
     txn.open_table(WAKES)?;
+    txn.open_table(CANCELS)?;
     txn.open_table(DEAD_LETTERS)?;
     txn.open_table(LEASES)?;
     txn.open_table(IDEMPOTENCY)?;
@@ -234,6 +240,7 @@ pub(super) mod id {
     pub const OUTBOX: u8 = 17;
     pub const HIGH_WATER: u8 = 18;
     pub const WAKES: u8 = 19;
+    pub const CANCELS: u8 = 20;
 }
 
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after

@@ -378,6 +378,7 @@ impl Context<'_> {
                             attempt = *a;
                             retry_at = None;
                         }
+                        EntryKind::WaitCancelled { .. } => return Err(StepError::Cancelled),
                         other => {
                             let msg = format!(
                                 "step {step}: activity {name} is followed by {} in the journal",
@@ -432,7 +433,7 @@ impl Context<'_> {
                 let left = at.saturating_since(Timestamp::now());
                 if left > self.io.config.suspend_after {
                     // `retry_at` is journaled: the replay continues the backoff.
-                    return Err(self.interrupt(Interrupt::Suspend(at)));
+                    return Err(self.suspend_until(at, step, resumed_in).await);
                 }
                 self.keep_out(tokio::time::sleep(left)).await?;
                 self.inv.push(EntryKind::ActivityRetried {

@@ -166,6 +166,11 @@ pub struct Rejected {
     reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<Value>,
+    /// Set when the rejection is a cancellation passed on
+    /// ([`StepError::Cancelled`](super::StepError::Cancelled) with `?`): the caller gets
+    /// `AskError::Cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cancelled: bool,
 }
 
 impl Rejected {
@@ -174,7 +179,30 @@ impl Rejected {
         Rejected {
             reason: reason.into(),
             value: None,
+            cancelled: false,
         }
+    }
+
+    /// The rejection of an invocation that ends because it was asked to be cancelled: what
+    /// [`StepError::Cancelled`](super::StepError::Cancelled) becomes when the handler passes
+    /// it on with `?`. Its caller gets `AskError::Cancelled` with `reason`.
+    ///
+    /// ```
+    /// use loom_core::runtime::Rejected;
+    ///
+    /// assert!(Rejected::cancelled("the order was withdrawn").is_cancelled());
+    /// assert!(!Rejected::new("no").is_cancelled());
+    /// ```
+    pub fn cancelled(reason: impl Into<String>) -> Self {
+        Rejected {
+            cancelled: true,
+            ..Rejected::new(reason)
+        }
+    }
+
+    /// True for a cancellation ([`cancelled`](Self::cancelled)).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
     }
 
     /// A rejection with a reason and a typed value for the caller (read back with
@@ -187,6 +215,7 @@ impl Rejected {
             Ok(v) => Rejected {
                 reason,
                 value: Some(v),
+                cancelled: false,
             },
             Err(why) => Rejected::new(format!("{reason} ({why})")),
         }

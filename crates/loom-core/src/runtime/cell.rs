@@ -25,17 +25,12 @@ use crate::error::StoreError;
 use crate::id::{ActorId, IdempotencyKey, MessageId};
 use crate::store::backend::{Record, Settle, Turn};
 use crate::store::{Delivery, LeaseOptions, Park};
-use crate::time::Timestamp;
 
 use super::Shared;
 use super::actor::Actor;
 use super::context::{Context, Interrupt, Invocation, Io};
 use super::record::{Outcome, Recorded};
 use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
-
-/// The longest a message is put back for a suspended sleep (a century); a longer sleep (a
-/// "sleep forever") suspends again when the message comes back.
-const MAX_SUSPENSION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// What the loop does after a delivery.
 pub(crate) enum Next {
@@ -270,6 +265,7 @@ impl<A: Actor> Cell<A> {
                 tracing::debug!(actor = %self.id, message = %d.envelope.id, reason = rejected.reason(), "the handler refused the message");
                 let reason = crate::limits::clip_reason(rejected.reason());
                 let outcome = match rejected.value() {
+                    _ if rejected.is_cancelled() => Outcome::Cancelled(reason),
                     Some(value) => Outcome::RejectedWithValue {
                         reason,
                         value: value.clone(),
@@ -309,13 +305,14 @@ impl<A: Actor> Cell<A> {
             }),
             Outcome::Rejected(reason)
             | Outcome::RejectedWithValue { reason, .. }
-            | Outcome::Failed(reason) => inv.push(EntryKind::Failed {
+            | Outcome::Failed(reason)
+            | Outcome::Cancelled(reason) => inv.push(EntryKind::Failed {
                 error: reason.clone(),
             }),
         }
         let rejected = matches!(
             outcome,
-            Outcome::Rejected(_) | Outcome::RejectedWithValue { .. }
+            Outcome::Rejected(_) | Outcome::RejectedWithValue { .. } | Outcome::Cancelled(_)
         );
         let recorded = Recorded {
             message_id: id,
@@ -445,58 +442,22 @@ impl<A: Actor> Cell<A> {
                 tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
                 Next::Park(self.park(io, d, Some(step), &reason))
             }
-            Interrupt::Suspend(until) => {
-                // The message stays the mailbox's current one, invisible until the sleep ends
-                // (later messages wait behind it); the delivery that then takes it resumes the
-                // sleep, which does not count against the message (rule D17).
-                // At most a century: a store counts the delay in ms from now in 64 bits.
-                let delay = until.saturating_since(Timestamp::now()).min(MAX_SUSPENSION);
-                let reason = format!("suspended: waiting until {until}");
-                match io.store.nack(&d.receipt, delay, &reason).await {
-                    Ok(()) => {
-                        shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
-                        shared.alarms.set_after(delay);
-                        tracing::debug!(actor = %self.id, %until, "suspended");
-                        Next::Suspend
-                    }
-                    Err(e) => {
-                        // Still leased: replaying runs the sleep again, which suspends again.
-                        tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
-                        Next::Reload
-                    }
+            Interrupt::Suspended { delay, alarm } => {
+                // The context suspended the message (`Context::suspend`): it stays the
+                // mailbox's current one, invisible until its time, event or cancellation (later
+                // messages wait behind it); the delivery that then takes it resumes the wait,
+                // which does not count against the message (rule D17).
+                shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
+                if alarm {
+                    shared.alarms.set_after(delay);
                 }
+                tracing::debug!(actor = %self.id, ?delay, "suspended");
+                Next::Suspend
             }
-            Interrupt::SuspendOn(until, lane) => {
-                // As a suspended sleep, and the event's delivery makes the message visible at
-                // once (`Mailbox::suspend`). Refused if an event arrived since the wait last
-                // looked: the replay then receives it.
-                let delay = until
-                    .map_or(MAX_SUSPENSION, |u| u.saturating_since(Timestamp::now()))
-                    .min(io.config.event_recheck)
-                    .min(MAX_SUSPENSION);
-                let reason = match until {
-                    Some(u) => format!("suspended: waiting for an event until {u}"),
-                    None => "suspended: waiting for an event".to_owned(),
-                };
-                match io.store.suspend(&d.receipt, &lane, delay, &reason).await {
-                    Ok(true) => {
-                        shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
-                        // Only a deadline: a recheck (events wake the wait) is not worth a scan.
-                        if until.is_some() && delay < io.config.event_recheck {
-                            shared.alarms.set_after(delay);
-                        }
-                        tracing::debug!(actor = %self.id, %lane, "suspended until an event");
-                        Next::Suspend
-                    }
-                    Ok(false) => {
-                        tracing::debug!(actor = %self.id, %lane, "an event arrived as the wait suspended; receiving it");
-                        self.hand_back_now(io, d).await
-                    }
-                    Err(e) => {
-                        tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
-                        self.hand_back_now(io, d).await
-                    }
-                }
+            Interrupt::Unsuspended(e) => {
+                // Still leased: the replay runs the wait again, which suspends again.
+                tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
+                self.hand_back_now(io, d).await
             }
             Interrupt::Store(e) => {
                 shared.health.failed(&e);

@@ -60,6 +60,11 @@ pub enum AskError {
     /// The message was given up on and dead-lettered.
     #[error("failed: {0}")]
     Failed(String),
+    /// The invocation was cancelled ([`ActorRef::cancel`]) while it waited, and the handler
+    /// ended it (passing [`StepError::Cancelled`](super::StepError::Cancelled) on); state
+    /// unchanged, as for a rejection.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// No reply within the timeout. The message may still be processed; asking again with the
     /// same idempotency key returns its reply without sending it twice.
     #[error("no reply within {0:?}")]
@@ -334,5 +339,6 @@ fn decode<A: Actor>(value: Value) -> Result<A::Reply, AskError> {
             Rejected::new(reason).set_value(Some(value)),
         )),
         Outcome::Failed(f) => Err(AskError::Failed(f)),
+        Outcome::Cancelled(reason) => Err(AskError::Cancelled(reason)),
     }
 }

@@ -23,7 +23,7 @@ use crate::error::StoreError;
 use crate::id::{ActorId, MessageId};
 use crate::limits::MAX_CHANGE_ID_LEN;
 use crate::store::backend::{Outgoing, Record, Settle, Turn};
-use crate::store::{Lease, LeaseOptions, Receipt, Store};
+use crate::store::{Lease, LeaseOptions, Receipt, Store, Suspension};
 use crate::time::Timestamp;
 
 use super::actor::{Actor, Rejected};
@@ -56,6 +56,13 @@ pub enum StepError {
     /// a message that does not serialize).
     #[error("{0}")]
     Invalid(String),
+    /// The invocation was asked to be cancelled ([`ActorRef::cancel`](crate::ActorRef::cancel))
+    /// and this step's wait (a sleep, a wait for an event, an activity's backoff) ended for it
+    /// (journaled; a replay returns it again). Pass it on with `?` to end the invocation as
+    /// cancelled (its caller gets `AskError::Cancelled`, the state is left as it was), or
+    /// compensate first: the handler's later steps run as usual.
+    #[error("the invocation was cancelled")]
+    Cancelled,
     /// The invocation cannot go on here (the store failed, the lease was lost, the code no longer
     /// matches the journal). The runtime takes over: whatever the handler returns is ignored, and
     /// the invocation is retried, reloaded or parked.
@@ -68,6 +75,7 @@ impl From<StepError> for Rejected {
     fn from(e: StepError) -> Self {
         let value = match &e {
             StepError::ActivityFailed { value, .. } => value.clone(),
+            StepError::Cancelled => return Rejected::cancelled(e.to_string()),
             _ => None,
         };
         Rejected::new(e.to_string()).set_value(value)
@@ -104,12 +112,24 @@ pub(crate) enum Interrupt {
     LeaseLost,
     /// The code no longer matches the journal at this step: park the actor.
     NonDeterminism(Step, String),
-    /// A durable sleep has longer left than `Config::suspend_after`: suspend the invocation
-    /// until then (its message back at that time, the actor passivated meanwhile).
-    Suspend(Timestamp),
-    /// A wait for an event has waited `Config::suspend_after` in memory: suspend the invocation
-    /// until an event arrives on this lane or the wait's deadline passes (`None`: no deadline).
-    SuspendOn(Option<Timestamp>, ActorId),
+    /// The context suspended the invocation in the store ([`Context::suspend`]): its message
+    /// comes back after `delay` or when an event or a cancellation wakes it; passivate the
+    /// actor meanwhile. `alarm`: the delay is a deadline worth an early scan when it passes.
+    Suspended { delay: Duration, alarm: bool },
+    /// The store failed to suspend the invocation: hand its message back and replay.
+    Unsuspended(StoreError),
+}
+
+/// The longest a message is put back for a suspended wait (a century); a longer sleep (a
+/// "sleep forever") suspends again when the message comes back.
+const MAX_SUSPENSION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Why [`Context::suspend`] did not suspend (the store wrote nothing; the delivery is still out).
+pub(super) enum Refused {
+    /// The lane holds an event: receive it.
+    EventWaiting,
+    /// The invocation was asked to be cancelled: end the wait with [`StepError::Cancelled`].
+    Cancelled,
 }
 
 impl Interrupt {
@@ -127,8 +147,8 @@ impl Interrupt {
             Interrupt::Conflict(e) => format!("journal moved: {e}"),
             Interrupt::LeaseLost => "the actor's lease was lost".to_owned(),
             Interrupt::NonDeterminism(_, m) => format!("non-determinism: {m}"),
-            Interrupt::Suspend(until) => format!("suspended until {until}"),
-            Interrupt::SuspendOn(_, lane) => format!("suspended until an event on {lane}"),
+            Interrupt::Suspended { delay, .. } => format!("suspended for up to {delay:?}"),
+            Interrupt::Unsuspended(e) => format!("could not suspend: {e}"),
         }
     }
 }
@@ -278,6 +298,80 @@ impl<'a> Context<'a> {
             return Err(self.interrupt(Interrupt::NonDeterminism(step, msg)));
         }
         Ok((step, Some(recorded)))
+    }
+
+    /// Suspends the invocation in the store until `until` (`None`: no deadline) or until an
+    /// event on `lane` (none for a sleep or a backoff) or a cancellation wakes it
+    /// ([`Mailbox::suspend`](crate::Mailbox::suspend)); everything pending must be durable
+    /// already. Once suspended, the interrupt to pass on (the runtime passivates the actor);
+    /// else why the store refused. A wait for an event comes back to look again after
+    /// `Config::event_recheck` at the latest.
+    pub(super) async fn suspend(
+        &mut self,
+        until: Option<Timestamp>,
+        lane: Option<&ActorId>,
+    ) -> Result<Refused, StepError> {
+        let mut delay = until.map_or(MAX_SUSPENSION, |u| u.saturating_since(Timestamp::now()));
+        if lane.is_some() {
+            delay = delay.min(self.io.config.event_recheck);
+        }
+        let delay = delay.min(MAX_SUSPENSION);
+        let reason = match (until, lane) {
+            (Some(u), None) => format!("suspended: waiting until {u}"),
+            (Some(u), Some(_)) => format!("suspended: waiting for an event until {u}"),
+            (None, _) => "suspended: waiting for an event".to_owned(),
+        };
+        match self
+            .io
+            .store
+            .suspend(&self.inv.receipt, lane, delay, &reason)
+            .await
+        {
+            Ok(Suspension::Suspended) => {
+                // Only a deadline: a recheck (events wake the wait) is not worth a scan.
+                let alarm =
+                    until.is_some() && (lane.is_none() || delay < self.io.config.event_recheck);
+                Err(self.interrupt(Interrupt::Suspended { delay, alarm }))
+            }
+            Ok(Suspension::EventWaiting) => Ok(Refused::EventWaiting),
+            Ok(Suspension::Cancelled) => Ok(Refused::Cancelled),
+            Err(e @ StoreError::StaleReceipt { .. }) => Err(self.interrupt(Interrupt::Conflict(e))),
+            Err(e) => Err(self.interrupt(Interrupt::Unsuspended(e))),
+        }
+    }
+
+    /// Suspends the sleep (or backoff) of `step` until `at`: what the step returns, the
+    /// interruption once suspended, or its cancellation.
+    pub(super) async fn suspend_until(
+        &mut self,
+        at: Timestamp,
+        step: Step,
+        resumed_in: Option<u32>,
+    ) -> StepError {
+        match self.suspend(Some(at), None).await {
+            Err(e) => e,
+            Ok(Refused::Cancelled) => self.wait_cancelled(step, resumed_in).await,
+            Ok(Refused::EventWaiting) => {
+                self.interrupt(Interrupt::Unsuspended(StoreError::InvalidRequest(
+                    "the store refused a suspension without a lane for an event on it".into(),
+                )))
+            }
+        }
+    }
+
+    /// Ends the wait of `step` for a cancellation: journals it (at once) and returns
+    /// [`StepError::Cancelled`] for the step to give.
+    pub(super) async fn wait_cancelled(
+        &mut self,
+        step: Step,
+        resumed_in: Option<u32>,
+    ) -> StepError {
+        tracing::debug!(actor = %self.inv.actor, message = %self.inv.envelope.id, step, "wait cancelled");
+        self.inv.push(EntryKind::WaitCancelled { step, resumed_in });
+        match self.flush_resumed(resumed_in).await {
+            Ok(()) => StepError::Cancelled,
+            Err(e) => e,
+        }
     }
 
     /// [`flush`](Self::flush)es the end of a durable wait that began in an earlier delivery
@@ -747,6 +841,11 @@ impl<'a> Context<'a> {
                 if r.iter().any(|k| matches!(k, EntryKind::TimerFired { .. })) {
                     return Ok(());
                 }
+                if r.iter()
+                    .any(|k| matches!(k, EntryKind::WaitCancelled { .. }))
+                {
+                    return Err(StepError::Cancelled);
+                }
                 let fire_at = match r.first() {
                     Some(EntryKind::TimerStarted { fire_at, .. }) => *fire_at,
                     _ => Timestamp::now(),
@@ -763,7 +862,7 @@ impl<'a> Context<'a> {
         let left = fire_at.saturating_since(Timestamp::now());
         if left > self.io.config.suspend_after {
             // Journaled above (or in the run that began it): the replay continues it.
-            return Err(self.interrupt(Interrupt::Suspend(fire_at)));
+            return Err(self.suspend_until(fire_at, step, resumed_in).await);
         }
         self.keep_out(tokio::time::sleep(left)).await?;
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
@@ -846,6 +945,9 @@ impl<'a> Context<'a> {
                         });
                     }
                     return decode_event(name, data.clone());
+                }
+                if let Some(EntryKind::WaitCancelled { .. }) = r.get(1) {
+                    return Err(StepError::Cancelled);
                 }
                 match r.first() {
                     Some(EntryKind::EventAwaited { deadline, .. }) => *deadline,
@@ -950,12 +1052,18 @@ impl<'a> Context<'a> {
                 });
             }
             let suspend_after = self.io.config.suspend_after;
-            if waiting_since.elapsed() >= suspend_after
+            // A wait that began in an earlier delivery has waited in memory already: it
+            // suspends again as soon as it finds no event (and so sees a cancellation at once).
+            if (resumed_in.is_some() || waiting_since.elapsed() >= suspend_after)
                 && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after)
             {
                 // EventAwaited is journaled (above, or in the run that began the wait): the
                 // replay continues the wait.
-                return Err(self.interrupt(Interrupt::SuspendOn(deadline, lane)));
+                match self.suspend(deadline, Some(&lane)).await? {
+                    Refused::Cancelled => return Err(self.wait_cancelled(step, resumed_in).await),
+                    // An event arrived since the lane was looked at: receive it now.
+                    Refused::EventWaiting => continue,
+                }
             }
             let mut wait = self.io.config.poll_interval.max(Duration::from_millis(10)) * 4;
             if let Some(d) = deadline {

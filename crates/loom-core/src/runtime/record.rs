@@ -24,6 +24,9 @@ pub(crate) enum Outcome {
     },
     /// The message was given up on (dead-lettered).
     Failed(String),
+    /// The invocation was cancelled ([`ActorRef::cancel`](crate::ActorRef::cancel)) and the
+    /// handler passed the cancellation on.
+    Cancelled(String),
 }
 
 /// The record kept under a request's idempotency key.

@@ -86,7 +86,8 @@ impl Unfinished {
             .filter_map(|k| match k {
                 EntryKind::TimerFired { resumed_in, .. }
                 | EntryKind::EventReceived { resumed_in, .. }
-                | EntryKind::ActivityRetried { resumed_in, .. } => *resumed_in,
+                | EntryKind::ActivityRetried { resumed_in, .. }
+                | EntryKind::WaitCancelled { resumed_in, .. } => *resumed_in,
                 _ => None,
             })
             .max()
@@ -426,6 +427,7 @@ fn step_of(kind: &EntryKind) -> Option<Step> {
         | EntryKind::TimerFired { step, .. }
         | EntryKind::EventAwaited { step, .. }
         | EntryKind::EventReceived { step, .. }
+        | EntryKind::WaitCancelled { step, .. }
         | EntryKind::Recorded { step, .. } => Some(*step),
         _ => None,
     }

@@ -144,6 +144,21 @@ pub struct Waiting {
     pub deliver_at: Option<Timestamp>,
     /// True if it is handed out now (or waiting out a nack delay).
     pub out: bool,
+    /// True if its invocation was asked to be cancelled ([`Mailbox::cancel`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelling: bool,
+}
+
+/// What [`Mailbox::suspend`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspension {
+    /// The message is suspended.
+    Suspended,
+    /// Refused, nothing written: the lane holds a message already (the event to receive).
+    EventWaiting,
+    /// Refused, nothing written: the message's invocation was asked to be cancelled
+    /// ([`Mailbox::cancel`]); the wait ends with the cancellation instead.
+    Cancelled,
 }
 
 /// A message that will not be delivered again until it is requeued.
@@ -196,27 +211,40 @@ pub trait Mailbox: Send + Sync + 'static {
     /// receipt is no longer current.
     async fn extend(&self, receipt: &Receipt, visibility: Duration) -> StoreResult<()>;
 
-    /// Suspends a delivered message until an event arrives on `lane` or `delay` passes,
-    /// whichever comes first: as [`nack`](Self::nack) with `delay` and `reason`, and besides,
+    /// Suspends a delivered message until `delay` passes or, with a `lane`, an event arrives
+    /// on it, whichever comes first: as [`nack`](Self::nack) with `delay` and `reason`, and
+    /// besides, the message is marked suspended (at its position and delivery count), so that
     /// the next event [`Store::enqueue_event`](crate::Store::enqueue_event) puts on `lane` for
-    /// this actor makes the message visible at once (a *wake-up*), if it has not been handed out
-    /// again since. `lane` is one of the actor's event lanes
+    /// this actor, or a [`cancel`](Self::cancel) of it, makes it visible at once (a *wake-up*),
+    /// if it has not been handed out again since. `lane` is one of the actor's event lanes
     /// ([`ActorId::event_lane_in`](crate::ActorId::event_lane_in)), so it lives in the actor's
-    /// partition.
+    /// partition; `None` for a sleep, which only a cancellation wakes early.
     ///
-    /// Refused, with `Ok(false)` and nothing written (the delivery stays out), if `lane` holds
-    /// a message already (due or out): the waiter reads it instead of sleeping. The check and
-    /// the suspension are one atomic write, and so are an event's enqueue and its wake-up, so
-    /// an event cannot slip between the waiter's last look and its suspension (no lost
-    /// wake-up). A message suspends on one lane at a time: suspending it again replaces the
-    /// lane. [`StoreError::StaleReceipt`] if the receipt is no longer current.
+    /// Refused, writing nothing (the delivery stays out), with
+    /// [`Suspension::Cancelled`] if the message was asked to be cancelled, else with
+    /// [`Suspension::EventWaiting`] if `lane` holds a message already (due or out): the waiter
+    /// reads it instead of sleeping. The checks and the suspension are one atomic write, and so
+    /// are an event's enqueue and its wake-up, and a cancellation's mark and its wake-up, so
+    /// neither can slip between the waiter's last look and its suspension (no lost wake-up). A
+    /// message suspends on one lane at a time: suspending it again replaces the lane.
+    /// [`StoreError::StaleReceipt`] if the receipt is no longer current.
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool>;
+    ) -> StoreResult<Suspension>;
+
+    /// Asks that the invocation of message `message` in `actor`'s mailbox be cancelled: marks
+    /// the message (the mark goes with it when it is acked or dead-lettered; marking it again
+    /// changes nothing) and, if it is suspended ([`suspend`](Self::suspend)) and not handed out
+    /// since, makes it visible at once. From then on, suspending it is refused with
+    /// [`Suspension::Cancelled`]; [`messages`](Self::messages) shows it as `cancelling`. One
+    /// atomic write. Returns the message's position; `None`, writing nothing, if no such
+    /// message waits in the mailbox (it finished, was dead-lettered, or never came). Looks
+    /// through the mailbox: it costs time in proportion to the messages waiting there.
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>>;
 
     /// Moves a delivered message to the dead letters with `reason`; returns the dead letter's id.
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64>;
@@ -322,11 +350,13 @@ pub fn check_lane(lane: &ActorId, owner: &ActorId, partitions: u32) -> StoreResu
 /// Checks a [`Mailbox::suspend`] call and clips its reason; every backend calls it.
 pub fn prepare_suspend(
     receipt: &Receipt,
-    lane: &ActorId,
+    lane: Option<&ActorId>,
     reason: &str,
     partitions: u32,
 ) -> StoreResult<String> {
-    check_lane(lane, &receipt.actor, partitions)?;
+    if let Some(lane) = lane {
+        check_lane(lane, &receipt.actor, partitions)?;
+    }
     Ok(crate::limits::clip_reason(reason))
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::limits::clip_reason;
+use loom_core::store::Suspension;
 use loom_core::store::backend::{check_ttl, interleave, prepare_message, prepare_suspend};
 use loom_core::{
     ActorId, DeadLetter, Delivery, Envelope, LeaseOptions, Mailbox, MessageId, Receipt, StoreError,
@@ -28,6 +29,8 @@ use super::{Frame, SimStore};
 struct Queued {
     frame: Frame,
     id: MessageId,
+    /// Asked to be cancelled ([`Mailbox::cancel`]).
+    cancelling: bool,
 }
 
 /// The mailbox's current message: handed out, or waiting to be handed out again.
@@ -44,9 +47,11 @@ pub(super) struct Current {
     deliveries: u32,
     /// The error of its last nack.
     error: Option<String>,
-    /// While suspended on an event lane ([`Mailbox::suspend`]): the lane, and the delivery it
-    /// was suspended at (a mark that no longer matches `deliveries` is stale).
-    wake_on: Option<(ActorId, u32)>,
+    /// While suspended ([`Mailbox::suspend`]): the event lane (`None` for a sleep), and the
+    /// delivery it was suspended at (a mark that no longer matches `deliveries` is stale).
+    wake_on: Option<(Option<ActorId>, u32)>,
+    /// Asked to be cancelled ([`Mailbox::cancel`]).
+    cancelling: bool,
 }
 
 /// One actor's mailbox.
@@ -145,8 +150,14 @@ impl Mailboxes {
                 q.last_due
             }
         };
-        q.queued
-            .insert((due, q.last_position), Queued { frame, id });
+        q.queued.insert(
+            (due, q.last_position),
+            Queued {
+                frame,
+                id,
+                cancelling: false,
+            },
+        );
         q.last_position
     }
 
@@ -185,50 +196,77 @@ impl Mailboxes {
             .ok_or_else(|| stale(receipt))
     }
 
-    /// Suspends the delivery `receipt` on `lane` until `visible_at` ([`Mailbox::suspend`]):
-    /// false, changing nothing, if the lane holds a message.
+    /// Suspends the delivery `receipt` until `visible_at`, or an event on `lane` or a
+    /// cancellation ([`Mailbox::suspend`]); refused, changing nothing, if the message was asked
+    /// to be cancelled or the lane holds a message.
     pub(super) fn suspend(
         &mut self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         visible_at: u64,
         error: String,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         self.check_receipt(receipt)?;
-        if self.queue(lane).is_some_and(|q| q.len() > 0) {
-            return Ok(false);
+        if self
+            .queue(&receipt.actor)
+            .and_then(|q| q.current.as_ref())
+            .is_some_and(|c| c.cancelling)
+        {
+            return Ok(Suspension::Cancelled);
+        }
+        if lane.is_some_and(|lane| self.queue(lane).is_some_and(|q| q.len() > 0)) {
+            return Ok(Suspension::EventWaiting);
         }
         let c = self.held_mut(receipt)?;
         c.visible_at = visible_at;
         c.error = Some(error);
-        c.wake_on = Some((lane.clone(), c.deliveries));
-        Ok(true)
+        c.wake_on = Some((lane.cloned(), c.deliveries));
+        Ok(Suspension::Suspended)
     }
 
     /// Makes `owner`'s message suspended on `lane` visible at `now`, if it still is.
     pub(super) fn wake(&mut self, owner: &ActorId, lane: &ActorId, now: u64) {
+        let on_lane = |l: &Option<ActorId>| l.as_ref() == Some(lane);
         let marked = self
             .queue(owner)
             .and_then(|q| q.current.as_ref())
-            .is_some_and(|c| c.wake_on.as_ref().is_some_and(|(l, _)| l == lane));
+            .is_some_and(|c| c.wake_on.as_ref().is_some_and(|(l, _)| on_lane(l)));
         if !marked {
             // Nothing to change: the queue, which a snapshot may share, is not copied.
             return;
         }
-        let Some(c) = self
+        if let Some(c) = self
             .boxes
             .get_mut(owner)
             .and_then(|q| Arc::make_mut(q).current.as_mut())
-        else {
-            return;
-        };
-        if let Some((l, deliveries)) = c.wake_on.take_if(|(l, _)| l == lane)
-            && deliveries == c.deliveries
-            && c.visible_at > now
         {
-            debug_assert_eq!(&l, lane);
-            c.visible_at = now;
+            wake_current(c, now);
         }
+    }
+
+    /// Marks message `id` of `actor`'s mailbox as asked to be cancelled, and wakes it if it is
+    /// the suspended current one ([`Mailbox::cancel`]); its position, or `None` (nothing
+    /// changed) if it is not there.
+    pub(super) fn cancel(&mut self, actor: &ActorId, id: MessageId, now: u64) -> Option<u64> {
+        let q = self.queue(actor)?;
+        let current = q.current.as_ref().is_some_and(|c| c.id == id);
+        if !current && !q.queued.values().any(|m| m.id == id) {
+            return None;
+        }
+        let q = Arc::make_mut(self.boxes.get_mut(actor)?);
+        if current {
+            let c = q.current.as_mut()?;
+            c.cancelling = true;
+            wake_current(c, now);
+            return Some(c.position);
+        }
+        q.queued
+            .iter_mut()
+            .find(|(_, m)| m.id == id)
+            .map(|((_, position), m)| {
+                m.cancelling = true;
+                *position
+            })
     }
 
     /// Moves `current`, taken out of `actor`'s mailbox, to the dead letters; returns the dead
@@ -318,6 +356,7 @@ impl Mailboxes {
                             deliveries: 0,
                             error: None,
                             wake_on: None,
+                            cancelling: m.cancelling,
                         })
                     }
                 }
@@ -411,22 +450,22 @@ impl Mailboxes {
             return Ok(Vec::new());
         };
         let now = now.as_millis();
-        // (position, due, frame, out)
-        let mut all: Vec<(u64, u64, &Frame, bool)> = q
+        // (position, due, frame, out, cancelling)
+        let mut all: Vec<(u64, u64, &Frame, bool, bool)> = q
             .queued
             .iter()
-            .map(|((due, position), m)| (*position, *due, &m.frame, false))
+            .map(|((due, position), m)| (*position, *due, &m.frame, false, m.cancelling))
             .chain(
                 q.current
                     .iter()
-                    .map(|c| (c.position, c.due, &c.frame, true)),
+                    .map(|c| (c.position, c.due, &c.frame, true, c.cancelling)),
             )
             .filter(|(position, ..)| after.is_none_or(|a| *position > a))
             .collect();
         all.sort_by_key(|(position, ..)| *position);
         all.into_iter()
             .take(limit)
-            .map(|(position, due, frame, out)| {
+            .map(|(position, due, frame, out, cancelling)| {
                 let envelope = codec::decode(RecordType::Message, frame).map_err(|e| {
                     StoreError::corrupt(
                         format!("message at position {position} of {actor}'s mailbox"),
@@ -438,6 +477,7 @@ impl Mailboxes {
                     envelope,
                     deliver_at: (due > now).then(|| Timestamp::from_millis(due)),
                     out,
+                    cancelling,
                 })
             })
             .collect()
@@ -513,16 +553,29 @@ impl Mailbox for SimStore {
     async fn suspend(
         &self,
         receipt: &Receipt,
-        lane: &ActorId,
+        lane: Option<&ActorId>,
         delay: Duration,
         reason: &str,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Suspension> {
         let error = prepare_suspend(receipt, lane, reason, loom_core::Store::partitions(self))?;
-        let arg = format!("{} {} {lane}", receipt.actor, receipt.message_id);
-        let (receipt, lane) = (receipt.clone(), lane.clone());
+        let arg = match lane {
+            Some(lane) => format!("{} {} {lane}", receipt.actor, receipt.message_id),
+            None => format!("{} {}", receipt.actor, receipt.message_id),
+        };
+        let (receipt, lane) = (receipt.clone(), lane.cloned());
         self.update("suspend", &arg, move |d, now| {
             let visible_at = (now + delay).as_millis();
-            d.mailboxes.suspend(&receipt, &lane, visible_at, error)
+            d.mailboxes
+                .suspend(&receipt, lane.as_ref(), visible_at, error)
+        })
+        .await
+    }
+
+    async fn cancel(&self, actor: &ActorId, message: MessageId) -> StoreResult<Option<u64>> {
+        let arg = format!("{actor} {message}");
+        let actor = actor.clone();
+        self.update("cancel", &arg, move |d, now| {
+            Ok(d.mailboxes.cancel(&actor, message, now.as_millis()))
         })
         .await
     }
@@ -642,5 +695,16 @@ impl Mailbox for SimStore {
             Ok(position)
         })
         .await
+    }
+}
+
+/// Makes the current message, suspended and not handed out since, visible at `now`; drops its
+/// mark either way.
+fn wake_current(c: &mut Current, now: u64) {
+    if let Some((_, deliveries)) = c.wake_on.take()
+        && deliveries == c.deliveries
+        && c.visible_at > now
+    {
+        c.visible_at = now;
     }
 }

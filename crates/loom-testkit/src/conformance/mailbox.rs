@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use loom_core::limits::MAX_MESSAGE_BYTES;
+use loom_core::store::Suspension;
 use loom_core::{
     ActorId, Enqueued, Envelope, IdempotencyKey, LeaseOptions, Limit, Receipt, Store, StoreError,
     Timestamp,
@@ -45,6 +46,10 @@ pub(super) fn cases() -> Vec<Case> {
         suspending_is_refused_while_the_lane_holds_a_message,
         a_wake_up_leaves_a_message_handed_out_again_alone,
         suspend_refuses_a_stale_receipt_and_a_foreign_lane,
+        a_suspended_sleep_is_woken_only_by_its_time_or_a_cancellation,
+        cancel_wakes_a_message_suspended_on_a_lane_and_refuses_its_next_suspension,
+        cancel_marks_a_waiting_message_which_keeps_the_mark_when_handed_out,
+        cancel_of_a_message_not_in_the_mailbox_writes_nothing,
     ]
 }
 
@@ -713,10 +718,14 @@ async fn an_event_on_its_lane_wakes_a_suspended_message(store: Arc<dyn Store>) {
     store.enqueue(&msg(&b, 0), None).await.unwrap();
     let d = store.lease(&a, long()).await.unwrap().expect("delivery");
     let suspended = store
-        .suspend(&d.receipt, &lane, HOUR, "waiting for approved")
+        .suspend(&d.receipt, Some(&lane), HOUR, "waiting for approved")
         .await
         .unwrap();
-    assert!(suspended, "an empty lane was refused");
+    assert_eq!(
+        suspended,
+        Suspension::Suspended,
+        "an empty lane was refused"
+    );
     assert!(store.lease(&a, long()).await.unwrap().is_none());
     assert_eq!(
         store.ready_actors(&["conf"], 10).await.unwrap(),
@@ -757,11 +766,12 @@ async fn an_event_on_its_lane_wakes_a_suspended_message(store: Arc<dyn Store>) {
     assert_eq!(e.envelope.payload, json!({ "n": 3 }));
     // A wake-up is used once: suspended again, the message waits for the next event.
     store.ack(&e.receipt).await.unwrap();
-    assert!(
+    assert_eq!(
         store
-            .suspend(&again.receipt, &lane, HOUR, "again")
+            .suspend(&again.receipt, Some(&lane), HOUR, "again")
             .await
-            .unwrap()
+            .unwrap(),
+        Suspension::Suspended
     );
     assert!(matches!(
         deliver(&*store, &a, "approved", 3).await,
@@ -785,8 +795,12 @@ async fn suspending_is_refused_while_the_lane_holds_a_message(store: Arc<dyn Sto
     store.enqueue(&msg(&a, 0), None).await.unwrap();
     let d = store.lease(&a, long()).await.unwrap().expect("delivery");
     deliver(&*store, &a, "approved", 1).await;
-    assert!(
-        !store.suspend(&d.receipt, &lane, HOUR, "w").await.unwrap(),
+    assert_eq!(
+        store
+            .suspend(&d.receipt, Some(&lane), HOUR, "w")
+            .await
+            .unwrap(),
+        Suspension::EventWaiting,
         "suspended although its event had arrived"
     );
     // Nothing was written: the delivery is still out, and still the caller's.
@@ -800,7 +814,13 @@ async fn suspending_is_refused_while_the_lane_holds_a_message(store: Arc<dyn Sto
         .await
         .unwrap()
         .expect("the event");
-    assert!(!store.suspend(&d.receipt, &lane, HOUR, "w").await.unwrap());
+    assert_eq!(
+        store
+            .suspend(&d.receipt, Some(&lane), HOUR, "w")
+            .await
+            .unwrap(),
+        Suspension::EventWaiting
+    );
 }
 
 async fn a_wake_up_leaves_a_message_handed_out_again_alone(store: Arc<dyn Store>) {
@@ -809,7 +829,13 @@ async fn a_wake_up_leaves_a_message_handed_out_again_alone(store: Arc<dyn Store>
     store.enqueue(&msg(&a, 0), None).await.unwrap();
     let d = store.lease(&a, long()).await.unwrap().expect("delivery");
     let delay = Duration::from_millis(100);
-    assert!(store.suspend(&d.receipt, &lane, delay, "w").await.unwrap());
+    assert_eq!(
+        store
+            .suspend(&d.receipt, Some(&lane), delay, "w")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
     wait_past(delay).await;
     // The suspension ran out (a timeout): the message is handed out again, for a minute.
     let again = store.lease(&a, long()).await.unwrap().expect("due again");
@@ -835,14 +861,14 @@ async fn suspend_refuses_a_stale_receipt_and_a_foreign_lane(store: Arc<dyn Store
     let lane = a.event_lane_in("approved", store.partitions());
     store.enqueue(&msg(&a, 0), None).await.unwrap();
     let d = store.lease(&a, short(5)).await.unwrap().expect("delivery");
-    let not_a_lane = store.suspend(&d.receipt, &b, HOUR, "w").await;
+    let not_a_lane = store.suspend(&d.receipt, Some(&b), HOUR, "w").await;
     assert!(
         matches!(not_a_lane, Err(StoreError::InvalidRequest(_))),
         "{not_a_lane:?}"
     );
     wait_past(Duration::from_millis(100)).await;
     let again = store.lease(&a, long()).await.unwrap().expect("redelivered");
-    let stale = store.suspend(&d.receipt, &lane, HOUR, "w").await;
+    let stale = store.suspend(&d.receipt, Some(&lane), HOUR, "w").await;
     assert!(
         matches!(stale, Err(StoreError::StaleReceipt { .. })),
         "{stale:?}"
@@ -862,4 +888,228 @@ async fn suspend_refuses_a_stale_receipt_and_a_foreign_lane(store: Arc<dyn Store
         "{not_an_owner:?}"
     );
     assert_eq!(store.pending(&b).await.unwrap(), 0);
+}
+
+async fn a_suspended_sleep_is_woken_only_by_its_time_or_a_cancellation(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store
+            .suspend(&d.receipt, None, HOUR, "sleeping")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    // No lane: an event on any of a's lanes wakes nothing.
+    deliver(&*store, &a, "approved", 1).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "an event woke a sleep"
+    );
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        Some(d.receipt.position)
+    );
+    let woken = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("woken by the cancellation");
+    assert_eq!(woken.envelope.id, m.id);
+    assert_eq!(woken.receipt.delivery, d.receipt.delivery + 1);
+    // A short sleep runs out on its own.
+    store.ack(&woken.receipt).await.unwrap();
+    store.enqueue(&msg(&a, 1), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let delay = Duration::from_millis(100);
+    assert_eq!(
+        store
+            .suspend(&d.receipt, None, delay, "sleeping")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    wait_past(delay).await;
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_some(),
+        "the sleep's time passed"
+    );
+}
+
+async fn cancel_wakes_a_message_suspended_on_a_lane_and_refuses_its_next_suspension(
+    store: Arc<dyn Store>,
+) {
+    let (a, b) = (id("a"), id("b"));
+    let lane = a.event_lane_in("approved", store.partitions());
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    let behind = msg(&a, 1);
+    store.enqueue(&behind, None).await.unwrap();
+    store.enqueue(&msg(&b, 0), None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store
+            .suspend(&d.receipt, Some(&lane), HOUR, "w")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        Some(d.receipt.position)
+    );
+    let mut ready = store.ready_actors(&["conf"], 10).await.unwrap();
+    ready.sort();
+    assert_eq!(
+        ready,
+        vec![a.clone(), b.clone()],
+        "the woken actor is listed as ready"
+    );
+    let again = store.lease(&a, long()).await.unwrap().expect("woken");
+    assert_eq!(
+        again.envelope.id, m.id,
+        "the cancelled message keeps its place"
+    );
+    // Cancelled: a suspension is refused and writes nothing, even with an event waiting.
+    deliver(&*store, &a, "approved", 1).await;
+    for lane in [Some(&lane), None] {
+        assert_eq!(
+            store
+                .suspend(&again.receipt, lane, HOUR, "w")
+                .await
+                .unwrap(),
+            Suspension::Cancelled
+        );
+    }
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "still out"
+    );
+    let listed = store.messages(&a, None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|w| (w.envelope.id, w.cancelling))
+            .collect::<Vec<_>>(),
+        vec![(m.id, true), (behind.id, false)]
+    );
+    // A second cancellation changes nothing; the mark goes with the message.
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        Some(d.receipt.position)
+    );
+    store.ack(&again.receipt).await.unwrap();
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        None,
+        "acked: not in the mailbox"
+    );
+    let next = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("the message behind");
+    assert_eq!(next.envelope.id, behind.id);
+    assert_eq!(
+        store.suspend(&next.receipt, None, HOUR, "w").await.unwrap(),
+        Suspension::Suspended,
+        "the mark of the message before was left behind"
+    );
+}
+
+async fn cancel_marks_a_waiting_message_which_keeps_the_mark_when_handed_out(
+    store: Arc<dyn Store>,
+) {
+    let a = id("a");
+    let first = msg(&a, 0);
+    let (now, later) = (msg(&a, 1), msg(&a, 2));
+    store.enqueue(&first, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    store.enqueue(&now, None).await.unwrap();
+    store
+        .enqueue(&later, Some(Timestamp::now() + HOUR))
+        .await
+        .unwrap();
+    // Cancelling queued messages neither wakes nor disturbs the one out.
+    let p_now = store.cancel(&a, now.id).await.unwrap().expect("queued");
+    let p_later = store.cancel(&a, later.id).await.unwrap().expect("delayed");
+    assert!(p_now > d.receipt.position && p_later > p_now);
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert_eq!(
+        store.suspend(&d.receipt, None, HOUR, "w").await.unwrap(),
+        Suspension::Suspended,
+        "another message's cancellation refused this one's suspension"
+    );
+    let listed = store.messages(&a, None, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|w| w.cancelling).collect::<Vec<_>>(),
+        vec![false, true, true]
+    );
+    // Woken by its own cancellation only; then the marked message comes with its mark.
+    assert_eq!(
+        store.cancel(&a, first.id).await.unwrap(),
+        Some(d.receipt.position)
+    );
+    let again = store.lease(&a, long()).await.unwrap().expect("woken");
+    store.ack(&again.receipt).await.unwrap();
+    let marked = store
+        .lease(&a, long())
+        .await
+        .unwrap()
+        .expect("the cancelled one");
+    assert_eq!(marked.envelope.id, now.id);
+    assert_eq!(
+        store
+            .suspend(&marked.receipt, None, HOUR, "w")
+            .await
+            .unwrap(),
+        Suspension::Cancelled
+    );
+    // Dead-lettered, it takes its mark along; requeued, it is a new message, unmarked.
+    let dead = store
+        .dead_letter(&marked.receipt, "given up")
+        .await
+        .unwrap();
+    store.requeue_dead_letter(dead).await.unwrap();
+    let listed = store.messages(&a, None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|w| (w.envelope.id == later.id, w.cancelling))
+            .collect::<Vec<_>>(),
+        vec![(true, true), (false, false)]
+    );
+}
+
+async fn cancel_of_a_message_not_in_the_mailbox_writes_nothing(store: Arc<dyn Store>) {
+    let (a, b) = (id("a"), id("b"));
+    let m = msg(&a, 0);
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        None,
+        "an empty mailbox"
+    );
+    store.enqueue(&m, None).await.unwrap();
+    assert_eq!(
+        store.cancel(&b, m.id).await.unwrap(),
+        None,
+        "another actor's message"
+    );
+    assert_eq!(
+        store.cancel(&a, msg(&a, 1).id).await.unwrap(),
+        None,
+        "an unknown id"
+    );
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+    let listed = store.messages(&a, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].cancelling);
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store.suspend(&d.receipt, None, HOUR, "w").await.unwrap(),
+        Suspension::Suspended
+    );
 }
