@@ -135,6 +135,12 @@ impl ActorId {
         }
     }
 
+    /// The in-process wake-up key of this actor's waiting invocation for a cancellation (the
+    /// runtime's hub; never stored).
+    pub(crate) fn cancel_signal(&self) -> ActorId {
+        Self::unchecked("_cancel", &self.full)
+    }
+
     /// The mailbox that carries events named `name` to this actor (see `Context::wait_event`).
     ///
     /// It is a *system* mailbox: its kind starts with `_`, and

@@ -6,11 +6,74 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::StoreError;
-use crate::id::ActorId;
+use crate::id::{ActorId, IdempotencyKey, MessageId};
 use crate::store::backend::{Record, Settle, Turn};
 use crate::store::{LeaseOptions, Reservation, Store};
 
 use super::record::{Outcome, Recorded};
+
+/// Which invocation [`cancel`] is to cancel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelTarget {
+    /// The invocation of this message (the id `ActorRef::send` returned).
+    Message(MessageId),
+    /// The invocation of the message sent with this idempotency key.
+    Key(IdempotencyKey),
+}
+
+/// What [`cancel`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Cancellation {
+    /// The message waits in the actor's mailbox (running, suspended, or not begun) and is now
+    /// marked to be cancelled (marking it again changes nothing): its invocation ends with
+    /// [`StepError::Cancelled`](super::StepError::Cancelled) at its next durable wait (a
+    /// sleep, a wait for an event, an activity's backoff), at once if it is suspended in one.
+    /// An invocation that waits no more finishes as it would have.
+    Requested {
+        /// The message.
+        message: MessageId,
+        /// Its position in the mailbox.
+        position: u64,
+    },
+    /// No such message waits in the actor's mailbox: it finished (its outcome is what its
+    /// caller got), was dead-lettered, or never came. Nothing was written.
+    NotFound,
+}
+
+/// Asks that the invocation of `target` on `actor` be cancelled
+/// ([`Mailbox::cancel`](crate::Mailbox::cancel)): what `ActorRef::cancel` and `loom cancel` do.
+/// A key is looked up among the messages waiting in the mailbox (their envelopes carry it),
+/// so it costs time in proportion to them, as the cancellation itself does.
+pub async fn cancel(
+    store: &dyn Store,
+    actor: &ActorId,
+    target: &CancelTarget,
+) -> Result<Cancellation, StoreError> {
+    let message = match target {
+        CancelTarget::Message(id) => *id,
+        CancelTarget::Key(key) => {
+            let mut after = None;
+            loop {
+                let page = store.messages(actor, after, 256).await?;
+                if let Some(w) = page
+                    .iter()
+                    .find(|w| w.envelope.idempotency_key.as_ref() == Some(key))
+                {
+                    break w.envelope.id;
+                }
+                match page.last() {
+                    Some(w) => after = Some(w.position),
+                    None => return Ok(Cancellation::NotFound),
+                }
+            }
+        }
+    };
+    Ok(match store.cancel(actor, message).await? {
+        Some(position) => Cancellation::Requested { message, position },
+        None => Cancellation::NotFound,
+    })
+}
 
 /// Why [`bury_mailbox`] did not (finish to) dead-letter an actor's messages.
 #[derive(Debug, thiserror::Error)]

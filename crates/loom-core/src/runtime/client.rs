@@ -267,6 +267,90 @@ impl<A: Actor> ActorRef<A> {
         decode::<A>(value)
     }
 
+    /// Asks that the invocation of message `message` (the id [`send`](Self::send) returned) be
+    /// cancelled. Cancellation is cooperative and durable: the message is marked in the store,
+    /// and its invocation's next durable wait ([`Context::sleep`](super::Context::sleep),
+    /// [`wait_event`](super::Context::wait_event), an activity's backoff) ends with
+    /// [`StepError::Cancelled`](super::StepError::Cancelled), on whichever node runs it: at
+    /// once if it is suspended in one (the mark wakes it) or waits in this process, else when
+    /// it next suspends (within `Config::suspend_after` of waiting). The handler passes it on
+    /// with `?` (its caller gets [`AskError::Cancelled`], the state is left as it was) or
+    /// compensates first. An invocation that waits no more, or a message not yet begun that
+    /// never waits, finishes as it would have.
+    ///
+    /// [`Cancellation::NotFound`](super::Cancellation::NotFound) if the message no longer
+    /// waits in the mailbox (it finished: its caller has its outcome).
+    ///
+    /// ```
+    /// use loom_core::IdempotencyKey;
+    /// use loom_core::runtime::{
+    ///     Actor, AskError, AskOptions, Cancellation, Context, Rejected, Runtime, StepError,
+    /// };
+    ///
+    /// struct Order;
+    /// impl Actor for Order {
+    ///     const KIND: &'static str = "order";
+    ///     type State = Vec<String>;
+    ///     type Message = ();
+    ///     type Reply = String;
+    ///     async fn handle(&self, log: &mut Vec<String>, ctx: &mut Context<'_>, _: ()) -> Result<String, Rejected> {
+    ///         match ctx.wait_event::<bool>("approved", None).await {
+    ///             Ok(_) => Ok("decided".into()),
+    ///             Err(StepError::Cancelled) => {
+    ///                 // Compensate (an activity, a message), then end as cancelled.
+    ///                 Err(Rejected::cancelled("withdrawn by the customer"))
+    ///             }
+    ///             Err(e) => Err(e.into()),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder().memory().register_actor(Order).start().await?;
+    /// let order = rt.actor::<Order>("o-1")?;
+    /// let key = IdempotencyKey::new("checkout-o-1")?;
+    /// let opts = AskOptions { idempotency_key: Some(key.clone()), ..AskOptions::default() };
+    /// let caller = tokio::spawn({
+    ///     let order = order.clone();
+    ///     async move { order.ask_with((), opts).await }
+    /// });
+    /// // The caller's message waits in the mailbox once its ask has sent it.
+    /// while order.cancel_key(&key).await? == Cancellation::NotFound {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// }
+    /// let Err(AskError::Cancelled(reason)) = caller.await? else { panic!("not cancelled") };
+    /// assert_eq!(reason, "withdrawn by the customer");
+    /// // Finished now: nothing left to cancel.
+    /// assert_eq!(order.cancel_key(&key).await?, Cancellation::NotFound);
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel(&self, message: MessageId) -> Result<super::Cancellation, SendError> {
+        self.cancel_target(super::CancelTarget::Message(message))
+            .await
+    }
+
+    /// [`cancel`](Self::cancel)s the invocation of the message sent with idempotency key `key`
+    /// (by `send_with` or `ask_with`), if it still waits in the mailbox.
+    pub async fn cancel_key(&self, key: &IdempotencyKey) -> Result<super::Cancellation, SendError> {
+        self.cancel_target(super::CancelTarget::Key(key.clone()))
+            .await
+    }
+
+    async fn cancel_target(
+        &self,
+        target: super::CancelTarget,
+    ) -> Result<super::Cancellation, SendError> {
+        let store = &*self.rt.shared.store;
+        let found = super::admin::cancel(store, &self.id, &target).await?;
+        if matches!(found, super::Cancellation::Requested { .. }) {
+            // A wait of this process sees it at once; one suspended was woken by the same write.
+            self.rt.shared.hub.notify(&self.id.cancel_signal());
+        }
+        Ok(found)
+    }
+
     /// Delivers the event `name` with `data` to this actor: the invocation waiting for it in
     /// `Context::wait_event` resumes with it. An event delivered before anyone waits is kept.
     ///

@@ -864,7 +864,21 @@ impl<'a> Context<'a> {
             // Journaled above (or in the run that began it): the replay continues it.
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
         }
-        self.keep_out(tokio::time::sleep(left)).await?;
+        // A cancellation asked in this process is seen at once: the suspension it makes the
+        // sleep try is refused for it (or, if it was for a message behind, suspends early).
+        let (cancel, _forget) = self.cancel_signal();
+        let asked = self
+            .keep_out(async {
+                tokio::select! {
+                    biased;
+                    _ = cancel.notified() => true,
+                    _ = tokio::time::sleep(left) => false,
+                }
+            })
+            .await?;
+        if asked {
+            return Err(self.suspend_until(fire_at, step, resumed_in).await);
+        }
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
         if resumed_in.is_some() {
             // The sleep began in an earlier delivery: journal its end at once, so that the
@@ -976,6 +990,8 @@ impl<'a> Context<'a> {
             hub: self.io.hub.clone(),
             lane: lane.clone(),
         };
+        let (cancel, _forget_cancel) = self.cancel_signal();
+        let mut asked = false;
         let waiting_since = tokio::time::Instant::now();
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,
@@ -1054,8 +1070,11 @@ impl<'a> Context<'a> {
             let suspend_after = self.io.config.suspend_after;
             // A wait that began in an earlier delivery has waited in memory already: it
             // suspends again as soon as it finds no event (and so sees a cancellation at once).
-            if (resumed_in.is_some() || waiting_since.elapsed() >= suspend_after)
-                && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after)
+            // A cancellation asked in this process makes it try at once, however near its
+            // deadline.
+            if asked
+                || (resumed_in.is_some() || waiting_since.elapsed() >= suspend_after)
+                    && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after)
             {
                 // EventAwaited is journaled (above, or in the run that began the wait): the
                 // replay continues the wait.
@@ -1069,15 +1088,29 @@ impl<'a> Context<'a> {
             if let Some(d) = deadline {
                 wait = wait.min(d.saturating_since(now) + Duration::from_millis(1));
             }
-            self.keep_out(async {
-                tokio::select! {
-                    biased;
-                    _ = notified => {}
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            })
-            .await?;
+            asked = self
+                .keep_out(async {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.notified() => true,
+                        _ = notified => false,
+                        _ = tokio::time::sleep(wait) => false,
+                    }
+                })
+                .await?;
         }
+    }
+
+    /// The in-process wake-up of this actor's waiting invocation for a cancellation
+    /// (`ActorRef::cancel` on this node), dropped when the guard is.
+    fn cancel_signal(&self) -> (Arc<tokio::sync::Notify>, Forget) {
+        let signal = self.inv.actor.cancel_signal();
+        let notify = self.io.hub.notifier(&signal);
+        let forget = Forget {
+            hub: self.io.hub.clone(),
+            lane: signal,
+        };
+        (notify, forget)
     }
 }
 

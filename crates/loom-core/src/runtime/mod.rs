@@ -71,7 +71,8 @@ use tokio_util::task::TaskTracker;
 pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
 pub use admin::{
-    BuryError, JournalBytes, bury_mailbox, journal_bytes, purge_dead_letter_ids, purge_dead_letters,
+    BuryError, CancelTarget, Cancellation, JournalBytes, bury_mailbox, cancel, journal_bytes,
+    purge_dead_letter_ids, purge_dead_letters,
 };
 pub use builder::{IntoStore, RuntimeBuilder, StartError};
 pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};

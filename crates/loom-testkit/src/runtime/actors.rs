@@ -270,6 +270,9 @@ impl Actor for Worker {
         script: Vec<Step>,
     ) -> Result<Vec<String>, Rejected> {
         let mut out = Vec::new();
+        // Set when a wait ends for a cancellation: the rest of the script runs (compensation),
+        // and the invocation then ends as cancelled, its lines the reason.
+        let mut cancelled = false;
         for step in script {
             let line = match step {
                 Step::Activity { name, fail, hold } => {
@@ -321,10 +324,14 @@ impl Actor for Worker {
                     let child = ctx.spawn::<Account>(&AccountMsg::Deposit(amount))?;
                     format!("spawned {child}")
                 }
-                Step::Sleep { ms } => {
-                    ctx.sleep(Duration::from_millis(ms)).await?;
-                    format!("slept {ms}")
-                }
+                Step::Sleep { ms } => match ctx.sleep(Duration::from_millis(ms)).await {
+                    Ok(()) => format!("slept {ms}"),
+                    Err(StepError::Cancelled) => {
+                        cancelled = true;
+                        format!("sleep {ms}: cancelled")
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 Step::Wait { name, timeout_ms } => {
                     match ctx
                         .wait_event::<String>(&name, timeout_ms.map(Duration::from_millis))
@@ -332,6 +339,10 @@ impl Actor for Worker {
                     {
                         Ok(data) => format!("event {name}: {data}"),
                         Err(StepError::TimedOut { .. }) => format!("event {name}: timed out"),
+                        Err(StepError::Cancelled) => {
+                            cancelled = true;
+                            format!("event {name}: cancelled")
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -423,6 +434,9 @@ impl Actor for Worker {
             };
             out.push(line.clone());
             state.lines.push(line);
+        }
+        if cancelled {
+            return Err(Rejected::cancelled(out.join("; ")));
         }
         Ok(out)
     }

@@ -7,6 +7,7 @@
 
 mod activities;
 mod actors;
+mod cancellation;
 mod common;
 mod compaction;
 mod delivery;
@@ -198,6 +199,7 @@ pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
         policies::cases(),
         upgrades::cases(),
         waits::cases(),
+        cancellation::cases(),
         delivery::cases(),
         failures::cases(),
         compaction::cases(),

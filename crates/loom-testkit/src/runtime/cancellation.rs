@@ -1,0 +1,355 @@
+//! Runtime cases about cancellation (`ActorRef::cancel`): a cancelled wait ends with
+//! `StepError::Cancelled`, on whichever node, across crashes, and racing the wait's own end.
+
+use std::time::Duration;
+
+use loom_core::runtime::{AskError, AskOptions, CancelTarget, Cancellation, cancel};
+use loom_core::{EntryKind, IdempotencyKey};
+
+use super::common::{WAIT, activity, finished, worker};
+use super::{Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates,
+        a_cancellation_from_another_node_wakes_a_suspended_wait,
+        a_cancellation_while_no_node_runs_is_seen_at_the_restart,
+        a_cancelled_message_not_yet_begun_ends_at_its_first_wait,
+        a_cancellation_ends_an_activitys_suspended_backoff,
+        a_cancellation_racing_the_event_gives_one_outcome,
+    ]
+}
+
+fn sleep(ms: u64) -> Step {
+    Step::Sleep { ms }
+}
+
+fn wait(name: &str) -> Step {
+    Step::Wait {
+        name: name.into(),
+        timeout_ms: None,
+    }
+}
+
+fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey::new(k).expect("key")
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// The reason of a cancelled ask, or a panic naming what came instead.
+fn cancelled(r: Result<Vec<String>, AskError>) -> String {
+    match r {
+        Err(AskError::Cancelled(reason)) => reason,
+        other => panic!("expected a cancellation, got {other:?}"),
+    }
+}
+
+async fn wait_for_suspensions(rt: &loom_core::runtime::Runtime, n: u64) {
+    eventually(WAIT, &format!("{n} suspensions"), || async {
+        rt.metrics().suspensions >= n
+    })
+    .await;
+}
+
+/// An hour's sleep, suspended, is cancelled through `ActorRef::cancel_key`: the sleep returns
+/// `Cancelled`, the handler runs its compensation (an activity, once), and its caller gets
+/// `AskError::Cancelled`; the state is left as it was, the message behind runs next, and the
+/// finished message can no longer be found to cancel.
+async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    let k = key("checkout-1");
+    let asked = tokio::spawn({
+        let (w, k) = (w.clone(), k.clone());
+        async move {
+            let opts = AskOptions {
+                idempotency_key: Some(k),
+                timeout: Some(Duration::from_secs(60)),
+            };
+            w.ask_with(
+                vec![activity("reserve"), sleep(HOUR_MS), activity("release")],
+                opts,
+            )
+            .await
+        }
+    });
+    wait_for_suspensions(&rt, 1).await;
+    w.send(vec![activity("later")]).await.unwrap();
+    let found = w.cancel_key(&k).await.unwrap();
+    assert!(matches!(found, Cancellation::Requested { .. }), "{found:?}");
+    let reply = tokio::time::timeout(WAIT, asked)
+        .await
+        .expect("the cancellation did not wake the suspended sleep")
+        .unwrap();
+    assert_eq!(
+        cancelled(reply),
+        "reserve done; sleep 3600000: cancelled; release done"
+    );
+    finished(h, &id, 2).await;
+    assert_eq!(
+        h.probe.runs("reserve"),
+        1,
+        "the replay ran an activity again"
+    );
+    assert_eq!(
+        h.probe.runs("release"),
+        1,
+        "the compensation ran {} times",
+        h.probe.runs("release")
+    );
+    assert_eq!(h.probe.runs("later"), 1);
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::WaitCancelled { .. }))
+            .await,
+        1
+    );
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::StatePatched { .. }))
+            .await,
+        1,
+        "the cancelled invocation changed the state (only the later one may)"
+    );
+    assert_eq!(w.cancel_key(&k).await.unwrap(), Cancellation::NotFound);
+    // Asked again with the key: the recorded outcome, not a second run.
+    let again = w
+        .ask_with(
+            vec![activity("reserve")],
+            AskOptions {
+                idempotency_key: Some(k),
+                timeout: None,
+            },
+        )
+        .await;
+    assert!(matches!(again, Err(AskError::Cancelled(_))), "{again:?}");
+    assert_eq!(h.probe.runs("reserve"), 1);
+    rt.shutdown().await;
+}
+
+/// A cancellation asked by another process (straight on the store: no in-process wake-up)
+/// wakes a wait for an event that is suspended, at once, not at a poll or a recheck.
+async fn a_cancellation_from_another_node_wakes_a_suspended_wait(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    let message = w.send(vec![wait("approved")]).await.unwrap();
+    wait_for_suspensions(&rt, 1).await;
+    let found = cancel(&*h.store, &id, &CancelTarget::Message(message))
+        .await
+        .unwrap();
+    assert_eq!(
+        found,
+        Cancellation::Requested {
+            message,
+            position: 1
+        }
+    );
+    finished(h, &id, 1).await;
+    let journal = h.journal(&id).await;
+    assert!(
+        journal.iter().any(|e| matches!(&e.kind, EntryKind::Failed { error } if error == "event approved: cancelled")),
+        "{journal:?}"
+    );
+    // The event that comes later finds no wait: it stays on the lane for the next one.
+    w.deliver_event("approved", "too late").await.unwrap();
+    assert_eq!(
+        w.ask(vec![wait("approved")]).await.unwrap(),
+        vec!["event approved: too late"]
+    );
+    rt.shutdown().await;
+}
+
+/// A cancellation asked while no node runs (the sleep suspended, then its node killed) is kept
+/// in the store: the restarted node finds the message woken and ends the sleep as cancelled,
+/// once.
+async fn a_cancellation_while_no_node_runs_is_seen_at_the_restart(h: &Harness) {
+    let quick = |c: &mut loom_core::runtime::Config| c.suspend_after = Duration::from_millis(100);
+    let rt = h.runtime_with(quick).await;
+    let id = worker("w");
+    let message = rt
+        .actor::<Worker>("w")
+        .unwrap()
+        .send(vec![sleep(HOUR_MS), activity("compensate")])
+        .await
+        .unwrap();
+    wait_for_suspensions(&rt, 1).await;
+    rt.kill().await;
+    let found = cancel(&*h.store, &id, &CancelTarget::Message(message))
+        .await
+        .unwrap();
+    assert!(matches!(found, Cancellation::Requested { .. }));
+    let rt = h.runtime_with(quick).await;
+    finished(h, &id, 1).await;
+    assert_eq!(h.probe.runs("compensate"), 1);
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::WaitCancelled { .. }))
+            .await,
+        1
+    );
+    rt.shutdown().await;
+}
+
+/// A message cancelled while it waits behind another is marked; it begins when its turn comes,
+/// and its first durable wait ends at once as cancelled (here a wait for an event whose event
+/// is already there: the cancellation is seen first, as the store checks it first).
+async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    w.send(vec![sleep(1500)]).await.unwrap();
+    let behind = w
+        .send(vec![activity("begun"), sleep(HOUR_MS)])
+        .await
+        .unwrap();
+    wait_for_suspensions(&rt, 1).await;
+    assert!(matches!(
+        w.cancel(behind).await.unwrap(),
+        Cancellation::Requested { .. }
+    ));
+    let listed = h.store.messages(&id, None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|m| (m.envelope.id == behind, m.cancelling))
+            .collect::<Vec<_>>(),
+        vec![(false, false), (true, true)],
+        "only the message named is marked"
+    );
+    finished(h, &id, 2).await;
+    assert_eq!(
+        h.probe.runs("begun"),
+        1,
+        "a cancelled message runs up to its first wait"
+    );
+    let failed: Vec<String> = h
+        .journal(&id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Failed { error } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec!["begun done; sleep 3600000: cancelled"]);
+    rt.shutdown().await;
+}
+
+/// An activity waiting out a long backoff between attempts is suspended; a cancellation ends
+/// the backoff, and the activity returns `Cancelled` without another attempt.
+async fn a_cancellation_ends_an_activitys_suspended_backoff(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    let flaky = Step::Retried {
+        name: "flaky".into(),
+        ok_at: 0,
+        attempts: 5,
+        backoff_ms: HOUR_MS,
+        timeout_ms: None,
+        hang: 0,
+        terminal: false,
+    };
+    let message = w.send(vec![flaky]).await.unwrap();
+    wait_for_suspensions(&rt, 1).await;
+    assert_eq!(h.probe.runs("flaky"), 1);
+    assert!(matches!(
+        w.cancel(message).await.unwrap(),
+        Cancellation::Requested { .. }
+    ));
+    finished(h, &id, 1).await;
+    assert_eq!(
+        h.probe.runs("flaky"),
+        1,
+        "the cancelled backoff ran another attempt"
+    );
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::WaitCancelled { .. }))
+            .await,
+        1
+    );
+    rt.shutdown().await;
+}
+
+/// The event and the cancellation arrive together, again and again: each invocation ends one
+/// way only, its caller's outcome is the journal's, and a cancellation that found nothing means
+/// the event won.
+async fn a_cancellation_racing_the_event_gives_one_outcome(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(50))
+        .await;
+    let (mut received, mut cancelled_n) = (0, 0);
+    for i in 0..6u64 {
+        let name = format!("r{i}");
+        let w = rt.actor::<Worker>(&name).unwrap();
+        let id = worker(&name);
+        let k = key(&format!("race-{i}"));
+        let asked = tokio::spawn({
+            let (w, k) = (w.clone(), k.clone());
+            async move {
+                let opts = AskOptions {
+                    idempotency_key: Some(k),
+                    timeout: Some(Duration::from_secs(60)),
+                };
+                w.ask_with(vec![wait("go")], opts).await
+            }
+        });
+        // Half the rounds race a suspended wait, half one still waiting in memory.
+        if i % 2 == 0 {
+            wait_for_suspensions(&rt, i / 2 + 1).await;
+        } else {
+            eventually(WAIT, "the message is in", || async {
+                h.store.pending(&id).await.unwrap() == 1
+            })
+            .await;
+        }
+        let (event, found) = tokio::join!(w.deliver_event("go", "now"), w.cancel_key(&k));
+        event.unwrap();
+        let found = found.unwrap();
+        let reply = tokio::time::timeout(WAIT, asked).await.unwrap().unwrap();
+        finished(h, &id, 1).await;
+        let ends = h
+            .count(&id, |k| {
+                matches!(
+                    k,
+                    EntryKind::EventReceived { .. } | EntryKind::WaitCancelled { .. }
+                )
+            })
+            .await;
+        assert_eq!(ends, 1, "round {i}: the wait ended {ends} times");
+        match reply {
+            Ok(lines) => {
+                assert_eq!(lines, vec!["event go: now"]);
+                assert_eq!(
+                    h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
+                        .await,
+                    1
+                );
+                received += 1;
+            }
+            Err(AskError::Cancelled(_)) => {
+                assert!(
+                    matches!(found, Cancellation::Requested { .. }),
+                    "round {i}: cancelled, yet the cancellation found nothing"
+                );
+                assert_eq!(
+                    h.count(&id, |k| matches!(k, EntryKind::Failed { .. }))
+                        .await,
+                    1
+                );
+                cancelled_n += 1;
+            }
+            Err(e) => panic!("round {i}: {e}"),
+        }
+    }
+    assert_eq!(received + cancelled_n, 6);
+    rt.shutdown().await;
+}
