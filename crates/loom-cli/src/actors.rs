@@ -1,8 +1,8 @@
 //! `loom parked …` and `loom mailbox …`: actors that wait for someone (a fix, a host), and
 //! what an operator does about them.
 
-use loom_core::runtime::{BuryError, bury_mailbox};
-use loom_core::{ActorId, Store};
+use loom_core::runtime::{self, BuryError, CancelTarget, Cancellation, bury_mailbox};
+use loom_core::{ActorId, IdempotencyKey, MessageId, Store, Waiting};
 use serde::Serialize;
 
 use crate::journal::parse_actor;
@@ -121,6 +121,95 @@ pub async fn mailboxes(store: &dyn Store, kind: Option<&str>, json: bool) -> Res
         "{} mailboxes, {total} messages waiting",
         rows.len()
     ))
+}
+
+/// `loom mailbox show ACTOR`: the actor's waiting messages, in order.
+pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    let mut all = Vec::new();
+    loop {
+        let page = store
+            .messages(&a, all.last().map(|w: &Waiting| w.position), 1000)
+            .await?;
+        let done = page.len() < 1000;
+        all.extend(page);
+        if done {
+            break;
+        }
+    }
+    if json {
+        for w in &all {
+            out(serde_json::json!({
+                "position": w.position,
+                "message_id": w.envelope.id,
+                "idempotency_key": w.envelope.idempotency_key,
+                "out": w.out,
+                "deliver_at": w.deliver_at.map(|t| t.to_string()),
+                "cancelling": w.cancelling,
+                "payload": w.envelope.payload,
+            }))?;
+        }
+        return Ok(());
+    }
+    if all.is_empty() {
+        return out(format_args!("{a} has no waiting message"));
+    }
+    out(format_args!(
+        "{:>8}  {:<36}  {:<30}  {:<6}  KEY",
+        "POSITION", "MESSAGE", "STATE", "CANCEL"
+    ))?;
+    for w in &all {
+        let state = match (w.out, w.deliver_at) {
+            (true, _) => "out (running or suspended)".to_owned(),
+            (false, Some(at)) => format!("due at {at}"),
+            (false, None) => "waiting its turn".to_owned(),
+        };
+        out(format_args!(
+            "{:>8}  {:<36}  {:<30}  {:<6}  {}",
+            w.position,
+            w.envelope.id.to_string(),
+            state,
+            if w.cancelling { "asked" } else { "-" },
+            w.envelope
+                .idempotency_key
+                .as_ref()
+                .map_or("-", |k| k.as_str())
+        ))?;
+    }
+    out(format_args!("{} messages waiting for {a}", all.len()))
+}
+
+/// `loom mailbox cancel ACTOR (--message ID | --key K)`.
+pub async fn cancel(
+    store: &dyn Store,
+    actor: &str,
+    message: Option<MessageId>,
+    key: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
+    let a = parse_actor(actor)?;
+    let target = match (message, key) {
+        (Some(m), _) => CancelTarget::Message(m),
+        (None, Some(k)) => CancelTarget::Key(
+            IdempotencyKey::new(k).map_err(|e| Failure(format!("bad --key: {e}")))?,
+        ),
+        (None, None) => return Err(Failure("give --message ID or --key KEY".into())),
+    };
+    let found = runtime::cancel(store, &a, &target).await?;
+    if json {
+        return out(serde_json::to_string(&found)?);
+    }
+    match found {
+        Cancellation::Requested { message, position } => out(format_args!(
+            "{a}: message {message} (position {position}) is asked to be cancelled; its next \
+             durable wait ends with Cancelled (at once if it is suspended), and its caller gets \
+             the outcome the handler gives"
+        )),
+        Cancellation::NotFound => Err(Failure(format!(
+            "{a} has no such message waiting: it finished (its caller has its outcome), was \
+             dead-lettered, or never came"
+        ))),
+    }
 }
 
 /// `loom mailbox bury ACTOR --reason R --yes`.

@@ -68,7 +68,7 @@ enum Command {
         #[command(subcommand)]
         command: ParkedCommand,
     },
-    /// Mailboxes with waiting messages (of kinds no node hosts, say): list, bury.
+    /// Mailboxes with waiting messages (of kinds no node hosts, say): list, show, cancel, bury.
     Mailbox {
         #[command(flatten)]
         store: StoreArg,
@@ -314,6 +314,31 @@ enum MailboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The messages waiting for one actor, in order: which is out (running or suspended),
+    /// which are delayed, which are asked to be cancelled.
+    Show {
+        /// The actor, as `kind/key`.
+        actor: String,
+        /// One JSON object per message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Asks that the invocation of a waiting message be cancelled: its next durable wait (a
+    /// sleep, a wait for an event, an activity's backoff) ends with `StepError::Cancelled`, at
+    /// once if it is suspended in one. Works while nodes run the actor.
+    Cancel {
+        /// The actor, as `kind/key`.
+        actor: String,
+        /// The message, by its id.
+        #[arg(long, conflicts_with = "key", required_unless_present = "key")]
+        message: Option<loom_core::MessageId>,
+        /// The message, by the idempotency key it was sent with.
+        #[arg(long)]
+        key: Option<String>,
+        /// The result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Moves the messages waiting (and due) for an actor to the dead letters, recording the
     /// failure for callers that retry with an idempotency key; refused while a node runs the
     /// actor.
@@ -431,6 +456,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 MailboxCommand::Bury { actor, reason, yes } => {
                     actors::bury(s, &actor, &reason, yes).await
                 }
+                MailboxCommand::Show { actor, json } => actors::show(s, &actor, json).await,
+                MailboxCommand::Cancel {
+                    actor,
+                    message,
+                    key,
+                    json,
+                } => actors::cancel(s, &actor, message, key.as_deref(), json).await,
             }
         }
         Command::Store {

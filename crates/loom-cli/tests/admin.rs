@@ -704,3 +704,120 @@ fn deadletters_purge_deletes_those_before_a_time_and_asks_first() {
     );
     assert_eq!(count(), 0);
 }
+
+/// `loom mailbox show` lists an actor's waiting messages; `loom mailbox cancel` marks one (by
+/// id or by key), wakes it if it is suspended, and says so; one that is not there is a clear
+/// error that writes nothing.
+#[test]
+fn mailbox_show_and_cancel_by_id_and_by_key() {
+    use loom_core::store::Suspension;
+    use loom_core::{IdempotencyKey, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = dir.path().to_str().unwrap();
+    let a = ActorId::new("order", "o-1").unwrap();
+    let key = IdempotencyKey::new("checkout-1").unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let (sleeping, keyed) = rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let sleeping = Envelope::new(a.clone(), json!("sleeps"));
+        store.enqueue(&sleeping, None).await.unwrap();
+        let keyed = Envelope {
+            idempotency_key: Some(key.clone()),
+            ..Envelope::new(a.clone(), json!("behind"))
+        };
+        store
+            .enqueue_once(&keyed, None, &key, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let d = store
+            .lease(&a, LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("delivery");
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            store
+                .suspend(&d.receipt, None, hour, "sleeping")
+                .await
+                .unwrap(),
+            Suspension::Suspended
+        );
+        (sleeping.id, keyed.id)
+    });
+    let shown = ok(&["mailbox", "--store", s, "show", "order/o-1"]);
+    assert!(
+        shown.contains(&sleeping.to_string())
+            && shown.contains("out (running or suspended)")
+            && shown.contains("checkout-1")
+            && shown.contains("2 messages waiting"),
+        "{shown}"
+    );
+    let by_id = ok(&[
+        "mailbox",
+        "--store",
+        s,
+        "cancel",
+        "order/o-1",
+        "--message",
+        &sleeping.to_string(),
+    ]);
+    assert!(by_id.contains("asked to be cancelled"), "{by_id}");
+    let by_key = ok(&[
+        "mailbox",
+        "--store",
+        s,
+        "cancel",
+        "order/o-1",
+        "--key",
+        "checkout-1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(by_key.trim()).unwrap();
+    assert_eq!(v["result"], "requested");
+    assert_eq!(v["message"], keyed.to_string());
+    let rows = common::json_lines(&ok(&[
+        "mailbox",
+        "--store",
+        s,
+        "show",
+        "order/o-1",
+        "--json",
+    ]));
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["cancelling"].as_bool())
+            .collect::<Vec<_>>(),
+        vec![Some(true), Some(true)]
+    );
+    let (ok_, _, err) = loom(&[
+        "mailbox",
+        "--store",
+        s,
+        "cancel",
+        "order/o-1",
+        "--key",
+        "nope",
+    ]);
+    assert!(!ok_ && err.contains("no such message"), "{err}");
+    let (ok_, _, err) = loom(&["mailbox", "--store", s, "cancel", "order/o-1"]);
+    assert!(!ok_ && err.contains("--message"), "{err}");
+    // The suspended sleep was woken by its cancellation: it is handed out now, its suspension
+    // refused.
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let d = store
+            .lease(&a, LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("woken by the cancellation");
+        assert_eq!(d.envelope.id, sleeping);
+        assert_eq!(
+            store
+                .suspend(&d.receipt, None, Duration::from_secs(60), "again")
+                .await
+                .unwrap(),
+            Suspension::Cancelled
+        );
+        assert_eq!(store.pending(&a).await.unwrap(), 2);
+    });
+}
