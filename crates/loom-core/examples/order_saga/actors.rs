@@ -148,34 +148,58 @@ impl Actor for Order {
                 Ok(true) => None,
                 Ok(false) => Some(("approval refused".to_owned(), true)),
                 Err(StepError::TimedOut { .. }) => Some(("no approval in time".to_owned(), true)),
+                // The customer withdrew the order (`ActorRef::cancel_key`) while it waited.
+                Err(StepError::Cancelled) => Some(("withdrawn by the customer".to_owned(), true)),
                 Err(e) => return Err(e.into()),
             },
             Ok(()) => None,
         };
         if let Some((reason, refund)) = cancel {
-            // Compensation, in reverse order; each step journaled like any other.
-            if refund {
-                let w = self.world.clone();
-                ctx.activity("refund-card", &order.amount, |key| async move {
-                    w.apply(&w.charges, &key, -order.amount);
-                    Ok::<_, String>(())
-                })
-                .await?;
-            }
-            let w = self.world.clone();
-            ctx.activity("release-stock", &1, |key| async move {
-                w.apply(&w.stock, &key, 1);
-                Ok::<_, String>(())
-            })
-            .await?;
-            *status = Status::Cancelled(reason);
-            return Ok(status.clone());
+            return self.compensate(status, ctx, &order, reason, refund).await;
         }
-        // A durable cool-off: a restart continues it, it does not start it again.
-        ctx.sleep(Duration::from_millis(500)).await?;
+        // A durable cool-off: a restart continues it, it does not start it again. The customer
+        // may still withdraw the order here.
+        match ctx.sleep(Duration::from_millis(500)).await {
+            Ok(()) => {}
+            Err(StepError::Cancelled) => {
+                let reason = "withdrawn by the customer".to_owned();
+                return self.compensate(status, ctx, &order, reason, true).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
         ctx.activity("ship", &(), |_key| async { Ok::<_, String>(()) })
             .await?;
         *status = Status::Shipped;
+        Ok(status.clone())
+    }
+}
+
+impl Order {
+    /// Undoes what the order did, in reverse order (each step journaled like any other), and
+    /// ends it cancelled with `reason`.
+    async fn compensate(
+        &self,
+        status: &mut Status,
+        ctx: &mut Context<'_>,
+        order: &Place,
+        reason: String,
+        refund: bool,
+    ) -> Result<Status, Rejected> {
+        if refund {
+            let (w, amount) = (self.world.clone(), order.amount);
+            ctx.activity("refund-card", &amount, |key| async move {
+                w.apply(&w.charges, &key, -amount);
+                Ok::<_, String>(())
+            })
+            .await?;
+        }
+        let w = self.world.clone();
+        ctx.activity("release-stock", &1, |key| async move {
+            w.apply(&w.stock, &key, 1);
+            Ok::<_, String>(())
+        })
+        .await?;
+        *status = Status::Cancelled(reason);
         Ok(status.clone())
     }
 }

@@ -7,13 +7,15 @@
 //! An order reserves stock and charges the card (activities, each journaled once); a large
 //! order then waits for an `approved` event, for up to three days (`--approval-wait`); after a
 //! durable cool-off timer it ships. When the card is declined, the approval is refused or it
-//! never comes, the saga compensates: it refunds what it charged and releases what it reserved.
+//! never comes, or the customer withdraws the order while it waits (a cancellation by its
+//! checkout's idempotency key), the saga compensates: it refunds what it charged and releases
+//! what it reserved.
 //! The payment and inventory systems here are in-process stand-ins that deduplicate by the
 //! activity key Loom hands them, as a real payment API deduplicates by idempotency key.
 //!
 //! A wait of days holds nothing in memory: after a second it suspends (the order's actor is
-//! passivated and its lease released) and the approval's delivery wakes it. The example shows
-//! the waiting orders suspended before an operator answers them. An order nobody answers is
+//! passivated and its lease released) and the approval's delivery, or the cancellation, wakes
+//! it. The example shows the waiting orders suspended before an operator answers them. An order nobody answers is
 //! placed too when the wait is short enough to watch it time out (at most a minute:
 //! `--approval-wait 3s`).
 
@@ -22,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use loom_core::runtime::Runtime;
+use loom_core::IdempotencyKey;
+use loom_core::runtime::{AskOptions, Cancellation, Runtime};
 
 mod actors;
 use actors::{Order, Place, World};
@@ -114,6 +117,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         (
+            "withdrawn",
+            Place {
+                amount: 150,
+                needs_approval: true,
+            },
+        ),
+        (
             "declined",
             Place {
                 amount: 900,
@@ -139,17 +149,23 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let order = rt.actor::<Order>(format!("{run}-{name}"))?;
         let amount = place.amount;
+        // The checkout's key: a retried checkout is one order, and the customer can withdraw
+        // it by the same key.
+        let opts = AskOptions {
+            idempotency_key: Some(IdempotencyKey::new(format!("checkout-{run}-{name}"))?),
+            ..AskOptions::default()
+        };
         asks.push((
             name,
             order.id().clone(),
             amount,
-            tokio::spawn(async move { order.ask(place).await }),
+            tokio::spawn(async move { order.ask_with(place, opts).await }),
         ));
     }
     // The orders that wait for approval suspend after a second: none of them is in memory.
     if suspends {
-        let waiting = if watch_timeout { 3 } else { 2 };
-        let ids = ["approved", "refused"].map(|name| {
+        let waiting = if watch_timeout { 4 } else { 3 };
+        let ids = ["approved", "refused", "withdrawn"].map(|name| {
             rt.actor::<Order>(format!("{run}-{name}"))
                 .map(|o| o.id().clone())
         });
@@ -172,6 +188,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     rt.actor::<Order>(format!("{run}-refused"))?
         .deliver_event("approved", &false)
         .await?;
+    // The customer withdraws one (by its checkout's key): the cancellation ends its wait, and
+    // it compensates. (Its checkout may still be on its way to the mailbox: look again.)
+    let withdrawn = rt.actor::<Order>(format!("{run}-withdrawn"))?;
+    let key = IdempotencyKey::new(format!("checkout-{run}-withdrawn"))?;
+    let began = std::time::Instant::now();
+    while withdrawn.cancel_key(&key).await? == Cancellation::NotFound {
+        if began.elapsed() > Duration::from_secs(10) {
+            return Err("the withdrawn order never waited in its mailbox".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (name, id, amount, ask) in asks {
         let status = ask.await??;
         println!("{name:>10}: {status:?}");

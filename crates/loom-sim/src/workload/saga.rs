@@ -4,7 +4,8 @@
 //! Each order reserves stock and charges a card (activities against an in-process outside
 //! world that deduplicates by activity key, as a payment API does by idempotency key), waits
 //! for an `approved` event when it needs one, sleeps a durable cool-off and ships; a declined
-//! card, a refusal or no approval in time makes it compensate (refund, release). The world
+//! card, a refusal, no approval in time or its customer withdrawing it while it waits (a
+//! cancellation by its key) makes it compensate (refund, release). The world
 //! outlives every crash and power loss of the run, as the real outside world would.
 //!
 //! The check, after the final node has placed every order not answered yet (with its
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loom_core::runtime::{Actor, AskOptions, Runtime, RuntimeBuilder};
+use loom_core::runtime::{Actor, AskOptions, Cancellation, Runtime, RuntimeBuilder};
 use loom_core::{ActorId, EntryKind};
 
 use super::{Errors, ask_until, key, paced, until_ok};
@@ -60,9 +61,10 @@ impl Orders {
         })
     }
 
-    /// Order `i`: what it is placed with, and the approval delivered to it (when it needs
-    /// one): `Some(verdict)` after a delay, or none at all.
-    fn plan(&self, i: u32) -> (Place, Option<(bool, Duration)>) {
+    /// Order `i`: what it is placed with, the approval delivered to it (when it needs one):
+    /// `Some(verdict)` after a delay, or none at all, and when its customer withdraws it, if
+    /// ever (a cancellation by its key, which finds it waiting, or finished, or not yet placed).
+    fn plan(&self, i: u32) -> (Place, Option<(bool, Duration)>, Option<Duration>) {
         let mut rng = fastrand::Rng::with_seed(self.seed ^ 0x5a_9a ^ (u64::from(i) << 24));
         let place = Place {
             amount: rng.i64(1..=14) * 50,
@@ -78,7 +80,11 @@ impl Orders {
         } else {
             None
         };
-        (place, approval)
+        // Drawn last, so that the draws above are those of runs from before withdrawals. Only
+        // orders that wait for approval (up to 3 s) are withdrawn, within that wait.
+        let withdraw = (rng.u8(..3) == 0 && place.needs_approval)
+            .then(|| Duration::from_millis(rng.u64(0..=3_000)));
+        (place, approval, withdraw)
     }
 
     fn answered(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Status>> {
@@ -105,7 +111,7 @@ impl Orders {
         paced(pending, over, |i| {
             let rt = nodes[i as usize % nodes.len()].clone();
             async move {
-                let (place, approval) = this.plan(i);
+                let (place, approval, withdraw) = this.plan(i);
                 let order = match rt.actor::<Order>(format!("o{i}")) {
                     Ok(o) => o,
                     Err(e) => return this.errors.push(format!("order/o{i}: {e}")),
@@ -116,18 +122,37 @@ impl Orders {
                         until_ok(|| order.deliver_event("approved", &verdict)).await;
                     }
                 };
-                let placed = ask_until(|| {
-                    let opts = AskOptions {
-                        idempotency_key: Some(key(format!("place-o{i}"))),
-                        timeout: None,
-                    };
-                    order.ask_with(place.clone(), opts)
-                });
-                match futures::future::join(placed, approve).await {
-                    (Ok(status), ()) => {
+                // Set once the order is answered: a withdrawal that finds nothing to cancel
+                // looks again (the order may not be placed yet) until then.
+                let done = std::sync::atomic::AtomicBool::new(false);
+                let withdrawn = async {
+                    if let Some(after) = withdraw {
+                        tokio::time::sleep(after).await;
+                        let k = key(format!("place-o{i}"));
+                        while until_ok(|| order.cancel_key(&k)).await == Cancellation::NotFound
+                            && !done.load(std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                };
+                let placed = async {
+                    let r = ask_until(|| {
+                        let opts = AskOptions {
+                            idempotency_key: Some(key(format!("place-o{i}"))),
+                            timeout: None,
+                        };
+                        order.ask_with(place.clone(), opts)
+                    })
+                    .await;
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    r
+                };
+                match futures::future::join3(placed, approve, withdrawn).await {
+                    (Ok(status), (), ()) => {
                         this.answered().insert(i, status);
                     }
-                    (Err(e), ()) => this.errors.push(format!("order/o{i}: {e}")),
+                    (Err(e), (), ()) => this.errors.push(format!("order/o{i}: {e}")),
                 }
             }
         })
@@ -140,13 +165,20 @@ impl Orders {
         self.errors.check()?;
         let answered = self.answered().clone();
         for i in 0..self.orders {
-            let (place, _) = self.plan(i);
+            let (place, _, withdraw) = self.plan(i);
             let id = ActorId::new(Order::KIND, format!("o{i}")).map_err(|e| e.to_string())?;
             let Some(status) = answered.get(&i) else {
                 return Err(format!("{id} was never answered"));
             };
             if *status == Status::New {
                 return Err(format!("{id} answered New: it never ended"));
+            }
+            if withdraw.is_none()
+                && *status == Status::Cancelled("withdrawn by the customer".to_owned())
+            {
+                return Err(format!(
+                    "{id} was withdrawn, but its customer never withdrew it"
+                ));
             }
             let last = store
                 .history(&id)
