@@ -11,7 +11,9 @@
 //! {"entry":{"actor":"acct/alice","entry":{"seq":101,"at":…,"kind":{…}}}}     (seqs trimmed_through+1 ..= highest, in order)
 //! {"snapshot":{"actor":"acct/alice","snapshot":{"seq":100,…}}}              (oldest first)
 //! … more journals …
-//! {"message":{"envelope":{…},"deliver_at":1700000000000}}                   (deliver_at null if due)
+//! {"message":{"envelope":{…},"deliver_at":1700000000000}}                   (deliver_at null if due;
+//!                                                                          "cancelling":true if its
+//!                                                                          invocation is to be cancelled)
 //! {"end":{"journals":…,"entries":…,"snapshots":…,"messages":…,"crc32":…}}
 //! ```
 //!
@@ -56,6 +58,9 @@ enum Line {
     Message {
         envelope: Envelope,
         deliver_at: Option<Timestamp>,
+        /// Its invocation was asked to be cancelled (`Mailbox::cancel`); absent when not.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cancelling: bool,
     },
     End(Counts),
 }
@@ -82,8 +87,11 @@ fn bar(len: u64, what: &'static str) -> Result<ProgressBar, Failure> {
     Ok(b)
 }
 
-/// Every waiting message of every mailbox in `store`.
-async fn all_messages(store: &dyn Store) -> Result<Vec<(Envelope, Option<Timestamp>)>, Failure> {
+/// Every waiting message of every mailbox in `store`: its envelope, when it is due, and whether
+/// it is asked to be cancelled.
+async fn all_messages(
+    store: &dyn Store,
+) -> Result<Vec<(Envelope, Option<Timestamp>, bool)>, Failure> {
     let mut out = Vec::new();
     let mut after = None;
     loop {
@@ -97,12 +105,32 @@ async fn all_messages(store: &dyn Store) -> Result<Vec<(Envelope, Option<Timesta
                 let page = store.messages(b, pos, PAGE).await?;
                 let Some(l) = page.last() else { break };
                 pos = Some(l.position);
-                out.extend(page.into_iter().map(|w| (w.envelope, w.deliver_at)));
+                out.extend(
+                    page.into_iter()
+                        .map(|w| (w.envelope, w.deliver_at, w.cancelling)),
+                );
             }
         }
         after = Some(last);
     }
     Ok(out)
+}
+
+/// Enqueues a copied message in `target`, with its cancellation's mark if it had one.
+async fn copy_message(
+    target: &dyn Store,
+    envelope: &Envelope,
+    deliver_at: Option<Timestamp>,
+    cancelling: bool,
+) -> Result<(), Failure> {
+    target.enqueue(envelope, deliver_at).await?;
+    if cancelling && target.cancel(&envelope.to, envelope.id).await?.is_none() {
+        return Err(Failure(format!(
+            "message {} to {} vanished from the target as it was copied; is a runtime using it?",
+            envelope.id, envelope.to
+        )));
+    }
+    Ok(())
 }
 
 pub async fn export(store: &dyn Store, path: &Path) -> Result<(), Failure> {
@@ -166,12 +194,13 @@ pub async fn export(store: &dyn Store, path: &Path) -> Result<(), Failure> {
         counts.journals += 1;
         progress.inc(1);
     }
-    for (envelope, deliver_at) in all_messages(store).await? {
+    for (envelope, deliver_at, cancelling) in all_messages(store).await? {
         line(
             &mut w,
             &Line::Message {
                 envelope,
                 deliver_at,
+                cancelling,
             },
         )?;
         counts.messages += 1;
@@ -386,12 +415,13 @@ pub async fn import(target: &dyn Store, path: &Path) -> Result<(), Failure> {
             Line::Message {
                 envelope,
                 deliver_at,
+                cancelling,
             } => {
                 if let Some(a) = current.take() {
                     flush_journal(target, &a, &mut batch, &mut snapshots).await?;
                     progress.inc(1);
                 }
-                target.enqueue(&envelope, deliver_at).await?;
+                copy_message(target, &envelope, deliver_at, cancelling).await?;
             }
             Line::End(_) => {
                 if let Some(a) = current.take() {
@@ -468,8 +498,8 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
     }
     let messages = all_messages(source).await?;
     let mut per_box: BTreeMap<ActorId, u64> = BTreeMap::new();
-    for (envelope, deliver_at) in &messages {
-        target.enqueue(envelope, *deliver_at).await?;
+    for (envelope, deliver_at, cancelling) in &messages {
+        copy_message(target, envelope, *deliver_at, *cancelling).await?;
         *per_box.entry(envelope.to.clone()).or_default() += 1;
         counts.messages += 1;
     }

@@ -64,13 +64,13 @@ fn seeded(dir: &Path) {
             .enqueue(&Envelope::new(inbox.clone(), json!("due")), None)
             .await
             .unwrap();
+        let later = Envelope::new(inbox.clone(), json!("later"));
         store
-            .enqueue(
-                &Envelope::new(inbox.clone(), json!("later")),
-                Some(Timestamp::now() + Duration::from_secs(3600)),
-            )
+            .enqueue(&later, Some(Timestamp::now() + Duration::from_secs(3600)))
             .await
             .unwrap();
+        // Asked to be cancelled: copies keep the mark.
+        assert!(store.cancel(&inbox, later.id).await.unwrap().is_some());
         let dead = ActorId::new("inbox", "dead").unwrap();
         store
             .enqueue(&Envelope::new(dead.clone(), json!("poison")), None)
@@ -191,6 +191,9 @@ fn export_import_round_trip_and_damaged_exports_are_refused_whole() {
         ok(&["journal", "--store", s, "ls", "--json"]),
         ok(&["journal", "--store", d, "ls", "--json"])
     );
+    let inbox = |store: &str| ok(&["mailbox", "--store", store, "show", "inbox/x", "--json"]);
+    assert!(inbox(d).contains(r#""cancelling":true"#), "{}", inbox(d));
+    assert_eq!(inbox(s), inbox(d));
     let (ok_, _, err) = loom(&["import", "--store", d, "--in", f]);
     assert!(!ok_ && err.contains("already has a journal"), "{err}");
     // Damaged copies: a flipped byte, a cut tail. Each is refused before anything is written.
@@ -255,6 +258,13 @@ fn round_trip_through(remote: &str, ns: &[&str]) {
             .to_owned()
     };
     assert_eq!(stats(s), stats(b));
+    let inbox = |store: &str| ok(&["mailbox", "--store", store, "show", "inbox/x", "--json"]);
+    assert!(inbox(b).contains(r#""cancelling":true"#), "{}", inbox(b));
+    assert_eq!(
+        inbox(s),
+        inbox(b),
+        "the waiting messages differ after a round trip"
+    );
     let remote_stats = with_ns(&["journal", "--store", remote, "stats", "--json"]);
     assert_eq!(remote_stats.lines().last().unwrap(), stats(s));
     let verified = with_ns(&["journal", "--store", remote, "verify"]);
