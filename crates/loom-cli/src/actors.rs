@@ -196,7 +196,7 @@ pub async fn cancel(
         (None, None) => return Err(Failure("give --message ID or --key KEY".into())),
     };
     let found = runtime::cancel(store, &a, &target).await?;
-    if json {
+    if json && found != Cancellation::NotFound {
         return out(serde_json::to_string(&found)?);
     }
     match found {

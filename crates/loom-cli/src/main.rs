@@ -325,7 +325,8 @@ enum MailboxCommand {
     },
     /// Asks that the invocation of a waiting message be cancelled: its next durable wait (a
     /// sleep, a wait for an event, an activity's backoff) ends with `StepError::Cancelled`, at
-    /// once if it is suspended in one. Works while nodes run the actor.
+    /// once if it is suspended in one. On Redis and PostgreSQL it works while nodes run the
+    /// actor (an embedded store is locked by the process that runs it).
     Cancel {
         /// The actor, as `kind/key`.
         actor: String,

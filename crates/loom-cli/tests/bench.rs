@@ -11,6 +11,16 @@ use std::process::Command;
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::Value;
 
+/// The tests of this file run one at a time: each loads the machine (fsync loops, a bank, a
+/// hundred thousand sleepers), and a private Redis under `appendfsync always` sharing the disk
+/// and the two cores with another of them went past its 10 s response timeout in CI.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it poisons it; the next one runs all the same.
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs every scenario small on `store` (a fresh embedded store when `None`) and checks what
 /// each reports; returns the reports by scenario.
 fn bench_all(store: Option<&str>) -> Vec<Value> {
@@ -67,6 +77,7 @@ fn bench_all(store: Option<&str>) -> Vec<Value> {
 
 #[test]
 fn every_scenario_reports_its_baseline_on_embedded_with_the_engine_alongside() {
+    let _serial = serial();
     let reports = bench_all(None);
     // The bank says what an invocation costs in CPU and which thread was busiest.
     let bank = reports
@@ -106,6 +117,7 @@ fn every_scenario_reports_its_baseline_on_embedded_with_the_engine_alongside() {
 
 #[test]
 fn every_scenario_reports_its_baseline_on_redis_and_leaves_no_key() {
+    let _serial = serial();
     let server = RedisServer::start();
     bench_all(Some(&server.url()));
     let client = redis::Client::open(server.url()).expect("client");
@@ -116,6 +128,7 @@ fn every_scenario_reports_its_baseline_on_redis_and_leaves_no_key() {
 
 #[test]
 fn every_scenario_reports_its_baseline_on_postgres_and_leaves_no_schema() {
+    let _serial = serial();
     let server = PostgresServer::start();
     bench_all(Some(&server.url()));
     let rt = tokio::runtime::Runtime::new().expect("tokio");
@@ -131,6 +144,7 @@ fn every_scenario_reports_its_baseline_on_postgres_and_leaves_no_schema() {
 
 #[test]
 fn bad_scenarios_and_unreachable_stores_fail_clearly() {
+    let _serial = serial();
     let (ok, _, err) = loom(&["bench", "no-such-scenario"]);
     assert!(!ok);
     assert!(err.contains("no-such-scenario"), "{err}");
@@ -146,6 +160,7 @@ fn bad_scenarios_and_unreachable_stores_fail_clearly() {
 /// with its raw baseline, its CPU per 1000 turns, and a min / median / max summary per engine.
 #[test]
 fn the_engine_bakeoff_reports_each_engine_per_partition_count_with_a_summary() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = dir.path().join("store");
     let store = store.to_str().expect("utf-8 path");
@@ -210,6 +225,7 @@ fn the_engine_bakeoff_reports_each_engine_per_partition_count_with_a_summary() {
 /// Without `--entries`, the append scenarios run for `--seconds` of measured time.
 #[test]
 fn append_scenarios_run_for_the_measured_time_asked() {
+    let _serial = serial();
     let (ok, out, err) = loom(&["bench", "append-seq", "--seconds", "0.5", "--json"]);
     assert!(ok, "{err}");
     let r = &json_lines(&out)[0];
@@ -225,6 +241,7 @@ fn append_scenarios_run_for_the_measured_time_asked() {
 /// `loom` command's stderr, by default, with no RUST_LOG set.
 #[test]
 fn loom_shows_the_stores_warnings_by_default() {
+    let _serial = serial();
     let server = RedisServer::start_with(&["--appendfsync", "everysec"]);
     let run = |rust_log: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
@@ -257,6 +274,7 @@ fn loom_shows_the_stores_warnings_by_default() {
 /// accounts of the run before and failed its verification).
 #[test]
 fn repeated_bank_runs_on_one_store_each_verify() {
+    let _serial = serial();
     let (ok, out, err) = loom(&[
         "bench",
         "bank",
@@ -308,6 +326,7 @@ fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
 /// none wakes early or is lost, and the in-memory baseline holds them all active instead.
 #[test]
 fn sleepers_suspend_while_they_wait_and_all_wake() {
+    let _serial = serial();
     let (ok, out, err) = loom(&[
         "bench", "sleepers", "--actors", "300", "--window", "2", "--json",
     ]);

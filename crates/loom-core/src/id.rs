@@ -135,10 +135,10 @@ impl ActorId {
         }
     }
 
-    /// The in-process wake-up key of this actor's waiting invocation for a cancellation (the
+    /// The in-process wake-up key of the invocation of `message` for its cancellation (the
     /// runtime's hub; never stored).
-    pub(crate) fn cancel_signal(&self) -> ActorId {
-        Self::unchecked("_cancel", &self.full)
+    pub(crate) fn cancel_signal(message: &MessageId) -> ActorId {
+        Self::unchecked("_cancel", &message.to_string())
     }
 
     /// The mailbox that carries events named `name` to this actor (see `Context::wait_event`).

@@ -34,7 +34,11 @@ LANGUAGE plpgsql AS $$
 DECLARE p bigint; w record; now bigint;
 BEGIN
     PERFORM 1 FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE;
-    UPDATE {s}.messages SET cancel = true WHERE actor = p_actor AND message_id = p_id RETURNING position INTO p;
+    -- One row (the first, should an id be there twice): UPDATE … INTO refuses several.
+    UPDATE {s}.messages SET cancel = true
+        WHERE actor = p_actor AND position = (SELECT min(position) FROM {s}.messages
+            WHERE actor = p_actor AND message_id = p_id)
+        RETURNING position INTO p;
     IF p IS NULL THEN RETURN NULL; END IF;
     SELECT wake_position, wake_deliveries, current INTO w FROM {s}.mailbox WHERE actor = p_actor;
     IF w.wake_position IS NULL OR w.current <> p OR w.wake_position <> p THEN RETURN p; END IF;

@@ -672,7 +672,7 @@ local function begin_at(KEYS, ARGV)
   return { 'ok' }
 end
 
--- KEYS: mm, mq, md, mdx   Lists every waiting message: { cur, [pos, frame, due]... }
+-- KEYS: mm, mq, md, mdx   Lists every waiting message: { cur, [pos, frame, due, cancelling]... }
 local function messages(KEYS, ARGV)
   local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
   local function cancelling(msgid)

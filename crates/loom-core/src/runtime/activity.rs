@@ -378,7 +378,10 @@ impl Context<'_> {
                             attempt = *a;
                             retry_at = None;
                         }
-                        EntryKind::WaitCancelled { .. } => return Err(StepError::Cancelled),
+                        EntryKind::WaitCancelled { .. } => {
+                            self.inv.cancelled = true;
+                            return Err(StepError::Cancelled);
+                        }
                         other => {
                             let msg = format!(
                                 "step {step}: activity {name} is followed by {} in the journal",
@@ -431,11 +434,27 @@ impl Context<'_> {
         loop {
             if let Some(at) = retry_at.take() {
                 let left = at.saturating_since(Timestamp::now());
-                if left > self.io.config.suspend_after {
+                if self.suspends() && left > self.io.config.suspend_after
+                    || self.woken_early(resumed_in, left)
+                {
                     // `retry_at` is journaled: the replay continues the backoff.
                     return Err(self.suspend_until(at, step, resumed_in).await);
                 }
-                self.keep_out(tokio::time::sleep(left)).await?;
+                // As in `sleep`: a cancellation asked in this process ends the backoff at once.
+                let watch_cancel = self.suspends();
+                let cancel = self.inv.cancel.notify.clone();
+                let asked = self
+                    .keep_out(async {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.notified(), if watch_cancel => true,
+                            _ = tokio::time::sleep(left) => false,
+                        }
+                    })
+                    .await?;
+                if asked {
+                    return Err(self.suspend_until(at, step, resumed_in).await);
+                }
                 self.inv.push(EntryKind::ActivityRetried {
                     step,
                     attempt,

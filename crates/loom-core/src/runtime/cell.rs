@@ -388,7 +388,7 @@ impl<A: Actor> Cell<A> {
         }
     }
 
-    fn invocation(&self, _io: &Io, d: &Delivery, resuming: bool) -> Invocation {
+    fn invocation(&self, io: &Io, d: &Delivery, resuming: bool) -> Invocation {
         Invocation {
             actor: self.id.clone(),
             envelope: d.envelope.clone(),
@@ -403,6 +403,8 @@ impl<A: Actor> Cell<A> {
             weight: 0,
             counted_from: 0,
             patches: Default::default(),
+            cancel: super::context::CancelSignal::new(&io.hub, &d.envelope.id),
+            cancelled: false,
         }
     }
 
@@ -455,9 +457,10 @@ impl<A: Actor> Cell<A> {
                 Next::Suspend
             }
             Interrupt::Unsuspended(e) => {
-                // Still leased: the replay runs the wait again, which suspends again.
+                // The replay runs the wait again, which tries to suspend again: after a pause,
+                // so that a store that keeps refusing is not spun on.
                 tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
-                self.hand_back_now(io, d).await
+                self.hand_back(io, d, io.config.poll_interval).await
             }
             Interrupt::Store(e) => {
                 shared.health.failed(&e);
@@ -478,13 +481,17 @@ impl<A: Actor> Cell<A> {
         }
     }
 
-    /// The delivery is still out to this actor, which is to run it again at once: give the
-    /// message back with no delay, so that the reload leases it now instead of when its
+    /// The delivery is still out to this actor, which is to run it again soon: give the
+    /// message back after `delay`, so that the reload leases it then instead of when its
     /// visibility runs out. (If that fails too, it comes back then.)
-    async fn hand_back_now(&self, io: &Io, d: &Delivery) -> Next {
+    async fn hand_back(&self, io: &Io, d: &Delivery, delay: Duration) -> Next {
         if let Err(e) = io
             .store
-            .nack(&d.receipt, Duration::ZERO, "resumed at once")
+            .nack(
+                &d.receipt,
+                delay,
+                "could not suspend; resumed after a pause",
+            )
             .await
         {
             tracing::warn!(actor = %self.id, error = %e, "could not hand the message back; it is delivered again when its visibility runs out");

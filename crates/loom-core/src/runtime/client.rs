@@ -273,10 +273,11 @@ impl<A: Actor> ActorRef<A> {
     /// [`wait_event`](super::Context::wait_event), an activity's backoff) ends with
     /// [`StepError::Cancelled`](super::StepError::Cancelled), on whichever node runs it: at
     /// once if it is suspended in one (the mark wakes it) or waits in this process, else when
-    /// it next suspends (within `Config::suspend_after` of waiting). The handler passes it on
-    /// with `?` (its caller gets [`AskError::Cancelled`], the state is left as it was) or
-    /// compensates first. An invocation that waits no more, or a message not yet begun that
-    /// never waits, finishes as it would have.
+    /// it next tries to suspend (a wait for an event after `Config::suspend_after` in memory; a
+    /// wait of at most `suspend_after` in memory on another node is not told). The handler
+    /// passes it on with `?` (its caller gets [`AskError::Cancelled`], the state is left as it
+    /// was) or compensates first. An invocation that waits no more, or a message not yet begun
+    /// that never waits, finishes as it would have.
     ///
     /// [`Cancellation::NotFound`](super::Cancellation::NotFound) if the message no longer
     /// waits in the mailbox (it finished: its caller has its outcome).
@@ -344,9 +345,10 @@ impl<A: Actor> ActorRef<A> {
     ) -> Result<super::Cancellation, SendError> {
         let store = &*self.rt.shared.store;
         let found = super::admin::cancel(store, &self.id, &target).await?;
-        if matches!(found, super::Cancellation::Requested { .. }) {
-            // A wait of this process sees it at once; one suspended was woken by the same write.
-            self.rt.shared.hub.notify(&self.id.cancel_signal());
+        if let super::Cancellation::Requested { message, .. } = found {
+            // An invocation of this process sees it at its wait at once (or at its next wait);
+            // one suspended was woken by the same write.
+            self.rt.shared.hub.notify(&ActorId::cancel_signal(&message));
         }
         Ok(found)
     }

@@ -116,7 +116,9 @@ pub struct Config {
     /// messages wait (one invocation at a time). A wait for an event
     /// ([`Context::wait_event`](super::Context::wait_event)) that has waited this long in memory
     /// without its event, and has longer than this left, suspends the same way, until its event
-    /// is delivered or its timeout passes. `Duration::MAX` never suspends.
+    /// is delivered or its timeout passes. A wait resumed before its time (woken by a
+    /// cancellation, or after a crash) tries to suspend at once, which is how it sees its
+    /// cancellation. `Duration::MAX` never suspends, and then a cancellation is never seen.
     pub suspend_after: Duration,
     /// The longest a suspended wait for an event stays suspended before it looks at its event
     /// lane again (default 1 h), should its event arrive without waking it: an event delivered

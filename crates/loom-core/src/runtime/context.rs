@@ -60,7 +60,8 @@ pub enum StepError {
     /// and this step's wait (a sleep, a wait for an event, an activity's backoff) ended for it
     /// (journaled; a replay returns it again). Pass it on with `?` to end the invocation as
     /// cancelled (its caller gets `AskError::Cancelled`, the state is left as it was), or
-    /// compensate first: the handler's later steps run as usual.
+    /// compensate first: the handler's later steps run, and their waits run to their end (in
+    /// memory, however long) instead of being cancelled in turn.
     #[error("the invocation was cancelled")]
     Cancelled,
     /// The invocation cannot go on here (the store failed, the lease was lost, the code no longer
@@ -188,6 +189,14 @@ pub(crate) struct Invocation {
     pub(crate) counted_from: u32,
     /// What [`Context::patched`] answered for each change in this run.
     pub(crate) patches: std::collections::HashMap<String, bool>,
+    /// The in-process signal of this invocation's cancellation (`ActorRef::cancel` on this
+    /// node), registered for the whole invocation so that one asked between two waits is
+    /// kept for the next.
+    pub(crate) cancel: CancelSignal,
+    /// True once a wait of this invocation ended for its cancellation (live, or replayed from
+    /// `WaitCancelled`): its later waits (compensation) run to their end instead of being
+    /// cancelled in turn, in memory, since the store refuses to suspend a marked message.
+    pub(crate) cancelled: bool,
 }
 
 impl Invocation {
@@ -367,6 +376,7 @@ impl<'a> Context<'a> {
         resumed_in: Option<u32>,
     ) -> StepError {
         tracing::debug!(actor = %self.inv.actor, message = %self.inv.envelope.id, step, "wait cancelled");
+        self.inv.cancelled = true;
         self.inv.push(EntryKind::WaitCancelled { step, resumed_in });
         match self.flush_resumed(resumed_in).await {
             Ok(()) => StepError::Cancelled,
@@ -834,6 +844,10 @@ impl<'a> Context<'a> {
     /// the handler passes on with `?`), the actor is passivated and its lease released, and the
     /// message comes back when the sleep ends, on whichever node; the replay then returns from
     /// this call and the handler goes on. Later messages to the actor wait meanwhile.
+    ///
+    /// A cancellation (`ActorRef::cancel`) ends the sleep with [`StepError::Cancelled`]: at
+    /// once if it is suspended or sleeps in memory on the node that asked; a sleep of at most
+    /// `suspend_after` in memory on another node is not told and runs to its end.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
         let (step, recorded) = self.next_step("sleep", "")?;
         let (fire_at, resumed_in) = match recorded {
@@ -844,6 +858,7 @@ impl<'a> Context<'a> {
                 if r.iter()
                     .any(|k| matches!(k, EntryKind::WaitCancelled { .. }))
                 {
+                    self.inv.cancelled = true;
                     return Err(StepError::Cancelled);
                 }
                 let fire_at = match r.first() {
@@ -860,18 +875,21 @@ impl<'a> Context<'a> {
             }
         };
         let left = fire_at.saturating_since(Timestamp::now());
-        if left > self.io.config.suspend_after {
+        if self.suspends() && left > self.io.config.suspend_after
+            || self.woken_early(resumed_in, left)
+        {
             // Journaled above (or in the run that began it): the replay continues it.
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
         }
         // A cancellation asked in this process is seen at once: the suspension it makes the
-        // sleep try is refused for it (or, if it was for a message behind, suspends early).
-        let (cancel, _forget) = self.cancel_signal();
+        // sleep try is refused for it.
+        let watch_cancel = self.suspends();
+        let cancel = self.inv.cancel.notify.clone();
         let asked = self
             .keep_out(async {
                 tokio::select! {
                     biased;
-                    _ = cancel.notified() => true,
+                    _ = cancel.notified(), if watch_cancel => true,
                     _ = tokio::time::sleep(left) => false,
                 }
             })
@@ -904,7 +922,14 @@ impl<'a> Context<'a> {
     /// lease released, and its message comes back when the event is delivered or the timeout
     /// passes, on whichever node; the replay then continues this call. The event's delivery
     /// and the wake-up are one write, and the suspension checks for an event in the same write
-    /// that suspends, so an event is never missed between the two.
+    /// that suspends, so an event is never missed between the two. A wait resumed before its
+    /// time (woken by a cancellation, or after a crash) that finds no event suspends again at
+    /// once.
+    ///
+    /// A cancellation (`ActorRef::cancel`) ends the wait with [`StepError::Cancelled`]: at
+    /// once if it is suspended or waits on the node that asked, else when it next tries to
+    /// suspend (after `suspend_after` in memory; a wait with less than that left to its
+    /// deadline is not told).
     ///
     /// Live, it journals that it waits (with its deadline), and then what it received; on a
     /// replay it returns the journaled event (or timeout) without waiting, or, if the crash
@@ -961,6 +986,7 @@ impl<'a> Context<'a> {
                     return decode_event(name, data.clone());
                 }
                 if let Some(EntryKind::WaitCancelled { .. }) = r.get(1) {
+                    self.inv.cancelled = true;
                     return Err(StepError::Cancelled);
                 }
                 match r.first() {
@@ -990,9 +1016,14 @@ impl<'a> Context<'a> {
             hub: self.io.hub.clone(),
             lane: lane.clone(),
         };
-        let (cancel, _forget_cancel) = self.cancel_signal();
-        let mut asked = false;
-        let waiting_since = tokio::time::Instant::now();
+        let cancel = self.inv.cancel.notify.clone();
+        // Try to suspend at the first look that finds no event: a wait woken before its time,
+        // or one whose cancellation was asked on this node.
+        let mut try_now = self.woken_early(
+            resumed_in,
+            deadline.map_or(Duration::MAX, |d| d.saturating_since(Timestamp::now())),
+        );
+        let mut waiting_since = tokio::time::Instant::now();
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,
             max_deliveries: 1000,
@@ -1068,31 +1099,30 @@ impl<'a> Context<'a> {
                 });
             }
             let suspend_after = self.io.config.suspend_after;
-            // A wait that began in an earlier delivery has waited in memory already: it
-            // suspends again as soon as it finds no event (and so sees a cancellation at once).
-            // A cancellation asked in this process makes it try at once, however near its
-            // deadline.
-            if asked
-                || (resumed_in.is_some() || waiting_since.elapsed() >= suspend_after)
-                    && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after)
-            {
+            let long = waiting_since.elapsed() >= suspend_after
+                && deadline.is_none_or(|d| d.saturating_since(now) > suspend_after);
+            if self.suspends() && (try_now || long) {
                 // EventAwaited is journaled (above, or in the run that began the wait): the
                 // replay continues the wait.
                 match self.suspend(deadline, Some(&lane)).await? {
                     Refused::Cancelled => return Err(self.wait_cancelled(step, resumed_in).await),
-                    // An event arrived since the lane was looked at: receive it now.
-                    Refused::EventWaiting => continue,
+                    // An event came since the lane was looked at (or one is out to a delivery
+                    // that failed to settle it, back when its visibility runs out): look again
+                    // after the usual pause, and try to suspend again only after waiting
+                    // `suspend_after` more, so that a lane whose event stays out is not spun on.
+                    Refused::EventWaiting => waiting_since = tokio::time::Instant::now(),
                 }
             }
             let mut wait = self.io.config.poll_interval.max(Duration::from_millis(10)) * 4;
             if let Some(d) = deadline {
                 wait = wait.min(d.saturating_since(now) + Duration::from_millis(1));
             }
-            asked = self
+            let watch_cancel = self.suspends();
+            try_now = self
                 .keep_out(async {
                     tokio::select! {
                         biased;
-                        _ = cancel.notified() => true,
+                        _ = cancel.notified(), if watch_cancel => true,
                         _ = notified => false,
                         _ = tokio::time::sleep(wait) => false,
                     }
@@ -1101,16 +1131,48 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// The in-process wake-up of this actor's waiting invocation for a cancellation
-    /// (`ActorRef::cancel` on this node), dropped when the guard is.
-    fn cancel_signal(&self) -> (Arc<tokio::sync::Notify>, Forget) {
-        let signal = self.inv.actor.cancel_signal();
-        let notify = self.io.hub.notifier(&signal);
-        let forget = Forget {
-            hub: self.io.hub.clone(),
-            lane: signal,
-        };
-        (notify, forget)
+    /// Whether this invocation's waits suspend (and so see a cancellation): not once one of
+    /// them was cancelled (`Invocation::cancelled`), nor with `Config::suspend_after` at
+    /// `Duration::MAX` (suspension off).
+    pub(super) fn suspends(&self) -> bool {
+        !self.inv.cancelled && self.io.config.suspend_after != Duration::MAX
+    }
+
+    /// A wait that began in an earlier delivery and has more than [`WOKEN_EARLY`] left was
+    /// woken before its time (by a cancellation, or a crash during it): it looks at the store's
+    /// mark at once by trying to suspend, instead of waiting in memory first.
+    pub(super) fn woken_early(&self, resumed_in: Option<u32>, left: Duration) -> bool {
+        resumed_in.is_some() && left > WOKEN_EARLY && self.suspends()
+    }
+}
+
+/// See [`Context::woken_early`]: a wait that comes back at its time (or a clock's skew past it)
+/// has less than this left.
+const WOKEN_EARLY: Duration = Duration::from_millis(100);
+
+/// The in-process wake-up of an invocation for its cancellation (see `Invocation::cancel`): a
+/// [`Notify`](tokio::sync::Notify) in the hub under `ActorId::cancel_signal`, dropped from it
+/// with the invocation.
+pub(crate) struct CancelSignal {
+    pub(super) notify: Arc<tokio::sync::Notify>,
+    hub: Arc<Hub>,
+    key: ActorId,
+}
+
+impl CancelSignal {
+    pub(crate) fn new(hub: &Arc<Hub>, message: &MessageId) -> Self {
+        let key = ActorId::cancel_signal(message);
+        CancelSignal {
+            notify: hub.notifier(&key),
+            hub: hub.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for CancelSignal {
+    fn drop(&mut self) {
+        self.hub.forget_if(&self.key, &self.notify);
     }
 }
 

@@ -31,6 +31,14 @@ impl Hub {
         map.remove(id);
     }
 
+    /// Drops the wake-up for `id` if it is still `notify` (not one registered since).
+    pub(crate) fn forget_if(&self, id: &ActorId, notify: &Arc<Notify>) {
+        let mut map = self.notifiers.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(id).is_some_and(|n| Arc::ptr_eq(n, notify)) {
+            map.remove(id);
+        }
+    }
+
     /// Wakes whoever waits on `id`; returns false if nobody in this process does.
     pub(crate) fn notify(&self, id: &ActorId) -> bool {
         let map = self.notifiers.lock().unwrap_or_else(|p| p.into_inner());

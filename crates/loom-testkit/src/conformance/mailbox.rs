@@ -50,6 +50,7 @@ pub(super) fn cases() -> Vec<Case> {
         cancel_wakes_a_message_suspended_on_a_lane_and_refuses_its_next_suspension,
         cancel_marks_a_waiting_message_which_keeps_the_mark_when_handed_out,
         cancel_of_a_message_not_in_the_mailbox_writes_nothing,
+        cancel_leaves_a_message_that_is_out_out,
     ]
 }
 
@@ -1111,5 +1112,46 @@ async fn cancel_of_a_message_not_in_the_mailbox_writes_nothing(store: Arc<dyn St
     assert_eq!(
         store.suspend(&d.receipt, None, HOUR, "w").await.unwrap(),
         Suspension::Suspended
+    );
+}
+
+async fn cancel_leaves_a_message_that_is_out_out(store: Arc<dyn Store>) {
+    let a = id("a");
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    // Out and not suspended: marked, and left out.
+    assert_eq!(
+        store.cancel(&a, m.id).await.unwrap(),
+        Some(d.receipt.position)
+    );
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "a cancellation made a message that is out visible"
+    );
+    store.ack(&d.receipt).await.unwrap();
+    // Suspended, then handed out again when its time passed: the suspension's mark is stale,
+    // and a cancellation leaves the new delivery out.
+    let m = msg(&a, 1);
+    store.enqueue(&m, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let delay = Duration::from_millis(100);
+    assert_eq!(
+        store.suspend(&d.receipt, None, delay, "w").await.unwrap(),
+        Suspension::Suspended
+    );
+    wait_past(delay).await;
+    let again = store.lease(&a, long()).await.unwrap().expect("due again");
+    assert!(store.cancel(&a, m.id).await.unwrap().is_some());
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "a stale suspension let a cancellation expose a message that is out"
+    );
+    assert_eq!(
+        store
+            .suspend(&again.receipt, None, HOUR, "w")
+            .await
+            .unwrap(),
+        Suspension::Cancelled
     );
 }

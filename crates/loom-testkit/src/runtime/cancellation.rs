@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_cancelled_message_not_yet_begun_ends_at_its_first_wait,
         a_cancellation_ends_an_activitys_suspended_backoff,
         a_cancellation_racing_the_event_gives_one_outcome,
+        a_wait_in_memory_is_cancelled_at_once_on_the_node_that_asked,
     ]
 }
 
@@ -55,7 +56,8 @@ async fn wait_for_suspensions(rt: &loom_core::runtime::Runtime, n: u64) {
 /// An hour's sleep, suspended, is cancelled through `ActorRef::cancel_key`: the sleep returns
 /// `Cancelled`, the handler runs its compensation (an activity, once), and its caller gets
 /// `AskError::Cancelled`; the state is left as it was, the message behind runs next, and the
-/// finished message can no longer be found to cancel.
+/// finished message can no longer be found to cancel. The compensation's own sleep, longer than
+/// `suspend_after`, runs to its end instead of being cancelled in turn.
 async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
@@ -71,7 +73,12 @@ async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Ha
                 timeout: Some(Duration::from_secs(60)),
             };
             w.ask_with(
-                vec![activity("reserve"), sleep(HOUR_MS), activity("release")],
+                vec![
+                    activity("reserve"),
+                    sleep(HOUR_MS),
+                    sleep(300),
+                    activity("release"),
+                ],
                 opts,
             )
             .await
@@ -87,7 +94,7 @@ async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Ha
         .unwrap();
     assert_eq!(
         cancelled(reply),
-        "reserve done; sleep 3600000: cancelled; release done"
+        "reserve done; sleep 3600000: cancelled; slept 300; release done"
     );
     finished(h, &id, 2).await;
     assert_eq!(
@@ -195,15 +202,14 @@ async fn a_cancellation_while_no_node_runs_is_seen_at_the_restart(h: &Harness) {
 }
 
 /// A message cancelled while it waits behind another is marked; it begins when its turn comes,
-/// and its first durable wait ends at once as cancelled (here a wait for an event whose event
-/// is already there: the cancellation is seen first, as the store checks it first).
+/// and its first durable wait (a sleep of an hour) ends at once as cancelled.
 async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
     let rt = h
         .runtime_with(|c| c.suspend_after = Duration::from_millis(100))
         .await;
     let w = rt.actor::<Worker>("w").unwrap();
     let id = worker("w");
-    w.send(vec![sleep(1500)]).await.unwrap();
+    w.send(vec![wait("go")]).await.unwrap();
     let behind = w
         .send(vec![activity("begun"), sleep(HOUR_MS)])
         .await
@@ -222,6 +228,7 @@ async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
         vec![(false, false), (true, true)],
         "only the message named is marked"
     );
+    w.deliver_event("go", "now").await.unwrap();
     finished(h, &id, 2).await;
     assert_eq!(
         h.probe.runs("begun"),
@@ -279,77 +286,117 @@ async fn a_cancellation_ends_an_activitys_suspended_backoff(h: &Harness) {
     rt.shutdown().await;
 }
 
-/// The event and the cancellation arrive together, again and again: each invocation ends one
-/// way only, its caller's outcome is the journal's, and a cancellation that found nothing means
-/// the event won.
+/// The event and the cancellation arrive together, again and again, for waits suspended (a
+/// runtime that suspends after 50 ms) and waits in memory (one that suspends after a minute):
+/// each invocation ends one way only, its caller's outcome is the journal's, and a
+/// cancellation that found nothing means the event won.
 async fn a_cancellation_racing_the_event_gives_one_outcome(h: &Harness) {
-    let rt = h
-        .runtime_with(|c| c.suspend_after = Duration::from_millis(50))
-        .await;
     let (mut received, mut cancelled_n) = (0, 0);
-    for i in 0..6u64 {
-        let name = format!("r{i}");
-        let w = rt.actor::<Worker>(&name).unwrap();
-        let id = worker(&name);
-        let k = key(&format!("race-{i}"));
-        let asked = tokio::spawn({
-            let (w, k) = (w.clone(), k.clone());
-            async move {
-                let opts = AskOptions {
-                    idempotency_key: Some(k),
-                    timeout: Some(Duration::from_secs(60)),
-                };
-                w.ask_with(vec![wait("go")], opts).await
-            }
-        });
-        // Half the rounds race a suspended wait, half one still waiting in memory.
-        if i % 2 == 0 {
-            wait_for_suspensions(&rt, i / 2 + 1).await;
-        } else {
-            eventually(WAIT, "the message is in", || async {
-                h.store.pending(&id).await.unwrap() == 1
-            })
+    for (suspended, suspend_after) in [(true, 50), (false, 60_000)] {
+        let rt = h
+            .runtime_with(|c| c.suspend_after = Duration::from_millis(suspend_after))
             .await;
-        }
-        let (event, found) = tokio::join!(w.deliver_event("go", "now"), w.cancel_key(&k));
-        event.unwrap();
-        let found = found.unwrap();
-        let reply = tokio::time::timeout(WAIT, asked).await.unwrap().unwrap();
-        finished(h, &id, 1).await;
-        let ends = h
-            .count(&id, |k| {
-                matches!(
-                    k,
-                    EntryKind::EventReceived { .. } | EntryKind::WaitCancelled { .. }
-                )
-            })
-            .await;
-        assert_eq!(ends, 1, "round {i}: the wait ended {ends} times");
-        match reply {
-            Ok(lines) => {
-                assert_eq!(lines, vec!["event go: now"]);
-                assert_eq!(
-                    h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
-                        .await,
-                    1
-                );
-                received += 1;
+        for i in 0..4u64 {
+            let name = format!("r{suspended}{i}");
+            let w = rt.actor::<Worker>(&name).unwrap();
+            let id = worker(&name);
+            let k = key(&format!("race-{suspended}-{i}"));
+            let before = rt.metrics().suspensions;
+            let asked = tokio::spawn({
+                let (w, k) = (w.clone(), k.clone());
+                async move {
+                    let opts = AskOptions {
+                        idempotency_key: Some(k),
+                        timeout: Some(Duration::from_secs(60)),
+                    };
+                    w.ask_with(vec![wait("go")], opts).await
+                }
+            });
+            if suspended {
+                wait_for_suspensions(&rt, before + 1).await;
+            } else {
+                eventually(WAIT, "the wait is journaled", || async {
+                    h.count(&id, |k| matches!(k, EntryKind::EventAwaited { .. }))
+                        .await
+                        == 1
+                })
+                .await;
             }
-            Err(AskError::Cancelled(_)) => {
-                assert!(
-                    matches!(found, Cancellation::Requested { .. }),
-                    "round {i}: cancelled, yet the cancellation found nothing"
-                );
-                assert_eq!(
-                    h.count(&id, |k| matches!(k, EntryKind::Failed { .. }))
-                        .await,
-                    1
-                );
-                cancelled_n += 1;
+            let (event, found) = tokio::join!(w.deliver_event("go", "now"), w.cancel_key(&k));
+            event.unwrap();
+            let found = found.unwrap();
+            let reply = tokio::time::timeout(WAIT, asked).await.unwrap().unwrap();
+            finished(h, &id, 1).await;
+            let ends = h
+                .count(&id, |k| {
+                    matches!(
+                        k,
+                        EntryKind::EventReceived { .. } | EntryKind::WaitCancelled { .. }
+                    )
+                })
+                .await;
+            assert_eq!(ends, 1, "{name}: the wait ended {ends} times");
+            match reply {
+                Ok(lines) => {
+                    assert_eq!(lines, vec!["event go: now"]);
+                    assert_eq!(
+                        h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
+                            .await,
+                        1
+                    );
+                    received += 1;
+                }
+                Err(AskError::Cancelled(_)) => {
+                    assert!(
+                        matches!(found, Cancellation::Requested { .. }),
+                        "{name}: cancelled, yet the cancellation found nothing"
+                    );
+                    assert_eq!(
+                        h.count(&id, |k| matches!(k, EntryKind::Failed { .. }))
+                            .await,
+                        1
+                    );
+                    cancelled_n += 1;
+                }
+                Err(e) => panic!("{name}: {e}"),
             }
-            Err(e) => panic!("round {i}: {e}"),
         }
+        if !suspended {
+            assert_eq!(rt.metrics().suspensions, 0, "a wait in memory suspended");
+        }
+        rt.shutdown().await;
     }
-    assert_eq!(received + cancelled_n, 6);
+    assert_eq!(received + cancelled_n, 8);
+}
+
+/// A wait in memory (suspension after a minute) on the node that asked is cancelled at once,
+/// not when it would have suspended.
+async fn a_wait_in_memory_is_cancelled_at_once_on_the_node_that_asked(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_secs(60))
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    let message = w
+        .send(vec![wait("approved"), activity("undo")])
+        .await
+        .unwrap();
+    eventually(WAIT, "the wait is journaled", || async {
+        h.count(&id, |k| matches!(k, EntryKind::EventAwaited { .. }))
+            .await
+            == 1
+    })
+    .await;
+    assert!(matches!(
+        w.cancel(message).await.unwrap(),
+        Cancellation::Requested { .. }
+    ));
+    finished(h, &id, 1).await;
+    assert_eq!(h.probe.runs("undo"), 1);
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::WaitCancelled { .. }))
+            .await,
+        1
+    );
     rt.shutdown().await;
 }
