@@ -52,3 +52,27 @@ BEGIN
     END IF;
     RETURN p;
 END $$;
+
+-- Retires an actor (Store::retire; rule D22): with the lease p_token still held, the journal's
+-- highest seq still p_highest and no message in the mailbox but the current one (the receipt),
+-- acks that message and deletes the journal as delete does. 'ok', or 'lost' | 'stale' |
+-- 'moved' | 'busy' with nothing written. Locks in a turn's order: the lease, the mailbox, the
+-- journal.
+CREATE OR REPLACE FUNCTION {s}.retire(p_actor text, p_highest bigint, p_pos bigint, p_dlv integer,
+    p_id text, p_token bigint) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE r record; h bigint;
+BEGIN
+    SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+    IF NOT FOUND OR r.token <> p_token OR r.owner IS NULL OR r.expires_at <= {s}.now_ms() THEN
+        RETURN 'lost';
+    END IF;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = p_actor FOR UPDATE;
+    IF NOT {s}.mb_check(p_actor, p_pos, p_dlv, p_id) THEN RETURN 'stale'; END IF;
+    SELECT highest INTO h FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
+    IF coalesce(h, 0) <> p_highest THEN RETURN 'moved'; END IF;
+    IF (SELECT count FROM {s}.mailbox WHERE actor = p_actor) <> 1 THEN RETURN 'busy'; END IF;
+    PERFORM {s}.mb_remove_current(p_actor);
+    PERFORM {s}.delete(p_actor);
+    RETURN 'ok';
+END $$;

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use loom_core::store::backend::{
     Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
-use loom_core::store::{Enqueued, Store};
-use loom_core::{ActorId, Envelope, IdempotencyKey, StoreError, StoreResult, Timestamp};
+use loom_core::store::{Enqueued, Lease, Receipt, Retired, Store};
+use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -173,6 +173,35 @@ impl Store for PostgresStore {
         .await
         .map_err(pe)?;
         enqueued(msg, key, &row)
+    }
+
+    async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {
+        let a = &receipt.actor;
+        let status: String =
+            sqlx::query_scalar(self.q("SELECT {s}.retire($1, $2, $3, $4, $5, $6)"))
+                .bind(a.as_str())
+                .bind(int(highest))
+                .bind(int(receipt.position))
+                .bind(i32::try_from(receipt.delivery).unwrap_or(i32::MAX))
+                .bind(receipt.message_id.to_string())
+                .bind(int(fence.token))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(pe)?;
+        match status.as_str() {
+            "ok" => Ok(Retired::Deleted),
+            "moved" => Ok(Retired::Moved),
+            "busy" => Ok(Retired::Busy),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: a.clone(),
+                token: fence.token,
+            }),
+            "stale" => Err(StoreError::StaleReceipt {
+                actor: a.clone(),
+                message_id: receipt.message_id,
+            }),
+            other => Err(unexpected(format!("retire returned {other}"))),
+        }
     }
 }
 

@@ -358,6 +358,24 @@ local function delete(KEYS, ARGV)
   return { 'ok' }
 end
 
+-- Retires an actor (Store::retire; rule D22): with the fence held, its journal's highest seq
+-- still ARGV[2] and no message in its mailbox but the current one (the receipt), acks that
+-- message and deletes the journal as delete does; else { 'lost' | 'stale' | 'moved' | 'busy' }
+-- with nothing written.
+-- KEYS: j, jm, sn, sz, ls, mm, mq, md, mdx, ready
+-- ARGV: actor, highest, pos, delivery, msgid, owner, token
+local function retire(KEYS, ARGV)
+  if redis.call('GET', KEYS[5]) ~= ARGV[6] .. '\n' .. ARGV[7] then return { 'lost' } end
+  local mb = { mm = KEYS[6], mq = KEYS[7], md = KEYS[8], mdx = KEYS[9], ready = KEYS[10], actor = ARGV[1] }
+  local refused = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+  if refused then return refused end
+  if num(redis.call('HGET', KEYS[2], 'h')) ~= tonumber(ARGV[2]) then return { 'moved' } end
+  if num(redis.call('HGET', mb.mm, 'n')) ~= 1 then return { 'busy' } end
+  mb_remove_current(mb, now_ms())
+  delete({ KEYS[1], KEYS[2], KEYS[3], KEYS[4] }, {})
+  return { 'ok' }
+end
+
 -- KEYS: mm, mq, md, mdx, ready   ARGV: actor, msgid, frame, due
 local function enqueue(KEYS, ARGV)
   local now = now_ms()

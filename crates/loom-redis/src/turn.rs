@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use loom_core::store::backend::{
     Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
-use loom_core::store::{Enqueued, Store};
+use loom_core::store::{Enqueued, Lease, Receipt, Retired, Store};
 use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
 use redis::Value;
 use serde::Serialize;
@@ -271,6 +271,44 @@ impl Store for RedisStore {
             )
             .await?;
         self.enqueued(msg, key, &r)
+    }
+
+    async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {
+        let a = &receipt.actor;
+        let (j, m) = (self.keys.journal(a), self.keys.mailbox(a));
+        let (ls, _) = self.keys.lease(a);
+        let ready = self.keys.ready(a.kind());
+        let r = self
+            .run(
+                &self.scripts.retire,
+                &[
+                    &j.j, &j.jm, &j.sn, &j.sz, &ls, &m.mm, &m.mq, &m.md, &m.mdx, &ready,
+                ],
+                vec![
+                    s(a.as_str()),
+                    s(highest),
+                    s(receipt.position),
+                    s(receipt.delivery),
+                    s(receipt.message_id),
+                    s(&fence.owner),
+                    s(fence.token),
+                ],
+            )
+            .await?;
+        match status(&r).as_str() {
+            "ok" => Ok(Retired::Deleted),
+            "moved" => Ok(Retired::Moved),
+            "busy" => Ok(Retired::Busy),
+            "lost" => Err(StoreError::LeaseLost {
+                actor: a.clone(),
+                token: fence.token,
+            }),
+            "stale" => Err(StoreError::StaleReceipt {
+                actor: a.clone(),
+                message_id: receipt.message_id,
+            }),
+            other => Err(unexpected(format!("retire replied {other}"))),
+        }
     }
 }
 

@@ -584,6 +584,16 @@ impl Store for FaultyStore {
         )
         .await
     }
+
+    async fn retire(
+        &self,
+        receipt: &Receipt,
+        fence: &Lease,
+        highest: Seq,
+    ) -> StoreResult<loom_core::Retired> {
+        self.write("retire", self.inner.retire(receipt, fence, highest))
+            .await
+    }
 }
 
 /// A redb storage backend over a file that fails writes, fsyncs or reads on command: faults

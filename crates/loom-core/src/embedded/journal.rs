@@ -205,7 +205,7 @@ fn compact(
     Ok(oldest)
 }
 
-fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
+pub(super) fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
     let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
     let journal = tx.journal.get()?;

@@ -406,6 +406,11 @@ impl<'t> Tables<'t> {
         Ok(Some(position))
     }
 
+    /// How many messages wait in the actor's mailbox (due, delayed or out).
+    pub(super) fn count(&self, actor: &str) -> StoreResult<u64> {
+        Ok(Meta::get(&*self.meta, actor)?.count)
+    }
+
     /// Removes the actor's current message and moves on to the next.
     pub(super) fn remove_current(&mut self, actor: &str) -> StoreResult<()> {
         let old = Meta::get(&*self.meta, actor)?;

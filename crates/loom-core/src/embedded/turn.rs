@@ -181,4 +181,35 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn retire(
+        &self,
+        receipt: &crate::store::Receipt,
+        fence: &crate::store::Lease,
+        highest: crate::entry::Seq,
+    ) -> StoreResult<crate::store::Retired> {
+        use crate::store::Retired;
+        let p = self.part(&receipt.actor);
+        let (receipt, fence) = (receipt.clone(), fence.clone());
+        self.write_in(p, move |tx| {
+            // Checks first, in the order the runtime's other writes check them; nothing is
+            // written until all pass (rule D22).
+            lease::check_fence(tx, &fence)?;
+            let a = receipt.actor.as_str();
+            let t = tx.mailbox.get()?;
+            t.check_receipt(&receipt)?;
+            let count = t.count(a)?;
+            let (h, _) = journal::meta_of(&**tx.journal_meta.get()?, a)?;
+            if h != highest {
+                return Ok(Retired::Moved);
+            }
+            if count != 1 {
+                return Ok(Retired::Busy);
+            }
+            tx.mailbox.get()?.remove_current(a)?;
+            journal::delete(tx, &receipt.actor)?;
+            Ok(Retired::Deleted)
+        })
+        .await
+    }
 }

@@ -45,6 +45,17 @@ pub enum Enqueued {
     Duplicate(Reservation),
 }
 
+/// What [`Store::retire`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The journal and snapshots are deleted (the highest seq kept) and the message acked.
+    Deleted,
+    /// Nothing written: the journal is past the `highest` asked (the actor ran since).
+    Moved,
+    /// Nothing written: another message waits in the mailbox (due, delayed, or out).
+    Busy,
+}
+
 /// A backend serving every concern, and the atomic [`Turn`] that ties them together.
 ///
 /// Use `Arc<dyn Store>` to pick a backend at run time.
@@ -96,4 +107,21 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Park
         ttl: Duration,
         owner: &crate::id::ActorId,
     ) -> StoreResult<Enqueued>;
+
+    /// Retires an actor whose retention came due: deletes its journal and snapshots as
+    /// [`JournalStore::delete`] does (the highest seq kept, so that a later message starts it
+    /// afresh at the next seq and no seq is reused) and acks `receipt` (the runtime's
+    /// retirement message, the mailbox's current one), in one atomic write, if and only if
+    /// `fence` is still the actor's lease, its journal's highest seq is still `highest`, and no
+    /// other message waits in its mailbox. Otherwise nothing is written: [`Retired::Moved`] or
+    /// [`Retired::Busy`], [`StoreError::LeaseLost`](crate::StoreError::LeaseLost), or
+    /// [`StoreError::StaleReceipt`](crate::StoreError::StaleReceipt). So an actor with a
+    /// waiting message, or one that ran since the retirement was decided, is never deleted
+    /// (rule D22). Idempotency records and event lanes are not touched.
+    async fn retire(
+        &self,
+        receipt: &Receipt,
+        fence: &Lease,
+        highest: crate::entry::Seq,
+    ) -> StoreResult<Retired>;
 }

@@ -85,7 +85,7 @@ impl Journals {
     }
 
     /// The actor's highest seq and trim point; `(0, 0)` for an actor never written.
-    fn meta(&self, actor: &ActorId) -> (Seq, Seq) {
+    pub(super) fn meta(&self, actor: &ActorId) -> (Seq, Seq) {
         self.of(actor).map_or((0, 0), |j| (j.highest, j.trimmed))
     }
 
@@ -263,7 +263,7 @@ impl Journals {
 
     /// Removes every entry and snapshot; keeps the highest seq, and refuses snapshots at or
     /// below it from now on.
-    fn delete(&mut self, actor: &ActorId) {
+    pub(super) fn delete(&mut self, actor: &ActorId) {
         if self.of(actor).is_none() {
             return;
         }

@@ -435,7 +435,7 @@ impl Mailboxes {
             .map(Timestamp::from_millis)
     }
 
-    fn pending(&self, actor: &ActorId) -> u64 {
+    pub(super) fn pending(&self, actor: &ActorId) -> u64 {
         self.queue(actor).map_or(0, Queue::len)
     }
 

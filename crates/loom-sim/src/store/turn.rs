@@ -11,8 +11,8 @@ use loom_core::store::backend::{
     prepare_result,
 };
 use loom_core::{
-    ActorId, Enqueued, Envelope, IdempotencyKey, MessageId, Store, StoreError, StoreResult,
-    Timestamp,
+    ActorId, Enqueued, Envelope, IdempotencyKey, Lease, MessageId, Receipt, Retired, Seq, Store,
+    StoreError, StoreResult, Timestamp,
 };
 
 use super::relay::Row;
@@ -194,6 +194,27 @@ impl Store for SimStore {
             let position = d.mailboxes.enqueue(&to, id, frame, None, now);
             d.mailboxes.wake(&owner, &to, now.as_millis());
             Ok(Enqueued::New(position))
+        })
+        .await
+    }
+
+    async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {
+        let arg = format!("{} {} {highest}", receipt.actor, receipt.message_id);
+        let (receipt, fence) = (receipt.clone(), fence.clone());
+        self.update("retire", &arg, move |d, now| {
+            // Every check before any write (rule D22).
+            d.leases.check_fence(&fence, now)?;
+            d.mailboxes.check_receipt(&receipt)?;
+            let a = &receipt.actor;
+            if d.journals.meta(a).0 != highest {
+                return Ok(Retired::Moved);
+            }
+            if d.mailboxes.pending(a) != 1 {
+                return Ok(Retired::Busy);
+            }
+            d.mailboxes.settle(&receipt)?;
+            d.journals.delete(a);
+            Ok(Retired::Deleted)
         })
         .await
     }

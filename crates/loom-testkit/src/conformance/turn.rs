@@ -9,7 +9,7 @@ use loom_core::limits::MAX_MESSAGE_BYTES;
 use loom_core::store::backend::{Outgoing, Record, Settle, Turn};
 use loom_core::{
     ActorId, Enqueued, Entry, EntryKind, Envelope, IdempotencyKey, LeaseOptions, Limit, MessageId,
-    Reservation, Seq, SeqRange, Store, StoreError, Timestamp,
+    Reservation, Retired, Seq, SeqRange, Snapshot, Store, StoreError, Timestamp,
 };
 use serde_json::json;
 
@@ -34,6 +34,8 @@ pub(super) fn cases() -> Vec<Case> {
         a_turn_records_only_for_its_actor_or_the_mailbox_it_settles,
         a_turn_and_a_plain_append_racing_on_fresh_actors_never_both_succeed,
         a_requeued_message_holds_its_key_again,
+        retire_deletes_the_journal_keeps_its_seq_and_acks_the_message,
+        retire_writes_nothing_when_the_actor_ran_has_mail_lost_its_lease_or_moved_on,
     ]
 }
 
@@ -708,5 +710,119 @@ async fn a_requeued_message_holds_its_key_again(store: Arc<dyn Store>) {
     assert_eq!(
         store.lookup(&a, &key).await.unwrap(),
         Some(Reservation::Completed(done))
+    );
+}
+
+async fn retire_deletes_the_journal_keeps_its_seq_and_acks_the_message(store: Arc<dyn Store>) {
+    let a = id("a");
+    store.append(&a, 1, &entries(1, 3)).await.unwrap();
+    store
+        .save_snapshot(&a, &Snapshot::new(2, json!({ "n": 2 })), 2)
+        .await
+        .unwrap();
+    let retire = Envelope::new(a.clone(), json!("retire"));
+    store.enqueue(&retire, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let lease = store
+        .acquire(&a, "node-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.retire(&d.receipt, &lease, 3).await.unwrap(),
+        Retired::Deleted
+    );
+    let info = store.info(&a).await.unwrap();
+    assert_eq!(
+        (info.highest, info.trimmed_through, info.snapshots.len()),
+        (3, 3, 0),
+        "the journal's seq is kept, its entries and snapshots gone"
+    );
+    assert!(journal(&*store, &a).await.is_empty());
+    assert!(store.load_snapshot(&a, 2).await.unwrap().is_none());
+    assert_eq!(
+        store.pending(&a).await.unwrap(),
+        0,
+        "the message was not acked"
+    );
+    // A later incarnation goes on at the next seq.
+    assert!(matches!(
+        store.append(&a, 1, &entries(1, 1)).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    store.append(&a, 4, &entries(4, 4)).await.unwrap();
+    assert_eq!(journal(&*store, &a).await, vec![4]);
+}
+
+async fn retire_writes_nothing_when_the_actor_ran_has_mail_lost_its_lease_or_moved_on(
+    store: Arc<dyn Store>,
+) {
+    let a = id("a");
+    store.append(&a, 1, &entries(1, 3)).await.unwrap();
+    store
+        .enqueue(&Envelope::new(a.clone(), json!("retire")), None)
+        .await
+        .unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let lease = store
+        .acquire(&a, "node-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The actor ran since the retirement was decided.
+    assert_eq!(
+        store.retire(&d.receipt, &lease, 2).await.unwrap(),
+        Retired::Moved
+    );
+    // A message waits behind (here a delayed one: it counts as well).
+    let later = Envelope::new(a.clone(), json!("later"));
+    store
+        .enqueue(&later, Some(Timestamp::now() + Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.retire(&d.receipt, &lease, 3).await.unwrap(),
+        Retired::Busy
+    );
+    // A fence that is not the actor's lease.
+    let forged = loom_core::Lease {
+        token: lease.token + 1,
+        ..lease.clone()
+    };
+    assert!(matches!(
+        store.retire(&d.receipt, &forged, 3).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // Nothing was written by any of them.
+    assert_eq!(journal(&*store, &a).await, vec![1, 2, 3]);
+    assert_eq!(store.pending(&a).await.unwrap(), 2);
+    assert!(
+        store.lease(&a, long()).await.unwrap().is_none(),
+        "still out"
+    );
+    // A receipt of an earlier delivery.
+    let b = id("b");
+    store.append(&b, 1, &entries(1, 1)).await.unwrap();
+    store
+        .enqueue(&Envelope::new(b.clone(), json!("retire")), None)
+        .await
+        .unwrap();
+    let short = LeaseOptions {
+        visibility: Duration::from_millis(50),
+        max_deliveries: 5,
+    };
+    let first = store.lease(&b, short).await.unwrap().expect("delivery");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let again = store.lease(&b, long()).await.unwrap().expect("redelivered");
+    let lease_b = store
+        .acquire(&b, "node-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.retire(&first.receipt, &lease_b, 1).await,
+        Err(StoreError::StaleReceipt { .. })
+    ));
+    assert_eq!(journal(&*store, &b).await, vec![1]);
+    assert_eq!(
+        store.retire(&again.receipt, &lease_b, 1).await.unwrap(),
+        Retired::Deleted
     );
 }
