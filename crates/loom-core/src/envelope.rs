@@ -45,6 +45,31 @@ pub struct Envelope {
     /// run already sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requeued_from: Option<MessageId>,
+    /// Set on the runtime's own retirement message to an actor (never on a message a caller
+    /// sends): when it comes, the runtime deletes the actor's journal if it is still as it was
+    /// at `highest` and no other message waits ([`Store::retire`](crate::Store::retire)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire: Option<Retire>,
+}
+
+/// Why and where an actor is to be retired (see [`Envelope::retire`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retire {
+    /// The journal's highest seq when the retirement was decided: if it grew since, the actor
+    /// ran again and is kept.
+    pub highest: crate::entry::Seq,
+    /// Why.
+    pub reason: RetireReason,
+}
+
+/// Why an actor is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetireReason {
+    /// Its handler called `Context::finish`, and the grace period passed.
+    Finished,
+    /// It was idle longer than the retention policy allows (`Retention::idle_after`).
+    Idle,
 }
 
 impl Envelope {
@@ -59,6 +84,7 @@ impl Envelope {
             traceparent: None,
             attempt: 0,
             requeued_from: None,
+            retire: None,
         }
     }
 

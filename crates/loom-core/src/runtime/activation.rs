@@ -354,6 +354,10 @@ async fn serve<A: Actor>(
             Ok(None) => {
                 let left = io.config.idle_timeout.saturating_sub(idle_since.elapsed());
                 if left.is_zero() {
+                    if let Err(e) = cell.schedule_idle_retirement(io).await {
+                        // It is sent at the next idle passivation instead.
+                        tracing::warn!(actor = %id, error = %e, "could not schedule the actor's retirement for idleness");
+                    }
                     return Exit::Passivated;
                 }
                 tokio::select! {

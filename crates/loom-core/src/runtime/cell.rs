@@ -21,10 +21,12 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use crate::entry::{Entry, EntryKind, Seq, Step};
+use crate::envelope::{Envelope, Retire, RetireReason};
 use crate::error::StoreError;
 use crate::id::{ActorId, IdempotencyKey, MessageId};
-use crate::store::backend::{Record, Settle, Turn};
-use crate::store::{Delivery, LeaseOptions, Park};
+use crate::store::backend::{Outgoing, Record, Settle, Turn};
+use crate::store::{Delivery, LeaseOptions, Park, Retired};
+use crate::time::Timestamp;
 
 use super::Shared;
 use super::actor::Actor;
@@ -128,6 +130,9 @@ impl<A: Actor> Cell<A> {
     }
 
     async fn process_inner(&mut self, io: &Io, shared: &Arc<Shared>, d: Delivery) -> Next {
+        if let Some(r) = d.envelope.retire {
+            return self.retire(io, shared, &d, r).await;
+        }
         let id = d.envelope.id;
         // Already applied (its ack was lost): ack it without running it again.
         if self.recent.contains(&id) {
@@ -314,6 +319,19 @@ impl<A: Actor> Cell<A> {
             outcome,
             Outcome::Rejected(_) | Outcome::RejectedWithValue { .. } | Outcome::Cancelled(_)
         );
+        if inv.finish && matches!(outcome, Outcome::Ok(_)) {
+            // `Context::finish`: the retirement leaves with the reply, in the same write.
+            let highest = inv.next_seq + inv.pending.len() as u64 - 1;
+            inv.outbox.push(retirement(
+                &self.id,
+                MessageId::derived(&d.envelope.origin(), "retire"),
+                Retire {
+                    highest,
+                    reason: RetireReason::Finished,
+                },
+                io.config.retention.finished_after,
+            ));
+        }
         let recorded = Recorded {
             message_id: id,
             outcome,
@@ -405,6 +423,7 @@ impl<A: Actor> Cell<A> {
             patches: Default::default(),
             cancel: super::context::CancelSignal::new(&io.hub, &d.envelope.id),
             cancelled: false,
+            finish: false,
         }
     }
 
@@ -597,6 +616,89 @@ impl<A: Actor> Cell<A> {
         }
     }
 
+    /// The runtime's retirement message `r` (see `Retention`): deletes the actor's journal if it
+    /// has not run since and no other message waits (`Store::retire`, rule D22), and then
+    /// passivates it (its memory holds a state the store no longer has); else acks the message
+    /// and keeps the actor, looking again `idle_after` later if the retirement was for
+    /// idleness.
+    async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
+        let highest = self.next_seq - 1;
+        let found = if highest != r.highest || self.unfinished.is_some() {
+            Ok(Retired::Moved)
+        } else {
+            io.store.retire(&d.receipt, &io.lease, highest).await
+        };
+        let kept = match found {
+            Ok(Retired::Deleted) => {
+                shared.metrics.retired.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(actor = %self.id, reason = ?r.reason, highest, "retired: journal deleted");
+                return Next::Suspend;
+            }
+            Ok(kept) => kept,
+            Err(e) => {
+                return self
+                    .on_interrupt(io, shared, d, false, 0, Interrupt::from_store(e))
+                    .await;
+            }
+        };
+        tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
+        let mut again = Vec::new();
+        if r.reason == RetireReason::Idle
+            && let Some(after) = io.config.retention.idle_after
+            && highest > 0
+        {
+            again.push(retirement(
+                &self.id,
+                MessageId::new(),
+                Retire {
+                    highest,
+                    reason: RetireReason::Idle,
+                },
+                after,
+            ));
+        }
+        let turn = Turn {
+            fence: Some(&io.lease),
+            send: &again,
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&self.id, self.next_seq, &[])
+        };
+        match io.store.commit_turn(turn).await {
+            Ok(_) => Next::Continue(None),
+            Err(e) => {
+                self.on_interrupt(io, shared, d, false, 0, Interrupt::from_store(e))
+                    .await
+            }
+        }
+    }
+
+    /// After the actor was passivated for idleness: with an idle retention policy, sends it its
+    /// retirement, due `idle_after` from now, unless one waits already.
+    pub(crate) async fn schedule_idle_retirement(&self, io: &Io) -> Result<(), StoreError> {
+        let Some(after) = io.config.retention.idle_after else {
+            return Ok(());
+        };
+        let highest = self.next_seq - 1;
+        if highest == 0 {
+            return Ok(());
+        }
+        let waiting = io.store.messages(&self.id, None, 64).await?;
+        if waiting.iter().any(|w| w.envelope.retire.is_some()) {
+            return Ok(());
+        }
+        let r = retirement(
+            &self.id,
+            MessageId::new(),
+            Retire {
+                highest,
+                reason: RetireReason::Idle,
+            },
+            after,
+        );
+        io.store.enqueue(&r.envelope, r.deliver_at).await?;
+        Ok(())
+    }
+
     /// Starts a compaction off the hot path if the policy asks for one and none is running.
     fn maybe_compact(&mut self, io: &Io, shared: &Arc<Shared>) {
         let policy = io.config.compaction;
@@ -748,4 +850,16 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".to_owned())
+}
+
+/// The runtime's retirement message to `actor`, due `after` from now (see `Retention`).
+fn retirement(actor: &ActorId, id: MessageId, r: Retire, after: Duration) -> Outgoing {
+    Outgoing {
+        envelope: Envelope {
+            id,
+            retire: Some(r),
+            ..Envelope::new(actor.clone(), Value::Null)
+        },
+        deliver_at: Some(Timestamp::now() + after),
+    }
 }

@@ -126,6 +126,52 @@ pub struct Config {
     /// requeued onto its lane. The look is a replay of the invocation, which suspends again if
     /// the event is not there.
     pub event_recheck: Duration,
+    /// When actors' journals are deleted: after `Context::finish`, and (off by default) after
+    /// being idle (see [`Retention`]).
+    pub retention: Retention,
+}
+
+/// When the runtime deletes an actor's journal and snapshots (retires it), as one value.
+///
+/// A retirement is a delayed message the runtime sends the actor itself; when it comes, the
+/// journal is deleted in one fenced write if the actor has not run since and no other message
+/// waits for it ([`Store::retire`](crate::Store::retire), rule D22), else the actor is kept.
+/// Its highest seq is kept, so a later message starts it afresh (from its default state) at
+/// the next seq; its callers' idempotency records stay until they expire.
+///
+/// ```
+/// use std::time::Duration;
+/// use loom_core::runtime::{Config, Retention};
+///
+/// let c = Config {
+///     retention: Retention {
+///         finished_after: Duration::from_secs(600),
+///         idle_after: Some(Duration::from_secs(30 * 24 * 3600)),
+///     },
+///     ..Config::default()
+/// };
+/// assert_eq!(Retention::default().idle_after, None);
+/// # let _ = c;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// How long after an invocation that called `Context::finish` ended its actor is retired
+    /// (default 1 h): the grace period, in which its journal can still be read and a new
+    /// message keeps it.
+    pub finished_after: Duration,
+    /// Retire actors idle this long (no invocation since), counted from when they were
+    /// passivated for idleness; `None` (the default) keeps them. An actor used again meanwhile
+    /// is kept, and looked at again `idle_after` later.
+    pub idle_after: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            finished_after: Duration::from_secs(3600),
+            idle_after: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -154,6 +200,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             suspend_after: Duration::from_secs(1),
             event_recheck: Duration::from_secs(3600),
+            retention: Retention::default(),
         }
     }
 }

@@ -197,6 +197,8 @@ pub(crate) struct Invocation {
     /// `WaitCancelled`): its later waits (compensation) run to their end instead of being
     /// cancelled in turn, in memory, since the store refuses to suspend a marked message.
     pub(crate) cancelled: bool,
+    /// Set by [`Context::finish`]: if the invocation completes, its actor is retired.
+    pub(crate) finish: bool,
 }
 
 impl Invocation {
@@ -421,6 +423,52 @@ impl<'a> Context<'a> {
             }
             Err(e) => Err(self.interrupt(Interrupt::from_store(e))),
         }
+    }
+
+    /// Marks the actor done: when this invocation completes (returns `Ok`), the runtime
+    /// retires the actor after `Config::retention.finished_after` (default 1 h), deleting its
+    /// journal and snapshots, unless a message comes for it meanwhile (then it is kept) or one
+    /// waits then. Its callers' idempotency records stay until they expire, so a caller asking
+    /// again with its key still gets its reply; a message after the retirement starts the
+    /// actor afresh from its default state. A rejected invocation does not finish its actor.
+    /// Not a durable step: a replay that calls it again finishes the same.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    ///
+    /// struct Transfer;
+    /// impl Actor for Transfer {
+    ///     const KIND: &'static str = "transfer";
+    ///     type State = u32;
+    ///     type Message = ();
+    ///     type Reply = u32;
+    ///     async fn handle(&self, runs: &mut u32, ctx: &mut Context<'_>, _: ()) -> Result<u32, Rejected> {
+    ///         *runs += 1;
+    ///         ctx.finish(); // one transfer, then its journal can go
+    ///         Ok(*runs)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = Runtime::builder()
+    ///     .memory()
+    ///     .register_actor(Transfer)
+    ///     .configure(|c| c.retention.finished_after = Duration::from_millis(100))
+    ///     .start()
+    ///     .await?;
+    /// let t = rt.actor::<Transfer>("t-1")?;
+    /// assert_eq!(t.ask(()).await?, 1);
+    /// while rt.metrics().retired == 0 {
+    ///     tokio::time::sleep(Duration::from_millis(20)).await;
+    /// }
+    /// assert_eq!(t.ask(()).await?, 1, "retired: a new message starts it afresh");
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn finish(&mut self) {
+        self.inv.finish = true;
     }
 
     /// The current time, read once per step: the first run reads the clock and journals it, a
@@ -784,6 +832,7 @@ impl<'a> Context<'a> {
             traceparent: Some(trace::child(self.inv.envelope.traceparent.as_deref())),
             attempt: 0,
             requeued_from: None,
+            retire: None,
         };
         if spawn {
             self.inv.push(EntryKind::ChildSpawned {

@@ -16,6 +16,7 @@ pub(crate) struct Metrics {
     pub(crate) corrupt_snapshots: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
     pub(crate) suspensions: AtomicU64,
+    pub(crate) retired: AtomicU64,
     pub(crate) state_upgrades: AtomicU64,
     pub(crate) declined: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
@@ -48,6 +49,8 @@ pub struct MetricsSnapshot {
     /// Invocations suspended in a long durable sleep (the actor passivated, its message back
     /// when the sleep ends; see `Config::suspend_after`).
     pub suspensions: u64,
+    /// Actors retired: their journals deleted (see `Config::retention`).
+    pub retired: u64,
     /// Actors whose state was upgraded to the code's schema version on loading
     /// ([`Actor::upgrade_state`](super::Actor::upgrade_state)).
     pub state_upgrades: u64,

@@ -76,7 +76,7 @@ pub use admin::{
 };
 pub use builder::{IntoStore, RuntimeBuilder, StartError};
 pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
-pub use config::{Compaction, Config, Retry};
+pub use config::{Compaction, Config, Retention, Retry};
 pub use context::{ActivityKey, Context, StepError};
 pub use health::{Health, StoreHealth};
 pub use metrics::MetricsSnapshot;
@@ -254,6 +254,7 @@ impl Runtime {
             corrupt_snapshots: get(&m.corrupt_snapshots),
             leases_lost: get(&m.leases_lost),
             suspensions: get(&m.suspensions),
+            retired: get(&m.retired),
             state_upgrades: get(&m.state_upgrades),
             declined: get(&m.declined),
             activation_micros: get(&m.activation_nanos) / 1000,

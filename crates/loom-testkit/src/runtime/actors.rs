@@ -200,6 +200,8 @@ pub enum Step {
         /// Amount.
         amount: i64,
     },
+    /// `ctx.finish()`: the actor is retired once the invocation completes and its grace passes.
+    Finish,
     /// `ctx.sleep(ms)`.
     Sleep {
         /// Duration in ms.
@@ -323,6 +325,10 @@ impl Actor for Worker {
                 Step::Spawn { amount } => {
                     let child = ctx.spawn::<Account>(&AccountMsg::Deposit(amount))?;
                     format!("spawned {child}")
+                }
+                Step::Finish => {
+                    ctx.finish();
+                    "finished".to_owned()
                 }
                 Step::Sleep { ms } => match ctx.sleep(Duration::from_millis(ms)).await {
                     Ok(()) => format!("slept {ms}"),

@@ -15,6 +15,7 @@ mod exactly_once;
 mod failures;
 mod lifecycle;
 mod policies;
+mod retention;
 mod state;
 mod upgrades;
 mod waits;
@@ -200,6 +201,7 @@ pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
         upgrades::cases(),
         waits::cases(),
         cancellation::cases(),
+        retention::cases(),
         delivery::cases(),
         failures::cases(),
         compaction::cases(),

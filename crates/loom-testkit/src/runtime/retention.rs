@@ -1,0 +1,161 @@
+//! Runtime cases about retention (`Context::finish`, `Config::retention`): an actor's journal
+//! is deleted when it is done or idle, never while it has mail or ran since.
+
+use std::time::Duration;
+
+use loom_core::runtime::{AskOptions, Config};
+use loom_core::{EntryKind, IdempotencyKey};
+use serde_json::json;
+
+use super::common::{WAIT, activity, finished, worker};
+use super::{Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
+
+pub(super) fn cases() -> Vec<RuntimeCase> {
+    runtime_cases![
+        a_finished_actor_is_retired_after_its_grace_and_starts_afresh,
+        a_message_during_the_grace_or_waiting_then_keeps_a_finished_actor,
+        an_idle_actor_is_retired_and_one_in_use_is_kept,
+    ]
+}
+
+fn quick(c: &mut Config) {
+    c.retention.finished_after = Duration::from_millis(300);
+}
+
+/// The lines the actor's state holds now, from its journal (empty once it is retired).
+async fn lines(h: &Harness, id: &loom_core::ActorId) -> usize {
+    h.journal(id).await.len()
+}
+
+/// A finished actor is retired once its grace passes: its entries and snapshots are gone, its
+/// seq kept; its caller's idempotency record still answers; a later message starts it afresh
+/// from its default state, at the next seq.
+async fn a_finished_actor_is_retired_after_its_grace_and_starts_afresh(h: &Harness) {
+    let rt = h.runtime_with(quick).await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    let key = IdempotencyKey::new("once").unwrap();
+    let opts = || AskOptions {
+        idempotency_key: Some(key.clone()),
+        timeout: None,
+    };
+    let first = w
+        .ask_with(vec![activity("a"), Step::Finish], opts())
+        .await
+        .unwrap();
+    assert_eq!(first, vec!["a done", "finished"]);
+    let before = h.store.info(&id).await.unwrap().highest;
+    eventually(WAIT, "the finished actor is retired", || async {
+        rt.metrics().retired == 1
+    })
+    .await;
+    let info = h.store.info(&id).await.unwrap();
+    assert_eq!(
+        (info.highest, info.trimmed_through, info.snapshots.len()),
+        (before, before, 0)
+    );
+    assert_eq!(lines(h, &id).await, 0, "entries left behind");
+    assert_eq!(h.store.pending(&id).await.unwrap(), 0);
+    // The caller's key still holds its reply: asked again, nothing runs.
+    assert_eq!(
+        w.ask_with(vec![activity("a")], opts()).await.unwrap(),
+        vec!["a done", "finished"]
+    );
+    assert_eq!(h.probe.runs("a"), 1);
+    // A new message: a fresh actor (its state starts empty), numbered on from the old seq.
+    assert_eq!(w.ask(vec![activity("b")]).await.unwrap(), vec!["b done"]);
+    let journal = h.journal(&id).await;
+    assert!(
+        journal.first().is_some_and(|e| e.seq == before + 1),
+        "{journal:?}"
+    );
+    let patch = journal
+        .iter()
+        .find_map(|e| match &e.kind {
+            EntryKind::StatePatched { patch } => Some(serde_json::to_value(patch).unwrap()),
+            _ => None,
+        })
+        .expect("a state patch");
+    assert!(
+        !patch.to_string().contains("a done"),
+        "the new incarnation saw the old state: {patch}"
+    );
+    rt.shutdown().await;
+}
+
+/// A message that comes during the grace keeps the finished actor (it ran since), and so does
+/// one that waits when the retirement comes (a delayed message, due later); the actor's state
+/// goes on.
+async fn a_message_during_the_grace_or_waiting_then_keeps_a_finished_actor(h: &Harness) {
+    let rt = h.runtime_with(quick).await;
+    let (ran, waiting) = (
+        rt.actor::<Worker>("ran").unwrap(),
+        rt.actor::<Worker>("waiting").unwrap(),
+    );
+    ran.ask(vec![Step::Finish]).await.unwrap();
+    ran.ask(vec![activity("again")]).await.unwrap();
+    waiting.ask(vec![Step::Finish]).await.unwrap();
+    waiting
+        .send_with(
+            vec![activity("later")],
+            loom_core::runtime::SendOptions {
+                delay: Some(Duration::from_millis(1500)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Both retirements come (after 300 ms) and find a reason to keep the actor.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        rt.metrics().retired,
+        0,
+        "an actor with mail, or that ran, was retired"
+    );
+    for id in [worker("ran"), worker("waiting")] {
+        assert!(lines(h, &id).await > 0, "{id} lost its journal");
+    }
+    finished(h, &worker("waiting"), 2).await;
+    assert_eq!(h.probe.runs("later"), 1);
+    assert_eq!(rt.metrics().retired, 0);
+    rt.shutdown().await;
+}
+
+/// With an idle policy, an actor passivated for idleness is retired `idle_after` later; one
+/// used again meanwhile is kept (and looked at again later).
+async fn an_idle_actor_is_retired_and_one_in_use_is_kept(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.idle_timeout = Duration::from_millis(100);
+            c.retention.idle_after = Some(Duration::from_millis(600));
+        })
+        .await;
+    let (idle, busy) = (
+        rt.actor::<Worker>("idle").unwrap(),
+        rt.actor::<Worker>("busy").unwrap(),
+    );
+    idle.ask(vec![activity("x")]).await.unwrap();
+    busy.ask(vec![activity("y")]).await.unwrap();
+    // `busy` is used every 250 ms for 1.5 s: each idle passivation is undone by the next use.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        busy.ask(vec![activity("y")]).await.unwrap();
+    }
+    eventually(WAIT, "the idle actor is retired", || async {
+        lines(h, &worker("idle")).await == 0
+    })
+    .await;
+    assert!(
+        lines(h, &worker("busy")).await > 0,
+        "an actor in use was retired"
+    );
+    assert_eq!(h.probe.runs("y"), 7);
+    // Left alone, the busy one goes too.
+    eventually(WAIT, "the other actor is retired once idle", || async {
+        lines(h, &worker("busy")).await == 0
+    })
+    .await;
+    assert_eq!(rt.metrics().retired, 2);
+    assert_eq!(json!(idle.ask(vec![]).await.unwrap()), json!([]));
+    rt.shutdown().await;
+}
