@@ -85,9 +85,13 @@ pub struct Verified {
 }
 
 impl Bank {
-    /// Registers the bank's actor kinds.
+    /// Registers the bank's actor kinds, with its retention ([`retention`]: settled transfers
+    /// are retired no sooner than their keys' records expire).
     pub fn register(builder: RuntimeBuilder) -> RuntimeBuilder {
-        builder.register::<Account>().register::<Transfer>()
+        builder
+            .register::<Account>()
+            .register::<Transfer>()
+            .configure(retention)
     }
 
     /// Transfer `i` of the plan: the same for a seed, so a restarted run submits the same ones.
@@ -295,4 +299,65 @@ impl Bank {
 
 fn key(s: String) -> IdempotencyKey {
     IdempotencyKey::new(s).expect("the bank's keys are valid idempotency keys")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loom_core::ActorId;
+
+    /// Settled transfers finish themselves: once their grace passes (here the start keys'
+    /// records last a second, and `register` makes the grace no shorter), their journals are
+    /// deleted while the accounts' stay and the books still balance.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settled_transfers_retire_and_the_accounts_keep_the_books() {
+        let builder = Runtime::builder().memory().configure(|c| {
+            c.reply_ttl = Duration::from_secs(1);
+            c.retention.finished_after = Duration::from_millis(200);
+        });
+        let rt = Bank::register(builder).start().await.expect("runtime");
+        let bank = Bank {
+            accounts: 4,
+            transfers: 20,
+            concurrency: 8,
+            ..Bank::default()
+        };
+        bank.open_accounts(&rt).await.expect("open");
+        bank.start_all(&rt, || {}).await.expect("start");
+        let statuses = bank
+            .settle(&rt, Duration::from_secs(30), |_| {})
+            .await
+            .expect("settle");
+        let verified = bank.verify(&rt, &statuses).await.expect("verify");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rt.metrics().retired < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "{} retired",
+                rt.metrics().retired
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let store = rt.store();
+        for i in bank.ids() {
+            let id = ActorId::new("transfer", format!("t{i}")).unwrap();
+            let info = store.info(&id).await.unwrap();
+            assert!(info.is_empty() && info.highest > 0, "t{i}: {info:?}");
+        }
+        for n in bank.account_ids() {
+            let id = ActorId::new("account", format!("a{n}")).unwrap();
+            assert!(
+                !store.info(&id).await.unwrap().is_empty(),
+                "a{n} was retired"
+            );
+        }
+        assert_eq!(
+            bank.verify(&rt, &statuses)
+                .await
+                .expect("verify again")
+                .total,
+            verified.total
+        );
+        rt.shutdown().await;
+    }
 }

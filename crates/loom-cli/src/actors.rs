@@ -146,6 +146,7 @@ pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Fail
                 "out": w.out,
                 "deliver_at": w.deliver_at.map(|t| t.to_string()),
                 "cancelling": w.cancelling,
+                "retire": w.envelope.retire,
                 "payload": w.envelope.payload,
             }))?;
         }
@@ -163,6 +164,14 @@ pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Fail
             (true, _) => "out (running or suspended)".to_owned(),
             (false, Some(at)) => format!("due at {at}"),
             (false, None) => "waiting its turn".to_owned(),
+        };
+        // The runtime's own retirement message (`Config::retention`).
+        let state = match w.envelope.retire {
+            Some(r) => format!(
+                "retirement ({}), {state}",
+                format!("{:?}", r.reason).to_lowercase()
+            ),
+            None => state,
         };
         out(format_args!(
             "{:>8}  {:<36}  {:<30}  {:<6}  {}",

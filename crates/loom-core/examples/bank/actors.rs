@@ -10,7 +10,7 @@
 //! includes it for its `bank` workload, `loom bench bank` and `loom torture`, so the actors the
 //! benchmarks and the torture measure are the ones the example shows.
 
-use loom_core::runtime::{Actor, Context, Rejected};
+use loom_core::runtime::{Actor, Config, Context, Rejected};
 use serde::{Deserialize, Serialize};
 
 /// A bank account.
@@ -108,6 +108,16 @@ impl Actor for Account {
 #[derive(Default)]
 pub struct Transfer;
 
+/// The bank's retention: a settled transfer finishes itself (`Context::finish`) and is retired
+/// no sooner than its start's idempotency record expires (`Config::reply_ttl`), so that a
+/// driver run again within that time (the example's restart after a kill) still finds each
+/// transfer's status, and a start sent again is still deduplicated by its key. (After that, a
+/// start sent again would begin the transfer afresh: a driver must not reuse transfer ids
+/// then.)
+pub fn retention(c: &mut Config) {
+    c.retention.finished_after = c.retention.finished_after.max(c.reply_ttl);
+}
+
 /// Where a transfer is.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Status {
@@ -126,9 +136,6 @@ pub enum Status {
 
 impl Status {
     /// True once it will not change again.
-    // For the driver that waits for transfers to settle (loom-bench's `Bank::settle`); the
-    // example compiles this file too and leaves the waiting to that driver.
-    #[allow(dead_code)]
     pub fn settled(self) -> bool {
         matches!(self, Status::Done | Status::Refused)
     }
@@ -218,6 +225,11 @@ impl Actor for Transfer {
             (Status::Crediting, TransferMsg::Credited) => s.status = Status::Done,
             (_, TransferMsg::Status) => {}
             (status, other) => return Err(Rejected::new(format!("{other:?} in state {status:?}"))),
+        }
+        if s.status.settled() {
+            // Done: its journal can go once the grace passes (`Retention`). A later `Status`
+            // read finishes it again, so the retirement counts from the last read.
+            ctx.finish();
         }
         Ok(s.status)
     }

@@ -58,6 +58,7 @@ async fn start(data: &PathBuf) -> Result<Runtime, StartError> {
             .register::<actors::Account>()
             .register::<actors::Transfer>()
             .configure(|c| c.ask_timeout = Duration::from_secs(120))
+            .configure(actors::retention)
             .start()
             .await;
         match started {
