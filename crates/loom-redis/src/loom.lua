@@ -31,7 +31,7 @@
 -- The durability rules (D1..D21) are numbered in RELIABILITY.md; the scripts keep D5 (a turn
 -- is one script), D8 (fences), D10/D11 (trims, deleted journals), D12 (parks hold mailboxes),
 -- D13 (a ready index per kind), D15 (checks before writes), D20/D21 (suspensions, their wake-ups
--- and cancellations).
+-- and cancellations), D22 (retirement).
 -- Invariants, as in the embedded store (see its tables.rs): the journal holds exactly the seqs
 -- t+1..h; h and t only grow; at most one message per mailbox is current, and while it is,
 -- nothing else of that mailbox is handed out; P:ready mirrors each mailbox's ready-at. Every
