@@ -188,20 +188,8 @@ impl Store for PostgresStore {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(pe)?;
-        match status.as_str() {
-            "ok" => Ok(Retired::Deleted),
-            "moved" => Ok(Retired::Moved),
-            "busy" => Ok(Retired::Busy),
-            "lost" => Err(StoreError::LeaseLost {
-                actor: a.clone(),
-                token: fence.token,
-            }),
-            "stale" => Err(StoreError::StaleReceipt {
-                actor: a.clone(),
-                message_id: receipt.message_id,
-            }),
-            other => Err(unexpected(format!("retire returned {other}"))),
-        }
+        loom_core::store::backend::retire_status(&status, receipt, fence)
+            .unwrap_or_else(|| Err(unexpected(format!("retire returned {status}"))))
     }
 }
 

@@ -295,20 +295,9 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        match status(&r).as_str() {
-            "ok" => Ok(Retired::Deleted),
-            "moved" => Ok(Retired::Moved),
-            "busy" => Ok(Retired::Busy),
-            "lost" => Err(StoreError::LeaseLost {
-                actor: a.clone(),
-                token: fence.token,
-            }),
-            "stale" => Err(StoreError::StaleReceipt {
-                actor: a.clone(),
-                message_id: receipt.message_id,
-            }),
-            other => Err(unexpected(format!("retire replied {other}"))),
-        }
+        let word = status(&r);
+        loom_core::store::backend::retire_status(&word, receipt, fence)
+            .unwrap_or_else(|| Err(unexpected(format!("retire replied {word}"))))
     }
 }
 

@@ -195,6 +195,7 @@ impl Actor for Transfer {
                     .await?;
                 if !cleared {
                     s.status = Status::Refused;
+                    ctx.finish();
                     return Ok(s.status);
                 }
                 ctx.send::<Account>(
@@ -227,8 +228,8 @@ impl Actor for Transfer {
             (status, other) => return Err(Rejected::new(format!("{other:?} in state {status:?}"))),
         }
         if s.status.settled() {
-            // Done: its journal can go once the grace passes (`Retention`). A later `Status`
-            // read finishes it again, so the retirement counts from the last read.
+            // Done: its journal can go once the grace passes (`Retention`); a `Status` read
+            // changes no state, so it does not keep the transfer.
             ctx.finish();
         }
         Ok(s.status)

@@ -313,7 +313,7 @@ async fn serve<A: Actor>(
     let mut leased: Option<crate::store::Delivery> = None;
     loop {
         if leased.is_none() && stop.is_cancelled() {
-            return Exit::Passivated;
+            return passivate(&cell, io, id).await;
         }
         let next = match leased.take() {
             Some(d) => Ok(Some(d)),
@@ -354,17 +354,13 @@ async fn serve<A: Actor>(
             Ok(None) => {
                 let left = io.config.idle_timeout.saturating_sub(idle_since.elapsed());
                 if left.is_zero() {
-                    if let Err(e) = cell.schedule_idle_retirement(io).await {
-                        // It is sent at the next idle passivation instead.
-                        tracing::warn!(actor = %id, error = %e, "could not schedule the actor's retirement for idleness");
-                    }
-                    return Exit::Passivated;
+                    return passivate(&cell, io, id).await;
                 }
                 tokio::select! {
                     biased;
                     _ = signal.notified() => {}
                     _ = tokio::time::sleep(left) => {}
-                    _ = stop.cancelled() => return Exit::Passivated,
+                    _ = stop.cancelled() => return passivate(&cell, io, id).await,
                 }
             }
             Err(e) => {
@@ -378,6 +374,16 @@ async fn serve<A: Actor>(
             }
         }
     }
+}
+
+/// An actor with nothing to do leaves memory (idle, evicted, or its node stopping); with an
+/// idle retention policy it is sent its retirement first (`Cell::schedule_idle_retirement`).
+async fn passivate<A: Actor>(cell: &Cell<A>, io: &Io, id: &ActorId) -> Exit {
+    if let Err(e) = cell.schedule_idle_retirement(io).await {
+        // It is sent at the actor's next passivation instead.
+        tracing::warn!(actor = %id, error = %e, "could not send the actor its retirement for idleness");
+    }
+    Exit::Passivated
 }
 
 /// Most actors one scan for ready actors asks for. (A crowd of more due at one alarm is found

@@ -441,18 +441,7 @@ impl Context<'_> {
                     return Err(self.suspend_until(at, step, resumed_in).await);
                 }
                 // As in `sleep`: a cancellation asked in this process ends the backoff at once.
-                let watch_cancel = self.suspends();
-                let cancel = self.inv.cancel.notify.clone();
-                let asked = self
-                    .keep_out(async {
-                        tokio::select! {
-                            biased;
-                            _ = cancel.notified(), if watch_cancel => true,
-                            _ = tokio::time::sleep(left) => false,
-                        }
-                    })
-                    .await?;
-                if asked {
+                if self.sleep_unless_cancelled(left).await? {
                     return Err(self.suspend_until(at, step, resumed_in).await);
                 }
                 self.inv.push(EntryKind::ActivityRetried {

@@ -64,6 +64,11 @@ pub(crate) struct Cell<A: Actor> {
     since_snapshot: u64,
     bytes_since_snapshot: u64,
     compacting: Arc<AtomicBool>,
+    /// See `Replayed::last_change`.
+    last_change: Seq,
+    /// Set once this cell's actor was retired: its journal is gone, so nothing is scheduled
+    /// for it again from here.
+    retired: bool,
 }
 
 impl<A: Actor> Cell<A> {
@@ -114,6 +119,8 @@ impl<A: Actor> Cell<A> {
             since_snapshot: r.replayed,
             bytes_since_snapshot: r.bytes,
             compacting: Arc::new(AtomicBool::new(false)),
+            last_change: r.last_change,
+            retired: false,
         })
     }
 
@@ -289,9 +296,11 @@ impl<A: Actor> Cell<A> {
             self.restore_state();
             return Next::Park(self.park(io, &d, Some(first), &reason));
         }
+        let mut changed = false;
         if let Some(v) = &new_value
             && let Some(patch) = state_patch(&self.value, v, self.from_default)
         {
+            changed = true;
             if self.from_default && A::STATE_VERSION != 1 {
                 // The first state of an actor whose code is past version 1 says its version (a
                 // journal that does not is at version 1); whole, as that first patch would be.
@@ -360,6 +369,9 @@ impl<A: Actor> Cell<A> {
                     shared.metrics.rejections.fetch_add(1, Ordering::Relaxed);
                 }
                 self.next_seq = committed.highest + 1;
+                if changed {
+                    self.last_change = committed.highest;
+                }
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;
                     self.value = v;
@@ -616,46 +628,67 @@ impl<A: Actor> Cell<A> {
         }
     }
 
-    /// The runtime's retirement message `r` (see `Retention`): deletes the actor's journal if it
-    /// has not run since and no other message waits (`Store::retire`, rule D22), and then
-    /// passivates it (its memory holds a state the store no longer has); else acks the message
-    /// and keeps the actor, looking again `idle_after` later if the retirement was for
-    /// idleness.
+    /// The runtime's retirement message `r` (see `Retention`). The actor is kept if it ran
+    /// since the retirement was decided: for idleness, if its journal grew; after
+    /// `Context::finish`, only if its state changed (a read does not undo a finish, nor does
+    /// an upgrade of its state at loading). Else its journal is deleted through
+    /// `Store::retire` (fenced, and only if no other message waits: rule D22), and the actor
+    /// passivated (its memory holds a state the store no longer has). A kept actor's
+    /// retirement is acked; one for idleness is sent again `idle_after` later if nothing else
+    /// waits (other mail leads to another idle passivation, which sends one).
     async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
         let highest = self.next_seq - 1;
-        let found = if highest != r.highest || self.unfinished.is_some() {
+        let ran = match r.reason {
+            RetireReason::Finished => self.last_change > r.highest,
+            RetireReason::Idle => highest != r.highest,
+        };
+        let found = if ran || self.unfinished.is_some() {
             Ok(Retired::Moved)
         } else {
             io.store.retire(&d.receipt, &io.lease, highest).await
         };
         let kept = match found {
             Ok(Retired::Deleted) => {
+                self.retired = true;
                 shared.metrics.retired.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(actor = %self.id, reason = ?r.reason, highest, "retired: journal deleted");
                 return Next::Suspend;
             }
             Ok(kept) => kept,
-            Err(e) => {
+            Err(e @ (StoreError::LeaseLost { .. } | StoreError::StaleReceipt { .. })) => {
                 return self
                     .on_interrupt(io, shared, d, false, 0, Interrupt::from_store(e))
                     .await;
+            }
+            Err(e) => {
+                // Never journaled: give the message back and look again after a pause.
+                shared.health.failed(&e);
+                tracing::warn!(actor = %self.id, error = %e, "could not retire the actor; trying again");
+                return self.hand_back(io, d, io.config.poll_interval).await;
             }
         };
         tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
         let mut again = Vec::new();
         if r.reason == RetireReason::Idle
+            && kept == Retired::Moved
             && let Some(after) = io.config.retention.idle_after
-            && highest > 0
         {
-            again.push(retirement(
-                &self.id,
-                MessageId::new(),
-                Retire {
-                    highest,
-                    reason: RetireReason::Idle,
-                },
-                after,
-            ));
+            match io.store.pending(&self.id).await {
+                Ok(1) => again.push(retirement(
+                    &self.id,
+                    MessageId::new(),
+                    Retire {
+                        highest,
+                        reason: RetireReason::Idle,
+                    },
+                    after,
+                )),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(actor = %self.id, error = %e, "could not count the actor's mail; trying again");
+                    return self.hand_back(io, d, io.config.poll_interval).await;
+                }
+            }
         }
         let turn = Turn {
             fence: Some(&io.lease),
@@ -672,18 +705,18 @@ impl<A: Actor> Cell<A> {
         }
     }
 
-    /// After the actor was passivated for idleness: with an idle retention policy, sends it its
-    /// retirement, due `idle_after` from now, unless one waits already.
+    /// When the actor is passivated: with an idle retention policy, sends it its retirement,
+    /// due `idle_after` from now, if its mailbox is empty (a retirement already waiting, or
+    /// other mail, leads to one later) and it holds a state worth retiring.
     pub(crate) async fn schedule_idle_retirement(&self, io: &Io) -> Result<(), StoreError> {
         let Some(after) = io.config.retention.idle_after else {
             return Ok(());
         };
         let highest = self.next_seq - 1;
-        if highest == 0 {
+        if self.retired || self.from_default || highest == 0 {
             return Ok(());
         }
-        let waiting = io.store.messages(&self.id, None, 64).await?;
-        if waiting.iter().any(|w| w.envelope.retire.is_some()) {
+        if io.store.pending(&self.id).await? != 0 {
             return Ok(());
         }
         let r = retirement(

@@ -160,8 +160,11 @@ pub struct Retention {
     /// message keeps it.
     pub finished_after: Duration,
     /// Retire actors idle this long (no invocation since), counted from when they were
-    /// passivated for idleness; `None` (the default) keeps them. An actor used again meanwhile
-    /// is kept, and looked at again `idle_after` later.
+    /// passivated (idle, evicted, or their node stopping) with an empty mailbox; `None` (the
+    /// default) keeps them. An actor used again meanwhile is kept, and looked at again
+    /// `idle_after` later. Only for actors whose state may be forgotten after that long: one
+    /// waiting for a reply (a transfer whose debit is pending at a parked account, say) would
+    /// get it in a fresh incarnation.
     pub idle_after: Option<Duration>,
 }
 

@@ -427,8 +427,9 @@ impl<'a> Context<'a> {
 
     /// Marks the actor done: when this invocation completes (returns `Ok`), the runtime
     /// retires the actor after `Config::retention.finished_after` (default 1 h), deleting its
-    /// journal and snapshots, unless a message comes for it meanwhile (then it is kept) or one
-    /// waits then. Its callers' idempotency records stay until they expire, so a caller asking
+    /// journal and snapshots, unless a message changes its state meanwhile (then it is kept;
+    /// a read does not count) or one waits then. Call it once, when the actor becomes done:
+    /// each call sends one retirement (a delayed message). Its callers' idempotency records stay until they expire, so a caller asking
     /// again with its key still gets its reply; a message after the retirement starts the
     /// actor afresh from its default state. A rejected invocation does not finish its actor.
     /// Not a durable step: a replay that calls it again finishes the same.
@@ -930,20 +931,7 @@ impl<'a> Context<'a> {
             // Journaled above (or in the run that began it): the replay continues it.
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
         }
-        // A cancellation asked in this process is seen at once: the suspension it makes the
-        // sleep try is refused for it.
-        let watch_cancel = self.suspends();
-        let cancel = self.inv.cancel.notify.clone();
-        let asked = self
-            .keep_out(async {
-                tokio::select! {
-                    biased;
-                    _ = cancel.notified(), if watch_cancel => true,
-                    _ = tokio::time::sleep(left) => false,
-                }
-            })
-            .await?;
-        if asked {
+        if self.sleep_unless_cancelled(left).await? {
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
         }
         self.inv.push(EntryKind::TimerFired { step, resumed_in });
@@ -1178,6 +1166,26 @@ impl<'a> Context<'a> {
                 })
                 .await?;
         }
+    }
+
+    /// Sleeps `left` in memory, keeping the message out; true, at once, if this invocation's
+    /// cancellation is asked on this node meanwhile (the caller then tries to suspend, which
+    /// the store refuses for the cancellation). Not listened to once a wait was cancelled
+    /// ([`suspends`](Self::suspends)).
+    pub(super) async fn sleep_unless_cancelled(
+        &mut self,
+        left: Duration,
+    ) -> Result<bool, StepError> {
+        let watch_cancel = self.suspends();
+        let cancel = self.inv.cancel.notify.clone();
+        self.keep_out(async {
+            tokio::select! {
+                biased;
+                _ = cancel.notified(), if watch_cancel => true,
+                _ = tokio::time::sleep(left) => false,
+            }
+        })
+        .await
     }
 
     /// Whether this invocation's waits suspend (and so see a cancellation): not once one of

@@ -117,6 +117,10 @@ pub(crate) struct Replayed {
     pub(crate) recent: VecDeque<MessageId>,
     pub(crate) unfinished: Option<Unfinished>,
     pub(crate) next_seq: Seq,
+    /// The seq of the last change of state a handler made (a patch; the snapshot's seq when
+    /// none follows it; 0 for none): a retirement for `Context::finish` keeps the actor only
+    /// if its state changed after it finished. Upgrades are not changes.
+    pub(crate) last_change: Seq,
     /// The last seq at which no invocation was half-done.
     pub(crate) settled: Seq,
     pub(crate) replayed: u64,
@@ -226,6 +230,7 @@ async fn replay_once(
         recent: recent.into(),
         unfinished: None,
         next_seq: from,
+        last_change: if from_default { 0 } else { from - 1 },
         settled: from - 1,
         replayed: 0,
         bytes: 0,
@@ -254,6 +259,7 @@ async fn replay_once(
                     ))
                 })?;
                 out.from_default = false;
+                out.last_change = entry.seq;
             }
             // Whole, so applying it again is harmless. An upgrade journaled at activation may
             // sit inside an unfinished invocation, past `settled`: a snapshot taken at

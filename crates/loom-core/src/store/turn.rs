@@ -119,3 +119,42 @@ impl<'a> Turn<'a> {
         }
     }
 }
+
+/// Reads the status word a backend's [`Store::retire`](crate::Store::retire) script or
+/// function answers with (`ok`, `moved`, `busy`, `lost`, `stale`); `None` for any other word,
+/// which the backend reports as unexpected.
+///
+/// ```
+/// use std::time::Duration;
+/// use loom_core::store::backend::retire_status;
+/// use loom_core::{ActorId, Lease, MessageId, Receipt, Retired, Timestamp};
+///
+/// let actor = ActorId::new("order", "o-1")?;
+/// let receipt = Receipt { actor: actor.clone(), position: 1, message_id: MessageId::new(), delivery: 1 };
+/// let fence = Lease { actor, owner: "node".into(), token: 7, expires_at: Timestamp::now() + Duration::from_secs(5) };
+/// assert_eq!(retire_status("busy", &receipt, &fence).unwrap()?, Retired::Busy);
+/// assert!(retire_status("lost", &receipt, &fence).unwrap().is_err());
+/// assert!(retire_status("what", &receipt, &fence).is_none());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn retire_status(
+    status: &str,
+    receipt: &Receipt,
+    fence: &Lease,
+) -> Option<StoreResult<crate::store::Retired>> {
+    use crate::store::Retired;
+    Some(match status {
+        "ok" => Ok(Retired::Deleted),
+        "moved" => Ok(Retired::Moved),
+        "busy" => Ok(Retired::Busy),
+        "lost" => Err(StoreError::LeaseLost {
+            actor: receipt.actor.clone(),
+            token: fence.token,
+        }),
+        "stale" => Err(StoreError::StaleReceipt {
+            actor: receipt.actor.clone(),
+            message_id: receipt.message_id,
+        }),
+        _ => return None,
+    })
+}
