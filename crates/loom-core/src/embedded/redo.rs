@@ -177,14 +177,16 @@ impl<'t, K: Key + 'static, V: Value + 'static> Rec<'t, K, V> {
         Ok(())
     }
 
-    /// Removes `key` if present.
+    /// Removes `key` if present. Recorded only if it was: a remove of nothing (an ack's
+    /// cancellation mark, which most messages never get) costs the redo log nothing.
     pub(super) fn remove<'k>(
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> Result<(), redb::StorageError> {
         let key = key.borrow();
-        self.table.remove(key)?;
-        self.record(REMOVE, K::as_bytes(key).as_ref(), None);
+        if self.table.remove(key)?.is_some() {
+            self.record(REMOVE, K::as_bytes(key).as_ref(), None);
+        }
         Ok(())
     }
 

@@ -674,15 +674,7 @@ impl<A: Actor> Cell<A> {
             && let Some(after) = io.config.retention.idle_after
         {
             match io.store.pending(&self.id).await {
-                Ok(1) => again.push(retirement(
-                    &self.id,
-                    MessageId::new(),
-                    Retire {
-                        highest,
-                        reason: RetireReason::Idle,
-                    },
-                    after,
-                )),
+                Ok(1) => again.push(idle_retirement(&self.id, highest, after)),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(actor = %self.id, error = %e, "could not count the actor's mail; trying again");
@@ -719,15 +711,7 @@ impl<A: Actor> Cell<A> {
         if io.store.pending(&self.id).await? != 0 {
             return Ok(());
         }
-        let r = retirement(
-            &self.id,
-            MessageId::new(),
-            Retire {
-                highest,
-                reason: RetireReason::Idle,
-            },
-            after,
-        );
+        let r = idle_retirement(&self.id, highest, after);
         io.store.enqueue(&r.envelope, r.deliver_at).await?;
         Ok(())
     }
@@ -895,4 +879,13 @@ fn retirement(actor: &ActorId, id: MessageId, r: Retire, after: Duration) -> Out
         },
         deliver_at: Some(Timestamp::now() + after),
     }
+}
+
+/// The runtime's retirement of `actor` for idleness, decided at its journal's seq `highest`.
+fn idle_retirement(actor: &ActorId, highest: Seq, after: Duration) -> Outgoing {
+    let r = Retire {
+        highest,
+        reason: RetireReason::Idle,
+    };
+    retirement(actor, MessageId::new(), r, after)
 }
