@@ -128,6 +128,7 @@ impl Bank {
                 let opts = SendOptions {
                     idempotency_key: Some(key(format!("open-a{n}"))),
                     delay: None,
+                    ..Default::default()
                 };
                 let initial = self.initial;
                 async move { acct?.send_with(AccountMsg::Open(initial), opts).await }
@@ -149,6 +150,7 @@ impl Bank {
         let opts = AskOptions {
             idempotency_key: Some(key(format!("start-t{i}"))),
             timeout: None,
+            ..Default::default()
         };
         rt.actor::<Transfer>(format!("t{i}"))
             .map_err(SendError::from)?

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::actives::{Active, Handle};
 use super::cell::{self, Cell, Next};
 use super::context::Io;
+use super::metrics::{Count, Latency};
 use super::replay::RecoverError;
 use super::{Actor, Shared};
 use crate::error::StoreError;
@@ -30,6 +31,9 @@ pub(super) trait Kind: Send + Sync {
         taken: Instant,
         handle: Handle,
     ) -> BoxFuture<'static, ()>;
+
+    /// Whether `payload` decodes as the kind's message type; why not if it does not.
+    fn check_message(&self, payload: &serde_json::Value) -> Result<(), String>;
 }
 
 pub(super) struct KindOf<A: Actor>(pub(super) Arc<A>);
@@ -44,6 +48,12 @@ impl<A: Actor> Kind for KindOf<A> {
         handle: Handle,
     ) -> BoxFuture<'static, ()> {
         Box::pin(run::<A>(self.0.clone(), shared, id, lease, taken, handle))
+    }
+
+    fn check_message(&self, payload: &serde_json::Value) -> Result<(), String> {
+        <A::Message as serde::Deserialize>::deserialize(payload)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -213,7 +223,7 @@ async fn run<A: Actor>(
     match &exit {
         Exit::Passivated => tracing::debug!(actor = %id, "passivated"),
         Exit::LeaseLost => {
-            shared.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.count(Count::LeasesLost, A::KIND, 1);
             tracing::warn!(actor = %id, "lease lost; the actor stopped");
         }
         Exit::Park(park) => {
@@ -254,7 +264,7 @@ async fn run<A: Actor>(
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
         }
         Exit::Declined(reason) => {
-            shared.metrics.declined.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.count(Count::Declined, A::KIND, 1);
             tracing::warn!(actor = %id, %reason, "actor left to a node running newer code; its messages wait for one");
             // Looked at again after a while, as a parked actor is; the store has no park, so
             // the next look activates it, and declines again while this code is older.
@@ -293,11 +303,9 @@ async fn serve<A: Actor>(
     let activation_began = *last_used.lock().unwrap_or_else(|p| p.into_inner());
     let mut cell = match recover().await {
         Ok(c) => {
-            let took = u64::try_from(activation_began.elapsed().as_nanos()).unwrap_or(u64::MAX);
             shared
                 .metrics
-                .activation_nanos
-                .fetch_add(took, Ordering::Relaxed);
+                .observe(Latency::Activation, A::KIND, activation_began.elapsed());
             c
         }
         Err(RecoverError::Store(e)) => return Exit::Failed(e),

@@ -31,6 +31,7 @@ use crate::time::Timestamp;
 use super::Shared;
 use super::actor::Actor;
 use super::context::{Context, Interrupt, Invocation, Io};
+use super::metrics::{Count, Latency};
 use super::record::{Outcome, Recorded};
 use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
 
@@ -85,15 +86,11 @@ impl<A: Actor> Cell<A> {
         let mut r = replay(&*io.store, &id, initial).await?;
         shared
             .metrics
-            .corrupt_snapshots
-            .fetch_add(r.corrupt_snapshots, Ordering::Relaxed);
+            .count(Count::CorruptSnapshots, A::KIND, r.corrupt_snapshots);
         const { assert!(A::STATE_VERSION >= 1, "Actor::STATE_VERSION starts at 1") };
         if !r.from_default && r.version != A::STATE_VERSION {
             upgrade(&*actor, &id, io, &mut r).await?;
-            shared
-                .metrics
-                .state_upgrades
-                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.count(Count::StateUpgrades, A::KIND, 1);
         }
         let state: A::State = serde_json::from_value(r.value.clone()).map_err(|e| {
             RecoverError::Unrecoverable(format!(
@@ -101,11 +98,10 @@ impl<A: Actor> Cell<A> {
                 A::KIND
             ))
         })?;
-        shared.metrics.recoveries.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.count(Count::Recoveries, A::KIND, 1);
         shared
             .metrics
-            .replayed_entries
-            .fetch_add(r.replayed, Ordering::Relaxed);
+            .count(Count::ReplayedEntries, A::KIND, r.replayed);
         tracing::debug!(actor = %id, replayed = r.replayed, "recovered");
         Ok(Cell {
             actor,
@@ -140,6 +136,7 @@ impl<A: Actor> Cell<A> {
         if let Some(r) = d.envelope.retire {
             return self.retire(io, shared, &d, r).await;
         }
+        let delivered = tokio::time::Instant::now();
         let id = d.envelope.id;
         // Already applied (its ack was lost): ack it without running it again.
         if self.recent.contains(&id) {
@@ -229,7 +226,7 @@ impl<A: Actor> Cell<A> {
                 idempotency_key: d.envelope.idempotency_key.clone(),
             });
         }
-        shared.metrics.invocations.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.count(Count::Invocations, A::KIND, 1);
         let outcome = {
             let mut ctx = Context { inv: &mut inv, io };
             AssertUnwindSafe(self.actor.handle(&mut self.state, &mut ctx, msg))
@@ -360,13 +357,23 @@ impl<A: Actor> Cell<A> {
             next: Some(io.lease_options),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
-        match io.store.commit_turn(turn).await {
+        let committing = tokio::time::Instant::now();
+        let committed = io.store.commit_turn(turn).await;
+        if committed.is_ok() {
+            shared
+                .metrics
+                .observe(Latency::StoreCommit, A::KIND, committing.elapsed());
+            shared
+                .metrics
+                .observe(Latency::Turn, A::KIND, delivered.elapsed());
+        }
+        match committed {
             Ok(committed) => {
                 shared.health.ok();
                 if rejected {
                     // Counted once the refusal is journaled: a refusal whose turn was refused
                     // (fenced by a lease lost meanwhile) refused nothing.
-                    shared.metrics.rejections.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.count(Count::Rejections, A::KIND, 1);
                 }
                 self.next_seq = committed.highest + 1;
                 if changed {
@@ -480,7 +487,7 @@ impl<A: Actor> Cell<A> {
                 // mailbox's current one, invisible until its time, event or cancellation (later
                 // messages wait behind it); the delivery that then takes it resumes the wait,
                 // which does not count against the message (rule D17).
-                shared.metrics.suspensions.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.count(Count::Suspensions, A::KIND, 1);
                 if alarm {
                     shared.alarms.set_after(delay);
                 }
@@ -546,7 +553,7 @@ impl<A: Actor> Cell<A> {
         let attempts = d.envelope.attempt.saturating_sub(from) + 1;
         let retry = io.config.retry;
         if attempts < retry.max_attempts {
-            shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.count(Count::Retries, A::KIND, 1);
             let delay = retry.delay(attempts);
             return match io.store.nack(&d.receipt, delay, reason).await {
                 Ok(()) => {
@@ -609,7 +616,7 @@ impl<A: Actor> Cell<A> {
         };
         match io.store.commit_turn(turn).await {
             Ok(h) => {
-                shared.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.count(Count::DeadLetters, A::KIND, 1);
                 tracing::warn!(actor = %self.id, message_id = %d.envelope.id, %reason, "message dead-lettered");
                 if let Some(k) = &key {
                     io.hub.reply(&self.id, k, &record_value);
@@ -650,7 +657,7 @@ impl<A: Actor> Cell<A> {
         let kept = match found {
             Ok(Retired::Deleted) => {
                 self.retired = true;
-                shared.metrics.retired.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.count(Count::Retired, A::KIND, 1);
                 tracing::info!(actor = %self.id, reason = ?r.reason, highest, "retired: journal deleted");
                 return Next::Suspend;
             }
@@ -752,11 +759,11 @@ impl<A: Actor> Cell<A> {
             flag.store(false, Ordering::Release);
             match result {
                 Ok(trimmed) => {
-                    shared.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.count(Count::Compactions, A::KIND, 1);
                     tracing::debug!(actor = %id, seq, trimmed, "compacted");
                 }
                 Err(e) => {
-                    shared.metrics.compaction_failures.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.count(Count::CompactionFailures, A::KIND, 1);
                     tracing::warn!(actor = %id, seq, error = %e, "compaction failed; the journal stays longer until the next one");
                 }
             }

@@ -32,6 +32,15 @@ pub enum SendError {
     /// The message does not serialize to JSON.
     #[error("message does not encode: {0}")]
     Encode(String),
+    /// The message (JSON given to [`AnyActorRef`]) does not decode as the kind's message type;
+    /// nothing was sent.
+    #[error("not a message of kind {kind:?}: {error}")]
+    BadMessage {
+        /// The actor kind.
+        kind: String,
+        /// Why it does not decode.
+        error: String,
+    },
     /// The actor's mailbox holds `Config::max_mailbox` messages already (backpressure).
     #[error("mailbox of {actor} is full ({pending} messages waiting)")]
     MailboxFull {
@@ -98,6 +107,9 @@ pub struct SendOptions {
     pub idempotency_key: Option<IdempotencyKey>,
     /// Delivers the message after this delay.
     pub delay: Option<Duration>,
+    /// The caller's W3C trace context: the message's `traceparent` is a child of it, so the
+    /// actor's work joins the caller's trace (a malformed one starts a new trace).
+    pub traceparent: Option<String>,
 }
 
 /// Options of [`ActorRef::ask_with`].
@@ -107,6 +119,8 @@ pub struct AskOptions {
     pub idempotency_key: Option<IdempotencyKey>,
     /// How long to wait (default `Config::ask_timeout`).
     pub timeout: Option<Duration>,
+    /// The caller's W3C trace context (see [`SendOptions::traceparent`]).
+    pub traceparent: Option<String>,
 }
 
 /// Options of [`ActorRef::deliver_event_with`].
@@ -114,6 +128,8 @@ pub struct AskOptions {
 pub struct EventOptions {
     /// The event's key: deliveries with one key are one event. `None` derives it from the data.
     pub key: Option<IdempotencyKey>,
+    /// The caller's W3C trace context (see [`SendOptions::traceparent`]).
+    pub traceparent: Option<String>,
 }
 
 /// What a send did.
@@ -125,30 +141,59 @@ pub enum Sent {
     Duplicate,
 }
 
-/// A handle to one actor (`A::KIND/key`); cheap to clone.
-pub struct ActorRef<A: Actor> {
+/// A handle to one actor known by its kind's name at run time (an HTTP ingress, a tool),
+/// with messages, replies and event data as JSON values; cheap to clone. Made by
+/// [`Runtime::any_actor`]. [`ActorRef`] is the typed handle, and does the same through this one.
+///
+/// A message is checked against the kind's message type before it is sent, so a body that
+/// would never decode is refused at once ([`SendError::BadMessage`]) instead of reaching the
+/// actor and being dead-lettered.
+///
+/// ```
+/// use loom_core::runtime::{Actor, AskOptions, Context, Rejected, Runtime, SendError};
+/// use serde_json::json;
+///
+/// struct Account;
+/// impl Actor for Account {
+///     const KIND: &'static str = "account";
+///     type State = i64;
+///     type Message = i64;
+///     type Reply = i64;
+///     async fn handle(&self, b: &mut i64, _: &mut Context<'_>, d: i64) -> Result<i64, Rejected> {
+///         *b += d;
+///         Ok(*b)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = Runtime::builder().memory().register_actor(Account).start().await?;
+/// let alice = rt.any_actor("account", "alice")?;
+/// assert_eq!(alice.ask_json(json!(5), AskOptions::default()).await?, json!(5));
+/// let refused = alice.ask_json(json!("five"), AskOptions::default()).await;
+/// assert!(matches!(refused, Err(loom_core::runtime::AskError::Send(SendError::BadMessage { .. }))));
+/// assert!(matches!(rt.any_actor("nope", "x"), Err(SendError::UnknownKind(_))));
+/// # rt.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AnyActorRef {
     rt: Runtime,
     id: ActorId,
-    _kind: PhantomData<fn() -> A>,
 }
 
-impl<A: Actor> Clone for ActorRef<A> {
-    fn clone(&self) -> Self {
-        ActorRef {
-            rt: self.rt.clone(),
-            id: self.id.clone(),
-            _kind: PhantomData,
-        }
+impl std::fmt::Debug for AnyActorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnyActorRef").field("id", &self.id).finish()
     }
 }
 
-impl<A: Actor> ActorRef<A> {
-    pub(crate) fn new(rt: Runtime, key: &str) -> Result<Self, IdError> {
-        Ok(ActorRef {
-            rt,
-            id: ActorId::new(A::KIND, key)?,
-            _kind: PhantomData,
-        })
+impl AnyActorRef {
+    /// A handle to `id`, refused if its kind is not registered with `rt`.
+    pub(crate) fn new(rt: Runtime, id: ActorId) -> Result<Self, SendError> {
+        let r = AnyActorRef { rt, id };
+        r.check_kind()?;
+        Ok(r)
     }
 
     /// The actor's id.
@@ -156,29 +201,51 @@ impl<A: Actor> ActorRef<A> {
         &self.id
     }
 
-    fn envelope(&self, msg: &A::Message) -> Result<Envelope, SendError> {
-        let id = self.id.clone();
-        if !self.rt.shared.kinds.contains_key(A::KIND) {
-            return Err(SendError::UnknownKind(A::KIND.to_owned()));
+    fn check_kind(&self) -> Result<(), SendError> {
+        if self.rt.shared.kinds.contains_key(self.id.kind()) {
+            Ok(())
+        } else {
+            Err(SendError::UnknownKind(self.id.kind().to_owned()))
         }
-        let payload = serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))?;
-        let mut env = Envelope::new(id, payload);
-        env.traceparent = Some(trace::root());
+    }
+
+    /// Refuses `msg` unless it decodes as the kind's message type.
+    fn check_message(&self, msg: &Value) -> Result<(), SendError> {
+        let kind = self
+            .rt
+            .shared
+            .kinds
+            .get(self.id.kind())
+            .ok_or_else(|| SendError::UnknownKind(self.id.kind().to_owned()))?;
+        kind.check_message(msg)
+            .map_err(|error| SendError::BadMessage {
+                kind: self.id.kind().to_owned(),
+                error,
+            })
+    }
+
+    fn envelope(&self, payload: Value, traceparent: Option<&str>) -> Result<Envelope, SendError> {
+        self.check_kind()?;
+        let mut env = Envelope::new(self.id.clone(), payload);
+        // A child of the caller's span when it names one (a request's `traceparent`), so the
+        // actor's work joins the caller's trace; a new trace otherwise.
+        env.traceparent = Some(trace::child(traceparent));
         Ok(env)
     }
 
-    /// Sends `msg`; returns once it is durably in the actor's mailbox.
-    pub async fn send(&self, msg: A::Message) -> Result<MessageId, SendError> {
-        let env = self.envelope(&msg)?;
-        let id = env.id;
-        self.rt.enqueue(env, None).await?;
-        Ok(id)
+    /// Sends `msg` (checked against the kind's message type) with options; returns once it is
+    /// durably in the actor's mailbox, or a duplicate of a send with the same key was found.
+    pub async fn send_json(&self, msg: Value, opts: SendOptions) -> Result<Sent, SendError> {
+        self.check_message(&msg)?;
+        self.send_value(msg, opts).await
     }
 
-    /// Sends `msg` with options (idempotency key, delay). A key is held until the message is
-    /// settled, then its outcome kept for `Config::reply_ttl` (rule D7).
-    pub async fn send_with(&self, msg: A::Message, opts: SendOptions) -> Result<Sent, SendError> {
-        let mut env = self.envelope(&msg)?;
+    pub(crate) async fn send_value(
+        &self,
+        msg: Value,
+        opts: SendOptions,
+    ) -> Result<Sent, SendError> {
+        let mut env = self.envelope(msg, opts.traceparent.as_deref())?;
         let deliver_at = opts.delay.map(|d| Timestamp::now() + d);
         match opts.idempotency_key {
             None => {
@@ -197,16 +264,16 @@ impl<A: Actor> ActorRef<A> {
         }
     }
 
-    /// Sends `msg` and waits for the reply (at most `Config::ask_timeout`).
-    pub async fn ask(&self, msg: A::Message) -> Result<A::Reply, AskError> {
-        self.ask_with(msg, AskOptions::default()).await
+    /// Sends `msg` (checked against the kind's message type) and waits for the reply, as
+    /// [`ActorRef::ask_with`] does; the reply is the handler's, as JSON.
+    pub async fn ask_json(&self, msg: Value, opts: AskOptions) -> Result<Value, AskError> {
+        self.check_message(&msg)?;
+        outcome(self.ask_value(msg, opts).await?)
     }
 
-    /// Sends `msg` and waits for the reply, with options. With an idempotency key, asking again
-    /// after a timeout or a crash does not process the message twice: it waits for, or returns,
-    /// the recorded reply.
-    pub async fn ask_with(&self, msg: A::Message, opts: AskOptions) -> Result<A::Reply, AskError> {
-        let mut env = self.envelope(&msg)?;
+    /// Sends `msg` and waits for its recorded outcome.
+    pub(crate) async fn ask_value(&self, msg: Value, opts: AskOptions) -> Result<Value, AskError> {
+        let mut env = self.envelope(msg, opts.traceparent.as_deref())?;
         let key = match opts.idempotency_key {
             Some(k) => k,
             None => IdempotencyKey::new(format!("ask-{}", env.id)).map_err(SendError::from)?,
@@ -264,7 +331,147 @@ impl<A: Actor> ActorRef<A> {
             }
         };
         hub.prune(&actor, &key);
-        decode::<A>(value)
+        Ok(value)
+    }
+
+    /// [`ActorRef::cancel`].
+    pub async fn cancel(&self, message: MessageId) -> Result<super::Cancellation, SendError> {
+        self.cancel_target(super::CancelTarget::Message(message))
+            .await
+    }
+
+    /// [`ActorRef::cancel_key`].
+    pub async fn cancel_key(&self, key: &IdempotencyKey) -> Result<super::Cancellation, SendError> {
+        self.cancel_target(super::CancelTarget::Key(key.clone()))
+            .await
+    }
+
+    async fn cancel_target(
+        &self,
+        target: super::CancelTarget,
+    ) -> Result<super::Cancellation, SendError> {
+        let store = &*self.rt.shared.store;
+        let found = super::admin::cancel(store, &self.id, &target).await?;
+        if let super::Cancellation::Requested { message, .. } = found {
+            // An invocation of this process sees it at its wait at once (or at its next wait);
+            // one suspended was woken by the same write.
+            self.rt.shared.hub.notify(&ActorId::cancel_signal(&message));
+        }
+        Ok(found)
+    }
+
+    /// Delivers an event with options: its key (an id the sender gives it, a webhook's event id
+    /// say). Two deliveries with one key are one event: the second is [`Sent::Duplicate`] and
+    /// reaches no wait, while the first waits to be received or until `Config::reply_ttl` after
+    /// a wait received it.
+    pub async fn deliver_event_with<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        data: &T,
+        opts: EventOptions,
+    ) -> Result<Sent, SendError> {
+        let id = self.id.clone();
+        let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
+        let key = match opts.key {
+            Some(k) => k,
+            // The data's canonical JSON (object keys sorted) names it.
+            None => IdempotencyKey::new(format!(
+                "event-{}",
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, payload.to_string().as_bytes())
+            ))?,
+        };
+        let lane = id.event_lane_in(name, self.rt.shared.store.partitions());
+        let mut env = Envelope::new(lane.clone(), payload);
+        env.traceparent = Some(trace::child(opts.traceparent.as_deref()));
+        env.idempotency_key = Some(key.clone());
+        let message_id = env.id;
+        let r = self
+            .rt
+            .shared
+            .store
+            .enqueue_event(&env, &key, self.rt.shared.config.reply_ttl, &id)
+            .await?;
+        match r {
+            Enqueued::New(_) => {
+                // A wait of this process gets it at once. A suspended one was made visible by
+                // the same write, and the dispatchers find it at their next poll (or a store's
+                // wake-up signal); activating the owner from here would cost a lease and a
+                // replay for every event that wakes nothing.
+                self.rt.shared.hub.notify(&lane);
+                Ok(Sent::Enqueued(message_id))
+            }
+            Enqueued::Duplicate(_) => Ok(Sent::Duplicate),
+        }
+    }
+}
+
+/// A handle to one actor (`A::KIND/key`); cheap to clone.
+pub struct ActorRef<A: Actor> {
+    any: AnyActorRef,
+    _kind: PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> Clone for ActorRef<A> {
+    fn clone(&self) -> Self {
+        ActorRef {
+            any: self.any.clone(),
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<A: Actor> ActorRef<A> {
+    pub(crate) fn new(rt: Runtime, key: &str) -> Result<Self, IdError> {
+        // The kind is checked at each send, as before: a handle may be made before the kind's
+        // registration is known to matter (a client of a kind another node hosts).
+        Ok(ActorRef {
+            any: AnyActorRef {
+                rt,
+                id: ActorId::new(A::KIND, key)?,
+            },
+            _kind: PhantomData,
+        })
+    }
+
+    /// The actor's id.
+    pub fn id(&self) -> &ActorId {
+        &self.any.id
+    }
+
+    /// The same actor's untyped handle.
+    pub fn untyped(&self) -> &AnyActorRef {
+        &self.any
+    }
+
+    fn encode(msg: &A::Message) -> Result<Value, SendError> {
+        serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))
+    }
+
+    /// Sends `msg`; returns once it is durably in the actor's mailbox.
+    pub async fn send(&self, msg: A::Message) -> Result<MessageId, SendError> {
+        let env = self.any.envelope(Self::encode(&msg)?, None)?;
+        let id = env.id;
+        self.any.rt.enqueue(env, None).await?;
+        Ok(id)
+    }
+
+    /// Sends `msg` with options (idempotency key, delay). A key is held until the message is
+    /// settled, then its outcome kept for `Config::reply_ttl` (rule D7).
+    pub async fn send_with(&self, msg: A::Message, opts: SendOptions) -> Result<Sent, SendError> {
+        self.any.send_value(Self::encode(&msg)?, opts).await
+    }
+
+    /// Sends `msg` and waits for the reply (at most `Config::ask_timeout`).
+    pub async fn ask(&self, msg: A::Message) -> Result<A::Reply, AskError> {
+        self.ask_with(msg, AskOptions::default()).await
+    }
+
+    /// Sends `msg` and waits for the reply, with options. With an idempotency key, asking again
+    /// after a timeout or a crash does not process the message twice: it waits for, or returns,
+    /// the recorded reply.
+    pub async fn ask_with(&self, msg: A::Message, opts: AskOptions) -> Result<A::Reply, AskError> {
+        let value = outcome(self.any.ask_value(Self::encode(&msg)?, opts).await?)?;
+        serde_json::from_value(value).map_err(|e| AskError::BadReply(e.to_string()))
     }
 
     /// Asks that the invocation of message `message` (the id [`send`](Self::send) returned) be
@@ -328,29 +535,13 @@ impl<A: Actor> ActorRef<A> {
     /// # Ok(()) }
     /// ```
     pub async fn cancel(&self, message: MessageId) -> Result<super::Cancellation, SendError> {
-        self.cancel_target(super::CancelTarget::Message(message))
-            .await
+        self.any.cancel(message).await
     }
 
     /// [`cancel`](Self::cancel)s the invocation of the message sent with idempotency key `key`
     /// (by `send_with` or `ask_with`), if it still waits in the mailbox.
     pub async fn cancel_key(&self, key: &IdempotencyKey) -> Result<super::Cancellation, SendError> {
-        self.cancel_target(super::CancelTarget::Key(key.clone()))
-            .await
-    }
-
-    async fn cancel_target(
-        &self,
-        target: super::CancelTarget,
-    ) -> Result<super::Cancellation, SendError> {
-        let store = &*self.rt.shared.store;
-        let found = super::admin::cancel(store, &self.id, &target).await?;
-        if let super::Cancellation::Requested { message, .. } = found {
-            // An invocation of this process sees it at its wait at once (or at its next wait);
-            // one suspended was woken by the same write.
-            self.rt.shared.hub.notify(&ActorId::cancel_signal(&message));
-        }
-        Ok(found)
+        self.any.cancel_key(key).await
     }
 
     /// Delivers the event `name` with `data` to this actor: the invocation waiting for it in
@@ -366,7 +557,8 @@ impl<A: Actor> ActorRef<A> {
         name: &str,
         data: &T,
     ) -> Result<Sent, SendError> {
-        self.deliver_event_with(name, data, EventOptions::default())
+        self.any
+            .deliver_event_with(name, data, EventOptions::default())
             .await
     }
 
@@ -380,46 +572,16 @@ impl<A: Actor> ActorRef<A> {
         data: &T,
         opts: EventOptions,
     ) -> Result<Sent, SendError> {
-        let id = self.id.clone();
-        let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
-        let key = match opts.key {
-            Some(k) => k,
-            // The data's canonical JSON (object keys sorted) names it.
-            None => IdempotencyKey::new(format!(
-                "event-{}",
-                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, payload.to_string().as_bytes())
-            ))?,
-        };
-        let lane = id.event_lane_in(name, self.rt.shared.store.partitions());
-        let mut env = Envelope::new(lane.clone(), payload);
-        env.traceparent = Some(trace::root());
-        env.idempotency_key = Some(key.clone());
-        let message_id = env.id;
-        let r = self
-            .rt
-            .shared
-            .store
-            .enqueue_event(&env, &key, self.rt.shared.config.reply_ttl, &id)
-            .await?;
-        match r {
-            Enqueued::New(_) => {
-                // A wait of this process gets it at once. A suspended one was made visible by
-                // the same write, and the dispatchers find it at their next poll (or a store's
-                // wake-up signal); activating the owner from here would cost a lease and a
-                // replay for every event that wakes nothing.
-                self.rt.shared.hub.notify(&lane);
-                Ok(Sent::Enqueued(message_id))
-            }
-            Enqueued::Duplicate(_) => Ok(Sent::Duplicate),
-        }
+        self.any.deliver_event_with(name, data, opts).await
     }
 }
 
-fn decode<A: Actor>(value: Value) -> Result<A::Reply, AskError> {
+/// The reply in a recorded outcome, or the error it records.
+fn outcome(value: Value) -> Result<Value, AskError> {
     let recorded: Recorded =
         serde_json::from_value(value).map_err(|e| AskError::BadReply(e.to_string()))?;
     match recorded.outcome {
-        Outcome::Ok(v) => serde_json::from_value(v).map_err(|e| AskError::BadReply(e.to_string())),
+        Outcome::Ok(v) => Ok(v),
         Outcome::Rejected(r) => Err(AskError::Rejected(Rejected::new(r))),
         Outcome::RejectedWithValue { reason, value } => Err(AskError::Rejected(
             Rejected::new(reason).set_value(Some(value)),

@@ -10,7 +10,8 @@ use crate::error::StoreError;
 use crate::time::Timestamp;
 
 /// How the runtime's store is doing, as [`Runtime::health`](super::Runtime::health) reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum StoreHealth {
     /// Its last write succeeded (or none failed yet).
     Healthy,
@@ -30,7 +31,7 @@ pub enum StoreHealth {
 }
 
 /// The runtime's health; see [`Runtime::health`](super::Runtime::health).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
     /// The store.
     pub store: StoreHealth,

@@ -1,6 +1,78 @@
-//! What the runtime counts: [`MetricsSnapshot`], read by [`Runtime::metrics`](super::Runtime::metrics).
+//! What the runtime counts: [`MetricsSnapshot`], read by [`Runtime::metrics`](super::Runtime::metrics),
+//! and the same counts, with latency histograms, through the [`metrics`] facade for whatever
+//! recorder the application installs (Prometheus with `loom-http`; none: nothing is recorded).
+//!
+//! Names (all labelled by actor `kind`, never by actor key, so the number of series stays
+//! bounded by the kinds registered):
+//!
+//! | name | type | what |
+//! | --- | --- | --- |
+//! | `loom_invocations_total` … `loom_declined_total` | counter | the [`Count`]s, one per field of [`MetricsSnapshot`] |
+//! | `loom_turn_seconds` | histogram | an invocation's turn: from its message's delivery to its committed write |
+//! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`) |
+//! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
+//! | `loom_active_actors`, `loom_leases_held` | gauge | set by the exporter when it is read (`loom-http`) |
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What the runtime counts, each an atomic of [`Metrics`] and a counter of the facade.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Count {
+    Invocations,
+    Retries,
+    DeadLetters,
+    Rejections,
+    Recoveries,
+    ReplayedEntries,
+    Compactions,
+    CompactionFailures,
+    CorruptSnapshots,
+    LeasesLost,
+    Suspensions,
+    Retired,
+    StateUpgrades,
+    Declined,
+}
+
+impl Count {
+    fn name(self) -> &'static str {
+        match self {
+            Count::Invocations => "loom_invocations_total",
+            Count::Retries => "loom_retries_total",
+            Count::DeadLetters => "loom_dead_letters_total",
+            Count::Rejections => "loom_rejections_total",
+            Count::Recoveries => "loom_recoveries_total",
+            Count::ReplayedEntries => "loom_replayed_entries_total",
+            Count::Compactions => "loom_compactions_total",
+            Count::CompactionFailures => "loom_compaction_failures_total",
+            Count::CorruptSnapshots => "loom_corrupt_snapshots_total",
+            Count::LeasesLost => "loom_leases_lost_total",
+            Count::Suspensions => "loom_suspensions_total",
+            Count::Retired => "loom_retired_total",
+            Count::StateUpgrades => "loom_state_upgrades_total",
+            Count::Declined => "loom_declined_total",
+        }
+    }
+}
+
+/// A latency the runtime measures, a histogram of the facade.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Latency {
+    Turn,
+    StoreCommit,
+    Activation,
+}
+
+impl Latency {
+    fn name(self) -> &'static str {
+        match self {
+            Latency::Turn => "loom_turn_seconds",
+            Latency::StoreCommit => "loom_store_commit_seconds",
+            Latency::Activation => "loom_activation_seconds",
+        }
+    }
+}
 
 /// Counters of what the runtime did; see [`Runtime::metrics`].
 #[derive(Debug, Default)]
@@ -20,6 +92,45 @@ pub(crate) struct Metrics {
     pub(crate) state_upgrades: AtomicU64,
     pub(crate) declined: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
+}
+
+impl Metrics {
+    fn counter(&self, c: Count) -> &AtomicU64 {
+        match c {
+            Count::Invocations => &self.invocations,
+            Count::Retries => &self.retries,
+            Count::DeadLetters => &self.dead_letters,
+            Count::Rejections => &self.rejections,
+            Count::Recoveries => &self.recoveries,
+            Count::ReplayedEntries => &self.replayed_entries,
+            Count::Compactions => &self.compactions,
+            Count::CompactionFailures => &self.compaction_failures,
+            Count::CorruptSnapshots => &self.corrupt_snapshots,
+            Count::LeasesLost => &self.leases_lost,
+            Count::Suspensions => &self.suspensions,
+            Count::Retired => &self.retired,
+            Count::StateUpgrades => &self.state_upgrades,
+            Count::Declined => &self.declined,
+        }
+    }
+
+    /// Counts `n` of `c` for an actor of `kind`.
+    pub(crate) fn count(&self, c: Count, kind: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counter(c).fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(c.name(), "kind" => kind).increment(n);
+    }
+
+    /// Records that `l` took `took` for an actor of `kind`.
+    pub(crate) fn observe(&self, l: Latency, kind: &'static str, took: Duration) {
+        if let Latency::Activation = l {
+            let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            self.activation_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+        metrics::histogram!(l.name(), "kind" => kind).record(took.as_secs_f64());
+    }
 }
 
 /// A snapshot of the runtime's counters.

@@ -68,6 +68,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use self::metrics::MetricsSnapshot;
 pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
 pub use admin::{
@@ -75,13 +76,15 @@ pub use admin::{
     purge_dead_letter_ids, purge_dead_letters,
 };
 pub use builder::{IntoStore, RuntimeBuilder, StartError};
-pub use client::{ActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent};
+pub use client::{
+    ActorRef, AnyActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent,
+};
 pub use config::{Compaction, Config, Retention, Retry};
 pub use context::{ActivityKey, Context, StepError};
 pub use health::{Health, StoreHealth};
-pub use metrics::MetricsSnapshot;
 pub use replay::{
-    CompactError, Compacted, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSIONED, compact_journal,
+    CompactError, Compacted, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSIONED, StateAt, StateAtError,
+    compact_journal, state_at,
 };
 
 use crate::entry::EntryKind;
@@ -94,8 +97,8 @@ use crate::time::Timestamp;
 use actives::Actives;
 use hub::Hub;
 
+use self::metrics::Metrics;
 use activation::Kind;
-use metrics::Metrics;
 
 pub(crate) struct Shared {
     store: Arc<dyn Store>,
@@ -177,6 +180,19 @@ impl Runtime {
     /// ```
     pub fn actor<A: Actor>(&self, key: impl AsRef<str>) -> Result<ActorRef<A>, IdError> {
         ActorRef::new(self.clone(), key.as_ref())
+    }
+
+    /// A handle to the actor `kind/key` when the kind is known only by its name at run time
+    /// (an HTTP ingress, a tool): messages and replies as JSON, each message checked against
+    /// the kind's message type before it is sent. Refused at once if the key is invalid or no
+    /// actor of `kind` is registered here. See [`AnyActorRef`].
+    pub fn any_actor(&self, kind: &str, key: &str) -> Result<AnyActorRef, SendError> {
+        AnyActorRef::new(self.clone(), ActorId::new(kind, key)?)
+    }
+
+    /// The actor kinds registered with this runtime, in name order.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.shared.kinds.keys().copied().collect()
     }
 
     /// The store the runtime runs on.

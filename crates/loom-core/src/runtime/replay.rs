@@ -126,6 +126,8 @@ pub(crate) struct Replayed {
     pub(crate) replayed: u64,
     pub(crate) bytes: u64,
     pub(crate) corrupt_snapshots: u64,
+    /// The seq of the snapshot it started from, if any.
+    pub(crate) snapshot: Option<Seq>,
 }
 
 /// How many times [`replay`] starts over when the journal is trimmed under it.
@@ -146,7 +148,7 @@ pub(crate) async fn replay(
 ) -> Result<Replayed, RecoverError> {
     let mut tries = 0;
     loop {
-        match replay_once(store, id, initial.clone()).await {
+        match replay_once(store, id, initial.clone(), Seq::MAX).await {
             Err(RecoverError::Store(e @ StoreError::Gap { .. })) if tries + 1 < REPLAY_TRIES => {
                 tries += 1;
                 tracing::debug!(actor = %id, error = %e, "the journal was trimmed while it was replayed; starting over");
@@ -156,15 +158,18 @@ pub(crate) async fn replay(
     }
 }
 
+/// [`replay`] once, of the entries through `upto` only (`Seq::MAX` for all): the state as it
+/// was at `upto`.
 async fn replay_once(
     store: &dyn Store,
     id: &ActorId,
     initial: Value,
+    upto: Seq,
 ) -> Result<Replayed, RecoverError> {
     let info = store.info(id).await.map_err(RecoverError::Store)?;
     let mut base = None;
     let mut corrupt_snapshots = 0;
-    for &seq in info.snapshots.iter().rev() {
+    for &seq in info.snapshots.iter().rev().filter(|&&s| s <= upto) {
         match store.load_snapshot(id, seq).await {
             // The newest at or below `seq`: older than `seq` when `seq` is gone since.
             Ok(Some(s)) if s.seq == seq => {
@@ -187,6 +192,7 @@ async fn replay_once(
             Err(e) => return Err(RecoverError::Store(e)),
         }
     }
+    let snapshot = base.as_ref().map(|s| s.seq);
     let (from, mut value, mut version, recent, from_default) = match base {
         // Every listed snapshot is at or above the trim point (rule D10), so a readable one
         // below it means the store trimmed past its oldest kept snapshot and the newer ones
@@ -235,8 +241,9 @@ async fn replay_once(
         replayed: 0,
         bytes: 0,
         corrupt_snapshots,
+        snapshot,
     };
-    let mut entries = store.read(id, SeqRange::all().from(from).strict());
+    let mut entries = store.read(id, SeqRange::all().from(from).to(upto).strict());
     while let Some(entry) = entries.try_next().await.map_err(|e| match e {
         e @ StoreError::Corrupt { .. } => RecoverError::Unrecoverable(e.to_string()),
         other => RecoverError::Store(other),
@@ -354,6 +361,143 @@ pub struct Compacted {
     pub snapshot: Seq,
     /// The journal's trim point afterwards.
     pub trimmed_through: Seq,
+}
+
+/// An actor's state as it was at one seq of its journal: see [`state_at`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StateAt {
+    /// The seq the state is at.
+    pub seq: Seq,
+    /// The state, as JSON (`null` before the first change).
+    pub state: Value,
+    /// The version of the state's schema (`Actor::STATE_VERSION` of the code that wrote it).
+    pub version: u32,
+    /// The snapshot it was rebuilt from, if any (else the journal's start).
+    pub snapshot: Option<Seq>,
+    /// Entries read after it.
+    pub replayed: u64,
+}
+
+/// Why [`state_at`] has no state to show.
+#[derive(Debug, thiserror::Error)]
+pub enum StateAtError {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The seq is past the journal's end.
+    #[error("{actor} has no entry {seq}: its journal ends at {highest}")]
+    Beyond {
+        /// The actor.
+        actor: ActorId,
+        /// The seq asked for.
+        seq: Seq,
+        /// Its highest seq.
+        highest: Seq,
+    },
+    /// The entries up to the seq were trimmed, and no kept snapshot is at or below it.
+    #[error(
+        "the state of {actor} at {seq} is no longer kept: entries through {trimmed_through} were \
+         trimmed; the earliest state kept is at {earliest}"
+    )]
+    Trimmed {
+        /// The actor.
+        actor: ActorId,
+        /// The seq asked for.
+        seq: Seq,
+        /// The journal's trim point.
+        trimmed_through: Seq,
+        /// The earliest seq whose state can be shown (the oldest kept snapshot).
+        earliest: Seq,
+    },
+    /// The journal cannot be replayed (see the reason).
+    #[error("journal of {actor} cannot be replayed: {reason}")]
+    Unrecoverable {
+        /// The actor.
+        actor: ActorId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The state `id` had at `seq` (time travel), without its code: the newest readable snapshot at
+/// or below `seq`, then the journal's patches after it through `seq`. Read only. The state at a
+/// seq inside an invocation is the state before that invocation's end (a handler's changes are
+/// journaled when its invocation completes).
+///
+/// ```
+/// use loom_core::runtime::{Actor, Context, Rejected, Runtime, state_at};
+///
+/// struct Counter;
+/// impl Actor for Counter {
+///     const KIND: &'static str = "counter";
+///     type State = u64;
+///     type Message = u64;
+///     type Reply = u64;
+///     async fn handle(&self, n: &mut u64, _: &mut Context<'_>, add: u64) -> Result<u64, Rejected> {
+///         *n += add;
+///         Ok(*n)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = Runtime::builder().memory().register_actor(Counter).start().await?;
+/// let c = rt.actor::<Counter>("c")?;
+/// c.ask(2).await?;
+/// let after_first = rt.store().info(c.id()).await?.highest;
+/// c.ask(3).await?;
+/// let highest = rt.store().info(c.id()).await?.highest;
+/// assert_eq!(state_at(&**rt.store(), c.id(), highest).await?.state, 5);
+/// assert_eq!(state_at(&**rt.store(), c.id(), after_first).await?.state, 2);
+/// assert!(state_at(&**rt.store(), c.id(), highest + 1).await.is_err());
+/// # rt.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub async fn state_at(store: &dyn Store, id: &ActorId, seq: Seq) -> Result<StateAt, StateAtError> {
+    let info = store.info(id).await?;
+    if seq > info.highest {
+        return Err(StateAtError::Beyond {
+            actor: id.clone(),
+            seq,
+            highest: info.highest,
+        });
+    }
+    let earliest = info
+        .snapshots
+        .first()
+        .copied()
+        .unwrap_or(info.trimmed_through);
+    if info.trimmed_through > 0 && seq < earliest {
+        return Err(StateAtError::Trimmed {
+            actor: id.clone(),
+            seq,
+            trimmed_through: info.trimmed_through,
+            earliest,
+        });
+    }
+    let mut tries = 0;
+    let r = loop {
+        match replay_once(store, id, Value::Null, seq).await {
+            Err(RecoverError::Store(StoreError::Gap { .. })) if tries + 1 < REPLAY_TRIES => {
+                tries += 1;
+            }
+            Err(RecoverError::Store(e)) => return Err(e.into()),
+            Err(RecoverError::Unrecoverable(reason) | RecoverError::Declined(reason)) => {
+                return Err(StateAtError::Unrecoverable {
+                    actor: id.clone(),
+                    reason,
+                });
+            }
+            Ok(r) => break r,
+        }
+    };
+    Ok(StateAt {
+        seq,
+        state: r.value,
+        version: r.version,
+        snapshot: r.snapshot,
+        replayed: r.replayed,
+    })
 }
 
 /// Why [`compact_journal`] did not compact.

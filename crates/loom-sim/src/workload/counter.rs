@@ -180,6 +180,7 @@ impl Counters {
             let opts = AskOptions {
                 idempotency_key: Some(key(name.clone())),
                 timeout: None,
+                ..Default::default()
             };
             actor.ask_with(msg, opts)
         })

@@ -141,6 +141,7 @@ impl Orders {
                         let opts = AskOptions {
                             idempotency_key: Some(key(format!("place-o{i}"))),
                             timeout: None,
+                            ..Default::default()
                         };
                         order.ask_with(place.clone(), opts)
                     })

@@ -202,6 +202,7 @@ impl Timers {
                     let opts = AskOptions {
                         idempotency_key: Some(key(format!("timer-{i}"))),
                         timeout: None,
+                        ..Default::default()
                     };
                     alarm.ask_with(msg, opts)
                 })

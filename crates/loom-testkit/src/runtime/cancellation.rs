@@ -71,6 +71,7 @@ async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Ha
             let opts = AskOptions {
                 idempotency_key: Some(k),
                 timeout: Some(Duration::from_secs(60)),
+                ..Default::default()
             };
             w.ask_with(
                 vec![
@@ -128,6 +129,7 @@ async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Ha
             AskOptions {
                 idempotency_key: Some(k),
                 timeout: None,
+                ..Default::default()
             },
         )
         .await;
@@ -308,6 +310,7 @@ async fn a_cancellation_racing_the_event_gives_one_outcome(h: &Harness) {
                     let opts = AskOptions {
                         idempotency_key: Some(k),
                         timeout: Some(Duration::from_secs(60)),
+                        ..Default::default()
                     };
                     w.ask_with(vec![wait("go")], opts).await
                 }

@@ -121,6 +121,7 @@ async fn requeued_dead_letter_without_journaled_steps_runs_again(h: &Harness) {
                 AskOptions {
                     idempotency_key: Some(key),
                     timeout: None,
+                    ..Default::default()
                 },
             )
             .await
@@ -155,6 +156,7 @@ async fn idempotency_key_is_held_while_its_message_waits(h: &Harness) {
     let opts = || SendOptions {
         idempotency_key: Some(IdempotencyKey::new("K").unwrap()),
         delay: Some(Duration::from_secs(1)),
+        ..Default::default()
     };
     assert!(matches!(
         a.send_with(AccountMsg::Deposit(10), opts()).await.unwrap(),
@@ -195,6 +197,7 @@ async fn a_message_that_stops_every_attempt_is_given_up_and_its_key_settled(h: &
     let send = SendOptions {
         idempotency_key: Some(key.clone()),
         delay: None,
+        ..Default::default()
     };
     let mut rt = h.runtime().await;
     rt.actor::<Worker>("w")
@@ -389,6 +392,7 @@ async fn the_same_event_delivered_twice_is_received_once(h: &Harness) {
     );
     let keyed = |k: &str| EventOptions {
         key: Some(IdempotencyKey::new(k).unwrap()),
+        ..Default::default()
     };
     wref.send(vec![wait(None), wait(None)]).await.unwrap();
     for k in ["approval-1", "approval-2"] {
@@ -544,6 +548,7 @@ async fn purging_a_dead_letter_settles_a_key_still_held(h: &Harness) {
             AskOptions {
                 idempotency_key: Some(key),
                 timeout: Some(Duration::from_secs(5)),
+                ..Default::default()
             },
         )
         .await;

@@ -49,6 +49,7 @@ async fn repeated_idempotency_key_returns_the_recorded_reply(h: &Harness) {
     let opts = || AskOptions {
         idempotency_key: Some(key.clone()),
         timeout: None,
+        ..Default::default()
     };
     assert_eq!(
         a.ask_with(AccountMsg::Deposit(10), opts()).await.unwrap(),
@@ -61,6 +62,7 @@ async fn repeated_idempotency_key_returns_the_recorded_reply(h: &Harness) {
     let send = |k: &str| SendOptions {
         idempotency_key: Some(IdempotencyKey::new(k).unwrap()),
         delay: None,
+        ..Default::default()
     };
     assert!(matches!(
         a.send_with(AccountMsg::Deposit(5), send("s-1"))
@@ -108,6 +110,7 @@ async fn concurrent_asks_with_one_key_apply_once(h: &Harness) {
                 AskOptions {
                     idempotency_key: Some(IdempotencyKey::new("same").unwrap()),
                     timeout: None,
+                    ..Default::default()
                 },
             )
             .await
@@ -136,6 +139,7 @@ async fn ask_timeout_then_retry_with_the_key_gets_the_reply_once(h: &Harness) {
     let opts = |timeout| AskOptions {
         idempotency_key: Some(IdempotencyKey::new("k").unwrap()),
         timeout,
+        ..Default::default()
     };
     let first = a
         .ask_with(

@@ -175,6 +175,7 @@ async fn activity_terminal_error_is_not_retried_and_reaches_the_caller_with_its_
     let opts = || AskOptions {
         idempotency_key: Some(IdempotencyKey::new("terminal-1").unwrap()),
         timeout: None,
+        ..Default::default()
     };
     let check = |r: Result<Vec<String>, AskError>| {
         let Err(AskError::Rejected(rejected)) = r else {

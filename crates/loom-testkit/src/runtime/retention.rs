@@ -45,6 +45,7 @@ async fn a_finished_actor_is_retired_after_its_grace_and_starts_afresh(h: &Harne
     let opts = || AskOptions {
         idempotency_key: Some(key.clone()),
         timeout: None,
+        ..Default::default()
     };
     let first = w
         .ask_with(vec![activity("a"), Step::Finish], opts())
