@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod journal;
 mod output;
+mod serve;
 mod store;
 mod torture;
 mod transfer;
@@ -101,6 +102,20 @@ enum Command {
         /// The export file.
         #[arg(long = "in")]
         input: PathBuf,
+    },
+    /// Serves the admin API (JSON) and Loom Studio, the web page that browses it, over a store:
+    /// actors and their journals, the state at any seq, mailboxes, dead letters, parked
+    /// actors. Read only unless `--allow-writes` is given, and then a write needs the bearer
+    /// token in `LOOM_TOKEN`. Runs until Ctrl-C.
+    Serve {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The address to listen on (a public one only on a trusted network).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// Allow requeueing and purging dead letters and unparking actors (needs LOOM_TOKEN).
+        #[arg(long)]
+        allow_writes: bool,
     },
     /// Copies every journal, snapshot and waiting message from one store to another, then
     /// verifies the copy. Stop the runtimes using the source first.
@@ -487,6 +502,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "only an embedded store has a redo log (--store embedded:PATH)".into(),
             )),
         },
+        Command::Serve {
+            store,
+            listen,
+            allow_writes,
+        } => {
+            let opened = open_existing(&url(&store.store)?).await?;
+            serve::serve(opened.store.clone(), listen, allow_writes).await
+        }
         Command::Export { store, out } => {
             let opened = open_existing(&url(&store.store)?).await?;
             transfer::export(&*opened.store, &out).await

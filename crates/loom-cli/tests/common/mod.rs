@@ -2,9 +2,15 @@
 // Each test file uses what it needs of these.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::Value;
+use loom_core::runtime::{Compaction, Runtime};
+use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timestamp};
+use loom_testkit::runtime::Counter;
+use serde_json::{Value, json};
 
 /// Runs `loom` with `args`: whether it succeeded, its stdout, its stderr.
 pub fn loom(args: &[&str]) -> (bool, String, String) {
@@ -31,4 +37,74 @@ pub fn json_lines(out: &str) -> Vec<Value> {
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
+}
+
+/// A store with compacted journals (snapshots, trim points), waiting messages (due and
+/// delayed) and a dead letter.
+pub fn seeded(dir: &Path) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let store = Arc::new(EmbeddedStore::open(dir).expect("open"));
+        let loom = Runtime::builder()
+            .store(store.clone())
+            .register::<Counter>()
+            .configure(|c| {
+                c.compaction = Compaction {
+                    every_entries: Some(20),
+                    every_bytes: None,
+                    keep: 2,
+                }
+            })
+            .start()
+            .await
+            .expect("runtime");
+        for k in ["a", "b", "c"] {
+            let c = loom.actor::<Counter>(k).unwrap();
+            for _ in 0..30 {
+                c.send(1).await.expect("send");
+            }
+            assert_eq!(c.ask(0).await.expect("ask"), 30);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for k in ["a", "b", "c"] {
+            let id = ActorId::new("counter", k).unwrap();
+            while loom_core::JournalStore::info(&*store, &id)
+                .await
+                .unwrap()
+                .trimmed_through
+                == 0
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no compaction of {id}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        loom.shutdown().await;
+        // Waiting messages, written after the runtime stopped so that they stay waiting.
+        let inbox = ActorId::new("inbox", "x").unwrap();
+        store
+            .enqueue(&Envelope::new(inbox.clone(), json!("due")), None)
+            .await
+            .unwrap();
+        let later = Envelope::new(inbox.clone(), json!("later"));
+        store
+            .enqueue(&later, Some(Timestamp::now() + Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        // Asked to be cancelled: copies keep the mark.
+        assert!(store.cancel(&inbox, later.id).await.unwrap().is_some());
+        let dead = ActorId::new("inbox", "dead").unwrap();
+        store
+            .enqueue(&Envelope::new(dead.clone(), json!("poison")), None)
+            .await
+            .unwrap();
+        let d = store
+            .lease(&dead, LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("delivery");
+        store.dead_letter(&d.receipt, "poison pill").await.unwrap();
+    });
 }

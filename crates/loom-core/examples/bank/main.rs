@@ -11,9 +11,24 @@
 //! transfers are submitted with idempotency keys, so nothing is opened or started twice, and every
 //! transfer in flight resumes where its journal says. At the end it checks that the total balance
 //! is conserved and that every transfer was applied exactly once to both accounts.
+//!
+//! With `--listen ADDR` it also serves its actors over HTTP (`loom-http`) while it runs and,
+//! once verified, until Ctrl-C, so that anything that speaks HTTP can open accounts and start
+//! transfers of its own (keep to accounts other than the run's `a0`…`aN`, which the check at
+//! the end of a run again counts):
+//!
+//! ```text
+//! curl -X POST http://ADDR/actors/account/alice/ask -d '{"Open": 100}'
+//! curl -X POST http://ADDR/actors/account/bob/ask -d '{"Open": 0}'
+//! curl -X POST http://ADDR/actors/transfer/web-1/ask -H 'Idempotency-Key: web-1' \
+//!      -d '{"Start": {"from": "alice", "to": "bob", "amount": 30}}'
+//! curl -X POST http://ADDR/actors/account/bob/ask -d '"Balance"'
+//! curl http://ADDR/metrics        # Prometheus: turns, commits, activations per kind
+//! ```
 
 mod actors;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -44,6 +59,11 @@ struct Args {
     /// Seed of the transfer plan (same seed, same transfers).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Serve the accounts and transfers over HTTP on this address (`127.0.0.1:8080`; port 0
+    /// picks a free one), and keep serving after the check until Ctrl-C. With `LOOM_TOKEN`
+    /// set, requests must carry it as a bearer token.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
 }
 
 /// Starts the runtime, waiting up to 10 s for a killed predecessor to finish dying (its last
@@ -125,7 +145,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         first: 0,
         first_account: 0,
     };
+    // Installed before the runtime starts, so that it counts from the first turn.
+    let prometheus = match args.listen {
+        Some(_) => Some(loom_http::install_prometheus()?),
+        None => None,
+    };
     let rt = start(&args.data).await?;
+    let server = match (args.listen, prometheus) {
+        (Some(addr), Some(prometheus)) => Some(serve(&rt, addr, prometheus).await?),
+        _ => None,
+    };
     let started = Instant::now();
     let before = rt.metrics();
     bank.open_accounts(&rt).await?;
@@ -141,7 +170,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed();
     let invocations = rt.metrics().invocations - before.invocations;
     let v = bank.verify(&rt, &statuses).await?;
-    rt.shutdown().await;
+    if server.is_none() {
+        rt.shutdown().await;
+    }
     latencies.sort();
     println!(
         "verified: {} accounts, {} transfers ({} done, {} refused); total balance {} conserved; every transfer applied exactly once",
@@ -158,5 +189,33 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or_default()
     );
+    if let Some(server) = server {
+        println!("serving until Ctrl-C");
+        tokio::select! {
+            stopped = tokio::signal::ctrl_c() => stopped?,
+            ended = server => ended??,
+        }
+        rt.shutdown().await;
+    }
     Ok(())
+}
+
+/// Serves the runtime's actors over HTTP on `addr`, with `/metrics` and `/health`; says where
+/// on stdout.
+async fn serve(
+    rt: &Runtime,
+    addr: SocketAddr,
+    prometheus: loom_http::PrometheusHandle,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    // With `LOOM_TOKEN` set, every request must carry `Authorization: Bearer $LOOM_TOKEN`.
+    let opts = loom_http::Options {
+        token: std::env::var("LOOM_TOKEN").ok().filter(|t| !t.is_empty()),
+        ..loom_http::Options::default()
+    };
+    let app = loom_http::router(rt.clone(), opts).merge(loom_http::monitor(rt.clone(), prometheus));
+    Ok(tokio::spawn(
+        async move { axum::serve(listener, app).await },
+    ))
 }

@@ -1,0 +1,284 @@
+//! `loom serve` and Loom Studio as people meet them: the real binary over a store, and the page
+//! driven in a real headless Chromium (WebDriver): the actor list, an actor's journal, the
+//! state at an earlier seq chosen with the slider (checked against the state rebuilt from the
+//! store), and a dead letter requeued: refused without the token, done with it. A screenshot
+//! of each page is saved under `target/studio-screenshots/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{loom, seeded};
+use fantoccini::{Client, ClientBuilder, Locator};
+use loom_core::runtime::state_at;
+use loom_core::{ActorId, EmbeddedStore, JournalStore};
+use serde_json::{Value, json};
+
+/// A child process stopped when dropped (the test may fail before it stops it).
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // Not panicking in a drop that may run while the test panics.
+            if let Err(e) = self.0.kill().and_then(|()| self.0.wait().map(drop)) {
+                eprintln!("could not stop a child process: {e}");
+            }
+        }
+    }
+}
+
+/// `loom serve` on `store`; its process and the base URL it printed.
+fn serve(store: &str, extra: &[&str], token: Option<&str>) -> (Proc, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
+    cmd.args(["serve", "--store", store, "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("LOOM_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = token {
+        cmd.env("LOOM_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("start loom serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read loom serve's first line");
+    let base = line
+        .strip_prefix("Loom Studio on ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .trim_end_matches('/')
+        .to_owned();
+    (Proc(child), base)
+}
+
+fn stop(mut p: Proc) {
+    let pid = p.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = p.0.try_wait().expect("wait") {
+            assert!(s.success(), "loom serve exited with {s} on SIGINT");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "loom serve did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_reads_any_store_and_writes_only_when_allowed_with_a_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let store = dir.path().to_str().expect("utf-8 path");
+    let (ok, _, err) = loom(&["serve", "--store", store, "--allow-writes"]);
+    assert!(!ok && err.contains("LOOM_TOKEN"), "{err}");
+
+    let (server, base) = serve(store, &[], None);
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let get = |path: &str| {
+            let r = http.get(format!("{base}{path}"));
+            async move {
+                let resp = r.send().await.expect("request");
+                (resp.status().as_u16(), resp.text().await.expect("body"))
+            }
+        };
+        let (s, page) = get("/").await;
+        assert_eq!(s, 200);
+        assert!(page.contains("<title>Loom Studio</title>"), "{page}");
+        let (s, body) = get("/api/actors").await;
+        assert_eq!(s, 200, "{body}");
+        let actors: Value = serde_json::from_str(&body).expect("json");
+        let ids: Vec<&str> = actors["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|a| a["actor"].as_str().expect("id"))
+            .collect();
+        assert_eq!(ids, ["counter/a", "counter/b", "counter/c"]);
+        let (s, body) = get("/api/actors/counter/a/state").await;
+        assert_eq!(s, 200, "{body}");
+        let (s, body) = get("/api/deadletters").await;
+        assert_eq!(s, 200, "{body}");
+        let dead: Value = serde_json::from_str(&body).expect("json");
+        let id = dead["items"][0]["id"].as_u64().expect("a dead letter");
+        let resp = http
+            .post(format!("{base}/api/deadletters/{id}/requeue"))
+            .bearer_auth("anything")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 403, "a read-only serve wrote");
+    });
+    stop(server);
+}
+
+/// A free local port (released for the child that binds it next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn screenshots() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/studio-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots().join(name), png).expect("write screenshot");
+}
+
+/// Waits until `script` (a JS expression) is truthy in the page; its value.
+async fn until(c: &Client, what: &str, script: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = c
+            .execute(&format!("return ({script}) || null;"), vec![])
+            .await
+            .expect("execute");
+        if !v.is_null() && v != json!(false) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waited 20 s for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
+    let Some(driver) = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!(
+            "chromedriver is missing: apt-get install -y chromium chromium-driver (./scripts/test does)"
+        );
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    // The states the page must show, rebuilt from the store before `loom serve` locks it.
+    let a = ActorId::new("counter", "a").expect("id");
+    let (highest, early, at_highest, at_early) = rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let info = store.info(&a).await.expect("info");
+        let early = info.snapshots[0] + 1;
+        assert!(early < info.highest, "{info:?}");
+        let h = state_at(&store, &a, info.highest)
+            .await
+            .expect("state")
+            .state;
+        let e = state_at(&store, &a, early).await.expect("state").state;
+        assert_ne!(h, e, "the two seqs must show different states");
+        (info.highest, early, h, e)
+    });
+    let store = dir.path().to_str().expect("utf-8 path");
+    let (server, base) = serve(store, &["--allow-writes"], Some("s3cret"));
+    let port = free_port();
+    let driver = Proc(
+        Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    rt.block_on(async {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let c = loop {
+            match ClientBuilder::new(connector.clone())
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for chromedriver: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("chromedriver did not answer: {e}"),
+            }
+        };
+
+        // The actor list, and into one actor.
+        c.goto(&format!("{base}/#/")).await.expect("open Studio");
+        until(&c, "the actor list", "document.querySelectorAll('#actors a.actor-link').length === 3").await;
+        shot(&c, "actors.png").await;
+        c.find(Locator::LinkText("counter/a")).await.expect("the link").click().await.expect("click");
+        until(&c, "the state at the newest seq", "document.querySelector('#state[data-ready]')").await;
+        let shown = |c: &Client| {
+            let c = c.clone();
+            async move {
+                let text = c.find(Locator::Id("state")).await.expect("#state").text().await.expect("text");
+                serde_json::from_str::<Value>(&text).unwrap_or_else(|e| panic!("#state is not JSON ({e}): {text}"))
+            }
+        };
+        assert_eq!(shown(&c).await, at_highest);
+        let seq_label = c.find(Locator::Id("seq-label")).await.expect("label").text().await.expect("text");
+        assert_eq!(seq_label, highest.to_string());
+
+        // Time travel: the slider to an earlier seq shows the state the store had then.
+        c.execute(
+            "const s = document.getElementById('seq'); s.value = arguments[0]; s.dispatchEvent(new Event('input'));",
+            vec![json!(early)],
+        )
+        .await
+        .expect("move the slider");
+        until(&c, "the state at the earlier seq", &format!("document.getElementById('state').dataset.seq === '{early}'")).await;
+        assert_eq!(shown(&c).await, at_early);
+        let entry = c.find(Locator::Id("entry")).await.expect("#entry").text().await.expect("text");
+        let entry: Value = serde_json::from_str(&entry).expect("the entry as JSON");
+        assert_eq!(entry["seq"], json!(early), "the picked entry is shown");
+        shot(&c, "actor.png").await;
+
+        // A dead letter: refused without the token, requeued with it.
+        c.goto(&format!("{base}/#/deadletters")).await.expect("dead letters");
+        until(&c, "the dead letter", "document.querySelectorAll('tr.deadletter').length === 1").await;
+        c.find(Locator::Css("button.requeue")).await.expect("button").click().await.expect("click");
+        until(&c, "the refusal", "document.getElementById('message').className === 'bad'").await;
+        let refusal = c.find(Locator::Id("message")).await.expect("message").text().await.expect("text");
+        assert!(refusal.contains("bearer token"), "{refusal}");
+        assert_eq!(
+            c.execute("return document.querySelectorAll('tr.deadletter').length;", vec![]).await.expect("count"),
+            json!(1),
+            "the dead letter went without the token"
+        );
+        shot(&c, "deadletters-refused.png").await;
+        c.find(Locator::Id("token")).await.expect("token").send_keys("s3cret").await.expect("type");
+        c.find(Locator::Css("button.requeue")).await.expect("button").click().await.expect("click");
+        until(&c, "the list emptied", "document.getElementById('no-deadletters')").await;
+        let done = c.find(Locator::Id("message")).await.expect("message").text().await.expect("text");
+        assert!(done.contains("requeued"), "{done}");
+        shot(&c, "deadletters-requeued.png").await;
+        c.close().await.expect("close the browser");
+    });
+    drop(driver);
+    stop(server);
+}

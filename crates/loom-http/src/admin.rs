@@ -1,0 +1,356 @@
+//! The admin API: what `loom` shows and does, as JSON over HTTP, over any store and needing no
+//! actor code (`loom serve`), or mounted by an application beside its ingress.
+//!
+//! Reads are open (bind to a trusted address: `loom serve` binds to 127.0.0.1 unless told
+//! otherwise); a write (requeue or purge a dead letter, unpark an actor) needs writes allowed
+//! ([`AdminOptions::allow_writes`]) and the bearer token, compared in constant time. Every list
+//! is paged on the server (`after` and `limit`, at most [`MAX_PAGE`]), so a store of a hundred
+//! thousand actors is browsed a page at a time.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::TryStreamExt;
+use loom_core::runtime::{StateAtError, state_at};
+use loom_core::{ActorId, Seq, SeqRange, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ApiError;
+
+/// Most items in one page of a list.
+pub const MAX_PAGE: usize = 500;
+
+/// How the admin API behaves.
+#[derive(Debug, Clone, Default)]
+pub struct AdminOptions {
+    /// Allow the writes (requeue, purge, unpark). Off by default: the API only reads.
+    pub allow_writes: bool,
+    /// The bearer token a write must carry; writes are refused without one configured.
+    pub token: Option<String>,
+}
+
+#[derive(Clone)]
+struct Admin {
+    store: Arc<dyn Store>,
+    opts: Arc<AdminOptions>,
+}
+
+/// The admin API over `store` under `/api`, and Loom Studio (the web page that browses it) at
+/// `/`. See the module documentation for the rules on writes.
+pub fn admin(store: Arc<dyn Store>, opts: AdminOptions) -> Router {
+    let state = Admin {
+        store,
+        opts: Arc::new(opts),
+    };
+    Router::new()
+        .route("/", get(studio))
+        .route("/api/actors", get(actors))
+        .route("/api/actors/{kind}/{key}", get(actor))
+        .route("/api/actors/{kind}/{key}/journal", get(journal))
+        .route("/api/actors/{kind}/{key}/state", get(state_of))
+        .route("/api/actors/{kind}/{key}/diff", get(diff))
+        .route("/api/actors/{kind}/{key}/mailbox", get(mailbox))
+        .route("/api/deadletters", get(dead_letters))
+        .route("/api/deadletters/{id}/requeue", post(requeue))
+        .route("/api/deadletters/{id}/purge", post(purge))
+        .route("/api/parked", get(parked))
+        .route("/api/parked/{kind}/{key}/unpark", post(unpark))
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard_writes))
+        .with_state(state)
+}
+
+/// Lets reads through; a write only with writes allowed and the right token.
+async fn guard_writes(State(s): State<Admin>, req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        if !s.opts.allow_writes {
+            return ApiError::WritesDisabled.into_response();
+        }
+        let presented = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match &s.opts.token {
+            Some(token) if crate::same_secret(presented, token) => {}
+            _ => return ApiError::Unauthorized.into_response(),
+        }
+    }
+    next.run(req).await
+}
+
+async fn studio() -> Html<&'static str> {
+    Html(include_str!("studio.html"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::BadRequest(format!(
+                "limit {n}: must be between 1 and {MAX_PAGE}"
+            ))),
+        }
+    }
+}
+
+fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))
+}
+
+fn actor_id(p: Result<Path<(String, String)>, PathRejection>) -> Result<ActorId, ApiError> {
+    let Path((kind, key)) = p.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    ActorId::new(&kind, &key).map_err(|e| ApiError::BadKey(e.to_string()))
+}
+
+fn parse_actor(s: &str) -> Result<ActorId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::BadKey(format!("{s:?}: {e} (expected kind/key)")))
+}
+
+fn parse_u64(what: &str, s: &str) -> Result<u64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{what} {s:?}: not a number")))
+}
+
+async fn info_json(store: &dyn Store, a: &ActorId) -> Result<Value, ApiError> {
+    let info = store.info(a).await?;
+    Ok(json!({
+        "actor": a.as_str(), "kind": a.kind(), "key": a.key(),
+        "highest": info.highest, "trimmed_through": info.trimmed_through,
+        "entries": info.len(), "snapshots": info.snapshots,
+    }))
+}
+
+async fn actors(
+    State(s): State<Admin>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let page = query(q)?;
+    let limit = page.limit()?;
+    let after = page.after.as_deref().map(parse_actor).transpose()?;
+    let ids = s.store.list_actors(after.as_ref(), limit).await?;
+    let mut items = Vec::with_capacity(ids.len());
+    for a in &ids {
+        items.push(info_json(&*s.store, a).await?);
+    }
+    let next = (ids.len() == limit)
+        .then(|| ids.last().map(|a| a.as_str().to_owned()))
+        .flatten();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+}
+
+async fn actor(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let mut v = info_json(&*s.store, &a).await?;
+    v["pending"] = json!(s.store.pending(&a).await?);
+    v["parked"] = json!(s.store.parked(&a).await?);
+    Ok(axum::Json(v).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalPage {
+    from: Option<Seq>,
+    limit: Option<usize>,
+}
+
+async fn journal(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<JournalPage>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let q = query(q)?;
+    let limit = Page {
+        after: None,
+        limit: q.limit,
+    }
+    .limit()?;
+    let from = q.from.unwrap_or(1).max(1);
+    let entries: Vec<_> = s
+        .store
+        .read(&a, SeqRange::all().from(from).max(limit as u64))
+        .try_collect()
+        .await?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.seq + 1))
+        .flatten();
+    Ok(axum::Json(json!({ "items": entries, "next": next })).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AtSeq {
+    seq: Option<Seq>,
+}
+
+async fn state_of(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<AtSeq>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let seq = match query(q)?.seq {
+        Some(seq) => seq,
+        None => s.store.info(&a).await?.highest,
+    };
+    let at = state_at(&*s.store, &a, seq).await?;
+    Ok(axum::Json(at).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Between {
+    from: Option<Seq>,
+    to: Option<Seq>,
+}
+
+async fn diff(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<Between>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let q = query(q)?;
+    let (Some(from), Some(to)) = (q.from, q.to) else {
+        return Err(ApiError::BadRequest("a diff needs from and to".into()));
+    };
+    let old = state_at(&*s.store, &a, from).await?;
+    let new = state_at(&*s.store, &a, to).await?;
+    let patch = json_patch::diff(&old.state, &new.state);
+    Ok(axum::Json(json!({ "from": old, "to": new, "patch": patch })).into_response())
+}
+
+async fn mailbox(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let page = query(q)?;
+    let limit = page.limit()?;
+    let after = page
+        .after
+        .as_deref()
+        .map(|s| parse_u64("after", s))
+        .transpose()?;
+    let items = s.store.messages(&a, after, limit).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|w| w.position))
+        .flatten();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+}
+
+async fn dead_letters(
+    State(s): State<Admin>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let page = query(q)?;
+    let limit = page.limit()?;
+    let after = page
+        .after
+        .as_deref()
+        .map(|s| parse_u64("after", s))
+        .transpose()?;
+    let items = s.store.dead_letters(after, limit).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|d| d.id))
+        .flatten();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+}
+
+fn dead_letter_id(p: Result<Path<u64>, PathRejection>) -> Result<u64, ApiError> {
+    p.map(|Path(id)| id)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+async fn requeue(
+    State(s): State<Admin>,
+    p: Result<Path<u64>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = dead_letter_id(p)?;
+    let position = s.store.requeue_dead_letter(id).await?;
+    tracing::info!(
+        dead_letter = id,
+        position,
+        "dead letter requeued over the admin API"
+    );
+    Ok(axum::Json(json!({ "requeued": id, "position": position })).into_response())
+}
+
+async fn purge(
+    State(s): State<Admin>,
+    p: Result<Path<u64>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = dead_letter_id(p)?;
+    let purged = s.store.purge_dead_letters(&[id]).await?;
+    if purged == 0 {
+        return Err(ApiError::NotFound(format!("no dead letter {id}")));
+    }
+    tracing::info!(dead_letter = id, "dead letter purged over the admin API");
+    Ok(axum::Json(json!({ "purged": id })).into_response())
+}
+
+async fn parked(
+    State(s): State<Admin>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let page = query(q)?;
+    let limit = page.limit()?;
+    let after = page.after.as_deref().map(parse_actor).transpose()?;
+    let found = s.store.parked_actors(after.as_ref(), limit).await?;
+    let next = (found.len() == limit)
+        .then(|| found.last().map(|(a, _)| a.as_str().to_owned()))
+        .flatten();
+    let items: Vec<Value> = found
+        .into_iter()
+        .map(|(a, park)| json!({ "actor": a.as_str(), "park": park }))
+        .collect();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+}
+
+async fn unpark(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    match s.store.unpark(&a).await? {
+        Some(park) => {
+            tracing::info!(actor = %a, "unparked over the admin API");
+            Ok(axum::Json(json!({ "unparked": a.as_str(), "park": park })).into_response())
+        }
+        None => Err(ApiError::NotFound(format!("{a} is not parked"))),
+    }
+}
+
+impl From<StateAtError> for ApiError {
+    fn from(e: StateAtError) -> Self {
+        match e {
+            StateAtError::Store(s) => s.into(),
+            e @ (StateAtError::Beyond { .. } | StateAtError::Trimmed { .. }) => {
+                ApiError::NotFound(e.to_string())
+            }
+            e @ StateAtError::Unrecoverable { .. } => ApiError::Failed(e.to_string()),
+        }
+    }
+}

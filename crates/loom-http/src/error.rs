@@ -1,0 +1,172 @@
+//! [`ApiError`]: every way a request fails, each with its status and a JSON body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use loom_core::StoreError;
+use loom_core::runtime::{AskError, SendError};
+use serde_json::{Value, json};
+
+/// Why a request failed. The response is `{"error": code, "message": text}` (plus `hint`
+/// where Loom knows what to do, and `reason`/`value` for a rejection), with the status below.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// `400 bad_request`: a malformed path, query or header (an invalid `Idempotency-Key`).
+    #[error("{0}")]
+    BadRequest(String),
+    /// `400 bad_key`: the actor key (or kind) is not a valid id.
+    #[error("{0}")]
+    BadKey(String),
+    /// `400 bad_message`: the body is not JSON, or not a message of the kind.
+    #[error("{0}")]
+    BadMessage(String),
+    /// `401 unauthorized`: the bearer token is missing or wrong.
+    #[error("a bearer token is required (Authorization: Bearer <token>)")]
+    Unauthorized,
+    /// `403 writes_disabled`: a write to an admin API that only reads.
+    #[error(
+        "this admin API only reads (start it with writes allowed: `loom serve --allow-writes`, with LOOM_TOKEN set)"
+    )]
+    WritesDisabled,
+    /// `404 not_found`: no such dead letter, parked actor, or kept state.
+    #[error("{0}")]
+    NotFound(String),
+    /// `404 unknown_kind`: no actor of the kind is hosted here.
+    #[error("{0}")]
+    UnknownKind(String),
+    /// `409 cancelled`: the invocation was cancelled and ended so.
+    #[error("{0}")]
+    Cancelled(String),
+    /// `413 too_large`: the body is over the limit (or the message, once encoded, over
+    /// Loom's limit).
+    #[error("{0}")]
+    TooLarge(String),
+    /// `422 rejected`: the handler refused the message; the actor's state is unchanged.
+    #[error("rejected: {reason}")]
+    Rejected {
+        /// The handler's reason.
+        reason: String,
+        /// The value it gave with the reason, if any.
+        value: Option<Value>,
+    },
+    /// `429 mailbox_full`: backpressure (`Config::max_mailbox`).
+    #[error("{0}")]
+    MailboxFull(String),
+    /// `500 failed`: the message was given up on and dead-lettered.
+    #[error("{0}")]
+    Failed(String),
+    /// `503 unavailable`: the store failed or the runtime is shutting down; retry with the
+    /// same `Idempotency-Key`.
+    #[error("{message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// What to do, when Loom knows.
+        hint: Option<&'static str>,
+    },
+    /// `504 timeout`: no reply in time. The message may still run; asking again with the same
+    /// `Idempotency-Key` returns its reply without running it twice.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl ApiError {
+    /// The status and the stable code of the JSON body.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::BadKey(_) => (StatusCode::BAD_REQUEST, "bad_key"),
+            ApiError::BadMessage(_) => (StatusCode::BAD_REQUEST, "bad_message"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::WritesDisabled => (StatusCode::FORBIDDEN, "writes_disabled"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::UnknownKind(_) => (StatusCode::NOT_FOUND, "unknown_kind"),
+            ApiError::Cancelled(_) => (StatusCode::CONFLICT, "cancelled"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
+            ApiError::MailboxFull(_) => (StatusCode::TOO_MANY_REQUESTS, "mailbox_full"),
+            ApiError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        }
+    }
+}
+
+impl From<SendError> for ApiError {
+    fn from(e: SendError) -> Self {
+        let text = e.to_string();
+        match e {
+            SendError::InvalidId(_) => ApiError::BadKey(text),
+            SendError::UnknownKind(_) => ApiError::UnknownKind(text),
+            SendError::Encode(_) | SendError::BadMessage { .. } => ApiError::BadMessage(text),
+            SendError::MailboxFull { .. } => ApiError::MailboxFull(text),
+            SendError::Store(s) => s.into(),
+            SendError::Shutdown => ApiError::Unavailable {
+                message: text,
+                hint: None,
+            },
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            StoreError::InvalidId(_) => ApiError::BadKey(e.to_string()),
+            StoreError::InvalidRequest(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::DeadLetterNotFound(_) => ApiError::NotFound(e.to_string()),
+            e => ApiError::Unavailable {
+                hint: e.hint(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl From<AskError> for ApiError {
+    fn from(e: AskError) -> Self {
+        let text = e.to_string();
+        match e {
+            AskError::Send(s) => s.into(),
+            AskError::Rejected(r) => ApiError::Rejected {
+                reason: r.reason().to_owned(),
+                value: r.value().cloned(),
+            },
+            AskError::Failed(_) => ApiError::Failed(text),
+            AskError::Cancelled(_) => ApiError::Cancelled(text),
+            AskError::Timeout(_) => ApiError::Timeout(text),
+            AskError::BadReply(_) => ApiError::Failed(text),
+            AskError::Store { error, .. } => ApiError::Unavailable {
+                hint: error.hint(),
+                message: text,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status();
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        match &self {
+            ApiError::Rejected { reason, value } => {
+                body["reason"] = json!(reason);
+                if let Some(v) = value {
+                    body["value"] = v.clone();
+                }
+            }
+            ApiError::Unavailable {
+                hint: Some(hint), ..
+            } => body["hint"] = json!(hint),
+            _ => {}
+        }
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}

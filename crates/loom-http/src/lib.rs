@@ -1,0 +1,416 @@
+//! An HTTP ingress for Loom: any service that speaks HTTP sends messages to actors, asks them
+//! and delivers events to them, with JSON bodies.
+//!
+//! [`router`] mounts, for every actor kind the runtime hosts:
+//!
+//! | request | does | answers |
+//! | --- | --- | --- |
+//! | `POST /actors/{kind}/{key}/send` | [`AnyActorRef::send_json`] | `202 {"message_id": …}` (`200 {"duplicate": true}` for a repeated key) |
+//! | `POST /actors/{kind}/{key}/ask` | [`AnyActorRef::ask_json`] | `200` with the handler's reply as the body |
+//! | `POST /actors/{kind}/{key}/events/{name}` | [`AnyActorRef::deliver_event_with`] | `202 {"message_id": …}` (`200 {"duplicate": true}`) |
+//! | `POST /actors/{kind}/{key}/cancel` | [`AnyActorRef::cancel`] / [`cancel_key`](AnyActorRef::cancel_key), body `{"message": id}` or `{"key": k}` | `200 {"result": "requested", …}`, `404` if nothing waits |
+//!
+//! The body is the message (or the event's data) as JSON; a message is checked against the
+//! kind's message type before anything is sent. Headers:
+//!
+//! - `Idempotency-Key`: a retried request with the same key is applied once (a repeated send
+//!   answers `duplicate`; a repeated ask answers the recorded reply; for an event, the key is
+//!   the event's key).
+//! - `traceparent` (W3C trace context): the message's trace is a child of the caller's.
+//! - `Authorization: Bearer <token>` when [`Options::token`] is set, compared in constant time.
+//!
+//! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`
+//! (send). Every error is JSON, `{"error": code, "message": text}` with a status that says
+//! what kind of error it is (see [`ApiError`]), and nothing is sent when a request is refused.
+//!
+//! ```no_run
+//! use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+//!
+//! struct Counter;
+//! impl Actor for Counter {
+//!     const KIND: &'static str = "counter";
+//!     type State = u64;
+//!     type Message = u64;
+//!     type Reply = u64;
+//!     async fn handle(&self, n: &mut u64, _: &mut Context<'_>, add: u64) -> Result<u64, Rejected> {
+//!         *n += add;
+//!         Ok(*n)
+//!     }
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let rt = Runtime::builder().embedded("./loom-data").register_actor(Counter).start().await?;
+//! let app = loom_http::router(rt.clone(), loom_http::Options::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // curl -X POST localhost:8080/actors/counter/visits/ask -d 2   → 2
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod error;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use loom_core::IdempotencyKey;
+use loom_core::runtime::{
+    AnyActorRef, AskOptions, CancelTarget, Cancellation, EventOptions, Runtime, SendOptions, Sent,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub use admin::{AdminOptions, MAX_PAGE, admin};
+pub use error::ApiError;
+pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// How the ingress behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// When set, every request must carry `Authorization: Bearer <token>`; others are refused
+    /// with `401`. The comparison takes the same time whatever the presented token is.
+    pub token: Option<String>,
+    /// Largest request body, in bytes; a larger one is refused with `413` before it is read
+    /// to the end. Default: [`loom_core::limits::MAX_MESSAGE_BYTES`], the largest message.
+    pub max_body_bytes: usize,
+    /// Longest `timeout_ms` an ask may give (default 5 minutes); an ask without one waits
+    /// `Config::ask_timeout`.
+    pub max_ask_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            token: None,
+            max_body_bytes: loom_core::limits::MAX_MESSAGE_BYTES,
+            max_ask_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Ingress {
+    rt: Runtime,
+    opts: std::sync::Arc<Options>,
+}
+
+/// The ingress routes over `rt` (see the crate's documentation), ready to serve with
+/// `axum::serve` or to nest in an application's own router.
+pub fn router(rt: Runtime, opts: Options) -> Router {
+    let state = Ingress {
+        rt,
+        opts: std::sync::Arc::new(opts),
+    };
+    Router::new()
+        .route("/actors/{kind}/{key}/send", post(send))
+        .route("/actors/{kind}/{key}/ask", post(ask))
+        .route("/actors/{kind}/{key}/events/{name}", post(event))
+        .route("/actors/{kind}/{key}/cancel", post(cancel))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Refuses a request without the configured bearer token.
+async fn authorize(State(s): State<Ingress>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.opts.token {
+        let presented = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(presented, token) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether two secrets are equal, in time that does not depend on where they differ.
+fn same_secret(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    // `ct_eq` on slices of different lengths returns false at once; that reveals the length
+    // only, which a token's format does anyway.
+    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    timeout_ms: Option<u64>,
+    delay_ms: Option<u64>,
+}
+
+/// The actor a request names, and its parsed headers, query and body.
+struct Call {
+    actor: AnyActorRef,
+    key: Option<IdempotencyKey>,
+    traceparent: Option<String>,
+    params: Params,
+    body: Value,
+}
+
+impl Ingress {
+    async fn call(
+        &self,
+        kind: &str,
+        key: &str,
+        headers: &HeaderMap,
+        query: Result<Query<Params>, QueryRejection>,
+        body: Body,
+    ) -> Result<Call, ApiError> {
+        let actor = self.rt.any_actor(kind, key)?;
+        let params = query
+            .map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?
+            .0;
+        let key = header(headers, "idempotency-key")?
+            .map(IdempotencyKey::new)
+            .transpose()
+            .map_err(|e| ApiError::BadRequest(format!("Idempotency-Key: {e}")))?;
+        let traceparent = header(headers, "traceparent")?;
+        let bytes = read_body(body, self.opts.max_body_bytes).await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::BadMessage(format!("the body is not JSON: {e}")))?
+        };
+        Ok(Call {
+            actor,
+            key,
+            traceparent,
+            params,
+            body,
+        })
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::BadRequest(format!("{name}: not visible ASCII")))
+        })
+        .transpose()
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // The only error `to_bytes` makes itself is the limit; others come from the connection.
+        let mut cause = std::error::Error::source(&e);
+        let mut limited = false;
+        while let Some(c) = cause {
+            limited |= c.is::<http_body_util::LengthLimitError>();
+            cause = c.source();
+        }
+        if limited {
+            ApiError::TooLarge(format!("the body is larger than {limit} bytes"))
+        } else {
+            ApiError::BadRequest(format!("the body could not be read: {e}"))
+        }
+    })
+}
+
+fn path(p: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), ApiError> {
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))
+}
+
+async fn send(
+    State(s): State<Ingress>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (kind, key) = path(p)?;
+    let c = s.call(&kind, &key, &headers, query, body).await?;
+    if c.params.timeout_ms.is_some() {
+        return Err(ApiError::BadRequest(
+            "timeout_ms is for ask, not send".into(),
+        ));
+    }
+    let opts = SendOptions {
+        idempotency_key: c.key,
+        delay: c.params.delay_ms.map(Duration::from_millis),
+        traceparent: c.traceparent,
+    };
+    Ok(sent(c.actor.send_json(c.body, opts).await?))
+}
+
+fn sent(s: Sent) -> Response {
+    match s {
+        Sent::Enqueued(id) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "message_id": id, "duplicate": false })),
+        )
+            .into_response(),
+        Sent::Duplicate => {
+            (StatusCode::OK, axum::Json(json!({ "duplicate": true }))).into_response()
+        }
+    }
+}
+
+async fn ask(
+    State(s): State<Ingress>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (kind, key) = path(p)?;
+    let c = s.call(&kind, &key, &headers, query, body).await?;
+    if c.params.delay_ms.is_some() {
+        return Err(ApiError::BadRequest("delay_ms is for send, not ask".into()));
+    }
+    let timeout = match c.params.timeout_ms.map(Duration::from_millis) {
+        Some(t) if t.is_zero() || t > s.opts.max_ask_timeout => {
+            return Err(ApiError::BadRequest(format!(
+                "timeout_ms must be between 1 and {}",
+                s.opts.max_ask_timeout.as_millis()
+            )));
+        }
+        t => t,
+    };
+    let opts = AskOptions {
+        idempotency_key: c.key,
+        timeout,
+        traceparent: c.traceparent,
+    };
+    let reply = c.actor.ask_json(c.body, opts).await?;
+    Ok((StatusCode::OK, axum::Json(reply)).into_response())
+}
+
+async fn event(
+    State(s): State<Ingress>,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (kind, key, name) = p
+        .map(|Path(v)| v)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let c = s.call(&kind, &key, &headers, query, body).await?;
+    if c.params.delay_ms.is_some() || c.params.timeout_ms.is_some() {
+        return Err(ApiError::BadRequest(
+            "an event takes neither delay_ms nor timeout_ms".into(),
+        ));
+    }
+    let opts = EventOptions {
+        key: c.key,
+        traceparent: c.traceparent,
+    };
+    Ok(sent(
+        c.actor.deliver_event_with(&name, &c.body, opts).await?,
+    ))
+}
+
+/// The body of a cancel request: which invocation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+enum CancelBody {
+    #[serde(rename = "message")]
+    Message(loom_core::MessageId),
+    #[serde(rename = "key")]
+    Key(String),
+}
+
+async fn cancel(
+    State(s): State<Ingress>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<Params>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (kind, key) = path(p)?;
+    let c = s.call(&kind, &key, &headers, query, body).await?;
+    let target: CancelBody = serde_json::from_value(c.body).map_err(|e| {
+        ApiError::BadMessage(format!(
+            "a cancel names the message, {{\"message\": id}}, or its key, {{\"key\": k}}: {e}"
+        ))
+    })?;
+    let target = match target {
+        CancelBody::Message(id) => CancelTarget::Message(id),
+        CancelBody::Key(k) => CancelTarget::Key(
+            IdempotencyKey::new(k).map_err(|e| ApiError::BadMessage(format!("key: {e}")))?,
+        ),
+    };
+    let found = match target {
+        CancelTarget::Message(id) => c.actor.cancel(id).await?,
+        CancelTarget::Key(k) => c.actor.cancel_key(&k).await?,
+    };
+    let status = match found {
+        Cancellation::Requested { .. } => StatusCode::OK,
+        Cancellation::NotFound => StatusCode::NOT_FOUND,
+    };
+    Ok((status, axum::Json(found)).into_response())
+}
+
+/// Installs a Prometheus recorder as this process's [`metrics`] recorder, with histogram
+/// buckets for Loom's latencies (100 µs to 30 s), and returns the handle [`monitor`] renders.
+/// A process has one recorder: call it once, early (before the runtime starts counting).
+pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+    const BUCKETS: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets(BUCKETS)?
+        .install_recorder()
+}
+
+#[derive(Clone)]
+struct Monitor {
+    rt: Runtime,
+    prometheus: PrometheusHandle,
+}
+
+/// `GET /metrics` (the Prometheus text format: the runtime's counters and latency histograms
+/// per actor kind, see `loom_core::runtime::MetricsSnapshot`, with the gauges of active actors
+/// and held leases read at the scrape) and `GET /health` (`200` with the runtime's
+/// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails). Read
+/// only, and outside [`router`]'s token: mount it where only the monitoring can reach it, or
+/// behind your own layer.
+pub fn monitor(rt: Runtime, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/health", get(health))
+        .with_state(Monitor { rt, prometheus })
+}
+
+async fn scrape(State(m): State<Monitor>) -> Response {
+    let now = m.rt.metrics();
+    metrics::gauge!("loom_active_actors").set(now.active as f64);
+    metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn health(State(m): State<Monitor>) -> Response {
+    let h = m.rt.health();
+    let status = if h.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(h)).into_response()
+}
