@@ -42,7 +42,7 @@ struct Cli {
 struct StoreArg {
     /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
     /// `redis+unix:///path`) or `postgres://user@host/db`.
-    #[arg(long, global = true, default_value = "./loom-data")]
+    #[arg(long, global = true, env = "LOOM_STORE", default_value = "./loom-data")]
     store: String,
 }
 
@@ -185,6 +185,12 @@ enum Command {
         /// One JSON object instead of a sentence.
         #[arg(long)]
         json: bool,
+    },
+    /// Prints a completion script for a shell: `loom completions bash > /etc/bash_completion.d/loom`
+    /// (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Internal: one child of `loom torture`.
     #[command(hide = true)]
@@ -502,6 +508,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "only an embedded store has a redo log (--store embedded:PATH)".into(),
             )),
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "loom", &mut script);
+            output::out(String::from_utf8_lossy(&script).trim_end())
+        }
         Command::Serve {
             store,
             listen,
@@ -627,8 +639,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A script that asked for JSON gets its error as JSON too, on stdout where it reads.
+    let json = std::env::args().skip(1).any(|a| a == "--json");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(f) if json => {
+            let (error, hint) = f.split();
+            println!("{}", serde_json::json!({ "error": error, "hint": hint }));
+            ExitCode::FAILURE
+        }
         Err(Failure(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::FAILURE

@@ -4,6 +4,17 @@
 #[derive(Debug)]
 pub struct Failure(pub String);
 
+impl Failure {
+    /// What went wrong, and what to do about it if Loom knows (the part
+    /// [`loom_core::explain`] puts after "what to do: ").
+    pub fn split(&self) -> (&str, Option<&str>) {
+        match self.0.split_once("\nwhat to do: ") {
+            Some((error, hint)) => (error, Some(hint)),
+            None => (&self.0, None),
+        }
+    }
+}
+
 impl<E: std::error::Error + 'static> From<E> for Failure {
     /// The error as a sentence, with what to do when Loom knows ([`loom_core::explain`]).
     fn from(e: E) -> Self {

@@ -13,25 +13,55 @@ pub async fn serve(
     listen: SocketAddr,
     allow_writes: bool,
 ) -> Result<(), Failure> {
-    let token = std::env::var("LOOM_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = match std::env::var("LOOM_TOKEN") {
+        Ok(t) if t.is_empty() => {
+            return Err(Failure(
+                "LOOM_TOKEN is set but empty; set it to the token writes must carry, or unset it"
+                    .into(),
+            ));
+        }
+        Ok(t) => Some(t),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(Failure("LOOM_TOKEN is not valid UTF-8".into()));
+        }
+    };
     if allow_writes && token.is_none() {
         return Err(Failure(
             "--allow-writes needs a token: set LOOM_TOKEN (every write must carry it as `Authorization: Bearer $LOOM_TOKEN`)".into(),
         ));
     }
-    let app = loom_http::admin(
-        store,
-        AdminOptions {
-            allow_writes,
-            token,
-        },
-    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure(format!("could not listen on {listen}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| Failure(format!("could not read the address listened on: {e}")))?;
+    // On a loopback address, only requests to it by its own names: a web page cannot reach it
+    // through a name of its own that resolves here (DNS rebinding).
+    let hosts = if bound.ip().is_loopback() {
+        let port = bound.port();
+        vec![
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+            bound.to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
+    let app = loom_http::admin(
+        store,
+        AdminOptions {
+            allow_writes,
+            token,
+            hosts,
+        },
+    );
+    // Listening for Ctrl-C from before the line that says it serves, so that a Ctrl-C right
+    // after it stops the server cleanly instead of killing the process.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure(format!("could not listen for Ctrl-C: {e}")))?;
     out(format_args!(
         "Loom Studio on http://{bound}/ ({})",
         if allow_writes {
@@ -41,11 +71,8 @@ pub async fn serve(
         }
     ))?;
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                tracing::warn!(error = %e, "could not wait for Ctrl-C; serving until killed");
-                std::future::pending::<()>().await;
-            }
+        .with_graceful_shutdown(async move {
+            interrupt.recv().await;
         })
         .await
         .map_err(|e| Failure(format!("serving stopped: {e}")))

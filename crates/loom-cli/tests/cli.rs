@@ -77,3 +77,69 @@ fn bad_input_is_a_clear_error_and_a_failing_exit() {
     assert!(!ok);
     assert!(err.contains("not known"), "{err}");
 }
+
+/// `LOOM_STORE` names the store when `--store` does not; `--store` wins when both are given.
+#[test]
+fn the_store_comes_from_loom_store_when_not_given() {
+    let dir = seeded_store();
+    let store = dir.path().to_str().expect("utf-8");
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loom"));
+        cmd.args(args).env_remove("LOOM_STORE");
+        if let Some(s) = env {
+            cmd.env("LOOM_STORE", s);
+        }
+        let out = cmd.output().expect("run loom");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["journal", "ls"], Some(store));
+    assert!(ok, "{err}");
+    assert!(out.contains("account/alice"), "{out}");
+    let missing = dir.path().join("nope");
+    let (ok, _, err) = run(
+        &["journal", "ls", "--store", missing.to_str().expect("utf-8")],
+        Some(store),
+    );
+    assert!(
+        !ok && err.contains("does not exist"),
+        "--store did not win: {err}"
+    );
+}
+
+/// With `--json`, a failure is one JSON object on stdout (`error`, and `hint` when Loom knows
+/// what to do), and the exit is still a failure.
+#[test]
+fn a_json_command_fails_with_a_json_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("nope");
+    let (ok, out, _) = loom(&[
+        "journal",
+        "ls",
+        "--json",
+        "--store",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok);
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not exist")),
+        "{v}"
+    );
+    assert!(v.get("hint").is_some(), "{v}");
+}
+
+#[test]
+fn completions_are_printed_for_a_shell() {
+    let (ok, out, err) = loom(&["completions", "bash"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("_loom") && out.contains("journal"), "{out}");
+    let (ok, _, err) = loom(&["completions", "tcsh"]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+}

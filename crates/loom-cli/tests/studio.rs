@@ -38,6 +38,7 @@ fn serve(store: &str, extra: &[&str], token: Option<&str>) -> (Proc, String) {
     cmd.args(["serve", "--store", store, "--listen", "127.0.0.1:0"])
         .args(extra)
         .env_remove("LOOM_TOKEN")
+        .env_remove("LOOM_STORE")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(t) = token {
@@ -126,6 +127,16 @@ fn serve_reads_any_store_and_writes_only_when_allowed_with_a_token() {
             .await
             .expect("request");
         assert_eq!(resp.status().as_u16(), 403, "a read-only serve wrote");
+        // Under a name that is not its own (a page's DNS rebinding), it answers nothing.
+        let port = base.rsplit(':').next().expect("port");
+        let resp = http
+            .get(format!("{base}/api/actors"))
+            .header("host", format!("rebound.example:{port}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 403);
+        assert_eq!(resp.headers()["x-frame-options"], "DENY");
     });
     stop(server);
 }
@@ -191,6 +202,9 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
             .state;
         let e = state_at(&store, &a, early).await.expect("state").state;
         assert_ne!(h, e, "the two seqs must show different states");
+        // Not only as state_at says: the counter was sent 1 thirty times.
+        assert_eq!(h, json!(30));
+        assert!(e.as_u64().is_some_and(|n| n > 0 && n < 30), "{e}");
         (info.highest, early, h, e)
     });
     let store = dir.path().to_str().expect("utf-8 path");

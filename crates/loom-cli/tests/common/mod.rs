@@ -12,10 +12,13 @@ use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timesta
 use loom_testkit::runtime::Counter;
 use serde_json::{Value, json};
 
-/// Runs `loom` with `args`: whether it succeeded, its stdout, its stderr.
+/// Runs `loom` with `args`: whether it succeeded, its stdout, its stderr. The environment's
+/// `LOOM_STORE` and `LOOM_TOKEN` are not passed on: a test names what it uses.
 pub fn loom(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_loom"))
         .args(args)
+        .env_remove("LOOM_STORE")
+        .env_remove("LOOM_TOKEN")
         .output()
         .expect("run loom");
     (
