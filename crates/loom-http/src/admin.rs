@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::Method;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,6 +34,10 @@ pub struct AdminOptions {
     pub allow_writes: bool,
     /// The bearer token a write must carry; writes are refused without one configured.
     pub token: Option<String>,
+    /// The `Host` headers accepted (`localhost:7070`, say); any other request is refused with
+    /// `403`, so that a web page the user visits cannot reach a local admin API through a
+    /// name it made resolve to 127.0.0.1 (DNS rebinding). Empty: any host.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -66,20 +70,37 @@ pub fn admin(store: Arc<dyn Store>, opts: AdminOptions) -> Router {
         .with_state(state)
 }
 
-/// Lets reads through; a write only with writes allowed and the right token.
+/// Lets reads through from an accepted host; a write only with writes allowed and the right
+/// token. Every answer tells browsers not to frame it, sniff it or send it as a referrer.
 async fn guard_writes(State(s): State<Admin>, req: Request, next: Next) -> Response {
+    let mut resp = guard(&s, req, next).await;
+    let h = resp.headers_mut();
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+async fn guard(s: &Admin, req: Request, next: Next) -> Response {
+    if !s.opts.hosts.is_empty() {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !s.opts.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return ApiError::ForbiddenHost(host.to_owned()).into_response();
+        }
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         if !s.opts.allow_writes {
             return ApiError::WritesDisabled.into_response();
         }
-        let presented = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
         match &s.opts.token {
-            Some(token) if crate::same_secret(presented, token) => {}
+            Some(token) if crate::authorized(req.headers(), token) => {}
             _ => return ApiError::Unauthorized.into_response(),
         }
     }
@@ -162,7 +183,13 @@ async fn actor(
 ) -> Result<Response, ApiError> {
     let a = actor_id(p)?;
     let mut v = info_json(&*s.store, &a).await?;
-    v["pending"] = json!(s.store.pending(&a).await?);
+    let pending = s.store.pending(&a).await?;
+    if v["highest"] == 0 && pending == 0 {
+        return Err(ApiError::NotFound(format!(
+            "{a} has no journal and no waiting message"
+        )));
+    }
+    v["pending"] = json!(pending);
     v["parked"] = json!(s.store.parked(&a).await?);
     Ok(axum::Json(v).into_response())
 }
@@ -347,10 +374,11 @@ impl From<StateAtError> for ApiError {
     fn from(e: StateAtError) -> Self {
         match e {
             StateAtError::Store(s) => s.into(),
-            e @ (StateAtError::Beyond { .. } | StateAtError::Trimmed { .. }) => {
-                ApiError::NotFound(e.to_string())
-            }
-            e @ StateAtError::Unrecoverable { .. } => ApiError::Failed(e.to_string()),
+            e @ (StateAtError::Beyond { .. }
+            | StateAtError::Trimmed { .. }
+            | StateAtError::NoJournal(_)
+            | StateAtError::Deleted { .. }) => ApiError::NotFound(e.to_string()),
+            e @ StateAtError::Unrecoverable { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -27,6 +27,9 @@ pub enum ApiError {
         "this admin API only reads (start it with writes allowed: `loom serve --allow-writes`, with LOOM_TOKEN set)"
     )]
     WritesDisabled,
+    /// `403 forbidden_host`: a request to the admin API under a `Host` it does not serve.
+    #[error("this admin API does not serve host {0:?}")]
+    ForbiddenHost(String),
     /// `404 not_found`: no such dead letter, parked actor, or kept state.
     #[error("{0}")]
     NotFound(String),
@@ -54,6 +57,10 @@ pub enum ApiError {
     /// `500 failed`: the message was given up on and dead-lettered.
     #[error("{0}")]
     Failed(String),
+    /// `500 internal`: something Loom cannot fix by retrying: damaged data in the store, a
+    /// journal that does not replay, a recorded reply that does not decode.
+    #[error("{0}")]
+    Internal(String),
     /// `503 unavailable`: the store failed or the runtime is shutting down; retry with the
     /// same `Idempotency-Key`.
     #[error("{message}")]
@@ -78,6 +85,7 @@ impl ApiError {
             ApiError::BadMessage(_) => (StatusCode::BAD_REQUEST, "bad_message"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::WritesDisabled => (StatusCode::FORBIDDEN, "writes_disabled"),
+            ApiError::ForbiddenHost(_) => (StatusCode::FORBIDDEN, "forbidden_host"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::UnknownKind(_) => (StatusCode::NOT_FOUND, "unknown_kind"),
             ApiError::Cancelled(_) => (StatusCode::CONFLICT, "cancelled"),
@@ -85,6 +93,7 @@ impl ApiError {
             ApiError::Rejected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "rejected"),
             ApiError::MailboxFull(_) => (StatusCode::TOO_MANY_REQUESTS, "mailbox_full"),
             ApiError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
         }
@@ -115,6 +124,7 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidId(_) => ApiError::BadKey(e.to_string()),
             StoreError::InvalidRequest(_) => ApiError::BadRequest(e.to_string()),
             StoreError::DeadLetterNotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::Corrupt { .. } => ApiError::Internal(e.to_string()),
             e => ApiError::Unavailable {
                 hint: e.hint(),
                 message: e.to_string(),
@@ -135,7 +145,7 @@ impl From<AskError> for ApiError {
             AskError::Failed(_) => ApiError::Failed(text),
             AskError::Cancelled(_) => ApiError::Cancelled(text),
             AskError::Timeout(_) => ApiError::Timeout(text),
-            AskError::BadReply(_) => ApiError::Failed(text),
+            AskError::BadReply(_) => ApiError::Internal(text),
             AskError::Store { error, .. } => ApiError::Unavailable {
                 hint: error.hint(),
                 message: text,

@@ -8,10 +8,11 @@
 //! | `POST /actors/{kind}/{key}/send` | [`AnyActorRef::send_json`] | `202 {"message_id": …}` (`200 {"duplicate": true}` for a repeated key) |
 //! | `POST /actors/{kind}/{key}/ask` | [`AnyActorRef::ask_json`] | `200` with the handler's reply as the body |
 //! | `POST /actors/{kind}/{key}/events/{name}` | [`AnyActorRef::deliver_event_with`] | `202 {"message_id": …}` (`200 {"duplicate": true}`) |
-//! | `POST /actors/{kind}/{key}/cancel` | [`AnyActorRef::cancel`] / [`cancel_key`](AnyActorRef::cancel_key), body `{"message": id}` or `{"key": k}` | `200 {"result": "requested", …}`, `404` if nothing waits |
+//! | `POST /actors/{kind}/{key}/cancel` | [`AnyActorRef::cancel`] / [`cancel_key`](AnyActorRef::cancel_key), body `{"message": id}` or `{"key": k}` | `200 {"result": "requested", …}`, `404 not_found` if nothing waits |
 //!
 //! The body is the message (or the event's data) as JSON; a message is checked against the
-//! kind's message type before anything is sent. Headers:
+//! kind's message type before anything is sent (by this node's code: during a rolling upgrade,
+//! a node still on the old code refuses a message only the new code knows). Headers:
 //!
 //! - `Idempotency-Key`: a retried request with the same key is applied once (a repeated send
 //!   answers `duplicate`; a repeated ask answers the recorded reply; for an event, the key is
@@ -78,7 +79,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 #[derive(Debug, Clone)]
 pub struct Options {
     /// When set, every request must carry `Authorization: Bearer <token>`; others are refused
-    /// with `401`. The comparison takes the same time whatever the presented token is.
+    /// with `401`. The comparison takes the same time whatever the presented token is. An
+    /// empty token admits no request.
     pub token: Option<String>,
     /// Largest request body, in bytes; a larger one is refused with `413` before it is read
     /// to the end. Default: [`loom_core::limits::MAX_MESSAGE_BYTES`], the largest message.
@@ -122,26 +124,32 @@ pub fn router(rt: Runtime, opts: Options) -> Router {
 
 /// Refuses a request without the configured bearer token.
 async fn authorize(State(s): State<Ingress>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.opts.token {
-        let presented = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !same_secret(presented, token) {
-            return ApiError::Unauthorized.into_response();
-        }
+    if let Some(token) = &s.opts.token
+        && !authorized(req.headers(), token)
+    {
+        return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
 }
 
-/// Whether two secrets are equal, in time that does not depend on where they differ.
-fn same_secret(presented: &str, expected: &str) -> bool {
+/// Whether `headers` carry `Authorization: Bearer <expected>` (the scheme in any case), the
+/// token compared in time that does not depend on where it differs. An empty token is never
+/// accepted, so an empty configured token admits nothing.
+pub(crate) fn authorized(headers: &HeaderMap, expected: &str) -> bool {
     use subtle::ConstantTimeEq;
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+        .unwrap_or("");
     // `ct_eq` on slices of different lengths returns false at once; that reveals the length
     // only, which a token's format does anyway.
-    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+    !presented.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,6 +345,12 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let (kind, key) = path(p)?;
     let c = s.call(&kind, &key, &headers, query, body).await?;
+    if c.params.delay_ms.is_some() || c.params.timeout_ms.is_some() || c.key.is_some() {
+        return Err(ApiError::BadRequest(
+            "a cancel takes neither delay_ms, timeout_ms nor an Idempotency-Key (it may be repeated)"
+                .into(),
+        ));
+    }
     let target: CancelBody = serde_json::from_value(c.body).map_err(|e| {
         ApiError::BadMessage(format!(
             "a cancel names the message, {{\"message\": id}}, or its key, {{\"key\": k}}: {e}"
@@ -352,24 +366,50 @@ async fn cancel(
         CancelTarget::Message(id) => c.actor.cancel(id).await?,
         CancelTarget::Key(k) => c.actor.cancel_key(&k).await?,
     };
-    let status = match found {
-        Cancellation::Requested { .. } => StatusCode::OK,
-        Cancellation::NotFound => StatusCode::NOT_FOUND,
-    };
-    Ok((status, axum::Json(found)).into_response())
+    match found {
+        Cancellation::Requested { .. } => Ok((StatusCode::OK, axum::Json(found)).into_response()),
+        Cancellation::NotFound => Err(ApiError::NotFound(format!(
+            "no such message waits for {}: it finished, was dead-lettered, or never came",
+            c.actor.id()
+        ))),
+    }
 }
 
 /// Installs a Prometheus recorder as this process's [`metrics`] recorder, with histogram
 /// buckets for Loom's latencies (100 µs to 30 s), and returns the handle [`monitor`] renders.
-/// A process has one recorder: call it once, early (before the runtime starts counting).
-pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+/// A process has one recorder: call it once, before the runtime starts (the runtime takes its
+/// handles from the recorder installed when it starts). A thread runs the exporter's upkeep
+/// every 5 s for the life of the process, so that what it keeps between scrapes stays bounded.
+pub fn install_prometheus() -> Result<PrometheusHandle, InstallError> {
     const BUCKETS: &[f64] = &[
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0, 30.0,
     ];
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)?
-        .install_recorder()
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("loom-prometheus-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(InstallError::Upkeep)?;
+    Ok(handle)
+}
+
+/// Why [`install_prometheus`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The recorder could not be built or installed (another is installed already, say).
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The upkeep thread could not be started.
+    #[error("could not start the metrics upkeep thread: {0}")]
+    Upkeep(std::io::Error),
 }
 
 #[derive(Clone)]

@@ -205,6 +205,7 @@ async fn a_dead_letter_is_requeued_only_with_writes_allowed_and_the_token() {
         AdminOptions {
             allow_writes: true,
             token: Some("tok".into()),
+            ..AdminOptions::default()
         },
     );
     for wrong in [None, Some("nope")] {
@@ -231,6 +232,26 @@ async fn a_dead_letter_is_requeued_only_with_writes_allowed_and_the_token() {
             .all(|d| d.id != dead),
         "still a dead letter"
     );
+    // Only the hosts it serves, when it is told them.
+    let local = loom_http::admin(
+        rt.store().clone(),
+        AdminOptions {
+            hosts: vec!["localhost:7070".into()],
+            ..AdminOptions::default()
+        },
+    );
+    for (host, status) in [
+        ("localhost:7070", StatusCode::OK),
+        ("rebound.example:7070", StatusCode::FORBIDDEN),
+    ] {
+        let r = Request::get("/api/deadletters")
+            .header("host", host)
+            .body(Body::empty())
+            .expect("request");
+        let resp = local.clone().oneshot(r).await.expect("infallible");
+        assert_eq!(resp.status(), status, "{host}");
+        assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    }
     let (s, e) = call(
         &writable,
         "POST",
@@ -244,4 +265,92 @@ async fn a_dead_letter_is_requeued_only_with_writes_allowed_and_the_token() {
         "{e}"
     );
     rt.shutdown().await;
+}
+
+/// `state_at` at the edges, on a journal written by hand: before and at a snapshot, inside an
+/// invocation, past the end, below the trim point, an unknown actor, a deleted journal.
+#[tokio::test]
+async fn the_state_at_a_seq_at_the_edges_of_a_journal() {
+    use loom_core::runtime::StateAtError;
+    use loom_core::{EmbeddedStore, Entry, EntryKind, JournalStore, MessageId, Snapshot};
+
+    let store = EmbeddedStore::in_memory().expect("store");
+    let a = ActorId::new("ledger", "l1").expect("id");
+    // Invocations setting the state to 1, 2, 3, 4: seqs 1-3, 4-6, 7-9, 10-12.
+    let mut entries = Vec::new();
+    for n in 1..=4u64 {
+        let base = (n - 1) * 3;
+        let patch: json_patch::Patch =
+            serde_json::from_value(json!([{ "op": "replace", "path": "", "value": n }]))
+                .expect("patch");
+        entries.push(Entry::new(
+            base + 1,
+            EntryKind::Invoked {
+                message_id: MessageId::new(),
+                payload: json!(n),
+                idempotency_key: None,
+            },
+        ));
+        entries.push(Entry::new(base + 2, EntryKind::StatePatched { patch }));
+        entries.push(Entry::new(
+            base + 3,
+            EntryKind::Completed { reply: json!(n) },
+        ));
+    }
+    store.append(&a, 1, &entries).await.expect("append");
+    let at = |seq| {
+        let store = &store;
+        let a = &a;
+        async move { state_at(store, a, seq).await }
+    };
+    assert_eq!(
+        at(1).await.expect("seq 1").state,
+        Value::Null,
+        "inside the first invocation"
+    );
+    assert_eq!(at(2).await.expect("seq 2").state, json!(1));
+    assert_eq!(at(7).await.expect("seq 7").state, json!(2));
+    assert_eq!(at(12).await.expect("seq 12").state, json!(4));
+    assert!(matches!(
+        at(13).await,
+        Err(StateAtError::Beyond { highest: 12, .. })
+    ));
+
+    // A snapshot at 6 (state 2), the journal trimmed through it.
+    let body = json!({ "state": 2, "recent": [] });
+    store
+        .save_snapshot(&a, &Snapshot::new(6, body), 2)
+        .await
+        .expect("snapshot");
+    store.trim(&a, 6).await.expect("trim");
+    let s6 = at(6).await.expect("at the snapshot");
+    assert_eq!(
+        (s6.state.clone(), s6.snapshot, s6.replayed),
+        (json!(2), Some(6), 0)
+    );
+    let s9 = at(9).await.expect("after it");
+    assert_eq!((s9.state.clone(), s9.snapshot), (json!(3), Some(6)));
+    assert!(
+        matches!(
+            at(5).await,
+            Err(StateAtError::Trimmed {
+                earliest: 6,
+                trimmed_through: 6,
+                ..
+            })
+        ),
+        "below the trim point"
+    );
+
+    let unknown = ActorId::new("ledger", "nobody").expect("id");
+    assert!(matches!(
+        state_at(&store, &unknown, 1).await,
+        Err(StateAtError::NoJournal(_))
+    ));
+    store.delete(&a).await.expect("delete");
+    assert!(
+        matches!(at(12).await, Err(StateAtError::Deleted { highest: 12, .. })),
+        "{:?}",
+        at(12).await
+    );
 }

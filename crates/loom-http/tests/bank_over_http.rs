@@ -194,3 +194,44 @@ async fn a_client_moves_money_over_http_once_per_key() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// The bank reads its settings from `--config` and `LOOM_*`: a typo in the file or a bad value
+/// in the environment stops it at once with a sentence that names the setting.
+#[test]
+fn the_bank_refuses_a_bad_setting_by_name() {
+    let bank = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
+        .filter(|p| p.is_file())
+        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("loom.toml");
+    let run = |config: &str, env: Option<(&str, &str)>| {
+        std::fs::write(&file, config).expect("write the file");
+        let mut cmd = Command::new(&bank);
+        cmd.args(["--accounts", "2", "--transfers", "1", "--config"])
+            .arg(&file)
+            .arg("--data")
+            .arg(dir.path().join("bank"));
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run the bank");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run("lease_tll = \"15s\"\n", None);
+    assert!(
+        !ok && err.contains("unknown setting \"lease_tll\""),
+        "{err}"
+    );
+    let (ok, err) = run(
+        "[retry]\nmax_attempts = 3\n",
+        Some(("LOOM_LEASE_TTL", "ten")),
+    );
+    assert!(!ok && err.contains("environment: lease_ttl"), "{err}");
+    let (ok, err) = run("ask_timeout = \"60s\"\n[retry]\nmax_attempts = 3\n", None);
+    assert!(ok, "good settings refused: {err}");
+}

@@ -342,7 +342,7 @@ async fn a_waiting_invocation_is_cancelled_by_its_key() {
             break;
         }
         assert_eq!(
-            (s, &b["result"]),
+            (s, &b["error"]),
             (StatusCode::NOT_FOUND, &json!("not_found")),
             "{b}"
         );

@@ -36,7 +36,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use loom_bench::bank::Bank;
 use loom_core::StoreError;
-use loom_core::runtime::{Runtime, StartError};
+use loom_core::runtime::{Config, Runtime, StartError};
 
 #[derive(Parser)]
 #[command(about = "Durable bank transfers on Loom, verified")]
@@ -61,14 +61,20 @@ struct Args {
     seed: u64,
     /// Serve the accounts and transfers over HTTP on this address (`127.0.0.1:8080`; port 0
     /// picks a free one), and keep serving after the check until Ctrl-C. With `LOOM_TOKEN`
-    /// set, requests must carry it as a bearer token.
+    /// set, requests to the actors must carry it as a bearer token (`/metrics` and `/health`
+    /// are open).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Runtime settings from a TOML file (`lease_ttl = "15s"`, `[retry] max_attempts = 8`; see
+    /// `loom_core::runtime::CONFIG_KEYS`); `LOOM_*` environment variables (`LOOM_LEASE_TTL`)
+    /// override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Starts the runtime, waiting up to 10 s for a killed predecessor to finish dying (its last
 /// thread may still be inside an fsync, holding the directory lock).
-async fn start(data: &PathBuf) -> Result<Runtime, StartError> {
+async fn start(data: &PathBuf, config: &Config) -> Result<Runtime, StartError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // The actors of `actors.rs`; loom-bench's `Bank` drives them by kind and message (the
@@ -77,8 +83,7 @@ async fn start(data: &PathBuf) -> Result<Runtime, StartError> {
             .embedded(data)
             .register::<actors::Account>()
             .register::<actors::Transfer>()
-            .configure(|c| c.ask_timeout = Duration::from_secs(120))
-            .configure(actors::retention)
+            .config(config.clone())
             .start()
             .await;
         match started {
@@ -150,7 +155,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         Some(_) => Some(loom_http::install_prometheus()?),
         None => None,
     };
-    let rt = start(&args.data).await?;
+    // The bank's settings, then the file's, then the environment's; the retention rule last,
+    // as it depends on `reply_ttl`.
+    let mut config = Config {
+        ask_timeout: Duration::from_secs(120),
+        ..Config::default()
+    };
+    if let Some(path) = &args.config {
+        config.apply_file(path)?;
+    }
+    config.apply_env()?;
+    actors::retention(&mut config);
+    let rt = start(&args.data, &config).await?;
     let server = match (args.listen, prometheus) {
         (Some(addr), Some(prometheus)) => Some(serve(&rt, addr, prometheus).await?),
         _ => None,
@@ -190,9 +206,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         latencies.last().copied().unwrap_or_default()
     );
     if let Some(server) = server {
+        // Listening for Ctrl-C from before the line that says so, so that a Ctrl-C right after
+        // it stops the bank cleanly instead of killing it.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!("serving until Ctrl-C");
         tokio::select! {
-            stopped = tokio::signal::ctrl_c() => stopped?,
+            _ = interrupt.recv() => {}
             ended = server => ended??,
         }
         rt.shutdown().await;
@@ -209,9 +229,16 @@ async fn serve(
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    // With `LOOM_TOKEN` set, every request must carry `Authorization: Bearer $LOOM_TOKEN`.
+    // With `LOOM_TOKEN` set, every request to the actors must carry `Authorization: Bearer
+    // $LOOM_TOKEN` (`/metrics` and `/health` are open, for the monitoring).
+    let token = match std::env::var("LOOM_TOKEN") {
+        Ok(t) if t.is_empty() => return Err("LOOM_TOKEN is set but empty".into()),
+        Ok(t) => Some(t),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(e @ std::env::VarError::NotUnicode(_)) => return Err(format!("LOOM_TOKEN: {e}").into()),
+    };
     let opts = loom_http::Options {
-        token: std::env::var("LOOM_TOKEN").ok().filter(|t| !t.is_empty()),
+        token,
         ..loom_http::Options::default()
     };
     let app = loom_http::router(rt.clone(), opts).merge(loom_http::monitor(rt.clone(), prometheus));

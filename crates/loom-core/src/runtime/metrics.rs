@@ -12,7 +12,12 @@
 //! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`) |
 //! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
 //! | `loom_active_actors`, `loom_leases_held` | gauge | set by the exporter when it is read (`loom-http`) |
+//!
+//! The facade's handles are made once per kind when the runtime starts (from the recorder
+//! installed then: install one before starting the runtime), so counting a turn allocates
+//! nothing and hashes no key; without a recorder the handles do nothing.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -36,6 +41,23 @@ pub(crate) enum Count {
 }
 
 impl Count {
+    const ALL: [Count; 14] = [
+        Count::Invocations,
+        Count::Retries,
+        Count::DeadLetters,
+        Count::Rejections,
+        Count::Recoveries,
+        Count::ReplayedEntries,
+        Count::Compactions,
+        Count::CompactionFailures,
+        Count::CorruptSnapshots,
+        Count::LeasesLost,
+        Count::Suspensions,
+        Count::Retired,
+        Count::StateUpgrades,
+        Count::Declined,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Count::Invocations => "loom_invocations_total",
@@ -65,6 +87,8 @@ pub(crate) enum Latency {
 }
 
 impl Latency {
+    const ALL: [Latency; 3] = [Latency::Turn, Latency::StoreCommit, Latency::Activation];
+
     fn name(self) -> &'static str {
         match self {
             Latency::Turn => "loom_turn_seconds",
@@ -92,9 +116,43 @@ pub(crate) struct Metrics {
     pub(crate) state_upgrades: AtomicU64,
     pub(crate) declined: AtomicU64,
     pub(crate) activation_nanos: AtomicU64,
+    /// The facade's handles per kind, in the order of [`Count::ALL`] and [`Latency::ALL`].
+    facade: Facade,
+}
+
+#[derive(Default)]
+struct Facade(HashMap<&'static str, Handles>);
+
+impl std::fmt::Debug for Facade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+struct Handles {
+    counters: [metrics::Counter; Count::ALL.len()],
+    histograms: [metrics::Histogram; Latency::ALL.len()],
 }
 
 impl Metrics {
+    /// Counters at zero, and the facade's handles for `kinds` from the recorder installed now.
+    pub(crate) fn new(kinds: impl IntoIterator<Item = &'static str>) -> Self {
+        let facade = kinds
+            .into_iter()
+            .map(|kind| {
+                let handles = Handles {
+                    counters: Count::ALL.map(|c| metrics::counter!(c.name(), "kind" => kind)),
+                    histograms: Latency::ALL.map(|l| metrics::histogram!(l.name(), "kind" => kind)),
+                };
+                (kind, handles)
+            })
+            .collect();
+        Metrics {
+            facade: Facade(facade),
+            ..Metrics::default()
+        }
+    }
+
     fn counter(&self, c: Count) -> &AtomicU64 {
         match c {
             Count::Invocations => &self.invocations,
@@ -120,7 +178,9 @@ impl Metrics {
             return;
         }
         self.counter(c).fetch_add(n, Ordering::Relaxed);
-        metrics::counter!(c.name(), "kind" => kind).increment(n);
+        if let Some(h) = self.facade.0.get(kind) {
+            h.counters[c as usize].increment(n);
+        }
     }
 
     /// Records that `l` took `took` for an actor of `kind`.
@@ -129,7 +189,9 @@ impl Metrics {
             let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
             self.activation_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
-        metrics::histogram!(l.name(), "kind" => kind).record(took.as_secs_f64());
+        if let Some(h) = self.facade.0.get(kind) {
+            h.histograms[l as usize].record(took.as_secs_f64());
+        }
     }
 }
 

@@ -49,6 +49,7 @@ mod builder;
 mod cell;
 mod client;
 mod config;
+mod config_load;
 mod context;
 mod health;
 mod hub;
@@ -80,6 +81,7 @@ pub use client::{
     ActorRef, AnyActorRef, AskError, AskOptions, EventOptions, SendError, SendOptions, Sent,
 };
 pub use config::{Compaction, Config, Retention, Retry};
+pub use config_load::{ConfigError, KEYS as CONFIG_KEYS, env_name as config_env_name};
 pub use context::{ActivityKey, Context, StepError};
 pub use health::{Health, StoreHealth};
 pub use replay::{

@@ -384,6 +384,20 @@ pub enum StateAtError {
     /// The store failed or refused.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The actor has no journal.
+    #[error("{0} has no journal")]
+    NoJournal(ActorId),
+    /// The actor's journal and snapshots were deleted (it was retired, or `loom journal
+    /// delete`d): only its highest seq is kept.
+    #[error(
+        "the journal of {actor} was deleted through {highest} (retired, or deleted by an operator): no state is kept"
+    )]
+    Deleted {
+        /// The actor.
+        actor: ActorId,
+        /// The highest seq it had.
+        highest: Seq,
+    },
     /// The seq is past the journal's end.
     #[error("{actor} has no entry {seq}: its journal ends at {highest}")]
     Beyond {
@@ -454,29 +468,41 @@ pub enum StateAtError {
 /// # Ok(()) }
 /// ```
 pub async fn state_at(store: &dyn Store, id: &ActorId, seq: Seq) -> Result<StateAt, StateAtError> {
-    let info = store.info(id).await?;
-    if seq > info.highest {
-        return Err(StateAtError::Beyond {
-            actor: id.clone(),
-            seq,
-            highest: info.highest,
-        });
-    }
-    let earliest = info
-        .snapshots
-        .first()
-        .copied()
-        .unwrap_or(info.trimmed_through);
-    if info.trimmed_through > 0 && seq < earliest {
-        return Err(StateAtError::Trimmed {
-            actor: id.clone(),
-            seq,
-            trimmed_through: info.trimmed_through,
-            earliest,
-        });
-    }
     let mut tries = 0;
     let r = loop {
+        // Looked at on every try: a compaction may trim past `seq` while it is read.
+        let info = store.info(id).await?;
+        if info.highest == 0 {
+            return Err(StateAtError::NoJournal(id.clone()));
+        }
+        if info.snapshots.is_empty() && info.trimmed_through == info.highest {
+            // Trimmed through its end with no snapshot: only a deletion leaves that (a trim
+            // never passes the oldest kept snapshot).
+            return Err(StateAtError::Deleted {
+                actor: id.clone(),
+                highest: info.highest,
+            });
+        }
+        if seq > info.highest {
+            return Err(StateAtError::Beyond {
+                actor: id.clone(),
+                seq,
+                highest: info.highest,
+            });
+        }
+        let earliest = info
+            .snapshots
+            .first()
+            .copied()
+            .unwrap_or(info.trimmed_through);
+        if info.trimmed_through > 0 && seq < earliest {
+            return Err(StateAtError::Trimmed {
+                actor: id.clone(),
+                seq,
+                trimmed_through: info.trimmed_through,
+                earliest,
+            });
+        }
         match replay_once(store, id, Value::Null, seq).await {
             Err(RecoverError::Store(StoreError::Gap { .. })) if tries + 1 < REPLAY_TRIES => {
                 tries += 1;

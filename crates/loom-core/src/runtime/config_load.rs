@@ -1,0 +1,364 @@
+//! [`Config`] from a TOML file and `LOOM_*` environment variables, over the defaults.
+//!
+//! One table of settings ([`KEYS`]) serves both: a file's `lease_ttl = "10s"` or
+//! `[retry] max_attempts = 8` and the environment's `LOOM_LEASE_TTL=10s` or
+//! `LOOM_RETRY_MAX_ATTEMPTS=8` set the same field through the same parser, so they accept the
+//! same values and fail with the same message. Durations are written as `humantime` reads them
+//! (`250ms`, `10s`, `3days`); a setting that can be off takes `"none"`. An unknown key in a file
+//! is an error (a typo would otherwise be ignored); the environment is read only for the keys
+//! known here, so other `LOOM_*` variables (`LOOM_STORE`, `LOOM_TOKEN`) are left alone.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::Config;
+
+/// Why settings could not be loaded. Nothing is applied from a source that fails.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("could not read {path}: {error}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("{path} is not TOML: {error}")]
+    Toml {
+        /// The file.
+        path: String,
+        /// Why.
+        error: String,
+    },
+    /// A key no setting has.
+    #[error("{source_name}: unknown setting {key:?} (known: {known})")]
+    Unknown {
+        /// The file or `environment`.
+        source_name: String,
+        /// The key.
+        key: String,
+        /// The known keys.
+        known: String,
+    },
+    /// A value the setting does not take.
+    #[error("{source_name}: {key} = {value:?}: {why}")]
+    Bad {
+        /// The file or `environment`.
+        source_name: String,
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What it takes.
+        why: String,
+    },
+}
+
+type Setter = fn(&mut Config, &str) -> Result<(), String>;
+
+fn duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v.trim())
+        .map_err(|e| format!("not a duration ({e}); write e.g. 500ms, 10s, 2h"))
+}
+
+fn optional_duration(v: &str) -> Result<Option<Duration>, String> {
+    if v.trim() == "none" {
+        return Ok(None);
+    }
+    duration(v).map(Some)
+}
+
+fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| "not a whole number in range".to_owned())
+}
+
+fn optional_number<T: std::str::FromStr>(v: &str) -> Result<Option<T>, String> {
+    if v.trim() == "none" {
+        return Ok(None);
+    }
+    number(v).map(Some)
+}
+
+/// Every setting a file or the environment can change: its key, and how it is set.
+pub const KEYS: &[(&str, Setter)] = &[
+    ("node", |c, v| {
+        if v.trim().is_empty() {
+            return Err("empty".into());
+        }
+        c.node = v.to_owned();
+        Ok(())
+    }),
+    ("lease_ttl", |c, v| {
+        c.lease_ttl = duration(v)?;
+        Ok(())
+    }),
+    ("visibility", |c, v| {
+        c.visibility = duration(v)?;
+        Ok(())
+    }),
+    ("idle_timeout", |c, v| {
+        c.idle_timeout = duration(v)?;
+        Ok(())
+    }),
+    ("max_active", |c, v| {
+        c.max_active = number(v)?;
+        Ok(())
+    }),
+    ("poll_interval", |c, v| {
+        c.poll_interval = duration(v)?;
+        Ok(())
+    }),
+    ("max_mailbox", |c, v| {
+        c.max_mailbox = optional_number(v)?;
+        Ok(())
+    }),
+    ("reply_ttl", |c, v| {
+        c.reply_ttl = duration(v)?;
+        Ok(())
+    }),
+    ("ask_timeout", |c, v| {
+        c.ask_timeout = duration(v)?;
+        Ok(())
+    }),
+    ("shutdown_timeout", |c, v| {
+        c.shutdown_timeout = duration(v)?;
+        Ok(())
+    }),
+    ("suspend_after", |c, v| {
+        c.suspend_after = duration(v)?;
+        Ok(())
+    }),
+    ("event_recheck", |c, v| {
+        c.event_recheck = duration(v)?;
+        Ok(())
+    }),
+    ("retry.initial", |c, v| {
+        c.retry.initial = duration(v)?;
+        Ok(())
+    }),
+    ("retry.max", |c, v| {
+        c.retry.max = duration(v)?;
+        Ok(())
+    }),
+    ("retry.max_attempts", |c, v| {
+        c.retry.max_attempts = number(v)?;
+        Ok(())
+    }),
+    ("compaction.every_entries", |c, v| {
+        c.compaction.every_entries = optional_number(v)?;
+        Ok(())
+    }),
+    ("compaction.every_bytes", |c, v| {
+        c.compaction.every_bytes = optional_number(v)?;
+        Ok(())
+    }),
+    ("compaction.keep", |c, v| {
+        c.compaction.keep = number(v)?;
+        Ok(())
+    }),
+    ("retention.finished_after", |c, v| {
+        c.retention.finished_after = duration(v)?;
+        Ok(())
+    }),
+    ("retention.idle_after", |c, v| {
+        c.retention.idle_after = optional_duration(v)?;
+        Ok(())
+    }),
+];
+
+fn known() -> String {
+    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+}
+
+/// The environment variable of a key: `retry.max_attempts` → `LOOM_RETRY_MAX_ATTEMPTS`.
+pub fn env_name(key: &str) -> String {
+    format!("LOOM_{}", key.replace('.', "_").to_uppercase())
+}
+
+impl Config {
+    /// Applies `settings`, `(key, value)` pairs, over this configuration; `source_name` names
+    /// where they came from in errors. All or nothing: on an error nothing is applied.
+    pub fn apply<'a>(
+        &mut self,
+        source_name: &str,
+        settings: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(), ConfigError> {
+        let mut next = self.clone();
+        for (key, value) in settings {
+            let Some((_, set)) = KEYS.iter().find(|(k, _)| *k == key) else {
+                return Err(ConfigError::Unknown {
+                    source_name: source_name.to_owned(),
+                    key: key.to_owned(),
+                    known: known(),
+                });
+            };
+            set(&mut next, value).map_err(|why| ConfigError::Bad {
+                source_name: source_name.to_owned(),
+                key: key.to_owned(),
+                value: value.to_owned(),
+                why,
+            })?;
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Applies TOML text over this configuration: top-level keys and the `[retry]`,
+    /// `[compaction]` and `[retention]` tables (see [`KEYS`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::runtime::Config;
+    ///
+    /// let mut c = Config::default();
+    /// c.apply_toml("loom.toml", r#"
+    ///     lease_ttl = "15s"
+    ///     max_mailbox = "none"
+    ///     [retry]
+    ///     max_attempts = 8
+    /// "#)?;
+    /// assert_eq!(c.lease_ttl, Duration::from_secs(15));
+    /// assert_eq!(c.max_mailbox, None);
+    /// assert_eq!(c.retry.max_attempts, 8);
+    /// assert!(c.apply_toml("loom.toml", "lease_tll = \"15s\"").is_err(), "a typo is an error");
+    /// # Ok::<(), loom_core::runtime::ConfigError>(())
+    /// ```
+    pub fn apply_toml(&mut self, source_name: &str, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Toml {
+                path: source_name.to_owned(),
+                error: e.to_string(),
+            })?;
+        let mut flat = Vec::new();
+        flatten("", &table, &mut flat);
+        self.apply(
+            source_name,
+            flat.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
+    /// Applies the `LOOM_*` environment variables of the known keys (see [`env_name`]).
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        let found: Vec<(&str, String)> = KEYS
+            .iter()
+            .filter_map(|(k, _)| std::env::var(env_name(k)).ok().map(|v| (*k, v)))
+            .collect();
+        self.apply("environment", found.iter().map(|(k, v)| (*k, v.as_str())))
+    }
+
+    /// The defaults, then the TOML file at `path` if one is given, then the `LOOM_*`
+    /// environment variables: what a deployed process reads at start.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        if let Some(p) = path {
+            c.apply_file(p)?;
+        }
+        c.apply_env()?;
+        Ok(c)
+    }
+
+    /// Applies the TOML file at `path` over this configuration ([`apply_toml`](Self::apply_toml)).
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.display().to_string(),
+            error,
+        })?;
+        self.apply_toml(&path.display().to_string(), &text)
+    }
+}
+
+/// `table` as `(dotted key, value)` pairs, strings unquoted and other values as TOML writes
+/// them (so `max_attempts = 8` and `max_attempts = "8"` read alike).
+fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::String(s) => out.push((key, s.clone())),
+            other => out.push((key, other.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_set_by_a_file_and_by_the_environment_names() {
+        let mut c = Config::default();
+        c.apply_toml(
+            "t.toml",
+            r#"
+            node = "n1"
+            lease_ttl = "12s"
+            visibility = "40s"
+            idle_timeout = "2m"
+            max_active = 7
+            poll_interval = "20ms"
+            max_mailbox = 9
+            reply_ttl = "2h"
+            ask_timeout = "5s"
+            shutdown_timeout = "6s"
+            suspend_after = "3s"
+            event_recheck = "1h"
+            [retry]
+            initial = "10ms"
+            max = "1s"
+            max_attempts = 3
+            [compaction]
+            every_entries = "none"
+            every_bytes = 4096
+            keep = 3
+            [retention]
+            finished_after = "10m"
+            idle_after = "30days"
+            "#,
+        )
+        .expect("apply");
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.lease_ttl, Duration::from_secs(12));
+        assert_eq!(c.max_active, 7);
+        assert_eq!(c.max_mailbox, Some(9));
+        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.compaction.every_entries, None);
+        assert_eq!(c.compaction.every_bytes, Some(4096));
+        assert_eq!(
+            c.retention.idle_after,
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(env_name("retry.max_attempts"), "LOOM_RETRY_MAX_ATTEMPTS");
+        assert_eq!(env_name("lease_ttl"), "LOOM_LEASE_TTL");
+    }
+
+    #[test]
+    fn a_bad_value_or_key_applies_nothing_and_says_which() {
+        let mut c = Config::default();
+        let before = format!("{c:?}");
+        let e = c
+            .apply(
+                "env",
+                [("lease_ttl", "20s"), ("retry.max_attempts", "many")],
+            )
+            .expect_err("refused");
+        assert!(e.to_string().contains("retry.max_attempts"), "{e}");
+        assert_eq!(format!("{c:?}"), before, "a refused source applied a part");
+        let e = c.apply("env", [("leas_ttl", "20s")]).expect_err("refused");
+        assert!(e.to_string().contains("known: node, lease_ttl"), "{e}");
+        let e = c
+            .apply_toml("t.toml", "lease_ttl = [")
+            .expect_err("refused");
+        assert!(matches!(e, ConfigError::Toml { .. }), "{e}");
+        let e = c.apply("env", [("lease_ttl", "ten")]).expect_err("refused");
+        assert!(e.to_string().contains("not a duration"), "{e}");
+    }
+}
