@@ -42,7 +42,13 @@ struct Cli {
 struct StoreArg {
     /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
     /// `redis+unix:///path`) or `postgres://user@host/db`.
-    #[arg(long, global = true, env = "LOOM_STORE", default_value = "./loom-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOOM_STORE",
+        hide_env_values = true,
+        default_value = "./loom-data"
+    )]
     store: String,
 }
 
@@ -639,13 +645,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // A script that asked for JSON gets its error as JSON too, on stdout where it reads.
-    let json = std::env::args().skip(1).any(|a| a == "--json");
+    // A script that asked for JSON gets its error as JSON too: one object on stderr, so that
+    // what the command printed on stdout before it failed (a report, rows) stays parseable.
+    // (`args_os`: an argument that is not UTF-8, a path, is fine; after `--` nothing is a flag.)
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) if json => {
             let (error, hint) = f.split();
-            println!("{}", serde_json::json!({ "error": error, "hint": hint }));
+            eprintln!("{}", serde_json::json!({ "error": error, "hint": hint }));
             ExitCode::FAILURE
         }
         Err(Failure(msg)) => {

@@ -13,11 +13,12 @@ pub async fn serve(
     listen: SocketAddr,
     allow_writes: bool,
 ) -> Result<(), Failure> {
+    // Only writes use the token: a read-only serve does not look at it.
     let token = match std::env::var("LOOM_TOKEN") {
-        Ok(t) if t.is_empty() => {
+        _ if !allow_writes => None,
+        Ok(t) if t.is_empty() || t.trim() != t || !t.bytes().all(|b| b.is_ascii_graphic()) => {
             return Err(Failure(
-                "LOOM_TOKEN is set but empty; set it to the token writes must carry, or unset it"
-                    .into(),
+                "LOOM_TOKEN must be visible ASCII with no spaces (it is compared as sent in `Authorization: Bearer …`)".into(),
             ));
         }
         Ok(t) => Some(t),
@@ -48,6 +49,11 @@ pub async fn serve(
             bound.to_string(),
         ]
     } else {
+        if bound.ip().is_unspecified() {
+            eprintln!(
+                "warning: listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
+            );
+        }
         Vec::new()
     };
     let app = loom_http::admin(

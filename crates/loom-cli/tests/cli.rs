@@ -110,13 +110,16 @@ fn the_store_comes_from_loom_store_when_not_given() {
     );
 }
 
-/// With `--json`, a failure is one JSON object on stdout (`error`, and `hint` when Loom knows
-/// what to do), and the exit is still a failure.
+/// With `--json`, a failure is one JSON object on stderr (`error`, and `hint`: what to do
+/// when Loom knows, else null), and the exit is still a failure.
 #[test]
 fn a_json_command_fails_with_a_json_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let missing = dir.path().join("nope");
-    let (ok, out, _) = loom(&[
+    let parse = |err: &str| -> serde_json::Value {
+        serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"))
+    };
+    let (ok, out, err) = loom(&[
         "journal",
         "ls",
         "--json",
@@ -124,15 +127,34 @@ fn a_json_command_fails_with_a_json_error() {
         missing.to_str().expect("utf-8"),
     ]);
     assert!(!ok);
-    let v: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"));
+    assert!(out.is_empty(), "{out}");
+    let v = parse(&err);
     assert!(
         v["error"]
             .as_str()
             .is_some_and(|e| e.contains("does not exist")),
         "{v}"
     );
-    assert!(v.get("hint").is_some(), "{v}");
+    assert_eq!(v["hint"], serde_json::Value::Null, "{v}");
+    let (ok, _, err) = loom(&["journal", "ls", "--store", "redis://127.0.0.1:1", "--json"]);
+    assert!(!ok);
+    let v = parse(&err);
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{v}"
+    );
+    // A flag only before `--`: there it is a value.
+    let (ok, _, err) = loom(&[
+        "journal",
+        "ls",
+        "--store",
+        "redis://127.0.0.1:1",
+        "--",
+        "--json",
+    ]);
+    assert!(!ok && err.starts_with("error: "), "{err}");
 }
 
 #[test]

@@ -19,6 +19,9 @@ pub enum ApiError {
     /// `400 bad_message`: the body is not JSON, or not a message of the kind.
     #[error("{0}")]
     BadMessage(String),
+    /// `415 not_json`: the request's `Content-Type` is not `application/json`.
+    #[error("the body must be sent as Content-Type: application/json")]
+    NotJson,
     /// `401 unauthorized`: the bearer token is missing or wrong.
     #[error("a bearer token is required (Authorization: Bearer <token>)")]
     Unauthorized,
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::BadKey(_) => (StatusCode::BAD_REQUEST, "bad_key"),
             ApiError::BadMessage(_) => (StatusCode::BAD_REQUEST, "bad_message"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_json"),
             ApiError::WritesDisabled => (StatusCode::FORBIDDEN, "writes_disabled"),
             ApiError::ForbiddenHost(_) => (StatusCode::FORBIDDEN, "forbidden_host"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -146,9 +150,15 @@ impl From<AskError> for ApiError {
             AskError::Cancelled(_) => ApiError::Cancelled(text),
             AskError::Timeout(_) => ApiError::Timeout(text),
             AskError::BadReply(_) => ApiError::Internal(text),
-            AskError::Store { error, .. } => ApiError::Unavailable {
-                hint: error.hint(),
-                message: text,
+            // As the store error alone maps (damaged data is not worth a retry), with the
+            // ask's text, which names the key to ask again with.
+            AskError::Store { error, .. } => match ApiError::from(error) {
+                ApiError::Unavailable { hint, .. } => ApiError::Unavailable {
+                    hint,
+                    message: text,
+                },
+                ApiError::Internal(_) => ApiError::Internal(text),
+                other => other,
             },
         }
     }

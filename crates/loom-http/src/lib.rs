@@ -14,6 +14,9 @@
 //! kind's message type before anything is sent (by this node's code: during a rolling upgrade,
 //! a node still on the old code refuses a message only the new code knows). Headers:
 //!
+//! - `Content-Type: application/json`, required (`415` otherwise): a web page cannot make a
+//!   browser send that cross-site without asking first, so a page a user visits cannot send
+//!   messages through the user's browser.
 //! - `Idempotency-Key`: a retried request with the same key is applied once (a repeated send
 //!   answers `duplicate`; a repeated ask answers the recorded reply; for an event, the key is
 //!   the event's key).
@@ -44,7 +47,7 @@
 //! let rt = Runtime::builder().embedded("./loom-data").register_actor(Counter).start().await?;
 //! let app = loom_http::router(rt.clone(), loom_http::Options::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! // curl -X POST localhost:8080/actors/counter/visits/ask -d 2   → 2
+//! // curl localhost:8080/actors/counter/visits/ask --json 2   → 2
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
@@ -177,6 +180,17 @@ impl Ingress {
         query: Result<Query<Params>, QueryRejection>,
         body: Body,
     ) -> Result<Call, ApiError> {
+        // JSON only: a web page can send a form or plain text to any address without asking
+        // (no CORS preflight), but not `application/json`, so a page the user visits cannot
+        // make the user's browser send messages here.
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::NotJson);
+        }
         let actor = self.rt.any_actor(kind, key)?;
         let params = query
             .map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?
@@ -420,7 +434,8 @@ struct Monitor {
 
 /// `GET /metrics` (the Prometheus text format: the runtime's counters and latency histograms
 /// per actor kind, see `loom_core::runtime::MetricsSnapshot`, with the gauges of active actors
-/// and held leases read at the scrape) and `GET /health` (`200` with the runtime's
+/// and held leases read at the scrape; the runtime records only into a recorder installed
+/// before it started, see [`install_prometheus`]) and `GET /health` (`200` with the runtime's
 /// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails). Read
 /// only, and outside [`router`]'s token: mount it where only the monitoring can reach it, or
 /// behind your own layer.

@@ -231,7 +231,7 @@ fn the_bank_refuses_a_bad_setting_by_name() {
         "[retry]\nmax_attempts = 3\n",
         Some(("LOOM_LEASE_TTL", "ten")),
     );
-    assert!(!ok && err.contains("environment: lease_ttl"), "{err}");
+    assert!(!ok && err.contains("environment: LOOM_LEASE_TTL"), "{err}");
     let (ok, err) = run("ask_timeout = \"60s\"\n[retry]\nmax_attempts = 3\n", None);
     assert!(ok, "good settings refused: {err}");
 }

@@ -195,6 +195,22 @@ async fn bad_requests_get_typed_errors_and_send_nothing() {
             "too_large",
         ),
         (
+            // A form post, as any web page can make a browser send: refused.
+            Request::post("/actors/tickets/t1/send")
+                .header("content-type", "text/plain")
+                .body(Body::from(r#"{"Add": 1}"#))
+                .expect("request"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not_json",
+        ),
+        (
+            Request::post("/actors/tickets/t1/send")
+                .body(Body::from(r#"{"Add": 1}"#))
+                .expect("request"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not_json",
+        ),
+        (
             req("/actors/tickets/t1/ask?timeout_ms=0", r#"{"Add": 1}"#),
             StatusCode::BAD_REQUEST,
             "bad_request",

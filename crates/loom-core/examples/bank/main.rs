@@ -18,11 +18,11 @@
 //! the end of a run again counts):
 //!
 //! ```text
-//! curl -X POST http://ADDR/actors/account/alice/ask -d '{"Open": 100}'
-//! curl -X POST http://ADDR/actors/account/bob/ask -d '{"Open": 0}'
-//! curl -X POST http://ADDR/actors/transfer/web-1/ask -H 'Idempotency-Key: web-1' \
-//!      -d '{"Start": {"from": "alice", "to": "bob", "amount": 30}}'
-//! curl -X POST http://ADDR/actors/account/bob/ask -d '"Balance"'
+//! curl http://ADDR/actors/account/alice/ask --json '{"Open": 100}'
+//! curl http://ADDR/actors/account/bob/ask --json '{"Open": 0}'
+//! curl http://ADDR/actors/transfer/web-1/ask -H 'Idempotency-Key: web-1' \
+//!      --json '{"Start": {"from": "alice", "to": "bob", "amount": 30}}'
+//! curl http://ADDR/actors/account/bob/ask --json '"Balance"'
 //! curl http://ADDR/metrics        # Prometheus: turns, commits, activations per kind
 //! ```
 
@@ -165,7 +165,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         config.apply_file(path)?;
     }
     config.apply_env()?;
+    let asked = config.retention.finished_after;
     actors::retention(&mut config);
+    // Said only when a file or the environment set it: the default is raised every time.
+    if config.retention.finished_after != asked
+        && asked != Config::default().retention.finished_after
+    {
+        eprintln!(
+            "note: retention.finished_after raised from {asked:?} to {:?}: a finished transfer is kept as long as its start's idempotency record (reply_ttl)",
+            config.retention.finished_after
+        );
+    }
     let rt = start(&args.data, &config).await?;
     let server = match (args.listen, prometheus) {
         (Some(addr), Some(prometheus)) => Some(serve(&rt, addr, prometheus).await?),
@@ -232,7 +242,9 @@ async fn serve(
     // With `LOOM_TOKEN` set, every request to the actors must carry `Authorization: Bearer
     // $LOOM_TOKEN` (`/metrics` and `/health` are open, for the monitoring).
     let token = match std::env::var("LOOM_TOKEN") {
-        Ok(t) if t.is_empty() => return Err("LOOM_TOKEN is set but empty".into()),
+        Ok(t) if t.is_empty() || t.trim() != t || !t.bytes().all(|b| b.is_ascii_graphic()) => {
+            return Err("LOOM_TOKEN must be visible ASCII with no spaces".into());
+        }
         Ok(t) => Some(t),
         Err(std::env::VarError::NotPresent) => None,
         Err(e @ std::env::VarError::NotUnicode(_)) => return Err(format!("LOOM_TOKEN: {e}").into()),

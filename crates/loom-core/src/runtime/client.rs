@@ -360,10 +360,7 @@ impl AnyActorRef {
         Ok(found)
     }
 
-    /// Delivers an event with options: its key (an id the sender gives it, a webhook's event id
-    /// say). Two deliveries with one key are one event: the second is [`Sent::Duplicate`] and
-    /// reaches no wait, while the first waits to be received or until `Config::reply_ttl` after
-    /// a wait received it.
+    /// [`ActorRef::deliver_event_with`]: the event `name` with `data` (any JSON), with options.
     pub async fn deliver_event_with<T: Serialize + ?Sized>(
         &self,
         name: &str,

@@ -58,13 +58,30 @@ pub enum ConfigError {
 
 type Setter = fn(&mut Config, &str) -> Result<(), String>;
 
+/// The longest duration a setting takes: a century. Longer ones overflow the clocks they are
+/// added to; a setting that can be off takes `"none"` instead.
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 fn duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v.trim())
-        .map_err(|e| format!("not a duration ({e}); write e.g. 500ms, 10s, 2h"))
+    let d = humantime::parse_duration(v.trim())
+        .map_err(|e| format!("not a duration ({e}); write e.g. 500ms, 10s, 2h"))?;
+    if d > LONGEST {
+        return Err("longer than a century".into());
+    }
+    Ok(d)
+}
+
+/// A duration a loop or a lease is timed by: zero would spin or lose every lease.
+fn positive_duration(v: &str) -> Result<Duration, String> {
+    let d = duration(v)?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 fn optional_duration(v: &str) -> Result<Option<Duration>, String> {
-    if v.trim() == "none" {
+    if matches!(v.trim(), "none" | "never") {
         return Ok(None);
     }
     duration(v).map(Some)
@@ -74,6 +91,14 @@ fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
     v.trim()
         .parse()
         .map_err(|_| "not a whole number in range".to_owned())
+}
+
+fn positive_number<T: std::str::FromStr + PartialEq + Default>(v: &str) -> Result<T, String> {
+    let n: T = number(v)?;
+    if n == T::default() {
+        return Err("must be more than zero".into());
+    }
+    Ok(n)
 }
 
 fn optional_number<T: std::str::FromStr>(v: &str) -> Result<Option<T>, String> {
@@ -89,27 +114,27 @@ pub const KEYS: &[(&str, Setter)] = &[
         if v.trim().is_empty() {
             return Err("empty".into());
         }
-        c.node = v.to_owned();
+        c.node = v.trim().to_owned();
         Ok(())
     }),
     ("lease_ttl", |c, v| {
-        c.lease_ttl = duration(v)?;
+        c.lease_ttl = positive_duration(v)?;
         Ok(())
     }),
     ("visibility", |c, v| {
-        c.visibility = duration(v)?;
+        c.visibility = positive_duration(v)?;
         Ok(())
     }),
     ("idle_timeout", |c, v| {
-        c.idle_timeout = duration(v)?;
+        c.idle_timeout = positive_duration(v)?;
         Ok(())
     }),
     ("max_active", |c, v| {
-        c.max_active = number(v)?;
+        c.max_active = positive_number(v)?;
         Ok(())
     }),
     ("poll_interval", |c, v| {
-        c.poll_interval = duration(v)?;
+        c.poll_interval = positive_duration(v)?;
         Ok(())
     }),
     ("max_mailbox", |c, v| {
@@ -121,7 +146,7 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("ask_timeout", |c, v| {
-        c.ask_timeout = duration(v)?;
+        c.ask_timeout = positive_duration(v)?;
         Ok(())
     }),
     ("shutdown_timeout", |c, v| {
@@ -129,23 +154,24 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("suspend_after", |c, v| {
-        c.suspend_after = duration(v)?;
+        // "never": every wait held in memory (`Duration::MAX`, as the field documents).
+        c.suspend_after = optional_duration(v)?.unwrap_or(Duration::MAX);
         Ok(())
     }),
     ("event_recheck", |c, v| {
-        c.event_recheck = duration(v)?;
+        c.event_recheck = positive_duration(v)?;
         Ok(())
     }),
     ("retry.initial", |c, v| {
-        c.retry.initial = duration(v)?;
+        c.retry.initial = positive_duration(v)?;
         Ok(())
     }),
     ("retry.max", |c, v| {
-        c.retry.max = duration(v)?;
+        c.retry.max = positive_duration(v)?;
         Ok(())
     }),
     ("retry.max_attempts", |c, v| {
-        c.retry.max_attempts = number(v)?;
+        c.retry.max_attempts = positive_number(v)?;
         Ok(())
     }),
     ("compaction.every_entries", |c, v| {
@@ -157,7 +183,7 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("compaction.keep", |c, v| {
-        c.compaction.keep = number(v)?;
+        c.compaction.keep = positive_number(v)?;
         Ok(())
     }),
     ("retention.finished_after", |c, v| {
@@ -235,7 +261,12 @@ impl Config {
                 error: e.to_string(),
             })?;
         let mut flat = Vec::new();
-        flatten("", &table, &mut flat);
+        flatten("", &table, &mut flat).map_err(|(key, why)| ConfigError::Bad {
+            source_name: source_name.to_owned(),
+            key,
+            value: String::new(),
+            why,
+        })?;
         self.apply(
             source_name,
             flat.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -244,11 +275,35 @@ impl Config {
 
     /// Applies the `LOOM_*` environment variables of the known keys (see [`env_name`]).
     pub fn apply_env(&mut self) -> Result<(), ConfigError> {
-        let found: Vec<(&str, String)> = KEYS
-            .iter()
-            .filter_map(|(k, _)| std::env::var(env_name(k)).ok().map(|v| (*k, v)))
-            .collect();
-        self.apply("environment", found.iter().map(|(k, v)| (*k, v.as_str())))
+        let mut next = self.clone();
+        for (k, _) in KEYS {
+            let name = env_name(k);
+            let value = match std::env::var(&name) {
+                Ok(v) => v,
+                Err(std::env::VarError::NotPresent) => continue,
+                Err(std::env::VarError::NotUnicode(v)) => {
+                    return Err(ConfigError::Bad {
+                        source_name: "environment".into(),
+                        key: name,
+                        value: v.to_string_lossy().into_owned(),
+                        why: "not valid UTF-8".into(),
+                    });
+                }
+            };
+            // Errors name the variable the user set, not the key.
+            next.apply("environment", [(*k, value.as_str())])
+                .map_err(|e| match e {
+                    ConfigError::Bad { value, why, .. } => ConfigError::Bad {
+                        source_name: "environment".into(),
+                        key: name.clone(),
+                        value,
+                        why,
+                    },
+                    other => other,
+                })?;
+        }
+        *self = next;
+        Ok(())
     }
 
     /// The defaults, then the TOML file at `path` if one is given, then the `LOOM_*`
@@ -274,7 +329,11 @@ impl Config {
 
 /// `table` as `(dotted key, value)` pairs, strings unquoted and other values as TOML writes
 /// them (so `max_attempts = 8` and `max_attempts = "8"` read alike).
-fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
+fn flatten(
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), (String, String)> {
     for (k, v) in table {
         let key = if prefix.is_empty() {
             k.clone()
@@ -282,11 +341,21 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<(String, String)>) {
             format!("{prefix}.{k}")
         };
         match v {
-            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::Table(t) => flatten(&key, t, out)?,
             toml::Value::String(s) => out.push((key, s.clone())),
-            other => out.push((key, other.to_string())),
+            toml::Value::Integer(n) => out.push((key, n.to_string())),
+            other => {
+                return Err((
+                    key,
+                    format!(
+                        "a {}: expected a string or a whole number",
+                        other.type_str()
+                    ),
+                ));
+            }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -325,17 +394,42 @@ mod tests {
             "#,
         )
         .expect("apply");
-        assert_eq!(c.node, "n1");
-        assert_eq!(c.lease_ttl, Duration::from_secs(12));
-        assert_eq!(c.max_active, 7);
-        assert_eq!(c.max_mailbox, Some(9));
-        assert_eq!(c.retry.max_attempts, 3);
-        assert_eq!(c.compaction.every_entries, None);
-        assert_eq!(c.compaction.every_bytes, Some(4096));
+        let s = Duration::from_secs;
+        let expected = Config {
+            node: "n1".into(),
+            lease_ttl: s(12),
+            visibility: s(40),
+            idle_timeout: s(120),
+            max_active: 7,
+            poll_interval: Duration::from_millis(20),
+            max_mailbox: Some(9),
+            reply_ttl: s(7200),
+            ask_timeout: s(5),
+            shutdown_timeout: s(6),
+            suspend_after: s(3),
+            event_recheck: s(3600),
+            retry: super::super::Retry {
+                initial: Duration::from_millis(10),
+                max: s(1),
+                max_attempts: 3,
+            },
+            compaction: super::super::Compaction {
+                every_entries: None,
+                every_bytes: Some(4096),
+                keep: 3,
+            },
+            retention: super::super::Retention {
+                finished_after: s(600),
+                idle_after: Some(s(30 * 86_400)),
+            },
+        };
         assert_eq!(
-            c.retention.idle_after,
-            Some(Duration::from_secs(30 * 86_400))
+            format!("{c:?}"),
+            format!("{expected:?}"),
+            "every field, as set"
         );
+        c.apply("t", [("suspend_after", "never")]).expect("never");
+        assert_eq!(c.suspend_after, Duration::MAX);
         assert_eq!(env_name("retry.max_attempts"), "LOOM_RETRY_MAX_ATTEMPTS");
         assert_eq!(env_name("lease_ttl"), "LOOM_LEASE_TTL");
     }
@@ -360,5 +454,24 @@ mod tests {
         assert!(matches!(e, ConfigError::Toml { .. }), "{e}");
         let e = c.apply("env", [("lease_ttl", "ten")]).expect_err("refused");
         assert!(e.to_string().contains("not a duration"), "{e}");
+        for (key, value) in [
+            ("poll_interval", "0s"),
+            ("lease_ttl", "0ms"),
+            ("max_active", "0"),
+            ("retry.max_attempts", "0"),
+            ("lease_ttl", "500years"),
+        ] {
+            let e = c.apply("env", [(key, value)]).expect_err(value);
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        for text in ["node = [\"a\"]", "lease_ttl = 1.5", "node = true"] {
+            let e = c.apply_toml("t.toml", text).expect_err(text);
+            assert!(
+                e.to_string()
+                    .contains("expected a string or a whole number"),
+                "{e}"
+            );
+        }
+        assert_eq!(format!("{c:?}"), before, "a refused source applied a part");
     }
 }

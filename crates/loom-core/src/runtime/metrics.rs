@@ -15,7 +15,7 @@
 //!
 //! The facade's handles are made once per kind when the runtime starts (from the recorder
 //! installed then: install one before starting the runtime), so counting a turn allocates
-//! nothing and hashes no key; without a recorder the handles do nothing.
+//! nothing (it looks its kind up in a small map); without a recorder the handles do nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -238,4 +238,20 @@ pub struct MetricsSnapshot {
     pub active: u64,
     /// Leases this node keeps renewed now (one per active actor that has taken its lease).
     pub leases_held: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handles are indexed by the variants' order: `ALL` must list them in it.
+    #[test]
+    fn all_lists_the_variants_in_their_order() {
+        for (i, c) in Count::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+        for (i, l) in Latency::ALL.iter().enumerate() {
+            assert_eq!(*l as usize, i, "{l:?}");
+        }
+    }
 }

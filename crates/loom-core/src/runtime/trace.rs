@@ -58,7 +58,11 @@ mod tests {
             format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
             format!("00-{trace}-0000000000000000-01"),
         ] {
-            assert!(!child(Some(&bad)).contains(trace), "{bad} was accepted");
+            let got = child(Some(&bad));
+            assert!(
+                !got.contains(trace) && !got.contains(&trace.to_uppercase()),
+                "{bad} was accepted: {got}"
+            );
         }
         assert!(
             child(Some(&format!("01-{trace}-00f067aa0ba902b7-01")))
