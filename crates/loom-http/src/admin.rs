@@ -120,14 +120,42 @@ struct Page {
 
 impl Page {
     fn limit(&self) -> Result<usize, ApiError> {
-        match self.limit {
-            None => Ok(100),
-            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-            Some(n) => Err(ApiError::BadRequest(format!(
-                "limit {n}: must be between 1 and {MAX_PAGE}"
-            ))),
-        }
+        page_limit(self.limit)
     }
+
+    /// `after` as a number (a mailbox position, a dead letter's id).
+    fn after_number(&self) -> Result<Option<u64>, ApiError> {
+        self.after
+            .as_deref()
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("after {s:?}: not a number")))
+            })
+            .transpose()
+    }
+}
+
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit {n}: must be between 1 and {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// A page of a list: its items, and where the next page starts (`null` when this one was not
+/// full, so there is none).
+fn paged<T: serde::Serialize, N: serde::Serialize>(
+    items: &[T],
+    limit: usize,
+    next: impl FnOnce(&T) -> N,
+) -> Response {
+    let next = (items.len() == limit)
+        .then(|| items.last().map(next))
+        .flatten();
+    axum::Json(json!({ "items": items, "next": next })).into_response()
 }
 
 fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -143,11 +171,6 @@ fn actor_id(p: Result<Path<(String, String)>, PathRejection>) -> Result<ActorId,
 fn parse_actor(s: &str) -> Result<ActorId, ApiError> {
     s.parse()
         .map_err(|e| ApiError::BadKey(format!("{s:?}: {e} (expected kind/key)")))
-}
-
-fn parse_u64(what: &str, s: &str) -> Result<u64, ApiError> {
-    s.parse()
-        .map_err(|_| ApiError::BadRequest(format!("{what} {s:?}: not a number")))
 }
 
 async fn info_json(store: &dyn Store, a: &ActorId) -> Result<Value, ApiError> {
@@ -171,10 +194,7 @@ async fn actors(
     for a in &ids {
         items.push(info_json(&*s.store, a).await?);
     }
-    let next = (ids.len() == limit)
-        .then(|| ids.last().map(|a| a.as_str().to_owned()))
-        .flatten();
-    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+    Ok(paged(&items, limit, |a| a["actor"].clone()))
 }
 
 async fn actor(
@@ -208,21 +228,14 @@ async fn journal(
 ) -> Result<Response, ApiError> {
     let a = actor_id(p)?;
     let q = query(q)?;
-    let limit = Page {
-        after: None,
-        limit: q.limit,
-    }
-    .limit()?;
+    let limit = page_limit(q.limit)?;
     let from = q.from.unwrap_or(1).max(1);
     let entries: Vec<_> = s
         .store
         .read(&a, SeqRange::all().from(from).max(limit as u64))
         .try_collect()
         .await?;
-    let next = (entries.len() == limit)
-        .then(|| entries.last().map(|e| e.seq + 1))
-        .flatten();
-    Ok(axum::Json(json!({ "items": entries, "next": next })).into_response())
+    Ok(paged(&entries, limit, |e| e.seq + 1))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -276,16 +289,8 @@ async fn mailbox(
     let a = actor_id(p)?;
     let page = query(q)?;
     let limit = page.limit()?;
-    let after = page
-        .after
-        .as_deref()
-        .map(|s| parse_u64("after", s))
-        .transpose()?;
-    let items = s.store.messages(&a, after, limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|w| w.position))
-        .flatten();
-    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+    let items = s.store.messages(&a, page.after_number()?, limit).await?;
+    Ok(paged(&items, limit, |w| w.position))
 }
 
 async fn dead_letters(
@@ -294,16 +299,8 @@ async fn dead_letters(
 ) -> Result<Response, ApiError> {
     let page = query(q)?;
     let limit = page.limit()?;
-    let after = page
-        .after
-        .as_deref()
-        .map(|s| parse_u64("after", s))
-        .transpose()?;
-    let items = s.store.dead_letters(after, limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|d| d.id))
-        .flatten();
-    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+    let items = s.store.dead_letters(page.after_number()?, limit).await?;
+    Ok(paged(&items, limit, |d| d.id))
 }
 
 fn dead_letter_id(p: Result<Path<u64>, PathRejection>) -> Result<u64, ApiError> {
@@ -345,15 +342,14 @@ async fn parked(
     let page = query(q)?;
     let limit = page.limit()?;
     let after = page.after.as_deref().map(parse_actor).transpose()?;
-    let found = s.store.parked_actors(after.as_ref(), limit).await?;
-    let next = (found.len() == limit)
-        .then(|| found.last().map(|(a, _)| a.as_str().to_owned()))
-        .flatten();
-    let items: Vec<Value> = found
+    let items: Vec<Value> = s
+        .store
+        .parked_actors(after.as_ref(), limit)
+        .await?
         .into_iter()
         .map(|(a, park)| json!({ "actor": a.as_str(), "park": park }))
         .collect();
-    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+    Ok(paged(&items, limit, |p| p["actor"].clone()))
 }
 
 async fn unpark(
