@@ -15,7 +15,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use loom_core::Seq;
-use tracing_subscriber::EnvFilter;
 
 use output::Failure;
 use store::{Namespace, StoreUrl, open_existing, open_or_create};
@@ -589,52 +588,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// Logs on stderr: warnings by default (a store whose settings cannot keep Loom's promises, a
-/// store failure), more with `RUST_LOG` (`info`, `debug`, `loom_core=debug`, ...).
-fn init_logs() {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(with_warnings(&spec)) {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("warning: RUST_LOG={spec:?} is not a filter ({e}); showing warnings");
-                EnvFilter::new("warn")
-            }
-        },
-        _ => EnvFilter::new("warn"),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-/// `spec` with warnings kept for every target it does not name: `loom_core=debug` becomes
-/// `warn,loom_core=debug`; a spec that sets a level for everything (`error`, `info,sqlx=off`)
-/// is left as it is.
-fn with_warnings(spec: &str) -> String {
-    // Empty pieces (a trailing or doubled comma) would read as a level of their own: dropped.
-    let pieces: Vec<&str> = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect();
-    let global = pieces
-        .iter()
-        .any(|d| d.parse::<tracing_subscriber::filter::LevelFilter>().is_ok());
-    if global {
-        pieces.join(",")
-    } else {
-        std::iter::once("warn")
-            .chain(pieces)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs();
+    // Logs on stderr (warnings by default, more with `RUST_LOG`), spans over OTLP when
+    // `OTEL_EXPORTER_OTLP_ENDPOINT` asks: the runtime that `loom bench` and `loom torture` run.
+    let telemetry = match loom_telemetry::init("loom") {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("warning: no logs: {e}");
+            None
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -652,7 +616,11 @@ fn main() -> ExitCode {
         .skip(1)
         .take_while(|a| a != "--")
         .any(|a| a == "--json");
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    if let Some(Err(e)) = telemetry.map(loom_telemetry::Telemetry::shutdown) {
+        eprintln!("warning: {e}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) if json => {
             let (error, hint) = f.split();
@@ -663,21 +631,5 @@ fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_warnings;
-
-    #[test]
-    fn a_filter_for_some_targets_keeps_everyone_elses_warnings() {
-        assert_eq!(with_warnings("loom_core=debug"), "warn,loom_core=debug");
-        assert_eq!(with_warnings("loom_core"), "warn,loom_core");
-        assert_eq!(with_warnings("error"), "error");
-        assert_eq!(with_warnings("info,sqlx=off"), "info,sqlx=off");
-        assert_eq!(with_warnings("DEBUG"), "DEBUG");
-        assert_eq!(with_warnings("loom_core=debug,"), "warn,loom_core=debug");
-        assert_eq!(with_warnings(" ,error,,"), "error");
     }
 }

@@ -20,7 +20,8 @@
 //! - `Idempotency-Key`: a retried request with the same key is applied once (a repeated send
 //!   answers `duplicate`; a repeated ask answers the recorded reply; for an event, the key is
 //!   the event's key).
-//! - `traceparent` (W3C trace context): the message's trace is a child of the caller's.
+//! - `traceparent` (W3C trace context): the caller's span is the parent of the invocation
+//!   that handles the message.
 //! - `Authorization: Bearer <token>` when [`Options::token`] is set, compared in constant time.
 //!
 //! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`

@@ -330,8 +330,8 @@ async fn a_caller_trace_is_carried_into_the_message() {
         .traceparent
         .clone()
         .expect("a traceparent");
-    assert_eq!(&tp[..36], &parent[..36], "not the caller's trace: {tp}");
-    assert_ne!(&tp[36..52], &parent[36..52], "not a child span: {tp}");
+    // The message names the caller's span: the invocation that handles it is its child.
+    assert_eq!(tp, parent);
     rt.shutdown().await;
 }
 

@@ -63,22 +63,27 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
 
 fn main() -> std::process::ExitCode {
     // Loom's warnings (a store setting that cannot keep its promises, a store failure) go to
-    // stderr; `RUST_LOG=info` or `debug` shows more.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // stderr, `RUST_LOG=info` or `debug` shows more; with `OTEL_EXPORTER_OTLP_ENDPOINT` set,
+    // its spans go to that OpenTelemetry collector.
+    let telemetry = match loom_telemetry::init("order_saga") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // Errors as sentences, with what to do when Loom knows (a full disk, say).
-    match run() {
+    let code = match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", loom_core::explain(&*e));
             std::process::ExitCode::FAILURE
         }
+    };
+    if let Err(e) = telemetry.shutdown() {
+        eprintln!("warning: {e}");
     }
+    code
 }
 
 #[tokio::main]

@@ -28,9 +28,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use opentelemetry::trace::TraceContextExt;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
@@ -83,6 +86,34 @@ pub(super) fn push(tx: &mut Tx<'_>, sent: &[(&Outgoing, &[u8])]) -> StoreResult<
     }
     tx.meta.get()?.insert(OUTBOX_SEQ, seq).map_err(se)?;
     Ok(())
+}
+
+/// Messages a relay hop's span links to, at most (a trace viewer shows a few; the SDK's own
+/// default limit is 128).
+const HOP_LINKS: usize = 64;
+
+/// The span of one relay hop (`from`'s outbox to partition `to`), linked to the traces of the
+/// messages it moves: one hop carries many messages, so it is no message's child. The frames
+/// are decoded for their `traceparent` only when a subscriber records the span.
+fn hop_span(from: u32, to: usize, moving: &[Moving]) -> tracing::Span {
+    let span = tracing::info_span!("loom.relay", from, to, messages = moving.len());
+    if !span.is_disabled() {
+        for m in moving.iter().take(HOP_LINKS) {
+            // A frame that does not decode is the receiver's to report (as corrupt); the hop
+            // only loses a link.
+            if let Ok(env) = crate::codec::decode::<crate::envelope::Envelope>(
+                crate::codec::RecordType::Message,
+                &m.frame,
+            ) {
+                let cx = crate::runtime::trace::parent(env.traceparent.as_deref());
+                let linked = cx.span().span_context().clone();
+                if linked.is_valid() {
+                    span.add_link(linked);
+                }
+            }
+        }
+    }
+    span
 }
 
 /// In a write of the target partition: enqueues the messages of `source`'s outbox above the
@@ -507,7 +538,11 @@ impl Relay {
                 continue;
             }
             let p = self.p;
-            match write_on(&self.parts[q], move |tx| deliver(tx, p, &moving)).await {
+            let span = hop_span(p, q, &moving);
+            match write_on(&self.parts[q], move |tx| deliver(tx, p, &moving))
+                .instrument(span)
+                .await
+            {
                 Ok(to) if !to.is_empty() => {
                     self.delivered.fetch_add(to.len() as u64, Ordering::Relaxed);
                     // No receiver (no runtime on this store) is fine: nobody is to be woken.

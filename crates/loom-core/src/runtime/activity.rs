@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::entry::EntryKind;
 use crate::time::Timestamp;
@@ -327,6 +328,28 @@ impl Context<'_> {
     /// }
     /// ```
     pub async fn activity_with<I, O, F, Fut>(
+        &mut self,
+        name: &str,
+        input: &I,
+        policy: ActivityPolicy,
+        f: F,
+    ) -> Result<O, StepError>
+    where
+        I: Serialize + ?Sized,
+        O: Serialize + DeserializeOwned,
+        F: FnMut(ActivityKey, u32) -> Fut,
+        Fut: Future<Output = Result<O, ActivityError>>,
+    {
+        // The whole activity, every attempt and backoff in this run (a replay of a finished
+        // one is a short span).
+        let span = tracing::info_span!("loom.activity", otel.name = %format_args!("activity {name}"), activity = name);
+        self.activity_step(name, input, policy, f)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Self::activity_with`], in its span.
+    async fn activity_step<I, O, F, Fut>(
         &mut self,
         name: &str,
         input: &I,

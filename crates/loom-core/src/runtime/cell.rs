@@ -19,6 +19,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use serde_json::Value;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::entry::{Entry, EntryKind, Seq, Step};
 use crate::envelope::{Envelope, Retire, RetireReason};
@@ -34,6 +35,7 @@ use super::context::{Context, Interrupt, Invocation, Io};
 use super::metrics::{Count, Latency};
 use super::record::{Outcome, Recorded};
 use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
+use super::trace;
 
 /// What the loop does after a delivery.
 pub(crate) enum Next {
@@ -123,12 +125,22 @@ impl<A: Actor> Cell<A> {
     /// Handles one delivery, start to finish.
     pub(crate) async fn process(&mut self, io: &Io, shared: &Arc<Shared>, d: Delivery) -> Next {
         let span = tracing::info_span!(
-            "invocation",
+            "loom.invocation",
+            otel.name = %format_args!("{} invocation", A::KIND),
+            kind = A::KIND,
             actor = %self.id,
             message_id = %d.envelope.id,
             attempt = d.envelope.attempt,
             traceparent = d.envelope.traceparent.as_deref().unwrap_or(""),
         );
+        // A child of the span that sent the message (see `trace`). No OpenTelemetry layer (or
+        // none that records this span) leaves nothing to link: not an error.
+        if span
+            .set_parent(trace::parent(d.envelope.traceparent.as_deref()))
+            .is_err()
+        {
+            tracing::trace!("no OpenTelemetry layer records the invocation span");
+        }
         self.process_inner(io, shared, d).instrument(span).await
     }
 
@@ -146,7 +158,7 @@ impl<A: Actor> Cell<A> {
                 settle: Some(Settle::Ack(&d.receipt)),
                 ..Turn::append(&self.id, self.next_seq, &[])
             };
-            return match io.store.commit_turn(turn).await {
+            return match io.commit(turn).await {
                 Ok(_) => Next::Continue(None),
                 Err(e) => {
                     self.on_interrupt(io, shared, &d, false, 0, Interrupt::from_store(e))
@@ -189,7 +201,7 @@ impl<A: Actor> Cell<A> {
                 fence: Some(&io.lease),
                 ..Turn::append(&self.id, self.next_seq, &inv.pending)
             };
-            match io.store.commit_turn(turn).await {
+            match io.commit(turn).await {
                 Ok(c) => {
                     self.next_seq = c.highest + 1;
                     if let Some(m) = abandoned {
@@ -358,7 +370,7 @@ impl<A: Actor> Cell<A> {
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
         let committing = tokio::time::Instant::now();
-        let committed = io.store.commit_turn(turn).await;
+        let committed = io.commit(turn).await;
         if committed.is_ok() {
             shared
                 .metrics
@@ -614,7 +626,7 @@ impl<A: Actor> Cell<A> {
             }),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
-        match io.store.commit_turn(turn).await {
+        match io.commit(turn).await {
             Ok(h) => {
                 shared.metrics.count(Count::DeadLetters, A::KIND, 1);
                 tracing::warn!(actor = %self.id, message_id = %d.envelope.id, %reason, "message dead-lettered");
@@ -695,7 +707,7 @@ impl<A: Actor> Cell<A> {
             settle: Some(Settle::Ack(&d.receipt)),
             ..Turn::append(&self.id, self.next_seq, &[])
         };
-        match io.store.commit_turn(turn).await {
+        match io.commit(turn).await {
             Ok(_) => Next::Continue(None),
             Err(e) => {
                 self.on_interrupt(io, shared, d, false, 0, Interrupt::from_store(e))
@@ -817,7 +829,7 @@ async fn upgrade<A: Actor>(
         fence: Some(&io.lease),
         ..Turn::append(id, r.next_seq, std::slice::from_ref(&entry))
     };
-    let committed = io.store.commit_turn(turn).await.map_err(|e| {
+    let committed = io.commit(turn).await.map_err(|e| {
         if e.is_transient()
             || matches!(
                 e,

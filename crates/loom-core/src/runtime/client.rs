@@ -107,8 +107,10 @@ pub struct SendOptions {
     pub idempotency_key: Option<IdempotencyKey>,
     /// Delivers the message after this delay.
     pub delay: Option<Duration>,
-    /// The caller's W3C trace context: the message's `traceparent` is a child of it, so the
-    /// actor's work joins the caller's trace (a malformed one starts a new trace).
+    /// The caller's W3C trace context (an HTTP request's `traceparent`): the invocation that
+    /// handles the message is a child of that span. Without it, the current `tracing` span is
+    /// the parent when an OpenTelemetry layer records it; a malformed one is ignored the same
+    /// way.
     pub traceparent: Option<String>,
 }
 
@@ -227,9 +229,9 @@ impl AnyActorRef {
     fn envelope(&self, payload: Value, traceparent: Option<&str>) -> Result<Envelope, SendError> {
         self.check_kind()?;
         let mut env = Envelope::new(self.id.clone(), payload);
-        // A child of the caller's span when it names one (a request's `traceparent`), so the
-        // actor's work joins the caller's trace; a new trace otherwise.
-        env.traceparent = Some(trace::child(traceparent));
+        // The caller's span (a request's `traceparent`, or the current span): the actor's
+        // work joins the caller's trace; a new trace otherwise.
+        env.traceparent = Some(trace::outgoing(traceparent, None));
         Ok(env)
     }
 
@@ -379,7 +381,7 @@ impl AnyActorRef {
         };
         let lane = id.event_lane_in(name, self.rt.shared.store.partitions());
         let mut env = Envelope::new(lane.clone(), payload);
-        env.traceparent = Some(trace::child(opts.traceparent.as_deref()));
+        env.traceparent = Some(trace::outgoing(opts.traceparent.as_deref(), None));
         env.idempotency_key = Some(key.clone());
         let message_id = env.id;
         let r = self

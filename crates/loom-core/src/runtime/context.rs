@@ -30,6 +30,7 @@ use super::actor::{Actor, Rejected};
 use super::config::Config;
 use super::hub::Hub;
 use super::trace;
+use tracing::Instrument;
 
 /// Why a durable call did not give its result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +163,23 @@ pub(crate) struct Io {
     pub(crate) config: Arc<Config>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) lease: Lease,
+}
+
+impl Io {
+    /// Commits `turn` in a `loom.store.commit` span (a child of the invocation's): the store
+    /// write of a turn, as a trace shows it.
+    pub(crate) async fn commit(
+        &self,
+        turn: Turn<'_>,
+    ) -> crate::error::StoreResult<crate::store::backend::Committed> {
+        let span = tracing::info_span!(
+            "loom.store.commit",
+            entries = turn.entries.len(),
+            sent = turn.send.len(),
+            settles = turn.settle.is_some(),
+        );
+        self.store.commit_turn(turn).instrument(span).await
+    }
 }
 
 /// The state of one invocation while it runs.
@@ -413,7 +431,7 @@ impl<'a> Context<'a> {
             send: &self.inv.outbox,
             ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
         };
-        match self.io.store.commit_turn(turn).await {
+        match self.io.commit(turn).await {
             Ok(c) => {
                 self.inv.next_seq = c.highest + 1;
                 self.inv.pending.clear();
@@ -830,7 +848,12 @@ impl<'a> Context<'a> {
             payload: payload.clone(),
             idempotency_key: None,
             reply_to: Some(self.inv.actor.clone()),
-            traceparent: Some(trace::child(self.inv.envelope.traceparent.as_deref())),
+            // Sent from this invocation's span (or the handler's own): the receiver's span
+            // is its child.
+            traceparent: Some(trace::outgoing(
+                None,
+                self.inv.envelope.traceparent.as_deref(),
+            )),
             attempt: 0,
             requeued_from: None,
             retire: None,
@@ -899,6 +922,15 @@ impl<'a> Context<'a> {
     /// once if it is suspended or sleeps in memory on the node that asked; a sleep of at most
     /// `suspend_after` in memory on another node is not told and runs to its end.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
+        let span = tracing::info_span!(
+            "loom.sleep",
+            duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        );
+        self.sleep_step(duration).instrument(span).await
+    }
+
+    /// [`Self::sleep`], in its span.
+    async fn sleep_step(&mut self, duration: Duration) -> Result<(), StepError> {
         let (step, recorded) = self.next_step("sleep", "")?;
         let (fire_at, resumed_in) = match recorded {
             Some(r) => {
@@ -1007,6 +1039,16 @@ impl<'a> Context<'a> {
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<T, StepError> {
+        let span = tracing::info_span!("loom.wait_event", event = name);
+        self.wait_event_step(name, timeout).instrument(span).await
+    }
+
+    /// [`Self::wait_event`], in its span.
+    async fn wait_event_step<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<T, StepError> {
         let (step, recorded) = self.next_step("wait_event", name)?;
         let resumed_in = recorded.as_ref().map(|_| self.inv.envelope.attempt);
         let deadline = match recorded {
@@ -1094,7 +1136,7 @@ impl<'a> Context<'a> {
                         }),
                         ..Turn::append(&self.inv.actor, self.inv.next_seq, &self.inv.pending)
                     };
-                    return match self.io.store.commit_turn(turn).await {
+                    return match self.io.commit(turn).await {
                         Ok(c) => {
                             self.inv.next_seq = c.highest + 1;
                             self.inv.pending.clear();

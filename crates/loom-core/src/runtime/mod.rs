@@ -57,7 +57,7 @@ mod leases;
 mod metrics;
 mod record;
 mod replay;
-mod trace;
+pub(crate) mod trace;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

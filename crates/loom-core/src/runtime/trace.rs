@@ -1,72 +1,170 @@
-//! W3C trace context (`traceparent`) carried in messages.
+//! W3C trace context (`traceparent`) carried in messages, through OpenTelemetry's propagator.
+//!
+//! A message's `traceparent` names the span that sent it: the receiving invocation's span is
+//! its child (see `Cell::process`), so one request that travels through several actors is one
+//! trace, each hop a child of the one before. Which span that is, in order:
+//!
+//! 1. the caller's own, when it names one (`SendOptions::traceparent`, an HTTP request's
+//!    `traceparent` header);
+//! 2. the current `tracing` span, when an OpenTelemetry layer records it (an invocation, an
+//!    application's request span);
+//! 3. with no such layer: a new span id in the trace of the message being handled, so that
+//!    logs still tie a chain of messages together;
+//! 4. else a new trace.
 
-/// A new root `traceparent`: version 00, a random trace id, a random span id, sampled.
-pub(crate) fn root() -> String {
-    let trace = crate::seam::uuid_v4().simple().to_string();
-    format!("00-{trace}-{:016x}-01", span_id())
-}
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceId, TraceState};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// A `traceparent` for a child of `parent` (same trace, new span, version 00, the parent's
-/// flags), or a new root if `parent` is missing or not one W3C trace context says to accept:
-/// lowercase hex fields of 2-32-16-2 digits, a version other than `ff`, a trace id and a
-/// parent id that are not all zeros.
-pub(crate) fn child(parent: Option<&str>) -> String {
-    let Some(p) = parent else { return root() };
-    let parts: Vec<&str> = p.split('-').collect();
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let zero = |s: &str| s.bytes().all(|b| b == b'0');
-    let ok = parts.len() == 4
-        && hex(parts[0], 2)
-        && parts[0] != "ff"
-        && hex(parts[1], 32)
-        && !zero(parts[1])
-        && hex(parts[2], 16)
-        && !zero(parts[2])
-        && hex(parts[3], 2);
-    if !ok {
-        return root();
+const TRACEPARENT: &str = "traceparent";
+
+/// One `traceparent` as the propagator reads it.
+struct Carrier<'a>(&'a str);
+
+impl Extractor for Carrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == TRACEPARENT).then_some(self.0)
     }
-    format!("00-{}-{:016x}-{}", parts[1], span_id(), parts[3])
+
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
 }
 
-fn span_id() -> u64 {
+/// Where the propagator writes a `traceparent` (the `tracestate` it also writes is not kept:
+/// messages carry no vendor state).
+#[derive(Default)]
+struct Written(Option<String>);
+
+impl Injector for Written {
+    fn set(&mut self, key: &str, value: String) {
+        if key == TRACEPARENT {
+            self.0 = Some(value);
+        }
+    }
+}
+
+/// The span context `traceparent` names, if W3C trace context says to accept it. The
+/// propagator checks the version (not `ff`), lowercase hex and non-zero ids; the field lengths
+/// (2-32-16-2 digits) are checked here, since it reads shorter ids as numbers.
+fn parse(traceparent: &str) -> Option<SpanContext> {
+    let lengths: Vec<usize> = traceparent.split('-').map(str::len).collect();
+    if lengths.len() < 4 || lengths[..4] != [2, 32, 16, 2] {
+        return None;
+    }
+    let cx = TraceContextPropagator::new().extract(&Carrier(traceparent));
+    let span = cx.span().span_context().clone();
+    span.is_valid().then_some(span)
+}
+
+fn format(span: &SpanContext) -> String {
+    let mut out = Written::default();
+    TraceContextPropagator::new().inject_context(
+        &Context::new().with_remote_span_context(span.clone()),
+        &mut out,
+    );
+    // The propagator writes every valid span context; `span` is one (see callers).
+    out.0
+        .unwrap_or_else(|| format!("00-{}-{}-01", span.trace_id(), span.span_id()))
+}
+
+/// The OpenTelemetry context a message's `traceparent` names: the parent of the span that
+/// handles it. Empty (a new trace) if it names none that W3C trace context accepts.
+pub(crate) fn parent(traceparent: Option<&str>) -> Context {
+    match traceparent.and_then(parse) {
+        Some(span) => Context::new().with_remote_span_context(span),
+        None => Context::new(),
+    }
+}
+
+/// The `traceparent` of a message sent now: the caller's (`explicit`), else the current span's,
+/// else a new span in the trace of `handling` (the message being handled), else a new trace.
+/// See the module's documentation.
+pub(crate) fn outgoing(explicit: Option<&str>, handling: Option<&str>) -> String {
+    if let Some(span) = explicit.and_then(parse) {
+        return format(&span);
+    }
+    let current = tracing::Span::current().context();
+    let span = current.span().span_context().clone();
+    if span.is_valid() {
+        return format(&span);
+    }
+    let span = match handling.and_then(parse) {
+        Some(p) => SpanContext::new(
+            p.trace_id(),
+            span_id(),
+            p.trace_flags(),
+            false,
+            TraceState::default(),
+        ),
+        None => SpanContext::new(
+            TraceId::from(crate::seam::uuid_v4().as_u128()),
+            span_id(),
+            opentelemetry::trace::TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+    };
+    format(&span)
+}
+
+fn span_id() -> SpanId {
     // A zero span id is invalid in W3C trace context.
-    crate::seam::random_u64_in(1..)
+    SpanId::from(crate::seam::random_u64_in(1..))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
     #[test]
-    fn child_keeps_the_trace_and_changes_the_span() {
-        let root = root();
-        let kid = child(Some(&root));
-        assert_eq!(root.len(), 55);
-        assert_eq!(&root[..36], &kid[..36]);
-        assert_ne!(&root[36..52], &kid[36..52]);
-        assert_ne!(&child(Some("garbage"))[3..35], &root[3..35]);
-        // Not accepted: uppercase, version ff, an all-zero trace or parent id.
-        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-        for bad in [
-            format!("00-{}-00f067aa0ba902b7-01", trace.to_uppercase()),
-            format!("ff-{trace}-00f067aa0ba902b7-01"),
-            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
-            format!("00-{trace}-0000000000000000-01"),
-        ] {
-            let got = child(Some(&bad));
-            assert!(
-                !got.contains(trace) && !got.contains(&trace.to_uppercase()),
-                "{bad} was accepted: {got}"
-            );
-        }
-        assert!(
-            child(Some(&format!("01-{trace}-00f067aa0ba902b7-01")))
-                .starts_with(&format!("00-{trace}-"))
+    fn a_caller_span_is_the_parent_and_a_handled_message_keeps_its_trace() {
+        let caller = format!("00-{TRACE}-00f067aa0ba902b7-01");
+        // The caller's span is the message's parent as it is.
+        assert_eq!(outgoing(Some(&caller), None), caller);
+        // Sent while handling a message (no OpenTelemetry layer here): same trace, new span.
+        let kid = outgoing(None, Some(&caller));
+        assert_eq!(kid.len(), 55);
+        assert_eq!(&kid[..36], &caller[..36]);
+        assert_ne!(&kid[36..52], &caller[36..52]);
+        // Unsampled stays unsampled.
+        assert!(outgoing(None, Some(&format!("00-{TRACE}-00f067aa0ba902b7-00"))).ends_with("-00"));
+        // A later version's traceparent is read and written back as version 00.
+        assert_eq!(
+            outgoing(Some(&format!("01-{TRACE}-00f067aa0ba902b7-01")), None),
+            caller
         );
+        // Nothing to go on: a new trace each time.
+        let (a, b) = (outgoing(None, None), outgoing(None, None));
+        assert_ne!(&a[3..35], &b[3..35]);
+        assert!(parse(&a).is_some());
+    }
+
+    #[test]
+    fn what_w3c_trace_context_refuses_starts_a_new_trace() {
+        for bad in [
+            format!("00-{}-00f067aa0ba902b7-01", TRACE.to_uppercase()),
+            format!("ff-{TRACE}-00f067aa0ba902b7-01"),
+            format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+            format!("00-{TRACE}-0000000000000000-01"),
+            format!("00-{}-00f067aa0ba902b7-01", &TRACE[..31]),
+            format!("00-{TRACE}-f067aa0ba902b7-01"),
+            format!("00-{TRACE}-00f067aa0ba902b7-1"),
+            format!("00-{TRACE}-00f067aa0ba902b7-01-extra"),
+            "garbage".to_owned(),
+            String::new(),
+        ] {
+            assert!(parse(&bad).is_none(), "{bad:?} was accepted");
+            let got = outgoing(Some(&bad), None);
+            assert!(
+                !got.to_lowercase().contains(TRACE),
+                "{bad:?} was carried on: {got}"
+            );
+            assert!(!parent(Some(&bad)).span().span_context().is_valid());
+        }
     }
 }
