@@ -6,7 +6,7 @@ use loom_core::{ActorId, IdempotencyKey, MessageId, Store, Waiting};
 use serde::Serialize;
 
 use crate::journal::parse_actor;
-use crate::output::{Failure, out};
+use crate::output::{Failure, out, report, table};
 
 /// `loom parked ls`: every parked actor, with why, where and when.
 pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
@@ -33,21 +33,19 @@ pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
     if all.is_empty() {
         return out("no actor is parked");
     }
-    let width = all.iter().map(|(a, _)| a.as_str().len()).max().unwrap_or(5);
-    out(format_args!(
-        "{:<width$}  {:<24}  {:<36}  {:>4}  REASON",
-        "ACTOR", "AT", "MESSAGE", "STEP"
-    ))?;
-    for (a, p) in &all {
-        out(format_args!(
-            "{:<width$}  {:<24}  {:<36}  {:>4}  {}",
-            a.as_str(),
-            p.at.to_string(),
-            p.message_id.map_or("-".to_owned(), |m| m.to_string()),
-            p.step.map_or("-".to_owned(), |s| s.to_string()),
-            p.reason.replace('\n', " ")
-        ))?;
-    }
+    let rows = all
+        .iter()
+        .map(|(a, p)| {
+            vec![
+                a.to_string(),
+                p.at.to_string(),
+                p.message_id.map_or("-".to_owned(), |m| m.to_string()),
+                p.step.map_or("-".to_owned(), |s| s.to_string()),
+                p.reason.replace('\n', " "),
+            ]
+        })
+        .collect();
+    table(&["ACTOR", "AT", "MESSAGE", "STEP", "REASON"], rows, &[3])?;
     out(format_args!(
         "{} parked; `loom parked unpark ACTOR` lets one run again (fix its code first)",
         all.len()
@@ -55,16 +53,23 @@ pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
 }
 
 /// `loom parked unpark ACTOR`.
-pub async fn unpark(store: &dyn Store, actor: &str) -> Result<(), Failure> {
+pub async fn unpark(store: &dyn Store, actor: &str, json: bool) -> Result<(), Failure> {
     let a = parse_actor(actor)?;
     match store.unpark(&a).await? {
-        Some(p) => out(format_args!(
-            "{a} is unparked: its mailbox is open again, and the message it stopped at{} runs \
-             with a fresh set of attempts on the next node that hosts {} (it was parked: {})",
-            p.message_id.map_or(String::new(), |m| format!(" ({m})")),
-            a.kind(),
-            p.reason
-        )),
+        Some(p) => report(
+            json,
+            serde_json::json!({
+                "unparked": a.as_str(), "message_id": p.message_id, "reason": p.reason,
+            }),
+            format_args!(
+                "{a} is unparked: its mailbox is open again, and the message it stopped at{} \
+                 runs with a fresh set of attempts on the next node that hosts {} (it was \
+                 parked: {})",
+                p.message_id.map_or(String::new(), |m| format!(" ({m})")),
+                a.kind(),
+                p.reason
+            ),
+        ),
         None => Err(Failure(format!("{a} is not parked"))),
     }
 }
@@ -103,19 +108,17 @@ pub async fn mailboxes(store: &dyn Store, kind: Option<&str>, json: bool) -> Res
         }
         return Ok(());
     }
-    let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
-    out(format_args!(
-        "{:<width$}  {:>8}  PARKED",
-        "ACTOR", "PENDING"
-    ))?;
-    for r in &rows {
-        out(format_args!(
-            "{:<width$}  {:>8}  {}",
-            r.actor,
-            r.pending,
-            if r.parked { "yes" } else { "-" }
-        ))?;
-    }
+    let cells = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.actor.clone(),
+                r.pending.to_string(),
+                (if r.parked { "yes" } else { "-" }).to_owned(),
+            ]
+        })
+        .collect();
+    table(&["ACTOR", "PENDING", "PARKED"], cells, &[1])?;
     let total: u64 = rows.iter().map(|r| r.pending).sum();
     out(format_args!(
         "{} mailboxes, {total} messages waiting",
@@ -155,10 +158,7 @@ pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Fail
     if all.is_empty() {
         return out(format_args!("{a} has no waiting message"));
     }
-    out(format_args!(
-        "{:>8}  {:<36}  {:<30}  {:<6}  KEY",
-        "POSITION", "MESSAGE", "STATE", "CANCEL"
-    ))?;
+    let mut rows = Vec::with_capacity(all.len());
     for w in &all {
         let state = match (w.out, w.deliver_at) {
             (true, _) => "out (running or suspended)".to_owned(),
@@ -173,18 +173,23 @@ pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Fail
             ),
             None => state,
         };
-        out(format_args!(
-            "{:>8}  {:<36}  {:<30}  {:<6}  {}",
-            w.position,
+        rows.push(vec![
+            w.position.to_string(),
             w.envelope.id.to_string(),
             state,
-            if w.cancelling { "asked" } else { "-" },
+            (if w.cancelling { "asked" } else { "-" }).to_owned(),
             w.envelope
                 .idempotency_key
                 .as_ref()
                 .map_or("-", |k| k.as_str())
-        ))?;
+                .to_owned(),
+        ]);
     }
+    table(
+        &["POSITION", "MESSAGE", "STATE", "CANCEL", "KEY"],
+        rows,
+        &[0],
+    )?;
     out(format_args!("{} messages waiting for {a}", all.len()))
 }
 
@@ -222,7 +227,13 @@ pub async fn cancel(
 }
 
 /// `loom mailbox bury ACTOR --reason R --yes`.
-pub async fn bury(store: &dyn Store, actor: &str, reason: &str, yes: bool) -> Result<(), Failure> {
+pub async fn bury(
+    store: &dyn Store,
+    actor: &str,
+    reason: &str,
+    yes: bool,
+    json: bool,
+) -> Result<(), Failure> {
     let a = parse_actor(actor)?;
     let pending = store.pending(&a).await?;
     if pending == 0 {
@@ -238,10 +249,14 @@ pub async fn bury(store: &dyn Store, actor: &str, reason: &str, yes: bool) -> Re
     match bury_mailbox(store, &a, reason, &owner).await {
         Ok(n) => {
             let left = store.pending(&a).await?;
-            out(format_args!(
-                "{a}: {n} messages moved to the dead letters ({left} still waiting: delayed, not \
-                 due yet); `loom deadletters ls` shows them"
-            ))
+            report(
+                json,
+                serde_json::json!({ "actor": a.as_str(), "buried": n, "still_waiting": left }),
+                format_args!(
+                    "{a}: {n} messages moved to the dead letters ({left} still waiting: delayed, \
+                     not due yet); `loom deadletters ls` shows them"
+                ),
+            )
         }
         Err(BuryError::Store(loom_core::StoreError::LeaseHeld { owner, .. })) => Err(Failure(
             format!("{a} is running on {owner}; stop it there first"),

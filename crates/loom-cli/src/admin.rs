@@ -5,7 +5,7 @@ use loom_core::{ActorId, Store};
 use serde::Serialize;
 
 use crate::journal::{all_actors, parse_actor};
-use crate::output::{Failure, out};
+use crate::output::{Failure, dash, out, report, table};
 
 #[derive(Serialize)]
 struct Stats {
@@ -76,35 +76,31 @@ pub async fn stats(
         }
         return Ok(());
     }
-    let width = rows.iter().map(|r| r.actor.len()).max().unwrap_or(5).max(5);
-    let bytes_head = match with_bytes {
-        true => format!("  {:>10}  {:>10}", "JSON", "ENCODED"),
-        false => String::new(),
-    };
-    out(format_args!(
-        "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}{bytes_head}  SNAPSHOTS",
-        "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES", "PENDING"
-    ))?;
-    for r in &rows {
-        let snaps: Vec<String> = r.snapshots.iter().map(u64::to_string).collect();
-        let bytes = match r.bytes {
-            Some(b) => format!("  {:>10}  {:>10}", human(b.json), human(b.encoded)),
-            None => String::new(),
-        };
-        out(format_args!(
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {:>8}{bytes}  {}",
-            r.actor,
-            r.highest,
-            r.trimmed_through,
-            r.entries,
-            r.pending_messages,
-            if snaps.is_empty() {
-                "-".to_owned()
-            } else {
-                snaps.join(",")
-            }
-        ))?;
+    let mut header = vec!["ACTOR", "HIGHEST", "TRIMMED", "ENTRIES", "PENDING"];
+    if with_bytes {
+        header.extend(["JSON", "ENCODED"]);
     }
+    header.push("SNAPSHOTS");
+    let cells = rows
+        .iter()
+        .map(|r| {
+            let snaps: Vec<String> = r.snapshots.iter().map(u64::to_string).collect();
+            let mut row = vec![
+                r.actor.clone(),
+                r.highest.to_string(),
+                r.trimmed_through.to_string(),
+                r.entries.to_string(),
+                r.pending_messages.to_string(),
+            ];
+            if let Some(b) = r.bytes {
+                row.extend([human(b.json), human(b.encoded)]);
+            }
+            row.push(dash(&snaps));
+            row
+        })
+        .collect();
+    let right: Vec<usize> = (1..header.len() - 1).collect();
+    table(&header, cells, &right)?;
     if actor.is_none() {
         out(format_args!(
             "{} journals, {total} entries kept, {pending} messages waiting",
@@ -153,7 +149,7 @@ pub async fn compact(
     }
 }
 
-pub async fn delete(store: &dyn Store, actor: &str, yes: bool) -> Result<(), Failure> {
+pub async fn delete(store: &dyn Store, actor: &str, yes: bool, json: bool) -> Result<(), Failure> {
     let a: ActorId = parse_actor(actor)?;
     let info = store.info(&a).await?;
     if info.highest == 0 {
@@ -167,11 +163,18 @@ pub async fn delete(store: &dyn Store, actor: &str, yes: bool) -> Result<(), Fai
         )));
     }
     store.delete(&a).await?;
-    out(format_args!(
-        "{a}: journal and snapshots deleted (seqs up to {} stay used: the next append is {})",
-        info.highest,
-        info.highest + 1
-    ))
+    report(
+        json,
+        serde_json::json!({
+            "actor": a.as_str(), "deleted_entries": info.len(),
+            "deleted_snapshots": info.snapshots.len(), "next_seq": info.highest + 1,
+        }),
+        format_args!(
+            "{a}: journal and snapshots deleted (seqs up to {} stay used: the next append is {})",
+            info.highest,
+            info.highest + 1
+        ),
+    )
 }
 
 pub async fn dead_letters(
@@ -187,20 +190,29 @@ pub async fn dead_letters(
         }
         return Ok(());
     }
-    out(format_args!(
-        "{:>6}  {:<40}  {:>10}  {:<24}  REASON",
-        "ID", "ACTOR", "DELIVERIES", "AT"
-    ))?;
-    for d in &dead {
-        out(format_args!(
-            "{:>6}  {:<40}  {:>10}  {:<24}  {}",
-            d.id,
-            d.envelope.to.as_str(),
-            d.deliveries,
-            d.at.to_string(),
-            d.reason.replace('\n', " ")
-        ))?;
+    if dead.is_empty() {
+        return out(match after {
+            Some(a) => format!("no dead letters after {a}"),
+            None => "no dead letters".to_owned(),
+        });
     }
+    let rows = dead
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.envelope.to.to_string(),
+                d.deliveries.to_string(),
+                d.at.to_string(),
+                d.reason.replace('\n', " "),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "ACTOR", "DELIVERIES", "AT", "REASON"],
+        rows,
+        &[0, 2],
+    )?;
     if dead.len() == limit {
         out(format_args!(
             "(more: --after {})",
@@ -272,16 +284,18 @@ pub async fn purge(
     ))
 }
 
-pub async fn requeue(store: &dyn Store, id: u64) -> Result<(), Failure> {
+pub async fn requeue(store: &dyn Store, id: u64, json: bool) -> Result<(), Failure> {
     let position = store.requeue_dead_letter(id).await?;
-    out(format_args!(
-        "dead letter {id} is back in its mailbox at position {position}"
-    ))
+    report(
+        json,
+        serde_json::json!({ "requeued": id, "position": position }),
+        format_args!("dead letter {id} is back in its mailbox at position {position}"),
+    )
 }
 
 /// `loom redo salvage --store DIR [--yes]`: opens an embedded store whose redo log is damaged in
 /// the middle, keeping the batches before the damage and moving the rest aside.
-pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
+pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), Failure> {
     use loom_core::{EmbeddedOptions, EmbeddedStore, StoreError};
     if !dir.join(loom_core::embedded::DATA_FILE).is_file() {
         return Err(Failure(format!(
@@ -292,10 +306,14 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
     }
     match EmbeddedStore::open(dir) {
         Ok(_) => {
-            return out(format_args!(
-                "{}: the redo log is intact; nothing to salvage",
-                dir.display()
-            ));
+            return report(
+                json,
+                serde_json::json!({ "salvaged": false, "intact": true }),
+                format_args!(
+                    "{}: the redo log is intact; nothing to salvage",
+                    dir.display()
+                ),
+            );
         }
         Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("redo") => {
             if !yes {
@@ -319,11 +337,15 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool) -> Result<(), Failure> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".redo.damaged-"))
         .collect();
-    out(format_args!(
-        "{}: salvaged; it opens again, without the batches from the damage on (kept in {})",
-        dir.display(),
-        kept.join(", ")
-    ))
+    report(
+        json,
+        serde_json::json!({ "salvaged": true, "intact": false, "kept": kept }),
+        format_args!(
+            "{}: salvaged; it opens again, without the batches from the damage on (kept in {})",
+            dir.display(),
+            kept.join(", ")
+        ),
+    )
 }
 
 /// `loom store repartition --store DIR --partitions N`: copies the store into a new one of `N`

@@ -3,7 +3,7 @@
 use futures::TryStreamExt;
 use loom_core::{ActorId, Seq, SeqRange, Store, StoreError};
 
-use crate::output::{Failure, out};
+use crate::output::{Failure, dash, out, report, table};
 
 pub fn parse_actor(s: &str) -> Result<ActorId, Failure> {
     s.parse()
@@ -36,33 +36,23 @@ pub async fn ls(store: &dyn Store, json: bool) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    let width = actors
-        .iter()
-        .map(|a| a.as_str().len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    out(format_args!(
-        "{:<width$}  {:>10}  {:>10}  {:>10}  SNAPSHOTS",
-        "ACTOR", "HIGHEST", "TRIMMED", "ENTRIES"
-    ))?;
+    let mut rows = Vec::with_capacity(actors.len());
     for a in actors {
         let info = store.info(&a).await?;
         let snaps: Vec<String> = info.snapshots.iter().map(|s| s.to_string()).collect();
-        out(format_args!(
-            "{:<width$}  {:>10}  {:>10}  {:>10}  {}",
-            a.as_str(),
-            info.highest,
-            info.trimmed_through,
-            info.len(),
-            if snaps.is_empty() {
-                "-".to_owned()
-            } else {
-                snaps.join(",")
-            }
-        ))?;
+        rows.push(vec![
+            a.to_string(),
+            info.highest.to_string(),
+            info.trimmed_through.to_string(),
+            info.len().to_string(),
+            dash(&snaps),
+        ]);
     }
-    Ok(())
+    table(
+        &["ACTOR", "HIGHEST", "TRIMMED", "ENTRIES", "SNAPSHOTS"],
+        rows,
+        &[1, 2, 3],
+    )
 }
 
 pub async fn show(store: &dyn Store, actor: &str, from: Seq, to: Seq) -> Result<(), Failure> {
@@ -82,6 +72,7 @@ pub async fn verify(
     store: &dyn Store,
     embedded: Option<&loom_core::EmbeddedStore>,
     actor: Option<&str>,
+    json: bool,
 ) -> Result<(), Failure> {
     let actors = match actor {
         Some(a) => vec![parse_actor(a)?],
@@ -100,6 +91,7 @@ pub async fn verify(
     }
     // The partitions' outboxes and high-water marks (the relay's invariants).
     let mut relay = String::new();
+    let mut relay_json = serde_json::Value::Null;
     if let Some(e) = embedded {
         let states = e.outbox_states().await?;
         let wrong = loom_core::embedded::check_outboxes(&states);
@@ -113,6 +105,7 @@ pub async fn verify(
             )));
         }
         let waiting: u64 = states.iter().map(|s| s.pending).sum();
+        relay_json = serde_json::json!({ "partitions": states.len(), "waiting_to_move": waiting });
         relay = format!(
             "; {} partitions, outboxes and high-water marks consistent, {waiting} messages waiting to move",
             states.len()
@@ -124,10 +117,16 @@ pub async fn verify(
             actors.len()
         )));
     }
-    out(format_args!(
-        "ok: {} journals, {checked} entries verified{relay}",
-        actors.len()
-    ))
+    report(
+        json,
+        serde_json::json!({
+            "ok": true, "journals": actors.len(), "entries": checked, "relay": relay_json,
+        }),
+        format_args!(
+            "ok: {} journals, {checked} entries verified{relay}",
+            actors.len()
+        ),
+    )
 }
 
 async fn verify_one(store: &dyn Store, a: &ActorId) -> Result<u64, StoreError> {

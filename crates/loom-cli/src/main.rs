@@ -32,6 +32,10 @@ struct Cli {
     /// Schema on a PostgreSQL store (the runtime's default is `loom`).
     #[arg(long, global = true, default_value = "loom")]
     pg_schema: String,
+    /// Results as JSON (one object per line) instead of tables and sentences, and a failure
+    /// as one object `{"error", "hint"}` on stderr.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,9 +135,6 @@ enum Command {
         /// The target store (holding none of the source's journals).
         #[arg(long)]
         to: String,
-        /// One JSON object instead of a sentence.
-        #[arg(long)]
-        json: bool,
     },
     /// Benchmarks, each measured against a same-run baseline.
     Bench {
@@ -153,9 +154,6 @@ enum Command {
         /// Bytes of payload per entry.
         #[arg(long, default_value_t = 256)]
         payload: usize,
-        /// One JSON object per scenario instead of a table.
-        #[arg(long)]
-        json: bool,
         /// Seconds of measured time for the append scenarios (when --entries is not given)
         /// and for each engine of the bake-off.
         #[arg(long, default_value_t = 2.0)]
@@ -187,9 +185,6 @@ enum Command {
         seed: Option<u64>,
         #[command(flatten)]
         shape: torture::Shape,
-        /// One JSON object instead of a sentence.
-        #[arg(long)]
-        json: bool,
     },
     /// Prints a completion script for a shell: `loom completions bash > /etc/bash_completion.d/loom`
     /// (also zsh, fish, elvish, powershell).
@@ -223,11 +218,7 @@ enum Command {
 #[derive(Subcommand)]
 enum JournalCommand {
     /// Every actor with a journal: highest seq, trim point, snapshots.
-    Ls {
-        /// One JSON object per journal.
-        #[arg(long)]
-        json: bool,
-    },
+    Ls {},
     /// The entries of one actor's journal, one JSON object per line.
     Show {
         /// The actor, as `kind/key`.
@@ -249,9 +240,6 @@ enum JournalCommand {
         /// written by a build before compression, or with it off, are stored as JSON.
         #[arg(long)]
         bytes: bool,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// Reads every entry and snapshot and checks it (checksums, numbering, no gaps).
     Verify {
@@ -266,9 +254,6 @@ enum JournalCommand {
         /// Snapshots to keep.
         #[arg(long, default_value_t = 2)]
         keep: usize,
-        /// JSON instead of a sentence.
-        #[arg(long)]
-        json: bool,
     },
     /// Deletes an actor's journal and snapshots (its seqs are never reused).
     Delete {
@@ -292,9 +277,6 @@ enum StoreCommand {
         /// The new partition count (1 to 256).
         #[arg(long)]
         partitions: u32,
-        /// One JSON object instead of a sentence.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -316,11 +298,7 @@ enum RedoCommand {
 #[derive(Subcommand)]
 enum ParkedCommand {
     /// Every parked actor, with the reason, the message and step it stopped at, and when.
-    Ls {
-        /// One JSON object per parked actor.
-        #[arg(long)]
-        json: bool,
-    },
+    Ls {},
     /// Lets a parked actor run again: the message it stopped at runs with a fresh set of
     /// attempts (fix the code first, or it parks again).
     Unpark {
@@ -336,18 +314,12 @@ enum MailboxCommand {
         /// Only actors of this kind.
         #[arg(long)]
         kind: Option<String>,
-        /// One JSON object per mailbox.
-        #[arg(long)]
-        json: bool,
     },
     /// The messages waiting for one actor, in order: which is out (running or suspended),
     /// which are delayed, which are asked to be cancelled.
     Show {
         /// The actor, as `kind/key`.
         actor: String,
-        /// One JSON object per message.
-        #[arg(long)]
-        json: bool,
     },
     /// Asks that the invocation of a waiting message be cancelled: its next durable wait (a
     /// sleep, a wait for an event, an activity's backoff) ends with `StepError::Cancelled`, at
@@ -362,9 +334,6 @@ enum MailboxCommand {
         /// The message, by the idempotency key it was sent with.
         #[arg(long)]
         key: Option<String>,
-        /// The result as one JSON object.
-        #[arg(long)]
-        json: bool,
     },
     /// Moves the messages waiting (and due) for an actor to the dead letters, recording the
     /// failure for callers that retry with an idempotency key; refused while a node runs the
@@ -394,9 +363,6 @@ enum DeadLetterCommand {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// One JSON object per dead letter.
-        #[arg(long)]
-        json: bool,
     },
     /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time in
     /// UTC, or an age such as `7d` or `36h` on this machine's clock), or all of them. A caller
@@ -411,9 +377,6 @@ enum DeadLetterCommand {
         /// Really delete.
         #[arg(long)]
         yes: bool,
-        /// JSON instead of a sentence.
-        #[arg(long)]
-        json: bool,
     },
     /// Puts a dead letter back at the end of its mailbox.
     Requeue {
@@ -428,40 +391,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         pg_schema: cli.pg_schema,
     };
     let url = |s: &str| StoreUrl::parse(s, &ns);
+    let json = cli.json;
     match cli.command {
         Command::Journal { store, command } => {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                JournalCommand::Ls { json } => journal::ls(s, json).await,
+                JournalCommand::Ls {} => journal::ls(s, json).await,
                 JournalCommand::Show { actor, from, to } => {
                     journal::show(s, &actor, from, to).await
                 }
-                JournalCommand::Stats { actor, bytes, json } => {
+                JournalCommand::Stats { actor, bytes } => {
                     admin::stats(s, actor.as_deref(), bytes, json).await
                 }
                 JournalCommand::Verify { actor } => {
-                    journal::verify(s, opened.embedded.as_ref(), actor.as_deref()).await
+                    journal::verify(s, opened.embedded.as_ref(), actor.as_deref(), json).await
                 }
-                JournalCommand::Compact { actor, keep, json } => {
+                JournalCommand::Compact { actor, keep } => {
                     admin::compact(s, &actor, keep, json).await
                 }
-                JournalCommand::Delete { actor, yes } => admin::delete(s, &actor, yes).await,
+                JournalCommand::Delete { actor, yes } => admin::delete(s, &actor, yes, json).await,
             }
         }
         Command::Deadletters { store, command } => {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                DeadLetterCommand::Ls { after, limit, json } => {
+                DeadLetterCommand::Ls { after, limit } => {
                     admin::dead_letters(s, after, limit, json).await
                 }
-                DeadLetterCommand::Requeue { id } => admin::requeue(s, id).await,
+                DeadLetterCommand::Requeue { id } => admin::requeue(s, id, json).await,
                 DeadLetterCommand::Purge {
                     before,
                     id,
                     yes,
-                    json,
                 } => admin::purge(s, before.as_deref(), &id, yes, json).await,
             }
         }
@@ -469,26 +432,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                ParkedCommand::Ls { json } => actors::parked(s, json).await,
-                ParkedCommand::Unpark { actor } => actors::unpark(s, &actor).await,
+                ParkedCommand::Ls {} => actors::parked(s, json).await,
+                ParkedCommand::Unpark { actor } => actors::unpark(s, &actor, json).await,
             }
         }
         Command::Mailbox { store, command } => {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                MailboxCommand::Ls { kind, json } => {
+                MailboxCommand::Ls { kind } => {
                     actors::mailboxes(s, kind.as_deref(), json).await
                 }
                 MailboxCommand::Bury { actor, reason, yes } => {
-                    actors::bury(s, &actor, &reason, yes).await
+                    actors::bury(s, &actor, &reason, yes, json).await
                 }
-                MailboxCommand::Show { actor, json } => actors::show(s, &actor, json).await,
+                MailboxCommand::Show { actor } => actors::show(s, &actor, json).await,
                 MailboxCommand::Cancel {
                     actor,
                     message,
                     key,
-                    json,
                 } => actors::cancel(s, &actor, message, key.as_deref(), json).await,
             }
         }
@@ -497,7 +459,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 StoreCommand::Repartition {
                     store,
                     partitions,
-                    json,
                 },
         } => match url(&store)? {
             StoreUrl::Embedded(dir, ..) => admin::repartition(&dir, partitions, json).await,
@@ -508,7 +469,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Redo {
             command: RedoCommand::Salvage { store, yes },
         } => match url(&store)? {
-            StoreUrl::Embedded(dir, ..) => admin::salvage_redo(&dir, yes),
+            StoreUrl::Embedded(dir, ..) => admin::salvage_redo(&dir, yes, json),
             _ => Err(Failure(
                 "only an embedded store has a redo log (--store embedded:PATH)".into(),
             )),
@@ -529,13 +490,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Export { store, out } => {
             let opened = open_existing(&url(&store.store)?).await?;
-            transfer::export(&*opened.store, &out).await
+            transfer::export(&*opened.store, &out, json).await
         }
         Command::Import { store, input } => {
             let opened = open_or_create(&url(&store.store)?).await?;
-            transfer::import(&*opened.store, &input).await
+            transfer::import(&*opened.store, &input, json).await
         }
-        Command::Migrate { from, to, json } => {
+        Command::Migrate { from, to } => {
             let (from, to) = (url(&from)?, url(&to)?);
             if from == to {
                 return Err(Failure("--from and --to are the same store".into()));
@@ -550,7 +511,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             actors,
             entries,
             payload,
-            json,
             seconds,
             repeat,
             partitions,
@@ -574,7 +534,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             kills,
             seed,
             shape,
-            json,
         } => {
             tokio::task::spawn_blocking(move || torture::run(backend, kills, seed, shape, json))
                 .await?

@@ -22,6 +22,45 @@ impl<E: std::error::Error + 'static> From<E> for Failure {
     }
 }
 
+/// Prints a table: `header`, then `rows`, in columns two spaces apart (no borders, so that
+/// `grep` and `awk` read it as they read `ps`), the columns numbered in `right` aligned right.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> Result<(), Failure> {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING);
+    t.set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if right.contains(&i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    for line in t.lines() {
+        out(line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// `-` for nothing: an empty list, no value.
+pub fn dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+/// Prints a command's result: `value` as one JSON line with `--json`, else `sentence`.
+pub fn report(
+    json: bool,
+    value: serde_json::Value,
+    sentence: impl std::fmt::Display,
+) -> Result<(), Failure> {
+    if json { out(value) } else { out(sentence) }
+}
+
 /// Prints one line of output. A reader that went away (`loom … | head`) ends the program quietly
 /// and successfully, as Unix tools do.
 pub fn out(line: impl std::fmt::Display) -> Result<(), Failure> {

@@ -32,7 +32,7 @@ use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, StoreE
 use serde::{Deserialize, Serialize};
 
 use crate::journal::all_actors;
-use crate::output::{Failure, out};
+use crate::output::{Failure, out, report};
 
 /// The export format version this build writes and reads.
 pub const EXPORT_VERSION: u32 = 1;
@@ -133,7 +133,7 @@ async fn copy_message(
     Ok(())
 }
 
-pub async fn export(store: &dyn Store, path: &Path) -> Result<(), Failure> {
+pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
     if path.exists() {
         return Err(Failure(format!(
             "{} exists; export writes a new file",
@@ -217,14 +217,21 @@ pub async fn export(store: &dyn Store, path: &Path) -> Result<(), Failure> {
     w.get_ref().sync_all()?;
     drop(w);
     std::fs::rename(&tmp, path)?;
-    out(format_args!(
-        "exported {} journals, {} entries, {} snapshots, {} messages to {}",
-        end.journals,
-        end.entries,
-        end.snapshots,
-        end.messages,
-        path.display()
-    ))
+    report(
+        json,
+        serde_json::json!({
+            "exported": path.display().to_string(), "journals": end.journals,
+            "entries": end.entries, "snapshots": end.snapshots, "messages": end.messages,
+        }),
+        format_args!(
+            "exported {} journals, {} entries, {} snapshots, {} messages to {}",
+            end.journals,
+            end.entries,
+            end.snapshots,
+            end.messages,
+            path.display()
+        ),
+    )
 }
 
 /// Checks an export file whole: returns its counts and the journals it holds.
@@ -366,7 +373,7 @@ async fn target_is_free(target: &dyn Store, journals: &[ActorId]) -> Result<(), 
     Ok(())
 }
 
-pub async fn import(target: &dyn Store, path: &Path) -> Result<(), Failure> {
+pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
     let (counts, journals) = check(path)?;
     target_is_free(target, &journals).await?;
     let progress = bar(counts.journals, "imported")?;
@@ -433,14 +440,21 @@ pub async fn import(target: &dyn Store, path: &Path) -> Result<(), Failure> {
         }
     }
     progress.finish_and_clear();
-    out(format_args!(
-        "imported {} journals, {} entries, {} snapshots, {} messages from {}",
-        counts.journals,
-        counts.entries,
-        counts.snapshots,
-        counts.messages,
-        path.display()
-    ))
+    report(
+        json,
+        serde_json::json!({
+            "imported": path.display().to_string(), "journals": counts.journals,
+            "entries": counts.entries, "snapshots": counts.snapshots, "messages": counts.messages,
+        }),
+        format_args!(
+            "imported {} journals, {} entries, {} snapshots, {} messages from {}",
+            counts.journals,
+            counts.entries,
+            counts.snapshots,
+            counts.messages,
+            path.display()
+        ),
+    )
 }
 
 async fn flush_entries(

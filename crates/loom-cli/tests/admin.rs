@@ -758,3 +758,91 @@ fn mailbox_show_and_cancel_by_id_and_by_key() {
         assert_eq!(store.pending(&a).await.unwrap(), 2);
     });
 }
+
+/// `--json`, before or after the command, makes every command print JSON: each line of its
+/// output is a JSON value (tables become one object per row), and a failure is one object
+/// `{"error", "hint"}` on stderr with nothing on stdout.
+#[test]
+fn every_command_speaks_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    seeded(&data);
+    let s = data.to_str().unwrap();
+    let export = dir.path().join("export.jsonl");
+    let f = export.to_str().unwrap();
+    let copy = dir.path().join("copy");
+    let c = copy.to_str().unwrap();
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = ok(args);
+        common::json_lines(&out)
+    };
+    let one = |args: &[&str]| -> serde_json::Value {
+        let mut lines = json(args);
+        assert_eq!(lines.len(), 1, "loom {args:?}: {lines:?}");
+        lines.remove(0)
+    };
+    // Lists: one object per row.
+    assert_eq!(json(&["--json", "journal", "--store", s, "ls"]).len(), 3);
+    assert_eq!(json(&["journal", "--store", s, "ls", "--json"]).len(), 3);
+    assert!(json(&["--json", "journal", "--store", s, "show", "counter/a"]).len() > 1);
+    assert_eq!(json(&["--json", "journal", "--store", s, "stats"]).len(), 4);
+    assert_eq!(json(&["--json", "mailbox", "--store", s, "ls"]).len(), 1);
+    assert_eq!(
+        json(&["--json", "mailbox", "--store", s, "show", "inbox/x"]).len(),
+        2
+    );
+    assert!(json(&["--json", "parked", "--store", s, "ls"]).is_empty());
+    let dead = json(&["--json", "deadletters", "--store", s, "ls"]);
+    assert_eq!(dead.len(), 1);
+    // Actions: one object.
+    let v = one(&["--json", "journal", "--store", s, "verify"]);
+    assert_eq!(
+        (v["ok"].clone(), v["journals"].clone()),
+        (json!(true), json!(3))
+    );
+    let id = dead[0]["id"]
+        .as_u64()
+        .expect("a dead letter id")
+        .to_string();
+    let r = one(&["--json", "deadletters", "--store", s, "requeue", &id]);
+    assert_eq!(r["requeued"].to_string(), id, "{r}");
+    let b = one(&[
+        "--json",
+        "mailbox",
+        "--store",
+        s,
+        "bury",
+        "inbox/dead",
+        "--yes",
+    ]);
+    assert_eq!(b["buried"], json!(1), "{b}");
+    let e = one(&["--json", "export", "--store", s, "--out", f]);
+    assert_eq!(e["journals"], json!(3), "{e}");
+    let i = one(&["--json", "import", "--store", c, "--in", f]);
+    assert_eq!(i["journals"], json!(3), "{i}");
+    let d = one(&[
+        "--json",
+        "journal",
+        "--store",
+        c,
+        "delete",
+        "counter/c",
+        "--yes",
+    ]);
+    assert_eq!(d["actor"], json!("counter/c"), "{d}");
+    let r = one(&["--json", "redo", "salvage", "--store", c]);
+    assert_eq!(r["intact"], json!(true), "{r}");
+    // Failures: one object on stderr, nothing on stdout.
+    for args in [
+        &["--json", "parked", "--store", s, "unpark", "counter/a"][..],
+        &["--json", "journal", "--store", s, "show", "not-an-id"][..],
+        &["--json", "journal", "--store", s, "delete", "counter/a"][..],
+    ] {
+        let (success, out, err) = loom(args);
+        assert!(!success && out.is_empty(), "loom {args:?}: {out}");
+        let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| {
+            panic!("loom {args:?}: stderr is not one JSON object ({e}): {err}")
+        });
+        assert!(e["error"].is_string(), "{e}");
+    }
+}
