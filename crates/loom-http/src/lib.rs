@@ -451,6 +451,9 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     let now = m.rt.metrics();
     metrics::gauge!("loom_active_actors").set(now.active as f64);
     metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
+    let healthy = m.rt.health().is_healthy();
+    metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
+    backlogs(&m.rt).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -459,6 +462,39 @@ async fn scrape(State(m): State<Monitor>) -> Response {
         m.prometheus.render(),
     )
         .into_response()
+}
+
+/// Sets the per-kind mailbox gauges from the store ([`Mailbox::backlog`], one read of its
+/// per-kind ready index each) for every hosted kind. A read that fails or takes over 2 s leaves
+/// that kind's gauges as the last scrape set them, and says so in the log; the scrape still
+/// answers (with `loom_store_healthy` telling whether the store fails).
+///
+/// [`Mailbox::backlog`]: loom_core::Mailbox::backlog
+async fn backlogs(rt: &Runtime) {
+    for kind in rt.kinds() {
+        let read = tokio::time::timeout(Duration::from_secs(2), rt.store().backlog(kind)).await;
+        match read {
+            Ok(Ok(b)) => {
+                let waited = b.oldest_ready_at.map_or(0.0, |t| {
+                    loom_core::Timestamp::now()
+                        .saturating_since(t)
+                        .as_secs_f64()
+                });
+                metrics::gauge!("loom_mailboxes_waiting", "kind" => kind).set(b.mailboxes as f64);
+                metrics::gauge!("loom_mailboxes_ready", "kind" => kind).set(b.ready as f64);
+                metrics::gauge!("loom_mailbox_wait_seconds", "kind" => kind).set(waited);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(kind, error = %e, "could not read the mailbox backlog for /metrics");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    kind,
+                    "reading the mailbox backlog for /metrics took over 2 s"
+                );
+            }
+        }
+    }
 }
 
 async fn health(State(m): State<Monitor>) -> Response {

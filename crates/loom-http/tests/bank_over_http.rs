@@ -166,6 +166,23 @@ async fn a_client_moves_money_over_http_once_per_key() {
         "{scrape}"
     );
     assert!(scrape.contains("loom_active_actors "), "{scrape}");
+    // The mailboxes, read from the store at the scrape: each settled transfer waits for its
+    // retirement (a delayed message), nothing is ready and left waiting.
+    assert!(
+        count(r#"loom_mailboxes_waiting{kind="transfer"}"#) >= 20.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        count(r#"loom_mailboxes_ready{kind="account"}"#),
+        0.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        count(r#"loom_mailbox_wait_seconds{kind="transfer"}"#),
+        0.0,
+        "{scrape}"
+    );
+    assert_eq!(count("loom_store_healthy"), 1.0, "{scrape}");
     let health = http
         .get(format!("{base}/health"))
         .send()

@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+use loom_core::store::{
+    Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
+};
 use loom_core::{ActorId, Envelope, MessageId, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 
@@ -185,6 +187,26 @@ impl Mailbox for PostgresStore {
             slot.push(parse_actor(&actor, "mailbox actor id")?);
         }
         Ok(interleave(per_kind, limit))
+    }
+
+    async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
+        // The rows `ready_actors` reads (a parked or empty mailbox has no ready_at), through
+        // the same (kind, ready_at) index.
+        let (mailboxes, ready, oldest): (i64, i64, Option<i64>) =
+            sqlx::query_as(self.q("WITH n AS (SELECT {s}.now_ms() AS t) \
+             SELECT count(*), count(*) FILTER (WHERE ready_at <= n.t), \
+                    min(ready_at) FILTER (WHERE ready_at <= n.t) \
+             FROM {s}.mailbox, n \
+             WHERE split_part(actor, '/', 1) = $1 AND ready_at IS NOT NULL"))
+            .bind(kind)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        Ok(Backlog {
+            mailboxes: mailboxes.max(0) as u64,
+            ready: ready.max(0) as u64,
+            oldest_ready_at: oldest.map(|t| Timestamp::from_millis(t.max(0) as u64)),
+        })
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {

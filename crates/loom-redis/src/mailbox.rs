@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use loom_core::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+use loom_core::store::{
+    Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
+};
 use loom_core::{ActorId, Envelope, MessageId, StoreError, StoreResult, Timestamp};
 use redis::Value;
 
@@ -219,6 +221,41 @@ impl Mailbox for RedisStore {
             rest = tail;
         }
         Ok(interleave(per_kind, limit))
+    }
+
+    async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
+        let mut conn = self.conn();
+        let key = self.keys.ready(kind);
+        // Ready-at scores are the server's clock (the scripts' `now_ms`): so is "now" here.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let now = secs * 1000 + micros / 1000;
+        let (mailboxes, ready, first): (u64, u64, Vec<(String, f64)>) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(&key)
+            .cmd("ZCOUNT")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now)
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        let oldest = first
+            .first()
+            .map(|(_, at)| *at as u64)
+            .filter(|at| *at <= now);
+        Ok(Backlog {
+            mailboxes,
+            ready,
+            oldest_ready_at: oldest.map(Timestamp::from_millis),
+        })
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {

@@ -392,6 +392,10 @@ impl Mailbox for FaultyStore {
         self.inner.next_due().await
     }
 
+    async fn backlog(&self, kind: &str) -> StoreResult<loom_core::store::Backlog> {
+        self.inner.backlog(kind).await
+    }
+
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.wakeups()
     }

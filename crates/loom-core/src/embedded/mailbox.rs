@@ -16,7 +16,9 @@ use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
 use crate::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
-use crate::store::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+use crate::store::{
+    Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
+};
 use crate::time::Timestamp;
 
 use super::redo::{Op, Rec, Sink, apply_to};
@@ -887,6 +889,15 @@ impl Mailbox for EmbeddedStore {
         Ok(interleave(per_partition, limit))
     }
 
+    async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
+        let mut total = Backlog::default();
+        for p in 0..self.partitions() {
+            let kind = kind.to_owned();
+            total = total.merge(self.read_in(p, move |txn| backlog_in(txn, &kind)).await?);
+        }
+        Ok(total)
+    }
+
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         let mut earliest: Option<Timestamp> = None;
         let (mut failed, mut answered) = (None, false);
@@ -1130,6 +1141,29 @@ fn ready_in(
         per_kind.push(list);
     }
     Ok(interleave(per_kind, limit))
+}
+
+/// One partition's [`Backlog`] of `kind`, from its [`READY_BY_KIND`] keys (in ready-at order:
+/// the first is the longest-waiting).
+fn backlog_in(txn: &redb::ReadTransaction, kind: &str) -> StoreResult<Backlog> {
+    let ready = txn.open_table(READY_BY_KIND).map_err(se)?;
+    let now = Timestamp::now().as_millis();
+    // Every key of `kind` and none of a kind it is a prefix of (ids hold no NUL).
+    let next = format!("{kind}\0");
+    let mut b = Backlog::default();
+    for item in ready
+        .range((kind, 0, "")..(next.as_str(), 0, ""))
+        .map_err(se)?
+    {
+        let (k, _) = item.map_err(se)?;
+        let at = k.value().1;
+        b.mailboxes += 1;
+        if at <= now {
+            b.ready += 1;
+            b.oldest_ready_at.get_or_insert(Timestamp::from_millis(at));
+        }
+    }
+    Ok(b)
 }
 
 /// When the first message of one partition is due.

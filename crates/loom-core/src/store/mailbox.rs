@@ -133,6 +133,44 @@ impl Delivery {
     }
 }
 
+/// What waits in the mailboxes of one kind, as [`Mailbox::backlog`] counts it: the gauges an
+/// operator watches (`loom_mailboxes_waiting`, `loom_mailboxes_ready`,
+/// `loom_mailbox_wait_seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Backlog {
+    /// Mailboxes of the kind holding a message (due, delayed, out or suspended); parked ones
+    /// and system mailboxes are not counted.
+    pub mailboxes: u64,
+    /// Of those, the ones with a message due now and none out: waiting for a node to run them.
+    pub ready: u64,
+    /// When the longest-waiting of the ready ones became ready; `None` if none is.
+    pub oldest_ready_at: Option<Timestamp>,
+}
+
+impl Backlog {
+    /// The backlog of two partitions together: counts added, the older wait kept.
+    ///
+    /// ```
+    /// use loom_core::Timestamp;
+    /// use loom_core::store::Backlog;
+    ///
+    /// let a = Backlog { mailboxes: 3, ready: 1, oldest_ready_at: Some(Timestamp::from_millis(50)) };
+    /// let b = Backlog { mailboxes: 2, ready: 2, oldest_ready_at: Some(Timestamp::from_millis(20)) };
+    /// assert_eq!(a.merge(b), Backlog { mailboxes: 5, ready: 3, oldest_ready_at: Some(Timestamp::from_millis(20)) });
+    /// assert_eq!(a.merge(Backlog::default()), a);
+    /// ```
+    pub fn merge(self, other: Backlog) -> Backlog {
+        Backlog {
+            mailboxes: self.mailboxes + other.mailboxes,
+            ready: self.ready + other.ready,
+            oldest_ready_at: match (self.oldest_ready_at, other.oldest_ready_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 /// A message waiting in a mailbox, as [`Mailbox::messages`] lists it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Waiting {
@@ -260,6 +298,12 @@ pub trait Mailbox: Send + Sync + 'static {
     /// The earliest time at which some message in any mailbox becomes due or visible again;
     /// `None` if every mailbox is empty.
     async fn next_due(&self) -> StoreResult<Option<Timestamp>>;
+
+    /// What waits in the mailboxes of `kind`: the mailboxes [`ready_actors`](Self::ready_actors)
+    /// would look at, how many of them are ready now, and since when the longest-waiting one is.
+    /// Read from the same per-kind index as `ready_actors` (no message is read), so it costs one
+    /// pass over that kind's non-empty mailboxes.
+    async fn backlog(&self, kind: &str) -> StoreResult<Backlog>;
 
     /// A signal that another process may have enqueued a message due now, so that an idle
     /// dispatcher looks at once instead of at its next poll (PostgreSQL: `LISTEN`/`NOTIFY`).

@@ -22,7 +22,9 @@ mod turn;
 pub use idempotency::{IdempotencyStore, Reservation};
 pub use journal::{EntryStream, JournalInfo, JournalStore, SeqRange};
 pub use lease::{Lease, LeaseManager};
-pub use mailbox::{DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting};
+pub use mailbox::{
+    Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
+};
 pub use park::{Park, Parking};
 
 use backend::{Committed, Turn};

@@ -425,6 +425,26 @@ impl Mailboxes {
         interleave(per_kind, limit)
     }
 
+    /// What waits in the listed mailboxes of `kind`.
+    fn backlog(&self, parked: &Parked, kind: &str, now: Timestamp) -> loom_core::store::Backlog {
+        let now = now.as_millis();
+        let mut b = loom_core::store::Backlog::default();
+        for at in self
+            .boxes
+            .iter()
+            .filter(|(a, _)| a.kind() == kind && listed(a, parked))
+            .filter_map(|(_, q)| q.ready_at())
+        {
+            b.mailboxes += 1;
+            if at <= now {
+                b.ready += 1;
+                let oldest = b.oldest_ready_at.map_or(at, |o| o.as_millis().min(at));
+                b.oldest_ready_at = Some(Timestamp::from_millis(oldest));
+            }
+        }
+        b
+    }
+
     /// The earliest time a listed mailbox has something to hand out.
     fn next_due(&self, parked: &Parked) -> Option<Timestamp> {
         self.boxes
@@ -618,6 +638,13 @@ impl Mailbox for SimStore {
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         self.query("next_due", "", |d, _| Ok(d.mailboxes.next_due(&d.parked)))
             .await
+    }
+
+    async fn backlog(&self, kind: &str) -> StoreResult<loom_core::store::Backlog> {
+        self.query("backlog", kind, |d, now| {
+            Ok(d.mailboxes.backlog(&d.parked, kind, now))
+        })
+        .await
     }
 
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {

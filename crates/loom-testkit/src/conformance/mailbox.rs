@@ -42,6 +42,7 @@ pub(super) fn cases() -> Vec<Case> {
         messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
         ready_actors_lists_only_the_kinds_asked_for,
         one_kinds_backlog_does_not_hide_another_kinds_ready_actors,
+        backlog_counts_a_kinds_mailboxes_and_its_longest_wait,
         an_event_on_its_lane_wakes_a_suspended_message,
         suspending_is_refused_while_the_lane_holds_a_message,
         a_wake_up_leaves_a_message_handed_out_again_alone,
@@ -690,6 +691,64 @@ async fn one_kinds_backlog_does_not_hide_another_kinds_ready_actors(store: Arc<d
     assert_eq!(
         store.ready_actors(&["gauge"], 1).await.unwrap(),
         vec![gauge]
+    );
+}
+
+/// `backlog` counts a kind's non-empty mailboxes (delayed and out ones included; parked ones,
+/// event lanes and other kinds not), the ready ones, and since when the longest-ready waits.
+async fn backlog_counts_a_kinds_mailboxes_and_its_longest_wait(store: Arc<dyn Store>) {
+    assert_eq!(
+        store.backlog("gauge").await.unwrap(),
+        loom_core::store::Backlog::default()
+    );
+    let g = |k: &str| ActorId::new("gauge", k).unwrap();
+    let (first, second, delayed, out, parked) = (g("1"), g("2"), g("3"), g("4"), g("5"));
+    store.enqueue(&msg(&first, 0), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    for n in 0..2 {
+        store.enqueue(&msg(&second, n), None).await.unwrap();
+    }
+    store
+        .enqueue(&msg(&delayed, 0), Some(Timestamp::now() + HOUR))
+        .await
+        .unwrap();
+    store.enqueue(&msg(&out, 0), None).await.unwrap();
+    store.lease(&out, long()).await.unwrap().expect("delivery");
+    store.enqueue(&msg(&parked, 0), None).await.unwrap();
+    store
+        .park(&parked, &loom_core::Park::new("node-a", "broken"), None)
+        .await
+        .unwrap();
+    store
+        .enqueue(&msg(&ActorId::new("counter", "c").unwrap(), 0), None)
+        .await
+        .unwrap();
+    deliver(&*store, &first, "approved", 1).await;
+    let b = store.backlog("gauge").await.unwrap();
+    assert_eq!((b.mailboxes, b.ready), (4, 2), "{b:?}");
+    let oldest = b.oldest_ready_at.expect("a ready mailbox");
+    let now = Timestamp::now();
+    assert!(
+        oldest <= now && now.saturating_since(oldest) < Duration::from_secs(60),
+        "{b:?} at {now}"
+    );
+    // The longest-waiting one is handled: the next one has waited less.
+    let d = store
+        .lease(&first, long())
+        .await
+        .unwrap()
+        .expect("delivery");
+    store.ack(&d.receipt).await.unwrap();
+    let after = store.backlog("gauge").await.unwrap();
+    assert_eq!((after.mailboxes, after.ready), (3, 1), "{after:?}");
+    assert!(
+        after.oldest_ready_at.expect("a ready mailbox") > oldest,
+        "{after:?} after {b:?}"
+    );
+    assert_eq!(store.backlog("counter").await.unwrap().ready, 1);
+    assert_eq!(
+        store.backlog("nobody").await.unwrap(),
+        loom_core::store::Backlog::default()
     );
 }
 
