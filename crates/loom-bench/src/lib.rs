@@ -4,7 +4,7 @@
 //! run, on the same machine and disk, and reports the ratio: machines are noisy, ratios less so.
 //!
 //! - [`bank`]: the bank workload (accounts, transfers, verification), used by the `bank` example,
-//!   `loom bench bank` and the torture harness;
+//!   `loom-dev bench bank` and the torture harness;
 //! - [`scenarios`]: `append-seq`, `append-concurrent`, `recover`, `bank`;
 //! - [`baseline`]: the physical limits they are compared with (a raw write + fdatasync loop);
 //! - [`engines`]: the engine bake-off (redb with a redo log against fjall, one bank turn's

@@ -219,7 +219,7 @@ pub fn table(ms: &[Measurement]) -> String {
     out
 }
 
-/// Min, median and max of one scenario's runs (`loom bench --repeat N`).
+/// Min, median and max of one scenario's runs (`loom-dev bench --repeat N`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     /// Scenario name.

@@ -2,12 +2,8 @@
 
 mod actors;
 mod admin;
-mod bench;
 mod journal;
-mod output;
 mod serve;
-mod store;
-mod torture;
 mod transfer;
 
 use std::path::PathBuf;
@@ -16,8 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use loom_core::Seq;
 
-use output::Failure;
-use store::{Namespace, StoreUrl, open_existing, open_or_create};
+use loom_cli::output::{self, Failure};
+use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
 
 #[derive(Parser)]
 #[command(
@@ -136,89 +132,18 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Benchmarks, each measured against a same-run baseline.
-    Bench {
-        /// The scenario.
-        #[arg(value_enum)]
-        scenario: bench::Scenario,
-        /// The store (default: a fresh temporary embedded store).
-        #[arg(long)]
-        store: Option<String>,
-        /// Actors (append-concurrent) or accounts (bank).
-        #[arg(long)]
-        actors: Option<usize>,
-        /// Appends (append-seq), appends per actor (append-concurrent), history length
-        /// (recover) or transfers (bank).
-        #[arg(long)]
-        entries: Option<u64>,
-        /// Bytes of payload per entry.
-        #[arg(long, default_value_t = 256)]
-        payload: usize,
-        /// Seconds of measured time for the append scenarios (when --entries is not given)
-        /// and for each engine of the bake-off.
-        #[arg(long, default_value_t = 2.0)]
-        seconds: f64,
-        /// Runs of the selected scenarios, one after another; with more than one, a table of
-        /// min / median / max per scenario follows.
-        #[arg(long, default_value_t = 1)]
-        repeat: usize,
-        /// Partition counts: the engine bake-off measures each (default 1,2); `bank` on an
-        /// embedded store runs once per count, each on a fresh store of that many partitions
-        /// (default: one run on the store as it is, a new one getting the machine's cores).
-        #[arg(long, value_delimiter = ',')]
-        partitions: Option<Vec<usize>>,
-        /// Seconds over which the sleepers' wake-ups are spread.
-        #[arg(long, default_value_t = 60.0)]
-        window: f64,
-    },
-    /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
-    /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
-    Torture {
-        /// The store to torture.
-        #[arg(long, value_enum, default_value = "embedded")]
-        backend: torture::Backend,
-        /// How many kills.
-        #[arg(long, default_value_t = 20)]
-        kills: u32,
-        /// Seed of the kill schedule (printed at the start; pass it to reproduce a run).
-        #[arg(long)]
-        seed: Option<u64>,
-        #[command(flatten)]
-        shape: torture::Shape,
-    },
     /// Prints a completion script for a shell: `loom completions bash > /etc/bash_completion.d/loom`
     /// (also zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Internal: one child of `loom torture`.
-    #[command(hide = true)]
-    TortureChild {
-        #[arg(long)]
-        store: String,
-        #[command(flatten)]
-        shape: torture::Shape,
-        /// Check instead of run: the file lists the acknowledged transfers.
-        #[arg(long = "final")]
-        final_check: Option<PathBuf>,
-    },
-    /// Internal: one activation run of `loom bench recover`, in its own process.
-    #[command(hide = true)]
-    BenchChild {
-        #[arg(long)]
-        store: String,
-        #[arg(long)]
-        key: String,
-        #[arg(long)]
-        times: usize,
-    },
 }
 
 #[derive(Subcommand)]
 enum JournalCommand {
     /// Every actor with a journal: highest seq, trim point, snapshots.
-    Ls {},
+    Ls,
     /// The entries of one actor's journal, one JSON object per line.
     Show {
         /// The actor, as `kind/key`.
@@ -298,7 +223,7 @@ enum RedoCommand {
 #[derive(Subcommand)]
 enum ParkedCommand {
     /// Every parked actor, with the reason, the message and step it stopped at, and when.
-    Ls {},
+    Ls,
     /// Lets a parked actor run again: the message it stopped at runs with a fresh set of
     /// attempts (fix the code first, or it parks again).
     Unpark {
@@ -397,7 +322,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                JournalCommand::Ls {} => journal::ls(s, json).await,
+                JournalCommand::Ls => journal::ls(s, json).await,
                 JournalCommand::Show { actor, from, to } => {
                     journal::show(s, &actor, from, to).await
                 }
@@ -432,7 +357,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let opened = open_existing(&url(&store.store)?).await?;
             let s = &*opened.store;
             match command {
-                ParkedCommand::Ls {} => actors::parked(s, json).await,
+                ParkedCommand::Ls => actors::parked(s, json).await,
                 ParkedCommand::Unpark { actor } => actors::unpark(s, &actor, json).await,
             }
         }
@@ -505,90 +430,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let target = open_or_create(&to).await?;
             transfer::migrate(&*source.store, &*target.store, json).await
         }
-        Command::Bench {
-            scenario,
-            store,
-            actors,
-            entries,
-            payload,
-            seconds,
-            repeat,
-            partitions,
-            window,
-        } => {
-            let settings = bench::Settings {
-                store,
-                actors,
-                entries,
-                payload,
-                json,
-                seconds,
-                repeat,
-                partitions,
-                window,
-            };
-            bench::run(scenario, settings).await
-        }
-        Command::Torture {
-            backend,
-            kills,
-            seed,
-            shape,
-        } => {
-            tokio::task::spawn_blocking(move || torture::run(backend, kills, seed, shape, json))
-                .await?
-        }
-        Command::TortureChild {
-            store,
-            shape,
-            final_check,
-        } => torture::child(&url(&store)?, shape, final_check.as_deref()).await,
-        Command::BenchChild { store, key, times } => bench::child(&url(&store)?, &key, times).await,
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Logs on stderr (warnings by default, more with `RUST_LOG`), spans over OTLP when
-    // `OTEL_EXPORTER_OTLP_ENDPOINT` asks: the runtime that `loom bench` and `loom torture` run.
-    let telemetry = match loom_telemetry::init("loom") {
-        Ok(t) => Some(t),
-        Err(e) => {
-            eprintln!("warning: no logs: {e}");
-            None
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // A script that asked for JSON gets its error as JSON too: one object on stderr, so that
-    // what the command printed on stdout before it failed (a report, rows) stays parseable.
-    // (`args_os`: an argument that is not UTF-8, a path, is fine; after `--` nothing is a flag.)
-    let json = std::env::args_os()
-        .skip(1)
-        .take_while(|a| a != "--")
-        .any(|a| a == "--json");
-    let result = rt.block_on(run(cli));
-    if let Some(Err(e)) = telemetry.map(loom_telemetry::Telemetry::shutdown) {
-        eprintln!("warning: {e}");
-    }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) if json => {
-            let (error, hint) = f.split();
-            eprintln!("{}", serde_json::json!({ "error": error, "hint": hint }));
-            ExitCode::FAILURE
-        }
-        Err(Failure(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    let json = cli.json;
+    loom_cli::main_with("loom", json, run(cli))
 }

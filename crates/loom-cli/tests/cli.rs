@@ -4,7 +4,10 @@ mod common;
 
 use common::loom;
 
+use std::process::Command;
+
 use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore, Snapshot};
+use loom_testkit::servers::RedisServer;
 use serde_json::json;
 
 fn seeded_store() -> tempfile::TempDir {
@@ -164,4 +167,36 @@ fn completions_are_printed_for_a_shell() {
     assert!(out.contains("_loom") && out.contains("journal"), "{out}");
     let (ok, _, err) = loom(&["completions", "tcsh"]);
     assert!(!ok && err.contains("invalid value"), "{err}");
+}
+
+/// A store whose settings cannot keep Loom's promises is reported where a user sees it: on the
+/// `loom` command's stderr, by default, with no RUST_LOG set.
+#[test]
+fn loom_shows_the_stores_warnings_by_default() {
+    let server = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let run = |rust_log: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
+        cmd.args(["journal", "ls", "--store", &server.url()]);
+        match rust_log {
+            Some(v) => cmd.env("RUST_LOG", v),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let out = cmd.output().expect("run loom");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(None);
+    assert!(
+        err.contains("WARN") && err.contains("appendfsync is \"everysec\""),
+        "{err}"
+    );
+    // Quieter when asked; a filter for one target keeps the others' warnings; a filter that
+    // does not parse is said, and the default kept.
+    assert!(!run(Some("error")).contains("appendfsync"));
+    assert!(run(Some("loom_core=debug")).contains("appendfsync"));
+    let err = run(Some("=bad=filter["));
+    assert!(
+        err.contains("RUST_LOG") && err.contains("appendfsync"),
+        "{err}"
+    );
 }

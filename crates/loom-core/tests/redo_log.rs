@@ -4,7 +4,7 @@
 //! replay copes with a torn tail and refuses a damaged log.
 //!
 //! Replay after a real crash (SIGKILL mid-load) is in `loom-testkit/tests/crash_embedded.rs`
-//! and in `loom torture`.
+//! and in `loom-dev torture`.
 
 mod common;
 

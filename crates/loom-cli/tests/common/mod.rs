@@ -1,4 +1,4 @@
-//! What the `loom` binary's test files share: running it, and reading what it prints.
+//! What the test files of the `loom` and `loom-dev` binaries share: running it, and reading what it prints.
 // Each test file uses what it needs of these.
 #![allow(dead_code)]
 
@@ -15,7 +15,25 @@ use serde_json::{Value, json};
 /// Runs `loom` with `args`: whether it succeeded, its stdout, its stderr. The environment's
 /// `LOOM_STORE` and `LOOM_TOKEN` are not passed on: a test names what it uses.
 pub fn loom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
+    // Set for the tests of the package that builds it: this file is shared by two.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_loom") else {
+        panic!("no loom binary: only the tests of loom-cli run it");
+    };
+    run(binary, args)
+}
+
+/// Runs `loom-dev` with `args`, as [`loom`] runs `loom` (the tests of `crates/loom-dev` share
+/// this file).
+pub fn loom_dev(args: &[&str]) -> (bool, String, String) {
+    // Set for the tests of the package that builds it: this file is shared by two.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_loom-dev") else {
+        panic!("no loom-dev binary: only the tests of loom-dev run it");
+    };
+    run(binary, args)
+}
+
+fn run(binary: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary)
         .args(args)
         .env_remove("LOOM_STORE")
         .env_remove("LOOM_TOKEN")

@@ -7,7 +7,7 @@
 //! exactly once (its ack is part of the receiver's atomic turn).
 //!
 //! This file is the bank example's (`cargo run -p loom-core --example bank`); `loom-bench`
-//! includes it for its `bank` workload, `loom bench bank` and `loom torture`, so the actors the
+//! includes it for its `bank` workload, `loom-dev bench bank` and `loom-dev torture`, so the actors the
 //! benchmarks and the torture measure are the ones the example shows.
 
 use loom_core::runtime::{Actor, Config, Context, Rejected};

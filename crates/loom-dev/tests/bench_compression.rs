@@ -1,17 +1,18 @@
-//! `loom bench compression`, in a test binary of its own: its CPU and fsync load would
+//! `loom-dev bench compression`, in a test binary of its own: its CPU and fsync load would
 //! otherwise run beside the other bench tests (cargo runs one test binary at a time), where a
 //! private Redis answering under `appendfsync always` on a busy disk is what they measure.
 
+#[path = "../../loom-cli/tests/common/mod.rs"]
 mod common;
 
-use common::{json_lines, loom};
+use common::{json_lines, loom_dev as loom};
 
-/// `loom bench compression`, short: the codec's compressed snapshot is much smaller than its
+/// `loom-dev bench compression`, short: the codec's compressed snapshot is much smaller than its
 /// JSON, and the ledger's kept records are stored compressed (the baseline's are not).
 #[test]
 fn compression_reports_bytes_saved_and_time_against_plain_json() {
     let (ok, out, err) = loom(&["bench", "compression", "--seconds", "0.2", "--json"]);
-    assert!(ok, "loom bench compression failed: {err}");
+    assert!(ok, "loom-dev bench compression failed: {err}");
     let reports = json_lines(&out);
     let by = |name: &str| {
         reports

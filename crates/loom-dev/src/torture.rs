@@ -1,4 +1,4 @@
-//! `loom torture`: the bank, killed with SIGKILL again and again, then checked (see
+//! `loom-dev torture`: the bank, killed with SIGKILL again and again, then checked (see
 //! `loom_testkit::torture`).
 
 use std::collections::BTreeSet;
@@ -237,7 +237,7 @@ async fn start(url: &StoreUrl) -> Result<Runtime, Failure> {
     }
 }
 
-/// `loom torture-child`: the bank, printing `ack <n>` per acknowledged start; with `--final`,
+/// `loom-dev torture-child`: the bank, printing `ack <n>` per acknowledged start; with `--final`,
 /// the check.
 pub async fn child(url: &StoreUrl, shape: Shape, acked: Option<&Path>) -> Result<(), Failure> {
     let rt = start(url).await?;

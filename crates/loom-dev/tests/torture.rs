@@ -1,11 +1,11 @@
-//! `loom torture`, the real binary, 20 SIGKILLs per backend (and crashes of the Redis and
+//! `loom-dev torture`, the real binary, 20 SIGKILLs per backend (and crashes of the Redis and
 //! PostgreSQL servers themselves): nothing acknowledged is lost,
 //! nothing is applied twice, every journal is gapless, no actor is parked.
 
 use std::process::Command;
 
 fn torture(backend: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loom"))
+    let out = Command::new(env!("CARGO_BIN_EXE_loom-dev"))
         .args([
             "torture",
             "--backend",
@@ -17,7 +17,7 @@ fn torture(backend: &str) {
             "--json",
         ])
         .output()
-        .expect("run loom torture");
+        .expect("run loom-dev torture");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

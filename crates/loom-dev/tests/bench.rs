@@ -1,12 +1,12 @@
-//! `loom bench` on each store, with small sizes: every scenario reports one JSON object with
+//! `loom-dev bench` on each store, with small sizes: every scenario reports one JSON object with
 //! its same-run baseline, and a run on a shared server leaves nothing behind.
 
+#[path = "../../loom-cli/tests/common/mod.rs"]
 mod common;
 
-use common::{json_lines, loom};
+use common::{json_lines, loom_dev as loom};
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::Value;
@@ -37,7 +37,7 @@ fn bench_all(store: Option<&str>) -> Vec<Value> {
         args.extend(["--store", s]);
     }
     let (ok, out, err) = loom(&args);
-    assert!(ok, "loom bench failed: {err}");
+    assert!(ok, "loom-dev bench failed: {err}");
     let reports: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -177,7 +177,7 @@ fn the_engine_bakeoff_reports_each_engine_per_partition_count_with_a_summary() {
         "2",
         "--json",
     ]);
-    assert!(ok, "loom bench engines failed: {err}");
+    assert!(ok, "loom-dev bench engines failed: {err}");
     let lines = json_lines(&out);
     let runs: Vec<&Value> = lines.iter().filter(|l| l["scenario"].is_string()).collect();
     let summaries: Vec<&Value> = lines.iter().filter(|l| l["summary"].is_string()).collect();
@@ -237,39 +237,6 @@ fn append_scenarios_run_for_the_measured_time_asked() {
     assert!(err.contains("--partitions"), "{err}");
 }
 
-/// A store whose settings cannot keep Loom's promises is reported where a user sees it: on the
-/// `loom` command's stderr, by default, with no RUST_LOG set.
-#[test]
-fn loom_shows_the_stores_warnings_by_default() {
-    let _serial = serial();
-    let server = RedisServer::start_with(&["--appendfsync", "everysec"]);
-    let run = |rust_log: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
-        cmd.args(["journal", "ls", "--store", &server.url()]);
-        match rust_log {
-            Some(v) => cmd.env("RUST_LOG", v),
-            None => cmd.env_remove("RUST_LOG"),
-        };
-        let out = cmd.output().expect("run loom");
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let err = run(None);
-    assert!(
-        err.contains("WARN") && err.contains("appendfsync is \"everysec\""),
-        "{err}"
-    );
-    // Quieter when asked; a filter for one target keeps the others' warnings; a filter that
-    // does not parse is said, and the default kept.
-    assert!(!run(Some("error")).contains("appendfsync"));
-    assert!(run(Some("loom_core=debug")).contains("appendfsync"));
-    let err = run(Some("=bad=filter["));
-    assert!(
-        err.contains("RUST_LOG") && err.contains("appendfsync"),
-        "{err}"
-    );
-}
-
 /// Repeated bank runs on one store each verify their own books (a repeat once reused the
 /// accounts of the run before and failed its verification).
 #[test]
@@ -307,7 +274,7 @@ fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
         "200",
         "--json",
     ]);
-    assert!(ok, "loom bench bank --partitions failed: {err}");
+    assert!(ok, "loom-dev bench bank --partitions failed: {err}");
     let scenarios: BTreeSet<String> = json_lines(&out)
         .iter()
         .filter_map(|r| r["scenario"].as_str().map(str::to_owned))
@@ -322,7 +289,7 @@ fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
     }
 }
 
-/// `loom bench sleepers`, small: every sleeper suspends while it waits (none stays active),
+/// `loom-dev bench sleepers`, small: every sleeper suspends while it waits (none stays active),
 /// none wakes early or is lost, and the in-memory baseline holds them all active instead.
 #[test]
 fn sleepers_suspend_while_they_wait_and_all_wake() {
@@ -330,7 +297,7 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     let (ok, out, err) = loom(&[
         "bench", "sleepers", "--actors", "300", "--window", "2", "--json",
     ]);
-    assert!(ok, "loom bench sleepers failed: {err}");
+    assert!(ok, "loom-dev bench sleepers failed: {err}");
     let reports = json_lines(&out);
     let by = |name: &str| {
         reports

@@ -1,4 +1,4 @@
-//! `loom bench`: the benchmark scenarios, each against its same-run baseline.
+//! `loom-dev bench`: the benchmark scenarios, each against its same-run baseline.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -531,7 +531,7 @@ async fn recover(url: &StoreUrl, label: &str, entries: u64) -> Result<Vec<Measur
     Ok(vec![with, without])
 }
 
-/// `loom bench-child`: activates one counter `times` times in this fresh process and reports.
+/// `loom-dev bench-child`: activates one counter `times` times in this fresh process and reports.
 pub async fn child(url: &StoreUrl, key: &str, times: usize) -> Result<(), Failure> {
     let opened = open_or_create(url).await?;
     let latencies = scenarios::activations(opened.store.clone(), key, times).await?;
