@@ -142,9 +142,11 @@ pub async fn compact(
                 ))
             }
         }
-        Err(CompactError::Nothing(_)) => out(format_args!(
-            "{a}: nothing to compact (no state change since the last snapshot)"
-        )),
+        Err(CompactError::Nothing(_)) => report(
+            json,
+            serde_json::json!({"actor": a.as_str(), "snapshot": null, "nothing_to_compact": true}),
+            format_args!("{a}: nothing to compact (no state change since the last snapshot)"),
+        ),
         Err(e) => Err(Failure(e.to_string())),
     }
 }
@@ -361,10 +363,14 @@ pub async fn repartition(
     loom_core::partition::check_partitions(partitions)?;
     let source = EmbeddedStore::open_existing(dir)?;
     if source.partitions() == partitions {
-        return out(format_args!(
-            "{} already has {partitions} partition(s); nothing to do",
-            dir.display()
-        ));
+        return report(
+            json,
+            serde_json::json!({ "partitions": partitions, "changed": false }),
+            format_args!(
+                "{} already has {partitions} partition(s); nothing to do",
+                dir.display()
+            ),
+        );
     }
     let name = dir
         .file_name()

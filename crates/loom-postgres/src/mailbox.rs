@@ -192,12 +192,13 @@ impl Mailbox for PostgresStore {
     async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
         // The rows `ready_actors` reads (a parked or empty mailbox has no ready_at), through
         // the same (kind, ready_at) index.
-        let (mailboxes, ready, oldest): (i64, i64, Option<i64>) =
+        let (mailboxes, ready, oldest, at): (i64, i64, Option<i64>, i64) =
             sqlx::query_as(self.q("WITH n AS (SELECT {s}.now_ms() AS t) \
-             SELECT count(*), count(*) FILTER (WHERE ready_at <= n.t), \
-                    min(ready_at) FILTER (WHERE ready_at <= n.t) \
-             FROM {s}.mailbox, n \
-             WHERE split_part(actor, '/', 1) = $1 AND ready_at IS NOT NULL"))
+             SELECT count(m.actor), count(m.actor) FILTER (WHERE m.ready_at <= n.t), \
+                    min(m.ready_at) FILTER (WHERE m.ready_at <= n.t), n.t \
+             FROM n LEFT JOIN {s}.mailbox m \
+               ON split_part(m.actor, '/', 1) = $1 AND m.ready_at IS NOT NULL \
+             GROUP BY n.t"))
             .bind(kind)
             .fetch_one(&self.pool)
             .await
@@ -206,6 +207,7 @@ impl Mailbox for PostgresStore {
             mailboxes: mailboxes.max(0) as u64,
             ready: ready.max(0) as u64,
             oldest_ready_at: oldest.map(|t| Timestamp::from_millis(t.max(0) as u64)),
+            at: Timestamp::from_millis(at.max(0) as u64),
         })
     }
 

@@ -121,7 +121,11 @@ local function mb_ready(mb, now)
     at = num(redis.call('HGET', mb.mm, 'vis'))
   else
     if num(redis.call('HGET', mb.mm, 'q')) > 0 then
-      at = now
+      -- Ready since: a mailbox that is ready already keeps when it became ready (the longest-
+      -- ready is served first, and Mailbox::backlog measures its wait); one that becomes
+      -- ready (after its current message, or empty before) is ready from now.
+      local since = redis.call('ZSCORE', mb.ready, mb.actor)
+      if since and tonumber(since) <= now then at = tonumber(since) else at = now end
     end
     local d = redis.call('ZRANGE', mb.md, 0, 0, 'WITHSCORES')
     if #d > 0 then

@@ -255,6 +255,7 @@ impl Mailbox for RedisStore {
             mailboxes,
             ready,
             oldest_ready_at: oldest.map(Timestamp::from_millis),
+            at: Timestamp::from_millis(now),
         })
     }
 

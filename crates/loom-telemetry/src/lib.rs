@@ -51,7 +51,8 @@ pub enum TelemetryError {
     /// A subscriber is installed already (set up once per process).
     #[error("a tracing subscriber is already installed: {0}")]
     AlreadySet(String),
-    /// The OTLP exporter could not be built (a malformed endpoint, say).
+    /// The OTLP exporter could not be built (a malformed endpoint, say). [`init`] reports it
+    /// as a warning and goes on with logs only.
     #[error("the OTLP trace exporter could not be set up: {0}")]
     Exporter(String),
     /// Spans still batched could not be sent when shutting down.
@@ -105,10 +106,12 @@ pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter);
-    let provider = if exporting() {
-        Some(provider(service)?)
-    } else {
-        None
+    // An exporter that cannot be set up (a malformed endpoint) loses the traces, never the
+    // logs: it is reported as a warning once logging works.
+    let (provider, exporter_error) = match exporting().then(|| provider(service)) {
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
     };
     let traces = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
@@ -122,6 +125,9 @@ pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
     if let Some(e) = bad_spec {
         tracing::warn!("RUST_LOG is not a filter ({e}); showing warnings");
+    }
+    if let Some(e) = exporter_error {
+        tracing::warn!("{e}; spans are not exported");
     }
     if provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());

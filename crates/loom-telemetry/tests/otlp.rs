@@ -69,6 +69,9 @@ async fn run_bank(endpoint: &str) {
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_SDK_DISABLED")
+        .env_remove("OTEL_TRACES_SAMPLER")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -111,4 +114,26 @@ async fn the_bank_sends_its_traces_to_the_collector_it_is_given() {
     );
 
     server.abort();
+}
+
+/// An endpoint the exporter cannot use loses the traces, not the logs: the bank runs, and says
+/// so on stderr.
+#[test]
+fn a_bad_endpoint_is_a_warning_and_the_program_runs() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(bank())
+        .args(["--accounts", "2", "--transfers", "2", "--data"])
+        .arg(data.path().join("bank"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SDK_DISABLED")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the bank");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("spans are not exported"),
+        "{err}"
+    );
 }

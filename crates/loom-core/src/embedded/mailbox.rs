@@ -1150,7 +1150,10 @@ fn backlog_in(txn: &redb::ReadTransaction, kind: &str) -> StoreResult<Backlog> {
     let now = Timestamp::now().as_millis();
     // Every key of `kind` and none of a kind it is a prefix of (ids hold no NUL).
     let next = format!("{kind}\0");
-    let mut b = Backlog::default();
+    let mut b = Backlog {
+        at: Timestamp::from_millis(now),
+        ..Backlog::default()
+    };
     for item in ready
         .range((kind, 0, "")..(next.as_str(), 0, ""))
         .map_err(se)?

@@ -135,9 +135,11 @@ impl<A: Actor> Cell<A> {
         );
         // A child of the span that sent the message (see `trace`). No OpenTelemetry layer (or
         // none that records this span) leaves nothing to link: not an error.
-        if span
-            .set_parent(trace::parent(d.envelope.traceparent.as_deref()))
-            .is_err()
+        // (Nothing to parse when no subscriber records the span: the hot path without tracing.)
+        if !span.is_disabled()
+            && span
+                .set_parent(trace::parent(d.envelope.traceparent.as_deref()))
+                .is_err()
         {
             tracing::trace!("no OpenTelemetry layer records the invocation span");
         }

@@ -30,7 +30,9 @@ use super::actor::{Actor, Rejected};
 use super::config::Config;
 use super::hub::Hub;
 use super::trace;
+use opentelemetry::trace::TraceContextExt;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Why a durable call did not give its result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1111,6 +1113,15 @@ impl<'a> Context<'a> {
             let notified = notify.notified();
             match self.io.store.lease(&lane, opts).await {
                 Ok(Some(event)) => {
+                    // The wait's span links to the trace of whoever delivered the event.
+                    let span = tracing::Span::current();
+                    if !span.is_disabled() {
+                        let from = trace::parent(event.envelope.traceparent.as_deref());
+                        let from = from.span().span_context().clone();
+                        if from.is_valid() {
+                            span.add_link(from);
+                        }
+                    }
                     let data = event.envelope.payload.clone();
                     self.inv.push(EntryKind::EventReceived {
                         step,

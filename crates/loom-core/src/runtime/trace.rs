@@ -7,14 +7,14 @@
 //! 1. the caller's own, when it names one (`SendOptions::traceparent`, an HTTP request's
 //!    `traceparent` header);
 //! 2. the current `tracing` span, when an OpenTelemetry layer records it (an invocation, an
-//!    application's request span);
+//!    application's request span), else the current OpenTelemetry context;
 //! 3. with no such layer: a new span id in the trace of the message being handled, so that
 //!    logs still tie a chain of messages together;
 //! 4. else a new trace.
 
 use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceId, TraceState};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -33,41 +33,43 @@ impl Extractor for Carrier<'_> {
     }
 }
 
-/// Where the propagator writes a `traceparent` (the `tracestate` it also writes is not kept:
-/// messages carry no vendor state).
-#[derive(Default)]
-struct Written(Option<String>);
-
-impl Injector for Written {
-    fn set(&mut self, key: &str, value: String) {
-        if key == TRACEPARENT {
-            self.0 = Some(value);
-        }
-    }
-}
-
-/// The span context `traceparent` names, if W3C trace context says to accept it. The
-/// propagator checks the version (not `ff`), lowercase hex and non-zero ids; the field lengths
-/// (2-32-16-2 digits) are checked here, since it reads shorter ids as numbers.
+/// The span context `traceparent` names, if W3C trace context says to accept it: fields of
+/// 2-32-16-2 lowercase hex digits (exactly those four for version `00`, more allowed after them
+/// for a later version), a version other than `ff`, ids that are not all zeros. Checked here
+/// lexically (the SDK's parser also takes signs, an uppercase version and shorter ids), then
+/// read by the propagator.
 fn parse(traceparent: &str) -> Option<SpanContext> {
-    let lengths: Vec<usize> = traceparent.split('-').map(str::len).collect();
-    if lengths.len() < 4 || lengths[..4] != [2, 32, 16, 2] {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let mut parts = traceparent.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let rest = parts.next();
+    if !(hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2))
+        || version == "ff"
+        || (version == "00" && rest.is_some())
+    {
         return None;
     }
-    let cx = TraceContextPropagator::new().extract(&Carrier(traceparent));
+    // From an empty context: a refused header gives nothing, never the caller's current span.
+    let cx = TraceContextPropagator::new()
+        .extract_with_context(&Context::new(), &Carrier(&traceparent[..55]));
     let span = cx.span().span_context().clone();
     span.is_valid().then_some(span)
 }
 
+/// A span context as a version-00 `traceparent` (the sampled flag only, as the propagator
+/// writes it).
 fn format(span: &SpanContext) -> String {
-    let mut out = Written::default();
-    TraceContextPropagator::new().inject_context(
-        &Context::new().with_remote_span_context(span.clone()),
-        &mut out,
-    );
-    // The propagator writes every valid span context; `span` is one (see callers).
-    out.0
-        .unwrap_or_else(|| format!("00-{}-{}-01", span.trace_id(), span.span_id()))
+    format!(
+        "00-{}-{}-{:02x}",
+        span.trace_id(),
+        span.span_id(),
+        span.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()
+    )
 }
 
 /// The OpenTelemetry context a message's `traceparent` names: the parent of the span that
@@ -86,10 +88,15 @@ pub(crate) fn outgoing(explicit: Option<&str>, handling: Option<&str>) -> String
     if let Some(span) = explicit.and_then(parse) {
         return format(&span);
     }
+    // The current `tracing` span when an OpenTelemetry layer records it; else the current
+    // OpenTelemetry context (a span that layer filters out, say a `debug_span!` under an `INFO`
+    // filter, leaves its parent's context active).
     let current = tracing::Span::current().context();
-    let span = current.span().span_context().clone();
-    if span.is_valid() {
-        return format(&span);
+    for cx in [current, Context::current()] {
+        let span = cx.span().span_context().clone();
+        if span.is_valid() {
+            return format(&span);
+        }
     }
     let span = match handling.and_then(parse) {
         Some(p) => SpanContext::new(
@@ -102,7 +109,7 @@ pub(crate) fn outgoing(explicit: Option<&str>, handling: Option<&str>) -> String
         None => SpanContext::new(
             TraceId::from(crate::seam::uuid_v4().as_u128()),
             span_id(),
-            opentelemetry::trace::TraceFlags::SAMPLED,
+            TraceFlags::SAMPLED,
             false,
             TraceState::default(),
         ),
@@ -145,6 +152,20 @@ mod tests {
     }
 
     #[test]
+    fn an_active_context_is_the_parent_and_never_stands_in_for_a_refused_header() {
+        let caller = format!("00-{TRACE}-00f067aa0ba902b7-01");
+        let _active = Context::new()
+            .with_remote_span_context(parse(&caller).expect("valid"))
+            .attach();
+        // No tracing span records it (no layer here), but it is the current context.
+        assert_eq!(outgoing(None, None), caller);
+        // A refused header is refused, not read as the current context.
+        let bad = format!("00-{}-00f067aa0ba902b7-01", TRACE.to_uppercase());
+        assert!(parse(&bad).is_none());
+        assert!(!parent(Some(&bad)).span().span_context().is_valid());
+    }
+
+    #[test]
     fn what_w3c_trace_context_refuses_starts_a_new_trace() {
         for bad in [
             format!("00-{}-00f067aa0ba902b7-01", TRACE.to_uppercase()),
@@ -155,6 +176,10 @@ mod tests {
             format!("00-{TRACE}-f067aa0ba902b7-01"),
             format!("00-{TRACE}-00f067aa0ba902b7-1"),
             format!("00-{TRACE}-00f067aa0ba902b7-01-extra"),
+            format!("00-{TRACE}-00f067aa0ba902b7-01-"),
+            format!("00-+{}-00f067aa0ba902b7-01", &TRACE[1..]),
+            format!("0A-{TRACE}-00f067aa0ba902b7-01"),
+            format!("00-{TRACE}-00f067aa0ba902b7-01 "),
             "garbage".to_owned(),
             String::new(),
         ] {

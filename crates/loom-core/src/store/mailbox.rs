@@ -145,19 +145,46 @@ pub struct Backlog {
     pub ready: u64,
     /// When the longest-waiting of the ready ones became ready; `None` if none is.
     pub oldest_ready_at: Option<Timestamp>,
+    /// The store's clock when it counted (the clock its ready times are on).
+    pub at: Timestamp,
 }
 
 impl Backlog {
-    /// The backlog of two partitions together: counts added, the older wait kept.
+    /// How long the longest-waiting ready mailbox has waited, on the store's clock (so a node
+    /// whose clock is off does not skew it); zero if none is ready.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::Timestamp;
+    /// use loom_core::store::Backlog;
+    ///
+    /// let b = Backlog {
+    ///     mailboxes: 2,
+    ///     ready: 1,
+    ///     oldest_ready_at: Some(Timestamp::from_millis(1_000)),
+    ///     at: Timestamp::from_millis(4_500),
+    /// };
+    /// assert_eq!(b.longest_wait(), Duration::from_millis(3_500));
+    /// assert_eq!(Backlog::default().longest_wait(), Duration::ZERO);
+    /// ```
+    pub fn longest_wait(&self) -> Duration {
+        self.oldest_ready_at
+            .map_or(Duration::ZERO, |t| self.at.saturating_since(t))
+    }
+
+    /// The backlog of two partitions together: counts added, the older wait kept, the later
+    /// count's time.
     ///
     /// ```
     /// use loom_core::Timestamp;
     /// use loom_core::store::Backlog;
     ///
-    /// let a = Backlog { mailboxes: 3, ready: 1, oldest_ready_at: Some(Timestamp::from_millis(50)) };
-    /// let b = Backlog { mailboxes: 2, ready: 2, oldest_ready_at: Some(Timestamp::from_millis(20)) };
-    /// assert_eq!(a.merge(b), Backlog { mailboxes: 5, ready: 3, oldest_ready_at: Some(Timestamp::from_millis(20)) });
-    /// assert_eq!(a.merge(Backlog::default()), a);
+    /// let at = |ms| Some(Timestamp::from_millis(ms));
+    /// let a = Backlog { mailboxes: 3, ready: 1, oldest_ready_at: at(50), at: Timestamp::from_millis(90) };
+    /// let b = Backlog { mailboxes: 2, ready: 2, oldest_ready_at: at(20), at: Timestamp::from_millis(95) };
+    /// let both = a.merge(b);
+    /// assert_eq!((both.mailboxes, both.ready, both.oldest_ready_at), (5, 3, at(20)));
+    /// assert_eq!(both.at, Timestamp::from_millis(95));
     /// ```
     pub fn merge(self, other: Backlog) -> Backlog {
         Backlog {
@@ -167,6 +194,7 @@ impl Backlog {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
+            at: self.at.max(other.at),
         }
     }
 }

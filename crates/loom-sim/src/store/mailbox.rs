@@ -427,8 +427,11 @@ impl Mailboxes {
 
     /// What waits in the listed mailboxes of `kind`.
     fn backlog(&self, parked: &Parked, kind: &str, now: Timestamp) -> loom_core::store::Backlog {
+        let mut b = loom_core::store::Backlog {
+            at: now,
+            ..loom_core::store::Backlog::default()
+        };
         let now = now.as_millis();
-        let mut b = loom_core::store::Backlog::default();
         for at in self
             .boxes
             .iter()

@@ -697,10 +697,10 @@ async fn one_kinds_backlog_does_not_hide_another_kinds_ready_actors(store: Arc<d
 /// `backlog` counts a kind's non-empty mailboxes (delayed and out ones included; parked ones,
 /// event lanes and other kinds not), the ready ones, and since when the longest-ready waits.
 async fn backlog_counts_a_kinds_mailboxes_and_its_longest_wait(store: Arc<dyn Store>) {
-    assert_eq!(
-        store.backlog("gauge").await.unwrap(),
-        loom_core::store::Backlog::default()
-    );
+    let counts = |b: loom_core::store::Backlog| (b.mailboxes, b.ready, b.oldest_ready_at);
+    let empty = store.backlog("gauge").await.unwrap();
+    assert_eq!(counts(empty), (0, 0, None));
+    assert_eq!(empty.longest_wait(), Duration::ZERO);
     let g = |k: &str| ActorId::new("gauge", k).unwrap();
     let (first, second, delayed, out, parked) = (g("1"), g("2"), g("3"), g("4"), g("5"));
     store.enqueue(&msg(&first, 0), None).await.unwrap();
@@ -727,18 +727,31 @@ async fn backlog_counts_a_kinds_mailboxes_and_its_longest_wait(store: Arc<dyn St
     let b = store.backlog("gauge").await.unwrap();
     assert_eq!((b.mailboxes, b.ready), (4, 2), "{b:?}");
     let oldest = b.oldest_ready_at.expect("a ready mailbox");
-    let now = Timestamp::now();
+    // On the store's clock: the first has waited at least since the second came.
+    assert!(oldest <= b.at, "{b:?}");
     assert!(
-        oldest <= now && now.saturating_since(oldest) < Duration::from_secs(60),
-        "{b:?} at {now}"
+        b.longest_wait() >= Duration::from_millis(20) && b.longest_wait() < Duration::from_secs(60),
+        "{b:?}"
     );
-    // The longest-waiting one is handled: the next one has waited less.
-    let d = store
-        .lease(&first, long())
-        .await
-        .unwrap()
-        .expect("delivery");
-    store.ack(&d.receipt).await.unwrap();
+    // More mail for a mailbox that is ready already does not make it newer: it has waited
+    // since it became ready.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.enqueue(&msg(&first, 1), None).await.unwrap();
+    let again = store.backlog("gauge").await.unwrap();
+    assert_eq!(counts(again), (4, 2, Some(oldest)), "{again:?} after {b:?}");
+    assert!(
+        again.longest_wait() > b.longest_wait(),
+        "{again:?} after {b:?}"
+    );
+    // The longest-waiting one is handled (both its messages): the next one has waited less.
+    for _ in 0..2 {
+        let d = store
+            .lease(&first, long())
+            .await
+            .unwrap()
+            .expect("delivery");
+        store.ack(&d.receipt).await.unwrap();
+    }
     let after = store.backlog("gauge").await.unwrap();
     assert_eq!((after.mailboxes, after.ready), (3, 1), "{after:?}");
     assert!(
@@ -746,10 +759,7 @@ async fn backlog_counts_a_kinds_mailboxes_and_its_longest_wait(store: Arc<dyn St
         "{after:?} after {b:?}"
     );
     assert_eq!(store.backlog("counter").await.unwrap().ready, 1);
-    assert_eq!(
-        store.backlog("nobody").await.unwrap(),
-        loom_core::store::Backlog::default()
-    );
+    assert_eq!(counts(store.backlog("nobody").await.unwrap()), (0, 0, None));
 }
 
 /// Delivers event `n` on `owner`'s lane `name`, as `ActorRef::deliver_event` does.
