@@ -1,4 +1,5 @@
-//! `loom`: look into, check, repair, move and benchmark Loom stores.
+//! `loom`: look into, check, repair and move Loom stores, and serve Loom Studio over them.
+//! (Benchmarks and the torture are `loom-dev`.)
 
 mod actors;
 mod admin;
@@ -19,7 +20,7 @@ use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
 #[command(
     name = "loom",
     version,
-    about = "Inspect, verify, repair, move and benchmark Loom stores"
+    about = "Inspect, verify, repair and move Loom stores, and serve Loom Studio over them"
 )]
 struct Cli {
     /// Key prefix on a Redis store (the runtime's default is `loom`).

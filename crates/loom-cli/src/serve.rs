@@ -40,22 +40,12 @@ pub async fn serve(
         .map_err(|e| Failure(format!("could not read the address listened on: {e}")))?;
     // On a loopback address, only requests to it by its own names: a web page cannot reach it
     // through a name of its own that resolves here (DNS rebinding).
-    let hosts = if bound.ip().is_loopback() {
-        let port = bound.port();
-        vec![
-            format!("localhost:{port}"),
-            format!("127.0.0.1:{port}"),
-            format!("[::1]:{port}"),
-            bound.to_string(),
-        ]
-    } else {
-        if bound.ip().is_unspecified() {
-            eprintln!(
-                "warning: listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
-            );
-        }
-        Vec::new()
-    };
+    let hosts = AdminOptions::hosts_for(bound);
+    if bound.ip().is_unspecified() {
+        eprintln!(
+            "warning: listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
+        );
+    }
     let app = loom_http::admin(
         store,
         AdminOptions {

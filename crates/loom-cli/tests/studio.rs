@@ -1,8 +1,9 @@
 //! `loom serve` and Loom Studio as people meet them: the real binary over a store, and the page
 //! driven in a real headless Chromium (WebDriver): the actor list, an actor's journal, the
 //! state at an earlier seq chosen with the slider (checked against the state rebuilt from the
-//! store), and a dead letter requeued: refused without the token, done with it. A screenshot
-//! of each page is saved under `target/studio-screenshots/`.
+//! store), and a dead letter requeued: refused without the token, done with it; and Studio
+//! served by a running application, with its live counters. A screenshot of each page is saved
+//! under `target/studio-screenshots/`.
 
 mod common;
 
@@ -176,9 +177,9 @@ async fn until(c: &Client, what: &str, script: &str) -> Value {
     }
 }
 
-#[test]
-fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
-    let Some(driver) = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+/// chromedriver on a free port (stopped when dropped), and that port.
+fn chromedriver() -> (Proc, u16) {
+    let Some(path) = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
     else {
@@ -186,6 +187,45 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
             "chromedriver is missing: apt-get install -y chromium chromium-driver (./scripts/test does)"
         );
     };
+    let port = free_port();
+    let proc = Proc(
+        Command::new(path)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    (proc, port)
+}
+
+/// A headless Chromium session through `driver`.
+async fn browser(driver: &(Proc, u16)) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({ "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ClientBuilder::new(connector.clone())
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{}", driver.1))
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for chromedriver: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("chromedriver did not answer: {e}"),
+        }
+    }
+}
+
+#[test]
+fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
     let dir = tempfile::tempdir().expect("temp dir");
     seeded(dir.path());
     let rt = tokio::runtime::Runtime::new().expect("tokio");
@@ -209,37 +249,9 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
     });
     let store = dir.path().to_str().expect("utf-8 path");
     let (server, base) = serve(store, &["--allow-writes"], Some("s3cret"));
-    let port = free_port();
-    let driver = Proc(
-        Command::new(driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver"),
-    );
+    let driver = chromedriver();
     rt.block_on(async {
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({ "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] }),
-        );
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let c = loop {
-            match ClientBuilder::new(connector.clone())
-                .capabilities(caps.clone())
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for chromedriver: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("chromedriver did not answer: {e}"),
-            }
-        };
+        let c = browser(&driver).await;
 
         // The actor list, and into one actor.
         c.goto(&format!("{base}/#/")).await.expect("open Studio");
@@ -295,4 +307,77 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
     });
     drop(driver);
     stop(server);
+}
+
+/// A running application serves Studio itself (its store is locked by it, so `loom serve`
+/// cannot open it): the bank example with `--listen`, after its own run, shows its actors and,
+/// live from its `/metrics`, what each kind did and what waits.
+#[test]
+fn a_running_app_serves_studio_with_live_counters() {
+    let bank = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
+        .filter(|p| p.is_file())
+        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(bank)
+        .args([
+            "--accounts",
+            "4",
+            "--transfers",
+            "20",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(data.path().join("bank"))
+        .env_remove("LOOM_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the bank");
+    let stdout = child.stdout.take().expect("stdout");
+    let bank = Proc(child);
+    let mut base = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read the bank's stdout");
+        if let Some(b) = line.strip_prefix("listening on ") {
+            base = Some(b.to_owned());
+        }
+        if line == "serving until Ctrl-C" {
+            break;
+        }
+    }
+    let base = base.expect("the bank said where it listens");
+    let driver = chromedriver();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&format!("{base}/#/")).await.expect("open Studio");
+        until(&c, "the bank's actors", "document.querySelectorAll('#actors a.actor-link').length > 0").await;
+        until(&c, "the live counters", "document.querySelector('tr.live-kind[data-kind=transfer]')").await;
+        let row = |kind: &'static str| {
+            let c = c.clone();
+            async move {
+                c.execute(
+                    "return [...document.querySelector(`tr.live-kind[data-kind=${arguments[0]}]`).cells].map(td => td.textContent);",
+                    vec![json!(kind)],
+                )
+                .await
+                .expect("read the row")
+            }
+        };
+        // kind, invocations, waiting mailboxes, ready now, longest wait, retries, dead letters
+        let transfer = row("transfer").await;
+        let n = |v: &Value, i: usize| v[i].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or_else(|| panic!("column {i} of {v}"));
+        assert!(n(&transfer, 1) >= 60.0, "20 transfers are started, debited and credited: {transfer}");
+        assert!(n(&transfer, 2) >= 20.0, "each settled transfer waits for its retirement: {transfer}");
+        assert_eq!(n(&transfer, 3), 0.0, "{transfer}");
+        let account = row("account").await;
+        assert!(n(&account, 1) >= 40.0, "{account}");
+        shot(&c, "live.png").await;
+        c.close().await.expect("close the browser");
+    });
+    drop(driver);
+    stop(bank);
 }

@@ -40,6 +40,37 @@ pub struct AdminOptions {
     pub hosts: Vec<String>,
 }
 
+impl AdminOptions {
+    /// The host names an admin API listening on `bound` answers to, for
+    /// [`hosts`](Self::hosts): on a loopback address its own names (`localhost`, `127.0.0.1`,
+    /// `[::1]` with the port), so that no other name resolving here reaches it; on any other
+    /// address none (any host: put it behind a proxy that checks the host).
+    ///
+    /// ```
+    /// use loom_http::AdminOptions;
+    ///
+    /// let local = AdminOptions::hosts_for("127.0.0.1:7070".parse()?);
+    /// assert!(local.contains(&"localhost:7070".to_owned()));
+    /// assert!(AdminOptions::hosts_for("10.0.0.5:7070".parse()?).is_empty());
+    /// # Ok::<(), std::net::AddrParseError>(())
+    /// ```
+    pub fn hosts_for(bound: std::net::SocketAddr) -> Vec<String> {
+        if !bound.ip().is_loopback() {
+            return Vec::new();
+        }
+        let port = bound.port();
+        let mut hosts = vec![
+            format!("localhost:{port}"),
+            format!("127.0.0.1:{port}"),
+            format!("[::1]:{port}"),
+        ];
+        if !hosts.contains(&bound.to_string()) {
+            hosts.push(bound.to_string());
+        }
+        hosts
+    }
+}
+
 #[derive(Clone)]
 struct Admin {
     store: Arc<dyn Store>,

@@ -475,11 +475,21 @@ async fn scrape(State(m): State<Monitor>) -> Response {
 /// [`Mailbox::backlog`]: loom_core::Mailbox::backlog
 async fn backlogs(rt: &Runtime) {
     let kinds = rt.kinds();
-    let reads = futures::future::join_all(kinds.iter().map(|k| rt.store().backlog(k)));
-    // One deadline for all kinds, read at once: a scrape answers within it however many.
-    let read = tokio::time::timeout(Duration::from_secs(2), reads).await;
-    for (i, kind) in kinds.iter().copied().enumerate() {
-        let (waiting, ready, waited) = match read.as_ref().map(|all| &all[i]) {
+    // One deadline for all kinds, so that a scrape answers within it however many there are;
+    // each read late on its own (at most four at once: a scrape leaves the store's
+    // connections to the runtime).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut reads = Vec::with_capacity(kinds.len());
+    for four in kinds.chunks(4) {
+        let part = futures::future::join_all(
+            four.iter()
+                .map(|k| tokio::time::timeout_at(deadline, rt.store().backlog(k))),
+        )
+        .await;
+        reads.extend(part);
+    }
+    for (kind, read) in kinds.iter().copied().zip(reads) {
+        let (waiting, ready, waited) = match read {
             Ok(Ok(b)) => (
                 b.mailboxes as f64,
                 b.ready as f64,

@@ -107,7 +107,8 @@ end
 -- Mailbox ---------------------------------------------------------------------------------
 
 -- mb = { mm, mq, md, mdx, ready, actor }; ready is the ready index of the actor's kind.
-local function mb_ready(mb, now)
+-- `enqueued`: called for a message added to the mailbox (see below).
+local function mb_ready(mb, now, enqueued)
   -- System mailboxes (event lanes) are read only by the invocation waiting on them.
   if string.sub(mb.actor, 1, 1) == '_' then return end
   -- A parked actor's mailbox is held: not listed until it is unparked.
@@ -121,10 +122,11 @@ local function mb_ready(mb, now)
     at = num(redis.call('HGET', mb.mm, 'vis'))
   else
     if num(redis.call('HGET', mb.mm, 'q')) > 0 then
-      -- Ready since: a mailbox that is ready already keeps when it became ready (the longest-
-      -- ready is served first, and Mailbox::backlog measures its wait); one that becomes
-      -- ready (after its current message, or empty before) is ready from now.
-      local since = redis.call('ZSCORE', mb.ready, mb.actor)
+      -- Ready since: more mail for a mailbox that is ready already keeps when it became
+      -- ready (the longest-ready is served first, and Mailbox::backlog measures its wait);
+      -- any other change (its current message settled, given up or taken over) makes it
+      -- ready from now.
+      local since = enqueued and redis.call('ZSCORE', mb.ready, mb.actor)
       if since and tonumber(since) <= now then at = tonumber(since) else at = now end
     end
     local d = redis.call('ZRANGE', mb.md, 0, 0, 'WITHSCORES')
@@ -162,7 +164,7 @@ local function mb_enqueue(mb, msgid, frame, due, now)
   else
     mb_push(mb, pos, msgid, frame)
   end
-  mb_ready(mb, now)
+  mb_ready(mb, now, true)
   return pos
 end
 

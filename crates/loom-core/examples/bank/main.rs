@@ -235,15 +235,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Serves the runtime's actors over HTTP on `addr`, with `/metrics` and `/health`; says where
-/// on stdout.
+/// Serves the runtime's actors over HTTP on `addr`, with `/metrics` and `/health`, and the admin
+/// API with Loom Studio at `/` (its live counters from `/metrics`); says where on stdout.
 async fn serve(
     rt: &Runtime,
     addr: SocketAddr,
     prometheus: loom_http::PrometheusHandle,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    println!("listening on http://{bound}");
     // With `LOOM_TOKEN` set, every request to the actors must carry `Authorization: Bearer
     // $LOOM_TOKEN` (`/metrics` and `/health` are open, for the monitoring).
     let token = match std::env::var("LOOM_TOKEN") {
@@ -254,11 +255,21 @@ async fn serve(
         Err(std::env::VarError::NotPresent) => None,
         Err(e @ std::env::VarError::NotUnicode(_)) => return Err(format!("LOOM_TOKEN: {e}").into()),
     };
+    // The admin API and Studio over the bank's own store (locked by this process, so `loom
+    // serve` cannot open it while the bank runs): reads open on loopback, writes (requeue,
+    // unpark) with the same token.
+    let admin = loom_http::AdminOptions {
+        allow_writes: token.is_some(),
+        token: token.clone(),
+        hosts: loom_http::AdminOptions::hosts_for(bound),
+    };
     let opts = loom_http::Options {
         token,
         ..loom_http::Options::default()
     };
-    let app = loom_http::router(rt.clone(), opts).merge(loom_http::monitor(rt.clone(), prometheus));
+    let app = loom_http::router(rt.clone(), opts)
+        .merge(loom_http::monitor(rt.clone(), prometheus))
+        .merge(loom_http::admin(rt.store().clone(), admin));
     Ok(tokio::spawn(
         async move { axum::serve(listener, app).await },
     ))

@@ -143,7 +143,10 @@ pub struct Backlog {
     pub mailboxes: u64,
     /// Of those, the ones with a message due now and none out: waiting for a node to run them.
     pub ready: u64,
-    /// When the longest-waiting of the ready ones became ready; `None` if none is.
+    /// When the longest-waiting of the ready ones became ready; `None` if none is. A mailbox
+    /// whose current message was settled is ready again from its next message's due time on
+    /// the embedded store and PostgreSQL, and from the settlement on Redis (its stream does not
+    /// keep due times); more mail for a ready mailbox never makes it newer on any store.
     pub oldest_ready_at: Option<Timestamp>,
     /// The store's clock when it counted (the clock its ready times are on).
     pub at: Timestamp,
