@@ -9,6 +9,32 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use output::Failure;
+use store::Namespace;
+
+/// The options every command of `loom` and of `loom-dev` takes (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Key prefix on a Redis store (the runtime's default is `loom`).
+    #[arg(long, global = true, default_value = "loom")]
+    pub redis_prefix: String,
+    /// Schema on a PostgreSQL store (the runtime's default is `loom`).
+    #[arg(long, global = true, default_value = "loom")]
+    pub pg_schema: String,
+    /// Results as JSON (one object per line) instead of tables and sentences, and a failure
+    /// as one object `{"error", "hint"}` on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Common {
+    /// Where Loom's keys and tables are on the stores these options name.
+    pub fn namespace(&self) -> Namespace {
+        Namespace {
+            redis_prefix: self.redis_prefix.clone(),
+            pg_schema: self.pg_schema.clone(),
+        }
+    }
+}
 
 /// Runs a command's future on a multi-thread tokio runtime, with logs on stderr and traces
 /// over OTLP when asked ([`loom_telemetry::init`], naming the process `service`), and turns its

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use loom_core::Seq;
 
 use loom_cli::output::{self, Failure};
-use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
+use loom_cli::store::{StoreUrl, open_existing, open_or_create};
 
 #[derive(Parser)]
 #[command(
@@ -23,16 +23,8 @@ use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
     about = "Inspect, verify, repair and move Loom stores, and serve Loom Studio over them"
 )]
 struct Cli {
-    /// Key prefix on a Redis store (the runtime's default is `loom`).
-    #[arg(long, global = true, default_value = "loom")]
-    redis_prefix: String,
-    /// Schema on a PostgreSQL store (the runtime's default is `loom`).
-    #[arg(long, global = true, default_value = "loom")]
-    pg_schema: String,
-    /// Results as JSON (one object per line) instead of tables and sentences, and a failure
-    /// as one object `{"error", "hint"}` on stderr.
-    #[arg(long, global = true)]
-    json: bool,
+    #[command(flatten)]
+    common: loom_cli::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -312,12 +304,9 @@ enum DeadLetterCommand {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let ns = Namespace {
-        redis_prefix: cli.redis_prefix,
-        pg_schema: cli.pg_schema,
-    };
+    let ns = cli.common.namespace();
     let url = |s: &str| StoreUrl::parse(s, &ns);
-    let json = cli.json;
+    let json = cli.common.json;
     match cli.command {
         Command::Journal { store, command } => {
             let opened = open_existing(&url(&store.store)?).await?;
@@ -436,6 +425,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json = cli.json;
+    let json = cli.common.json;
     loom_cli::main_with("loom", json, run(cli))
 }

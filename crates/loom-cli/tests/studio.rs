@@ -314,11 +314,7 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
 /// live from its `/metrics`, what each kind did and what waits.
 #[test]
 fn a_running_app_serves_studio_with_live_counters() {
-    let bank = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
-        .filter(|p| p.is_file())
-        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let bank = loom_testkit::examples::example("bank");
     let data = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(bank)
         .args([

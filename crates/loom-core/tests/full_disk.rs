@@ -161,11 +161,7 @@ fn the_bank_on_a_full_disk_says_so_in_a_sentence() {
     let Some(_mount) = mount(&base.path().join("fs"), "3m") else {
         return;
     };
-    let bank = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
-        .filter(|p| p.is_file())
-        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let bank = loom_testkit::examples::example("bank");
     let out = Command::new(&bank)
         .args(["--accounts", "20", "--transfers", "3000", "--data"])
         .arg(base.path().join("fs").join("bank"))

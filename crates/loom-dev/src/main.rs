@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use loom_cli::output::{self, Failure};
-use loom_cli::store::{self, Namespace, StoreUrl};
+use loom_cli::store::{self, StoreUrl};
 
 #[derive(Parser)]
 #[command(
@@ -20,16 +20,8 @@ use loom_cli::store::{self, Namespace, StoreUrl};
     about = "Benchmark and torture Loom stores (for developers; users run `loom`)"
 )]
 struct Cli {
-    /// Key prefix on a Redis store (the runtime's default is `loom`).
-    #[arg(long, global = true, default_value = "loom")]
-    redis_prefix: String,
-    /// Schema on a PostgreSQL store (the runtime's default is `loom`).
-    #[arg(long, global = true, default_value = "loom")]
-    pg_schema: String,
-    /// Reports as JSON (one object per line), and a failure as one object `{"error", "hint"}`
-    /// on stderr.
-    #[arg(long, global = true)]
-    json: bool,
+    #[command(flatten)]
+    common: loom_cli::Common,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,12 +102,9 @@ enum Command {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let ns = Namespace {
-        redis_prefix: cli.redis_prefix,
-        pg_schema: cli.pg_schema,
-    };
+    let ns = cli.common.namespace();
     let url = |s: &str| StoreUrl::parse(s, &ns);
-    let json = cli.json;
+    let json = cli.common.json;
     match cli.command {
         Command::Bench {
             scenario,
@@ -161,6 +150,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json = cli.json;
+    let json = cli.common.json;
     loom_cli::main_with("loom-dev", json, run(cli))
 }

@@ -24,11 +24,7 @@ impl Drop for Bank {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_moves_money_over_http_once_per_key() {
-    let bank = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
-        .filter(|p| p.is_file())
-        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let bank = loom_testkit::examples::example("bank");
     let data = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(&bank)
         .args([
@@ -216,11 +212,7 @@ async fn a_client_moves_money_over_http_once_per_key() {
 /// in the environment stops it at once with a sentence that names the setting.
 #[test]
 fn the_bank_refuses_a_bad_setting_by_name() {
-    let bank = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
-        .filter(|p| p.is_file())
-        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)");
+    let bank = loom_testkit::examples::example("bank");
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("loom.toml");
     let run = |config: &str, env: Option<(&str, &str)>| {

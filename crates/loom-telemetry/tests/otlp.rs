@@ -54,11 +54,7 @@ async fn collector() -> (String, Received, tokio::task::JoinHandle<()>) {
 }
 
 fn bank() -> std::path::PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples").join("bank")))
-        .filter(|p| p.is_file())
-        .expect("the bank example is not built: `cargo build -p loom-core --examples` (./scripts/test does)")
+    loom_testkit::examples::example("bank")
 }
 
 async fn run_bank(endpoint: &str) {

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod conformance;
+pub mod examples;
 pub mod faults;
 mod fixture;
 pub mod load;
