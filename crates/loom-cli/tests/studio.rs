@@ -256,6 +256,12 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
         // The actor list, and into one actor.
         c.goto(&format!("{base}/#/")).await.expect("open Studio");
         until(&c, "the actor list", "document.querySelectorAll('#actors a.actor-link').length === 3").await;
+        // `loom serve` has no /metrics: no live counters.
+        assert_eq!(
+            c.execute("return document.getElementById('live').hidden;", vec![]).await.expect("read"),
+            json!(true),
+            "live counters under loom serve"
+        );
         shot(&c, "actors.png").await;
         c.find(Locator::LinkText("counter/a")).await.expect("the link").click().await.expect("click");
         until(&c, "the state at the newest seq", "document.querySelector('#state[data-ready]')").await;
@@ -372,6 +378,26 @@ fn a_running_app_serves_studio_with_live_counters() {
         let account = row("account").await;
         assert!(n(&account, 1) >= 40.0, "{account}");
         shot(&c, "live.png").await;
+        // It goes on: a transfer started now shows in the next poll.
+        let http = reqwest::Client::new();
+        for (path, body) in [
+            ("account/live-a", json!({"Open": 10})),
+            ("account/live-b", json!({"Open": 0})),
+            ("transfer/live-1", json!({"Start": {"from": "live-a", "to": "live-b", "amount": 1}})),
+        ] {
+            let resp = http.post(format!("{base}/actors/{path}/ask")).json(&body).send().await.expect("request");
+            assert_eq!(resp.status().as_u16(), 200, "{path}");
+        }
+        let before = n(&transfer, 1);
+        until(
+            &c,
+            "the next poll",
+            &format!("Number(document.querySelector('tr.live-kind[data-kind=transfer]').cells[1].textContent) > {before}"),
+        )
+        .await;
+        // Without LOOM_TOKEN the bank's admin API only reads.
+        let resp = http.post(format!("{base}/api/parked/account/a0/unpark")).send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), 403, "a write without a token");
         c.close().await.expect("close the browser");
     });
     drop(driver);

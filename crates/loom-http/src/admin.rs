@@ -43,8 +43,9 @@ pub struct AdminOptions {
 impl AdminOptions {
     /// The host names an admin API listening on `bound` answers to, for
     /// [`hosts`](Self::hosts): on a loopback address its own names (`localhost`, `127.0.0.1`,
-    /// `[::1]` with the port), so that no other name resolving here reaches it; on any other
-    /// address none (any host: put it behind a proxy that checks the host).
+    /// `[::1]` with the port, and without it on port 80), so that no other name resolving here
+    /// reaches it; on any other address none (any host: put it behind a proxy that checks the
+    /// host, and forwards it).
     ///
     /// ```
     /// use loom_http::AdminOptions;
@@ -64,6 +65,10 @@ impl AdminOptions {
             format!("127.0.0.1:{port}"),
             format!("[::1]:{port}"),
         ];
+        // On port 80 a browser leaves the port out of `Host`.
+        if port == 80 {
+            hosts.extend(["localhost", "127.0.0.1", "[::1]"].map(String::from));
+        }
         if !hosts.contains(&bound.to_string()) {
             hosts.push(bound.to_string());
         }

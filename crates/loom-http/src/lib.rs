@@ -466,8 +466,8 @@ async fn scrape(State(m): State<Monitor>) -> Response {
 }
 
 /// Sets the per-kind mailbox gauges from the store ([`Mailbox::backlog`]: one pass over the
-/// kind's non-empty mailboxes in its ready index, no message read) for every hosted kind, the
-/// kinds read concurrently within 2 s. A read that fails or is late sets that kind's gauges to
+/// kind's non-empty mailboxes in its ready index, no message read) for every hosted kind, at
+/// most four at a time, all within 2 s. A read that fails or is late sets that kind's gauges to
 /// NaN and says so in the log; the scrape still answers (with `loom_store_healthy` telling
 /// whether the store fails). The counts are the store's, not this node's: every node hosting a
 /// kind reports the same, so aggregate them across nodes with `max`, not `sum`.

@@ -124,8 +124,8 @@ local function mb_ready(mb, now, enqueued)
     if num(redis.call('HGET', mb.mm, 'q')) > 0 then
       -- Ready since: more mail for a mailbox that is ready already keeps when it became
       -- ready (the longest-ready is served first, and Mailbox::backlog measures its wait);
-      -- any other change (its current message settled, given up or taken over) makes it
-      -- ready from now.
+      -- any other change (its current message settled or given up) makes it ready from now,
+      -- or from the due time of a delayed message not yet moved into the stream, if earlier.
       local since = enqueued and redis.call('ZSCORE', mb.ready, mb.actor)
       if since and tonumber(since) <= now then at = tonumber(since) else at = now end
     end

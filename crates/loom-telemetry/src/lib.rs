@@ -127,6 +127,7 @@ pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
         tracing::warn!("RUST_LOG is not a filter ({e}); showing warnings");
     }
     if let Some(e) = exporter_error {
+        tracing::warn!("{e}; spans are not exported");
         // On stderr as well: a RUST_LOG that hides warnings must not hide that traces are lost.
         eprintln!("warning: {e}; spans are not exported");
     }

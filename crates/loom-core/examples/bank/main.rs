@@ -62,7 +62,8 @@ struct Args {
     /// Serve the accounts and transfers over HTTP on this address (`127.0.0.1:8080`; port 0
     /// picks a free one), and keep serving after the check until Ctrl-C. With `LOOM_TOKEN`
     /// set, requests to the actors must carry it as a bearer token (`/metrics` and `/health`
-    /// are open).
+    /// are open). On a loopback address Loom Studio and the admin API are served at `/` too
+    /// (reads open, writes with the token).
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Runtime settings from a TOML file (`lease_ttl = "15s"`, `[retry] max_attempts = 8`; see
@@ -235,8 +236,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Serves the runtime's actors over HTTP on `addr`, with `/metrics` and `/health`, and the admin
-/// API with Loom Studio at `/` (its live counters from `/metrics`); says where on stdout.
+/// Serves the runtime's actors over HTTP on `addr`, with `/metrics` and `/health`, and, on a
+/// loopback address, the admin API with Loom Studio at `/` (its live counters from
+/// `/metrics`); says where on stdout.
 async fn serve(
     rt: &Runtime,
     addr: SocketAddr,
@@ -256,20 +258,33 @@ async fn serve(
         Err(e @ std::env::VarError::NotUnicode(_)) => return Err(format!("LOOM_TOKEN: {e}").into()),
     };
     // The admin API and Studio over the bank's own store (locked by this process, so `loom
-    // serve` cannot open it while the bank runs): reads open on loopback, writes (requeue,
-    // unpark) with the same token.
-    let admin = loom_http::AdminOptions {
-        allow_writes: token.is_some(),
-        token: token.clone(),
-        hosts: loom_http::AdminOptions::hosts_for(bound),
-    };
+    // serve` cannot open it while the bank runs), only on a loopback address: its reads are
+    // open (every account's state), so they are served to this machine alone, and only under
+    // its own host names; writes (requeue, unpark) need the same token as the actors.
+    let admin = bound.ip().is_loopback().then(|| {
+        loom_http::admin(
+            rt.store().clone(),
+            loom_http::AdminOptions {
+                allow_writes: token.is_some(),
+                token: token.clone(),
+                hosts: loom_http::AdminOptions::hosts_for(bound),
+            },
+        )
+    });
+    if admin.is_none() {
+        eprintln!(
+            "note: Loom Studio and the admin API are served on a loopback address only (they let whoever reaches them read every actor); not on {bound}"
+        );
+    }
     let opts = loom_http::Options {
         token,
         ..loom_http::Options::default()
     };
-    let app = loom_http::router(rt.clone(), opts)
-        .merge(loom_http::monitor(rt.clone(), prometheus))
-        .merge(loom_http::admin(rt.store().clone(), admin));
+    let mut app =
+        loom_http::router(rt.clone(), opts).merge(loom_http::monitor(rt.clone(), prometheus));
+    if let Some(admin) = admin {
+        app = app.merge(admin);
+    }
     Ok(tokio::spawn(
         async move { axum::serve(listener, app).await },
     ))

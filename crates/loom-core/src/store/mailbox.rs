@@ -145,8 +145,9 @@ pub struct Backlog {
     pub ready: u64,
     /// When the longest-waiting of the ready ones became ready; `None` if none is. A mailbox
     /// whose current message was settled is ready again from its next message's due time on
-    /// the embedded store and PostgreSQL, and from the settlement on Redis (its stream does not
-    /// keep due times); more mail for a ready mailbox never makes it newer on any store.
+    /// the embedded store and PostgreSQL, and on Redis from the settlement (its stream does not
+    /// keep due times) or an earlier due delayed message; more mail for a ready mailbox never
+    /// makes it newer on any store.
     pub oldest_ready_at: Option<Timestamp>,
     /// The store's clock when it counted (the clock its ready times are on).
     pub at: Timestamp,
