@@ -369,7 +369,7 @@ fn a_running_app_serves_studio_with_live_counters() {
                 .expect("read the row")
             }
         };
-        // kind, invocations, waiting mailboxes, ready now, longest wait, retries, dead letters
+        // kind, invocations, waiting mailboxes, ready now, longest wait, parked, retries, dead letters
         let transfer = row("transfer").await;
         let n = |v: &Value, i: usize| v[i].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or_else(|| panic!("column {i} of {v}"));
         assert!(n(&transfer, 1) >= 60.0, "20 transfers are started, debited and credited: {transfer}");

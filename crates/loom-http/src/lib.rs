@@ -435,8 +435,8 @@ struct Monitor {
 
 /// `GET /metrics` (the Prometheus text format: the runtime's counters and latency histograms
 /// per actor kind, see `loom_core::runtime::MetricsSnapshot`, with the gauges of active actors,
-/// held leases and store health read at the scrape, and each hosted kind's mailbox backlog
-/// read from the store then, within 2 s; the runtime records only into a recorder installed
+/// held leases and store health read at the scrape, and each hosted kind's mailbox backlog and
+/// parked actors read from the store then, within 2 s; the runtime records only into a recorder installed
 /// before it started, see [`install_prometheus`]) and `GET /health` (`200` with the runtime's
 /// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails). Read
 /// only, and outside [`router`]'s token: mount it where only the monitoring can reach it, or
@@ -454,7 +454,10 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
     let healthy = m.rt.health().is_healthy();
     metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
-    backlogs(&m.rt).await;
+    // The store's reads of one scrape answer within 2 s however many kinds there are.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    backlogs(&m.rt, deadline).await;
+    parked(&m.rt, deadline).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -473,12 +476,10 @@ async fn scrape(State(m): State<Monitor>) -> Response {
 /// kind reports the same, so aggregate them across nodes with `max`, not `sum`.
 ///
 /// [`Mailbox::backlog`]: loom_core::Mailbox::backlog
-async fn backlogs(rt: &Runtime) {
+async fn backlogs(rt: &Runtime, deadline: tokio::time::Instant) {
     let kinds = rt.kinds();
-    // One deadline for all kinds, so that a scrape answers within it however many there are;
-    // each read late on its own (at most four at once: a scrape leaves the store's
+    // Each read late on its own (at most four at once: a scrape leaves the store's
     // connections to the runtime).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let mut reads = Vec::with_capacity(kinds.len());
     for four in kinds.chunks(4) {
         let part = futures::future::join_all(
@@ -512,6 +513,48 @@ async fn backlogs(rt: &Runtime) {
         metrics::gauge!("loom_mailboxes_waiting", "kind" => kind).set(waiting);
         metrics::gauge!("loom_mailboxes_ready", "kind" => kind).set(ready);
         metrics::gauge!("loom_mailbox_wait_seconds", "kind" => kind).set(waited);
+    }
+}
+
+/// Sets `loom_parked_actors` for every hosted kind: the store's parked actors (each waits for
+/// its code to be fixed, so they are few), paged through by the scrape within its deadline;
+/// NaN if the store fails or is late. The store's count, like the backlog's.
+async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
+    let kinds = rt.kinds();
+    let count = async {
+        let mut counts: std::collections::HashMap<&str, u64> =
+            kinds.iter().map(|k| (*k, 0)).collect();
+        let mut after: Option<loom_core::ActorId> = None;
+        loop {
+            let page = rt.store().parked_actors(after.as_ref(), 1000).await?;
+            for (a, _) in &page {
+                if let Some(n) = counts.get_mut(a.kind()) {
+                    *n += 1;
+                }
+            }
+            match page.last() {
+                Some((a, _)) if page.len() == 1000 => after = Some(a.clone()),
+                _ => return Ok::<_, loom_core::StoreError>(counts),
+            }
+        }
+    };
+    let counts = match tokio::time::timeout_at(deadline, count).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the parked actors for /metrics");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("reading the parked actors for /metrics took over 2 s");
+            None
+        }
+    };
+    for kind in kinds {
+        let n = counts
+            .as_ref()
+            .and_then(|c| c.get(kind))
+            .map_or(f64::NAN, |n| *n as f64);
+        metrics::gauge!("loom_parked_actors", "kind" => kind).set(n);
     }
 }
 

@@ -13,6 +13,7 @@
 //! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
 //! | `loom_active_actors`, `loom_leases_held`, `loom_store_healthy` (1 or 0) | gauge | set by the exporter when it is read (`loom-http`) |
 //! | `loom_mailboxes_waiting`, `loom_mailboxes_ready`, `loom_mailbox_wait_seconds` (per kind) | gauge | read from the store when the exporter is read (`Mailbox::backlog`): mailboxes holding a message, those ready to run now, and how long the longest-ready has waited |
+//! | `loom_parked_actors` (per kind) | gauge | read from the store when the exporter is read: actors parked until their code is fixed |
 //!
 //! The facade's handles are made once per kind when the runtime starts (from the recorder
 //! installed then: install one before starting the runtime), so counting a turn allocates
