@@ -7,23 +7,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use loom_core::runtime::{Actor, Context, Rejected, Runtime, SendOptions};
+use loom_core::runtime::{Runtime, SendOptions};
 use loom_core::{ActorId, Park};
+use loom_testkit::runtime::Counter;
 use tower::ServiceExt;
-
-struct Jobs;
-
-impl Actor for Jobs {
-    const KIND: &'static str = "jobs";
-    type State = u64;
-    type Message = u64;
-    type Reply = u64;
-
-    async fn handle(&self, n: &mut u64, _: &mut Context<'_>, k: u64) -> Result<u64, Rejected> {
-        *n += k;
-        Ok(*n)
-    }
-}
 
 async fn scrape(app: &axum::Router) -> String {
     let resp = app
@@ -52,18 +39,21 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
     let prometheus = loom_http::install_prometheus().expect("the only recorder");
     let rt = Runtime::builder()
         .memory()
-        .register_actor(Jobs)
+        .register::<Counter>()
         .start()
         .await
         .expect("start");
     let app = loom_http::monitor(rt.clone(), prometheus);
     let first = scrape(&app).await;
-    assert_eq!(value(&first, r#"loom_mailboxes_waiting{kind="jobs"}"#), 0.0);
-    assert_eq!(value(&first, r#"loom_parked_actors{kind="jobs"}"#), 0.0);
+    assert_eq!(
+        value(&first, r#"loom_mailboxes_waiting{kind="counter"}"#),
+        0.0
+    );
+    assert_eq!(value(&first, r#"loom_parked_actors{kind="counter"}"#), 0.0);
     assert_eq!(value(&first, "loom_store_healthy"), 1.0);
 
     // One job due in an hour waits (not ready); one actor is parked.
-    let later = rt.actor::<Jobs>("later").expect("ref");
+    let later = rt.actor::<Counter>("later").expect("ref");
     later
         .send_with(
             1,
@@ -74,13 +64,13 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         )
         .await
         .expect("send");
-    let broken = ActorId::new("jobs", "broken").expect("id");
+    let broken = ActorId::new("counter", "broken").expect("id");
     rt.store()
         .park(&broken, &Park::new("node-a", "a bug"), None)
         .await
         .expect("park");
     assert_eq!(
-        rt.actor::<Jobs>("now")
+        rt.actor::<Counter>("now")
             .expect("ref")
             .ask(2)
             .await
@@ -89,27 +79,27 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
     );
     let next = scrape(&app).await;
     assert_eq!(
-        value(&next, r#"loom_mailboxes_waiting{kind="jobs"}"#),
+        value(&next, r#"loom_mailboxes_waiting{kind="counter"}"#),
         1.0,
         "{next}"
     );
     assert_eq!(
-        value(&next, r#"loom_mailboxes_ready{kind="jobs"}"#),
+        value(&next, r#"loom_mailboxes_ready{kind="counter"}"#),
         0.0,
         "{next}"
     );
     assert_eq!(
-        value(&next, r#"loom_mailbox_wait_seconds{kind="jobs"}"#),
+        value(&next, r#"loom_mailbox_wait_seconds{kind="counter"}"#),
         0.0,
         "{next}"
     );
     assert_eq!(
-        value(&next, r#"loom_parked_actors{kind="jobs"}"#),
+        value(&next, r#"loom_parked_actors{kind="counter"}"#),
         1.0,
         "{next}"
     );
     assert!(
-        value(&next, r#"loom_invocations_total{kind="jobs"}"#) >= 1.0,
+        value(&next, r#"loom_invocations_total{kind="counter"}"#) >= 1.0,
         "{next}"
     );
     rt.shutdown().await;

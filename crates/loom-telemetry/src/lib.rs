@@ -96,6 +96,43 @@ impl Drop for Telemetry {
     }
 }
 
+/// A program's `main` around `run`: [`init`] first (a failure to set up is the program's
+/// failure), then `run`, then the spans still batched sent; `run`'s error is printed as
+/// `error: …` and the exit code says which.
+///
+/// ```no_run
+/// fn run() -> Result<(), String> {
+///     Ok(())
+/// }
+///
+/// fn main() -> std::process::ExitCode {
+///     loom_telemetry::main_with("my-service", run)
+/// }
+/// ```
+pub fn main_with<E: std::fmt::Display>(
+    service: &str,
+    run: impl FnOnce() -> Result<(), E>,
+) -> std::process::ExitCode {
+    let telemetry = match init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    };
+    if let Err(e) = telemetry.shutdown() {
+        eprintln!("warning: {e}");
+    }
+    code
+}
+
 /// Installs the process's `tracing` subscriber: logs on stderr filtered by `RUST_LOG`
 /// ([`log_filter`]), and OTLP export of spans when `OTEL_EXPORTER_OTLP_ENDPOINT` or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (see the crate's documentation). `service`

@@ -34,6 +34,7 @@ async fn collector() -> (String, Received, tokio::task::JoinHandle<()>) {
                             Value::StringValue(s) => Some(s.clone()),
                             _ => None,
                         })
+                        // None named: "", which the test's check of the name refuses.
                         .unwrap_or_default();
                     for ss in rs.scope_spans {
                         got.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));

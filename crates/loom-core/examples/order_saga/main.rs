@@ -64,26 +64,9 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
 fn main() -> std::process::ExitCode {
     // Loom's warnings (a store setting that cannot keep its promises, a store failure) go to
     // stderr, `RUST_LOG=info` or `debug` shows more; with `OTEL_EXPORTER_OTLP_ENDPOINT` set,
-    // its spans go to that OpenTelemetry collector.
-    let telemetry = match loom_telemetry::init("order_saga") {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    // Errors as sentences, with what to do when Loom knows (a full disk, say).
-    let code = match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", loom_core::explain(&*e));
-            std::process::ExitCode::FAILURE
-        }
-    };
-    if let Err(e) = telemetry.shutdown() {
-        eprintln!("warning: {e}");
-    }
-    code
+    // its spans go to that OpenTelemetry collector. Errors as sentences, with what to do when
+    // Loom knows (a full disk, say).
+    loom_telemetry::main_with("order_saga", || run().map_err(|e| loom_core::explain(&*e)))
 }
 
 #[tokio::main]
