@@ -160,6 +160,10 @@ async fn messages_wait_in_the_outbox_while_relays_stop_and_survive_senders_compa
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(pending(&store, &receivers).await, vec![0; 4]);
         assert_eq!(outbox_waiting(&store).await, 80);
+        // What `/metrics` shows as `loom_relay_waiting`: all of it in the senders' partition.
+        let backlog = loom_core::Store::relay_backlog(&store).await.unwrap();
+        let per: Vec<(u32, u64)> = backlog.iter().map(|b| (b.partition, b.waiting)).collect();
+        assert_eq!(per, [(0, 0), (1, 0), (2, 80)]);
         // The senders' journals are compacted and deleted before anything moved.
         for s in &senders {
             store
@@ -175,6 +179,11 @@ async fn messages_wait_in_the_outbox_while_relays_stop_and_survive_senders_compa
     })
     .await;
     wait_for("trimmed", async || outbox_waiting(&store).await == 0).await;
+    let backlog = loom_core::Store::relay_backlog(&store).await.unwrap();
+    assert!(
+        backlog.len() == 3 && backlog.iter().all(|b| b.waiting == 0),
+        "{backlog:?}"
+    );
     assert!(store.relayed() >= 80);
     assert!(check_outboxes(&store.outbox_states().await.unwrap()).is_empty());
 }

@@ -21,6 +21,11 @@ use crate::{PostgresStore, pe};
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
+        // One partition: no outbox, nothing to relay.
+        Ok(Vec::new())
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;

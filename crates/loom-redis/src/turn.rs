@@ -54,6 +54,11 @@ struct OutHeader<'a> {
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
+        // One partition: no outbox, nothing to relay.
+        Ok(Vec::new())
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         turn.check()?;
         let frames = prepare_append(turn.actor, turn.expected_next, turn.entries)?;

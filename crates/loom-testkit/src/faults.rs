@@ -553,6 +553,10 @@ impl Store for FaultyStore {
         self.inner.partitions()
     }
 
+    async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
+        self.inner.relay_backlog().await
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("commit_turn"));

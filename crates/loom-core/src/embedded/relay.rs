@@ -280,6 +280,18 @@ pub struct OutboxState {
     pub misplaced: u64,
 }
 
+/// One partition's [`RelayBacklog`](crate::store::RelayBacklog): its outbox's length.
+pub(super) fn backlog_of(
+    txn: &redb::ReadTransaction,
+    partition: u32,
+) -> StoreResult<crate::store::RelayBacklog> {
+    let outbox = txn.open_table(OUTBOX).map_err(se)?;
+    Ok(crate::store::RelayBacklog {
+        partition,
+        waiting: outbox.len().map_err(se)?,
+    })
+}
+
 pub(super) fn state_of(
     txn: &redb::ReadTransaction,
     partition: u32,

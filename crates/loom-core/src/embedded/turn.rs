@@ -25,6 +25,21 @@ impl Store for EmbeddedStore {
         EmbeddedStore::partitions(self)
     }
 
+    async fn relay_backlog(&self) -> StoreResult<Vec<crate::store::RelayBacklog>> {
+        let n = EmbeddedStore::partitions(self);
+        if n == 1 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for p in 0..n {
+            out.push(
+                self.read_in(p, move |txn| super::relay::backlog_of(txn, p))
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before queueing.
         turn.check()?;

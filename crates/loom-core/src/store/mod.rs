@@ -58,6 +58,17 @@ pub enum Retired {
     Busy,
 }
 
+/// What waits in one partition's outbox: messages its turns sent to actors of other
+/// partitions, not yet moved there by its relay ([`Store::relay_backlog`]). A relay that keeps
+/// up holds this near zero; one that falls behind (or is stopped) lets it grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayBacklog {
+    /// The partition whose outbox it is.
+    pub partition: u32,
+    /// Messages in its outbox: not yet moved, or moved and not yet trimmed (a brief step).
+    pub waiting: u64,
+}
+
 /// A backend serving every concern, and the atomic [`Turn`] that ties them together.
 ///
 /// Use `Arc<dyn Store>` to pick a backend at run time.
@@ -74,6 +85,11 @@ pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Park
     fn partitions(&self) -> u32 {
         1
     }
+
+    /// Each partition's [`RelayBacklog`], for a store of several partitions; empty for a store
+    /// of one (nothing crosses partitions). Reads counts only, cheap enough for every metrics
+    /// scrape.
+    async fn relay_backlog(&self) -> StoreResult<Vec<RelayBacklog>>;
 
     /// Reserves `key` for `msg.to` and enqueues `msg`, in one atomic write, unless the key is
     /// already reserved or completed, in which case nothing is written.

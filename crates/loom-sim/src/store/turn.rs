@@ -32,6 +32,20 @@ impl Store for SimStore {
         self.inner.partitions
     }
 
+    async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
+        if self.inner.partitions == 1 {
+            return Ok(Vec::new());
+        }
+        let states = self.outbox_states().await?;
+        Ok(states
+            .iter()
+            .map(|s| loom_core::store::RelayBacklog {
+                partition: s.partition,
+                waiting: s.pending,
+            })
+            .collect())
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         // Everything that can be checked without the store is checked here, before the request.
         turn.check()?;
