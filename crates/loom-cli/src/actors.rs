@@ -1,26 +1,17 @@
 //! `loom parked …` and `loom mailbox …`: actors that wait for someone (a fix, a host), and
 //! what an operator does about them.
 
-use loom_core::runtime::{self, BuryError, CancelTarget, Cancellation, bury_mailbox};
-use loom_core::{ActorId, IdempotencyKey, MessageId, Store, Waiting};
+use loom_core::runtime::{BuryError, CancelTarget, Cancellation, bury_mailbox};
+use loom_core::{IdempotencyKey, MessageId, Store};
 use serde::Serialize;
 
 use crate::journal::parse_actor;
 use crate::output::{Failure, out, report, table};
+use crate::source::Source;
 
 /// `loom parked ls`: every parked actor, with why, where and when.
-pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
-    let mut all = Vec::new();
-    loop {
-        let page = store
-            .parked_actors(all.last().map(|(a, _): &(ActorId, _)| a), 1000)
-            .await?;
-        let done = page.len() < 1000;
-        all.extend(page);
-        if done {
-            break;
-        }
-    }
+pub async fn parked(source: &Source, json: bool) -> Result<(), Failure> {
+    let all = source.parked().await?;
     if json {
         for (a, p) in &all {
             out(serde_json::json!({
@@ -53,9 +44,9 @@ pub async fn parked(store: &dyn Store, json: bool) -> Result<(), Failure> {
 }
 
 /// `loom parked unpark ACTOR`.
-pub async fn unpark(store: &dyn Store, actor: &str, json: bool) -> Result<(), Failure> {
+pub async fn unpark(source: &Source, actor: &str, json: bool) -> Result<(), Failure> {
     let a = parse_actor(actor)?;
-    match store.unpark(&a).await? {
+    match source.unpark(&a).await? {
         Some(p) => report(
             json,
             serde_json::json!({
@@ -82,26 +73,17 @@ struct Mailbox {
 }
 
 /// `loom mailbox ls [--kind K]`: actors with waiting messages, how many, and whether parked.
-pub async fn mailboxes(store: &dyn Store, kind: Option<&str>, json: bool) -> Result<(), Failure> {
-    let mut rows = Vec::new();
-    let mut after: Option<ActorId> = None;
-    loop {
-        let page = store.mailboxes(after.as_ref(), 1000).await?;
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
-        for a in page {
-            if a.is_system() || kind.is_some_and(|k| a.kind() != k) {
-                continue;
-            }
-            rows.push(Mailbox {
-                pending: store.pending(&a).await?,
-                parked: store.parked(&a).await?.is_some(),
-                actor: a.to_string(),
-            });
-        }
-        after = Some(last);
-    }
+pub async fn mailboxes(source: &Source, kind: Option<&str>, json: bool) -> Result<(), Failure> {
+    let rows: Vec<Mailbox> = source
+        .mailboxes(kind)
+        .await?
+        .into_iter()
+        .map(|m| Mailbox {
+            actor: m.actor.to_string(),
+            pending: m.pending,
+            parked: m.parked,
+        })
+        .collect();
     if json {
         for r in &rows {
             out(serde_json::to_string(r)?)?;
@@ -127,19 +109,9 @@ pub async fn mailboxes(store: &dyn Store, kind: Option<&str>, json: bool) -> Res
 }
 
 /// `loom mailbox show ACTOR`: the actor's waiting messages, in order.
-pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Failure> {
+pub async fn show(source: &Source, actor: &str, json: bool) -> Result<(), Failure> {
     let a = parse_actor(actor)?;
-    let mut all = Vec::new();
-    loop {
-        let page = store
-            .messages(&a, all.last().map(|w: &Waiting| w.position), 1000)
-            .await?;
-        let done = page.len() < 1000;
-        all.extend(page);
-        if done {
-            break;
-        }
-    }
+    let all = source.messages(&a).await?;
     if json {
         for w in &all {
             out(serde_json::json!({
@@ -195,7 +167,7 @@ pub async fn show(store: &dyn Store, actor: &str, json: bool) -> Result<(), Fail
 
 /// `loom mailbox cancel ACTOR (--message ID | --key K)`.
 pub async fn cancel(
-    store: &dyn Store,
+    source: &Source,
     actor: &str,
     message: Option<MessageId>,
     key: Option<&str>,
@@ -209,7 +181,7 @@ pub async fn cancel(
         ),
         (None, None) => return Err(Failure("give --message ID or --key KEY".into())),
     };
-    let found = runtime::cancel(store, &a, &target).await?;
+    let found = source.cancel(&a, &target).await?;
     if json && found != Cancellation::NotFound {
         return out(serde_json::to_string(&found)?);
     }

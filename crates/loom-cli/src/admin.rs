@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::journal::{all_actors, parse_actor};
 use crate::output::{Failure, dash, out, report, table};
+use crate::source::Source;
 
 #[derive(Serialize)]
 struct Stats {
@@ -28,32 +29,40 @@ fn human(n: u64) -> String {
 }
 
 pub async fn stats(
-    store: &dyn Store,
+    source: &Source,
     actor: Option<&str>,
     with_bytes: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let actors = match actor {
-        Some(a) => vec![parse_actor(a)?],
-        None => all_actors(store).await?,
+    // Bytes are counted by reading every record: on the store itself only.
+    let store = match with_bytes {
+        true => Some(&*source.store("journal stats --bytes")?.store),
+        false => None,
+    };
+    let journals = match actor {
+        Some(a) => {
+            let a = parse_actor(a)?;
+            let (info, pending) = source.actor(&a).await?;
+            if info.highest == 0 {
+                return Err(Failure(format!("no journal for {a} in this store")));
+            }
+            vec![(a, info, pending)]
+        }
+        None => source.journals_with_pending().await?,
     };
     let mut rows = Vec::new();
-    for a in &actors {
-        let info = store.info(a).await?;
-        if actor.is_some() && info.highest == 0 {
-            return Err(Failure(format!("no journal for {a} in this store")));
-        }
-        let bytes = match with_bytes {
-            true => Some(journal_bytes(store, a).await?),
-            false => None,
+    for (a, info, pending_messages) in journals {
+        let bytes = match store {
+            Some(s) => Some(journal_bytes(s, &a).await?),
+            None => None,
         };
         rows.push(Stats {
             actor: a.to_string(),
             highest: info.highest,
             trimmed_through: info.trimmed_through,
             entries: info.len(),
-            snapshots: info.snapshots.clone(),
-            pending_messages: store.pending(a).await?,
+            snapshots: info.snapshots,
+            pending_messages,
             bytes,
         });
     }
@@ -180,12 +189,12 @@ pub async fn delete(store: &dyn Store, actor: &str, yes: bool, json: bool) -> Re
 }
 
 pub async fn dead_letters(
-    store: &dyn Store,
+    source: &Source,
     after: Option<u64>,
     limit: usize,
     json: bool,
 ) -> Result<(), Failure> {
-    let dead = store.dead_letters(after, limit).await?;
+    let dead = source.dead_letters(after, limit).await?;
     if json {
         for d in &dead {
             out(serde_json::to_string(d)?)?;
@@ -247,7 +256,7 @@ fn parse_before(s: &str) -> Result<loom_core::Timestamp, Failure> {
 }
 
 pub async fn purge(
-    store: &dyn Store,
+    source: &Source,
     before: Option<&str>,
     ids: &[u64],
     yes: bool,
@@ -259,17 +268,13 @@ pub async fn purge(
             "purging deletes dead letters for good; add --yes to do it".into(),
         ));
     }
-    let reply_ttl = loom_core::runtime::Config::default().reply_ttl;
-    let purged = match ids {
-        [] => loom_core::runtime::purge_dead_letters(store, before, reply_ttl).await?,
-        ids => loom_core::runtime::purge_dead_letter_ids(store, ids, reply_ttl).await?,
-    };
+    let purged = source.purge(before, ids).await?;
     // A dead letter that does not decode makes listing fail on some stores: then the purge,
     // which is done, is reported, and what is left is said to be unknown, with why.
-    let left = match store.dead_letters(None, 1).await {
+    let left = match source.dead_letters(None, 1).await {
         Ok(d) => Some(!d.is_empty()),
-        Err(e) => {
-            eprintln!("could not list what is left: {}", loom_core::explain(&e));
+        Err(Failure(e)) => {
+            eprintln!("could not list what is left: {e}");
             None
         }
     };
@@ -286,8 +291,8 @@ pub async fn purge(
     ))
 }
 
-pub async fn requeue(store: &dyn Store, id: u64, json: bool) -> Result<(), Failure> {
-    let position = store.requeue_dead_letter(id).await?;
+pub async fn requeue(source: &Source, id: u64, json: bool) -> Result<(), Failure> {
+    let position = source.requeue(id).await?;
     report(
         json,
         serde_json::json!({ "requeued": id, "position": position }),

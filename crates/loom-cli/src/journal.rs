@@ -4,6 +4,7 @@ use futures::TryStreamExt;
 use loom_core::{ActorId, Seq, SeqRange, Store, StoreError};
 
 use crate::output::{Failure, dash, out, report, table};
+use crate::source::Source;
 
 pub fn parse_actor(s: &str) -> Result<ActorId, Failure> {
     s.parse()
@@ -24,11 +25,10 @@ pub async fn all_actors(store: &dyn Store) -> Result<Vec<ActorId>, Failure> {
     Ok(out)
 }
 
-pub async fn ls(store: &dyn Store, json: bool) -> Result<(), Failure> {
-    let actors = all_actors(store).await?;
+pub async fn ls(source: &Source, json: bool) -> Result<(), Failure> {
+    let journals = source.journals().await?;
     if json {
-        for a in actors {
-            let info = store.info(&a).await?;
+        for (a, info) in journals {
             out(serde_json::json!({
                 "actor": a.as_str(), "highest": info.highest, "trimmed_through": info.trimmed_through,
                 "entries": info.len(), "snapshots": info.snapshots,
@@ -36,9 +36,8 @@ pub async fn ls(store: &dyn Store, json: bool) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    let mut rows = Vec::with_capacity(actors.len());
-    for a in actors {
-        let info = store.info(&a).await?;
+    let mut rows = Vec::with_capacity(journals.len());
+    for (a, info) in journals {
         let snaps: Vec<String> = info.snapshots.iter().map(|s| s.to_string()).collect();
         rows.push(vec![
             a.to_string(),
@@ -55,17 +54,17 @@ pub async fn ls(store: &dyn Store, json: bool) -> Result<(), Failure> {
     )
 }
 
-pub async fn show(store: &dyn Store, actor: &str, from: Seq, to: Seq) -> Result<(), Failure> {
+pub async fn show(source: &Source, actor: &str, from: Seq, to: Seq) -> Result<(), Failure> {
     let a = parse_actor(actor)?;
-    let info = store.info(&a).await?;
+    let (info, _) = source.actor(&a).await?;
     if info.highest == 0 {
         return Err(Failure(format!("no journal for {a} in this store")));
     }
-    let mut entries = store.read(&a, SeqRange::all().from(from).to(to));
-    while let Some(e) = entries.try_next().await? {
-        out(serde_json::to_string(&e).map_err(|e| Failure(e.to_string()))?)?;
-    }
-    Ok(())
+    source
+        .entries(&a, from, to, |e| {
+            out(serde_json::to_string(&e).map_err(|e| Failure(e.to_string()))?)
+        })
+        .await
 }
 
 pub async fn verify(

@@ -4,17 +4,21 @@
 mod actors;
 mod admin;
 mod journal;
+mod remote;
 mod serve;
+mod source;
 mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Parser, Subcommand};
 use loom_core::Seq;
 
 use loom_cli::output::{self, Failure};
-use loom_cli::store::{StoreUrl, open_existing, open_or_create};
+use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
+use source::Source;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +46,56 @@ struct StoreArg {
         default_value = "./loom-data"
     )]
     store: String,
+    /// A running application's admin API instead of its store: `http://127.0.0.1:8080` (the
+    /// bank's `--listen`, `loom serve`). For a store the application holds (an embedded one
+    /// is locked by it): journal ls/show/stats, mailbox ls/show/cancel, deadletters
+    /// ls/requeue/purge, parked ls/unpark. A write sends `LOOM_TOKEN` as its bearer token.
+    #[arg(long, global = true, env = "LOOM_URL", hide_env_values = true)]
+    url: Option<String>,
+}
+
+impl StoreArg {
+    /// Picks between `--url` and `--store` when both have a value: a flag on the command line
+    /// beats an environment variable (`LOOM_URL`, `LOOM_STORE`), and the store's default
+    /// yields to a URL; both flags, or both variables, are refused.
+    fn choose(
+        &mut self,
+        url: Option<ValueSource>,
+        store: Option<ValueSource>,
+    ) -> Result<(), Failure> {
+        use ValueSource::{CommandLine, EnvVariable};
+        match (url, store) {
+            (Some(CommandLine), Some(CommandLine)) => Err(Failure(
+                "give --store or --url, not both: --url reaches a running application's admin API, --store opens the store itself".into(),
+            )),
+            (Some(EnvVariable), Some(EnvVariable)) => Err(Failure(
+                "LOOM_URL and LOOM_STORE are both set\nwhat to do: unset one, or give --url or --store on the command line (it beats the environment)".into(),
+            )),
+            (Some(EnvVariable), Some(CommandLine)) => {
+                self.url = None;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The admin API at `--url`, or else the store at `--store` (which must exist).
+    async fn open(&self, ns: &Namespace) -> Result<Source, Failure> {
+        match &self.url {
+            Some(url) => Ok(Source::Remote(remote::Remote::new(url)?)),
+            None => Ok(Source::Store(
+                open_existing(&StoreUrl::parse(&self.store, ns)?).await?,
+            )),
+        }
+    }
+
+    /// The store at `--store`, for a command that works on the store itself only.
+    fn store_url(&self, command: &str, ns: &Namespace) -> Result<StoreUrl, Failure> {
+        if let Some(url) = &self.url {
+            return Err(source::store_only(command, url));
+        }
+        StoreUrl::parse(&self.store, ns)
+    }
 }
 
 #[derive(Subcommand)]
@@ -111,7 +165,8 @@ enum Command {
         /// The address to listen on (a public one only on a trusted network).
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: std::net::SocketAddr,
-        /// Allow requeueing and purging dead letters and unparking actors (needs LOOM_TOKEN).
+        /// Allow requeueing and purging dead letters, unparking actors and cancelling
+        /// invocations (needs LOOM_TOKEN).
         #[arg(long)]
         allow_writes: bool,
     },
@@ -309,8 +364,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.common.json;
     match cli.command {
         Command::Journal { store, command } => {
-            let opened = open_existing(&url(&store.store)?).await?;
-            let s = &*opened.store;
+            let source = store.open(&ns).await?;
+            let s = &source;
             match command {
                 JournalCommand::Ls => journal::ls(s, json).await,
                 JournalCommand::Show { actor, from, to } => {
@@ -320,17 +375,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     admin::stats(s, actor.as_deref(), bytes, json).await
                 }
                 JournalCommand::Verify { actor } => {
-                    journal::verify(s, opened.embedded.as_ref(), actor.as_deref(), json).await
+                    let opened = s.store("journal verify")?;
+                    let (store, embedded) = (&*opened.store, opened.embedded.as_ref());
+                    journal::verify(store, embedded, actor.as_deref(), json).await
                 }
                 JournalCommand::Compact { actor, keep } => {
-                    admin::compact(s, &actor, keep, json).await
+                    let store = &*s.store("journal compact")?.store;
+                    admin::compact(store, &actor, keep, json).await
                 }
-                JournalCommand::Delete { actor, yes } => admin::delete(s, &actor, yes, json).await,
+                JournalCommand::Delete { actor, yes } => {
+                    let store = &*s.store("journal delete")?.store;
+                    admin::delete(store, &actor, yes, json).await
+                }
             }
         }
         Command::Deadletters { store, command } => {
-            let opened = open_existing(&url(&store.store)?).await?;
-            let s = &*opened.store;
+            let s = &store.open(&ns).await?;
             match command {
                 DeadLetterCommand::Ls { after, limit } => {
                     admin::dead_letters(s, after, limit, json).await
@@ -344,22 +404,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Parked { store, command } => {
-            let opened = open_existing(&url(&store.store)?).await?;
-            let s = &*opened.store;
+            let s = &store.open(&ns).await?;
             match command {
                 ParkedCommand::Ls => actors::parked(s, json).await,
                 ParkedCommand::Unpark { actor } => actors::unpark(s, &actor, json).await,
             }
         }
         Command::Mailbox { store, command } => {
-            let opened = open_existing(&url(&store.store)?).await?;
-            let s = &*opened.store;
+            let s = &store.open(&ns).await?;
             match command {
                 MailboxCommand::Ls { kind } => {
                     actors::mailboxes(s, kind.as_deref(), json).await
                 }
                 MailboxCommand::Bury { actor, reason, yes } => {
-                    actors::bury(s, &actor, &reason, yes, json).await
+                    let store = &*s.store("mailbox bury")?.store;
+                    actors::bury(store, &actor, &reason, yes, json).await
                 }
                 MailboxCommand::Show { actor } => actors::show(s, &actor, json).await,
                 MailboxCommand::Cancel {
@@ -400,15 +459,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             listen,
             allow_writes,
         } => {
-            let opened = open_existing(&url(&store.store)?).await?;
+            let opened = open_existing(&store.store_url("serve", &ns)?).await?;
             serve::serve(opened.store.clone(), listen, allow_writes).await
         }
         Command::Export { store, out } => {
-            let opened = open_existing(&url(&store.store)?).await?;
+            let opened = open_existing(&store.store_url("export", &ns)?).await?;
             transfer::export(&*opened.store, &out, json).await
         }
         Command::Import { store, input } => {
-            let opened = open_or_create(&url(&store.store)?).await?;
+            let opened = open_or_create(&store.store_url("import", &ns)?).await?;
             transfer::import(&*opened.store, &input, json).await
         }
         Command::Migrate { from, to } => {
@@ -423,8 +482,52 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+impl Command {
+    /// The store option of a command that has one.
+    fn store_arg_mut(&mut self) -> Option<&mut StoreArg> {
+        match self {
+            Command::Journal { store, .. }
+            | Command::Deadletters { store, .. }
+            | Command::Parked { store, .. }
+            | Command::Mailbox { store, .. }
+            | Command::Export { store, .. }
+            | Command::Import { store, .. }
+            | Command::Serve { store, .. } => Some(store),
+            Command::Store { .. }
+            | Command::Redo { .. }
+            | Command::Migrate { .. }
+            | Command::Completions { .. } => None,
+        }
+    }
+}
+
+/// Where the value of `id` came from (command line, environment, default), as the innermost
+/// subcommand that has the argument saw it (a global option reaches every subcommand).
+fn source_of(m: &ArgMatches, id: &str) -> Option<ValueSource> {
+    let mut found = None;
+    let mut m = Some(m);
+    while let Some(here) = m {
+        if let Ok(Some(_)) = here.try_get_raw(id) {
+            found = here.value_source(id);
+        }
+        m = here.subcommand().map(|(_, sub)| sub);
+    }
+    found
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let json = cli.common.json;
-    loom_cli::main_with("loom", json, run(cli))
+    let chosen = match cli.command.store_arg_mut() {
+        Some(s) => s.choose(source_of(&matches, "url"), source_of(&matches, "store")),
+        None => Ok(()),
+    };
+    loom_cli::main_with("loom", json, async move {
+        chosen?;
+        run(cli).await
+    })
 }

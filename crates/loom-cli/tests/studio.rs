@@ -10,78 +10,14 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{loom, seeded};
+use common::{Proc, loom, seeded, serve, stop};
 use fantoccini::{Client, ClientBuilder, Locator};
 use loom_core::runtime::state_at;
 use loom_core::{ActorId, EmbeddedStore, JournalStore};
 use serde_json::{Value, json};
-
-/// A child process stopped when dropped (the test may fail before it stops it).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            // Not panicking in a drop that may run while the test panics.
-            if let Err(e) = self.0.kill().and_then(|()| self.0.wait().map(drop)) {
-                eprintln!("could not stop a child process: {e}");
-            }
-        }
-    }
-}
-
-/// `loom serve` on `store`; its process and the base URL it printed.
-fn serve(store: &str, extra: &[&str], token: Option<&str>) -> (Proc, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
-    cmd.args(["serve", "--store", store, "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("LOOM_TOKEN")
-        .env_remove("LOOM_STORE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(t) = token {
-        cmd.env("LOOM_TOKEN", t);
-    }
-    let mut child = cmd.spawn().expect("start loom serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read loom serve's first line");
-    let base = line
-        .strip_prefix("Loom Studio on ")
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .trim_end_matches('/')
-        .to_owned();
-    (Proc(child), base)
-}
-
-fn stop(mut p: Proc) {
-    let pid = p.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = p.0.try_wait().expect("wait") {
-            assert!(s.success(), "loom serve exited with {s} on SIGINT");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "loom serve did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn serve_reads_any_store_and_writes_only_when_allowed_with_a_token() {

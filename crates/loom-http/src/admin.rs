@@ -2,7 +2,8 @@
 //! actor code (`loom serve`), or mounted by an application beside its ingress.
 //!
 //! Reads are open (bind to a trusted address: `loom serve` binds to 127.0.0.1 unless told
-//! otherwise); a write (requeue or purge a dead letter, unpark an actor) needs writes allowed
+//! otherwise); a write (requeue or purge dead letters, unpark an actor, cancel an invocation)
+//! needs writes allowed
 //! ([`AdminOptions::allow_writes`]) and the bearer token, compared in constant time. Every list
 //! is paged on the server (`after` and `limit`, at most [`MAX_PAGE`]), so a store of a hundred
 //! thousand actors is browsed a page at a time.
@@ -10,14 +11,14 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::TryStreamExt;
-use loom_core::runtime::{StateAtError, state_at};
+use loom_core::runtime::{self as rt, Cancellation, StateAtError, state_at};
 use loom_core::{ActorId, Seq, SeqRange, Store};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,7 +31,8 @@ pub const MAX_PAGE: usize = 500;
 /// How the admin API behaves.
 #[derive(Debug, Clone, Default)]
 pub struct AdminOptions {
-    /// Allow the writes (requeue, purge, unpark). Off by default: the API only reads.
+    /// Allow the writes (requeue and purge dead letters, unpark an actor, cancel an
+    /// invocation). Off by default: the API only reads.
     pub allow_writes: bool,
     /// The bearer token a write must carry; writes are refused without one configured.
     pub token: Option<String>,
@@ -97,7 +99,10 @@ pub fn admin(store: Arc<dyn Store>, opts: AdminOptions) -> Router {
         .route("/api/actors/{kind}/{key}/state", get(state_of))
         .route("/api/actors/{kind}/{key}/diff", get(diff))
         .route("/api/actors/{kind}/{key}/mailbox", get(mailbox))
+        .route("/api/actors/{kind}/{key}/cancel", post(cancel))
+        .route("/api/mailboxes", get(mailboxes))
         .route("/api/deadletters", get(dead_letters))
+        .route("/api/deadletters/purge", post(purge_many))
         .route("/api/deadletters/{id}/requeue", post(requeue))
         .route("/api/deadletters/{id}/purge", post(purge))
         .route("/api/parked", get(parked))
@@ -199,9 +204,14 @@ fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError>
         .map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))
 }
 
+/// The actor a path names. Loom's own mailboxes (kinds starting with `_`) are named too, as
+/// `loom` names them: an operator inspects and repairs those through the store either way.
 fn actor_id(p: Result<Path<(String, String)>, PathRejection>) -> Result<ActorId, ApiError> {
     let Path((kind, key)) = p.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    ActorId::new(&kind, &key).map_err(|e| ApiError::BadKey(e.to_string()))
+    if kind.contains('/') {
+        return Err(ApiError::BadKey(format!("kind {kind:?} holds a '/'")));
+    }
+    parse_actor(&format!("{kind}/{key}"))
 }
 
 fn parse_actor(s: &str) -> Result<ActorId, ApiError> {
@@ -329,6 +339,86 @@ async fn mailbox(
     Ok(paged(&items, limit, |w| w.position))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MailboxPage {
+    after: Option<String>,
+    limit: Option<usize>,
+    kind: Option<String>,
+}
+
+/// Actors with waiting messages (the runtime's own lanes included: `loom mailbox ls` leaves
+/// them out), each with how many wait and whether it is parked; `kind` keeps one kind's. With
+/// a kind, one request looks at no more than [`MAX_PAGE`] × 10 mailboxes, so its page may be
+/// short, even empty, with a `next` to go on from: follow `next` until it is `null`.
+async fn mailboxes(
+    State(s): State<Admin>,
+    q: Result<Query<MailboxPage>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let limit = page_limit(q.limit)?;
+    let mut after = q.after.as_deref().map(parse_actor).transpose()?;
+    let mut items = Vec::with_capacity(limit);
+    let mut looked = 0;
+    // Read on past other kinds' mailboxes until the page is full, the mailboxes end (then
+    // there is no next page), or the bound on one request's work is reached.
+    let more = 'pages: loop {
+        let page = s.store.mailboxes(after.as_ref(), limit).await?;
+        let full = page.len() == limit;
+        for a in page {
+            looked += 1;
+            after = Some(a.clone());
+            if q.kind.as_deref().is_some_and(|k| a.kind() != k) {
+                continue;
+            }
+            items.push(json!({
+                "actor": a.as_str(),
+                "pending": s.store.pending(&a).await?,
+                "parked": s.store.parked(&a).await?.is_some(),
+            }));
+            if items.len() == limit {
+                break 'pages true;
+            }
+        }
+        if !full {
+            break false;
+        }
+        if looked >= MAX_PAGE * 10 {
+            break true;
+        }
+    };
+    let next = more.then(|| after.map(|a| a.as_str().to_owned())).flatten();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
+}
+
+/// Cancels the invocation of a waiting message: `{"message": id}` or `{"key": k}`, over the
+/// store, as `loom mailbox cancel` does: a wait that is suspended ends at once; one held in a
+/// node's memory ends when it next tries to suspend (after `Config::suspend_after`) or at its
+/// next wait. (The ingress's cancel, through the runtime, also ends one held in its own
+/// process at once.)
+async fn cancel(
+    State(s): State<Admin>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    body: Result<axum::Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let a = actor_id(p)?;
+    let target = crate::CancelBody::target(json_body(body)?)?;
+    match rt::cancel(&*s.store, &a, &target).await? {
+        found @ Cancellation::Requested { .. } => {
+            tracing::info!(actor = %a, "cancel asked over the admin API");
+            Ok(axum::Json(found).into_response())
+        }
+        Cancellation::NotFound => Err(ApiError::NotFound(format!(
+            "no such message waits for {a}: it finished, was dead-lettered, or never came"
+        ))),
+    }
+}
+
+fn json_body(body: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
+    body.map(|axum::Json(v)| v)
+        .map_err(|e| ApiError::BadMessage(e.body_text()))
+}
+
 async fn dead_letters(
     State(s): State<Admin>,
     q: Result<Query<Page>, QueryRejection>,
@@ -363,12 +453,71 @@ async fn purge(
     p: Result<Path<u64>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = dead_letter_id(p)?;
-    let purged = s.store.purge_dead_letters(&[id]).await?;
+    // As `loom deadletters purge` does: a key the dead letter still holds is settled first, so
+    // that a caller asking again learns that the message failed.
+    let purged = rt::purge_dead_letter_ids(&*s.store, &[id], reply_ttl()).await?;
     if purged == 0 {
         return Err(ApiError::NotFound(format!("no dead letter {id}")));
     }
     tracing::info!(dead_letter = id, "dead letter purged over the admin API");
     Ok(axum::Json(json!({ "purged": id })).into_response())
+}
+
+/// How long a purged dead letter's failure answers a caller asking again with its key: the
+/// runtime's default reply TTL, as `loom deadletters purge` uses.
+fn reply_ttl() -> std::time::Duration {
+    rt::Config::default().reply_ttl
+}
+
+/// Which dead letters a bulk purge deletes: exactly one of these.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+enum PurgeBody {
+    /// Those given up on before this time (milliseconds since the Unix epoch).
+    #[serde(rename = "before_ms")]
+    Before(u64),
+    /// These (an id that is not a dead letter is skipped).
+    #[serde(rename = "ids")]
+    Ids(Vec<u64>),
+    /// All of them (`true`).
+    #[serde(rename = "all")]
+    All(bool),
+}
+
+/// Purges many dead letters: `{"before_ms": t}`, `{"ids": [..]}` or `{"all": true}`.
+async fn purge_many(
+    State(s): State<Admin>,
+    body: Result<axum::Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let body: PurgeBody = serde_json::from_value(json_body(body)?).map_err(|e| {
+        ApiError::BadMessage(format!(
+            "a purge names {{\"before_ms\": t}}, {{\"ids\": [..]}} or {{\"all\": true}}: {e}"
+        ))
+    })?;
+    let store = s.store.clone();
+    let (before, ids) = match body {
+        PurgeBody::Before(ms) => (Some(loom_core::Timestamp::from_millis(ms)), None),
+        PurgeBody::Ids(ids) => (None, Some(ids)),
+        PurgeBody::All(true) => (None, None),
+        PurgeBody::All(false) => {
+            return Err(ApiError::BadMessage(
+                "{\"all\": false} purges nothing; name what to purge".into(),
+            ));
+        }
+    };
+    // On a task of its own: a client that gives up waiting does not stop it halfway between
+    // settling a key and deleting its dead letter.
+    let purge = tokio::spawn(async move {
+        match &ids {
+            Some(ids) => rt::purge_dead_letter_ids(&*store, ids, reply_ttl()).await,
+            None => rt::purge_dead_letters(&*store, before, reply_ttl()).await,
+        }
+    });
+    let purged = purge
+        .await
+        .map_err(|e| ApiError::Internal(format!("the purge stopped: {e}")))??;
+    tracing::info!(purged, "dead letters purged over the admin API");
+    Ok(axum::Json(json!({ "purged": purged })).into_response())
 }
 
 async fn parked(

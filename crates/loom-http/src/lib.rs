@@ -344,11 +344,28 @@ async fn event(
 /// The body of a cancel request: which invocation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-enum CancelBody {
+pub(crate) enum CancelBody {
     #[serde(rename = "message")]
     Message(loom_core::MessageId),
     #[serde(rename = "key")]
     Key(String),
+}
+
+impl CancelBody {
+    /// The invocation a cancel request's JSON body names.
+    pub(crate) fn target(body: Value) -> Result<CancelTarget, ApiError> {
+        let target: CancelBody = serde_json::from_value(body).map_err(|e| {
+            ApiError::BadMessage(format!(
+                "a cancel names the message, {{\"message\": id}}, or its key, {{\"key\": k}}: {e}"
+            ))
+        })?;
+        Ok(match target {
+            CancelBody::Message(id) => CancelTarget::Message(id),
+            CancelBody::Key(k) => CancelTarget::Key(
+                IdempotencyKey::new(k).map_err(|e| ApiError::BadMessage(format!("key: {e}")))?,
+            ),
+        })
+    }
 }
 
 async fn cancel(
@@ -366,17 +383,7 @@ async fn cancel(
                 .into(),
         ));
     }
-    let target: CancelBody = serde_json::from_value(c.body).map_err(|e| {
-        ApiError::BadMessage(format!(
-            "a cancel names the message, {{\"message\": id}}, or its key, {{\"key\": k}}: {e}"
-        ))
-    })?;
-    let target = match target {
-        CancelBody::Message(id) => CancelTarget::Message(id),
-        CancelBody::Key(k) => CancelTarget::Key(
-            IdempotencyKey::new(k).map_err(|e| ApiError::BadMessage(format!("key: {e}")))?,
-        ),
-    };
+    let target = CancelBody::target(c.body)?;
     let found = match target {
         CancelTarget::Message(id) => c.actor.cancel(id).await?,
         CancelTarget::Key(k) => c.actor.cancel_key(&k).await?,
@@ -458,6 +465,7 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     backlogs(&m.rt, deadline).await;
     parked(&m.rt, deadline).await;
+    relays(&m.rt, deadline).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -555,6 +563,42 @@ async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
             .and_then(|c| c.get(kind))
             .map_or(f64::NAN, |n| *n as f64);
         metrics::gauge!("loom_parked_actors", "kind" => kind).set(n);
+    }
+}
+
+/// Sets `loom_relay_waiting` per partition of a partitioned store: the messages waiting in its
+/// outbox for the relay to move them to other partitions ([`Store::relay_backlog`]; a relay
+/// that falls behind shows here). NaN if the store fails or is late; none for a store of one
+/// partition.
+///
+/// [`Store::relay_backlog`]: loom_core::Store::relay_backlog
+async fn relays(rt: &Runtime, deadline: tokio::time::Instant) {
+    let partitions = rt.store().partitions();
+    if partitions == 1 {
+        return;
+    }
+    let read = tokio::time::timeout_at(deadline, rt.store().relay_backlog()).await;
+    let waiting: Vec<f64> = match read {
+        Ok(Ok(b)) => {
+            let mut w = vec![f64::NAN; partitions as usize];
+            for r in b {
+                if let Some(slot) = w.get_mut(r.partition as usize) {
+                    *slot = r.waiting as f64;
+                }
+            }
+            w
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the relay backlog for /metrics");
+            vec![f64::NAN; partitions as usize]
+        }
+        Err(_) => {
+            tracing::warn!("reading the relay backlog for /metrics took over 2 s");
+            vec![f64::NAN; partitions as usize]
+        }
+    };
+    for (p, w) in waiting.into_iter().enumerate() {
+        metrics::gauge!("loom_relay_waiting", "partition" => p.to_string()).set(w);
     }
 }
 

@@ -354,3 +354,107 @@ async fn the_state_at_a_seq_at_the_edges_of_a_journal() {
         at(12).await
     );
 }
+
+async fn post_json(app: &Router, uri: &str, token: &str, body: &str) -> (StatusCode, Value) {
+    let r = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .expect("request");
+    let resp = app.clone().oneshot(r).await.expect("infallible");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
+    (status, v)
+}
+
+/// `GET /api/mailboxes` pages through one kind's mailboxes past those of other kinds; a cancel
+/// and a bulk purge name what they act on, or are refused with a typed error.
+#[tokio::test]
+async fn mailboxes_page_by_kind_and_bulk_writes_check_their_bodies() {
+    let store = loom_core::EmbeddedStore::in_memory().expect("store");
+    let store: std::sync::Arc<dyn loom_core::Store> = std::sync::Arc::new(store);
+    // Kinds interleaved in id order: a/0, b/0, a/1, … sort as a/*, then b/*; five of each.
+    for i in 0..5 {
+        for kind in ["a", "b"] {
+            let to = ActorId::new(kind, format!("{i}")).expect("id");
+            store
+                .enqueue(&Envelope::new(to, json!(i)), None)
+                .await
+                .expect("enqueue");
+        }
+    }
+    let app = loom_http::admin(
+        store.clone(),
+        AdminOptions {
+            allow_writes: true,
+            token: Some("t".into()),
+            hosts: Vec::new(),
+        },
+    );
+    let mut seen = Vec::new();
+    let mut uri = "/api/mailboxes?kind=b&limit=2".to_owned();
+    loop {
+        let (s, page) = call(&app, "GET", &uri, None).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        for m in page["items"].as_array().expect("items") {
+            assert_eq!(m["pending"], 1, "{m}");
+            assert_eq!(m["parked"], false, "{m}");
+            seen.push(m["actor"].as_str().expect("actor").to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => uri = format!("/api/mailboxes?kind=b&limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["b/0", "b/1", "b/2", "b/3", "b/4"]);
+    let (s, all) = call(&app, "GET", "/api/mailboxes?limit=500", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(all["items"].as_array().expect("items").len(), 10, "{all}");
+    assert_eq!(all["next"], Value::Null);
+
+    // Cancel: by an unknown id is not found; a body naming nothing is refused.
+    let id = loom_core::MessageId::new();
+    let (s, v) = post_json(
+        &app,
+        "/api/actors/a/0/cancel",
+        "t",
+        &json!({"message": id}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{v}"
+    );
+    let (s, v) = post_json(&app, "/api/actors/a/0/cancel", "t", r#"{"id": 1}"#).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_message")),
+        "{v}"
+    );
+    let (s, v) = post_json(&app, "/api/actors/a/0/cancel", "t", "not json").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // Bulk purge: exactly one of before_ms, ids, all (true); nothing purged when none matches.
+    for bad in [
+        r#"{}"#,
+        r#"{"all": false}"#,
+        r#"{"before_ms": 1, "ids": []}"#,
+        r#"{"every": true}"#,
+    ] {
+        let (s, v) = post_json(&app, "/api/deadletters/purge", "t", bad).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_message")),
+            "{bad}: {v}"
+        );
+    }
+    let (s, v) = post_json(&app, "/api/deadletters/purge", "t", r#"{"before_ms": 1}"#).await;
+    assert_eq!((s, &v), (StatusCode::OK, &json!({"purged": 0})));
+    let (s, v) = post_json(&app, "/api/deadletters/purge", "wrong", r#"{"all": true}"#).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+}

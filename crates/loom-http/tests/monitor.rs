@@ -1,6 +1,6 @@
 //! `loom_http::monitor`'s `/metrics`, scraped in-process: the gauges read from the store at the
-//! scrape (mailboxes waiting and ready, the longest wait, parked actors) per hosted kind, and
-//! store health. One test per binary: the Prometheus recorder is global.
+//! scrape (mailboxes waiting and ready, the longest wait, parked actors) per hosted kind, the
+//! relay's backlog per partition, and store health. One test per binary: the Prometheus recorder is global.
 
 use std::time::Duration;
 
@@ -37,8 +37,15 @@ fn value(scrape: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
     let prometheus = loom_http::install_prometheus().expect("the only recorder");
+    // Two partitions: the relay's backlog is scraped too.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opts = loom_core::EmbeddedOptions {
+        partitions: Some(2),
+        ..Default::default()
+    };
+    let store = loom_core::EmbeddedStore::open_with(dir.path(), opts).expect("store");
     let rt = Runtime::builder()
-        .memory()
+        .store(store)
         .register::<Counter>()
         .start()
         .await
@@ -51,6 +58,10 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
     );
     assert_eq!(value(&first, r#"loom_parked_actors{kind="counter"}"#), 0.0);
     assert_eq!(value(&first, "loom_store_healthy"), 1.0);
+    for p in ["0", "1"] {
+        let name = format!("loom_relay_waiting{{partition=\"{p}\"}}");
+        assert_eq!(value(&first, &name), 0.0, "{first}");
+    }
 
     // One job due in an hour waits (not ready); one actor is parked.
     let later = rt.actor::<Counter>("later").expect("ref");

@@ -2,10 +2,11 @@
 // Each test file uses what it needs of these.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use loom_core::runtime::{Compaction, Runtime};
 use loom_core::{ActorId, EmbeddedStore, Envelope, LeaseOptions, Mailbox, Timestamp};
@@ -19,7 +20,16 @@ pub fn loom(args: &[&str]) -> (bool, String, String) {
     let Some(binary) = option_env!("CARGO_BIN_EXE_loom") else {
         panic!("no loom binary: only the tests of loom-cli run it");
     };
-    run(binary, args)
+    run(binary, args, &[])
+}
+
+/// Runs `loom` with `args` and these environment variables set.
+pub fn loom_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    // Set for the tests of the package that builds it: this file is shared by two.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_loom") else {
+        panic!("no loom binary: only the tests of loom-cli run it");
+    };
+    run(binary, args, env)
 }
 
 /// Runs `loom-dev` with `args`, as [`loom`] runs `loom` (the tests of `crates/loom-dev` share
@@ -29,14 +39,16 @@ pub fn loom_dev(args: &[&str]) -> (bool, String, String) {
     let Some(binary) = option_env!("CARGO_BIN_EXE_loom-dev") else {
         panic!("no loom-dev binary: only the tests of loom-dev run it");
     };
-    run(binary, args)
+    run(binary, args, &[])
 }
 
-fn run(binary: &str, args: &[&str]) -> (bool, String, String) {
+fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(binary)
         .args(args)
         .env_remove("LOOM_STORE")
         .env_remove("LOOM_TOKEN")
+        .env_remove("LOOM_URL")
+        .envs(env.iter().copied())
         .output()
         .expect("run loom");
     (
@@ -128,4 +140,72 @@ pub fn seeded(dir: &Path) {
             .expect("delivery");
         store.dead_letter(&d.receipt, "poison pill").await.unwrap();
     });
+}
+
+/// A child process stopped when dropped (the test may fail before it stops it).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // Not panicking in a drop that may run while the test panics.
+            if let Err(e) = self.0.kill().and_then(|()| self.0.wait().map(drop)) {
+                eprintln!("could not stop a child process: {e}");
+            }
+        }
+    }
+}
+
+/// `loom serve` on `store`; its process and the base URL it printed.
+pub fn serve(store: &str, extra: &[&str], token: Option<&str>) -> (Proc, String) {
+    // Set for the tests of the package that builds it: this file is shared by two.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_loom") else {
+        panic!("no loom binary: only the tests of loom-cli run it");
+    };
+    let mut cmd = Command::new(binary);
+    cmd.args(["serve", "--store", store, "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("LOOM_TOKEN")
+        .env_remove("LOOM_STORE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(t) = token {
+        cmd.env("LOOM_TOKEN", t);
+    }
+    let mut child = cmd.spawn().expect("start loom serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read loom serve's first line");
+    let base = line
+        .strip_prefix("Loom Studio on ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .trim_end_matches('/')
+        .to_owned();
+    (Proc(child), base)
+}
+
+pub fn stop(mut p: Proc) {
+    let pid = p.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = p.0.try_wait().expect("wait") {
+            assert!(s.success(), "loom serve exited with {s} on SIGINT");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "loom serve did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

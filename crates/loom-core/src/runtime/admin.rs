@@ -22,7 +22,7 @@ pub enum CancelTarget {
 }
 
 /// What [`cancel`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Cancellation {
     /// The message waits in the actor's mailbox (running, suspended, or not begun) and is now
