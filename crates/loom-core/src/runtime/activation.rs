@@ -31,9 +31,25 @@ pub(super) trait Kind: Send + Sync {
         taken: Instant,
         handle: Handle,
     ) -> BoxFuture<'static, ()>;
+}
 
+/// What a runtime knows of a kind it sends to, hosted here or not
+/// ([`RuntimeBuilder::sends_to`](super::RuntimeBuilder::sends_to)): how to check a JSON
+/// message against the kind's message type before it is sent.
+pub(super) trait Messages: Send + Sync {
     /// Whether `payload` decodes as the kind's message type; why not if it does not.
     fn check_message(&self, payload: &serde_json::Value) -> Result<(), String>;
+}
+
+/// The [`Messages`] of kind `A`, known by its type alone (no instance needed).
+pub(super) struct MessagesOf<A>(pub(super) std::marker::PhantomData<fn() -> A>);
+
+impl<A: Actor> Messages for MessagesOf<A> {
+    fn check_message(&self, payload: &serde_json::Value) -> Result<(), String> {
+        <A::Message as serde::Deserialize>::deserialize(payload)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
 }
 
 pub(super) struct KindOf<A: Actor>(pub(super) Arc<A>);
@@ -48,12 +64,6 @@ impl<A: Actor> Kind for KindOf<A> {
         handle: Handle,
     ) -> BoxFuture<'static, ()> {
         Box::pin(run::<A>(self.0.clone(), shared, id, lease, taken, handle))
-    }
-
-    fn check_message(&self, payload: &serde_json::Value) -> Result<(), String> {
-        <A::Message as serde::Deserialize>::deserialize(payload)
-            .map(drop)
-            .map_err(|e| e.to_string())
     }
 }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::activation::Kind;
-use super::activation::{KindOf, dispatch};
+use super::activation::{KindOf, Messages, MessagesOf, dispatch};
 use super::actives::Actives;
 use super::hub::Hub;
 use super::metrics::Metrics;
@@ -59,11 +59,16 @@ impl IntoStore for Arc<dyn Store> {
     }
 }
 
+/// A kind registered to be hosted: its name, how to run it, how to check its messages.
+pub(super) type Hosted = (&'static str, Arc<dyn Kind>, Arc<dyn Messages>);
+
 /// Builds a [`Runtime`].
 pub struct RuntimeBuilder {
     pub(super) store: Option<StoreChoice>,
     pub(super) config: Config,
-    pub(super) kinds: Vec<(&'static str, Arc<dyn Kind>)>,
+    /// Hosted kinds: how to run them, and how to check their messages.
+    pub(super) kinds: Vec<Hosted>,
+    pub(super) sends_to: Vec<(&'static str, Arc<dyn Messages>)>,
 }
 
 pub(super) enum StoreChoice {
@@ -122,20 +127,85 @@ impl RuntimeBuilder {
 
     /// Registers actor kind `A` with a given instance (holding, say, a client for activities).
     pub fn register_actor<A: Actor>(mut self, actor: A) -> Self {
-        self.kinds
-            .push((A::KIND, Arc::new(KindOf(Arc::new(actor)))));
+        self.kinds.push((
+            A::KIND,
+            Arc::new(KindOf(Arc::new(actor))),
+            Arc::new(MessagesOf::<A>(std::marker::PhantomData)),
+        ));
+        self
+    }
+
+    /// Lets this runtime send to, ask and deliver events to actors of kind `A` without hosting
+    /// it: other nodes on the same store run them. Its messages wait in their mailboxes until
+    /// a node hosting `A` runs them (`loom mailbox ls` shows them); this node never does. A
+    /// runtime that registers no kind and declares the kinds it talks to this way is a
+    /// *client*: a web front end, a tool.
+    ///
+    /// A kind neither registered nor declared is refused at the first send
+    /// ([`SendError::UnknownKind`](super::SendError::UnknownKind)), so that a kind forgotten
+    /// at registration is not silently left waiting.
+    ///
+    /// ```
+    /// use loom_core::EmbeddedStore;
+    /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    ///
+    /// #[derive(Default)]
+    /// struct Counter;
+    ///
+    /// impl Actor for Counter {
+    ///     const KIND: &'static str = "counter";
+    ///     type State = i64;
+    ///     type Message = i64;
+    ///     type Reply = i64;
+    ///     async fn handle(&self, n: &mut i64, _: &mut Context<'_>, d: i64) -> Result<i64, Rejected> {
+    ///         *n += d;
+    ///         Ok(*n)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = std::sync::Arc::new(EmbeddedStore::in_memory()?);
+    /// // A node that runs the counters, and a client that only talks to them.
+    /// let node = Runtime::builder().store(store.clone()).register::<Counter>().start().await?;
+    /// let client = Runtime::builder().store(store).sends_to::<Counter>().start().await?;
+    /// assert_eq!(client.actor::<Counter>("c")?.ask(5).await?, 5);
+    /// assert!(client.kinds().is_empty(), "the client hosts nothing");
+    /// # client.shutdown().await;
+    /// # node.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn sends_to<A: Actor>(mut self) -> Self {
+        self.sends_to
+            .push((A::KIND, Arc::new(MessagesOf::<A>(std::marker::PhantomData))));
         self
     }
 
     /// Opens the store and starts the runtime; actors with pending work are activated.
     pub async fn start(self) -> Result<Runtime, StartError> {
         let mut kinds: BTreeMap<&'static str, Arc<dyn Kind>> = BTreeMap::new();
-        for (name, kind) in self.kinds {
+        let mut known: BTreeMap<&'static str, Arc<dyn Messages>> = BTreeMap::new();
+        for (name, kind, messages) in self.kinds {
             ActorId::new(name, "k")
                 .map_err(|e| StartError::Registration(format!("actor kind {name:?}: {e}")))?;
             if kinds.insert(name, kind).is_some() {
                 return Err(StartError::Registration(format!(
                     "actor kind {name:?} is registered twice"
+                )));
+            }
+            known.insert(name, messages);
+        }
+        for (name, messages) in self.sends_to {
+            ActorId::new(name, "k")
+                .map_err(|e| StartError::Registration(format!("actor kind {name:?}: {e}")))?;
+            if kinds.contains_key(name) {
+                return Err(StartError::Registration(format!(
+                    "actor kind {name:?} is both hosted here (register) and declared as hosted elsewhere (sends_to)"
+                )));
+            }
+            if known.insert(name, messages).is_some() {
+                return Err(StartError::Registration(format!(
+                    "actor kind {name:?} is declared twice with sends_to"
                 )));
             }
         }
@@ -164,6 +234,7 @@ impl RuntimeBuilder {
             hosted: kinds.keys().copied().collect(),
             metrics: Metrics::new(kinds.keys().copied()),
             kinds,
+            known,
             active: Mutex::new(Actives::default()),
             parked: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),

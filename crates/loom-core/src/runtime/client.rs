@@ -26,8 +26,11 @@ pub enum SendError {
     /// `SendError`).
     #[error(transparent)]
     InvalidId(#[from] IdError),
-    /// No actor of this kind is registered with the runtime.
-    #[error("actor kind {0:?} is not registered with this runtime")]
+    /// The kind is neither registered with the runtime nor declared as hosted by other nodes
+    /// ([`RuntimeBuilder::sends_to`](super::RuntimeBuilder::sends_to)).
+    #[error(
+        "actor kind {0:?} is not known to this runtime: register it to host it here, or declare it with sends_to if other nodes host it"
+    )]
     UnknownKind(String),
     /// The message does not serialize to JSON.
     #[error("message does not encode: {0}")]
@@ -204,7 +207,7 @@ impl AnyActorRef {
     }
 
     fn check_kind(&self) -> Result<(), SendError> {
-        if self.rt.shared.kinds.contains_key(self.id.kind()) {
+        if self.rt.shared.known.contains_key(self.id.kind()) {
             Ok(())
         } else {
             Err(SendError::UnknownKind(self.id.kind().to_owned()))
@@ -216,7 +219,7 @@ impl AnyActorRef {
         let kind = self
             .rt
             .shared
-            .kinds
+            .known
             .get(self.id.kind())
             .ok_or_else(|| SendError::UnknownKind(self.id.kind().to_owned()))?;
         kind.check_message(msg)

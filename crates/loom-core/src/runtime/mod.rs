@@ -100,13 +100,16 @@ use actives::Actives;
 use hub::Hub;
 
 use self::metrics::Metrics;
-use activation::Kind;
+use activation::{Kind, Messages};
 
 pub(crate) struct Shared {
     store: Arc<dyn Store>,
     config: Arc<Config>,
     hub: Arc<Hub>,
     kinds: BTreeMap<&'static str, Arc<dyn Kind>>,
+    /// Every kind this runtime sends to: those it hosts and those declared with
+    /// [`RuntimeBuilder::sends_to`] (hosted by other nodes).
+    known: BTreeMap<&'static str, Arc<dyn Messages>>,
     active: Mutex<Actives>,
     /// Actors this node parked, and until when it takes that as still true without looking
     /// again (the store holds the record and the actor's mailbox; this only saves activating a
@@ -152,6 +155,7 @@ impl Runtime {
             store: None,
             config: Config::default(),
             kinds: Vec::new(),
+            sends_to: Vec::new(),
         }
     }
 

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use loom_core::EntryKind;
-use loom_core::runtime::SendError;
+use loom_core::runtime::{Actor, AskOptions, Runtime, SendError, SendOptions};
+use serde_json::json;
 
 use super::common::{WAIT, acct, reached};
-use super::{Account, AccountMsg, Harness, RuntimeCase, eventually, runtime_cases};
+use super::{Account, AccountMsg, Counter, Harness, RuntimeCase, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
@@ -20,7 +21,53 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         graceful_shutdown_drains_in_flight_invocations,
         active_actors_are_bounded,
         full_mailbox_pushes_back,
+        a_client_sends_to_a_kind_hosted_elsewhere_whose_messages_wait_for_a_host,
     ]
+}
+
+/// A runtime that hosts no kind and declares the one it talks to (`sends_to`) sends, asks and
+/// checks JSON for it; its messages wait, never run and never dead-lettered, until a node
+/// hosting the kind starts, which runs each once; an undeclared kind is refused at once.
+async fn a_client_sends_to_a_kind_hosted_elsewhere_whose_messages_wait_for_a_host(h: &Harness) {
+    let client = Runtime::builder()
+        .store(h.store.clone())
+        .config(Harness::config())
+        .sends_to::<Account>()
+        .start()
+        .await
+        .expect("client starts");
+    assert!(client.kinds().is_empty(), "the client hosts nothing");
+    match client.actor::<Counter>("c").unwrap().send(1).await {
+        Err(SendError::UnknownKind(k)) => assert_eq!(k, "counter"),
+        other => panic!("an undeclared kind was sent to: {other:?}"),
+    }
+    let a = client.actor::<Account>("routed").unwrap();
+    a.send(AccountMsg::Deposit(3)).await.unwrap();
+    let any = client.any_actor(Account::KIND, "routed").unwrap();
+    assert!(matches!(
+        any.send_json(json!("nonsense"), SendOptions::default())
+            .await,
+        Err(SendError::BadMessage { .. })
+    ));
+    // No node hosts accounts: the message waits through many scans (the client's poll is
+    // 20 ms), run by no one and dead-lettered by no one.
+    let id = acct("routed");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(h.store.pending(&id).await.unwrap(), 1);
+    assert_eq!(h.highest(&id).await, 0);
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    // A host comes: the waiting deposit runs once, and the client's ask is answered.
+    let node = h.runtime().await;
+    assert_eq!(a.ask(AccountMsg::Deposit(4)).await.unwrap(), 7);
+    assert_eq!(client.metrics().invocations, 0, "the client ran an actor");
+    assert_eq!(
+        any.ask_json(json!({"Deposit": 0}), AskOptions::default())
+            .await
+            .unwrap(),
+        json!(7)
+    );
+    client.shutdown().await;
+    node.shutdown().await;
 }
 
 async fn passivation_and_reactivation(h: &Harness) {
