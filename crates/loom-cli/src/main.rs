@@ -64,6 +64,11 @@ impl StoreArg {
         store: Option<ValueSource>,
     ) -> Result<(), Failure> {
         use ValueSource::{CommandLine, EnvVariable};
+        // An empty LOOM_URL is no URL, as an empty LOOM_TOKEN is no token.
+        if self.url.as_deref() == Some("") {
+            self.url = None;
+            return Ok(());
+        }
         match (url, store) {
             (Some(CommandLine), Some(CommandLine)) => Err(Failure(
                 "give --store or --url, not both: --url reaches a running application's admin API, --store opens the store itself".into(),
@@ -92,7 +97,8 @@ impl StoreArg {
     /// The store at `--store`, for a command that works on the store itself only.
     fn store_url(&self, command: &str, ns: &Namespace) -> Result<StoreUrl, Failure> {
         if let Some(url) = &self.url {
-            return Err(source::store_only(command, url));
+            let shown = loom_cli::store::without_credentials(url);
+            return Err(source::store_only(command, &shown));
         }
         StoreUrl::parse(&self.store, ns)
     }

@@ -123,19 +123,27 @@ impl Remote {
     /// The admin API at `url` (`http://host:port`, or with a path prefix where it is mounted
     /// under one), with the write token from `LOOM_TOKEN` if set.
     pub fn new(url: &str) -> Result<Self, Failure> {
+        // As given, for messages: credentials never printed (and refused below).
+        let shown = loom_cli::store::without_credentials(url);
         let mut base = reqwest::Url::parse(url).map_err(|e| {
             Failure(format!(
-                "--url {url:?} is not a URL ({e}); give the application's address, as in http://127.0.0.1:8080"
+                "--url {shown:?} is not a URL ({e}); give the application's address, as in http://127.0.0.1:8080"
             ))
         })?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(Failure(format!(
-                "--url {url:?}: expected an http:// or https:// address of a running application (or of `loom serve`)"
+                "--url {shown:?}: expected an http:// or https:// address of a running application (or of `loom serve`)"
             )));
         }
         if base.query().is_some() || base.fragment().is_some() {
             return Err(Failure(format!(
-                "--url {url:?}: give the address without a query or fragment"
+                "--url {shown:?}: give the address without a query or fragment"
+            )));
+        }
+        // reqwest would send them as Basic authorization with every request, reads included.
+        if !base.username().is_empty() || base.password().is_some() {
+            return Err(Failure(format!(
+                "--url {shown:?}: give the address without a user or password\nwhat to do: a write carries the token from LOOM_TOKEN"
             )));
         }
         // Endpoints are joined below the given path: make it end with `/`.
@@ -152,30 +160,26 @@ impl Remote {
             }
         };
         // The admin API never redirects: an answer that does is not from it, and a redirect
-        // must not carry the token elsewhere.
-        let http = reqwest::Client::builder()
+        // must not carry the token elsewhere. This machine's own address goes to no proxy
+        // (HTTP_PROXY), which would otherwise see the token in cleartext.
+        let mut http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if is_loopback(&base) {
+            http = http.no_proxy();
+        }
+        let http = http
             .build()
             .map_err(|e| Failure(format!("cannot start an HTTP client: {e}")))?;
-        let mut shown = base.clone();
-        // Only fails for a URL that cannot carry credentials, which then has none.
-        if shown
-            .set_username("")
-            .and(shown.set_password(None))
-            .is_err()
-        {
-            shown = base.clone();
-        }
         Ok(Remote {
-            label: shown.to_string(),
+            label: base.to_string(),
             base,
             token,
             http,
         })
     }
 
-    /// The address (without credentials), for messages.
+    /// The address, for messages (it holds no credentials: [`Remote::new`] refuses them).
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -185,13 +189,7 @@ impl Remote {
         let Some(token) = self.token.as_deref() else {
             return Ok(None);
         };
-        let loopback = match self.base.host() {
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => false,
-        };
-        if self.base.scheme() == "http" && !loopback {
+        if self.base.scheme() == "http" && !is_loopback(&self.base) {
             return Err(Refusal::Other(Failure(format!(
                 "refusing to send LOOM_TOKEN in cleartext to {}\nwhat to do: reach the application over https:// (a proxy in front of it), or on a loopback address (an SSH tunnel)",
                 self.label
@@ -227,18 +225,27 @@ impl Remote {
         req: reqwest::RequestBuilder,
         write: bool,
     ) -> Result<T, Refusal> {
-        let (timeout, req) = match (write, self.token_for_write()?) {
-            (true, Some(t)) => (WRITE_TIMEOUT, req.bearer_auth(t)),
-            (true, None) => (WRITE_TIMEOUT, req),
-            (false, _) => (READ_TIMEOUT, req),
+        // The token only with a write (and refused in cleartext to another machine).
+        let (timeout, req) = match write {
+            true => match self.token_for_write()? {
+                Some(t) => (WRITE_TIMEOUT, req.bearer_auth(t)),
+                None => (WRITE_TIMEOUT, req),
+            },
+            false => (READ_TIMEOUT, req),
         };
         let failed = |e: reqwest::Error| {
             let why = causes(&e);
-            let text = if e.is_timeout() && write {
+            // A request that never connected did nothing; one that did and then failed (no
+            // answer in time, the connection lost) may have done its write.
+            let text = if e.is_connect() {
                 format!(
-                    "the admin API at {} did not answer within {} s: {why}\nwhat to do: the write may have been done, in part or whole; look before doing it again",
-                    self.label,
-                    timeout.as_secs()
+                    "cannot reach the admin API at {}: {why}\nwhat to do: check that the application runs and serves its admin API there (the bank's --listen, `loom serve`)",
+                    self.label
+                )
+            } else if write {
+                format!(
+                    "no answer from the admin API at {} to a write: {why}\nwhat to do: the write may have been done, in part or whole; look before doing it again",
+                    self.label
                 )
             } else if e.is_timeout() {
                 format!(
@@ -247,10 +254,7 @@ impl Remote {
                     timeout.as_secs()
                 )
             } else {
-                format!(
-                    "cannot reach the admin API at {}: {why}\nwhat to do: check that the application runs and serves its admin API there (the bank's --listen, `loom serve`)",
-                    self.label
-                )
+                format!("the admin API at {} failed to answer: {why}", self.label)
             };
             Refusal::Other(Failure(text))
         };
@@ -510,4 +514,17 @@ fn causes(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Whether `url` names this machine (`localhost`, 127.0.0.0/8, `[::1]`).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d
+            .strip_suffix('.')
+            .unwrap_or(d)
+            .eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }

@@ -107,7 +107,7 @@ impl StoreUrl {
 }
 
 /// `scheme://host/…` without any `user:password@`.
-fn without_credentials(url: &str) -> String {
+pub fn without_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -154,6 +154,24 @@ fn every_read_over_url_prints_what_it_prints_over_the_store() {
         !done && err.contains("refusing to send LOOM_TOKEN in cleartext"),
         "{err}"
     );
+    // A read sends no token, so it is not refused for one (it fails only to connect).
+    let (done, _, err) = loom_with(
+        &["journal", "ls", "--url", "http://192.0.2.1:9"],
+        &[("LOOM_TOKEN", "s3cret")],
+    );
+    assert!(
+        !done && !err.contains("refusing") && err.contains("192.0.2.1"),
+        "{err}"
+    );
+    // Credentials in the address are refused, and never printed.
+    let with_user = base.replacen("http://", "http://user:hunter2@", 1);
+    let (done, _, err) = loom(&["journal", "ls", "--url", &with_user]);
+    assert!(
+        !done && err.contains("without a user or password") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let (done, _, err) = loom(&["export", "--url", &with_user, "--out", "x"]);
+    assert!(!done && !err.contains("hunter2"), "{err}");
 
     // What the admin API does not serve is refused with what to do, and reads nothing.
     for (cmd, name) in [
@@ -223,6 +241,10 @@ fn every_read_over_url_prints_what_it_prints_over_the_store() {
     ]);
     assert!(!done && err.contains("cannot reach the admin API"), "{err}");
     stop(server);
+    // Stopped: LOOM_URL in the environment yields to --store on the command line.
+    let (done, from_flag, err) =
+        loom_with(&["journal", "ls", "--store", store], &[("LOOM_URL", &base)]);
+    assert!(done && from_flag == over_url[0], "{err}");
 
     let mut i = 0;
     for cmd in READS {

@@ -405,8 +405,10 @@ async fn mailboxes(
     // Read on past other kinds' mailboxes until the page is full, the mailboxes end (then
     // there is no next page), or the bound on one request's work is reached.
     let more = 'pages: loop {
-        let page = s.store.mailboxes(after.as_ref(), limit).await?;
-        let full = page.len() == limit;
+        // With a kind, the store is read a full page at a time (most may be other kinds').
+        let read = if q.kind.is_some() { MAX_PAGE } else { limit };
+        let page = s.store.mailboxes(after.as_ref(), read).await?;
+        let full = page.len() == read;
         for a in page {
             looked += 1;
             after = Some(a.clone());

@@ -36,7 +36,8 @@ pub enum ApiError {
     /// `404 not_found`: no such dead letter, parked actor, or kept state.
     #[error("{0}")]
     NotFound(String),
-    /// `404 unknown_kind`: no actor of the kind is hosted here.
+    /// `404 unknown_kind`: the kind is neither hosted by this runtime nor declared with
+    /// `sends_to`.
     #[error("{0}")]
     UnknownKind(String),
     /// `409 cancelled`: the invocation was cancelled and ended so.

@@ -1,7 +1,8 @@
 //! An HTTP ingress for Loom: any service that speaks HTTP sends messages to actors, asks them
 //! and delivers events to them, with JSON bodies.
 //!
-//! [`router`] mounts, for every actor kind the runtime hosts:
+//! [`router`] mounts, for every actor kind the runtime hosts or declares hosted by other nodes
+//! ([`RuntimeBuilder::sends_to`](loom_core::runtime::RuntimeBuilder::sends_to)):
 //!
 //! | request | does | answers |
 //! | --- | --- | --- |

@@ -194,7 +194,8 @@ impl std::fmt::Debug for AnyActorRef {
 }
 
 impl AnyActorRef {
-    /// A handle to `id`, refused if its kind is not registered with `rt`.
+    /// A handle to `id`, refused if its kind is neither registered with `rt` nor declared
+    /// with `sends_to`.
     pub(crate) fn new(rt: Runtime, id: ActorId) -> Result<Self, SendError> {
         let r = AnyActorRef { rt, id };
         r.check_kind()?;
@@ -300,6 +301,8 @@ impl AnyActorRef {
             Some(v) => v,
             None => {
                 let started = tokio::time::Instant::now();
+                // Since when the look for the reply has failed without a break.
+                let mut lookups_failing: Option<tokio::time::Instant> = None;
                 let poll = self
                     .rt
                     .shared
@@ -327,8 +330,20 @@ impl AnyActorRef {
                         },
                         _ = tokio::time::sleep(poll.min(left)) => {
                             // The actor may run on another node: look at the recorded result.
-                            if let Some(Reservation::Completed(v)) = self.rt.shared.store.lookup(&actor, &key).await.map_err(SendError::from)? {
-                                break v;
+                            // A read that fails is tried again at the next poll; one failing for
+                            // longer ends the ask with the key to ask again with (the message
+                            // is enqueued: `SendError::Store` would say it was not).
+                            match self.rt.shared.store.lookup(&actor, &key).await {
+                                Ok(Some(Reservation::Completed(v))) => break v,
+                                Ok(_) => lookups_failing = None,
+                                Err(error) => {
+                                    let since = *lookups_failing.get_or_insert_with(tokio::time::Instant::now);
+                                    if since.elapsed() >= FAILING_GIVES_UP_ASK {
+                                        hub.prune(&actor, &key);
+                                        return Err(AskError::Store { error, key });
+                                    }
+                                    tracing::debug!(actor = %actor, error = %error, "could not look for the reply; trying again");
+                                }
                             }
                         }
                     }
@@ -372,6 +387,7 @@ impl AnyActorRef {
         data: &T,
         opts: EventOptions,
     ) -> Result<Sent, SendError> {
+        self.check_kind()?;
         let id = self.id.clone();
         let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
         let key = match opts.key {

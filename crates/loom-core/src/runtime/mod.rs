@@ -190,8 +190,9 @@ impl Runtime {
 
     /// A handle to the actor `kind/key` when the kind is known only by its name at run time
     /// (an HTTP ingress, a tool): messages and replies as JSON, each message checked against
-    /// the kind's message type before it is sent. Refused at once if the key is invalid or no
-    /// actor of `kind` is registered here. See [`AnyActorRef`].
+    /// the kind's message type before it is sent. Refused at once if the key is invalid or
+    /// `kind` is neither registered here nor declared with
+    /// [`sends_to`](RuntimeBuilder::sends_to). See [`AnyActorRef`].
     pub fn any_actor(&self, kind: &str, key: &str) -> Result<AnyActorRef, SendError> {
         AnyActorRef::new(self.clone(), ActorId::new(kind, key)?)
     }

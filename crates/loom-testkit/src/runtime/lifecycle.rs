@@ -49,6 +49,16 @@ async fn a_client_sends_to_a_kind_hosted_elsewhere_whose_messages_wait_for_a_hos
             .await,
         Err(SendError::BadMessage { .. })
     ));
+    // Events too: to a declared kind, queued; to an undeclared one, refused.
+    a.deliver_event("audit", &json!({"n": 1})).await.unwrap();
+    assert!(matches!(
+        client
+            .actor::<Counter>("c")
+            .unwrap()
+            .deliver_event("audit", &json!(1))
+            .await,
+        Err(SendError::UnknownKind(_))
+    ));
     // No node hosts accounts: the message waits through many scans (the client's poll is
     // 20 ms), run by no one and dead-lettered by no one.
     let id = acct("routed");
