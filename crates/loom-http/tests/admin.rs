@@ -38,11 +38,13 @@ async fn call(app: &Router, method: &str, uri: &str, token: Option<&str>) -> (St
     if let Some(t) = token {
         r = r.header("authorization", format!("Bearer {t}"));
     }
-    let resp = app
-        .clone()
-        .oneshot(r.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
+    answer(app, r.body(Body::empty()).expect("request")).await
+}
+
+/// The status and JSON body `app` answers `req` with.
+async fn answer(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let uri = req.uri().to_string();
+    let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
     let v = serde_json::from_slice(&bytes)
@@ -363,12 +365,7 @@ async fn post_json(app: &Router, uri: &str, token: &str, body: &str) -> (StatusC
         .header("content-type", "application/json")
         .body(Body::from(body.to_owned()))
         .expect("request");
-    let resp = app.clone().oneshot(r).await.expect("infallible");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let v = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, v)
+    answer(app, r).await
 }
 
 /// `GET /api/mailboxes` pages through one kind's mailboxes past those of other kinds; a cancel
