@@ -163,8 +163,8 @@ enum Command {
     },
     /// Serves the admin API (JSON) and Loom Studio, the web page that browses it, over a store:
     /// actors and their journals, the state at any seq, mailboxes, dead letters, parked
-    /// actors. Read only unless `--allow-writes` is given, and then a write needs the bearer
-    /// token in `LOOM_TOKEN`. Runs until Ctrl-C.
+    /// actors; `/health` and `/metrics` (the store's gauges). Read only unless `--allow-writes`
+    /// is given, and then a write needs the bearer token in `LOOM_TOKEN`. Runs until Ctrl-C.
     Serve {
         #[command(flatten)]
         store: StoreArg,

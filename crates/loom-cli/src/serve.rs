@@ -46,14 +46,19 @@ pub async fn serve(
             "warning: listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
         );
     }
+    // The store's gauges and health beside the admin API (no runtime here: its counters are
+    // its own process's).
+    let prometheus = loom_http::install_prometheus()
+        .map_err(|e| Failure(format!("could not start the metrics exporter: {e}")))?;
     let app = loom_http::admin(
-        store,
+        store.clone(),
         AdminOptions {
             allow_writes,
             token,
             hosts,
         },
-    );
+    )
+    .merge(loom_http::store_monitor(store, prometheus));
     // Listening for Ctrl-C from before the line that says it serves, so that a Ctrl-C right
     // after it stops the server cleanly instead of killing the process.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())

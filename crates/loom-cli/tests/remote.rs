@@ -290,8 +290,33 @@ fn writes_over_url_need_the_token_and_reach_the_store() {
     assert!(!done && err.contains("bearer token"), "{err}");
     let (done, said, err) = write(&["deadletters", "requeue", &first], &token);
     assert!(done && said.contains("is back in its mailbox"), "{err}");
+    // `loom serve`'s /health and /metrics read the store: the parked actor counted, then not.
+    let scrape = || {
+        let rt = tokio::runtime::Runtime::new().expect("tokio");
+        rt.block_on(async {
+            let health = reqwest::get(format!("{base}/health"))
+                .await
+                .expect("health");
+            assert_eq!(health.status().as_u16(), 200);
+            let metrics = reqwest::get(format!("{base}/metrics"))
+                .await
+                .expect("metrics");
+            metrics.text().await.expect("scrape")
+        })
+    };
+    let before = scrape();
+    assert!(before.contains("loom_store_healthy 1"), "{before}");
+    assert!(
+        before.contains(r#"loom_parked_actors{kind="inbox"} 1"#),
+        "{before}"
+    );
     let (done, said, err) = write(&["parked", "unpark", "inbox/parked"], &token);
     assert!(done && said.contains("inbox/parked is unparked"), "{err}");
+    let after = scrape();
+    assert!(
+        after.contains(r#"loom_parked_actors{kind="inbox"} 0"#),
+        "{after}"
+    );
     let (done, _, err) = write(&["parked", "unpark", "inbox/parked"], &token);
     assert!(!done && err.contains("is not parked"), "{err}");
     let waiting = json_lines(&ok(&[

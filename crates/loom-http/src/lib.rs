@@ -466,7 +466,7 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     backlogs(&m.rt, deadline).await;
     parked(&m.rt, deadline).await;
-    relays(&m.rt, deadline).await;
+    relays(&**m.rt.store(), deadline).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -573,12 +573,12 @@ async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
 /// partition.
 ///
 /// [`Store::relay_backlog`]: loom_core::Store::relay_backlog
-async fn relays(rt: &Runtime, deadline: tokio::time::Instant) {
-    let partitions = rt.store().partitions();
+async fn relays(store: &dyn loom_core::Store, deadline: tokio::time::Instant) {
+    let partitions = store.partitions();
     if partitions == 1 {
         return;
     }
-    let read = tokio::time::timeout_at(deadline, rt.store().relay_backlog()).await;
+    let read = tokio::time::timeout_at(deadline, store.relay_backlog()).await;
     let waiting: Vec<f64> = match read {
         Ok(Ok(b)) => {
             let mut w = vec![f64::NAN; partitions as usize];
@@ -600,6 +600,111 @@ async fn relays(rt: &Runtime, deadline: tokio::time::Instant) {
     };
     for (p, w) in waiting.into_iter().enumerate() {
         metrics::gauge!("loom_relay_waiting", "partition" => p.to_string()).set(w);
+    }
+}
+
+/// `GET /metrics` and `GET /health` over a store alone, with no runtime (`loom serve`): at
+/// each scrape, read from the store within 2 s, `loom_store_healthy` (1 if a read succeeds),
+/// `loom_parked_actors` per kind of every parked actor (0 for a kind none of whose actors is
+/// parked any more) and, on a store of several partitions, `loom_relay_waiting` per
+/// partition. `/health` is `200 {"store": "ok"}`, or `503` with the store's error. The
+/// runtime's own counters and latencies are its process's: scrape [`monitor`] there.
+pub fn store_monitor(
+    store: std::sync::Arc<dyn loom_core::Store>,
+    prometheus: PrometheusHandle,
+) -> Router {
+    Router::new()
+        .route("/metrics", get(store_scrape))
+        .route("/health", get(store_health))
+        .with_state(StoreMonitor {
+            store,
+            prometheus,
+            kinds: Default::default(),
+        })
+}
+
+#[derive(Clone)]
+struct StoreMonitor {
+    store: std::sync::Arc<dyn loom_core::Store>,
+    prometheus: PrometheusHandle,
+    /// The kinds whose parked actors a scrape has counted: each keeps a gauge (0 once none is).
+    kinds: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+/// Whether the store answers a read within the deadline; why not if it does not.
+async fn store_answers(
+    store: &dyn loom_core::Store,
+    deadline: tokio::time::Instant,
+) -> Result<(), String> {
+    match tokio::time::timeout_at(deadline, store.list_actors(None, 1)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(loom_core::explain(&e)),
+        Err(_) => Err("the store did not answer within 2 s".into()),
+    }
+}
+
+async fn store_scrape(State(m): State<StoreMonitor>) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let healthy = store_answers(&*m.store, deadline).await.is_ok();
+    metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
+    let count = async {
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut after: Option<loom_core::ActorId> = None;
+        loop {
+            let page = m.store.parked_actors(after.as_ref(), 1000).await?;
+            for (a, _) in &page {
+                *counts.entry(a.kind().to_owned()).or_default() += 1;
+            }
+            match page.last() {
+                Some((a, _)) if page.len() == 1000 => after = Some(a.clone()),
+                _ => return Ok::<_, loom_core::StoreError>(counts),
+            }
+        }
+    };
+    let counts = match tokio::time::timeout_at(deadline, count).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the parked actors for /metrics");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("reading the parked actors for /metrics took over 2 s");
+            None
+        }
+    };
+    let kinds: Vec<String> = {
+        let mut known = m.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = &counts {
+            known.extend(c.keys().cloned());
+        }
+        known.iter().cloned().collect()
+    };
+    for kind in kinds {
+        let n = counts
+            .as_ref()
+            .map_or(f64::NAN, |c| c.get(&kind).map_or(0.0, |n| *n as f64));
+        metrics::gauge!("loom_parked_actors", "kind" => kind).set(n);
+    }
+    relays(&*m.store, deadline).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn store_health(State(m): State<StoreMonitor>) -> Response {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    match store_answers(&*m.store, deadline).await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({ "store": "ok" }))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "store": "failing", "error": e })),
+        )
+            .into_response(),
     }
 }
 
