@@ -64,8 +64,9 @@ impl StoreArg {
         store: Option<ValueSource>,
     ) -> Result<(), Failure> {
         use ValueSource::{CommandLine, EnvVariable};
-        // An empty LOOM_URL is no URL, as an empty LOOM_TOKEN is no token.
-        if self.url.as_deref() == Some("") {
+        // An empty LOOM_URL is no URL, as an empty LOOM_TOKEN is no token (an empty --url
+        // typed on the command line is refused as not a URL).
+        if url == Some(EnvVariable) && self.url.as_deref() == Some("") {
             self.url = None;
             return Ok(());
         }

@@ -106,16 +106,16 @@ impl StoreUrl {
     }
 }
 
-/// `scheme://host/…` without any `user:password@`.
+/// `scheme://host/…` without any `user:password@`: everything up to the last `@` goes, so
+/// that a password is dropped even where it holds a `/` or the scheme is missing (a path with
+/// an `@` loses its start too: this is for messages, not for use).
 pub fn without_credentials(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
     };
-    // The authority ends at the first '/', '?' or '#'; credentials are before its last '@'.
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    format!("{scheme}://{host}{path}")
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    format!("{scheme}{host}")
 }
 
 /// An open store.
@@ -256,6 +256,8 @@ mod tests {
             StoreUrl::parse("./data", &ns).expect("parse"),
             StoreUrl::Embedded(PathBuf::from("./data"), None)
         );
+        assert_eq!(without_credentials("u:pw@host:8080"), "host:8080");
+        assert_eq!(without_credentials("http://u:p/w@h/x"), "http://h/x");
         assert!(StoreUrl::parse("mysql://x", &ns).is_err());
         assert!(StoreUrl::parse("embedded:", &ns).is_err());
         assert!(StoreUrl::parse("", &ns).is_err());
