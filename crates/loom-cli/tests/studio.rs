@@ -192,13 +192,21 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
         // The actor list, and into one actor.
         c.goto(&format!("{base}/#/")).await.expect("open Studio");
         until(&c, "the actor list", "document.querySelectorAll('#actors a.actor-link').length === 3").await;
-        // `loom serve` has no /metrics: no live counters.
+        // `loom serve`'s /metrics has no per-kind gauge here (nothing parked): no live strip.
         assert_eq!(
             c.execute("return document.getElementById('live').hidden;", vec![]).await.expect("read"),
             json!(true),
             "live counters under loom serve"
         );
         shot(&c, "actors.png").await;
+        // A search by the start of an id: one actor, then back to all of them.
+        c.execute("document.getElementById('search').value = 'counter/b';", vec![]).await.expect("type");
+        c.execute("document.getElementById('search-form').requestSubmit();", vec![]).await.expect("submit");
+        until(&c, "the search's one match", "document.querySelectorAll('#actors a.actor-link').length === 1 && document.querySelector('#actors a.actor-link').textContent === 'counter/b'").await;
+        shot(&c, "search.png").await;
+        c.execute("document.getElementById('search').value = 'counter';", vec![]).await.expect("type");
+        c.execute("document.getElementById('search-form').requestSubmit();", vec![]).await.expect("submit");
+        until(&c, "a whole kind", "document.querySelectorAll('#actors a.actor-link').length === 3").await;
         c.find(Locator::LinkText("counter/a")).await.expect("the link").click().await.expect("click");
         until(&c, "the state at the newest seq", "document.querySelector('#state[data-ready]')").await;
         let shown = |c: &Client| {

@@ -270,19 +270,81 @@ async fn info_json(store: &dyn Store, a: &ActorId) -> Result<Value, ApiError> {
     }))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActorsPage {
+    after: Option<String>,
+    limit: Option<usize>,
+    prefix: Option<String>,
+}
+
+/// Where a search by `prefix` begins: `kind/key-prefix` (or a whole `kind`) names the first id
+/// it can match; every id it matches is at or after that one in id order (a key holds no
+/// control character, so `" "` is the least key).
+fn search_start(prefix: &str) -> Result<(ActorId, String), ApiError> {
+    let (kind, key) = prefix.split_once('/').unwrap_or((prefix, ""));
+    let first = parse_actor(&format!(
+        "{kind}/{}",
+        if key.is_empty() { " " } else { key }
+    ))
+    .map_err(|_| {
+        ApiError::BadKey(format!(
+            "search {prefix:?}: give a kind, or kind/ and the start of a key"
+        ))
+    })?;
+    Ok((first, format!("{kind}/{key}")))
+}
+
+/// Actors with a journal, in id order, a page at a time; with `prefix` (`kind/key-prefix`, or
+/// a whole kind), only those whose id starts with it: a search that reads no further than
+/// its matches (ids sort together).
 async fn actors(
     State(s): State<Admin>,
-    q: Result<Query<Page>, QueryRejection>,
+    q: Result<Query<ActorsPage>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let page = query(q)?;
-    let limit = page.limit()?;
-    let after = page.after.as_deref().map(parse_actor).transpose()?;
-    let ids = s.store.list_actors(after.as_ref(), limit).await?;
+    let limit = page_limit(page.limit)?;
+    let mut after = page.after.as_deref().map(parse_actor).transpose()?;
+    let mut ids = Vec::with_capacity(limit);
+    let matches = match page.prefix.as_deref() {
+        None => None,
+        Some(prefix) => {
+            let (first, text) = search_start(prefix)?;
+            if after.is_none() {
+                // The first id it can match is itself listed only after it: look at it here.
+                if s.store.info(&first).await?.highest > 0 {
+                    ids.push(first.clone());
+                }
+                after = Some(first);
+            }
+            Some(text)
+        }
+    };
+    let listed = s
+        .store
+        .list_actors(after.as_ref(), limit - ids.len())
+        .await?;
+    let full = listed.len() == limit - ids.len();
+    let mut ended = false;
+    for a in listed {
+        if matches
+            .as_deref()
+            .is_some_and(|m| !a.as_str().starts_with(m))
+        {
+            // Past the matches: none come after.
+            ended = true;
+            break;
+        }
+        ids.push(a);
+    }
     let mut items = Vec::with_capacity(ids.len());
     for a in &ids {
         items.push(info_json(&*s.store, a).await?);
     }
-    Ok(paged(&items, limit, |a| a["actor"].clone()))
+    let next = (full && !ended)
+        .then(|| ids.last().map(|a| a.as_str().to_owned()))
+        .flatten();
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
 }
 
 async fn actor(

@@ -89,6 +89,43 @@ async fn journals_states_and_diffs_are_read_a_page_at_a_time() {
     assert_eq!(p2["items"][0]["actor"], "words/c");
     assert_eq!(p2["next"], Value::Null);
 
+    // A search: a key's start (the exact id included), a whole kind a page at a time, none.
+    let found = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|a| a["actor"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (s, one) = call(&app, "GET", "/api/actors?prefix=words/b", None).await;
+    assert_eq!(
+        (s, found(&one)),
+        (StatusCode::OK, vec!["words/b".to_owned()])
+    );
+    assert_eq!(one["next"], Value::Null);
+    let (_, k1) = call(&app, "GET", "/api/actors?prefix=words&limit=2", None).await;
+    assert_eq!(found(&k1), ["words/a", "words/b"]);
+    assert_eq!(k1["next"], "words/b");
+    let (_, k2) = call(
+        &app,
+        "GET",
+        "/api/actors?prefix=words&limit=2&after=words/b",
+        None,
+    )
+    .await;
+    assert_eq!(found(&k2), ["words/c"]);
+    assert_eq!(k2["next"], Value::Null);
+    let (_, exact) = call(&app, "GET", "/api/actors?prefix=words/a&limit=1", None).await;
+    assert_eq!(found(&exact), ["words/a"]);
+    let (_, none) = call(&app, "GET", "/api/actors?prefix=word", None).await;
+    assert!(found(&none).is_empty(), "a kind is matched whole: {none}");
+    let (s, bad) = call(&app, "GET", "/api/actors?prefix=no%20kind", None).await;
+    assert_eq!(
+        (s, bad["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_key"))
+    );
+
     // The journal, a page at a time, each entry decoded.
     let (_, j) = call(&app, "GET", "/api/actors/words/b/journal?limit=3", None).await;
     assert_eq!(j["items"].as_array().expect("items").len(), 3);
