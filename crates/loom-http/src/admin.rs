@@ -310,6 +310,10 @@ async fn actors(
         None => None,
         Some(prefix) => {
             let (first, text) = search_start(prefix)?;
+            // An `after` before the matches begin is no later than their start.
+            if after.as_ref().is_some_and(|a| a.as_str() < first.as_str()) {
+                after = None;
+            }
             if after.is_none() {
                 // The first id it can match is itself listed only after it: look at it here.
                 if s.store.info(&first).await?.highest > 0 {

@@ -645,7 +645,13 @@ async fn store_answers(
 
 async fn store_scrape(State(m): State<StoreMonitor>) -> Response {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    let healthy = store_answers(&*m.store, deadline).await.is_ok();
+    let healthy = match store_answers(&*m.store, deadline).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the store failed the health read of /metrics");
+            false
+        }
+    };
     metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
     let count = async {
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();

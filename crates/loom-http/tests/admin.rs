@@ -118,6 +118,8 @@ async fn journals_states_and_diffs_are_read_a_page_at_a_time() {
     assert_eq!(k2["next"], Value::Null);
     let (_, exact) = call(&app, "GET", "/api/actors?prefix=words/a&limit=1", None).await;
     assert_eq!(found(&exact), ["words/a"]);
+    let (_, early) = call(&app, "GET", "/api/actors?prefix=words/b&after=a/x", None).await;
+    assert_eq!(found(&early), ["words/b"], "an after before the matches");
     let (_, none) = call(&app, "GET", "/api/actors?prefix=word", None).await;
     assert!(found(&none).is_empty(), "a kind is matched whole: {none}");
     let (s, bad) = call(&app, "GET", "/api/actors?prefix=no%20kind", None).await;
