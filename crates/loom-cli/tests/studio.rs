@@ -192,7 +192,9 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
         // The actor list, and into one actor.
         c.goto(&format!("{base}/#/")).await.expect("open Studio");
         until(&c, "the actor list", "document.querySelectorAll('#actors a.actor-link').length === 3").await;
-        // `loom serve`'s /metrics has no per-kind gauge here (nothing parked): no live strip.
+        // `loom serve`'s /metrics has no per-kind gauge here (nothing parked): after the first
+        // poll, still no live strip.
+        until(&c, "the first poll of /metrics", "document.getElementById('live').dataset.polled === '1'").await;
         assert_eq!(
             c.execute("return document.getElementById('live').hidden;", vec![]).await.expect("read"),
             json!(true),
