@@ -529,17 +529,28 @@ async fn backlogs(rt: &Runtime, deadline: tokio::time::Instant) {
 /// its code to be fixed, so they are few), paged through by the scrape within its deadline;
 /// NaN if the store fails or is late. The store's count, like the backlog's.
 async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
-    let kinds = rt.kinds();
+    let counts = parked_counts(&**rt.store(), deadline).await;
+    for kind in rt.kinds() {
+        let n = counts
+            .as_ref()
+            .map_or(f64::NAN, |c| c.get(kind).map_or(0.0, |n| *n as f64));
+        metrics::gauge!("loom_parked_actors", "kind" => kind).set(n);
+    }
+}
+
+/// The store's parked actors counted per kind, paged through within `deadline`; `None` (and
+/// a warning) if the store fails or is late.
+async fn parked_counts(
+    store: &dyn loom_core::Store,
+    deadline: tokio::time::Instant,
+) -> Option<std::collections::BTreeMap<String, u64>> {
     let count = async {
-        let mut counts: std::collections::HashMap<&str, u64> =
-            kinds.iter().map(|k| (*k, 0)).collect();
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         let mut after: Option<loom_core::ActorId> = None;
         loop {
-            let page = rt.store().parked_actors(after.as_ref(), 1000).await?;
+            let page = store.parked_actors(after.as_ref(), 1000).await?;
             for (a, _) in &page {
-                if let Some(n) = counts.get_mut(a.kind()) {
-                    *n += 1;
-                }
+                *counts.entry(a.kind().to_owned()).or_default() += 1;
             }
             match page.last() {
                 Some((a, _)) if page.len() == 1000 => after = Some(a.clone()),
@@ -547,7 +558,7 @@ async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
             }
         }
     };
-    let counts = match tokio::time::timeout_at(deadline, count).await {
+    match tokio::time::timeout_at(deadline, count).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not read the parked actors for /metrics");
@@ -557,13 +568,6 @@ async fn parked(rt: &Runtime, deadline: tokio::time::Instant) {
             tracing::warn!("reading the parked actors for /metrics took over 2 s");
             None
         }
-    };
-    for kind in kinds {
-        let n = counts
-            .as_ref()
-            .and_then(|c| c.get(kind))
-            .map_or(f64::NAN, |n| *n as f64);
-        metrics::gauge!("loom_parked_actors", "kind" => kind).set(n);
     }
 }
 
@@ -653,31 +657,7 @@ async fn store_scrape(State(m): State<StoreMonitor>) -> Response {
         }
     };
     metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
-    let count = async {
-        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut after: Option<loom_core::ActorId> = None;
-        loop {
-            let page = m.store.parked_actors(after.as_ref(), 1000).await?;
-            for (a, _) in &page {
-                *counts.entry(a.kind().to_owned()).or_default() += 1;
-            }
-            match page.last() {
-                Some((a, _)) if page.len() == 1000 => after = Some(a.clone()),
-                _ => return Ok::<_, loom_core::StoreError>(counts),
-            }
-        }
-    };
-    let counts = match tokio::time::timeout_at(deadline, count).await {
-        Ok(Ok(c)) => Some(c),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "could not read the parked actors for /metrics");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("reading the parked actors for /metrics took over 2 s");
-            None
-        }
-    };
+    let counts = parked_counts(&*m.store, deadline).await;
     let kinds: Vec<String> = {
         let mut known = m.kinds.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = &counts {
