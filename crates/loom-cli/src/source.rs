@@ -68,12 +68,8 @@ impl Source {
         match self {
             Source::Store(o) => {
                 let s = &*o.store;
-                let page = |after: Option<ActorId>| async move {
-                    s.list_actors(after.as_ref(), 1000).await
-                };
-                let ids = all_pages(page, Clone::clone);
                 let mut out = Vec::new();
-                for a in ids.await? {
+                for a in crate::journal::all_actors(s).await? {
                     let info = s.info(&a).await?;
                     out.push((a, info));
                 }
@@ -97,7 +93,7 @@ impl Source {
             }
             // One listing of the mailboxes instead of a request per journal.
             Source::Remote(r) => {
-                let pending: std::collections::HashMap<String, u64> = r
+                let pending: std::collections::HashMap<ActorId, u64> = r
                     .mailboxes(None)
                     .await?
                     .into_iter()
@@ -106,7 +102,7 @@ impl Source {
                 Ok(journals
                     .into_iter()
                     .map(|(a, info)| {
-                        let p = pending.get(a.as_str()).copied().unwrap_or(0);
+                        let p = pending.get(&a).copied().unwrap_or(0);
                         (a, info, p)
                     })
                     .collect())
@@ -175,13 +171,9 @@ impl Source {
             }
             Source::Remote(r) => {
                 for m in r.mailboxes(kind).await? {
-                    let actor: ActorId = m
-                        .actor
-                        .parse()
-                        .map_err(|e| Failure(format!("the admin API sent a bad actor id: {e}")))?;
-                    if !actor.is_system() {
+                    if !m.actor.is_system() {
                         out.push(Mailbox {
-                            actor,
+                            actor: m.actor,
                             pending: m.pending,
                             parked: m.parked,
                         });

@@ -8,10 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{json_lines, loom, loom_with, ok, seeded, serve, stop};
+use common::{dead_letter, free_port, json_lines, loom, loom_with, ok, seeded, serve, stop};
 use loom_core::{
     ActorId, EmbeddedStore, Entry, EntryKind, Envelope, IdempotencyKey, IdempotencyStore,
-    JournalStore, LeaseOptions, Mailbox, Park, Parking, Reservation,
+    JournalStore, Mailbox, Park, Parking, Reservation,
 };
 use serde_json::json;
 
@@ -59,13 +59,7 @@ fn fixture(dir: &std::path::Path) -> (ActorId, IdempotencyKey) {
         );
         let mut m = Envelope::new(keyed.clone(), json!("poison"));
         m.idempotency_key = Some(key.clone());
-        store.enqueue(&m, None).await.unwrap();
-        let d = store
-            .lease(&keyed, LeaseOptions::default())
-            .await
-            .unwrap()
-            .expect("delivery");
-        store.dead_letter(&d.receipt, "poison too").await.unwrap();
+        dead_letter(&store, m, "poison too").await;
         let long = ActorId::new("long", "x").unwrap();
         for from in (1..=1200).step_by(100) {
             let batch: Vec<Entry> = (from..from + 100)
@@ -156,9 +150,7 @@ fn every_read_over_url_prints_what_it_prints_over_the_store() {
     );
     // A read sends no token, so it is not refused for one (it fails only to connect).
     // (0.0.0.0 is not loopback, and connecting to it on a closed port fails at once.)
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = closed.local_addr().expect("addr").port();
-    drop(closed);
+    let port = free_port();
     let (done, _, err) = loom_with(
         &["journal", "ls", "--url", &format!("http://0.0.0.0:{port}")],
         &[("LOOM_TOKEN", "s3cret")],
@@ -237,9 +229,7 @@ fn every_read_over_url_prints_what_it_prints_over_the_store() {
         !done && err.contains("is --url the address of a Loom"),
         "{err}"
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = closed.local_addr().expect("addr").port();
-    drop(closed);
+    let port = free_port();
     let (done, _, err) = loom(&[
         "journal",
         "ls",

@@ -8,12 +8,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, loom, seeded, serve, stop};
+use common::{Proc, free_port, loom, seeded, serve, stop};
 use fantoccini::{Client, ClientBuilder, Locator};
 use loom_core::runtime::state_at;
 use loom_core::{ActorId, EmbeddedStore, JournalStore};
@@ -76,14 +75,6 @@ fn serve_reads_any_store_and_writes_only_when_allowed_with_a_token() {
         assert_eq!(resp.headers()["x-frame-options"], "DENY");
     });
     stop(server);
-}
-
-/// A free local port (released for the child that binds it next).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 fn screenshots() -> PathBuf {

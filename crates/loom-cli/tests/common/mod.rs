@@ -129,17 +129,28 @@ pub fn seeded(dir: &Path) {
         // Asked to be cancelled: copies keep the mark.
         assert!(store.cancel(&inbox, later.id).await.unwrap().is_some());
         let dead = ActorId::new("inbox", "dead").unwrap();
-        store
-            .enqueue(&Envelope::new(dead.clone(), json!("poison")), None)
-            .await
-            .unwrap();
-        let d = store
-            .lease(&dead, LeaseOptions::default())
-            .await
-            .unwrap()
-            .expect("delivery");
-        store.dead_letter(&d.receipt, "poison pill").await.unwrap();
+        dead_letter(&store, Envelope::new(dead, json!("poison")), "poison pill").await;
     });
+}
+
+/// Enqueues `message` and moves it to the dead letters with `reason`, as a node giving up on
+/// it would.
+pub async fn dead_letter(store: &EmbeddedStore, message: Envelope, reason: &str) {
+    store.enqueue(&message, None).await.unwrap();
+    let d = store
+        .lease(&message.to, LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("delivery");
+    store.dead_letter(&d.receipt, reason).await.unwrap();
+}
+
+/// A free local port (released for the child that binds it next, or left closed).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// A child process stopped when dropped (the test may fail before it stops it).
