@@ -836,8 +836,11 @@ impl Mailbox for EmbeddedStore {
         let p = self.part(&receipt.actor);
         let error = prepare_suspend(receipt, lane, reason, self.partitions())?;
         let (receipt, lane) = (receipt.clone(), lane.cloned());
+        // Counted from the call, not from when the writer gets to it: a suspension queued
+        // behind a burst of writes must not come back later by the time it queued (the node
+        // that suspends notes the moment it asked for, `runtime/alarms.rs`).
+        let visible_at = (Timestamp::now() + delay).as_millis();
         self.write_in(p, move |tx| {
-            let visible_at = (Timestamp::now() + delay).as_millis();
             tx.mailbox
                 .get()?
                 .suspend(&receipt, lane.as_ref(), visible_at, &error)

@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::actives::{Active, Handle};
+use super::alarms::Ring;
 use super::cell::{self, Cell, Next};
 use super::context::Io;
 use super::metrics::{Count, Latency};
@@ -404,6 +405,21 @@ async fn passivate<A: Actor>(cell: &Cell<A>, io: &Io, id: &ActorId) -> Exit {
     Exit::Passivated
 }
 
+/// How many actors a ring of the alarms may activate ahead: no more than a scan would, nor
+/// than there is room for under `max_active` (an actor activated ahead must not evict one
+/// in use).
+fn warm_room(shared: &Shared) -> usize {
+    let active = shared
+        .active
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len();
+    SCAN.min(shared.config.max_active.saturating_sub(active))
+}
+
+/// How soon after a due ring the dispatcher scans for what it did not find visible yet.
+const DUE_RECHECK: Duration = Duration::from_millis(10);
+
 /// Most actors one scan for ready actors asks for. (A crowd of more due at one alarm is found
 /// by the scans that follow: the next alarm's, or the poll. Scanning again at once when a scan
 /// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
@@ -438,8 +454,38 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             biased;
             _ = shared.shutdown.cancelled() => return,
             _ = shared.wake.notified() => {}
-            // A message this node suspended comes due: scan now, not at the next poll.
-            _ = shared.alarms.rung() => {}
+            // Messages this node suspended come due (`alarms.rs`): sleepers are activated
+            // ahead and woken at the moment, not found at the next poll.
+            ring = shared.alarms.rung(warm_room(&shared)) => {
+                match ring {
+                    Ring::Warm(ids) => {
+                        // Not awaited here: the activations' lease writes must not hold up a
+                        // due ring behind them.
+                        let me = shared.clone();
+                        shared.spawn(async move {
+                            futures::future::join_all(ids.iter().map(|id| me.ensure_active(id)))
+                                .await;
+                        });
+                        scan = false;
+                    }
+                    Ring::Due(ids) => {
+                        // Those not active here (not warmed, or gone since) are left to the
+                        // scan: it activates only those whose message is there, at most
+                        // `SCAN` at once.
+                        let mut cold = 0;
+                        for id in &ids {
+                            if !shared.hub.notify(id) {
+                                cold += 1;
+                            }
+                        }
+                        scan = cold > 0;
+                        // A store whose clock is its server's counts a suspension from when it
+                        // ran the request, a little after the alarm's moment: a scan soon
+                        // after finds a message that was not visible yet when its actor woke.
+                        next_scan = next_scan.min(tokio::time::Instant::now() + DUE_RECHECK);
+                    }
+                }
+            }
             _ = woken(&mut wakeups) => {}
             got = arrived(&mut arrivals) => {
                 // Messages the store moved into these mailboxes (a relay between

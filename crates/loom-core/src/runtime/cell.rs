@@ -502,8 +502,8 @@ impl<A: Actor> Cell<A> {
                 // messages wait behind it); the delivery that then takes it resumes the wait,
                 // which does not count against the message (rule D17).
                 shared.metrics.count(Count::Suspensions, A::KIND, 1);
-                if alarm {
-                    shared.alarms.set_after(delay);
+                if let Some((at, warm)) = alarm {
+                    shared.alarms.set_at(&self.id, at, warm);
                 }
                 tracing::debug!(actor = %self.id, ?delay, "suspended");
                 Next::Suspend

@@ -118,8 +118,14 @@ pub(crate) enum Interrupt {
     NonDeterminism(Step, String),
     /// The context suspended the invocation in the store ([`Context::suspend`]): its message
     /// comes back after `delay` or when an event or a cancellation wakes it; passivate the
-    /// actor meanwhile. `alarm`: the delay is a deadline worth an early scan when it passes.
-    Suspended { delay: Duration, alarm: bool },
+    /// actor meanwhile. `alarm`: when the delay runs out, counted from just before the store
+    /// was asked (as the store counts it), if it is a deadline worth waking the actor for, and
+    /// whether to activate the actor ahead of it (a sleep, whose end is sure to come; not a
+    /// wait, whose event usually comes first) (`alarms.rs`).
+    Suspended {
+        delay: Duration,
+        alarm: Option<(tokio::time::Instant, bool)>,
+    },
     /// The store failed to suspend the invocation: hand its message back and replay.
     Unsuspended(StoreError),
 }
@@ -342,6 +348,7 @@ impl<'a> Context<'a> {
         until: Option<Timestamp>,
         lane: Option<&ActorId>,
     ) -> Result<Refused, StepError> {
+        let asked = tokio::time::Instant::now();
         let mut delay = until.map_or(MAX_SUSPENSION, |u| u.saturating_since(Timestamp::now()));
         if lane.is_some() {
             delay = delay.min(self.io.config.event_recheck);
@@ -360,8 +367,9 @@ impl<'a> Context<'a> {
         {
             Ok(Suspension::Suspended) => {
                 // Only a deadline: a recheck (events wake the wait) is not worth a scan.
-                let alarm =
-                    until.is_some() && (lane.is_none() || delay < self.io.config.event_recheck);
+                let alarm = (until.is_some()
+                    && (lane.is_none() || delay < self.io.config.event_recheck))
+                    .then_some((asked + delay, lane.is_none()));
                 Err(self.interrupt(Interrupt::Suspended { delay, alarm }))
             }
             Ok(Suspension::EventWaiting) => Ok(Refused::EventWaiting),

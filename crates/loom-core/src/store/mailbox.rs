@@ -298,6 +298,11 @@ pub trait Mailbox: Send + Sync + 'static {
     /// neither can slip between the waiter's last look and its suspension (no lost wake-up). A
     /// message suspends on one lane at a time: suspending it again replaces the lane.
     /// [`StoreError::StaleReceipt`] if the receipt is no longer current.
+    ///
+    /// `delay` counts from the call where the backend shares the caller's clock (the embedded
+    /// store: a suspension queued behind other writes does not come back later for it), and
+    /// from when the server runs the request where the clock is the server's (Redis,
+    /// PostgreSQL: the message comes back later by the request's transit, never earlier).
     async fn suspend(
         &self,
         receipt: &Receipt,
