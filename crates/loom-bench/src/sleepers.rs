@@ -118,6 +118,10 @@ pub async fn run(
         .await?;
     let began = Instant::now();
     let start = Timestamp::now() + shape.lead;
+    // The wait for every sleeper to be asleep gives up a little before the window: the runtime
+    // warms sleepers (takes their leases) shortly before they come due, so a later look could
+    // never see every lease released.
+    let settle_by = Timestamp::now() + shape.lead.saturating_sub(Duration::from_millis(500));
     let window_ms = u64::try_from(shape.window.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
@@ -150,7 +154,7 @@ pub async fn run(
             asleep.load(Ordering::Relaxed) >= shape.actors.min(rt.config().max_active)
         }
     };
-    while !all_asleep(&rt) && Timestamp::now() < start {
+    while !all_asleep(&rt) && Timestamp::now() < settle_by {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all_asleep = all_asleep(&rt);
