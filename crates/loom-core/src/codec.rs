@@ -110,6 +110,8 @@ pub enum RecordType {
     Lease = b'L',
     /// A parked actor's record.
     Park = b'P',
+    /// A node's membership record.
+    Member = b'N',
 }
 
 impl RecordType {
@@ -122,6 +124,7 @@ impl RecordType {
             b'I' => RecordType::Idempotency,
             b'L' => RecordType::Lease,
             b'P' => RecordType::Park,
+            b'N' => RecordType::Member,
             _ => return None,
         })
     }

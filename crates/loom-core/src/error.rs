@@ -26,6 +26,8 @@ pub enum Limit {
     OwnerLen,
     /// The embedded store's redo log record (1 GiB): one write request's bytes, all included.
     RedoRecordBytes,
+    /// [`crate::store::MAX_NODE_KINDS`]: the kinds one node announces.
+    NodeKinds,
 }
 
 /// A shared, cloneable cause (stores hand one failure to every caller of a group commit).
@@ -161,6 +163,22 @@ pub enum StoreError {
         token: u64,
     },
 
+    /// A heartbeat under a node name that another process, alive, announces
+    /// ([`Membership::heartbeat`](crate::store::Membership::heartbeat)): two processes were
+    /// given one name. Nothing was written; the name is free once the other process leaves or
+    /// its record runs out.
+    #[error(
+        "node name {node:?} is taken by another live process (incarnation {incarnation:016x}) for at least another {remaining_ms} ms"
+    )]
+    NodeTaken {
+        /// The name.
+        node: String,
+        /// The incarnation announcing it.
+        incarnation: u64,
+        /// How long its record lasts unless it beats again.
+        remaining_ms: u64,
+    },
+
     /// A delivery receipt that is no longer valid (its visibility timeout ran out and the message
     /// was handed out again, or it was already acked).
     #[error("delivery of message {message_id} to {actor} is no longer leased by this receipt")]
@@ -291,6 +309,9 @@ impl StoreError {
             ),
             StoreError::Locked { .. } => Some(
                 "another process has the data directory open: stop it, or use another directory",
+            ),
+            StoreError::NodeTaken { .. } => Some(
+                "give each process its own node name (Config::node, or leave it to its default); `loom cluster status` lists the names in use",
             ),
             StoreError::Corrupt { .. } => Some(
                 "stored data failed its checks: `loom journal verify` finds every damaged record; restore from a backup if it matters",

@@ -234,7 +234,7 @@ impl ActorId {
 /// Namespace of event-lane ids (a fixed, random UUID).
 const LANE_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6c6f_6f6d_2d65_7665_6e74_2d6c_616e_6531);
 
-fn check_kind(kind: &str) -> Result<(), IdError> {
+pub(crate) fn check_kind(kind: &str) -> Result<(), IdError> {
     if kind.is_empty() {
         return Err(IdError::EmptyKind);
     }

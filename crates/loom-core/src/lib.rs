@@ -54,7 +54,7 @@ pub use id::{ActorId, IdError, IdempotencyKey, MessageId};
 pub use runtime::{Actor, ActorRef, Context, Rejected, Runtime};
 pub use store::{
     DeadLetter, Delivery, Enqueued, EntryStream, IdempotencyStore, JournalInfo, JournalStore,
-    Lease, LeaseManager, LeaseOptions, Mailbox, Park, Parking, Receipt, Reservation, Retired,
-    SeqRange, Store, Waiting,
+    Lease, LeaseManager, LeaseOptions, Mailbox, Member, Membership, Park, Parking, Receipt,
+    Reservation, Retired, SeqRange, Store, Waiting,
 };
 pub use time::Timestamp;

@@ -24,7 +24,7 @@
 //!
 //! The files follow the embedded store's and Redis's map, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`; `sql.rs` holds what they share, `batch.rs` and `group.rs` the group commit,
+//! `park.rs`, `membership.rs`; `sql.rs` holds what they share, `batch.rs` and `group.rs` the group commit,
 //! `schema.sql` the tables and functions.
 //!
 //! ```no_run
@@ -39,6 +39,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod membership;
 mod park;
 mod sql;
 mod turn;
@@ -56,12 +57,13 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
 /// schema runs them all; an older one the ones it lacks, in one transaction.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
     include_str!("schema_v4.sql"),
     include_str!("schema_v5.sql"),
+    include_str!("schema_v6.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].

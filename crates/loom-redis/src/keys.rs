@@ -99,6 +99,11 @@ impl Keys {
         format!("{}:parked", self.prefix)
     }
 
+    /// Every node's membership record (a hash, node -> record).
+    pub(crate) fn members(&self) -> String {
+        format!("{}:members", self.prefix)
+    }
+
     pub(crate) fn dead_letters(&self) -> String {
         format!("{}:dl", self.prefix)
     }

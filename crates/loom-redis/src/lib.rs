@@ -33,7 +33,7 @@
 //!
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts.
+//! `park.rs`, `membership.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts.
 //!
 //! ## Deployment
 //!
@@ -52,6 +52,7 @@ mod journal;
 mod keys;
 mod lease;
 mod mailbox;
+mod membership;
 mod park;
 mod resp;
 mod turn;
@@ -141,6 +142,9 @@ pub(crate) struct Scripts {
     pub(crate) park: Script,
     pub(crate) unpark: Script,
     pub(crate) migrate_ready: Script,
+    pub(crate) heartbeat: Script,
+    pub(crate) leave: Script,
+    pub(crate) members: Script,
 }
 
 impl Scripts {
@@ -174,6 +178,9 @@ impl Scripts {
             park: script("park"),
             unpark: script("unpark"),
             migrate_ready: script("migrate_ready"),
+            heartbeat: script("heartbeat"),
+            leave: script("leave"),
+            members: script("members"),
         }
     }
 }

@@ -721,3 +721,57 @@ local function messages(KEYS, ARGV)
   end
   return out
 end
+
+-- Membership ---------------------------------------------------------------------------------
+-- P:members  hash, node -> "<incarnation>|<joined ms>|<last beat ms>|<ttl ms>|<kinds, comma-separated>"
+
+local function member_fields(v)
+  local inc, joined, beat, ttl = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|')
+  return inc, tonumber(joined), tonumber(beat), tonumber(ttl)
+end
+
+-- KEYS: members   ARGV: node, incarnation, ttl ms, kinds, forget after (ttls)
+-- { 'ok', joined, now } having written the node's record and deleted the forgotten ones, or
+-- { 'taken', incarnation, remaining ms } having written nothing (see Membership::heartbeat).
+local function heartbeat(KEYS, ARGV)
+  local now = now_ms()
+  local node, inc, ttl, forget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
+  local joined = now
+  local own = redis.call('HGET', KEYS[1], node)
+  if own then
+    local oinc, ojoined, obeat, ottl = member_fields(own)
+    if oinc == inc then
+      joined = ojoined
+    elseif obeat + ottl > now then
+      return { 'taken', oinc, tostring(obeat + ottl - now) }
+    end
+  end
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local _, _, obeat, ottl = member_fields(all[i + 1])
+    if all[i] ~= node and obeat + ottl * forget <= now then
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+  redis.call('HSET', KEYS[1], node,
+    inc .. '|' .. tostring(joined) .. '|' .. tostring(now) .. '|' .. tostring(ttl) .. '|' .. ARGV[4])
+  return { 'ok', tostring(joined), tostring(now) }
+end
+
+-- KEYS: members   ARGV: node, incarnation   { 'ok', '1' } if it removed the record, else '0'
+local function leave(KEYS, ARGV)
+  local own = redis.call('HGET', KEYS[1], ARGV[1])
+  if own and member_fields(own) == ARGV[2] then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    return { 'ok', '1' }
+  end
+  return { 'ok', '0' }
+end
+
+-- KEYS: members   { now, node, record, node, record, ... }
+local function members(KEYS, ARGV)
+  local out = { tostring(now_ms()) }
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all do out[#out + 1] = all[i] end
+  return out
+end

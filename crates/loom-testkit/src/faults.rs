@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use loom_core::codec::CodecError;
-use loom_core::store::Suspension;
 use loom_core::store::backend::{Committed, Turn};
+use loom_core::store::{Member, Membership, Roster, Suspension};
 use loom_core::{
     ActorId, DeadLetter, Delivery, Enqueued, Entry, EntryStream, Envelope, IdempotencyKey,
     IdempotencyStore, JournalInfo, JournalStore, Lease, LeaseManager, LeaseOptions, Mailbox,
@@ -544,6 +544,32 @@ impl Parking for FaultyStore {
         limit: usize,
     ) -> StoreResult<Vec<(ActorId, Park)>> {
         self.inner.parked_actors(after, limit).await
+    }
+}
+
+#[async_trait]
+impl Membership for FaultyStore {
+    async fn heartbeat(
+        &self,
+        node: &str,
+        incarnation: u64,
+        kinds: &[&str],
+        ttl: Duration,
+    ) -> StoreResult<Member> {
+        self.write(
+            "heartbeat",
+            self.inner.heartbeat(node, incarnation, kinds, ttl),
+        )
+        .await
+    }
+
+    async fn leave(&self, node: &str, incarnation: u64) -> StoreResult<bool> {
+        self.write("leave", self.inner.leave(node, incarnation))
+            .await
+    }
+
+    async fn members(&self) -> StoreResult<Roster> {
+        self.inner.members().await
     }
 }
 

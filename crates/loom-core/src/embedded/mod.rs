@@ -25,6 +25,7 @@ mod journal;
 mod lease;
 mod lock;
 mod mailbox;
+mod membership;
 mod park;
 mod redo;
 mod relay;
@@ -684,7 +685,7 @@ fn start(
         let layout = meta.get("layout").map_err(se)?.map(|v| v.value());
         match layout {
             // Older layouts are upgraded in place below, after their redo log is replayed.
-            None | Some(1) | Some(2) | Some(3) => {
+            None | Some(1) | Some(2) | Some(3) | Some(4) => {
                 meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
             }
             Some(LAYOUT_VERSION) => {}

@@ -19,8 +19,9 @@ pub const BACKEND: &str = "embedded";
 /// `"partitions"` and `"partition"` in [`META`]) with an [`OUTBOX`] and [`HIGH_WATER`] marks, and
 /// puts event lanes in their owner's partition; a build that knows only layout 3 would see one
 /// partition of several and ignore the outbox. Older files are upgraded when opened (`upgrade`
-/// in `mod.rs`).
-pub const LAYOUT_VERSION: u64 = 4;
+/// in `mod.rs`). Layout 5 adds node membership ([`MEMBERS`], in partition 0's file); a build
+/// that knows only layout 4 would refuse its redo records for that table as damage.
+pub const LAYOUT_VERSION: u64 = 5;
 
 /// `"layout"` → [`LAYOUT_VERSION`]; `"dead_letter_seq"` → last dead-letter id given;
 /// `"redo_lsn"` → the last batch of the redo log whose writes the durable state holds
@@ -98,6 +99,13 @@ pub const WAKES: TableDefinition<&str, (u64, u32, &str)> = TableDefinition::new(
 /// `(actor, position)` → `()`: the message at `position` was asked to be cancelled
 /// ([`crate::Mailbox::cancel`]). Only for a message in [`MESSAGE_STATE`]: removed with it.
 pub const CANCELS: TableDefinition<(&str, u64), ()> = TableDefinition::new("cancels");
+
+/// `node` → a member frame ([`crate::store::Member`]): the node's last heartbeat
+/// ([`crate::store::Membership`]). Only in partition 0's file. A heartbeat removes the records
+/// past their [`Member::forgotten_at`](crate::store::Member::forgotten_at); nothing else ties
+/// this table to the others. Not copied by `loom store repartition` (a copy is made while no
+/// node runs).
+pub const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
 
 /// dead-letter id → a dead-letter frame.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
@@ -179,6 +187,7 @@ pub(crate) fn create_all(txn: &redb::WriteTransaction) -> Result<(), redb::Error
     txn.open_table(IDEMPOTENCY_EXPIRY)?;
     txn.open_table(OUTBOX)?;
     txn.open_table(HIGH_WATER)?;
+    txn.open_table(MEMBERS)?;
     Ok(())
 }
 
@@ -241,6 +250,7 @@ pub(super) mod id {
     pub const HIGH_WATER: u8 = 18;
     pub const WAKES: u8 = 19;
     pub const CANCELS: u8 = 20;
+    pub const MEMBERS: u8 = 21;
 }
 
 /// Every table of the store, as one write batch sees them. Requests of a batch run one after
@@ -261,6 +271,7 @@ pub(super) struct Tx<'t> {
     pub(super) idempotency_expiry: Lazy<'t, Rec<'t, (u64, &'static str, &'static str), ()>>,
     pub(super) outbox: Lazy<'t, Rec<'t, u64, OutboxRow>>,
     pub(super) high_water: Lazy<'t, Rec<'t, u32, u64>>,
+    pub(super) members: Lazy<'t, Rec<'t, &'static str, &'static [u8]>>,
 }
 
 impl<'t> Tx<'t> {
@@ -292,6 +303,7 @@ impl<'t> Tx<'t> {
             high_water: Lazy::new(txn, sink, |t, s| {
                 Rec::open(t, s, id::HIGH_WATER, HIGH_WATER)
             }),
+            members: Lazy::new(txn, sink, |t, s| Rec::open(t, s, id::MEMBERS, MEMBERS)),
         }
     }
 }
@@ -311,6 +323,7 @@ impl Apply for Tx<'_> {
             id::IDEMPOTENCY_EXPIRY => apply_to(self.idempotency_expiry.get()?, op),
             id::OUTBOX => apply_to(self.outbox.get()?, op),
             id::HIGH_WATER => apply_to(self.high_water.get()?, op),
+            id::MEMBERS => apply_to(self.members.get()?, op),
             _ => self.mailbox.get()?.apply(op),
         }
     }

@@ -12,6 +12,7 @@ pub use super::lease::check_owner;
 pub use super::mailbox::{
     check_lane, check_purge, interleave, prepare_event, prepare_message, prepare_suspend,
 };
+pub use super::membership::{beat, prepare_heartbeat};
 pub use super::turn::{Committed, Outgoing, Record, Settle, Turn, retire_status};
 
 /// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a

@@ -68,10 +68,16 @@ pub trait LeaseManager: Send + Sync + 'static {
     async fn holder(&self, actor: &ActorId) -> StoreResult<Option<Lease>>;
 }
 
-/// Checks an owner name (non-empty, bounded); every backend calls it.
+/// Checks an owner name (a node's: non-empty, bounded, no control characters, which stores
+/// use to separate fields); every backend calls it.
 pub fn check_owner(owner: &str) -> StoreResult<()> {
     if owner.is_empty() {
         return Err(StoreError::InvalidRequest("lease owner is empty".into()));
+    }
+    if let Some(ch) = owner.chars().find(|c| c.is_control()) {
+        return Err(StoreError::InvalidRequest(format!(
+            "node name {owner:?} has the control character {ch:?}"
+        )));
     }
     if owner.len() > MAX_OWNER_LEN {
         return Err(StoreError::TooLarge {

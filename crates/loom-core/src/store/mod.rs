@@ -2,7 +2,7 @@
 //! and idempotency records.
 //!
 //! One trait per concern — [`JournalStore`], [`Mailbox`], [`LeaseManager`],
-//! [`IdempotencyStore`], [`Parking`] — and [`Store`] for a backend that serves them all. The rules written on
+//! [`IdempotencyStore`], [`Parking`], [`Membership`] — and [`Store`] for a backend that serves them all. The rules written on
 //! each method are the contract; `loom-testkit`'s conformance suite checks every backend against
 //! them, case by case.
 //!
@@ -16,6 +16,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod membership;
 mod park;
 mod turn;
 
@@ -25,6 +26,7 @@ pub use lease::{Lease, LeaseManager};
 pub use mailbox::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
 };
+pub use membership::{FORGET_AFTER_TTLS, MAX_NODE_KINDS, Member, Membership, Roster};
 pub use park::{Park, Parking};
 
 use backend::{Committed, Turn};
@@ -73,7 +75,9 @@ pub struct RelayBacklog {
 ///
 /// Use `Arc<dyn Store>` to pick a backend at run time.
 #[async_trait]
-pub trait Store: JournalStore + Mailbox + LeaseManager + IdempotencyStore + Parking {
+pub trait Store:
+    JournalStore + Mailbox + LeaseManager + IdempotencyStore + Parking + Membership
+{
     /// Commits a [`Turn`] atomically (see its rules).
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed>;
 

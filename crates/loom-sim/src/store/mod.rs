@@ -86,6 +86,7 @@ pub const LAZY_SYNC: Duration = Duration::from_millis(200);
 
 mod lease;
 mod mailbox;
+mod membership;
 mod park;
 mod relay;
 mod turn;
@@ -225,6 +226,8 @@ struct Data {
     records: idempotency::Records,
     /// Park records (`park.rs`); the mailbox honours them.
     parked: park::Parked,
+    /// Node membership (`membership.rs`).
+    members: membership::Members,
     /// Outboxes and high-water marks of a store of several partitions (`relay.rs`).
     relay: relay::Outboxes,
 }
@@ -399,6 +402,7 @@ fn outcome<R>(r: &StoreResult<R>) -> String {
         StoreError::StaleReceipt { .. } => "stale_receipt",
         StoreError::DeadLetterNotFound(_) => "dead_letter_not_found",
         StoreError::Locked { .. } => "locked",
+        StoreError::NodeTaken { .. } => "node_taken",
         StoreError::Unavailable { .. } => "unavailable",
         StoreError::Storage { .. } => "storage",
         StoreError::Closed => "closed",

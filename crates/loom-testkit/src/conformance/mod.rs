@@ -10,6 +10,7 @@ mod idempotency;
 mod journal;
 mod lease;
 mod mailbox;
+mod membership;
 mod park;
 pub mod partitions;
 mod turn;
@@ -91,6 +92,11 @@ pub fn park(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "park", park::cases(), factory)
 }
 
+/// The [`loom_core::Membership`] cases.
+pub fn membership(backend: &str, factory: &Factory) -> Vec<Trial> {
+    trials(backend, "membership", membership::cases(), factory)
+}
+
 /// The [`loom_core::Store::commit_turn`] cases.
 pub fn turn(backend: &str, factory: &Factory) -> Vec<Trial> {
     trials(backend, "turn", turn::cases(), factory)
@@ -108,6 +114,7 @@ pub fn all(backend: &str, factory: &Factory) -> Vec<Trial> {
     out.extend(lease(backend, factory));
     out.extend(idempotency(backend, factory));
     out.extend(park(backend, factory));
+    out.extend(membership(backend, factory));
     out.extend(turn(backend, factory));
     out.extend(partition(backend, factory));
     out
