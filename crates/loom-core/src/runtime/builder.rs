@@ -244,8 +244,10 @@ impl RuntimeBuilder {
             skew,
             activating: tokio::sync::Semaphore::new(ACTIVATING),
             alarms: Default::default(),
+            incarnation: crate::seam::random_u64(),
         });
         shared.spawn(dispatch(shared.clone()));
+        shared.spawn(super::membership::heartbeats(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");
         Ok(Runtime { shared })
     }

@@ -30,17 +30,43 @@ pub enum StoreHealth {
     },
 }
 
+/// Whether this node is a member of the nodes sharing its store
+/// ([`Membership`](crate::store::Membership)): its heartbeats recorded, under its name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NodeHealth {
+    /// No heartbeat recorded yet: just started, or the store fails (see [`Health::store`]).
+    Joining,
+    /// Its last heartbeat was recorded.
+    Member {
+        /// When this process first announced itself (the store's clock).
+        joined_at: Timestamp,
+    },
+    /// Another live process announces this node's name, so this one's heartbeats are refused
+    /// ([`StoreError::NodeTaken`]): two processes were given one name, or this one restarted
+    /// under the name of one that crashed less than a lease ttl ago (it joins once that
+    /// record runs out). It still runs its actors (leases fence them), but it is not listed.
+    NameTaken {
+        /// Since when its heartbeats are refused.
+        since: Timestamp,
+        /// The refusal.
+        error: String,
+    },
+}
+
 /// The runtime's health; see [`Runtime::health`](super::Runtime::health).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
     /// The store.
     pub store: StoreHealth,
+    /// This node's membership.
+    pub node: NodeHealth,
 }
 
 impl Health {
-    /// True if nothing is failing.
+    /// True if nothing is failing: the store works and the node's name is its own.
     pub fn is_healthy(&self) -> bool {
-        self.store == StoreHealth::Healthy
+        self.store == StoreHealth::Healthy && !matches!(self.node, NodeHealth::NameTaken { .. })
     }
 }
 
@@ -61,6 +87,7 @@ struct Failing {
 #[derive(Default)]
 pub(crate) struct Observed {
     failing: Mutex<Option<Failing>>,
+    node: Mutex<Option<NodeHealth>>,
 }
 
 impl Observed {
@@ -100,6 +127,37 @@ impl Observed {
         }
     }
 
+    /// Notes the outcome of a heartbeat (also a write, for the store's health).
+    pub(crate) fn heartbeat(&self, r: &Result<crate::store::Member, StoreError>) {
+        let mut node = self.node.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(m) => {
+                if let Some(NodeHealth::NameTaken { .. }) = &*node {
+                    tracing::info!(node = %m.node, "this node's name is its own again: it is a member");
+                }
+                *node = Some(NodeHealth::Member {
+                    joined_at: m.joined_at,
+                });
+            }
+            Err(e @ StoreError::NodeTaken { .. }) => {
+                if !matches!(&*node, Some(NodeHealth::NameTaken { .. })) {
+                    tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "this node's heartbeats are refused");
+                    *node = Some(NodeHealth::NameTaken {
+                        since: Timestamp::now(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+            Err(_) => {}
+        }
+        drop(node);
+        match r {
+            // A refusal of the name is no failure of the store.
+            Err(StoreError::NodeTaken { .. }) => self.ok(),
+            r => self.write(r),
+        }
+    }
+
     /// Notes the outcome of a write.
     pub(crate) fn write<T>(&self, r: &Result<T, StoreError>) {
         match r {
@@ -121,7 +179,9 @@ impl Observed {
 
     pub(crate) fn health(&self) -> Health {
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Health {
+            node: node.unwrap_or(NodeHealth::Joining),
             store: match &*failing {
                 None => StoreHealth::Healthy,
                 Some(f) => StoreHealth::Failing {

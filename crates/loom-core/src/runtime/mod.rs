@@ -54,6 +54,7 @@ mod context;
 mod health;
 mod hub;
 mod leases;
+mod membership;
 mod metrics;
 mod record;
 mod replay;
@@ -83,7 +84,7 @@ pub use client::{
 pub use config::{Compaction, Config, Retention, Retry};
 pub use config_load::{ConfigError, KEYS as CONFIG_KEYS, env_name as config_env_name};
 pub use context::{ActivityKey, Context, StepError};
-pub use health::{Health, StoreHealth};
+pub use health::{Health, NodeHealth, StoreHealth};
 pub use replay::{
     CompactError, Compacted, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSIONED, StateAt, StateAtError,
     compact_journal, state_at,
@@ -140,6 +141,9 @@ pub(crate) struct Shared {
     activating: tokio::sync::Semaphore,
     /// When the messages of invocations this node suspended come due (see `alarms.rs`).
     alarms: alarms::Alarms,
+    /// This process among the nodes of its store (see `membership.rs`): drawn at random at
+    /// start, so that a second process under the same name is told apart.
+    incarnation: u64,
 }
 
 /// The actor runtime; cheap to clone.
@@ -318,6 +322,7 @@ impl Runtime {
         }
         // Every actor has released its lease (or, after a timeout, lets it expire).
         self.stop_keeper().await;
+        membership::leave(&self.shared).await;
     }
 
     /// Aborts the lease keeper and waits until its task (and its handle on the store) is gone.

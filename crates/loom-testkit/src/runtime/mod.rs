@@ -8,6 +8,7 @@
 mod activities;
 mod actors;
 mod cancellation;
+mod cluster;
 mod common;
 mod compaction;
 mod delivery;
@@ -206,6 +207,7 @@ pub fn trials(backend: &str, factory: &Factory) -> Vec<Trial> {
         failures::cases(),
         compaction::cases(),
         lifecycle::cases(),
+        cluster::cases(),
     ]
     .into_iter()
     .flatten()
