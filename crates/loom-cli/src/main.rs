@@ -3,6 +3,7 @@
 
 mod actors;
 mod admin;
+mod cluster;
 mod journal;
 mod remote;
 mod serve;
@@ -134,6 +135,14 @@ enum Command {
         store: StoreArg,
         #[command(subcommand)]
         command: MailboxCommand,
+    },
+    /// The nodes sharing a store: which are live, the kinds each hosts, and for each kind
+    /// what waits and whether a live node hosts it.
+    Cluster {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// The embedded store itself: change its partition count.
     Store {
@@ -272,6 +281,18 @@ enum RedoCommand {
         /// Really do it.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Nodes (live, or gone and not yet forgotten) with their kinds and last heartbeat; every
+    /// kind a node announces or a mailbox holds, with its live hosts and waiting mailboxes;
+    /// the relay backlog of a partitioned store.
+    Status {
+        /// Also show this kind (repeatable), even if no node announces it.
+        #[arg(long)]
+        kind: Vec<String>,
     },
 }
 
@@ -435,6 +456,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 } => actors::cancel(s, &actor, message, key.as_deref(), json).await,
             }
         }
+        Command::Cluster { store, command } => {
+            let s = &store.open(&ns).await?;
+            match command {
+                ClusterCommand::Status { kind } => {
+                    let store = &*s.store("cluster status")?.store;
+                    cluster::status(store, &kind, json).await
+                }
+            }
+        }
         Command::Store {
             command:
                 StoreCommand::Repartition {
@@ -497,6 +527,7 @@ impl Command {
             | Command::Deadletters { store, .. }
             | Command::Parked { store, .. }
             | Command::Mailbox { store, .. }
+            | Command::Cluster { store, .. }
             | Command::Export { store, .. }
             | Command::Import { store, .. }
             | Command::Serve { store, .. } => Some(store),

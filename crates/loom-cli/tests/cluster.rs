@@ -1,0 +1,195 @@
+//! `loom cluster status` on a private Redis and a private PostgreSQL, with real runtimes: a
+//! node hosting one kind, a node hosting another, and a client-only node share a store; the
+//! binary lists them; when the second host stops, its kind's messages wait (shown with no live
+//! host) and are run once when it comes back.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::ok;
+use loom_cli::store::{Namespace, StoreUrl, open_or_create};
+use loom_core::runtime::{Actor, Config, Context, Rejected, Runtime};
+use loom_core::{Store, StoreError};
+use loom_testkit::runtime::Counter;
+use loom_testkit::servers::{PostgresServer, RedisServer};
+use serde_json::Value;
+
+/// A second kind, hosted by another node.
+struct Greeter;
+
+impl Actor for Greeter {
+    const KIND: &'static str = "greeter";
+    type State = u64;
+    type Message = String;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        n: &mut u64,
+        _ctx: &mut Context<'_>,
+        name: String,
+    ) -> Result<String, Rejected> {
+        *n += 1;
+        Ok(format!("hello {name} #{n}"))
+    }
+}
+
+fn config(node: &str) -> Config {
+    Config {
+        node: node.into(),
+        lease_ttl: Duration::from_secs(1),
+        poll_interval: Duration::from_millis(20),
+        ..Config::default()
+    }
+}
+
+async fn host_counters(store: &Arc<dyn Store>) -> Runtime {
+    Runtime::builder()
+        .store(store.clone())
+        .config(config("host-b"))
+        .register_actor(Counter)
+        .start()
+        .await
+        .expect("host-b starts")
+}
+
+fn kind<'a>(status: &'a Value, kind: &str) -> &'a Value {
+    status["kinds"]
+        .as_array()
+        .expect("kinds")
+        .iter()
+        .find(|k| k["kind"] == kind)
+        .unwrap_or_else(|| panic!("no kind {kind} in {status}"))
+}
+
+fn status_json(args: &[&str]) -> Value {
+    let mut all = vec!["cluster", "status", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(ok(&all).trim()).expect("one JSON object")
+}
+
+fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_flag: &str) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let store_url = StoreUrl::parse(url, &Namespace::both(ns)).expect("url");
+    let opened = rt.block_on(open_or_create(&store_url)).expect("store");
+    let store = opened.store.clone();
+    let args = ["--store", url, ns_flag, ns];
+    let (a, b, client) = rt.block_on(async {
+        let a = Runtime::builder()
+            .store(store.clone())
+            .config(config("host-a"))
+            .register_actor(Greeter)
+            .start()
+            .await
+            .expect("host-a starts");
+        let b = host_counters(&store).await;
+        let client = Runtime::builder()
+            .store(store.clone())
+            .config(config("front"))
+            .sends_to::<Counter>()
+            .sends_to::<Greeter>()
+            .start()
+            .await
+            .expect("the client starts");
+        let hi = client.actor::<Greeter>("ann").unwrap();
+        assert_eq!(hi.ask("ann".into()).await.unwrap(), "hello ann #1");
+        let c = client.actor::<Counter>("x").unwrap();
+        assert_eq!(c.ask(1).await.unwrap(), 1);
+        // Every node has beaten at least once.
+        for _ in 0..100 {
+            if store.members().await.unwrap().live().count() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (a, b, client)
+    });
+
+    let table = ok(&[&["cluster", "status"][..], &args[..]].concat());
+    for want in [
+        "host-a", "greeter", "host-b", "counter", "front", "(client)", "3 live nodes, 0 gone",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
+    let s = status_json(&args);
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
+    assert_eq!(kind(&s, "counter")["hosts"], serde_json::json!(["host-b"]));
+    assert_eq!(kind(&s, "greeter")["hosts"], serde_json::json!(["host-a"]));
+
+    // The counters' host stops: it leaves, and counters sent meanwhile wait with no host.
+    rt.block_on(async {
+        b.shutdown().await;
+        let c = client.actor::<Counter>("x").unwrap();
+        c.send(10).await.unwrap();
+        client.actor::<Counter>("y").unwrap().send(5).await.unwrap();
+        // Through several of the other nodes' scans: nobody runs or dead-letters them.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    let table = ok(&[&["cluster", "status"][..], &args[..]].concat());
+    eprintln!("{table}");
+    assert!(
+        table.contains("no live host: its messages wait")
+            && table.contains("2 live nodes, 0 gone")
+            && table.contains("1 kind with waiting messages and no live host"),
+        "{table}"
+    );
+    let s = status_json(&args);
+    let counter = kind(&s, "counter");
+    assert_eq!(counter["hosts"], serde_json::json!([]), "{s}");
+    assert_eq!(counter["waiting"], 2, "{s}");
+    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n["node"] != "host-b"));
+    assert_eq!(kind(&s, "greeter")["waiting"], 0);
+
+    // It comes back: each waiting message runs once.
+    let b = rt.block_on(async {
+        let b = host_counters(&store).await;
+        let c = client.actor::<Counter>("x").unwrap();
+        assert_eq!(c.ask(0).await.unwrap(), 11);
+        assert_eq!(client.actor::<Counter>("y").unwrap().ask(0).await.unwrap(), 5);
+        b
+    });
+    let s = status_json(&args);
+    assert_eq!(kind(&s, "counter")["waiting"], 0, "{s}");
+    assert_eq!(kind(&s, "counter")["hosts"], serde_json::json!(["host-b"]));
+
+    // A second process under a live node's name is refused, and says why.
+    rt.block_on(async {
+        let twin = host_counters(&store).await;
+        for _ in 0..100 {
+            if !twin.health().is_healthy() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let health = serde_json::to_value(twin.health()).unwrap();
+        assert_eq!(health["node"]["state"], "name_taken", "{health}");
+        twin.kill().await;
+        for rt in [a, b, client] {
+            rt.shutdown().await;
+        }
+        match store.heartbeat("host-a", 1, &[], Duration::from_secs(1)).await {
+            Ok(_) => {}
+            Err(e @ StoreError::NodeTaken { .. }) => panic!("host-a did not leave: {e}"),
+            Err(e) => panic!("{e}"),
+        }
+    });
+    rt.block_on(opened.destroy_namespace()).expect("clean up");
+}
+
+#[test]
+fn cluster_status_on_redis() {
+    let server = RedisServer::start();
+    waits_for_a_host_and_runs_once_when_it_comes_back(
+        &server.url(),
+        "cluster_test",
+        "--redis-prefix",
+    );
+}
+
+#[test]
+fn cluster_status_on_postgres() {
+    let server = PostgresServer::start();
+    waits_for_a_host_and_runs_once_when_it_comes_back(&server.url(), "cluster_test", "--pg-schema");
+}
