@@ -203,5 +203,9 @@ fn print_nodes(roster: &Roster) -> Result<(), Failure> {
             ]
         })
         .collect();
-    table(&["NODE", "STATE", "KINDS", "JOINED", "LAST BEAT"], cells, &[])
+    table(
+        &["NODE", "STATE", "KINDS", "JOINED", "LAST BEAT"],
+        cells,
+        &[],
+    )
 }

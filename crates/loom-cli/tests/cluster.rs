@@ -109,7 +109,13 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
 
     let table = ok(&[&["cluster", "status"][..], &args[..]].concat());
     for want in [
-        "host-a", "greeter", "host-b", "counter", "front", "(client)", "3 live nodes, 0 gone",
+        "host-a",
+        "greeter",
+        "host-b",
+        "counter",
+        "front",
+        "(client)",
+        "3 live nodes, 0 gone",
     ] {
         assert!(table.contains(want), "{want:?} missing:\n{table}");
     }
@@ -139,7 +145,13 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
     let counter = kind(&s, "counter");
     assert_eq!(counter["hosts"], serde_json::json!([]), "{s}");
     assert_eq!(counter["waiting"], 2, "{s}");
-    assert!(s["nodes"].as_array().unwrap().iter().all(|n| n["node"] != "host-b"));
+    assert!(
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["node"] != "host-b")
+    );
     assert_eq!(kind(&s, "greeter")["waiting"], 0);
 
     // It comes back: each waiting message runs once.
@@ -147,7 +159,10 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
         let b = host_counters(&store).await;
         let c = client.actor::<Counter>("x").unwrap();
         assert_eq!(c.ask(0).await.unwrap(), 11);
-        assert_eq!(client.actor::<Counter>("y").unwrap().ask(0).await.unwrap(), 5);
+        assert_eq!(
+            client.actor::<Counter>("y").unwrap().ask(0).await.unwrap(),
+            5
+        );
         b
     });
     let s = status_json(&args);
@@ -169,7 +184,10 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
         for rt in [a, b, client] {
             rt.shutdown().await;
         }
-        match store.heartbeat("host-a", 1, &[], Duration::from_secs(1)).await {
+        match store
+            .heartbeat("host-a", 1, &[], Duration::from_secs(1))
+            .await
+        {
             Ok(_) => {}
             Err(e @ StoreError::NodeTaken { .. }) => panic!("host-a did not leave: {e}"),
             Err(e) => panic!("{e}"),
