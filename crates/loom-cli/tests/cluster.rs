@@ -39,7 +39,8 @@ impl Actor for Greeter {
 fn config(node: &str) -> Config {
     Config {
         node: node.into(),
-        lease_ttl: Duration::from_secs(1),
+        // Long enough that no stall of a loaded machine makes a node look gone.
+        lease_ttl: Duration::from_secs(5),
         poll_interval: Duration::from_millis(20),
         ..Config::default()
     }

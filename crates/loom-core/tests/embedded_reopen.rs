@@ -291,3 +291,28 @@ async fn a_suspended_sleep_and_a_cancellation_survive_a_reopen_and_a_repartition
         "the cancellation was lost by the repartition"
     );
 }
+
+/// The process that held a data directory is gone once another opens it: its membership
+/// record goes with its leases, so a restart under its name is a member at once, not refused
+/// for a ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_opening_forgets_the_previous_process_membership() {
+    use loom_core::store::Membership;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let long = Duration::from_secs(3600);
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        store
+            .heartbeat("web-1", 1, &["counter"], long)
+            .await
+            .expect("heartbeat");
+        assert_eq!(store.members().await.unwrap().members.len(), 1);
+    }
+    let store = EmbeddedStore::open(dir.path()).expect("open again");
+    assert!(store.members().await.unwrap().members.is_empty());
+    let m = store
+        .heartbeat("web-1", 2, &["counter"], long)
+        .await
+        .expect("the name is free");
+    assert_eq!(m.incarnation, 2);
+}

@@ -460,7 +460,9 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     let now = m.rt.metrics();
     metrics::gauge!("loom_active_actors").set(now.active as f64);
     metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
-    let healthy = m.rt.health().is_healthy();
+    // The store's own health: a node refused its name is not a failing store (`/health` says
+    // both).
+    let healthy = m.rt.health().store == loom_core::runtime::StoreHealth::Healthy;
     metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
     // The store's reads of one scrape answer within 2 s however many kinds there are.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);

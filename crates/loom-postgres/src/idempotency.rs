@@ -121,4 +121,10 @@ impl IdempotencyStore for PostgresStore {
         .map_err(pe)?;
         Ok(done.rows_affected())
     }
+
+    fn completions(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<loom_core::store::Completion>> {
+        self.completions.as_ref().map(|tx| tx.subscribe())
+    }
 }

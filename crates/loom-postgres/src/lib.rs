@@ -107,35 +107,49 @@ pub struct PostgresStore {
     turns: std::sync::Arc<batch::Batcher<group::TurnReq, group::TurnOut>>,
     /// Counts notifications on the schema's channel (`None` with notifications off).
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Recorded results, from the schema's reply channel (`None` with notifications off).
+    completions: Option<tokio::sync::broadcast::Sender<loom_core::store::Completion>>,
     /// The task that listens for them, stopped with the last clone of the store.
     _listener: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
 }
 
-/// `LISTEN`s on the schema's channel (`schema_v2.sql` sends on it) and counts what arrives,
-/// except what this store's own sessions sent (payload `origin`): its runtime woke itself.
+/// How many reply signals a slow receiver may fall behind by before it misses some (and its
+/// waiters fall back to their poll).
+const SIGNALS_BUFFERED: usize = 4096;
+
+/// What the listener passes on.
+type Listened = (
+    tokio::sync::watch::Receiver<u64>,
+    tokio::sync::broadcast::Sender<loom_core::store::Completion>,
+    tokio_util::task::AbortOnDropHandle<()>,
+);
+
+/// `LISTEN`s on the schema's wake-up channel (`schema_v2.sql` sends on it) and counts what
+/// arrives, except what this store's own sessions sent (payload `origin`): its runtime woke
+/// itself; and on its reply channel (`schema_v6.sql`), passing each recorded result on.
 /// `pool` is the listener's own, of one connection, so that it takes nothing from the store's.
-async fn listen(
-    pool: &PgPool,
-    schema: &str,
-    origin: String,
-) -> Result<
-    (
-        tokio::sync::watch::Receiver<u64>,
-        tokio_util::task::AbortOnDropHandle<()>,
-    ),
-    StoreError,
-> {
+async fn listen(pool: &PgPool, schema: &str, origin: String) -> Result<Listened, StoreError> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool)
         .await
         .map_err(pe)?;
+    let wake = format!("loom_wake_{schema}");
+    let done = format!("loom_done_{schema}");
     listener
-        .listen(&format!("loom_wake_{schema}"))
+        .listen_all([wake.as_str(), done.as_str()])
         .await
         .map_err(pe)?;
     let (tx, rx) = tokio::sync::watch::channel(0u64);
+    let (done_tx, _) = tokio::sync::broadcast::channel(SIGNALS_BUFFERED);
+    let signals = done_tx.clone();
     let task = tokio::spawn(async move {
         loop {
             match listener.try_recv().await {
+                Ok(Some(n)) if n.channel() == done => {
+                    if let Some(c) = loom_core::store::Completion::parse(n.payload()) {
+                        // An error only says that no receiver is left, which is no fault.
+                        let _no_receiver = signals.send(c);
+                    }
+                }
                 Ok(Some(n)) if n.payload() == origin => {}
                 // A notification; or `None`, the connection was lost (the next call reconnects
                 // and listens again, and what was sent meanwhile is gone): look either way.
@@ -147,7 +161,7 @@ async fn listen(
             }
         }
     });
-    Ok((rx, tokio_util::task::AbortOnDropHandle::new(task)))
+    Ok((rx, done_tx, tokio_util::task::AbortOnDropHandle::new(task)))
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -275,6 +289,7 @@ impl PostgresStore {
             pool,
             schema,
             wakeups: None,
+            completions: None,
             _listener: None,
         };
         store.migrate().await?;
@@ -285,8 +300,9 @@ impl PostgresStore {
                 .connect_with(connect)
                 .await
                 .map_err(connect_error)?;
-            let (rx, task) = listen(&own, &store.schema, origin).await?;
+            let (rx, done, task) = listen(&own, &store.schema, origin).await?;
             store.wakeups = Some(rx);
+            store.completions = Some(done);
             store._listener = Some(std::sync::Arc::new(task));
         }
         if let Some(w) = store.durability().await?.warning {

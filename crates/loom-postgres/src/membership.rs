@@ -34,7 +34,7 @@ impl Membership for PostgresStore {
         kinds: &[&str],
         ttl: Duration,
     ) -> StoreResult<Member> {
-        let kinds = prepare_heartbeat(node, kinds, ttl)?;
+        let (kinds, ttl) = prepare_heartbeat(node, kinds, ttl)?;
         let ttl_ms = ms(ttl);
         let (status, a, b): (String, i64, i64) =
             sqlx::query_as(self.q("SELECT status, a, b FROM {s}.heartbeat($1, $2, $3, $4, $5)"))

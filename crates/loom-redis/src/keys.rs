@@ -99,6 +99,11 @@ impl Keys {
         format!("{}:parked", self.prefix)
     }
 
+    /// The pub/sub channel of recorded results (not a key: nothing is stored under it).
+    pub(crate) fn done(&self) -> String {
+        format!("{}:done", self.prefix)
+    }
+
     /// Every node's membership record (a hash, node -> record).
     pub(crate) fn members(&self) -> String {
         format!("{}:members", self.prefix)

@@ -97,6 +97,8 @@ impl Default for RedisOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// The pub/sub connection of reply signals (`idempotency.rs`).
+    signals: Arc<idempotency::Signals>,
     keys: Keys,
     scripts: Arc<Scripts>,
 }
@@ -247,11 +249,12 @@ impl RedisStore {
             .set_response_timeout(Some(options.response_timeout))
             .set_connection_timeout(Some(options.connect_timeout))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
         let store = RedisStore {
             conn,
+            signals: Arc::new(idempotency::Signals::new(client)),
             keys: Keys::new(&options.prefix),
             scripts: Arc::new(Scripts::new()),
         };

@@ -27,6 +27,9 @@
 --   P:parked   zset (score 0) of every parked actor, for listing in id order
 --   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
 --   P:dlseq    counter, the last dead-letter id
+--   P:members  hash, node -> membership record (see "Membership" below)
+--   P:done     pub/sub channel (not a key): "<actor>\n<idempotency key>" of each result a turn
+--              records, for nodes waiting for replies (IdempotencyStore::completions)
 --
 -- The durability rules (D1..D21) are numbered in RELIABILITY.md; the scripts keep D5 (a turn
 -- is one script), D8 (fences), D10/D11 (trims, deleted journals), D12 (parks hold mailboxes),
@@ -651,6 +654,7 @@ local function turn(KEYS, ARGV)
   end
   if h.record_ttl then
     redis.call('SET', KEYS[7], ARGV[2 + h.n + #h.out], 'PX', h.record_ttl)
+    if h.done then redis.call('PUBLISH', h.done[1], h.done[2]) end
   end
   local r = nil
   if h.next then

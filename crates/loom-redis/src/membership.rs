@@ -45,9 +45,7 @@ impl Membership for RedisStore {
         kinds: &[&str],
         ttl: Duration,
     ) -> StoreResult<Member> {
-        let kinds = prepare_heartbeat(node, kinds, ttl)?;
-        // Milliseconds, as the record keeps it (a sub-millisecond ttl rounds up to 1 ms).
-        let ttl = Duration::from_millis(u64::try_from(ttl.as_millis().max(1)).unwrap_or(u64::MAX));
+        let (kinds, ttl) = prepare_heartbeat(node, kinds, ttl)?;
         let r = self
             .run(
                 &self.scripts.heartbeat,

@@ -30,6 +30,10 @@ struct TurnHeader<'a> {
     settle: Option<SettleHeader<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     record_ttl: Option<u64>,
+    /// With a record: the channel and payload that signal it
+    /// ([`IdempotencyStore::completions`](loom_core::IdempotencyStore::completions)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    done: Option<(String, String)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<(u64, u32)>,
     out: Vec<OutHeader<'a>>,
@@ -118,6 +122,13 @@ impl Store for RedisStore {
             fence: turn.fence.map(|l| (l.owner.as_str(), l.token.to_string())),
             settle,
             record_ttl: turn.record.map(|r| r.ttl.as_millis().max(1) as u64),
+            done: turn.record.map(|r| {
+                let c = loom_core::store::Completion {
+                    actor: r.actor.clone(),
+                    key: r.key.clone(),
+                };
+                (self.keys.done(), c.payload())
+            }),
             next: turn
                 .next
                 .map(|o| (o.visibility.as_millis().max(1) as u64, o.max_deliveries)),

@@ -521,6 +521,12 @@ impl IdempotencyStore for FaultyStore {
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
         self.inner.purge_expired(limit).await
     }
+
+    fn completions(
+        &self,
+    ) -> Option<tokio::sync::broadcast::Receiver<loom_core::store::Completion>> {
+        self.inner.completions()
+    }
 }
 
 #[async_trait]

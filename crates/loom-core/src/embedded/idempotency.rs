@@ -169,18 +169,24 @@ impl IdempotencyStore for EmbeddedStore {
         let p = self.part(actor);
         check_ttl("idempotency ttl", ttl)?;
         prepare_result(actor, key, result)?;
-        let (actor, key, result) = (actor.clone(), key.clone(), result.clone());
+        let (a, k, result) = (actor.clone(), key.clone(), result.clone());
         self.write_in(p, move |tx| {
             let records = tx.idempotency.get()?;
             let expiry = tx.idempotency_expiry.get()?;
-            let old = get(&**records, &actor, &key)?;
+            let old = get(&**records, &a, &k)?;
             let row = Row {
                 result: Some(result),
                 expires_at: Timestamp::now() + ttl,
             };
-            set(records, expiry, &actor, &key, old.as_ref(), Some(&row))
+            set(records, expiry, &a, &k, old.as_ref(), Some(&row))
         })
-        .await
+        .await?;
+        self.signal_done(actor, key);
+        Ok(())
+    }
+
+    fn completions(&self) -> Option<tokio::sync::broadcast::Receiver<crate::store::Completion>> {
+        Some(self.done_signals())
     }
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {

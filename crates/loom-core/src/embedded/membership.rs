@@ -12,7 +12,22 @@ use crate::store::{Member, Membership, Roster};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
-use super::tables::{MEMBERS, se};
+use super::tables::{MEMBERS, Tx, se};
+
+/// Removes every member record: at the first opening of a data directory, whose lock proves
+/// that the process that wrote them is gone (one process at a time).
+pub(super) fn forget_all(tx: &mut Tx<'_>) -> StoreResult<()> {
+    let table = tx.members.get()?;
+    let nodes: Vec<String> = table
+        .iter()
+        .map_err(se)?
+        .map(|item| item.map(|(k, _)| k.value().to_owned()).map_err(se))
+        .collect::<StoreResult<_>>()?;
+    for n in nodes {
+        table.remove(n.as_str()).map_err(se)?;
+    }
+    Ok(())
+}
 
 /// The partition whose file holds the members.
 const HOME: u32 = 0;
@@ -26,7 +41,7 @@ impl Membership for EmbeddedStore {
         kinds: &[&str],
         ttl: Duration,
     ) -> StoreResult<Member> {
-        let kinds = prepare_heartbeat(node, kinds, ttl)?;
+        let (kinds, ttl) = prepare_heartbeat(node, kinds, ttl)?;
         let node = node.to_owned();
         self.write_in(HOME, move |tx| {
             let now = Timestamp::now();

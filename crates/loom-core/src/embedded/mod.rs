@@ -154,7 +154,14 @@ struct Parts {
     list: Arc<[Arc<reopen::Shared>]>,
     /// Dropped (stopped and joined) before the partitions close: a relay holds them.
     relays: relay::Relays,
+    /// Recorded results, signalled after their commit (`IdempotencyStore::completions`): two
+    /// runtimes of one process on one store (a client and a host) hand each other replies.
+    done: tokio::sync::broadcast::Sender<crate::store::Completion>,
 }
+
+/// How many reply signals a slow receiver may fall behind by before it misses some (and its
+/// waiters fall back to their poll).
+const SIGNALS_BUFFERED: usize = 4096;
 
 /// One opening of the database: what a reopen after a failure replaces whole.
 struct Inner {
@@ -465,7 +472,11 @@ impl EmbeddedStore {
         let list: Arc<[Arc<reopen::Shared>]> = list.into();
         let relays = relay::Relays::start(&list)?;
         Ok(EmbeddedStore {
-            parts: Arc::new(Parts { list, relays }),
+            parts: Arc::new(Parts {
+                list,
+                relays,
+                done: tokio::sync::broadcast::channel(SIGNALS_BUFFERED).0,
+            }),
         })
     }
 
@@ -786,9 +797,14 @@ fn start(
     // Only the process holding the directory lock opens the file, so at its first opening the
     // leases and leased messages found here belong to a process that is gone: release them now
     // instead of waiting for them to time out. Tokens are kept, so fencing still holds. (At a
-    // reopen they are this process's own, and kept.)
+    // reopen they are this process's own, and kept.) Its membership record goes too: the
+    // process is not running, whatever its last heartbeat says, and a restart under its name
+    // is not refused as if it were.
     let (released, returned) = match opening {
-        Opening::First => (lease::release_all(&mut tx)?, mailbox::return_all(&mut tx)?),
+        Opening::First => {
+            membership::forget_all(&mut tx)?;
+            (lease::release_all(&mut tx)?, mailbox::return_all(&mut tx)?)
+        }
         Opening::Again => (0, 0),
     };
     drop(tx);
@@ -872,6 +888,21 @@ impl EmbeddedStore {
     #[cfg(feature = "testing")]
     pub fn keep_outboxes(&self, keep: bool) {
         self.parts.relays.hooks.keep.store(keep, Ordering::Release);
+    }
+
+    /// Signals a result recorded (and committed) for `key` of `actor`.
+    fn signal_done(&self, actor: &ActorId, key: &crate::id::IdempotencyKey) {
+        let c = crate::store::Completion {
+            actor: actor.clone(),
+            key: key.clone(),
+        };
+        // An error only says that no receiver is left, which is no fault.
+        let _no_receiver = self.parts.done.send(c);
+    }
+
+    /// The receiver of [`signal_done`](Self::signal_done)'s signals.
+    fn done_signals(&self) -> tokio::sync::broadcast::Receiver<crate::store::Completion> {
+        self.parts.done.subscribe()
     }
 
     /// The partition of `actor`.

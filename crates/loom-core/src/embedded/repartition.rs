@@ -6,7 +6,8 @@
 //! fencing tokens keep growing), idempotency records and their expiry, parks — except for what
 //! is the partitions' own: the outboxes must be empty (the source's relays move everything
 //! first), the high-water marks start empty (nothing is in flight), and dead letters get new
-//! ids (an id names its partition).
+//! ids (an id names its partition) — and for membership records, which are not copied (no node
+//! runs during the copy, and the next opening would forget them anyway).
 
 use std::ops::Bound;
 use std::path::Path;

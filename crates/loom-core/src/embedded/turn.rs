@@ -83,6 +83,7 @@ impl Store for EmbeddedStore {
         let record = turn
             .record
             .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
+        let recorded = turn.record.map(|r| (r.actor.clone(), r.key.clone()));
         let committed = self
             .write_in(p, move |tx| {
                 // Checks first, writes after: a refused turn writes nothing (see writer.rs).
@@ -135,6 +136,9 @@ impl Store for EmbeddedStore {
             })
             .await?;
         let (highest, leased) = committed;
+        if let Some((a, key)) = recorded {
+            self.signal_done(&a, &key);
+        }
         if sends_away {
             self.parts.relays.wake(p);
         }

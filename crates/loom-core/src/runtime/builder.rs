@@ -209,6 +209,12 @@ impl RuntimeBuilder {
                 )));
             }
         }
+        // What every heartbeat will say, checked now: a bad node name (it also names the
+        // node's leases), too many kinds or a lease ttl over a day is refused at start, not
+        // by every heartbeat and lease afterwards.
+        let hosted: Vec<&str> = kinds.keys().copied().collect();
+        crate::store::backend::prepare_heartbeat(&self.config.node, &hosted, self.config.lease_ttl)
+            .map_err(|e| StartError::Registration(format!("node {:?}: {e}", self.config.node)))?;
         let store: Arc<dyn Store> = match self
             .store
             .unwrap_or(StoreChoice::Embedded(PathBuf::from("./loom-data")))
@@ -218,6 +224,8 @@ impl RuntimeBuilder {
             StoreChoice::Given(s) => s,
         };
         let health = Arc::new(health::Observed::default());
+        // Subscribed before the runtime exists, so that no reply recorded after start is missed.
+        let completions = store.completions();
         // A simulated node's clock skew (see `seam::skewed`), kept for every task it spawns.
         let skew = crate::seam::skew();
         let keeper = leases::Keeper::new(store.clone(), self.config.lease_ttl, health.clone());
@@ -245,7 +253,12 @@ impl RuntimeBuilder {
             activating: tokio::sync::Semaphore::new(ACTIVATING),
             alarms: Default::default(),
             incarnation: crate::seam::random_u64(),
+            signals_replies: completions.is_some(),
+            left: tokio::sync::Mutex::new(false),
         });
+        if let Some(rx) = completions {
+            shared.spawn(super::client::replies_from_other_nodes(shared.clone(), rx));
+        }
         shared.spawn(dispatch(shared.clone()));
         shared.spawn(super::membership::heartbeats(shared.clone()));
         tracing::info!(node = %shared.config.node, "runtime started");

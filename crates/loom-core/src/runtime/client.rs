@@ -102,6 +102,47 @@ pub enum AskError {
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
 const FAILING_GIVES_UP_ASK: Duration = Duration::from_secs(1);
 
+/// How often an `ask` looks for its reply in the store when the store signals recorded
+/// results ([`IdempotencyStore::completions`](crate::IdempotencyStore::completions)): only the
+/// safety net for a signal missed (sent while the signal's connection was down).
+const POLL_WITH_SIGNALS: Duration = Duration::from_millis(500);
+
+/// Hands the replies other nodes record to the callers of this one waiting for them: for each
+/// recorded result the store signals that a local `ask` waits for, one look at the record,
+/// and the reply to the waiter. Runs while the runtime does, if the store signals at all.
+pub(super) async fn replies_from_other_nodes(
+    shared: std::sync::Arc<super::Shared>,
+    mut completions: tokio::sync::broadcast::Receiver<crate::store::Completion>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let c = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            c = completions.recv() => c,
+        };
+        let c = match c {
+            Ok(c) => c,
+            // Missed some: the waiters' polls find those.
+            Err(RecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "reply signals came faster than they were read");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if !shared.hub.is_waiting(&c.actor, &c.key) {
+            continue;
+        }
+        match shared.store.lookup(&c.actor, &c.key).await {
+            Ok(Some(Reservation::Completed(v))) => shared.hub.reply(&c.actor, &c.key, &v),
+            Ok(_) => {}
+            // The waiter's own poll tries again (and gives up on a store that keeps failing).
+            Err(e) => {
+                tracing::debug!(actor = %c.actor, error = %e, "could not read a signalled reply")
+            }
+        }
+    }
+}
+
 /// Options of [`ActorRef::send_with`].
 #[derive(Debug, Clone, Default)]
 pub struct SendOptions {
@@ -303,13 +344,16 @@ impl AnyActorRef {
                 let started = tokio::time::Instant::now();
                 // Since when the look for the reply has failed without a break.
                 let mut lookups_failing: Option<tokio::time::Instant> = None;
-                let poll = self
+                let mut poll = self
                     .rt
                     .shared
                     .config
                     .poll_interval
                     .max(Duration::from_millis(5))
                     * 2;
+                if self.rt.shared.signals_replies {
+                    poll = poll.max(POLL_WITH_SIGNALS);
+                }
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {

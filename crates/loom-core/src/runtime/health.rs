@@ -151,10 +151,12 @@ impl Observed {
             Err(_) => {}
         }
         drop(node);
-        match r {
-            // A refusal of the name is no failure of the store.
-            Err(StoreError::NodeTaken { .. }) => self.ok(),
-            r => self.write(r),
+        // A failed heartbeat is a failure of the store, but a recorded one does not clear an
+        // earlier failure: it wrote to one place (the embedded store's first partition) while
+        // others may still fail; the writes and renewals that failed say when they work again.
+        // A refused name is no failure at all.
+        if let Err(e) = r {
+            self.failed(e);
         }
     }
 

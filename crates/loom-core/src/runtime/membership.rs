@@ -17,18 +17,25 @@ use super::Shared;
 /// How soon a heartbeat that failed for the store's sake (not a refusal) is tried again.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// The longest a shutdown waits to remove the node's record (after its drain, which
+/// `shutdown_timeout` bounds): a store that does not answer leaves the record to run out.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Beats until the runtime shuts down.
 pub(super) async fn heartbeats(shared: Arc<Shared>) {
     let ttl = shared.config.lease_ttl;
     let every = ttl / 3;
     loop {
-        if shared.shutdown.is_cancelled() {
-            return;
-        }
-        let r = shared
-            .store
-            .heartbeat(&shared.config.node, shared.incarnation, &shared.hosted, ttl)
-            .await;
+        let r = {
+            let left = shared.left.lock().await;
+            if *left || shared.shutdown.is_cancelled() {
+                return;
+            }
+            shared
+                .store
+                .heartbeat(&shared.config.node, shared.incarnation, &shared.hosted, ttl)
+                .await
+        };
         shared.health.heartbeat(&r);
         let next = match &r {
             Ok(_) | Err(crate::StoreError::NodeTaken { .. }) => every,
@@ -45,20 +52,28 @@ pub(super) async fn heartbeats(shared: Arc<Shared>) {
 }
 
 /// Removes this node's record at the end of a graceful shutdown, so that other nodes see it
-/// gone at once rather than a lease ttl later. A failure is logged: the record then runs out
-/// by itself.
+/// gone at once rather than a lease ttl later, after any heartbeat in flight and before none
+/// (see `Shared::left`). A failure, or no answer within [`LEAVE_TIMEOUT`], is logged: the
+/// record then runs out by itself.
 pub(super) async fn leave(shared: &Shared) {
-    match shared
-        .store
-        .leave(&shared.config.node, shared.incarnation)
-        .await
-    {
-        Ok(true) => tracing::debug!(node = %shared.config.node, "left"),
+    let leaving = async {
+        let mut left = shared.left.lock().await;
+        *left = true;
+        shared
+            .store
+            .leave(&shared.config.node, shared.incarnation)
+            .await
+    };
+    match tokio::time::timeout(LEAVE_TIMEOUT, leaving).await {
+        Ok(Ok(true)) => tracing::debug!(node = %shared.config.node, "left"),
         // Never recorded (refused, or stopped before the first beat), or taken over since.
-        Ok(false) => {}
-        Err(e) => tracing::warn!(
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(
             error = %e,
             "could not remove this node's membership record; it runs out by itself"
+        ),
+        Err(_) => tracing::warn!(
+            "the store did not answer the leave within {LEAVE_TIMEOUT:?}; this node's membership record runs out by itself"
         ),
     }
 }

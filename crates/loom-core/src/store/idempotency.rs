@@ -25,6 +25,46 @@ pub enum Reservation {
     Completed(Value),
 }
 
+/// A result recorded for `key` of `actor`, as [`IdempotencyStore::completions`] signals it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Completion {
+    /// The actor the key is of.
+    pub actor: ActorId,
+    /// The key.
+    pub key: IdempotencyKey,
+}
+
+impl Completion {
+    /// The signal's payload on the wire: `kind/key`, a newline, the idempotency key (neither
+    /// holds a newline: ids refuse control characters, keys whitespace).
+    ///
+    /// ```
+    /// use loom_core::{ActorId, IdempotencyKey};
+    /// use loom_core::store::Completion;
+    ///
+    /// let c = Completion {
+    ///     actor: ActorId::new("account", "alice")?,
+    ///     key: IdempotencyKey::new("ask-1")?,
+    /// };
+    /// assert_eq!(c.payload(), "account/alice\nask-1");
+    /// assert_eq!(Completion::parse(&c.payload()), Some(c));
+    /// assert_eq!(Completion::parse("no newline"), None);
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn payload(&self) -> String {
+        format!("{}\n{}", self.actor, self.key)
+    }
+
+    /// Reads a [`payload`](Self::payload); `None` if it is not one.
+    pub fn parse(payload: &str) -> Option<Completion> {
+        let (actor, key) = payload.split_once('\n')?;
+        Some(Completion {
+            actor: actor.parse().ok()?,
+            key: IdempotencyKey::new(key).ok()?,
+        })
+    }
+}
+
 /// Idempotency records, per actor and key, each with a time to live.
 ///
 /// Rules every backend keeps:
@@ -61,6 +101,17 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         actor: &ActorId,
         key: &IdempotencyKey,
     ) -> StoreResult<Option<Reservation>>;
+
+    /// A signal that results were recorded, by this process or another one: the actor and key
+    /// of each, so that a node waiting for a reply another node's turn records (a client
+    /// runtime's `ask`) looks at once instead of at its next poll (Redis: `PUBLISH`,
+    /// PostgreSQL: `NOTIFY`). `None`, the default, for stores that offer none (the embedded
+    /// store, whose one process sees its own replies): the waiter then polls
+    /// [`lookup`](Self::lookup). A signal may be spurious, or missed while the store reconnects
+    /// or the receiver lags; the poll stays as the safety net either way.
+    fn completions(&self) -> Option<tokio::sync::broadcast::Receiver<Completion>> {
+        None
+    }
 
     /// Removes up to `limit` expired records; returns how many. Expired records are already
     /// invisible to every other call; a backend whose records expire by themselves (Redis keys

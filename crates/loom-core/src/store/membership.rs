@@ -192,8 +192,13 @@ pub trait Membership: Send + Sync + 'static {
 
 /// Checks a heartbeat's arguments, as every backend does before it writes: the node name (as
 /// a lease owner's), the ttl (positive, at most a day), and the kinds; returns the kinds
-/// sorted and without repeats.
-pub fn prepare_heartbeat(node: &str, kinds: &[&str], ttl: Duration) -> StoreResult<Vec<String>> {
+/// sorted and without repeats, and the ttl in whole milliseconds (rounded up), as every
+/// backend stores it.
+pub fn prepare_heartbeat(
+    node: &str,
+    kinds: &[&str],
+    ttl: Duration,
+) -> StoreResult<(Vec<String>, Duration)> {
     check_owner(node)?;
     check_ttl("membership ttl", ttl)?;
     if ttl > Duration::from_secs(24 * 3600) {
@@ -216,7 +221,8 @@ pub fn prepare_heartbeat(node: &str, kinds: &[&str], ttl: Duration) -> StoreResu
             limit_kind: crate::error::Limit::NodeKinds,
         });
     }
-    Ok(out)
+    let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    Ok((out, Duration::from_millis(ms)))
 }
 
 /// The record a heartbeat writes over `existing` (the node's current record, if any) at `now`,
@@ -291,9 +297,13 @@ mod tests {
     #[test]
     fn heartbeat_arguments_are_checked() {
         let ttl = Duration::from_secs(1);
+        let (kinds, whole) = prepare_heartbeat("n", &["b", "a", "b"], ttl).unwrap();
+        assert_eq!((kinds, whole), (vec!["a".to_owned(), "b".to_owned()], ttl));
+        let (_, up) = prepare_heartbeat("n", &[], Duration::from_micros(1_500)).unwrap();
         assert_eq!(
-            prepare_heartbeat("n", &["b", "a", "b"], ttl).unwrap(),
-            ["a", "b"]
+            up,
+            Duration::from_millis(2),
+            "rounded up to whole milliseconds"
         );
         assert!(prepare_heartbeat("", &[], ttl).is_err());
         assert!(prepare_heartbeat("n", &["a/b"], ttl).is_err());

@@ -20,7 +20,7 @@ mod membership;
 mod park;
 mod turn;
 
-pub use idempotency::{IdempotencyStore, Reservation};
+pub use idempotency::{Completion, IdempotencyStore, Reservation};
 pub use journal::{EntryStream, JournalInfo, JournalStore, SeqRange};
 pub use lease::{Lease, LeaseManager};
 pub use mailbox::{

@@ -27,7 +27,7 @@ impl Membership for SimStore {
         kinds: &[&str],
         ttl: Duration,
     ) -> StoreResult<Member> {
-        let kinds = prepare_heartbeat(node, kinds, ttl)?;
+        let (kinds, ttl) = prepare_heartbeat(node, kinds, ttl)?;
         let name = node.to_owned();
         self.update("heartbeat", node, move |d, now| {
             let member = beat(
