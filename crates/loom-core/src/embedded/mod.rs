@@ -890,8 +890,13 @@ impl EmbeddedStore {
         self.parts.relays.hooks.keep.store(keep, Ordering::Release);
     }
 
-    /// Signals a result recorded (and committed) for `key` of `actor`.
+    /// Signals a result recorded (and committed) for `key` of `actor`, if more than one
+    /// runtime listens: a lone runtime is the one that committed it, and hands its replies to
+    /// its callers itself (a signal would only make it look the record up again).
     fn signal_done(&self, actor: &ActorId, key: &crate::id::IdempotencyKey) {
+        if self.parts.done.receiver_count() < 2 {
+            return;
+        }
         let c = crate::store::Completion {
             actor: actor.clone(),
             key: key.clone(),

@@ -224,7 +224,8 @@ impl RuntimeBuilder {
             StoreChoice::Given(s) => s,
         };
         let health = Arc::new(health::Observed::default());
-        // Subscribed before the runtime exists, so that no reply recorded after start is missed.
+        // Reply signals, if the store gives them (a subscription that may still be starting:
+        // until it is, the asks' own looks find their replies).
         let completions = store.completions();
         // A simulated node's clock skew (see `seam::skewed`), kept for every task it spawns.
         let skew = crate::seam::skew();
@@ -253,7 +254,6 @@ impl RuntimeBuilder {
             activating: tokio::sync::Semaphore::new(ACTIVATING),
             alarms: Default::default(),
             incarnation: crate::seam::random_u64(),
-            signals_replies: completions.is_some(),
             left: tokio::sync::Mutex::new(false),
         });
         if let Some(rx) = completions {

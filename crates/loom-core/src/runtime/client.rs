@@ -102,19 +102,19 @@ pub enum AskError {
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
 const FAILING_GIVES_UP_ASK: Duration = Duration::from_secs(1);
 
-/// How often an `ask` looks for its reply in the store when the store signals recorded
-/// results ([`IdempotencyStore::completions`](crate::IdempotencyStore::completions)): only the
-/// safety net for a signal missed (sent while the signal's connection was down).
-const POLL_WITH_SIGNALS: Duration = Duration::from_millis(500);
+/// Most lookups of signalled replies in flight at once (see `replies_from_other_nodes`).
+const REPLY_LOOKUPS: usize = 64;
 
 /// Hands the replies other nodes record to the callers of this one waiting for them: for each
-/// recorded result the store signals that a local `ask` waits for, one look at the record,
-/// and the reply to the waiter. Runs while the runtime does, if the store signals at all.
+/// recorded result the store signals that a local `ask` waits for, one look at the record (at
+/// most [`REPLY_LOOKUPS`] at once, so that one slow look holds up no other reply), and the
+/// reply to the waiter. Runs while the runtime does, if the store signals at all.
 pub(super) async fn replies_from_other_nodes(
     shared: std::sync::Arc<super::Shared>,
     mut completions: tokio::sync::broadcast::Receiver<crate::store::Completion>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
+    let lookups = std::sync::Arc::new(tokio::sync::Semaphore::new(REPLY_LOOKUPS));
     loop {
         let c = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -129,17 +129,37 @@ pub(super) async fn replies_from_other_nodes(
             }
             Err(RecvError::Closed) => return,
         };
-        if !shared.hub.is_waiting(&c.actor, &c.key) {
+        // No one here waits; or the actor runs here, and its own turn hands the reply over
+        // (a look now would only read it again).
+        let runs_here = || {
+            shared
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&c.actor)
+        };
+        if !shared.hub.is_waiting(&c.actor, &c.key) || runs_here() {
             continue;
         }
-        match shared.store.lookup(&c.actor, &c.key).await {
-            Ok(Some(Reservation::Completed(v))) => shared.hub.reply(&c.actor, &c.key, &v),
-            Ok(_) => {}
-            // The waiter's own poll tries again (and gives up on a store that keeps failing).
-            Err(e) => {
-                tracing::debug!(actor = %c.actor, error = %e, "could not read a signalled reply")
+        let permit = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            p = lookups.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let s = shared.clone();
+        shared.spawn(async move {
+            match s.store.lookup(&c.actor, &c.key).await {
+                Ok(Some(Reservation::Completed(v))) => s.hub.reply(&c.actor, &c.key, &v),
+                Ok(_) => {}
+                // The waiter's own poll tries again (and gives up on a store that keeps failing).
+                Err(e) => {
+                    tracing::debug!(actor = %c.actor, error = %e, "could not read a signalled reply")
+                }
             }
-        }
+            drop(permit);
+        });
     }
 }
 
@@ -344,16 +364,15 @@ impl AnyActorRef {
                 let started = tokio::time::Instant::now();
                 // Since when the look for the reply has failed without a break.
                 let mut lookups_failing: Option<tokio::time::Instant> = None;
-                let mut poll = self
+                // With signals too: they may not come (a host of an earlier build, a lost
+                // subscription), and then this look is what answers.
+                let poll = self
                     .rt
                     .shared
                     .config
                     .poll_interval
                     .max(Duration::from_millis(5))
                     * 2;
-                if self.rt.shared.signals_replies {
-                    poll = poll.max(POLL_WITH_SIGNALS);
-                }
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {

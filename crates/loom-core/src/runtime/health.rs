@@ -151,12 +151,13 @@ impl Observed {
             Err(_) => {}
         }
         drop(node);
-        // A failed heartbeat is a failure of the store, but a recorded one does not clear an
-        // earlier failure: it wrote to one place (the embedded store's first partition) while
-        // others may still fail; the writes and renewals that failed say when they work again.
-        // A refused name is no failure at all.
-        if let Err(e) = r {
-            self.failed(e);
+        // A recorded heartbeat is a write that worked (for a client-only or idle node, the
+        // only one it makes, so the only thing that can end a failure it saw); a refused name
+        // is a round trip that worked. Writes elsewhere that still fail mark the store failing
+        // again at once.
+        match r {
+            Err(StoreError::NodeTaken { .. }) => self.ok(),
+            r => self.write(r),
         }
     }
 

@@ -77,13 +77,13 @@ impl Hub {
         }
     }
 
-    /// Drops waiters that gave up on `key`.
     /// True if a caller waits for the reply to `key` of `actor`.
     pub(crate) fn is_waiting(&self, actor: &ActorId, key: &IdempotencyKey) -> bool {
         let map = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         map.contains_key(&(actor.clone(), key.clone()))
     }
 
+    /// Drops waiters that gave up on `key`.
     pub(crate) fn prune(&self, actor: &ActorId, key: &IdempotencyKey) {
         let mut map = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         let k = (actor.clone(), key.clone());

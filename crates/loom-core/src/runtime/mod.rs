@@ -147,9 +147,6 @@ pub(crate) struct Shared {
     /// Held by a heartbeat while it is in flight, and set once this node has left: no
     /// heartbeat is sent after the leave (it would announce the node again for a ttl).
     left: tokio::sync::Mutex<bool>,
-    /// The store signals recorded results, and `client::replies_from_other_nodes` hands them to
-    /// this node's waiting callers: an `ask` then polls for its reply only as a safety net.
-    signals_replies: bool,
 }
 
 /// The actor runtime; cheap to clone.

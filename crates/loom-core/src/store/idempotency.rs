@@ -105,8 +105,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// A signal that results were recorded, by this process or another one: the actor and key
     /// of each, so that a node waiting for a reply another node's turn records (a client
     /// runtime's `ask`) looks at once instead of at its next poll (Redis: `PUBLISH`,
-    /// PostgreSQL: `NOTIFY`). `None`, the default, for stores that offer none (the embedded
-    /// store, whose one process sees its own replies): the waiter then polls
+    /// PostgreSQL: `NOTIFY`; the embedded store: in memory, between the runtimes of its one
+    /// process). `None`, the default, for stores that offer none: the waiter then polls
     /// [`lookup`](Self::lookup). A signal may be spurious, or missed while the store reconnects
     /// or the receiver lags; the poll stays as the safety net either way.
     fn completions(&self) -> Option<tokio::sync::broadcast::Receiver<Completion>> {
