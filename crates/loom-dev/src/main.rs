@@ -3,6 +3,7 @@
 //! benchmark workloads.
 
 mod bench;
+mod nodes;
 mod torture;
 
 use std::path::PathBuf;
@@ -78,6 +79,27 @@ enum Command {
         #[command(flatten)]
         shape: torture::Shape,
     },
+    /// The bank on several node processes sharing a private Redis or PostgreSQL server, a
+    /// random node killed with SIGKILL and restarted every few seconds and one more added
+    /// halfway, then checked: failover times, nothing lost or applied twice, journals gapless,
+    /// every node listed live once.
+    TortureNodes {
+        /// The server the nodes share.
+        #[arg(long, value_enum, default_value = "redis")]
+        backend: nodes::Backend,
+        #[command(flatten)]
+        plan: nodes::Plan,
+    },
+    /// Internal: one node of `loom-dev torture-nodes`; runs until its stdin closes.
+    #[command(hide = true)]
+    TortureNode {
+        #[arg(long)]
+        store: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        lease_ms: u64,
+    },
     /// Internal: one child of `loom-dev torture`.
     #[command(hide = true)]
     TortureChild {
@@ -139,6 +161,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             tokio::task::spawn_blocking(move || torture::run(backend, kills, seed, shape, json))
                 .await?
         }
+        Command::TortureNodes { backend, plan } => nodes::run(backend, plan, json).await,
+        Command::TortureNode {
+            store,
+            node,
+            lease_ms,
+        } => nodes::node(&url(&store)?, &node, lease_ms).await,
         Command::TortureChild {
             store,
             shape,

@@ -215,7 +215,7 @@ pub async fn check_bank(
     bank: &loom_bench::bank::Bank,
     acked: &BTreeSet<u32>,
 ) -> Result<FinalReport, loom_core::StoreError> {
-    use futures::TryStreamExt;
+    use futures::{StreamExt, TryStreamExt};
     use loom_bench::bank::{Status, Transfer, TransferMsg};
 
     let retry = |what: &'static str| async move {
@@ -223,20 +223,28 @@ pub async fn check_bank(
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let mut report = FinalReport::default();
-    for &i in acked {
-        let transfer = rt
-            .actor::<Transfer>(format!("t{i}"))
-            .map_err(|e| loom_core::StoreError::InvalidRequest(e.to_string()))?;
-        let status = loop {
-            match transfer.ask(TransferMsg::Status).await {
-                Ok(s) => break s,
-                Err(_) => retry("a status").await,
-            }
-        };
-        if status == Status::New {
+    let statuses: Vec<Result<(u32, Status), loom_core::StoreError>> =
+        futures::stream::iter(acked.iter().copied())
+            .map(|i| async move {
+                let transfer = rt
+                    .actor::<Transfer>(format!("t{i}"))
+                    .map_err(|e| loom_core::StoreError::InvalidRequest(e.to_string()))?;
+                loop {
+                    match transfer.ask(TransferMsg::Status).await {
+                        Ok(s) => return Ok((i, s)),
+                        Err(_) => retry("a status").await,
+                    }
+                }
+            })
+            .buffer_unordered(bank.concurrency.max(1))
+            .collect()
+            .await;
+    for s in statuses {
+        if let (i, Status::New) = s? {
             report.lost.push(i);
         }
     }
+    report.lost.sort();
     while bank.start_all(rt, || {}).await.is_err() {
         retry("starting the rest").await;
     }

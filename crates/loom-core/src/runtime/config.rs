@@ -86,7 +86,10 @@ pub struct Config {
     /// How long an actor lease lasts without renewal (default 10 s); renewed every third of it.
     pub lease_ttl: Duration,
     /// How long a message stays out while its invocation runs before another consumer may take it
-    /// (default 30 s); extended while a long invocation sleeps or waits.
+    /// (default 10 s, as `lease_ttl`); extended every third of it while a long invocation runs
+    /// an activity or waits. When a node dies mid-invocation, another node runs the message
+    /// once both its actor's lease and this have run out: keep it no longer than `lease_ttl`
+    /// for a failover within the lease ttl.
     pub visibility: Duration,
     /// Retries of failed invocations.
     pub retry: Retry,
@@ -191,7 +194,7 @@ impl Default for Config {
                 )
             },
             lease_ttl: Duration::from_secs(10),
-            visibility: Duration::from_secs(30),
+            visibility: Duration::from_secs(10),
             retry: Retry::default(),
             compaction: Compaction::default(),
             idle_timeout: Duration::from_secs(60),

@@ -88,6 +88,8 @@ struct Failing {
 pub(crate) struct Observed {
     failing: Mutex<Option<Failing>>,
     node: Mutex<Option<NodeHealth>>,
+    /// Since when heartbeats are refused, and whether that was logged as an error yet.
+    refused: Mutex<Option<(Instant, bool)>>,
 }
 
 impl Observed {
@@ -127,11 +129,17 @@ impl Observed {
         }
     }
 
-    /// Notes the outcome of a heartbeat (also a write, for the store's health).
-    pub(crate) fn heartbeat(&self, r: &Result<crate::store::Member, StoreError>) {
+    /// Notes the outcome of a heartbeat (also a write, for the store's health) sent with `ttl`.
+    ///
+    /// A refused name is first a warning: usually this process restarted under the name of one
+    /// that crashed, and joins once that record runs out, within the ttl. Refusals that go on
+    /// for two ttls mean another live process has the name, and that is logged as an error.
+    pub(crate) fn heartbeat(&self, r: &Result<crate::store::Member, StoreError>, ttl: Duration) {
         let mut node = self.node.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         match r {
             Ok(m) => {
+                *refused = None;
                 if let Some(NodeHealth::NameTaken { .. }) = &*node {
                     tracing::info!(node = %m.node, "this node's name is its own again: it is a member");
                 }
@@ -141,15 +149,26 @@ impl Observed {
             }
             Err(e @ StoreError::NodeTaken { .. }) => {
                 if !matches!(&*node, Some(NodeHealth::NameTaken { .. })) {
-                    tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "this node's heartbeats are refused");
                     *node = Some(NodeHealth::NameTaken {
                         since: Timestamp::now(),
                         error: e.to_string(),
                     });
                 }
+                match &mut *refused {
+                    None => {
+                        tracing::warn!(error = %e, "this node's heartbeats are refused; it joins once the name's record runs out, unless another live process holds it");
+                        *refused = Some((Instant::now(), false));
+                    }
+                    Some((since, logged)) if !*logged && since.elapsed() > ttl * 2 => {
+                        tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "this node's heartbeats are still refused, two lease ttls on: another live process has its name");
+                        *logged = true;
+                    }
+                    Some(_) => {}
+                }
             }
             Err(_) => {}
         }
+        drop(refused);
         drop(node);
         // A recorded heartbeat is a write that worked (for a client-only or idle node, the
         // only one it makes, so the only thing that can end a failure it saw); a refused name

@@ -36,7 +36,7 @@ pub(super) async fn heartbeats(shared: Arc<Shared>) {
                 .heartbeat(&shared.config.node, shared.incarnation, &shared.hosted, ttl)
                 .await
         };
-        shared.health.heartbeat(&r);
+        shared.health.heartbeat(&r, ttl);
         let next = match &r {
             Ok(_) | Err(crate::StoreError::NodeTaken { .. }) => every,
             Err(e) => {
