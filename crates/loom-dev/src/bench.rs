@@ -62,6 +62,8 @@ pub struct Settings {
     pub partitions: Option<Vec<usize>>,
     /// The window of the sleepers' wake-ups, in seconds.
     pub window: f64,
+    /// Node process counts of the bank on a Redis or PostgreSQL store.
+    pub nodes: Option<Vec<usize>>,
 }
 
 /// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
@@ -159,15 +161,27 @@ fn xadd(url: String, key: String) -> Baseline {
 pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
     // Without --store, a fresh directory that is removed afterwards.
     let tmp = tempfile::tempdir()?;
+    // On Redis and PostgreSQL, a prefix or schema of its own, deleted afterwards: the benchmark
+    // touches nothing else.
+    let namespace = format!("loombench{:08x}", fastrand::u32(..));
     let url = match &s.store {
-        // On Redis and PostgreSQL, a prefix or schema of its own, deleted afterwards: the
-        // benchmark touches nothing else.
-        Some(u) => StoreUrl::parse(
-            u,
-            &Namespace::both(&format!("loombench{:08x}", fastrand::u32(..))),
-        )?,
+        Some(u) => StoreUrl::parse(u, &Namespace::both(&namespace))?,
         None => StoreUrl::Embedded(tmp.path().join("store"), None),
     };
+    if let Some(counts) = &s.nodes {
+        if scenario != Scenario::Bank {
+            return Err(Failure("--nodes is for the bank scenario".into()));
+        }
+        if !matches!(url, StoreUrl::Redis { .. } | StoreUrl::Postgres { .. }) {
+            return Err(Failure(
+                "--nodes needs a store that several processes share: --store redis://… or postgres://…"
+                    .into(),
+            ));
+        }
+        if counts.is_empty() || counts.iter().any(|&n| n == 0 || n > 16) {
+            return Err(Failure("--nodes takes counts from 1 to 16".into()));
+        }
+    }
     if let StoreUrl::Embedded(dir, ..) = &url {
         std::fs::create_dir_all(dir)?;
     }
@@ -245,6 +259,22 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     .collect(),
                 _ => vec![(url.clone(), label.clone())],
             };
+            if let (Some(counts), Some(store)) = (&s.nodes, &s.store) {
+                let shape = Bank {
+                    accounts: s.actors.unwrap_or(100) as u32,
+                    transfers: s.entries.unwrap_or(10_000) as u32,
+                    concurrency: 512,
+                    seed: u64::from(fastrand::u32(..)),
+                    first: fastrand::u32(..1_000_000) * 1000,
+                    first_account: fastrand::u32(..1_000_000) * 1000,
+                    ..Bank::default()
+                };
+                results.extend(
+                    crate::nodes::bench_bank(store, &namespace, &label, counts, shape, &baseline)
+                        .await?,
+                );
+                continue;
+            }
             for (url, label) in bank_stores
                 .iter()
                 .filter(|_| all || scenario == Scenario::Bank)

@@ -3,6 +3,7 @@
 //! benchmark workloads.
 
 mod bench;
+mod node;
 mod nodes;
 mod torture;
 
@@ -63,6 +64,10 @@ enum Command {
         /// Seconds over which the sleepers' wake-ups are spread.
         #[arg(long, default_value_t = 60.0)]
         window: f64,
+        /// `bank` on a Redis or PostgreSQL store run by this many node processes (`1,3`: one
+        /// node, then three), driven by a client in this process.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Option<Vec<usize>>,
     },
     /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
     /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
@@ -90,9 +95,10 @@ enum Command {
         #[command(flatten)]
         plan: nodes::Plan,
     },
-    /// Internal: one node of `loom-dev torture-nodes`; runs until its stdin closes.
+    /// Internal: one node process of `loom-dev torture-nodes` and `bench bank --nodes`; runs
+    /// until its stdin closes.
     #[command(hide = true)]
-    TortureNode {
+    Node {
         #[arg(long)]
         store: String,
         #[arg(long)]
@@ -138,6 +144,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             repeat,
             partitions,
             window,
+            nodes,
         } => {
             let settings = bench::Settings {
                 store,
@@ -149,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 repeat,
                 partitions,
                 window,
+                nodes,
             };
             bench::run(scenario, settings).await
         }
@@ -162,11 +170,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
         }
         Command::TortureNodes { backend, plan } => nodes::run(backend, plan, json).await,
-        Command::TortureNode {
+        Command::Node {
             store,
             node,
             lease_ms,
-        } => nodes::node(&url(&store)?, &node, lease_ms).await,
+        } => node::node(&url(&store)?, &node, lease_ms).await,
         Command::TortureChild {
             store,
             shape,

@@ -1,39 +1,39 @@
 //! `loom-dev torture-nodes`: the bank on several node processes sharing one Redis or PostgreSQL
 //! store, nodes killed with SIGKILL while it runs.
 //!
-//! This process starts a private server, `--nodes` node processes (`loom-dev torture-node`, each
+//! This process starts a private server, `--nodes` node processes (`loom-dev node`, each
 //! hosting the bank's kinds under a name of its own) and, in itself, a client-only runtime that
-//! keeps starting transfers. Every few seconds it kills a random node with SIGKILL and starts it
-//! again under the same name; halfway through it adds one node more. Once the kills are done it
-//! waits for the nodes to settle every transfer, checks that every node is listed live once
-//! (`Membership`: a restarted node is refused its name until its dead predecessor's record runs
-//! out, then joins), stops the nodes gracefully, and checks the books as `loom-dev torture`
+//! keeps starting transfers. Every few seconds it kills a node with SIGKILL (three times in four
+//! one found running accounts, by their leases, else any) and starts it again under its name;
+//! halfway through it adds one node more. Once the kills are done it waits for the nodes to
+//! settle every transfer, checks that every node is listed live once (`Membership`: a
+//! restarted node is refused its name until its dead predecessor's record runs out, then
+//! joins), stops the nodes gracefully, and checks the books as `loom-dev torture`
 //! does: nothing acknowledged lost, nothing applied twice, every journal gapless, nothing parked.
 //!
-//! A kill's *failover time* is how long after it every start then in flight was answered. The
-//! starts whose transfers the killed node was running wait for those actors' leases and
-//! messages to run out (`lease_ttl`, `visibility`, both `--lease-ms` here) and for another node
-//! to take them; the others are answered in milliseconds. A kill after which every start in
-//! flight was answered within a quarter of the lease ttl (less than any lease can have left)
-//! held none of them up: the killed node was running none of those transfers. It is counted
-//! apart, not as a failover.
+//! A kill's *failover time* is how long after it every start then in flight was answered and
+//! every account answered again (the client asks each account its balance every 100 ms). The
+//! actors the killed node was running wait for their leases and in-flight messages to run out
+//! (`lease_ttl`, `visibility`, both `--lease-ms` here) and for another node to take them; the
+//! others answer in milliseconds. A kill after which everything answered within a quarter of
+//! the lease ttl (less than any lease can have left) held nothing up: the killed node was
+//! running none of those actors. It is counted apart, not as a failover.
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use loom_bench::bank::{Account, Bank, Transfer};
+use loom_bench::bank::{Account, AccountMsg, Bank, Transfer};
 use loom_bench::report::percentile_ms;
 use loom_cli::store::{Namespace, StoreUrl, open_or_create};
-use loom_core::Store;
-use loom_core::runtime::Runtime;
+use loom_core::ActorId;
+use loom_core::runtime::{Actor, Runtime};
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use loom_testkit::torture::{FinalReport, check_bank};
 use serde::Serialize;
 
+use crate::node::{Nodes, Spec, live_nodes};
 use crate::output::{Failure, out};
 
 /// Which server the nodes share.
@@ -131,81 +131,6 @@ impl Report {
     }
 }
 
-/// The node processes.
-struct Nodes {
-    exe: std::path::PathBuf,
-    store: String,
-    lease_ms: u64,
-    running: Vec<(String, Child)>,
-}
-
-impl Nodes {
-    fn spawn(&self, name: &str) -> Child {
-        let mut c = Command::new(&self.exe);
-        c.args(["torture-node", "--store", &self.store, "--node", name])
-            .args(["--redis-prefix", PREFIX, "--pg-schema", PREFIX])
-            .args(["--lease-ms", &self.lease_ms.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        // Killed peers are the point of the run: the warnings they cause (a lease taken over,
-        // a name refused while its dead holder's record runs out) are not news. Errors still
-        // show, and RUST_LOG, when set, wins.
-        if std::env::var_os("RUST_LOG").is_none() {
-            c.env("RUST_LOG", "error");
-        }
-        c.spawn().expect("spawn a torture node")
-    }
-
-    fn add(&mut self, name: String) {
-        let child = self.spawn(&name);
-        self.running.push((name, child));
-    }
-
-    /// SIGKILLs node `i` and starts it again under its name; returns when it was killed.
-    fn kill_and_restart(&mut self, i: usize) -> (Instant, String) {
-        let name = self.running[i].0.clone();
-        let child = &mut self.running[i].1;
-        let at = Instant::now();
-        // SIGKILL: no destructor runs, nothing is released, the node does not leave.
-        child.kill().expect("kill a node");
-        child.wait().expect("reap a node");
-        self.running[i].1 = self.spawn(&name);
-        (at, name)
-    }
-
-    /// Closes every node's stdin, which makes it shut down gracefully, and waits up to 30 s
-    /// for each; returns the names of those that did not stop (then killed).
-    fn stop(mut self) -> Vec<String> {
-        for (_, c) in &mut self.running {
-            drop(c.stdin.take());
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut stuck = Vec::new();
-        for (name, mut c) in self.running {
-            loop {
-                match c.try_wait().expect("poll a node") {
-                    Some(status) if status.success() => break,
-                    Some(status) => {
-                        stuck.push(format!("{name} ({status})"));
-                        break;
-                    }
-                    None if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    None => {
-                        c.kill().expect("kill a stuck node");
-                        c.wait().expect("reap a stuck node");
-                        stuck.push(format!("{name} (did not stop)"));
-                        break;
-                    }
-                }
-            }
-        }
-        stuck
-    }
-}
-
 /// The namespace (Redis key prefix, PostgreSQL schema) of a run on its private server.
 const PREFIX: &str = "nodes";
 
@@ -243,14 +168,16 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     let opened = open_or_create(&StoreUrl::parse(&url, &Namespace::both(PREFIX))?).await?;
     let store = opened.store.clone();
     let lease = Duration::from_millis(plan.lease_ms);
-    let mut nodes = Nodes {
-        exe: std::env::current_exe()?,
+    let mut nodes = Nodes::new(Spec {
         store: url,
-        lease_ms: plan.lease_ms,
-        running: Vec::new(),
-    };
+        namespace: PREFIX.into(),
+        lease,
+        // Killed peers are the point of the run: the warnings they cause (a lease taken
+        // over, a name refused while its dead holder's record runs out) are not news.
+        log: "error",
+    })?;
     for i in 0..plan.nodes {
-        nodes.add(node_name(i));
+        nodes.add(&node_name(i))?;
     }
     let mut expected: Vec<String> = (0..=plan.nodes).map(node_name).collect();
     expected.push("driver".into());
@@ -283,29 +210,81 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let stop = stop.clone();
+        let (tokio, store) = (tokio::runtime::Handle::current(), store.clone());
+        let accounts: Vec<ActorId> = bank
+            .account_ids()
+            .map(|n| ActorId::new(Account::KIND, format!("a{n}")))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Failure(e.to_string()))?;
+        // Three kills in four hit a node that runs accounts (read from their leases), so that
+        // most kills have something to fail over; the fourth hits any node.
+        let busy = move |names: &[&str]| -> Vec<usize> {
+            let holders: BTreeSet<String> = accounts
+                .iter()
+                .filter_map(|a| match tokio.block_on(store.holder(a)) {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        eprintln!("torture-nodes: {a}'s lease unread ({e}); its node not known");
+                        None
+                    }
+                })
+                .map(|l| l.owner)
+                .collect();
+            (0..names.len())
+                .filter(|&i| holders.contains(names[i]))
+                .collect()
+        };
         std::thread::spawn(move || {
             let mut rng = fastrand::Rng::with_seed(seed);
             let mut kills = Vec::new();
-            for k in 0..plan.kills {
-                let gap = rng.u64(plan.min_gap_ms..=plan.max_gap_ms);
-                std::thread::sleep(Duration::from_millis(gap));
-                if k == plan.kills / 2 {
-                    nodes.add(node_name(plan.nodes));
+            let schedule = (|| {
+                for k in 0..plan.kills {
+                    let gap = rng.u64(plan.min_gap_ms..=plan.max_gap_ms);
+                    std::thread::sleep(Duration::from_millis(gap));
+                    if k == plan.kills / 2 {
+                        nodes.add(&node_name(plan.nodes))?;
+                    }
+                    let running = busy(&nodes.names());
+                    let i = if running.is_empty() || rng.u32(..4) == 0 {
+                        rng.usize(..nodes.len())
+                    } else {
+                        running[rng.usize(..running.len())]
+                    };
+                    kills.push(nodes.kill_and_restart(i)?);
                 }
-                let i = rng.usize(..nodes.running.len());
-                kills.push(nodes.kill_and_restart(i));
-            }
-            // Time for the last kill's failover before the load stops.
-            std::thread::sleep(Duration::from_millis(plan.max_gap_ms));
+                // Time for the last kill's failover before the load stops.
+                std::thread::sleep(Duration::from_millis(plan.max_gap_ms));
+                Ok::<_, Failure>(())
+            })();
+            // The load stops even if the schedule failed, so that the nodes are stopped.
             stop.store(true, Ordering::SeqCst);
-            (nodes, kills)
+            (nodes, kills, schedule)
         })
     };
 
     let next = AtomicU32::new(0);
     let retries = AtomicU32::new(0);
     let starts: Mutex<Vec<(Instant, Instant)>> = Mutex::default();
-    futures::future::join_all((0..plan.concurrency).map(|_| async {
+    // Every account is asked its balance every 100 ms: accounts live long on whichever node
+    // took them, so these find out when each serves again after a kill.
+    let probes: Mutex<Vec<(u32, Instant)>> = Mutex::default();
+    let probing = futures::future::join_all(bank.account_ids().map(|n| {
+        let (client, stop, probes) = (&client, &stop, &probes);
+        async move {
+            let account = client.actor::<Account>(format!("a{n}"))?;
+            while !stop.load(Ordering::SeqCst) {
+                if account.ask(AccountMsg::Balance).await.is_ok() {
+                    probes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((n, Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, Failure>(())
+        }
+    }));
+    let loading = futures::future::join_all((0..plan.concurrency).map(|_| async {
         while !stop.load(Ordering::SeqCst) {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let began = Instant::now();
@@ -321,30 +300,53 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                 .unwrap_or_else(|p| p.into_inner())
                 .push((began, Instant::now()));
         }
-    }))
-    .await;
-    let (nodes, kills) = tokio::task::spawn_blocking(move || killer.join())
+    }));
+    let (probed, _) = futures::join!(probing, loading);
+    for p in probed {
+        p?;
+    }
+    let (nodes, kills, schedule) = tokio::task::spawn_blocking(move || killer.join())
         .await?
         .map_err(|_| Failure("the kill schedule panicked".into()))?;
+    if let Err(e) = schedule {
+        nodes.stop();
+        return Err(e);
+    }
     bank.transfers = next.load(Ordering::SeqCst);
     let starts = starts.into_inner().unwrap_or_else(|p| p.into_inner());
+    let probes = probes.into_inner().unwrap_or_else(|p| p.into_inner());
 
     let mut failovers = Vec::new();
     let mut idle_kills = 0;
     for (at, node) in &kills {
-        let answered = starts
+        // Every start in flight at the kill answered, and every account answered a probe.
+        let started = starts
             .iter()
             .filter(|(began, ended)| began <= at && ended > at)
             .map(|(_, ended)| *ended - *at)
             .max()
             .unwrap_or_default();
+        let served = bank
+            .account_ids()
+            .filter_map(|n| {
+                probes
+                    .iter()
+                    .filter(|(a, ended)| *a == n && ended > at)
+                    .map(|(_, ended)| *ended - *at)
+                    .min()
+            })
+            .max()
+            .unwrap_or_default();
+        let answered = started.max(served);
         if answered < lease / 4 {
             eprintln!(
-                "torture-nodes: {node} killed; it held up no start (all answered within {answered:?})"
+                "torture-nodes: {node} killed; it held up nothing (all answered within {answered:?})"
             );
             idle_kills += 1;
         } else {
-            eprintln!("torture-nodes: {node} killed; every start answered after {answered:?}");
+            eprintln!(
+                "torture-nodes: {node} killed; every start answered after {started:?}, every account after {served:?}"
+            );
             failovers.push(answered);
         }
     }
@@ -362,7 +364,8 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     let settled = bank.settle(&client, Duration::from_secs(300), |_| {}).await;
     let settle_ms = settling.elapsed().as_millis() as u64;
     settled.map_err(|e| Failure(format!("the nodes did not settle the transfers: {e}")))?;
-    let live_at_end = live_nodes(store.as_ref(), &expected, lease).await?;
+    // A node restarted under a killed one's name joins once the dead record runs out.
+    let live_at_end = live_nodes(store.as_ref(), &expected, lease * 10).await?;
     client.shutdown().await;
     let not_stopped = tokio::task::spawn_blocking(move || nodes.stop()).await?;
 
@@ -407,7 +410,7 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     } else {
         out(format_args!(
             "{} nodes, {} kills on {}: failover p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
-             ({} kills held starts up, {} none; lease {} ms); start p50 {:.0} ms, p99 {:.0} ms; \
+             ({} kills held requests up, {} none; lease {} ms); start p50 {:.0} ms, p99 {:.0} ms; \
              transfers {}, lost {}, doubled {}; \
              settled in {} ms; live at the end: {}; journals gapless {}; parked {}",
             report.nodes,
@@ -446,45 +449,107 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     Ok(())
 }
 
-/// The live nodes' names, sorted, once they are `expected` or after 10 lease ttls: a node
-/// restarted under a killed one's name joins only once the dead record runs out.
-async fn live_nodes(
-    store: &dyn Store,
-    expected: &[String],
-    lease: Duration,
-) -> Result<Vec<String>, Failure> {
-    let deadline = Instant::now() + lease * 10;
-    loop {
-        let roster = store.members().await?;
-        let mut live: Vec<String> = roster.live().map(|m| m.node.clone()).collect();
-        live.sort();
-        if live == expected || Instant::now() > deadline {
-            return Ok(live);
+/// `loom-dev bench bank --nodes 1,3`: for each count, that many node processes on the store of
+/// `url` (Redis or PostgreSQL; `namespace` is the run's key prefix or schema) run the bank that
+/// a client-only runtime in this process drives, at full load; the invocations per second are
+/// the nodes' own counts over the run (asked over their stdin before and after), measured
+/// against `baseline` as the one-process bank is.
+pub async fn bench_bank(
+    url: &str,
+    namespace: &str,
+    label: &str,
+    counts: &[usize],
+    shape: Bank,
+    baseline: &loom_bench::baseline::Baseline,
+) -> Result<Vec<loom_bench::report::Measurement>, Failure> {
+    let mut results = Vec::new();
+    let opened = open_or_create(&StoreUrl::parse(url, &Namespace::both(namespace))?).await?;
+    for (run, &n) in counts.iter().enumerate() {
+        let mut nodes = Nodes::new(Spec {
+            store: url.to_owned(),
+            namespace: namespace.to_owned(),
+            lease: Duration::from_secs(10),
+            log: "warn",
+        })?;
+        let names: Vec<String> = (0..n).map(|i| format!("bench-node-{}", i + 1)).collect();
+        for name in &names {
+            nodes.add(name)?;
         }
-        tokio::time::sleep(lease / 10).await;
+        let measured = async {
+            let driver = format!("bench-driver-{run}");
+            let client = Runtime::builder()
+                .store(opened.store.clone())
+                .sends_to::<Account>()
+                .sends_to::<Transfer>()
+                .configure(|c| {
+                    c.node = driver.clone();
+                    c.ask_timeout = Duration::from_secs(600);
+                })
+                .start()
+                .await?;
+            // Every node up before the load starts, or the first ones would take it all.
+            let mut expected = names.clone();
+            expected.push(driver);
+            expected.sort();
+            let live =
+                live_nodes(opened.store.as_ref(), &expected, Duration::from_secs(60)).await?;
+            if live != expected {
+                return Err(Failure(format!(
+                    "the nodes did not all join within 60 s: live {live:?}, expected {expected:?}"
+                )));
+            }
+            // Fresh transfers and accounts for every count: a run must not find the one before.
+            let cfg = Bank {
+                first: shape.first + run as u32 * shape.transfers,
+                first_account: shape.first_account + run as u32 * shape.accounts,
+                ..shape
+            };
+            cfg.open_accounts(&client).await?;
+            let (inv0, cpu0) = tokio::task::block_in_place(|| nodes.metrics())?;
+            let start = Instant::now();
+            let mut latencies = cfg.start_all(&client, || {}).await?;
+            let statuses = cfg
+                .settle(&client, Duration::from_secs(1200), |_| {})
+                .await?;
+            let wall = start.elapsed().as_secs_f64();
+            let (inv1, cpu1) = tokio::task::block_in_place(|| nodes.metrics())?;
+            let verified = cfg.verify(&client, &statuses).await?;
+            client.shutdown().await;
+            let invocations = inv1.saturating_sub(inv0) as f64;
+            let base = baseline(512, shape.concurrency, 500)
+                .await
+                .map_err(Failure)?;
+            let cpu = cpu1.saturating_sub(cpu0).as_secs_f64() * 1000.0;
+            Ok(loom_bench::report::Measurement::new(
+                &format!("bank nodes={n}"),
+                label,
+                invocations / wall,
+                base,
+                &mut latencies,
+            )
+            .with("unit", "invocations")
+            .with("nodes", n)
+            .with("transfers", cfg.transfers)
+            .with("transfers_per_s", (f64::from(cfg.transfers) / wall).round())
+            .with("accounts", cfg.accounts)
+            .with("done", verified.done)
+            .with("refused", verified.refused)
+            .with(
+                "latency_of",
+                "a transfer's first durable turn, at full load",
+            )
+            .with(
+                "node_cpu_ms_per_1000_invocations",
+                (cpu / (invocations / 1000.0).max(1e-9) * 10.0).round() / 10.0,
+            ))
+        }
+        .await;
+        let stuck = tokio::task::block_in_place(|| nodes.stop());
+        let m = measured?;
+        if !stuck.is_empty() {
+            return Err(Failure(format!("nodes did not stop cleanly: {stuck:?}")));
+        }
+        results.push(m);
     }
-}
-
-/// `loom-dev torture-node`: hosts the bank's kinds on `url` as `node` until its stdin closes,
-/// then shuts down gracefully.
-pub async fn node(url: &StoreUrl, node: &str, lease_ms: u64) -> Result<(), Failure> {
-    let opened = open_or_create(url).await?;
-    let lease = Duration::from_millis(lease_ms);
-    let rt = Bank::register(Runtime::builder().store(opened.store))
-        .configure(|c| {
-            c.node = node.to_owned();
-            c.lease_ttl = lease;
-            c.visibility = lease;
-            c.ask_timeout = Duration::from_secs(120);
-        })
-        .start()
-        .await?;
-    // Blocks until the parent closes stdin (or dies); what is read is ignored.
-    tokio::task::spawn_blocking(|| {
-        let mut sink = Vec::new();
-        std::io::stdin().read_to_end(&mut sink)
-    })
-    .await??;
-    rt.shutdown().await;
-    Ok(())
+    Ok(results)
 }

@@ -334,3 +334,45 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     let (ok, _, err) = loom(&["bench", "sleepers", "--actors", "0"]);
     assert!(!ok && err.contains("--actors above 0"), "{err}");
 }
+
+/// `loom-dev bench bank --nodes 1,2` on a private Redis: one node process, then two, each run
+/// verified (done + refused = transfers) and reported with its node count and baseline, the
+/// nodes gone and no key left behind afterwards; on an embedded store `--nodes` is refused.
+#[test]
+fn bank_runs_on_one_then_two_node_processes_and_leaves_no_key() {
+    let _serial = serial();
+    let server = RedisServer::start();
+    let url = server.url();
+    let (ok, out, err) = loom(&[
+        "bench",
+        "bank",
+        "--nodes",
+        "1,2",
+        "--store",
+        &url,
+        "--actors",
+        "10",
+        "--entries",
+        "300",
+        "--json",
+    ]);
+    assert!(ok, "loom-dev bench bank --nodes failed: {err}");
+    let reports = json_lines(&out);
+    let nodes: Vec<u64> = reports.iter().filter_map(|r| r["nodes"].as_u64()).collect();
+    assert_eq!(nodes, [1, 2], "{out}");
+    for r in &reports {
+        assert_eq!(r["scenario"], format!("bank nodes={}", r["nodes"]), "{r}");
+        let done = r["done"].as_u64().unwrap_or(0) + r["refused"].as_u64().unwrap_or(0);
+        assert_eq!(done, 300, "every transfer settled: {r}");
+        assert!(r["ops_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        assert!(r["baseline_ops_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    }
+    let client = redis::Client::open(url).expect("client");
+    let mut c = client.get_connection().expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).expect("KEYS");
+    assert!(keys.is_empty(), "left behind: {keys:?}");
+
+    let (ok, _, err) = loom(&["bench", "bank", "--nodes", "1,3"]);
+    assert!(!ok);
+    assert!(err.contains("--nodes needs a store"), "{err}");
+}
