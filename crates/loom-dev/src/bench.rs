@@ -178,6 +178,11 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     .into(),
             ));
         }
+        if s.partitions.is_some() {
+            return Err(Failure(
+                "--nodes and --partitions do not go together: --partitions makes fresh embedded stores".into(),
+            ));
+        }
         if counts.is_empty() || counts.iter().any(|&n| n == 0 || n > 16) {
             return Err(Failure("--nodes takes counts from 1 to 16".into()));
         }

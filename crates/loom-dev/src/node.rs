@@ -100,8 +100,10 @@ impl Nodes {
         let at = Instant::now();
         // SIGKILL: no destructor runs, nothing is released, the node does not leave.
         let child = &mut self.running[i].child;
-        child.kill()?;
-        child.wait()?;
+        child
+            .kill()
+            .and_then(|()| child.wait())
+            .map_err(|e| Failure(format!("could not kill node {name}: {e}")))?;
         self.running[i] = self.spawn(&name)?;
         Ok((at, name))
     }
@@ -138,8 +140,8 @@ impl Nodes {
 
     /// Closes every node's stdin, which makes it shut down gracefully, and waits up to 30 s
     /// for each; returns those that did not stop by then (killed) or failed.
-    pub fn stop(self) -> Vec<String> {
-        let mut running = self.running;
+    pub fn stop(mut self) -> Vec<String> {
+        let mut running = std::mem::take(&mut self.running);
         for r in &mut running {
             drop(r.child.stdin.take());
         }
@@ -169,6 +171,19 @@ impl Nodes {
             }
         }
         stuck
+    }
+}
+
+impl Drop for Nodes {
+    /// Nodes not stopped (a run that failed half-way) are killed, so that none outlives it.
+    fn drop(&mut self) {
+        for r in &mut self.running {
+            if let Ok(None) = r.child.try_wait()
+                && let Err(e) = r.child.kill().and_then(|()| r.child.wait().map(drop))
+            {
+                eprintln!("could not kill node {}: {e}", r.name);
+            }
+        }
     }
 }
 
@@ -205,7 +220,7 @@ pub async fn node(url: &StoreUrl, node: &str, lease_ms: u64) -> Result<(), Failu
         .start()
         .await?;
     let metrics = rt.clone();
-    tokio::task::spawn_blocking(move || {
+    let served = tokio::task::spawn_blocking(move || {
         let mut out = std::io::stdout().lock();
         for line in std::io::stdin().lock().lines() {
             match line?.trim() {
@@ -223,7 +238,8 @@ pub async fn node(url: &StoreUrl, node: &str, lease_ms: u64) -> Result<(), Failu
         }
         Ok::<_, std::io::Error>(())
     })
-    .await??;
+    .await;
+    // Shut down gracefully whatever ended the conversation: leases released, the roster left.
     rt.shutdown().await;
-    Ok(())
+    Ok(served??)
 }

@@ -20,8 +20,8 @@
 //! running none of those actors. It is counted apart, not as a failover.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loom_bench::bank::{Account, AccountMsg, Bank, Transfer};
@@ -29,6 +29,7 @@ use loom_bench::report::percentile_ms;
 use loom_cli::store::{Namespace, StoreUrl, open_or_create};
 use loom_core::ActorId;
 use loom_core::runtime::{Actor, Runtime};
+use loom_core::store::Lease;
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use loom_testkit::torture::{FinalReport, check_bank};
 use serde::Serialize;
@@ -78,7 +79,7 @@ pub struct Plan {
 /// Failover times, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failovers {
-    /// Kills that held up starts in flight.
+    /// Kills that held requests up (a start in flight, an account's answer).
     pub count: usize,
     /// Median.
     pub p50: f64,
@@ -97,11 +98,19 @@ pub struct Report {
     pub nodes: usize,
     pub kills: u32,
     pub lease_ms: u64,
-    /// Transfers started (each acknowledged).
+    /// Transfers started.
     pub transfers: u32,
+    /// Of them, acknowledged while the load ran (the others are started by the final check).
+    pub acknowledged: usize,
     pub failover_ms: Failovers,
-    /// Kills that held up no start in flight (the killed node was running none of them).
+    /// Kills that held nothing up (the killed node was running none of the actors asked).
     pub idle_kills: usize,
+    /// How long after a kill every account the killed node held had a new lease, over the
+    /// kills of a node holding accounts: the takeover alone, without the backlog that built
+    /// up meanwhile.
+    pub takeover_ms: Failovers,
+    /// Accounts of a killed node still not taken over five lease ttls after the kill.
+    pub not_taken_over: usize,
     /// Start latencies over the run, failovers included, in milliseconds.
     pub start_ms: Failovers,
     /// Starts that failed and were asked again.
@@ -128,6 +137,28 @@ impl Report {
             && self.last.journal_error.is_none()
             && self.live_at_end == expected
             && self.not_stopped.is_empty()
+            && self.not_taken_over == 0
+    }
+}
+
+/// One kill and its takeover.
+struct Kill {
+    at: Instant,
+    node: String,
+    /// Accounts the node held when it was killed.
+    accounts: usize,
+    /// When all of them had a new lease, after the kill.
+    taken_over: Option<Duration>,
+    /// How many did not within five lease ttls.
+    not_taken_over: usize,
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -146,8 +177,18 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             "--nodes and --concurrency must be at least 1, --accounts at least 2".into(),
         ));
     }
+    if plan.kills == 0 {
+        return Err(Failure("--kills must be at least 1".into()));
+    }
     if plan.min_gap_ms > plan.max_gap_ms {
         return Err(Failure("--min-gap-ms is more than --max-gap-ms".into()));
+    }
+    if plan.min_gap_ms < plan.lease_ms {
+        return Err(Failure(
+            "--min-gap-ms must be at least --lease-ms, so that each kill's failover is measured \
+             before the next kill"
+                .into(),
+        ));
     }
     let (url, _server): (String, Box<dyn std::any::Any + Send>) = match backend {
         Backend::Redis => {
@@ -209,131 +250,168 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     // The kills, on a thread of their own: a kill and a restart block for a moment.
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
-        let stop = stop.clone();
+        let stop = StopOnDrop(stop.clone());
         let (tokio, store) = (tokio::runtime::Handle::current(), store.clone());
         let accounts: Vec<ActorId> = bank
             .account_ids()
             .map(|n| ActorId::new(Account::KIND, format!("a{n}")))
             .collect::<Result<_, _>>()
             .map_err(|e| Failure(e.to_string()))?;
-        // Three kills in four hit a node that runs accounts (read from their leases), so that
-        // most kills have something to fail over; the fourth hits any node.
-        let busy = move |names: &[&str]| -> Vec<usize> {
-            let holders: BTreeSet<String> = accounts
+        // Each account's lease as the store has it (`None` where it could not be read).
+        let leases = move || -> Vec<Option<Lease>> {
+            accounts
                 .iter()
-                .filter_map(|a| match tokio.block_on(store.holder(a)) {
+                .map(|a| match tokio.block_on(store.holder(a)) {
                     Ok(lease) => lease,
                     Err(e) => {
-                        eprintln!("torture-nodes: {a}'s lease unread ({e}); its node not known");
+                        eprintln!("torture-nodes: {a}'s lease unread ({e})");
                         None
                     }
                 })
-                .map(|l| l.owner)
-                .collect();
-            (0..names.len())
-                .filter(|&i| holders.contains(names[i]))
                 .collect()
         };
         std::thread::spawn(move || {
+            // Dropped at the end, or if this thread panics: the load stops either way.
+            let _stop = stop;
             let mut rng = fastrand::Rng::with_seed(seed);
             let mut kills = Vec::new();
             let schedule = (|| {
+                let mut last = Instant::now();
                 for k in 0..plan.kills {
-                    let gap = rng.u64(plan.min_gap_ms..=plan.max_gap_ms);
-                    std::thread::sleep(Duration::from_millis(gap));
+                    let gap = Duration::from_millis(rng.u64(plan.min_gap_ms..=plan.max_gap_ms));
+                    std::thread::sleep((last + gap).saturating_duration_since(Instant::now()));
                     if k == plan.kills / 2 {
                         nodes.add(&node_name(plan.nodes))?;
                     }
-                    let running = busy(&nodes.names());
+                    // Three kills in four hit a node that runs accounts, so that most kills
+                    // have something to fail over; the fourth hits any node.
+                    let before = leases();
+                    let names = nodes.names();
+                    let running: Vec<usize> = (0..names.len())
+                        .filter(|&i| before.iter().flatten().any(|l| l.owner == names[i]))
+                        .collect();
                     let i = if running.is_empty() || rng.u32(..4) == 0 {
                         rng.usize(..nodes.len())
                     } else {
                         running[rng.usize(..running.len())]
                     };
-                    kills.push(nodes.kill_and_restart(i)?);
+                    let (at, node) = nodes.kill_and_restart(i)?;
+                    last = at;
+                    // The killed node's accounts are taken over when each has a lease of a
+                    // greater token (a later holder; the restarted node under the same name
+                    // is one). Looked for every 20 ms, for up to five lease ttls.
+                    let mut pending: Vec<(usize, u64)> = before
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(a, l)| {
+                            l.as_ref().filter(|l| l.owner == node).map(|l| (a, l.token))
+                        })
+                        .collect();
+                    let accounts = pending.len();
+                    let limit = at + lease * 5;
+                    while !pending.is_empty() && Instant::now() < limit {
+                        std::thread::sleep(Duration::from_millis(20));
+                        let now = leases();
+                        pending
+                            .retain(|&(a, token)| now[a].as_ref().is_none_or(|l| l.token <= token));
+                    }
+                    kills.push(Kill {
+                        at,
+                        node,
+                        accounts,
+                        taken_over: (accounts > 0 && pending.is_empty()).then(|| at.elapsed()),
+                        not_taken_over: pending.len(),
+                    });
                 }
                 // Time for the last kill's failover before the load stops.
                 std::thread::sleep(Duration::from_millis(plan.max_gap_ms));
                 Ok::<_, Failure>(())
             })();
-            // The load stops even if the schedule failed, so that the nodes are stopped.
-            stop.store(true, Ordering::SeqCst);
             (nodes, kills, schedule)
         })
     };
 
     let next = AtomicU32::new(0);
     let retries = AtomicU32::new(0);
-    let starts: Mutex<Vec<(Instant, Instant)>> = Mutex::default();
     // Every account is asked its balance every 100 ms: accounts live long on whichever node
-    // took them, so these find out when each serves again after a kill.
-    let probes: Mutex<Vec<(u32, Instant)>> = Mutex::default();
+    // took them, so these find out when each serves again after a kill. Each account's
+    // probes, in the order sent: (sent, answered).
     let probing = futures::future::join_all(bank.account_ids().map(|n| {
-        let (client, stop, probes) = (&client, &stop, &probes);
+        let (client, stop) = (&client, &stop);
         async move {
             let account = client.actor::<Account>(format!("a{n}"))?;
+            let mut probes = Vec::new();
             while !stop.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                // A probe that fails (past the ask timeout) is not an answer; the next one
+                // is sent as if it had come.
                 if account.ask(AccountMsg::Balance).await.is_ok() {
-                    probes
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((n, Instant::now()));
+                    probes.push((sent, Instant::now()));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Ok::<_, Failure>(())
+            Ok::<_, Failure>(probes)
         }
     }));
+    // Each worker's acknowledged starts: (transfer, sent, answered).
     let loading = futures::future::join_all((0..plan.concurrency).map(|_| async {
+        let mut starts = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             let i = next.fetch_add(1, Ordering::SeqCst);
-            let began = Instant::now();
-            // A client retries until its request is acknowledged.
-            // (A start fails while its answer waits past the ask timeout, or the store is
-            // briefly unreachable; each failure is counted in the report.)
-            while bank.start(&client, i).await.is_err() {
+            let sent = Instant::now();
+            // A client retries until its request is acknowledged, or the load stops (then the
+            // final check starts it, unacknowledged). A start fails while its answer waits
+            // past the ask timeout or the store is briefly unreachable; each failure is
+            // counted in the report.
+            loop {
+                if bank.start(&client, i).await.is_ok() {
+                    starts.push((i, sent, Instant::now()));
+                    break;
+                }
                 retries.fetch_add(1, Ordering::Relaxed);
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            starts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((began, Instant::now()));
         }
+        starts
     }));
-    let (probed, _) = futures::join!(probing, loading);
-    for p in probed {
-        p?;
-    }
+    let (probed, started) = futures::join!(probing, loading);
+    let load_end = Instant::now();
     let (nodes, kills, schedule) = tokio::task::spawn_blocking(move || killer.join())
         .await?
         .map_err(|_| Failure("the kill schedule panicked".into()))?;
     if let Err(e) = schedule {
-        nodes.stop();
-        return Err(e);
+        let stuck = tokio::task::spawn_blocking(move || nodes.stop()).await?;
+        return Err(Failure(format!(
+            "{} (nodes that did not stop: {stuck:?})",
+            e.0
+        )));
     }
+    let probes = probed.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let starts: Vec<(u32, Instant, Instant)> = started.into_iter().flatten().collect();
     bank.transfers = next.load(Ordering::SeqCst);
-    let starts = starts.into_inner().unwrap_or_else(|p| p.into_inner());
-    let probes = probes.into_inner().unwrap_or_else(|p| p.into_inner());
 
     let mut failovers = Vec::new();
     let mut idle_kills = 0;
-    for (at, node) in &kills {
-        // Every start in flight at the kill answered, and every account answered a probe.
+    for kill in &kills {
+        let (at, node) = (kill.at, &kill.node);
+        // Every start in flight at the kill answered ...
         let started = starts
             .iter()
-            .filter(|(began, ended)| began <= at && ended > at)
-            .map(|(_, ended)| *ended - *at)
+            .filter(|(_, sent, answered)| *sent <= at && *answered > at)
+            .map(|(_, _, answered)| *answered - at)
             .max()
             .unwrap_or_default();
-        let served = bank
-            .account_ids()
-            .filter_map(|n| {
-                probes
-                    .iter()
-                    .filter(|(a, ended)| *a == n && ended > at)
-                    .map(|(_, ended)| *ended - *at)
-                    .min()
+        // ... and every account answered a probe sent after it (one in flight at the kill
+        // may have been answered by the killed node; one sent after it cannot). An account
+        // that never answered again is held up until the load stopped.
+        let served = probes
+            .iter()
+            .map(|p| {
+                let after = p.partition_point(|(sent, _)| *sent < at);
+                p.get(after).map_or(load_end, |(_, answered)| *answered) - at
             })
             .max()
             .unwrap_or_default();
@@ -345,11 +423,14 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             idle_kills += 1;
         } else {
             eprintln!(
-                "torture-nodes: {node} killed; every start answered after {started:?}, every account after {served:?}"
+                "torture-nodes: {node} killed; its {} accounts taken over after {:?} ({} not); every start answered after {started:?}, every account after {served:?}",
+                kill.accounts, kill.taken_over, kill.not_taken_over
             );
             failovers.push(answered);
         }
     }
+    let takeovers: Vec<Duration> = kills.iter().filter_map(|k| k.taken_over).collect();
+    let not_taken_over: usize = kills.iter().map(|k| k.not_taken_over).sum();
     let summary = |mut d: Vec<Duration>| {
         d.sort();
         Failovers {
@@ -379,7 +460,7 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         })
         .start()
         .await?;
-    let acked: BTreeSet<u32> = bank.ids().collect();
+    let acked: BTreeSet<u32> = starts.iter().map(|(i, ..)| *i).collect();
     let last = tokio::time::timeout(
         Duration::from_secs(600),
         check_bank(&checker, &bank, &acked),
@@ -394,9 +475,17 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         kills: plan.kills,
         lease_ms: plan.lease_ms,
         transfers: bank.transfers,
+        acknowledged: acked.len(),
         failover_ms: summary(failovers),
+        takeover_ms: summary(takeovers),
+        not_taken_over,
         idle_kills,
-        start_ms: summary(starts.iter().map(|(b, e)| *e - *b).collect()),
+        start_ms: summary(
+            starts
+                .iter()
+                .map(|(_, sent, answered)| *answered - *sent)
+                .collect(),
+        ),
         start_retries: retries.load(Ordering::Relaxed),
         settle_ms,
         live_at_end,
@@ -409,13 +498,20 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         out(serde_json::to_string(&report)?)?;
     } else {
         out(format_args!(
-            "{} nodes, {} kills on {}: failover p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
+            "{} nodes, {} kills on {}: takeover p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
+             ({} kills of a node holding accounts, {} accounts not taken over); \
+             failover p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
              ({} kills held requests up, {} none; lease {} ms); start p50 {:.0} ms, p99 {:.0} ms; \
              transfers {}, lost {}, doubled {}; \
              settled in {} ms; live at the end: {}; journals gapless {}; parked {}",
             report.nodes,
             report.kills,
             report.backend,
+            report.takeover_ms.p50,
+            report.takeover_ms.p99,
+            report.takeover_ms.max,
+            report.takeover_ms.count,
+            report.not_taken_over,
             report.failover_ms.p50,
             report.failover_ms.p99,
             report.failover_ms.max,

@@ -1,5 +1,5 @@
 //! `loom-dev torture-nodes`, the real binary: the bank on three node processes sharing a private
-//! Redis or PostgreSQL server, a random node SIGKILLed and restarted every two to three seconds,
+//! Redis or PostgreSQL server, a node SIGKILLed and restarted every three to four seconds,
 //! a fourth node added halfway. Nothing acknowledged is lost, nothing is applied twice, every
 //! journal is gapless, nothing is parked, every node is listed live once at the end, and a
 //! killed node's work is taken over once its leases run out (the failover times are printed).
@@ -18,7 +18,7 @@ fn torture_nodes(backend: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_loom-dev"))
         .args(["torture-nodes", "--backend", backend, "--kills", "6"])
         .args(["--lease-ms", &LEASE_MS.to_string()])
-        .args(["--min-gap-ms", "2000", "--max-gap-ms", "3000"])
+        .args(["--min-gap-ms", "3000", "--max-gap-ms", "4000"])
         .args(["--concurrency", "16", "--json"])
         .output()
         .expect("run loom-dev torture-nodes");
@@ -38,16 +38,23 @@ fn torture_nodes(backend: &str) {
         serde_json::json!(["driver", "node-1", "node-2", "node-3", "node-4"])
     );
     assert!(report["transfers"].as_u64().unwrap_or(0) > 0);
-    // Some kill caught the killed node running transfers (with 16 starts in flight over 3 or 4
-    // nodes, nearly every one does), and their starts were answered once its leases and
-    // messages ran out, not a 30 s visibility timeout later. The bound is loose (the machine
-    // is shared with the server and five processes); the report has the figures.
-    let failovers = &report["failover_ms"];
-    assert!(failovers["count"].as_u64().unwrap_or(0) >= 1, "{report}");
-    let max = failovers["max"].as_f64().unwrap_or(f64::MAX);
+    // Some kill caught the killed node running accounts (three kills in four aim at one), and
+    // each of them had a new holder once its lease ran out, not a 10 s default visibility
+    // later; what the node held answered again after that and the backlog behind it. The
+    // bounds are loose (the machine is shared with the server and five processes); the report
+    // has the figures.
+    assert_eq!(report["not_taken_over"], 0, "{report}");
+    let takeovers = &report["takeover_ms"];
+    assert!(takeovers["count"].as_u64().unwrap_or(0) >= 1, "{report}");
+    let max = takeovers["max"].as_f64().unwrap_or(f64::MAX);
     assert!(
-        max < (2 * LEASE_MS + 2000) as f64,
-        "a failover took {max} ms with a lease ttl of {LEASE_MS} ms: {report}"
+        max < (2 * LEASE_MS + 1000) as f64,
+        "a takeover took {max} ms with a lease ttl of {LEASE_MS} ms: {report}"
+    );
+    let max = report["failover_ms"]["max"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        max < (3 * LEASE_MS + 3000) as f64,
+        "requests held up by a kill were answered {max} ms after it: {report}"
     );
 }
 
