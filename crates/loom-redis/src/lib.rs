@@ -33,7 +33,8 @@
 //!
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`, `membership.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts.
+//! `park.rs`, `membership.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts,
+//! `lua.rs` cuts from it each script's functions.
 //!
 //! ## Deployment
 //!
@@ -51,6 +52,7 @@ mod idempotency;
 mod journal;
 mod keys;
 mod lease;
+mod lua;
 mod mailbox;
 mod membership;
 mod park;
@@ -112,7 +114,7 @@ impl std::fmt::Debug for RedisStore {
 const LUA: &str = include_str!("loom.lua");
 
 fn script(entry: &str) -> Script {
-    Script::new(&format!("{LUA}\nreturn {entry}(KEYS, ARGV)\n"))
+    Script::new(&lua::script_source(LUA, entry))
 }
 
 pub(crate) struct Scripts {

@@ -1,4 +1,6 @@
--- Loom's Redis scripts. Each script is this prelude followed by one `return <entry>(KEYS, ARGV)`.
+-- Loom's Redis scripts. Each script is the functions its entry point reaches (cut from this file by
+-- lua.rs, which needs every top-level item to be a `local function` ending with `end` alone on its
+-- line) followed by one `return <entry>(KEYS, ARGV)`.
 --
 -- Key layout (P = prefix, T = the actor's hash tag; see keys.rs):
 --   P:{T}:j    stream, the journal; entry id "<seq>-0", field e = entry frame
