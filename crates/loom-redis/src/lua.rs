@@ -8,8 +8,10 @@
 //! function` sees only those above it, so the order is kept).
 //!
 //! This relies on the file's shape, which the tests check: every top-level item is a
-//! `local function name(` … `end` block (`end` alone on its line), and between them there are
-//! only comments and blank lines.
+//! `local function name(` … `end` block (`end` alone on its line, nested functions indented),
+//! and between them there are only comments and blank lines. A function's calls are the names
+//! of other functions in its code, read without its comments, its string literals and field
+//! names (`h.settle` is not a call of `settle`).
 
 use std::collections::BTreeSet;
 
@@ -30,6 +32,13 @@ fn functions(src: &str) -> Result<Vec<Function<'_>>, String> {
         offset += line.len();
         let bare = line.trim_end();
         match start {
+            Some((_, name)) if bare.starts_with("local function ") => {
+                return Err(format!(
+                    "line {}: a function begins before {name} ends (its `end` must be alone on \
+                     its line)",
+                    n + 1
+                ));
+            }
             None => {
                 if let Some(rest) = bare.strip_prefix("local function ") {
                     let name = rest.split('(').next().unwrap_or("").trim();
@@ -73,21 +82,62 @@ pub(crate) fn script_source(src: &str, entry: &str) -> String {
         if !reached.contains(f.name) {
             continue;
         }
-        for word in f
-            .text
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        {
+        for word in names_used(f.text) {
             if word != f.name && all.iter().any(|g| g.name == word) {
                 reached.insert(word);
             }
         }
     }
-    let mut out: String = all
-        .iter()
-        .filter(|f| reached.contains(f.name))
-        .map(|f| f.text)
-        .collect();
+    let mut out = String::new();
+    for f in all.iter().filter(|f| reached.contains(f.name)) {
+        out.push_str(f.text);
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
     out.push_str(&format!("return {entry}(KEYS, ARGV)\n"));
+    out
+}
+
+/// The names `code` uses: its identifiers outside comments (`--` to the end of the line) and
+/// string literals (`'…'`, `"…"`, with `\` escapes), and not after a `.` or `:` (fields and
+/// methods).
+fn names_used(code: &str) -> Vec<&str> {
+    let bytes = code.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != q {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                let member = start > 0 && matches!(bytes[start - 1], b'.' | b':');
+                if !member {
+                    out.push(&code[start..i]);
+                }
+            }
+            c if c.is_ascii_digit() => {
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
     out
 }
 
@@ -122,11 +172,60 @@ mod tests {
     fn a_misshapen_file_is_refused() {
         assert!(functions("local x = 1\n").is_err());
         assert!(functions("local function a()\n  return 1\n").is_err());
+        // A one-line function would swallow the next one.
+        assert!(
+            functions("local function a() return 1 end\nlocal function b()\n  return 2\nend\n")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn comments_strings_and_fields_are_not_calls() {
+        let used =
+            names_used("local x = h.settle + t:lease() -- park here\n y('park', \"a\\\"b\") z2");
+        assert_eq!(used, ["local", "x", "h", "t", "y", "z2"]);
+    }
+
+    /// Every entry point of the file (a function of `(KEYS, ARGV)`) gets a script that defines
+    /// it and every function any of its functions calls.
+    #[test]
+    fn every_entrys_script_is_closed_under_its_calls() {
+        let all = functions(crate::LUA).expect("loom.lua keeps its shape");
+        let names: BTreeSet<&str> = all.iter().map(|f| f.name).collect();
+        let entries: Vec<&str> = all
+            .iter()
+            .filter(|f| {
+                f.text
+                    .starts_with(&format!("local function {}(KEYS, ARGV)", f.name))
+            })
+            .map(|f| f.name)
+            .collect();
+        assert!(entries.len() > 25, "{entries:?}");
+        for entry in entries {
+            let script = script_source(crate::LUA, entry);
+            let got = functions(&script[..script.rfind("return ").expect("a return")])
+                .expect("a script keeps the file's shape");
+            let defined: BTreeSet<&str> = got.iter().map(|f| f.name).collect();
+            assert!(
+                defined.contains(entry),
+                "{entry} is not defined in its own script"
+            );
+            for f in &got {
+                for word in names_used(f.text) {
+                    assert!(
+                        !names.contains(word) || defined.contains(word),
+                        "{entry}'s script calls {word} (in {}) without defining it",
+                        f.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn the_append_script_is_a_fraction_of_the_file() {
         let s = script_source(crate::LUA, "append");
+        assert!(s.contains("local function append(KEYS, ARGV)"), "{s}");
         assert!(s.contains("local function j_append("), "{s}");
         assert!(
             s.len() * 4 < crate::LUA.len(),
