@@ -265,18 +265,16 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                 _ => vec![(url.clone(), label.clone())],
             };
             if let (Some(counts), Some(store)) = (&s.nodes, &s.store) {
-                let shape = Bank {
-                    accounts: s.actors.unwrap_or(100) as u32,
-                    transfers: s.entries.unwrap_or(10_000) as u32,
-                    concurrency: 512,
-                    seed: u64::from(fastrand::u32(..)),
-                    first: fastrand::u32(..1_000_000) * 1000,
-                    first_account: fastrand::u32(..1_000_000) * 1000,
-                    ..Bank::default()
-                };
                 results.extend(
-                    crate::nodes::bench_bank(store, &namespace, &label, counts, shape, &baseline)
-                        .await?,
+                    crate::nodes::bench_bank(
+                        store,
+                        &namespace,
+                        &label,
+                        counts,
+                        bank_shape(&s),
+                        &baseline,
+                    )
+                    .await?,
                 );
                 continue;
             }
@@ -289,17 +287,7 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     Some(e) if !label.contains("P=") => format!("{label} P={}", e.partitions()),
                     _ => label.clone(),
                 };
-                let cfg = Bank {
-                    accounts: s.actors.unwrap_or(100) as u32,
-                    transfers: s.entries.unwrap_or(10_000) as u32,
-                    concurrency: 512,
-                    seed: u64::from(fastrand::u32(..)),
-                    first: fastrand::u32(..1_000_000) * 1000,
-                    // Fresh accounts for every run: a repeat on the same store must not find
-                    // the balances of the run before (its verification counts from zero).
-                    first_account: fastrand::u32(..1_000_000) * 1000,
-                    ..Bank::default()
-                };
+                let cfg = bank_shape(&s);
                 let rt = Bank::register(Runtime::builder().store(opened.store.clone()))
                     .configure(|c| c.ask_timeout = Duration::from_secs(600))
                     .start()
@@ -378,6 +366,22 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The bank of a run: `--actors` accounts (default 100), `--entries` transfers (default
+/// 10 000), 512 in flight, a fresh seed, and fresh transfer and account numbers, so that a
+/// repeat on the same store does not find the balances of the run before (its verification
+/// counts from zero).
+fn bank_shape(s: &Settings) -> Bank {
+    Bank {
+        accounts: s.actors.unwrap_or(100) as u32,
+        transfers: s.entries.unwrap_or(10_000) as u32,
+        concurrency: 512,
+        seed: u64::from(fastrand::u32(..)),
+        first: fastrand::u32(..1_000_000) * 1000,
+        first_account: fastrand::u32(..1_000_000) * 1000,
+        ..Bank::default()
+    }
 }
 
 /// The sleepers scenario: the baseline held in memory (at most 5 000 of them), then suspended,

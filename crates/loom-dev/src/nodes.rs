@@ -403,6 +403,7 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             .filter(|(_, sent, answered)| *sent <= at && *answered > at)
             .map(|(_, _, answered)| *answered - at)
             .max()
+            // No start was in flight at the kill: none was held up.
             .unwrap_or_default();
         // ... and every account answered a probe sent after it (one in flight at the kill
         // may have been answered by the killed node; one sent after it cannot). An account
@@ -414,6 +415,7 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                 p.get(after).map_or(load_end, |(_, answered)| *answered) - at
             })
             .max()
+            // No account was probed (none opened): none was held up.
             .unwrap_or_default();
         let answered = started.max(served);
         if answered < lease / 4 {
