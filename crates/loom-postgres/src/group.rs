@@ -1,16 +1,24 @@
 //! The two group-committed requests, appends and turns: what a request carries, and how a batch
 //! of them runs (`append_many` / `turn_many` in `schema.sql`; a batch of one uses `append` /
-//! `turn`). See `batch.rs` for the batching itself and its invariants.
+//! `turn`). See `loom_core::store::backend::Batcher` for the batching itself and its invariants.
+//!
+//! What PostgreSQL adds to them (rule D1): a caller's answer is read only once the server has
+//! answered `ReadyForQuery`, after the statement's implicit transaction committed (with
+//! `synchronous_commit = on`, which every session sets: after its WAL flush). If a whole batch
+//! fails for a reason that is not about the connection (one request the server could not run),
+//! every request is tried again on its own, so one bad request cannot fail the others; a
+//! connection failure is reported to every caller as `Unavailable` (the batch may or may not
+//! have committed, as for any single request).
 
 use std::sync::Arc;
 
 use futures::FutureExt;
+use loom_core::store::backend::{Batcher, RunBatch};
 use loom_core::{StoreError, StoreResult};
 use sqlx::PgPool;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use crate::batch::{Batcher, RunBatch};
 use crate::pe;
 
 /// One conditional append.
@@ -163,7 +171,7 @@ pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<App
         }
         .boxed()
     });
-    Batcher::start(workers, APPEND_BATCH, run)
+    Batcher::start(crate::BACKEND, workers, APPEND_BATCH, run)
 }
 
 /// The batcher of turns.
@@ -261,7 +269,7 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
         }
         .boxed()
     });
-    Batcher::start(workers, TURN_BATCH, run)
+    Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
 }
 
 /// A batch's turns as one array per parameter of `turn_many`.

@@ -14,7 +14,7 @@
 //! nothing outside it is touched. Group commit: concurrent appends, and concurrent turns, from
 //! many actors are sent together as one statement per batch (`append_many`, `turn_many`), so
 //! one transaction and one WAL flush serve the whole batch, and each caller hears back only
-//! after that commit (see `batch.rs`). Everything else runs on a connection pool, where
+//! after that commit (see `group.rs`). Everything else runs on a connection pool, where
 //! PostgreSQL's own WAL group commit merges the flushes of concurrent transactions.
 //! Durability is PostgreSQL's: Loom's sessions run with `synchronous_commit = on` whatever the
 //! server's default, so a write is acknowledged only after its WAL flush (and on synchronous
@@ -24,7 +24,7 @@
 //!
 //! The files follow the embedded store's and Redis's map, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`, `membership.rs`; `sql.rs` holds what they share, `batch.rs` and `group.rs` the group commit,
+//! `park.rs`, `membership.rs`; `sql.rs` holds what they share, `group.rs` the group commit,
 //! `schema.sql` the tables and functions.
 //!
 //! ```no_run
@@ -33,7 +33,6 @@
 //! # Ok(()) }
 //! ```
 
-mod batch;
 mod group;
 mod idempotency;
 mod journal;
@@ -102,9 +101,9 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: PgPool,
     schema: String,
-    /// Group commit of appends and of turns (see `batch.rs`).
-    appends: std::sync::Arc<batch::Batcher<group::AppendReq, group::AppendOut>>,
-    turns: std::sync::Arc<batch::Batcher<group::TurnReq, group::TurnOut>>,
+    /// Group commit of appends and of turns (see `group.rs`).
+    appends: std::sync::Arc<loom_core::store::backend::Batcher<group::AppendReq, group::AppendOut>>,
+    turns: std::sync::Arc<loom_core::store::backend::Batcher<group::TurnReq, group::TurnOut>>,
     /// Counts notifications on the schema's channel (`None` with notifications off).
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
     /// Recorded results, from the schema's reply channel (`None` with notifications off).

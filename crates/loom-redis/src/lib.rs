@@ -8,7 +8,9 @@
 //! one Lua script (`loom.lua`, which also documents the key layout), so it is atomic.
 //!
 //! Concurrent requests from many actors share the connection: the connection manager pipelines
-//! them, which is Redis's group commit.
+//! them, and concurrent calls of the hot path's scripts (appends, turns, enqueues, mailbox
+//! leases and settles, lookups) go as one script call per batch (`group.rs`), so one
+//! `appendfsync always` flush and one script call serve many requests.
 //!
 //! ## What Redis's persistence settings guarantee
 //!
@@ -33,7 +35,8 @@
 //!
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`, `membership.rs`; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts,
+//! `park.rs`, `membership.rs`; `group.rs` sends concurrent calls of the hot path's scripts as one
+//! script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts,
 //! `lua.rs` cuts from it each script's functions.
 //!
 //! ## Deployment
@@ -48,6 +51,7 @@
 //! # Ok(()) }
 //! ```
 
+mod group;
 mod idempotency;
 mod journal;
 mod keys;
@@ -101,8 +105,10 @@ pub struct RedisStore {
     conn: ConnectionManager,
     /// The pub/sub connection of reply signals (`idempotency.rs`).
     signals: Arc<idempotency::Signals>,
+    /// Group commit of the batched scripts' calls (`group.rs`).
+    group: Arc<group::Group>,
     keys: Keys,
-    scripts: Arc<Scripts>,
+    scripts: &'static Scripts,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -117,77 +123,63 @@ fn script(entry: &str) -> Script {
     Script::new(&lua::script_source(LUA, entry))
 }
 
-pub(crate) struct Scripts {
-    pub(crate) append: Script,
-    pub(crate) save_snapshot: Script,
-    pub(crate) load_snapshot: Script,
-    pub(crate) trim: Script,
-    pub(crate) compact: Script,
-    pub(crate) delete: Script,
-    pub(crate) enqueue: Script,
-    pub(crate) enqueue_once: Script,
-    pub(crate) enqueue_event: Script,
-    pub(crate) lease: Script,
-    pub(crate) settle: Script,
-    pub(crate) cancel: Script,
-    pub(crate) retire: Script,
-    pub(crate) requeue: Script,
-    pub(crate) ready_actors: Script,
-    pub(crate) acquire: Script,
-    pub(crate) lease_cas: Script,
-    pub(crate) renew_many: Script,
-    pub(crate) holder: Script,
-    pub(crate) reserve: Script,
-    pub(crate) abandon: Script,
-    pub(crate) lookup: Script,
-    pub(crate) turn: Script,
-    pub(crate) begin_at: Script,
-    pub(crate) messages: Script,
-    pub(crate) park: Script,
-    pub(crate) unpark: Script,
-    pub(crate) migrate_ready: Script,
-    pub(crate) heartbeat: Script,
-    pub(crate) leave: Script,
-    pub(crate) members: Script,
+/// One entry point of `loom.lua`: its name (which `batch` calls it by), its own script, and
+/// whether its calls go through the group commit (`group.rs`).
+pub(crate) struct Entry {
+    pub(crate) name: &'static str,
+    pub(crate) script: Script,
+    pub(crate) batched: bool,
 }
 
-impl Scripts {
-    fn new() -> Self {
-        Scripts {
-            append: script("append"),
-            save_snapshot: script("save_snapshot"),
-            load_snapshot: script("load_snapshot"),
-            trim: script("trim"),
-            compact: script("compact"),
-            delete: script("delete"),
-            enqueue: script("enqueue"),
-            enqueue_once: script("enqueue_once"),
-            enqueue_event: script("enqueue_event"),
-            lease: script("lease"),
-            settle: script("settle"),
-            cancel: script("cancel"),
-            retire: script("retire"),
-            requeue: script("requeue"),
-            ready_actors: script("ready_actors"),
-            acquire: script("acquire"),
-            lease_cas: script("lease_cas"),
-            renew_many: script("renew_many"),
-            holder: script("holder"),
-            reserve: script("reserve"),
-            abandon: script("abandon"),
-            lookup: script("lookup"),
-            turn: script("turn"),
-            begin_at: script("begin_at"),
-            messages: script("messages"),
-            park: script("park"),
-            unpark: script("unpark"),
-            migrate_ready: script("migrate_ready"),
-            heartbeat: script("heartbeat"),
-            leave: script("leave"),
-            members: script("members"),
+/// Declares [`Scripts`], one [`Entry`] per name, and [`BATCHED`], the names `batch` runs.
+macro_rules! scripts {
+    (batched: $($b:ident),* ; alone: $($a:ident),* $(,)?) => {
+        /// Every script: each entry point alone, and `batch`, which runs the batched ones.
+        pub(crate) struct Scripts {
+            $(pub(crate) $b: Entry,)*
+            $(pub(crate) $a: Entry,)*
+            pub(crate) batch: Script,
         }
-    }
+
+        impl Scripts {
+            fn new() -> Self {
+                Scripts {
+                    $($b: Entry {
+                        name: stringify!($b),
+                        script: script(stringify!($b)),
+                        batched: true,
+                    },)*
+                    $($a: Entry {
+                        name: stringify!($a),
+                        script: script(stringify!($a)),
+                        batched: false,
+                    },)*
+                    batch: script("batch"),
+                }
+            }
+        }
+
+        /// The entry points that go through the group commit, which `batch`'s table in
+        /// `loom.lua` must list, and the others.
+        #[cfg(test)]
+        pub(crate) const BATCHED: &[&str] = &[$(stringify!($b)),*];
+        #[cfg(test)]
+        pub(crate) const ALONE: &[&str] = &[$(stringify!($a)),*];
+    };
 }
+
+// Batched: the calls of the hot path, many at once under load, each with a small reply.
+// Alone: rarer calls, those whose reply can be large (a snapshot, a mailbox's messages, a ready
+// list), and lease renewals and heartbeats, which should not wait behind others.
+scripts!(
+    batched: append, turn, enqueue, enqueue_once, lease, settle, lookup;
+    alone: save_snapshot, load_snapshot, trim, compact, delete, enqueue_event, cancel, retire,
+    requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
+    messages, park, unpark, migrate_ready, heartbeat, leave, members,
+);
+
+/// The scripts, made once for every store (they are the same text).
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Scripts::new);
 
 /// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
 /// (the request may or may not have run; every Loom write is safe to retry), anything else
@@ -255,10 +247,11 @@ impl RedisStore {
             .await
             .map_err(re)?;
         let store = RedisStore {
+            group: Arc::new(group::start(conn.clone())),
             conn,
             signals: Arc::new(idempotency::Signals::new(client)),
             keys: Keys::new(&options.prefix),
-            scripts: Arc::new(Scripts::new()),
+            scripts: &SCRIPTS,
         };
         store.check_persistence().await;
         store.upgrade().await?;
@@ -361,28 +354,25 @@ impl RedisStore {
         }
     }
 
+    /// Runs `entry` with `keys` and `args`, in the next group commit (`group.rs`) if it is
+    /// batched; its reply.
     pub(crate) async fn run(
         &self,
-        script: &Script,
+        entry: &'static Entry,
         keys: &[&str],
         args: Vec<Vec<u8>>,
     ) -> Result<Vec<Value>, StoreError> {
-        let mut inv = script.prepare_invoke();
-        for k in keys {
-            inv.key(*k);
+        if !entry.batched {
+            let mut conn = self.conn.clone();
+            return group::array(group::invoke(&mut conn, &entry.script, keys, args).await?);
         }
-        for a in args {
-            inv.arg(a);
+        group::Call {
+            entry,
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            args,
         }
-        let mut conn = self.conn.clone();
-        let v: Value = inv.invoke_async(&mut conn).await.map_err(re)?;
-        match v {
-            Value::Array(items) => Ok(items),
-            other => Err(StoreError::storage(
-                BACKEND,
-                Unexpected(format!("script replied {other:?}")),
-            )),
-        }
+        .submit(&self.group)
+        .await
     }
 
     pub(crate) fn conn(&self) -> ConnectionManager {

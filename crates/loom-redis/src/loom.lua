@@ -781,3 +781,40 @@ local function members(KEYS, ARGV)
   for i = 1, #all do out[#out + 1] = all[i] end
   return out
 end
+
+-- Group commit (group.rs): several requests of the hot path's entry points (the table below),
+-- of any actors, in one call. Each runs as its own script would, one after another in order, and has its own reply: a refused request
+-- writes nothing, and one whose Redis command fails (out of memory, a read-only replica) gets
+-- that error as its reply, keeping what it wrote before it as it would alone, while the others
+-- go on.
+-- ARGV: n, then per request its entry's name, key count and argument count, then
+--       every request's arguments in order.
+-- KEYS: every request's keys, in order.
+-- Reply: one reply per request: its own, or { 'error', message } for a failed one (not an
+-- error reply, which would fail the whole call in the client).
+local function batch(KEYS, ARGV)
+  local entries = {
+    append = append, turn = turn, enqueue = enqueue, enqueue_once = enqueue_once, lease = lease,
+    settle = settle, lookup = lookup
+  }
+  local n = tonumber(ARGV[1])
+  local k, a = 0, 1 + 3 * n
+  local out = {}
+  for r = 1, n do
+    local at = 2 + 3 * (r - 1)
+    local entry = entries[ARGV[at]]
+    local nk, na = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+    local keys, args = {}, {}
+    for i = 1, nk do keys[i] = KEYS[k + i] end
+    for i = 1, na do args[i] = ARGV[a + i] end
+    k, a = k + nk, a + na
+    local ok, reply = pcall(entry, keys, args)
+    if ok then
+      out[r] = reply
+    else
+      if type(reply) == 'table' and reply.err then reply = reply.err end
+      out[r] = { 'error', (string.gsub(tostring(reply), '[\r\n]', ' ')) }
+    end
+  end
+  return out
+end

@@ -222,6 +222,51 @@ mod tests {
         }
     }
 
+    /// `batch` runs an entry by the name Rust gives it, from its table: the table must list
+    /// every batched entry point, by its own name, and nothing else.
+    #[test]
+    fn the_batch_table_lists_every_entry_by_its_name() {
+        let all = functions(crate::LUA).expect("loom.lua keeps its shape");
+        let batch = all
+            .iter()
+            .find(|f| f.name == "batch")
+            .expect("a batch function");
+        let table = batch
+            .text
+            .split("local entries = {")
+            .nth(1)
+            .and_then(|t| t.split('}').next())
+            .expect("batch's table of entries");
+        let listed: BTreeSet<&str> = table
+            .split(',')
+            .map(|pair| {
+                let (k, v) = pair.split_once('=').expect("name = function");
+                assert_eq!(
+                    k.trim(),
+                    v.trim(),
+                    "{pair:?} calls another entry than its name"
+                );
+                k.trim()
+            })
+            .collect();
+        let batched: BTreeSet<&str> = crate::BATCHED.iter().copied().collect();
+        assert_eq!(listed, batched);
+        let entry_points: BTreeSet<&str> = all
+            .iter()
+            .filter(|f| {
+                f.text
+                    .starts_with(&format!("local function {}(KEYS, ARGV)", f.name))
+            })
+            .map(|f| f.name)
+            .filter(|n| *n != "batch")
+            .collect();
+        let declared: BTreeSet<&str> = crate::BATCHED.iter().chain(crate::ALONE).copied().collect();
+        assert_eq!(
+            entry_points, declared,
+            "every entry point of the file has a script"
+        );
+    }
+
     #[test]
     fn the_append_script_is_a_fraction_of_the_file() {
         let s = script_source(crate::LUA, "append");

@@ -1,11 +1,13 @@
 //! What a backend needs to implement the store contract, and nothing a user of Loom needs: the
 //! [`Turn`] a store commits in one atomic write and what comes with it, and the checks every
-//! backend runs before it writes, kept here once so that the backends cannot disagree.
+//! backend runs before it writes, kept here once so that the backends cannot disagree; and the
+//! group commit ([`Batcher`]) of the backends that talk to a server.
 
 use std::time::Duration;
 
 use crate::error::StoreResult;
 
+pub use super::batch::{BATCH_PAYLOAD_MAX, Batcher, RunBatch};
 pub use super::idempotency::prepare_result;
 pub use super::journal::{Page, paged_read, prepare_append, prepare_snapshot};
 pub use super::lease::check_owner;

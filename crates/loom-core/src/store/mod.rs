@@ -12,6 +12,7 @@
 //! [`Delivery::from_frame`] are the rest of that shared logic.
 
 pub mod backend;
+mod batch;
 mod idempotency;
 mod journal;
 mod lease;

@@ -1,0 +1,164 @@
+//! Group commit on a real Redis: concurrent appends and turns share script calls, each request
+//! is still decided alone (racing first appends: one wins), and turns of one batch see each
+//! other's writes as if they had been sent one by one.
+
+use futures::TryStreamExt;
+use loom_core::store::backend::{Outgoing, Turn};
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, SeqRange, Store, StoreError,
+};
+use loom_redis::{RedisOptions, RedisStore};
+use loom_testkit::servers::RedisServer;
+use serde_json::json;
+
+fn entry(seq: u64) -> Entry {
+    Entry::new(
+        seq,
+        EntryKind::Completed {
+            reply: json!({ "seq": seq }),
+        },
+    )
+}
+
+fn id(key: &str) -> ActorId {
+    ActorId::new("group", key).expect("id")
+}
+
+async fn connect(url: &str) -> RedisStore {
+    let options = RedisOptions {
+        prefix: "grp".into(),
+        ..RedisOptions::default()
+    };
+    RedisStore::connect_with(url, options)
+        .await
+        .expect("connect")
+}
+
+/// How many script calls the server has run (`EVALSHA` and `EVAL`).
+async fn script_calls(url: &str) -> u64 {
+    let client = redis::Client::open(url).expect("client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split(['=', ','])
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_script_calls_and_each_is_decided_alone() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url).await;
+    let before = script_calls(&url).await;
+    let mut tasks = Vec::new();
+    for n in 0..400 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.append(&id(&format!("a{n}")), 1, &[entry(1)]).await
+        }));
+    }
+    // Eight first appends racing on one actor, inside the same batches.
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(&id("shared"), 1, &[entry(1)]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("append"), 1);
+    }
+    let mut won = 0;
+    for t in racers {
+        match t.await.expect("task") {
+            Ok(1) => won += 1,
+            Err(StoreError::Conflict { actual: 2, .. }) => {}
+            other => panic!("a racing first append must win or conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one racing first append wins");
+    let shared: Vec<Entry> = store
+        .read(&id("shared"), SeqRange::all())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(shared.len(), 1);
+    let used = script_calls(&url).await - before;
+    eprintln!("408 appends in {used} script calls");
+    assert!(
+        used < 408 / 4,
+        "408 appends took {used} script calls: appends are not sent together"
+    );
+    assert!(store.destroy().await.expect("destroy") > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_turns_sending_to_each_other_all_arrive_and_share_calls() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url).await;
+    let before = script_calls(&url).await;
+    let actors = 40;
+    let turns_each = 8u64;
+    let mut tasks = Vec::new();
+    for a in 0..actors {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let me = id(&format!("t{a}"));
+            for seq in 1..=turns_each {
+                // Each turn writes the mailboxes of three others, some of them in the same batch.
+                let send: Vec<Outgoing> = [1, actors / 2, actors - 1]
+                    .iter()
+                    .map(|d| Outgoing {
+                        envelope: Envelope::new(
+                            id(&format!("t{}", (a + d * seq as usize) % actors)),
+                            json!({ "from": a, "seq": seq }),
+                        ),
+                        deliver_at: None,
+                    })
+                    .collect();
+                let entries = [entry(seq)];
+                let turn = Turn {
+                    send: &send,
+                    ..Turn::append(&me, seq, &entries)
+                };
+                store
+                    .commit_turn(turn)
+                    .await
+                    .map_err(|e| format!("t{a} turn {seq}: {e}"))?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("no turn may fail");
+    }
+    let used = script_calls(&url).await - before;
+    let turns = actors as u64 * turns_each;
+    eprintln!("{turns} turns in {used} script calls");
+    assert!(
+        used < turns / 2,
+        "{turns} turns took {used} script calls: turns are not sent together"
+    );
+    let mut waiting = 0;
+    for a in 0..actors {
+        waiting += store.pending(&id(&format!("t{a}"))).await.expect("pending");
+        assert_eq!(
+            store.highest_seq(&id(&format!("t{a}"))).await.unwrap(),
+            turns_each
+        );
+    }
+    assert_eq!(waiting, turns * 3);
+    assert!(store.destroy().await.expect("destroy") > 0);
+}
