@@ -10,8 +10,8 @@
 //! `append-concurrent` at a third of what bare pipelined `XADD`s reach on the same server.
 //!
 //! Inside `batch` each request runs as its own script would, one after another in its batch's
-//! order (two batches in flight may reach the server in either order, as two pipelined calls
-//! from different tasks could), each with its own reply: a refused request writes nothing, and
+//! order (requests are taken from the queue in order, but two batches in flight may reach the
+//! server in either order, as two pipelined calls from different tasks could), each with its own reply: a refused request writes nothing, and
 //! a request whose Redis command fails (a key of the wrong type, a read-only replica) gets that
 //! error as its reply, as it would have alone, while the others go on. A failed call (the
 //! connection dropped, the reply timed out) fails every request in it with the same error,
@@ -26,10 +26,11 @@
 //! (fencing still holds: the batch is atomic, nothing else runs in between).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
-use loom_core::StoreResult;
 use loom_core::store::backend::{Batcher, RunBatch};
+use loom_core::{StoreError, StoreResult};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
@@ -58,12 +59,27 @@ impl Call {
 }
 
 /// The batcher of the batched scripts' calls; its tasks end when it is dropped.
-pub(crate) type Group = Batcher<Call, Vec<Value>>;
-
-/// Starts the group commit on `conn`.
-pub(crate) fn start(conn: ConnectionManager) -> Group {
-    Batcher::start(crate::BACKEND, WORKERS, MAX_REQUESTS, run(conn, &SCRIPTS))
+pub(crate) struct Group {
+    batcher: Batcher<Call, Vec<Value>>,
+    /// How long a caller waits for its reply, in the queue and in its batch's call.
+    limit: Duration,
 }
+
+/// Starts the group commit on `conn`, whose calls time out after `response_timeout`.
+pub(crate) fn start(conn: ConnectionManager, response_timeout: Duration) -> Group {
+    Group {
+        batcher: Batcher::start(crate::BACKEND, WORKERS, MAX_REQUESTS, run(conn, &SCRIPTS)),
+        // A request may wait for a batch in flight before its own goes out.
+        limit: response_timeout * 2,
+    }
+}
+
+/// A caller's wait that ran out (see [`Group`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no reply within {0:?} (waiting for a batch, then in it); the request may or may not have run"
+)]
+struct NoReply(Duration);
 
 /// How a batch runs: one `batch` call, or the request's own script for a batch of one.
 fn run(conn: ConnectionManager, scripts: &'static Scripts) -> RunBatch<Call, Vec<Value>> {
@@ -106,10 +122,18 @@ fn run(conn: ConnectionManager, scripts: &'static Scripts) -> RunBatch<Call, Vec
 }
 
 impl Call {
-    /// Queues the call in `group` and waits for its reply.
+    /// Queues the call in `group` and waits for its reply, at most twice the response timeout:
+    /// a server that stops answering fails the callers still queued too, as `Unavailable`,
+    /// instead of leaving them to wait for every batch ahead of them to time out.
     pub(crate) async fn submit(self, group: &Group) -> StoreResult<Vec<Value>> {
         let bytes = self.bytes();
-        group.submit(self, bytes).await
+        match tokio::time::timeout(group.limit, group.batcher.submit(self, bytes)).await {
+            Ok(reply) => reply,
+            Err(_) => Err(StoreError::unavailable(
+                crate::BACKEND,
+                NoReply(group.limit),
+            )),
+        }
     }
 }
 

@@ -247,7 +247,7 @@ impl RedisStore {
             .await
             .map_err(re)?;
         let store = RedisStore {
-            group: Arc::new(group::start(conn.clone())),
+            group: Arc::new(group::start(conn.clone(), options.response_timeout)),
             conn,
             signals: Arc::new(idempotency::Signals::new(client)),
             keys: Keys::new(&options.prefix),

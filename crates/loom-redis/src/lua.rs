@@ -239,6 +239,7 @@ mod tests {
             .expect("batch's table of entries");
         let listed: BTreeSet<&str> = table
             .split(',')
+            .filter(|pair| !pair.trim().is_empty())
             .map(|pair| {
                 let (k, v) = pair.split_once('=').expect("name = function");
                 assert_eq!(

@@ -1,6 +1,9 @@
 //! Group commit on a real Redis: concurrent appends and turns share script calls, each request
-//! is still decided alone (racing first appends: one wins), and turns of one batch see each
-//! other's writes as if they had been sent one by one.
+//! is still decided alone (racing first appends: one wins), turns of one batch see each
+//! other's writes as if they had been sent one by one, and callers queued behind a server that
+//! stopped answering hear so in bounded time.
+
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use loom_core::store::backend::{Outgoing, Turn};
@@ -25,8 +28,13 @@ fn id(key: &str) -> ActorId {
 }
 
 async fn connect(url: &str) -> RedisStore {
+    connect_with(url, Duration::from_secs(10)).await
+}
+
+async fn connect_with(url: &str, response_timeout: Duration) -> RedisStore {
     let options = RedisOptions {
         prefix: "grp".into(),
+        response_timeout,
         ..RedisOptions::default()
     };
     RedisStore::connect_with(url, options)
@@ -34,16 +42,31 @@ async fn connect(url: &str) -> RedisStore {
         .expect("connect")
 }
 
-/// How many script calls the server has run (`EVALSHA` and `EVAL`).
-async fn script_calls(url: &str) -> u64 {
+async fn admin(url: &str) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(url).expect("client");
-    let mut c = client
+    client
         .get_multiplexed_async_connection()
         .await
-        .expect("admin");
+        .expect("admin")
+}
+
+/// Holds every write (script calls among them) for `ms`, so that requests sent meanwhile queue
+/// in the store's batcher behind the batches already sent, whatever the machine's speed.
+async fn pause_writes(url: &str, ms: u64) {
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query_async(&mut admin(url).await)
+        .await
+        .expect("CLIENT PAUSE");
+}
+
+/// How many script calls the server has run (`EVALSHA` and `EVAL`).
+async fn script_calls(url: &str) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
-        .query_async(&mut c)
+        .query_async(&mut admin(url).await)
         .await
         .expect("INFO");
     info.lines()
@@ -62,6 +85,7 @@ async fn concurrent_appends_share_script_calls_and_each_is_decided_alone() {
     let url = server.url();
     let store = connect(&url).await;
     let before = script_calls(&url).await;
+    pause_writes(&url, 200).await;
     let mut tasks = Vec::new();
     for n in 0..400 {
         let store = store.clone();
@@ -109,6 +133,7 @@ async fn batched_turns_sending_to_each_other_all_arrive_and_share_calls() {
     let url = server.url();
     let store = connect(&url).await;
     let before = script_calls(&url).await;
+    pause_writes(&url, 200).await;
     let actors = 40;
     let turns_each = 8u64;
     let mut tasks = Vec::new();
@@ -161,4 +186,45 @@ async fn batched_turns_sending_to_each_other_all_arrive_and_share_calls() {
     }
     assert_eq!(waiting, turns * 3);
     assert!(store.destroy().await.expect("destroy") > 0);
+}
+
+/// A server that stops answering (all writes paused) fails every caller within about twice the
+/// response timeout, those still queued behind the batches in flight included; without the
+/// bound on the queue, the last of 5 000 waited for some 20 batches to time out one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_queued_behind_a_silent_server_fail_in_bounded_time() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let timeout = Duration::from_millis(300);
+    let store = connect_with(&url, timeout).await;
+    pause_writes(&url, 30_000).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..5000 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = store.append(&id(&format!("s{n}")), 1, &[entry(1)]).await;
+            (r, started.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (r, took) = t.await.expect("task");
+        assert!(
+            matches!(r, Err(StoreError::Unavailable { .. })),
+            "a paused server cannot acknowledge: {r:?}"
+        );
+        slowest = slowest.max(took);
+    }
+    eprintln!("slowest caller heard back after {slowest:?}");
+    // Twice the timeout, and room for a loaded machine to spawn and schedule 5 000 tasks.
+    assert!(
+        slowest < timeout * 2 + Duration::from_secs(2),
+        "a caller waited {slowest:?}"
+    );
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin(&url).await)
+        .await
+        .expect("CLIENT UNPAUSE");
 }

@@ -14,6 +14,7 @@
 //! - Requests are taken in the order they were submitted, and a batch keeps that order.
 //! - A batch holds at most the batcher's `max_requests` requests and, unless one request alone
 //!   is larger, at most [`BATCH_PAYLOAD_MAX`] of payload.
+//! - A request whose caller stopped waiting before its batch was formed is dropped unsent.
 //! - A batch whose `run` returns the wrong number of results fails every caller in it with
 //!   [`StoreError::Storage`], rather than giving anyone another request's result.
 
@@ -77,8 +78,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     /// Queues `request` (of `bytes` payload) at once, when called, and returns a future that
-    /// waits for the batch that holds it to commit. Requests queued by one task go out in the
-    /// order it queued them.
+    /// waits for the batch that holds it to commit. Requests are taken from the queue in the
+    /// order they were queued (with more than one worker, two batches may still reach the
+    /// server in either order). A request whose future is dropped before its batch is formed
+    /// is not sent; once sent, it runs whether or not anyone still waits.
     pub fn submit(
         &self,
         request: I,
@@ -139,8 +142,17 @@ async fn work<I, O>(
         let mut requests = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for (request, _, reply) in batch {
+            // A caller that gave up before its request went out (its future dropped, or timed
+            // out waiting) was told it may or may not run: it does not, which spares a server
+            // that is slow to answer the work no one waits for.
+            if reply.is_closed() {
+                continue;
+            }
             requests.push(request);
             replies.push(reply);
+        }
+        if requests.is_empty() {
+            continue;
         }
         let n = replies.len();
         let mut results = run(requests).await;
@@ -210,6 +222,49 @@ mod tests {
             (1..100).collect::<Vec<_>>(),
             "the 99 queued behind the batch in flight went out together, in order"
         );
+    }
+
+    /// Of ten requests queued behind a batch in flight, the five whose callers gave up are not
+    /// sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_whose_callers_gave_up_are_not_sent() {
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hold = Arc::new(tokio::sync::Semaphore::new(0));
+        let (seen, held) = (sent.clone(), hold.clone());
+        let run: RunBatch<usize, usize> = Arc::new(move |batch: Vec<usize>| {
+            let (seen, held) = (seen.clone(), held.clone());
+            async move {
+                seen.lock().unwrap().push(batch.clone());
+                if batch == [0] {
+                    held.acquire().await.expect("open").forget();
+                }
+                batch.into_iter().map(Ok).collect()
+            }
+            .boxed()
+        });
+        let b = Arc::new(Batcher::start("test", 1, 128, run));
+        let first = {
+            let b = b.clone();
+            tokio::spawn(async move { b.submit(0, 1).await })
+        };
+        while sent.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let mut kept = Vec::new();
+        for n in 1..=10 {
+            let f = b.submit(n, 1);
+            if n % 2 == 0 {
+                kept.push(f);
+            }
+        }
+        hold.add_permits(1);
+        first.await.unwrap().unwrap();
+        let answers = futures::future::join_all(kept).await;
+        assert_eq!(
+            answers.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            [2, 4, 6, 8, 10]
+        );
+        assert_eq!(sent.lock().unwrap()[1], [2, 4, 6, 8, 10]);
     }
 
     #[tokio::test]
