@@ -4,27 +4,12 @@
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
-use loom_core::store::backend::{Outgoing, Turn};
-use loom_core::{
-    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, SeqRange, Store, StoreError,
-};
+use loom_core::store::backend::Turn;
+use loom_core::{Envelope, JournalStore, Mailbox, Store, StoreError};
 use loom_postgres::{PostgresOptions, PostgresStore};
+use loom_testkit::group_commit::{entry, first_appends_at_once, id, turns_sending_to_each_other};
 use loom_testkit::servers::PostgresServer;
 use serde_json::json;
-
-fn entry(seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "seq": seq }),
-        },
-    )
-}
-
-fn id(key: &str) -> ActorId {
-    ActorId::new("group", key).expect("id")
-}
 
 async fn connect(url: &str, max_connections: u32) -> PostgresStore {
     let options = PostgresOptions {
@@ -52,43 +37,12 @@ async fn concurrent_appends_share_transactions_and_each_is_decided_alone() {
     let store = connect(&server.url(), 16).await;
     let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
     let before = xid(&admin).await;
-    let mut tasks = Vec::new();
-    for n in 0..400 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store.append(&id(&format!("a{n}")), 1, &[entry(1)]).await
-        }));
-    }
-    // Eight first appends racing on one actor, inside the same batches.
-    let racers: Vec<_> = (0..8)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move { store.append(&id("shared"), 1, &[entry(1)]).await })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.expect("task").expect("append"), 1);
-    }
-    let mut won = 0;
-    for t in racers {
-        match t.await.expect("task") {
-            Ok(1) => won += 1,
-            Err(StoreError::Conflict { actual: 2, .. }) => {}
-            other => panic!("a racing first append must win or conflict, got {other:?}"),
-        }
-    }
-    assert_eq!(won, 1, "exactly one racing first append wins");
-    let shared: Vec<Entry> = store
-        .read(&id("shared"), SeqRange::all())
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(shared.len(), 1);
+    let appends = first_appends_at_once(&store).await;
     let used = xid(&admin).await - before - 1;
-    eprintln!("408 appends in {used} write transactions");
+    eprintln!("{appends} appends in {used} write transactions");
     assert!(
-        used < 408 / 4,
-        "408 appends took {used} transactions: appends are not committed together"
+        used < appends as i64 / 4,
+        "{appends} appends took {used} transactions: appends are not committed together"
     );
 }
 
@@ -171,55 +125,7 @@ async fn batches_of_turns_sending_to_each_other_never_deadlock() {
         connect(&server.url(), 16).await,
         connect(&server.url(), 16).await,
     ];
-    let actors = 40;
-    let turns_each = 8;
-    let mut tasks = Vec::new();
-    for a in 0..actors {
-        let store = nodes[a % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            let me = id(&format!("t{a}"));
-            for seq in 1..=turns_each {
-                // Each turn writes the mailboxes of three others, in a different order each time.
-                let send: Vec<Outgoing> = [1, actors / 2, actors - 1]
-                    .iter()
-                    .map(|d| Outgoing {
-                        envelope: Envelope::new(
-                            id(&format!("t{}", (a + d * seq as usize) % actors)),
-                            json!({ "from": a, "seq": seq }),
-                        ),
-                        deliver_at: None,
-                    })
-                    .collect();
-                let entries = [entry(seq)];
-                let turn = Turn {
-                    send: &send,
-                    ..Turn::append(&me, seq, &entries)
-                };
-                store
-                    .commit_turn(turn)
-                    .await
-                    .map_err(|e| format!("t{a} turn {seq}: {e}"))?;
-            }
-            Ok::<_, String>(())
-        }));
-    }
-    for t in tasks {
-        t.await
-            .expect("task")
-            .expect("no turn may fail (a deadlock would)");
-    }
-    let mut waiting = 0;
-    for a in 0..actors {
-        waiting += nodes[0]
-            .pending(&id(&format!("t{a}")))
-            .await
-            .expect("pending");
-        assert_eq!(
-            nodes[1].highest_seq(&id(&format!("t{a}"))).await.unwrap(),
-            turns_each
-        );
-    }
-    assert_eq!(waiting, (actors as u64) * turns_each * 3);
+    turns_sending_to_each_other(&nodes).await;
 }
 
 /// `enqueue_once` takes a key's row and then its mailbox's; a turn takes the mailboxes it

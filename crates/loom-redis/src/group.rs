@@ -11,12 +11,12 @@
 //!
 //! Inside `batch` each request runs as its own script would, one after another in its batch's
 //! order (requests are taken from the queue in order, but two batches in flight may reach the
-//! server in either order, as two pipelined calls from different tasks could), each with its own reply: a refused request writes nothing, and
-//! a request whose Redis command fails (a key of the wrong type, a read-only replica) gets that
-//! error as its reply, as it would have alone, while the others go on. A failed call (the
-//! connection dropped, the reply timed out) fails every request in it with the same error,
-//! which for a connection is [`StoreError::Unavailable`]: the batch may or may not have run, as
-//! for any single request.
+//! server in either order, as two pipelined calls from different tasks could), each with its
+//! own reply: a refused request writes nothing, and a request whose Redis command fails (a key
+//! of the wrong type, a read-only replica) gets that error as its reply, as it would have
+//! alone, while the others go on. A failed call (the connection dropped, the reply timed out)
+//! fails every request in it with the same error, which for a connection is
+//! [`StoreError::Unavailable`]: the batch may or may not have run, as for any single request.
 //!
 //! Two things a batch shares, where alone each request would have its own, both bounded by one
 //! batch: Redis checks `maxmemory` once per script, at its first write, so a batch over the
@@ -55,6 +55,20 @@ impl Call {
     fn bytes(&self) -> usize {
         self.keys.iter().map(String::len).sum::<usize>()
             + self.args.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// Queues the call in `group` and waits for its reply, at most twice the response timeout:
+    /// a server that stops answering fails the callers still queued too, as `Unavailable`,
+    /// instead of leaving them to wait for every batch ahead of them to time out.
+    pub(crate) async fn submit(self, group: &Group) -> StoreResult<Vec<Value>> {
+        let bytes = self.bytes();
+        match tokio::time::timeout(group.limit, group.batcher.submit(self, bytes)).await {
+            Ok(reply) => reply,
+            Err(_) => Err(StoreError::unavailable(
+                crate::BACKEND,
+                NoReply(group.limit),
+            )),
+        }
     }
 }
 
@@ -121,22 +135,6 @@ fn run(conn: ConnectionManager, scripts: &'static Scripts) -> RunBatch<Call, Vec
     })
 }
 
-impl Call {
-    /// Queues the call in `group` and waits for its reply, at most twice the response timeout:
-    /// a server that stops answering fails the callers still queued too, as `Unavailable`,
-    /// instead of leaving them to wait for every batch ahead of them to time out.
-    pub(crate) async fn submit(self, group: &Group) -> StoreResult<Vec<Value>> {
-        let bytes = self.bytes();
-        match tokio::time::timeout(group.limit, group.batcher.submit(self, bytes)).await {
-            Ok(reply) => reply,
-            Err(_) => Err(StoreError::unavailable(
-                crate::BACKEND,
-                NoReply(group.limit),
-            )),
-        }
-    }
-}
-
 /// Calls `script` (loading it first if the server does not have it).
 pub(crate) async fn invoke(
     conn: &mut ConnectionManager,
@@ -170,7 +168,8 @@ fn batched(v: Value) -> StoreResult<Vec<Value>> {
     if status(&items) != "error" {
         return Ok(items);
     }
-    let message = text(items.get(1)).unwrap_or_default();
+    let message =
+        text(items.get(1)).ok_or_else(|| unexpected("a batch error reply without its message"))?;
     match redis::parse_redis_value(format!("-{message}\r\n").as_bytes()) {
         Ok(Value::ServerError(e)) => Err(re(e.into())),
         Ok(_) => Err(unexpected(format!("batch error reply {message:?}"))),

@@ -36,8 +36,8 @@
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
 //! `park.rs`, `membership.rs`; `group.rs` sends concurrent calls of the hot path's scripts as one
-//! script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds the scripts,
-//! `lua.rs` cuts from it each script's functions.
+//! script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds
+//! the scripts, `lua.rs` cuts from it each script's functions.
 //!
 //! ## Deployment
 //!

@@ -5,27 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
-use loom_core::store::backend::{Outgoing, Turn};
-use loom_core::{
-    ActorId, Entry, EntryKind, Envelope, JournalStore, Mailbox, SeqRange, Store, StoreError,
-};
+use loom_core::{JournalStore, StoreError};
 use loom_redis::{RedisOptions, RedisStore};
+use loom_testkit::group_commit::{entry, first_appends_at_once, id, turns_sending_to_each_other};
 use loom_testkit::servers::RedisServer;
-use serde_json::json;
-
-fn entry(seq: u64) -> Entry {
-    Entry::new(
-        seq,
-        EntryKind::Completed {
-            reply: json!({ "seq": seq }),
-        },
-    )
-}
-
-fn id(key: &str) -> ActorId {
-    ActorId::new("group", key).expect("id")
-}
 
 async fn connect(url: &str) -> RedisStore {
     connect_with(url, Duration::from_secs(10)).await
@@ -86,43 +69,12 @@ async fn concurrent_appends_share_script_calls_and_each_is_decided_alone() {
     let store = connect(&url).await;
     let before = script_calls(&url).await;
     pause_writes(&url, 200).await;
-    let mut tasks = Vec::new();
-    for n in 0..400 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            store.append(&id(&format!("a{n}")), 1, &[entry(1)]).await
-        }));
-    }
-    // Eight first appends racing on one actor, inside the same batches.
-    let racers: Vec<_> = (0..8)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move { store.append(&id("shared"), 1, &[entry(1)]).await })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.expect("task").expect("append"), 1);
-    }
-    let mut won = 0;
-    for t in racers {
-        match t.await.expect("task") {
-            Ok(1) => won += 1,
-            Err(StoreError::Conflict { actual: 2, .. }) => {}
-            other => panic!("a racing first append must win or conflict, got {other:?}"),
-        }
-    }
-    assert_eq!(won, 1, "exactly one racing first append wins");
-    let shared: Vec<Entry> = store
-        .read(&id("shared"), SeqRange::all())
-        .try_collect()
-        .await
-        .unwrap();
-    assert_eq!(shared.len(), 1);
+    let appends = first_appends_at_once(&store).await;
     let used = script_calls(&url).await - before;
-    eprintln!("408 appends in {used} script calls");
+    eprintln!("{appends} appends in {used} script calls");
     assert!(
-        used < 408 / 4,
-        "408 appends took {used} script calls: appends are not sent together"
+        used < appends / 4,
+        "{appends} appends took {used} script calls: appends are not sent together"
     );
     assert!(store.destroy().await.expect("destroy") > 0);
 }
@@ -134,57 +86,13 @@ async fn batched_turns_sending_to_each_other_all_arrive_and_share_calls() {
     let store = connect(&url).await;
     let before = script_calls(&url).await;
     pause_writes(&url, 200).await;
-    let actors = 40;
-    let turns_each = 8u64;
-    let mut tasks = Vec::new();
-    for a in 0..actors {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let me = id(&format!("t{a}"));
-            for seq in 1..=turns_each {
-                // Each turn writes the mailboxes of three others, some of them in the same batch.
-                let send: Vec<Outgoing> = [1, actors / 2, actors - 1]
-                    .iter()
-                    .map(|d| Outgoing {
-                        envelope: Envelope::new(
-                            id(&format!("t{}", (a + d * seq as usize) % actors)),
-                            json!({ "from": a, "seq": seq }),
-                        ),
-                        deliver_at: None,
-                    })
-                    .collect();
-                let entries = [entry(seq)];
-                let turn = Turn {
-                    send: &send,
-                    ..Turn::append(&me, seq, &entries)
-                };
-                store
-                    .commit_turn(turn)
-                    .await
-                    .map_err(|e| format!("t{a} turn {seq}: {e}"))?;
-            }
-            Ok::<_, String>(())
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task").expect("no turn may fail");
-    }
+    let turns = turns_sending_to_each_other(std::slice::from_ref(&store)).await;
     let used = script_calls(&url).await - before;
-    let turns = actors as u64 * turns_each;
     eprintln!("{turns} turns in {used} script calls");
     assert!(
         used < turns / 2,
         "{turns} turns took {used} script calls: turns are not sent together"
     );
-    let mut waiting = 0;
-    for a in 0..actors {
-        waiting += store.pending(&id(&format!("t{a}"))).await.expect("pending");
-        assert_eq!(
-            store.highest_seq(&id(&format!("t{a}"))).await.unwrap(),
-            turns_each
-        );
-    }
-    assert_eq!(waiting, turns * 3);
     assert!(store.destroy().await.expect("destroy") > 0);
 }
 

@@ -24,6 +24,7 @@ pub mod conformance;
 pub mod examples;
 pub mod faults;
 mod fixture;
+pub mod group_commit;
 pub mod load;
 pub mod model;
 pub mod runtime;

@@ -180,19 +180,25 @@ mod tests {
     use futures::FutureExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// One request goes out alone and is held in flight; the 99 submitted meanwhile go out
-    /// together behind it, in submission order, each caller hearing its own result.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn requests_gather_while_a_batch_is_in_flight_and_keep_order() {
-        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    type Sent = Arc<std::sync::Mutex<Vec<Vec<usize>>>>;
+
+    /// A batcher with one worker whose `run` records each batch and answers `n * 10`, and
+    /// whose first batch, request 0 alone, is held in flight until the returned semaphore gets
+    /// a permit; returned once that batch is in flight, with the future of request 0.
+    async fn held_in_flight() -> (
+        Arc<Batcher<usize, usize>>,
+        Sent,
+        Arc<tokio::sync::Semaphore>,
+        tokio::task::JoinHandle<StoreResult<usize>>,
+    ) {
+        let sent: Sent = Arc::default();
         let hold = Arc::new(tokio::sync::Semaphore::new(0));
-        let (seen, held) = (sizes.clone(), hold.clone());
+        let (seen, held) = (sent.clone(), hold.clone());
         let run: RunBatch<usize, usize> = Arc::new(move |batch: Vec<usize>| {
             let (seen, held) = (seen.clone(), held.clone());
             async move {
                 seen.lock().unwrap().push(batch.clone());
                 if batch == [0] {
-                    // The first batch stays in flight until the test lets it go.
                     held.acquire().await.expect("open").forget();
                 }
                 batch.into_iter().map(|n| Ok(n * 10)).collect()
@@ -204,9 +210,17 @@ mod tests {
             let b = b.clone();
             tokio::spawn(async move { b.submit(0, 1).await })
         };
-        while sizes.lock().unwrap().is_empty() {
+        while sent.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
+        (b, sent, hold, first)
+    }
+
+    /// One request goes out alone and is held in flight; the 99 submitted meanwhile go out
+    /// together behind it, in submission order, each caller hearing its own result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_gather_while_a_batch_is_in_flight_and_keep_order() {
+        let (b, sent, hold, first) = held_in_flight().await;
         // Queued when submitted, in this order, while the first batch is held.
         let rest: Vec<_> = (1..100).map(|n| b.submit(n, 1)).collect();
         hold.add_permits(1);
@@ -215,7 +229,7 @@ mod tests {
         for (n, a) in (1..100).zip(answers) {
             assert_eq!(a.unwrap(), n * 10, "each caller hears its own result");
         }
-        let batches = sizes.lock().unwrap().clone();
+        let batches = sent.lock().unwrap().clone();
         assert_eq!(batches[0], [0]);
         assert_eq!(
             batches[1],
@@ -228,28 +242,7 @@ mod tests {
     /// sent.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_whose_callers_gave_up_are_not_sent() {
-        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let hold = Arc::new(tokio::sync::Semaphore::new(0));
-        let (seen, held) = (sent.clone(), hold.clone());
-        let run: RunBatch<usize, usize> = Arc::new(move |batch: Vec<usize>| {
-            let (seen, held) = (seen.clone(), held.clone());
-            async move {
-                seen.lock().unwrap().push(batch.clone());
-                if batch == [0] {
-                    held.acquire().await.expect("open").forget();
-                }
-                batch.into_iter().map(Ok).collect()
-            }
-            .boxed()
-        });
-        let b = Arc::new(Batcher::start("test", 1, 128, run));
-        let first = {
-            let b = b.clone();
-            tokio::spawn(async move { b.submit(0, 1).await })
-        };
-        while sent.lock().unwrap().is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let (b, sent, hold, first) = held_in_flight().await;
         let mut kept = Vec::new();
         for n in 1..=10 {
             let f = b.submit(n, 1);
@@ -262,7 +255,7 @@ mod tests {
         let answers = futures::future::join_all(kept).await;
         assert_eq!(
             answers.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
-            [2, 4, 6, 8, 10]
+            [20, 40, 60, 80, 100]
         );
         assert_eq!(sent.lock().unwrap()[1], [2, 4, 6, 8, 10]);
     }
