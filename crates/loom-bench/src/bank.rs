@@ -159,6 +159,14 @@ impl Bank {
         Ok(t0.elapsed())
     }
 
+    /// Asks transfer `i` where it is.
+    pub async fn status(&self, rt: &Runtime, i: u32) -> Result<Status, AskError> {
+        rt.actor::<Transfer>(format!("t{i}"))
+            .map_err(SendError::from)?
+            .ask(TransferMsg::Status)
+            .await
+    }
+
     /// Starts every transfer with `concurrency` in flight; `tick` is called after each. Returns
     /// each start's latency.
     pub async fn start_all(
@@ -203,13 +211,7 @@ impl Bank {
                 return Err(BankError::Unsettled(pending.len()));
             }
             let checked: Vec<Result<(u32, Status), AskError>> = futures::stream::iter(pending)
-                .map(|i| {
-                    let t = rt.actor::<Transfer>(format!("t{i}"));
-                    async move {
-                        let t = t.map_err(SendError::from)?;
-                        t.ask(TransferMsg::Status).await.map(|s| (i, s))
-                    }
-                })
+                .map(|i| async move { self.status(rt, i).await.map(|s| (i, s)) })
                 .buffer_unordered(self.concurrency)
                 .collect()
                 .await;

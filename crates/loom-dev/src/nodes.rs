@@ -3,7 +3,8 @@
 //!
 //! This process starts a private server, `--nodes` node processes (`loom-dev node`, each
 //! hosting the bank's kinds under a name of its own) and, in itself, a client-only runtime that
-//! keeps starting transfers. Every few seconds it kills a node with SIGKILL (three times in four
+//! keeps `--concurrency` transfers in flight (each worker starts its next transfer once its
+//! last one settled). Every few seconds it kills a node with SIGKILL (three times in four
 //! one found running accounts, by their leases, else any) and starts it again under its name;
 //! halfway through it adds one node more. Once the kills are done it waits for the nodes to
 //! settle every transfer, checks that every node is listed live once (`Membership`: a
@@ -353,7 +354,12 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             Ok::<_, Failure>(probes)
         }
     }));
-    // Each worker's acknowledged starts: (transfer, sent, answered).
+    // Each worker's acknowledged starts: (transfer, sent, answered). A worker starts its next
+    // transfer once the last one settled (a closed loop, as a client with `concurrency`
+    // requests in flight has): a start is acknowledged at the transfer's first turn, long
+    // before its legs run, and workers that started the next one at once would queue legs in
+    // the accounts' mailboxes faster than the nodes drain them (on PostgreSQL, minutes of
+    // backlog), so that a balance asked after a kill measured that queue, not the failover.
     let loading = futures::future::join_all((0..plan.concurrency).map(|_| async {
         let mut starts = Vec::new();
         while !stop.load(Ordering::SeqCst) {
@@ -370,6 +376,14 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                 }
                 retries.fetch_add(1, Ordering::Relaxed);
                 if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // A status asked past the ask timeout, or while the store is briefly unreachable,
+            // is asked again; the final settle waits for whatever the load leaves unsettled.
+            while !stop.load(Ordering::SeqCst) {
+                if bank.status(&client, i).await.is_ok_and(|s| s.settled()) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
