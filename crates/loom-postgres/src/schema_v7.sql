@@ -1,0 +1,179 @@
+-- Version 7: the functions of the hot path that were LANGUAGE sql become PL/pgSQL, with the
+-- same behaviour. PostgreSQL (before 18) parses, analyses and plans the body of a SQL function
+-- it cannot inline on every call (`fmgr_sql`), where PL/pgSQL keeps each statement's plan for
+-- the session: under the bank, those calls (mb_row three times per mailbox a turn touches,
+-- record, and the lease and enqueue wrappers called by the clients) took a third of the
+-- server's CPU. now_ms stays SQL: it is inlined into its callers. Every statement can run
+-- again on a schema that has it.
+
+-- A mailbox row is never deleted once made, so one that this statement can see needs no
+-- insert; and looking does not wait for a transaction that holds the row locked, where the
+-- insert's conflict check would.
+CREATE OR REPLACE FUNCTION {s}.mb_row(p_actor text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM {s}.mailbox WHERE actor = p_actor) THEN
+        INSERT INTO {s}.mailbox (actor, last_position, current, ready_at, count, last_due)
+        VALUES (p_actor, 0, 0, NULL, 0, 0) ON CONFLICT (actor) DO NOTHING;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION {s}.record(p_actor text, p_key text, p_result bytea, p_ttl bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {s}.idempotency (actor, key, result, expires_at) VALUES (p_actor, p_key, p_result, {s}.now_ms() + p_ttl)
+    ON CONFLICT (actor, key) DO UPDATE SET result = EXCLUDED.result, expires_at = EXCLUDED.expires_at;
+    PERFORM pg_notify('loom_done_{s}', p_actor || chr(10) || p_key);
+END $$;
+
+CREATE OR REPLACE FUNCTION {s}.enqueue(p_actor text, p_id text, p_frame bytea, p_due bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN {s}.mb_enqueue(p_actor, p_id, p_frame, p_due, {s}.now_ms());
+END $$;
+
+-- A lease asked of a mailbox with nothing ready now (its ready_at, kept by every function that
+-- changes the mailbox, is NULL or later) is answered by a look, without the row lock mb_lease
+-- takes: a row lock is written to the WAL, and its transaction's commit waits for a flush. Most
+-- of the ready scan's leases under load are such (a turn took the message first). A mailbox
+-- made ready by a transaction not yet committed is not seen here; mb_lease skips it too (its
+-- row is locked).
+CREATE OR REPLACE FUNCTION {s}.lease(p_actor text, p_vis bigint, p_max integer,
+    OUT frame bytea, OUT pos bigint, OUT dlv integer, OUT err text)
+LANGUAGE plpgsql AS $$
+DECLARE now bigint := {s}.now_ms();
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM {s}.mailbox AS b WHERE b.actor = p_actor AND b.ready_at <= now) THEN
+        RETURN;
+    END IF;
+    SELECT m.frame, m.pos, m.dlv, m.err INTO frame, pos, dlv, err
+        FROM {s}.mb_lease(p_actor, p_vis, p_max, now) AS m;
+END $$;
+
+-- A turn's checks and writes, with its rows already locked: by `turn` for a turn alone, or by
+-- `turn_many` once for its whole batch (before, each turn of a batch locked its rows a second
+-- time, and checked its journal's next seq with an empty append before the real one). The
+-- lease (if fenced) locked FOR SHARE, every mailbox the turn touches and the journal's meta row
+-- (if it has one) FOR UPDATE. Decides exactly as version 3's `turn`: nothing is written before
+-- the append, so a refused turn writes nothing.
+CREATE OR REPLACE FUNCTION {s}.turn_locked(
+    p_actor text, p_expected bigint, p_frames bytea[],
+    p_fence_token bigint,
+    p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text, p_settle_actor text, p_pos bigint, p_dlv integer, p_msg text, p_reason text,
+    p_record_actor text, p_record_key text, p_record bytea, p_record_ttl bigint,
+    p_next_vis bigint, p_next_max integer,
+    OUT status text, OUT highest bigint, OUT nframe bytea, OUT npos bigint, OUT ndlv integer, OUT nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE now bigint := {s}.now_ms(); r record; h bigint;
+BEGIN
+    IF p_fence_token IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor;
+        IF NOT FOUND OR r.token <> p_fence_token OR r.owner IS NULL OR r.expires_at <= now THEN
+            status := 'lost'; RETURN;
+        END IF;
+    END IF;
+    SELECT m.highest INTO h FROM {s}.journal_meta AS m WHERE m.actor = p_actor;
+    IF p_expected <> coalesce(h, 0) + 1 THEN
+        status := 'conflict'; highest := coalesce(h, 0) + 1; RETURN;
+    END IF;
+    IF p_settle IS NOT NULL AND NOT {s}.mb_check(p_settle_actor, p_pos, p_dlv, p_msg) THEN
+        status := 'stale'; RETURN;
+    END IF;
+    -- Nothing is written before this append, so a conflict here (a racing first append took
+    -- the journal's first seq) still writes nothing.
+    SELECT * INTO r FROM {s}.append(p_actor, p_expected, p_frames);
+    IF NOT r.ok THEN status := 'conflict'; highest := r.val; RETURN; END IF;
+    highest := r.val;
+    FOR i IN 1 .. coalesce(array_length(p_out_actors, 1), 0) LOOP
+        PERFORM {s}.mb_enqueue(p_out_actors[i], p_out_ids[i], p_out_frames[i], p_out_due[i], now);
+    END LOOP;
+    IF p_settle = 'ack' THEN
+        PERFORM {s}.mb_remove_current(p_settle_actor);
+    ELSIF p_settle = 'bury' THEN
+        PERFORM {s}.mb_bury(p_settle_actor, p_reason, now);
+    END IF;
+    IF p_record_key IS NOT NULL THEN
+        PERFORM {s}.record(coalesce(p_record_actor, p_actor), p_record_key, p_record, p_record_ttl);
+    END IF;
+    IF p_next_vis IS NOT NULL THEN
+        SELECT * INTO r FROM {s}.mb_lease(p_actor, p_next_vis, p_next_max, now);
+        nframe := r.frame; npos := r.pos; ndlv := r.dlv; nerr := r.err;
+    END IF;
+    status := 'ok';
+END $$;
+
+-- A turn alone: locks its rows in the order every turn and batch takes them (the lease, the
+-- mailboxes by actor, the journal's meta row), so that turns cannot deadlock, then decides.
+CREATE OR REPLACE FUNCTION {s}.turn(
+    p_actor text, p_expected bigint, p_frames bytea[],
+    p_fence_token bigint,
+    p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text, p_settle_actor text, p_pos bigint, p_dlv integer, p_msg text, p_reason text,
+    p_record_actor text, p_record_key text, p_record bytea, p_record_ttl bigint,
+    p_next_vis bigint, p_next_max integer,
+    OUT status text, OUT highest bigint, OUT nframe bytea, OUT npos bigint, OUT ndlv integer, OUT nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE r record; boxes text[];
+BEGIN
+    IF p_fence_token IS NOT NULL THEN
+        PERFORM 1 FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+    END IF;
+    boxes := ARRAY(SELECT DISTINCT x FROM unnest(
+        array_append(array_append(coalesce(p_out_actors, '{}'), p_actor), coalesce(p_settle_actor, p_actor))) AS x ORDER BY x);
+    PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
+    PERFORM 1 FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
+    SELECT * INTO r FROM {s}.turn_locked(p_actor, p_expected, p_frames, p_fence_token,
+        p_out_actors, p_out_ids, p_out_frames, p_out_due,
+        p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
+        p_record_actor, p_record_key, p_record, p_record_ttl, p_next_vis, p_next_max);
+    status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+    ndlv := r.ndlv; nerr := r.nerr;
+END $$;
+
+-- Group commit of turns, as in version 3: every row of the batch locked once, then each turn
+-- decided by turn_locked.
+CREATE OR REPLACE FUNCTION {s}.turn_many(
+    p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
+    p_fence_token bigint[],
+    p_out_counts integer[], p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text[], p_settle_actor text[], p_pos bigint[], p_dlv integer[], p_msg text[], p_reason text[],
+    p_record_actor text[], p_record_key text[], p_record bytea[], p_record_ttl bigint[],
+    p_next_vis bigint[], p_next_max integer[])
+RETURNS TABLE (idx bigint, status text, highest bigint, nframe bytea, npos bigint, ndlv integer, nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := coalesce(array_length(p_actor, 1), 0);
+    fstart integer[]; ostart integer[]; fpos integer := 1; opos integer := 1;
+    boxes text[]; r record;
+BEGIN
+    FOR i IN 1 .. n LOOP
+        fstart[i] := fpos; fpos := fpos + p_frame_counts[i];
+        ostart[i] := opos; opos := opos + p_out_counts[i];
+    END LOOP;
+    PERFORM 1 FROM {s}.leases
+        WHERE actor = ANY(ARRAY(SELECT p_actor[i] FROM generate_series(1, n) AS i WHERE p_fence_token[i] IS NOT NULL))
+        ORDER BY actor FOR SHARE;
+    boxes := ARRAY(SELECT DISTINCT x FROM unnest(
+        coalesce(p_out_actors, '{}') || p_actor || ARRAY(SELECT x FROM unnest(p_settle_actor) AS x WHERE x IS NOT NULL)) AS x
+        ORDER BY x);
+    PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
+    PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
+    PERFORM 1 FROM {s}.journal_meta WHERE actor = ANY(p_actor) ORDER BY actor FOR UPDATE;
+    FOR i IN 1 .. n LOOP
+        SELECT * INTO r FROM {s}.turn_locked(
+            p_actor[i], p_expected[i],
+            coalesce(p_frames[fstart[i] : fstart[i] + p_frame_counts[i] - 1], ARRAY[]::bytea[]),
+            p_fence_token[i],
+            coalesce(p_out_actors[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_ids[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::text[]),
+            coalesce(p_out_frames[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bytea[]),
+            coalesce(p_out_due[ostart[i] : ostart[i] + p_out_counts[i] - 1], ARRAY[]::bigint[]),
+            p_settle[i], p_settle_actor[i], p_pos[i], p_dlv[i], p_msg[i], p_reason[i],
+            p_record_actor[i], p_record_key[i], p_record[i], p_record_ttl[i],
+            p_next_vis[i], p_next_max[i]);
+        idx := i; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+        ndlv := r.ndlv; nerr := r.nerr;
+        RETURN NEXT;
+    END LOOP;
+END $$;
