@@ -72,7 +72,7 @@ pub struct Plan {
     /// Accounts.
     #[arg(long, default_value_t = 20)]
     pub accounts: u32,
-    /// Transfer starts in flight at once.
+    /// Transfers in flight at once (each worker starts its next once its last settled).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
 }
@@ -458,8 +458,8 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     };
 
     let settling = Instant::now();
-    // Generous: the client starts transfers faster than the nodes settle them, so a long run
-    // leaves minutes of backlog (329 s after 100 kills on Redis).
+    // Generous: what the load left in flight settles in seconds, but a transfer whose leg was
+    // held by a node killed last waits out the takeover first.
     let settled = bank
         .settle(&client, Duration::from_secs(1800), |_| {})
         .await;

@@ -1,6 +1,6 @@
 //! The two group-committed requests, appends and turns: what a request carries, and how a batch
-//! of them runs (`append_many` / `turn_many` in `schema.sql`; a batch of one uses `append` /
-//! `turn`). See `loom_core::store::backend::Batcher` for the batching itself and its invariants.
+//! of them runs (`append_many` / `turn_many`, whose latest versions are in `schema_v7.sql`; a
+//! batch of one uses `append` / `turn`). See `loom_core::store::backend::Batcher` for the batching itself and its invariants.
 //!
 //! What PostgreSQL adds to them (rule D1): a caller's answer is read only once the server has
 //! answered `ReadyForQuery`, after the statement's implicit transaction committed (with

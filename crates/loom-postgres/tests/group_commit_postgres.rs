@@ -192,3 +192,100 @@ async fn enqueue_once_and_a_turn_recording_its_key_never_deadlock() {
         );
     }
 }
+
+/// `append_many` decides a batch set-based (schema version 7): each append as `append` alone
+/// would. One batch with a first append, an append at the next seq, one at a stale seq, one to a
+/// journal that does not exist past its first seq, and an empty one; then a batch naming one
+/// journal twice, decided one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_appends_is_decided_append_by_append() {
+    let server = PostgresServer::start();
+    let store = connect(&server.url(), 4).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    store
+        .append(&id("old"), 1, &[entry(1), entry(2)])
+        .await
+        .expect("old");
+    store
+        .append(&id("older"), 1, &[entry(1)])
+        .await
+        .expect("older");
+    let batch = |actors: &[&str], expected: &[i64], counts: &[i32], frames: &[&[u8]]| {
+        let query = sqlx::query_as::<_, (i64, bool, i64)>(
+            "SELECT idx, ok, val FROM grp.append_many($1, $2, $3, $4) ORDER BY idx",
+        )
+        .bind(
+            actors
+                .iter()
+                .map(|a| format!("group/{a}"))
+                .collect::<Vec<_>>(),
+        )
+        .bind(expected.to_vec())
+        .bind(counts.to_vec())
+        .bind(frames.iter().map(|f| f.to_vec()).collect::<Vec<_>>());
+        let admin = admin.clone();
+        async move { query.fetch_all(&admin).await.expect("append_many") }
+    };
+    let decided = batch(
+        &["new", "old", "older", "none", "empty"],
+        &[1, 3, 1, 3, 1],
+        &[2, 1, 1, 1, 0],
+        &[b"n1", b"n2", b"o3", b"x", b"y"],
+    )
+    .await;
+    assert_eq!(
+        decided,
+        vec![
+            (1, true, 2),
+            (2, true, 3),
+            (3, false, 2),
+            (4, false, 1),
+            (5, true, 0)
+        ]
+    );
+    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT actor, seq, frame FROM grp.journal WHERE actor IN ('group/new', 'group/old') \
+         AND (actor = 'group/new' OR seq = 3) ORDER BY actor, seq",
+    )
+    .fetch_all(&admin)
+    .await
+    .expect("journal");
+    let frame = |a: &str, s: i64, f: &[u8]| (format!("group/{a}"), s, f.to_vec());
+    assert_eq!(
+        rows,
+        vec![
+            frame("new", 1, b"n1"),
+            frame("new", 2, b"n2"),
+            frame("old", 3, b"o3")
+        ]
+    );
+    for (actor, highest) in [
+        ("new", 2),
+        ("old", 3),
+        ("older", 1),
+        ("none", 0),
+        ("empty", 0),
+    ] {
+        assert_eq!(
+            store.highest_seq(&id(actor)).await.unwrap(),
+            highest,
+            "{actor}"
+        );
+    }
+    // The refused appends made no meta rows.
+    let made: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM grp.journal_meta WHERE actor IN ('group/none', 'group/empty')",
+    )
+    .fetch_one(&admin)
+    .await
+    .expect("meta");
+    assert_eq!(made, 0);
+    let twice = batch(
+        &["twice", "twice", "twice"],
+        &[1, 2, 2],
+        &[1, 1, 1],
+        &[b"1", b"2", b"3"],
+    )
+    .await;
+    assert_eq!(twice, vec![(1, true, 1), (2, true, 2), (3, false, 3)]);
+}
