@@ -156,8 +156,9 @@ pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<App
                     (row.get::<bool, _>(1), row.get::<i64, _>(2))
                 }),
                 Err(e) => {
+                    let alone = rolled_back(&e);
                     let e = pe(e);
-                    if matches!(e, StoreError::Unavailable { .. }) {
+                    if !alone && matches!(e, StoreError::Unavailable { .. }) {
                         return (0..n).map(|_| Err(e.clone())).collect();
                     }
                     // One request the server could not run failed the batch: each alone.
@@ -255,8 +256,9 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
             match batch {
                 Ok(rows) => by_index(n, &rows, |row| TurnOut::from_row(row, 1)),
                 Err(e) => {
+                    let alone = rolled_back(&e);
                     let e = pe(e);
-                    if matches!(e, StoreError::Unavailable { .. }) {
+                    if !alone && matches!(e, StoreError::Unavailable { .. }) {
                         return (0..n).map(|_| Err(e.clone())).collect();
                     }
                     let mut out = Vec::with_capacity(n);
@@ -324,6 +326,15 @@ impl Columns {
         self.next_vis.push(t.next_vis);
         self.next_max.push(t.next_max);
     }
+}
+
+/// Whether the server answered a batch's statement with a deadlock or a serialization failure:
+/// it rolled the statement back (a batch is one statement, its own transaction), so nothing of
+/// the batch committed and each request can run alone, as after any other error the server
+/// answered with, rather than every caller hearing `Unavailable` ("may have committed"), which
+/// is what a lost connection must answer.
+fn rolled_back(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
 }
 
 fn sql(schema: &str, text: &str) -> String {

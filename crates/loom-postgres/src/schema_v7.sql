@@ -1,10 +1,13 @@
--- Version 7: the functions of the hot path that were LANGUAGE sql become PL/pgSQL, with the
--- same behaviour. PostgreSQL (before 18) parses, analyses and plans the body of a SQL function
--- it cannot inline on every call (`fmgr_sql`), where PL/pgSQL keeps each statement's plan for
--- the session: under the bank, those calls (mb_row three times per mailbox a turn touches,
--- record, and the lease and enqueue wrappers called by the clients) took a third of the
--- server's CPU. now_ms stays SQL: it is inlined into its callers. Every statement can run
--- again on a schema that has it.
+-- Version 7: the hot path does less work per request, with the same behaviour (profiled under
+-- the bank with perf and pg_stat_statements; BENCHMARKS.md has the figures). Every statement
+-- can run again on a schema that has it.
+-- - The functions of the hot path that were LANGUAGE sql become PL/pgSQL. PostgreSQL (before
+--   18) parses, analyses and plans the body of a SQL function it cannot inline on every call
+--   (`fmgr_sql`), where PL/pgSQL keeps each statement's plan for the session: those calls
+--   (mb_row three times per mailbox a turn touches, record, and the lease and enqueue
+--   wrappers) took a third of the server's CPU. now_ms stays SQL: it is inlined into callers.
+-- - mb_ready is one statement; a lease of a mailbox with nothing ready takes no row lock.
+-- - The turns of a batch lock their rows once (turn_locked); append_many is set-based.
 
 -- A mailbox row is never deleted once made, so one that this statement can see needs no
 -- insert; and looking does not wait for a transaction that has updated the row and not yet
@@ -15,6 +18,23 @@ BEGIN
         INSERT INTO {s}.mailbox (actor, last_position, current, ready_at, count, last_due)
         VALUES (p_actor, 0, 0, NULL, 0, 0) ON CONFLICT (actor) DO NOTHING;
     END IF;
+END $$;
+
+-- Recomputes ready_at (the row is locked by the caller) as version 3's did, in one statement
+-- where that took four (every change to a mailbox calls it, four times in a typical turn): NULL
+-- while parked, the current message's visible_at while one is out, else the earliest due_at
+-- (NULL when empty). The row is written only when the value changes.
+CREATE OR REPLACE FUNCTION {s}.mb_ready(p_actor text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE {s}.mailbox AS b SET ready_at = r.at
+    FROM (SELECT CASE
+            WHEN EXISTS (SELECT 1 FROM {s}.parked AS p WHERE p.actor = p_actor) THEN NULL
+            WHEN c.current <> 0 THEN (SELECT m.visible_at FROM {s}.messages AS m
+                                      WHERE m.actor = p_actor AND m.position = c.current)
+            ELSE (SELECT min(m.due_at) FROM {s}.messages AS m WHERE m.actor = p_actor)
+          END AS at
+          FROM {s}.mailbox AS c WHERE c.actor = p_actor) AS r
+    WHERE b.actor = p_actor AND b.ready_at IS DISTINCT FROM r.at;
 END $$;
 
 CREATE OR REPLACE FUNCTION {s}.record(p_actor text, p_key text, p_result bytea, p_ttl bigint) RETURNS void
@@ -183,17 +203,20 @@ BEGIN
     END LOOP;
 END $$;
 
--- Group commit of appends, set-based: a batch's appends are decided and written by a few
--- statements for the whole batch, not a PL/pgSQL call of `append` each (five statements per
--- append before). Each append is decided exactly as `append` would decide it alone: ok if its
--- journal's next seq is p_expected, and then (true, new highest), else (false, the next seq).
--- Locks: every existing meta row of the batch in actor order (as turn_many takes them), then
--- the meta rows of first appends are made in actor order (a racing first append of the same
--- journal waits on the insert, then finds the row and is refused), and locked. A batch naming
--- one journal twice is decided one append after another, as before.
+-- Group commit of appends: a batch's journals are decided and written by three statements for
+-- the whole batch, where version 1 ran `append` for each (five statements per append). Each
+-- append is decided exactly as `append` would decide it alone: ok if its journal's next seq is
+-- p_expected, and then (true, new highest), else (false, the next seq); a refused one writes
+-- nothing. The meta rows are locked one at a time in actor order, as `append` locks them (a
+-- first append makes its row first, so that a racing first append of the same journal waits
+-- on the insert and is then refused); the decisions and writes then touch only rows this
+-- batch holds. A batch naming one journal twice is decided one append after another.
 CREATE OR REPLACE FUNCTION {s}.append_many(p_actors text[], p_expected bigint[], p_counts integer[], p_frames bytea[])
 RETURNS TABLE (idx bigint, ok boolean, val bigint) LANGUAGE plpgsql AS $$
-DECLARE x record; r record; starts integer[]; pos integer := 1; n integer := coalesce(array_length(p_actors, 1), 0);
+DECLARE
+    x record; r record; starts integer[]; pos integer := 1;
+    n integer := coalesce(array_length(p_actors, 1), 0);
+    hs bigint[]; hi bigint;
 BEGIN
     FOR i IN 1 .. n LOOP
         starts[i] := pos;
@@ -208,20 +231,25 @@ BEGIN
         END LOOP;
         RETURN;
     END IF;
-    PERFORM 1 FROM {s}.journal_meta WHERE actor = ANY(p_actors) ORDER BY actor FOR UPDATE;
-    INSERT INTO {s}.journal_meta (actor, highest, trimmed)
-        SELECT u.a, 0, 0 FROM unnest(p_actors, p_expected, p_counts) AS u(a, e, c)
-        WHERE u.e = 1 AND u.c > 0 ORDER BY u.a
-        ON CONFLICT (actor) DO NOTHING;
-    PERFORM 1 FROM {s}.journal_meta AS m
-        WHERE m.actor = ANY(ARRAY(SELECT p_actors[i] FROM generate_series(1, n) AS i
-                                  WHERE p_expected[i] = 1 AND p_counts[i] > 0))
-        ORDER BY m.actor FOR UPDATE;
+    -- Each journal's highest seq, its meta row locked (no row: 0, nothing locked).
+    FOR x IN SELECT u.a, u.i FROM unnest(p_actors) WITH ORDINALITY AS u(a, i) ORDER BY u.a LOOP
+        SELECT m.highest INTO hi FROM {s}.journal_meta AS m WHERE m.actor = x.a FOR UPDATE;
+        IF NOT FOUND THEN
+            hi := 0;
+            IF p_expected[x.i] = 1 AND p_counts[x.i] > 0 THEN
+                INSERT INTO {s}.journal_meta (actor, highest, trimmed) VALUES (x.a, 0, 0)
+                    ON CONFLICT (actor) DO NOTHING;
+                SELECT m.highest INTO hi FROM {s}.journal_meta AS m WHERE m.actor = x.a FOR UPDATE;
+            END IF;
+        END IF;
+        hs[x.i] := hi;
+    END LOOP;
+    -- An append wins if its journal's next seq is the one expected; only a winner with frames
+    -- writes, and its journal's meta row is locked (it had one, or the loop above made it).
     RETURN QUERY
     WITH req AS (
-        SELECT u.a, u.e, u.c, u.i, coalesce(m.highest, 0) AS h
+        SELECT u.a, u.e, u.c, u.i, hs[u.i] AS h
         FROM unnest(p_actors, p_expected, p_counts) WITH ORDINALITY AS u(a, e, c, i)
-        LEFT JOIN {s}.journal_meta AS m ON m.actor = u.a
     ), won AS (
         SELECT * FROM req WHERE req.e = req.h + 1 AND req.c > 0
     ), frames AS (

@@ -193,44 +193,77 @@ async fn enqueue_once_and_a_turn_recording_its_key_never_deadlock() {
     }
 }
 
-/// `append_many` decides a batch set-based (schema version 7): each append as `append` alone
-/// would. One batch with a first append, an append at the next seq, one at a stale seq, one to a
-/// journal that does not exist past its first seq, and an empty one; then a batch naming one
-/// journal twice, decided one after the other.
+/// Runs `append_many` on `grp` for `(actor, expected, frames)` requests: (index, ok, value).
+async fn append_many(
+    admin: &sqlx::PgPool,
+    reqs: &[(&str, i64, &[&[u8]])],
+) -> Vec<(i64, bool, i64)> {
+    let actors: Vec<String> = reqs.iter().map(|(a, ..)| format!("group/{a}")).collect();
+    let expected: Vec<i64> = reqs.iter().map(|(_, e, _)| *e).collect();
+    let counts: Vec<i32> = reqs.iter().map(|(.., f)| f.len() as i32).collect();
+    let frames: Vec<Vec<u8>> = reqs
+        .iter()
+        .flat_map(|(.., f)| f.iter().map(|f| f.to_vec()))
+        .collect();
+    sqlx::query_as("SELECT idx, ok, val FROM grp.append_many($1, $2, $3, $4) ORDER BY idx")
+        .bind(actors)
+        .bind(expected)
+        .bind(counts)
+        .bind(frames)
+        .fetch_all(admin)
+        .await
+        .expect("append_many")
+}
+
+/// The journal rows and meta rows of `group/` journals, frames as text where they are.
+async fn journals(
+    admin: &sqlx::PgPool,
+) -> (Vec<(String, i64, Vec<u8>)>, Vec<(String, i64, i64, i64)>) {
+    let rows = sqlx::query_as(
+        "SELECT actor, seq, frame FROM grp.journal WHERE actor LIKE 'group/%' ORDER BY actor, seq",
+    )
+    .fetch_all(admin)
+    .await
+    .expect("journal");
+    let meta = sqlx::query_as(
+        "SELECT actor, highest, trimmed, deleted FROM grp.journal_meta WHERE actor LIKE 'group/%' \
+         ORDER BY actor",
+    )
+    .fetch_all(admin)
+    .await
+    .expect("journal_meta");
+    (rows, meta)
+}
+
+/// `append_many` (schema version 7) decides each append of a batch as `append` alone would.
+/// One batch with a first append, an append at the next seq, one at a stale seq, one to a
+/// journal that does not exist past its first seq, empty appends at the next seq and at a stale
+/// one; journals named twice in a batch; and first appends racing another's, committed or
+/// rolled back. Every journal and meta row is checked afterwards: a refused append writes
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_appends_is_decided_append_by_append() {
     let server = PostgresServer::start();
     let store = connect(&server.url(), 4).await;
     let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
-    store
-        .append(&id("old"), 1, &[entry(1), entry(2)])
+    sqlx::query("SELECT grp.append('group/old', 1, ARRAY['o1', 'o2']::bytea[])")
+        .execute(&admin)
         .await
         .expect("old");
-    store
-        .append(&id("older"), 1, &[entry(1)])
+    sqlx::query("SELECT grp.append('group/older', 1, ARRAY['p1']::bytea[])")
+        .execute(&admin)
         .await
         .expect("older");
-    let batch = |actors: &[&str], expected: &[i64], counts: &[i32], frames: &[&[u8]]| {
-        let query = sqlx::query_as::<_, (i64, bool, i64)>(
-            "SELECT idx, ok, val FROM grp.append_many($1, $2, $3, $4) ORDER BY idx",
-        )
-        .bind(
-            actors
-                .iter()
-                .map(|a| format!("group/{a}"))
-                .collect::<Vec<_>>(),
-        )
-        .bind(expected.to_vec())
-        .bind(counts.to_vec())
-        .bind(frames.iter().map(|f| f.to_vec()).collect::<Vec<_>>());
-        let admin = admin.clone();
-        async move { query.fetch_all(&admin).await.expect("append_many") }
-    };
-    let decided = batch(
-        &["new", "old", "older", "none", "empty"],
-        &[1, 3, 1, 3, 1],
-        &[2, 1, 1, 1, 0],
-        &[b"n1", b"n2", b"o3", b"x", b"y"],
+    let decided = append_many(
+        &admin,
+        &[
+            ("new", 1, &[b"n1", b"n2"]),
+            ("old", 3, &[b"o3"]),
+            ("older", 1, &[b"stale"]),
+            ("none", 3, &[b"none"]),
+            ("empty", 1, &[]),
+            ("quiet", 5, &[]),
+        ],
     )
     .await;
     assert_eq!(
@@ -240,52 +273,115 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
             (2, true, 3),
             (3, false, 2),
             (4, false, 1),
-            (5, true, 0)
+            (5, true, 0),
+            (6, false, 1)
         ]
     );
-    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT actor, seq, frame FROM grp.journal WHERE actor IN ('group/new', 'group/old') \
-         AND (actor = 'group/new' OR seq = 3) ORDER BY actor, seq",
+    let empty_at_next = append_many(&admin, &[("older", 2, &[]), ("old", 2, &[])]).await;
+    assert_eq!(empty_at_next, vec![(1, true, 1), (2, false, 4)]);
+    // Named twice (and a third time, stale), beside another journal: one after another.
+    let twice = append_many(
+        &admin,
+        &[
+            ("twice", 1, &[b"t1"]),
+            ("other", 1, &[b"x1"]),
+            ("twice", 2, &[b"t2"]),
+            ("twice", 2, &[b"t3"]),
+        ],
     )
-    .fetch_all(&admin)
-    .await
-    .expect("journal");
-    let frame = |a: &str, s: i64, f: &[u8]| (format!("group/{a}"), s, f.to_vec());
+    .await;
+    assert_eq!(
+        twice,
+        vec![(1, true, 1), (2, true, 1), (3, true, 2), (4, false, 3)]
+    );
+
+    // A first append racing another transaction's first append of the same journal waits for
+    // it: refused once it commits, taken once it rolls back.
+    for commit in [true, false] {
+        let race = if commit {
+            "race_committed"
+        } else {
+            "race_rolled_back"
+        };
+        let mut tx = admin.begin().await.expect("begin");
+        sqlx::query("SELECT grp.append($1, 1, ARRAY['theirs']::bytea[])")
+            .bind(format!("group/{race}"))
+            .execute(&mut *tx)
+            .await
+            .expect("their first append");
+        let batch = {
+            let admin = admin.clone();
+            let calm = format!("calm_{race}");
+            tokio::spawn(async move {
+                append_many(
+                    &admin,
+                    &[(race, 1, &[b"ours"]), (calm.as_str(), 1, &[b"c"])],
+                )
+                .await
+            })
+        };
+        let mut waiting = false;
+        for _ in 0..500 {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%append_many%'",
+            )
+            .fetch_one(&admin)
+            .await
+            .expect("pg_stat_activity");
+            if n > 0 {
+                waiting = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            waiting,
+            "the batch never waited for the racing first append"
+        );
+        if commit {
+            tx.commit().await.expect("commit theirs");
+        } else {
+            tx.rollback().await.expect("roll theirs back");
+        }
+        let decided = batch.await.expect("batch");
+        let first = if commit { (1, false, 2) } else { (1, true, 1) };
+        assert_eq!(decided, vec![first, (2, true, 1)], "{race}");
+    }
+
+    let (rows, meta) = journals(&admin).await;
+    let row = |a: &str, s: i64, f: &str| (format!("group/{a}"), s, f.as_bytes().to_vec());
     assert_eq!(
         rows,
         vec![
-            frame("new", 1, b"n1"),
-            frame("new", 2, b"n2"),
-            frame("old", 3, b"o3")
+            row("calm_race_committed", 1, "c"),
+            row("calm_race_rolled_back", 1, "c"),
+            row("new", 1, "n1"),
+            row("new", 2, "n2"),
+            row("old", 1, "o1"),
+            row("old", 2, "o2"),
+            row("old", 3, "o3"),
+            row("older", 1, "p1"),
+            row("other", 1, "x1"),
+            row("race_committed", 1, "theirs"),
+            row("race_rolled_back", 1, "ours"),
+            row("twice", 1, "t1"),
+            row("twice", 2, "t2"),
         ]
     );
-    for (actor, highest) in [
-        ("new", 2),
-        ("old", 3),
-        ("older", 1),
-        ("none", 0),
-        ("empty", 0),
-    ] {
-        assert_eq!(
-            store.highest_seq(&id(actor)).await.unwrap(),
-            highest,
-            "{actor}"
-        );
-    }
-    // The refused appends made no meta rows.
-    let made: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM grp.journal_meta WHERE actor IN ('group/none', 'group/empty')",
-    )
-    .fetch_one(&admin)
-    .await
-    .expect("meta");
-    assert_eq!(made, 0);
-    let twice = batch(
-        &["twice", "twice", "twice"],
-        &[1, 2, 2],
-        &[1, 1, 1],
-        &[b"1", b"2", b"3"],
-    )
-    .await;
-    assert_eq!(twice, vec![(1, true, 1), (2, true, 2), (3, false, 3)]);
+    let meta_row = |a: &str, h: i64| (format!("group/{a}"), h, 0, 0);
+    assert_eq!(
+        meta,
+        vec![
+            meta_row("calm_race_committed", 1),
+            meta_row("calm_race_rolled_back", 1),
+            meta_row("new", 2),
+            meta_row("old", 3),
+            meta_row("older", 1),
+            meta_row("other", 1),
+            meta_row("race_committed", 1),
+            meta_row("race_rolled_back", 1),
+            meta_row("twice", 2),
+        ]
+    );
+    assert_eq!(store.highest_seq(&id("old")).await.unwrap(), 3);
 }
