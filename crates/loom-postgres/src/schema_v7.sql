@@ -74,7 +74,8 @@ END $$;
 -- `turn_many` once for its whole batch (before, each turn of a batch locked its rows a second
 -- time, and checked its journal's next seq with an empty append before the real one). The
 -- lease (if fenced) locked FOR SHARE, every mailbox the turn touches and the journal's meta row
--- (if it has one) FOR UPDATE. Decides exactly as version 3's `turn`: nothing is written before
+-- (if it has one) FOR UPDATE. A NULL p_fence_token skips the fence check (`turn` made it before
+-- locking). Decides exactly as version 3's `turn`: nothing is written before
 -- the append, so a refused turn writes nothing.
 CREATE OR REPLACE FUNCTION {s}.turn_locked(
     p_actor text, p_expected bigint, p_frames bytea[],
@@ -148,7 +149,8 @@ BEGIN
     PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
     PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
     PERFORM 1 FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
-    SELECT * INTO r FROM {s}.turn_locked(p_actor, p_expected, p_frames, p_fence_token,
+    -- The fence was checked above, its lease row held FOR SHARE since: not checked again.
+    SELECT * INTO r FROM {s}.turn_locked(p_actor, p_expected, p_frames, NULL,
         p_out_actors, p_out_ids, p_out_frames, p_out_due,
         p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
         p_record_actor, p_record_key, p_record, p_record_ttl, p_next_vis, p_next_max);

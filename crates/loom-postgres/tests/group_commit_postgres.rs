@@ -31,6 +31,24 @@ async fn xid(admin: &sqlx::PgPool) -> i64 {
         .expect("pg_current_xact_id")
 }
 
+/// Whether a statement matching `query` (a LIKE pattern) comes to wait on a lock within 5 s.
+async fn waits_on_a_lock(admin: &sqlx::PgPool, query: &str) -> bool {
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(query)
+        .fetch_one(admin)
+        .await
+        .expect("pg_stat_activity");
+        if n > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_transactions_and_each_is_decided_alone() {
     let server = PostgresServer::start();
@@ -75,21 +93,10 @@ async fn a_request_the_server_refuses_does_not_fail_the_others_in_its_batch() {
         let store = store.clone();
         tokio::spawn(async move { store.append(&id("blocker"), 2, &[entry(2)]).await })
     };
-    let mut waiting = false;
-    for _ in 0..500 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%append%'",
-        )
-        .fetch_one(&admin)
-        .await
-        .expect("pg_stat_activity");
-        if n > 0 {
-            waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(waiting, "the blocking append never waited on the lock");
+    assert!(
+        waits_on_a_lock(&admin, "%append%").await,
+        "the blocking append never waited on the lock"
+    );
     let mut tasks = Vec::new();
     for n in 0..50 {
         let store = store.clone();
@@ -320,22 +327,8 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
                 .await
             })
         };
-        let mut waiting = false;
-        for _ in 0..500 {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%append_many%'",
-            )
-            .fetch_one(&admin)
-            .await
-            .expect("pg_stat_activity");
-            if n > 0 {
-                waiting = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         assert!(
-            waiting,
+            waits_on_a_lock(&admin, "%append_many%").await,
             "the batch never waited for the racing first append"
         );
         if commit {
