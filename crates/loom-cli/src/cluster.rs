@@ -1,10 +1,11 @@
 //! `loom cluster status`: the nodes sharing a store, the kinds each hosts, and for every kind
-//! how much waits and whether a live node hosts it.
+//! how much waits, whether a live node hosts it, and which nodes own its partitions.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use loom_core::store::Roster;
+use loom_core::partition::ownership_partitions;
+use loom_core::store::{Lease, Roster};
 use loom_core::{ActorId, Store, Timestamp};
 use serde_json::json;
 
@@ -52,6 +53,29 @@ async fn kinds_waiting(store: &dyn Store) -> Result<(BTreeSet<String>, bool), Fa
     }
 }
 
+/// The holder of each of `kind`'s partition leases now (`None`: no node owns it), by
+/// partition.
+async fn owners(store: &dyn Store, kind: &str) -> Result<Vec<Option<Lease>>, Failure> {
+    let reads = (0..ownership_partitions(store.partitions()))
+        .map(|p| async move { store.holder(&ActorId::partition_lease(kind, p)).await });
+    let mut out = Vec::new();
+    for r in futures::future::join_all(reads).await {
+        out.push(r?);
+    }
+    Ok(out)
+}
+
+/// `host-a 11, host-b 21` (how many partitions each owner holds), and how many no one does.
+fn owner_counts(owners: &[Option<Lease>]) -> (String, usize) {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in owners.iter().flatten() {
+        *counts.entry(l.owner.as_str()).or_default() += 1;
+    }
+    let unowned = owners.iter().filter(|o| o.is_none()).count();
+    let text: Vec<String> = counts.iter().map(|(n, c)| format!("{n} {c}")).collect();
+    (text.join(", "), unowned)
+}
+
 /// `loom cluster status [--kind K]...`.
 pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(), Failure> {
     let roster: Roster = store.members().await?;
@@ -71,7 +95,8 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
     for kind in &kinds {
         let backlog = store.backlog(kind).await?;
         let hosts: Vec<String> = roster.hosts(kind).map(|m| m.node.clone()).collect();
-        rows.push((kind.clone(), hosts, backlog));
+        let owners = owners(store, kind).await?;
+        rows.push((kind.clone(), hosts, backlog, owners));
     }
     let relay = store.relay_backlog().await?;
     let at = roster.at;
@@ -93,13 +118,28 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
             .collect();
         let kinds: Vec<_> = rows
             .iter()
-            .map(|(kind, hosts, b)| {
+            .map(|(kind, hosts, b, owners)| {
+                let partitions: Vec<_> = owners
+                    .iter()
+                    .enumerate()
+                    .map(|(p, l)| match l {
+                        Some(l) => json!({
+                            "partition": p,
+                            "owner": l.owner,
+                            "token": l.token,
+                            "expires_at": l.expires_at.to_string(),
+                        }),
+                        None => json!({"partition": p, "owner": null}),
+                    })
+                    .collect();
                 json!({
                     "kind": kind,
                     "hosts": hosts,
                     "waiting": b.mailboxes,
                     "ready": b.ready,
                     "longest_wait_ms": b.longest_wait().as_millis() as u64,
+                    "unowned": owner_counts(owners).1,
+                    "partitions": partitions,
                 })
             })
             .collect();
@@ -112,6 +152,7 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
             "nodes": nodes,
             "kinds": kinds,
             "partitions": store.partitions(),
+            "ownership_partitions": ownership_partitions(store.partitions()),
             "relay": relay,
             "scanned_all_mailboxes": !cut,
         }));
@@ -120,11 +161,14 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
     out("")?;
     let cells = rows
         .iter()
-        .map(|(kind, hosts, b)| {
+        .map(|(kind, hosts, b, owners)| {
+            let (owned, unowned) = owner_counts(owners);
             let note = if hosts.is_empty() && b.mailboxes > 0 {
-                "no live host: its messages wait"
+                "no live host: its messages wait".to_owned()
+            } else if unowned > 0 && !hosts.is_empty() {
+                format!("{unowned} partitions without an owner yet")
             } else {
-                ""
+                String::new()
             };
             vec![
                 kind.clone(),
@@ -133,6 +177,11 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
                 } else {
                     hosts.join(",")
                 },
+                if owned.is_empty() {
+                    "-".to_owned()
+                } else {
+                    owned
+                },
                 b.mailboxes.to_string(),
                 b.ready.to_string(),
                 if b.ready == 0 {
@@ -140,14 +189,22 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
                 } else {
                     ago(b.longest_wait())
                 },
-                note.to_owned(),
+                note,
             ]
         })
         .collect();
     table(
-        &["KIND", "HOSTS", "WAITING", "READY", "LONGEST WAIT", ""],
+        &[
+            "KIND",
+            "HOSTS",
+            "PARTITION OWNERS",
+            "WAITING",
+            "READY",
+            "LONGEST WAIT",
+            "",
+        ],
         cells,
-        &[2, 3, 4],
+        &[3, 4, 5],
     )?;
     if cut {
         out(format_args!(
@@ -159,7 +216,7 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
     let gone = roster.members.len() - live;
     let orphaned = rows
         .iter()
-        .filter(|(_, hosts, b)| hosts.is_empty() && b.mailboxes > 0)
+        .filter(|(_, hosts, b, _)| hosts.is_empty() && b.mailboxes > 0)
         .count();
     out(format_args!(
         "{live} live node{}, {gone} gone; {orphaned} kind{} with waiting messages and no live host",
@@ -167,9 +224,10 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
         if orphaned == 1 { "" } else { "s" },
     ))?;
     let partitions = store.partitions();
+    let owned = ownership_partitions(partitions);
     if relay.is_empty() {
         out(format_args!(
-            "{partitions} partition; actors are leased one by one by the nodes that host their kind"
+            "each kind's actors are cut into {owned} partitions, each owned by one of the kind's live hosts; the store is not partitioned"
         ))
     } else {
         let behind: Vec<String> = relay

@@ -108,6 +108,22 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
         (a, b, client)
     });
 
+    // Each kind's partitions are owned by its one host (all taken in one look, soon after
+    // start).
+    let parts = loom_core::partition::ownership_partitions(store.partitions()) as usize;
+    let mut s = status_json(&args);
+    for _ in 0..100 {
+        if kind(&s, "counter")["unowned"] == 0 && kind(&s, "greeter")["unowned"] == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        s = status_json(&args);
+    }
+    for (k, host) in [("counter", "host-b"), ("greeter", "host-a")] {
+        let owners = kind(&s, k)["partitions"].as_array().expect("partitions");
+        assert_eq!(owners.len(), parts, "{s}");
+        assert!(owners.iter().all(|o| o["owner"] == host), "{s}");
+    }
     let table = ok(&[&["cluster", "status"][..], &args[..]].concat());
     for want in [
         "host-a",
@@ -117,6 +133,9 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
         "front",
         "(client)",
         "3 live nodes, 0 gone",
+        "PARTITION OWNERS",
+        &format!("host-b {parts}"),
+        &format!("host-a {parts}"),
     ] {
         assert!(table.contains(want), "{want:?} missing:\n{table}");
     }
@@ -146,6 +165,8 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
     let counter = kind(&s, "counter");
     assert_eq!(counter["hosts"], serde_json::json!([]), "{s}");
     assert_eq!(counter["waiting"], 2, "{s}");
+    // Its partitions were released by the shutdown, not left to run out.
+    assert_eq!(counter["unowned"], parts, "{s}");
     assert!(
         s["nodes"]
             .as_array()

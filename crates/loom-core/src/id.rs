@@ -210,6 +210,35 @@ impl ActorId {
         crate::partition::fnv1a(self.full.as_bytes())
     }
 
+    /// The lease a node holds while it owns partition `partition` of `kind` (see
+    /// `runtime/ownership.rs` and [`crate::partition::owner_of`]): a system id, leased like an
+    /// actor (one holder at a time, a fencing token that only grows), never sent to.
+    /// [`partition_lease_of`](Self::partition_lease_of) reads it back.
+    ///
+    /// ```
+    /// use loom_core::ActorId;
+    ///
+    /// let lease = ActorId::partition_lease("account", 7);
+    /// assert!(lease.is_system());
+    /// assert_eq!(lease.to_string(), "_partition/account.7");
+    /// assert_eq!(lease.partition_lease_of(), Some(("account", 7)));
+    /// assert_eq!(ActorId::new("account", "7")?.partition_lease_of(), None);
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn partition_lease(kind: &str, partition: u32) -> ActorId {
+        Self::unchecked("_partition", &format!("{kind}.{partition}"))
+    }
+
+    /// The (kind, partition) of a [`partition_lease`](Self::partition_lease) id; `None` for any
+    /// other id.
+    pub fn partition_lease_of(&self) -> Option<(&str, u32)> {
+        if self.kind() != "_partition" {
+            return None;
+        }
+        let (kind, p) = self.key().rsplit_once('.')?;
+        Some((kind, p.parse().ok()?))
+    }
+
     /// True for Loom's own mailboxes (kinds starting with `_`).
     pub fn is_system(&self) -> bool {
         self.full.starts_with('_')

@@ -60,6 +60,79 @@ pub fn default_partitions() -> u32 {
         .clamp(1, MAX_PARTITIONS)
 }
 
+/// How many partitions the nodes sharing a store of one partition (today's Redis and
+/// PostgreSQL stores) divide among themselves: each kind's actors are cut into this many
+/// groups by [`partition_of`], and each group has one owning node at a time (see
+/// [`owner_of`]). A store of several partitions is owned by its own partitions.
+///
+/// Every node of a store must use the same count, or two nodes could each believe they own an
+/// actor. They would then race for its lease, as nodes did before partitions had owners: safe
+/// (the actor's lease fences its turns) but wasteful. Changing it is a change of the protocol
+/// between nodes.
+pub const SHARED_STORE_PARTITIONS: u32 = 32;
+
+/// The partitions nodes own on a store of `store_partitions` partitions: the store's own if it
+/// has several, else [`SHARED_STORE_PARTITIONS`].
+///
+/// ```
+/// use loom_core::partition::{ownership_partitions, SHARED_STORE_PARTITIONS};
+///
+/// assert_eq!(ownership_partitions(4), 4);
+/// assert_eq!(ownership_partitions(1), SHARED_STORE_PARTITIONS);
+/// ```
+pub fn ownership_partitions(store_partitions: u32) -> u32 {
+    if store_partitions > 1 {
+        store_partitions
+    } else {
+        SHARED_STORE_PARTITIONS
+    }
+}
+
+/// The node that owns `partition` of `kind` among `nodes` (the live nodes hosting `kind`):
+/// rendezvous hashing, so every node that reads the same roster names the same owner, and a
+/// node joining or leaving moves only the partitions it wins or held (about `1/n` of them).
+/// `None` if `nodes` is empty. The weight of a (node, kind, partition) is FNV-1a of the three
+/// (with separators), mixed; ties go to the greater name.
+///
+/// ```
+/// use loom_core::partition::owner_of;
+///
+/// let nodes = ["a", "b", "c"];
+/// let owner = owner_of(nodes, "account", 7).unwrap();
+/// // The order the roster lists nodes in does not matter.
+/// assert_eq!(owner_of(["c", "a", "b"], "account", 7), Some(owner));
+/// // A node leaving moves only what it owned.
+/// let rest: Vec<&str> = nodes.into_iter().filter(|n| *n != "b").collect();
+/// if owner != "b" {
+///     assert_eq!(owner_of(rest, "account", 7), Some(owner));
+/// }
+/// assert_eq!(owner_of([], "account", 7), None);
+/// ```
+pub fn owner_of<'a>(
+    nodes: impl IntoIterator<Item = &'a str>,
+    kind: &str,
+    partition: u32,
+) -> Option<&'a str> {
+    nodes
+        .into_iter()
+        .max_by_key(|node| (weight(node, kind, partition), *node))
+}
+
+/// A (node, kind, partition)'s rendezvous weight: FNV-1a, finished with splitmix64's mixer,
+/// so that names differing only in their last characters still spread.
+fn weight(node: &str, kind: &str, partition: u32) -> u64 {
+    let mut bytes = Vec::with_capacity(node.len() + kind.len() + 6);
+    bytes.extend_from_slice(node.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(kind.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&partition.to_le_bytes());
+    let mut z = fnv1a(&bytes);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Checks a partition count asked for: `1..=`[`MAX_PARTITIONS`].
 pub fn check_partitions(n: u32) -> crate::StoreResult<u32> {
     if n == 0 || n > MAX_PARTITIONS {
@@ -104,6 +177,45 @@ mod tests {
                     partition_of(&id.event_lane_in("paid", p), p),
                     partition_of(&id, p)
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn owners_spread_and_move_only_what_they_must() {
+        let nodes: Vec<String> = (1..=4).map(|i| format!("node-{i}")).collect();
+        let names = |n: usize| nodes[..n].iter().map(String::as_str).collect::<Vec<_>>();
+        for kind in ["account", "transfer"] {
+            let p = SHARED_STORE_PARTITIONS;
+            let three: Vec<&str> = (0..p)
+                .map(|i| owner_of(names(3), kind, i).unwrap())
+                .collect();
+            for n in names(3) {
+                let owned = three.iter().filter(|o| **o == n).count();
+                // 32 over 3: about 10.7 each; a hash this bad would fail.
+                assert!(
+                    (5..=17).contains(&owned),
+                    "{kind}: {n} owns {owned}: {three:?}"
+                );
+            }
+            // A fourth joins: it takes partitions, and every partition that moves moves to it.
+            let four: Vec<&str> = (0..p)
+                .map(|i| owner_of(names(4), kind, i).unwrap())
+                .collect();
+            let moved = (0..p as usize).filter(|i| three[*i] != four[*i]).count();
+            assert!(moved > 0, "{kind}: the fourth node got nothing");
+            for i in 0..p as usize {
+                if three[i] != four[i] {
+                    assert_eq!(four[i], "node-4");
+                }
+            }
+            // The second leaves: only its partitions move.
+            let without: Vec<&str> = names(3).into_iter().filter(|n| *n != "node-2").collect();
+            for i in 0..p {
+                let after = owner_of(without.iter().copied(), kind, i).unwrap();
+                if three[i as usize] != "node-2" {
+                    assert_eq!(after, three[i as usize]);
+                }
             }
         }
     }

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use loom_bench::bank::Bank;
 use loom_cli::store::{StoreUrl, open_or_create};
-use loom_core::Store;
+use loom_core::partition::{owner_of, ownership_partitions};
 use loom_core::runtime::Runtime;
+use loom_core::{ActorId, Store};
 
 use crate::output::Failure;
 
@@ -200,6 +201,44 @@ pub async fn live_nodes(
         live.sort();
         if live == expected || Instant::now() > deadline {
             return Ok(live);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks who owns each partition of every kind the live nodes host: a (kind, partition) is
+/// wrong if its lease is not held by the live node that rendezvous hashing over the kind's live
+/// hosts names (no holder, a gone node, or another live one). Looks again every 100 ms until
+/// nothing is wrong or `limit` has passed (a node that just joined is handed its partitions
+/// within a few looks); returns how many were checked and what was wrong at the last look.
+pub async fn partition_owners(
+    store: &dyn Store,
+    limit: Duration,
+) -> Result<(usize, Vec<String>), Failure> {
+    let deadline = Instant::now() + limit;
+    let parts = ownership_partitions(store.partitions());
+    loop {
+        let roster = store.members().await?;
+        let kinds: std::collections::BTreeSet<&str> = roster
+            .live()
+            .flat_map(|m| m.kinds.iter().map(String::as_str))
+            .collect();
+        let mut checked = 0;
+        let mut wrong = Vec::new();
+        for kind in kinds {
+            let hosts: Vec<&str> = roster.hosts(kind).map(|m| m.node.as_str()).collect();
+            for p in 0..parts {
+                checked += 1;
+                let want = owner_of(hosts.iter().copied(), kind, p);
+                let held = store.holder(&ActorId::partition_lease(kind, p)).await?;
+                let got = held.as_ref().map(|l| l.owner.as_str());
+                if got != want {
+                    wrong.push(format!("{kind}.{p}: held by {got:?}, won by {want:?}"));
+                }
+            }
+        }
+        if wrong.is_empty() || Instant::now() > deadline {
+            return Ok((checked, wrong));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

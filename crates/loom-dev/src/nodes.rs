@@ -35,7 +35,7 @@ use loom_testkit::servers::{PostgresServer, RedisServer};
 use loom_testkit::torture::{FinalReport, check_bank};
 use serde::Serialize;
 
-use crate::node::{Nodes, Spec, live_nodes};
+use crate::node::{Nodes, Spec, live_nodes, partition_owners};
 use crate::output::{Failure, out};
 
 /// Which server the nodes share.
@@ -122,6 +122,10 @@ pub struct Report {
     pub live_at_end: Vec<String>,
     /// Nodes that did not stop within 30 s of being asked to.
     pub not_stopped: Vec<String>,
+    /// (kind, partition)s checked at the end, once the nodes were all live again.
+    pub partitions_checked: usize,
+    /// Those not owned by the live node rendezvous hashing names (see `node::partition_owners`).
+    pub partitions_misowned: Vec<String>,
     pub lost: usize,
     pub doubled: usize,
     /// The final check.
@@ -139,6 +143,8 @@ impl Report {
             && self.live_at_end == expected
             && self.not_stopped.is_empty()
             && self.not_taken_over == 0
+            && self.partitions_checked > 0
+            && self.partitions_misowned.is_empty()
     }
 }
 
@@ -467,6 +473,9 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     settled.map_err(|e| Failure(format!("the nodes did not settle the transfers: {e}")))?;
     // A node restarted under a killed one's name joins once the dead record runs out.
     let live_at_end = live_nodes(store.as_ref(), &expected, lease * 10).await?;
+    // Then every partition of every kind has exactly one owner, the live node that wins it.
+    let (partitions_checked, partitions_misowned) =
+        partition_owners(store.as_ref(), lease * 10).await?;
     client.shutdown().await;
     let not_stopped = tokio::task::spawn_blocking(move || nodes.stop()).await?;
 
@@ -510,6 +519,8 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         settle_ms,
         live_at_end,
         not_stopped,
+        partitions_checked,
+        partitions_misowned,
         lost: last.lost.len(),
         doubled: usize::from(last.verify_error.is_some()),
         last,
@@ -523,7 +534,8 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
              failover p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms \
              ({} kills held requests up, {} none; lease {} ms); start p50 {:.0} ms, p99 {:.0} ms; \
              transfers {}, lost {}, doubled {}; \
-             settled in {} ms; live at the end: {}; journals gapless {}; parked {}",
+             settled in {} ms; live at the end: {}; partitions owned by their winners {} of {}; \
+             journals gapless {}; parked {}",
             report.nodes,
             report.kills,
             report.backend,
@@ -545,6 +557,8 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             report.doubled,
             report.settle_ms,
             report.live_at_end.join(", "),
+            report.partitions_checked - report.partitions_misowned.len(),
+            report.partitions_checked,
             report.last.journals,
             report.last.parked.len(),
         ))?;
@@ -553,13 +567,14 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         return Err(Failure(format!(
             "torture-nodes found broken promises (seed {seed}): lost {:?}, verification {:?}, \
              parked {:?}, journals {:?}, live at the end {:?} (expected {expected:?}), not \
-             stopped {:?}",
+             stopped {:?}, partitions misowned {:?}",
             report.last.lost,
             report.last.verify_error,
             report.last.parked,
             report.last.journal_error,
             report.live_at_end,
             report.not_stopped,
+            report.partitions_misowned,
         )));
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! `loom-dev torture-nodes`, the real binary: the bank on three node processes sharing a private
 //! Redis or PostgreSQL server, a node SIGKILLed and restarted every three to four seconds,
 //! a fourth node added halfway. Nothing acknowledged is lost, nothing is applied twice, every
-//! journal is gapless, nothing is parked, every node is listed live once at the end, and a
-//! killed node's work is taken over once its leases run out (the failover times are printed).
+//! journal is gapless, nothing is parked, every node is listed live once at the end, every
+//! partition is owned by the one live node that wins it, and a killed node's work is taken over
+//! once its leases run out (the failover times are printed).
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -38,6 +39,17 @@ fn torture_nodes(backend: &str) {
         serde_json::json!(["driver", "node-1", "node-2", "node-3", "node-4"])
     );
     assert!(report["transfers"].as_u64().unwrap_or(0) > 0);
+    // Every partition of the bank's kinds is owned by exactly one live node, the one
+    // rendezvous hashing over the live hosts names.
+    assert!(
+        report["partitions_checked"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["partitions_misowned"],
+        serde_json::json!([]),
+        "{report}"
+    );
     // Some kill caught the killed node running accounts (three kills in four aim at one), and
     // each of them had a new holder once its lease ran out, not a 10 s default visibility
     // later; what the node held answered again after that and the few turns queued behind it

@@ -71,18 +71,20 @@ impl<A: Actor> Kind for KindOf<A> {
 impl Shared {
     /// Wakes the actor if it is active here; otherwise asks the dispatcher to look for work.
     pub(super) fn wake(self: &Arc<Self>, id: &ActorId) {
-        if !self.hub.notify(id) {
+        // Not active here, and of a partition another node owns: its owner finds the message.
+        if !self.hub.notify(id) && self.ownership.owns(id) {
             let me = self.clone();
             let id = id.clone();
             self.spawn(async move { me.ensure_active(&id).await });
         }
     }
 
-    /// Activates the actor on this node unless it is active, parked, leased elsewhere, or of a
-    /// kind this node does not host: messages to such a kind are never touched here; they wait
-    /// in their mailbox for a node that hosts it.
+    /// Activates the actor on this node unless it is active, parked, leased elsewhere, of a
+    /// partition this node does not own (`ownership.rs`), or of a kind this node does not host:
+    /// messages to such a kind are never touched here; they wait in their mailbox for a node
+    /// that hosts it.
     pub(super) async fn ensure_active(self: &Arc<Self>, id: &ActorId) {
-        if self.shutdown.is_cancelled() || id.is_system() {
+        if self.shutdown.is_cancelled() || id.is_system() || !self.ownership.owns(id) {
             return;
         }
         let parked_here = self
@@ -126,6 +128,11 @@ impl Shared {
             if active.contains(id) {
                 drop(active);
                 self.hub.notify(id);
+                return;
+            }
+            // Looked at again under the lock: a hand-off gives the partition up before it
+            // takes this lock to stop the partition's actors (see `ownership.rs`).
+            if !self.ownership.owns(id) {
                 return;
             }
             active.make_room(self.config.max_active);
@@ -436,8 +443,16 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
-            match shared.store.ready_actors(&shared.hosted, SCAN).await {
+            // Most ready actors are other nodes' when nodes share the store: ask for more and
+            // keep this node's.
+            let asked = SCAN * shared.ownership.spread();
+            match shared.store.ready_actors(&shared.hosted, asked).await {
                 Ok(ids) => {
+                    let ids: Vec<ActorId> = ids
+                        .into_iter()
+                        .filter(|id| shared.ownership.owns(id))
+                        .take(SCAN)
+                        .collect();
                     // All at once: each activation takes a lease (a write), and a store's group
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync

@@ -83,6 +83,10 @@ impl Actives {
         self.map.values()
     }
 
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&ActorId, &Active)> {
+        self.map.iter()
+    }
+
     pub(super) fn insert(&mut self, id: ActorId, a: Active) {
         if let Some(old) = self.map.insert(id, a) {
             self.forgot(&old);

@@ -224,6 +224,7 @@ impl RuntimeBuilder {
             StoreChoice::Given(s) => s,
         };
         let health = Arc::new(health::Observed::default());
+        let partitions = store.partitions();
         // Reply signals, if the store gives them (a subscription that may still be starting:
         // until it is, the asks' own looks find their replies).
         let completions = store.completions();
@@ -255,12 +256,18 @@ impl RuntimeBuilder {
             alarms: Default::default(),
             incarnation: crate::seam::random_u64(),
             left: tokio::sync::Mutex::new(false),
+            ownership: super::ownership::Ownership::new(crate::partition::ownership_partitions(
+                partitions,
+            )),
         });
         if let Some(rx) = completions {
             shared.spawn(super::client::replies_from_other_nodes(shared.clone(), rx));
         }
         shared.spawn(dispatch(shared.clone()));
         shared.spawn(super::membership::heartbeats(shared.clone()));
+        if !shared.hosted.is_empty() {
+            shared.spawn(super::ownership::own_partitions(shared.clone()));
+        }
         tracing::info!(node = %shared.config.node, "runtime started");
         Ok(Runtime { shared })
     }

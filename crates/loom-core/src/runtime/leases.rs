@@ -137,9 +137,9 @@ impl Keeper {
         kept
     }
 
-    /// How many leases are kept (for tests and metrics).
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+    /// How many actors' leases are kept (partition leases not counted), for metrics.
+    pub(crate) fn actor_leases(&self) -> usize {
+        self.lock().keys().filter(|a| !a.is_system()).count()
     }
 
     /// Renews due leases until the task is aborted.

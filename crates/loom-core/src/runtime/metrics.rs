@@ -240,6 +240,9 @@ pub struct MetricsSnapshot {
     pub active: u64,
     /// Leases this node keeps renewed now (one per active actor that has taken its lease).
     pub leases_held: u64,
+    /// Partitions this node owns now, over every kind it hosts (see
+    /// [`Runtime::partitions_owned`](super::Runtime::partitions_owned)).
+    pub partitions_owned: u64,
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ mod hub;
 mod leases;
 mod membership;
 mod metrics;
+mod ownership;
 mod record;
 mod replay;
 pub(crate) mod trace;
@@ -147,6 +148,8 @@ pub(crate) struct Shared {
     /// Held by a heartbeat while it is in flight, and set once this node has left: no
     /// heartbeat is sent after the leave (it would announce the node again for a ttl).
     left: tokio::sync::Mutex<bool>,
+    /// The partitions this node owns (see `ownership.rs`).
+    ownership: ownership::Ownership,
 }
 
 /// The actor runtime; cheap to clone.
@@ -294,8 +297,46 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
-            leases_held: self.shared.keeper.len() as u64,
+            leases_held: self.shared.keeper.actor_leases() as u64,
+            partitions_owned: self.shared.ownership.owned().len() as u64,
         }
+    }
+
+    /// The partitions this node owns now, as (kind, partition), sorted: of each kind it hosts,
+    /// those that rendezvous hashing over the live nodes hosting the kind gives it and whose
+    /// lease it holds (see [`partition::owner_of`](crate::partition::owner_of)). It activates
+    /// only actors of these.
+    ///
+    /// ```
+    /// # use loom_core::runtime::{Actor, Context, Rejected, Runtime};
+    /// # use loom_core::{EmbeddedStore, Store};
+    /// # use loom_core::partition::ownership_partitions;
+    /// # struct Account;
+    /// # impl Actor for Account {
+    /// #     const KIND: &'static str = "account";
+    /// #     type State = i64;
+    /// #     type Message = i64;
+    /// #     type Reply = i64;
+    /// #     async fn handle(&self, b: &mut i64, _: &mut Context<'_>, d: i64) -> Result<i64, Rejected> {
+    /// #         *b += d;
+    /// #         Ok(*b)
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = EmbeddedStore::in_memory()?;
+    /// let all = ownership_partitions(store.partitions()) as usize;
+    /// let rt = Runtime::builder().store(store).register_actor(Account).start().await?;
+    /// // Alone, a node comes to own every partition of the kinds it hosts.
+    /// while rt.partitions_owned().len() < all {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    /// }
+    /// assert!(rt.partitions_owned().iter().all(|(kind, _)| kind == "account"));
+    /// # rt.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn partitions_owned(&self) -> Vec<(String, u32)> {
+        self.shared.ownership.owned()
     }
 
     /// True if the actor is active on this node now.
@@ -323,7 +364,9 @@ impl Runtime {
                 "shutdown timed out with invocations still running; they resume after a restart"
             );
         }
-        // Every actor has released its lease (or, after a timeout, lets it expire).
+        // Every actor has released its lease (or, after a timeout, lets it expire); the
+        // partitions go next, so that the other nodes take them at their next look.
+        ownership::release_all(&self.shared).await;
         self.stop_keeper().await;
         membership::leave(&self.shared).await;
     }

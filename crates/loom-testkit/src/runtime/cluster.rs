@@ -2,6 +2,10 @@
 //! hosts, leaves when it shuts down, is seen gone when it crashes, and a second process under a
 //! live node's name is refused until the name is free.
 
+use std::time::Duration;
+
+use loom_core::ActorId;
+use loom_core::partition::{owner_of, ownership_partitions, partition_of};
 use loom_core::runtime::{NodeHealth, Runtime};
 use loom_core::store::Roster;
 
@@ -15,7 +19,170 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         nodes_announce_their_kinds_and_leave_when_they_shut_down,
         a_second_process_under_a_live_name_is_refused_until_it_is_free,
         a_client_gets_replies_another_node_records_without_polling,
+        nodes_divide_the_partitions_and_hand_them_off,
     ]
+}
+
+/// The (kind, partition)s rendezvous hashing gives `node` among `nodes`, all hosting `kinds`,
+/// in the order [`Runtime::partitions_owned`] lists them.
+fn won(kinds: &[&str], parts: u32, nodes: &[&str], node: &str) -> Vec<(String, u32)> {
+    let mut won = Vec::new();
+    for kind in kinds {
+        for p in 0..parts {
+            if owner_of(nodes.iter().copied(), kind, p) == Some(node) {
+                won.push((kind.to_string(), p));
+            }
+        }
+    }
+    won.sort();
+    won
+}
+
+/// Nodes hosting the same kinds divide each kind's partitions as rendezvous hashing over the
+/// live ones says, each holding the partitions' leases in the store, and an actor runs on its
+/// partition's owner whichever node is asked. A node joining takes only the partitions it
+/// wins, and the actors of those move to it with nothing lost or doubled; a graceful shutdown
+/// hands its partitions back at once (well before its lease ttl); a crashed node's are taken
+/// over once its leases run out.
+async fn nodes_divide_the_partitions_and_hand_them_off(h: &Harness) {
+    let short = Duration::from_millis(1500);
+    let node = |name: &'static str, ttl: Duration| {
+        move |c: &mut loom_core::runtime::Config| {
+            c.node = name.into();
+            c.lease_ttl = ttl;
+        }
+    };
+    let a = h.runtime_with(node("part-a", short)).await;
+    let b = h.runtime_with(node("part-b", short)).await;
+    let mut kinds = a.kinds();
+    kinds.sort();
+    let parts = ownership_partitions(h.store.partitions());
+    let split =
+        |nodes: &[&'static str], rts: &[&Runtime]| split_as(kinds.clone(), parts, nodes, rts);
+    eventually(
+        WAIT,
+        "a and b divide the partitions",
+        split(&["part-a", "part-b"], &[&a, &b]),
+    )
+    .await;
+    for (kind, p) in won(&kinds, parts, &["part-a", "part-b"], "part-a") {
+        let holder = h
+            .store
+            .holder(&ActorId::partition_lease(&kind, p))
+            .await
+            .expect("holder")
+            .expect("held");
+        assert_eq!(holder.owner, "part-a", "{kind}.{p}");
+    }
+
+    // Every account runs on its partition's owner, whichever node was asked.
+    let accounts: Vec<String> = (0..24).map(|i| format!("owned-{i}")).collect();
+    let runs_on = |nodes: &[&str], key: &str| {
+        let id = ActorId::new(Account::KIND, key).unwrap();
+        owner_of(
+            nodes.iter().copied(),
+            Account::KIND,
+            partition_of(&id, parts),
+        )
+        .unwrap()
+        .to_owned()
+    };
+    for (i, key) in accounts.iter().enumerate() {
+        let asked = if i % 2 == 0 { &a } else { &b };
+        let acct = asked.actor::<Account>(key).unwrap();
+        assert_eq!(acct.ask(AccountMsg::Deposit(1)).await.expect("deposit"), 1);
+        let id = acct.id().clone();
+        let (on, off) = if runs_on(&["part-a", "part-b"], key) == "part-a" {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        assert!(
+            on.is_active(&id) && !off.is_active(&id),
+            "{id} runs on its owner only"
+        );
+    }
+
+    // A third joins (with a long lease ttl): it takes only what it wins.
+    let before_a = a.partitions_owned();
+    let before_b = b.partitions_owned();
+    let c = h
+        .runtime_with(node("part-c", Duration::from_secs(10)))
+        .await;
+    let three = ["part-a", "part-b", "part-c"];
+    eventually(
+        WAIT,
+        "a, b and c divide the partitions",
+        split(&three, &[&a, &b, &c]),
+    )
+    .await;
+    assert!(!c.partitions_owned().is_empty());
+    assert!(a.partitions_owned().iter().all(|p| before_a.contains(p)));
+    assert!(b.partitions_owned().iter().all(|p| before_b.contains(p)));
+    for key in &accounts {
+        let acct = a.actor::<Account>(key).unwrap();
+        assert_eq!(
+            acct.ask(AccountMsg::Deposit(1)).await.expect("deposit"),
+            2,
+            "{key}"
+        );
+        if runs_on(&three, key) == "part-c" {
+            assert!(c.is_active(acct.id()), "{key} moved to c");
+            assert!(!a.is_active(acct.id()) && !b.is_active(acct.id()));
+        }
+    }
+
+    // A graceful shutdown releases c's partitions: a and b have them back within a few looks,
+    // long before c's 10 s leases could have run out.
+    c.shutdown().await;
+    eventually(
+        Duration::from_secs(5),
+        "c's partitions come back before its leases run out",
+        split(&["part-a", "part-b"], &[&a, &b]),
+    )
+    .await;
+
+    // A crash: b's partitions are taken over once its leases and its record run out.
+    b.kill().await;
+    eventually(WAIT, "a owns every partition", split(&["part-a"], &[&a])).await;
+    for key in &accounts {
+        let acct = a.actor::<Account>(key).unwrap();
+        assert_eq!(
+            acct.ask(AccountMsg::Deposit(1)).await.expect("deposit"),
+            3,
+            "{key}"
+        );
+    }
+    a.shutdown().await;
+    for kind in &kinds {
+        for p in 0..parts {
+            let lease = ActorId::partition_lease(kind, p);
+            assert_eq!(
+                h.store.holder(&lease).await.expect("holder"),
+                None,
+                "{lease} released"
+            );
+        }
+    }
+}
+
+/// A check for [`eventually`]: each of `rts` (named `nodes`) owns exactly what it wins.
+fn split_as(
+    kinds: Vec<&'static str>,
+    parts: u32,
+    nodes: &[&'static str],
+    rts: &[&Runtime],
+) -> impl FnMut() -> std::future::Ready<bool> + use<> {
+    let nodes = nodes.to_vec();
+    let rts: Vec<Runtime> = rts.iter().map(|rt| (*rt).clone()).collect();
+    move || {
+        std::future::ready(
+            nodes
+                .iter()
+                .zip(&rts)
+                .all(|(n, rt)| rt.partitions_owned() == won(&kinds, parts, &nodes, n)),
+        )
+    }
 }
 
 async fn roster(h: &Harness) -> Roster {

@@ -1,0 +1,317 @@
+//! Which partitions this node owns: of each kind it hosts, the partitions that rendezvous
+//! hashing over the live nodes hosting that kind gives it ([`owner_of`]), each held by a
+//! fenced partition lease ([`ActorId::partition_lease`]) renewed with the actors' leases. A
+//! node activates only actors of partitions it holds, so nodes sharing a store work on
+//! disjoint actors instead of racing for each ready actor's lease.
+//!
+//! Invariants:
+//! - **At most one owner per (kind, partition)**: ownership is the partition's lease, which one
+//!   node holds at a time. Rosters read at different moments may disagree for a moment about
+//!   who *should* own a partition; the lease decides who does. An actor's own lease still
+//!   fences each of its turns, so ownership is never what keeps a turn safe: an error here
+//!   costs work or latency, never a lost or doubled message.
+//! - **Activation only under ownership**: `ensure_active` looks at [`Ownership::owns`] while
+//!   it holds the active-actor lock, and a hand-off removes the partition from what is owned
+//!   *before* it takes that lock to stop the partition's actors. So an actor is either seen
+//!   and stopped by the hand-off, or never activated.
+//! - **Hand-off**: a partition the roster now gives to another node stops being owned at once
+//!   (nothing new starts), its active actors are asked to passivate (an invocation in flight
+//!   finishes; each actor releases its lease), and once they are gone, or a lease ttl has
+//!   passed, its lease is released, so the new owner takes it at its next look instead of a
+//!   ttl later. A partition whose lease is lost (not renewed in time) is dropped the same way,
+//!   without the release.
+//! - **Takeover**: a node that crashes holds its partitions until their leases run out, one
+//!   lease ttl after its last renewal, and its membership record runs out at about the same
+//!   time; the other hosts look at the roster every [`tick`], so its partitions have new owners
+//!   within about `lease_ttl + tick`.
+//! - A graceful shutdown releases every partition lease after its actors have drained
+//!   ([`release_all`]), so the others take them over at their next look.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::leases::Kept;
+use crate::error::StoreError;
+use crate::id::ActorId;
+use crate::partition::{owner_of, partition_of};
+use crate::store::{Lease, Roster};
+
+/// How often a node looks at the roster: an eighth of the lease ttl, at most half a second.
+pub(super) fn tick(ttl: Duration) -> Duration {
+    (ttl / 8).clamp(Duration::from_millis(10), Duration::from_millis(500))
+}
+
+/// The ready scan asks for at most this many times its usual count.
+const MAX_SPREAD: usize = 8;
+
+/// How often a hand-off looks whether the partition's actors are gone.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+struct Held {
+    lease: Lease,
+    /// Cancelled by the lease keeper if the lease could not be renewed.
+    lost: CancellationToken,
+    _kept: Kept,
+}
+
+/// The partitions this node holds (see the module documentation).
+pub(crate) struct Ownership {
+    partitions: u32,
+    held: Mutex<BTreeMap<&'static str, BTreeMap<u32, Held>>>,
+    /// The most live nodes hosting any one of this node's kinds, at the last look (at least 1):
+    /// the ready scan asks for that many times more actors, as most of those ready belong to
+    /// other nodes' partitions.
+    spread: AtomicUsize,
+}
+
+impl Ownership {
+    pub(super) fn new(partitions: u32) -> Ownership {
+        Ownership {
+            partitions,
+            held: Mutex::new(BTreeMap::new()),
+            spread: AtomicUsize::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, BTreeMap<u32, Held>>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True if this node holds the partition of `id`'s kind that `id` is in.
+    pub(super) fn owns(&self, id: &ActorId) -> bool {
+        let p = partition_of(id, self.partitions);
+        self.lock()
+            .get(id.kind())
+            .and_then(|parts| parts.get(&p))
+            .is_some_and(|h| !h.lost.is_cancelled())
+    }
+
+    /// See `spread`; at most [`MAX_SPREAD`].
+    pub(super) fn spread(&self) -> usize {
+        self.spread.load(Ordering::Relaxed).clamp(1, MAX_SPREAD)
+    }
+
+    /// The (kind, partition)s held now, sorted.
+    pub(super) fn owned(&self) -> Vec<(String, u32)> {
+        self.lock()
+            .iter()
+            .flat_map(|(kind, parts)| {
+                parts
+                    .iter()
+                    .filter(|(_, h)| !h.lost.is_cancelled())
+                    .map(|(p, _)| (kind.to_string(), *p))
+            })
+            .collect()
+    }
+
+    fn take(&self, kind: &str, p: u32) -> Option<Held> {
+        let mut held = self.lock();
+        let parts = held.get_mut(kind)?;
+        parts.remove(&p)
+    }
+}
+
+/// Looks at the roster every [`tick`] and takes, keeps and hands off partitions, until the
+/// runtime stops. Runs on nodes that host at least one kind.
+pub(super) async fn own_partitions(shared: Arc<Shared>) {
+    let every = tick(shared.config.lease_ttl);
+    loop {
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        match shared.store.members().await {
+            Ok(roster) => look(&shared, &roster).await,
+            // The partitions held stay held (their leases are renewed apart from this).
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the roster; partition owners unchanged")
+            }
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// One look: drops lost partitions, takes those this node now wins, hands off those it no
+/// longer wins.
+async fn look(shared: &Arc<Shared>, roster: &Roster) {
+    let own = &shared.ownership;
+    let me = shared.config.node.as_str();
+    let mut lost = Vec::new();
+    let mut want = Vec::new();
+    let mut give = Vec::new();
+    let mut spread = 1;
+    {
+        let mut held = own.lock();
+        for kind in &shared.hosted {
+            // This node counts itself a host even before its first heartbeat lands (or while
+            // an older incarnation's record still holds its name): the others do not know it
+            // yet and keep their partitions, so it only takes what nobody holds.
+            let mut hosts: Vec<&str> = roster.hosts(kind).map(|m| m.node.as_str()).collect();
+            if !hosts.contains(&me) {
+                hosts.push(me);
+            }
+            spread = spread.max(hosts.len());
+            let parts = held.entry(*kind).or_default();
+            parts.retain(|p, h| {
+                if h.lost.is_cancelled() {
+                    lost.push((*kind, *p));
+                    false
+                } else {
+                    true
+                }
+            });
+            for p in 0..own.partitions {
+                let mine = owner_of(hosts.iter().copied(), kind, p) == Some(me);
+                match (mine, parts.contains_key(&p)) {
+                    (true, false) => want.push((*kind, p)),
+                    (false, true) => give.push((*kind, p)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    own.spread.store(spread, Ordering::Relaxed);
+    for (kind, p) in lost {
+        tracing::warn!(
+            kind,
+            partition = p,
+            "lost a partition's lease; its actors stop"
+        );
+        stop_partition(shared, kind, p);
+    }
+    if !want.is_empty() {
+        take(shared, want).await;
+    }
+    for (kind, p) in give {
+        if let Some(h) = own.take(kind, p) {
+            tracing::info!(
+                kind,
+                partition = p,
+                "handing a partition off to the node that now wins it"
+            );
+            let me = shared.clone();
+            shared.spawn(async move { hand_off(&me, kind, p, h).await });
+        }
+    }
+}
+
+/// Takes the leases of `want`, all at once (a store's group commit makes them one write).
+async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
+    let node = shared.config.node.as_str();
+    let ttl = shared.config.lease_ttl;
+    let tries = want.into_iter().map(|(kind, p)| async move {
+        let sent = Instant::now();
+        let r = shared
+            .store
+            .acquire(&ActorId::partition_lease(kind, p), node, ttl)
+            .await;
+        (kind, p, sent, r)
+    });
+    let mut took = 0;
+    for (kind, p, sent, r) in futures::future::join_all(tries).await {
+        match r {
+            Ok(lease) => {
+                let lost = CancellationToken::new();
+                let kept = shared.keeper.keep(lease.clone(), sent, lost.clone());
+                shared.ownership.lock().entry(kind).or_default().insert(
+                    p,
+                    Held {
+                        lease,
+                        lost,
+                        _kept: kept,
+                    },
+                );
+                took += 1;
+            }
+            // Its owner has not let go yet (handing off, or crashed and not yet run out).
+            Err(StoreError::LeaseHeld { .. }) => {}
+            Err(e) => {
+                shared.health.failed(&e);
+                tracing::warn!(kind, partition = p, error = %e, "could not take a partition's lease; trying again");
+            }
+        }
+    }
+    if took > 0 {
+        tracing::debug!(partitions = took, "took partitions");
+        // Their ready actors are found by a scan now, not at the next poll.
+        shared.wake.notify_one();
+    }
+}
+
+/// Asks every active actor of (kind, p) to passivate; returns them.
+fn stop_partition(shared: &Shared, kind: &str, p: u32) -> Vec<ActorId> {
+    let parts = shared.ownership.partitions;
+    let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
+    active
+        .iter()
+        .filter(|(id, _)| id.kind() == kind && partition_of(id, parts) == p)
+        .map(|(id, a)| {
+            a.stop.cancel();
+            id.clone()
+        })
+        .collect()
+}
+
+/// Hands (kind, p), no longer owned here, to whoever wins it: stops its actors, waits until
+/// they are gone (at most a lease ttl), releases its lease.
+async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) {
+    let stopping = stop_partition(shared, kind, p);
+    let deadline = Instant::now() + shared.config.lease_ttl;
+    loop {
+        let gone = {
+            let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
+            !stopping.iter().any(|id| active.contains(id))
+        };
+        if gone || held.lost.is_cancelled() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                kind,
+                partition = p,
+                "a partition's actors did not stop within a lease ttl; releasing it anyway (their own leases still fence them)"
+            );
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    release(shared, held).await;
+}
+
+async fn release(shared: &Shared, held: Held) {
+    let Held { lease, lost, _kept } = held;
+    // No renewal after this point: one racing the release would only fail.
+    drop(_kept);
+    if lost.is_cancelled() {
+        return;
+    }
+    match shared.store.release(&lease).await {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            partition = %lease.actor,
+            error = %e,
+            "could not release a partition's lease; it runs out by itself"
+        ),
+    }
+}
+
+/// Releases every partition this node holds; for the end of a graceful shutdown, once its
+/// actors have drained.
+pub(super) async fn release_all(shared: &Shared) {
+    let all: Vec<Held> = {
+        let mut held = shared.ownership.lock();
+        std::mem::take(&mut *held)
+            .into_values()
+            .flat_map(BTreeMap::into_values)
+            .collect()
+    };
+    futures::future::join_all(all.into_iter().map(|h| release(shared, h))).await;
+}
