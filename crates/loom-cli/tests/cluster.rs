@@ -233,3 +233,69 @@ fn cluster_status_on_postgres() {
     let server = PostgresServer::start();
     waits_for_a_host_and_runs_once_when_it_comes_back(&server.url(), "cluster_test", "--pg-schema");
 }
+
+/// A message sent on one node to an actor whose partition another node owns runs at once on
+/// the owner, woken by the store's signal (Redis pub/sub, PostgreSQL `NOTIFY`), not at its
+/// next scan: both hosts scan only every 60 s here, and each ask times out after 10 s. Each
+/// host has a store connection of its own, as two processes would (a store skips the signals
+/// it sent itself: its own runtime woke the actor).
+fn sends_wake_the_owner(url: &str, ns: &str) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let store_url = StoreUrl::parse(url, &Namespace::both(ns)).expect("url");
+    let opened = rt.block_on(open_or_create(&store_url)).expect("store");
+    let other = rt
+        .block_on(open_or_create(&store_url))
+        .expect("second store");
+    let store = opened.store.clone();
+    rt.block_on(async {
+        let host = |name: &'static str, store: &Arc<dyn Store>| {
+            Runtime::builder()
+                .store(store.clone())
+                .config(Config {
+                    poll_interval: Duration::from_secs(60),
+                    ask_timeout: Duration::from_secs(10),
+                    ..config(name)
+                })
+                .register_actor(Counter)
+                .start()
+        };
+        let one = host("wake-1", &store).await.expect("wake-1 starts");
+        let two = host("wake-2", &other.store).await.expect("wake-2 starts");
+        let parts = loom_core::partition::ownership_partitions(store.partitions()) as usize;
+        let mut split = false;
+        for _ in 0..200 {
+            let (a, b) = (one.partitions_owned().len(), two.partitions_owned().len());
+            if a > 0 && b > 0 && a + b == parts {
+                split = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(split, "the two hosts never divided the partitions");
+        let mut on_two = 0;
+        for i in 0..20u64 {
+            let c = one.actor::<Counter>(format!("w{i}")).unwrap();
+            assert_eq!(c.ask(i).await.expect("answered by its owner"), i);
+            if two.is_active(c.id()) {
+                on_two += 1;
+                assert!(!one.is_active(c.id()));
+            }
+        }
+        assert!(on_two > 0, "no counter was owned by the other node");
+        one.shutdown().await;
+        two.shutdown().await;
+    });
+    rt.block_on(opened.destroy_namespace()).expect("clean up");
+}
+
+#[test]
+fn sends_wake_the_owner_on_redis() {
+    let server = RedisServer::start();
+    sends_wake_the_owner(&server.url(), "wake_test");
+}
+
+#[test]
+fn sends_wake_the_owner_on_postgres() {
+    let server = PostgresServer::start();
+    sends_wake_the_owner(&server.url(), "wake_test");
+}

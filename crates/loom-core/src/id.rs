@@ -197,8 +197,14 @@ impl ActorId {
 
     /// The hash that places this id in a partition ([`crate::partition::partition_of`]): FNV-1a
     /// of `kind/key`, except for an event lane of a partitioned store
-    /// ([`event_lane_in`](Self::event_lane_in)), which carries its owner's hash in its key.
+    /// ([`event_lane_in`](Self::event_lane_in)), which carries its owner's hash in its key, and
+    /// a [`partition_lease`](Self::partition_lease), whose hash is its partition: on a
+    /// partitioned store the lease lives in the partition it owns, so a partition that fails
+    /// takes no other partition's ownership with it.
     pub(crate) fn placement_hash(&self) -> u64 {
+        if let Some((_, p)) = self.partition_lease_of() {
+            return u64::from(p);
+        }
         if self.kind() == "_event"
             && let Some(h) = self
                 .key()
@@ -222,6 +228,8 @@ impl ActorId {
     /// assert!(lease.is_system());
     /// assert_eq!(lease.to_string(), "_partition/account.7");
     /// assert_eq!(lease.partition_lease_of(), Some(("account", 7)));
+    /// // On a store of several partitions, it lives in the one it owns.
+    /// assert_eq!(loom_core::partition::partition_of(&lease, 8), 7);
     /// assert_eq!(ActorId::new("account", "7")?.partition_lease_of(), None);
     /// # Ok::<(), loom_core::IdError>(())
     /// ```

@@ -460,6 +460,7 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     let now = m.rt.metrics();
     metrics::gauge!("loom_active_actors").set(now.active as f64);
     metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
+    metrics::gauge!("loom_partitions_owned").set(now.partitions_owned as f64);
     // The store's own health: a node refused its name is not a failing store (`/health` says
     // both).
     let healthy = m.rt.health().store == loom_core::runtime::StoreHealth::Healthy;

@@ -102,7 +102,7 @@ impl IdempotencyStore for RedisStore {
     fn completions(
         &self,
     ) -> Option<tokio::sync::broadcast::Receiver<loom_core::store::Completion>> {
-        Some(self.signals.subscribe(self.keys.done()))
+        Some(self.signals.completions())
     }
 
     async fn abandon(&self, actor: &ActorId, key: &IdempotencyKey) -> StoreResult<bool> {
@@ -130,88 +130,5 @@ impl IdempotencyStore for RedisStore {
     /// Redis expires records by itself (each has a TTL), so there is never anything to purge.
     async fn purge_expired(&self, _limit: usize) -> StoreResult<u64> {
         Ok(0)
-    }
-}
-
-/// The subscription behind [`IdempotencyStore::completions`]: one pub/sub connection on the
-/// channel the turn script publishes to, opened at the first call and shared by every clone
-/// of the store, closed with the last.
-pub(crate) struct Signals {
-    client: redis::Client,
-    started: std::sync::OnceLock<(
-        tokio::sync::broadcast::Sender<loom_core::store::Completion>,
-        AbortOnDrop,
-    )>,
-}
-
-/// A task aborted when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// How many signals a slow receiver may fall behind by before it misses some (and its waiters
-/// fall back to their poll).
-const SIGNALS_BUFFERED: usize = 4096;
-
-impl Signals {
-    /// Signals of the server `client` connects to, not subscribed yet.
-    pub(crate) fn new(client: redis::Client) -> Self {
-        Signals {
-            client,
-            started: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// A receiver of the signals, starting the subscription if this is the first.
-    pub(crate) fn subscribe(
-        &self,
-        channel: String,
-    ) -> tokio::sync::broadcast::Receiver<loom_core::store::Completion> {
-        let (tx, _) = self.started.get_or_init(|| {
-            let (tx, _) = tokio::sync::broadcast::channel(SIGNALS_BUFFERED);
-            let task = tokio::spawn(listen(self.client.clone(), channel, tx.clone()));
-            (tx, AbortOnDrop(task))
-        });
-        tx.subscribe()
-    }
-}
-
-/// Subscribes to `channel` and passes on what arrives; subscribes again a second after the
-/// connection is lost (what was published meanwhile is gone: the waiters' polls find it).
-async fn listen(
-    client: redis::Client,
-    channel: String,
-    tx: tokio::sync::broadcast::Sender<loom_core::store::Completion>,
-) {
-    use futures::StreamExt;
-    loop {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                Ok(()) => {
-                    let mut messages = pubsub.into_on_message();
-                    while let Some(msg) = messages.next().await {
-                        let payload = String::from_utf8_lossy(msg.get_payload_bytes());
-                        if let Some(c) = loom_core::store::Completion::parse(&payload) {
-                            // An error only says that no receiver is left, which is no fault.
-                            let _no_receiver = tx.send(c);
-                        }
-                    }
-                    tracing::warn!(
-                        "Redis reply signals: the connection closed; subscribing again in 1 s"
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Redis reply signals: cannot subscribe; trying again in 1 s")
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "Redis reply signals: cannot connect; trying again in 1 s")
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -104,6 +104,11 @@ impl Keys {
         format!("{}:done", self.prefix)
     }
 
+    /// The pub/sub channel of wake-ups (`signals.rs`).
+    pub(crate) fn wake(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+
     /// Every node's membership record (a hash, node -> record).
     pub(crate) fn members(&self) -> String {
         format!("{}:members", self.prefix)

@@ -61,6 +61,7 @@ mod mailbox;
 mod membership;
 mod park;
 mod resp;
+mod signals;
 mod turn;
 
 use std::sync::Arc;
@@ -103,8 +104,8 @@ impl Default for RedisOptions {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
-    /// The pub/sub connection of reply signals (`idempotency.rs`).
-    signals: Arc<idempotency::Signals>,
+    /// Reply signals and wake-ups between processes (`signals.rs`).
+    signals: Arc<signals::Signals>,
     /// Group commit of the batched scripts' calls (`group.rs`).
     group: Arc<group::Group>,
     keys: Keys,
@@ -246,11 +247,17 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
+        let keys = Keys::new(&options.prefix);
         let store = RedisStore {
             group: Arc::new(group::start(conn.clone(), options.response_timeout)),
+            signals: Arc::new(signals::Signals::new(
+                client,
+                conn.clone(),
+                keys.done(),
+                keys.wake(),
+            )),
             conn,
-            signals: Arc::new(idempotency::Signals::new(client)),
-            keys: Keys::new(&options.prefix),
+            keys,
             scripts: &SCRIPTS,
         };
         store.check_persistence().await;

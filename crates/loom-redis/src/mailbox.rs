@@ -104,7 +104,11 @@ impl Mailbox for RedisStore {
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due)],
             )
             .await?;
-        number(r.get(1), "position")
+        let position = number(r.get(1), "position")?;
+        if deliver_at.is_none() {
+            self.signals.wake([&msg.to]);
+        }
+        Ok(position)
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
@@ -183,7 +187,12 @@ impl Mailbox for RedisStore {
             .await?;
         match status(&r).as_str() {
             "none" => Ok(None),
-            "ok" => number(r.get(1), "position").map(Some),
+            "ok" => {
+                let position = number(r.get(1), "position")?;
+                // A suspended invocation it cancels is due now.
+                self.signals.wake([actor]);
+                Ok(Some(position))
+            }
             other => Err(unexpected(format!("cancel replied {other}"))),
         }
     }
@@ -192,6 +201,10 @@ impl Mailbox for RedisStore {
         let reason = loom_core::limits::clip_reason(reason);
         let r = self.settle_op(receipt, "bury", 0, &reason, None).await?;
         number(r.get(1), "dead letter id")
+    }
+
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<[ActorId]>>> {
+        Some(self.signals.arrivals())
     }
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
@@ -466,7 +479,11 @@ impl Mailbox for RedisStore {
             )
             .await?;
         match status(&r).as_str() {
-            "ok" => number(r.get(1), "position"),
+            "ok" => {
+                let position = number(r.get(1), "position")?;
+                self.signals.wake([&back.to]);
+                Ok(position)
+            }
             "missing" => Err(StoreError::DeadLetterNotFound(id)),
             other => Err(unexpected(format!("requeue replied {other}"))),
         }

@@ -62,7 +62,10 @@ impl Parking for RedisStore {
             "none" => Ok(None),
             "ok" => {
                 let frame = bytes(r.get(1)).ok_or_else(|| unexpected("unpark without a record"))?;
-                Park::decode(&frame).map(Some)
+                let park = Park::decode(&frame)?;
+                // Its mailbox is held no more.
+                self.signals.wake([actor]);
+                Ok(Some(park))
             }
             other => Err(unexpected(format!("unpark replied {other}"))),
         }

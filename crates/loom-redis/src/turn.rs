@@ -198,6 +198,15 @@ impl Store for RedisStore {
                 } else {
                     None
                 };
+                // Its own mailbox the runtime wakes itself; other actors' owners may be
+                // other nodes.
+                self.signals.wake(
+                    turn.send
+                        .iter()
+                        .filter(|o| o.deliver_at.is_none() && o.envelope.to != *turn.actor)
+                        .map(|o| &o.envelope.to)
+                        .filter(|to| !to.is_system()),
+                );
                 Ok(Committed { highest, next })
             }
             "conflict" => Err(StoreError::Conflict {
@@ -249,7 +258,11 @@ impl Store for RedisStore {
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due), ttl(ttl_)],
             )
             .await?;
-        self.enqueued(msg, key, &r)
+        let enqueued = self.enqueued(msg, key, &r)?;
+        if deliver_at.is_none() && matches!(enqueued, Enqueued::New(_)) {
+            self.signals.wake([&msg.to]);
+        }
+        Ok(enqueued)
     }
 
     async fn enqueue_event(
@@ -286,7 +299,12 @@ impl Store for RedisStore {
                 ],
             )
             .await?;
-        self.enqueued(msg, key, &r)
+        let enqueued = self.enqueued(msg, key, &r)?;
+        if matches!(enqueued, Enqueued::New(_)) {
+            // A wait it ends is due now.
+            self.signals.wake([owner]);
+        }
+        Ok(enqueued)
     }
 
     async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {

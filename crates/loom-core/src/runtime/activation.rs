@@ -432,6 +432,12 @@ const DUE_RECHECK: Duration = Duration::from_millis(10);
 /// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
 const SCAN: usize = 512;
 
+/// Most ready actors one scan asks the store for, when most of those ready are other nodes'
+/// (`dispatch`): a backlog of more ready actors in other nodes' partitions than this can
+/// hide this node's own behind it until it shrinks (the ready index is per kind, not per
+/// partition).
+const MAX_SCAN: usize = 16 * SCAN;
+
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
     let mut wakeups = shared.store.wakeups();
@@ -440,19 +446,29 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     // The scan for due delayed messages, retries and other nodes' messages runs at least every
     // poll interval, however often arrivals wake the loop in between.
     let mut next_scan = tokio::time::Instant::now();
+    // How many times more than `SCAN × spread` the next scan asks for (see below).
+    let mut widen = 1;
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             // Most ready actors are other nodes' when nodes share the store: ask for more and
-            // keep this node's.
-            let asked = SCAN * shared.ownership.spread();
+            // keep this node's. A scan that comes back full with few of this node's asks for
+            // twice as many the next time, up to `MAX_SCAN`, so that another node's backlog
+            // (oldest first) does not hide this node's work behind it.
+            let asked = (SCAN * shared.ownership.spread() * widen).min(MAX_SCAN);
             match shared.store.ready_actors(&shared.hosted, asked).await {
                 Ok(ids) => {
+                    let full = ids.len() >= asked;
                     let ids: Vec<ActorId> = ids
                         .into_iter()
                         .filter(|id| shared.ownership.owns(id))
                         .take(SCAN)
                         .collect();
+                    widen = if full && ids.len() < SCAN / 2 {
+                        (widen * 2).min(MAX_SCAN / SCAN)
+                    } else {
+                        1
+                    };
                     // All at once: each activation takes a lease (a write), and a store's group
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync

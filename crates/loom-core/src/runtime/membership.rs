@@ -17,8 +17,8 @@ use super::Shared;
 /// How soon a heartbeat that failed for the store's sake (not a refusal) is tried again.
 const RETRY: Duration = Duration::from_millis(500);
 
-/// The longest a shutdown waits to remove the node's record (after its drain, which
-/// `shutdown_timeout` bounds): a store that does not answer leaves the record to run out.
+/// The longest a shutdown waits to remove the node's record (before its drain): a store that
+/// does not answer leaves the record to run out.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Beats until the runtime shuts down.
@@ -51,8 +51,9 @@ pub(super) async fn heartbeats(shared: Arc<Shared>) {
     }
 }
 
-/// Removes this node's record at the end of a graceful shutdown, so that other nodes see it
-/// gone at once rather than a lease ttl later, after any heartbeat in flight and before none
+/// Removes this node's record at the start of a graceful shutdown (before the drain, so that
+/// the other nodes take its partitions as it hands them off), so that other nodes see it gone
+/// at once rather than a lease ttl later, after any heartbeat in flight and before none
 /// (see `Shared::left`). A failure, or no answer within [`LEAVE_TIMEOUT`], is logged: the
 /// record then runs out by itself.
 pub(super) async fn leave(shared: &Shared) {

@@ -11,7 +11,7 @@
 //! | `loom_turn_seconds` | histogram | an invocation's turn: from its message's delivery to its committed write |
 //! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`) |
 //! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
-//! | `loom_active_actors`, `loom_leases_held`, `loom_store_healthy` (1 or 0) | gauge | set by the exporter when it is read (`loom-http`) |
+//! | `loom_active_actors`, `loom_leases_held`, `loom_partitions_owned`, `loom_store_healthy` (1 or 0) | gauge | set by the exporter when it is read (`loom-http`) |
 //! | `loom_mailboxes_waiting`, `loom_mailboxes_ready`, `loom_mailbox_wait_seconds` (per kind) | gauge | read from the store when the exporter is read (`Mailbox::backlog`): mailboxes holding a message, those ready to run now, and how long the longest-ready has waited |
 //! | `loom_parked_actors` (per kind) | gauge | read from the store when the exporter is read: actors parked until their code is fixed |
 //!

@@ -352,6 +352,10 @@ impl Runtime {
     /// passivates every actor and releases its lease.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
+        // Gone from the roster first: the other nodes stop naming this one the owner of its
+        // partitions at once, and take each as this node hands it off (once its actors have
+        // drained; `ownership.rs`).
+        membership::leave(&self.shared).await;
         self.shared.tasks.close();
         if tokio::time::timeout(
             self.shared.config.shutdown_timeout,
@@ -368,7 +372,6 @@ impl Runtime {
         // partitions go next, so that the other nodes take them at their next look.
         ownership::release_all(&self.shared).await;
         self.stop_keeper().await;
-        membership::leave(&self.shared).await;
     }
 
     /// Aborts the lease keeper and waits until its task (and its handle on the store) is gone.

@@ -18,14 +18,19 @@
 //!   (nothing new starts), its active actors are asked to passivate (an invocation in flight
 //!   finishes; each actor releases its lease), and once they are gone, or a lease ttl has
 //!   passed, its lease is released, so the new owner takes it at its next look instead of a
-//!   ttl later. A partition whose lease is lost (not renewed in time) is dropped the same way,
-//!   without the release.
+//!   ttl later. A partition whose lease is lost (not renewed in time) stops being owned and its
+//!   actors are asked to passivate; it is not taken again before the next look.
 //! - **Takeover**: a node that crashes holds its partitions until their leases run out, one
 //!   lease ttl after its last renewal, and its membership record runs out at about the same
 //!   time; the other hosts look at the roster every [`tick`], so its partitions have new owners
-//!   within about `lease_ttl + tick`.
-//! - A graceful shutdown releases every partition lease after its actors have drained
-//!   ([`release_all`]), so the others take them over at their next look.
+//!   within about `lease_ttl + tick`. A look goes on with the last roster read while the store
+//!   does not answer (before the first read: a roster of this node alone), so lost partitions
+//!   are dropped and unheld ones taken whatever the roster read does.
+//! - **Stopping**: a graceful shutdown leaves the roster first (the others stop naming this
+//!   node at once), then hands off each partition as soon as its own actors have drained; what
+//!   is left is released at the end ([`release_all`]). A restarted process after a crash
+//!   waits for the dead one's partition leases to run out (a lease ttl), as it waits for its
+//!   actors' leases: a crash cannot be told from a live process under the same name before.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,22 +126,44 @@ impl Ownership {
 /// runtime stops. Runs on nodes that host at least one kind.
 pub(super) async fn own_partitions(shared: Arc<Shared>) {
     let every = tick(shared.config.lease_ttl);
+    // The last roster read: a look goes on with it while the store does not answer, so that
+    // lost partitions are still dropped and unheld ones still taken (the leases decide).
+    let mut last: Option<Roster> = None;
     loop {
         if shared.shutdown.is_cancelled() {
-            return;
+            break;
         }
         match shared.store.members().await {
-            Ok(roster) => look(&shared, &roster).await,
-            // The partitions held stay held (their leases are renewed apart from this).
+            Ok(roster) => last = Some(roster),
             Err(e) => {
-                tracing::warn!(error = %e, "could not read the roster; partition owners unchanged")
+                tracing::warn!(error = %e, "could not read the roster; deciding by the last one read")
             }
         }
+        // Before the first read succeeds: a roster of no one, in which this node wins all.
+        let roster = last.get_or_insert_with(|| Roster {
+            at: crate::Timestamp::from_millis(0),
+            members: Vec::new(),
+        });
+        look(&shared, roster).await;
         tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
     }
+    // Stopping: each partition is released as soon as its actors have drained, not once all
+    // have, so that a long invocation holds up only its own partition.
+    let all: Vec<(&'static str, u32, Held)> = {
+        let mut held = shared.ownership.lock();
+        std::mem::take(&mut *held)
+            .into_iter()
+            .flat_map(|(kind, parts)| parts.into_iter().map(move |(p, h)| (kind, p, h)))
+            .collect()
+    };
+    futures::future::join_all(
+        all.into_iter()
+            .map(|(kind, p, h)| hand_off(&shared, kind, p, h)),
+    )
+    .await;
 }
 
 /// One look: drops lost partitions, takes those this node now wins, hands off those it no
@@ -171,6 +198,9 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
             for p in 0..own.partitions {
                 let mine = owner_of(hosts.iter().copied(), kind, p) == Some(me);
                 match (mine, parts.contains_key(&p)) {
+                    // A partition lost in this look is taken again at the next, once its
+                    // actors have had a tick to stop.
+                    (true, false) if lost.contains(&(*kind, p)) => {}
                     (true, false) => want.push((*kind, p)),
                     (false, true) => give.push((*kind, p)),
                     _ => {}
@@ -218,6 +248,13 @@ async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
     let mut took = 0;
     for (kind, p, sent, r) in futures::future::join_all(tries).await {
         match r {
+            // Taken while the runtime began to stop: given back at once (the stop has already
+            // handed off what was held).
+            Ok(lease) if shared.shutdown.is_cancelled() => {
+                if let Err(e) = shared.store.release(&lease).await {
+                    tracing::warn!(partition = %lease.actor, error = %e, "could not release a partition's lease; it runs out by itself");
+                }
+            }
             Ok(lease) => {
                 let lost = CancellationToken::new();
                 let kept = shared.keeper.keep(lease.clone(), sent, lost.clone());
