@@ -232,6 +232,7 @@ async fn run<A: Actor>(
         config: shared.config.clone(),
         hub: shared.hub.clone(),
         lease: lease.clone(),
+        stopping: handle.stop.clone(),
     };
     let exit = tokio::select! {
         biased;

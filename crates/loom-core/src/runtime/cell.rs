@@ -368,7 +368,9 @@ impl<A: Actor> Cell<A> {
                 result: &record_value,
                 ttl: io.config.reply_ttl,
             }),
-            next: Some(io.lease_options),
+            // The next message in the same write, unless the actor is stopping: a mailbox that
+            // never empties would otherwise keep it from ever stopping.
+            next: (!io.stopping.is_cancelled()).then_some(io.lease_options),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
         let committing = tokio::time::Instant::now();

@@ -171,6 +171,10 @@ pub(crate) struct Io {
     pub(crate) config: Arc<Config>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) lease: Lease,
+    /// Cancelled when the actor is asked to passivate (idle, evicted, its partition handed
+    /// off, the node stopping): its turns then stop leasing the next message, so that a busy
+    /// mailbox does not keep it running.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Io {

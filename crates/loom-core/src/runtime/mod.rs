@@ -396,6 +396,8 @@ impl Runtime {
         self.shared.killed.cancel();
         self.shared.shutdown.cancel();
         self.stop_keeper().await;
+        // Owned no more (their leases are left to run out, as a crash leaves them).
+        ownership::forget_all(&self.shared);
         {
             let active = self.shared.active.lock().unwrap_or_else(|p| p.into_inner());
             for a in active.values() {

@@ -340,6 +340,12 @@ async fn release(shared: &Shared, held: Held) {
     }
 }
 
+/// Forgets every partition this node holds without releasing it, as a crash would (for
+/// `Runtime::kill`): their leases run out.
+pub(super) fn forget_all(shared: &Shared) {
+    shared.ownership.lock().clear();
+}
+
 /// Releases every partition this node holds; for the end of a graceful shutdown, once its
 /// actors have drained.
 pub(super) async fn release_all(shared: &Shared) {

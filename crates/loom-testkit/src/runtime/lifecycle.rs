@@ -19,6 +19,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         one_invocation_at_a_time_per_actor,
         many_actors_run_in_parallel,
         graceful_shutdown_drains_in_flight_invocations,
+        a_busy_actor_stops_after_its_invocation_in_flight,
         active_actors_are_bounded,
         full_mailbox_pushes_back,
         a_client_sends_to_a_kind_hosted_elsewhere_whose_messages_wait_for_a_host,
@@ -337,6 +338,53 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
             .await,
         Err(SendError::Shutdown)
     ));
+}
+
+/// An actor asked to stop (here by a shutdown; a partition hand-off and an eviction ask the
+/// same way) finishes its invocation in flight and stops, even with messages waiting behind
+/// it: its last turn does not lease the next one, as turns of a running actor do, so a mailbox
+/// that never empties cannot keep it running. The messages wait for its next activation.
+async fn a_busy_actor_stops_after_its_invocation_in_flight(h: &Harness) {
+    let rt = h.runtime().await;
+    let id = acct("busy");
+    let a = rt.actor::<Account>("busy").unwrap();
+    a.send(AccountMsg::Hold(1)).await.unwrap();
+    reached(h).await;
+    for _ in 0..20 {
+        a.send(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    let stopping = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown().await })
+    };
+    eventually(WAIT, "the shutdown has begun", || async {
+        matches!(
+            rt.actor::<Account>("other")
+                .unwrap()
+                .send(AccountMsg::Balance)
+                .await,
+            Err(SendError::Shutdown)
+        )
+    })
+    .await;
+    h.probe.open(1);
+    stopping.await.expect("shutdown");
+    assert_eq!(
+        h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
+            .await,
+        1,
+        "the invocation in flight finished, and no other ran"
+    );
+    assert_eq!(h.store.pending(&id).await.unwrap(), 20);
+    assert!(
+        h.store.holder(&id).await.unwrap().is_none(),
+        "lease released"
+    );
+    // They run at the next start, once each.
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("busy").unwrap();
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 21);
+    rt.shutdown().await;
 }
 
 async fn active_actors_are_bounded(h: &Harness) {
