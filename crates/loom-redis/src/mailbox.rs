@@ -187,12 +187,9 @@ impl Mailbox for RedisStore {
             .await?;
         match status(&r).as_str() {
             "none" => Ok(None),
-            "ok" => {
-                let position = number(r.get(1), "position")?;
-                // A suspended invocation it cancels is due now.
-                self.signals.wake([actor]);
-                Ok(Some(position))
-            }
+            // A suspended invocation it cancels becomes due: its node's scan finds it (a wake
+            // would activate the actor even when the cancel made nothing due).
+            "ok" => number(r.get(1), "position").map(Some),
             other => Err(unexpected(format!("cancel replied {other}"))),
         }
     }

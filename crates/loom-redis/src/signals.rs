@@ -3,12 +3,17 @@
 //! - **Reply signals** (`<prefix>:done`): the turn script (and `complete`) publishes each
 //!   recorded result, so that a node whose `ask` waits for it looks it up at once
 //!   ([`IdempotencyStore::completions`](loom_core::IdempotencyStore::completions)).
-//! - **Wake-ups** (`<prefix>:wake`): after a write that makes messages due in other actors'
-//!   mailboxes (an enqueue, a turn's sends, an event, a requeue, an unpark), the store publishes
-//!   those actors, so that the node owning each runs it at once instead of at its next ready
-//!   scan ([`Mailbox::arrivals`](loom_core::Mailbox::arrivals)). One task per store batches what
-//!   is waiting into one `PUBLISH` of `origin\nactor\nactor…`; a store skips its own (its
-//!   runtime woke the actor itself).
+//! - **Wake-ups** (`<prefix>:wake`): after a write that makes messages due now in actors'
+//!   mailboxes (an enqueue, a turn's sends, a requeue, an unpark), the store publishes those
+//!   actors, so that the node owning each runs it at once instead of at its next ready scan
+//!   ([`Mailbox::arrivals`](loom_core::Mailbox::arrivals)); after an event, its lane (an
+//!   invocation waiting on it in memory, on any node, is woken). One task per store batches
+//!   what is waiting into one `PUBLISH` of `origin\nactor\nactor…`. A store skips its own:
+//!   the runtime that made the write wakes what it sent itself, and a wake of every send
+//!   coming back would cost each of them a second look at the store. So two runtimes sharing
+//!   one store object (one process) do not wake each other this way; a process exiting right
+//!   after a write (a `loom` command) may not get its wake-ups out; and what a delayed message
+//!   or a cancel makes due is found by the owner's scan.
 //!
 //! A signal is a hint, not part of the write: one lost (the connection dropped, a full queue)
 //! costs latency (the waiter's poll, the owner's scan), never a message or a reply. Both

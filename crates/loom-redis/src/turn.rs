@@ -192,14 +192,8 @@ impl Store for RedisStore {
         let r = self.run(&self.scripts.turn, &keys, args).await?;
         match status(&r).as_str() {
             "ok" => {
-                let highest = number(r.get(1), "highest")?;
-                let next = if r.len() > 2 {
-                    Some(delivery(turn.actor, &r[2..])?)
-                } else {
-                    None
-                };
-                // Its own mailbox the runtime wakes itself; other actors' owners may be
-                // other nodes.
+                // Committed: the wake-ups go whatever the rest of the reply says. Its own
+                // mailbox the runtime wakes itself; other actors' owners may be other nodes.
                 self.signals.wake(
                     turn.send
                         .iter()
@@ -207,6 +201,12 @@ impl Store for RedisStore {
                         .map(|o| &o.envelope.to)
                         .filter(|to| !to.is_system()),
                 );
+                let highest = number(r.get(1), "highest")?;
+                let next = if r.len() > 2 {
+                    Some(delivery(turn.actor, &r[2..])?)
+                } else {
+                    None
+                };
                 Ok(Committed { highest, next })
             }
             "conflict" => Err(StoreError::Conflict {
@@ -301,8 +301,11 @@ impl Store for RedisStore {
             .await?;
         let enqueued = self.enqueued(msg, key, &r)?;
         if matches!(enqueued, Enqueued::New(_)) {
-            // A wait it ends is due now.
-            self.signals.wake([owner]);
+            // The lane: an invocation waiting on it in memory, wherever it runs, is woken (a
+            // lane is never activated). Not the owner: whether the event made a suspended
+            // message due the script does not say, and a wake that finds nothing due would
+            // activate the owner for nothing; its node's scan finds a suspended one.
+            self.signals.wake([&msg.to]);
         }
         Ok(enqueued)
     }

@@ -442,7 +442,12 @@ const MAX_SCAN: usize = 16 * SCAN;
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
     let mut wakeups = shared.store.wakeups();
-    let mut arrivals = shared.store.arrivals();
+    // A node hosting nothing has nothing to wake (and need not hear every other's wake-ups).
+    let mut arrivals = if shared.hosted.is_empty() {
+        None
+    } else {
+        shared.store.arrivals()
+    };
     let mut scan = true;
     // The scan for due delayed messages, retries and other nodes' messages runs at least every
     // poll interval, however often arrivals wake the loop in between.
@@ -465,10 +470,14 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                         .filter(|id| shared.ownership.owns(id))
                         .take(SCAN)
                         .collect();
-                    widen = if full && ids.len() < SCAN / 2 {
+                    // Narrower again only once a scan is not full: a backlog that lasts keeps
+                    // being looked past, not re-read blind every other scan.
+                    widen = if !full {
+                        (widen / 2).max(1)
+                    } else if ids.len() < SCAN / 2 {
                         (widen * 2).min(MAX_SCAN / SCAN)
                     } else {
-                        1
+                        widen
                     };
                     // All at once: each activation takes a lease (a write), and a store's group
                     // commit makes one write of many taken together; one after another, a

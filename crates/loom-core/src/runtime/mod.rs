@@ -349,7 +349,9 @@ impl Runtime {
     }
 
     /// Stops taking work, lets in-flight invocations finish (up to `Config::shutdown_timeout`),
-    /// passivates every actor and releases its lease.
+    /// passivates every actor and releases its lease, and hands this node's partitions to the
+    /// other nodes. What still runs at the timeout is stopped as [`kill`](Self::kill) stops it
+    /// (it resumes after a restart, or on another node once its leases run out).
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         // Gone from the roster first: the other nodes stop naming this one the owner of its
@@ -367,6 +369,10 @@ impl Runtime {
             tracing::warn!(
                 "shutdown timed out with invocations still running; they resume after a restart"
             );
+            // Stopped where they are, as by `kill`: nothing of this runtime runs on (or holds
+            // the store) after `shutdown` returns.
+            self.shared.killed.cancel();
+            self.shared.tasks.wait().await;
         }
         // Every actor has released its lease (or, after a timeout, lets it expire); the
         // partitions go next, so that the other nodes take them at their next look.

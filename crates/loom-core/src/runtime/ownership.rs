@@ -27,8 +27,10 @@
 //!   does not answer (before the first read: a roster of this node alone), so lost partitions
 //!   are dropped and unheld ones taken whatever the roster read does.
 //! - **Stopping**: a graceful shutdown leaves the roster first (the others stop naming this
-//!   node at once), then hands off each partition as soon as its own actors have drained; what
-//!   is left is released at the end ([`release_all`]). A restarted process after a crash
+//!   node at once), then hands off each partition as soon as its own actors have drained. A
+//!   shutdown that times out stops what is still running as `kill` does: the partitions still
+//!   being handed off are left to run out, as a crash leaves them ([`release_all`] releases
+//!   what a look took meanwhile). A restarted process after a crash
 //!   waits for the dead one's partition leases to run out (a lease ttl), as it waits for its
 //!   actors' leases: a crash cannot be told from a live process under the same name before.
 
