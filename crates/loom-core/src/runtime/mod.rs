@@ -298,7 +298,7 @@ impl Runtime {
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
             leases_held: self.shared.keeper.actor_leases() as u64,
-            partitions_owned: self.shared.ownership.owned().len() as u64,
+            partitions_owned: self.shared.ownership.count() as u64,
         }
     }
 

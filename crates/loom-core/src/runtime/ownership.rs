@@ -104,6 +104,15 @@ impl Ownership {
         self.spread.load(Ordering::Relaxed).clamp(1, MAX_SPREAD)
     }
 
+    /// How many partitions are held now (for metrics: no list built).
+    pub(super) fn count(&self) -> usize {
+        self.lock()
+            .values()
+            .flat_map(BTreeMap::values)
+            .filter(|h| !h.lost.is_cancelled())
+            .count()
+    }
+
     /// The (kind, partition)s held now, sorted.
     pub(super) fn owned(&self) -> Vec<(String, u32)> {
         self.lock()

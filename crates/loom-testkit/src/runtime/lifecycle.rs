@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use loom_core::EntryKind;
 use loom_core::runtime::{Actor, AskOptions, Runtime, SendError, SendOptions};
+use loom_core::{ActorId, EntryKind};
 use serde_json::json;
 
 use super::common::{WAIT, acct, reached};
@@ -304,6 +304,22 @@ async fn many_actors_run_in_parallel(h: &Harness) {
     rt.shutdown().await;
 }
 
+/// After a shutdown: the invocation that was in flight completed (dropped by none) and no other
+/// ran, `pending` messages still wait, and the actor's lease is released.
+async fn stopped_after_one_invocation(h: &Harness, id: &ActorId, pending: u64) {
+    assert_eq!(
+        h.count(id, |k| matches!(k, EntryKind::Completed { .. }))
+            .await,
+        1,
+        "the invocation in flight finished, and no other ran"
+    );
+    assert_eq!(h.store.pending(id).await.unwrap(), pending);
+    assert!(
+        h.store.holder(id).await.unwrap().is_none(),
+        "the lease was not released"
+    );
+}
+
 async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
     let rt = h.runtime().await;
     let id = acct("alice");
@@ -320,17 +336,7 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
     })
     .await;
     rt.shutdown().await;
-    assert_eq!(
-        h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
-            .await,
-        1,
-        "shutdown dropped an in-flight invocation"
-    );
-    assert_eq!(h.store.pending(&id).await.unwrap(), 0);
-    assert!(
-        h.store.holder(&id).await.unwrap().is_none(),
-        "the lease was not released"
-    );
+    stopped_after_one_invocation(h, &id, 0).await;
     assert!(matches!(
         rt.actor::<Account>("alice")
             .unwrap()
@@ -369,17 +375,7 @@ async fn a_busy_actor_stops_after_its_invocation_in_flight(h: &Harness) {
     .await;
     h.probe.open(1);
     stopping.await.expect("shutdown");
-    assert_eq!(
-        h.count(&id, |k| matches!(k, EntryKind::Completed { .. }))
-            .await,
-        1,
-        "the invocation in flight finished, and no other ran"
-    );
-    assert_eq!(h.store.pending(&id).await.unwrap(), 20);
-    assert!(
-        h.store.holder(&id).await.unwrap().is_none(),
-        "lease released"
-    );
+    stopped_after_one_invocation(h, &id, 20).await;
     // They run at the next start, once each.
     let rt = h.runtime().await;
     let a = rt.actor::<Account>("busy").unwrap();
