@@ -137,7 +137,7 @@ enum Command {
         command: MailboxCommand,
     },
     /// The nodes sharing a store: which are live, the kinds each hosts, and for each kind
-    /// what waits and whether a live node hosts it.
+    /// what waits, whether a live node hosts it, and which nodes own its partitions.
     Cluster {
         #[command(flatten)]
         store: StoreArg,
@@ -287,8 +287,9 @@ enum RedoCommand {
 #[derive(Subcommand)]
 enum ClusterCommand {
     /// Nodes (live, or gone and not yet forgotten) with their kinds and last heartbeat; every
-    /// kind a node announces or a mailbox holds, with its live hosts and waiting mailboxes;
-    /// the relay backlog of a partitioned store.
+    /// kind a node announces or a mailbox holds, with its live hosts, its partitions' owners
+    /// (each partition's with --json) and waiting mailboxes; the relay backlog of a partitioned
+    /// store.
     Status {
         /// Also show this kind (repeatable), even if no node announces it.
         #[arg(long)]
