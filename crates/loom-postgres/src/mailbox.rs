@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
+use loom_core::partition::SHARED_STORE_PARTITIONS;
+use loom_core::store::backend::{
+    check_purge, interleave_partitions, prepare_message, prepare_suspend,
+};
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
 };
@@ -32,6 +35,94 @@ pub(crate) fn delivery(
 }
 
 impl PostgresStore {
+    /// The ready actors of each kind's partitions in `wanted` (of
+    /// [`SHARED_STORE_PARTITIONS`]), through the (kind, partition, ready_at) index: each
+    /// partition is asked for its share of what its kind still wants, and those that come back
+    /// full again for what the others left (a round is one statement; most scans take one), so
+    /// that no partition's backlog hides another's and none is read past `limit`.
+    async fn ready_in(&self, wanted: &[(&str, &[u32])], limit: usize) -> StoreResult<Vec<ActorId>> {
+        let mut kinds = Vec::new();
+        let mut parts = Vec::new();
+        let mut group = Vec::new();
+        for (g, (kind, ps)) in wanted.iter().enumerate() {
+            for p in ps.iter() {
+                if *p >= SHARED_STORE_PARTITIONS {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "partition {p} of {kind}: a PostgreSQL store's ready index has {SHARED_STORE_PARTITIONS} per kind"
+                    )));
+                }
+                kinds.push((*kind).to_owned());
+                parts.push(*p as i32);
+                group.push(g);
+            }
+        }
+        let mut lists: Vec<Vec<ActorId>> = vec![Vec::new(); kinds.len()];
+        let mut want = vec![limit; wanted.len()];
+        let mut open: Vec<usize> = (0..kinds.len()).collect();
+        while !open.is_empty() {
+            let mut per_group = vec![0usize; wanted.len()];
+            for k in &open {
+                per_group[group[*k]] += 1;
+            }
+            let asked: Vec<(usize, usize)> = open
+                .iter()
+                .map(|k| (*k, want[group[*k]].div_ceil(per_group[group[*k]])))
+                .filter(|(_, take)| *take > 0)
+                .collect();
+            if asked.is_empty() {
+                break;
+            }
+            let rows: Vec<(i64, String)> = sqlx::query_as(self.q("SELECT k.i, m.actor \
+                 FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[]) \
+                      WITH ORDINALITY AS k(kind, part, skip, take, i) \
+                 CROSS JOIN LATERAL (SELECT actor, ready_at FROM {s}.mailbox \
+                    WHERE split_part(actor, '/', 1) = k.kind AND part = k.part \
+                      AND ready_at <= (SELECT {s}.now_ms()) \
+                    ORDER BY ready_at OFFSET k.skip LIMIT k.take) AS m \
+                 ORDER BY k.i, m.ready_at"))
+            .bind(
+                asked
+                    .iter()
+                    .map(|(k, _)| kinds[*k].as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(asked.iter().map(|(k, _)| parts[*k]).collect::<Vec<_>>())
+            .bind(
+                asked
+                    .iter()
+                    .map(|(k, _)| lists[*k].len() as i64)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                asked
+                    .iter()
+                    .map(|(_, take)| *take as i64)
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pe)?;
+            let mut got = vec![0usize; asked.len()];
+            for (i, actor) in rows {
+                let slot = usize::try_from(i - 1)
+                    .ok()
+                    .filter(|i| *i < asked.len())
+                    .ok_or_else(|| unexpected(format!("ready scan returned index {i}")))?;
+                got[slot] += 1;
+                lists[asked[slot].0].push(parse_actor(&actor, "mailbox actor id")?);
+            }
+            open.clear();
+            for ((k, take), got) in asked.iter().zip(got) {
+                let g = group[*k];
+                want[g] = want[g].saturating_sub(got);
+                if got == *take {
+                    open.push(*k);
+                }
+            }
+        }
+        Ok(interleave_partitions(lists, wanted, limit))
+    }
+
     pub(crate) async fn settle_op(
         &self,
         r: &Receipt,
@@ -163,35 +254,28 @@ impl Mailbox for PostgresStore {
     }
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
-        if kinds.is_empty() {
-            return Ok(Vec::new());
+        let all: Vec<u32> = (0..SHARED_STORE_PARTITIONS).collect();
+        let wanted: Vec<(&str, &[u32])> = kinds.iter().map(|k| (*k, all.as_slice())).collect();
+        self.ready_in(&wanted, limit).await
+    }
+
+    async fn ready_actors_in(
+        &self,
+        wanted: &[(&str, &[u32])],
+        of: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        if of != SHARED_STORE_PARTITIONS {
+            return Err(StoreError::InvalidRequest(format!(
+                "a PostgreSQL store's ready index has {SHARED_STORE_PARTITIONS} partitions per kind, not {of}"
+            )));
         }
-        let rows: Vec<(i64, String)> = sqlx::query_as(self.q(
-            "SELECT k.i, m.actor FROM unnest($1::text[]) WITH ORDINALITY AS k(kind, i) \
-             CROSS JOIN LATERAL (SELECT actor, ready_at FROM {s}.mailbox \
-                WHERE split_part(actor, '/', 1) = k.kind AND ready_at <= (SELECT {s}.now_ms()) \
-                ORDER BY ready_at LIMIT $2) AS m \
-             ORDER BY k.i, m.ready_at",
-        ))
-        .bind(kinds)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(pe)?;
-        let mut per_kind = vec![Vec::new(); kinds.len()];
-        for (i, actor) in rows {
-            let slot = usize::try_from(i - 1)
-                .ok()
-                .and_then(|i| per_kind.get_mut(i))
-                .ok_or_else(|| unexpected(format!("ready_actors returned kind index {i}")))?;
-            slot.push(parse_actor(&actor, "mailbox actor id")?);
-        }
-        Ok(interleave(per_kind, limit))
+        self.ready_in(wanted, limit).await
     }
 
     async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
         // The rows `ready_actors` reads (a parked or empty mailbox has no ready_at), through
-        // the same (kind, ready_at) index.
+        // the (kind, partition, ready_at) index's leading column.
         let (mailboxes, ready, oldest, at): (i64, i64, Option<i64>, i64) =
             sqlx::query_as(self.q("WITH n AS (SELECT {s}.now_ms() AS t) \
              SELECT count(m.actor), count(m.actor) FILTER (WHERE m.ready_at <= n.t), \

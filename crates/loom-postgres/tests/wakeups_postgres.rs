@@ -157,3 +157,72 @@ async fn a_store_is_woken_by_others_sends_not_its_own() {
         .expect("listener alive");
     assert_eq!(a.pending(&id).await.expect("pending"), 2);
 }
+
+/// Schema version 8 gives each mailbox the partition `partition_of` gives its actor (the SQL
+/// function is checked against the Rust one, multi-byte ids included), fills it in for the
+/// mailboxes of an older schema, and the ready scan of a partition finds exactly its actors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailboxes_are_indexed_by_the_partition_rust_computes() {
+    use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
+    let server = PostgresServer::start();
+    let url = server.url();
+    let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
+    let store = connect(&url, false).await;
+    let actors: Vec<ActorId> = (0..300)
+        .map(|n| {
+            let key = match n % 3 {
+                0 => format!("k{n}"),
+                1 => format!("ключ-{n}-é"),
+                _ => format!("{n}/🦀/{n}"),
+            };
+            ActorId::new("counter", key).unwrap()
+        })
+        .collect();
+    for a in &actors {
+        store
+            .enqueue(&Envelope::new(a.clone(), json!({"add": 1})), None)
+            .await
+            .unwrap();
+    }
+    let check = |admin: sqlx::PgPool, actors: Vec<ActorId>| async move {
+        let rows: Vec<(String, i32)> = sqlx::query_as("SELECT actor, part FROM wake.mailbox")
+            .fetch_all(&admin)
+            .await
+            .expect("mailboxes");
+        assert_eq!(rows.len(), actors.len());
+        for (actor, part) in rows {
+            let id: ActorId = actor.parse().unwrap();
+            assert_eq!(
+                part as u32,
+                partition_of(&id, SHARED_STORE_PARTITIONS),
+                "{actor}"
+            );
+        }
+    };
+    check(admin.clone(), actors.clone()).await;
+    // Mailboxes of a schema before version 8: their partition is filled in when it is run.
+    sqlx::raw_sql(
+        "ALTER TABLE wake.mailbox ALTER COLUMN part DROP NOT NULL; \
+         UPDATE wake.mailbox SET part = NULL; \
+         DELETE FROM wake.schema_version WHERE version = 8",
+    )
+    .execute(&admin)
+    .await
+    .expect("pretend a version 7 schema");
+    drop(connect(&url, false).await);
+    check(admin.clone(), actors.clone()).await;
+    for p in [0, 13, SHARED_STORE_PARTITIONS - 1] {
+        let mut found = store
+            .ready_actors_in(&[("counter", &[p])], SHARED_STORE_PARTITIONS, 1000)
+            .await
+            .unwrap();
+        found.sort();
+        let mut expected: Vec<ActorId> = actors
+            .iter()
+            .filter(|a| partition_of(a, SHARED_STORE_PARTITIONS) == p)
+            .cloned()
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected, "partition {p}");
+    }
+}

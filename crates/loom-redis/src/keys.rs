@@ -2,6 +2,7 @@
 //! part in braces), so that in a cluster they live in one slot. The full layout, with what each
 //! key holds, is at the top of `loom.lua`.
 
+use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
 use loom_core::{ActorId, IdempotencyKey};
 
 /// Key names under one prefix.
@@ -74,14 +75,34 @@ impl Keys {
         format!("{}:actors", self.prefix)
     }
 
-    /// The ready index of one actor kind (kinds are `[A-Za-z0-9_.-]`, safe in a key name).
-    pub(crate) fn ready(&self, kind: &str) -> String {
-        format!("{}:ready:{kind}", self.prefix)
+    /// The ready index of one partition of one actor kind, among the
+    /// [`SHARED_STORE_PARTITIONS`] that nodes own (kinds are `[A-Za-z0-9_.-]`, safe in a key
+    /// name): a node scans only those of the partitions it owns.
+    pub(crate) fn ready_in(&self, kind: &str, partition: u32) -> String {
+        format!("{}:ready:{kind}:{partition}", self.prefix)
     }
 
-    /// Matches every kind's ready index.
+    /// The ready index that lists `actor` when its mailbox has something.
+    pub(crate) fn ready(&self, actor: &ActorId) -> String {
+        self.ready_in(actor.kind(), partition_of(actor, SHARED_STORE_PARTITIONS))
+    }
+
+    /// Matches every ready index (and the per-kind ones of older layouts).
     pub(crate) fn ready_pattern(&self) -> String {
         format!("{}:ready:*", self.prefix)
+    }
+
+    /// The per-kind ready index of layouts before per-partition ones (moved at connect; see
+    /// `lib.rs`): `Some(kind)` if `key` is one.
+    pub(crate) fn kind_ready_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let kind = key.strip_prefix(&self.prefix)?.strip_prefix(":ready:")?;
+        (!kind.is_empty() && !kind.contains(':')).then_some(kind)
+    }
+
+    /// What layout the store's keys are in (`LAYOUT` in `lib.rs`), once an upgrade has moved
+    /// what older builds kept in another shape.
+    pub(crate) fn layout(&self) -> String {
+        format!("{}:layout", self.prefix)
     }
 
     /// The ready index of layouts before per-kind ones (moved at connect; see `lib.rs`).

@@ -120,6 +120,10 @@ impl std::fmt::Debug for RedisStore {
 
 const LUA: &str = include_str!("loom.lua");
 
+/// The layout of this build's keys, recorded under `P:layout` once a store is in it: a ready
+/// index per kind and partition.
+const LAYOUT: &str = "ready-per-partition";
+
 fn script(entry: &str) -> Script {
     Script::new(&lua::script_source(LUA, entry))
 }
@@ -176,7 +180,7 @@ scripts!(
     batched: append, turn, enqueue, enqueue_once, lease, settle, lookup;
     alone: save_snapshot, load_snapshot, trim, compact, delete, enqueue_event, cancel, retire,
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
-    messages, park, unpark, migrate_ready, heartbeat, leave, members,
+    messages, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
 );
 
 /// The scripts, made once for every store (they are the same text).
@@ -265,11 +269,21 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// Moves what older builds kept in another shape (once; nothing to do after that). Stop the
-    /// nodes of an older build before the first node of this one connects.
+    /// Moves what older builds kept in another shape (once: a store of this layout says so in
+    /// `P:layout`, and nothing is looked for after that). Stop the nodes of an older build
+    /// before the first node of this one connects: what they write in their shape after that
+    /// is not moved.
     async fn upgrade(&self) -> Result<(), StoreError> {
-        let legacy = self.keys.legacy_ready();
         let mut conn = self.conn.clone();
+        let layout: Option<String> = redis::cmd("GET")
+            .arg(self.keys.layout())
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        if layout.as_deref() == Some(LAYOUT) {
+            return Ok(());
+        }
+        let legacy = self.keys.legacy_ready();
         let exists: bool = redis::cmd("EXISTS")
             .arg(&legacy)
             .query_async(&mut conn)
@@ -283,6 +297,56 @@ impl RedisStore {
                 mailboxes = ?r.get(1),
                 "moved the ready index to one per actor kind"
             );
+        }
+        self.split_ready_by_partition().await?;
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.layout())
+            .arg(LAYOUT)
+            .query_async(&mut conn)
+            .await
+            .map_err(re)?;
+        Ok(())
+    }
+
+    /// Moves each per-kind ready index of older builds (`P:ready:K`) into the per-partition
+    /// ones (`P:ready:K:p`), a page at a time, each page in one script call (`split_ready` in
+    /// `loom.lua`), so an interrupted move is picked up by the next connect.
+    async fn split_ready_by_partition(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut old = std::collections::BTreeSet::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.ready_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
+            old.extend(
+                keys.into_iter()
+                    .filter(|k| self.keys.kind_ready_of(k).is_some()),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        for key in old {
+            let mut moved = 0;
+            loop {
+                let r = self
+                    .run(&self.scripts.split_ready, &[&key], vec![resp::s(1000)])
+                    .await?;
+                let n = resp::number(r.get(1), "ready index members moved")?;
+                if n == 0 {
+                    break;
+                }
+                moved += n;
+            }
+            tracing::info!(index = %key, mailboxes = moved, "moved a ready index to one per partition");
         }
         Ok(())
     }

@@ -24,18 +24,21 @@
 --   P:{T}:pk   string, the actor's park record (a park frame) while it is parked; its mailbox
 --              meta then has field park = 1, and its mailbox hands nothing out
 --   P:actors   zset (score 0) of every actor with a journal, for listing in id order
---   P:ready:K  zset, actor -> ready-at ms: one member per non-empty, non-system, unparked
---              mailbox of an actor of kind K
+--   P:ready:K:p  zset, actor -> ready-at ms: one member per non-empty, non-system, unparked
+--              mailbox of an actor of kind K in partition p of the 32 that nodes own
+--              (loom_core::partition::SHARED_STORE_PARTITIONS; Rust names the key)
 --   P:parked   zset (score 0) of every parked actor, for listing in id order
 --   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
 --   P:dlseq    counter, the last dead-letter id
 --   P:members  hash, node -> membership record (see "Membership" below)
+--   P:layout   string, the layout the keys are in once a connect has moved older builds' shapes
+--              (lib.rs, `LAYOUT`)
 --   P:done     pub/sub channel (not a key): "<actor>\n<idempotency key>" of each result a turn
 --              records, for nodes waiting for replies (IdempotencyStore::completions)
 --
 -- The durability rules (D1..D21) are numbered in RELIABILITY.md; the scripts keep D5 (a turn
 -- is one script), D8 (fences), D10/D11 (trims, deleted journals), D12 (parks hold mailboxes),
--- D13 (a ready index per kind), D15 (checks before writes), D20/D21 (suspensions, their wake-ups
+-- D13 (a ready index per kind and partition), D15 (checks before writes), D20/D21 (suspensions, their wake-ups
 -- and cancellations), D22 (retirement).
 -- Invariants, as in the embedded store (see its tables.rs): the journal holds exactly the seqs
 -- t+1..h; h and t only grow; at most one message per mailbox is current, and while it is,
@@ -111,7 +114,8 @@ end
 
 -- Mailbox ---------------------------------------------------------------------------------
 
--- mb = { mm, mq, md, mdx, ready, actor }; ready is the ready index of the actor's kind.
+-- mb = { mm, mq, md, mdx, ready, actor }; ready is the ready index of the actor's kind and
+-- partition (P:ready:K:p).
 -- `enqueued`: called for a message added to the mailbox (see below).
 local function mb_ready(mb, now, enqueued)
   -- System mailboxes (event lanes) are read only by the invocation waiting on them.
@@ -501,15 +505,41 @@ local function requeue(KEYS, ARGV)
   return { 'ok', tostring(mb_enqueue(mb, ARGV[3], ARGV[4], 0, now)) }
 end
 
--- KEYS: the ready index of each kind asked for   ARGV: limit
--- Returns each kind's list, oldest first: { n1, actors of kind 1..., n2, ... }.
+-- KEYS: the ready indexes asked for, grouped by kind (P:ready:K:p)
+-- ARGV: limit, then how many of KEYS each kind has, in order
+-- Up to limit per kind: each of its partitions is asked for its share of what is still wanted,
+-- and again while some come back full, so that what most partitions lack is filled from those
+-- with a backlog, and no partition's backlog hides another's ready actors.
+-- Returns each key's list, oldest first: { n1, actors of key 1..., n2, ... }.
 local function ready_actors(KEYS, ARGV)
   local now = now_ms()
+  local limit = tonumber(ARGV[1])
+  local lists = {}
+  local first = 1
+  for g = 2, #ARGV do
+    local n = tonumber(ARGV[g])
+    local want, open = limit, {}
+    for i = first, first + n - 1 do
+      lists[i] = {}
+      open[#open + 1] = i
+    end
+    while want > 0 and #open > 0 do
+      local share = math.ceil(want / #open)
+      local full = {}
+      for _, i in ipairs(open) do
+        local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', #lists[i], share)
+        for _, a in ipairs(r) do lists[i][#lists[i] + 1] = a end
+        want = want - #r
+        if #r == share then full[#full + 1] = i end
+      end
+      open = full
+    end
+    first = first + n
+  end
   local out = {}
   for i = 1, #KEYS do
-    local r = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-    out[#out + 1] = tostring(#r)
-    for _, a in ipairs(r) do out[#out + 1] = a end
+    out[#out + 1] = tostring(#lists[i])
+    for _, a in ipairs(lists[i]) do out[#out + 1] = a end
   end
   return out
 end
@@ -542,6 +572,31 @@ local function unpark(KEYS, ARGV)
   local mb = { mm = KEYS[2], mq = KEYS[3], md = KEYS[4], mdx = KEYS[5], ready = KEYS[6], actor = ARGV[1] }
   mb_ready(mb, now)
   return { 'ok', v }
+end
+
+-- KEYS: a per-kind ready index of older builds (P:ready:K)   ARGV: page size
+-- Moves a page of it into the per-partition indexes P:ready:K:p, in one step, so that a node
+-- of this build that runs an actor meanwhile never has its entry put back (at connect; a
+-- one-time upgrade on a single primary, so the names are built here). p is
+-- loom_core::partition::partition_of(actor, 32): FNV-1a 64 of the id's bytes mod 32, of which
+-- only the low five bits matter, and multiplying modulo 2^64 keeps the low bits a function of
+-- the factors' low bits (offset basis & 31 = 5, prime & 31 = 19). A member a node of this
+-- build listed already keeps its place. Returns how many it took from the old index (0: done).
+local function split_ready(KEYS, ARGV)
+  local page = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+  for i = 1, #page, 2 do
+    local a = page[i]
+    -- Every actor id has a slash; anything else was never an actor's and is dropped.
+    if string.find(a, '/', 1, true) then
+      local h = 5
+      for j = 1, #a do
+        h = bit.band(bit.bxor(h, bit.band(string.byte(a, j), 31)) * 19, 31)
+      end
+      redis.call('ZADD', KEYS[1] .. ':' .. h, 'NX', page[i + 1], a)
+    end
+    redis.call('ZREM', KEYS[1], a)
+  end
+  return { 'ok', #page / 2 }
 end
 
 -- KEYS: the legacy P:ready
@@ -620,7 +675,7 @@ end
 --       mm, mq, md, mdx, ready of the actor's own mailbox (for `next`),
 --       mm, mq, md, mdx, ready of the settled delivery's mailbox (its own, or one of its event
 --       lanes), then mm, mq, md, mdx, ready of each outgoing message's recipient (ready: the
---       index of the mailbox's kind).
+--       index of the mailbox's kind and partition).
 -- ARGV[1]: JSON header {actor, mbox (the settled mailbox's actor), expected, n (entries),
 --          fence = [owner, token] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
 --          absent, record_ttl or absent, next = [visibility, max] or absent,

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
+use loom_core::partition::SHARED_STORE_PARTITIONS;
+use loom_core::store::backend::{
+    check_purge, interleave_partitions, prepare_message, prepare_suspend,
+};
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
 };
@@ -30,6 +33,48 @@ pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
 }
 
 impl RedisStore {
+    /// The ready actors of each kind's partitions in `wanted` (of
+    /// [`SHARED_STORE_PARTITIONS`]): one script call reads each partition's index, giving each
+    /// its share of `limit` and what the others leave to those with more (`ready_actors` in
+    /// `loom.lua`); the lists are then taken from in turn, partitions within a kind and kinds
+    /// within the result.
+    async fn ready_in(&self, wanted: &[(&str, &[u32])], limit: usize) -> StoreResult<Vec<ActorId>> {
+        let mut keys = Vec::new();
+        let mut args = vec![s(limit)];
+        for (kind, parts) in wanted {
+            if let Some(p) = parts.iter().find(|p| **p >= SHARED_STORE_PARTITIONS) {
+                return Err(StoreError::InvalidRequest(format!(
+                    "partition {p} of {kind}: a Redis store's ready index has {SHARED_STORE_PARTITIONS} per kind"
+                )));
+            }
+            keys.extend(parts.iter().map(|p| self.keys.ready_in(kind, *p)));
+            args.push(s(parts.len()));
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let r = self.run(&self.scripts.ready_actors, &keys, args).await?;
+        let mut per_key = Vec::with_capacity(keys.len());
+        let mut rest = r.as_slice();
+        while let Some((n, tail)) = rest.split_first() {
+            let n = usize::try_from(number(Some(n), "ready count")?).unwrap_or(usize::MAX);
+            let (list, tail) = tail.split_at(n.min(tail.len()));
+            per_key.push(
+                list.iter()
+                    .map(|v| {
+                        ActorId::from_stored(
+                            &text(Some(v)).ok_or_else(|| unexpected("ready actor"))?,
+                            "mailbox actor id",
+                        )
+                    })
+                    .collect::<StoreResult<Vec<ActorId>>>()?,
+            );
+            rest = tail;
+        }
+        Ok(interleave_partitions(per_key, wanted, limit))
+    }
+
     pub(crate) fn mailbox_keys<'a>(
         &self,
         actor: &ActorId,
@@ -42,7 +87,7 @@ impl RedisStore {
             m.mq,
             m.md,
             m.mdx,
-            self.keys.ready(actor.kind()),
+            self.keys.ready(actor),
             self.keys.dead_letters(),
             self.keys.dead_letter_seq(),
         ]);
@@ -100,7 +145,7 @@ impl Mailbox for RedisStore {
         let r = self
             .run(
                 &self.scripts.enqueue,
-                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(msg.to.kind())],
+                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(&msg.to)],
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due)],
             )
             .await?;
@@ -181,7 +226,7 @@ impl Mailbox for RedisStore {
         let r = self
             .run(
                 &self.scripts.cancel,
-                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(actor.kind())],
+                &[&m.mm, &m.mq, &m.md, &m.mdx, &self.keys.ready(actor)],
                 vec![s(actor.as_str()), s(message)],
             )
             .await?;
@@ -205,68 +250,78 @@ impl Mailbox for RedisStore {
     }
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
-        if kinds.is_empty() {
-            return Ok(Vec::new());
+        let all: Vec<u32> = (0..SHARED_STORE_PARTITIONS).collect();
+        let wanted: Vec<(&str, &[u32])> = kinds.iter().map(|k| (*k, all.as_slice())).collect();
+        self.ready_in(&wanted, limit).await
+    }
+
+    async fn ready_actors_in(
+        &self,
+        wanted: &[(&str, &[u32])],
+        of: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        if of != SHARED_STORE_PARTITIONS {
+            return Err(StoreError::InvalidRequest(format!(
+                "a Redis store's ready index has {SHARED_STORE_PARTITIONS} partitions per kind, not {of}"
+            )));
         }
-        let keys: Vec<String> = kinds.iter().map(|k| self.keys.ready(k)).collect();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let r = self
-            .run(&self.scripts.ready_actors, &keys, vec![s(limit)])
-            .await?;
-        let mut per_kind = Vec::with_capacity(kinds.len());
-        let mut rest = r.as_slice();
-        while let Some((n, tail)) = rest.split_first() {
-            let n = usize::try_from(number(Some(n), "ready count")?).unwrap_or(usize::MAX);
-            let (list, tail) = tail.split_at(n.min(tail.len()));
-            per_kind.push(
-                list.iter()
-                    .map(|v| {
-                        ActorId::from_stored(
-                            &text(Some(v)).ok_or_else(|| unexpected("ready actor"))?,
-                            "mailbox actor id",
-                        )
-                    })
-                    .collect::<StoreResult<Vec<ActorId>>>()?,
-            );
-            rest = tail;
-        }
-        Ok(interleave(per_kind, limit))
+        self.ready_in(wanted, limit).await
     }
 
     async fn backlog(&self, kind: &str) -> StoreResult<Backlog> {
         let mut conn = self.conn();
-        let key = self.keys.ready(kind);
         // Ready-at scores are the server's clock (the scripts' `now_ms`): so is "now" here.
         let (secs, micros): (u64, u64) = redis::cmd("TIME")
             .query_async(&mut conn)
             .await
             .map_err(re)?;
         let now = secs * 1000 + micros / 1000;
-        let (mailboxes, ready, first): (u64, u64, Vec<(String, f64)>) = redis::pipe()
-            .cmd("ZCARD")
-            .arg(&key)
-            .cmd("ZCOUNT")
-            .arg(&key)
-            .arg("-inf")
-            .arg(now)
-            .cmd("ZRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
+        let mut pipe = redis::pipe();
+        for p in 0..SHARED_STORE_PARTITIONS {
+            let key = self.keys.ready_in(kind, p);
+            pipe.cmd("ZCARD")
+                .arg(&key)
+                .cmd("ZCOUNT")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now)
+                .cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let per_partition: Vec<(u64, u64, Vec<(String, f64)>)> = pipe
+            .query_async::<Vec<Value>>(&mut conn)
             .await
-            .map_err(re)?;
-        let oldest = first
-            .first()
-            .map(|(_, at)| *at as u64)
-            .filter(|at| *at <= now);
-        Ok(Backlog {
-            mailboxes,
-            ready,
-            oldest_ready_at: oldest.map(Timestamp::from_millis),
-            at: Timestamp::from_millis(now),
-        })
+            .map_err(re)?
+            .chunks(3)
+            .map(|c| {
+                redis::from_redis_value(Value::Array(c.to_vec()))
+                    .map_err(|e| unexpected(format!("backlog reply: {e}")))
+            })
+            .collect::<StoreResult<_>>()?;
+        let at = Timestamp::from_millis(now);
+        Ok(per_partition.into_iter().fold(
+            Backlog {
+                at,
+                ..Backlog::default()
+            },
+            |b, (mailboxes, ready, first)| {
+                b.merge(Backlog {
+                    mailboxes,
+                    ready,
+                    // The first is the longest-waiting; one not yet due waits for nothing.
+                    oldest_ready_at: first
+                        .first()
+                        .map(|(_, t)| *t as u64)
+                        .filter(|t| *t <= now)
+                        .map(Timestamp::from_millis),
+                    at,
+                })
+            },
+        ))
     }
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
@@ -462,7 +517,7 @@ impl Mailbox for RedisStore {
             m.mq,
             m.md,
             m.mdx,
-            self.keys.ready(back.to.kind()),
+            self.keys.ready(&back.to),
         ];
         if let Some(key) = &back.idempotency_key {
             keys.push(self.keys.idempotency(&back.to, key));

@@ -165,22 +165,16 @@ impl Store for RedisStore {
             own.mq,
             own.md,
             own.mdx,
-            self.keys.ready(turn.actor.kind()),
+            self.keys.ready(turn.actor),
             mk.mm,
             mk.mq,
             mk.md,
             mk.mdx,
-            self.keys.ready(mailbox_actor.kind()),
+            self.keys.ready(mailbox_actor),
         ];
         for o in turn.send {
             let m = self.keys.mailbox(&o.envelope.to);
-            keys.extend([
-                m.mm,
-                m.mq,
-                m.md,
-                m.mdx,
-                self.keys.ready(o.envelope.to.kind()),
-            ]);
+            keys.extend([m.mm, m.mq, m.md, m.mdx, self.keys.ready(&o.envelope.to)]);
         }
         let header = serde_json::to_vec(&header)
             .map_err(|e| StoreError::InvalidRequest(format!("turn header: {e}")))?;
@@ -252,7 +246,7 @@ impl Store for RedisStore {
                     &m.mq,
                     &m.md,
                     &m.mdx,
-                    &self.keys.ready(msg.to.kind()),
+                    &self.keys.ready(&msg.to),
                     &idem,
                 ],
                 vec![s(msg.to.as_str()), s(msg.id), frame, s(due), ttl(ttl_)],
@@ -284,10 +278,10 @@ impl Store for RedisStore {
                     &m.mq,
                     &m.md,
                     &m.mdx,
-                    &self.keys.ready(msg.to.kind()),
+                    &self.keys.ready(&msg.to),
                     &idem,
                     &o.mm,
-                    &self.keys.ready(owner.kind()),
+                    &self.keys.ready(owner),
                 ],
                 vec![
                     s(msg.to.as_str()),
@@ -314,7 +308,7 @@ impl Store for RedisStore {
         let a = &receipt.actor;
         let (j, m) = (self.keys.journal(a), self.keys.mailbox(a));
         let (ls, _) = self.keys.lease(a);
-        let ready = self.keys.ready(a.kind());
+        let ready = self.keys.ready(a);
         let r = self
             .run(
                 &self.scripts.retire,

@@ -285,13 +285,18 @@ async fn an_older_ready_index_is_moved_to_one_per_kind_at_connect() {
         .await
         .expect("seed the old index");
     let store = connect(&server.url(), "old").await;
-    let counters = store.ready_actors(&["counter"], 10).await.unwrap();
+    let counters: std::collections::HashSet<ActorId> = store
+        .ready_actors(&["counter"], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(
         counters,
-        vec![
+        std::collections::HashSet::from([
             ActorId::new("counter", "c1").unwrap(),
             ActorId::new("counter", "c2").unwrap()
-        ]
+        ])
     );
     assert_eq!(
         store.ready_actors(&["gauge"], 10).await.unwrap(),
@@ -306,4 +311,73 @@ async fn an_older_ready_index_is_moved_to_one_per_kind_at_connect() {
     // A second connect finds nothing to move.
     drop(connect(&server.url(), "old").await);
     assert_eq!(store.ready_actors(&["counter"], 10).await.unwrap().len(), 2);
+}
+
+/// A store written by a build that kept one ready index per kind: the first connect of this
+/// build splits it into one per partition (more than one page of it), keeping when each actor
+/// became ready, and each actor is then found in its own partition only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_kind_ready_index_is_split_by_partition_at_connect() {
+    use loom_core::Mailbox;
+    use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
+    let server = RedisServer::start();
+    let admin = redis::Client::open(server.url()).expect("client");
+    let mut conn = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let counters: Vec<ActorId> = (0..2500)
+        .map(|n| ActorId::new("counter", format!("c{n}")).unwrap())
+        .collect();
+    let mut seed = redis::cmd("ZADD");
+    seed.arg("split:ready:counter");
+    for (n, c) in counters.iter().enumerate() {
+        seed.arg(1000 + n as u64).arg(c.as_str());
+    }
+    // Not an actor id: dropped by the move.
+    seed.arg(1).arg("junk");
+    let _: () = seed
+        .query_async(&mut conn)
+        .await
+        .expect("seed the old index");
+    let store = connect(&server.url(), "split").await;
+    let left: bool = redis::cmd("EXISTS")
+        .arg("split:ready:counter")
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert!(!left, "the per-kind index is still there");
+    let layout: Option<String> = redis::cmd("GET")
+        .arg("split:layout")
+        .query_async(&mut conn)
+        .await
+        .expect("layout");
+    assert_eq!(
+        layout.as_deref(),
+        Some("ready-per-partition"),
+        "the next connect looks for nothing"
+    );
+    let backlog = store.backlog("counter").await.unwrap();
+    assert_eq!(backlog.mailboxes, 2500);
+    assert_eq!(backlog.ready, 2500);
+    assert_eq!(
+        backlog.oldest_ready_at,
+        Some(loom_core::Timestamp::from_millis(1000)),
+        "when the first became ready is kept"
+    );
+    for p in [0, 7, SHARED_STORE_PARTITIONS - 1] {
+        let mut found = store
+            .ready_actors_in(&[("counter", &[p])], SHARED_STORE_PARTITIONS, 10_000)
+            .await
+            .unwrap();
+        found.sort();
+        let mut expected: Vec<ActorId> = counters
+            .iter()
+            .filter(|c| partition_of(c, SHARED_STORE_PARTITIONS) == p)
+            .cloned()
+            .collect();
+        expected.sort();
+        assert!(!expected.is_empty());
+        assert_eq!(found, expected, "partition {p}");
+    }
 }

@@ -388,6 +388,15 @@ impl Mailbox for FaultyStore {
         self.inner.ready_actors(kinds, limit).await
     }
 
+    async fn ready_actors_in(
+        &self,
+        wanted: &[(&str, &[u32])],
+        of: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        self.inner.ready_actors_in(wanted, of, limit).await
+    }
+
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         self.inner.next_due().await
     }

@@ -15,7 +15,9 @@ use crate::envelope::Envelope;
 use crate::error::{StoreError, StoreResult};
 use crate::id::{ActorId, MessageId};
 use crate::limits::clip_reason;
-use crate::store::backend::{check_purge, interleave, prepare_message, prepare_suspend};
+use crate::store::backend::{
+    check_purge, interleave, keep_partitions, prepare_message, prepare_suspend,
+};
 use crate::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
 };
@@ -889,6 +891,45 @@ impl Mailbox for EmbeddedStore {
             return Err(e);
         }
         // Each partition's first, then each one's second, ...: none starves another.
+        Ok(interleave(per_partition, limit))
+    }
+
+    /// A store of several partitions is owned by its own partitions: only the files asked for
+    /// are read. A store of one reads its index of each kind and keeps those asked for.
+    async fn ready_actors_in(
+        &self,
+        wanted: &[(&str, &[u32])],
+        of: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        if self.partitions() <= 1 || of != self.partitions() {
+            let kinds: Vec<&str> = wanted.iter().map(|(kind, _)| *kind).collect();
+            let all = self.ready_actors(&kinds, usize::MAX).await?;
+            return Ok(keep_partitions(&all, wanted, of, limit));
+        }
+        let mut per_partition = Vec::new();
+        let mut failed = None;
+        for p in 0..self.partitions() {
+            let kinds: Vec<String> = wanted
+                .iter()
+                .filter(|(_, parts)| parts.contains(&p))
+                .map(|(kind, _)| (*kind).to_owned())
+                .collect();
+            if kinds.is_empty() {
+                continue;
+            }
+            // A failed partition does not hide the ready actors of the others.
+            match self
+                .read_in(p, move |txn| ready_in(txn, &kinds, limit))
+                .await
+            {
+                Ok(list) => per_partition.push(list),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let (true, Some(e)) = (per_partition.is_empty(), failed) {
+            return Err(e);
+        }
         Ok(interleave(per_partition, limit))
     }
 

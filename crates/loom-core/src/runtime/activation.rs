@@ -433,11 +433,25 @@ const DUE_RECHECK: Duration = Duration::from_millis(10);
 /// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
 const SCAN: usize = 512;
 
-/// Most ready actors one scan asks the store for, when most of those ready are other nodes'
-/// (`dispatch`): a backlog of more ready actors in other nodes' partitions than this can
-/// hide this node's own behind it until it shrinks (the ready index is per kind, not per
-/// partition).
-const MAX_SCAN: usize = 16 * SCAN;
+/// The ready actors of the partitions this node holds, at most [`SCAN`]: when nodes share the
+/// store, the store looks only in those partitions (its index is per kind and partition), so
+/// another node's backlog, however large, hides none of this node's work.
+async fn scan_ready(shared: &Shared) -> crate::StoreResult<Vec<ActorId>> {
+    match shared.ownership.scope(&shared.hosted) {
+        None => shared.store.ready_actors(&shared.hosted, SCAN).await,
+        Some(scope) if scope.is_empty() => Ok(Vec::new()),
+        Some(scope) => {
+            let wanted: Vec<(&str, &[u32])> = scope
+                .iter()
+                .map(|(kind, parts)| (*kind, parts.as_slice()))
+                .collect();
+            shared
+                .store
+                .ready_actors_in(&wanted, shared.ownership.partitions(), SCAN)
+                .await
+        }
+    }
+}
 
 /// Looks for work enqueued by other nodes, due delayed messages and due retries.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
@@ -452,33 +466,16 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     // The scan for due delayed messages, retries and other nodes' messages runs at least every
     // poll interval, however often arrivals wake the loop in between.
     let mut next_scan = tokio::time::Instant::now();
-    // How many times more than `SCAN × spread` the next scan asks for (see below).
-    let mut widen = 1;
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
-            // Most ready actors are other nodes' when nodes share the store: ask for more and
-            // keep this node's. A scan that comes back full with few of this node's asks for
-            // twice as many the next time, up to `MAX_SCAN`, so that another node's backlog
-            // (oldest first) does not hide this node's work behind it.
-            let asked = (SCAN * shared.ownership.spread() * widen).min(MAX_SCAN);
-            match shared.store.ready_actors(&shared.hosted, asked).await {
+            match scan_ready(&shared).await {
                 Ok(ids) => {
-                    let full = ids.len() >= asked;
+                    // What a hand-off gave up since the scope was read is left alone.
                     let ids: Vec<ActorId> = ids
                         .into_iter()
                         .filter(|id| shared.ownership.owns(id))
-                        .take(SCAN)
                         .collect();
-                    // Narrower again only once a scan is not full: a backlog that lasts keeps
-                    // being looked past, not re-read blind every other scan.
-                    widen = if !full {
-                        (widen / 2).max(1)
-                    } else if ids.len() < SCAN / 2 {
-                        (widen * 2).min(MAX_SCAN / SCAN)
-                    } else {
-                        widen
-                    };
                     // All at once: each activation takes a lease (a write), and a store's group
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync

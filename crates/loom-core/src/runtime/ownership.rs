@@ -35,7 +35,6 @@
 //!   actors' leases: a crash cannot be told from a live process under the same name before.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,9 +53,6 @@ pub(super) fn tick(ttl: Duration) -> Duration {
     (ttl / 8).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
-/// The ready scan asks for at most this many times its usual count.
-const MAX_SPREAD: usize = 8;
-
 /// How often a hand-off looks whether the partition's actors are gone.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
 
@@ -71,10 +67,6 @@ struct Held {
 pub(crate) struct Ownership {
     partitions: u32,
     held: Mutex<BTreeMap<&'static str, BTreeMap<u32, Held>>>,
-    /// The most live nodes hosting any one of this node's kinds, at the last look (at least 1):
-    /// the ready scan asks for that many times more actors, as most of those ready belong to
-    /// other nodes' partitions.
-    spread: AtomicUsize,
 }
 
 impl Ownership {
@@ -82,7 +74,6 @@ impl Ownership {
         Ownership {
             partitions,
             held: Mutex::new(BTreeMap::new()),
-            spread: AtomicUsize::new(1),
         }
     }
 
@@ -99,9 +90,41 @@ impl Ownership {
             .is_some_and(|h| !h.lost.is_cancelled())
     }
 
-    /// See `spread`; at most [`MAX_SPREAD`].
-    pub(super) fn spread(&self) -> usize {
-        self.spread.load(Ordering::Relaxed).clamp(1, MAX_SPREAD)
+    /// How many partitions each kind is cut into.
+    pub(super) fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Where this node's ready scan looks: `None` if it holds every partition of each of
+    /// `kinds` (then it looks at the kinds' whole indexes), else each kind with the
+    /// partitions of it held now (kinds with none left out: maybe an empty list).
+    pub(super) fn scope(&self, kinds: &[&'static str]) -> Option<Vec<(&'static str, Vec<u32>)>> {
+        let held = self.lock();
+        let scope: Vec<(&'static str, Vec<u32>)> = kinds
+            .iter()
+            .map(|kind| {
+                let parts = held.get(kind).map_or_else(Vec::new, |parts| {
+                    parts
+                        .iter()
+                        .filter(|(_, h)| !h.lost.is_cancelled())
+                        .map(|(p, _)| *p)
+                        .collect()
+                });
+                (*kind, parts)
+            })
+            .collect();
+        if scope
+            .iter()
+            .all(|(_, parts)| parts.len() == self.partitions as usize)
+        {
+            return None;
+        }
+        Some(
+            scope
+                .into_iter()
+                .filter(|(_, parts)| !parts.is_empty())
+                .collect(),
+        )
     }
 
     /// How many partitions are held now (for metrics: no list built).
@@ -185,7 +208,6 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
     let mut lost = Vec::new();
     let mut want = Vec::new();
     let mut give = Vec::new();
-    let mut spread = 1;
     {
         let mut held = own.lock();
         for kind in &shared.hosted {
@@ -196,7 +218,6 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
             if !hosts.contains(&me) {
                 hosts.push(me);
             }
-            spread = spread.max(hosts.len());
             let parts = held.entry(*kind).or_default();
             parts.retain(|p, h| {
                 if h.lost.is_cancelled() {
@@ -219,7 +240,6 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
             }
         }
     }
-    own.spread.store(spread, Ordering::Relaxed);
     for (kind, p) in lost {
         tracing::warn!(
             kind,

@@ -12,7 +12,8 @@ pub use super::idempotency::prepare_result;
 pub use super::journal::{Page, paged_read, prepare_append, prepare_snapshot};
 pub use super::lease::check_owner;
 pub use super::mailbox::{
-    check_lane, check_purge, interleave, prepare_event, prepare_message, prepare_suspend,
+    check_lane, check_purge, interleave, interleave_partitions, keep_partitions, prepare_event,
+    prepare_message, prepare_suspend,
 };
 pub use super::membership::{beat, prepare_heartbeat};
 pub use super::turn::{Committed, Outgoing, Record, Settle, Turn, retire_status};

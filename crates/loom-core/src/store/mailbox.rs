@@ -326,11 +326,36 @@ pub trait Mailbox: Send + Sync + 'static {
 
     /// Actors of the given `kinds` whose mailbox has a message due now and none out, and that are
     /// not [parked](crate::store::Parking), at most `limit`: the actors a node hosting `kinds`
-    /// should run. Within a kind, the longest-ready come first, and no kind's backlog hides
-    /// another kind's ready actors (the result takes from each kind in turn). Mailboxes of other
+    /// should run. Within a kind, the longest-ready come first (a store that indexes them per
+    /// partition: within each partition, taking from each partition in turn), and no kind's
+    /// backlog hides another kind's ready actors (the result takes from each kind in turn). Mailboxes of other
     /// kinds are not looked at, however many wait. System mailboxes ([`ActorId::is_system`]) are
     /// never listed: only the invocation that waits on one reads it.
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>>;
+
+    /// [`ready_actors`](Self::ready_actors) of some partitions only: for each
+    /// `(kind, partitions)` of `wanted`, the ready actors of `kind` whose
+    /// [`partition_of`](crate::partition::partition_of) among `of` partitions is in
+    /// `partitions`, at most `limit` in all. This is a node's scan of the partitions it owns
+    /// (`runtime/ownership.rs`); `of` is
+    /// [`ownership_partitions`](crate::partition::ownership_partitions) of the store's count.
+    /// No backlog of a partition not asked for hides any of them, and within a kind no
+    /// partition's backlog hides another's (the result takes from each in turn).
+    ///
+    /// The default reads each kind's whole index and keeps the partitions asked for: right,
+    /// but its cost grows with the kinds' whole backlog, every scan. Stores that index
+    /// ready actors per partition (Redis, PostgreSQL, an embedded store of several partitions)
+    /// look only at those asked for.
+    async fn ready_actors_in(
+        &self,
+        wanted: &[(&str, &[u32])],
+        of: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ActorId>> {
+        let kinds: Vec<&str> = wanted.iter().map(|(kind, _)| *kind).collect();
+        let all = self.ready_actors(&kinds, usize::MAX).await?;
+        Ok(keep_partitions(&all, wanted, of, limit))
+    }
 
     /// The earliest time at which some message in any mailbox becomes due or visible again;
     /// `None` if every mailbox is empty.
@@ -467,6 +492,63 @@ pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
         });
     }
     Ok(bytes)
+}
+
+/// What [`Mailbox::ready_actors_in`] returns, from `all` the ready actors of its kinds (in
+/// ready order): those of the partitions in `wanted`, each kind's in turn until `limit`.
+pub fn keep_partitions(
+    all: &[ActorId],
+    wanted: &[(&str, &[u32])],
+    of: u32,
+    limit: usize,
+) -> Vec<ActorId> {
+    // Each id's partition is computed once, and each list stops at `limit`. A (kind,
+    // partition) asked for twice gets its list once, in its first place.
+    let mut slot = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    for (kind, parts) in wanted {
+        for p in *parts {
+            let next = slot.len();
+            order.push(*slot.entry((*kind, *p)).or_insert(next));
+        }
+    }
+    let mut lists: Vec<Vec<ActorId>> = vec![Vec::new(); slot.len()];
+    for id in all {
+        let key = (id.kind(), crate::partition::partition_of(id, of));
+        if let Some(list) = slot.get(&key).map(|i| &mut lists[*i])
+            && list.len() < limit
+        {
+            list.push(id.clone());
+        }
+    }
+    let mut taken = vec![false; lists.len()];
+    let per_partition = order
+        .into_iter()
+        .map(|i| {
+            if std::mem::replace(&mut taken[i], true) {
+                Vec::new()
+            } else {
+                std::mem::take(&mut lists[i])
+            }
+        })
+        .collect();
+    interleave_partitions(per_partition, wanted, limit)
+}
+
+/// What [`Mailbox::ready_actors_in`] returns from one list per (kind, partition) of `wanted`,
+/// in its order (each in ready order): each kind's partitions taken from in turn, then the
+/// kinds in turn, until `limit`.
+pub fn interleave_partitions(
+    per_partition: Vec<Vec<ActorId>>,
+    wanted: &[(&str, &[u32])],
+    limit: usize,
+) -> Vec<ActorId> {
+    let mut lists = per_partition.into_iter();
+    let per_kind = wanted
+        .iter()
+        .map(|(_, parts)| interleave(lists.by_ref().take(parts.len()).collect(), limit))
+        .collect();
+    interleave(per_kind, limit)
 }
 
 /// Takes from each kind's list in turn until `limit`: what [`Mailbox::ready_actors`] returns from

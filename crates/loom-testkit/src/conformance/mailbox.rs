@@ -42,6 +42,7 @@ pub(super) fn cases() -> Vec<Case> {
         messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
         ready_actors_lists_only_the_kinds_asked_for,
         one_kinds_backlog_does_not_hide_another_kinds_ready_actors,
+        ready_actors_in_looks_only_in_the_partitions_asked_for,
         backlog_counts_a_kinds_mailboxes_and_its_longest_wait,
         an_event_on_its_lane_wakes_a_suspended_message,
         suspending_is_refused_while_the_lane_holds_a_message,
@@ -692,6 +693,93 @@ async fn one_kinds_backlog_does_not_hide_another_kinds_ready_actors(store: Arc<d
         store.ready_actors(&["gauge"], 1).await.unwrap(),
         vec![gauge]
     );
+}
+
+/// `ready_actors_in` (a node's scan of the partitions it owns) lists the ready actors of the
+/// partitions asked for and no others: a larger backlog of a partition not asked for hides none
+/// of them, and among those asked for one partition's backlog hides no other's ready actor and
+/// fills what the others leave.
+async fn ready_actors_in_looks_only_in_the_partitions_asked_for(store: Arc<dyn Store>) {
+    use loom_core::partition::{ownership_partitions, partition_of};
+    let of = ownership_partitions(store.partitions());
+    let mut by_part: std::collections::BTreeMap<u32, Vec<ActorId>> = Default::default();
+    for n in 0..4000 {
+        let a = id(&format!("p{n}"));
+        by_part.entry(partition_of(&a, of)).or_default().push(a);
+    }
+    let mut parts = by_part.keys().copied();
+    let (a, b, c) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let backlog_a: Vec<ActorId> = by_part[&a].iter().take(30).cloned().collect();
+    let lone_b = by_part[&b][0].clone();
+    let backlog_c: Vec<ActorId> = by_part[&c].iter().take(40).cloned().collect();
+    assert_eq!(
+        (backlog_a.len(), backlog_c.len()),
+        (30, 40),
+        "{of} partitions"
+    );
+    // Oldest first: the backlog not asked for, then the one asked for, then the lone actor.
+    for x in backlog_c.iter().chain(&backlog_a) {
+        store.enqueue(&msg(x, 0), None).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.enqueue(&msg(&lone_b, 0), None).await.unwrap();
+    let gauge = (0..)
+        .map(|n| ActorId::new("gauge", format!("g{n}")).unwrap())
+        .find(|g| partition_of(g, of) == c)
+        .unwrap();
+    store.enqueue(&msg(&gauge, 0), None).await.unwrap();
+
+    let ready = store
+        .ready_actors_in(&[("conf", &[a, b])], of, 10)
+        .await
+        .unwrap();
+    assert_eq!(ready.len(), 10, "{ready:?}");
+    assert!(ready.contains(&lone_b), "{ready:?}");
+    assert!(
+        ready.iter().all(|x| x == &lone_b || backlog_a.contains(x)),
+        "{ready:?}"
+    );
+    let only_a = store
+        .ready_actors_in(&[("conf", &[a])], of, 10)
+        .await
+        .unwrap();
+    assert_eq!(only_a.len(), 10, "a backlog fills the limit: {only_a:?}");
+    assert!(only_a.iter().all(|x| backlog_a.contains(x)), "{only_a:?}");
+    let only_c: HashSet<ActorId> = store
+        .ready_actors_in(&[("conf", &[c])], of, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(only_c, backlog_c.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(
+        store
+            .ready_actors_in(&[("conf", &[a, b, c])], of, 1000)
+            .await
+            .unwrap()
+            .len(),
+        71
+    );
+    // Kinds are asked for with their own partitions, and none hides another's.
+    let mixed = store
+        .ready_actors_in(&[("conf", &[c]), ("gauge", &[c])], of, 5)
+        .await
+        .unwrap();
+    assert_eq!(mixed.len(), 5);
+    assert!(mixed.contains(&gauge), "{mixed:?}");
+    assert!(
+        store
+            .ready_actors_in(&[("gauge", &[a, b])], of, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g != &gauge)
+    );
+    assert!(store.ready_actors_in(&[], of, 10).await.unwrap().is_empty());
 }
 
 /// `backlog` counts a kind's non-empty mailboxes (delayed and out ones included; parked ones,

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use loom_core::ActorId;
 use loom_core::partition::{owner_of, ownership_partitions, partition_of};
 use loom_core::runtime::{NodeHealth, Runtime};
 use loom_core::store::Roster;
+use loom_core::{ActorId, Envelope};
 
-use super::common::WAIT;
+use super::common::{WAIT, finished};
 use loom_core::runtime::Actor;
 
 use super::{Account, AccountMsg, Harness, RuntimeCase, eventually, runtime_cases};
@@ -20,6 +20,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_second_process_under_a_live_name_is_refused_until_it_is_free,
         a_client_gets_replies_another_node_records_without_polling,
         nodes_divide_the_partitions_and_hand_them_off,
+        another_nodes_backlog_hides_none_of_this_nodes_work,
     ]
 }
 
@@ -164,6 +165,65 @@ async fn nodes_divide_the_partitions_and_hand_them_off(h: &Harness) {
             );
         }
     }
+}
+
+/// A node's ready scan looks only in the partitions it owns: a backlog of ready actors in the
+/// partitions of another live node (one that runs nothing, as a stalled node would), many times
+/// the scan's size and older than anything else, hides none of this node's work. Before the
+/// ready index was per partition, the scan read the kind's whole index oldest first and kept
+/// its own: a backlog of more than 8192 hid them until it shrank.
+async fn another_nodes_backlog_hides_none_of_this_nodes_work(h: &Harness) {
+    let parts = ownership_partitions(h.store.partitions());
+    let nodes = ["scan-ghost", "scan-real"];
+    // The ghost: live in the roster, hosting accounts, and running nothing.
+    h.store
+        .heartbeat("scan-ghost", 7, &[Account::KIND], Duration::from_secs(120))
+        .await
+        .expect("the ghost's heartbeat");
+    let real = h.runtime_with(|c| c.node = "scan-real".into()).await;
+    let mine = won(&[Account::KIND], parts, &nodes, "scan-real");
+    assert!(!mine.is_empty() && mine.len() < parts as usize);
+    eventually(WAIT, "the real node owns what it wins", || async {
+        let owned: Vec<(String, u32)> = real
+            .partitions_owned()
+            .into_iter()
+            .filter(|(kind, _)| kind == Account::KIND)
+            .collect();
+        owned == mine
+    })
+    .await;
+    let owner = |id: &ActorId| owner_of(nodes, Account::KIND, partition_of(id, parts)).unwrap();
+    let deposit = |id: &ActorId| {
+        Envelope::new(
+            id.clone(),
+            serde_json::to_value(AccountMsg::Deposit(1)).unwrap(),
+        )
+    };
+    let stalled: Vec<ActorId> = (0..)
+        .map(|n| ActorId::new(Account::KIND, format!("stalled-{n}")).unwrap())
+        .filter(|id| owner(id) == "scan-ghost")
+        .take(9000)
+        .collect();
+    for chunk in stalled.chunks(256) {
+        let messages: Vec<Envelope> = chunk.iter().map(deposit).collect();
+        for r in futures::future::join_all(messages.iter().map(|m| h.store.enqueue(m, None))).await
+        {
+            r.expect("enqueue");
+        }
+    }
+    // A message to an actor this node owns, from another process (only the scan finds it).
+    let own = (0..)
+        .map(|n| ActorId::new(Account::KIND, format!("own-{n}")).unwrap())
+        .find(|id| owner(id) == "scan-real")
+        .unwrap();
+    h.store.enqueue(&deposit(&own), None).await.unwrap();
+    finished(h, &own, 1).await;
+    assert_eq!(
+        h.store.pending(&stalled[0]).await.unwrap(),
+        1,
+        "the ghost's actors are left to it"
+    );
+    real.shutdown().await;
 }
 
 /// A check for [`eventually`]: each of `rts` (named `nodes`) owns exactly what it wins.
