@@ -62,6 +62,9 @@ pub struct Settings {
     pub partitions: Option<Vec<usize>>,
     /// The window of the sleepers' wake-ups, in seconds.
     pub window: f64,
+    /// Seconds between the first sleeper's message and the window's start (default: 5, or
+    /// half a millisecond per sleeper when more).
+    pub lead: Option<f64>,
     /// Node process counts of the bank on a Redis or PostgreSQL store.
     pub nodes: Option<Vec<usize>>,
 }
@@ -305,8 +308,9 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                 rt.shutdown().await;
             }
             if scenario == Scenario::Sleepers {
-                results
-                    .extend(sleepers(&url, &label, s.actors.unwrap_or(100_000), s.window).await?);
+                results.extend(
+                    sleepers(&url, &label, s.actors.unwrap_or(100_000), s.window, s.lead).await?,
+                );
             }
             if scenario == Scenario::Compression {
                 use loom_bench::compression::{Shape, codec_costs, ledger};
@@ -391,11 +395,17 @@ async fn sleepers(
     label: &str,
     actors: usize,
     window: f64,
+    lead: Option<f64>,
 ) -> Result<Vec<Measurement>, Failure> {
     use loom_bench::sleepers::{Sleepers, run};
     if actors == 0 || !window.is_finite() || window <= 0.0 || window > 86_400.0 {
         return Err(Failure(
             "sleepers needs --actors above 0 and --window from above 0 to 86400".into(),
+        ));
+    }
+    if lead.is_some_and(|l| !l.is_finite() || !(1.0..=3_600.0).contains(&l)) {
+        return Err(Failure(
+            "sleepers needs --lead from 1 to 3600 seconds".into(),
         ));
     }
     let mut out = Vec::new();
@@ -417,7 +427,10 @@ async fn sleepers(
             window: Duration::from_secs_f64(window),
             // Time to send every message and put every sleeper to sleep before the first
             // wakes (setting one up takes a few store writes).
-            lead: Duration::from_secs(5).max(Duration::from_millis(n as u64 / 2)),
+            lead: lead.map_or_else(
+                || Duration::from_secs(5).max(Duration::from_millis(n as u64 / 2)),
+                Duration::from_secs_f64,
+            ),
             suspend,
         };
         let m = run(opened.store.clone(), label, shape, || {

@@ -64,6 +64,10 @@ enum Command {
         /// Seconds over which the sleepers' wake-ups are spread.
         #[arg(long, default_value_t = 60.0)]
         window: f64,
+        /// Seconds from the first sleeper's message to the window's start, for putting every
+        /// sleeper to sleep before the first wakes (default: 5, or 0.5 ms per sleeper if more).
+        #[arg(long)]
+        lead: Option<f64>,
         /// `bank` on a Redis or PostgreSQL store run by this many node processes (`1,3`: one
         /// node, then three), driven by a client in this process.
         #[arg(long, value_delimiter = ',')]
@@ -144,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             repeat,
             partitions,
             window,
+            lead,
             nodes,
         } => {
             let settings = bench::Settings {
@@ -156,6 +161,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 repeat,
                 partitions,
                 window,
+                lead,
                 nodes,
             };
             bench::run(scenario, settings).await

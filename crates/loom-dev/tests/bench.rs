@@ -291,11 +291,16 @@ fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
 
 /// `loom-dev bench sleepers`, small: every sleeper suspends while it waits (none stays active),
 /// none wakes early or is lost, and the in-memory baseline holds them all active instead.
+///
+/// This caught sleepers activated again for nothing after they suspended (a stale ready scan,
+/// a late wake), holding their leases: `all_asleep` was false in about one run in four. The
+/// lead (time to put every sleeper to sleep before the first wakes; 5 s by default) is given
+/// a little more; the run looks as soon as all are asleep.
 #[test]
 fn sleepers_suspend_while_they_wait_and_all_wake() {
     let _serial = serial();
     let (ok, out, err) = loom(&[
-        "bench", "sleepers", "--actors", "300", "--window", "2", "--json",
+        "bench", "sleepers", "--actors", "300", "--window", "2", "--lead", "8", "--json",
     ]);
     assert!(ok, "loom-dev bench sleepers failed: {err}");
     let reports = json_lines(&out);

@@ -69,13 +69,15 @@ impl<A: Actor> Kind for KindOf<A> {
 }
 
 impl Shared {
-    /// Wakes the actor if it is active here; otherwise asks the dispatcher to look for work.
-    pub(super) fn wake(self: &Arc<Self>, id: &ActorId) {
+    /// Wakes the actor for a message written to its mailbox by a write that began at `written`:
+    /// notifies it if it is active here, else activates it, unless it has left memory since
+    /// (then it may well have run the message already; see [`Shared::ensure_active`]).
+    pub(super) fn wake(self: &Arc<Self>, id: &ActorId, written: Option<Instant>) {
         // Not active here, and of a partition another node owns: its owner finds the message.
         if !self.hub.notify(id) && self.ownership.owns(id) {
             let me = self.clone();
             let id = id.clone();
-            self.spawn(async move { me.ensure_active(&id).await });
+            self.spawn(async move { me.ensure_active(&id, written).await });
         }
     }
 
@@ -83,7 +85,15 @@ impl Shared {
     /// partition this node does not own (`ownership.rs`), or of a kind this node does not host:
     /// messages to such a kind are never touched here; they wait in their mailbox for a node
     /// that hosts it.
-    pub(super) async fn ensure_active(self: &Arc<Self>, id: &ActorId) {
+    ///
+    /// `seen`: when what says the actor has work was read or written (a ready scan's read, a
+    /// send's write). An actor that left memory after that moment is not activated: it was
+    /// active then, and may have run that work since (a sleeper that suspended and passivated
+    /// while a scan that listed it ran, or that a scan activated before its send's own wake).
+    /// Activated again, it would find nothing and hold its lease until its idle timeout.
+    /// Instead the dispatcher is asked to scan: a scan that begins now reads the mailbox as the
+    /// actor left it, and activates it if the work is still there.
+    pub(super) async fn ensure_active(self: &Arc<Self>, id: &ActorId, seen: Option<Instant>) {
         if self.shutdown.is_cancelled() || id.is_system() || !self.ownership.owns(id) {
             return;
         }
@@ -134,6 +144,15 @@ impl Shared {
             // takes this lock to stop the partition's actors (see `ownership.rs`).
             if !self.ownership.owns(id) {
                 return;
+            }
+            if let Some(seen) = seen {
+                let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+                if gone.get(id).is_some_and(|at| *at >= seen) {
+                    drop(gone);
+                    drop(active);
+                    self.wake.notify_one();
+                    return;
+                }
             }
             active.make_room(self.config.max_active);
             let a = Active::new(self.shutdown.child_token());
@@ -186,16 +205,36 @@ impl Shared {
     }
 
     pub(super) fn deactivated(&self, id: &ActorId) {
+        // Noted before it leaves `active`: `ensure_active` looks at `gone` under the `active`
+        // lock only for an actor not in `active`, so it never misses this departure.
+        self.gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), Instant::now());
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         self.hub.forget(id);
     }
+
+    /// Forgets departures older than [`GONE_KEPT`]: a scan or send that old activates as it
+    /// did before departures were noted (at worst an actor with nothing to do, idle until its
+    /// timeout).
+    fn forget_gone(&self) {
+        let now = Instant::now();
+        self.gone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, at| now.saturating_duration_since(*at) < GONE_KEPT);
+    }
 }
 
 /// How long a node takes an actor it parked as still parked before it looks again.
 const PARK_RECHECK: Duration = Duration::from_secs(5);
+
+/// How long a node remembers that an actor left memory (see [`Shared::ensure_active`]).
+const GONE_KEPT: Duration = Duration::from_secs(5);
 
 /// Why an actor's task ended.
 enum Exit {
@@ -469,6 +508,8 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
+            let began = Instant::now();
+            shared.forget_gone();
             match scan_ready(&shared).await {
                 Ok(ids) => {
                     // What a hand-off gave up since the scope was read is left alone.
@@ -480,7 +521,10 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync
                     // apart.
-                    futures::future::join_all(ids.iter().map(|id| shared.ensure_active(id))).await;
+                    futures::future::join_all(
+                        ids.iter().map(|id| shared.ensure_active(id, Some(began))),
+                    )
+                    .await;
                 }
                 // Not noted in `health`: a read that failed once says little of the store (a
                 // connection dropped), and what the runtime writes says the rest.
@@ -501,8 +545,10 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                         // due ring behind them.
                         let me = shared.clone();
                         shared.spawn(async move {
-                            futures::future::join_all(ids.iter().map(|id| me.ensure_active(id)))
-                                .await;
+                            futures::future::join_all(
+                                ids.iter().map(|id| me.ensure_active(id, None)),
+                            )
+                            .await;
                         });
                         scan = false;
                     }
@@ -529,8 +575,9 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                 // Messages the store moved into these mailboxes (a relay between
                 // partitions): wake exactly them. If the feed fell behind, scan.
                 if let Some(ids) = got {
+                    // When the relay wrote is not known here: woken whatever.
                     for id in ids.iter() {
-                        shared.wake(id);
+                        shared.wake(id, None);
                     }
                     scan = false;
                 }

@@ -411,7 +411,7 @@ impl<A: Actor> Cell<A> {
                 let here = crate::partition::partition_of(&self.id, n);
                 for o in &inv.outbox {
                     if crate::partition::partition_of(&o.envelope.to, n) == here {
-                        shared.wake(&o.envelope.to);
+                        shared.wake(&o.envelope.to, Some(committing));
                     }
                 }
                 self.maybe_compact(io, shared);

@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     /// again (the store holds the record and the actor's mailbox; this only saves activating a
     /// parked actor on every local send).
     parked: Mutex<HashMap<ActorId, Instant>>,
+    /// Actors that left memory in the last few seconds, and when (see
+    /// `Shared::ensure_active`).
+    gone: Mutex<HashMap<ActorId, Instant>>,
     /// The kinds registered here, for the ready scan.
     hosted: Vec<&'static str>,
     metrics: Metrics,
@@ -243,6 +246,7 @@ impl Runtime {
     /// Lets a parked actor run again (after the code was fixed, say): the message it stopped at
     /// runs again with a fresh set of attempts. True if it was parked.
     pub async fn unpark(&self, id: &ActorId) -> Result<bool, StoreError> {
+        let written = Instant::now();
         let was = self.shared.store.unpark(id).await?.is_some();
         self.shared
             .parked
@@ -250,7 +254,7 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         if was {
-            self.shared.wake(id);
+            self.shared.wake(id, Some(written));
         }
         Ok(was)
     }
@@ -418,10 +422,11 @@ impl Runtime {
 
     async fn enqueue(&self, env: Envelope, deliver_at: Option<Timestamp>) -> Result<(), SendError> {
         self.check_open(&env.to).await?;
+        let written = Instant::now();
         let r = self.shared.store.enqueue(&env, deliver_at).await;
         self.shared.health.write(&r);
         r?;
-        self.shared.wake(&env.to);
+        self.shared.wake(&env.to, Some(written));
         Ok(())
     }
 
@@ -433,6 +438,7 @@ impl Runtime {
     ) -> Result<Enqueued, SendError> {
         self.check_open(&env.to).await?;
         let to = env.to.clone();
+        let written = Instant::now();
         let r = self
             .shared
             .store
@@ -441,7 +447,7 @@ impl Runtime {
         self.shared.health.write(&r);
         let r = r?;
         if matches!(r, Enqueued::New(_)) {
-            self.shared.wake(&to);
+            self.shared.wake(&to, Some(written));
         }
         Ok(r)
     }

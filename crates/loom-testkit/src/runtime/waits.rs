@@ -13,6 +13,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         durable_sleep_live,
         durable_sleep_replay_does_not_restart_the_clock,
         a_long_sleep_suspends_the_actor_until_it_ends,
+        a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing,
         a_failure_after_suspensions_is_retried_as_a_first_attempt,
         send_after_arrives_after_its_delay,
         wait_event_live,
@@ -123,6 +124,44 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
         vec![json!(["slept 1500"]), json!(["later done"])]
     );
     assert_eq!(rt.metrics().suspensions, 1);
+    rt.shutdown().await;
+}
+
+/// A crowd of sleepers sent at once, while the ready scan runs every 20 ms: once every one has
+/// suspended, none is in memory or holds a lease. A scan that listed a sleeper as ready while
+/// it ran, or a send's wake that came after a scan had run its message, used to activate it
+/// again after it suspended; it found nothing to do and stayed, lease held, until its idle
+/// timeout (60 s). Three rounds, since each such race is a matter of timing.
+async fn a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing(h: &Harness) {
+    const CROWD: u64 = 150;
+    let rt = h
+        .runtime_with(|c| c.suspend_after = Duration::from_millis(50))
+        .await;
+    for round in 0..3u64 {
+        let sends = (0..CROWD).map(|i| {
+            let w = rt.actor::<Worker>(format!("crowd-{round}-{i}")).unwrap();
+            async move { w.send(vec![Step::Sleep { ms: 30_000 }]).await }
+        });
+        for sent in futures::future::join_all(sends).await {
+            sent.expect("send");
+        }
+        let suspended = CROWD * (round + 1);
+        eventually(WAIT, "the crowd suspends", || async {
+            rt.metrics().suspensions >= suspended
+        })
+        .await;
+        // What is leaving memory has a moment to go; an actor activated again for nothing
+        // would stay for its idle timeout.
+        eventually(
+            Duration::from_secs(2),
+            "every suspended sleeper leaves memory",
+            || async {
+                let m = rt.metrics();
+                m.active == 0 && m.leases_held == 0
+            },
+        )
+        .await;
+    }
     rt.shutdown().await;
 }
 
