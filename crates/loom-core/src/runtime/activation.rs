@@ -2,6 +2,7 @@
 //! state recovered), serves its mailbox one message at a time, and stops; and the dispatcher
 //! that finds actors with work.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -72,13 +73,24 @@ impl Shared {
     /// Wakes the actor for a message written to its mailbox by a write that began at `written`:
     /// notifies it if it is active here, else activates it, unless it has left memory since
     /// (then it may well have run the message already; see [`Shared::ensure_active`]).
-    pub(super) fn wake(self: &Arc<Self>, id: &ActorId, written: Option<Instant>) {
+    pub(super) fn wake(self: &Arc<Self>, id: &ActorId, written: Option<u64>) {
         // Not active here, and of a partition another node owns: its owner finds the message.
         if !self.hub.notify(id) && self.ownership.owns(id) {
             let me = self.clone();
             let id = id.clone();
-            self.spawn(async move { me.ensure_active(&id, written).await });
+            self.spawn(async move {
+                if me.ensure_active(&id, written).await == Activation::Skipped {
+                    // A scan that begins now reads the mailbox as the actor left it.
+                    me.wake.notify_one();
+                }
+            });
         }
+    }
+
+    /// A point in the order of this node's departures (see [`Departures`]): a moment taken
+    /// before a read or write, to compare with when actors left memory.
+    pub(super) fn moment(&self) -> u64 {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).moment()
     }
 
     /// Activates the actor on this node unless it is active, parked, leased elsewhere, of a
@@ -86,16 +98,22 @@ impl Shared {
     /// messages to such a kind are never touched here; they wait in their mailbox for a node
     /// that hosts it.
     ///
-    /// `seen`: when what says the actor has work was read or written (a ready scan's read, a
-    /// send's write). An actor that left memory after that moment is not activated: it was
-    /// active then, and may have run that work since (a sleeper that suspended and passivated
-    /// while a scan that listed it ran, or that a scan activated before its send's own wake).
-    /// Activated again, it would find nothing and hold its lease until its idle timeout.
-    /// Instead the dispatcher is asked to scan: a scan that begins now reads the mailbox as the
-    /// actor left it, and activates it if the work is still there.
-    pub(super) async fn ensure_active(self: &Arc<Self>, id: &ActorId, seen: Option<Instant>) {
+    /// `seen`: the [`Shared::moment`] taken before what says the actor has work was read or
+    /// written (a ready scan's read, a send's write). An actor that left memory after that
+    /// moment is not activated ([`Activation::Skipped`]): it was active then, and may have run
+    /// that work since (a sleeper that suspended and passivated while a scan that listed it
+    /// ran, or that a scan activated before its send's own wake). Activated again, it would
+    /// find nothing and hold its lease until its idle timeout. The caller asks for a scan
+    /// instead: one that begins later reads the mailbox as the actor left it, and activates it
+    /// if the work is still there. Moments are a counter, not a clock: under a paused clock
+    /// (the simulator) a departure and a scan can share an instant.
+    pub(super) async fn ensure_active(
+        self: &Arc<Self>,
+        id: &ActorId,
+        seen: Option<u64>,
+    ) -> Activation {
         if self.shutdown.is_cancelled() || id.is_system() || !self.ownership.owns(id) {
-            return;
+            return Activation::Done;
         }
         let parked_here = self
             .parked
@@ -105,7 +123,7 @@ impl Shared {
             .copied();
         if let Some(until) = parked_here {
             if until > Instant::now() {
-                return;
+                return Activation::Done;
             }
             // Parked here a while ago: activating it would replay its journal only to find its
             // mailbox held, so look first (unparked elsewhere, `loom parked unpark`, say).
@@ -115,7 +133,7 @@ impl Shared {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(id.clone(), Instant::now() + PARK_RECHECK);
-                    return;
+                    return Activation::Done;
                 }
                 Ok(None) => {
                     self.parked
@@ -125,34 +143,34 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::warn!(actor = %id, error = %e, "could not look whether the actor is still parked");
-                    return;
+                    return Activation::Done;
                 }
             }
         }
         let Some(kind) = self.kinds.get(id.kind()).cloned() else {
             tracing::debug!(actor = %id, "not hosted here; its messages wait for a node that hosts its kind");
-            return;
+            return Activation::Done;
         };
         let handle = {
             let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
             if active.contains(id) {
                 drop(active);
                 self.hub.notify(id);
-                return;
+                return Activation::Done;
             }
             // Looked at again under the lock: a hand-off gives the partition up before it
             // takes this lock to stop the partition's actors (see `ownership.rs`).
             if !self.ownership.owns(id) {
-                return;
+                return Activation::Done;
             }
-            if let Some(seen) = seen {
-                let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
-                if gone.get(id).is_some_and(|at| *at >= seen) {
-                    drop(gone);
-                    drop(active);
-                    self.wake.notify_one();
-                    return;
-                }
+            if let Some(seen) = seen
+                && self
+                    .gone
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .left_after(id, seen)
+            {
+                return Activation::Skipped;
             }
             active.make_room(self.config.max_active);
             let a = Active::new(self.shutdown.child_token());
@@ -173,7 +191,7 @@ impl Shared {
         };
         if permit.is_none() || self.shutdown.is_cancelled() {
             self.deactivated(id);
-            return;
+            return Activation::Done;
         }
         let asked = Instant::now();
         let acquired = self
@@ -202,31 +220,72 @@ impl Shared {
                 self.deactivated(id);
             }
         }
+        Activation::Done
     }
 
     pub(super) fn deactivated(&self, id: &ActorId) {
         // Noted before it leaves `active`: `ensure_active` looks at `gone` under the `active`
         // lock only for an actor not in `active`, so it never misses this departure.
-        self.gone
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), Instant::now());
+        self.gone.lock().unwrap_or_else(|p| p.into_inner()).left(id);
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         self.hub.forget(id);
     }
+}
 
-    /// Forgets departures older than [`GONE_KEPT`]: a scan or send that old activates as it
-    /// did before departures were noted (at worst an actor with nothing to do, idle until its
-    /// timeout).
-    fn forget_gone(&self) {
+/// What [`Shared::ensure_active`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Activation {
+    /// Activated, found active, or not for this node.
+    Done,
+    /// Not activated: it left memory after its work was seen (the caller asks for a scan).
+    Skipped,
+}
+
+/// When actors left this node's memory, for [`GONE_KEPT`], in the order of a counter that
+/// [`Shared::moment`] also reads: a departure after a moment has a greater number.
+#[derive(Default)]
+pub(crate) struct Departures {
+    counter: u64,
+    /// Each actor's latest departure.
+    latest: HashMap<ActorId, u64>,
+    /// Departures in order, for forgetting the old ones.
+    order: VecDeque<(Instant, u64, ActorId)>,
+}
+
+impl Departures {
+    fn moment(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    fn left(&mut self, id: &ActorId) {
+        let n = self.moment();
         let now = Instant::now();
-        self.gone
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, at| now.saturating_duration_since(*at) < GONE_KEPT);
+        self.latest.insert(id.clone(), n);
+        self.order.push_back((now, n, id.clone()));
+        // Forgets what is older than `GONE_KEPT`: a scan or send that old activates as it
+        // did before departures were noted (at worst an actor with nothing to do, idle until
+        // its timeout).
+        while let Some((at, n, id)) = self.order.front() {
+            if now.saturating_duration_since(*at) < GONE_KEPT {
+                break;
+            }
+            if self.latest.get(id) == Some(n) {
+                self.latest.remove(id);
+            }
+            self.order.pop_front();
+        }
+        if self.latest.capacity() > 1024 && self.latest.len() < self.latest.capacity() / 4 {
+            self.latest.shrink_to(self.latest.len() * 2);
+            self.order.shrink_to(self.order.len() * 2);
+        }
+    }
+
+    fn left_after(&self, id: &ActorId, seen: u64) -> bool {
+        self.latest.get(id).is_some_and(|n| *n > seen)
     }
 }
 
@@ -234,7 +293,7 @@ impl Shared {
 const PARK_RECHECK: Duration = Duration::from_secs(5);
 
 /// How long a node remembers that an actor left memory (see [`Shared::ensure_active`]).
-const GONE_KEPT: Duration = Duration::from_secs(5);
+const GONE_KEPT: Duration = Duration::from_secs(2);
 
 /// Why an actor's task ended.
 enum Exit {
@@ -508,8 +567,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
-            let began = Instant::now();
-            shared.forget_gone();
+            let began = shared.moment();
             match scan_ready(&shared).await {
                 Ok(ids) => {
                     // What a hand-off gave up since the scope was read is left alone.
@@ -521,10 +579,15 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     // commit makes one write of many taken together; one after another, a
                     // burst of due messages (sleepers waking) would be activated one fsync
                     // apart.
-                    futures::future::join_all(
+                    let done = futures::future::join_all(
                         ids.iter().map(|id| shared.ensure_active(id, Some(began))),
                     )
                     .await;
+                    // Listed while still active: looked at again soon (not at once, which
+                    // could spin while actors keep leaving), as the scan after a due ring.
+                    if done.contains(&Activation::Skipped) {
+                        next_scan = next_scan.min(tokio::time::Instant::now() + DUE_RECHECK);
+                    }
                 }
                 // Not noted in `health`: a read that failed once says little of the store (a
                 // connection dropped), and what the runtime writes says the rest.

@@ -374,6 +374,8 @@ impl<A: Actor> Cell<A> {
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
         let committing = tokio::time::Instant::now();
+        // Before the write: a same-partition send's wake compares it with departures.
+        let written = shared.moment();
         let committed = io.commit(turn).await;
         if committed.is_ok() {
             shared
@@ -411,7 +413,7 @@ impl<A: Actor> Cell<A> {
                 let here = crate::partition::partition_of(&self.id, n);
                 for o in &inv.outbox {
                     if crate::partition::partition_of(&o.envelope.to, n) == here {
-                        shared.wake(&o.envelope.to, Some(committing));
+                        shared.wake(&o.envelope.to, Some(written));
                     }
                 }
                 self.maybe_compact(io, shared);

@@ -119,7 +119,7 @@ pub(crate) struct Shared {
     parked: Mutex<HashMap<ActorId, Instant>>,
     /// Actors that left memory in the last few seconds, and when (see
     /// `Shared::ensure_active`).
-    gone: Mutex<HashMap<ActorId, Instant>>,
+    gone: Mutex<activation::Departures>,
     /// The kinds registered here, for the ready scan.
     hosted: Vec<&'static str>,
     metrics: Metrics,
@@ -246,7 +246,7 @@ impl Runtime {
     /// Lets a parked actor run again (after the code was fixed, say): the message it stopped at
     /// runs again with a fresh set of attempts. True if it was parked.
     pub async fn unpark(&self, id: &ActorId) -> Result<bool, StoreError> {
-        let written = Instant::now();
+        let written = self.shared.moment();
         let was = self.shared.store.unpark(id).await?.is_some();
         self.shared
             .parked
@@ -422,7 +422,7 @@ impl Runtime {
 
     async fn enqueue(&self, env: Envelope, deliver_at: Option<Timestamp>) -> Result<(), SendError> {
         self.check_open(&env.to).await?;
-        let written = Instant::now();
+        let written = self.shared.moment();
         let r = self.shared.store.enqueue(&env, deliver_at).await;
         self.shared.health.write(&r);
         r?;
@@ -438,7 +438,7 @@ impl Runtime {
     ) -> Result<Enqueued, SendError> {
         self.check_open(&env.to).await?;
         let to = env.to.clone();
-        let written = Instant::now();
+        let written = self.shared.moment();
         let r = self
             .shared
             .store

@@ -140,7 +140,7 @@ async fn a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing(h:
     for round in 0..3u64 {
         let sends = (0..CROWD).map(|i| {
             let w = rt.actor::<Worker>(format!("crowd-{round}-{i}")).unwrap();
-            async move { w.send(vec![Step::Sleep { ms: 30_000 }]).await }
+            async move { w.send(vec![Step::Sleep { ms: 300_000 }]).await }
         });
         for sent in futures::future::join_all(sends).await {
             sent.expect("send");
@@ -161,6 +161,14 @@ async fn a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing(h:
             },
         )
         .await;
+        // And none comes back: ten more scans.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let m = rt.metrics();
+        assert_eq!(
+            (m.active, m.leases_held),
+            (0, 0),
+            "a suspended sleeper was activated again"
+        );
     }
     rt.shutdown().await;
 }
