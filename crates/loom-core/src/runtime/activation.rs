@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -90,7 +90,7 @@ impl Shared {
     /// A point in the order of this node's departures (see [`Departures`]): a moment taken
     /// before a read or write, to compare with when actors left memory.
     pub(super) fn moment(&self) -> u64 {
-        self.gone.lock().unwrap_or_else(|p| p.into_inner()).moment()
+        self.gone.moment()
     }
 
     /// Activates the actor on this node unless it is active, parked, leased elsewhere, of a
@@ -164,11 +164,7 @@ impl Shared {
                 return Activation::Done;
             }
             if let Some(seen) = seen
-                && self
-                    .gone
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .left_after(id, seen)
+                && self.gone.left_after(id, seen)
             {
                 return Activation::Skipped;
             }
@@ -226,7 +222,7 @@ impl Shared {
     pub(super) fn deactivated(&self, id: &ActorId) {
         // Noted before it leaves `active`: `ensure_active` looks at `gone` under the `active`
         // lock only for an actor not in `active`, so it never misses this departure.
-        self.gone.lock().unwrap_or_else(|p| p.into_inner()).left(id);
+        self.gone.left(id);
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -245,10 +241,16 @@ pub(super) enum Activation {
 }
 
 /// When actors left this node's memory, for [`GONE_KEPT`], in the order of a counter that
-/// [`Shared::moment`] also reads: a departure after a moment has a greater number.
+/// [`Shared::moment`] also reads: a departure after a moment has a greater number. Taking a
+/// moment (every send and turn) touches only the counter, not the lock.
 #[derive(Default)]
 pub(crate) struct Departures {
-    counter: u64,
+    counter: AtomicU64,
+    kept: std::sync::Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
     /// Each actor's latest departure.
     latest: HashMap<ActorId, u64>,
     /// Departures in order, for forgetting the old ones.
@@ -256,36 +258,46 @@ pub(crate) struct Departures {
 }
 
 impl Departures {
-    fn moment(&mut self) -> u64 {
-        self.counter += 1;
-        self.counter
+    fn moment(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    fn left(&mut self, id: &ActorId) {
+    fn left(&self, id: &ActorId) {
         let n = self.moment();
         let now = Instant::now();
-        self.latest.insert(id.clone(), n);
-        self.order.push_back((now, n, id.clone()));
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let Kept { latest, order } = &mut *kept;
+        // Kept by the greatest number: two departures of one actor racing here keep the later.
+        let n = *latest
+            .entry(id.clone())
+            .and_modify(|m| *m = (*m).max(n))
+            .or_insert(n);
+        order.push_back((now, n, id.clone()));
         // Forgets what is older than `GONE_KEPT`: a scan or send that old activates as it
         // did before departures were noted (at worst an actor with nothing to do, idle until
         // its timeout).
-        while let Some((at, n, id)) = self.order.front() {
+        while let Some((at, n, id)) = order.front() {
             if now.saturating_duration_since(*at) < GONE_KEPT {
                 break;
             }
-            if self.latest.get(id) == Some(n) {
-                self.latest.remove(id);
+            if latest.get(id) == Some(n) {
+                latest.remove(id);
             }
-            self.order.pop_front();
+            order.pop_front();
         }
-        if self.latest.capacity() > 1024 && self.latest.len() < self.latest.capacity() / 4 {
-            self.latest.shrink_to(self.latest.len() * 2);
-            self.order.shrink_to(self.order.len() * 2);
+        if latest.capacity() > 1024 && latest.len() < latest.capacity() / 4 {
+            latest.shrink_to(latest.len() * 2);
+            order.shrink_to(order.len() * 2);
         }
     }
 
     fn left_after(&self, id: &ActorId, seen: u64) -> bool {
-        self.latest.get(id).is_some_and(|n| *n > seen)
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .latest
+            .get(id)
+            .is_some_and(|n| *n > seen)
     }
 }
 

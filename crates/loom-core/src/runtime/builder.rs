@@ -247,7 +247,7 @@ impl RuntimeBuilder {
             known,
             active: Mutex::new(Actives::default()),
             parked: Mutex::new(HashMap::new()),
-            gone: Mutex::new(Default::default()),
+            gone: Default::default(),
             shutdown: CancellationToken::new(),
             killed: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -119,7 +119,7 @@ pub(crate) struct Shared {
     parked: Mutex<HashMap<ActorId, Instant>>,
     /// Actors that left memory in the last few seconds, and when (see
     /// `Shared::ensure_active`).
-    gone: Mutex<activation::Departures>,
+    gone: activation::Departures,
     /// The kinds registered here, for the ready scan.
     hosted: Vec<&'static str>,
     metrics: Metrics,
