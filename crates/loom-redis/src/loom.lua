@@ -15,7 +15,8 @@
 --              current message is suspended on an event lane (Mailbox::suspend): wl (the lane),
 --              wp and wd (the position and deliveries it was suspended at; wl is '' for a
 --              sleep); c:<message id> = 1 for each message asked to be cancelled
---              (Mailbox::cancel), removed with the message
+--              (Mailbox::cancel), removed with the message; g = 1 once mq and its consumer
+--              group exist (set by the first push; mailboxes of older builds lack it)
 --   P:{T}:md   zset, delayed messages: member = position, score = due ms
 --   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
@@ -116,30 +117,44 @@ end
 
 -- mb = { mm, mq, md, mdx, ready, actor }; ready is the ready index of the actor's kind and
 -- partition (P:ready:K:p).
--- `enqueued`: called for a message added to the mailbox (see below).
-local function mb_ready(mb, now, enqueued)
+--
+-- Every Redis command a script calls costs Redis's one thread the call itself and Lua's
+-- conversions around it, and a bank invocation ran about 60 of them: so each helper below reads
+-- the mailbox meta once (HMGET of every field it needs), writes it once (one HSET, not an
+-- HINCRBY per counter), and hands what it knows to mb_ready instead of letting it read again.
+
+-- Lists, moves or drops the mailbox in its ready index (P:ready), from its meta as it is now.
+-- st: the meta's { park, cur, vis, q } after the caller's writes, if the caller has them (else
+-- read here). enqueued: for a message just added to the mailbox, how many undelivered
+-- messages (q) it had before; false for any other change.
+local function mb_ready(mb, now, enqueued, st)
   -- System mailboxes (event lanes) are read only by the invocation waiting on them.
   if string.sub(mb.actor, 1, 1) == '_' then return end
-  -- One read of the fields it needs (every change to a mailbox ends here, four times in a
-  -- typical turn).
-  local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'q')
+  if not st then
+    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'q')
+    st = { park = v[1], cur = num(v[2]), vis = num(v[3]), q = num(v[4]) }
+  end
   -- A parked actor's mailbox is held: not listed until it is unparked.
-  if v[1] then
+  if st.park then
     redis.call('ZREM', mb.ready, mb.actor)
     return
   end
-  local cur = num(v[2])
-  local at = nil
-  if cur ~= 0 then
-    at = num(v[3])
+  local at, since = nil, nil
+  if st.cur ~= 0 then
+    at = st.vis
   else
-    if num(v[4]) > 0 then
+    if st.q > 0 then
       -- Ready since: more mail for a mailbox that is ready already keeps when it became
       -- ready (the longest-ready is served first, and Mailbox::backlog measures its wait);
       -- any other change (its current message settled or given up) makes it ready from now,
       -- or from the due time of a delayed message not yet moved into the stream, if earlier.
-      local since = enqueued and redis.call('ZSCORE', mb.ready, mb.actor)
-      if since and tonumber(since) <= now then at = tonumber(since) else at = now end
+      -- A mailbox with nothing undelivered and nothing current was listed, if at all, only for
+      -- a delayed message, which the look below finds: it is not asked.
+      if enqueued and enqueued > 0 then
+        since = redis.call('ZSCORE', mb.ready, mb.actor)
+        if since then since = tonumber(since) end
+      end
+      if since and since <= now then at = since else at = now end
     end
     local d = redis.call('ZRANGE', mb.md, 0, 0, 'WITHSCORES')
     if #d > 0 then
@@ -149,47 +164,57 @@ local function mb_ready(mb, now, enqueued)
   end
   if at == nil then
     redis.call('ZREM', mb.ready, mb.actor)
-  else
+  elseif at ~= since then
     redis.call('ZADD', mb.ready, at, mb.actor)
   end
 end
 
-local function mb_group(mb)
+-- Makes the stream and its consumer group, unless the meta says they exist (field g, set with
+-- the first message pushed; streams are never deleted, and mailboxes of older builds without
+-- the field are looked at once).
+local function mb_group(mb, grouped)
+  if grouped then return end
   if redis.call('EXISTS', mb.mq) == 0 then
     redis.call('XGROUP', 'CREATE', mb.mq, 'g', '$', 'MKSTREAM')
   end
 end
 
--- Puts a due message at the end of the stream.
-local function mb_push(mb, pos, msgid, frame)
-  mb_group(mb)
-  redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
-  redis.call('HINCRBY', mb.mm, 'q', 1)
-end
-
 local function mb_enqueue(mb, msgid, frame, due, now)
-  local pos = redis.call('HINCRBY', mb.mm, 'pos', 1)
-  redis.call('HINCRBY', mb.mm, 'n', 1)
+  local v = redis.call('HMGET', mb.mm, 'pos', 'n', 'q', 'park', 'cur', 'vis', 'g')
+  local pos, n, q = num(v[1]) + 1, num(v[2]) + 1, num(v[3])
+  local after = q
   if due > now then
     redis.call('ZADD', mb.md, due, pos)
     redis.call('HSET', mb.mdx, pos, msgid .. '|' .. frame)
+    redis.call('HSET', mb.mm, 'pos', pos, 'n', n)
   else
-    mb_push(mb, pos, msgid, frame)
+    -- A due message goes to the end of the stream.
+    mb_group(mb, v[7])
+    redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
+    after = q + 1
+    redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after, 'g', 1)
   end
-  mb_ready(mb, now, true)
+  mb_ready(mb, now, q, { park = v[4], cur = num(v[5]), vis = num(v[6]), q = after })
   return pos
 end
 
--- Moves delayed messages that are due into the stream, in due order.
-local function mb_promote(mb, now)
+-- Moves delayed messages that are due into the stream, in due order; q is how many undelivered
+-- messages the stream holds, grouped: the meta's g. Returns q after the move.
+local function mb_promote(mb, now, q, grouped)
   local due = redis.call('ZRANGEBYSCORE', mb.md, '-inf', now)
+  if #due == 0 then return q end
+  mb_group(mb, grouped)
   for _, pos in ipairs(due) do
     local v = redis.call('HGET', mb.mdx, pos)
     local bar = string.find(v, '|', 1, true)
-    mb_push(mb, pos, string.sub(v, 1, bar - 1), string.sub(v, bar + 1))
+    redis.call('XADD', mb.mq, '*', 'm', string.sub(v, bar + 1), 'id', string.sub(v, 1, bar - 1), 'p', pos)
     redis.call('HDEL', mb.mdx, pos)
-    redis.call('ZREM', mb.md, pos)
   end
+  -- Exactly the members just read: the script runs alone, and now has not moved.
+  redis.call('ZREMRANGEBYSCORE', mb.md, '-inf', now)
+  q = q + #due
+  redis.call('HSET', mb.mm, 'q', q, 'g', 1)
+  return q
 end
 
 local function mb_fields(entry)
@@ -206,25 +231,34 @@ local function mb_current_entry(mb)
   return id, mb_fields(r[1])
 end
 
--- Checks a receipt {pos, delivery, msgid} against the current message; nil if it is current.
+-- The meta fields that settling the current message needs (mb_check, mb_remove_current).
+local function mb_current(mb)
+  return redis.call('HMGET', mb.mm, 'cur', 'dlv', 'curmsg', 'curid', 'n', 'q', 'park')
+end
+
+-- Checks a receipt {pos, delivery, msgid} against the current message; nil if it is current,
+-- and then also the meta it read (mb_current), for mb_remove_current while it still holds.
 local function mb_check(mb, pos, delivery, msgid)
-  local v = redis.call('HMGET', mb.mm, 'cur', 'dlv', 'curmsg')
+  local v = mb_current(mb)
   if num(v[1]) == 0 or num(v[1]) ~= pos or num(v[2]) ~= delivery or v[3] ~= msgid then
     return { 'stale' }
   end
-  return nil
+  return nil, v
 end
 
--- Removes the current message (acked or buried) and moves on.
-local function mb_remove_current(mb, now)
-  local v = redis.call('HMGET', mb.mm, 'curid', 'curmsg')
-  local id = v[1]
+-- Removes the current message (acked or buried) and moves on. v: the meta as mb_current read
+-- it, if nothing has changed it since (else nil: read here). quiet: leaves the ready index to
+-- the caller, who leases the mailbox next (mb_lease with its pending flag).
+local function mb_remove_current(mb, now, v, quiet)
+  if not v then v = mb_current(mb) end
+  local id = v[4]
   redis.call('XACK', mb.mq, 'g', id)
   redis.call('XDEL', mb.mq, id)
-  redis.call('HSET', mb.mm, 'cur', 0)
-  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd', 'c:' .. (v[2] or ''))
-  redis.call('HINCRBY', mb.mm, 'n', -1)
-  mb_ready(mb, now)
+  redis.call('HSET', mb.mm, 'cur', 0, 'n', num(v[5]) - 1)
+  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd', 'c:' .. (v[3] or ''))
+  if not quiet then
+    mb_ready(mb, now, false, { park = v[7], cur = 0, vis = 0, q = num(v[6]) })
+  end
 end
 
 -- Makes the owner's message suspended on `lane` visible now, if it still is: current, at the
@@ -252,42 +286,62 @@ local function mb_bury(mb, dl, dlseq, reason, now)
 end
 
 -- Hands out the next due message, if any and none is out and the actor is not parked:
--- { frame, pos, deliveries, err }.
-local function mb_lease(mb, dl, dlseq, vis, max, now)
-  if redis.call('HEXISTS', mb.mm, 'park') == 1 then return nil end
-  mb_promote(mb, now)
+-- { frame, pos, deliveries, err }. pending: the caller removed the current message without
+-- updating the ready index (mb_remove_current's quiet), so it is updated here whatever happens.
+local function mb_lease(mb, dl, dlseq, vis, max, now, pending)
   while true do
-    local cur = num(redis.call('HGET', mb.mm, 'cur'))
+    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'g')
+    local cur = num(v[2])
+    if v[1] then
+      if pending then mb_ready(mb, now, false, { park = v[1] }) end
+      return nil
+    end
+    local q = mb_promote(mb, now, num(v[6]), v[8])
     if cur ~= 0 then
-      local v = redis.call('HMGET', mb.mm, 'vis', 'dlv', 'err')
-      if num(v[1]) > now then return nil end
-      local dlv = num(v[2])
+      if num(v[3]) > now then
+        if pending then mb_ready(mb, now, false, { cur = cur, vis = num(v[3]), q = q }) end
+        return nil
+      end
+      local dlv = num(v[4])
       if dlv >= max then
         local reason
-        if v[3] then
-          reason = 'gave up after ' .. dlv .. ' deliveries; last error: ' .. v[3]
+        if v[5] then
+          reason = 'gave up after ' .. dlv .. ' deliveries; last error: ' .. v[5]
         else
           reason = 'delivered ' .. dlv .. ' times and never acked (each lease ran out)'
         end
         mb_bury(mb, dl, dlseq, reason, now)
+        pending = false
       else
         -- Take the delivery over (its consumer died or gave it back): XCLAIM counts it.
-        local id = redis.call('HGET', mb.mm, 'curid')
-        local r = redis.call('XCLAIM', mb.mq, 'g', 'loom', 0, id)
+        local r = redis.call('XCLAIM', mb.mq, 'g', 'loom', 0, v[7])
         local f = mb_fields(r[1])
         redis.call('HSET', mb.mm, 'dlv', dlv + 1, 'vis', now + vis)
-        mb_ready(mb, now)
-        return { f.m, tonumber(f.p), dlv + 1, v[3] or false }
+        mb_ready(mb, now, false, { cur = cur, vis = now + vis, q = q })
+        return { f.m, tonumber(f.p), dlv + 1, v[5] or false }
       end
     else
-      if num(redis.call('HGET', mb.mm, 'q')) == 0 then return nil end
-      local r = redis.call('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
-      if not r or #r[1][2] == 0 then return nil end
+      if q == 0 then
+        if pending then mb_ready(mb, now, false, { cur = 0, q = 0 }) end
+        return nil
+      end
+      local r = redis.pcall('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
+      if type(r) == 'table' and r.err then
+        -- g = 1 but the stream has no group: it was lost (a store destroyed while nodes ran,
+        -- or evicted) and a push made it again without one. Give it its group back over
+        -- everything it holds, rather than refuse this mailbox for good.
+        if not string.find(r.err, 'NOGROUP', 1, true) then error(r) end
+        redis.call('XGROUP', 'CREATE', mb.mq, 'g', '0', 'MKSTREAM')
+        r = redis.call('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
+      end
+      if not r or #r[1][2] == 0 then
+        if pending then mb_ready(mb, now) end
+        return nil
+      end
       local entry = r[1][2][1]
       local f = mb_fields(entry)
-      redis.call('HSET', mb.mm, 'cur', f.p, 'curid', entry[1], 'curmsg', f.id, 'dlv', 1, 'vis', now + vis)
-      redis.call('HINCRBY', mb.mm, 'q', -1)
-      mb_ready(mb, now)
+      redis.call('HSET', mb.mm, 'cur', f.p, 'curid', entry[1], 'curmsg', f.id, 'dlv', 1, 'vis', now + vis, 'q', q - 1)
+      mb_ready(mb, now, false, { cur = tonumber(f.p), vis = now + vis, q = q - 1 })
       return { f.m, tonumber(f.p), 1, false }
     end
   end
@@ -385,18 +439,18 @@ end
 local function retire(KEYS, ARGV)
   if redis.call('GET', KEYS[5]) ~= ARGV[6] .. '\n' .. ARGV[7] then return { 'lost' } end
   local mb = { mm = KEYS[6], mq = KEYS[7], md = KEYS[8], mdx = KEYS[9], ready = KEYS[10], actor = ARGV[1] }
-  local refused = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+  local refused, current = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
   if refused then return refused end
   if num(redis.call('HGET', KEYS[2], 'h')) ~= tonumber(ARGV[2]) then return { 'moved' } end
-  if num(redis.call('HGET', mb.mm, 'n')) ~= 1 then return { 'busy' } end
-  mb_remove_current(mb, now_ms())
+  if num(current[5]) ~= 1 then return { 'busy' } end
+  mb_remove_current(mb, now_ms(), current)
   delete({ KEYS[1], KEYS[2], KEYS[3], KEYS[4] }, {})
   return { 'ok' }
 end
 
 -- KEYS: mm, mq, md, mdx, ready   ARGV: actor, msgid, frame, due
-local function enqueue(KEYS, ARGV)
-  local now = now_ms()
+local function enqueue(KEYS, ARGV, now)
+  now = now or now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
   return { 'ok', tostring(mb_enqueue(mb, ARGV[2], ARGV[3], tonumber(ARGV[4]), now)) }
 end
@@ -404,8 +458,8 @@ end
 -- KEYS: mm, mq, md, mdx, ready, idem   ARGV: actor, msgid, frame, due, ttl
 -- The reservation has no TTL: it is held until the turn that settles the message records the
 -- result (with its TTL), however long the message waits.
-local function enqueue_once(KEYS, ARGV)
-  local now = now_ms()
+local function enqueue_once(KEYS, ARGV, now)
+  now = now or now_ms()
   local v = redis.call('GET', KEYS[6])
   if v then return { 'dup', v, record_expiry(KEYS[6]) } end
   redis.call('SET', KEYS[6], 'P')
@@ -417,16 +471,17 @@ end
 -- KEYS: as enqueue_once (the lane's), then the owner's mm and ready
 -- ARGV: as enqueue_once (due 0), then the owner
 local function enqueue_event(KEYS, ARGV)
-  local r = enqueue_once(KEYS, ARGV)
+  local now = now_ms()
+  local r = enqueue_once(KEYS, ARGV, now)
   if r[1] == 'ok' then
-    mb_wake({ mm = KEYS[7], ready = KEYS[8], actor = ARGV[6] }, ARGV[1], now_ms())
+    mb_wake({ mm = KEYS[7], ready = KEYS[8], actor = ARGV[6] }, ARGV[1], now)
   end
   return r
 end
 
 -- KEYS: mm, mq, md, mdx, ready, dl, dlseq   ARGV: actor, visibility, max deliveries
-local function lease(KEYS, ARGV)
-  local now = now_ms()
+local function lease(KEYS, ARGV, now)
+  now = now or now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
   local r = mb_lease(mb, KEYS[6], KEYS[7], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
   if not r then return { 'none' } end
@@ -439,14 +494,14 @@ end
 -- suspend is a nack that an event on the lane (enqueue_event) or a cancellation ends early;
 -- refused, nothing written, if the message was asked to be cancelled ('cancelled') or the lane
 -- holds a message ('busy').
-local function settle(KEYS, ARGV)
-  local now = now_ms()
+local function settle(KEYS, ARGV, now)
+  now = now or now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
   local op = ARGV[2]
-  local refused = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+  local refused, current = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
   if refused then return refused end
   if op == 'ack' then
-    mb_remove_current(mb, now)
+    mb_remove_current(mb, now, current)
     return { 'ok' }
   elseif op == 'suspend' then
     if redis.call('HEXISTS', mb.mm, 'c:' .. ARGV[5]) == 1 then return { 'cancelled' } end
@@ -681,8 +736,8 @@ end
 --          absent, record_ttl or absent, next = [visibility, max] or absent,
 --          out = [{to, id, due}, ...]}
 -- ARGV[2..]: the entry frames, then the outgoing envelope frames, then the record value.
-local function turn(KEYS, ARGV)
-  local now = now_ms()
+local function turn(KEYS, ARGV, now)
+  now = now or now_ms()
   local h = cjson.decode(ARGV[1])
   local j = { j = KEYS[1], jm = KEYS[2], actors = KEYS[3], actor = h.actor }
   local function box(k, actor)
@@ -695,8 +750,9 @@ local function turn(KEYS, ARGV)
   end
   local refused = j_check(j, h.expected)
   if refused then return refused end
+  local current
   if h.settle then
-    refused = mb_check(sm, h.settle.pos, h.settle.dlv, h.settle.id)
+    refused, current = mb_check(sm, h.settle.pos, h.settle.dlv, h.settle.id)
     if refused then return refused end
   end
   local frames = {}
@@ -704,10 +760,16 @@ local function turn(KEYS, ARGV)
   local highest = j_append(j, h.expected, frames)
   for i, o in ipairs(h.out) do
     mb_enqueue(box(18 + (i - 1) * 5, o.to), o.id, ARGV[1 + h.n + i], o.due, now)
+    -- A message to the settled mailbox itself changed its meta: read again.
+    if o.to == h.mbox then current = nil end
   end
+  -- Acking the message of the mailbox it then leases from, the lease updates the ready index
+  -- once for both.
+  local pending = false
   if h.settle then
     if h.settle.op == 'ack' then
-      mb_remove_current(sm, now)
+      pending = h.next ~= nil and h.mbox == h.actor
+      mb_remove_current(sm, now, current, pending)
     else
       mb_bury(sm, KEYS[4], KEYS[5], h.settle.reason, now)
     end
@@ -718,7 +780,7 @@ local function turn(KEYS, ARGV)
   end
   local r = nil
   if h.next then
-    r = mb_lease(own, KEYS[4], KEYS[5], h.next[1], h.next[2], now)
+    r = mb_lease(own, KEYS[4], KEYS[5], h.next[1], h.next[2], now, pending)
   end
   if r then
     return { 'ok', tostring(highest), r[1], tostring(r[2]), tostring(r[3]), r[4] }
@@ -858,6 +920,9 @@ local function batch(KEYS, ARGV)
   local n = tonumber(ARGV[1])
   local k, a = 0, 1 + 3 * n
   local out = {}
+  -- One clock reading for the whole batch: it runs alone, so its requests see one moment, as
+  -- each would alone, with one command less per request.
+  local now = now_ms()
   for r = 1, n do
     local at = 2 + 3 * (r - 1)
     local entry = entries[ARGV[at]]
@@ -866,7 +931,7 @@ local function batch(KEYS, ARGV)
     for i = 1, nk do keys[i] = KEYS[k + i] end
     for i = 1, na do args[i] = ARGV[a + i] end
     k, a = k + nk, a + na
-    local ok, reply = pcall(entry, keys, args)
+    local ok, reply = pcall(entry, keys, args, now)
     if ok then
       out[r] = reply
     else

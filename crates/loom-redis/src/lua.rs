@@ -188,12 +188,13 @@ mod tests {
 
     /// Every entry point of the file (a function of `(KEYS, ARGV)`) gets a script that defines
     /// it and every function any of its functions calls.
-    /// The functions of `all` that a script can start at: `local function name(KEYS, ARGV)`.
+    /// The functions of `all` that a script can start at: `local function name(KEYS, ARGV)`,
+    /// or `(KEYS, ARGV, now)` for those `batch` passes its clock reading to.
     fn entry_points<'a>(all: &[Function<'a>]) -> Vec<&'a str> {
         all.iter()
             .filter(|f| {
                 f.text
-                    .starts_with(&format!("local function {}(KEYS, ARGV)", f.name))
+                    .starts_with(&format!("local function {}(KEYS, ARGV", f.name))
             })
             .map(|f| f.name)
             .collect()

@@ -381,3 +381,51 @@ async fn a_per_kind_ready_index_is_split_by_partition_at_connect() {
         assert_eq!(found, expected, "partition {p}");
     }
 }
+
+/// A mailbox's stream is never deleted, so the meta's `g` spares every push a look for it; if
+/// it is lost all the same (a store destroyed while nodes ran, an evicting server), the next push
+/// makes the stream again without its consumer group. The lease gives it its group back and
+/// hands out what it holds, where a mailbox would otherwise refuse every lease for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
+    use loom_core::store::LeaseOptions;
+    use loom_core::{Envelope, Mailbox};
+    let server = RedisServer::start();
+    let admin = redis::Client::open(server.url()).expect("client");
+    let mut conn = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let store = connect(&server.url(), "lost").await;
+    let a = ActorId::new("counter", "c1").unwrap();
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+    };
+    store
+        .enqueue(&Envelope::new(a.clone(), serde_json::json!(1)), None)
+        .await
+        .unwrap();
+    let first = store
+        .lease(&a, opts)
+        .await
+        .unwrap()
+        .expect("the first message");
+    store.ack(&first.receipt).await.unwrap();
+    let removed: u64 = redis::cmd("DEL")
+        .arg("lost:{counter/c1}:mq")
+        .query_async(&mut conn)
+        .await
+        .expect("delete the stream");
+    assert_eq!(removed, 1, "the stream's key is where the layout says");
+    let second = Envelope::new(a.clone(), serde_json::json!(2));
+    store.enqueue(&second, None).await.unwrap();
+    let got = store
+        .lease(&a, opts)
+        .await
+        .expect("a lease, not NOGROUP")
+        .expect("the message pushed after the loss");
+    assert_eq!(got.envelope.id, second.id);
+    store.ack(&got.receipt).await.unwrap();
+    assert!(store.lease(&a, opts).await.unwrap().is_none());
+}
