@@ -224,12 +224,7 @@ impl RedisStore {
 
     /// Connects with `options`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
-        if options.prefix.is_empty() || options.prefix.contains(['{', '}', '*']) {
-            return Err(StoreError::InvalidRequest(format!(
-                "Redis key prefix {:?} must be non-empty and free of braces and '*'",
-                options.prefix
-            )));
-        }
+        check_prefix(&options.prefix)?;
         let bad_url = |e: redis::RedisError| {
             StoreError::InvalidRequest(format!("Redis URL {}: {e}", redact(url)))
         };
@@ -485,6 +480,24 @@ impl RedisStore {
     pub fn key_pattern(&self) -> String {
         self.keys.pattern()
     }
+}
+
+/// The longest key prefix [`RedisStore::connect_with`] takes, in bytes.
+pub const MAX_PREFIX_LEN: usize = 64;
+
+/// A key prefix is 1 to [`MAX_PREFIX_LEN`] of `A-Z a-z 0-9 _ - .`. No glob character (`*?[]\`),
+/// so `<prefix>:*`, which [`RedisStore::destroy`] deletes and the upgrade scans match, names
+/// this store's keys alone; no `:`, so no store's keys lie under another's (`a:*` would match
+/// every key of a store prefixed `a:b`); no braces, which would change the hash tags.
+fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || !prefix.chars().all(allowed) {
+        return Err(StoreError::InvalidRequest(format!(
+            "Redis key prefix {prefix:?} must be 1 to {MAX_PREFIX_LEN} of A-Z a-z 0-9 _ - . \
+             (no ':' or glob character, so that no store's keys match another's pattern)"
+        )));
+    }
+    Ok(())
 }
 
 /// The server's persistence settings, as [`RedisStore::durability`] read them.

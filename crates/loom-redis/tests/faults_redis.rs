@@ -178,15 +178,37 @@ async fn bad_urls_and_prefixes_are_typed_errors() {
         matches!(refused, Err(StoreError::Unavailable { .. })),
         "{refused:?}"
     );
-    let bad_prefix = RedisStore::connect_with(
-        "redis://127.0.0.1:1/",
-        RedisOptions {
-            prefix: "a{b}".into(),
-            ..RedisOptions::default()
-        },
-    )
-    .await;
-    assert!(matches!(bad_prefix, Err(StoreError::InvalidRequest(_))));
+    let with_prefix = |prefix: String| {
+        RedisStore::connect_with(
+            "redis://127.0.0.1:1/",
+            RedisOptions {
+                prefix,
+                connect_timeout: Duration::from_millis(500),
+                ..RedisOptions::default()
+            },
+        )
+    };
+    // Braces would change the hash tags; a glob character or ':' would let `<prefix>:*` (what
+    // `destroy` deletes) match another store's keys: `a?` matches `ab:…`, `a` matches `a:b:…`.
+    let too_long = "p".repeat(loom_redis::MAX_PREFIX_LEN + 1);
+    for bad in [
+        "", "a{b}", "a*", "a?", "a[bc]", "a\\b", "a:b", "a b", "é", &too_long,
+    ] {
+        let refused = with_prefix(bad.to_owned()).await;
+        assert!(
+            matches!(&refused, Err(StoreError::InvalidRequest(m)) if m.contains("prefix")),
+            "{bad:?}: {refused:?}"
+        );
+    }
+    // Allowed: it gets as far as the (closed) port.
+    let longest = "p".repeat(loom_redis::MAX_PREFIX_LEN);
+    for good in ["loom", "app-1_v2.loom", &longest] {
+        let r = with_prefix(good.to_owned()).await;
+        assert!(
+            matches!(r, Err(StoreError::Unavailable { .. })),
+            "{good:?}: {r:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
