@@ -14,6 +14,7 @@ async fn reopening_releases_the_dead_holders_leases_and_leased_messages() {
     let long = LeaseOptions {
         visibility: Duration::from_secs(3600),
         max_deliveries: 10,
+        ..LeaseOptions::default()
     };
     let (old_token, first_delivery) = {
         let store = EmbeddedStore::open(dir.path()).expect("open");
@@ -146,6 +147,7 @@ async fn a_suspended_wait_survives_a_reopen_and_a_repartition_renaming_its_lane(
     let long = LeaseOptions {
         visibility: Duration::from_secs(3600),
         max_deliveries: 10,
+        ..LeaseOptions::default()
     };
     let hour = Duration::from_secs(3600);
     let deliver = async |store: &EmbeddedStore| {
@@ -228,6 +230,7 @@ async fn a_suspended_sleep_and_a_cancellation_survive_a_reopen_and_a_repartition
     let long = LeaseOptions {
         visibility: Duration::from_secs(3600),
         max_deliveries: 10,
+        ..LeaseOptions::default()
     };
     let hour = Duration::from_secs(3600);
     let (first, second) = (

@@ -131,6 +131,7 @@ async fn a_move_repeated_after_a_crash_between_enqueue_and_trim_enqueues_nothing
     let opts = LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     };
     for r in &receivers {
         let mut last: std::collections::HashMap<String, u64> = Default::default();

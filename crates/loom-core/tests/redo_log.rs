@@ -468,6 +468,7 @@ async fn a_reopen_after_a_failure_keeps_this_processs_leases_and_leased_messages
     let opts = LeaseOptions {
         visibility: ttl,
         max_deliveries: 10,
+        ..LeaseOptions::default()
     };
     let d = store
         .lease(&a, opts)

@@ -168,10 +168,12 @@ impl Mailbox for PostgresStore {
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
         opts.validate()?;
-        let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3)"))
+        let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3, $4)"))
             .bind(actor.as_str())
             .bind(ms(opts.visibility))
             .bind(i32::try_from(opts.max_deliveries).unwrap_or(i32::MAX))
+            // Exact (zero for none), not `ms`'s at-least-1: `validate` bounds it by MAX_EARLY.
+            .bind(i64::try_from(opts.early.as_millis()).unwrap_or(i64::MAX))
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;

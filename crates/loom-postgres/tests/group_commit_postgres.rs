@@ -160,6 +160,7 @@ async fn enqueue_once_and_a_turn_recording_its_key_never_deadlock() {
     let opts = LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     };
     for round in 0..3 {
         let a = id(&format!("lock-{round}"));

@@ -288,9 +288,11 @@ end
 -- Hands out the next due message, if any and none is out and the actor is not parked:
 -- { frame, pos, deliveries, err }. pending: the caller removed the current message without
 -- updating the ready index (mb_remove_current's quiet), so it is updated here whatever happens.
-local function mb_lease(mb, dl, dlseq, vis, max, now, pending)
+-- early: ms before its time a suspended current message (wp/wd still its position and
+-- deliveries) may go out (LeaseOptions::early); nil or 0 for none.
+local function mb_lease(mb, dl, dlseq, vis, max, now, pending, early)
   while true do
-    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'g')
+    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'g', 'wp', 'wd')
     local cur = num(v[2])
     if v[1] then
       if pending then mb_ready(mb, now, false, { park = v[1] }) end
@@ -298,7 +300,9 @@ local function mb_lease(mb, dl, dlseq, vis, max, now, pending)
     end
     local q = mb_promote(mb, now, num(v[6]), v[8])
     if cur ~= 0 then
-      if num(v[3]) > now then
+      local suspended_due = early and early > 0 and num(v[3]) <= now + early
+        and num(v[9]) == cur and num(v[10]) == num(v[4])
+      if num(v[3]) > now and not suspended_due then
         if pending then mb_ready(mb, now, false, { cur = cur, vis = num(v[3]), q = q }) end
         return nil
       end
@@ -479,11 +483,12 @@ local function enqueue_event(KEYS, ARGV)
   return r
 end
 
--- KEYS: mm, mq, md, mdx, ready, dl, dlseq   ARGV: actor, visibility, max deliveries
+-- KEYS: mm, mq, md, mdx, ready, dl, dlseq
+-- ARGV: actor, visibility, max deliveries, early (ms; absent from older builds: 0)
 local function lease(KEYS, ARGV, now)
   now = now or now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
-  local r = mb_lease(mb, KEYS[6], KEYS[7], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+  local r = mb_lease(mb, KEYS[6], KEYS[7], tonumber(ARGV[2]), tonumber(ARGV[3]), now, false, tonumber(ARGV[4] or '0'))
   if not r then return { 'none' } end
   return { 'ok', r[1], tostring(r[2]), tostring(r[3]), r[4] }
 end

@@ -172,6 +172,7 @@ impl Mailbox for RedisStore {
                     s(actor.as_str()),
                     ttl(opts.visibility),
                     s(opts.max_deliveries),
+                    s(opts.early.as_millis()),
                 ],
             )
             .await?;

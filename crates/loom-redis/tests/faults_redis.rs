@@ -423,6 +423,7 @@ async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
     let opts = LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     };
     store
         .enqueue(&Envelope::new(a.clone(), serde_json::json!(1)), None)

@@ -131,6 +131,15 @@ impl<'t> Tables<'t> {
         Ok(first.map(|(k, _)| k.value().1).unwrap_or(EMPTY))
     }
 
+    /// True if the actor's message at `position`, delivered `deliveries` times, is suspended
+    /// ([`WAKES`]: marked, and not woken or handed out since).
+    fn suspended(&self, actor: &str, position: u64, deliveries: u32) -> StoreResult<bool> {
+        Ok(self.wakes.get(actor).map_err(se)?.is_some_and(|v| {
+            let (p, d, _) = v.value();
+            p == position && d == deliveries
+        }))
+    }
+
     fn state_of(&self, actor: &str, position: u64) -> StoreResult<State> {
         self.state
             .get((actor, position))
@@ -608,7 +617,11 @@ impl Leased {
 
 /// True if [`lease`] would hand something out (or give up on something) now. Read-only, so an
 /// empty or busy mailbox costs no write and no fsync.
-pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreResult<bool> {
+pub(super) fn leasable(
+    txn: &redb::ReadTransaction,
+    actor: &ActorId,
+    early: Duration,
+) -> StoreResult<bool> {
     let a = actor.as_str();
     let now = Timestamp::now().as_millis();
     if txn
@@ -624,12 +637,23 @@ pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreRes
     let meta = Meta::get(&meta_table, a)?;
     if meta.current != 0 {
         let state = txn.open_table(MESSAGE_STATE).map_err(se)?;
-        let visible_at = state
+        let (visible_at, deliveries) = state
             .get((a, meta.current))
             .map_err(se)?
-            .map(|v| v.value().1)
-            .unwrap_or(0);
-        return Ok(visible_at <= now);
+            .map(|v| (v.value().1, v.value().2))
+            .unwrap_or((0, 0));
+        if visible_at <= now {
+            return Ok(true);
+        }
+        // As `lease` decides: a suspended message may go out `early`.
+        if visible_at > now.saturating_add(millis(early)) {
+            return Ok(false);
+        }
+        let wakes = txn.open_table(WAKES).map_err(se)?;
+        return Ok(wakes.get(a).map_err(se)?.is_some_and(|v| {
+            let (p, d, _) = v.value();
+            p == meta.current && d == deliveries
+        }));
     }
     let queue = txn.open_table(QUEUE).map_err(se)?;
     let first = queue
@@ -641,6 +665,11 @@ pub(super) fn leasable(txn: &redb::ReadTransaction, actor: &ActorId) -> StoreRes
     Ok(first.is_some())
 }
 
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 pub(super) fn lease(
     tx: &mut Tx<'_>,
     actor: &ActorId,
@@ -648,6 +677,7 @@ pub(super) fn lease(
 ) -> StoreResult<Option<Leased>> {
     let a = actor.as_str();
     let now = Timestamp::now().as_millis();
+    let early = millis(opts.early);
     if tx.mailbox.get()?.is_parked(a)? {
         return Ok(None);
     }
@@ -660,7 +690,11 @@ pub(super) fn lease(
                 deliveries,
                 ..
             } = t.state_of(a, meta.current)?;
-            if visible_at > now {
+            // A suspended message may go out up to `early` before its time (LeaseOptions::early).
+            if visible_at > now
+                && (visible_at > now.saturating_add(early)
+                    || !t.suspended(a, meta.current, deliveries)?)
+            {
                 return Ok(None);
             }
             if deliveries >= opts.max_deliveries {
@@ -758,7 +792,8 @@ impl Mailbox for EmbeddedStore {
         let p = self.part(actor);
         opts.validate()?;
         let a = actor.clone();
-        if !self.read_in(p, move |txn| leasable(txn, &a)).await? {
+        let early = opts.early;
+        if !self.read_in(p, move |txn| leasable(txn, &a, early)).await? {
             return Ok(None);
         }
         // Each pass hands out the next message or buries a corrupt one, so this ends.
@@ -1258,11 +1293,7 @@ pub(super) fn return_all(tx: &mut Tx<'_>) -> StoreResult<u64> {
     let mut returned = 0u64;
     for (actor, meta) in &out {
         let state = t.state_of(actor, meta.current)?;
-        let suspended = t.wakes.get(actor.as_str()).map_err(se)?.is_some_and(|v| {
-            let (position, deliveries, _) = v.value();
-            position == meta.current && deliveries == state.deliveries
-        });
-        if suspended {
+        if t.suspended(actor, meta.current, state.deliveries)? {
             continue;
         }
         returned += 1;

@@ -11,7 +11,7 @@ use crate::id::{ActorId, IdempotencyKey};
 use crate::store::backend::{
     Committed, Outgoing, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
-use crate::store::{Enqueued, Store};
+use crate::store::{Enqueued, LeaseOptions, Store};
 use crate::time::Timestamp;
 
 use super::EmbeddedStore;
@@ -129,7 +129,15 @@ impl Store for EmbeddedStore {
                     idempotency::record(tx, &a, &key, result, ttl)?;
                 }
                 let leased = match next {
-                    Some(opts) => mailbox::lease(tx, &actor, opts)?,
+                    // Only a due message (`Turn::next`).
+                    Some(opts) => mailbox::lease(
+                        tx,
+                        &actor,
+                        LeaseOptions {
+                            early: Duration::ZERO,
+                            ..opts
+                        },
+                    )?,
                     None => None,
                 };
                 Ok((highest, leased))

@@ -337,6 +337,10 @@ async fn run<A: Actor>(
             // never sees (a frame that does not decode). `Cell::lease_options` lifts it for the
             // message of a durable wait in progress.
             max_deliveries: cell::give_up_after(shared.config.retry.max_attempts) + 2,
+            // A sleep that suspended is leased a little before it ends and waits out the rest
+            // in memory (`alarms::LEASE_EARLY`); never near `suspend_after`, or the replay
+            // (its clock a little off the store's) would suspend it again at once.
+            early: super::alarms::LEASE_EARLY.min(shared.config.suspend_after / 2),
         },
         store: shared.store.clone(),
         config: shared.config.clone(),

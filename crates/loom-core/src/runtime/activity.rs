@@ -458,7 +458,7 @@ impl Context<'_> {
             if let Some(at) = retry_at.take() {
                 let left = at.saturating_since(Timestamp::now());
                 if self.suspends() && left > self.io.config.suspend_after
-                    || self.woken_early(resumed_in, left)
+                    || self.woken_early(resumed_in, left).await
                 {
                     // `retry_at` is journaled: the replay continues the backoff.
                     return Err(self.suspend_until(at, step, resumed_in).await);

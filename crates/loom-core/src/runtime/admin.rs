@@ -124,6 +124,7 @@ async fn bury_all(
     let opts = LeaseOptions {
         visibility: Duration::from_secs(30),
         max_deliveries: u32::MAX,
+        ..LeaseOptions::default()
     };
     let reply_ttl = super::Config::default().reply_ttl;
     let mut buried = 0;

@@ -52,6 +52,16 @@ pub(crate) const HORIZON: Duration = Duration::from_secs(600);
 /// in memory for it (1 667 sleepers waking a second hold ~400 more).
 pub(crate) const WARM_AHEAD: Duration = Duration::from_millis(250);
 
+/// How long before its time an active actor leases its suspended message
+/// ([`LeaseOptions::early`](crate::store::LeaseOptions::early)): longer than a warm ring looks
+/// ahead ([`WARM_AHEAD`] + [`WARM_BATCH`]) with 50 ms to spare, so that an actor warmed for its
+/// sleep takes its message as it activates and its replay waits out the rest of the sleep in
+/// memory. Its handler then goes on at the moment itself after one write (the sleep's end,
+/// journaled), where leasing the message at the moment cost a second one first.
+pub(crate) const LEASE_EARLY: Duration = WARM_AHEAD
+    .saturating_add(WARM_BATCH)
+    .saturating_add(Duration::from_millis(50));
+
 /// A warm ring also takes the actors due this much after the first it warms, so that a
 /// crowd is activated in batches (their lease writes share group commits), not one by one.
 const WARM_BATCH: Duration = Duration::from_millis(50);

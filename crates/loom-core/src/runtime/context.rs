@@ -934,7 +934,9 @@ impl<'a> Context<'a> {
     ///
     /// A cancellation (`ActorRef::cancel`) ends the sleep with [`StepError::Cancelled`]: at
     /// once if it is suspended or sleeps in memory on the node that asked; a sleep of at most
-    /// `suspend_after` in memory on another node is not told and runs to its end.
+    /// `suspend_after` in memory on another node is not told and runs to its end. A suspended
+    /// sleep spends its last moments (350 ms at most) in memory: its actor takes its message
+    /// back just before the end, so that the handler goes on at the moment itself.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
         let span = tracing::info_span!(
             "loom.sleep",
@@ -972,7 +974,7 @@ impl<'a> Context<'a> {
         };
         let left = fire_at.saturating_since(Timestamp::now());
         if self.suspends() && left > self.io.config.suspend_after
-            || self.woken_early(resumed_in, left)
+            || self.woken_early(resumed_in, left).await
         {
             // Journaled above (or in the run that began it): the replay continues it.
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
@@ -1112,14 +1114,17 @@ impl<'a> Context<'a> {
         let cancel = self.inv.cancel.notify.clone();
         // Try to suspend at the first look that finds no event: a wait woken before its time,
         // or one whose cancellation was asked on this node.
-        let mut try_now = self.woken_early(
-            resumed_in,
-            deadline.map_or(Duration::MAX, |d| d.saturating_since(Timestamp::now())),
-        );
+        let mut try_now = self
+            .woken_early(
+                resumed_in,
+                deadline.map_or(Duration::MAX, |d| d.saturating_since(Timestamp::now())),
+            )
+            .await;
         let mut waiting_since = tokio::time::Instant::now();
         let opts = LeaseOptions {
             visibility: self.io.config.visibility,
             max_deliveries: 1000,
+            ..LeaseOptions::default()
         };
         loop {
             let notified = notify.notified();
@@ -1262,15 +1267,46 @@ impl<'a> Context<'a> {
 
     /// A wait that began in an earlier delivery and has more than [`WOKEN_EARLY`] left was
     /// woken before its time (by a cancellation, or a crash during it): it looks at the store's
-    /// mark at once by trying to suspend, instead of waiting in memory first.
-    pub(super) fn woken_early(&self, resumed_in: Option<u32>, left: Duration) -> bool {
-        resumed_in.is_some() && left > WOKEN_EARLY && self.suspends()
+    /// mark at once by trying to suspend, instead of waiting in memory first. Within
+    /// [`LEASED_EARLY`] of its end it may instead have been handed out early on purpose
+    /// (`LeaseOptions::early`), and suspending it again would only have it handed out again:
+    /// there it is woken early only if the store says its cancellation was asked (a read).
+    pub(super) async fn woken_early(&self, resumed_in: Option<u32>, left: Duration) -> bool {
+        if resumed_in.is_none() || left <= WOKEN_EARLY || !self.suspends() {
+            return false;
+        }
+        left > LEASED_EARLY || self.cancel_asked().await
+    }
+
+    /// True if this invocation's message is marked as to be cancelled in the store
+    /// ([`Mailbox::cancel`](crate::store::Mailbox::cancel)), or if the store could not say: the
+    /// caller then tries to suspend, which meets the store's failure as any write does.
+    async fn cancel_asked(&self) -> bool {
+        let position = self.inv.receipt.position;
+        match self
+            .io
+            .store
+            .messages(&self.inv.actor, position.checked_sub(1), 1)
+            .await
+        {
+            Ok(listed) => listed
+                .first()
+                .is_some_and(|w| w.position == position && w.cancelling),
+            Err(e) => {
+                tracing::debug!(actor = %self.inv.actor, error = %e, "could not look for a cancellation; trying to suspend instead");
+                true
+            }
+        }
     }
 }
 
 /// See [`Context::woken_early`]: a wait that comes back at its time (or a clock's skew past it)
 /// has less than this left.
 const WOKEN_EARLY: Duration = Duration::from_millis(100);
+
+/// See [`Context::woken_early`]: a wait handed out early on purpose (`alarms::LEASE_EARLY`
+/// before its end at most, by the store's clock) comes back with less than this left.
+const LEASED_EARLY: Duration = super::alarms::LEASE_EARLY.saturating_add(WOKEN_EARLY);
 
 /// The in-process wake-up of an invocation for its cancellation (see `Invocation::cancel`): a
 /// [`Notify`](tokio::sync::Notify) in the hub under `ActorId::cancel_signal`, dropped from it

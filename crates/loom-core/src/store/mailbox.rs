@@ -12,6 +12,10 @@ use crate::id::{ActorId, MessageId};
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::time::Timestamp;
 
+/// The most [`LeaseOptions::early`] may be: a suspended message is handed out at most this long
+/// before its time.
+pub const MAX_EARLY: Duration = Duration::from_secs(60);
+
 /// How to lease a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseOptions {
@@ -21,10 +25,27 @@ pub struct LeaseOptions {
     /// the next lease instead of being handed out again (this catches a message whose handler
     /// crashes its process every time). At least 1.
     pub max_deliveries: u32,
+    /// A *suspended* message ([`Mailbox::suspend`], not woken or handed out since) whose delay
+    /// ends within this much is handed out now, as if its time had come: its invocation then
+    /// waits out what is left of its sleep in memory, so that its handler goes on at the
+    /// moment itself rather than after a lease write made then. Any other delay (a
+    /// [`nack`](Mailbox::nack)'s, a message's `deliver_at`) is kept to the letter. Zero (the
+    /// default) hands out nothing early.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use loom_core::store::LeaseOptions;
+    ///
+    /// let warm = LeaseOptions { early: Duration::from_millis(300), ..LeaseOptions::default() };
+    /// assert!(warm.validate().is_ok());
+    /// assert_eq!(LeaseOptions::default().early, Duration::ZERO);
+    /// ```
+    pub early: Duration,
 }
 
 impl LeaseOptions {
-    /// Refuses options no backend can honour: `max_deliveries` of 0, a zero visibility timeout.
+    /// Refuses options no backend can honour: `max_deliveries` of 0, a zero visibility timeout,
+    /// `early` over [`MAX_EARLY`].
     ///
     /// ```
     /// use std::time::Duration;
@@ -35,12 +56,21 @@ impl LeaseOptions {
     /// assert!(none.validate().is_err());
     /// let blink = LeaseOptions { visibility: Duration::ZERO, ..LeaseOptions::default() };
     /// assert!(blink.validate().is_err());
+    /// let eager = LeaseOptions { early: Duration::from_secs(61), ..LeaseOptions::default() };
+    /// assert!(eager.validate().is_err());
     /// ```
     pub fn validate(&self) -> StoreResult<()> {
         if self.max_deliveries == 0 {
             return Err(StoreError::InvalidRequest(
                 "max_deliveries must be at least 1".into(),
             ));
+        }
+        if self.early > MAX_EARLY {
+            return Err(StoreError::InvalidRequest(format!(
+                "early must be at most {} s, not {} ms",
+                MAX_EARLY.as_secs(),
+                self.early.as_millis()
+            )));
         }
         super::backend::check_ttl("visibility timeout", self.visibility)
     }
@@ -51,6 +81,7 @@ impl Default for LeaseOptions {
         LeaseOptions {
             visibility: Duration::from_secs(30),
             max_deliveries: 10,
+            early: Duration::ZERO,
         }
     }
 }

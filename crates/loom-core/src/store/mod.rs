@@ -25,7 +25,7 @@ pub use idempotency::{Completion, IdempotencyStore, Reservation};
 pub use journal::{EntryStream, JournalInfo, JournalStore, SeqRange};
 pub use lease::{Lease, LeaseManager};
 pub use mailbox::{
-    Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
+    Backlog, DeadLetter, Delivery, LeaseOptions, MAX_EARLY, Mailbox, Receipt, Suspension, Waiting,
 };
 pub use membership::{FORGET_AFTER_TTLS, MAX_NODE_KINDS, Member, Membership, Roster};
 pub use park::{Park, Parking};

@@ -73,7 +73,9 @@ pub struct Turn<'a> {
     /// An idempotency result to record.
     pub record: Option<Record<'a>>,
     /// After everything else, lease the actor's next message in the same write (saves the
-    /// consumer a round trip and a commit when the mailbox has a backlog).
+    /// consumer a round trip and a commit when the mailbox has a backlog). Only a due message:
+    /// [`LeaseOptions::early`] is not looked at here (a turn follows a delivery, so no
+    /// suspended message is current).
     pub next: Option<LeaseOptions>,
 }
 

@@ -84,9 +84,16 @@ impl Queue {
         }
     }
 
-    /// True if a lease now hands something out (or gives up on something).
-    fn leasable(&self, now: u64) -> bool {
-        self.ready_at().is_some_and(|at| at <= now)
+    /// True if a lease now hands something out (or gives up on something): a suspended
+    /// current message up to `early` ms before its time ([`LeaseOptions::early`]).
+    fn leasable(&self, now: u64, early: u64) -> bool {
+        match &self.current {
+            Some(c) if c.visible_at > now => {
+                c.visible_at <= now.saturating_add(early)
+                    && c.wake_on.as_ref().is_some_and(|(_, d)| *d == c.deliveries)
+            }
+            _ => self.ready_at().is_some_and(|at| at <= now),
+        }
     }
 }
 
@@ -305,11 +312,18 @@ impl Mailboxes {
 
     /// True if [`lease`](Self::lease) would hand something out (or give up on something) now;
     /// when false, a lease writes nothing.
-    pub(super) fn leasable(&self, parked: &Parked, actor: &ActorId, now: Timestamp) -> bool {
+    pub(super) fn leasable(
+        &self,
+        parked: &Parked,
+        actor: &ActorId,
+        now: Timestamp,
+        early: Duration,
+    ) -> bool {
+        let early = u64::try_from(early.as_millis()).unwrap_or(u64::MAX);
         !parked.contains(actor)
             && self
                 .queue(actor)
-                .is_some_and(|q| q.leasable(now.as_millis()))
+                .is_some_and(|q| q.leasable(now.as_millis(), early))
     }
 
     /// Hands out the actor's next due message, if it is not parked and none is out. A current
@@ -325,7 +339,7 @@ impl Mailboxes {
     ) -> Option<Delivery> {
         let now_ms = now.as_millis();
         // Each pass hands a message out or buries one, so this ends.
-        while self.leasable(parked, actor, now) {
+        while self.leasable(parked, actor, now, opts.early) {
             let step = {
                 let q = Arc::make_mut(self.boxes.get_mut(actor)?);
                 match q.current.take() {
@@ -544,7 +558,7 @@ impl Mailbox for SimStore {
         self.update_if(
             "lease",
             actor.as_str(),
-            move |d, now| d.mailboxes.leasable(&d.parked, &looked, now),
+            move |d, now| d.mailboxes.leasable(&d.parked, &looked, now, opts.early),
             move |d, now| Ok(d.mailboxes.lease(&d.parked, &id, opts, now)),
         )
         .await

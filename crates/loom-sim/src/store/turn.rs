@@ -11,8 +11,8 @@ use loom_core::store::backend::{
     prepare_result,
 };
 use loom_core::{
-    ActorId, Enqueued, Envelope, IdempotencyKey, Lease, MessageId, Receipt, Retired, Seq, Store,
-    StoreError, StoreResult, Timestamp,
+    ActorId, Enqueued, Envelope, IdempotencyKey, Lease, LeaseOptions, MessageId, Receipt, Retired,
+    Seq, Store, StoreError, StoreResult, Timestamp,
 };
 
 use super::relay::Row;
@@ -149,7 +149,14 @@ impl Store for SimStore {
                 if let Some((actor, key, result, ttl)) = record {
                     d.records.record(&actor, &key, result, ttl, now);
                 }
-                let next = next.and_then(|opts| d.mailboxes.lease(&d.parked, &actor, opts, now));
+                // Only a due message (`Turn::next`).
+                let next = next.and_then(|opts| {
+                    let opts = LeaseOptions {
+                        early: Duration::ZERO,
+                        ..opts
+                    };
+                    d.mailboxes.lease(&d.parked, &actor, opts, now)
+                });
                 if let Some(e) = stale {
                     // The fence audit: only the deliberate bug lets such a turn commit.
                     store.violation(format!(

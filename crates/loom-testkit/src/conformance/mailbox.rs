@@ -53,6 +53,8 @@ pub(super) fn cases() -> Vec<Case> {
         cancel_marks_a_waiting_message_which_keeps_the_mark_when_handed_out,
         cancel_of_a_message_not_in_the_mailbox_writes_nothing,
         cancel_leaves_a_message_that_is_out_out,
+        a_suspended_message_goes_out_early_and_no_other_delay_does,
+        a_suspended_message_buried_early_leaves_the_next_to_its_time,
     ]
 }
 
@@ -68,6 +70,7 @@ fn long() -> LeaseOptions {
     LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     }
 }
 
@@ -75,6 +78,7 @@ fn short(max_deliveries: u32) -> LeaseOptions {
     LeaseOptions {
         visibility: Duration::from_millis(100),
         max_deliveries,
+        ..LeaseOptions::default()
     }
 }
 
@@ -535,6 +539,14 @@ async fn bad_lease_options_are_refused(store: Arc<dyn Store>) {
     };
     assert!(matches!(
         store.lease(&a, zero_vis).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    let too_early = LeaseOptions {
+        early: loom_core::store::MAX_EARLY + Duration::from_millis(1),
+        ..long()
+    };
+    assert!(matches!(
+        store.lease(&a, too_early).await,
         Err(StoreError::InvalidRequest(_))
     ));
     assert!(
@@ -1310,5 +1322,123 @@ async fn cancel_leaves_a_message_that_is_out_out(store: Arc<dyn Store>) {
             .await
             .unwrap(),
         Suspension::Cancelled
+    );
+}
+
+/// `LeaseOptions::early`: a suspended message goes out up to `early` before its time, and only a
+/// suspended one: a nack's delay, a delayed message and a suspension woken and handed out again
+/// are kept to the letter.
+async fn a_suspended_message_goes_out_early_and_no_other_delay_does(store: Arc<dyn Store>) {
+    let early = |ms| LeaseOptions {
+        early: Duration::from_millis(ms),
+        ..long()
+    };
+    let a = id("a");
+    let m = msg(&a, 0);
+    store.enqueue(&m, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let sleep = Duration::from_secs(20);
+    assert_eq!(
+        store
+            .suspend(&d.receipt, None, sleep, "sleeping")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert!(
+        store.lease(&a, early(10_000)).await.unwrap().is_none(),
+        "handed out more than `early` before its time"
+    );
+    let got = store
+        .lease(&a, early(30_000))
+        .await
+        .unwrap()
+        .expect("a suspended message due within `early` goes out");
+    assert_eq!(got.envelope.id, m.id);
+    assert_eq!(got.receipt.delivery, d.receipt.delivery + 1);
+    assert!(
+        store.lease(&a, early(30_000)).await.unwrap().is_none(),
+        "one message out at a time"
+    );
+
+    // Handed out again, then given back with a plain delay: not early.
+    store
+        .nack(&got.receipt, sleep, "failed; retry later")
+        .await
+        .unwrap();
+    assert!(
+        store.lease(&a, early(30_000)).await.unwrap().is_none(),
+        "a nack's delay was cut short"
+    );
+
+    // A message due later does not go out early either.
+    let b = id("b");
+    store
+        .enqueue(&msg(&b, 1), Some(Timestamp::now() + sleep))
+        .await
+        .unwrap();
+    assert!(
+        store.lease(&b, early(30_000)).await.unwrap().is_none(),
+        "a delayed message went out early"
+    );
+
+    // A suspension woken (cancelled) and handed out again is no longer suspended.
+    let c = id("c");
+    let mc = msg(&c, 2);
+    store.enqueue(&mc, None).await.unwrap();
+    let d = store.lease(&c, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store
+            .suspend(&d.receipt, None, sleep, "sleeping")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    store.cancel(&c, mc.id).await.unwrap();
+    let woken = store.lease(&c, long()).await.unwrap().expect("woken");
+    store.nack(&woken.receipt, sleep, "again").await.unwrap();
+    assert!(
+        store.lease(&c, early(30_000)).await.unwrap().is_none(),
+        "a stale suspension mark let a nack's delay be cut short"
+    );
+}
+
+/// A suspended message taken early but at its delivery limit goes to the dead letters, and the
+/// lease then hands out only what is due by the real clock: a delayed message due within
+/// `early` waits for its time.
+async fn a_suspended_message_buried_early_leaves_the_next_to_its_time(store: Arc<dyn Store>) {
+    let a = id("a");
+    let first = msg(&a, 0);
+    store.enqueue(&first, None).await.unwrap();
+    let later = Duration::from_secs(20);
+    store
+        .enqueue(&msg(&a, 1), Some(Timestamp::now() + later))
+        .await
+        .unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert_eq!(
+        store
+            .suspend(&d.receipt, None, later, "sleeping")
+            .await
+            .unwrap(),
+        Suspension::Suspended
+    );
+    let at_limit = LeaseOptions {
+        early: Duration::from_secs(30),
+        max_deliveries: 1,
+        ..long()
+    };
+    assert!(
+        store.lease(&a, at_limit).await.unwrap().is_none(),
+        "the delayed message went out before its time"
+    );
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].envelope.id, first.id);
+    assert_eq!(
+        store.pending(&a).await.unwrap(),
+        1,
+        "the delayed message is kept"
     );
 }

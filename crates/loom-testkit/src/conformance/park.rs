@@ -26,6 +26,7 @@ fn opts(visibility: Duration) -> LeaseOptions {
     LeaseOptions {
         visibility,
         max_deliveries: 5,
+        ..LeaseOptions::default()
     }
 }
 

@@ -53,6 +53,7 @@ fn opts() -> LeaseOptions {
     LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     }
 }
 

@@ -53,6 +53,7 @@ fn long() -> LeaseOptions {
     LeaseOptions {
         visibility: Duration::from_secs(60),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     }
 }
 
@@ -204,6 +205,7 @@ async fn turn_with_a_stale_receipt_changes_nothing(store: Arc<dyn Store>) {
     let short = LeaseOptions {
         visibility: Duration::from_millis(100),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     };
     let first = store.lease(&a, short).await.unwrap().expect("first");
     wait_past(Duration::from_millis(100)).await;
@@ -808,6 +810,7 @@ async fn retire_writes_nothing_when_the_actor_ran_has_mail_lost_its_lease_or_mov
     let short = LeaseOptions {
         visibility: Duration::from_millis(50),
         max_deliveries: 5,
+        ..LeaseOptions::default()
     };
     let first = store.lease(&b, short).await.unwrap().expect("delivery");
     tokio::time::sleep(Duration::from_millis(150)).await;

@@ -242,6 +242,12 @@ pub enum Step {
     Gate,
     /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
     Broken,
+    /// Not a durable call: `<label> at <ms>` (the node's clock now) goes to the probe's
+    /// `observed` list on every run, replays included.
+    Mark {
+        /// What to call this place.
+        label: String,
+    },
 }
 
 /// Runs scripts of durable calls; its state logs what each step returned.
@@ -329,6 +335,15 @@ impl Actor for Worker {
                 Step::Finish => {
                     ctx.finish();
                     "finished".to_owned()
+                }
+                Step::Mark { label } => {
+                    let line = format!("{label} at {}", Timestamp::now().as_millis());
+                    self.probe
+                        .observed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(line);
+                    label
                 }
                 Step::Sleep { ms } => match ctx.sleep(Duration::from_millis(ms)).await {
                     Ok(()) => format!("slept {ms}"),

@@ -502,6 +502,7 @@ async fn purging_a_dead_letter_settles_a_key_still_held(h: &Harness) {
     let opts = loom_core::LeaseOptions {
         visibility: Duration::from_secs(30),
         max_deliveries: 10,
+        ..loom_core::LeaseOptions::default()
     };
     let d = h.store.lease(&a, opts).await.unwrap().expect("delivery");
     h.store

@@ -13,6 +13,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         durable_sleep_live,
         durable_sleep_replay_does_not_restart_the_clock,
         a_long_sleep_suspends_the_actor_until_it_ends,
+        a_warmed_sleeper_takes_its_message_before_its_moment_and_wakes_no_earlier,
         a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing,
         a_failure_after_suspensions_is_retried_as_a_first_attempt,
         send_after_arrives_after_its_delay,
@@ -127,7 +128,84 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
     rt.shutdown().await;
 }
 
-/// A crowd of sleepers sent at once, while the ready scan runs every 20 ms: once every one has
+/// A sleep that suspended is warmed shortly before its end and its actor leases the message
+/// early (`LeaseOptions::early`): the replay runs before the sleep's end, waits out the rest in
+/// memory, and the handler goes on no earlier than the end. Without the early lease no replay
+/// can begin before the store makes the message visible at the end. Five sleepers, of which at
+/// least one must be replayed early (a warm-up needs room and a moment on a loaded machine).
+async fn a_warmed_sleeper_takes_its_message_before_its_moment_and_wakes_no_earlier(h: &Harness) {
+    const SLEEPERS: usize = 5;
+    const SLEEP_MS: u64 = 2_000;
+    // The default `suspend_after` (1 s): the runtime leases 350 ms early at most.
+    let rt = h.runtime().await;
+    let asks = (0..SLEEPERS).map(|i| {
+        let w = rt.actor::<Worker>(format!("warm-{i}")).unwrap();
+        async move {
+            w.ask(vec![
+                Step::Mark {
+                    label: format!("run {i}"),
+                },
+                Step::Sleep { ms: SLEEP_MS },
+                Step::Mark {
+                    label: format!("woke {i}"),
+                },
+            ])
+            .await
+        }
+    });
+    for (i, reply) in futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            reply.expect("ask"),
+            vec![
+                format!("run {i}"),
+                format!("slept {SLEEP_MS}"),
+                format!("woke {i}")
+            ]
+        );
+    }
+    assert!(
+        rt.metrics().suspensions >= SLEEPERS as u64,
+        "every sleep suspended"
+    );
+    let seen = h
+        .probe
+        .observed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let at = |label: &str| -> Vec<u64> {
+        seen.iter()
+            .filter_map(|l| l.strip_prefix(&format!("{label} at ")))
+            .map(|ms| ms.parse().expect("a time"))
+            .collect()
+    };
+    let mut replayed_early = 0;
+    for i in 0..SLEEPERS {
+        let runs = at(&format!("run {i}"));
+        let woke = at(&format!("woke {i}"));
+        assert!(runs.len() >= 2 && woke.len() == 1, "sleeper {i}: {seen:?}");
+        // The sleep began after the first run's mark: it ends no earlier than this.
+        let end = runs[0] + SLEEP_MS;
+        assert!(
+            woke[0] >= end,
+            "sleeper {i} went on {} ms before its sleep's end",
+            end - woke[0]
+        );
+        if runs[runs.len() - 1] < end {
+            replayed_early += 1;
+        }
+    }
+    assert!(
+        replayed_early >= 1,
+        "no sleeper's message was taken before its moment: {seen:?}"
+    );
+    rt.shutdown().await;
+}
+
 /// suspended, none is in memory or holds a lease. A scan that listed a sleeper as ready while
 /// it ran, or a send's wake that came after a scan had run its message, used to activate it
 /// again after it suspended; it found nothing to do and stayed, lease held, until its idle
