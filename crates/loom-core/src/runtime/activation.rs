@@ -338,9 +338,8 @@ async fn run<A: Actor>(
             // message of a durable wait in progress.
             max_deliveries: cell::give_up_after(shared.config.retry.max_attempts) + 2,
             // A sleep that suspended is leased a little before it ends and waits out the rest
-            // in memory (`alarms::LEASE_EARLY`); never near `suspend_after`, or the replay
-            // (its clock a little off the store's) would suspend it again at once.
-            early: super::alarms::LEASE_EARLY.min(shared.config.suspend_after / 2),
+            // in memory (`alarms::lease_early`).
+            early: super::alarms::lease_early(shared.config.suspend_after),
         },
         store: shared.store.clone(),
         config: shared.config.clone(),

@@ -62,6 +62,21 @@ pub(crate) const LEASE_EARLY: Duration = WARM_AHEAD
     .saturating_add(WARM_BATCH)
     .saturating_add(Duration::from_millis(50));
 
+/// How early a node's leases take suspended messages ([`LeaseOptions::early`]) under
+/// `Config::suspend_after`: [`LEASE_EARLY`], but at most half of `suspend_after`, so that a
+/// replay whose clock is a little off the store's does not find more than `suspend_after` left
+/// and suspend again at once; and none under 100 ms of `suspend_after`, where the margin would
+/// be a few milliseconds of clock and rounding and the gain nothing.
+///
+/// [`LeaseOptions::early`]: crate::store::LeaseOptions::early
+pub(crate) fn lease_early(suspend_after: Duration) -> Duration {
+    if suspend_after < Duration::from_millis(100) {
+        Duration::ZERO
+    } else {
+        LEASE_EARLY.min(suspend_after / 2)
+    }
+}
+
 /// A warm ring also takes the actors due this much after the first it warms, so that a
 /// crowd is activated in batches (their lease writes share group commits), not one by one.
 const WARM_BATCH: Duration = Duration::from_millis(50);
@@ -254,6 +269,21 @@ mod tests {
 
     fn ids(keys: &[&str]) -> Vec<ActorId> {
         keys.iter().map(|k| a(k)).collect()
+    }
+
+    #[test]
+    fn leases_early_by_at_most_half_of_suspend_after_and_not_at_all_when_it_is_short() {
+        let ms = Duration::from_millis;
+        assert_eq!(lease_early(Duration::from_secs(1)), LEASE_EARLY);
+        assert!(
+            LEASE_EARLY > WARM_AHEAD + WARM_BATCH,
+            "a warmed actor's lease takes its message"
+        );
+        assert_eq!(lease_early(ms(400)), ms(200));
+        assert_eq!(lease_early(ms(100)), ms(50));
+        assert_eq!(lease_early(ms(99)), Duration::ZERO);
+        assert_eq!(lease_early(Duration::ZERO), Duration::ZERO);
+        assert_eq!(lease_early(Duration::MAX), LEASE_EARLY);
     }
 
     #[tokio::test(start_paused = true)]

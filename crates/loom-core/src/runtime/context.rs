@@ -935,8 +935,10 @@ impl<'a> Context<'a> {
     /// A cancellation (`ActorRef::cancel`) ends the sleep with [`StepError::Cancelled`]: at
     /// once if it is suspended or sleeps in memory on the node that asked; a sleep of at most
     /// `suspend_after` in memory on another node is not told and runs to its end. A suspended
-    /// sleep spends its last moments (350 ms at most) in memory: its actor takes its message
-    /// back just before the end, so that the handler goes on at the moment itself.
+    /// sleep spends its last moments (450 ms at most) in memory: its actor takes its message
+    /// back just before the end and journals the sleep's end then, so that at the moment
+    /// itself the handler goes on with no write ahead of it; a cancellation in those moments
+    /// does not end the sleep (the next wait sees it).
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), StepError> {
         let span = tracing::info_span!(
             "loom.sleep",
@@ -951,6 +953,14 @@ impl<'a> Context<'a> {
         let (fire_at, resumed_in) = match recorded {
             Some(r) => {
                 if r.iter().any(|k| matches!(k, EntryKind::TimerFired { .. })) {
+                    // Its end may have been journaled just before the end itself (see below):
+                    // what is left of it is waited out here too, so no run goes on early.
+                    if let Some(EntryKind::TimerStarted { fire_at, .. }) = r.first() {
+                        let left = fire_at.saturating_since(Timestamp::now());
+                        if !left.is_zero() {
+                            self.keep_out(tokio::time::sleep(left)).await?;
+                        }
+                    }
                     return Ok(());
                 }
                 if r.iter()
@@ -978,6 +988,18 @@ impl<'a> Context<'a> {
         {
             // Journaled above (or in the run that began it): the replay continues it.
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
+        }
+        if resumed_in.is_some() && !left.is_zero() && left <= LEASED_EARLY {
+            // Handed out just before its end (`LeaseOptions::early`; or back after a restart
+            // with as little left): its end is journaled now, off the moment itself, and the
+            // rest waited out in memory, so that at the moment the handler goes on with no
+            // write ahead of it. A replay of this delivery waits out what is left (above).
+            // The rest is not cancelled: the journal says the sleep ends.
+            self.inv.push(EntryKind::TimerFired { step, resumed_in });
+            self.flush_resumed(resumed_in).await?;
+            let left = fire_at.saturating_since(Timestamp::now());
+            self.keep_out(tokio::time::sleep(left)).await?;
+            return Ok(());
         }
         if self.sleep_unless_cancelled(left).await? {
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
