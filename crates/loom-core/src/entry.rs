@@ -155,7 +155,9 @@ pub enum EntryKind {
         /// When it fires.
         fire_at: Timestamp,
     },
-    /// A timer fired.
+    /// A timer fired: its sleep ends. Journaled at or after `fire_at`, or up to 450 ms before
+    /// it by a delivery handed out just before the end, which then waits out the rest; a
+    /// replay waits out whatever is left of it too, so no run goes on before `fire_at`.
     TimerFired {
         /// The step of its `TimerStarted`.
         step: Step,

@@ -463,7 +463,8 @@ impl Context<'_> {
                     // `retry_at` is journaled: the replay continues the backoff.
                     return Err(self.suspend_until(at, step, resumed_in).await);
                 }
-                // As in `sleep`: a cancellation asked in this process ends the backoff at once.
+                // As in a sleep in memory: a cancellation asked in this process ends the
+                // backoff at once.
                 if self.sleep_unless_cancelled(left).await? {
                     return Err(self.suspend_until(at, step, resumed_in).await);
                 }

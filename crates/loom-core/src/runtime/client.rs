@@ -562,7 +562,9 @@ impl<A: Actor> ActorRef<A> {
     /// [`StepError::Cancelled`](super::StepError::Cancelled), on whichever node runs it: at
     /// once if it is suspended in one (the mark wakes it) or waits in this process, else when
     /// it next tries to suspend (a wait for an event after `Config::suspend_after` in memory; a
-    /// wait of at most `suspend_after` in memory on another node is not told). The handler
+    /// wait of at most `suspend_after` in memory on another node is not told; nor is a
+    /// suspended sleep in its last moments, at most 450 ms, whose end is journaled as its actor
+    /// takes it back: the next wait sees the cancellation). The handler
     /// passes it on with `?` (its caller gets [`AskError::Cancelled`], the state is left as it
     /// was) or compensates first. An invocation that waits no more, or a message not yet begun
     /// that never waits, finishes as it would have.

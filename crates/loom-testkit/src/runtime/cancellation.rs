@@ -18,6 +18,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_cancellation_ends_an_activitys_suspended_backoff,
         a_cancellation_racing_the_event_gives_one_outcome,
         a_wait_in_memory_is_cancelled_at_once_on_the_node_that_asked,
+        a_cancellation_in_a_sleeps_last_moments_ends_it_or_the_next_wait,
     ]
 }
 
@@ -400,6 +401,46 @@ async fn a_wait_in_memory_is_cancelled_at_once_on_the_node_that_asked(h: &Harnes
         h.count(&id, |k| matches!(k, EntryKind::WaitCancelled { .. }))
             .await,
         1
+    );
+    rt.shutdown().await;
+}
+
+/// A cancellation asked in a suspended sleep's last moments is not lost. The sleep's actor takes
+/// it back up to 350 ms early (`LeaseOptions::early`) and journals its end then, waiting out the
+/// rest in memory: a cancellation that comes first ends the sleep; one that comes after the
+/// end is journaled ends the invocation's next wait instead. Which of the two happens is a
+/// matter of timing; that one of them does is the point.
+async fn a_cancellation_in_a_sleeps_last_moments_ends_it_or_the_next_wait(h: &Harness) {
+    // The default `suspend_after` (1 s): a sleep of 2 s suspends and is taken back early.
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let k = key("late-cancel");
+    let began = tokio::time::Instant::now();
+    let asked = tokio::spawn({
+        let (w, k) = (w.clone(), k.clone());
+        async move {
+            let opts = AskOptions {
+                idempotency_key: Some(k),
+                timeout: Some(Duration::from_secs(60)),
+                ..Default::default()
+            };
+            w.ask_with(vec![sleep(2_000), sleep(300)], opts).await
+        }
+    });
+    wait_for_suspensions(&rt, 1).await;
+    // Into the sleep's last moments: its end journaled by now, or about to be.
+    tokio::time::sleep_until(began + Duration::from_millis(1_850)).await;
+    let found = w.cancel_key(&k).await.unwrap();
+    assert!(matches!(found, Cancellation::Requested { .. }), "{found:?}");
+    let reply = cancelled(
+        tokio::time::timeout(WAIT, asked)
+            .await
+            .expect("the invocation did not end")
+            .unwrap(),
+    );
+    assert!(
+        reply == "sleep 2000: cancelled; slept 300" || reply == "slept 2000; sleep 300: cancelled",
+        "the cancellation was lost or ended both waits: {reply}"
     );
     rt.shutdown().await;
 }
