@@ -12,7 +12,7 @@ use common::ok;
 use loom_cli::store::{Namespace, StoreUrl, open_or_create};
 use loom_core::runtime::{Actor, Config, Context, Rejected, Runtime};
 use loom_core::{Store, StoreError};
-use loom_testkit::runtime::Counter;
+use loom_testkit::runtime::{Counter, partitions_won};
 use loom_testkit::servers::{PostgresServer, RedisServer};
 use serde_json::Value;
 
@@ -261,17 +261,25 @@ fn sends_wake_the_owner(url: &str, ns: &str) {
         };
         let one = host("wake-1", &store).await.expect("wake-1 starts");
         let two = host("wake-2", &other.store).await.expect("wake-2 starts");
-        let parts = loom_core::partition::ownership_partitions(store.partitions()) as usize;
+        // Wait for the split the roster settles on, not merely any split: a node whose first
+        // look saw itself alone may still hold partitions of the other's share while the other
+        // already holds the rest (its next look hands them over).
+        let parts = loom_core::partition::ownership_partitions(store.partitions());
+        let settled = |name| partitions_won(&[Counter::KIND], parts, &["wake-1", "wake-2"], name);
+        let (want_one, want_two) = (settled("wake-1"), settled("wake-2"));
+        assert!(!want_two.is_empty(), "the other node has a share");
         let mut split = false;
         for _ in 0..200 {
-            let (a, b) = (one.partitions_owned().len(), two.partitions_owned().len());
-            if a > 0 && b > 0 && a + b == parts {
+            if one.partitions_owned() == want_one && two.partitions_owned() == want_two {
                 split = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(split, "the two hosts never divided the partitions");
+        assert!(
+            split,
+            "the two hosts never divided the partitions as the roster says"
+        );
         let mut on_two = 0;
         for i in 0..20u64 {
             let c = one.actor::<Counter>(format!("w{i}")).unwrap();

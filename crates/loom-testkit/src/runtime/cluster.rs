@@ -25,8 +25,23 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 }
 
 /// The (kind, partition)s rendezvous hashing gives `node` among `nodes`, all hosting `kinds`,
-/// in the order [`Runtime::partitions_owned`] lists them.
-fn won(kinds: &[&str], parts: u32, nodes: &[&str], node: &str) -> Vec<(String, u32)> {
+/// in the order [`Runtime::partitions_owned`] lists them: what each node owns once the
+/// roster has settled.
+///
+/// ```
+/// use loom_testkit::runtime::partitions_won;
+///
+/// let a = partitions_won(&["counter"], 32, &["a", "b"], "a");
+/// let b = partitions_won(&["counter"], 32, &["a", "b"], "b");
+/// assert_eq!(a.len() + b.len(), 32);
+/// assert!(a.iter().all(|p| !b.contains(p)));
+/// ```
+pub fn partitions_won(
+    kinds: &[&str],
+    parts: u32,
+    nodes: &[&str],
+    node: &str,
+) -> Vec<(String, u32)> {
     let mut won = Vec::new();
     for kind in kinds {
         for p in 0..parts {
@@ -66,7 +81,7 @@ async fn nodes_divide_the_partitions_and_hand_them_off(h: &Harness) {
         split(&["part-a", "part-b"], &[&a, &b]),
     )
     .await;
-    for (kind, p) in won(&kinds, parts, &["part-a", "part-b"], "part-a") {
+    for (kind, p) in partitions_won(&kinds, parts, &["part-a", "part-b"], "part-a") {
         let holder = h
             .store
             .holder(&ActorId::partition_lease(&kind, p))
@@ -181,7 +196,7 @@ async fn another_nodes_backlog_hides_none_of_this_nodes_work(h: &Harness) {
         .await
         .expect("the ghost's heartbeat");
     let real = h.runtime_with(|c| c.node = "scan-real".into()).await;
-    let mine = won(&[Account::KIND], parts, &nodes, "scan-real");
+    let mine = partitions_won(&[Account::KIND], parts, &nodes, "scan-real");
     assert!(!mine.is_empty() && mine.len() < parts as usize);
     eventually(WAIT, "the real node owns what it wins", || async {
         let owned: Vec<(String, u32)> = real
@@ -240,7 +255,7 @@ fn split_as(
             nodes
                 .iter()
                 .zip(&rts)
-                .all(|(n, rt)| rt.partitions_owned() == won(&kinds, parts, &nodes, n)),
+                .all(|(n, rt)| rt.partitions_owned() == partitions_won(&kinds, parts, &nodes, n)),
         )
     }
 }

@@ -42,6 +42,7 @@ use loom_core::runtime::{Config, Retry, Runtime, RuntimeBuilder};
 use loom_core::{ActorId, EntryKind, Seq, SeqRange, Store};
 
 pub use actors::{Account, AccountMsg, Balance, Counter, Ghost, Log, Probe, Step, Worker};
+pub use cluster::partitions_won;
 
 use crate::faults::{Faults, FaultyStore};
 use crate::{Factory, Fixture};
