@@ -134,10 +134,7 @@ impl<'t> Tables<'t> {
     /// True if the actor's message at `position`, delivered `deliveries` times, is suspended
     /// ([`WAKES`]: marked, and not woken or handed out since).
     fn suspended(&self, actor: &str, position: u64, deliveries: u32) -> StoreResult<bool> {
-        Ok(self.wakes.get(actor).map_err(se)?.is_some_and(|v| {
-            let (p, d, _) = v.value();
-            p == position && d == deliveries
-        }))
+        suspended_in(&*self.wakes, actor, position, deliveries)
     }
 
     fn state_of(&self, actor: &str, position: u64) -> StoreResult<State> {
@@ -650,10 +647,7 @@ pub(super) fn leasable(
             return Ok(false);
         }
         let wakes = txn.open_table(WAKES).map_err(se)?;
-        return Ok(wakes.get(a).map_err(se)?.is_some_and(|v| {
-            let (p, d, _) = v.value();
-            p == meta.current && d == deliveries
-        }));
+        return suspended_in(&wakes, a, meta.current, deliveries);
     }
     let queue = txn.open_table(QUEUE).map_err(se)?;
     let first = queue
@@ -663,6 +657,19 @@ pub(super) fn leasable(
         .transpose()
         .map_err(se)?;
     Ok(first.is_some())
+}
+
+/// [`Tables::suspended`], on any view of [`WAKES`] (a write's or a read's).
+fn suspended_in(
+    wakes: &impl ReadableTable<&'static str, (u64, u32, &'static str)>,
+    actor: &str,
+    position: u64,
+    deliveries: u32,
+) -> StoreResult<bool> {
+    Ok(wakes.get(actor).map_err(se)?.is_some_and(|v| {
+        let (p, d, _) = v.value();
+        p == position && d == deliveries
+    }))
 }
 
 /// `d` in whole milliseconds, saturating.

@@ -956,10 +956,7 @@ impl<'a> Context<'a> {
                     // Its end may have been journaled just before the end itself (see below):
                     // what is left of it is waited out here too, so no run goes on early.
                     if let Some(EntryKind::TimerStarted { fire_at, .. }) = r.first() {
-                        let left = fire_at.saturating_since(Timestamp::now());
-                        if !left.is_zero() {
-                            self.keep_out(tokio::time::sleep(left)).await?;
-                        }
+                        self.wait_out(*fire_at).await?;
                     }
                     return Ok(());
                 }
@@ -997,9 +994,7 @@ impl<'a> Context<'a> {
             // The rest is not cancelled: the journal says the sleep ends.
             self.inv.push(EntryKind::TimerFired { step, resumed_in });
             self.flush_resumed(resumed_in).await?;
-            let left = fire_at.saturating_since(Timestamp::now());
-            self.keep_out(tokio::time::sleep(left)).await?;
-            return Ok(());
+            return self.wait_out(fire_at).await;
         }
         if self.sleep_unless_cancelled(left).await? {
             return Err(self.suspend_until(fire_at, step, resumed_in).await);
@@ -1010,6 +1005,16 @@ impl<'a> Context<'a> {
             // deliveries that only slept are not held against the message from here on (and a
             // handler that stops its process after the sleep is still given up).
             self.flush_resumed(resumed_in).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits in memory until `fire_at`, the end of a sleep whose end is journaled already (not
+    /// cancelled: the journal says the sleep ends), so that no run goes on before it.
+    async fn wait_out(&mut self, fire_at: Timestamp) -> Result<(), StepError> {
+        let left = fire_at.saturating_since(Timestamp::now());
+        if !left.is_zero() {
+            self.keep_out(tokio::time::sleep(left)).await?;
         }
         Ok(())
     }
