@@ -17,12 +17,12 @@ use loom_core::{Store, Timestamp};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::report::{Measurement, current_rss_mb};
+use crate::report::{Measurement, current_rss_mb, percentile_ms};
 
 /// An actor that sleeps until the moment its message names, then records how late it woke.
 pub struct Sleeper {
-    /// How late each sleeper woke, in the order they woke.
-    pub woke: Arc<Mutex<Vec<Duration>>>,
+    /// Each sleeper's wake-up, in the order they woke.
+    pub woke: Arc<Mutex<Vec<Wake>>>,
     /// Runs that reached the sleep (a suspended sleeper's replay reaches it again).
     pub asleep: Arc<AtomicUsize>,
 }
@@ -41,17 +41,33 @@ impl Actor for Sleeper {
         until: u64,
     ) -> Result<(), Rejected> {
         let due = Timestamp::from_millis(until);
+        // When this run (the first, or a replay after the suspension) began: not journaled.
+        let began = Timestamp::now();
         // Journaled: a replay after the suspension sleeps what is left of the same sleep.
         let left = due.saturating_since(ctx.now()?);
         self.asleep.fetch_add(1, Ordering::Relaxed);
         ctx.sleep(left).await?;
-        let late = Timestamp::now().saturating_since(due);
+        let wake = Wake {
+            late: Timestamp::now().saturating_since(due),
+            began_late: began.saturating_since(due),
+        };
         self.woke
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(late);
+            .push(wake);
         Ok(())
     }
+}
+
+/// One sleeper's wake-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Wake {
+    /// How late it woke: from its moment to its handler going on after the sleep.
+    pub late: Duration,
+    /// How late the run that woke began (zero if it began before the moment: the sleeper was
+    /// warmed, activated ahead of its moment). Of a late wake-up, this much was spent before
+    /// the handler ran at all (finding the message, activating, replaying); the rest after.
+    pub began_late: Duration,
 }
 
 /// The shape of a sleepers run.
@@ -99,7 +115,7 @@ pub async fn run(
     shape: Sleepers,
     store_bytes: impl Fn() -> Option<u64>,
 ) -> Result<Measurement, SleepersError> {
-    let woke: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let woke: Arc<Mutex<Vec<Wake>>> = Arc::default();
     let asleep: Arc<AtomicUsize> = Arc::default();
     let rss_before = current_rss_mb();
     let bytes_before = store_bytes();
@@ -180,7 +196,17 @@ pub async fn run(
     }
     let suspensions = rt.metrics().suspensions;
     rt.shutdown().await;
-    let mut late = woke.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let wakes = woke.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut late: Vec<Duration> = wakes.iter().map(|w| w.late).collect();
+    // Split by whether the run that woke began before its moment (warmed) or after it (cold):
+    // where the slowest wake-ups lose their time.
+    let (warmed, cold): (Vec<Wake>, Vec<Wake>) = wakes.iter().partition(|w| w.began_late.is_zero());
+    let ms = |mut d: Vec<Duration>, q: f64| {
+        d.sort();
+        percentile_ms(&d, q)
+    };
+    let cold_late = || cold.iter().map(|w| w.late).collect::<Vec<_>>();
+    let cold_began = || cold.iter().map(|w| w.began_late).collect::<Vec<_>>();
     let per = |mb: f64| mb * 1024.0 * 1024.0 / shape.actors.max(1) as f64;
     let wakeups_per_s = shape.actors as f64 / shape.window.as_secs_f64();
     let mut m = Measurement::new(
@@ -214,6 +240,14 @@ pub async fn run(
             _ => json!(null),
         },
         "max_late_ms": max_late_ms,
+        "woken_warmed": warmed.len(),
+        "p99_warmed_ms": ms(warmed.iter().map(|w| w.late).collect(), 0.99),
+        "woken_cold": cold.len(),
+        "p50_cold_ms": ms(cold_late(), 0.50),
+        "p99_cold_ms": ms(cold_late(), 0.99),
+        // Of a cold wake-up's lateness, how much passed before its run began.
+        "p50_cold_began_late_ms": ms(cold_began(), 0.50),
+        "p99_cold_began_late_ms": ms(cold_began(), 0.99),
     });
     if let serde_json::Value::Object(map) = details {
         m.details.extend(map);

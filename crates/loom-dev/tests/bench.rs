@@ -326,10 +326,19 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     assert_eq!(held["active_while_waiting"], 300, "{held}");
     assert_eq!(held["leases_held_while_waiting"], 300, "{held}");
     assert_eq!(suspended["leases_held_while_waiting"], 0, "{suspended}");
+    // Every wake-up is counted once, warmed ahead or found cold; the held ones are all warm
+    // (their run never stopped).
+    for r in [suspended, held] {
+        let (warmed, cold) = (r["woken_warmed"].as_u64(), r["woken_cold"].as_u64());
+        assert_eq!(warmed.zip(cold).map(|(w, c)| w + c), Some(300), "{r}");
+    }
+    assert_eq!(held["woken_cold"], 0, "{held}");
     for r in [suspended, held] {
         for k in [
             "p50_ms",
             "p99_ms",
+            "p99_warmed_ms",
+            "p99_cold_ms",
             "rss_per_sleeper_bytes",
             "store_bytes_per_sleeper",
         ] {
