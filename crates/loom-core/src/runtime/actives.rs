@@ -105,6 +105,15 @@ impl Actives {
         }
     }
 
+    /// The actors in a turn and not leaving: those [`make_room`](Self::make_room) never asks
+    /// to leave.
+    pub(super) fn in_turns(&self) -> usize {
+        self.map
+            .values()
+            .filter(|a| !a.evicted && a.busy.load(Ordering::Acquire))
+            .count()
+    }
+
     /// Before an activation: if the actors not already leaving fill `max_active`, asks the least
     /// recently used idle ones to passivate, a batch at a time. Returns how many were asked.
     pub(super) fn make_room(&mut self, max_active: usize) -> usize {
@@ -197,6 +206,25 @@ mod tests {
         }
         assert_eq!(set.leaving, 4);
         assert_eq!(set.len(), 256);
+    }
+
+    /// What a warm ring may activate beside them: every actor not in a turn can make room.
+    #[test]
+    fn only_actors_in_a_turn_and_not_leaving_are_in_turns() {
+        let (mut set, ids) = actives(4);
+        assert_eq!(set.in_turns(), 0, "idle actors can all make room");
+        set.map[&ids[0]].busy.store(true, Ordering::Release);
+        set.map[&ids[1]].busy.store(true, Ordering::Release);
+        assert_eq!(set.in_turns(), 2);
+        // Every idle one is asked to leave; the busy ones stay in turns.
+        assert_eq!(set.make_room(4), 1);
+        set.map.get_mut(&ids[0]).unwrap().evicted = true;
+        set.leaving += 1;
+        assert_eq!(
+            set.in_turns(),
+            1,
+            "a busy actor already leaving makes no room anyway"
+        );
     }
 
     #[test]

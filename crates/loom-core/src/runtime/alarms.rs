@@ -14,7 +14,7 @@
 //! lease and the replay of its invocation late, not an activation. A wait's deadline is not
 //! warmed (its event usually comes first, and an actor activated for nothing would sit in
 //! memory until idle): at its moment the dispatcher scans, as it does for a sleeper whose
-//! warm-up did not happen (no room under `max_active`, more than one ring may start, or a
+//! warm-up did not happen (`max_active` full of actors in turns, more than one ring may start, or a
 //! sleep suspended for less than the warm-up, whose activation was still leaving).
 //!
 //! The moment noted is the one the node asked the store for: the suspension's delay counted

@@ -14,6 +14,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         durable_sleep_replay_does_not_restart_the_clock,
         a_long_sleep_suspends_the_actor_until_it_ends,
         a_warmed_sleeper_takes_its_message_before_its_moment_and_wakes_no_earlier,
+        a_node_full_of_idle_actors_still_warms_its_sleepers,
         a_crowd_of_sleepers_suspends_and_none_is_activated_again_for_nothing,
         a_failure_after_suspensions_is_retried_as_a_first_attempt,
         send_after_arrives_after_its_delay,
@@ -202,6 +203,61 @@ async fn a_warmed_sleeper_takes_its_message_before_its_moment_and_wakes_no_earli
     assert!(
         replayed_early >= 1,
         "no sleeper's message was taken before its moment: {seen:?}"
+    );
+    rt.shutdown().await;
+}
+
+/// A node whose `max_active` is full of idle actors still warms a sleeper ahead of its
+/// moment: the activation ahead passivates an idle actor to make room, as any activation
+/// does. It used to count every active actor against the room, so a node whose woken sleepers
+/// stayed active until their idle timeout warmed none (45 % of `loom bench sleepers`' 100 000
+/// were then woken cold, at their moment, tens of milliseconds late).
+async fn a_node_full_of_idle_actors_still_warms_its_sleepers(h: &Harness) {
+    const FULL: usize = 4;
+    const SLEEP_MS: u64 = 2_500;
+    let rt = h.runtime_with(|c| c.max_active = FULL).await;
+    let sleeper = rt.actor::<Worker>("full-sleeper").unwrap();
+    let asked = tokio::spawn(async move {
+        sleeper
+            .ask(vec![
+                Step::Mark {
+                    label: "full run".into(),
+                },
+                Step::Sleep { ms: SLEEP_MS },
+            ])
+            .await
+    });
+    eventually(WAIT, "the sleep suspends", || async {
+        rt.metrics().suspensions >= 1 && !rt.is_active(&worker("full-sleeper"))
+    })
+    .await;
+    // Fill the node with idle actors while the sleeper is suspended.
+    for i in 0..FULL {
+        let idle = rt.actor::<Worker>(format!("idle-{i}")).unwrap();
+        assert_eq!(idle.ask(vec![]).await.expect("ask"), Vec::<String>::new());
+    }
+    assert_eq!(rt.metrics().active, FULL as u64, "the node is full");
+    assert_eq!(
+        asked.await.expect("join").expect("ask"),
+        vec!["full run".to_string(), format!("slept {SLEEP_MS}")]
+    );
+    let seen = h
+        .probe
+        .observed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let runs: Vec<u64> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("full run at "))
+        .map(|ms| ms.parse().expect("a time"))
+        .collect();
+    assert!(runs.len() >= 2, "{seen:?}");
+    let end = runs[0] + SLEEP_MS;
+    assert!(
+        runs[runs.len() - 1] < end,
+        "the sleeper was not warmed: its replay began {} ms after its moment ({seen:?})",
+        runs[runs.len() - 1] - end
     );
     rt.shutdown().await;
 }
