@@ -527,19 +527,27 @@ async fn passivate<A: Actor>(cell: &Cell<A>, io: &Io, id: &ActorId) -> Exit {
 }
 
 /// How many actors a ring of the alarms may activate ahead: no more than a scan would, nor
-/// than `max_active` leaves beside the actors in a turn. An activation ahead makes room as any
-/// activation does, passivating the least recently used idle actors, never one in a turn.
-/// (Counting every active actor instead left no room on a node whose woken sleepers stay
-/// active until their idle timeout: at 1 667 wake-ups a second `max_active` was full of
-/// them within seconds, and 45 % of the sleepers of `loom bench sleepers` were not warmed.)
+/// than `max_active` leaves beside the actors in use ([`Actives::in_use`] within
+/// [`IN_USE`]). An activation ahead makes room as any activation does, passivating the least
+/// recently used idle actors, never one in a turn; the recently used ones are not counted as
+/// room, so that a ring does not evict the actors an earlier ring warmed (idle until they
+/// take their message) or those just served. (Counting every active actor instead left no
+/// room on a node whose woken sleepers stay active until their idle timeout: at 1 667
+/// wake-ups a second `max_active` was full of them within seconds, and 45 % of the sleepers
+/// of `loom bench sleepers` were not warmed.)
 fn warm_room(shared: &Shared) -> usize {
-    let in_turns = shared
+    let in_use = shared
         .active
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .in_turns();
-    SCAN.min(shared.config.max_active.saturating_sub(in_turns))
+        .in_use(IN_USE);
+    SCAN.min(shared.config.max_active.saturating_sub(in_use))
 }
+
+/// An actor activated or served this recently is in use for [`warm_room`]: longer than a
+/// warmed actor waits for its message (`alarms::WARM_AHEAD` and a batch), with room for a
+/// slow activation.
+const IN_USE: Duration = Duration::from_secs(1);
 
 /// How soon after a due ring the dispatcher scans for what it did not find visible yet.
 const DUE_RECHECK: Duration = Duration::from_millis(10);
@@ -619,7 +627,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             _ = shared.wake.notified() => {}
             // Messages this node suspended come due (`alarms.rs`): sleepers are activated
             // ahead and woken at the moment, not found at the next poll.
-            ring = shared.alarms.rung(warm_room(&shared)) => {
+            ring = shared.alarms.rung(|| warm_room(&shared)) => {
                 match ring {
                     Ring::Warm(ids) => {
                         // Not awaited here: the activations' lease writes must not hold up a

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -105,12 +106,20 @@ impl Actives {
         }
     }
 
-    /// The actors in a turn and not leaving: those [`make_room`](Self::make_room) never asks
-    /// to leave.
-    pub(super) fn in_turns(&self) -> usize {
+    /// The actors in use and not leaving: in a turn (which [`make_room`](Self::make_room)
+    /// never asks to leave), or activated or done with a turn within `recent` (it would ask
+    /// them last).
+    pub(super) fn in_use(&self, recent: Duration) -> usize {
+        let since = Instant::now().checked_sub(recent);
         self.map
             .values()
-            .filter(|a| !a.evicted && a.busy.load(Ordering::Acquire))
+            .filter(|a| {
+                !a.evicted
+                    && (a.busy.load(Ordering::Acquire)
+                        || since.is_none_or(|since| {
+                            *a.last_used.lock().unwrap_or_else(|p| p.into_inner()) >= since
+                        }))
+            })
             .count()
     }
 
@@ -208,22 +217,28 @@ mod tests {
         assert_eq!(set.len(), 256);
     }
 
-    /// What a warm ring may activate beside them: every actor not in a turn can make room.
+    /// What a warm ring may activate beside them: actors idle for longer than `recent` can
+    /// make room; those in a turn or used since cannot.
     #[test]
-    fn only_actors_in_a_turn_and_not_leaving_are_in_turns() {
-        let (mut set, ids) = actives(4);
-        assert_eq!(set.in_turns(), 0, "idle actors can all make room");
+    fn in_use_counts_actors_in_a_turn_or_used_lately_and_not_leaving() {
+        let recent = std::time::Duration::from_secs(1);
+        let (mut set, ids) = actives(5);
+        assert_eq!(set.in_use(recent), 5, "just activated: all in use");
+        let long_ago = Instant::now() - std::time::Duration::from_secs(10);
+        for id in &ids {
+            used_at(&set, id, long_ago);
+        }
+        assert_eq!(set.in_use(recent), 0, "idle this long, all can make room");
         set.map[&ids[0]].busy.store(true, Ordering::Release);
         set.map[&ids[1]].busy.store(true, Ordering::Release);
-        assert_eq!(set.in_turns(), 2);
-        // Every idle one is asked to leave; the busy ones stay in turns.
-        assert_eq!(set.make_room(4), 1);
+        used_at(&set, &ids[2], Instant::now());
+        assert_eq!(set.in_use(recent), 3);
         set.map.get_mut(&ids[0]).unwrap().evicted = true;
         set.leaving += 1;
         assert_eq!(
-            set.in_turns(),
-            1,
-            "a busy actor already leaving makes no room anyway"
+            set.in_use(recent),
+            2,
+            "one already leaving is not counted again"
         );
     }
 

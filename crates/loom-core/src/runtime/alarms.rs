@@ -198,12 +198,13 @@ impl Alarms {
         }
     }
 
-    /// Returns once an alarm rings: at most `room` sleepers whose messages come due within
+    /// Returns once an alarm rings: at most `room()` sleepers whose messages come due within
     /// [`WARM_AHEAD`] (and [`WARM_BATCH`] more), to activate (the others in that span are left
     /// to their moment), or else (waiting [`COALESCE`] after the first for those right behind
     /// it) every actor whose message is due. Never returns while none is set. Safe to drop
     /// while waiting: nothing is taken until it returns.
-    pub(crate) async fn rung(&self, room: usize) -> Ring {
+    /// `room` is asked when an alarm goes off, not before: the room of that moment.
+    pub(crate) async fn rung(&self, room: impl Fn() -> usize) -> Ring {
         loop {
             let next = self.noted.lock().unwrap_or_else(|p| p.into_inner()).next();
             let Some(next) = next else {
@@ -217,6 +218,8 @@ impl Alarms {
                 _ = tokio::time::sleep_until(self.base + Duration::from_millis(next)) => {}
             }
             let now = ms(Instant::now().saturating_duration_since(self.base));
+            // Before the lock: `room` may take others.
+            let room = room();
             let mut noted = self.noted.lock().unwrap_or_else(|p| p.into_inner());
             let Noted { cold, warm, len } = &mut *noted;
             // Due first: a crowd to activate must not hold up the ones whose moment has come.
@@ -294,7 +297,7 @@ mod tests {
         alarms.set_after(&a("second"), Duration::from_millis(1001));
         alarms.set_after(&a("third"), Duration::from_millis(1010));
         let began = Instant::now();
-        let ring = alarms.rung(usize::MAX).await;
+        let ring = alarms.rung(|| usize::MAX).await;
         let waited = began.elapsed();
         assert_eq!(ring, Ring::Warm(ids(&["first", "second", "third"])));
         assert!(
@@ -304,7 +307,7 @@ mod tests {
         );
         assert_eq!(alarms.len(), 4, "warmed actors stay noted until due");
         assert_eq!(
-            alarms.rung(usize::MAX).await,
+            alarms.rung(|| usize::MAX).await,
             Ring::Due(ids(&["first", "second"]))
         );
         let waited = began.elapsed();
@@ -312,10 +315,10 @@ mod tests {
             waited >= Duration::from_millis(1000) && waited < Duration::from_millis(1010),
             "{waited:?}"
         );
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Due(ids(&["third"])));
+        assert_eq!(alarms.rung(|| usize::MAX).await, Ring::Due(ids(&["third"])));
         assert!(began.elapsed() >= Duration::from_millis(1010));
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Warm(ids(&["late"])));
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Due(ids(&["late"])));
+        assert_eq!(alarms.rung(|| usize::MAX).await, Ring::Warm(ids(&["late"])));
+        assert_eq!(alarms.rung(|| usize::MAX).await, Ring::Due(ids(&["late"])));
         assert!(began.elapsed() >= Duration::from_millis(2000));
         assert_eq!(alarms.len(), 0);
     }
@@ -326,9 +329,9 @@ mod tests {
         let alarms = Alarms::default();
         alarms.set_after(&a("soon"), Duration::from_millis(50));
         let began = Instant::now();
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Warm(ids(&["soon"])));
+        assert_eq!(alarms.rung(|| usize::MAX).await, Ring::Warm(ids(&["soon"])));
         assert!(began.elapsed() < Duration::from_millis(5));
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Due(ids(&["soon"])));
+        assert_eq!(alarms.rung(|| usize::MAX).await, Ring::Due(ids(&["soon"])));
         assert!(began.elapsed() >= Duration::from_millis(50));
     }
 
@@ -342,16 +345,16 @@ mod tests {
         for k in ["s1", "s2", "s3"] {
             alarms.set_at(&a(k), at, true);
         }
-        assert_eq!(alarms.rung(2).await, Ring::Warm(ids(&["s1", "s2"])));
+        assert_eq!(alarms.rung(|| 2).await, Ring::Warm(ids(&["s1", "s2"])));
         // s3 found no room: it is not offered again, but rung with the others.
         assert_eq!(
-            alarms.rung(2).await,
+            alarms.rung(|| 2).await,
             Ring::Due(ids(&["wait", "s1", "s2", "s3"]))
         );
         assert!(Instant::now() >= at);
         alarms.set_at(&a("crowd"), Instant::now() + Duration::from_secs(1), true);
         let began = Instant::now();
-        assert_eq!(alarms.rung(0).await, Ring::Due(ids(&["crowd"])));
+        assert_eq!(alarms.rung(|| 0).await, Ring::Due(ids(&["crowd"])));
         assert!(
             began.elapsed() >= Duration::from_secs(1),
             "no room: rung only when due"
@@ -365,7 +368,7 @@ mod tests {
         alarms.set_after(&a("later"), Duration::from_secs(10));
         let waiting = tokio::spawn({
             let alarms = alarms.clone();
-            async move { alarms.rung(usize::MAX).await }
+            async move { alarms.rung(|| usize::MAX).await }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         alarms.set_after(&a("sooner"), Duration::from_secs(1));
@@ -387,7 +390,10 @@ mod tests {
         alarms.set_after(&a("early"), Duration::from_millis(300));
         assert_eq!(alarms.len(), MAX_ALARMS, "the bound held");
         let began = Instant::now();
-        assert_eq!(alarms.rung(usize::MAX).await, Ring::Warm(ids(&["early"])));
+        assert_eq!(
+            alarms.rung(|| usize::MAX).await,
+            Ring::Warm(ids(&["early"]))
+        );
         assert!(
             began.elapsed() < Duration::from_millis(100),
             "the earlier alarm was dropped instead of the latest"
