@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use loom_core::runtime::{AskError, AskOptions, CancelTarget, Cancellation, cancel};
+use loom_core::runtime::{ActorRef, AskError, AskOptions, CancelTarget, Cancellation, cancel};
 use loom_core::{EntryKind, IdempotencyKey};
 
 use super::common::{WAIT, activity, finished, worker};
@@ -39,6 +39,24 @@ fn key(k: &str) -> IdempotencyKey {
 
 const HOUR_MS: u64 = 3_600_000;
 
+/// Asks `w` to run `steps` under idempotency key `k` (what a cancellation names), in the
+/// background: the reply, once the invocation ends.
+fn ask_keyed(
+    w: &ActorRef<Worker>,
+    k: &IdempotencyKey,
+    steps: Vec<Step>,
+) -> tokio::task::JoinHandle<Result<Vec<String>, AskError>> {
+    let (w, k) = (w.clone(), k.clone());
+    tokio::spawn(async move {
+        let opts = AskOptions {
+            idempotency_key: Some(k),
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        w.ask_with(steps, opts).await
+    })
+}
+
 /// The reason of a cancelled ask, or a panic naming what came instead.
 fn cancelled(r: Result<Vec<String>, AskError>) -> String {
     match r {
@@ -66,26 +84,16 @@ async fn cancelling_a_suspended_sleep_ends_it_and_the_handler_compensates(h: &Ha
     let w = rt.actor::<Worker>("w").unwrap();
     let id = worker("w");
     let k = key("checkout-1");
-    let asked = tokio::spawn({
-        let (w, k) = (w.clone(), k.clone());
-        async move {
-            let opts = AskOptions {
-                idempotency_key: Some(k),
-                timeout: Some(Duration::from_secs(60)),
-                ..Default::default()
-            };
-            w.ask_with(
-                vec![
-                    activity("reserve"),
-                    sleep(HOUR_MS),
-                    sleep(300),
-                    activity("release"),
-                ],
-                opts,
-            )
-            .await
-        }
-    });
+    let asked = ask_keyed(
+        &w,
+        &k,
+        vec![
+            activity("reserve"),
+            sleep(HOUR_MS),
+            sleep(300),
+            activity("release"),
+        ],
+    );
     wait_for_suspensions(&rt, 1).await;
     w.send(vec![activity("later")]).await.unwrap();
     let found = w.cancel_key(&k).await.unwrap();
@@ -305,17 +313,7 @@ async fn a_cancellation_racing_the_event_gives_one_outcome(h: &Harness) {
             let id = worker(&name);
             let k = key(&format!("race-{suspended}-{i}"));
             let before = rt.metrics().suspensions;
-            let asked = tokio::spawn({
-                let (w, k) = (w.clone(), k.clone());
-                async move {
-                    let opts = AskOptions {
-                        idempotency_key: Some(k),
-                        timeout: Some(Duration::from_secs(60)),
-                        ..Default::default()
-                    };
-                    w.ask_with(vec![wait("go")], opts).await
-                }
-            });
+            let asked = ask_keyed(&w, &k, vec![wait("go")]);
             if suspended {
                 wait_for_suspensions(&rt, before + 1).await;
             } else {
@@ -416,17 +414,7 @@ async fn a_cancellation_in_a_sleeps_last_moments_ends_it_or_the_next_wait(h: &Ha
     let w = rt.actor::<Worker>("w").unwrap();
     let k = key("late-cancel");
     let began = tokio::time::Instant::now();
-    let asked = tokio::spawn({
-        let (w, k) = (w.clone(), k.clone());
-        async move {
-            let opts = AskOptions {
-                idempotency_key: Some(k),
-                timeout: Some(Duration::from_secs(60)),
-                ..Default::default()
-            };
-            w.ask_with(vec![sleep(2_000), sleep(300)], opts).await
-        }
-    });
+    let asked = ask_keyed(&w, &k, vec![sleep(2_000), sleep(300)]);
     wait_for_suspensions(&rt, 1).await;
     // Into the sleep's last moments: its end journaled by now, or about to be.
     tokio::time::sleep_until(began + Duration::from_millis(1_850)).await;

@@ -129,6 +129,23 @@ async fn a_long_sleep_suspends_the_actor_until_it_ends(h: &Harness) {
     rt.shutdown().await;
 }
 
+/// What the probe has seen so far (`Step::Mark` lines among them).
+fn observed(h: &Harness) -> Vec<String> {
+    h.probe
+        .observed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// When each `Step::Mark { label }` in `seen` ran, in ms since the epoch, in order.
+fn marks(seen: &[String], label: &str) -> Vec<u64> {
+    seen.iter()
+        .filter_map(|l| l.strip_prefix(&format!("{label} at ")))
+        .map(|ms| ms.parse().expect("a time"))
+        .collect()
+}
+
 /// A sleep that suspended is warmed shortly before its end and its actor leases the message
 /// early (`LeaseOptions::early`): the replay runs before the sleep's end, waits out the rest in
 /// memory, and the handler goes on no earlier than the end. Without the early lease no replay
@@ -172,18 +189,8 @@ async fn a_warmed_sleeper_takes_its_message_before_its_moment_and_wakes_no_earli
         rt.metrics().suspensions >= SLEEPERS as u64,
         "every sleep suspended"
     );
-    let seen = h
-        .probe
-        .observed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let at = |label: &str| -> Vec<u64> {
-        seen.iter()
-            .filter_map(|l| l.strip_prefix(&format!("{label} at ")))
-            .map(|ms| ms.parse().expect("a time"))
-            .collect()
-    };
+    let seen = observed(h);
+    let at = |label: &str| marks(&seen, label);
     let mut replayed_early = 0;
     for i in 0..SLEEPERS {
         let runs = at(&format!("run {i}"));
@@ -252,19 +259,10 @@ async fn a_node_full_of_idle_actors_still_warms_its_sleepers(h: &Harness) {
             vec![format!("full {i}"), format!("slept {SLEEP_MS}")]
         );
     }
-    let seen = h
-        .probe
-        .observed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let seen = observed(h);
     let mut warmed = 0;
     for i in 0..SLEEPERS {
-        let runs: Vec<u64> = seen
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("full {i} at ")))
-            .map(|ms| ms.parse().expect("a time"))
-            .collect();
+        let runs = marks(&seen, &format!("full {i}"));
         assert!(runs.len() >= 2, "sleeper {i}: {seen:?}");
         if runs[runs.len() - 1] < runs[0] + SLEEP_MS {
             warmed += 1;
