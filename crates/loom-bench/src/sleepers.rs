@@ -162,10 +162,10 @@ pub async fn run(
     // memory), before the first wakes.
     let all_asleep = |rt: &Runtime| {
         if shape.suspend {
-            // Suspended, and passivated: the lease is released just after the suspension is
+            // Suspended, and passivated: the actor leaves memory just after the suspension is
             // counted.
             let m = rt.metrics();
-            m.suspensions >= shape.actors as u64 && m.leases_held == 0
+            m.suspensions >= shape.actors as u64 && m.active == 0
         } else {
             asleep.load(Ordering::Relaxed) >= shape.actors.min(rt.config().max_active)
         }
@@ -232,7 +232,8 @@ pub async fn run(
         // then read while some were still being set up.
         "all_asleep": all_asleep,
         "active_while_waiting": waiting.active,
-        // Each renewed every third of the lease ttl: writes the store does for sleepers.
+        // Each renewed every third of the lease ttl: the node's partitions' (actors, sleeping
+        // or not, take no leases of their own).
         "leases_held_while_waiting": waiting.leases_held,
         "rss_per_sleeper_bytes": per((rss_waiting - rss_before).max(0.0)),
         "store_bytes_per_sleeper": match (bytes_before, bytes_waiting) {

@@ -324,8 +324,13 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     );
     assert_eq!(held["suspensions"], 0, "{held}");
     assert_eq!(held["active_while_waiting"], 300, "{held}");
-    assert_eq!(held["leases_held_while_waiting"], 300, "{held}");
-    assert_eq!(suspended["leases_held_while_waiting"], 0, "{suspended}");
+    // Sleepers take no leases of their own, in memory or not: the node holds its partitions'.
+    let leases = held["leases_held_while_waiting"].as_u64().unwrap();
+    assert!((1..=32).contains(&leases), "{held}");
+    assert_eq!(
+        suspended["leases_held_while_waiting"], leases,
+        "{suspended}"
+    );
     // Every wake-up is counted once, warmed ahead or found cold; the held ones are all warm
     // (their run never stopped).
     for r in [suspended, held] {

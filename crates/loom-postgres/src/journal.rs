@@ -179,7 +179,7 @@ impl JournalStore for PostgresStore {
             .bind(int(snapshot.seq))
             .bind(i32::try_from(keep).unwrap_or(i32::MAX))
             .bind(frame)
-            .bind(fence.map(|l| int(l.token)))
+            .bind(fence.map(|l| fence_token(actor, l)).transpose()?)
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;

@@ -13,7 +13,7 @@ impl Parking for PostgresStore {
         let status: String = sqlx::query_scalar(self.q("SELECT {s}.park($1, $2, $3)"))
             .bind(actor.as_str())
             .bind(park.encode()?)
-            .bind(fence.map(|l| int(l.token)))
+            .bind(fence.map(|l| fence_token(actor, l)).transpose()?)
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;

@@ -3,12 +3,25 @@
 
 use std::time::Duration;
 
+use loom_core::store::Lease;
+use loom_core::store::backend::{FenceOf, fence_of};
 use loom_core::{ActorId, StoreError, StoreResult};
 
 use crate::{BACKEND, PostgresStore};
 
 pub(crate) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The `p_fence_token` of a write of `actor` fenced by `fence` (rule D8; `fence_held` in
+/// `schema_v10.sql`): the token of the actor's own lease, or the negated token of its
+/// partition's. A fence that is neither is refused.
+pub(crate) fn fence_token(actor: &ActorId, fence: &Lease) -> StoreResult<i64> {
+    // One store of one partition: nodes divide SHARED_STORE_PARTITIONS among themselves.
+    Ok(match fence_of(actor, fence, 1)? {
+        FenceOf::Own => int(fence.token),
+        FenceOf::Partition => -int(fence.token),
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> i64 {

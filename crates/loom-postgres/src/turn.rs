@@ -69,7 +69,7 @@ impl Store for PostgresStore {
             actor: turn.actor.as_str().to_owned(),
             expected: int(turn.expected_next),
             frames,
-            fence: turn.fence.map(|l| int(l.token)),
+            fence: turn.fence.map(|l| fence_token(turn.actor, l)).transpose()?,
             out_actors,
             out_ids,
             out_frames,
@@ -189,7 +189,7 @@ impl Store for PostgresStore {
                 .bind(int(receipt.position))
                 .bind(i32::try_from(receipt.delivery).unwrap_or(i32::MAX))
                 .bind(receipt.message_id.to_string())
-                .bind(int(fence.token))
+                .bind(fence_token(&receipt.actor, fence)?)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(pe)?;

@@ -207,19 +207,15 @@ impl JournalStore for RedisStore {
     ) -> StoreResult<Seq> {
         let frame = prepare_snapshot(actor, snapshot, keep)?;
         let k = self.keys.journal(actor);
-        let (ls, _) = self.keys.lease(actor);
+        let (ls, own) = self.keys.fence(actor, fence)?;
         let mut args = vec![s(snapshot.seq), s(keep), frame];
         if let Some(l) = fence {
             args.push(s(&l.owner));
             args.push(s(l.token));
         }
-        let r = self
-            .run(
-                &self.scripts.compact,
-                &[&k.j, &k.jm, &k.sn, &k.sz, &ls],
-                args,
-            )
-            .await?;
+        let mut keys = vec![k.j.as_str(), &k.jm, &k.sn, &k.sz, &ls];
+        keys.extend(own.as_deref());
+        let r = self.run(&self.scripts.compact, &keys, args).await?;
         if status(&r) == "lost" {
             return Err(StoreError::LeaseLost {
                 actor: actor.clone(),

@@ -3,7 +3,9 @@
 //! key holds, is at the top of `loom.lua`.
 
 use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
-use loom_core::{ActorId, IdempotencyKey};
+use loom_core::store::Lease;
+use loom_core::store::backend::{FenceOf, fence_of};
+use loom_core::{ActorId, IdempotencyKey, StoreResult};
 
 /// Key names under one prefix.
 #[derive(Debug, Clone)]
@@ -65,6 +67,25 @@ impl Keys {
 
     pub(crate) fn lease(&self, a: &ActorId) -> (String, String) {
         (self.actor(a, "ls"), self.actor(a, "lt"))
+    }
+
+    /// The keys a write of `a` fenced by `fence` checks (rule D8; `fence_held` in `loom.lua`):
+    /// the fence's lease (the actor's own without a fence, unread then), and the actor's own
+    /// when the fence is its partition's. A fence that is neither is refused.
+    pub(crate) fn fence(
+        &self,
+        a: &ActorId,
+        fence: Option<&Lease>,
+    ) -> StoreResult<(String, Option<String>)> {
+        let Some(fence) = fence else {
+            return Ok((self.lease(a).0, None));
+        };
+        // One store of one partition: nodes divide SHARED_STORE_PARTITIONS among themselves.
+        let own = match fence_of(a, fence, 1)? {
+            FenceOf::Own => None,
+            FenceOf::Partition => Some(self.lease(a).0),
+        };
+        Ok((self.lease(&fence.actor).0, own))
     }
 
     pub(crate) fn idempotency(&self, a: &ActorId, key: &IdempotencyKey) -> String {

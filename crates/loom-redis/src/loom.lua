@@ -80,6 +80,16 @@ local function num(v)
   return tonumber(v)
 end
 
+-- Fences (rule D8) ---------------------------------------------------------------------------
+
+-- The check every fenced write makes before it writes: the lease at `key` (the fence's: the
+-- actor's own, or its partition's) is "<owner>\n<token>", and, when the fence is the
+-- partition's, nobody holds the actor's own lease at `own` (nil for an own fence).
+local function fence_held(key, own, owner, token)
+  if redis.call('GET', key) ~= owner .. '\n' .. token then return false end
+  return own == nil or redis.call('EXISTS', own) == 0
+end
+
 -- Journal ---------------------------------------------------------------------------------
 
 -- j = { j, jm, actors, actor }
@@ -413,10 +423,11 @@ local function trim(KEYS, ARGV)
 end
 
 -- Compaction: a snapshot and the trim through the oldest kept one, in one script, fenced.
--- KEYS: j, jm, sn, sz, ls   ARGV: seq, keep, frame, then owner, token of the fence (optional)
+-- KEYS: j, jm, sn, sz, ls (the fence's), then the actor's own ls for a partition's fence
+-- ARGV: seq, keep, frame, then owner, token of the fence (optional)
 local function compact(KEYS, ARGV)
   if ARGV[4] then
-    if redis.call('GET', KEYS[5]) ~= ARGV[4] .. '\n' .. ARGV[5] then return { 'lost' } end
+    if not fence_held(KEYS[5], KEYS[6], ARGV[4], ARGV[5]) then return { 'lost' } end
   end
   local seq, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
   local refused = s_check(KEYS[2], seq)
@@ -438,10 +449,11 @@ end
 -- still ARGV[2] and no message in its mailbox but the current one (the receipt), acks that
 -- message and deletes the journal as delete does; else { 'lost' | 'stale' | 'moved' | 'busy' }
 -- with nothing written.
--- KEYS: j, jm, sn, sz, ls, mm, mq, md, mdx, ready
+-- KEYS: j, jm, sn, sz, ls (the fence's), mm, mq, md, mdx, ready, then the actor's own ls for a
+-- partition's fence
 -- ARGV: actor, highest, pos, delivery, msgid, owner, token
 local function retire(KEYS, ARGV)
-  if redis.call('GET', KEYS[5]) ~= ARGV[6] .. '\n' .. ARGV[7] then return { 'lost' } end
+  if not fence_held(KEYS[5], KEYS[11], ARGV[6], ARGV[7]) then return { 'lost' } end
   local mb = { mm = KEYS[6], mq = KEYS[7], md = KEYS[8], mdx = KEYS[9], ready = KEYS[10], actor = ARGV[1] }
   local refused, current = mb_check(mb, tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
   if refused then return refused end
@@ -604,10 +616,11 @@ local function ready_actors(KEYS, ARGV)
   return out
 end
 
--- KEYS: ls (fence), pk, mm, ready, parked   ARGV: actor, frame, then owner, token (optional)
+-- KEYS: ls (the fence's), pk, mm, ready, parked, then the actor's own ls for a partition's
+-- fence   ARGV: actor, frame, then owner, token (optional)
 local function park(KEYS, ARGV)
   if ARGV[3] then
-    if redis.call('GET', KEYS[1]) ~= ARGV[3] .. '\n' .. ARGV[4] then return { 'lost' } end
+    if not fence_held(KEYS[1], KEYS[6], ARGV[3], ARGV[4]) then return { 'lost' } end
   end
   redis.call('SET', KEYS[2], ARGV[2])
   redis.call('HSET', KEYS[3], 'park', 1)
@@ -731,13 +744,14 @@ local function abandon(KEYS, ARGV)
 end
 
 -- A turn: everything one step of an actor makes durable, all or nothing.
--- KEYS: j, jm, actors, dl, dlseq, ls, idem,
+-- KEYS: j, jm, actors, dl, dlseq, ls (the fence's), idem,
 --       mm, mq, md, mdx, ready of the actor's own mailbox (for `next`),
 --       mm, mq, md, mdx, ready of the settled delivery's mailbox (its own, or one of its event
 --       lanes), then mm, mq, md, mdx, ready of each outgoing message's recipient (ready: the
---       index of the mailbox's kind and partition).
+--       index of the mailbox's kind and partition), then, for a partition's fence, the actor's
+--       own ls.
 -- ARGV[1]: JSON header {actor, mbox (the settled mailbox's actor), expected, n (entries),
---          fence = [owner, token] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
+--          fence = [owner, token, partition's (true/false)] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
 --          absent, record_ttl or absent, next = [visibility, max] or absent,
 --          out = [{to, id, due}, ...]}
 -- ARGV[2..]: the entry frames, then the outgoing envelope frames, then the record value.
@@ -751,7 +765,9 @@ local function turn(KEYS, ARGV, now)
   local own = box(8, h.actor)
   local sm = box(13, h.mbox)
   if h.fence then
-    if redis.call('GET', KEYS[6]) ~= h.fence[1] .. '\n' .. h.fence[2] then return { 'lost' } end
+    local own = nil
+    if h.fence[3] then own = KEYS[18 + 5 * #h.out] end
+    if not fence_held(KEYS[6], own, h.fence[1], h.fence[2]) then return { 'lost' } end
   end
   local refused = j_check(j, h.expected)
   if refused then return refused end

@@ -126,7 +126,11 @@ fn names_used(code: &str) -> Vec<&str> {
                     i += 1;
                 }
                 let member = start > 0 && matches!(bytes[start - 1], b'.' | b':');
-                if !member {
+                // `name =` (not `==`) names a table field or a variable being assigned, never a
+                // call: `{ park = v[1] }` does not call `park`.
+                let rest = code[i..].trim_start_matches([' ', '\t']).as_bytes();
+                let assigned = rest.first() == Some(&b'=') && rest.get(1) != Some(&b'=');
+                if !member && !assigned {
                     out.push(&code[start..i]);
                 }
             }
@@ -181,9 +185,10 @@ mod tests {
 
     #[test]
     fn comments_strings_and_fields_are_not_calls() {
-        let used =
-            names_used("local x = h.settle + t:lease() -- park here\n y('park', \"a\\\"b\") z2");
-        assert_eq!(used, ["local", "x", "h", "t", "y", "z2"]);
+        let used = names_used(
+            "local x = h.settle + t:lease() -- park here\n y('park', \"a\\\"b\") z2 { f = 1 } x == g",
+        );
+        assert_eq!(used, ["local", "h", "t", "y", "z2", "x", "g"]);
     }
 
     /// Every entry point of the file (a function of `(KEYS, ARGV)`) gets a script that defines

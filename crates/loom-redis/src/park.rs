@@ -11,26 +11,21 @@ use crate::{RedisStore, re};
 impl Parking for RedisStore {
     async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
         let frame = park.encode()?;
-        let (ls, _) = self.keys.lease(actor);
+        let (ls, own) = self.keys.fence(actor, fence)?;
         let m = self.keys.mailbox(actor);
         let mut args = vec![s(actor.as_str()), frame];
         if let Some(l) = fence {
             args.push(s(&l.owner));
             args.push(s(l.token));
         }
-        let r = self
-            .run(
-                &self.scripts.park,
-                &[
-                    &ls,
-                    &self.keys.park(actor),
-                    &m.mm,
-                    &self.keys.ready(actor),
-                    &self.keys.parked(),
-                ],
-                args,
-            )
-            .await?;
+        let (pk, ready, parked) = (
+            self.keys.park(actor),
+            self.keys.ready(actor),
+            self.keys.parked(),
+        );
+        let mut keys = vec![ls.as_str(), &pk, &m.mm, &ready, &parked];
+        keys.extend(own.as_deref());
+        let r = self.run(&self.scripts.park, &keys, args).await?;
         match status(&r).as_str() {
             "ok" => Ok(()),
             "lost" => Err(StoreError::LeaseLost {

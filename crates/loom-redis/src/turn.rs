@@ -25,7 +25,8 @@ struct TurnHeader<'a> {
     expected: Seq,
     n: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    fence: Option<(&'a str, String)>,
+    /// Owner, token, and whether it is the actor's partition's lease (`Keys::fence`).
+    fence: Option<(&'a str, String, bool)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     settle: Option<SettleHeader<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,7 +120,10 @@ impl Store for RedisStore {
             mbox: mailbox_actor.as_str(),
             expected: turn.expected_next,
             n: frames.len(),
-            fence: turn.fence.map(|l| (l.owner.as_str(), l.token.to_string())),
+            fence: turn.fence.map(|l| {
+                let partition = l.actor != *turn.actor;
+                (l.owner.as_str(), l.token.to_string(), partition)
+            }),
             settle,
             record_ttl: turn.record.map(|r| r.ttl.as_millis().max(1) as u64),
             done: turn.record.map(|r| {
@@ -145,7 +149,7 @@ impl Store for RedisStore {
         let jk = self.keys.journal(turn.actor);
         let own = self.keys.mailbox(turn.actor);
         let mk = self.keys.mailbox(mailbox_actor);
-        let (ls, _) = self.keys.lease(turn.actor);
+        let (ls, own_ls) = self.keys.fence(turn.actor, turn.fence)?;
         let idem = match &turn.record {
             Some(r) => self.keys.idempotency(r.actor, r.key),
             None => self.keys.idempotency(
@@ -176,6 +180,7 @@ impl Store for RedisStore {
             let m = self.keys.mailbox(&o.envelope.to);
             keys.extend([m.mm, m.mq, m.md, m.mdx, self.keys.ready(&o.envelope.to)]);
         }
+        keys.extend(own_ls);
         let header = serde_json::to_vec(&header)
             .map_err(|e| StoreError::InvalidRequest(format!("turn header: {e}")))?;
         let mut args = vec![header];
@@ -307,14 +312,25 @@ impl Store for RedisStore {
     async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {
         let a = &receipt.actor;
         let (j, m) = (self.keys.journal(a), self.keys.mailbox(a));
-        let (ls, _) = self.keys.lease(a);
+        let (ls, own) = self.keys.fence(a, Some(fence))?;
         let ready = self.keys.ready(a);
+        let mut keys = vec![
+            j.j.as_str(),
+            &j.jm,
+            &j.sn,
+            &j.sz,
+            &ls,
+            &m.mm,
+            &m.mq,
+            &m.md,
+            &m.mdx,
+            &ready,
+        ];
+        keys.extend(own.as_deref());
         let r = self
             .run(
                 &self.scripts.retire,
-                &[
-                    &j.j, &j.jm, &j.sn, &j.sz, &ls, &m.mm, &m.mq, &m.md, &m.mdx, &ready,
-                ],
+                &keys,
                 vec![
                     s(a.as_str()),
                     s(highest),

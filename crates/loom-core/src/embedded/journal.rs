@@ -347,10 +347,13 @@ impl JournalStore for EmbeddedStore {
     ) -> StoreResult<Seq> {
         let p = self.part(actor);
         let bytes = prepare_snapshot(actor, snapshot, keep)?;
+        let of = fence
+            .map(|f| crate::store::backend::fence_of(actor, f, self.partitions()))
+            .transpose()?;
         let (actor, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
         self.write_in(p, move |tx| {
-            if let Some(fence) = &fence {
-                lease::check_fence(tx, fence)?;
+            if let (Some(fence), Some(of)) = (&fence, of) {
+                lease::check_fence(tx, &actor, fence, of)?;
             }
             compact(tx, &actor, seq, &bytes, keep)
         })

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{self, RecordType};
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
-use crate::store::backend::check_owner;
+use crate::store::backend::{FenceOf, check_owner};
 use crate::store::{Lease, LeaseManager};
 use crate::time::Timestamp;
 
@@ -49,13 +49,25 @@ pub(super) fn live(row: &Row, now: Timestamp) -> Option<&str> {
     row.owner.as_deref().filter(|_| row.expires_at > now)
 }
 
-/// Fails with [`StoreError::LeaseLost`] unless `fence` is the actor's live lease (same token,
-/// unexpired): the check every fenced write makes before it writes.
-pub(super) fn check_fence(tx: &mut Tx<'_>, fence: &Lease) -> StoreResult<()> {
-    let row = get(&**tx.leases.get()?, &fence.actor)?;
-    let held = row
+/// Fails with [`StoreError::LeaseLost`] unless `fence` is live (same token, unexpired) and, for
+/// a partition's lease, nobody holds `actor`'s own: the check every fenced write of `actor`
+/// makes before it writes, after [`fence_of`](crate::store::backend::fence_of) said which
+/// lease `fence` is (`of`). A partition's lease lives in the partition it owns, the actor's.
+pub(super) fn check_fence(
+    tx: &mut Tx<'_>,
+    actor: &ActorId,
+    fence: &Lease,
+    of: FenceOf,
+) -> StoreResult<()> {
+    let now = Timestamp::now();
+    let table = tx.leases.get()?;
+    let row = get(&**table, &fence.actor)?;
+    let mut held = row
         .as_ref()
-        .is_some_and(|r| r.token == fence.token && live(r, Timestamp::now()).is_some());
+        .is_some_and(|r| r.token == fence.token && live(r, now).is_some());
+    if held && of == FenceOf::Partition {
+        held = get(&**table, actor)?.is_none_or(|own| live(&own, now).is_none());
+    }
     if !held {
         return Err(StoreError::LeaseLost {
             actor: fence.actor.clone(),

@@ -20,10 +20,13 @@ impl Parking for EmbeddedStore {
     async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
         let p = self.part(actor);
         let frame = park.encode()?;
+        let of = fence
+            .map(|f| crate::store::backend::fence_of(actor, f, self.partitions()))
+            .transpose()?;
         let (actor, fence) = (actor.clone(), fence.cloned());
         self.write_in(p, move |tx| {
-            if let Some(fence) = &fence {
-                lease::check_fence(tx, fence)?;
+            if let (Some(fence), Some(of)) = (&fence, of) {
+                lease::check_fence(tx, &actor, fence, of)?;
             }
             mailbox::park(tx, &actor, &frame)
         })

@@ -18,6 +18,7 @@ use super::EmbeddedStore;
 use super::mailbox::{self, bury};
 use super::{idempotency, journal, lease, relay};
 use crate::partition::partition_of;
+use crate::store::backend::fence_of;
 
 #[async_trait]
 impl Store for EmbeddedStore {
@@ -75,7 +76,10 @@ impl Store for EmbeddedStore {
         }
         let actor = turn.actor.clone();
         let expected_next = turn.expected_next;
-        let fence = turn.fence.cloned();
+        let fence = turn
+            .fence
+            .map(|f| Ok::<_, StoreError>((f.clone(), fence_of(turn.actor, f, self.partitions())?)))
+            .transpose()?;
         let settle = turn.settle.map(|s| match s {
             Settle::Ack(r) => (r.clone(), None),
             Settle::DeadLetter(r, reason) => (r.clone(), Some(reason.to_owned())),
@@ -88,8 +92,8 @@ impl Store for EmbeddedStore {
             .write_in(p, move |tx| {
                 // Checks first, writes after: a refused turn writes nothing (see writer.rs).
                 let now = Timestamp::now();
-                if let Some(fence) = &fence {
-                    lease::check_fence(tx, fence)?;
+                if let Some((fence, of)) = &fence {
+                    lease::check_fence(tx, &actor, fence, *of)?;
                 }
                 {
                     let (highest, _) = journal::meta_of(&**tx.journal_meta.get()?, actor.as_str())?;
@@ -217,11 +221,12 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<crate::store::Retired> {
         use crate::store::Retired;
         let p = self.part(&receipt.actor);
+        let of = fence_of(&receipt.actor, fence, self.partitions())?;
         let (receipt, fence) = (receipt.clone(), fence.clone());
         self.write_in(p, move |tx| {
             // Checks first, in the order the runtime's other writes check them; nothing is
             // written until all pass (rule D22).
-            lease::check_fence(tx, &fence)?;
+            lease::check_fence(tx, &receipt.actor, &fence, of)?;
             let a = receipt.actor.as_str();
             let t = tx.mailbox.get()?;
             t.check_receipt(&receipt)?;

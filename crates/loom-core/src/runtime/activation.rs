@@ -24,13 +24,14 @@ use crate::store::{Lease, LeaseOptions, Park};
 
 /// The erased start function of one registered kind.
 pub(super) trait Kind: Send + Sync {
-    /// `taken`: when the request that took `lease` was sent (see `Keeper::keep`).
+    /// `lease`: the actor's partition's, which fences its writes; `lost` is cancelled when
+    /// that lease is lost or given up.
     fn start(
         &self,
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
-        taken: Instant,
+        lost: CancellationToken,
         handle: Handle,
     ) -> BoxFuture<'static, ()>;
 }
@@ -62,10 +63,10 @@ impl<A: Actor> Kind for KindOf<A> {
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
-        taken: Instant,
+        lost: CancellationToken,
         handle: Handle,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(run::<A>(self.0.clone(), shared, id, lease, taken, handle))
+        Box::pin(run::<A>(self.0.clone(), shared, id, lease, lost, handle))
     }
 }
 
@@ -160,9 +161,9 @@ impl Shared {
             }
             // Looked at again under the lock: a hand-off gives the partition up before it
             // takes this lock to stop the partition's actors (see `ownership.rs`).
-            if !self.ownership.owns(id) {
+            let Some(fence) = self.ownership.fence(id) else {
                 return Activation::Done;
-            }
+            };
             if let Some(seen) = seen
                 && self.gone.left_after(id, seen)
             {
@@ -172,11 +173,12 @@ impl Shared {
             let a = Active::new(self.shutdown.child_token());
             let handle = a.handle.clone();
             active.insert(id.clone(), a);
-            handle
+            (handle, fence)
         };
+        let (handle, (lease, lost)) = handle;
         self.hub.notifier(id);
         // Bounded: a burst of activations (every message of a flood of sends to new actors, a
-        // crowd of sleepers due at once) would otherwise queue thousands of lease writes ahead
+        // crowd of sleepers due at once) would otherwise queue thousands of lease reads ahead
         // of everything else the store does, lease renewals included. The semaphore is never
         // closed, so a permit always comes, unless the runtime stops first: then the waiting
         // activation is dropped without touching the store.
@@ -189,16 +191,19 @@ impl Shared {
             self.deactivated(id);
             return Activation::Done;
         }
-        let asked = Instant::now();
-        let acquired = self
-            .store
-            .acquire(id, &self.config.node, self.config.lease_ttl)
-            .await;
+        // The actor runs under its partition's lease (rule D8): no lease of its own is taken.
+        // Its own lease held (by a tool, or a node of an older build running it) pauses it:
+        // every write fenced by the partition's lease is refused meanwhile, so it is not
+        // started only to fail (each start leases a message, and counts a delivery).
+        let held = self.store.holder(id).await;
         drop(permit);
-        self.health.write(&acquired);
-        match acquired {
-            Ok(lease) => {
-                let fut = kind.start(self.clone(), id.clone(), lease, asked, handle);
+        // A failed read says the store is failing; a read that works says nothing of writes.
+        if held.is_err() {
+            self.health.write(&held);
+        }
+        match held {
+            Ok(None) => {
+                let fut = kind.start(self.clone(), id.clone(), lease, lost, handle);
                 let handle = self.spawn(fut);
                 if let Some(a) = self
                     .active
@@ -209,10 +214,12 @@ impl Shared {
                     a.abort = Some(handle.abort_handle());
                 }
             }
+            Ok(Some(own)) => {
+                tracing::debug!(actor = %id, holder = %own.owner, "the actor's own lease is held; it waits");
+                self.deactivated(id);
+            }
             Err(e) => {
-                if !matches!(e, StoreError::LeaseHeld { .. }) {
-                    tracing::warn!(actor = %id, error = %e, "could not take the actor's lease");
-                }
+                tracing::warn!(actor = %id, error = %e, "could not look at the actor's own lease");
                 self.deactivated(id);
             }
         }
@@ -323,12 +330,9 @@ async fn run<A: Actor>(
     shared: Arc<Shared>,
     id: ActorId,
     lease: Lease,
-    taken: Instant,
+    lost: CancellationToken,
     handle: Handle,
 ) {
-    let lost = CancellationToken::new();
-    // Renewed with every other lease of this node until this task ends, however it ends.
-    let kept = shared.keeper.keep(lease.clone(), taken, lost.clone());
     let io = Io {
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,
@@ -407,15 +411,7 @@ async fn run<A: Actor>(
                 .insert(id.clone(), Instant::now() + PARK_RECHECK);
         }
     }
-    drop(kept);
-    if !matches!(exit, Exit::LeaseLost) {
-        match shared.store.release(&lease).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(actor = %id, error = %e, "could not release the lease; it expires on its own")
-            }
-        }
-    }
+    // The partition's lease stays with the partition (`ownership.rs`): nothing to release.
     shared.deactivated(&id);
 }
 

@@ -1,7 +1,7 @@
-//! Keeping this node's leases: one task renews the leases of every active actor together, with
-//! one [`LeaseManager::renew_many`](crate::LeaseManager::renew_many) call per batch, instead of
-//! a timer and a durable write per actor (ten thousand idle actors would otherwise cost three
-//! thousand writes a second).
+//! Keeping this node's leases: one task renews the leases of every partition this node owns
+//! (its actors run under those, rule D8) together, with one
+//! [`LeaseManager::renew_many`](crate::LeaseManager::renew_many) call per batch, instead of a
+//! timer and a durable write per lease.
 //!
 //! Invariants:
 //! - A lease is renewed once a third of its ttl has passed since it was taken or last renewed
@@ -137,9 +137,9 @@ impl Keeper {
         kept
     }
 
-    /// How many actors' leases are kept (partition leases not counted), for metrics.
-    pub(crate) fn actor_leases(&self) -> usize {
-        self.lock().keys().filter(|a| !a.is_system()).count()
+    /// How many leases are kept, for metrics.
+    pub(crate) fn count(&self) -> usize {
+        self.lock().len()
     }
 
     /// Renews due leases until the task is aborted.

@@ -238,7 +238,8 @@ pub struct MetricsSnapshot {
     pub activation_micros: u64,
     /// Actors active now.
     pub active: u64,
-    /// Leases this node keeps renewed now (one per active actor that has taken its lease).
+    /// Leases this node keeps renewed now: one per partition it owns, whose actors run under
+    /// it (rule D8). Actors take no leases of their own.
     pub leases_held: u64,
     /// Partitions this node owns now, over every kind it hosts (see
     /// [`Runtime::partitions_owned`](super::Runtime::partitions_owned)).

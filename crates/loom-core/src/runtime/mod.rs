@@ -301,7 +301,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len() as u64,
-            leases_held: self.shared.keeper.actor_leases() as u64,
+            leases_held: self.shared.keeper.count() as u64,
             partitions_owned: self.shared.ownership.count() as u64,
         }
     }

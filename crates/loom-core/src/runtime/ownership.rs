@@ -1,22 +1,22 @@
 //! Which partitions this node owns: of each kind it hosts, the partitions that rendezvous
 //! hashing over the live nodes hosting that kind gives it ([`owner_of`]), each held by a
-//! fenced partition lease ([`ActorId::partition_lease`]) renewed with the actors' leases. A
-//! node activates only actors of partitions it holds, so nodes sharing a store work on
-//! disjoint actors instead of racing for each ready actor's lease.
+//! fenced partition lease ([`ActorId::partition_lease`]) that the lease keeper renews. A node
+//! activates only actors of partitions it holds, and runs them under the partition's lease, so
+//! nodes sharing a store work on disjoint actors and an activation writes no lease of its own.
 //!
 //! Invariants:
 //! - **At most one owner per (kind, partition)**: ownership is the partition's lease, which one
 //!   node holds at a time. Rosters read at different moments may disagree for a moment about
-//!   who *should* own a partition; the lease decides who does. An actor's own lease still
-//!   fences each of its turns, so ownership is never what keeps a turn safe: an error here
-//!   costs work or latency, never a lost or doubled message.
+//!   who *should* own a partition; the lease decides who does. The partition's actors run under
+//!   that lease: it fences each of their writes (rule D8), so an actor whose node lost the
+//!   partition can write nothing more, and no actor takes a lease of its own.
 //! - **Activation only under ownership**: `ensure_active` looks at [`Ownership::owns`] while
 //!   it holds the active-actor lock, and a hand-off removes the partition from what is owned
 //!   *before* it takes that lock to stop the partition's actors. So an actor is either seen
 //!   and stopped by the hand-off, or never activated.
 //! - **Hand-off**: a partition the roster now gives to another node stops being owned at once
 //!   (nothing new starts), its active actors are asked to passivate (an invocation in flight
-//!   finishes; each actor releases its lease), and once they are gone, or a lease ttl has
+//!   finishes, still fenced by the partition's lease), and once they are gone, or a lease ttl has
 //!   passed, its lease is released, so the new owner takes it at its next look instead of a
 //!   ttl later. A partition whose lease is lost (not renewed in time) stops being owned and its
 //!   actors are asked to passivate; it is not taken again before the next look.
@@ -31,8 +31,8 @@
 //!   shutdown that times out stops what is still running as `kill` does: the partitions still
 //!   being handed off are left to run out, as a crash leaves them ([`release_all`] releases
 //!   what a look took meanwhile). A restarted process after a crash
-//!   waits for the dead one's partition leases to run out (a lease ttl), as it waits for its
-//!   actors' leases: a crash cannot be told from a live process under the same name before.
+//!   waits for the dead one's partition leases to run out (a lease ttl): a crash cannot be
+//!   told from a live process under the same name before.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -83,11 +83,19 @@ impl Ownership {
 
     /// True if this node holds the partition of `id`'s kind that `id` is in.
     pub(super) fn owns(&self, id: &ActorId) -> bool {
+        self.fence(id).is_some()
+    }
+
+    /// While this node holds the partition `id` is in: that partition's lease, which fences
+    /// every write of `id` (rule D8), and the token the lease keeper cancels if the lease is
+    /// lost.
+    pub(super) fn fence(&self, id: &ActorId) -> Option<(Lease, CancellationToken)> {
         let p = partition_of(id, self.partitions);
         self.lock()
             .get(id.kind())
             .and_then(|parts| parts.get(&p))
-            .is_some_and(|h| !h.lost.is_cancelled())
+            .filter(|h| !h.lost.is_cancelled())
+            .map(|h| (h.lease.clone(), h.lost.clone()))
     }
 
     /// How many partitions each kind is cut into.
@@ -345,7 +353,7 @@ async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) 
             tracing::warn!(
                 kind,
                 partition = p,
-                "a partition's actors did not stop within a lease ttl; releasing it anyway (their own leases still fence them)"
+                "a partition's actors did not stop within a lease ttl; releasing it anyway (they stop: its lease fenced their writes)"
             );
             break;
         }
@@ -361,6 +369,9 @@ async fn release(shared: &Shared, held: Held) {
     if lost.is_cancelled() {
         return;
     }
+    // An actor of the partition still running (a hand-off that waited a lease ttl for it)
+    // stops now: its writes were fenced by this lease, which is given up below.
+    let _stop = lost.drop_guard();
     match shared.store.release(&lease).await {
         Ok(_) => {}
         Err(e) => tracing::warn!(

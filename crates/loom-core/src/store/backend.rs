@@ -10,7 +10,7 @@ use crate::error::StoreResult;
 pub use super::batch::{BATCH_PAYLOAD_MAX, Batcher, RunBatch};
 pub use super::idempotency::prepare_result;
 pub use super::journal::{Page, paged_read, prepare_append, prepare_snapshot};
-pub use super::lease::check_owner;
+pub use super::lease::{FenceOf, check_owner, fence_of};
 pub use super::mailbox::{
     check_lane, check_purge, interleave, interleave_partitions, keep_partitions, prepare_event,
     prepare_message, prepare_suspend,

@@ -180,7 +180,8 @@ pub trait JournalStore: Send + Sync + 'static {
 
     /// Saves `snapshot` as [`save_snapshot`](Self::save_snapshot) does, and trims through the
     /// oldest kept snapshot (when that is past the trim point), in one atomic write, only while
-    /// `fence` is held ([`StoreError::LeaseLost`] otherwise, nothing written). Returns the trim
+    /// `fence` is held ([`StoreError::LeaseLost`] otherwise, nothing written; a fence is checked
+    /// as a [`Turn`](crate::store::Turn)'s is). Returns the trim
     /// point after. This is compaction: a node that lost the actor's lease can no longer
     /// compact it, and there is no moment at which the snapshot is saved but not yet trimmed.
     async fn compact(

@@ -89,3 +89,56 @@ pub fn check_owner(owner: &str) -> StoreResult<()> {
     }
     Ok(())
 }
+
+/// Which lease a fenced write of an actor is fenced by (rule D8 of RELIABILITY.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceOf {
+    /// The actor's own lease ([`LeaseManager::acquire`] on the actor).
+    Own,
+    /// The lease of the partition the actor is in ([`ActorId::partition_lease`]): a node that
+    /// owns a partition runs its actors under that one lease. Such a write is also refused
+    /// while anyone holds the actor's own lease, so an actor's own lease, taken by a tool,
+    /// pauses it on every node.
+    Partition,
+}
+
+/// Checks that `fence` may fence a write of `actor` on a store of `store_partitions`
+/// partitions ([`Store::partitions`](crate::Store::partitions)): the actor's own lease, or the
+/// lease of its partition among the partitions nodes own
+/// ([`ownership_partitions`](crate::partition::ownership_partitions)). Any other lease is
+/// [`StoreError::InvalidRequest`], with nothing written. Every backend calls it before a fenced
+/// write, then checks that the lease it names is live with the fence's token.
+///
+/// ```
+/// use std::time::Duration;
+/// use loom_core::{ActorId, Lease, Timestamp};
+/// use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
+/// use loom_core::store::backend::{FenceOf, fence_of};
+///
+/// let alice = ActorId::new("account", "alice")?;
+/// let lease = |of: ActorId| Lease { actor: of, owner: "n1".into(), token: 1, expires_at: Timestamp::now() + Duration::from_secs(5) };
+/// assert_eq!(fence_of(&alice, &lease(alice.clone()), 1).unwrap(), FenceOf::Own);
+/// let p = partition_of(&alice, SHARED_STORE_PARTITIONS);
+/// let part = ActorId::partition_lease("account", p);
+/// assert_eq!(fence_of(&alice, &lease(part), 1).unwrap(), FenceOf::Partition);
+/// // Another partition's lease, or another actor's, fences nothing of alice's.
+/// let other = ActorId::partition_lease("account", (p + 1) % SHARED_STORE_PARTITIONS);
+/// assert!(fence_of(&alice, &lease(other), 1).is_err());
+/// assert!(fence_of(&alice, &lease(ActorId::new("account", "bob")?), 1).is_err());
+/// # Ok::<(), loom_core::IdError>(())
+/// ```
+pub fn fence_of(actor: &ActorId, fence: &Lease, store_partitions: u32) -> StoreResult<FenceOf> {
+    if fence.actor == *actor {
+        return Ok(FenceOf::Own);
+    }
+    let partitions = crate::partition::ownership_partitions(store_partitions);
+    let p = crate::partition::partition_of(actor, partitions);
+    if fence.actor.partition_lease_of() == Some((actor.kind(), p)) {
+        return Ok(FenceOf::Partition);
+    }
+    Err(StoreError::InvalidRequest(format!(
+        "the lease of {} cannot fence a write of {actor}: only its own lease or {}'s can",
+        fence.actor,
+        ActorId::partition_lease(actor.kind(), p)
+    )))
+}

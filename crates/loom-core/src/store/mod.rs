@@ -135,7 +135,8 @@ pub trait Store:
     /// [`JournalStore::delete`] does (the highest seq kept, so that a later message starts it
     /// afresh at the next seq and no seq is reused) and acks `receipt` (the runtime's
     /// retirement message, the mailbox's current one), in one atomic write, if and only if
-    /// `fence` is still the actor's lease, its journal's highest seq is still `highest`, and no
+    /// `fence` is still held (checked as a [`Turn`]'s fence is), its journal's highest seq is
+    /// still `highest`, and no
     /// other message waits in its mailbox. Otherwise nothing is written: [`Retired::Moved`] or
     /// [`Retired::Busy`], [`StoreError::LeaseLost`](crate::StoreError::LeaseLost), or
     /// [`StoreError::StaleReceipt`](crate::StoreError::StaleReceipt). So an actor with a

@@ -70,7 +70,8 @@ impl Park {
 ///   nothing out (not even a message whose visibility ran out), and
 ///   [`ready_actors`](crate::Mailbox::ready_actors) does not list it; messages sent to it wait;
 /// - [`park`](Self::park) is fenced: with a lease that is no longer held it fails with
-///   [`StoreError::LeaseLost`] and writes nothing;
+///   [`StoreError::LeaseLost`] and writes nothing (a fence is checked as a
+///   [`Turn`](crate::store::Turn)'s is);
 /// - [`unpark`](Self::unpark) makes the message that was out when the actor was parked
 ///   visible at once (its delivery count kept, so that no receipt ever repeats) and the
 ///   mailbox ready again.

@@ -48,7 +48,10 @@ pub struct Record<'a> {
 ///
 /// Either all of it happens or none of it does:
 /// - if `fence` is set and that lease is no longer held (expired, released, taken over),
-///   [`StoreError::LeaseLost`](crate::StoreError::LeaseLost);
+///   [`StoreError::LeaseLost`](crate::StoreError::LeaseLost); the fence is the actor's own
+///   lease or its partition's ([`fence_of`](crate::store::backend::fence_of): any other is
+///   [`StoreError::InvalidRequest`](crate::StoreError::InvalidRequest)), and a write fenced by
+///   its partition's lease is refused too while anyone holds the actor's own lease;
 /// - if the journal's next seq is not `expected_next`, [`StoreError::Conflict`](crate::StoreError::Conflict);
 /// - if `settle`'s receipt is stale, [`StoreError::StaleReceipt`](crate::StoreError::StaleReceipt);
 ///
@@ -64,7 +67,7 @@ pub struct Turn<'a> {
     pub expected_next: Seq,
     /// Entries numbered from `expected_next` (may be empty).
     pub entries: &'a [Entry],
-    /// Commit only while this lease is held.
+    /// Commit only while this lease is held: the actor's own, or its partition's (see above).
     pub fence: Option<&'a Lease>,
     /// Messages to enqueue.
     pub send: &'a [Outgoing],

@@ -485,10 +485,13 @@ impl JournalStore for SimStore {
     ) -> StoreResult<Seq> {
         let frame = Frame::from(prepare_snapshot(actor, snapshot, keep)?);
         let past_oldest = self.bugs().trim_past_oldest_snapshot;
+        let of = fence
+            .map(|f| loom_core::store::backend::fence_of(actor, f, self.inner.partitions))
+            .transpose()?;
         let (id, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
         self.update("compact", actor.as_str(), move |d, now| {
-            if let Some(fence) = &fence {
-                d.leases.check_fence(fence, now)?;
+            if let (Some(fence), Some(of)) = (&fence, of) {
+                d.leases.check_fence(&id, fence, of, now)?;
             }
             d.journals.compact(&id, seq, frame, keep, past_oldest)
         })

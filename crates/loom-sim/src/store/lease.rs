@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use loom_core::store::backend::{check_owner, check_ttl};
+use loom_core::store::backend::{FenceOf, check_owner, check_ttl};
 use loom_core::{ActorId, Lease, LeaseManager, StoreError, StoreResult, Timestamp};
 
 use super::SimStore;
@@ -45,12 +45,29 @@ fn lost(lease: &Lease) -> StoreError {
 }
 
 impl Leases {
-    /// Fails with [`StoreError::LeaseLost`] unless `fence` is its actor's live lease at `now`:
-    /// the check every fenced write makes before it writes.
-    pub(super) fn check_fence(&self, fence: &Lease, now: Timestamp) -> StoreResult<()> {
-        match self.by_actor.get(&fence.actor) {
-            Some(row) if row.is(fence, now) => Ok(()),
-            _ => Err(lost(fence)),
+    /// Fails with [`StoreError::LeaseLost`] unless `fence` is live at `now` and, for a
+    /// partition's lease (`of`, from `fence_of`), nobody holds `actor`'s own: the check every
+    /// fenced write of `actor` makes before it writes (rule D8).
+    pub(super) fn check_fence(
+        &self,
+        actor: &ActorId,
+        fence: &Lease,
+        of: FenceOf,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let held = self
+            .by_actor
+            .get(&fence.actor)
+            .is_some_and(|row| row.is(fence, now));
+        let own_free = of == FenceOf::Own
+            || self
+                .by_actor
+                .get(actor)
+                .is_none_or(|row| row.holder(now).is_none());
+        if held && own_free {
+            Ok(())
+        } else {
+            Err(lost(fence))
         }
     }
 

@@ -44,10 +44,13 @@ impl Parked {
 impl Parking for SimStore {
     async fn park(&self, actor: &ActorId, park: &Park, fence: Option<&Lease>) -> StoreResult<()> {
         let frame = Frame::from(park.encode()?);
+        let of = fence
+            .map(|f| loom_core::store::backend::fence_of(actor, f, self.inner.partitions))
+            .transpose()?;
         let (id, fence) = (actor.clone(), fence.cloned());
         self.update("park", actor.as_str(), move |d, now| {
-            if let Some(fence) = &fence {
-                d.leases.check_fence(fence, now)?;
+            if let (Some(fence), Some(of)) = (&fence, of) {
+                d.leases.check_fence(&id, fence, of, now)?;
             }
             d.parked.by_actor.insert(id, frame);
             Ok(())

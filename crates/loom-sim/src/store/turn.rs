@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{
-    Committed, Settle, Turn, check_ttl, prepare_append, prepare_event, prepare_message,
+    Committed, Settle, Turn, check_ttl, fence_of, prepare_append, prepare_event, prepare_message,
     prepare_result,
 };
 use loom_core::{
@@ -109,7 +109,11 @@ impl Store for SimStore {
             .record
             .map(|r| (r.actor.clone(), r.key.clone(), r.result.clone(), r.ttl));
         let (actor, expected_next) = (turn.actor.clone(), turn.expected_next);
-        let (fence, next) = (turn.fence.cloned(), turn.next);
+        let fence = turn
+            .fence
+            .map(|f| Ok::<_, StoreError>((f.clone(), fence_of(turn.actor, f, self.partitions())?)))
+            .transpose()?;
+        let next = turn.next;
         let arg = format!("{} {}", turn.actor, turn.expected_next);
         let skip_fence = self.bugs().skip_fence_check;
         let store = self.clone();
@@ -117,8 +121,8 @@ impl Store for SimStore {
             .update("commit_turn", &arg, move |d, now| {
                 // Checks first (rule D15): a refused turn writes nothing.
                 let mut stale = None;
-                if let Some(fence) = &fence
-                    && let Err(e) = d.leases.check_fence(fence, now)
+                if let Some((fence, of)) = &fence
+                    && let Err(e) = d.leases.check_fence(&actor, fence, *of, now)
                 {
                     if !skip_fence {
                         return Err(e);
@@ -221,10 +225,11 @@ impl Store for SimStore {
 
     async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {
         let arg = format!("{} {} {highest}", receipt.actor, receipt.message_id);
+        let of = fence_of(&receipt.actor, fence, self.partitions())?;
         let (receipt, fence) = (receipt.clone(), fence.clone());
         self.update("retire", &arg, move |d, now| {
             // Every check before any write (rule D22).
-            d.leases.check_fence(&fence, now)?;
+            d.leases.check_fence(&receipt.actor, &fence, of, now)?;
             d.mailboxes.check_receipt(&receipt)?;
             let a = &receipt.actor;
             if d.journals.meta(a).0 != highest {

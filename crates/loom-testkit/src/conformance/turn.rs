@@ -22,6 +22,8 @@ pub(super) fn cases() -> Vec<Case> {
         turn_with_a_stale_receipt_changes_nothing,
         fenced_turn_after_the_lease_is_lost_changes_nothing,
         fenced_turn_with_the_lease_held_commits,
+        writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_own_lease_is_taken,
+        a_fence_of_another_lease_than_the_actors_or_its_partitions_is_refused,
         turn_can_dead_letter_its_delivery,
         turn_sending_to_its_own_actor_keeps_the_mailbox_consistent,
         turn_without_entries_only_settles,
@@ -278,6 +280,182 @@ async fn fenced_turn_with_the_lease_held_commits(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(h.highest, 2);
+}
+
+/// The lease of the partition `a` is in, among those nodes own on `store`.
+fn partition_lease(store: &dyn Store, a: &ActorId) -> ActorId {
+    use loom_core::partition::{ownership_partitions, partition_of};
+    let p = partition_of(a, ownership_partitions(store.partitions()));
+    ActorId::partition_lease(a.kind(), p)
+}
+
+/// Rule D8: a node runs a partition's actors under the partition's one lease. Its turns,
+/// compactions and parks commit while that lease is held and nobody holds the actor's own; a
+/// lease lost or taken over, or the actor's own lease taken (by a tool), refuses them with
+/// nothing written, and leaves the partition's other actors alone.
+async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_own_lease_is_taken(
+    store: Arc<dyn Store>,
+) {
+    let a = id("a");
+    let part = partition_lease(&*store, &a);
+    // Another actor of the same partition.
+    let b = (0..)
+        .map(|i| id(&format!("b{i}")))
+        .find(|b| partition_lease(&*store, b) == part)
+        .expect("some id shares a's partition");
+    let lease = store
+        .acquire(&part, "node-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let turn = |actor, seq, fence| Turn {
+        fence: Some(fence),
+        ..Turn::append(actor, seq, &[])
+    };
+    let one = entries(1, 1);
+    for x in [&a, &b] {
+        let h = store
+            .commit_turn(Turn {
+                entries: &one,
+                ..turn(x, 1, &lease)
+            })
+            .await
+            .unwrap();
+        assert_eq!(h.highest, 1, "{x}");
+    }
+    // A tool takes a's own lease: a's writes under the partition's lease are refused, b's not.
+    let own = store
+        .acquire(&a, "tool", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let two = entries(2, 2);
+    let refused = store
+        .commit_turn(Turn {
+            entries: &two,
+            ..turn(&a, 2, &lease)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::LeaseLost { .. }),
+        "{refused:?}"
+    );
+    let refused = store
+        .compact(&a, &Snapshot::new(1, json!(1)), 1, Some(&lease))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::LeaseLost { .. }),
+        "{refused:?}"
+    );
+    let refused = store
+        .park(&a, &loom_core::Park::new("node-1", "why"), Some(&lease))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::LeaseLost { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(journal(&*store, &a).await, vec![1]);
+    assert!(store.load_snapshot(&a, 1).await.unwrap().is_none());
+    assert!(store.parked(&a).await.unwrap().is_none());
+    store
+        .commit_turn(Turn {
+            entries: &two,
+            ..turn(&b, 2, &lease)
+        })
+        .await
+        .unwrap();
+    // Its own lease given back, a runs under the partition's again; the tool's fence works
+    // meanwhile as any own lease does.
+    assert!(store.release(&own).await.unwrap());
+    store
+        .commit_turn(Turn {
+            entries: &two,
+            ..turn(&a, 2, &lease)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .compact(&a, &Snapshot::new(2, json!(2)), 1, Some(&lease))
+            .await
+            .unwrap(),
+        2
+    );
+    // The partition's lease given up and taken by another node: the old fence writes nothing.
+    assert!(store.release(&lease).await.unwrap());
+    let _new = store
+        .acquire(&part, "node-2", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let three = entries(3, 3);
+    for x in [&a, &b] {
+        let refused = store
+            .commit_turn(Turn {
+                entries: &three,
+                ..turn(x, 3, &lease)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::LeaseLost { .. }),
+            "{x}: {refused:?}"
+        );
+        assert_eq!(store.highest_seq(x).await.unwrap(), 2, "{x}");
+    }
+}
+
+/// A fence must be the actor's own lease or its partition's: any other lease, however live,
+/// fences nothing of the actor's, and the write is refused as invalid with nothing written.
+async fn a_fence_of_another_lease_than_the_actors_or_its_partitions_is_refused(
+    store: Arc<dyn Store>,
+) {
+    use loom_core::partition::ownership_partitions;
+    let a = id("a");
+    let part = partition_lease(&*store, &a);
+    let (_, p) = part.partition_lease_of().unwrap();
+    let n = ownership_partitions(store.partitions());
+    let others = [
+        id("b"),
+        ActorId::partition_lease("conf", (p + 1) % n),
+        ActorId::partition_lease("other", p),
+    ];
+    for other in others {
+        let lease = store
+            .acquire(&other, "node-1", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let one = entries(1, 1);
+        let refused = store
+            .commit_turn(Turn {
+                fence: Some(&lease),
+                ..Turn::append(&a, 1, &one)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::InvalidRequest(_)),
+            "{other}: {refused:?}"
+        );
+        let refused = store
+            .compact(&a, &Snapshot::new(1, json!(1)), 1, Some(&lease))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::InvalidRequest(_)),
+            "{other}: {refused:?}"
+        );
+        let refused = store
+            .park(&a, &loom_core::Park::new("node-1", "why"), Some(&lease))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::InvalidRequest(_)),
+            "{other}: {refused:?}"
+        );
+    }
+    assert!(journal(&*store, &a).await.is_empty());
+    assert!(store.parked(&a).await.unwrap().is_none());
 }
 
 async fn turn_can_dead_letter_its_delivery(store: Arc<dyn Store>) {
