@@ -5,7 +5,7 @@
 //! hosting the bank's kinds under a name of its own) and, in itself, a client-only runtime that
 //! keeps `--concurrency` transfers in flight (each worker starts its next transfer once its
 //! last one settled). Every few seconds it kills a node with SIGKILL (three times in four
-//! one found running accounts, by their leases, else any) and starts it again under its name;
+//! one found running accounts, by their partitions' leases, else any) and starts it again under its name;
 //! halfway through it adds one node more. Once the kills are done it waits for the nodes to
 //! settle every transfer, checks that every node is listed live once (`Membership`: a
 //! restarted node is refused its name until its dead predecessor's record runs out, then
@@ -106,9 +106,9 @@ pub struct Report {
     pub failover_ms: Failovers,
     /// Kills that held nothing up (the killed node was running none of the actors asked).
     pub idle_kills: usize,
-    /// How long after a kill every account the killed node held had a new lease, over the
-    /// kills of a node holding accounts: the takeover alone, without the backlog that built
-    /// up meanwhile.
+    /// How long after a kill every account the killed node held had a new lease (its
+    /// partition's, which its turns are fenced by), over the kills of a node holding accounts:
+    /// the takeover alone, without the backlog that built up meanwhile.
     pub takeover_ms: Failovers,
     /// Accounts of a killed node still not taken over five lease ttls after the kill.
     pub not_taken_over: usize,
@@ -264,16 +264,30 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
             .map(|n| ActorId::new(Account::KIND, format!("a{n}")))
             .collect::<Result<_, _>>()
             .map_err(|e| Failure(e.to_string()))?;
-        // Each account's lease as the store has it (`None` where it could not be read).
+        // Each account's fence as the store has it, its partition's lease (rule D8; `None`
+        // where it could not be read): each partition's read once.
+        let parts = loom_core::partition::ownership_partitions(store.partitions());
+        let fences: Vec<ActorId> = accounts
+            .iter()
+            .map(|a| {
+                let p = loom_core::partition::partition_of(a, parts);
+                ActorId::partition_lease(a.kind(), p)
+            })
+            .collect();
         let leases = move || -> Vec<Option<Lease>> {
-            accounts
+            let mut read = std::collections::BTreeMap::new();
+            fences
                 .iter()
-                .map(|a| match tokio.block_on(store.holder(a)) {
-                    Ok(lease) => lease,
-                    Err(e) => {
-                        eprintln!("torture-nodes: {a}'s lease unread ({e})");
-                        None
-                    }
+                .map(|f| {
+                    read.entry(f)
+                        .or_insert_with(|| match tokio.block_on(store.holder(f)) {
+                            Ok(lease) => lease,
+                            Err(e) => {
+                                eprintln!("torture-nodes: {f}'s lease unread ({e})");
+                                None
+                            }
+                        })
+                        .clone()
                 })
                 .collect()
         };
@@ -304,9 +318,9 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                     };
                     let (at, node) = nodes.kill_and_restart(i)?;
                     last = at;
-                    // The killed node's accounts are taken over when each has a lease of a
-                    // greater token (a later holder; the restarted node under the same name
-                    // is one). Looked for every 20 ms, for up to five lease ttls.
+                    // The killed node's accounts are taken over when each one's partition has a
+                    // lease of a greater token (a later holder; the restarted node under the
+                    // same name is one). Looked for every 20 ms, for up to five lease ttls.
                     let mut pending: Vec<(usize, u64)> = before
                         .iter()
                         .enumerate()

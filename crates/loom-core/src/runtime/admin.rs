@@ -92,8 +92,10 @@ pub enum BuryError {
 /// under its idempotency key, if it has one (so a caller retrying gets the failure, not a
 /// resend). For messages of a kind no node hosts, which the runtime leaves waiting.
 ///
-/// Takes the actor's lease as `owner` first, so it never races a node running the actor
-/// ([`StoreError::LeaseHeld`] if one is), and fences every turn with it. Returns how many
+/// Takes the actor's own lease as `owner` first ([`StoreError::LeaseHeld`] if another tool
+/// holds it), and fences every turn with it: while it holds that lease, no node writes for the
+/// actor (the store refuses writes fenced by its partition's lease then, rule D8), so it never
+/// races one running the actor. Returns how many
 /// messages it moved. Only messages due now are moved: one sent with a delay stays until it is
 /// due (run it again then). The failure is kept under the key for the default
 /// [`Config::reply_ttl`](super::Config::reply_ttl).
