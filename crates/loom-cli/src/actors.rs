@@ -230,9 +230,12 @@ pub async fn bury(
                 ),
             )
         }
-        Err(BuryError::Store(loom_core::StoreError::LeaseHeld { owner, .. })) => Err(Failure(
-            format!("{a} is running on {owner}; stop it there first"),
-        )),
+        Err(BuryError::Store(loom_core::StoreError::LeaseHeld { owner, .. })) => {
+            Err(Failure(format!(
+                "{a} is held by {owner} (the node that owns its partition, or another tool); \
+                 stop it there first"
+            )))
+        }
         Err(e) => Err(Failure(e.to_string())),
     }
 }

@@ -65,10 +65,10 @@ pub fn default_partitions() -> u32 {
 /// groups by [`partition_of`], and each group has one owning node at a time (see
 /// [`owner_of`]). A store of several partitions is owned by its own partitions.
 ///
-/// Every node of a store must use the same count, or two nodes could each believe they own an
-/// actor. They would then race for its lease, as nodes did before partitions had owners: safe
-/// (the actor's lease fences its turns) but wasteful. Changing it is a change of the protocol
-/// between nodes.
+/// Every node of a store must use the same count: an actor's turns are fenced by its
+/// partition's lease (rule D8), so two nodes with different counts could each hold a different
+/// lease that fences the same actor. Changing it is a change of the protocol between nodes:
+/// every node of the older count must be stopped first.
 pub const SHARED_STORE_PARTITIONS: u32 = 32;
 
 /// The partitions nodes own on a store of `store_partitions` partitions: the store's own if it

@@ -326,7 +326,7 @@ fn sleepers_suspend_while_they_wait_and_all_wake() {
     assert_eq!(held["active_while_waiting"], 300, "{held}");
     // Sleepers take no leases of their own, in memory or not: the node holds its partitions'.
     let leases = held["leases_held_while_waiting"].as_u64().unwrap();
-    assert!((1..=32).contains(&leases), "{held}");
+    assert!((1..300).contains(&leases), "{held}");
     assert_eq!(
         suspended["leases_held_while_waiting"], leases,
         "{suspended}"

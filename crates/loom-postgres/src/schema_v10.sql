@@ -6,6 +6,29 @@
 -- also refused while anyone holds the actor's own lease (so a node of an older build running
 -- the actor under its own lease, or a tool holding it, excludes partition-fenced writes). Every
 -- statement can run again on a schema that has it.
+--
+-- Lock modes: every turn of a partition's actors now reads one lease row, the partition's. The
+-- fence checks lock it FOR KEY SHARE and renewals and releases FOR NO KEY UPDATE, which do not
+-- conflict, so a renewal never waits behind the turns in flight (with FOR SHARE against FOR
+-- UPDATE, a steady stream of overlapping turns could hold a renewal off until the lease ran
+-- out). `acquire` still locks FOR UPDATE, so a lease changes hands only after every turn that
+-- checked it has committed or rolled back.
+
+-- As version 1's: renew | release; returns the new expiry, or NULL if the lease is not held.
+-- Locks FOR NO KEY UPDATE (see above).
+CREATE OR REPLACE FUNCTION {s}.lease_cas(p_actor text, p_token bigint, p_op text, p_ttl bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE now bigint := {s}.now_ms(); r record;
+BEGIN
+    SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR NO KEY UPDATE;
+    IF NOT FOUND OR r.token <> p_token OR r.owner IS NULL OR r.expires_at <= now THEN RETURN NULL; END IF;
+    IF p_op = 'renew' THEN
+        UPDATE {s}.leases SET expires_at = now + p_ttl WHERE actor = p_actor;
+        RETURN now + p_ttl;
+    END IF;
+    UPDATE {s}.leases SET owner = NULL, expires_at = now WHERE actor = p_actor;
+    RETURN now;
+END $$;
 
 -- The lease that owns p_actor's partition among the 32 nodes divide (ActorId::partition_lease).
 CREATE OR REPLACE FUNCTION {s}.partition_lease(p_actor text) RETURNS text
@@ -17,20 +40,24 @@ END $$;
 -- Whether the fence of a write of p_actor is held at p_now (rule D8): with p_token > 0, the
 -- actor's own lease has that token and is unexpired; with p_token < 0, its partition's lease
 -- has token -p_token and is unexpired, and nobody holds the actor's own lease. The rows read
--- are locked FOR SHARE until the transaction ends, so neither lease changes hands meanwhile.
+-- are locked FOR KEY SHARE until the transaction ends, so no `acquire` takes either lease
+-- meanwhile. The actor's own row usually does not exist (nodes take no own leases): then
+-- nothing is locked, and a tool's `acquire` may make the row and take it while the turn runs.
+-- That is still one writer at a time: the tool's writes then wait on the mailbox and journal
+-- rows this turn holds, and meet the journal's next seq it wrote.
 CREATE OR REPLACE FUNCTION {s}.fence_held(p_actor text, p_token bigint, p_now bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE r record;
 BEGIN
     IF p_token > 0 THEN
-        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+        SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR KEY SHARE;
         RETURN FOUND AND r.token = p_token AND r.owner IS NOT NULL AND r.expires_at > p_now;
     END IF;
-    SELECT * INTO r FROM {s}.leases WHERE actor = {s}.partition_lease(p_actor) FOR SHARE;
+    SELECT * INTO r FROM {s}.leases WHERE actor = {s}.partition_lease(p_actor) FOR KEY SHARE;
     IF NOT FOUND OR r.token <> -p_token OR r.owner IS NULL OR r.expires_at <= p_now THEN
         RETURN false;
     END IF;
-    SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR SHARE;
+    SELECT * INTO r FROM {s}.leases WHERE actor = p_actor FOR KEY SHARE;
     RETURN NOT FOUND OR r.owner IS NULL OR r.expires_at <= p_now;
 END $$;
 
@@ -100,7 +127,7 @@ BEGIN
     PERFORM {s}.mb_row(x) FROM unnest(boxes) AS x;
     PERFORM 1 FROM {s}.mailbox WHERE actor = ANY(boxes) ORDER BY actor FOR UPDATE;
     PERFORM 1 FROM {s}.journal_meta WHERE actor = p_actor FOR UPDATE;
-    -- The fence was checked above, its lease rows held FOR SHARE since: not checked again.
+    -- The fence was checked above, its lease rows held FOR KEY SHARE since: not checked again.
     SELECT * INTO r FROM {s}.turn_locked(p_actor, p_expected, p_frames, NULL,
         p_out_actors, p_out_ids, p_out_frames, p_out_due,
         p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
@@ -134,7 +161,7 @@ BEGIN
             SELECT p_actor[i] FROM generate_series(1, n) AS i WHERE p_fence_token[i] IS NOT NULL
             UNION ALL
             SELECT {s}.partition_lease(p_actor[i]) FROM generate_series(1, n) AS i WHERE p_fence_token[i] < 0))
-        ORDER BY actor FOR SHARE;
+        ORDER BY actor FOR KEY SHARE;
     boxes := ARRAY(SELECT DISTINCT x FROM unnest(
         coalesce(p_out_actors, '{}') || p_actor || ARRAY(SELECT x FROM unnest(p_settle_actor) AS x WHERE x IS NOT NULL)) AS x
         ORDER BY x);

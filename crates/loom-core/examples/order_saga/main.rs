@@ -14,7 +14,7 @@
 //! activity key Loom hands them, as a real payment API deduplicates by idempotency key.
 //!
 //! A wait of days holds nothing in memory: after a second it suspends (the order's actor is
-//! passivated and its lease released) and the approval's delivery, or the cancellation, wakes
+//! passivated and its memory freed) and the approval's delivery, or the cancellation, wakes
 //! it. The example shows the waiting orders suspended before an operator answers them. An order nobody answers is
 //! placed too when the wait is short enough to watch it time out (at most a minute:
 //! `--approval-wait 3s`).

@@ -1,5 +1,5 @@
-//! Activation and dispatch: how an actor becomes active on this node (its lease taken, its
-//! state recovered), serves its mailbox one message at a time, and stops; and the dispatcher
+//! Activation and dispatch: how an actor becomes active on this node (under its partition's
+//! lease, its state recovered), serves its mailbox one message at a time, and stops; and the dispatcher
 //! that finds actors with work.
 
 use std::collections::{HashMap, VecDeque};
@@ -104,7 +104,7 @@ impl Shared {
     /// moment is not activated ([`Activation::Skipped`]): it was active then, and may have run
     /// that work since (a sleeper that suspended and passivated while a scan that listed it
     /// ran, or that a scan activated before its send's own wake). Activated again, it would
-    /// find nothing and hold its lease until its idle timeout. The caller asks for a scan
+    /// find nothing and stay in memory until its idle timeout. The caller asks for a scan
     /// instead: one that begins later reads the mailbox as the actor left it, and activates it
     /// if the work is still there. Moments are a counter, not a clock: under a paused clock
     /// (the simulator) a departure and a scan can share an instant.

@@ -2,7 +2,7 @@
 //!
 //! Invariants:
 //! - `leaving` counts exactly the entries whose `evicted` flag is set: actors asked to passivate
-//!   to make room, whose tasks have not ended yet. They still hold their leases and entries, but
+//!   to make room, whose tasks have not ended yet. They still hold their entries, but
 //!   room has already been made for them, so they do not count against the limit again.
 //! - Eviction scans every entry (O(n)), so it asks a *batch* of the least recently used idle
 //!   actors to passivate at once: 1/64 of the limit, at least one. At the limit the scan then
@@ -133,8 +133,8 @@ impl Actives {
         let mut idle: Vec<(Instant, &ActorId)> = self
             .map
             .iter()
-            // One still waiting to take its lease may be chosen: it then drops out before it
-            // touches the store (`ensure_active`), and a later scan finds its message again.
+            // One still waiting to look at its own lease may be chosen: it then drops out before
+            // it starts (`ensure_active`), and a later scan finds its message again.
             .filter(|(_, a)| !a.evicted && !a.busy.load(Ordering::Acquire))
             .map(|(id, a)| (*a.last_used.lock().unwrap_or_else(|p| p.into_inner()), id))
             .collect();

@@ -92,10 +92,12 @@ pub enum BuryError {
 /// under its idempotency key, if it has one (so a caller retrying gets the failure, not a
 /// resend). For messages of a kind no node hosts, which the runtime leaves waiting.
 ///
-/// Takes the actor's own lease as `owner` first ([`StoreError::LeaseHeld`] if another tool
-/// holds it), and fences every turn with it: while it holds that lease, no node writes for the
-/// actor (the store refuses writes fenced by its partition's lease then, rule D8), so it never
-/// races one running the actor. Returns how many
+/// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns the actor's
+/// partition (that node runs the actor's messages: stop it first). Then takes the actor's own
+/// lease as `owner` ([`StoreError::LeaseHeld`] if another tool holds it) and fences every turn
+/// with it: while it holds that lease no node writes for the actor (the store refuses writes
+/// fenced by the partition's lease then, rule D8), so it never races a node that takes the
+/// partition meanwhile. Returns how many
 /// messages it moved. Only messages due now are moved: one sent with a delay stays until it is
 /// due (run it again then). The failure is kept under the key for the default
 /// [`Config::reply_ttl`](super::Config::reply_ttl).
@@ -107,6 +109,19 @@ pub async fn bury_mailbox(
 ) -> Result<u64, BuryError> {
     if store.parked(actor).await?.is_some() {
         return Err(BuryError::Parked(actor.clone()));
+    }
+    let parts = crate::partition::ownership_partitions(store.partitions());
+    let partition =
+        ActorId::partition_lease(actor.kind(), crate::partition::partition_of(actor, parts));
+    if let Some(node) = store.holder(&partition).await? {
+        let left = node.expires_at.as_millis();
+        return Err(StoreError::LeaseHeld {
+            actor: actor.clone(),
+            owner: node.owner,
+            token: node.token,
+            remaining_ms: left.saturating_sub(crate::Timestamp::now().as_millis()),
+        }
+        .into());
     }
     let ttl = Duration::from_secs(30);
     let lease = store.acquire(actor, owner, ttl).await?;

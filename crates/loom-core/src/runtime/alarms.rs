@@ -5,10 +5,10 @@
 //! A suspended invocation's message becomes visible in the store at a known time (its sleep's
 //! end, its wait's deadline). The dispatcher finds due messages by scanning the store's ready
 //! index every `Config::poll_interval` (50 ms by default), which made a woken sleeper up to a
-//! poll interval late; and a sleeper found then still had to be activated (its lease taken, its
-//! journal read) before its handler could go on. The node that suspends an invocation notes
+//! poll interval late; and a sleeper found then still had to be activated (its state
+//! recovered, its journal read) before its handler could go on. The node that suspends an invocation notes
 //! here which actor comes due when. For a sleep, [`WARM_AHEAD`] before that moment the
-//! dispatcher activates the actor ([`Ring::Warm`]): its lease is taken and its state recovered
+//! dispatcher activates the actor ([`Ring::Warm`]): its state is recovered
 //! while its message is not yet visible, so it waits idle; at the moment itself ([`Ring::Due`])
 //! the dispatcher wakes it, and it leases its message at once. A wake-up is then one mailbox
 //! lease and the replay of its invocation late, not an activation. A wait's deadline is not

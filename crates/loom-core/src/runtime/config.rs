@@ -83,12 +83,13 @@ impl Retry {
 pub struct Config {
     /// This node's name in leases (default: `loom-<pid>-<random>`); unique per process.
     pub node: String,
-    /// How long an actor lease lasts without renewal (default 10 s); renewed every third of it.
+    /// How long a lease lasts without renewal (default 10 s); renewed every third of it. A
+    /// node's partitions' leases are these: they fence the partitions' actors (rule D8).
     pub lease_ttl: Duration,
     /// How long a message stays out while its invocation runs before another consumer may take it
     /// (default 10 s, as `lease_ttl`); extended every third of it while a long invocation runs
     /// an activity or waits. When a node dies mid-invocation, another node runs the message
-    /// once both its actor's lease and this have run out: keep it no longer than `lease_ttl`
+    /// once both its partition's lease and this have run out: keep it no longer than `lease_ttl`
     /// for a failover within the lease ttl.
     pub visibility: Duration,
     /// Retries of failed invocations.
@@ -114,7 +115,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// A durable sleep ([`Context::sleep`](super::Context::sleep)) with more than this left
     /// suspends its invocation instead of sleeping in memory (default 1 s): the actor is
-    /// passivated, its lease released and its memory freed, and its message comes back when
+    /// passivated and its memory freed, and its message comes back when
     /// the sleep ends; the replay then continues at the same step. Meanwhile the actor's later
     /// messages wait (one invocation at a time). A wait for an event
     /// ([`Context::wait_event`](super::Context::wait_event)) that has waited this long in memory

@@ -928,7 +928,7 @@ impl<'a> Context<'a> {
     ///
     /// A sleep with more than `Config::suspend_after` left (default 1 s) does not hold the actor
     /// in memory: the invocation suspends (this call returns [`StepError::Interrupted`], which
-    /// the handler passes on with `?`), the actor is passivated and its lease released, and the
+    /// the handler passes on with `?`), the actor is passivated, and the
     /// message comes back when the sleep ends, on whichever node; the replay then returns from
     /// this call and the handler goes on. Later messages to the actor wait meanwhile.
     ///
@@ -1030,8 +1030,8 @@ impl<'a> Context<'a> {
     ///
     /// A wait that has gone `Config::suspend_after` (default 1 s) in memory without its event,
     /// and has longer than that left, suspends, as a long [`sleep`](Self::sleep) does: this call
-    /// returns [`StepError::Interrupted`] (pass it on with `?`), the actor is passivated and its
-    /// lease released, and its message comes back when the event is delivered or the timeout
+    /// returns [`StepError::Interrupted`] (pass it on with `?`), the actor is passivated, and
+    /// its message comes back when the event is delivered or the timeout
     /// passes, on whichever node; the replay then continues this call. The event's delivery
     /// and the wake-up are one write, and the suspension checks for an event in the same write
     /// that suspends, so an event is never missed between the two. A wait resumed before its

@@ -8,11 +8,12 @@
 //!   (measured from when the renewal was sent), so a renewal has two thirds of the ttl to
 //!   succeed; a failed one is retried every [`RETRY`]. Leases due within the next sixth of the
 //!   ttl go along with the ones due now, so leases taken at different moments soon share calls.
-//! - An actor whose lease is reported lost, or runs out before a renewal succeeds, has its
-//!   `lost` token cancelled and stops at once. (Its fenced writes would be refused anyway.)
+//! - A partition whose lease is reported lost, or runs out before a renewal succeeds, has its
+//!   `lost` token cancelled, and its actors stop at once. (Their fenced writes would be refused
+//!   anyway.)
 //!   A renewal that has not answered by the earliest deadline of the leases it carries is given
 //!   up at that moment (they are treated as failed): a node cut off from its store (a network
-//!   partition, a stalled connection) stops its actors when their leases run out, instead of
+//!   partition, a stalled connection) stops its actors when their partitions' leases run out, instead of
 //!   running their handlers, and their activities, on past them until the store answers.
 //! - A lease's deadline is counted on this node's monotonic clock from when the request that
 //!   took or last renewed it was *sent*, plus the ttl: the store counted the lease's expiry from
@@ -21,8 +22,8 @@
 //!   store's clock, and is not compared with this node's).
 //! - A renewal only ever replaces the lease with the same token; a lease given up while its
 //!   renewal was in flight is not brought back.
-//! - Nothing is renewed for an actor whose task has ended: the [`Kept`] guard forgets the
-//!   lease when the task ends, however it ends (return, panic, abort).
+//! - Nothing is renewed for a partition this node gave up: the [`Kept`] guard forgets the
+//!   lease when it is dropped, however its holder ends (return, panic, abort).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -32,8 +32,9 @@
 //!
 //! How it works, and which promise each part keeps:
 //! - a message is enqueued durably before `send` returns (`Store::enqueue`);
-//! - an actor is active on one node at a time: activation takes its lease, and every write is
-//!   fenced by the lease and conditional on the journal's next seq;
+//! - an actor is active on one node at a time: the node that owns its partition runs it under
+//!   the partition's lease, and every write is fenced by that lease and conditional on the
+//!   journal's next seq (rule D8);
 //! - activation loads the newest readable snapshot and streams the journal tail;
 //! - a turn's entries, its message's ack, its outgoing messages and its reply are one atomic
 //!   write ([`Turn`](crate::store::backend::Turn));
@@ -353,9 +354,10 @@ impl Runtime {
     }
 
     /// Stops taking work, lets in-flight invocations finish (up to `Config::shutdown_timeout`),
-    /// passivates every actor and releases its lease, and hands this node's partitions to the
-    /// other nodes. What still runs at the timeout is stopped as [`kill`](Self::kill) stops it
-    /// (it resumes after a restart, or on another node once its leases run out).
+    /// passivates every actor, and hands this node's partitions to the other nodes (each
+    /// partition's lease, which fenced its actors, released once they are gone). What still
+    /// runs at the timeout is stopped as [`kill`](Self::kill) stops it (it resumes after a
+    /// restart, or on another node once its partition's lease runs out).
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         // Gone from the roster first: the other nodes stop naming this one the owner of its
@@ -378,8 +380,8 @@ impl Runtime {
             self.shared.killed.cancel();
             self.shared.tasks.wait().await;
         }
-        // Every actor has released its lease (or, after a timeout, lets it expire); the
-        // partitions go next, so that the other nodes take them at their next look.
+        // Every actor has stopped (or, after a timeout, was stopped); the partitions' leases go
+        // next, so that the other nodes take them at their next look.
         ownership::release_all(&self.shared).await;
         self.stop_keeper().await;
     }

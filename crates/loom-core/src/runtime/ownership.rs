@@ -16,7 +16,8 @@
 //!   and stopped by the hand-off, or never activated.
 //! - **Hand-off**: a partition the roster now gives to another node stops being owned at once
 //!   (nothing new starts), its active actors are asked to passivate (an invocation in flight
-//!   finishes, still fenced by the partition's lease), and once they are gone, or a lease ttl has
+//!   finishes, still fenced by the partition's lease, renewed meanwhile), and once they are
+//!   gone, or `shutdown_timeout` (at least a lease ttl) has
 //!   passed, its lease is released, so the new owner takes it at its next look instead of a
 //!   ttl later. A partition whose lease is lost (not renewed in time) stops being owned and its
 //!   actors are asked to passivate; it is not taken again before the next look.
@@ -337,10 +338,12 @@ fn stop_partition(shared: &Shared, kind: &str, p: u32) -> Vec<ActorId> {
 }
 
 /// Hands (kind, p), no longer owned here, to whoever wins it: stops its actors, waits until
-/// they are gone (at most a lease ttl), releases its lease.
+/// they are gone, keeping the lease that fences them renewed meanwhile, and releases it. The
+/// wait is bounded as a shutdown's is (`shutdown_timeout`, at least a lease ttl): an invocation
+/// in flight finishes, and the new owner takes the partition after it.
 async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) {
     let stopping = stop_partition(shared, kind, p);
-    let deadline = Instant::now() + shared.config.lease_ttl;
+    let deadline = Instant::now() + shared.config.shutdown_timeout.max(shared.config.lease_ttl);
     loop {
         let gone = {
             let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -353,7 +356,7 @@ async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) 
             tracing::warn!(
                 kind,
                 partition = p,
-                "a partition's actors did not stop within a lease ttl; releasing it anyway (they stop: its lease fenced their writes)"
+                "a partition's actors did not stop within the shutdown timeout; releasing it anyway (they stop: its lease fenced their writes)"
             );
             break;
         }

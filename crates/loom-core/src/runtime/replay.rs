@@ -328,8 +328,8 @@ pub(crate) fn state_patch(
 }
 
 /// Saves a snapshot at `seq` and trims through the oldest kept snapshot, in one write
-/// ([`JournalStore::compact`](crate::JournalStore::compact)), fenced by the actor's lease when
-/// the runtime compacts (rule D8). Entries appended meanwhile are above `seq`, so the trim never
+/// ([`JournalStore::compact`](crate::JournalStore::compact)), fenced by the lease the actor runs
+/// under (its partition's) when the runtime compacts (rule D8). Entries appended meanwhile are above `seq`, so the trim never
 /// touches them. Returns the new trim point.
 pub(crate) async fn snapshot_and_trim(
     store: &dyn Store,

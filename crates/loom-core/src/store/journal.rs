@@ -182,7 +182,7 @@ pub trait JournalStore: Send + Sync + 'static {
     /// oldest kept snapshot (when that is past the trim point), in one atomic write, only while
     /// `fence` is held ([`StoreError::LeaseLost`] otherwise, nothing written; a fence is checked
     /// as a [`Turn`](crate::store::Turn)'s is). Returns the trim
-    /// point after. This is compaction: a node that lost the actor's lease can no longer
+    /// point after. This is compaction: a node that lost the lease the actor ran under can no longer
     /// compact it, and there is no moment at which the snapshot is saved but not yet trimmed.
     async fn compact(
         &self,

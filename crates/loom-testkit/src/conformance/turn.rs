@@ -298,11 +298,13 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
 ) {
     let a = id("a");
     let part = partition_lease(&*store, &a);
-    // Another actor of the same partition.
-    let b = (0..)
+    // Other actors of the same partition.
+    let mut same = (0..)
         .map(|i| id(&format!("b{i}")))
-        .find(|b| partition_lease(&*store, b) == part)
-        .expect("some id shares a's partition");
+        .filter(|b| partition_lease(&*store, b) == part);
+    let b = same.next().expect("some id shares a's partition");
+    let crowd: Vec<ActorId> = same.by_ref().take(8).collect();
+    let c = same.next().expect("some id shares a's partition");
     let lease = store
         .acquire(&part, "node-1", Duration::from_secs(60))
         .await
@@ -322,6 +324,34 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
             .unwrap();
         assert_eq!(h.highest, 1, "{x}");
     }
+    // Many at once, as a node's actors commit (group commits batch them on some backends).
+    let committed = futures::future::join_all(crowd.iter().map(|x| {
+        store.commit_turn(Turn {
+            entries: &one,
+            ..turn(x, 1, &lease)
+        })
+    }))
+    .await;
+    for (x, h) in crowd.iter().zip(committed) {
+        assert_eq!(h.unwrap().highest, 1, "{x}");
+    }
+    // A retirement under the partition's lease waits for the actor's own lease too.
+    let d = deliver(&*store, &c).await;
+    let tool = store
+        .acquire(&c, "tool", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let refused = store.retire(&d.receipt, &lease, 0).await.unwrap_err();
+    assert!(
+        matches!(refused, StoreError::LeaseLost { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(store.pending(&c).await.unwrap(), 1);
+    assert!(store.release(&tool).await.unwrap());
+    assert_eq!(
+        store.retire(&d.receipt, &lease, 0).await.unwrap(),
+        Retired::Deleted
+    );
     // A tool takes a's own lease: a's writes under the partition's lease are refused, b's not.
     let own = store
         .acquire(&a, "tool", Duration::from_secs(60))

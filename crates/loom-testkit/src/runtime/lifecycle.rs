@@ -332,7 +332,8 @@ async fn many_actors_run_in_parallel(h: &Harness) {
 }
 
 /// After a shutdown: the invocation that was in flight completed (dropped by none) and no other
-/// ran, `pending` messages still wait, and the actor's lease is released.
+/// ran, `pending` messages still wait, and the lease that fenced it (its partition's) is
+/// released.
 async fn stopped_after_one_invocation(h: &Harness, id: &ActorId, pending: u64) {
     assert_eq!(
         h.count(id, |k| matches!(k, EntryKind::Completed { .. }))
@@ -341,9 +342,12 @@ async fn stopped_after_one_invocation(h: &Harness, id: &ActorId, pending: u64) {
         "the invocation in flight finished, and no other ran"
     );
     assert_eq!(h.store.pending(id).await.unwrap(), pending);
+    use loom_core::partition::{ownership_partitions, partition_of};
+    let p = partition_of(id, ownership_partitions(h.store.partitions()));
+    let partition = ActorId::partition_lease(id.kind(), p);
     assert!(
-        h.store.holder(id).await.unwrap().is_none(),
-        "the lease was not released"
+        h.store.holder(&partition).await.unwrap().is_none(),
+        "the partition's lease was not released"
     );
 }
 
