@@ -84,19 +84,24 @@ impl Ownership {
 
     /// True if this node holds the partition of `id`'s kind that `id` is in.
     pub(super) fn owns(&self, id: &ActorId) -> bool {
-        self.fence(id).is_some()
+        self.with_held(id, |_| ()).is_some()
     }
 
     /// While this node holds the partition `id` is in: that partition's lease, which fences
     /// every write of `id` (rule D8), and the token the lease keeper cancels if the lease is
     /// lost.
     pub(super) fn fence(&self, id: &ActorId) -> Option<(Lease, CancellationToken)> {
+        self.with_held(id, |h| (h.lease.clone(), h.lost.clone()))
+    }
+
+    /// `f` of the partition `id` is in, if this node holds it (its lease not lost).
+    fn with_held<T>(&self, id: &ActorId, f: impl FnOnce(&Held) -> T) -> Option<T> {
         let p = partition_of(id, self.partitions);
         self.lock()
             .get(id.kind())
             .and_then(|parts| parts.get(&p))
             .filter(|h| !h.lost.is_cancelled())
-            .map(|h| (h.lease.clone(), h.lost.clone()))
+            .map(f)
     }
 
     /// How many partitions each kind is cut into.
