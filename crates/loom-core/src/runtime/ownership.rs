@@ -377,9 +377,9 @@ async fn release(shared: &Shared, held: Held) {
     if lost.is_cancelled() {
         return;
     }
-    // An actor of the partition still running (a hand-off that waited a lease ttl for it)
-    // stops now: its writes were fenced by this lease, which is given up below.
-    let _stop = lost.drop_guard();
+    // An actor of the partition still running (a hand-off that waited out its bound for it)
+    // stops now, before the lease that fences its writes is given up.
+    lost.cancel();
     match shared.store.release(&lease).await {
         Ok(_) => {}
         Err(e) => tracing::warn!(
