@@ -289,6 +289,30 @@ fn partition_lease(store: &dyn Store, a: &ActorId) -> ActorId {
     ActorId::partition_lease(a.kind(), p)
 }
 
+/// What a turn appending `seq`, a compaction (a snapshot at 1) and a park of `a`, each fenced
+/// by `fence`, came to, in that order.
+async fn fenced_writes(
+    store: &dyn Store,
+    a: &ActorId,
+    seq: Seq,
+    fence: &loom_core::Lease,
+) -> [Result<(), StoreError>; 3] {
+    let one = entries(seq, seq);
+    let turn = store
+        .commit_turn(Turn {
+            fence: Some(fence),
+            ..Turn::append(a, seq, &one)
+        })
+        .await;
+    let compact = store
+        .compact(a, &Snapshot::new(1, json!(1)), 1, Some(fence))
+        .await;
+    let park = store
+        .park(a, &loom_core::Park::new("node-1", "why"), Some(fence))
+        .await;
+    [turn.map(drop), compact.map(drop), park]
+}
+
 /// Rule D8: a node runs a partition's actors under the partition's one lease. Its turns,
 /// compactions and parks commit while that lease is held and nobody holds the actor's own; a
 /// lease lost or taken over, or the actor's own lease taken (by a tool), refuses them with
@@ -358,33 +382,12 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
         .await
         .unwrap();
     let two = entries(2, 2);
-    let refused = store
-        .commit_turn(Turn {
-            entries: &two,
-            ..turn(&a, 2, &lease)
-        })
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(refused, StoreError::LeaseLost { .. }),
-        "{refused:?}"
-    );
-    let refused = store
-        .compact(&a, &Snapshot::new(1, json!(1)), 1, Some(&lease))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(refused, StoreError::LeaseLost { .. }),
-        "{refused:?}"
-    );
-    let refused = store
-        .park(&a, &loom_core::Park::new("node-1", "why"), Some(&lease))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(refused, StoreError::LeaseLost { .. }),
-        "{refused:?}"
-    );
+    for refused in fenced_writes(&*store, &a, 2, &lease).await {
+        assert!(
+            matches!(refused, Err(StoreError::LeaseLost { .. })),
+            "{refused:?}"
+        );
+    }
     assert_eq!(journal(&*store, &a).await, vec![1]);
     assert!(store.load_snapshot(&a, 1).await.unwrap().is_none());
     assert!(store.parked(&a).await.unwrap().is_none());
@@ -455,34 +458,12 @@ async fn a_fence_of_another_lease_than_the_actors_or_its_partitions_is_refused(
             .acquire(&other, "node-1", Duration::from_secs(60))
             .await
             .unwrap();
-        let one = entries(1, 1);
-        let refused = store
-            .commit_turn(Turn {
-                fence: Some(&lease),
-                ..Turn::append(&a, 1, &one)
-            })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(refused, StoreError::InvalidRequest(_)),
-            "{other}: {refused:?}"
-        );
-        let refused = store
-            .compact(&a, &Snapshot::new(1, json!(1)), 1, Some(&lease))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(refused, StoreError::InvalidRequest(_)),
-            "{other}: {refused:?}"
-        );
-        let refused = store
-            .park(&a, &loom_core::Park::new("node-1", "why"), Some(&lease))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(refused, StoreError::InvalidRequest(_)),
-            "{other}: {refused:?}"
-        );
+        for refused in fenced_writes(&*store, &a, 1, &lease).await {
+            assert!(
+                matches!(refused, Err(StoreError::InvalidRequest(_))),
+                "{other}: {refused:?}"
+            );
+        }
     }
     assert!(journal(&*store, &a).await.is_empty());
     assert!(store.parked(&a).await.unwrap().is_none());
