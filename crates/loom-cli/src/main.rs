@@ -338,8 +338,8 @@ enum MailboxCommand {
         key: Option<String>,
     },
     /// Moves the messages waiting (and due) for an actor to the dead letters, recording the
-    /// failure for callers that retry with an idempotency key; refused while a node runs the
-    /// actor.
+    /// failure for callers that retry with an idempotency key; refused while a node owns the
+    /// actor's partition (that node runs its messages).
     Bury {
         /// The actor, as `kind/key`.
         actor: String,
