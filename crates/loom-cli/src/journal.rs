@@ -68,11 +68,11 @@ pub async fn show(source: &Source, actor: &str, from: Seq, to: Seq) -> Result<()
 }
 
 pub async fn verify(
-    store: &dyn Store,
-    embedded: Option<&loom_core::EmbeddedStore>,
+    opened: &loom_cli::store::Opened,
     actor: Option<&str>,
     json: bool,
 ) -> Result<(), Failure> {
+    let store = &*opened.store;
     let actors = match actor {
         Some(a) => vec![parse_actor(a)?],
         None => all_actors(store).await?,
@@ -91,9 +91,13 @@ pub async fn verify(
     // The partitions' outboxes and high-water marks (the relay's invariants).
     let mut relay = String::new();
     let mut relay_json = serde_json::Value::Null;
-    if let Some(e) = embedded {
-        let states = e.outbox_states().await?;
-        let wrong = loom_core::embedded::check_outboxes(&states);
+    let states = match (&opened.embedded, &opened.redis) {
+        (Some(e), _) => e.outbox_states().await?,
+        (None, Some(r)) => r.outbox_states().await?,
+        (None, None) => Vec::new(),
+    };
+    if !states.is_empty() {
+        let wrong = loom_core::store::backend::check_outboxes(&states);
         for w in &wrong {
             eprintln!("{w}");
         }

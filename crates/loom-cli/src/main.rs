@@ -405,8 +405,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 JournalCommand::Verify { actor } => {
                     let opened = s.store("journal verify")?;
-                    let (store, embedded) = (&*opened.store, opened.embedded.as_ref());
-                    journal::verify(store, embedded, actor.as_deref(), json).await
+                    journal::verify(opened, actor.as_deref(), json).await
                 }
                 JournalCommand::Compact { actor, keep } => {
                     let store = &*s.store("journal compact")?.store;

@@ -71,10 +71,13 @@ impl StoreUrl {
         }
         if let Some((scheme, _)) = url.split_once("://") {
             return match scheme {
-                "redis" | "rediss" | "redis+unix" | "unix" => Ok(StoreUrl::Redis {
-                    url: url.to_owned(),
-                    prefix: ns.redis_prefix.clone(),
-                }),
+                "redis" | "rediss" | "redis+unix" | "unix" => {
+                    redis_partitions(url)?;
+                    Ok(StoreUrl::Redis {
+                        url: url.to_owned(),
+                        prefix: ns.redis_prefix.clone(),
+                    })
+                }
                 "postgres" | "postgresql" => Ok(StoreUrl::Postgres {
                     url: url.to_owned(),
                     schema: ns.pg_schema.clone(),
@@ -152,12 +155,43 @@ impl Opened {
     }
 }
 
+/// A Redis URL's own part and the partition count it asks a new store for
+/// (`redis://host/?partitions=N`: Loom's parameter, taken out before the client reads the URL).
+pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut partitions = None;
+    let mut rest = Vec::new();
+    for param in query.split('&') {
+        match param.strip_prefix("partitions=") {
+            Some(n) => {
+                let n: u32 = n.parse().map_err(|_| {
+                    Failure(format!(
+                        "partitions={n:?} is not a number; use redis://HOST/?partitions=N"
+                    ))
+                })?;
+                partitions = Some(loom_core::partition::check_partitions(n)?);
+            }
+            None => rest.push(param),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, partitions))
+}
+
 async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
+    let (url, partitions) = redis_partitions(url)?;
     let options = RedisOptions {
         prefix: prefix.to_owned(),
+        partitions,
         ..RedisOptions::default()
     };
-    let s = RedisStore::connect_with(url, options).await?;
+    let s = RedisStore::connect_with(&url, options).await?;
     Ok(Opened {
         store: Arc::new(s.clone()),
         embedded: None,
@@ -230,6 +264,32 @@ pub async fn open_or_create(url: &StoreUrl) -> Result<Opened, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_urls_partition_count_is_taken_out_of_its_query() {
+        assert_eq!(
+            redis_partitions("redis://h:1/0").unwrap(),
+            ("redis://h:1/0".to_owned(), None)
+        );
+        assert_eq!(
+            redis_partitions("redis://h:1/0?partitions=32").unwrap(),
+            ("redis://h:1/0".to_owned(), Some(32))
+        );
+        assert_eq!(
+            redis_partitions("redis+unix:///r.sock?user=u&partitions=3&pass=p").unwrap(),
+            ("redis+unix:///r.sock?user=u&pass=p".to_owned(), Some(3))
+        );
+        for bad in [
+            "redis://h/?partitions=x",
+            "redis://h/?partitions=0",
+            "redis://h/?partitions=257",
+        ] {
+            assert!(
+                StoreUrl::parse(bad, &Namespace::both("ns")).is_err(),
+                "{bad} parsed"
+            );
+        }
+    }
 
     #[test]
     fn urls_parse_and_labels_hide_credentials() {

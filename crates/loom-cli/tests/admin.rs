@@ -204,6 +204,39 @@ fn migrate_embedded_to_redis_and_back_round_trips() {
     round_trip_through(&server.url(), &["--redis-prefix", "moved"]);
 }
 
+/// The same into a Redis store of three partitions (`?partitions=3` in the URL), whose
+/// `journal verify` also checks the relay's outboxes; a later URL asking another count is
+/// refused.
+#[test]
+fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
+    let server = RedisServer::start();
+    let remote = format!("{}?partitions=3", server.url());
+    round_trip_through(&remote, &["--redis-prefix", "parts"]);
+    let verified = ok(&[
+        "--redis-prefix",
+        "parts",
+        "journal",
+        "--store",
+        &remote,
+        "verify",
+    ]);
+    assert!(
+        verified.contains(
+            "3 partitions, outboxes and high-water marks consistent, 0 messages waiting to move"
+        ),
+        "{verified}"
+    );
+    let (ok_, _, err) = loom(&[
+        "--redis-prefix",
+        "parts",
+        "journal",
+        "--store",
+        &format!("{}?partitions=4", server.url()),
+        "ls",
+    ]);
+    assert!(!ok_ && err.contains("has 3 partition(s), not 4"), "{err}");
+}
+
 #[test]
 fn migrate_embedded_to_postgres_and_back_round_trips() {
     let server = PostgresServer::start();

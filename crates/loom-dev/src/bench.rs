@@ -74,7 +74,12 @@ fn baseline_for(url: &StoreUrl, scratch: &std::path::Path) -> Baseline {
     match url {
         StoreUrl::Embedded(dir, ..) => fsync(dir.clone()),
         StoreUrl::Memory => fsync(scratch.to_path_buf()),
-        StoreUrl::Redis { url, prefix } => xadd(url.clone(), format!("{prefix}:baseline")),
+        StoreUrl::Redis { url, prefix } => {
+            // Parsed when the URL was: it is valid here.
+            let url =
+                loom_cli::store::redis_partitions(url).map_or_else(|_| url.clone(), |(u, _)| u);
+            xadd(url, format!("{prefix}:baseline"))
+        }
         StoreUrl::Postgres { url, schema } => insert(url.clone(), schema.clone()),
     }
 }

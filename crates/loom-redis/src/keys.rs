@@ -2,7 +2,7 @@
 //! part in braces), so that in a cluster they live in one slot. The full layout, with what each
 //! key holds, is at the top of `loom.lua`.
 
-use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
+use loom_core::partition::{ownership_partitions, partition_of};
 use loom_core::store::Lease;
 use loom_core::store::backend::{FenceOf, fence_of};
 use loom_core::{ActorId, IdempotencyKey, StoreResult};
@@ -11,6 +11,8 @@ use loom_core::{ActorId, IdempotencyKey, StoreResult};
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     prefix: String,
+    /// The store's partitions (1 unless it was created with more; `lib.rs`).
+    partitions: u32,
 }
 
 /// An actor's journal keys.
@@ -30,10 +32,40 @@ pub(crate) struct MailboxKeys {
 }
 
 impl Keys {
-    pub(crate) fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str, partitions: u32) -> Self {
         Keys {
             prefix: prefix.to_owned(),
+            partitions,
         }
+    }
+
+    /// The store's partitions: a turn writes only its actor's partition, and a message to an
+    /// actor of another goes through the sender's partition's outbox (`relay.rs`).
+    pub(crate) fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partitions nodes own and the ready index is cut into: the store's own if it has
+    /// several, else [`loom_core::partition::SHARED_STORE_PARTITIONS`].
+    pub(crate) fn ownership(&self) -> u32 {
+        ownership_partitions(self.partitions)
+    }
+
+    /// Partition `p`'s hash tag (actor ids hold a `/`, so no actor's tag is one of these).
+    fn partition(&self, p: u32, suffix: &str) -> String {
+        format!("{}:{{_p.{p}}}:{suffix}", self.prefix)
+    }
+
+    /// Partition `p`'s outbox (a stream, ids `<outbox seq>-0`) and its meta (a hash: `s`, the
+    /// last outbox seq given).
+    pub(crate) fn outbox(&self, p: u32) -> (String, String) {
+        (self.partition(p, "ob"), self.partition(p, "obm"))
+    }
+
+    /// Partition `q`'s high-water marks: a hash, source partition -> the last outbox seq of
+    /// it that the relay enqueued into `q`.
+    pub(crate) fn high_water(&self, q: u32) -> String {
+        self.partition(q, "hw")
     }
 
     fn actor(&self, actor: &ActorId, suffix: &str) -> String {
@@ -80,8 +112,7 @@ impl Keys {
         let Some(fence) = fence else {
             return Ok((self.lease(a).0, None));
         };
-        // One store of one partition: nodes divide SHARED_STORE_PARTITIONS among themselves.
-        let own = match fence_of(a, fence, 1)? {
+        let own = match fence_of(a, fence, self.partitions)? {
             FenceOf::Own => None,
             FenceOf::Partition => Some(self.lease(a).0),
         };
@@ -97,7 +128,7 @@ impl Keys {
     }
 
     /// The ready index of one partition of one actor kind, among the
-    /// [`SHARED_STORE_PARTITIONS`] that nodes own (kinds are `[A-Za-z0-9_.-]`, safe in a key
+    /// [`ownership`](Self::ownership) partitions that nodes own (kinds are `[A-Za-z0-9_.-]`, safe in a key
     /// name): a node scans only those of the partitions it owns.
     pub(crate) fn ready_in(&self, kind: &str, partition: u32) -> String {
         format!("{}:ready:{kind}:{partition}", self.prefix)
@@ -105,7 +136,7 @@ impl Keys {
 
     /// The ready index that lists `actor` when its mailbox has something.
     pub(crate) fn ready(&self, actor: &ActorId) -> String {
-        self.ready_in(actor.kind(), partition_of(actor, SHARED_STORE_PARTITIONS))
+        self.ready_in(actor.kind(), partition_of(actor, self.ownership()))
     }
 
     /// Matches every ready index (and the per-kind ones of older layouts).
@@ -201,7 +232,7 @@ mod tests {
 
     #[test]
     fn an_actors_keys_share_one_tag_and_braces_are_encoded() {
-        let k = Keys::new("p");
+        let k = Keys::new("p", 1);
         let a = ActorId::new("acct", "alice").unwrap();
         assert_eq!(k.journal(&a).j, "p:{acct/alice}:j");
         assert_eq!(k.mailbox(&a).mm, "p:{acct/alice}:mm");

@@ -35,15 +35,18 @@
 //!
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
-//! `park.rs`, `membership.rs`; `group.rs` sends concurrent calls of the hot path's scripts as one
-//! script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds
+//! `park.rs`, `membership.rs`, `relay.rs` (as the embedded store's); `group.rs` sends concurrent
+//! calls of the hot path's scripts as one script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds
 //! the scripts, `lua.rs` cuts from it each script's functions.
 //!
 //! ## Deployment
 //!
 //! A turn that sends messages writes other actors' mailboxes in the same script as its own
 //! journal, and the ready and dead-letter indexes are global keys, so the store needs a single
-//! Redis primary (with replicas for failover), not a sharded Redis Cluster.
+//! Redis primary (with replicas for failover), not a sharded Redis Cluster. A store created
+//! with [`RedisOptions::partitions`] above 1 keeps each turn in its actor's partition: a message
+//! to an actor of another partition goes through the sender partition's outbox and the relay
+//! (`relay.rs`), the first step of the layout a cluster needs.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), loom_core::StoreError> {
@@ -60,6 +63,7 @@ mod lua;
 mod mailbox;
 mod membership;
 mod park;
+mod relay;
 mod resp;
 mod signals;
 mod turn;
@@ -87,6 +91,13 @@ pub struct RedisOptions {
     /// For `rediss://`: the CA certificate (PEM) that signed the server's certificate, when it
     /// is not in the system's trust store. `None` uses the system's roots.
     pub tls_root_cert: Option<Vec<u8>>,
+    /// How many partitions a new store is cut into (`None`: 1, or what the store under
+    /// `prefix` already has). Fixed when the store is created and recorded in it (`P:partitions`);
+    /// asking an existing store for another count is [`StoreError::InvalidRequest`]. With more
+    /// than one, a turn writes only its actor's partition and a message to an actor of another
+    /// goes through the sender partition's outbox and relay (`relay.rs`), as on a partitioned
+    /// embedded store: the layout Redis Cluster needs, where a script may touch one slot only.
+    pub partitions: Option<u32>,
 }
 
 impl Default for RedisOptions {
@@ -96,6 +107,7 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             tls_root_cert: None,
+            partitions: None,
         }
     }
 }
@@ -110,6 +122,8 @@ pub struct RedisStore {
     group: Arc<group::Group>,
     keys: Keys,
     scripts: &'static Scripts,
+    /// The outbox relay of a store of several partitions (`relay.rs`).
+    relay: Option<Arc<relay::Relay>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -179,6 +193,7 @@ macro_rules! scripts {
 scripts!(
     batched: append, turn, enqueue, enqueue_once, lease, settle, lookup;
     alone: save_snapshot, load_snapshot, trim, compact, delete, enqueue_event, cancel, retire,
+    relay_move,
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
     messages, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
 );
@@ -246,18 +261,24 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
-        let keys = Keys::new(&options.prefix);
+        let partitions = partitions(&mut conn.clone(), &options).await?;
+        let keys = Keys::new(&options.prefix, partitions);
+        let scripts: &'static Scripts = &SCRIPTS;
+        let signals = Arc::new(signals::Signals::new(
+            client,
+            conn.clone(),
+            keys.done(),
+            keys.wake(),
+        ));
+        let relay = (partitions > 1)
+            .then(|| relay::Relay::start(conn.clone(), keys.clone(), scripts, signals.clone()));
         let store = RedisStore {
             group: Arc::new(group::start(conn.clone(), options.response_timeout)),
-            signals: Arc::new(signals::Signals::new(
-                client,
-                conn.clone(),
-                keys.done(),
-                keys.wake(),
-            )),
+            signals,
             conn,
             keys,
-            scripts: &SCRIPTS,
+            scripts,
+            relay,
         };
         store.check_persistence().await;
         store.upgrade().await?;
@@ -479,6 +500,92 @@ impl RedisStore {
     /// The pattern every key of this store matches (`<prefix>:*`).
     pub fn key_pattern(&self) -> String {
         self.keys.pattern()
+    }
+}
+
+/// The store's partition count: what it recorded when it was created, else what `options`
+/// ask for (recorded now, if the store holds nothing yet), else 1.
+async fn partitions(
+    conn: &mut ConnectionManager,
+    options: &RedisOptions,
+) -> Result<u32, StoreError> {
+    let key = format!("{}:partitions", options.prefix);
+    let asked = options
+        .partitions
+        .map(loom_core::partition::check_partitions)
+        .transpose()?;
+    let recorded: Option<u32> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(conn)
+        .await
+        .map_err(re)?;
+    match (recorded, asked) {
+        (Some(has), Some(n)) if has != n => Err(StoreError::InvalidRequest(format!(
+            "the Redis store under prefix {:?} has {has} partition(s), not {n}: the count is fixed when a store is created",
+            options.prefix
+        ))),
+        (Some(has), _) => Ok(has),
+        (None, None | Some(1)) => Ok(1),
+        (None, Some(n)) => {
+            // Keys of a store of one partition would be in the wrong places for n.
+            if let Some(k) = first_data_key(conn, &options.prefix).await? {
+                return Err(StoreError::InvalidRequest(format!(
+                    "the Redis store under prefix {:?} already holds data of one partition ({k}):                      a store's partition count is fixed when it is created; use a new prefix for {n}",
+                    options.prefix
+                )));
+            }
+            // Two first connects racing: the first to record wins, and the other reads it.
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(n)
+                .arg("NX")
+                .query_async(conn)
+                .await
+                .map_err(re)?;
+            if set.is_some() {
+                return Ok(n);
+            }
+            let has: u32 = redis::cmd("GET")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .map_err(re)?;
+            if has != n {
+                return Err(StoreError::InvalidRequest(format!(
+                    "the Redis store under prefix {:?} was just created with {has} partition(s), not {n}",
+                    options.prefix
+                )));
+            }
+            Ok(has)
+        }
+    }
+}
+
+/// A key under `prefix` other than the ones a connect writes before any data (the layout and
+/// the roster), if there is one.
+async fn first_data_key(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+) -> Result<Option<String>, StoreError> {
+    let bare = [format!("{prefix}:layout"), format!("{prefix}:members")];
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(re)?;
+        if let Some(k) = keys.into_iter().find(|k| !bare.contains(k)) {
+            return Ok(Some(k));
+        }
+        if next == 0 {
+            return Ok(None);
+        }
+        cursor = next;
     }
 }
 

@@ -32,6 +32,13 @@
 --   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
 --   P:dlseq    counter, the last dead-letter id
 --   P:members  hash, node -> membership record (see "Membership" below)
+--   P:partitions  string, the store's partition count, if it was created with more than one
+--   P:{_p.N}:ob   stream, partition N's outbox (a store of several partitions): messages its
+--              turns sent to actors of other partitions; entry id "<outbox seq>-0", fields to,
+--              id, due (ms, 0 = now), m = envelope frame; trimmed by the relay (relay.rs)
+--   P:{_p.N}:obm  hash, partition N's outbox meta: s = the last outbox seq given
+--   P:{_p.N}:hw   hash, partition N's high-water marks: source partition -> the last outbox
+--              seq of it the relay enqueued into N
 --   P:layout   string, the layout the keys are in once a connect has moved older builds' shapes
 --              (lib.rs, `LAYOUT`)
 --   P:done     pub/sub channel (not a key): "<actor>\n<idempotency key>" of each result a turn
@@ -743,17 +750,58 @@ local function abandon(KEYS, ARGV)
   return { 'ok', '0' }
 end
 
+-- The outbox relay (relay.rs; rule D18) ------------------------------------------------------
+
+-- In a turn: appends a message to an actor of another partition to the turn's partition's
+-- outbox, numbered by the outbox's seq (gapless; the stream refuses an id not above the last).
+local function ob_push(ob, o, frame)
+  local seq = redis.call('HINCRBY', ob.obm, 's', 1)
+  redis.call('XADD', ob.ob, tostring(seq) .. '-0', 'to', o.to, 'id', o.id, 'due', tostring(o.due), 'm', frame)
+end
+
+-- One move of the relay into partition q: enqueues each message of source partition p whose
+-- outbox seq is above q's high-water mark for p, and raises the mark to the last one, so that a
+-- move repeated (after a crash before the outbox was trimmed, or by a second node's relay)
+-- enqueues nothing twice. Messages come in seq order.
+-- KEYS: q's hw, then mm, mq, md, mdx, ready of each message's recipient
+-- ARGV: p, then per message: seq, to, id, due (0: now), frame
+-- Reply: { 'ok', mark after, recipients of the messages enqueued due now... }
+local function relay_move(KEYS, ARGV)
+  local now = now_ms()
+  local p = ARGV[1]
+  local mark = num(redis.call('HGET', KEYS[1], p))
+  local woken = {}
+  local last = mark
+  for i = 0, (#ARGV - 1) / 5 - 1 do
+    local a = 2 + 5 * i
+    local seq = tonumber(ARGV[a])
+    if seq > mark then
+      local k = 2 + 5 * i
+      local mb = { mm = KEYS[k], mq = KEYS[k + 1], md = KEYS[k + 2], mdx = KEYS[k + 3], ready = KEYS[k + 4], actor = ARGV[a + 1] }
+      local due = tonumber(ARGV[a + 3])
+      mb_enqueue(mb, ARGV[a + 2], ARGV[a + 4], due, now)
+      if due <= now then woken[#woken + 1] = ARGV[a + 1] end
+      if seq > last then last = seq end
+    end
+  end
+  if last > mark then redis.call('HSET', KEYS[1], p, last) end
+  local r = { 'ok', tostring(last) }
+  for _, a in ipairs(woken) do r[#r + 1] = a end
+  return r
+end
+
 -- A turn: everything one step of an actor makes durable, all or nothing.
 -- KEYS: j, jm, actors, dl, dlseq, ls (the fence's), idem,
 --       mm, mq, md, mdx, ready of the actor's own mailbox (for `next`),
 --       mm, mq, md, mdx, ready of the settled delivery's mailbox (its own, or one of its event
---       lanes), then mm, mq, md, mdx, ready of each outgoing message's recipient (ready: the
---       index of the mailbox's kind and partition), then, for a partition's fence, the actor's
---       own ls.
+--       lanes), then mm, mq, md, mdx, ready of each outgoing message's recipient in the
+--       actor's partition (ready: the index of the mailbox's kind and partition), then, if any
+--       message goes to another partition, the actor's partition's ob and obm, then, for a
+--       partition's fence, the actor's own ls.
 -- ARGV[1]: JSON header {actor, mbox (the settled mailbox's actor), expected, n (entries),
 --          fence = [owner, token, partition's (true/false)] or absent, settle = {op = ack|bury, pos, dlv, id, reason} or
 --          absent, record_ttl or absent, next = [visibility, max] or absent,
---          out = [{to, id, due}, ...]}
+--          out = [{to, id, due, r (true: to another partition, through the outbox)}, ...]}
 -- ARGV[2..]: the entry frames, then the outgoing envelope frames, then the record value.
 local function turn(KEYS, ARGV, now)
   now = now or now_ms()
@@ -764,9 +812,18 @@ local function turn(KEYS, ARGV, now)
   end
   local own = box(8, h.actor)
   local sm = box(13, h.mbox)
+  -- Where each direct send's keys start, and the outbox's (after them, if used).
+  local at, ob = {}, nil
+  local k = 18
+  for i, o in ipairs(h.out) do
+    if not o.r then at[i] = k; k = k + 5 end
+  end
+  for _, o in ipairs(h.out) do
+    if o.r then ob = { ob = KEYS[k], obm = KEYS[k + 1] }; k = k + 2; break end
+  end
   if h.fence then
     local own = nil
-    if h.fence[3] then own = KEYS[18 + 5 * #h.out] end
+    if h.fence[3] then own = KEYS[k] end
     if not fence_held(KEYS[6], own, h.fence[1], h.fence[2]) then return { 'lost' } end
   end
   local refused = j_check(j, h.expected)
@@ -780,9 +837,13 @@ local function turn(KEYS, ARGV, now)
   for i = 1, h.n do frames[i] = ARGV[1 + i] end
   local highest = j_append(j, h.expected, frames)
   for i, o in ipairs(h.out) do
-    mb_enqueue(box(18 + (i - 1) * 5, o.to), o.id, ARGV[1 + h.n + i], o.due, now)
-    -- A message to the settled mailbox itself changed its meta: read again.
-    if o.to == h.mbox then current = nil end
+    if o.r then
+      ob_push(ob, o, ARGV[1 + h.n + i])
+    else
+      mb_enqueue(box(at[i], o.to), o.id, ARGV[1 + h.n + i], o.due, now)
+      -- A message to the settled mailbox itself changed its meta: read again.
+      if o.to == h.mbox then current = nil end
+    end
   end
   -- Acking the message of the mailbox it then leases from, the lease updates the ready index
   -- once for both.

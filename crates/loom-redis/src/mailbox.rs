@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
-use loom_core::partition::SHARED_STORE_PARTITIONS;
 use loom_core::store::backend::{
     check_purge, interleave_partitions, prepare_message, prepare_suspend,
 };
@@ -34,7 +33,7 @@ pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
 
 impl RedisStore {
     /// The ready actors of each kind's partitions in `wanted` (of
-    /// [`SHARED_STORE_PARTITIONS`]): one script call reads each partition's index, giving each
+    /// the store's ownership partitions, `Keys::ownership`): one script call reads each partition's index, giving each
     /// its share of `limit` and what the others leave to those with more (`ready_actors` in
     /// `loom.lua`); the lists are then taken from in turn, partitions within a kind and kinds
     /// within the result.
@@ -42,9 +41,10 @@ impl RedisStore {
         let mut keys = Vec::new();
         let mut args = vec![s(limit)];
         for (kind, parts) in wanted {
-            if let Some(p) = parts.iter().find(|p| **p >= SHARED_STORE_PARTITIONS) {
+            if let Some(p) = parts.iter().find(|p| **p >= self.keys.ownership()) {
                 return Err(StoreError::InvalidRequest(format!(
-                    "partition {p} of {kind}: a Redis store's ready index has {SHARED_STORE_PARTITIONS} per kind"
+                    "partition {p} of {kind}: this Redis store's ready index has {} per kind",
+                    self.keys.ownership()
                 )));
             }
             keys.extend(parts.iter().map(|p| self.keys.ready_in(kind, *p)));
@@ -251,7 +251,7 @@ impl Mailbox for RedisStore {
     }
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
-        let all: Vec<u32> = (0..SHARED_STORE_PARTITIONS).collect();
+        let all: Vec<u32> = (0..self.keys.ownership()).collect();
         let wanted: Vec<(&str, &[u32])> = kinds.iter().map(|k| (*k, all.as_slice())).collect();
         self.ready_in(&wanted, limit).await
     }
@@ -262,9 +262,10 @@ impl Mailbox for RedisStore {
         of: u32,
         limit: usize,
     ) -> StoreResult<Vec<ActorId>> {
-        if of != SHARED_STORE_PARTITIONS {
+        if of != self.keys.ownership() {
             return Err(StoreError::InvalidRequest(format!(
-                "a Redis store's ready index has {SHARED_STORE_PARTITIONS} partitions per kind, not {of}"
+                "this Redis store's ready index has {} partitions per kind, not {of}",
+                self.keys.ownership()
             )));
         }
         self.ready_in(wanted, limit).await
@@ -279,7 +280,7 @@ impl Mailbox for RedisStore {
             .map_err(re)?;
         let now = secs * 1000 + micros / 1000;
         let mut pipe = redis::pipe();
-        for p in 0..SHARED_STORE_PARTITIONS {
+        for p in 0..self.keys.ownership() {
             let key = self.keys.ready_in(kind, p);
             pipe.cmd("ZCARD")
                 .arg(&key)

@@ -39,7 +39,7 @@ const WAKES_QUEUED: usize = 65_536;
 const WAKES_PER_MESSAGE: usize = 512;
 
 /// A task aborted when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -129,6 +129,15 @@ impl Signals {
             (tx, AbortOnDrop(task))
         });
         tx.subscribe()
+    }
+
+    /// Hands `actors`, whose mailboxes this process's relay filled (`relay.rs`), to this
+    /// process's own receivers of [`arrivals`](Self::arrivals), which skip its own wake-ups.
+    pub(crate) fn arrived_here(&self, actors: Arc<[ActorId]>) {
+        if let Some((tx, _)) = self.arrivals.get() {
+            // An error only says that no receiver is left, which is no fault.
+            let _no_receiver = tx.send(actors);
+        }
     }
 
     /// Publishes, soon and batched with others, that `actors` have due messages.

@@ -55,13 +55,36 @@ struct OutHeader<'a> {
     to: &'a str,
     id: String,
     due: u64,
+    /// To an actor of another partition: through the outbox (`relay.rs`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    r: bool,
 }
 
 #[async_trait]
 impl Store for RedisStore {
+    fn partitions(&self) -> u32 {
+        self.keys.partitions()
+    }
+
     async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
-        // One partition: no outbox, nothing to relay.
-        Ok(Vec::new())
+        let n = self.keys.partitions();
+        if n == 1 {
+            // One partition: no outbox, nothing to relay.
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for p in 0..n {
+            pipe.cmd("XLEN").arg(self.keys.outbox(p).0);
+        }
+        let lens: Vec<u64> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(crate::re)?;
+        Ok(lens
+            .into_iter()
+            .zip(0..)
+            .map(|(waiting, partition)| loom_core::store::RelayBacklog { partition, waiting })
+            .collect())
     }
 
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
@@ -115,6 +138,10 @@ impl Store for RedisStore {
             }
             None => None,
         };
+        // A message to an actor of another partition goes through this one's outbox.
+        let n = self.keys.partitions();
+        let here = loom_core::partition::partition_of(turn.actor, n);
+        let relayed = |to: &ActorId| n > 1 && loom_core::partition::partition_of(to, n) != here;
         let header = TurnHeader {
             actor: turn.actor.as_str(),
             mbox: mailbox_actor.as_str(),
@@ -143,6 +170,7 @@ impl Store for RedisStore {
                     to: o.envelope.to.as_str(),
                     id: o.envelope.id.to_string(),
                     due: o.deliver_at.map_or(0, Timestamp::as_millis),
+                    r: relayed(&o.envelope.to),
                 })
                 .collect(),
         };
@@ -176,9 +204,18 @@ impl Store for RedisStore {
             mk.mdx,
             self.keys.ready(mailbox_actor),
         ];
+        let mut outbox = false;
         for o in turn.send {
+            if relayed(&o.envelope.to) {
+                outbox = true;
+                continue;
+            }
             let m = self.keys.mailbox(&o.envelope.to);
             keys.extend([m.mm, m.mq, m.md, m.mdx, self.keys.ready(&o.envelope.to)]);
+        }
+        if outbox {
+            let (ob, obm) = self.keys.outbox(here);
+            keys.extend([ob, obm]);
         }
         keys.extend(own_ls);
         let header = serde_json::to_vec(&header)
@@ -193,10 +230,18 @@ impl Store for RedisStore {
             "ok" => {
                 // Committed: the wake-ups go whatever the rest of the reply says. Its own
                 // mailbox the runtime wakes itself; other actors' owners may be other nodes.
+                // What went to the outbox the relay wakes once it has moved it.
+                if outbox && let Some(relay) = &self.relay {
+                    relay.pushed(here);
+                }
                 self.signals.wake(
                     turn.send
                         .iter()
-                        .filter(|o| o.deliver_at.is_none() && o.envelope.to != *turn.actor)
+                        .filter(|o| {
+                            o.deliver_at.is_none()
+                                && o.envelope.to != *turn.actor
+                                && !relayed(&o.envelope.to)
+                        })
                         .map(|o| &o.envelope.to)
                         .filter(|to| !to.is_system()),
                 );

@@ -18,6 +18,7 @@ async fn connect(url: &str, prefix: &str) -> RedisStore {
         response_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
         tls_root_cert: None,
+        partitions: None,
     };
     RedisStore::connect_with(url, options)
         .await

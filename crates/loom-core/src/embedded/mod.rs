@@ -49,6 +49,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
 use crate::partition::{check_partitions, partition_of};
 
+pub use crate::store::backend::{OutboxState, check_outboxes};
 pub use lock::LOCK_FILE;
 use lock::{DirLock, with_path};
 /// redb's file backend and backend trait, for [`EmbeddedStore::on_backend`].
@@ -60,7 +61,6 @@ use redo::Durability;
 pub use redo::REDO_FILE;
 #[cfg(feature = "testing")]
 pub use redo::RedoFile;
-pub use relay::{OutboxState, check_outboxes};
 pub use repartition::Repartitioned;
 use tables::{LAYOUT_VERSION, se};
 use writer::{LogSetup, Writer};

@@ -16,6 +16,7 @@ pub use super::mailbox::{
     prepare_message, prepare_suspend,
 };
 pub use super::membership::{beat, prepare_heartbeat};
+pub use super::relay::{OutboxState, check_outboxes};
 pub use super::turn::{Committed, Outgoing, Record, Settle, Turn, retire_status};
 
 /// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a

@@ -19,6 +19,7 @@ mod lease;
 mod mailbox;
 mod membership;
 mod park;
+mod relay;
 mod turn;
 
 pub use idempotency::{Completion, IdempotencyStore, Reservation};

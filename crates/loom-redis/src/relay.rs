@@ -1,0 +1,387 @@
+//! The outbox relay of a Redis store of several partitions (rule D18 of RELIABILITY.md; the
+//! design is DESIGN.md's "How a message travels", as on a partitioned embedded store).
+//!
+//! A turn writes only its actor's partition `p`: a message to an actor of the same partition it
+//! enqueues itself, one to an actor of partition `q != p` it appends to `p`'s outbox
+//! (`P:{_p.<p>}:ob`, a stream with ids `<outbox seq>-0`, numbered by `P:{_p.<p>}:obm`) in the
+//! same script (`turn` and `ob_push` in `loom.lua`). The relay then, for each partition with
+//! messages waiting:
+//!
+//! 1. reads the outbox from the bottom, [`BATCH`] at a time (what a script wrote is durable
+//!    once it answered, under `appendfsync always`: nothing is moved ahead of its turn);
+//! 2. for each target partition `q`, in seq order, one `relay_move` script in `q`: enqueues
+//!    each message whose seq is above `q`'s high-water mark for `p` and raises the mark — so a
+//!    move repeated after a crash, or made twice by two nodes' relays, enqueues nothing twice;
+//! 3. trims `p`'s outbox through the last seq read (`XTRIM MINID`), which every target has now
+//!    taken.
+//!
+//! Every process with the store open runs a relay: one that made a turn's outbox message moves
+//! it at once, and every relay looks at every outbox every [`SWEEP`], so what a crashed
+//! process left is moved by the others. Two relays moving one outbox at once are safe (each
+//! move of `q` covers a run of seqs that starts at the outbox's bottom, and the mark skips what
+//! another already moved), only wasted work. Messages keep their ids, delays and keys; per
+//! (sender, receiver) pair they arrive in the order sent.
+//!
+//! Invariants: `hw(q)[p] <= obm(p).s` (a mark never passes what `p` numbered); an outbox holds
+//! a gapless run of seqs ending at `obm(p).s`, addressed only to other partitions' actors; only
+//! a relay trims it, from the bottom, through seqs every target has taken.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use loom_core::partition::partition_of;
+use loom_core::{ActorId, StoreResult};
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+
+use crate::keys::Keys;
+use crate::resp::*;
+use crate::signals::{AbortOnDrop, Signals};
+use crate::{Scripts, re};
+
+/// Outbox messages read per pass.
+pub(crate) const BATCH: usize = 512;
+
+/// Most bytes of message frames in one `relay_move` call (a target's share of a pass is cut
+/// into several calls above it; messages are up to 1 MiB each).
+const MOVE_BYTES: usize = 4 << 20;
+
+/// How often every relay looks at every outbox (for what another process left).
+pub(crate) const SWEEP: Duration = Duration::from_millis(500);
+
+/// One store's relay, shared by its clones; its task stops when the last clone is dropped.
+pub(crate) struct Relay {
+    inner: Arc<Inner>,
+    _task: AbortOnDrop,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: &'static Scripts,
+    signals: Arc<Signals>,
+    /// Partitions whose outboxes this process wrote since the relay last looked.
+    dirty: Mutex<BTreeSet<u32>>,
+    wake: Notify,
+}
+
+/// One outbox message, as the relay moves it.
+struct Moving {
+    seq: u64,
+    to: ActorId,
+    id: Vec<u8>,
+    due: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl Relay {
+    /// Starts the relay of a store of `keys.partitions()` partitions.
+    pub(crate) fn start(
+        conn: ConnectionManager,
+        keys: Keys,
+        scripts: &'static Scripts,
+        signals: Arc<Signals>,
+    ) -> Arc<Relay> {
+        let inner = Arc::new(Inner {
+            conn,
+            keys,
+            scripts,
+            signals,
+            dirty: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(run(inner.clone()));
+        Arc::new(Relay {
+            inner,
+            _task: AbortOnDrop(task),
+        })
+    }
+
+    /// After a turn of partition `p` wrote its outbox: moves it soon.
+    pub(crate) fn pushed(&self, p: u32) {
+        self.inner
+            .dirty
+            .lock()
+            .expect("relay dirty set poisoned")
+            .insert(p);
+        self.inner.wake.notify_one();
+    }
+}
+
+async fn run(inner: Arc<Inner>) {
+    let all: Vec<u32> = (0..inner.keys.partitions()).collect();
+    loop {
+        let swept = tokio::select! {
+            () = inner.wake.notified() => false,
+            () = tokio::time::sleep(SWEEP) => true,
+        };
+        let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
+        let parts = if swept {
+            match inner.waiting(&all).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: could not read the outboxes' lengths; trying again in {SWEEP:?}");
+                    continue;
+                }
+            }
+        } else {
+            dirty.into_iter().collect()
+        };
+        for p in parts {
+            if let Err(e) = inner.drain(p).await {
+                // The outbox keeps what was not moved: the next sweep moves it.
+                tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// The partitions of `of` whose outboxes hold messages.
+    async fn waiting(&self, of: &[u32]) -> StoreResult<Vec<u32>> {
+        let mut pipe = redis::pipe();
+        for p in of {
+            pipe.cmd("XLEN").arg(self.keys.outbox(*p).0);
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await.map_err(re)?;
+        Ok(of
+            .iter()
+            .zip(lens)
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, _)| *p)
+            .collect())
+    }
+
+    /// Moves everything in partition `p`'s outbox, a pass of [`BATCH`] at a time.
+    async fn drain(&self, p: u32) -> StoreResult<()> {
+        let (ob, _) = self.keys.outbox(p);
+        loop {
+            let read: Value = redis::cmd("XRANGE")
+                .arg(&ob)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(re)?;
+            let Value::Array(items) = read else {
+                return Err(unexpected("outbox XRANGE reply"));
+            };
+            let Some(last) = items.last() else {
+                return Ok(());
+            };
+            let last = seq_of(
+                &entry_fields(last)
+                    .ok_or_else(|| unexpected("outbox entry"))?
+                    .0,
+            )?;
+            let mut per_target: BTreeMap<u32, Vec<Moving>> = BTreeMap::new();
+            for item in &items {
+                let m = moving(item)?;
+                per_target
+                    .entry(partition_of(&m.to, self.keys.partitions()))
+                    .or_default()
+                    .push(m);
+            }
+            let mut woken = Vec::new();
+            for (q, messages) in &per_target {
+                self.move_into(p, *q, messages, &mut woken).await?;
+            }
+            let _: u64 = redis::cmd("XTRIM")
+                .arg(&ob)
+                .arg("MINID")
+                .arg(format!("{}-0", last + 1))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(re)?;
+            if !woken.is_empty() {
+                self.signals.wake(&woken);
+                self.signals.arrived_here(woken.into());
+            }
+            if items.len() < BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Enqueues `messages` (of source partition `p`, in seq order) into partition `q`, in calls
+    /// of at most [`MOVE_BYTES`] of frames; adds the recipients made due to `woken`.
+    async fn move_into(
+        &self,
+        p: u32,
+        q: u32,
+        messages: &[Moving],
+        woken: &mut Vec<ActorId>,
+    ) -> StoreResult<()> {
+        let hw = self.keys.high_water(q);
+        let mut rest = messages;
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take_while(|m| {
+                    bytes += m.frame.len();
+                    bytes <= MOVE_BYTES
+                })
+                .count()
+                .max(1);
+            let (now, later) = rest.split_at(n);
+            rest = later;
+            let mut keys = vec![hw.clone()];
+            let mut args = vec![s(p)];
+            for m in now {
+                let mb = self.keys.mailbox(&m.to);
+                keys.extend([mb.mm, mb.mq, mb.md, mb.mdx, self.keys.ready(&m.to)]);
+                args.extend([
+                    s(m.seq),
+                    s(m.to.as_str()),
+                    m.id.clone(),
+                    m.due.clone(),
+                    m.frame.clone(),
+                ]);
+            }
+            let r = crate::group::array(
+                crate::group::invoke(
+                    &mut self.conn.clone(),
+                    &self.scripts.relay_move.script,
+                    &keys,
+                    args,
+                )
+                .await?,
+            )?;
+            if status(&r) != "ok" {
+                return Err(unexpected(format!("relay_move replied {}", status(&r))));
+            }
+            for v in r.iter().skip(2) {
+                let to = text(Some(v)).ok_or_else(|| unexpected("relay_move recipient"))?;
+                let to = ActorId::from_stored(&to, "relayed message recipient")?;
+                // An event lane is read by the invocation waiting on it, not activated.
+                if !to.is_system() {
+                    woken.push(to);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outbox seq of an entry id `<seq>-0`.
+fn seq_of(id: &str) -> StoreResult<u64> {
+    id.strip_suffix("-0")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| unexpected(format!("outbox entry id {id}")))
+}
+
+fn moving(item: &Value) -> StoreResult<Moving> {
+    let (id, fields) = entry_fields(item).ok_or_else(|| unexpected("outbox entry shape"))?;
+    let get = |name: &str| {
+        field(&fields, name)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| unexpected(format!("outbox entry {id} without {name}")))
+    };
+    let to = String::from_utf8_lossy(&get("to")?).into_owned();
+    Ok(Moving {
+        seq: seq_of(&id)?,
+        to: ActorId::from_stored(&to, "outbox recipient")?,
+        id: get("id")?,
+        due: get("due")?,
+        frame: get("m")?,
+    })
+}
+
+impl crate::RedisStore {
+    /// What each partition's outbox and high-water marks hold, for
+    /// [`check_outboxes`](loom_core::store::backend::check_outboxes) (`loom journal verify`)
+    /// and tests; empty for a store of one partition. `misplaced` is always 0: an actor's keys
+    /// are named by the actor, so none can lie in another's partition.
+    pub async fn outbox_states(&self) -> StoreResult<Vec<loom_core::store::backend::OutboxState>> {
+        let n = self.keys.partitions();
+        if n == 1 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn();
+        let mut out = Vec::with_capacity(n as usize);
+        for p in 0..n {
+            let (ob, obm) = self.keys.outbox(p);
+            // The counts in one MULTI, so that a turn writing meanwhile cannot make a gap
+            // appear between them.
+            let (outbox_seq, pending, bottom, marks): (Option<u64>, u64, Value, Vec<(u32, u64)>) =
+                redis::pipe()
+                    .atomic()
+                    .cmd("HGET")
+                    .arg(&obm)
+                    .arg("s")
+                    .cmd("XLEN")
+                    .arg(&ob)
+                    .cmd("XRANGE")
+                    .arg(&ob)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .cmd("HGETALL")
+                    .arg(self.keys.high_water(p))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(re)?;
+            let first = match &bottom {
+                Value::Array(items) => match items.first() {
+                    Some(e) => Some(seq_of(
+                        &entry_fields(e)
+                            .ok_or_else(|| unexpected("outbox entry shape"))?
+                            .0,
+                    )?),
+                    None => None,
+                },
+                _ => return Err(unexpected("outbox XRANGE reply")),
+            };
+            // The outbox from the bottom, a page at a time: whom each message is for.
+            let mut misaddressed = 0u64;
+            let mut from = "-".to_owned();
+            loop {
+                let page: Value = redis::cmd("XRANGE")
+                    .arg(&ob)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(re)?;
+                let Value::Array(items) = page else {
+                    return Err(unexpected("outbox XRANGE reply"));
+                };
+                for item in &items {
+                    let (id, fields) =
+                        entry_fields(item).ok_or_else(|| unexpected("outbox entry shape"))?;
+                    let seq = seq_of(&id)?;
+                    let to = field(&fields, "to")
+                        .and_then(|t| std::str::from_utf8(t).ok())
+                        .and_then(|t| t.parse::<ActorId>().ok());
+                    if to.is_none_or(|to| partition_of(&to, n) == p) {
+                        misaddressed += 1;
+                    }
+                    from = format!("{}-0", seq + 1);
+                }
+                if items.len() < BATCH {
+                    break;
+                }
+            }
+            let mut high_water = marks;
+            high_water.sort_unstable();
+            out.push(loom_core::store::backend::OutboxState {
+                partition: p,
+                outbox_seq: outbox_seq.unwrap_or(0),
+                pending,
+                first_pending: first,
+                high_water,
+                misaddressed,
+                misplaced: 0,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,202 @@
+//! The outbox relay of a partitioned Redis store (`relay.rs`): relays of several processes
+//! moving the same outboxes deliver each message once, and a store's partition count is fixed
+//! when it is created.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use loom_core::partition::partition_of;
+use loom_core::store::backend::{Outgoing, Turn, check_outboxes};
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, JournalStore, LeaseOptions, Mailbox, Store, StoreError,
+};
+use loom_redis::{RedisOptions, RedisStore};
+use loom_testkit::conformance::partitions::arrived;
+use loom_testkit::servers::RedisServer;
+use serde_json::json;
+
+async fn connect(
+    url: &str,
+    prefix: &str,
+    partitions: Option<u32>,
+) -> Result<RedisStore, StoreError> {
+    RedisStore::connect_with(
+        url,
+        RedisOptions {
+            prefix: prefix.to_owned(),
+            partitions,
+            ..RedisOptions::default()
+        },
+    )
+    .await
+}
+
+fn id(kind: &str, key: &str) -> ActorId {
+    ActorId::new(kind, key).expect("valid id")
+}
+
+/// Actors `prefix-0..` with `per` of them in every one of `n` partitions.
+fn spread(prefix: &str, n: u32, per: usize) -> Vec<ActorId> {
+    let mut counts = vec![0usize; n as usize];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while counts.iter().any(|c| *c < per) {
+        let a = id("relay", &format!("{prefix}-{i}"));
+        let p = partition_of(&a, n) as usize;
+        if counts[p] < per {
+            counts[p] += 1;
+            out.push(a);
+        }
+        i += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_several_processes_move_each_message_once() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let n = 4;
+    // Four connections of one store: four relays, each looking at every outbox every sweep,
+    // while the turns' own store moves what they wrote at once.
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(connect(&url, "race", Some(n)).await.expect("connect"));
+    }
+    let senders = spread("s", n, 4);
+    let receivers = spread("r", n, 2);
+    let rounds = 40u64;
+    let mut tasks = Vec::new();
+    for (i, s) in senders.iter().enumerate() {
+        let store = stores[i % stores.len()].clone();
+        let (s, receivers) = (s.clone(), receivers.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..rounds {
+                let send: Vec<Outgoing> = receivers
+                    .iter()
+                    .map(|r| Outgoing {
+                        envelope: Envelope::new(
+                            r.clone(),
+                            json!({ "from": s.as_str(), "round": round }),
+                        ),
+                        deliver_at: None,
+                    })
+                    .collect();
+                let entry = [Entry::new(
+                    round + 1,
+                    EntryKind::Completed {
+                        reply: json!(round),
+                    },
+                )];
+                store
+                    .commit_turn(Turn {
+                        send: &send,
+                        ..Turn::append(&s, round + 1, &entry)
+                    })
+                    .await
+                    .expect("turn");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let store = &stores[0];
+    let expected = senders.len() as u64 * rounds;
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        ..LeaseOptions::default()
+    };
+    for r in &receivers {
+        arrived(store, r, expected).await;
+    }
+    // Every relay's sweep has looked again since: anything moved twice is there now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for r in &receivers {
+        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
+        while let Some(d) = store.lease(r, opts).await.expect("lease") {
+            store.ack(&d.receipt).await.expect("ack");
+            by_sender
+                .entry(d.envelope.payload["from"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(d.envelope.payload["round"].as_u64().unwrap());
+        }
+        assert_eq!(by_sender.len(), senders.len(), "{r}");
+        for (s, seen) in by_sender {
+            assert_eq!(
+                seen,
+                (0..rounds).collect::<Vec<_>>(),
+                "{s} → {r}: each once, in the order sent"
+            );
+        }
+    }
+    let states = store.outbox_states().await.expect("outbox states");
+    assert_eq!(states.len(), n as usize);
+    assert!(
+        check_outboxes(&states).is_empty(),
+        "{:?}",
+        check_outboxes(&states)
+    );
+    assert!(states.iter().all(|s| s.pending == 0), "{states:?}");
+    assert!(
+        store
+            .relay_backlog()
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.waiting == 0),
+        "the backlog reads empty"
+    );
+    for s in stores {
+        s.destroy().await.expect("destroy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stores_partition_count_is_fixed_when_it_is_created() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let a = id("relay", "a");
+    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+
+    let three = connect(&url, "three", Some(3)).await.expect("connect");
+    assert_eq!(three.partitions(), 3);
+    three
+        .commit_turn(Turn::append(&a, 1, &entry))
+        .await
+        .expect("turn");
+    // Later connects read the count the store was made with.
+    assert_eq!(connect(&url, "three", None).await.unwrap().partitions(), 3);
+    assert_eq!(
+        connect(&url, "three", Some(3)).await.unwrap().partitions(),
+        3
+    );
+    let err = connect(&url, "three", Some(4))
+        .await
+        .expect_err("another count");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("3 partition")),
+        "{err}"
+    );
+
+    // A store of one partition with data cannot be taken for a partitioned one.
+    let one = connect(&url, "one", None).await.expect("connect");
+    assert_eq!(one.partitions(), 1);
+    one.commit_turn(Turn::append(&a, 1, &entry))
+        .await
+        .expect("turn");
+    let err = connect(&url, "one", Some(3))
+        .await
+        .expect_err("data of one partition");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("one partition")),
+        "{err}"
+    );
+    assert_eq!(connect(&url, "one", None).await.unwrap().partitions(), 1);
+    assert_eq!(one.highest_seq(&a).await.unwrap(), 1, "nothing was touched");
+
+    let err = connect(&url, "zero", Some(0))
+        .await
+        .expect_err("0 partitions");
+    assert!(matches!(err, StoreError::InvalidRequest(_)), "{err}");
+}
