@@ -163,8 +163,14 @@ pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
     };
     let mut partitions = None;
     let mut rest = Vec::new();
-    for param in query.split('&') {
+    for param in query.split('&').filter(|p| !p.is_empty()) {
         match param.strip_prefix("partitions=") {
+            Some(_) if partitions.is_some() => {
+                return Err(Failure(format!(
+                    "{}: partitions= is given twice",
+                    without_credentials(url)
+                )));
+            }
             Some(n) => {
                 let n: u32 = n.parse().map_err(|_| {
                     Failure(format!(
@@ -279,10 +285,15 @@ mod tests {
             redis_partitions("redis+unix:///r.sock?user=u&partitions=3&pass=p").unwrap(),
             ("redis+unix:///r.sock?user=u&pass=p".to_owned(), Some(3))
         );
+        assert_eq!(
+            redis_partitions("redis://h/?partitions=3&").unwrap(),
+            ("redis://h/".to_owned(), Some(3))
+        );
         for bad in [
             "redis://h/?partitions=x",
             "redis://h/?partitions=0",
             "redis://h/?partitions=257",
+            "redis://h/?partitions=2&partitions=3",
         ] {
             assert!(
                 StoreUrl::parse(bad, &Namespace::both("ns")).is_err(),

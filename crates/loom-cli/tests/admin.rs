@@ -204,27 +204,91 @@ fn migrate_embedded_to_redis_and_back_round_trips() {
     round_trip_through(&server.url(), &["--redis-prefix", "moved"]);
 }
 
-/// The same into a Redis store of three partitions (`?partitions=3` in the URL), whose
-/// `journal verify` also checks the relay's outboxes; a later URL asking another count is
+/// The same into a Redis store of three partitions (`?partitions=3` in the URL). Its
+/// `journal verify` also checks the relay's outboxes and marks (after a message crossed
+/// partitions, and again with a mark damaged by hand); a later URL asking another count is
 /// refused.
 #[test]
 fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
+    use loom_core::partition::partition_of;
+    use loom_core::store::backend::{Outgoing, Turn};
+    use loom_core::{Entry, EntryKind, Store};
     let server = RedisServer::start();
     let remote = format!("{}?partitions=3", server.url());
     round_trip_through(&remote, &["--redis-prefix", "parts"]);
-    let verified = ok(&[
-        "--redis-prefix",
-        "parts",
-        "journal",
-        "--store",
-        &remote,
-        "verify",
-    ]);
+    // A message from partition pa to an actor of partition pb, moved by the relay.
+    let a = ActorId::new("sender", "a").unwrap();
+    let pa = partition_of(&a, 3);
+    let b = (0..)
+        .map(|i| ActorId::new("receiver", format!("b{i}")).unwrap())
+        .find(|b| partition_of(b, 3) != pa)
+        .unwrap();
+    let pb = partition_of(&b, 3);
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let store = loom_redis::RedisStore::connect_with(
+            &server.url(),
+            loom_redis::RedisOptions {
+                prefix: "parts".into(),
+                ..loom_redis::RedisOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        assert_eq!(store.partitions(), 3);
+        let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+        let send = [Outgoing {
+            envelope: Envelope::new(b.clone(), json!("across")),
+            deliver_at: None,
+        }];
+        store
+            .commit_turn(Turn {
+                send: &send,
+                ..Turn::append(&a, 1, &entry)
+            })
+            .await
+            .expect("turn");
+        loom_testkit::conformance::partitions::arrived(&store, &b, 1).await;
+    });
+    let verify = || {
+        loom(&[
+            "--redis-prefix",
+            "parts",
+            "journal",
+            "--store",
+            &remote,
+            "verify",
+        ])
+    };
+    let (ok_, verified, err) = verify();
+    assert!(ok_, "{err}");
     assert!(
-        verified.contains(
-            "3 partitions, outboxes and high-water marks consistent, 0 messages waiting to move"
-        ),
+        verified.contains("ok: 4 journals")
+            && verified.contains(
+                "3 partitions, outboxes and high-water marks consistent, 0 messages waiting to move"
+            ),
         "{verified}"
+    );
+    // pb's mark for pa past anything pa numbered: damage verify must name.
+    let cli = loom_testkit::servers::find_binary("redis-cli", "apt-get install -y redis-tools");
+    let set = std::process::Command::new(cli)
+        .arg("-s")
+        .arg(server.socket())
+        .args([
+            "HSET",
+            &format!("parts:{{_p.{pb}}}:hw"),
+            &pa.to_string(),
+            "999",
+        ])
+        .output()
+        .expect("redis-cli");
+    assert!(set.status.success(), "{set:?}");
+    let (ok_, _, err) = verify();
+    assert!(
+        !ok_ && err.contains(&format!(
+            "partition {pb}: its mark for partition {pa} is 999, past that partition's last outbox seq 1"
+        )),
+        "{err}"
     );
     let (ok_, _, err) = loom(&[
         "--redis-prefix",

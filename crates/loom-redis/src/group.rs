@@ -197,7 +197,7 @@ mod tests {
         args.extend(prepare_append(actor, expected, &[entry(0, expected)]).expect("frames"));
         Call {
             entry: &store.scripts.append,
-            keys: vec![k.j, k.jm, store.keys.actors()],
+            keys: vec![k.j, k.jm, store.keys.actors_of(actor)],
             args,
         }
     }

@@ -116,7 +116,7 @@ impl JournalStore for RedisStore {
         let r = self
             .run(
                 &self.scripts.append,
-                &[&k.j, &k.jm, &self.keys.actors()],
+                &[&k.j, &k.jm, &self.keys.actors_of(actor)],
                 args,
             )
             .await?;
@@ -281,7 +281,7 @@ impl JournalStore for RedisStore {
         let r = self
             .run(
                 &self.scripts.begin_at,
-                &[&k.jm, &self.keys.actors()],
+                &[&k.jm, &self.keys.actors_of(actor)],
                 vec![s(actor.as_str()), s(through)],
             )
             .await?;
@@ -301,22 +301,12 @@ impl JournalStore for RedisStore {
         after: Option<&ActorId>,
         limit: usize,
     ) -> StoreResult<Vec<ActorId>> {
-        let mut conn = self.conn();
-        let min = match after {
-            Some(a) => format!("({a}"),
-            None => "-".to_owned(),
-        };
-        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
-            .arg(self.keys.actors())
-            .arg(min)
-            .arg("+")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(re)?;
-        ids.into_iter()
+        let sets: Vec<String> = (0..self.keys.partitions())
+            .map(|p| self.keys.actors(p))
+            .collect();
+        self.listed(&sets, after, limit)
+            .await?
+            .into_iter()
             .map(|s| ActorId::from_stored(&s, "journal actor id"))
             .collect()
     }

@@ -1,6 +1,10 @@
-//! Key names. Every key starts with the store's prefix; an actor's keys share one hash tag (the
-//! part in braces), so that in a cluster they live in one slot. The full layout, with what each
-//! key holds, is at the top of `loom.lua`.
+//! Key names. Every key starts with the store's prefix. In a store of one partition an actor's
+//! keys share one hash tag (the part in braces), its id; in a store of several, every key a
+//! script of partition `p` touches — its actors' journals, mailboxes, leases, idempotency
+//! records, parks, and the partition's own indexes, dead letters and outbox — has the tag
+//! `{_p.<p>}` (the actor's id follows in a second pair of braces, which Redis does not hash),
+//! so that in a cluster a partition lives in one slot and a turn touches one slot. The full
+//! layout, with what each key holds, is at the top of `loom.lua`.
 
 use loom_core::partition::{ownership_partitions, partition_of};
 use loom_core::store::Lease;
@@ -21,6 +25,14 @@ pub(crate) struct JournalKeys {
     pub(crate) jm: String,
     pub(crate) sn: String,
     pub(crate) sz: String,
+}
+
+/// Where a mailbox's buried messages go ([`Keys::dead_letters_of`]).
+pub(crate) struct DeadLetterKeys {
+    pub(crate) dl: String,
+    pub(crate) seq: String,
+    pub(crate) n: u32,
+    pub(crate) p: u32,
 }
 
 /// An actor's mailbox keys.
@@ -51,9 +63,15 @@ impl Keys {
         ownership_partitions(self.partitions)
     }
 
-    /// Partition `p`'s hash tag (actor ids hold a `/`, so no actor's tag is one of these).
+    /// Partition `p`'s own key `suffix`, under its hash tag (actor ids hold a `/`, so no
+    /// actor's tag is one of these).
     fn partition(&self, p: u32, suffix: &str) -> String {
         format!("{}:{{_p.{p}}}:{suffix}", self.prefix)
+    }
+
+    /// A key of partition `p` that a store of one partition keeps once, as `P:<name>`.
+    fn per_partition(&self, p: u32, name: &str) -> String {
+        format!("{}:{name}", self.start(p))
     }
 
     /// Partition `p`'s outbox (a stream, ids `<outbox seq>-0`) and its meta (a hash: `s`, the
@@ -68,14 +86,35 @@ impl Keys {
         self.partition(q, "hw")
     }
 
+    /// The partition `actor`'s keys are in: its placement, or for a partition's lease (the
+    /// system actor `_partition/<kind>.<p>`) that partition, so that the lease fencing a turn
+    /// is in the turn's slot.
+    pub(crate) fn partition_of(&self, actor: &ActorId) -> u32 {
+        match actor.partition_lease_of() {
+            Some((_, p)) if p < self.partitions => p,
+            _ => partition_of(actor, self.partitions),
+        }
+    }
+
+    /// Where a key of partition `p` starts: the prefix, and in a store of several partitions
+    /// the partition's hash tag.
+    fn start(&self, p: u32) -> String {
+        if self.partitions == 1 {
+            self.prefix.clone()
+        } else {
+            format!("{}:{{_p.{p}}}", self.prefix)
+        }
+    }
+
     fn actor(&self, actor: &ActorId, suffix: &str) -> String {
+        let start = self.start(self.partition_of(actor));
         let id = actor.as_str();
         // Braces inside the tag would change which part Redis hashes; such ids are hex-encoded.
         if id.contains(['{', '}']) {
             let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
-            format!("{}:{{x{hex}}}:{suffix}", self.prefix)
+            format!("{start}:{{x{hex}}}:{suffix}")
         } else {
-            format!("{}:{{{id}}}:{suffix}", self.prefix)
+            format!("{start}:{{{id}}}:{suffix}")
         }
     }
 
@@ -123,15 +162,26 @@ impl Keys {
         self.actor(a, &format!("i:{key}"))
     }
 
-    pub(crate) fn actors(&self) -> String {
-        format!("{}:actors", self.prefix)
+    /// Partition `p`'s journals, for listing (the one set of a store of one partition).
+    pub(crate) fn actors(&self, p: u32) -> String {
+        self.per_partition(p, "actors")
+    }
+
+    /// The set listing `a`'s journal.
+    pub(crate) fn actors_of(&self, a: &ActorId) -> String {
+        self.actors(self.partition_of(a))
     }
 
     /// The ready index of one partition of one actor kind, among the
     /// [`ownership`](Self::ownership) partitions that nodes own (kinds are `[A-Za-z0-9_.-]`, safe in a key
     /// name): a node scans only those of the partitions it owns.
     pub(crate) fn ready_in(&self, kind: &str, partition: u32) -> String {
-        format!("{}:ready:{kind}:{partition}", self.prefix)
+        if self.partitions == 1 {
+            format!("{}:ready:{kind}:{partition}", self.prefix)
+        } else {
+            // The ownership partitions are the store's own: the index lives in its partition.
+            self.partition(partition, &format!("ready:{kind}"))
+        }
     }
 
     /// The ready index that lists `actor` when its mailbox has something.
@@ -141,7 +191,11 @@ impl Keys {
 
     /// Matches every ready index (and the per-kind ones of older layouts).
     pub(crate) fn ready_pattern(&self) -> String {
-        format!("{}:ready:*", self.prefix)
+        if self.partitions == 1 {
+            format!("{}:ready:*", self.prefix)
+        } else {
+            format!("{}:{{_p.*}}:ready:*", self.prefix)
+        }
     }
 
     /// The per-kind ready index of layouts before per-partition ones (moved at connect; see
@@ -167,9 +221,14 @@ impl Keys {
         self.actor(a, "pk")
     }
 
-    /// Every parked actor (a sorted set, score 0, for listing in id order).
-    pub(crate) fn parked(&self) -> String {
-        format!("{}:parked", self.prefix)
+    /// Partition `p`'s parked actors (a sorted set, score 0, for listing in id order).
+    pub(crate) fn parked(&self, p: u32) -> String {
+        self.per_partition(p, "parked")
+    }
+
+    /// The set listing `a` while it is parked.
+    pub(crate) fn parked_of(&self, a: &ActorId) -> String {
+        self.parked(self.partition_of(a))
     }
 
     /// The pub/sub channel of recorded results (not a key: nothing is stored under it).
@@ -187,22 +246,47 @@ impl Keys {
         format!("{}:members", self.prefix)
     }
 
-    pub(crate) fn dead_letters(&self) -> String {
-        format!("{}:dl", self.prefix)
+    /// Partition `p`'s dead letters (a stream, ids `<dead letter id>-0`).
+    pub(crate) fn dead_letters(&self, p: u32) -> String {
+        self.per_partition(p, "dl")
     }
 
-    pub(crate) fn dead_letter_seq(&self) -> String {
-        format!("{}:dlseq", self.prefix)
+    /// Where a message of `a`'s mailbox goes when it is buried: the stream, the counter of its
+    /// ids, and the arguments `dl_next` (`loom.lua`) numbers them with — `n` and `p`, so that
+    /// partition `p` of `n` gives ids `p + n`, `p + 2n`, … and an id says which partition
+    /// holds it (`id % n`; a store of one partition gives 1, 2, …), as the embedded store's.
+    pub(crate) fn dead_letters_of(&self, a: &ActorId) -> DeadLetterKeys {
+        let p = self.partition_of(a);
+        DeadLetterKeys {
+            dl: self.dead_letters(p),
+            seq: self.per_partition(p, "dlseq"),
+            n: self.partitions,
+            p,
+        }
+    }
+
+    /// The partition holding dead letter `id`.
+    pub(crate) fn partition_of_dead_letter(&self, id: u64) -> u32 {
+        (id % u64::from(self.partitions)) as u32
     }
 
     /// Matches the mailbox meta key of every actor.
     pub(crate) fn mailbox_pattern(&self) -> String {
-        format!("{}:{{*}}:mm", self.prefix)
+        if self.partitions == 1 {
+            format!("{}:{{*}}:mm", self.prefix)
+        } else {
+            format!("{}:{{_p.*}}:{{*}}:mm", self.prefix)
+        }
     }
 
     /// The actor whose key `key` is (the inverse of the naming above).
     pub(crate) fn actor_of(&self, key: &str) -> Option<ActorId> {
-        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let mut rest = key.strip_prefix(&self.prefix)?;
+        if self.partitions > 1 {
+            let tagged = rest.strip_prefix(":{_p.")?;
+            rest = &tagged[tagged.find('}')? + 1..];
+        }
+        let rest = rest.strip_prefix(":{")?;
         let end = rest.rfind("}:")?;
         let tag = &rest[..end];
         if tag.contains('/') {
@@ -226,6 +310,24 @@ impl Keys {
     }
 }
 
+/// The part of `key` Redis Cluster hashes: what the first `{` and the next `}` enclose, if
+/// that is not empty, else the whole key.
+pub(crate) fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
+}
+
+/// Whether `keys` all hash to one slot by their tags (what a script may touch on a cluster).
+pub(crate) fn one_slot(keys: &[impl AsRef<str>]) -> bool {
+    keys.windows(2)
+        .all(|w| hash_tag(w[0].as_ref()) == hash_tag(w[1].as_ref()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +346,44 @@ mod tests {
         );
         assert_eq!(k.actor_of(&k.mailbox(&b).mm), Some(b));
         assert_eq!(k.actor_of(&k.mailbox(&a).mm), Some(a));
+    }
+
+    #[test]
+    fn in_a_partitioned_store_every_key_of_a_partition_has_its_tag() {
+        let k = Keys::new("p", 4);
+        let a = ActorId::new("acct", "alice").unwrap();
+        let p = partition_of(&a, 4);
+        let tag = format!("p:{{_p.{p}}}:");
+        let dl = k.dead_letters_of(&a);
+        let (ls, _) = k.lease(&a);
+        let lease = ActorId::partition_lease("acct", p);
+        for key in [
+            k.journal(&a).j,
+            k.mailbox(&a).mm,
+            k.idempotency(&a, &IdempotencyKey::new("x").unwrap()),
+            k.park(&a),
+            ls,
+            k.lease(&lease).0,
+            k.actors_of(&a),
+            k.parked_of(&a),
+            k.ready(&a),
+            dl.dl,
+            dl.seq,
+            k.outbox(p).0,
+            k.high_water(p),
+        ] {
+            assert!(key.starts_with(&tag), "{key} is not in {tag}");
+            assert_eq!(key.matches('{').count(), key.matches('}').count(), "{key}");
+        }
+        assert_eq!(k.journal(&a).j, format!("{tag}{{acct/alice}}:j"));
+        assert_eq!((dl.n, dl.p), (4, p));
+        assert_eq!(k.partition_of_dead_letter(u64::from(p) + 8), p);
+        let b = ActorId::new("acct", "we}ird{").unwrap();
+        assert_eq!(k.actor_of(&k.mailbox(&b).mm), Some(b));
+        assert_eq!(k.actor_of(&k.mailbox(&a).mm), Some(a.clone()));
+        assert_eq!(k.actor_of(&k.outbox(p).0), None);
+        assert_eq!(hash_tag(&k.journal(&a).j), format!("_p.{p}"));
+        assert_eq!(hash_tag("p:{}:x{y}"), "p:{}:x{y}");
+        assert!(!one_slot(&[k.journal(&a).j, k.outbox((p + 1) % 4).0]));
     }
 }

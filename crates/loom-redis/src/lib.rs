@@ -46,7 +46,8 @@
 //! Redis primary (with replicas for failover), not a sharded Redis Cluster. A store created
 //! with [`RedisOptions::partitions`] above 1 keeps each turn in its actor's partition: a message
 //! to an actor of another partition goes through the sender partition's outbox and the relay
-//! (`relay.rs`), the first step of the layout a cluster needs.
+//! (`relay.rs`), and every key of a partition carries its hash tag (`keys.rs`): the layout a
+//! cluster needs, where a script may touch one slot.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), loom_core::StoreError> {
@@ -148,6 +149,10 @@ pub(crate) struct Entry {
     pub(crate) name: &'static str,
     pub(crate) script: Script,
     pub(crate) batched: bool,
+    /// Whether a call may touch keys of several partitions of a partitioned store (reading
+    /// several partitions' ready indexes, renewing leases of several; `cross_slot` below):
+    /// every other call touches one partition's keys, one slot of a cluster.
+    pub(crate) cross_slot: bool,
 }
 
 /// Declares [`Scripts`], one [`Entry`] per name, and [`BATCHED`], the names `batch` runs.
@@ -167,11 +172,13 @@ macro_rules! scripts {
                         name: stringify!($b),
                         script: script(stringify!($b)),
                         batched: true,
+                        cross_slot: CROSS_SLOT.contains(&stringify!($b)),
                     },)*
                     $($a: Entry {
                         name: stringify!($a),
                         script: script(stringify!($a)),
                         batched: false,
+                        cross_slot: CROSS_SLOT.contains(&stringify!($a)),
                     },)*
                     batch: script("batch"),
                 }
@@ -197,6 +204,11 @@ scripts!(
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
     messages, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
 );
+
+/// The entry points whose calls may touch several partitions' keys: the ready scan (one call
+/// reads every partition asked for, sharing out its limit), lease renewals (one call renews a
+/// node's leases), and the moves of a store of one partition's older layouts.
+const CROSS_SLOT: &[&str] = &["ready_actors", "renew_many", "migrate_ready", "split_ready"];
 
 /// The scripts, made once for every store (they are the same text).
 static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Scripts::new);
@@ -449,6 +461,11 @@ impl RedisStore {
         keys: &[&str],
         args: Vec<Vec<u8>>,
     ) -> Result<Vec<Value>, StoreError> {
+        debug_assert!(
+            self.keys.partitions() == 1 || entry.cross_slot || keys::one_slot(keys),
+            "{} of a partitioned store touches keys of several slots: {keys:?}",
+            entry.name
+        );
         if !entry.batched {
             let mut conn = self.conn.clone();
             return group::array(group::invoke(&mut conn, &entry.script, keys, args).await?);
@@ -460,6 +477,36 @@ impl RedisStore {
         }
         .submit(&self.group)
         .await
+    }
+
+    /// The first `limit` members after `after` of the sorted sets `sets` (score 0, so in id
+    /// order; one per partition), as one list in id order.
+    pub(crate) async fn listed(
+        &self,
+        sets: &[String],
+        after: Option<&loom_core::ActorId>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let min = match after {
+            Some(a) => format!("({a}"),
+            None => "-".to_owned(),
+        };
+        let mut pipe = redis::pipe();
+        for set in sets {
+            pipe.cmd("ZRANGEBYLEX")
+                .arg(set)
+                .arg(&min)
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let per_set: Vec<Vec<String>> =
+            pipe.query_async(&mut self.conn.clone()).await.map_err(re)?;
+        let mut all: Vec<String> = per_set.into_iter().flatten().collect();
+        all.sort_unstable();
+        all.truncate(limit);
+        Ok(all)
     }
 
     pub(crate) fn conn(&self) -> ConnectionManager {
@@ -525,16 +572,20 @@ async fn partitions(
             options.prefix
         ))),
         (Some(has), _) => Ok(has),
-        (None, None | Some(1)) => Ok(1),
-        (None, Some(n)) => {
+        (None, asked) => {
+            let n = asked.unwrap_or(1);
             // Keys of a store of one partition would be in the wrong places for n.
-            if let Some(k) = first_data_key(conn, &options.prefix).await? {
+            if n > 1
+                && let Some(k) = first_data_key(conn, &options.prefix).await?
+            {
                 return Err(StoreError::InvalidRequest(format!(
-                    "the Redis store under prefix {:?} already holds data of one partition ({k}):                      a store's partition count is fixed when it is created; use a new prefix for {n}",
+                    "the Redis store under prefix {:?} already holds data of one partition ({k}): a store's partition count is fixed when it is created; use a new prefix for {n}",
                     options.prefix
                 )));
             }
-            // Two first connects racing: the first to record wins, and the other reads it.
+            // Recorded even for 1 (a connect asking nothing), so that a process connecting
+            // for another count meanwhile is refused: two first connects racing, the first
+            // to record wins, and the other reads it.
             let set: Option<String> = redis::cmd("SET")
                 .arg(&key)
                 .arg(n)
@@ -550,9 +601,9 @@ async fn partitions(
                 .query_async(conn)
                 .await
                 .map_err(re)?;
-            if has != n {
+            if asked.is_some_and(|n| n != has) {
                 return Err(StoreError::InvalidRequest(format!(
-                    "the Redis store under prefix {:?} was just created with {has} partition(s), not {n}",
+                    "the Redis store under prefix {:?} has {has} partition(s), not {n}: another process created it meanwhile",
                     options.prefix
                 )));
             }

@@ -2,7 +2,13 @@
 -- lua.rs, which needs every top-level item to be a `local function` ending with `end` alone on its
 -- line) followed by one `return <entry>(KEYS, ARGV)`.
 --
--- Key layout (P = prefix, T = the actor's hash tag; see keys.rs):
+-- Key layout (P = prefix, T = the actor's hash tag; see keys.rs). In a store of several
+-- partitions every key below but P:members, P:partitions and P:layout is of one partition N
+-- and starts with P:{_p.N} instead of P, so that all a script of N touches is in one slot:
+-- an actor's keys are P:{_p.N}:{<actor id>}:j ..., the indexes P:{_p.N}:actors,
+-- P:{_p.N}:ready:K, P:{_p.N}:parked, P:{_p.N}:dl, P:{_p.N}:dlseq (the ownership partitions are
+-- then the store's own), and the scripts that read or renew several partitions' keys at once
+-- are listed in lib.rs (`CROSS_SLOT`).
 --   P:{T}:j    stream, the journal; entry id "<seq>-0", field e = entry frame
 --   P:{T}:jm   hash, journal meta: h = highest seq, t = trimmed through, d = the highest seq
 --              when the journal was last deleted (no snapshot at or below it is accepted)
@@ -29,10 +35,11 @@
 --              mailbox of an actor of kind K in partition p of the 32 that nodes own
 --              (loom_core::partition::SHARED_STORE_PARTITIONS; Rust names the key)
 --   P:parked   zset (score 0) of every parked actor, for listing in id order
---   P:dl       stream, dead letters; entry id "<n>-0", fields env, actor, reason, dlv, at
---   P:dlseq    counter, the last dead-letter id
+--   P:dl       stream, dead letters; entry id "<id>-0", fields env, actor, reason, dlv, at;
+--              partition p of n numbers them c * n + p for its counter c = 1, 2, ... (dl_of)
+--   P:dlseq    counter, the partition's last dead letter (c)
 --   P:members  hash, node -> membership record (see "Membership" below)
---   P:partitions  string, the store's partition count, if it was created with more than one
+--   P:partitions  string, the store's partition count, recorded by the first connect
 --   P:{_p.N}:ob   stream, partition N's outbox (a store of several partitions): messages its
 --              turns sent to actors of other partitions; entry id "<outbox seq>-0", fields to,
 --              id, due (ms, 0 = now), m = envelope frame; trimmed by the relay (relay.rs)
@@ -293,13 +300,21 @@ local function mb_wake(ob, lane, now)
 end
 
 -- Moves the current message to the dead letters; returns the dead letter's id.
-local function mb_bury(mb, dl, dlseq, reason, now)
+-- dl = { key = the stream, seq = the counter, n = the store's partitions, p = the mailbox's }:
+-- partition p of n numbers its dead letters p + n, p + 2n, ..., so an id says which
+-- partition's stream holds it (keys.rs `dead_letters_of`); a store of one numbers 1, 2, ...
+local function mb_bury(mb, dl, reason, now)
   local _, f = mb_current_entry(mb)
   local dlv = num(redis.call('HGET', mb.mm, 'dlv'))
-  local n = redis.call('INCR', dlseq)
-  redis.call('XADD', dl, tostring(n) .. '-0', 'env', f.m, 'actor', mb.actor, 'reason', reason, 'dlv', dlv, 'at', now)
+  local id = redis.call('INCR', dl.seq) * dl.n + dl.p
+  redis.call('XADD', dl.key, tostring(id) .. '-0', 'env', f.m, 'actor', mb.actor, 'reason', reason, 'dlv', dlv, 'at', now)
   mb_remove_current(mb, now)
-  return n
+  return id
+end
+
+-- The dead-letter table of mb_bury from two keys and the n, p arguments.
+local function dl_of(key, seq, n, p)
+  return { key = key, seq = seq, n = tonumber(n), p = tonumber(p) }
 end
 
 -- Hands out the next due message, if any and none is out and the actor is not parked:
@@ -307,7 +322,7 @@ end
 -- updating the ready index (mb_remove_current's quiet), so it is updated here whatever happens.
 -- early: ms before its time a suspended current message (wp/wd still its position and
 -- deliveries) may go out (LeaseOptions::early); nil or 0 for none.
-local function mb_lease(mb, dl, dlseq, vis, max, now, pending, early)
+local function mb_lease(mb, dl, vis, max, now, pending, early)
   while true do
     local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'g', 'wp', 'wd')
     local cur = num(v[2])
@@ -331,7 +346,7 @@ local function mb_lease(mb, dl, dlseq, vis, max, now, pending, early)
         else
           reason = 'delivered ' .. dlv .. ' times and never acked (each lease ran out)'
         end
-        mb_bury(mb, dl, dlseq, reason, now)
+        mb_bury(mb, dl, reason, now)
         pending = false
       else
         -- Take the delivery over (its consumer died or gave it back): XCLAIM counts it.
@@ -503,18 +518,19 @@ local function enqueue_event(KEYS, ARGV)
 end
 
 -- KEYS: mm, mq, md, mdx, ready, dl, dlseq
--- ARGV: actor, visibility, max deliveries, early (ms; absent from older builds: 0)
+-- ARGV: actor, visibility, max deliveries, early (ms), n, p (dl_of)
 local function lease(KEYS, ARGV, now)
   now = now or now_ms()
   local mb = { mm = KEYS[1], mq = KEYS[2], md = KEYS[3], mdx = KEYS[4], ready = KEYS[5], actor = ARGV[1] }
-  local r = mb_lease(mb, KEYS[6], KEYS[7], tonumber(ARGV[2]), tonumber(ARGV[3]), now, false, tonumber(ARGV[4] or '0'))
+  local dl = dl_of(KEYS[6], KEYS[7], ARGV[5], ARGV[6])
+  local r = mb_lease(mb, dl, tonumber(ARGV[2]), tonumber(ARGV[3]), now, false, tonumber(ARGV[4]))
   if not r then return { 'none' } end
   return { 'ok', r[1], tostring(r[2]), tostring(r[3]), r[4] }
 end
 
 -- KEYS: mm, mq, md, mdx, ready, dl, dlseq, and for suspend on a lane the lane's mm
 -- ARGV: actor, op (ack|nack|extend|bury|suspend), pos, delivery, msgid, ms (delay or
--- visibility), text, and for suspend the lane ('' for none)
+-- visibility), text, n, p (dl_of), and for suspend the lane ('' for none)
 -- suspend is a nack that an event on the lane (enqueue_event) or a cancellation ends early;
 -- refused, nothing written, if the message was asked to be cancelled ('cancelled') or the lane
 -- holds a message ('busy').
@@ -529,8 +545,8 @@ local function settle(KEYS, ARGV, now)
     return { 'ok' }
   elseif op == 'suspend' then
     if redis.call('HEXISTS', mb.mm, 'c:' .. ARGV[5]) == 1 then return { 'cancelled' } end
-    if ARGV[8] ~= '' and num(redis.call('HGET', KEYS[8], 'n')) > 0 then return { 'busy' } end
-    redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]), 'err', ARGV[7], 'wl', ARGV[8], 'wp', ARGV[3], 'wd', ARGV[4])
+    if ARGV[10] ~= '' and num(redis.call('HGET', KEYS[8], 'n')) > 0 then return { 'busy' } end
+    redis.call('HSET', mb.mm, 'vis', now + tonumber(ARGV[6]), 'err', ARGV[7], 'wl', ARGV[10], 'wp', ARGV[3], 'wd', ARGV[4])
     mb_ready(mb, now)
     return { 'ok' }
   elseif op == 'nack' or op == 'extend' then
@@ -539,7 +555,7 @@ local function settle(KEYS, ARGV, now)
     mb_ready(mb, now)
     return { 'ok' }
   else
-    return { 'ok', tostring(mb_bury(mb, KEYS[6], KEYS[7], ARGV[7], now)) }
+    return { 'ok', tostring(mb_bury(mb, dl_of(KEYS[6], KEYS[7], ARGV[8], ARGV[9]), ARGV[7], now)) }
   end
 end
 
@@ -752,11 +768,21 @@ end
 
 -- The outbox relay (relay.rs; rule D18) ------------------------------------------------------
 
--- In a turn: appends a message to an actor of another partition to the turn's partition's
--- outbox, numbered by the outbox's seq (gapless; the stream refuses an id not above the last).
-local function ob_push(ob, o, frame)
-  local seq = redis.call('HINCRBY', ob.obm, 's', 1)
-  redis.call('XADD', ob.ob, tostring(seq) .. '-0', 'to', o.to, 'id', o.id, 'due', tostring(o.due), 'm', frame)
+-- In a turn, before anything else is written: appends its messages to actors of other
+-- partitions (out[i].r, frames argv[first + i]: the turn's own arguments, not the global ARGV,
+-- which under `batch` is the batch's) to the turn's partition's outbox,
+-- numbered on from the outbox's seq (gapless). The stream refuses an id not above its last,
+-- which can only fail at the first message, when nothing is written yet (the seq is raised
+-- after the last).
+local function ob_push(ob, out, argv, first)
+  local seq = num(redis.call('HGET', ob.obm, 's'))
+  for i, o in ipairs(out) do
+    if o.r then
+      seq = seq + 1
+      redis.call('XADD', ob.ob, tostring(seq) .. '-0', 'to', o.to, 'id', o.id, 'due', tostring(o.due), 'm', argv[first + i])
+    end
+  end
+  redis.call('HSET', ob.obm, 's', seq)
 end
 
 -- One move of the relay into partition q: enqueues each message of source partition p whose
@@ -780,11 +806,13 @@ local function relay_move(KEYS, ARGV)
       local mb = { mm = KEYS[k], mq = KEYS[k + 1], md = KEYS[k + 2], mdx = KEYS[k + 3], ready = KEYS[k + 4], actor = ARGV[a + 1] }
       local due = tonumber(ARGV[a + 3])
       mb_enqueue(mb, ARGV[a + 2], ARGV[a + 4], due, now)
+      -- Raised with each message, so that a command failing under a later one (which leaves
+      -- what ran before it written) costs no message enqueued twice on the next try.
+      redis.call('HSET', KEYS[1], p, seq)
       if due <= now then woken[#woken + 1] = ARGV[a + 1] end
-      if seq > last then last = seq end
+      last = seq
     end
   end
-  if last > mark then redis.call('HSET', KEYS[1], p, last) end
   local r = { 'ok', tostring(last) }
   for _, a in ipairs(woken) do r[#r + 1] = a end
   return r
@@ -833,13 +861,12 @@ local function turn(KEYS, ARGV, now)
     refused, current = mb_check(sm, h.settle.pos, h.settle.dlv, h.settle.id)
     if refused then return refused end
   end
+  if ob then ob_push(ob, h.out, ARGV, 1 + h.n) end
   local frames = {}
   for i = 1, h.n do frames[i] = ARGV[1 + i] end
   local highest = j_append(j, h.expected, frames)
   for i, o in ipairs(h.out) do
-    if o.r then
-      ob_push(ob, o, ARGV[1 + h.n + i])
-    else
+    if not o.r then
       mb_enqueue(box(at[i], o.to), o.id, ARGV[1 + h.n + i], o.due, now)
       -- A message to the settled mailbox itself changed its meta: read again.
       if o.to == h.mbox then current = nil end
@@ -853,7 +880,7 @@ local function turn(KEYS, ARGV, now)
       pending = h.next ~= nil and h.mbox == h.actor
       mb_remove_current(sm, now, current, pending)
     else
-      mb_bury(sm, KEYS[4], KEYS[5], h.settle.reason, now)
+      mb_bury(sm, dl_of(KEYS[4], KEYS[5], h.dl[1], h.dl[2]), h.settle.reason, now)
     end
   end
   if h.record_ttl then
@@ -862,7 +889,7 @@ local function turn(KEYS, ARGV, now)
   end
   local r = nil
   if h.next then
-    r = mb_lease(own, KEYS[4], KEYS[5], h.next[1], h.next[2], now, pending)
+    r = mb_lease(own, dl_of(KEYS[4], KEYS[5], h.dl[1], h.dl[2]), h.next[1], h.next[2], now, pending)
   end
   if r then
     return { 'ok', tostring(highest), r[1], tostring(r[2]), tostring(r[3]), r[4] }

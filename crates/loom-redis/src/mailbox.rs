@@ -81,6 +81,7 @@ impl RedisStore {
         global: &'a mut Vec<String>,
     ) -> &'a [String] {
         let m = self.keys.mailbox(actor);
+        let dl = self.keys.dead_letters_of(actor);
         global.clear();
         global.extend([
             m.mm,
@@ -88,10 +89,17 @@ impl RedisStore {
             m.md,
             m.mdx,
             self.keys.ready(actor),
-            self.keys.dead_letters(),
-            self.keys.dead_letter_seq(),
+            dl.dl,
+            dl.seq,
         ]);
         global
+    }
+
+    /// The `n, p` arguments the scripts number `actor`'s dead letters with (`dl_of` in
+    /// `loom.lua`).
+    pub(crate) fn dead_letter_args(&self, actor: &ActorId) -> [Vec<u8>; 2] {
+        let dl = self.keys.dead_letters_of(actor);
+        [s(dl.n), s(dl.p)]
     }
 
     /// `lane`: for `suspend` only, the lane suspended on.
@@ -115,6 +123,7 @@ impl RedisStore {
             s(ms),
             text_arg.as_bytes().to_vec(),
         ];
+        args.extend(self.dead_letter_args(&r.actor));
         match lane {
             Some(Some(lane)) => {
                 keys.push(self.keys.mailbox(lane).mm);
@@ -165,16 +174,16 @@ impl Mailbox for RedisStore {
             .map(String::as_str)
             .collect();
         let r = self
-            .run(
-                &self.scripts.lease,
-                &keys,
-                vec![
+            .run(&self.scripts.lease, &keys, {
+                let mut args = vec![
                     s(actor.as_str()),
                     ttl(opts.visibility),
                     s(opts.max_deliveries),
                     s(opts.early.as_millis()),
-                ],
-            )
+                ];
+                args.extend(self.dead_letter_args(actor));
+                args
+            })
             .await?;
         match status(&r).as_str() {
             "none" => Ok(None),
@@ -462,21 +471,30 @@ impl Mailbox for RedisStore {
     }
 
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
-        let mut conn = self.conn();
+        // Each partition's stream, in id order; then the first `limit` of them all.
         let start = format!("{}-0", after.map_or(0, |a| a.saturating_add(1)));
-        let v: Value = redis::cmd("XRANGE")
-            .arg(self.keys.dead_letters())
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(re)?;
-        let Value::Array(items) = v else {
-            return Err(unexpected("XRANGE reply"));
-        };
-        items.iter().map(dead_letter).collect()
+        let mut pipe = redis::pipe();
+        for p in 0..self.keys.partitions() {
+            pipe.cmd("XRANGE")
+                .arg(self.keys.dead_letters(p))
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit);
+        }
+        let per_partition: Vec<Value> = pipe.query_async(&mut self.conn()).await.map_err(re)?;
+        let mut out = Vec::new();
+        for v in &per_partition {
+            let Value::Array(items) = v else {
+                return Err(unexpected("XRANGE reply"));
+            };
+            for item in items {
+                out.push(dead_letter(item)?);
+            }
+        }
+        out.sort_by_key(|d| d.id);
+        out.truncate(limit);
+        Ok(out)
     }
 
     async fn purge_dead_letters(&self, ids: &[u64]) -> StoreResult<u64> {
@@ -484,21 +502,33 @@ impl Mailbox for RedisStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        // Dead letters are entries of one stream, `id-0`: XDEL deletes those there, one command.
-        let mut cmd = redis::cmd("XDEL");
-        cmd.arg(self.keys.dead_letters());
+        // Dead letters are entries `id-0` of their partition's stream (the id says which): one
+        // XDEL per partition deletes those there.
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
         for id in ids {
-            cmd.arg(format!("{id}-0"));
+            by_partition
+                .entry(self.keys.partition_of_dead_letter(*id))
+                .or_default()
+                .push(*id);
         }
-        let mut conn = self.conn();
-        let n: u64 = cmd.query_async(&mut conn).await.map_err(re)?;
-        Ok(n)
+        let mut pipe = redis::pipe();
+        for (p, ids) in &by_partition {
+            let cmd = pipe.cmd("XDEL").arg(self.keys.dead_letters(*p));
+            for id in ids {
+                cmd.arg(format!("{id}-0"));
+            }
+        }
+        let deleted: Vec<u64> = pipe.query_async(&mut self.conn()).await.map_err(re)?;
+        Ok(deleted.into_iter().sum())
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
         let mut conn = self.conn();
+        let dl = self
+            .keys
+            .dead_letters(self.keys.partition_of_dead_letter(id));
         let v: Value = redis::cmd("XRANGE")
-            .arg(self.keys.dead_letters())
+            .arg(&dl)
             .arg(format!("{id}-0"))
             .arg(format!("{id}-0"))
             .query_async(&mut conn)
@@ -513,14 +543,7 @@ impl Mailbox for RedisStore {
         let back = dead_letter(item)?.envelope.requeued();
         let frame = prepare_message(&back)?;
         let m = self.keys.mailbox(&back.to);
-        let mut keys = vec![
-            self.keys.dead_letters(),
-            m.mm,
-            m.mq,
-            m.md,
-            m.mdx,
-            self.keys.ready(&back.to),
-        ];
+        let mut keys = vec![dl, m.mm, m.mq, m.md, m.mdx, self.keys.ready(&back.to)];
         if let Some(key) = &back.idempotency_key {
             keys.push(self.keys.idempotency(&back.to, key));
         }

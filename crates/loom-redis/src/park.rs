@@ -21,7 +21,7 @@ impl Parking for RedisStore {
         let (pk, ready, parked) = (
             self.keys.park(actor),
             self.keys.ready(actor),
-            self.keys.parked(),
+            self.keys.parked_of(actor),
         );
         let mut keys = vec![ls.as_str(), &pk, &m.mm, &ready, &parked];
         keys.extend(own.as_deref());
@@ -48,7 +48,7 @@ impl Parking for RedisStore {
                     &m.md,
                     &m.mdx,
                     &self.keys.ready(actor),
-                    &self.keys.parked(),
+                    &self.keys.parked_of(actor),
                 ],
                 vec![s(actor.as_str())],
             )
@@ -81,21 +81,10 @@ impl Parking for RedisStore {
         after: Option<&ActorId>,
         limit: usize,
     ) -> StoreResult<Vec<(ActorId, Park)>> {
-        let mut conn = self.conn();
-        let min = match after {
-            Some(a) => format!("({a}"),
-            None => "-".to_owned(),
-        };
-        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
-            .arg(self.keys.parked())
-            .arg(min)
-            .arg("+")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit)
-            .query_async(&mut conn)
-            .await
-            .map_err(re)?;
+        let sets: Vec<String> = (0..self.keys.partitions())
+            .map(|p| self.keys.parked(p))
+            .collect();
+        let ids = self.listed(&sets, after, limit).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let actor = ActorId::from_stored(&id, "parked actor id")?;

@@ -112,10 +112,13 @@ impl Relay {
 
 async fn run(inner: Arc<Inner>) {
     let all: Vec<u32> = (0..inner.keys.partitions()).collect();
+    // The sweep keeps its pace however often pushes wake the loop in between.
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let swept = tokio::select! {
             () = inner.wake.notified() => false,
-            () = tokio::time::sleep(SWEEP) => true,
+            _ = sweep.tick() => true,
         };
         let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
         let parts = if swept {
@@ -131,7 +134,13 @@ async fn run(inner: Arc<Inner>) {
         };
         for p in parts {
             if let Err(e) = inner.drain(p).await {
-                // The outbox keeps what was not moved: the next sweep moves it.
+                // The outbox keeps what was not moved: the next sweep moves it (and so does
+                // the next push to it).
+                inner
+                    .dirty
+                    .lock()
+                    .expect("relay dirty set poisoned")
+                    .insert(p);
                 tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
             }
         }
@@ -186,10 +195,21 @@ impl Inner {
                     .or_default()
                     .push(m);
             }
-            let mut woken = Vec::new();
-            for (q, messages) in &per_target {
-                self.move_into(p, *q, messages, &mut woken).await?;
+            let mut woken = BTreeSet::new();
+            let moved = async {
+                for (q, messages) in &per_target {
+                    self.move_into(p, *q, messages, &mut woken).await?;
+                }
+                StoreResult::Ok(())
             }
+            .await;
+            // What was moved is woken whether or not the rest went.
+            if !woken.is_empty() {
+                let woken: Vec<ActorId> = woken.into_iter().collect();
+                self.signals.wake(&woken);
+                self.signals.arrived_here(woken.into());
+            }
+            moved?;
             let _: u64 = redis::cmd("XTRIM")
                 .arg(&ob)
                 .arg("MINID")
@@ -197,10 +217,6 @@ impl Inner {
                 .query_async(&mut self.conn.clone())
                 .await
                 .map_err(re)?;
-            if !woken.is_empty() {
-                self.signals.wake(&woken);
-                self.signals.arrived_here(woken.into());
-            }
             if items.len() < BATCH {
                 return Ok(());
             }
@@ -214,7 +230,7 @@ impl Inner {
         p: u32,
         q: u32,
         messages: &[Moving],
-        woken: &mut Vec<ActorId>,
+        woken: &mut BTreeSet<ActorId>,
     ) -> StoreResult<()> {
         let hw = self.keys.high_water(q);
         let mut rest = messages;
@@ -243,6 +259,7 @@ impl Inner {
                     m.frame.clone(),
                 ]);
             }
+            debug_assert!(crate::keys::one_slot(&keys), "a move into {q}: {keys:?}");
             let r = crate::group::array(
                 crate::group::invoke(
                     &mut self.conn.clone(),
@@ -260,7 +277,7 @@ impl Inner {
                 let to = ActorId::from_stored(&to, "relayed message recipient")?;
                 // An event lane is read by the invocation waiting on it, not activated.
                 if !to.is_system() {
-                    woken.push(to);
+                    woken.insert(to);
                 }
             }
         }
@@ -303,30 +320,34 @@ impl crate::RedisStore {
             return Ok(Vec::new());
         }
         let mut conn = self.conn();
-        let mut out = Vec::with_capacity(n as usize);
+        // Every mark before any outbox seq: a mark read earlier is at most the seq it covers
+        // then, and seqs only grow, so a store in use reads consistent.
+        let mut pipe = redis::pipe();
         for p in 0..n {
+            pipe.cmd("HGETALL").arg(self.keys.high_water(p));
+        }
+        let all_marks: Vec<Vec<(u32, u64)>> = pipe.query_async(&mut conn).await.map_err(re)?;
+        let mut out = Vec::with_capacity(n as usize);
+        for (p, marks) in (0..n).zip(all_marks) {
             let (ob, obm) = self.keys.outbox(p);
             // The counts in one MULTI, so that a turn writing meanwhile cannot make a gap
             // appear between them.
-            let (outbox_seq, pending, bottom, marks): (Option<u64>, u64, Value, Vec<(u32, u64)>) =
-                redis::pipe()
-                    .atomic()
-                    .cmd("HGET")
-                    .arg(&obm)
-                    .arg("s")
-                    .cmd("XLEN")
-                    .arg(&ob)
-                    .cmd("XRANGE")
-                    .arg(&ob)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1)
-                    .cmd("HGETALL")
-                    .arg(self.keys.high_water(p))
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(re)?;
+            let (outbox_seq, pending, bottom): (Option<u64>, u64, Value) = redis::pipe()
+                .atomic()
+                .cmd("HGET")
+                .arg(&obm)
+                .arg("s")
+                .cmd("XLEN")
+                .arg(&ob)
+                .cmd("XRANGE")
+                .arg(&ob)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(re)?;
             let first = match &bottom {
                 Value::Array(items) => match items.first() {
                     Some(e) => Some(seq_of(

@@ -37,6 +37,8 @@ struct TurnHeader<'a> {
     done: Option<(String, String)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<(u64, u32)>,
+    /// How the partition numbers its dead letters (`dl_of` in `loom.lua`).
+    dl: (u32, u32),
     out: Vec<OutHeader<'a>>,
 }
 
@@ -142,6 +144,8 @@ impl Store for RedisStore {
         let n = self.keys.partitions();
         let here = loom_core::partition::partition_of(turn.actor, n);
         let relayed = |to: &ActorId| n > 1 && loom_core::partition::partition_of(to, n) != here;
+        // The turn's own partition's dead letters: its own mailbox's and its lanes'.
+        let dl = self.keys.dead_letters_of(turn.actor);
         let header = TurnHeader {
             actor: turn.actor.as_str(),
             mbox: mailbox_actor.as_str(),
@@ -163,6 +167,7 @@ impl Store for RedisStore {
             next: turn
                 .next
                 .map(|o| (o.visibility.as_millis().max(1) as u64, o.max_deliveries)),
+            dl: (dl.n, dl.p),
             out: turn
                 .send
                 .iter()
@@ -188,9 +193,9 @@ impl Store for RedisStore {
         let mut keys: Vec<String> = vec![
             jk.j,
             jk.jm,
-            self.keys.actors(),
-            self.keys.dead_letters(),
-            self.keys.dead_letter_seq(),
+            self.keys.actors_of(turn.actor),
+            dl.dl,
+            dl.seq,
             ls,
             idem,
             own.mm,

@@ -152,6 +152,92 @@ async fn relays_of_several_processes_move_each_message_once() {
     }
 }
 
+/// The state a crash leaves between a move and its trim: the outbox still holds a message its
+/// target already took. The next move must skip it by the mark, and trim it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_repeated_after_a_crash_before_the_trim_enqueues_nothing_twice() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url, "again", Some(3)).await.expect("connect");
+    let a = id("relay", "a");
+    let pa = partition_of(&a, 3);
+    let b = (0..)
+        .map(|i| id("relay", &format!("b{i}")))
+        .find(|b| partition_of(b, 3) != pa)
+        .unwrap();
+    let msg = Envelope::new(b.clone(), json!("once"));
+    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+    let send = [Outgoing {
+        envelope: msg.clone(),
+        deliver_at: None,
+    }];
+    store
+        .commit_turn(Turn {
+            send: &send,
+            ..Turn::append(&a, 1, &entry)
+        })
+        .await
+        .expect("turn");
+    arrived(&store, &b, 1).await;
+    // Put the moved message back in the outbox, as it was before the trim.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ob = format!("again:{{_p.{pa}}}:ob");
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&ob)
+        .cmd("XADD")
+        .arg(&ob)
+        .arg("1-0")
+        .arg("to")
+        .arg(b.as_str())
+        .arg("id")
+        .arg(msg.id.to_string())
+        .arg("due")
+        .arg("0")
+        .arg("m")
+        .arg(loom_core::store::backend::prepare_message(&msg).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A later message from a, behind it in the same outbox.
+    let later = [Outgoing {
+        envelope: Envelope::new(b.clone(), json!("later")),
+        deliver_at: None,
+    }];
+    let entry = [Entry::new(2, EntryKind::Completed { reply: json!(2) })];
+    store
+        .commit_turn(Turn {
+            send: &later,
+            ..Turn::append(&a, 2, &entry)
+        })
+        .await
+        .expect("turn");
+    arrived(&store, &b, 2).await;
+    // Every relay has looked again since.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        ..LeaseOptions::default()
+    };
+    let mut got = Vec::new();
+    while let Some(d) = store.lease(&b, opts).await.expect("lease") {
+        store.ack(&d.receipt).await.expect("ack");
+        got.push(d.envelope.payload);
+    }
+    assert_eq!(got, [json!("once"), json!("later")], "each once, in order");
+    let states = store.outbox_states().await.expect("states");
+    assert!(
+        check_outboxes(&states).is_empty(),
+        "{:?}",
+        check_outboxes(&states)
+    );
+    assert_eq!(states[pa as usize].pending, 0, "the outbox is trimmed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stores_partition_count_is_fixed_when_it_is_created() {
     let server = RedisServer::start();
@@ -187,9 +273,27 @@ async fn a_stores_partition_count_is_fixed_when_it_is_created() {
         .expect("turn");
     let err = connect(&url, "one", Some(3))
         .await
+        .expect_err("recorded as one");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("has 1 partition(s), not 3")),
+        "{err}"
+    );
+    // A store of a build before counts were recorded: its data says it has one.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("one:partitions")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = connect(&url, "one", Some(3))
+        .await
         .expect_err("data of one partition");
     assert!(
-        matches!(&err, StoreError::InvalidRequest(m) if m.contains("one partition")),
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("already holds data of one partition")),
         "{err}"
     );
     assert_eq!(connect(&url, "one", None).await.unwrap().partitions(), 1);
