@@ -86,14 +86,11 @@ impl Keys {
         self.partition(q, "hw")
     }
 
-    /// The partition `actor`'s keys are in: its placement, or for a partition's lease (the
-    /// system actor `_partition/<kind>.<p>`) that partition, so that the lease fencing a turn
-    /// is in the turn's slot.
+    /// The partition `actor`'s keys are in: its placement, which for a partition's lease (the
+    /// system actor `_partition/<kind>.<p>`) is that partition, so that the lease fencing a
+    /// turn is in the turn's slot, and for an event lane its owner's.
     pub(crate) fn partition_of(&self, actor: &ActorId) -> u32 {
-        match actor.partition_lease_of() {
-            Some((_, p)) if p < self.partitions => p,
-            _ => partition_of(actor, self.partitions),
-        }
+        partition_of(actor, self.partitions)
     }
 
     /// Where a key of partition `p` starts: the prefix, and in a store of several partitions
@@ -189,6 +186,33 @@ impl Keys {
         self.ready_in(actor.kind(), partition_of(actor, self.ownership()))
     }
 
+    /// Whether `key`, found by [`ready_pattern`](Self::ready_pattern), is a ready index: in a
+    /// store of several partitions the pattern also matches actors' keys whose names end so
+    /// (an idempotency key may hold `}:ready:`), which are not.
+    pub(crate) fn is_ready_index(&self, key: &str) -> bool {
+        let kind_ok = |k: &str| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-:".contains(c))
+        };
+        if self.partitions == 1 {
+            return key
+                .strip_prefix(&self.prefix)
+                .and_then(|k| k.strip_prefix(":ready:"))
+                .is_some_and(kind_ok);
+        }
+        let Some(rest) = key
+            .strip_prefix(&self.prefix)
+            .and_then(|k| k.strip_prefix(":{_p."))
+        else {
+            return false;
+        };
+        let Some((p, kind)) = rest.split_once("}:ready:") else {
+            return false;
+        };
+        p.parse::<u32>().is_ok_and(|p| p < self.partitions) && !kind.contains(':') && kind_ok(kind)
+    }
+
     /// Matches every ready index (and the per-kind ones of older layouts).
     pub(crate) fn ready_pattern(&self) -> String {
         if self.partitions == 1 {
@@ -252,7 +276,7 @@ impl Keys {
     }
 
     /// Where a message of `a`'s mailbox goes when it is buried: the stream, the counter of its
-    /// ids, and the arguments `dl_next` (`loom.lua`) numbers them with — `n` and `p`, so that
+    /// ids, and the arguments `dl_of` (`loom.lua`) numbers them with — `n` and `p`, so that
     /// partition `p` of `n` gives ids `p + n`, `p + 2n`, … and an id says which partition
     /// holds it (`id % n`; a store of one partition gives 1, 2, …), as the embedded store's.
     pub(crate) fn dead_letters_of(&self, a: &ActorId) -> DeadLetterKeys {
@@ -383,6 +407,13 @@ mod tests {
         assert_eq!(k.actor_of(&k.mailbox(&a).mm), Some(a.clone()));
         assert_eq!(k.actor_of(&k.outbox(p).0), None);
         assert_eq!(hash_tag(&k.journal(&a).j), format!("_p.{p}"));
+        assert!(k.is_ready_index(&k.ready(&a)));
+        let tricky = k.idempotency(&a, &IdempotencyKey::new("x}:ready:acct").unwrap());
+        assert!(
+            tricky.ends_with(":ready:acct") && !k.is_ready_index(&tricky),
+            "{tricky}"
+        );
+        assert!(Keys::new("p", 1).is_ready_index(&Keys::new("p", 1).ready(&a)));
         assert_eq!(hash_tag("p:{}:x{y}"), "p:{}:x{y}");
         assert!(!one_slot(&[k.journal(&a).j, k.outbox((p + 1) % 4).0]));
     }

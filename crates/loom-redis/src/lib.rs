@@ -207,7 +207,9 @@ scripts!(
 
 /// The entry points whose calls may touch several partitions' keys: the ready scan (one call
 /// reads every partition asked for, sharing out its limit), lease renewals (one call renews a
-/// node's leases), and the moves of a store of one partition's older layouts.
+/// node's leases), and the moves of a store of one partition's older layouts. (On a single
+/// primary the group commit's `batch` call also carries requests of several partitions; a
+/// cluster needs it, and these, split per slot.)
 const CROSS_SLOT: &[&str] = &["ready_actors", "renew_many", "migrate_ready", "split_ready"];
 
 /// The scripts, made once for every store (they are the same text).
@@ -568,7 +570,7 @@ async fn partitions(
         .map_err(re)?;
     match (recorded, asked) {
         (Some(has), Some(n)) if has != n => Err(StoreError::InvalidRequest(format!(
-            "the Redis store under prefix {:?} has {has} partition(s), not {n}: the count is fixed when a store is created",
+            "the Redis store under prefix {:?} has {has} partition(s), not {n}: the count is fixed when a store is created (by the first connect, which records it in {key}, 1 unless it asked for more)",
             options.prefix
         ))),
         (Some(has), _) => Ok(has),

@@ -349,7 +349,7 @@ impl Mailbox for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(re)?;
-            for key in keys {
+            for key in keys.into_iter().filter(|k| self.keys.is_ready_index(k)) {
                 let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
                     .arg(&key)
                     .arg(0)

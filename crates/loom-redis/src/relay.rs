@@ -135,12 +135,8 @@ async fn run(inner: Arc<Inner>) {
         for p in parts {
             if let Err(e) = inner.drain(p).await {
                 // The outbox keeps what was not moved: the next sweep moves it (and so does
-                // the next push to it).
-                inner
-                    .dirty
-                    .lock()
-                    .expect("relay dirty set poisoned")
-                    .insert(p);
+                // the next push to it; not sooner, so a target that keeps failing is not
+                // retried at every push of another partition).
                 tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
             }
         }

@@ -129,8 +129,15 @@ impl Store for RedisStore {
             ),
             None => (None, None),
         };
-        // The turn settles a delivery of its own actor's mailbox, or of one of its event lanes.
+        // The turn settles a delivery of its own actor's mailbox, or of one of its event lanes:
+        // of its own partition, whose keys alone it may touch.
         let mailbox_actor = settle_actor.unwrap_or(turn.actor);
+        if self.keys.partition_of(mailbox_actor) != self.keys.partition_of(turn.actor) {
+            return Err(StoreError::InvalidRequest(format!(
+                "a turn of {} settles a message of {mailbox_actor}, which is in another partition",
+                turn.actor
+            )));
+        }
         let clipped;
         let settle = match settle {
             Some(mut h) => {

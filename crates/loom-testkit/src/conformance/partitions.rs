@@ -22,6 +22,7 @@ pub(super) fn cases() -> Vec<Case> {
         sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys,
         many_senders_in_many_partitions_deliver_exactly_once,
         a_sender_compacted_or_deleted_before_the_move_still_delivers_once,
+        a_turn_settling_a_message_of_another_partition_is_refused,
     ]
 }
 
@@ -287,4 +288,50 @@ async fn a_sender_compacted_or_deleted_before_the_move_still_delivers_once(store
         .await
         .unwrap();
     assert_eq!(store.pending(&targets[0]).await.unwrap(), 0);
+}
+
+/// A turn writes only its actor's partition: settling a message of an actor of another is
+/// refused, with nothing written. (On a store of one partition there is no other.)
+async fn a_turn_settling_a_message_of_another_partition_is_refused(store: Arc<dyn Store>) {
+    let n = store.partitions();
+    if n == 1 {
+        return;
+    }
+    let a = id("part", "settler");
+    let b = (0..)
+        .map(|i| id("part", &format!("other-{i}")))
+        .find(|b| partition_of(b, n) != partition_of(&a, n))
+        .expect("an actor of another partition");
+    store
+        .enqueue(&Envelope::new(b.clone(), json!("x")), None)
+        .await
+        .unwrap();
+    let d = store.lease(&b, opts()).await.unwrap().expect("x");
+    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+    let err = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&a, 1, &entry)
+        })
+        .await
+        .expect_err("a settle across partitions");
+    assert!(
+        matches!(err, loom_core::StoreError::InvalidRequest(_)),
+        "{err}"
+    );
+    assert_eq!(store.highest_seq(&a).await.unwrap(), 0, "nothing written");
+    assert_eq!(
+        store.pending(&b).await.unwrap(),
+        1,
+        "the message is still out"
+    );
+    // Its own actor's turn settles it.
+    store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            ..Turn::append(&b, 1, &entry)
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
 }
