@@ -71,7 +71,7 @@ impl StoreUrl {
         }
         if let Some((scheme, _)) = url.split_once("://") {
             return match scheme {
-                "redis" | "rediss" | "redis+unix" | "unix" => {
+                "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" => {
                     redis_partitions(url)?;
                     Ok(StoreUrl::Redis {
                         url: url.to_owned(),
@@ -190,6 +190,24 @@ pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
     Ok((url, partitions))
 }
 
+/// The nodes of a `redis+cluster://host:port,host:port/` URL, as `redis://host:port/` each
+/// (credentials before the first host go to every node); `None` for another URL.
+pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.split('/').next().unwrap_or_default();
+    Some(
+        hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{auth}{h}/"))
+            .collect(),
+    )
+}
+
 async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
     let (url, partitions) = redis_partitions(url)?;
     let options = RedisOptions {
@@ -197,7 +215,10 @@ async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
         partitions,
         ..RedisOptions::default()
     };
-    let s = RedisStore::connect_with(&url, options).await?;
+    let s = match redis_cluster_nodes(&url) {
+        Some(nodes) => RedisStore::connect_cluster(&nodes, options).await?,
+        None => RedisStore::connect_with(&url, options).await?,
+    };
     Ok(Opened {
         store: Arc::new(s.clone()),
         embedded: None,
@@ -270,6 +291,29 @@ pub async fn open_or_create(url: &StoreUrl) -> Result<Opened, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_cluster_url_names_its_nodes() {
+        assert_eq!(
+            redis_cluster_nodes("redis+cluster://u:pw@10.0.0.1:7000,10.0.0.2:7001/"),
+            Some(vec![
+                "redis://u:pw@10.0.0.1:7000/".to_owned(),
+                "redis://u:pw@10.0.0.2:7001/".to_owned()
+            ])
+        );
+        assert_eq!(
+            redis_cluster_nodes("redis+cluster://h:1"),
+            Some(vec!["redis://h:1/".to_owned()])
+        );
+        assert_eq!(redis_cluster_nodes("redis://h:1/"), None);
+        assert!(
+            StoreUrl::parse(
+                "redis+cluster://h:1,h:2/?partitions=8",
+                &Namespace::both("n")
+            )
+            .is_ok()
+        );
+    }
 
     #[test]
     fn a_redis_urls_partition_count_is_taken_out_of_its_query() {

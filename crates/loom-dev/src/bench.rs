@@ -136,34 +136,54 @@ fn xadd(url: String, key: String) -> Baseline {
     Arc::new(move |size, batch, rounds| {
         let (url, key) = (url.clone(), key.clone());
         Box::pin(async move {
+            // On a cluster: one key, so one primary's work (the pipeline goes to its slot's).
+            if let Some(nodes) = loom_cli::store::redis_cluster_nodes(&url) {
+                let c = redis::cluster::ClusterClient::new(nodes)
+                    .map_err(|e| e.to_string())?
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return xadds(c, &key, size, batch, rounds).await;
+            }
             let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-            let mut c = client
+            let c = client
                 .get_multiplexed_async_connection()
                 .await
                 .map_err(|e| e.to_string())?;
-            let payload = vec![b'x'; size];
-            let start = Instant::now();
-            for _ in 0..rounds {
-                let mut p = redis::pipe();
-                for _ in 0..batch {
-                    p.cmd("XADD")
-                        .arg(&key)
-                        .arg("*")
-                        .arg("e")
-                        .arg(&payload)
-                        .ignore();
-                }
-                let () = p.query_async(&mut c).await.map_err(|e| e.to_string())?;
-            }
-            let ops = (rounds * batch) as f64 / start.elapsed().as_secs_f64();
-            let () = redis::cmd("DEL")
-                .arg(&key)
-                .query_async(&mut c)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(ops)
+            xadds(c, &key, size, batch, rounds).await
         })
     })
+}
+
+/// `rounds` pipelines of `batch` `XADD`s of `size` bytes to `key`; appends per second.
+async fn xadds(
+    mut c: impl redis::aio::ConnectionLike,
+    key: &str,
+    size: usize,
+    batch: usize,
+    rounds: usize,
+) -> Result<f64, String> {
+    let payload = vec![b'x'; size];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let mut p = redis::pipe();
+        for _ in 0..batch {
+            p.cmd("XADD")
+                .arg(key)
+                .arg("*")
+                .arg("e")
+                .arg(&payload)
+                .ignore();
+        }
+        let () = p.query_async(&mut c).await.map_err(|e| e.to_string())?;
+    }
+    let ops = (rounds * batch) as f64 / start.elapsed().as_secs_f64();
+    let () = redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ops)
 }
 
 pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {

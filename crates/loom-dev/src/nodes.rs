@@ -45,6 +45,9 @@ pub enum Backend {
     Redis,
     /// A private PostgreSQL cluster.
     Postgres,
+    /// A private Redis Cluster of three primaries (the store cut into 32 partitions, or
+    /// `--partitions`).
+    RedisCluster,
 }
 
 /// The shape of a run.
@@ -207,8 +210,10 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                 .into(),
         ));
     }
-    if plan.partitions.is_some() && backend != Backend::Redis {
-        return Err(Failure("--partitions is for --backend redis".into()));
+    if plan.partitions.is_some() && backend == Backend::Postgres {
+        return Err(Failure(
+            "--partitions is for --backend redis and redis-cluster".into(),
+        ));
     }
     let (url, _server): (String, Box<dyn std::any::Any + Send>) = match backend {
         Backend::Redis => {
@@ -222,6 +227,14 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
         Backend::Postgres => {
             let s = PostgresServer::start();
             (s.url(), Box::new(s))
+        }
+        Backend::RedisCluster => {
+            let c = loom_testkit::servers::RedisCluster::start();
+            let url = match plan.partitions {
+                Some(n) => format!("{}?partitions={n}", c.url()),
+                None => c.url(),
+            };
+            (url, Box::new(c))
         }
     };
     eprintln!(

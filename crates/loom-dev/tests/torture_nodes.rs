@@ -85,6 +85,14 @@ fn three_nodes_and_a_fourth_on_a_partitioned_redis_survive_node_kills() {
     torture_nodes("redis", &["--partitions", "8"]);
 }
 
+/// The same on a private Redis Cluster of three primaries, the store cut into 32 partitions
+/// (one hash slot each), so every turn runs on its partition's primary and the relay moves
+/// messages between primaries.
+#[test]
+fn three_nodes_and_a_fourth_on_a_redis_cluster_survive_node_kills() {
+    torture_nodes("redis-cluster", &[]);
+}
+
 #[test]
 fn three_nodes_and_a_fourth_on_postgres_survive_node_kills() {
     torture_nodes("postgres", &[]);

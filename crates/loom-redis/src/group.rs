@@ -28,10 +28,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::conn::Conn;
 use futures::FutureExt;
 use loom_core::store::backend::{Batcher, RunBatch};
 use loom_core::{StoreError, StoreResult};
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use crate::resp::{status, text, unexpected};
@@ -80,7 +80,7 @@ pub(crate) struct Group {
 }
 
 /// Starts the group commit on `conn`, whose calls time out after `response_timeout`.
-pub(crate) fn start(conn: ConnectionManager, response_timeout: Duration) -> Group {
+pub(crate) fn start(conn: Conn, response_timeout: Duration) -> Group {
     Group {
         batcher: Batcher::start(crate::BACKEND, WORKERS, MAX_REQUESTS, run(conn, &SCRIPTS)),
         // A request may wait for a batch in flight before its own goes out.
@@ -95,49 +95,93 @@ pub(crate) fn start(conn: ConnectionManager, response_timeout: Duration) -> Grou
 )]
 struct NoReply(Duration);
 
-/// How a batch runs: one `batch` call, or the request's own script for a batch of one.
-fn run(conn: ConnectionManager, scripts: &'static Scripts) -> RunBatch<Call, Vec<Value>> {
+/// How a batch runs: one `batch` call, or the request's own script for a batch of one; on a
+/// cluster, one such call per slot (every request's keys are of one partition, one slot),
+/// all at once.
+fn run(conn: Conn, scripts: &'static Scripts) -> RunBatch<Call, Vec<Value>> {
     Arc::new(move |calls: Vec<Call>| {
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         async move {
+            if !conn.is_cluster() {
+                return call(conn, scripts, calls).await;
+            }
             let n = calls.len();
-            if n == 1 {
-                let c = calls.into_iter().next().expect("one call");
-                let reply = invoke(&mut conn, &c.entry.script, &c.keys, c.args).await;
-                return vec![reply.and_then(array)];
+            let mut per_slot: std::collections::BTreeMap<String, (Vec<usize>, Vec<Call>)> =
+                Default::default();
+            for (i, c) in calls.into_iter().enumerate() {
+                let tag = c
+                    .keys
+                    .first()
+                    .map_or_else(String::new, |k| crate::keys::hash_tag(k).to_owned());
+                let (at, of) = per_slot.entry(tag).or_default();
+                at.push(i);
+                of.push(c);
             }
-            // ARGV: n, then each call's entry, key count and argument count, then every call's
-            // arguments; KEYS: every call's keys (see `batch` in loom.lua).
-            let mut keys = Vec::new();
-            let mut args = Vec::with_capacity(1 + 3 * n);
-            args.push(n.to_string().into_bytes());
-            for c in &calls {
-                args.push(c.entry.name.as_bytes().to_vec());
-                args.push(c.keys.len().to_string().into_bytes());
-                args.push(c.args.len().to_string().into_bytes());
-            }
-            for c in calls {
-                keys.extend(c.keys);
-                args.extend(c.args);
-            }
-            match invoke(&mut conn, &scripts.batch, &keys, args).await {
-                Ok(Value::Array(replies)) if replies.len() == n => {
-                    replies.into_iter().map(batched).collect()
+            let (ats, groups): (Vec<Vec<usize>>, Vec<Vec<Call>>) = per_slot.into_values().unzip();
+            let replies = futures::future::join_all(
+                groups.into_iter().map(|g| call(conn.clone(), scripts, g)),
+            )
+            .await;
+            let mut out: Vec<Option<StoreResult<Vec<Value>>>> = (0..n).map(|_| None).collect();
+            for (at, replies) in ats.into_iter().zip(replies) {
+                for (i, r) in at.into_iter().zip(replies) {
+                    out[i] = Some(r);
                 }
-                Ok(other) => {
-                    let e = unexpected(format!("batch of {n} replied {other:?}"));
-                    (0..n).map(|_| Err(e.clone())).collect()
-                }
-                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
             }
+            out.into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(unexpected("a batched request without a reply"))))
+                .collect()
         }
         .boxed()
     })
 }
 
+/// One call for `calls`: their `batch`, or the request's own script for one.
+async fn call(
+    mut conn: Conn,
+    scripts: &'static Scripts,
+    calls: Vec<Call>,
+) -> Vec<StoreResult<Vec<Value>>> {
+    let n = calls.len();
+    if n == 1 {
+        let c = calls.into_iter().next().expect("one call");
+        let reply = invoke(&mut conn, &c.entry.script, &c.keys, c.args).await;
+        return vec![reply.and_then(array)];
+    }
+    debug_assert!(
+        !conn.is_cluster()
+            || crate::keys::one_slot(&calls.iter().flat_map(|c| &c.keys).collect::<Vec<_>>()),
+        "a batch on a cluster touches several slots"
+    );
+    // ARGV: n, then each call's entry, key count and argument count, then every call's
+    // arguments; KEYS: every call's keys (see `batch` in loom.lua).
+    let mut keys = Vec::new();
+    let mut args = Vec::with_capacity(1 + 3 * n);
+    args.push(n.to_string().into_bytes());
+    for c in &calls {
+        args.push(c.entry.name.as_bytes().to_vec());
+        args.push(c.keys.len().to_string().into_bytes());
+        args.push(c.args.len().to_string().into_bytes());
+    }
+    for c in calls {
+        keys.extend(c.keys);
+        args.extend(c.args);
+    }
+    match invoke(&mut conn, &scripts.batch, &keys, args).await {
+        Ok(Value::Array(replies)) if replies.len() == n => {
+            replies.into_iter().map(batched).collect()
+        }
+        Ok(other) => {
+            let e = unexpected(format!("batch of {n} replied {other:?}"));
+            (0..n).map(|_| Err(e.clone())).collect()
+        }
+        Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+    }
+}
+
 /// Calls `script` (loading it first if the server does not have it).
 pub(crate) async fn invoke(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     script: &Script,
     keys: &[impl AsRef<str>],
     args: Vec<Vec<u8>>,

@@ -77,19 +77,39 @@ impl LeaseManager for RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = leases.iter().map(|l| self.keys.lease(&l.actor).0).collect();
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let mut args = vec![ttl(ttl_)];
-        for l in leases {
-            args.push(s(&l.owner));
-            args.push(s(l.token));
+        // One call for all on one primary; on a cluster one per slot, all at once.
+        let mut groups: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for (i, k) in keys.iter().enumerate() {
+            let tag = if self.conn().is_cluster() {
+                crate::keys::hash_tag(k)
+            } else {
+                ""
+            };
+            groups.entry(tag).or_default().push(i);
         }
-        let r = self.run(&self.scripts.renew_many, &keys, args).await?;
-        if r.len() != leases.len() {
-            return Err(unexpected(format!(
-                "renew_many replied {} results for {} leases",
-                r.len(),
-                leases.len()
-            )));
+        let calls = groups.values().map(|at| {
+            let keys: Vec<&str> = at.iter().map(|i| keys[*i].as_str()).collect();
+            let mut args = vec![ttl(ttl_)];
+            for i in at {
+                args.push(s(&leases[*i].owner));
+                args.push(s(leases[*i].token));
+            }
+            async move { self.run(&self.scripts.renew_many, &keys, args).await }
+        });
+        let replies = futures::future::join_all(calls).await;
+        let mut r = vec![redis::Value::Nil; leases.len()];
+        for (at, reply) in groups.values().zip(replies) {
+            let reply = reply?;
+            if reply.len() != at.len() {
+                return Err(unexpected(format!(
+                    "renew_many replied {} results for {} leases",
+                    reply.len(),
+                    at.len()
+                )));
+            }
+            for (i, v) in at.iter().zip(reply) {
+                r[*i] = v;
+            }
         }
         leases
             .iter()

@@ -36,18 +36,20 @@
 //! The same map as the embedded store's and PostgreSQL's, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
 //! `park.rs`, `membership.rs`, `relay.rs` (as the embedded store's); `group.rs` sends concurrent
-//! calls of the hot path's scripts as one script call (group commit); `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds
+//! calls of the hot path's scripts as one script call (group commit); `conn.rs` is the
+//! connection to one primary or a cluster, `scan.rs` the commands that span slots; `resp.rs` decodes replies, `keys.rs` names keys, `loom.lua` holds
 //! the scripts, `lua.rs` cuts from it each script's functions.
 //!
 //! ## Deployment
 //!
-//! A turn that sends messages writes other actors' mailboxes in the same script as its own
-//! journal, and the ready and dead-letter indexes are global keys, so the store needs a single
-//! Redis primary (with replicas for failover), not a sharded Redis Cluster. A store created
-//! with [`RedisOptions::partitions`] above 1 keeps each turn in its actor's partition: a message
-//! to an actor of another partition goes through the sender partition's outbox and the relay
-//! (`relay.rs`), and every key of a partition carries its hash tag (`keys.rs`): the layout a
-//! cluster needs, where a script may touch one slot.
+//! A store of one partition (the default on one primary) writes other actors' mailboxes in a
+//! turn's script and keeps its indexes in global keys, so it needs a single Redis primary (with
+//! replicas for failover). A store created with [`RedisOptions::partitions`] above 1 keeps each
+//! turn in its actor's partition: a message to an actor of another partition goes through the
+//! sender partition's outbox and the relay (`relay.rs`), and every key of a partition carries
+//! its hash tag (`keys.rs`), so every script touches one slot. Such a store runs on one primary
+//! or on a Redis Cluster ([`RedisStore::connect_cluster`]; `conn.rs`, `scan.rs` and `group.rs`
+//! split what spans slots).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), loom_core::StoreError> {
@@ -55,6 +57,7 @@
 //! # Ok(()) }
 //! ```
 
+mod conn;
 mod group;
 mod idempotency;
 mod journal;
@@ -66,12 +69,14 @@ mod membership;
 mod park;
 mod relay;
 mod resp;
+mod scan;
 mod signals;
 mod turn;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use conn::Conn;
 use loom_core::StoreError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
@@ -116,7 +121,7 @@ impl Default for RedisOptions {
 /// The Redis store; cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     /// Reply signals and wake-ups between processes (`signals.rs`).
     signals: Arc<signals::Signals>,
     /// Group commit of the batched scripts' calls (`group.rs`).
@@ -205,11 +210,11 @@ scripts!(
     messages, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
 );
 
-/// The entry points whose calls may touch several partitions' keys: the ready scan (one call
-/// reads every partition asked for, sharing out its limit), lease renewals (one call renews a
-/// node's leases), and the moves of a store of one partition's older layouts. (On a single
-/// primary the group commit's `batch` call also carries requests of several partitions; a
-/// cluster needs it, and these, split per slot.)
+/// The entry points whose calls may touch several partitions' keys on one primary: the ready
+/// scan (one call reads every partition asked for, sharing out its limit), lease renewals (one
+/// call renews a node's leases), and the moves of a store of one partition's older layouts.
+/// On a cluster the first two are called once per slot, as the group commit's `batch` is
+/// (`group.rs`), and the moves never run (a store on a cluster is partitioned from the start).
 const CROSS_SLOT: &[&str] = &["ready_actors", "renew_many", "migrate_ready", "split_ready"];
 
 /// The scripts, made once for every store (they are the same text).
@@ -275,7 +280,73 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
-        let partitions = partitions(&mut conn.clone(), &options).await?;
+        Self::open(Conn::One(conn), client, options).await
+    }
+
+    /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that
+    /// answers tells the client the rest). The store is cut into partitions, each under one
+    /// hash tag, so every script of a partition runs on the primary of its slot
+    /// ([`RedisOptions::partitions`]; a new store gets
+    /// [`SHARED_STORE_PARTITIONS`](loom_core::partition::SHARED_STORE_PARTITIONS) unless it asks
+    /// for another count, and a store of one partition cannot live on a cluster). Reply
+    /// signals and wake-ups subscribe on the first node (a cluster delivers a `PUBLISH` to
+    /// every node's subscribers).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), loom_core::StoreError> {
+    /// let nodes = ["redis://10.0.0.1:7000/".to_owned(), "redis://10.0.0.2:7000/".to_owned()];
+    /// let store = loom_redis::RedisStore::connect_cluster(&nodes, Default::default()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_cluster(
+        nodes: &[String],
+        mut options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        check_prefix(&options.prefix)?;
+        let first = nodes.first().ok_or_else(|| {
+            StoreError::InvalidRequest("a Redis Cluster store needs at least one node".into())
+        })?;
+        let bad_url = |e: redis::RedisError| {
+            StoreError::InvalidRequest(format!("Redis Cluster nodes {}: {e}", redact(first)))
+        };
+        if options.tls_root_cert.is_some() {
+            return Err(StoreError::InvalidRequest(
+                "TLS with a private CA is not supported on a Redis Cluster store yet".into(),
+            ));
+        }
+        let cluster = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(options.connect_timeout)
+            .response_timeout(options.response_timeout)
+            .retries(2)
+            .build()
+            .map_err(bad_url)?;
+        let conn = cluster.get_async_connection().await.map_err(re)?;
+        let client = redis::Client::open(first.as_str()).map_err(bad_url)?;
+        if options.partitions == Some(1) {
+            return Err(StoreError::InvalidRequest(
+                "a store on a Redis Cluster has more than one partition: each partition is one hash slot"
+                    .into(),
+            ));
+        }
+        options.partitions = options
+            .partitions
+            .or(Some(loom_core::partition::SHARED_STORE_PARTITIONS));
+        Self::open(Conn::Cluster(conn), client, options).await
+    }
+
+    /// The store on `conn`; `client` subscribes to its signals.
+    async fn open(
+        conn: Conn,
+        client: redis::Client,
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        let partitions = partitions(&conn, &options).await?;
+        if conn.is_cluster() && partitions == 1 {
+            return Err(StoreError::InvalidRequest(format!(
+                "the store under prefix {:?} has one partition, which cannot live on a Redis Cluster",
+                options.prefix
+            )));
+        }
         let keys = Keys::new(&options.prefix, partitions);
         let scripts: &'static Scripts = &SCRIPTS;
         let signals = Arc::new(signals::Signals::new(
@@ -295,7 +366,10 @@ impl RedisStore {
             relay,
         };
         store.check_persistence().await;
-        store.upgrade().await?;
+        // Older layouts were of one partition, and never on a cluster.
+        if partitions == 1 {
+            store.upgrade().await?;
+        }
         Ok(store)
     }
 
@@ -342,28 +416,12 @@ impl RedisStore {
     /// ones (`P:ready:K:p`), a page at a time, each page in one script call (`split_ready` in
     /// `loom.lua`), so an interrupted move is picked up by the next connect.
     async fn split_ready_by_partition(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut old = std::collections::BTreeSet::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(self.keys.ready_pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(re)?;
-            old.extend(
-                keys.into_iter()
-                    .filter(|k| self.keys.kind_ready_of(k).is_some()),
-            );
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        let old: std::collections::BTreeSet<String> =
+            scan::keys(&self.conn, &self.keys.ready_pattern())
+                .await?
+                .into_iter()
+                .filter(|k| self.keys.kind_ready_of(k).is_some())
+                .collect();
         for key in old {
             let mut moved = 0;
             loop {
@@ -463,8 +521,12 @@ impl RedisStore {
         keys: &[&str],
         args: Vec<Vec<u8>>,
     ) -> Result<Vec<Value>, StoreError> {
+        // On a cluster even the cross-slot entries are called once per slot (lease.rs,
+        // mailbox.rs `ready_in`).
         debug_assert!(
-            self.keys.partitions() == 1 || entry.cross_slot || keys::one_slot(keys),
+            self.keys.partitions() == 1
+                || (entry.cross_slot && !self.conn.is_cluster())
+                || keys::one_slot(keys),
             "{} of a partitioned store touches keys of several slots: {keys:?}",
             entry.name
         );
@@ -493,57 +555,52 @@ impl RedisStore {
             Some(a) => format!("({a}"),
             None => "-".to_owned(),
         };
-        let mut pipe = redis::pipe();
-        for set in sets {
-            pipe.cmd("ZRANGEBYLEX")
-                .arg(set)
-                .arg(&min)
-                .arg("+")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit);
-        }
-        let per_set: Vec<Vec<String>> =
-            pipe.query_async(&mut self.conn.clone()).await.map_err(re)?;
+        let cmds = sets
+            .iter()
+            .map(|set| {
+                let mut c = redis::cmd("ZRANGEBYLEX");
+                c.arg(set).arg(&min).arg("+").arg("LIMIT").arg(0).arg(limit);
+                c
+            })
+            .collect();
+        let per_set: Vec<Vec<String>> = scan::each(&self.conn, cmds).await?;
         let mut all: Vec<String> = per_set.into_iter().flatten().collect();
         all.sort_unstable();
         all.truncate(limit);
         Ok(all)
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// Deletes every key under this store's prefix (nothing else); returns how many. For tools
     /// and benchmarks that clean up what they created.
     pub async fn destroy(&self) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
+        let keys = scan::keys(&self.conn, &self.keys.pattern()).await?;
         let mut deleted = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(self.keys.pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
+        if self.conn.is_cluster() {
+            // One key per command: the keys are in many slots.
+            let unlinks = keys
+                .iter()
+                .map(|k| {
+                    let mut c = redis::cmd("UNLINK");
+                    c.arg(k);
+                    c
+                })
+                .collect();
+            let n: Vec<u64> = scan::each(&self.conn, unlinks).await?;
+            return Ok(n.into_iter().sum());
+        }
+        for page in keys.chunks(1000) {
+            let n: u64 = redis::cmd("UNLINK")
+                .arg(page)
+                .query_async(&mut self.conn.clone())
                 .await
                 .map_err(re)?;
-            if !keys.is_empty() {
-                let n: u64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(re)?;
-                deleted += n;
-            }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
+            deleted += n;
         }
+        Ok(deleted)
     }
 
     /// The pattern every key of this store matches (`<prefix>:*`).
@@ -554,10 +611,8 @@ impl RedisStore {
 
 /// The store's partition count: what it recorded when it was created, else what `options`
 /// ask for (recorded now, if the store holds nothing yet), else 1.
-async fn partitions(
-    conn: &mut ConnectionManager,
-    options: &RedisOptions,
-) -> Result<u32, StoreError> {
+async fn partitions(conn: &Conn, options: &RedisOptions) -> Result<u32, StoreError> {
+    let conn = &mut conn.clone();
     let key = format!("{}:partitions", options.prefix);
     let asked = options
         .partitions
@@ -616,30 +671,10 @@ async fn partitions(
 
 /// A key under `prefix` other than the ones a connect writes before any data (the layout and
 /// the roster), if there is one.
-async fn first_data_key(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<Option<String>, StoreError> {
+async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>, StoreError> {
     let bare = [format!("{prefix}:layout"), format!("{prefix}:members")];
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .map_err(re)?;
-        if let Some(k) = keys.into_iter().find(|k| !bare.contains(k)) {
-            return Ok(Some(k));
-        }
-        if next == 0 {
-            return Ok(None);
-        }
-        cursor = next;
-    }
+    let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
+    Ok(keys.into_iter().find(|k| !bare.contains(k)))
 }
 
 /// The longest key prefix [`RedisStore::connect_with`] takes, in bytes.

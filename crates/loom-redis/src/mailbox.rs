@@ -54,7 +54,24 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let r = self.run(&self.scripts.ready_actors, &keys, args).await?;
+        let r = if self.conn().is_cluster() {
+            // A script may read one slot: one call per index (each of one partition), all at
+            // once, each up to the limit; the lists are interleaved below as one call's are.
+            let calls = keys.iter().map(|k| {
+                self.run(
+                    &self.scripts.ready_actors,
+                    std::slice::from_ref(k),
+                    vec![s(limit), s(1)],
+                )
+            });
+            let mut all = Vec::new();
+            for reply in futures::future::join_all(calls).await {
+                all.extend(reply?);
+            }
+            all
+        } else {
+            self.run(&self.scripts.ready_actors, &keys, args).await?
+        };
         let mut per_key = Vec::with_capacity(keys.len());
         let mut rest = r.as_slice();
         while let Some((n, tail)) = rest.split_first() {
@@ -288,31 +305,26 @@ impl Mailbox for RedisStore {
             .await
             .map_err(re)?;
         let now = secs * 1000 + micros / 1000;
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for p in 0..self.keys.ownership() {
             let key = self.keys.ready_in(kind, p);
-            pipe.cmd("ZCARD")
-                .arg(&key)
-                .cmd("ZCOUNT")
-                .arg(&key)
-                .arg("-inf")
-                .arg(now)
-                .cmd("ZRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(0)
-                .arg("WITHSCORES");
+            let mut card = redis::cmd("ZCARD");
+            card.arg(&key);
+            let mut count = redis::cmd("ZCOUNT");
+            count.arg(&key).arg("-inf").arg(now);
+            let mut first = redis::cmd("ZRANGE");
+            first.arg(&key).arg(0).arg(0).arg("WITHSCORES");
+            cmds.extend([card, count, first]);
         }
-        let per_partition: Vec<(u64, u64, Vec<(String, f64)>)> = pipe
-            .query_async::<Vec<Value>>(&mut conn)
-            .await
-            .map_err(re)?
-            .chunks(3)
-            .map(|c| {
-                redis::from_redis_value(Value::Array(c.to_vec()))
-                    .map_err(|e| unexpected(format!("backlog reply: {e}")))
-            })
-            .collect::<StoreResult<_>>()?;
+        let per_partition: Vec<(u64, u64, Vec<(String, f64)>)> =
+            crate::scan::each::<Value>(&conn, cmds)
+                .await?
+                .chunks(3)
+                .map(|c| {
+                    redis::from_redis_value(Value::Array(c.to_vec()))
+                        .map_err(|e| unexpected(format!("backlog reply: {e}")))
+                })
+                .collect::<StoreResult<_>>()?;
         let at = Timestamp::from_millis(now);
         Ok(per_partition.into_iter().fold(
             Backlog {
@@ -337,37 +349,23 @@ impl Mailbox for RedisStore {
 
     async fn next_due(&self) -> StoreResult<Option<Timestamp>> {
         let mut conn = self.conn();
-        let mut cursor: u64 = 0;
         let mut earliest: Option<u64> = None;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(self.keys.ready_pattern())
-                .arg("COUNT")
-                .arg(1000)
+        let keys = crate::scan::keys(&conn, &self.keys.ready_pattern()).await?;
+        for key in keys.into_iter().filter(|k| self.keys.is_ready_index(k)) {
+            let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
                 .query_async(&mut conn)
                 .await
                 .map_err(re)?;
-            for key in keys.into_iter().filter(|k| self.keys.is_ready_index(k)) {
-                let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(0)
-                    .arg("WITHSCORES")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(re)?;
-                if let Some((_, at)) = v.first() {
-                    let at = *at as u64;
-                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
-                }
+            if let Some((_, at)) = v.first() {
+                let at = *at as u64;
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
-            if next == 0 {
-                return Ok(earliest.map(Timestamp::from_millis));
-            }
-            cursor = next;
         }
+        Ok(earliest.map(Timestamp::from_millis))
     }
 
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
@@ -425,28 +423,11 @@ impl Mailbox for RedisStore {
 
     async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
         let mut conn = self.conn();
-        let pattern = self.keys.mailbox_pattern();
-        let mut cursor: u64 = 0;
         let mut found = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(re)?;
-            for k in keys {
-                if let Some(actor) = self.keys.actor_of(&k) {
-                    found.push((actor, k));
-                }
+        for k in crate::scan::keys(&conn, &self.keys.mailbox_pattern()).await? {
+            if let Some(actor) = self.keys.actor_of(&k) {
+                found.push((actor, k));
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         found.sort();
         let mut out = Vec::new();
@@ -473,16 +454,18 @@ impl Mailbox for RedisStore {
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
         // Each partition's stream, in id order; then the first `limit` of them all.
         let start = format!("{}-0", after.map_or(0, |a| a.saturating_add(1)));
-        let mut pipe = redis::pipe();
-        for p in 0..self.keys.partitions() {
-            pipe.cmd("XRANGE")
-                .arg(self.keys.dead_letters(p))
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit);
-        }
-        let per_partition: Vec<Value> = pipe.query_async(&mut self.conn()).await.map_err(re)?;
+        let cmds = (0..self.keys.partitions())
+            .map(|p| {
+                let mut c = redis::cmd("XRANGE");
+                c.arg(self.keys.dead_letters(p))
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit);
+                c
+            })
+            .collect();
+        let per_partition: Vec<Value> = crate::scan::each(&self.conn(), cmds).await?;
         let mut out = Vec::new();
         for v in &per_partition {
             let Value::Array(items) = v else {
@@ -511,14 +494,18 @@ impl Mailbox for RedisStore {
                 .or_default()
                 .push(*id);
         }
-        let mut pipe = redis::pipe();
-        for (p, ids) in &by_partition {
-            let cmd = pipe.cmd("XDEL").arg(self.keys.dead_letters(*p));
-            for id in ids {
-                cmd.arg(format!("{id}-0"));
-            }
-        }
-        let deleted: Vec<u64> = pipe.query_async(&mut self.conn()).await.map_err(re)?;
+        let cmds = by_partition
+            .iter()
+            .map(|(p, ids)| {
+                let mut c = redis::cmd("XDEL");
+                c.arg(self.keys.dead_letters(*p));
+                for id in ids {
+                    c.arg(format!("{id}-0"));
+                }
+                c
+            })
+            .collect();
+        let deleted: Vec<u64> = crate::scan::each(&self.conn(), cmds).await?;
         Ok(deleted.into_iter().sum())
     }
 

@@ -30,10 +30,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::conn::Conn;
 use loom_core::partition::partition_of;
 use loom_core::{ActorId, StoreResult};
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
 use crate::keys::Keys;
@@ -58,7 +58,7 @@ pub(crate) struct Relay {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
     scripts: &'static Scripts,
     signals: Arc<Signals>,
@@ -79,7 +79,7 @@ struct Moving {
 impl Relay {
     /// Starts the relay of a store of `keys.partitions()` partitions.
     pub(crate) fn start(
-        conn: ConnectionManager,
+        conn: Conn,
         keys: Keys,
         scripts: &'static Scripts,
         signals: Arc<Signals>,
@@ -146,11 +146,7 @@ async fn run(inner: Arc<Inner>) {
 impl Inner {
     /// The partitions of `of` whose outboxes hold messages.
     async fn waiting(&self, of: &[u32]) -> StoreResult<Vec<u32>> {
-        let mut pipe = redis::pipe();
-        for p in of {
-            pipe.cmd("XLEN").arg(self.keys.outbox(*p).0);
-        }
-        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await.map_err(re)?;
+        let lens: Vec<u64> = crate::scan::each(&self.conn, xlens(&self.keys, of)).await?;
         Ok(of
             .iter()
             .zip(lens)
@@ -281,6 +277,18 @@ impl Inner {
     }
 }
 
+/// `XLEN` of each of `partitions`' outboxes.
+pub(crate) fn xlens(keys: &Keys, partitions: &[u32]) -> Vec<redis::Cmd> {
+    partitions
+        .iter()
+        .map(|p| {
+            let mut c = redis::cmd("XLEN");
+            c.arg(keys.outbox(*p).0);
+            c
+        })
+        .collect()
+}
+
 /// The outbox seq of an entry id `<seq>-0`.
 fn seq_of(id: &str) -> StoreResult<u64> {
     id.strip_suffix("-0")
@@ -318,11 +326,14 @@ impl crate::RedisStore {
         let mut conn = self.conn();
         // Every mark before any outbox seq: a mark read earlier is at most the seq it covers
         // then, and seqs only grow, so a store in use reads consistent.
-        let mut pipe = redis::pipe();
-        for p in 0..n {
-            pipe.cmd("HGETALL").arg(self.keys.high_water(p));
-        }
-        let all_marks: Vec<Vec<(u32, u64)>> = pipe.query_async(&mut conn).await.map_err(re)?;
+        let cmds = (0..n)
+            .map(|p| {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(self.keys.high_water(p));
+                c
+            })
+            .collect();
+        let all_marks: Vec<Vec<(u32, u64)>> = crate::scan::each(&conn, cmds).await?;
         let mut out = Vec::with_capacity(n as usize);
         for (p, marks) in (0..n).zip(all_marks) {
             let (ob, obm) = self.keys.outbox(p);

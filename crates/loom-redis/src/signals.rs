@@ -23,9 +23,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::conn::Conn;
 use loom_core::ActorId;
 use loom_core::store::Completion;
-use redis::aio::ConnectionManager;
 use tokio::sync::{broadcast, mpsc};
 
 /// How many signals a slow receiver may fall behind by before it misses some (and falls back
@@ -50,7 +50,7 @@ impl Drop for AbortOnDrop {
 /// The signals of one store (shared by its clones).
 pub(crate) struct Signals {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     /// This store among the processes publishing wake-ups: random, so that it skips its own.
     origin: String,
     done_channel: String,
@@ -65,7 +65,7 @@ impl Signals {
     /// given; nothing is subscribed or started yet.
     pub(crate) fn new(
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: Conn,
         done_channel: String,
         wake_channel: String,
     ) -> Self {
@@ -162,12 +162,7 @@ impl Signals {
 }
 
 /// Publishes the wake-ups queued in `rx`, as many as are waiting in each message.
-async fn publish(
-    mut conn: ConnectionManager,
-    channel: String,
-    origin: String,
-    mut rx: mpsc::Receiver<ActorId>,
-) {
+async fn publish(mut conn: Conn, channel: String, origin: String, mut rx: mpsc::Receiver<ActorId>) {
     while let Some(first) = rx.recv().await {
         let mut payload = origin.clone();
         payload.push('\n');

@@ -74,14 +74,9 @@ impl Store for RedisStore {
             // One partition: no outbox, nothing to relay.
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for p in 0..n {
-            pipe.cmd("XLEN").arg(self.keys.outbox(p).0);
-        }
-        let lens: Vec<u64> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(crate::re)?;
+        let all: Vec<u32> = (0..n).collect();
+        let lens: Vec<u64> =
+            crate::scan::each(&self.conn(), crate::relay::xlens(&self.keys, &all)).await?;
         Ok(lens
             .into_iter()
             .zip(0..)

@@ -236,6 +236,147 @@ impl Drop for RedisServer {
     }
 }
 
+/// A private Redis Cluster of three primaries (no replicas), each `redis-server
+/// --cluster-enabled yes` in a temporary directory of its own, with the same durability settings
+/// as [`RedisServer`], on free TCP ports of 127.0.0.1 (a cluster's nodes find each other over
+/// TCP, on their port and port + 10000), joined with `redis-cli --cluster create`. Stopped when
+/// dropped.
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+}
+
+struct ClusterNode {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl RedisCluster {
+    /// Starts three primaries and joins them; returns once every node says the cluster is ok.
+    pub fn start() -> Self {
+        let binary = find_binary("redis-server", "apt-get install -y redis-server");
+        let cli = find_binary("redis-cli", "apt-get install -y redis-tools");
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            let port = free_port();
+            // The cluster bus listens 10000 above.
+            let bus_free =
+                port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+            if !bus_free || nodes.iter().any(|n: &ClusterNode| n.port == port) {
+                continue;
+            }
+            let dir = tempfile::Builder::new()
+                .prefix("loom-redis-cluster-")
+                .tempdir()
+                .expect("temp dir for a cluster node");
+            let d = dir.path();
+            let child = Command::new(&binary)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .arg("--unixsocket")
+                .arg(d.join("redis.sock"))
+                .args(["--unixsocketperm", "700", "--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(d.join("nodes.conf"))
+                .arg("--dir")
+                .arg(d)
+                .args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ])
+                .arg("--logfile")
+                .arg(d.join("redis.log"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start a cluster node");
+            nodes.push(ClusterNode { dir, port, child });
+        }
+        let cluster = RedisCluster { nodes };
+        let started = Instant::now();
+        for n in &cluster.nodes {
+            while !ping(&n.dir.path().join("redis.sock")) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "cluster node on port {} did not come up in 20 s",
+                    n.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        // Every node must agree before the cluster takes a command for any slot.
+        for n in &cluster.nodes {
+            loop {
+                let info = Command::new(&cli)
+                    .arg("-s")
+                    .arg(n.dir.path().join("redis.sock"))
+                    .args(["cluster", "info"])
+                    .output()
+                    .expect("run redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "the cluster on {addresses:?} is not ok after 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The nodes' URLs (`redis://127.0.0.1:<port>/`), any of which a cluster client starts
+    /// from.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+
+    /// The cluster as a Loom store URL: `redis+cluster://127.0.0.1:<port>,…/`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}/", nodes.join(","))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            // Already exited is fine: the point is that it is not running.
+            let _ = n.child.kill();
+            // Reaping can only fail if it was reaped already.
+            let _ = n.child.wait();
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");

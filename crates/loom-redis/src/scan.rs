@@ -1,0 +1,127 @@
+//! Commands that cover several slots. On one primary they go as one pipeline; on a cluster a
+//! pipeline may touch one slot and `SCAN` sees one node's keys, so [`each`] sends each command
+//! on its own (concurrently, each to its slot's primary) and [`keys`] scans every primary.
+
+use loom_core::StoreError;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, FromRedisValue, Value};
+
+use crate::conn::Conn;
+use crate::re;
+
+/// Runs `cmds` (each of one slot) and returns their replies in order.
+pub(crate) async fn each<T: FromRedisValue>(
+    conn: &Conn,
+    cmds: Vec<Cmd>,
+) -> Result<Vec<T>, StoreError> {
+    if cmds.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !conn.is_cluster() {
+        let mut pipe = redis::pipe();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        return pipe.query_async(&mut conn.clone()).await.map_err(re);
+    }
+    let replies = futures::future::join_all(cmds.into_iter().map(|c| {
+        let mut conn = conn.clone();
+        async move { c.query_async::<T>(&mut conn).await }
+    }))
+    .await;
+    replies.into_iter().map(|r| r.map_err(re)).collect()
+}
+
+/// Every key matching `pattern`: one `SCAN` over the primary, or over each primary of a
+/// cluster (found by `CLUSTER NODES`).
+pub(crate) async fn keys(conn: &Conn, pattern: &str) -> Result<Vec<String>, StoreError> {
+    let Conn::Cluster(cluster) = conn else {
+        return scan_one(conn, None, pattern).await;
+    };
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut cluster.clone())
+        .await
+        .map_err(re)?;
+    let mut out = Vec::new();
+    for (host, port) in primaries(&nodes) {
+        out.extend(scan_one(conn, Some((host, port)), pattern).await?);
+    }
+    Ok(out)
+}
+
+/// The primaries `CLUSTER NODES` lists (lines `<id> <host>:<port>@<bus>[,<name>] <flags> …`).
+fn primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let (host, port) = address.split(['@', ',']).next()?.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One node's keys matching `pattern` (`node`: a cluster's primary at that address).
+async fn scan_one(
+    conn: &Conn,
+    node: Option<(String, u16)>,
+    pattern: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let reply: Value = match (conn, &node) {
+            (Conn::Cluster(c), Some((host, port))) => c
+                .clone()
+                .route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    }),
+                )
+                .await
+                .map_err(re)?,
+            _ => cmd.query_async(&mut conn.clone()).await.map_err(re)?,
+        };
+        let (next, keys): (u64, Vec<String>) =
+            redis::from_redis_value(reply).map_err(|e| re(e.into()))?;
+        out.extend(keys);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_primaries_of_cluster_nodes_are_read_from_its_lines() {
+        let nodes = "\
+07c3 127.0.0.1:30004@31004,host-a slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
+e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
+";
+        assert_eq!(
+            super::primaries(nodes),
+            [
+                ("127.0.0.1".to_owned(), 30002),
+                ("127.0.0.1".to_owned(), 30001)
+            ]
+        );
+    }
+}
