@@ -228,6 +228,17 @@ fn cluster_status_on_redis() {
     );
 }
 
+/// The same on a private Redis Cluster of three primaries (`redis+cluster://…`, 32 partitions).
+#[test]
+fn cluster_status_on_a_redis_cluster() {
+    let cluster = loom_testkit::servers::RedisCluster::start();
+    waits_for_a_host_and_runs_once_when_it_comes_back(
+        &cluster.url(),
+        "cluster_test",
+        "--redis-prefix",
+    );
+}
+
 #[test]
 fn cluster_status_on_postgres() {
     let server = PostgresServer::start();
@@ -300,6 +311,13 @@ fn sends_wake_the_owner(url: &str, ns: &str) {
 fn sends_wake_the_owner_on_redis() {
     let server = RedisServer::start();
     sends_wake_the_owner(&server.url(), "wake_test");
+}
+
+/// On a Redis Cluster the wake-up is published through the cluster and heard on its first node.
+#[test]
+fn sends_wake_the_owner_on_a_redis_cluster() {
+    let cluster = loom_testkit::servers::RedisCluster::start();
+    sends_wake_the_owner(&cluster.url(), "wake_test");
 }
 
 #[test]
