@@ -194,11 +194,12 @@ pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
 /// (credentials before the first host go to every node); `None` for another URL.
 pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
     let rest = url.strip_prefix("redis+cluster://")?;
-    let (auth, hosts) = match rest.rsplit_once('@') {
+    // The authority ends at the path or the query; credentials end at its last '@'.
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let (auth, hosts) = match authority.rsplit_once('@') {
         Some((auth, hosts)) => (format!("{auth}@"), hosts),
-        None => (String::new(), rest),
+        None => (String::new(), authority),
     };
-    let hosts = hosts.split('/').next().unwrap_or_default();
     Some(
         hosts
             .split(',')
@@ -306,6 +307,10 @@ mod tests {
             Some(vec!["redis://h:1/".to_owned()])
         );
         assert_eq!(redis_cluster_nodes("redis://h:1/"), None);
+        assert_eq!(
+            redis_cluster_nodes("redis+cluster://h:1,h:2?x=@y"),
+            Some(vec!["redis://h:1/".to_owned(), "redis://h:2/".to_owned()])
+        );
         assert!(
             StoreUrl::parse(
                 "redis+cluster://h:1,h:2/?partitions=8",

@@ -97,32 +97,50 @@ impl LeaseManager for RedisStore {
             async move { self.run(&self.scripts.renew_many, &keys, args).await }
         });
         let replies = futures::future::join_all(calls).await;
-        let mut r = vec![redis::Value::Nil; leases.len()];
+        // Each slot's answer for its own leases: a primary that fails fails only its leases'
+        // renewals (the keeper settles each lease on its own), not the others'.
+        let mut r: Vec<StoreResult<redis::Value>> = (0..leases.len())
+            .map(|_| Err(unexpected("a renewal without its reply")))
+            .collect();
         for (at, reply) in groups.values().zip(replies) {
-            let reply = reply?;
-            if reply.len() != at.len() {
-                return Err(unexpected(format!(
-                    "renew_many replied {} results for {} leases",
-                    reply.len(),
-                    at.len()
-                )));
-            }
-            for (i, v) in at.iter().zip(reply) {
-                r[*i] = v;
+            match reply {
+                Ok(reply) if reply.len() == at.len() => {
+                    for (i, v) in at.iter().zip(reply) {
+                        r[*i] = Ok(v);
+                    }
+                }
+                Ok(reply) => {
+                    return Err(unexpected(format!(
+                        "renew_many replied {} results for {} leases",
+                        reply.len(),
+                        at.len()
+                    )));
+                }
+                Err(e) => {
+                    for i in at {
+                        r[*i] = Err(e.clone());
+                    }
+                }
             }
         }
         leases
             .iter()
-            .zip(&r)
-            .map(|(l, v)| match text(Some(v)).as_deref() {
-                Some("") => Ok(Err(StoreError::LeaseLost {
-                    actor: l.actor.clone(),
-                    token: l.token,
-                })),
-                _ => Ok(Ok(Lease {
-                    expires_at: Timestamp::from_millis(number(Some(v), "expiry")?),
-                    ..l.clone()
-                })),
+            .zip(r)
+            .map(|(l, v)| {
+                let v = match v {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                match text(Some(&v)).as_deref() {
+                    Some("") => Ok(Err(StoreError::LeaseLost {
+                        actor: l.actor.clone(),
+                        token: l.token,
+                    })),
+                    _ => Ok(Ok(Lease {
+                        expires_at: Timestamp::from_millis(number(Some(&v), "expiry")?),
+                        ..l.clone()
+                    })),
+                }
             })
             .collect()
     }

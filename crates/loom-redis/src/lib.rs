@@ -228,12 +228,18 @@ pub(crate) fn re(e: redis::RedisError) -> StoreError {
         return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
     }
     use redis::{ErrorKind, ServerErrorKind};
-    // A server still loading its data, or between roles, answers again shortly.
+    // A server still loading its data, or between roles, answers again shortly; so does a
+    // cluster whose slots are moving or whose primary is failing over.
     let busy = matches!(
         e.kind(),
         ErrorKind::Server(
-            ServerErrorKind::BusyLoading | ServerErrorKind::TryAgain | ServerErrorKind::MasterDown
-        )
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::ClusterDown
+        ) | ErrorKind::ClusterConnectionNotFound
     );
     if busy
         || e.is_io_error()
@@ -280,7 +286,7 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
-        Self::open(Conn::One(conn), client, options).await
+        Self::open(Conn::One(conn), vec![client], options).await
     }
 
     /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that
@@ -289,8 +295,8 @@ impl RedisStore {
     /// ([`RedisOptions::partitions`]; a new store gets
     /// [`SHARED_STORE_PARTITIONS`](loom_core::partition::SHARED_STORE_PARTITIONS) unless it asks
     /// for another count, and a store of one partition cannot live on a cluster). Reply
-    /// signals and wake-ups subscribe on the first node (a cluster delivers a `PUBLISH` to
-    /// every node's subscribers).
+    /// signals and wake-ups subscribe on one node at a time, the next when it cannot be reached
+    /// (a cluster delivers a `PUBLISH` to every node's subscribers).
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), loom_core::StoreError> {
@@ -300,7 +306,7 @@ impl RedisStore {
     /// ```
     pub async fn connect_cluster(
         nodes: &[String],
-        mut options: RedisOptions,
+        options: RedisOptions,
     ) -> Result<Self, StoreError> {
         check_prefix(&options.prefix)?;
         let first = nodes.first().ok_or_else(|| {
@@ -314,30 +320,35 @@ impl RedisStore {
                 "TLS with a private CA is not supported on a Redis Cluster store yet".into(),
             ));
         }
+        // No retries by the client: it would send a script again after a dropped connection,
+        // which may have run it already (an append would then answer "conflict" for a write
+        // it made). A failed request is Unavailable, and the caller retries as it does on one
+        // primary.
         let cluster = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.response_timeout)
-            .retries(2)
+            .retries(0)
             .build()
             .map_err(bad_url)?;
         let conn = cluster.get_async_connection().await.map_err(re)?;
-        let client = redis::Client::open(first.as_str()).map_err(bad_url)?;
+        let clients = nodes
+            .iter()
+            .map(|n| redis::Client::open(n.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad_url)?;
         if options.partitions == Some(1) {
             return Err(StoreError::InvalidRequest(
                 "a store on a Redis Cluster has more than one partition: each partition is one hash slot"
                     .into(),
             ));
         }
-        options.partitions = options
-            .partitions
-            .or(Some(loom_core::partition::SHARED_STORE_PARTITIONS));
-        Self::open(Conn::Cluster(conn), client, options).await
+        Self::open(Conn::Cluster(conn), clients, options).await
     }
 
-    /// The store on `conn`; `client` subscribes to its signals.
+    /// The store on `conn`; `clients` subscribe to its signals.
     async fn open(
         conn: Conn,
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         options: RedisOptions,
     ) -> Result<Self, StoreError> {
         let partitions = partitions(&conn, &options).await?;
@@ -350,7 +361,7 @@ impl RedisStore {
         let keys = Keys::new(&options.prefix, partitions);
         let scripts: &'static Scripts = &SCRIPTS;
         let signals = Arc::new(signals::Signals::new(
-            client,
+            clients,
             conn.clone(),
             keys.done(),
             keys.wake(),
@@ -630,7 +641,13 @@ async fn partitions(conn: &Conn, options: &RedisOptions) -> Result<u32, StoreErr
         ))),
         (Some(has), _) => Ok(has),
         (None, asked) => {
-            let n = asked.unwrap_or(1);
+            // A new store: what was asked, else 1 on one primary and the shared count on a
+            // cluster (where a partition is a slot).
+            let n = asked.unwrap_or(if conn.is_cluster() {
+                loom_core::partition::SHARED_STORE_PARTITIONS
+            } else {
+                1
+            });
             // Keys of a store of one partition would be in the wrong places for n.
             if n > 1
                 && let Some(k) = first_data_key(conn, &options.prefix).await?

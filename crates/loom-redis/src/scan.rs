@@ -44,27 +44,46 @@ pub(crate) async fn keys(conn: &Conn, pattern: &str) -> Result<Vec<String>, Stor
         .await
         .map_err(re)?;
     let mut out = Vec::new();
-    for (host, port) in primaries(&nodes) {
+    for (host, port) in primaries(&nodes)? {
         out.extend(scan_one(conn, Some((host, port)), pattern).await?);
     }
     Ok(out)
 }
 
-/// The primaries `CLUSTER NODES` lists (lines `<id> <host>:<port>@<bus>[,<name>] <flags> …`).
-fn primaries(nodes: &str) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = fields.nth(1)?;
-            let flags = fields.next()?;
-            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                return None;
+/// The primaries `CLUSTER NODES` lists (lines `<id> <host>:<port>@<bus>[,<name>] <flags> …`);
+/// Unavailable while one is failing (`fail` or `fail?`): its keys could not be listed.
+fn primaries(nodes: &str) -> Result<Vec<(String, u16)>, StoreError> {
+    let mut out = Vec::new();
+    for line in nodes.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(address), Some(flags)) = (fields.nth(1), fields.next()) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if !flags.contains(&"master") {
+            continue;
+        }
+        if flags.iter().any(|f| *f == "fail" || *f == "fail?") {
+            return Err(StoreError::unavailable(
+                crate::BACKEND,
+                crate::Unexpected(format!("cluster node {address} is failing")),
+            ));
+        }
+        let parsed = address
+            .split(['@', ','])
+            .next()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)));
+        match parsed {
+            Some(node) => out.push(node),
+            None => {
+                return Err(crate::resp::unexpected(format!(
+                    "CLUSTER NODES address {address}"
+                )));
             }
-            let (host, port) = address.split(['@', ',']).next()?.rsplit_once(':')?;
-            Some((host.to_owned(), port.parse().ok()?))
-        })
-        .collect()
+        }
+    }
+    Ok(out)
 }
 
 /// One node's keys matching `pattern` (`node`: a cluster's primary at that address).
@@ -112,16 +131,22 @@ mod tests {
     fn the_primaries_of_cluster_nodes_are_read_from_its_lines() {
         let nodes = "\
 07c3 127.0.0.1:30004@31004,host-a slave e7d1 0 1426238317239 4 connected
-67ed 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
-292f 127.0.0.1:30003@31003 master,fail - 0 1426238318243 3 connected 10923-16383
+67ed 127.0.0.1:30002@31002 master,nofailover - 0 1426238316232 2 connected 5461-10922
 e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
 ";
         assert_eq!(
-            super::primaries(nodes),
+            super::primaries(nodes).unwrap(),
             [
                 ("127.0.0.1".to_owned(), 30002),
                 ("127.0.0.1".to_owned(), 30001)
             ]
         );
+        let failing = format!(
+            "{nodes}292f 127.0.0.1:30003@31003 master,fail? - 0 0 3 connected 10923-16383\n"
+        );
+        assert!(matches!(
+            super::primaries(&failing),
+            Err(loom_core::StoreError::Unavailable { .. })
+        ));
     }
 }

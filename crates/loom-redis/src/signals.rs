@@ -49,7 +49,9 @@ impl Drop for AbortOnDrop {
 
 /// The signals of one store (shared by its clones).
 pub(crate) struct Signals {
-    client: redis::Client,
+    /// Where to subscribe: the primary, or a cluster's nodes (a cluster delivers a `PUBLISH`
+    /// to every node's subscribers; the next node is tried when one cannot be reached).
+    clients: Arc<[redis::Client]>,
     conn: Conn,
     /// This store among the processes publishing wake-ups: random, so that it skips its own.
     origin: String,
@@ -61,16 +63,16 @@ pub(crate) struct Signals {
 }
 
 impl Signals {
-    /// The signals of the server `client` connects to (`conn` publishes), on the channels
+    /// The signals of the server `clients` connect to (`conn` publishes), on the channels
     /// given; nothing is subscribed or started yet.
     pub(crate) fn new(
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         conn: Conn,
         done_channel: String,
         wake_channel: String,
     ) -> Self {
         Signals {
-            client,
+            clients: clients.into(),
             conn,
             origin: format!("{:016x}", loom_core::seam::random_u64()),
             done_channel,
@@ -87,7 +89,7 @@ impl Signals {
             let (tx, _) = broadcast::channel(SIGNALS_BUFFERED);
             let to = tx.clone();
             let task = tokio::spawn(listen(
-                self.client.clone(),
+                self.clients.clone(),
                 self.done_channel.clone(),
                 "reply signals",
                 move |payload| {
@@ -109,7 +111,7 @@ impl Signals {
             let to = tx.clone();
             let origin = self.origin.clone();
             let task = tokio::spawn(listen(
-                self.client.clone(),
+                self.clients.clone(),
                 self.wake_channel.clone(),
                 "wake-ups",
                 move |payload| {
@@ -190,15 +192,16 @@ async fn publish(mut conn: Conn, channel: String, origin: String, mut rx: mpsc::
 }
 
 /// Subscribes to `channel` and hands each message's payload to `each`; subscribes again a
-/// second after the connection is lost (what was published meanwhile is gone).
+/// second after the connection is lost (what was published meanwhile is gone), through the next
+/// of `clients` (one of a cluster's nodes may be down).
 async fn listen(
-    client: redis::Client,
+    clients: Arc<[redis::Client]>,
     channel: String,
     what: &'static str,
     each: impl Fn(&[u8]) + Send + 'static,
 ) {
     use futures::StreamExt;
-    loop {
+    for client in clients.iter().cycle() {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                 Ok(()) => {

@@ -32,7 +32,51 @@ fn main() {
     });
     let mut trials = conformance::all("redis_cluster", &factory);
     trials.extend(loom_testkit::runtime::trials("redis_cluster", &factory));
+    let urls = cluster.urls();
+    trials.push(libtest_mimic::Trial::test(
+        "cluster::a_stores_partition_count_is_read_back_and_a_new_one_gets_32",
+        move || {
+            tokio::runtime::Runtime::new()
+                .expect("tokio")
+                .block_on(partition_counts(&urls));
+            Ok(())
+        },
+    ));
     let conclusion = libtest_mimic::run(&args, trials);
     drop(cluster);
     conclusion.exit();
+}
+
+/// A connect that asks no count reads the one the store was created with; a new store on a
+/// cluster gets 32 (a partition is a slot); one partition is refused.
+async fn partition_counts(nodes: &[String]) {
+    let connect = |prefix: &str, partitions: Option<u32>| {
+        RedisStore::connect_cluster(
+            nodes,
+            RedisOptions {
+                prefix: prefix.to_owned(),
+                partitions,
+                ..RedisOptions::default()
+            },
+        )
+    };
+    use loom_core::Store;
+    let eight = connect("counts8", Some(8)).await.expect("created with 8");
+    assert_eq!(eight.partitions(), 8);
+    let again = connect("counts8", None)
+        .await
+        .expect("reconnect asking nothing");
+    assert_eq!(again.partitions(), 8);
+    let fresh = connect("counts32", None).await.expect("a new store");
+    assert_eq!(fresh.partitions(), 32);
+    let err = connect("counts1", Some(1))
+        .await
+        .expect_err("one partition");
+    assert!(
+        matches!(err, loom_core::StoreError::InvalidRequest(_)),
+        "{err}"
+    );
+    for s in [eight, fresh] {
+        s.destroy().await.expect("destroy");
+    }
 }

@@ -366,14 +366,14 @@ impl RedisCluster {
     }
 }
 
-impl Drop for RedisCluster {
+impl Drop for ClusterNode {
+    // Each node on its own, so that the nodes started before a later one failed are stopped
+    // too.
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            // Already exited is fine: the point is that it is not running.
-            let _ = n.child.kill();
-            // Reaping can only fail if it was reaped already.
-            let _ = n.child.wait();
-        }
+        // Already exited is fine: the point is that it is not running.
+        let _ = self.child.kill();
+        // Reaping can only fail if it was reaped already.
+        let _ = self.child.wait();
     }
 }
 
