@@ -132,8 +132,11 @@ async fn run(inner: Arc<Inner>) {
         } else {
             dirty.into_iter().collect()
         };
-        for p in parts {
-            if let Err(e) = inner.drain(p).await {
+        // Each partition's outbox on its own, all at once: one whose target's primary is slow
+        // or down holds up only its own moves.
+        let drained = futures::future::join_all(parts.iter().map(|p| inner.drain(*p))).await;
+        for (p, result) in parts.iter().zip(drained) {
+            if let Err(e) = result {
                 // The outbox keeps what was not moved: the next sweep moves it (and so does
                 // the next push to it; not sooner, so a target that keeps failing is not
                 // retried at every push of another partition).
