@@ -591,12 +591,17 @@ impl RedisStore {
         let keys = scan::keys(&self.conn, &self.keys.pattern()).await?;
         let mut deleted = 0;
         if self.conn.is_cluster() {
-            // One key per command: the keys are in many slots.
-            let unlinks = keys
-                .iter()
-                .map(|k| {
+            // One command per slot (keys grouped by hash tag), up to 1000 keys each.
+            let mut by_tag: std::collections::BTreeMap<&str, Vec<&String>> = Default::default();
+            for k in &keys {
+                by_tag.entry(keys::hash_tag(k)).or_default().push(k);
+            }
+            let unlinks = by_tag
+                .values()
+                .flat_map(|ks| ks.chunks(1000))
+                .map(|page| {
                     let mut c = redis::cmd("UNLINK");
-                    c.arg(k);
+                    c.arg(page);
                     c
                 })
                 .collect();

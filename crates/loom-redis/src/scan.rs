@@ -9,6 +9,9 @@ use redis::{Cmd, FromRedisValue, Value};
 use crate::conn::Conn;
 use crate::re;
 
+/// Most of [`each`]'s commands in flight at once on a cluster.
+const IN_FLIGHT: usize = 64;
+
 /// Runs `cmds` (each of one slot) and returns their replies in order.
 pub(crate) async fn each<T: FromRedisValue>(
     conn: &Conn,
@@ -24,10 +27,15 @@ pub(crate) async fn each<T: FromRedisValue>(
         }
         return pipe.query_async(&mut conn.clone()).await.map_err(re);
     }
-    let replies = futures::future::join_all(cmds.into_iter().map(|c| {
+    use futures::StreamExt;
+    let replies: Vec<_> = futures::stream::iter(cmds.into_iter().map(|c| {
         let mut conn = conn.clone();
         async move { c.query_async::<T>(&mut conn).await }
     }))
+    // In order, a bounded number at once: a caller may pass many (destroy's UNLINKs), and a
+    // flood of them would hold up everything else on the connection.
+    .buffered(IN_FLIGHT)
+    .collect()
     .await;
     replies.into_iter().map(|r| r.map_err(re)).collect()
 }
