@@ -195,7 +195,8 @@ pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
 pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
     let rest = url.strip_prefix("redis+cluster://")?;
     // The authority ends at the path or the query; credentials end at its last '@'.
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    // `split` yields at least one piece (the whole string when there is no separator).
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
     let (auth, hosts) = match authority.rsplit_once('@') {
         Some((auth, hosts)) => (format!("{auth}@"), hosts),
         None => (String::new(), authority),

@@ -210,9 +210,10 @@ fn migrate_embedded_to_redis_and_back_round_trips() {
 /// refused.
 #[test]
 fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
+    use loom_core::Store;
     use loom_core::partition::partition_of;
-    use loom_core::store::backend::{Outgoing, Turn};
-    use loom_core::{Entry, EntryKind, Store};
+    use loom_core::store::backend::Outgoing;
+    use loom_testkit::conformance::partitions::{arrived, send_turn};
     let server = RedisServer::start();
     let remote = format!("{}?partitions=3", server.url());
     round_trip_through(&remote, &["--redis-prefix", "parts"]);
@@ -236,19 +237,12 @@ fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
         .await
         .expect("connect");
         assert_eq!(store.partitions(), 3);
-        let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
         let send = [Outgoing {
             envelope: Envelope::new(b.clone(), json!("across")),
             deliver_at: None,
         }];
-        store
-            .commit_turn(Turn {
-                send: &send,
-                ..Turn::append(&a, 1, &entry)
-            })
-            .await
-            .expect("turn");
-        loom_testkit::conformance::partitions::arrived(&store, &b, 1).await;
+        send_turn(&store, &a, 1, &send).await;
+        arrived(&store, &b, 1).await;
     });
     let verify = || {
         loom(&[

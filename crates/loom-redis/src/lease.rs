@@ -78,9 +78,10 @@ impl LeaseManager for RedisStore {
         }
         let keys: Vec<String> = leases.iter().map(|l| self.keys.lease(&l.actor).0).collect();
         // One call for all on one primary; on a cluster one per slot, all at once.
+        let cluster = self.conn.is_cluster();
         let mut groups: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
         for (i, k) in keys.iter().enumerate() {
-            let tag = if self.conn().is_cluster() {
+            let tag = if cluster {
                 crate::keys::hash_tag(k)
             } else {
                 ""

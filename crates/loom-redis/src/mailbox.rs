@@ -54,7 +54,7 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let r = if self.conn().is_cluster() {
+        let r = if self.conn.is_cluster() {
             // A script may read one slot: one call per index (each of one partition), all at
             // once, each up to the limit; the lists are interleaved below as one call's are.
             let calls = keys.iter().map(|k| {

@@ -145,7 +145,12 @@ impl Store for RedisStore {
         // A message to an actor of another partition goes through this one's outbox.
         let n = self.keys.partitions();
         let here = loom_core::partition::partition_of(turn.actor, n);
-        let relayed = |to: &ActorId| n > 1 && loom_core::partition::partition_of(to, n) != here;
+        // Which sends do, placed once (each is read three times below).
+        let relayed: Vec<bool> = turn
+            .send
+            .iter()
+            .map(|o| n > 1 && loom_core::partition::partition_of(&o.envelope.to, n) != here)
+            .collect();
         // The turn's own partition's dead letters: its own mailbox's and its lanes'.
         let dl = self.keys.dead_letters_of(turn.actor);
         let header = TurnHeader {
@@ -173,11 +178,12 @@ impl Store for RedisStore {
             out: turn
                 .send
                 .iter()
-                .map(|o| OutHeader {
+                .zip(&relayed)
+                .map(|(o, r)| OutHeader {
                     to: o.envelope.to.as_str(),
                     id: o.envelope.id.to_string(),
                     due: o.deliver_at.map_or(0, Timestamp::as_millis),
-                    r: relayed(&o.envelope.to),
+                    r: *r,
                 })
                 .collect(),
         };
@@ -211,12 +217,8 @@ impl Store for RedisStore {
             mk.mdx,
             self.keys.ready(mailbox_actor),
         ];
-        let mut outbox = false;
-        for o in turn.send {
-            if relayed(&o.envelope.to) {
-                outbox = true;
-                continue;
-            }
+        let outbox = relayed.contains(&true);
+        for (o, _) in turn.send.iter().zip(&relayed).filter(|(_, r)| !**r) {
             let m = self.keys.mailbox(&o.envelope.to);
             keys.extend([m.mm, m.mq, m.md, m.mdx, self.keys.ready(&o.envelope.to)]);
         }
@@ -244,12 +246,11 @@ impl Store for RedisStore {
                 self.signals.wake(
                     turn.send
                         .iter()
-                        .filter(|o| {
-                            o.deliver_at.is_none()
-                                && o.envelope.to != *turn.actor
-                                && !relayed(&o.envelope.to)
+                        .zip(&relayed)
+                        .filter(|(o, r)| {
+                            o.deliver_at.is_none() && o.envelope.to != *turn.actor && !**r
                         })
-                        .map(|o| &o.envelope.to)
+                        .map(|(o, _)| &o.envelope.to)
                         .filter(|to| !to.is_system()),
                 );
                 let highest = number(r.get(1), "highest")?;

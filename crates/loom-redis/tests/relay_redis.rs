@@ -6,12 +6,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use loom_core::partition::partition_of;
-use loom_core::store::backend::{Outgoing, Turn, check_outboxes};
-use loom_core::{
-    ActorId, Entry, EntryKind, Envelope, JournalStore, LeaseOptions, Mailbox, Store, StoreError,
-};
+use loom_core::store::backend::{Outgoing, check_outboxes};
+use loom_core::{ActorId, Envelope, JournalStore, Store, StoreError};
 use loom_redis::{RedisOptions, RedisStore};
-use loom_testkit::conformance::partitions::arrived;
+use loom_testkit::conformance::partitions::{arrived, drain, send_turn, spread_in};
 use loom_testkit::servers::RedisServer;
 use serde_json::json;
 
@@ -35,23 +33,6 @@ fn id(kind: &str, key: &str) -> ActorId {
     ActorId::new(kind, key).expect("valid id")
 }
 
-/// Actors `prefix-0..` with `per` of them in every one of `n` partitions.
-fn spread(prefix: &str, n: u32, per: usize) -> Vec<ActorId> {
-    let mut counts = vec![0usize; n as usize];
-    let mut out = Vec::new();
-    let mut i = 0;
-    while counts.iter().any(|c| *c < per) {
-        let a = id("relay", &format!("{prefix}-{i}"));
-        let p = partition_of(&a, n) as usize;
-        if counts[p] < per {
-            counts[p] += 1;
-            out.push(a);
-        }
-        i += 1;
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_of_several_processes_move_each_message_once() {
     let server = RedisServer::start();
@@ -63,8 +44,8 @@ async fn relays_of_several_processes_move_each_message_once() {
     for _ in 0..4 {
         stores.push(connect(&url, "race", Some(n)).await.expect("connect"));
     }
-    let senders = spread("s", n, 4);
-    let receivers = spread("r", n, 2);
+    let senders = spread_in(n, "s", 4);
+    let receivers = spread_in(n, "r", 2);
     let rounds = 40u64;
     let mut tasks = Vec::new();
     for (i, s) in senders.iter().enumerate() {
@@ -82,19 +63,7 @@ async fn relays_of_several_processes_move_each_message_once() {
                         deliver_at: None,
                     })
                     .collect();
-                let entry = [Entry::new(
-                    round + 1,
-                    EntryKind::Completed {
-                        reply: json!(round),
-                    },
-                )];
-                store
-                    .commit_turn(Turn {
-                        send: &send,
-                        ..Turn::append(&s, round + 1, &entry)
-                    })
-                    .await
-                    .expect("turn");
+                send_turn(&store, &s, round + 1, &send).await;
             }
         }));
     }
@@ -103,10 +72,6 @@ async fn relays_of_several_processes_move_each_message_once() {
     }
     let store = &stores[0];
     let expected = senders.len() as u64 * rounds;
-    let opts = LeaseOptions {
-        visibility: Duration::from_secs(60),
-        ..LeaseOptions::default()
-    };
     for r in &receivers {
         arrived(store, r, expected).await;
     }
@@ -114,12 +79,11 @@ async fn relays_of_several_processes_move_each_message_once() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for r in &receivers {
         let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
-        while let Some(d) = store.lease(r, opts).await.expect("lease") {
-            store.ack(&d.receipt).await.expect("ack");
+        for e in drain(store, r).await {
             by_sender
-                .entry(d.envelope.payload["from"].as_str().unwrap().to_owned())
+                .entry(e.payload["from"].as_str().unwrap().to_owned())
                 .or_default()
-                .push(d.envelope.payload["round"].as_u64().unwrap());
+                .push(e.payload["round"].as_u64().unwrap());
         }
         assert_eq!(by_sender.len(), senders.len(), "{r}");
         for (s, seen) in by_sender {
@@ -166,18 +130,11 @@ async fn a_move_repeated_after_a_crash_before_the_trim_enqueues_nothing_twice() 
         .find(|b| partition_of(b, 3) != pa)
         .unwrap();
     let msg = Envelope::new(b.clone(), json!("once"));
-    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
     let send = [Outgoing {
         envelope: msg.clone(),
         deliver_at: None,
     }];
-    store
-        .commit_turn(Turn {
-            send: &send,
-            ..Turn::append(&a, 1, &entry)
-        })
-        .await
-        .expect("turn");
+    send_turn(&store, &a, 1, &send).await;
     arrived(&store, &b, 1).await;
     // Put the moved message back in the outbox, as it was before the trim.
     let mut conn = redis::Client::open(url.as_str())
@@ -208,26 +165,15 @@ async fn a_move_repeated_after_a_crash_before_the_trim_enqueues_nothing_twice() 
         envelope: Envelope::new(b.clone(), json!("later")),
         deliver_at: None,
     }];
-    let entry = [Entry::new(2, EntryKind::Completed { reply: json!(2) })];
-    store
-        .commit_turn(Turn {
-            send: &later,
-            ..Turn::append(&a, 2, &entry)
-        })
-        .await
-        .expect("turn");
+    send_turn(&store, &a, 2, &later).await;
     arrived(&store, &b, 2).await;
     // Every relay has looked again since.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let opts = LeaseOptions {
-        visibility: Duration::from_secs(60),
-        ..LeaseOptions::default()
-    };
-    let mut got = Vec::new();
-    while let Some(d) = store.lease(&b, opts).await.expect("lease") {
-        store.ack(&d.receipt).await.expect("ack");
-        got.push(d.envelope.payload);
-    }
+    let got: Vec<_> = drain(&store, &b)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
     assert_eq!(got, [json!("once"), json!("later")], "each once, in order");
     let states = store.outbox_states().await.expect("states");
     assert!(
@@ -243,14 +189,10 @@ async fn a_stores_partition_count_is_fixed_when_it_is_created() {
     let server = RedisServer::start();
     let url = server.url();
     let a = id("relay", "a");
-    let entry = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
 
     let three = connect(&url, "three", Some(3)).await.expect("connect");
     assert_eq!(three.partitions(), 3);
-    three
-        .commit_turn(Turn::append(&a, 1, &entry))
-        .await
-        .expect("turn");
+    send_turn(&three, &a, 1, &[]).await;
     // Later connects read the count the store was made with.
     assert_eq!(connect(&url, "three", None).await.unwrap().partitions(), 3);
     assert_eq!(
@@ -268,9 +210,7 @@ async fn a_stores_partition_count_is_fixed_when_it_is_created() {
     // A store of one partition with data cannot be taken for a partitioned one.
     let one = connect(&url, "one", None).await.expect("connect");
     assert_eq!(one.partitions(), 1);
-    one.commit_turn(Turn::append(&a, 1, &entry))
-        .await
-        .expect("turn");
+    send_turn(&one, &a, 1, &[]).await;
     let err = connect(&url, "one", Some(3))
         .await
         .expect_err("recorded as one");

@@ -2,39 +2,19 @@
 //! case under its own key prefix.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use loom_redis::{RedisOptions, RedisStore};
 use loom_testkit::servers::RedisServer;
-use loom_testkit::{Factory, Fixture};
+
+mod common;
 
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let server = RedisServer::start();
-    let url = server.url();
     let n = Arc::new(AtomicU64::new(0));
     // Every case on a store of one partition, and again on one of three, where a message to an
     // actor of another partition goes through the outbox and the relay.
-    let factory = |partitions: Option<u32>| {
-        let url = url.clone();
-        let n = n.clone();
-        Factory::new(move || {
-            let url = url.clone();
-            let prefix = format!("rt{}", n.fetch_add(1, Ordering::Relaxed));
-            async move {
-                let options = RedisOptions {
-                    prefix,
-                    partitions,
-                    ..RedisOptions::default()
-                };
-                Fixture::new(
-                    RedisStore::connect_with(&url, options)
-                        .await
-                        .expect("connect to the private redis"),
-                )
-            }
-        })
-    };
+    let factory = |partitions| common::factory(&server.url(), "rt", &n, partitions);
     let mut trials = loom_testkit::runtime::trials("redis", &factory(None));
     trials.extend(loom_testkit::runtime::trials(
         "redis_partitioned",

@@ -58,9 +58,13 @@ fn opts() -> LeaseOptions {
     }
 }
 
-/// Actors with keys `prefix-0..`, at least `per` of them in every partition.
-fn spread(store: &dyn Store, prefix: &str, per: usize) -> Vec<ActorId> {
-    let n = store.partitions();
+/// Actors with keys `prefix-0..`, at least `per` of them in every partition of `store`.
+pub fn spread(store: &dyn Store, prefix: &str, per: usize) -> Vec<ActorId> {
+    spread_in(store.partitions(), prefix, per)
+}
+
+/// Actors of kind `part` with keys `prefix-0..`, `per` of them in each of `n` partitions.
+pub fn spread_in(n: u32, prefix: &str, per: usize) -> Vec<ActorId> {
     let mut counts = vec![0usize; n as usize];
     let mut out = Vec::new();
     let mut i = 0;
@@ -76,8 +80,8 @@ fn spread(store: &dyn Store, prefix: &str, per: usize) -> Vec<ActorId> {
     out
 }
 
-/// One turn of `actor` sending `send`, settling nothing.
-async fn send_turn(store: &dyn Store, actor: &ActorId, next: u64, send: &[Outgoing]) {
+/// One turn of `actor` (its entry `next`) sending `send`, settling nothing.
+pub async fn send_turn(store: &dyn Store, actor: &ActorId, next: u64, send: &[Outgoing]) {
     let entry = [Entry::new(
         next,
         EntryKind::Completed { reply: json!(next) },
@@ -92,7 +96,7 @@ async fn send_turn(store: &dyn Store, actor: &ActorId, next: u64, send: &[Outgoi
 }
 
 /// Leases and acks every message `actor` has now, in order.
-async fn drain(store: &dyn Store, actor: &ActorId) -> Vec<Envelope> {
+pub async fn drain(store: &dyn Store, actor: &ActorId) -> Vec<Envelope> {
     let mut out = Vec::new();
     while let Some(d) = store.lease(actor, opts()).await.expect("lease") {
         store.ack(&d.receipt).await.expect("ack");
