@@ -38,7 +38,8 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct StoreArg {
     /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
-    /// `redis+unix:///path`) or `postgres://user@host/db`.
+    /// `redis+unix:///path`; `?partitions=N` cuts a new store into partitions),
+    /// `redis+cluster://host:port,host:port/` (a Redis Cluster) or `postgres://user@host/db`.
     #[arg(
         long,
         global = true,
