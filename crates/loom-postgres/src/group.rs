@@ -1,6 +1,7 @@
 //! The two group-committed requests, appends and turns: what a request carries, and how a batch
-//! of them runs (`append_many` / `turn_many`, whose latest versions are in `schema_v7.sql`; a
-//! batch of one uses `append` / `turn`). See `loom_core::store::backend::Batcher` for the batching itself and its invariants.
+//! of them runs (`append_many`, whose latest version is in `schema_v7.sql`, and a batch of one
+//! `append`; `turn_many`, set-based since `schema_v11.sql`, for any number of turns). See
+//! `loom_core::store::backend::Batcher` for the batching itself and its invariants.
 //!
 //! What PostgreSQL adds to them (rule D1): a caller's answer is read only once the server has
 //! answered `ReadyForQuery`, after the statement's implicit transaction committed (with
@@ -94,6 +95,38 @@ impl TurnOut {
     }
 }
 
+/// One lease of an actor's next message.
+pub(crate) struct LeaseReq {
+    pub(crate) actor: String,
+    pub(crate) vis: i64,
+    pub(crate) max: i32,
+    pub(crate) early: i64,
+}
+
+/// `lease`'s answer: the frame, position, deliveries and last error of the message handed out
+/// (the frame `None` when nothing was).
+pub(crate) struct LeaseOut {
+    pub(crate) frame: Option<Vec<u8>>,
+    pub(crate) pos: Option<i64>,
+    pub(crate) dlv: Option<i32>,
+    pub(crate) err: Option<String>,
+}
+
+impl LeaseOut {
+    /// From a row of (frame, pos, dlv, err), starting at column `at`.
+    fn from_row(row: &PgRow, at: usize) -> Self {
+        LeaseOut {
+            frame: row.get(at),
+            pos: row.get(at + 1),
+            dlv: row.get(at + 2),
+            err: row.get(at + 3),
+        }
+    }
+}
+
+/// Most leases in one batch.
+const LEASE_BATCH: usize = 256;
+
 /// Most appends in one batch.
 const APPEND_BATCH: usize = 256;
 
@@ -151,24 +184,13 @@ pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<App
                 .bind(frames)
                 .fetch_all(&pool)
                 .await;
-            match batch {
-                Ok(rows) => by_index(n, &rows, |row| {
-                    (row.get::<bool, _>(1), row.get::<i64, _>(2))
-                }),
-                Err(e) => {
-                    let alone = rolled_back(&e);
-                    let e = pe(e);
-                    if !alone && matches!(e, StoreError::Unavailable { .. }) {
-                        return (0..n).map(|_| Err(e.clone())).collect();
-                    }
-                    // One request the server could not run failed the batch: each alone.
-                    let mut out = Vec::with_capacity(n);
-                    for r in reqs {
-                        out.push(single(r).await.map_err(pe));
-                    }
-                    out
-                }
-            }
+            answer(
+                batch,
+                reqs,
+                |row| (row.get::<bool, _>(1), row.get::<i64, _>(2)),
+                single,
+            )
+            .await
         }
         .boxed()
     });
@@ -219,11 +241,9 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
                         .map(|row| TurnOut::from_row(&row, 0))
                 }
             };
-            if reqs.len() == 1 {
-                let t = reqs.into_iter().next().expect("one request");
-                return vec![single(t).await.map_err(pe)];
-            }
-            let n = reqs.len();
+            // A turn alone goes through `turn_many` too: its set-based path (schema_v11.sql)
+            // runs fewer statements than `turn`, which runs a request again on its own only
+            // after the batch statement failed.
             let mut c = Columns::default();
             for t in &reqs {
                 c.push(t);
@@ -253,25 +273,52 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
                 .bind(c.next_max)
                 .fetch_all(&pool)
                 .await;
-            match batch {
-                Ok(rows) => by_index(n, &rows, |row| TurnOut::from_row(row, 1)),
-                Err(e) => {
-                    let alone = rolled_back(&e);
-                    let e = pe(e);
-                    if !alone && matches!(e, StoreError::Unavailable { .. }) {
-                        return (0..n).map(|_| Err(e.clone())).collect();
-                    }
-                    let mut out = Vec::with_capacity(n);
-                    for t in reqs {
-                        out.push(single(t).await.map_err(pe));
-                    }
-                    out
-                }
-            }
+            answer(batch, reqs, |row| TurnOut::from_row(row, 1), single).await
         }
         .boxed()
     });
     Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
+}
+
+/// The batcher of leases: `lease_many` for any number (schema_v11.sql), `lease` for one only
+/// after the batch statement failed.
+pub(crate) fn leases(pool: PgPool, schema: &str, workers: usize) -> Batcher<LeaseReq, LeaseOut> {
+    let one = sql(
+        schema,
+        "SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3, $4)",
+    );
+    let many = sql(
+        schema,
+        "SELECT idx, frame, pos, dlv, err FROM {s}.lease_many($1, $2, $3, $4)",
+    );
+    let run: RunBatch<LeaseReq, LeaseOut> = Arc::new(move |reqs: Vec<LeaseReq>| {
+        let (pool, one, many) = (pool.clone(), one.clone(), many.clone());
+        async move {
+            let single = |l: LeaseReq| {
+                let (pool, one) = (pool.clone(), one.clone());
+                async move {
+                    sqlx::query(sqlx::AssertSqlSafe(one))
+                        .bind(l.actor)
+                        .bind(l.vis)
+                        .bind(l.max)
+                        .bind(l.early)
+                        .fetch_one(&pool)
+                        .await
+                        .map(|row| LeaseOut::from_row(&row, 0))
+                }
+            };
+            let batch = sqlx::query(sqlx::AssertSqlSafe(many))
+                .bind(reqs.iter().map(|l| l.actor.clone()).collect::<Vec<_>>())
+                .bind(reqs.iter().map(|l| l.vis).collect::<Vec<_>>())
+                .bind(reqs.iter().map(|l| l.max).collect::<Vec<_>>())
+                .bind(reqs.iter().map(|l| l.early).collect::<Vec<_>>())
+                .fetch_all(&pool)
+                .await;
+            answer(batch, reqs, |row| LeaseOut::from_row(row, 1), single).await
+        }
+        .boxed()
+    });
+    Batcher::start(crate::BACKEND, workers, LEASE_BATCH, run)
 }
 
 /// A batch's turns as one array per parameter of `turn_many`.
@@ -325,6 +372,37 @@ impl Columns {
         self.record_ttl.push(t.record_ttl);
         self.next_vis.push(t.next_vis);
         self.next_max.push(t.next_max);
+    }
+}
+
+/// A batch statement's answer, one result per request in request order: its rows; or, when it
+/// failed for a reason the server gave (one request it could not run, or a deadlock it rolled
+/// back), each request again on its own with `single`; or, when the connection failed, that
+/// failure for every request (the batch may or may not have committed).
+async fn answer<R, O, Fut>(
+    batch: Result<Vec<PgRow>, sqlx::Error>,
+    reqs: Vec<R>,
+    row: impl Fn(&PgRow) -> O,
+    single: impl Fn(R) -> Fut,
+) -> Vec<StoreResult<O>>
+where
+    Fut: std::future::Future<Output = Result<O, sqlx::Error>>,
+{
+    let n = reqs.len();
+    match batch {
+        Ok(rows) => by_index(n, &rows, row),
+        Err(e) => {
+            let alone = rolled_back(&e);
+            let e = pe(e);
+            if !alone && matches!(e, StoreError::Unavailable { .. }) {
+                return (0..n).map(|_| Err(e.clone())).collect();
+            }
+            let mut out = Vec::with_capacity(n);
+            for r in reqs {
+                out.push(single(r).await.map_err(pe));
+            }
+            out
+        }
     }
 }
 

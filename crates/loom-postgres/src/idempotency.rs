@@ -78,6 +78,11 @@ impl IdempotencyStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(pe)?;
+        // Committed: announce it to a waiting `ask` on any process (`signals.rs`).
+        self.signals.done(loom_core::store::Completion {
+            actor: actor.clone(),
+            key: key.clone(),
+        });
         Ok(())
     }
 

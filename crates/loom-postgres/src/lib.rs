@@ -11,8 +11,9 @@
 //! key, so two writers can never both succeed for a seq.
 //!
 //! The schema is created (or checked) on connect, in the configured schema (default `loom`);
-//! nothing outside it is touched. Group commit: concurrent appends, and concurrent turns, from
-//! many actors are sent together as one statement per batch (`append_many`, `turn_many`), so
+//! nothing outside it is touched. Group commit: concurrent appends, turns and leases, from
+//! many actors are sent together as one statement per batch (`append_many`, `turn_many`,
+//! `lease_many`), so
 //! one transaction and one WAL flush serve the whole batch, and each caller hears back only
 //! after that commit (see `group.rs`). Everything else runs on a connection pool, where
 //! PostgreSQL's own WAL group commit merges the flushes of concurrent transactions.
@@ -25,6 +26,7 @@
 //! The files follow the embedded store's and Redis's map, one concern per file: `journal.rs`,
 //! `mailbox.rs`, `lease.rs`, `idempotency.rs`, `turn.rs` (the [`loom_core::Store`] methods),
 //! `park.rs`, `membership.rs`; `sql.rs` holds what they share, `group.rs` the group commit,
+//! `signals.rs` the wake-ups and reply signals between processes,
 //! `schema.sql` the tables and functions.
 //!
 //! ```no_run
@@ -40,6 +42,7 @@ mod lease;
 mod mailbox;
 mod membership;
 mod park;
+mod signals;
 mod sql;
 mod turn;
 
@@ -56,7 +59,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
 /// schema runs them all; an older one the ones it lacks, in one transaction.
-const MIGRATIONS: [&str; 10] = [
+const MIGRATIONS: [&str; 11] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -67,6 +70,7 @@ const MIGRATIONS: [&str; 10] = [
     include_str!("schema_v8.sql"),
     include_str!("schema_v9.sql"),
     include_str!("schema_v10.sql"),
+    include_str!("schema_v11.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].
@@ -105,66 +109,18 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: PgPool,
     schema: String,
-    /// Group commit of appends and of turns (see `group.rs`).
+    /// Group commit of appends, of turns and of leases (see `group.rs`).
     appends: std::sync::Arc<loom_core::store::backend::Batcher<group::AppendReq, group::AppendOut>>,
     turns: std::sync::Arc<loom_core::store::backend::Batcher<group::TurnReq, group::TurnOut>>,
+    leases: std::sync::Arc<loom_core::store::backend::Batcher<group::LeaseReq, group::LeaseOut>>,
     /// Counts notifications on the schema's channel (`None` with notifications off).
     wakeups: Option<tokio::sync::watch::Receiver<u64>>,
     /// Recorded results, from the schema's reply channel (`None` with notifications off).
     completions: Option<tokio::sync::broadcast::Sender<loom_core::store::Completion>>,
+    /// Sends this store's wake-ups and reply signals (`signals.rs`).
+    signals: signals::Notifier,
     /// The task that listens for them, stopped with the last clone of the store.
     _listener: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
-}
-
-/// How many reply signals a slow receiver may fall behind by before it misses some (and its
-/// waiters fall back to their poll).
-const SIGNALS_BUFFERED: usize = 4096;
-
-/// What the listener passes on.
-type Listened = (
-    tokio::sync::watch::Receiver<u64>,
-    tokio::sync::broadcast::Sender<loom_core::store::Completion>,
-    tokio_util::task::AbortOnDropHandle<()>,
-);
-
-/// `LISTEN`s on the schema's wake-up channel (`schema_v2.sql` sends on it) and counts what
-/// arrives, except what this store's own sessions sent (payload `origin`): its runtime woke
-/// itself; and on its reply channel (`schema_v6.sql`), passing each recorded result on.
-/// `pool` is the listener's own, of one connection, so that it takes nothing from the store's.
-async fn listen(pool: &PgPool, schema: &str, origin: String) -> Result<Listened, StoreError> {
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
-        .await
-        .map_err(pe)?;
-    let wake = format!("loom_wake_{schema}");
-    let done = format!("loom_done_{schema}");
-    listener
-        .listen_all([wake.as_str(), done.as_str()])
-        .await
-        .map_err(pe)?;
-    let (tx, rx) = tokio::sync::watch::channel(0u64);
-    let (done_tx, _) = tokio::sync::broadcast::channel(SIGNALS_BUFFERED);
-    let signals = done_tx.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) if n.channel() == done => {
-                    if let Some(c) = loom_core::store::Completion::parse(n.payload()) {
-                        // An error only says that no receiver is left, which is no fault.
-                        let _no_receiver = signals.send(c);
-                    }
-                }
-                Ok(Some(n)) if n.payload() == origin => {}
-                // A notification; or `None`, the connection was lost (the next call reconnects
-                // and listens again, and what was sent meanwhile is gone): look either way.
-                Ok(_) => tx.send_modify(|n| *n += 1),
-                Err(e) => {
-                    tracing::warn!(error = %e, "PostgreSQL notifications: listening again in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    });
-    Ok((rx, done_tx, tokio_util::task::AbortOnDropHandle::new(task)))
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -278,6 +234,8 @@ impl PostgresStore {
                 ("synchronous_commit", "on"),
                 // Who sent a wake-up (`schema_v2.sql`), so that the sender's listener skips it.
                 ("loom.origin", origin.as_str()),
+                // This store sends its signals itself, after commit (`signals.rs`).
+                ("loom.signals", "client"),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -289,6 +247,8 @@ impl PostgresStore {
         let mut store = PostgresStore {
             appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),
             turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers)),
+            leases: std::sync::Arc::new(group::leases(pool.clone(), &schema, workers)),
+            signals: signals::Notifier::start(pool.clone(), &schema, origin.clone()),
             pool,
             schema,
             wakeups: None,
@@ -303,7 +263,7 @@ impl PostgresStore {
                 .connect_with(connect)
                 .await
                 .map_err(connect_error)?;
-            let (rx, done, task) = listen(&own, &store.schema, origin).await?;
+            let (rx, done, task) = signals::listen(&own, &store.schema, origin).await?;
             store.wakeups = Some(rx);
             store.completions = Some(done);
             store._listener = Some(std::sync::Arc::new(task));

@@ -163,23 +163,35 @@ impl Mailbox for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map_err(pe)?;
+        // Committed: wake other processes if it is due now (`signals.rs`).
+        if deliver_at.is_none_or(|t| t <= Timestamp::now()) {
+            self.signals.wake();
+        }
         Ok(pos as u64)
     }
 
     async fn lease(&self, actor: &ActorId, opts: LeaseOptions) -> StoreResult<Option<Delivery>> {
         opts.validate()?;
-        let row = sqlx::query(self.q("SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3, $4)"))
-            .bind(actor.as_str())
-            .bind(ms(opts.visibility))
-            .bind(i32::try_from(opts.max_deliveries).unwrap_or(i32::MAX))
+        // Group-committed with other leases (`group.rs`).
+        let req = crate::group::LeaseReq {
+            actor: actor.as_str().to_owned(),
+            vis: ms(opts.visibility),
+            max: i32::try_from(opts.max_deliveries).unwrap_or(i32::MAX),
             // Exact (zero for none), not `ms`'s at-least-1: `validate` bounds it by MAX_EARLY.
-            .bind(i64::try_from(opts.early.as_millis()).unwrap_or(i64::MAX))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(pe)?;
-        match row.get::<Option<Vec<u8>>, _>(0) {
+            early: i64::try_from(opts.early.as_millis()).unwrap_or(i64::MAX),
+        };
+        let bytes = req.actor.len();
+        let out = self.leases.submit(req, bytes).await?;
+        match out.frame {
             None => Ok(None),
-            Some(frame) => delivery(actor, frame, row.get(1), row.get(2), row.get(3)).map(Some),
+            Some(frame) => delivery(
+                actor,
+                frame,
+                out.pos.unwrap_or(0),
+                out.dlv.unwrap_or(0),
+                out.err,
+            )
+            .map(Some),
         }
     }
 
@@ -438,6 +450,8 @@ impl Mailbox for PostgresStore {
         if pos == 0 {
             return Err(StoreError::DeadLetterNotFound(id));
         }
+        // Back in its mailbox, due now.
+        self.signals.wake();
         Ok(pos as u64)
     }
 }

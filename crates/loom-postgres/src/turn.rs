@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use loom_core::store::backend::{
     Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
-use loom_core::store::{Enqueued, Lease, Receipt, Retired, Store};
+use loom_core::store::{Completion, Enqueued, Lease, Receipt, Retired, Store};
 use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -98,6 +98,23 @@ impl Store for PostgresStore {
         };
         match out.status.as_str() {
             "ok" => {
+                // Its signals, now that it has committed (`signals.rs`): a send due now (as
+                // the server decides it: undelayed, or at a time already past) wakes, and a
+                // recorded result is announced.
+                let now = Timestamp::now();
+                if turn
+                    .send
+                    .iter()
+                    .any(|o| o.deliver_at.is_none_or(|t| t <= now))
+                {
+                    self.signals.wake();
+                }
+                if let Some(r) = &turn.record {
+                    self.signals.done(Completion {
+                        actor: r.actor.clone(),
+                        key: r.key.clone(),
+                    });
+                }
                 let next = match out.nframe.clone() {
                     Some(frame) => Some(delivery(
                         turn.actor,
@@ -154,7 +171,11 @@ impl Store for PostgresStore {
         .fetch_one(&self.pool)
         .await
         .map_err(pe)?;
-        enqueued(msg, key, &row)
+        let out = enqueued(msg, key, &row)?;
+        if matches!(out, Enqueued::New(_)) && deliver_at.is_none_or(|t| t <= Timestamp::now()) {
+            self.signals.wake();
+        }
+        Ok(out)
     }
 
     async fn enqueue_event(
@@ -177,7 +198,13 @@ impl Store for PostgresStore {
         .fetch_one(&self.pool)
         .await
         .map_err(pe)?;
-        enqueued(msg, key, &row)
+        let out = enqueued(msg, key, &row)?;
+        // The event is due at once in its lane (the owner's wake-up, if any, the function
+        // sends itself).
+        if matches!(out, Enqueued::New(_)) {
+            self.signals.wake();
+        }
+        Ok(out)
     }
 
     async fn retire(&self, receipt: &Receipt, fence: &Lease, highest: Seq) -> StoreResult<Retired> {

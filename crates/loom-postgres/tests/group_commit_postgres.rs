@@ -2,6 +2,9 @@
 //! request is still decided alone, a request the server refuses does not fail the others of its
 //! batch, and batches of turns that lock each other's mailboxes never deadlock.
 
+#[path = "common/locks.rs"]
+mod locks;
+
 use std::time::Duration;
 
 use loom_core::store::backend::Turn;
@@ -10,6 +13,8 @@ use loom_postgres::{PostgresOptions, PostgresStore};
 use loom_testkit::group_commit::{entry, first_appends_at_once, id, turns_sending_to_each_other};
 use loom_testkit::servers::PostgresServer;
 use serde_json::json;
+
+use locks::waits_on_a_lock;
 
 async fn connect(url: &str, max_connections: u32) -> PostgresStore {
     let options = PostgresOptions {
@@ -29,24 +34,6 @@ async fn xid(admin: &sqlx::PgPool) -> i64 {
         .fetch_one(admin)
         .await
         .expect("pg_current_xact_id")
-}
-
-/// Whether a statement matching `query` (a LIKE pattern) comes to wait on a lock within 5 s.
-async fn waits_on_a_lock(admin: &sqlx::PgPool, query: &str) -> bool {
-    for _ in 0..500 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
-        )
-        .bind(query)
-        .fetch_one(admin)
-        .await
-        .expect("pg_stat_activity");
-        if n > 0 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

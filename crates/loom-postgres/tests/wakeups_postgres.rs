@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use loom_core::runtime::Runtime;
-use loom_core::{ActorId, Envelope, JournalStore, Mailbox, StoreError};
+use loom_core::store::backend::{Outgoing, Record, Turn};
+use loom_core::{
+    ActorId, Entry, EntryKind, Envelope, IdempotencyStore, JournalStore, Mailbox, Store, StoreError,
+};
 use loom_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use loom_testkit::runtime::Counter;
 use loom_testkit::servers::PostgresServer;
@@ -61,6 +64,25 @@ async fn picked_up(
     }
     rt.shutdown().await;
     took
+}
+
+/// Waits up to 20 s for a wake-up; `failure` says what did not wake.
+async fn woken_within(woken: &mut tokio::sync::watch::Receiver<u64>, failure: &str) {
+    tokio::time::timeout(Duration::from_secs(20), woken.changed())
+        .await
+        .expect(failure)
+        .expect("listener alive");
+}
+
+/// Waits up to 20 s for a reply signal; `failure` says which did not come.
+async fn heard_within(
+    done: &mut tokio::sync::broadcast::Receiver<loom_core::store::Completion>,
+    failure: &str,
+) -> loom_core::store::Completion {
+    tokio::time::timeout(Duration::from_secs(20), done.recv())
+        .await
+        .expect(failure)
+        .expect("listener alive")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,10 +173,7 @@ async fn a_store_is_woken_by_others_sends_not_its_own() {
     b.enqueue(&Envelope::new(id.clone(), json!(2)), None)
         .await
         .expect("another store's send");
-    tokio::time::timeout(Duration::from_secs(20), woken.changed())
-        .await
-        .expect("not woken by another store's send")
-        .expect("listener alive");
+    woken_within(&mut woken, "not woken by another store's send").await;
     assert_eq!(a.pending(&id).await.expect("pending"), 2);
 }
 
@@ -225,4 +244,91 @@ async fn mailboxes_are_indexed_by_the_partition_rust_computes() {
         expected.sort();
         assert_eq!(found, expected, "partition {p}");
     }
+}
+
+/// Since schema version 11 a store sends its signals itself, after the transaction that
+/// warrants them committed (`signals.rs`): another store hears its wake-ups and its recorded
+/// results. A session that does not say it sends its own (a node of an older build, psql) still
+/// gets them sent by the functions, in its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_sent_after_commit_and_for_sessions_of_older_builds_by_the_functions() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let a = connect(&url, true).await;
+    let b = connect(&url, true).await;
+    let mut woken = a.wakeups().expect("notifications are on");
+    let mut done = a.completions().expect("notifications are on");
+    let id = ActorId::new("counter", "signals").expect("id");
+    let key = loom_core::IdempotencyKey::new("k-1").expect("key");
+    b.complete(&id, &key, &json!("result"), Duration::from_secs(60))
+        .await
+        .expect("complete");
+    let heard = heard_within(&mut done, "no reply signal from another store").await;
+    assert_eq!((heard.actor, heard.key), (id.clone(), key));
+    b.enqueue(&Envelope::new(id.clone(), json!(1)), None)
+        .await
+        .expect("send");
+    woken_within(&mut woken, "not woken by another store's send").await;
+    // A turn's: its send due now wakes, its recorded result is announced.
+    woken.mark_unchanged();
+    let (to, turn_key) = (
+        ActorId::new("counter", "signals-to").expect("id"),
+        loom_core::IdempotencyKey::new("k-turn").expect("key"),
+    );
+    let entries = [Entry::new(1, EntryKind::Completed { reply: json!(1) })];
+    let send = [Outgoing {
+        envelope: Envelope::new(to.clone(), json!("hi")),
+        deliver_at: None,
+    }];
+    b.commit_turn(Turn {
+        send: &send,
+        record: Some(Record {
+            actor: &id,
+            key: &turn_key,
+            result: &json!("turned"),
+            ttl: Duration::from_secs(60),
+        }),
+        ..Turn::append(&id, 1, &entries)
+    })
+    .await
+    .expect("turn");
+    let heard = heard_within(&mut done, "no reply signal for a turn's record").await;
+    assert_eq!((heard.actor, heard.key), (id.clone(), turn_key));
+    woken_within(&mut woken, "not woken by another store's turn").await;
+    // An `enqueue_once`'s.
+    woken.mark_unchanged();
+    b.enqueue_once(
+        &Envelope::new(to.clone(), json!("once")),
+        None,
+        &loom_core::IdempotencyKey::new("k-once").expect("key"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("enqueue_once");
+    woken_within(&mut woken, "not woken by another store's enqueue_once").await;
+
+    // An older build's session: no `loom.signals`, so `enqueue` itself notifies.
+    let old = sqlx::PgPool::connect(&url).await.expect("plain session");
+    woken.mark_unchanged();
+    sqlx::query("SELECT wake.enqueue('counter/older', 'm-old', '\\x00', 0)")
+        .execute(&old)
+        .await
+        .expect("enqueue from an older build's session");
+    woken_within(&mut woken, "an older build's enqueue did not wake").await;
+    // A session that says it sends its own: the function sends nothing.
+    let mut quiet = old.acquire().await.expect("connection");
+    sqlx::query("SET loom.signals = 'client'")
+        .execute(&mut *quiet)
+        .await
+        .expect("set");
+    woken.mark_unchanged();
+    sqlx::query("SELECT wake.enqueue('counter/older', 'm-new', '\\x00', 0)")
+        .execute(&mut *quiet)
+        .await
+        .expect("enqueue");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !woken.has_changed().expect("listener alive"),
+        "a session that sends its own signals was signalled for by the function"
+    );
 }
