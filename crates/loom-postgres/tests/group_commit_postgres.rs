@@ -366,3 +366,100 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
     );
     assert_eq!(store.highest_seq(&id("old")).await.unwrap(), 3);
 }
+
+/// Batches of appends racing each other on the same journals, in orders of their own, first
+/// appends included: every `append_many` call answers (no deadlock, no key violation), each
+/// journal's appends are decided once (the frames of the appends answered ok are exactly the
+/// journal, gapless), and every answer agrees with the journal: an ok append's value is its
+/// journal's highest after it, a refused one's is a seq the journal reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_batches_of_appends_decide_each_append_once_and_never_deadlock() {
+    const TASKS: u64 = 6;
+    const ROUNDS: u64 = 40;
+    const ACTORS: u64 = 24;
+    let server = PostgresServer::start();
+    let _store = connect(&server.url(), 4).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let admin = admin.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each task's guess of each journal's next seq, from its answers.
+            let mut next = std::collections::HashMap::<String, i64>::new();
+            let mut won = Vec::new();
+            let mut state = task.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut rand = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            for round in 0..ROUNDS {
+                // Some journals every task shares from the start, and each round new ones every
+                // task starts at once; each batch names them in an order of its own.
+                let mut names: Vec<String> = (0..ACTORS)
+                    .filter(|_| rand() % 3 != 0)
+                    .map(|a| format!("shared{a}"))
+                    .chain((0..4).map(|a| format!("round{round}_{a}")))
+                    .collect();
+                for i in (1..names.len()).rev() {
+                    names.swap(i, (rand() % (i as u64 + 1)) as usize);
+                }
+                let frames: Vec<String> = names
+                    .iter()
+                    .map(|a| format!("{a}@{task}.{round}"))
+                    .collect();
+                let actors: Vec<String> = names.iter().map(|a| format!("group/{a}")).collect();
+                let expected: Vec<i64> = names.iter().map(|a| *next.get(a).unwrap_or(&1)).collect();
+                let counts = vec![1i32; names.len()];
+                let all: Vec<Vec<u8>> = frames.iter().map(|f| f.as_bytes().to_vec()).collect();
+                let answers: Vec<(i64, bool, i64)> = sqlx::query_as(
+                    "SELECT idx, ok, val FROM grp.append_many($1, $2, $3, $4) ORDER BY idx",
+                )
+                .bind(actors)
+                .bind(expected.clone())
+                .bind(counts)
+                .bind(all)
+                .fetch_all(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("task {task}, round {round}: {e}"));
+                assert_eq!(answers.len(), names.len());
+                for ((i, ok, val), name) in answers.into_iter().zip(&names) {
+                    let e = expected[(i - 1) as usize];
+                    if ok {
+                        assert_eq!(val, e, "an ok append of one frame at {e} answers {val}");
+                        won.push((format!("group/{name}"), e, frames[(i - 1) as usize].clone()));
+                        next.insert(name.clone(), e + 1);
+                    } else {
+                        assert!(val > e, "refused at {e}, but the journal's next is {val}");
+                        next.insert(name.clone(), val);
+                    }
+                }
+            }
+            won
+        }));
+    }
+    let mut won = Vec::new();
+    for task in tasks {
+        won.extend(task.await.expect("task"));
+    }
+    won.sort();
+    let (rows, meta) = journals(&admin).await;
+    let mut rows: Vec<(String, i64, String)> = rows
+        .into_iter()
+        .map(|(a, s, f)| (a, s, String::from_utf8(f).expect("utf-8")))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows, won,
+        "the journals are not exactly the appends answered ok"
+    );
+    for (actor, highest, ..) in &meta {
+        let seqs: Vec<i64> = rows
+            .iter()
+            .filter(|(a, ..)| a == actor)
+            .map(|(_, s, _)| *s)
+            .collect();
+        assert_eq!(seqs, (1..=*highest).collect::<Vec<_>>(), "{actor}");
+    }
+}
