@@ -307,15 +307,24 @@ pub async fn compact(store: &dyn Store, key: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// `bank`: the bank workload at full speed (throughput), then again at half that rate
-/// (latency), against the raw fsync loop's records per second with the store's batching.
+/// `bank`: the bank workload at full speed (throughput), then again at half that rate, or at
+/// `paced` invocations/s if given (latency: at one rate, builds of different peaks compare),
+/// against the raw fsync loop's records per second with the store's batching.
 pub async fn bank(
     rt: &Runtime,
     label: &str,
     baseline: &Baseline,
     cfg: Bank,
     stats: Stats,
+    paced: Option<f64>,
 ) -> Result<Vec<Measurement>, BenchError> {
+    if let Some(r) = paced
+        && !(r.is_finite() && r > 0.0)
+    {
+        return Err(BenchError::Other(format!(
+            "a paced rate must be above 0 invocations/s, not {r}"
+        )));
+    }
     cfg.open_accounts(rt).await?;
     let before = rt.metrics();
     let gc0 = stats.as_ref().map(|s| s());
@@ -374,9 +383,9 @@ pub async fn bank(
             busiest.map_or(0.0, |(_, u)| (u * 100.0).round() / 100.0),
         );
 
-    // Half of the peak rate: transfers submitted on a fixed schedule.
+    // Half of the peak rate (or the rate asked for): transfers submitted on a fixed schedule.
     let per_transfer = invocations / f64::from(cfg.transfers);
-    let rate = (peak / 2.0 / per_transfer).max(1.0);
+    let rate = (paced.unwrap_or(peak / 2.0) / per_transfer).max(1.0);
     let half = Bank {
         first: cfg.first + cfg.transfers,
         first_account: cfg.first_account + cfg.accounts,
@@ -399,7 +408,11 @@ pub async fn bank(
     let statuses = half.settle(rt, Duration::from_secs(1200), |_| {}).await?;
     half.verify(rt, &statuses).await?;
     let at_half = Measurement::new(
-        "bank-half-rate",
+        if paced.is_some() {
+            "bank-paced"
+        } else {
+            "bank-half-rate"
+        },
         label,
         rate * per_transfer,
         baseline,
@@ -409,7 +422,11 @@ pub async fn bank(
     .with("transfers", half.transfers)
     .with(
         "latency_of",
-        "a transfer's first durable turn, at half the peak rate",
+        if paced.is_some() {
+            "a transfer's first durable turn, at the rate asked for (--rate)"
+        } else {
+            "a transfer's first durable turn, at half the peak rate"
+        },
     );
     Ok(vec![full, at_half])
 }

@@ -67,6 +67,8 @@ pub struct Settings {
     pub lead: Option<f64>,
     /// Node process counts of the bank on a Redis or PostgreSQL store.
     pub nodes: Option<Vec<usize>>,
+    /// The bank's second run at this many invocations/s instead of half its peak.
+    pub rate: Option<f64>,
 }
 
 /// The baseline for a store: fdatasync on the same disk, or pipelined XADD on the same server.
@@ -215,6 +217,18 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
             return Err(Failure("--nodes takes counts from 1 to 16".into()));
         }
     }
+    if let Some(rate) = s.rate {
+        if !matches!(scenario, Scenario::Bank | Scenario::All) || s.nodes.is_some() {
+            return Err(Failure(
+                "--rate paces the bank's second run: for the bank scenario, without --nodes".into(),
+            ));
+        }
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(Failure(
+                "--rate takes invocations per second above 0".into(),
+            ));
+        }
+    }
     if let StoreUrl::Embedded(dir, ..) = &url {
         std::fs::create_dir_all(dir)?;
     }
@@ -320,7 +334,8 @@ pub async fn run(scenario: Scenario, s: Settings) -> Result<(), Failure> {
                     .configure(|c| c.ask_timeout = Duration::from_secs(600))
                     .start()
                     .await?;
-                let mut runs = scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened)).await?;
+                let mut runs =
+                    scenarios::bank(&rt, &label, &baseline, cfg, stats(&opened), s.rate).await?;
                 // With --partitions, each count is its own scenario in the summary.
                 if s.partitions.is_some()
                     && let Some(e) = &opened.embedded

@@ -72,6 +72,10 @@ enum Command {
         /// node, then three), driven by a client in this process.
         #[arg(long, value_delimiter = ',')]
         nodes: Option<Vec<usize>>,
+        /// `bank`'s second run at this many invocations/s instead of half the first run's
+        /// peak, so that builds of different peaks compare at one rate (`bank-paced`).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// The bank, killed with SIGKILL at random moments and restarted, then checked: every
     /// acknowledged transfer applied exactly once, balances conserved, journals gapless.
@@ -150,6 +154,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             window,
             lead,
             nodes,
+            rate,
         } => {
             let settings = bench::Settings {
                 store,
@@ -163,6 +168,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 window,
                 lead,
                 nodes,
+                rate,
             };
             bench::run(scenario, settings).await
         }

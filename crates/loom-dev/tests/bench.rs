@@ -260,6 +260,50 @@ fn repeated_bank_runs_on_one_store_each_verify() {
     assert!(lines.iter().any(|l| l["summary"] == "bank"), "{out}");
 }
 
+/// `--rate` paces the bank's second run at the invocations/s asked for (`bank-paced`), so that
+/// builds of different peaks compare at one rate; a rate that is not a positive number, or one
+/// for a scenario it does not pace, is refused before anything runs.
+#[test]
+fn the_banks_second_run_keeps_the_rate_asked_for() {
+    let _serial = serial();
+    let (ok, out, err) = loom(&[
+        "bench",
+        "bank",
+        "--actors",
+        "10",
+        "--entries",
+        "300",
+        "--rate",
+        "150",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let lines = json_lines(&out);
+    let scenarios: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["scenario"].as_str())
+        .collect();
+    assert_eq!(scenarios, ["bank", "bank-paced"], "{out}");
+    let paced = &lines[1];
+    let rate = paced["ops_per_s"].as_f64().expect("ops_per_s");
+    // The schedule is of transfers at 150 invocations/s over the first run's invocations per
+    // transfer: what is reported is that rate back.
+    assert!((rate - 150.0).abs() < 1.0, "{paced}");
+    assert!(
+        paced["latency_of"].as_str().unwrap().contains("--rate"),
+        "{paced}"
+    );
+    for (args, says) in [
+        (&["bench", "bank", "--rate", "0"][..], "above 0"),
+        (&["bench", "bank", "--rate", "NaN"][..], "above 0"),
+        (&["bench", "append-seq", "--rate", "100"][..], "bank"),
+    ] {
+        let (ok, out, err) = loom(args);
+        assert!(!ok, "{args:?}: {out}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 /// Called from the embedded test rather than run beside it: one bank process fewer at a time
 /// for the Redis and PostgreSQL tests running in parallel on a 2-core machine.
 fn bank_runs_once_per_partition_count_on_a_fresh_store_each() {
