@@ -129,6 +129,31 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// The oldest server this store runs on: PostgreSQL 12 (`plan_cache_mode`, schema_v11.sql).
+const OLDEST_SERVER: u32 = 120_000;
+
+/// Refuses a server older than [`OLDEST_SERVER`] (its `server_version_num`) with a typed error,
+/// before a migration would fail half-way on a setting it does not know.
+fn supported_server(version_num: &str) -> Result<(), StoreError> {
+    match version_num.trim().parse::<u32>() {
+        Ok(v) if v >= OLDEST_SERVER => Ok(()),
+        Ok(v) => {
+            // 110005 is 11.5; 90624 is 9.6.24.
+            let major = if v >= 100_000 {
+                format!("{}", v / 10_000)
+            } else {
+                format!("{}.{}", v / 10_000, v % 10_000 / 100)
+            };
+            Err(StoreError::InvalidRequest(format!(
+                "PostgreSQL {major} is too old: Loom needs PostgreSQL 12 or later"
+            )))
+        }
+        Err(_) => Err(StoreError::InvalidRequest(format!(
+            "PostgreSQL reported a server_version_num Loom cannot read: {version_num:?}"
+        ))),
+    }
+}
+
 /// Turns a database error into a store error: connection trouble, timeouts, deadlocks and
 /// serialization failures are [`StoreError::Unavailable`] (retry; every Loom write is safe to
 /// retry), anything else [`StoreError::Storage`].
@@ -314,6 +339,11 @@ impl PostgresStore {
 
     /// Creates the schema and its tables and functions, or checks that they are this build's.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let version: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(pe)?;
+        supported_server(&version)?;
         let s = &self.schema;
         let mut tx = self.pool.begin().await.map_err(pe)?;
         // One migrator at a time per schema, across every process.
@@ -391,4 +421,28 @@ pub struct Durability {
     pub full_page_writes: String,
     /// Why acknowledged writes could be lost or corrupted, if they could.
     pub warning: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_older_than_12_are_refused_by_name() {
+        for ok in ["120000", "150004", "170000\n"] {
+            assert!(supported_server(ok).is_ok(), "{ok}");
+        }
+        for (old, name) in [("110005", "PostgreSQL 11 "), ("90624", "PostgreSQL 9.6 ")] {
+            match supported_server(old) {
+                Err(StoreError::InvalidRequest(m)) => {
+                    assert!(m.contains(name) && m.contains("12 or later"), "{m}")
+                }
+                other => panic!("{old}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            supported_server("fifteen"),
+            Err(StoreError::InvalidRequest(m)) if m.contains("fifteen")
+        ));
+    }
 }
