@@ -1,7 +1,8 @@
-//! The two group-committed requests, appends and turns: what a request carries, and how a batch
-//! of them runs (`append_many`, whose latest version is in `schema_v7.sql`, and a batch of one
-//! `append`; `turn_many`, set-based since `schema_v11.sql`, for two or more turns, and `turn` for one). See
-//! `loom_core::store::backend::Batcher` for the batching itself and its invariants.
+//! The group-committed requests, appends, turns and leases: what a request carries, and how a
+//! batch of them runs (`append_many`, whose latest version is in `schema_v7.sql`, and a batch
+//! of one `append`; `turn_many` and `lease_many`, set-based since `schema_v11.sql`, for two or
+//! more, and `turn` or `lease` for one). See `loom_core::store::backend::Batcher` for the
+//! batching itself and its invariants.
 //!
 //! What PostgreSQL adds to them (rule D1): a caller's answer is read only once the server has
 //! answered `ReadyForQuery`, after the statement's implicit transaction committed (with
