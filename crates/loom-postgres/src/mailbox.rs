@@ -164,9 +164,7 @@ impl Mailbox for PostgresStore {
             .await
             .map_err(pe)?;
         // Committed: wake other processes if it is due now (`signals.rs`).
-        if deliver_at.is_none_or(|t| t <= Timestamp::now()) {
-            self.signals.wake();
-        }
+        self.signals.wake_if_due([deliver_at]);
         Ok(pos as u64)
     }
 

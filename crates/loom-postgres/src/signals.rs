@@ -19,8 +19,8 @@
 
 use std::time::Duration;
 
-use loom_core::StoreError;
 use loom_core::store::Completion;
+use loom_core::{StoreError, Timestamp};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
@@ -136,6 +136,16 @@ impl Notifier {
         // An error only means the task is gone (its runtime shut down): nobody is left to
         // signal for from here.
         let _stopped = self.tx.send(Signal::Wake);
+    }
+
+    /// Messages due at `due` (`None`: at once) were enqueued by a transaction that has
+    /// committed: a wake-up if any is due now, as the server decided (undelayed, or at a time
+    /// already past).
+    pub(crate) fn wake_if_due(&self, due: impl IntoIterator<Item = Option<Timestamp>>) {
+        let now = Timestamp::now();
+        if due.into_iter().any(|at| at.is_none_or(|t| t <= now)) {
+            self.wake();
+        }
     }
 
     /// A result was recorded by a transaction that has committed.

@@ -98,17 +98,10 @@ impl Store for PostgresStore {
         };
         match out.status.as_str() {
             "ok" => {
-                // Its signals, now that it has committed (`signals.rs`): a send due now (as
-                // the server decides it: undelayed, or at a time already past) wakes, and a
-                // recorded result is announced.
-                let now = Timestamp::now();
-                if turn
-                    .send
-                    .iter()
-                    .any(|o| o.deliver_at.is_none_or(|t| t <= now))
-                {
-                    self.signals.wake();
-                }
+                // Its signals, now that it has committed (`signals.rs`): a send due now wakes,
+                // and a recorded result is announced.
+                self.signals
+                    .wake_if_due(turn.send.iter().map(|o| o.deliver_at));
                 if let Some(r) = &turn.record {
                     self.signals.done(Completion {
                         actor: r.actor.clone(),
@@ -172,8 +165,8 @@ impl Store for PostgresStore {
         .await
         .map_err(pe)?;
         let out = enqueued(msg, key, &row)?;
-        if matches!(out, Enqueued::New(_)) && deliver_at.is_none_or(|t| t <= Timestamp::now()) {
-            self.signals.wake();
+        if matches!(out, Enqueued::New(_)) {
+            self.signals.wake_if_due([deliver_at]);
         }
         Ok(out)
     }
