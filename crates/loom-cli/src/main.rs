@@ -39,7 +39,8 @@ struct Cli {
 struct StoreArg {
     /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
     /// `redis+unix:///path`; `?partitions=N` cuts a new store into partitions),
-    /// `redis+cluster://host:port,host:port/` (a Redis Cluster) or `postgres://user@host/db`.
+    /// `redis+cluster://host:port,host:port/` (a Redis Cluster) or `postgres://user@host/db`
+    /// (`?partitions=32` cuts a new store into the partitions nodes own).
     #[arg(
         long,
         global = true,

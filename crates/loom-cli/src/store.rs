@@ -72,16 +72,19 @@ impl StoreUrl {
         if let Some((scheme, _)) = url.split_once("://") {
             return match scheme {
                 "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" => {
-                    redis_partitions(url)?;
+                    url_partitions(url)?;
                     Ok(StoreUrl::Redis {
                         url: url.to_owned(),
                         prefix: ns.redis_prefix.clone(),
                     })
                 }
-                "postgres" | "postgresql" => Ok(StoreUrl::Postgres {
-                    url: url.to_owned(),
-                    schema: ns.pg_schema.clone(),
-                }),
+                "postgres" | "postgresql" => {
+                    url_partitions(url)?;
+                    Ok(StoreUrl::Postgres {
+                        url: url.to_owned(),
+                        schema: ns.pg_schema.clone(),
+                    })
+                }
                 other => Err(Failure(format!(
                     "store URL scheme {other:?} is not known; use embedded:PATH, a directory, memory:, redis://host[:port] or postgres://host/db"
                 ))),
@@ -155,9 +158,10 @@ impl Opened {
     }
 }
 
-/// A Redis URL's own part and the partition count it asks a new store for
-/// (`redis://host/?partitions=N`: Loom's parameter, taken out before the client reads the URL).
-pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
+/// A Redis or PostgreSQL URL's own part and the partition count it asks a new store for
+/// (`redis://host/?partitions=N`, `postgres://host/db?partitions=32`: Loom's parameter, taken
+/// out before the client reads the URL).
+pub fn url_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_owned(), None));
     };
@@ -174,7 +178,7 @@ pub fn redis_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
             Some(n) => {
                 let n: u32 = n.parse().map_err(|_| {
                     Failure(format!(
-                        "partitions={n:?} is not a number; use redis://HOST/?partitions=N"
+                        "partitions={n:?} is not a number; use ?partitions=N after the URL"
                     ))
                 })?;
                 partitions = Some(loom_core::partition::check_partitions(n)?);
@@ -211,7 +215,7 @@ pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
 }
 
 async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
-    let (url, partitions) = redis_partitions(url)?;
+    let (url, partitions) = url_partitions(url)?;
     let options = RedisOptions {
         prefix: prefix.to_owned(),
         partitions,
@@ -230,8 +234,11 @@ async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
 }
 
 async fn postgres(url: &str, schema: &str) -> Result<Opened, Failure> {
+    let (url, partitions) = url_partitions(url)?;
+    let url = url.as_str();
     let options = PostgresOptions {
         schema: schema.to_owned(),
+        partitions,
         ..PostgresOptions::default()
     };
     let s = PostgresStore::connect_with(url, options).await?;
@@ -322,28 +329,33 @@ mod tests {
     }
 
     #[test]
-    fn a_redis_urls_partition_count_is_taken_out_of_its_query() {
+    fn a_urls_partition_count_is_taken_out_of_its_query() {
         assert_eq!(
-            redis_partitions("redis://h:1/0").unwrap(),
+            url_partitions("redis://h:1/0").unwrap(),
             ("redis://h:1/0".to_owned(), None)
         );
         assert_eq!(
-            redis_partitions("redis://h:1/0?partitions=32").unwrap(),
+            url_partitions("redis://h:1/0?partitions=32").unwrap(),
             ("redis://h:1/0".to_owned(), Some(32))
         );
         assert_eq!(
-            redis_partitions("redis+unix:///r.sock?user=u&partitions=3&pass=p").unwrap(),
+            url_partitions("redis+unix:///r.sock?user=u&partitions=3&pass=p").unwrap(),
             ("redis+unix:///r.sock?user=u&pass=p".to_owned(), Some(3))
         );
         assert_eq!(
-            redis_partitions("redis://h/?partitions=3&").unwrap(),
+            url_partitions("redis://h/?partitions=3&").unwrap(),
             ("redis://h/".to_owned(), Some(3))
+        );
+        assert_eq!(
+            url_partitions("postgres:///db?host=/run/pg&partitions=32&user=u").unwrap(),
+            ("postgres:///db?host=/run/pg&user=u".to_owned(), Some(32))
         );
         for bad in [
             "redis://h/?partitions=x",
             "redis://h/?partitions=0",
             "redis://h/?partitions=257",
             "redis://h/?partitions=2&partitions=3",
+            "postgres://h/db?partitions=x",
         ] {
             assert!(
                 StoreUrl::parse(bad, &Namespace::both("ns")).is_err(),

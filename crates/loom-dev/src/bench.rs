@@ -78,11 +78,14 @@ fn baseline_for(url: &StoreUrl, scratch: &std::path::Path) -> Baseline {
         StoreUrl::Memory => fsync(scratch.to_path_buf()),
         StoreUrl::Redis { url, prefix } => {
             // Parsed when the URL was: it is valid here.
-            let url =
-                loom_cli::store::redis_partitions(url).map_or_else(|_| url.clone(), |(u, _)| u);
+            let url = loom_cli::store::url_partitions(url).map_or_else(|_| url.clone(), |(u, _)| u);
             xadd(url, format!("{prefix}:baseline"))
         }
-        StoreUrl::Postgres { url, schema } => insert(url.clone(), schema.clone()),
+        StoreUrl::Postgres { url, schema } => {
+            // As for Redis.
+            let url = loom_cli::store::url_partitions(url).map_or_else(|_| url.clone(), |(u, _)| u);
+            insert(url, schema.clone())
+        }
     }
 }
 

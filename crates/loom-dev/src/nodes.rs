@@ -78,9 +78,9 @@ pub struct Plan {
     /// Transfers in flight at once (each worker starts its next once its last settled).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Redis only: cut the store into this many partitions (`redis://…?partitions=N`), so that
-    /// transfers between accounts of different partitions go through the outboxes and the
-    /// relay while nodes are killed; the outboxes are checked at the end.
+    /// Cut the store into this many partitions (`?partitions=N`; PostgreSQL takes 32 only), so
+    /// that transfers between accounts of different partitions go through the outboxes and
+    /// the relay while nodes are killed; the outboxes are checked at the end.
     #[arg(long)]
     pub partitions: Option<u32>,
 }
@@ -210,30 +210,20 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
                 .into(),
         ));
     }
-    if plan.partitions.is_some() && backend == Backend::Postgres {
-        return Err(Failure(
-            "--partitions is for --backend redis and redis-cluster".into(),
-        ));
-    }
     let (url, _server): (String, Box<dyn std::any::Any + Send>) = match backend {
         Backend::Redis => {
             let s = RedisServer::start();
-            let url = match plan.partitions {
-                Some(n) => format!("{}?partitions={n}", s.url()),
-                None => s.url(),
-            };
+            let url = with_partitions(s.url(), plan.partitions);
             (url, Box::new(s))
         }
         Backend::Postgres => {
             let s = PostgresServer::start();
-            (s.url(), Box::new(s))
+            let url = with_partitions(s.url(), plan.partitions);
+            (url, Box::new(s))
         }
         Backend::RedisCluster => {
             let c = loom_testkit::servers::RedisCluster::start();
-            let url = match plan.partitions {
-                Some(n) => format!("{}?partitions={n}", c.url()),
-                None => c.url(),
-            };
+            let url = with_partitions(c.url(), plan.partitions);
             (url, Box::new(c))
         }
     };
@@ -541,10 +531,12 @@ pub async fn run(backend: Backend, plan: Plan, json: bool) -> Result<(), Failure
     .await
     .map_err(|_| Failure("the final check did not finish in 10 minutes".into()))??;
     // The relay's invariants, now that nothing writes (loom journal verify checks the same).
-    let outbox_problems = match &opened.redis {
-        Some(r) => loom_core::store::backend::check_outboxes(&r.outbox_states().await?),
-        None => Vec::new(),
+    let states = match (&opened.redis, &opened.postgres) {
+        (Some(r), _) => r.outbox_states().await?,
+        (None, Some(p)) => p.outbox_states().await?,
+        (None, None) => Vec::new(),
     };
+    let outbox_problems = loom_core::store::backend::check_outboxes(&states);
 
     let report = Report {
         backend: format!("{backend:?}").to_lowercase(),
@@ -737,4 +729,13 @@ pub async fn bench_bank(
         results.push(m);
     }
     Ok(results)
+}
+
+/// `url` asking a new store for `partitions` (Loom's `?partitions=N`), after any query it has.
+fn with_partitions(url: String, partitions: Option<u32>) -> String {
+    match partitions {
+        Some(n) if url.contains('?') => format!("{url}&partitions={n}"),
+        Some(n) => format!("{url}?partitions={n}"),
+        None => url,
+    }
 }

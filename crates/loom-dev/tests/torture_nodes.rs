@@ -97,3 +97,11 @@ fn three_nodes_and_a_fourth_on_a_redis_cluster_survive_node_kills() {
 fn three_nodes_and_a_fourth_on_postgres_survive_node_kills() {
     torture_nodes("postgres", &[]);
 }
+
+/// The same on a PostgreSQL store of 32 partitions: a transfer's legs to accounts of other
+/// partitions go through the outbox table, and every process's relay moves them while nodes
+/// die.
+#[test]
+fn three_nodes_and_a_fourth_on_a_partitioned_postgres_survive_node_kills() {
+    torture_nodes("postgres", &["--partitions", "32"]);
+}

@@ -39,7 +39,8 @@ impl AppendReq {
     }
 }
 
-/// One turn, with every value `turn` takes.
+/// One turn, with every value `turn` takes, and the messages it sends to actors of other
+/// partitions (`ob_*`: `turn_relayed` writes them to the outbox of `ob_part`, the turn's).
 pub(crate) struct TurnReq {
     pub(crate) actor: String,
     pub(crate) expected: i64,
@@ -49,6 +50,11 @@ pub(crate) struct TurnReq {
     pub(crate) out_ids: Vec<String>,
     pub(crate) out_frames: Vec<Vec<u8>>,
     pub(crate) out_due: Vec<i64>,
+    pub(crate) ob_part: i32,
+    pub(crate) ob_actors: Vec<String>,
+    pub(crate) ob_ids: Vec<String>,
+    pub(crate) ob_frames: Vec<Vec<u8>>,
+    pub(crate) ob_due: Vec<i64>,
     pub(crate) settle: Option<String>,
     pub(crate) settle_actor: Option<String>,
     pub(crate) pos: Option<i64>,
@@ -67,6 +73,7 @@ impl TurnReq {
     pub(crate) fn bytes(&self) -> usize {
         self.frames.iter().map(Vec::len).sum::<usize>()
             + self.out_frames.iter().map(Vec::len).sum::<usize>()
+            + self.ob_frames.iter().map(Vec::len).sum::<usize>()
             + self.record.as_ref().map_or(0, Vec::len)
             + self.reason.len()
     }
@@ -210,12 +217,30 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
         "SELECT idx, status, highest, nframe, npos, ndlv, nerr FROM {s}.turn_many(\
          $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
     );
+    let relayed = sql(
+        schema,
+        "SELECT idx, status, highest, nframe, npos, ndlv, nerr FROM {s}.turn_relayed(\
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
+         $23, $24, $25, $26, $27, $28)",
+    );
     let run: RunBatch<TurnReq, TurnOut> = Arc::new(move |reqs: Vec<TurnReq>| {
-        let (pool, one, many) = (pool.clone(), one.clone(), many.clone());
+        let (pool, one, many, relayed) = (pool.clone(), one.clone(), many.clone(), relayed.clone());
         async move {
             let single = |t: TurnReq| {
-                let (pool, one) = (pool.clone(), one.clone());
+                let (pool, one, relayed) = (pool.clone(), one.clone(), relayed.clone());
                 async move {
+                    // A turn with messages for the outbox (a store of 32 partitions) needs
+                    // `turn_relayed`, for one turn as for many.
+                    if !t.ob_actors.is_empty() {
+                        let rows = Columns::of(std::slice::from_ref(&t))
+                            .query(&relayed, true)
+                            .fetch_all(&pool)
+                            .await?;
+                        return match rows.first() {
+                            Some(row) => Ok(TurnOut::from_row(row, 1)),
+                            None => Err(sqlx::Error::RowNotFound),
+                        };
+                    }
                     sqlx::query(sqlx::AssertSqlSafe(one))
                         .bind(t.actor)
                         .bind(t.expected)
@@ -249,35 +274,13 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
                 let t = reqs.into_iter().next().expect("one request");
                 return vec![single(t).await.map_err(pe)];
             }
-            let mut c = Columns::default();
-            for t in &reqs {
-                c.push(t);
-            }
-            let batch = sqlx::query(sqlx::AssertSqlSafe(many))
-                .bind(c.actor)
-                .bind(c.expected)
-                .bind(c.frame_counts)
-                .bind(c.frames)
-                .bind(c.fence)
-                .bind(c.out_counts)
-                .bind(c.out_actors)
-                .bind(c.out_ids)
-                .bind(c.out_frames)
-                .bind(c.out_due)
-                .bind(c.settle)
-                .bind(c.settle_actor)
-                .bind(c.pos)
-                .bind(c.dlv)
-                .bind(c.msg)
-                .bind(c.reason)
-                .bind(c.record_actor)
-                .bind(c.record_key)
-                .bind(c.record)
-                .bind(c.record_ttl)
-                .bind(c.next_vis)
-                .bind(c.next_max)
-                .fetch_all(&pool)
-                .await;
+            let outbox = reqs.iter().any(|t| !t.ob_actors.is_empty());
+            let c = Columns::of(&reqs);
+            let batch = if outbox {
+                c.query(&relayed, true).fetch_all(&pool).await
+            } else {
+                c.query(&many, false).fetch_all(&pool).await
+            };
             answer(batch, reqs, |row| TurnOut::from_row(row, 1), single).await
         }
         .boxed()
@@ -285,8 +288,6 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
     Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
 }
 
-/// The batcher of leases: `lease_many` for two or more (schema_v11.sql), `lease` for one, and
-/// for each of a batch whose statement failed.
 pub(crate) fn leases(pool: PgPool, schema: &str, workers: usize) -> Batcher<LeaseReq, LeaseOut> {
     let one = sql(
         schema,
@@ -356,10 +357,75 @@ struct Columns {
     record_ttl: Vec<Option<i64>>,
     next_vis: Vec<Option<i64>>,
     next_max: Vec<Option<i32>>,
+    ob_owner: Vec<i32>,
+    ob_part: Vec<i32>,
+    ob_actors: Vec<String>,
+    ob_ids: Vec<String>,
+    ob_frames: Vec<Vec<u8>>,
+    ob_due: Vec<i64>,
 }
 
 impl Columns {
+    /// The columns of a batch of `reqs`.
+    fn of(reqs: &[TurnReq]) -> Columns {
+        let mut c = Columns::default();
+        for t in reqs {
+            c.push(t);
+        }
+        c
+    }
+
+    /// `turn_many`'s statement (`sql`) bound to these columns; with `outbox`,
+    /// `turn_relayed`'s, which also takes the outbox's.
+    fn query(
+        self,
+        sql: &str,
+        outbox: bool,
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let q = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .bind(self.actor)
+            .bind(self.expected)
+            .bind(self.frame_counts)
+            .bind(self.frames)
+            .bind(self.fence)
+            .bind(self.out_counts)
+            .bind(self.out_actors)
+            .bind(self.out_ids)
+            .bind(self.out_frames)
+            .bind(self.out_due)
+            .bind(self.settle)
+            .bind(self.settle_actor)
+            .bind(self.pos)
+            .bind(self.dlv)
+            .bind(self.msg)
+            .bind(self.reason)
+            .bind(self.record_actor)
+            .bind(self.record_key)
+            .bind(self.record)
+            .bind(self.record_ttl)
+            .bind(self.next_vis)
+            .bind(self.next_max);
+        if !outbox {
+            return q;
+        }
+        q.bind(self.ob_owner)
+            .bind(self.ob_part)
+            .bind(self.ob_actors)
+            .bind(self.ob_ids)
+            .bind(self.ob_frames)
+            .bind(self.ob_due)
+    }
+
     fn push(&mut self, t: &TurnReq) {
+        let turn = self.actor.len() as i32 + 1;
+        for _ in &t.ob_actors {
+            self.ob_owner.push(turn);
+            self.ob_part.push(t.ob_part);
+        }
+        self.ob_actors.extend(t.ob_actors.iter().cloned());
+        self.ob_ids.extend(t.ob_ids.iter().cloned());
+        self.ob_frames.extend(t.ob_frames.iter().cloned());
+        self.ob_due.extend(t.ob_due.iter().copied());
         self.actor.push(t.actor.clone());
         self.expected.push(t.expected);
         self.frame_counts.push(t.frames.len() as i32);

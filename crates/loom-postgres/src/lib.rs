@@ -42,6 +42,7 @@ mod lease;
 mod mailbox;
 mod membership;
 mod park;
+mod relay;
 mod signals;
 mod sql;
 mod turn;
@@ -59,7 +60,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
 /// schema runs them all; an older one the ones it lacks, in one transaction.
-const MIGRATIONS: [&str; 11] = [
+const MIGRATIONS: [&str; 12] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -71,6 +72,7 @@ const MIGRATIONS: [&str; 11] = [
     include_str!("schema_v9.sql"),
     include_str!("schema_v10.sql"),
     include_str!("schema_v11.sql"),
+    include_str!("schema_v12.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].
@@ -90,6 +92,15 @@ pub struct PostgresOptions {
     /// behind a pooler that cannot keep a session, such as PgBouncer in transaction mode: the
     /// runtime then finds such messages by polling.
     pub notifications: bool,
+    /// How many partitions a new store is cut into: `None` (what the store already has, 1 for
+    /// a new one), `Some(1)`, or `Some(32)` ([`SHARED_STORE_PARTITIONS`], the partitions nodes
+    /// own). Fixed when the store is created and recorded in it. In a store of 32, a turn
+    /// writes only its actor's partition: a message to an actor of another partition goes
+    /// through the sender partition's outbox and the relay every connected store runs
+    /// (`relay.rs`), arriving one move after the turn commits.
+    ///
+    /// [`SHARED_STORE_PARTITIONS`]: loom_core::partition::SHARED_STORE_PARTITIONS
+    pub partitions: Option<u32>,
 }
 
 impl Default for PostgresOptions {
@@ -100,6 +111,7 @@ impl Default for PostgresOptions {
             statement_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
             notifications: true,
+            partitions: None,
         }
     }
 }
@@ -119,6 +131,10 @@ pub struct PostgresStore {
     completions: Option<tokio::sync::broadcast::Sender<loom_core::store::Completion>>,
     /// Sends this store's wake-ups and reply signals (`signals.rs`).
     signals: signals::Notifier,
+    /// How many partitions the store is cut into: 1 or 32 (`schema_v12.sql`).
+    partitions: u32,
+    /// The outbox relay of a store of 32 partitions (`relay.rs`), stopped with the last clone.
+    relay: Option<std::sync::Arc<relay::Relay>>,
     /// The task that listens for them, stopped with the last clone of the store.
     _listener: Option<std::sync::Arc<tokio_util::task::AbortOnDropHandle<()>>>,
 }
@@ -276,11 +292,20 @@ impl PostgresStore {
             signals: signals::Notifier::start(pool.clone(), &schema, origin.clone()),
             pool,
             schema,
+            partitions: 1,
+            relay: None,
             wakeups: None,
             completions: None,
             _listener: None,
         };
-        store.migrate().await?;
+        store.partitions = store.migrate(options.partitions).await?;
+        if store.partitions > 1 {
+            store.relay = Some(relay::Relay::start(
+                store.pool.clone(),
+                &store.schema,
+                store.signals.clone(),
+            ));
+        }
         if options.notifications {
             let own = PgPoolOptions::new()
                 .max_connections(1)
@@ -337,8 +362,9 @@ impl PostgresStore {
         })
     }
 
-    /// Creates the schema and its tables and functions, or checks that they are this build's.
-    async fn migrate(&self) -> Result<(), StoreError> {
+    /// Creates the schema and its tables and functions, or checks that they are this build's;
+    /// returns the store's partition count (recorded now for a store that has none yet).
+    async fn migrate(&self, asked: Option<u32>) -> Result<u32, StoreError> {
         let version: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
             .fetch_one(&self.pool)
             .await
@@ -387,8 +413,9 @@ impl PostgresStore {
         if from < SCHEMA_VERSION {
             tracing::info!(schema = %s, from, to = SCHEMA_VERSION, "migrated Loom's schema");
         }
+        let partitions = partitions(&mut tx, s, asked).await?;
         tx.commit().await.map_err(pe)?;
-        Ok(())
+        Ok(partitions)
     }
 
     /// The schema this store uses.
@@ -406,6 +433,63 @@ impl PostgresStore {
         .await
         .map_err(pe)?;
         Ok(())
+    }
+}
+
+/// The store's partition count, in the migrating transaction (which holds the schema's
+/// migrator lock, so two first connects cannot record two counts): what it recorded when it
+/// was created, else what `asked` (1 or 32, default 1), recorded now. A store that already
+/// holds actors cannot take 32: its event lanes are named for one partition.
+async fn partitions(
+    tx: &mut sqlx::PgConnection,
+    s: &str,
+    asked: Option<u32>,
+) -> Result<u32, StoreError> {
+    use loom_core::partition::SHARED_STORE_PARTITIONS;
+    if let Some(n) = asked
+        && n != 1
+        && n != SHARED_STORE_PARTITIONS
+    {
+        return Err(StoreError::InvalidRequest(format!(
+            "a PostgreSQL store has 1 or {SHARED_STORE_PARTITIONS} partitions, not {n}: its \
+             partitions are the {SHARED_STORE_PARTITIONS} that nodes own"
+        )));
+    }
+    let recorded: Option<i32> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT n FROM {s}.partitions")))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(pe)?;
+    match (recorded, asked) {
+        (Some(has), Some(n)) if has as u32 != n => Err(StoreError::InvalidRequest(format!(
+            "the PostgreSQL store in schema {s} has {has} partition(s), not {n}: the count is \
+             fixed when a store is created (by its first connect, 1 unless it asked for \
+             {SHARED_STORE_PARTITIONS}); use a new schema for {n}"
+        ))),
+        (Some(has), _) => Ok(has as u32),
+        (None, asked) => {
+            let n = asked.unwrap_or(1);
+            let used: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.mailbox) OR EXISTS (SELECT 1 FROM {s}.journal_meta)"
+            )))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(pe)?;
+            if n > 1 && used {
+                return Err(StoreError::InvalidRequest(format!(
+                    "the PostgreSQL store in schema {s} already holds actors of one partition: a \
+                     store's partition count is fixed when it is created; use a new schema for {n}"
+                )));
+            }
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {s}.partitions (n) VALUES ($1)"
+            )))
+            .bind(n as i32)
+            .execute(&mut *tx)
+            .await
+            .map_err(pe)?;
+            Ok(n)
+        }
     }
 }
 

@@ -321,6 +321,10 @@ impl Mailbox for PostgresStore {
         self.wakeups.clone()
     }
 
+    fn arrivals(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<[ActorId]>>> {
+        self.relay.as_ref().map(|r| r.arrivals())
+    }
+
     async fn pending(&self, actor: &ActorId) -> StoreResult<u64> {
         let n: Option<i64> =
             sqlx::query_scalar(self.q("SELECT count FROM {s}.mailbox WHERE actor = $1"))

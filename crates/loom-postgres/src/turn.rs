@@ -5,8 +5,9 @@ use loom_core::store::backend::{check_ttl, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use loom_core::partition::partition_of;
 use loom_core::store::backend::{
-    Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
+    Committed, Outgoing, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::store::{Completion, Enqueued, Lease, Receipt, Retired, Store};
 use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
@@ -21,9 +22,12 @@ use crate::{PostgresStore, pe};
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
-        // One partition: no outbox, nothing to relay.
-        Ok(Vec::new())
+        self.backlog_of_outboxes().await
     }
 
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
@@ -32,15 +36,22 @@ impl Store for PostgresStore {
         if let Some(opts) = &turn.next {
             opts.validate()?;
         }
-        let mut out_actors = Vec::with_capacity(turn.send.len());
-        let mut out_ids = Vec::with_capacity(turn.send.len());
-        let mut out_frames = Vec::with_capacity(turn.send.len());
-        let mut out_due = Vec::with_capacity(turn.send.len());
+        // A message to an actor of another partition goes through this one's outbox
+        // (`relay.rs`); the others, and every message of a store of one partition, straight
+        // into their mailboxes.
+        let n = self.partitions;
+        let here = partition_of(turn.actor, n);
+        let relayed = |o: &Outgoing| n > 1 && partition_of(&o.envelope.to, n) != here;
+        let mut direct = Sends::default();
+        let mut outbox = Sends::default();
         for o in turn.send {
-            out_frames.push(prepare_message(&o.envelope)?);
-            out_actors.push(o.envelope.to.as_str().to_owned());
-            out_ids.push(o.envelope.id.to_string());
-            out_due.push(o.deliver_at.map_or(0, |t| int(t.as_millis())));
+            let sends = if relayed(o) { &mut outbox } else { &mut direct };
+            sends.frames.push(prepare_message(&o.envelope)?);
+            sends.actors.push(o.envelope.to.as_str().to_owned());
+            sends.ids.push(o.envelope.id.to_string());
+            sends
+                .due
+                .push(o.deliver_at.map_or(0, |t| int(t.as_millis())));
         }
         let mut record = None;
         if let Some(r) = &turn.record {
@@ -61,6 +72,16 @@ impl Store for PostgresStore {
             ),
             None => (None, None, String::new()),
         };
+        // The turn settles a delivery of its own actor's mailbox, or of one of its event lanes:
+        // of its own partition, whose rows alone it may lock.
+        if let Some(r) = receipt
+            && partition_of(&r.actor, n) != here
+        {
+            return Err(StoreError::InvalidRequest(format!(
+                "a turn of {} settles a message of {}, which is in another partition",
+                turn.actor, r.actor
+            )));
+        }
         let (record_actor, record_key, record, record_ttl) = match record {
             Some((a, k, r, t)) => (Some(a), Some(k), Some(r), Some(t)),
             None => (None, None, None, None),
@@ -70,10 +91,15 @@ impl Store for PostgresStore {
             expected: int(turn.expected_next),
             frames,
             fence: turn.fence.map(|l| fence_token(turn.actor, l)).transpose()?,
-            out_actors,
-            out_ids,
-            out_frames,
-            out_due,
+            out_actors: direct.actors,
+            out_ids: direct.ids,
+            out_frames: direct.frames,
+            out_due: direct.due,
+            ob_part: here as i32,
+            ob_actors: outbox.actors,
+            ob_ids: outbox.ids,
+            ob_frames: outbox.frames,
+            ob_due: outbox.due,
             settle: op.map(str::to_owned),
             settle_actor: receipt.map(|r| r.actor.as_str().to_owned()),
             pos: receipt.map(|r| int(r.position)),
@@ -99,9 +125,19 @@ impl Store for PostgresStore {
         match out.status.as_str() {
             "ok" => {
                 // Its signals, now that it has committed (`signals.rs`): a send due now wakes,
-                // and a recorded result is announced.
-                self.signals
-                    .wake_if_due(turn.send.iter().map(|o| o.deliver_at));
+                // and a recorded result is announced. What went to the outbox the relay moves
+                // now, and wakes once moved.
+                self.signals.wake_if_due(
+                    turn.send
+                        .iter()
+                        .filter(|o| !relayed(o))
+                        .map(|o| o.deliver_at),
+                );
+                if turn.send.iter().any(relayed)
+                    && let Some(relay) = &self.relay
+                {
+                    relay.pushed(here);
+                }
                 if let Some(r) = &turn.record {
                     self.signals.done(Completion {
                         actor: r.actor.clone(),
@@ -216,6 +252,15 @@ impl Store for PostgresStore {
         loom_core::store::backend::retire_status(&status, receipt, fence)
             .unwrap_or_else(|| Err(unexpected(format!("retire returned {status}"))))
     }
+}
+
+/// A turn's sends of one way (straight into mailboxes, or through the outbox), as columns.
+#[derive(Default)]
+struct Sends {
+    actors: Vec<String>,
+    ids: Vec<String>,
+    frames: Vec<Vec<u8>>,
+    due: Vec<i64>,
 }
 
 /// Reads the row of `enqueue_once` or `enqueue_event`.

@@ -411,6 +411,7 @@ impl crate::RedisStore {
                 high_water,
                 misaddressed,
                 misplaced: 0,
+                gapless: true,
             });
         }
         Ok(out)

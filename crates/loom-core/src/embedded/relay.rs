@@ -273,6 +273,7 @@ pub(super) fn state_of(
         high_water,
         misaddressed,
         misplaced,
+        gapless: true,
     })
 }
 

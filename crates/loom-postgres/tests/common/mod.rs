@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use loom_postgres::{PostgresOptions, PostgresStore};
 use loom_testkit::{Factory, Fixture};
 
-/// Stores on the cluster at `url`, in schemas `{prefix}0`, `{prefix}1`, ….
-pub fn factory(url: String, prefix: &'static str) -> Factory {
+/// Stores of `partitions` (1 or 32; `None`: 1) on the cluster at `url`, in schemas `{prefix}0`,
+/// `{prefix}1`, ….
+pub fn factory(url: String, prefix: &'static str, partitions: Option<u32>) -> Factory {
     let n = Arc::new(AtomicU64::new(0));
     Factory::new(move || {
         let url = url.clone();
@@ -17,6 +18,7 @@ pub fn factory(url: String, prefix: &'static str) -> Factory {
             let options = PostgresOptions {
                 schema,
                 max_connections: 8,
+                partitions,
                 ..PostgresOptions::default()
             };
             Fixture::new(

@@ -193,6 +193,7 @@ impl Outboxes {
                     misaddressed,
                     // One `Data` for the whole store: nothing can sit in a wrong partition.
                     misplaced: 0,
+                    gapless: true,
                 }
             })
             .collect()

@@ -1,0 +1,243 @@
+//! The outbox relay of a PostgreSQL store of 32 partitions (rule D18 of RELIABILITY.md; the
+//! design is DESIGN.md's "How a message travels", as on a partitioned embedded or Redis store).
+//!
+//! A turn writes only its actor's partition `p`: a message to an actor of the same partition it
+//! enqueues itself, one to an actor of partition `q != p` it writes as a row of the `outbox`
+//! table, part `p`, in the same transaction (`turn_relayed` in `schema_v12.sql`). The relay then
+//! calls `relay(parts, limit)`, which, in one transaction, for each partition asked (under a
+//! transaction-scoped advisory lock on it, so one move of an outbox at a time across every
+//! process): deletes up to `limit` rows from the bottom, in seq order, and enqueues each into its
+//! recipient's mailbox. The delete and the enqueue commit together, so a message is moved exactly
+//! once, however many relays run and wherever one crashes; no high-water marks are needed.
+//!
+//! Every process with the store open runs a relay: one whose turn wrote an outbox moves it at
+//! once, and every relay looks at every outbox every [`SWEEP`], so what a crashed process left is
+//! moved by the others. Messages keep their ids, delays and frames; per (sender, receiver) pair
+//! they arrive in the order sent (a sender's later turn draws a greater seq).
+//!
+//! Invariant (`loom journal verify`, [`PostgresStore::outbox_states`]): an outbox holds only
+//! messages addressed to other partitions' actors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use loom_core::partition::partition_of;
+use loom_core::store::backend::OutboxState;
+use loom_core::{ActorId, StoreResult};
+use sqlx::PgPool;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::signals::Notifier;
+use crate::{PostgresStore, pe};
+
+/// Messages moved per partition per call.
+pub(crate) const BATCH: i32 = 256;
+
+/// How often every relay looks at every outbox (for what another process left).
+pub(crate) const SWEEP: Duration = Duration::from_millis(500);
+
+/// One store's relay, shared by its clones; its task stops when the last clone is dropped.
+pub(crate) struct Relay {
+    inner: Arc<Inner>,
+    _task: AbortOnDropHandle<()>,
+}
+
+struct Inner {
+    pool: PgPool,
+    relay: String,
+    waiting: String,
+    signals: Notifier,
+    /// The actors whose mailboxes a move filled (`Mailbox::arrivals`).
+    arrivals: broadcast::Sender<Arc<[ActorId]>>,
+    /// Partitions whose outboxes this process wrote since the relay last looked.
+    dirty: Mutex<BTreeSet<u32>>,
+    wake: Notify,
+}
+
+impl Relay {
+    /// Starts the relay of the store in `schema`.
+    pub(crate) fn start(pool: PgPool, schema: &str, signals: Notifier) -> Arc<Relay> {
+        let (arrivals, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            pool,
+            // The schema was checked at connect to be [a-z0-9_]: the only text put into these.
+            relay: format!("SELECT part, actor, moved, due_now FROM {schema}.relay($1, $2)"),
+            waiting: format!("SELECT DISTINCT part FROM {schema}.outbox"),
+            signals,
+            arrivals,
+            dirty: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+        });
+        let task = AbortOnDropHandle::new(tokio::spawn(run(inner.clone())));
+        Arc::new(Relay { inner, _task: task })
+    }
+
+    /// After a turn of partition `p` wrote its outbox and committed: moves it soon.
+    pub(crate) fn pushed(&self, p: u32) {
+        self.inner
+            .dirty
+            .lock()
+            .expect("relay dirty set poisoned")
+            .insert(p);
+        self.inner.wake.notify_one();
+    }
+
+    /// The actors whose mailboxes this store's relay fills, batch by batch.
+    pub(crate) fn arrivals(&self) -> broadcast::Receiver<Arc<[ActorId]>> {
+        self.inner.arrivals.subscribe()
+    }
+}
+
+async fn run(inner: Arc<Inner>) {
+    // The sweep keeps its pace however often pushes wake the loop in between.
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let swept = tokio::select! {
+            () = inner.wake.notified() => false,
+            _ = sweep.tick() => true,
+        };
+        let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
+        let parts: Vec<i32> = if swept {
+            match sqlx::query_scalar(sqlx::AssertSqlSafe(inner.waiting.as_str()))
+                .fetch_all(&inner.pool)
+                .await
+            {
+                Ok(parts) => parts,
+                Err(e) => {
+                    tracing::warn!(error = %pe(e), "relay: could not read which outboxes hold messages; trying again in {SWEEP:?}");
+                    continue;
+                }
+            }
+        } else {
+            dirty.into_iter().map(|p| p as i32).collect()
+        };
+        if let Err(e) = inner.drain(parts).await {
+            // The outboxes keep what was not moved: the next sweep or push moves it.
+            tracing::warn!(error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+        }
+    }
+}
+
+impl Inner {
+    /// Moves everything in `parts`' outboxes, [`BATCH`] a partition per call, until each call
+    /// leaves them empty.
+    async fn drain(&self, mut parts: Vec<i32>) -> StoreResult<()> {
+        while !parts.is_empty() {
+            let rows: Vec<(i32, String, i32, bool)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(self.relay.as_str()))
+                    .bind(&parts)
+                    .bind(BATCH)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(pe)?;
+            // The call has committed: its recipients hear of it, here and in other processes.
+            let mut moved: BTreeMap<i32, i64> = BTreeMap::new();
+            let mut woken = BTreeSet::new();
+            let mut due_now = false;
+            for (part, actor, n, due) in rows {
+                *moved.entry(part).or_default() += i64::from(n);
+                let to = ActorId::from_stored(&actor, "relayed message recipient")?;
+                // An event lane is read by the invocation waiting on it, not activated.
+                if !to.is_system() {
+                    woken.insert(to);
+                }
+                due_now |= due;
+            }
+            if due_now {
+                self.signals.wake();
+            }
+            if !woken.is_empty() {
+                let woken: Vec<ActorId> = woken.into_iter().collect();
+                // Nobody listening is fine: the ready scan finds them.
+                let _unheard = self.arrivals.send(woken.into());
+            }
+            // A partition that gave a full batch may hold more.
+            parts = moved
+                .into_iter()
+                .filter(|(_, n)| *n >= i64::from(BATCH))
+                .map(|(p, _)| p)
+                .collect();
+        }
+        Ok(())
+    }
+}
+
+impl PostgresStore {
+    /// What each partition's outbox holds, for
+    /// [`check_outboxes`](loom_core::store::backend::check_outboxes) (`loom journal verify`)
+    /// and tests; empty for a store of one partition. The seqs come from one sequence for the
+    /// whole store and are not gapless (`gapless` is false; see `schema_v12.sql`), and no
+    /// high-water marks exist: a move deletes what it enqueues in one transaction. `misplaced`
+    /// is always 0: an actor's rows are keyed by the actor, so none can lie in another's
+    /// partition.
+    pub async fn outbox_states(&self) -> StoreResult<Vec<OutboxState>> {
+        let n = self.partitions;
+        if n == 1 {
+            return Ok(Vec::new());
+        }
+        let last: i64 = sqlx::query_scalar(
+            self.q("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {s}.outbox_seq"),
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        let rows: Vec<(i32, i64, String)> =
+            sqlx::query_as(self.q("SELECT part, seq, actor FROM {s}.outbox ORDER BY part, seq"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pe)?;
+        let mut out: Vec<OutboxState> = (0..n)
+            .map(|p| OutboxState {
+                partition: p,
+                outbox_seq: last.max(0) as u64,
+                pending: 0,
+                first_pending: None,
+                high_water: Vec::new(),
+                misaddressed: 0,
+                misplaced: 0,
+                gapless: false,
+            })
+            .collect();
+        for (part, seq, actor) in rows {
+            let Some(s) = usize::try_from(part).ok().and_then(|p| out.get_mut(p)) else {
+                return Err(crate::sql::unexpected(format!(
+                    "an outbox row of partition {part}, in a store of {n}"
+                )));
+            };
+            s.pending += 1;
+            s.first_pending.get_or_insert(seq.max(0) as u64);
+            if actor
+                .parse::<ActorId>()
+                .map_or(true, |to| partition_of(&to, n) == s.partition)
+            {
+                s.misaddressed += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each partition's outbox depth ([`loom_core::Store::relay_backlog`]); empty for a store
+    /// of one partition.
+    pub(crate) async fn backlog_of_outboxes(
+        &self,
+    ) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
+        if self.partitions == 1 {
+            return Ok(Vec::new());
+        }
+        let counts: Vec<(i32, i64)> =
+            sqlx::query_as(self.q("SELECT part, count(*) FROM {s}.outbox GROUP BY part"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pe)?;
+        let counts: BTreeMap<i32, i64> = counts.into_iter().collect();
+        Ok((0..self.partitions)
+            .map(|p| loom_core::store::RelayBacklog {
+                partition: p,
+                waiting: counts.get(&(p as i32)).copied().unwrap_or(0).max(0) as u64,
+            })
+            .collect())
+    }
+}

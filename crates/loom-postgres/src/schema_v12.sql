@@ -1,0 +1,116 @@
+-- Version 12: partitioned storage (rule D18; DESIGN.md, "How a message travels"). A store
+-- created with 32 partitions (`PostgresOptions::partitions`, `?partitions=32`) cuts its actors
+-- into the same 32 partitions nodes own (`part_of`, ownership and the ready index use them
+-- already); a turn then writes and locks only its own partition's rows: a message it sends to an
+-- actor of another partition is a row of the `outbox` table instead of a lock on that actor's
+-- mailbox row, and a relay in every connected store moves it (`relay` below, `relay.rs`). A
+-- store of 1 partition (every store made before this version, and the default) works as before.
+
+-- The store's partition count, fixed when it is created (lib.rs records it, in the migrating
+-- transaction: 1 or 32).
+CREATE TABLE IF NOT EXISTS {s}.partitions (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    n integer NOT NULL CHECK (n IN (1, 32))
+);
+
+-- Messages turns sent to actors of other partitions, not yet moved. `part` is the sending
+-- turn's partition, `seq` from one sequence for the whole store: a sender's later turn always
+-- draws a greater seq than its earlier ones (it starts after they committed), so moving each
+-- partition's rows in seq order keeps every (sender, receiver) pair in send order. The seqs are
+-- not gapless (a turn that rolls back loses its draws) and need not be: a move deletes the
+-- rows it enqueues in the same transaction, so no high-water mark has to remember what was
+-- moved (Redis needs them, its move and trim being two steps).
+-- Invariant: part_of(actor) <> part (a message to an actor of the same partition is enqueued
+-- by its turn), checked by `loom journal verify`.
+CREATE SEQUENCE IF NOT EXISTS {s}.outbox_seq;
+CREATE TABLE IF NOT EXISTS {s}.outbox (
+    part integer NOT NULL,
+    seq bigint NOT NULL,
+    actor text NOT NULL,
+    message_id text NOT NULL,
+    frame bytea NOT NULL,
+    due bigint NOT NULL,
+    PRIMARY KEY (part, seq)
+);
+
+-- A batch of turns (as `turn_many` takes them, with only the sends to actors of their own
+-- partitions in p_out_*) whose winners also put their sends to other partitions in the outbox,
+-- in the same transaction: p_ob_owner[k] is the turn (1-based) that sent message k, p_ob_part[k]
+-- that turn's partition. A refused turn's messages are not written.
+CREATE OR REPLACE FUNCTION {s}.turn_relayed(
+    p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
+    p_fence_token bigint[],
+    p_out_counts integer[], p_out_actors text[], p_out_ids text[], p_out_frames bytea[], p_out_due bigint[],
+    p_settle text[], p_settle_actor text[], p_pos bigint[], p_dlv integer[], p_msg text[], p_reason text[],
+    p_record_actor text[], p_record_key text[], p_record bytea[], p_record_ttl bigint[],
+    p_next_vis bigint[], p_next_max integer[],
+    p_ob_owner integer[], p_ob_part integer[], p_ob_actor text[], p_ob_id text[], p_ob_frame bytea[],
+    p_ob_due bigint[])
+RETURNS TABLE (idx bigint, status text, highest bigint, nframe bytea, npos bigint, ndlv integer, nerr text)
+LANGUAGE plpgsql AS $$
+DECLARE st text[] := '{}'; r record;
+BEGIN
+    FOR r IN SELECT * FROM {s}.turn_many(p_actor, p_expected, p_frame_counts, p_frames, p_fence_token,
+        p_out_counts, p_out_actors, p_out_ids, p_out_frames, p_out_due,
+        p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
+        p_record_actor, p_record_key, p_record, p_record_ttl, p_next_vis, p_next_max)
+    LOOP
+        st[r.idx] := r.status;
+        idx := r.idx; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+        ndlv := r.ndlv; nerr := r.nerr;
+        RETURN NEXT;
+    END LOOP;
+    -- In the order sent: the seqs are drawn as the ordered rows are read.
+    INSERT INTO {s}.outbox (part, seq, actor, message_id, frame, due)
+    SELECT o.part, nextval('{s}.outbox_seq'), o.a, o.id, o.frame, o.due
+    FROM (SELECT u.part, u.a, u.id, u.frame, u.due
+          FROM unnest(p_ob_owner, p_ob_part, p_ob_actor, p_ob_id, p_ob_frame, p_ob_due)
+              WITH ORDINALITY AS u(t, part, a, id, frame, due, k)
+          WHERE st[u.t] = 'ok' ORDER BY u.k) AS o;
+END $$;
+
+-- The relay's move (relay.rs): up to p_limit messages of each of p_parts' outboxes, from the
+-- bottom, go into their recipients' mailboxes (`mb_enqueue`, as a turn's send would: ids,
+-- delays and frames as sent) and leave the outbox, in one transaction, so a message is moved
+-- exactly once however many relays run. Each partition's moves take a transaction-scoped
+-- advisory lock on it first, in partition order, so that two relays never move one outbox at
+-- once (the later move could commit first and put a sender's later message ahead of an
+-- earlier one). The recipients' mailbox rows are locked in actor order, as turns lock them.
+-- Returns, per partition and recipient, how many messages moved and whether one is due now.
+CREATE OR REPLACE FUNCTION {s}.relay(p_parts integer[], p_limit integer)
+RETURNS TABLE (part integer, actor text, moved integer, due_now boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    now bigint; p integer;
+    m_part integer[] := '{}'; m_actor text[] := '{}'; m_id text[] := '{}'; m_frame bytea[] := '{}';
+    m_due bigint[] := '{}';
+BEGIN
+    FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
+        PERFORM pg_advisory_xact_lock(hashtext('loom relay {s}'), p);
+    END LOOP;
+    FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
+        WITH gone AS (
+            DELETE FROM {s}.outbox AS o
+            WHERE o.part = p AND o.seq IN (
+                SELECT b.seq FROM {s}.outbox AS b WHERE b.part = p ORDER BY b.seq LIMIT p_limit)
+            RETURNING o.seq, o.actor, o.message_id, o.frame, o.due)
+        SELECT m_part || coalesce(array_agg(p ORDER BY g.seq), '{}'),
+            m_actor || coalesce(array_agg(g.actor ORDER BY g.seq), '{}'),
+            m_id || coalesce(array_agg(g.message_id ORDER BY g.seq), '{}'),
+            m_frame || coalesce(array_agg(g.frame ORDER BY g.seq), '{}'),
+            m_due || coalesce(array_agg(g.due ORDER BY g.seq), '{}')
+        INTO m_part, m_actor, m_id, m_frame, m_due
+        FROM gone AS g;
+    END LOOP;
+    IF coalesce(array_length(m_actor, 1), 0) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM {s}.mb_rows(ARRAY(SELECT DISTINCT x FROM unnest(m_actor) AS x ORDER BY x));
+    PERFORM 1 FROM {s}.mailbox AS b WHERE b.actor = ANY(m_actor) ORDER BY b.actor FOR UPDATE;
+    now := {s}.now_ms();
+    FOR i IN 1 .. array_length(m_actor, 1) LOOP
+        PERFORM {s}.mb_enqueue(m_actor[i], m_id[i], m_frame[i], m_due[i], now);
+    END LOOP;
+    RETURN QUERY SELECT u.p, u.a, count(*)::integer, bool_or(u.d <= now)
+        FROM unnest(m_part, m_actor, m_due) AS u(p, a, d) GROUP BY u.p, u.a;
+END $$;

@@ -1,0 +1,316 @@
+//! The outbox relay of a PostgreSQL store of 32 partitions (`relay.rs`, `schema_v12.sql`): relays
+//! of several processes moving the same outboxes deliver each message once and in order, what a
+//! dead process left is moved by another, a turn locks no row of another partition, and a
+//! store's partition count is fixed when it is created.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
+use loom_core::store::backend::{Outgoing, check_outboxes, prepare_message};
+use loom_core::{ActorId, Envelope, JournalStore, Mailbox, Store, StoreError};
+use loom_postgres::{PostgresOptions, PostgresStore};
+use loom_testkit::conformance::partitions::{arrived, drain, send_turn, spread_in};
+use loom_testkit::servers::PostgresServer;
+use serde_json::json;
+
+const N: u32 = SHARED_STORE_PARTITIONS;
+
+async fn connect(
+    url: &str,
+    schema: &str,
+    partitions: Option<u32>,
+) -> Result<PostgresStore, StoreError> {
+    PostgresStore::connect_with(
+        url,
+        PostgresOptions {
+            schema: schema.to_owned(),
+            max_connections: 4,
+            partitions,
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+}
+
+fn id(kind: &str, key: &str) -> ActorId {
+    ActorId::new(kind, key).expect("valid id")
+}
+
+/// An actor of `kind` in another partition than `of`.
+fn elsewhere(kind: &str, of: &ActorId) -> ActorId {
+    (0..)
+        .map(|i| id(kind, &format!("b{i}")))
+        .find(|b| partition_of(b, N) != partition_of(of, N))
+        .expect("an actor of another partition")
+}
+
+fn to(actor: &ActorId, payload: serde_json::Value) -> Outgoing {
+    Outgoing {
+        envelope: Envelope::new(actor.clone(), payload),
+        deliver_at: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_several_processes_move_each_message_once_in_order() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    // Four connections of one store: four relays, each looking at every outbox every sweep,
+    // while the turns' own store moves what they wrote at once.
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(connect(&url, "race", Some(N)).await.expect("connect"));
+    }
+    let senders: Vec<ActorId> = spread_in(N, "s", 1).into_iter().step_by(4).collect();
+    let receivers = spread_in(N, "r", 1)[..3].to_vec();
+    let rounds = 30u64;
+    let mut tasks = Vec::new();
+    for (i, s) in senders.iter().enumerate() {
+        let store = stores[i % stores.len()].clone();
+        let (s, receivers) = (s.clone(), receivers.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..rounds {
+                let send: Vec<Outgoing> = receivers
+                    .iter()
+                    .map(|r| to(r, json!({ "from": s.as_str(), "round": round })))
+                    .collect();
+                send_turn(&store, &s, round + 1, &send).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+    let store = &stores[0];
+    let expected = senders.len() as u64 * rounds;
+    for r in &receivers {
+        arrived(store, r, expected).await;
+    }
+    // Every relay's sweep has looked again since: anything moved twice is there now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for r in &receivers {
+        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
+        for e in drain(store, r).await {
+            by_sender
+                .entry(e.payload["from"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(e.payload["round"].as_u64().unwrap());
+        }
+        assert_eq!(by_sender.len(), senders.len(), "{r}");
+        for (s, seen) in by_sender {
+            assert_eq!(
+                seen,
+                (0..rounds).collect::<Vec<_>>(),
+                "{s} → {r}: each once, in the order sent"
+            );
+        }
+    }
+    let states = store.outbox_states().await.expect("outbox states");
+    assert_eq!(states.len(), N as usize);
+    assert!(
+        check_outboxes(&states).is_empty(),
+        "{:?}",
+        check_outboxes(&states)
+    );
+    assert!(states.iter().all(|s| s.pending == 0), "{states:?}");
+    assert!(
+        store
+            .relay_backlog()
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.waiting == 0),
+        "the backlog reads empty"
+    );
+    stores[0].destroy().await.expect("destroy");
+}
+
+/// Outbox rows of a process that died after its turns committed and before its relay moved
+/// them: another process's relay finds them at its sweep and moves each once, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url, "dead", Some(N)).await.expect("connect");
+    let a = id("relay", "a");
+    let b = elsewhere("relay", &a);
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    // Written as `turn_relayed` writes them, with nobody told to move them.
+    for word in ["first", "second", "third"] {
+        let msg = Envelope::new(b.clone(), json!(word));
+        sqlx::query(
+            "INSERT INTO dead.outbox (part, seq, actor, message_id, frame, due) \
+             VALUES ($1, nextval('dead.outbox_seq'), $2, $3, $4, 0)",
+        )
+        .bind(partition_of(&a, N) as i32)
+        .bind(b.as_str())
+        .bind(msg.id.to_string())
+        .bind(prepare_message(&msg).expect("frame"))
+        .execute(&pool)
+        .await
+        .expect("insert");
+    }
+    let waiting: u64 = store
+        .relay_backlog()
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.waiting)
+        .sum();
+    assert!(waiting <= 3, "{waiting}");
+    arrived(&store, &b, 3).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let got: Vec<_> = drain(&store, &b)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(got, [json!("first"), json!("second"), json!("third")]);
+    let states = store.outbox_states().await.expect("states");
+    assert!(states.iter().all(|s| s.pending == 0), "{states:?}");
+
+    // A row addressed to its own partition is damage `loom journal verify` names.
+    let msg = Envelope::new(a.clone(), json!("misaddressed"));
+    let mut tx = pool.begin().await.expect("begin");
+    // Held so that no relay moves it while the state is read.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loom relay dead'), $1)")
+        .bind(partition_of(&a, N) as i32)
+        .execute(&mut *tx)
+        .await
+        .expect("lock");
+    sqlx::query(
+        "INSERT INTO dead.outbox (part, seq, actor, message_id, frame, due) \
+         VALUES ($1, nextval('dead.outbox_seq'), $2, $3, $4, 0)",
+    )
+    .bind(partition_of(&a, N) as i32)
+    .bind(a.as_str())
+    .bind(msg.id.to_string())
+    .bind(prepare_message(&msg).expect("frame"))
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let wrong = check_outboxes(&store.outbox_states().await.expect("states"));
+    assert!(
+        wrong.len() == 1 && wrong[0].contains("addressed to its own actors"),
+        "{wrong:?}"
+    );
+    tx.rollback().await.expect("rollback");
+    store.destroy().await.expect("destroy");
+}
+
+/// The point of the outbox: a turn sending to an actor of another partition does not wait for
+/// that actor's mailbox row, which a turn of that partition (here, an open transaction) holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_locks_no_row_of_another_partition() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url, "own", Some(N)).await.expect("connect");
+    let a = id("relay", "a");
+    let b = elsewhere("relay", &a);
+    store
+        .enqueue(&Envelope::new(b.clone(), json!("before")), None)
+        .await
+        .expect("enqueue");
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM own.mailbox WHERE actor = $1 FOR UPDATE")
+        .bind(b.as_str())
+        .fetch_one(&mut *holder)
+        .await
+        .expect("lock b's mailbox row");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        send_turn(&store, &a, 1, &[to(&b, json!("sent"))]),
+    )
+    .await
+    .expect("the turn waited for a row of another partition");
+    // The move waits for b's row; once it is free, the message arrives.
+    holder.rollback().await.expect("rollback");
+    arrived(&store, &b, 2).await;
+    let got: Vec<_> = drain(&store, &b)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(got, [json!("before"), json!("sent")]);
+
+    // On a store of one partition the same turn does wait: what this test would miss.
+    let one = connect(&url, "one", None).await.expect("connect");
+    one.enqueue(&Envelope::new(b.clone(), json!("before")), None)
+        .await
+        .expect("enqueue");
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM one.mailbox WHERE actor = $1 FOR UPDATE")
+        .bind(b.as_str())
+        .fetch_one(&mut *holder)
+        .await
+        .expect("lock b's mailbox row");
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        send_turn(&one, &a, 1, &[to(&b, json!("sent"))]),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "a turn of a one-partition store locks b's row"
+    );
+    holder.rollback().await.expect("rollback");
+    store.destroy().await.expect("destroy");
+    one.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stores_partition_count_is_fixed_when_it_is_created() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let a = id("relay", "a");
+
+    let many = connect(&url, "many", Some(N)).await.expect("connect");
+    assert_eq!(many.partitions(), N);
+    send_turn(&many, &a, 1, &[]).await;
+    // Later connects read the count the store was made with.
+    assert_eq!(connect(&url, "many", None).await.unwrap().partitions(), N);
+    assert_eq!(
+        connect(&url, "many", Some(N)).await.unwrap().partitions(),
+        N
+    );
+    let err = connect(&url, "many", Some(1)).await.expect_err("1");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("has 32 partition(s), not 1")),
+        "{err}"
+    );
+    // Only the partitions nodes own: 1 or 32.
+    for n in [0, 3, 8, 64] {
+        let err = connect(&url, "other", Some(n)).await.expect_err("n");
+        assert!(
+            matches!(&err, StoreError::InvalidRequest(m) if m.contains("1 or 32 partitions")),
+            "{n}: {err}"
+        );
+    }
+
+    // A store of one partition with data cannot be taken for a partitioned one.
+    let one = connect(&url, "one", None).await.expect("connect");
+    assert_eq!(one.partitions(), 1);
+    send_turn(&one, &a, 1, &[]).await;
+    let err = connect(&url, "one", Some(N)).await.expect_err("recorded");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("has 1 partition(s), not 32")),
+        "{err}"
+    );
+    // A store migrated from version 11, which recorded no count: its data says it has one.
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    sqlx::query("DELETE FROM one.partitions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = connect(&url, "one", Some(N)).await.expect_err("data");
+    assert!(
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("already holds actors of one partition")),
+        "{err}"
+    );
+    assert_eq!(connect(&url, "one", None).await.unwrap().partitions(), 1);
+    assert_eq!(one.highest_seq(&a).await.unwrap(), 1, "nothing was touched");
+    many.destroy().await.expect("destroy");
+    one.destroy().await.expect("destroy");
+}
