@@ -1,7 +1,8 @@
 //! The group-committed requests, appends, turns and leases: what a request carries, and how a
 //! batch of them runs (`append_many`, whose latest version is in `schema_v7.sql`, and a batch
 //! of one `append`; `turn_many` and `lease_many`, set-based since `schema_v11.sql`, for two or
-//! more, and `turn` or `lease` for one). See `loom_core::store::backend::Batcher` for the
+//! more, and `turn` or `lease` for one; `turn_relayed`, `schema_v12.sql`, for turns that write
+//! the outbox). See `loom_core::store::backend::Batcher` for the
 //! batching itself and its invariants.
 //!
 //! What PostgreSQL adds to them (rule D1): a caller's answer is read only once the server has
@@ -205,7 +206,9 @@ pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<App
     Batcher::start(crate::BACKEND, workers, APPEND_BATCH, run)
 }
 
-/// The batcher of turns.
+/// The batcher of turns: `turn_many` for two or more, `turn` for one; `turn_relayed`
+/// (schema_v12.sql) for a batch or turn with messages for the outbox (a store of 32
+/// partitions).
 pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnReq, TurnOut> {
     let one = sql(
         schema,
@@ -288,6 +291,8 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
     Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
 }
 
+/// The batcher of leases: `lease_many` for two or more (schema_v11.sql), `lease` for one, and
+/// for each of a batch whose statement failed.
 pub(crate) fn leases(pool: PgPool, schema: &str, workers: usize) -> Batcher<LeaseReq, LeaseOut> {
     let one = sql(
         schema,

@@ -277,6 +277,10 @@ impl PostgresStore {
                 ("loom.origin", origin.as_str()),
                 // This store sends its signals itself, after commit (`signals.rs`).
                 ("loom.signals", "client"),
+                // Every function is written for READ COMMITTED (a statement after a lock wait
+                // sees what the holder committed: the relay's moves, schema_v12.sql), whatever
+                // the database's default.
+                ("default_transaction_isolation", "read committed"),
             ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
@@ -469,16 +473,20 @@ async fn partitions(
         (Some(has), _) => Ok(has as u32),
         (None, asked) => {
             let n = asked.unwrap_or(1);
+            // Actors, or nodes (of an older build, still connected, that would send straight
+            // into other partitions' mailboxes and name event lanes for one partition).
             let used: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.mailbox) OR EXISTS (SELECT 1 FROM {s}.journal_meta)"
+                "SELECT EXISTS (SELECT 1 FROM {s}.mailbox) OR EXISTS (SELECT 1 FROM {s}.journal_meta) \
+                 OR EXISTS (SELECT 1 FROM {s}.members) OR EXISTS (SELECT 1 FROM {s}.leases)"
             )))
             .fetch_one(&mut *tx)
             .await
             .map_err(pe)?;
             if n > 1 && used {
                 return Err(StoreError::InvalidRequest(format!(
-                    "the PostgreSQL store in schema {s} already holds actors of one partition: a \
-                     store's partition count is fixed when it is created; use a new schema for {n}"
+                    "the PostgreSQL store in schema {s} already holds actors or nodes of one \
+                     partition: a store's partition count is fixed when it is created; use a new \
+                     schema for {n}"
                 )));
             }
             sqlx::query(sqlx::AssertSqlSafe(format!(

@@ -6,7 +6,8 @@
 //! table, part `p`, in the same transaction (`turn_relayed` in `schema_v12.sql`). The relay then
 //! calls `relay(parts, limit)`, which, in one transaction, for each partition asked (under a
 //! transaction-scoped advisory lock on it, so one move of an outbox at a time across every
-//! process): deletes up to `limit` rows from the bottom, in seq order, and enqueues each into its
+//! process; a partition another relay is moving is skipped, and looked at again shortly):
+//! deletes up to `limit` rows from the bottom, in seq order, and enqueues each into its
 //! recipient's mailbox. The delete and the enqueue commit together, so a message is moved exactly
 //! once, however many relays run and wherever one crashes; no high-water marks are needed.
 //!
@@ -33,7 +34,7 @@ use crate::signals::Notifier;
 use crate::{PostgresStore, pe};
 
 /// Messages moved per partition per call.
-pub(crate) const BATCH: i32 = 256;
+pub(crate) const BATCH: i32 = 128;
 
 /// How often every relay looks at every outbox (for what another process left).
 pub(crate) const SWEEP: Duration = Duration::from_millis(500);
@@ -99,69 +100,128 @@ async fn run(inner: Arc<Inner>) {
             () = inner.wake.notified() => false,
             _ = sweep.tick() => true,
         };
-        let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
-        let parts: Vec<i32> = if swept {
-            match sqlx::query_scalar(sqlx::AssertSqlSafe(inner.waiting.as_str()))
+        let mut parts: BTreeSet<i32> =
+            std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"))
+                .into_iter()
+                .map(|p| p as i32)
+                .collect();
+        if swept {
+            match sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(inner.waiting.as_str()))
                 .fetch_all(&inner.pool)
                 .await
             {
-                Ok(parts) => parts,
+                Ok(waiting) => parts.extend(waiting),
                 Err(e) => {
                     tracing::warn!(error = %pe(e), "relay: could not read which outboxes hold messages; trying again in {SWEEP:?}");
-                    continue;
                 }
             }
-        } else {
-            dirty.into_iter().map(|p| p as i32).collect()
-        };
-        if let Err(e) = inner.drain(parts).await {
-            // The outboxes keep what was not moved: the next sweep or push moves it.
-            tracing::warn!(error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
         }
+        inner.drain(parts).await;
     }
+}
+
+/// What one call of `relay` did.
+#[derive(Default)]
+struct Moved {
+    /// Partitions that gave a full batch (and may hold more).
+    full: BTreeSet<i32>,
+    /// Partitions another relay was moving (its advisory lock was held).
+    busy: BTreeSet<i32>,
 }
 
 impl Inner {
     /// Moves everything in `parts`' outboxes, [`BATCH`] a partition per call, until each call
-    /// leaves them empty.
-    async fn drain(&self, mut parts: Vec<i32>) -> StoreResult<()> {
+    /// leaves them empty. A call that fails is made again partition by partition, so that a
+    /// recipient's row held elsewhere holds back only the partitions sending to it; what still
+    /// fails stays in its outbox for the next sweep. A partition another relay is moving is
+    /// looked at again shortly (what committed after that relay's read is this one's to move).
+    async fn drain(&self, mut parts: BTreeSet<i32>) {
+        let mut busy_rounds = 0;
         while !parts.is_empty() {
-            let rows: Vec<(i32, String, i32, bool)> =
-                sqlx::query_as(sqlx::AssertSqlSafe(self.relay.as_str()))
-                    .bind(&parts)
-                    .bind(BATCH)
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(pe)?;
-            // The call has committed: its recipients hear of it, here and in other processes.
-            let mut moved: BTreeMap<i32, i64> = BTreeMap::new();
-            let mut woken = BTreeSet::new();
-            let mut due_now = false;
-            for (part, actor, n, due) in rows {
-                *moved.entry(part).or_default() += i64::from(n);
-                let to = ActorId::from_stored(&actor, "relayed message recipient")?;
+            let moved = match self.call(&parts).await {
+                Ok(m) => m,
+                Err(e) if parts.len() == 1 => {
+                    tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+                    return;
+                }
+                Err(_) => {
+                    let mut all = Moved::default();
+                    for p in &parts {
+                        match self.call(&BTreeSet::from([*p])).await {
+                            Ok(m) => {
+                                all.full.extend(m.full);
+                                all.busy.extend(m.busy);
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}")
+                            }
+                        }
+                    }
+                    all
+                }
+            };
+            parts = moved.full;
+            if !moved.busy.is_empty() {
+                busy_rounds += 1;
+                // Past a second the sweep looks again anyway.
+                if busy_rounds <= 50 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    parts.extend(moved.busy);
+                }
+            }
+        }
+    }
+
+    /// One call of `relay` for `parts`; once it has committed, wakes what it moved.
+    async fn call(&self, parts: &BTreeSet<i32>) -> StoreResult<Moved> {
+        let asked: Vec<i32> = parts.iter().copied().collect();
+        let rows: Vec<(i32, Option<String>, i32, bool)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.relay.as_str()))
+                .bind(asked)
+                .bind(BATCH)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(pe)?;
+        let mut counts: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut out = Moved::default();
+        let mut woken = BTreeSet::new();
+        let mut due_now = false;
+        for (part, actor, n, due) in rows {
+            let Some(actor) = actor else {
+                out.busy.insert(part);
+                continue;
+            };
+            *counts.entry(part).or_default() += i64::from(n);
+            due_now |= due;
+            match ActorId::from_stored(&actor, "relayed message recipient") {
                 // An event lane is read by the invocation waiting on it, not activated.
-                if !to.is_system() {
+                Ok(to) if !to.is_system() => {
                     woken.insert(to);
                 }
-                due_now |= due;
+                Ok(_) => {}
+                // Moved all the same (the mailbox is keyed by the text); the ready scan finds
+                // it if it is ever an actor.
+                Err(e) => {
+                    tracing::warn!(recipient = %actor, error = %e, "relay: moved a message to a recipient that does not parse")
+                }
             }
-            if due_now {
-                self.signals.wake();
-            }
-            if !woken.is_empty() {
-                let woken: Vec<ActorId> = woken.into_iter().collect();
-                // Nobody listening is fine: the ready scan finds them.
-                let _unheard = self.arrivals.send(woken.into());
-            }
-            // A partition that gave a full batch may hold more.
-            parts = moved
-                .into_iter()
-                .filter(|(_, n)| *n >= i64::from(BATCH))
-                .map(|(p, _)| p)
-                .collect();
         }
-        Ok(())
+        // The call has committed: a message due now wakes the dispatchers of every process
+        // (`signals.rs`), and this one's runtime hears whom it filled.
+        if due_now {
+            self.signals.wake();
+        }
+        if !woken.is_empty() {
+            let woken: Vec<ActorId> = woken.into_iter().collect();
+            // Nobody listening is fine: the ready scan finds them.
+            let _unheard = self.arrivals.send(woken.into());
+        }
+        out.full = counts
+            .into_iter()
+            .filter(|(_, n)| *n >= i64::from(BATCH))
+            .map(|(p, _)| p)
+            .collect();
+        Ok(out)
     }
 }
 

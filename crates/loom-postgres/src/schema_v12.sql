@@ -22,7 +22,9 @@ CREATE TABLE IF NOT EXISTS {s}.partitions (
 -- moved (Redis needs them, its move and trim being two steps).
 -- Invariant: part_of(actor) <> part (a message to an actor of the same partition is enqueued
 -- by its turn), checked by `loom journal verify`.
-CREATE SEQUENCE IF NOT EXISTS {s}.outbox_seq;
+-- CACHE 1 (the default, said here because order rests on it): with a cache per session, a
+-- sender's later turn, on another pooled connection, could draw a smaller seq.
+CREATE SEQUENCE IF NOT EXISTS {s}.outbox_seq CACHE 1;
 CREATE TABLE IF NOT EXISTS {s}.outbox (
     part integer NOT NULL,
     seq bigint NOT NULL,
@@ -72,11 +74,17 @@ END $$;
 -- The relay's move (relay.rs): up to p_limit messages of each of p_parts' outboxes, from the
 -- bottom, go into their recipients' mailboxes (`mb_enqueue`, as a turn's send would: ids,
 -- delays and frames as sent) and leave the outbox, in one transaction, so a message is moved
--- exactly once however many relays run. Each partition's moves take a transaction-scoped
--- advisory lock on it first, in partition order, so that two relays never move one outbox at
--- once (the later move could commit first and put a sender's later message ahead of an
--- earlier one). The recipients' mailbox rows are locked in actor order, as turns lock them.
--- Returns, per partition and recipient, how many messages moved and whether one is due now.
+-- exactly once however many relays run. A partition is moved only under a transaction-scoped
+-- advisory lock on it, so that two relays never move one outbox at once (the later move could
+-- commit first and put a sender's later message ahead of an earlier one); a partition whose
+-- lock another relay holds is skipped and answered as busy (actor NULL), for the caller to
+-- look again shortly. The lock is released after the commit is visible, so the next holder's
+-- statements see what this one deleted (they run in READ COMMITTED, which every session of
+-- the store sets, lib.rs). The recipients' mailbox rows are locked in actor order, as turns
+-- lock them; a row some transaction holds for more than a second fails the call
+-- (`lock_timeout`), rather than holding every partition of it back, and relay.rs then moves
+-- each partition on its own. Returns, per partition and recipient, how many messages moved
+-- and whether one is due now.
 CREATE OR REPLACE FUNCTION {s}.relay(p_parts integer[], p_limit integer)
 RETURNS TABLE (part integer, actor text, moved integer, due_now boolean)
 LANGUAGE plpgsql AS $$
@@ -85,10 +93,13 @@ DECLARE
     m_part integer[] := '{}'; m_actor text[] := '{}'; m_id text[] := '{}'; m_frame bytea[] := '{}';
     m_due bigint[] := '{}';
 BEGIN
+    PERFORM set_config('lock_timeout', '1000ms', true);
     FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
-        PERFORM pg_advisory_xact_lock(hashtext('loom relay {s}'), p);
-    END LOOP;
-    FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
+        IF NOT pg_try_advisory_xact_lock(hashtext('loom relay {s}'), p) THEN
+            part := p; actor := NULL; moved := 0; due_now := false;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         WITH gone AS (
             DELETE FROM {s}.outbox AS o
             WHERE o.part = p AND o.seq IN (

@@ -17,7 +17,8 @@ pub(crate) fn int(v: u64) -> i64 {
 /// `schema_v10.sql`): the token of the actor's own lease, or the negated token of its
 /// partition's. A fence that is neither is refused.
 pub(crate) fn fence_token(actor: &ActorId, fence: &Lease) -> StoreResult<i64> {
-    // One store of one partition: nodes divide SHARED_STORE_PARTITIONS among themselves.
+    // A store of 1 partition or of 32: nodes divide SHARED_STORE_PARTITIONS among themselves
+    // either way.
     Ok(match fence_of(actor, fence, 1)? {
         FenceOf::Own => int(fence.token),
         FenceOf::Partition => -int(fence.token),

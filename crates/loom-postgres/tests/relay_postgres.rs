@@ -127,7 +127,8 @@ async fn relays_of_several_processes_move_each_message_once_in_order() {
 }
 
 /// Outbox rows of a process that died after its turns committed and before its relay moved
-/// them: another process's relay finds them at its sweep and moves each once, in seq order.
+/// them: another process's relay finds them at its sweep and moves each once, in seq order, but
+/// not while the partition's advisory lock is held (as a relay moving it holds it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
     let server = PostgresServer::start();
@@ -136,29 +137,24 @@ async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
     let a = id("relay", "a");
     let b = elsewhere("relay", &a);
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let pa = partition_of(&a, N) as i32;
+    let mut moving = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loom relay dead'), $1)")
+        .bind(pa)
+        .execute(&mut *moving)
+        .await
+        .expect("lock");
     // Written as `turn_relayed` writes them, with nobody told to move them.
     for word in ["first", "second", "third"] {
-        let msg = Envelope::new(b.clone(), json!(word));
-        sqlx::query(
-            "INSERT INTO dead.outbox (part, seq, actor, message_id, frame, due) \
-             VALUES ($1, nextval('dead.outbox_seq'), $2, $3, $4, 0)",
-        )
-        .bind(partition_of(&a, N) as i32)
-        .bind(b.as_str())
-        .bind(msg.id.to_string())
-        .bind(prepare_message(&msg).expect("frame"))
-        .execute(&pool)
-        .await
-        .expect("insert");
+        left_in_outbox(&pool, "dead", pa as u32, &b, word).await;
     }
-    let waiting: u64 = store
-        .relay_backlog()
-        .await
-        .unwrap()
-        .iter()
-        .map(|w| w.waiting)
-        .sum();
-    assert!(waiting <= 3, "{waiting}");
+    // Two sweeps later, nothing has moved: another relay holds the partition.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let backlog = store.relay_backlog().await.unwrap();
+    assert_eq!(backlog.len(), N as usize);
+    assert_eq!(backlog[pa as usize].waiting, 3, "{backlog:?}");
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+    moving.rollback().await.expect("rollback");
     arrived(&store, &b, 3).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let got: Vec<_> = drain(&store, &b)
@@ -171,31 +167,92 @@ async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
     assert!(states.iter().all(|s| s.pending == 0), "{states:?}");
 
     // A row addressed to its own partition is damage `loom journal verify` names.
-    let msg = Envelope::new(a.clone(), json!("misaddressed"));
     let mut tx = pool.begin().await.expect("begin");
     // Held so that no relay moves it while the state is read.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loom relay dead'), $1)")
-        .bind(partition_of(&a, N) as i32)
+        .bind(pa)
         .execute(&mut *tx)
         .await
         .expect("lock");
-    sqlx::query(
-        "INSERT INTO dead.outbox (part, seq, actor, message_id, frame, due) \
-         VALUES ($1, nextval('dead.outbox_seq'), $2, $3, $4, 0)",
-    )
-    .bind(partition_of(&a, N) as i32)
-    .bind(a.as_str())
-    .bind(msg.id.to_string())
-    .bind(prepare_message(&msg).expect("frame"))
-    .execute(&pool)
-    .await
-    .expect("insert");
+    left_in_outbox(&pool, "dead", pa as u32, &a, "misaddressed").await;
     let wrong = check_outboxes(&store.outbox_states().await.expect("states"));
     assert!(
         wrong.len() == 1 && wrong[0].contains("addressed to its own actors"),
         "{wrong:?}"
     );
     tx.rollback().await.expect("rollback");
+    store.destroy().await.expect("destroy");
+}
+
+/// Writes a message from partition `part` to `to` into the outbox of the store in `schema`, as
+/// `turn_relayed` writes it, with nobody told to move it (the relays' sweeps find it).
+async fn left_in_outbox(pool: &sqlx::PgPool, schema: &str, part: u32, to: &ActorId, word: &str) {
+    let msg = Envelope::new(to.clone(), json!(word));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {schema}.outbox (part, seq, actor, message_id, frame, due) \
+         VALUES ($1, nextval('{schema}.outbox_seq'), $2, $3, $4, 0)"
+    )))
+    .bind(part as i32)
+    .bind(to.as_str())
+    .bind(msg.id.to_string())
+    .bind(prepare_message(&msg).expect("frame"))
+    .execute(pool)
+    .await
+    .expect("insert");
+}
+
+/// A recipient's mailbox row held by a long transaction holds back only the messages for it: a
+/// sweep that finds two partitions' outboxes, one sending to that recipient, still moves the
+/// other's at once (the call that waited gives up after its `lock_timeout` and the partitions
+/// are moved one by one), and the held one's once the row is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url, "held", Some(N)).await.expect("connect");
+    let actors = spread_in(N, "h", 1);
+    let in_partition = |p: u32| {
+        actors
+            .iter()
+            .find(|a| partition_of(a, N) == p)
+            .expect("an actor in every partition")
+    };
+    // Senders' partitions 0 and 1, recipients in 2 and 3.
+    let (p1, p2, stuck, free) = (0, 1, in_partition(2), in_partition(3));
+    store
+        .enqueue(&Envelope::new(stuck.clone(), json!("before")), None)
+        .await
+        .expect("enqueue");
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM held.mailbox WHERE actor = $1 FOR UPDATE")
+        .bind(stuck.as_str())
+        .fetch_one(&mut *holder)
+        .await
+        .expect("lock the recipient's row");
+    left_in_outbox(&pool, "held", p1, stuck, "stuck").await;
+    left_in_outbox(&pool, "held", p2, free, "free").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while store.pending(free).await.unwrap() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a message for a free recipient waited on another's row"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.pending(stuck).await.unwrap(),
+        1,
+        "only what was there"
+    );
+    holder.rollback().await.expect("rollback");
+    arrived(&store, stuck, 2).await;
+    let got: Vec<_> = drain(&store, stuck)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(got, [json!("before"), json!("stuck")]);
     store.destroy().await.expect("destroy");
 }
 
@@ -306,7 +363,7 @@ async fn a_stores_partition_count_is_fixed_when_it_is_created() {
         .unwrap();
     let err = connect(&url, "one", Some(N)).await.expect_err("data");
     assert!(
-        matches!(&err, StoreError::InvalidRequest(m) if m.contains("already holds actors of one partition")),
+        matches!(&err, StoreError::InvalidRequest(m) if m.contains("already holds actors or nodes of one partition")),
         "{err}"
     );
     assert_eq!(connect(&url, "one", None).await.unwrap().partitions(), 1);
