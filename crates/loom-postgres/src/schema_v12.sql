@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS {s}.outbox (
 -- A batch of turns (as `turn_many` takes them, with only the sends to actors of their own
 -- partitions in p_out_*) whose winners also put their sends to other partitions in the outbox,
 -- in the same transaction: p_ob_owner[k] is the turn (1-based) that sent message k, p_ob_part[k]
--- that turn's partition. A refused turn's messages are not written.
+-- that turn's partition. A refused turn's messages are not written. A turn alone runs `turn`,
+-- as group.rs runs it for a lone turn without outbox messages (cheaper for one than
+-- `turn_many`'s set-based statements).
 CREATE OR REPLACE FUNCTION {s}.turn_relayed(
     p_actor text[], p_expected bigint[], p_frame_counts integer[], p_frames bytea[],
     p_fence_token bigint[],
@@ -52,16 +54,29 @@ RETURNS TABLE (idx bigint, status text, highest bigint, nframe bytea, npos bigin
 LANGUAGE plpgsql AS $$
 DECLARE st text[] := '{}'; r record;
 BEGIN
-    FOR r IN SELECT * FROM {s}.turn_many(p_actor, p_expected, p_frame_counts, p_frames, p_fence_token,
-        p_out_counts, p_out_actors, p_out_ids, p_out_frames, p_out_due,
-        p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
-        p_record_actor, p_record_key, p_record, p_record_ttl, p_next_vis, p_next_max)
-    LOOP
-        st[r.idx] := r.status;
-        idx := r.idx; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
+    IF coalesce(array_length(p_actor, 1), 0) = 1 THEN
+        SELECT * INTO r FROM {s}.turn(p_actor[1], p_expected[1], coalesce(p_frames, '{}'),
+            p_fence_token[1], coalesce(p_out_actors, '{}'), coalesce(p_out_ids, '{}'),
+            coalesce(p_out_frames, '{}'), coalesce(p_out_due, '{}'),
+            p_settle[1], p_settle_actor[1], p_pos[1], p_dlv[1], p_msg[1], p_reason[1],
+            p_record_actor[1], p_record_key[1], p_record[1], p_record_ttl[1],
+            p_next_vis[1], p_next_max[1]);
+        st[1] := r.status;
+        idx := 1; status := r.status; highest := r.highest; nframe := r.nframe; npos := r.npos;
         ndlv := r.ndlv; nerr := r.nerr;
         RETURN NEXT;
-    END LOOP;
+    ELSE
+        FOR r IN SELECT * FROM {s}.turn_many(p_actor, p_expected, p_frame_counts, p_frames,
+            p_fence_token, p_out_counts, p_out_actors, p_out_ids, p_out_frames, p_out_due,
+            p_settle, p_settle_actor, p_pos, p_dlv, p_msg, p_reason,
+            p_record_actor, p_record_key, p_record, p_record_ttl, p_next_vis, p_next_max)
+        LOOP
+            st[r.idx] := r.status;
+            idx := r.idx; status := r.status; highest := r.highest; nframe := r.nframe;
+            npos := r.npos; ndlv := r.ndlv; nerr := r.nerr;
+            RETURN NEXT;
+        END LOOP;
+    END IF;
     -- In the order sent: the seqs are drawn as the ordered rows are read.
     INSERT INTO {s}.outbox (part, seq, actor, message_id, frame, due)
     SELECT o.part, nextval('{s}.outbox_seq'), o.a, o.id, o.frame, o.due
@@ -85,6 +100,14 @@ END $$;
 -- (`lock_timeout`), rather than holding every partition of it back, and relay.rs then moves
 -- each partition on its own. Returns, per partition and recipient, how many messages moved
 -- and whether one is due now.
+--
+-- Its commit does not wait for its WAL flush (`synchronous_commit` off for this transaction
+-- only): a move is acknowledged to nobody, and a crash that loses it loses the whole
+-- transaction, delete and enqueue alike, so the rows are back in the outbox and are moved
+-- again. Whatever depends on a move is a later commit that does wait (a turn settling the
+-- message, a lease handing it out): WAL is flushed in order, so that flush makes the move
+-- durable first. The relay's hop then costs no flush of its own, which on a server bound by
+-- WAL flushes was most of its latency.
 CREATE OR REPLACE FUNCTION {s}.relay(p_parts integer[], p_limit integer)
 RETURNS TABLE (part integer, actor text, moved integer, due_now boolean)
 LANGUAGE plpgsql AS $$
@@ -94,6 +117,7 @@ DECLARE
     m_due bigint[] := '{}';
 BEGIN
     PERFORM set_config('lock_timeout', '1000ms', true);
+    PERFORM set_config('synchronous_commit', 'off', true);
     FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
         IF NOT pg_try_advisory_xact_lock(hashtext('loom relay {s}'), p) THEN
             part := p; actor := NULL; moved := 0; due_now := false;
@@ -119,9 +143,29 @@ BEGIN
     PERFORM {s}.mb_rows(ARRAY(SELECT DISTINCT x FROM unnest(m_actor) AS x ORDER BY x));
     PERFORM 1 FROM {s}.mailbox AS b WHERE b.actor = ANY(m_actor) ORDER BY b.actor FOR UPDATE;
     now := {s}.now_ms();
-    FOR i IN 1 .. array_length(m_actor, 1) LOOP
-        PERFORM {s}.mb_enqueue(m_actor[i], m_id[i], m_frame[i], m_due[i], now);
-    END LOOP;
+    -- Every message as `mb_enqueue` would enqueue them one by one, in seq order, with one
+    -- statement per table (the rows are locked): positions after each mailbox's last; an
+    -- undelayed one due at the later of now and the mailbox's last due (so undelayed messages
+    -- stay in send order when the clock steps back); each mailbox's count, last position, last
+    -- due and ready_at (`mb_ready`'s rule) written once.
+    INSERT INTO {s}.messages (actor, position, message_id, frame, due_at, visible_at, deliveries)
+    SELECT o.a, mb.last_position + row_number() OVER (PARTITION BY o.a ORDER BY o.k), o.id,
+        o.frame, CASE WHEN o.due > now THEN o.due ELSE greatest(now, mb.last_due) END, 0, 0
+    FROM unnest(m_actor, m_id, m_frame, m_due) WITH ORDINALITY AS o(a, id, frame, due, k)
+    JOIN {s}.mailbox AS mb ON mb.actor = o.a;
+    UPDATE {s}.mailbox AS b SET
+        last_position = b.last_position + c.enq,
+        count = b.count + c.enq,
+        last_due = CASE WHEN c.undelayed THEN greatest(now, b.last_due) ELSE b.last_due END,
+        ready_at = CASE
+            WHEN EXISTS (SELECT 1 FROM {s}.parked AS p WHERE p.actor = b.actor) THEN NULL
+            WHEN b.current <> 0 THEN (SELECT x.visible_at FROM {s}.messages AS x
+                                      WHERE x.actor = b.actor AND x.position = b.current)
+            ELSE (SELECT min(x.due_at) FROM {s}.messages AS x WHERE x.actor = b.actor)
+        END
+    FROM (SELECT o.a AS x, count(*) AS enq, bool_or(o.due <= now) AS undelayed
+          FROM unnest(m_actor, m_due) AS o(a, due) GROUP BY o.a) AS c
+    WHERE b.actor = c.x;
     RETURN QUERY SELECT u.p, u.a, count(*)::integer, bool_or(u.d <= now)
         FROM unnest(m_part, m_actor, m_due) AS u(p, a, d) GROUP BY u.p, u.a;
 END $$;
