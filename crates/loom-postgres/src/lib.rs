@@ -375,6 +375,19 @@ impl PostgresStore {
             .map_err(pe)?;
         supported_server(&version)?;
         let s = &self.schema;
+        // A word the grammar reserves cannot name a schema in these statements unquoted.
+        let reserved: Option<String> = sqlx::query_scalar(
+            "SELECT catdesc FROM pg_get_keywords() WHERE word = $1 AND catcode IN ('R', 'T')",
+        )
+        .bind(s)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        if let Some(what) = reserved {
+            return Err(StoreError::InvalidRequest(format!(
+                "PostgreSQL schema {s:?} is a keyword SQL reserves ({what}); choose another name"
+            )));
+        }
         let mut tx = self.pool.begin().await.map_err(pe)?;
         // One migrator at a time per schema, across every process.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")

@@ -127,40 +127,36 @@ struct Moved {
     full: BTreeSet<i32>,
     /// Partitions another relay was moving (its advisory lock was held).
     busy: BTreeSet<i32>,
+    /// Partitions left for the next sweep: a recipient's mailbox row was held past the call's
+    /// `lock_timeout`.
+    blocked: BTreeSet<i32>,
 }
 
 impl Inner {
     /// Moves everything in `parts`' outboxes, [`BATCH`] a partition per call, until each call
-    /// leaves them empty. A call that fails is made again partition by partition, so that a
-    /// recipient's row held elsewhere holds back only the partitions sending to it; what still
-    /// fails stays in its outbox for the next sweep. A partition another relay is moving is
-    /// looked at again shortly (what committed after that relay's read is this one's to move).
+    /// leaves them empty, taking in what turns push meanwhile. A partition another relay is
+    /// moving is looked at again shortly (what committed after that relay's read is this one's
+    /// to move); one whose recipient's row is held elsewhere waits for the next sweep; a call
+    /// that fails leaves everything for the next sweep or push.
     async fn drain(&self, mut parts: BTreeSet<i32>) {
         let mut busy_rounds = 0;
         while !parts.is_empty() {
             let moved = match self.call(&parts).await {
                 Ok(m) => m,
-                Err(e) if parts.len() == 1 => {
+                Err(e) => {
                     tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
                     return;
                 }
-                Err(_) => {
-                    let mut all = Moved::default();
-                    for p in &parts {
-                        match self.call(&BTreeSet::from([*p])).await {
-                            Ok(m) => {
-                                all.full.extend(m.full);
-                                all.busy.extend(m.busy);
-                            }
-                            Err(e) => {
-                                tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}")
-                            }
-                        }
-                    }
-                    all
-                }
             };
+            if !moved.blocked.is_empty() {
+                tracing::debug!(partitions = ?moved.blocked, "relay: a recipient's mailbox row is held elsewhere; trying again in {SWEEP:?}");
+            }
             parts = moved.full;
+            parts.extend(
+                std::mem::take(&mut *self.dirty.lock().expect("relay dirty set poisoned"))
+                    .into_iter()
+                    .map(|p| p as i32),
+            );
             if !moved.busy.is_empty() {
                 busy_rounds += 1;
                 // Past a second the sweep looks again anyway.
@@ -188,7 +184,11 @@ impl Inner {
         let mut due_now = false;
         for (part, actor, n, due) in rows {
             let Some(actor) = actor else {
-                out.busy.insert(part);
+                if n < 0 {
+                    out.blocked.insert(part);
+                } else {
+                    out.busy.insert(part);
+                }
                 continue;
             };
             *counts.entry(part).or_default() += i64::from(n);

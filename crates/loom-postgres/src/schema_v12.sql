@@ -95,28 +95,34 @@ END $$;
 -- lock another relay holds is skipped and answered as busy (actor NULL), for the caller to
 -- look again shortly. The lock is released after the commit is visible, so the next holder's
 -- statements see what this one deleted (they run in READ COMMITTED, which every session of
--- the store sets, lib.rs). The recipients' mailbox rows are locked in actor order, as turns
--- lock them; a row some transaction holds for more than a second fails the call
--- (`lock_timeout`), rather than holding every partition of it back, and relay.rs then moves
--- each partition on its own. Returns, per partition and recipient, how many messages moved
--- and whether one is due now.
+-- the store sets, lib.rs). Each partition's recipients' mailbox rows are locked in actor order,
+-- as turns lock them, waiting at most `lock_timeout` (100 ms; a turn holds one for a few): a
+-- row some transaction holds longer holds back only that partition, which is answered as
+-- blocked (actor NULL, moved -1) and left for the next sweep, and the call goes on with the
+-- others. (That wait ending before the deadlock detector's second is also what keeps a relay
+-- and a batch of turns that lock rows in opposite orders from deadlocking: the relay gives up
+-- its partition's rows.) Returns, per partition and recipient, how many messages moved and
+-- whether one is due now.
 --
 -- Its commit does not wait for its WAL flush (`synchronous_commit` off for this transaction
 -- only): a move is acknowledged to nobody, and a crash that loses it loses the whole
 -- transaction, delete and enqueue alike, so the rows are back in the outbox and are moved
 -- again. Whatever depends on a move is a later commit that does wait (a turn settling the
 -- message, a lease handing it out): WAL is flushed in order, so that flush makes the move
--- durable first. The relay's hop then costs no flush of its own, which on a server bound by
--- WAL flushes was most of its latency.
+-- durable first. The relay's hop then costs no flush of its own. Only readers that write
+-- nothing (`loom mailbox`, `pending`, the ready scan: a spurious wake-up) can see a move a
+-- crash then undoes; a message enqueued straight into that mailbox after the restart, before
+-- the move is made again, then comes before it (order per sender and receiver is kept: it is
+-- another sender's).
 CREATE OR REPLACE FUNCTION {s}.relay(p_parts integer[], p_limit integer)
 RETURNS TABLE (part integer, actor text, moved integer, due_now boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    now bigint; p integer;
+    now bigint; p integer; seqs bigint[]; whom text[]; held boolean;
     m_part integer[] := '{}'; m_actor text[] := '{}'; m_id text[] := '{}'; m_frame bytea[] := '{}';
     m_due bigint[] := '{}';
 BEGIN
-    PERFORM set_config('lock_timeout', '1000ms', true);
+    PERFORM set_config('lock_timeout', '100ms', true);
     PERFORM set_config('synchronous_commit', 'off', true);
     FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
         IF NOT pg_try_advisory_xact_lock(hashtext('loom relay {s}'), p) THEN
@@ -124,10 +130,27 @@ BEGIN
             RETURN NEXT;
             CONTINUE;
         END IF;
+        SELECT coalesce(array_agg(b.seq ORDER BY b.seq), '{}'),
+            coalesce(array_agg(DISTINCT b.actor), '{}')
+        INTO seqs, whom
+        FROM (SELECT o.seq, o.actor FROM {s}.outbox AS o WHERE o.part = p
+              ORDER BY o.seq LIMIT p_limit) AS b;
+        CONTINUE WHEN coalesce(array_length(seqs, 1), 0) = 0;
+        held := false;
+        BEGIN
+            PERFORM {s}.mb_rows(ARRAY(SELECT x FROM unnest(whom) AS x ORDER BY x));
+            PERFORM 1 FROM {s}.mailbox AS mb WHERE mb.actor = ANY(whom) ORDER BY mb.actor
+                FOR UPDATE;
+        EXCEPTION WHEN lock_not_available THEN
+            held := true;
+        END;
+        IF held THEN
+            part := p; actor := NULL; moved := -1; due_now := false;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
         WITH gone AS (
-            DELETE FROM {s}.outbox AS o
-            WHERE o.part = p AND o.seq IN (
-                SELECT b.seq FROM {s}.outbox AS b WHERE b.part = p ORDER BY b.seq LIMIT p_limit)
+            DELETE FROM {s}.outbox AS o WHERE o.part = p AND o.seq = ANY(seqs)
             RETURNING o.seq, o.actor, o.message_id, o.frame, o.due)
         SELECT m_part || coalesce(array_agg(p ORDER BY g.seq), '{}'),
             m_actor || coalesce(array_agg(g.actor ORDER BY g.seq), '{}'),
@@ -140,8 +163,6 @@ BEGIN
     IF coalesce(array_length(m_actor, 1), 0) = 0 THEN
         RETURN;
     END IF;
-    PERFORM {s}.mb_rows(ARRAY(SELECT DISTINCT x FROM unnest(m_actor) AS x ORDER BY x));
-    PERFORM 1 FROM {s}.mailbox AS b WHERE b.actor = ANY(m_actor) ORDER BY b.actor FOR UPDATE;
     now := {s}.now_ms();
     -- Every message as `mb_enqueue` would enqueue them one by one, in seq order, with one
     -- statement per table (the rows are locked): positions after each mailbox's last; an
@@ -158,7 +179,7 @@ BEGIN
         count = b.count + c.enq,
         last_due = CASE WHEN c.undelayed THEN greatest(now, b.last_due) ELSE b.last_due END,
         ready_at = CASE
-            WHEN EXISTS (SELECT 1 FROM {s}.parked AS p WHERE p.actor = b.actor) THEN NULL
+            WHEN EXISTS (SELECT 1 FROM {s}.parked AS pk WHERE pk.actor = b.actor) THEN NULL
             WHEN b.current <> 0 THEN (SELECT x.visible_at FROM {s}.messages AS x
                                       WHERE x.actor = b.actor AND x.position = b.current)
             ELSE (SELECT min(x.due_at) FROM {s}.messages AS x WHERE x.actor = b.actor)

@@ -145,6 +145,21 @@ async fn bad_urls_schemas_and_logins_are_typed_errors() {
     )
     .await;
     assert!(matches!(bad_schema, Err(StoreError::InvalidRequest(_))));
+    // A name the SQL grammar reserves (it would be a syntax error in every statement).
+    for word in ["left", "select", "user"] {
+        let reserved = PostgresStore::connect_with(
+            &server.url(),
+            PostgresOptions {
+                schema: word.into(),
+                ..PostgresOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            matches!(&reserved, Err(StoreError::InvalidRequest(m)) if m.contains("reserved")),
+            "{word}: {reserved:?}"
+        );
+    }
     let unreachable = PostgresStore::connect_with(
         "postgres://postgres@localhost/postgres?host=/nonexistent&port=1",
         PostgresOptions {

@@ -138,7 +138,7 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
 ) {
     let sender = id("part", "sender");
     let targets = spread(&*store, "t", 2);
-    let later = Timestamp::now() + Duration::from_millis(1500);
+    let later = Timestamp::now() + Duration::from_millis(3000);
     let mut sent: HashMap<ActorId, Vec<Envelope>> = HashMap::new();
     let mut delayed: Vec<Envelope> = Vec::new();
     for round in 0..5u64 {
@@ -163,16 +163,15 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
         }
         send_turn(&*store, &sender, round + 1, &send).await;
     }
+    // The target of the delayed message first, while it is not due yet (draining the others
+    // first took longer than its delay on a store of 32 partitions, 64 targets, under load).
     let last = targets[targets.len() - 1].clone();
-    for t in &targets {
-        let extra = u64::from(*t == last);
-        arrived(&*store, t, 5 + extra).await;
-        let got = drain(&*store, t).await;
-        assert_eq!(
-            &got, &sent[t],
-            "{t}: not the messages sent, once each, in order"
-        );
-    }
+    arrived(&*store, &last, 6).await;
+    let got = drain(&*store, &last).await;
+    assert_eq!(
+        &got, &sent[&last],
+        "{last}: not the messages sent, once each, in order"
+    );
     assert_eq!(
         store.pending(&last).await.unwrap(),
         1,
@@ -182,6 +181,14 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
         store.lease(&last, opts()).await.unwrap().is_none(),
         "a delayed message came early through the relay"
     );
+    for t in targets.iter().filter(|t| **t != last) {
+        arrived(&*store, t, 5).await;
+        let got = drain(&*store, t).await;
+        assert_eq!(
+            &got, &sent[t],
+            "{t}: not the messages sent, once each, in order"
+        );
+    }
     tokio::time::sleep(later.saturating_since(Timestamp::now()) + Duration::from_millis(100)).await;
     let got = store.lease(&last, opts()).await.unwrap().expect("due now");
     assert_eq!(got.envelope, delayed[0]);
