@@ -95,6 +95,9 @@ async fn run(inner: Arc<Inner>) {
     // The sweep keeps its pace however often pushes wake the loop in between.
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Partitions a recipient's held row kept back: tried again at the next sweep only, so
+    // that the wait on it is paid once a sweep, not at every push.
+    let mut blocked = BTreeSet::new();
     loop {
         let swept = tokio::select! {
             () = inner.wake.notified() => false,
@@ -106,6 +109,7 @@ async fn run(inner: Arc<Inner>) {
                 .map(|p| p as i32)
                 .collect();
         if swept {
+            blocked.clear();
             match sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(inner.waiting.as_str()))
                 .fetch_all(&inner.pool)
                 .await
@@ -116,7 +120,7 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
         }
-        inner.drain(parts).await;
+        inner.drain(parts, &mut blocked).await;
     }
 }
 
@@ -136,11 +140,15 @@ impl Inner {
     /// Moves everything in `parts`' outboxes, [`BATCH`] a partition per call, until each call
     /// leaves them empty, taking in what turns push meanwhile. A partition another relay is
     /// moving is looked at again shortly (what committed after that relay's read is this one's
-    /// to move); one whose recipient's row is held elsewhere waits for the next sweep; a call
-    /// that fails leaves everything for the next sweep or push.
-    async fn drain(&self, mut parts: BTreeSet<i32>) {
+    /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for the
+    /// next sweep; a call that fails leaves everything for the next sweep or push.
+    async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>) {
         let mut busy_rounds = 0;
-        while !parts.is_empty() {
+        loop {
+            parts.retain(|p| !blocked.contains(p));
+            if parts.is_empty() {
+                return;
+            }
             let moved = match self.call(&parts).await {
                 Ok(m) => m,
                 Err(e) => {
@@ -150,6 +158,7 @@ impl Inner {
             };
             if !moved.blocked.is_empty() {
                 tracing::debug!(partitions = ?moved.blocked, "relay: a recipient's mailbox row is held elsewhere; trying again in {SWEEP:?}");
+                blocked.extend(&moved.blocked);
             }
             parts = moved.full;
             parts.extend(

@@ -95,14 +95,16 @@ END $$;
 -- lock another relay holds is skipped and answered as busy (actor NULL), for the caller to
 -- look again shortly. The lock is released after the commit is visible, so the next holder's
 -- statements see what this one deleted (they run in READ COMMITTED, which every session of
--- the store sets, lib.rs). Each partition's recipients' mailbox rows are locked in actor order,
--- as turns lock them, waiting at most `lock_timeout` (100 ms; a turn holds one for a few): a
--- row some transaction holds longer holds back only that partition, which is answered as
--- blocked (actor NULL, moved -1) and left for the next sweep, and the call goes on with the
--- others. (That wait ending before the deadlock detector's second is also what keeps a relay
--- and a batch of turns that lock rows in opposite orders from deadlocking: the relay gives up
--- its partition's rows.) Returns, per partition and recipient, how many messages moved and
--- whether one is due now.
+-- the store sets, lib.rs). The recipients' mailbox rows of every partition moved are locked in
+-- one statement, in actor order, as turns lock them (locking them partition by partition put
+-- the relay's locks in another order than the turns', and their waits on each other cut the
+-- bank's peak to under a third), waiting at most a second (`lock_timeout`: under the bank at
+-- full load turns' batches hold them for tens of milliseconds). Should some row be held
+-- longer, each partition is tried on its own instead, waiting at most 50 ms (less than the
+-- deadlock detector's second, so a relay and a batch of turns that now lock in opposite orders
+-- cannot deadlock: the relay gives up), and a partition whose rows stay held is answered as
+-- blocked (actor NULL, moved -1) and left for the next sweep while the others move. Returns,
+-- per partition and recipient, how many messages moved and whether one is due now.
 --
 -- Its commit does not wait for its WAL flush (`synchronous_commit` off for this transaction
 -- only): a move is acknowledged to nobody, and a crash that loses it loses the whole
@@ -118,48 +120,77 @@ CREATE OR REPLACE FUNCTION {s}.relay(p_parts integer[], p_limit integer)
 RETURNS TABLE (part integer, actor text, moved integer, due_now boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    now bigint; p integer; seqs bigint[]; whom text[]; held boolean;
+    now bigint; p integer; held boolean;
+    t_part integer[] := '{}'; t_seq bigint[] := '{}'; t_actor text[] := '{}';
+    go integer[] := '{}';
     m_part integer[] := '{}'; m_actor text[] := '{}'; m_id text[] := '{}'; m_frame bytea[] := '{}';
     m_due bigint[] := '{}';
 BEGIN
-    PERFORM set_config('lock_timeout', '100ms', true);
     PERFORM set_config('synchronous_commit', 'off', true);
+    -- 1. The partitions to move (their advisory locks) and the rows to move of each.
     FOR p IN SELECT DISTINCT x FROM unnest(p_parts) AS x ORDER BY x LOOP
         IF NOT pg_try_advisory_xact_lock(hashtext('loom relay {s}'), p) THEN
             part := p; actor := NULL; moved := 0; due_now := false;
             RETURN NEXT;
             CONTINUE;
         END IF;
-        SELECT coalesce(array_agg(b.seq ORDER BY b.seq), '{}'),
-            coalesce(array_agg(DISTINCT b.actor), '{}')
-        INTO seqs, whom
+        SELECT t_part || coalesce(array_agg(p ORDER BY b.seq), '{}'),
+            t_seq || coalesce(array_agg(b.seq ORDER BY b.seq), '{}'),
+            t_actor || coalesce(array_agg(b.actor ORDER BY b.seq), '{}')
+        INTO t_part, t_seq, t_actor
         FROM (SELECT o.seq, o.actor FROM {s}.outbox AS o WHERE o.part = p
               ORDER BY o.seq LIMIT p_limit) AS b;
-        CONTINUE WHEN coalesce(array_length(seqs, 1), 0) = 0;
-        held := false;
-        BEGIN
-            PERFORM {s}.mb_rows(ARRAY(SELECT x FROM unnest(whom) AS x ORDER BY x));
-            PERFORM 1 FROM {s}.mailbox AS mb WHERE mb.actor = ANY(whom) ORDER BY mb.actor
-                FOR UPDATE;
-        EXCEPTION WHEN lock_not_available THEN
-            held := true;
-        END;
-        IF held THEN
-            part := p; actor := NULL; moved := -1; due_now := false;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        WITH gone AS (
-            DELETE FROM {s}.outbox AS o WHERE o.part = p AND o.seq = ANY(seqs)
-            RETURNING o.seq, o.actor, o.message_id, o.frame, o.due)
-        SELECT m_part || coalesce(array_agg(p ORDER BY g.seq), '{}'),
-            m_actor || coalesce(array_agg(g.actor ORDER BY g.seq), '{}'),
-            m_id || coalesce(array_agg(g.message_id ORDER BY g.seq), '{}'),
-            m_frame || coalesce(array_agg(g.frame ORDER BY g.seq), '{}'),
-            m_due || coalesce(array_agg(g.due ORDER BY g.seq), '{}')
-        INTO m_part, m_actor, m_id, m_frame, m_due
-        FROM gone AS g;
     END LOOP;
+    IF coalesce(array_length(t_seq, 1), 0) = 0 THEN
+        RETURN;
+    END IF;
+    -- 2. Their recipients' mailbox rows: all at once in actor order, else partition by partition.
+    held := false;
+    BEGIN
+        PERFORM set_config('lock_timeout', '1s', true);
+        PERFORM {s}.mb_rows(ARRAY(SELECT DISTINCT x FROM unnest(t_actor) AS x ORDER BY x));
+        PERFORM 1 FROM {s}.mailbox AS mb WHERE mb.actor = ANY(t_actor) ORDER BY mb.actor
+            FOR UPDATE;
+    EXCEPTION WHEN lock_not_available THEN
+        held := true;
+    END;
+    IF NOT held THEN
+        go := ARRAY(SELECT DISTINCT x FROM unnest(t_part) AS x);
+    ELSE
+        PERFORM set_config('lock_timeout', '50ms', true);
+        FOR p IN SELECT DISTINCT x FROM unnest(t_part) AS x ORDER BY x LOOP
+            held := false;
+            BEGIN
+                PERFORM {s}.mb_rows(ARRAY(SELECT DISTINCT u.a FROM unnest(t_part, t_actor) AS u(q, a)
+                    WHERE u.q = p ORDER BY u.a));
+                PERFORM 1 FROM {s}.mailbox AS mb
+                    WHERE mb.actor = ANY(ARRAY(SELECT u.a FROM unnest(t_part, t_actor) AS u(q, a)
+                        WHERE u.q = p))
+                    ORDER BY mb.actor FOR UPDATE;
+            EXCEPTION WHEN lock_not_available THEN
+                held := true;
+            END;
+            IF held THEN
+                part := p; actor := NULL; moved := -1; due_now := false;
+                RETURN NEXT;
+            ELSE
+                go := go || p;
+            END IF;
+        END LOOP;
+    END IF;
+    -- 3. The rows of the partitions whose recipients are locked leave the outbox.
+    WITH gone AS (
+        DELETE FROM {s}.outbox AS o
+        USING unnest(t_part, t_seq) AS u(q, sq)
+        WHERE u.q = ANY(go) AND o.part = u.q AND o.seq = u.sq
+        RETURNING o.part, o.seq, o.actor, o.message_id, o.frame, o.due)
+    SELECT coalesce(array_agg(g.part ORDER BY g.part, g.seq), '{}'),
+        coalesce(array_agg(g.actor ORDER BY g.part, g.seq), '{}'),
+        coalesce(array_agg(g.message_id ORDER BY g.part, g.seq), '{}'),
+        coalesce(array_agg(g.frame ORDER BY g.part, g.seq), '{}'),
+        coalesce(array_agg(g.due ORDER BY g.part, g.seq), '{}')
+    INTO m_part, m_actor, m_id, m_frame, m_due
+    FROM gone AS g;
     IF coalesce(array_length(m_actor, 1), 0) = 0 THEN
         RETURN;
     END IF;

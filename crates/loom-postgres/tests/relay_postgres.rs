@@ -203,9 +203,9 @@ async fn left_in_outbox(pool: &sqlx::PgPool, schema: &str, part: u32, to: &Actor
 
 /// A recipient's mailbox row held by a long transaction holds back only the messages for it: a
 /// sweep that finds two partitions' outboxes, one sending to that recipient, still moves the
-/// other's at once (within one sweep and the call's 100 ms `lock_timeout`: well inside the
-/// 3 s allowed, where waiting out the held row would take forever), and the held one's once
-/// the row is free.
+/// other's at once (within one sweep and the call's one-second `lock_timeout`: inside the 3 s
+/// allowed, where waiting out the held row would take forever), and the held one's once the
+/// row is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
     let server = PostgresServer::start();
