@@ -204,29 +204,40 @@ fn migrate_embedded_to_redis_and_back_round_trips() {
     round_trip_through(&server.url(), &["--redis-prefix", "moved"]);
 }
 
+/// On a store of `n` partitions (checked), one message from `sender/a` to a `receiver/…` of
+/// another partition, moved by the relay; returns the two.
+async fn one_message_across(store: &dyn loom_core::Store, n: u32) -> (ActorId, ActorId) {
+    use loom_core::partition::partition_of;
+    use loom_core::store::backend::Outgoing;
+    use loom_testkit::conformance::partitions::{arrived, send_turn};
+    assert_eq!(store.partitions(), n);
+    let a = ActorId::new("sender", "a").unwrap();
+    let b = (0..)
+        .map(|i| ActorId::new("receiver", format!("b{i}")).unwrap())
+        .find(|b| partition_of(b, n) != partition_of(&a, n))
+        .unwrap();
+    let send = [Outgoing {
+        envelope: Envelope::new(b.clone(), json!("across")),
+        deliver_at: None,
+    }];
+    send_turn(store, &a, 1, &send).await;
+    arrived(store, &b, 1).await;
+    (a, b)
+}
+
 /// The same into a Redis store of three partitions (`?partitions=3` in the URL). Its
 /// `journal verify` also checks the relay's outboxes and marks (after a message crossed
 /// partitions, and again with a mark damaged by hand); a later URL asking another count is
 /// refused.
 #[test]
 fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
-    use loom_core::Store;
     use loom_core::partition::partition_of;
-    use loom_core::store::backend::Outgoing;
-    use loom_testkit::conformance::partitions::{arrived, send_turn};
     let server = RedisServer::start();
     let remote = format!("{}?partitions=3", server.url());
     round_trip_through(&remote, &["--redis-prefix", "parts"]);
     // A message from partition pa to an actor of partition pb, moved by the relay.
-    let a = ActorId::new("sender", "a").unwrap();
-    let pa = partition_of(&a, 3);
-    let b = (0..)
-        .map(|i| ActorId::new("receiver", format!("b{i}")).unwrap())
-        .find(|b| partition_of(b, 3) != pa)
-        .unwrap();
-    let pb = partition_of(&b, 3);
     let rt = tokio::runtime::Runtime::new().expect("tokio");
-    rt.block_on(async {
+    let (pa, pb) = rt.block_on(async {
         let store = loom_redis::RedisStore::connect_with(
             &server.url(),
             loom_redis::RedisOptions {
@@ -236,13 +247,8 @@ fn migrate_embedded_to_a_partitioned_redis_and_back_round_trips() {
         )
         .await
         .expect("connect");
-        assert_eq!(store.partitions(), 3);
-        let send = [Outgoing {
-            envelope: Envelope::new(b.clone(), json!("across")),
-            deliver_at: None,
-        }];
-        send_turn(&store, &a, 1, &send).await;
-        arrived(&store, &b, 1).await;
+        let (a, b) = one_message_across(&store, 3).await;
+        (partition_of(&a, 3), partition_of(&b, 3))
     });
     let verify = || {
         loom(&[
@@ -307,21 +313,12 @@ fn migrate_embedded_to_postgres_and_back_round_trips() {
 /// refused.
 #[test]
 fn migrate_embedded_to_a_partitioned_postgres_and_back_round_trips() {
-    use loom_core::Store;
     use loom_core::partition::partition_of;
-    use loom_core::store::backend::Outgoing;
-    use loom_testkit::conformance::partitions::{arrived, send_turn};
     let server = PostgresServer::start();
     let remote = format!("{}&partitions=32", server.url());
     round_trip_through(&remote, &["--pg-schema", "parts"]);
-    let a = ActorId::new("sender", "a").unwrap();
-    let pa = partition_of(&a, 32);
-    let b = (0..)
-        .map(|i| ActorId::new("receiver", format!("b{i}")).unwrap())
-        .find(|b| partition_of(b, 32) != pa)
-        .unwrap();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
-    rt.block_on(async {
+    let a = rt.block_on(async {
         let store = loom_postgres::PostgresStore::connect_with(
             &server.url(),
             loom_postgres::PostgresOptions {
@@ -331,14 +328,9 @@ fn migrate_embedded_to_a_partitioned_postgres_and_back_round_trips() {
         )
         .await
         .expect("connect");
-        assert_eq!(store.partitions(), 32);
-        let send = [Outgoing {
-            envelope: Envelope::new(b.clone(), json!("across")),
-            deliver_at: None,
-        }];
-        send_turn(&store, &a, 1, &send).await;
-        arrived(&store, &b, 1).await;
+        one_message_across(&store, 32).await.0
     });
+    let pa = partition_of(&a, 32);
     let verify = || {
         loom(&[
             "--pg-schema",

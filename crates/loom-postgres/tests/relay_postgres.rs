@@ -10,7 +10,9 @@ use loom_core::partition::{SHARED_STORE_PARTITIONS, partition_of};
 use loom_core::store::backend::{Outgoing, check_outboxes, prepare_message};
 use loom_core::{ActorId, Envelope, JournalStore, Mailbox, Store, StoreError};
 use loom_postgres::{PostgresOptions, PostgresStore};
-use loom_testkit::conformance::partitions::{arrived, drain, send_turn, spread_in};
+use loom_testkit::conformance::partitions::{
+    arrived, drained_payloads, rounds_by_sender, send_turn, spread_in,
+};
 use loom_testkit::servers::PostgresServer;
 use serde_json::json;
 
@@ -90,13 +92,7 @@ async fn relays_of_several_processes_move_each_message_once_in_order() {
     // Every relay's sweep has looked again since: anything moved twice is there now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for r in &receivers {
-        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
-        for e in drain(store, r).await {
-            by_sender
-                .entry(e.payload["from"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(e.payload["round"].as_u64().unwrap());
-        }
+        let by_sender = rounds_by_sender(store, r).await;
         assert_eq!(by_sender.len(), senders.len(), "{r}");
         for (s, seen) in by_sender {
             assert_eq!(
@@ -157,11 +153,7 @@ async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
     moving.rollback().await.expect("rollback");
     arrived(&store, &b, 3).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let got: Vec<_> = drain(&store, &b)
-        .await
-        .into_iter()
-        .map(|e| e.payload)
-        .collect();
+    let got = drained_payloads(&store, &b).await;
     assert_eq!(got, [json!("first"), json!("second"), json!("third")]);
     let states = store.outbox_states().await.expect("states");
     assert!(states.iter().all(|s| s.pending == 0), "{states:?}");
@@ -225,12 +217,7 @@ async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
         .await
         .expect("enqueue");
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-    let mut holder = pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM held.mailbox WHERE actor = $1 FOR UPDATE")
-        .bind(stuck.as_str())
-        .fetch_one(&mut *holder)
-        .await
-        .expect("lock the recipient's row");
+    let holder = hold_mailbox_row(&pool, "held", stuck).await;
     left_in_outbox(&pool, "held", p1, stuck, "stuck").await;
     left_in_outbox(&pool, "held", p2, free, "free").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -248,13 +235,27 @@ async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
     );
     holder.rollback().await.expect("rollback");
     arrived(&store, stuck, 2).await;
-    let got: Vec<_> = drain(&store, stuck)
-        .await
-        .into_iter()
-        .map(|e| e.payload)
-        .collect();
+    let got = drained_payloads(&store, stuck).await;
     assert_eq!(got, [json!("before"), json!("stuck")]);
     store.destroy().await.expect("destroy");
+}
+
+/// Locks `actor`'s mailbox row in the store in `schema` until the transaction returned ends,
+/// as a long transaction of another client (or a turn of its partition) would hold it.
+async fn hold_mailbox_row(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    actor: &ActorId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {schema}.mailbox WHERE actor = $1 FOR UPDATE"
+    )))
+    .bind(actor.as_str())
+    .fetch_one(&mut *holder)
+    .await
+    .expect("lock the mailbox row");
+    holder
 }
 
 /// The point of the outbox: a turn sending to an actor of another partition does not wait for
@@ -271,12 +272,7 @@ async fn a_turn_locks_no_row_of_another_partition() {
         .await
         .expect("enqueue");
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-    let mut holder = pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM own.mailbox WHERE actor = $1 FOR UPDATE")
-        .bind(b.as_str())
-        .fetch_one(&mut *holder)
-        .await
-        .expect("lock b's mailbox row");
+    let holder = hold_mailbox_row(&pool, "own", &b).await;
     tokio::time::timeout(
         Duration::from_secs(5),
         send_turn(&store, &a, 1, &[to(&b, json!("sent"))]),
@@ -286,11 +282,7 @@ async fn a_turn_locks_no_row_of_another_partition() {
     // The move waits for b's row; once it is free, the message arrives.
     holder.rollback().await.expect("rollback");
     arrived(&store, &b, 2).await;
-    let got: Vec<_> = drain(&store, &b)
-        .await
-        .into_iter()
-        .map(|e| e.payload)
-        .collect();
+    let got = drained_payloads(&store, &b).await;
     assert_eq!(got, [json!("before"), json!("sent")]);
 
     // On a store of one partition the same turn does wait: what this test would miss.
@@ -298,12 +290,7 @@ async fn a_turn_locks_no_row_of_another_partition() {
     one.enqueue(&Envelope::new(b.clone(), json!("before")), None)
         .await
         .expect("enqueue");
-    let mut holder = pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM one.mailbox WHERE actor = $1 FOR UPDATE")
-        .bind(b.as_str())
-        .fetch_one(&mut *holder)
-        .await
-        .expect("lock b's mailbox row");
+    let holder = hold_mailbox_row(&pool, "one", &b).await;
     let waited = tokio::time::timeout(
         Duration::from_millis(500),
         send_turn(&one, &a, 1, &[to(&b, json!("sent"))]),
@@ -448,16 +435,12 @@ async fn moves_lost_to_a_server_crash_are_made_again_once() {
     // Every relay's sweep has looked again since: anything moved twice is there now.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for r in &receivers {
-        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
-        for e in drain(&store, r).await {
-            by_sender
-                .entry(e.payload["from"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(e.payload["round"].as_u64().unwrap());
-        }
+        let by_sender = rounds_by_sender(&store, r).await;
         for (s, n) in &rounds {
+            // A sender with nothing received has no entry: then it must have committed nothing.
+            let seen = by_sender.get(s).cloned().unwrap_or_default();
             assert_eq!(
-                by_sender.get(s).cloned().unwrap_or_default(),
+                seen,
                 (0..*n).collect::<Vec<_>>(),
                 "{s} → {r}: each committed send once, in the order sent"
             );
@@ -500,11 +483,7 @@ async fn a_move_not_yet_flushed_when_the_server_stops_is_made_again_once() {
     let store = connect(&url, "unflushed", None).await.expect("connect");
     arrived(&store, &b, 1).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let got: Vec<_> = drain(&store, &b)
-        .await
-        .into_iter()
-        .map(|e| e.payload)
-        .collect();
+    let got = drained_payloads(&store, &b).await;
     assert_eq!(got, [json!("once")]);
     assert_eq!(
         store.highest_seq(&a).await.unwrap(),

@@ -2,14 +2,15 @@
 //! moving the same outboxes deliver each message once, and a store's partition count is fixed
 //! when it is created.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{Outgoing, check_outboxes};
 use loom_core::{ActorId, Envelope, JournalStore, Store, StoreError};
 use loom_redis::{RedisOptions, RedisStore};
-use loom_testkit::conformance::partitions::{arrived, drain, send_turn, spread_in};
+use loom_testkit::conformance::partitions::{
+    arrived, drained_payloads, rounds_by_sender, send_turn, spread_in,
+};
 use loom_testkit::servers::RedisServer;
 use serde_json::json;
 
@@ -78,13 +79,7 @@ async fn relays_of_several_processes_move_each_message_once() {
     // Every relay's sweep has looked again since: anything moved twice is there now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for r in &receivers {
-        let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
-        for e in drain(store, r).await {
-            by_sender
-                .entry(e.payload["from"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(e.payload["round"].as_u64().unwrap());
-        }
+        let by_sender = rounds_by_sender(store, r).await;
         assert_eq!(by_sender.len(), senders.len(), "{r}");
         for (s, seen) in by_sender {
             assert_eq!(
@@ -169,11 +164,7 @@ async fn a_move_repeated_after_a_crash_before_the_trim_enqueues_nothing_twice() 
     arrived(&store, &b, 2).await;
     // Every relay has looked again since.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let got: Vec<_> = drain(&store, &b)
-        .await
-        .into_iter()
-        .map(|e| e.payload)
-        .collect();
+    let got = drained_payloads(&store, &b).await;
     assert_eq!(got, [json!("once"), json!("later")], "each once, in order");
     let states = store.outbox_states().await.expect("states");
     assert!(

@@ -105,6 +105,29 @@ pub async fn drain(store: &dyn Store, actor: &ActorId) -> Vec<Envelope> {
     out
 }
 
+/// The payloads of every message `actor` has now, in order, leased and acked ([`drain`]).
+pub async fn drained_payloads(store: &dyn Store, actor: &ActorId) -> Vec<serde_json::Value> {
+    drain(store, actor)
+        .await
+        .into_iter()
+        .map(|e| e.payload)
+        .collect()
+}
+
+/// What `receiver` got from each sender, drained ([`drain`]): the `round` of every message
+/// whose payload is `{"from": sender, "round": n}`, per sender, in the order received (the
+/// relay tests' senders number their rounds from 0, so exactly once and in order is
+/// `0..rounds`).
+pub async fn rounds_by_sender(store: &dyn Store, receiver: &ActorId) -> HashMap<String, Vec<u64>> {
+    let mut by_sender: HashMap<String, Vec<u64>> = HashMap::new();
+    for e in drain(store, receiver).await {
+        let from = e.payload["from"].as_str().expect("a sender").to_owned();
+        let round = e.payload["round"].as_u64().expect("a round");
+        by_sender.entry(from).or_default().push(round);
+    }
+    by_sender
+}
+
 async fn every_actor_maps_to_one_partition_of_the_store(store: Arc<dyn Store>) {
     let n = store.partitions();
     assert!(n >= 1);
