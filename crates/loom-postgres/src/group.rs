@@ -1,5 +1,5 @@
 //! The group-committed requests, appends, turns and leases: what a request carries, and how a
-//! batch of them runs (`append_many`, whose latest version is in `schema_v7.sql`, and a batch
+//! batch of them runs (`append_many`, whose latest version is in `schema_v13.sql`, and a batch
 //! of one `append`; `turn_many` and `lease_many`, set-based since `schema_v11.sql`, for two or
 //! more, and `turn` or `lease` for one; `turn_relayed`, `schema_v12.sql`, for turns that write
 //! the outbox). See `loom_core::store::backend::Batcher` for the

@@ -58,9 +58,15 @@ pub(crate) const BACKEND: &str = "postgres";
 /// The schema version this build creates and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
-/// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`. A new
-/// schema runs them all; an older one the ones it lacks, in one transaction.
-const MIGRATIONS: [&str; 12] = [
+/// The schema's migrations: `MIGRATIONS[v]` takes a schema from version `v` to `v + 1`, `{s}`
+/// standing for the schema's name. A new schema runs them all; an older one the ones it lacks,
+/// in one transaction. Public so that tests can build a schema of an older version.
+///
+/// ```
+/// assert_eq!(loom_postgres::MIGRATIONS.len() as i32, loom_postgres::SCHEMA_VERSION);
+/// assert!(loom_postgres::MIGRATIONS[0].contains("CREATE TABLE {s}.journal"));
+/// ```
+pub const MIGRATIONS: [&str; 13] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -73,6 +79,7 @@ const MIGRATIONS: [&str; 12] = [
     include_str!("schema_v10.sql"),
     include_str!("schema_v11.sql"),
     include_str!("schema_v12.sql"),
+    include_str!("schema_v13.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].

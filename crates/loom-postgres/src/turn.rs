@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{
-    Committed, Outgoing, Settle, Turn, prepare_append, prepare_message, prepare_result,
+    Committed, Settle, Turn, prepare_append, prepare_message, prepare_result,
 };
 use loom_core::store::{Completion, Enqueued, Lease, Receipt, Retired, Store};
 use loom_core::{ActorId, Envelope, IdempotencyKey, Seq, StoreError, StoreResult, Timestamp};
@@ -41,11 +41,15 @@ impl Store for PostgresStore {
         // into their mailboxes.
         let n = self.partitions;
         let here = partition_of(turn.actor, n);
-        let relayed = |o: &Outgoing| n > 1 && partition_of(&o.envelope.to, n) != here;
+        let relayed: Vec<bool> = turn
+            .send
+            .iter()
+            .map(|o| n > 1 && partition_of(&o.envelope.to, n) != here)
+            .collect();
         let mut direct = Sends::default();
         let mut outbox = Sends::default();
-        for o in turn.send {
-            let sends = if relayed(o) { &mut outbox } else { &mut direct };
+        for (o, &relayed) in turn.send.iter().zip(&relayed) {
+            let sends = if relayed { &mut outbox } else { &mut direct };
             sends.frames.push(prepare_message(&o.envelope)?);
             sends.actors.push(o.envelope.to.as_str().to_owned());
             sends.ids.push(o.envelope.id.to_string());
@@ -130,10 +134,11 @@ impl Store for PostgresStore {
                 self.signals.wake_if_due(
                     turn.send
                         .iter()
-                        .filter(|o| !relayed(o))
-                        .map(|o| o.deliver_at),
+                        .zip(&relayed)
+                        .filter(|(_, relayed)| !**relayed)
+                        .map(|(o, _)| o.deliver_at),
                 );
-                if turn.send.iter().any(relayed)
+                if relayed.contains(&true)
                     && let Some(relay) = &self.relay
                 {
                     relay.pushed(here);

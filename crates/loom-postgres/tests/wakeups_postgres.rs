@@ -332,3 +332,98 @@ async fn signals_are_sent_after_commit_and_for_sessions_of_older_builds_by_the_f
         "a session that sends its own signals was signalled for by the function"
     );
 }
+
+/// A schema built by version 11's own migrations (not a version 12 schema with its partition
+/// count removed), holding a journal and a waiting message that version 11's functions wrote:
+/// the next connect takes it to version 12 as a store of one partition, with both intact, and
+/// refuses to make it a store of 32.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_11_schema_holding_actors_migrates_to_one_partition() {
+    use futures::TryStreamExt;
+    use loom_core::SeqRange;
+    use loom_core::store::LeaseOptions;
+    use loom_core::store::backend::{prepare_append, prepare_message};
+    let server = PostgresServer::start();
+    let url = server.url();
+    let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
+    sqlx::raw_sql(
+        "CREATE SCHEMA old; CREATE TABLE old.schema_version (version integer PRIMARY KEY)",
+    )
+    .execute(&admin)
+    .await
+    .expect("schema");
+    for (v, migration) in loom_postgres::MIGRATIONS[..11].iter().enumerate() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(migration.replace("{s}", "old")))
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("migration to version {}: {e}", v + 1));
+        sqlx::query("INSERT INTO old.schema_version VALUES ($1)")
+            .bind(v as i32 + 1)
+            .execute(&admin)
+            .await
+            .expect("version");
+    }
+    let id = ActorId::new("counter", "old").expect("id");
+    let entries: Vec<Entry> = (1..=3)
+        .map(|seq| Entry::new(seq, EntryKind::Completed { reply: json!(seq) }))
+        .collect();
+    let (ok, highest): (bool, i64) = sqlx::query_as("SELECT ok, val FROM old.append($1, 1, $2)")
+        .bind(id.as_str())
+        .bind(prepare_append(&id, 1, &entries).expect("frames"))
+        .fetch_one(&admin)
+        .await
+        .expect("version 11's append");
+    assert_eq!((ok, highest), (true, 3));
+    let waiting = Envelope::new(id.clone(), json!("sent before the upgrade"));
+    sqlx::query("SELECT old.enqueue($1, $2, $3, 0)")
+        .bind(id.as_str())
+        .bind(waiting.id.to_string())
+        .bind(prepare_message(&waiting).expect("frame"))
+        .execute(&admin)
+        .await
+        .expect("version 11's enqueue");
+
+    let options = |partitions| PostgresOptions {
+        schema: "old".into(),
+        partitions,
+        ..PostgresOptions::default()
+    };
+    let refused = PostgresStore::connect_with(&url, options(Some(32))).await;
+    assert!(
+        matches!(refused, Err(StoreError::InvalidRequest(ref m)) if m.contains("already holds actors")),
+        "{refused:?}"
+    );
+    let store = PostgresStore::connect_with(&url, options(None))
+        .await
+        .expect("migrate");
+    assert_eq!(store.partitions(), 1);
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM old.schema_version ORDER BY version")
+            .fetch_all(&admin)
+            .await
+            .expect("versions");
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    let read: Vec<Entry> = store
+        .read(&id, SeqRange::all())
+        .try_collect()
+        .await
+        .expect("read");
+    assert_eq!(read, entries);
+    let delivery = store
+        .lease(&id, LeaseOptions::default())
+        .await
+        .expect("lease")
+        .expect("the message sent before the upgrade");
+    assert_eq!(delivery.envelope.id, waiting.id);
+    assert_eq!(delivery.envelope.payload, waiting.payload);
+    // And it takes new appends where version 11 left off.
+    store
+        .append(
+            &id,
+            4,
+            &[Entry::new(4, EntryKind::Completed { reply: json!(4) })],
+        )
+        .await
+        .expect("append after the upgrade");
+    store.destroy().await.expect("destroy");
+}
