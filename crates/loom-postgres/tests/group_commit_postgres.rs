@@ -230,12 +230,14 @@ async fn journals(
     (rows, meta)
 }
 
-/// `append_many` (schema version 7) decides each append of a batch as `append` alone would.
+/// `append_many` (schema version 13) decides each append of a batch as `append` alone would.
 /// One batch with a first append, an append at the next seq, one at a stale seq, one to a
 /// journal that does not exist past its first seq, empty appends at the next seq and at a stale
-/// one; journals named twice in a batch; and first appends racing another's, committed or
-/// rolled back. Every journal and meta row is checked afterwards: a refused append writes
-/// nothing.
+/// one; journals named twice in a batch; first appends racing another's, committed or rolled
+/// back; and appends whose journal another transaction is moving to the seq before theirs,
+/// which wait for it (taken once it commits, refused once it rolls back), where the update that
+/// decides most appends does not wait. Every journal and meta row is checked afterwards: a
+/// refused append writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_appends_is_decided_append_by_append() {
     let server = PostgresServer::start();
@@ -328,6 +330,43 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
         let first = if commit { (1, false, 2) } else { (1, true, 1) };
         assert_eq!(decided, vec![first, (2, true, 1)], "{race}");
     }
+    for commit in [true, false] {
+        let moving = if commit {
+            "moving_committed"
+        } else {
+            "moving_rolled_back"
+        };
+        sqlx::query("SELECT grp.append($1, 1, ARRAY['m1']::bytea[])")
+            .bind(format!("group/{moving}"))
+            .execute(&admin)
+            .await
+            .expect("the journal's first entry");
+        let mut tx = admin.begin().await.expect("begin");
+        sqlx::query("SELECT grp.append($1, 2, ARRAY['theirs']::bytea[])")
+            .bind(format!("group/{moving}"))
+            .execute(&mut *tx)
+            .await
+            .expect("their append at 2");
+        let batch = {
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                append_many(&admin, &[(moving, 3, &[b"ours"]), ("zcalm", 1, &[b"z"])]).await
+            })
+        };
+        assert!(
+            waits_on_a_lock(&admin, "%append_many%").await,
+            "the batch never waited for the append moving its journal"
+        );
+        if commit {
+            tx.commit().await.expect("commit theirs");
+        } else {
+            tx.rollback().await.expect("roll theirs back");
+        }
+        let decided = batch.await.expect("batch");
+        let first = if commit { (1, true, 3) } else { (1, false, 2) };
+        let calm = if commit { (2, true, 1) } else { (2, false, 2) };
+        assert_eq!(decided, vec![first, calm], "{moving}");
+    }
 
     let (rows, meta) = journals(&admin).await;
     let row = |a: &str, s: i64, f: &str| (format!("group/{a}"), s, f.as_bytes().to_vec());
@@ -336,6 +375,10 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
         vec![
             row("calm_race_committed", 1, "c"),
             row("calm_race_rolled_back", 1, "c"),
+            row("moving_committed", 1, "m1"),
+            row("moving_committed", 2, "theirs"),
+            row("moving_committed", 3, "ours"),
+            row("moving_rolled_back", 1, "m1"),
             row("new", 1, "n1"),
             row("new", 2, "n2"),
             row("old", 1, "o1"),
@@ -347,6 +390,7 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
             row("race_rolled_back", 1, "ours"),
             row("twice", 1, "t1"),
             row("twice", 2, "t2"),
+            row("zcalm", 1, "z"),
         ]
     );
     let meta_row = |a: &str, h: i64| (format!("group/{a}"), h, 0, 0);
@@ -355,6 +399,8 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
         vec![
             meta_row("calm_race_committed", 1),
             meta_row("calm_race_rolled_back", 1),
+            meta_row("moving_committed", 3),
+            meta_row("moving_rolled_back", 1),
             meta_row("new", 2),
             meta_row("old", 3),
             meta_row("older", 1),
@@ -362,6 +408,7 @@ async fn a_batch_of_appends_is_decided_append_by_append() {
             meta_row("race_committed", 1),
             meta_row("race_rolled_back", 1),
             meta_row("twice", 2),
+            meta_row("zcalm", 1),
         ]
     );
     assert_eq!(store.highest_seq(&id("old")).await.unwrap(), 3);

@@ -335,8 +335,9 @@ async fn signals_are_sent_after_commit_and_for_sessions_of_older_builds_by_the_f
 
 /// A schema built by version 11's own migrations (not a version 12 schema with its partition
 /// count removed), holding a journal and a waiting message that version 11's functions wrote:
-/// the next connect takes it to version 12 as a store of one partition, with both intact, and
-/// refuses to make it a store of 32.
+/// a connect asking for 32 partitions is refused and changes nothing; the next connect takes
+/// it to this build's version as a store of one partition, with both intact, and this build's
+/// functions (the batch append among them) run on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_11_schema_holding_actors_migrates_to_one_partition() {
     use futures::TryStreamExt;
@@ -393,16 +394,18 @@ async fn a_version_11_schema_holding_actors_migrates_to_one_partition() {
         matches!(refused, Err(StoreError::InvalidRequest(ref m)) if m.contains("already holds actors")),
         "{refused:?}"
     );
+    let versions = || async {
+        sqlx::query_scalar::<_, i32>("SELECT version FROM old.schema_version ORDER BY version")
+            .fetch_all(&admin)
+            .await
+            .expect("versions")
+    };
+    assert_eq!(versions().await, (1..=11).collect::<Vec<_>>());
     let store = PostgresStore::connect_with(&url, options(None))
         .await
         .expect("migrate");
     assert_eq!(store.partitions(), 1);
-    let versions: Vec<i32> =
-        sqlx::query_scalar("SELECT version FROM old.schema_version ORDER BY version")
-            .fetch_all(&admin)
-            .await
-            .expect("versions");
-    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(versions().await, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     let read: Vec<Entry> = store
         .read(&id, SeqRange::all())
         .try_collect()
@@ -416,14 +419,29 @@ async fn a_version_11_schema_holding_actors_migrates_to_one_partition() {
         .expect("the message sent before the upgrade");
     assert_eq!(delivery.envelope.id, waiting.id);
     assert_eq!(delivery.envelope.payload, waiting.payload);
-    // And it takes new appends where version 11 left off.
+    // And it takes new appends where version 11 left off, alone and in a batch.
+    let more = |seq| Entry::new(seq, EntryKind::Completed { reply: json!(seq) });
     store
-        .append(
-            &id,
-            4,
-            &[Entry::new(4, EntryKind::Completed { reply: json!(4) })],
-        )
+        .append(&id, 4, &[more(4)])
         .await
         .expect("append after the upgrade");
+    let other = ActorId::new("counter", "new").expect("id");
+    let decided: Vec<(i64, bool, i64)> =
+        sqlx::query_as("SELECT idx, ok, val FROM old.append_many($1, $2, $3, $4) ORDER BY idx")
+            .bind(vec![id.as_str(), other.as_str()])
+            .bind(vec![5i64, 1])
+            .bind(vec![1i32, 1])
+            .bind(
+                [
+                    prepare_append(&id, 5, &[more(5)]).expect("frames"),
+                    prepare_append(&other, 1, &[more(1)]).expect("frames"),
+                ]
+                .concat(),
+            )
+            .fetch_all(&admin)
+            .await
+            .expect("this build's append_many");
+    assert_eq!(decided, vec![(1, true, 5), (2, true, 1)]);
+    assert_eq!(store.highest_seq(&id).await.expect("highest"), 5);
     store.destroy().await.expect("destroy");
 }
