@@ -57,6 +57,8 @@ pub struct Faults {
     pub renewal_calls: AtomicU64,
     /// Leases those calls asked to renew.
     pub renewals: AtomicU64,
+    /// Mailbox `lease` calls that found nothing to hand out.
+    pub empty_leases: AtomicU64,
 }
 
 /// A journal read held before it starts: see [`Faults::pause_next_read`].
@@ -336,7 +338,11 @@ impl Mailbox for FaultyStore {
         if self.faults.take(&self.faults.fail_leases) {
             return Err(injected("lease"));
         }
-        self.write("lease", self.inner.lease(actor, opts)).await
+        let leased = self.write("lease", self.inner.lease(actor, opts)).await;
+        if matches!(leased, Ok(None)) {
+            self.faults.empty_leases.fetch_add(1, Ordering::Relaxed);
+        }
+        leased
     }
 
     async fn suspend(

@@ -447,12 +447,16 @@ async fn serve<A: Actor>(
     // A message the last turn's write already leased; it is processed even when stopping, so
     // that it is not left out until its visibility timeout.
     let mut leased: Option<crate::store::Delivery> = None;
+    // The last turn's write looked for the next message and found none (`Next::Drained`).
+    let mut drained = false;
     loop {
         if leased.is_none() && stop.is_cancelled() {
             return passivate(&cell, io, id).await;
         }
         let next = match leased.take() {
             Some(d) => Ok(Some(d)),
+            // Straight to the wait below: a lease now would find nothing the write did not.
+            None if std::mem::take(&mut drained) => Ok(None),
             None => io.store.lease(id, cell.lease_options(io)).await,
         };
         match next {
@@ -464,6 +468,7 @@ async fn serve<A: Actor>(
                 idle_since = Instant::now();
                 match next {
                     Next::Continue(d) => leased = d.map(|d| *d),
+                    Next::Drained => drained = true,
                     Next::Backoff(d) => {
                         tokio::select! {
                             biased;

@@ -41,6 +41,12 @@ use super::trace;
 pub(crate) enum Next {
     /// Go on; with the actor's next message when the turn's write already leased it.
     Continue(Option<Box<Delivery>>),
+    /// Go on, but wait for a wake-up before looking at the mailbox: the turn's write looked
+    /// for the next message and found none, so a lease now would find none either. What comes
+    /// later wakes the actor (a send of this process, another node's, an arrival from the
+    /// relay, or the ready scan finding the mailbox ready), and `Notify` keeps a wake-up that
+    /// comes before the wait.
+    Drained,
     /// Retry later: the message was nacked with this delay.
     Backoff(Duration),
     /// The journal moved under us, or an invocation was partly journaled: reload from the store.
@@ -373,6 +379,7 @@ impl<A: Actor> Cell<A> {
             next: (!io.stopping.is_cancelled()).then_some(io.lease_options),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
+        let asked_next = turn.next.is_some();
         let committing = tokio::time::Instant::now();
         // Before the write: a same-partition send's wake compares it with departures.
         let written = shared.moment();
@@ -417,7 +424,11 @@ impl<A: Actor> Cell<A> {
                     }
                 }
                 self.maybe_compact(io, shared);
-                Next::Continue(committed.next.map(Box::new))
+                match committed.next {
+                    Some(d) => Next::Continue(Some(Box::new(d))),
+                    None if asked_next => Next::Drained,
+                    None => Next::Continue(None),
+                }
             }
             Err(e) => {
                 self.restore_state();
@@ -530,7 +541,7 @@ impl<A: Actor> Cell<A> {
                     .retry_or_give_up(io, shared, d, journaled, from, &reason)
                     .await;
                 match next {
-                    Next::Backoff(_) | Next::Continue(_) => Next::Reload,
+                    Next::Backoff(_) | Next::Continue(_) | Next::Drained => Next::Reload,
                     other => other,
                 }
             }

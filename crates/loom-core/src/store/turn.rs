@@ -87,7 +87,9 @@ pub struct Turn<'a> {
 pub struct Committed {
     /// The journal's highest seq after the turn.
     pub highest: Seq,
-    /// The actor's next message, if the turn asked for it and one was due.
+    /// The actor's next message, if the turn asked for it and one was due. A store must lease
+    /// one whenever one is due: after a turn that asked and got none, the runtime waits for a
+    /// wake-up (a send, an arrival, its ready scan) before it asks the mailbox again.
     pub next: Option<Delivery>,
 }
 

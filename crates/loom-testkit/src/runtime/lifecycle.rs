@@ -16,6 +16,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         lost_lease_stops_writes,
         a_renewal_that_never_answers_stops_the_actor_when_its_lease_expires,
         idle_actors_take_no_leases_and_partition_leases_are_renewed_together,
+        a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again,
         one_invocation_at_a_time_per_actor,
         many_actors_run_in_parallel,
         graceful_shutdown_drains_in_flight_invocations,
@@ -271,6 +272,32 @@ async fn idle_actors_take_no_leases_and_partition_leases_are_renewed_together(h:
     for part in partitions.keys() {
         assert!(h.store.holder(part).await.unwrap().is_none(), "{part} kept");
     }
+}
+
+/// A turn whose write looked for the actor's next message and found none leaves the actor
+/// waiting for a wake-up rather than asking its mailbox again at once (a lease that would find
+/// nothing: a store request per turn for nothing): twenty asks answered one after another make
+/// (nearly) no lease that finds nothing, where asking again made one per ask, and each is still
+/// answered, its send's wake-up coming through.
+async fn a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again(h: &Harness) {
+    let rt = h.runtime().await;
+    let a = rt.actor::<Account>("drained").unwrap();
+    assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+    let count = || {
+        h.faults
+            .empty_leases
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = count();
+    for balance in 2..=21 {
+        assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), balance);
+    }
+    let empty = count() - before;
+    assert!(
+        empty < 10,
+        "{empty} leases found nothing while 20 asks were answered one at a time"
+    );
+    rt.shutdown().await;
 }
 
 async fn one_invocation_at_a_time_per_actor(h: &Harness) {
