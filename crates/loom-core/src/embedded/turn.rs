@@ -156,10 +156,30 @@ impl Store for EmbeddedStore {
         }
         // The turn is committed, so nothing after this point may report it failed (rule D15):
         // a next message that does not decode is buried, and if even that fails, it comes back
-        // when its visibility runs out and is buried then.
+        // when its visibility runs out and is buried then. After a burial the message behind
+        // it is leased as `lease` would go on to it: a turn that asked for the next message
+        // and gets none leaves its actor waiting for a wake-up (`Committed::next`).
         let next = match leased {
             Some(l) => match self.finish_or_bury(l).await {
-                Ok(next) => next,
+                Ok(Some(d)) => Some(d),
+                Ok(None) => {
+                    let opts = next.map(|o| LeaseOptions {
+                        early: Duration::ZERO,
+                        ..o
+                    });
+                    match opts {
+                        Some(opts) => {
+                            match crate::store::Mailbox::lease(self, turn.actor, opts).await {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not lease the message after a buried one; the ready scan finds it");
+                                    None
+                                }
+                            }
+                        }
+                        None => None,
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not bury a damaged message after a turn; it is tried again when its lease runs out");
                     None

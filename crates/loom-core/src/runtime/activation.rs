@@ -230,11 +230,14 @@ impl Shared {
         // Noted before it leaves `active`: `ensure_active` looks at `gone` under the `active`
         // lock only for an actor not in `active`, so it never misses this departure.
         self.gone.left(id);
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        active.remove(id);
+        // Under the `active` lock: an activation can begin only once this one has left
+        // `active`, and then takes a wake-up of its own. Forgotten after the lock, this one's
+        // could be handed to that activation and then forgotten under it, leaving it deaf to
+        // every wake-up (and an actor drained by its turn waits for one).
         self.hub.forget(id);
+        drop(active);
     }
 }
 

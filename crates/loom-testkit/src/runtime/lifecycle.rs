@@ -280,7 +280,12 @@ async fn idle_actors_take_no_leases_and_partition_leases_are_renewed_together(h:
 /// (nearly) no lease that finds nothing, where asking again made one per ask, and each is still
 /// answered, its send's wake-up coming through.
 async fn a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again(h: &Harness) {
-    let rt = h.runtime().await;
+    // Ready scans every 2 s, not 20 ms: a scan that finds the mailbox between an ask's
+    // enqueue and its lease wakes the busy actor once more, and that wake-up's look finds
+    // nothing, which is not what is counted here.
+    let rt = h
+        .runtime_with(|c| c.poll_interval = Duration::from_secs(2))
+        .await;
     let a = rt.actor::<Account>("drained").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
     let count = || {
@@ -294,7 +299,7 @@ async fn a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again
     }
     let empty = count() - before;
     assert!(
-        empty < 10,
+        empty < 5,
         "{empty} leases found nothing while 20 asks were answered one at a time"
     );
     rt.shutdown().await;
