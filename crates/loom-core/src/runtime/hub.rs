@@ -1,6 +1,9 @@
 //! In-process wake-ups: a message for an active actor, an event for a waiting invocation, a reply
-//! for a local caller. Only an optimization: every waiter also polls the store, so a wake-up that
-//! never comes (the sender is on another node) only costs latency.
+//! for a local caller. Only an optimization: every waiter is also found by polling the store (an
+//! active actor by the ready scan, which wakes it through here), so a wake-up that never comes
+//! (the sender is on another node) only costs latency. An actor whose turn found its mailbox
+//! empty waits for one before it looks again (`Next::Drained`), so a wake-up is kept for a
+//! waiter that is not waiting yet: `Notify::notify_one` stores it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
