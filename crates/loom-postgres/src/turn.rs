@@ -1,7 +1,7 @@
 //! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
 //! into batches by `group.rs` (`schema.sql`).
 
-use loom_core::store::backend::{check_ttl, prepare_event};
+use loom_core::store::backend::{check_ttl, committed_next, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -149,16 +149,19 @@ impl Store for PostgresStore {
                         key: r.key.clone(),
                     });
                 }
-                let next = match out.nframe.clone() {
-                    Some(frame) => Some(delivery(
-                        turn.actor,
-                        frame,
-                        out.npos.unwrap_or(0),
-                        out.ndlv.unwrap_or(0),
-                        out.nerr.clone(),
-                    )?),
-                    None => None,
-                };
+                // Committed: a next message that does not decode is not an error (D15).
+                let next = committed_next(
+                    turn.actor,
+                    out.nframe.clone().map(|frame| {
+                        delivery(
+                            turn.actor,
+                            frame,
+                            out.npos.unwrap_or(0),
+                            out.ndlv.unwrap_or(0),
+                            out.nerr.clone(),
+                        )
+                    }),
+                );
                 Ok(Committed {
                     highest: highest()?,
                     next,

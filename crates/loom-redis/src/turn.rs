@@ -1,6 +1,6 @@
 //! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
 
-use loom_core::store::backend::{check_ttl, prepare_event};
+use loom_core::store::backend::{check_ttl, committed_next, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -254,11 +254,11 @@ impl Store for RedisStore {
                         .filter(|to| !to.is_system()),
                 );
                 let highest = number(r.get(1), "highest")?;
-                let next = if r.len() > 2 {
-                    Some(delivery(turn.actor, &r[2..])?)
-                } else {
-                    None
-                };
+                // Committed: a next message that does not decode is not an error (D15).
+                let next = committed_next(
+                    turn.actor,
+                    (r.len() > 2).then(|| delivery(turn.actor, &r[2..])),
+                );
                 Ok(Committed { highest, next })
             }
             "conflict" => Err(StoreError::Conflict {

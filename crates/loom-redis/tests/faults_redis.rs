@@ -453,3 +453,118 @@ async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
     store.ack(&got.receipt).await.unwrap();
     assert!(store.lease(&a, opts).await.unwrap().is_none());
 }
+
+/// A mailbox of an older build has no `g` in its meta though its stream and consumer group
+/// exist: the next push makes neither again (the group keeps its place) and the messages come
+/// out once each, in order. A stream whose group is gone as well gets one back from the lease,
+/// starting at its first entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_without_the_group_flag_keeps_its_group_and_order() {
+    use loom_core::store::LeaseOptions;
+    use loom_core::{Envelope, Mailbox};
+    let server = RedisServer::start();
+    let admin = redis::Client::open(server.url()).expect("client");
+    let mut conn = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let store = connect(&server.url(), "grp").await;
+    let a = ActorId::new("counter", "c1").unwrap();
+    let (mm, mq) = ("grp:{counter/c1}:mm", "grp:{counter/c1}:mq");
+    let opts = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+        ..LeaseOptions::default()
+    };
+    let unflag = |mut c: redis::aio::MultiplexedConnection| async move {
+        let removed: u64 = redis::cmd("HDEL")
+            .arg(mm)
+            .arg("g")
+            .query_async(&mut c)
+            .await
+            .expect("HDEL g");
+        assert_eq!(removed, 1, "the meta had g");
+    };
+    let sent: Vec<Envelope> = (1..=4)
+        .map(|n| Envelope::new(a.clone(), serde_json::json!(n)))
+        .collect();
+    store.enqueue(&sent[0], None).await.unwrap();
+    let first = store.lease(&a, opts).await.unwrap().expect("the first");
+    assert_eq!(first.envelope.id, sent[0].id);
+    store.ack(&first.receipt).await.unwrap();
+    store.enqueue(&sent[1], None).await.unwrap();
+    unflag(conn.clone()).await;
+    // The group exists: the push leaves it (and what it delivered) as it is.
+    store.enqueue(&sent[2], None).await.unwrap();
+    // The group lost as well as the flag: the next push gives the stream one from its start.
+    let destroyed: u64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(mq)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .expect("XGROUP DESTROY");
+    assert_eq!(destroyed, 1, "the stream had its group");
+    unflag(conn.clone()).await;
+    store.enqueue(&sent[3], None).await.unwrap();
+    for want in &sent[1..] {
+        let got = store
+            .lease(&a, opts)
+            .await
+            .unwrap()
+            .expect("every message pushed");
+        assert_eq!(got.envelope.id, want.id, "out of order");
+        store.ack(&got.receipt).await.unwrap();
+    }
+    assert!(store.lease(&a, opts).await.unwrap().is_none());
+}
+
+/// Rule D15: a turn whose next message's frame does not decode reports it committed
+/// (`loom_testkit::load`). The damage: the message's stream entry written again with a frame of
+/// garbage, at the end of the stream, where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_leasing_a_damaged_next_message_commits() {
+    let server = RedisServer::start();
+    let admin = redis::Client::open(server.url()).expect("client");
+    let conn = admin
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let store = connect(&server.url(), "damage").await;
+    loom_testkit::load::a_turn_leasing_a_damaged_next_message_commits(&store, |a, position| {
+        let mut conn = conn.clone();
+        async move {
+            let mq = format!("damage:{{{a}}}:mq");
+            let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+                .arg(&mq)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE");
+            let (sid, fields) = entries
+                .into_iter()
+                .find(|(_, f)| f.get("p") == Some(&position.to_string().into_bytes()))
+                .expect("the message is in the stream");
+            let () = redis::pipe()
+                .cmd("XDEL")
+                .arg(&mq)
+                .arg(&sid)
+                .ignore()
+                .cmd("XADD")
+                .arg(&mq)
+                .arg("*")
+                .arg("m")
+                .arg(b"\x01garbage".as_slice())
+                .arg("id")
+                .arg(&fields["id"])
+                .arg("p")
+                .arg(&fields["p"])
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .expect("damage the message");
+        }
+    })
+    .await;
+}

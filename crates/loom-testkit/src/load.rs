@@ -1,7 +1,8 @@
 //! Appending through server faults, for the fault suites of the server backends (Redis,
 //! PostgreSQL): writers that retry through outages, the check that nothing acknowledged was
-//! lost, forked or changed, and two nodes racing for one journal. A backend's fault test
-//! supplies the store and the fault (a SIGKILL, an immediate stop); the rest is here once.
+//! lost, forked or changed, two nodes racing for one journal, and a turn whose next message
+//! was damaged in the store. A backend's fault test supplies the store and the fault (a
+//! SIGKILL, an immediate stop, bytes overwritten); the rest is here once.
 //!
 //! ```no_run
 //! # async fn f(store: loom_core::EmbeddedStore, restart_the_server: impl Fn()) {
@@ -186,4 +187,73 @@ pub async fn racing_nodes_never_fork_a_journal<S: JournalStore + Clone>(nodes: [
             }
         );
     }
+}
+
+/// Rule D15 when a turn's next message is damaged: a turn that commits and leases, as its next
+/// message, one whose stored frame does not decode reports success, with no next message, and
+/// its entries are in the journal. The damaged message comes back when its visibility runs out
+/// and, at its delivery limit, goes to the dead letters; the message behind it then runs.
+/// `damage(actor, position)` overwrites the frame of the waiting message at `position` of
+/// `actor`'s mailbox with bytes that do not decode, in the backend's own storage (as a damaged
+/// disk or a bug would).
+pub async fn a_turn_leasing_a_damaged_next_message_commits<S, F, Fut>(store: &S, damage: F)
+where
+    S: loom_core::Store,
+    F: FnOnce(ActorId, u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use loom_core::store::backend::{Settle, Turn};
+    use loom_core::{Envelope, LeaseOptions};
+    let a = ActorId::new("fault", "damaged-next").expect("a valid id");
+    let first = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 2,
+        ..LeaseOptions::default()
+    };
+    let short = LeaseOptions {
+        visibility: Duration::from_millis(200),
+        ..first
+    };
+    let sent: Vec<Envelope> = (1..=3)
+        .map(|n| Envelope::new(a.clone(), json!(n)))
+        .collect();
+    store.enqueue(&sent[0], None).await.expect("enqueue 1");
+    let d = store
+        .lease(&a, first)
+        .await
+        .expect("lease")
+        .expect("the first message");
+    let position = store.enqueue(&sent[1], None).await.expect("enqueue 2");
+    damage(a.clone(), position).await;
+    store.enqueue(&sent[2], None).await.expect("enqueue 3");
+    let one = [entry(0, 1)];
+    let committed = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            next: Some(short),
+            ..Turn::append(&a, 1, &one)
+        })
+        .await
+        .expect("a committed turn reports success, whatever its next message holds");
+    assert_eq!(committed.highest, 1);
+    assert!(committed.next.is_none(), "a damaged message was handed out");
+    assert_eq!(store.highest_seq(&a).await.expect("highest"), 1);
+    // The damaged message is leased (its first delivery, by the turn): it comes back when its
+    // visibility runs out, is delivered once more (2 is the limit here), then dead-lettered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let next = loop {
+        match store.lease(&a, short).await {
+            Ok(Some(d)) => break d,
+            Ok(None) | Err(StoreError::Corrupt { .. }) => {}
+            Err(e) => panic!("lease: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message behind the damaged one never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(next.envelope.id, sent[2].id, "the third message runs next");
+    store.ack(&next.receipt).await.expect("ack");
+    assert_eq!(store.pending(&a).await.expect("pending"), 0);
 }

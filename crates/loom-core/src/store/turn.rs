@@ -165,3 +165,31 @@ pub fn retire_status(
         _ => return None,
     })
 }
+
+/// The next message a committed turn hands out, from what its store leased with it, decoded
+/// (`None` if the turn leased nothing). The turn is committed whatever the decoding gives, so
+/// it must be reported committed (rule D15): a leased message that does not decode is not
+/// handed out (`None`, and logged) but stays leased to the actor. Its visibility running out
+/// makes it due again, and at its delivery limit it goes to the dead letters (a store that
+/// buries a damaged message at once, as the embedded one does, never gets here with one).
+///
+/// ```
+/// use loom_core::store::backend::committed_next;
+/// use loom_core::{ActorId, Delivery};
+///
+/// let actor = ActorId::new("order", "o-1")?;
+/// let damaged = Delivery::from_frame(actor.clone(), b"not a frame", 3, 1, None);
+/// assert!(damaged.is_err());
+/// assert!(committed_next(&actor, Some(damaged)).is_none());
+/// assert!(committed_next(&actor, None).is_none());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn committed_next(actor: &ActorId, next: Option<StoreResult<Delivery>>) -> Option<Delivery> {
+    match next? {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(%actor, error = %e, "a committed turn leased a next message that does not decode; it is not handed out, and comes back when its visibility runs out (dead-lettered at its delivery limit)");
+            None
+        }
+    }
+}

@@ -417,7 +417,7 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
     );
     // The partition's lease given up and taken by another node: the old fence writes nothing.
     assert!(store.release(&lease).await.unwrap());
-    let _new = store
+    let new = store
         .acquire(&part, "node-2", Duration::from_secs(60))
         .await
         .unwrap();
@@ -435,6 +435,27 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
             "{x}: {refused:?}"
         );
         assert_eq!(store.highest_seq(x).await.unwrap(), 2, "{x}");
+    }
+    // Turns at once under the old fence and the new one (group commits batch them, and a batch
+    // may read the partition's lease once for all its turns): each is decided by its own.
+    let two = entries(2, 2);
+    let mixed = futures::future::join_all(crowd.iter().enumerate().map(|(i, x)| {
+        store.commit_turn(Turn {
+            entries: &two,
+            ..turn(x, 2, if i % 2 == 0 { &new } else { &lease })
+        })
+    }))
+    .await;
+    for (i, (x, r)) in crowd.iter().zip(mixed).enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(r.unwrap().highest, 2, "{x} under the new fence");
+        } else {
+            assert!(
+                matches!(r, Err(StoreError::LeaseLost { .. })),
+                "{x} under the old fence: {r:?}"
+            );
+            assert_eq!(store.highest_seq(x).await.unwrap(), 1, "{x}");
+        }
     }
 }
 
