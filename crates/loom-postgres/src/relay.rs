@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use loom_core::partition::partition_of;
-use loom_core::store::backend::OutboxState;
+use loom_core::store::backend::{OutboxState, RelayStatus};
 use loom_core::{ActorId, StoreResult};
 use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast};
@@ -55,6 +55,8 @@ struct Inner {
     /// Partitions whose outboxes this process wrote since the relay last looked.
     dirty: Mutex<BTreeSet<u32>>,
     wake: Notify,
+    /// What its moves met (`Store::relay_failure`).
+    status: RelayStatus,
 }
 
 impl Relay {
@@ -70,6 +72,7 @@ impl Relay {
             arrivals,
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            status: RelayStatus::default(),
         });
         let task = AbortOnDropHandle::new(tokio::spawn(run(inner.clone())));
         Arc::new(Relay { inner, _task: task })
@@ -83,6 +86,11 @@ impl Relay {
             .expect("relay dirty set poisoned")
             .insert(p);
         self.inner.wake.notify_one();
+    }
+
+    /// Since when and why its moves fail, if they do.
+    pub(crate) fn failure(&self) -> Option<loom_core::store::RelayFailure> {
+        self.inner.status.failure()
     }
 
     /// The actors whose mailboxes this store's relay fills, batch by batch.
@@ -114,9 +122,26 @@ async fn run(inner: Arc<Inner>) {
                 .fetch_all(&inner.pool)
                 .await
             {
-                Ok(waiting) => parts.extend(waiting),
+                Ok(waiting) => {
+                    // An outbox with nothing in it has nothing left to move: what failed
+                    // there before (moved since by another relay) is over.
+                    inner.status.looked();
+                    for p in inner
+                        .status
+                        .failure()
+                        .map(|f| f.partitions)
+                        .unwrap_or_default()
+                    {
+                        if !waiting.contains(&(p as i32)) {
+                            inner.status.moved(p);
+                        }
+                    }
+                    parts.extend(waiting);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %pe(e), "relay: could not read which outboxes hold messages; trying again in {SWEEP:?}");
+                    let e = pe(e);
+                    tracing::warn!(error = %e, "relay: could not read which outboxes hold messages; trying again in {SWEEP:?}");
+                    inner.status.failed(None, &e);
                 }
             }
         }
@@ -150,9 +175,22 @@ impl Inner {
                 return;
             }
             let moved = match self.call(&parts).await {
-                Ok(m) => m,
+                Ok(m) => {
+                    // Those another relay moves, or whose recipient's row is held, did not
+                    // move here (and did not fail).
+                    for p in parts
+                        .iter()
+                        .filter(|p| !m.busy.contains(p) && !m.blocked.contains(p))
+                    {
+                        self.status.moved(*p as u32);
+                    }
+                    m
+                }
                 Err(e) => {
                     tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+                    for p in &parts {
+                        self.status.failed(Some(*p as u32), &e);
+                    }
                     return;
                 }
             };

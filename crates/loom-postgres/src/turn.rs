@@ -26,6 +26,10 @@ impl Store for PostgresStore {
         self.partitions
     }
 
+    fn relay_failure(&self) -> Option<loom_core::store::RelayFailure> {
+        self.relay.as_ref().and_then(|r| r.failure())
+    }
+
     async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
         self.backlog_of_outboxes().await
     }

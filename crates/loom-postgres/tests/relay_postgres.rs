@@ -492,3 +492,43 @@ async fn a_move_not_yet_flushed_when_the_server_stops_is_made_again_once() {
     );
     store.destroy().await.expect("destroy");
 }
+
+/// Rule D16 for the relay (`loom_testkit::conformance::partitions`): while the `relay` function
+/// fails (its body made to raise, as a broken migration would leave it) nothing moves and the
+/// health names the partition; with its body back, the message moves and the health is clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url, "sick", Some(N)).await.expect("connect");
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let definition: String = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('sick.relay(integer[], integer)'::regprocedure)",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the relay function's definition");
+    let broken = definition.replacen(
+        "\nBEGIN\n",
+        "\nBEGIN\n    RAISE EXCEPTION 'relay broken by the test';\n",
+        1,
+    );
+    assert_ne!(broken, definition, "the body has a BEGIN line");
+    let (p1, p2) = (pool.clone(), pool);
+    loom_testkit::conformance::partitions::a_relay_that_cannot_move_shows_in_the_runtimes_health(
+        std::sync::Arc::new(store),
+        |_| async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(broken))
+                .execute(&p1)
+                .await
+                .expect("break the relay function");
+        },
+        || async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(definition))
+                .execute(&p2)
+                .await
+                .expect("restore the relay function");
+        },
+    )
+    .await;
+}

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::conn::Conn;
 use loom_core::partition::partition_of;
+use loom_core::store::backend::RelayStatus;
 use loom_core::{ActorId, StoreResult};
 use redis::Value;
 use tokio::sync::Notify;
@@ -65,6 +66,8 @@ struct Inner {
     /// Partitions whose outboxes this process wrote since the relay last looked.
     dirty: Mutex<BTreeSet<u32>>,
     wake: Notify,
+    /// What its moves met (`Store::relay_failure`).
+    status: RelayStatus,
 }
 
 /// One outbox message, as the relay moves it.
@@ -91,12 +94,18 @@ impl Relay {
             signals,
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
+            status: RelayStatus::default(),
         });
         let task = tokio::spawn(run(inner.clone()));
         Arc::new(Relay {
             inner,
             _task: AbortOnDrop(task),
         })
+    }
+
+    /// Since when and why its moves fail, if they do.
+    pub(crate) fn failure(&self) -> Option<loom_core::store::RelayFailure> {
+        self.inner.status.failure()
     }
 
     /// After a turn of partition `p` wrote its outbox: moves it soon.
@@ -123,9 +132,17 @@ async fn run(inner: Arc<Inner>) {
         let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
         let parts = if swept {
             match inner.waiting(&all).await {
-                Ok(w) => w,
+                Ok(w) => {
+                    // An outbox with nothing in it has nothing left to move.
+                    inner.status.looked();
+                    for p in all.iter().filter(|p| !w.contains(p)) {
+                        inner.status.moved(*p);
+                    }
+                    w
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: could not read the outboxes' lengths; trying again in {SWEEP:?}");
+                    inner.status.failed(None, &e);
                     continue;
                 }
             }
@@ -136,11 +153,15 @@ async fn run(inner: Arc<Inner>) {
         // or down holds up only its own moves.
         let drained = futures::future::join_all(parts.iter().map(|p| inner.drain(*p))).await;
         for (p, result) in parts.iter().zip(drained) {
-            if let Err(e) = result {
-                // The outbox keeps what was not moved: the next sweep moves it (and so does
-                // the next push to it; not sooner, so a target that keeps failing is not
-                // retried at every push of another partition).
-                tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+            match result {
+                Ok(_) => inner.status.moved(*p),
+                Err(e) => {
+                    // The outbox keeps what was not moved: the next sweep moves it (and so
+                    // does the next push to it; not sooner, so a target that keeps failing is
+                    // not retried at every push of another partition).
+                    tracing::warn!(partition = p, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+                    inner.status.failed(Some(*p), &e);
+                }
             }
         }
     }

@@ -68,6 +68,10 @@ impl Store for RedisStore {
         self.keys.partitions()
     }
 
+    fn relay_failure(&self) -> Option<loom_core::store::RelayFailure> {
+        self.relay.as_ref().and_then(|r| r.failure())
+    }
+
     async fn relay_backlog(&self) -> StoreResult<Vec<loom_core::store::RelayBacklog>> {
         let n = self.keys.partitions();
         if n == 1 {

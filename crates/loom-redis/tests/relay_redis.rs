@@ -235,3 +235,56 @@ async fn a_stores_partition_count_is_fixed_when_it_is_created() {
         .expect_err("0 partitions");
     assert!(matches!(err, StoreError::InvalidRequest(_)), "{err}");
 }
+
+/// Rule D16 for the relay (`loom_testkit::conformance::partitions`): an entry of a partition's
+/// outbox that is not an outbox message (damage) stops that outbox's moves; the health names
+/// the partition until the entry is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url, "sick", Some(3)).await.expect("connect");
+    let conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let damaged = std::sync::Arc::new(std::sync::Mutex::new(None::<u32>));
+    let (c1, c2, d1, d2) = (conn.clone(), conn, damaged.clone(), damaged);
+    loom_testkit::conformance::partitions::a_relay_that_cannot_move_shows_in_the_runtimes_health(
+        std::sync::Arc::new(store),
+        |p| async move {
+            let mut conn = c1;
+            *d1.lock().unwrap() = Some(p);
+            // Seq 1 of the outbox, without an outbox message's fields; the turns of p number
+            // theirs from 2 on.
+            let _: () = redis::pipe()
+                .cmd("XADD")
+                .arg(format!("sick:{{_p.{p}}}:ob"))
+                .arg("1-0")
+                .arg("what")
+                .arg("damage")
+                .ignore()
+                .cmd("HSET")
+                .arg(format!("sick:{{_p.{p}}}:obm"))
+                .arg("s")
+                .arg(1)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .expect("damage the outbox");
+        },
+        || async move {
+            let mut conn = c2;
+            let p = d2.lock().unwrap().expect("damaged");
+            let removed: u64 = redis::cmd("XDEL")
+                .arg(format!("sick:{{_p.{p}}}:ob"))
+                .arg("1-0")
+                .query_async(&mut conn)
+                .await
+                .expect("remove the damage");
+            assert_eq!(removed, 1);
+        },
+    )
+    .await;
+}

@@ -604,6 +604,10 @@ impl Store for FaultyStore {
         self.inner.relay_backlog().await
     }
 
+    fn relay_failure(&self) -> Option<loom_core::store::RelayFailure> {
+        self.inner.relay_failure()
+    }
+
     async fn commit_turn(&self, turn: Turn<'_>) -> StoreResult<Committed> {
         if self.faults.take(&self.faults.fail_writes) {
             return Err(injected("commit_turn"));

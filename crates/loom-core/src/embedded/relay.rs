@@ -38,7 +38,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::error::{StoreError, StoreResult};
 use crate::id::ActorId;
 use crate::partition::partition_of;
-use crate::store::backend::{OutboxState, Outgoing};
+use crate::store::backend::{OutboxState, Outgoing, RelayStatus};
 use crate::time::Timestamp;
 
 use super::reopen::Shared;
@@ -290,6 +290,8 @@ pub(super) struct Relays {
     /// would). Set only through the `testing` feature's methods.
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(super) hooks: Arc<Hooks>,
+    /// What the relays' moves met (`Store::relay_failure`).
+    pub(super) status: Arc<RelayStatus>,
 }
 
 /// What tests make the relays do (see `EmbeddedStore::hold_relays`).
@@ -305,6 +307,7 @@ impl Relays {
         let stop = CancellationToken::new();
         let delivered = Arc::new(AtomicU64::new(0));
         let hooks = Arc::new(Hooks::default());
+        let status = Arc::new(RelayStatus::default());
         let (arrivals, _) = tokio::sync::broadcast::channel(1024);
         let mut relays = Relays {
             arrivals: arrivals.clone(),
@@ -313,6 +316,7 @@ impl Relays {
             threads: Vec::new(),
             delivered: delivered.clone(),
             hooks: hooks.clone(),
+            status: status.clone(),
         };
         if parts.len() <= 1 {
             return Ok(relays);
@@ -328,6 +332,7 @@ impl Relays {
                 delivered: delivered.clone(),
                 hooks: hooks.clone(),
                 arrivals: arrivals.clone(),
+                status: status.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("loom-embedded-relay-{p}"))
@@ -366,6 +371,7 @@ struct Relay {
     delivered: Arc<AtomicU64>,
     hooks: Arc<Hooks>,
     arrivals: tokio::sync::broadcast::Sender<Arc<[ActorId]>>,
+    status: Arc<RelayStatus>,
 }
 
 /// Trims of an outbox are at most this often: the relay's cursor is in memory, so a trim only
@@ -385,6 +391,7 @@ impl Relay {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(partition = self.p, error = %e, "could not start the relay of an embedded store partition; its messages to other partitions wait in its outbox until the store is opened again");
+                self.status.failed(Some(self.p), &e);
                 return;
             }
         };
@@ -406,6 +413,7 @@ impl Relay {
                 Ok(Some(through)) => {
                     after = through;
                     backoff = Duration::from_millis(50);
+                    self.status.moved(self.p);
                     if failing {
                         failing = false;
                         tracing::info!(partition = self.p, "the relay moves messages again");
@@ -417,6 +425,7 @@ impl Relay {
                     }
                 }
                 Ok(None) => {
+                    self.status.moved(self.p);
                     // Idle: trim what was moved, then wait.
                     trimmed = self.trim_through(after, trimmed).await;
                     tokio::select! {
@@ -430,6 +439,7 @@ impl Relay {
                         failing = true;
                         tracing::warn!(partition = self.p, error = %e, "the relay could not move messages to other partitions; they wait in the outbox and it tries again");
                     }
+                    self.status.failed(Some(self.p), &e);
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}

@@ -26,6 +26,10 @@ impl Store for EmbeddedStore {
         EmbeddedStore::partitions(self)
     }
 
+    fn relay_failure(&self) -> Option<crate::store::RelayFailure> {
+        self.parts.relays.status.failure()
+    }
+
     async fn relay_backlog(&self) -> StoreResult<Vec<crate::store::RelayBacklog>> {
         let n = EmbeddedStore::partitions(self);
         if n == 1 {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::StoreError;
+use crate::store::RelayFailure;
 use crate::time::Timestamp;
 
 /// How the runtime's store is doing, as [`Runtime::health`](super::Runtime::health) reports it.
@@ -61,10 +62,18 @@ pub struct Health {
     pub store: StoreHealth,
     /// This node's membership.
     pub node: NodeHealth,
+    /// The store's relay between partitions, in this process, if its moves fail (`None`
+    /// while they succeed, or where there is no relay): messages to other partitions wait in
+    /// their outboxes meanwhile. Not counted by [`is_healthy`](Self::is_healthy): every node
+    /// relays every outbox, so a damaged outbox or a failing target partition shows on all of
+    /// them at once, and no restart of a node mends it; watch it (and `loom_relay_waiting`)
+    /// instead of restarting on it.
+    pub relay: Option<RelayFailure>,
 }
 
 impl Health {
-    /// True if nothing is failing: the store works and the node's name is its own.
+    /// True if the node can work: the store works and the node's name is its own. A failing
+    /// relay ([`Health::relay`]) is shown, not counted.
     pub fn is_healthy(&self) -> bool {
         self.store == StoreHealth::Healthy && !matches!(self.node, NodeHealth::NameTaken { .. })
     }
@@ -203,6 +212,7 @@ impl Observed {
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Health {
+            relay: None,
             node: node.unwrap_or(NodeHealth::Joining),
             store: match &*failing {
                 None => StoreHealth::Healthy,

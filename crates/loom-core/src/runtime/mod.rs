@@ -263,7 +263,9 @@ impl Runtime {
     /// How the runtime's store is doing: [`StoreHealth::Failing`] (since when, the failure
     /// that began it, the latest, what to do) from the first failed write, lease renewal or
     /// mailbox read until a write or renewal succeeds again. A store
-    /// failure is also logged once, with the same hint, when it begins.
+    /// failure is also logged once, with the same hint, when it begins. [`Health::relay`]: the
+    /// store's relay between partitions, if its moves fail
+    /// ([`Store::relay_failure`](crate::Store::relay_failure)), logged once as well.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -273,7 +275,10 @@ impl Runtime {
     /// # Ok(()) }
     /// ```
     pub fn health(&self) -> Health {
-        self.shared.health.health()
+        Health {
+            relay: self.shared.store.relay_failure(),
+            ..self.shared.health.health()
+        }
     }
 
     /// The runtime's counters.

@@ -510,6 +510,50 @@ pub fn prepare_event(
     prepare_message(msg)
 }
 
+/// The envelope of dead letter `id` from the frame its store kept, `attempt` reset (a requeued
+/// message starts again). A frame that does not decode (a damaged message that its store
+/// dead-lettered raw, rule D14) gives an envelope to `actor` (as the store recorded it) whose
+/// payload carries the raw bytes, hex, under `corrupt_frame`, as the embedded store buries one,
+/// with `message_id` if the store kept it (else an id made from `id`, the same at every
+/// reading): one damaged dead letter then neither hides the others from a listing nor keeps it
+/// from being inspected, requeued or purged.
+///
+/// ```
+/// use loom_core::store::backend::dead_letter_envelope;
+/// use loom_core::{ActorId, Envelope};
+///
+/// let to = ActorId::new("order", "o-1")?;
+/// let frame = loom_core::store::backend::prepare_message(&Envelope::new(to.clone(), serde_json::json!(5)))?;
+/// assert_eq!(dead_letter_envelope(1, &frame, "order/o-1", None)?.payload, serde_json::json!(5));
+/// let raw = dead_letter_envelope(2, b"\x01junk", "order/o-1", None)?;
+/// assert_eq!((&raw.to, &raw.payload), (&to, &serde_json::json!({ "corrupt_frame": "016a756e6b" })));
+/// assert_eq!(raw.id, dead_letter_envelope(2, b"\x01junk", "order/o-1", None)?.id, "the same id every time");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn dead_letter_envelope(
+    id: u64,
+    frame: &[u8],
+    actor: &str,
+    message_id: Option<&str>,
+) -> StoreResult<Envelope> {
+    match codec::decode::<Envelope>(codec::RecordType::Message, frame) {
+        Ok(mut envelope) => {
+            envelope.attempt = 0;
+            Ok(envelope)
+        }
+        Err(e) => {
+            let what = format!("dead letter {id}");
+            let to: ActorId = actor.parse().map_err(|_| StoreError::corrupt(&what, e))?;
+            let raw: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+            let kept = message_id.and_then(|m| m.parse::<MessageId>().ok());
+            Ok(Envelope {
+                id: kept.unwrap_or_else(|| MessageId::from(uuid::Uuid::from_u128(u128::from(id)))),
+                ..Envelope::new(to, serde_json::json!({ "corrupt_frame": raw }))
+            })
+        }
+    }
+}
+
 /// Checks a message for [`Mailbox::enqueue`] and encodes the envelope; every backend calls it.
 pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
     let bytes = codec::encode(codec::RecordType::Message, msg)

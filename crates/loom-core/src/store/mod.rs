@@ -30,6 +30,7 @@ pub use mailbox::{
 };
 pub use membership::{FORGET_AFTER_TTLS, MAX_NODE_KINDS, Member, Membership, Roster};
 pub use park::{Park, Parking};
+pub use relay::RelayFailure;
 
 use backend::{Committed, Turn};
 
@@ -96,6 +97,14 @@ pub trait Store:
     /// of one (nothing crosses partitions). Reads counts only, cheap enough for every metrics
     /// scrape.
     async fn relay_backlog(&self) -> StoreResult<Vec<RelayBacklog>>;
+
+    /// Whether this store's relay (the task that moves its partitions' outboxes, in this
+    /// process) is failing to move them, since when and why; `None` while it works, and for a
+    /// store without a relay (one partition). Cheap: what the relay last met, no request.
+    /// [`Runtime::health`](crate::runtime::Runtime::health) shows it (rule D16).
+    fn relay_failure(&self) -> Option<RelayFailure> {
+        None
+    }
 
     /// Reserves `key` for `msg.to` and enqueues `msg`, in one atomic write, unless the key is
     /// already reserved or completed, in which case nothing is written.

@@ -73,3 +73,116 @@ pub struct OutboxState {
     /// sequence's last value.
     pub gapless: bool,
 }
+
+/// A relay whose moves fail ([`Store::relay_failure`](crate::Store::relay_failure)): the
+/// messages its partitions' turns sent to other partitions wait in their outboxes (nothing is
+/// lost, rule D18) until a move succeeds. Shown by
+/// [`Runtime::health`](crate::runtime::Runtime::health) (rule D16).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayFailure {
+    /// When its moves began to fail.
+    pub since: crate::time::Timestamp,
+    /// The failure that began it.
+    pub error: String,
+    /// The latest failure.
+    pub latest: String,
+    /// How many moves (or looks at which outboxes hold messages) failed since `since`.
+    pub failures: u64,
+    /// The partitions whose outboxes its latest moves could not move, in order; empty when
+    /// what failed was the look at which outboxes hold messages.
+    pub partitions: Vec<u32>,
+}
+
+/// What a backend's relay met, for [`Store::relay_failure`](crate::Store::relay_failure):
+/// each backend's relay notes its failed and successful moves here, one place for all.
+/// Failing from the first failure until every partition that failed (and the look at which
+/// outboxes hold messages, if that failed) has moved again.
+///
+/// ```
+/// use loom_core::store::backend::RelayStatus;
+///
+/// let status = RelayStatus::default();
+/// assert!(status.failure().is_none());
+/// status.failed(Some(3), "connection refused");
+/// status.failed(Some(5), "connection reset");
+/// let f = status.failure().expect("failing");
+/// assert_eq!((f.error.as_str(), f.latest.as_str(), f.failures), ("connection refused", "connection reset", 2));
+/// assert_eq!(f.partitions, [3, 5]);
+/// status.moved(3);
+/// assert_eq!(status.failure().expect("5 still fails").partitions, [5]);
+/// status.moved(5);
+/// assert!(status.failure().is_none());
+/// ```
+#[derive(Debug, Default)]
+pub struct RelayStatus {
+    failing: std::sync::Mutex<Option<Failing>>,
+}
+
+#[derive(Debug)]
+struct Failing {
+    failure: RelayFailure,
+    /// Whether the look at which outboxes hold messages failed last time.
+    look: bool,
+}
+
+impl RelayStatus {
+    /// A move of `partition`'s outbox failed with `error` (`None`: the look at which outboxes
+    /// hold messages failed). Logged when the relay begins to fail.
+    pub fn failed(&self, partition: Option<u32>, error: impl std::fmt::Display) {
+        let error = error.to_string();
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let f = failing.get_or_insert_with(|| {
+            tracing::error!(partition, %error, "the relay cannot move messages between partitions; they wait in their outboxes, it tries again, and `Runtime::health` shows it");
+            Failing {
+                failure: RelayFailure {
+                    since: crate::time::Timestamp::now(),
+                    error: error.clone(),
+                    latest: error.clone(),
+                    failures: 0,
+                    partitions: Vec::new(),
+                },
+                look: false,
+            }
+        });
+        f.failure.latest = error;
+        f.failure.failures += 1;
+        match partition {
+            Some(p) => {
+                if let Err(at) = f.failure.partitions.binary_search(&p) {
+                    f.failure.partitions.insert(at, p);
+                }
+            }
+            None => f.look = true,
+        }
+    }
+
+    /// The look at which outboxes hold messages succeeded.
+    pub fn looked(&self) {
+        self.settle(|f| f.look = false);
+    }
+
+    /// A move of `partition`'s outbox succeeded (or found nothing to move).
+    pub fn moved(&self, partition: u32) {
+        self.settle(|f| f.failure.partitions.retain(|p| *p != partition));
+    }
+
+    fn settle(&self, change: impl FnOnce(&mut Failing)) {
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = failing.as_mut() {
+            change(f);
+            if !f.look && f.failure.partitions.is_empty() {
+                tracing::info!(
+                    failures = f.failure.failures,
+                    "the relay moves messages again"
+                );
+                *failing = None;
+            }
+        }
+    }
+
+    /// Since when and why the relay fails, if it does.
+    pub fn failure(&self) -> Option<RelayFailure> {
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        failing.as_ref().map(|f| f.failure.clone())
+    }
+}

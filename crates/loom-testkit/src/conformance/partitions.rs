@@ -369,3 +369,82 @@ async fn a_turn_settling_a_message_of_another_partition_is_refused(store: Arc<dy
         .unwrap();
     assert_eq!(store.pending(&b).await.unwrap(), 0);
 }
+
+/// Rule D16 for the relay: while the store's relay cannot move a partition's outbox,
+/// [`Runtime::health`](loom_core::Runtime::health) shows it failing, naming that partition, and
+/// the message waits in the outbox; once it can, the message arrives and the health is clear.
+/// `break_moves(p)` makes the moves of partition `p`'s outbox fail (in the backend's own way:
+/// damage, a broken function), `repair()` undoes it. The store must have several partitions.
+pub async fn a_relay_that_cannot_move_shows_in_the_runtimes_health<B, BF, R, RF>(
+    store: Arc<dyn Store>,
+    break_moves: B,
+    repair: R,
+) where
+    B: FnOnce(u32) -> BF,
+    BF: std::future::Future<Output = ()>,
+    R: FnOnce() -> RF,
+    RF: std::future::Future<Output = ()>,
+{
+    let n = store.partitions();
+    assert!(n > 1, "a store of one partition has no relay");
+    let rt = loom_core::Runtime::builder()
+        .store(store.clone())
+        .start()
+        .await
+        .expect("runtime");
+    assert_eq!(rt.health().relay, None);
+    let a = id("relay-health", "a");
+    let pa = partition_of(&a, n);
+    let b = (0..)
+        .map(|i| id("relay-health", &format!("b{i}")))
+        .find(|b| partition_of(b, n) != pa)
+        .expect("an actor of another partition");
+    break_moves(pa).await;
+    send_turn(
+        &*store,
+        &a,
+        1,
+        &[Outgoing {
+            envelope: Envelope::new(b.clone(), json!("held")),
+            deliver_at: None,
+        }],
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    let failure = loop {
+        if let Some(f) = rt.health().relay {
+            break f;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay's failure never showed in the health"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(failure.partitions, [pa], "{failure:?}");
+    assert!(
+        failure.failures >= 1 && !failure.error.is_empty(),
+        "{failure:?}"
+    );
+    // Shown, not counted: the node itself works.
+    assert!(rt.health().is_healthy(), "{:?}", rt.health());
+    assert_eq!(
+        store.pending(&b).await.expect("pending"),
+        0,
+        "nothing moved"
+    );
+    repair().await;
+    arrived(&*store, &b, 1).await;
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    while rt.health().relay.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay moves again, but its health says {:?}",
+            rt.health().relay
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rt.health().is_healthy(), "{:?}", rt.health());
+    assert_eq!(drained_payloads(&*store, &b).await, [json!("held")]);
+    rt.shutdown().await;
+}
