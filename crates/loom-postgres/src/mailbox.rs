@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::partition::SHARED_STORE_PARTITIONS;
 use loom_core::store::backend::{
-    check_purge, interleave_partitions, prepare_message, prepare_suspend,
+    check_purge, dead_letter_envelope, interleave_partitions, prepare_message, prepare_suspend,
 };
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
@@ -392,7 +392,7 @@ impl Mailbox for PostgresStore {
 
     async fn dead_letters(&self, after: Option<u64>, limit: usize) -> StoreResult<Vec<DeadLetter>> {
         let rows = sqlx::query(self.q(
-            "SELECT id, envelope, reason, deliveries, at FROM {s}.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+            "SELECT id, envelope, reason, deliveries, at, actor, message_id FROM {s}.dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
         ))
         .bind(after.map_or(0, int))
         .bind(limit as i64)
@@ -403,9 +403,7 @@ impl Mailbox for PostgresStore {
             .map(|r| {
                 let id = r.get::<i64, _>(0) as u64;
                 let frame: Vec<u8> = r.get(1);
-                let mut envelope: Envelope = codec::decode(RecordType::Message, &frame)
-                    .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
-                envelope.attempt = 0;
+                let envelope = dead_letter_envelope(id, &frame, r.get(5), Some(r.get(6)))?;
                 Ok(DeadLetter {
                     id,
                     envelope,
@@ -429,18 +427,17 @@ impl Mailbox for PostgresStore {
     }
 
     async fn requeue_dead_letter(&self, id: u64) -> StoreResult<u64> {
-        let frame: Option<Vec<u8>> =
-            sqlx::query_scalar(self.q("SELECT envelope FROM {s}.dead_letters WHERE id = $1"))
-                .bind(int(id))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(pe)?;
-        let Some(frame) = frame else {
+        let row: Option<(Vec<u8>, String, String)> = sqlx::query_as(
+            self.q("SELECT envelope, actor, message_id FROM {s}.dead_letters WHERE id = $1"),
+        )
+        .bind(int(id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        let Some((frame, actor, message_id)) = row else {
             return Err(StoreError::DeadLetterNotFound(id));
         };
-        let dead: Envelope = codec::decode(RecordType::Message, &frame)
-            .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
-        let back = dead.requeued();
+        let back = dead_letter_envelope(id, &frame, &actor, Some(&message_id))?.requeued();
         let pos: i64 = sqlx::query_scalar(self.q("SELECT {s}.requeue_as($1, $2, $3, $4)"))
             .bind(int(id))
             .bind(back.id.to_string())

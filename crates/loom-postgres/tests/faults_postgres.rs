@@ -284,11 +284,11 @@ async fn a_turn_leasing_a_damaged_next_message_commits() {
         let admin = admin.clone();
         async move {
             let done = sqlx::query(
-                "UPDATE faults.messages SET frame = '\\x01676172626167'::bytea \
-                 WHERE actor = $1 AND position = $2",
+                "UPDATE faults.messages SET frame = $3 WHERE actor = $1 AND position = $2",
             )
             .bind(a.as_str())
             .bind(i64::try_from(position).expect("a position"))
+            .bind(loom_testkit::load::GARBAGE)
             .execute(&admin)
             .await
             .expect("damage the message");

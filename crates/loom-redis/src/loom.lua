@@ -35,7 +35,8 @@
 --              mailbox of an actor of kind K in partition p of the 32 that nodes own
 --              (loom_core::partition::SHARED_STORE_PARTITIONS; Rust names the key)
 --   P:parked   zset (score 0) of every parked actor, for listing in id order
---   P:dl       stream, dead letters; entry id "<id>-0", fields env, actor, reason, dlv, at;
+--   P:dl       stream, dead letters; entry id "<id>-0", fields env, actor, id (the message's;
+--              dead letters of older builds lack it), reason, dlv, at;
 --              partition p of n numbers them c * n + p for its counter c = 1, 2, ... (dl_of)
 --   P:dlseq    counter, the partition's last dead letter (c)
 --   P:members  hash, node -> membership record (see "Membership" below)
@@ -307,7 +308,7 @@ local function mb_bury(mb, dl, reason, now)
   local _, f = mb_current_entry(mb)
   local dlv = num(redis.call('HGET', mb.mm, 'dlv'))
   local id = redis.call('INCR', dl.seq) * dl.n + dl.p
-  redis.call('XADD', dl.key, tostring(id) .. '-0', 'env', f.m, 'actor', mb.actor, 'reason', reason, 'dlv', dlv, 'at', now)
+  redis.call('XADD', dl.key, tostring(id) .. '-0', 'env', f.m, 'actor', mb.actor, 'id', f.id, 'reason', reason, 'dlv', dlv, 'at', now)
   mb_remove_current(mb, now)
   return id
 end

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{
-    check_purge, interleave_partitions, prepare_message, prepare_suspend,
+    check_purge, dead_letter_envelope, interleave_partitions, prepare_message, prepare_suspend,
 };
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
@@ -563,9 +563,12 @@ pub(crate) fn dead_letter(item: &Value) -> StoreResult<DeadLetter> {
     let get = |name: &str| {
         field(&fields, name).ok_or_else(|| unexpected(format!("dead letter {id} without {name}")))
     };
-    let mut envelope: Envelope = codec::decode(RecordType::Message, get("env")?)
-        .map_err(|e| StoreError::corrupt(format!("dead letter {id}"), e))?;
-    envelope.attempt = 0;
+    let envelope = dead_letter_envelope(
+        id,
+        get("env")?,
+        &String::from_utf8_lossy(get("actor")?),
+        field(&fields, "id").map(String::from_utf8_lossy).as_deref(),
+    )?;
     let num = |name: &str| -> StoreResult<u64> {
         std::str::from_utf8(get(name)?)
             .ok()

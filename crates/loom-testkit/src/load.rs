@@ -189,13 +189,17 @@ pub async fn racing_nodes_never_fork_a_journal<S: JournalStore + Clone>(nodes: [
     }
 }
 
+/// The bytes [`a_turn_leasing_a_damaged_next_message_commits`] has a damaged message's frame
+/// overwritten with: no message frame decodes from them.
+pub const GARBAGE: &[u8] = b"\x01garbage";
+
 /// Rule D15 when a turn's next message is damaged: a turn that commits and leases, as its next
 /// message, one whose stored frame does not decode reports success, with no next message, and
-/// its entries are in the journal. The damaged message comes back when its visibility runs out
-/// and, at its delivery limit, goes to the dead letters; the message behind it then runs.
-/// `damage(actor, position)` overwrites the frame of the waiting message at `position` of
-/// `actor`'s mailbox with bytes that do not decode, in the backend's own storage (as a damaged
-/// disk or a bug would).
+/// its entries are in the journal. The damaged message stays leased until its visibility runs
+/// out, then comes back and, at its delivery limit, goes to the dead letters with its raw bytes
+/// (listed, rule D14); the message behind it then runs. `damage(actor, position)` overwrites
+/// the frame of the waiting message at `position` of `actor`'s mailbox with [`GARBAGE`], in the
+/// backend's own storage (as a damaged disk or a bug would).
 pub async fn a_turn_leasing_a_damaged_next_message_commits<S, F, Fut>(store: &S, damage: F)
 where
     S: loom_core::Store,
@@ -230,7 +234,10 @@ where
     let committed = store
         .commit_turn(Turn {
             settle: Some(Settle::Ack(&d.receipt)),
-            next: Some(short),
+            next: Some(LeaseOptions {
+                visibility: Duration::from_secs(2),
+                ..first
+            }),
             ..Turn::append(&a, 1, &one)
         })
         .await
@@ -238,8 +245,12 @@ where
     assert_eq!(committed.highest, 1);
     assert!(committed.next.is_none(), "a damaged message was handed out");
     assert_eq!(store.highest_seq(&a).await.expect("highest"), 1);
-    // The damaged message is leased (its first delivery, by the turn): it comes back when its
-    // visibility runs out, is delivered once more (2 is the limit here), then dead-lettered.
+    assert!(
+        store.lease(&a, short).await.expect("lease").is_none(),
+        "the turn leased the damaged message: nothing else is handed out while it is out"
+    );
+    // Its visibility run out, it is delivered once more (2 is the limit here), then
+    // dead-lettered, and the third message is handed out.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let next = loop {
         match store.lease(&a, short).await {
@@ -256,4 +267,16 @@ where
     assert_eq!(next.envelope.id, sent[2].id, "the third message runs next");
     store.ack(&next.receipt).await.expect("ack");
     assert_eq!(store.pending(&a).await.expect("pending"), 0);
+    let dead = store
+        .dead_letters(None, 10)
+        .await
+        .expect("dead letters list");
+    let raw: String = GARBAGE.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        matches!(dead.as_slice(), [one] if one.envelope.to == a
+            && one.envelope.id == sent[1].id
+            && one.envelope.payload == json!({ "corrupt_frame": raw })
+            && one.deliveries == 2),
+        "{dead:?}"
+    );
 }

@@ -437,8 +437,8 @@ async fn writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_ow
         assert_eq!(store.highest_seq(x).await.unwrap(), 2, "{x}");
     }
     // Turns at once under the old fence and the new one (group commits batch them, and a batch
-    // may read the partition's lease once for all its turns): each is decided by its own.
-    let two = entries(2, 2);
+    // that read the partition's lease once for all its turns would still have to decide each
+    // by its own fence): each is decided by its own.
     let mixed = futures::future::join_all(crowd.iter().enumerate().map(|(i, x)| {
         store.commit_turn(Turn {
             entries: &two,
