@@ -123,19 +123,7 @@ async fn run(inner: Arc<Inner>) {
                 .await
             {
                 Ok(waiting) => {
-                    // An outbox with nothing in it has nothing left to move: what failed
-                    // there before (moved since by another relay) is over.
-                    inner.status.looked();
-                    for p in inner
-                        .status
-                        .failure()
-                        .map(|f| f.partitions)
-                        .unwrap_or_default()
-                    {
-                        if !waiting.contains(&(p as i32)) {
-                            inner.status.moved(p);
-                        }
-                    }
+                    inner.status.looked(|p| waiting.contains(&(p as i32)));
                     parts.extend(waiting);
                 }
                 Err(e) => {

@@ -133,11 +133,7 @@ async fn run(inner: Arc<Inner>) {
         let parts = if swept {
             match inner.waiting(&all).await {
                 Ok(w) => {
-                    // An outbox with nothing in it has nothing left to move.
-                    inner.status.looked();
-                    for p in all.iter().filter(|p| !w.contains(p)) {
-                        inner.status.moved(*p);
-                    }
+                    inner.status.looked(|p| w.contains(&p));
                     w
                 }
                 Err(e) => {

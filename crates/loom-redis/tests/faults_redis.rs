@@ -405,27 +405,46 @@ async fn a_per_kind_ready_index_is_split_by_partition_at_connect() {
     }
 }
 
+/// A private server, an admin connection to it, a store under `prefix`, the actor `counter/c1`
+/// whose mailbox a test works on, and lease options that keep a message out for a minute.
+async fn one_mailbox(
+    prefix: &str,
+) -> (
+    RedisServer,
+    redis::aio::MultiplexedConnection,
+    RedisStore,
+    ActorId,
+    loom_core::store::LeaseOptions,
+) {
+    let server = RedisServer::start();
+    let conn = redis::Client::open(server.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let store = connect(&server.url(), prefix).await;
+    let opts = loom_core::store::LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+        ..loom_core::store::LeaseOptions::default()
+    };
+    (
+        server,
+        conn,
+        store,
+        ActorId::new("counter", "c1").unwrap(),
+        opts,
+    )
+}
+
 /// A mailbox's stream is never deleted, so the meta's `g` spares every push a look for it; if
 /// it is lost all the same (a store destroyed while nodes ran, an evicting server), the next push
 /// makes the stream again without its consumer group. The lease gives it its group back and
 /// hands out what it holds, where a mailbox would otherwise refuse every lease for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
-    use loom_core::store::LeaseOptions;
     use loom_core::{Envelope, Mailbox};
-    let server = RedisServer::start();
-    let admin = redis::Client::open(server.url()).expect("client");
-    let mut conn = admin
-        .get_multiplexed_async_connection()
-        .await
-        .expect("admin connection");
-    let store = connect(&server.url(), "lost").await;
-    let a = ActorId::new("counter", "c1").unwrap();
-    let opts = LeaseOptions {
-        visibility: Duration::from_secs(60),
-        max_deliveries: 5,
-        ..LeaseOptions::default()
-    };
+    let (_server, mut conn, store, a, opts) = one_mailbox("lost").await;
     store
         .enqueue(&Envelope::new(a.clone(), serde_json::json!(1)), None)
         .await
@@ -460,22 +479,9 @@ async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
 /// starting at its first entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_without_the_group_flag_keeps_its_group_and_order() {
-    use loom_core::store::LeaseOptions;
     use loom_core::{Envelope, Mailbox};
-    let server = RedisServer::start();
-    let admin = redis::Client::open(server.url()).expect("client");
-    let mut conn = admin
-        .get_multiplexed_async_connection()
-        .await
-        .expect("admin connection");
-    let store = connect(&server.url(), "grp").await;
-    let a = ActorId::new("counter", "c1").unwrap();
+    let (_server, mut conn, store, a, opts) = one_mailbox("grp").await;
     let (mm, mq) = ("grp:{counter/c1}:mm", "grp:{counter/c1}:mq");
-    let opts = LeaseOptions {
-        visibility: Duration::from_secs(60),
-        max_deliveries: 5,
-        ..LeaseOptions::default()
-    };
     let unflag = |mut c: redis::aio::MultiplexedConnection| async move {
         let removed: u64 = redis::cmd("HDEL")
             .arg(mm)

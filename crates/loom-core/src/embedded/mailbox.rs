@@ -528,21 +528,17 @@ pub(super) fn bury(tx: &mut Tx<'_>, actor: &ActorId, reason: &str) -> StoreResul
     let envelope = match t.envelope(actor, meta.current) {
         Ok(e) => e,
         Err(StoreError::Corrupt { .. }) => {
+            // No frame at all lists as an empty one.
             let raw = t
                 .messages
                 .get((actor.as_str(), meta.current))
                 .map_err(se)?
-                .map(|v| {
-                    v.value()
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>()
-                })
+                .map(|v| v.value().to_vec())
                 .unwrap_or_default();
-            Envelope {
-                id: MessageId::from(uuid::Uuid::from_u128(state.id)),
-                ..Envelope::new(actor.clone(), serde_json::json!({ "corrupt_frame": raw }))
-            }
+            let id = MessageId::from(uuid::Uuid::from_u128(state.id)).to_string();
+            // The envelope a dead letter of these bytes lists as on every store (its number
+            // is not given yet, and is not needed: the message id is known).
+            crate::store::backend::dead_letter_envelope(0, &raw, actor.as_str(), Some(&id))?
         }
         Err(e) => return Err(e),
     };

@@ -110,7 +110,9 @@ pub struct RelayFailure {
 /// assert_eq!(f.partitions, [3, 5]);
 /// status.moved(3);
 /// assert_eq!(status.failure().expect("5 still fails").partitions, [5]);
-/// status.moved(5);
+/// status.looked(|p| p == 5);
+/// assert_eq!(status.failure().expect("5 still holds messages").partitions, [5]);
+/// status.looked(|_| false);
 /// assert!(status.failure().is_none());
 /// ```
 #[derive(Debug, Default)]
@@ -156,9 +158,14 @@ impl RelayStatus {
         }
     }
 
-    /// The look at which outboxes hold messages succeeded.
-    pub fn looked(&self) {
-        self.settle(|f| f.look = false);
+    /// The look at which outboxes hold messages succeeded, and `waiting(p)` says whether
+    /// partition `p`'s outbox holds any: one that holds none has nothing left to move, so what
+    /// failed there before (moved since, by this relay or another process's) is over.
+    pub fn looked(&self, waiting: impl Fn(u32) -> bool) {
+        self.settle(|f| {
+            f.look = false;
+            f.failure.partitions.retain(|p| waiting(*p));
+        });
     }
 
     /// A move of `partition`'s outbox succeeded (or found nothing to move).
