@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{OutboxState, RelayStatus};
-use loom_core::{ActorId, StoreResult};
+use loom_core::{ActorId, StoreError, StoreResult};
 use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::task::AbortOnDropHandle;
@@ -154,7 +154,8 @@ impl Inner {
     /// leaves them empty, taking in what turns push meanwhile. A partition another relay is
     /// moving is looked at again shortly (what committed after that relay's read is this one's
     /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for the
-    /// next sweep; a call that fails leaves everything for the next sweep or push.
+    /// next sweep; a partition whose move fails, alone, waits for the next sweep or push, and
+    /// a call that cannot reach the server leaves everything for them.
     async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>) {
         let mut busy_rounds = 0;
         loop {
@@ -173,6 +174,14 @@ impl Inner {
                         self.status.moved(*p as u32);
                     }
                     m
+                }
+                // One call moves every partition asked in one transaction, so a row only one
+                // of them cannot move (a recipient whose mailbox refuses it) fails them all:
+                // each is tried alone, and only those that fail alone wait. Not when the
+                // server could not be reached: each call would wait for it again.
+                Err(e) if parts.len() > 1 && !matches!(e, StoreError::Unavailable { .. }) => {
+                    tracing::debug!(partitions = ?parts, error = %e, "relay: a move of several outboxes failed; moving each alone");
+                    self.alone(&parts).await
                 }
                 Err(e) => {
                     tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
@@ -201,6 +210,29 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Moves each of `parts` by a call of its own, noting each one's success or failure; what
+    /// they did together, failed ones left out (they wait for the next sweep or push).
+    async fn alone(&self, parts: &BTreeSet<i32>) -> Moved {
+        let mut all = Moved::default();
+        for &p in parts {
+            match self.call(&BTreeSet::from([p])).await {
+                Ok(m) => {
+                    if !m.busy.contains(&p) && !m.blocked.contains(&p) {
+                        self.status.moved(p as u32);
+                    }
+                    all.full.extend(m.full);
+                    all.busy.extend(m.busy);
+                    all.blocked.extend(m.blocked);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "relay: could not move an outbox's messages; trying again in {SWEEP:?}");
+                    self.status.failed(Some(p as u32), &e);
+                }
+            }
+        }
+        all
     }
 
     /// One call of `relay` for `parts`; once it has committed, wakes what it moved.

@@ -1,7 +1,8 @@
 //! The outbox relay of a PostgreSQL store of 32 partitions (`relay.rs`, `schema_v12.sql`): relays
 //! of several processes moving the same outboxes deliver each message once and in order, what a
-//! dead process left is moved by another, a turn locks no row of another partition, and a
-//! store's partition count is fixed when it is created.
+//! dead process left is moved by another, a recipient that is held or refuses a message holds
+//! back only its own partition, a turn locks no row of another partition, and a store's
+//! partition count is fixed when it is created.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -178,7 +179,13 @@ async fn what_a_dead_process_left_in_an_outbox_is_moved_by_another() {
 
 /// Writes a message from partition `part` to `to` into the outbox of the store in `schema`, as
 /// `turn_relayed` writes it, with nobody told to move it (the relays' sweeps find it).
-async fn left_in_outbox(pool: &sqlx::PgPool, schema: &str, part: u32, to: &ActorId, word: &str) {
+async fn left_in_outbox<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    schema: &str,
+    part: u32,
+    to: &ActorId,
+    word: &str,
+) {
     let msg = Envelope::new(to.clone(), json!(word));
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {schema}.outbox (part, seq, actor, message_id, frame, due) \
@@ -188,7 +195,7 @@ async fn left_in_outbox(pool: &sqlx::PgPool, schema: &str, part: u32, to: &Actor
     .bind(to.as_str())
     .bind(msg.id.to_string())
     .bind(prepare_message(&msg).expect("frame"))
-    .execute(pool)
+    .execute(db)
     .await
     .expect("insert");
 }
@@ -237,6 +244,74 @@ async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
     arrived(&store, stuck, 2).await;
     let got = drained_payloads(&store, stuck).await;
     assert_eq!(got, [json!("before"), json!("stuck")]);
+    store.destroy().await.expect("destroy");
+}
+
+/// A message one partition's move cannot enqueue (its recipient's mailbox refuses it: here a
+/// trigger raising on its insert) holds back only its own partition: a sweep that finds two
+/// partitions' outboxes, which one call moves in one transaction, still moves the other's, the
+/// relay's health names only the failing partition, and once the recipient takes messages
+/// again the held one moves and the health clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_its_recipient_refuses_holds_back_only_its_own_partition() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = connect(&url, "refuse", Some(N)).await.expect("connect");
+    let actors = spread_in(N, "r", 1);
+    let in_partition = |p: u32| {
+        actors
+            .iter()
+            .find(|a| partition_of(a, N) == p)
+            .expect("an actor in every partition")
+    };
+    // Senders' partitions 0 and 1, recipients in 2 and 3.
+    let (p1, p2, stuck, free) = (0, 1, in_partition(2), in_partition(3));
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION refuse.refused() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'this mailbox refuses messages (the test)'; END $$; \
+         CREATE TRIGGER refused BEFORE INSERT ON refuse.messages FOR EACH ROW \
+         WHEN (NEW.actor = '{stuck}') EXECUTE FUNCTION refuse.refused();"
+    )))
+    .execute(&pool)
+    .await
+    .expect("make the mailbox refuse messages");
+    // Both in one transaction: the first sweep after it finds both outboxes at once.
+    let mut tx = pool.begin().await.expect("begin");
+    left_in_outbox(&mut *tx, "refuse", p1, stuck, "stuck").await;
+    left_in_outbox(&mut *tx, "refuse", p2, free, "free").await;
+    tx.commit().await.expect("commit");
+    arrived(&store, free, 1).await;
+    assert_eq!(drained_payloads(&store, free).await, [json!("free")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let failure = loop {
+        match store.relay_failure() {
+            Some(f) if f.partitions == [p1] => break f,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the health should name partition {p1} alone: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(failure.latest.contains("refuses messages"), "{failure:?}");
+    assert_eq!(store.pending(stuck).await.unwrap(), 0);
+    let backlog = store.relay_backlog().await.unwrap();
+    assert_eq!(backlog[p1 as usize].waiting, 1, "{backlog:?}");
+    sqlx::raw_sql("DROP TRIGGER refused ON refuse.messages")
+        .execute(&pool)
+        .await
+        .expect("take messages again");
+    arrived(&store, stuck, 1).await;
+    assert_eq!(drained_payloads(&store, stuck).await, [json!("stuck")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Some(f) = store.relay_failure() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay moves again, but its health says {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     store.destroy().await.expect("destroy");
 }
 
