@@ -38,7 +38,8 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct StoreArg {
     /// The store: `embedded:PATH`, a directory, `redis://host[:port]` (also `rediss://`,
-    /// `redis+unix:///path`; `?partitions=N` cuts a new store into partitions),
+    /// `redis+unix:///path`; `?partitions=N` cuts a new store into partitions, `?replicas=N`
+    /// makes every write wait for N replicas),
     /// `redis+cluster://host:port,host:port/` (a Redis Cluster) or `postgres://user@host/db`
     /// (`?partitions=32` cuts a new store into the partitions nodes own).
     #[arg(

@@ -72,14 +72,18 @@ impl StoreUrl {
         if let Some((scheme, _)) = url.split_once("://") {
             return match scheme {
                 "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" => {
-                    url_partitions(url)?;
+                    url_params(url)?;
                     Ok(StoreUrl::Redis {
                         url: url.to_owned(),
                         prefix: ns.redis_prefix.clone(),
                     })
                 }
                 "postgres" | "postgresql" => {
-                    url_partitions(url)?;
+                    if url_params(url)?.1.replicas.is_some() {
+                        return Err(Failure(
+                            "replicas= is a Redis parameter: a PostgreSQL store's commits wait for its standbys through synchronous_standby_names".into(),
+                        ));
+                    }
                     Ok(StoreUrl::Postgres {
                         url: url.to_owned(),
                         schema: ns.pg_schema.clone(),
@@ -158,40 +162,67 @@ impl Opened {
     }
 }
 
-/// A Redis or PostgreSQL URL's own part and the partition count it asks a new store for
-/// (`redis://host/?partitions=N`, `postgres://host/db?partitions=32`: Loom's parameter, taken
-/// out before the client reads the URL).
-pub fn url_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
+/// Loom's own parameters of a Redis or PostgreSQL URL, taken out before the client reads it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UrlParams {
+    /// `partitions=N`: the partition count asked of a new store.
+    pub partitions: Option<u32>,
+    /// `replicas=N` (Redis): the replicas every write waits for
+    /// ([`RedisOptions::replication`](loom_redis::RedisOptions::replication)).
+    pub replicas: Option<u32>,
+}
+
+/// A Redis or PostgreSQL URL's own part and Loom's parameters in it
+/// (`redis://host/?partitions=N&replicas=1`, `postgres://host/db?partitions=32`).
+pub fn url_params(url: &str) -> Result<(String, UrlParams), Failure> {
     let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_owned(), None));
+        return Ok((url.to_owned(), UrlParams::default()));
     };
-    let mut partitions = None;
+    let mut params = UrlParams::default();
     let mut rest = Vec::new();
     for param in query.split('&').filter(|p| !p.is_empty()) {
-        match param.strip_prefix("partitions=") {
-            Some(_) if partitions.is_some() => {
-                return Err(Failure(format!(
-                    "{}: partitions= is given twice",
-                    without_credentials(url)
-                )));
-            }
-            Some(n) => {
-                let n: u32 = n.parse().map_err(|_| {
-                    Failure(format!(
-                        "partitions={n:?} is not a number; use ?partitions=N after the URL"
-                    ))
-                })?;
-                partitions = Some(loom_core::partition::check_partitions(n)?);
-            }
-            None => rest.push(param),
+        let (name, slot) = if let Some(n) = param.strip_prefix("partitions=") {
+            (("partitions", n), &mut params.partitions)
+        } else if let Some(n) = param.strip_prefix("replicas=") {
+            (("replicas", n), &mut params.replicas)
+        } else {
+            rest.push(param);
+            continue;
+        };
+        let (name, n) = name;
+        if slot.is_some() {
+            return Err(Failure(format!(
+                "{}: {name}= is given twice",
+                without_credentials(url)
+            )));
         }
+        let n: u32 = n.parse().map_err(|_| {
+            Failure(format!(
+                "{name}={n:?} is not a number; use ?{name}=N after the URL"
+            ))
+        })?;
+        *slot = Some(n);
+    }
+    if let Some(n) = params.partitions {
+        loom_core::partition::check_partitions(n)?;
+    }
+    if params.replicas == Some(0) {
+        return Err(Failure(
+            "replicas=0 waits for no replica: leave the parameter out instead".into(),
+        ));
     }
     let url = if rest.is_empty() {
         base.to_owned()
     } else {
         format!("{base}?{}", rest.join("&"))
     };
-    Ok((url, partitions))
+    Ok((url, params))
+}
+
+/// A URL's own part and the partition count it asks a new store for ([`url_params`]; the
+/// other parameters are taken out too).
+pub fn url_partitions(url: &str) -> Result<(String, Option<u32>), Failure> {
+    url_params(url).map(|(url, p)| (url, p.partitions))
 }
 
 /// The nodes of a `redis+cluster://host:port,host:port/` URL, as `redis://host:port/` each
@@ -215,10 +246,11 @@ pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
 }
 
 async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
-    let (url, partitions) = url_partitions(url)?;
+    let (url, params) = url_params(url)?;
     let options = RedisOptions {
         prefix: prefix.to_owned(),
-        partitions,
+        partitions: params.partitions,
+        replication: params.replicas.map(loom_redis::Replication::new),
         ..RedisOptions::default()
     };
     let s = match redis_cluster_nodes(&url) {
@@ -350,12 +382,26 @@ mod tests {
             url_partitions("postgres:///db?host=/run/pg&partitions=32&user=u").unwrap(),
             ("postgres:///db?host=/run/pg&user=u".to_owned(), Some(32))
         );
+        assert_eq!(
+            url_params("redis://h/0?replicas=2&partitions=3").unwrap(),
+            (
+                "redis://h/0".to_owned(),
+                UrlParams {
+                    partitions: Some(3),
+                    replicas: Some(2)
+                }
+            )
+        );
         for bad in [
             "redis://h/?partitions=x",
             "redis://h/?partitions=0",
             "redis://h/?partitions=257",
             "redis://h/?partitions=2&partitions=3",
             "postgres://h/db?partitions=x",
+            "redis://h/?replicas=0",
+            "redis://h/?replicas=x",
+            "redis://h/?replicas=1&replicas=1",
+            "postgres://h/db?replicas=1",
         ] {
             assert!(
                 StoreUrl::parse(bad, &Namespace::both("ns")).is_err(),

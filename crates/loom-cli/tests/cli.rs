@@ -200,3 +200,38 @@ fn loom_shows_the_stores_warnings_by_default() {
         "{err}"
     );
 }
+
+/// `?replicas=N` on a Redis URL: `loom migrate` into a primary with a replica writes through
+/// `WAIT`s and the replica holds the copy; a primary without replicas refuses the write with an
+/// error that says so, instead of acknowledging what a failover would lose.
+#[test]
+fn a_redis_url_can_make_every_write_wait_for_replicas() {
+    let dir = seeded_store();
+    let source = dir.path().to_str().expect("utf-8");
+    let (primary, replica) = RedisServer::start_with_replica();
+    let to = format!("{}?replicas=1", primary.url());
+    let (ok, out, err) = loom(&["migrate", "--from", source, "--to", &to]);
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = loom(&["journal", "ls", "--store", &replica.url()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("account/alice"),
+        "the replica lacks the copy: {out}"
+    );
+
+    let alone = RedisServer::start();
+    let to = format!("{}?replicas=1", alone.url());
+    let (ok, out, err) = loom(&["migrate", "--from", source, "--to", &to]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("0 of the 1 replicas asked acknowledged"),
+        "{err}"
+    );
+    let (ok, _, err) = loom(&[
+        "journal",
+        "ls",
+        "--store",
+        &format!("{}?replicas=0", alone.url()),
+    ]);
+    assert!(!ok && err.contains("replicas=0"), "{err}");
+}

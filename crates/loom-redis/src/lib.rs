@@ -44,7 +44,8 @@
 //!
 //! A store of one partition (the default on one primary) writes other actors' mailboxes in a
 //! turn's script and keeps its indexes in global keys, so it needs a single Redis primary (with
-//! replicas for failover). A store created with [`RedisOptions::partitions`] above 1 keeps each
+//! replicas for failover: [`RedisOptions::replication`] makes every write wait for them, so that
+//! a failover to one keeps what was acknowledged). A store created with [`RedisOptions::partitions`] above 1 keeps each
 //! turn in its actor's partition: a message to an actor of another partition goes through the
 //! sender partition's outbox and the relay (`relay.rs`), and every key of a partition carries
 //! its hash tag (`keys.rs`), so every script touches one slot. Such a store runs on one primary
@@ -77,6 +78,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conn::Conn;
+pub use conn::Replication;
 use loom_core::StoreError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
@@ -104,6 +106,15 @@ pub struct RedisOptions {
     /// goes through the sender partition's outbox and relay (`relay.rs`), as on a partitioned
     /// embedded store: the layout Redis Cluster needs, where a script may touch one slot only.
     pub partitions: Option<u32>,
+    /// Replicas that must hold each write before it is acknowledged (`None`: the primary alone,
+    /// the default). Redis copies writes to replicas asynchronously, so without this a failover
+    /// to a replica can lose writes the primary acknowledged; with it, every request waits
+    /// (`WAIT`, `conn.rs`) until that many replicas have it, and one they do not all
+    /// acknowledge within [`Replication::timeout`] fails with [`StoreError::Unavailable`] (it may
+    /// or may not have happened). The replicas should persist as the primary does
+    /// (`appendfsync always`), and failover should promote one that acknowledged (Sentinel
+    /// promotes the replica with the most data). One primary only: a cluster store refuses it.
+    pub replication: Option<Replication>,
 }
 
 impl Default for RedisOptions {
@@ -114,6 +125,7 @@ impl Default for RedisOptions {
             connect_timeout: Duration::from_secs(5),
             tls_root_cert: None,
             partitions: None,
+            replication: None,
         }
     }
 }
@@ -223,6 +235,23 @@ static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Scripts:
 /// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
 /// (the request may or may not have run; every Loom write is safe to retry), anything else
 /// [`StoreError::Storage`].
+/// A replication setting a store can keep: at least one replica, waited for a while that ends
+/// before the response timeout does (else every request would time out first).
+fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), StoreError> {
+    if r.replicas == 0 {
+        return Err(StoreError::InvalidRequest(
+            "replication asks for 0 replicas: leave RedisOptions::replication None instead".into(),
+        ));
+    }
+    if r.timeout.is_zero() || r.timeout >= response_timeout {
+        return Err(StoreError::InvalidRequest(format!(
+            "the wait for replicas ({:?}) must be above 0 and under the response timeout ({response_timeout:?})",
+            r.timeout
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
@@ -265,6 +294,9 @@ impl RedisStore {
     /// Connects with `options`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
         check_prefix(&options.prefix)?;
+        if let Some(r) = options.replication {
+            check_replication(r, options.response_timeout)?;
+        }
         let bad_url = |e: redis::RedisError| {
             StoreError::InvalidRequest(format!("Redis URL {}: {e}", redact(url)))
         };
@@ -286,7 +318,8 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
-        Self::open(Conn::One(conn), vec![client], options).await
+        let replication = options.replication;
+        Self::open(Conn::One(conn, replication), vec![client], options).await
     }
 
     /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that
@@ -318,6 +351,11 @@ impl RedisStore {
         if options.tls_root_cert.is_some() {
             return Err(StoreError::InvalidRequest(
                 "TLS with a private CA is not supported on a Redis Cluster store yet".into(),
+            ));
+        }
+        if options.replication.is_some() {
+            return Err(StoreError::InvalidRequest(
+                "waiting for replicas (RedisOptions::replication) is supported on one primary, not on a Redis Cluster store yet".into(),
             ));
         }
         // No retries by the client: it would send a script again after a dropped connection,

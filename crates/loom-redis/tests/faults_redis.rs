@@ -6,23 +6,139 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use loom_core::{ActorId, Entry, JournalStore, SeqRange, StoreError};
-use loom_redis::{RedisOptions, RedisStore};
+use loom_redis::{RedisOptions, RedisStore, Replication};
 use loom_testkit::load::{
     Writers, actor as id, check_acknowledged, entry, racing_nodes_never_fork_a_journal,
 };
 use loom_testkit::servers::RedisServer;
 
 async fn connect(url: &str, prefix: &str) -> RedisStore {
+    connect_replicated(url, prefix, None).await
+}
+
+async fn connect_replicated(
+    url: &str,
+    prefix: &str,
+    replication: Option<Replication>,
+) -> RedisStore {
     let options = RedisOptions {
         prefix: prefix.to_owned(),
         response_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
         tls_root_cert: None,
         partitions: None,
+        replication,
     };
     RedisStore::connect_with(url, options)
         .await
         .expect("connect")
+}
+
+/// A failover to a replica that fell behind: writers append through a primary whose replica is
+/// cut off mid-run (`REPLICAOF NO ONE` on it, as a partition or a lagging link leaves it), the
+/// primary is killed, and the replica is what is left. Returns how many acknowledged appends
+/// the replica lacks, and how many appends failed as unavailable.
+async fn acknowledged_but_lost_in_a_failover(replication: Option<Replication>) -> (u64, u64) {
+    let (mut primary, replica) = RedisServer::start_with_replica();
+    let writers = Writers::spawn(
+        connect_replicated(&primary.url(), "failover", replication).await,
+        8,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut cut = redis::Client::open(replica.url())
+        .expect("replica url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the replica");
+    let () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut cut)
+        .await
+        .expect("cut the replica off");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    primary.kill();
+    let (acked, errors) = writers.stop().await;
+    assert!(
+        acked.values().all(|h| *h > 0),
+        "every writer was acknowledged before the cut: {acked:?}"
+    );
+    let promoted = connect(&replica.url(), "failover").await;
+    let mut lost = 0;
+    for (n, want) in &acked {
+        let has = promoted.highest_seq(&id(*n)).await.expect("highest");
+        lost += want.saturating_sub(has);
+    }
+    if lost == 0 {
+        check_acknowledged(&promoted, &acked).await;
+    }
+    (lost, errors)
+}
+
+/// Rule D1 across a failover: without [`RedisOptions::replication`] the primary acknowledges
+/// appends its cut-off replica never gets, and a failover to that replica loses them (which is
+/// why the README says the promises hold for a primary that restarts on its own data); with it,
+/// those appends fail as unavailable instead (`WAIT` gets no replica), and the replica holds
+/// every append that was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_keeps_what_was_acknowledged_only_with_replication() {
+    let (lost, _) = acknowledged_but_lost_in_a_failover(None).await;
+    assert!(
+        lost > 0,
+        "without waiting for replicas, the cut-off replica should lack acknowledged appends"
+    );
+    let (lost, errors) = acknowledged_but_lost_in_a_failover(Some(Replication {
+        replicas: 1,
+        timeout: Duration::from_millis(300),
+    }))
+    .await;
+    assert_eq!(lost, 0, "acknowledged appends lost in the failover");
+    assert!(
+        errors > 0,
+        "the cut-off replica never made an append fail: the test proved nothing"
+    );
+}
+
+/// A replication setting that cannot work is refused at connect, with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_setting_that_cannot_work_is_refused() {
+    let server = RedisServer::start();
+    for (r, why) in [
+        (Replication::new(0), "0 replicas"),
+        (
+            Replication {
+                replicas: 1,
+                timeout: Duration::ZERO,
+            },
+            "above 0",
+        ),
+        (
+            Replication {
+                replicas: 1,
+                timeout: Duration::from_secs(2),
+            },
+            "under the response timeout",
+        ),
+    ] {
+        let options = RedisOptions {
+            prefix: "refused".to_owned(),
+            response_timeout: Duration::from_secs(2),
+            replication: Some(r),
+            ..RedisOptions::default()
+        };
+        match RedisStore::connect_with(&server.url(), options).await {
+            Err(StoreError::InvalidRequest(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("{r:?} should be refused: {other:?}"),
+        }
+    }
+    let options = RedisOptions {
+        replication: Some(Replication::new(1)),
+        ..RedisOptions::default()
+    };
+    match RedisStore::connect_cluster(&[server.url()], options).await {
+        Err(StoreError::InvalidRequest(m)) => assert!(m.contains("Redis Cluster"), "{m}"),
+        other => panic!("a cluster store waiting for replicas should be refused: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

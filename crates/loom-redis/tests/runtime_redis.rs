@@ -14,7 +14,7 @@ fn main() {
     let n = Arc::new(AtomicU64::new(0));
     // Every case on a store of one partition, and again on one of three, where a message to an
     // actor of another partition goes through the outbox and the relay.
-    let factory = |partitions| common::factory(&server.url(), "rt", &n, partitions);
+    let factory = |partitions| common::factory(&server.url(), "rt", &n, partitions, None);
     let mut trials = loom_testkit::runtime::trials("redis", &factory(None));
     trials.extend(loom_testkit::runtime::trials(
         "redis_partitioned",

@@ -174,6 +174,37 @@ impl RedisServer {
         self.dir.path()
     }
 
+    /// Starts a primary and a replica of it, each in a fresh temporary directory with the
+    /// settings of [`RedisServer::start`], both also on a free TCP port of 127.0.0.1 (a replica
+    /// reaches its primary over TCP), and waits until the replica has synchronised. Returns
+    /// (primary, replica).
+    pub fn start_with_replica() -> (Self, Self) {
+        let port = free_port().to_string();
+        let primary = Self::start_with(&["--port", &port, "--bind", "127.0.0.1"]);
+        let replica_port = free_port().to_string();
+        let replica = Self::start_with(&[
+            "--port",
+            &replica_port,
+            "--bind",
+            "127.0.0.1",
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+        ]);
+        let started = Instant::now();
+        while !info(&replica.socket(), "replication")
+            .is_some_and(|i| i.contains("master_link_status:up"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the replica did not synchronise with its primary in 20 s; its log:\n{}",
+                std::fs::read_to_string(replica.dir().join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (primary, replica)
+    }
+
     fn launch(&mut self) {
         let d = self.dir.path();
         let child = Command::new(&self.binary)
@@ -401,6 +432,28 @@ fn ping(socket: &Path) -> bool {
     // has loaded its data ("-LOADING …" means it is still replaying its append-only file).
     let mut buf = [0u8; 7];
     s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
+}
+
+/// The text of `INFO <section>` from the server on `socket`, or `None` if it does not answer.
+fn info(socket: &Path, section: &str) -> Option<String> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(format!("INFO {section}\r\n").as_bytes()).ok()?;
+    // A bulk string: "$<length>\r\n<text>\r\n".
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        s.read_exact(&mut byte).ok()?;
+        head.push(byte[0]);
+    }
+    let len: usize = std::str::from_utf8(head.strip_prefix(b"$")?)
+        .ok()?
+        .trim_end()
+        .parse()
+        .ok()?;
+    let mut text = vec![0u8; len];
+    s.read_exact(&mut text).ok()?;
+    String::from_utf8(text).ok()
 }
 
 /// A private PostgreSQL cluster: `initdb` into a temporary directory, a unix socket there, its

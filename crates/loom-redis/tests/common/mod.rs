@@ -3,16 +3,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use loom_redis::{RedisOptions, RedisStore};
+use loom_redis::{RedisOptions, RedisStore, Replication};
 use loom_testkit::{Factory, Fixture};
 
-/// Stores on the server at `url`, of `partitions` (`None`: one), prefixed `<stem><n>` with `n`
-/// from the shared `counter`, so that the factories of one suite never share a prefix.
+/// Stores on the server at `url`, of `partitions` (`None`: one), waiting for `replication`'s
+/// replicas if given, prefixed `<stem><n>` with `n` from the shared `counter`, so that the
+/// factories of one suite never share a prefix.
 pub fn factory(
     url: &str,
     stem: &'static str,
     counter: &Arc<AtomicU64>,
     partitions: Option<u32>,
+    replication: Option<Replication>,
 ) -> Factory {
     let (url, counter) = (url.to_owned(), counter.clone());
     Factory::new(move || {
@@ -22,6 +24,7 @@ pub fn factory(
             let options = RedisOptions {
                 prefix,
                 partitions,
+                replication,
                 ..RedisOptions::default()
             };
             Fixture::new(
