@@ -105,6 +105,7 @@ impl TurnOut {
 }
 
 /// One lease of an actor's next message.
+#[derive(Clone)]
 pub(crate) struct LeaseReq {
     pub(crate) actor: String,
     pub(crate) vis: i64,

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::partition::SHARED_STORE_PARTITIONS;
 use loom_core::store::backend::{
-    check_purge, dead_letter_envelope, interleave_partitions, prepare_message, prepare_suspend,
+    bury_corrupt, check_purge, dead_letter_envelope, interleave_partitions, prepare_message,
+    prepare_suspend,
 };
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
@@ -35,6 +36,35 @@ pub(crate) fn delivery(
 }
 
 impl PostgresStore {
+    /// Rule D14 for the message at `position` leased to `actor` for its `deliveries`-th
+    /// delivery, whose frame did not decode (`error`): dead-lettered at once by the id in its
+    /// row. Whether to lease again (`bury_corrupt`).
+    pub(crate) async fn bury_undecodable(
+        &self,
+        actor: &ActorId,
+        position: i64,
+        deliveries: i32,
+        error: &StoreError,
+    ) -> StoreResult<bool> {
+        let id: Option<String> = sqlx::query_scalar(
+            self.q("SELECT message_id FROM {s}.messages WHERE actor = $1 AND position = $2"),
+        )
+        .bind(actor.as_str())
+        .bind(position)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pe)?;
+        bury_corrupt(
+            self,
+            actor,
+            position.max(0) as u64,
+            i64::from(deliveries),
+            id.as_deref(),
+            error,
+        )
+        .await
+    }
+
     /// The ready actors of each kind's partitions in `wanted` (of
     /// [`SHARED_STORE_PARTITIONS`]), through the (kind, partition, ready_at) index: each
     /// partition is asked for its share of what its kind still wants, and those that come back
@@ -178,18 +208,24 @@ impl Mailbox for PostgresStore {
             // Exact (zero for none), not `ms`'s at-least-1: `validate` bounds it by MAX_EARLY.
             early: i64::try_from(opts.early.as_millis()).unwrap_or(i64::MAX),
         };
-        let bytes = req.actor.len();
-        let out = self.leases.submit(req, bytes).await?;
-        match out.frame {
-            None => Ok(None),
-            Some(frame) => delivery(
-                actor,
-                frame,
-                out.pos.unwrap_or(0),
-                out.dlv.unwrap_or(0),
-                out.err,
-            )
-            .map(Some),
+        // Each pass hands out a message, or buries one whose frame does not decode (D14) and
+        // leases again: one that cannot be buried is the error, so this ends.
+        loop {
+            let bytes = req.actor.len();
+            let out = self.leases.submit(req.clone(), bytes).await?;
+            let Some(frame) = out.frame else {
+                return Ok(None);
+            };
+            let (pos, dlv) = (out.pos.unwrap_or(0), out.dlv.unwrap_or(0));
+            match delivery(actor, frame, pos, dlv, out.err) {
+                Ok(d) => return Ok(Some(d)),
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    if !self.bury_undecodable(actor, pos, dlv, &e).await? {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

@@ -153,19 +153,26 @@ impl Store for PostgresStore {
                         key: r.key.clone(),
                     });
                 }
-                // Committed: a next message that does not decode is not an error (D15).
-                let next = committed_next(
-                    turn.actor,
-                    out.nframe.clone().map(|frame| {
-                        delivery(
-                            turn.actor,
-                            frame,
-                            out.npos.unwrap_or(0),
-                            out.ndlv.unwrap_or(0),
-                            out.nerr.clone(),
-                        )
-                    }),
-                );
+                // Committed: a next message that does not decode is not an error (D15); it
+                // is buried and the mailbox leased again (D14).
+                let (npos, ndlv) = (out.npos.unwrap_or(0), out.ndlv.unwrap_or(0));
+                let next = out
+                    .nframe
+                    .clone()
+                    .map(|frame| delivery(turn.actor, frame, npos, ndlv, out.nerr.clone()));
+                let next = match (next, turn.next) {
+                    (Some(Err(e @ StoreError::Corrupt { .. })), Some(opts)) => {
+                        let again = match self.bury_undecodable(turn.actor, npos, ndlv, &e).await {
+                            Ok(true) => loom_core::Mailbox::lease(self, turn.actor, opts)
+                                .await
+                                .transpose(),
+                            Ok(false) => Some(Err(e)),
+                            Err(b) => Some(Err(b)),
+                        };
+                        committed_next(turn.actor, again)
+                    }
+                    (next, _) => committed_next(turn.actor, next),
+                };
                 Ok(Committed {
                     highest: highest()?,
                     next,

@@ -272,28 +272,32 @@ async fn tls_and_a_password_from_the_url() {
     }
 }
 
-/// Rule D15: a turn whose next message's frame does not decode reports it committed
-/// (`loom_testkit::load`). The damage: the message's frame overwritten with garbage.
+/// Rules D15 and D14: a turn whose next message's frame does not decode reports it committed,
+/// and that message is buried at once (`loom_testkit::load`). The damage: the message's frame
+/// overwritten with garbage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_leasing_a_damaged_next_message_commits() {
+async fn a_damaged_message_is_buried_at_once_and_the_next_one_runs() {
     let server = PostgresServer::start();
     let url = server.url();
     let store = connect(&url).await;
     let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
-    loom_testkit::load::a_turn_leasing_a_damaged_next_message_commits(&store, |a, position| {
-        let admin = admin.clone();
-        async move {
-            let done = sqlx::query(
-                "UPDATE faults.messages SET frame = $3 WHERE actor = $1 AND position = $2",
-            )
-            .bind(a.as_str())
-            .bind(i64::try_from(position).expect("a position"))
-            .bind(loom_testkit::load::GARBAGE)
-            .execute(&admin)
-            .await
-            .expect("damage the message");
-            assert_eq!(done.rows_affected(), 1, "the message is in the table");
-        }
-    })
+    loom_testkit::load::a_damaged_message_is_buried_at_once_and_the_next_one_runs(
+        &store,
+        |a, position| {
+            let admin = admin.clone();
+            async move {
+                let done = sqlx::query(
+                    "UPDATE faults.messages SET frame = $3 WHERE actor = $1 AND position = $2",
+                )
+                .bind(a.as_str())
+                .bind(i64::try_from(position).expect("a position"))
+                .bind(loom_testkit::load::GARBAGE)
+                .execute(&admin)
+                .await
+                .expect("damage the message");
+                assert_eq!(done.rows_affected(), 1, "the message is in the table");
+            }
+        },
+    )
     .await;
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use loom_core::codec::{self, RecordType};
 use loom_core::store::backend::{
-    check_purge, dead_letter_envelope, interleave_partitions, prepare_message, prepare_suspend,
+    bury_corrupt, check_purge, dead_letter_envelope, interleave_partitions, prepare_message,
+    prepare_suspend,
 };
 use loom_core::store::{
     Backlog, DeadLetter, Delivery, LeaseOptions, Mailbox, Receipt, Suspension, Waiting,
@@ -90,6 +91,36 @@ impl RedisStore {
             rest = tail;
         }
         Ok(interleave_partitions(per_key, wanted, limit))
+    }
+
+    /// Rule D14 for a message leased to `actor` whose frame did not decode (`error`; `r` is the
+    /// lease reply's `[frame, position, deliveries, ...]`): dead-lettered at once by its id, read
+    /// from the meta's current message (`curmsg`). Whether to lease again (`bury_corrupt`).
+    pub(crate) async fn bury_undecodable(
+        &self,
+        actor: &ActorId,
+        r: &[Value],
+        error: &StoreError,
+    ) -> StoreResult<bool> {
+        let position = number(r.get(1), "position")?;
+        let deliveries = number(r.get(2), "deliveries")?;
+        let (current, id): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.mailbox(actor).mm)
+            .arg("cur")
+            .arg("curmsg")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(re)?;
+        let id = id.filter(|_| current == Some(position));
+        bury_corrupt(
+            self,
+            actor,
+            position,
+            i64::try_from(deliveries).unwrap_or(i64::MAX),
+            id.as_deref(),
+            error,
+        )
+        .await
     }
 
     pub(crate) fn mailbox_keys<'a>(
@@ -190,22 +221,33 @@ impl Mailbox for RedisStore {
             .iter()
             .map(String::as_str)
             .collect();
-        let r = self
-            .run(&self.scripts.lease, &keys, {
-                let mut args = vec![
-                    s(actor.as_str()),
-                    ttl(opts.visibility),
-                    s(opts.max_deliveries),
-                    s(opts.early.as_millis()),
-                ];
-                args.extend(self.dead_letter_args(actor));
-                args
-            })
-            .await?;
-        match status(&r).as_str() {
-            "none" => Ok(None),
-            "ok" => delivery(actor, &r[1..]).map(Some),
-            other => Err(unexpected(format!("lease replied {other}"))),
+        let args = {
+            let mut args = vec![
+                s(actor.as_str()),
+                ttl(opts.visibility),
+                s(opts.max_deliveries),
+                s(opts.early.as_millis()),
+            ];
+            args.extend(self.dead_letter_args(actor));
+            args
+        };
+        // Each pass hands out a message, or buries one whose frame does not decode (D14) and
+        // leases again: one that cannot be buried is the error, so this ends.
+        loop {
+            let r = self.run(&self.scripts.lease, &keys, args.clone()).await?;
+            match status(&r).as_str() {
+                "none" => return Ok(None),
+                "ok" => match delivery(actor, &r[1..]) {
+                    Ok(d) => return Ok(Some(d)),
+                    Err(e @ StoreError::Corrupt { .. }) => {
+                        if !self.bury_undecodable(actor, &r[1..], &e).await? {
+                            return Err(e);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                },
+                other => return Err(unexpected(format!("lease replied {other}"))),
+            }
         }
     }
 

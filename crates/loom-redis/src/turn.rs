@@ -258,11 +258,24 @@ impl Store for RedisStore {
                         .filter(|to| !to.is_system()),
                 );
                 let highest = number(r.get(1), "highest")?;
-                // Committed: a next message that does not decode is not an error (D15).
-                let next = committed_next(
-                    turn.actor,
+                // Committed: a next message that does not decode is not an error (D15); it
+                // is buried and the mailbox leased again (D14).
+                let next = match (
                     (r.len() > 2).then(|| delivery(turn.actor, &r[2..])),
-                );
+                    turn.next,
+                ) {
+                    (Some(Err(e @ StoreError::Corrupt { .. })), Some(opts)) => {
+                        let again = match self.bury_undecodable(turn.actor, &r[2..], &e).await {
+                            Ok(true) => loom_core::Mailbox::lease(self, turn.actor, opts)
+                                .await
+                                .transpose(),
+                            Ok(false) => Some(Err(e)),
+                            Err(b) => Some(Err(b)),
+                        };
+                        committed_next(turn.actor, again)
+                    }
+                    (next, _) => committed_next(turn.actor, next),
+                };
                 Ok(Committed { highest, next })
             }
             "conflict" => Err(StoreError::Conflict {

@@ -647,11 +647,11 @@ async fn a_mailbox_without_the_group_flag_keeps_its_group_and_order() {
     assert!(store.lease(&a, opts).await.unwrap().is_none());
 }
 
-/// Rule D15: a turn whose next message's frame does not decode reports it committed
-/// (`loom_testkit::load`). The damage: the message's stream entry written again with a frame of
-/// garbage, at the end of the stream, where it was.
+/// Rules D15 and D14: a turn whose next message's frame does not decode reports it committed,
+/// and that message is buried at once (`loom_testkit::load`). The damage: the message's stream
+/// entry written again with a frame of garbage, at the end of the stream, where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_leasing_a_damaged_next_message_commits() {
+async fn a_damaged_message_is_buried_at_once_and_the_next_one_runs() {
     let server = RedisServer::start();
     let admin = redis::Client::open(server.url()).expect("client");
     let conn = admin
@@ -659,40 +659,43 @@ async fn a_turn_leasing_a_damaged_next_message_commits() {
         .await
         .expect("admin connection");
     let store = connect(&server.url(), "damage").await;
-    loom_testkit::load::a_turn_leasing_a_damaged_next_message_commits(&store, |a, position| {
-        let mut conn = conn.clone();
-        async move {
-            let mq = format!("damage:{{{a}}}:mq");
-            let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
-                .arg(&mq)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .expect("XRANGE");
-            let (sid, fields) = entries
-                .into_iter()
-                .find(|(_, f)| f.get("p") == Some(&position.to_string().into_bytes()))
-                .expect("the message is in the stream");
-            let () = redis::pipe()
-                .cmd("XDEL")
-                .arg(&mq)
-                .arg(&sid)
-                .ignore()
-                .cmd("XADD")
-                .arg(&mq)
-                .arg("*")
-                .arg("m")
-                .arg(loom_testkit::load::GARBAGE)
-                .arg("id")
-                .arg(&fields["id"])
-                .arg("p")
-                .arg(&fields["p"])
-                .ignore()
-                .query_async(&mut conn)
-                .await
-                .expect("damage the message");
-        }
-    })
+    loom_testkit::load::a_damaged_message_is_buried_at_once_and_the_next_one_runs(
+        &store,
+        |a, position| {
+            let mut conn = conn.clone();
+            async move {
+                let mq = format!("damage:{{{a}}}:mq");
+                let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+                    .arg(&mq)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("XRANGE");
+                let (sid, fields) = entries
+                    .into_iter()
+                    .find(|(_, f)| f.get("p") == Some(&position.to_string().into_bytes()))
+                    .expect("the message is in the stream");
+                let () = redis::pipe()
+                    .cmd("XDEL")
+                    .arg(&mq)
+                    .arg(&sid)
+                    .ignore()
+                    .cmd("XADD")
+                    .arg(&mq)
+                    .arg("*")
+                    .arg("m")
+                    .arg(loom_testkit::load::GARBAGE)
+                    .arg("id")
+                    .arg(&fields["id"])
+                    .arg("p")
+                    .arg(&fields["p"])
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await
+                    .expect("damage the message");
+            }
+        },
+    )
     .await;
 }

@@ -1187,7 +1187,7 @@ impl EmbeddedStore {
         match leased.finish() {
             Ok(d) => Ok(Some(d)),
             Err(e @ StoreError::Corrupt { .. }) => {
-                let reason = clip_reason(&format!("corrupt frame: {e}"));
+                let reason = crate::store::backend::corrupt_frame_reason(&e);
                 tracing::error!(%actor, position, error = %e, "a stored message does not decode; it goes to the dead letters");
                 let p = self.part(&actor);
                 self.write_in(p, move |tx| {

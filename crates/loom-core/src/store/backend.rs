@@ -12,8 +12,8 @@ pub use super::idempotency::prepare_result;
 pub use super::journal::{Page, paged_read, prepare_append, prepare_snapshot};
 pub use super::lease::{FenceOf, check_owner, fence_of};
 pub use super::mailbox::{
-    check_lane, check_purge, dead_letter_envelope, interleave, interleave_partitions,
-    keep_partitions, prepare_event, prepare_message, prepare_suspend,
+    bury_corrupt, check_lane, check_purge, corrupt_frame_reason, dead_letter_envelope, interleave,
+    interleave_partitions, keep_partitions, prepare_event, prepare_message, prepare_suspend,
 };
 pub use super::membership::{beat, prepare_heartbeat};
 pub use super::relay::{OutboxState, RelayStatus, check_outboxes};

@@ -510,6 +510,71 @@ pub fn prepare_event(
     prepare_message(msg)
 }
 
+/// The reason a message whose stored frame does not decode is dead-lettered with (rule D14), the
+/// same on every store.
+///
+/// ```
+/// use loom_core::StoreError;
+/// use loom_core::store::backend::corrupt_frame_reason;
+///
+/// let e = StoreError::InvalidRequest("bad".into());
+/// assert!(corrupt_frame_reason(&e).starts_with("corrupt frame: "));
+/// ```
+pub fn corrupt_frame_reason(error: &StoreError) -> String {
+    crate::limits::clip_reason(&format!("corrupt frame: {error}"))
+}
+
+/// Rule D14 where the client decodes what the store hands out (Redis, PostgreSQL): the message
+/// `mailbox` leased to `actor` at `position`, for its `deliveries`-th delivery, did not decode
+/// (`error`), so it is dead-lettered at once, raw, as the embedded store does, rather than handed
+/// out again at every visibility until its delivery limit while the rest of its mailbox waits.
+/// `message_id` is the id the store keeps beside the frame of the message current at `position`
+/// (`None` when none is current there any more). Returns whether to lease again: true once the
+/// message is buried, or was settled by someone else meanwhile (the receipt is then stale);
+/// false when there was nothing to bury it by.
+///
+/// ```
+/// # async fn f() -> Result<(), loom_core::StoreError> {
+/// use loom_core::store::backend::bury_corrupt;
+/// use loom_core::{ActorId, EmbeddedStore, StoreError};
+///
+/// let store = EmbeddedStore::in_memory()?;
+/// let a = ActorId::new("order", "o-1")?;
+/// let e = StoreError::InvalidRequest("a damaged frame".into());
+/// // Nothing is current at position 1: nothing to bury, and nothing to lease again for.
+/// assert!(!bury_corrupt(&store, &a, 1, 1, None, &e).await?);
+/// # Ok(()) }
+/// ```
+pub async fn bury_corrupt<M: Mailbox + ?Sized>(
+    mailbox: &M,
+    actor: &ActorId,
+    position: u64,
+    deliveries: i64,
+    message_id: Option<&str>,
+    error: &StoreError,
+) -> StoreResult<bool> {
+    tracing::error!(%actor, position, error = %error, "a stored message does not decode; it goes to the dead letters");
+    let (Some(message_id), Ok(delivery)) = (
+        message_id.and_then(|m| m.parse::<MessageId>().ok()),
+        u32::try_from(deliveries),
+    ) else {
+        return Ok(false);
+    };
+    let receipt = Receipt {
+        actor: actor.clone(),
+        position,
+        message_id,
+        delivery,
+    };
+    match mailbox
+        .dead_letter(&receipt, &corrupt_frame_reason(error))
+        .await
+    {
+        Ok(_) | Err(StoreError::StaleReceipt { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// The envelope of dead letter `id` from the frame its store kept, `attempt` reset (a requeued
 /// message starts again). A frame that does not decode (a damaged message that its store
 /// dead-lettered raw, rule D14) gives an envelope to `actor` (as the store recorded it) whose

@@ -168,10 +168,10 @@ pub fn retire_status(
 
 /// The next message a committed turn hands out, from what its store leased with it, decoded
 /// (`None` if the turn leased nothing). The turn is committed whatever the decoding gives, so
-/// it must be reported committed (rule D15): a leased message that does not decode is not
-/// handed out (`None`, and logged) but stays leased to the actor. Its visibility running out
-/// makes it due again, and at its delivery limit it goes to the dead letters (a store that
-/// buries a damaged message at once, as the embedded one does, never gets here with one).
+/// it must be reported committed (rule D15): an error (a leased message that does not decode
+/// and could not be buried, [`bury_corrupt`](crate::store::backend::bury_corrupt), or a lease
+/// after it that failed) is not handed out (`None`, and logged). A message left leased then
+/// comes back when its visibility runs out, and at its delivery limit goes to the dead letters.
 ///
 /// ```
 /// use loom_core::store::backend::committed_next;
