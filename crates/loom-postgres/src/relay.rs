@@ -154,8 +154,8 @@ impl Inner {
     /// leaves them empty, taking in what turns push meanwhile. A partition another relay is
     /// moving is looked at again shortly (what committed after that relay's read is this one's
     /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for the
-    /// next sweep; a partition whose move fails, alone, waits for the next sweep or push, and
-    /// a call that cannot reach the server leaves everything for them.
+    /// next sweep, as does a partition whose move fails alone; a call that cannot reach the
+    /// server leaves everything for the next sweep or push.
     async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>) {
         let mut busy_rounds = 0;
         loop {
@@ -181,7 +181,10 @@ impl Inner {
                 // server could not be reached: each call would wait for it again.
                 Err(e) if parts.len() > 1 && !matches!(e, StoreError::Unavailable { .. }) => {
                     tracing::debug!(partitions = ?parts, error = %e, "relay: a move of several outboxes failed; moving each alone");
-                    self.alone(&parts).await
+                    let (m, failed) = self.alone(&parts).await;
+                    // Tried again at the next sweep, not at every push meanwhile.
+                    blocked.extend(failed);
+                    m
                 }
                 Err(e) => {
                     tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
@@ -213,10 +216,18 @@ impl Inner {
     }
 
     /// Moves each of `parts` by a call of its own, noting each one's success or failure; what
-    /// they did together, failed ones left out (they wait for the next sweep or push).
-    async fn alone(&self, parts: &BTreeSet<i32>) -> Moved {
+    /// they did together, and the partitions that failed. Once the server cannot be reached,
+    /// the rest are not tried (each would wait for it again) and count as failed.
+    async fn alone(&self, parts: &BTreeSet<i32>) -> (Moved, BTreeSet<i32>) {
         let mut all = Moved::default();
+        let mut failed = BTreeSet::new();
+        let mut unreachable: Option<StoreError> = None;
         for &p in parts {
+            if let Some(e) = &unreachable {
+                self.status.failed(Some(p as u32), e);
+                failed.insert(p);
+                continue;
+            }
             match self.call(&BTreeSet::from([p])).await {
                 Ok(m) => {
                     if !m.busy.contains(&p) && !m.blocked.contains(&p) {
@@ -229,10 +240,14 @@ impl Inner {
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "relay: could not move an outbox's messages; trying again in {SWEEP:?}");
                     self.status.failed(Some(p as u32), &e);
+                    failed.insert(p);
+                    if matches!(e, StoreError::Unavailable { .. }) {
+                        unreachable = Some(e);
+                    }
                 }
             }
         }
-        all
+        (all, failed)
     }
 
     /// One call of `relay` for `parts`; once it has committed, wakes what it moved.
