@@ -5,14 +5,21 @@
 //! does not care which; what differs on a cluster (a pipeline or script may touch one slot;
 //! `SCAN` and `PUBLISH` go to each node) is handled where the commands are made.
 //!
-//! On one primary with [`Replication`] asked, every request goes with a `WAIT` for that many
-//! replicas in the same pipeline, so on the same connection right after it: a request whose
-//! writes the replicas did not all acknowledge in time fails as unavailable (it may or may not
-//! have happened, as for a dropped connection), and a reply is given only for writes that a
-//! failover to one of those replicas keeps. `WAIT` covers everything the connection wrote
-//! before it, so concurrent requests share the wait; a reconnect between a request and its
-//! `WAIT` cannot happen, since both are written at once and a dropped connection fails both.
+//! On one primary with [`Replication`] asked, a request's reply is handed back only once a
+//! `WAIT` on the same connection, sent after that reply came, has seen the replicas acknowledge
+//! (`Replicas`): concurrent requests share one `WAIT` a round, as a group commit shares an
+//! fsync, since a `WAIT` blocks its connection and covers everything the connection wrote
+//! before it. Each request's pipeline also asks `CLIENT ID`, and so does each round's, so a
+//! reconnect in between (the new connection's `WAIT` would cover nothing) fails the request
+//! instead of passing it. A request whose round fails or does not get enough replicas in time
+//! fails as unavailable: it may or may not have happened, as for a dropped connection.
+//!
+//! What `WAIT` does not cover: another client's writes. A read may see a write of another
+//! process (a turn's recorded result, say) whose own wait has not ended, and which a failover
+//! just then would lose along with that process's request, which failed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -52,7 +59,7 @@ impl Replication {
 #[derive(Clone)]
 pub(crate) enum Conn {
     /// One primary, and the replicas each request waits for, if any.
-    One(ConnectionManager, Option<Replication>),
+    One(ConnectionManager, Option<Arc<Replicas>>),
     /// A cluster of primaries.
     Cluster(ClusterConnection),
 }
@@ -64,31 +71,97 @@ impl Conn {
     }
 }
 
-/// `WAIT` for `r`'s replicas.
-fn wait(p: &mut Pipeline, r: Replication) {
-    p.cmd("WAIT")
-        .arg(r.replicas)
-        .arg(r.timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64);
+/// The rounds of `WAIT` a connection's requests share (see the module's documentation).
+pub(crate) struct Replicas {
+    asked: Replication,
+    /// Tickets given so far: a request takes the next one once its reply has come.
+    issued: AtomicU64,
+    /// The last round; one round at a time.
+    round: tokio::sync::Mutex<Round>,
 }
 
-/// Checks `WAIT`'s reply: the replicas that acknowledged.
-fn waited(reply: Option<Value>, r: Replication) -> Result<(), RedisError> {
+/// What a round of `WAIT` found, for the tickets up to `through`.
+#[derive(Default)]
+struct Round {
+    through: u64,
+    /// The connection it waited on, or why it failed.
+    outcome: Option<Result<i64, String>>,
+}
+
+impl Replicas {
+    pub(crate) fn new(asked: Replication) -> Arc<Self> {
+        Arc::new(Replicas {
+            asked,
+            issued: AtomicU64::new(0),
+            round: tokio::sync::Mutex::new(Round::default()),
+        })
+    }
+
+    /// Waits until the replicas hold what connection `id` wrote before a reply that just came:
+    /// a round that started after it, on the same connection, saw enough of them.
+    async fn covered(&self, conn: &mut ConnectionManager, id: i64) -> Result<(), RedisError> {
+        let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut round = self.round.lock().await;
+        if round.through < ticket {
+            // Every ticket given by now had its reply before this round is sent.
+            let through = self.issued.load(Ordering::SeqCst);
+            let mut p = redis::pipe();
+            p.cmd("CLIENT")
+                .arg("ID")
+                .cmd("WAIT")
+                .arg(self.asked.replicas)
+                .arg(
+                    self.asked
+                        .timeout
+                        .as_millis()
+                        .clamp(1, u128::from(u64::MAX)) as u64,
+                );
+            let outcome = match conn.req_packed_commands(&p, 0, 2).await {
+                Ok(mut v) => {
+                    let acked = v.pop();
+                    client_id(v.pop()).and_then(|cid| match acked {
+                        Some(Value::Int(n)) if n >= i64::from(self.asked.replicas) => Ok(cid),
+                        Some(Value::Int(n)) => Err(format!(
+                            "{n} of the {} replicas asked acknowledged within {:?}",
+                            self.asked.replicas, self.asked.timeout
+                        )),
+                        other => Err(format!("WAIT replied {other:?}")),
+                    })
+                }
+                Err(e) => Err(format!("the wait for replicas failed: {e}")),
+            };
+            *round = Round {
+                through,
+                outcome: Some(outcome),
+            };
+        }
+        match &round.outcome {
+            Some(Ok(cid)) if *cid == id => Ok(()),
+            Some(Ok(_)) => Err(unreplicated(
+                "the connection was replaced between the request and the wait for its replicas"
+                    .to_owned(),
+            )),
+            Some(Err(why)) => Err(unreplicated(why.clone())),
+            None => Err(unreplicated("no round of WAIT ran".to_owned())),
+        }
+    }
+}
+
+/// The error of a request its replicas were not seen to hold: unavailable, since it may or may
+/// not have happened.
+fn unreplicated(why: String) -> RedisError {
+    RedisError::from((
+        ErrorKind::Io,
+        "a request was not acknowledged by enough replicas",
+        format!("{why}; it may or may not have happened"),
+    ))
+}
+
+/// `CLIENT ID`'s reply.
+fn client_id(reply: Option<Value>) -> Result<i64, String> {
     match reply {
-        Some(Value::Int(n)) if n >= i64::from(r.replicas) => Ok(()),
-        Some(Value::Int(n)) => Err(RedisError::from((
-            ErrorKind::Io,
-            "a write was not acknowledged by enough replicas",
-            format!(
-                "{n} of the {} replicas asked acknowledged within {:?}; the request may or may not have happened",
-                r.replicas, r.timeout
-            ),
-        ))),
-        Some(Value::ServerError(e)) => Err(e.into()),
-        other => Err(RedisError::from((
-            ErrorKind::Parse,
-            "WAIT replied with something other than a count",
-            format!("{other:?}"),
-        ))),
+        Some(Value::Int(id)) => Ok(id),
+        other => Err(format!("CLIENT ID replied {other:?}")),
     }
 }
 
@@ -96,19 +169,16 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::One(c, None) => c.req_packed_command(cmd),
-            Conn::One(c, Some(r)) => {
-                let r = *r;
-                Box::pin(async move {
-                    let mut p = redis::pipe();
-                    p.add_command(cmd.clone());
-                    wait(&mut p, r);
-                    let mut replies = c.req_packed_commands(&p, 0, 2).await?;
-                    waited(replies.pop(), r)?;
-                    replies.pop().ok_or_else(|| {
-                        RedisError::from((ErrorKind::Parse, "a pipeline of two replied once"))
-                    })
+            Conn::One(c, Some(r)) => Box::pin(async move {
+                let mut p = redis::pipe();
+                p.add_command(cmd.clone()).cmd("CLIENT").arg("ID");
+                let mut replies = c.req_packed_commands(&p, 0, 2).await?;
+                let id = client_id(replies.pop()).map_err(unreplicated)?;
+                r.covered(c, id).await?;
+                replies.pop().ok_or_else(|| {
+                    RedisError::from((ErrorKind::Parse, "a pipeline of two replied once"))
                 })
-            }
+            }),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -121,27 +191,27 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::One(c, None) => c.req_packed_commands(cmd, offset, count),
-            Conn::One(c, Some(r)) => {
-                let r = *r;
-                Box::pin(async move {
-                    // The same commands, a transaction spelled out (a WAIT inside MULTI does not
-                    // wait), then the WAIT: its reply comes after the `count` asked for.
-                    let mut p = redis::pipe();
-                    if cmd.is_transaction() {
-                        p.cmd("MULTI");
-                    }
-                    for c in cmd.cmd_iter() {
-                        p.add_command(c.clone());
-                    }
-                    if cmd.is_transaction() {
-                        p.cmd("EXEC");
-                    }
-                    wait(&mut p, r);
-                    let mut replies = c.req_packed_commands(&p, offset, count + 1).await?;
-                    waited(replies.pop(), r)?;
-                    Ok(replies)
-                })
-            }
+            Conn::One(c, Some(r)) => Box::pin(async move {
+                // The same commands, a transaction spelled out (so that `CLIENT ID` comes
+                // after its `EXEC`, on the same connection), then `CLIENT ID`: its reply comes
+                // after the `count` asked for. (Errors queued in a transaction then come back
+                // as an unparsed `EXECABORT`; the store's transactions are reads.)
+                let mut p = redis::pipe();
+                if cmd.is_transaction() {
+                    p.cmd("MULTI");
+                }
+                for c in cmd.cmd_iter() {
+                    p.add_command(c.clone());
+                }
+                if cmd.is_transaction() {
+                    p.cmd("EXEC");
+                }
+                p.cmd("CLIENT").arg("ID");
+                let mut replies = c.req_packed_commands(&p, offset, count + 1).await?;
+                let id = client_id(replies.pop()).map_err(unreplicated)?;
+                r.covered(c, id).await?;
+                Ok(replies)
+            }),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }

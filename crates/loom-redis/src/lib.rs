@@ -108,12 +108,13 @@ pub struct RedisOptions {
     pub partitions: Option<u32>,
     /// Replicas that must hold each write before it is acknowledged (`None`: the primary alone,
     /// the default). Redis copies writes to replicas asynchronously, so without this a failover
-    /// to a replica can lose writes the primary acknowledged; with it, every request waits
-    /// (`WAIT`, `conn.rs`) until that many replicas have it, and one they do not all
-    /// acknowledge within [`Replication::timeout`] fails with [`StoreError::Unavailable`] (it may
-    /// or may not have happened). The replicas should persist as the primary does
-    /// (`appendfsync always`), and failover should promote one that acknowledged (Sentinel
-    /// promotes the replica with the most data). One primary only: a cluster store refuses it.
+    /// to a replica can lose writes the primary acknowledged; with it, every request's reply
+    /// waits for a `WAIT` (shared by the requests of a moment, `conn.rs`) to see that many
+    /// replicas hold what the store's connection wrote, and a request they do not acknowledge
+    /// within [`Replication::timeout`] fails with [`StoreError::Unavailable`] (it may or may not
+    /// have happened). A read may still see another process's write whose wait has not ended.
+    /// The replicas should persist as the primary does (`appendfsync always`), and failover
+    /// should promote one that acknowledged. One primary only: a cluster store refuses it.
     pub replication: Option<Replication>,
 }
 
@@ -232,9 +233,6 @@ const CROSS_SLOT: &[&str] = &["ready_actors", "renew_many", "migrate_ready", "sp
 /// The scripts, made once for every store (they are the same text).
 static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Scripts::new);
 
-/// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
-/// (the request may or may not have run; every Loom write is safe to retry), anything else
-/// [`StoreError::Storage`].
 /// A replication setting a store can keep: at least one replica, waited for a while that ends
 /// before the response timeout does (else every request would time out first).
 fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), StoreError> {
@@ -252,6 +250,9 @@ fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), S
     Ok(())
 }
 
+/// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
+/// (the request may or may not have run; every Loom write is safe to retry), anything else
+/// [`StoreError::Storage`].
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
@@ -319,7 +320,12 @@ impl RedisStore {
             .await
             .map_err(re)?;
         let replication = options.replication;
-        Self::open(Conn::One(conn, replication), vec![client], options).await
+        Self::open(
+            Conn::One(conn, replication.map(conn::Replicas::new)),
+            vec![client],
+            options,
+        )
+        .await
     }
 
     /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that

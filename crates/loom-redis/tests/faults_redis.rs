@@ -99,6 +99,63 @@ async fn a_failover_to_a_replica_keeps_what_was_acknowledged_only_with_replicati
     );
 }
 
+/// The requests of a moment share one `WAIT` (a `WAIT` blocks its connection, so one per
+/// request would queue every request behind the others' waits): 64 tasks reading at once
+/// through a store waiting for a replica get every answer with far fewer `WAIT`s than requests,
+/// counted by the primary's `INFO commandstats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_their_waits_for_replicas() {
+    let (primary, _replica) = RedisServer::start_with_replica();
+    let store = connect_replicated(&primary.url(), "shared", Some(Replication::new(1))).await;
+    store
+        .append(&id(0), 1, &[entry(0, 1)])
+        .await
+        .expect("append");
+    let mut admin = redis::Client::open(primary.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .expect("reset stats");
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    assert_eq!(store.highest_seq(&id(0)).await.expect("read"), 1);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("reader");
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .expect("stats");
+    let calls = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (reads, waits) = (calls("hget"), calls("wait"));
+    eprintln!("{waits} WAITs for {reads} reads");
+    assert!(reads >= 1280, "{reads} reads: {stats}");
+    assert!(
+        waits > 0 && waits * 4 < reads,
+        "{waits} WAITs for {reads} reads: not shared"
+    );
+}
+
 /// A replication setting that cannot work is refused at connect, with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_setting_that_cannot_work_is_refused() {
