@@ -180,28 +180,27 @@ fn supported_server(version_num: &str) -> Result<(), StoreError> {
 /// Turns a database error into a store error: connection trouble, timeouts, deadlocks and
 /// serialization failures are [`StoreError::Unavailable`] (retry; every Loom write is safe to
 /// retry), anything else [`StoreError::Storage`].
-pub(crate) fn pe(e: sqlx::Error) -> StoreError {
+/// Whether `e` says the server could not be reached or is going away (as opposed to a failure of
+/// the statement's own transaction: a deadlock, a serialization failure, a statement timeout).
+pub(crate) fn unreachable(e: &sqlx::Error) -> bool {
     use sqlx::Error as E;
-    let transient = match &e {
+    match e {
         E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Tls(_) => true,
         E::Database(d) => matches!(
             d.code().as_deref(),
-            // serialization_failure, deadlock_detected, query_canceled (statement timeout),
-            // admin_shutdown, crash_shutdown, cannot_connect_now, connection exceptions
-            Some(
-                "40001"
-                    | "40P01"
-                    | "57014"
-                    | "57P01"
-                    | "57P02"
-                    | "57P03"
-                    | "08000"
-                    | "08003"
-                    | "08006"
-            )
+            Some("57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006")
         ),
         _ => false,
-    };
+    }
+}
+
+pub(crate) fn pe(e: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    // The server unreachable or going away (admin_shutdown, crash_shutdown, cannot_connect_now,
+    // connection exceptions), or the transaction's own serialization_failure, deadlock_detected
+    // or query_canceled (statement timeout).
+    let transient = unreachable(&e)
+        || matches!(&e, E::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01" | "57014")));
     let code = match &e {
         E::Database(d) => d.code().map(|c| c.into_owned()),
         _ => None,

@@ -137,6 +137,13 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
+/// Why a call of `relay` failed, and whether for want of the server (a lost connection, no
+/// connection in time, a server shutting down) rather than something of its own transaction.
+struct Failed {
+    error: StoreError,
+    unreachable: bool,
+}
+
 /// What one call of `relay` did.
 #[derive(Default)]
 struct Moved {
@@ -179,17 +186,22 @@ impl Inner {
                 // of them cannot move (a recipient whose mailbox refuses it) fails them all:
                 // each is tried alone, and only those that fail alone wait. Not when the
                 // server could not be reached: each call would wait for it again.
-                Err(e) if parts.len() > 1 && !matches!(e, StoreError::Unavailable { .. }) => {
-                    tracing::debug!(partitions = ?parts, error = %e, "relay: a move of several outboxes failed; moving each alone");
+                Err(f) if parts.len() > 1 && !f.unreachable => {
+                    tracing::debug!(partitions = ?parts, error = %f.error, "relay: a move of several outboxes failed; moving each alone");
                     let (m, failed) = self.alone(&parts).await;
                     // Tried again at the next sweep, not at every push meanwhile.
                     blocked.extend(failed);
                     m
                 }
-                Err(e) => {
-                    tracing::warn!(partitions = ?parts, error = %e, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+                Err(f) => {
+                    tracing::warn!(partitions = ?parts, error = %f.error, "relay: could not move outbox messages; trying again in {SWEEP:?}");
                     for p in &parts {
-                        self.status.failed(Some(*p as u32), &e);
+                        self.status.failed(Some(*p as u32), &f.error);
+                    }
+                    // A partition that failed alone waits for the next sweep; when the server
+                    // could not be reached, the next push tries again.
+                    if !f.unreachable {
+                        blocked.extend(&parts);
                     }
                     return;
                 }
@@ -216,8 +228,9 @@ impl Inner {
     }
 
     /// Moves each of `parts` by a call of its own, noting each one's success or failure; what
-    /// they did together, and the partitions that failed. Once the server cannot be reached,
-    /// the rest are not tried (each would wait for it again) and count as failed.
+    /// they did together, and the partitions whose own move failed. Once the server cannot be
+    /// reached, the rest are not tried (each would wait for it again): they count as failed,
+    /// and the next push or sweep tries them.
     async fn alone(&self, parts: &BTreeSet<i32>) -> (Moved, BTreeSet<i32>) {
         let mut all = Moved::default();
         let mut failed = BTreeSet::new();
@@ -225,7 +238,6 @@ impl Inner {
         for &p in parts {
             if let Some(e) = &unreachable {
                 self.status.failed(Some(p as u32), e);
-                failed.insert(p);
                 continue;
             }
             match self.call(&BTreeSet::from([p])).await {
@@ -237,12 +249,13 @@ impl Inner {
                     all.busy.extend(m.busy);
                     all.blocked.extend(m.blocked);
                 }
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "relay: could not move an outbox's messages; trying again in {SWEEP:?}");
-                    self.status.failed(Some(p as u32), &e);
-                    failed.insert(p);
-                    if matches!(e, StoreError::Unavailable { .. }) {
-                        unreachable = Some(e);
+                Err(f) => {
+                    tracing::warn!(partition = p, error = %f.error, "relay: could not move an outbox's messages; trying again in {SWEEP:?}");
+                    self.status.failed(Some(p as u32), &f.error);
+                    if f.unreachable {
+                        unreachable = Some(f.error);
+                    } else {
+                        failed.insert(p);
                     }
                 }
             }
@@ -251,7 +264,7 @@ impl Inner {
     }
 
     /// One call of `relay` for `parts`; once it has committed, wakes what it moved.
-    async fn call(&self, parts: &BTreeSet<i32>) -> StoreResult<Moved> {
+    async fn call(&self, parts: &BTreeSet<i32>) -> Result<Moved, Failed> {
         let asked: Vec<i32> = parts.iter().copied().collect();
         let rows: Vec<(i32, Option<String>, i32, bool)> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.relay.as_str()))
@@ -259,7 +272,10 @@ impl Inner {
                 .bind(BATCH)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(pe)?;
+                .map_err(|e| Failed {
+                    unreachable: crate::unreachable(&e),
+                    error: pe(e),
+                })?;
         let mut counts: BTreeMap<i32, i64> = BTreeMap::new();
         let mut out = Moved::default();
         let mut woken = BTreeSet::new();

@@ -9,9 +9,12 @@
 //! `WAIT` on the same connection, sent after that reply came, has seen the replicas acknowledge
 //! (`Replicas`): concurrent requests share one `WAIT` a round, as a group commit shares an
 //! fsync, since a `WAIT` blocks its connection and covers everything the connection wrote
-//! before it. Each request's pipeline also asks `CLIENT ID`, and so does each round's, so a
-//! reconnect in between (the new connection's `WAIT` would cover nothing) fails the request
-//! instead of passing it. A request whose round fails or does not get enough replicas in time
+//! before it. Each request's pipeline also asks `CLIENT ID`, and each round's `CLIENT ID` and
+//! the server's `run_id`, so a reconnect in between (the new connection's `WAIT` would cover
+//! nothing) fails the request instead of passing it: to the same server, the client id differs
+//! (a server never gives one twice); to a restarted one or another behind the same address,
+//! which may give the same id again, the `run_id` differs from the last round's (the first one
+//! is read at connect). A request whose round fails or does not get enough replicas in time
 //! fails as unavailable: it may or may not have happened, as for a dropped connection.
 //!
 //! What `WAIT` does not cover: another client's writes. A read may see a write of another
@@ -40,8 +43,10 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 pub struct Replication {
     /// Replicas that must acknowledge each write (`WAIT`'s first argument); at least 1.
     pub replicas: u32,
-    /// How long a request waits for them before it fails as unavailable (default 1 s; under
-    /// the store's response timeout, which bounds the whole request).
+    /// How long one `WAIT` waits for them (default 1 s; under the store's response timeout).
+    /// A request may wait for the round in flight and then its own, and its own pipeline may
+    /// queue behind a `WAIT` on the server: with replicas missing, a request fails as
+    /// unavailable after up to about three times this.
     pub timeout: Duration,
 }
 
@@ -81,20 +86,44 @@ pub(crate) struct Replicas {
 }
 
 /// What a round of `WAIT` found, for the tickets up to `through`.
-#[derive(Default)]
 struct Round {
     through: u64,
     /// The connection it waited on, or why it failed.
     outcome: Option<Result<i64, String>>,
+    /// The `run_id` of the server the last round (or the connect) talked to.
+    server: String,
 }
 
 impl Replicas {
-    pub(crate) fn new(asked: Replication) -> Arc<Self> {
-        Arc::new(Replicas {
+    /// The rounds of a store connected through `conn`, asking `asked`: reads the server's
+    /// `run_id`, and checks that this client may ask `CLIENT ID` and `WAIT`.
+    pub(crate) async fn start(
+        conn: &mut ConnectionManager,
+        asked: Replication,
+    ) -> Result<Arc<Self>, RedisError> {
+        let mut p = redis::pipe();
+        p.cmd("INFO")
+            .arg("server")
+            .cmd("CLIENT")
+            .arg("ID")
+            .ignore()
+            .cmd("WAIT")
+            .arg(0)
+            .arg(1)
+            .ignore();
+        let (info,): (String,) = p.query_async(conn).await?;
+        let server = run_id(&info).map_err(|why| {
+            RedisError::from((ErrorKind::Parse, "INFO server without a run_id", why))
+        })?;
+        Ok(Arc::new(Replicas {
             asked,
             issued: AtomicU64::new(0),
-            round: tokio::sync::Mutex::new(Round::default()),
-        })
+            round: tokio::sync::Mutex::new(Round {
+                through: 0,
+                outcome: None,
+                server,
+            }),
+        }))
     }
 
     /// Waits until the replicas hold what connection `id` wrote before a reply that just came:
@@ -108,6 +137,8 @@ impl Replicas {
             let mut p = redis::pipe();
             p.cmd("CLIENT")
                 .arg("ID")
+                .cmd("INFO")
+                .arg("server")
                 .cmd("WAIT")
                 .arg(self.asked.replicas)
                 .arg(
@@ -116,24 +147,34 @@ impl Replicas {
                         .as_millis()
                         .clamp(1, u128::from(u64::MAX)) as u64,
                 );
-            let outcome = match conn.req_packed_commands(&p, 0, 2).await {
+            let outcome = match conn.req_packed_commands(&p, 0, 3).await {
                 Ok(mut v) => {
                     let acked = v.pop();
-                    client_id(v.pop()).and_then(|cid| match acked {
-                        Some(Value::Int(n)) if n >= i64::from(self.asked.replicas) => Ok(cid),
-                        Some(Value::Int(n)) => Err(format!(
-                            "{n} of the {} replicas asked acknowledged within {:?}",
-                            self.asked.replicas, self.asked.timeout
-                        )),
-                        other => Err(format!("WAIT replied {other:?}")),
+                    let server = match v.pop() {
+                        Some(Value::BulkString(b)) => run_id(&String::from_utf8_lossy(&b)),
+                        Some(Value::VerbatimString { text, .. }) => run_id(&text),
+                        other => Err(format!("INFO server replied {other:?}")),
+                    };
+                    client_id(v.pop()).and_then(|cid| {
+                        let server = server?;
+                        if server != round.server {
+                            round.server = server;
+                            return Err("the server changed (restarted, or another behind its address) since the last wait for replicas".to_owned());
+                        }
+                        match acked {
+                            Some(Value::Int(n)) if n >= i64::from(self.asked.replicas) => Ok(cid),
+                            Some(Value::Int(n)) => Err(format!(
+                                "{n} of the {} replicas asked acknowledged within {:?}",
+                                self.asked.replicas, self.asked.timeout
+                            )),
+                            other => Err(format!("WAIT replied {other:?}")),
+                        }
                     })
                 }
                 Err(e) => Err(format!("the wait for replicas failed: {e}")),
             };
-            *round = Round {
-                through,
-                outcome: Some(outcome),
-            };
+            round.through = through;
+            round.outcome = Some(outcome);
         }
         match &round.outcome {
             Some(Ok(cid)) if *cid == id => Ok(()),
@@ -155,6 +196,14 @@ fn unreplicated(why: String) -> RedisError {
         "a request was not acknowledged by enough replicas",
         format!("{why}; it may or may not have happened"),
     ))
+}
+
+/// The `run_id` in the text of `INFO server`.
+fn run_id(info: &str) -> Result<String, String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or_else(|| "INFO server has no run_id".to_owned())
 }
 
 /// `CLIENT ID`'s reply.

@@ -319,13 +319,15 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(re)?;
-        let replication = options.replication;
-        Self::open(
-            Conn::One(conn, replication.map(conn::Replicas::new)),
-            vec![client],
-            options,
-        )
-        .await
+        let replicas = match options.replication {
+            Some(r) => Some(
+                conn::Replicas::start(&mut conn.clone(), r)
+                    .await
+                    .map_err(re)?,
+            ),
+            None => None,
+        };
+        Self::open(Conn::One(conn, replicas), vec![client], options).await
     }
 
     /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that

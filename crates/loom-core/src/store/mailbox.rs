@@ -530,8 +530,8 @@ pub fn corrupt_frame_reason(error: &StoreError) -> String {
 /// out again at every visibility until its delivery limit while the rest of its mailbox waits.
 /// `message_id` is the id the store keeps beside the frame of the message current at `position`
 /// (`None` when none is current there any more). Returns whether to lease again: true once the
-/// message is buried, or was settled by someone else meanwhile (the receipt is then stale);
-/// false when there was nothing to bury it by.
+/// message is buried, or was settled by someone else meanwhile (no message current there, or
+/// the receipt stale); false when the stored id does not parse, so it cannot be buried by it.
 ///
 /// ```
 /// # async fn f() -> Result<(), loom_core::StoreError> {
@@ -541,8 +541,10 @@ pub fn corrupt_frame_reason(error: &StoreError) -> String {
 /// let store = EmbeddedStore::in_memory()?;
 /// let a = ActorId::new("order", "o-1")?;
 /// let e = StoreError::InvalidRequest("a damaged frame".into());
-/// // Nothing is current at position 1: nothing to bury, and nothing to lease again for.
-/// assert!(!bury_corrupt(&store, &a, 1, 1, None, &e).await?);
+/// // Nothing is current at position 1 any more: lease again.
+/// assert!(bury_corrupt(&store, &a, 1, 1, None, &e).await?);
+/// // An id that does not parse cannot bury it.
+/// assert!(!bury_corrupt(&store, &a, 1, 1, Some("not an id"), &e).await?);
 /// # Ok(()) }
 /// ```
 pub async fn bury_corrupt<M: Mailbox + ?Sized>(
@@ -554,10 +556,12 @@ pub async fn bury_corrupt<M: Mailbox + ?Sized>(
     error: &StoreError,
 ) -> StoreResult<bool> {
     tracing::error!(%actor, position, error = %error, "a stored message does not decode; it goes to the dead letters");
-    let (Some(message_id), Ok(delivery)) = (
-        message_id.and_then(|m| m.parse::<MessageId>().ok()),
-        u32::try_from(deliveries),
-    ) else {
+    let Some(message_id) = message_id else {
+        return Ok(true);
+    };
+    let (Ok(message_id), Ok(delivery)) =
+        (message_id.parse::<MessageId>(), u32::try_from(deliveries))
+    else {
         return Ok(false);
     };
     let receipt = Receipt {

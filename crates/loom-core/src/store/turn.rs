@@ -188,7 +188,7 @@ pub fn committed_next(actor: &ActorId, next: Option<StoreResult<Delivery>>) -> O
     match next? {
         Ok(d) => Some(d),
         Err(e) => {
-            tracing::error!(%actor, error = %e, "a committed turn leased a next message that does not decode; it is not handed out, and comes back when its visibility runs out (dead-lettered at its delivery limit)");
+            tracing::error!(%actor, error = %e, "a committed turn's next message could not be handed out; whatever stays leased comes back when its visibility runs out (dead-lettered at its delivery limit)");
             None
         }
     }
