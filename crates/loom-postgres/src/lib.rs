@@ -177,9 +177,6 @@ fn supported_server(version_num: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Turns a database error into a store error: connection trouble, timeouts, deadlocks and
-/// serialization failures are [`StoreError::Unavailable`] (retry; every Loom write is safe to
-/// retry), anything else [`StoreError::Storage`].
 /// Whether `e` says the server could not be reached or is going away (as opposed to a failure of
 /// the statement's own transaction: a deadlock, a serialization failure, a statement timeout).
 pub(crate) fn unreachable(e: &sqlx::Error) -> bool {
@@ -194,6 +191,9 @@ pub(crate) fn unreachable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Turns a database error into a store error: connection trouble, timeouts, deadlocks and
+/// serialization failures are [`StoreError::Unavailable`] (retry; every Loom write is safe to
+/// retry), anything else [`StoreError::Storage`].
 pub(crate) fn pe(e: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     // The server unreachable or going away (admin_shutdown, crash_shutdown, cannot_connect_now,

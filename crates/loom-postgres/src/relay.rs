@@ -188,9 +188,12 @@ impl Inner {
                 // server could not be reached: each call would wait for it again.
                 Err(f) if parts.len() > 1 && !f.unreachable => {
                     tracing::debug!(partitions = ?parts, error = %f.error, "relay: a move of several outboxes failed; moving each alone");
-                    let (m, failed) = self.alone(&parts).await;
+                    let (m, failed, unreachable) = self.alone(&parts).await;
                     // Tried again at the next sweep, not at every push meanwhile.
                     blocked.extend(failed);
+                    if unreachable {
+                        return;
+                    }
                     m
                 }
                 Err(f) => {
@@ -228,10 +231,10 @@ impl Inner {
     }
 
     /// Moves each of `parts` by a call of its own, noting each one's success or failure; what
-    /// they did together, and the partitions whose own move failed. Once the server cannot be
-    /// reached, the rest are not tried (each would wait for it again): they count as failed,
-    /// and the next push or sweep tries them.
-    async fn alone(&self, parts: &BTreeSet<i32>) -> (Moved, BTreeSet<i32>) {
+    /// they did together, the partitions whose own move failed, and whether the server could
+    /// not be reached. Once it cannot, the rest are not tried (each would wait for it again):
+    /// they count as failed, and the next push or sweep tries them.
+    async fn alone(&self, parts: &BTreeSet<i32>) -> (Moved, BTreeSet<i32>, bool) {
         let mut all = Moved::default();
         let mut failed = BTreeSet::new();
         let mut unreachable: Option<StoreError> = None;
@@ -260,7 +263,7 @@ impl Inner {
                 }
             }
         }
-        (all, failed)
+        (all, failed, unreachable.is_some())
     }
 
     /// One call of `relay` for `parts`; once it has committed, wakes what it moved.

@@ -14,7 +14,8 @@
 //! nothing) fails the request instead of passing it: to the same server, the client id differs
 //! (a server never gives one twice); to a restarted one or another behind the same address,
 //! which may give the same id again, the `run_id` differs from the last round's (the first one
-//! is read at connect). A request whose round fails or does not get enough replicas in time
+//! is read at connect), and every request out while a round sees that fails, whichever round
+//! covers it. A request whose round fails or does not get enough replicas in time
 //! fails as unavailable: it may or may not have happened, as for a dropped connection.
 //!
 //! What `WAIT` does not cover: another client's writes. A read may see a write of another
@@ -43,7 +44,8 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 pub struct Replication {
     /// Replicas that must acknowledge each write (`WAIT`'s first argument); at least 1.
     pub replicas: u32,
-    /// How long one `WAIT` waits for them (default 1 s; under the store's response timeout).
+    /// How long one `WAIT` waits for them (default 1 s; under a third of the store's response
+    /// timeout, checked at connect).
     /// A request may wait for the round in flight and then its own, and its own pipeline may
     /// queue behind a `WAIT` on the server: with replicas missing, a request fails as
     /// unavailable after up to about three times this.
@@ -83,6 +85,8 @@ pub(crate) struct Replicas {
     issued: AtomicU64,
     /// The last round; one round at a time.
     round: tokio::sync::Mutex<Round>,
+    /// How many times a round has seen the server change.
+    generation: AtomicU64,
 }
 
 /// What a round of `WAIT` found, for the tickets up to `through`.
@@ -118,6 +122,7 @@ impl Replicas {
         Ok(Arc::new(Replicas {
             asked,
             issued: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             round: tokio::sync::Mutex::new(Round {
                 through: 0,
                 outcome: None,
@@ -126,9 +131,21 @@ impl Replicas {
         }))
     }
 
+    /// The server generation a request notes before it is sent, for [`Replicas::covered`].
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     /// Waits until the replicas hold what connection `id` wrote before a reply that just came:
-    /// a round that started after it, on the same connection, saw enough of them.
-    async fn covered(&self, conn: &mut ConnectionManager, id: i64) -> Result<(), RedisError> {
+    /// a round that started after it, on the same connection, saw enough of them, and no round
+    /// saw the server change since the request noted `generation` (a round that was not its
+    /// own may have been the one to see the change).
+    async fn covered(
+        &self,
+        conn: &mut ConnectionManager,
+        id: i64,
+        generation: u64,
+    ) -> Result<(), RedisError> {
         let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
         let mut round = self.round.lock().await;
         if round.through < ticket {
@@ -159,6 +176,7 @@ impl Replicas {
                         let server = server?;
                         if server != round.server {
                             round.server = server;
+                            self.generation.fetch_add(1, Ordering::SeqCst);
                             return Err("the server changed (restarted, or another behind its address) since the last wait for replicas".to_owned());
                         }
                         match acked {
@@ -175,6 +193,11 @@ impl Replicas {
             };
             round.through = through;
             round.outcome = Some(outcome);
+        }
+        if self.generation() != generation {
+            return Err(unreplicated(
+                "the server changed (restarted, or another behind its address) while the request was out".to_owned(),
+            ));
         }
         match &round.outcome {
             Some(Ok(cid)) if *cid == id => Ok(()),
@@ -219,11 +242,12 @@ impl ConnectionLike for Conn {
         match self {
             Conn::One(c, None) => c.req_packed_command(cmd),
             Conn::One(c, Some(r)) => Box::pin(async move {
+                let generation = r.generation();
                 let mut p = redis::pipe();
                 p.add_command(cmd.clone()).cmd("CLIENT").arg("ID");
                 let mut replies = c.req_packed_commands(&p, 0, 2).await?;
                 let id = client_id(replies.pop()).map_err(unreplicated)?;
-                r.covered(c, id).await?;
+                r.covered(c, id, generation).await?;
                 replies.pop().ok_or_else(|| {
                     RedisError::from((ErrorKind::Parse, "a pipeline of two replied once"))
                 })
@@ -256,9 +280,10 @@ impl ConnectionLike for Conn {
                     p.cmd("EXEC");
                 }
                 p.cmd("CLIENT").arg("ID");
+                let generation = r.generation();
                 let mut replies = c.req_packed_commands(&p, offset, count + 1).await?;
                 let id = client_id(replies.pop()).map_err(unreplicated)?;
-                r.covered(c, id).await?;
+                r.covered(c, id, generation).await?;
                 Ok(replies)
             }),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),

@@ -111,10 +111,12 @@ pub struct RedisOptions {
     /// to a replica can lose writes the primary acknowledged; with it, every request's reply
     /// waits for a `WAIT` (shared by the requests of a moment, `conn.rs`) to see that many
     /// replicas hold what the store's connection wrote, and a request they do not acknowledge
-    /// within [`Replication::timeout`] fails with [`StoreError::Unavailable`] (it may or may not
-    /// have happened). A read may still see another process's write whose wait has not ended.
-    /// The replicas should persist as the primary does (`appendfsync always`), and failover
-    /// should promote one that acknowledged. One primary only: a cluster store refuses it.
+    /// in time ([`Replication::timeout`], up to about three of them) fails with
+    /// [`StoreError::Unavailable`] (it may or may not have happened). A read may still see
+    /// another process's write whose wait has not ended. The replicas should persist as the
+    /// primary does (`appendfsync always`), and failover should promote one that acknowledged.
+    /// The client needs the commands `INFO`, `CLIENT ID` and `WAIT` (checked at connect). One
+    /// primary only: a cluster store refuses it.
     pub replication: Option<Replication>,
 }
 
@@ -233,17 +235,18 @@ const CROSS_SLOT: &[&str] = &["ready_actors", "renew_many", "migrate_ready", "sp
 /// The scripts, made once for every store (they are the same text).
 static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Scripts::new);
 
-/// A replication setting a store can keep: at least one replica, waited for a while that ends
-/// before the response timeout does (else every request would time out first).
+/// A replication setting a store can keep: at least one replica, waited for a while of which
+/// three (the longest a request can wait, `Replication::timeout`) end before the response
+/// timeout does (else requests would time out before their wait does).
 fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), StoreError> {
     if r.replicas == 0 {
         return Err(StoreError::InvalidRequest(
             "replication asks for 0 replicas: leave RedisOptions::replication None instead".into(),
         ));
     }
-    if r.timeout.is_zero() || r.timeout >= response_timeout {
+    if r.timeout.is_zero() || r.timeout.saturating_mul(3) >= response_timeout {
         return Err(StoreError::InvalidRequest(format!(
-            "the wait for replicas ({:?}) must be above 0 and under the response timeout ({response_timeout:?})",
+            "the wait for replicas ({:?}) must be above 0 and under a third of the response timeout ({response_timeout:?})",
             r.timeout
         )));
     }
@@ -323,7 +326,15 @@ impl RedisStore {
             Some(r) => Some(
                 conn::Replicas::start(&mut conn.clone(), r)
                     .await
-                    .map_err(re)?,
+                    .map_err(|e| match e.kind() {
+                        // Refused by the server (an ACL, a replica): a setting to fix.
+                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => {
+                            StoreError::InvalidRequest(format!(
+                                "waiting for replicas (RedisOptions::replication) needs the commands INFO, CLIENT ID and WAIT on a primary: {e}"
+                            ))
+                        }
+                        _ => re(e),
+                    })?,
             ),
             None => None,
         };

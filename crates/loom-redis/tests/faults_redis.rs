@@ -106,7 +106,15 @@ async fn a_failover_to_a_replica_keeps_what_was_acknowledged_only_with_replicati
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_share_their_waits_for_replicas() {
     let (primary, _replica) = RedisServer::start_with_replica();
-    let store = connect_replicated(&primary.url(), "shared", Some(Replication::new(1))).await;
+    let store = connect_replicated(
+        &primary.url(),
+        "shared",
+        Some(Replication {
+            replicas: 1,
+            timeout: Duration::from_millis(500),
+        }),
+    )
+    .await;
     store
         .append(&id(0), 1, &[entry(0, 1)])
         .await
@@ -172,9 +180,9 @@ async fn a_replication_setting_that_cannot_work_is_refused() {
         (
             Replication {
                 replicas: 1,
-                timeout: Duration::from_secs(2),
+                timeout: Duration::from_millis(700),
             },
-            "under the response timeout",
+            "under a third of the response timeout",
         ),
     ] {
         let options = RedisOptions {

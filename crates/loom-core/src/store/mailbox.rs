@@ -555,15 +555,16 @@ pub async fn bury_corrupt<M: Mailbox + ?Sized>(
     message_id: Option<&str>,
     error: &StoreError,
 ) -> StoreResult<bool> {
-    tracing::error!(%actor, position, error = %error, "a stored message does not decode; it goes to the dead letters");
     let Some(message_id) = message_id else {
         return Ok(true);
     };
     let (Ok(message_id), Ok(delivery)) =
         (message_id.parse::<MessageId>(), u32::try_from(deliveries))
     else {
+        tracing::error!(%actor, position, error = %error, message_id, deliveries, "a stored message does not decode, and its stored id or delivery count cannot name it to bury it");
         return Ok(false);
     };
+    tracing::error!(%actor, position, error = %error, "a stored message does not decode; it goes to the dead letters");
     let receipt = Receipt {
         actor: actor.clone(),
         position,
