@@ -1,7 +1,7 @@
 //! [`Store`] on PostgreSQL: a turn (entries, ack, sends, record) as one function call, grouped
 //! into batches by `group.rs` (`schema.sql`).
 
-use loom_core::store::backend::{check_ttl, committed_next, prepare_event};
+use loom_core::store::backend::{check_ttl, committed_next_past_corrupt, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -160,19 +160,14 @@ impl Store for PostgresStore {
                     .nframe
                     .clone()
                     .map(|frame| delivery(turn.actor, frame, npos, ndlv, out.nerr.clone()));
-                let next = match (next, turn.next) {
-                    (Some(Err(e @ StoreError::Corrupt { .. })), Some(opts)) => {
-                        let again = match self.bury_undecodable(turn.actor, npos, ndlv, &e).await {
-                            Ok(true) => loom_core::Mailbox::lease(self, turn.actor, opts)
-                                .await
-                                .transpose(),
-                            Ok(false) => Some(Err(e)),
-                            Err(b) => Some(Err(b)),
-                        };
-                        committed_next(turn.actor, again)
-                    }
-                    (next, _) => committed_next(turn.actor, next),
-                };
+                let next = committed_next_past_corrupt(
+                    self,
+                    turn.actor,
+                    next,
+                    turn.next,
+                    |e| async move { self.bury_undecodable(turn.actor, npos, ndlv, &e).await },
+                )
+                .await;
                 Ok(Committed {
                     highest: highest()?,
                     next,

@@ -200,6 +200,20 @@ async fn left_in_outbox<'e>(
     .expect("insert");
 }
 
+/// Senders' partitions 0 and 1, and a recipient in partition 2 (the one to be held back) and
+/// one in 3: actors `<stem>...` of a store of [`N`].
+fn two_senders_two_recipients(stem: &str) -> (u32, u32, ActorId, ActorId) {
+    let actors = spread_in(N, stem, 1);
+    let in_partition = |p: u32| {
+        actors
+            .iter()
+            .find(|a| partition_of(a, N) == p)
+            .cloned()
+            .expect("an actor in every partition")
+    };
+    (0, 1, in_partition(2), in_partition(3))
+}
+
 /// A recipient's mailbox row held by a long transaction holds back only the messages for it: a
 /// sweep that finds two partitions' outboxes, one sending to that recipient, still moves the
 /// other's at once (within one sweep and the call's one-second `lock_timeout`: inside the 3 s
@@ -210,15 +224,8 @@ async fn a_recipient_held_elsewhere_holds_back_only_its_own_messages() {
     let server = PostgresServer::start();
     let url = server.url();
     let store = connect(&url, "held", Some(N)).await.expect("connect");
-    let actors = spread_in(N, "h", 1);
-    let in_partition = |p: u32| {
-        actors
-            .iter()
-            .find(|a| partition_of(a, N) == p)
-            .expect("an actor in every partition")
-    };
-    // Senders' partitions 0 and 1, recipients in 2 and 3.
-    let (p1, p2, stuck, free) = (0, 1, in_partition(2), in_partition(3));
+    let (p1, p2, stuck, free) = two_senders_two_recipients("h");
+    let (stuck, free) = (&stuck, &free);
     store
         .enqueue(&Envelope::new(stuck.clone(), json!("before")), None)
         .await
@@ -257,15 +264,8 @@ async fn a_message_its_recipient_refuses_holds_back_only_its_own_partition() {
     let server = PostgresServer::start();
     let url = server.url();
     let store = connect(&url, "refuse", Some(N)).await.expect("connect");
-    let actors = spread_in(N, "r", 1);
-    let in_partition = |p: u32| {
-        actors
-            .iter()
-            .find(|a| partition_of(a, N) == p)
-            .expect("an actor in every partition")
-    };
-    // Senders' partitions 0 and 1, recipients in 2 and 3.
-    let (p1, p2, stuck, free) = (0, 1, in_partition(2), in_partition(3));
+    let (p1, p2, stuck, free) = two_senders_two_recipients("r");
+    let (stuck, free) = (&stuck, &free);
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE FUNCTION refuse.refused() RETURNS trigger LANGUAGE plpgsql AS \

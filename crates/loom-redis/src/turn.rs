@@ -1,6 +1,6 @@
 //! [`Store`] on Redis: a turn (entries, ack, sends, record) as one script; see `loom.lua`.
 
-use loom_core::store::backend::{check_ttl, committed_next, prepare_event};
+use loom_core::store::backend::{check_ttl, committed_next_past_corrupt, prepare_event};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -260,22 +260,15 @@ impl Store for RedisStore {
                 let highest = number(r.get(1), "highest")?;
                 // Committed: a next message that does not decode is not an error (D15); it
                 // is buried and the mailbox leased again (D14).
-                let next = match (
-                    (r.len() > 2).then(|| delivery(turn.actor, &r[2..])),
+                let next = (r.len() > 2).then(|| delivery(turn.actor, &r[2..]));
+                let next = committed_next_past_corrupt(
+                    self,
+                    turn.actor,
+                    next,
                     turn.next,
-                ) {
-                    (Some(Err(e @ StoreError::Corrupt { .. })), Some(opts)) => {
-                        let again = match self.bury_undecodable(turn.actor, &r[2..], &e).await {
-                            Ok(true) => loom_core::Mailbox::lease(self, turn.actor, opts)
-                                .await
-                                .transpose(),
-                            Ok(false) => Some(Err(e)),
-                            Err(b) => Some(Err(b)),
-                        };
-                        committed_next(turn.actor, again)
-                    }
-                    (next, _) => committed_next(turn.actor, next),
-                };
+                    |e| async move { self.bury_undecodable(turn.actor, &r[2..], &e).await },
+                )
+                .await;
                 Ok(Committed { highest, next })
             }
             "conflict" => Err(StoreError::Conflict {

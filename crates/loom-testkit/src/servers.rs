@@ -174,6 +174,11 @@ impl RedisServer {
         self.dir.path()
     }
 
+    /// The server's log, for a failure's message (a log not written yet reads as empty).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("redis.log")).unwrap_or_default()
+    }
+
     /// Starts a primary and a replica of it, each in a fresh temporary directory with the
     /// settings of [`RedisServer::start`], both also on a free TCP port of 127.0.0.1 (a replica
     /// reaches its primary over TCP), and waits until the replica has synchronised. Returns
@@ -198,7 +203,7 @@ impl RedisServer {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "the replica did not synchronise with its primary in 20 s; its log:\n{}",
-                std::fs::read_to_string(replica.dir().join("redis.log")).unwrap_or_default()
+                replica.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -236,7 +241,7 @@ impl RedisServer {
                 return;
             }
             if started.elapsed() > Duration::from_secs(20) {
-                let log = std::fs::read_to_string(d.join("redis.log")).unwrap_or_default();
+                let log = self.log();
                 panic!("redis-server did not come up in 20 s; its log:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(20));

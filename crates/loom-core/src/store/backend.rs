@@ -17,7 +17,10 @@ pub use super::mailbox::{
 };
 pub use super::membership::{beat, prepare_heartbeat};
 pub use super::relay::{OutboxState, RelayStatus, check_outboxes};
-pub use super::turn::{Committed, Outgoing, Record, Settle, Turn, committed_next, retire_status};
+pub use super::turn::{
+    Committed, Outgoing, Record, Settle, Turn, committed_next, committed_next_past_corrupt,
+    retire_status,
+};
 
 /// Refuses a zero duration where a positive one is needed (a lease or idempotency TTL, a
 /// visibility timeout) with [`StoreError::InvalidRequest`](crate::StoreError::InvalidRequest)

@@ -193,3 +193,48 @@ pub fn committed_next(actor: &ActorId, next: Option<StoreResult<Delivery>>) -> O
         }
     }
 }
+
+/// [`committed_next`] on a store whose client decodes what it hands out (Redis, PostgreSQL),
+/// past a damaged next message (rule D14): one whose frame does not decode is buried through
+/// `bury` (the backend's [`bury_corrupt`](crate::store::backend::bury_corrupt) call: whether to
+/// lease again) and `mailbox` leased again with the turn's `opts`; what still fails is logged
+/// and not handed out, since the turn is committed (rule D15).
+///
+/// ```
+/// # async fn f() -> Result<(), loom_core::StoreError> {
+/// use loom_core::store::backend::committed_next_past_corrupt;
+/// use loom_core::{ActorId, EmbeddedStore, LeaseOptions};
+///
+/// let store = EmbeddedStore::in_memory()?;
+/// let a = ActorId::new("order", "o-1")?;
+/// let next = committed_next_past_corrupt(&store, &a, None, Some(LeaseOptions::default()), |_| async {
+///     Ok(true)
+/// })
+/// .await;
+/// assert!(next.is_none(), "the turn leased nothing");
+/// # Ok(()) }
+/// ```
+pub async fn committed_next_past_corrupt<M, B, F>(
+    mailbox: &M,
+    actor: &ActorId,
+    next: Option<StoreResult<Delivery>>,
+    opts: Option<LeaseOptions>,
+    bury: B,
+) -> Option<Delivery>
+where
+    M: crate::store::Mailbox + ?Sized,
+    B: FnOnce(StoreError) -> F,
+    F: std::future::Future<Output = StoreResult<bool>>,
+{
+    match (next, opts) {
+        (Some(Err(e @ StoreError::Corrupt { .. })), Some(opts)) => {
+            let again = match bury(e.clone()).await {
+                Ok(true) => mailbox.lease(actor, opts).await.transpose(),
+                Ok(false) => Some(Err(e)),
+                Err(b) => Some(Err(b)),
+            };
+            committed_next(actor, again)
+        }
+        (next, _) => committed_next(actor, next),
+    }
+}
