@@ -28,6 +28,7 @@ use loom_core::store::backend::{OutboxState, RelayStatus};
 use loom_core::{ActorId, StoreError, StoreResult};
 use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::signals::Notifier;
@@ -100,16 +101,17 @@ impl Relay {
 }
 
 async fn run(inner: Arc<Inner>) {
-    // The sweep keeps its pace however often pushes wake the loop in between.
-    let mut sweep = tokio::time::interval(SWEEP);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sweep keeps its pace however often pushes wake the loop in between: it goes first
+    // when both are due, and a drain that pushes keep busy stops for it (`Inner::drain`).
+    let mut next_sweep = Instant::now();
     // Partitions a recipient's held row kept back: tried again at the next sweep only, so
     // that the wait on it is paid once a sweep, not at every push.
     let mut blocked = BTreeSet::new();
     loop {
         let swept = tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(next_sweep) => true,
             () = inner.wake.notified() => false,
-            _ = sweep.tick() => true,
         };
         let mut parts: BTreeSet<i32> =
             std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"))
@@ -117,6 +119,7 @@ async fn run(inner: Arc<Inner>) {
                 .map(|p| p as i32)
                 .collect();
         if swept {
+            next_sweep = Instant::now() + SWEEP;
             blocked.clear();
             match sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(inner.waiting.as_str()))
                 .fetch_all(&inner.pool)
@@ -133,7 +136,7 @@ async fn run(inner: Arc<Inner>) {
                 }
             }
         }
-        inner.drain(parts, &mut blocked).await;
+        inner.drain(parts, &mut blocked, next_sweep).await;
     }
 }
 
@@ -162,12 +165,23 @@ impl Inner {
     /// moving is looked at again shortly (what committed after that relay's read is this one's
     /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for the
     /// next sweep, as does a partition whose move fails alone; a call that cannot reach the
-    /// server leaves everything for the next sweep or push.
-    async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>) {
+    /// server leaves everything for the next sweep or push. Once the sweep is due (`until`) it
+    /// leaves what is left to it: turns pushing without a pause would otherwise keep it
+    /// draining, and the sweep (what other processes left, the blocked partitions) waiting, for
+    /// as long as they came.
+    async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>, until: Instant) {
         let mut busy_rounds = 0;
         loop {
             parts.retain(|p| !blocked.contains(p));
             if parts.is_empty() {
+                return;
+            }
+            if Instant::now() >= until {
+                // Moved by the sweep, which takes in the dirty set.
+                self.dirty
+                    .lock()
+                    .expect("relay dirty set poisoned")
+                    .extend(parts.iter().map(|p| *p as u32));
                 return;
             }
             let moved = match self.call(&parts).await {

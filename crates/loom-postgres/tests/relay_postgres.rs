@@ -1,8 +1,8 @@
 //! The outbox relay of a PostgreSQL store of 32 partitions (`relay.rs`, `schema_v12.sql`): relays
 //! of several processes moving the same outboxes deliver each message once and in order, what a
 //! dead process left is moved by another, a recipient that is held or refuses a message holds
-//! back only its own partition, a turn locks no row of another partition, and a store's
-//! partition count is fixed when it is created.
+//! back only its own partition, pushes that never pause do not hold off the sweep, a turn locks
+//! no row of another partition, and a store's partition count is fixed when it is created.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -606,4 +606,93 @@ async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
         },
     )
     .await;
+}
+
+/// Turns pushing their partitions' outboxes without a pause keep the relay moving them, and
+/// its sweep still comes every second: a message only the sweep finds (left by a dead process
+/// in another partition's outbox) arrives while the pushes go on. (The relay once drained for
+/// as long as pushes came, so such a message, and any partition waiting for the next sweep,
+/// waited until the load stopped.) Each call of the relay function is made to take 50 ms, so
+/// that pushes always come during it, as they do under a heavy load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_that_never_pause_do_not_hold_off_the_sweep() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let store = std::sync::Arc::new(connect(&url, "busy", Some(N)).await.expect("connect"));
+    let actors = spread_in(N, "busy", 1);
+    let of = |p: u32| {
+        actors
+            .iter()
+            .find(|a| partition_of(a, N) == p)
+            .cloned()
+            .expect("an actor in every partition")
+    };
+    let (recipient, swept) = (of(5), of(7));
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    let definition: String = sqlx::query_scalar(
+        "SELECT pg_get_functiondef('busy.relay(integer[], integer)'::regprocedure)",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the relay function's definition");
+    let slow = definition.replacen("\nBEGIN\n", "\nBEGIN\n    PERFORM pg_sleep(0.05);\n", 1);
+    assert_ne!(slow, definition, "the body has a BEGIN line");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(slow))
+        .execute(&pool)
+        .await
+        .expect("slow the relay function down");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pushers: Vec<_> = (0..5)
+        .map(|p| {
+            let (store, stop, sender, recipient) =
+                (store.clone(), stop.clone(), of(p), recipient.clone());
+            tokio::spawn(async move {
+                let mut next = 1;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let msg = to(
+                        &recipient,
+                        json!({"from": sender.as_str(), "round": next - 1}),
+                    );
+                    send_turn(&*store, &sender, next, &[msg]).await;
+                    next += 1;
+                }
+                next - 1
+            })
+        })
+        .collect();
+    // The pushes are under way before the message only a sweep finds is written.
+    arrived(&*store, &recipient, 20).await;
+    left_in_outbox(&pool, "busy", 6, &swept, "found by the sweep").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.pending(&swept).await.unwrap() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a message only the sweep finds waited 5 s while pushes went on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        pushers.iter().all(|p| !p.is_finished()),
+        "the pushes went on all the while"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut sent = 0;
+    for p in pushers {
+        sent += p.await.expect("pusher");
+    }
+    arrived(&*store, &recipient, sent).await;
+    let rounds = rounds_by_sender(&*store, &recipient).await;
+    assert_eq!(rounds.values().map(|r| r.len() as u64).sum::<u64>(), sent);
+    for r in rounds.values() {
+        assert_eq!(
+            *r,
+            (0..r.len() as u64).collect::<Vec<_>>(),
+            "once, in order"
+        );
+    }
+    assert_eq!(
+        drained_payloads(&*store, &swept).await,
+        [json!("found by the sweep")]
+    );
+    store.destroy().await.expect("destroy");
 }
