@@ -197,7 +197,9 @@ pub const GARBAGE: &[u8] = b"\x01garbage";
 /// turn that commits and leases, as its next message, one whose stored frame does not decode
 /// reports success, its entries in the journal, and hands out the message behind the damaged
 /// one, which goes at once (at its first delivery) to the dead letters with its raw bytes and
-/// its id, listed; a lease that meets a damaged message does the same. `damage(actor,
+/// its id, listed; a lease that meets a damaged message does the same. Such a dead letter is
+/// requeued as any other (a new message of its recipient, carrying the raw bytes, from the
+/// damaged one's id) and purged as any other. `damage(actor,
 /// position)` overwrites the frame of the waiting message at `position` of `actor`'s mailbox,
 /// the last one, with [`GARBAGE`], in the backend's own storage (as a damaged disk or a bug
 /// would).
@@ -277,4 +279,38 @@ pub async fn a_damaged_message_is_buried_at_once_and_the_next_one_runs<S, F, Fut
             "{dead:?}"
         );
     }
+    // Requeued, the first is a message its recipient can be handed (what it holds is for the
+    // operator to judge); purged, the second is gone.
+    store
+        .requeue_dead_letter(dead[0].id)
+        .await
+        .expect("a damaged message's dead letter is requeued");
+    let back = store
+        .lease(&a, opts)
+        .await
+        .expect("lease")
+        .expect("the requeued dead letter");
+    assert!(
+        back.envelope.payload == json!({ "corrupt_frame": raw })
+            && back.envelope.origin() == sent[1].id
+            && back.envelope.id != sent[1].id,
+        "{back:?}"
+    );
+    store
+        .ack(&back.receipt)
+        .await
+        .expect("ack the requeued one");
+    assert_eq!(
+        store
+            .purge_dead_letters(&[dead[1].id])
+            .await
+            .expect("purge"),
+        1
+    );
+    let left = store
+        .dead_letters(None, 10)
+        .await
+        .expect("dead letters list");
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(store.pending(&a).await.expect("pending"), 0);
 }
