@@ -313,6 +313,7 @@ impl PostgresStore {
             store.relay = Some(relay::Relay::start(
                 store.pool.clone(),
                 &store.schema,
+                store.partitions,
                 store.signals.clone(),
             ));
         }

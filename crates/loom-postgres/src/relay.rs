@@ -40,6 +40,11 @@ pub(crate) const BATCH: i32 = 128;
 /// How often every relay looks at every outbox (for what another process left).
 pub(crate) const SWEEP: Duration = Duration::from_millis(500);
 
+/// How long partitions held back wait before a sweep tries them again, at first; the wait
+/// doubles each time they are held back again, up to [`BLOCKED_MAX`].
+const BLOCKED_FIRST: Duration = Duration::from_millis(500);
+const BLOCKED_MAX: Duration = Duration::from_secs(8);
+
 /// One store's relay, shared by its clones; its task stops when the last clone is dropped.
 pub(crate) struct Relay {
     inner: Arc<Inner>,
@@ -62,13 +67,23 @@ struct Inner {
 
 impl Relay {
     /// Starts the relay of the store in `schema`.
-    pub(crate) fn start(pool: PgPool, schema: &str, signals: Notifier) -> Arc<Relay> {
+    pub(crate) fn start(
+        pool: PgPool,
+        schema: &str,
+        partitions: u32,
+        signals: Notifier,
+    ) -> Arc<Relay> {
         let (arrivals, _) = broadcast::channel(1024);
         let inner = Arc::new(Inner {
             pool,
             // The schema was checked at connect to be [a-z0-9_]: the only text put into these.
             relay: format!("SELECT part, actor, moved, due_now FROM {schema}.relay($1, $2)"),
-            waiting: format!("SELECT DISTINCT part FROM {schema}.outbox"),
+            // One probe of the primary key per partition: a long outbox is not read through.
+            waiting: format!(
+                "SELECT p FROM generate_series(0, {last}) AS p \
+                 WHERE EXISTS (SELECT 1 FROM {schema}.outbox AS o WHERE o.part = p)",
+                last = partitions.saturating_sub(1)
+            ),
             signals,
             arrivals,
             dirty: Mutex::new(BTreeSet::new()),
@@ -104,9 +119,12 @@ async fn run(inner: Arc<Inner>) {
     // The sweep keeps its pace however often pushes wake the loop in between: it goes first
     // when both are due, and a drain that pushes keep busy stops for it (`Inner::drain`).
     let mut next_sweep = Instant::now();
-    // Partitions a recipient's held row kept back: tried again at the next sweep only, so
-    // that the wait on it is paid once a sweep, not at every push.
+    // Partitions held back (a recipient's row held past a call's lock timeout, or a move that
+    // fails alone): tried again by a sweep once `retry` has passed since they were, so that
+    // the wait on them, which holds up every partition of the call, is paid seldom (the wait
+    // doubles while they stay held, up to BLOCKED_MAX), not at every push or sweep.
     let mut blocked = BTreeSet::new();
+    let mut retry: Option<(Instant, Duration)> = None;
     loop {
         let swept = tokio::select! {
             biased;
@@ -119,8 +137,11 @@ async fn run(inner: Arc<Inner>) {
                 .map(|p| p as i32)
                 .collect();
         if swept {
-            next_sweep = Instant::now() + SWEEP;
-            blocked.clear();
+            if let Some((at, _)) = retry
+                && Instant::now() >= at
+            {
+                blocked.clear();
+            }
             match sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(inner.waiting.as_str()))
                 .fetch_all(&inner.pool)
                 .await
@@ -135,8 +156,21 @@ async fn run(inner: Arc<Inner>) {
                     inner.status.failed(None, &e);
                 }
             }
+            // After the look, however long it took: the drain gets its time.
+            next_sweep = Instant::now() + SWEEP;
         }
+        let retried = blocked.is_empty();
         inner.drain(parts, &mut blocked, next_sweep).await;
+        retry = match (blocked.is_empty(), retry) {
+            (true, _) => None,
+            // Held back again when tried: wait longer.
+            (false, Some((_, wait))) if retried => {
+                let wait = (wait * 2).min(BLOCKED_MAX);
+                Some((Instant::now() + wait, wait))
+            }
+            (false, None) => Some((Instant::now() + BLOCKED_FIRST, BLOCKED_FIRST)),
+            (false, kept @ Some(_)) => kept,
+        };
     }
 }
 
@@ -154,8 +188,8 @@ struct Moved {
     full: BTreeSet<i32>,
     /// Partitions another relay was moving (its advisory lock was held).
     busy: BTreeSet<i32>,
-    /// Partitions left for the next sweep: a recipient's mailbox row was held past the call's
-    /// `lock_timeout`.
+    /// Partitions held back for a later sweep: a recipient's mailbox row was held past the
+    /// call's `lock_timeout`.
     blocked: BTreeSet<i32>,
 }
 
@@ -163,20 +197,22 @@ impl Inner {
     /// Moves everything in `parts`' outboxes, [`BATCH`] a partition per call, until each call
     /// leaves them empty, taking in what turns push meanwhile. A partition another relay is
     /// moving is looked at again shortly (what committed after that relay's read is this one's
-    /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for the
-    /// next sweep, as does a partition whose move fails alone; a call that cannot reach the
-    /// server leaves everything for the next sweep or push. Once the sweep is due (`until`) it
-    /// leaves what is left to it: turns pushing without a pause would otherwise keep it
-    /// draining, and the sweep (what other processes left, the blocked partitions) waiting, for
-    /// as long as they came.
+    /// to move); one whose recipient's row is held elsewhere joins `blocked` and waits for a
+    /// later sweep (`run`), as does a partition whose move fails alone; a call that cannot reach
+    /// the server leaves everything for the next sweep or push. Once the sweep is due (`until`),
+    /// it leaves what is left to it after the call in hand: turns pushing without a pause would
+    /// otherwise keep it draining, and the sweep (what other processes left, the blocked
+    /// partitions) waiting, for as long as they came.
     async fn drain(&self, mut parts: BTreeSet<i32>, blocked: &mut BTreeSet<i32>, until: Instant) {
         let mut busy_rounds = 0;
+        // At least one call, however late: a sweep that took past `until` itself still moves.
+        let mut first = true;
         loop {
             parts.retain(|p| !blocked.contains(p));
             if parts.is_empty() {
                 return;
             }
-            if Instant::now() >= until {
+            if !std::mem::take(&mut first) && Instant::now() >= until {
                 // Moved by the sweep, which takes in the dirty set.
                 self.dirty
                     .lock()
@@ -203,7 +239,7 @@ impl Inner {
                 Err(f) if parts.len() > 1 && !f.unreachable => {
                     tracing::debug!(partitions = ?parts, error = %f.error, "relay: a move of several outboxes failed; moving each alone");
                     let (m, failed, unreachable) = self.alone(&parts).await;
-                    // Tried again at the next sweep, not at every push meanwhile.
+                    // Tried again by a later sweep, not at every push meanwhile.
                     blocked.extend(failed);
                     if unreachable {
                         return;
@@ -215,7 +251,7 @@ impl Inner {
                     for p in &parts {
                         self.status.failed(Some(*p as u32), &f.error);
                     }
-                    // A partition that failed alone waits for the next sweep; when the server
+                    // A partition that failed alone waits for a later sweep; when the server
                     // could not be reached, the next push tries again.
                     if !f.unreachable {
                         blocked.extend(&parts);

@@ -609,7 +609,7 @@ async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
 }
 
 /// Turns pushing their partitions' outboxes without a pause keep the relay moving them, and
-/// its sweep still comes every second: a message only the sweep finds (left by a dead process
+/// its sweep still comes every half second: a message only the sweep finds (left by a dead process
 /// in another partition's outbox) arrives while the pushes go on. (The relay once drained for
 /// as long as pushes came, so such a message, and any partition waiting for the next sweep,
 /// waited until the load stopped.) Each call of the relay function is made to take 50 ms, so

@@ -347,17 +347,20 @@ async fn a_set_based_batch_of_turns_ends_as_its_turns_run_alone() {
             .expect("now");
         // Now and then a batch of leases (the ready scan's), with an actor twice now and then.
         // Some of them early (`LeaseOptions::early`), after a delivery was suspended. A
-        // suspension is far longer than the test runs, and an early lease's reach longer still:
-        // each schema runs a statement a few milliseconds after the other, so a deadline that
-        // passed while the test ran could be past in one schema's dump or lease and not yet in
-        // the other's (this failed CI once, on a suspension of 1.5 s).
+        // suspension either ended before it began (its message due again with its wake mark
+        // still set, as one that ran out) or lasts far longer than the test, and an early
+        // lease's reach is longer still: each schema runs a statement a few milliseconds after
+        // the other, so a deadline that passed while the test ran could be past in one
+        // schema's dump or lease and not yet in the other's (this failed CI once, on a
+        // suspension of 1.5 s).
         if rng.chance(40) {
             if rng.chance(40) {
                 let a = actors[rng.below(actors.len() as u64) as usize].clone();
+                let ms = if rng.chance(50) { -1000 } else { 100_000 };
                 if let (_, Some((pos, dlv, msg))) = state_of(&db, &a).await {
                     both(
                         &db,
-                        &format!("SELECT {{s}}.suspend('{a}', {pos}, {dlv}, '{msg}', 100000, 'asleep', NULL)"),
+                        &format!("SELECT {{s}}.suspend('{a}', {pos}, {dlv}, '{msg}', {ms}, 'asleep', NULL)"),
                     )
                     .await;
                 }

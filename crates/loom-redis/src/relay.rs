@@ -36,6 +36,7 @@ use loom_core::store::backend::RelayStatus;
 use loom_core::{ActorId, StoreResult};
 use redis::Value;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::keys::Keys;
 use crate::resp::*;
@@ -121,17 +122,21 @@ impl Relay {
 
 async fn run(inner: Arc<Inner>) {
     let all: Vec<u32> = (0..inner.keys.partitions()).collect();
-    // The sweep keeps its pace however often pushes wake the loop in between.
-    let mut sweep = tokio::time::interval(SWEEP);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sweep keeps its pace however often pushes wake the loop in between: it goes first
+    // when both are due, and a drain that pushes keep busy stops for it (`Inner::drain`).
+    let mut next_sweep = Instant::now();
     loop {
         let swept = tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(next_sweep) => true,
             () = inner.wake.notified() => false,
-            _ = sweep.tick() => true,
         };
         let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
         let parts = if swept {
-            match inner.waiting(&all).await {
+            let looked = inner.waiting(&all).await;
+            // After the look, however long it took: the drain gets its time.
+            next_sweep = Instant::now() + SWEEP;
+            match looked {
                 Ok(w) => {
                     inner.status.looked(|p| w.contains(&p));
                     w
@@ -147,7 +152,8 @@ async fn run(inner: Arc<Inner>) {
         };
         // Each partition's outbox on its own, all at once: one whose target's primary is slow
         // or down holds up only its own moves.
-        let drained = futures::future::join_all(parts.iter().map(|p| inner.drain(*p))).await;
+        let drained =
+            futures::future::join_all(parts.iter().map(|p| inner.drain(*p, next_sweep))).await;
         for (p, result) in parts.iter().zip(drained) {
             match result {
                 Ok(_) => inner.status.moved(*p),
@@ -175,8 +181,11 @@ impl Inner {
             .collect())
     }
 
-    /// Moves everything in partition `p`'s outbox, a pass of [`BATCH`] at a time.
-    async fn drain(&self, p: u32) -> StoreResult<()> {
+    /// Moves everything in partition `p`'s outbox, a pass of [`BATCH`] at a time. Once the
+    /// sweep is due (`until`) it leaves the rest to it after the pass in hand (marking `p`
+    /// dirty): turns filling the outbox as fast as passes empty it would otherwise keep it,
+    /// and so the sweep and every other partition's pushes, waiting for as long as they came.
+    async fn drain(&self, p: u32, until: Instant) -> StoreResult<()> {
         let (ob, _) = self.keys.outbox(p);
         loop {
             let read: Value = redis::cmd("XRANGE")
@@ -230,6 +239,13 @@ impl Inner {
                 .await
                 .map_err(re)?;
             if items.len() < BATCH {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                self.dirty
+                    .lock()
+                    .expect("relay dirty set poisoned")
+                    .insert(p);
                 return Ok(());
             }
         }
