@@ -81,7 +81,7 @@ impl Relay {
             // One probe of the primary key per partition: a long outbox is not read through.
             waiting: format!(
                 "SELECT p FROM generate_series(0, {last}) AS p \
-                 WHERE EXISTS (SELECT 1 FROM {schema}.outbox AS o WHERE o.part = p)",
+                 WHERE (SELECT 1 FROM {schema}.outbox AS o WHERE o.part = p LIMIT 1) IS NOT NULL",
                 last = partitions.saturating_sub(1)
             ),
             signals,
@@ -120,11 +120,11 @@ async fn run(inner: Arc<Inner>) {
     // when both are due, and a drain that pushes keep busy stops for it (`Inner::drain`).
     let mut next_sweep = Instant::now();
     // Partitions held back (a recipient's row held past a call's lock timeout, or a move that
-    // fails alone): tried again by a sweep once `retry` has passed since they were, so that
-    // the wait on them, which holds up every partition of the call, is paid seldom (the wait
-    // doubles while they stay held, up to BLOCKED_MAX), not at every push or sweep.
-    let mut blocked = BTreeSet::new();
-    let mut retry: Option<(Instant, Duration)> = None;
+    // fails alone), each with when a sweep tries it again and how long it waited: the wait on
+    // such a partition holds up every partition of its call, so it is paid seldom (from
+    // BLOCKED_FIRST, doubling each time it is held back again, up to BLOCKED_MAX), not at
+    // every push or sweep.
+    let mut held: BTreeMap<i32, (Instant, Duration)> = BTreeMap::new();
     loop {
         let swept = tokio::select! {
             biased;
@@ -136,12 +136,10 @@ async fn run(inner: Arc<Inner>) {
                 .into_iter()
                 .map(|p| p as i32)
                 .collect();
+        // Held-back partitions tried again now: by a sweep whose look found what waits, once
+        // their time has come (or comes before the next sweep would).
+        let mut released = BTreeSet::new();
         if swept {
-            if let Some((at, _)) = retry
-                && Instant::now() >= at
-            {
-                blocked.clear();
-            }
             match sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(inner.waiting.as_str()))
                 .fetch_all(&inner.pool)
                 .await
@@ -149,6 +147,12 @@ async fn run(inner: Arc<Inner>) {
                 Ok(waiting) => {
                     inner.status.looked(|p| waiting.contains(&(p as i32)));
                     parts.extend(waiting);
+                    let soon = Instant::now() + SWEEP / 2;
+                    released = held
+                        .iter()
+                        .filter(|(_, (at, _))| *at <= soon)
+                        .map(|(p, _)| *p)
+                        .collect();
                 }
                 Err(e) => {
                     let e = pe(e);
@@ -159,18 +163,30 @@ async fn run(inner: Arc<Inner>) {
             // After the look, however long it took: the drain gets its time.
             next_sweep = Instant::now() + SWEEP;
         }
-        let retried = blocked.is_empty();
+        let mut blocked: BTreeSet<i32> = held
+            .keys()
+            .filter(|p| !released.contains(p))
+            .copied()
+            .collect();
         inner.drain(parts, &mut blocked, next_sweep).await;
-        retry = match (blocked.is_empty(), retry) {
-            (true, _) => None,
-            // Held back again when tried: wait longer.
-            (false, Some((_, wait))) if retried => {
-                let wait = (wait * 2).min(BLOCKED_MAX);
-                Some((Instant::now() + wait, wait))
+        let now = Instant::now();
+        for p in released {
+            match held.get(&p) {
+                // Held back again when tried: it waits longer.
+                Some((_, wait)) if blocked.contains(&p) => {
+                    let wait = (*wait * 2).min(BLOCKED_MAX);
+                    held.insert(p, (now + wait, wait));
+                }
+                // Moved, or emptied by another process meanwhile.
+                _ => {
+                    held.remove(&p);
+                }
             }
-            (false, None) => Some((Instant::now() + BLOCKED_FIRST, BLOCKED_FIRST)),
-            (false, kept @ Some(_)) => kept,
-        };
+        }
+        for p in blocked {
+            held.entry(p)
+                .or_insert((now + BLOCKED_FIRST, BLOCKED_FIRST));
+        }
     }
 }
 
@@ -241,26 +257,28 @@ impl Inner {
                     let (m, failed, unreachable) = self.alone(&parts).await;
                     // Tried again by a later sweep, not at every push meanwhile.
                     blocked.extend(failed);
+                    blocked.extend(&m.blocked);
                     if unreachable {
                         return;
                     }
                     m
                 }
                 Err(f) => {
-                    tracing::warn!(partitions = ?parts, error = %f.error, "relay: could not move outbox messages; trying again in {SWEEP:?}");
+                    tracing::warn!(partitions = ?parts, error = %f.error, "relay: could not move outbox messages; they wait in the outbox and are tried again by a later push or sweep");
                     for p in &parts {
                         self.status.failed(Some(*p as u32), &f.error);
                     }
-                    // A partition that failed alone waits for a later sweep; when the server
-                    // could not be reached, the next push tries again.
-                    if !f.unreachable {
+                    // A partition that failed alone waits for a later sweep, unless its failure
+                    // passes (the server out of reach, a deadlock, a timeout): the next push or
+                    // sweep tries again.
+                    if !f.unreachable && !matches!(f.error, StoreError::Unavailable { .. }) {
                         blocked.extend(&parts);
                     }
                     return;
                 }
             };
             if !moved.blocked.is_empty() {
-                tracing::debug!(partitions = ?moved.blocked, "relay: a recipient's mailbox row is held elsewhere; trying again in {SWEEP:?}");
+                tracing::debug!(partitions = ?moved.blocked, "relay: a recipient's mailbox row is held elsewhere; its partition is tried again by a later sweep");
                 blocked.extend(&moved.blocked);
             }
             parts = moved.full;
@@ -303,11 +321,12 @@ impl Inner {
                     all.blocked.extend(m.blocked);
                 }
                 Err(f) => {
-                    tracing::warn!(partition = p, error = %f.error, "relay: could not move an outbox's messages; trying again in {SWEEP:?}");
+                    tracing::warn!(partition = p, error = %f.error, "relay: could not move an outbox's messages; they wait in the outbox and are tried again by a later push or sweep");
                     self.status.failed(Some(p as u32), &f.error);
                     if f.unreachable {
                         unreachable = Some(f.error);
-                    } else {
+                    } else if !matches!(f.error, StoreError::Unavailable { .. }) {
+                        // A failure that passes (a deadlock, a timeout) is not held back.
                         failed.insert(p);
                     }
                 }

@@ -131,25 +131,24 @@ async fn run(inner: Arc<Inner>) {
             () = tokio::time::sleep_until(next_sweep) => true,
             () = inner.wake.notified() => false,
         };
-        let dirty = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
-        let parts = if swept {
+        let mut parts = std::mem::take(&mut *inner.dirty.lock().expect("relay dirty set poisoned"));
+        if swept {
             let looked = inner.waiting(&all).await;
             // After the look, however long it took: the drain gets its time.
             next_sweep = Instant::now() + SWEEP;
             match looked {
                 Ok(w) => {
                     inner.status.looked(|p| w.contains(&p));
-                    w
+                    parts.extend(w);
                 }
+                // What was pushed (or left by a drain that stopped for this sweep) still
+                // moves: on a cluster one failing primary fails every look.
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: could not read the outboxes' lengths; trying again in {SWEEP:?}");
                     inner.status.failed(None, &e);
-                    continue;
                 }
             }
-        } else {
-            dirty.into_iter().collect()
-        };
+        }
         // Each partition's outbox on its own, all at once: one whose target's primary is slow
         // or down holds up only its own moves.
         let drained =
