@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
@@ -326,6 +327,9 @@ enum Exit {
     /// Not for this node's code (state from newer code): left for another node, and not
     /// activated here again for a while.
     Declined(String),
+    /// The actor's task panicked outside its handler (which has a net of its own, `cell.rs`):
+    /// it leaves as after a store failure, and is activated again when it has work.
+    Panicked(String),
 }
 
 async fn run<A: Actor>(
@@ -354,9 +358,13 @@ async fn run<A: Actor>(
         lease: lease.clone(),
         stopping: handle.stop.clone(),
     };
+    // A panic that escaped every net in `serve` must still end in `deactivated` below: an
+    // actor left in `active` with no task would take every wake-up and never run again.
+    let served =
+        std::panic::AssertUnwindSafe(serve::<A>(actor, &shared, &io, &id, &handle)).catch_unwind();
     let exit = tokio::select! {
         biased;
-        exit = serve::<A>(actor, &shared, &io, &id, &handle) => exit,
+        exit = served => exit.unwrap_or_else(|panic| Exit::Panicked(super::cell::panic_message(&panic))),
         _ = lost.cancelled() => Exit::LeaseLost,
     };
     match &exit {
@@ -401,6 +409,9 @@ async fn run<A: Actor>(
         }
         Exit::Failed(e) => {
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
+        }
+        Exit::Panicked(panic) => {
+            tracing::error!(actor = %id, %panic, "the actor's task panicked outside its handler; it is activated again when it has work, and a message that keeps doing this is dead-lettered after its deliveries")
         }
         Exit::Declined(reason) => {
             shared.metrics.count(Count::Declined, A::KIND, 1);

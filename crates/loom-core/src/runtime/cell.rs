@@ -88,7 +88,7 @@ impl<A: Actor> Cell<A> {
         io: &Io,
         shared: &Shared,
     ) -> Result<Self, RecoverError> {
-        let initial = serde_json::to_value(A::State::default()).map_err(|e| {
+        let initial = serde_guard(|| serde_json::to_value(A::State::default())).map_err(|e| {
             RecoverError::Unrecoverable(format!("default state does not encode: {e}"))
         })?;
         let mut r = replay(&*io.store, &id, initial).await?;
@@ -100,12 +100,13 @@ impl<A: Actor> Cell<A> {
             upgrade(&*actor, &id, io, &mut r).await?;
             shared.metrics.count(Count::StateUpgrades, A::KIND, 1);
         }
-        let state: A::State = serde_json::from_value(r.value.clone()).map_err(|e| {
-            RecoverError::Unrecoverable(format!(
-                "journaled state does not decode as {} state: {e}",
-                A::KIND
-            ))
-        })?;
+        let state: A::State =
+            serde_guard(|| serde_json::from_value(r.value.clone())).map_err(|e| {
+                RecoverError::Unrecoverable(format!(
+                    "journaled state does not decode as {} state: {e}",
+                    A::KIND
+                ))
+            })?;
         shared.metrics.count(Count::Recoveries, A::KIND, 1);
         shared
             .metrics
@@ -223,14 +224,15 @@ impl<A: Actor> Cell<A> {
                 }
             }
         }
-        let msg: A::Message = match serde_json::from_value(d.envelope.payload.clone()) {
-            Ok(m) => m,
-            Err(e) => {
-                // Bad input: a dead letter with its reason; the journal is untouched.
-                let reason = format!("malformed message for actor kind {}: {e}", A::KIND);
-                return self.give_up(io, shared, &d, false, &reason).await;
-            }
-        };
+        let msg: A::Message =
+            match serde_guard(|| serde_json::from_value(d.envelope.payload.clone())) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Bad input: a dead letter with its reason; the journal is untouched.
+                    let reason = format!("malformed message for actor kind {}: {e}", A::KIND);
+                    return self.give_up(io, shared, &d, false, &reason).await;
+                }
+            };
         let recorded = if resuming {
             self.unfinished.take().map(|u| u.steps).unwrap_or_default()
         } else {
@@ -269,11 +271,15 @@ impl<A: Actor> Cell<A> {
                     .await;
             }
             Ok(Ok(reply)) => {
-                let new_value = serde_json::to_value(&self.state);
-                let reply = serde_json::to_value(&reply);
-                match (new_value, reply) {
-                    (Ok(v), Ok(r)) => (Outcome::Ok(r), Some(v)),
-                    (Err(e), _) | (_, Err(e)) => {
+                let encoded = serde_guard(|| {
+                    Ok((
+                        serde_json::to_value(&self.state)?,
+                        serde_json::to_value(&reply)?,
+                    ))
+                });
+                match encoded {
+                    Ok((v, r)) => (Outcome::Ok(r), Some(v)),
+                    Err(e) => {
                         self.restore_state();
                         let reason = format!("state or reply does not encode: {e}");
                         return self
@@ -477,7 +483,7 @@ impl<A: Actor> Cell<A> {
 
     /// Puts back the state from before the turn (the handler may have changed it).
     fn restore_state(&mut self) {
-        match serde_json::from_value(self.value.clone()) {
+        match serde_guard(|| serde_json::from_value(self.value.clone())) {
             Ok(s) => self.state = s,
             // The value decoded when it was recovered or written, so this cannot fail unless
             // the State type's serde is not a round trip; keep the handler's state and say so.
@@ -828,7 +834,7 @@ async fn upgrade<A: Actor>(
         .map_err(failed)?;
     // Checked before it is journaled: an upgrade that gives a state the code cannot read
     // must leave the journal as it was, so that fixed code upgrades it again.
-    if let Err(e) = serde_json::from_value::<A::State>(state.clone()) {
+    if let Err(e) = serde_guard(|| serde_json::from_value::<A::State>(state.clone())) {
         return Err(failed(format!(
             "the upgraded state does not decode as {} state: {e}",
             A::KIND
@@ -898,7 +904,17 @@ pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
     max_attempts.max(1) + 2
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+/// Runs the actor's types' serde code in `f`, which may panic (a hand-written `Serialize` or
+/// `Deserialize`): a panic is an error naming it, as a serde error is, and never the end of the
+/// actor's task.
+fn serde_guard<T>(f: impl FnOnce() -> serde_json::Result<T>) -> Result<T, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(p) => Err(format!("its serde code panicked: {}", panic_message(&p))),
+    }
+}
+
+pub(super) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())

@@ -499,3 +499,67 @@ impl Actor for Counter {
         Ok(*n)
     }
 }
+
+/// A message whose own serde code panics on a marker, as a hand-written `Deserialize` can:
+/// decoding [`Touchy::POISON_IN`] panics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TouchyWord(pub String);
+
+impl<'de> Deserialize<'de> for TouchyWord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(d)?;
+        assert_ne!(word, Touchy::POISON_IN, "decoding the message blew up");
+        Ok(TouchyWord(word))
+    }
+}
+
+/// [`Touchy`]'s state, the last word it was sent, whose own serde code panics on markers:
+/// encoding [`Touchy::POISON_STATE`] and decoding [`Touchy::POISON_RECOVERY`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TouchyState(pub String);
+
+impl Serialize for TouchyState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        assert_ne!(self.0, Touchy::POISON_STATE, "encoding the state blew up");
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TouchyState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(d)?;
+        assert_ne!(word, Touchy::POISON_RECOVERY, "decoding the state blew up");
+        Ok(TouchyState(word))
+    }
+}
+
+/// An actor that keeps the last word it was sent and answers its length; its types' serde
+/// code panics on markers ([`TouchyWord`], [`TouchyState`]).
+#[derive(Default)]
+pub struct Touchy;
+
+impl Touchy {
+    /// A message whose decoding panics.
+    pub const POISON_IN: &'static str = "poison-in";
+    /// A word whose encoding, as the state, panics.
+    pub const POISON_STATE: &'static str = "poison-state";
+    /// A word that encodes as the state, and whose decoding, when the actor recovers, panics.
+    pub const POISON_RECOVERY: &'static str = "poison-recovery";
+}
+
+impl Actor for Touchy {
+    const KIND: &'static str = "touchy";
+    type State = TouchyState;
+    type Message = TouchyWord;
+    type Reply = usize;
+
+    async fn handle(
+        &self,
+        state: &mut TouchyState,
+        _ctx: &mut Context<'_>,
+        msg: TouchyWord,
+    ) -> Result<usize, Rejected> {
+        state.0 = msg.0;
+        Ok(state.0.len())
+    }
+}

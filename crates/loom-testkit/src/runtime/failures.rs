@@ -8,13 +8,15 @@ use serde_json::json;
 
 use super::common::{WAIT, acct, activity, reached, worker};
 use super::{
-    Account, AccountMsg, Ghost, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases,
+    Account, AccountMsg, Ghost, Harness, RuntimeCase, Step, Touchy, TouchyWord, Worker, eventually,
+    runtime_cases,
 };
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
         nondeterminism_parks_the_actor_naming_both_steps,
         panicking_handler_fails_only_that_invocation,
+        panicking_serde_code_fails_only_what_it_touches,
         exhausted_retries_dead_letter_the_message_with_its_error,
         store_failures_are_retried_not_swallowed,
         malformed_payload_is_dead_lettered_and_the_journal_untouched,
@@ -75,6 +77,70 @@ async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
     assert!(
         h.kinds(&acct("alice")).await.iter().all(|k| *k != "failed"),
         "a panic before any durable step touched the journal"
+    );
+    rt.shutdown().await;
+}
+
+/// A message type's or a state's own serde code that panics (a hand-written impl) fails only
+/// what it was decoding or encoding, as a panicking handler does: a message that does not
+/// decode is dead-lettered at once, one whose state does not encode after its retries, each
+/// with the panic, and the actor goes on with the next; a state that does not decode when the
+/// actor recovers parks it, naming the panic. (A panic while decoding a message once ended the
+/// actor's task and left the actor active with no task: it took every wake-up and never ran
+/// again on that node.)
+async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
+    let rt = h
+        .runtime_registering(|b| b.register::<Touchy>(), |_| {})
+        .await;
+    let t = ActorId::new("touchy", "t").unwrap();
+    // Straight into the mailbox: the runtime would encode them first.
+    for word in [Touchy::POISON_IN, Touchy::POISON_STATE] {
+        h.store
+            .enqueue(&Envelope::new(t.clone(), json!(word)), None)
+            .await
+            .unwrap();
+    }
+    let touchy = rt.actor::<Touchy>("t").unwrap();
+    assert_eq!(touchy.ask(TouchyWord("fine".into())).await.unwrap(), 4);
+    let dead = h.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (dl, what) in dead
+        .iter()
+        .zip(["decoding the message", "encoding the state"])
+    {
+        assert!(
+            dl.reason.contains("its serde code panicked")
+                && dl.reason.contains(&format!("{what} blew up")),
+            "{}",
+            dl.reason
+        );
+    }
+    // A state that encodes, and panics when it is decoded again.
+    let word = TouchyWord(Touchy::POISON_RECOVERY.into());
+    assert_eq!(
+        touchy.ask(word).await.unwrap(),
+        Touchy::POISON_RECOVERY.len()
+    );
+    rt.shutdown().await;
+    let rt = h
+        .runtime_registering(|b| b.register::<Touchy>(), |_| {})
+        .await;
+    rt.actor::<Touchy>("t")
+        .unwrap()
+        .send(TouchyWord("after".into()))
+        .await
+        .unwrap();
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (id, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(id, t);
+    assert!(
+        park.reason.contains("its serde code panicked")
+            && park.reason.contains("decoding the state blew up"),
+        "{}",
+        park.reason
     );
     rt.shutdown().await;
 }

@@ -41,7 +41,10 @@ use libtest_mimic::Trial;
 use loom_core::runtime::{Config, Retry, Runtime, RuntimeBuilder};
 use loom_core::{ActorId, EntryKind, Seq, SeqRange, Store};
 
-pub use actors::{Account, AccountMsg, Balance, Counter, Ghost, Log, Probe, Step, Worker};
+pub use actors::{
+    Account, AccountMsg, Balance, Counter, Ghost, Log, Probe, Step, Touchy, TouchyState,
+    TouchyWord, Worker,
+};
 pub use cluster::partitions_won;
 
 use crate::faults::{Faults, FaultyStore};
