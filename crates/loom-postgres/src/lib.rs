@@ -66,7 +66,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// assert_eq!(loom_postgres::MIGRATIONS.len() as i32, loom_postgres::SCHEMA_VERSION);
 /// assert!(loom_postgres::MIGRATIONS[0].contains("CREATE TABLE {s}.journal"));
 /// ```
-pub const MIGRATIONS: [&str; 13] = [
+pub const MIGRATIONS: [&str; 14] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -80,6 +80,7 @@ pub const MIGRATIONS: [&str; 13] = [
     include_str!("schema_v11.sql"),
     include_str!("schema_v12.sql"),
     include_str!("schema_v13.sql"),
+    include_str!("schema_v14.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].

@@ -301,3 +301,55 @@ async fn a_damaged_message_is_buried_at_once_and_the_next_one_runs() {
     )
     .await;
 }
+
+/// A node asking for a lease another node holds is told "held" at once, even while the
+/// holder's turns hold the lease row (`FOR KEY SHARE`, as every fenced turn does until it
+/// ends): the answer does not wait for the row's lock. (Version 1's `acquire` locked the row
+/// first and waited behind every turn in flight, and behind the next ones, until its statement
+/// timed out; a node's ownership loop stalled on it.) A free lease is still taken only once
+/// the turns that checked it have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_for_a_held_lease_does_not_wait_for_the_turns_in_flight() {
+    use loom_core::ActorId;
+    use loom_core::store::LeaseManager;
+    let server = PostgresServer::start();
+    let store = connect(&server.url()).await;
+    let admin = sqlx::PgPool::connect(&server.url()).await.expect("admin");
+    let l = ActorId::new("acct", "leased").expect("a lease id");
+    let held = store
+        .acquire(&l, "node-a", Duration::from_secs(60))
+        .await
+        .expect("node a takes it");
+    // A turn of node a in flight.
+    let mut turn = admin.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM faults.leases WHERE actor = $1 FOR KEY SHARE")
+        .bind(l.as_str())
+        .execute(&mut *turn)
+        .await
+        .expect("hold the row as a turn does");
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        store.acquire(&l, "node-b", Duration::from_secs(60)),
+    )
+    .await
+    .expect("the answer came without waiting for the turn");
+    match asked {
+        Err(StoreError::LeaseHeld { owner, .. }) => assert_eq!(owner, "node-a"),
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    // Released, the lease is free: taking it waits for the turn that checked it.
+    store.release(&held).await.expect("release");
+    let take = {
+        let store = store.clone();
+        let l = l.clone();
+        tokio::spawn(async move { store.acquire(&l, "node-b", Duration::from_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !take.is_finished(),
+        "a free lease changed hands under a turn in flight"
+    );
+    turn.rollback().await.expect("the turn ends");
+    let taken = take.await.expect("task").expect("node b takes it");
+    assert!(taken.token > held.token, "{taken:?} after {held:?}");
+}
