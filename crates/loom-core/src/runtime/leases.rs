@@ -5,8 +5,9 @@
 //!
 //! Invariants:
 //! - A lease is renewed once a third of its ttl has passed since it was taken or last renewed
-//!   (measured from when the renewal was sent), so a renewal has two thirds of the ttl to
-//!   succeed; a failed one is retried every [`RETRY`]. Leases due within the next sixth of the
+//!   (measured from when the request that took or renewed it was sent, as its deadline is, so
+//!   a take that was slow to answer is renewed that much sooner), so a renewal has two thirds
+//!   of the ttl to succeed; a failed one is retried every [`RETRY`]. Leases due within the next sixth of the
 //!   ttl go along with the ones due now, so leases taken at different moments soon share calls.
 //! - A partition whose lease is reported lost, or runs out before a renewal succeeds, has its
 //!   `lost` token cancelled, and its actors stop at once. (Their fenced writes would be refused
@@ -113,7 +114,10 @@ impl Keeper {
             actor: lease.actor.clone(),
             token: lease.token,
         };
-        let next_at = Instant::now() + self.every();
+        let now = Instant::now();
+        // From when it was asked for, as its deadline is: a take that took a while to answer
+        // leaves less of the ttl, and the renewal comes that much sooner.
+        let next_at = taken + self.every();
         let was_empty = {
             let mut held = self.lock();
             let was_empty = held.is_empty();
@@ -128,11 +132,12 @@ impl Keeper {
             );
             was_empty
         };
-        // A new lease is due last (`now + every`), after every lease already kept, so the
-        // keeper's next wake-up still comes first: it is woken only when it kept nothing (each
-        // wake-up scans every lease, and under load leases are taken thousands of times a
-        // second).
-        if was_empty {
+        // A lease taken promptly is due about last (`now + every`), after every lease already
+        // kept, so the keeper's next wake-up still comes first: it is woken only when it kept
+        // nothing (each wake-up scans every lease, and under load leases are taken thousands
+        // of times a second), or when the take was slow enough that its renewal may be due
+        // before that wake-up.
+        if was_empty || now.saturating_duration_since(taken) >= self.every() / 2 {
             self.added.notify_one();
         }
         kept
@@ -262,5 +267,43 @@ impl Keeper {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Timestamp;
+
+    /// A lease whose take answered late (here 7 s into a 9 s ttl) is renewed counting from when
+    /// it was asked for, before its deadline: counted from when it was handed over, its first
+    /// renewal would come a second after the store let it go.
+    #[tokio::test]
+    async fn a_lease_taken_slowly_is_renewed_before_its_deadline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(crate::EmbeddedStore::open(dir.path()).expect("open"));
+        let ttl = Duration::from_secs(9);
+        let keeper = Keeper::new(store, ttl, Arc::new(Observed::default()));
+        let actor = ActorId::new("acct", "slow").expect("id");
+        let taken = Instant::now() - Duration::from_secs(7);
+        let _kept = keeper.keep(
+            Lease {
+                actor: actor.clone(),
+                owner: "node".into(),
+                token: 1,
+                expires_at: Timestamp::from_millis(0),
+            },
+            taken,
+            CancellationToken::new(),
+        );
+        let held = keeper.lock();
+        let h = &held[&actor];
+        assert_eq!(h.deadline, taken + ttl);
+        assert!(
+            h.next_at <= taken + ttl / 3,
+            "renewal due {:?} after the take was sent, its deadline {:?}",
+            h.next_at - taken,
+            ttl
+        );
     }
 }

@@ -278,20 +278,26 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
     }
 }
 
-/// Takes the leases of `want`, all at once (a store's group commit makes them one write).
+/// Takes the leases of `want`, all at once (a store's group commit makes them one write). Each
+/// lease goes to the keeper as soon as its own answer comes: one slow to answer (a lease held
+/// by a busy node) does not hold up the renewals of the others, whose ttl runs from when they
+/// were asked for.
 async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
     let node = shared.config.node.as_str();
     let ttl = shared.config.lease_ttl;
-    let tries = want.into_iter().map(|(kind, p)| async move {
-        let sent = Instant::now();
-        let r = shared
-            .store
-            .acquire(&ActorId::partition_lease(kind, p), node, ttl)
-            .await;
-        (kind, p, sent, r)
-    });
+    let mut tries: futures::stream::FuturesUnordered<_> = want
+        .into_iter()
+        .map(|(kind, p)| async move {
+            let sent = Instant::now();
+            let r = shared
+                .store
+                .acquire(&ActorId::partition_lease(kind, p), node, ttl)
+                .await;
+            (kind, p, sent, r)
+        })
+        .collect();
     let mut took = 0;
-    for (kind, p, sent, r) in futures::future::join_all(tries).await {
+    while let Some((kind, p, sent, r)) = futures::StreamExt::next(&mut tries).await {
         match r {
             // Taken while the runtime began to stop: given back at once (the stop has already
             // handed off what was held).
