@@ -332,6 +332,20 @@ enum Exit {
     Panicked(String),
 }
 
+/// Takes an activation out of `active` when its task ends, however it ends: a panic that
+/// escapes even `run`'s net (a value of the actor's dropped as a lost lease ends `serve`)
+/// included. An actor left in `active` with no task would take every wake-up and never run.
+struct Leave {
+    shared: Arc<Shared>,
+    id: ActorId,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.shared.deactivated(&self.id);
+    }
+}
+
 async fn run<A: Actor>(
     actor: Arc<A>,
     shared: Arc<Shared>,
@@ -340,6 +354,11 @@ async fn run<A: Actor>(
     lost: CancellationToken,
     handle: Handle,
 ) {
+    // Dropped last, after the exit below is handled.
+    let _leave = Leave {
+        shared: shared.clone(),
+        id: id.clone(),
+    };
     let io = Io {
         lease_options: LeaseOptions {
             visibility: shared.config.visibility,
@@ -358,8 +377,8 @@ async fn run<A: Actor>(
         lease: lease.clone(),
         stopping: handle.stop.clone(),
     };
-    // A panic that escaped every net in `serve` must still end in `deactivated` below: an
-    // actor left in `active` with no task would take every wake-up and never run again.
+    // A panic that escaped every net in `serve` ends the activation as a failure would (and
+    // `_leave` takes it out of `active`).
     let served =
         std::panic::AssertUnwindSafe(serve::<A>(actor, &shared, &io, &id, &handle)).catch_unwind();
     let exit = tokio::select! {
@@ -411,7 +430,14 @@ async fn run<A: Actor>(
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
         }
         Exit::Panicked(panic) => {
-            tracing::error!(actor = %id, %panic, "the actor's task panicked outside its handler; it is activated again when it has work, and a message that keeps doing this is dead-lettered after its deliveries")
+            tracing::error!(actor = %id, %panic, "the actor's task panicked outside its handler; it is activated again after a while when it has work, and a message that keeps doing this is dead-lettered after its deliveries");
+            // Not at once: a panic that comes back at every activation (before any message is
+            // leased) would otherwise replay the actor at every scan.
+            shared
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), Instant::now() + PARK_RECHECK);
         }
         Exit::Declined(reason) => {
             shared.metrics.count(Count::Declined, A::KIND, 1);
@@ -426,7 +452,7 @@ async fn run<A: Actor>(
         }
     }
     // The partition's lease stays with the partition (`ownership.rs`): nothing to release.
-    shared.deactivated(&id);
+    // `_leave` takes the activation out of `active`.
 }
 
 async fn serve<A: Actor>(

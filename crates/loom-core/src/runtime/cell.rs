@@ -78,6 +78,10 @@ pub(crate) struct Cell<A: Actor> {
     /// Set once this cell's actor was retired: its journal is gone, so nothing is scheduled
     /// for it again from here.
     retired: bool,
+    /// Set when the state could not be put back after a failed turn (its serde is not a round
+    /// trip): what is in memory is not what is journaled, so the cell is reloaded from the
+    /// journal before anything else runs on it (`process`).
+    diverged: bool,
 }
 
 impl<A: Actor> Cell<A> {
@@ -126,6 +130,7 @@ impl<A: Actor> Cell<A> {
             compacting: Arc::new(AtomicBool::new(false)),
             last_change: r.last_change,
             retired: false,
+            diverged: false,
         })
     }
 
@@ -150,7 +155,13 @@ impl<A: Actor> Cell<A> {
         {
             tracing::trace!("no OpenTelemetry layer records the invocation span");
         }
-        self.process_inner(io, shared, d).instrument(span).await
+        let next = self.process_inner(io, shared, d).instrument(span).await;
+        match next {
+            // Nothing more runs on a state that is not the journal's: the journal's is
+            // recovered (and an actor whose journaled state does not decode is parked).
+            Next::Backoff(_) | Next::Continue(_) | Next::Drained if self.diverged => Next::Reload,
+            other => other,
+        }
     }
 
     async fn process_inner(&mut self, io: &Io, shared: &Arc<Shared>, d: Delivery) -> Next {
@@ -251,7 +262,9 @@ impl<A: Actor> Cell<A> {
         shared.metrics.count(Count::Invocations, A::KIND, 1);
         let outcome = {
             let mut ctx = Context { inv: &mut inv, io };
-            AssertUnwindSafe(self.actor.handle(&mut self.state, &mut ctx, msg))
+            // Built inside the net: a handler may run code before its future (a plain `fn`
+            // returning an `async` block), and that may panic too.
+            AssertUnwindSafe(async { self.actor.handle(&mut self.state, &mut ctx, msg).await })
                 .catch_unwind()
                 .await
         };
@@ -486,9 +499,11 @@ impl<A: Actor> Cell<A> {
         match serde_guard(|| serde_json::from_value(self.value.clone())) {
             Ok(s) => self.state = s,
             // The value decoded when it was recovered or written, so this cannot fail unless
-            // the State type's serde is not a round trip; keep the handler's state and say so.
+            // the State type's serde is not a round trip: the handler's changes must not be
+            // journaled by a later turn, so the cell is reloaded (`diverged`).
             Err(e) => {
-                tracing::error!(actor = %self.id, error = %e, "state does not decode back from its own JSON")
+                tracing::error!(actor = %self.id, error = %e, "state does not decode back from its own JSON; reloading the actor from its journal");
+                self.diverged = true;
             }
         }
     }

@@ -545,6 +545,8 @@ impl Touchy {
     pub const POISON_STATE: &'static str = "poison-state";
     /// A word that encodes as the state, and whose decoding, when the actor recovers, panics.
     pub const POISON_RECOVERY: &'static str = "poison-recovery";
+    /// A message the handler panics on before it makes its future.
+    pub const POISON_SYNC: &'static str = "poison-sync";
 }
 
 impl Actor for Touchy {
@@ -553,13 +555,22 @@ impl Actor for Touchy {
     type Message = TouchyWord;
     type Reply = usize;
 
-    async fn handle(
+    // A plain `fn`, as a handler may be written: its code before the future runs when it is
+    // called, not when the future is polled.
+    fn handle(
         &self,
         state: &mut TouchyState,
         _ctx: &mut Context<'_>,
         msg: TouchyWord,
-    ) -> Result<usize, Rejected> {
-        state.0 = msg.0;
-        Ok(state.0.len())
+    ) -> impl std::future::Future<Output = Result<usize, Rejected>> + Send {
+        assert_ne!(
+            msg.0,
+            Touchy::POISON_SYNC,
+            "the handler blew up before its future"
+        );
+        async move {
+            state.0 = msg.0;
+            Ok(state.0.len())
+        }
     }
 }

@@ -84,8 +84,9 @@ async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
 /// A message type's or a state's own serde code that panics (a hand-written impl) fails only
 /// what it was decoding or encoding, as a panicking handler does: a message that does not
 /// decode is dead-lettered at once, one whose state does not encode after its retries, each
-/// with the panic, and the actor goes on with the next; a state that does not decode when the
-/// actor recovers parks it, naming the panic. (A panic while decoding a message once ended the
+/// with the panic, and the actor goes on with the next; so does a handler written as a plain
+/// `fn` that panics before it makes its future; a state that does not decode when the actor
+/// recovers parks it, naming the panic. (A panic while decoding a message once ended the
 /// actor's task and left the actor active with no task: it took every wake-up and never ran
 /// again on that node.)
 async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
@@ -94,7 +95,7 @@ async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
         .await;
     let t = ActorId::new("touchy", "t").unwrap();
     // Straight into the mailbox: the runtime would encode them first.
-    for word in [Touchy::POISON_IN, Touchy::POISON_STATE] {
+    for word in [Touchy::POISON_IN, Touchy::POISON_STATE, Touchy::POISON_SYNC] {
         h.store
             .enqueue(&Envelope::new(t.clone(), json!(word)), None)
             .await
@@ -103,7 +104,7 @@ async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
     let touchy = rt.actor::<Touchy>("t").unwrap();
     assert_eq!(touchy.ask(TouchyWord("fine".into())).await.unwrap(), 4);
     let dead = h.store.dead_letters(None, 10).await.unwrap();
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
     for (dl, what) in dead
         .iter()
         .zip(["decoding the message", "encoding the state"])
@@ -115,6 +116,15 @@ async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
             dl.reason
         );
     }
+    // A handler's own panic before its future is the handler's, as one inside it.
+    assert!(
+        dead[2].reason.contains("handler panicked")
+            && dead[2]
+                .reason
+                .contains("the handler blew up before its future"),
+        "{}",
+        dead[2].reason
+    );
     // A state that encodes, and panics when it is decoded again.
     let word = TouchyWord(Touchy::POISON_RECOVERY.into());
     assert_eq!(
