@@ -328,7 +328,9 @@ enum Exit {
     /// activated here again for a while.
     Declined(String),
     /// The actor's task panicked outside its handler (which has a net of its own, `cell.rs`):
-    /// it leaves as after a store failure, and is activated again when it has work.
+    /// it leaves as after a store failure, and is activated again when it has work, after a
+    /// while (`PARK_RECHECK`), so that a panic at every activation does not replay it at every
+    /// scan.
     Panicked(String),
 }
 
@@ -506,6 +508,10 @@ async fn serve<A: Actor>(
                 busy.store(false, Ordering::Release);
                 *last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 idle_since = Instant::now();
+                // A cell whose state could not be put back after a failed turn is reloaded
+                // from the journal before anything else runs on it (`Cell::diverged`); a
+                // message the turn's write leased stays leased for the reloaded cell.
+                let mut reload = cell.diverged();
                 match next {
                     Next::Continue(d) => leased = d.map(|d| *d),
                     Next::Drained => drained = true,
@@ -516,20 +522,21 @@ async fn serve<A: Actor>(
                             _ = stop.cancelled() => return Exit::Passivated,
                         }
                     }
-                    Next::Reload => {
-                        cell = match recover().await {
-                            Ok(c) => c,
-                            Err(RecoverError::Store(e)) => return Exit::Failed(e),
-                            Err(RecoverError::Unrecoverable(reason)) => {
-                                return Exit::Park(Park::new(io.config.node.clone(), &reason));
-                            }
-                            Err(RecoverError::Declined(reason)) => return Exit::Declined(reason),
-                        }
-                    }
+                    Next::Reload => reload = true,
                     Next::Park(park) => return Exit::Park(park),
                     Next::Stop => return Exit::LeaseLost,
                     // Its lease released, its memory freed: the message comes back when due.
                     Next::Suspend => return Exit::Passivated,
+                }
+                if reload {
+                    cell = match recover().await {
+                        Ok(c) => c,
+                        Err(RecoverError::Store(e)) => return Exit::Failed(e),
+                        Err(RecoverError::Unrecoverable(reason)) => {
+                            return Exit::Park(Park::new(io.config.node.clone(), &reason));
+                        }
+                        Err(RecoverError::Declined(reason)) => return Exit::Declined(reason),
+                    }
                 }
             }
             Ok(None) => {

@@ -80,7 +80,7 @@ pub(crate) struct Cell<A: Actor> {
     retired: bool,
     /// Set when the state could not be put back after a failed turn (its serde is not a round
     /// trip): what is in memory is not what is journaled, so the cell is reloaded from the
-    /// journal before anything else runs on it (`process`).
+    /// journal before anything else runs on it (`activation.rs` `serve`).
     diverged: bool,
 }
 
@@ -155,13 +155,14 @@ impl<A: Actor> Cell<A> {
         {
             tracing::trace!("no OpenTelemetry layer records the invocation span");
         }
-        let next = self.process_inner(io, shared, d).instrument(span).await;
-        match next {
-            // Nothing more runs on a state that is not the journal's: the journal's is
-            // recovered (and an actor whose journaled state does not decode is parked).
-            Next::Backoff(_) | Next::Continue(_) | Next::Drained if self.diverged => Next::Reload,
-            other => other,
-        }
+        self.process_inner(io, shared, d).instrument(span).await
+    }
+
+    /// Whether what is in memory is no longer the journal's state (see `diverged`): the cell
+    /// must be reloaded before it processes anything else (an actor whose journaled state
+    /// does not decode is then parked).
+    pub(crate) fn diverged(&self) -> bool {
+        self.diverged
     }
 
     async fn process_inner(&mut self, io: &Io, shared: &Arc<Shared>, d: Delivery) -> Next {
