@@ -50,9 +50,10 @@ pub(super) struct MessagesOf<A>(pub(super) std::marker::PhantomData<fn() -> A>);
 
 impl<A: Actor> Messages for MessagesOf<A> {
     fn check_message(&self, payload: &serde_json::Value) -> Result<(), String> {
-        <A::Message as serde::Deserialize>::deserialize(payload)
+        // On the sender's task (an HTTP request's, say): a panic of the type's own serde code
+        // is a bad message, as in the actor (`cell::serde_guard`).
+        super::cell::serde_guard(|| <A::Message as serde::Deserialize>::deserialize(payload))
             .map(drop)
-            .map_err(|e| e.to_string())
     }
 }
 

@@ -923,7 +923,7 @@ pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
 /// Runs the actor's types' serde code in `f`, which may panic (a hand-written `Serialize` or
 /// `Deserialize`): a panic is an error naming it, as a serde error is, and never the end of the
 /// actor's task.
-fn serde_guard<T>(f: impl FnOnce() -> serde_json::Result<T>) -> Result<T, String> {
+pub(super) fn serde_guard<T>(f: impl FnOnce() -> serde_json::Result<T>) -> Result<T, String> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(p) => Err(format!("its serde code panicked: {}", panic_message(&p))),

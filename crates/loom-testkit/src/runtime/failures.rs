@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use loom_core::runtime::{AskError, SendError};
+use loom_core::runtime::{AskError, SendError, SendOptions};
 use loom_core::{ActorId, EntryKind, Envelope};
 use serde_json::json;
 
@@ -85,8 +85,9 @@ async fn panicking_handler_fails_only_that_invocation(h: &Harness) {
 /// what it was decoding or encoding, as a panicking handler does: a message that does not
 /// decode is dead-lettered at once, one whose state does not encode after its retries, each
 /// with the panic, and the actor goes on with the next; so does a handler written as a plain
-/// `fn` that panics before it makes its future; a state that does not decode when the actor
-/// recovers parks it, naming the panic. (A panic while decoding a message once ended the
+/// `fn` that panics before it makes its future; a JSON message is refused before it is sent
+/// (`BadMessage`), not a panic of the sender's task; a state that does not decode when the
+/// actor recovers parks it, naming the panic. (A panic while decoding a message once ended the
 /// actor's task and left the actor active with no task: it took every wake-up and never ran
 /// again on that node.)
 async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
@@ -102,6 +103,19 @@ async fn panicking_serde_code_fails_only_what_it_touches(h: &Harness) {
             .unwrap();
     }
     let touchy = rt.actor::<Touchy>("t").unwrap();
+    // Sent as JSON (as the HTTP ingress sends), the message the runtime checks before it
+    // sends is refused as bad, not a panic of the sender's task.
+    match rt
+        .any_actor(<Touchy as loom_core::runtime::Actor>::KIND, "t")
+        .unwrap()
+        .send_json(json!(Touchy::POISON_IN), SendOptions::default())
+        .await
+    {
+        Err(SendError::BadMessage { error, .. }) => {
+            assert!(error.contains("decoding the message blew up"), "{error}")
+        }
+        other => panic!("expected BadMessage, got {other:?}"),
+    }
     assert_eq!(touchy.ask(TouchyWord("fine".into())).await.unwrap(), 4);
     let dead = h.store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.len(), 3, "{dead:?}");
