@@ -200,18 +200,34 @@ async fn left_in_outbox<'e>(
     .expect("insert");
 }
 
+/// The `relay` function of the store in `schema` as defined now, and the same with `line` run
+/// first in its body (to break it or slow it down, as a test needs).
+async fn relay_with_first_line(pool: &sqlx::PgPool, schema: &str, line: &str) -> (String, String) {
+    let definition: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_get_functiondef('{schema}.relay(integer[], integer)'::regprocedure)"
+    )))
+    .fetch_one(pool)
+    .await
+    .expect("the relay function's definition");
+    let changed = definition.replacen("\nBEGIN\n", &format!("\nBEGIN\n    {line}\n"), 1);
+    assert_ne!(changed, definition, "the body has a BEGIN line");
+    (definition, changed)
+}
+
+/// The first of `actors` in partition `p` of [`N`].
+fn in_partition(actors: &[ActorId], p: u32) -> ActorId {
+    actors
+        .iter()
+        .find(|a| partition_of(a, N) == p)
+        .cloned()
+        .expect("an actor in every partition")
+}
+
 /// Senders' partitions 0 and 1, and a recipient in partition 2 (the one to be held back) and
 /// one in 3: actors `<stem>...` of a store of [`N`].
 fn two_senders_two_recipients(stem: &str) -> (u32, u32, ActorId, ActorId) {
     let actors = spread_in(N, stem, 1);
-    let in_partition = |p: u32| {
-        actors
-            .iter()
-            .find(|a| partition_of(a, N) == p)
-            .cloned()
-            .expect("an actor in every partition")
-    };
-    (0, 1, in_partition(2), in_partition(3))
+    (0, 1, in_partition(&actors, 2), in_partition(&actors, 3))
 }
 
 /// A recipient's mailbox row held by a long transaction holds back only the messages for it: a
@@ -577,18 +593,8 @@ async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
     let url = server.url();
     let store = connect(&url, "sick", Some(N)).await.expect("connect");
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-    let definition: String = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('sick.relay(integer[], integer)'::regprocedure)",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("the relay function's definition");
-    let broken = definition.replacen(
-        "\nBEGIN\n",
-        "\nBEGIN\n    RAISE EXCEPTION 'relay broken by the test';\n",
-        1,
-    );
-    assert_ne!(broken, definition, "the body has a BEGIN line");
+    let (definition, broken) =
+        relay_with_first_line(&pool, "sick", "RAISE EXCEPTION 'relay broken by the test';").await;
     let (p1, p2) = (pool.clone(), pool);
     loom_testkit::conformance::partitions::a_relay_that_cannot_move_shows_in_the_runtimes_health(
         std::sync::Arc::new(store),
@@ -620,23 +626,10 @@ async fn pushes_that_never_pause_do_not_hold_off_the_sweep() {
     let url = server.url();
     let store = std::sync::Arc::new(connect(&url, "busy", Some(N)).await.expect("connect"));
     let actors = spread_in(N, "busy", 1);
-    let of = |p: u32| {
-        actors
-            .iter()
-            .find(|a| partition_of(a, N) == p)
-            .cloned()
-            .expect("an actor in every partition")
-    };
+    let of = |p: u32| in_partition(&actors, p);
     let (recipient, swept) = (of(5), of(7));
     let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-    let definition: String = sqlx::query_scalar(
-        "SELECT pg_get_functiondef('busy.relay(integer[], integer)'::regprocedure)",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("the relay function's definition");
-    let slow = definition.replacen("\nBEGIN\n", "\nBEGIN\n    PERFORM pg_sleep(0.05);\n", 1);
-    assert_ne!(slow, definition, "the body has a BEGIN line");
+    let (_, slow) = relay_with_first_line(&pool, "busy", "PERFORM pg_sleep(0.05);").await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(slow))
         .execute(&pool)
         .await

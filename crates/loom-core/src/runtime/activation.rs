@@ -335,6 +335,16 @@ enum Exit {
     Panicked(String),
 }
 
+/// Leaves `id` alone for a while ([`PARK_RECHECK`]): `ensure_active` does not activate it
+/// before then (a park, a decline, a panic that may come back at every activation).
+fn look_again_later(shared: &Shared, id: &ActorId) {
+    shared
+        .parked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), Instant::now() + PARK_RECHECK);
+}
+
 /// Takes an activation out of `active` when its task ends, however it ends: a panic that
 /// escapes even `run`'s net (a value of the actor's dropped as a lost lease ends `serve`)
 /// included. An actor left in `active` with no task would take every wake-up and never run.
@@ -423,11 +433,7 @@ async fn run<A: Actor>(
                     tracing::error!(actor = %id, reason = %park.reason, error = %e, "actor stopped, but its park could not be recorded; it will be tried again")
                 }
             }
-            shared
-                .parked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), Instant::now() + PARK_RECHECK);
+            look_again_later(&shared, &id);
         }
         Exit::Failed(e) => {
             tracing::warn!(actor = %id, error = %e, "actor stopped on a store failure; it is activated again when it has work")
@@ -436,22 +442,14 @@ async fn run<A: Actor>(
             tracing::error!(actor = %id, %panic, "the actor's task panicked outside its handler; it is activated again after a while when it has work, and a message that keeps doing this is dead-lettered after its deliveries");
             // Not at once: a panic that comes back at every activation (before any message is
             // leased) would otherwise replay the actor at every scan.
-            shared
-                .parked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), Instant::now() + PARK_RECHECK);
+            look_again_later(&shared, &id);
         }
         Exit::Declined(reason) => {
             shared.metrics.count(Count::Declined, A::KIND, 1);
             tracing::warn!(actor = %id, %reason, "actor left to a node running newer code; its messages wait for one");
             // Looked at again after a while, as a parked actor is; the store has no park, so
             // the next look activates it, and declines again while this code is older.
-            shared
-                .parked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), Instant::now() + PARK_RECHECK);
+            look_again_later(&shared, &id);
         }
     }
     // The partition's lease stays with the partition (`ownership.rs`): nothing to release.
