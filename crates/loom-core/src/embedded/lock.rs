@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{StoreError, StoreResult};
 use crate::time::Timestamp;
@@ -11,6 +12,21 @@ use super::tables::BACKEND;
 
 /// Name of the lock file inside the data directory.
 pub const LOCK_FILE: &str = "LOCK";
+
+/// How long a refused opener keeps trying before it says who holds the directory.
+///
+/// A `flock` lock belongs to the open file, and a child process that this process starts
+/// shares its open files from the moment it is forked until it runs its program, when the
+/// close-on-exec files (all of ours) are closed. So a store closed by one thread while another
+/// thread starts a program stays locked until that child gets to `exec`: usually microseconds,
+/// but a loaded machine can leave the child unscheduled for much longer. A program that
+/// opens the directory right after it was closed (a `loom` command run by the application
+/// that just shut its store) would be refused by a lock no one holds any more. Waiting this
+/// long covers that window; a directory that is really in use is refused after it.
+const LOCK_PATIENCE: Duration = Duration::from_secs(1);
+
+/// How often a refused opener tries again within [`LOCK_PATIENCE`].
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 /// An exclusive lock on a data directory, held until dropped (or the process dies: the kernel
 /// releases `flock` locks with the process, so a crash never leaves a stale lock).
@@ -31,7 +47,13 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| StoreError::storage(BACKEND, with_path(e, &path)))?;
-        match file.try_lock() {
+        let patience = Instant::now() + LOCK_PATIENCE;
+        let mut tried = file.try_lock();
+        while matches!(tried, Err(TryLockError::WouldBlock)) && Instant::now() < patience {
+            std::thread::sleep(LOCK_RETRY);
+            tried = file.try_lock();
+        }
+        match tried {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -93,4 +115,47 @@ pub(super) struct PathError {
     path: PathBuf,
     #[source]
     source: std::io::Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    use super::*;
+
+    /// A child being launched on another thread shares the lock's open file until it runs its
+    /// program: a directory closed meanwhile is still locked for that time. The opener waits
+    /// that out instead of naming a holder that has gone.
+    #[test]
+    fn a_lock_shared_with_a_child_being_launched_is_waited_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lock = DirLock::acquire(dir.path()).expect("lock");
+        let (mut forked, tell) = std::io::pipe().expect("pipe");
+        let launcher = std::thread::spawn(move || {
+            let mut cmd = Command::new("true");
+            // SAFETY: between fork and exec the child only calls write(2) and nanosleep(2),
+            // both async-signal-safe, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    (&tell).write_all(b"f")?;
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(())
+                });
+            }
+            cmd.status()
+        });
+        let mut byte = [0u8; 1];
+        forked.read_exact(&mut byte).expect("the child was forked");
+        drop(lock);
+        // The child still holds the lock: a plain attempt is refused...
+        let file = File::open(dir.path().join(LOCK_FILE)).expect("lock file");
+        assert!(matches!(file.try_lock(), Err(TryLockError::WouldBlock)));
+        drop(file);
+        // ... but an opener waits until the child runs its program and lets go.
+        DirLock::acquire(dir.path()).expect("the lock, once the child has run its program");
+        let status = launcher.join().expect("launcher").expect("child ran");
+        assert!(status.success());
+    }
 }
