@@ -348,6 +348,15 @@ async fn messages_to_a_partition_that_fails_and_reopens_wait_and_arrive_once_whi
     if let Ok(p) = store.pending(&receivers[0]).await {
         assert_eq!(p, 6, "a move into a failed partition was acknowledged");
     }
+    // The store says so (rule D16: `Runtime::health` shows it), naming the partition whose
+    // outbox cannot be moved (and maybe partition 1's own, which it cannot read while it
+    // reopens).
+    wait_for("the relay's failure shows", async || {
+        store
+            .relay_failure()
+            .is_some_and(|f| f.partitions.contains(&0) && f.failures >= 1)
+    })
+    .await;
 
     // It recovers: the store reopens it by itself, and the relay moves what waited, once.
     broken.store(false, Ordering::SeqCst);
@@ -366,6 +375,10 @@ async fn messages_to_a_partition_that_fails_and_reopens_wait_and_arrive_once_whi
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    wait_for("the relay's failure clears", async || {
+        store.relay_failure().is_none()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         pending(&store, &receivers).await,

@@ -41,6 +41,9 @@ pub struct Faults {
     pub hang_renewals: AtomicBool,
     /// Fail the next N mailbox `lease` calls.
     pub fail_leases: AtomicU32,
+    /// Panic in the next N mailbox `lease` calls, as a store (or code under it) with a bug
+    /// would, where the runtime calls it outside any handler.
+    pub panic_leases: AtomicU32,
     /// Fail the next N journal reads (`read`, `info`, `load_snapshot`).
     pub fail_reads: AtomicU32,
     /// Percent of writes (appends, turns, enqueues, leases, acks, nacks) refused at random.
@@ -338,6 +341,10 @@ impl Mailbox for FaultyStore {
         if self.faults.take(&self.faults.fail_leases) {
             return Err(injected("lease"));
         }
+        assert!(
+            !self.faults.take(&self.faults.panic_leases),
+            "a lease blew up (injected)"
+        );
         let leased = self.write("lease", self.inner.lease(actor, opts)).await;
         if matches!(leased, Ok(None)) {
             self.faults.empty_leases.fetch_add(1, Ordering::Relaxed);
