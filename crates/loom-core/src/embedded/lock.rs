@@ -3,7 +3,6 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use crate::error::{StoreError, StoreResult};
 use crate::time::Timestamp;
@@ -13,27 +12,27 @@ use super::tables::BACKEND;
 /// Name of the lock file inside the data directory.
 pub const LOCK_FILE: &str = "LOCK";
 
-/// How long a refused opener keeps trying before it says who holds the directory.
-///
-/// A `flock` lock belongs to the open file, and a child process that this process starts
-/// shares its open files from the moment it is forked until it runs its program, when the
-/// close-on-exec files (all of ours) are closed. So a store closed by one thread while another
-/// thread starts a program stays locked until that child gets to `exec`: usually microseconds,
-/// but a loaded machine can leave the child unscheduled for much longer. A program that
-/// opens the directory right after it was closed (a `loom` command run by the application
-/// that just shut its store) would be refused by a lock no one holds any more. Waiting this
-/// long covers that window; a directory that is really in use is refused after it.
-const LOCK_PATIENCE: Duration = Duration::from_secs(1);
-
-/// How often a refused opener tries again within [`LOCK_PATIENCE`].
-const LOCK_RETRY: Duration = Duration::from_millis(10);
-
 /// An exclusive lock on a data directory, held until dropped (or the process dies: the kernel
 /// releases `flock` locks with the process, so a crash never leaves a stale lock).
 #[derive(Debug)]
 pub(super) struct DirLock {
-    // Held for its lock; closing the file releases it.
-    _file: File,
+    // Held for its lock, which dropping it releases.
+    file: File,
+}
+
+/// Unlocks explicitly instead of leaving it to the close. A `flock` lock belongs to the open
+/// file, which a child process that another thread is starting shares from its fork until it
+/// runs its program: closed here meanwhile, the directory would stay locked until then, and a
+/// program that opens it right after (a `loom` command run by the application that just shut
+/// its store) would be refused by a lock nobody holds. An unlock through any copy releases it
+/// for all.
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        if let Err(e) = self.file.unlock() {
+            // The close right after releases it once every copy is closed.
+            tracing::warn!(error = %e, "could not unlock the data directory's lock file; it is released when the file is closed");
+        }
+    }
 }
 
 impl DirLock {
@@ -47,13 +46,7 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| StoreError::storage(BACKEND, with_path(e, &path)))?;
-        let patience = Instant::now() + LOCK_PATIENCE;
-        let mut tried = file.try_lock();
-        while matches!(tried, Err(TryLockError::WouldBlock)) && Instant::now() < patience {
-            std::thread::sleep(LOCK_RETRY);
-            tried = file.try_lock();
-        }
-        match tried {
+        match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -89,7 +82,7 @@ impl DirLock {
             file.sync_data()
         };
         write(&mut file).map_err(|e| StoreError::storage(BACKEND, with_path(e, &path)))?;
-        Ok(DirLock { _file: file })
+        Ok(DirLock { file })
     }
 }
 
@@ -126,10 +119,10 @@ mod tests {
     use super::*;
 
     /// A child being launched on another thread shares the lock's open file until it runs its
-    /// program: a directory closed meanwhile is still locked for that time. The opener waits
-    /// that out instead of naming a holder that has gone.
+    /// program: the lock dropped meanwhile is released at once all the same, not when the
+    /// child gets to `exec`.
     #[test]
-    fn a_lock_shared_with_a_child_being_launched_is_waited_for() {
+    fn a_lock_shared_with_a_child_being_launched_is_released_when_dropped() {
         let dir = tempfile::tempdir().expect("temp dir");
         let lock = DirLock::acquire(dir.path()).expect("lock");
         let (mut forked, tell) = std::io::pipe().expect("pipe");
@@ -140,7 +133,7 @@ mod tests {
             unsafe {
                 cmd.pre_exec(move || {
                     (&tell).write_all(b"f")?;
-                    std::thread::sleep(Duration::from_millis(300));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
                     Ok(())
                 });
             }
@@ -148,13 +141,10 @@ mod tests {
         });
         let mut byte = [0u8; 1];
         forked.read_exact(&mut byte).expect("the child was forked");
+        // The child holds a copy of the lock's open file for two more seconds.
         drop(lock);
-        // The child still holds the lock: a plain attempt is refused...
-        let file = File::open(dir.path().join(LOCK_FILE)).expect("lock file");
-        assert!(matches!(file.try_lock(), Err(TryLockError::WouldBlock)));
-        drop(file);
-        // ... but an opener waits until the child runs its program and lets go.
-        DirLock::acquire(dir.path()).expect("the lock, once the child has run its program");
+        DirLock::acquire(dir.path())
+            .expect("the lock, released though the child still holds the file");
         let status = launcher.join().expect("launcher").expect("child ran");
         assert!(status.success());
     }

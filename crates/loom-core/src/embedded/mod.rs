@@ -351,8 +351,7 @@ impl EmbeddedStore {
     /// Opens (creating if needed) the store in directory `dir`.
     ///
     /// Fails with [`StoreError::Locked`] if another process (or another store in this process)
-    /// has the directory open, after trying again for a second (a directory closed a moment
-    /// ago can stay locked briefly while a program this process starts is being launched).
+    /// has the directory open.
     pub fn open(dir: impl AsRef<Path>) -> StoreResult<Self> {
         Self::open_with(dir, EmbeddedOptions::default())
     }
