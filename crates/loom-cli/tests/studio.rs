@@ -335,6 +335,19 @@ fn a_running_app_serves_studio_with_live_counters() {
         // Without LOOM_TOKEN the bank's admin API only reads.
         let resp = http.post(format!("{base}/api/parked/account/a0/unpark")).send().await.expect("request");
         assert_eq!(resp.status().as_u16(), 403, "a write without a token");
+        // A page whose name is rebound to this address reaches neither the actors nor Studio.
+        let port = base.rsplit(':').next().expect("port");
+        let rebound = format!("rebound.example:{port}");
+        let resp = http
+            .post(format!("{base}/actors/account/live-c/ask"))
+            .header("host", &rebound)
+            .json(&json!({"Open": 5}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 403, "an ask under a rebound name");
+        let resp = http.get(format!("{base}/api/actors")).header("host", &rebound).send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), 403, "a read under a rebound name");
         c.close().await.expect("close the browser");
     });
     drop(driver);

@@ -125,16 +125,28 @@ async fn guard_writes(State(s): State<Admin>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// Refuses a request whose `Host` is not one of `hosts`, unless `hosts` is empty.
+pub(crate) fn allowed_host(
+    hosts: &[String],
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        Ok(())
+    } else {
+        Err(ApiError::ForbiddenHost(host.to_owned()))
+    }
+}
+
 async fn guard(s: &Admin, req: Request, next: Next) -> Response {
-    if !s.opts.hosts.is_empty() {
-        let host = req
-            .headers()
-            .get(axum::http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !s.opts.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-            return ApiError::ForbiddenHost(host.to_owned()).into_response();
-        }
+    if let Err(e) = allowed_host(&s.opts.hosts, req.headers()) {
+        return e.into_response();
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         if !s.opts.allow_writes {

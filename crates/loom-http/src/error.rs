@@ -30,8 +30,9 @@ pub enum ApiError {
         "this admin API only reads (start it with writes allowed: `loom serve --allow-writes`, with LOOM_TOKEN set)"
     )]
     WritesDisabled,
-    /// `403 forbidden_host`: a request to the admin API under a `Host` it does not serve.
-    #[error("this admin API does not serve host {0:?}")]
+    /// `403 forbidden_host`: a request to the admin API or the ingress under a `Host` it does
+    /// not serve.
+    #[error("this server does not serve host {0:?}")]
     ForbiddenHost(String),
     /// `404 not_found`: no such dead letter, parked actor, or kept state.
     #[error("{0}")]

@@ -24,6 +24,10 @@
 //! - `traceparent` (W3C trace context): the caller's span is the parent of the invocation
 //!   that handles the message.
 //! - `Authorization: Bearer <token>` when [`Options::token`] is set, compared in constant time.
+//! - `Host`: one of [`Options::hosts`] when it is not empty (`403 forbidden_host`
+//!   otherwise). A page whose name an attacker rebinds to this address (DNS rebinding) reaches
+//!   the ingress as its own origin, where the JSON check above stops nothing; its requests
+//!   carry its own name. [`AdminOptions::hosts_for`] gives a loopback listener's own names.
 //!
 //! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`
 //! (send). Every error is JSON, `{"error": code, "message": text}` with a status that says
@@ -47,8 +51,13 @@
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let rt = Runtime::builder().embedded("./loom-data").register_actor(Counter).start().await?;
-//! let app = loom_http::router(rt.clone(), loom_http::Options::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let opts = loom_http::Options {
+//!     // Only under this machine's own names: no other name resolving here reaches it.
+//!     hosts: loom_http::AdminOptions::hosts_for(listener.local_addr()?),
+//!     ..loom_http::Options::default()
+//! };
+//! let app = loom_http::router(rt.clone(), opts);
 //! // curl localhost:8080/actors/counter/visits/ask --json 2   → 2
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
@@ -93,6 +102,13 @@ pub struct Options {
     /// Longest `timeout_ms` an ask may give (default 5 minutes); an ask without one waits
     /// `Config::ask_timeout`.
     pub max_ask_timeout: Duration,
+    /// When not empty, the only `Host` headers served (compared without regard to case);
+    /// a request under any other name is refused with `403 forbidden_host` before anything
+    /// is sent. A web page whose name is rebound to this address (DNS rebinding) sends as its
+    /// own origin, without the browser asking first, but under its own name. Give a loopback
+    /// listener [`AdminOptions::hosts_for`] its address; empty (the default) serves any name,
+    /// for an ingress behind a proxy that checks the host.
+    pub hosts: Vec<String>,
 }
 
 impl Default for Options {
@@ -101,6 +117,7 @@ impl Default for Options {
             token: None,
             max_body_bytes: loom_core::limits::MAX_MESSAGE_BYTES,
             max_ask_timeout: Duration::from_secs(300),
+            hosts: Vec::new(),
         }
     }
 }
@@ -127,8 +144,11 @@ pub fn router(rt: Runtime, opts: Options) -> Router {
         .with_state(state)
 }
 
-/// Refuses a request without the configured bearer token.
+/// Refuses a request under a host name not allowed, or without the configured bearer token.
 async fn authorize(State(s): State<Ingress>, req: Request, next: Next) -> Response {
+    if let Err(e) = admin::allowed_host(&s.opts.hosts, req.headers()) {
+        return e.into_response();
+    }
     if let Some(token) = &s.opts.token
         && !authorized(req.headers(), token)
     {

@@ -310,6 +310,60 @@ async fn a_token_is_required_when_one_is_set() {
     rt.shutdown().await;
 }
 
+/// DNS rebinding: a page whose name an attacker points at this machine sends to the ingress as
+/// its own origin, so the browser does not ask first, and the JSON check stops nothing; its
+/// requests carry its own name in `Host`, and an ingress given its own names refuses them
+/// before anything is sent.
+#[tokio::test]
+async fn a_request_under_another_host_name_is_refused_when_names_are_set() {
+    let rt = start().await;
+    let bound: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("address");
+    let app = loom_http::router(
+        rt.clone(),
+        Options {
+            hosts: loom_http::AdminOptions::hosts_for(bound),
+            ..Options::default()
+        },
+    );
+    for host in [Some("rebound.example:8080"), Some("localhost:9999"), None] {
+        for path in ["/actors/tickets/t1/ask", "/actors/tickets/t1/send"] {
+            let mut r = post(path);
+            if let Some(h) = host {
+                r = r.header("host", h);
+            }
+            let (s, b) = call(&app, r.body(Body::from(r#"{"Add": 1}"#)).expect("request")).await;
+            assert_eq!(
+                (s, &b["error"]),
+                (StatusCode::FORBIDDEN, &json!("forbidden_host")),
+                "{host:?} {path}: {b}"
+            );
+        }
+    }
+    let id = ActorId::new("tickets", "t1").expect("id");
+    assert_eq!(
+        rt.store().pending(&id).await.expect("pending"),
+        0,
+        "a refused request sent"
+    );
+    assert_eq!(rt.metrics().invocations, 0, "a refused request ran");
+    for host in [
+        "localhost:8080",
+        "LOCALHOST:8080",
+        "127.0.0.1:8080",
+        "[::1]:8080",
+    ] {
+        let r = post("/actors/tickets/t1/ask").header("host", host);
+        let (s, b) = call(&app, r.body(Body::from(r#"{"Add": 1}"#)).expect("request")).await;
+        assert_eq!(s, StatusCode::OK, "{host}: {b}");
+    }
+    // Without names (the default, as behind a proxy that checks them), any host is served.
+    let open = loom_http::router(rt.clone(), Options::default());
+    let r = post("/actors/tickets/t1/ask").header("host", "rebound.example:8080");
+    let (s, b) = call(&open, r.body(Body::from(r#"{"Add": 1}"#)).expect("request")).await;
+    assert_eq!((s, b), (StatusCode::OK, json!(5)));
+    rt.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_caller_trace_is_carried_into_the_message() {
     let rt = start().await;

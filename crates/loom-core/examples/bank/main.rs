@@ -259,8 +259,11 @@ async fn serve(
             "note: Loom Studio and the admin API are served on a loopback address only (they let whoever reaches them read every actor); not on {bound}"
         );
     }
+    // The actors under this machine's own names only, on a loopback address: a page whose
+    // name is rebound here (DNS rebinding) cannot reach them through a visitor's browser.
     let opts = loom_http::Options {
         token,
+        hosts: loom_http::AdminOptions::hosts_for(bound),
         ..loom_http::Options::default()
     };
     let mut app =
