@@ -349,14 +349,12 @@ impl AnyActorRef {
         let actor = env.to.clone();
         let timeout = opts.timeout.unwrap_or(self.rt.shared.config.ask_timeout);
         let hub = self.rt.shared.hub.clone();
+        // Dropped however the ask ends (its caller's future too), it leaves nothing in the hub.
         let mut local = hub.wait_reply(&actor, &key);
         let recorded = match self.rt.enqueue_once(env, None, &key).await {
             Ok(Enqueued::Duplicate(Reservation::Completed(v))) => Some(v),
             Ok(_) => None,
-            Err(e) => {
-                hub.prune(&actor, &key);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         let value = match recorded {
             Some(v) => v,
@@ -376,13 +374,11 @@ impl AnyActorRef {
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
-                        hub.prune(&actor, &key);
                         return Err(AskError::Timeout(timeout));
                     }
                     // A store that keeps failing cannot produce the reply: say so now instead
                     // of at the timeout.
                     if let Some(error) = self.rt.shared.health.keeps_failing(FAILING_GIVES_UP_ASK) {
-                        hub.prune(&actor, &key);
                         return Err(AskError::Store { error, key });
                     }
                     tokio::select! {
@@ -402,7 +398,6 @@ impl AnyActorRef {
                                 Err(error) => {
                                     let since = *lookups_failing.get_or_insert_with(tokio::time::Instant::now);
                                     if since.elapsed() >= FAILING_GIVES_UP_ASK {
-                                        hub.prune(&actor, &key);
                                         return Err(AskError::Store { error, key });
                                     }
                                     tracing::debug!(actor = %actor, error = %error, "could not look for the reply; trying again");
@@ -413,7 +408,6 @@ impl AnyActorRef {
                 }
             }
         };
-        hub.prune(&actor, &key);
         Ok(value)
     }
 

@@ -54,18 +54,19 @@ impl Hub {
         }
     }
 
-    /// Registers a local caller waiting for the result recorded under `key`.
-    pub(crate) fn wait_reply(
-        &self,
-        actor: &ActorId,
-        key: &IdempotencyKey,
-    ) -> oneshot::Receiver<Value> {
+    /// Registers a local caller waiting for the result recorded under `key`. The wait leaves
+    /// nothing behind when it is dropped, however the caller ends: answered, given up, or its
+    /// own future dropped (an HTTP client gone, a `select!` or a timeout around the ask).
+    pub(crate) fn wait_reply(self: &Arc<Self>, actor: &ActorId, key: &IdempotencyKey) -> ReplyWait {
         let (tx, rx) = oneshot::channel();
         let mut map = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((actor.clone(), key.clone()))
-            .or_default()
-            .push(tx);
-        rx
+        let k = (actor.clone(), key.clone());
+        map.entry(k.clone()).or_default().push(tx);
+        ReplyWait {
+            rx: Some(rx),
+            hub: self.clone(),
+            key: k,
+        }
     }
 
     /// Hands a recorded result to the local callers waiting for it.
@@ -86,15 +87,86 @@ impl Hub {
         map.contains_key(&(actor.clone(), key.clone()))
     }
 
-    /// Drops waiters that gave up on `key`.
-    pub(crate) fn prune(&self, actor: &ActorId, key: &IdempotencyKey) {
+    /// Drops the waiters of `key` that gave up (their receivers are gone).
+    fn prune(&self, k: &Key) {
         let mut map = self.replies.lock().unwrap_or_else(|p| p.into_inner());
-        let k = (actor.clone(), key.clone());
-        if let Some(v) = map.get_mut(&k) {
+        if let Some(v) = map.get_mut(k) {
             v.retain(|tx| !tx.is_closed());
             if v.is_empty() {
-                map.remove(&k);
+                map.remove(k);
             }
         }
+    }
+
+    /// How many results local callers wait for.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.replies.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A local caller's wait for a recorded result ([`Hub::wait_reply`]): a future of the result,
+/// which takes its sender out of the hub when dropped. (An `Err` says the hub dropped the
+/// sender unanswered; wait again.)
+pub(crate) struct ReplyWait {
+    // `Some` until dropped: the receiver goes first, so that the prune sees it gone.
+    rx: Option<oneshot::Receiver<Value>>,
+    hub: Arc<Hub>,
+    key: Key,
+}
+
+impl std::future::Future for ReplyWait {
+    type Output = Result<Value, oneshot::error::RecvError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.rx.as_mut() {
+            Some(rx) => std::pin::Pin::new(rx).poll(cx),
+            // Never polled after it is dropped.
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for ReplyWait {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        self.hub.prune(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait dropped before its answer (its caller's future dropped) leaves no sender behind,
+    /// while another caller's wait for the same result is kept; an answered one leaves none.
+    #[tokio::test]
+    async fn a_wait_dropped_unanswered_leaves_nothing_behind() {
+        let hub = Arc::new(Hub::default());
+        let actor = ActorId::new("order", "1").unwrap();
+        let key = IdempotencyKey::new("k").unwrap();
+        let gone = hub.wait_reply(&actor, &key);
+        let kept = hub.wait_reply(&actor, &key);
+        // The caller's future dropped mid-wait, as an HTTP handler is when its client leaves.
+        let caller = tokio::spawn(gone);
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        assert_eq!(hub.waiting(), 1, "the other caller still waits");
+        hub.reply(&actor, &key, &serde_json::json!(7));
+        assert_eq!(kept.await.unwrap(), serde_json::json!(7));
+        assert_eq!(hub.waiting(), 0);
+        for i in 0..100 {
+            let key = IdempotencyKey::new(format!("k{i}")).unwrap();
+            let wait = hub.wait_reply(&actor, &key);
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(1), wait)
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(hub.waiting(), 0, "timed-out waits were left behind");
     }
 }
