@@ -365,9 +365,9 @@ enum DeadLetterCommand {
         /// Only those after this id.
         #[arg(long)]
         after: Option<u64>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// At most this many (at least 1).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
     },
     /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time in
     /// UTC, or an age such as `7d` or `36h` on this machine's clock), or all of them. A caller
@@ -424,7 +424,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let s = &store.open(&ns).await?;
             match command {
                 DeadLetterCommand::Ls { after, limit } => {
-                    admin::dead_letters(s, after, limit, json).await
+                    // Parsed as at most u64::MAX: a usize on every platform Loom runs on.
+                    admin::dead_letters(s, after, usize::try_from(limit).unwrap_or(usize::MAX), json).await
                 }
                 DeadLetterCommand::Requeue { id } => admin::requeue(s, id, json).await,
                 DeadLetterCommand::Purge {

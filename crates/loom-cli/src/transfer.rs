@@ -22,7 +22,7 @@
 //! its journals before it writes anything, so a damaged or truncated file is refused whole.
 //! Dead letters are not exported: requeue them first, or inspect them in the source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
@@ -133,6 +133,29 @@ async fn copy_message(
     Ok(())
 }
 
+/// Waits until the store's relay (this process's, which opening a store of several partitions
+/// starts) has moved every message out of the outboxes: a message still in an outbox is in no
+/// mailbox yet, and a copy reads the mailboxes.
+async fn drain_outboxes(store: &dyn Store) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let waiting: u64 = store.relay_backlog().await?.iter().map(|b| b.waiting).sum();
+        if waiting == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let why = store
+                .relay_failure()
+                .map(|f| format!(" (its relay fails: {})", f.latest))
+                .unwrap_or_default();
+            return Err(Failure(format!(
+                "{waiting} messages are still in the source's outboxes, on their way between partitions, after a minute{why}; nothing was written"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
     if path.exists() {
         return Err(Failure(format!(
@@ -140,6 +163,7 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
             path.display()
         )));
     }
+    drain_outboxes(store).await?;
     let tmp = path.with_extension("partial");
     let file = std::fs::File::create(&tmp)
         .map_err(|e| Failure(format!("cannot create {}: {e}", tmp.display())))?;
@@ -235,7 +259,7 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
 }
 
 /// Checks an export file whole: returns its counts and the journals it holds.
-fn check(path: &Path) -> Result<(Counts, Vec<ActorId>), Failure> {
+fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failure> {
     let file = std::fs::File::open(path)
         .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
     let bad = |n: usize, what: String| {
@@ -247,6 +271,7 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>), Failure> {
     let mut crc = crc32fast::Hasher::new();
     let mut counts = Counts::default();
     let mut journals = Vec::new();
+    let mut recipients = BTreeSet::new();
     // The journal being read: actor, next seq expected, last seq, snapshots still expected.
     let mut current: Option<(ActorId, Seq, Seq, usize)> = None;
     let mut ended = None;
@@ -333,9 +358,10 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>), Failure> {
                     ));
                 }
             },
-            Line::Message { .. } => {
+            Line::Message { envelope, .. } => {
                 finish_journal(&mut current)?;
                 counts.messages += 1;
+                recipients.insert(envelope.to);
             }
             Line::End(end) => {
                 finish_journal(&mut current)?;
@@ -357,25 +383,74 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>), Failure> {
         }
     }
     let end = ended.ok_or_else(|| bad(n + 1, "no end record: the file is cut off".into()))?;
-    Ok((end, journals))
+    Ok((end, journals, recipients))
 }
 
-/// Refuses a target that already holds any of `journals`.
+/// Refuses, before anything is written, messages waiting in event lanes named for a store of
+/// one partition when the target has several: lanes are named differently in the two
+/// ([`ActorId::renamed_for`]), and such a lane's name does not carry what the new one needs, so
+/// the event's wait on the target would never find it. (Lanes named for several are renamed
+/// for a target of one as they are copied.)
+fn check_lanes<'a>(
+    recipients: impl IntoIterator<Item = &'a ActorId>,
+    target: &dyn Store,
+) -> Result<(), Failure> {
+    let partitions = target.partitions();
+    let stuck: BTreeSet<&ActorId> = recipients
+        .into_iter()
+        .filter(|to| to.renamed_for(partitions).is_none())
+        .collect();
+    match stuck.first() {
+        None => Ok(()),
+        Some(first) => Err(Failure(format!(
+            "{} event lanes (such as {first}) hold waiting events named for a store of one \
+             partition, and the target has {partitions}: lanes are named differently there, and \
+             these cannot be renamed, so their waits would never find them. Let the waiting \
+             events be received first (`loom mailbox ls` lists the `_event/` mailboxes), or \
+             copy into a store of one partition; nothing was written",
+            stuck.len()
+        ))),
+    }
+}
+
+/// `envelope` addressed as the target store names its recipient (an event lane is named
+/// differently in a store of one partition and in one of several); [`check_lanes`] passed.
+fn renamed(mut envelope: Envelope, target: &dyn Store) -> Result<Envelope, Failure> {
+    envelope.to = envelope
+        .to
+        .renamed_for(target.partitions())
+        .ok_or_else(|| {
+            Failure(format!(
+                "{} cannot be renamed for the target's partitions",
+                envelope.to
+            ))
+        })?;
+    Ok(envelope)
+}
+
+/// Refuses a target that already holds any of `journals`, or any waiting message (a copy
+/// would add to them, and a second copy of the same messages would deliver them twice).
 async fn target_is_free(target: &dyn Store, journals: &[ActorId]) -> Result<(), Failure> {
     for a in journals {
         let h = target.highest_seq(a).await?;
         if h != 0 {
             return Err(Failure(format!(
-                "the target store already has a journal for {a} (highest seq {h}); import and migrate write into stores that do not; nothing was written"
+                "the target store already has a journal for {a} (highest seq {h}); import and migrate write into stores that do not (an earlier copy cut short leaves one: start again into an empty store); nothing was written"
             )));
         }
+    }
+    if let Some(a) = target.mailboxes(None, 1).await?.first() {
+        return Err(Failure(format!(
+            "the target store already has waiting messages (for {a}); import and migrate write into stores that have none (an earlier copy cut short leaves some: start again into an empty store); nothing was written"
+        )));
     }
     Ok(())
 }
 
 pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
-    let (counts, journals) = check(path)?;
+    let (counts, journals, recipients) = check(path)?;
     target_is_free(target, &journals).await?;
+    check_lanes(&recipients, target)?;
     let progress = bar(counts.journals, "imported")?;
     let file = std::fs::File::open(path)?;
     let mut batch: Vec<Entry> = Vec::new();
@@ -428,6 +503,7 @@ pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), F
                     flush_journal(target, &a, &mut batch, &mut snapshots).await?;
                     progress.inc(1);
                 }
+                let envelope = renamed(envelope, target)?;
                 copy_message(target, &envelope, deliver_at, cancelling).await?;
             }
             Line::End(_) => {
@@ -482,8 +558,11 @@ async fn fingerprint(store: &dyn Store, a: &ActorId) -> Result<(u64, u32), Failu
 }
 
 pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Result<(), Failure> {
+    drain_outboxes(source).await?;
     let actors = all_actors(source).await?;
     target_is_free(target, &actors).await?;
+    let messages = all_messages(source).await?;
+    check_lanes(messages.iter().map(|(e, _, _)| &e.to), target)?;
     let progress = bar(actors.len() as u64, "copied")?;
     let mut counts = Counts::default();
     for a in &actors {
@@ -510,10 +589,10 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
         counts.journals += 1;
         progress.inc(1);
     }
-    let messages = all_messages(source).await?;
     let mut per_box: BTreeMap<ActorId, u64> = BTreeMap::new();
-    for (envelope, deliver_at, cancelling) in &messages {
-        copy_message(target, envelope, *deliver_at, *cancelling).await?;
+    for (envelope, deliver_at, cancelling) in messages {
+        let envelope = renamed(envelope, target)?;
+        copy_message(target, &envelope, deliver_at, cancelling).await?;
         *per_box.entry(envelope.to.clone()).or_default() += 1;
         counts.messages += 1;
     }
@@ -534,9 +613,30 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
             )));
         }
     }
+    // Parked actors stay parked: their messages wait for `loom parked unpark` there too.
+    let mut parked = 0u64;
+    let mut after: Option<ActorId> = None;
+    loop {
+        let page = source.parked_actors(after.as_ref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (a, park) in &page {
+            target.park(a, park, None).await?;
+            parked += 1;
+        }
+    }
+    // Dead letters are not copied (see RELIABILITY.md): say how many stay behind.
+    let mut dead_left = 0u64;
+    let mut after = None;
+    loop {
+        let page = source.dead_letters(after, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        dead_left += page.len() as u64;
+    }
     for (a, n) in &per_box {
         let got = target.pending(a).await?;
-        if got < *n {
+        if got != *n {
             return Err(Failure(format!(
                 "verification failed for the mailbox of {a}: {n} messages sent, {got} there"
             )));
@@ -545,12 +645,19 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
     if json {
         out(serde_json::json!({
             "journals": counts.journals, "entries": counts.entries, "snapshots": counts.snapshots,
-            "messages": counts.messages, "verified": true
+            "messages": counts.messages, "parked": parked, "dead_letters_left": dead_left,
+            "verified": true
         }))
     } else {
         out(format_args!(
-            "migrated and verified {} journals, {} entries, {} snapshots, {} messages",
+            "migrated and verified {} journals, {} entries, {} snapshots, {} messages, {parked} parked actors",
             counts.journals, counts.entries, counts.snapshots, counts.messages
-        ))
+        ))?;
+        if dead_left > 0 {
+            out(format_args!(
+                "{dead_left} dead letters stay in the source: dead letters are not copied (`loom deadletters ls` lists them there)"
+            ))?;
+        }
+        Ok(())
     }
 }

@@ -92,6 +92,10 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
             "cannot open",
         ),
         (vec!["migrate", "--from", s, "--to", s], "same store"),
+        (
+            vec!["deadletters", "--store", s, "ls", "--limit", "0"],
+            "0 is not in 1..",
+        ),
     ] {
         let (ok_, _, err) = loom(&args);
         assert!(!ok_, "{args:?} succeeded");
@@ -163,6 +167,12 @@ fn round_trip_through(remote: &str, ns: &[&str]) {
         report["snapshots"].as_u64().unwrap() > 0 && report["messages"].as_u64().unwrap() == 2,
         "{report}"
     );
+    // The seeded dead letter is not copied, and the report says so.
+    assert_eq!(
+        (&report["dead_letters_left"], &report["parked"]),
+        (&json!(1), &json!(0)),
+        "{report}"
+    );
     // A second migration into the same place is refused: the target already holds the journals.
     let mut again = ns.to_vec();
     again.extend_from_slice(&["migrate", "--from", s, "--to", remote]);
@@ -196,6 +206,103 @@ fn round_trip_through(remote: &str, ns: &[&str]) {
     assert_eq!(remote_stats.lines().last().unwrap(), stats(s));
     let verified = with_ns(&["journal", "--store", remote, "verify"]);
     assert!(verified.starts_with("ok: 3 journals"), "{verified}");
+}
+
+/// Event lanes are named differently in a store of one partition and in one of several
+/// (`ActorId::event_lane_in`). An event waiting in a lane of a store of several is renamed as it
+/// is copied into a store of one, where the runtime's wait looks for it (before: copied under
+/// its old name, where no wait ever looks, and the copy still "verified"). One waiting in a lane
+/// of a store of one cannot be renamed for a store of several: that copy, by `migrate` or
+/// `import`, is refused before anything is written. A parked actor stays parked.
+#[test]
+fn event_lanes_are_renamed_for_the_target_or_refused() {
+    use loom_core::{EmbeddedOptions, Park, Parking};
+    let work = tempfile::tempdir().expect("temp dir");
+    let dir = |name: &str| work.path().join(name).to_str().unwrap().to_owned();
+    let open = |name: &str, n: u32| {
+        EmbeddedStore::open_with(
+            dir(name),
+            EmbeddedOptions {
+                partitions: Some(n),
+                ..EmbeddedOptions::default()
+            },
+        )
+        .expect("open")
+    };
+    let order = ActorId::new("order", "42").unwrap();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let src = open("several", 2);
+        let lane = order.event_lane_in("paid", 2);
+        src.enqueue(&Envelope::new(lane, json!({ "amount": 5 })), None)
+            .await
+            .unwrap();
+        src.park(&order, &Park::new("node-1", "parked by the test"), None)
+            .await
+            .unwrap();
+    });
+    // Empty targets of one partition and of two.
+    drop(open("one", 1));
+    drop(open("several-again", 2));
+    let out = ok(&[
+        "migrate",
+        "--from",
+        &dir("several"),
+        "--to",
+        &dir("one"),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (&report["messages"], &report["parked"], &report["verified"]),
+        (&json!(1), &json!(1), &json!(true)),
+        "{report}"
+    );
+    rt.block_on(async {
+        let one = EmbeddedStore::open(dir("one")).expect("open");
+        assert_eq!(
+            one.pending(&order.event_lane("paid")).await.unwrap(),
+            1,
+            "the event waits where a store of one names its lane"
+        );
+        assert_eq!(
+            one.pending(&order.event_lane_in("paid", 2)).await.unwrap(),
+            0
+        );
+        assert!(
+            one.parked(&order).await.unwrap().is_some(),
+            "no longer parked"
+        );
+    });
+    // Back into a store of several: refused, nothing written.
+    let refused = |(success, _, err): (bool, String, String)| {
+        assert!(
+            !success && err.contains("cannot be renamed") && err.contains("nothing was"),
+            "{err}"
+        );
+    };
+    refused(loom(&[
+        "migrate",
+        "--from",
+        &dir("one"),
+        "--to",
+        &dir("several-again"),
+    ]));
+    let file = work.path().join("one.jsonl");
+    let file = file.to_str().unwrap();
+    ok(&["export", "--store", &dir("one"), "--out", file]);
+    refused(loom(&[
+        "import",
+        "--store",
+        &dir("several-again"),
+        "--in",
+        file,
+    ]));
+    let listed = ok(&["--json", "mailbox", "--store", &dir("several-again"), "ls"]);
+    assert!(listed.trim().is_empty(), "something was written: {listed}");
+    // Into a store of one, the export imports.
+    drop(open("one-again", 1));
+    ok(&["import", "--store", &dir("one-again"), "--in", file]);
 }
 
 #[test]

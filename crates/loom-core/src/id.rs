@@ -195,6 +195,37 @@ impl ActorId {
         )
     }
 
+    /// This id as a store of `partitions` partitions names it, for a tool that copies messages
+    /// between stores: an event lane is named differently in a store of one partition and in
+    /// one of several ([`event_lane_in`](Self::event_lane_in)). A lane named for several loses
+    /// its owner's hash in a store of one, and keeps it in any other of several; any other id
+    /// is itself. `None` for a lane named for a store of one going to a store of several: its
+    /// name does not carry its owner's hash, so it cannot be renamed.
+    ///
+    /// ```
+    /// use loom_core::ActorId;
+    ///
+    /// let order = ActorId::new("order", "42")?;
+    /// let lane = order.event_lane_in("paid", 8);
+    /// assert_eq!(lane.renamed_for(1), Some(order.event_lane("paid")));
+    /// assert_eq!(lane.renamed_for(3), Some(order.event_lane_in("paid", 3)));
+    /// assert_eq!(order.event_lane("paid").renamed_for(1), Some(order.event_lane("paid")));
+    /// assert_eq!(order.event_lane("paid").renamed_for(8), None);
+    /// assert_eq!(order.renamed_for(8), Some(order.clone()));
+    /// # Ok::<(), loom_core::IdError>(())
+    /// ```
+    pub fn renamed_for(&self, partitions: u32) -> Option<ActorId> {
+        if self.kind() != "_event" {
+            return Some(self.clone());
+        }
+        match self.key().split_once('.') {
+            Some(_) if partitions > 1 => Some(self.clone()),
+            Some((_, lane)) => Some(Self::unchecked("_event", lane)),
+            None if partitions > 1 => None,
+            None => Some(self.clone()),
+        }
+    }
+
     /// The hash that places this id in a partition ([`crate::partition::partition_of`]): FNV-1a
     /// of `kind/key`, except for an event lane of a partitioned store
     /// ([`event_lane_in`](Self::event_lane_in)), which carries its owner's hash in its key, and
