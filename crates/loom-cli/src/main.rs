@@ -158,6 +158,7 @@ enum Command {
         command: RedoCommand,
     },
     /// Writes every journal, snapshot and waiting message to a file (a versioned line format).
+    /// Stop the runtimes using the store first: it copies a store at rest.
     Export {
         #[command(flatten)]
         store: StoreArg,
@@ -165,8 +166,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Reads an export file into a store that holds none of its journals; checks the whole file
-    /// first and writes nothing if anything is wrong with it.
+    /// Reads an export file into a store that holds none of its journals and no message in its
+    /// mailboxes; checks the whole file first and writes nothing if anything is wrong with it.
     Import {
         #[command(flatten)]
         store: StoreArg,
@@ -195,7 +196,8 @@ enum Command {
         /// The source store.
         #[arg(long)]
         from: String,
-        /// The target store (holding none of the source's journals).
+        /// The target store (holding none of the source's journals, no message in its
+        /// mailboxes).
         #[arg(long)]
         to: String,
     },
@@ -366,7 +368,7 @@ enum DeadLetterCommand {
         #[arg(long)]
         after: Option<u64>,
         /// At most this many (at least 1).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
         limit: u64,
     },
     /// Deletes dead letters for good: those given up on before `--before` (an RFC 3339 time in

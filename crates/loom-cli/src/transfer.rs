@@ -19,8 +19,11 @@
 //!
 //! `crc32` is the CRC-32 (IEEE) of every byte before the `end` line. `loom import` checks the
 //! whole file (version, order, numbering, counts, checksum) and that the target holds none of
-//! its journals before it writes anything, so a damaged or truncated file is refused whole.
-//! Dead letters are not exported: requeue them first, or inspect them in the source.
+//! its journals and no message in the mailboxes it writes to before it writes anything, so a
+//! damaged or truncated file is refused whole. Dead letters and parks are not exported: requeue
+//! the dead letters first, or inspect them in the source; a parked actor's messages run on the
+//! target (`loom migrate` copies parks). Both copy a store at rest: stop the runtimes using it
+//! first, and its relay moves what waits between partitions before the copy reads mailboxes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -149,7 +152,7 @@ async fn drain_outboxes(store: &dyn Store) -> Result<(), Failure> {
                 .map(|f| format!(" (its relay fails: {})", f.latest))
                 .unwrap_or_default();
             return Err(Failure(format!(
-                "{waiting} messages are still in the source's outboxes, on their way between partitions, after a minute{why}; nothing was written"
+                "{waiting} messages are still in the source's outboxes, on their way between partitions, after a minute{why}: the copy reads the mailboxes, so it needs a store at rest; stop the runtimes using it first; nothing was written"
             )));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -428,9 +431,14 @@ fn renamed(mut envelope: Envelope, target: &dyn Store) -> Result<Envelope, Failu
     Ok(envelope)
 }
 
-/// Refuses a target that already holds any of `journals`, or any waiting message (a copy
-/// would add to them, and a second copy of the same messages would deliver them twice).
-async fn target_is_free(target: &dyn Store, journals: &[ActorId]) -> Result<(), Failure> {
+/// Refuses a target that already holds any of `journals`, or a waiting message in any of the
+/// mailboxes of `recipients` (as the target names them): a copy would add to them, and a second
+/// copy of the same messages would deliver them twice.
+async fn target_is_free<'a>(
+    target: &dyn Store,
+    journals: &[ActorId],
+    recipients: impl IntoIterator<Item = &'a ActorId>,
+) -> Result<(), Failure> {
     for a in journals {
         let h = target.highest_seq(a).await?;
         if h != 0 {
@@ -439,18 +447,26 @@ async fn target_is_free(target: &dyn Store, journals: &[ActorId]) -> Result<(), 
             )));
         }
     }
-    if let Some(a) = target.mailboxes(None, 1).await?.first() {
-        return Err(Failure(format!(
-            "the target store already has waiting messages (for {a}); import and migrate write into stores that have none (an earlier copy cut short leaves some: start again into an empty store); nothing was written"
-        )));
+    let partitions = target.partitions();
+    let boxes: BTreeSet<ActorId> = recipients
+        .into_iter()
+        .filter_map(|to| to.renamed_for(partitions))
+        .collect();
+    for a in &boxes {
+        let n = target.pending(a).await?;
+        if n != 0 {
+            return Err(Failure(format!(
+                "the target store already has {n} messages waiting for {a}; import and migrate write into mailboxes that hold none (an earlier copy cut short leaves some: start again into an empty store); nothing was written"
+            )));
+        }
     }
     Ok(())
 }
 
 pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
     let (counts, journals, recipients) = check(path)?;
-    target_is_free(target, &journals).await?;
     check_lanes(&recipients, target)?;
+    target_is_free(target, &journals, &recipients).await?;
     let progress = bar(counts.journals, "imported")?;
     let file = std::fs::File::open(path)?;
     let mut batch: Vec<Entry> = Vec::new();
@@ -560,9 +576,9 @@ async fn fingerprint(store: &dyn Store, a: &ActorId) -> Result<(u64, u32), Failu
 pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Result<(), Failure> {
     drain_outboxes(source).await?;
     let actors = all_actors(source).await?;
-    target_is_free(target, &actors).await?;
     let messages = all_messages(source).await?;
     check_lanes(messages.iter().map(|(e, _, _)| &e.to), target)?;
+    target_is_free(target, &actors, messages.iter().map(|(e, _, _)| &e.to)).await?;
     let progress = bar(actors.len() as u64, "copied")?;
     let mut counts = Counts::default();
     for a in &actors {

@@ -300,9 +300,15 @@ fn event_lanes_are_renamed_for_the_target_or_refused() {
     ]));
     let listed = ok(&["--json", "mailbox", "--store", &dir("several-again"), "ls"]);
     assert!(listed.trim().is_empty(), "something was written: {listed}");
-    // Into a store of one, the export imports.
+    // Into a store of one, the export imports, once: a second import would enqueue the
+    // event twice (it has no journal to be refused by).
     drop(open("one-again", 1));
     ok(&["import", "--store", &dir("one-again"), "--in", file]);
+    let (success, _, err) = loom(&["import", "--store", &dir("one-again"), "--in", file]);
+    assert!(
+        !success && err.contains("already has 1 messages waiting"),
+        "{err}"
+    );
 }
 
 #[test]
