@@ -346,8 +346,12 @@ fn a_running_app_serves_studio_with_live_counters() {
             .await
             .expect("request");
         assert_eq!(resp.status().as_u16(), 403, "an ask under a rebound name");
-        let resp = http.get(format!("{base}/api/actors")).header("host", &rebound).send().await.expect("request");
-        assert_eq!(resp.status().as_u16(), 403, "a read under a rebound name");
+        for path in ["/api/actors", "/metrics", "/health"] {
+            let resp = http.get(format!("{base}{path}")).header("host", &rebound).send().await.expect("request");
+            assert_eq!(resp.status().as_u16(), 403, "{path} under a rebound name");
+        }
+        let resp = http.get(format!("{base}/metrics")).send().await.expect("request");
+        assert_eq!(resp.status().as_u16(), 200, "/metrics under its own name");
         c.close().await.expect("close the browser");
     });
     drop(driver);

@@ -468,12 +468,36 @@ struct Monitor {
 /// before it started, see [`install_prometheus`]) and `GET /health` (`200` with the runtime's
 /// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails). Read
 /// only, and outside [`router`]'s token: mount it where only the monitoring can reach it, or
-/// behind your own layer.
+/// behind your own layer ([`only_hosts`] keeps a page rebound to a loopback listener out).
 pub fn monitor(rt: Runtime, prometheus: PrometheusHandle) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .route("/health", get(health))
         .with_state(Monitor { rt, prometheus })
+}
+
+/// `router`'s routes answered only under the `Host` names in `hosts` (others get `403
+/// forbidden_host`), as [`Options::hosts`] does for the ingress: for routes without that
+/// option, such as [`monitor`]'s, on a loopback listener ([`AdminOptions::hosts_for`]). Empty
+/// `hosts` serve any name. It covers the routes `router` has (axum refuses a router with
+/// none), not those merged in later.
+///
+/// ```
+/// let hosts = loom_http::AdminOptions::hosts_for("127.0.0.1:9000".parse()?);
+/// let ping = axum::Router::new().route("/ping", axum::routing::get(|| async { "pong" }));
+/// let app: axum::Router = loom_http::only_hosts(ping, hosts);
+/// # Ok::<(), std::net::AddrParseError>(())
+/// ```
+pub fn only_hosts(router: Router, hosts: Vec<String>) -> Router {
+    router.route_layer(middleware::from_fn_with_state(
+        std::sync::Arc::new(hosts),
+        |State(hosts): State<std::sync::Arc<Vec<String>>>, req: Request, next: Next| async move {
+            match admin::allowed_host(&hosts, req.headers()) {
+                Ok(()) => next.run(req).await,
+                Err(e) => e.into_response(),
+            }
+        },
+    ))
 }
 
 async fn scrape(State(m): State<Monitor>) -> Response {

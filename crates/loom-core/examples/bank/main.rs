@@ -261,13 +261,14 @@ async fn serve(
     }
     // The actors under this machine's own names only, on a loopback address: a page whose
     // name is rebound here (DNS rebinding) cannot reach them through a visitor's browser.
+    let hosts = loom_http::AdminOptions::hosts_for(bound);
     let opts = loom_http::Options {
         token,
-        hosts: loom_http::AdminOptions::hosts_for(bound),
+        hosts: hosts.clone(),
         ..loom_http::Options::default()
     };
-    let mut app =
-        loom_http::router(rt.clone(), opts).merge(loom_http::monitor(rt.clone(), prometheus));
+    let monitor = loom_http::only_hosts(loom_http::monitor(rt.clone(), prometheus), hosts);
+    let mut app = loom_http::router(rt.clone(), opts).merge(monitor);
     if let Some(admin) = admin {
         app = app.merge(admin);
     }
