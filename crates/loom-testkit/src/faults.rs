@@ -62,6 +62,11 @@ pub struct Faults {
     pub renewals: AtomicU64,
     /// Mailbox `lease` calls that found nothing to hand out.
     pub empty_leases: AtomicU64,
+    /// Idempotency `lookup` calls (an `ask` looking for its reply, among others).
+    pub lookups: AtomicU64,
+    /// While set, `completions` gives no reply signals (a store without them), for the
+    /// runtimes started meanwhile.
+    pub no_signals: AtomicBool,
 }
 
 /// A journal read held before it starts: see [`Faults::pause_next_read`].
@@ -537,6 +542,7 @@ impl IdempotencyStore for FaultyStore {
         actor: &ActorId,
         key: &IdempotencyKey,
     ) -> StoreResult<Option<Reservation>> {
+        self.faults.lookups.fetch_add(1, Ordering::Relaxed);
         self.inner.lookup(actor, key).await
     }
 
@@ -547,6 +553,9 @@ impl IdempotencyStore for FaultyStore {
     fn completions(
         &self,
     ) -> Option<tokio::sync::broadcast::Receiver<loom_core::store::Completion>> {
+        if self.faults.no_signals.load(Ordering::SeqCst) {
+            return None;
+        }
         self.inner.completions()
     }
 }

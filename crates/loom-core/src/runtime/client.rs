@@ -14,6 +14,7 @@ use crate::time::Timestamp;
 
 use super::Runtime;
 use super::actor::{Actor, Rejected};
+use super::hub::Hub;
 use super::record::{Outcome, Recorded};
 use super::trace;
 
@@ -102,6 +103,14 @@ pub enum AskError {
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
 const FAILING_GIVES_UP_ASK: Duration = Duration::from_secs(1);
 
+/// The longest an `ask` waits between its own looks at the store for its reply while the
+/// store's reply signals are read: each look waits twice as long as the one before, from
+/// twice `Config::poll_interval`. A signal brings the reply at once; the looks are the safety
+/// net for a signal lost with the subscription's connection, so this bounds what such a loss
+/// costs. (Every waiting ask looks at once when signals were read too slowly to keep up, or
+/// stop being read.) Without signals the looks stay at twice `poll_interval`.
+const SIGNALLED_LOOK_AT_MOST: Duration = Duration::from_secs(1);
+
 /// Most lookups of signalled replies in flight at once (see `replies_from_other_nodes`).
 const REPLY_LOOKUPS: usize = 64;
 
@@ -115,6 +124,16 @@ pub(super) async fn replies_from_other_nodes(
 ) {
     use tokio::sync::broadcast::error::RecvError;
     let lookups = std::sync::Arc::new(tokio::sync::Semaphore::new(REPLY_LOOKUPS));
+    // However this ends, the waiting asks go back to looking often.
+    struct Reading<'a>(&'a Hub);
+    impl Drop for Reading<'_> {
+        fn drop(&mut self) {
+            self.0.signals_read(false);
+        }
+    }
+    let hub = shared.hub.clone();
+    hub.signals_read(true);
+    let _reading = Reading(&hub);
     loop {
         let c = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -122,9 +141,10 @@ pub(super) async fn replies_from_other_nodes(
         };
         let c = match c {
             Ok(c) => c,
-            // Missed some: the waiters' polls find those.
+            // Missed some: every waiting ask looks now.
             Err(RecvError::Lagged(n)) => {
                 tracing::debug!(missed = n, "reply signals came faster than they were read");
+                shared.hub.signals_missed();
                 continue;
             }
             Err(RecvError::Closed) => return,
@@ -363,14 +383,16 @@ impl AnyActorRef {
                 // Since when the look for the reply has failed without a break.
                 let mut lookups_failing: Option<tokio::time::Instant> = None;
                 // With signals too: they may not come (a host of an earlier build, a lost
-                // subscription), and then this look is what answers.
-                let poll = self
+                // subscription), and then this look is what answers; but then less and less
+                // often (see `SIGNALLED_LOOK_AT_MOST`).
+                let every = self
                     .rt
                     .shared
                     .config
                     .poll_interval
                     .max(Duration::from_millis(5))
                     * 2;
+                let mut poll = every;
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
@@ -385,24 +407,35 @@ impl AnyActorRef {
                         biased;
                         got = &mut local => match got {
                             Ok(v) => break v,
-                            Err(_) => local = hub.wait_reply(&actor, &key),
-                        },
-                        _ = tokio::time::sleep(poll.min(left)) => {
-                            // The actor may run on another node: look at the recorded result.
-                            // A read that fails is tried again at the next poll; one failing for
-                            // longer ends the ask with the key to ask again with (the message
-                            // is enqueued: `SendError::Store` would say it was not).
-                            match self.rt.shared.store.lookup(&actor, &key).await {
-                                Ok(Some(Reservation::Completed(v))) => break v,
-                                Ok(_) => lookups_failing = None,
-                                Err(error) => {
-                                    let since = *lookups_failing.get_or_insert_with(tokio::time::Instant::now);
-                                    if since.elapsed() >= FAILING_GIVES_UP_ASK {
-                                        return Err(AskError::Store { error, key });
-                                    }
-                                    tracing::debug!(actor = %actor, error = %error, "could not look for the reply; trying again");
-                                }
+                            Err(_) => {
+                                local = hub.wait_reply(&actor, &key);
+                                continue;
                             }
+                        },
+                        // Signals were missed: look now, and often again.
+                        _ = hub.missed_signals() => poll = every,
+                        _ = tokio::time::sleep(poll.min(left)) => {
+                            poll = if hub.signalled() {
+                                (poll * 2).min(SIGNALLED_LOOK_AT_MOST.max(every))
+                            } else {
+                                every
+                            };
+                        }
+                    }
+                    // The actor may run on another node: look at the recorded result. A read
+                    // that fails is tried again at the next poll; one failing for longer ends
+                    // the ask with the key to ask again with (the message is enqueued:
+                    // `SendError::Store` would say it was not).
+                    match self.rt.shared.store.lookup(&actor, &key).await {
+                        Ok(Some(Reservation::Completed(v))) => break v,
+                        Ok(_) => lookups_failing = None,
+                        Err(error) => {
+                            let since =
+                                *lookups_failing.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= FAILING_GIVES_UP_ASK {
+                                return Err(AskError::Store { error, key });
+                            }
+                            tracing::debug!(actor = %actor, error = %error, "could not look for the reply; trying again");
                         }
                     }
                 }

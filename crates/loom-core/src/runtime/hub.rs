@@ -6,6 +6,7 @@
 //! waiter that is not waiting yet: `Notify::notify_one` stores it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -19,6 +20,13 @@ type Key = (ActorId, IdempotencyKey);
 pub(crate) struct Hub {
     notifiers: Mutex<HashMap<ActorId, Arc<Notify>>>,
     replies: Mutex<HashMap<Key, Vec<oneshot::Sender<Value>>>>,
+    /// True while the store's reply signals are read (`client::replies_from_other_nodes`): a
+    /// signal then brings a waiting ask its reply at once, so the ask's own looks at the store
+    /// are only the safety net, and it makes them less and less often.
+    signalled: AtomicBool,
+    /// Woken when signals may have been missed (read too slowly, or their stream ended): every
+    /// waiting ask looks at the store at once.
+    missed: Notify,
 }
 
 impl Hub {
@@ -79,6 +87,31 @@ impl Hub {
             // A caller that gave up waiting has dropped its receiver; nothing to deliver.
             let _ = tx.send(value.clone());
         }
+    }
+
+    /// Says whether the store's reply signals are being read; when they stop, every waiting ask
+    /// looks at once (see [`missed_signals`](Self::missed_signals)).
+    pub(crate) fn signals_read(&self, on: bool) {
+        self.signalled.store(on, Ordering::Release);
+        if !on {
+            self.missed.notify_waiters();
+        }
+    }
+
+    /// True while the store's reply signals are being read.
+    pub(crate) fn signalled(&self) -> bool {
+        self.signalled.load(Ordering::Acquire)
+    }
+
+    /// Says that some reply signals were missed: every waiting ask looks at once.
+    pub(crate) fn signals_missed(&self) {
+        self.missed.notify_waiters();
+    }
+
+    /// Completes when signals may have been missed ([`signals_missed`](Self::signals_missed),
+    /// or their reading stopped) after this was called.
+    pub(crate) fn missed_signals(&self) -> tokio::sync::futures::Notified<'_> {
+        self.missed.notified()
     }
 
     /// True if a caller waits for the reply to `key` of `actor`.
@@ -168,5 +201,35 @@ mod tests {
             );
         }
         assert_eq!(hub.waiting(), 0, "timed-out waits were left behind");
+    }
+
+    /// Waiting asks (which look for their replies rarely while signals are read) hear when
+    /// signals were missed or stop being read, and only then.
+    #[tokio::test]
+    async fn waiting_asks_hear_when_signals_were_missed_or_stopped() {
+        use std::time::Duration;
+        let hub = Hub::default();
+        assert!(!hub.signalled());
+        hub.signals_read(true);
+        assert!(hub.signalled());
+        let quiet = hub.missed_signals();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), quiet)
+                .await
+                .is_err(),
+            "told of missed signals when none were"
+        );
+        // Created before, awaited after: still told.
+        let missed = hub.missed_signals();
+        hub.signals_missed();
+        tokio::time::timeout(Duration::from_secs(1), missed)
+            .await
+            .expect("told of missed signals");
+        let stopped = hub.missed_signals();
+        hub.signals_read(false);
+        assert!(!hub.signalled());
+        tokio::time::timeout(Duration::from_secs(1), stopped)
+            .await
+            .expect("told that signals stopped");
     }
 }

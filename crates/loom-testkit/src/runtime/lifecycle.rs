@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_renewal_that_never_answers_stops_the_actor_when_its_lease_expires,
         idle_actors_take_no_leases_and_partition_leases_are_renewed_together,
         a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again,
+        an_ask_looks_for_its_reply_less_often_while_reply_signals_are_read,
         one_invocation_at_a_time_per_actor,
         many_actors_run_in_parallel,
         graceful_shutdown_drains_in_flight_invocations,
@@ -303,6 +304,37 @@ async fn a_drained_actor_waits_for_a_wake_up_instead_of_asking_its_mailbox_again
         "{empty} leases found nothing while 20 asks were answered one at a time"
     );
     rt.shutdown().await;
+}
+
+/// An `ask` looks at the store for its reply (the safety net for a reply recorded on another
+/// node whose signal is lost) less and less often while the store's reply signals are read,
+/// and every `2 × poll_interval` on a store without them: under load every waiting ask's looks
+/// were a store request each, a quarter of the bank's requests on Redis.
+async fn an_ask_looks_for_its_reply_less_often_while_reply_signals_are_read(h: &Harness) {
+    use std::sync::atomic::Ordering;
+    // A reply that takes 1.5 s (the handler sleeps), asked for with and without signals.
+    async fn looks(h: &Harness, actor: &str) -> u64 {
+        let rt = h.runtime().await;
+        let a = rt.actor::<Account>(actor).unwrap();
+        let before = h.faults.lookups.load(Ordering::SeqCst);
+        assert_eq!(a.ask(AccountMsg::Slow(1, 1500)).await.unwrap(), 1);
+        let looks = h.faults.lookups.load(Ordering::SeqCst) - before;
+        rt.shutdown().await;
+        looks
+    }
+    let signalled = looks(h, "looks-signalled").await;
+    h.faults.no_signals.store(true, Ordering::SeqCst);
+    let polled = looks(h, "looks-polled").await;
+    h.faults.no_signals.store(false, Ordering::SeqCst);
+    // Every 40 ms without signals: some 37 looks. With them: at 40, 120, 280, 600 and 1240 ms.
+    assert!(
+        polled >= 20,
+        "{polled} looks in 1.5 s without signals: the safety net is gone"
+    );
+    assert!(
+        signalled <= 8,
+        "{signalled} looks in 1.5 s while signals are read ({polled} without)"
+    );
 }
 
 async fn one_invocation_at_a_time_per_actor(h: &Harness) {
