@@ -14,8 +14,9 @@
 //! own that does not wait for its WAL flush. A `NOTIFY` inside the writing transaction held a
 //! database-wide lock across that transaction's commit and flush, which made every batch that
 //! woke anyone commit one after another. Signals are hints: a lost one (the process stopped
-//! between a commit and its signal, the server was unreachable) costs the receiver a poll
-//! interval, never a message.
+//! between a commit and its signal, the server was unreachable) costs the receiver latency (a
+//! wake-up: the owner's next ready scan; a reply: the waiting ask's next look, at most about a
+//! second away), never a message.
 
 use std::time::Duration;
 

@@ -103,12 +103,14 @@ pub enum AskError {
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
 const FAILING_GIVES_UP_ASK: Duration = Duration::from_secs(1);
 
-/// The longest an `ask` waits between its own looks at the store for its reply while the
-/// store's reply signals are read: each look waits twice as long as the one before, from
-/// twice `Config::poll_interval`. A signal brings the reply at once; the looks are the safety
-/// net for a signal lost with the subscription's connection, so this bounds what such a loss
-/// costs. (Every waiting ask looks at once when signals were read too slowly to keep up, or
-/// stop being read.) Without signals the looks stay at twice `poll_interval`.
+/// The longest an `ask` waits between its own looks at the store for its reply once the
+/// store's reply signals come (one has, and they are read): each look waits twice as long as
+/// the one before, from twice `Config::poll_interval`. A signal brings the reply at once; the
+/// looks are the safety net for a signal lost with the subscription's connection, so this
+/// (and one look's time) bounds what such a loss costs. Every waiting ask looks within
+/// `2 × poll_interval` (at a random moment, so not all at once) when signals were read too
+/// slowly to keep up, a signalled reply could not be read, or signals stop being read; and
+/// after a look that failed. Without signals the looks stay at twice `poll_interval`.
 const SIGNALLED_LOOK_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Most lookups of signalled replies in flight at once (see `replies_from_other_nodes`).
@@ -132,7 +134,6 @@ pub(super) async fn replies_from_other_nodes(
         }
     }
     let hub = shared.hub.clone();
-    hub.signals_read(true);
     let _reading = Reading(&hub);
     loop {
         let c = tokio::select! {
@@ -140,7 +141,12 @@ pub(super) async fn replies_from_other_nodes(
             c = completions.recv() => c,
         };
         let c = match c {
-            Ok(c) => c,
+            // A signal came, so they do come (a subscription that never works leaves the asks
+            // looking as often as without signals).
+            Ok(c) => {
+                hub.signals_read(true);
+                c
+            }
             // Missed some: every waiting ask looks now.
             Err(RecvError::Lagged(n)) => {
                 tracing::debug!(missed = n, "reply signals came faster than they were read");
@@ -173,9 +179,11 @@ pub(super) async fn replies_from_other_nodes(
             match s.store.lookup(&c.actor, &c.key).await {
                 Ok(Some(Reservation::Completed(v))) => s.hub.reply(&c.actor, &c.key, &v),
                 Ok(_) => {}
-                // The waiter's own poll tries again (and gives up on a store that keeps failing).
+                // The waiters look again themselves, now (and give up on a store that keeps
+                // failing): the signal is used up.
                 Err(e) => {
-                    tracing::debug!(actor = %c.actor, error = %e, "could not read a signalled reply")
+                    tracing::debug!(actor = %c.actor, error = %e, "could not read a signalled reply");
+                    s.hub.signals_missed();
                 }
             }
             drop(permit);
@@ -392,7 +400,12 @@ impl AnyActorRef {
                     .poll_interval
                     .max(Duration::from_millis(5))
                     * 2;
+                // The wait before the next look, and when that is.
                 let mut poll = every;
+                let mut look_at = started + poll;
+                // Made once and again only after it fired, so that no word of missed signals
+                // is lost while a look is out (tokio counts a `Notified` from when it is made).
+                let mut missed = std::pin::pin!(hub.missed_signals());
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
@@ -412,16 +425,24 @@ impl AnyActorRef {
                                 continue;
                             }
                         },
-                        // Signals were missed: look now, and often again.
-                        _ = hub.missed_signals() => poll = every,
-                        _ = tokio::time::sleep(poll.min(left)) => {
-                            poll = if hub.signalled() {
-                                (poll * 2).min(SIGNALLED_LOOK_AT_MOST.max(every))
-                            } else {
-                                every
-                            };
+                        // Signals were missed: look soon (within `every`, at a random moment, so
+                        // that the waiting asks do not all look at once), and often again.
+                        _ = &mut missed => {
+                            missed.set(hub.missed_signals());
+                            poll = every;
+                            let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+                            let soon = tokio::time::Instant::now()
+                                + Duration::from_millis(crate::seam::random_u64() % ms);
+                            look_at = look_at.min(soon);
+                            continue;
                         }
+                        _ = tokio::time::sleep_until(look_at.min(started + timeout)) => {}
                     }
+                    poll = if hub.signalled() {
+                        (poll * 2).min(SIGNALLED_LOOK_AT_MOST.max(every))
+                    } else {
+                        every
+                    };
                     // The actor may run on another node: look at the recorded result. A read
                     // that fails is tried again at the next poll; one failing for longer ends
                     // the ask with the key to ask again with (the message is enqueued:
@@ -430,6 +451,8 @@ impl AnyActorRef {
                         Ok(Some(Reservation::Completed(v))) => break v,
                         Ok(_) => lookups_failing = None,
                         Err(error) => {
+                            // Signals likely failed with it: look often again.
+                            poll = every;
                             let since =
                                 *lookups_failing.get_or_insert_with(tokio::time::Instant::now);
                             if since.elapsed() >= FAILING_GIVES_UP_ASK {
@@ -438,6 +461,7 @@ impl AnyActorRef {
                             tracing::debug!(actor = %actor, error = %error, "could not look for the reply; trying again");
                         }
                     }
+                    look_at = tokio::time::Instant::now() + poll;
                 }
             }
         };

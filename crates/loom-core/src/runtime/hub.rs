@@ -20,9 +20,10 @@ type Key = (ActorId, IdempotencyKey);
 pub(crate) struct Hub {
     notifiers: Mutex<HashMap<ActorId, Arc<Notify>>>,
     replies: Mutex<HashMap<Key, Vec<oneshot::Sender<Value>>>>,
-    /// True while the store's reply signals are read (`client::replies_from_other_nodes`): a
-    /// signal then brings a waiting ask its reply at once, so the ask's own looks at the store
-    /// are only the safety net, and it makes them less and less often.
+    /// True once a reply signal of the store has come, while they are read
+    /// (`client::replies_from_other_nodes`): a signal then brings a waiting ask its reply at
+    /// once, so the ask's own looks at the store are only the safety net, and it makes them
+    /// less and less often.
     signalled: AtomicBool,
     /// Woken when signals may have been missed (read too slowly, or their stream ended): every
     /// waiting ask looks at the store at once.
@@ -89,16 +90,15 @@ impl Hub {
         }
     }
 
-    /// Says whether the store's reply signals are being read; when they stop, every waiting ask
-    /// looks at once (see [`missed_signals`](Self::missed_signals)).
+    /// Says whether the store's reply signals come (one came) and are read; when they stop
+    /// being read, every waiting ask looks at once (see [`missed_signals`](Self::missed_signals)).
     pub(crate) fn signals_read(&self, on: bool) {
-        self.signalled.store(on, Ordering::Release);
-        if !on {
+        if self.signalled.swap(on, Ordering::AcqRel) && !on {
             self.missed.notify_waiters();
         }
     }
 
-    /// True while the store's reply signals are being read.
+    /// True while the store's reply signals come and are read.
     pub(crate) fn signalled(&self) -> bool {
         self.signalled.load(Ordering::Acquire)
     }
