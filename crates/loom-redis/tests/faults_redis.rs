@@ -164,6 +164,55 @@ async fn concurrent_requests_share_their_waits_for_replicas() {
     );
 }
 
+/// A primary restarted behind the same address while a store waits for its replicas: a `WAIT`
+/// on the new server covers nothing the old one was sent, and the new server may give a
+/// connection the client id the old one had, so the client id alone would pass a request the
+/// replicas never got. The wait round that first reaches the new server sees its `run_id`
+/// change and fails the requests out as unavailable; once the replica has synchronised again,
+/// requests are acknowledged again, and what was acknowledged before is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_restarted_behind_its_address_fails_what_the_wait_cannot_cover() {
+    let (mut primary, _replica) = RedisServer::start_with_replica();
+    let store = connect_replicated(
+        &primary.url(),
+        "restarted",
+        Some(Replication {
+            replicas: 1,
+            timeout: Duration::from_millis(500),
+        }),
+    )
+    .await;
+    store
+        .append(&id(0), 1, &[entry(0, 1)])
+        .await
+        .expect("append");
+    primary.restart();
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    let highest = loop {
+        match store.highest_seq(&id(0)).await {
+            Ok(h) => break h,
+            Err(e) => {
+                assert!(
+                    matches!(e, StoreError::Unavailable { .. }),
+                    "not unavailable: {e}"
+                );
+                failures.push(e.to_string());
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no request acknowledged in 30 s after the restart: {failures:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(highest, 1, "the acknowledged append is gone");
+    assert!(
+        failures.iter().any(|f| f.contains("the server changed")),
+        "no request failed for the restart: {failures:#?}"
+    );
+}
+
 /// A replication setting that cannot work is refused at connect, with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_setting_that_cannot_work_is_refused() {
