@@ -245,7 +245,7 @@ pub fn redis_cluster_nodes(url: &str) -> Option<Vec<String>> {
     )
 }
 
-async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
+async fn redis(url: &str, prefix: &str, create: bool) -> Result<Opened, Failure> {
     let (url, params) = url_params(url)?;
     let options = RedisOptions {
         prefix: prefix.to_owned(),
@@ -253,9 +253,11 @@ async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
         replication: params.replicas.map(loom_redis::Replication::new),
         ..RedisOptions::default()
     };
-    let s = match redis_cluster_nodes(&url) {
-        Some(nodes) => RedisStore::connect_cluster(&nodes, options).await?,
-        None => RedisStore::connect_with(&url, options).await?,
+    let s = match (redis_cluster_nodes(&url), create) {
+        (Some(nodes), true) => RedisStore::connect_cluster(&nodes, options).await?,
+        (Some(nodes), false) => RedisStore::connect_cluster_existing(&nodes, options).await?,
+        (None, true) => RedisStore::connect_with(&url, options).await?,
+        (None, false) => RedisStore::connect_existing(&url, options).await?,
     };
     Ok(Opened {
         store: Arc::new(s.clone()),
@@ -265,7 +267,7 @@ async fn redis(url: &str, prefix: &str) -> Result<Opened, Failure> {
     })
 }
 
-async fn postgres(url: &str, schema: &str) -> Result<Opened, Failure> {
+async fn postgres(url: &str, schema: &str, create: bool) -> Result<Opened, Failure> {
     let (url, partitions) = url_partitions(url)?;
     let url = url.as_str();
     let options = PostgresOptions {
@@ -273,7 +275,11 @@ async fn postgres(url: &str, schema: &str) -> Result<Opened, Failure> {
         partitions,
         ..PostgresOptions::default()
     };
-    let s = PostgresStore::connect_with(url, options).await?;
+    let s = if create {
+        PostgresStore::connect_with(url, options).await?
+    } else {
+        PostgresStore::connect_existing(url, options).await?
+    };
     Ok(Opened {
         store: Arc::new(s.clone()),
         embedded: None,
@@ -307,8 +313,8 @@ pub async fn open_existing(url: &StoreUrl) -> Result<Opened, Failure> {
         StoreUrl::Memory => Err(Failure(
             "memory: holds nothing to inspect; pass the store to look at with --store".into(),
         )),
-        StoreUrl::Redis { url, prefix } => redis(url, prefix).await,
-        StoreUrl::Postgres { url, schema } => postgres(url, schema).await,
+        StoreUrl::Redis { url, prefix } => redis(url, prefix, false).await,
+        StoreUrl::Postgres { url, schema } => postgres(url, schema, false).await,
     }
 }
 
@@ -323,8 +329,8 @@ pub async fn open_or_create(url: &StoreUrl) -> Result<Opened, Failure> {
             },
         )?,
         StoreUrl::Memory => EmbeddedStore::in_memory()?,
-        StoreUrl::Redis { url, prefix } => return redis(url, prefix).await,
-        StoreUrl::Postgres { url, schema } => return postgres(url, schema).await,
+        StoreUrl::Redis { url, prefix } => return redis(url, prefix, true).await,
+        StoreUrl::Postgres { url, schema } => return postgres(url, schema, true).await,
     };
     Ok(Opened::embedded(s))
 }

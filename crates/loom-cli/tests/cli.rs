@@ -174,6 +174,11 @@ fn completions_are_printed_for_a_shell() {
 #[test]
 fn loom_shows_the_stores_warnings_by_default() {
     let server = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    // A store to look at (`journal ls` creates none): made by a first connect, as a node's.
+    tokio::runtime::Runtime::new()
+        .expect("tokio")
+        .block_on(loom_redis::RedisStore::connect(&server.url()))
+        .expect("create the store");
     let run = |rust_log: Option<&str>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_loom"));
         cmd.args(["journal", "ls", "--store", &server.url()]);

@@ -325,3 +325,46 @@ fn sends_wake_the_owner_on_postgres() {
     let server = PostgresServer::start();
     sends_wake_the_owner(&server.url(), "wake_test");
 }
+
+/// Looking at a store that does not exist yet (checking a server before the first node starts,
+/// or a misspelt prefix or schema) creates nothing: a first connect fixes a store's partition
+/// count, so `loom cluster status` creating the store with one partition made every node asking
+/// for more be refused ("has 1 partition(s), not 8"). Now the command says there is no store,
+/// and a node asking for `partitions` creates it afterwards.
+fn inspecting_a_missing_store_creates_nothing(url: &str, ns: &str, ns_flag: &str, partitions: u32) {
+    let (done, _out, err) = common::loom(&["cluster", "status", "--store", url, ns_flag, ns]);
+    assert!(!done, "status of a store that does not exist succeeded");
+    assert!(err.contains("no Loom store"), "unclear error: {err}");
+    let (done, _out, err) = common::loom(&["deadletters", "ls", "--store", url, ns_flag, ns]);
+    assert!(
+        !done && err.contains("no Loom store"),
+        "deadletters ls: {err}"
+    );
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let more = if url.contains('?') {
+        format!("{url}&partitions={partitions}")
+    } else {
+        format!("{url}?partitions={partitions}")
+    };
+    let store_url = StoreUrl::parse(&more, &Namespace::both(ns)).expect("url");
+    let opened = rt
+        .block_on(open_or_create(&store_url))
+        .expect("a node asking for more partitions creates the store");
+    assert_eq!(opened.store.partitions(), partitions);
+    // Now it exists, and the same command reads it.
+    let status = status_json(&["--store", url, ns_flag, ns]);
+    assert!(status["kinds"].is_array(), "{status}");
+    rt.block_on(opened.destroy_namespace()).expect("clean up");
+}
+
+#[test]
+fn inspecting_a_missing_store_creates_nothing_on_redis() {
+    let server = RedisServer::start();
+    inspecting_a_missing_store_creates_nothing(&server.url(), "not_yet", "--redis-prefix", 8);
+}
+
+#[test]
+fn inspecting_a_missing_store_creates_nothing_on_postgres() {
+    let server = PostgresServer::start();
+    inspecting_a_missing_store_creates_nothing(&server.url(), "not_yet", "--pg-schema", 32);
+}

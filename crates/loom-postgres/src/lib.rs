@@ -258,6 +258,32 @@ impl PostgresStore {
 
     /// Connects with `options`.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        Self::connect_inner(url, options, true).await
+    }
+
+    /// Connects to the store in `options.schema`, which must exist already (a process connected
+    /// to it before): for tools that inspect a store, which must not create an empty one by
+    /// mistake (a first connect creates the schema and records the store's partition count, 1
+    /// unless it asks for more, and that count is fixed after). Anything else is
+    /// [`StoreError::InvalidRequest`], and nothing is created. (A store of an older schema
+    /// version is migrated, as by any connect.)
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), loom_core::StoreError> {
+    /// let options = loom_postgres::PostgresOptions { schema: "shop".into(), ..Default::default() };
+    /// let url = "postgres://loom@127.0.0.1/app";
+    /// let store = loom_postgres::PostgresStore::connect_existing(url, options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_existing(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        Self::connect_inner(url, options, false).await
+    }
+
+    async fn connect_inner(
+        url: &str,
+        options: PostgresOptions,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let schema = options.schema.clone();
         let valid = !schema.is_empty()
             && schema.len() <= 48
@@ -309,6 +335,20 @@ impl PostgresStore {
             completions: None,
             _listener: None,
         };
+        if !create {
+            // `schema` was checked above to be [a-z0-9_].
+            let s = &store.schema;
+            let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .bind(format!("{s}.schema_version"))
+                .fetch_one(&store.pool)
+                .await
+                .map_err(pe)?;
+            if found.is_none() {
+                return Err(StoreError::InvalidRequest(format!(
+                    "no Loom store in schema {s:?} of this database (no table {s}.schema_version): a node's first connect creates it"
+                )));
+            }
+        }
         store.partitions = store.migrate(options.partitions).await?;
         if store.partitions > 1 {
             store.relay = Some(relay::Relay::start(

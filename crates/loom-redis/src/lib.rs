@@ -297,6 +297,30 @@ impl RedisStore {
 
     /// Connects with `options`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        Self::connect_one(url, options, Create::Yes).await
+    }
+
+    /// Connects to the store under `options.prefix`, which must exist already (a process
+    /// connected to it before, or it holds keys of an older build): for tools that inspect a
+    /// store, which must not create an empty one by mistake (a first connect records the
+    /// store's partition count, 1 unless it asks for more, and that count is fixed after).
+    /// Anything else is [`StoreError::InvalidRequest`], and nothing is written.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), loom_core::StoreError> {
+    /// let options = loom_redis::RedisOptions { prefix: "shop".into(), ..Default::default() };
+    /// let store = loom_redis::RedisStore::connect_existing("redis://127.0.0.1/", options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_existing(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        Self::connect_one(url, options, Create::No).await
+    }
+
+    async fn connect_one(
+        url: &str,
+        options: RedisOptions,
+        create: Create,
+    ) -> Result<Self, StoreError> {
         check_prefix(&options.prefix)?;
         if let Some(r) = options.replication {
             check_replication(r, options.response_timeout)?;
@@ -338,7 +362,7 @@ impl RedisStore {
             ),
             None => None,
         };
-        Self::open(Conn::One(conn, replicas), vec![client], options).await
+        Self::open(Conn::One(conn, replicas), vec![client], options, create).await
     }
 
     /// Connects to a Redis Cluster through `nodes` (`redis://host:port/` each; any one that
@@ -359,6 +383,23 @@ impl RedisStore {
     pub async fn connect_cluster(
         nodes: &[String],
         options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        Self::connect_nodes(nodes, options, Create::Yes).await
+    }
+
+    /// [`connect_cluster`](Self::connect_cluster) to a store that must exist already, as
+    /// [`connect_existing`](Self::connect_existing).
+    pub async fn connect_cluster_existing(
+        nodes: &[String],
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        Self::connect_nodes(nodes, options, Create::No).await
+    }
+
+    async fn connect_nodes(
+        nodes: &[String],
+        options: RedisOptions,
+        create: Create,
     ) -> Result<Self, StoreError> {
         check_prefix(&options.prefix)?;
         let first = nodes.first().ok_or_else(|| {
@@ -399,7 +440,7 @@ impl RedisStore {
                     .into(),
             ));
         }
-        Self::open(Conn::Cluster(conn), clients, options).await
+        Self::open(Conn::Cluster(conn), clients, options, create).await
     }
 
     /// The store on `conn`; `clients` subscribe to its signals.
@@ -407,7 +448,15 @@ impl RedisStore {
         conn: Conn,
         clients: Vec<redis::Client>,
         options: RedisOptions,
+        create: Create,
     ) -> Result<Self, StoreError> {
+        // Before anything is written: the partition count is recorded next.
+        if create == Create::No && !exists(&mut conn.clone(), &options.prefix).await? {
+            return Err(StoreError::InvalidRequest(format!(
+                "no Loom store under prefix {:?} on this server (no key {0}:partitions, nothing under {0}:*): a node's first connect creates it",
+                options.prefix
+            )));
+        }
         let partitions = partitions(&conn, &options).await?;
         if conn.is_cluster() && partitions == 1 {
             return Err(StoreError::InvalidRequest(format!(
@@ -754,6 +803,24 @@ async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>,
     let bare = [format!("{prefix}:layout"), format!("{prefix}:members")];
     let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
+}
+
+/// Whether a connect may create the store (see [`RedisStore::connect_existing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    Yes,
+    No,
+}
+
+/// Whether a store is under `prefix`: its partition count is recorded, or (a store of a build
+/// before that record) it holds data.
+async fn exists(conn: &mut Conn, prefix: &str) -> Result<bool, StoreError> {
+    let recorded: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}:partitions"))
+        .query_async(conn)
+        .await
+        .map_err(re)?;
+    Ok(recorded || first_data_key(conn, prefix).await?.is_some())
 }
 
 /// The longest key prefix [`RedisStore::connect_with`] takes, in bytes.
