@@ -67,6 +67,12 @@ pub struct Faults {
     /// While set, `completions` gives no reply signals (a store without them), for the
     /// runtimes started meanwhile.
     pub no_signals: AtomicBool,
+    /// While set, `completions` gives a receiver of signals that never come (a subscription
+    /// that never works: an ACL without `SUBSCRIBE`, a proxy without pub/sub), for the runtimes
+    /// started meanwhile.
+    pub silent_signals: AtomicBool,
+    /// The senders of those receivers, kept so that they stay open.
+    silent: Mutex<Vec<tokio::sync::broadcast::Sender<loom_core::store::Completion>>>,
 }
 
 /// A journal read held before it starts: see [`Faults::pause_next_read`].
@@ -555,6 +561,15 @@ impl IdempotencyStore for FaultyStore {
     ) -> Option<tokio::sync::broadcast::Receiver<loom_core::store::Completion>> {
         if self.faults.no_signals.load(Ordering::SeqCst) {
             return None;
+        }
+        if self.faults.silent_signals.load(Ordering::SeqCst) {
+            let (tx, rx) = tokio::sync::broadcast::channel(1);
+            self.faults
+                .silent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(tx);
+            return Some(rx);
         }
         self.inner.completions()
     }

@@ -144,10 +144,12 @@ pub(super) async fn replies_from_other_nodes(
             // A signal came, so they do come (a subscription that never works leaves the asks
             // looking as often as without signals).
             Ok(c) => {
-                hub.signals_read(true);
+                if !hub.signalled() {
+                    hub.signals_read(true);
+                }
                 c
             }
-            // Missed some: every waiting ask looks now.
+            // Missed some: every waiting ask looks soon.
             Err(RecvError::Lagged(n)) => {
                 tracing::debug!(missed = n, "reply signals came faster than they were read");
                 shared.hub.signals_missed();
@@ -388,6 +390,8 @@ impl AnyActorRef {
             Some(v) => v,
             None => {
                 let started = tokio::time::Instant::now();
+                // No deadline for a timeout too long to add (`Duration::MAX`: wait for ever).
+                let deadline = started.checked_add(timeout);
                 // Since when the look for the reply has failed without a break.
                 let mut lookups_failing: Option<tokio::time::Instant> = None;
                 // With signals too: they may not come (a host of an earlier build, a lost
@@ -436,7 +440,7 @@ impl AnyActorRef {
                             look_at = look_at.min(soon);
                             continue;
                         }
-                        _ = tokio::time::sleep_until(look_at.min(started + timeout)) => {}
+                        _ = tokio::time::sleep_until(deadline.map_or(look_at, |d| look_at.min(d))) => {}
                     }
                     poll = if hub.signalled() {
                         (poll * 2).min(SIGNALLED_LOOK_AT_MOST.max(every))

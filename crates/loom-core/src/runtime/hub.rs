@@ -26,7 +26,7 @@ pub(crate) struct Hub {
     /// less and less often.
     signalled: AtomicBool,
     /// Woken when signals may have been missed (read too slowly, or their stream ended): every
-    /// waiting ask looks at the store at once.
+    /// waiting ask looks at the store soon (within `2 × poll_interval`).
     missed: Notify,
 }
 
@@ -91,7 +91,7 @@ impl Hub {
     }
 
     /// Says whether the store's reply signals come (one came) and are read; when they stop
-    /// being read, every waiting ask looks at once (see [`missed_signals`](Self::missed_signals)).
+    /// being read, every waiting ask looks soon (see [`missed_signals`](Self::missed_signals)).
     pub(crate) fn signals_read(&self, on: bool) {
         if self.signalled.swap(on, Ordering::AcqRel) && !on {
             self.missed.notify_waiters();
@@ -103,7 +103,7 @@ impl Hub {
         self.signalled.load(Ordering::Acquire)
     }
 
-    /// Says that some reply signals were missed: every waiting ask looks at once.
+    /// Says that some reply signals were missed: every waiting ask looks soon.
     pub(crate) fn signals_missed(&self) {
         self.missed.notify_waiters();
     }

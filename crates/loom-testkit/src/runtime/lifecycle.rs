@@ -320,7 +320,18 @@ async fn an_ask_looks_for_its_reply_less_often_while_reply_signals_are_read(h: &
         let rt = h.runtime().await;
         let other = h.runtime().await;
         let a = rt.actor::<Account>(actor).unwrap();
-        assert_eq!(a.ask(AccountMsg::Deposit(1)).await.unwrap(), 1);
+        // Time for the subscriptions to be made (lazily, by tasks of their own), then an ask
+        // whose signal comes (with no timeout at all: `Duration::MAX`, which must not
+        // overflow), and time for it to arrive.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let forever = AskOptions {
+            timeout: Some(Duration::MAX),
+            ..Default::default()
+        };
+        assert_eq!(
+            a.ask_with(AccountMsg::Deposit(1), forever).await.unwrap(),
+            1
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = h.faults.lookups.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
@@ -335,7 +346,15 @@ async fn an_ask_looks_for_its_reply_less_often_while_reply_signals_are_read(h: &
     h.faults.no_signals.store(true, Ordering::SeqCst);
     let (polled, took_polled) = looks(h, "looks-polled").await;
     h.faults.no_signals.store(false, Ordering::SeqCst);
-    // Every 40 ms (and a look's time) without signals: some 45 looks in 2 s, and at least one
+    // Signals read but never coming (a subscription that cannot work): looks as without.
+    h.faults.silent_signals.store(true, Ordering::SeqCst);
+    let (silent, took_silent) = looks(h, "looks-silent").await;
+    h.faults.silent_signals.store(false, Ordering::SeqCst);
+    assert!(
+        u128::from(silent) * 200 >= took_silent.as_millis(),
+        "{silent} looks in {took_silent:?} while signals are read but never come"
+    );
+    // Every 40 ms (and a look's time) without signals: 47–49 looks in 2 s, and at least one
     // in every 200 ms however slow the looks. With them: at 40, 120, 280, 600, 1240 and
     // 2240 ms, then every second.
     assert!(
