@@ -64,6 +64,8 @@ pub struct Faults {
     pub empty_leases: AtomicU64,
     /// Idempotency `lookup` calls (an `ask` looking for its reply, among others).
     pub lookups: AtomicU64,
+    /// Scans for ready actors (`ready_actors`, `ready_actors_in`).
+    pub ready_scans: AtomicU64,
     /// While set, `completions` gives no reply signals (a store without them), for the
     /// runtimes started meanwhile.
     pub no_signals: AtomicBool,
@@ -409,6 +411,7 @@ impl Mailbox for FaultyStore {
     }
 
     async fn ready_actors(&self, kinds: &[&str], limit: usize) -> StoreResult<Vec<ActorId>> {
+        self.faults.ready_scans.fetch_add(1, Ordering::Relaxed);
         self.inner.ready_actors(kinds, limit).await
     }
 
@@ -418,6 +421,7 @@ impl Mailbox for FaultyStore {
         of: u32,
         limit: usize,
     ) -> StoreResult<Vec<ActorId>> {
+        self.faults.ready_scans.fetch_add(1, Ordering::Relaxed);
         self.inner.ready_actors_in(wanted, of, limit).await
     }
 

@@ -608,6 +608,11 @@ const SCAN: usize = 512;
 /// store, the store looks only in those partitions (its index is per kind and partition), so
 /// another node's backlog, however large, hides none of this node's work.
 async fn scan_ready(shared: &Shared) -> crate::StoreResult<Vec<ActorId>> {
+    // A node hosting nothing (a client) runs no actor: nothing to look for. (`scope` of no
+    // kinds says "every partition", which would ask the store about no kinds every poll.)
+    if shared.hosted.is_empty() {
+        return Ok(Vec::new());
+    }
     match shared.ownership.scope(&shared.hosted) {
         None => shared.store.ready_actors(&shared.hosted, SCAN).await,
         Some(scope) if scope.is_empty() => Ok(Vec::new()),

@@ -19,6 +19,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         nodes_announce_their_kinds_and_leave_when_they_shut_down,
         a_second_process_under_a_live_name_is_refused_until_it_is_free,
         a_client_gets_replies_another_node_records_without_polling,
+        a_client_only_node_never_scans_for_ready_actors,
         nodes_divide_the_partitions_and_hand_them_off,
         another_nodes_backlog_hides_none_of_this_nodes_work,
     ]
@@ -384,6 +385,31 @@ async fn a_second_process_under_a_live_name_is_refused_until_it_is_free(h: &Harn
     assert!(r.members[0].is_live(r.at));
     second.shutdown().await;
     assert!(roster(h).await.members.is_empty(), "left");
+}
+
+/// A node hosting no kind has no actor to run, so it never asks the store for ready actors
+/// (it asked every `poll_interval`: on an embedded store a read of every partition each time).
+async fn a_client_only_node_never_scans_for_ready_actors(h: &Harness) {
+    use std::sync::atomic::Ordering;
+    let client = Runtime::builder()
+        .store(h.store.clone())
+        .config(Harness::config())
+        .sends_to::<Account>()
+        .start()
+        .await
+        .expect("client starts");
+    let before = h.faults.ready_scans.load(Ordering::SeqCst);
+    // Twenty-five polls' time (20 ms each), and a send, which wakes no one here.
+    client
+        .actor::<Account>("unscanned")
+        .unwrap()
+        .send(AccountMsg::Deposit(1))
+        .await
+        .expect("sent");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let scans = h.faults.ready_scans.load(Ordering::SeqCst) - before;
+    assert_eq!(scans, 0, "a client-only node scanned for ready actors");
+    client.shutdown().await;
 }
 
 /// A client-only node's `ask` to an actor another node runs is answered when the reply is
