@@ -18,6 +18,9 @@ use redis::Value;
 use crate::resp::*;
 use crate::{RedisStore, re};
 
+/// Mailboxes whose message count `mailboxes` reads in one round trip.
+const COUNTS_PER_TRIP: usize = 512;
+
 /// Builds a delivery from a lease reply's `[frame, position, deliveries, error]`.
 pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
     let frame = bytes(r.first()).ok_or_else(|| unexpected("lease reply without a frame"))?;
@@ -464,7 +467,7 @@ impl Mailbox for RedisStore {
     }
 
     async fn mailboxes(&self, after: Option<&ActorId>, limit: usize) -> StoreResult<Vec<ActorId>> {
-        let mut conn = self.conn();
+        let conn = self.conn();
         let mut found = Vec::new();
         for k in crate::scan::keys(&conn, &self.keys.mailbox_pattern()).await? {
             if let Some(actor) = self.keys.actor_of(&k) {
@@ -472,21 +475,26 @@ impl Mailbox for RedisStore {
             }
         }
         found.sort();
+        found.retain(|(actor, _)| after.is_none_or(|a| actor > a));
+        // Their message counts, a chunk of keys per round trip (one `HGET` each took a round
+        // trip of its own: minutes for a store of a million mostly idle actors).
         let mut out = Vec::new();
-        for (actor, key) in found {
-            if after.is_some_and(|a| &actor <= a) {
-                continue;
-            }
-            let n: Option<i64> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("n")
-                .query_async(&mut conn)
-                .await
-                .map_err(re)?;
-            if n.unwrap_or(0) > 0 {
-                out.push(actor);
-                if out.len() >= limit {
-                    break;
+        for chunk in found.chunks(COUNTS_PER_TRIP) {
+            let cmds = chunk
+                .iter()
+                .map(|(_, key)| {
+                    let mut c = redis::cmd("HGET");
+                    c.arg(key).arg("n");
+                    c
+                })
+                .collect();
+            let counts: Vec<Option<i64>> = crate::scan::each(&conn, cmds).await?;
+            for ((actor, _), n) in chunk.iter().zip(counts) {
+                if n.unwrap_or(0) > 0 {
+                    out.push(actor.clone());
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
                 }
             }
         }
