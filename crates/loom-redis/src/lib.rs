@@ -304,7 +304,8 @@ impl RedisStore {
     /// connected to it before, or it holds keys of an older build): for tools that inspect a
     /// store, which must not create an empty one by mistake (a first connect records the
     /// store's partition count, 1 unless it asks for more, and that count is fixed after).
-    /// Anything else is [`StoreError::InvalidRequest`], and nothing is written.
+    /// Anything else is [`StoreError::InvalidRequest`], and nothing is written then. (A store
+    /// that exists is opened as by any connect: keys of an older build are upgraded.)
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), loom_core::StoreError> {
@@ -813,14 +814,20 @@ enum Create {
 }
 
 /// Whether a store is under `prefix`: its partition count is recorded, or (a store of a build
-/// before that record) it holds data.
+/// before that record) its layout or its nodes' roster is, or it holds data. One key per
+/// `EXISTS`, so that a cluster takes each (they are in different slots).
 async fn exists(conn: &mut Conn, prefix: &str) -> Result<bool, StoreError> {
-    let recorded: bool = redis::cmd("EXISTS")
-        .arg(format!("{prefix}:partitions"))
-        .query_async(conn)
-        .await
-        .map_err(re)?;
-    Ok(recorded || first_data_key(conn, prefix).await?.is_some())
+    for bare in ["partitions", "layout", "members"] {
+        let found: bool = redis::cmd("EXISTS")
+            .arg(format!("{prefix}:{bare}"))
+            .query_async(conn)
+            .await
+            .map_err(re)?;
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(first_data_key(conn, prefix).await?.is_some())
 }
 
 /// The longest key prefix [`RedisStore::connect_with`] takes, in bytes.

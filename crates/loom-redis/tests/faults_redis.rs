@@ -813,3 +813,54 @@ async fn a_damaged_message_is_buried_at_once_and_the_next_one_runs() {
     )
     .await;
 }
+
+/// `connect_existing` (what `loom`'s inspecting commands use) refuses a prefix that holds no
+/// store, writing nothing, and accepts one that does: with its partition count recorded, or, a
+/// store of a build before that record, with only its nodes' roster, or data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_existing_refuses_only_a_prefix_without_a_store() {
+    let server = RedisServer::start();
+    let options = |prefix: &str| RedisOptions {
+        prefix: prefix.to_owned(),
+        ..RedisOptions::default()
+    };
+    let mut admin = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let Err(refused) = RedisStore::connect_existing(&server.url(), options("none")).await else {
+        panic!("a prefix without a store was opened");
+    };
+    assert!(
+        matches!(&refused, StoreError::InvalidRequest(m) if m.contains("no Loom store")),
+        "{refused}"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("none:*")
+        .query_async(&mut admin)
+        .await
+        .expect("keys");
+    assert!(keys.is_empty(), "the refusal wrote {keys:?}");
+    // Made by a first connect.
+    connect(&server.url(), "made").await;
+    RedisStore::connect_existing(&server.url(), options("made"))
+        .await
+        .expect("a store made by a first connect");
+    // Of older builds: only the roster, only data.
+    for (prefix, key) in [
+        ("roster", "roster:members"),
+        ("data", "data:{account/a}:jm"),
+    ] {
+        let () = redis::cmd("HSET")
+            .arg(key)
+            .arg("x")
+            .arg("1")
+            .query_async(&mut admin)
+            .await
+            .expect("seed");
+        RedisStore::connect_existing(&server.url(), options(prefix))
+            .await
+            .unwrap_or_else(|e| panic!("a store of an older build with {key}: {e}"));
+    }
+}
