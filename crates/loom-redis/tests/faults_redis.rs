@@ -99,16 +99,12 @@ async fn a_failover_to_a_replica_keeps_what_was_acknowledged_only_with_replicati
     );
 }
 
-/// The requests of a moment share one `WAIT` (a `WAIT` blocks its connection, so one per
-/// request would queue every request behind the others' waits): 64 tasks reading at once
-/// through a store waiting for a replica get every answer with far fewer `WAIT`s than requests,
-/// counted by the primary's `INFO commandstats`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_share_their_waits_for_replicas() {
-    let (primary, _replica) = RedisServer::start_with_replica();
+/// A store on `primary` under `prefix` that waits for one replica (at most 500 ms a round),
+/// holding one acknowledged append (`id(0)`, seq 1).
+async fn waiting_for_one_replica(primary: &RedisServer, prefix: &str) -> RedisStore {
     let store = connect_replicated(
         &primary.url(),
-        "shared",
+        prefix,
         Some(Replication {
             replicas: 1,
             timeout: Duration::from_millis(500),
@@ -119,6 +115,17 @@ async fn concurrent_requests_share_their_waits_for_replicas() {
         .append(&id(0), 1, &[entry(0, 1)])
         .await
         .expect("append");
+    store
+}
+
+/// The requests of a moment share one `WAIT` (a `WAIT` blocks its connection, so one per
+/// request would queue every request behind the others' waits): 64 tasks reading at once
+/// through a store waiting for a replica get every answer with far fewer `WAIT`s than requests,
+/// counted by the primary's `INFO commandstats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_their_waits_for_replicas() {
+    let (primary, _replica) = RedisServer::start_with_replica();
+    let store = waiting_for_one_replica(&primary, "shared").await;
     let mut admin = redis::Client::open(primary.url())
         .expect("url")
         .get_multiplexed_async_connection()
@@ -173,19 +180,7 @@ async fn concurrent_requests_share_their_waits_for_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restarted_behind_its_address_fails_what_the_wait_cannot_cover() {
     let (mut primary, _replica) = RedisServer::start_with_replica();
-    let store = connect_replicated(
-        &primary.url(),
-        "restarted",
-        Some(Replication {
-            replicas: 1,
-            timeout: Duration::from_millis(500),
-        }),
-    )
-    .await;
-    store
-        .append(&id(0), 1, &[entry(0, 1)])
-        .await
-        .expect("append");
+    let store = waiting_for_one_replica(&primary, "restarted").await;
     primary.restart();
     let started = std::time::Instant::now();
     let mut failures = Vec::new();

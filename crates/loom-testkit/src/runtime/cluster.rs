@@ -284,17 +284,12 @@ async fn nodes_announce_their_kinds_and_leave_when_they_shut_down(h: &Harness) {
             c.lease_ttl = ttl;
         })
         .await;
-    let client = Runtime::builder()
-        .store(h.store.clone())
-        .config(loom_core::runtime::Config {
-            node: "client-b".into(),
-            lease_ttl: ttl,
-            ..Harness::config()
+    let client = h
+        .client_with(|c| {
+            c.node = "client-b".into();
+            c.lease_ttl = ttl;
         })
-        .sends_to::<Account>()
-        .start()
-        .await
-        .expect("client starts");
+        .await;
     let mut hosted: Vec<String> = host.kinds().iter().map(|k| k.to_string()).collect();
     hosted.sort();
     eventually(WAIT, "both nodes are listed", || async {
@@ -391,13 +386,7 @@ async fn a_second_process_under_a_live_name_is_refused_until_it_is_free(h: &Harn
 /// (it asked every `poll_interval`: on an embedded store a read of every partition each time).
 async fn a_client_only_node_never_scans_for_ready_actors(h: &Harness) {
     use std::sync::atomic::Ordering;
-    let client = Runtime::builder()
-        .store(h.store.clone())
-        .config(Harness::config())
-        .sends_to::<Account>()
-        .start()
-        .await
-        .expect("client starts");
+    let client = h.client_with(|_| {}).await;
     let before = h.faults.ready_scans.load(Ordering::SeqCst);
     // Twenty-five polls' time (20 ms each), and a send, which wakes no one here.
     client
@@ -419,17 +408,12 @@ async fn a_client_only_node_never_scans_for_ready_actors(h: &Harness) {
 /// fraction of one.
 async fn a_client_gets_replies_another_node_records_without_polling(h: &Harness) {
     let host = h.runtime().await;
-    let client = Runtime::builder()
-        .store(h.store.clone())
-        .config(loom_core::runtime::Config {
-            poll_interval: std::time::Duration::from_secs(10),
-            ask_timeout: std::time::Duration::from_secs(5),
-            ..Harness::config()
+    let client = h
+        .client_with(|c| {
+            c.poll_interval = std::time::Duration::from_secs(10);
+            c.ask_timeout = std::time::Duration::from_secs(5);
         })
-        .sends_to::<Account>()
-        .start()
-        .await
-        .expect("client starts");
+        .await;
     let a = client.actor::<Account>("signalled").unwrap();
     let started = std::time::Instant::now();
     for i in 1..=5i64 {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use loom_core::runtime::{Actor, AskOptions, Runtime, SendError, SendOptions};
+use loom_core::runtime::{Actor, AskOptions, SendError, SendOptions};
 use loom_core::{ActorId, EntryKind};
 use serde_json::json;
 
@@ -32,13 +32,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 /// checks JSON for it; its messages wait, never run and never dead-lettered, until a node
 /// hosting the kind starts, which runs each once; an undeclared kind is refused at once.
 async fn a_client_sends_to_a_kind_hosted_elsewhere_whose_messages_wait_for_a_host(h: &Harness) {
-    let client = Runtime::builder()
-        .store(h.store.clone())
-        .config(Harness::config())
-        .sends_to::<Account>()
-        .start()
-        .await
-        .expect("client starts");
+    let client = h.client_with(|_| {}).await;
     assert!(client.kinds().is_empty(), "the client hosts nothing");
     match client.actor::<Counter>("c").unwrap().send(1).await {
         Err(SendError::UnknownKind(k)) => assert_eq!(k, "counter"),

@@ -116,6 +116,20 @@ impl Harness {
         .await
     }
 
+    /// A client-only runtime on this store: it hosts no kind and sends to the account
+    /// (`sends_to`), with [`Harness::config`] changed by `f`.
+    pub async fn client_with(&self, f: impl FnOnce(&mut Config)) -> Runtime {
+        let mut config = Self::config();
+        f(&mut config);
+        Runtime::builder()
+            .store(self.store.clone())
+            .config(config)
+            .sends_to::<Account>()
+            .start()
+            .await
+            .expect("client starts")
+    }
+
     /// A runtime with the account, the actors `register` adds, and [`Harness::config`]
     /// changed by `f` (for cases with actors of their own).
     pub async fn runtime_registering(
