@@ -368,3 +368,61 @@ fn inspecting_a_missing_store_creates_nothing_on_postgres() {
     let server = PostgresServer::start();
     inspecting_a_missing_store_creates_nothing(&server.url(), "not_yet", "--pg-schema", 32);
 }
+
+/// A newer `loom` looking at a schema of an older build's version refuses it and migrates
+/// nothing (the nodes running on it are of that build); a node's connect migrates it, and then
+/// the look reads it.
+#[test]
+fn a_look_leaves_a_schema_of_an_older_version_as_it_is() {
+    let server = PostgresServer::start();
+    let url = server.url();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let store_url = StoreUrl::parse(&url, &Namespace::both("older")).expect("url");
+    let opened = rt
+        .block_on(open_or_create(&store_url))
+        .expect("a node's connect");
+    let admin = rt
+        .block_on(sqlx::PgPool::connect(&url))
+        .expect("admin pool");
+    let versions = || {
+        rt.block_on(
+            sqlx::query_scalar::<_, i32>(
+                "SELECT version FROM older.schema_version ORDER BY version",
+            )
+            .fetch_all(&admin),
+        )
+        .expect("versions")
+    };
+    let all: Vec<i32> = (1..=loom_postgres::SCHEMA_VERSION).collect();
+    assert_eq!(versions(), all);
+    // As the previous build left it (its migrations ran one version short).
+    rt.block_on(
+        sqlx::query("DELETE FROM older.schema_version WHERE version = $1")
+            .bind(loom_postgres::SCHEMA_VERSION)
+            .execute(&admin),
+    )
+    .expect("pretend an older schema");
+    for command in [&["cluster", "status"][..], &["journal", "ls"][..]] {
+        let mut args = command.to_vec();
+        args.extend(["--store", url.as_str(), "--pg-schema", "older"]);
+        let (done, _out, err) = common::loom(&args);
+        assert!(!done, "{command:?} on an older schema succeeded");
+        assert!(
+            err.contains("older than this build"),
+            "unclear error: {err}"
+        );
+        assert_eq!(
+            versions(),
+            all[..all.len() - 1],
+            "{command:?} migrated the schema"
+        );
+    }
+    drop(opened);
+    let node = rt
+        .block_on(open_or_create(&store_url))
+        .expect("a node's connect migrates");
+    assert_eq!(versions(), all);
+    let status = status_json(&["--store", &url, "--pg-schema", "older"]);
+    assert!(status["kinds"].is_array(), "{status}");
+    rt.block_on(node.destroy_namespace()).expect("clean up");
+}

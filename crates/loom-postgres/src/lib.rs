@@ -265,8 +265,9 @@ impl PostgresStore {
     /// to it before): for tools that inspect a store, which must not create an empty one by
     /// mistake (a first connect creates the schema and records the store's partition count, 1
     /// unless it asks for more, and that count is fixed after). Anything else is
-    /// [`StoreError::InvalidRequest`], and nothing is created. (A store of an older schema
-    /// version is migrated, as by any connect.)
+    /// [`StoreError::InvalidRequest`], and nothing is created. Nothing is migrated either: a
+    /// schema of an older version than this build's is refused (a node's connect migrates it),
+    /// so that a look with a newer tool never changes the schema under running nodes.
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), loom_core::StoreError> {
@@ -349,7 +350,11 @@ impl PostgresStore {
                 )));
             }
         }
-        store.partitions = store.migrate(options.partitions).await?;
+        store.partitions = if create {
+            store.migrate(options.partitions).await?
+        } else {
+            store.check_version(options.partitions).await?
+        };
         if store.partitions > 1 {
             store.relay = Some(relay::Relay::start(
                 store.pool.clone(),
@@ -481,6 +486,35 @@ impl PostgresStore {
         let partitions = partitions(&mut tx, s, asked).await?;
         tx.commit().await.map_err(pe)?;
         Ok(partitions)
+    }
+
+    /// For a store opened as existing: checks, without writing, that the schema is this build's
+    /// version; returns its partition count. An older schema is refused rather than migrated:
+    /// a look with a newer `loom` must not change the schema under the nodes that run on it.
+    async fn check_version(&self, asked: Option<u32>) -> Result<u32, StoreError> {
+        let s = &self.schema;
+        let version: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT max(version) FROM {s}.schema_version"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pe)?;
+        let at = version.unwrap_or(0);
+        if at > SCHEMA_VERSION {
+            return Err(StoreError::InvalidRequest(format!(
+                "schema {s} has Loom schema version {at}; this build knows versions up to {SCHEMA_VERSION}"
+            )));
+        }
+        if at < SCHEMA_VERSION {
+            return Err(StoreError::InvalidRequest(format!(
+                "schema {s} has Loom schema version {at}, older than this build's {SCHEMA_VERSION}; \
+                 it is not migrated by a command that only opens it: use the `loom` of the nodes' \
+                 build, or start a node of this build first (a node's connect migrates it)"
+            )));
+        }
+        let mut conn = self.pool.acquire().await.map_err(pe)?;
+        // At this version a store's count is recorded when it is created, so this only reads.
+        partitions(&mut conn, s, asked).await
     }
 
     /// The schema this store uses.

@@ -102,7 +102,7 @@ async fn a_message_from_another_process_wakes_an_idle_runtime_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_migrations_are_run_and_a_newer_schema_is_refused() {
+async fn missing_migrations_are_run_by_a_node_not_a_look_and_a_newer_schema_is_refused() {
     let server = PostgresServer::start();
     let url = server.url();
     let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
@@ -121,8 +121,25 @@ async fn missing_migrations_are_run_and_a_newer_schema_is_refused() {
         .execute(&admin)
         .await
         .expect("pretend an older schema");
+    // A store opened only to look at it (`loom`'s commands) refuses it and migrates nothing.
+    let options = || PostgresOptions {
+        schema: "wake".into(),
+        ..PostgresOptions::default()
+    };
+    let looked = PostgresStore::connect_existing(&url, options()).await;
+    assert!(
+        matches!(looked, Err(StoreError::InvalidRequest(ref m)) if m.contains("older than this build")),
+        "{looked:?}"
+    );
+    assert_eq!(versions(admin.clone()).await, all[..all.len() - 1]);
     drop(connect(&url, true).await);
     assert_eq!(versions(admin.clone()).await, all);
+    // Up to date, it opens.
+    drop(
+        PostgresStore::connect_existing(&url, options())
+            .await
+            .expect("a store of this build's version opens"),
+    );
     // A schema from a newer build is refused, not written to.
     sqlx::query("INSERT INTO wake.schema_version VALUES ($1)")
         .bind(SCHEMA_VERSION + 1)
