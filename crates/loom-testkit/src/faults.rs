@@ -39,6 +39,9 @@ pub struct Faults {
     /// Hold every lease renewal unanswered while set (a stalled connection): it reaches the
     /// store only once this is cleared, if its caller still waits.
     pub hang_renewals: AtomicBool,
+    /// Leave the next N lease `acquire` calls unanswered for ever (a connection gone silent
+    /// mid-request); they never reach the store.
+    pub hang_acquires: AtomicU32,
     /// Fail the next N mailbox `lease` calls.
     pub fail_leases: AtomicU32,
     /// Panic in the next N mailbox `lease` calls, as a store (or code under it) with a bug
@@ -474,6 +477,9 @@ impl Mailbox for FaultyStore {
 #[async_trait]
 impl LeaseManager for FaultyStore {
     async fn acquire(&self, actor: &ActorId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        if self.faults.take(&self.faults.hang_acquires) {
+            return std::future::pending().await;
+        }
         self.write("acquire", self.inner.acquire(actor, owner, ttl))
             .await
     }

@@ -16,6 +16,8 @@
 //!   up at that moment (they are treated as failed): a node cut off from its store (a network
 //!   partition, a stalled connection) stops its actors when their partitions' leases run out, instead of
 //!   running their handlers, and their activities, on past them until the store answers.
+//!   The calls of one round go out at once, their leases grouped by deadline, so no call waits
+//!   behind another that does not answer.
 //! - A lease's deadline is counted on this node's monotonic clock from when the request that
 //!   took or last renewed it was *sent*, plus the ttl: the store counted the lease's expiry from
 //!   when it received that request, later, so the deadline never passes the store's expiry,
@@ -178,17 +180,35 @@ impl Keeper {
                 }
                 continue;
             }
-            for chunk in due.chunks(BATCH) {
-                let sent = Instant::now();
-                // The first deadline of the batch bounds it: its lease is given up then.
-                let deadline = chunk.iter().map(|(_, d)| *d).min().unwrap_or(sent);
-                let chunk: Vec<Lease> = chunk.iter().map(|(l, _)| l.clone()).collect();
-                let outcome = match tokio::time::timeout_at(
-                    deadline,
-                    self.store.renew_many(&chunk, self.ttl),
-                )
-                .await
-                {
+            let store = self.store.clone();
+            let ttl = self.ttl;
+            self.renew_all(due, move |chunk| {
+                let store = store.clone();
+                async move { store.renew_many(&chunk, ttl).await }
+            })
+            .await;
+        }
+    }
+
+    /// Renews `due` (each lease with its deadline) by `renew`, at most [`BATCH`] leases a call,
+    /// the calls all at once and their leases grouped by deadline. A call is given up at the
+    /// earliest deadline among its own leases, so one that does not answer keeps no other
+    /// call's leases past their deadlines. (One after another, in key order, a call hanging
+    /// until its first deadline held back a later call whose leases were due before that:
+    /// they were given up only when it was sent, after their deadlines.)
+    async fn renew_all<F, Fut>(&self, mut due: Vec<(Lease, Instant)>, renew: F)
+    where
+        F: Fn(Vec<Lease>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<Result<Lease, StoreError>>, StoreError>>,
+    {
+        due.sort_by_key(|(_, deadline)| *deadline);
+        let calls = due.chunks(BATCH).map(|chunk| {
+            let sent = Instant::now();
+            let deadline = chunk.iter().map(|(_, d)| *d).min().unwrap_or(sent);
+            let leases: Vec<Lease> = chunk.iter().map(|(l, _)| l.clone()).collect();
+            let call = renew(leases.clone());
+            async move {
+                let outcome = match tokio::time::timeout_at(deadline, call).await {
                     Ok(outcome) => outcome,
                     Err(_) => Err(StoreError::unavailable(
                         "lease renewal",
@@ -198,9 +218,10 @@ impl Keeper {
                         ),
                     )),
                 };
-                self.settle(&chunk, sent, outcome);
+                self.settle(&leases, sent, outcome);
             }
-        }
+        });
+        futures::future::join_all(calls).await;
     }
 
     /// Applies the outcome of renewing `asked`, sent at `sent`. A lease past its expiry by
@@ -305,5 +326,53 @@ mod tests {
             h.next_at - taken,
             ttl
         );
+    }
+
+    /// More leases than one call carries, and no call ever answers: a lease whose key sorts
+    /// after a full call's worth of later-due leases is still given up at its own deadline.
+    /// Before, the calls went one after another in key order: the first hung until its
+    /// earliest deadline, 4 s here, and the last lease, due at 2 s, ran on until then.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_holds_back_no_other_calls_leases() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(crate::EmbeddedStore::open(dir.path()).expect("open"));
+        let ttl = Duration::from_secs(6);
+        let keeper = Keeper::new(store, ttl, Arc::new(Observed::default()));
+        let lease = |key: String| Lease {
+            actor: ActorId::new("acct", &key).expect("id"),
+            owner: "node".into(),
+            token: 1,
+            expires_at: Timestamp::from_millis(0),
+        };
+        let now = Instant::now();
+        let mut kept = Vec::new();
+        let mut due = Vec::new();
+        // A full call's worth, taken 2 s ago (deadlines in 4 s), whose keys sort first.
+        for i in 0..BATCH {
+            let l = lease(format!("a{i:04}"));
+            due.push((l.clone(), now + Duration::from_secs(4)));
+            kept.push(keeper.keep(l, now - Duration::from_secs(2), CancellationToken::new()));
+        }
+        // One taken 4 s ago (deadline in 2 s), whose key sorts last.
+        let last = lease("z".into());
+        let lost = CancellationToken::new();
+        due.push((last.clone(), now + Duration::from_secs(2)));
+        kept.push(keeper.keep(last, now - Duration::from_secs(4), lost.clone()));
+        let renewing = tokio::spawn({
+            let keeper = keeper.clone();
+            async move {
+                keeper
+                    .renew_all(due, |_| {
+                        std::future::pending::<Result<Vec<Result<Lease, StoreError>>, StoreError>>()
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(
+            lost.is_cancelled(),
+            "the lease due at 2 s was not given up by 2.1 s"
+        );
+        renewing.abort();
     }
 }

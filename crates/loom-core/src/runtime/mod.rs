@@ -476,6 +476,14 @@ impl Runtime {
     }
 }
 
+/// `d` from now; for a setting of `Duration::MAX` (meaning "no bound"), or any other too far
+/// to be a moment, 30 years from now instead of a panic.
+pub(crate) fn after(d: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// A cheap estimate of an entry's journaled size, for the byte-based compaction trigger.
 pub(crate) fn weight(kind: &EntryKind) -> u64 {
     fn value(v: &Value) -> u64 {

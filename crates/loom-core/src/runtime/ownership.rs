@@ -27,6 +27,9 @@
 //!   within about `lease_ttl + tick`. A look goes on with the last roster read while the store
 //!   does not answer (before the first read: a roster of this node alone), so lost partitions
 //!   are dropped and unheld ones taken whatever the roster read does.
+//! - **Looks go on**: a look starts its hand-offs before its takes, and gives up a take that
+//!   has not answered within a lease ttl (the partition is asked for again at a later look), so
+//!   one request that never answers stalls neither that partition nor the looks after it.
 //! - **Stopping**: a graceful shutdown leaves the roster first (the others stop naming this
 //!   node at once), then hands off each partition as soon as its own actors have drained. A
 //!   shutdown that times out stops what is still running as `kill` does: the partitions still
@@ -262,9 +265,7 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
         );
         stop_partition(shared, kind, p);
     }
-    if !want.is_empty() {
-        take(shared, want).await;
-    }
+    // Hand-offs first: they are spawned, so a take slow to answer holds none of them up.
     for (kind, p) in give {
         if let Some(h) = own.take(kind, p) {
             tracing::info!(
@@ -275,6 +276,9 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
             let me = shared.clone();
             shared.spawn(async move { hand_off(&me, kind, p, h).await });
         }
+    }
+    if !want.is_empty() {
+        take(shared, want).await;
     }
 }
 
@@ -289,10 +293,25 @@ async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
         .into_iter()
         .map(|(kind, p)| async move {
             let sent = Instant::now();
-            let r = shared
-                .store
-                .acquire(&ActorId::partition_lease(kind, p), node, ttl)
-                .await;
+            // Bounded: an acquire that never answers (a connection gone silent, which a
+            // PostgreSQL pool may wait on until the kernel gives up) would hold this look, and
+            // every later one, so that no partition was taken or handed off meanwhile.
+            let r = tokio::time::timeout(
+                ttl,
+                shared
+                    .store
+                    .acquire(&ActorId::partition_lease(kind, p), node, ttl),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::unavailable(
+                    "partition lease",
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer within the lease ttl",
+                    ),
+                ))
+            });
             (kind, p, sent, r)
         })
         .collect();
@@ -354,7 +373,7 @@ fn stop_partition(shared: &Shared, kind: &str, p: u32) -> Vec<ActorId> {
 /// in flight finishes, and the new owner takes the partition after it.
 async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) {
     let stopping = stop_partition(shared, kind, p);
-    let deadline = Instant::now() + shared.config.shutdown_timeout.max(shared.config.lease_ttl);
+    let deadline = super::after(shared.config.shutdown_timeout.max(shared.config.lease_ttl));
     loop {
         let gone = {
             let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,7 +22,66 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_client_only_node_never_scans_for_ready_actors,
         nodes_divide_the_partitions_and_hand_them_off,
         another_nodes_backlog_hides_none_of_this_nodes_work,
+        a_partition_whose_take_never_answers_is_taken_at_a_later_look,
+        an_unbounded_shutdown_timeout_still_hands_every_partition_back,
     ]
+}
+
+/// A node's first take of a partition's lease never answers (its connection went silent): the
+/// take is given up after a lease ttl and the partition taken at a later look. Before, the look
+/// waited for that answer for ever, so the partition was never owned, and no later look took
+/// or handed off anything.
+async fn a_partition_whose_take_never_answers_is_taken_at_a_later_look(h: &Harness) {
+    h.faults
+        .hang_acquires
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let rt = h.runtime_with(|c| c.node = "silent-take".into()).await;
+    let parts = ownership_partitions(h.store.partitions());
+    eventually(
+        WAIT,
+        "the node owns every partition",
+        split_as(rt.kinds(), parts, &["silent-take"], &[&rt]),
+    )
+    .await;
+    assert_eq!(
+        h.faults
+            .hang_acquires
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no take was left unanswered"
+    );
+    rt.shutdown().await;
+}
+
+/// A `shutdown_timeout` of `Duration::MAX` (no bound on the drain) still hands every partition
+/// back when the node stops. Before, the hand-off's deadline overflowed: it panicked, and the
+/// partitions were left to run out as a crash leaves them.
+async fn an_unbounded_shutdown_timeout_still_hands_every_partition_back(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.node = "unbounded".into();
+            c.shutdown_timeout = Duration::MAX;
+        })
+        .await;
+    let parts = ownership_partitions(h.store.partitions());
+    let kinds = rt.kinds();
+    eventually(
+        WAIT,
+        "the node owns every partition",
+        split_as(kinds.clone(), parts, &["unbounded"], &[&rt]),
+    )
+    .await;
+    let acct = rt.actor::<Account>("unbounded").unwrap();
+    assert_eq!(acct.ask(AccountMsg::Deposit(1)).await.expect("deposit"), 1);
+    rt.shutdown().await;
+    for (kind, p) in partitions_won(&kinds, parts, &["unbounded"], "unbounded") {
+        let lease = ActorId::partition_lease(&kind, p);
+        assert_eq!(
+            h.store.holder(&lease).await.expect("holder"),
+            None,
+            "{lease} released"
+        );
+    }
 }
 
 /// The (kind, partition)s rendezvous hashing gives `node` among `nodes`, all hosting `kinds`,
