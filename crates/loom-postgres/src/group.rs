@@ -14,6 +14,7 @@
 //! have committed, as for any single request).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use loom_core::store::backend::{Batcher, RunBatch};
@@ -145,13 +146,53 @@ const APPEND_BATCH: usize = 256;
 /// (100 accounts, 512 transfers in flight) 8, 32 and 128 gave 875, 1068 and 1178 turns/s.
 const TURN_BATCH: usize = 128;
 
+/// Starts a batcher whose batches are each answered within `within`. A batch the server has
+/// not answered by then (a connection gone silent, a server process stopped mid-statement:
+/// waits that `statement_timeout`, counted by the server, cannot end, and that a pooled
+/// connection would otherwise sit in until the kernel gives up on it) gives each of its
+/// requests `Unavailable`, as a lost connection does (it may have committed), and its worker
+/// goes on with the next batch.
+fn start<I: Send + 'static, O: Send + 'static>(
+    workers: usize,
+    max_requests: usize,
+    within: Duration,
+    run: RunBatch<I, O>,
+) -> Batcher<I, O> {
+    let bounded: RunBatch<I, O> = Arc::new(move |reqs: Vec<I>| {
+        let n = reqs.len();
+        let call = run(reqs);
+        async move {
+            match tokio::time::timeout(within, call).await {
+                Ok(results) => results,
+                Err(_) => {
+                    let e = StoreError::unavailable(
+                        crate::BACKEND,
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {within:?}: the requests may have committed"),
+                        ),
+                    );
+                    (0..n).map(|_| Err(e.clone())).collect()
+                }
+            }
+        }
+        .boxed()
+    });
+    Batcher::start(crate::BACKEND, workers, max_requests, bounded)
+}
+
 /// How many batches of each kind may be in flight at once, for a pool of `connections`.
 pub(crate) fn workers(connections: u32) -> usize {
     (connections as usize / 4).clamp(1, 4)
 }
 
 /// The batcher of appends.
-pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<AppendReq, AppendOut> {
+pub(crate) fn appends(
+    pool: PgPool,
+    schema: &str,
+    workers: usize,
+    within: Duration,
+) -> Batcher<AppendReq, AppendOut> {
     let one = sql(schema, "SELECT ok, val FROM {s}.append($1, $2, $3)");
     let many = sql(
         schema,
@@ -204,13 +245,18 @@ pub(crate) fn appends(pool: PgPool, schema: &str, workers: usize) -> Batcher<App
         }
         .boxed()
     });
-    Batcher::start(crate::BACKEND, workers, APPEND_BATCH, run)
+    start(workers, APPEND_BATCH, within, run)
 }
 
 /// The batcher of turns: `turn_many` for two or more, `turn` for one; `turn_relayed`
 /// (schema_v12.sql) for a batch or turn with messages for the outbox (a store of 32
 /// partitions).
-pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnReq, TurnOut> {
+pub(crate) fn turns(
+    pool: PgPool,
+    schema: &str,
+    workers: usize,
+    within: Duration,
+) -> Batcher<TurnReq, TurnOut> {
     let one = sql(
         schema,
         "SELECT status, highest, nframe, npos, ndlv, nerr FROM {s}.turn(\
@@ -289,12 +335,17 @@ pub(crate) fn turns(pool: PgPool, schema: &str, workers: usize) -> Batcher<TurnR
         }
         .boxed()
     });
-    Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
+    start(workers, TURN_BATCH, within, run)
 }
 
 /// The batcher of leases: `lease_many` for two or more (schema_v11.sql), `lease` for one, and
 /// for each of a batch whose statement failed.
-pub(crate) fn leases(pool: PgPool, schema: &str, workers: usize) -> Batcher<LeaseReq, LeaseOut> {
+pub(crate) fn leases(
+    pool: PgPool,
+    schema: &str,
+    workers: usize,
+    within: Duration,
+) -> Batcher<LeaseReq, LeaseOut> {
     let one = sql(
         schema,
         "SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3, $4)",
@@ -335,7 +386,7 @@ pub(crate) fn leases(pool: PgPool, schema: &str, workers: usize) -> Batcher<Leas
         }
         .boxed()
     });
-    Batcher::start(crate::BACKEND, workers, LEASE_BATCH, run)
+    start(workers, LEASE_BATCH, within, run)
 }
 
 /// A batch's turns as one array per parameter of `turn_many`.

@@ -55,6 +55,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub(crate) const BACKEND: &str = "postgres";
 
+/// How much longer than a statement may take (`statement_timeout`, after the pool's
+/// `acquire_timeout`) a batch's answer is waited for before it is given up as unanswered.
+const ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
 /// The schema version this build creates and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
@@ -91,7 +95,9 @@ pub struct PostgresOptions {
     /// Pool size (default 16).
     pub max_connections: u32,
     /// Statement timeout; a statement running longer fails with [`StoreError::Unavailable`]
-    /// (default 10 s).
+    /// (default 10 s). The server counts it; a batch of appends, turns or leases that the
+    /// server has not answered at all within `acquire_timeout + statement_timeout + 5 s` (a
+    /// connection gone silent, a stopped server process) fails with `Unavailable` too.
     pub statement_timeout: Duration,
     /// How long to wait for a pooled connection (default 10 s).
     pub acquire_timeout: Duration,
@@ -323,10 +329,18 @@ impl PostgresStore {
             .await
             .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
+        // A batch's answer is waited for as long as the pool's wait for a connection and the
+        // server's own limit on a statement allow, and then some: past that, the server is not
+        // answering at all. (A batch the server refused is retried request by request within
+        // the same bound.)
+        let within = options
+            .acquire_timeout
+            .saturating_add(options.statement_timeout)
+            .saturating_add(ANSWER_MARGIN);
         let mut store = PostgresStore {
-            appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),
-            turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers)),
-            leases: std::sync::Arc::new(group::leases(pool.clone(), &schema, workers)),
+            appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers, within)),
+            turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers, within)),
+            leases: std::sync::Arc::new(group::leases(pool.clone(), &schema, workers, within)),
             signals: signals::Notifier::start(pool.clone(), &schema, origin.clone()),
             pool,
             schema,

@@ -122,6 +122,93 @@ async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() 
     );
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to a server process.
+fn signal(pid: i32, signal: &str) {
+    let done = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(done.success(), "kill -{signal} {pid}");
+}
+
+/// A server process that stops answering in the middle of an append (SIGSTOP: its connection
+/// stays open, and the server's `statement_timeout` cannot fire in a stopped process, as with a
+/// frozen host or a network that drops everything) fails the append as `Unavailable` once the
+/// batch's bound has passed (`acquire_timeout + statement_timeout + 5 s`, 7 s here). Before, the
+/// append and its batch worker waited for as long as the connection lived. Once the process
+/// runs again, appends go on from wherever that append left the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
+    let server = PostgresServer::start();
+    let options = PostgresOptions {
+        schema: "faults".into(),
+        max_connections: 4,
+        statement_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..PostgresOptions::default()
+    };
+    let store = PostgresStore::connect_with(&server.url(), options)
+        .await
+        .expect("connect");
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let a = id(0);
+    store
+        .append(&a, 1, &[entry(0, 1)])
+        .await
+        .expect("first append");
+    // The append waits on a lock inside the server, and its process is stopped there.
+    let mut tx = admin.begin().await.expect("begin");
+    sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
+        .bind(a.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("lock the actor's row");
+    let started = tokio::time::Instant::now();
+    let (s, a2) = (store.clone(), a.clone());
+    let pending = tokio::spawn(async move { s.append(&a2, 2, &[entry(0, 2)]).await });
+    let pid = blocked_append(&admin).await;
+    signal(pid, "STOP");
+    tx.rollback().await.expect("release the row");
+    let answered = tokio::time::timeout(Duration::from_secs(30), pending).await;
+    signal(pid, "CONT");
+    let answer = answered
+        .expect("the append still waited after 30 s")
+        .expect("append task");
+    assert!(
+        matches!(answer, Err(StoreError::Unavailable { .. })),
+        "an unanswered append must be Unavailable (it may have committed), got {answer:?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(20),
+        "answered after {took:?}, not at its bound of 7 s"
+    );
+    // The stopped append may have committed once its process ran again: whatever it left, the
+    // journal goes on from there, once.
+    let mut next = 0;
+    for _ in 0..100 {
+        match store.highest_seq(&a).await {
+            Ok(h) => {
+                next = h + 1;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(next == 2 || next == 3, "the journal's next seq is {next}");
+    assert_eq!(
+        store
+            .append(&a, next, &[entry(0, next)])
+            .await
+            .expect("an append after the process ran again"),
+        next
+    );
+    check_acknowledged(&store, &HashMap::from([(0, next)])).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_racing_on_one_actor_never_fork_it() {
     let server = PostgresServer::start();
