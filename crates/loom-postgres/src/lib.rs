@@ -516,7 +516,8 @@ impl PostgresStore {
         let at = version.unwrap_or(0);
         if at > SCHEMA_VERSION {
             return Err(StoreError::InvalidRequest(format!(
-                "schema {s} has Loom schema version {at}; this build knows versions up to {SCHEMA_VERSION}"
+                "schema {s} has Loom schema version {at}; this build knows versions up to \
+                 {SCHEMA_VERSION}: use a `loom` of the nodes' build"
             )));
         }
         if at < SCHEMA_VERSION {
@@ -526,8 +527,21 @@ impl PostgresStore {
                  build, or start a node of this build first (a node's connect migrates it)"
             )));
         }
+        // At this version a store's count is recorded when it is created (`migrate`, in the
+        // same transaction): read here, never made.
+        let recorded: Option<i32> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT n FROM {s}.partitions")))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pe)?;
+        if recorded.is_none() {
+            return Err(StoreError::InvalidRequest(format!(
+                "schema {s} records no partition count (table {s}.partitions is empty): a node's \
+                 connect records it"
+            )));
+        }
         let mut conn = self.pool.acquire().await.map_err(pe)?;
-        // At this version a store's count is recorded when it is created, so this only reads.
+        // With the count recorded, this only compares it with the one asked for.
         partitions(&mut conn, s, asked).await
     }
 

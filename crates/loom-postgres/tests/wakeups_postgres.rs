@@ -158,6 +158,15 @@ async fn missing_migrations_are_run_by_a_node_not_a_look_and_a_newer_schema_is_r
         matches!(newer, Err(StoreError::InvalidRequest(ref m)) if m.contains("version")),
         "{newer:?}"
     );
+    let looked = PostgresStore::connect_existing(&url, options()).await;
+    assert!(
+        matches!(looked, Err(StoreError::InvalidRequest(ref m)) if m.contains("knows versions up to")),
+        "{looked:?}"
+    );
+    assert_eq!(
+        versions(admin.clone()).await,
+        (1..=SCHEMA_VERSION + 1).collect::<Vec<_>>()
+    );
 }
 
 /// A store is not woken by its own sends (its runtime woke itself), only by other stores'; and

@@ -16,8 +16,9 @@
 //!   up at that moment (they are treated as failed): a node cut off from its store (a network
 //!   partition, a stalled connection) stops its actors when their partitions' leases run out, instead of
 //!   running their handlers, and their activities, on past them until the store answers.
-//!   The calls of one round go out at once, their leases grouped by deadline, so no call waits
-//!   behind another that does not answer.
+//!   The calls of one round go out at once, their leases grouped by deadline, so no call of a
+//!   round waits behind another that does not answer. (The next round waits for the whole
+//!   round, at most until the earliest deadline among its unanswered calls.)
 //! - A lease's deadline is counted on this node's monotonic clock from when the request that
 //!   took or last renewed it was *sent*, plus the ttl: the store counted the lease's expiry from
 //!   when it received that request, later, so the deadline never passes the store's expiry,

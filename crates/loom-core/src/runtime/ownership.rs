@@ -27,9 +27,11 @@
 //!   within about `lease_ttl + tick`. A look goes on with the last roster read while the store
 //!   does not answer (before the first read: a roster of this node alone), so lost partitions
 //!   are dropped and unheld ones taken whatever the roster read does.
-//! - **Looks go on**: a look starts its hand-offs before its takes, and gives up a take that
-//!   has not answered within a lease ttl (the partition is asked for again at a later look), so
-//!   one request that never answers stalls neither that partition nor the looks after it.
+//! - **Looks go on**: a look gives up a take that has not answered within a lease ttl (the
+//!   partition is asked for again at a later look), so one request that never answers holds
+//!   that look, and with it the takeover of other partitions, at most a ttl, not for ever. A
+//!   take given up may still have taken the lease: as with an answer lost, the partition then
+//!   waits for that lease to run out, a ttl at most.
 //! - **Stopping**: a graceful shutdown leaves the roster first (the others stop naming this
 //!   node at once), then hands off each partition as soon as its own actors have drained. A
 //!   shutdown that times out stops what is still running as `kill` does: the partitions still
@@ -265,7 +267,9 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
         );
         stop_partition(shared, kind, p);
     }
-    // Hand-offs first: they are spawned, so a take slow to answer holds none of them up.
+    if !want.is_empty() {
+        take(shared, want).await;
+    }
     for (kind, p) in give {
         if let Some(h) = own.take(kind, p) {
             tracing::info!(
@@ -276,9 +280,6 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
             let me = shared.clone();
             shared.spawn(async move { hand_off(&me, kind, p, h).await });
         }
-    }
-    if !want.is_empty() {
-        take(shared, want).await;
     }
 }
 
@@ -337,6 +338,16 @@ async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
                     },
                 );
                 took += 1;
+            }
+            // Under this node's name: a take whose answer was lost or came too late, or an
+            // earlier process of this name. Owners are names, so this one cannot be told from
+            // that one: it is taken once it runs out.
+            Err(StoreError::LeaseHeld { owner, .. }) if owner == node => {
+                tracing::debug!(
+                    kind,
+                    partition = p,
+                    "a partition's lease is held under this node's name (a take whose answer was lost, or an earlier process of this name); it is taken once it runs out"
+                );
             }
             // Its owner has not let go yet (handing off, or crashed and not yet run out).
             Err(StoreError::LeaseHeld { .. }) => {}
