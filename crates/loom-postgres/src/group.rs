@@ -146,39 +146,46 @@ const APPEND_BATCH: usize = 256;
 /// (100 accounts, 512 transfers in flight) 8, 32 and 128 gave 875, 1068 and 1178 turns/s.
 const TURN_BATCH: usize = 128;
 
-/// Starts a batcher whose batches are each answered within `within`. A batch the server has
-/// not answered by then (a connection gone silent, a server process stopped mid-statement:
-/// waits that `statement_timeout`, counted by the server, cannot end, and that a pooled
-/// connection would otherwise sit in until the kernel gives up on it) gives each of its
-/// requests `Unavailable`, as a lost connection does (it may have committed), and its worker
-/// goes on with the next batch.
-fn start<I: Send + 'static, O: Send + 'static>(
-    workers: usize,
-    max_requests: usize,
+/// A statement of a batch: what `sqlx::query` makes, with its arguments bound.
+type Statement = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Runs `statement` on a connection of the pool (waiting for one at most the pool's
+/// `acquire_timeout`) and waits for its answer at most `within`. A statement the server has not
+/// answered by then (a connection gone silent, a server process stopped mid-statement: waits
+/// that `statement_timeout`, counted by the server, cannot end, and that would otherwise last
+/// as long as the kernel keeps the connection) fails as a lost connection does, with an I/O
+/// error (`Unavailable`: it may have committed). Its connection is closed, never handed to
+/// another statement: returning it to the pool would first wait, without a bound, for the
+/// answer that did not come.
+async fn fetch_all_within(
+    pool: &PgPool,
     within: Duration,
-    run: RunBatch<I, O>,
-) -> Batcher<I, O> {
-    let bounded: RunBatch<I, O> = Arc::new(move |reqs: Vec<I>| {
-        let n = reqs.len();
-        let call = run(reqs);
-        async move {
-            match tokio::time::timeout(within, call).await {
-                Ok(results) => results,
-                Err(_) => {
-                    let e = StoreError::unavailable(
-                        crate::BACKEND,
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer within {within:?}: the requests may have committed"),
-                        ),
-                    );
-                    (0..n).map(|_| Err(e.clone())).collect()
-                }
-            }
+    statement: Statement,
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    match tokio::time::timeout(within, statement.fetch_all(&mut *conn)).await {
+        Ok(rows) => rows,
+        Err(_) => {
+            conn.close_on_drop();
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {within:?}: the statement may have committed"),
+            )))
         }
-        .boxed()
-    });
-    Batcher::start(crate::BACKEND, workers, max_requests, bounded)
+    }
+}
+
+/// [`fetch_all_within`] for a statement that answers one row.
+async fn fetch_one_within(
+    pool: &PgPool,
+    within: Duration,
+    statement: Statement,
+) -> Result<PgRow, sqlx::Error> {
+    fetch_all_within(pool, within, statement)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(sqlx::Error::RowNotFound)
 }
 
 /// How many batches of each kind may be in flight at once, for a pool of `connections`.
@@ -204,11 +211,11 @@ pub(crate) fn appends(
             let single = |r: AppendReq| {
                 let (pool, one) = (pool.clone(), one.clone());
                 async move {
-                    sqlx::query(sqlx::AssertSqlSafe(one))
+                    let statement = sqlx::query(sqlx::AssertSqlSafe(one))
                         .bind(r.actor)
                         .bind(r.expected)
-                        .bind(r.frames)
-                        .fetch_one(&pool)
+                        .bind(r.frames);
+                    fetch_one_within(&pool, within, statement)
                         .await
                         .map(|row| (row.get::<bool, _>(0), row.get::<i64, _>(1)))
                 }
@@ -228,13 +235,12 @@ pub(crate) fn appends(
                 counts.push(r.frames.len() as i32);
                 frames.extend(r.frames.iter().cloned());
             }
-            let batch = sqlx::query(sqlx::AssertSqlSafe(many))
+            let statement = sqlx::query(sqlx::AssertSqlSafe(many))
                 .bind(actors)
                 .bind(expected)
                 .bind(counts)
-                .bind(frames)
-                .fetch_all(&pool)
-                .await;
+                .bind(frames);
+            let batch = fetch_all_within(&pool, within, statement).await;
             answer(
                 batch,
                 reqs,
@@ -245,7 +251,7 @@ pub(crate) fn appends(
         }
         .boxed()
     });
-    start(workers, APPEND_BATCH, within, run)
+    Batcher::start(crate::BACKEND, workers, APPEND_BATCH, run)
 }
 
 /// The batcher of turns: `turn_many` for two or more, `turn` for one; `turn_relayed`
@@ -282,16 +288,14 @@ pub(crate) fn turns(
                     // A turn with messages for the outbox (a store of 32 partitions) needs
                     // `turn_relayed`, for one turn as for many.
                     if !t.ob_actors.is_empty() {
-                        let rows = Columns::of(std::slice::from_ref(&t))
-                            .query(&relayed, true)
-                            .fetch_all(&pool)
-                            .await?;
+                        let statement = Columns::of(std::slice::from_ref(&t)).query(&relayed, true);
+                        let rows = fetch_all_within(&pool, within, statement).await?;
                         return match rows.first() {
                             Some(row) => Ok(TurnOut::from_row(row, 1)),
                             None => Err(sqlx::Error::RowNotFound),
                         };
                     }
-                    sqlx::query(sqlx::AssertSqlSafe(one))
+                    let statement = sqlx::query(sqlx::AssertSqlSafe(one))
                         .bind(t.actor)
                         .bind(t.expected)
                         .bind(t.frames)
@@ -311,8 +315,8 @@ pub(crate) fn turns(
                         .bind(t.record)
                         .bind(t.record_ttl)
                         .bind(t.next_vis)
-                        .bind(t.next_max)
-                        .fetch_one(&pool)
+                        .bind(t.next_max);
+                    fetch_one_within(&pool, within, statement)
                         .await
                         .map(|row| TurnOut::from_row(&row, 0))
                 }
@@ -326,16 +330,17 @@ pub(crate) fn turns(
             }
             let outbox = reqs.iter().any(|t| !t.ob_actors.is_empty());
             let c = Columns::of(&reqs);
-            let batch = if outbox {
-                c.query(&relayed, true).fetch_all(&pool).await
+            let statement = if outbox {
+                c.query(&relayed, true)
             } else {
-                c.query(&many, false).fetch_all(&pool).await
+                c.query(&many, false)
             };
+            let batch = fetch_all_within(&pool, within, statement).await;
             answer(batch, reqs, |row| TurnOut::from_row(row, 1), single).await
         }
         .boxed()
     });
-    start(workers, TURN_BATCH, within, run)
+    Batcher::start(crate::BACKEND, workers, TURN_BATCH, run)
 }
 
 /// The batcher of leases: `lease_many` for two or more (schema_v11.sql), `lease` for one, and
@@ -360,12 +365,12 @@ pub(crate) fn leases(
             let single = |l: LeaseReq| {
                 let (pool, one) = (pool.clone(), one.clone());
                 async move {
-                    sqlx::query(sqlx::AssertSqlSafe(one))
+                    let statement = sqlx::query(sqlx::AssertSqlSafe(one))
                         .bind(l.actor)
                         .bind(l.vis)
                         .bind(l.max)
-                        .bind(l.early)
-                        .fetch_one(&pool)
+                        .bind(l.early);
+                    fetch_one_within(&pool, within, statement)
                         .await
                         .map(|row| LeaseOut::from_row(&row, 0))
                 }
@@ -375,18 +380,17 @@ pub(crate) fn leases(
                 let l = reqs.into_iter().next().expect("one request");
                 return vec![single(l).await.map_err(pe)];
             }
-            let batch = sqlx::query(sqlx::AssertSqlSafe(many))
+            let statement = sqlx::query(sqlx::AssertSqlSafe(many))
                 .bind(reqs.iter().map(|l| l.actor.clone()).collect::<Vec<_>>())
                 .bind(reqs.iter().map(|l| l.vis).collect::<Vec<_>>())
                 .bind(reqs.iter().map(|l| l.max).collect::<Vec<_>>())
-                .bind(reqs.iter().map(|l| l.early).collect::<Vec<_>>())
-                .fetch_all(&pool)
-                .await;
+                .bind(reqs.iter().map(|l| l.early).collect::<Vec<_>>());
+            let batch = fetch_all_within(&pool, within, statement).await;
             answer(batch, reqs, |row| LeaseOut::from_row(row, 1), single).await
         }
         .boxed()
     });
-    start(workers, LEASE_BATCH, within, run)
+    Batcher::start(crate::BACKEND, workers, LEASE_BATCH, run)
 }
 
 /// A batch's turns as one array per parameter of `turn_many`.

@@ -55,8 +55,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub(crate) const BACKEND: &str = "postgres";
 
-/// How much longer than a statement may take (`statement_timeout`, after the pool's
-/// `acquire_timeout`) a batch's answer is waited for before it is given up as unanswered.
+/// How much longer than a statement may take (`statement_timeout`) the answer to a batch's
+/// statement is waited for before it is given up as unanswered.
 const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
 /// The schema version this build creates and reads.
@@ -95,9 +95,11 @@ pub struct PostgresOptions {
     /// Pool size (default 16).
     pub max_connections: u32,
     /// Statement timeout; a statement running longer fails with [`StoreError::Unavailable`]
-    /// (default 10 s). The server counts it; a batch of appends, turns or leases that the
-    /// server has not answered at all within `acquire_timeout + statement_timeout + 5 s` (a
-    /// connection gone silent, a stopped server process) fails with `Unavailable` too.
+    /// (default 10 s). The server counts it. The statements of the batched writes (appends,
+    /// turns, mailbox leases) are also waited for at most `statement_timeout + 5 s` by this
+    /// side: one the server does not answer at all (a connection gone silent, a stopped server
+    /// process) fails with `Unavailable` too, and its connection is closed. Other calls wait
+    /// for as long as their connection lives.
     pub statement_timeout: Duration,
     /// How long to wait for a pooled connection (default 10 s).
     pub acquire_timeout: Duration,
@@ -329,14 +331,9 @@ impl PostgresStore {
             .await
             .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
-        // A batch's answer is waited for as long as the pool's wait for a connection and the
-        // server's own limit on a statement allow, and then some: past that, the server is not
-        // answering at all. (A batch the server refused is retried request by request within
-        // the same bound.)
-        let within = options
-            .acquire_timeout
-            .saturating_add(options.statement_timeout)
-            .saturating_add(ANSWER_MARGIN);
+        // A batch's statement is waited for as long as the server's own limit on it allows,
+        // and then some: past that, the server is not answering at all.
+        let within = options.statement_timeout.saturating_add(ANSWER_MARGIN);
         let mut store = PostgresStore {
             appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers, within)),
             turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers, within)),

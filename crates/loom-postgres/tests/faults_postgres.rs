@@ -132,19 +132,37 @@ fn signal(pid: i32, signal: &str) {
     assert!(done.success(), "kill -{signal} {pid}");
 }
 
+/// A server process stopped until this is dropped (so that a failing test leaves none).
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Self {
+        signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
 /// A server process that stops answering in the middle of an append (SIGSTOP: its connection
 /// stays open, and the server's `statement_timeout` cannot fire in a stopped process, as with a
 /// frozen host or a network that drops everything) fails the append as `Unavailable` once the
-/// batch's bound has passed (`acquire_timeout + statement_timeout + 5 s`, 7 s here). Before, the
-/// append and its batch worker waited for as long as the connection lived. Once the process
-/// runs again, appends go on from wherever that append left the journal.
+/// statement's bound has passed (`statement_timeout + 5 s`, 9 s here). Before, the append and
+/// its batch worker waited for as long as the connection lived. Once the process runs again,
+/// appends go on from wherever that append left the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     let server = PostgresServer::start();
     let options = PostgresOptions {
         schema: "faults".into(),
         max_connections: 4,
-        statement_timeout: Duration::from_secs(1),
+        // Long enough that the server does not cancel the statement before the test has
+        // found its process and stopped it.
+        statement_timeout: Duration::from_secs(4),
         acquire_timeout: Duration::from_secs(1),
         ..PostgresOptions::default()
     };
@@ -170,12 +188,12 @@ async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     let (s, a2) = (store.clone(), a.clone());
     let pending = tokio::spawn(async move { s.append(&a2, 2, &[entry(0, 2)]).await });
     let pid = blocked_append(&admin).await;
-    signal(pid, "STOP");
+    let stopped = Stopped::new(pid);
     tx.rollback().await.expect("release the row");
-    let answered = tokio::time::timeout(Duration::from_secs(30), pending).await;
-    signal(pid, "CONT");
+    let answered = tokio::time::timeout(Duration::from_secs(40), pending).await;
+    drop(stopped);
     let answer = answered
-        .expect("the append still waited after 30 s")
+        .expect("the append still waited after 40 s")
         .expect("append task");
     assert!(
         matches!(answer, Err(StoreError::Unavailable { .. })),
@@ -183,11 +201,31 @@ async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     );
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(6) && took < Duration::from_secs(20),
-        "answered after {took:?}, not at its bound of 7 s"
+        took >= Duration::from_secs(8) && took < Duration::from_secs(30),
+        "answered after {took:?}, not at its bound of 9 s"
     );
-    // The stopped append may have committed once its process ran again: whatever it left, the
-    // journal goes on from there, once.
+    // The stopped append may still commit once its process runs again: wait until that
+    // process has ended its statement (its connection was closed), then go on from whatever it
+    // left, once.
+    let mut ended = false;
+    for _ in 0..300 {
+        let state: Option<Option<String>> =
+            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_optional(&admin)
+                .await
+                .expect("pg_stat_activity");
+        // Gone, or no longer running a statement.
+        if state.flatten().as_deref() != Some("active") {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ended,
+        "the stopped append's process never ended its statement"
+    );
     let mut next = 0;
     for _ in 0..100 {
         match store.highest_seq(&a).await {
