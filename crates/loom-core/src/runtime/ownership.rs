@@ -30,9 +30,8 @@
 //! - **Looks go on**: a look gives up a take that has not answered within a lease ttl (the
 //!   partition is asked for again at a later look), so one request that never answers holds
 //!   that look, and with it the takeover of other partitions and the hand-offs the look would
-//!   start, at most a ttl, not for ever. A
-//!   take given up may still have taken the lease: as with an answer lost, the partition then
-//!   waits for that lease to run out, a ttl at most.
+//!   start, at most a ttl, not for ever. A take given up may still have taken the lease: as
+//!   with an answer lost, the partition then waits for that lease to run out, a ttl at most.
 //! - **Stopping**: a graceful shutdown leaves the roster first (the others stop naming this
 //!   node at once), then hands off each partition as soon as its own actors have drained. A
 //!   shutdown that times out stops what is still running as `kill` does: the partitions still
