@@ -515,7 +515,10 @@ impl Columns {
 /// A batch statement's answer, one result per request in request order: its rows; or, when it
 /// failed for a reason the server gave (one request it could not run, or a deadlock it rolled
 /// back), each request again on its own with `single`; or, when the connection failed, that
-/// failure for every request (the batch may or may not have committed).
+/// failure for every request (the batch may or may not have committed). Should one of those
+/// requests on its own find the server gone (its connection lost, or no answer within its
+/// bound), the ones after it are not sent: each gets that failure too, so that a batch's
+/// retries wait for a server that does not answer once, not once per request.
 async fn answer<R, O, Fut>(
     batch: Result<Vec<PgRow>, sqlx::Error>,
     reqs: Vec<R>,
@@ -535,8 +538,23 @@ where
                 return (0..n).map(|_| Err(e.clone())).collect();
             }
             let mut out = Vec::with_capacity(n);
+            let mut gone: Option<StoreError> = None;
             for r in reqs {
-                out.push(single(r).await.map_err(pe));
+                if let Some(e) = &gone {
+                    out.push(Err(e.clone()));
+                    continue;
+                }
+                match single(r).await {
+                    Ok(o) => out.push(Ok(o)),
+                    Err(e) => {
+                        let unanswered = crate::unreachable(&e);
+                        let e = pe(e);
+                        if unanswered {
+                            gone = Some(e.clone());
+                        }
+                        out.push(Err(e));
+                    }
+                }
             }
             out
         }
@@ -569,4 +587,44 @@ fn by_index<O>(n: usize, rows: &[PgRow], f: impl Fn(&PgRow) -> O) -> Vec<StoreRe
     out.into_iter()
         .map(|o| o.ok_or_else(|| crate::sql::unexpected("a batch skipped a request")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A batch the server refused is retried request by request; once one of those finds the
+    /// server gone (here: no answer within its bound), the rest are not sent and get that
+    /// failure. Before, each was sent and waited out its own bound: a batch of 256 could hold
+    /// its worker for 256 bounds.
+    #[tokio::test]
+    async fn retries_stop_at_the_first_that_finds_the_server_gone() {
+        let sent = AtomicUsize::new(0);
+        let refused = Err(sqlx::Error::Protocol("refused".into()));
+        let out = answer(
+            refused,
+            vec![1, 2, 3, 4],
+            |_| 0,
+            |r: i32| {
+                sent.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if r == 1 {
+                        Ok(10)
+                    } else {
+                        Err(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer",
+                        )))
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(sent.load(Ordering::SeqCst), 2, "requests sent one by one");
+        assert!(matches!(out[0], Ok(10)));
+        for r in &out[1..] {
+            assert!(matches!(r, Err(StoreError::Unavailable { .. })), "{r:?}");
+        }
+    }
 }
