@@ -494,7 +494,7 @@ impl PostgresStore {
         if from < SCHEMA_VERSION {
             tracing::info!(schema = %s, from, to = SCHEMA_VERSION, "migrated Loom's schema");
         }
-        let partitions = partitions(&mut tx, s, asked).await?;
+        let partitions = partitions(&mut tx, s, asked, true).await?;
         tx.commit().await.map_err(pe)?;
         Ok(partitions)
     }
@@ -526,20 +526,8 @@ impl PostgresStore {
         }
         // At this version a store's count is recorded when it is created (`migrate`, in the
         // same transaction): read here, never made.
-        let recorded: Option<i32> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT n FROM {s}.partitions")))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(pe)?;
-        if recorded.is_none() {
-            return Err(StoreError::InvalidRequest(format!(
-                "schema {s} records no partition count (table {s}.partitions is empty): a node's \
-                 connect records it"
-            )));
-        }
         let mut conn = self.pool.acquire().await.map_err(pe)?;
-        // With the count recorded, this only compares it with the one asked for.
-        partitions(&mut conn, s, asked).await
+        partitions(&mut conn, s, asked, false).await
     }
 
     /// The schema this store uses.
@@ -562,12 +550,14 @@ impl PostgresStore {
 
 /// The store's partition count, in the migrating transaction (which holds the schema's
 /// migrator lock, so two first connects cannot record two counts): what it recorded when it
-/// was created, else what `asked` (1 or 32, default 1), recorded now. A store that already
-/// holds actors cannot take 32: its event lanes are named for one partition.
+/// was created, else what `asked` (1 or 32, default 1), recorded now if `record` (refused
+/// otherwise: a store only opened writes nothing). A store that already holds actors cannot
+/// take 32: its event lanes are named for one partition.
 async fn partitions(
     tx: &mut sqlx::PgConnection,
     s: &str,
     asked: Option<u32>,
+    record: bool,
 ) -> Result<u32, StoreError> {
     use loom_core::partition::SHARED_STORE_PARTITIONS;
     if let Some(n) = asked
@@ -591,6 +581,10 @@ async fn partitions(
              {SHARED_STORE_PARTITIONS}); use a new schema for {n}"
         ))),
         (Some(has), _) => Ok(has as u32),
+        (None, _) if !record => Err(StoreError::InvalidRequest(format!(
+            "schema {s} records no partition count (table {s}.partitions is empty): a node's \
+             connect records it"
+        ))),
         (None, asked) => {
             let n = asked.unwrap_or(1);
             // Actors, or nodes (of an older build, still connected, that would send straight

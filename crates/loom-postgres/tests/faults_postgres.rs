@@ -62,6 +62,30 @@ async fn blocked_append(admin: &sqlx::PgPool) -> i32 {
     panic!("the append never blocked on the held lock");
 }
 
+/// An append of `entry(0, seq)` to `a` in flight inside the server: the actor's journal row is
+/// held by the returned transaction, and the append's session (the returned pid) waits on it.
+async fn append_held_on_its_row(
+    store: &PostgresStore,
+    admin: &sqlx::PgPool,
+    a: &loom_core::ActorId,
+    seq: u64,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<Result<u64, StoreError>>,
+    i32,
+) {
+    let mut tx = admin.begin().await.expect("begin");
+    sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
+        .bind(a.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .expect("lock the actor's row");
+    let (s, a2) = (store.clone(), a.clone());
+    let pending = tokio::spawn(async move { s.append(&a2, seq, &[entry(0, seq)]).await });
+    let pid = blocked_append(admin).await;
+    (tx, pending, pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() {
     let server = PostgresServer::start();
@@ -81,15 +105,7 @@ async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() 
         let next = round + 2;
         // Hold the actor's journal row so the append is in flight inside the server, then cut its
         // connection there, as a failover or a proxy timeout would.
-        let mut tx = admin.begin().await.expect("begin");
-        sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
-            .bind(a.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .expect("lock the actor's row");
-        let (s, a2) = (store.clone(), a.clone());
-        let pending = tokio::spawn(async move { s.append(&a2, next, &[entry(0, next)]).await });
-        let pid = blocked_append(&admin).await;
+        let (tx, pending, pid) = append_held_on_its_row(&store, &admin, &a, next).await;
         let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(pid)
             .fetch_one(&admin)
@@ -122,14 +138,17 @@ async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() 
     );
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to a server process.
-fn signal(pid: i32, signal: &str) {
-    let done = std::process::Command::new("kill")
+/// Sends `signal` (`STOP`, `CONT`) to a server process; whether it was sent.
+fn signal(pid: i32, signal: &str) -> bool {
+    let sent = std::process::Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(done.success(), "kill -{signal} {pid}");
+        .status();
+    if !matches!(sent, Ok(ref s) if s.success()) {
+        eprintln!("kill -{signal} {pid} failed: {sent:?}");
+        return false;
+    }
+    true
 }
 
 /// A server process stopped until this is dropped (so that a failing test leaves none).
@@ -137,7 +156,7 @@ struct Stopped(i32);
 
 impl Stopped {
     fn new(pid: i32) -> Self {
-        signal(pid, "STOP");
+        assert!(signal(pid, "STOP"), "could not stop the server process");
         Stopped(pid)
     }
 }
@@ -146,14 +165,7 @@ impl Drop for Stopped {
     fn drop(&mut self) {
         // No assertion here: a test already failing must not panic again (that aborts, and
         // its own message is lost). A process left stopped is killed by the server's stop.
-        match std::process::Command::new("kill")
-            .arg("-CONT")
-            .arg(self.0.to_string())
-            .status()
-        {
-            Ok(s) if s.success() => {}
-            other => eprintln!("kill -CONT {} failed: {other:?}", self.0),
-        }
+        signal(self.0, "CONT");
     }
 }
 
@@ -187,16 +199,8 @@ async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
         .await
         .expect("first append");
     // The append waits on a lock inside the server, and its process is stopped there.
-    let mut tx = admin.begin().await.expect("begin");
-    sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
-        .bind(a.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .expect("lock the actor's row");
     let started = tokio::time::Instant::now();
-    let (s, a2) = (store.clone(), a.clone());
-    let pending = tokio::spawn(async move { s.append(&a2, 2, &[entry(0, 2)]).await });
-    let pid = blocked_append(&admin).await;
+    let (tx, pending, pid) = append_held_on_its_row(&store, &admin, &a, 2).await;
     let stopped = Stopped::new(pid);
     tx.rollback().await.expect("release the row");
     let answered = tokio::time::timeout(Duration::from_secs(40), pending).await;
