@@ -1,11 +1,12 @@
 //! # loom-redis
 //!
 //! Loom's store on Redis, for many nodes: journals on streams with explicit ids (`<seq>-0`, so
-//! Redis itself refuses a non-increasing id), mailboxes on streams read through a consumer group
-//! (`XREADGROUP` hands a message out, `XCLAIM` takes over a delivery whose consumer died, `XACK`
-//! settles it) with delayed messages in a sorted set, leases with `SET … PX` and a fencing token
-//! from `INCR`, idempotency records with `SET NX PX`. Every conditional or multi-key operation is
-//! one Lua script (`loom.lua`, which also documents the key layout), so it is atomic.
+//! Redis itself refuses a non-increasing id), mailboxes on streams holding their current and
+//! undelivered messages in order (the mailbox's meta hash says which entry is out and until
+//! when; `XRANGE` hands the first out, `XDEL` settles it) with delayed messages in a sorted
+//! set, leases with `SET … PX` and a fencing token from `INCR`, idempotency records with
+//! `SET NX PX`. Every conditional or multi-key operation is one Lua script (`loom.lua`, which
+//! also documents the key layout), so it is atomic.
 //!
 //! Concurrent requests from many actors share the connection: the connection manager pipelines
 //! them, and concurrent calls of the hot path's scripts (appends, turns, enqueues, mailbox

@@ -13,16 +13,19 @@
 --   P:{T}:jm   hash, journal meta: h = highest seq, t = trimmed through, d = the highest seq
 --              when the journal was last deleted (no snapshot at or below it is accepted)
 --   P:{T}:sn   hash, snapshot seq -> snapshot frame;  P:{T}:sz zset of kept snapshot seqs
---   P:{T}:mq   stream, the mailbox's due messages, read through consumer group "g"; fields
---              m = envelope frame, id = message id, p = position
+--   P:{T}:mq   stream, the mailbox's due messages in order: the current message (cur, if any)
+--              first, then the undelivered ones; fields m = envelope frame, id = message id,
+--              p = position. Read with XRANGE: the meta says which entry is current, and a
+--              settled message is deleted, so the next is the stream's first entry
 --   P:{T}:mm   hash, mailbox meta: pos (last position), n (messages), q (undelivered in mq),
 --              cur (current position, 0 if none), curid (its stream id), curmsg (its message
 --              id), vis (visible at ms), dlv (its deliveries), err (last nack error); while the
 --              current message is suspended on an event lane (Mailbox::suspend): wl (the lane),
 --              wp and wd (the position and deliveries it was suspended at; wl is '' for a
 --              sleep); c:<message id> = 1 for each message asked to be cancelled
---              (Mailbox::cancel), removed with the message; g = 1 once mq and its consumer
---              group exist (set by the first push; mailboxes of older builds lack it)
+--              (Mailbox::cancel), removed with the message; g = 1 in a mailbox of an older
+--              build, whose stream has a consumer group "g" that may hold its current message
+--              as pending: removing that message acks it there and drops g
 --   P:{T}:md   zset, delayed messages: member = position, score = due ms
 --   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease
@@ -194,18 +197,8 @@ local function mb_ready(mb, now, enqueued, st)
   end
 end
 
--- Makes the stream and its consumer group, unless the meta says they exist (field g, set with
--- the first message pushed; streams are never deleted, and mailboxes of older builds without
--- the field are looked at once).
-local function mb_group(mb, grouped)
-  if grouped then return end
-  if redis.call('EXISTS', mb.mq) == 0 then
-    redis.call('XGROUP', 'CREATE', mb.mq, 'g', '$', 'MKSTREAM')
-  end
-end
-
 local function mb_enqueue(mb, msgid, frame, due, now)
-  local v = redis.call('HMGET', mb.mm, 'pos', 'n', 'q', 'park', 'cur', 'vis', 'g')
+  local v = redis.call('HMGET', mb.mm, 'pos', 'n', 'q', 'park', 'cur', 'vis')
   local pos, n, q = num(v[1]) + 1, num(v[2]) + 1, num(v[3])
   local after = q
   if due > now then
@@ -214,21 +207,19 @@ local function mb_enqueue(mb, msgid, frame, due, now)
     redis.call('HSET', mb.mm, 'pos', pos, 'n', n)
   else
     -- A due message goes to the end of the stream.
-    mb_group(mb, v[7])
     redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
     after = q + 1
-    redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after, 'g', 1)
+    redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after)
   end
   mb_ready(mb, now, q, { park = v[4], cur = num(v[5]), vis = num(v[6]), q = after })
   return pos
 end
 
 -- Moves delayed messages that are due into the stream, in due order; q is how many undelivered
--- messages the stream holds, grouped: the meta's g. Returns q after the move.
-local function mb_promote(mb, now, q, grouped)
+-- messages the stream holds. Returns q after the move.
+local function mb_promote(mb, now, q)
   local due = redis.call('ZRANGEBYSCORE', mb.md, '-inf', now)
   if #due == 0 then return q end
-  mb_group(mb, grouped)
   for _, pos in ipairs(due) do
     local v = redis.call('HGET', mb.mdx, pos)
     local bar = string.find(v, '|', 1, true)
@@ -238,7 +229,7 @@ local function mb_promote(mb, now, q, grouped)
   -- Exactly the members just read: the script runs alone, and now has not moved.
   redis.call('ZREMRANGEBYSCORE', mb.md, '-inf', now)
   q = q + #due
-  redis.call('HSET', mb.mm, 'q', q, 'g', 1)
+  redis.call('HSET', mb.mm, 'q', q)
   return q
 end
 
@@ -258,7 +249,7 @@ end
 
 -- The meta fields that settling the current message needs (mb_check, mb_remove_current).
 local function mb_current(mb)
-  return redis.call('HMGET', mb.mm, 'cur', 'dlv', 'curmsg', 'curid', 'n', 'q', 'park')
+  return redis.call('HMGET', mb.mm, 'cur', 'dlv', 'curmsg', 'curid', 'n', 'q', 'park', 'g')
 end
 
 -- Checks a receipt {pos, delivery, msgid} against the current message; nil if it is current,
@@ -277,10 +268,12 @@ end
 local function mb_remove_current(mb, now, v, quiet)
   if not v then v = mb_current(mb) end
   local id = v[4]
-  redis.call('XACK', mb.mq, 'g', id)
+  -- A mailbox of an older build: its group may hold this message as pending, and nothing
+  -- after it (one message is out at a time), so once acked there the group holds nothing.
+  if v[8] then redis.call('XACK', mb.mq, 'g', id) end
   redis.call('XDEL', mb.mq, id)
   redis.call('HSET', mb.mm, 'cur', 0, 'n', num(v[5]) - 1)
-  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd', 'c:' .. (v[3] or ''))
+  redis.call('HDEL', mb.mm, 'curid', 'curmsg', 'vis', 'dlv', 'err', 'wl', 'wp', 'wd', 'g', 'c:' .. (v[3] or ''))
   if not quiet then
     mb_ready(mb, now, false, { park = v[7], cur = 0, vis = 0, q = num(v[6]) })
   end
@@ -325,16 +318,16 @@ end
 -- deliveries) may go out (LeaseOptions::early); nil or 0 for none.
 local function mb_lease(mb, dl, vis, max, now, pending, early)
   while true do
-    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'g', 'wp', 'wd')
+    local v = redis.call('HMGET', mb.mm, 'park', 'cur', 'vis', 'dlv', 'err', 'q', 'curid', 'wp', 'wd')
     local cur = num(v[2])
     if v[1] then
       if pending then mb_ready(mb, now, false, { park = v[1] }) end
       return nil
     end
-    local q = mb_promote(mb, now, num(v[6]), v[8])
+    local q = mb_promote(mb, now, num(v[6]))
     if cur ~= 0 then
       local suspended_due = early and early > 0 and num(v[3]) <= now + early
-        and num(v[9]) == cur and num(v[10]) == num(v[4])
+        and num(v[8]) == cur and num(v[9]) == num(v[4])
       if num(v[3]) > now and not suspended_due then
         if pending then mb_ready(mb, now, false, { cur = cur, vis = num(v[3]), q = q }) end
         return nil
@@ -350,8 +343,8 @@ local function mb_lease(mb, dl, vis, max, now, pending, early)
         mb_bury(mb, dl, reason, now)
         pending = false
       else
-        -- Take the delivery over (its consumer died or gave it back): XCLAIM counts it.
-        local r = redis.call('XCLAIM', mb.mq, 'g', 'loom', 0, v[7])
+        -- Hand the current message out again (its consumer died or gave it back).
+        local r = redis.call('XRANGE', mb.mq, v[7], v[7])
         local f = mb_fields(r[1])
         redis.call('HSET', mb.mm, 'dlv', dlv + 1, 'vis', now + vis)
         mb_ready(mb, now, false, { cur = cur, vis = now + vis, q = q })
@@ -362,20 +355,13 @@ local function mb_lease(mb, dl, vis, max, now, pending, early)
         if pending then mb_ready(mb, now, false, { cur = 0, q = 0 }) end
         return nil
       end
-      local r = redis.pcall('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
-      if type(r) == 'table' and r.err then
-        -- g = 1 but the stream has no group: it was lost (a store destroyed while nodes ran,
-        -- or evicted) and a push made it again without one. Give it its group back over
-        -- everything it holds, rather than refuse this mailbox for good.
-        if not string.find(r.err, 'NOGROUP', 1, true) then error(r) end
-        redis.call('XGROUP', 'CREATE', mb.mq, 'g', '0', 'MKSTREAM')
-        r = redis.call('XREADGROUP', 'GROUP', 'g', 'loom', 'COUNT', 1, 'STREAMS', mb.mq, '>')
-      end
-      if not r or #r[1][2] == 0 then
+      -- Nothing is current, so the stream holds only undelivered messages: the first is next.
+      local r = redis.call('XRANGE', mb.mq, '-', '+', 'COUNT', 1)
+      if #r == 0 then
         if pending then mb_ready(mb, now) end
         return nil
       end
-      local entry = r[1][2][1]
+      local entry = r[1]
       local f = mb_fields(entry)
       redis.call('HSET', mb.mm, 'cur', f.p, 'curid', entry[1], 'curmsg', f.id, 'dlv', 1, 'vis', now + vis, 'q', q - 1)
       mb_ready(mb, now, false, { cur = tonumber(f.p), vis = now + vis, q = q - 1 })

@@ -662,12 +662,11 @@ async fn one_mailbox(
     )
 }
 
-/// A mailbox's stream is never deleted, so the meta's `g` spares every push a look for it; if
-/// it is lost all the same (a store destroyed while nodes ran, an evicting server), the next push
-/// makes the stream again without its consumer group. The lease gives it its group back and
-/// hands out what it holds, where a mailbox would otherwise refuse every lease for good.
+/// A mailbox's stream is never deleted; if it is lost all the same (a store destroyed while
+/// nodes ran, an evicting server), the next push makes it again and the lease hands out what it
+/// holds, where a mailbox would otherwise refuse every lease for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
+async fn a_mailbox_whose_stream_was_lost_hands_out_what_is_pushed_after() {
     use loom_core::{Envelope, Mailbox};
     let (_server, mut conn, store, a, opts) = one_mailbox("lost").await;
     store
@@ -691,68 +690,107 @@ async fn a_mailbox_whose_stream_was_lost_gets_its_group_back() {
     let got = store
         .lease(&a, opts)
         .await
-        .expect("a lease, not NOGROUP")
+        .expect("a lease, not an error")
         .expect("the message pushed after the loss");
     assert_eq!(got.envelope.id, second.id);
     store.ack(&got.receipt).await.unwrap();
     assert!(store.lease(&a, opts).await.unwrap().is_none());
 }
 
-/// A mailbox of an older build has no `g` in its meta though its stream and consumer group
-/// exist: the next push makes neither again (the group keeps its place) and the messages come
-/// out once each, in order. A stream whose group is gone as well gets one back from the lease,
-/// starting at its first entry.
+/// A mailbox of an older build was read through a consumer group, `g`, which held its current
+/// message as pending (and `g = 1` in its meta). This build reads streams without one: that
+/// message is handed out again once its lease runs out, its ack also acks it in the group
+/// (which then holds nothing, and the meta loses `g`), and the messages after it come out once
+/// each, in order, though the group never saw them delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mailbox_without_the_group_flag_keeps_its_group_and_order() {
+async fn a_mailbox_of_an_older_build_comes_out_in_order_and_its_group_is_acked() {
     use loom_core::{Envelope, Mailbox};
     let (_server, mut conn, store, a, opts) = one_mailbox("grp").await;
     let (mm, mq) = ("grp:{counter/c1}:mm", "grp:{counter/c1}:mq");
-    let unflag = |mut c: redis::aio::MultiplexedConnection| async move {
-        let removed: u64 = redis::cmd("HDEL")
-            .arg(mm)
+    let sent: Vec<Envelope> = (1..=3)
+        .map(|n| Envelope::new(a.clone(), serde_json::json!(n)))
+        .collect();
+    for e in &sent {
+        store.enqueue(e, None).await.unwrap();
+    }
+    // What an older build's lease left: the group made over the stream, the first message
+    // read through it (pending there), and the meta pointing at it, its lease run out.
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(mq)
+        .arg("g")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("XGROUP CREATE");
+    type Read = Vec<(String, Vec<(String, HashMap<String, Vec<u8>>)>)>;
+    let read: Read = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("loom")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(mq)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("XREADGROUP");
+    let (sid, fields) = read[0].1[0].clone();
+    let field = |name: &str| String::from_utf8(fields[name].clone()).expect("a text field");
+    let (p, msgid) = (field("p"), field("id"));
+    assert_eq!(msgid, sent[0].id.to_string(), "the first message");
+    let () = redis::cmd("HSET")
+        .arg(mm)
+        .arg(&[
+            ("cur", p.as_str()),
+            ("curid", sid.as_str()),
+            ("curmsg", msgid.as_str()),
+            ("dlv", "1"),
+            ("vis", "0"),
+            ("q", "2"),
+            ("g", "1"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .expect("HSET the meta");
+    let pending = |mut c: redis::aio::MultiplexedConnection| async move {
+        // The summary form: count, smallest id, greatest id, count per consumer.
+        let summary: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(mq)
             .arg("g")
             .query_async(&mut c)
             .await
-            .expect("HDEL g");
-        assert_eq!(removed, 1, "the meta had g");
+            .expect("XPENDING");
+        summary.0
     };
-    let sent: Vec<Envelope> = (1..=4)
-        .map(|n| Envelope::new(a.clone(), serde_json::json!(n)))
-        .collect();
-    store.enqueue(&sent[0], None).await.unwrap();
-    let first = store.lease(&a, opts).await.unwrap().expect("the first");
-    assert_eq!(first.envelope.id, sent[0].id);
-    store.ack(&first.receipt).await.unwrap();
-    let take = |want: Envelope| {
-        let (store, a) = (store.clone(), a.clone());
-        async move {
-            let got = store
-                .lease(&a, opts)
-                .await
-                .unwrap()
-                .expect("every message pushed");
-            assert_eq!(got.envelope.id, want.id, "out of order");
-            store.ack(&got.receipt).await.unwrap();
-        }
-    };
-    store.enqueue(&sent[1], None).await.unwrap();
-    unflag(conn.clone()).await;
-    // The group exists: the push leaves it (and what it delivered) as it is.
-    store.enqueue(&sent[2], None).await.unwrap();
-    take(sent[1].clone()).await;
-    take(sent[2].clone()).await;
-    // The group lost as well as the flag: the lease gives the stream one from its start.
-    let destroyed: u64 = redis::cmd("XGROUP")
-        .arg("DESTROY")
-        .arg(mq)
+    assert_eq!(pending(conn.clone()).await, 1);
+    let again = store
+        .lease(&a, opts)
+        .await
+        .unwrap()
+        .expect("the older build's current message, its lease run out");
+    assert_eq!(again.envelope.id, sent[0].id);
+    assert_eq!(again.envelope.attempt, 1, "its second delivery");
+    store.ack(&again.receipt).await.unwrap();
+    assert_eq!(pending(conn.clone()).await, 0, "acked in the group too");
+    let flagged: bool = redis::cmd("HEXISTS")
+        .arg(mm)
         .arg("g")
         .query_async(&mut conn)
         .await
-        .expect("XGROUP DESTROY");
-    assert_eq!(destroyed, 1, "the stream had its group");
-    unflag(conn.clone()).await;
-    store.enqueue(&sent[3], None).await.unwrap();
-    take(sent[3].clone()).await;
+        .expect("HEXISTS");
+    assert!(!flagged, "the meta drops g once the group holds nothing");
+    for want in &sent[1..] {
+        let got = store
+            .lease(&a, opts)
+            .await
+            .unwrap()
+            .expect("every message pushed");
+        assert_eq!(got.envelope.id, want.id, "out of order");
+        assert_eq!(got.envelope.attempt, 0, "a first delivery");
+        store.ack(&got.receipt).await.unwrap();
+    }
     assert!(store.lease(&a, opts).await.unwrap().is_none());
 }
 
