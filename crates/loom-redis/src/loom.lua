@@ -24,8 +24,10 @@
 --              wp and wd (the position and deliveries it was suspended at; wl is '' for a
 --              sleep); c:<message id> = 1 for each message asked to be cancelled
 --              (Mailbox::cancel), removed with the message; g = 1 in a mailbox of an older
---              build, whose stream has a consumer group "g" that may hold its current message
---              as pending: removing that message acks it there and drops g
+--              build (3d0b8a3 and later), whose stream has a consumer group "g" that may hold
+--              its current message as pending: removing that message acks it there and drops
+--              g. (Builds before 3d0b8a3 made the group without marking the meta; their one
+--              pending entry stays in a group nothing reads.)
 --   P:{T}:md   zset, delayed messages: member = position, score = due ms
 --   P:{T}:mdx  hash, delayed position -> "<message id>|<envelope frame>"
 --   P:{T}:ls   string, the lease: "<owner>\n<token>", expiring with the lease

@@ -664,7 +664,7 @@ async fn one_mailbox(
 
 /// A mailbox's stream is never deleted; if it is lost all the same (a store destroyed while
 /// nodes ran, an evicting server), the next push makes it again and the lease hands out what it
-/// holds, where a mailbox would otherwise refuse every lease for good.
+/// holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_whose_stream_was_lost_hands_out_what_is_pushed_after() {
     use loom_core::{Envelope, Mailbox};
@@ -698,15 +698,27 @@ async fn a_mailbox_whose_stream_was_lost_hands_out_what_is_pushed_after() {
 }
 
 /// A mailbox of an older build was read through a consumer group, `g`, which held its current
-/// message as pending (and `g = 1` in its meta). This build reads streams without one: that
-/// message is handed out again once its lease runs out, its ack also acks it in the group
-/// (which then holds nothing, and the meta loses `g`), and the messages after it come out once
-/// each, in order, though the group never saw them delivered.
+/// message as pending (and, from 3d0b8a3 on, `g = 1` in its meta). This build reads streams
+/// without one: that message is handed out again once its lease runs out, and the messages
+/// after it come out once each, in order, though the group never saw them delivered. A marked
+/// mailbox's ack also acks the message in the group, which then holds nothing, and the meta
+/// loses `g`; an unmarked one's group keeps that one pending entry, which nothing reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mailbox_of_an_older_build_comes_out_in_order_and_its_group_is_acked() {
+    older_mailbox("grp", true).await;
+    older_mailbox("unmarked", false).await;
+}
+
+/// What an older build's lease left in `counter/c1`'s mailbox under `prefix`, `g` set in its meta
+/// or not (`marked`), read by this build.
+async fn older_mailbox(prefix: &str, marked: bool) {
     use loom_core::{Envelope, Mailbox};
-    let (_server, mut conn, store, a, opts) = one_mailbox("grp").await;
-    let (mm, mq) = ("grp:{counter/c1}:mm", "grp:{counter/c1}:mq");
+    let (_server, mut conn, store, a, opts) = one_mailbox(prefix).await;
+    let (mm, mq) = (
+        format!("{prefix}:{{counter/c1}}:mm"),
+        format!("{prefix}:{{counter/c1}}:mq"),
+    );
+    let (mm, mq) = (mm.as_str(), mq.as_str());
     let sent: Vec<Envelope> = (1..=3)
         .map(|n| Envelope::new(a.clone(), serde_json::json!(n)))
         .collect();
@@ -740,17 +752,20 @@ async fn a_mailbox_of_an_older_build_comes_out_in_order_and_its_group_is_acked()
     let field = |name: &str| String::from_utf8(fields[name].clone()).expect("a text field");
     let (p, msgid) = (field("p"), field("id"));
     assert_eq!(msgid, sent[0].id.to_string(), "the first message");
+    let mut meta = vec![
+        ("cur", p.as_str()),
+        ("curid", sid.as_str()),
+        ("curmsg", msgid.as_str()),
+        ("dlv", "1"),
+        ("vis", "0"),
+        ("q", "2"),
+    ];
+    if marked {
+        meta.push(("g", "1"));
+    }
     let () = redis::cmd("HSET")
         .arg(mm)
-        .arg(&[
-            ("cur", p.as_str()),
-            ("curid", sid.as_str()),
-            ("curmsg", msgid.as_str()),
-            ("dlv", "1"),
-            ("vis", "0"),
-            ("q", "2"),
-            ("g", "1"),
-        ])
+        .arg(&meta)
         .query_async(&mut conn)
         .await
         .expect("HSET the meta");
@@ -773,7 +788,12 @@ async fn a_mailbox_of_an_older_build_comes_out_in_order_and_its_group_is_acked()
     assert_eq!(again.envelope.id, sent[0].id);
     assert_eq!(again.envelope.attempt, 1, "its second delivery");
     store.ack(&again.receipt).await.unwrap();
-    assert_eq!(pending(conn.clone()).await, 0, "acked in the group too");
+    let left = if marked { 0 } else { 1 };
+    assert_eq!(
+        pending(conn.clone()).await,
+        left,
+        "acked in the group if marked"
+    );
     let flagged: bool = redis::cmd("HEXISTS")
         .arg(mm)
         .arg("g")
