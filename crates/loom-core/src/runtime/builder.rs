@@ -32,6 +32,9 @@ pub enum StartError {
     /// Two actor types registered the same kind, or a kind is not a valid kind name.
     #[error("{0}")]
     Registration(String),
+    /// A setting out of its bounds ([`Config::check`](super::Config::check)).
+    #[error(transparent)]
+    Config(#[from] super::ConfigError),
 }
 
 /// What [`RuntimeBuilder::store`] takes: any [`Store`], by value or in an `Arc`, or an
@@ -183,6 +186,7 @@ impl RuntimeBuilder {
 
     /// Opens the store and starts the runtime; actors with pending work are activated.
     pub async fn start(self) -> Result<Runtime, StartError> {
+        self.config.check()?;
         let mut kinds: BTreeMap<&'static str, Arc<dyn Kind>> = BTreeMap::new();
         let mut known: BTreeMap<&'static str, Arc<dyn Messages>> = BTreeMap::new();
         for (name, kind, messages) in self.kinds {

@@ -206,6 +206,91 @@ pub fn env_name(key: &str) -> String {
 }
 
 impl Config {
+    /// Checks a configuration built in code against the bounds that files and the environment
+    /// are held to ([`apply`](Self::apply)): no duration longer than a century (longer ones
+    /// overflow the clocks they are added to), none zero that times a loop or a lease, and no
+    /// zero count where one is needed. [`RuntimeBuilder::start`](super::RuntimeBuilder::start)
+    /// refuses a configuration that fails it, naming the setting. Three settings also take
+    /// `Duration::MAX`, as their fields say: `shutdown_timeout` and `ask_timeout` (no bound)
+    /// and `suspend_after` (never suspend).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut c = loom_core::runtime::Config::default();
+    /// assert!(c.check().is_ok());
+    /// c.poll_interval = Duration::MAX;
+    /// let e = c.check().unwrap_err();
+    /// assert!(e.to_string().contains("poll_interval"), "{e}");
+    /// ```
+    pub fn check(&self) -> Result<(), ConfigError> {
+        const CENTURY: &str = "longer than a century";
+        const ZERO: &str = "must be more than zero";
+        let bad = |key: &str, value: String, why: &str| ConfigError::Bad {
+            source_name: "the configuration given in code".to_owned(),
+            key: key.to_owned(),
+            value,
+            why: why.to_owned(),
+        };
+        // (key, value, may it be zero)
+        let durations = [
+            ("lease_ttl", self.lease_ttl, false),
+            ("visibility", self.visibility, false),
+            ("idle_timeout", self.idle_timeout, false),
+            ("poll_interval", self.poll_interval, false),
+            ("reply_ttl", self.reply_ttl, true),
+            ("event_recheck", self.event_recheck, false),
+            ("retry.initial", self.retry.initial, false),
+            ("retry.max", self.retry.max, false),
+            (
+                "retention.finished_after",
+                self.retention.finished_after,
+                true,
+            ),
+        ];
+        let optional = [("retention.idle_after", self.retention.idle_after)];
+        let unbounded = [
+            ("shutdown_timeout", self.shutdown_timeout, true),
+            ("ask_timeout", self.ask_timeout, false),
+            ("suspend_after", self.suspend_after, true),
+        ];
+        for (key, d, zero) in durations {
+            if d > LONGEST {
+                return Err(bad(key, format!("{d:?}"), CENTURY));
+            }
+            if d.is_zero() && !zero {
+                return Err(bad(key, format!("{d:?}"), ZERO));
+            }
+        }
+        for (key, d) in optional {
+            if let Some(d) = d.filter(|d| *d > LONGEST) {
+                return Err(bad(key, format!("{d:?}"), CENTURY));
+            }
+        }
+        for (key, d, zero) in unbounded {
+            if d > LONGEST && d != Duration::MAX {
+                return Err(bad(
+                    key,
+                    format!("{d:?}"),
+                    "longer than a century (Duration::MAX is taken: no bound)",
+                ));
+            }
+            if d.is_zero() && !zero {
+                return Err(bad(key, format!("{d:?}"), ZERO));
+            }
+        }
+        let counts = [
+            ("max_active", self.max_active as u64),
+            ("retry.max_attempts", u64::from(self.retry.max_attempts)),
+            ("compaction.keep", self.compaction.keep as u64),
+        ];
+        for (key, n) in counts {
+            if n == 0 {
+                return Err(bad(key, "0".to_owned(), ZERO));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `settings`, `(key, value)` pairs, over this configuration; `source_name` names
     /// where they came from in errors. All or nothing: on an error nothing is applied.
     pub fn apply<'a>(
@@ -473,5 +558,64 @@ mod tests {
             );
         }
         assert_eq!(format!("{c:?}"), before, "a refused source applied a part");
+    }
+
+    /// A configuration built in code is held to the bounds a file is: every out-of-bounds value
+    /// is refused naming its setting, `Duration::MAX` only where it means "no bound", and a
+    /// runtime does not start on one (before, `poll_interval = Duration::MAX` started, and
+    /// its dispatcher panicked adding it to the clock).
+    #[tokio::test]
+    async fn a_configuration_in_code_is_held_to_the_bounds_of_a_file() {
+        use super::super::Runtime;
+        type Set = fn(&mut Config);
+        let refused: [(&str, Set); 12] = [
+            ("poll_interval", |c| c.poll_interval = Duration::MAX),
+            ("poll_interval", |c| c.poll_interval = Duration::ZERO),
+            ("lease_ttl", |c| {
+                c.lease_ttl = LONGEST + Duration::from_secs(1)
+            }),
+            ("visibility", |c| c.visibility = Duration::MAX),
+            ("idle_timeout", |c| c.idle_timeout = Duration::MAX),
+            ("reply_ttl", |c| c.reply_ttl = Duration::MAX),
+            ("retry.max", |c| c.retry.max = Duration::MAX),
+            ("retention.idle_after", |c| {
+                c.retention.idle_after = Some(Duration::MAX)
+            }),
+            ("shutdown_timeout", |c| c.shutdown_timeout = LONGEST * 2),
+            ("ask_timeout", |c| c.ask_timeout = Duration::ZERO),
+            ("max_active", |c| c.max_active = 0),
+            ("compaction.keep", |c| c.compaction.keep = 0),
+        ];
+        for (key, set) in refused {
+            let mut c = Config::default();
+            set(&mut c);
+            let e = c.check().expect_err(key);
+            assert!(e.to_string().contains(key), "{key}: {e}");
+            let started = Runtime::builder().memory().config(c).start().await;
+            assert!(
+                matches!(started, Err(super::super::StartError::Config(_))),
+                "{key}: a runtime started"
+            );
+        }
+        let c = Config {
+            shutdown_timeout: Duration::MAX,
+            ask_timeout: Duration::MAX,
+            suspend_after: Duration::MAX,
+            ..Config::default()
+        };
+        c.check().expect("no bound where the field takes one");
+        // What a file may say, code may too: the longest of every duration.
+        let mut c = Config::default();
+        let longest: Vec<(&str, &str)> = KEYS
+            .iter()
+            .filter(|(k, _)| {
+                let mut probe = Config::default();
+                *k != "node" && probe.apply("probe", [(*k, "36500days")]).is_ok()
+            })
+            .map(|(k, _)| (*k, "36500days"))
+            .collect();
+        assert!(longest.len() >= 10, "{longest:?}");
+        c.apply("env", longest).expect("a century is taken");
+        c.check().expect("what a file may set passes");
     }
 }
