@@ -278,6 +278,9 @@ impl Config {
                 return Err(bad(key, format!("{d:?}"), ZERO));
             }
         }
+        if self.node.trim().is_empty() {
+            return Err(bad("node", format!("{:?}", self.node), "empty"));
+        }
         let counts = [
             ("max_active", self.max_active as u64),
             ("retry.max_attempts", u64::from(self.retry.max_attempts)),
@@ -568,7 +571,8 @@ mod tests {
     async fn a_configuration_in_code_is_held_to_the_bounds_of_a_file() {
         use super::super::Runtime;
         type Set = fn(&mut Config);
-        let refused: [(&str, Set); 12] = [
+        let refused: [(&str, Set); 13] = [
+            ("node", |c| c.node = " ".to_owned()),
             ("poll_interval", |c| c.poll_interval = Duration::MAX),
             ("poll_interval", |c| c.poll_interval = Duration::ZERO),
             ("lease_ttl", |c| {
@@ -604,18 +608,21 @@ mod tests {
             ..Config::default()
         };
         c.check().expect("no bound where the field takes one");
-        // What a file may say, code may too: the longest of every duration.
-        let mut c = Config::default();
-        let longest: Vec<(&str, &str)> = KEYS
-            .iter()
-            .filter(|(k, _)| {
-                let mut probe = Config::default();
-                *k != "node" && probe.apply("probe", [(*k, "36500days")]).is_ok()
-            })
-            .map(|(k, _)| (*k, "36500days"))
-            .collect();
-        assert!(longest.len() >= 10, "{longest:?}");
-        c.apply("env", longest).expect("a century is taken");
-        c.check().expect("what a file may set passes");
+        // What a file may say, code may too: the longest of every duration, and zero or "none"
+        // wherever a file takes them.
+        for (value, least) in [("36500days", 10), ("0s", 4), ("none", 4)] {
+            let mut c = Config::default();
+            let every: Vec<(&str, &str)> = KEYS
+                .iter()
+                .filter(|(k, _)| {
+                    let mut probe = Config::default();
+                    *k != "node" && probe.apply("probe", [(*k, value)]).is_ok()
+                })
+                .map(|(k, _)| (*k, value))
+                .collect();
+            assert!(every.len() >= least, "{value}: {every:?}");
+            c.apply("env", every).expect(value);
+            c.check().expect("what a file may set passes");
+        }
     }
 }
