@@ -490,6 +490,12 @@ async fn serve<A: Actor>(
     let mut leased: Option<crate::store::Delivery> = None;
     // The last turn's write looked for the next message and found none (`Next::Drained`).
     let mut drained = false;
+    // The actor's wake-ups counted before its last read of its mailbox (a lease, or the turn
+    // that looks for the next message): one counted by then was for a message that read saw,
+    // or took, so waiting ends only at a later one (`Signal::woken_since`). Otherwise a message
+    // sent while the actor was busy, and taken by its turn's look, would leave a wake-up that
+    // costs a lease finding nothing.
+    let mut seen = signal.count();
     loop {
         if leased.is_none() && stop.is_cancelled() {
             return passivate(&cell, io, id).await;
@@ -498,10 +504,14 @@ async fn serve<A: Actor>(
             Some(d) => Ok(Some(d)),
             // Straight to the wait below: a lease now would find nothing the write did not.
             None if std::mem::take(&mut drained) => Ok(None),
-            None => io.store.lease(id, cell.lease_options(io)).await,
+            None => {
+                seen = signal.count();
+                io.store.lease(id, cell.lease_options(io)).await
+            }
         };
         match next {
             Ok(Some(d)) => {
+                seen = signal.count();
                 busy.store(true, Ordering::Release);
                 let next = cell.process(io, shared, d).await;
                 busy.store(false, Ordering::Release);
@@ -545,7 +555,7 @@ async fn serve<A: Actor>(
                 }
                 tokio::select! {
                     biased;
-                    _ = signal.notified() => {}
+                    _ = signal.woken_since(seen) => {}
                     _ = tokio::time::sleep(left) => {}
                     _ = stop.cancelled() => return passivate(&cell, io, id).await,
                 }

@@ -1339,7 +1339,7 @@ const LEASED_EARLY: Duration = super::alarms::LEASE_EARLY.saturating_add(WOKEN_E
 /// [`Notify`](tokio::sync::Notify) in the hub under `ActorId::cancel_signal`, dropped from it
 /// with the invocation.
 pub(crate) struct CancelSignal {
-    pub(super) notify: Arc<tokio::sync::Notify>,
+    pub(super) notify: Arc<super::hub::Signal>,
     hub: Arc<Hub>,
     key: ActorId,
 }

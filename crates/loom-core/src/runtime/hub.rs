@@ -3,10 +3,14 @@
 //! active actor by the ready scan, which wakes it through here), so a wake-up that never comes
 //! (the sender is on another node) only costs latency. An actor whose turn found its mailbox
 //! empty waits for one before it looks again (`Next::Drained`), so a wake-up is kept for a
-//! waiter that is not waiting yet: `Notify::notify_one` stores it.
+//! waiter that is not waiting yet: `Notify::notify_one` stores it. A stored wake-up may be for a
+//! message the actor has already read (it came while the actor was busy, and the turn's own look
+//! for the next message took that message), so each wake-up is also counted: an actor notes the
+//! count before it reads its mailbox, and a wake-up counted before that is not a reason to read
+//! it again ([`Signal::woken_since`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -16,9 +20,52 @@ use crate::id::{ActorId, IdempotencyKey};
 
 type Key = (ActorId, IdempotencyKey);
 
+/// One waiter's wake-up: a [`Notify`] whose `notify_one` also counts.
+#[derive(Default)]
+pub(crate) struct Signal {
+    notify: Notify,
+    /// Wake-ups so far; raised before the `Notify` is, so a waiter woken sees its wake-up
+    /// counted.
+    count: AtomicU64,
+}
+
+impl Signal {
+    /// Counts a wake-up and wakes the waiter (storing it if none waits).
+    pub(crate) fn notify_one(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Completes at the next wake-up, or at once for one stored.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// The wake-ups so far: taken before a read of what the waiter waits for, it tells later
+    /// which wake-ups that read may have missed.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Completes once a wake-up counted after `seen` ([`count`](Self::count)) has come: one
+    /// stored from before is taken and waited past, so it costs no read for nothing.
+    pub(crate) async fn woken_since(&self, seen: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so a wake-up between the two still wakes it.
+            notified.as_mut().enable();
+            if self.count() > seen {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Hub {
-    notifiers: Mutex<HashMap<ActorId, Arc<Notify>>>,
+    notifiers: Mutex<HashMap<ActorId, Arc<Signal>>>,
     replies: Mutex<HashMap<Key, Vec<oneshot::Sender<Value>>>>,
     /// True once a reply signal of the store has come, while they are read
     /// (`client::replies_from_other_nodes`): a signal then brings a waiting ask its reply at
@@ -32,7 +79,7 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// The wake-up for `id`, created if needed.
-    pub(crate) fn notifier(&self, id: &ActorId) -> Arc<Notify> {
+    pub(crate) fn notifier(&self, id: &ActorId) -> Arc<Signal> {
         let mut map = self.notifiers.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(id.clone()).or_default().clone()
     }
@@ -44,7 +91,7 @@ impl Hub {
     }
 
     /// Drops the wake-up for `id` if it is still `notify` (not one registered since).
-    pub(crate) fn forget_if(&self, id: &ActorId, notify: &Arc<Notify>) {
+    pub(crate) fn forget_if(&self, id: &ActorId, notify: &Arc<Signal>) {
         let mut map = self.notifiers.lock().unwrap_or_else(|p| p.into_inner());
         if map.get(id).is_some_and(|n| Arc::ptr_eq(n, notify)) {
             map.remove(id);
