@@ -491,10 +491,12 @@ async fn serve<A: Actor>(
     // The last turn's write looked for the next message and found none (`Next::Drained`).
     let mut drained = false;
     // The actor's wake-ups counted before its last read of its mailbox (a lease, or the turn
-    // that looks for the next message): one counted by then was for a message that read saw,
-    // or took, so waiting ends only at a later one (`Signal::woken_since`). Otherwise a message
-    // sent while the actor was busy, and taken by its turn's look, would leave a wake-up that
-    // costs a lease finding nothing.
+    // that looks for the next message): one counted by then and raised by a write (a send, a
+    // relay, an unpark, a scan that read the message) was for a message that read saw, or took,
+    // so waiting ends only at a later one (`Signal::woken_since`). Otherwise a message sent while
+    // the actor was busy, and taken by its turn's look, would leave a wake-up that costs a lease
+    // finding nothing. (A wake-up raised by time, an alarm's, for a message not yet visible to
+    // that read, is covered as before by the scan soon after, `DUE_RECHECK`, and the poll.)
     let mut seen = signal.count();
     loop {
         if leased.is_none() && stop.is_cancelled() {
