@@ -220,25 +220,21 @@ async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     // The stopped append may still commit once its process runs again: wait until that
     // process has ended its statement (its connection was closed), then go on from whatever it
     // left, once.
-    let mut ended = false;
-    for _ in 0..300 {
-        let state: Option<Option<String>> =
-            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_optional(&admin)
-                .await
-                .expect("pg_stat_activity");
-        // Gone, or no longer running a statement.
-        if state.flatten().as_deref() != Some("active") {
-            ended = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        ended,
-        "the stopped append's process never ended its statement"
-    );
+    loom_testkit::runtime::eventually(
+        Duration::from_secs(15),
+        "the stopped append's process ends its statement",
+        || async {
+            let state: Option<Option<String>> =
+                sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_optional(&admin)
+                    .await
+                    .expect("pg_stat_activity");
+            // Gone, or no longer running a statement.
+            state.flatten().as_deref() != Some("active")
+        },
+    )
+    .await;
     let mut next = 0;
     for _ in 0..100 {
         match store.highest_seq(&a).await {
