@@ -2,6 +2,13 @@
 //! the `loom` command so that the binary users run links neither the test kit nor the
 //! benchmark workloads.
 
+/// jemalloc, not the system's allocator: under load a node allocates and frees on every worker
+/// thread, and glibc's malloc then took about 44% of its CPU (BENCHMARKS.md, "The binaries on
+/// jemalloc").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod bench;
 mod node;
 mod nodes;
