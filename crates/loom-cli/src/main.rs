@@ -1,13 +1,6 @@
 //! `loom`: look into, check, repair and move Loom stores, and serve Loom Studio over them.
 //! (Benchmarks and the torture are `loom-dev`.)
 
-/// jemalloc, not the system's allocator: under load a node allocates and frees on every worker
-/// thread, and glibc's malloc then took about 44% of its CPU (BENCHMARKS.md, "The binaries on
-/// jemalloc").
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 mod actors;
 mod admin;
 mod cluster;
