@@ -1,139 +1,26 @@
-//! Two runtimes (two nodes) on one Redis, competing for the same actors under the bank load.
-//! Mid-run the first node stops being able to renew its leases: its copies of the actors must
-//! stop, the second node takes them over, and the books must balance: no fork, no double
-//! application.
+//! Two runtimes (two nodes) on one Redis, competing for the same actors under the bank load
+//! (`loom_testkit::racing`): node 1's renewals fail mid-run, node 2 takes over; no fork, no
+//! double application.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
-use loom_bench::bank::Bank;
-use loom_core::runtime::{Config, Retry, Runtime};
-use loom_core::{JournalStore, SeqRange, Store};
+use loom_core::Store;
 use loom_redis::{RedisOptions, RedisStore};
-use loom_testkit::faults::FaultyStore;
 use loom_testkit::servers::RedisServer;
-
-fn config(node: &str) -> Config {
-    Config {
-        node: node.to_owned(),
-        lease_ttl: Duration::from_millis(900),
-        visibility: Duration::from_millis(1200),
-        poll_interval: Duration::from_millis(20),
-        retry: Retry {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-            max_attempts: 12,
-        },
-        ask_timeout: Duration::from_secs(30),
-        ..Config::default()
-    }
-}
-
-async fn node(store: Arc<dyn Store>, name: &str) -> Runtime {
-    Bank::register(Runtime::builder().store(store))
-        .config(config(name))
-        .start()
-        .await
-        .expect("runtime")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_racing_for_the_same_actors_never_fork_or_double_apply() {
     let server = RedisServer::start();
-    let connect = || async {
+    let url = &server.url();
+    loom_testkit::racing::two_nodes_racing_for_the_same_actors(move || async move {
         let options = RedisOptions {
             prefix: "race".into(),
             ..RedisOptions::default()
         };
-        RedisStore::connect_with(&server.url(), options)
+        let store = RedisStore::connect_with(url, options)
             .await
-            .expect("connect")
-    };
-    let first = FaultyStore::new(Arc::new(connect().await));
-    let rt1 = node(Arc::new(first.clone()), "node-1").await;
-    let rt2 = node(Arc::new(connect().await), "node-2").await;
-    let bank = Bank {
-        accounts: 10,
-        transfers: 300,
-        concurrency: 32,
-        seed: 11,
-        ..Bank::default()
-    };
-    while bank.open_accounts(&rt1).await.is_err() {}
-    // Clients send through both nodes; actors run wherever their lease is taken first.
-    let start = |ids: Vec<u32>| {
-        let (rt1, rt2, bank) = (rt1.clone(), rt2.clone(), bank);
-        async move {
-            futures::stream::iter(ids)
-                .for_each_concurrent(bank.concurrency, |i| {
-                    let rt = if i % 2 == 0 { rt1.clone() } else { rt2.clone() };
-                    async move {
-                        let mut tries = 0;
-                        while let Err(e) = bank.start(&rt, i).await {
-                            tries += 1;
-                            assert!(tries < 100, "transfer {i}: {e}");
-                        }
-                    }
-                })
-                .await;
-        }
-    };
-    start((0..150).collect()).await;
-    // Node 1 can no longer renew: each of its actors stops when its lease runs out.
-    first.faults.fail_renewals.store(true, Ordering::SeqCst);
-    start((150..300).collect()).await;
-    // Node 1's copies stop as their leases run out (within a lease ttl of its last renewal).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rt1.metrics().leases_lost == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 1 never lost a lease: {:?}",
-            rt1.metrics()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let statuses = bank
-        .settle(&rt2, Duration::from_secs(120), |_| {})
-        .await
-        .expect("settle");
-    let verified = bank
-        .verify(&rt2, &statuses)
-        .await
-        .expect("the books balance");
-    assert_eq!(verified.done + verified.refused, 300);
-    assert!(
-        rt2.metrics().recoveries > 0,
-        "node 2 never took an actor over"
-    );
-    assert!(rt1.parked().await.unwrap().is_empty());
-    rt1.kill().await;
-    rt2.shutdown().await;
-    // No fork: every journal is gapless.
-    let store = connect().await;
-    let mut after = None;
-    loop {
-        let page = store.list_actors(after.as_ref(), 500).await.expect("list");
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
-        for a in &page {
-            let info = store.info(a).await.expect("info");
-            let entries: Vec<_> = store
-                .read(a, SeqRange::all())
-                .try_collect()
-                .await
-                .expect("read");
-            assert_eq!(entries.len() as u64, info.len(), "{a}: journal has a gap");
-            for (i, e) in entries.iter().enumerate() {
-                assert_eq!(
-                    e.seq,
-                    info.trimmed_through + 1 + i as u64,
-                    "{a}: fork or gap"
-                );
-            }
-        }
-        after = Some(last);
-    }
+            .expect("connect");
+        Arc::new(store) as Arc<dyn Store>
+    })
+    .await;
 }

@@ -5,7 +5,9 @@
 //!   named test cases for a backend; every backend runs the same list;
 //! - [`Fixture`] and [`Factory`]: fresh, isolated stores for each case;
 //! - [`load`]: writers through server faults and the checks after them, for the fault suites
-//!   of the server backends.
+//!   of the server backends;
+//! - [`racing`]: two nodes racing for the same actors while one loses its leases, for the
+//!   server backends.
 //!
 //! Backends use it from a test binary with `harness = false`:
 //!
@@ -27,6 +29,7 @@ mod fixture;
 pub mod group_commit;
 pub mod load;
 pub mod model;
+pub mod racing;
 pub mod runtime;
 pub mod servers;
 pub mod torture;
