@@ -36,6 +36,9 @@ pub struct Faults {
     pub fail_trims: AtomicU32,
     /// Fail every lease renewal while set.
     pub fail_renewals: AtomicBool,
+    /// Fail every membership heartbeat while set: the node's record runs out a lease ttl after
+    /// its last beat, and the other nodes then count it gone.
+    pub fail_heartbeats: AtomicBool,
     /// Hold every lease renewal unanswered while set (a stalled connection): it reaches the
     /// store only once this is cleared, if its caller still waits.
     pub hang_renewals: AtomicBool,
@@ -618,6 +621,10 @@ impl Membership for FaultyStore {
         kinds: &[&str],
         ttl: Duration,
     ) -> StoreResult<Member> {
+        if self.faults.fail_heartbeats.load(Ordering::Acquire) {
+            self.faults.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected("heartbeat"));
+        }
         self.write(
             "heartbeat",
             self.inner.heartbeat(node, incarnation, kinds, ttl),

@@ -1,8 +1,10 @@
 //! Two runtimes (two nodes) on one store, competing for the same actors under the bank load.
-//! Mid-run the first node stops being able to renew its leases: its copies of the actors must
-//! stop, the second node takes them over, and the books must balance: no fork, no double
-//! application (rule D8). Each server backend runs it from a test of its own
-//! (`racing_redis.rs`, `racing_postgres.rs`).
+//! Mid-run the first node can no longer renew its leases nor beat: the second node, which then
+//! counts it gone, takes its partitions while the first node's copies of their actors may still
+//! run (and the first node, which still counts itself a host, tries to take them back as
+//! their leases run out). The books must balance: no fork, no double application (rule D8).
+//! Each server backend runs it from a test of its own (`racing_redis.rs`,
+//! `racing_postgres.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,9 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use loom_bench::bank::Bank;
-use loom_core::runtime::{Config, Retry, Runtime};
-use loom_core::{SeqRange, Store};
+use loom_bench::bank::{Account, Bank, Transfer};
+use loom_core::runtime::{Actor, Config, Retry, Runtime};
+use loom_core::{ActorId, SeqRange, Store};
 
 use crate::faults::FaultyStore;
 
@@ -40,10 +42,28 @@ async fn node(store: Arc<dyn Store>, name: &str) -> Runtime {
         .expect("runtime")
 }
 
-/// Runs the race on stores `connect` makes, each a new client of one store: node 1's through
-/// a [`FaultyStore`] whose renewals start failing halfway, node 2's plain. Panics on a fork
-/// (a journal with a gap or a seq twice), on books that do not balance (a leg lost or applied
-/// twice), if node 1 never lost a lease or node 2 never took an actor over.
+/// The partition leases of the bank's kinds that `node` holds now.
+async fn partitions_of(store: &dyn Store, node: &str) -> Vec<ActorId> {
+    let n = loom_core::partition::ownership_partitions(store.partitions());
+    let mut held = Vec::new();
+    for kind in [Account::KIND, Transfer::KIND] {
+        for p in 0..n {
+            let lease = ActorId::partition_lease(kind, p);
+            if let Some(l) = store.holder(&lease).await.expect("holder")
+                && l.owner == node
+            {
+                held.push(lease);
+            }
+        }
+    }
+    held
+}
+
+/// Runs the race on stores `connect` makes, each a client of the one store under test (a new
+/// connection each, as separate nodes have): node 1's through a [`FaultyStore`] whose renewals
+/// and heartbeats start failing halfway, node 2's plain. Panics on a fork (a journal with a
+/// gap or a seq twice), on books that do not balance (a leg lost or applied twice), if node 1
+/// never lost a lease or node 2 never took over a partition node 1 held.
 ///
 /// ```no_run
 /// # async fn run() {
@@ -64,6 +84,7 @@ where
     Fut: Future<Output = Arc<dyn Store>>,
 {
     let first = FaultyStore::new(connect().await);
+    let watch = connect().await;
     let rt1 = node(Arc::new(first.clone()), "node-1").await;
     let rt2 = node(connect().await, "node-2").await;
     let bank = Bank {
@@ -93,8 +114,12 @@ where
         }
     };
     start((0..150).collect()).await;
-    // Node 1 can no longer renew: each of its actors stops when its lease runs out.
+    // Node 1 can no longer renew nor beat: each of its actors stops when its partition's lease
+    // runs out, and node 2, once node 1's record has run out too, takes its partitions.
+    let before = partitions_of(watch.as_ref(), "node-1").await;
+    assert!(!before.is_empty(), "node 1 held no partition");
     first.faults.fail_renewals.store(true, Ordering::SeqCst);
+    first.faults.fail_heartbeats.store(true, Ordering::SeqCst);
     start((150..300).collect()).await;
     // Node 1's copies stop as their leases run out (within a lease ttl of its last renewal).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -115,10 +140,20 @@ where
         .await
         .expect("the books balance");
     assert_eq!(verified.done + verified.refused, 300);
-    assert!(
-        rt2.metrics().recoveries > 0,
-        "node 2 never took an actor over"
-    );
+    // Node 2 took over at least one of node 1's partitions (they may change hands again:
+    // node 1 still counts itself a host, and takes back what runs out).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = partitions_of(watch.as_ref(), "node-2").await;
+        if before.iter().any(|p| now.contains(p)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 never took a partition of node 1's: {before:?} then {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(rt1.parked().await.unwrap().is_empty());
     rt1.kill().await;
     rt2.shutdown().await;
