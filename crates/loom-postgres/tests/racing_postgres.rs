@@ -1,6 +1,6 @@
-//! Two runtimes (two nodes) on one PostgreSQL, competing for the same actors under the bank
-//! load (`loom_testkit::racing`): node 1's renewals fail mid-run, node 2 takes over; no fork,
-//! no double application.
+//! Two runtimes (two nodes) on one PostgreSQL, competing for the same actors under the bank load
+//! (`loom_testkit::racing`): node 1's renewals and heartbeats fail mid-run, node 2 takes its
+//! partitions over; no fork, no double application.
 
 use std::sync::Arc;
 
