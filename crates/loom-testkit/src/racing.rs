@@ -14,25 +14,20 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use loom_bench::bank::{Account, Bank, Transfer};
-use loom_core::runtime::{Actor, Config, Retry, Runtime};
+use loom_core::runtime::{Actor, Config, Runtime};
 use loom_core::{ActorId, SeqRange, Store};
 
 use crate::faults::FaultyStore;
+use crate::runtime::Harness;
 
+/// The runtime suite's quick settings ([`Harness::config`]), with more tries and a longer
+/// wait for replies while the two nodes fight over partitions.
 fn config(node: &str) -> Config {
-    Config {
-        node: node.to_owned(),
-        lease_ttl: Duration::from_millis(900),
-        visibility: Duration::from_millis(1200),
-        poll_interval: Duration::from_millis(20),
-        retry: Retry {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-            max_attempts: 12,
-        },
-        ask_timeout: Duration::from_secs(30),
-        ..Config::default()
-    }
+    let mut c = Harness::config();
+    c.node = node.to_owned();
+    c.retry.max_attempts = 12;
+    c.ask_timeout = Duration::from_secs(30);
+    c
 }
 
 async fn node(store: Arc<dyn Store>, name: &str) -> Runtime {
