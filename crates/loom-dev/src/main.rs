@@ -3,7 +3,7 @@
 //! benchmark workloads.
 
 /// jemalloc, not the system's allocator: under load a node allocates and frees on every worker
-/// thread, and glibc's malloc then took about 44% of its CPU (BENCHMARKS.md, "The binaries on
+/// thread, and glibc's malloc then took about 44% of its CPU (BENCHMARKS.md, "loom-dev on
 /// jemalloc").
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
