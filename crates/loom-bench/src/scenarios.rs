@@ -238,6 +238,7 @@ pub async fn build_history(store: &dyn Store, key: &str, entries: u64) -> Result
                 message_id: MessageId::new(),
                 payload: json!({ "Add": 1 }),
                 idempotency_key: None,
+                requeued_from: None,
             },
             EntryKind::StatePatched { patch },
             EntryKind::Completed { reply: json!(i) },

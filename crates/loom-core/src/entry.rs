@@ -59,6 +59,11 @@ pub enum EntryKind {
         /// The caller's idempotency key, if it gave one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<IdempotencyKey>,
+        /// The id the message was first sent with, if it was requeued from the dead letters
+        /// ([`Envelope::requeued_from`](crate::Envelope::requeued_from)): what it sends derives
+        /// from that id, as the failed run's did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requeued_from: Option<MessageId>,
     },
     /// The handler changed the state: an RFC 6902 patch from the old state to the new.
     StatePatched {
@@ -231,6 +236,11 @@ pub enum EntryKind {
     Failed {
         /// Why.
         error: String,
+        /// True if its message went to the dead letters (the runtime gave up on it, or the store
+        /// or a tool buried it before it finished), so that it may be requeued and run again: a
+        /// requeued run then does not send again what this one sent.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dead_lettered: bool,
     },
 }
 

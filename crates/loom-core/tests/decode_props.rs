@@ -15,6 +15,7 @@ fn valid_entry() -> Vec<u8> {
             message_id: MessageId::new(),
             payload: json!({"Deposit": 10, "note": "ünïcode"}),
             idempotency_key: Some(IdempotencyKey::new("k").unwrap()),
+            requeued_from: None,
         },
     ))
     .unwrap()

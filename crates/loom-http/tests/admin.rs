@@ -330,6 +330,7 @@ async fn the_state_at_a_seq_at_the_edges_of_a_journal() {
                 message_id: MessageId::new(),
                 payload: json!(n),
                 idempotency_key: None,
+                requeued_from: None,
             },
         ));
         entries.push(Entry::new(base + 2, EntryKind::StatePatched { patch }));

@@ -35,7 +35,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = SimStore::new(7, Faults::default());
 //! let a = ActorId::new("account", "alice")?;
-//! store.append(&a, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into() })]).await?;
+//! store.append(&a, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into(), dead_lettered: false })]).await?;
 //! // Acknowledged, so durable: a power loss keeps it.
 //! store.power_loss();
 //! assert_eq!(store.highest_seq(&a).await?, 1);

@@ -136,7 +136,7 @@ impl Default for EmbeddedOptions {
 /// let id = ActorId::new("account", "alice")?;
 /// {
 ///     let store = EmbeddedStore::open(dir.path())?;
-///     store.append(&id, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into() })]).await?;
+///     store.append(&id, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into(), dead_lettered: false })]).await?;
 /// }
 /// // Reopened, the append is there.
 /// let store = EmbeddedStore::open(dir.path())?;

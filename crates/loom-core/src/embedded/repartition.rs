@@ -91,7 +91,7 @@ impl EmbeddedStore {
     /// let one = EmbeddedOptions { partitions: Some(1), ..EmbeddedOptions::default() };
     /// let store = EmbeddedStore::open_with(from.path(), one)?;
     /// let alice = ActorId::new("account", "alice")?;
-    /// store.append(&alice, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into() })]).await?;
+    /// store.append(&alice, 1, &[Entry::new(1, EntryKind::Failed { error: "x".into(), dead_lettered: false })]).await?;
     /// let copied = store.copy_repartitioned(&to.path().join("store"), 4).await?;
     /// assert_eq!((copied.from, copied.to), (1, 4));
     /// let copy = EmbeddedStore::open(to.path().join("store"))?;

@@ -34,7 +34,7 @@ use super::actor::Actor;
 use super::context::{Context, Interrupt, Invocation, Io};
 use super::metrics::{Count, Latency};
 use super::record::{Outcome, Recorded};
-use super::replay::{Body, RecoverError, Unfinished, remember, replay, state_patch};
+use super::replay::{Body, GivenUp, RecoverError, Unfinished, remember, replay, state_patch};
 use super::trace;
 
 /// What the loop does after a delivery.
@@ -69,6 +69,8 @@ pub(crate) struct Cell<A: Actor> {
     from_default: bool,
     next_seq: Seq,
     recent: VecDeque<MessageId>,
+    /// What the actor's dead-lettered invocations sent (see [`GivenUp`]).
+    given_up: GivenUp,
     unfinished: Option<Unfinished>,
     since_snapshot: u64,
     bytes_since_snapshot: u64,
@@ -124,6 +126,7 @@ impl<A: Actor> Cell<A> {
             from_default: r.from_default,
             next_seq: r.next_seq,
             recent: r.recent,
+            given_up: r.given_up,
             unfinished: r.unfinished,
             since_snapshot: r.replayed,
             bytes_since_snapshot: r.bytes,
@@ -187,7 +190,7 @@ impl<A: Actor> Cell<A> {
                 }
             };
         }
-        let resuming = self.unfinished.as_ref().and_then(|u| u.message_id) == Some(id);
+        let resuming = self.unfinished.as_ref().map(|u| u.message_id) == Some(id);
         let waiting = resuming && self.unfinished.as_ref().is_some_and(|u| u.waiting());
         // Deliveries that only waited (a restart during a durable sleep or event wait) do not
         // count: from the one that saw the wait end, they do.
@@ -211,12 +214,12 @@ impl<A: Actor> Cell<A> {
             );
             return self.give_up(io, shared, &d, resuming, &reason).await;
         }
-        if self.unfinished.is_some() && !resuming {
+        if let Some(abandoned) = self.unfinished.take_if(|_| !resuming) {
             // The journal holds an invocation whose message is gone (dead-lettered): close it.
-            let abandoned = self.unfinished.take().and_then(|u| u.message_id);
             let mut inv = self.invocation(io, &d, false);
             inv.push(EntryKind::Failed {
                 error: "abandoned: its message was dead-lettered before it finished".into(),
+                dead_lettered: true,
             });
             let turn = Turn {
                 fence: Some(&io.lease),
@@ -225,11 +228,11 @@ impl<A: Actor> Cell<A> {
             match io.commit(turn).await {
                 Ok(c) => {
                     self.next_seq = c.highest + 1;
-                    if let Some(m) = abandoned {
-                        remember(&mut self.recent, m);
-                    }
+                    abandoned.close(&self.id, true, &mut self.recent, &mut self.given_up);
                 }
                 Err(e) => {
+                    // Still open in the journal: closed by the next try.
+                    self.unfinished = Some(abandoned);
                     return self
                         .on_interrupt(io, shared, &d, false, 0, Interrupt::from_store(e))
                         .await;
@@ -258,6 +261,7 @@ impl<A: Actor> Cell<A> {
                 message_id: id,
                 payload: d.envelope.payload.clone(),
                 idempotency_key: d.envelope.idempotency_key.clone(),
+                requeued_from: d.envelope.requeued_from,
             });
         }
         shared.metrics.count(Count::Invocations, A::KIND, 1);
@@ -359,6 +363,7 @@ impl<A: Actor> Cell<A> {
             | Outcome::Failed(reason)
             | Outcome::Cancelled(reason) => inv.push(EntryKind::Failed {
                 error: reason.clone(),
+                dead_lettered: false,
             }),
         }
         let rejected = matches!(
@@ -429,6 +434,8 @@ impl<A: Actor> Cell<A> {
                     self.value = v;
                 }
                 remember(&mut self.recent, id);
+                // Ended without a dead letter: nothing runs this message again.
+                self.given_up.forget(d.envelope.origin());
                 self.since_snapshot += inv.pending.len() as u64;
                 self.bytes_since_snapshot += inv.weight;
                 if let Some(k) = &key {
@@ -492,6 +499,9 @@ impl<A: Actor> Cell<A> {
             cancel: super::context::CancelSignal::new(&io.hub, &d.envelope.id),
             cancelled: false,
             finish: false,
+            sent_before: self
+                .given_up
+                .sent_by(d.envelope.origin(), d.envelope.requeued_from.is_some()),
         }
     }
 
@@ -646,6 +656,7 @@ impl<A: Actor> Cell<A> {
             }
             inv.push(EntryKind::Failed {
                 error: reason.to_owned(),
+                dead_lettered: true,
             });
         }
         let recorded = Recorded {
@@ -793,6 +804,7 @@ impl<A: Actor> Cell<A> {
             state: self.value.clone(),
             version: A::STATE_VERSION,
             recent: self.recent.iter().copied().collect(),
+            given_up: self.given_up.clone(),
         };
         let (store, id, flag, shared, lease) = (
             io.store.clone(),

@@ -229,6 +229,10 @@ pub(crate) struct Invocation {
     pub(crate) cancelled: bool,
     /// Set by [`Context::finish`]: if the invocation completes, its actor is retired.
     pub(crate) finish: bool,
+    /// The recipient of each step at which a dead-lettered run of this message sent a message
+    /// or spawned a child (`replay::GivenUp`): this run, requeued, journals a send to the same
+    /// recipient at such a step but does not send it again.
+    pub(crate) sent_before: BTreeMap<Step, ActorId>,
 }
 
 impl Invocation {
@@ -680,7 +684,10 @@ impl<'a> Context<'a> {
     /// durable write, in the same atomic write as the `MessageSent` entry that records it.
     /// Live, it queues the message for that write; on a replay, the journal's `MessageSent`
     /// says it left already, and nothing is sent again. (Its id derives from this message and
-    /// the step, so the receiver could deduplicate it too.)
+    /// the step, so the receiver could deduplicate it too.) A message requeued from the dead
+    /// letters runs again from its first step: a send to the recipient a dead-lettered run of it
+    /// sent to at the same step is journaled but not sent again, since that recipient got it
+    /// then.
     ///
     /// ```
     /// use loom_core::runtime::{Actor, Context, Rejected, Runtime};
@@ -884,6 +891,12 @@ impl<'a> Context<'a> {
                 to,
                 message_id,
             });
+        }
+        // Sent already, under this id and to this recipient, by a dead-lettered run of this
+        // message: its receiver got it then, and may not remember that id any more.
+        if self.inv.sent_before.get(&step) == Some(&envelope.to) {
+            tracing::debug!(%message_id, to = %envelope.to, step, "sent by a dead-lettered run of this message already; not sent again");
+            return;
         }
         self.inv.outbox.push(Outgoing {
             envelope,

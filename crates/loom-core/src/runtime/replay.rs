@@ -26,6 +26,76 @@ use crate::store::{Lease, SeqRange, Store};
 /// How many completed message ids an actor remembers to recognize a redelivery.
 pub(crate) const RECENT: usize = 128;
 
+/// How many dead-lettered messages an actor remembers the sends of (see [`GivenUp`]).
+pub(crate) const GIVEN_UP: usize = 1024;
+
+/// What the actor's dead-lettered invocations sent, per message origin id
+/// (`Envelope::origin`): the recipient of each step at which a run of that message sent a
+/// message or spawned a child. Oldest first; kept in snapshots.
+///
+/// A message requeued from the dead letters runs again from its first step, and what it sends
+/// derives its id from the origin and the step, as the failed run's did. The receivers got the
+/// failed run's sends then, and their own look for a repeated id (`recent`) remembers only
+/// their last [`RECENT`] messages: so the requeued run journals a send to the same recipient
+/// at such a step as the failed run did, but does not send it again (`Context::queue`). That
+/// is exactly what the receiver's look would drop if it remembered every id: a send to another
+/// recipient, or at another step, has another id or another receiver, and goes.
+///
+/// Invariants: an origin is noted only when an invocation of it ends `Failed { dead_lettered:
+/// true }` (the steps of all such runs add up, so a third run skips what the first sent even
+/// if the second stopped sooner), and forgotten when one ends otherwise (nothing runs it
+/// again). Replay and the cell keep it by the same rule, through [`Unfinished::close`]. Past
+/// [`GIVEN_UP`] origins the oldest is forgotten, with a warning.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct GivenUp(VecDeque<(MessageId, BTreeMap<Step, ActorId>)>);
+
+impl GivenUp {
+    /// The recipient of each step at which dead-lettered runs of `origin`'s message sent
+    /// something; empty for a message that was never requeued.
+    pub(crate) fn sent_by(&self, origin: MessageId, requeued: bool) -> BTreeMap<Step, ActorId> {
+        if !requeued {
+            return BTreeMap::new();
+        }
+        self.0
+            .iter()
+            .find(|(o, _)| *o == origin)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    }
+
+    fn note(&mut self, actor: &ActorId, origin: MessageId, steps: &BTreeMap<Step, Vec<EntryKind>>) {
+        let mut sent = self.forget(origin).unwrap_or_default();
+        for (step, kinds) in steps {
+            for kind in kinds {
+                match kind {
+                    EntryKind::MessageSent { to, .. } => sent.insert(*step, to.clone()),
+                    EntryKind::ChildSpawned { child, .. } => sent.insert(*step, child.clone()),
+                    _ => None,
+                };
+            }
+        }
+        if sent.is_empty() {
+            return;
+        }
+        if self.0.len() >= GIVEN_UP
+            && let Some((old, _)) = self.0.pop_front()
+        {
+            tracing::warn!(%actor, origin = %old, "more than {GIVEN_UP} dead-lettered messages remembered: the oldest is forgotten, and if it is requeued what it sent is sent again");
+        }
+        self.0.push_back((origin, sent));
+    }
+
+    pub(crate) fn forget(&mut self, origin: MessageId) -> Option<BTreeMap<Step, ActorId>> {
+        let at = self.0.iter().position(|(o, _)| *o == origin)?;
+        self.0.remove(at).map(|(_, sent)| sent)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The format of the runtime's snapshot body.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
@@ -44,6 +114,9 @@ pub(crate) struct Body {
     #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
     pub(crate) version: u32,
     pub(crate) recent: Vec<MessageId>,
+    /// See [`GivenUp`]; absent in snapshots from before it was kept.
+    #[serde(default, skip_serializing_if = "GivenUp::is_empty")]
+    pub(crate) given_up: GivenUp,
 }
 
 fn first_version() -> u32 {
@@ -55,13 +128,33 @@ fn is_first_version(v: &u32) -> bool {
 }
 
 /// An invocation the journal started but did not finish.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Unfinished {
-    pub(crate) message_id: Option<MessageId>,
+    pub(crate) message_id: MessageId,
+    /// The id its message was first sent with (`Envelope::origin`).
+    pub(crate) origin: MessageId,
     pub(crate) steps: BTreeMap<Step, Vec<EntryKind>>,
 }
 
 impl Unfinished {
+    /// Ends the invocation in what the actor remembers: its message id among the applied
+    /// (`recent`), and what it sent in `given_up` if its message was dead-lettered (else its
+    /// origin is forgotten there: nothing runs it again).
+    pub(crate) fn close(
+        self,
+        actor: &ActorId,
+        dead_lettered: bool,
+        recent: &mut VecDeque<MessageId>,
+        given_up: &mut GivenUp,
+    ) {
+        if dead_lettered {
+            given_up.note(actor, self.origin, &self.steps);
+        } else {
+            given_up.forget(self.origin);
+        }
+        remember(recent, self.message_id);
+    }
+
     /// True if the invocation stopped in a durable wait (a sleep, a wait for an event, an
     /// activity's backoff before its next attempt, none of them ended): a restart during the
     /// wait is not a failed attempt.
@@ -115,6 +208,7 @@ pub(crate) struct Replayed {
     pub(crate) version: u32,
     pub(crate) from_default: bool,
     pub(crate) recent: VecDeque<MessageId>,
+    pub(crate) given_up: GivenUp,
     pub(crate) unfinished: Option<Unfinished>,
     pub(crate) next_seq: Seq,
     /// The seq of the last change of state a handler made (a patch; the snapshot's seq when
@@ -193,7 +287,7 @@ async fn replay_once(
         }
     }
     let snapshot = base.as_ref().map(|s| s.seq);
-    let (from, mut value, mut version, recent, from_default) = match base {
+    let (from, mut value, mut version, recent, given_up, from_default) = match base {
         // Every listed snapshot is at or above the trim point (rule D10), so a readable one
         // below it means the store trimmed past its oldest kept snapshot and the newer ones
         // are unreadable: the entries between are gone, and starting over would only find the
@@ -219,7 +313,14 @@ async fn replay_once(
             let body: Body = serde_json::from_value(s.state).map_err(|e| {
                 RecoverError::Unrecoverable(format!("snapshot {} body does not decode: {e}", s.seq))
             })?;
-            (s.seq + 1, body.state, body.version, body.recent, false)
+            (
+                s.seq + 1,
+                body.state,
+                body.version,
+                body.recent,
+                body.given_up,
+                false,
+            )
         }
         None if !info.snapshots.is_empty() && info.trimmed_through > 0 => {
             return Err(RecoverError::Unrecoverable(format!(
@@ -227,13 +328,21 @@ async fn replay_once(
                 info.trimmed_through
             )));
         }
-        None => (info.trimmed_through + 1, initial, 1, Vec::new(), true),
+        None => (
+            info.trimmed_through + 1,
+            initial,
+            1,
+            Vec::new(),
+            GivenUp::default(),
+            true,
+        ),
     };
     let mut out = Replayed {
         value: Value::Null,
         version: 1,
         from_default,
         recent: recent.into(),
+        given_up,
         unfinished: None,
         next_seq: from,
         last_change: if from_default { 0 } else { from - 1 },
@@ -252,9 +361,14 @@ async fn replay_once(
         out.replayed += 1;
         out.bytes += super::weight(&entry.kind);
         match entry.kind {
-            EntryKind::Invoked { message_id, .. } => {
+            EntryKind::Invoked {
+                message_id,
+                requeued_from,
+                ..
+            } => {
                 out.unfinished = Some(Unfinished {
-                    message_id: Some(message_id),
+                    message_id,
+                    origin: requeued_from.unwrap_or(message_id),
                     steps: BTreeMap::new(),
                 });
             }
@@ -278,12 +392,15 @@ async fn replay_once(
                 out.from_default = false;
             }
             EntryKind::Completed { .. } | EntryKind::Failed { .. } => {
-                if let Some(Unfinished {
-                    message_id: Some(m),
-                    ..
-                }) = out.unfinished.take()
-                {
-                    remember(&mut out.recent, m);
+                let dead_lettered = matches!(
+                    entry.kind,
+                    EntryKind::Failed {
+                        dead_lettered: true,
+                        ..
+                    }
+                );
+                if let Some(u) = out.unfinished.take() {
+                    u.close(id, dead_lettered, &mut out.recent, &mut out.given_up);
                 }
                 out.settled = entry.seq;
             }
@@ -575,6 +692,7 @@ pub async fn compact_journal(
         state: r.value,
         version: r.version,
         recent: r.recent.into_iter().collect(),
+        given_up: r.given_up,
     };
     let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep, None).await?;
     Ok(Compacted {
@@ -606,5 +724,76 @@ fn step_of(kind: &EntryKind) -> Option<Step> {
         | EntryKind::WaitCancelled { step, .. }
         | EntryKind::Recorded { step, .. } => Some(*step),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(step: Step, to: &ActorId) -> BTreeMap<Step, Vec<EntryKind>> {
+        BTreeMap::from([(
+            step,
+            vec![EntryKind::MessageSent {
+                step,
+                to: to.clone(),
+                message_id: MessageId::new(),
+            }],
+        )])
+    }
+
+    #[test]
+    fn given_up_adds_up_runs_forgets_ended_ones_and_keeps_the_newest() {
+        let actor = ActorId::new("w", "1").unwrap();
+        let (bob, ann) = (
+            ActorId::new("acct", "bob").unwrap(),
+            ActorId::new("acct", "ann").unwrap(),
+        );
+        let mut g = GivenUp::default();
+        let o = MessageId::new();
+        g.note(&actor, o, &sent(1, &bob));
+        // A second dead-lettered run that stopped sooner keeps what the first sent.
+        g.note(&actor, o, &BTreeMap::new());
+        g.note(&actor, o, &sent(3, &ann));
+        assert_eq!(
+            g.sent_by(o, true),
+            BTreeMap::from([(1, bob.clone()), (3, ann.clone())])
+        );
+        // Asked only for a requeued message.
+        assert!(g.sent_by(o, false).is_empty());
+        // A run that sent nothing is not kept.
+        let quiet = MessageId::new();
+        g.note(&actor, quiet, &BTreeMap::new());
+        assert!(g.sent_by(quiet, true).is_empty());
+        // Ended otherwise: forgotten.
+        g.forget(o);
+        assert!(g.is_empty());
+
+        // Past the bound the oldest goes, and noting one again makes it the newest.
+        let origins: Vec<MessageId> = (0..GIVEN_UP).map(|_| MessageId::new()).collect();
+        for &o in &origins {
+            g.note(&actor, o, &sent(1, &bob));
+        }
+        g.note(&actor, origins[0], &sent(2, &bob));
+        g.note(&actor, MessageId::new(), &sent(1, &bob));
+        assert_eq!(g.0.len(), GIVEN_UP);
+        assert!(
+            g.sent_by(origins[1], true).is_empty(),
+            "the oldest was kept"
+        );
+        assert_eq!(g.sent_by(origins[0], true).len(), 2);
+        // Kept in snapshots as it is.
+        let back: GivenUp = serde_json::from_value(serde_json::to_value(&g).unwrap()).unwrap();
+        assert_eq!(back, g);
+    }
+
+    #[test]
+    fn a_snapshot_body_without_given_up_reads_as_none() {
+        let body: Body = serde_json::from_value(json!({"state": {"n": 1}, "recent": []})).unwrap();
+        assert!(body.given_up.is_empty());
+        assert!(
+            !serde_json::to_string(&body).unwrap().contains("given_up"),
+            "an empty record is written"
+        );
     }
 }

@@ -410,6 +410,7 @@ mod tests {
                     message_id: MessageId::new(),
                     payload: serde_json::to_value(msg).unwrap(),
                     idempotency_key: Some(IdempotencyKey::new(*key).unwrap()),
+                    requeued_from: None,
                 },
             ));
             out.push(Entry::new(

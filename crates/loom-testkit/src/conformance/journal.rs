@@ -165,11 +165,13 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
             message_id: mid,
             payload: json!({"Deposit": 100, "nested": [1, {"a": null}], "unicode": "żółw 🐢"}),
             idempotency_key: Some(IdempotencyKey::new("k-1").unwrap()),
+            requeued_from: None,
         },
         EntryKind::Invoked {
             message_id: MessageId::new(),
             payload: json!(null),
             idempotency_key: None,
+            requeued_from: Some(mid),
         },
         EntryKind::StatePatched {
             patch: serde_json::from_value(
@@ -268,6 +270,7 @@ async fn every_entry_kind_round_trips(store: Arc<dyn Store>) {
         EntryKind::Completed { reply: json!(42) },
         EntryKind::Failed {
             error: "boom".into(),
+            dead_lettered: true,
         },
     ];
     let written: Vec<Entry> = kinds

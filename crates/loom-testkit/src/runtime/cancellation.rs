@@ -170,7 +170,7 @@ async fn a_cancellation_from_another_node_wakes_a_suspended_wait(h: &Harness) {
     finished(h, &id, 1).await;
     let journal = h.journal(&id).await;
     assert!(
-        journal.iter().any(|e| matches!(&e.kind, EntryKind::Failed { error } if error == "event approved: cancelled")),
+        journal.iter().any(|e| matches!(&e.kind, EntryKind::Failed { error, .. } if error == "event approved: cancelled")),
         "{journal:?}"
     );
     // The event that comes later finds no wait: it stays on the lane for the next one.
@@ -251,7 +251,7 @@ async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
         .await
         .into_iter()
         .filter_map(|e| match e.kind {
-            EntryKind::Failed { error } => Some(error),
+            EntryKind::Failed { error, .. } => Some(error),
             _ => None,
         })
         .collect();

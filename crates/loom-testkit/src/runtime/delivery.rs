@@ -15,6 +15,8 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
         requeued_dead_letter_runs_again_and_what_it_sent_stays_deduplicated,
         requeued_dead_letter_without_journaled_steps_runs_again,
+        a_requeued_dead_letter_sends_nothing_again_however_long_ago_it_sent,
+        a_requeued_dead_letter_sends_nothing_again_after_a_compaction,
         idempotency_key_is_held_while_its_message_waits,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
@@ -97,7 +99,7 @@ async fn requeued_dead_letter_runs_again_and_what_it_sent_stays_deduplicated(h: 
         "the activity's key changed with the requeue"
     );
     assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
-    // The deposit was sent twice with one id: bob applied it once.
+    // The requeued run journaled the deposit but did not send it again: bob applied it once.
     assert_eq!(
         rt.actor::<Account>("bob")
             .unwrap()
@@ -106,6 +108,164 @@ async fn requeued_dead_letter_runs_again_and_what_it_sent_stays_deduplicated(h: 
             .unwrap(),
         5
     );
+    rt.shutdown().await;
+}
+
+/// As above, but the receivers of what the failed run sent (a deposit and a spawned child)
+/// apply more messages between the failed run and the requeue than they remember ids of
+/// (`replay::RECENT`, 128), so their own look cannot tell a message sent again from a new one:
+/// the requeued run must not send them again at all.
+async fn a_requeued_dead_letter_sends_nothing_again_however_long_ago_it_sent(h: &Harness) {
+    requeued_after_its_receivers_moved_on(h, Compacted::Not).await;
+}
+
+/// The same, with the worker's journal compacted by `compact_journal` (as `loom journal
+/// compact` does) between the failure and the requeue, and then by the runtime itself: what
+/// the failed run sent is then known only from the snapshot.
+async fn a_requeued_dead_letter_sends_nothing_again_after_a_compaction(h: &Harness) {
+    requeued_after_its_receivers_moved_on(h, Compacted::Offline).await;
+    requeued_after_its_receivers_moved_on(h, Compacted::ByTheRuntime).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Compacted {
+    Not,
+    Offline,
+    ByTheRuntime,
+}
+
+async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted) {
+    const LATER: i64 = 130;
+    const MARK: i64 = 1000;
+    // A worker and a receiver of its own per variant: two variants run on one store.
+    let (key, to) = match compacted {
+        Compacted::Not => ("w", "bob"),
+        Compacted::Offline => ("w-offline", "bob-offline"),
+        Compacted::ByTheRuntime => ("w-runtime", "bob-runtime"),
+    };
+    let w = worker(key);
+    h.probe.fixed.store(false, Ordering::SeqCst);
+    let rt = h
+        .runtime_with(|c| {
+            if compacted == Compacted::ByTheRuntime {
+                c.compaction.every_entries = Some(1);
+                c.compaction.keep = 1;
+            }
+        })
+        .await;
+    let worker_ref = rt.actor::<Worker>(key).unwrap();
+    // A first invocation that changes the worker's state, so that there is a state to snapshot.
+    worker_ref.ask(vec![activity("first")]).await.unwrap();
+    let script = vec![
+        Step::Send {
+            key: to.into(),
+            amount: 5,
+        },
+        Step::Spawn { amount: 7 },
+        activity("a"),
+        Step::Broken,
+        // Reached by the fixed run only: once its receiver applied it, it applied whatever the
+        // worker sent it before (one sender's messages to one receiver arrive in order, through
+        // a partitioned store's relay too).
+        Step::Send {
+            key: to.into(),
+            amount: MARK,
+        },
+    ];
+    worker_ref.send(script).await.unwrap();
+    let dead = one_dead_letter(h).await;
+    let child = h
+        .journal(&w)
+        .await
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EntryKind::ChildSpawned { child, .. } => Some(child),
+            _ => None,
+        })
+        .expect("the failed run spawned a child");
+    let bob = rt.actor::<Account>(to).unwrap();
+    let kid = rt.actor::<Account>(child.key()).unwrap();
+    for (r, n) in [(&bob, 5), (&kid, 7)] {
+        eventually(WAIT, "the failed run's sends are applied", || async {
+            r.ask(AccountMsg::Balance).await.unwrap() == n
+        })
+        .await;
+    }
+    futures::future::try_join_all((0..LATER).flat_map(|_| {
+        [
+            bob.ask(AccountMsg::Deposit(1)),
+            kid.ask(AccountMsg::Deposit(1)),
+        ]
+    }))
+    .await
+    .unwrap();
+    if compacted == Compacted::ByTheRuntime {
+        // A later invocation of the worker: the runtime compacts after it, from its memory.
+        worker_ref.ask(vec![activity("later")]).await.unwrap();
+        eventually(
+            WAIT,
+            "the runtime compacted the failed run away",
+            || async {
+                !h.journal(&w).await.iter().any(|e| {
+                    matches!(
+                        e.kind,
+                        EntryKind::Failed { .. } | EntryKind::ChildSpawned { .. }
+                    )
+                })
+            },
+        )
+        .await;
+    }
+    rt.shutdown().await;
+    if compacted == Compacted::Offline {
+        let done = loom_core::runtime::compact_journal(&*h.store, &w, 1)
+            .await
+            .unwrap();
+        assert!(
+            h.journal(&w).await.is_empty(),
+            "the compaction at {} left entries of the failed run",
+            done.snapshot
+        );
+    }
+
+    h.probe.fixed.store(true, Ordering::SeqCst);
+    h.store.requeue_dead_letter(dead).await.unwrap();
+    let rt = h.runtime().await;
+    let bob = rt.actor::<Account>(to).unwrap();
+    eventually(
+        WAIT,
+        "the requeued run's last deposit is applied",
+        || async { bob.ask(AccountMsg::Balance).await.unwrap() >= MARK },
+    )
+    .await;
+    assert_eq!(
+        bob.ask(AccountMsg::Balance).await.unwrap(),
+        5 + LATER + MARK,
+        "what the failed run sent to {to} was applied again ({compacted:?})"
+    );
+    assert!(
+        replies(h, &w).await.contains(&serde_json::json!([
+            format!("sent 5 to {to}"),
+            format!("spawned {child}"),
+            "a done",
+            "fixed",
+            format!("sent {MARK} to {to}")
+        ])),
+        "{:?}",
+        replies(h, &w).await
+    );
+    // The child has no later message of the worker's to wait for: a spawn message sent again
+    // would come in the same write as the deposit sent again, which has not come. Its balance
+    // is read for a while, as a relay between partitions could still be moving one.
+    let kid = rt.actor::<Account>(child.key()).unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            kid.ask(AccountMsg::Balance).await.unwrap(),
+            7 + LATER,
+            "the child the failed run spawned got its input again ({compacted:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     rt.shutdown().await;
 }
 
