@@ -41,8 +41,8 @@ pub struct Envelope {
     /// sent. A requeued message gets a new `id`, so that it runs again instead of being taken
     /// for a duplicate of the run that failed; what the runtime derives from a message (the ids
     /// of the messages it sends, its children, its activities' keys) comes from
-    /// [`origin`](Self::origin), so it stays the same and receivers still dedupe what the failed
-    /// run already sent.
+    /// [`origin`](Self::origin), so it stays the same: the requeued run journals what a failed
+    /// run sent at the same step to the same recipient, and does not send it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requeued_from: Option<MessageId>,
     /// Set on the runtime's own retirement message to an actor (never on a message a caller

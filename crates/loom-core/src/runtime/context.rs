@@ -229,10 +229,10 @@ pub(crate) struct Invocation {
     pub(crate) cancelled: bool,
     /// Set by [`Context::finish`]: if the invocation completes, its actor is retired.
     pub(crate) finish: bool,
-    /// The recipient of each step at which a dead-lettered run of this message sent a message
-    /// or spawned a child (`replay::GivenUp`): this run, requeued, journals a send to the same
+    /// The recipients of each step at which a dead-lettered run of this message sent a message
+    /// or spawned a child (`replay::GivenUp`): this run, requeued, journals a send to such a
     /// recipient at such a step but does not send it again.
-    pub(crate) sent_before: BTreeMap<Step, ActorId>,
+    pub(crate) sent_before: BTreeMap<Step, std::collections::BTreeSet<ActorId>>,
 }
 
 impl Invocation {
@@ -894,7 +894,12 @@ impl<'a> Context<'a> {
         }
         // Sent already, under this id and to this recipient, by a dead-lettered run of this
         // message: its receiver got it then, and may not remember that id any more.
-        if self.inv.sent_before.get(&step) == Some(&envelope.to) {
+        if self
+            .inv
+            .sent_before
+            .get(&step)
+            .is_some_and(|to| to.contains(&envelope.to))
+        {
             tracing::debug!(%message_id, to = %envelope.to, step, "sent by a dead-lettered run of this message already; not sent again");
             return;
         }

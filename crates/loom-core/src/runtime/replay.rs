@@ -12,7 +12,7 @@
 //! - a trim never passes the oldest kept snapshot (the store refuses it anyway);
 //! - an unreadable snapshot is skipped with a warning for an older one plus a longer replay.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -26,36 +26,41 @@ use crate::store::{Lease, SeqRange, Store};
 /// How many completed message ids an actor remembers to recognize a redelivery.
 pub(crate) const RECENT: usize = 128;
 
-/// How many dead-lettered messages an actor remembers the sends of (see [`GivenUp`]).
-pub(crate) const GIVEN_UP: usize = 1024;
+/// How many sends of dead-lettered messages an actor remembers (see [`GivenUp`]): with actor
+/// ids of up to a few hundred bytes, well under the snapshot size limit.
+pub(crate) const GIVEN_UP: usize = 16_384;
+
+/// What a recipient of a step of a dead-lettered run is, per step.
+type SentAt = BTreeMap<Step, BTreeSet<ActorId>>;
 
 /// What the actor's dead-lettered invocations sent, per message origin id
-/// (`Envelope::origin`): the recipient of each step at which a run of that message sent a
+/// (`Envelope::origin`): the recipients of each step at which a run of that message sent a
 /// message or spawned a child. Oldest first; kept in snapshots.
 ///
 /// A message requeued from the dead letters runs again from its first step, and what it sends
 /// derives its id from the origin and the step, as the failed run's did. The receivers got the
 /// failed run's sends then, and their own look for a repeated id (`recent`) remembers only
-/// their last [`RECENT`] messages: so the requeued run journals a send to the same recipient
-/// at such a step as the failed run did, but does not send it again (`Context::queue`). That
-/// is exactly what the receiver's look would drop if it remembered every id: a send to another
-/// recipient, or at another step, has another id or another receiver, and goes.
+/// their last [`RECENT`] messages: so the requeued run journals a send to a recipient a
+/// dead-lettered run sent to at the same step, but does not send it again
+/// (`Context::queue`). That is exactly what the receiver's look would drop if it remembered
+/// every id: a send to another recipient, or at another step, has another id or another
+/// receiver, and goes.
 ///
 /// Invariants: an origin is noted only when an invocation of it ends `Failed { dead_lettered:
-/// true }` (the steps of all such runs add up, so a third run skips what the first sent even
-/// if the second stopped sooner), and forgotten when one ends otherwise (nothing runs it
-/// again). Replay and the cell keep it by the same rule, through [`Unfinished::close`]. Past
-/// [`GIVEN_UP`] origins the oldest is forgotten, with a warning.
+/// true }`, and the sends of all such runs add up (a third run skips what the first sent even
+/// if the second stopped sooner or sent elsewhere); it is forgotten when one ends otherwise
+/// (nothing runs it again). Replay and the cell keep it by the same rule, through
+/// [`Unfinished::close`]. Past [`GIVEN_UP`] sends in all, the oldest origins are forgotten.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub(crate) struct GivenUp(VecDeque<(MessageId, BTreeMap<Step, ActorId>)>);
+pub(crate) struct GivenUp(VecDeque<(MessageId, SentAt)>);
 
 impl GivenUp {
-    /// The recipient of each step at which dead-lettered runs of `origin`'s message sent
+    /// The recipients of each step at which dead-lettered runs of `origin`'s message sent
     /// something; empty for a message that was never requeued.
-    pub(crate) fn sent_by(&self, origin: MessageId, requeued: bool) -> BTreeMap<Step, ActorId> {
+    pub(crate) fn sent_by(&self, origin: MessageId, requeued: bool) -> SentAt {
         if !requeued {
-            return BTreeMap::new();
+            return SentAt::new();
         }
         self.0
             .iter()
@@ -64,29 +69,46 @@ impl GivenUp {
             .unwrap_or_default()
     }
 
-    fn note(&mut self, actor: &ActorId, origin: MessageId, steps: &BTreeMap<Step, Vec<EntryKind>>) {
+    /// Notes what a dead-lettered run of `origin`'s message sent; returns the origins it
+    /// forgot to stay within [`GIVEN_UP`].
+    fn note(
+        &mut self,
+        origin: MessageId,
+        steps: &BTreeMap<Step, Vec<EntryKind>>,
+    ) -> Vec<MessageId> {
         let mut sent = self.forget(origin).unwrap_or_default();
         for (step, kinds) in steps {
             for kind in kinds {
-                match kind {
-                    EntryKind::MessageSent { to, .. } => sent.insert(*step, to.clone()),
-                    EntryKind::ChildSpawned { child, .. } => sent.insert(*step, child.clone()),
-                    _ => None,
+                let to = match kind {
+                    EntryKind::MessageSent { to, .. } => to,
+                    EntryKind::ChildSpawned { child, .. } => child,
+                    _ => continue,
                 };
+                sent.entry(*step).or_default().insert(to.clone());
             }
         }
         if sent.is_empty() {
-            return;
-        }
-        if self.0.len() >= GIVEN_UP
-            && let Some((old, _)) = self.0.pop_front()
-        {
-            tracing::warn!(%actor, origin = %old, "more than {GIVEN_UP} dead-lettered messages remembered: the oldest is forgotten, and if it is requeued what it sent is sent again");
+            return Vec::new();
         }
         self.0.push_back((origin, sent));
+        let mut forgot = Vec::new();
+        while self.0.len() > 1 && self.sends() > GIVEN_UP {
+            if let Some((old, _)) = self.0.pop_front() {
+                forgot.push(old);
+            }
+        }
+        forgot
     }
 
-    pub(crate) fn forget(&mut self, origin: MessageId) -> Option<BTreeMap<Step, ActorId>> {
+    fn sends(&self) -> usize {
+        self.0
+            .iter()
+            .flat_map(|(_, sent)| sent.values())
+            .map(BTreeSet::len)
+            .sum()
+    }
+
+    pub(crate) fn forget(&mut self, origin: MessageId) -> Option<SentAt> {
         let at = self.0.iter().position(|(o, _)| *o == origin)?;
         self.0.remove(at).map(|(_, sent)| sent)
     }
@@ -148,7 +170,10 @@ impl Unfinished {
         given_up: &mut GivenUp,
     ) {
         if dead_lettered {
-            given_up.note(actor, self.origin, &self.steps);
+            // Said again at each recovery while this run is in the journal's tail.
+            for old in given_up.note(self.origin, &self.steps) {
+                tracing::warn!(%actor, origin = %old, "more than {GIVEN_UP} sends of dead-lettered messages remembered: the oldest message's are forgotten, and if it is requeued what it sent is sent again");
+            }
         } else {
             given_up.forget(self.origin);
         }
@@ -744,26 +769,30 @@ mod tests {
 
     #[test]
     fn given_up_adds_up_runs_forgets_ended_ones_and_keeps_the_newest() {
-        let actor = ActorId::new("w", "1").unwrap();
         let (bob, ann) = (
             ActorId::new("acct", "bob").unwrap(),
             ActorId::new("acct", "ann").unwrap(),
         );
         let mut g = GivenUp::default();
         let o = MessageId::new();
-        g.note(&actor, o, &sent(1, &bob));
-        // A second dead-lettered run that stopped sooner keeps what the first sent.
-        g.note(&actor, o, &BTreeMap::new());
-        g.note(&actor, o, &sent(3, &ann));
+        assert!(g.note(o, &sent(1, &bob)).is_empty());
+        // A second dead-lettered run that stopped sooner keeps what the first sent, and one
+        // that sent elsewhere at the same step adds to it.
+        g.note(o, &BTreeMap::new());
+        g.note(o, &sent(1, &ann));
+        g.note(o, &sent(3, &ann));
         assert_eq!(
             g.sent_by(o, true),
-            BTreeMap::from([(1, bob.clone()), (3, ann.clone())])
+            BTreeMap::from([
+                (1, BTreeSet::from([bob.clone(), ann.clone()])),
+                (3, BTreeSet::from([ann.clone()]))
+            ])
         );
         // Asked only for a requeued message.
         assert!(g.sent_by(o, false).is_empty());
         // A run that sent nothing is not kept.
         let quiet = MessageId::new();
-        g.note(&actor, quiet, &BTreeMap::new());
+        g.note(quiet, &BTreeMap::new());
         assert!(g.sent_by(quiet, true).is_empty());
         // Ended otherwise: forgotten.
         g.forget(o);
@@ -772,11 +801,11 @@ mod tests {
         // Past the bound the oldest goes, and noting one again makes it the newest.
         let origins: Vec<MessageId> = (0..GIVEN_UP).map(|_| MessageId::new()).collect();
         for &o in &origins {
-            g.note(&actor, o, &sent(1, &bob));
+            g.note(o, &sent(1, &bob));
         }
-        g.note(&actor, origins[0], &sent(2, &bob));
-        g.note(&actor, MessageId::new(), &sent(1, &bob));
-        assert_eq!(g.0.len(), GIVEN_UP);
+        assert_eq!(g.note(origins[0], &sent(2, &bob)), vec![origins[1]]);
+        assert_eq!(g.note(MessageId::new(), &sent(1, &bob)), vec![origins[2]]);
+        assert_eq!(g.sends(), GIVEN_UP);
         assert!(
             g.sent_by(origins[1], true).is_empty(),
             "the oldest was kept"

@@ -200,12 +200,12 @@ async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted
     .await
     .unwrap();
     if compacted == Compacted::ByTheRuntime {
-        // A later invocation of the worker: the runtime compacts after it, from its memory.
-        worker_ref.ask(vec![activity("later")]).await.unwrap();
+        // Later invocations of the worker: the runtime compacts after each, from its memory.
         eventually(
             WAIT,
             "the runtime compacted the failed run away",
             || async {
+                worker_ref.ask(vec![activity("later")]).await.unwrap();
                 !h.journal(&w).await.iter().any(|e| {
                     matches!(
                         e.kind,
@@ -254,18 +254,27 @@ async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted
         "{:?}",
         replies(h, &w).await
     );
-    // The child has no later message of the worker's to wait for: a spawn message sent again
-    // would come in the same write as the deposit sent again, which has not come. Its balance
-    // is read for a while, as a relay between partitions could still be moving one.
+    // The same for the child, with a later message of the worker's to it as the marker.
+    rt.actor::<Worker>(key)
+        .unwrap()
+        .ask(vec![Step::Send {
+            key: child.key().into(),
+            amount: MARK,
+        }])
+        .await
+        .unwrap();
     let kid = rt.actor::<Account>(child.key()).unwrap();
-    for _ in 0..10 {
-        assert_eq!(
-            kid.ask(AccountMsg::Balance).await.unwrap(),
-            7 + LATER,
-            "the child the failed run spawned got its input again ({compacted:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        WAIT,
+        "the worker's deposit to the child is applied",
+        || async { kid.ask(AccountMsg::Balance).await.unwrap() >= MARK },
+    )
+    .await;
+    assert_eq!(
+        kid.ask(AccountMsg::Balance).await.unwrap(),
+        7 + LATER + MARK,
+        "the child the failed run spawned got its input again ({compacted:?})"
+    );
     rt.shutdown().await;
 }
 
