@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use loom_core::runtime::{AskOptions, SendOptions, Sent};
+use loom_core::runtime::{ActorRef, AskOptions, SendOptions, Sent, bury_mailbox};
 use loom_core::{EntryKind, IdempotencyKey, MessageId, Reservation};
 
 use super::common::{WAIT, acct, activity, finished, reached, replies, worker};
@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         requeued_dead_letter_without_journaled_steps_runs_again,
         a_requeued_dead_letter_sends_nothing_again_however_long_ago_it_sent,
         a_requeued_dead_letter_sends_nothing_again_after_a_compaction,
+        a_message_buried_mid_run_and_requeued_sends_nothing_again,
         idempotency_key_is_held_while_its_message_waits,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
@@ -134,9 +135,38 @@ enum Compacted {
     ByTheRuntime,
 }
 
+/// How many messages the receivers apply between a failed run and its requeue: more than they
+/// remember the ids of (`replay::RECENT`).
+const LATER: i64 = 130;
+
+/// A deposit a worker sends after what it sent a receiver before: once it is applied, so is
+/// everything before it (one sender's messages to one receiver arrive in order, through a
+/// partitioned store's relay too).
+const MARK: i64 = 1000;
+
+/// Waits until `account` applied the [`MARK`] deposit, then checks its balance.
+async fn balance_after_the_mark(account: &ActorRef<Account>, expected: i64, what: &str) {
+    eventually(WAIT, "the marking deposit is applied", || async {
+        account.ask(AccountMsg::Balance).await.unwrap() >= MARK
+    })
+    .await;
+    assert_eq!(
+        account.ask(AccountMsg::Balance).await.unwrap(),
+        expected + MARK,
+        "{what}"
+    );
+}
+
+/// Asks `LATER` deposits of 1 of each account, all at once.
+async fn deposit_later(accounts: &[&ActorRef<Account>]) {
+    futures::future::try_join_all(
+        (0..LATER).flat_map(|_| accounts.iter().map(|a| a.ask(AccountMsg::Deposit(1)))),
+    )
+    .await
+    .unwrap();
+}
+
 async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted) {
-    const LATER: i64 = 130;
-    const MARK: i64 = 1000;
     // A worker and a receiver of its own per variant: two variants run on one store.
     let (key, to) = match compacted {
         Compacted::Not => ("w", "bob"),
@@ -191,14 +221,7 @@ async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted
         })
         .await;
     }
-    futures::future::try_join_all((0..LATER).flat_map(|_| {
-        [
-            bob.ask(AccountMsg::Deposit(1)),
-            kid.ask(AccountMsg::Deposit(1)),
-        ]
-    }))
-    .await
-    .unwrap();
+    deposit_later(&[&bob, &kid]).await;
     if compacted == Compacted::ByTheRuntime {
         // Later invocations of the worker: the runtime compacts after each, from its memory.
         eventually(
@@ -231,18 +254,12 @@ async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted
     h.probe.fixed.store(true, Ordering::SeqCst);
     h.store.requeue_dead_letter(dead).await.unwrap();
     let rt = h.runtime().await;
-    let bob = rt.actor::<Account>(to).unwrap();
-    eventually(
-        WAIT,
-        "the requeued run's last deposit is applied",
-        || async { bob.ask(AccountMsg::Balance).await.unwrap() >= MARK },
+    balance_after_the_mark(
+        &rt.actor::<Account>(to).unwrap(),
+        5 + LATER,
+        &format!("what the failed run sent to {to} was applied again ({compacted:?})"),
     )
     .await;
-    assert_eq!(
-        bob.ask(AccountMsg::Balance).await.unwrap(),
-        5 + LATER + MARK,
-        "what the failed run sent to {to} was applied again ({compacted:?})"
-    );
     assert!(
         replies(h, &w).await.contains(&serde_json::json!([
             format!("sent 5 to {to}"),
@@ -263,17 +280,80 @@ async fn requeued_after_its_receivers_moved_on(h: &Harness, compacted: Compacted
         }])
         .await
         .unwrap();
-    let kid = rt.actor::<Account>(child.key()).unwrap();
-    eventually(
-        WAIT,
-        "the worker's deposit to the child is applied",
-        || async { kid.ask(AccountMsg::Balance).await.unwrap() >= MARK },
+    balance_after_the_mark(
+        &rt.actor::<Account>(child.key()).unwrap(),
+        7 + LATER,
+        &format!("the child the failed run spawned got its input again ({compacted:?})"),
     )
     .await;
-    assert_eq!(
-        kid.ask(AccountMsg::Balance).await.unwrap(),
-        7 + LATER + MARK,
-        "the child the failed run spawned got its input again ({compacted:?})"
+    rt.shutdown().await;
+}
+
+/// The failed run's message is buried by a tool (`loom actors bury`) while its invocation is
+/// still open in the journal (its process died at the gate), and then requeued: the runtime
+/// closes the open invocation when the requeued message comes, and must note then, in memory,
+/// what that invocation sent, since the requeued run starts right after.
+async fn a_message_buried_mid_run_and_requeued_sends_nothing_again(h: &Harness) {
+    let w = worker("w");
+    let script = vec![
+        Step::Send {
+            key: "bob".into(),
+            amount: 5,
+        },
+        activity("a"),
+        Step::Gate,
+        Step::Send {
+            key: "bob".into(),
+            amount: MARK,
+        },
+    ];
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("w").unwrap().send(script).await.unwrap();
+    reached(h).await;
+    rt.kill().await;
+    // Once the dead process's leases and its delivery's visibility ran out.
+    let buried = std::sync::atomic::AtomicU64::new(0);
+    eventually(WAIT, "the tool buries the message", || async {
+        // Refused while the dead process's partition lease lasts; nothing to move while its
+        // delivery is still out.
+        if let Ok(n) = bury_mailbox(&*h.store, &w, "stuck", "tool").await {
+            buried.fetch_add(n, Ordering::SeqCst);
+        }
+        buried.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let dead = one_dead_letter(h).await;
+    let kinds = h.kinds(&w).await;
+    assert_eq!(kinds.first(), Some(&"invoked"), "{kinds:?}");
+    assert!(
+        !kinds.contains(&"failed"),
+        "the buried run was closed before the requeue: {kinds:?}"
+    );
+
+    let rt = h.runtime().await;
+    let bob = rt.actor::<Account>("bob").unwrap();
+    eventually(WAIT, "the first deposit is applied", || async {
+        bob.ask(AccountMsg::Balance).await.unwrap() == 5
+    })
+    .await;
+    deposit_later(&[&bob]).await;
+    h.probe.open(1);
+    h.store.requeue_dead_letter(dead).await.unwrap();
+    balance_after_the_mark(
+        &bob,
+        5 + LATER,
+        "what the buried run sent was applied again",
+    )
+    .await;
+    assert!(
+        replies(h, &w).await.contains(&serde_json::json!([
+            "sent 5 to bob",
+            "a done",
+            "passed the gate",
+            format!("sent {MARK} to bob")
+        ])),
+        "{:?}",
+        replies(h, &w).await
     );
     rt.shutdown().await;
 }
