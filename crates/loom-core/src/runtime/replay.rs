@@ -30,7 +30,7 @@ pub(crate) const RECENT: usize = 128;
 /// ids of up to a few hundred bytes, well under the snapshot size limit.
 pub(crate) const GIVEN_UP: usize = 16_384;
 
-/// What a recipient of a step of a dead-lettered run is, per step.
+/// The recipients of a dead-lettered run's sends, per step.
 type SentAt = BTreeMap<Step, BTreeSet<ActorId>>;
 
 /// What the actor's dead-lettered invocations sent, per message origin id
