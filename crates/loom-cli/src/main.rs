@@ -385,7 +385,8 @@ enum DeadLetterCommand {
         #[arg(long)]
         yes: bool,
     },
-    /// Puts a dead letter back at the end of its mailbox.
+    /// Puts a dead letter back at the end of its mailbox. It runs again under a new id, from its
+    /// first step; what its failed run sent is journaled again but not sent again.
     Requeue {
         /// Its id.
         id: u64,
