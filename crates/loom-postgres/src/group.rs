@@ -14,12 +14,11 @@
 //! have committed, as for any single request).
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use crate::sql::Bounded;
 use futures::FutureExt;
 use loom_core::store::backend::{Batcher, RunBatch};
 use loom_core::{StoreError, StoreResult};
-use sqlx::PgPool;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -146,48 +145,6 @@ const APPEND_BATCH: usize = 256;
 /// (100 accounts, 512 transfers in flight) 8, 32 and 128 gave 875, 1068 and 1178 turns/s.
 const TURN_BATCH: usize = 128;
 
-/// A statement of a batch: what `sqlx::query` makes, with its arguments bound.
-type Statement = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// Runs `statement` on a connection of the pool (waiting for one at most the pool's
-/// `acquire_timeout`) and waits for its answer at most `within`. A statement the server has not
-/// answered by then (a connection gone silent, a server process stopped mid-statement: waits
-/// that `statement_timeout`, counted by the server, cannot end, and that would otherwise last
-/// as long as the kernel keeps the connection) fails as a lost connection does, with an I/O
-/// error (`Unavailable`: it may have committed). Its connection is closed, never handed to
-/// another statement: returning it to the pool would first wait, without a bound, for the
-/// answer that did not come.
-async fn fetch_all_within(
-    pool: &PgPool,
-    within: Duration,
-    statement: Statement,
-) -> Result<Vec<PgRow>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    match tokio::time::timeout(within, statement.fetch_all(&mut *conn)).await {
-        Ok(rows) => rows,
-        Err(_) => {
-            conn.close_on_drop();
-            Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {within:?}: the statement may have committed"),
-            )))
-        }
-    }
-}
-
-/// [`fetch_all_within`] for a statement that answers one row.
-async fn fetch_one_within(
-    pool: &PgPool,
-    within: Duration,
-    statement: Statement,
-) -> Result<PgRow, sqlx::Error> {
-    fetch_all_within(pool, within, statement)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or(sqlx::Error::RowNotFound)
-}
-
 /// How many batches of each kind may be in flight at once, for a pool of `connections`.
 pub(crate) fn workers(connections: u32) -> usize {
     (connections as usize / 4).clamp(1, 4)
@@ -195,10 +152,9 @@ pub(crate) fn workers(connections: u32) -> usize {
 
 /// The batcher of appends.
 pub(crate) fn appends(
-    pool: PgPool,
+    pool: Bounded,
     schema: &str,
     workers: usize,
-    within: Duration,
 ) -> Batcher<AppendReq, AppendOut> {
     let one = sql(schema, "SELECT ok, val FROM {s}.append($1, $2, $3)");
     let many = sql(
@@ -215,7 +171,8 @@ pub(crate) fn appends(
                         .bind(r.actor)
                         .bind(r.expected)
                         .bind(r.frames);
-                    fetch_one_within(&pool, within, statement)
+                    statement
+                        .fetch_one(&pool)
                         .await
                         .map(|row| (row.get::<bool, _>(0), row.get::<i64, _>(1)))
                 }
@@ -240,7 +197,7 @@ pub(crate) fn appends(
                 .bind(expected)
                 .bind(counts)
                 .bind(frames);
-            let batch = fetch_all_within(&pool, within, statement).await;
+            let batch = statement.fetch_all(&pool).await;
             answer(
                 batch,
                 reqs,
@@ -257,12 +214,7 @@ pub(crate) fn appends(
 /// The batcher of turns: `turn_many` for two or more, `turn` for one; `turn_relayed`
 /// (schema_v12.sql) for a batch or turn with messages for the outbox (a store of 32
 /// partitions).
-pub(crate) fn turns(
-    pool: PgPool,
-    schema: &str,
-    workers: usize,
-    within: Duration,
-) -> Batcher<TurnReq, TurnOut> {
+pub(crate) fn turns(pool: Bounded, schema: &str, workers: usize) -> Batcher<TurnReq, TurnOut> {
     let one = sql(
         schema,
         "SELECT status, highest, nframe, npos, ndlv, nerr FROM {s}.turn(\
@@ -289,7 +241,7 @@ pub(crate) fn turns(
                     // `turn_relayed`, for one turn as for many.
                     if !t.ob_actors.is_empty() {
                         let statement = Columns::of(std::slice::from_ref(&t)).query(&relayed, true);
-                        let rows = fetch_all_within(&pool, within, statement).await?;
+                        let rows = statement.fetch_all(&pool).await?;
                         return match rows.first() {
                             Some(row) => Ok(TurnOut::from_row(row, 1)),
                             None => Err(sqlx::Error::RowNotFound),
@@ -316,7 +268,8 @@ pub(crate) fn turns(
                         .bind(t.record_ttl)
                         .bind(t.next_vis)
                         .bind(t.next_max);
-                    fetch_one_within(&pool, within, statement)
+                    statement
+                        .fetch_one(&pool)
                         .await
                         .map(|row| TurnOut::from_row(&row, 0))
                 }
@@ -335,7 +288,7 @@ pub(crate) fn turns(
             } else {
                 c.query(&many, false)
             };
-            let batch = fetch_all_within(&pool, within, statement).await;
+            let batch = statement.fetch_all(&pool).await;
             answer(batch, reqs, |row| TurnOut::from_row(row, 1), single).await
         }
         .boxed()
@@ -345,12 +298,7 @@ pub(crate) fn turns(
 
 /// The batcher of leases: `lease_many` for two or more (schema_v11.sql), `lease` for one, and
 /// for each of a batch whose statement failed.
-pub(crate) fn leases(
-    pool: PgPool,
-    schema: &str,
-    workers: usize,
-    within: Duration,
-) -> Batcher<LeaseReq, LeaseOut> {
+pub(crate) fn leases(pool: Bounded, schema: &str, workers: usize) -> Batcher<LeaseReq, LeaseOut> {
     let one = sql(
         schema,
         "SELECT frame, pos, dlv, err FROM {s}.lease($1, $2, $3, $4)",
@@ -370,7 +318,8 @@ pub(crate) fn leases(
                         .bind(l.vis)
                         .bind(l.max)
                         .bind(l.early);
-                    fetch_one_within(&pool, within, statement)
+                    statement
+                        .fetch_one(&pool)
                         .await
                         .map(|row| LeaseOut::from_row(&row, 0))
                 }
@@ -385,7 +334,7 @@ pub(crate) fn leases(
                 .bind(reqs.iter().map(|l| l.vis).collect::<Vec<_>>())
                 .bind(reqs.iter().map(|l| l.max).collect::<Vec<_>>())
                 .bind(reqs.iter().map(|l| l.early).collect::<Vec<_>>());
-            let batch = fetch_all_within(&pool, within, statement).await;
+            let batch = statement.fetch_all(&pool).await;
             answer(batch, reqs, |row| LeaseOut::from_row(row, 1), single).await
         }
         .boxed()

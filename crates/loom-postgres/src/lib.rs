@@ -51,12 +51,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use loom_core::StoreError;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub(crate) const BACKEND: &str = "postgres";
 
-/// How much longer than a statement may take (`statement_timeout`) the answer to a batch's
-/// statement is waited for before it is given up as unanswered.
+/// How much longer than a statement may take (`statement_timeout`) the answer to a statement
+/// of the store is waited for before it is given up as unanswered (`sql::Bounded`). The server
+/// does not count a statement's commit (its WAL flush, a synchronous standby) against
+/// `statement_timeout`: this margin is for that too.
 const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
 /// The schema version this build creates and reads.
@@ -95,11 +97,14 @@ pub struct PostgresOptions {
     /// Pool size (default 16).
     pub max_connections: u32,
     /// Statement timeout; a statement running longer fails with [`StoreError::Unavailable`]
-    /// (default 10 s). The server counts it. The statements of the batched writes (appends,
-    /// turns, mailbox leases) are also waited for at most `statement_timeout + 5 s` by this
-    /// side: one the server does not answer at all (a connection gone silent, a stopped server
-    /// process) fails with `Unavailable` too, and its connection is closed. Other calls wait
-    /// for as long as their connection lives.
+    /// (default 10 s). The server counts it. Every statement of the store is also waited for
+    /// at most `statement_timeout + 5 s` by this side: one the server does not answer at all (a
+    /// connection gone silent, a stopped server process) fails with `Unavailable` too, and its
+    /// connection is closed. A call that fails so may have written (the server does not count a
+    /// commit's flush against `statement_timeout`): retry what must happen once with an
+    /// idempotency key. Not bounded so: the migration a first connect of a new build runs, and
+    /// the `LISTEN` connection of [`notifications`](Self::notifications), which only hurries
+    /// wake-ups up (silent, it leaves the runtime to its poll).
     pub statement_timeout: Duration,
     /// How long to wait for a pooled connection (default 10 s).
     pub acquire_timeout: Duration,
@@ -135,7 +140,8 @@ impl Default for PostgresOptions {
 /// The PostgreSQL store; cheap to clone (clones share the pool).
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    /// Every statement of the store goes through it, each answered within a bound (`sql.rs`).
+    pool: sql::Bounded,
     schema: String,
     /// Group commit of appends, of turns and of leases (see `group.rs`).
     appends: std::sync::Arc<loom_core::store::backend::Batcher<group::AppendReq, group::AppendOut>>,
@@ -331,13 +337,16 @@ impl PostgresStore {
             .await
             .map_err(connect_error)?;
         let workers = group::workers(options.max_connections.max(1));
-        // A batch's statement is waited for as long as the server's own limit on it allows,
-        // and then some: past that, the server is not answering at all.
-        let within = options.statement_timeout.saturating_add(ANSWER_MARGIN);
+        // A statement is waited for as long as the server's own limit on it allows, and then
+        // some: past that, the server is not answering at all.
+        let pool = sql::Bounded {
+            pool,
+            within: options.statement_timeout.saturating_add(ANSWER_MARGIN),
+        };
         let mut store = PostgresStore {
-            appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers, within)),
-            turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers, within)),
-            leases: std::sync::Arc::new(group::leases(pool.clone(), &schema, workers, within)),
+            appends: std::sync::Arc::new(group::appends(pool.clone(), &schema, workers)),
+            turns: std::sync::Arc::new(group::turns(pool.clone(), &schema, workers)),
+            leases: std::sync::Arc::new(group::leases(pool.clone(), &schema, workers)),
             signals: signals::Notifier::start(pool.clone(), &schema, origin.clone()),
             pool,
             schema,
@@ -452,7 +461,7 @@ impl PostgresStore {
                 "PostgreSQL schema {s:?} is a keyword SQL reserves ({what}); choose another name"
             )));
         }
-        let mut tx = self.pool.begin().await.map_err(pe)?;
+        let mut tx = self.pool.pool.begin().await.map_err(pe)?;
         // One migrator at a time per schema, across every process.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("loom schema {s}"))
@@ -526,8 +535,22 @@ impl PostgresStore {
         }
         // At this version a store's count is recorded when it is created (`migrate`, in the
         // same transaction): read here, never made.
-        let mut conn = self.pool.acquire().await.map_err(pe)?;
-        partitions(&mut conn, s, asked, false).await
+        let mut conn = self.pool.pool.acquire().await.map_err(pe)?;
+        match tokio::time::timeout(self.pool.within, partitions(&mut conn, s, asked, false)).await {
+            Ok(n) => n,
+            Err(_) => {
+                // As every statement of the store (`sql::Bounded`): unanswered, and its
+                // connection not handed on.
+                conn.close_on_drop();
+                Err(StoreError::unavailable(
+                    BACKEND,
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", self.pool.within),
+                    ),
+                ))
+            }
+        }
     }
 
     /// The schema this store uses.

@@ -26,7 +26,6 @@ use std::time::Duration;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{OutboxState, RelayStatus};
 use loom_core::{ActorId, StoreError, StoreResult};
-use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
@@ -52,7 +51,7 @@ pub(crate) struct Relay {
 }
 
 struct Inner {
-    pool: PgPool,
+    pool: crate::sql::Bounded,
     relay: String,
     waiting: String,
     signals: Notifier,
@@ -68,7 +67,7 @@ struct Inner {
 impl Relay {
     /// Starts the relay of the store in `schema`.
     pub(crate) fn start(
-        pool: PgPool,
+        pool: crate::sql::Bounded,
         schema: &str,
         partitions: u32,
         signals: Notifier,

@@ -101,7 +101,7 @@ pub(crate) struct Notifier {
 
 impl Notifier {
     /// Starts the sender on `pool`; `origin` is the payload of this store's wake-ups.
-    pub(crate) fn start(pool: PgPool, schema: &str, origin: String) -> Notifier {
+    pub(crate) fn start(pool: crate::sql::Bounded, schema: &str, origin: String) -> Notifier {
         let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
         let wake = format!("loom_wake_{schema}");
         let done = format!("loom_done_{schema}");
@@ -160,7 +160,7 @@ impl Notifier {
 /// crash, so its commit does not wait for the WAL flush (`set_config(…, true)` lasts until the
 /// end of the statement's transaction), and holds the notify lock only briefly.
 async fn send(
-    pool: &PgPool,
+    pool: &crate::sql::Bounded,
     channels: Vec<String>,
     payloads: Vec<String>,
 ) -> Result<(), StoreError> {

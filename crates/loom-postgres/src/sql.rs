@@ -1,5 +1,6 @@
 //! What every file of this backend shares: converting numbers and durations for SQL, naming
-//! the store's schema in a query, and the error for a reply that makes no sense.
+//! the store's schema in a query, the error for a reply that makes no sense, and the pool every
+//! statement goes through, which bounds how long its answer is waited for ([`Bounded`]).
 
 use std::time::Duration;
 
@@ -46,5 +47,120 @@ impl PostgresStore {
     /// query (values are bound parameters), and it was checked at connect to be `[a-z0-9_]`.
     pub(crate) fn q(&self, sql: &str) -> sqlx::AssertSqlSafe<String> {
         sqlx::AssertSqlSafe(sql.replace("{s}", &self.schema))
+    }
+}
+
+/// The store's connection pool, through which every statement of the store is sent (as
+/// `.fetch_all(&self.pool)`, the pool being this): it waits for a connection at most the pool's
+/// `acquire_timeout`, and for the statement's answer at most `within`, the session's
+/// `statement_timeout` and a margin (`lib.rs`, `ANSWER_MARGIN`). A statement the server has
+/// not answered by then (a connection gone silent, a server process stopped mid-statement:
+/// waits that `statement_timeout`, counted by the server, cannot end, and that would otherwise
+/// last as long as the kernel keeps the connection) fails as a lost connection does, with an
+/// I/O error (`Unavailable`: it may have committed). Its connection is closed, never handed to
+/// another statement: returning it to the pool would first wait, without a bound, for the
+/// answer that did not come.
+///
+/// What this does not bound: the migrating transaction at connect (`lib.rs`, `migrate`),
+/// whose statements run on a connection of their own and may rightly take long, and the
+/// `LISTEN` connection (`signals.rs`, a pool of its own), which only hurries wake-ups up.
+#[derive(Clone, Debug)]
+pub(crate) struct Bounded {
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) within: Duration,
+}
+
+/// A connection taken for one statement, closed when dropped unless the statement was answered.
+/// A caller that stops waiting (the runtime gives a lease renewal up at the lease's deadline,
+/// sooner than the bound) drops the statement unanswered: returning the connection to the pool
+/// would first wait, without a bound, for that answer, holding the pool's slot meanwhile.
+struct Taken {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    answered: bool,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Runs `$call` (a statement on the connection `$c`) on a connection of `$pool` (a
+/// [`Bounded`]), waiting for its answer at most the pool's bound.
+macro_rules! within_bound {
+    ($pool:expr, |$c:ident| $call:expr) => {{
+        let mut taken = Taken {
+            conn: $pool.pool.acquire().await?,
+            answered: false,
+        };
+        let $c = &mut *taken.conn;
+        match tokio::time::timeout($pool.within, $call).await {
+            Ok(answer) => {
+                taken.answered = true;
+                answer
+            }
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {:?}: the statement may have committed",
+                    $pool.within
+                ),
+            ))),
+        }
+    }};
+}
+
+impl<'p> sqlx::Executor<'p> for &'_ Bounded {
+    type Database = sqlx::Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> futures::stream::BoxStream<
+        'e,
+        Result<sqlx::Either<sqlx::postgres::PgQueryResult, sqlx::postgres::PgRow>, sqlx::Error>,
+    >
+    where
+        'p: 'e,
+        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+    {
+        use futures::{StreamExt, TryStreamExt};
+        let pool = self.clone();
+        // The whole answer is read within the bound, then handed on: the store's statements
+        // answer a bounded number of rows.
+        futures::stream::once(async move {
+            within_bound!(pool, |c| c.fetch_many(query).try_collect::<Vec<_>>())
+        })
+        .map_ok(|all| futures::stream::iter(all.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> futures::future::BoxFuture<'e, Result<Option<sqlx::postgres::PgRow>, sqlx::Error>>
+    where
+        'p: 'e,
+        E: 'q + sqlx::Execute<'q, sqlx::Postgres>,
+    {
+        use futures::FutureExt;
+        let pool = self.clone();
+        async move { within_bound!(pool, |c| c.fetch_optional(query)) }.boxed()
+    }
+
+    fn prepare_with<'e>(
+        self,
+        sql: sqlx::SqlStr,
+        parameters: &'e [sqlx::postgres::PgTypeInfo],
+    ) -> futures::future::BoxFuture<'e, Result<sqlx::postgres::PgStatement, sqlx::Error>>
+    where
+        'p: 'e,
+    {
+        use futures::FutureExt;
+        let pool = self.clone();
+        async move { within_bound!(pool, |c| c.prepare_with(sql, parameters)) }.boxed()
     }
 }

@@ -256,6 +256,253 @@ async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     check_acknowledged(&store, &HashMap::from([(0, next)])).await;
 }
 
+/// A call of the store on its own (not in a group commit's batch).
+type Call = Box<
+    dyn FnOnce(PostgresStore) -> futures::future::BoxFuture<'static, Result<(), StoreError>> + Send,
+>;
+
+/// Every other call of the store (reads, enqueues, leases, heartbeats, the tools' listings)
+/// is bounded as the batched writes are: each is sent on a connection of its own store, all
+/// wait inside the server on tables the test holds, their server processes are stopped there
+/// (SIGSTOP, as a frozen host or a network that drops everything) and the tables released.
+/// Each call must fail as `Unavailable` at its bound (`statement_timeout + 5 s`, 10 s here).
+/// Before, only the batched writes had a bound: these waited for as long as their
+/// connections lived. Once the processes run again, every store answers again (its silent
+/// connection was closed, not handed to the next call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_whose_server_stops_answering_fails_within_its_bound() {
+    use futures::FutureExt;
+    use loom_core::{
+        Envelope, IdempotencyKey, IdempotencyStore, LeaseManager, Mailbox, Membership, Parking,
+        Store,
+    };
+    let server = PostgresServer::start();
+    let statement_timeout = Duration::from_secs(5);
+    let bound = statement_timeout + Duration::from_secs(5);
+    let options = PostgresOptions {
+        schema: "bounds".into(),
+        // One connection per store: the call is sent on the one the test stops.
+        max_connections: 1,
+        statement_timeout,
+        acquire_timeout: Duration::from_secs(2),
+        notifications: false,
+        ..PostgresOptions::default()
+    };
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let a = id(0);
+    let first = PostgresStore::connect_with(&server.url(), options.clone())
+        .await
+        .expect("connect");
+    first.append(&a, 1, &[entry(0, 1)]).await.expect("append");
+    let key = IdempotencyKey::new("k").unwrap();
+    let calls: Vec<(&str, Call)> = vec![
+        (
+            "highest_seq",
+            Box::new(|s| async move { s.highest_seq(&id(0)).await.map(drop) }.boxed()),
+        ),
+        (
+            "info",
+            Box::new(|s| async move { s.info(&id(0)).await.map(drop) }.boxed()),
+        ),
+        (
+            "load_snapshot",
+            Box::new(|s| async move { s.load_snapshot(&id(0), 1).await.map(drop) }.boxed()),
+        ),
+        (
+            "list_actors",
+            Box::new(|s| async move { s.list_actors(None, 10).await.map(drop) }.boxed()),
+        ),
+        (
+            "enqueue",
+            Box::new(|s| {
+                async move {
+                    let m = Envelope::new(id(1), serde_json::json!("m"));
+                    s.enqueue(&m, None).await.map(drop)
+                }
+                .boxed()
+            }),
+        ),
+        (
+            "enqueue_once",
+            Box::new(move |s| {
+                async move {
+                    let m = Envelope::new(id(1), serde_json::json!("m"));
+                    let ttl = Duration::from_secs(60);
+                    s.enqueue_once(&m, None, &key, ttl).await.map(drop)
+                }
+                .boxed()
+            }),
+        ),
+        (
+            "pending",
+            Box::new(|s| async move { s.pending(&id(1)).await.map(drop) }.boxed()),
+        ),
+        (
+            "dead_letters",
+            Box::new(|s| async move { s.dead_letters(None, 10).await.map(drop) }.boxed()),
+        ),
+        (
+            "acquire",
+            Box::new(|s| {
+                async move {
+                    s.acquire(&id(2), "tester", Duration::from_secs(5))
+                        .await
+                        .map(drop)
+                }
+                .boxed()
+            }),
+        ),
+        (
+            "holder",
+            Box::new(|s| async move { s.holder(&id(2)).await.map(drop) }.boxed()),
+        ),
+        (
+            "lookup",
+            Box::new(|s| {
+                async move {
+                    let key = IdempotencyKey::new("k").unwrap();
+                    s.lookup(&id(1), &key).await.map(drop)
+                }
+                .boxed()
+            }),
+        ),
+        (
+            "parked_actors",
+            Box::new(|s| async move { s.parked_actors(None, 10).await.map(drop) }.boxed()),
+        ),
+        (
+            "heartbeat",
+            Box::new(|s| {
+                async move {
+                    s.heartbeat("node-a", 1, &["account"], Duration::from_secs(5))
+                        .await
+                        .map(drop)
+                }
+                .boxed()
+            }),
+        ),
+        (
+            "members",
+            Box::new(|s| async move { s.members().await.map(drop) }.boxed()),
+        ),
+    ];
+    let mut stores = Vec::new();
+    for _ in &calls {
+        stores.push(
+            PostgresStore::connect_with(&server.url(), options.clone())
+                .await
+                .expect("connect"),
+        );
+    }
+    // And a call whose caller stops waiting before the bound, as the runtime gives a lease
+    // renewal up at the lease's deadline.
+    let quitter = PostgresStore::connect_with(&server.url(), options.clone())
+        .await
+        .expect("connect");
+    // Every table of the store's schema, held until the calls wait on them.
+    let mut hold = admin.begin().await.expect("begin");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'bounds'",
+    )
+    .fetch_all(&mut *hold)
+    .await
+    .expect("tables");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    )))
+    .execute(&mut *hold)
+    .await
+    .expect("lock the tables");
+    let started = tokio::time::Instant::now();
+    let pending: Vec<_> = calls
+        .into_iter()
+        .zip(stores.iter().cloned())
+        .map(|((name, call), store)| {
+            let run = tokio::spawn(async move {
+                let answer = call(store).await;
+                (answer, started.elapsed())
+            });
+            (name, run)
+        })
+        .collect();
+    let given_up = {
+        let (s, a) = (quitter.clone(), a.clone());
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(1), s.highest_seq(&a)).await
+        })
+    };
+    let mut pids: Vec<i32> = Vec::new();
+    for _ in 0..500 {
+        pids = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_all(&admin)
+        .await
+        .expect("pg_stat_activity");
+        if pids.len() == pending.len() + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        pids.len(),
+        pending.len() + 1,
+        "every call waits on the held tables"
+    );
+    let stopped: Vec<Stopped> = pids.into_iter().map(Stopped::new).collect();
+    hold.rollback().await.expect("release the tables");
+    // However many calls wait, none past its bound and a margin.
+    let deadline = started + bound + Duration::from_secs(20);
+    let mut late = Vec::new();
+    for (name, run) in pending {
+        match tokio::time::timeout_at(deadline, run).await {
+            Err(_) => late.push(name),
+            Ok(joined) => {
+                let (answer, took) = joined.expect("call task");
+                assert!(
+                    matches!(answer, Err(StoreError::Unavailable { .. })),
+                    "{name}: an unanswered call must be Unavailable (it may have written), got {answer:?}"
+                );
+                assert!(
+                    took >= bound - Duration::from_millis(500),
+                    "{name} failed after {took:?}, before its bound of {bound:?}: it did not wait on the stopped process"
+                );
+            }
+        }
+    }
+    assert!(late.is_empty(), "still waiting past their bound: {late:?}");
+    assert!(
+        given_up.await.expect("task").is_err(),
+        "the call given up by its caller was answered"
+    );
+    // Each store answers again on a new connection while the old one's process is still
+    // stopped: the silent connection was closed, not handed back to the pool (whose slot it
+    // would hold while the pool waited for its answer: the next call's acquire fails).
+    for (n, store) in stores.iter().chain([&quitter]).enumerate() {
+        let mut answer = store.highest_seq(&a).await;
+        for _ in 0..3 {
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer = store.highest_seq(&a).await;
+        }
+        let last = if n == stores.len() {
+            " (the one whose caller gave up)"
+        } else {
+            ""
+        };
+        let answer = answer
+            .unwrap_or_else(|e| panic!("store {n}{last}: no answer on a new connection: {e:?}"));
+        assert_eq!(answer, 1, "store {n}{last}");
+    }
+    drop(stopped);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_racing_on_one_actor_never_fork_it() {
     let server = PostgresServer::start();
