@@ -63,7 +63,11 @@ impl PostgresStore {
 ///
 /// What this does not bound: the migrating transaction at connect (`lib.rs`, `migrate`),
 /// whose statements run on a connection of their own and may rightly take long, and the
-/// `LISTEN` connection (`signals.rs`, a pool of its own), which only hurries wake-ups up.
+/// `LISTEN` connection (`signals.rs`, a pool of its own), which only hurries wake-ups up; and
+/// sqlx's ping of an answered statement's connection on its way back to the pool: a server that
+/// freezes just then keeps that connection's slot, so the pool has one fewer (calls still end,
+/// with `Unavailable` once `acquire_timeout` passes, if no slot is left). A call of several
+/// statements waits up to one bound for each.
 #[derive(Clone, Debug)]
 pub(crate) struct Bounded {
     pub(crate) pool: sqlx::PgPool,
