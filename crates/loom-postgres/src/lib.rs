@@ -503,7 +503,8 @@ impl PostgresStore {
         if from < SCHEMA_VERSION {
             tracing::info!(schema = %s, from, to = SCHEMA_VERSION, "migrated Loom's schema");
         }
-        let partitions = partitions(&mut tx, s, asked, true).await?;
+        let recorded = recorded_partitions(&mut *tx, s).await?;
+        let partitions = partitions(Some(&mut tx), recorded, s, asked).await?;
         tx.commit().await.map_err(pe)?;
         Ok(partitions)
     }
@@ -535,22 +536,8 @@ impl PostgresStore {
         }
         // At this version a store's count is recorded when it is created (`migrate`, in the
         // same transaction): read here, never made.
-        let mut conn = self.pool.pool.acquire().await.map_err(pe)?;
-        match tokio::time::timeout(self.pool.within, partitions(&mut conn, s, asked, false)).await {
-            Ok(n) => n,
-            Err(_) => {
-                // As every statement of the store (`sql::Bounded`): unanswered, and its
-                // connection not handed on.
-                conn.close_on_drop();
-                Err(StoreError::unavailable(
-                    BACKEND,
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {:?}", self.pool.within),
-                    ),
-                ))
-            }
-        }
+        let recorded = recorded_partitions(&self.pool, s).await?;
+        partitions(None, recorded, s, asked).await
     }
 
     /// The schema this store uses.
@@ -571,16 +558,27 @@ impl PostgresStore {
     }
 }
 
-/// The store's partition count, in the migrating transaction (which holds the schema's
-/// migrator lock, so two first connects cannot record two counts): what it recorded when it
-/// was created, else what `asked` (1 or 32, default 1), recorded now if `record` (refused
-/// otherwise: a store only opened writes nothing). A store that already holds actors cannot
-/// take 32: its event lanes are named for one partition.
+/// The partition count the store in schema `s` recorded when it was created, if any.
+async fn recorded_partitions<'c>(
+    db: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
+    s: &str,
+) -> Result<Option<i32>, StoreError> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT n FROM {s}.partitions")))
+        .fetch_optional(db)
+        .await
+        .map_err(pe)
+}
+
+/// The store's partition count: what it `recorded` when it was created, else what `asked` (1
+/// or 32, default 1), recorded now through `tx`, the migrating transaction (which holds the
+/// schema's migrator lock, so two first connects cannot record two counts); refused without
+/// one (a store only opened writes nothing). A store that already holds actors cannot take 32:
+/// its event lanes are named for one partition.
 async fn partitions(
-    tx: &mut sqlx::PgConnection,
+    tx: Option<&mut sqlx::PgConnection>,
+    recorded: Option<i32>,
     s: &str,
     asked: Option<u32>,
-    record: bool,
 ) -> Result<u32, StoreError> {
     use loom_core::partition::SHARED_STORE_PARTITIONS;
     if let Some(n) = asked
@@ -592,11 +590,6 @@ async fn partitions(
              partitions are the {SHARED_STORE_PARTITIONS} that nodes own"
         )));
     }
-    let recorded: Option<i32> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT n FROM {s}.partitions")))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(pe)?;
     match (recorded, asked) {
         (Some(has), Some(n)) if has as u32 != n => Err(StoreError::InvalidRequest(format!(
             "the PostgreSQL store in schema {s} has {has} partition(s), not {n}: the count is \
@@ -604,11 +597,13 @@ async fn partitions(
              {SHARED_STORE_PARTITIONS}); use a new schema for {n}"
         ))),
         (Some(has), _) => Ok(has as u32),
-        (None, _) if !record => Err(StoreError::InvalidRequest(format!(
-            "schema {s} records no partition count (table {s}.partitions is empty): a node's \
-             connect records it"
-        ))),
         (None, asked) => {
+            let Some(tx) = tx else {
+                return Err(StoreError::InvalidRequest(format!(
+                    "schema {s} records no partition count (table {s}.partitions is empty): a \
+                     node's connect records it"
+                )));
+            };
             let n = asked.unwrap_or(1);
             // Actors, or nodes (of an older build, still connected, that would send straight
             // into other partitions' mailboxes and name event lanes for one partition).
