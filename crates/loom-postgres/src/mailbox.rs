@@ -350,7 +350,7 @@ impl Mailbox for PostgresStore {
         .fetch_one(&self.pool)
         .await
         .map_err(pe)?;
-        Ok(at.map(|t| Timestamp::from_millis(t.max(0) as u64)))
+        Ok(at.map(crate::sql::moment))
     }
 
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -404,7 +404,7 @@ impl Mailbox for PostgresStore {
                 Ok(Waiting {
                     position,
                     envelope,
-                    deliver_at: (due > now).then(|| Timestamp::from_millis(due as u64)),
+                    deliver_at: (due > now).then(|| crate::sql::moment(due)),
                     out: r.get(3),
                     cancelling: r.get(5),
                 })

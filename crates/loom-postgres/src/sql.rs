@@ -14,6 +14,16 @@ pub(crate) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A moment stored by [`int`]: `i64::MAX`, where every later moment was clamped (a due time of
+/// `Timestamp::MAX`, "never", which a delay too long to add saturates to), is read back as
+/// `Timestamp::MAX`; a negative one as the epoch.
+pub(crate) fn moment(ms: i64) -> loom_core::Timestamp {
+    match ms {
+        i64::MAX => loom_core::Timestamp::MAX,
+        ms => loom_core::Timestamp::from_millis(ms.max(0) as u64),
+    }
+}
+
 /// The `p_fence_token` of a write of `actor` fenced by `fence` (rule D8; `fence_held` in
 /// `schema_v10.sql`): the token of the actor's own lease, or the negated token of its
 /// partition's. A fence that is neither is refused.

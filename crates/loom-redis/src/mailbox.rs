@@ -452,7 +452,7 @@ impl Mailbox for RedisStore {
                     e,
                 )
             })?;
-            let due = number(chunk.get(2), "due")?;
+            let due = crate::resp::score(chunk.get(2), "due")?;
             out.push(Waiting {
                 position,
                 envelope,

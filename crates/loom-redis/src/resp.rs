@@ -35,6 +35,21 @@ pub(crate) fn number(v: Option<&Value>, what: &str) -> StoreResult<u64> {
         .ok_or_else(|| unexpected(format!("{what} is not a number")))
 }
 
+/// A sorted set's score (a due time in ms): Redis keeps scores as doubles and writes one past
+/// 10^17 in exponent form ("1.8446744073709552e+19" for a due time of `Timestamp::MAX`, which a
+/// delay too long to add saturates to), so a float is read too, saturating at `u64::MAX`.
+pub(crate) fn score(v: Option<&Value>, what: &str) -> StoreResult<u64> {
+    let t = text(v).ok_or_else(|| unexpected(format!("{what} is not a number")))?;
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    match t.parse::<f64>() {
+        // `as` saturates: a score past u64::MAX (a double's rounding of it) reads as u64::MAX.
+        Ok(f) if f >= 0.0 => Ok(f as u64),
+        _ => Err(unexpected(format!("{what} is not a number: {t:?}"))),
+    }
+}
+
 pub(crate) fn status(r: &[Value]) -> String {
     text(r.first()).unwrap_or_default()
 }

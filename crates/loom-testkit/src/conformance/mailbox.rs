@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<Case> {
         stale_receipt_is_refused_after_redelivery,
         nack_with_delay_keeps_the_head_and_the_order,
         delayed_message_waits_and_does_not_hold_up_others,
+        messages_due_centuries_ahead_or_never_wait_and_are_listed,
         dead_letter_after_max_deliveries_with_the_reason,
         explicit_dead_letter_keeps_the_reason,
         dead_letters_list_and_requeue,
@@ -207,6 +208,35 @@ async fn delayed_message_waits_and_does_not_hold_up_others(store: Arc<dyn Store>
     );
     wait_past(Duration::from_millis(400)).await;
     assert_eq!(take_and_ack(&*store, &a).await, Some(0));
+}
+
+/// A due time as far ahead as a `Timestamp` goes (`Timestamp::MAX`, "never": what a delay too
+/// long to add saturates to) and one a century ahead are kept to the millisecond: the message
+/// waits, holds up nothing, and is listed and counted; a Redis score that large is a float in
+/// exponent form, which every read of it must still parse.
+async fn messages_due_centuries_ahead_or_never_wait_and_are_listed(store: Arc<dyn Store>) {
+    let a = id("a");
+    let century = Timestamp::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    store
+        .enqueue(&msg(&a, 0), Some(Timestamp::MAX))
+        .await
+        .unwrap();
+    store.enqueue(&msg(&a, 1), Some(century)).await.unwrap();
+    store.enqueue(&msg(&a, 2), None).await.unwrap();
+    assert_eq!(take_and_ack(&*store, &a).await, Some(2));
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert_eq!(store.pending(&a).await.unwrap(), 2);
+    let waiting = store.messages(&a, None, 10).await.unwrap();
+    let due: Vec<(u64, Option<Timestamp>)> = waiting
+        .iter()
+        .map(|w| (w.envelope.payload["n"].as_u64().unwrap(), w.deliver_at))
+        .collect();
+    assert_eq!(due, [(0, Some(Timestamp::MAX)), (1, Some(century))]);
+    assert_eq!(store.mailboxes(None, 10).await.unwrap(), std::slice::from_ref(&a));
+    let next = store.next_due().await.unwrap().expect("a due time");
+    assert_eq!(next, century, "the earlier of the two");
+    let backlog = store.backlog(a.kind()).await.unwrap();
+    assert_eq!(backlog.mailboxes, 1, "{backlog:?}");
 }
 
 async fn dead_letter_after_max_deliveries_with_the_reason(store: Arc<dyn Store>) {
