@@ -1,6 +1,8 @@
 //! `loom journal stats / compact / delete`, `loom deadletters ls / requeue / purge`.
 
-use loom_core::runtime::{CompactError, JournalBytes, compact_journal, journal_bytes};
+use loom_core::runtime::{
+    CompactError, JournalBytes, compact_journal, delete_journal, journal_bytes,
+};
 use loom_core::{ActorId, Store};
 use serde::Serialize;
 
@@ -173,7 +175,17 @@ pub async fn delete(store: &dyn Store, actor: &str, yes: bool, json: bool) -> Re
             info.snapshots.len()
         )));
     }
-    store.delete(&a).await?;
+    let owner = format!("loom-cli-{}", std::process::id());
+    match delete_journal(store, &a, &owner).await {
+        Ok(()) => {}
+        Err(loom_core::StoreError::LeaseHeld { owner, .. }) => {
+            return Err(Failure(format!(
+                "{a} is held by {owner} (the node that owns its partition, or another tool), \
+                 which may hold its state in memory; stop it there first"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
     report(
         json,
         serde_json::json!({
@@ -271,19 +283,20 @@ pub async fn purge(
     let purged = source.purge(before, ids).await?;
     // A dead letter that does not decode makes listing fail on some stores: then the purge,
     // which is done, is reported, and what is left is said to be unknown, with why.
-    let left = match source.dead_letters(None, 1).await {
-        Ok(d) => Some(!d.is_empty()),
-        Err(Failure(e)) => {
-            eprintln!("could not list what is left: {e}");
-            None
-        }
+    let (left, unlisted) = match source.dead_letters(None, 1).await {
+        Ok(d) => (Some(!d.is_empty()), None),
+        Err(Failure(e)) => (None, Some(e)),
     };
     if json {
         return out(serde_json::json!({
             "purged": purged,
             "before": before.map(|b| b.to_string()),
             "any_left": left,
+            "unlisted_because": unlisted,
         }));
+    }
+    if let Some(e) = unlisted {
+        eprintln!("could not list what is left: {e}");
     }
     out(format_args!(
         "{purged} dead letters purged{}",

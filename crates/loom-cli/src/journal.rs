@@ -74,17 +74,32 @@ pub async fn verify(
 ) -> Result<(), Failure> {
     let store = &*opened.store;
     let actors = match actor {
-        Some(a) => vec![parse_actor(a)?],
+        Some(a) => {
+            let a = parse_actor(a)?;
+            // As `show` and `stats` say: a misspelt actor is not a journal that verified.
+            if store.info(&a).await?.highest == 0 {
+                return Err(Failure(format!("no journal for {a} in this store")));
+            }
+            vec![a]
+        }
         None => all_actors(store).await?,
     };
-    let mut problems = 0;
+    // Each problem on a line of its own on stderr; with --json, in the one error object.
+    let mut problems: Vec<String> = Vec::new();
+    let mut problem = |line: String| {
+        if !json {
+            eprintln!("{line}");
+        }
+        problems.push(line);
+    };
     let mut checked = 0u64;
+    let mut failed = 0;
     for a in &actors {
         match verify_one(store, a).await {
             Ok(n) => checked += n,
             Err(e) => {
-                problems += 1;
-                eprintln!("{a}: {e}");
+                failed += 1;
+                problem(format!("{a}: {e}"));
             }
         }
     }
@@ -100,13 +115,17 @@ pub async fn verify(
     if !states.is_empty() {
         let wrong = loom_core::store::backend::check_outboxes(&states);
         for w in &wrong {
-            eprintln!("{w}");
+            problem(w.clone());
         }
         if !wrong.is_empty() {
-            return Err(Failure(format!(
-                "{} problems in the partitions' outboxes and high-water marks",
-                wrong.len()
-            )));
+            return Err(listed(
+                format!(
+                    "{} problems in the partitions' outboxes and high-water marks",
+                    wrong.len()
+                ),
+                &problems,
+                json,
+            ));
         }
         let waiting: u64 = states.iter().map(|s| s.pending).sum();
         relay_json = serde_json::json!({ "partitions": states.len(), "waiting_to_move": waiting });
@@ -121,11 +140,12 @@ pub async fn verify(
             states.len()
         );
     }
-    if problems > 0 {
-        return Err(Failure(format!(
-            "{problems} of {} journals failed verification",
-            actors.len()
-        )));
+    if failed > 0 {
+        return Err(listed(
+            format!("{failed} of {} journals failed verification", actors.len()),
+            &problems,
+            json,
+        ));
     }
     report(
         json,
@@ -137,6 +157,20 @@ pub async fn verify(
             actors.len()
         ),
     )
+}
+
+/// `summary`, and with `--json` (where stderr holds one object) the problems themselves, the
+/// first hundred of them.
+fn listed(summary: String, problems: &[String], json: bool) -> Failure {
+    if !json {
+        return Failure(summary);
+    }
+    let shown: Vec<&str> = problems.iter().take(100).map(String::as_str).collect();
+    let more = match problems.len().saturating_sub(shown.len()) {
+        0 => String::new(),
+        n => format!("; and {n} more"),
+    };
+    Failure(format!("{summary}: {}{more}", shown.join("; ")))
 }
 
 async fn verify_one(store: &dyn Store, a: &ActorId) -> Result<u64, StoreError> {

@@ -21,6 +21,9 @@ use loom_cli::output::{self, Failure};
 use loom_cli::store::{Namespace, StoreUrl, open_existing, open_or_create};
 use source::Source;
 
+/// Why `memory:` is no target: what is written there is gone when `loom` exits.
+const MEMORY_TARGET: &str = "memory: is gone when loom exits, so nothing written there is kept; name a directory, a Redis or a PostgreSQL store";
+
 #[derive(Parser)]
 #[command(
     name = "loom",
@@ -158,7 +161,8 @@ enum Command {
         command: RedoCommand,
     },
     /// Writes every journal, snapshot and waiting message to a file (a versioned line format).
-    /// Stop the runtimes using the store first: it copies a store at rest.
+    /// Stop the runtimes using the store first: it copies a store at rest (a Redis or
+    /// PostgreSQL store that lists live nodes is refused).
     Export {
         #[command(flatten)]
         store: StoreArg,
@@ -191,7 +195,8 @@ enum Command {
         allow_writes: bool,
     },
     /// Copies every journal, snapshot and waiting message from one store to another, then
-    /// verifies the copy. Stop the runtimes using the source first.
+    /// verifies the copy. Stop the runtimes using the source first (a Redis or PostgreSQL
+    /// source that lists live nodes is refused).
     Migrate {
         /// The source store.
         #[arg(long)]
@@ -249,7 +254,8 @@ enum JournalCommand {
         #[arg(long, default_value_t = 2)]
         keep: usize,
     },
-    /// Deletes an actor's journal and snapshots (its seqs are never reused).
+    /// Deletes an actor's journal and snapshots (its seqs are never reused); refused while a
+    /// node owns the actor's partition (stop it first).
     Delete {
         /// The actor, as `kind/key`.
         actor: String,
@@ -504,14 +510,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             allow_writes,
         } => {
             let opened = open_existing(&store.store_url("serve", &ns)?).await?;
-            serve::serve(opened.store.clone(), listen, allow_writes).await
+            serve::serve(opened.store.clone(), listen, allow_writes, json).await
         }
         Command::Export { store, out } => {
             let opened = open_existing(&store.store_url("export", &ns)?).await?;
+            transfer::at_rest(&opened, "export").await?;
             transfer::export(&*opened.store, &out, json).await
         }
         Command::Import { store, input } => {
-            let opened = open_or_create(&store.store_url("import", &ns)?).await?;
+            let url = store.store_url("import", &ns)?;
+            if url == StoreUrl::Memory {
+                return Err(Failure(MEMORY_TARGET.into()));
+            }
+            let opened = open_or_create(&url).await?;
             transfer::import(&*opened.store, &input, json).await
         }
         Command::Migrate { from, to } => {
@@ -519,7 +530,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if from == to {
                 return Err(Failure("--from and --to are the same store".into()));
             }
+            if to == StoreUrl::Memory {
+                return Err(Failure(MEMORY_TARGET.into()));
+            }
             let source = open_existing(&from).await?;
+            transfer::at_rest(&source, "migrate").await?;
             let target = open_or_create(&to).await?;
             transfer::migrate(&*source.store, &*target.store, json).await
         }

@@ -12,6 +12,7 @@ pub async fn serve(
     store: Arc<dyn Store>,
     listen: SocketAddr,
     allow_writes: bool,
+    json: bool,
 ) -> Result<(), Failure> {
     // Only writes use the token: a read-only serve does not look at it.
     let token = match std::env::var("LOOM_TOKEN") {
@@ -63,14 +64,21 @@ pub async fn serve(
     // after it stops the server cleanly instead of killing the process.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| Failure(format!("could not listen for Ctrl-C: {e}")))?;
-    out(format_args!(
-        "Loom Studio on http://{bound}/ ({})",
-        if allow_writes {
-            "writes allowed with the token"
-        } else {
-            "read only"
-        }
-    ))?;
+    if json {
+        // One object, as every command's output with --json.
+        out(
+            serde_json::json!({ "listening": format!("http://{bound}/"), "writes": allow_writes }),
+        )?;
+    } else {
+        out(format_args!(
+            "Loom Studio on http://{bound}/ ({})",
+            if allow_writes {
+                "writes allowed with the token"
+            } else {
+                "read only"
+            }
+        ))?;
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             interrupt.recv().await;

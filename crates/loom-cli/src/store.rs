@@ -43,6 +43,19 @@ pub enum StoreUrl {
     Postgres { url: String, schema: String },
 }
 
+/// The schemes of store URLs, as `parse` knows them: a bare path starting with one of these and
+/// a colon is a URL missing its `//`, not a directory.
+const KNOWN_SCHEMES: &[&str] = &[
+    "redis",
+    "rediss",
+    "redis+unix",
+    "unix",
+    "redis+cluster",
+    "postgres",
+    "postgresql",
+    "memory",
+];
+
 impl StoreUrl {
     /// Parses `embedded:PATH`, `memory:`, a Redis or PostgreSQL URL, or a bare path.
     pub fn parse(url: &str, ns: &Namespace) -> Result<Self, Failure> {
@@ -96,6 +109,20 @@ impl StoreUrl {
         }
         if url.is_empty() {
             return Err(Failure("the store URL is empty".into()));
+        }
+        // A bare path is a directory, created by `import` and `migrate`'s target: a URL with
+        // its `//` or `embedded:` missing would make a directory of that name instead.
+        if let Some((scheme, _)) = url.split_once(':')
+            && KNOWN_SCHEMES.contains(&scheme)
+        {
+            return Err(Failure(format!(
+                "{url:?} is not a store URL (\"{scheme}://…\"); for a directory of that name write embedded:{url}"
+            )));
+        }
+        if url.contains("?partitions=") {
+            return Err(Failure(format!(
+                "{url:?} is a path with a partition count, which only embedded:DIR?partitions=N takes: write embedded:{url}"
+            )));
         }
         Ok(StoreUrl::Embedded(PathBuf::from(url), None))
     }
@@ -412,6 +439,35 @@ mod tests {
             assert!(
                 StoreUrl::parse(bad, &Namespace::both("ns")).is_err(),
                 "{bad} parsed"
+            );
+        }
+    }
+
+    /// A URL missing its `//`, or a partition count on a bare path, would otherwise name a
+    /// directory that `import` or `migrate` creates and fills while the store meant is untouched.
+    #[test]
+    fn mistyped_urls_are_refused_not_taken_for_directories() {
+        let ns = Namespace::both("ns");
+        for bad in [
+            "redis:host:6379",
+            "postgres:db",
+            "postgresql:",
+            "redis+cluster:h:1",
+            "memory:x",
+            "./new?partitions=4",
+        ] {
+            let e = StoreUrl::parse(bad, &ns).expect_err(bad);
+            assert!(e.0.contains(&format!("embedded:{bad}")), "{bad}: {}", e.0);
+        }
+        // Said as the error says, each is the directory it names.
+        assert_eq!(
+            StoreUrl::parse("embedded:redis:host:6379", &ns).expect("parse"),
+            StoreUrl::Embedded(PathBuf::from("redis:host:6379"), None)
+        );
+        for fine in ["./redis:x", "data/postgres:1", "C:/loom"] {
+            assert_eq!(
+                StoreUrl::parse(fine, &ns).expect(fine),
+                StoreUrl::Embedded(PathBuf::from(fine), None)
             );
         }
     }

@@ -23,7 +23,8 @@
 //! damaged or truncated file is refused whole. Dead letters and parks are not exported: requeue
 //! the dead letters first, or inspect them in the source; a parked actor's messages run on the
 //! target (`loom migrate` copies parks). Both copy a store at rest: stop the runtimes using it
-//! first, and its relay moves what waits between partitions before the copy reads mailboxes.
+//! first (both refuse a Redis or PostgreSQL source that lists live nodes, [`at_rest`]), and its
+//! relay moves what waits between partitions before the copy reads mailboxes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -159,6 +160,29 @@ async fn drain_outboxes(store: &dyn Store) -> Result<(), Failure> {
     }
 }
 
+/// Refuses a copy from a store that nodes (or client runtimes) still use: the copy reads each
+/// journal and then the mailboxes, so a message handled in between would be copied and run
+/// again on the target, and an actor first written meanwhile would be left out, while the copy
+/// still verified. An embedded store needs no look: opening its directory proves that no
+/// process runs it (whose membership records may not have run out yet, after a crash).
+pub async fn at_rest(source: &loom_cli::store::Opened, what: &str) -> Result<(), Failure> {
+    if source.embedded.is_some() {
+        return Ok(());
+    }
+    let roster = source.store.members().await?;
+    let live: Vec<&str> = roster.live().map(|m| m.node.as_str()).collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    Err(Failure(format!(
+        "{what} copies a store at rest, and {} live node(s) use this one ({}): stop them first \
+         (`loom cluster status` lists them; a node killed without a shutdown is listed until its \
+         heartbeat runs out); nothing was written",
+        live.len(),
+        live.join(", ")
+    )))
+}
+
 pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
     if path.exists() {
         return Err(Failure(format!(
@@ -167,9 +191,45 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
         )));
     }
     drain_outboxes(store).await?;
-    let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp)
+    // Written beside the export under a name of its own (a file already there is never
+    // truncated: `create_new`), renamed into place once complete, removed if the export fails.
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.partial", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
         .map_err(|e| Failure(format!("cannot create {}: {e}", tmp.display())))?;
+    let end = match write_export(store, file).await {
+        Ok(end) => end,
+        Err(Failure(e)) => {
+            return Err(Failure(match std::fs::remove_file(&tmp) {
+                Ok(()) => e,
+                Err(left) => format!("{e}; and {} could not be removed: {left}", tmp.display()),
+            }));
+        }
+    };
+    std::fs::rename(&tmp, path)?;
+    report(
+        json,
+        serde_json::json!({
+            "exported": path.display().to_string(), "journals": end.journals,
+            "entries": end.entries, "snapshots": end.snapshots, "messages": end.messages,
+        }),
+        format_args!(
+            "exported {} journals, {} entries, {} snapshots, {} messages to {}",
+            end.journals,
+            end.entries,
+            end.snapshots,
+            end.messages,
+            path.display()
+        ),
+    )
+}
+
+/// Writes the export of `store` to `file`, synced; returns its counts and checksum.
+async fn write_export(store: &dyn Store, file: std::fs::File) -> Result<Counts, Failure> {
     let mut w = BufWriter::new(file);
     let mut crc = crc32fast::Hasher::new();
     let mut counts = Counts::default();
@@ -242,23 +302,7 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
     w.write_all(&bytes)?;
     w.flush()?;
     w.get_ref().sync_all()?;
-    drop(w);
-    std::fs::rename(&tmp, path)?;
-    report(
-        json,
-        serde_json::json!({
-            "exported": path.display().to_string(), "journals": end.journals,
-            "entries": end.entries, "snapshots": end.snapshots, "messages": end.messages,
-        }),
-        format_args!(
-            "exported {} journals, {} entries, {} snapshots, {} messages to {}",
-            end.journals,
-            end.entries,
-            end.snapshots,
-            end.messages,
-            path.display()
-        ),
-    )
+    Ok(end)
 }
 
 /// Checks an export file whole: returns its counts and the journals it holds.

@@ -96,12 +96,73 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
             vec!["deadletters", "--store", s, "ls", "--limit", "0"],
             "0 is not in 1..",
         ),
+        // A misspelt actor is not a journal that verified.
+        (
+            vec!["journal", "--store", s, "verify", "counter/nobody"],
+            "no journal for counter/nobody",
+        ),
+        // Store URLs missing their `//` (or a partition count on a bare path) are not taken
+        // for directories to create and fill; nor is a target that is gone at exit.
+        (
+            vec![
+                "import",
+                "--store",
+                "redis:localhost:6379",
+                "--in",
+                "x.jsonl",
+            ],
+            "is not a store URL",
+        ),
+        (
+            vec!["migrate", "--from", s, "--to", "postgres:db"],
+            "is not a store URL",
+        ),
+        (
+            vec!["migrate", "--from", s, "--to", "new-store?partitions=4"],
+            "write embedded:new-store?partitions=4",
+        ),
+        (
+            vec!["migrate", "--from", s, "--to", "memory:"],
+            "memory: is gone when loom exits",
+        ),
+        (
+            vec!["import", "--store", "memory:", "--in", "x.jsonl"],
+            "memory: is gone when loom exits",
+        ),
     ] {
         let (ok_, _, err) = loom(&args);
         assert!(!ok_, "{args:?} succeeded");
         assert!(err.contains(says), "{args:?}: {err}");
     }
     assert!(!Path::new("/nonexistent/loom").exists());
+    for made in [
+        "redis:localhost:6379",
+        "postgres:db",
+        "new-store?partitions=4",
+    ] {
+        assert!(!Path::new(made).exists(), "{made} was created");
+    }
+}
+
+/// The export is written beside its path under a name of its own and renamed into place: a
+/// file already there under the `.partial` name an earlier build used is left as it was.
+#[test]
+fn an_export_leaves_the_files_beside_it_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let out = tempfile::tempdir().expect("temp dir");
+    let partial = out.path().join("backup.partial");
+    std::fs::write(&partial, "keep me").expect("write");
+    let path = out.path().join("backup.json");
+    ok(&["export", "--store", s, "--out", path.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&partial).expect("read"), "keep me");
+    let mut names: Vec<String> = std::fs::read_dir(out.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["backup.json", "backup.partial"]);
 }
 
 #[test]
@@ -1130,6 +1191,14 @@ fn every_command_speaks_json() {
         &["--json", "parked", "--store", s, "unpark", "counter/a"][..],
         &["--json", "journal", "--store", s, "show", "not-an-id"][..],
         &["--json", "journal", "--store", s, "delete", "counter/a"][..],
+        &[
+            "--json",
+            "journal",
+            "--store",
+            s,
+            "verify",
+            "counter/nobody",
+        ][..],
     ] {
         let (success, out, err) = loom(args);
         assert!(!success && out.is_empty(), "loom {args:?}: {out}");

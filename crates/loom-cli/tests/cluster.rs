@@ -245,6 +245,93 @@ fn cluster_status_on_postgres() {
     waits_for_a_host_and_runs_once_when_it_comes_back(&server.url(), "cluster_test", "--pg-schema");
 }
 
+/// What a running node holds is not `loom`'s to take from under it: `journal delete` of an
+/// actor whose partition a node owns is refused, naming the node (the node holds the actor's
+/// state in memory, and its next turn would append a change of a state no replay can rebuild),
+/// and `export` and `migrate` refuse a store with live nodes (a copy reads the journals and
+/// then the mailboxes: a message handled in between would be copied and run again). Nothing
+/// is written: the journal is whole, no file or target store is made. Once the node has shut
+/// down, each goes through.
+fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_flag: &str) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let store_url = StoreUrl::parse(url, &Namespace::both(ns)).expect("url");
+    let opened = rt.block_on(open_or_create(&store_url)).expect("store");
+    let store = opened.store.clone();
+    let counter = loom_core::ActorId::new(Counter::KIND, "x").expect("id");
+    let host = rt.block_on(async {
+        let host = host_counters(&store).await;
+        assert_eq!(host.actor::<Counter>("x").unwrap().ask(3).await.unwrap(), 3);
+        host
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let export = dir.path().join("out.json");
+    let target = dir.path().join("copy");
+    let (export_s, target_s) = (
+        export.to_str().expect("path").to_owned(),
+        target.to_str().expect("path").to_owned(),
+    );
+    let entries = || rt.block_on(store.info(&counter)).expect("info").len();
+    let before = entries();
+    assert!(before > 0);
+
+    let (done, _, err) = common::loom(&[
+        "journal",
+        "delete",
+        "counter/x",
+        "--yes",
+        "--store",
+        url,
+        ns_flag,
+        ns,
+    ]);
+    assert!(!done, "deleted under its node");
+    assert!(
+        err.contains("held by host-b") && err.contains("stop it there first"),
+        "{err}"
+    );
+    assert_eq!(entries(), before, "the journal was touched");
+    let (done, _, err) = common::loom(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
+    assert!(
+        !done && err.contains("live node(s) use this one (host-b)"),
+        "{err}"
+    );
+    let (done, _, err) = common::loom(&["migrate", "--from", url, "--to", &target_s, ns_flag, ns]);
+    assert!(
+        !done && err.contains("live node(s) use this one (host-b)"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+    assert!(left.is_empty(), "written: {left:?}");
+
+    rt.block_on(host.shutdown());
+    ok(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
+    assert!(export.exists());
+    ok(&[
+        "journal",
+        "delete",
+        "counter/x",
+        "--yes",
+        "--store",
+        url,
+        ns_flag,
+        ns,
+    ]);
+    assert_eq!(entries(), 0);
+    rt.block_on(opened.destroy_namespace()).expect("clean up");
+}
+
+#[test]
+fn live_nodes_keep_delete_and_copies_off_their_store_on_redis() {
+    let server = RedisServer::start();
+    live_nodes_keep_delete_and_copies_off_their_store(&server.url(), "live_test", "--redis-prefix");
+}
+
+#[test]
+fn live_nodes_keep_delete_and_copies_off_their_store_on_postgres() {
+    let server = PostgresServer::start();
+    live_nodes_keep_delete_and_copies_off_their_store(&server.url(), "live_test", "--pg-schema");
+}
+
 /// A message sent on one node to an actor whose partition another node owns runs at once on
 /// the owner, woken by the store's signal (Redis pub/sub, PostgreSQL `NOTIFY`), not at its
 /// next scan: both hosts scan only every 60 s here, and each ask times out after 10 s. Each

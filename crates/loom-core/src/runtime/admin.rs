@@ -110,25 +110,84 @@ pub async fn bury_mailbox(
     if store.parked(actor).await?.is_some() {
         return Err(BuryError::Parked(actor.clone()));
     }
+    refuse_while_owned(store, actor).await?;
+    let lease = store.acquire(actor, owner, TOOL_LEASE).await?;
+    let result = bury_all(store, actor, reason, &lease).await;
+    release_tool_lease(store, &lease).await;
+    result
+}
+
+/// How long a tool's own lease on an actor ([`bury_mailbox`], [`delete_journal`]) lasts; it
+/// is released when the tool is done, and runs out by itself if the tool dies.
+const TOOL_LEASE: Duration = Duration::from_secs(30);
+
+/// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns `actor`'s
+/// partition: that node runs the actor, and may hold its state in memory.
+async fn refuse_while_owned(store: &dyn Store, actor: &ActorId) -> Result<(), StoreError> {
     let parts = crate::partition::ownership_partitions(store.partitions());
     let partition =
         ActorId::partition_lease(actor.kind(), crate::partition::partition_of(actor, parts));
-    if let Some(node) = store.holder(&partition).await? {
-        let left = node.expires_at.as_millis();
-        return Err(StoreError::LeaseHeld {
+    match store.holder(&partition).await? {
+        Some(node) => Err(StoreError::LeaseHeld {
             actor: actor.clone(),
             owner: node.owner,
+            remaining_ms: node
+                .expires_at
+                .as_millis()
+                .saturating_sub(crate::Timestamp::now().as_millis()),
             token: node.token,
-            remaining_ms: left.saturating_sub(crate::Timestamp::now().as_millis()),
-        }
-        .into());
+        }),
+        None => Ok(()),
     }
-    let ttl = Duration::from_secs(30);
-    let lease = store.acquire(actor, owner, ttl).await?;
-    let result = bury_all(store, actor, reason, &lease).await;
-    if let Err(e) = store.release(&lease).await {
+}
+
+async fn release_tool_lease(store: &dyn Store, lease: &crate::store::Lease) {
+    if let Err(e) = store.release(lease).await {
+        let actor = &lease.actor;
         tracing::warn!(%actor, error = %e, "could not release the lease; it expires on its own");
     }
+}
+
+/// Deletes `actor`'s journal and snapshots ([`Journal::delete`](crate::Journal::delete): its
+/// seqs stay used) as an operator does (`loom journal delete`), never under a node that runs
+/// the actor: such a node holds the actor's state in memory, and its next turn would append to
+/// the emptied journal a change of a state that no replay can rebuild.
+///
+/// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns the actor's
+/// partition (stop it first, or wait for the kind to have no host). Otherwise it takes the
+/// actor's own lease as `owner` ([`StoreError::LeaseHeld`] if another tool holds it), which
+/// keeps every node's turn for the actor out while it holds it (rule D8), looks at the
+/// partition again (a node may have taken it in between), and deletes.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use loom_core::runtime::delete_journal;
+/// use loom_core::{ActorId, EmbeddedStore, Entry, EntryKind, JournalStore};
+///
+/// let store = EmbeddedStore::in_memory()?;
+/// let actor = ActorId::new("acct", "alice")?;
+/// let failed = EntryKind::Failed { error: "x".into(), dead_lettered: false };
+/// store.append(&actor, 1, &[Entry::new(1, failed)]).await?;
+/// // No node owns acct/alice's partition: the tool takes the actor's own lease and deletes.
+/// delete_journal(&store, &actor, "loom-cli").await?;
+/// let info = store.info(&actor).await?;
+/// assert_eq!((info.len(), info.highest), (0, 1), "no entry left; its seqs stay used");
+/// # Ok(())
+/// # }
+/// ```
+pub async fn delete_journal(
+    store: &dyn Store,
+    actor: &ActorId,
+    owner: &str,
+) -> Result<(), StoreError> {
+    refuse_while_owned(store, actor).await?;
+    let lease = store.acquire(actor, owner, TOOL_LEASE).await?;
+    let result = match refuse_while_owned(store, actor).await {
+        Ok(()) => store.delete(actor).await,
+        Err(e) => Err(e),
+    };
+    release_tool_lease(store, &lease).await;
     result
 }
 

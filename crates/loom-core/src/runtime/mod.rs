@@ -76,8 +76,8 @@ pub use self::metrics::MetricsSnapshot;
 pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
 pub use admin::{
-    BuryError, CancelTarget, Cancellation, JournalBytes, bury_mailbox, cancel, journal_bytes,
-    purge_dead_letter_ids, purge_dead_letters,
+    BuryError, CancelTarget, Cancellation, JournalBytes, bury_mailbox, cancel, delete_journal,
+    journal_bytes, purge_dead_letter_ids, purge_dead_letters,
 };
 pub use builder::{IntoStore, RuntimeBuilder, StartError};
 pub use client::{
