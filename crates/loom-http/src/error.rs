@@ -66,8 +66,10 @@ pub enum ApiError {
     /// journal that does not replay, a recorded reply that does not decode.
     #[error("{0}")]
     Internal(String),
-    /// `503 unavailable`: the store failed or the runtime is shutting down; retry with the
-    /// same `Idempotency-Key`.
+    /// `503 unavailable`: the store failed or the runtime is shutting down. A request that
+    /// failed this way may or may not have been sent: retry it with the same `Idempotency-Key`
+    /// (an ask's response names the key it went under, its own or one the ingress made up).
+    /// A send retried without a key may run twice.
     #[error("{message}")]
     Unavailable {
         /// What failed.
@@ -76,7 +78,9 @@ pub enum ApiError {
         hint: Option<&'static str>,
     },
     /// `504 timeout`: no reply in time. The message may still run; asking again with the same
-    /// `Idempotency-Key` returns its reply without running it twice.
+    /// `Idempotency-Key` returns its reply without running it twice. The response names that
+    /// key (`"idempotency_key"` and the `Idempotency-Key` header), made up by the ingress when
+    /// the ask gave none.
     #[error("{0}")]
     Timeout(String),
 }
@@ -166,8 +170,37 @@ impl From<AskError> for ApiError {
     }
 }
 
+/// An ask's failure with the idempotency key its message went under (the caller's, or the one
+/// the ingress made up): a `504 timeout` or a `503 unavailable` leaves a message that may run
+/// (or have run), and asking again with this key returns its reply without running it twice.
+/// The body gets `"idempotency_key"`, and the response an `Idempotency-Key` header.
+#[derive(Debug)]
+pub(crate) struct Keyed(pub(crate) ApiError, pub(crate) loom_core::IdempotencyKey);
+
+impl IntoResponse for Keyed {
+    fn into_response(self) -> Response {
+        let Keyed(error, key) = self;
+        let mut resp = error.into_response_with(|body| {
+            body["idempotency_key"] = json!(key.as_str());
+        });
+        // The ingress's keys came in a header or were made up here, so they are header values
+        // (one of a library caller's that is not would be in the body alone).
+        if let Ok(v) = axum::http::HeaderValue::from_str(key.as_str()) {
+            resp.headers_mut().insert("idempotency-key", v);
+        }
+        resp
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.into_response_with(|_| {})
+    }
+}
+
+impl ApiError {
+    /// The response, its JSON body first passed to `more`.
+    fn into_response_with(self, more: impl FnOnce(&mut Value)) -> Response {
         let (status, code) = self.status();
         let mut body = json!({ "error": code, "message": self.to_string() });
         match &self {
@@ -182,6 +215,7 @@ impl IntoResponse for ApiError {
             } => body["hint"] = json!(hint),
             _ => {}
         }
+        more(&mut body);
         let mut resp = (status, axum::Json(body)).into_response();
         if matches!(self, ApiError::Unauthorized) {
             resp.headers_mut().insert(

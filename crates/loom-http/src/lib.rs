@@ -30,8 +30,13 @@
 //!   carry its own name. [`AdminOptions::hosts_for`] gives a loopback listener's own names.
 //!
 //! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`
-//! (send). Every error is JSON, `{"error": code, "message": text}` with a status that says
-//! what kind of error it is (see [`ApiError`]), and nothing is sent when a request is refused.
+//! (send). Every error of these routes is JSON, `{"error": code, "message": text}` with a
+//! status that says what kind of error it is (see [`ApiError`]). Nothing is sent when a request is refused (a
+//! `4xx`). A `503` may come after the message was stored, and a `504` leaves it to run: an
+//! ask's response then names the key it went under (`"idempotency_key"` and the
+//! `Idempotency-Key` header; the ingress makes one up when the ask gave none), and asking
+//! again with it returns the reply without running the message twice. A send is safe to retry
+//! only with a key.
 //!
 //! ```no_run
 //! use loom_core::runtime::{Actor, Context, Rejected, Runtime};
@@ -328,13 +333,28 @@ async fn ask(
         }
         t => t,
     };
+    // The key the message goes under: the caller's, or one made up here (as `ask` would make
+    // one up), so that a caller whose ask timed out or met a failing store is told the key to
+    // ask again with for its reply, instead of sending the message a second time.
+    let key = match c.key {
+        Some(k) => k,
+        None => IdempotencyKey::new(format!("ask-{}", loom_core::MessageId::new()))
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
+    };
     let opts = AskOptions {
-        idempotency_key: c.key,
+        idempotency_key: Some(key.clone()),
         timeout,
         traceparent: c.traceparent,
     };
-    let reply = c.actor.ask_json(c.body, opts).await?;
-    Ok((StatusCode::OK, axum::Json(reply)).into_response())
+    match c.actor.ask_json(c.body, opts).await {
+        Ok(reply) => Ok((StatusCode::OK, axum::Json(reply)).into_response()),
+        Err(e) => Ok(match ApiError::from(e) {
+            e @ (ApiError::Timeout(_) | ApiError::Unavailable { .. }) => {
+                error::Keyed(e, key).into_response()
+            }
+            e => e.into_response(),
+        }),
+    }
 }
 
 async fn event(

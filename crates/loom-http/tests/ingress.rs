@@ -273,6 +273,57 @@ async fn bad_requests_get_typed_errors_and_send_nothing() {
     rt.shutdown().await;
 }
 
+/// An ask that times out leaves its message to run. Without a key of the caller's, the client
+/// would have nothing to get the reply with, and asking again would send the message twice;
+/// the `504` names the key it went under (made up by the ingress), and asking again with it
+/// answers the first run's reply. A caller's own key is named back as it was given.
+#[tokio::test]
+async fn a_timed_out_ask_names_the_key_to_ask_again_with() {
+    let rt = start().await;
+    let app = loom_http::router(rt.clone(), Options::default());
+    let ask = |key: Option<&str>| {
+        let mut r = post("/actors/tickets/t9/ask?timeout_ms=300");
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        r.body(Body::from(r#"{"WaitFor": "go"}"#)).expect("request")
+    };
+    let resp = app.clone().oneshot(ask(None)).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let header = resp.headers()["idempotency-key"]
+        .to_str()
+        .expect("a header value")
+        .to_owned();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(body["error"], "timeout", "{body}");
+    assert_eq!(body["idempotency_key"], json!(header), "{body}");
+    assert!(header.starts_with("ask-"), "{header}");
+
+    // The message waits for its event; the event comes, and the same key gets its reply.
+    let (s, b) = call(&app, req("/actors/tickets/t9/events/go", r#"{"n": 7}"#)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let r = post("/actors/tickets/t9/ask?timeout_ms=10000")
+        .header("idempotency-key", &header)
+        .body(Body::from(r#"{"WaitFor": "go"}"#))
+        .expect("request");
+    assert_eq!(
+        call(&app, r).await,
+        (StatusCode::OK, json!({ "got": { "n": 7 } }))
+    );
+    // Sent once: no second message waits for another "go".
+    let t9 = ActorId::new("tickets", "t9").expect("id");
+    assert_eq!(rt.store().pending(&t9).await.expect("pending"), 0);
+
+    let (s, b) = call(&app, ask(Some("mine-1"))).await;
+    assert_eq!(
+        (s, &b["idempotency_key"]),
+        (StatusCode::GATEWAY_TIMEOUT, &json!("mine-1")),
+        "{b}"
+    );
+    rt.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_token_is_required_when_one_is_set() {
     let rt = start().await;

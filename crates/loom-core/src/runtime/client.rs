@@ -521,13 +521,17 @@ impl AnyActorRef {
         env.traceparent = Some(trace::outgoing(opts.traceparent.as_deref(), None));
         env.idempotency_key = Some(key.clone());
         let message_id = env.id;
+        // As a send: refused once the runtime shuts down, and over `max_mailbox` events of one
+        // name waiting; and what the write did counts toward the store's health.
+        self.rt.check_open(&lane).await?;
         let r = self
             .rt
             .shared
             .store
             .enqueue_event(&env, &key, self.rt.shared.config.reply_ttl, &id)
-            .await?;
-        match r {
+            .await;
+        self.rt.shared.health.write(&r);
+        match r? {
             Enqueued::New(_) => {
                 // A wait of this process gets it at once. A suspended one was made visible by
                 // the same write, and the dispatchers find it at their next poll (or a store's
@@ -703,7 +707,9 @@ impl<A: Actor> ActorRef<A> {
     /// Delivers an event with options: its key (an id the sender gives it, a webhook's event id
     /// say). Two deliveries with one key are one event: the second is [`Sent::Duplicate`] and
     /// reaches no wait, while the first waits to be received or until `Config::reply_ttl` after
-    /// a wait received it.
+    /// a wait received it. As a send, it fails with [`SendError::Shutdown`] once the runtime
+    /// shuts down and with [`SendError::MailboxFull`] when `Config::max_mailbox` events of this
+    /// name wait for the actor.
     pub async fn deliver_event_with<T: Serialize + ?Sized>(
         &self,
         name: &str,

@@ -520,6 +520,14 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
             .await,
         Err(SendError::Shutdown)
     ));
+    // An event too, as a send: nothing is written once the runtime stops.
+    assert!(matches!(
+        rt.actor::<Account>("alice")
+            .unwrap()
+            .deliver_event("late", &1)
+            .await,
+        Err(SendError::Shutdown)
+    ));
 }
 
 /// An actor asked to stop (here by a shutdown; a partition hand-off and an eviction ask the
@@ -596,5 +604,15 @@ async fn full_mailbox_pushes_back(h: &Harness) {
     })
     .await;
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 3);
+    // Events that nothing waits for are kept: past `max_mailbox` of one name, refused too.
+    let b = rt.actor::<Account>("bob").unwrap();
+    for n in 0..3 {
+        b.deliver_event("ping", &n).await.unwrap();
+    }
+    match b.deliver_event("ping", &3).await {
+        Err(SendError::MailboxFull { pending, .. }) => assert_eq!(pending, 3),
+        other => panic!("expected MailboxFull for the fourth event, got {other:?}"),
+    }
+    b.deliver_event("other", &3).await.unwrap();
     rt.shutdown().await;
 }
