@@ -230,12 +230,15 @@ pub async fn bury(
                 ),
             )
         }
-        Err(BuryError::Store(loom_core::StoreError::LeaseHeld { owner, .. })) => {
-            Err(Failure(format!(
-                "{a} is held by {owner} (the node that owns its partition, or another tool); \
-                 stop it there first"
-            )))
-        }
+        Err(BuryError::Store(loom_core::StoreError::LeaseHeld {
+            owner,
+            remaining_ms,
+            ..
+        })) => Err(Failure(format!(
+            "{a} is held by {owner} (the node that owns its partition, or another tool); stop \
+             it there first (a lease left by a process that died runs out in {:.1} s)",
+            remaining_ms as f64 / 1000.0
+        ))),
         Err(e) => Err(Failure(e.to_string())),
     }
 }

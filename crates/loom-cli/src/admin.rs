@@ -178,10 +178,16 @@ pub async fn delete(store: &dyn Store, actor: &str, yes: bool, json: bool) -> Re
     let owner = format!("loom-cli-{}", std::process::id());
     match delete_journal(store, &a, &owner).await {
         Ok(()) => {}
-        Err(loom_core::StoreError::LeaseHeld { owner, .. }) => {
+        Err(loom_core::StoreError::LeaseHeld {
+            owner,
+            remaining_ms,
+            ..
+        }) => {
             return Err(Failure(format!(
                 "{a} is held by {owner} (the node that owns its partition, or another tool), \
-                 which may hold its state in memory; stop it there first"
+                 which may hold its state in memory; stop it there first (a lease left by a \
+                 process that died runs out in {:.1} s)",
+                remaining_ms as f64 / 1000.0
             )));
         }
         Err(e) => return Err(e.into()),

@@ -42,10 +42,12 @@ pub async fn serve(
     // On a loopback address, only requests to it by its own names: a web page cannot reach it
     // through a name of its own that resolves here (DNS rebinding).
     let hosts = AdminOptions::hosts_for(bound);
-    if bound.ip().is_unspecified() {
-        eprintln!(
-            "warning: listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
-        );
+    let warning = bound.ip().is_unspecified().then(|| format!(
+        "listening on every interface ({bound}): the admin API answers whatever host name a request uses, so a web page this machine's browser visits could reach it through a name that resolves here; listen on a loopback address or put it behind a proxy that checks the host"
+    ));
+    // With --json, in the banner object (stderr holds only a failure's object).
+    if let (Some(w), false) = (&warning, json) {
+        eprintln!("warning: {w}");
     }
     // The store's gauges and health beside the admin API (no runtime here: its counters are
     // its own process's).
@@ -66,9 +68,9 @@ pub async fn serve(
         .map_err(|e| Failure(format!("could not listen for Ctrl-C: {e}")))?;
     if json {
         // One object, as every command's output with --json.
-        out(
-            serde_json::json!({ "listening": format!("http://{bound}/"), "writes": allow_writes }),
-        )?;
+        out(serde_json::json!({
+            "listening": format!("http://{bound}/"), "writes": allow_writes, "warning": warning,
+        }))?;
     } else {
         out(format_args!(
             "Loom Studio on http://{bound}/ ({})",

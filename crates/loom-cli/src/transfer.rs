@@ -210,7 +210,16 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
             }));
         }
     };
-    std::fs::rename(&tmp, path)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        return Err(Failure(match std::fs::remove_file(&tmp) {
+            Ok(()) => format!("cannot move the export into {}: {e}", path.display()),
+            Err(left) => format!(
+                "cannot move the export into {}: {e}; and {} could not be removed: {left}",
+                path.display(),
+                tmp.display()
+            ),
+        }));
+    }
     report(
         json,
         serde_json::json!({

@@ -31,12 +31,13 @@
 //!
 //! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`
 //! (send). Every error of these routes is JSON, `{"error": code, "message": text}` with a
-//! status that says what kind of error it is (see [`ApiError`]). Nothing is sent when a request is refused (a
-//! `4xx`). A `503` may come after the message was stored, and a `504` leaves it to run: an
-//! ask's response then names the key it went under (`"idempotency_key"` and the
-//! `Idempotency-Key` header; the ingress makes one up when the ask gave none), and asking
-//! again with it returns the reply without running the message twice. A send is safe to retry
-//! only with a key.
+//! status that says what kind of error it is (see [`ApiError`]). Nothing is sent when a
+//! request is refused (`400`, `401`, `403`, `404`, `413`, `415`, `429`); a `409`, `422` or
+//! `500 failed` answers a message that was sent and ended so. A `503` may come after the
+//! message was stored, and a `504` leaves it to run: an ask's response then names the key it
+//! went under (`"idempotency_key"` and the `Idempotency-Key` header; the ingress makes one up
+//! when the ask gave none), and asking again with it returns the reply without running the
+//! message twice. A send is safe to retry only with a key.
 //!
 //! ```no_run
 //! use loom_core::runtime::{Actor, Context, Rejected, Runtime};

@@ -165,7 +165,13 @@ impl<'t> Tables<'t> {
 
     /// Writes the actor's meta row and keeps `READY_BY_KIND` in step with it (rules D12, D13).
     fn put_meta(&mut self, actor: &str, old: Meta, new: Meta) -> StoreResult<()> {
-        let new_ready = if new.count == 0 { EMPTY } else { new.ready_at };
+        // A mailbox holding messages is never EMPTY, even when its first is due never
+        // (`Timestamp::MAX`, whose millis are EMPTY's): it then waits at the moment before.
+        let new_ready = if new.count == 0 {
+            EMPTY
+        } else {
+            new.ready_at.min(EMPTY - 1)
+        };
         // System mailboxes (event lanes) are read only by the invocation waiting on them, and a
         // parked actor's mailbox is held, so neither is listed: the index is for finding actors
         // to run.

@@ -71,7 +71,12 @@ pub(super) fn push(tx: &mut Tx<'_>, sent: &[(&Outgoing, &[u8])]) -> StoreResult<
     let outbox = tx.outbox.get()?;
     for (o, frame) in sent {
         seq += 1;
-        let due = o.deliver_at.map_or(u64::MAX, |t| t.as_millis());
+        // u64::MAX is "due now" in an outbox row, so a due time of never (`Timestamp::MAX`,
+        // which a delay too long to add saturates to) is kept one below it, and read back as
+        // never by `deliver`.
+        let due = o
+            .deliver_at
+            .map_or(u64::MAX, |t| t.as_millis().min(u64::MAX - 1));
         outbox
             .insert(
                 seq,
@@ -138,7 +143,11 @@ pub(super) fn deliver(
             continue;
         }
         let to = ActorId::from_stored(&m.to, "outbox message recipient")?;
-        let at = (m.due != u64::MAX).then(|| Timestamp::from_millis(m.due));
+        let at = match m.due {
+            u64::MAX => None,
+            never if never == u64::MAX - 1 => Some(Timestamp::MAX),
+            due => Some(Timestamp::from_millis(due)),
+        };
         let id = crate::id::MessageId::from(uuid::Uuid::from_u128(m.id));
         tx.mailbox.get()?.enqueue(&to, id, &m.frame, at, now)?;
         top = m.seq;

@@ -45,7 +45,8 @@ pub enum SendError {
         /// Why it does not decode.
         error: String,
     },
-    /// The actor's mailbox holds `Config::max_mailbox` messages already (backpressure).
+    /// The actor's mailbox holds `Config::max_mailbox` messages already (backpressure); for
+    /// an event, `Config::max_mailbox` events of its name wait for the actor.
     #[error("mailbox of {actor} is full ({pending} messages waiting)")]
     MailboxFull {
         /// The actor.
@@ -523,7 +524,14 @@ impl AnyActorRef {
         let message_id = env.id;
         // As a send: refused once the runtime shuts down, and over `max_mailbox` events of one
         // name waiting; and what the write did counts toward the store's health.
-        self.rt.check_open(&lane).await?;
+        // The lane is the store's; the caller knows the actor.
+        self.rt.check_open(&lane).await.map_err(|e| match e {
+            SendError::MailboxFull { pending, .. } => SendError::MailboxFull {
+                actor: id.clone(),
+                pending,
+            },
+            e => e,
+        })?;
         let r = self
             .rt
             .shared

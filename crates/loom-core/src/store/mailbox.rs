@@ -293,9 +293,10 @@ pub struct DeadLetter {
 #[async_trait]
 pub trait Mailbox: Send + Sync + 'static {
     /// Durably enqueues `msg` for `msg.to`, due now or at `deliver_at`. Returns its position in
-    /// the actor's mailbox (positions grow and are never reused). Any due time is kept: one a
-    /// century ahead to the millisecond, and [`Timestamp::MAX`] (never; a delay too long to add
-    /// saturates to it) listed back as itself ([`messages`](Self::messages)).
+    /// the actor's mailbox (positions grow and are never reused). A due time is kept to the
+    /// millisecond up to 10^14 ms (the year 5138; Redis keeps it as a double, and its scripts
+    /// write numbers to 14 digits), and [`Timestamp::MAX`] (never: a delay too long to add
+    /// saturates to it) is listed back as itself ([`messages`](Self::messages)).
     async fn enqueue(&self, msg: &Envelope, deliver_at: Option<Timestamp>) -> StoreResult<u64>;
 
     /// Hands out the actor's next due message, if there is one and none is out.

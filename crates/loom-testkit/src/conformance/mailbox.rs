@@ -221,6 +221,13 @@ async fn messages_due_centuries_ahead_or_never_wait_and_are_listed(store: Arc<dy
         .enqueue(&msg(&a, 0), Some(Timestamp::MAX))
         .await
         .unwrap();
+    // Alone in its mailbox, it is still a waiting message of the kind.
+    assert_eq!(store.backlog(a.kind()).await.unwrap().mailboxes, 1);
+    assert_eq!(
+        store.mailboxes(None, 10).await.unwrap(),
+        std::slice::from_ref(&a)
+    );
+    assert!(store.lease(&a, long()).await.unwrap().is_none());
     store.enqueue(&msg(&a, 1), Some(century)).await.unwrap();
     store.enqueue(&msg(&a, 2), None).await.unwrap();
     assert_eq!(take_and_ack(&*store, &a).await, Some(2));
@@ -232,7 +239,10 @@ async fn messages_due_centuries_ahead_or_never_wait_and_are_listed(store: Arc<dy
         .map(|w| (w.envelope.payload["n"].as_u64().unwrap(), w.deliver_at))
         .collect();
     assert_eq!(due, [(0, Some(Timestamp::MAX)), (1, Some(century))]);
-    assert_eq!(store.mailboxes(None, 10).await.unwrap(), std::slice::from_ref(&a));
+    assert_eq!(
+        store.mailboxes(None, 10).await.unwrap(),
+        std::slice::from_ref(&a)
+    );
     let next = store.next_due().await.unwrap().expect("a due time");
     assert_eq!(next, century, "the earlier of the two");
     let backlog = store.backlog(a.kind()).await.unwrap();

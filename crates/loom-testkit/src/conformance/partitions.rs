@@ -161,6 +161,15 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
 ) {
     let sender = id("part", "sender");
     let targets = spread(&*store, "t", 2);
+    // The delayed messages go to a target of another partition than the sender's where there
+    // is one, so that they pass through the outbox and the relay.
+    let n = store.partitions();
+    let last = targets
+        .iter()
+        .rev()
+        .find(|t| partition_of(t, n) != partition_of(&sender, n))
+        .unwrap_or(&targets[targets.len() - 1])
+        .clone();
     let later = Timestamp::now() + Duration::from_millis(3000);
     let mut sent: HashMap<ActorId, Vec<Envelope>> = HashMap::new();
     let mut delayed: Vec<Envelope> = Vec::new();
@@ -177,19 +186,23 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
             });
         }
         if round == 0 {
-            let e = Envelope::new(targets[targets.len() - 1].clone(), json!("later"));
+            let e = Envelope::new(last.clone(), json!("later"));
             delayed.push(e.clone());
             send.push(Outgoing {
                 envelope: e,
                 deliver_at: Some(later),
+            });
+            // Due never (a delay too long to add saturates to it): it waits, as itself.
+            send.push(Outgoing {
+                envelope: Envelope::new(last.clone(), json!("never")),
+                deliver_at: Some(Timestamp::MAX),
             });
         }
         send_turn(&*store, &sender, round + 1, &send).await;
     }
     // The target of the delayed message first, while it is not due yet (draining the others
     // first took longer than its delay on a store of 32 partitions, 64 targets, under load).
-    let last = targets[targets.len() - 1].clone();
-    arrived(&*store, &last, 6).await;
+    arrived(&*store, &last, 7).await;
     let got = drain(&*store, &last).await;
     assert_eq!(
         &got, &sent[&last],
@@ -197,8 +210,8 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
     );
     assert_eq!(
         store.pending(&last).await.unwrap(),
-        1,
-        "the delayed one waits"
+        2,
+        "the delayed ones wait"
     );
     assert!(
         store.lease(&last, opts()).await.unwrap().is_none(),
@@ -216,12 +229,18 @@ async fn sends_across_partitions_arrive_once_in_order_with_ids_delays_and_keys(
     let got = store.lease(&last, opts()).await.unwrap().expect("due now");
     assert_eq!(got.envelope, delayed[0]);
     store.ack(&got.receipt).await.unwrap();
+    let never = store.messages(&last, None, 10).await.unwrap();
+    let never: Vec<_> = never
+        .iter()
+        .map(|w| (w.envelope.payload.clone(), w.deliver_at))
+        .collect();
+    assert_eq!(never, [(json!("never"), Some(Timestamp::MAX))]);
     // Nothing arrives a second time later.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for t in &targets {
         assert_eq!(
             store.pending(t).await.unwrap(),
-            0,
+            u64::from(*t == last),
             "{t} got a message twice"
         );
     }

@@ -610,7 +610,9 @@ async fn full_mailbox_pushes_back(h: &Harness) {
         b.deliver_event("ping", &n).await.unwrap();
     }
     match b.deliver_event("ping", &3).await {
-        Err(SendError::MailboxFull { pending, .. }) => assert_eq!(pending, 3),
+        Err(SendError::MailboxFull { actor, pending }) => {
+            assert_eq!((actor, pending), (acct("bob"), 3))
+        }
         other => panic!("expected MailboxFull for the fourth event, got {other:?}"),
     }
     b.deliver_event("other", &3).await.unwrap();
