@@ -193,7 +193,10 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
     drain_outboxes(store).await?;
     // Written beside the export under a name of its own (a file already there is never
     // truncated: `create_new`), renamed into place once complete, removed if the export fails.
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    let Some(name) = path.file_name() else {
+        return Err(Failure(format!("{} names no file", path.display())));
+    };
+    let mut name = name.to_os_string();
     name.push(format!(".{}.partial", std::process::id()));
     let tmp = path.with_file_name(name);
     let file = std::fs::File::options()
@@ -203,22 +206,11 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
         .map_err(|e| Failure(format!("cannot create {}: {e}", tmp.display())))?;
     let end = match write_export(store, file).await {
         Ok(end) => end,
-        Err(Failure(e)) => {
-            return Err(Failure(match std::fs::remove_file(&tmp) {
-                Ok(()) => e,
-                Err(left) => format!("{e}; and {} could not be removed: {left}", tmp.display()),
-            }));
-        }
+        Err(Failure(e)) => return Err(discard(&tmp, e)),
     };
     if let Err(e) = std::fs::rename(&tmp, path) {
-        return Err(Failure(match std::fs::remove_file(&tmp) {
-            Ok(()) => format!("cannot move the export into {}: {e}", path.display()),
-            Err(left) => format!(
-                "cannot move the export into {}: {e}; and {} could not be removed: {left}",
-                path.display(),
-                tmp.display()
-            ),
-        }));
+        let e = format!("cannot move the export into {}: {e}", path.display());
+        return Err(discard(&tmp, e));
     }
     report(
         json,
@@ -235,6 +227,14 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
             path.display()
         ),
     )
+}
+
+/// The failure `e` of an export, its temp file `tmp` removed (or the failure says it is left).
+fn discard(tmp: &Path, e: String) -> Failure {
+    Failure(match std::fs::remove_file(tmp) {
+        Ok(()) => e,
+        Err(left) => format!("{e}; and {} could not be removed: {left}", tmp.display()),
+    })
 }
 
 /// Writes the export of `store` to `file`, synced; returns its counts and checksum.

@@ -274,7 +274,7 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
     let before = entries();
     assert!(before > 0);
 
-    let (done, _, err) = common::loom(&[
+    let delete = [
         "journal",
         "delete",
         "counter/x",
@@ -283,7 +283,8 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
         url,
         ns_flag,
         ns,
-    ]);
+    ];
+    let (done, _, err) = common::loom(&delete);
     assert!(!done, "deleted under its node");
     assert!(
         err.contains("held by host-b") && err.contains("stop it there first"),
@@ -306,16 +307,7 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
     rt.block_on(host.shutdown());
     ok(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
     assert!(export.exists());
-    ok(&[
-        "journal",
-        "delete",
-        "counter/x",
-        "--yes",
-        "--store",
-        url,
-        ns_flag,
-        ns,
-    ]);
+    ok(&delete);
     assert_eq!(entries(), 0);
     rt.block_on(opened.destroy_namespace()).expect("clean up");
 }
