@@ -236,9 +236,10 @@ pub(crate) struct Replayed {
     pub(crate) given_up: GivenUp,
     pub(crate) unfinished: Option<Unfinished>,
     pub(crate) next_seq: Seq,
-    /// The seq of the last change of state a handler made (a patch; the snapshot's seq when
-    /// none follows it; 0 for none): a retirement for `Context::finish` keeps the actor only
-    /// if its state changed after it finished. Upgrades are not changes.
+    /// The seq of the last change of state a handler made (a patch, or a first state journaled
+    /// whole as an upgrade from version 0; the snapshot's seq when none follows it; 0 for
+    /// none): a retirement for `Context::finish` keeps the actor only if its state changed
+    /// after it finished. Upgrades are not changes.
     pub(crate) last_change: Seq,
     /// The last seq at which no invocation was half-done.
     pub(crate) settled: Seq,
@@ -410,11 +411,16 @@ async fn replay_once(
             // Whole, so applying it again is harmless. An upgrade journaled at activation may
             // sit inside an unfinished invocation, past `settled`: a snapshot taken at
             // `settled` then holds the upgraded state (the invocation changes no state until
-            // it ends), and the replay from it meets the same whole state again.
-            EntryKind::StateUpgraded { to, state, .. } => {
+            // it ends), and the replay from it meets the same whole state again. One from
+            // version 0 is no upgrade but a handler's first state, journaled whole with its
+            // version (`Cell::process_inner`): a change, as it was counted when it was made.
+            EntryKind::StateUpgraded { from, to, state } => {
                 value = state;
                 version = to;
                 out.from_default = false;
+                if from == 0 {
+                    out.last_change = entry.seq;
+                }
             }
             EntryKind::Completed { .. } | EntryKind::Failed { .. } => {
                 let dead_lettered = matches!(
