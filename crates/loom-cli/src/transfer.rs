@@ -328,8 +328,10 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failu
     let mut counts = Counts::default();
     let mut journals = Vec::new();
     let mut recipients = BTreeSet::new();
-    // The journal being read: actor, next seq expected, last seq, snapshots still expected.
-    let mut current: Option<(ActorId, Seq, Seq, usize)> = None;
+    // The journal being read: actor, next seq expected, last seq, snapshots still expected,
+    // and the lowest seq its next snapshot may have (its trim point, then one past the last).
+    let mut current: Option<(ActorId, Seq, Seq, usize, Seq)> = None;
+    let mut named = BTreeSet::new();
     let mut ended = None;
     let mut reader = BufReader::new(file);
     let mut buf = Vec::new();
@@ -348,23 +350,24 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failu
         }
         let l: Line = serde_json::from_slice(&buf)
             .map_err(|e| bad(n, format!("not an export record ({e})")))?;
-        let finish_journal = |cur: &mut Option<(ActorId, Seq, Seq, usize)>| -> Result<(), Failure> {
-            if let Some((a, next, highest, snaps)) = cur.take() {
-                if next != highest + 1 {
-                    return Err(bad(
-                        n,
-                        format!(
-                            "{a} ends at entry {} but its highest is {highest}",
-                            next - 1
-                        ),
-                    ));
+        let finish_journal =
+            |cur: &mut Option<(ActorId, Seq, Seq, usize, Seq)>| -> Result<(), Failure> {
+                if let Some((a, next, highest, snaps, _)) = cur.take() {
+                    if next != highest + 1 {
+                        return Err(bad(
+                            n,
+                            format!(
+                                "{a} ends at entry {} but its highest is {highest}",
+                                next - 1
+                            ),
+                        ));
+                    }
+                    if snaps != 0 {
+                        return Err(bad(n, format!("{a} is missing {snaps} snapshots")));
+                    }
                 }
-                if snaps != 0 {
-                    return Err(bad(n, format!("{a} is missing {snaps} snapshots")));
-                }
-            }
-            Ok(())
-        };
+                Ok(())
+            };
         match l {
             Line::LoomExport(v) if n == 1 => {
                 if v != EXPORT_VERSION {
@@ -386,12 +389,17 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failu
                 if trimmed_through > highest {
                     return Err(bad(n, format!("{actor} is trimmed past its highest seq")));
                 }
+                if !named.insert(actor.clone()) {
+                    return Err(bad(n, format!("a second journal of {actor}")));
+                }
                 journals.push(actor.clone());
                 counts.journals += 1;
-                current = Some((actor, trimmed_through + 1, highest, snapshots));
+                // A snapshot below the trim point, or at seq 0, is one the store refuses.
+                let lowest = trimmed_through.max(1);
+                current = Some((actor, trimmed_through + 1, highest, snapshots, lowest));
             }
             Line::Entry { actor, entry } => match &mut current {
-                Some((a, next, _, _)) if *a == actor && entry.seq == *next => {
+                Some((a, next, _, _, _)) if *a == actor && entry.seq == *next => {
                     *next += 1;
                     counts.entries += 1;
                 }
@@ -403,8 +411,11 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failu
                 }
             },
             Line::Snapshot { actor, snapshot } => match &mut current {
-                Some((a, next, _, snaps)) if *a == actor && *snaps > 0 && snapshot.seq < *next => {
+                Some((a, next, _, snaps, lowest))
+                    if *a == actor && *snaps > 0 && (*lowest..*next).contains(&snapshot.seq) =>
+                {
                     *snaps -= 1;
+                    *lowest = snapshot.seq + 1;
                     counts.snapshots += 1;
                 }
                 _ => {

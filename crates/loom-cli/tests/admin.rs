@@ -210,6 +210,116 @@ fn export_import_round_trip_and_damaged_exports_are_refused_whole() {
     }
 }
 
+/// Re-signs an export's lines (without its end record): counts and checksum as `loom export`
+/// writes them, so that only what the lines say can get the file refused.
+fn signed(lines: &[serde_json::Value]) -> String {
+    let mut text = String::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut counts = [0u64; 4];
+    for l in lines {
+        let line = format!("{l}\n");
+        crc.update(line.as_bytes());
+        text.push_str(&line);
+        for (i, key) in ["journal", "entry", "snapshot", "message"]
+            .iter()
+            .enumerate()
+        {
+            counts[i] += u64::from(l.get(key).is_some());
+        }
+    }
+    let [journals, entries, snapshots, messages] = counts;
+    let end = json!({"end": {"journals": journals, "entries": entries, "snapshots": snapshots,
+        "messages": messages, "crc32": crc.finalize()}});
+    text + &format!("{end}\n")
+}
+
+/// Exports whose checksum holds but whose records a store would refuse (as a tool or a hand
+/// might write them) are refused before anything is written, not partway through.
+#[test]
+fn crafted_exports_a_store_would_refuse_are_refused_whole() {
+    let src = tempfile::tempdir().expect("temp dir");
+    seeded(src.path());
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = work.path().join("export.jsonl");
+    ok(&[
+        "export",
+        "--store",
+        src.path().to_str().unwrap(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l.get("end").is_none())
+        .collect();
+    // Re-signed unchanged, it imports: the re-signing is not what gets the others refused.
+    let fine = work.path().join("fine.jsonl");
+    std::fs::write(&fine, signed(&lines)).unwrap();
+    let target = work.path().join("fine.store");
+    ok(&[
+        "import",
+        "--store",
+        target.to_str().unwrap(),
+        "--in",
+        fine.to_str().unwrap(),
+    ]);
+    let first_journal = lines
+        .iter()
+        .position(|l| l.get("journal").is_some())
+        .unwrap();
+    let next_journal = first_journal
+        + 1
+        + lines[first_journal + 1..]
+            .iter()
+            .position(|l| l.get("journal").is_some())
+            .unwrap();
+    let trimmed = lines[first_journal]["journal"]["trimmed_through"]
+        .as_u64()
+        .unwrap();
+    assert!(trimmed > 1, "{}", lines[first_journal]);
+    let mut twice = lines.clone();
+    twice.splice(
+        next_journal..next_journal,
+        lines[first_journal..next_journal].iter().cloned(),
+    );
+    let below_trim: Vec<serde_json::Value> = lines
+        .iter()
+        .cloned()
+        .map(|mut l| {
+            if let Some(s) = l.get_mut("snapshot") {
+                s["snapshot"]["seq"] = json!(trimmed - 1);
+            }
+            l
+        })
+        .collect();
+    let mut backwards = lines.clone();
+    let snaps: Vec<usize> = (first_journal..next_journal)
+        .filter(|&i| lines[i].get("snapshot").is_some())
+        .collect();
+    assert_eq!(snaps.len(), 2, "the seeded journal keeps two snapshots");
+    backwards.swap(snaps[0], snaps[1]);
+    for (name, crafted, says) in [
+        ("twice", twice, "a second journal of counter/a"),
+        ("below-trim", below_trim, "is out of place"),
+        ("backwards", backwards, "is out of place"),
+    ] {
+        let path = work.path().join(format!("{name}.jsonl"));
+        std::fs::write(&path, signed(&crafted)).unwrap();
+        let target = work.path().join(format!("{name}.store"));
+        let t = target.to_str().unwrap();
+        let (ok_, _, err) = loom(&["import", "--store", t, "--in", path.to_str().unwrap()]);
+        assert!(!ok_, "{name}: imported");
+        assert!(
+            err.contains(says) && err.contains("nothing was imported"),
+            "{name}: {err}"
+        );
+        let listed = ok(&["journal", "--store", t, "ls", "--json"]);
+        assert!(listed.trim().is_empty(), "{name}: written: {listed}");
+    }
+}
+
 /// Migrates the seeded store to `remote` (a server URL, with `ns` naming the prefix or schema)
 /// and back to a fresh directory; both copies must list, count and verify the same.
 fn round_trip_through(remote: &str, ns: &[&str]) {
