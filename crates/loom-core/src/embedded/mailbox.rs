@@ -1269,7 +1269,14 @@ fn next_due_in(txn: &redb::ReadTransaction) -> StoreResult<Option<Timestamp>> {
         earliest = Some(earliest.map_or(at, |e| e.min(at)));
         from = format!("{kind}\0");
     }
-    Ok(earliest.map(Timestamp::from_millis))
+    // A mailbox whose first message is due never waits at EMPTY - 1 (see `put_meta`).
+    Ok(earliest.map(|at| {
+        if at >= EMPTY - 1 {
+            Timestamp::MAX
+        } else {
+            Timestamp::from_millis(at)
+        }
+    }))
 }
 
 fn parse_actor(s: &str) -> StoreResult<ActorId> {

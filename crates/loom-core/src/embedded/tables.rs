@@ -69,7 +69,9 @@ pub const QUEUE: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("m
 /// `ready_at` is exactly when the actor next has something to hand out: the current message's
 /// `visible_at` if there is one, else the first [`QUEUE`] key's due time; `u64::MAX` when the
 /// mailbox is empty. `last_due` keeps due times of undelayed messages from going backwards when
-/// the clock does, so they are handed out in the order sent.
+/// the clock does, so they are handed out in the order sent. A mailbox whose first message is
+/// due never ([`Timestamp::MAX`](crate::time::Timestamp::MAX)) has `ready_at == u64::MAX - 1`,
+/// so that it is still a waiting mailbox (here and in [`READY_BY_KIND`]).
 pub const MAILBOX_META: TableDefinition<&str, (u64, u64, u64, u64, u64)> =
     TableDefinition::new("mailbox_meta");
 
@@ -120,7 +122,8 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
-/// outbox seq → `(to, message id, due_at_ms or u64::MAX for now, envelope frame)`: messages
+/// outbox seq → `(to, message id, due_at_ms or u64::MAX for now, envelope frame)`, where
+/// `u64::MAX - 1` stands for due never (`Timestamp::MAX`): messages
 /// a turn of this partition sent to actors of other partitions, in the order sent, numbered
 /// without gaps from 1 (`"outbox_seq"` in [`META`] is the last). Written by turns, read and
 /// trimmed from the bottom by this partition's relay (`relay.rs`) once every target partition

@@ -228,6 +228,11 @@ async fn messages_due_centuries_ahead_or_never_wait_and_are_listed(store: Arc<dy
         std::slice::from_ref(&a)
     );
     assert!(store.lease(&a, long()).await.unwrap().is_none());
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        Some(Timestamp::MAX),
+        "a mailbox holding only a message due never is due never"
+    );
     store.enqueue(&msg(&a, 1), Some(century)).await.unwrap();
     store.enqueue(&msg(&a, 2), None).await.unwrap();
     assert_eq!(take_and_ack(&*store, &a).await, Some(2));
