@@ -9,9 +9,10 @@ use std::time::Duration;
 /// trims the entries that the oldest kept snapshot covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compaction {
-    /// Snapshot after this many entries (default 100); `None` for no count-based snapshots.
+    /// Snapshot after this many entries (default 100; not 0); `None` for no count-based
+    /// snapshots.
     pub every_entries: Option<u64>,
-    /// Snapshot after about this many journaled bytes (default 1 MiB); `None` for none.
+    /// Snapshot after about this many journaled bytes (default 1 MiB; not 0); `None` for none.
     pub every_bytes: Option<u64>,
     /// Snapshots to keep (default 2; at least 1). The trim point never passes the oldest.
     pub keep: usize,
@@ -105,9 +106,10 @@ pub struct Config {
     /// retries (default 50 ms).
     pub poll_interval: Duration,
     /// Most messages waiting in one actor's mailbox; a send beyond it fails with
-    /// `SendError::MailboxFull` (default 100 000; `None` for no bound).
+    /// `SendError::MailboxFull` (default 100 000; `None` for no bound; not 0).
     pub max_mailbox: Option<u64>,
-    /// How long replies are kept for callers retrying with the same idempotency key (default 24 h).
+    /// How long replies are kept for callers retrying with the same idempotency key (default 24 h;
+    /// more than zero).
     pub reply_ttl: Duration,
     /// How long `ask` waits for a reply by default (default 30 s).
     pub ask_timeout: Duration,

@@ -101,11 +101,17 @@ fn positive_number<T: std::str::FromStr + PartialEq + Default>(v: &str) -> Resul
     Ok(n)
 }
 
-fn optional_number<T: std::str::FromStr>(v: &str) -> Result<Option<T>, String> {
+/// A bound that can be off: `"none"`, or more than zero (a bound of zero is no setting anyone
+/// means: a mailbox that takes nothing, a snapshot after every turn where `1` says so already).
+fn optional_positive_number<T: std::str::FromStr + PartialEq + Default>(
+    v: &str,
+) -> Result<Option<T>, String> {
     if v.trim() == "none" {
         return Ok(None);
     }
-    number(v).map(Some)
+    positive_number(v)
+        .map(Some)
+        .map_err(|e| format!("{e} (\"none\" turns it off)"))
 }
 
 /// Every setting a file or the environment can change: its key, and how it is set.
@@ -138,11 +144,11 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("max_mailbox", |c, v| {
-        c.max_mailbox = optional_number(v)?;
+        c.max_mailbox = optional_positive_number(v)?;
         Ok(())
     }),
     ("reply_ttl", |c, v| {
-        c.reply_ttl = duration(v)?;
+        c.reply_ttl = positive_duration(v)?;
         Ok(())
     }),
     ("ask_timeout", |c, v| {
@@ -175,11 +181,11 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("compaction.every_entries", |c, v| {
-        c.compaction.every_entries = optional_number(v)?;
+        c.compaction.every_entries = optional_positive_number(v)?;
         Ok(())
     }),
     ("compaction.every_bytes", |c, v| {
-        c.compaction.every_bytes = optional_number(v)?;
+        c.compaction.every_bytes = optional_positive_number(v)?;
         Ok(())
     }),
     ("compaction.keep", |c, v| {
@@ -237,7 +243,8 @@ impl Config {
             ("visibility", self.visibility, false),
             ("idle_timeout", self.idle_timeout, false),
             ("poll_interval", self.poll_interval, false),
-            ("reply_ttl", self.reply_ttl, true),
+            // Zero: every store refuses a record kept for no time, so no ask could be sent.
+            ("reply_ttl", self.reply_ttl, false),
             ("event_recheck", self.event_recheck, false),
             ("retry.initial", self.retry.initial, false),
             ("retry.max", self.retry.max, false),
@@ -289,6 +296,20 @@ impl Config {
         for (key, n) in counts {
             if n == 0 {
                 return Err(bad(key, "0".to_owned(), ZERO));
+            }
+        }
+        let bounds = [
+            ("max_mailbox", self.max_mailbox),
+            ("compaction.every_entries", self.compaction.every_entries),
+            ("compaction.every_bytes", self.compaction.every_bytes),
+        ];
+        for (key, n) in bounds {
+            if n == Some(0) {
+                return Err(bad(
+                    key,
+                    "Some(0)".to_owned(),
+                    "must be more than zero (None turns it off)",
+                ));
             }
         }
         Ok(())
@@ -548,6 +569,10 @@ mod tests {
             ("max_active", "0"),
             ("retry.max_attempts", "0"),
             ("lease_ttl", "500years"),
+            ("reply_ttl", "0s"),
+            ("max_mailbox", "0"),
+            ("compaction.every_entries", "0"),
+            ("compaction.every_bytes", "0"),
         ] {
             let e = c.apply("env", [(key, value)]).expect_err(value);
             assert!(e.to_string().contains(key), "{e}");
@@ -571,7 +596,7 @@ mod tests {
     async fn a_configuration_in_code_is_held_to_the_bounds_of_a_file() {
         use super::super::Runtime;
         type Set = fn(&mut Config);
-        let refused: [(&str, Set); 13] = [
+        let refused: [(&str, Set); 17] = [
             ("node", |c| c.node = " ".to_owned()),
             ("poll_interval", |c| c.poll_interval = Duration::MAX),
             ("poll_interval", |c| c.poll_interval = Duration::ZERO),
@@ -581,6 +606,14 @@ mod tests {
             ("visibility", |c| c.visibility = Duration::MAX),
             ("idle_timeout", |c| c.idle_timeout = Duration::MAX),
             ("reply_ttl", |c| c.reply_ttl = Duration::MAX),
+            ("reply_ttl", |c| c.reply_ttl = Duration::ZERO),
+            ("max_mailbox", |c| c.max_mailbox = Some(0)),
+            ("compaction.every_entries", |c| {
+                c.compaction.every_entries = Some(0)
+            }),
+            ("compaction.every_bytes", |c| {
+                c.compaction.every_bytes = Some(0)
+            }),
             ("retry.max", |c| c.retry.max = Duration::MAX),
             ("retention.idle_after", |c| {
                 c.retention.idle_after = Some(Duration::MAX)
