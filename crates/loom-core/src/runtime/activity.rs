@@ -191,6 +191,13 @@ impl Context<'_> {
     /// `f`'s error is journaled as text and returned as [`StepError::ActivityFailed`], at once:
     /// for retries, a time limit or a typed error, use [`activity_with`](Self::activity_with).
     ///
+    /// The output returned is the one the journal keeps: `f`'s value encoded to JSON and decoded
+    /// back, as every replay returns it (a field its serialization skips comes back as its
+    /// default). An output the journal cannot keep, one that does not decode from its own JSON
+    /// (`f64::NAN` becomes `null`) or over [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES)
+    /// encoded, fails the step for good with [`StepError::ActivityFailed`]: `f` ran, and is not
+    /// run again.
+    ///
     /// Here an invocation is cut short by a crash after its activity ran; the next process
     /// replays it, and the activity returns its journaled result instead of running again:
     ///
@@ -349,6 +356,35 @@ impl Context<'_> {
     }
 
     /// [`Self::activity_with`], in its span.
+    /// An activity that ran but whose output cannot be journaled (too large for an entry, or
+    /// not decodable from its own JSON) fails, for good, in a small entry: the side effect
+    /// happened, and a step left open would run it again at every retry of the message.
+    async fn output_refused(
+        &mut self,
+        name: &str,
+        step: u32,
+        attempt: u32,
+        why: &str,
+    ) -> StepError {
+        let error = crate::limits::clip_reason(&format!(
+            "activity {name} ran (attempt {attempt}), but {why}; it is not run again"
+        ));
+        tracing::warn!(activity = name, step, %error, "activity output refused");
+        self.inv.push(EntryKind::ActivityFailed {
+            step,
+            error: error.clone(),
+            value: None,
+        });
+        if let Err(e) = self.flush().await {
+            return e;
+        }
+        StepError::ActivityFailed {
+            name: name.to_owned(),
+            error,
+            value: None,
+        }
+    }
+
     async fn activity_step<I, O, F, Fut>(
         &mut self,
         name: &str,
@@ -494,13 +530,34 @@ impl Context<'_> {
                             "output of activity {name} does not encode: {e}"
                         ))
                     })?;
-                    self.inv.push(EntryKind::ActivityCompleted {
+                    // The handler gets the output as a replay will: decoded from what is
+                    // journaled (a NaN journals as null, a skipped field is left out), so the
+                    // live run and its replays go the same way.
+                    let kept = match serde_json::from_value::<O>(value.clone()) {
+                        Ok(kept) => kept,
+                        Err(e) => {
+                            let why = format!(
+                                "its output does not decode from the JSON it encodes to ({e}), so a replay could not return it"
+                            );
+                            return Err(self.output_refused(name, step, attempt, &why).await);
+                        }
+                    };
+                    let completed = EntryKind::ActivityCompleted {
                         step,
                         output: value,
-                    });
+                    };
+                    let seq = self.inv.next_seq + self.inv.pending.len() as crate::entry::Seq;
+                    if let Err(e) = crate::store::backend::encode_entry(
+                        &self.inv.actor,
+                        &crate::entry::Entry::new(seq, completed.clone()),
+                    ) {
+                        let why = format!("its output cannot be journaled: {e}");
+                        return Err(self.output_refused(name, step, attempt, &why).await);
+                    }
+                    self.inv.push(completed);
                     // Journaled before the handler goes on.
                     self.flush().await?;
-                    return Ok(output);
+                    return Ok(kept);
                 }
                 Err(e) => e,
             };

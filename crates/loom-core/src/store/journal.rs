@@ -243,18 +243,7 @@ pub fn prepare_append(
                 expected: want,
             });
         }
-        let plain = codec::encode(codec::RecordType::Entry, entry).map_err(|e| {
-            StoreError::InvalidRequest(format!("entry {} of {actor}: {e}", entry.seq))
-        })?;
-        // Limits are on the uncompressed size (see `codec`), checked before compressing.
-        if plain.len() > MAX_ENTRY_BYTES {
-            return Err(StoreError::TooLarge {
-                what: format!("entry {} of {actor}", entry.seq),
-                size: plain.len(),
-                limit: MAX_ENTRY_BYTES,
-                limit_kind: Limit::EntryBytes,
-            });
-        }
+        let plain = encode_entry(actor, entry)?;
         total += plain.len();
         if total > MAX_BATCH_BYTES {
             return Err(StoreError::TooLarge {
@@ -273,6 +262,23 @@ pub fn prepare_append(
         out.push(frame);
     }
     Ok(out)
+}
+
+/// Encodes one entry as every store does before compressing it, refused
+/// ([`StoreError::TooLarge`]) past [`MAX_ENTRY_BYTES`]: limits are on this uncompressed size
+/// (see `codec`), so whether an entry fits is known before it is sent.
+pub fn encode_entry(actor: &ActorId, entry: &Entry) -> StoreResult<Vec<u8>> {
+    let plain = codec::encode(codec::RecordType::Entry, entry)
+        .map_err(|e| StoreError::InvalidRequest(format!("entry {} of {actor}: {e}", entry.seq)))?;
+    if plain.len() > MAX_ENTRY_BYTES {
+        return Err(StoreError::TooLarge {
+            what: format!("entry {} of {actor}", entry.seq),
+            size: plain.len(),
+            limit: MAX_ENTRY_BYTES,
+            limit_kind: Limit::EntryBytes,
+        });
+    }
+    Ok(plain)
 }
 
 /// Checks and encodes a snapshot for [`JournalStore::save_snapshot`] (size, `keep`, seq 0).

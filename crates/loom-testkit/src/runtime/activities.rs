@@ -1,10 +1,15 @@
 //! Runtime cases about durable activities: journaled live, replayed without running, run again after a crash with the same key, failures journaled.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use loom_core::EntryKind;
+use loom_core::runtime::{Actor, AskError, Context, Rejected};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::common::{activity, finished, reached, replies, worker};
-use super::{Harness, RuntimeCase, Step, Worker, runtime_cases};
+use super::common::{WAIT, activity, finished, reached, replies, worker};
+use super::{Harness, Probe, RuntimeCase, Step, Worker, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
@@ -13,7 +18,144 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         activity_interrupted_by_a_crash_runs_again_with_the_same_key,
         activity_failure_is_journaled_and_replayed,
         clock_random_and_uuid_replay_what_the_first_run_saw,
+        an_activitys_output_is_what_its_journal_keeps_or_the_step_fails_once,
     ]
+}
+
+/// An activity's output with a field its JSON leaves out.
+#[derive(Serialize, Deserialize)]
+struct Receipt {
+    id: u32,
+    #[serde(skip_serializing, default)]
+    local: u32,
+}
+
+/// What kind `outputs` is asked to do: each runs one activity whose output its journal entry
+/// cannot keep as it is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum Output {
+    /// A `Receipt` whose `local` is 7; the handler branches on it, then sleeps long enough to
+    /// be suspended, so that the rest runs as a replay.
+    Skipped,
+    /// `f64::NAN`, which JSON writes as `null`.
+    Nan,
+    /// A string over the 4 MiB an entry holds.
+    Huge,
+}
+
+struct Outputs(Arc<Probe>);
+
+impl Outputs {
+    fn ran(&self, name: &str) {
+        *self
+            .0
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_default() += 1;
+    }
+}
+
+impl Actor for Outputs {
+    const KIND: &'static str = "outputs";
+    type State = ();
+    type Message = Output;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        _: &mut (),
+        ctx: &mut Context<'_>,
+        msg: Output,
+    ) -> Result<String, Rejected> {
+        match msg {
+            Output::Skipped => {
+                let r: Receipt = ctx
+                    .activity("receipt", &(), |_| {
+                        self.ran("receipt");
+                        async { Ok::<_, String>(Receipt { id: 1, local: 7 }) }
+                    })
+                    .await?;
+                if r.local == 7 {
+                    ctx.activity("branch", &(), |_| {
+                        self.ran("branch");
+                        async { Ok::<_, String>(()) }
+                    })
+                    .await?;
+                }
+                ctx.sleep(Duration::from_millis(600)).await?;
+                Ok(format!("{} {}", r.id, r.local))
+            }
+            Output::Nan => {
+                let x: f64 = ctx
+                    .activity("nan", &(), |_| {
+                        self.ran("nan");
+                        async { Ok::<_, String>(f64::NAN) }
+                    })
+                    .await?;
+                Ok(x.to_string())
+            }
+            Output::Huge => {
+                let s: String = ctx
+                    .activity("huge", &(), |_| {
+                        self.ran("huge");
+                        async { Ok::<_, String>("x".repeat(5 << 20)) }
+                    })
+                    .await?;
+                Ok(s.len().to_string())
+            }
+        }
+    }
+}
+
+/// The handler gets an activity's output as its journal keeps it, so a replay goes the way the
+/// live run went (*before*: live, the skipped field was 7 and the branch ran; the replay after
+/// the suspension read 0, met the branch's step in the journal and parked the actor). An output
+/// the journal cannot keep (a NaN, which decodes from nothing; more than an entry holds) fails
+/// the step for good, once, in a small entry (*before*: the live run got the NaN, which no
+/// replay could decode; the huge output's write was refused, the message retried and the
+/// side effect run at each of its 3 attempts, then dead-lettered).
+async fn an_activitys_output_is_what_its_journal_keeps_or_the_step_fails_once(h: &Harness) {
+    let rt = h
+        .runtime_registering(
+            |b| b.register_actor(Outputs(h.probe.clone())),
+            |c| c.suspend_after = Duration::from_millis(100),
+        )
+        .await;
+    let ask = |key: &str, what: Output| {
+        let r = rt.actor::<Outputs>(key).unwrap();
+        async move {
+            tokio::time::timeout(WAIT, r.ask(what))
+                .await
+                .expect("no answer")
+        }
+    };
+    assert_eq!(ask("skipped", Output::Skipped).await.unwrap(), "1 0");
+    assert_eq!((h.probe.runs("receipt"), h.probe.runs("branch")), (1, 0));
+    for (key, what, name, says) in [
+        ("nan", Output::Nan, "nan", "does not decode"),
+        ("huge", Output::Huge, "huge", "cannot be journaled"),
+    ] {
+        match ask(key, what).await {
+            Err(AskError::Rejected(r)) => assert!(r.to_string().contains(says), "{key}: {r}"),
+            other => panic!("{key}: {other:?}"),
+        }
+        assert_eq!(h.probe.runs(name), 1, "{key}: the side effect ran again");
+        let id = loom_core::ActorId::new("outputs", key).unwrap();
+        assert!(
+            h.kinds(&id).await.contains(&"activity_failed"),
+            "{key}: {:?}",
+            h.kinds(&id).await
+        );
+        // Asked again, the actor answers: it was not parked.
+        assert!(
+            matches!(ask(key, Output::Skipped).await, Ok(ref s) if s == "1 0"),
+            "{key} cannot answer"
+        );
+    }
+    assert!(rt.parked().await.unwrap().is_empty(), "an actor was parked");
+    rt.shutdown().await;
 }
 
 async fn activity_live_journals_start_and_result(h: &Harness) {
