@@ -920,28 +920,67 @@ local function begin_at(KEYS, ARGV)
   return { 'ok' }
 end
 
--- KEYS: mm, mq, md, mdx   Lists every waiting message: { cur, [pos, frame, due, cancelling]... }
+-- KEYS: mm, mq, md, mdx   ARGV: after, limit
+-- The waiting messages with positions above `after`, at most `limit`, in position order:
+-- { cur, [pos, frame, due, cancelling]... }. The stream holds due messages in hand-out order,
+-- not position order (a delayed message joins its end when due), so it is read from its
+-- start, a page at a time. But positions are whole numbers, each given once: as soon as every
+-- position from after + 1 to after + limit has been found, no other can come before them, and
+-- the read stops there (a first page, or the runtime's look at the message it runs, reads
+-- about `limit` entries, not the mailbox). Only the chosen messages' frames are returned.
 local function messages(KEYS, ARGV)
+  local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local last = after + limit
   local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
-  local function cancelling(msgid)
-    if redis.call('HEXISTS', KEYS[1], 'c:' .. msgid) == 1 then return '1' end
-    return '0'
-  end
-  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-    local f = mb_fields(e)
-    out[#out + 1] = f.p
-    out[#out + 1] = f.m
-    out[#out + 1] = '0'
-    out[#out + 1] = cancelling(f.id)
-  end
+  -- Candidates: { pos, frame or false, due, msgid or false, stream id or false }.
+  local found, inside = {}, 0
   local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
   for i = 1, #delayed, 2 do
-    local v = redis.call('HGET', KEYS[4], delayed[i])
-    local bar = string.find(v, '|', 1, true)
-    out[#out + 1] = delayed[i]
-    out[#out + 1] = string.sub(v, bar + 1)
-    out[#out + 1] = delayed[i + 1]
-    out[#out + 1] = cancelling(string.sub(v, 1, bar - 1))
+    local p = tonumber(delayed[i])
+    if p > after then
+      found[#found + 1] = { p, false, delayed[i + 1], false, false }
+      if p <= last then inside = inside + 1 end
+    end
+  end
+  local from = '-'
+  while inside < limit do
+    local page = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 256)
+    for _, e in ipairs(page) do
+      local f = mb_fields(e)
+      local p = tonumber(f.p)
+      if p > after then
+        if p <= last then
+          inside = inside + 1
+          found[#found + 1] = { p, f.m, '0', f.id, false }
+        else
+          -- Its frame is read again if it is chosen: most of these are not.
+          found[#found + 1] = { p, false, '0', false, e[1] }
+        end
+      end
+    end
+    if #page < 256 then break end
+    from = '(' .. page[#page][1]
+  end
+  table.sort(found, function(x, y) return x[1] < y[1] end)
+  for i = 1, math.min(#found, limit) do
+    local c = found[i]
+    local frame, msgid = c[2], c[4]
+    if c[5] then
+      local f = mb_fields(redis.call('XRANGE', KEYS[2], c[5], c[5])[1])
+      frame, msgid = f.m, f.id
+    elseif not frame then
+      local v = redis.call('HGET', KEYS[4], tostring(c[1]))
+      local bar = string.find(v, '|', 1, true)
+      frame, msgid = string.sub(v, bar + 1), string.sub(v, 1, bar - 1)
+    end
+    out[#out + 1] = tostring(c[1])
+    out[#out + 1] = frame
+    out[#out + 1] = c[3]
+    if redis.call('HEXISTS', KEYS[1], 'c:' .. msgid) == 1 then
+      out[#out + 1] = '1'
+    else
+      out[#out + 1] = '0'
+    end
   end
   return out
 end

@@ -431,20 +431,21 @@ impl Mailbox for RedisStore {
         limit: usize,
     ) -> StoreResult<Vec<Waiting>> {
         let m = self.keys.mailbox(actor);
+        // The script picks the page (positions start at 1, so none is at or below 0).
         let r = self
             .run(
                 &self.scripts.messages,
                 &[&m.mm, &m.mq, &m.md, &m.mdx],
-                vec![],
+                vec![
+                    after.unwrap_or(0).to_string().into_bytes(),
+                    limit.min(u32::MAX as usize).to_string().into_bytes(),
+                ],
             )
             .await?;
         let current = number(r.first(), "current position")?;
         let mut out = Vec::new();
         for chunk in r[1..].chunks(4) {
             let position = number(chunk.first(), "position")?;
-            if after.is_some_and(|a| position <= a) {
-                continue;
-            }
             let frame = bytes(chunk.get(1)).ok_or_else(|| unexpected("message without a frame"))?;
             let envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
                 StoreError::corrupt(
@@ -461,8 +462,6 @@ impl Mailbox for RedisStore {
                 cancelling: text(chunk.get(3)).as_deref() == Some("1"),
             });
         }
-        out.sort_by_key(|w| w.position);
-        out.truncate(limit);
         Ok(out)
     }
 

@@ -917,3 +917,59 @@ async fn connect_existing_refuses_only_a_prefix_without_a_store() {
             .unwrap_or_else(|e| panic!("a store of an older build with {key}: {e}"));
     }
 }
+
+/// Bytes the server has sent to its clients since it started (`INFO stats`).
+async fn bytes_sent(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(admin)
+        .await
+        .expect("stats");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_net_output_bytes")
+}
+
+/// A page of a long mailbox is read back alone: `messages` returns the page's frames, not
+/// every waiting message's (*before*: every page, and the runtime's look at the message it
+/// runs, sent the whole mailbox, so listing N messages in pages sent N² / page frames, and
+/// `loom mailbox show` of 100 000 messages of 1 KiB had Redis send 100 MB per page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_a_long_mailbox_is_read_back_alone() {
+    use loom_core::{Envelope, Mailbox, Timestamp};
+    let server = RedisServer::start();
+    let store = connect(&server.url(), "pages").await;
+    let mut admin = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let a = ActorId::new("inbox", "long").expect("id");
+    let body = "x".repeat(4096);
+    for n in 0..1000u32 {
+        // Every tenth delayed, so that the page is picked from both of a mailbox's places.
+        let due = (n % 10 == 0).then(|| Timestamp::now() + Duration::from_secs(3600));
+        let m = Envelope::new(a.clone(), serde_json::json!({ "n": n, "body": body }));
+        store.enqueue(&m, due).await.expect("enqueue");
+    }
+    let n_of = |w: &loom_core::store::Waiting| w.envelope.payload["n"].as_u64().expect("n");
+    let mut after = None;
+    for first in [0, 10, 20] {
+        let before = bytes_sent(&mut admin).await;
+        let page = store.messages(&a, after, 10).await.expect("page");
+        let sent = bytes_sent(&mut admin).await - before;
+        assert_eq!(
+            page.iter().map(n_of).collect::<Vec<_>>(),
+            (first..first + 10).collect::<Vec<u64>>()
+        );
+        // Ten frames of 4 KiB, and the INFO reply itself: far from the 4 MB the mailbox holds.
+        assert!(
+            sent < 100_000,
+            "a page of 10 had the server send {sent} bytes"
+        );
+        after = page.last().map(|w| w.position);
+    }
+    assert!(store.destroy().await.expect("destroy") > 0);
+}

@@ -41,6 +41,7 @@ pub(super) fn cases() -> Vec<Case> {
         extend_keeps_a_message_out_longer,
         event_lanes_are_leased_directly_and_never_listed_as_ready,
         messages_lists_what_waits_and_mailboxes_lists_who_has_mail,
+        messages_pages_in_position_order_whatever_order_they_are_handed_out,
         ready_actors_lists_only_the_kinds_asked_for,
         one_kinds_backlog_does_not_hide_another_kinds_ready_actors,
         ready_actors_in_looks_only_in_the_partitions_asked_for,
@@ -650,6 +651,51 @@ async fn event_lanes_are_leased_directly_and_never_listed_as_ready(store: Arc<dy
     assert_eq!(d.envelope.payload, json!({"ok": true}));
     store.ack(&d.receipt).await.unwrap();
     assert_eq!(store.pending(&lane).await.unwrap(), 0);
+}
+
+/// Messages are listed by position, page after page of any size, whatever order they are
+/// handed out in: a delayed message that came due goes out after those sent behind it (on
+/// Redis it joins the stream at its end), and is still listed first.
+async fn messages_pages_in_position_order_whatever_order_they_are_handed_out(
+    store: Arc<dyn Store>,
+) {
+    let a = id("a");
+    let soon = Timestamp::now() + Duration::from_millis(50);
+    store.enqueue(&msg(&a, 0), Some(soon)).await.unwrap();
+    for n in 1..=4 {
+        store.enqueue(&msg(&a, n), None).await.unwrap();
+    }
+    let hour = Timestamp::now() + Duration::from_secs(3600);
+    store.enqueue(&msg(&a, 5), Some(hour)).await.unwrap();
+    wait_past(Duration::from_millis(100)).await;
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    let n_of = |w: &loom_core::store::Waiting| w.envelope.payload["n"].as_u64().unwrap();
+    let all = store.messages(&a, None, 100).await.unwrap();
+    assert_eq!(all.iter().map(n_of).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    let out: Vec<_> = all
+        .iter()
+        .filter(|w| w.out)
+        .map(|w| w.envelope.id)
+        .collect();
+    assert_eq!(out, [d.envelope.id]);
+    for limit in [1, 2, 4, 6] {
+        let (mut after, mut seen) = (None, Vec::new());
+        loop {
+            let page = store.messages(&a, after, limit).await.unwrap();
+            assert!(page.len() <= limit, "{} for a limit of {limit}", page.len());
+            let Some(last) = page.last() else { break };
+            after = Some(last.position);
+            seen.extend(page.iter().map(n_of));
+        }
+        assert_eq!(seen, [0, 1, 2, 3, 4, 5], "pages of {limit}");
+    }
+    // From a message's position less one, a page of one is that message.
+    for w in &all {
+        let one = store.messages(&a, Some(w.position - 1), 1).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].position, one[0].out), (w.position, w.out));
+    }
 }
 
 async fn messages_lists_what_waits_and_mailboxes_lists_who_has_mail(store: Arc<dyn Store>) {
