@@ -487,7 +487,9 @@ struct Monitor {
 /// held leases and store health read at the scrape, and each hosted kind's mailbox backlog and
 /// parked actors read from the store then, within 2 s; the runtime records only into a recorder installed
 /// before it started, see [`install_prometheus`]) and `GET /health` (`200` with the runtime's
-/// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails). Read
+/// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails, the
+/// node's name is another process's, or the runtime is stopping: `"node": {"state":
+/// "stopping"}` from the moment `Runtime::shutdown` begins, while sends are refused). Read
 /// only, and outside [`router`]'s token: mount it where only the monitoring can reach it, or
 /// behind your own layer ([`only_hosts`] keeps a page rebound to a loopback listener out).
 pub fn monitor(rt: Runtime, prometheus: PrometheusHandle) -> Router {

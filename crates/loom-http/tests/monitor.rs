@@ -113,5 +113,26 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         value(&next, r#"loom_invocations_total{kind="counter"}"#) >= 1.0,
         "{next}"
     );
+    let health = |app: axum::Router| async move {
+        let resp = app
+            .oneshot(
+                Request::get("/health")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("health");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        (status, json["node"]["state"].as_str().map(str::to_owned))
+    };
+    let (status, node) = health(app.clone()).await;
+    assert!(
+        status == 200 && node.as_deref() != Some("stopping"),
+        "{status} {node:?}"
+    );
     rt.shutdown().await;
+    // A node that stopped taking messages says so (*before*: 200 and "member").
+    assert_eq!(health(app).await, (503, Some("stopping".to_owned())));
 }

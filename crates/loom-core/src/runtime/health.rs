@@ -53,6 +53,11 @@ pub enum NodeHealth {
         /// The refusal.
         error: String,
     },
+    /// The runtime is stopping or has stopped ([`Runtime::shutdown`](super::Runtime::shutdown)
+    /// or [`kill`](super::Runtime::kill) was called): it takes no new message
+    /// ([`SendError::Shutdown`](super::SendError::Shutdown)) and has left the roster, so a
+    /// load balancer should send elsewhere.
+    Stopping,
 }
 
 /// The runtime's health; see [`Runtime::health`](super::Runtime::health).
@@ -72,10 +77,14 @@ pub struct Health {
 }
 
 impl Health {
-    /// True if the node can work: the store works and the node's name is its own. A failing
-    /// relay ([`Health::relay`]) is shown, not counted.
+    /// True if the node can work: the store works, the node's name is its own, and it is not
+    /// stopping. A failing relay ([`Health::relay`]) is shown, not counted.
     pub fn is_healthy(&self) -> bool {
-        self.store == StoreHealth::Healthy && !matches!(self.node, NodeHealth::NameTaken { .. })
+        self.store == StoreHealth::Healthy
+            && !matches!(
+                self.node,
+                NodeHealth::NameTaken { .. } | NodeHealth::Stopping
+            )
     }
 }
 

@@ -275,10 +275,15 @@ impl Runtime {
     /// # Ok(()) }
     /// ```
     pub fn health(&self) -> Health {
-        Health {
+        let mut health = Health {
             relay: self.shared.store.relay_failure(),
             ..self.shared.health.health()
+        };
+        // From the moment a shutdown begins: sends are refused from then on (`check_open`).
+        if self.shared.shutdown.is_cancelled() {
+            health.node = NodeHealth::Stopping;
         }
+        health
     }
 
     /// The runtime's counters.

@@ -511,7 +511,20 @@ async fn graceful_shutdown_drains_in_flight_invocations(h: &Harness) {
             == 1
     })
     .await;
-    rt.shutdown().await;
+    assert!(rt.health().is_healthy(), "{:?}", rt.health());
+    // While it drains, and after, the node says it is stopping (a load balancer reading
+    // `/health` sends elsewhere): it takes no message from the moment the shutdown begins.
+    let stopping = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.shutdown().await })
+    };
+    eventually(WAIT, "the shutdown begins", || async {
+        rt.health().node == loom_core::runtime::NodeHealth::Stopping
+    })
+    .await;
+    assert!(!rt.health().is_healthy());
+    stopping.await.unwrap();
+    assert_eq!(rt.health().node, loom_core::runtime::NodeHealth::Stopping);
     stopped_after_one_invocation(h, &id, 0).await;
     assert!(matches!(
         rt.actor::<Account>("alice")
