@@ -28,6 +28,11 @@ use crate::ApiError;
 /// Most items in one page of a list.
 pub const MAX_PAGE: usize = 500;
 
+/// About the most bytes of entries in one page of a journal: a page ends early, with its
+/// `next`, once its entries' JSON passes this (it holds one entry at least, and an entry is
+/// at most 4 MiB encoded), so that a page of large entries is not a gigabyte built in memory.
+pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// How the admin API behaves.
 #[derive(Debug, Clone, Default)]
 pub struct AdminOptions {
@@ -396,12 +401,26 @@ async fn journal(
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
     let from = q.from.unwrap_or(1).max(1);
-    let entries: Vec<_> = s
+    let mut read = s
         .store
-        .read(&a, SeqRange::all().from(from).max(limit as u64))
-        .try_collect()
-        .await?;
-    Ok(paged(&entries, limit, |e| e.seq + 1))
+        .read(&a, SeqRange::all().from(from).max(limit as u64));
+    let (mut entries, mut bytes) = (Vec::new(), 0);
+    while let Some(e) = read.try_next().await? {
+        let e = serde_json::to_value(&e)
+            .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?;
+        bytes += e.to_string().len();
+        entries.push(e);
+        if bytes > MAX_PAGE_BYTES {
+            break;
+        }
+    }
+    let next = |e: &Value| e["seq"].as_u64().map(|seq| seq + 1);
+    if bytes > MAX_PAGE_BYTES {
+        // Cut short: the rest follows from the last entry given.
+        let next = entries.last().and_then(next);
+        return Ok(axum::Json(json!({ "items": entries, "next": next })).into_response());
+    }
+    Ok(paged(&entries, limit, next))
 }
 
 #[derive(Debug, Default, Deserialize)]

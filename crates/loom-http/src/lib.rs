@@ -89,7 +89,7 @@ use loom_core::runtime::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub use admin::{AdminOptions, MAX_PAGE, admin};
+pub use admin::{AdminOptions, MAX_PAGE, MAX_PAGE_BYTES, admin};
 pub use error::ApiError;
 pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
 

@@ -199,6 +199,42 @@ async fn journals_states_and_diffs_are_read_a_page_at_a_time() {
     rt.shutdown().await;
 }
 
+/// A page of a journal of large entries ends once it holds about `MAX_PAGE_BYTES`, with the
+/// seq to go on from, and the pages together are the whole journal (*before*: 500 entries
+/// of up to 4 MiB each, two gigabytes, were built into one answer).
+#[tokio::test]
+async fn a_journal_of_large_entries_is_paged_by_bytes_too() {
+    use loom_core::{Entry, EntryKind, JournalStore};
+    let store = loom_core::EmbeddedStore::in_memory().expect("store");
+    let a = ActorId::new("big", "a").expect("id");
+    let mb = "x".repeat(1024 * 1024);
+    for s in 1..=20 {
+        let e = Entry::new(s, EntryKind::Completed { reply: json!(mb) });
+        store.append(&a, s, &[e]).await.expect("append");
+    }
+    let app = loom_http::admin(std::sync::Arc::new(store), AdminOptions::default());
+    let (mut from, mut seqs, mut pages) = (1, Vec::new(), 0);
+    loop {
+        let uri = format!("/api/actors/big/a/journal?from={from}&limit=500");
+        let (s, page) = call(&app, "GET", &uri, None).await;
+        assert_eq!(s, StatusCode::OK);
+        let items = page["items"].as_array().expect("items");
+        let bytes = page["items"].to_string().len();
+        assert!(
+            bytes <= loom_http::MAX_PAGE_BYTES + 2 * mb.len(),
+            "a page of {bytes} bytes"
+        );
+        seqs.extend(items.iter().map(|e| e["seq"].as_u64().expect("seq")));
+        pages += 1;
+        match page["next"].as_u64() {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+    assert!(pages >= 3, "{pages} pages for 20 MiB");
+}
+
 #[tokio::test]
 async fn a_dead_letter_is_requeued_only_with_writes_allowed_and_the_token() {
     let rt = Runtime::builder()
