@@ -252,6 +252,38 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
     stop(server);
 }
 
+/// Parked actors are shown a page of 100 at a time, with a way on to the next (*before*: the
+/// first 100, and no way to the others).
+#[test]
+fn studio_pages_parked_actors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        for n in 0..101 {
+            let id = ActorId::new("stuck", format!("s{n:03}")).expect("id");
+            let park = loom_core::Park::new("node-a", "a bug");
+            loom_core::Parking::park(&store, &id, &park, None)
+                .await
+                .expect("park");
+        }
+    });
+    let store = dir.path().to_str().expect("utf-8 path");
+    let (server, base) = serve(store, &[], None);
+    let driver = chromedriver();
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&format!("{base}/#/parked")).await.expect("parked");
+        until(&c, "the first page of parked actors", "document.querySelectorAll('#parked tr.parked').length === 100").await;
+        c.find(Locator::Id("parked-next")).await.expect("the next page").click().await.expect("click");
+        until(&c, "the second page of parked actors", "document.querySelectorAll('#parked tr.parked').length === 1 && document.querySelector('#parked tr.parked a').textContent === 'stuck/s100'").await;
+        shot(&c, "parked-next-page.png").await;
+        c.close().await.expect("close the browser");
+    });
+    drop(driver);
+    stop(server);
+}
+
 /// A running application serves Studio itself (its store is locked by it, so `loom serve`
 /// cannot open it): the bank example with `--listen`, after its own run, shows its actors and,
 /// live from its `/metrics`, what each kind did and what waits.
