@@ -805,6 +805,7 @@ impl<A: Actor> Cell<A> {
             version: A::STATE_VERSION,
             recent: self.recent.iter().copied().collect(),
             given_up: self.given_up.clone(),
+            last_change: Some(self.last_change),
         };
         let (store, id, flag, shared, lease) = (
             io.store.clone(),

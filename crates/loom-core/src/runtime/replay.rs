@@ -139,6 +139,11 @@ pub(crate) struct Body {
     /// See [`GivenUp`]; absent in snapshots from before it was kept.
     #[serde(default, skip_serializing_if = "GivenUp::is_empty")]
     pub(crate) given_up: GivenUp,
+    /// See [`Replayed::last_change`], at or below the snapshot's seq; absent in snapshots from
+    /// before it was kept, which then stand for a change at their own seq (the most a
+    /// retirement for `Context::finish` can then assume: the actor is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_change: Option<Seq>,
 }
 
 fn first_version() -> u32 {
@@ -313,7 +318,7 @@ async fn replay_once(
         }
     }
     let snapshot = base.as_ref().map(|s| s.seq);
-    let (from, mut value, mut version, recent, given_up, from_default) = match base {
+    let (from, mut value, mut version, recent, given_up, from_default, last_change) = match base {
         // Every listed snapshot is at or above the trim point (rule D10), so a readable one
         // below it means the store trimmed past its oldest kept snapshot and the newer ones
         // are unreadable: the entries between are gone, and starting over would only find the
@@ -346,6 +351,7 @@ async fn replay_once(
                 body.recent,
                 body.given_up,
                 false,
+                body.last_change.unwrap_or(s.seq).min(s.seq),
             )
         }
         None if !info.snapshots.is_empty() && info.trimmed_through > 0 => {
@@ -361,6 +367,7 @@ async fn replay_once(
             Vec::new(),
             GivenUp::default(),
             true,
+            0,
         ),
     };
     let mut out = Replayed {
@@ -371,7 +378,7 @@ async fn replay_once(
         given_up,
         unfinished: None,
         next_seq: from,
-        last_change: if from_default { 0 } else { from - 1 },
+        last_change,
         settled: from - 1,
         replayed: 0,
         bytes: 0,
@@ -724,6 +731,7 @@ pub async fn compact_journal(
         version: r.version,
         recent: r.recent.into_iter().collect(),
         given_up: r.given_up,
+        last_change: Some(r.last_change.min(r.settled)),
     };
     let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep, None).await?;
     Ok(Compacted {

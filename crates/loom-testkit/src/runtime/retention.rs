@@ -16,6 +16,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_message_during_the_grace_or_waiting_then_keeps_a_finished_actor,
         an_idle_actor_is_retired_and_one_in_use_is_kept,
         a_first_state_after_finishing_keeps_the_actor_through_a_reload,
+        a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload,
     ]
 }
 
@@ -191,6 +192,50 @@ async fn a_first_state_after_finishing_keeps_the_actor_through_a_reload(h: &Harn
     assert_eq!(rt.metrics().retired, 0, "the changed actor was retired");
     assert!(!retired(h, &id).await, "its journal is gone");
     assert_eq!(t.ask(Some(0)).await.unwrap(), 5, "its state is lost");
+    rt.shutdown().await;
+}
+
+/// A finished actor that was only read, then compacted past its finish and loaded again from
+/// that snapshot, is still retired, and one whose state changed after the finish is still
+/// kept: the snapshot says when the state last changed (*before*: a reload from a snapshot
+/// took the snapshot's seq for a change, so the read actor was kept, and its journal with it,
+/// for good: its retirement is sent once).
+async fn a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            slow(c);
+            c.idle_timeout = Duration::from_millis(100);
+            c.compaction.every_entries = Some(2);
+        })
+        .await;
+    let (read, ran) = (
+        rt.actor::<Worker>("read").unwrap(),
+        rt.actor::<Worker>("ran").unwrap(),
+    );
+    read.ask(vec![activity("r"), Step::Finish]).await.unwrap();
+    ran.ask(vec![Step::Finish]).await.unwrap();
+    ran.ask(vec![activity("again")]).await.unwrap();
+    for _ in 0..3 {
+        read.ask(vec![]).await.unwrap();
+    }
+    for id in [worker("read"), worker("ran")] {
+        eventually(WAIT, "a snapshot past the finish", || async {
+            let info = h.store.info(&id).await.unwrap();
+            info.snapshots.last() == Some(&info.highest)
+        })
+        .await;
+    }
+    // Both passivate (idle) long before their retirements come, 3 s after their finishes.
+    eventually(WAIT, "the actor that was only read is retired", || async {
+        retired(h, &worker("read")).await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rt.metrics().retired, 1, "the changed actor was retired");
+    assert!(
+        !retired(h, &worker("ran")).await,
+        "the changed actor's journal is gone"
+    );
     rt.shutdown().await;
 }
 
