@@ -32,7 +32,9 @@ use std::path::Path;
 
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, StoreError, Timestamp};
+use loom_core::limits::MAX_BATCH_BYTES;
+use loom_core::store::backend::{encode_entry, prepare_message, prepare_snapshot};
+use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::all_actors;
@@ -368,6 +370,17 @@ fn check(path: &Path) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failu
                 }
                 Ok(())
             };
+        // What a store would refuse (too large, say) is refused here, before anything is
+        // written, as the rest of this check is.
+        let refused = match &l {
+            Line::Entry { actor, entry } => encode_entry(actor, entry).err(),
+            Line::Snapshot { actor, snapshot } => prepare_snapshot(actor, snapshot, 1).err(),
+            Line::Message { envelope, .. } => prepare_message(envelope).err(),
+            _ => None,
+        };
+        if let Some(e) = refused {
+            return Err(bad(n, e.to_string()));
+        }
         match l {
             Line::LoomExport(v) if n == 1 => {
                 if v != EXPORT_VERSION {
@@ -533,19 +546,16 @@ pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), F
     target_is_free(target, &journals, &recipients).await?;
     let progress = bar(counts.journals, "imported")?;
     let file = std::fs::File::open(path)?;
-    let mut batch: Vec<Entry> = Vec::new();
+    let mut batch = Batch::default();
     let mut snapshots: Vec<Snapshot> = Vec::new();
     let mut current: Option<ActorId> = None;
     async fn flush_journal(
         target: &dyn Store,
         actor: &ActorId,
-        batch: &mut Vec<Entry>,
+        batch: &mut Batch,
         snapshots: &mut Vec<Snapshot>,
-    ) -> Result<(), StoreError> {
-        if let Some(first) = batch.first() {
-            target.append(actor, first.seq, batch).await?;
-            batch.clear();
-        }
+    ) -> Result<(), Failure> {
+        batch.flush(target, actor).await?;
         let keep = snapshots.len().max(1);
         for s in snapshots.drain(..) {
             target.save_snapshot(actor, &s, keep).await?;
@@ -568,10 +578,7 @@ pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), F
                 current = Some(actor);
             }
             Line::Entry { actor, entry } => {
-                batch.push(entry);
-                if batch.len() >= PAGE {
-                    flush_entries(target, &actor, &mut batch).await?;
-                }
+                batch.add(target, &actor, entry).await?;
             }
             Line::Snapshot { snapshot, .. } => snapshots.push(snapshot),
             Line::Message {
@@ -613,16 +620,33 @@ pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), F
     )
 }
 
-async fn flush_entries(
-    target: &dyn Store,
-    actor: &ActorId,
-    batch: &mut Vec<Entry>,
-) -> Result<(), StoreError> {
-    if let Some(first) = batch.first() {
-        target.append(actor, first.seq, batch).await?;
-        batch.clear();
+/// Entries on their way to one journal, appended a batch at a time: at most [`PAGE`] entries
+/// and [`MAX_BATCH_BYTES`] encoded, the most a store takes in one append.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<Entry>,
+    bytes: usize,
+}
+
+impl Batch {
+    async fn add(&mut self, target: &dyn Store, actor: &ActorId, e: Entry) -> Result<(), Failure> {
+        let size = encode_entry(actor, &e)?.len();
+        if self.entries.len() >= PAGE || self.bytes + size > MAX_BATCH_BYTES {
+            self.flush(target, actor).await?;
+        }
+        self.bytes += size;
+        self.entries.push(e);
+        Ok(())
     }
-    Ok(())
+
+    async fn flush(&mut self, target: &dyn Store, actor: &ActorId) -> Result<(), Failure> {
+        if let Some(first) = self.entries.first() {
+            target.append(actor, first.seq, &self.entries).await?;
+        }
+        self.entries.clear();
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 /// A fingerprint of a journal's kept entries (their encoded frames), for comparing two stores.
@@ -649,15 +673,12 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
         let info = source.info(a).await?;
         target.begin_at(a, info.trimmed_through).await?;
         let mut entries = source.read(a, SeqRange::all());
-        let mut batch = Vec::with_capacity(PAGE);
+        let mut batch = Batch::default();
         while let Some(e) = entries.try_next().await? {
-            batch.push(e);
+            batch.add(target, a, e).await?;
             counts.entries += 1;
-            if batch.len() >= PAGE {
-                flush_entries(target, a, &mut batch).await?;
-            }
         }
-        flush_entries(target, a, &mut batch).await?;
+        batch.flush(target, a).await?;
         for &seq in &info.snapshots {
             let s = source
                 .load_snapshot(a, seq)

@@ -320,6 +320,73 @@ fn crafted_exports_a_store_would_refuse_are_refused_whole() {
     }
 }
 
+/// A journal of large entries, more than a store takes in one append (16 MiB) all told, is
+/// exported, imported and migrated whole (*before*: its entries went in one append of up to
+/// 1 000, refused as too large after the journals before it were written); an entry over the
+/// 4 MiB a store holds, in a file re-signed by a tool, is refused before anything is written.
+#[test]
+fn journals_of_large_entries_are_copied_in_appends_a_store_takes() {
+    use loom_core::{Entry, EntryKind, JournalStore};
+    let src = tempfile::tempdir().expect("temp dir");
+    let big = ActorId::new("big", "a").unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = EmbeddedStore::open(src.path()).expect("open");
+        let three = "x".repeat(3 << 20);
+        for s in 1..=7 {
+            let e = Entry::new(
+                s,
+                EntryKind::Completed {
+                    reply: json!(three),
+                },
+            );
+            store.append(&big, s, &[e]).await.expect("append");
+        }
+    });
+    let s = src.path().to_str().unwrap();
+    let work = tempfile::tempdir().expect("temp dir");
+    let file = work.path().join("big.jsonl");
+    let f = file.to_str().unwrap();
+    ok(&["export", "--store", s, "--out", f]);
+    for (how, target) in [("import", "imported"), ("migrate", "migrated")] {
+        let t = work.path().join(target);
+        let t = t.to_str().unwrap();
+        match how {
+            "import" => ok(&["import", "--store", t, "--in", f]),
+            _ => ok(&["migrate", "--from", s, "--to", t]),
+        };
+        let stats: serde_json::Value =
+            serde_json::from_str(ok(&["journal", "--store", t, "stats", "big/a", "--json"]).trim())
+                .unwrap();
+        assert_eq!(stats["highest"], 7, "{how}: {stats}");
+        ok(&["journal", "--store", t, "verify", "big/a"]);
+    }
+    // One entry made larger than a store holds, the file re-signed.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l.get("end").is_none())
+        .map(|mut l| {
+            if l["entry"]["entry"]["seq"] == 7 {
+                l["entry"]["entry"]["kind"]["reply"] = json!("x".repeat(5 << 20));
+            }
+            l
+        })
+        .collect();
+    let huge = work.path().join("huge.jsonl");
+    std::fs::write(&huge, signed(&lines)).unwrap();
+    let t = work.path().join("huge.store");
+    let t = t.to_str().unwrap();
+    let (ok_, _, err) = loom(&["import", "--store", t, "--in", huge.to_str().unwrap()]);
+    assert!(!ok_, "an entry over the limit was imported");
+    assert!(
+        err.contains("over the limit") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    let listed = ok(&["journal", "--store", t, "ls", "--json"]);
+    assert!(listed.trim().is_empty(), "written: {listed}");
+}
+
 /// Migrates the seeded store to `remote` (a server URL, with `ns` naming the prefix or schema)
 /// and back to a fresh directory; both copies must list, count and verify the same.
 fn round_trip_through(remote: &str, ns: &[&str]) {
