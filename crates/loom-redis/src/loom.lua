@@ -926,8 +926,10 @@ end
 -- not position order (a delayed message joins its end when due), so it is read from its
 -- start, a page at a time. But positions are whole numbers, each given once: as soon as every
 -- position from after + 1 to after + limit has been found, no other can come before them, and
--- the read stops there (a first page, or the runtime's look at the message it runs, reads
--- about `limit` entries, not the mailbox). Only the chosen messages' frames are returned.
+-- the read stops there: the runtime's look at the message it runs (the one at the stream's
+-- head, from the position before it) reads one page of the stream, not the mailbox. A page of
+-- a listing whose positions are not all there (a first page, after handled messages took the
+-- lowest) reads on to the stream's end. Only the chosen messages' frames are returned.
 local function messages(KEYS, ARGV)
   local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
   local last = after + limit

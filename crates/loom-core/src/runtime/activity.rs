@@ -193,9 +193,9 @@ impl Context<'_> {
     ///
     /// The output returned is the one the journal keeps: `f`'s value encoded to JSON and decoded
     /// back, as every replay returns it (a field its serialization skips comes back as its
-    /// default). An output the journal cannot keep, one that does not decode from its own JSON
-    /// (`f64::NAN` becomes `null`) or over [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES)
-    /// encoded, fails the step for good with [`StepError::ActivityFailed`]: `f` ran, and is not
+    /// default). An output the journal cannot keep, one that does not encode to JSON or decode
+    /// from it (`f64::NAN` becomes `null`) or over
+    /// [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES) encoded, fails the step for good with [`StepError::ActivityFailed`]: `f` ran, and is not
     /// run again.
     ///
     /// Here an invocation is cut short by a crash after its activity ran; the next process
@@ -302,7 +302,9 @@ impl Context<'_> {
     /// crash mid-retry resumes the schedule where it was. A backoff longer than
     /// `Config::suspend_after` suspends the invocation as a long [`sleep`](Self::sleep) does.
     /// The final error, with its typed value, is [`StepError::ActivityFailed`]; `?` turns it
-    /// into a rejection that carries the value to the caller.
+    /// into a rejection that carries the value to the caller. An attempt that succeeds with an
+    /// output the journal cannot keep (see [`activity`](Self::activity)) ends the step too, as
+    /// a failure, with no further attempt: its side effect happened.
     ///
     /// ```
     /// use std::time::Duration;
@@ -355,10 +357,10 @@ impl Context<'_> {
             .await
     }
 
-    /// [`Self::activity_with`], in its span.
-    /// An activity that ran but whose output cannot be journaled (too large for an entry, or
-    /// not decodable from its own JSON) fails, for good, in a small entry: the side effect
-    /// happened, and a step left open would run it again at every retry of the message.
+    /// An activity that ran but whose output cannot be journaled (not encodable to JSON, not
+    /// decodable from it, or too large for an entry) fails, for good, in a small entry: the
+    /// side effect happened, and a step left open would run it again at every retry of the
+    /// message.
     async fn output_refused(
         &mut self,
         name: &str,
@@ -385,6 +387,7 @@ impl Context<'_> {
         }
     }
 
+    /// [`Self::activity_with`], in its span.
     async fn activity_step<I, O, F, Fut>(
         &mut self,
         name: &str,
@@ -525,11 +528,13 @@ impl Context<'_> {
             };
             let e = match result {
                 Ok(output) => {
-                    let value = serde_json::to_value(&output).map_err(|e| {
-                        StepError::Invalid(format!(
-                            "output of activity {name} does not encode: {e}"
-                        ))
-                    })?;
+                    let value = match serde_json::to_value(&output) {
+                        Ok(value) => value,
+                        Err(e) => {
+                            let why = format!("its output does not encode to JSON ({e})");
+                            return Err(self.output_refused(name, step, attempt, &why).await);
+                        }
+                    };
                     // The handler gets the output as a replay will: decoded from what is
                     // journaled (a NaN journals as null, a skipped field is left out), so the
                     // live run and its replays go the same way.

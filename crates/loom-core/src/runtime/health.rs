@@ -55,8 +55,9 @@ pub enum NodeHealth {
     },
     /// The runtime is stopping or has stopped ([`Runtime::shutdown`](super::Runtime::shutdown)
     /// or [`kill`](super::Runtime::kill) was called): it takes no new message
-    /// ([`SendError::Shutdown`](super::SendError::Shutdown)) and has left the roster, so a
-    /// load balancer should send elsewhere.
+    /// ([`SendError::Shutdown`](super::SendError::Shutdown)) and leaves the roster (a
+    /// shutdown leaves it first; after a kill its record runs out), so a load balancer should
+    /// send elsewhere.
     Stopping,
 }
 
