@@ -323,19 +323,17 @@ fn crash_image(from: &std::path::Path, to: &std::path::Path) -> usize {
     log.windows(4).filter(|w| *w == b"LRec").count()
 }
 
-/// Three acknowledged appends, a crash before any checkpoint, and rot in the first record's
-/// body: the records after it prove it was acknowledged, so the store refuses to open, naming
-/// the file and the offset, and drops nothing. `salvage_damaged_redo` (what `loom redo salvage`
-/// sets) then opens it without them, keeping the bytes aside.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let image = dir.path().join("image");
+/// Makes a store in `dir` with three appends to actor 1 and `image`, a crash image of it whose
+/// log holds all three (no checkpoint yet); returns the live store's directory.
+async fn three_appends_caught_in_the_log(
+    dir: &std::path::Path,
+    image: &std::path::Path,
+) -> std::path::PathBuf {
     // A checkpoint (after 250 ms of traffic, or 1 s idle) would empty the log first: try again.
     let mut tries = 0;
-    let live = loop {
+    loop {
         tries += 1;
-        let live = dir.path().join(format!("live-{tries}"));
+        let live = dir.join(format!("live-{tries}"));
         let store = one(&live).expect("open");
         for seq in 1..=3 {
             store
@@ -344,14 +342,105 @@ async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
                 .expect("append");
         }
         // Absent on the first try; a leftover of the last one otherwise.
-        let _ = std::fs::remove_dir_all(&image);
-        let records = crash_image(&live, &image);
+        let _ = std::fs::remove_dir_all(image);
+        let records = crash_image(&live, image);
         drop(store);
         if records == 3 {
-            break live;
+            return live;
         }
         assert!(tries < 5, "never caught the log before a checkpoint");
+    }
+}
+
+/// A redo log gone from a store that was written through one (deleted by hand, or left out of
+/// a copy) is refused, not created again empty: the three appends it held would be lost
+/// (*before*: the store opened without them). `salvage_damaged_redo` (`loom redo salvage`)
+/// opens it without them. In a store of several partitions, a partition file emptied or
+/// replaced by an empty one is refused too (*before*: it opened as a new, empty partition, its
+/// actors gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_redo_log_or_an_emptied_partition_file_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("image");
+    three_appends_caught_in_the_log(dir.path(), &image).await;
+    std::fs::remove_file(image.join(REDO_FILE)).unwrap();
+    match one(&image) {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            let said = e.to_string();
+            assert!(
+                said.contains("loom.redo")
+                    && said.contains("missing")
+                    && said.contains("loom redo salvage"),
+                "{said}"
+            );
+        }
+        Ok(_) => panic!("opened without its redo log"),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+    assert!(
+        !image.join(REDO_FILE).exists(),
+        "the refusal created the log"
+    );
+    let salvage = EmbeddedOptions {
+        salvage_damaged_redo: true,
+        partitions: Some(1),
+        ..EmbeddedOptions::default()
     };
+    drop(EmbeddedStore::open_with(&image, salvage).expect("salvage"));
+    let store = one(&image).expect("opens once salvaged");
+    assert!(journal(&store, 1).await.is_empty());
+    drop(store);
+
+    // Two partitions, an actor in the second, its file emptied.
+    let two = dir.path().join("two");
+    let options = EmbeddedOptions {
+        partitions: Some(2),
+        ..EmbeddedOptions::default()
+    };
+    let second = (0..)
+        .map(|i| loom_core::ActorId::new("acct", format!("a{i}")).unwrap())
+        .find(|a| loom_core::partition::partition_of(a, 2) == 1)
+        .unwrap();
+    {
+        let store = EmbeddedStore::open_with(&two, options).expect("open");
+        store
+            .append(&second, 1, &[entry(1, 1)])
+            .await
+            .expect("append");
+    }
+    std::fs::File::create(two.join("loom-p1.redb")).unwrap();
+    match EmbeddedStore::open_with(&two, options) {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            assert!(e.to_string().contains("loom-p1.redb"), "{e}");
+        }
+        Ok(s) => panic!(
+            "opened over an emptied partition file: highest {}",
+            s.highest_seq(&second).await.unwrap()
+        ),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+
+    // A damaged header of the second partition's log is named as that log (*before*: as
+    // `loom.redo`, partition 0's).
+    let three = dir.path().join("three");
+    drop(EmbeddedStore::open_with(&three, options).expect("open"));
+    std::fs::write(three.join("loom-p1.redo"), b"not a log").unwrap();
+    match EmbeddedStore::open_with(&three, options) {
+        Err(StoreError::Corrupt { what, .. }) => assert!(what.ends_with("loom-p1.redo"), "{what}"),
+        Ok(_) => panic!("opened over a log without its header"),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+}
+
+/// Three acknowledged appends, a crash before any checkpoint, and rot in the first record's
+/// body: the records after it prove it was acknowledged, so the store refuses to open, naming
+/// the file and the offset, and drops nothing. `salvage_damaged_redo` (what `loom redo salvage`
+/// sets) then opens it without them, keeping the bytes aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_the_middle_of_the_log_is_refused_not_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("image");
+    let live = three_appends_caught_in_the_log(dir.path(), &image).await;
     let log = image.join(REDO_FILE);
     let mut bytes = std::fs::read(&log).unwrap();
     // The header (8), the first record's mark, length, checksum (12), lsn and stamp (16), then

@@ -99,8 +99,10 @@ pub struct EmbeddedOptions {
     /// Open even though the redo log is damaged in the middle (default false: such a store is
     /// refused with [`StoreError::Corrupt`] naming the file and offset). The batches before the
     /// damage are kept; the damaged bytes and everything after them, acknowledged batches
-    /// included, are moved to `loom.redo.damaged-<ms>` and lost to the store. An operator's
-    /// decision (`loom redo salvage`), after any copy of the directory worth saving was made.
+    /// included, are moved to `loom.redo.damaged-<ms>` and lost to the store. The same for a
+    /// redo log gone from a data file written with one: the store opens without what it held.
+    /// An operator's decision (`loom redo salvage`), after any copy of the directory
+    /// worth saving was made.
     pub salvage_damaged_redo: bool,
     /// After a storage failure (a full disk, an I/O error: the store then refuses every request,
     /// see `writer.rs`), reopen the store in the background, with backoff (0.5 s doubling to
@@ -311,9 +313,49 @@ fn open_log(dir: &Path, part: u32) -> StoreResult<(std::fs::File, Vec<u8>, bool)
         .truncate(false)
         .open(&path)
         .map_err(err)?;
+    if created {
+        // Durable before the data file's first commit says it has a log (`check_log_there`).
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::storage(tables::BACKEND, with_path(e, dir)))?;
+    }
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(err)?;
     Ok((file, bytes, created))
+}
+
+/// Refuses to open a partition whose redo log is missing though its data file was written
+/// with one (`had_log`: the file records `"redo_lsn"`, which every opening with a log commits):
+/// the batches acknowledged since its last checkpoint would be silently lost (rule D4). A log
+/// is created, and its directory entry synced, before the first commit of its data file
+/// (`open_log`), so a data file that says it had one did. With `salvage` the store opens
+/// without the missing log, saying so.
+fn check_log_there(dir: &Path, part: u32, had_log: bool, salvage: bool) -> StoreResult<()> {
+    let path = dir.join(redo_file(part));
+    let missing = match std::fs::metadata(&path) {
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            return Err(StoreError::storage(tables::BACKEND, with_path(e, &path)));
+        }
+    };
+    if !missing || !had_log {
+        return Ok(());
+    }
+    if salvage {
+        tracing::error!(log = %path.display(), "opened without its redo log, which is missing: batches acknowledged after its last checkpoint are lost");
+        return Ok(());
+    }
+    Err(StoreError::corrupt(
+        path.display().to_string(),
+        CodecError::Body(format!(
+            "the redo log is missing, though {} was written with one: batches acknowledged \
+             since its last checkpoint would be lost. Restore the directory from a backup (its \
+             redo logs with it), or open it without them with `loom redo salvage --store {} --yes`",
+            data_file(part),
+            dir.display()
+        )),
+    ))
 }
 
 /// Keeps a copy of dropped redo log bytes next to the log (`loom.redo.<what>-<ms>`), for
@@ -629,7 +671,19 @@ fn check_ident(
         }
         None => {
             // A file written before partitions (layout 3 or older) is a store of one. A file
-            // that never had a commit (`fresh`: its creation was cut short) is created now.
+            // that never had a commit (`fresh`: its creation was cut short) is created now,
+            // except a partition after the first of a store that exists: a store's files are
+            // created before partition 0's, so such a file was emptied (truncated, replaced by
+            // an empty one, or gone and created again), and its actors would silently be gone.
+            if fresh && !ident.new && ident.index > 0 {
+                return Err(StoreError::corrupt(
+                    name,
+                    CodecError::Body(format!(
+                        "partition {}'s file holds nothing, though its store exists and was created with it: the file was emptied or replaced; restore the directory from a backup",
+                        ident.index
+                    )),
+                ));
+            }
             let legacy = !ident.new && ident.index == 0 && !fresh;
             if !ident.new && !legacy && !fresh {
                 return Err(StoreError::corrupt(
@@ -680,13 +734,6 @@ fn start(
     ident: Ident,
 ) -> StoreResult<Inner> {
     let part = ident.index;
-    let (dir, log) = match disk {
-        Some(Disk { dir, wrap, part }) => {
-            let (file, bytes, created) = open_log(dir, part)?;
-            (Some(dir), Some((file, bytes, created, wrap)))
-        }
-        None => (None, None),
-    };
     let txn = db.begin_write().map_err(se)?;
     tables::create_all(&txn).map_err(se)?;
     let writes = std::cell::Cell::new(0);
@@ -711,13 +758,31 @@ fn start(
         }
         layout
     };
+    let (dir, log) = match disk {
+        Some(Disk { dir, wrap, part }) => {
+            let had_log = tx.meta.get()?.get(writer::REDO_LSN).map_err(se)?.is_some();
+            check_log_there(dir, part, had_log, salvage)?;
+            let (file, bytes, created) = open_log(dir, part)?;
+            (Some(dir), Some((file, bytes, created, wrap)))
+        }
+        None => (None, None),
+    };
     // Batches acknowledged through the redo log since the last checkpoint: applied again,
     // in order, before anything else reads or writes.
     let lsn = match &log {
         Some((_, bytes, _, _)) => {
             let checkpoint = meta_counter(&**tx.meta.get()?, writer::REDO_LSN)?;
-            let replayed = redo::replay(bytes, checkpoint, &mut tx)?;
             let log_path = dir.as_ref().map(|d| d.join(redo_file(part)));
+            // Replay names the log `loom.redo` whichever partition's it is: named here.
+            let replayed = redo::replay(bytes, checkpoint, &mut tx).map_err(|e| match e {
+                StoreError::Corrupt { what, source } if what == REDO_FILE => StoreError::Corrupt {
+                    what: log_path
+                        .as_ref()
+                        .map_or(redo_file(part), |p| p.display().to_string()),
+                    source,
+                },
+                other => other,
+            })?;
             if let Some(damage) = replayed.damage {
                 let where_ = log_path
                     .as_ref()
