@@ -117,7 +117,7 @@ async fn a_full_disk_is_reported_and_writes_resume_once_space_is_freed() {
     let (error, took) = failure;
     eprintln!("after {grown} growths the disk filled: {error} ({took:?})");
     assert!(
-        !matches!(error, AskError::Timeout(_)) && took < Duration::from_secs(30),
+        !matches!(error, AskError::Timeout { .. }) && took < Duration::from_secs(30),
         "the ask waited {took:?} and ended with {error:?} instead of failing at once"
     );
     match rt.health().store {

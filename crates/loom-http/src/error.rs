@@ -154,7 +154,7 @@ impl From<AskError> for ApiError {
             },
             AskError::Failed(_) => ApiError::Failed(text),
             AskError::Cancelled(_) => ApiError::Cancelled(text),
-            AskError::Timeout(_) => ApiError::Timeout(text),
+            AskError::Timeout { .. } => ApiError::Timeout(text),
             AskError::BadReply(_) => ApiError::Internal(text),
             // As the store error alone maps (damaged data is not worth a retry), with the
             // ask's text, which names the key to ask again with.

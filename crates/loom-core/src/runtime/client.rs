@@ -79,10 +79,18 @@ pub enum AskError {
     /// unchanged, as for a rejection.
     #[error("cancelled: {0}")]
     Cancelled(String),
-    /// No reply within the timeout. The message may still be processed; asking again with the
-    /// same idempotency key returns its reply without sending it twice.
-    #[error("no reply within {0:?}")]
-    Timeout(Duration),
+    /// No reply within the timeout. The message may still be processed (it waits for a host of
+    /// its kind, say): ask again with `key` (the caller's, or the one Loom made up for this
+    /// ask) for its reply, without sending it twice; a plain `ask` again sends another.
+    #[error(
+        "no reply within {after:?} (the message may still run: ask again with key {key} for its reply)"
+    )]
+    Timeout {
+        /// How long the ask waited.
+        after: Duration,
+        /// The message's idempotency key.
+        key: IdempotencyKey,
+    },
     /// The reply does not decode as the actor's reply type.
     #[error("reply does not decode: {0}")]
     BadReply(String),
@@ -414,7 +422,10 @@ impl AnyActorRef {
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
-                        return Err(AskError::Timeout(timeout));
+                        return Err(AskError::Timeout {
+                            after: timeout,
+                            key: key.clone(),
+                        });
                     }
                     // A store that keeps failing cannot produce the reply: say so now instead
                     // of at the timeout.
