@@ -84,7 +84,8 @@ impl Retry {
 pub struct Config {
     /// This node's name in leases (default: `loom-<pid>-<random>`); unique per process.
     pub node: String,
-    /// How long a lease lasts without renewal (default 10 s); renewed every third of it. A
+    /// How long a lease lasts without renewal (default 10 s; at least 100 ms); renewed every
+    /// third of it. A
     /// node's partitions' leases are these: they fence the partitions' actors (rule D8).
     pub lease_ttl: Duration,
     /// How long a message stays out while its invocation runs before another consumer may take it

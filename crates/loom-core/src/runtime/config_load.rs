@@ -62,6 +62,11 @@ type Setter = fn(&mut Config, &str) -> Result<(), String>;
 /// added to; a setting that can be off takes `"none"` instead.
 const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// The shortest lease ttl: a node renews its leases and heartbeats every third of it, and a
+/// store's round trip must fit in that with room to spare.
+const SHORTEST_LEASE: Duration = Duration::from_millis(100);
+const TOO_SHORT_A_LEASE: &str = "shorter than 100ms: leases are renewed every third of their ttl, and a store's round trip must fit in that";
+
 fn duration(v: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(v.trim())
         .map_err(|e| format!("not a duration ({e}); write e.g. 500ms, 10s, 2h"))?;
@@ -124,7 +129,11 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("lease_ttl", |c, v| {
-        c.lease_ttl = positive_duration(v)?;
+        let d = positive_duration(v)?;
+        if d < SHORTEST_LEASE {
+            return Err(TOO_SHORT_A_LEASE.into());
+        }
+        c.lease_ttl = d;
         Ok(())
     }),
     ("visibility", |c, v| {
@@ -287,6 +296,13 @@ impl Config {
         }
         if self.node.trim().is_empty() {
             return Err(bad("node", format!("{:?}", self.node), "empty"));
+        }
+        if !self.lease_ttl.is_zero() && self.lease_ttl < SHORTEST_LEASE {
+            return Err(bad(
+                "lease_ttl",
+                format!("{:?}", self.lease_ttl),
+                TOO_SHORT_A_LEASE,
+            ));
         }
         let counts = [
             ("max_active", self.max_active as u64),
@@ -570,6 +586,7 @@ mod tests {
             ("retry.max_attempts", "0"),
             ("lease_ttl", "500years"),
             ("reply_ttl", "0s"),
+            ("lease_ttl", "1ms"),
             ("max_mailbox", "0"),
             ("compaction.every_entries", "0"),
             ("compaction.every_bytes", "0"),
@@ -596,7 +613,7 @@ mod tests {
     async fn a_configuration_in_code_is_held_to_the_bounds_of_a_file() {
         use super::super::Runtime;
         type Set = fn(&mut Config);
-        let refused: [(&str, Set); 17] = [
+        let refused: [(&str, Set); 18] = [
             ("node", |c| c.node = " ".to_owned()),
             ("poll_interval", |c| c.poll_interval = Duration::MAX),
             ("poll_interval", |c| c.poll_interval = Duration::ZERO),
@@ -607,6 +624,7 @@ mod tests {
             ("idle_timeout", |c| c.idle_timeout = Duration::MAX),
             ("reply_ttl", |c| c.reply_ttl = Duration::MAX),
             ("reply_ttl", |c| c.reply_ttl = Duration::ZERO),
+            ("lease_ttl", |c| c.lease_ttl = Duration::from_millis(1)),
             ("max_mailbox", |c| c.max_mailbox = Some(0)),
             ("compaction.every_entries", |c| {
                 c.compaction.every_entries = Some(0)
