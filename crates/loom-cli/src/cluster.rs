@@ -91,6 +91,9 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
     }
     let (waiting, cut) = kinds_waiting(store).await?;
     kinds.extend(waiting);
+    // Parked actors' messages are out of every backlog: counted beside it.
+    let parked = loom_core::runtime::parked_per_kind(store).await?;
+    kinds.extend(parked.keys().cloned());
     let mut rows = Vec::with_capacity(kinds.len());
     for kind in &kinds {
         let backlog = store.backlog(kind).await?;
@@ -98,6 +101,7 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
         let owners = owners(store, kind).await?;
         rows.push((kind.clone(), hosts, backlog, owners));
     }
+    let parked_of = |kind: &str| parked.get(kind).copied().unwrap_or(0);
     let relay = store.relay_backlog().await?;
     let at = roster.at;
     if json {
@@ -137,6 +141,7 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
                     "hosts": hosts,
                     "waiting": b.mailboxes,
                     "ready": b.ready,
+                    "parked": parked_of(kind),
                     "longest_wait_ms": b.longest_wait().as_millis() as u64,
                     "unowned": owner_counts(owners).1,
                     "partitions": partitions,
@@ -163,13 +168,21 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
         .iter()
         .map(|(kind, hosts, b, owners)| {
             let (owned, unowned) = owner_counts(owners);
-            let note = if hosts.is_empty() && b.mailboxes > 0 {
+            let mut note = if hosts.is_empty() && b.mailboxes > 0 {
                 "no live host: its messages wait".to_owned()
             } else if unowned > 0 && !hosts.is_empty() {
                 format!("{unowned} partitions without an owner yet")
             } else {
                 String::new()
             };
+            if parked_of(kind) > 0 {
+                let parks = "parked actors' messages wait for `loom parked unpark`";
+                note = if note.is_empty() {
+                    parks.to_owned()
+                } else {
+                    format!("{note}; {parks}")
+                };
+            }
             vec![
                 kind.clone(),
                 if hosts.is_empty() {
@@ -184,6 +197,7 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
                 },
                 b.mailboxes.to_string(),
                 b.ready.to_string(),
+                parked_of(kind).to_string(),
                 if b.ready == 0 {
                     "-".to_owned()
                 } else {
@@ -200,11 +214,12 @@ pub async fn status(store: &dyn Store, extra: &[String], json: bool) -> Result<(
             "PARTITION OWNERS",
             "WAITING",
             "READY",
+            "PARKED",
             "LONGEST WAIT",
             "",
         ],
         cells,
-        &[3, 4, 5],
+        &[3, 4, 5, 6],
     )?;
     if cut {
         out(format_args!(

@@ -176,6 +176,32 @@ fn waits_for_a_host_and_runs_once_when_it_comes_back(url: &str, ns: &str, ns_fla
     );
     assert_eq!(kind(&s, "greeter")["waiting"], 0);
 
+    // A parked actor's messages are out of every backlog: counted beside it, with a note
+    // (*before*: the status showed nothing of them). It stays parked.
+    let z = loom_core::ActorId::new("counter", "z").unwrap();
+    rt.block_on(async {
+        let park = loom_core::Park::new("host-b", "a bug");
+        store.park(&z, &park, None).await.unwrap();
+        let m = loom_core::Envelope::new(z.clone(), serde_json::json!(1));
+        store.enqueue(&m, None).await.unwrap();
+    });
+    let s = status_json(&args);
+    assert_eq!(
+        (
+            &kind(&s, "counter")["parked"],
+            &kind(&s, "greeter")["parked"]
+        ),
+        (&serde_json::json!(1), &serde_json::json!(0)),
+        "{s}"
+    );
+    assert_eq!(kind(&s, "counter")["waiting"], 2, "{s}");
+    let table = ok(&[&["cluster", "status"][..], &args[..]].concat());
+    assert!(
+        table.contains("PARKED")
+            && table.contains("parked actors' messages wait for `loom parked unpark`"),
+        "{table}"
+    );
+
     // It comes back: each waiting message runs once.
     let b = rt.block_on(async {
         let b = host_counters(&store).await;

@@ -614,20 +614,7 @@ async fn parked_counts(
     store: &dyn loom_core::Store,
     deadline: tokio::time::Instant,
 ) -> Option<std::collections::BTreeMap<String, u64>> {
-    let count = async {
-        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut after: Option<loom_core::ActorId> = None;
-        loop {
-            let page = store.parked_actors(after.as_ref(), 1000).await?;
-            for (a, _) in &page {
-                *counts.entry(a.kind().to_owned()).or_default() += 1;
-            }
-            match page.last() {
-                Some((a, _)) if page.len() == 1000 => after = Some(a.clone()),
-                _ => return Ok::<_, loom_core::StoreError>(counts),
-            }
-        }
-    };
+    let count = loom_core::runtime::parked_per_kind(store);
     match tokio::time::timeout_at(deadline, count).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {

@@ -397,3 +397,36 @@ pub async fn journal_bytes(store: &dyn Store, actor: &ActorId) -> Result<Journal
     }
     Ok(b)
 }
+
+/// The store's parked actors counted per kind, paged through. Each parked actor's messages
+/// wait for `loom parked unpark`, out of every kind's backlog: `loom cluster status` and the
+/// `loom_parked_actors` gauge show these counts beside it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use loom_core::{ActorId, EmbeddedStore, Park, Parking};
+/// let store = EmbeddedStore::in_memory()?;
+/// let a = ActorId::new("account", "alice")?;
+/// store.park(&a, &Park::new("node-a", "a bug"), None).await?;
+/// let counts = loom_core::runtime::parked_per_kind(&store).await?;
+/// assert_eq!(counts.get("account"), Some(&1));
+/// # Ok(()) }
+/// ```
+pub async fn parked_per_kind(
+    store: &dyn Store,
+) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    const PAGE: usize = 1000;
+    let mut counts = std::collections::BTreeMap::new();
+    let mut after: Option<ActorId> = None;
+    loop {
+        let page = store.parked_actors(after.as_ref(), PAGE).await?;
+        for (a, _) in &page {
+            *counts.entry(a.kind().to_owned()).or_default() += 1;
+        }
+        match page.last() {
+            Some((a, _)) if page.len() == PAGE => after = Some(a.clone()),
+            _ => return Ok(counts),
+        }
+    }
+}

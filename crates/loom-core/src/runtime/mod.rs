@@ -77,7 +77,7 @@ pub use activity::{ActivityError, ActivityPolicy};
 pub use actor::{Actor, Rejected};
 pub use admin::{
     BuryError, CancelTarget, Cancellation, JournalBytes, bury_mailbox, cancel, delete_journal,
-    journal_bytes, purge_dead_letter_ids, purge_dead_letters,
+    journal_bytes, parked_per_kind, purge_dead_letter_ids, purge_dead_letters,
 };
 pub use builder::{IntoStore, RuntimeBuilder, StartError};
 pub use client::{
