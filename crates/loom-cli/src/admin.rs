@@ -344,9 +344,10 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), 
         Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("redo") => {
             if !yes {
                 return Err(Failure(format!(
-                    "{e}\nsalvaging opens the store without the batches from the damage on (they \
-                     are moved to {}/loom.redo.damaged-<ms>); copy the directory first if it \
-                     matters, then run again with --yes",
+                    "{e}\nsalvaging opens the store without the batches the log held from the \
+                     damage on (a damaged log's bytes are moved to {}/loom.redo.damaged-<ms>), \
+                     or without a missing log; copy the directory first if it matters, then run \
+                     again with --yes",
                     dir.display()
                 )));
             }
@@ -363,14 +364,18 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), 
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".redo.damaged-"))
         .collect();
+    let without = if kept.is_empty() {
+        "without what its missing redo log held".to_owned()
+    } else {
+        format!(
+            "without the batches from the damage on (kept in {})",
+            kept.join(", ")
+        )
+    };
     report(
         json,
         serde_json::json!({ "salvaged": true, "intact": false, "kept": kept }),
-        format_args!(
-            "{}: salvaged; it opens again, without the batches from the damage on (kept in {})",
-            dir.display(),
-            kept.join(", ")
-        ),
+        format_args!("{}: salvaged; it opens again, {without}", dir.display()),
     )
 }
 

@@ -155,7 +155,7 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// The embedded store's redo log: salvage one damaged in the middle.
+    /// The embedded store's redo log: salvage one damaged in the middle, or gone.
     Redo {
         #[command(subcommand)]
         command: RedoCommand,
@@ -284,7 +284,8 @@ enum StoreCommand {
 enum RedoCommand {
     /// Opens an embedded store refused for a redo log damaged in the middle, keeping the
     /// batches before the damage; the damaged bytes and all after them (acknowledged batches
-    /// included) are moved to `loom.redo.damaged-<ms>`. Restore a backup instead if you can.
+    /// included) are moved to `loom.redo.damaged-<ms>`. Or one refused for a missing redo
+    /// log, without what it held. Restore a backup instead if you can.
     Salvage {
         /// The data directory (`embedded:PATH` or a path).
         #[arg(long)]

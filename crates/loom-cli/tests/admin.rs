@@ -853,6 +853,28 @@ fn parked_actors_and_waiting_mailboxes() {
 /// A redo log damaged in the middle: `loom` refuses the store with a sentence that names the
 /// file, the offset and the way out, and `loom redo salvage --yes` opens it without the lost
 /// batches.
+/// A store whose redo log is gone is refused by every command, naming the log, and `loom redo
+/// salvage` opens it without what the log held, once told to.
+#[test]
+fn a_missing_redo_log_is_refused_and_salvaged_on_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let s = dir.path().to_str().unwrap();
+    let log = dir.path().join(loom_core::embedded::REDO_FILE);
+    std::fs::remove_file(&log).expect("remove the log");
+    let (ok_, _, err) = loom(&["journal", "--store", s, "ls"]);
+    assert!(!ok_ && err.contains("the redo log is missing"), "{err}");
+    assert!(!log.exists(), "a refused look created the log");
+    let (ok_, _, err) = loom(&["redo", "salvage", "--store", s]);
+    assert!(!ok_ && err.contains("--yes"), "{err}");
+    let said = ok(&["redo", "salvage", "--store", s, "--yes"]);
+    assert!(
+        said.contains("without what its missing redo log held"),
+        "{said}"
+    );
+    assert!(ok(&["journal", "--store", s, "ls"]).contains("counter/a"));
+}
+
 #[test]
 fn a_damaged_redo_log_is_refused_and_salvaged_on_request() {
     use loom_core::{Entry, EntryKind, JournalStore};

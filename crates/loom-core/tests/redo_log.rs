@@ -420,6 +420,28 @@ async fn a_missing_redo_log_or_an_emptied_partition_file_is_refused() {
         Err(other) => panic!("untyped: {other:?}"),
     }
 
+    // A store of one partition, closed, its data file emptied: its log's header shows the file
+    // was written (*before*: it opened as a new store, its actors gone).
+    let single = dir.path().join("single");
+    {
+        let store = one(&single).expect("open");
+        store
+            .append(&id(1), 1, &[entry(1, 1)])
+            .await
+            .expect("append");
+    }
+    std::fs::File::create(single.join(DATA_FILE)).unwrap();
+    match one(&single) {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            assert!(e.to_string().contains(DATA_FILE), "{e}");
+        }
+        Ok(s) => panic!(
+            "opened over an emptied data file: {} entries",
+            journal(&s, 1).await.len()
+        ),
+        Err(other) => panic!("untyped: {other:?}"),
+    }
+
     // A damaged header of the second partition's log is named as that log (*before*: as
     // `loom.redo`, partition 0's).
     let three = dir.path().join("three");

@@ -328,8 +328,10 @@ fn open_log(dir: &Path, part: u32) -> StoreResult<(std::fs::File, Vec<u8>, bool)
 /// with one (`had_log`: the file records `"redo_lsn"`, which every opening with a log commits):
 /// the batches acknowledged since its last checkpoint would be silently lost (rule D4). A log
 /// is created, and its directory entry synced, before the first commit of its data file
-/// (`open_log`), so a data file that says it had one did. With `salvage` the store opens
-/// without the missing log, saying so.
+/// (`open_log`), so a data file that says it had one did. (An older build synced that entry
+/// only after the first commit: a crash between the two may have lost an empty log, and its
+/// store is then refused with nothing lost.) With `salvage` the store opens without the
+/// missing log, saying so.
 fn check_log_there(dir: &Path, part: u32, had_log: bool, salvage: bool) -> StoreResult<()> {
     let path = dir.join(redo_file(part));
     let missing = match std::fs::metadata(&path) {
@@ -763,6 +765,19 @@ fn start(
             let had_log = tx.meta.get()?.get(writer::REDO_LSN).map_err(se)?.is_some();
             check_log_there(dir, part, had_log, salvage)?;
             let (file, bytes, created) = open_log(dir, part)?;
+            // A log is written to (its header first) only after its data file's first commit
+            // (`reset_log`): a data file with no commit beside a log with bytes in it was
+            // emptied or replaced, and opening it would create an empty partition in its place.
+            if layout.is_none() && !bytes.is_empty() {
+                return Err(StoreError::corrupt(
+                    dir.join(data_file(part)).display().to_string(),
+                    CodecError::Body(format!(
+                        "the file holds nothing, though its redo log {} shows it was written: it \
+                         was emptied or replaced; restore the directory from a backup",
+                        redo_file(part)
+                    )),
+                ));
+            }
             (Some(dir), Some((file, bytes, created, wrap)))
         }
         None => (None, None),

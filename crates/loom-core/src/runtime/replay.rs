@@ -242,8 +242,8 @@ pub(crate) struct Replayed {
     pub(crate) unfinished: Option<Unfinished>,
     pub(crate) next_seq: Seq,
     /// The seq of the last change of state a handler made (a patch, or a first state journaled
-    /// whole as an upgrade from version 0; the snapshot's seq when none follows it; 0 for
-    /// none): a retirement for `Context::finish` keeps the actor only if its state changed
+    /// whole as an upgrade from version 0; when none follows the snapshot, the one its body
+    /// records, or its own seq for a body from before it was kept; 0 for none): a retirement for `Context::finish` keeps the actor only if its state changed
     /// after it finished. Upgrades are not changes.
     pub(crate) last_change: Seq,
     /// The last seq at which no invocation was half-done.
