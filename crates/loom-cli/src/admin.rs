@@ -341,7 +341,9 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), 
                 ),
             );
         }
-        Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("redo") => {
+        // Only the refusals salvage mends say so (a damaged or missing log): another, an
+        // emptied data file say, is not offered a salvage that would be refused the same.
+        Err(e @ StoreError::Corrupt { .. }) if e.to_string().contains("loom redo salvage") => {
             if !yes {
                 return Err(Failure(format!(
                     "{e}\nsalvaging opens the store without the batches the log held from the \
@@ -358,11 +360,19 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), 
         salvage_damaged_redo: true,
         ..EmbeddedOptions::default()
     };
+    let damaged = || -> std::io::Result<Vec<String>> {
+        Ok(std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".redo.damaged-"))
+            .collect())
+    };
+    // Those this salvage keeps, not an earlier one's.
+    let earlier = damaged()?;
     drop(EmbeddedStore::open_with(dir, options)?);
-    let kept: Vec<String> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".redo.damaged-"))
+    let kept: Vec<String> = damaged()?
+        .into_iter()
+        .filter(|n| !earlier.contains(n))
         .collect();
     let without = if kept.is_empty() {
         "without what its missing redo log held".to_owned()

@@ -850,9 +850,6 @@ fn parked_actors_and_waiting_mailboxes() {
     });
 }
 
-/// A redo log damaged in the middle: `loom` refuses the store with a sentence that names the
-/// file, the offset and the way out, and `loom redo salvage --yes` opens it without the lost
-/// batches.
 /// A store whose redo log is gone is refused by every command, naming the log, and `loom redo
 /// salvage` opens it without what the log held, once told to.
 #[test]
@@ -873,8 +870,21 @@ fn a_missing_redo_log_is_refused_and_salvaged_on_request() {
         "{said}"
     );
     assert!(ok(&["journal", "--store", s, "ls"]).contains("counter/a"));
+    // An emptied data file is refused too, and no salvage, which could not mend it, is offered.
+    let other = tempfile::tempdir().expect("temp dir");
+    seeded(other.path());
+    std::fs::File::create(other.path().join("loom-p1.redb")).expect("empty a data file");
+    let o = other.path().to_str().unwrap();
+    let (ok_, _, err) = loom(&["redo", "salvage", "--store", o]);
+    assert!(
+        !ok_ && err.contains("loom-p1.redb") && !err.contains("--yes"),
+        "{err}"
+    );
 }
 
+/// A redo log damaged in the middle: `loom` refuses the store with a sentence that names the
+/// file, the offset and the way out, and `loom redo salvage --yes` opens it without the lost
+/// batches.
 #[test]
 fn a_damaged_redo_log_is_refused_and_salvaged_on_request() {
     use loom_core::{Entry, EntryKind, JournalStore};
