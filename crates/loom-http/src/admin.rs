@@ -405,22 +405,21 @@ async fn journal(
         .store
         .read(&a, SeqRange::all().from(from).max(limit as u64));
     let (mut entries, mut bytes) = (Vec::new(), 0);
-    while let Some(e) = read.try_next().await? {
-        let e = serde_json::to_value(&e)
-            .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?;
-        bytes += e.to_string().len();
+    while bytes <= MAX_PAGE_BYTES
+        && let Some(e) = read.try_next().await?
+    {
+        bytes += serde_json::to_vec(&e)
+            .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?
+            .len();
         entries.push(e);
-        if bytes > MAX_PAGE_BYTES {
-            break;
-        }
     }
-    let next = |e: &Value| e["seq"].as_u64().map(|seq| seq + 1);
-    if bytes > MAX_PAGE_BYTES {
-        // Cut short: the rest follows from the last entry given.
-        let next = entries.last().and_then(next);
-        return Ok(axum::Json(json!({ "items": entries, "next": next })).into_response());
-    }
-    Ok(paged(&entries, limit, next))
+    // A page cut short by its bytes is full: the rest follows from its last entry.
+    let full = if bytes > MAX_PAGE_BYTES {
+        entries.len()
+    } else {
+        limit
+    };
+    Ok(paged(&entries, full, |e| e.seq + 1))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -195,8 +195,8 @@ impl Context<'_> {
     /// back, as every replay returns it (a field its serialization skips comes back as its
     /// default). An output the journal cannot keep, one that does not encode to JSON or decode
     /// from it (`f64::NAN` becomes `null`) or over
-    /// [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES) encoded, fails the step for good with [`StepError::ActivityFailed`]: `f` ran, and is not
-    /// run again.
+    /// [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES) encoded, fails the step for good
+    /// with [`StepError::ActivityFailed`]: `f` ran, and is not run again.
     ///
     /// Here an invocation is cut short by a crash after its activity ran; the next process
     /// replays it, and the activity returns its journaled result instead of running again:
@@ -538,7 +538,7 @@ impl Context<'_> {
                     // The handler gets the output as a replay will: decoded from what is
                     // journaled (a NaN journals as null, a skipped field is left out), so the
                     // live run and its replays go the same way.
-                    let kept = match serde_json::from_value::<O>(value.clone()) {
+                    let kept = match O::deserialize(&value) {
                         Ok(kept) => kept,
                         Err(e) => {
                             let why = format!(
@@ -547,19 +547,20 @@ impl Context<'_> {
                             return Err(self.output_refused(name, step, attempt, &why).await);
                         }
                     };
-                    let completed = EntryKind::ActivityCompleted {
+                    self.inv.push(EntryKind::ActivityCompleted {
                         step,
                         output: value,
-                    };
-                    let seq = self.inv.next_seq + self.inv.pending.len() as crate::entry::Seq;
-                    if let Err(e) = crate::store::backend::encode_entry(
-                        &self.inv.actor,
-                        &crate::entry::Entry::new(seq, completed.clone()),
-                    ) {
+                    });
+                    // Checked as the store will check it; refused, it is taken back and the
+                    // step fails in its place.
+                    let refused = self.inv.pending.last().and_then(|e| {
+                        crate::store::backend::encode_entry(&self.inv.actor, e).err()
+                    });
+                    if let Some(e) = refused {
+                        self.inv.unpush();
                         let why = format!("its output cannot be journaled: {e}");
                         return Err(self.output_refused(name, step, attempt, &why).await);
                     }
-                    self.inv.push(completed);
                     // Journaled before the handler goes on.
                     self.flush().await?;
                     return Ok(kept);

@@ -241,6 +241,13 @@ impl Invocation {
         let seq = self.next_seq + self.pending.len() as Seq;
         self.pending.push(Entry::new(seq, kind));
     }
+
+    /// Takes back the last entry pushed, not yet flushed.
+    pub(crate) fn unpush(&mut self) {
+        if let Some(e) = self.pending.pop() {
+            self.weight -= super::weight(&e.kind);
+        }
+    }
 }
 
 /// What a handler uses for everything that must survive a crash.

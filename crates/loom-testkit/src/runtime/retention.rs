@@ -212,11 +212,11 @@ async fn a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload(h
         rt.actor::<Worker>("read").unwrap(),
         rt.actor::<Worker>("ran").unwrap(),
     );
-    let highest = |id: loom_core::ActorId| async move { h.store.info(&id).await.unwrap() };
+    let info = |id: loom_core::ActorId| async move { h.store.info(&id).await.unwrap() };
     read.ask(vec![activity("r"), Step::Finish]).await.unwrap();
-    let read_finish = highest(worker("read")).await.highest;
+    let read_finish = info(worker("read")).await.highest;
     ran.ask(vec![Step::Finish]).await.unwrap();
-    let ran_finish = highest(worker("ran")).await.highest;
+    let ran_finish = info(worker("ran")).await.highest;
     ran.ask(vec![activity("again")]).await.unwrap();
     // Reads until a snapshot is past the finish (each turn may start a compaction; one still
     // running when a turn ends is not started again by it).
@@ -225,7 +225,7 @@ async fn a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload(h
         (&ran, worker("ran"), ran_finish),
     ] {
         let mut reads = 0;
-        while highest(id.clone())
+        while info(id.clone())
             .await
             .snapshots
             .last()
