@@ -234,7 +234,7 @@ impl Mailbox for PostgresStore {
     }
 
     async fn nack(&self, receipt: &Receipt, delay: Duration, error: &str) -> StoreResult<()> {
-        let error = loom_core::limits::clip_reason(error);
+        let error = crate::sql::reason_text(error);
         self.settle_op(
             receipt,
             "nack",
@@ -295,7 +295,7 @@ impl Mailbox for PostgresStore {
     }
 
     async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> StoreResult<u64> {
-        let reason = loom_core::limits::clip_reason(reason);
+        let reason = crate::sql::reason_text(reason);
         self.settle_op(receipt, "bury", 0, &reason)
             .await
             .map(|id| id as u64)

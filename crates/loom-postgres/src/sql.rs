@@ -36,6 +36,19 @@ pub(crate) fn fence_token(actor: &ActorId, fence: &Lease) -> StoreResult<i64> {
     })
 }
 
+/// A failure text (a nack's error, a dead letter's reason) as a `text` column takes it:
+/// clipped ([`clip_reason`](loom_core::limits::clip_reason)), and each NUL, which PostgreSQL's
+/// `text` refuses, replaced by U+FFFD. A handler's failure may hold what its input held, and a
+/// refused nack or burial would leave its message redelivered without backoff.
+pub(crate) fn reason_text(text: &str) -> String {
+    let clipped = loom_core::limits::clip_reason(text);
+    if clipped.contains('\0') {
+        clipped.replace('\0', "\u{FFFD}")
+    } else {
+        clipped
+    }
+}
+
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }

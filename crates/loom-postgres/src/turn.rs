@@ -73,11 +73,9 @@ impl Store for PostgresStore {
         }
         let (op, receipt, reason) = match turn.settle {
             Some(Settle::Ack(r)) => (Some("ack"), Some(r), String::new()),
-            Some(Settle::DeadLetter(r, reason)) => (
-                Some("bury"),
-                Some(r),
-                loom_core::limits::clip_reason(reason),
-            ),
+            Some(Settle::DeadLetter(r, reason)) => {
+                (Some("bury"), Some(r), crate::sql::reason_text(reason))
+            }
             None => (None, None, String::new()),
         };
         // The turn settles a delivery of its own actor's mailbox, or of one of its event lanes:

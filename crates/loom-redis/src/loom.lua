@@ -869,12 +869,15 @@ local function turn(KEYS, ARGV, now)
       pending = h.next ~= nil and h.mbox == h.actor
       mb_remove_current(sm, now, current, pending)
     else
-      mb_bury(sm, dl_of(KEYS[4], KEYS[5], h.dl[1], h.dl[2]), h.settle.reason, now)
+      -- An empty reason is left out of the header (turn.rs).
+      mb_bury(sm, dl_of(KEYS[4], KEYS[5], h.dl[1], h.dl[2]), h.settle.reason or '', now)
     end
   end
   if h.record_ttl then
     redis.call('SET', KEYS[7], ARGV[2 + h.n + #h.out], 'PX', h.record_ttl)
-    if h.done then redis.call('PUBLISH', h.done[1], h.done[2]) end
+    -- pcall: the turn's writes are done, so a refused signal (a Redis 7 ACL user without the
+    -- channel) must not make it an error; waiters find the record by their poll.
+    if h.done then redis.pcall('PUBLISH', h.done[1], h.done[2]) end
   end
   local r = nil
   if h.next then

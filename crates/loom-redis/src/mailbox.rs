@@ -469,7 +469,11 @@ impl Mailbox for RedisStore {
         let conn = self.conn();
         let mut found = Vec::new();
         for k in crate::scan::keys(&conn, &self.keys.mailbox_pattern()).await? {
-            if let Some(actor) = self.keys.actor_of(&k) {
+            // The pattern also matches an idempotency record whose key ends in `}:mm`
+            // (`…:{acct/alice}:i:k}:mm`): a mailbox's meta key is the one its actor names.
+            if let Some(actor) = self.keys.actor_of(&k)
+                && self.keys.mailbox(&actor).mm == k
+            {
                 found.push((actor, k));
             }
         }

@@ -973,3 +973,63 @@ async fn a_page_of_a_long_mailbox_is_read_back_alone() {
     }
     assert!(store.destroy().await.expect("destroy") > 0);
 }
+
+/// A Redis 7 ACL user without the right to publish (new users get no channels by default): a
+/// turn that records a reply writes everything and then signals it, and the refused signal must
+/// not turn the committed turn into an error. Before, the turn came back as a storage failure
+/// with its writes done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_may_not_publish_still_commits_turns_that_record_replies() {
+    use loom_core::store::backend::{Record, Settle, Turn};
+    use loom_core::{
+        Envelope, IdempotencyKey, IdempotencyStore, LeaseOptions, Mailbox, Reservation, Store,
+    };
+    let server = RedisServer::start_with(&[
+        "--user",
+        "loom",
+        "on",
+        ">pw",
+        "~*",
+        "resetchannels",
+        "+@all",
+    ]);
+    let url = format!(
+        "redis+unix://{}?user=loom&pass=pw",
+        server.socket().display()
+    );
+    let store = connect(&url, "nopub").await;
+    let a = ActorId::new("acct", "alice").unwrap();
+    let key = IdempotencyKey::new("k").unwrap();
+    let m = Envelope {
+        idempotency_key: Some(key.clone()),
+        ..Envelope::new(a.clone(), serde_json::json!("in"))
+    };
+    store
+        .enqueue_once(&m, None, &key, Duration::from_secs(60))
+        .await
+        .expect("enqueue");
+    let d = store
+        .lease(&a, LeaseOptions::default())
+        .await
+        .expect("lease")
+        .expect("a delivery");
+    let reply = serde_json::json!("done");
+    let committed = store
+        .commit_turn(Turn {
+            settle: Some(Settle::Ack(&d.receipt)),
+            record: Some(Record {
+                actor: &a,
+                key: &key,
+                result: &reply,
+                ttl: Duration::from_secs(60),
+            }),
+            ..Turn::append(&a, 1, &[entry(1, 1)])
+        })
+        .await;
+    assert_eq!(committed.expect("the turn committed").highest, 1);
+    assert_eq!(
+        store.lookup(&a, &key).await.unwrap(),
+        Some(Reservation::Completed(reply))
+    );
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+}

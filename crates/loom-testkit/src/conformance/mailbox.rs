@@ -18,6 +18,7 @@ use super::{Case, cases};
 pub(super) fn cases() -> Vec<Case> {
     cases![
         enqueue_then_lease_in_fifo_order,
+        mailboxes_lists_actors_whatever_their_idempotency_keys_hold,
         only_one_message_per_actor_is_out_at_a_time,
         ack_removes_the_message,
         expired_visibility_redelivers_with_a_higher_attempt,
@@ -696,6 +697,30 @@ async fn messages_pages_in_position_order_whatever_order_they_are_handed_out(
         assert_eq!(one.len(), 1);
         assert_eq!((one[0].position, one[0].out), (w.position, w.out));
     }
+}
+
+/// An idempotency key may hold what a backend's key names use (`}:mm`, `:ready:`, braces):
+/// its record must not pass for a mailbox in a listing (on Redis such a record's key matched
+/// the mailbox pattern, and every listing failed on it).
+async fn mailboxes_lists_actors_whatever_their_idempotency_keys_hold(store: Arc<dyn Store>) {
+    let a = ActorId::new("conf", "a").unwrap();
+    for (i, key) in ["k}:mm", "x}:mq", "{y}:mm", "z:ready:conf", "}:mm"]
+        .into_iter()
+        .enumerate()
+    {
+        let key = IdempotencyKey::new(key).unwrap();
+        let m = Envelope {
+            idempotency_key: Some(key.clone()),
+            ..Envelope::new(a.clone(), json!(i))
+        };
+        store
+            .enqueue_once(&m, None, &key, Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.mailboxes(None, 10).await.unwrap(), vec![a.clone()]);
+    assert_eq!(store.messages(&a, None, 10).await.unwrap().len(), 5);
+    assert_eq!(store.ready_actors(&["conf"], 10).await.unwrap(), vec![a]);
 }
 
 async fn messages_lists_what_waits_and_mailboxes_lists_who_has_mail(store: Arc<dyn Store>) {

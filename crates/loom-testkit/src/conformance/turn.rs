@@ -25,6 +25,7 @@ pub(super) fn cases() -> Vec<Case> {
         writes_fenced_by_the_partitions_lease_commit_until_it_is_lost_or_the_own_lease_is_taken,
         a_fence_of_another_lease_than_the_actors_or_its_partitions_is_refused,
         turn_can_dead_letter_its_delivery,
+        any_failure_text_is_taken_by_nacks_and_dead_letters,
         turn_sending_to_its_own_actor_keeps_the_mailbox_consistent,
         turn_without_entries_only_settles,
         turn_can_lease_the_next_message_in_the_same_write,
@@ -541,6 +542,53 @@ async fn turn_sending_to_its_own_actor_keeps_the_mailbox_consistent(store: Arc<d
     store.ack(&next.receipt).await.unwrap();
     assert_eq!(store.pending(&a).await.unwrap(), 0);
     assert!(store.ready_actors(&["conf"], 10).await.unwrap().is_empty());
+}
+
+/// A handler's failure text reaches the store as it came: empty, or holding what its input held
+/// (a NUL byte, which PostgreSQL's `text` refuses). A nack, a turn that buries and a plain
+/// dead letter all take it; the text read back may be mended (a NUL replaced) but not lost.
+async fn any_failure_text_is_taken_by_nacks_and_dead_letters(store: Arc<dyn Store>) {
+    let a = id("a");
+    let mut seq = 1;
+    for reason in ["", "bad \0 cmd"] {
+        for by_turn in [true, false] {
+            let d = deliver(&*store, &a).await;
+            store
+                .nack(&d.receipt, Duration::ZERO, reason)
+                .await
+                .unwrap();
+            let d = store
+                .lease(&a, long())
+                .await
+                .unwrap()
+                .expect("after the nack");
+            let last = d.last_error.clone().unwrap_or_default();
+            assert!(
+                last.starts_with(&reason[..reason.len().min(4)]) && last.len() >= reason.len(),
+                "the nack's error came back as {last:?}"
+            );
+            if by_turn {
+                store
+                    .commit_turn(Turn {
+                        settle: Some(Settle::DeadLetter(&d.receipt, reason)),
+                        ..Turn::append(&a, seq, &entries(seq, seq))
+                    })
+                    .await
+                    .unwrap();
+                seq += 1;
+            } else {
+                store.dead_letter(&d.receipt, reason).await.unwrap();
+            }
+        }
+    }
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    let got: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(&got[..2], ["", ""]);
+    for r in &got[2..] {
+        assert!(r.starts_with("bad ") && r.ends_with(" cmd"), "{r:?}");
+    }
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
 }
 
 async fn turn_without_entries_only_settles(store: Arc<dyn Store>) {
