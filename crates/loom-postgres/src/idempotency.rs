@@ -118,8 +118,11 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn purge_expired(&self, limit: usize) -> StoreResult<u64> {
+        // The outer condition again: a record `reserve` takes anew while this delete waits on
+        // its row lock is live, and READ COMMITTED's recheck of the join alone would delete it.
         let done = sqlx::query(self.q("DELETE FROM {s}.idempotency WHERE (actor, key) IN \
-             (SELECT actor, key FROM {s}.idempotency WHERE expires_at <= {s}.now_ms() LIMIT $1)"))
+             (SELECT actor, key FROM {s}.idempotency WHERE expires_at <= {s}.now_ms() LIMIT $1) \
+             AND expires_at <= {s}.now_ms()"))
         .bind(limit as i64)
         .execute(&self.pool)
         .await

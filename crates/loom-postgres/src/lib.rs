@@ -213,9 +213,9 @@ pub(crate) fn pe(e: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     // The server unreachable or going away (admin_shutdown, crash_shutdown, cannot_connect_now,
     // connection exceptions), or the transaction's own serialization_failure, deadlock_detected
-    // or query_canceled (statement timeout).
+    // or query_canceled (statement timeout), or lock_not_available (a lock timeout).
     let transient = unreachable(&e)
-        || matches!(&e, E::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01" | "57014")));
+        || matches!(&e, E::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01" | "57014" | "55P03")));
     let code = match &e {
         E::Database(d) => d.code().map(|c| c.into_owned()),
         _ => None,
@@ -320,6 +320,10 @@ impl PostgresStore {
             // configured, on them too), whatever the server's default for other clients.
             .options([
                 ("statement_timeout", timeout.as_str()),
+                // A lock is waited for within `statement_timeout` alone: a `lock_timeout` a
+                // role or database carries would fail a batch waiting on a hot row as a
+                // storage error, and send its requests down the one-by-one path.
+                ("lock_timeout", "0"),
                 ("synchronous_commit", "on"),
                 // Who sent a wake-up (`schema_v2.sql`), so that the sender's listener skips it.
                 ("loom.origin", origin.as_str()),
@@ -461,7 +465,25 @@ impl PostgresStore {
                 "PostgreSQL schema {s:?} is a keyword SQL reserves ({what}); choose another name"
             )));
         }
+        // The words PL/pgSQL reserves (`pl_reserved_kwlist.h`) that SQL does not: the
+        // functions' bodies end a statement at them (`FOR r IN SELECT … FROM loop.f() LOOP`).
+        const PLPGSQL_RESERVED: [&str; 9] = [
+            "begin", "by", "declare", "execute", "foreach", "if", "loop", "strict", "while",
+        ];
+        if PLPGSQL_RESERVED.contains(&s.as_str()) {
+            return Err(StoreError::InvalidRequest(format!(
+                "PostgreSQL schema {s:?} is a keyword PL/pgSQL reserves (reserved in PL/pgSQL); choose another name"
+            )));
+        }
         let mut tx = self.pool.pool.begin().await.map_err(pe)?;
+        // A migration may rightly take long (a step rewriting every row of an older store's
+        // table), and waits for its locks behind running nodes' transactions and another
+        // migrator: the session's `statement_timeout` (and a `lock_timeout` a role may carry)
+        // would cut it off at every start, and roll it back each time.
+        sqlx::raw_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(pe)?;
         // One migrator at a time per schema, across every process.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("loom schema {s}"))
@@ -469,8 +491,22 @@ impl PostgresStore {
             .await
             .map_err(pe)?;
         // `s` was checked above to be [a-z0-9_]: the only text put into these statements.
+        // `CREATE SCHEMA IF NOT EXISTS` needs the right to create schemas in the database even
+        // when the schema exists, which a role given a schema made for it by its DBA lacks: it
+        // is created only when it is not there.
+        let there: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(s)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(pe)?;
+        let create = if there {
+            String::new()
+        } else {
+            format!("CREATE SCHEMA IF NOT EXISTS {s}; ")
+        };
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS {s}; CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY);"
+            "{create}CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY);"
         )))
         .execute(&mut *tx)
         .await

@@ -528,8 +528,9 @@ async fn bad_urls_schemas_and_logins_are_typed_errors() {
     )
     .await;
     assert!(matches!(bad_schema, Err(StoreError::InvalidRequest(_))));
-    // A name the SQL grammar reserves (it would be a syntax error in every statement).
-    for word in ["left", "select", "user"] {
+    // A name the SQL grammar reserves (it would be a syntax error in every statement), or
+    // PL/pgSQL does (`loop` ended a function's `FOR … IN SELECT … FROM loop.f() LOOP`).
+    for word in ["left", "select", "user", "loop", "while"] {
         let reserved = PostgresStore::connect_with(
             &server.url(),
             PostgresOptions {
@@ -735,4 +736,72 @@ async fn asking_for_a_held_lease_does_not_wait_for_the_turns_in_flight() {
     turn.rollback().await.expect("the turn ends");
     let taken = take.await.expect("task").expect("node b takes it");
     assert!(taken.token > held.token, "{taken:?} after {held:?}");
+}
+
+/// A node's start migrates the schema under a lock another migrator (or a long step of an older
+/// store's upgrade) may hold for longer than `statement_timeout`: it waits rather than failing
+/// at every start. And a role given a schema its DBA made for it, without the right to create
+/// schemas in the database, starts (a `CREATE SCHEMA IF NOT EXISTS` is refused to it even when
+/// the schema exists). Before, the first failed with `statement timeout` after 1 s here, the
+/// second with "permission denied for database".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_waits_for_the_migration_lock_and_needs_no_right_to_create_schemas() {
+    let server = PostgresServer::start();
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let mut held = admin.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loom schema mig'))")
+        .execute(&mut *held)
+        .await
+        .expect("take the migrators' lock");
+    let url = server.url();
+    let start = tokio::spawn(async move {
+        PostgresStore::connect_with(
+            &url,
+            PostgresOptions {
+                schema: "mig".into(),
+                statement_timeout: Duration::from_secs(1),
+                ..PostgresOptions::default()
+            },
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!start.is_finished(), "{:?}", start.await);
+    held.commit().await.expect("release the lock");
+    let store = start.await.unwrap().expect("the start waited for the lock");
+    store
+        .append(&id(1), 1, &[entry(1, 1)])
+        .await
+        .expect("append");
+
+    sqlx::raw_sql("CREATE ROLE loom_app LOGIN; CREATE SCHEMA app AUTHORIZATION loom_app")
+        .execute(&admin)
+        .await
+        .expect("a role and its schema");
+    let app = PostgresStore::connect_with(
+        &server.url().replace("postgres@", "loom_app@"),
+        PostgresOptions {
+            schema: "app".into(),
+            ..PostgresOptions::default()
+        },
+    )
+    .await
+    .expect("a role owning its schema starts");
+    app.append(&id(1), 1, &[entry(1, 1)]).await.expect("append");
+    let denied = PostgresStore::connect_with(
+        &server.url().replace("postgres@", "loom_app@"),
+        PostgresOptions {
+            schema: "elsewhere".into(),
+            ..PostgresOptions::default()
+        },
+    )
+    .await;
+    // Where it has no schema, it still needs the right (and the error says so).
+    let Err(denied) = denied else {
+        panic!("a schema was made without the right to create it")
+    };
+    let denied = format!("{denied:?}");
+    assert!(denied.contains("permission denied"), "{denied}");
 }
