@@ -270,6 +270,7 @@ impl RuntimeBuilder {
         }
         shared.spawn(dispatch(shared.clone()));
         shared.spawn(super::membership::heartbeats(shared.clone()));
+        shared.spawn(super::expiry::purge_expired_records(shared.clone()));
         if !shared.hosted.is_empty() {
             shared.spawn(super::ownership::own_partitions(shared.clone()));
         }

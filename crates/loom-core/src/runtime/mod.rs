@@ -52,6 +52,7 @@ mod client;
 mod config;
 mod config_load;
 mod context;
+mod expiry;
 mod health;
 mod hub;
 mod leases;

@@ -19,6 +19,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_requeued_dead_letter_sends_nothing_again_after_a_compaction,
         a_message_buried_mid_run_and_requeued_sends_nothing_again,
         idempotency_key_is_held_while_its_message_waits,
+        expired_replies_are_removed_from_the_store,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
         deliveries_after_a_durable_sleep_ends_count_again,
@@ -433,6 +434,29 @@ async fn idempotency_key_is_held_while_its_message_waits(h: &Harness) {
             .is_none()
     })
     .await;
+    rt.shutdown().await;
+}
+
+/// Every ask records its reply under a key (its own or one made up): once `reply_ttl` has run
+/// out the runtime removes the record, so a store whose records do not expire by themselves
+/// (embedded, PostgreSQL) does not keep a row per ask for ever. Before, nothing but a direct
+/// call of `purge_expired` removed them, and the one below found all five.
+async fn expired_replies_are_removed_from_the_store(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| c.reply_ttl = Duration::from_millis(300))
+        .await;
+    let a = rt.actor::<Account>("purged").unwrap();
+    for _ in 0..5 {
+        a.ask(AccountMsg::Deposit(1)).await.unwrap();
+    }
+    // Expired 0.3 s after each reply, and removed within the 0.15 s after that.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        h.store.purge_expired(1000).await.unwrap(),
+        0,
+        "expired records were left in the store"
+    );
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 5);
     rt.shutdown().await;
 }
 
