@@ -275,8 +275,20 @@ impl<A: Actor> Cell<A> {
         };
         if let Some(interrupt) = inv.interrupt.take() {
             self.restore_state();
+            // A delivery whose store failed it while it still resumed the wait it was woken
+            // for (a wait's recheck, or its event's arrival) only waited, like the wake-ups
+            // before it: they do not count (rule D17), and this failure is a first attempt.
+            // A refusal on its merits counts as before, so that it is not retried for ever.
+            let still_waiting = waiting
+                && inv.counted_from == from
+                && matches!(&interrupt, Interrupt::Store(e) if e.is_transient());
+            let from = if still_waiting {
+                d.envelope.attempt
+            } else {
+                inv.counted_from
+            };
             return self
-                .on_interrupt(io, shared, &d, inv.journaled, inv.counted_from, interrupt)
+                .on_interrupt(io, shared, &d, inv.journaled, from, interrupt)
                 .await;
         }
         let (outcome, new_value) = match outcome {

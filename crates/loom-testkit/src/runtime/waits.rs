@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         wait_event_replay_after_a_crash,
         messages_queue_behind_a_waiting_invocation,
         a_long_wait_for_an_event_suspends_until_the_event_arrives,
+        a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt,
         a_suspended_wait_times_out_no_earlier_than_its_deadline,
         a_suspended_wait_survives_a_crash_and_its_deadline_passing_meanwhile,
         an_event_arriving_as_the_wait_suspends_is_received_at_once,
@@ -537,6 +538,48 @@ async fn a_long_wait_for_an_event_suspends_until_the_event_arrives(h: &Harness) 
             .await,
         1
     );
+    rt.shutdown().await;
+}
+
+/// A suspended wait for an event is woken every `event_recheck` to look for it, each time a
+/// delivery that only waits (rule D17). A store failure while such a delivery resumes the wait
+/// is not the message's last attempt: before, the wake-ups were counted as attempts, and one
+/// failed lease of the event's lane after five of them gave the workflow up.
+async fn a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt(h: &Harness) {
+    let rt = h
+        .runtime_with(|c| {
+            c.suspend_after = Duration::from_millis(50);
+            c.event_recheck = Duration::from_millis(100);
+        })
+        .await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let asked = tokio::spawn({
+        let w = w.clone();
+        async move { w.ask(vec![wait_for("approved", None)]).await }
+    });
+    let wakeups = u64::from(rt.config().retry.max_attempts) + 3;
+    eventually(WAIT, "the wait is woken and suspended again", || async {
+        rt.metrics().suspensions >= wakeups
+    })
+    .await;
+    h.faults
+        .fail_lane_leases
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    eventually(WAIT, "a wake-up meets the failure", || async {
+        h.faults
+            .fail_lane_leases
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+    })
+    .await;
+    w.deliver_event("approved", "late").await.unwrap();
+    let reply = tokio::time::timeout(WAIT, asked)
+        .await
+        .expect("the event did not end the wait")
+        .unwrap()
+        .expect("the workflow was given up");
+    assert_eq!(reply, vec!["event approved: late"]);
+    assert_eq!(rt.metrics().dead_letters, 0);
     rt.shutdown().await;
 }
 
