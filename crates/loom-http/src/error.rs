@@ -110,6 +110,9 @@ impl ApiError {
     }
 }
 
+/// The `Retry-After` of a `429 mailbox_full` and a `503 unavailable`, in seconds.
+pub const RETRY_AFTER_SECS: &str = "1";
+
 impl From<SendError> for ApiError {
     fn from(e: SendError) -> Self {
         let text = e.to_string();
@@ -221,6 +224,17 @@ impl ApiError {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        // A hint for clients and proxies to back off rather than retry at once: a backlog or a
+        // failing store is not gone in a moment.
+        if matches!(
+            self,
+            ApiError::MailboxFull(_) | ApiError::Unavailable { .. }
+        ) {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECS),
             );
         }
         resp

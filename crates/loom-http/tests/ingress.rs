@@ -487,3 +487,56 @@ async fn a_waiting_invocation_is_cancelled_by_its_key() {
     );
     rt.shutdown().await;
 }
+
+/// A full mailbox: a new message gets `429` with `Retry-After`, but a retry with the key of a
+/// message already in it is that message's duplicate (a `504` naming the key while it waits,
+/// its reply once recorded), never `429`, which says nothing was sent. Before, the retry got
+/// `429` and no `Retry-After` came.
+#[tokio::test]
+async fn a_keyed_retry_into_a_full_mailbox_is_not_refused_as_full() {
+    let rt = Runtime::builder()
+        .memory()
+        .configure(|c| c.max_mailbox = Some(1))
+        .register_actor(Tickets)
+        .start()
+        .await
+        .expect("start");
+    let app = loom_http::router(rt.clone(), Options::default());
+    let ask = || {
+        post("/actors/tickets/full/ask?timeout_ms=300")
+            .header("idempotency-key", "k-1")
+            .body(Body::from(r#"{"WaitFor": "go"}"#))
+            .expect("request")
+    };
+    let (s, b) = call(&app, ask()).await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{b}");
+    let (s, b) = call(&app, ask()).await;
+    assert_eq!(
+        (s, &b["idempotency_key"]),
+        (StatusCode::GATEWAY_TIMEOUT, &json!("k-1")),
+        "{b}"
+    );
+    let resp = app
+        .clone()
+        .oneshot(req("/actors/tickets/full/send", r#"{"Add": 1}"#))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().expect("text")),
+        Some(loom_http::RETRY_AFTER_SECS)
+    );
+    let (s, b) = call(&app, req("/actors/tickets/full/events/go", r#"{"n": 1}"#)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let recorded = post("/actors/tickets/full/ask?timeout_ms=10000")
+        .header("idempotency-key", "k-1")
+        .body(Body::from(r#"{"WaitFor": "go"}"#))
+        .expect("request");
+    assert_eq!(
+        call(&app, recorded).await,
+        (StatusCode::OK, json!({ "got": { "n": 1 } }))
+    );
+    rt.shutdown().await;
+}

@@ -536,13 +536,20 @@ impl AnyActorRef {
         // As a send: refused once the runtime shuts down, and over `max_mailbox` events of one
         // name waiting; and what the write did counts toward the store's health.
         // The lane is the store's; the caller knows the actor.
-        self.rt.check_open(&lane).await.map_err(|e| match e {
-            SendError::MailboxFull { pending, .. } => SendError::MailboxFull {
-                actor: id.clone(),
-                pending,
-            },
-            e => e,
-        })?;
+        let duplicate = self
+            .rt
+            .check_open_keyed(&lane, &key)
+            .await
+            .map_err(|e| match e {
+                SendError::MailboxFull { pending, .. } => SendError::MailboxFull {
+                    actor: id.clone(),
+                    pending,
+                },
+                e => e,
+            })?;
+        if duplicate.is_some() {
+            return Ok(Sent::Duplicate);
+        }
         let r = self
             .rt
             .shared

@@ -449,7 +449,9 @@ impl Runtime {
         deliver_at: Option<Timestamp>,
         key: &IdempotencyKey,
     ) -> Result<Enqueued, SendError> {
-        self.check_open(&env.to).await?;
+        if let Some(duplicate) = self.check_open_keyed(&env.to, key).await? {
+            return Ok(duplicate);
+        }
         let to = env.to.clone();
         let written = self.shared.moment();
         let r = self
@@ -463,6 +465,26 @@ impl Runtime {
             self.shared.wake(&to, Some(written));
         }
         Ok(r)
+    }
+
+    /// [`check_open`](Self::check_open) for a keyed send: a full mailbox refuses it only if
+    /// its key holds nothing. A retry of a message already in the mailbox (or whose reply is
+    /// recorded) is that message's duplicate; `MailboxFull` would tell its caller nothing was
+    /// sent, and a caller believing it would send again under a new key.
+    async fn check_open_keyed(
+        &self,
+        to: &ActorId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<Enqueued>, SendError> {
+        match self.check_open(to).await {
+            Err(e @ SendError::MailboxFull { .. }) => {
+                match self.shared.store.lookup(to, key).await? {
+                    Some(held) => Ok(Some(Enqueued::Duplicate(held))),
+                    None => Err(e),
+                }
+            }
+            r => r.map(|()| None),
+        }
     }
 
     async fn check_open(&self, to: &ActorId) -> Result<(), SendError> {

@@ -23,6 +23,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         wait_event_times_out_with_an_error_the_handler_sees,
         wait_event_replay_after_a_crash,
         messages_queue_behind_a_waiting_invocation,
+        a_keyed_retry_into_a_full_mailbox_is_a_duplicate,
         a_long_wait_for_an_event_suspends_until_the_event_arrives,
         a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt,
         a_suspended_wait_times_out_no_earlier_than_its_deadline,
@@ -479,6 +480,54 @@ async fn messages_queue_behind_a_waiting_invocation(h: &Harness) {
         replies(h, &worker("w")).await,
         vec![json!(["event go: now"]), json!(["later done"])]
     );
+    rt.shutdown().await;
+}
+
+/// A retry with the key of a message in a full mailbox, or of one whose reply is recorded, is a
+/// duplicate, not `MailboxFull`: that error says nothing was sent, and a caller believing it
+/// would send again under a new key. Before, both retries below were refused as a full mailbox.
+async fn a_keyed_retry_into_a_full_mailbox_is_a_duplicate(h: &Harness) {
+    use loom_core::runtime::{AskOptions, SendError, SendOptions, Sent};
+    let rt = h.runtime_with(|c| c.max_mailbox = Some(1)).await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let key = loom_core::IdempotencyKey::new("K").unwrap();
+    let keyed = || SendOptions {
+        idempotency_key: Some(key.clone()),
+        ..Default::default()
+    };
+    // It waits for an event, in the mailbox, which is then full.
+    assert!(matches!(
+        w.send_with(vec![wait_for("go", None)], keyed())
+            .await
+            .unwrap(),
+        Sent::Enqueued(_)
+    ));
+    assert!(matches!(
+        w.send(vec![activity("other")]).await,
+        Err(SendError::MailboxFull { .. })
+    ));
+    assert_eq!(
+        w.send_with(vec![wait_for("go", None)], keyed())
+            .await
+            .unwrap(),
+        Sent::Duplicate
+    );
+    w.deliver_event("go", "now").await.unwrap();
+    finished(h, &worker("w"), 1).await;
+    // Full again; the first message's reply is recorded under its key.
+    w.send(vec![wait_for("never", None)]).await.unwrap();
+    let reply = w
+        .ask_with(
+            vec![wait_for("go", None)],
+            AskOptions {
+                idempotency_key: Some(key.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the recorded reply");
+    assert_eq!(reply, vec!["event go: now"]);
+    assert_eq!(h.probe.runs("other"), 0);
     rt.shutdown().await;
 }
 
