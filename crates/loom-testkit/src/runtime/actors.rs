@@ -242,6 +242,11 @@ pub enum Step {
     Gate,
     /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
     Broken,
+    /// Not a durable call: a line of `bytes` x's, for a reply as large as a case needs.
+    Pad {
+        /// Its length.
+        bytes: usize,
+    },
     /// Not a durable call: `<label> at <ms>` (the node's clock now) goes to the probe's
     /// `observed` list on every run, replays included.
     Mark {
@@ -336,6 +341,7 @@ impl Actor for Worker {
                     ctx.finish();
                     "finished".to_owned()
                 }
+                Step::Pad { bytes } => "x".repeat(bytes),
                 Step::Mark { label } => {
                     let line = format!("{label} at {}", Timestamp::now().as_millis());
                     self.probe

@@ -20,6 +20,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_message_buried_mid_run_and_requeued_sends_nothing_again,
         idempotency_key_is_held_while_its_message_waits,
         expired_replies_are_removed_from_the_store,
+        a_reply_too_large_to_record_fails_its_message_once,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
         deliveries_after_a_durable_sleep_ends_count_again,
@@ -457,6 +458,52 @@ async fn expired_replies_are_removed_from_the_store(h: &Harness) {
         "expired records were left in the store"
     );
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 5);
+    rt.shutdown().await;
+}
+
+/// A reply too large to record under its key (over `MAX_RESULT_BYTES` as recorded) fails its
+/// message once: the store refuses every attempt's turn alike, and each attempt ran the handler
+/// again. Before, the ask below ran it five times and was given up as a store failure. Without
+/// a key the same reply completes: the journal holds it.
+async fn a_reply_too_large_to_record_fails_its_message_once(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("big").unwrap();
+    let script = || {
+        vec![
+            Step::Mark {
+                label: "big".into(),
+            },
+            Step::Pad {
+                bytes: loom_core::limits::MAX_RESULT_BYTES + 1000,
+            },
+        ]
+    };
+    let runs = || {
+        h.probe
+            .observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.starts_with("big at"))
+            .count()
+    };
+    match w.ask(script()).await {
+        Err(loom_core::runtime::AskError::Failed(reason)) => {
+            assert!(reason.contains("bytes as recorded"), "{reason}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a reply over the limit was recorded"),
+    }
+    assert_eq!(
+        runs(),
+        1,
+        "the handler ran again for a reply no attempt could record"
+    );
+    assert_eq!(rt.metrics().dead_letters, 1);
+    w.send(script()).await.unwrap();
+    // The give-up journaled nothing: no step of that invocation was.
+    finished(h, &worker("big"), 1).await;
+    assert_eq!(runs(), 2);
     rt.shutdown().await;
 }
 
