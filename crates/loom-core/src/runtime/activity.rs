@@ -413,10 +413,15 @@ impl Context<'_> {
                 for k in r.iter().skip(1) {
                     match k {
                         EntryKind::ActivityCompleted { output, .. } => {
+                            // The live run returned this output decoded from its JSON (one
+                            // that did not decode failed the step instead), so only changed
+                            // code fails to decode it now: non-determinism, which parks the
+                            // actor with its message kept, not a refusal of the message.
                             return serde_json::from_value(output.clone()).map_err(|e| {
-                                StepError::Invalid(format!(
-                                    "journaled output of activity {name} does not decode: {e}"
-                                ))
+                                let msg = format!(
+                                    "the output of activity {name} journaled at step {step} does not decode as the code now running asks: {e}"
+                                );
+                                self.interrupt(Interrupt::NonDeterminism(step, msg))
                             });
                         }
                         EntryKind::ActivityFailed { error, value, .. } => {

@@ -20,6 +20,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         state_written_by_old_code_is_upgraded_once_when_new_code_loads_it,
         a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_code,
         a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark,
+        an_activity_output_the_new_code_cannot_decode_parks_the_actor,
     ]
 }
 
@@ -129,6 +130,34 @@ impl Actor for V2 {
         path.extend(["b", "d"]);
         state.total += 1;
         Ok(path.join(" "))
+    }
+}
+
+/// Version 3: `Go` takes activity b's output as a number, where the versions before it
+/// returned nothing, so their journals of `b` do not decode for it.
+struct V3;
+
+impl Actor for V3 {
+    const KIND: &'static str = "upgrade";
+    type State = CountV1;
+    type Message = Msg;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        _state: &mut CountV1,
+        ctx: &mut Context<'_>,
+        msg: Msg,
+    ) -> Result<String, Rejected> {
+        let Msg::Go { .. } = msg else {
+            return Ok(String::new());
+        };
+        ctx.activity("a", &(), |_| async { Ok::<_, String>(()) })
+            .await?;
+        let n: u64 = ctx
+            .activity("b", &(), |_| async { Ok::<_, String>(7) })
+            .await?;
+        Ok(format!("b={n}"))
     }
 }
 
@@ -318,6 +347,44 @@ async fn a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_co
 
 /// An upgrade whose state the code cannot read parks the actor and journals nothing; fixed
 /// code, once the actor is unparked, upgrades it from the old state.
+/// An activity's journaled output that the code now running cannot decode (its type changed)
+/// is changed code, as a journal of other steps is: the actor is parked and its message kept
+/// for fixed code. Before, the replay made it an ordinary rejection: the message was acked and
+/// its invocation closed as refused, after its side effects had run.
+async fn an_activity_output_the_new_code_cannot_decode_parks_the_actor(h: &Harness) {
+    let id = upgrade("t");
+    let rt = v1(h).await;
+    rt.actor::<V1>("t")
+        .unwrap()
+        .send(Msg::Go { gate: true })
+        .await
+        .unwrap();
+    reached(h).await;
+    rt.kill().await;
+    h.probe.open(1);
+    let rt = h
+        .runtime_registering(|b| b.register_actor(V3), |_| {})
+        .await;
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (parked, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(parked, id);
+    assert!(park.reason.contains("does not decode"), "{}", park.reason);
+    assert_eq!(
+        h.count(&id, |k| matches!(
+            k,
+            EntryKind::Completed { .. } | EntryKind::Failed { .. }
+        ))
+        .await,
+        0,
+        "the invocation was closed"
+    );
+    assert_eq!(h.store.pending(&id).await.unwrap(), 1);
+    rt.shutdown().await;
+}
+
 async fn a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark(h: &Harness) {
     let id = upgrade("f");
     let rt = v1(h).await;
