@@ -29,8 +29,12 @@
 //!   TTL, recorded replies and leases (`volatile-*`). With `maxmemory 0` (no limit, the
 //!   default) nothing is deleted yet, but the warning stands: a limit set later starts it.
 //!
-//! [`RedisStore::connect`] reads the server's settings and logs a warning for all but the
-//! first (with `noeviction`).
+//! - `no-appendfsync-on-rewrite yes`: while a snapshot (`BGSAVE`) or an AOF rewrite runs,
+//!   writes are acknowledged before their fsync, and a machine crash loses them.
+//!
+//! [`RedisStore::connect`] reads the server's settings (of every primary of a cluster; from
+//! `INFO` where `CONFIG` is disabled, which says nothing of `appendfsync`) and logs a warning
+//! for all but the first (with `noeviction`).
 //!
 //! ## Files
 //!
@@ -558,69 +562,81 @@ impl RedisStore {
         Ok(())
     }
 
-    /// One server setting, or `None` if the server does not say (managed services often
-    /// disable `CONFIG`).
-    async fn config_get(&self, name: &str) -> Option<String> {
-        let mut c = self.conn.clone();
-        let v: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg(name)
-            .query_async(&mut c)
-            .await;
-        v.ok().and_then(|v| v.get(1).cloned())
+    /// One node's persistence and eviction settings: by `CONFIG GET`, or where managed services
+    /// disable `CONFIG`, what `INFO` says of them (`aof_enabled`, `maxmemory_policy`,
+    /// `maxmemory`; it says nothing of `appendfsync` or `no-appendfsync-on-rewrite`).
+    async fn node_settings(&self, node: &Option<(String, u16)>) -> NodeSettings {
+        let get = |name: &'static str| async move {
+            let mut c = redis::cmd("CONFIG");
+            c.arg("GET").arg(name);
+            let v = scan::on_node(&self.conn, node, c).await.ok()?;
+            let v: Vec<String> = redis::from_redis_value(v).ok()?;
+            v.get(1).cloned()
+        };
+        let mut s = NodeSettings {
+            appendonly: get("appendonly").await,
+            appendfsync: get("appendfsync").await,
+            no_fsync_on_rewrite: get("no-appendfsync-on-rewrite").await,
+            maxmemory_policy: get("maxmemory-policy").await,
+            maxmemory: get("maxmemory").await,
+        };
+        if s.appendonly.is_none() || s.maxmemory_policy.is_none() {
+            let mut c = redis::cmd("INFO");
+            c.arg("persistence").arg("memory");
+            let info = scan::on_node(&self.conn, node, c)
+                .await
+                .ok()
+                .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                .unwrap_or_default();
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.trim_end().strip_prefix(name)?.strip_prefix(':'))
+                    .map(str::to_owned)
+            };
+            s.appendonly = s.appendonly.or_else(|| {
+                field("aof_enabled").map(|v| if v == "1" { "yes" } else { "no" }.to_owned())
+            });
+            s.maxmemory_policy = s.maxmemory_policy.or_else(|| field("maxmemory_policy"));
+            s.maxmemory = s.maxmemory.or_else(|| field("maxmemory"));
+        }
+        s
     }
 
     /// What the server's persistence and eviction settings guarantee (see the crate
-    /// documentation).
+    /// documentation): of the primary, or of every primary of a cluster (each needs them;
+    /// the fields are the first's, the warning names each primary it is about).
     pub async fn durability(&self) -> Durability {
-        let appendonly = self.config_get("appendonly").await;
-        let appendfsync = self.config_get("appendfsync").await;
-        let maxmemory_policy = self.config_get("maxmemory-policy").await;
-        let maxmemory = self.config_get("maxmemory").await;
-        let persistence = match (appendonly.as_deref(), appendfsync.as_deref()) {
-            (Some("yes"), Some("always")) => None,
-            (Some("yes"), Some(other)) => Some(format!(
-                "Redis appendfsync is {other:?}, not \"always\": a machine crash can lose up to a second of acknowledged writes"
-            )),
-            (Some(_), _) => Some(
-                "Redis appendonly is off: a restart loses every acknowledged write since the last RDB snapshot".to_owned(),
-            ),
-            (None, _) => Some(
-                "could not read Redis persistence settings (CONFIG GET refused); Loom assumes appendonly yes, appendfsync always"
-                    .to_owned(),
-            ),
-        };
-        // Any policy but noeviction lets Redis delete keys when it reaches maxmemory: journal
-        // entries, waiting messages, leases, acknowledged or not.
-        // The volatile-* policies delete only keys with a TTL: Loom's recorded replies and
-        // leases, so a retried send may run twice and a lease vanish under its holder.
-        let eviction = match maxmemory_policy.as_deref() {
-            Some("noeviction") | None => None,
-            Some(other) => {
-                let what = if other.starts_with("volatile") {
-                    "keys with a TTL, and with them recorded replies (a retried send may then run twice) and leases (two nodes may then run one actor until fencing stops one)"
-                } else {
-                    "keys, and with them acknowledged journal entries and messages"
+        let nodes = match scan::nodes(&self.conn).await {
+            Ok(n) => n,
+            Err(e) => {
+                return Durability {
+                    appendonly: None,
+                    appendfsync: None,
+                    maxmemory_policy: None,
+                    warning: Some(format!(
+                        "could not list the cluster's primaries to read their persistence settings: {e}"
+                    )),
                 };
-                let yet = if maxmemory.as_deref() == Some("0") {
-                    " (maxmemory is 0, no limit, so nothing is deleted yet; setting a limit starts it)"
-                } else {
-                    ""
-                };
-                Some(format!(
-                    "Redis maxmemory-policy is {other:?}, not \"noeviction\": when the server reaches maxmemory it deletes {what}{yet}; set maxmemory-policy noeviction"
-                ))
             }
         };
-        let warning = match (persistence, eviction) {
-            (Some(p), Some(e)) => Some(format!("{p}; {e}")),
-            (p, e) => p.or(e),
-        };
+        let mut first = None;
+        let mut warnings = Vec::new();
+        for node in &nodes {
+            let s = self.node_settings(node).await;
+            if let Some(w) = s.warning() {
+                warnings.push(match node {
+                    Some((host, port)) => format!("primary {host}:{port}: {w}"),
+                    None => w,
+                });
+            }
+            first.get_or_insert(s);
+        }
+        let first = first.unwrap_or_default();
         Durability {
-            appendonly,
-            appendfsync,
-            maxmemory_policy,
-            warning,
+            appendonly: first.appendonly,
+            appendfsync: first.appendfsync,
+            maxmemory_policy: first.maxmemory_policy,
+            warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
         }
     }
 
@@ -860,6 +876,72 @@ pub struct Durability {
     pub maxmemory_policy: Option<String>,
     /// Why acknowledged writes could be lost, if they could (also logged at connect).
     pub warning: Option<String>,
+}
+
+/// One node's settings that decide whether acknowledged writes survive (`None`: not readable).
+#[derive(Default)]
+struct NodeSettings {
+    appendonly: Option<String>,
+    appendfsync: Option<String>,
+    no_fsync_on_rewrite: Option<String>,
+    maxmemory_policy: Option<String>,
+    maxmemory: Option<String>,
+}
+
+impl NodeSettings {
+    /// Why acknowledged writes could be lost on this node, if they could.
+    fn warning(&self) -> Option<String> {
+        let persistence = match (self.appendonly.as_deref(), self.appendfsync.as_deref()) {
+            (Some("yes"), Some("always")) => None,
+            (Some("yes"), Some(other)) => Some(format!(
+                "Redis appendfsync is {other:?}, not \"always\": a machine crash can lose up to a second of acknowledged writes"
+            )),
+            (Some("yes"), None) => Some(
+                "could not read Redis appendfsync (CONFIG GET refused); Loom assumes appendfsync always".to_owned(),
+            ),
+            (Some(_), _) => Some(
+                "Redis appendonly is off: a restart loses every acknowledged write since the last RDB snapshot".to_owned(),
+            ),
+            (None, _) => Some(
+                "could not read Redis persistence settings (CONFIG GET and INFO refused); Loom assumes appendonly yes, appendfsync always"
+                    .to_owned(),
+            ),
+        };
+        // With it, Redis skips the AOF's fsync while a child process runs (every BGSAVE and AOF
+        // rewrite): for those seconds "always" acknowledges writes a machine crash loses.
+        let rewrite = (self.no_fsync_on_rewrite.as_deref() == Some("yes")
+            && self.appendonly.as_deref() == Some("yes"))
+        .then(|| {
+            "Redis no-appendfsync-on-rewrite is yes: while a snapshot or an AOF rewrite runs, writes are acknowledged unsynced, and a machine crash loses them; set it to no".to_owned()
+        });
+        // Any policy but noeviction lets Redis delete keys when it reaches maxmemory: journal
+        // entries, waiting messages, leases, acknowledged or not.
+        // The volatile-* policies delete only keys with a TTL: Loom's recorded replies and
+        // leases, so a retried send may run twice and a lease vanish under its holder.
+        let eviction = match self.maxmemory_policy.as_deref() {
+            Some("noeviction") | None => None,
+            Some(other) => {
+                let what = if other.starts_with("volatile") {
+                    "keys with a TTL, and with them recorded replies (a retried send may then run twice) and leases (two nodes may then run one actor until fencing stops one)"
+                } else {
+                    "keys, and with them acknowledged journal entries and messages"
+                };
+                let yet = if self.maxmemory.as_deref() == Some("0") {
+                    " (maxmemory is 0, no limit, so nothing is deleted yet; setting a limit starts it)"
+                } else {
+                    ""
+                };
+                Some(format!(
+                    "Redis maxmemory-policy is {other:?}, not \"noeviction\": when the server reaches maxmemory it deletes {what}{yet}; set maxmemory-policy noeviction"
+                ))
+            }
+        };
+        let all: Vec<String> = [persistence, rewrite, eviction]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!all.is_empty()).then(|| all.join("; "))
+    }
 }
 
 /// A reply Loom's scripts never give.

@@ -43,19 +43,46 @@ pub(crate) async fn each<T: FromRedisValue>(
 /// Every key matching `pattern`: one `SCAN` over the primary, or over each primary of a
 /// cluster (found by `CLUSTER NODES`).
 pub(crate) async fn keys(conn: &Conn, pattern: &str) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for node in nodes(conn).await? {
+        out.extend(scan_one(conn, node, pattern).await?);
+    }
+    Ok(out)
+}
+
+/// The nodes holding keys: the primary (`None`), or each primary of a cluster by address.
+pub(crate) async fn nodes(conn: &Conn) -> Result<Vec<Option<(String, u16)>>, StoreError> {
     let Conn::Cluster(cluster) = conn else {
-        return scan_one(conn, None, pattern).await;
+        return Ok(vec![None]);
     };
     let nodes: String = redis::cmd("CLUSTER")
         .arg("NODES")
         .query_async(&mut cluster.clone())
         .await
         .map_err(re)?;
-    let mut out = Vec::new();
-    for (host, port) in primaries(&nodes)? {
-        out.extend(scan_one(conn, Some((host, port)), pattern).await?);
+    Ok(primaries(&nodes)?.into_iter().map(Some).collect())
+}
+
+/// Runs `cmd` on `node` (one of [`nodes`]).
+pub(crate) async fn on_node(
+    conn: &Conn,
+    node: &Option<(String, u16)>,
+    cmd: Cmd,
+) -> redis::RedisResult<Value> {
+    match (conn, node) {
+        (Conn::Cluster(c), Some((host, port))) => {
+            c.clone()
+                .route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    }),
+                )
+                .await
+        }
+        _ => cmd.query_async(&mut conn.clone()).await,
     }
-    Ok(out)
 }
 
 /// The primaries `CLUSTER NODES` lists (lines `<id> <host>:<port>@<bus>[,<name>] <flags> …`);
@@ -109,20 +136,7 @@ async fn scan_one(
             .arg(pattern)
             .arg("COUNT")
             .arg(1000);
-        let reply: Value = match (conn, &node) {
-            (Conn::Cluster(c), Some((host, port))) => c
-                .clone()
-                .route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    }),
-                )
-                .await
-                .map_err(re)?,
-            _ => cmd.query_async(&mut conn.clone()).await.map_err(re)?,
-        };
+        let reply = on_node(conn, &node, cmd).await.map_err(re)?;
         let (next, keys): (u64, Vec<String>) =
             redis::from_redis_value(reply).map_err(|e| re(e.into()))?;
         out.extend(keys);

@@ -42,9 +42,56 @@ fn main() {
             Ok(())
         },
     ));
+    let urls = cluster.urls();
+    trials.push(libtest_mimic::Trial::test(
+        "cluster::every_primarys_persistence_is_checked",
+        move || {
+            tokio::runtime::Runtime::new()
+                .expect("tokio")
+                .block_on(every_primary_checked(&urls));
+            Ok(())
+        },
+    ));
     let conclusion = libtest_mimic::run(&args, trials);
     drop(cluster);
     conclusion.exit();
+}
+
+/// Each primary needs the persistence settings: one left at `appendfsync everysec` is named in
+/// the warning every time. Before, each setting was read from one node chosen at random.
+async fn every_primary_checked(nodes: &[String]) {
+    let store = RedisStore::connect_cluster(
+        nodes,
+        RedisOptions {
+            prefix: "durability".to_owned(),
+            partitions: Some(8),
+            ..RedisOptions::default()
+        },
+    )
+    .await
+    .expect("connect");
+    assert_eq!(store.durability().await.warning, None);
+    let set = |value: &'static str| async move {
+        let client = redis::Client::open(nodes[1].as_str()).expect("client");
+        let mut c = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a node");
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg(value)
+            .query_async(&mut c)
+            .await
+            .expect("CONFIG SET");
+    };
+    set("everysec").await;
+    for _ in 0..6 {
+        let w = store.durability().await.warning.expect("a warning");
+        assert!(w.contains("primary ") && w.contains("everysec"), "{w}");
+    }
+    set("always").await;
+    assert_eq!(store.durability().await.warning, None);
 }
 
 /// A connect that asks no count reads the one the store was created with; a new store on a

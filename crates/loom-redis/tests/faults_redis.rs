@@ -384,6 +384,36 @@ async fn persistence_that_cannot_keep_acknowledged_writes_is_reported() {
         w.contains("keys with a TTL") && w.contains("maxmemory is 0"),
         "{w}"
     );
+    // Skips the AOF's fsync while a snapshot or a rewrite runs (before: no warning).
+    let rewrite = RedisServer::start_with(&["--no-appendfsync-on-rewrite", "yes"]);
+    let w = connect(&rewrite.url(), "p")
+        .await
+        .durability()
+        .await
+        .warning
+        .expect("a warning");
+    assert!(w.contains("no-appendfsync-on-rewrite"), "{w}");
+    // A managed server that disables CONFIG still says its eviction policy in INFO (before:
+    // only "could not read", and nothing of the eviction).
+    let no_config = RedisServer::start_with(&[
+        "--rename-command",
+        "CONFIG",
+        "",
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]);
+    let d = connect(&no_config.url(), "p").await.durability().await;
+    assert_eq!(
+        (d.appendonly.as_deref(), d.maxmemory_policy.as_deref()),
+        (Some("yes"), Some("allkeys-lru"))
+    );
+    let w = d.warning.expect("a warning");
+    assert!(
+        w.contains("appendfsync") && w.contains("maxmemory-policy is \"allkeys-lru\""),
+        "{w}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
