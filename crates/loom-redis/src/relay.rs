@@ -33,7 +33,7 @@ use std::time::Duration;
 use crate::conn::Conn;
 use loom_core::partition::partition_of;
 use loom_core::store::backend::RelayStatus;
-use loom_core::{ActorId, StoreResult};
+use loom_core::{ActorId, StoreError, StoreResult};
 use redis::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -184,12 +184,22 @@ impl Inner {
     /// sweep is due (`until`) it leaves the rest to it after the pass in hand (marking `p`
     /// dirty): turns filling the outbox as fast as passes empty it would otherwise keep it,
     /// and so the sweep and every other partition's pushes, waiting for as long as they came.
+    ///
+    /// A target whose moves fail (its primary down, say) holds up only its own messages: the
+    /// pass goes on with the other targets' (and with the pages after, skipping the failed
+    /// target's, whose order must hold), and the outbox is trimmed only up to where every
+    /// message is moved. The first failure is returned once the pass ends.
     async fn drain(&self, p: u32, until: Instant) -> StoreResult<()> {
         let (ob, _) = self.keys.outbox(p);
+        // Targets whose moves failed in this pass, and the first failure.
+        let mut failed: BTreeSet<u32> = BTreeSet::new();
+        let mut first_failure: Option<StoreError> = None;
+        // Where the next page starts: after the last entry read.
+        let mut from = "-".to_owned();
         loop {
             let read: Value = redis::cmd("XRANGE")
                 .arg(&ob)
-                .arg("-")
+                .arg(&from)
                 .arg("+")
                 .arg("COUNT")
                 .arg(BATCH)
@@ -200,7 +210,7 @@ impl Inner {
                 return Err(unexpected("outbox XRANGE reply"));
             };
             let Some(last) = items.last() else {
-                return Ok(());
+                return first_failure.map_or(Ok(()), Err);
             };
             let last = seq_of(
                 &entry_fields(last)
@@ -216,36 +226,42 @@ impl Inner {
                     .push(m);
             }
             let mut woken = BTreeSet::new();
-            let moved = async {
-                for (q, messages) in &per_target {
-                    self.move_into(p, *q, messages, &mut woken).await?;
+            for (q, messages) in &per_target {
+                if failed.contains(q) {
+                    continue;
                 }
-                StoreResult::Ok(())
+                if let Err(e) = self.move_into(p, *q, messages, &mut woken).await {
+                    failed.insert(*q);
+                    first_failure.get_or_insert(e);
+                }
             }
-            .await;
             // What was moved is woken whether or not the rest went.
             if !woken.is_empty() {
                 let woken: Vec<ActorId> = woken.into_iter().collect();
                 self.signals.wake(&woken);
                 self.signals.arrived_here(woken.into());
             }
-            moved?;
-            let _: u64 = redis::cmd("XTRIM")
-                .arg(&ob)
-                .arg("MINID")
-                .arg(format!("{}-0", last + 1))
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(re)?;
-            if items.len() < BATCH {
-                return Ok(());
+            // Everything up to `last` moved (a move is made once however often it is tried,
+            // by the target's high-water mark, so what a failed pass moved is no harm).
+            if failed.is_empty() {
+                let _: u64 = redis::cmd("XTRIM")
+                    .arg(&ob)
+                    .arg("MINID")
+                    .arg(format!("{}-0", last + 1))
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(re)?;
             }
+            if items.len() < BATCH {
+                return first_failure.map_or(Ok(()), Err);
+            }
+            from = format!("({last}-0");
             if Instant::now() >= until {
                 self.dirty
                     .lock()
                     .expect("relay dirty set poisoned")
                     .insert(p);
-                return Ok(());
+                return first_failure.map_or(Ok(()), Err);
             }
         }
     }

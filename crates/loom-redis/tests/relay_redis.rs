@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use loom_core::partition::partition_of;
 use loom_core::store::backend::{Outgoing, check_outboxes};
-use loom_core::{ActorId, Envelope, JournalStore, Store, StoreError};
+use loom_core::{ActorId, Envelope, JournalStore, Mailbox, Store, StoreError};
 use loom_redis::{RedisOptions, RedisStore};
 use loom_testkit::conformance::partitions::{
     arrived, drained_payloads, rounds_by_sender, send_turn, spread_in,
@@ -287,4 +287,66 @@ async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
         },
     )
     .await;
+}
+
+/// A target whose moves fail (here its high-water key damaged, as a primary that is down
+/// fails them) holds up only its own messages: a later message of the same outbox to another
+/// target still arrives, and once the target mends, its message arrives once. Before, the pass
+/// stopped at the first failing target and nothing behind it moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_holds_up_only_its_own_messages() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url, "stall", Some(3)).await.expect("connect");
+    let a = id("relay", "a");
+    let pa = partition_of(&a, 3);
+    let other = |not: &[u32]| {
+        (0..)
+            .map(|i| id("relay", &format!("t{i}")))
+            .find(|t| !not.contains(&partition_of(t, 3)))
+            .unwrap()
+    };
+    let b = other(&[pa]);
+    let pb = partition_of(&b, 3);
+    let c = other(&[pa, pb]);
+    // Partition order decides which target a pass tries first: the failing one goes first.
+    let (b, c) = if pb < partition_of(&c, 3) {
+        (b, c)
+    } else {
+        (c, b)
+    };
+    let pb = partition_of(&b, 3);
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hw = format!("stall:{{_p.{pb}}}:hw");
+    let () = redis::cmd("SET")
+        .arg(&hw)
+        .arg("damaged")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let to = |who: &ActorId, what: &str| {
+        [Outgoing {
+            envelope: Envelope::new(who.clone(), json!(what)),
+            deliver_at: None,
+        }]
+    };
+    send_turn(&store, &a, 1, &to(&b, "to b")).await;
+    send_turn(&store, &a, 2, &to(&c, "to c")).await;
+    arrived(&store, &c, 1).await;
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+    let () = redis::cmd("DEL")
+        .arg(&hw)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    arrived(&store, &b, 1).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(drained_payloads(&store, &b).await, [json!("to b")]);
+    assert_eq!(drained_payloads(&store, &c).await, [json!("to c")]);
+    let states = store.outbox_states().await.expect("states");
+    assert_eq!(states[pa as usize].pending, 0, "the outbox is trimmed");
 }
