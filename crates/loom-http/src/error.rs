@@ -159,6 +159,10 @@ impl From<AskError> for ApiError {
             AskError::Cancelled(_) => ApiError::Cancelled(text),
             AskError::Timeout { .. } => ApiError::Timeout(text),
             AskError::BadReply(_) => ApiError::Internal(text),
+            AskError::Stopped { .. } => ApiError::Unavailable {
+                hint: None,
+                message: text,
+            },
             // As the store error alone maps (damaged data is not worth a retry), with the
             // ask's text, which names the key to ask again with.
             AskError::Store { error, .. } => match ApiError::from(error) {

@@ -254,6 +254,7 @@ impl RuntimeBuilder {
             gone: Default::default(),
             shutdown: CancellationToken::new(),
             killed: CancellationToken::new(),
+            stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             wake: Notify::new(),
             skew,

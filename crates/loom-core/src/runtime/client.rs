@@ -107,6 +107,18 @@ pub enum AskError {
         /// The message's idempotency key.
         key: IdempotencyKey,
     },
+    /// The runtime stopped ([`Runtime::shutdown`](super::Runtime::shutdown) done, or
+    /// [`kill`](super::Runtime::kill)) before the reply came. The message stays in its
+    /// mailbox and runs wherever its kind is hosted: ask again with `key` (the caller's, or the
+    /// one Loom made up for this ask), on a running node, for its reply without sending it
+    /// twice.
+    #[error(
+        "the runtime stopped before the reply came (the message may still run: ask again with key {key} for its reply)"
+    )]
+    Stopped {
+        /// The message's idempotency key.
+        key: IdempotencyKey,
+    },
 }
 
 /// How long the store must have been failing before a waiting `ask` gives up on its reply.
@@ -434,6 +446,9 @@ impl AnyActorRef {
                     }
                     tokio::select! {
                         biased;
+                        _ = self.rt.shared.stopped.cancelled() => {
+                            return Err(AskError::Stopped { key });
+                        }
                         got = &mut local => match got {
                             Ok(v) => break v,
                             Err(_) => {

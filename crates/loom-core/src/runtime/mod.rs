@@ -129,6 +129,9 @@ pub(crate) struct Shared {
     /// Cancelled by [`Runtime::kill`]: every task the runtime spawned stops at its next await,
     /// wherever it is (a store request that never answers included), as in a crash.
     killed: CancellationToken,
+    /// Cancelled once the runtime has stopped (a shutdown's drain done, or a kill): asks still
+    /// waiting then end with [`AskError::Stopped`], naming the key to ask again with.
+    stopped: CancellationToken,
     tasks: TaskTracker,
     wake: Notify,
     keeper: Arc<leases::Keeper>,
@@ -391,6 +394,8 @@ impl Runtime {
             self.shared.killed.cancel();
             self.shared.tasks.wait().await;
         }
+        // What the drain did not answer is not answered here.
+        self.shared.stopped.cancel();
         // Every actor has stopped (or, after a timeout, was stopped); the partitions' leases go
         // next, so that the other nodes take them at their next look.
         ownership::release_all(&self.shared).await;
@@ -431,6 +436,7 @@ impl Runtime {
         }
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+        self.shared.stopped.cancel();
     }
 
     async fn enqueue(&self, env: Envelope, deliver_at: Option<Timestamp>) -> Result<(), SendError> {

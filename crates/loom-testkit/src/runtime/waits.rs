@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         wait_event_replay_after_a_crash,
         messages_queue_behind_a_waiting_invocation,
         a_keyed_retry_into_a_full_mailbox_is_a_duplicate,
+        an_ask_still_waiting_when_the_runtime_stops_names_its_key,
         a_long_wait_for_an_event_suspends_until_the_event_arrives,
         a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt,
         a_suspended_wait_times_out_no_earlier_than_its_deadline,
@@ -528,6 +529,58 @@ async fn a_keyed_retry_into_a_full_mailbox_is_a_duplicate(h: &Harness) {
         .expect("the recorded reply");
     assert_eq!(reply, vec!["event go: now"]);
     assert_eq!(h.probe.runs("other"), 0);
+    rt.shutdown().await;
+}
+
+/// An ask still waiting when its runtime has stopped ends then, naming the key to ask again
+/// with on a running node, instead of at its timeout (an HTTP ask of a node being deployed
+/// otherwise outlived the node's grace period, and its client never learned the key). Asked
+/// again with the key on the next runtime, it gets the reply, the message run once.
+async fn an_ask_still_waiting_when_the_runtime_stops_names_its_key(h: &Harness) {
+    use loom_core::runtime::{AskError, AskOptions};
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let asked = tokio::spawn({
+        let w = w.clone();
+        async move {
+            w.ask_with(
+                vec![activity("before"), wait_for("go", None)],
+                AskOptions {
+                    timeout: Some(Duration::from_secs(120)),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    });
+    eventually(WAIT, "the activity ran", || async {
+        h.probe.runs("before") == 1
+    })
+    .await;
+    rt.shutdown().await;
+    let key = match tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .expect("the ask outlived its runtime")
+        .unwrap()
+    {
+        Err(AskError::Stopped { key }) => key,
+        other => panic!("{other:?}"),
+    };
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    w.deliver_event("go", "after").await.unwrap();
+    let reply = w
+        .ask_with(
+            vec![activity("before"), wait_for("go", None)],
+            AskOptions {
+                idempotency_key: Some(key),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply, vec!["before done", "event go: after"]);
+    assert_eq!(h.probe.runs("before"), 1);
     rt.shutdown().await;
 }
 
