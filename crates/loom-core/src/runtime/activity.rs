@@ -352,9 +352,13 @@ impl Context<'_> {
         // The whole activity, every attempt and backoff in this run (a replay of a finished
         // one is a short span).
         let span = tracing::info_span!("loom.activity", otel.name = %format_args!("activity {name}"), activity = name);
-        self.activity_step(name, input, policy, f)
+        self.inv.opening = true;
+        let r = self
+            .activity_step(name, input, policy, f)
             .instrument(span)
-            .await
+            .await;
+        self.step_ended();
+        r
     }
 
     /// An activity that ran but whose output cannot be journaled (not encodable to JSON, not

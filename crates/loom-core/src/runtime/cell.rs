@@ -291,6 +291,13 @@ impl<A: Actor> Cell<A> {
                 .on_interrupt(io, shared, &d, inv.journaled, from, interrupt)
                 .await;
         }
+        if let Some(step) = inv.open {
+            // The handler ended with a durable call's future dropped half-way.
+            let reason = inv.dropped(step);
+            tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
+            self.restore_state();
+            return Next::Park(self.park(io, &d, Some(step), &reason));
+        }
         let (outcome, new_value) = match outcome {
             Err(panic) => {
                 self.restore_state();
@@ -525,6 +532,8 @@ impl<A: Actor> Cell<A> {
             cancel: super::context::CancelSignal::new(&io.hub, &d.envelope.id),
             cancelled: false,
             finish: false,
+            open: None,
+            opening: false,
             sent_before: self
                 .given_up
                 .sent_by(d.envelope.origin(), d.envelope.requeued_from.is_some()),

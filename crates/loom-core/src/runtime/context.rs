@@ -233,9 +233,25 @@ pub(crate) struct Invocation {
     /// or spawned a child (`replay::GivenUp`): this run, requeued, journals a send to such a
     /// recipient at such a step but does not send it again.
     pub(crate) sent_before: BTreeMap<Step, std::collections::BTreeSet<ActorId>>,
+    /// The step of an async durable call (a sleep, a wait for an event, an activity) under way:
+    /// set when it takes its step, cleared when its future ends. Still set at the next durable
+    /// call, or when the handler ends, means its future was dropped half-way (a
+    /// `tokio::time::timeout` around it): what it journaled a replay cannot repeat.
+    pub(crate) open: Option<Step>,
+    /// An async durable call began and has not taken its step yet.
+    pub(crate) opening: bool,
 }
 
 impl Invocation {
+    /// Why an invocation whose durable call at `step` was dropped half-way stops (it parks:
+    /// the run went on where a replay cannot follow).
+    pub(crate) fn dropped(&self, step: Step) -> String {
+        format!(
+            "step {step} of message {} on {}, a durable call (a sleep, a wait for an event or an activity), was dropped before it ended: its future was not awaited to the end (a `tokio::time::timeout` or `select!` around it), so a replay cannot repeat what this run did; use the call's own time limit instead (`wait_event`'s timeout, an activity's policy)",
+            self.envelope.id, self.actor
+        )
+    }
+
     pub(crate) fn push(&mut self, kind: EntryKind) {
         self.weight += super::weight(&kind);
         let seq = self.next_seq + self.pending.len() as Seq;
@@ -333,8 +349,15 @@ impl<'a> Context<'a> {
         name: &str,
     ) -> Result<(Step, Option<Vec<EntryKind>>), StepError> {
         self.check()?;
+        if let Some(open) = self.inv.open {
+            let msg = self.inv.dropped(open);
+            return Err(self.interrupt(Interrupt::NonDeterminism(open, msg)));
+        }
         self.inv.step += 1;
         let step = self.inv.step;
+        if std::mem::take(&mut self.inv.opening) {
+            self.inv.open = Some(step);
+        }
         let Some(recorded) = self.inv.recorded.remove(&step) else {
             return Ok((step, None));
         };
@@ -969,7 +992,16 @@ impl<'a> Context<'a> {
             "loom.sleep",
             duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         );
-        self.sleep_step(duration).instrument(span).await
+        self.inv.opening = true;
+        let r = self.sleep_step(duration).instrument(span).await;
+        self.step_ended();
+        r
+    }
+
+    /// An async durable call's future ended (see [`Invocation::open`]).
+    pub(super) fn step_ended(&mut self) {
+        self.inv.open = None;
+        self.inv.opening = false;
     }
 
     /// [`Self::sleep`], in its span.
@@ -1108,7 +1140,10 @@ impl<'a> Context<'a> {
         timeout: Option<Duration>,
     ) -> Result<T, StepError> {
         let span = tracing::info_span!("loom.wait_event", event = name);
-        self.wait_event_step(name, timeout).instrument(span).await
+        self.inv.opening = true;
+        let r = self.wait_event_step(name, timeout).instrument(span).await;
+        self.step_ended();
+        r
     }
 
     /// [`Self::wait_event`], in its span.

@@ -242,6 +242,14 @@ pub enum Step {
     Gate,
     /// Panic, every time, until the probe says the code is fixed ([`Probe::fixed`]).
     Broken,
+    /// `tokio::time::timeout(ms, ctx.wait_event(name, None))`: a durable call's future dropped
+    /// half-way, which the runtime must catch (the call's own timeout is the right way).
+    TimedWait {
+        /// Event name.
+        name: String,
+        /// When the future is dropped, in ms.
+        ms: u64,
+    },
     /// Not a durable call: a line of `bytes` x's, for a reply as large as a case needs.
     Pad {
         /// Its length.
@@ -359,6 +367,18 @@ impl Actor for Worker {
                     }
                     Err(e) => return Err(e.into()),
                 },
+                Step::TimedWait { name, ms } => {
+                    let waited = tokio::time::timeout(
+                        Duration::from_millis(ms),
+                        ctx.wait_event::<String>(&name, None),
+                    )
+                    .await;
+                    match waited {
+                        Ok(Ok(data)) => format!("event {name}: {data}"),
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => format!("event {name}: gave up waiting"),
+                    }
+                }
                 Step::Wait { name, timeout_ms } => {
                     match ctx
                         .wait_event::<String>(&name, timeout_ms.map(Duration::from_millis))

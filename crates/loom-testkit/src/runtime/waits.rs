@@ -25,6 +25,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         messages_queue_behind_a_waiting_invocation,
         a_keyed_retry_into_a_full_mailbox_is_a_duplicate,
         an_ask_still_waiting_when_the_runtime_stops_names_its_key,
+        a_durable_call_dropped_half_way_parks_the_actor,
         a_long_wait_for_an_event_suspends_until_the_event_arrives,
         a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt,
         a_suspended_wait_times_out_no_earlier_than_its_deadline,
@@ -581,6 +582,50 @@ async fn an_ask_still_waiting_when_the_runtime_stops_names_its_key(h: &Harness) 
         .unwrap();
     assert_eq!(reply, vec!["before done", "event go: after"]);
     assert_eq!(h.probe.runs("before"), 1);
+    rt.shutdown().await;
+}
+
+/// A durable call whose future is dropped half-way (a `tokio::time::timeout` around a wait for
+/// an event) has journaled a wait a replay cannot repeat: the live run went on past it, a
+/// replay would wait there again, or take an event the live run never saw. The runtime stops
+/// at the next durable call, or at the handler's end, and parks the actor. Before, both runs
+/// below completed, and a replay after a crash would have diverged.
+async fn a_durable_call_dropped_half_way_parks_the_actor(h: &Harness) {
+    let rt = h.runtime().await;
+    for (key, script) in [
+        (
+            "then-sleeps",
+            vec![
+                Step::TimedWait {
+                    name: "go".into(),
+                    ms: 100,
+                },
+                Step::Sleep { ms: 10 },
+            ],
+        ),
+        (
+            "ends",
+            vec![Step::TimedWait {
+                name: "go".into(),
+                ms: 100,
+            }],
+        ),
+    ] {
+        rt.actor::<Worker>(key).unwrap().send(script).await.unwrap();
+    }
+    eventually(WAIT, "both are parked", || async {
+        rt.parked().await.unwrap().len() == 2
+    })
+    .await;
+    for (_, park) in rt.parked().await.unwrap() {
+        assert!(
+            park.reason.contains("was dropped before it ended"),
+            "{}",
+            park.reason
+        );
+        assert_eq!(park.step, Some(1));
+    }
+    assert!(replies(h, &worker("ends")).await.is_empty());
     rt.shutdown().await;
 }
 
