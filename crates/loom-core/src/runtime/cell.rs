@@ -534,6 +534,7 @@ impl<A: Actor> Cell<A> {
             finish: false,
             open: None,
             opening: false,
+            cancel_looked: false,
             sent_before: self
                 .given_up
                 .sent_by(d.envelope.origin(), d.envelope.requeued_from.is_some()),

@@ -240,6 +240,9 @@ pub(crate) struct Invocation {
     pub(crate) open: Option<Step>,
     /// An async durable call began and has not taken its step yet.
     pub(crate) opening: bool,
+    /// Whether this delivery looked for its message's cancellation mark in the store yet
+    /// ([`Context::cancelled_before`]).
+    pub(crate) cancel_looked: bool,
 }
 
 impl Invocation {
@@ -1307,6 +1310,11 @@ impl<'a> Context<'a> {
                     Refused::EventWaiting => waiting_since = tokio::time::Instant::now(),
                 }
             }
+            if self.cancelled_before().await {
+                // Suspending meets the mark (`Refused::Cancelled`).
+                try_now = true;
+                continue;
+            }
             let mut wait = self.io.config.poll_interval.max(Duration::from_millis(10)) * 4;
             if let Some(d) = deadline {
                 wait = wait.min(d.saturating_since(now) + Duration::from_millis(1));
@@ -1333,6 +1341,9 @@ impl<'a> Context<'a> {
         &mut self,
         left: Duration,
     ) -> Result<bool, StepError> {
+        if self.cancelled_before().await {
+            return Ok(true);
+        }
         let watch_cancel = self.suspends();
         let cancel = self.inv.cancel.notify.clone();
         self.keep_out(async {
@@ -1343,6 +1354,17 @@ impl<'a> Context<'a> {
             }
         })
         .await
+    }
+
+    /// Whether this message's cancellation was asked where no invocation of it could be told
+    /// (it had not begun when a node marked it, on whichever node): looked up in the store
+    /// once per delivery, at its first wait in memory (a wait that suspends meets the mark
+    /// anyway). True also if the store could not say: the caller then tries to suspend.
+    pub(super) async fn cancelled_before(&mut self) -> bool {
+        if !self.suspends() || std::mem::replace(&mut self.inv.cancel_looked, true) {
+            return false;
+        }
+        self.cancel_asked().await
     }
 
     /// Whether this invocation's waits suspend (and so see a cancellation): not once one of

@@ -15,6 +15,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_cancellation_from_another_node_wakes_a_suspended_wait,
         a_cancellation_while_no_node_runs_is_seen_at_the_restart,
         a_cancelled_message_not_yet_begun_ends_at_its_first_wait,
+        a_cancelled_message_not_yet_begun_ends_at_a_short_wait_in_memory,
         a_cancellation_ends_an_activitys_suspended_backoff,
         a_cancellation_racing_the_event_gives_one_outcome,
         a_wait_in_memory_is_cancelled_at_once_on_the_node_that_asked,
@@ -256,6 +257,41 @@ async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
         })
         .collect();
     assert_eq!(failed, vec!["begun done; sleep 3600000: cancelled"]);
+    rt.shutdown().await;
+}
+
+/// As above, with a first wait short enough to be waited in memory (under `suspend_after`),
+/// where only a suspension attempt would meet the store's mark: the wait looks at the mark once
+/// and ends as cancelled. Before, the cancellation was told to nobody (the message had not
+/// begun on any node), and the sleep ran to its end.
+async fn a_cancelled_message_not_yet_begun_ends_at_a_short_wait_in_memory(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let id = worker("w");
+    w.send(vec![wait("go")]).await.unwrap();
+    let behind = w.send(vec![sleep(300)]).await.unwrap();
+    eventually(WAIT, "the first message waits", || async {
+        h.count(&id, |k| matches!(k, EntryKind::EventAwaited { .. }))
+            .await
+            == 1
+    })
+    .await;
+    assert!(matches!(
+        w.cancel(behind).await.unwrap(),
+        Cancellation::Requested { .. }
+    ));
+    w.deliver_event("go", "now").await.unwrap();
+    finished(h, &id, 2).await;
+    let failed: Vec<String> = h
+        .journal(&id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Failed { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed, vec!["sleep 300: cancelled"]);
     rt.shutdown().await;
 }
 
