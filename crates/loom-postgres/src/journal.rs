@@ -48,21 +48,33 @@ impl PostgresStore {
         to: Seq,
         limit: usize,
     ) -> StoreResult<Page> {
+        // The page ends after the entry that takes it past READ_PAGE_BYTES (`before`: the
+        // frames' bytes ahead of each row; `octet_length` reads a stored value's size without
+        // fetching it); `n`: the rows the page would hold without that bound.
         let rows = sqlx::query(self.q(
-            "SELECT m.t, j.seq, j.frame FROM \
+            "SELECT m.t, j.seq, j.frame, j.n FROM \
              (SELECT coalesce((SELECT trimmed FROM {s}.journal_meta WHERE actor = $1), 0) AS t) AS m \
-             LEFT JOIN LATERAL (SELECT seq, frame FROM {s}.journal \
-                WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS j ON true \
+             LEFT JOIN LATERAL (SELECT seq, frame, n FROM \
+                (SELECT seq, frame, count(*) OVER () AS n, \
+                   sum(octet_length(frame)) OVER (ORDER BY seq) - octet_length(frame) AS before \
+                 FROM (SELECT seq, frame FROM {s}.journal \
+                   WHERE actor = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq LIMIT $4) AS l) AS w \
+                WHERE w.before < $5) AS j ON true \
              ORDER BY j.seq",
         ))
         .bind(actor.as_str())
         .bind(int(from))
         .bind(int(to))
         .bind((limit as i64).min(READ_PAGE))
+        .bind(loom_core::store::backend::READ_PAGE_BYTES as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(pe)?;
         let trimmed_through = rows.first().map(|r| r.get::<i64, _>(0) as u64);
+        let without_bound = rows
+            .first()
+            .and_then(|r| r.get::<Option<i64>, _>(3))
+            .unwrap_or(0);
         let entries = rows
             .iter()
             .filter_map(|r| Some((r.get::<Option<i64>, _>(1)?, r.get::<Option<Vec<u8>>, _>(2)?)))
@@ -73,6 +85,7 @@ impl PostgresStore {
             })
             .collect::<StoreResult<Vec<Entry>>>()?;
         Ok(Page {
+            cut_short: (entries.len() as i64) < without_bound,
             entries,
             trimmed_through,
         })

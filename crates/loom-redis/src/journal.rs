@@ -67,6 +67,7 @@ impl RedisStore {
         Ok(Page {
             entries: out,
             trimmed_through,
+            cut_short: false,
         })
     }
 }

@@ -100,6 +100,7 @@ fn read_page(
     Ok(Page {
         entries: out,
         trimmed_through,
+        cut_short: false,
     })
 }
 

@@ -9,7 +9,9 @@ use crate::error::StoreResult;
 
 pub use super::batch::{BATCH_PAYLOAD_MAX, Batcher, RunBatch};
 pub use super::idempotency::prepare_result;
-pub use super::journal::{Page, encode_entry, paged_read, prepare_append, prepare_snapshot};
+pub use super::journal::{
+    Page, READ_PAGE_BYTES, encode_entry, paged_read, prepare_append, prepare_snapshot,
+};
 pub use super::lease::{FenceOf, check_owner, fence_of};
 pub use super::mailbox::{
     bury_corrupt, check_lane, check_purge, corrupt_frame_reason, dead_letter_envelope, interleave,

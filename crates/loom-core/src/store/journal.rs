@@ -319,7 +319,18 @@ pub struct Page {
     /// The journal's trim point, read in the same transaction (or snapshot) as the entries, if
     /// the fetch was asked for it.
     pub trimmed_through: Option<Seq>,
+    /// The page ended before the entries asked for because of its size (a backend that sends
+    /// pages over the network stops one after [`READ_PAGE_BYTES`]): more may follow. A page
+    /// short without it means the journal holds nothing more in range.
+    pub cut_short: bool,
 }
+
+/// Where a backend that sends a read's pages over the network ends one: after the entry that
+/// takes it past this many bytes of frames (so one entry at least, and at most this plus one
+/// entry's [`MAX_ENTRY_BYTES`](crate::limits::MAX_ENTRY_BYTES)). A page of 1 024 entries of
+/// 4 MiB would otherwise be 4 GiB in one answer, held in memory and bounded by one statement's
+/// time.
+pub const READ_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Builds a [`JournalStore::read`] stream from a page fetcher.
 ///
@@ -422,7 +433,7 @@ where
             st.left -= 1;
             out.push(Ok(entry));
         }
-        if out.len() < limit {
+        if out.len() < limit && !page.cut_short {
             // A short page means the journal has nothing more in range right now.
             st.done = true;
         }
@@ -446,6 +457,37 @@ mod tests {
     }
 
     /// What every backend stores: large entries and snapshots compressed, small ones plain.
+    /// A page cut short for its size is not the end: the stream asks for the next one; a page
+    /// short without the flag is.
+    #[tokio::test]
+    async fn a_page_cut_short_for_its_size_is_followed_by_the_next() {
+        use futures::StreamExt;
+        let actor = ActorId::new("t", "a").unwrap();
+        let read = |cut: bool| {
+            paged_read(
+                actor.clone(),
+                SeqRange::all(),
+                10,
+                move |from, to, _limit, _| async move {
+                    // Two entries a page, of the ten the journal holds.
+                    let entries = (from..=to.min(10))
+                        .take(2)
+                        .map(|s| Entry::new(s, EntryKind::Completed { reply: s.into() }))
+                        .collect::<Vec<_>>();
+                    Ok(Page {
+                        cut_short: cut && !entries.is_empty(),
+                        entries,
+                        trimmed_through: None,
+                    })
+                },
+            )
+            .map(|e| e.unwrap().seq)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(read(true).await, (1..=10).collect::<Vec<_>>());
+        assert_eq!(read(false).await, vec![1, 2]);
+    }
+
     #[test]
     fn stores_get_large_records_compressed_and_small_ones_plain() {
         let a = ActorId::new("t", "a").unwrap();

@@ -154,6 +154,7 @@ impl Journals {
         Ok(Page {
             entries,
             trimmed_through,
+            cut_short: false,
         })
     }
 
