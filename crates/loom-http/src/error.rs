@@ -19,6 +19,10 @@ pub enum ApiError {
     /// `400 bad_message`: the body is not JSON, or not a message of the kind.
     #[error("{0}")]
     BadMessage(String),
+    /// `408 body_timeout`: the body did not arrive within `Options::body_timeout`; nothing
+    /// was sent.
+    #[error("the request's body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     /// `415 not_json`: the request's `Content-Type` is not `application/json`.
     #[error("the body must be sent as Content-Type: application/json")]
     NotJson,
@@ -94,6 +98,7 @@ impl ApiError {
             ApiError::BadMessage(_) => (StatusCode::BAD_REQUEST, "bad_message"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_json"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::WritesDisabled => (StatusCode::FORBIDDEN, "writes_disabled"),
             ApiError::ForbiddenHost(_) => (StatusCode::FORBIDDEN, "forbidden_host"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),

@@ -116,6 +116,11 @@ pub struct Options {
     /// listener [`AdminOptions::hosts_for`] its address; empty (the default) serves any name,
     /// for an ingress behind a proxy that checks the host.
     pub hosts: Vec<String>,
+    /// Longest a request's body may take to arrive (default 30 s); a slower one is refused
+    /// with `408 body_timeout`, so that a client trickling a body holds no connection and no
+    /// buffer for longer. (Headers are the server's to time: `axum::serve` does not, so put a
+    /// proxy with a header timeout in front of an ingress open to the Internet.)
+    pub body_timeout: Duration,
 }
 
 impl Default for Options {
@@ -125,6 +130,7 @@ impl Default for Options {
             max_body_bytes: loom_core::limits::MAX_MESSAGE_BYTES,
             max_ask_timeout: Duration::from_secs(300),
             hosts: Vec::new(),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -229,7 +235,12 @@ impl Ingress {
             .transpose()
             .map_err(|e| ApiError::BadRequest(format!("Idempotency-Key: {e}")))?;
         let traceparent = header(headers, "traceparent")?;
-        let bytes = read_body(body, self.opts.max_body_bytes).await?;
+        let bytes = tokio::time::timeout(
+            self.opts.body_timeout,
+            read_body(body, self.opts.max_body_bytes),
+        )
+        .await
+        .map_err(|_| ApiError::BodyTimeout(self.opts.body_timeout))??;
         let body = if bytes.is_empty() {
             Value::Null
         } else {

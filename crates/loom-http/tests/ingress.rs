@@ -540,3 +540,36 @@ async fn a_keyed_retry_into_a_full_mailbox_is_not_refused_as_full() {
     );
     rt.shutdown().await;
 }
+
+/// A body trickled slower than `Options::body_timeout` is refused with `408` and sends nothing,
+/// instead of holding its connection and buffer for as long as the client likes.
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_refused() {
+    let rt = start().await;
+    let app = loom_http::router(
+        rt.clone(),
+        Options {
+            body_timeout: Duration::from_millis(200),
+            ..Options::default()
+        },
+    );
+    use futures::StreamExt as _;
+    let trickle = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from_static(
+        b"{\"Add\"",
+    ))])
+    .chain(futures::stream::pending());
+    let r = post("/actors/tickets/slow/send")
+        .body(Body::from_stream(trickle))
+        .expect("request");
+    let started = std::time::Instant::now();
+    let (s, b) = call(&app, r).await;
+    assert_eq!(
+        (s, &b["error"]),
+        (StatusCode::REQUEST_TIMEOUT, &json!("body_timeout")),
+        "{b}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let slow = ActorId::new("tickets", "slow").expect("id");
+    assert_eq!(rt.store().pending(&slow).await.expect("pending"), 0);
+    rt.shutdown().await;
+}
