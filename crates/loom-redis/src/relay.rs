@@ -194,6 +194,12 @@ impl Inner {
         // Targets whose moves failed in this pass, and the first failure.
         let mut failed: BTreeSet<u32> = BTreeSet::new();
         let mut first_failure: Option<StoreError> = None;
+        // The lowest seq a failed target has not taken: the outbox is trimmed up to it.
+        let mut unmoved_from: Option<u64> = None;
+        // Each target's high-water mark for this outbox, read once per pass and raised by its
+        // moves: what a target already holds (moved before a failure held up the trim) is not
+        // sent to it again.
+        let mut marks: BTreeMap<u32, u64> = BTreeMap::new();
         // Where the next page starts: after the last entry read.
         let mut from = "-".to_owned();
         loop {
@@ -230,9 +236,26 @@ impl Inner {
                 if failed.contains(q) {
                     continue;
                 }
-                if let Err(e) = self.move_into(p, *q, messages, &mut woken).await {
-                    failed.insert(*q);
-                    first_failure.get_or_insert(e);
+                let moved = async {
+                    let mark = match marks.get(q) {
+                        Some(m) => *m,
+                        None => self.mark(p, *q).await?,
+                    };
+                    let due: Vec<&Moving> = messages.iter().filter(|m| m.seq > mark).collect();
+                    self.move_into(p, *q, &due, &mut woken).await?;
+                    StoreResult::Ok(due.last().map_or(mark, |m| m.seq))
+                }
+                .await;
+                match moved {
+                    Ok(mark) => {
+                        marks.insert(*q, mark);
+                    }
+                    Err(e) => {
+                        failed.insert(*q);
+                        first_failure.get_or_insert(e);
+                        let first = messages.first().map_or(last + 1, |m| m.seq);
+                        unmoved_from = Some(unmoved_from.map_or(first, |u| u.min(first)));
+                    }
                 }
             }
             // What was moved is woken whether or not the rest went.
@@ -241,17 +264,17 @@ impl Inner {
                 self.signals.wake(&woken);
                 self.signals.arrived_here(woken.into());
             }
-            // Everything up to `last` moved (a move is made once however often it is tried,
-            // by the target's high-water mark, so what a failed pass moved is no harm).
-            if failed.is_empty() {
-                let _: u64 = redis::cmd("XTRIM")
-                    .arg(&ob)
-                    .arg("MINID")
-                    .arg(format!("{}-0", last + 1))
-                    .query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(re)?;
-            }
+            // Everything up to `last` moved, or up to the first message a failed target did not
+            // take (a move is made once however often it is tried, by the target's high-water
+            // mark, so what a failed pass moved is no harm).
+            let keep_from = unmoved_from.unwrap_or(last + 1);
+            let _: u64 = redis::cmd("XTRIM")
+                .arg(&ob)
+                .arg("MINID")
+                .arg(format!("{keep_from}-0"))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(re)?;
             if items.len() < BATCH {
                 return first_failure.map_or(Ok(()), Err);
             }
@@ -266,13 +289,25 @@ impl Inner {
         }
     }
 
+    /// Partition `q`'s high-water mark for the messages of `p`'s outbox: the highest seq it
+    /// took (0 if none).
+    async fn mark(&self, p: u32, q: u32) -> StoreResult<u64> {
+        let mark: Option<u64> = redis::cmd("HGET")
+            .arg(self.keys.high_water(q))
+            .arg(p)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(re)?;
+        Ok(mark.unwrap_or(0))
+    }
+
     /// Enqueues `messages` (of source partition `p`, in seq order) into partition `q`, in calls
     /// of at most [`MOVE_BYTES`] of frames; adds the recipients made due to `woken`.
     async fn move_into(
         &self,
         p: u32,
         q: u32,
-        messages: &[Moving],
+        messages: &[&Moving],
         woken: &mut BTreeSet<ActorId>,
     ) -> StoreResult<()> {
         let hw = self.keys.high_water(q);

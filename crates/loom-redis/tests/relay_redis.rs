@@ -334,10 +334,26 @@ async fn a_failing_target_holds_up_only_its_own_messages() {
             deliver_at: None,
         }]
     };
-    send_turn(&store, &a, 1, &to(&b, "to b")).await;
-    send_turn(&store, &a, 2, &to(&c, "to c")).await;
-    arrived(&store, &c, 1).await;
+    send_turn(&store, &a, 1, &to(&c, "c1")).await;
+    send_turn(&store, &a, 2, &to(&b, "to b")).await;
+    send_turn(&store, &a, 3, &to(&c, "c2")).await;
+    arrived(&store, &c, 2).await;
     assert_eq!(store.pending(&b).await.unwrap(), 0);
+    // Trimmed up to the message the failing target has not taken, and no further.
+    // (The trim follows the moves: looked at until it came.)
+    let mut waiting = u64::MAX;
+    for _ in 0..500 {
+        waiting = redis::cmd("XLEN")
+            .arg(format!("stall:{{_p.{pa}}}:ob"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if waiting <= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(waiting, 2);
     let () = redis::cmd("DEL")
         .arg(&hw)
         .query_async(&mut conn)
@@ -346,7 +362,10 @@ async fn a_failing_target_holds_up_only_its_own_messages() {
     arrived(&store, &b, 1).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(drained_payloads(&store, &b).await, [json!("to b")]);
-    assert_eq!(drained_payloads(&store, &c).await, [json!("to c")]);
+    assert_eq!(
+        drained_payloads(&store, &c).await,
+        [json!("c1"), json!("c2")]
+    );
     let states = store.outbox_states().await.expect("states");
     assert_eq!(states[pa as usize].pending, 0, "the outbox is trimmed");
 }
