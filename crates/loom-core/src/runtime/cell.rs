@@ -275,13 +275,14 @@ impl<A: Actor> Cell<A> {
         };
         if let Some(interrupt) = inv.interrupt.take() {
             self.restore_state();
-            // A delivery whose store failed it while it still resumed the wait it was woken
-            // for (a wait's recheck, or its event's arrival) only waited, like the wake-ups
-            // before it: they do not count (rule D17), and this failure is a first attempt.
-            // A refusal on its merits counts as before, so that it is not retried for ever.
+            // A delivery whose store was out of reach while it still resumed the wait it was
+            // woken for (a wait's recheck, or its event's arrival) only waited, like the
+            // wake-ups before it: they do not count (rule D17), and this failure is a first
+            // attempt. Any other failure (a refusal, a storage error that may repeat) counts
+            // as before, so that a message is not retried for ever.
             let still_waiting = waiting
                 && inv.counted_from == from
-                && matches!(&interrupt, Interrupt::Store(e) if e.is_transient());
+                && matches!(&interrupt, Interrupt::Store(StoreError::Unavailable { .. }));
             let from = if still_waiting {
                 d.envelope.attempt
             } else {
@@ -291,8 +292,12 @@ impl<A: Actor> Cell<A> {
                 .on_interrupt(io, shared, &d, inv.journaled, from, interrupt)
                 .await;
         }
-        if let Some(step) = inv.open {
-            // The handler ended with a durable call's future dropped half-way.
+        if let Some(step) = inv.open
+            && outcome.is_ok()
+        {
+            // The handler returned with a durable call's future dropped half-way. (One that
+            // panicked, inside an activity say, unwound past the call's end: it is retried
+            // as any panic is.)
             let reason = inv.dropped(step);
             tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
             self.restore_state();

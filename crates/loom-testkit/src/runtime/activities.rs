@@ -19,7 +19,37 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         activity_failure_is_journaled_and_replayed,
         clock_random_and_uuid_replay_what_the_first_run_saw,
         an_activitys_output_is_what_its_journal_keeps_or_the_step_fails_once,
+        a_panic_inside_an_activity_is_retried_not_parked,
     ]
+}
+
+/// A panic inside an activity's closure unwinds out of the handler past the call's end: it is
+/// a failed attempt, retried as any panic is, not a durable call dropped half-way (which
+/// parks). A review caught the open-step guard parking it.
+async fn a_panic_inside_an_activity_is_retried_not_parked(h: &Harness) {
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("w").unwrap();
+    let asked = tokio::spawn(async move {
+        w.ask(vec![Step::PanickyActivity {
+            name: "boom".into(),
+        }])
+        .await
+    });
+    super::eventually(WAIT, "the panic is retried", || async {
+        rt.metrics().retries >= 1
+    })
+    .await;
+    assert!(rt.parked().await.unwrap().is_empty(), "parked");
+    h.probe
+        .fixed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let reply = tokio::time::timeout(WAIT, asked)
+        .await
+        .expect("no reply")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, vec!["boom done"]);
+    rt.shutdown().await;
 }
 
 /// An activity's output with a field its JSON leaves out.

@@ -250,6 +250,12 @@ pub enum Step {
         /// When the future is dropped, in ms.
         ms: u64,
     },
+    /// `ctx.activity(name, …)` whose closure panics until the probe says the code is fixed
+    /// ([`Probe::fixed`]).
+    PanickyActivity {
+        /// Name.
+        name: String,
+    },
     /// Not a durable call: a line of `bytes` x's, for a reply as large as a case needs.
     Pad {
         /// Its length.
@@ -471,6 +477,17 @@ impl Actor for Worker {
                 Step::Gate => {
                     self.probe.hold().await;
                     "passed the gate".to_owned()
+                }
+                Step::PanickyActivity { name } => {
+                    let fixed = self.probe.fixed.load(Ordering::SeqCst);
+                    let done = format!("{name} done");
+                    let r: Result<String, StepError> = ctx
+                        .activity(&name, &(), |_| async move {
+                            assert!(fixed, "an activity blew up");
+                            Ok::<_, String>(done)
+                        })
+                        .await;
+                    r?
                 }
                 Step::Broken => {
                     if !self.probe.fixed.load(Ordering::SeqCst) {
