@@ -231,7 +231,24 @@ impl IdempotencyStore for EmbeddedStore {
             if left == 0 {
                 break;
             }
-            purged += self.write_in(p, move |tx| purge_in(tx, left)).await?;
+            // A look first: the runtime purges on a timer, and a write (a batch of the
+            // partition's writer, its redo record) for nothing would cost every partition that.
+            let now = Timestamp::now().as_millis();
+            let any = self
+                .read_in(p, move |txn| {
+                    let expiry = txn
+                        .open_table(super::tables::IDEMPOTENCY_EXPIRY)
+                        .map_err(se)?;
+                    Ok(expiry
+                        .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
+                        .map_err(se)?
+                        .next()
+                        .is_some())
+                })
+                .await?;
+            if any {
+                purged += self.write_in(p, move |tx| purge_in(tx, left)).await?;
+            }
         }
         Ok(purged)
     }

@@ -446,9 +446,8 @@ impl AnyActorRef {
                     }
                     tokio::select! {
                         biased;
-                        _ = self.rt.shared.stopped.cancelled() => {
-                            return Err(AskError::Stopped { key });
-                        }
+                        // First: a reply the stopping runtime's drain recorded wins over the
+                        // stop that follows it.
                         got = &mut local => match got {
                             Ok(v) => break v,
                             Err(_) => {
@@ -456,6 +455,9 @@ impl AnyActorRef {
                                 continue;
                             }
                         },
+                        _ = self.rt.shared.stopped.cancelled() => {
+                            return Err(AskError::Stopped { key });
+                        }
                         // Signals were missed: look soon (within `every`, at a random moment, so
                         // that the waiting asks do not all look at once), and often again.
                         _ = &mut missed => {

@@ -32,7 +32,11 @@ pub(super) async fn purge_expired_records(shared: Arc<Shared>) {
                 return;
             }
             let r = shared.store.purge_expired(BATCH).await;
-            shared.health.write(&r);
+            // Its failures count toward the store's health; its successes do not clear a
+            // failure, since a purge may write nothing (Redis's always, and most others').
+            if let Err(e) = &r {
+                shared.health.failed(e);
+            }
             match r {
                 Ok(n) if n as usize >= BATCH => tokio::task::yield_now().await,
                 Ok(n) => {

@@ -483,12 +483,12 @@ impl Runtime {
         key: &IdempotencyKey,
     ) -> Result<Option<Enqueued>, SendError> {
         match self.check_open(to).await {
-            Err(e @ SendError::MailboxFull { .. }) => {
-                match self.shared.store.lookup(to, key).await? {
-                    Some(held) => Ok(Some(Enqueued::Duplicate(held))),
-                    None => Err(e),
-                }
-            }
+            // A lookup that fails leaves the refusal as it is: this request sent nothing.
+            Err(e @ SendError::MailboxFull { .. }) => match self.shared.store.lookup(to, key).await
+            {
+                Ok(Some(held)) => Ok(Some(Enqueued::Duplicate(held))),
+                _ => Err(e),
+            },
             r => r.map(|()| None),
         }
     }
