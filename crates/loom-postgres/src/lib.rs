@@ -55,6 +55,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub(crate) const BACKEND: &str = "postgres";
 
+/// The longest a node's start waits for a lock its schema's migration needs (another node's
+/// migration, a transaction holding a table) before it fails with the error.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(300);
+
+/// How often a start says in the log that its migration is still under way.
+const MIGRATION_NOTICE: Duration = Duration::from_secs(5);
+
 /// How much longer than a statement may take (`statement_timeout`) the answer to a statement
 /// of the store is waited for before it is given up as unanswered (`sql::Bounded`). The server
 /// does not count a statement's commit (its WAL flush, a synchronous standby) against
@@ -479,11 +486,26 @@ impl PostgresStore {
         // A migration may rightly take long (a step rewriting every row of an older store's
         // table), and waits for its locks behind running nodes' transactions and another
         // migrator: the session's `statement_timeout` (and a `lock_timeout` a role may carry)
-        // would cut it off at every start, and roll it back each time.
-        sqlx::raw_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
-            .execute(&mut *tx)
-            .await
-            .map_err(pe)?;
+        // would cut it off at every start, and roll it back each time. A lock still held after
+        // MIGRATION_LOCK_WAIT (an idle transaction holding a table, whose every other user
+        // then queues behind the migration) ends the start with the error; it is said in the
+        // log while it lasts.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '{}s'",
+            MIGRATION_LOCK_WAIT.as_secs()
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(pe)?;
+        let _notice = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+            let s = s.to_owned();
+            async move {
+                loop {
+                    tokio::time::sleep(MIGRATION_NOTICE).await;
+                    tracing::warn!(schema = %s, "still migrating Loom's schema: another node is migrating it, a step rewrites a large table, or a transaction holds one of its tables (a lock is waited for up to {MIGRATION_LOCK_WAIT:?})");
+                }
+            }
+        }));
         // One migrator at a time per schema, across every process.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("loom schema {s}"))
@@ -494,23 +516,30 @@ impl PostgresStore {
         // `CREATE SCHEMA IF NOT EXISTS` needs the right to create schemas in the database even
         // when the schema exists, which a role given a schema made for it by its DBA lacks: it
         // is created only when it is not there.
-        let there: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-                .bind(s)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(pe)?;
-        let create = if there {
-            String::new()
-        } else {
-            format!("CREATE SCHEMA IF NOT EXISTS {s}; ")
-        };
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "{create}CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY);"
-        )))
-        .execute(&mut *tx)
+        // Likewise the version table's: created only when it is not there.
+        let (schema_there, table_there): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
+             to_regclass(quote_ident($1) || '.schema_version') IS NOT NULL",
+        )
+        .bind(s)
+        .fetch_one(&mut *tx)
         .await
         .map_err(pe)?;
+        let mut create = String::new();
+        if !schema_there {
+            create.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {s}; "));
+        }
+        if !table_there {
+            create.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer PRIMARY KEY);"
+            ));
+        }
+        if !create.is_empty() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                .execute(&mut *tx)
+                .await
+                .map_err(pe)?;
+        }
         let version: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT max(version) FROM {s}.schema_version"
         )))
