@@ -249,7 +249,8 @@ impl Runtime {
     }
 
     /// Lets a parked actor run again (after the code was fixed, say): the message it stopped at
-    /// runs again with a fresh set of attempts. True if it was parked.
+    /// runs again, its delivery count kept (deliveries that failed before the park still
+    /// count toward its attempts; those that only waited do not). True if it was parked.
     pub async fn unpark(&self, id: &ActorId) -> Result<bool, StoreError> {
         let written = self.shared.moment();
         let was = self.shared.store.unpark(id).await?.is_some();
