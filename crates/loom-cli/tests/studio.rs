@@ -222,6 +222,8 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
         .expect("move the slider");
         until(&c, "the state at the earlier seq", &format!("document.getElementById('state').dataset.seq === '{early}'")).await;
         assert_eq!(shown(&c).await, at_early);
+        // The timeline holds summaries; the picked entry is fetched whole.
+        until(&c, "the picked entry", &format!("document.getElementById('entry').dataset.seq === '{early}'")).await;
         let entry = c.find(Locator::Id("entry")).await.expect("#entry").text().await.expect("text");
         let entry: Value = serde_json::from_str(&entry).expect("the entry as JSON");
         assert_eq!(entry["seq"], json!(early), "the picked entry is shown");

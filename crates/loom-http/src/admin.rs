@@ -390,6 +390,9 @@ async fn actor(
 struct JournalPage {
     from: Option<Seq>,
     limit: Option<usize>,
+    /// Each entry as `{seq, at, kind: {type}}` only: a timeline's rows, without the data an
+    /// entry may carry (megabytes of a reply or an activity's output).
+    summary: Option<bool>,
 }
 
 async fn journal(
@@ -401,6 +404,7 @@ async fn journal(
     let q = query(q)?;
     let limit = page_limit(q.limit)?;
     let from = q.from.unwrap_or(1).max(1);
+    let summary = q.summary.unwrap_or(false);
     let mut read = s
         .store
         .read(&a, SeqRange::all().from(from).max(limit as u64));
@@ -408,10 +412,15 @@ async fn journal(
     while bytes <= MAX_PAGE_BYTES
         && let Some(e) = read.try_next().await?
     {
-        bytes += serde_json::to_vec(&e)
+        let mut v = serde_json::to_value(&e)
+            .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?;
+        if summary {
+            v = json!({ "seq": v["seq"], "at": v["at"], "kind": { "type": v["kind"]["type"] } });
+        }
+        bytes += serde_json::to_vec(&v)
             .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?
             .len();
-        entries.push(e);
+        entries.push(v);
     }
     // A page cut short by its bytes is full: the rest follows from its last entry.
     let full = if bytes > MAX_PAGE_BYTES {
@@ -419,7 +428,7 @@ async fn journal(
     } else {
         limit
     };
-    Ok(paged(&entries, full, |e| e.seq + 1))
+    Ok(paged(&entries, full, |e| e["seq"].as_u64().map(|s| s + 1)))
 }
 
 #[derive(Debug, Default, Deserialize)]

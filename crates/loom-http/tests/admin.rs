@@ -233,6 +233,27 @@ async fn a_journal_of_large_entries_is_paged_by_bytes_too() {
     }
     assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
     assert!(pages >= 3, "{pages} pages for 20 MiB");
+    // As summaries (Studio's timeline): one small page, each entry's seq, time and type.
+    let (s, page) = call(&app, "GET", "/api/actors/big/a/journal?summary=true", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), 20);
+    assert_eq!(
+        items[0]["kind"],
+        json!({ "type": "completed" }),
+        "{}",
+        items[0]
+    );
+    assert!(
+        items[0]["at"].is_number() || items[0]["at"].is_string(),
+        "{}",
+        items[0]
+    );
+    assert!(
+        page.to_string().len() < 20_000,
+        "{} bytes",
+        page.to_string().len()
+    );
 }
 
 #[tokio::test]
