@@ -47,9 +47,8 @@ pub struct Faults {
     pub hang_acquires: AtomicU32,
     /// Fail the next N mailbox `lease` calls.
     pub fail_leases: AtomicU32,
-    /// Fail the next N `lease` calls of event lanes (kind `_event`) only, as an unreachable
-    /// store does (`Unavailable`): what a wait for an event meets, while its actor's own
-    /// mailbox is leased as usual.
+    /// Fail the next N `lease` calls of event lanes (kind `_event`) only: what a wait for an
+    /// event meets, while its actor's own mailbox is leased as usual.
     pub fail_lane_leases: AtomicU32,
     /// Panic in the next N mailbox `lease` calls, as a store (or code under it) with a bug
     /// would, where the runtime calls it outside any handler.
@@ -365,7 +364,7 @@ impl Mailbox for FaultyStore {
             return Err(injected("lease"));
         }
         if actor.kind() == "_event" && self.faults.take(&self.faults.fail_lane_leases) {
-            return Err(StoreError::unavailable("faulty", Injected("lease")));
+            return Err(injected("lease"));
         }
         assert!(
             !self.faults.take(&self.faults.panic_leases),

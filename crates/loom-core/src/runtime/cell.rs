@@ -275,21 +275,33 @@ impl<A: Actor> Cell<A> {
         };
         if let Some(interrupt) = inv.interrupt.take() {
             self.restore_state();
-            // A delivery whose store was out of reach while it still resumed the wait it was
-            // woken for (a wait's recheck, or its event's arrival) only waited, like the
-            // wake-ups before it: they do not count (rule D17), and this failure is a first
-            // attempt. Any other failure (a refusal, a storage error that may repeat) counts
-            // as before, so that a message is not retried for ever.
-            let still_waiting = waiting
+            // A delivery that the store failed while it still resumed the wait it was woken
+            // for (a wait's recheck, or its event's arrival) only waited, like the wake-ups
+            // before it, which do not count (rule D17): its failure gives the waiting message
+            // up no more than theirs did. It comes back after the backoff its deliveries
+            // since the wait began would have earned (up to `Retry::max`), for as long as the
+            // store fails so, as a failed write that ends a wait (`flush_resumed`) does.
+            // A refusal on its merits counts as any failure.
+            if waiting
                 && inv.counted_from == from
-                && matches!(&interrupt, Interrupt::Store(StoreError::Unavailable { .. }));
-            let from = if still_waiting {
-                d.envelope.attempt
-            } else {
-                inv.counted_from
-            };
+                && let Interrupt::Store(e) = &interrupt
+                && e.is_transient()
+            {
+                shared.health.failed(e);
+                shared.metrics.count(Count::Retries, A::KIND, 1);
+                let delay = io
+                    .config
+                    .retry
+                    .delay(d.envelope.attempt.saturating_sub(from) + 1);
+                tracing::warn!(actor = %self.id, error = %e, ?delay, "the store failed while a wait resumed; the wait is taken up again after a pause");
+                let reason = format!("store failure while a wait resumed: {e}");
+                if let Err(e) = io.store.nack(&d.receipt, delay, &reason).await {
+                    tracing::warn!(actor = %self.id, error = %e, "could not hand the message back; it comes back when its visibility runs out");
+                }
+                return Next::Reload;
+            }
             return self
-                .on_interrupt(io, shared, &d, inv.journaled, from, interrupt)
+                .on_interrupt(io, shared, &d, inv.journaled, inv.counted_from, interrupt)
                 .await;
         }
         if let Some(step) = inv.open

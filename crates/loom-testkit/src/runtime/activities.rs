@@ -27,7 +27,8 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 /// a failed attempt, retried as any panic is, not a durable call dropped half-way (which
 /// parks). A review caught the open-step guard parking it.
 async fn a_panic_inside_an_activity_is_retried_not_parked(h: &Harness) {
-    let rt = h.runtime().await;
+    // Attempts enough that the fix below comes before the last, however slow the machine.
+    let rt = h.runtime_with(|c| c.retry.max_attempts = 1000).await;
     let w = rt.actor::<Worker>("w").unwrap();
     let asked = tokio::spawn(async move {
         w.ask(vec![Step::PanickyActivity {
