@@ -54,7 +54,7 @@ pub async fn unpark(source: &Source, actor: &str, json: bool) -> Result<(), Fail
             }),
             format_args!(
                 "{a} is unparked: its mailbox is open again, and the message it stopped at{} \
-                 runs with a fresh set of attempts on the next node that hosts {} (it was \
+                 runs again (its delivery count kept) on the next node that hosts {} (it was \
                  parked: {})",
                 p.message_id.map_or(String::new(), |m| format!(" ({m})")),
                 a.kind(),

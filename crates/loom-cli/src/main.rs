@@ -313,8 +313,8 @@ enum ClusterCommand {
 enum ParkedCommand {
     /// Every parked actor, with the reason, the message and step it stopped at, and when.
     Ls,
-    /// Lets a parked actor run again: the message it stopped at runs with a fresh set of
-    /// attempts (fix the code first, or it parks again).
+    /// Lets a parked actor run again: the message it stopped at runs again, its delivery count
+    /// kept (fix the code first, or it parks again).
     Unpark {
         /// The actor, as `kind/key`.
         actor: String,

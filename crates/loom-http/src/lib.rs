@@ -32,7 +32,7 @@
 //! Query parameters: `timeout_ms` (ask; at most [`Options::max_ask_timeout`]) and `delay_ms`
 //! (send). Every error of these routes is JSON, `{"error": code, "message": text}` with a
 //! status that says what kind of error it is (see [`ApiError`]). Nothing is sent when a
-//! request is refused (`400`, `401`, `403`, `404`, `413`, `415`, `429`: a retry with the key of
+//! request is refused (`400`, `401`, `403`, `404`, `408`, `413`, `415`, `429`: a retry with the key of
 //! a message already in a full mailbox is its duplicate, not a `429`); a `409`, `422` or
 //! `500 failed` answers a message that was sent and ended so. A `503` may come after the
 //! message was stored, and a `504` leaves it to run: an ask's response then names the key it

@@ -484,25 +484,19 @@ impl PostgresStore {
         }
         let mut tx = self.pool.pool.begin().await.map_err(pe)?;
         // A migration may rightly take long (a step rewriting every row of an older store's
-        // table), and waits for its locks behind running nodes' transactions and another
-        // migrator: the session's `statement_timeout` (and a `lock_timeout` a role may carry)
-        // would cut it off at every start, and roll it back each time. A lock still held after
-        // MIGRATION_LOCK_WAIT (an idle transaction holding a table, whose every other user
-        // then queues behind the migration) ends the start with the error; it is said in the
-        // log while it lasts.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '{}s'",
-            MIGRATION_LOCK_WAIT.as_secs()
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(pe)?;
+        // table), and a start waits for another node's: the session's `statement_timeout` (and
+        // a `lock_timeout` a role may carry) would cut it off at every start, and roll it back
+        // each time. It is said in the log while it lasts.
+        sqlx::raw_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(pe)?;
         let _notice = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
             let s = s.to_owned();
             async move {
                 loop {
                     tokio::time::sleep(MIGRATION_NOTICE).await;
-                    tracing::warn!(schema = %s, "still migrating Loom's schema: another node is migrating it, a step rewrites a large table, or a transaction holds one of its tables (a lock is waited for up to {MIGRATION_LOCK_WAIT:?})");
+                    tracing::warn!(schema = %s, "still migrating Loom's schema: another node is migrating it, a step rewrites a large table, or a transaction holds one of its tables (a lock on a table is waited for up to {MIGRATION_LOCK_WAIT:?})");
                 }
             }
         }));
@@ -512,11 +506,21 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(pe)?;
+        // A table's lock still held after MIGRATION_LOCK_WAIT (an idle transaction holding
+        // it, while every other user of the table queues behind the migration) ends the start
+        // with the error.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}s'",
+            MIGRATION_LOCK_WAIT.as_secs()
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(pe)?;
         // `s` was checked above to be [a-z0-9_]: the only text put into these statements.
         // `CREATE SCHEMA IF NOT EXISTS` needs the right to create schemas in the database even
         // when the schema exists, which a role given a schema made for it by its DBA lacks: it
-        // is created only when it is not there.
-        // Likewise the version table's: created only when it is not there.
+        // is created only when it is not there, and so is the version table (which needs
+        // the right to create in the schema).
         let (schema_there, table_there): (bool, bool) = sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
              to_regclass(quote_ident($1) || '.schema_version') IS NOT NULL",

@@ -11,15 +11,19 @@
 //!    once it answered, under `appendfsync always`: nothing is moved ahead of its turn);
 //! 2. for each target partition `q`, in seq order, one `relay_move` script in `q`: enqueues
 //!    each message whose seq is above `q`'s high-water mark for `p` and raises the mark — so a
-//!    move repeated after a crash, or made twice by two nodes' relays, enqueues nothing twice;
+//!    move repeated after a crash, or made twice by two nodes' relays, enqueues nothing twice
+//!    (the pass reads each target's mark once and sends only what is above it);
 //! 3. trims `p`'s outbox through the last seq read (`XTRIM MINID`), which every target has now
-//!    taken.
+//!    taken. A target whose move fails holds up only its own messages: the pass goes on with
+//!    the others (and the pages after, skipping the failed target's), and trims only up to the
+//!    first message the failed target has not taken. While it fails, every pass reads the
+//!    outbox again from there: a backlog behind a target down for long is read at every pass.
 //!
 //! Every process with the store open runs a relay: one that made a turn's outbox message moves
 //! it at once, and every relay looks at every outbox every [`SWEEP`], so what a crashed
 //! process left is moved by the others. Two relays moving one outbox at once are safe (each
-//! move of `q` covers a run of seqs that starts at the outbox's bottom, and the mark skips what
-//! another already moved), only wasted work. Messages keep their ids, delays and keys; per
+//! move of `q` covers a run of seqs above its mark, and the mark skips what another already
+//! moved), only wasted work. Messages keep their ids, delays and keys; per
 //! (sender, receiver) pair they arrive in the order sent.
 //!
 //! Invariants: `hw(q)[p] <= obm(p).s` (a mark never passes what `p` numbered); an outbox holds

@@ -488,7 +488,11 @@ impl Runtime {
             Err(e @ SendError::MailboxFull { .. }) => match self.shared.store.lookup(to, key).await
             {
                 Ok(Some(held)) => Ok(Some(Enqueued::Duplicate(held))),
-                _ => Err(e),
+                Ok(None) => Err(e),
+                Err(looked) => {
+                    tracing::debug!(actor = %to, error = %looked, "could not look up the key of a send refused for a full mailbox");
+                    Err(e)
+                }
             },
             r => r.map(|()| None),
         }

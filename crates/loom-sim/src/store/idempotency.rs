@@ -124,13 +124,14 @@ impl Records {
             .map(Row::reservation)
     }
 
-    /// Removes up to `limit` expired records, in actor then key order; returns how many.
+    /// Whether any record has expired.
     fn any_expired(&self, now: Timestamp) -> bool {
         self.by_actor
             .values()
             .any(|keys| keys.values().any(|row| !row.live(now)))
     }
 
+    /// Removes up to `limit` expired records, in actor then key order; returns how many.
     fn purge(&mut self, limit: usize, now: Timestamp) -> u64 {
         let doomed: Vec<(ActorId, IdempotencyKey)> = self
             .by_actor
