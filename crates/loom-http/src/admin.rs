@@ -28,6 +28,10 @@ use crate::ApiError;
 /// Most items in one page of a list.
 pub const MAX_PAGE: usize = 500;
 
+/// About the most bytes of entries read for one page of a journal's summaries
+/// (`summary=true`): each is read and decoded whole, so the page ends early once this much was.
+const SUMMARIZED_BYTES: usize = 8 * MAX_PAGE_BYTES;
+
 /// About the most bytes of entries in one page of a journal: a page ends early, with its
 /// `next`, once its entries' JSON passes this (it holds one entry at least, and an entry is
 /// at most 4 MiB encoded), so that a page of large entries is not a gigabyte built in memory.
@@ -408,22 +412,29 @@ async fn journal(
     let mut read = s
         .store
         .read(&a, SeqRange::all().from(from).max(limit as u64));
-    let (mut entries, mut bytes) = (Vec::new(), 0);
+    // `bytes`: the page's; `read_bytes`: the entries' whole, which bounds a page of summaries too
+    // (each entry is read and decoded whole to be summarised).
+    let (mut entries, mut bytes, mut read_bytes) = (Vec::new(), 0, 0);
     while bytes <= MAX_PAGE_BYTES
+        && read_bytes <= SUMMARIZED_BYTES
         && let Some(e) = read.try_next().await?
     {
         let mut v = serde_json::to_value(&e)
             .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?;
-        if summary {
-            v = json!({ "seq": v["seq"], "at": v["at"], "kind": { "type": v["kind"]["type"] } });
-        }
-        bytes += serde_json::to_vec(&v)
+        let whole = serde_json::to_vec(&v)
             .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?
             .len();
+        read_bytes += whole;
+        if summary {
+            v = json!({ "seq": v["seq"], "at": v["at"], "kind": { "type": v["kind"]["type"] } });
+            bytes += v.to_string().len();
+        } else {
+            bytes += whole;
+        }
         entries.push(v);
     }
     // A page cut short by its bytes is full: the rest follows from its last entry.
-    let full = if bytes > MAX_PAGE_BYTES {
+    let full = if bytes > MAX_PAGE_BYTES || read_bytes > SUMMARIZED_BYTES {
         entries.len()
     } else {
         limit

@@ -55,8 +55,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub(crate) const BACKEND: &str = "postgres";
 
-/// The longest a node's start waits for a lock its schema's migration needs (another node's
-/// migration, a transaction holding a table) before it fails with the error.
+/// The longest a node's migration waits for a lock on one of the schema's tables (a
+/// transaction holding it) before the start fails with the error. Another node's migration is
+/// waited for without a limit.
 const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(300);
 
 /// How often a start says in the log that its migration is still under way.

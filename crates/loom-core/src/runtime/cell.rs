@@ -280,8 +280,9 @@ impl<A: Actor> Cell<A> {
             // before it, which do not count (rule D17): its failure gives the waiting message
             // up no more than theirs did. It comes back after the backoff its deliveries
             // since the wait began would have earned (up to `Retry::max`), for as long as the
-            // store fails so, as a failed write that ends a wait (`flush_resumed`) does.
-            // A refusal on its merits counts as any failure.
+            // store fails so. (A failed write that ends a wait, `flush_resumed`, counts from
+            // its own delivery instead: the wait has ended then.) A refusal on its merits
+            // counts as any failure.
             if waiting
                 && inv.counted_from == from
                 && let Interrupt::Store(e) = &interrupt

@@ -690,8 +690,9 @@ async fn a_long_wait_for_an_event_suspends_until_the_event_arrives(h: &Harness) 
 
 /// A suspended wait for an event is woken every `event_recheck` to look for it, each time a
 /// delivery that only waits (rule D17). A store failure while such a delivery resumes the wait
-/// is not the message's last attempt: before, the wake-ups were counted as attempts, and one
-/// failed lease of the event's lane after five of them gave the workflow up.
+/// does not give it up: before, the wake-ups were counted as attempts, and one failed lease of
+/// the event's lane after six of them (three more than the attempts allowed) gave the workflow
+/// up ("gave up after 7 attempts").
 async fn a_store_failure_after_many_wakeups_of_a_wait_is_not_its_last_attempt(h: &Harness) {
     let rt = h
         .runtime_with(|c| {
