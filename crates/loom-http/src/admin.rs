@@ -414,32 +414,35 @@ async fn journal(
         .read(&a, SeqRange::all().from(from).max(limit as u64));
     // `bytes`: the page's; `read_bytes`: the entries' whole, which bounds a page of summaries too
     // (each entry is read and decoded whole to be summarised).
-    let (mut entries, mut bytes, mut read_bytes) = (Vec::new(), 0, 0);
+    let (mut entries, mut summaries) = (Vec::new(), Vec::new());
+    let (mut bytes, mut read_bytes) = (0, 0);
     while bytes <= MAX_PAGE_BYTES
         && read_bytes <= SUMMARIZED_BYTES
         && let Some(e) = read.try_next().await?
     {
-        let mut v = serde_json::to_value(&e)
-            .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?;
-        let whole = serde_json::to_vec(&v)
+        let whole = serde_json::to_vec(&e)
             .map_err(|err| ApiError::Internal(format!("entry {} of {a}: {err}", e.seq)))?
             .len();
         read_bytes += whole;
         if summary {
-            v = json!({ "seq": v["seq"], "at": v["at"], "kind": { "type": v["kind"]["type"] } });
-            bytes += v.to_string().len();
+            let s = json!({ "seq": e.seq, "at": e.at, "kind": { "type": e.kind.name() } });
+            bytes += s.to_string().len();
+            summaries.push(s);
         } else {
             bytes += whole;
+            entries.push(e);
         }
-        entries.push(v);
     }
     // A page cut short by its bytes is full: the rest follows from its last entry.
-    let full = if bytes > MAX_PAGE_BYTES || read_bytes > SUMMARIZED_BYTES {
-        entries.len()
+    let cut = bytes > MAX_PAGE_BYTES || read_bytes > SUMMARIZED_BYTES;
+    let full = |n: usize| if cut { n } else { limit };
+    Ok(if summary {
+        paged(&summaries, full(summaries.len()), |s| {
+            s["seq"].as_u64().map(|seq| seq + 1)
+        })
     } else {
-        limit
-    };
-    Ok(paged(&entries, full, |e| e["seq"].as_u64().map(|s| s + 1)))
+        paged(&entries, full(entries.len()), |e| e.seq + 1)
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]

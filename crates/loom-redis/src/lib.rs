@@ -566,6 +566,9 @@ impl RedisStore {
     /// disable `CONFIG`, what `INFO` says of them (`aof_enabled`, `maxmemory_policy`,
     /// `maxmemory`; it says nothing of `appendfsync` or `no-appendfsync-on-rewrite`).
     async fn node_settings(&self, node: &Option<(String, u16)>) -> NodeSettings {
+        // A setting the server does not give (CONFIG refused, or the node not answering) is
+        // `None`, which the warning reads as "could not read": a check that writes nothing,
+        // whose failure is reported, not lost.
         let get = |name: &'static str| async move {
             let mut c = redis::cmd("CONFIG");
             c.arg("GET").arg(name);
@@ -587,6 +590,7 @@ impl RedisStore {
                 .await
                 .ok()
                 .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                // INFO refused too: every field unread, and the warning says so.
                 .unwrap_or_default();
             let field = |name: &str| {
                 info.lines()
@@ -631,6 +635,7 @@ impl RedisStore {
             }
             first.get_or_insert(s);
         }
+        // No node listed: nothing read, which the fields (all `None`) say.
         let first = first.unwrap_or_default();
         Durability {
             appendonly: first.appendonly,

@@ -239,11 +239,7 @@ impl IdempotencyStore for EmbeddedStore {
                     let expiry = txn
                         .open_table(super::tables::IDEMPOTENCY_EXPIRY)
                         .map_err(se)?;
-                    Ok(expiry
-                        .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
-                        .map_err(se)?
-                        .next()
-                        .is_some())
+                    Ok(expiry.range(expired_by(now)).map_err(se)?.next().is_some())
                 })
                 .await?;
             if any {
@@ -254,17 +250,18 @@ impl IdempotencyStore for EmbeddedStore {
     }
 }
 
+/// The expiry index's keys of records expired by `now` (ms): every key at or before it.
+fn expired_by(now: u64) -> std::ops::RangeToInclusive<(u64, &'static str, &'static str)> {
+    ..=(now, "\u{10FFFF}", "\u{10FFFF}")
+}
+
 /// Purges up to `limit` expired records of one partition.
 fn purge_in(tx: &mut Tx<'_>, limit: usize) -> StoreResult<u64> {
     let now = Timestamp::now().as_millis();
     let records = tx.idempotency.get()?;
     let expiry = tx.idempotency_expiry.get()?;
     let mut doomed = Vec::new();
-    for item in expiry
-        .range(..=(now, "\u{10FFFF}", "\u{10FFFF}"))
-        .map_err(se)?
-        .take(limit)
-    {
+    for item in expiry.range(expired_by(now)).map_err(se)?.take(limit) {
         let (k, _) = item.map_err(se)?;
         let (at, a, key) = k.value();
         doomed.push((at, a.to_owned(), key.to_owned()));

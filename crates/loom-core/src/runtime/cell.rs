@@ -426,20 +426,6 @@ impl<A: Actor> Cell<A> {
         };
         let record_value = serde_json::to_value(&recorded).unwrap_or(Value::Null);
         let key = d.envelope.idempotency_key.clone();
-        if key.is_some()
-            && let Some(size) = over_result_limit(&record_value)
-        {
-            // The store would refuse the turn on its merits, every attempt alike, and each
-            // would run the handler again: the message fails once instead (its caller hears it,
-            // under the key).
-            self.restore_state();
-            let reason = format!(
-                "the reply is {size} bytes as recorded, over the {} a recorded reply may hold (an ask's, or a keyed send's)",
-                crate::limits::MAX_RESULT_BYTES
-            );
-            tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
-            return self.give_up(io, shared, &d, inv.journaled, &reason).await;
-        }
         let turn = Turn {
             fence: Some(&io.lease),
             send: &inv.outbox,
@@ -507,6 +493,23 @@ impl<A: Actor> Cell<A> {
                     None if asked_next => Next::Drained,
                     None => Next::Continue(None),
                 }
+            }
+            // The store refused the reply's record for its size (every backend checks it
+            // before it writes anything): every attempt would be refused alike, and each would
+            // run the handler again, so the message fails once (its caller hears it, under the
+            // key).
+            Err(StoreError::TooLarge {
+                size,
+                limit,
+                limit_kind: crate::error::Limit::ResultBytes,
+                ..
+            }) => {
+                self.restore_state();
+                let reason = format!(
+                    "the reply is {size} bytes as recorded, over the {limit} a recorded reply may hold (an ask's, or a keyed send's)"
+                );
+                tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
+                self.give_up(io, shared, &d, inv.journaled, &reason).await
             }
             Err(e) => {
                 self.restore_state();
@@ -1002,25 +1005,6 @@ pub(super) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".to_owned())
-}
-
-/// The size of `v` as JSON, if it is over [`MAX_RESULT_BYTES`](crate::limits::MAX_RESULT_BYTES)
-/// (counted, not written out).
-fn over_result_limit(v: &Value) -> Option<usize> {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut n = Count(0);
-    // A `Value` always serializes, and this writer never fails.
-    serde_json::to_writer(&mut n, v).ok()?;
-    (n.0 > crate::limits::MAX_RESULT_BYTES).then_some(n.0)
 }
 
 /// The runtime's retirement message to `actor`, due `after` from now (see `Retention`).

@@ -562,6 +562,7 @@ async fn any_failure_text_is_taken_by_nacks_and_dead_letters(store: Arc<dyn Stor
                 .await
                 .unwrap()
                 .expect("after the nack");
+            // An empty error may come back as none.
             let last = d.last_error.clone().unwrap_or_default();
             assert!(
                 last.starts_with(&reason[..reason.len().min(4)]) && last.len() >= reason.len(),

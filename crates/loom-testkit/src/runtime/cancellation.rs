@@ -6,7 +6,7 @@ use std::time::Duration;
 use loom_core::runtime::{ActorRef, AskError, AskOptions, CancelTarget, Cancellation, cancel};
 use loom_core::{EntryKind, IdempotencyKey};
 
-use super::common::{WAIT, activity, finished, worker};
+use super::common::{WAIT, activity, failures, finished, worker};
 use super::{Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
@@ -247,16 +247,10 @@ async fn a_cancelled_message_not_yet_begun_ends_at_its_first_wait(h: &Harness) {
         1,
         "a cancelled message runs up to its first wait"
     );
-    let failed: Vec<String> = h
-        .journal(&id)
-        .await
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::Failed { error, .. } => Some(error),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(failed, vec!["begun done; sleep 3600000: cancelled"]);
+    assert_eq!(
+        failures(h, &id).await,
+        vec!["begun done; sleep 3600000: cancelled"]
+    );
     rt.shutdown().await;
 }
 
@@ -282,16 +276,7 @@ async fn a_cancelled_message_not_yet_begun_ends_at_a_short_wait_in_memory(h: &Ha
     ));
     w.deliver_event("go", "now").await.unwrap();
     finished(h, &id, 2).await;
-    let failed: Vec<String> = h
-        .journal(&id)
-        .await
-        .into_iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::Failed { error, .. } => Some(error),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(failed, vec!["sleep 300: cancelled"]);
+    assert_eq!(failures(h, &id).await, vec!["sleep 300: cancelled"]);
     rt.shutdown().await;
 }
 

@@ -53,6 +53,18 @@ pub(super) async fn replies(h: &Harness, id: &ActorId) -> Vec<Value> {
         .collect()
 }
 
+/// The errors journaled by the actor's failed invocations.
+pub(super) async fn failures(h: &Harness, id: &ActorId) -> Vec<String> {
+    h.journal(id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::Failed { error, .. } => Some(error),
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) async fn reached(h: &Harness) {
     tokio::time::timeout(WAIT, h.probe.reached.notified())
         .await
