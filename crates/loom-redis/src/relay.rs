@@ -16,8 +16,10 @@
 //! 3. trims `p`'s outbox through the last seq read (`XTRIM MINID`), which every target has now
 //!    taken. A target whose move fails holds up only its own messages: the pass goes on with
 //!    the others (and the pages after, skipping the failed target's), and trims only up to the
-//!    first message the failed target has not taken. While it fails, every pass reads the
-//!    outbox again from there: a backlog behind a target down for long is read at every pass.
+//!    first message the failed target has not taken. While it fails, the next passes read on
+//!    from where the last one stopped (a backlog held up behind it is not read again at every
+//!    pass), and try the failed target again once per [`SWEEP`] with the first page of its own
+//!    messages; once it takes them, the next pass reads the outbox from its bottom again.
 //!
 //! Every process with the store open runs a relay: one that made a turn's outbox message moves
 //! it at once, and every relay looks at every outbox every [`SWEEP`], so what a crashed
@@ -73,6 +75,20 @@ struct Inner {
     wake: Notify,
     /// What its moves met (`Store::relay_failure`).
     status: RelayStatus,
+    /// Per outbox whose moves to some target failed: where the next drain goes on from.
+    behind: Mutex<BTreeMap<u32, Behind>>,
+}
+
+/// What a drain of an outbox leaves for the next while some of its targets' moves fail.
+struct Behind {
+    /// Each failed target, with the lowest seq of this outbox it has not taken.
+    failed: BTreeMap<u32, u64>,
+    /// The latest of their failures.
+    failure: StoreError,
+    /// The last seq read: the next drain reads on from just after it.
+    read_to: u64,
+    /// When the failed targets are tried again.
+    probe_at: Instant,
 }
 
 /// One outbox message, as the relay moves it.
@@ -100,6 +116,7 @@ impl Relay {
             dirty: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
             status: RelayStatus::default(),
+            behind: Mutex::new(BTreeMap::new()),
         });
         let task = tokio::spawn(run(inner.clone()));
         Arc::new(Relay {
@@ -192,20 +209,58 @@ impl Inner {
     /// A target whose moves fail (its primary down, say) holds up only its own messages: the
     /// pass goes on with the other targets' (and with the pages after, skipping the failed
     /// target's, whose order must hold), and the outbox is trimmed only up to where every
-    /// message is moved. The first failure is returned once the pass ends.
+    /// message is moved. The first failure is returned once the pass ends. While a target
+    /// fails, the next drains go on from where this one stopped reading ([`Behind`]), not
+    /// from the bottom, so a backlog held up behind it is not read again at every drain; it
+    /// is tried again with the first page of its own messages once per [`SWEEP`], and once
+    /// one such try moves them, the drain starts again from the bottom.
     async fn drain(&self, p: u32, until: Instant) -> StoreResult<()> {
         let (ob, _) = self.keys.outbox(p);
-        // Targets whose moves failed in this pass, and the first failure.
-        let mut failed: BTreeSet<u32> = BTreeSet::new();
-        let mut first_failure: Option<StoreError> = None;
-        // The lowest seq a failed target has not taken: the outbox is trimmed up to it.
-        let mut unmoved_from: Option<u64> = None;
+        let mut woken = BTreeSet::new();
+        let held = self
+            .behind
+            .lock()
+            .expect("relay behind poisoned")
+            .remove(&p);
+        let resumed = match held {
+            Some(behind) => self.retry_failed(p, behind, &mut woken).await,
+            None => None,
+        };
+        self.wake(std::mem::take(&mut woken));
+        // Targets whose moves failed (in this drain, or in one before it that this one goes
+        // on from), each with the lowest seq it has not taken, and the failure to report.
+        // The last seq read (in this drain or the one it goes on from), and when the failed
+        // targets are tried again.
+        let (mut failed, mut failure, mut read_to, mut probe_at) = match resumed {
+            Some(b) => (b.failed, Some(b.failure), Some(b.read_to), b.probe_at),
+            None => (BTreeMap::new(), None, None, Instant::now()),
+        };
+        // Where the next page starts: after the last entry read.
+        let mut from = read_to.map_or_else(|| "-".to_owned(), |r| format!("({r}-0"));
+        // What to leave for the next drain, or `Ok` if every target took everything read.
+        let finish = |failed: BTreeMap<u32, u64>,
+                      failure: Option<StoreError>,
+                      read_to: Option<u64>,
+                      probe_at: Instant| {
+            let (Some(failure), Some(read_to), false) = (failure, read_to, failed.is_empty())
+            else {
+                return Ok(());
+            };
+            self.behind.lock().expect("relay behind poisoned").insert(
+                p,
+                Behind {
+                    failed,
+                    failure: failure.clone(),
+                    read_to,
+                    probe_at,
+                },
+            );
+            Err(failure)
+        };
         // Each target's high-water mark for this outbox, read once per pass and raised by its
         // moves: what a target already holds (moved before a failure held up the trim) is not
         // sent to it again.
         let mut marks: BTreeMap<u32, u64> = BTreeMap::new();
-        // Where the next page starts: after the last entry read.
-        let mut from = "-".to_owned();
         loop {
             let read: Value = redis::cmd("XRANGE")
                 .arg(&ob)
@@ -220,13 +275,14 @@ impl Inner {
                 return Err(unexpected("outbox XRANGE reply"));
             };
             let Some(last) = items.last() else {
-                return first_failure.map_or(Ok(()), Err);
+                return finish(failed, failure, read_to, probe_at);
             };
             let last = seq_of(
                 &entry_fields(last)
                     .ok_or_else(|| unexpected("outbox entry"))?
                     .0,
             )?;
+            read_to = Some(last);
             let mut per_target: BTreeMap<u32, Vec<Moving>> = BTreeMap::new();
             for item in &items {
                 let m = moving(item)?;
@@ -235,9 +291,8 @@ impl Inner {
                     .or_default()
                     .push(m);
             }
-            let mut woken = BTreeSet::new();
             for (q, messages) in &per_target {
-                if failed.contains(q) {
+                if failed.contains_key(q) {
                     continue;
                 }
                 let moved = async {
@@ -255,23 +310,20 @@ impl Inner {
                         marks.insert(*q, mark);
                     }
                     Err(e) => {
-                        failed.insert(*q);
-                        first_failure.get_or_insert(e);
-                        let first = messages.first().map_or(last + 1, |m| m.seq);
-                        unmoved_from = Some(unmoved_from.map_or(first, |u| u.min(first)));
+                        failure = Some(e);
+                        failed.insert(*q, messages.first().map_or(last + 1, |m| m.seq));
+                        // A failure that passes (a timeout, a redirection) is tried again
+                        // by the next drain; one that stays, once per sweep after that.
+                        probe_at = Instant::now();
                     }
                 }
             }
             // What was moved is woken whether or not the rest went.
-            if !woken.is_empty() {
-                let woken: Vec<ActorId> = woken.into_iter().collect();
-                self.signals.wake(&woken);
-                self.signals.arrived_here(woken.into());
-            }
+            self.wake(std::mem::take(&mut woken));
             // Everything up to `last` moved, or up to the first message a failed target did not
             // take (a move is made once however often it is tried, by the target's high-water
             // mark, so what a failed pass moved is no harm).
-            let keep_from = unmoved_from.unwrap_or(last + 1);
+            let keep_from = failed.values().min().copied().unwrap_or(last + 1);
             let _: u64 = redis::cmd("XTRIM")
                 .arg(&ob)
                 .arg("MINID")
@@ -279,17 +331,91 @@ impl Inner {
                 .query_async(&mut self.conn.clone())
                 .await
                 .map_err(re)?;
-            if items.len() < BATCH {
-                return first_failure.map_or(Ok(()), Err);
-            }
             from = format!("({last}-0");
+            if items.len() < BATCH {
+                return finish(failed, failure, read_to, probe_at);
+            }
             if Instant::now() >= until {
                 self.dirty
                     .lock()
                     .expect("relay dirty set poisoned")
                     .insert(p);
-                return first_failure.map_or(Ok(()), Err);
+                return finish(failed, failure, read_to, probe_at);
             }
+        }
+    }
+
+    /// What a drain of `p` goes on from, given what the last one left (`behind`): the same, if
+    /// its failed targets are not due to be tried again or fail again; `None` (from the
+    /// bottom, every target tried) once one of them takes the first page of its messages, or
+    /// has none left (another process's relay moved them).
+    async fn retry_failed(
+        &self,
+        p: u32,
+        mut behind: Behind,
+        woken: &mut BTreeSet<ActorId>,
+    ) -> Option<Behind> {
+        if Instant::now() < behind.probe_at {
+            return Some(behind);
+        }
+        // Half a sweep: the sweeps, which come a little more than one apart, each try again.
+        behind.probe_at = Instant::now() + SWEEP / 2;
+        let (ob, obm) = self.keys.outbox(p);
+        // An outbox numbered below where the last drain read (the store deleted and made
+        // again under this process): nothing of the old place holds.
+        let numbered: Result<Option<u64>, _> = redis::cmd("HGET")
+            .arg(&obm)
+            .arg("s")
+            .query_async(&mut self.conn.clone())
+            .await;
+        match numbered {
+            Ok(Some(s)) if s >= behind.read_to => {}
+            Ok(_) => return None,
+            Err(e) => {
+                behind.failure = re(e);
+                return Some(behind);
+            }
+        }
+        for (q, first) in &behind.failed {
+            let tried = async {
+                let read: Value = redis::cmd("XRANGE")
+                    .arg(&ob)
+                    .arg(format!("{first}-0"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(re)?;
+                let Value::Array(items) = read else {
+                    return Err(unexpected("outbox XRANGE reply"));
+                };
+                let mut mine = Vec::new();
+                for item in &items {
+                    let m = moving(item)?;
+                    if partition_of(&m.to, self.keys.partitions()) == *q {
+                        mine.push(m);
+                    }
+                }
+                let mark = self.mark(p, *q).await?;
+                let due: Vec<&Moving> = mine.iter().filter(|m| m.seq > mark).collect();
+                self.move_into(p, *q, &due, woken).await
+            }
+            .await;
+            match tried {
+                Ok(()) => return None,
+                Err(e) => behind.failure = e,
+            }
+        }
+        Some(behind)
+    }
+
+    /// Wakes the recipients of messages just moved.
+    fn wake(&self, woken: BTreeSet<ActorId>) {
+        if !woken.is_empty() {
+            let woken: Vec<ActorId> = woken.into_iter().collect();
+            self.signals.wake(&woken);
+            self.signals.arrived_here(woken.into());
         }
     }
 

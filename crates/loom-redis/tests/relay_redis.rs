@@ -369,3 +369,103 @@ async fn a_failing_target_holds_up_only_its_own_messages() {
     let states = store.outbox_states().await.expect("states");
     assert_eq!(states[pa as usize].pending, 0, "the outbox is trimmed");
 }
+
+/// A target that stays down does not make every pass read its backlog again: the passes after
+/// the one that met the failure read on from where it stopped (so messages to healthy targets
+/// sent meanwhile still go), and try the failed target with one page of its own messages.
+/// Once it takes them, its whole backlog follows, in order, once. Outbox reads are counted by
+/// the server's `INFO commandstats` (before: every pass read all 24 pages of the backlog
+/// again, about 100 reads over the two seconds counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_behind_a_failing_target_is_not_read_again_at_every_pass() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let store = connect(&url, "backlog", Some(3)).await.expect("connect");
+    let a = id("relay", "a");
+    let pa = partition_of(&a, 3);
+    let other = |not: &[u32]| {
+        (0..)
+            .map(|i| id("relay", &format!("t{i}")))
+            .find(|t| !not.contains(&partition_of(t, 3)))
+            .unwrap()
+    };
+    let b = other(&[pa]);
+    let pb = partition_of(&b, 3);
+    let c = other(&[pa, pb]);
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // `b`'s partition fails every move: its high-water marks are not a hash.
+    let hw = format!("backlog:{{_p.{pb}}}:hw");
+    let () = redis::cmd("SET")
+        .arg(&hw)
+        .arg("damaged")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // 12 000 messages to `b`: 24 pages of the outbox.
+    let (turns, per_turn) = (12u64, 1000u64);
+    for t in 0..turns {
+        let send: Vec<Outgoing> = (0..per_turn)
+            .map(|i| Outgoing {
+                envelope: Envelope::new(b.clone(), json!(t * per_turn + i)),
+                deliver_at: None,
+            })
+            .collect();
+        send_turn(&store, &a, t + 1, &send).await;
+    }
+    let to_c = |what: &str| {
+        [Outgoing {
+            envelope: Envelope::new(c.clone(), json!(what)),
+            deliver_at: None,
+        }]
+    };
+    send_turn(&store, &a, turns + 1, &to_c("c1")).await;
+    arrived(&store, &c, 1).await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reads: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!("{reads} outbox reads over 2 s of passes");
+    assert!(
+        reads < 24,
+        "{reads} outbox reads in 2 s: the backlog was read again"
+    );
+    // A healthy target still gets what is sent to it after the backlog.
+    send_turn(&store, &a, turns + 2, &to_c("c2")).await;
+    arrived(&store, &c, 2).await;
+    assert_eq!(store.pending(&b).await.unwrap(), 0);
+    // Repaired: the whole backlog follows, once and in order.
+    let () = redis::cmd("DEL")
+        .arg(&hw)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    arrived(&store, &b, turns * per_turn).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let got = drained_payloads(&store, &b).await;
+    let expected: Vec<serde_json::Value> = (0..turns * per_turn).map(|n| json!(n)).collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the backlog arrived out of order or twice");
+    assert_eq!(
+        drained_payloads(&store, &c).await,
+        [json!("c1"), json!("c2")]
+    );
+    let states = store.outbox_states().await.expect("states");
+    assert_eq!(states[pa as usize].pending, 0, "the outbox is trimmed");
+}
