@@ -199,6 +199,55 @@ local function mb_ready(mb, now, enqueued, st)
   end
 end
 
+-- Moves delayed messages that are due into the stream, in due order, and those due at the same
+-- ms in the order they were sent (by position: the zset orders such ties by the member's text,
+-- which puts 10 before 9); at most PROMOTE_MAX of them. q is how many undelivered messages the
+-- stream holds. Returns q after the move.
+local function mb_promote(mb, now, q)
+  -- A burst coming due at once is moved a slice at a time, by the leases, turns and enqueues
+  -- that find it due, so that no script holds Redis's one thread for long; the stream still
+  -- holds that many undelivered messages ahead of its reader.
+  local PROMOTE_MAX = 1000
+  local page = redis.call('ZRANGEBYSCORE', mb.md, '-inf', now, 'WITHSCORES', 'LIMIT', 0, PROMOTE_MAX)
+  if #page == 0 then return q end
+  local last = page[#page]
+  -- { due, position, member } of each message moved: the page's messages due before the last
+  -- one's ms (all of them: the page holds the lowest scores), then the lowest positions of
+  -- those due at that ms (all read, as the page may hold any of them), up to PROMOTE_MAX.
+  local due = {}
+  for i = 1, #page, 2 do
+    if page[i + 1] ~= last then
+      due[#due + 1] = { tonumber(page[i + 1]), tonumber(page[i]), page[i] }
+    end
+  end
+  local before = #due
+  local ties = {}
+  for _, pos in ipairs(redis.call('ZRANGEBYSCORE', mb.md, last, last)) do
+    ties[#ties + 1] = { tonumber(last), tonumber(pos), pos }
+  end
+  table.sort(ties, function(x, y) return x[2] < y[2] end)
+  local taken = {}
+  for i = 1, math.min(#ties, PROMOTE_MAX - before) do
+    due[#due + 1] = ties[i]
+    taken[#taken + 1] = ties[i][3]
+  end
+  table.sort(due, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
+  for _, d in ipairs(due) do
+    local pos = d[3]
+    local v = redis.call('HGET', mb.mdx, pos)
+    local bar = string.find(v, '|', 1, true)
+    redis.call('XADD', mb.mq, '*', 'm', string.sub(v, bar + 1), 'id', string.sub(v, 1, bar - 1), 'p', pos)
+    redis.call('HDEL', mb.mdx, pos)
+  end
+  -- Exactly the members just moved: every one due before the last's ms (the script runs
+  -- alone), and those taken of the ones due at it (at most PROMOTE_MAX: unpack takes them).
+  if before > 0 then redis.call('ZREMRANGEBYSCORE', mb.md, '-inf', '(' .. last) end
+  redis.call('ZREM', mb.md, unpack(taken))
+  q = q + #due
+  redis.call('HSET', mb.mm, 'q', q)
+  return q
+end
+
 local function mb_enqueue(mb, msgid, frame, due, now)
   local v = redis.call('HMGET', mb.mm, 'pos', 'n', 'q', 'park', 'cur', 'vis')
   local pos, n, q = num(v[1]) + 1, num(v[2]) + 1, num(v[3])
@@ -208,31 +257,19 @@ local function mb_enqueue(mb, msgid, frame, due, now)
     redis.call('HSET', mb.mdx, pos, msgid .. '|' .. frame)
     redis.call('HSET', mb.mm, 'pos', pos, 'n', n)
   else
-    -- A due message goes to the end of the stream.
+    -- A due message goes to the end of the stream, after the delayed messages due by now
+    -- (moved there first, if the meta's count says some wait: n counts the current message,
+    -- the stream's undelivered ones and the delayed ones), so that the mailbox hands out in
+    -- due order, as the other stores do, whenever a lease comes.
+    local delayed = n - 1 - q
+    if num(v[5]) ~= 0 then delayed = delayed - 1 end
+    if delayed > 0 then q = mb_promote(mb, now, q) end
     redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
     after = q + 1
     redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after)
   end
   mb_ready(mb, now, q, { park = v[4], cur = num(v[5]), vis = num(v[6]), q = after })
   return pos
-end
-
--- Moves delayed messages that are due into the stream, in due order; q is how many undelivered
--- messages the stream holds. Returns q after the move.
-local function mb_promote(mb, now, q)
-  local due = redis.call('ZRANGEBYSCORE', mb.md, '-inf', now)
-  if #due == 0 then return q end
-  for _, pos in ipairs(due) do
-    local v = redis.call('HGET', mb.mdx, pos)
-    local bar = string.find(v, '|', 1, true)
-    redis.call('XADD', mb.mq, '*', 'm', string.sub(v, bar + 1), 'id', string.sub(v, 1, bar - 1), 'p', pos)
-    redis.call('HDEL', mb.mdx, pos)
-  end
-  -- Exactly the members just read: the script runs alone, and now has not moved.
-  redis.call('ZREMRANGEBYSCORE', mb.md, '-inf', now)
-  q = q + #due
-  redis.call('HSET', mb.mm, 'q', q)
-  return q
 end
 
 local function mb_fields(entry)

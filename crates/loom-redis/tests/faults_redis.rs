@@ -1063,3 +1063,121 @@ async fn a_user_that_may_not_publish_still_commits_turns_that_record_replies() {
     );
     assert_eq!(store.pending(&a).await.unwrap(), 0);
 }
+
+/// A burst of delayed messages coming due at once is moved into the mailbox's stream a slice
+/// at a time (`PROMOTE_MAX` in `loom.lua`), not by one script holding Redis's one thread for
+/// all of them: after one lease, 1 000 of 2 500 due messages are in the stream and the rest
+/// still in the delayed set (*before*: all 2 500 moved by that lease), and so for 1 500 due in
+/// the same millisecond. They come out once each, in due order (ties in the order sent), and a
+/// message sent meanwhile without a delay comes after the slice its enqueue moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_due_messages_is_moved_a_slice_at_a_time() {
+    use loom_core::store::LeaseOptions;
+    use loom_core::{Envelope, Mailbox, Timestamp};
+    let server = RedisServer::start();
+    let store = connect(&server.url(), "burst").await;
+    let mut admin = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let a = ActorId::new("inbox", "burst").expect("id");
+    // Far enough ahead that none is due before all are sent, on a loaded machine too.
+    let (t0, ahead) = (tokio::time::Instant::now(), Duration::from_secs(5));
+    let start = Timestamp::now() + ahead;
+    let total = 2500u64;
+    // Each due a millisecond after the one before, sent in reverse (due order is not the
+    // order sent), 100 at a time.
+    let order: Vec<u64> = (0..total).rev().collect();
+    for chunk in order.chunks(100) {
+        futures::future::try_join_all(chunk.iter().map(|n| {
+            let m = Envelope::new(a.clone(), serde_json::json!(n));
+            let store = &store;
+            async move {
+                store
+                    .enqueue(&m, Some(start + Duration::from_millis(*n)))
+                    .await
+            }
+        }))
+        .await
+        .expect("enqueue");
+    }
+    // And 1 500 due in one millisecond, to another actor: a slice of those too, in the order
+    // sent (by position, which the sends in flight together draw in any order).
+    let b = ActorId::new("inbox", "ties").expect("id");
+    let mut ties: Vec<(u64, u64)> = Vec::new();
+    let tied: Vec<u64> = (0..1500).collect();
+    for chunk in tied.chunks(100) {
+        let positions = futures::future::try_join_all(chunk.iter().map(|n| {
+            let m = Envelope::new(b.clone(), serde_json::json!(n));
+            let store = &store;
+            async move { store.enqueue(&m, Some(start)).await }
+        }))
+        .await
+        .expect("enqueue");
+        ties.extend(positions.into_iter().zip(chunk.iter().copied()));
+    }
+    assert!(
+        Timestamp::now() < start,
+        "sending took more than {ahead:?}: some were due when sent"
+    );
+    tokio::time::sleep_until(t0 + ahead + Duration::from_millis(total + 300)).await;
+    let long = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+        ..LeaseOptions::default()
+    };
+    let first = store
+        .lease(&b, long)
+        .await
+        .expect("lease")
+        .expect("a message");
+    let tied_left: u64 = redis::cmd("ZCARD")
+        .arg("burst:{inbox/ties}:md")
+        .query_async(&mut admin)
+        .await
+        .expect("zcard");
+    assert_eq!(tied_left, 500, "ties moved by the first lease: not a slice");
+    store.ack(&first.receipt).await.expect("ack");
+    let mut got = vec![first.envelope.payload];
+    while let Some(d) = store.lease(&b, long).await.expect("lease") {
+        store.ack(&d.receipt).await.expect("ack");
+        got.push(d.envelope.payload);
+    }
+    ties.sort();
+    let expected: Vec<serde_json::Value> = ties.iter().map(|(_, n)| serde_json::json!(n)).collect();
+    assert!(
+        got == expected,
+        "ties not in the order sent, or not once each"
+    );
+    let first = store
+        .lease(&a, long)
+        .await
+        .expect("lease")
+        .expect("a message");
+    assert_eq!(first.envelope.payload, serde_json::json!(0));
+    let delayed: u64 = redis::cmd("ZCARD")
+        .arg("burst:{inbox/burst}:md")
+        .query_async(&mut admin)
+        .await
+        .expect("zcard");
+    assert_eq!(
+        delayed,
+        total - 1000,
+        "moved by the first lease: not a slice"
+    );
+    store.ack(&first.receipt).await.expect("ack");
+    let late = Envelope::new(a.clone(), serde_json::json!("late"));
+    store.enqueue(&late, None).await.expect("enqueue");
+    let mut got = Vec::new();
+    while let Some(d) = store.lease(&a, long).await.expect("lease") {
+        store.ack(&d.receipt).await.expect("ack");
+        got.push(d.envelope.payload);
+    }
+    // The enqueue moved the next slice first; the last slice comes after the late message.
+    let mut expected: Vec<serde_json::Value> = (1..2000).map(|n| serde_json::json!(n)).collect();
+    expected.push(serde_json::json!("late"));
+    expected.extend((2000..total).map(|n| serde_json::json!(n)));
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "not in due order, or not once each");
+}

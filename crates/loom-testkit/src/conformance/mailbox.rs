@@ -25,6 +25,7 @@ pub(super) fn cases() -> Vec<Case> {
         stale_receipt_is_refused_after_redelivery,
         nack_with_delay_keeps_the_head_and_the_order,
         delayed_message_waits_and_does_not_hold_up_others,
+        due_messages_come_in_due_order_and_ties_in_the_order_sent,
         messages_due_centuries_ahead_or_never_wait_and_are_listed,
         dead_letter_after_max_deliveries_with_the_reason,
         explicit_dead_letter_keeps_the_reason,
@@ -210,6 +211,48 @@ async fn delayed_message_waits_and_does_not_hold_up_others(store: Arc<dyn Store>
     );
     wait_past(Duration::from_millis(400)).await;
     assert_eq!(take_and_ack(&*store, &a).await, Some(0));
+}
+
+/// A mailbox hands out in due order, and messages due at the same moment in the order they were
+/// sent: 25 messages sent with one due time (past position 9, where Redis's sorted set, which
+/// orders ties by the member's text, put 10 before 9), then one due before them, then, once all
+/// are due, one sent without a delay, which comes last (Redis appended it to its stream ahead
+/// of the delayed messages not yet moved there).
+async fn due_messages_come_in_due_order_and_ties_in_the_order_sent(store: Arc<dyn Store>) {
+    let a = id("a");
+    let start = Timestamp::now();
+    // Far enough ahead that the sends are done before either, on a loaded machine too.
+    let (early, at) = (
+        start + Duration::from_millis(2000),
+        start + Duration::from_millis(2500),
+    );
+    for n in 0..25 {
+        store.enqueue(&msg(&a, n), Some(at)).await.unwrap();
+    }
+    store.enqueue(&msg(&a, 1000), Some(early)).await.unwrap();
+    let sent = Timestamp::now();
+    if sent < early {
+        assert!(
+            store.lease(&a, long()).await.unwrap().is_none(),
+            "a delayed message came early"
+        );
+    }
+    wait_past(Duration::from_millis(2500)).await;
+    store.enqueue(&msg(&a, 2000), None).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(n) = take_and_ack(&*store, &a).await {
+        got.push(n);
+    }
+    let expected: Vec<u64> = std::iter::once(1000)
+        .chain(0..25)
+        .chain(std::iter::once(2000))
+        .collect();
+    assert_eq!(
+        got,
+        expected,
+        "sends done {}ms after the start",
+        sent.as_millis() - start.as_millis()
+    );
 }
 
 /// A due time as far ahead as a `Timestamp` goes (`Timestamp::MAX`, "never": what a delay too
