@@ -39,6 +39,9 @@ pub struct Faults {
     /// Fail every membership heartbeat while set: the node's record runs out a lease ttl after
     /// its last beat, and the other nodes then count it gone.
     pub fail_heartbeats: AtomicBool,
+    /// Fail every read of the roster (`members`) while set: what every node meets when the
+    /// store's membership key cannot be read (its shard down on a Redis Cluster, say).
+    pub fail_members: AtomicBool,
     /// Hold every lease renewal unanswered while set (a stalled connection): it reaches the
     /// store only once this is cleared, if its caller still waits.
     pub hang_renewals: AtomicBool,
@@ -644,6 +647,10 @@ impl Membership for FaultyStore {
     }
 
     async fn members(&self) -> StoreResult<Roster> {
+        if self.faults.fail_members.load(Ordering::Acquire) {
+            self.faults.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected("members"));
+        }
         self.inner.members().await
     }
 }

@@ -179,24 +179,35 @@ impl Ownership {
 /// runtime stops. Runs on nodes that host at least one kind.
 pub(super) async fn own_partitions(shared: Arc<Shared>) {
     let every = tick(shared.config.lease_ttl);
-    // The last roster read: a look goes on with it while the store does not answer, so that
-    // lost partitions are still dropped and unheld ones still taken (the leases decide).
-    let mut last: Option<Roster> = None;
+    // The last roster read, the store's clock when it was read, and when that was on this
+    // node's: a look goes on with it while the store does not answer, so that lost partitions
+    // are still dropped and unheld ones still taken (the leases decide). Its clock runs on
+    // meanwhile, so that a node whose heartbeats stopped meanwhile runs out of it too, as it
+    // would have in a roster read now; a roster that judged the nodes at its read's moment for
+    // ever kept a node that died meanwhile winning its partitions, which nobody then took.
+    let mut last: Option<(Roster, crate::Timestamp, Instant)> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             break;
         }
         match shared.store.members().await {
-            Ok(roster) => last = Some(roster),
+            Ok(roster) => {
+                let at = roster.at;
+                last = Some((roster, at, Instant::now()));
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "could not read the roster; deciding by the last one read")
+                tracing::warn!(error = %e, "could not read the roster; deciding by the last one read, aged since")
             }
         }
         // Before the first read succeeds: a roster of no one, in which this node wins all.
-        let roster = last.get_or_insert_with(|| Roster {
-            at: crate::Timestamp::from_millis(0),
-            members: Vec::new(),
+        let (roster, read_at, read) = last.get_or_insert_with(|| {
+            let none = Roster {
+                at: crate::Timestamp::from_millis(0),
+                members: Vec::new(),
+            };
+            (none, crate::Timestamp::from_millis(0), Instant::now())
         });
+        roster.at = *read_at + read.elapsed();
         look(&shared, roster).await;
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,

@@ -24,6 +24,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         another_nodes_backlog_hides_none_of_this_nodes_work,
         a_partition_whose_take_never_answers_is_taken_at_a_later_look,
         an_unbounded_shutdown_timeout_still_hands_every_partition_back,
+        a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over,
     ]
 }
 
@@ -82,6 +83,44 @@ async fn an_unbounded_shutdown_timeout_still_hands_every_partition_back(h: &Harn
             "{lease} released"
         );
     }
+}
+
+/// A node that crashes while no node can read the roster (its key's shard down on a Redis
+/// Cluster, say) still has its partitions taken over once its leases run out: the roster a
+/// node goes on with ages as the node's clock runs, so the dead node's record runs out in it
+/// too. Before, the last roster read judged who is live at the moment of that read for ever:
+/// the dead node kept winning its partitions in the others' view, and nobody took them.
+async fn a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over(h: &Harness) {
+    let node = |name: &'static str| {
+        move |c: &mut loom_core::runtime::Config| {
+            c.node = name.into();
+            c.lease_ttl = Duration::from_millis(1500);
+        }
+    };
+    let a = h.runtime_with(node("blind-a")).await;
+    let b = h.runtime_with(node("blind-b")).await;
+    let kinds = a.kinds();
+    let parts = ownership_partitions(h.store.partitions());
+    eventually(
+        WAIT,
+        "a and b divide the partitions",
+        split_as(kinds.clone(), parts, &["blind-a", "blind-b"], &[&a, &b]),
+    )
+    .await;
+    h.faults
+        .fail_members
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    b.kill().await;
+    eventually(
+        WAIT,
+        "a takes b's partitions with the roster unreadable",
+        split_as(kinds.clone(), parts, &["blind-a"], &[&a]),
+    )
+    .await;
+    h.faults
+        .fail_members
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    a.shutdown().await;
 }
 
 /// The (kind, partition)s rendezvous hashing gives `node` among `nodes`, all hosting `kinds`,
