@@ -221,12 +221,24 @@ pub async fn bury(
     match bury_mailbox(store, &a, reason, &owner).await {
         Ok(n) => {
             let left = store.pending(&a).await?;
+            // Why some are left: one of them out (handed out to a run cut short, or waiting in
+            // a durable sleep or for an event) holds up the rest until it comes back; else
+            // they are delayed.
+            let out = left > 0 && store.messages(&a, None, 1000).await?.iter().any(|w| w.out);
+            let why = if out {
+                "one is out (handed out to a run cut short, or in a durable wait) and holds up \
+                 the rest until it comes back: run this again then"
+            } else {
+                "delayed, not due yet"
+            };
             report(
                 json,
-                serde_json::json!({ "actor": a.as_str(), "buried": n, "still_waiting": left }),
+                serde_json::json!({
+                    "actor": a.as_str(), "buried": n, "still_waiting": left, "one_out": out,
+                }),
                 format_args!(
-                    "{a}: {n} messages moved to the dead letters ({left} still waiting: delayed, \
-                     not due yet); `loom deadletters ls` shows them"
+                    "{a}: {n} messages moved to the dead letters ({left} still waiting: {why}); \
+                     `loom deadletters ls` shows them"
                 ),
             )
         }

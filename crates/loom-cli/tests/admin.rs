@@ -833,7 +833,8 @@ fn parked_actors_and_waiting_mailboxes() {
         "--yes",
     ]);
     assert!(
-        buried.contains("2 messages moved") && buried.contains("1 still waiting"),
+        buried.contains("2 messages moved")
+            && buried.contains("1 still waiting: delayed, not due yet"),
         "{buried}"
     );
     let dead = ok(&["deadletters", "--store", s, "ls"]);
@@ -1480,4 +1481,56 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
     rt.block_on(writer).expect("writer");
     let written = written.load(Ordering::Relaxed);
     assert!(written > 30, "only {written} entries written meanwhile");
+}
+
+/// `mailbox bury` of a mailbox whose first message is out (handed out to a run cut short, here
+/// for an hour) moves nothing, since that message holds up the rest, and says so. Before, it
+/// said the messages left were "delayed, not due yet", which sends an operator the wrong way.
+#[test]
+fn bury_says_when_a_message_out_holds_up_the_rest() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let y = ActorId::new("inbox", "y").unwrap();
+    rt.block_on(async {
+        let store = loom_redis::RedisStore::connect_with(
+            &url,
+            loom_redis::RedisOptions {
+                prefix: "held".into(),
+                ..loom_redis::RedisOptions::default()
+            },
+        )
+        .await
+        .expect("connect");
+        for n in 0..2 {
+            store
+                .enqueue(&Envelope::new(y.clone(), json!(n)), None)
+                .await
+                .expect("enqueue");
+        }
+        let out = LeaseOptions {
+            visibility: Duration::from_secs(3600),
+            ..LeaseOptions::default()
+        };
+        store
+            .lease(&y, out)
+            .await
+            .expect("lease")
+            .expect("a message");
+    });
+    let held = ok(&[
+        "--redis-prefix",
+        "held",
+        "mailbox",
+        "--store",
+        &url,
+        "bury",
+        "inbox/y",
+        "--yes",
+    ]);
+    assert!(
+        held.contains("0 messages moved")
+            && held.contains("2 still waiting: one is out (handed out to a run cut short"),
+        "{held}"
+    );
 }
