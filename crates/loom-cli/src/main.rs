@@ -524,7 +524,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure(MEMORY_TARGET.into()));
             }
             let opened = open_or_create(&url).await?;
-            transfer::import(&*opened.store, &input, json).await
+            transfer::import(&*opened.store, &url.label(), &input, json).await
         }
         Command::Migrate { from, to } => {
             let (from, to) = (url(&from)?, url(&to)?);
@@ -537,7 +537,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let source = open_existing(&from).await?;
             transfer::at_rest(&source, "migrate").await?;
             let target = open_or_create(&to).await?;
-            transfer::migrate(&*source.store, &*target.store, json).await
+            transfer::migrate(&*source.store, &*target.store, &to.label(), json).await
         }
     }
 }

@@ -546,7 +546,14 @@ async fn target_is_free<'a>(
 /// replaced under its name meanwhile is not read), and writes it. A file changed in place
 /// between the two reads (written on by another process) is found by the end record's CRC in
 /// the second read too, and the import fails, saying what it wrote.
-pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), Failure> {
+/// `into` names the target in the report (`--store` defaults to `./loom-data`: an import
+/// whose store setting was lost says where it wrote).
+pub async fn import(
+    target: &dyn Store,
+    into: &str,
+    path: &Path,
+    json: bool,
+) -> Result<(), Failure> {
     let mut file = std::fs::File::open(path)
         .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
     let (counts, journals, recipients) = check(&mut file, path)?;
@@ -559,11 +566,11 @@ pub async fn import(target: &dyn Store, path: &Path, json: bool) -> Result<(), F
     report(
         json,
         serde_json::json!({
-            "imported": path.display().to_string(), "journals": counts.journals,
+            "imported": path.display().to_string(), "into": into, "journals": counts.journals,
             "entries": counts.entries, "snapshots": counts.snapshots, "messages": counts.messages,
         }),
         format_args!(
-            "imported {} journals, {} entries, {} snapshots, {} messages from {}",
+            "imported {} journals, {} entries, {} snapshots, {} messages from {} into {into}",
             counts.journals,
             counts.entries,
             counts.snapshots,
@@ -711,7 +718,13 @@ async fn fingerprint(store: &dyn Store, a: &ActorId) -> Result<(u64, u32), Failu
     Ok((n, crc.finalize()))
 }
 
-pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Result<(), Failure> {
+/// `into` names the target in the report.
+pub async fn migrate(
+    source: &dyn Store,
+    target: &dyn Store,
+    into: &str,
+    json: bool,
+) -> Result<(), Failure> {
     drain_outboxes(source).await?;
     let actors = all_actors(source).await?;
     let messages = all_messages(source).await?;
@@ -797,11 +810,11 @@ pub async fn migrate(source: &dyn Store, target: &dyn Store, json: bool) -> Resu
         out(serde_json::json!({
             "journals": counts.journals, "entries": counts.entries, "snapshots": counts.snapshots,
             "messages": counts.messages, "parked": parked, "dead_letters_left": dead_left,
-            "verified": true
+            "verified": true, "into": into
         }))
     } else {
         out(format_args!(
-            "migrated and verified {} journals, {} entries, {} snapshots, {} messages, {parked} parked actors",
+            "migrated and verified {} journals, {} entries, {} snapshots, {} messages, {parked} parked actors into {into}",
             counts.journals, counts.entries, counts.snapshots, counts.messages
         ))?;
         if dead_left > 0 {

@@ -350,10 +350,15 @@ fn journals_of_large_entries_are_copied_in_appends_a_store_takes() {
     for (how, target) in [("import", "imported"), ("migrate", "migrated")] {
         let t = work.path().join(target);
         let t = t.to_str().unwrap();
-        match how {
+        let said = match how {
             "import" => ok(&["import", "--store", t, "--in", f]),
             _ => ok(&["migrate", "--from", s, "--to", t]),
         };
+        // Where it wrote, said (`--store` defaults to ./loom-data).
+        assert!(
+            said.contains(&format!("into embedded:{t}")),
+            "{how}: {said}"
+        );
         let stats: serde_json::Value =
             serde_json::from_str(ok(&["journal", "--store", t, "stats", "big/a", "--json"]).trim())
                 .unwrap();
