@@ -487,8 +487,9 @@ fn check_lanes<'a>(
             "{} event lanes (such as {first}) hold waiting events named for a store of one \
              partition, and the target has {partitions}: lanes are named differently there, and \
              these cannot be renamed, so their waits would never find them. Let the waiting \
-             events be received first (`loom mailbox ls` lists the `_event/` mailboxes), or \
-             copy into a store of one partition; nothing was written",
+             events be received first (`loom mailbox show {first}` shows a lane's; `loom \
+             mailbox ls` leaves lanes out), or copy into a store of one partition; nothing was \
+             written",
             stuck.len()
         ))),
     }

@@ -524,13 +524,26 @@ fn event_lanes_are_renamed_for_the_target_or_refused() {
             "{err}"
         );
     };
-    refused(loom(&[
+    let said = loom(&[
         "migrate",
         "--from",
         &dir("one"),
         "--to",
         &dir("several-again"),
-    ]));
+    ]);
+    let lane = said
+        .2
+        .split_once("(such as ")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(lane, _)| lane.to_owned())
+        .expect("the refusal names a lane");
+    refused(said);
+    // The command the refusal names shows the event waiting there.
+    let shown = ok(&["mailbox", "--store", &dir("one"), "show", &lane]);
+    assert!(
+        shown.contains("1 messages waiting for _event/"),
+        "{lane}: {shown}"
+    );
     let file = work.path().join("one.jsonl");
     let file = file.to_str().unwrap();
     ok(&["export", "--store", &dir("one"), "--out", file]);
