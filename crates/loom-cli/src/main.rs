@@ -435,14 +435,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             match command {
                 DeadLetterCommand::Ls { after, limit } => {
                     // Parsed as at most u64::MAX: a usize on every platform Loom runs on.
-                    admin::dead_letters(s, after, usize::try_from(limit).unwrap_or(usize::MAX), json).await
+                    admin::dead_letters(
+                        s,
+                        after,
+                        usize::try_from(limit).unwrap_or(usize::MAX),
+                        json,
+                    )
+                    .await
                 }
                 DeadLetterCommand::Requeue { id } => admin::requeue(s, id, json).await,
-                DeadLetterCommand::Purge {
-                    before,
-                    id,
-                    yes,
-                } => admin::purge(s, before.as_deref(), &id, yes, json).await,
+                DeadLetterCommand::Purge { before, id, yes } => {
+                    admin::purge(s, before.as_deref(), &id, yes, json).await
+                }
             }
         }
         Command::Parked { store, command } => {
@@ -455,9 +459,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Mailbox { store, command } => {
             let s = &store.open(&ns).await?;
             match command {
-                MailboxCommand::Ls { kind } => {
-                    actors::mailboxes(s, kind.as_deref(), json).await
-                }
+                MailboxCommand::Ls { kind } => actors::mailboxes(s, kind.as_deref(), json).await,
                 MailboxCommand::Bury { actor, reason, yes } => {
                     let store = &*s.store("mailbox bury")?.store;
                     actors::bury(store, &actor, &reason, yes, json).await
@@ -480,15 +482,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Store {
-            command:
-                StoreCommand::Repartition {
-                    store,
-                    partitions,
-                },
+            command: StoreCommand::Repartition { store, partitions },
         } => match url(&store)? {
             StoreUrl::Embedded(dir, ..) => admin::repartition(&dir, partitions, json).await,
             _ => Err(Failure(
-                "only an embedded store is repartitioned by loom (--store embedded:PATH); Redis and PostgreSQL have one partition".into(),
+                "only an embedded store is repartitioned by loom (--store embedded:PATH); a Redis \
+                 or PostgreSQL store keeps the partition count it was created with \
+                 (`?partitions=N` in the URL of its first connect): to change it, `loom migrate` \
+                 into a new store created with the count wanted, the app stopped"
+                    .into(),
             )),
         },
         Command::Redo {
