@@ -227,7 +227,7 @@ scripts!(
     alone: save_snapshot, load_snapshot, trim, compact, delete, enqueue_event, cancel, retire,
     relay_move,
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
-    messages, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
+    messages, messages_frames, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
 );
 
 /// The entry points whose calls may touch several partitions' keys on one primary: the ready

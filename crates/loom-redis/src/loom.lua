@@ -962,52 +962,93 @@ end
 
 -- KEYS: mm, mq, md, mdx   ARGV: after, limit
 -- The waiting messages with positions above `after`, at most `limit`, in position order:
--- { cur, [pos, frame, due, cancelling]... }. The stream holds due messages in hand-out order,
--- not position order (a delayed message joins its end when due), so it is read from its
--- start, a page at a time. But positions are whole numbers, each given once: as soon as every
--- position from after + 1 to after + limit has been found, no other can come before them, and
--- the read stops there: the runtime's look at the message it runs (the one at the stream's
--- head, from the position before it) reads one page of the stream, not the mailbox. A page of
--- a listing whose positions are not all there (a first page, after handled messages took the
--- lowest) reads on to the stream's end. Only the chosen messages' frames are returned.
+-- The cancel flag of a message id, as `messages` returns it.
+local function mb_cancelling(mm, msgid)
+  if redis.call('HEXISTS', mm, 'c:' .. msgid) == 1 then return '1' end
+  return '0'
+end
+
+-- A page of the mailbox in position order: the `limit` lowest positions above `after`.
+-- KEYS: mm, mq, md, mdx   ARGV: after, limit, from, budget, bound, inside
+-- The stream holds due messages in hand-out order, not position order (a delayed message joins
+-- its end when due), so it is read from its start, a page at a time. But positions are whole
+-- numbers, each given once: as soon as every position from after + 1 to after + limit has been
+-- found, no other can come before them, and the read stops there: the runtime's look at the
+-- message it runs (the one at the stream's head, from the position before it) reads one page
+-- of the stream, not the mailbox. A page of a listing whose positions are not all there (a
+-- first page, after handled messages took the lowest) reads on to the stream's end.
+-- One call reads at most `budget` stream entries, so that a mailbox of millions holds Redis's
+-- one thread for a moment per call, not for seconds. A first call (from '-') that reads to the
+-- end or fills the window within it answers at once, in one script as before:
+--   { 'done', cur, [pos, frame, due, cancelling]... }
+-- Else it answers the lowest `limit` positions above `after` (below `bound`, if not 0) that
+-- it read, without frames, and where to go on (the last stream id read):
+--   { 'more' or 'end', from, cur, [pos, stream id or '' for a delayed message, due]... }
+-- and the caller goes on from there (`inside`: how many of the window its earlier calls
+-- found), then fetches the chosen with `messages_frames`. Delayed messages are read at the
+-- first call only.
 local function messages(KEYS, ARGV)
   local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local from, budget, bound, inside = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local first = from == '-'
   local last = after + limit
-  local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
+  local cur = tostring(num(redis.call('HGET', KEYS[1], 'cur')))
   -- Candidates: { pos, frame or false, due, msgid or false, stream id or false }.
-  local found, inside = {}, 0
-  local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
-  for i = 1, #delayed, 2 do
-    local p = tonumber(delayed[i])
-    if p > after then
-      found[#found + 1] = { p, false, delayed[i + 1], false, false }
-      if p <= last then inside = inside + 1 end
+  local found = {}
+  local function wanted(p) return p > after and (bound == 0 or p < bound) end
+  if first then
+    local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+    for i = 1, #delayed, 2 do
+      local p = tonumber(delayed[i])
+      if wanted(p) then
+        found[#found + 1] = { p, false, delayed[i + 1], false, false }
+        if p <= last then inside = inside + 1 end
+      end
     end
   end
-  local from = '-'
+  local read, ended = 0, false
   while inside < limit do
-    local page = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 256)
+    if read >= budget then break end
+    local count = math.min(256, budget - read)
+    local page = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
+    read = read + #page
     for _, e in ipairs(page) do
       local f = mb_fields(e)
       local p = tonumber(f.p)
-      if p > after then
+      if wanted(p) then
         if p <= last then
           inside = inside + 1
-          found[#found + 1] = { p, f.m, '0', f.id, false }
+          found[#found + 1] = { p, f.m, '0', f.id, e[1] }
         else
           -- Its frame is read again if it is chosen: most of these are not.
           found[#found + 1] = { p, false, '0', false, e[1] }
         end
       end
     end
-    if #page < 256 then break end
-    from = '(' .. page[#page][1]
+    if #page > 0 then from = '(' .. page[#page][1] end
+    if #page < count then
+      ended = true
+      break
+    end
   end
   table.sort(found, function(x, y) return x[1] < y[1] end)
+  if not (first and (ended or inside >= limit)) then
+    local status = 'more'
+    if ended or inside >= limit then status = 'end' end
+    local out = { status, from, cur }
+    for i = 1, math.min(#found, limit) do
+      local c = found[i]
+      out[#out + 1] = tostring(c[1])
+      out[#out + 1] = c[5] or ''
+      out[#out + 1] = c[3]
+    end
+    return out
+  end
+  local out = { 'done', cur }
   for i = 1, math.min(#found, limit) do
     local c = found[i]
     local frame, msgid = c[2], c[4]
-    if c[5] then
+    if not frame and c[5] then
       local f = mb_fields(redis.call('XRANGE', KEYS[2], c[5], c[5])[1])
       frame, msgid = f.m, f.id
     elseif not frame then
@@ -1018,10 +1059,37 @@ local function messages(KEYS, ARGV)
     out[#out + 1] = tostring(c[1])
     out[#out + 1] = frame
     out[#out + 1] = c[3]
-    if redis.call('HEXISTS', KEYS[1], 'c:' .. msgid) == 1 then
-      out[#out + 1] = '1'
+    out[#out + 1] = mb_cancelling(KEYS[1], msgid)
+  end
+  return out
+end
+
+-- The messages a `messages` listing of several calls chose, with their frames: what is there
+-- now of each (one settled meanwhile, or a delayed one moved into the stream since, is left
+-- out). KEYS: mm, mq, mdx   ARGV: [pos, stream id or '' for a delayed message, due]...
+-- Reply: { cur, [pos, frame, due, cancelling]... }
+local function messages_frames(KEYS, ARGV)
+  local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
+  for i = 1, #ARGV, 3 do
+    local frame, msgid
+    if ARGV[i + 1] ~= '' then
+      local r = redis.call('XRANGE', KEYS[2], ARGV[i + 1], ARGV[i + 1])
+      if #r > 0 then
+        local f = mb_fields(r[1])
+        frame, msgid = f.m, f.id
+      end
     else
-      out[#out + 1] = '0'
+      local v = redis.call('HGET', KEYS[3], ARGV[i])
+      if v then
+        local bar = string.find(v, '|', 1, true)
+        frame, msgid = string.sub(v, bar + 1), string.sub(v, 1, bar - 1)
+      end
+    end
+    if frame then
+      out[#out + 1] = ARGV[i]
+      out[#out + 1] = frame
+      out[#out + 1] = ARGV[i + 2]
+      out[#out + 1] = mb_cancelling(KEYS[1], msgid)
     end
   end
   return out

@@ -21,6 +21,12 @@ use crate::{RedisStore, re};
 /// Mailboxes whose message count `mailboxes` reads in one round trip.
 const COUNTS_PER_TRIP: usize = 512;
 
+/// Most stream entries one call of the `messages` script reads: a page of a mailbox of millions
+/// (whose lowest positions were handled, so that the page cannot be picked from its first
+/// entries) is picked in several calls, each holding Redis's one thread for tens of
+/// milliseconds, not one holding it for seconds.
+const LIST_BUDGET: usize = 4_000;
+
 /// Builds a delivery from a lease reply's `[frame, position, deliveries, error]`.
 pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
     let frame = bytes(r.first()).ok_or_else(|| unexpected("lease reply without a frame"))?;
@@ -431,17 +437,72 @@ impl Mailbox for RedisStore {
         limit: usize,
     ) -> StoreResult<Vec<Waiting>> {
         let m = self.keys.mailbox(actor);
-        // The script picks the page (positions start at 1, so none is at or below 0).
-        let r = self
-            .run(
-                &self.scripts.messages,
-                &[&m.mm, &m.mq, &m.md, &m.mdx],
-                vec![
-                    after.unwrap_or(0).to_string().into_bytes(),
-                    limit.min(u32::MAX as usize).to_string().into_bytes(),
-                ],
-            )
-            .await?;
+        // The script picks the page (positions start at 1, so none is at or below 0), reading
+        // at most LIST_BUDGET stream entries a call (`messages` in loom.lua): a page it cannot
+        // pick within that comes in several calls, their candidates merged here, and then
+        // the chosen with their frames.
+        let (after, limit) = (after.unwrap_or(0), limit.min(u32::MAX as usize));
+        let mut from = "-".to_owned();
+        // The lowest `limit` positions found so far: (position, stream id or empty, due).
+        let mut chosen: Vec<(u64, String, String)> = Vec::new();
+        let r = loop {
+            let bound = if chosen.len() == limit {
+                chosen.last().map_or(0, |c| c.0)
+            } else {
+                0
+            };
+            let inside = chosen
+                .iter()
+                .filter(|c| c.0 <= after.saturating_add(limit as u64))
+                .count();
+            let r = self
+                .run(
+                    &self.scripts.messages,
+                    &[&m.mm, &m.mq, &m.md, &m.mdx],
+                    vec![
+                        after.to_string().into_bytes(),
+                        limit.to_string().into_bytes(),
+                        from.clone().into_bytes(),
+                        LIST_BUDGET.to_string().into_bytes(),
+                        bound.to_string().into_bytes(),
+                        inside.to_string().into_bytes(),
+                    ],
+                )
+                .await?;
+            let state = status(&r);
+            if state == "done" {
+                break r[1..].to_vec();
+            }
+            if state != "more" && state != "end" {
+                return Err(unexpected(format!("messages replied {state}")));
+            }
+            from = text(r.get(1)).ok_or_else(|| unexpected("messages cursor"))?;
+            for c in r[3..].chunks(3) {
+                chosen.push((
+                    number(c.first(), "position")?,
+                    text(c.get(1)).unwrap_or_default(),
+                    text(c.get(2)).unwrap_or_default(),
+                ));
+            }
+            // A delayed message read at the first call and moved into the stream since, read
+            // there too: the stream's copy is the one whose frame is still there.
+            chosen.sort_by_key(|c| (c.0, c.1.is_empty()));
+            chosen.dedup_by_key(|c| c.0);
+            chosen.truncate(limit);
+            if state == "end" {
+                let mut args = Vec::new();
+                for (pos, id, due) in &chosen {
+                    args.extend([
+                        pos.to_string().into_bytes(),
+                        id.clone().into_bytes(),
+                        due.clone().into_bytes(),
+                    ]);
+                }
+                break self
+                    .run(&self.scripts.messages_frames, &[&m.mm, &m.mq, &m.mdx], args)
+                    .await?;
+            }
+        };
         let current = number(r.first(), "current position")?;
         let mut out = Vec::new();
         for chunk in r[1..].chunks(4) {

@@ -1181,3 +1181,120 @@ async fn a_burst_of_due_messages_is_moved_a_slice_at_a_time() {
     assert_eq!(got.len(), expected.len());
     assert!(got == expected, "not in due order, or not once each");
 }
+
+/// A page of a mailbox of 150 000 messages whose lowest positions were handled cannot be picked
+/// from its first entries (its window of positions is not all there), so its script reads the
+/// whole stream: it now reads at most `LIST_BUDGET` entries a call, in several calls, and no
+/// call holds Redis's one thread for long (none in the server's slow log above 250 ms; before,
+/// the first page's one call took about a second). And a mailbox listed in pages of several
+/// calls each (20 000 messages after one delayed at position 1, the first ten of them
+/// handled) still lists every message once, in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_a_huge_mailbox_is_picked_in_calls_that_each_hold_redis_briefly() {
+    use loom_core::store::LeaseOptions;
+    use loom_core::{Envelope, Mailbox, Timestamp};
+    let server = RedisServer::start();
+    let store = connect(&server.url(), "huge").await;
+    let mut admin = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let long = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+        ..LeaseOptions::default()
+    };
+    let fill = |a: ActorId, n: u64| {
+        let store = store.clone();
+        async move {
+            let all: Vec<u64> = (0..n).collect();
+            for chunk in all.chunks(200) {
+                // One after another within a chunk is not needed: positions are read back.
+                futures::future::try_join_all(chunk.iter().map(|i| {
+                    let m = Envelope::new(a.clone(), serde_json::json!(i));
+                    let store = &store;
+                    async move { store.enqueue(&m, None).await }
+                }))
+                .await
+                .expect("enqueue");
+            }
+        }
+    };
+    // The listing walked whole: one message delayed an hour (position 1), then 20 000, the
+    // first 10 of those handled, and each page read across calls.
+    let a = ActorId::new("inbox", "walked").expect("id");
+    let later = Timestamp::now() + Duration::from_secs(3600);
+    store
+        .enqueue(
+            &Envelope::new(a.clone(), serde_json::json!("later")),
+            Some(later),
+        )
+        .await
+        .expect("enqueue");
+    fill(a.clone(), 20_000).await;
+    for _ in 0..10 {
+        let d = store
+            .lease(&a, long)
+            .await
+            .expect("lease")
+            .expect("a message");
+        store.ack(&d.receipt).await.expect("ack");
+    }
+    let mut positions = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.messages(&a, after, 3000).await.expect("page");
+        let Some(last) = page.last() else { break };
+        after = Some(last.position);
+        positions.extend(page.iter().map(|w| w.position));
+    }
+    let expected: Vec<u64> = std::iter::once(1).chain(12..=20_001).collect();
+    assert_eq!(positions.len(), expected.len());
+    assert!(positions == expected, "not every message once, in order");
+
+    // The big one, and the server's slow log.
+    let b = ActorId::new("inbox", "huge").expect("id");
+    fill(b.clone(), 150_000).await;
+    for _ in 0..10 {
+        let d = store
+            .lease(&b, long)
+            .await
+            .expect("lease")
+            .expect("a message");
+        store.ack(&d.receipt).await.expect("ack");
+    }
+    for (k, v) in [
+        ("slowlog-log-slower-than", "250000"),
+        ("slowlog-max-len", "128"),
+    ] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut admin)
+            .await
+            .expect("config");
+    }
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut admin)
+        .await
+        .expect("slowlog reset");
+    let first = store.messages(&b, None, 100).await.expect("first page");
+    assert_eq!(
+        first.iter().map(|w| w.position).collect::<Vec<_>>(),
+        (11..111).collect::<Vec<u64>>()
+    );
+    let slow: u64 = redis::cmd("SLOWLOG")
+        .arg("LEN")
+        .query_async(&mut admin)
+        .await
+        .expect("slowlog len");
+    let entries: redis::Value = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .query_async(&mut admin)
+        .await
+        .expect("slowlog get");
+    assert_eq!(slow, 0, "calls over 250 ms: {entries:?}");
+}
