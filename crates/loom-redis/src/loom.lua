@@ -960,8 +960,6 @@ local function begin_at(KEYS, ARGV)
   return { 'ok' }
 end
 
--- KEYS: mm, mq, md, mdx   ARGV: after, limit
--- The waiting messages with positions above `after`, at most `limit`, in position order:
 -- The cancel flag of a message id, as `messages` returns it.
 local function mb_cancelling(mm, msgid)
   if redis.call('HEXISTS', mm, 'c:' .. msgid) == 1 then return '1' end
@@ -981,9 +979,12 @@ end
 -- one thread for a moment per call, not for seconds. A first call (from '-') that reads to the
 -- end or fills the window within it answers at once, in one script as before:
 --   { 'done', cur, [pos, frame, due, cancelling]... }
--- Else it answers the lowest `limit` positions above `after` (below `bound`, if not 0) that
+-- Else it answers the lowest `limit` positions above `after` (up to `bound`, if not 0) that
 -- it read, without frames, and where to go on (the last stream id read):
---   { 'more' or 'end', from, cur, [pos, stream id or '' for a delayed message, due]... }
+--   { status, from, cur, [pos, stream id or '' for a delayed message, due]... }
+-- status: 'more' (the budget ran out), 'end' (the stream's end was read) or 'full' (the window
+-- was filled, by this call's count: a delayed message's copy moved into the stream since the
+-- first call is counted again, so the caller checks).
 -- and the caller goes on from there (`inside`: how many of the window its earlier calls
 -- found), then fetches the chosen with `messages_frames`. Delayed messages are read at the
 -- first call only.
@@ -995,7 +996,7 @@ local function messages(KEYS, ARGV)
   local cur = tostring(num(redis.call('HGET', KEYS[1], 'cur')))
   -- Candidates: { pos, frame or false, due, msgid or false, stream id or false }.
   local found = {}
-  local function wanted(p) return p > after and (bound == 0 or p < bound) end
+  local function wanted(p) return p > after and (bound == 0 or p <= bound) end
   if first then
     local delayed = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
     for i = 1, #delayed, 2 do
@@ -1034,7 +1035,11 @@ local function messages(KEYS, ARGV)
   table.sort(found, function(x, y) return x[1] < y[1] end)
   if not (first and (ended or inside >= limit)) then
     local status = 'more'
-    if ended or inside >= limit then status = 'end' end
+    if ended then
+      status = 'end'
+    elseif inside >= limit then
+      status = 'full'
+    end
     local out = { status, from, cur }
     for i = 1, math.min(#found, limit) do
       local c = found[i]
@@ -1065,11 +1070,12 @@ local function messages(KEYS, ARGV)
 end
 
 -- The messages a `messages` listing of several calls chose, with their frames: what is there
--- now of each (one settled meanwhile, or a delayed one moved into the stream since, is left
--- out). KEYS: mm, mq, mdx   ARGV: [pos, stream id or '' for a delayed message, due]...
--- Reply: { cur, [pos, frame, due, cancelling]... }
+-- now of each (one settled meanwhile is left out; a delayed one moved into the stream since is
+-- left out and said, `moved`, so that the caller picks the page again).
+-- KEYS: mm, mq, mdx   ARGV: [pos, stream id or '' for a delayed message, due]...
+-- Reply: { 'moved' or '', cur, [pos, frame, due, cancelling]... }
 local function messages_frames(KEYS, ARGV)
-  local out = { tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
+  local out = { '', tostring(num(redis.call('HGET', KEYS[1], 'cur'))) }
   for i = 1, #ARGV, 3 do
     local frame, msgid
     if ARGV[i + 1] ~= '' then
@@ -1083,6 +1089,8 @@ local function messages_frames(KEYS, ARGV)
       if v then
         local bar = string.find(v, '|', 1, true)
         frame, msgid = string.sub(v, bar + 1), string.sub(v, 1, bar - 1)
+      else
+        out[1] = 'moved'
       end
     end
     if frame then

@@ -27,6 +27,132 @@ const COUNTS_PER_TRIP: usize = 512;
 /// milliseconds, not one holding it for seconds.
 const LIST_BUDGET: usize = 4_000;
 
+/// How often a page is picked again when a delayed message it chose moved meanwhile.
+const LIST_RESTARTS: u32 = 3;
+
+/// One page as [`RedisStore::messages_page`] picked it.
+struct Page {
+    rows: Vec<Waiting>,
+    /// The highest position it chose (of those it returns, and those settled meanwhile).
+    last_chosen: u64,
+    /// It chose as many as asked, in several calls (so a short `rows` is not the end).
+    full: bool,
+    /// A delayed message it chose was moved into the stream before its frame was read.
+    moved: bool,
+}
+
+impl RedisStore {
+    /// The `limit` lowest positions above `after` (`messages` in loom.lua): one call if the
+    /// script picks the page within [`LIST_BUDGET`] stream entries (one snapshot, as before);
+    /// else several, their candidates merged here, and then the chosen with their frames
+    /// (`messages_frames`), leaving out what was settled meanwhile.
+    async fn messages_page(&self, actor: &ActorId, after: u64, limit: usize) -> StoreResult<Page> {
+        let m = self.keys.mailbox(actor);
+        let mut from = "-".to_owned();
+        // The lowest `limit` positions found so far: (position, stream id or empty, due).
+        let mut chosen: Vec<(u64, String, String)> = Vec::new();
+        let last = after.saturating_add(limit as u64);
+        let r = loop {
+            let bound = if chosen.len() == limit {
+                chosen.last().map_or(0, |c| c.0)
+            } else {
+                0
+            };
+            let inside = chosen.iter().filter(|c| c.0 <= last).count();
+            let r = self
+                .run(
+                    &self.scripts.messages,
+                    &[&m.mm, &m.mq, &m.md, &m.mdx],
+                    vec![
+                        after.to_string().into_bytes(),
+                        limit.to_string().into_bytes(),
+                        from.clone().into_bytes(),
+                        LIST_BUDGET.to_string().into_bytes(),
+                        bound.to_string().into_bytes(),
+                        inside.to_string().into_bytes(),
+                    ],
+                )
+                .await?;
+            let state = status(&r);
+            if state == "done" {
+                let rows = waiting_rows(actor, &r[1..])?;
+                return Ok(Page {
+                    last_chosen: rows.last().map_or(after, |w| w.position),
+                    rows,
+                    full: false,
+                    moved: false,
+                });
+            }
+            if !["more", "end", "full"].contains(&state.as_str()) {
+                return Err(unexpected(format!("messages replied {state}")));
+            }
+            from = text(r.get(1)).ok_or_else(|| unexpected("messages cursor"))?;
+            for c in r[3..].chunks(3) {
+                chosen.push((
+                    number(c.first(), "position")?,
+                    text(c.get(1)).unwrap_or_default(),
+                    text(c.get(2)).unwrap_or_default(),
+                ));
+            }
+            // A delayed message read at the first call and moved into the stream since, read
+            // there too: the stream's copy is the one whose frame is still there.
+            chosen.sort_by_key(|c| (c.0, c.1.is_empty()));
+            chosen.dedup_by_key(|c| c.0);
+            chosen.truncate(limit);
+            // The window filled by the script's count, which counts such a message's stream
+            // copy again: gone on from unless the merged candidates fill it too.
+            let filled = chosen.iter().filter(|c| c.0 <= last).count() >= limit;
+            if state == "end" || (state == "full" && filled) {
+                let mut args = Vec::new();
+                for (pos, id, due) in &chosen {
+                    args.extend([
+                        pos.to_string().into_bytes(),
+                        id.clone().into_bytes(),
+                        due.clone().into_bytes(),
+                    ]);
+                }
+                break self
+                    .run(&self.scripts.messages_frames, &[&m.mm, &m.mq, &m.mdx], args)
+                    .await?;
+            }
+        };
+        let moved = text(r.first()).as_deref() == Some("moved");
+        let rows = waiting_rows(actor, &r[1..])?;
+        Ok(Page {
+            rows,
+            last_chosen: chosen.last().map_or(after, |c| c.0),
+            full: chosen.len() == limit,
+            moved,
+        })
+    }
+}
+
+/// The messages of a `messages` or `messages_frames` reply: `cur`, then `[pos, frame, due,
+/// cancelling]` per message.
+fn waiting_rows(actor: &ActorId, r: &[Value]) -> StoreResult<Vec<Waiting>> {
+    let current = number(r.first(), "current position")?;
+    let mut out = Vec::new();
+    for chunk in r[1..].chunks(4) {
+        let position = number(chunk.first(), "position")?;
+        let frame = bytes(chunk.get(1)).ok_or_else(|| unexpected("message without a frame"))?;
+        let envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
+            StoreError::corrupt(
+                format!("message at position {position} of {actor}'s mailbox"),
+                e,
+            )
+        })?;
+        let due = crate::resp::score(chunk.get(2), "due")?;
+        out.push(Waiting {
+            position,
+            envelope,
+            deliver_at: (due > 0).then(|| Timestamp::from_millis(due)),
+            out: position == current,
+            cancelling: text(chunk.get(3)).as_deref() == Some("1"),
+        });
+    }
+    Ok(out)
+}
+
 /// Builds a delivery from a lease reply's `[frame, position, deliveries, error]`.
 pub(crate) fn delivery(actor: &ActorId, r: &[Value]) -> StoreResult<Delivery> {
     let frame = bytes(r.first()).ok_or_else(|| unexpected("lease reply without a frame"))?;
@@ -436,92 +562,28 @@ impl Mailbox for RedisStore {
         after: Option<u64>,
         limit: usize,
     ) -> StoreResult<Vec<Waiting>> {
-        let m = self.keys.mailbox(actor);
-        // The script picks the page (positions start at 1, so none is at or below 0), reading
-        // at most LIST_BUDGET stream entries a call (`messages` in loom.lua): a page it cannot
-        // pick within that comes in several calls, their candidates merged here, and then
-        // the chosen with their frames.
-        let (after, limit) = (after.unwrap_or(0), limit.min(u32::MAX as usize));
-        let mut from = "-".to_owned();
-        // The lowest `limit` positions found so far: (position, stream id or empty, due).
-        let mut chosen: Vec<(u64, String, String)> = Vec::new();
-        let r = loop {
-            let bound = if chosen.len() == limit {
-                chosen.last().map_or(0, |c| c.0)
-            } else {
-                0
-            };
-            let inside = chosen
-                .iter()
-                .filter(|c| c.0 <= after.saturating_add(limit as u64))
-                .count();
-            let r = self
-                .run(
-                    &self.scripts.messages,
-                    &[&m.mm, &m.mq, &m.md, &m.mdx],
-                    vec![
-                        after.to_string().into_bytes(),
-                        limit.to_string().into_bytes(),
-                        from.clone().into_bytes(),
-                        LIST_BUDGET.to_string().into_bytes(),
-                        bound.to_string().into_bytes(),
-                        inside.to_string().into_bytes(),
-                    ],
-                )
-                .await?;
-            let state = status(&r);
-            if state == "done" {
-                break r[1..].to_vec();
-            }
-            if state != "more" && state != "end" {
-                return Err(unexpected(format!("messages replied {state}")));
-            }
-            from = text(r.get(1)).ok_or_else(|| unexpected("messages cursor"))?;
-            for c in r[3..].chunks(3) {
-                chosen.push((
-                    number(c.first(), "position")?,
-                    text(c.get(1)).unwrap_or_default(),
-                    text(c.get(2)).unwrap_or_default(),
-                ));
-            }
-            // A delayed message read at the first call and moved into the stream since, read
-            // there too: the stream's copy is the one whose frame is still there.
-            chosen.sort_by_key(|c| (c.0, c.1.is_empty()));
-            chosen.dedup_by_key(|c| c.0);
-            chosen.truncate(limit);
-            if state == "end" {
-                let mut args = Vec::new();
-                for (pos, id, due) in &chosen {
-                    args.extend([
-                        pos.to_string().into_bytes(),
-                        id.clone().into_bytes(),
-                        due.clone().into_bytes(),
-                    ]);
-                }
-                break self
-                    .run(&self.scripts.messages_frames, &[&m.mm, &m.mq, &m.mdx], args)
-                    .await?;
-            }
-        };
-        let current = number(r.first(), "current position")?;
+        // Positions start at 1, so none is at or below 0.
+        let (mut after, limit) = (after.unwrap_or(0), limit.min(u32::MAX as usize));
         let mut out = Vec::new();
-        for chunk in r[1..].chunks(4) {
-            let position = number(chunk.first(), "position")?;
-            let frame = bytes(chunk.get(1)).ok_or_else(|| unexpected("message without a frame"))?;
-            let envelope: Envelope = codec::decode(RecordType::Message, &frame).map_err(|e| {
-                StoreError::corrupt(
-                    format!("message at position {position} of {actor}'s mailbox"),
-                    e,
-                )
-            })?;
-            let due = crate::resp::score(chunk.get(2), "due")?;
-            out.push(Waiting {
-                position,
-                envelope,
-                deliver_at: (due > 0).then(|| Timestamp::from_millis(due)),
-                out: position == current,
-                cancelling: text(chunk.get(3)).as_deref() == Some("1"),
-            });
+        let mut restarts = 0;
+        while out.len() < limit {
+            let want = limit - out.len();
+            let page = self.messages_page(actor, after, want).await?;
+            // A delayed message chosen at the first call came due and moved into the stream
+            // before its frame was fetched: the page is picked again (a few times at most; a
+            // mailbox whose delayed messages keep coming due as fast is listed without them).
+            if page.moved && restarts < LIST_RESTARTS {
+                restarts += 1;
+                continue;
+            }
+            let (got, last) = (page.rows.len(), page.last_chosen);
+            out.extend(page.rows);
+            // A page short of what it chose (messages settled between its calls) goes on after
+            // the last it chose; one that chose fewer than asked reached the end.
+            if !page.full || got == want {
+                break;
+            }
+            after = last;
         }
         Ok(out)
     }

@@ -1298,3 +1298,91 @@ async fn a_page_of_a_huge_mailbox_is_picked_in_calls_that_each_hold_redis_briefl
         .expect("slowlog get");
     assert_eq!(slow, 0, "calls over 250 ms: {entries:?}");
 }
+
+/// A page of a long mailbox picked in several calls while its actor runs: messages the page
+/// chose are settled before their frames are read, and delayed messages it chose come due and
+/// move into the stream. The page still holds the lowest positions waiting, as many as asked.
+/// Before, it came back short (what was settled meanwhile left out, so a caller paging on
+/// took it for the end), and without the delayed messages that had moved (never listed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_picked_while_the_actor_runs_is_whole() {
+    use loom_core::store::LeaseOptions;
+    use loom_core::{Envelope, Mailbox, Timestamp};
+    let server = RedisServer::start();
+    let store = connect(&server.url(), "live").await;
+    let a = ActorId::new("inbox", "live").expect("id");
+    // 50 delayed (positions 1..=50), due while the page is picked, then 50 000.
+    let due = Timestamp::now() + Duration::from_secs(5);
+    for n in 0..50 {
+        let m = Envelope::new(a.clone(), serde_json::json!(format!("later {n}")));
+        store.enqueue(&m, Some(due)).await.expect("enqueue");
+    }
+    let all: Vec<u64> = (0..50_000).collect();
+    for chunk in all.chunks(200) {
+        futures::future::try_join_all(chunk.iter().map(|i| {
+            let m = Envelope::new(a.clone(), serde_json::json!(i));
+            let store = &store;
+            async move { store.enqueue(&m, None).await }
+        }))
+        .await
+        .expect("enqueue");
+    }
+    let long = LeaseOptions {
+        visibility: Duration::from_secs(60),
+        max_deliveries: 5,
+        ..LeaseOptions::default()
+    };
+    for _ in 0..10 {
+        let d = store
+            .lease(&a, long)
+            .await
+            .expect("lease")
+            .expect("a message");
+        store.ack(&d.receipt).await.expect("ack");
+    }
+    let wait = due.as_millis().saturating_sub(Timestamp::now().as_millis());
+    assert!(
+        wait > 300,
+        "the sends took too long: the delayed ones are due"
+    );
+    // The actor runs: from just before the delayed messages are due, 300 messages taken and
+    // settled, from the head (a lease moves the due ones to the stream's end).
+    let runner = {
+        let (store, a) = (store.clone(), a.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(wait - 200)).await;
+            for _ in 0..300 {
+                let d = store
+                    .lease(&a, long)
+                    .await
+                    .expect("lease")
+                    .expect("a message");
+                store.ack(&d.receipt).await.expect("ack");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(wait - 300)).await;
+    let mut pages = 0;
+    while !runner.is_finished() {
+        let page = store.messages(&a, None, 100).await.expect("page");
+        pages += 1;
+        let positions: Vec<u64> = page.iter().map(|w| w.position).collect();
+        assert_eq!(positions.len(), 100, "a short page: {positions:?}");
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        // Once due, the delayed ones wait at the stream's end, at the lowest positions.
+        if Timestamp::now() > due + Duration::from_millis(500) {
+            assert_eq!(
+                positions[..50],
+                (1..=50).collect::<Vec<u64>>()[..],
+                "{positions:?}"
+            );
+        }
+    }
+    runner.await.expect("runner");
+    eprintln!("{pages} pages picked while the actor ran");
+    let page = store.messages(&a, None, 100).await.expect("page");
+    assert_eq!(
+        page.iter().take(50).map(|w| w.position).collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<u64>>()
+    );
+}

@@ -448,7 +448,7 @@ mod tests {
     use crate::{EmbeddedStore, Envelope, Mailbox};
 
     /// A burial that outlasts its tool lease's ttl renews the lease as it goes: thousands of
-    /// messages under a lease of 100 ms, all buried. Before, the first burial after the lease
+    /// messages under a lease of 300 ms, all buried. Before, the first burial after the lease
     /// ran out failed with `LeaseLost` half-way (as `loom mailbox bury` of a mailbox of
     /// thousands did after its 30 s).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +462,7 @@ mod tests {
                 .await
                 .expect("enqueue");
         }
-        let ttl = Duration::from_millis(100);
+        let ttl = Duration::from_millis(300);
         let start = std::time::Instant::now();
         let mut lease = store.acquire(&a, "tool", ttl).await.expect("lease");
         let buried = bury_all(&store, &a, "test", &mut lease, ttl)
