@@ -975,8 +975,8 @@ end
 -- message it runs (the one at the stream's head, from the position before it) reads one page
 -- of the stream, not the mailbox. A page of a listing whose positions are not all there (a
 -- first page, after handled messages took the lowest) reads on to the stream's end.
--- One call reads at most `budget` stream entries, so that a mailbox of millions holds Redis's
--- one thread for a moment per call, not for seconds. A first call (from '-') that reads to the
+-- One call reads at most `budget` stream entries (0: no bound), so that a mailbox of millions
+-- holds Redis's one thread for a moment per call, not for seconds. A first call (from '-') that reads to the
 -- end or fills the window within it answers at once, in one script as before:
 --   { 'done', cur, [pos, frame, due, cancelling]... }
 -- Else it answers the lowest `limit` positions above `after` (up to `bound`, if not 0) that
@@ -1009,8 +1009,10 @@ local function messages(KEYS, ARGV)
   end
   local read, ended = 0, false
   while inside < limit do
-    if read >= budget then break end
-    local count = math.min(256, budget - read)
+    -- A budget of 0: no bound (a caller that needs the page in one snapshot).
+    if budget > 0 and read >= budget then break end
+    local count = 256
+    if budget > 0 then count = math.min(256, budget - read) end
     local page = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
     read = read + #page
     for _, e in ipairs(page) do

@@ -27,7 +27,8 @@ const COUNTS_PER_TRIP: usize = 512;
 /// milliseconds, not one holding it for seconds.
 const LIST_BUDGET: usize = 4_000;
 
-/// How often a page is picked again when a delayed message it chose moved meanwhile.
+/// How often a listing picks a page again (a delayed message it chose moved meanwhile) or tops
+/// one up (messages it chose were settled meanwhile) before it picks the rest in one call.
 const LIST_RESTARTS: u32 = 3;
 
 /// One page as [`RedisStore::messages_page`] picked it.
@@ -43,10 +44,16 @@ struct Page {
 
 impl RedisStore {
     /// The `limit` lowest positions above `after` (`messages` in loom.lua): one call if the
-    /// script picks the page within [`LIST_BUDGET`] stream entries (one snapshot, as before);
-    /// else several, their candidates merged here, and then the chosen with their frames
-    /// (`messages_frames`), leaving out what was settled meanwhile.
-    async fn messages_page(&self, actor: &ActorId, after: u64, limit: usize) -> StoreResult<Page> {
+    /// script picks the page within `budget` stream entries (0: whatever it reads), one
+    /// snapshot as before; else several, their candidates merged here, and then the chosen
+    /// with their frames (`messages_frames`), leaving out what was settled meanwhile.
+    async fn messages_page(
+        &self,
+        actor: &ActorId,
+        after: u64,
+        limit: usize,
+        budget: usize,
+    ) -> StoreResult<Page> {
         let m = self.keys.mailbox(actor);
         let mut from = "-".to_owned();
         // The lowest `limit` positions found so far: (position, stream id or empty, due).
@@ -67,7 +74,7 @@ impl RedisStore {
                         after.to_string().into_bytes(),
                         limit.to_string().into_bytes(),
                         from.clone().into_bytes(),
-                        LIST_BUDGET.to_string().into_bytes(),
+                        budget.to_string().into_bytes(),
                         bound.to_string().into_bytes(),
                         inside.to_string().into_bytes(),
                     ],
@@ -565,15 +572,23 @@ impl Mailbox for RedisStore {
         // Positions start at 1, so none is at or below 0.
         let (mut after, limit) = (after.unwrap_or(0), limit.min(u32::MAX as usize));
         let mut out = Vec::new();
-        let mut restarts = 0;
+        // Pages picked again or topped up: after LIST_RESTARTS, the rest is picked in one call
+        // whatever it reads (one snapshot, as before calls were budgeted), so that an actor
+        // settling its messages faster than a page of several calls is picked cannot keep the
+        // listing going, nor a delayed message coming due be left out.
+        let mut tries = 0;
         while out.len() < limit {
             let want = limit - out.len();
-            let page = self.messages_page(actor, after, want).await?;
+            let budget = if tries < LIST_RESTARTS {
+                LIST_BUDGET
+            } else {
+                0
+            };
+            let page = self.messages_page(actor, after, want, budget).await?;
             // A delayed message chosen at the first call came due and moved into the stream
-            // before its frame was fetched: the page is picked again (a few times at most; a
-            // mailbox whose delayed messages keep coming due as fast is listed without them).
-            if page.moved && restarts < LIST_RESTARTS {
-                restarts += 1;
+            // before its frame was fetched: the page is picked again.
+            if page.moved {
+                tries += 1;
                 continue;
             }
             let (got, last) = (page.rows.len(), page.last_chosen);
@@ -583,6 +598,7 @@ impl Mailbox for RedisStore {
             if !page.full || got == want {
                 break;
             }
+            tries += 1;
             after = last;
         }
         Ok(out)
