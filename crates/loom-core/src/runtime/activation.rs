@@ -10,12 +10,12 @@ use tokio::time::Instant;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio_util::sync::CancellationToken;
 
 use super::actives::{Active, Handle};
 use super::alarms::Ring;
 use super::cell::{self, Cell, Next};
 use super::context::Io;
+use super::leases::Tenure;
 use super::metrics::{Count, Latency};
 use super::replay::RecoverError;
 use super::{Actor, Shared};
@@ -25,14 +25,14 @@ use crate::store::{Lease, LeaseOptions, Park};
 
 /// The erased start function of one registered kind.
 pub(super) trait Kind: Send + Sync {
-    /// `lease`: the actor's partition's, which fences its writes; `lost` is cancelled when
-    /// that lease is lost or given up.
+    /// `lease`: the actor's partition's, which fences its writes; `tenure` says when that
+    /// lease is lost or given up.
     fn start(
         &self,
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
-        lost: CancellationToken,
+        tenure: Tenure,
         handle: Handle,
     ) -> BoxFuture<'static, ()>;
 }
@@ -65,10 +65,10 @@ impl<A: Actor> Kind for KindOf<A> {
         shared: Arc<Shared>,
         id: ActorId,
         lease: Lease,
-        lost: CancellationToken,
+        tenure: Tenure,
         handle: Handle,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(run::<A>(self.0.clone(), shared, id, lease, lost, handle))
+        Box::pin(run::<A>(self.0.clone(), shared, id, lease, tenure, handle))
     }
 }
 
@@ -177,7 +177,7 @@ impl Shared {
             active.insert(id.clone(), a);
             (handle, fence)
         };
-        let (handle, (lease, lost)) = handle;
+        let (handle, (lease, tenure)) = handle;
         self.hub.notifier(id);
         // Bounded: a burst of activations (every message of a flood of sends to new actors, a
         // crowd of sleepers due at once) would otherwise queue thousands of lease reads ahead
@@ -205,7 +205,7 @@ impl Shared {
         }
         match held {
             Ok(None) => {
-                let fut = kind.start(self.clone(), id.clone(), lease, lost, handle);
+                let fut = kind.start(self.clone(), id.clone(), lease, tenure, handle);
                 let handle = self.spawn(fut);
                 if let Some(a) = self
                     .active
@@ -364,7 +364,7 @@ async fn run<A: Actor>(
     shared: Arc<Shared>,
     id: ActorId,
     lease: Lease,
-    lost: CancellationToken,
+    tenure: Tenure,
     handle: Handle,
 ) {
     // Dropped last, after the exit below is handled.
@@ -388,6 +388,7 @@ async fn run<A: Actor>(
         config: shared.config.clone(),
         hub: shared.hub.clone(),
         lease: lease.clone(),
+        tenure: tenure.clone(),
         stopping: handle.stop.clone(),
     };
     // A panic that escaped every net in `serve` ends the activation as a failure would (and
@@ -397,7 +398,7 @@ async fn run<A: Actor>(
     let exit = tokio::select! {
         biased;
         exit = served => exit.unwrap_or_else(|panic| Exit::Panicked(super::cell::panic_message(&panic))),
-        _ = lost.cancelled() => Exit::LeaseLost,
+        _ = tenure.lost().cancelled() => Exit::LeaseLost,
     };
     match &exit {
         Exit::Passivated => tracing::debug!(actor = %id, "passivated"),
@@ -507,6 +508,12 @@ async fn serve<A: Actor>(
             // Straight to the wait below: a lease now would find nothing the write did not.
             None if std::mem::take(&mut drained) => Ok(None),
             None => {
+                // Not by a node that lost the partition before its keeper could say so (a
+                // process paused past its ttl): the lease would count a delivery, and hide
+                // the message from its new owner, for nothing this node could commit.
+                if !io.tenure.held() {
+                    return Exit::LeaseLost;
+                }
                 seen = signal.count();
                 io.store.lease(id, cell.lease_options(io)).await
             }

@@ -171,6 +171,8 @@ pub(crate) struct Io {
     pub(crate) config: Arc<Config>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) lease: Lease,
+    /// Whether this node still holds `lease` ([`Tenure::held`](super::leases::Tenure::held)).
+    pub(crate) tenure: super::leases::Tenure,
     /// Cancelled when the actor is asked to passivate (idle, evicted, its partition handed
     /// off, the node stopping): its turns then stop leasing the next message, so that a busy
     /// mailbox does not keep it running.
@@ -1218,6 +1220,12 @@ impl<'a> Context<'a> {
         };
         loop {
             let notified = notify.notified();
+            // As the actor's own mailbox (`activation.rs`): not by a node that lost the
+            // partition before its keeper could say so, which would hide the event from the
+            // wait on its new owner for a visibility.
+            if !self.io.tenure.held() {
+                return Err(self.interrupt(Interrupt::LeaseLost));
+            }
             match self.io.store.lease(&lane, opts).await {
                 Ok(Some(event)) => {
                     // The wait's span links to the trace of whoever delivered the event.

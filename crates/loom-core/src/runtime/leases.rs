@@ -54,6 +54,39 @@ struct Held {
     /// By then the store may hold the lease expired (see the module docs).
     deadline: Instant,
     lost: CancellationToken,
+    /// The deadline as the lease's holders see it ([`Tenure`]).
+    shared: Arc<Mutex<Instant>>,
+}
+
+impl Held {
+    fn set_deadline(&mut self, at: Instant) {
+        self.deadline = at;
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+}
+
+/// A kept lease as the actors it fences see it: held while the keeper has not said it lost
+/// (`lost`), and its deadline has not passed on this node's clock. The deadline matters when
+/// the keeper could not run to say so: a process paused past its ttl (stopped, starved) wakes
+/// with actors that would otherwise lease messages of a partition another node now owns,
+/// counting deliveries and hiding the messages for a visibility they can never use.
+#[derive(Clone)]
+pub(crate) struct Tenure {
+    lost: CancellationToken,
+    deadline: Arc<Mutex<Instant>>,
+}
+
+impl Tenure {
+    /// Whether the lease is still held, by what this node knows.
+    pub(crate) fn held(&self) -> bool {
+        !self.lost.is_cancelled()
+            && Instant::now() < *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cancelled by the keeper once the lease is lost or given up.
+    pub(crate) fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
 }
 
 /// The leases this node holds, renewed together.
@@ -71,6 +104,14 @@ pub(crate) struct Kept {
     keeper: Arc<Keeper>,
     actor: ActorId,
     token: u64,
+    tenure: Tenure,
+}
+
+impl Kept {
+    /// How the lease's holders see it.
+    pub(crate) fn tenure(&self) -> &Tenure {
+        &self.tenure
+    }
 }
 
 impl Drop for Kept {
@@ -112,10 +153,15 @@ impl Keeper {
         taken: Instant,
         lost: CancellationToken,
     ) -> Kept {
+        let shared = Arc::new(Mutex::new(taken + self.ttl));
         let kept = Kept {
             keeper: self.clone(),
             actor: lease.actor.clone(),
             token: lease.token,
+            tenure: Tenure {
+                lost: lost.clone(),
+                deadline: shared.clone(),
+            },
         };
         let now = Instant::now();
         // From when it was asked for, as its deadline is: a take that took a while to answer
@@ -131,6 +177,7 @@ impl Keeper {
                     next_at,
                     deadline: taken + self.ttl,
                     lost,
+                    shared,
                 },
             );
             was_empty
@@ -271,7 +318,7 @@ impl Keeper {
                 Ok(renewed) => {
                     h.lease = renewed;
                     h.next_at = sent + self.every();
-                    h.deadline = sent + self.ttl;
+                    h.set_deadline(sent + self.ttl);
                 }
                 Err(StoreError::LeaseLost { .. }) => {
                     h.lost.cancel();
@@ -327,6 +374,42 @@ mod tests {
             h.next_at - taken,
             ttl
         );
+    }
+
+    /// A kept lease's tenure, which its actors look at before each lease of a message, ends at
+    /// its deadline on this node's clock whether or not the keeper ran to say so (here its
+    /// task never runs, as in a process paused past its ttl), and a renewal moves it on.
+    /// Before, only the keeper's word ended it: a process waking from a pause leased messages
+    /// of partitions another node had taken meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_tenure_ends_at_its_deadline_even_when_the_keeper_cannot_run() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(crate::EmbeddedStore::open(dir.path()).expect("open"));
+        let ttl = Duration::from_secs(6);
+        let keeper = Keeper::new(store, ttl, Arc::new(Observed::default()));
+        let lease = Lease {
+            actor: ActorId::new("acct", "paused").expect("id"),
+            owner: "node".into(),
+            token: 1,
+            expires_at: Timestamp::from_millis(0),
+        };
+        let kept = keeper.keep(lease.clone(), Instant::now(), CancellationToken::new());
+        let tenure = kept.tenure().clone();
+        assert!(tenure.held());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(tenure.held(), "within its ttl");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            !tenure.held() && !tenure.lost().is_cancelled(),
+            "past its deadline, with the keeper silent"
+        );
+        // A renewal that answers (as the keeper settles one) moves the deadline on.
+        keeper.settle(
+            std::slice::from_ref(&lease),
+            Instant::now(),
+            Ok(vec![Ok(lease.clone())]),
+        );
+        assert!(tenure.held(), "renewed");
     }
 
     /// More leases than one call carries, and no call ever answers: a lease whose key sorts

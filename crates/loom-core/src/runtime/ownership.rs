@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::leases::Kept;
+use super::leases::{Kept, Tenure};
 use crate::error::StoreError;
 use crate::id::ActorId;
 use crate::partition::{owner_of, partition_of};
@@ -66,7 +66,9 @@ struct Held {
     lease: Lease,
     /// Cancelled by the lease keeper if the lease could not be renewed.
     lost: CancellationToken,
-    _kept: Kept,
+    /// Renewed while it lives; its tenure also says when the lease's deadline has passed
+    /// before the keeper could say so.
+    kept: Kept,
 }
 
 /// The partitions this node holds (see the module documentation).
@@ -93,19 +95,20 @@ impl Ownership {
     }
 
     /// While this node holds the partition `id` is in: that partition's lease, which fences
-    /// every write of `id` (rule D8), and the token the lease keeper cancels if the lease is
-    /// lost.
-    pub(super) fn fence(&self, id: &ActorId) -> Option<(Lease, CancellationToken)> {
-        self.with_held(id, |h| (h.lease.clone(), h.lost.clone()))
+    /// every write of `id` (rule D8), and its [`Tenure`], which says when it is lost.
+    pub(super) fn fence(&self, id: &ActorId) -> Option<(Lease, Tenure)> {
+        self.with_held(id, |h| (h.lease.clone(), h.kept.tenure().clone()))
     }
 
-    /// `f` of the partition `id` is in, if this node holds it (its lease not lost).
+    /// `f` of the partition `id` is in, if this node holds it (its lease not lost, nor past
+    /// its deadline: a process paused past its ttl wakes holding nothing, before its keeper
+    /// runs to say so).
     fn with_held<T>(&self, id: &ActorId, f: impl FnOnce(&Held) -> T) -> Option<T> {
         let p = partition_of(id, self.partitions);
         self.lock()
             .get(id.kind())
             .and_then(|parts| parts.get(&p))
-            .filter(|h| !h.lost.is_cancelled())
+            .filter(|h| h.kept.tenure().held())
             .map(f)
     }
 
@@ -340,14 +343,12 @@ async fn take(shared: &Arc<Shared>, want: Vec<(&'static str, u32)>) {
             Ok(lease) => {
                 let lost = CancellationToken::new();
                 let kept = shared.keeper.keep(lease.clone(), sent, lost.clone());
-                shared.ownership.lock().entry(kind).or_default().insert(
-                    p,
-                    Held {
-                        lease,
-                        lost,
-                        _kept: kept,
-                    },
-                );
+                shared
+                    .ownership
+                    .lock()
+                    .entry(kind)
+                    .or_default()
+                    .insert(p, Held { lease, lost, kept });
                 took += 1;
             }
             // Under this node's name: a take whose answer was lost or came too late, or an
@@ -418,9 +419,9 @@ async fn hand_off(shared: &Arc<Shared>, kind: &'static str, p: u32, held: Held) 
 }
 
 async fn release(shared: &Shared, held: Held) {
-    let Held { lease, lost, _kept } = held;
+    let Held { lease, lost, kept } = held;
     // No renewal after this point: one racing the release would only fail.
-    drop(_kept);
+    drop(kept);
     if lost.is_cancelled() {
         return;
     }
