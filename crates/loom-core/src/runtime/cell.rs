@@ -436,9 +436,10 @@ impl<A: Actor> Cell<A> {
                 result: &record_value,
                 ttl: io.config.reply_ttl,
             }),
-            // The next message in the same write, unless the actor is stopping: a mailbox that
-            // never empties would otherwise keep it from ever stopping.
-            next: (!io.stopping.is_cancelled()).then_some(io.lease_options),
+            // The next message in the same write, unless the actor is stopping (a mailbox that
+            // never empties would otherwise keep it from ever stopping) or its partition's
+            // lease is past its deadline here (the fence may still pass at the store).
+            next: (!io.stopping.is_cancelled() && io.tenure.held()).then_some(io.lease_options),
             ..Turn::append(&self.id, inv.next_seq, &inv.pending)
         };
         let asked_next = turn.next.is_some();

@@ -128,7 +128,7 @@ impl Ownership {
                 let parts = held.get(kind).map_or_else(Vec::new, |parts| {
                     parts
                         .iter()
-                        .filter(|(_, h)| !h.lost.is_cancelled())
+                        .filter(|(_, h)| h.kept.tenure().held())
                         .map(|(p, _)| *p)
                         .collect()
                 });
@@ -154,7 +154,7 @@ impl Ownership {
         self.lock()
             .values()
             .flat_map(BTreeMap::values)
-            .filter(|h| !h.lost.is_cancelled())
+            .filter(|h| h.kept.tenure().held())
             .count()
     }
 
@@ -165,7 +165,7 @@ impl Ownership {
             .flat_map(|(kind, parts)| {
                 parts
                     .iter()
-                    .filter(|(_, h)| !h.lost.is_cancelled())
+                    .filter(|(_, h)| h.kept.tenure().held())
                     .map(|(p, _)| (kind.to_string(), *p))
             })
             .collect()
