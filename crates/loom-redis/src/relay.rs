@@ -18,8 +18,9 @@
 //!    the others (and the pages after, skipping the failed target's), and trims only up to the
 //!    first message the failed target has not taken. While it fails, the next passes read on
 //!    from where the last one stopped (a backlog held up behind it is not read again at every
-//!    pass), and try the failed target again once per [`SWEEP`] with the first page of its own
-//!    messages; once it takes them, the next pass reads the outbox from its bottom again.
+//!    pass), and try the failed target again (at the next pass, then every half [`SWEEP`])
+//!    with the first page of its own messages; once it takes them, the next pass reads the
+//!    outbox from its bottom again.
 //!
 //! Every process with the store open runs a relay: one that made a turn's outbox message moves
 //! it at once, and every relay looks at every outbox every [`SWEEP`], so what a crashed
@@ -212,8 +213,9 @@ impl Inner {
     /// message is moved. The first failure is returned once the pass ends. While a target
     /// fails, the next drains go on from where this one stopped reading ([`Behind`]), not
     /// from the bottom, so a backlog held up behind it is not read again at every drain; it
-    /// is tried again with the first page of its own messages once per [`SWEEP`], and once
-    /// one such try moves them, the drain starts again from the bottom.
+    /// is tried again with the first page of its own messages (at the next drain, then every
+    /// half [`SWEEP`]), and once one such try moves them, the drain starts again from the
+    /// bottom.
     async fn drain(&self, p: u32, until: Instant) -> StoreResult<()> {
         let (ob, _) = self.keys.outbox(p);
         let mut woken = BTreeSet::new();
