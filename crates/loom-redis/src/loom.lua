@@ -264,9 +264,18 @@ local function mb_enqueue(mb, msgid, frame, due, now)
     local delayed = n - 1 - q
     if num(v[5]) ~= 0 then delayed = delayed - 1 end
     if delayed > 0 then q = mb_promote(mb, now, q) end
-    redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
-    after = q + 1
-    redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after)
+    if delayed > 0 and #redis.call('ZRANGEBYSCORE', mb.md, '-inf', now, 'LIMIT', 0, 1) > 0 then
+      -- More were due than one move takes: this one waits among them, due now, and, as its
+      -- position is the highest yet, is moved after every one of them.
+      redis.call('ZADD', mb.md, now, pos)
+      redis.call('HSET', mb.mdx, pos, msgid .. '|' .. frame)
+      after = q
+      redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', q)
+    else
+      redis.call('XADD', mb.mq, '*', 'm', frame, 'id', msgid, 'p', pos)
+      after = q + 1
+      redis.call('HSET', mb.mm, 'pos', pos, 'n', n, 'q', after)
+    end
   end
   mb_ready(mb, now, q, { park = v[4], cur = num(v[5]), vis = num(v[6]), q = after })
   return pos
