@@ -97,8 +97,8 @@ impl RedisStore {
             for c in r[3..].chunks(3) {
                 chosen.push((
                     number(c.first(), "position")?,
-                    text(c.get(1)).unwrap_or_default(),
-                    text(c.get(2)).unwrap_or_default(),
+                    text(c.get(1)).ok_or_else(|| unexpected("messages candidate's place"))?,
+                    text(c.get(2)).ok_or_else(|| unexpected("messages candidate's due"))?,
                 ));
             }
             // A delayed message read at the first call and moved into the stream since, read

@@ -264,18 +264,7 @@ impl Inner {
         // sent to it again.
         let mut marks: BTreeMap<u32, u64> = BTreeMap::new();
         loop {
-            let read: Value = redis::cmd("XRANGE")
-                .arg(&ob)
-                .arg(&from)
-                .arg("+")
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(re)?;
-            let Value::Array(items) = read else {
-                return Err(unexpected("outbox XRANGE reply"));
-            };
+            let items = self.read_outbox(&ob, &from).await?;
             let Some(last) = items.last() else {
                 return finish(failed, failure, read_to, probe_at);
             };
@@ -380,18 +369,7 @@ impl Inner {
         }
         for (q, first) in &behind.failed {
             let tried = async {
-                let read: Value = redis::cmd("XRANGE")
-                    .arg(&ob)
-                    .arg(format!("{first}-0"))
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(BATCH)
-                    .query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(re)?;
-                let Value::Array(items) = read else {
-                    return Err(unexpected("outbox XRANGE reply"));
-                };
+                let items = self.read_outbox(&ob, &format!("{first}-0")).await?;
                 let mut mine = Vec::new();
                 for item in &items {
                     let m = moving(item)?;
@@ -410,6 +388,23 @@ impl Inner {
             }
         }
         Some(behind)
+    }
+
+    /// Up to [`BATCH`] entries of the outbox `ob` from `from` (an `XRANGE` bound) on.
+    async fn read_outbox(&self, ob: &str, from: &str) -> StoreResult<Vec<Value>> {
+        let read: Value = redis::cmd("XRANGE")
+            .arg(ob)
+            .arg(from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(BATCH)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(re)?;
+        match read {
+            Value::Array(items) => Ok(items),
+            _ => Err(unexpected("outbox XRANGE reply")),
+        }
     }
 
     /// Wakes the recipients of messages just moved.
