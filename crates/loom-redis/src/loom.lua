@@ -1117,8 +1117,10 @@ end
 -- Membership ---------------------------------------------------------------------------------
 -- P:members  hash, node -> "<incarnation>|<joined ms>|<last beat ms>|<ttl ms>|<kinds, comma-separated>"
 
+-- The record's fields, or nothing if it is not one heartbeat can have written.
 local function member_fields(v)
-  local inc, joined, beat, ttl = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|')
+  local inc, joined, beat, ttl = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|')
+  if not inc then return nil end
   return inc, tonumber(joined), tonumber(beat), tonumber(ttl)
 end
 
@@ -1130,8 +1132,11 @@ local function heartbeat(KEYS, ARGV)
   local node, inc, ttl, forget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[5])
   local joined = now
   local own = redis.call('HGET', KEYS[1], node)
-  if own then
-    local oinc, ojoined, obeat, ottl = member_fields(own)
+  -- A record of this name that no heartbeat wrote (mangled by hand, say) announces no live
+  -- process: it is written over.
+  local oinc, ojoined, obeat, ottl
+  if own then oinc, ojoined, obeat, ottl = member_fields(own) end
+  if oinc then
     if oinc == inc then
       joined = ojoined
     elseif obeat + ottl > now then
@@ -1140,8 +1145,10 @@ local function heartbeat(KEYS, ARGV)
   end
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    local _, _, obeat, ottl = member_fields(all[i + 1])
-    if all[i] ~= node and obeat + ottl * forget <= now then
+    local finc, _, fbeat, fttl = member_fields(all[i + 1])
+    -- Another name's record that no heartbeat wrote is deleted with the forgotten: it is no
+    -- live node, and kept it failed every node's heartbeat and roster read.
+    if all[i] ~= node and (not finc or fbeat + fttl * forget <= now) then
       redis.call('HDEL', KEYS[1], all[i])
     end
   end

@@ -692,6 +692,50 @@ async fn one_mailbox(
     )
 }
 
+/// A membership record no heartbeat wrote (mangled by hand, or by a bug) is no live node: the
+/// next heartbeat deletes it with the forgotten ones, and writes over one under its own name.
+/// Before, the heartbeat script did arithmetic on its missing fields and failed, for every node,
+/// at every beat, and every roster read failed on it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mangled_membership_record_fails_no_heartbeat() {
+    use loom_core::store::Membership;
+    let (_server, mut conn, store, _, _) = one_mailbox("mangled").await;
+    for (node, record) in [("ghost", "garbage"), ("self", "1|x|2|3|"), ("blank", "")] {
+        let () = redis::cmd("HSET")
+            .arg("mangled:members")
+            .arg(node)
+            .arg(record)
+            .query_async(&mut conn)
+            .await
+            .expect("mangle");
+    }
+    assert!(
+        store.members().await.is_err(),
+        "a mangled record is reported"
+    );
+    let ttl = Duration::from_secs(5);
+    let me = store
+        .heartbeat("self", 7, &["counter"], ttl)
+        .await
+        .expect("beats");
+    assert_eq!((me.incarnation, me.joined_at), (7, me.beat_at));
+    let other = store.heartbeat("other", 8, &[], ttl).await.expect("beats");
+    assert_eq!(other.node, "other");
+    let roster = store.members().await.expect("the roster reads again");
+    let mut nodes: Vec<(String, u64)> = roster
+        .members
+        .iter()
+        .map(|m| (m.node.clone(), m.incarnation))
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, [("other".to_owned(), 8), ("self".to_owned(), 7)]);
+    // A well-formed record of a live node still refuses its name to another incarnation.
+    assert!(matches!(
+        store.heartbeat("self", 9, &[], ttl).await,
+        Err(StoreError::NodeTaken { incarnation: 7, .. })
+    ));
+}
+
 /// A mailbox's stream is never deleted; if it is lost all the same (a store destroyed while
 /// nodes ran, an evicting server), the next push makes it again and the lease hands out what it
 /// holds.
