@@ -46,12 +46,20 @@ pub enum NodeHealth {
     /// Another live process announces this node's name, so this one's heartbeats are refused
     /// ([`StoreError::NodeTaken`]): two processes were given one name, or this one restarted
     /// under the name of one that crashed less than a lease ttl ago (it joins once that
-    /// record runs out). It still runs its actors (leases fence them), but it is not listed.
+    /// record runs out). It is not listed.
     NameTaken {
         /// Since when its heartbeats are refused.
         since: Timestamp,
         /// The refusal.
         error: String,
+        /// True if this process had been a member under the name, and another process took
+        /// the name after its own record ran out (its heartbeats did not land for a lease ttl:
+        /// a pause, or a store it could not reach): the name is the newer process's now, so
+        /// this one stands down. It hands off the partitions it holds and takes none until
+        /// the name is its own again (the newer process gone and its record run out). False
+        /// for a process refused since it started: it runs its actors as a member would
+        /// (leases fence them), taking only partitions nobody holds.
+        superseded: bool,
     },
     /// The runtime is stopping or has stopped ([`Runtime::shutdown`](super::Runtime::shutdown)
     /// or [`kill`](super::Runtime::kill) was called): it takes no new message
@@ -167,13 +175,19 @@ impl Observed {
                 });
             }
             Err(e @ StoreError::NodeTaken { .. }) => {
+                let was_member = matches!(&*node, Some(NodeHealth::Member { .. }));
                 if !matches!(&*node, Some(NodeHealth::NameTaken { .. })) {
                     *node = Some(NodeHealth::NameTaken {
                         since: Timestamp::now(),
                         error: e.to_string(),
+                        superseded: was_member,
                     });
                 }
                 match &mut *refused {
+                    None if was_member => {
+                        tracing::error!(error = %e, "this node's record ran out while its heartbeats did not land, and another process took its name: this one stands down, handing off its partitions and taking none until the name is its own again");
+                        *refused = Some((Instant::now(), true));
+                    }
                     None => {
                         tracing::warn!(error = %e, "this node's heartbeats are refused; it joins once the name's record runs out, unless another live process holds it");
                         *refused = Some((Instant::now(), false));
@@ -216,6 +230,18 @@ impl Observed {
             .as_ref()
             .filter(|f| f.count >= 2 && f.last_at.duration_since(f.began) >= span)
             .map(|f| f.first.clone())
+    }
+
+    /// True while this process is superseded under its name (see [`NodeHealth::NameTaken`]):
+    /// it then owns no partition.
+    pub(crate) fn superseded(&self) -> bool {
+        matches!(
+            &*self.node.lock().unwrap_or_else(|p| p.into_inner()),
+            Some(NodeHealth::NameTaken {
+                superseded: true,
+                ..
+            })
+        )
     }
 
     pub(crate) fn health(&self) -> Health {

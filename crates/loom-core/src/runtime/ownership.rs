@@ -238,6 +238,10 @@ pub(super) async fn own_partitions(shared: Arc<Shared>) {
 async fn look(shared: &Arc<Shared>, roster: &Roster) {
     let own = &shared.ownership;
     let me = shared.config.node.as_str();
+    // Superseded under its name, this process wins nothing: every partition it holds goes to
+    // the newer process (which cannot take them while this one renews their leases, which
+    // bear the same name), and it takes none while the name is not its own.
+    let superseded = shared.health.superseded();
     let mut lost = Vec::new();
     let mut want = Vec::new();
     let mut give = Vec::new();
@@ -261,7 +265,7 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
                 }
             });
             for p in 0..own.partitions {
-                let mine = owner_of(hosts.iter().copied(), kind, p) == Some(me);
+                let mine = !superseded && owner_of(hosts.iter().copied(), kind, p) == Some(me);
                 match (mine, parts.contains_key(&p)) {
                     // A partition lost in this look is taken again at the next, once its
                     // actors have had a tick to stop.

@@ -25,6 +25,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_partition_whose_take_never_answers_is_taken_at_a_later_look,
         an_unbounded_shutdown_timeout_still_hands_every_partition_back,
         a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over,
+        a_process_superseded_under_its_name_stands_down,
     ]
 }
 
@@ -121,6 +122,69 @@ async fn a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over(h: &Harn
         .fail_members
         .store(false, std::sync::atomic::Ordering::SeqCst);
     a.shutdown().await;
+}
+
+/// A process whose heartbeats stop landing (it cannot reach the store's membership record, or
+/// it is paused) while it keeps its partitions' leases, and whose name a newer process takes
+/// once its record has run out: when its heartbeats land again and are refused, it stands down,
+/// handing every partition to the newer process and taking none. Before, it went on renewing
+/// their leases, which bear the name the newer process bears too, so the name's member owned
+/// nothing for as long as the superseded process lived.
+async fn a_process_superseded_under_its_name_stands_down(h: &Harness) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let ttl = Duration::from_millis(1500);
+    let named = move |c: &mut loom_core::runtime::Config| {
+        c.node = "twice".into();
+        c.lease_ttl = ttl;
+    };
+    // The old process's own view of the store, so that its heartbeats alone fail.
+    let own = crate::faults::FaultyStore::new(h.store.clone());
+    let faults = own.faults.clone();
+    let old = h.runtime_on(std::sync::Arc::new(own), named).await;
+    let kinds = old.kinds();
+    let parts = ownership_partitions(h.store.partitions());
+    let all = partitions_won(&kinds, parts, &["twice"], "twice");
+    eventually(
+        WAIT,
+        "the old process owns every partition",
+        split_as(kinds.clone(), parts, &["twice"], &[&old]),
+    )
+    .await;
+    faults.fail_heartbeats.store(true, SeqCst);
+    let new = h.runtime_with(named).await;
+    eventually(
+        ttl * 4,
+        "the newer process joins under the name",
+        || async { matches!(new.health().node, NodeHealth::Member { .. }) },
+    )
+    .await;
+    // The old process renews its partitions' leases all the while.
+    assert_eq!(old.partitions_owned(), all);
+    faults.fail_heartbeats.store(false, SeqCst);
+    eventually(WAIT, "the old process sees itself superseded", || async {
+        matches!(
+            old.health().node,
+            NodeHealth::NameTaken {
+                superseded: true,
+                ..
+            }
+        )
+    })
+    .await;
+    eventually(
+        WAIT,
+        "the newer process owns every partition, the superseded one none",
+        || async { new.partitions_owned() == all && old.partitions_owned().is_empty() },
+    )
+    .await;
+    let acct = new.actor::<Account>("after-superseding").unwrap();
+    assert_eq!(acct.ask(AccountMsg::Deposit(5)).await.expect("deposit"), 5);
+    // It stays down: a look later it still owns nothing.
+    tokio::time::sleep(ttl).await;
+    assert!(old.partitions_owned().is_empty());
+    assert!(!old.health().is_healthy());
+    old.shutdown().await;
+    new.shutdown().await;
 }
 
 /// The (kind, partition)s rendezvous hashing gives `node` among `nodes`, all hosting `kinds`,

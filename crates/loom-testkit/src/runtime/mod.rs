@@ -137,10 +137,36 @@ impl Harness {
         register: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
         f: impl FnOnce(&mut Config),
     ) -> Runtime {
+        self.runtime_on_registering(self.store.clone(), register, f)
+            .await
+    }
+
+    /// The same as [`Harness::runtime_with`], on `store`: this harness's store wrapped in a
+    /// [`FaultyStore`] of its own, say, for faults that one node meets and the others do not.
+    pub async fn runtime_on(&self, store: Arc<dyn Store>, f: impl FnOnce(&mut Config)) -> Runtime {
+        self.runtime_on_registering(
+            store,
+            |b| {
+                b.register_actor(Worker {
+                    probe: self.probe.clone(),
+                    version: "",
+                })
+            },
+            f,
+        )
+        .await
+    }
+
+    async fn runtime_on_registering(
+        &self,
+        store: Arc<dyn Store>,
+        register: impl FnOnce(RuntimeBuilder) -> RuntimeBuilder,
+        f: impl FnOnce(&mut Config),
+    ) -> Runtime {
         let mut config = Self::config();
         f(&mut config);
         let builder = Runtime::builder()
-            .store(self.store.clone())
+            .store(store)
             .config(config)
             .register_actor(Account {
                 probe: self.probe.clone(),
