@@ -392,7 +392,11 @@ pub fn salvage_redo(dir: &std::path::Path, yes: bool, json: bool) -> Result<(), 
 /// `loom store repartition --store DIR --partitions N`: copies the store into a new one of `N`
 /// partitions next to it, compares the two, then puts the copy in `DIR` and keeps the old one
 /// beside it as `DIR.before-repartition-<ms>` (delete it once satisfied). Offline: the store's
-/// lock keeps a running app out, and this command out of a running app's store.
+/// lock keeps a running app out, and this command out of a running app's store. Killed at any
+/// moment, it leaves `DIR` holding a whole store, and names that say what they hold: a
+/// `DIR.repartition-<ms>` is a copy not yet compared (delete it), and a
+/// `DIR.before-repartition-<ms>` holds the old store or, killed just before the swap, a copy
+/// compared equal to it (see [`put_in_place`]).
 pub async fn repartition(
     dir: &std::path::Path,
     partitions: u32,
@@ -427,25 +431,8 @@ pub async fn repartition(
         )));
     }
     drop(copy);
-    // One atomic exchange, while the old store is still open and locked: at every moment `DIR`
-    // holds a whole store (the old, then the new), never nothing an app could start on empty.
-    exchange(&staging, dir).map_err(|e| {
-        Failure(format!(
-            "could not swap {} into {} ({e}); the store is left as it was and the copy stays in {}",
-            staging.display(),
-            dir.display(),
-            staging.display()
-        ))
-    })?;
-    std::fs::rename(&staging, &backup)?;
-    if let Some(parent) = dir.parent() {
-        let parent = if parent.as_os_str().is_empty() {
-            std::path::Path::new(".")
-        } else {
-            parent
-        };
-        std::fs::File::open(parent)?.sync_all()?;
-    }
+    // While the old store is still open and locked.
+    put_in_place(&staging, &backup, dir, &mut || {})?;
     drop(source);
     if json {
         out(serde_json::json!({
@@ -463,6 +450,52 @@ pub async fn repartition(
             backup.display()
         ))
     }
+}
+
+/// Puts the copy in `staging`, compared equal to the store in `dir`, in `dir`, and the store
+/// that was there in `backup`; `step` runs after each change of names (a test's look at them).
+///
+/// The copy is first renamed to `backup`, then exchanged with `dir` in one atomic step. So at
+/// every moment `dir` holds a whole store (the old, then the new), never nothing an app could
+/// start on empty, and no name misleads whoever finds it after a kill: `staging` only ever
+/// holds the copy, and `backup` the copy (compared equal) until the swap, the old store after.
+/// Exchanging first and renaming after left the old store under `staging`'s name, that of a
+/// copy, if the process was killed between the two.
+fn put_in_place(
+    staging: &std::path::Path,
+    backup: &std::path::Path,
+    dir: &std::path::Path,
+    step: &mut dyn FnMut(),
+) -> Result<(), Failure> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let sync = || std::fs::File::open(parent)?.sync_all();
+    std::fs::rename(staging, backup).map_err(|e| {
+        Failure(format!(
+            "could not rename the copy {} to {} ({e}); the store is left as it was",
+            staging.display(),
+            backup.display()
+        ))
+    })?;
+    step();
+    exchange(backup, dir).map_err(|e| {
+        // Named as a copy again, if it can be, since it is not the old store.
+        let copy = match std::fs::rename(backup, staging) {
+            Ok(()) => staging,
+            Err(_) => backup,
+        };
+        Failure(format!(
+            "could not swap {} into {} ({e}); the store is left as it was and the copy stays in {}",
+            copy.display(),
+            dir.display(),
+            copy.display()
+        ))
+    })?;
+    step();
+    sync()?;
+    Ok(())
 }
 
 /// Swaps two paths atomically (`renameat2` with `RENAME_EXCHANGE`).
@@ -548,4 +581,45 @@ async fn same_contents(a: &dyn Store, b: &dyn Store) -> Result<(), String> {
         return Err(format!("{x} parked actors against {y}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a directory holds: the one line of its `what` file.
+    fn what(dir: &std::path::Path) -> Option<String> {
+        std::fs::read_to_string(dir.join("what")).ok()
+    }
+
+    #[test]
+    fn a_repartition_killed_between_its_renames_leaves_no_name_that_misleads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let staging = tmp.path().join("data.repartition-1");
+        let backup = tmp.path().join("data.before-repartition-1");
+        for (d, w) in [(&dir, "old"), (&staging, "copy")] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("what"), w).unwrap();
+        }
+        let mut steps = 0;
+        // After every change of names, as a kill would leave them.
+        put_in_place(&staging, &backup, &dir, &mut || {
+            steps += 1;
+            assert!(
+                matches!(what(&dir).as_deref(), Some("old" | "copy")),
+                "the store's directory holds a whole store"
+            );
+            assert_ne!(
+                what(&staging).as_deref(),
+                Some("old"),
+                "the old store is under the copy's name"
+            );
+        })
+        .unwrap();
+        assert_eq!(steps, 2);
+        assert_eq!(what(&dir).as_deref(), Some("copy"));
+        assert_eq!(what(&backup).as_deref(), Some("old"));
+        assert!(!staging.exists());
+    }
 }
