@@ -1117,10 +1117,14 @@ end
 -- Membership ---------------------------------------------------------------------------------
 -- P:members  hash, node -> "<incarnation>|<joined ms>|<last beat ms>|<ttl ms>|<kinds, comma-separated>"
 
--- The record's fields, or nothing if it is not one heartbeat can have written.
+-- The record's fields, or nothing if it is not one heartbeat can have written: the incarnation
+-- a u64 (as Rust reads it), the times and the ttl numbers Lua holds exactly (15 digits).
 local function member_fields(v)
   local inc, joined, beat, ttl = string.match(v, '^(%d+)|(%d+)|(%d+)|(%d+)|')
-  if not inc then return nil end
+  if not inc or #inc > 20 or (#inc == 20 and inc > '18446744073709551615')
+    or #joined > 15 or #beat > 15 or #ttl > 15 then
+    return nil
+  end
   return inc, tonumber(joined), tonumber(beat), tonumber(ttl)
 end
 

@@ -700,7 +700,13 @@ async fn one_mailbox(
 async fn a_mangled_membership_record_fails_no_heartbeat() {
     use loom_core::store::Membership;
     let (_server, mut conn, store, _, _) = one_mailbox("mangled").await;
-    for (node, record) in [("ghost", "garbage"), ("self", "1|x|2|3|"), ("blank", "")] {
+    for (node, record) in [
+        ("ghost", "garbage"),
+        ("self", "1|x|2|3|"),
+        ("blank", ""),
+        ("far", "1|1|99999999999999999999|1|"),
+        ("wide", "18446744073709551616|1|1|1|"),
+    ] {
         let () = redis::cmd("HSET")
             .arg("mangled:members")
             .arg(node)
