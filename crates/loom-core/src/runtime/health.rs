@@ -46,7 +46,10 @@ pub enum NodeHealth {
     /// Another live process announces this node's name, so this one's heartbeats are refused
     /// ([`StoreError::NodeTaken`]): two processes were given one name, or this one restarted
     /// under the name of one that crashed less than a lease ttl ago (it joins once that
-    /// record runs out). It is not listed.
+    /// record runs out). It is not listed, and owns no partition meanwhile: partition leases
+    /// bear node names, so a partition it held would be one the name's member could never
+    /// take. It hands off those it holds and takes none until the name is its own; it can
+    /// still send and ask, as a client-only runtime does.
     NameTaken {
         /// Since when its heartbeats are refused.
         since: Timestamp,
@@ -54,11 +57,8 @@ pub enum NodeHealth {
         error: String,
         /// True if this process had been a member under the name, and another process took
         /// the name after its own record ran out (its heartbeats did not land for a lease ttl:
-        /// a pause, or a store it could not reach): the name is the newer process's now, so
-        /// this one stands down. It hands off the partitions it holds and takes none until
-        /// the name is its own again (the newer process gone and its record run out). False
-        /// for a process refused since it started: it runs its actors as a member would
-        /// (leases fence them), taking only partitions nobody holds.
+        /// a pause, or a store it could not reach): the name is the newer process's now.
+        /// False for a process refused before any heartbeat of its own was recorded.
         superseded: bool,
     },
     /// The runtime is stopping or has stopped ([`Runtime::shutdown`](super::Runtime::shutdown)
@@ -232,15 +232,12 @@ impl Observed {
             .map(|f| f.first.clone())
     }
 
-    /// True while this process is superseded under its name (see [`NodeHealth::NameTaken`]):
-    /// it then owns no partition.
-    pub(crate) fn superseded(&self) -> bool {
+    /// True while another live process holds this node's name (see
+    /// [`NodeHealth::NameTaken`]): this one then owns no partition.
+    pub(crate) fn name_taken(&self) -> bool {
         matches!(
             &*self.node.lock().unwrap_or_else(|p| p.into_inner()),
-            Some(NodeHealth::NameTaken {
-                superseded: true,
-                ..
-            })
+            Some(NodeHealth::NameTaken { .. })
         )
     }
 

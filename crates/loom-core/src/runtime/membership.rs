@@ -5,9 +5,9 @@
 //! shutdown leaves; a crash (or [`Runtime::kill`](super::Runtime::kill)) does not, and the
 //! record runs out one lease ttl after its last beat.
 //!
-//! What a refused heartbeat means is in [`NodeHealth`](super::NodeHealth): the runtime goes on
-//! running its actors (leases and fences keep them safe), beats on, and joins once its name
-//! is its own.
+//! What a refused heartbeat means is in [`NodeHealth`](super::NodeHealth): the runtime owns no
+//! partition meanwhile (it hands off those it holds, and takes none), beats on, and joins once
+//! its name is its own.
 
 use std::sync::Arc;
 use std::time::Duration;

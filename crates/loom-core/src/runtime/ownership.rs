@@ -39,6 +39,12 @@
 //!   what a look took meanwhile). A restarted process after a crash
 //!   waits for the dead one's partition leases to run out (a lease ttl): a crash cannot be
 //!   told from a live process under the same name before.
+//! - **One process per name**: leases bear node names, not incarnations, so a process whose
+//!   heartbeats are refused (another live process holds its name: two given one name, or
+//!   one superseded after its record ran out while it was paused or cut off) owns nothing
+//!   while refused. It hands off what it holds and takes nothing; otherwise it would hold
+//!   partitions that the name's member, whose takes find them held under its own name,
+//!   could never take.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -238,19 +244,19 @@ pub(super) async fn own_partitions(shared: Arc<Shared>) {
 async fn look(shared: &Arc<Shared>, roster: &Roster) {
     let own = &shared.ownership;
     let me = shared.config.node.as_str();
-    // Superseded under its name, this process wins nothing: every partition it holds goes to
-    // the newer process (which cannot take them while this one renews their leases, which
-    // bear the same name), and it takes none while the name is not its own.
-    let superseded = shared.health.superseded();
+    // While another live process holds its name, this one wins nothing: every partition it
+    // holds goes to the name's member (which cannot take them while this one renews their
+    // leases, which bear the same name), and it takes none while the name is not its own.
+    let refused = shared.health.name_taken();
     let mut lost = Vec::new();
     let mut want = Vec::new();
     let mut give = Vec::new();
     {
         let mut held = own.lock();
         for kind in &shared.hosted {
-            // This node counts itself a host even before its first heartbeat lands (or while
-            // an older incarnation's record still holds its name): the others do not know it
-            // yet and keep their partitions, so it only takes what nobody holds.
+            // This node counts itself a host even before its first heartbeat lands: the others
+            // do not know it yet and keep their partitions, so it only takes what nobody
+            // holds.
             let mut hosts: Vec<&str> = roster.hosts(kind).map(|m| m.node.as_str()).collect();
             if !hosts.contains(&me) {
                 hosts.push(me);
@@ -265,7 +271,7 @@ async fn look(shared: &Arc<Shared>, roster: &Roster) {
                 }
             });
             for p in 0..own.partitions {
-                let mine = !superseded && owner_of(hosts.iter().copied(), kind, p) == Some(me);
+                let mine = !refused && owner_of(hosts.iter().copied(), kind, p) == Some(me);
                 match (mine, parts.contains_key(&p)) {
                     // A partition lost in this look is taken again at the next, once its
                     // actors have had a tick to stop.

@@ -26,6 +26,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         an_unbounded_shutdown_timeout_still_hands_every_partition_back,
         a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over,
         a_process_superseded_under_its_name_stands_down,
+        a_process_refused_its_name_owns_no_partition,
     ]
 }
 
@@ -131,25 +132,42 @@ async fn a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over(h: &Harn
 /// their leases, which bear the name the newer process bears too, so the name's member owned
 /// nothing for as long as the superseded process lived.
 async fn a_process_superseded_under_its_name_stands_down(h: &Harness) {
+    refused_process_stands_down(h, "twice", true).await;
+}
+
+/// The same for a process whose heartbeats failed from its start, so that it never was a
+/// member, while it took every partition nobody held: once refused, it stands down too. (The
+/// first fix stood down only a process that had been a member.)
+async fn a_process_refused_its_name_owns_no_partition(h: &Harness) {
+    refused_process_stands_down(h, "twice-unjoined", false).await;
+}
+
+async fn refused_process_stands_down(h: &Harness, name: &'static str, joined_first: bool) {
     use std::sync::atomic::Ordering::SeqCst;
     let ttl = Duration::from_millis(1500);
     let named = move |c: &mut loom_core::runtime::Config| {
-        c.node = "twice".into();
+        c.node = name.into();
         c.lease_ttl = ttl;
     };
     // The old process's own view of the store, so that its heartbeats alone fail.
     let own = crate::faults::FaultyStore::new(h.store.clone());
     let faults = own.faults.clone();
+    faults.fail_heartbeats.store(!joined_first, SeqCst);
     let old = h.runtime_on(std::sync::Arc::new(own), named).await;
     let kinds = old.kinds();
     let parts = ownership_partitions(h.store.partitions());
-    let all = partitions_won(&kinds, parts, &["twice"], "twice");
+    let all = partitions_won(&kinds, parts, &[name], name);
     eventually(
         WAIT,
         "the old process owns every partition",
-        split_as(kinds.clone(), parts, &["twice"], &[&old]),
+        split_as(kinds.clone(), parts, &[name], &[&old]),
     )
     .await;
+    if joined_first {
+        assert!(matches!(old.health().node, NodeHealth::Member { .. }));
+    } else {
+        assert!(matches!(old.health().node, NodeHealth::Joining));
+    }
     faults.fail_heartbeats.store(true, SeqCst);
     let new = h.runtime_with(named).await;
     eventually(
@@ -158,28 +176,23 @@ async fn a_process_superseded_under_its_name_stands_down(h: &Harness) {
         || async { matches!(new.health().node, NodeHealth::Member { .. }) },
     )
     .await;
-    // The old process renews its partitions' leases all the while.
-    assert_eq!(old.partitions_owned(), all);
     faults.fail_heartbeats.store(false, SeqCst);
-    eventually(WAIT, "the old process sees itself superseded", || async {
+    eventually(WAIT, "the old process is refused its name", || async {
         matches!(
             old.health().node,
-            NodeHealth::NameTaken {
-                superseded: true,
-                ..
-            }
+            NodeHealth::NameTaken { superseded, .. } if superseded == joined_first
         )
     })
     .await;
     eventually(
         WAIT,
-        "the newer process owns every partition, the superseded one none",
+        "the newer process owns every partition, the old one none",
         || async { new.partitions_owned() == all && old.partitions_owned().is_empty() },
     )
     .await;
-    let acct = new.actor::<Account>("after-superseding").unwrap();
+    let acct = new.actor::<Account>(format!("after-{name}")).unwrap();
     assert_eq!(acct.ask(AccountMsg::Deposit(5)).await.expect("deposit"), 5);
-    // It stays down: a look later it still owns nothing.
+    // It stays down: looks later it still owns nothing.
     tokio::time::sleep(ttl).await;
     assert!(old.partitions_owned().is_empty());
     assert!(!old.health().is_healthy());
