@@ -494,7 +494,13 @@ fn put_in_place(
         ))
     })?;
     step();
-    sync()?;
+    sync().map_err(|e| {
+        Failure(format!(
+            "{} now holds the copy and {} the old store, but the directory holding them could not be synced ({e}): a crash of the machine soon may undo the swap; run the command again if the store then has its old partition count",
+            dir.display(),
+            backup.display()
+        ))
+    })?;
     Ok(())
 }
 
