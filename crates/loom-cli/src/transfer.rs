@@ -34,7 +34,7 @@ use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use loom_core::limits::MAX_BATCH_BYTES;
 use loom_core::store::backend::{encode_entry, prepare_message, prepare_snapshot};
-use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, Timestamp};
+use loom_core::{ActorId, Entry, Envelope, Seq, SeqRange, Snapshot, Store, Timestamp, Waiting};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::all_actors;
@@ -93,12 +93,13 @@ fn bar(len: u64, what: &'static str) -> Result<ProgressBar, Failure> {
     Ok(b)
 }
 
-/// Every waiting message of every mailbox in `store`: its envelope, when it is due, and whether
-/// it is asked to be cancelled.
-async fn all_messages(
+/// Passes every waiting message of every mailbox in `store` to `f`, in mailbox order and each
+/// mailbox's in order, reading a page at a time: a backlog of millions is never held in memory
+/// (it was, whole, before an export or a migration wrote its first message).
+async fn each_message(
     store: &dyn Store,
-) -> Result<Vec<(Envelope, Option<Timestamp>, bool)>, Failure> {
-    let mut out = Vec::new();
+    mut f: impl AsyncFnMut(Waiting) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let mut after = None;
     loop {
         let boxes = store.mailboxes(after.as_ref(), 1000).await?;
@@ -111,15 +112,26 @@ async fn all_messages(
                 let page = store.messages(b, pos, PAGE).await?;
                 let Some(l) = page.last() else { break };
                 pos = Some(l.position);
-                out.extend(
-                    page.into_iter()
-                        .map(|w| (w.envelope, w.deliver_at, w.cancelling)),
-                );
+                for w in page {
+                    f(w).await?;
+                }
             }
         }
         after = Some(last);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Every mailbox in `store` that holds waiting messages, in id order.
+async fn all_mailboxes(store: &dyn Store) -> Result<Vec<ActorId>, Failure> {
+    let mut out: Vec<ActorId> = Vec::new();
+    loop {
+        let page = store.mailboxes(out.last(), 1000).await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
 }
 
 /// Enqueues a copied message in `target`, with its cancellation's mark if it had one.
@@ -292,17 +304,19 @@ async fn write_export(store: &dyn Store, file: std::fs::File) -> Result<Counts, 
         counts.journals += 1;
         progress.inc(1);
     }
-    for (envelope, deliver_at, cancelling) in all_messages(store).await? {
+    each_message(store, async |m: Waiting| {
         line(
             &mut w,
             &Line::Message {
-                envelope,
-                deliver_at,
-                cancelling,
+                envelope: m.envelope,
+                deliver_at: m.deliver_at,
+                cancelling: m.cancelling,
             },
         )?;
         counts.messages += 1;
-    }
+        Ok(())
+    })
+    .await?;
     progress.finish_and_clear();
     let end = Counts {
         crc32: crc.finalize(),
@@ -728,9 +742,9 @@ pub async fn migrate(
 ) -> Result<(), Failure> {
     drain_outboxes(source).await?;
     let actors = all_actors(source).await?;
-    let messages = all_messages(source).await?;
-    check_lanes(messages.iter().map(|(e, _, _)| &e.to), target)?;
-    target_is_free(target, &actors, messages.iter().map(|(e, _, _)| &e.to)).await?;
+    let recipients = all_mailboxes(source).await?;
+    check_lanes(&recipients, target)?;
+    target_is_free(target, &actors, &recipients).await?;
     let progress = bar(actors.len() as u64, "copied")?;
     let mut counts = Counts::default();
     for a in &actors {
@@ -755,12 +769,14 @@ pub async fn migrate(
         progress.inc(1);
     }
     let mut per_box: BTreeMap<ActorId, u64> = BTreeMap::new();
-    for (envelope, deliver_at, cancelling) in messages {
-        let envelope = renamed(envelope, target)?;
-        copy_message(target, &envelope, deliver_at, cancelling).await?;
+    each_message(source, async |m: Waiting| {
+        let envelope = renamed(m.envelope, target)?;
+        copy_message(target, &envelope, m.deliver_at, m.cancelling).await?;
         *per_box.entry(envelope.to.clone()).or_default() += 1;
         counts.messages += 1;
-    }
+        Ok(())
+    })
+    .await?;
     progress.finish_and_clear();
     // Verify the copy: same journals, same entries, same snapshots, same waiting messages.
     for a in &actors {
