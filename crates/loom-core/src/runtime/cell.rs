@@ -239,15 +239,29 @@ impl<A: Actor> Cell<A> {
                 }
             }
         }
-        let msg: A::Message =
-            match serde_guard(|| serde_json::from_value(d.envelope.payload.clone())) {
-                Ok(m) => m,
-                Err(e) => {
-                    // Bad input: a dead letter with its reason; the journal is untouched.
-                    let reason = format!("malformed message for actor kind {}: {e}", A::KIND);
-                    return self.give_up(io, shared, &d, false, &reason).await;
-                }
-            };
+        let msg: A::Message = match serde_guard(|| {
+            serde_json::from_value(d.envelope.payload.clone())
+        }) {
+            Ok(m) => m,
+            Err(e) if resuming => {
+                // It decoded when its `Invoked` was journaled: the code changed since.
+                // Given up, the invocation would lose every step it recorded (the events
+                // its waits received, its activities' outputs); parked, it resumes under
+                // code that reads it (`loom parked unpark`), as an activity output or a
+                // state that no longer decodes parks.
+                let reason = format!(
+                    "the message of an unfinished invocation no longer decodes as a message of actor kind {} (the code changed since it was journaled): {e}",
+                    A::KIND
+                );
+                tracing::error!(actor = %self.id, %reason, "parking the actor");
+                return Next::Park(self.park(io, &d, None, &reason));
+            }
+            Err(e) => {
+                // Bad input: a dead letter with its reason; the journal is untouched.
+                let reason = format!("malformed message for actor kind {}: {e}", A::KIND);
+                return self.give_up(io, shared, &d, false, &reason).await;
+            }
+        };
         let recorded = if resuming {
             self.unfinished.take().map(|u| u.steps).unwrap_or_default()
         } else {
@@ -317,6 +331,20 @@ impl<A: Actor> Cell<A> {
             return Next::Park(self.park(io, &d, Some(step), &reason));
         }
         let (outcome, new_value) = match outcome {
+            Err(panic) if waiting && inv.counted_from == from => {
+                // Panicked while its journaled steps were replayed, before the wait it resumes:
+                // the code ran past this point when it recorded them, so it changed since (or
+                // does not replay alike). Retried, it would be given up counting the deliveries
+                // that only waited (rule D17 spares them only until the wait ends), at once after
+                // a long wait, with every step it recorded; parked, fixed code resumes it.
+                self.restore_state();
+                let reason = format!(
+                    "handler panicked while its journaled steps were replayed, before the wait it resumes (the code changed since they were recorded, or does not replay them alike): {}",
+                    panic_message(&panic)
+                );
+                tracing::error!(actor = %self.id, %reason, "parking the actor");
+                return Next::Park(self.park(io, &d, None, &reason));
+            }
             Err(panic) => {
                 self.restore_state();
                 let reason = format!("handler panicked: {}", panic_message(&panic));

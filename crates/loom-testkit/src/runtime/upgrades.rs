@@ -21,6 +21,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_code,
         a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark,
         an_activity_output_the_new_code_cannot_decode_parks_the_actor,
+        an_unfinished_invocation_whose_message_the_new_code_cannot_decode_parks_the_actor,
     ]
 }
 
@@ -158,6 +159,34 @@ impl Actor for V3 {
             .activity("b", &(), |_| async { Ok::<_, String>(7) })
             .await?;
         Ok(format!("b={n}"))
+    }
+}
+
+/// What version 4 of kind `upgrade` receives: no message of the versions before it decodes
+/// as one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum MsgV4 {
+    /// Start, with a count.
+    Start { n: u32 },
+}
+
+/// Version 4: a new message type.
+struct V4;
+
+impl Actor for V4 {
+    const KIND: &'static str = "upgrade";
+    type State = CountV1;
+    type Message = MsgV4;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        _state: &mut CountV1,
+        _ctx: &mut Context<'_>,
+        msg: MsgV4,
+    ) -> Result<String, Rejected> {
+        let MsgV4::Start { n } = msg;
+        Ok(n.to_string())
     }
 }
 
@@ -382,6 +411,53 @@ async fn an_activity_output_the_new_code_cannot_decode_parks_the_actor(h: &Harne
         "the invocation was closed"
     );
     assert_eq!(h.store.pending(&id).await.unwrap(), 1);
+    rt.shutdown().await;
+}
+
+/// An invocation half done under old code, whose message the new code's message type does not
+/// read: the actor is parked, its journal and message kept, and code that reads the message
+/// finishes the invocation after an unpark. Before, the message was dead-lettered as malformed
+/// input, and the steps the invocation had recorded were lost with it.
+async fn an_unfinished_invocation_whose_message_the_new_code_cannot_decode_parks_the_actor(
+    h: &Harness,
+) {
+    let id = upgrade("m");
+    let rt = v1(h).await;
+    rt.actor::<V1>("m")
+        .unwrap()
+        .send(Msg::Go { gate: true })
+        .await
+        .unwrap();
+    reached(h).await;
+    rt.kill().await;
+    h.probe.open(1);
+    let rt = h
+        .runtime_registering(|b| b.register_actor(V4), |_| {})
+        .await;
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (parked, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(parked, id);
+    assert!(park.reason.contains("no longer decodes"), "{}", park.reason);
+    assert_eq!(
+        h.store.pending(&id).await.unwrap(),
+        1,
+        "the message is kept"
+    );
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    rt.shutdown().await;
+    let rt = v1(h).await;
+    assert!(rt.unpark(&id).await.unwrap());
+    finished(h, &id, 1).await;
+    assert_eq!(replies(h, &id).await, vec![json!("a b d")]);
+    let runs = |n: &str| h.probe.runs(n);
+    assert_eq!(
+        (runs("a"), runs("b"), runs("d")),
+        (1, 1, 1),
+        "recorded steps ran again"
+    );
     rt.shutdown().await;
 }
 

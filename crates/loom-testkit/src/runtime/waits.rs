@@ -22,6 +22,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         event_delivered_before_the_wait_is_kept,
         wait_event_times_out_with_an_error_the_handler_sees,
         wait_event_replay_after_a_crash,
+        a_replay_that_panics_before_the_wait_it_resumes_parks_the_actor,
         messages_queue_behind_a_waiting_invocation,
         a_keyed_retry_into_a_full_mailbox_is_a_duplicate,
         an_ask_still_waiting_when_the_runtime_stops_names_its_key,
@@ -421,6 +422,65 @@ async fn wait_event_times_out_with_an_error_the_handler_sees(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(reply, vec!["event never: timed out"]);
+    rt.shutdown().await;
+}
+
+/// Code deployed while an invocation waits for an event panics on its replay's way to the
+/// wait (here at once: the restart hands the waiting message out again). The same code ran
+/// past that point when it recorded the steps, so the code changed: the actor is parked, its
+/// journal and message kept, and fixed code resumes the invocation where it waited. Before,
+/// the panic was retried as a fresh failure counted from the wait's first delivery, so after
+/// a long wait (an hourly recheck is a delivery) the first panic gave the message up, and with
+/// it every step the invocation had recorded; here, after three tries.
+async fn a_replay_that_panics_before_the_wait_it_resumes_parks_the_actor(h: &Harness) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let id = worker("replay-panics");
+    h.probe.fixed.store(true, SeqCst);
+    let rt = h.runtime().await;
+    rt.actor::<Worker>("replay-panics")
+        .unwrap()
+        .send(vec![
+            Step::Broken,
+            Step::Wait {
+                name: "go".into(),
+                timeout_ms: None,
+            },
+        ])
+        .await
+        .unwrap();
+    eventually(WAIT, "the wait is journaled", || async {
+        h.count(&id, |k| matches!(k, EntryKind::EventAwaited { .. }))
+            .await
+            == 1
+    })
+    .await;
+    rt.kill().await;
+    // Code that panics before the wait.
+    h.probe.fixed.store(false, SeqCst);
+    let rt = h.runtime().await;
+    let w = rt.actor::<Worker>("replay-panics").unwrap();
+    w.deliver_event("go", "now").await.unwrap();
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (parked, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(parked, id);
+    assert!(park.reason.contains("replayed"), "{}", park.reason);
+    assert_eq!(
+        h.store.pending(&id).await.unwrap(),
+        1,
+        "the message is kept"
+    );
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    // Fixed code resumes it where it waited.
+    h.probe.fixed.store(true, SeqCst);
+    assert!(rt.unpark(&id).await.unwrap());
+    finished(h, &id, 1).await;
+    assert_eq!(
+        replies(h, &id).await,
+        vec![json!(["fixed", "event go: now"])]
+    );
     rt.shutdown().await;
 }
 
