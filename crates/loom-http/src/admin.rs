@@ -251,6 +251,55 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 
 /// A page of a list: its items, and where the next page starts (`null` when this one was not
 /// full, so there is none).
+/// How many items a byte-bounded page ([`bounded_page`]) reads first, before it knows how
+/// large they are.
+const FIRST_READ: usize = 4;
+
+/// A page of at most `limit` items after `after`, read through `fetch(after, n)` a few at a
+/// time, that ends once it holds more than [`MAX_PAGE_BYTES`] as encoded: a message or a dead
+/// letter is up to a MiB, so 500 whole ones took gigabytes to read and answer (their JSON
+/// decoded is larger still), on an open read. After a first read of [`FIRST_READ`], each read
+/// asks for what the room left holds at the largest item seen. Returns the items, and the
+/// length [`paged`] is to take as a full page's: theirs if the page is full (more may follow
+/// its last item), `limit` if the store had no more.
+async fn bounded_page<T, Fut>(
+    limit: usize,
+    mut after: Option<u64>,
+    key: impl Fn(&T) -> u64,
+    mut fetch: impl FnMut(Option<u64>, usize) -> Fut,
+) -> Result<(Vec<T>, usize), ApiError>
+where
+    T: serde::Serialize,
+    Fut: std::future::Future<Output = Result<Vec<T>, loom_core::StoreError>>,
+{
+    let (mut items, mut bytes, mut largest) = (Vec::new(), 0usize, 0usize);
+    while items.len() < limit && bytes <= MAX_PAGE_BYTES {
+        let left = limit - items.len();
+        // Nothing seen yet (largest 0): the first read.
+        let n = match (MAX_PAGE_BYTES - bytes).checked_div(largest) {
+            None => left.min(FIRST_READ),
+            Some(room) => left.min(room.max(1)),
+        };
+        let got = fetch(after, n).await?;
+        let short = got.len() < n;
+        for item in got {
+            let size = serde_json::to_vec(&item)
+                .map_err(|e| ApiError::Internal(format!("an item of the page: {e}")))?
+                .len();
+            largest = largest.max(size);
+            bytes += size;
+            after = Some(key(&item));
+            items.push(item);
+        }
+        if short {
+            // The store has no more: a page whose length says it is not full.
+            return Ok((items, limit));
+        }
+    }
+    let full = items.len();
+    Ok((items, full))
+}
+
 fn paged<T: serde::Serialize, N: serde::Serialize>(
     items: &[T],
     limit: usize,
@@ -496,8 +545,15 @@ async fn mailbox(
     let a = actor_id(p)?;
     let page = query(q)?;
     let limit = page.limit()?;
-    let items = s.store.messages(&a, page.after_number()?, limit).await?;
-    Ok(paged(&items, limit, |w| w.position))
+    let store = &s.store;
+    let (items, full) = bounded_page(
+        limit,
+        page.after_number()?,
+        |w: &loom_core::Waiting| w.position,
+        |after, n| store.messages(&a, after, n),
+    )
+    .await?;
+    Ok(paged(&items, full, |w| w.position))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -588,8 +644,15 @@ async fn dead_letters(
 ) -> Result<Response, ApiError> {
     let page = query(q)?;
     let limit = page.limit()?;
-    let items = s.store.dead_letters(page.after_number()?, limit).await?;
-    Ok(paged(&items, limit, |d| d.id))
+    let store = &s.store;
+    let (items, full) = bounded_page(
+        limit,
+        page.after_number()?,
+        |d: &loom_core::DeadLetter| d.id,
+        |after, n| store.dead_letters(after, n),
+    )
+    .await?;
+    Ok(paged(&items, full, |d| d.id))
 }
 
 fn dead_letter_id(p: Result<Path<u64>, PathRejection>) -> Result<u64, ApiError> {

@@ -256,6 +256,79 @@ async fn a_journal_of_large_entries_is_paged_by_bytes_too() {
     );
 }
 
+/// A page of an actor's waiting messages, or of dead letters, each close to the message size
+/// limit, ends once it holds about `MAX_PAGE_BYTES`, with the position or id to go on from,
+/// and the pages together hold each message once (*before*: `limit=500` read 500 whole
+/// messages, up to half a GiB and more once decoded, into one answer, on an open read).
+#[tokio::test]
+async fn waiting_messages_and_dead_letters_of_a_mib_each_are_paged_by_bytes_too() {
+    use loom_core::Mailbox;
+    let store = std::sync::Arc::new(loom_core::EmbeddedStore::in_memory().expect("store"));
+    let a = ActorId::new("big", "m").expect("id");
+    let pad = "x".repeat(1000 * 1000);
+    for i in 0..24 {
+        let e = Envelope::new(a.clone(), json!({ "i": i, "pad": pad }));
+        store.enqueue(&e, None).await.expect("enqueue");
+    }
+    let opts = loom_core::LeaseOptions::default();
+    for _ in 0..12 {
+        let d = store
+            .lease(&a, opts)
+            .await
+            .expect("lease")
+            .expect("a message");
+        store
+            .dead_letter(&d.receipt, "too big to live")
+            .await
+            .expect("bury");
+    }
+    let app = loom_http::admin(store.clone(), AdminOptions::default());
+    for (path, key, n) in [
+        ("/api/actors/big/m/mailbox", "position", 12),
+        ("/api/deadletters", "id", 12),
+    ] {
+        let (mut after, mut seen, mut pages) = (None::<u64>, Vec::new(), 0);
+        loop {
+            let uri = match after {
+                Some(a) => format!("{path}?limit=500&after={a}"),
+                None => format!("{path}?limit=500"),
+            };
+            let (s, page) = call(&app, "GET", &uri, None).await;
+            assert_eq!(s, StatusCode::OK, "{uri}: {page}");
+            let items = page["items"].as_array().expect("items");
+            let bytes = page["items"].to_string().len();
+            assert!(
+                bytes <= loom_http::MAX_PAGE_BYTES + 2 * pad.len(),
+                "{uri}: a page of {bytes} bytes"
+            );
+            seen.extend(items.iter().map(|m| m[key].as_u64().expect("cursor")));
+            pages += 1;
+            match page["next"].as_u64() {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!((seen.len(), sorted.len()), (n, n), "{path}: {seen:?}");
+        assert!(pages >= 2, "{path}: {pages} pages for {n} MB");
+    }
+    // Small messages still come in one page of the limit asked for.
+    let small = ActorId::new("small", "s").expect("id");
+    for i in 0..30 {
+        store
+            .enqueue(&Envelope::new(small.clone(), json!(i)), None)
+            .await
+            .expect("enqueue");
+    }
+    let (_, page) = call(&app, "GET", "/api/actors/small/s/mailbox?limit=30", None).await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 30);
+    let (_, page) = call(&app, "GET", "/api/actors/small/s/mailbox?limit=500", None).await;
+    assert_eq!(page["items"].as_array().expect("items").len(), 30);
+    assert_eq!(page["next"], Value::Null);
+}
+
 #[tokio::test]
 async fn a_dead_letter_is_requeued_only_with_writes_allowed_and_the_token() {
     let rt = Runtime::builder()
