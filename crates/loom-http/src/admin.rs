@@ -633,9 +633,13 @@ async fn cancel(
     }
 }
 
+/// A write's JSON body; one sent without `Content-Type: application/json` is `415 not_json`, as
+/// the ingress answers it, and one that does not parse `400 bad_message`.
 fn json_body(body: Result<axum::Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
-    body.map(|axum::Json(v)| v)
-        .map_err(|e| ApiError::BadMessage(e.body_text()))
+    body.map(|axum::Json(v)| v).map_err(|e| match e {
+        JsonRejection::MissingJsonContentType(_) => ApiError::NotJson,
+        e => ApiError::BadMessage(e.body_text()),
+    })
 }
 
 async fn dead_letters(

@@ -605,6 +605,22 @@ async fn mailboxes_page_by_kind_and_bulk_writes_check_their_bodies() {
     );
     let (s, v) = post_json(&app, "/api/actors/a/0/cancel", "t", "not json").await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // Without `Content-Type: application/json`: 415, as the ingress answers it (*before*: 400).
+    for path in ["/api/actors/a/0/cancel", "/api/deadletters/purge"] {
+        let req = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("authorization", "Bearer t")
+            .header("content-type", "text/plain")
+            .body(Body::from(r#"{"all": true}"#))
+            .expect("request");
+        let (s, v) = answer(&app, req).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("not_json")),
+            "{path}: {v}"
+        );
+    }
 
     // Bulk purge: exactly one of before_ms, ids, all (true); nothing purged when none matches.
     for bad in [
