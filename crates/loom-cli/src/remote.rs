@@ -415,10 +415,12 @@ impl Remote {
                 q.push(("after", a.to_string()));
             }
             let page: Page<DeadLetter> = self.get(&["deadletters"], &q).await?;
-            let short = page.items.len() < n;
+            // The end is where `next` is null: a page of large dead letters ends early, at
+            // the server's page bytes, with `next` to go on from.
+            let end = matches!(page.next, None | Some(Value::Null)) || page.items.is_empty();
             after = page.items.last().map(|d| d.id).or(after);
             all.extend(page.items);
-            if short {
+            if end {
                 break;
             }
         }

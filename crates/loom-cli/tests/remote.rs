@@ -84,6 +84,25 @@ fn fixture(dir: &std::path::Path) -> (ActorId, IdempotencyKey) {
     })
 }
 
+/// Dead letters of a MB each in the store in `dir`: more than a page of the admin API's bytes,
+/// whose pages then end early, with `next` to go on from.
+fn heavy_dead_letters(dir: &std::path::Path) {
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    rt.block_on(async {
+        let store = EmbeddedStore::open(dir).expect("open");
+        let pad = "x".repeat(1000 * 1000);
+        for i in 0..10 {
+            let to = ActorId::new("heavy", format!("h{i}")).unwrap();
+            dead_letter(
+                &store,
+                Envelope::new(to, json!({ "pad": pad })),
+                "too heavy",
+            )
+            .await;
+        }
+    })
+}
+
 fn with(cmd: &[&str], place: &[&str], json: bool) -> Vec<String> {
     let mut args: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
     args.extend(place.iter().map(|s| s.to_string()));
@@ -102,6 +121,7 @@ fn run(args: &[String]) -> String {
 fn every_read_over_url_prints_what_it_prints_over_the_store() {
     let dir = tempfile::tempdir().expect("temp dir");
     fixture(dir.path());
+    heavy_dead_letters(dir.path());
     let store = dir.path().to_str().expect("utf-8 path");
     let (server, base) = serve(store, &[], None);
 
