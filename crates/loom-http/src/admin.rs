@@ -249,8 +249,6 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
-/// A page of a list: its items, and where the next page starts (`null` when this one was not
-/// full, so there is none).
 /// How many items a byte-bounded page ([`bounded_page`]) reads first, before it knows how
 /// large they are.
 const FIRST_READ: usize = 4;
@@ -300,6 +298,8 @@ where
     Ok((items, full))
 }
 
+/// A page of a list: its items, and where the next page starts (`null` when this one was not
+/// full, so there is none).
 fn paged<T: serde::Serialize, N: serde::Serialize>(
     items: &[T],
     limit: usize,

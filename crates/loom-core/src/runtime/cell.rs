@@ -250,7 +250,7 @@ impl<A: Actor> Cell<A> {
                 // code that reads it (`loom parked unpark`), as an activity output or a
                 // state that no longer decodes parks.
                 let reason = format!(
-                    "the message of an unfinished invocation no longer decodes as a message of actor kind {} (the code changed since it was journaled): {e}",
+                    "the message of an unfinished invocation no longer decodes as a message of actor kind {} (the code changed since it was journaled, or this node runs older code than the one that began it: unpark once every node runs code that reads it): {e}",
                     A::KIND
                 );
                 tracing::error!(actor = %self.id, %reason, "parking the actor");
