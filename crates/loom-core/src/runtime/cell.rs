@@ -824,6 +824,32 @@ impl<A: Actor> Cell<A> {
         };
         tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
         let mut again = Vec::new();
+        // A finished actor kept by a message waiting now (one sent with a delay past the
+        // grace, say) is looked at again a grace later: once that message has run, the actor
+        // goes unless it changed the state. (Dropped, the retirement kept the actor for good
+        // without idle retention.) Not when only retirements wait: the next of them decides,
+        // and two that each sent the other again would never end.
+        if r.reason == RetireReason::Finished && kept == Retired::Busy {
+            match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
+                Ok(waiting) => {
+                    if waiting
+                        .iter()
+                        .any(|w| w.envelope.id != d.envelope.id && w.envelope.retire.is_none())
+                    {
+                        again.push(retirement(
+                            &self.id,
+                            MessageId::new(),
+                            r,
+                            io.config.retention.finished_after,
+                        ));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(actor = %self.id, error = %e, "could not look at the actor's mail; trying again");
+                    return self.hand_back(io, d, io.config.poll_interval).await;
+                }
+            }
+        }
         if r.reason == RetireReason::Idle
             && kept == Retired::Moved
             && let Some(after) = io.config.retention.idle_after
@@ -1047,6 +1073,10 @@ fn retirement(actor: &ActorId, id: MessageId, r: Retire, after: Duration) -> Out
         deliver_at: Some(Timestamp::now() + after),
     }
 }
+
+/// How many of a finished actor's waiting messages its retirement, kept back by them, looks at
+/// to tell whether one that is not a retirement waits.
+const RETIREMENT_PEEK: usize = 16;
 
 /// The runtime's retirement of `actor` for idleness, decided at its journal's seq `highest`.
 fn idle_retirement(actor: &ActorId, highest: Seq, after: Duration) -> Outgoing {

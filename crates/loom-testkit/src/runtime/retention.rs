@@ -17,6 +17,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         an_idle_actor_is_retired_and_one_in_use_is_kept,
         a_first_state_after_finishing_keeps_the_actor_through_a_reload,
         a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload,
+        a_finished_actor_kept_by_a_waiting_read_is_retired_after_it,
     ]
 }
 
@@ -90,6 +91,38 @@ async fn a_finished_actor_is_retired_after_its_grace_and_starts_afresh(h: &Harne
         !patch.to_string().contains("a done"),
         "the new incarnation saw the old state: {patch}"
     );
+    rt.shutdown().await;
+}
+
+/// A finished actor kept by a message waiting when its retirement came (sent with a delay past
+/// the grace) is retired a grace later, once that message has run without changing the state.
+/// Before, the retirement was dropped, and without idle retention the actor was kept for good.
+async fn a_finished_actor_kept_by_a_waiting_read_is_retired_after_it(h: &Harness) {
+    let rt = h.runtime_with(quick).await;
+    let w = rt.actor::<Worker>("kept").unwrap();
+    let id = worker("kept");
+    w.ask(vec![activity("a"), Step::Finish]).await.unwrap();
+    // Waiting when the retirement comes (after 300 ms), run at 900 ms.
+    w.send_with(
+        vec![],
+        loom_core::runtime::SendOptions {
+            delay: Some(Duration::from_millis(900)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(
+        WAIT,
+        "the actor is retired once the read has run",
+        || async { retired(h, &id).await },
+    )
+    .await;
+    assert_eq!(rt.metrics().retired, 1);
+    eventually(WAIT, "no retirement is left waiting", || async {
+        h.store.pending(&id).await.unwrap() == 0
+    })
+    .await;
     rt.shutdown().await;
 }
 
