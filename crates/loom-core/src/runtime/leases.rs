@@ -19,6 +19,9 @@
 //!   The calls of one round go out at once, their leases grouped by deadline, so no call of a
 //!   round waits behind another that does not answer. (The next round waits for the whole
 //!   round, at most until the earliest deadline among its unanswered calls.)
+//!   Such a call is still listened to, for a ttl: a lease it renewed all the same, given up
+//!   here by then, is released, so its partition is taken again at once rather than a ttl
+//!   later (held for this node's name, nobody could take it).
 //! - A lease's deadline is counted on this node's monotonic clock from when the request that
 //!   took or last renewed it was *sent*, plus the ttl: the store counted the lease's expiry from
 //!   when it received that request, later, so the deadline never passes the store's expiry,
@@ -244,32 +247,78 @@ impl Keeper {
     /// call's leases past their deadlines. (One after another, in key order, a call hanging
     /// until its first deadline held back a later call whose leases were due before that:
     /// they were given up only when it was sent, after their deadlines.)
-    async fn renew_all<F, Fut>(&self, mut due: Vec<(Lease, Instant)>, renew: F)
+    async fn renew_all<F, Fut>(self: &Arc<Self>, mut due: Vec<(Lease, Instant)>, renew: F)
     where
         F: Fn(Vec<Lease>) -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<Result<Lease, StoreError>>, StoreError>>,
+        Fut: std::future::Future<Output = Result<Vec<Result<Lease, StoreError>>, StoreError>>
+            + Send
+            + 'static,
     {
         due.sort_by_key(|(_, deadline)| *deadline);
         let calls = due.chunks(BATCH).map(|chunk| {
             let sent = Instant::now();
             let deadline = chunk.iter().map(|(_, d)| *d).min().unwrap_or(sent);
             let leases: Vec<Lease> = chunk.iter().map(|(l, _)| l.clone()).collect();
-            let call = renew(leases.clone());
+            let mut call = Box::pin(renew(leases.clone()));
             async move {
-                let outcome = match tokio::time::timeout_at(deadline, call).await {
+                let outcome = match tokio::time::timeout_at(deadline, &mut call).await {
                     Ok(outcome) => outcome,
-                    Err(_) => Err(StoreError::unavailable(
-                        "lease renewal",
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no answer before the lease expired",
-                        ),
-                    )),
+                    Err(_) => {
+                        self.release_if_renewed_late(call);
+                        Err(StoreError::unavailable(
+                            "lease renewal",
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no answer before the lease expired",
+                            ),
+                        ))
+                    }
                 };
                 self.settle(&leases, sent, outcome);
             }
         });
         futures::future::join_all(calls).await;
+    }
+
+    /// Waits on (for at most a ttl) a renewal given up at its deadline, and releases each lease
+    /// it renewed that is no longer kept: the store may have renewed it all the same (its
+    /// answer came late), and then held it for this node's name for another ttl, in which the
+    /// partition, given up here, was taken by nobody: not by another node (held), nor by this
+    /// one (held under its own name, which it cannot tell from an earlier process's). Released,
+    /// it is taken again at the next look. A lease kept again meanwhile (its token is the one
+    /// renewed) is left alone; one taken by another node since has another token, which the
+    /// release does not touch.
+    fn release_if_renewed_late<Fut>(self: &Arc<Self>, call: std::pin::Pin<Box<Fut>>)
+    where
+        Fut: std::future::Future<Output = Result<Vec<Result<Lease, StoreError>>, StoreError>>
+            + Send
+            + 'static,
+    {
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(results)) = tokio::time::timeout(keeper.ttl, call).await else {
+                // No answer within a ttl, or a failure: nothing was renewed that a release
+                // must give back (an answer never seen leaves the lease to run out).
+                return;
+            };
+            for lease in results.into_iter().flatten() {
+                let kept = keeper
+                    .lock()
+                    .get(&lease.actor)
+                    .is_some_and(|h| h.lease.token == lease.token);
+                if kept {
+                    continue;
+                }
+                match keeper.store.release(&lease).await {
+                    Ok(_) => {
+                        tracing::info!(actor = %lease.actor, "released a lease whose renewal answered after it was given up")
+                    }
+                    Err(e) => {
+                        tracing::warn!(actor = %lease.actor, error = %e, "could not release a lease whose renewal answered late; it runs out by itself")
+                    }
+                }
+            }
+        });
     }
 
     /// Applies the outcome of renewing `asked`, sent at `sent`. A lease past its expiry by
@@ -374,6 +423,47 @@ mod tests {
             h.next_at - taken,
             ttl
         );
+    }
+
+    /// A renewal that answers after its lease's deadline, having renewed it all the same: the
+    /// lease is given up here at the deadline (its holders stop), and released once the answer
+    /// comes, so that the partition can be taken again at once. Before, the store held it for
+    /// this node's name for another ttl, in which nobody could take the partition.
+    #[tokio::test]
+    async fn a_renewal_that_answers_after_its_deadline_releases_what_it_renewed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(crate::EmbeddedStore::open(dir.path()).expect("open"));
+        let ttl = Duration::from_millis(600);
+        let keeper = Keeper::new(store.clone(), ttl, Arc::new(Observed::default()));
+        let id = ActorId::partition_lease("acct", 3);
+        let lease = store
+            .acquire(&id, "node", Duration::from_secs(30))
+            .await
+            .expect("acquire");
+        let lost = CancellationToken::new();
+        let kept = keeper.keep(lease.clone(), Instant::now(), lost.clone());
+        let deadline = Instant::now() + ttl;
+        let slow = store.clone();
+        keeper
+            .renew_all(vec![(lease.clone(), deadline)], move |chunk| {
+                let store = slow.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    store.renew_many(&chunk, Duration::from_secs(30)).await
+                }
+            })
+            .await;
+        assert!(lost.is_cancelled(), "given up at its deadline");
+        drop(kept);
+        // The late answer renewed it in the store: the keeper gives it back.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.holder(&id).await.expect("holder").is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the lease renewed late is still held under the node's name"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A kept lease's tenure, which its actors look at before each lease of a message, ends at
