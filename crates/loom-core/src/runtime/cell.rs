@@ -790,7 +790,9 @@ impl<A: Actor> Cell<A> {
     /// `Store::retire` (fenced, and only if no other message waits: rule D22), and the actor
     /// passivated (its memory holds a state the store no longer has). A kept actor's
     /// retirement is acked; one for idleness is sent again `idle_after` later if nothing else
-    /// waits (other mail leads to another idle passivation, which sends one).
+    /// waits (other mail leads to another idle passivation, which sends one); one after a
+    /// finish, kept back by a waiting message, is sent again a grace after that message is due,
+    /// unless another finish's retirement waits too (that one decides).
     async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
         let highest = self.next_seq - 1;
         let ran = match r.reason {
@@ -825,29 +827,42 @@ impl<A: Actor> Cell<A> {
         tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
         let mut again = Vec::new();
         // A finished actor kept by a message waiting now (one sent with a delay past the
-        // grace, say) is looked at again a grace later: once that message has run, the actor
-        // goes unless it changed the state. (Dropped, the retirement kept the actor for good
-        // without idle retention.) Not when only retirements wait: the next of them decides,
-        // and two that each sent the other again would never end.
+        // grace, say) is looked at again a grace after that message is due: once it has run,
+        // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
+        // for good without idle retention.) Not when another finish's retirement waits: that
+        // one decides (each read that finishes sends one, and each sending itself again
+        // while a message waited would pile them up); nor when only retirements wait.
         if r.reason == RetireReason::Finished && kept == Retired::Busy {
-            match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
-                Ok(waiting) => {
-                    if waiting
-                        .iter()
-                        .any(|w| w.envelope.id != d.envelope.id && w.envelope.retire.is_none())
-                    {
-                        again.push(retirement(
-                            &self.id,
-                            MessageId::new(),
-                            r,
-                            io.config.retention.finished_after,
-                        ));
-                    }
-                }
+            let waiting = match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
+                Ok(waiting) => waiting,
                 Err(e) => {
+                    shared.health.failed(&e);
                     tracing::warn!(actor = %self.id, error = %e, "could not look at the actor's mail; trying again");
                     return self.hand_back(io, d, io.config.poll_interval).await;
                 }
+            };
+            let others = || waiting.iter().filter(|w| w.envelope.id != d.envelope.id);
+            let finishing = others().any(|w| {
+                w.envelope
+                    .retire
+                    .is_some_and(|o| o.reason == RetireReason::Finished)
+            });
+            let due = others()
+                .filter(|w| w.envelope.retire.is_none())
+                .map(|w| w.deliver_at.unwrap_or(Timestamp::now()))
+                .max();
+            if let Some(due) = due
+                && !finishing
+            {
+                let mut later = retirement(
+                    &self.id,
+                    MessageId::new(),
+                    r,
+                    io.config.retention.finished_after,
+                );
+                later.deliver_at =
+                    Some(due.max(Timestamp::now()) + io.config.retention.finished_after);
+                again.push(later);
             }
         }
         if r.reason == RetireReason::Idle

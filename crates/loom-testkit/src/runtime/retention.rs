@@ -18,6 +18,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_first_state_after_finishing_keeps_the_actor_through_a_reload,
         a_finished_actor_only_read_is_retired_after_a_compaction_and_a_reload,
         a_finished_actor_kept_by_a_waiting_read_is_retired_after_it,
+        finishing_reads_behind_a_waiting_message_leave_one_retirement,
     ]
 }
 
@@ -120,6 +121,49 @@ async fn a_finished_actor_kept_by_a_waiting_read_is_retired_after_it(h: &Harness
     .await;
     assert_eq!(rt.metrics().retired, 1);
     eventually(WAIT, "no retirement is left waiting", || async {
+        h.store.pending(&id).await.unwrap() == 0
+    })
+    .await;
+    rt.shutdown().await;
+}
+
+/// Two reads that each finish the actor (as the bank's transfer's status does), with a message
+/// waiting, due after both retirements: the first leaves the decision to the second, which is
+/// sent again to come a grace after the waiting message is due, and that one retires the actor.
+/// Without the first rule each retirement sent itself again while any message waited, and a
+/// status polled every few seconds piled them up by the thousand.
+async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harness) {
+    let rt = h
+        .runtime_registering(|b| b.register_actor(Tally), quick)
+        .await;
+    let t = rt.actor::<Tally>("reads").unwrap();
+    let id = loom_core::ActorId::new("tally", "reads").unwrap();
+    assert_eq!(t.ask(Some(1)).await.unwrap(), 1);
+    assert_eq!(t.ask(None).await.unwrap(), 1);
+    assert_eq!(t.ask(None).await.unwrap(), 1);
+    t.send_with(
+        Some(0),
+        loom_core::runtime::SendOptions {
+            delay: Some(Duration::from_secs(3)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Both retirements have come (300 ms after their finishes); the waiting message has not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        h.store.pending(&id).await.unwrap(),
+        2,
+        "the waiting message and one retirement"
+    );
+    eventually(
+        WAIT,
+        "the actor is retired after the message ran",
+        || async { retired(h, &id).await },
+    )
+    .await;
+    eventually(WAIT, "nothing is left waiting", || async {
         h.store.pending(&id).await.unwrap() == 0
     })
     .await;
