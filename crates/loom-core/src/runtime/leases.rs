@@ -100,6 +100,10 @@ pub(crate) struct Keeper {
     health: Arc<Observed>,
     held: Mutex<BTreeMap<ActorId, Held>>,
     added: Notify,
+    /// The waits on renewals that answered after their deadlines
+    /// ([`Keeper::release_if_renewed_late`]), stopped with the keeper ([`Keeper::halt`]).
+    late: tokio_util::task::TaskTracker,
+    halt: CancellationToken,
 }
 
 /// Keeps a lease renewed while it lives; forgets it when dropped.
@@ -137,7 +141,17 @@ impl Keeper {
             health,
             held: Mutex::new(BTreeMap::new()),
             added: Notify::new(),
+            late: tokio_util::task::TaskTracker::new(),
+            halt: CancellationToken::new(),
         })
+    }
+
+    /// Stops the waits on late renewals, and returns once they are gone: after a kill nothing
+    /// is released (a crash releases nothing), and after a shutdown nothing holds the store.
+    pub(crate) async fn halt(&self) {
+        self.halt.cancel();
+        self.late.close();
+        self.late.wait().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorId, Held>> {
@@ -295,8 +309,12 @@ impl Keeper {
             + 'static,
     {
         let keeper = self.clone();
-        tokio::spawn(async move {
-            let Ok(Ok(results)) = tokio::time::timeout(keeper.ttl, call).await else {
+        self.late.spawn(async move {
+            let answer = tokio::select! {
+                _ = keeper.halt.cancelled() => return,
+                answer = tokio::time::timeout(keeper.ttl, call) => answer,
+            };
+            let Ok(Ok(results)) = answer else {
                 // No answer within a ttl, or a failure: nothing was renewed that a release
                 // must give back (an answer never seen leaves the lease to run out).
                 return;
@@ -309,7 +327,11 @@ impl Keeper {
                 if kept {
                     continue;
                 }
-                match keeper.store.release(&lease).await {
+                let released = tokio::select! {
+                    _ = keeper.halt.cancelled() => return,
+                    r = keeper.store.release(&lease) => r,
+                };
+                match released {
                     Ok(_) => {
                         tracing::info!(actor = %lease.actor, "released a lease whose renewal answered after it was given up")
                     }
@@ -433,7 +455,7 @@ mod tests {
     async fn a_renewal_that_answers_after_its_deadline_releases_what_it_renewed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store: Arc<dyn Store> = Arc::new(crate::EmbeddedStore::open(dir.path()).expect("open"));
-        let ttl = Duration::from_millis(600);
+        let ttl = Duration::from_secs(1);
         let keeper = Keeper::new(store.clone(), ttl, Arc::new(Observed::default()));
         let id = ActorId::partition_lease("acct", 3);
         let lease = store
@@ -448,7 +470,7 @@ mod tests {
             .renew_all(vec![(lease.clone(), deadline)], move |chunk| {
                 let store = slow.clone();
                 async move {
-                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
                     store.renew_many(&chunk, Duration::from_secs(30)).await
                 }
             })

@@ -414,6 +414,7 @@ impl Runtime {
                 Err(e) => tracing::error!(error = %e, "the lease keeper failed"),
             }
         }
+        self.shared.keeper.halt().await;
     }
 
     /// Stops everything at once, as a crash would: invocations are dropped mid-way, leases are
