@@ -77,6 +77,10 @@ pub(crate) struct Cell<A: Actor> {
     compacting: Arc<AtomicBool>,
     /// See `Replayed::last_change`.
     last_change: Seq,
+    /// The seq the newest finish this cell committed was decided at (its retirement's
+    /// `highest`), or 0 (none since it was loaded): a finish's retirement kept back by a
+    /// waiting message is sent again only if it is the newest (see `Cell::retire`).
+    last_finish: Seq,
     /// Set once this cell's actor was retired: its journal is gone, so nothing is scheduled
     /// for it again from here.
     retired: bool,
@@ -132,6 +136,7 @@ impl<A: Actor> Cell<A> {
             bytes_since_snapshot: r.bytes,
             compacting: Arc::new(AtomicBool::new(false)),
             last_change: r.last_change,
+            last_finish: 0,
             retired: false,
             diverged: false,
         })
@@ -435,9 +440,11 @@ impl<A: Actor> Cell<A> {
             outcome,
             Outcome::Rejected(_) | Outcome::RejectedWithValue { .. } | Outcome::Cancelled(_)
         );
+        let mut finishing = None;
         if inv.finish && matches!(outcome, Outcome::Ok(_)) {
             // `Context::finish`: the retirement leaves with the reply, in the same write.
             let highest = inv.next_seq + inv.pending.len() as u64 - 1;
+            finishing = Some(highest);
             inv.outbox.push(retirement(
                 &self.id,
                 MessageId::derived(&d.envelope.origin(), "retire"),
@@ -494,6 +501,9 @@ impl<A: Actor> Cell<A> {
                 self.next_seq = committed.highest + 1;
                 if changed {
                     self.last_change = committed.highest;
+                }
+                if let Some(f) = finishing {
+                    self.last_finish = self.last_finish.max(f);
                 }
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;
@@ -792,7 +802,7 @@ impl<A: Actor> Cell<A> {
     /// retirement is acked; one for idleness is sent again `idle_after` later if nothing else
     /// waits (other mail leads to another idle passivation, which sends one); one after a
     /// finish, kept back by a waiting message, is sent again a grace after that message is due,
-    /// unless another finish's retirement waits too (that one decides).
+    /// if it is the newest finish's this cell knows.
     async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
         let highest = self.next_seq - 1;
         let ran = match r.reason {
@@ -829,10 +839,17 @@ impl<A: Actor> Cell<A> {
         // A finished actor kept by a message waiting now (one sent with a delay past the
         // grace, say) is looked at again a grace after that message is due: once it has run,
         // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
-        // for good without idle retention.) Not when another finish's retirement waits: that
-        // one decides (each read that finishes sends one, and each sending itself again
-        // while a message waited would pile them up); nor when only retirements wait.
-        if r.reason == RetireReason::Finished && kept == Retired::Busy {
+        // for good without idle retention.) Only the retirement of the newest finish this
+        // cell committed is sent again: every finishing invocation sends one (a finishing
+        // read too, as the bank's transfer status), and each sending itself again while a
+        // message waited piled them up. (A cell loaded since knows no finish: the first of
+        // the retirements then waiting to meet mail is sent again, and sets the bar for the
+        // rest.) Not when only retirements wait.
+        let newest = r.highest >= self.last_finish;
+        if r.reason == RetireReason::Finished {
+            self.last_finish = self.last_finish.max(r.highest);
+        }
+        if r.reason == RetireReason::Finished && kept == Retired::Busy && newest {
             let waiting = match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
                 Ok(waiting) => waiting,
                 Err(e) => {
@@ -841,19 +858,12 @@ impl<A: Actor> Cell<A> {
                     return self.hand_back(io, d, io.config.poll_interval).await;
                 }
             };
-            let others = || waiting.iter().filter(|w| w.envelope.id != d.envelope.id);
-            let finishing = others().any(|w| {
-                w.envelope
-                    .retire
-                    .is_some_and(|o| o.reason == RetireReason::Finished)
-            });
-            let due = others()
-                .filter(|w| w.envelope.retire.is_none())
+            let due = waiting
+                .iter()
+                .filter(|w| w.envelope.id != d.envelope.id && w.envelope.retire.is_none())
                 .map(|w| w.deliver_at.unwrap_or(Timestamp::now()))
                 .max();
-            if let Some(due) = due
-                && !finishing
-            {
+            if let Some(due) = due {
                 let mut later = retirement(
                     &self.id,
                     MessageId::new(),

@@ -133,8 +133,12 @@ async fn a_finished_actor_kept_by_a_waiting_read_is_retired_after_it(h: &Harness
 /// Without the first rule each retirement sent itself again while any message waited, and a
 /// status polled every few seconds piled them up by the thousand.
 async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harness) {
+    // A grace of a second: the waiting message is sent well within it after the finishes.
     let rt = h
-        .runtime_registering(|b| b.register_actor(Tally), quick)
+        .runtime_registering(
+            |b| b.register_actor(Tally),
+            |c| c.retention.finished_after = Duration::from_secs(1),
+        )
         .await;
     let t = rt.actor::<Tally>("reads").unwrap();
     let id = loom_core::ActorId::new("tally", "reads").unwrap();
@@ -144,14 +148,14 @@ async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harne
     t.send_with(
         Some(0),
         loom_core::runtime::SendOptions {
-            delay: Some(Duration::from_secs(3)),
+            delay: Some(Duration::from_secs(4)),
             ..Default::default()
         },
     )
     .await
     .unwrap();
-    // Both retirements have come (300 ms after their finishes); the waiting message has not.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both retirements have come (a second after their finishes); the waiting message has not.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         h.store.pending(&id).await.unwrap(),
         2,
