@@ -311,6 +311,7 @@ impl Keeper {
         let keeper = self.clone();
         self.late.spawn(async move {
             let answer = tokio::select! {
+                biased;
                 _ = keeper.halt.cancelled() => return,
                 answer = tokio::time::timeout(keeper.ttl, call) => answer,
             };
@@ -328,6 +329,7 @@ impl Keeper {
                     continue;
                 }
                 let released = tokio::select! {
+                    biased;
                     _ = keeper.halt.cancelled() => return,
                     r = keeper.store.release(&lease) => r,
                 };
