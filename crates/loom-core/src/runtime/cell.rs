@@ -839,12 +839,13 @@ impl<A: Actor> Cell<A> {
         // A finished actor kept by a message waiting now (one sent with a delay past the
         // grace, say) is looked at again a grace after that message is due: once it has run,
         // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
-        // for good without idle retention.) Only the retirement of the newest finish this
-        // cell committed is sent again: every finishing invocation sends one (a finishing
-        // read too, as the bank's transfer status), and each sending itself again while a
-        // message waited piled them up. (A cell loaded since knows no finish: the first of
-        // the retirements then waiting to meet mail is sent again, and sets the bar for the
-        // rest.) Not when only retirements wait.
+        // for good without idle retention.) Only the retirement of the newest finish is sent
+        // again: every finishing invocation sends one (a finishing read too, as the bank's
+        // transfer status), and each sending itself again while a message waited piled them
+        // up. So not if this cell committed a newer finish (`last_finish`), nor if a newer
+        // finish's retirement waits (what a cell loaded since cannot know otherwise): that one
+        // decides. A waiting retirement of an older finish does not: it may be stale (the
+        // state changed since), and then it is dropped when it comes.
         let newest = r.highest >= self.last_finish;
         if r.reason == RetireReason::Finished {
             self.last_finish = self.last_finish.max(r.highest);
@@ -858,12 +859,21 @@ impl<A: Actor> Cell<A> {
                     return self.hand_back(io, d, io.config.poll_interval).await;
                 }
             };
-            let due = waiting
-                .iter()
-                .filter(|w| w.envelope.id != d.envelope.id && w.envelope.retire.is_none())
+            let others = || waiting.iter().filter(|w| w.envelope.id != d.envelope.id);
+            // Not stale if this one is not: its `highest` is this one's or later.
+            let newer = others().any(|w| {
+                w.envelope
+                    .retire
+                    .is_some_and(|o| o.reason == RetireReason::Finished && o.highest >= r.highest)
+            });
+            // Due a grace after the latest waiting message that is not a retirement (a grace
+            // from now if only retirements wait).
+            let due = others()
+                .filter(|w| w.envelope.retire.is_none())
                 .map(|w| w.deliver_at.unwrap_or(Timestamp::now()))
-                .max();
-            if let Some(due) = due {
+                .max()
+                .unwrap_or(Timestamp::now());
+            if !newer {
                 let mut later = retirement(
                     &self.id,
                     MessageId::new(),
