@@ -77,10 +77,6 @@ pub(crate) struct Cell<A: Actor> {
     compacting: Arc<AtomicBool>,
     /// See `Replayed::last_change`.
     last_change: Seq,
-    /// The seq the newest finish this cell committed was decided at (its retirement's
-    /// `highest`), or 0 (none since it was loaded): a finish's retirement kept back by a
-    /// waiting message is sent again only if it is the newest (see `Cell::retire`).
-    last_finish: Seq,
     /// Set once this cell's actor was retired: its journal is gone, so nothing is scheduled
     /// for it again from here.
     retired: bool,
@@ -136,7 +132,6 @@ impl<A: Actor> Cell<A> {
             bytes_since_snapshot: r.bytes,
             compacting: Arc::new(AtomicBool::new(false)),
             last_change: r.last_change,
-            last_finish: 0,
             retired: false,
             diverged: false,
         })
@@ -440,11 +435,9 @@ impl<A: Actor> Cell<A> {
             outcome,
             Outcome::Rejected(_) | Outcome::RejectedWithValue { .. } | Outcome::Cancelled(_)
         );
-        let mut finishing = None;
         if inv.finish && matches!(outcome, Outcome::Ok(_)) {
             // `Context::finish`: the retirement leaves with the reply, in the same write.
             let highest = inv.next_seq + inv.pending.len() as u64 - 1;
-            finishing = Some(highest);
             inv.outbox.push(retirement(
                 &self.id,
                 MessageId::derived(&d.envelope.origin(), "retire"),
@@ -501,9 +494,6 @@ impl<A: Actor> Cell<A> {
                 self.next_seq = committed.highest + 1;
                 if changed {
                     self.last_change = committed.highest;
-                }
-                if let Some(f) = finishing {
-                    self.last_finish = self.last_finish.max(f);
                 }
                 if let Some(v) = new_value {
                     self.from_default &= v == self.value;
@@ -802,7 +792,7 @@ impl<A: Actor> Cell<A> {
     /// retirement is acked; one for idleness is sent again `idle_after` later if nothing else
     /// waits (other mail leads to another idle passivation, which sends one); one after a
     /// finish, kept back by a waiting message, is sent again a grace after that message is due,
-    /// if it is the newest finish's this cell knows.
+    /// unless another finish's retirement that is not stale waits.
     async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
         let highest = self.next_seq - 1;
         let ran = match r.reason {
@@ -839,18 +829,14 @@ impl<A: Actor> Cell<A> {
         // A finished actor kept by a message waiting now (one sent with a delay past the
         // grace, say) is looked at again a grace after that message is due: once it has run,
         // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
-        // for good without idle retention.) Only the retirement of the newest finish is sent
-        // again: every finishing invocation sends one (a finishing read too, as the bank's
-        // transfer status), and each sending itself again while a message waited piled them
-        // up. So not if this cell committed a newer finish (`last_finish`), nor if a newer
-        // finish's retirement waits (what a cell loaded since cannot know otherwise): that one
-        // decides. A waiting retirement of an older finish does not: it may be stale (the
-        // state changed since), and then it is dropped when it comes.
-        let newest = r.highest >= self.last_finish;
-        if r.reason == RetireReason::Finished {
-            self.last_finish = self.last_finish.max(r.highest);
-        }
-        if r.reason == RetireReason::Finished && kept == Retired::Busy && newest {
+        // for good without idle retention.) Not if another finish's retirement that is not
+        // stale waits (a newer finish's, or a copy sent again earlier): that one decides, and
+        // it finds this one's finish too, since the state has not changed since either. Every
+        // finishing invocation sends one (a finishing read too, as the bank's transfer
+        // status), and each sending itself again while a message waited piled them up. A
+        // stale one (the state changed after its finish) does not decide: it is dropped when
+        // it comes.
+        if r.reason == RetireReason::Finished && kept == Retired::Busy {
             let waiting = match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
                 Ok(waiting) => waiting,
                 Err(e) => {
@@ -860,11 +846,11 @@ impl<A: Actor> Cell<A> {
                 }
             };
             let others = || waiting.iter().filter(|w| w.envelope.id != d.envelope.id);
-            // Not stale if this one is not: its `highest` is this one's or later.
-            let newer = others().any(|w| {
-                w.envelope
-                    .retire
-                    .is_some_and(|o| o.reason == RetireReason::Finished && o.highest >= r.highest)
+            // Not stale: decided at or after the state's last change, as this one was.
+            let decides = others().any(|w| {
+                w.envelope.retire.is_some_and(|o| {
+                    o.reason == RetireReason::Finished && o.highest >= self.last_change
+                })
             });
             // Due a grace after the latest waiting message that is not a retirement (a grace
             // from now if only retirements wait).
@@ -873,7 +859,7 @@ impl<A: Actor> Cell<A> {
                 .map(|w| w.deliver_at.unwrap_or(Timestamp::now()))
                 .max()
                 .unwrap_or(Timestamp::now());
-            if !newer {
+            if !decides {
                 let mut later = retirement(
                     &self.id,
                     MessageId::new(),

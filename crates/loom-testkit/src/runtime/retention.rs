@@ -133,7 +133,8 @@ async fn a_finished_actor_kept_by_a_waiting_read_is_retired_after_it(h: &Harness
 /// due, and that one retires the actor. Without the first rule each retirement sent itself
 /// again while any message waited, and a status polled every few seconds piled them up by the
 /// thousand; with a rule that looked only at the finishes the cell committed, a cell loaded
-/// since sent each again too.
+/// since sent each again too; with one that let only a newer finish's retirement decide, each
+/// later finish left one more waiting behind a copy sent again.
 async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harness) {
     // A grace of a second: the waiting message is sent well within it after the finishes.
     // Passivated long before the retirements come, so that each meets a cell that knows no
@@ -155,7 +156,7 @@ async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harne
     t.send_with(
         Some(0),
         loom_core::runtime::SendOptions {
-            delay: Some(Duration::from_secs(4)),
+            delay: Some(Duration::from_secs(8)),
             ..Default::default()
         },
     )
@@ -167,6 +168,15 @@ async fn finishing_reads_behind_a_waiting_message_leave_one_retirement(h: &Harne
         h.store.pending(&id).await.unwrap(),
         2,
         "the waiting message and one retirement"
+    );
+    // A third finishing read, whose retirement comes while the one sent again waits: that
+    // one decides (before: each such read left one more waiting until the message ran).
+    assert_eq!(t.ask(None).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        h.store.pending(&id).await.unwrap(),
+        2,
+        "the waiting message and one retirement, after a third finish"
     );
     eventually(
         WAIT,
