@@ -791,8 +791,8 @@ impl<A: Actor> Cell<A> {
     /// passivated (its memory holds a state the store no longer has). A kept actor's
     /// retirement is acked; one for idleness is sent again `idle_after` later if nothing else
     /// waits (other mail leads to another idle passivation, which sends one); one after a
-    /// finish, kept back by a waiting message, is sent again a grace after that message is due,
-    /// unless another finish's retirement that is not stale waits.
+    /// finish, kept back by a waiting message, is sent again a grace later, unless another
+    /// finish's retirement that is not stale waits.
     async fn retire(&mut self, io: &Io, shared: &Arc<Shared>, d: &Delivery, r: Retire) -> Next {
         let highest = self.next_seq - 1;
         let ran = match r.reason {
@@ -827,9 +827,11 @@ impl<A: Actor> Cell<A> {
         tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
         let mut again = Vec::new();
         // A finished actor kept by a message waiting now (one sent with a delay past the
-        // grace, say) is looked at again a grace after that message is due: once it has run,
+        // grace, say) is looked at again a grace later, and so on: once that message has run,
         // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
-        // for good without idle retention.) Not if another finish's retirement that is not
+        // for good without idle retention. Due only after the waiting message, the copies of
+        // retirements that went stale meanwhile waited as long, and once they filled the peek
+        // the copies that decide went unseen.) Not if another finish's retirement that is not
         // stale waits (a newer finish's, or a copy sent again earlier): that one decides, and
         // it finds this one's finish too, since the state has not changed since either. Every
         // finishing invocation sends one (a finishing read too, as the bank's transfer
@@ -852,23 +854,13 @@ impl<A: Actor> Cell<A> {
                     o.reason == RetireReason::Finished && o.highest >= self.last_change
                 })
             });
-            // Due a grace after the latest waiting message that is not a retirement (a grace
-            // from now if only retirements wait).
-            let due = others()
-                .filter(|w| w.envelope.retire.is_none())
-                .map(|w| w.deliver_at.unwrap_or(Timestamp::now()))
-                .max()
-                .unwrap_or(Timestamp::now());
             if !decides {
-                let mut later = retirement(
+                again.push(retirement(
                     &self.id,
                     MessageId::new(),
                     r,
                     io.config.retention.finished_after,
-                );
-                later.deliver_at =
-                    Some(due.max(Timestamp::now()) + io.config.retention.finished_after);
-                again.push(later);
+                ));
             }
         }
         if r.reason == RetireReason::Idle
