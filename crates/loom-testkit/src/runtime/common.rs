@@ -70,3 +70,22 @@ pub(super) async fn reached(h: &Harness) {
         .await
         .expect("a handler reached the gate");
 }
+
+/// Waits until `rt` lists `id` parked, with a reason containing `why`, and checks that its
+/// message is kept: still waiting in its mailbox, and nothing dead-lettered.
+pub(super) async fn parked_keeping_its_message(
+    h: &Harness,
+    rt: &loom_core::Runtime,
+    id: &ActorId,
+    why: &str,
+) {
+    eventually(WAIT, "the actor is parked", || async {
+        !rt.parked().await.unwrap().is_empty()
+    })
+    .await;
+    let (parked, park) = rt.parked().await.unwrap().remove(0);
+    assert_eq!(&parked, id);
+    assert!(park.reason.contains(why), "{}", park.reason);
+    assert_eq!(h.store.pending(id).await.unwrap(), 1, "the message is kept");
+    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+}

@@ -11,7 +11,7 @@ use loom_core::{ActorId, EntryKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::common::{WAIT, finished, reached, replies};
+use super::common::{WAIT, finished, parked_keeping_its_message, reached, replies};
 use super::{Harness, Probe, RuntimeCase, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
@@ -188,6 +188,21 @@ impl Actor for V4 {
         let MsgV4::Start { n } = msg;
         Ok(n.to_string())
     }
+}
+
+/// `upgrade/key` half done under version 1 and its process crashed: activities a and b
+/// journaled, the invocation waiting at the gate before d (opened once for the next run).
+async fn half_done_under_v1(h: &Harness, key: &str) -> ActorId {
+    let rt = v1(h).await;
+    rt.actor::<V1>(key)
+        .unwrap()
+        .send(Msg::Go { gate: true })
+        .await
+        .unwrap();
+    reached(h).await;
+    rt.kill().await;
+    h.probe.open(1);
+    upgrade(key)
 }
 
 fn upgrade(key: &str) -> ActorId {
@@ -381,16 +396,7 @@ async fn a_new_actor_journals_its_state_version_and_old_code_leaves_it_to_new_co
 /// for fixed code. Before, the replay made it an ordinary rejection: the message was acked and
 /// its invocation closed as refused, after its side effects had run.
 async fn an_activity_output_the_new_code_cannot_decode_parks_the_actor(h: &Harness) {
-    let id = upgrade("t");
-    let rt = v1(h).await;
-    rt.actor::<V1>("t")
-        .unwrap()
-        .send(Msg::Go { gate: true })
-        .await
-        .unwrap();
-    reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
+    let id = half_done_under_v1(h, "t").await;
     let rt = h
         .runtime_registering(|b| b.register_actor(V3), |_| {})
         .await;
@@ -421,32 +427,11 @@ async fn an_activity_output_the_new_code_cannot_decode_parks_the_actor(h: &Harne
 async fn an_unfinished_invocation_whose_message_the_new_code_cannot_decode_parks_the_actor(
     h: &Harness,
 ) {
-    let id = upgrade("m");
-    let rt = v1(h).await;
-    rt.actor::<V1>("m")
-        .unwrap()
-        .send(Msg::Go { gate: true })
-        .await
-        .unwrap();
-    reached(h).await;
-    rt.kill().await;
-    h.probe.open(1);
+    let id = half_done_under_v1(h, "m").await;
     let rt = h
         .runtime_registering(|b| b.register_actor(V4), |_| {})
         .await;
-    eventually(WAIT, "the actor is parked", || async {
-        !rt.parked().await.unwrap().is_empty()
-    })
-    .await;
-    let (parked, park) = rt.parked().await.unwrap().remove(0);
-    assert_eq!(parked, id);
-    assert!(park.reason.contains("no longer decodes"), "{}", park.reason);
-    assert_eq!(
-        h.store.pending(&id).await.unwrap(),
-        1,
-        "the message is kept"
-    );
-    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    parked_keeping_its_message(h, &rt, &id, "no longer decodes").await;
     rt.shutdown().await;
     let rt = v1(h).await;
     assert!(rt.unpark(&id).await.unwrap());

@@ -5,7 +5,7 @@ use std::time::Duration;
 use loom_core::{EntryKind, Timestamp};
 use serde_json::json;
 
-use super::common::{WAIT, acct, activity, finished, replies, worker};
+use super::common::{WAIT, acct, activity, finished, parked_keeping_its_message, replies, worker};
 use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
@@ -460,19 +460,7 @@ async fn a_replay_that_panics_before_the_wait_it_resumes_parks_the_actor(h: &Har
     let rt = h.runtime().await;
     let w = rt.actor::<Worker>("replay-panics").unwrap();
     w.deliver_event("go", "now").await.unwrap();
-    eventually(WAIT, "the actor is parked", || async {
-        !rt.parked().await.unwrap().is_empty()
-    })
-    .await;
-    let (parked, park) = rt.parked().await.unwrap().remove(0);
-    assert_eq!(parked, id);
-    assert!(park.reason.contains("replayed"), "{}", park.reason);
-    assert_eq!(
-        h.store.pending(&id).await.unwrap(),
-        1,
-        "the message is kept"
-    );
-    assert!(h.store.dead_letters(None, 10).await.unwrap().is_empty());
+    parked_keeping_its_message(h, &rt, &id, "replayed").await;
     // Fixed code resumes it where it waited.
     h.probe.fixed.store(true, SeqCst);
     assert!(rt.unpark(&id).await.unwrap());
