@@ -826,18 +826,13 @@ impl<A: Actor> Cell<A> {
         };
         tracing::debug!(actor = %self.id, reason = ?r.reason, ?kept, "not retired: the actor ran since, or has mail");
         let mut again = Vec::new();
-        // A finished actor kept by a message waiting now (one sent with a delay past the
-        // grace, say) is looked at again a grace later, and so on: once that message has run,
-        // the actor goes unless it changed the state. (Dropped, the retirement kept the actor
-        // for good without idle retention. Due only after the waiting message, the copies of
-        // retirements that went stale meanwhile waited as long, and once they filled the peek
-        // the copies that decide went unseen.) Not if another finish's retirement that is not
-        // stale waits (a newer finish's, or a copy sent again earlier): that one decides, and
-        // it finds this one's finish too, since the state has not changed since either. Every
-        // finishing invocation sends one (a finishing read too, as the bank's transfer
-        // status), and each sending itself again while a message waited piled them up. A
-        // stale one (the state changed after its finish) does not decide: it is dropped when
-        // it comes.
+        // A finished actor kept by a waiting message is looked at again a grace later, and so
+        // on until that message has run (dropped, the retirement kept the actor for good
+        // without idle retention). Not if another finish's retirement that is not stale waits
+        // (a newer finish's, or a copy sent earlier): that one decides, and finds this finish
+        // too. Every finishing invocation sends one, a finishing read too, so each sending
+        // itself again would pile them up. A stale one (the state changed after its finish)
+        // decides nothing: it is dropped when it comes.
         if r.reason == RetireReason::Finished && kept == Retired::Busy {
             let waiting = match io.store.messages(&self.id, None, RETIREMENT_PEEK).await {
                 Ok(waiting) => waiting,
@@ -847,12 +842,12 @@ impl<A: Actor> Cell<A> {
                     return self.hand_back(io, d, io.config.poll_interval).await;
                 }
             };
-            let others = || waiting.iter().filter(|w| w.envelope.id != d.envelope.id);
             // Not stale: decided at or after the state's last change, as this one was.
-            let decides = others().any(|w| {
-                w.envelope.retire.is_some_and(|o| {
-                    o.reason == RetireReason::Finished && o.highest >= self.last_change
-                })
+            let decides = waiting.iter().any(|w| {
+                w.envelope.id != d.envelope.id
+                    && w.envelope.retire.is_some_and(|o| {
+                        o.reason == RetireReason::Finished && o.highest >= self.last_change
+                    })
             });
             if !decides {
                 again.push(retirement(
@@ -1088,7 +1083,7 @@ fn retirement(actor: &ActorId, id: MessageId, r: Retire, after: Duration) -> Out
 }
 
 /// How many of a finished actor's waiting messages its retirement, kept back by them, looks at
-/// to tell whether one that is not a retirement waits.
+/// for another finish's retirement that decides instead.
 const RETIREMENT_PEEK: usize = 16;
 
 /// The runtime's retirement of `actor` for idleness, decided at its journal's seq `highest`.
