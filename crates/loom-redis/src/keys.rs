@@ -235,6 +235,16 @@ impl Keys {
         format!("{}:layout", self.prefix)
     }
 
+    /// The store's key prefix.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The store's stored format (`STORED_FORMAT` in `lib.rs`).
+    pub(crate) fn format(&self) -> String {
+        format!("{}:format", self.prefix)
+    }
+
     /// The ready index of layouts before per-kind ones (moved at connect; see `lib.rs`).
     pub(crate) fn legacy_ready(&self) -> String {
         format!("{}:ready", self.prefix)

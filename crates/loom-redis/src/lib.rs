@@ -164,6 +164,15 @@ const LUA: &str = include_str!("loom.lua");
 /// index per kind and partition.
 const LAYOUT: &str = "ready-per-partition";
 
+/// The stored format of this build's keys and values, recorded under `P:format` by a node's
+/// connect. A build that changes what is stored raises it (and moves what an older format
+/// kept, as [`RedisStore::upgrade`] does); every build refuses a store whose format is above
+/// its own before it writes anything, so an older node or `loom` started after an upgrade is
+/// told so instead of reading a newer shape as its own, or "upgrading" it back. A store
+/// without the key is of a build before it (format 1: its one-partition layout is told by
+/// `P:layout`).
+pub const STORED_FORMAT: u32 = 1;
+
 fn script(entry: &str) -> Script {
     Script::new(&lua::script_source(LUA, entry))
 }
@@ -463,7 +472,8 @@ impl RedisStore {
                 options.prefix
             )));
         }
-        let partitions = partitions(&conn, &options).await?;
+        let format = stored_format(&mut conn.clone(), &options.prefix).await?;
+        let partitions = partitions(&conn, &options, create).await?;
         if conn.is_cluster() && partitions == 1 {
             return Err(StoreError::InvalidRequest(format!(
                 "the store under prefix {:?} has one partition, which cannot live on a Redis Cluster",
@@ -489,9 +499,19 @@ impl RedisStore {
             relay,
         };
         store.check_persistence().await;
-        // Older layouts were of one partition, and never on a cluster.
-        if partitions == 1 {
-            store.upgrade().await?;
+        if format != Some(STORED_FORMAT) {
+            // Older layouts were of one partition, and never on a cluster.
+            if partitions == 1 {
+                store.upgrade(create).await?;
+            }
+            if create == Create::Yes {
+                let _: () = redis::cmd("SET")
+                    .arg(store.keys.format())
+                    .arg(STORED_FORMAT)
+                    .query_async(&mut store.conn.clone())
+                    .await
+                    .map_err(re)?;
+            }
         }
         Ok(store)
     }
@@ -499,8 +519,11 @@ impl RedisStore {
     /// Moves what older builds kept in another shape (once: a store of this layout says so in
     /// `P:layout`, and nothing is looked for after that). Stop the nodes of an older build
     /// before the first node of this one connects: what they write in their shape after that
-    /// is not moved.
-    async fn upgrade(&self) -> Result<(), StoreError> {
+    /// is not moved. A connect that only opens the store ([`Create::No`]) moves nothing: it
+    /// refuses a store that has something to move, as the PostgreSQL store refuses an older
+    /// schema, so that a look with a newer `loom` does not change the store under the older
+    /// nodes that run on it.
+    async fn upgrade(&self, create: Create) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let layout: Option<String> = redis::cmd("GET")
             .arg(self.keys.layout())
@@ -516,6 +539,24 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(re)?;
+        let per_kind: std::collections::BTreeSet<String> =
+            scan::keys(&self.conn, &self.keys.ready_pattern())
+                .await?
+                .into_iter()
+                .filter(|k| self.keys.kind_ready_of(k).is_some())
+                .collect();
+        if create == Create::No {
+            if exists || !per_kind.is_empty() {
+                return Err(StoreError::InvalidRequest(format!(
+                    "the Redis store under prefix {:?} keeps its ready index in an older build's layout; \
+                     it is not moved by a command that only opens it: use the `loom` of the \
+                     nodes' build, or start a node of this build first (a node's connect moves \
+                     it)",
+                    self.keys.prefix()
+                )));
+            }
+            return Ok(());
+        }
         if exists {
             let r = self
                 .run(&self.scripts.migrate_ready, &[&legacy], vec![])
@@ -525,7 +566,7 @@ impl RedisStore {
                 "moved the ready index to one per actor kind"
             );
         }
-        self.split_ready_by_partition().await?;
+        self.split_ready_by_partition(per_kind).await?;
         let _: () = redis::cmd("SET")
             .arg(self.keys.layout())
             .arg(LAYOUT)
@@ -538,13 +579,10 @@ impl RedisStore {
     /// Moves each per-kind ready index of older builds (`P:ready:K`) into the per-partition
     /// ones (`P:ready:K:p`), a page at a time, each page in one script call (`split_ready` in
     /// `loom.lua`), so an interrupted move is picked up by the next connect.
-    async fn split_ready_by_partition(&self) -> Result<(), StoreError> {
-        let old: std::collections::BTreeSet<String> =
-            scan::keys(&self.conn, &self.keys.ready_pattern())
-                .await?
-                .into_iter()
-                .filter(|k| self.keys.kind_ready_of(k).is_some())
-                .collect();
+    async fn split_ready_by_partition(
+        &self,
+        old: std::collections::BTreeSet<String>,
+    ) -> Result<(), StoreError> {
         for key in old {
             let mut moved = 0;
             loop {
@@ -756,7 +794,11 @@ impl RedisStore {
 
 /// The store's partition count: what it recorded when it was created, else what `options`
 /// ask for (recorded now, if the store holds nothing yet), else 1.
-async fn partitions(conn: &Conn, options: &RedisOptions) -> Result<u32, StoreError> {
+async fn partitions(
+    conn: &Conn,
+    options: &RedisOptions,
+    create: Create,
+) -> Result<u32, StoreError> {
     let conn = &mut conn.clone();
     let key = format!("{}:partitions", options.prefix);
     let asked = options
@@ -774,6 +816,10 @@ async fn partitions(conn: &Conn, options: &RedisOptions) -> Result<u32, StoreErr
             options.prefix
         ))),
         (Some(has), _) => Ok(has),
+        // A store that exists without the record is of a build before it, which made stores
+        // of one partition only: read as such by a connect that only opens it, which writes
+        // nothing (a node's connect records it).
+        (None, None | Some(1)) if create == Create::No && !conn.is_cluster() => Ok(1),
         (None, asked) => {
             // A new store: what was asked, else 1 on one primary and the shared count on a
             // cluster (where a partition is a slot).
@@ -823,9 +869,40 @@ async fn partitions(conn: &Conn, options: &RedisOptions) -> Result<u32, StoreErr
 /// A key under `prefix` other than the ones a connect writes before any data (the layout and
 /// the roster), if there is one.
 async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>, StoreError> {
-    let bare = [format!("{prefix}:layout"), format!("{prefix}:members")];
+    let bare = [
+        format!("{prefix}:layout"),
+        format!("{prefix}:members"),
+        format!("{prefix}:format"),
+    ];
     let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
+}
+
+/// The stored format recorded under `prefix` (`None`: a store of a build before the record,
+/// or none yet); a format above [`STORED_FORMAT`] is refused here, before the connect writes
+/// anything.
+async fn stored_format(conn: &mut Conn, prefix: &str) -> Result<Option<u32>, StoreError> {
+    let key = format!("{prefix}:format");
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(conn)
+        .await
+        .map_err(re)?;
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    match raw.parse::<u32>() {
+        Ok(f) if f <= STORED_FORMAT => Ok(Some(f)),
+        Ok(f) => Err(StoreError::InvalidRequest(format!(
+            "the Redis store under prefix {prefix:?} is in stored format {f}, written by a newer \
+             build of Loom; this build reads formats up to {STORED_FORMAT}: run the nodes' build \
+             (and its `loom`)"
+        ))),
+        Err(_) => Err(StoreError::InvalidRequest(format!(
+            "the Redis store under prefix {prefix:?} records its stored format as {raw:?} in \
+             {key}, which no build of Loom writes"
+        ))),
+    }
 }
 
 /// Whether a connect may create the store (see [`RedisStore::connect_existing`]).

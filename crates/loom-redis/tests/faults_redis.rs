@@ -998,6 +998,91 @@ async fn connect_existing_refuses_only_a_prefix_without_a_store() {
     }
 }
 
+/// A store's stored format: a node's connect records it; a store in a newer build's format is
+/// refused by a node's connect and by `loom`'s, before either writes; a store whose ready index
+/// is in an older build's layout is refused by `loom`'s connect, which moves nothing, and moved
+/// by a node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_another_format_is_refused_before_anything_is_written() {
+    use loom_redis::STORED_FORMAT;
+    let server = RedisServer::start();
+    let options = |prefix: &str| RedisOptions {
+        prefix: prefix.to_owned(),
+        ..RedisOptions::default()
+    };
+    let mut admin = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let reader = admin.clone();
+    let get = |key: &'static str| {
+        let mut admin = reader.clone();
+        async move {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut admin)
+                .await
+                .expect("get");
+            v
+        }
+    };
+    drop(connect(&server.url(), "newer").await);
+    let recorded = STORED_FORMAT.to_string();
+    assert_eq!(get("newer:format").await.as_deref(), Some(recorded.as_str()));
+    // A newer build's store: nothing of it is rewritten, the layout least of all.
+    let () = redis::cmd("MSET")
+        .arg("newer:format")
+        .arg(STORED_FORMAT + 1)
+        .arg("newer:layout")
+        .arg("a-newer-layout")
+        .query_async(&mut admin)
+        .await
+        .expect("pretend a newer format");
+    for opened in [
+        RedisStore::connect_with(&server.url(), options("newer")).await,
+        RedisStore::connect_existing(&server.url(), options("newer")).await,
+    ] {
+        let Err(e) = opened else {
+            panic!("a store of a newer format was opened");
+        };
+        assert!(
+            matches!(&e, StoreError::InvalidRequest(m) if m.contains("newer build")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        get("newer:layout").await.as_deref(),
+        Some("a-newer-layout"),
+        "the refusal wrote"
+    );
+    // An older build's per-kind ready index: a look refuses it and moves nothing.
+    let () = redis::cmd("ZADD")
+        .arg("older:ready:counter")
+        .arg(1000)
+        .arg("counter/c1")
+        .query_async(&mut admin)
+        .await
+        .expect("seed the old index");
+    let looked = RedisStore::connect_existing(&server.url(), options("older")).await;
+    assert!(
+        matches!(&looked, Err(StoreError::InvalidRequest(m)) if m.contains("older build's layout")),
+        "{looked:?}"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("older:*")
+        .query_async(&mut admin)
+        .await
+        .expect("keys");
+    assert_eq!(keys, ["older:ready:counter"], "the look wrote");
+    drop(connect(&server.url(), "older").await);
+    assert_eq!(get("older:format").await.as_deref(), Some(recorded.as_str()));
+    assert_eq!(get("older:layout").await.as_deref(), Some("ready-per-partition"));
+    RedisStore::connect_existing(&server.url(), options("older"))
+        .await
+        .expect("moved by a node's connect, it opens");
+}
+
 /// Bytes the server has sent to its clients since it started (`INFO stats`).
 async fn bytes_sent(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
     let stats: String = redis::cmd("INFO")
