@@ -523,20 +523,27 @@ impl<A: Actor> Cell<A> {
                     None => Next::Continue(None),
                 }
             }
-            // The store refused the reply's record for its size (every backend checks it
-            // before it writes anything): every attempt would be refused alike, and each would
-            // run the handler again, so the message fails once (its caller hears it, under the
-            // key).
+            // The store refused the reply's record, or one of the turn's entries (the reply
+            // again, or the state), for its size (every backend checks both before it writes
+            // anything): every attempt would be refused alike, and each would run the handler
+            // again, so the message fails once (its caller hears it, under the key).
             Err(StoreError::TooLarge {
                 size,
                 limit,
-                limit_kind: crate::error::Limit::ResultBytes,
+                limit_kind:
+                    kind @ (crate::error::Limit::ResultBytes | crate::error::Limit::EntryBytes),
                 ..
             }) => {
                 self.restore_state();
-                let reason = format!(
-                    "the reply is {size} bytes as recorded, over the {limit} a recorded reply may hold (an ask's, or a keyed send's)"
-                );
+                let reason = if kind == crate::error::Limit::ResultBytes {
+                    format!(
+                        "the reply is {size} bytes as recorded, over the {limit} a recorded reply may hold (an ask's, or a keyed send's)"
+                    )
+                } else {
+                    format!(
+                        "an entry of its turn (its reply, or the state) is {size} bytes as journaled, over the {limit} a journal entry may hold"
+                    )
+                };
                 tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
                 self.give_up(io, shared, &d, inv.journaled, &reason).await
             }

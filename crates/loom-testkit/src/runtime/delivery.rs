@@ -463,44 +463,52 @@ async fn expired_replies_are_removed_from_the_store(h: &Harness) {
 
 /// A reply too large to record under its key (over `MAX_RESULT_BYTES` as recorded) fails its
 /// message once: the store refuses every attempt's turn alike, and each attempt ran the handler
-/// again. Before, the ask below ran it three times and was given up as a store failure. (Without
-/// a key the same reply completes: an entry holds up to 4 MiB. Not run here: a turn of two
-/// such entries outlasts a loaded CI machine's Redis response timeout.)
+/// again. Before, the ask below ran it three times and was given up as a store failure. So does
+/// a reply too large for the journal entry that holds it (over `MAX_ENTRY_BYTES`), which every
+/// backend refuses before the record (before: run at every attempt, then dead-lettered as a
+/// store failure). (Without a key a reply under 4 MiB completes. Not run here: a turn of two such
+/// entries outlasts a loaded CI machine's Redis response timeout.)
 async fn a_reply_too_large_to_record_fails_its_message_once(h: &Harness) {
+    use loom_core::limits::{MAX_ENTRY_BYTES, MAX_RESULT_BYTES};
     let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("big").unwrap();
-    let script = || {
-        vec![
+    for (n, (bytes, said)) in [
+        (MAX_RESULT_BYTES + 1000, "bytes as recorded"),
+        (MAX_ENTRY_BYTES + 1000, "bytes as journaled"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let label = format!("big{n}");
+        let w = rt.actor::<Worker>(&label).unwrap();
+        let script = vec![
             Step::Mark {
-                label: "big".into(),
+                label: label.clone(),
             },
-            Step::Pad {
-                bytes: loom_core::limits::MAX_RESULT_BYTES + 1000,
-            },
-        ]
-    };
-    let runs = || {
-        h.probe
-            .observed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|l| l.starts_with("big at"))
-            .count()
-    };
-    match w.ask(script()).await {
-        Err(loom_core::runtime::AskError::Failed(reason)) => {
-            assert!(reason.contains("bytes as recorded"), "{reason}")
+            Step::Pad { bytes },
+        ];
+        let runs = || {
+            h.probe
+                .observed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|l| l.starts_with(&format!("{label} at")))
+                .count()
+        };
+        match w.ask(script).await {
+            Err(loom_core::runtime::AskError::Failed(reason)) => {
+                assert!(reason.contains(said), "{reason}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a reply of {bytes} bytes was recorded"),
         }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("a reply over the limit was recorded"),
+        assert_eq!(
+            runs(),
+            1,
+            "the handler ran again for a reply of {bytes} bytes no attempt could record"
+        );
+        assert_eq!(rt.metrics().dead_letters, n as u64 + 1);
     }
-    assert_eq!(
-        runs(),
-        1,
-        "the handler ran again for a reply no attempt could record"
-    );
-    assert_eq!(rt.metrics().dead_letters, 1);
     rt.shutdown().await;
 }
 
