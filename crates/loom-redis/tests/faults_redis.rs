@@ -1029,7 +1029,10 @@ async fn a_store_of_another_format_is_refused_before_anything_is_written() {
     };
     drop(connect(&server.url(), "newer").await);
     let recorded = STORED_FORMAT.to_string();
-    assert_eq!(get("newer:format").await.as_deref(), Some(recorded.as_str()));
+    assert_eq!(
+        get("newer:format").await.as_deref(),
+        Some(recorded.as_str())
+    );
     // A newer build's store: nothing of it is rewritten, the layout least of all.
     let () = redis::cmd("MSET")
         .arg("newer:format")
@@ -1076,8 +1079,14 @@ async fn a_store_of_another_format_is_refused_before_anything_is_written() {
         .expect("keys");
     assert_eq!(keys, ["older:ready:counter"], "the look wrote");
     drop(connect(&server.url(), "older").await);
-    assert_eq!(get("older:format").await.as_deref(), Some(recorded.as_str()));
-    assert_eq!(get("older:layout").await.as_deref(), Some("ready-per-partition"));
+    assert_eq!(
+        get("older:format").await.as_deref(),
+        Some(recorded.as_str())
+    );
+    assert_eq!(
+        get("older:layout").await.as_deref(),
+        Some("ready-per-partition")
+    );
     RedisStore::connect_existing(&server.url(), options("older"))
         .await
         .expect("moved by a node's connect, it opens");

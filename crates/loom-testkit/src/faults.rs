@@ -48,6 +48,9 @@ pub struct Faults {
     /// Leave the next N lease `acquire` calls unanswered for ever (a connection gone silent
     /// mid-request); they never reach the store.
     pub hang_acquires: AtomicU32,
+    /// Leave every idempotency `lookup` unanswered for ever while set (a connection gone
+    /// silent mid-request); they never reach the store.
+    pub hang_lookups: AtomicBool,
     /// Fail the next N mailbox `lease` calls.
     pub fail_leases: AtomicU32,
     /// Fail the next N `lease` calls of event lanes (kind `_event`) only: what a wait for an
@@ -571,6 +574,9 @@ impl IdempotencyStore for FaultyStore {
         key: &IdempotencyKey,
     ) -> StoreResult<Option<Reservation>> {
         self.faults.lookups.fetch_add(1, Ordering::Relaxed);
+        if self.faults.hang_lookups.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
         self.inner.lookup(actor, key).await
     }
 

@@ -399,10 +399,24 @@ impl AnyActorRef {
         env.idempotency_key = Some(key.clone());
         let actor = env.to.clone();
         let timeout = opts.timeout.unwrap_or(self.rt.shared.config.ask_timeout);
+        let started = tokio::time::Instant::now();
+        // No deadline for a timeout too long to add (`Duration::MAX`: wait for ever).
+        let deadline = started.checked_add(timeout);
+        // The store calls too end at the deadline: a call the store leaves unanswered (a
+        // stalled connection waits out its response timeout, or longer) does not outlast the
+        // ask. The message may then have been enqueued or not: asking again with the key sends
+        // it at most once either way.
+        let timed_out = |key: &IdempotencyKey| AskError::Timeout {
+            after: timeout,
+            key: key.clone(),
+        };
         let hub = self.rt.shared.hub.clone();
         // Dropped however the ask ends (its caller's future too), it leaves nothing in the hub.
         let mut local = hub.wait_reply(&actor, &key);
-        let recorded = match self.rt.enqueue_once(env, None, &key).await {
+        let enqueued = within(deadline, self.rt.enqueue_once(env, None, &key))
+            .await
+            .ok_or_else(|| timed_out(&key))?;
+        let recorded = match enqueued {
             Ok(Enqueued::Duplicate(Reservation::Completed(v))) => Some(v),
             Ok(_) => None,
             Err(e) => return Err(e.into()),
@@ -410,9 +424,6 @@ impl AnyActorRef {
         let value = match recorded {
             Some(v) => v,
             None => {
-                let started = tokio::time::Instant::now();
-                // No deadline for a timeout too long to add (`Duration::MAX`: wait for ever).
-                let deadline = started.checked_add(timeout);
                 // Since when the look for the reply has failed without a break.
                 let mut lookups_failing: Option<tokio::time::Instant> = None;
                 // With signals too: they may not come (a host of an earlier build, a lost
@@ -434,10 +445,7 @@ impl AnyActorRef {
                 loop {
                     let left = timeout.saturating_sub(started.elapsed());
                     if left.is_zero() {
-                        return Err(AskError::Timeout {
-                            after: timeout,
-                            key: key.clone(),
-                        });
+                        return Err(timed_out(&key));
                     }
                     // A store that keeps failing cannot produce the reply: say so now instead
                     // of at the timeout.
@@ -480,7 +488,10 @@ impl AnyActorRef {
                     // that fails is tried again at the next poll; one failing for longer ends
                     // the ask with the key to ask again with (the message is enqueued:
                     // `SendError::Store` would say it was not).
-                    match self.rt.shared.store.lookup(&actor, &key).await {
+                    let looked = within(deadline, self.rt.shared.store.lookup(&actor, &key))
+                        .await
+                        .ok_or_else(|| timed_out(&key))?;
+                    match looked {
                         Ok(Some(Reservation::Completed(v))) => break v,
                         Ok(_) => lookups_failing = None,
                         Err(error) => {
@@ -775,5 +786,16 @@ fn outcome(value: Value) -> Result<Value, AskError> {
         )),
         Outcome::Failed(f) => Err(AskError::Failed(f)),
         Outcome::Cancelled(reason) => Err(AskError::Cancelled(reason)),
+    }
+}
+
+/// `f`'s output, unless `deadline` (`None`: never) comes first.
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        None => Some(f.await),
     }
 }

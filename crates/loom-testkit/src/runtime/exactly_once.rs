@@ -1,5 +1,6 @@
 //! Runtime cases about exactly-once effects: redelivered messages, idempotency keys, outgoing messages and children across replays, the bank under random store faults.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use loom_core::runtime::{AskError, AskOptions, SendOptions, Sent};
@@ -167,6 +168,23 @@ async fn ask_timeout_then_retry_with_the_key_gets_the_reply_once(h: &Harness) {
         Err(AskError::Timeout { key, .. }) => key,
         other => panic!("{other:?}"),
     };
+    // The timeout bounds the ask's looks for its reply too: one the store leaves unanswered
+    // ends at the timeout (*before*: the ask waited on it for ever).
+    h.faults.hang_lookups.store(true, Ordering::SeqCst);
+    let hung = tokio::time::timeout(
+        Duration::from_secs(20),
+        a.ask_with(
+            AccountMsg::Deposit(1),
+            opts(Some(Duration::from_millis(500))),
+        ),
+    )
+    .await
+    .expect("an ask outlived its timeout by 20 s while its look for the reply hung");
+    assert!(
+        matches!(&hung, Err(AskError::Timeout { key, .. }) if key.as_str() == "k"),
+        "{hung:?}"
+    );
+    h.faults.hang_lookups.store(false, Ordering::SeqCst);
     h.probe.open(1);
     assert_eq!(
         a.ask_with(AccountMsg::Deposit(5), opts(None))
