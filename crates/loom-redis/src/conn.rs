@@ -18,9 +18,11 @@
 //! covers it. A request whose round fails or does not get enough replicas in time
 //! fails as unavailable: it may or may not have happened, as for a dropped connection.
 //!
-//! What `WAIT` does not cover: another client's writes. A read may see a write of another
-//! process (a turn's recorded result, say) whose own wait has not ended, and which a failover
-//! just then would lose along with that process's request, which failed.
+//! A read is covered too, whoever wrote what it saw: Redis notes a client's replication offset
+//! after each of its commands, reads included, and `WAIT` waits for that offset, so the wait
+//! after a read that saw another process's write (a turn's recorded reply, whose own wait has
+//! not ended) covers that write (`faults_redis.rs`
+//! `a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_it`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

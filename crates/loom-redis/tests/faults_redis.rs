@@ -208,6 +208,61 @@ async fn a_primary_restarted_behind_its_address_fails_what_the_wait_cannot_cover
     );
 }
 
+/// A recorded reply read through a store that waits for replicas is one the replicas hold,
+/// whoever wrote it: here a process without replication records it while the only replica is
+/// stalled (it acknowledged everything before), and the waiting store's `lookup` and
+/// `enqueue_once` of that key fail as unavailable instead of handing the reply on (which a
+/// failover then could lose, and the message run again record another). The wait after each
+/// read covers it: Redis waits for the offset at the reader's last command, a read's too (see
+/// `conn.rs`). Once the replica runs again, both answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_it() {
+    use loom_core::{Enqueued, Envelope, IdempotencyKey, IdempotencyStore, Reservation, Store};
+    let (primary, replica) = RedisServer::start_with_replica();
+    let waiting = waiting_for_one_replica(&primary, "read").await;
+    let writer = connect(&primary.url(), "read").await;
+    let actor = id(1);
+    let key = IdempotencyKey::new("k").unwrap();
+    let ttl = Duration::from_secs(60);
+    writer.reserve(&actor, &key, ttl).await.expect("reserve");
+    replica.pause();
+    writer
+        .complete(&actor, &key, &serde_json::json!("the reply"), ttl)
+        .await
+        .expect("complete");
+    let looked = waiting.lookup(&actor, &key).await;
+    let msg = Envelope::new(actor.clone(), serde_json::json!("again"));
+    let sent = waiting.enqueue_once(&msg, None, &key, ttl).await;
+    replica.resume();
+    assert!(
+        matches!(looked, Err(StoreError::Unavailable { .. })),
+        "a reply no replica holds was handed on: {looked:?}"
+    );
+    assert!(
+        matches!(sent, Err(StoreError::Unavailable { .. })),
+        "a reply no replica holds was handed on: {sent:?}"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        match waiting.lookup(&actor, &key).await {
+            Ok(Some(Reservation::Completed(v))) => {
+                assert_eq!(v, serde_json::json!("the reply"));
+                break;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the replica back, still no answer after 30 s: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        waiting.enqueue_once(&msg, None, &key, ttl).await,
+        Ok(Enqueued::Duplicate(Reservation::Completed(_)))
+    ));
+}
+
 /// A replication setting that cannot work is refused at connect, with a typed error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_setting_that_cannot_work_is_refused() {

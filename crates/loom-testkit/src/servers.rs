@@ -259,6 +259,27 @@ impl RedisServer {
         let _ = std::fs::remove_file(self.socket());
     }
 
+    /// Stops the server's process (SIGSTOP) until [`resume`](Self::resume): a server that
+    /// stalls with its connections open (a replica that stops reading its link, say).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} redis-server: {status}");
+    }
+
     /// Starts the server again on the same data (it replays its append-only file).
     pub fn restart(&mut self) {
         self.kill();
