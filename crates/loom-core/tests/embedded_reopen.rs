@@ -135,6 +135,44 @@ async fn a_layout_2_file_is_upgraded_and_its_ready_mailboxes_found_by_kind() {
     assert!(txn.open_table(READY).unwrap().is_empty().unwrap());
 }
 
+/// A data file of a newer build's layout is refused as such, not as damage (whose advice is to
+/// restore a backup), and left as it was (*before*: "corrupt record (store layout): record has
+/// format version 6").
+#[test]
+fn a_file_of_a_newer_layout_is_refused_as_newer_and_left_alone() {
+    use loom_core::embedded::tables::{LAYOUT_VERSION, META};
+    use redb::ReadableDatabase;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(loom_core::embedded::DATA_FILE);
+    {
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("layout", LAYOUT_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let Err(e) = EmbeddedStore::open(dir.path()) else {
+        panic!("a newer layout was opened");
+    };
+    assert!(
+        matches!(&e, loom_core::StoreError::InvalidRequest(m) if m.contains("newer build")),
+        "{e}"
+    );
+    let db = redb::Database::open(&file).unwrap();
+    let layout = db
+        .begin_read()
+        .unwrap()
+        .open_table(META)
+        .unwrap()
+        .get("layout")
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(layout, LAYOUT_VERSION + 1);
+}
+
 /// A message suspended on an event lane waits for its event, not for a consumer: reopening the
 /// store leaves it suspended (the event wakes it), and a repartition, which renames the lanes,
 /// hands it out again at the copy's first opening, so that its wait suspends again on the

@@ -749,13 +749,14 @@ fn start(
                 meta.insert("layout", LAYOUT_VERSION).map_err(se)?;
             }
             Some(LAYOUT_VERSION) => {}
+            // Not damage: a newer build's file, which this one must not write (nor tell its
+            // user to restore from a backup).
             Some(other) => {
-                return Err(StoreError::corrupt(
-                    "store layout",
-                    CodecError::UnknownVersion {
-                        found: u8::try_from(other).unwrap_or(u8::MAX),
-                    },
-                ));
+                return Err(StoreError::InvalidRequest(format!(
+                    "the store's data file (partition {part}) is of layout {other}, written by a \
+                     newer build of Loom; this build reads layouts up to {LAYOUT_VERSION}: run the \
+                     build that wrote it (and its `loom`)"
+                )));
             }
         }
         layout
