@@ -1,12 +1,12 @@
 //! `loom export`, `loom import`, `loom migrate`: moving journals, snapshots and waiting messages
 //! between stores.
 //!
-//! ## The export format (version 1)
+//! ## The export format (version 2)
 //!
 //! UTF-8 text, one JSON object per line:
 //!
 //! ```text
-//! {"loom_export":1}
+//! {"loom_export":2}
 //! {"journal":{"actor":"acct/alice","highest":120,"trimmed_through":100,"snapshots":2}}
 //! {"entry":{"actor":"acct/alice","entry":{"seq":101,"at":…,"kind":{…}}}}     (seqs trimmed_through+1 ..= highest, in order)
 //! {"snapshot":{"actor":"acct/alice","snapshot":{"seq":100,…}}}              (oldest first)
@@ -17,7 +17,9 @@
 //! {"end":{"journals":…,"entries":…,"snapshots":…,"messages":…,"crc32":…}}
 //! ```
 //!
-//! `crc32` is the CRC-32 (IEEE) of every byte before the `end` line. `loom import` checks the
+//! Version 1 is the same without `cancelling` and an envelope's `retire`; this build imports
+//! both, and a build that reads only version 1 refuses a version-2 file instead of dropping
+//! them. `crc32` is the CRC-32 (IEEE) of every byte before the `end` line. `loom import` checks the
 //! whole file (version, order, numbering, counts, checksum) and that the target holds none of
 //! its journals and no message in the mailboxes it writes to before it writes anything, so a
 //! damaged or truncated file is refused whole. Dead letters and parks are not exported: requeue
@@ -40,8 +42,14 @@ use serde::{Deserialize, Serialize};
 use crate::journal::all_actors;
 use crate::output::{Failure, out, report};
 
-/// The export format version this build writes and reads.
-pub const EXPORT_VERSION: u32 = 1;
+/// The export format version this build writes. 2: a message may be `cancelling`, and an
+/// envelope may `retire` its actor, fields an import of version 1 would drop without a word
+/// (it decodes what it knows and writes that), so it refuses a version-2 file whole instead.
+pub const EXPORT_VERSION: u32 = 2;
+
+/// The oldest export format version this build reads (version 1 lacks nothing version 2
+/// needs: the fields it adds are absent when unset).
+pub const OLDEST_EXPORT_VERSION: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -398,10 +406,12 @@ fn check(
         }
         match l {
             Line::LoomExport(v) if n == 1 => {
-                if v != EXPORT_VERSION {
+                if !(OLDEST_EXPORT_VERSION..=EXPORT_VERSION).contains(&v) {
                     return Err(bad(
                         n,
-                        format!("export version {v}; this build reads version {EXPORT_VERSION}"),
+                        format!(
+                            "export version {v}; this build reads versions {OLDEST_EXPORT_VERSION} to {EXPORT_VERSION}"
+                        ),
                     ));
                 }
             }

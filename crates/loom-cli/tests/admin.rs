@@ -265,6 +265,32 @@ fn crafted_exports_a_store_would_refuse_are_refused_whole() {
         "--in",
         fine.to_str().unwrap(),
     ]);
+    // Of an older build's version, it imports too; of a newer build's, it is refused whole
+    // (*before*: the version stayed 1 when fields were added, so an older import dropped them).
+    assert_eq!(lines[0], json!({ "loom_export": 2 }));
+    for (version, imports) in [(1, true), (3, false)] {
+        let mut other = lines.clone();
+        other[0] = json!({ "loom_export": version });
+        let file = work.path().join(format!("v{version}.jsonl"));
+        std::fs::write(&file, signed(&other)).unwrap();
+        let target = work.path().join(format!("v{version}.store"));
+        let args = [
+            "import",
+            "--store",
+            target.to_str().unwrap(),
+            "--in",
+            file.to_str().unwrap(),
+        ];
+        if imports {
+            ok(&args);
+        } else {
+            let (ok, _, err) = loom(&args);
+            assert!(
+                !ok && err.contains("export version 3") && err.contains("nothing was imported"),
+                "{err}"
+            );
+        }
+    }
     let first_journal = lines
         .iter()
         .position(|l| l.get("journal").is_some())
