@@ -159,12 +159,23 @@ async fn run(inner: Arc<Inner>) {
             // After the look, however long it took: the drain gets its time.
             next_sweep = Instant::now() + SWEEP;
             match looked {
-                Ok(w) => {
-                    inner.status.looked(|p| w.contains(&p));
-                    parts.extend(w);
+                Ok(Waiting {
+                    waiting,
+                    unread,
+                    failure,
+                }) => {
+                    // An outbox that could not be read keeps what failed there.
+                    inner
+                        .status
+                        .looked(|p| waiting.contains(&p) || unread.contains(&p));
+                    parts.extend(waiting);
+                    if let Some(e) = failure {
+                        tracing::warn!(error = %e, partitions = ?unread, "relay: could not read some outboxes' lengths; moving the others, trying again in {SWEEP:?}");
+                        inner.status.failed(None, &e);
+                    }
                 }
                 // What was pushed (or left by a drain that stopped for this sweep) still
-                // moves: on a cluster one failing primary fails every look.
+                // moves.
                 Err(e) => {
                     tracing::warn!(error = %e, "relay: could not read the outboxes' lengths; trying again in {SWEEP:?}");
                     inner.status.failed(None, &e);
@@ -190,16 +201,36 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
+/// What a sweep's look found: each outbox read on its own, so that one whose read fails (its
+/// primary down on a cluster) holds up no other's moves.
+struct Waiting {
+    /// The partitions whose outboxes hold messages.
+    waiting: Vec<u32>,
+    /// Those whose outboxes could not be read, and the first failure.
+    unread: Vec<u32>,
+    failure: Option<StoreError>,
+}
+
 impl Inner {
-    /// The partitions of `of` whose outboxes hold messages.
-    async fn waiting(&self, of: &[u32]) -> StoreResult<Vec<u32>> {
-        let lens: Vec<u64> = crate::scan::each(&self.conn, xlens(&self.keys, of)).await?;
-        Ok(of
-            .iter()
-            .zip(lens)
-            .filter(|(_, n)| *n > 0)
-            .map(|(p, _)| *p)
-            .collect())
+    /// Which partitions of `of` have outboxes holding messages.
+    async fn waiting(&self, of: &[u32]) -> StoreResult<Waiting> {
+        let lens = crate::scan::each_settled::<u64>(&self.conn, xlens(&self.keys, of)).await?;
+        let mut looked = Waiting {
+            waiting: Vec::new(),
+            unread: Vec::new(),
+            failure: None,
+        };
+        for (p, len) in of.iter().zip(lens) {
+            match len {
+                Ok(0) => {}
+                Ok(_) => looked.waiting.push(*p),
+                Err(e) => {
+                    looked.unread.push(*p);
+                    looked.failure.get_or_insert(e);
+                }
+            }
+        }
+        Ok(looked)
     }
 
     /// Moves everything in partition `p`'s outbox, a pass of [`BATCH`] at a time. Once the

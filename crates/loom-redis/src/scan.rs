@@ -17,6 +17,16 @@ pub(crate) async fn each<T: FromRedisValue>(
     conn: &Conn,
     cmds: Vec<Cmd>,
 ) -> Result<Vec<T>, StoreError> {
+    each_settled(conn, cmds).await?.into_iter().collect()
+}
+
+/// Runs `cmds` (each of one slot) and returns each one's reply or failure, in order: a command
+/// that fails (its slot's primary down on a cluster, a key of another type) fails only itself.
+/// `Err` only when none could be sent (the one primary's connection failed).
+pub(crate) async fn each_settled<T: FromRedisValue>(
+    conn: &Conn,
+    cmds: Vec<Cmd>,
+) -> Result<Vec<Result<T, StoreError>>, StoreError> {
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
@@ -25,7 +35,12 @@ pub(crate) async fn each<T: FromRedisValue>(
         for c in cmds {
             pipe.add_command(c);
         }
-        return pipe.query_async(&mut conn.clone()).await.map_err(re);
+        let replies: Vec<redis::RedisResult<T>> = pipe
+            .ignore_errors()
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(re)?;
+        return Ok(replies.into_iter().map(|r| r.map_err(re)).collect());
     }
     use futures::StreamExt;
     let replies: Vec<_> = futures::stream::iter(cmds.into_iter().map(|c| {
@@ -37,7 +52,7 @@ pub(crate) async fn each<T: FromRedisValue>(
     .buffered(IN_FLIGHT)
     .collect()
     .await;
-    replies.into_iter().map(|r| r.map_err(re)).collect()
+    Ok(replies.into_iter().map(|r| r.map_err(re)).collect())
 }
 
 /// Every key matching `pattern`: one `SCAN` over the primary, or over each primary of a

@@ -289,6 +289,67 @@ async fn a_relay_that_cannot_move_shows_in_the_runtimes_health() {
     .await;
 }
 
+/// A sweep moves what a process left in an outbox (it crashed before its relay moved it) even
+/// while another partition's outbox cannot be read (here its key damaged, as its primary down
+/// on a cluster fails the read): each outbox's length is read on its own. Before, the one
+/// failing read failed the whole look at every sweep, and the message never moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_that_cannot_be_read_holds_up_no_other_sweep() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let first = connect(&url, "sweep", Some(3)).await.expect("connect");
+    let in_partition = |p: u32| {
+        (0..)
+            .map(|i| id("relay", &format!("t{i}")))
+            .find(|t| partition_of(t, 3) == p)
+            .unwrap()
+    };
+    let (a, b) = (in_partition(0), in_partition(1));
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The first process cannot move to b (b's high-water key damaged), and stops.
+    let hw = "sweep:{_p.1}:hw";
+    let () = redis::cmd("SET")
+        .arg(hw)
+        .arg("damaged")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    send_turn(
+        &first,
+        &a,
+        1,
+        &[Outgoing {
+            envelope: Envelope::new(b.clone(), json!("left behind")),
+            deliver_at: None,
+        }],
+    )
+    .await;
+    drop(first);
+    let () = redis::cmd("SET")
+        .arg("sweep:{_p.2}:ob")
+        .arg("not an outbox")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let () = redis::cmd("DEL")
+        .arg(hw)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Only the second process's sweep can find the message: nothing pushed to its relay.
+    let second = connect(&url, "sweep", Some(3)).await.expect("connect");
+    arrived(&second, &b, 1).await;
+    assert_eq!(drained_payloads(&second, &b).await, [json!("left behind")]);
+    let failing = second
+        .relay_failure()
+        .expect("the unreadable outbox is reported");
+    assert!(failing.latest.contains("WRONGTYPE"), "{failing:?}");
+}
+
 /// A target whose moves fail (here its high-water key damaged, as a primary that is down
 /// fails them) holds up only its own messages: a later message of the same outbox to another
 /// target still arrives, and once the target mends, its message arrives once. Before, the pass
