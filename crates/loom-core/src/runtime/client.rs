@@ -488,9 +488,22 @@ impl AnyActorRef {
                     // that fails is tried again at the next poll; one failing for longer ends
                     // the ask with the key to ask again with (the message is enqueued:
                     // `SendError::Store` would say it was not).
-                    let looked = within(deadline, self.rt.shared.store.lookup(&actor, &key))
-                        .await
-                        .ok_or_else(|| timed_out(&key))?;
+                    // The reply handed over here while the look is out wins over it (a look
+                    // kept waiting by the store would otherwise end the ask in a timeout with
+                    // its reply in hand).
+                    let looked = tokio::select! {
+                        biased;
+                        got = &mut local => match got {
+                            Ok(v) => break v,
+                            Err(_) => {
+                                local = hub.wait_reply(&actor, &key);
+                                continue;
+                            }
+                        },
+                        looked = within(deadline, self.rt.shared.store.lookup(&actor, &key)) => {
+                            looked.ok_or_else(|| timed_out(&key))?
+                        }
+                    };
                     match looked {
                         Ok(Some(Reservation::Completed(v))) => break v,
                         Ok(_) => lookups_failing = None,

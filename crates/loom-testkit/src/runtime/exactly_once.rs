@@ -184,6 +184,20 @@ async fn ask_timeout_then_retry_with_the_key_gets_the_reply_once(h: &Harness) {
         matches!(&hung, Err(AskError::Timeout { key, .. }) if key.as_str() == "k"),
         "{hung:?}"
     );
+    // A reply handed over by this runtime while such a look is out wins over the look: the
+    // held deposit runs once a look has started, and the ask has its reply (*before*: it
+    // waited on the look until its timeout).
+    let looks = h.faults.lookups.load(Ordering::SeqCst);
+    let (answered, ()) = tokio::join!(
+        a.ask_with(AccountMsg::Deposit(5), opts(Some(Duration::from_secs(10))),),
+        async {
+            while h.faults.lookups.load(Ordering::SeqCst) == looks {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            h.probe.open(1);
+        }
+    );
+    assert_eq!(answered.unwrap(), 5);
     h.faults.hang_lookups.store(false, Ordering::SeqCst);
     h.probe.open(1);
     assert_eq!(
