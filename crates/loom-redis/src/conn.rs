@@ -18,10 +18,14 @@
 //! covers it. A request whose round fails or does not get enough replicas in time
 //! fails as unavailable: it may or may not have happened, as for a dropped connection.
 //!
-//! A read is covered too, whoever wrote what it saw: Redis notes a client's replication offset
-//! after each of its commands, reads included, and `WAIT` waits for that offset, so the wait
-//! after a read that saw another process's write (a turn's recorded reply, whose own wait has
-//! not ended) covers that write (`faults_redis.rs`
+//! What `WAIT` does not cover: another client's writes. A read may see a write of another
+//! process whose own wait has not ended, and which a failover just then would lose along with
+//! that process's request, which failed. (Redis up to 7.0 notes a client's offset after each
+//! of its commands, reads included, so that a wait after a read covers what it saw; from 7.2
+//! on, only after a command that wrote.) Where such a read is handed to a caller as done, a
+//! recorded reply (`lookup`, and `enqueue_once` finding one), the store writes one key after
+//! it (`RedisStore::replicated_as_read`): that write comes after the one read in the
+//! replication stream, so the wait made for it covers both (`faults_redis.rs`
 //! `a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_it`).
 
 use std::sync::Arc;
@@ -77,6 +81,11 @@ impl Conn {
     /// Whether this is a cluster's.
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
+    }
+
+    /// Whether each request waits for replicas ([`Replication`]).
+    pub(crate) fn waits_for_replicas(&self) -> bool {
+        matches!(self, Conn::One(_, Some(_)))
     }
 }
 

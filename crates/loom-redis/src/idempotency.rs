@@ -121,7 +121,12 @@ impl IdempotencyStore for RedisStore {
         match status(&r).as_str() {
             "none" => Ok(None),
             "ok" => {
-                reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2)).map(Some)
+                let found =
+                    reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2))?;
+                if matches!(found, Reservation::Completed(_)) {
+                    self.replicated_as_read().await?;
+                }
+                Ok(Some(found))
             }
             other => Err(unexpected(format!("lookup replied {other}"))),
         }

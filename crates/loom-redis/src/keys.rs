@@ -240,6 +240,12 @@ impl Keys {
         &self.prefix
     }
 
+    /// A key written only so that a wait for replicas covers what a read just saw
+    /// (`RedisStore::replicated_as_read`).
+    pub(crate) fn read_mark(&self) -> String {
+        format!("{}:read-mark", self.prefix)
+    }
+
     /// The store's stored format (`STORED_FORMAT` in `lib.rs`).
     pub(crate) fn format(&self) -> String {
         format!("{}:format", self.prefix)

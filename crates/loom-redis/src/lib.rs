@@ -318,8 +318,10 @@ impl RedisStore {
     /// connected to it before, or it holds keys of an older build): for tools that inspect a
     /// store, which must not create an empty one by mistake (a first connect records the
     /// store's partition count, 1 unless it asks for more, and that count is fixed after).
-    /// Anything else is [`StoreError::InvalidRequest`], and nothing is written then. (A store
-    /// that exists is opened as by any connect: keys of an older build are upgraded.)
+    /// Anything else is [`StoreError::InvalidRequest`], and nothing is written then; so is a
+    /// store whose keys are in an older build's layout, which only a node's connect moves (a
+    /// look must not change the store under the older nodes running on it), and one of a newer
+    /// build's [`STORED_FORMAT`].
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), loom_core::StoreError> {
@@ -505,12 +507,19 @@ impl RedisStore {
                 store.upgrade(create).await?;
             }
             if create == Create::Yes {
-                let _: () = redis::cmd("SET")
+                // Only over an older format or none: a newer build that recorded its own
+                // since the check above keeps it, and this connect is refused.
+                let newer: Option<String> = redis::cmd("EVAL")
+                    .arg(RECORD_FORMAT)
+                    .arg(1)
                     .arg(store.keys.format())
                     .arg(STORED_FORMAT)
                     .query_async(&mut store.conn.clone())
                     .await
                     .map_err(re)?;
+                if let Some(f) = newer {
+                    return Err(newer_format(&options.prefix, &f));
+                }
             }
         }
         Ok(store)
@@ -539,14 +548,8 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(re)?;
-        let per_kind: std::collections::BTreeSet<String> =
-            scan::keys(&self.conn, &self.keys.ready_pattern())
-                .await?
-                .into_iter()
-                .filter(|k| self.keys.kind_ready_of(k).is_some())
-                .collect();
         if create == Create::No {
-            if exists || !per_kind.is_empty() {
+            if exists || !self.per_kind_ready_indexes().await?.is_empty() {
                 return Err(StoreError::InvalidRequest(format!(
                     "the Redis store under prefix {:?} keeps its ready index in an older build's layout; \
                      it is not moved by a command that only opens it: use the `loom` of the \
@@ -566,7 +569,8 @@ impl RedisStore {
                 "moved the ready index to one per actor kind"
             );
         }
-        self.split_ready_by_partition(per_kind).await?;
+        // Listed after the move above, which makes per-kind indexes of the oldest one.
+        self.split_ready_by_partition().await?;
         let _: () = redis::cmd("SET")
             .arg(self.keys.layout())
             .arg(LAYOUT)
@@ -579,11 +583,8 @@ impl RedisStore {
     /// Moves each per-kind ready index of older builds (`P:ready:K`) into the per-partition
     /// ones (`P:ready:K:p`), a page at a time, each page in one script call (`split_ready` in
     /// `loom.lua`), so an interrupted move is picked up by the next connect.
-    async fn split_ready_by_partition(
-        &self,
-        old: std::collections::BTreeSet<String>,
-    ) -> Result<(), StoreError> {
-        for key in old {
+    async fn split_ready_by_partition(&self) -> Result<(), StoreError> {
+        for key in self.per_kind_ready_indexes().await? {
             let mut moved = 0;
             loop {
                 let r = self
@@ -598,6 +599,17 @@ impl RedisStore {
             tracing::info!(index = %key, mailboxes = moved, "moved a ready index to one per partition");
         }
         Ok(())
+    }
+
+    /// The per-kind ready indexes of older builds (`P:ready:K`) under this store's prefix.
+    async fn per_kind_ready_indexes(
+        &self,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        Ok(scan::keys(&self.conn, &self.keys.ready_pattern())
+            .await?
+            .into_iter()
+            .filter(|k| self.keys.kind_ready_of(k).is_some())
+            .collect())
     }
 
     /// One node's persistence and eviction settings: by `CONFIG GET`, or where managed services
@@ -752,6 +764,27 @@ impl RedisStore {
         self.conn.clone()
     }
 
+    /// With [`RedisOptions::replication`], makes sure the replicas hold what a read just saw,
+    /// whoever wrote it: a recorded reply may be another process's turn whose own wait for
+    /// replicas has not ended, and a failover then would lose it, and the message could run
+    /// again and record another reply under the same key. `WAIT` covers what its connection
+    /// wrote (on Redis 7.2 and later, nothing a read saw); one write after the read comes
+    /// after that turn in the replication stream, so the wait made for it covers the turn too
+    /// (`conn.rs`). Fails as unavailable when the replicas do not answer, as a write does.
+    /// Without replication, nothing.
+    pub(crate) async fn replicated_as_read(&self) -> Result<(), StoreError> {
+        if !self.conn.waits_for_replicas() {
+            return Ok(());
+        }
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.read_mark())
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(re)?;
+        Ok(())
+    }
+
     /// Deletes every key under this store's prefix (nothing else); returns how many. For tools
     /// and benchmarks that clean up what they created.
     pub async fn destroy(&self) -> Result<u64, StoreError> {
@@ -820,6 +853,12 @@ async fn partitions(
         // of one partition only: read as such by a connect that only opens it, which writes
         // nothing (a node's connect records it).
         (None, None | Some(1)) if create == Create::No && !conn.is_cluster() => Ok(1),
+        (None, Some(n)) if create == Create::No && !conn.is_cluster() => {
+            Err(StoreError::InvalidRequest(format!(
+                "the Redis store under prefix {:?} is of a build that made stores of one partition only, not {n}",
+                options.prefix
+            )))
+        }
         (None, asked) => {
             // A new store: what was asked, else 1 on one primary and the shared count on a
             // cluster (where a partition is a slot).
@@ -878,6 +917,19 @@ async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>,
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
 }
 
+/// Records a store's format unless a newer one is recorded (then returns that one).
+const RECORD_FORMAT: &str = "local f = redis.call('GET', KEYS[1]) \
+    if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then return f end \
+    redis.call('SET', KEYS[1], ARGV[1]) return false";
+
+fn newer_format(prefix: &str, found: &str) -> StoreError {
+    StoreError::InvalidRequest(format!(
+        "the Redis store under prefix {prefix:?} is in stored format {found}, written by a newer \
+         build of Loom; this build reads formats up to {STORED_FORMAT}: run the nodes' build \
+         (and its `loom`)"
+    ))
+}
+
 /// The stored format recorded under `prefix` (`None`: a store of a build before the record,
 /// or none yet); a format above [`STORED_FORMAT`] is refused here, before the connect writes
 /// anything.
@@ -893,11 +945,7 @@ async fn stored_format(conn: &mut Conn, prefix: &str) -> Result<Option<u32>, Sto
     };
     match raw.parse::<u32>() {
         Ok(f) if f <= STORED_FORMAT => Ok(Some(f)),
-        Ok(f) => Err(StoreError::InvalidRequest(format!(
-            "the Redis store under prefix {prefix:?} is in stored format {f}, written by a newer \
-             build of Loom; this build reads formats up to {STORED_FORMAT}: run the nodes' build \
-             (and its `loom`)"
-        ))),
+        Ok(_) => Err(newer_format(prefix, &raw)),
         Err(_) => Err(StoreError::InvalidRequest(format!(
             "the Redis store under prefix {prefix:?} records its stored format as {raw:?} in \
              {key}, which no build of Loom writes"

@@ -212,9 +212,10 @@ async fn a_primary_restarted_behind_its_address_fails_what_the_wait_cannot_cover
 /// whoever wrote it: here a process without replication records it while the only replica is
 /// stalled (it acknowledged everything before), and the waiting store's `lookup` and
 /// `enqueue_once` of that key fail as unavailable instead of handing the reply on (which a
-/// failover then could lose, and the message run again record another). The wait after each
-/// read covers it: Redis waits for the offset at the reader's last command, a read's too (see
-/// `conn.rs`). Once the replica runs again, both answer it.
+/// failover then could lose, and the message run again record another). On this machine's
+/// Redis 7.0 the wait after a read covers what it saw by itself; from 7.2 on only a write
+/// moves the offset a wait waits for, which is why the store writes one after such a read
+/// (`conn.rs`). Once the replica runs again, both answer it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_it() {
     use loom_core::{Enqueued, Envelope, IdempotencyKey, IdempotencyStore, Reservation, Store};
