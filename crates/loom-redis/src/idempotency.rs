@@ -58,7 +58,12 @@ impl IdempotencyStore for RedisStore {
             .await?;
         match status(&r).as_str() {
             "ok" => Ok(Reservation::Reserved),
-            "taken" => reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2)),
+            "taken" => {
+                let found =
+                    reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2))?;
+                self.replicated_as_read(&found).await?;
+                Ok(found)
+            }
             other => Err(unexpected(format!("reserve replied {other}"))),
         }
     }
@@ -123,9 +128,7 @@ impl IdempotencyStore for RedisStore {
             "ok" => {
                 let found =
                     reservation(actor, key, &bytes(r.get(1)).unwrap_or_default(), r.get(2))?;
-                if matches!(found, Reservation::Completed(_)) {
-                    self.replicated_as_read().await?;
-                }
+                self.replicated_as_read(&found).await?;
                 Ok(Some(found))
             }
             other => Err(unexpected(format!("lookup replied {other}"))),

@@ -509,12 +509,10 @@ impl RedisStore {
             if create == Create::Yes {
                 // Only over an older format or none: a newer build that recorded its own
                 // since the check above keeps it, and this connect is refused.
-                let newer: Option<String> = redis::cmd("EVAL")
-                    .arg(RECORD_FORMAT)
-                    .arg(1)
-                    .arg(store.keys.format())
+                let newer: Option<String> = RECORD_FORMAT
+                    .key(store.keys.format())
                     .arg(STORED_FORMAT)
-                    .query_async(&mut store.conn.clone())
+                    .invoke_async(&mut store.conn.clone())
                     .await
                     .map_err(re)?;
                 if let Some(f) = newer {
@@ -771,9 +769,13 @@ impl RedisStore {
     /// wrote (on Redis 7.2 and later, nothing a read saw); one write after the read comes
     /// after that turn in the replication stream, so the wait made for it covers the turn too
     /// (`conn.rs`). Fails as unavailable when the replicas do not answer, as a write does.
-    /// Without replication, nothing.
-    pub(crate) async fn replicated_as_read(&self) -> Result<(), StoreError> {
-        if !self.conn.waits_for_replicas() {
+    /// Without replication, or for a reservation that holds no reply, nothing.
+    pub(crate) async fn replicated_as_read(
+        &self,
+        found: &loom_core::Reservation,
+    ) -> Result<(), StoreError> {
+        if !self.conn.waits_for_replicas() || !matches!(found, loom_core::Reservation::Completed(_))
+        {
             return Ok(());
         }
         let _: () = redis::cmd("SET")
@@ -853,6 +855,14 @@ async fn partitions(
         // of one partition only: read as such by a connect that only opens it, which writes
         // nothing (a node's connect records it).
         (None, None | Some(1)) if create == Create::No && !conn.is_cluster() => Ok(1),
+        // A cluster store records its count when it is created: one without it is not read
+        // as any count by a connect that only opens it.
+        (None, _) if create == Create::No && conn.is_cluster() => {
+            Err(StoreError::InvalidRequest(format!(
+                "the Redis Cluster store under prefix {:?} has no recorded partition count ({key}); a node's connect records it",
+                options.prefix
+            )))
+        }
         (None, Some(n)) if create == Create::No && !conn.is_cluster() => {
             Err(StoreError::InvalidRequest(format!(
                 "the Redis store under prefix {:?} is of a build that made stores of one partition only, not {n}",
@@ -912,15 +922,20 @@ async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>,
         format!("{prefix}:layout"),
         format!("{prefix}:members"),
         format!("{prefix}:format"),
+        format!("{prefix}:read-mark"),
     ];
     let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
 }
 
 /// Records a store's format unless a newer one is recorded (then returns that one).
-const RECORD_FORMAT: &str = "local f = redis.call('GET', KEYS[1]) \
-    if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then return f end \
-    redis.call('SET', KEYS[1], ARGV[1]) return false";
+static RECORD_FORMAT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        "local f = redis.call('GET', KEYS[1]) \
+         if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then return f end \
+         redis.call('SET', KEYS[1], ARGV[1]) return false",
+    )
+});
 
 fn newer_format(prefix: &str, found: &str) -> StoreError {
     StoreError::InvalidRequest(format!(

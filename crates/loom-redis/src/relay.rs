@@ -164,15 +164,19 @@ async fn run(inner: Arc<Inner>) {
                     unread,
                     failure,
                 }) => {
-                    // An outbox that could not be read keeps what failed there.
+                    // An outbox that could not be read is failing, named (before the look
+                    // settles the rest, so that the failure is not cleared and made anew at
+                    // each sweep), and keeps what failed there.
+                    if let Some(e) = failure {
+                        tracing::warn!(error = %e, partitions = ?unread, "relay: could not read some outboxes' lengths; moving the others, trying again in {SWEEP:?}");
+                        for p in &unread {
+                            inner.status.failed(Some(*p), &e);
+                        }
+                    }
                     inner
                         .status
                         .looked(|p| waiting.contains(&p) || unread.contains(&p));
                     parts.extend(waiting);
-                    if let Some(e) = failure {
-                        tracing::warn!(error = %e, partitions = ?unread, "relay: could not read some outboxes' lengths; moving the others, trying again in {SWEEP:?}");
-                        inner.status.failed(None, &e);
-                    }
                 }
                 // What was pushed (or left by a drain that stopped for this sweep) still
                 // moves.

@@ -324,11 +324,8 @@ impl Store for RedisStore {
         if deliver_at.is_none() && matches!(enqueued, Enqueued::New(_)) {
             self.signals.wake([&msg.to]);
         }
-        if matches!(
-            enqueued,
-            Enqueued::Duplicate(loom_core::Reservation::Completed(_))
-        ) {
-            self.replicated_as_read().await?;
+        if let Enqueued::Duplicate(found) = &enqueued {
+            self.replicated_as_read(found).await?;
         }
         Ok(enqueued)
     }
