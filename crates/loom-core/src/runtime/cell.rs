@@ -523,16 +523,19 @@ impl<A: Actor> Cell<A> {
                     None => Next::Continue(None),
                 }
             }
-            // The store refused the reply's record, or one of the turn's entries (the reply
-            // again, or the state), for its size (every backend checks both before it writes
-            // anything): every attempt would be refused alike, and each would run the handler
-            // again, so the message fails once (its caller hears it, under the key).
+            // The store refused the reply's record, one of the turn's entries (the reply again,
+            // the state change, a spawn's input) or one of its messages (a send's or a spawn's
+            // payload) for its size (every backend checks them all before it writes anything):
+            // every attempt would be refused alike, and each would run the handler again, so
+            // the message fails once (its caller hears it, under the key).
             Err(StoreError::TooLarge {
+                what,
                 size,
                 limit,
                 limit_kind:
-                    kind @ (crate::error::Limit::ResultBytes | crate::error::Limit::EntryBytes),
-                ..
+                    kind @ (crate::error::Limit::ResultBytes
+                    | crate::error::Limit::EntryBytes
+                    | crate::error::Limit::MessageBytes),
             }) => {
                 self.restore_state();
                 let reason = if kind == crate::error::Limit::ResultBytes {
@@ -541,7 +544,7 @@ impl<A: Actor> Cell<A> {
                     )
                 } else {
                     format!(
-                        "an entry of its turn (its reply, or the state) is {size} bytes as journaled, over the {limit} a journal entry may hold"
+                        "its turn cannot be written: {what} is {size} bytes, over the limit of {limit}"
                     )
                 };
                 tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");

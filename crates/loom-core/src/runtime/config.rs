@@ -75,7 +75,13 @@ impl Retry {
                 .unwrap_or(u32::MAX),
         );
         let base = exp.min(self.max);
-        base.mul_f64(0.5 + crate::seam::random_f64())
+        // Jitter of 0.5 to 1.5 times; a base too long to grow by half (an unchecked per-call
+        // policy of `Duration::MAX`) stays as it is instead of panicking.
+        if base.checked_mul(2).is_some() {
+            base.mul_f64(0.5 + crate::seam::random_f64())
+        } else {
+            base
+        }
     }
 }
 
@@ -218,6 +224,20 @@ impl Default for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A per-call policy is not bounded as `Config::retry` is: a delay of `Duration::MAX` is
+    /// taken as it is (*before*: the jitter's multiplication overflowed and panicked, after an
+    /// attempt had failed, so the attempt ran again at every retry of its message).
+    #[test]
+    fn a_delay_too_long_to_jitter_is_kept_whole() {
+        let r = Retry {
+            initial: Duration::MAX,
+            max: Duration::MAX,
+            max_attempts: 3,
+        };
+        assert_eq!(r.delay(1), Duration::MAX);
+        assert_eq!(r.delay(2), Duration::MAX);
+    }
 
     #[test]
     fn retry_delays_grow_and_are_capped() {

@@ -170,8 +170,9 @@ async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(
         other => panic!("an oversized message must be a typed error, got {other:?}"),
     }
     assert_eq!(h.store.pending(&worker("w")).await.unwrap(), 0);
-    // A turn whose state change is over the entry limit: the invocation fails, is retried,
-    // then dead-lettered with the reason; the state and journal keep what came before.
+    // A turn whose state change is over the entry limit: the invocation fails once (every
+    // attempt would be refused alike) and is dead-lettered with the reason; the state and
+    // journal keep what came before.
     match a.ask(AccountMsg::Grow(MAX_ENTRY_BYTES + 1)).await {
         Err(AskError::Failed(reason)) => {
             assert!(
