@@ -19,7 +19,10 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -38,7 +41,8 @@ use super::context::{ActivityKey, Context, Interrupt, StepError};
 /// runs again under the same number, so `f` may see a number twice); before attempt `n + 1` the
 /// activity waits [`Retry::delay`]`(n)`: `min(initial * 2^(n-1), max)` with jitter (a factor
 /// in `[0.5, 1.5)`). Each attempt may be cut off after `attempt_timeout` (the attempt's future
-/// is dropped, and the timeout counts as a retryable error).
+/// is dropped, and the timeout counts as a retryable error). A panic in `f` or its future is a
+/// retryable error too ("attempt N panicked: …").
 ///
 /// ```
 /// use std::time::Duration;
@@ -525,7 +529,22 @@ impl Context<'_> {
                 self.flush_resumed(resumed_in.take()).await?;
             }
             tracing::debug!(activity = name, step, attempt, key = %key, "activity runs");
-            let run = f(key.clone(), attempt);
+            // A panic in the closure (or in code it runs before its future) is a failed
+            // attempt, retried under the policy as an error is: not a failure of the whole
+            // message, which would run the handler again at the same attempt, outside the
+            // policy's count and backoff.
+            let run = async {
+                let key = key.clone();
+                AssertUnwindSafe(async { f(key, attempt).await })
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|p| {
+                        Err(ActivityError::retryable(format!(
+                            "attempt {attempt} panicked: {}",
+                            super::cell::panic_message(&p)
+                        )))
+                    })
+            };
             let result = match policy.attempt_timeout {
                 Some(limit) => match self.keep_out(tokio::time::timeout(limit, run)).await? {
                     Ok(r) => r,

@@ -479,12 +479,20 @@ impl Actor for Worker {
                     "passed the gate".to_owned()
                 }
                 Step::PanickyActivity { name } => {
-                    let fixed = self.probe.fixed.load(Ordering::SeqCst);
                     let done = format!("{name} done");
+                    let probe = self.probe.clone();
+                    // Many quick attempts, each looking at the probe: a fix made meanwhile
+                    // is what a later attempt runs.
+                    let policy = loom_core::runtime::ActivityPolicy::retry(1000)
+                        .backoff(Duration::from_millis(10), Duration::from_millis(50));
                     let r: Result<String, StepError> = ctx
-                        .activity(&name, &(), |_| async move {
-                            assert!(fixed, "an activity blew up");
-                            Ok::<_, String>(done)
+                        .activity_with(&name, &(), policy, |_, _| {
+                            let fixed = probe.fixed.load(Ordering::SeqCst);
+                            let done = done.clone();
+                            async move {
+                                assert!(fixed, "an activity blew up");
+                                Ok(done)
+                            }
                         })
                         .await;
                     r?
