@@ -42,7 +42,10 @@ use super::context::{ActivityKey, Context, Interrupt, StepError};
 /// activity waits [`Retry::delay`]`(n)`: `min(initial * 2^(n-1), max)` with jitter (a factor
 /// in `[0.5, 1.5)`). Each attempt may be cut off after `attempt_timeout` (the attempt's future
 /// is dropped, and the timeout counts as a retryable error). A panic in `f` or its future is a
-/// retryable error too ("attempt N panicked: …").
+/// retryable error too ("attempt N panicked: …") while attempts are left; out of the last
+/// attempt it fails the whole message, as a panic in a handler does, instead of being recorded
+/// as the step's failure. State the closure changed before it panicked stays changed for the
+/// next attempt (it should change none: a replay does not run it).
 ///
 /// ```
 /// use std::time::Duration;
@@ -529,21 +532,25 @@ impl Context<'_> {
                 self.flush_resumed(resumed_in.take()).await?;
             }
             tracing::debug!(activity = name, step, attempt, key = %key, "activity runs");
-            // A panic in the closure (or in code it runs before its future) is a failed
-            // attempt, retried under the policy as an error is: not a failure of the whole
-            // message, which would run the handler again at the same attempt, outside the
-            // policy's count and backoff.
+            // A panic in the closure (or in code it runs before its future) with attempts
+            // left is a failed attempt, retried under the policy as an error is. Out of the
+            // last attempt (the only one of `ctx.activity`) it goes on unwinding and fails the
+            // whole message, as any panic does: a bug is not recorded as the step's failure,
+            // so code fixed before the message is given up (or after, and its dead letter
+            // requeued) runs the activity again.
             let run = async {
                 let key = key.clone();
-                AssertUnwindSafe(async { f(key, attempt).await })
+                match AssertUnwindSafe(async { f(key, attempt).await })
                     .catch_unwind()
                     .await
-                    .unwrap_or_else(|p| {
-                        Err(ActivityError::retryable(format!(
-                            "attempt {attempt} panicked: {}",
-                            super::cell::panic_message(&p)
-                        )))
-                    })
+                {
+                    Ok(r) => r,
+                    Err(p) if attempt < max_attempts => Err(ActivityError::retryable(format!(
+                        "attempt {attempt} panicked: {}",
+                        super::cell::panic_message(&p)
+                    ))),
+                    Err(p) => std::panic::resume_unwind(p),
+                }
             };
             let result = match policy.attempt_timeout {
                 Some(limit) => match self.keep_out(tokio::time::timeout(limit, run)).await? {

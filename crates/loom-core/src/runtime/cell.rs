@@ -323,8 +323,8 @@ impl<A: Actor> Cell<A> {
             && outcome.is_ok()
         {
             // The handler returned with a durable call's future dropped half-way. (One that
-            // panicked, inside an activity say, unwound past the call's end: it is retried
-            // as any panic is.)
+            // panicked, inside an activity's last attempt say, unwound past the call's end: it
+            // is retried as any panic is.)
             let reason = inv.dropped(step);
             tracing::error!(actor = %self.id, %reason, "non-determinism; parking the actor");
             self.restore_state();

@@ -86,10 +86,11 @@ pub struct RelayFailure {
     pub error: String,
     /// The latest failure.
     pub latest: String,
-    /// How many moves (or looks at which outboxes hold messages) failed since `since`.
+    /// How many moves (or looks at which outboxes hold messages, or reads of one outbox in
+    /// such a look) failed since `since`.
     pub failures: u64,
-    /// The partitions whose outboxes its latest moves could not move, in order; empty when
-    /// what failed was the look at which outboxes hold messages.
+    /// The partitions whose outboxes its latest moves could not move, or (Redis) whose
+    /// outboxes a look could not read, in order; empty when what failed was the whole look.
     pub partitions: Vec<u32>,
 }
 

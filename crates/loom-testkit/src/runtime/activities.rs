@@ -23,42 +23,58 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
     ]
 }
 
-/// A panic inside an activity's closure is a failed attempt of the activity, journaled and
-/// retried under its policy (1000 attempts, 10 ms backoff here), not a durable call dropped
-/// half-way (which parks: a review caught the open-step guard doing that), and not a failure
-/// of the whole message (*before*: the handler ran again under `Config::retry`, at the same
-/// attempt, and the policy's count and backoff never applied).
+/// A panic inside an activity's closure with attempts left is a failed attempt of the
+/// activity, journaled and retried under its policy (1000 attempts, 10 ms backoff here), not a
+/// failure of the whole message (*before*: the handler ran again under `Config::retry`, at the
+/// same attempt, and the policy's count and backoff never applied). Out of its last attempt
+/// (`ctx.activity` makes one) it fails the whole message, retried as any panic is, and is not
+/// recorded as the step's failure, so the fixed code runs the activity. Neither parks (a review
+/// once caught the open-step guard taking the panic for a durable call dropped half-way).
 async fn a_panic_inside_an_activity_is_retried_not_parked(h: &Harness) {
-    let rt = h.runtime().await;
-    let w = rt.actor::<Worker>("w").unwrap();
-    let asked = tokio::spawn(async move {
-        w.ask(vec![Step::PanickyActivity {
-            name: "boom".into(),
-        }])
-        .await
-    });
-    let failed_attempts = || async {
-        h.journal(&worker("w"))
+    use std::sync::atomic::Ordering;
+    // Retries enough that the fix below comes before the last, however slow the machine.
+    let rt = h.runtime_with(|c| c.retry.max_attempts = 1000).await;
+    let activity_failed = |actor: &'static str| async move {
+        h.journal(&worker(actor))
             .await
             .iter()
-            .filter(|e| matches!(&e.kind, EntryKind::ActivityAttemptFailed { error, .. } if error.contains("panicked: an activity blew up")))
+            .filter(|e| matches!(&e.kind, EntryKind::ActivityAttemptFailed { error, .. } | EntryKind::ActivityFailed { error, .. } if error.contains("panicked: an activity blew up")))
             .count()
     };
-    super::eventually(WAIT, "the panicking attempts are journaled", || async {
-        failed_attempts().await >= 2
-    })
-    .await;
-    assert!(rt.parked().await.unwrap().is_empty(), "parked");
-    assert_eq!(rt.metrics().retries, 0, "the message was retried");
-    h.probe
-        .fixed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let reply = tokio::time::timeout(WAIT, asked)
-        .await
-        .expect("no reply")
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, vec!["boom done"]);
+    for once in [true, false] {
+        let actor = if once { "once" } else { "policy" };
+        h.probe.fixed.store(false, Ordering::SeqCst);
+        let retried = rt.metrics().retries;
+        let w = rt.actor::<Worker>(actor).unwrap();
+        let asked = tokio::spawn(async move {
+            w.ask(vec![Step::PanickyActivity {
+                name: "boom".into(),
+                once,
+            }])
+            .await
+        });
+        if once {
+            super::eventually(WAIT, "the message is retried", || async {
+                rt.metrics().retries >= retried + 2
+            })
+            .await;
+            assert_eq!(activity_failed(actor).await, 0, "a panic was journaled");
+        } else {
+            super::eventually(WAIT, "the panicking attempts are journaled", || async {
+                activity_failed(actor).await >= 2
+            })
+            .await;
+            assert_eq!(rt.metrics().retries, retried, "the message was retried");
+        }
+        assert!(rt.parked().await.unwrap().is_empty(), "parked");
+        h.probe.fixed.store(true, Ordering::SeqCst);
+        let reply = tokio::time::timeout(WAIT, asked)
+            .await
+            .expect("no reply")
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, vec!["boom done"], "{actor}");
+    }
     rt.shutdown().await;
 }
 

@@ -250,11 +250,14 @@ pub enum Step {
         /// When the future is dropped, in ms.
         ms: u64,
     },
-    /// `ctx.activity(name, …)` whose closure panics until the probe says the code is fixed
-    /// ([`Probe::fixed`]).
+    /// An activity whose closure panics until the probe says the code is fixed
+    /// ([`Probe::fixed`]): `ctx.activity(name, …)` (one attempt) if `once`, else under a
+    /// policy of 1000 attempts 10–50 ms apart, each looking at the probe.
     PanickyActivity {
         /// Name.
         name: String,
+        /// One attempt (`ctx.activity`).
+        once: bool,
     },
     /// Not a durable call: a line of `bytes` x's, for a reply as large as a case needs.
     Pad {
@@ -478,13 +481,17 @@ impl Actor for Worker {
                     self.probe.hold().await;
                     "passed the gate".to_owned()
                 }
-                Step::PanickyActivity { name } => {
+                Step::PanickyActivity { name, once } => {
                     let done = format!("{name} done");
                     let probe = self.probe.clone();
                     // Many quick attempts, each looking at the probe: a fix made meanwhile
                     // is what a later attempt runs.
-                    let policy = loom_core::runtime::ActivityPolicy::retry(1000)
-                        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+                    let policy = if once {
+                        loom_core::runtime::ActivityPolicy::ONCE
+                    } else {
+                        loom_core::runtime::ActivityPolicy::retry(1000)
+                            .backoff(Duration::from_millis(10), Duration::from_millis(50))
+                    };
                     let r: Result<String, StepError> = ctx
                         .activity_with(&name, &(), policy, |_, _| {
                             let fixed = probe.fixed.load(Ordering::SeqCst);
