@@ -237,6 +237,7 @@ scripts!(
     relay_move,
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
     messages, messages_frames, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
+    record_format,
 );
 
 /// The entry points whose calls may touch several partitions' keys on one primary: the ready
@@ -509,14 +510,17 @@ impl RedisStore {
             if create == Create::Yes {
                 // Only over an older format or none: a newer build that recorded its own
                 // since the check above keeps it, and this connect is refused.
-                let newer: Option<String> = RECORD_FORMAT
-                    .key(store.keys.format())
-                    .arg(STORED_FORMAT)
-                    .invoke_async(&mut store.conn.clone())
-                    .await
-                    .map_err(re)?;
-                if let Some(f) = newer {
-                    return Err(newer_format(&options.prefix, &f));
+                let format = store.keys.format();
+                let r = store
+                    .run(
+                        &store.scripts.record_format,
+                        &[&format],
+                        vec![resp::s(STORED_FORMAT)],
+                    )
+                    .await?;
+                if resp::status(&r) == "newer" {
+                    let f = resp::bytes(r.get(1)).unwrap_or_default();
+                    return Err(newer_format(&options.prefix, &String::from_utf8_lossy(&f)));
                 }
             }
         }
@@ -915,8 +919,9 @@ async fn partitions(
     }
 }
 
-/// A key under `prefix` other than the ones a connect writes before any data (the layout and
-/// the roster), if there is one.
+/// A key under `prefix` other than the ones a connect writes before any data (the layout, the
+/// roster, the stored format, and the read mark of `RedisStore::replicated_as_read`), if there
+/// is one.
 async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>, StoreError> {
     let bare = [
         format!("{prefix}:layout"),
@@ -927,15 +932,6 @@ async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>,
     let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
 }
-
-/// Records a store's format unless a newer one is recorded (then returns that one).
-static RECORD_FORMAT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        "local f = redis.call('GET', KEYS[1]) \
-         if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then return f end \
-         redis.call('SET', KEYS[1], ARGV[1]) return false",
-    )
-});
 
 fn newer_format(prefix: &str, found: &str) -> StoreError {
     StoreError::InvalidRequest(format!(

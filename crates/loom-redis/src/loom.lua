@@ -730,6 +730,18 @@ local function split_ready(KEYS, ARGV)
   return { 'ok', #page / 2 }
 end
 
+-- KEYS: format   ARGV: this build's stored format
+-- Records it unless a newer one (or one no build writes) is recorded: { 'ok' }, or
+-- { 'newer', recorded } having written nothing.
+local function record_format(KEYS, ARGV)
+  local f = redis.call('GET', KEYS[1])
+  if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then
+    return { 'newer', f }
+  end
+  redis.call('SET', KEYS[1], ARGV[1])
+  return { 'ok' }
+end
+
 -- KEYS: the legacy P:ready
 -- Moves the ready index of older builds to the per-kind P:ready:K (at connect; a one-time
 -- upgrade on a single primary, so the per-kind names are built here).
