@@ -17,8 +17,8 @@
 //! {"end":{"journals":…,"entries":…,"snapshots":…,"messages":…,"crc32":…}}
 //! ```
 //!
-//! Version 1 is the same without `cancelling` and an envelope's `retire` (and, in files of
-//! builds before 2026-11-30, `requeued_from`); this build imports
+//! Version 1 is the same, but files of older builds lack some fields: `cancelling` and an
+//! envelope's `retire` (and, before 2026-11-30, `requeued_from`); this build imports
 //! both, and a build that reads only version 1 refuses a version-2 file instead of dropping
 //! them. `crc32` is the CRC-32 (IEEE) of every byte before the `end` line. `loom import` checks the
 //! whole file (version, order, numbering, counts, checksum) and that the target holds none of

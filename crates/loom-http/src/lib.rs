@@ -35,7 +35,8 @@
 //! request is refused (`400`, `401`, `403`, `404`, `408`, `413`, `415`, `429`: a retry with the key of
 //! a message already in a full mailbox is its duplicate, not a `429`); a `409`, `422` or
 //! `500 failed` answers a message that was sent and ended so. A `503` may come after the
-//! message was stored, and a `504` leaves it to run: an ask's response then names the key it
+//! message was stored, and a `504` leaves it to run (or, the store slow to answer, unsent): an
+//! ask's response then names the key it
 //! went under (`"idempotency_key"` and the `Idempotency-Key` header; the ingress makes one up
 //! when the ask gave none), and asking again with it returns the reply without running the
 //! message twice. A send is safe to retry only with a key.

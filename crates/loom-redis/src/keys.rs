@@ -19,6 +19,17 @@ pub(crate) struct Keys {
     partitions: u32,
 }
 
+/// [`Keys::format`] of the store under `prefix`, for a connect that reads it before it knows
+/// the store's partitions.
+pub(crate) fn format_key(prefix: &str) -> String {
+    format!("{prefix}:format")
+}
+
+/// [`Keys::read_mark`] of the store under `prefix`.
+pub(crate) fn read_mark_key(prefix: &str) -> String {
+    format!("{prefix}:read-mark")
+}
+
 /// An actor's journal keys.
 pub(crate) struct JournalKeys {
     pub(crate) j: String,
@@ -243,12 +254,12 @@ impl Keys {
     /// A key written only so that a wait for replicas covers what a read just saw
     /// (`RedisStore::replicated_as_read`).
     pub(crate) fn read_mark(&self) -> String {
-        format!("{}:read-mark", self.prefix)
+        read_mark_key(&self.prefix)
     }
 
     /// The store's stored format (`STORED_FORMAT` in `lib.rs`).
     pub(crate) fn format(&self) -> String {
-        format!("{}:format", self.prefix)
+        format_key(&self.prefix)
     }
 
     /// The ready index of layouts before per-kind ones (moved at connect; see `lib.rs`).

@@ -926,8 +926,8 @@ async fn first_data_key(conn: &mut Conn, prefix: &str) -> Result<Option<String>,
     let bare = [
         format!("{prefix}:layout"),
         format!("{prefix}:members"),
-        format!("{prefix}:format"),
-        format!("{prefix}:read-mark"),
+        keys::format_key(prefix),
+        keys::read_mark_key(prefix),
     ];
     let keys = scan::keys(conn, &format!("{prefix}:*")).await?;
     Ok(keys.into_iter().find(|k| !bare.contains(k)))
@@ -945,7 +945,7 @@ fn newer_format(prefix: &str, found: &str) -> StoreError {
 /// or none yet); a format above [`STORED_FORMAT`] is refused here, before the connect writes
 /// anything.
 async fn stored_format(conn: &mut Conn, prefix: &str) -> Result<Option<u32>, StoreError> {
-    let key = format!("{prefix}:format");
+    let key = keys::format_key(prefix);
     let raw: Option<String> = redis::cmd("GET")
         .arg(&key)
         .query_async(conn)

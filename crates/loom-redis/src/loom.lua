@@ -3,7 +3,8 @@
 -- line) followed by one `return <entry>(KEYS, ARGV)`.
 --
 -- Key layout (P = prefix, T = the actor's hash tag; see keys.rs). In a store of several
--- partitions every key below but P:members, P:partitions and P:layout is of one partition N
+-- partitions every key below but P:members, P:partitions, P:layout, P:format and P:read-mark
+-- is of one partition N
 -- and starts with P:{_p.N} instead of P, so that all a script of N touches is in one slot:
 -- an actor's keys are P:{_p.N}:{<actor id>}:j ..., the indexes P:{_p.N}:actors,
 -- P:{_p.N}:ready:K, P:{_p.N}:parked, P:{_p.N}:dl, P:{_p.N}:dlseq (the ownership partitions are
@@ -54,6 +55,10 @@
 --              seq of it the relay enqueued into N
 --   P:layout   string, the layout the keys are in once a connect has moved older builds' shapes
 --              (lib.rs, `LAYOUT`)
+--   P:format   string, the stored format a node's connect recorded (lib.rs, `STORED_FORMAT`;
+--              record_format)
+--   P:read-mark  string, written only so that a wait for replicas covers what a read saw
+--              (lib.rs, `replicated_as_read`)
 --   P:done     pub/sub channel (not a key): "<actor>\n<idempotency key>" of each result a turn
 --              records, for nodes waiting for replies (IdempotencyStore::completions)
 --

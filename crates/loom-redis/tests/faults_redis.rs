@@ -215,13 +215,19 @@ async fn a_primary_restarted_behind_its_address_fails_what_the_wait_cannot_cover
 /// failover then could lose, and the message run again record another). On this machine's
 /// Redis 7.0 the wait after a read covers what it saw by itself; from 7.2 on only a write
 /// moves the offset a wait waits for, which is why the store writes one after such a read
-/// (`conn.rs`). Once the replica runs again, both answer it.
+/// (`conn.rs`). Once the replica runs again, both answer it, and the write followed (*without*
+/// it, `<prefix>:read-mark` is never written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_it() {
     use loom_core::{Enqueued, Envelope, IdempotencyKey, IdempotencyStore, Reservation, Store};
     let (primary, replica) = RedisServer::start_with_replica();
     let waiting = waiting_for_one_replica(&primary, "read").await;
     let writer = connect(&primary.url(), "read").await;
+    let mut marks = redis::Client::open(primary.url())
+        .expect("primary url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the primary");
     let actor = id(1);
     let key = IdempotencyKey::new("k").unwrap();
     let ttl = Duration::from_secs(60);
@@ -262,6 +268,14 @@ async fn a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_i
         waiting.enqueue_once(&msg, None, &key, ttl).await,
         Ok(Enqueued::Duplicate(Reservation::Completed(_)))
     ));
+    // The reply handed on was followed by the write whose wait covers it, which Redis 7.2 and
+    // later need (7.0 covers the read by itself, so the refusals above come without it).
+    let marked: bool = redis::cmd("EXISTS")
+        .arg("read:read-mark")
+        .query_async(&mut marks)
+        .await
+        .expect("exists");
+    assert!(marked, "no write followed the read of the reply");
 }
 
 /// A replication setting that cannot work is refused at connect, with a typed error.

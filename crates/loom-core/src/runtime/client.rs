@@ -80,8 +80,9 @@ pub enum AskError {
     #[error("cancelled: {0}")]
     Cancelled(String),
     /// No reply within the timeout. The message may still be processed (it waits for a host of
-    /// its kind, say): ask again with `key` (the caller's, or the one Loom made up for this
-    /// ask) for its reply, without sending it twice; a plain `ask` again sends another.
+    /// its kind, say), or, when the store did not answer the send in time, may not have been
+    /// stored: ask again with `key` (the caller's, or the one Loom made up for this ask) for
+    /// its reply, which sends it at most once either way; a plain `ask` again sends another.
     #[error(
         "no reply within {after:?} (the message may still run: ask again with key {key} for its reply)"
     )]
@@ -500,6 +501,9 @@ impl AnyActorRef {
                                 continue;
                             }
                         },
+                        _ = self.rt.shared.stopped.cancelled() => {
+                            return Err(AskError::Stopped { key });
+                        }
                         looked = within(deadline, self.rt.shared.store.lookup(&actor, &key)) => {
                             looked.ok_or_else(|| timed_out(&key))?
                         }

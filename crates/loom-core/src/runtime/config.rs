@@ -112,13 +112,15 @@ pub struct Config {
     /// How often the dispatcher looks for work enqueued by other nodes, due delayed messages and
     /// retries (default 50 ms).
     pub poll_interval: Duration,
-    /// Most messages waiting in one actor's mailbox; a send beyond it fails with
-    /// `SendError::MailboxFull` (default 100 000; `None` for no bound; not 0).
+    /// Most messages waiting in one actor's mailbox that a client's send checks for: a send
+    /// beyond it fails with `SendError::MailboxFull` (default 100 000; `None` for no bound; not
+    /// 0). Messages actors send each other, and those the relay moves, are not held to it.
     pub max_mailbox: Option<u64>,
     /// How long replies are kept for callers retrying with the same idempotency key (default 24 h;
     /// more than zero).
     pub reply_ttl: Duration,
-    /// How long `ask` waits for a reply by default (default 30 s).
+    /// How long an `ask` takes at most by default, its send and its wait for the reply
+    /// together (default 30 s).
     pub ask_timeout: Duration,
     /// How long a graceful shutdown waits for in-flight invocations (default 30 s).
     pub shutdown_timeout: Duration,
