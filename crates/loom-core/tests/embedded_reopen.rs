@@ -122,17 +122,25 @@ async fn a_layout_2_file_is_upgraded_and_its_ready_mailboxes_found_by_kind() {
         vec![ActorId::new("gauge", "g1").unwrap()]
     );
     drop(store);
-    let db = redb::Database::open(dir.path().join(loom_core::embedded::DATA_FILE)).unwrap();
+    let file = dir.path().join(loom_core::embedded::DATA_FILE);
+    assert_eq!(layout_of(&file), LAYOUT_VERSION);
+    let db = redb::Database::open(&file).unwrap();
     let txn = db.begin_read().unwrap();
-    let layout = txn
-        .open_table(META)
+    assert!(txn.open_table(READY).unwrap().is_empty().unwrap());
+}
+
+/// The layout a data file records.
+fn layout_of(file: &std::path::Path) -> u64 {
+    use redb::ReadableDatabase;
+    let db = redb::Database::open(file).unwrap();
+    db.begin_read()
+        .unwrap()
+        .open_table(loom_core::embedded::tables::META)
         .unwrap()
         .get("layout")
         .unwrap()
         .unwrap()
-        .value();
-    assert_eq!(layout, LAYOUT_VERSION);
-    assert!(txn.open_table(READY).unwrap().is_empty().unwrap());
+        .value()
 }
 
 /// A data file of a newer build's layout is refused as such, not as damage (whose advice is to
@@ -141,7 +149,6 @@ async fn a_layout_2_file_is_upgraded_and_its_ready_mailboxes_found_by_kind() {
 #[test]
 fn a_file_of_a_newer_layout_is_refused_as_newer_and_left_alone() {
     use loom_core::embedded::tables::{LAYOUT_VERSION, META};
-    use redb::ReadableDatabase;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(loom_core::embedded::DATA_FILE);
     {
@@ -160,17 +167,7 @@ fn a_file_of_a_newer_layout_is_refused_as_newer_and_left_alone() {
         matches!(&e, loom_core::StoreError::InvalidRequest(m) if m.contains("newer build")),
         "{e}"
     );
-    let db = redb::Database::open(&file).unwrap();
-    let layout = db
-        .begin_read()
-        .unwrap()
-        .open_table(META)
-        .unwrap()
-        .get("layout")
-        .unwrap()
-        .unwrap()
-        .value();
-    assert_eq!(layout, LAYOUT_VERSION + 1);
+    assert_eq!(layout_of(&file), LAYOUT_VERSION + 1);
 }
 
 /// A message suspended on an event lane waits for its event, not for a consumer: reopening the

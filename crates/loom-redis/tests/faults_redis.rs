@@ -12,6 +12,15 @@ use loom_testkit::load::{
 };
 use loom_testkit::servers::RedisServer;
 
+/// A plain connection to the server at `url`, for a case to look at or set up keys by hand.
+async fn admin(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
 async fn connect(url: &str, prefix: &str) -> RedisStore {
     connect_replicated(url, prefix, None).await
 }
@@ -223,11 +232,7 @@ async fn a_reply_another_process_recorded_is_handed_on_only_once_replicas_hold_i
     let (primary, replica) = RedisServer::start_with_replica();
     let waiting = waiting_for_one_replica(&primary, "read").await;
     let writer = connect(&primary.url(), "read").await;
-    let mut marks = redis::Client::open(primary.url())
-        .expect("primary url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the primary");
+    let mut marks = admin(&primary.url()).await;
     let actor = id(1);
     let key = IdempotencyKey::new("k").unwrap();
     let ttl = Duration::from_secs(60);
@@ -1027,11 +1032,7 @@ async fn connect_existing_refuses_only_a_prefix_without_a_store() {
         prefix: prefix.to_owned(),
         ..RedisOptions::default()
     };
-    let mut admin = redis::Client::open(server.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut admin = admin(&server.url()).await;
     let Err(refused) = RedisStore::connect_existing(&server.url(), options("none")).await else {
         panic!("a prefix without a store was opened");
     };
@@ -1080,11 +1081,7 @@ async fn a_store_of_another_format_is_refused_before_anything_is_written() {
         prefix: prefix.to_owned(),
         ..RedisOptions::default()
     };
-    let mut admin = redis::Client::open(server.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut admin = admin(&server.url()).await;
     let reader = admin.clone();
     let get = |key: &'static str| {
         let mut admin = reader.clone();
