@@ -523,33 +523,6 @@ impl<A: Actor> Cell<A> {
                     None => Next::Continue(None),
                 }
             }
-            // The store refused the reply's record, one of the turn's entries (the reply again,
-            // the state change, a spawn's input) or one of its messages (a send's or a spawn's
-            // payload) for its size (every backend checks them all before it writes anything):
-            // every attempt would be refused alike, and each would run the handler again, so
-            // the message fails once (its caller hears it, under the key).
-            Err(StoreError::TooLarge {
-                what,
-                size,
-                limit,
-                limit_kind:
-                    kind @ (crate::error::Limit::ResultBytes
-                    | crate::error::Limit::EntryBytes
-                    | crate::error::Limit::MessageBytes),
-            }) => {
-                self.restore_state();
-                let reason = if kind == crate::error::Limit::ResultBytes {
-                    format!(
-                        "the reply is {size} bytes as recorded, over the {limit} a recorded reply may hold (an ask's, or a keyed send's)"
-                    )
-                } else {
-                    format!(
-                        "its turn cannot be written: {what} is {size} bytes, over the limit of {limit}"
-                    )
-                };
-                tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
-                self.give_up(io, shared, &d, inv.journaled, &reason).await
-            }
             Err(e) => {
                 self.restore_state();
                 self.on_interrupt(
@@ -656,6 +629,10 @@ impl<A: Actor> Cell<A> {
                 // so that a store that keeps refusing is not spun on.
                 tracing::warn!(actor = %self.id, error = %e, "could not suspend; resuming the invocation");
                 self.hand_back(io, d, io.config.poll_interval).await
+            }
+            Interrupt::Store(e) if let Some(reason) = unwritable(&e) => {
+                tracing::warn!(actor = %self.id, message = %d.envelope.id, %reason, "giving the message up");
+                self.give_up(io, shared, d, journaled, &reason).await
             }
             Interrupt::Store(e) => {
                 shared.health.failed(&e);
@@ -1103,4 +1080,33 @@ fn idle_retirement(actor: &ActorId, highest: Seq, after: Duration) -> Outgoing {
         reason: RetireReason::Idle,
     };
     retirement(actor, MessageId::new(), r, after)
+}
+
+/// Why a write of an invocation can never be made, if the store refused it for the size of
+/// the reply's record, of one of its entries (the reply again, the state change, an activity's
+/// or a spawn's input) or of one of its messages (a send's or a spawn's payload). Every
+/// backend checks them all before it writes anything, so every attempt would be refused alike
+/// and each would run the handler again: the message fails once instead, whichever write of
+/// the invocation was refused (an activity's start, a sleep's, or the turn that ends it), and
+/// its caller hears why under the key. `None` for any other failure.
+fn unwritable(e: &StoreError) -> Option<String> {
+    use crate::error::Limit;
+    let StoreError::TooLarge {
+        what,
+        size,
+        limit,
+        limit_kind,
+    } = e
+    else {
+        return None;
+    };
+    match limit_kind {
+        Limit::ResultBytes => Some(format!(
+            "the reply is {size} bytes as recorded, over the {limit} a recorded reply may hold (an ask's, or a keyed send's)"
+        )),
+        Limit::EntryBytes | Limit::MessageBytes => Some(format!(
+            "its invocation cannot be written: {what} is {size} bytes, over the limit of {limit}"
+        )),
+        _ => None,
+    }
 }

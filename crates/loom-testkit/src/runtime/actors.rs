@@ -264,6 +264,14 @@ pub enum Step {
         /// Its length.
         bytes: usize,
     },
+    /// `ctx.activity(name, …)` whose input is a line of `bytes` x's, for an activity's start
+    /// as large as a case needs; it returns `<name> took <bytes>`.
+    PaddedActivity {
+        /// Name.
+        name: String,
+        /// The input's length.
+        bytes: usize,
+    },
     /// Not a durable call: `<label> at <ms>` (the node's clock now) goes to the probe's
     /// `observed` list on every run, replays included.
     Mark {
@@ -503,6 +511,15 @@ impl Actor for Worker {
                         })
                         .await;
                     r?
+                }
+                Step::PaddedActivity { name, bytes } => {
+                    let input = "x".repeat(bytes);
+                    let r: Result<String, StepError> = ctx
+                        .activity(&name, &input, |_| async move {
+                            Ok::<_, String>(format!("took {bytes}"))
+                        })
+                        .await;
+                    format!("{name} {}", r?)
                 }
                 Step::Broken => {
                     if !self.probe.fixed.load(Ordering::SeqCst) {

@@ -20,7 +20,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_message_buried_mid_run_and_requeued_sends_nothing_again,
         idempotency_key_is_held_while_its_message_waits,
         expired_replies_are_removed_from_the_store,
-        a_reply_too_large_to_record_fails_its_message_once,
+        a_write_too_large_to_make_fails_its_message_once,
         a_message_that_stops_every_attempt_is_given_up_and_its_key_settled,
         restarts_during_a_durable_wait_do_not_give_it_up,
         deliveries_after_a_durable_sleep_ends_count_again,
@@ -467,13 +467,21 @@ async fn expired_replies_are_removed_from_the_store(h: &Harness) {
 /// a reply too large for the journal entry that holds it (over `MAX_ENTRY_BYTES`), which every
 /// backend refuses before the record (before: run at every attempt, then dead-lettered as a
 /// store failure). (Without a key a reply under 4 MiB completes. Not run here: a turn of two such
-/// entries outlasts a loaded CI machine's Redis response timeout.)
-async fn a_reply_too_large_to_record_fails_its_message_once(h: &Harness) {
+/// entries outlasts a loaded CI machine's Redis response timeout.) So does an activity whose
+/// input is too large for the journal entry that starts it, a write before the turn that ends
+/// the invocation (before: run at every attempt, then dead-lettered as a store failure).
+async fn a_write_too_large_to_make_fails_its_message_once(h: &Harness) {
     use loom_core::limits::{MAX_ENTRY_BYTES, MAX_RESULT_BYTES};
     let rt = h.runtime().await;
-    for (n, (bytes, said)) in [
-        (MAX_RESULT_BYTES + 1000, "bytes as recorded"),
-        (MAX_ENTRY_BYTES + 1000, "over the limit of"),
+    let pad = |bytes| Step::Pad { bytes };
+    let activity = |bytes| Step::PaddedActivity {
+        name: "upload".to_owned(),
+        bytes,
+    };
+    for (n, (step, said)) in [
+        (pad(MAX_RESULT_BYTES + 1000), "bytes as recorded"),
+        (pad(MAX_ENTRY_BYTES + 1000), "over the limit of"),
+        (activity(MAX_ENTRY_BYTES + 1000), "over the limit of"),
     ]
     .into_iter()
     .enumerate()
@@ -484,7 +492,7 @@ async fn a_reply_too_large_to_record_fails_its_message_once(h: &Harness) {
             Step::Mark {
                 label: label.clone(),
             },
-            Step::Pad { bytes },
+            step,
         ];
         let runs = || {
             h.probe
@@ -500,12 +508,12 @@ async fn a_reply_too_large_to_record_fails_its_message_once(h: &Harness) {
                 assert!(reason.contains(said), "{reason}")
             }
             Err(e) => panic!("{e}"),
-            Ok(_) => panic!("a reply of {bytes} bytes was recorded"),
+            Ok(_) => panic!("case {n}: a reply or an activity's start over a limit was recorded"),
         }
         assert_eq!(
             runs(),
             1,
-            "the handler ran again for a reply of {bytes} bytes no attempt could record"
+            "case {n}: the handler ran again for a write no attempt could make"
         );
         // Counted once the give-up's turn is through, which may come after the ask heard it.
         let dead = n as u64 + 1;
