@@ -179,7 +179,8 @@ pub struct Retention {
     /// default) keeps them. An actor used again meanwhile is kept, and looked at again
     /// `idle_after` later. Only for actors whose state may be forgotten after that long: one
     /// waiting for a reply (a transfer whose debit is pending at a parked account, say) would
-    /// get it in a fresh incarnation.
+    /// get it in a fresh incarnation. Zero is refused at start (it would retire every actor
+    /// as it passivates, a rolling restart deleting every idle actor's state): `None` is off.
     pub idle_after: Option<Duration>,
 }
 

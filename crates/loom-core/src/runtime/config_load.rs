@@ -92,6 +92,15 @@ fn optional_duration(v: &str) -> Result<Option<Duration>, String> {
     duration(v).map(Some)
 }
 
+/// A bound that `none` (or `never`) turns off and zero does not: for `retention.idle_after`,
+/// zero would delete every actor's journal as it passivates.
+fn optional_positive_duration(v: &str) -> Result<Option<Duration>, String> {
+    match optional_duration(v)? {
+        Some(d) if d.is_zero() => Err("must be more than zero (\"none\" turns it off)".into()),
+        d => Ok(d),
+    }
+}
+
 fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
     v.trim()
         .parse()
@@ -206,7 +215,7 @@ pub const KEYS: &[(&str, Setter)] = &[
         Ok(())
     }),
     ("retention.idle_after", |c, v| {
-        c.retention.idle_after = optional_duration(v)?;
+        c.retention.idle_after = optional_positive_duration(v)?;
         Ok(())
     }),
 ];
@@ -280,6 +289,14 @@ impl Config {
         for (key, d) in optional {
             if let Some(d) = d.filter(|d| *d > LONGEST) {
                 return Err(bad(key, format!("{d:?}"), CENTURY));
+            }
+            // Zero is not "off" (that is `None`): it would retire every actor as it passivates.
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(bad(
+                    key,
+                    "0ns".to_owned(),
+                    "must be more than zero (None turns it off)",
+                ));
             }
         }
         for (key, d, zero) in unbounded {
@@ -590,10 +607,17 @@ mod tests {
             ("max_mailbox", "0"),
             ("compaction.every_entries", "0"),
             ("compaction.every_bytes", "0"),
+            ("retention.idle_after", "0s"),
         ] {
             let e = c.apply("env", [(key, value)]).expect_err(value);
             assert!(e.to_string().contains(key), "{e}");
         }
+        // Zero is not "off" for the retention of idle actors (it would delete every actor's
+        // journal as it passivates): the error says what is.
+        let e = c
+            .apply("env", [("retention.idle_after", "0")])
+            .expect_err("zero");
+        assert!(e.to_string().contains("\"none\" turns it off"), "{e}");
         for text in ["node = [\"a\"]", "lease_ttl = 1.5", "node = true"] {
             let e = c.apply_toml("t.toml", text).expect_err(text);
             assert!(
@@ -613,7 +637,7 @@ mod tests {
     async fn a_configuration_in_code_is_held_to_the_bounds_of_a_file() {
         use super::super::Runtime;
         type Set = fn(&mut Config);
-        let refused: [(&str, Set); 18] = [
+        let refused: [(&str, Set); 19] = [
             ("node", |c| c.node = " ".to_owned()),
             ("poll_interval", |c| c.poll_interval = Duration::MAX),
             ("poll_interval", |c| c.poll_interval = Duration::ZERO),
@@ -635,6 +659,10 @@ mod tests {
             ("retry.max", |c| c.retry.max = Duration::MAX),
             ("retention.idle_after", |c| {
                 c.retention.idle_after = Some(Duration::MAX)
+            }),
+            // Zero would retire every actor as it passivates; `None` is off.
+            ("retention.idle_after", |c| {
+                c.retention.idle_after = Some(Duration::ZERO)
             }),
             ("shutdown_timeout", |c| c.shutdown_timeout = LONGEST * 2),
             ("ask_timeout", |c| c.ask_timeout = Duration::ZERO),
@@ -661,7 +689,7 @@ mod tests {
         c.check().expect("no bound where the field takes one");
         // What a file may say, code may too: the longest of every duration, and zero or "none"
         // wherever a file takes them.
-        for (value, least) in [("36500days", 10), ("0s", 4), ("none", 4)] {
+        for (value, least) in [("36500days", 10), ("0s", 3), ("none", 4)] {
             let mut c = Config::default();
             let every: Vec<(&str, &str)> = KEYS
                 .iter()
