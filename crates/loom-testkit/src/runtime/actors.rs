@@ -649,3 +649,59 @@ impl Actor for Touchy {
         }
     }
 }
+
+/// [`Gauge`]'s state: the mean of its last reading, and the last mean it was asked to keep.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GaugeState {
+    /// `sum / n` of the last [`GaugeMsg::Mean`].
+    pub mean: f64,
+    /// `sum / n` of the last [`GaugeMsg::Keep`].
+    pub kept: Option<f64>,
+}
+
+/// What a [`Gauge`] is asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GaugeMsg {
+    /// Sets `mean` to `sum / n` (NaN for 0 / 0).
+    Mean {
+        /// Sum.
+        sum: i64,
+        /// Count.
+        n: i64,
+    },
+    /// Sets `kept` to `Some(sum / n)`.
+    Keep {
+        /// Sum.
+        sum: i64,
+        /// Count.
+        n: i64,
+    },
+    /// Reads the state.
+    Read,
+}
+
+/// An actor whose state holds floats, which JSON cannot hold when they are not finite; it
+/// answers its state as text (`Debug`), which a NaN does not spoil.
+#[derive(Default)]
+pub struct Gauge;
+
+impl Actor for Gauge {
+    const KIND: &'static str = "gauge";
+    type State = GaugeState;
+    type Message = GaugeMsg;
+    type Reply = String;
+
+    async fn handle(
+        &self,
+        state: &mut GaugeState,
+        _ctx: &mut Context<'_>,
+        msg: GaugeMsg,
+    ) -> Result<String, Rejected> {
+        match msg {
+            GaugeMsg::Mean { sum, n } => state.mean = sum as f64 / n as f64,
+            GaugeMsg::Keep { sum, n } => state.kept = Some(sum as f64 / n as f64),
+            GaugeMsg::Read => {}
+        }
+        Ok(format!("{state:?}"))
+    }
+}

@@ -15,7 +15,41 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         rejected_turn_leaves_no_trace_in_the_state,
         first_state_change_replaces_the_whole_state,
         oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
+        a_state_json_cannot_hold_is_refused_or_kept_as_journaled,
     ]
+}
+
+/// JSON has no NaN: serde_json encodes one as `null`. A state whose `f64` is NaN is refused
+/// (its message fails, naming why, and the journal keeps the state before it), and one whose
+/// `Option<f64>` is `Some(NaN)` goes on as it was journaled, `None`, live as after a restart.
+/// Before: the first was journaled as `null`, and the actor, which went on with NaN in memory,
+/// was parked at its next recovery (its state no longer decoding); the second read
+/// `Some(NaN)` live and `None` after a restart, so a recovery took other branches.
+async fn a_state_json_cannot_hold_is_refused_or_kept_as_journaled(h: &Harness) {
+    use super::{Gauge, GaugeMsg};
+    let start = || h.runtime_registering(|b| b.register_actor(Gauge), |_| {});
+    let rt = start().await;
+    let g = rt.actor::<Gauge>("g").unwrap();
+    let read = |rt: &loom_core::runtime::Runtime| {
+        let g = rt.actor::<Gauge>("g").unwrap();
+        async move { g.ask(GaugeMsg::Read).await.unwrap() }
+    };
+    g.ask(GaugeMsg::Mean { sum: 10, n: 4 }).await.unwrap();
+    match g.ask(GaugeMsg::Mean { sum: 0, n: 0 }).await {
+        Err(AskError::Failed(reason)) => assert!(
+            reason.contains("does not decode from the JSON it encodes to"),
+            "{reason}"
+        ),
+        other => panic!("a NaN state was taken: {other:?}"),
+    }
+    // The reply is what the handler saw; the state goes on as journaled.
+    g.ask(GaugeMsg::Keep { sum: 0, n: 0 }).await.unwrap();
+    let kept = "GaugeState { mean: 2.5, kept: None }";
+    assert_eq!(read(&rt).await, kept);
+    rt.shutdown().await;
+    let rt = start().await;
+    assert_eq!(read(&rt).await, kept, "recovered otherwise than it ran");
+    rt.shutdown().await;
 }
 
 async fn send_and_ask(h: &Harness) {
