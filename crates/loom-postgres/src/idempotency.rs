@@ -18,8 +18,15 @@ pub(crate) fn reservation(
     actor: &ActorId,
     key: &IdempotencyKey,
     result: Option<Vec<u8>>,
-    expires_at: i64,
+    expires_at: Option<i64>,
 ) -> StoreResult<Reservation> {
+    // Every record has an expiry; none means the row was not there (schema version 15 no
+    // longer answers so), which is reported rather than read as a pending record.
+    let expires_at = expires_at.ok_or_else(|| {
+        crate::sql::unexpected(format!(
+            "idempotency record {key} of {actor} answered as taken, with no expiry"
+        ))
+    })?;
     match result {
         // i64::MAX: held until its message is settled (see `enqueue_once` in schema_v3.sql).
         None if expires_at == i64::MAX => Ok(Reservation::Pending {

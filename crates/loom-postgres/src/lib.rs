@@ -80,7 +80,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// assert_eq!(loom_postgres::MIGRATIONS.len() as i32, loom_postgres::SCHEMA_VERSION);
 /// assert!(loom_postgres::MIGRATIONS[0].contains("CREATE TABLE {s}.journal"));
 /// ```
-pub const MIGRATIONS: [&str; 14] = [
+pub const MIGRATIONS: [&str; 15] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -95,6 +95,7 @@ pub const MIGRATIONS: [&str; 14] = [
     include_str!("schema_v12.sql"),
     include_str!("schema_v13.sql"),
     include_str!("schema_v14.sql"),
+    include_str!("schema_v15.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].
@@ -332,6 +333,13 @@ impl PostgresStore {
                 // role or database carries would fail a batch waiting on a hot row as a
                 // storage error, and send its requests down the one-by-one path.
                 ("lock_timeout", "0"),
+                // Every object of Loom's is named with its schema, and the functions' bodies
+                // run under the session's path: with the default one ("$user", public), a
+                // function another role of the database created in `public` with the exact
+                // argument types of a built-in Loom calls bare (`unnest`, `array_agg`, ...)
+                // would be called instead of it, as Loom's role (CVE-2018-1058), and could
+                // decide a fence. `pg_temp` last, so that no temporary table shadows one.
+                ("search_path", "pg_catalog, pg_temp"),
                 ("synchronous_commit", "on"),
                 // Who sent a wake-up (`schema_v2.sql`), so that the sender's listener skips it.
                 ("loom.origin", origin.as_str()),

@@ -847,3 +847,118 @@ async fn a_journal_of_large_entries_is_read_in_pages_bounded_by_bytes() {
         (1..=20).collect::<Vec<_>>()
     );
 }
+
+/// A function another role of the database plants in `public` with the exact argument types of
+/// a built-in the store's functions call bare (`unnest(text[])`, which `append_many` calls on
+/// its batch's actors) is never called: sessions search `pg_catalog` and `pg_temp` only.
+/// Before, the planted function won over the built-in (an exact match beats `anyarray`,
+/// CVE-2018-1058) and ran as the store's role, which here it notes in a table of its own;
+/// one that answered as it liked could have decided fences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_planted_in_public_is_never_called() {
+    let server = PostgresServer::start();
+    let store = connect(&server.url()).await;
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    for plant in [
+        "CREATE TABLE public.calls (at timestamptz)",
+        "CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO public.calls VALUES (now()); \
+         RETURN QUERY SELECT pg_catalog.unnest($1); END $$",
+    ] {
+        sqlx::query(plant).execute(&admin).await.expect(plant);
+    }
+    // At once, so that the group commit batches them (`append_many`).
+    for seq in 1..=3u64 {
+        let appends = (0..64u32).map(|i| {
+            let s = store.clone();
+            async move { s.append(&id(i), seq, &[entry(i, seq)]).await }
+        });
+        for (i, r) in futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(r.expect("append"), seq, "actor {i}");
+        }
+    }
+    let calls: i64 = sqlx::query_scalar("SELECT count(*) FROM public.calls")
+        .fetch_one(&admin)
+        .await
+        .expect("count the calls");
+    assert_eq!(calls, 0, "the store called a function planted in public");
+}
+
+/// An expired idempotency record purged between `reserve`'s insert (which collided with it) and
+/// its lock (which then finds nothing) is looked for again, and the key reserved. Before
+/// (schema versions up to 14), `reserve` answered "taken, pending" with no expiry, and decoding
+/// that panicked inside the caller (`ask`, `send`, `deliver_event`). A statement trigger holds
+/// `reserve` between the two on an advisory lock while the test purges the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_purged_while_reserve_looks_at_it_is_reserved_again() {
+    use loom_core::{IdempotencyKey, IdempotencyStore, Reservation};
+    let server = PostgresServer::start();
+    let store = connect(&server.url()).await;
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let (a, key) = (id(0), IdempotencyKey::new("k").unwrap());
+    assert!(matches!(
+        store.reserve(&a, &key, Duration::from_millis(1)).await,
+        Ok(Reservation::Reserved)
+    ));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut holder = admin.acquire().await.expect("a session to hold the lock");
+    sqlx::query("SELECT pg_advisory_lock(7001)")
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    for ddl in [
+        "CREATE FUNCTION public.hold_reserve() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_advisory_lock(7001); PERFORM pg_advisory_unlock(7001); \
+         RETURN NULL; END $$",
+        "CREATE TRIGGER hold AFTER INSERT ON faults.idempotency \
+         FOR EACH STATEMENT EXECUTE FUNCTION public.hold_reserve()",
+    ] {
+        sqlx::query(ddl).execute(&admin).await.expect(ddl);
+    }
+    let (s, a2, k2) = (store.clone(), a.clone(), key.clone());
+    let reserving = tokio::spawn(async move { s.reserve(&a2, &k2, Duration::from_secs(60)).await });
+    // Its insert did nothing and it waits in the trigger: purge the expired record now.
+    let mut waited = false;
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND wait_event = 'advisory' AND query LIKE '%reserve%'",
+        )
+        .fetch_one(&admin)
+        .await
+        .expect("pg_stat_activity");
+        if n > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waited, "reserve never reached the trigger");
+    let purged = sqlx::query("DELETE FROM faults.idempotency WHERE actor = $1 AND key = 'k'")
+        .bind(a.as_str())
+        .execute(&admin)
+        .await
+        .expect("purge");
+    assert_eq!(purged.rows_affected(), 1);
+    sqlx::query("SELECT pg_advisory_unlock(7001)")
+        .execute(&mut *holder)
+        .await
+        .expect("unlock");
+    match reserving.await {
+        Ok(Ok(Reservation::Reserved)) => {}
+        other => panic!("a key whose record was purged meanwhile was not reserved: {other:?}"),
+    }
+    // Held now, by this reservation.
+    assert!(matches!(
+        store.reserve(&a, &key, Duration::from_secs(60)).await,
+        Ok(Reservation::Pending { .. })
+    ));
+}
