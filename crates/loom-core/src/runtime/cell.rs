@@ -1079,7 +1079,7 @@ pub(super) fn as_journaled<T: serde::de::DeserializeOwned>(
     }
     serde_guard(|| T::deserialize(v)).map(Some).map_err(|e| {
         format!(
-            "the {what} does not decode from the JSON it encodes to ({e}): a NaN or an infinity encodes as null, so it cannot be journaled"
+            "the {what} does not decode from the JSON it encodes to ({e}): JSON has no NaN or infinity, which serde_json encodes as null"
         )
     })
 }

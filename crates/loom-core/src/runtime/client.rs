@@ -654,8 +654,12 @@ impl<A: Actor> ActorRef<A> {
         &self.any
     }
 
+    /// `msg` as JSON, refused if it does not decode back (a NaN, which JSON cannot hold): the
+    /// actor would dead-letter it as a message that does not decode.
     fn encode(msg: &A::Message) -> Result<Value, SendError> {
-        serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))
+        let v = serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))?;
+        super::cell::as_journaled::<A::Message>(&v, "message").map_err(SendError::Encode)?;
+        Ok(v)
     }
 
     /// Sends `msg`; returns once it is durably in the actor's mailbox.

@@ -676,6 +676,17 @@ pub enum GaugeMsg {
         /// Count.
         n: i64,
     },
+    /// Sets `mean` to the value.
+    Set(f64),
+    /// `ctx.send::<Gauge>(to, Set(sum / n))`.
+    Forward {
+        /// The recipient's key.
+        to: String,
+        /// Sum.
+        sum: i64,
+        /// Count.
+        n: i64,
+    },
     /// Reads the state.
     Read,
 }
@@ -694,12 +705,16 @@ impl Actor for Gauge {
     async fn handle(
         &self,
         state: &mut GaugeState,
-        _ctx: &mut Context<'_>,
+        ctx: &mut Context<'_>,
         msg: GaugeMsg,
     ) -> Result<String, Rejected> {
         match msg {
             GaugeMsg::Mean { sum, n } => state.mean = sum as f64 / n as f64,
             GaugeMsg::Keep { sum, n } => state.kept = Some(sum as f64 / n as f64),
+            GaugeMsg::Set(value) => state.mean = value,
+            GaugeMsg::Forward { to, sum, n } => {
+                ctx.send::<Gauge>(&to, &GaugeMsg::Set(sum as f64 / n as f64))?
+            }
             GaugeMsg::Read => {}
         }
         Ok(format!("{state:?}"))

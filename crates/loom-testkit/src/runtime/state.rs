@@ -22,6 +22,8 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
 /// JSON has no NaN: serde_json encodes one as `null`. A state whose `f64` is NaN is refused
 /// (its message fails, naming why, and the journal keeps the state before it), and one whose
 /// `Option<f64>` is `Some(NaN)` goes on as it was journaled, `None`, live as after a restart.
+/// A message holding a NaN is refused when it is sent, by a client or by an actor, instead of
+/// being dead-lettered by its receiver as one that does not decode.
 /// Before: the first was journaled as `null`, and the actor, which went on with NaN in memory,
 /// was parked at its next recovery (its state no longer decoding); the second read
 /// `Some(NaN)` live and `None` after a restart, so a recovery took other branches.
@@ -45,6 +47,20 @@ async fn a_state_json_cannot_hold_is_refused_or_kept_as_journaled(h: &Harness) {
     // The reply is what the handler saw; the state goes on as journaled.
     g.ask(GaugeMsg::Keep { sum: 0, n: 0 }).await.unwrap();
     let kept = "GaugeState { mean: 2.5, kept: None }";
+    assert_eq!(read(&rt).await, kept);
+    match g.send(GaugeMsg::Set(f64::NAN)).await {
+        Err(SendError::Encode(reason)) => assert!(reason.contains("does not decode"), "{reason}"),
+        other => panic!("a message holding a NaN was sent: {other:?}"),
+    }
+    let forward = GaugeMsg::Forward {
+        to: "g".to_owned(),
+        sum: 1,
+        n: 0,
+    };
+    match g.ask(forward).await {
+        Err(AskError::Rejected(r)) => assert!(r.reason().contains("does not decode"), "{r:?}"),
+        other => panic!("an actor sent a message holding an infinity: {other:?}"),
+    }
     assert_eq!(read(&rt).await, kept);
     rt.shutdown().await;
     let rt = start().await;
