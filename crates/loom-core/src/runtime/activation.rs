@@ -623,17 +623,40 @@ const DUE_RECHECK: Duration = Duration::from_millis(10);
 /// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
 const SCAN: usize = 512;
 
-/// The ready actors of the partitions this node holds, at most [`SCAN`]: when nodes share the
-/// store, the store looks only in those partitions (its index is per kind and partition), so
-/// another node's backlog, however large, hides none of this node's work.
+/// Most actors a scan asks for beyond [`SCAN`], one for each actor this node leaves alone for
+/// a while ([`look_again_later`]).
+const SCAN_PAST: usize = 8 * SCAN;
+
+/// How many actors a scan asks for: [`SCAN`], and one more for each actor this node leaves
+/// alone for now (parked, declined, or panicking at activation; up to [`SCAN_PAST`]). Their
+/// messages stay in the store's ready index, oldest first, and the scan does not activate
+/// them: without room for them, as many as a scan reads (older code declining newer state
+/// during a rollback, say) would hide every later ready actor of this node's partitions,
+/// whose delayed messages and retries only the scan finds.
+fn scan_limit(shared: &Shared) -> usize {
+    let now = Instant::now();
+    let held = shared
+        .parked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|until| **until > now)
+        .count();
+    SCAN + held.min(SCAN_PAST)
+}
+
+/// The ready actors of the partitions this node holds, at most [`scan_limit`]: when nodes
+/// share the store, the store looks only in those partitions (its index is per kind and
+/// partition), so another node's backlog, however large, hides none of this node's work.
 async fn scan_ready(shared: &Shared) -> crate::StoreResult<Vec<ActorId>> {
     // A node hosting nothing (a client) runs no actor: nothing to look for. (`scope` of no
     // kinds says "every partition", which would ask the store about no kinds every poll.)
     if shared.hosted.is_empty() {
         return Ok(Vec::new());
     }
+    let limit = scan_limit(shared);
     match shared.ownership.scope(&shared.hosted) {
-        None => shared.store.ready_actors(&shared.hosted, SCAN).await,
+        None => shared.store.ready_actors(&shared.hosted, limit).await,
         Some(scope) if scope.is_empty() => Ok(Vec::new()),
         Some(scope) => {
             let wanted: Vec<(&str, &[u32])> = scope
@@ -642,7 +665,7 @@ async fn scan_ready(shared: &Shared) -> crate::StoreResult<Vec<ActorId>> {
                 .collect();
             shared
                 .store
-                .ready_actors_in(&wanted, shared.ownership.partitions(), SCAN)
+                .ready_actors_in(&wanted, shared.ownership.partitions(), limit)
                 .await
         }
     }

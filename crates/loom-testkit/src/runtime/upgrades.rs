@@ -22,7 +22,69 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_failed_upgrade_parks_the_actor_and_fixed_code_upgrades_it_after_unpark,
         an_activity_output_the_new_code_cannot_decode_parks_the_actor,
         an_unfinished_invocation_whose_message_the_new_code_cannot_decode_parks_the_actor,
+        actors_old_code_declines_hide_no_later_ready_actor,
     ]
+}
+
+/// During a rollback, more actors of newer state than a scan reads (512) are ready, and old
+/// code declines each: their messages stay in the store's ready index, oldest first. A message
+/// that only the scan finds (one enqueued with a delay by another process: no wake-up, no
+/// alarm here) for an actor old code can run still runs. Before, every scan read the same 512
+/// declined actors, and the later one waited until newer code ran them.
+async fn actors_old_code_declines_hide_no_later_ready_actor(h: &Harness) {
+    use futures::future::join_all;
+    use loom_core::{Entry, Envelope, MessageId, Timestamp};
+    let go = serde_json::to_value(Msg::Go { gate: false }).unwrap();
+    // Journals of version 2 written as v2 would, and a message for each, at once.
+    let newer: Vec<ActorId> = (0..600).map(|i| upgrade(&format!("newer{i}"))).collect();
+    join_all(newer.iter().map(|id| {
+        let go = go.clone();
+        async move {
+            let entries = [
+                Entry::new(
+                    1,
+                    EntryKind::Invoked {
+                        message_id: MessageId::new(),
+                        payload: go.clone(),
+                        idempotency_key: None,
+                        requeued_from: None,
+                    },
+                ),
+                Entry::new(
+                    2,
+                    EntryKind::StateUpgraded {
+                        from: 0,
+                        to: 2,
+                        state: json!({ "total": 1, "upgraded_from": null }),
+                    },
+                ),
+                Entry::new(
+                    3,
+                    EntryKind::Completed {
+                        reply: json!("a b d"),
+                    },
+                ),
+            ];
+            h.store.append(id, 1, &entries).await.expect("a v2 journal");
+            h.store
+                .enqueue(&Envelope::new(id.clone(), go), None)
+                .await
+                .expect("a message for it");
+        }
+    }))
+    .await;
+    let late = upgrade("late");
+    h.store
+        .enqueue(
+            &Envelope::new(late.clone(), go),
+            Some(Timestamp::now() + std::time::Duration::from_millis(1500)),
+        )
+        .await
+        .expect("the delayed message");
+    let rt = v1(h).await;
+    finished(h, &late, 1).await;
+    assert!(rt.metrics().declined >= 512, "{:?}", rt.metrics().declined);
+    rt.shutdown().await;
 }
 
 /// What both versions of kind `upgrade` receive.
