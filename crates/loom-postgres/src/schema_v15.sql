@@ -26,3 +26,15 @@ BEGIN
         -- Deleted between the insert and the lock (an expired record purged): again.
     END LOOP;
 END $$;
+
+-- Indexes in byte order for the listings (`list_actors`, `mailboxes`, the parked listing: `loom
+-- journal ls`, `export`, `migrate`, `cluster status`, `parked list`), which page with
+-- `actor COLLATE "C" > $1 ORDER BY actor COLLATE "C" LIMIT n` so that every backend lists in
+-- the same order. The primary keys are in the database's collation and cannot serve them, so
+-- each page sorted the whole table: listing a million actors read it a thousand times. The
+-- actor column never changes, so updates of these rows stay HOT. Built in the migration's
+-- transaction: on a large store that holds writes to the three tables for as long as the
+-- build takes.
+CREATE INDEX IF NOT EXISTS journal_meta_actor_bytes ON {s}.journal_meta (actor COLLATE "C");
+CREATE INDEX IF NOT EXISTS mailbox_actor_bytes ON {s}.mailbox (actor COLLATE "C");
+CREATE INDEX IF NOT EXISTS parked_actor_bytes ON {s}.parked (actor COLLATE "C");
