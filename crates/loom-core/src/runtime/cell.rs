@@ -84,6 +84,11 @@ pub(crate) struct Cell<A: Actor> {
     /// trip): what is in memory is not what is journaled, so the cell is reloaded from the
     /// journal before anything else runs on it (`activation.rs` `serve`).
     diverged: bool,
+    /// How many snapshots newer than the one recovery started from failed their checks: a
+    /// compaction keeps that many more, so that they do not take the place of readable ones
+    /// (with `keep = 2` it would keep the unreadable one and its own, and delete the one
+    /// recovery used).
+    unreadable_snapshots: usize,
 }
 
 impl<A: Actor> Cell<A> {
@@ -134,6 +139,7 @@ impl<A: Actor> Cell<A> {
             last_change: r.last_change,
             retired: false,
             diverged: false,
+            unreadable_snapshots: usize::try_from(r.corrupt_snapshots).unwrap_or(usize::MAX),
         })
     }
 
@@ -933,7 +939,7 @@ impl<A: Actor> Cell<A> {
             shared.clone(),
             io.lease.clone(),
         );
-        let keep = policy.keep.max(1);
+        let keep = policy.keep.max(1).saturating_add(self.unreadable_snapshots);
         let spawner = shared.clone();
         spawner.spawn(async move {
             let result =

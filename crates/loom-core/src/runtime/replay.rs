@@ -702,7 +702,8 @@ pub enum CompactError {
 
 /// Compacts one actor's journal without its code: rebuilds its state from the newest readable
 /// snapshot and the journal's patches, saves a snapshot at the last seq where no invocation was
-/// half-done, keeps the newest `keep` snapshots, and trims what the oldest kept one covers.
+/// half-done, keeps the newest `keep` snapshots (and one more for each newer snapshot that was
+/// unreadable), and trims what the oldest kept one covers.
 ///
 /// Safe to run while the actor runs elsewhere: the snapshot is of entries already durable, the
 /// trim never passes it, and a runtime recovering the actor meanwhile notices the trim and
@@ -733,6 +734,8 @@ pub async fn compact_journal(
         given_up: r.given_up,
         last_change: Some(r.last_change.min(r.settled)),
     };
+    // Unreadable snapshots newer than the one it started from do not count toward `keep`.
+    let keep = keep.saturating_add(usize::try_from(r.corrupt_snapshots).unwrap_or(usize::MAX));
     let trimmed_through = snapshot_and_trim(store, id, r.settled, &body, keep, None).await?;
     Ok(Compacted {
         snapshot: r.settled,

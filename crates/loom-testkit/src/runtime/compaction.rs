@@ -132,6 +132,42 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
         "the fallback was not reported"
     );
     rt.shutdown().await;
+    // A compaction now does not count the unreadable snapshot toward `keep`: it keeps the one
+    // recovery used, so that the new one's corruption too leaves a snapshot to start from.
+    // (Before: it kept the unreadable one and its own, deleted the readable one, and trimmed
+    // through the unreadable one, so the actor could not be recovered.)
+    // One compaction: the entries replayed are past `every(10)` already, so the first turn
+    // starts it, and the next is 10 entries away.
+    let rt = h.runtime_with(|c| c.compaction = every(10)).await;
+    let a = rt.actor::<Account>("alice").unwrap();
+    a.send(AccountMsg::Deposit(1)).await.unwrap();
+    eventually(WAIT, "a compaction", || async {
+        rt.metrics().compactions >= 1
+    })
+    .await;
+    assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 51);
+    assert_eq!(rt.metrics().compactions, 1);
+    rt.shutdown().await;
+    let info = h.store.info(&id).await.unwrap();
+    let newest: Seq = *info.snapshots.last().unwrap();
+    h.faults.corrupt_snapshot(&id, newest);
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    assert_eq!(
+        tokio::time::timeout(
+            WAIT,
+            rt.actor::<Account>("alice")
+                .unwrap()
+                .ask(AccountMsg::Balance)
+        )
+        .await
+        .expect("no answer: the actor could not be recovered")
+        .unwrap(),
+        51,
+        "{info:?}"
+    );
+    rt.shutdown().await;
 }
 
 async fn crash_between_snapshot_and_trim_is_harmless(h: &Harness) {
