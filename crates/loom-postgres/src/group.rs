@@ -463,11 +463,12 @@ impl Columns {
 
 /// A batch statement's answer, one result per request in request order: its rows; or, when it
 /// failed for a reason the server gave (one request it could not run, or a deadlock it rolled
-/// back), each request again on its own with `single`; or, when the connection failed, that
-/// failure for every request (the batch may or may not have committed). Should one of those
-/// requests on its own find the server gone (its connection lost, or no answer within its
-/// bound), the ones after it are not sent: each gets that failure too, so that a batch's
-/// retries wait for a server that does not answer once, not once per request.
+/// back, or a timeout), each request again on its own with `single`; or, when the connection
+/// failed, that failure for every request (the batch may or may not have committed). Should
+/// one of those requests on its own find the server gone (its connection lost, or no answer
+/// within its bound) or time out there, the ones after it are not sent: each gets that failure
+/// too, so that a batch's retries wait for a server that does not answer once, not once per
+/// request.
 async fn answer<R, O, Fut>(
     batch: Result<Vec<PgRow>, sqlx::Error>,
     reqs: Vec<R>,
@@ -496,7 +497,7 @@ where
                 match single(r).await {
                     Ok(o) => out.push(Ok(o)),
                     Err(e) => {
-                        let unanswered = crate::unreachable(&e);
+                        let unanswered = crate::unreachable(&e) || timed_out(&e);
                         let e = pe(e);
                         if unanswered {
                             gone = Some(e.clone());
@@ -510,13 +511,21 @@ where
     }
 }
 
-/// Whether the server answered a batch's statement with a deadlock or a serialization failure:
+/// Whether the server answered a batch's statement with a deadlock, a serialization failure,
+/// or a statement or lock timeout (one request waiting on a row another session holds, say):
 /// it rolled the statement back (a batch is one statement, its own transaction), so nothing of
 /// the batch committed and each request can run alone, as after any other error the server
 /// answered with, rather than every caller hearing `Unavailable` ("may have committed"), which
 /// is what a lost connection must answer.
 fn rolled_back(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01" | "57014" | "55P03")))
+}
+
+/// Whether a request run alone timed out at the server (`statement_timeout`, or a lock
+/// timeout): the requests after it are not run alone, each of which could wait as long, but
+/// answered with its failure, so that a batch that timed out costs at most one timeout more.
+fn timed_out(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("57014" | "55P03")))
 }
 
 fn sql(schema: &str, text: &str) -> String {

@@ -999,3 +999,74 @@ async fn every_listing_page_is_read_from_an_index_in_byte_order() {
         );
     }
 }
+
+/// A row another session holds past `statement_timeout` times out the batch waiting on it; the
+/// server rolled the batch back, so its requests run alone, and those before the one on the
+/// held row commit (the one on it, and any after it, fail as `Unavailable`, after one timeout
+/// more at most). Before, every request of the batch failed with the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_timed_out_on_a_held_row_commits_the_requests_before_it() {
+    let server = PostgresServer::start();
+    // Four connections: one batch in flight at a time (`group::workers`).
+    let options = PostgresOptions {
+        schema: "faults".into(),
+        max_connections: 4,
+        statement_timeout: Duration::from_secs(2),
+        acquire_timeout: Duration::from_secs(2),
+        ..PostgresOptions::default()
+    };
+    let store = PostgresStore::connect_with(&server.url(), options)
+        .await
+        .expect("connect");
+    let admin = sqlx::PgPool::connect(&server.url())
+        .await
+        .expect("admin pool");
+    let (held, blocker) = (id(0), id(100));
+    for a in [&held, &blocker] {
+        store
+            .append(a, 1, &[entry(0, 1)])
+            .await
+            .expect("first append");
+    }
+    let hold = |a: loom_core::ActorId| {
+        let admin = admin.clone();
+        async move {
+            let mut tx = admin.begin().await.expect("begin");
+            sqlx::query("SELECT highest FROM faults.journal_meta WHERE actor = $1 FOR UPDATE")
+                .bind(a.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .expect("hold the row");
+            tx
+        }
+    };
+    let (held_tx, blocker_tx) = (hold(held.clone()).await, hold(blocker.clone()).await);
+    // The one batch in flight waits on the blocker's row while the next one gathers: ten
+    // appends to new journals, then one to the held row, last.
+    let spawn = |a: loom_core::ActorId, seq: u64| {
+        let s = store.clone();
+        tokio::spawn(async move { s.append(&a, seq, &[entry(0, seq)]).await })
+    };
+    let first = spawn(blocker.clone(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others: Vec<_> = (1..=10).map(|i| spawn(id(i), 1)).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let on_held = spawn(held.clone(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker_tx.rollback().await.expect("release the blocker");
+    assert_eq!(first.await.unwrap().expect("the blocker's append"), 2);
+    for (i, o) in others.into_iter().enumerate() {
+        assert_eq!(
+            o.await
+                .unwrap()
+                .expect("an append batched with one on a held row"),
+            1,
+            "append {i}"
+        );
+    }
+    match on_held.await.unwrap() {
+        Err(StoreError::Unavailable { .. }) => {}
+        other => panic!("the append on the held row: {other:?}"),
+    }
+    held_tx.rollback().await.expect("release");
+}
