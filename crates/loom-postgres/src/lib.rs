@@ -330,8 +330,8 @@ impl PostgresStore {
             .options([
                 ("statement_timeout", timeout.as_str()),
                 // A lock is waited for within `statement_timeout` alone: a `lock_timeout` a
-                // role or database carries would fail a batch waiting on a hot row as a
-                // storage error, and send its requests down the one-by-one path.
+                // role or database carries would time out a batch waiting on a hot row, and
+                // send its requests down the one-by-one path (`group.rs` `answer`).
                 ("lock_timeout", "0"),
                 // Every object of Loom's is named with its schema, and the functions' bodies
                 // run under the session's path: with the default one ("$user", public), a
