@@ -208,6 +208,22 @@ end
 -- ms in the order they were sent (by position: the zset orders such ties by the member's text,
 -- which puts 10 before 9); at most PROMOTE_MAX of them. q is how many undelivered messages the
 -- stream holds. Returns q after the move.
+-- A delayed message's id and frame from its mdx value, "<message id>|<frame>". A value that is
+-- missing or damaged (no bar, or an id that is no message id) gives an id made from its
+-- position, and what there is of the frame: it moves into the stream like any other, and the
+-- lease that hands it out finds a frame that does not decode and buries it (D14). A script
+-- that failed here instead would leave its writes before it in place (Redis rolls nothing
+-- back): a turn sending to the actor would have journaled its entries and lost its sends.
+local function mdx_parts(v, pos)
+  local bar = v and string.find(v, '|', 1, true)
+  local id = bar and string.sub(v, 1, bar - 1)
+  if id and string.match(id, '^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$') then
+    return id, string.sub(v, bar + 1)
+  end
+  local frame = (bar and string.sub(v, bar + 1)) or v or ''
+  return string.format('00000000-0000-4000-8000-%012x', tonumber(pos) or 0), frame
+end
+
 local function mb_promote(mb, now, q)
   -- A burst coming due at once is moved a slice at a time, by the leases, turns and enqueues
   -- that find it due, so that no script holds Redis's one thread for long; the stream still
@@ -239,9 +255,8 @@ local function mb_promote(mb, now, q)
   table.sort(due, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
   for _, d in ipairs(due) do
     local pos = d[3]
-    local v = redis.call('HGET', mb.mdx, pos)
-    local bar = string.find(v, '|', 1, true)
-    redis.call('XADD', mb.mq, '*', 'm', string.sub(v, bar + 1), 'id', string.sub(v, 1, bar - 1), 'p', pos)
+    local id, frame = mdx_parts(redis.call('HGET', mb.mdx, pos), pos)
+    redis.call('XADD', mb.mq, '*', 'm', frame, 'id', id, 'p', pos)
     redis.call('HDEL', mb.mdx, pos)
   end
   -- Exactly the members just moved: every one due before the last's ms (the script runs
@@ -286,8 +301,10 @@ local function mb_enqueue(mb, msgid, frame, due, now)
   return pos
 end
 
+-- A stream entry's fields by name; none for no entry (one gone from a damaged stream).
 local function mb_fields(entry)
   local f = {}
+  if not entry then return f end
   local kv = entry[2]
   for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
   return f
@@ -354,7 +371,8 @@ local function mb_bury(mb, dl, reason, now)
   local _, f = mb_current_entry(mb)
   local dlv = num(redis.call('HGET', mb.mm, 'dlv'))
   local id = redis.call('INCR', dl.seq) * dl.n + dl.p
-  redis.call('XADD', dl.key, tostring(id) .. '-0', 'env', f.m, 'actor', mb.actor, 'id', f.id, 'reason', reason, 'dlv', dlv, 'at', now)
+  -- An entry gone from the stream buries as an empty frame, a damaged dead letter (D14).
+  redis.call('XADD', dl.key, tostring(id) .. '-0', 'env', f.m or '', 'actor', mb.actor, 'id', f.id or '', 'reason', reason, 'dlv', dlv, 'at', now)
   mb_remove_current(mb, now)
   return id
 end
@@ -398,10 +416,17 @@ local function mb_lease(mb, dl, vis, max, now, pending, early)
       else
         -- Hand the current message out again (its consumer died or gave it back).
         local r = redis.call('XRANGE', mb.mq, v[7], v[7])
-        local f = mb_fields(r[1])
-        redis.call('HSET', mb.mm, 'dlv', dlv + 1, 'vis', now + vis)
-        mb_ready(mb, now, false, { cur = cur, vis = now + vis, q = q })
-        return { f.m, tonumber(f.p), dlv + 1, v[5] or false }
+        if #r == 0 then
+          -- Its entry is gone from the stream (damaged, or trimmed by hand): there is nothing
+          -- to hand out again, so it is settled, and the next one looked for.
+          mb_remove_current(mb, now)
+          pending = false
+        else
+          local f = mb_fields(r[1])
+          redis.call('HSET', mb.mm, 'dlv', dlv + 1, 'vis', now + vis)
+          mb_ready(mb, now, false, { cur = cur, vis = now + vis, q = q })
+          return { f.m, tonumber(f.p), dlv + 1, v[5] or false }
+        end
       end
     else
       if q == 0 then
@@ -1085,9 +1110,7 @@ local function messages(KEYS, ARGV)
       local f = mb_fields(redis.call('XRANGE', KEYS[2], c[5], c[5])[1])
       frame, msgid = f.m, f.id
     elseif not frame then
-      local v = redis.call('HGET', KEYS[4], tostring(c[1]))
-      local bar = string.find(v, '|', 1, true)
-      frame, msgid = string.sub(v, bar + 1), string.sub(v, 1, bar - 1)
+      msgid, frame = mdx_parts(redis.call('HGET', KEYS[4], tostring(c[1])), c[1])
     end
     out[#out + 1] = tostring(c[1])
     out[#out + 1] = frame
@@ -1115,8 +1138,7 @@ local function messages_frames(KEYS, ARGV)
     else
       local v = redis.call('HGET', KEYS[3], ARGV[i])
       if v then
-        local bar = string.find(v, '|', 1, true)
-        frame, msgid = string.sub(v, bar + 1), string.sub(v, 1, bar - 1)
+        msgid, frame = mdx_parts(v, ARGV[i])
       else
         out[1] = 'moved'
       end

@@ -1608,3 +1608,74 @@ async fn a_page_picked_while_the_actor_runs_is_whole() {
         (1..=50).collect::<Vec<u64>>()
     );
 }
+
+/// A delayed message whose record is damaged (no `|` between its id and frame), and a current
+/// message whose stream entry is gone, no longer fail every script that reaches them: the first
+/// moves into the stream when due and is buried at its lease (D14), the second is settled when
+/// its lease runs out, and the messages after each come out. Before, both raised a Lua error,
+/// which fails the script after whatever it wrote before (a turn sending to the actor had
+/// journaled its entries and pushed its outbox, and its sends were lost), and every lease and
+/// every send to the actor failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_delayed_and_current_records_are_settled_not_a_script_error() {
+    use loom_core::{Envelope, Mailbox, Timestamp};
+    let (_server, mut conn, store, a, _) = one_mailbox("dmg").await;
+    let opts = loom_core::store::LeaseOptions {
+        visibility: Duration::from_millis(100),
+        max_deliveries: 5,
+        ..loom_core::store::LeaseOptions::default()
+    };
+    let soon = Timestamp::now() + Duration::from_millis(50);
+    store
+        .enqueue(&Envelope::new(a.clone(), serde_json::json!(1)), Some(soon))
+        .await
+        .unwrap();
+    let () = redis::cmd("HSET")
+        .arg("dmg:{counter/c1}:mdx")
+        .arg(1)
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await
+        .expect("damage the delayed record");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = Envelope::new(a.clone(), serde_json::json!(2));
+    store
+        .enqueue(&second, None)
+        .await
+        .expect("a send behind a damaged delayed message");
+    let got = store
+        .lease(&a, opts)
+        .await
+        .expect("a lease, not an error")
+        .expect("the message after the damaged one");
+    assert_eq!(got.envelope.id, second.id);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "the damaged message is buried: {dead:?}");
+    // The current message's entry is lost from the stream while it is out.
+    let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg("dmg:{counter/c1}:mq")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let (sid, _) = entries.first().expect("the current message's entry");
+    let () = redis::cmd("XDEL")
+        .arg("dmg:{counter/c1}:mq")
+        .arg(sid)
+        .query_async(&mut conn)
+        .await
+        .map(|_: u64| ())
+        .expect("lose it");
+    let third = Envelope::new(a.clone(), serde_json::json!(3));
+    store.enqueue(&third, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let got = store
+        .lease(&a, opts)
+        .await
+        .expect("a lease, not an error")
+        .expect("the message after the lost one");
+    assert_eq!(got.envelope.id, third.id);
+    store.ack(&got.receipt).await.unwrap();
+    assert!(store.lease(&a, opts).await.unwrap().is_none());
+}
