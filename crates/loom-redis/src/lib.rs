@@ -237,7 +237,7 @@ scripts!(
     relay_move,
     requeue, ready_actors, acquire, lease_cas, renew_many, holder, reserve, abandon, begin_at,
     messages, messages_frames, park, unpark, migrate_ready, split_ready, heartbeat, leave, members,
-    record_format,
+    record_format, clock,
 );
 
 /// The entry points whose calls may touch several partitions' keys on one primary: the ready
@@ -274,6 +274,16 @@ fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), S
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
         return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
+    }
+    // An ACL user without a command Loom needs (a script's call of one answers "can't run this
+    // command"): retrying cannot help, so it is said as what to change, not as a failure.
+    if e.code() == Some("NOPERM") || e.to_string().contains("can't run this command") {
+        return StoreError::InvalidRequest(format!(
+            "the Redis user may not run a command Loom needs ({e}): besides reading and writing \
+             the store's keys, Loom's scripts call TIME (@fast), its nodes PUBLISH and SUBSCRIBE \
+             to the store's channels (@pubsub), and load and run scripts (@scripting); give the \
+             user +@all on the store's keys and channels"
+        ));
     }
     use redis::{ErrorKind, ServerErrorKind};
     // A server still loading its data, or between roles, answers again shortly; so does a
@@ -502,6 +512,10 @@ impl RedisStore {
             relay,
         };
         store.check_persistence().await;
+        // Every script reads the server's clock: a user that may not is refused here.
+        store
+            .run(&store.scripts.clock, &[&store.keys.format()], Vec::new())
+            .await?;
         if format != Some(STORED_FORMAT) {
             // Older layouts were of one partition, and never on a cluster.
             if partitions == 1 {
