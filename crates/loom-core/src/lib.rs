@@ -36,6 +36,7 @@ pub mod embedded;
 mod entry;
 mod envelope;
 mod error;
+mod finite;
 mod id;
 pub mod limits;
 pub mod partition;

@@ -48,6 +48,8 @@ pub const MAX_ERROR_VALUE_BYTES: usize = 64 * 1024;
 /// `value` as JSON if it encodes within [`MAX_ERROR_VALUE_BYTES`]; otherwise why not.
 pub fn error_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<serde_json::Value, String> {
     let v = serde_json::to_value(value).map_err(|e| format!("its value does not encode: {e}"))?;
+    crate::finite::refuse_non_finite(value, &v, "value")
+        .map_err(|e| format!("its value was left out: {e}"))?;
     let len = serde_json::to_vec(&v)
         .map(|b| b.len())
         .unwrap_or(usize::MAX);

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::Value;
+
+use crate::finite::refuse_non_finite;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -365,24 +367,24 @@ impl<A: Actor> Cell<A> {
                         serde_json::to_value(&self.state)?,
                         serde_json::to_value(&reply)?,
                     ))
-                })
-                .map_err(|e| format!("state or reply does not encode: {e}"))
-                .and_then(|(v, r)| {
-                    // As journaled: a recovery, and the caller, see the state and the reply as
-                    // they decode from their JSON, so the actor goes on from that state too.
-                    let state = as_journaled::<A::State>(&v, "state")?;
-                    as_journaled::<A::Reply>(&r, "reply")?;
-                    Ok((v, r, state))
                 });
                 match encoded {
-                    Ok((v, r, state)) => {
-                        if let Some(state) = state {
-                            self.state = state;
+                    Ok((v, r)) => {
+                        // A NaN or an infinity would be journaled (or recorded) as null, and
+                        // read back as another value, or as none: refused, once, since every
+                        // attempt would compute it alike.
+                        let refused = refuse_non_finite(&self.state, &v, "state")
+                            .and_then(|()| refuse_non_finite(&reply, &r, "reply"));
+                        if let Err(reason) = refused {
+                            self.restore_state();
+                            tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
+                            return self.give_up(io, shared, &d, inv.journaled, &reason).await;
                         }
                         (Outcome::Ok(r), Some(v))
                     }
-                    Err(reason) => {
+                    Err(e) => {
                         self.restore_state();
+                        let reason = format!("state or reply does not encode: {e}");
                         return self
                             .retry_or_give_up(
                                 io,
@@ -1061,35 +1063,6 @@ pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
 /// Runs the actor's types' serde code in `f`, which may panic (a hand-written `Serialize` or
 /// `Deserialize`): a panic is an error naming it, as a serde error is, and never the end of the
 /// actor's task.
-/// `T` as it decodes from `v`, its JSON, if that may differ from what encoded to it; an error
-/// if it does not decode. JSON has no NaN or infinity: serde_json encodes them as `null`, so
-/// a state holding one would be journaled as one that does not decode (an `f64` field: the
-/// actor would be parked at its next recovery) or decodes otherwise (an `Option<f64>`, read
-/// back as `None`, so that a recovery takes other branches than the live run). Only a value
-/// with a `null` in it can be such: `None` for the others, which are not decoded (a turn's
-/// state is not decoded twice for nothing).
-pub(super) fn as_journaled<T: serde::de::DeserializeOwned>(
-    v: &Value,
-    what: &str,
-) -> Result<Option<T>, String> {
-    fn has_null(v: &Value) -> bool {
-        match v {
-            Value::Null => true,
-            Value::Array(a) => a.iter().any(has_null),
-            Value::Object(o) => o.values().any(has_null),
-            _ => false,
-        }
-    }
-    if !has_null(v) {
-        return Ok(None);
-    }
-    serde_guard(|| T::deserialize(v)).map(Some).map_err(|e| {
-        format!(
-            "the {what} does not decode from the JSON it encodes to ({e}): JSON has no NaN or infinity, which serde_json encodes as null"
-        )
-    })
-}
-
 pub(super) fn serde_guard<T>(f: impl FnOnce() -> serde_json::Result<T>) -> Result<T, String> {
     match std::panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r.map_err(|e| e.to_string()),

@@ -565,6 +565,8 @@ impl AnyActorRef {
         self.check_kind()?;
         let id = self.id.clone();
         let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
+        crate::finite::refuse_non_finite(data, &payload, "event's data")
+            .map_err(SendError::Encode)?;
         let key = match opts.key {
             Some(k) => k,
             // The data's canonical JSON (object keys sorted) names it.
@@ -654,11 +656,11 @@ impl<A: Actor> ActorRef<A> {
         &self.any
     }
 
-    /// `msg` as JSON, refused if it does not decode back (a NaN, which JSON cannot hold): the
+    /// `msg` as JSON, refused if it holds a NaN or an infinity, which JSON cannot hold: the
     /// actor would dead-letter it as a message that does not decode.
     fn encode(msg: &A::Message) -> Result<Value, SendError> {
         let v = serde_json::to_value(msg).map_err(|e| SendError::Encode(e.to_string()))?;
-        super::cell::as_journaled::<A::Message>(&v, "message").map_err(SendError::Encode)?;
+        crate::finite::refuse_non_finite(msg, &v, "message").map_err(SendError::Encode)?;
         Ok(v)
     }
 

@@ -805,7 +805,7 @@ impl<'a> Context<'a> {
         let payload = serde_json::to_value(msg)
             .map_err(|e| StepError::Invalid(format!("message to {to} does not encode: {e}")))?;
         // Refused here, not dead-lettered by its receiver as a message that does not decode.
-        super::cell::as_journaled::<B::Message>(&payload, "message")
+        crate::finite::refuse_non_finite(msg, &payload, "message")
             .map_err(|e| StepError::Invalid(format!("message to {to}: {e}")))?;
         self.queue(
             step,
@@ -887,7 +887,7 @@ impl<'a> Context<'a> {
         let payload = serde_json::to_value(input).map_err(|e| {
             StepError::Invalid(format!("input of child {child} does not encode: {e}"))
         })?;
-        super::cell::as_journaled::<C::Message>(&payload, "input")
+        crate::finite::refuse_non_finite(input, &payload, "input")
             .map_err(|e| StepError::Invalid(format!("child {child}: {e}")))?;
         self.queue(step, child.clone(), payload, None, true);
         Ok(child)

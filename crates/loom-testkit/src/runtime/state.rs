@@ -4,8 +4,8 @@ use loom_core::EntryKind;
 use loom_core::runtime::{AskError, SendError};
 use serde_json::{Value, json};
 
-use super::common::{acct, worker};
-use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, runtime_cases};
+use super::common::{WAIT, acct, worker};
+use super::{Account, AccountMsg, Harness, RuntimeCase, Step, Worker, eventually, runtime_cases};
 
 pub(super) fn cases() -> Vec<RuntimeCase> {
     runtime_cases![
@@ -15,19 +15,19 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         rejected_turn_leaves_no_trace_in_the_state,
         first_state_change_replaces_the_whole_state,
         oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
-        a_state_json_cannot_hold_is_refused_or_kept_as_journaled,
+        a_value_json_cannot_hold_is_refused,
     ]
 }
 
-/// JSON has no NaN: serde_json encodes one as `null`. A state whose `f64` is NaN is refused
-/// (its message fails, naming why, and the journal keeps the state before it), and one whose
-/// `Option<f64>` is `Some(NaN)` goes on as it was journaled, `None`, live as after a restart.
-/// A message holding a NaN is refused when it is sent, by a client or by an actor, instead of
-/// being dead-lettered by its receiver as one that does not decode.
-/// Before: the first was journaled as `null`, and the actor, which went on with NaN in memory,
-/// was parked at its next recovery (its state no longer decoding); the second read
-/// `Some(NaN)` live and `None` after a restart, so a recovery took other branches.
-async fn a_state_json_cannot_hold_is_refused_or_kept_as_journaled(h: &Harness) {
+/// JSON has no NaN or infinity: serde_json encodes one as `null`, without an error. A state
+/// holding one (an `f64`, or an `Option<f64>` of `Some(NaN)`) fails its message, once, naming
+/// why, and the journal keeps the state before it; a message holding one is refused when it is
+/// sent, by a client or by an actor, and so are an event's data. Before: the `f64` was
+/// journaled as `null`, and the actor, which went on with NaN in memory, was parked at its next
+/// recovery; `Some(NaN)` was read live and `None` after a restart, so a recovery took other
+/// branches; and a message holding one was dead-lettered by its receiver as one that does not
+/// decode.
+async fn a_value_json_cannot_hold_is_refused(h: &Harness) {
     use super::{Gauge, GaugeMsg};
     let start = || h.runtime_registering(|b| b.register_actor(Gauge), |_| {});
     let rt = start().await;
@@ -36,21 +36,34 @@ async fn a_state_json_cannot_hold_is_refused_or_kept_as_journaled(h: &Harness) {
         let g = rt.actor::<Gauge>("g").unwrap();
         async move { g.ask(GaugeMsg::Read).await.unwrap() }
     };
+    let said = "holds a NaN or an infinity";
     g.ask(GaugeMsg::Mean { sum: 10, n: 4 }).await.unwrap();
-    match g.ask(GaugeMsg::Mean { sum: 0, n: 0 }).await {
-        Err(AskError::Failed(reason)) => assert!(
-            reason.contains("does not decode from the JSON it encodes to"),
-            "{reason}"
-        ),
-        other => panic!("a NaN state was taken: {other:?}"),
+    for (n, msg) in [
+        GaugeMsg::Mean { sum: 0, n: 0 },
+        GaugeMsg::Keep { sum: 0, n: 0 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        match g.ask(msg).await {
+            Err(AskError::Failed(reason)) => assert!(reason.contains(said), "{reason}"),
+            other => panic!("a NaN state was taken: {other:?}"),
+        }
+        // Given up at once: every attempt would compute it alike.
+        eventually(WAIT, "the give-up counted", || async {
+            rt.metrics().dead_letters == n as u64 + 1
+        })
+        .await;
     }
-    // The reply is what the handler saw; the state goes on as journaled.
-    g.ask(GaugeMsg::Keep { sum: 0, n: 0 }).await.unwrap();
     let kept = "GaugeState { mean: 2.5, kept: None }";
     assert_eq!(read(&rt).await, kept);
     match g.send(GaugeMsg::Set(f64::NAN)).await {
-        Err(SendError::Encode(reason)) => assert!(reason.contains("does not decode"), "{reason}"),
+        Err(SendError::Encode(reason)) => assert!(reason.contains(said), "{reason}"),
         other => panic!("a message holding a NaN was sent: {other:?}"),
+    }
+    match g.deliver_event("reading", &f64::INFINITY).await {
+        Err(SendError::Encode(reason)) => assert!(reason.contains(said), "{reason}"),
+        other => panic!("an event holding an infinity was delivered: {other:?}"),
     }
     let forward = GaugeMsg::Forward {
         to: "g".to_owned(),
@@ -58,7 +71,7 @@ async fn a_state_json_cannot_hold_is_refused_or_kept_as_journaled(h: &Harness) {
         n: 0,
     };
     match g.ask(forward).await {
-        Err(AskError::Rejected(r)) => assert!(r.reason().contains("does not decode"), "{r:?}"),
+        Err(AskError::Rejected(r)) => assert!(r.reason().contains(said), "{r:?}"),
         other => panic!("an actor sent a message holding an infinity: {other:?}"),
     }
     assert_eq!(read(&rt).await, kept);
