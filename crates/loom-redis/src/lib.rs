@@ -512,10 +512,15 @@ impl RedisStore {
             relay,
         };
         store.check_persistence().await;
-        // Every script reads the server's clock: a user that may not is refused here.
-        store
-            .run(&store.scripts.clock, &[&store.keys.format()], Vec::new())
-            .await?;
+        // Every script reads the server's clock: a user that may not is refused here, on every
+        // primary of a cluster (each has its own users), by a key of each partition's slot.
+        let mut slots = vec![store.keys.format()];
+        if store.conn.is_cluster() {
+            slots.extend((0..store.keys.partitions()).map(|p| store.keys.outbox(p).1));
+        }
+        for key in &slots {
+            store.run(&store.scripts.clock, &[key], Vec::new()).await?;
+        }
         if format != Some(STORED_FORMAT) {
             // Older layouts were of one partition, and never on a cluster.
             if partitions == 1 {

@@ -418,8 +418,9 @@ local function mb_lease(mb, dl, vis, max, now, pending, early)
         local r = redis.call('XRANGE', mb.mq, v[7], v[7])
         if #r == 0 then
           -- Its entry is gone from the stream (damaged, or trimmed by hand): there is nothing
-          -- to hand out again, so it is settled, and the next one looked for.
-          mb_remove_current(mb, now)
+          -- to hand out again, so it is buried (an empty frame, a damaged dead letter, D14),
+          -- and the next one looked for.
+          mb_bury(mb, dl, 'its stream entry is gone', now)
           pending = false
         else
           local f = mb_fields(r[1])
@@ -760,16 +761,16 @@ local function split_ready(KEYS, ARGV)
   return { 'ok', #page / 2 }
 end
 
--- KEYS: format   ARGV: this build's stored format
--- Records it unless a newer one (or one no build writes) is recorded: { 'ok' }, or
--- { 'newer', recorded } having written nothing.
--- The server's clock in ms, run once at every connect: a Redis user that may not run TIME,
--- which nearly every script calls (`now_ms`), is refused there (`re`: InvalidRequest), not
--- at every request after it. KEYS: P:format (for its slot only)
+-- The server's clock in ms, run at every connect (on every primary of a cluster): a Redis user
+-- that may not run TIME, which nearly every script calls (`now_ms`), is refused there (`re`:
+-- InvalidRequest), not at every request after it. KEYS: one key, for its slot only
 local function clock(KEYS, ARGV)
   return { 'ok', tostring(now_ms()) }
 end
 
+-- KEYS: format   ARGV: this build's stored format
+-- Records it unless a newer one (or one no build writes) is recorded: { 'ok' }, or
+-- { 'newer', recorded } having written nothing.
 local function record_format(KEYS, ARGV)
   local f = redis.call('GET', KEYS[1])
   if f and (tonumber(f) == nil or tonumber(f) > tonumber(ARGV[1])) then

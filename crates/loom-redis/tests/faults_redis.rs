@@ -1627,7 +1627,7 @@ async fn a_page_picked_while_the_actor_runs_is_whole() {
 
 /// A delayed message whose record is damaged (no `|` between its id and frame), and a current
 /// message whose stream entry is gone, no longer fail every script that reaches them: the first
-/// moves into the stream when due and is buried at its lease (D14), the second is settled when
+/// moves into the stream when due and is buried at its lease (D14), the second is buried when
 /// its lease runs out, and the messages after each come out. Before, both raised a Lua error,
 /// which fails the script after whatever it wrote before (a turn sending to the actor had
 /// journaled its entries and pushed its outbox, and its sends were lost), and every lease and
@@ -1694,4 +1694,6 @@ async fn damaged_delayed_and_current_records_are_settled_not_a_script_error() {
     assert_eq!(got.envelope.id, third.id);
     store.ack(&got.receipt).await.unwrap();
     assert!(store.lease(&a, opts).await.unwrap().is_none());
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2, "the lost message is buried too: {dead:?}");
 }
