@@ -203,6 +203,7 @@ pub(crate) fn appends(
                 reqs,
                 |row| (row.get::<bool, _>(1), row.get::<i64, _>(2)),
                 single,
+                pool.within,
             )
             .await
         }
@@ -289,7 +290,14 @@ pub(crate) fn turns(pool: Bounded, schema: &str, workers: usize) -> Batcher<Turn
                 c.query(&many, false)
             };
             let batch = statement.fetch_all(&pool).await;
-            answer(batch, reqs, |row| TurnOut::from_row(row, 1), single).await
+            answer(
+                batch,
+                reqs,
+                |row| TurnOut::from_row(row, 1),
+                single,
+                pool.within,
+            )
+            .await
         }
         .boxed()
     });
@@ -335,7 +343,14 @@ pub(crate) fn leases(pool: Bounded, schema: &str, workers: usize) -> Batcher<Lea
                 .bind(reqs.iter().map(|l| l.max).collect::<Vec<_>>())
                 .bind(reqs.iter().map(|l| l.early).collect::<Vec<_>>());
             let batch = statement.fetch_all(&pool).await;
-            answer(batch, reqs, |row| LeaseOut::from_row(row, 1), single).await
+            answer(
+                batch,
+                reqs,
+                |row| LeaseOut::from_row(row, 1),
+                single,
+                pool.within,
+            )
+            .await
         }
         .boxed()
     });
@@ -468,12 +483,15 @@ impl Columns {
 /// one of those requests on its own find the server gone (its connection lost, or no answer
 /// within its bound) or time out there, the ones after it are not sent: each gets that failure
 /// too, so that a batch's retries wait for a server that does not answer once, not once per
-/// request.
+/// request. So do those left once the requests run alone have taken `budget` (a statement's
+/// bound) in all: on a server slow enough to time the batch out, each could take nearly a
+/// timeout without reaching one, and a batch of many would hold its worker for many.
 async fn answer<R, O, Fut>(
     batch: Result<Vec<PgRow>, sqlx::Error>,
     reqs: Vec<R>,
     row: impl Fn(&PgRow) -> O,
     single: impl Fn(R) -> Fut,
+    budget: std::time::Duration,
 ) -> Vec<StoreResult<O>>
 where
     Fut: std::future::Future<Output = Result<O, sqlx::Error>>,
@@ -489,7 +507,11 @@ where
             }
             let mut out = Vec::with_capacity(n);
             let mut gone: Option<StoreError> = None;
+            let deadline = tokio::time::Instant::now() + budget;
             for r in reqs {
+                if gone.is_none() && tokio::time::Instant::now() >= deadline {
+                    gone = Some(e.clone());
+                }
                 if let Some(e) = &gone {
                     out.push(Err(e.clone()));
                     continue;
@@ -577,12 +599,42 @@ mod tests {
                     }
                 }
             },
+            std::time::Duration::from_secs(60),
         )
         .await;
         assert_eq!(sent.load(Ordering::SeqCst), 2, "requests sent one by one");
         assert!(matches!(out[0], Ok(10)));
         for r in &out[1..] {
             assert!(matches!(r, Err(StoreError::Unavailable { .. })), "{r:?}");
+        }
+    }
+
+    /// Requests run alone after a batch failed stop being sent once they have taken the
+    /// budget in all, each slow but none failing: the rest get the batch's failure. Before, a
+    /// server slow enough to time a batch out held its worker for about a timeout per request.
+    #[tokio::test]
+    async fn requests_run_alone_stop_at_the_budget() {
+        let sent = AtomicUsize::new(0);
+        let refused = Err(sqlx::Error::Protocol("refused".into()));
+        let out = answer(
+            refused,
+            vec![1, 2, 3, 4, 5, 6],
+            |_| 0,
+            |r: i32| {
+                sent.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Ok(r)
+                }
+            },
+            std::time::Duration::from_millis(250),
+        )
+        .await;
+        // At 0, 100 and 200 ms under the budget (later on a loaded machine), at 300 past it.
+        let sent = sent.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&sent), "{sent} requests sent one by one");
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.is_ok(), i < sent, "request {i}: {r:?}");
         }
     }
 }
