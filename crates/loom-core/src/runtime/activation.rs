@@ -623,38 +623,32 @@ const DUE_RECHECK: Duration = Duration::from_millis(10);
 /// comes back full would spin on a backlog that cannot be activated yet, `max_active`.)
 const SCAN: usize = 512;
 
-/// Most actors a scan asks for beyond [`SCAN`], one for each actor this node leaves alone for
-/// a while ([`look_again_later`]).
+/// Most actors a scan asks for beyond [`SCAN`] (see [`held_in`]).
 const SCAN_PAST: usize = 8 * SCAN;
 
-/// How many actors a scan asks for: [`SCAN`], and one more for each actor this node leaves
-/// alone for now (parked, declined, or panicking at activation; up to [`SCAN_PAST`]). Their
-/// messages stay in the store's ready index, oldest first, and the scan does not activate
-/// them: without room for them, as many as a scan reads (older code declining newer state
-/// during a rollback, say) would hide every later ready actor of this node's partitions,
-/// whose delayed messages and retries only the scan finds.
-fn scan_limit(shared: &Shared) -> usize {
+/// How many of a scan's `ids` this node leaves alone for now (parked, declined, or panicking
+/// at activation: [`look_again_later`]). Their messages stay in the store's ready index,
+/// oldest first, and the scan does not activate them, so the next scan asks for that many
+/// more than [`SCAN`] (up to [`SCAN_PAST`]): without room for them, as many as a scan reads
+/// (older code declining newer state during a rollback, say) would hide every later ready
+/// actor of this node's partitions, whose delayed messages and retries only the scan finds.
+fn held_in(shared: &Shared, ids: &[ActorId]) -> usize {
     let now = Instant::now();
-    let held = shared
-        .parked
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .filter(|until| **until > now)
-        .count();
-    SCAN + held.min(SCAN_PAST)
+    let parked = shared.parked.lock().unwrap_or_else(|p| p.into_inner());
+    ids.iter()
+        .filter(|id| parked.get(*id).is_some_and(|until| *until > now))
+        .count()
 }
 
-/// The ready actors of the partitions this node holds, at most [`scan_limit`]: when nodes
-/// share the store, the store looks only in those partitions (its index is per kind and
-/// partition), so another node's backlog, however large, hides none of this node's work.
-async fn scan_ready(shared: &Shared) -> crate::StoreResult<Vec<ActorId>> {
+/// The ready actors of the partitions this node holds, at most `limit`: when nodes share the
+/// store, the store looks only in those partitions (its index is per kind and partition), so
+/// another node's backlog, however large, hides none of this node's work.
+async fn scan_ready(shared: &Shared, limit: usize) -> crate::StoreResult<Vec<ActorId>> {
     // A node hosting nothing (a client) runs no actor: nothing to look for. (`scope` of no
     // kinds says "every partition", which would ask the store about no kinds every poll.)
     if shared.hosted.is_empty() {
         return Ok(Vec::new());
     }
-    let limit = scan_limit(shared);
     match shared.ownership.scope(&shared.hosted) {
         None => shared.store.ready_actors(&shared.hosted, limit).await,
         Some(scope) if scope.is_empty() => Ok(Vec::new()),
@@ -684,11 +678,13 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     // The scan for due delayed messages, retries and other nodes' messages runs at least every
     // poll interval, however often arrivals wake the loop in between.
     let mut next_scan = tokio::time::Instant::now();
+    // How many of the last scan's actors this node left alone (`held_in`).
+    let mut held = 0;
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             let began = shared.moment();
-            match scan_ready(&shared).await {
+            match scan_ready(&shared, SCAN + held.min(SCAN_PAST)).await {
                 Ok(ids) => {
                     // What a hand-off gave up since the scope was read is left alone.
                     let ids: Vec<ActorId> = ids
@@ -708,6 +704,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     if done.contains(&Activation::Skipped) {
                         next_scan = next_scan.min(tokio::time::Instant::now() + DUE_RECHECK);
                     }
+                    held = held_in(&shared, &ids);
                 }
                 // Not noted in `health`: a read that failed once says little of the store (a
                 // connection dropped), and what the runtime writes says the rest.
