@@ -257,6 +257,52 @@ pub fn encode<T: Serialize>(ty: RecordType, value: &T) -> Result<Vec<u8>, CodecE
     Ok(buf)
 }
 
+/// How deep arrays and objects nest in JSON text (a byte scan: strings skipped, escapes
+/// included). serde_json reads back no deeper than
+/// [`MAX_JSON_DEPTH`](crate::limits::MAX_JSON_DEPTH).
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Refused ([`StoreError::TooLarge`](crate::StoreError::TooLarge)) if the JSON text `json`
+/// nests deeper than [`MAX_JSON_DEPTH`](crate::limits::MAX_JSON_DEPTH): it could not be read
+/// back.
+pub(crate) fn check_depth(json: &[u8], what: impl FnOnce() -> String) -> crate::StoreResult<()> {
+    let depth = json_depth(json);
+    if depth > crate::limits::MAX_JSON_DEPTH {
+        return Err(crate::StoreError::TooLarge {
+            what: format!("{} (its JSON nests {depth} levels deep)", what()),
+            size: depth,
+            limit: crate::limits::MAX_JSON_DEPTH,
+            limit_kind: crate::Limit::JsonDepth,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a frame's header and checksum and returns its body as stored (compressed if the
 /// frame's version is [`FORMAT_ZSTD`]; [`decode`] expands it).
 pub fn open_frame(ty: RecordType, bytes: &[u8]) -> Result<&[u8], CodecError> {
@@ -358,6 +404,23 @@ pub fn decode_snapshot(seq: Seq, bytes: &[u8]) -> Result<Snapshot, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The depth scan counts arrays and objects, not brackets inside strings (escaped quotes
+    /// included), and agrees with what serde_json reads back.
+    #[test]
+    fn json_depth_counts_containers_not_brackets_in_strings() {
+        assert_eq!(json_depth(br#"1"#), 0);
+        assert_eq!(json_depth(br#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(json_depth(br#"["[[[{", "\"[[", {"k\"}": "]]"}]"#), 2);
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let limit = crate::limits::MAX_JSON_DEPTH;
+        for n in [limit - 1, limit, limit + 1] {
+            let text = nested(n);
+            assert_eq!(json_depth(text.as_bytes()), n);
+            let read = serde_json::from_str::<serde_json::Value>(&text);
+            assert_eq!(read.is_ok(), n <= limit, "{n} levels: {read:?}");
+        }
+    }
     use crate::entry::EntryKind;
 
     fn entry() -> Entry {

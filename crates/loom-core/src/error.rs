@@ -28,6 +28,8 @@ pub enum Limit {
     RedoRecordBytes,
     /// [`crate::store::MAX_NODE_KINDS`]: the kinds one node announces.
     NodeKinds,
+    /// [`crate::limits::MAX_JSON_DEPTH`]: how deep a record's JSON nests (the size is levels).
+    JsonDepth,
 }
 
 /// A shared, cloneable cause (stores hand one failure to every caller of a group commit).
@@ -77,7 +79,7 @@ pub enum StoreError {
     TooLarge {
         /// What was too large, such as `entry 12 of account/alice`.
         what: String,
-        /// Its size (bytes, or entries for a batch count).
+        /// Its size (bytes, entries for a batch count, levels for [`Limit::JsonDepth`]).
         size: usize,
         /// The limit.
         limit: usize,

@@ -30,6 +30,14 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// Smaller than [`MAX_ENTRY_BYTES`] so that the `Invoked` entry recording a message always fits.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// Deepest nesting of arrays and objects in a stored record's JSON (a journal entry, a
+/// snapshot, a message), Loom's own wrapping included (a few levels around a user's value:
+/// an envelope around a message's payload, an entry around a state's patch). serde_json reads
+/// back no deeper than this, so a record past it is refused when it is written
+/// ([`StoreError::TooLarge`](crate::StoreError::TooLarge), [`Limit::JsonDepth`](crate::Limit::JsonDepth)),
+/// instead of being stored and then read as damaged.
+pub const MAX_JSON_DEPTH: usize = 127;
+
 /// Largest encoded idempotency result, in bytes (1 MiB).
 pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 

@@ -1127,6 +1127,9 @@ fn unwritable(e: &StoreError) -> Option<String> {
         Limit::EntryBytes | Limit::MessageBytes => Some(format!(
             "its invocation cannot be written: {what} is {size} bytes, over the limit of {limit}"
         )),
+        Limit::JsonDepth => Some(format!(
+            "its invocation cannot be written: {what}, deeper than the {limit} levels a stored record may nest"
+        )),
         _ => None,
     }
 }

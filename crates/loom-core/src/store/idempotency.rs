@@ -136,5 +136,8 @@ pub fn prepare_result(
             limit_kind: Limit::ResultBytes,
         });
     }
+    crate::codec::check_depth(&bytes, || {
+        format!("result for idempotency key {key} of {actor}")
+    })?;
     Ok(bytes)
 }

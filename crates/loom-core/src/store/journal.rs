@@ -278,6 +278,9 @@ pub fn encode_entry(actor: &ActorId, entry: &Entry) -> StoreResult<Vec<u8>> {
             limit_kind: Limit::EntryBytes,
         });
     }
+    codec::check_depth(&plain[codec::HEADER_LEN..], || {
+        format!("entry {} of {actor}", entry.seq)
+    })?;
     Ok(plain)
 }
 
@@ -306,6 +309,9 @@ pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> St
             limit_kind: Limit::SnapshotBytes,
         });
     }
+    codec::check_depth(&plain[codec::HEADER_LEN..], || {
+        format!("snapshot {} of {actor}", snapshot.seq)
+    })?;
     codec::compress_frame(plain)
         .map(|e| e.frame)
         .map_err(|e| StoreError::InvalidRequest(format!("snapshot of {actor}: {e}")))

@@ -639,6 +639,9 @@ pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
             limit_kind: Limit::MessageBytes,
         });
     }
+    codec::check_depth(&bytes[codec::HEADER_LEN..], || {
+        format!("message {} to {}", msg.id, msg.to)
+    })?;
     Ok(bytes)
 }
 

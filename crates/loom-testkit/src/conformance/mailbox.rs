@@ -35,6 +35,7 @@ pub(super) fn cases() -> Vec<Case> {
         ready_actors_and_next_due_follow_the_mailboxes,
         mailboxes_are_isolated_per_actor,
         oversized_message_is_refused_and_nothing_enqueued,
+        a_message_nested_too_deep_to_read_back_is_refused,
         pending_counts_every_waiting_message,
         positions_grow_and_are_never_reused,
         concurrent_leases_hand_a_message_out_once,
@@ -548,6 +549,37 @@ async fn oversized_message_is_refused_and_nothing_enqueued(store: Arc<dyn Store>
     store.enqueue(&fits, None).await.unwrap();
     let d = store.lease(&a, long()).await.unwrap().expect("delivery");
     assert!(d.envelope == fits, "the large message came back different");
+}
+
+/// serde_json reads JSON back no deeper than `MAX_JSON_DEPTH` levels: a message whose payload
+/// nests deeper is refused when it is enqueued, with nothing written, instead of being stored
+/// and then buried at its lease as a damaged frame. One just within the limit comes back whole.
+async fn a_message_nested_too_deep_to_read_back_is_refused(store: Arc<dyn Store>) {
+    use loom_core::limits::MAX_JSON_DEPTH;
+    let nested = |levels: usize| {
+        let mut v = json!("deep");
+        for _ in 0..levels {
+            v = json!([v]);
+        }
+        v
+    };
+    let a = id("a");
+    let deep = Envelope::new(a.clone(), nested(MAX_JSON_DEPTH));
+    match store.enqueue(&deep, None).await {
+        Err(StoreError::TooLarge {
+            limit_kind: Limit::JsonDepth,
+            limit,
+            size,
+            ..
+        }) => assert!(limit == MAX_JSON_DEPTH && size > limit, "{size} of {limit}"),
+        other => panic!("a message nested past the limit: {other:?}"),
+    }
+    assert_eq!(store.pending(&a).await.unwrap(), 0);
+    // The envelope nests its payload one level down.
+    let fits = Envelope::new(a.clone(), nested(MAX_JSON_DEPTH - 1));
+    store.enqueue(&fits, None).await.unwrap();
+    let d = store.lease(&a, long()).await.unwrap().expect("delivery");
+    assert!(d.envelope == fits, "the deep message came back different");
 }
 
 async fn pending_counts_every_waiting_message(store: Arc<dyn Store>) {
