@@ -405,6 +405,36 @@ pub fn decode_snapshot(seq: Seq, bytes: &[u8]) -> Result<Snapshot, CodecError> {
 mod tests {
     use super::*;
 
+    /// A float comes back from a frame exactly as it went in (serde_json's `float_roundtrip`):
+    /// a live run and its replay see the same activity output, state and reply. Without it,
+    /// 3.0 * 0.07 = 0.21000000000000002 came back as 0.21.
+    #[test]
+    fn floats_come_back_exactly() {
+        let floats = [
+            3.0 * 0.07,
+            0.1 + 0.2,
+            1.0 / 3.0,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            5e-324,
+        ];
+        let e = Entry::new(
+            7,
+            EntryKind::Completed {
+                reply: serde_json::json!(floats),
+            },
+        );
+        let back: Entry =
+            decode(RecordType::Entry, &encode(RecordType::Entry, &e).unwrap()).unwrap();
+        let EntryKind::Completed { reply } = back.kind else {
+            panic!("{back:?}")
+        };
+        let back: Vec<f64> = serde_json::from_value(reply).unwrap();
+        for (a, b) in floats.iter().zip(&back) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a:?} came back as {b:?}");
+        }
+    }
+
     /// The depth scan counts arrays and objects, not brackets inside strings (escaped quotes
     /// included), and agrees with what serde_json reads back.
     #[test]
