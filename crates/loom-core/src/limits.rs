@@ -72,6 +72,25 @@ pub fn error_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<serde_json
 /// Longest change id of [`Context::patched`](crate::Context::patched), in bytes.
 pub const MAX_CHANGE_ID_LEN: usize = 128;
 
+/// Longest name of an activity or of an awaited event
+/// ([`Context::activity`](crate::Context::activity), [`Context::wait_event`](crate::Context::wait_event)),
+/// in bytes. Checked when the step is first taken (a replay takes what its journal holds): a
+/// longer name is [`StepError::Invalid`](crate::runtime::StepError::Invalid), instead of a
+/// step whose later entries (the event's receipt, which names it) would be refused.
+pub const MAX_STEP_NAME_LEN: usize = 1024;
+
+/// Refuses an activity's or an event's name (`what`) that is empty or longer than
+/// [`MAX_STEP_NAME_LEN`].
+pub(crate) fn check_step_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_STEP_NAME_LEN {
+        return Err(format!(
+            "{what} name is 1 to {MAX_STEP_NAME_LEN} bytes, not {}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Most dead letters purged in one call ([`crate::Mailbox::purge_dead_letters`]).
 pub const MAX_PURGE_IDS: usize = 1000;
 

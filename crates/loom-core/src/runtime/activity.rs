@@ -471,6 +471,8 @@ impl Context<'_> {
                 }
             }
             None => {
+                crate::limits::check_step_name("an activity's", name)
+                    .map_err(StepError::Invalid)?;
                 let input = serde_json::to_value(input).map_err(|e| {
                     StepError::Invalid(format!("input of activity {name} does not encode: {e}"))
                 })?;

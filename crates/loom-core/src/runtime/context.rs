@@ -1187,6 +1187,7 @@ impl<'a> Context<'a> {
                 }
             }
             None => {
+                crate::limits::check_step_name("an event's", name).map_err(StepError::Invalid)?;
                 let deadline = timeout.map(|t| Timestamp::now() + t);
                 self.inv.push(EntryKind::EventAwaited {
                     step,

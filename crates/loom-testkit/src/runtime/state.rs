@@ -218,6 +218,28 @@ async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(
     let a = rt.actor::<Account>("alice").unwrap();
     assert_eq!(a.ask(AccountMsg::Deposit(7)).await.unwrap(), 7);
     let before = h.highest(&id).await;
+    // An activity's or an awaited event's name over its limit: the step is refused when it is
+    // taken, naming the limit (before: an event's name of a few MiB was journaled, and the
+    // entry that receives the event, naming it, refused only when the event came).
+    let long = "n".repeat(loom_core::limits::MAX_STEP_NAME_LEN + 1);
+    for step in [
+        Step::Activity {
+            name: long.clone(),
+            fail: false,
+            hold: false,
+        },
+        Step::Wait {
+            name: long.clone(),
+            timeout_ms: Some(10),
+        },
+    ] {
+        match rt.actor::<Worker>("named").unwrap().ask(vec![step]).await {
+            Err(AskError::Rejected(r)) => {
+                assert!(r.reason().contains("name is 1 to 1024 bytes"), "{r:?}")
+            }
+            other => panic!("a step named past the limit: {other:?}"),
+        }
+    }
     // A message over the limit: refused at send, nothing enqueued.
     let big = "x".repeat(MAX_MESSAGE_BYTES);
     match rt
