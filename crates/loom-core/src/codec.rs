@@ -259,7 +259,7 @@ pub fn encode<T: Serialize>(ty: RecordType, value: &T) -> Result<Vec<u8>, CodecE
 
 /// How deep arrays and objects nest in JSON text (a byte scan: strings skipped, escapes
 /// included). serde_json reads back no deeper than
-/// [`MAX_JSON_DEPTH`](crate::limits::MAX_JSON_DEPTH).
+/// [`READ_JSON_DEPTH`](crate::limits::READ_JSON_DEPTH).
 pub fn json_depth(json: &[u8]) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
@@ -288,19 +288,36 @@ pub fn json_depth(json: &[u8]) -> usize {
 }
 
 /// Refused ([`StoreError::TooLarge`](crate::StoreError::TooLarge)) if the JSON text `json`
-/// nests deeper than [`MAX_JSON_DEPTH`](crate::limits::MAX_JSON_DEPTH): it could not be read
-/// back.
-pub(crate) fn check_depth(json: &[u8], what: impl FnOnce() -> String) -> crate::StoreResult<()> {
+/// nests deeper than `limit` levels ([`MAX_JSON_DEPTH`](crate::limits::MAX_JSON_DEPTH), or one
+/// less for a message, whose payload the entry that invokes it nests one level deeper).
+pub(crate) fn check_depth(
+    json: &[u8],
+    limit: usize,
+    what: impl FnOnce() -> String,
+) -> crate::StoreResult<()> {
+    // Each level takes two bytes at least.
+    if json.len() < 2 * (limit + 1) {
+        return Ok(());
+    }
     let depth = json_depth(json);
-    if depth > crate::limits::MAX_JSON_DEPTH {
+    if depth > limit {
         return Err(crate::StoreError::TooLarge {
-            what: format!("{} (its JSON nests {depth} levels deep)", what()),
+            what: format!("the nesting, in levels, of {}", what()),
             size: depth,
-            limit: crate::limits::MAX_JSON_DEPTH,
+            limit,
             limit_kind: crate::Limit::JsonDepth,
         });
     }
     Ok(())
+}
+
+/// How deep arrays and objects nest in `v` (0 for a scalar).
+pub fn value_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(value_depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Checks a frame's header and checksum and returns its body as stored (compressed if the
@@ -443,7 +460,7 @@ mod tests {
         assert_eq!(json_depth(br#"{"a":[1,{"b":[]}]}"#), 4);
         assert_eq!(json_depth(br#"["[[[{", "\"[[", {"k\"}": "]]"}]"#), 2);
         let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
-        let limit = crate::limits::MAX_JSON_DEPTH;
+        let limit = crate::limits::READ_JSON_DEPTH;
         for n in [limit - 1, limit, limit + 1] {
             let text = nested(n);
             assert_eq!(json_depth(text.as_bytes()), n);

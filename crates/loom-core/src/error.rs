@@ -9,6 +9,7 @@ use crate::id::{ActorId, IdError, MessageId};
 
 /// Which limit an input broke; see [`crate::limits`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Limit {
     /// [`crate::limits::MAX_ENTRY_BYTES`].
     EntryBytes,

@@ -30,13 +30,18 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 /// Smaller than [`MAX_ENTRY_BYTES`] so that the `Invoked` entry recording a message always fits.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// How deep serde_json reads JSON back: 127 levels of arrays and objects (it writes any).
+pub const READ_JSON_DEPTH: usize = 127;
+
 /// Deepest nesting of arrays and objects in a stored record's JSON (a journal entry, a
-/// snapshot, a message), Loom's own wrapping included (a few levels around a user's value:
-/// an envelope around a message's payload, an entry around a state's patch). serde_json reads
-/// back no deeper than this, so a record past it is refused when it is written
+/// snapshot, a message, a recorded reply), its own wrapping included (an envelope around a
+/// message's payload, an entry around a state). A record past it is refused when it is written
 /// ([`StoreError::TooLarge`](crate::StoreError::TooLarge), [`Limit::JsonDepth`](crate::Limit::JsonDepth)),
-/// instead of being stored and then read as damaged.
-pub const MAX_JSON_DEPTH: usize = 127;
+/// instead of being stored and then read as damaged. The levels between it and
+/// [`READ_JSON_DEPTH`] are for what wraps a record later: a dead letter around a message, an
+/// embedded store's row around a recorded reply, a line of `loom export` or a page of the admin
+/// API around an entry or a snapshot, an entry around the message it invokes.
+pub const MAX_JSON_DEPTH: usize = 120;
 
 /// Largest encoded idempotency result, in bytes (1 MiB).
 pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
@@ -72,7 +77,7 @@ pub fn error_value<T: serde::Serialize + ?Sized>(value: &T) -> Result<serde_json
 /// Longest change id of [`Context::patched`](crate::Context::patched), in bytes.
 pub const MAX_CHANGE_ID_LEN: usize = 128;
 
-/// Longest name of an activity or of an awaited event
+/// Longest name of an activity or of an awaited event (an empty one is refused too)
 /// ([`Context::activity`](crate::Context::activity), [`Context::wait_event`](crate::Context::wait_event)),
 /// in bytes. Checked when the step is first taken (a replay takes what its journal holds): a
 /// longer name is [`StepError::Invalid`](crate::runtime::StepError::Invalid), instead of a
@@ -80,7 +85,7 @@ pub const MAX_CHANGE_ID_LEN: usize = 128;
 pub const MAX_STEP_NAME_LEN: usize = 1024;
 
 /// Refuses an activity's or an event's name (`what`) that is empty or longer than
-/// [`MAX_STEP_NAME_LEN`].
+/// [`MAX_STEP_NAME_LEN`]: a name is 1 to 1 024 bytes.
 pub(crate) fn check_step_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_STEP_NAME_LEN {
         return Err(format!(

@@ -242,6 +242,16 @@ impl Ingress {
         )
         .await
         .map_err(|_| ApiError::BodyTimeout(self.opts.body_timeout))??;
+        // A message's payload nests one level inside its envelope, and two inside the entry
+        // that invokes it, which is stored no deeper than `MAX_JSON_DEPTH`: refused before
+        // parsing, as too large.
+        let depth = loom_core::codec::json_depth(&bytes);
+        let most = loom_core::limits::MAX_JSON_DEPTH - 2;
+        if depth > most {
+            return Err(ApiError::TooLarge(format!(
+                "the body nests {depth} levels deep; a message may nest {most}"
+            )));
+        }
         let body = if bytes.is_empty() {
             Value::Null
         } else {

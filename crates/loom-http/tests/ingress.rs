@@ -195,6 +195,21 @@ async fn bad_requests_get_typed_errors_and_send_nothing() {
             "too_large",
         ),
         (
+            // Nested deeper than a stored message may be (its entry nests it two levels
+            // further down): refused before it is parsed, not stored and then buried as a
+            // damaged frame.
+            req(
+                "/actors/tickets/t1/send",
+                &format!(
+                    "{}1{}",
+                    "[".repeat(loom_core::limits::MAX_JSON_DEPTH - 1),
+                    "]".repeat(loom_core::limits::MAX_JSON_DEPTH - 1)
+                ),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
             // A form post, as any web page can make a browser send: refused.
             Request::post("/actors/tickets/t1/send")
                 .header("content-type", "text/plain")

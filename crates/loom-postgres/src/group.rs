@@ -484,8 +484,9 @@ impl Columns {
 /// within its bound) or time out there, the ones after it are not sent: each gets that failure
 /// too, so that a batch's retries wait for a server that does not answer once, not once per
 /// request. So do those left once the requests run alone have taken `budget` (a statement's
-/// bound) in all: on a server slow enough to time the batch out, each could take nearly a
-/// timeout without reaching one, and a batch of many would hold its worker for many.
+/// bound) in all (`Unavailable`, not sent): on a server slow enough to time the batch out, each
+/// could take nearly a timeout without reaching one, and a batch of many would hold its worker
+/// for many. The one under way at the budget runs to its own bound: two bounds at most.
 async fn answer<R, O, Fut>(
     batch: Result<Vec<PgRow>, sqlx::Error>,
     reqs: Vec<R>,
@@ -510,7 +511,14 @@ where
             let deadline = tokio::time::Instant::now() + budget;
             for r in reqs {
                 if gone.is_none() && tokio::time::Instant::now() >= deadline {
-                    gone = Some(e.clone());
+                    // Not sent: retried as after a lost connection (nothing of it was written).
+                    gone = Some(StoreError::unavailable(
+                        crate::BACKEND,
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "not sent: the requests run alone after their batch failed took a statement's bound",
+                        ),
+                    ));
                 }
                 if let Some(e) = &gone {
                     out.push(Err(e.clone()));

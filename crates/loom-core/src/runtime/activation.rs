@@ -678,12 +678,14 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     // The scan for due delayed messages, retries and other nodes' messages runs at least every
     // poll interval, however often arrivals wake the loop in between.
     let mut next_scan = tokio::time::Instant::now();
-    // How many of the last scan's actors this node left alone (`held_in`).
-    let mut held = 0;
+    // The last scan's actors: how many of them this node leaves alone (`held_in`, counted
+    // just before the next scan, once their activations had time to decline) widens it.
+    let mut last: Vec<ActorId> = Vec::new();
     loop {
         if scan || tokio::time::Instant::now() >= next_scan {
             next_scan = tokio::time::Instant::now() + shared.config.poll_interval;
             let began = shared.moment();
+            let held = held_in(&shared, &last);
             match scan_ready(&shared, SCAN + held.min(SCAN_PAST)).await {
                 Ok(ids) => {
                     // What a hand-off gave up since the scope was read is left alone.
@@ -704,7 +706,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     if done.contains(&Activation::Skipped) {
                         next_scan = next_scan.min(tokio::time::Instant::now() + DUE_RECHECK);
                     }
-                    held = held_in(&shared, &ids);
+                    last = ids;
                 }
                 // Not noted in `health`: a read that failed once says little of the store (a
                 // connection dropped), and what the runtime writes says the rest.

@@ -374,7 +374,8 @@ impl<A: Actor> Cell<A> {
                         // read back as another value, or as none: refused, once, since every
                         // attempt would compute it alike.
                         let refused = refuse_non_finite(&self.state, &v, "state")
-                            .and_then(|()| refuse_non_finite(&reply, &r, "reply"));
+                            .and_then(|()| refuse_non_finite(&reply, &r, "reply"))
+                            .and_then(|()| refuse_too_deep(&v));
                         if let Err(reason) = refused {
                             self.restore_state();
                             tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
@@ -1058,6 +1059,24 @@ impl<A: Actor> Cell<A> {
 /// (a sleep, a wait for an event) do not count.
 pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
     max_attempts.max(1) + 2
+}
+
+/// How many levels a snapshot or a whole-state entry adds around a state (the record, then the
+/// snapshot's body or the entry's kind).
+const STATE_WRAP: usize = 2;
+
+/// Refuses a state nested too deep for its snapshot (or a whole-state entry) to be stored: its
+/// patches, which name where they change it in a path, may each be shallow, but every snapshot
+/// would be refused, and compaction fail for good.
+fn refuse_too_deep(state: &Value) -> Result<(), String> {
+    let depth = crate::codec::value_depth(state);
+    if depth + STATE_WRAP > crate::limits::MAX_JSON_DEPTH {
+        return Err(format!(
+            "the state nests {depth} levels deep: its snapshot would nest deeper than the {} levels a stored record may",
+            crate::limits::MAX_JSON_DEPTH
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the actor's types' serde code in `f`, which may panic (a hand-written `Serialize` or

@@ -136,7 +136,7 @@ pub fn prepare_result(
             limit_kind: Limit::ResultBytes,
         });
     }
-    crate::codec::check_depth(&bytes, || {
+    crate::codec::check_depth(&bytes, crate::limits::MAX_JSON_DEPTH, || {
         format!("result for idempotency key {key} of {actor}")
     })?;
     Ok(bytes)

@@ -9,7 +9,9 @@ use crate::codec;
 use crate::entry::{Entry, Seq, Snapshot};
 use crate::error::{Limit, StoreError, StoreResult};
 use crate::id::ActorId;
-use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_ENTRY_BYTES, MAX_SNAPSHOT_BYTES};
+use crate::limits::{
+    MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, MAX_ENTRY_BYTES, MAX_JSON_DEPTH, MAX_SNAPSHOT_BYTES,
+};
 use crate::store::Lease;
 
 /// Which entries to read: seqs `from..=to`, at most `max` of them; with
@@ -278,7 +280,7 @@ pub fn encode_entry(actor: &ActorId, entry: &Entry) -> StoreResult<Vec<u8>> {
             limit_kind: Limit::EntryBytes,
         });
     }
-    codec::check_depth(&plain[codec::HEADER_LEN..], || {
+    codec::check_depth(&plain[codec::HEADER_LEN..], MAX_JSON_DEPTH, || {
         format!("entry {} of {actor}", entry.seq)
     })?;
     Ok(plain)
@@ -309,7 +311,7 @@ pub fn prepare_snapshot(actor: &ActorId, snapshot: &Snapshot, keep: usize) -> St
             limit_kind: Limit::SnapshotBytes,
         });
     }
-    codec::check_depth(&plain[codec::HEADER_LEN..], || {
+    codec::check_depth(&plain[codec::HEADER_LEN..], MAX_JSON_DEPTH, || {
         format!("snapshot {} of {actor}", snapshot.seq)
     })?;
     codec::compress_frame(plain)

@@ -639,9 +639,12 @@ pub fn prepare_message(msg: &Envelope) -> StoreResult<Vec<u8>> {
             limit_kind: Limit::MessageBytes,
         });
     }
-    codec::check_depth(&bytes[codec::HEADER_LEN..], || {
-        format!("message {} to {}", msg.id, msg.to)
-    })?;
+    // One level less: the entry that invokes it nests its payload one level deeper.
+    codec::check_depth(
+        &bytes[codec::HEADER_LEN..],
+        crate::limits::MAX_JSON_DEPTH - 1,
+        || format!("message {} to {}", msg.id, msg.to),
+    )?;
     Ok(bytes)
 }
 

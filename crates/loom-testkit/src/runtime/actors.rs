@@ -720,3 +720,40 @@ impl Actor for Gauge {
         Ok(format!("{state:?}"))
     }
 }
+
+/// An actor whose state is JSON that each message nests deeper: `Nest`'s message `k` puts `k`
+/// more levels of arrays at its innermost point (so each change's patch is shallow, naming the
+/// place in its path), and the reply is how deep it nests now.
+#[derive(Default)]
+pub struct Nest;
+
+impl Actor for Nest {
+    const KIND: &'static str = "nest";
+    type State = serde_json::Value;
+    type Message = usize;
+    type Reply = usize;
+
+    async fn handle(
+        &self,
+        state: &mut serde_json::Value,
+        _ctx: &mut Context<'_>,
+        more: usize,
+    ) -> Result<usize, Rejected> {
+        let mut deeper = serde_json::json!(0);
+        for _ in 0..more {
+            deeper = serde_json::json!([deeper]);
+        }
+        let mut depth = 0;
+        let mut probe = &*state;
+        while let Some(inner) = probe.as_array().and_then(|a| a.first()) {
+            probe = inner;
+            depth += 1;
+        }
+        let mut at = &mut *state;
+        for _ in 0..depth {
+            at = &mut at[0];
+        }
+        *at = deeper;
+        Ok(depth + more)
+    }
+}

@@ -42,8 +42,8 @@ use loom_core::runtime::{Config, Retry, Runtime, RuntimeBuilder};
 use loom_core::{ActorId, EntryKind, Seq, SeqRange, Store};
 
 pub use actors::{
-    Account, AccountMsg, Balance, Counter, Gauge, GaugeMsg, GaugeState, Ghost, Log, Probe, Step,
-    Touchy, TouchyState, TouchyWord, Worker,
+    Account, AccountMsg, Balance, Counter, Gauge, GaugeMsg, GaugeState, Ghost, Log, Nest, Probe,
+    Step, Touchy, TouchyState, TouchyWord, Worker,
 };
 pub use cluster::partitions_won;
 

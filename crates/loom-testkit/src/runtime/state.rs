@@ -16,6 +16,7 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         first_state_change_replaces_the_whole_state,
         oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing,
         a_value_json_cannot_hold_is_refused,
+        a_state_nested_too_deep_to_snapshot_is_refused_once,
     ]
 }
 
@@ -78,6 +79,40 @@ async fn a_value_json_cannot_hold_is_refused(h: &Harness) {
     rt.shutdown().await;
     let rt = start().await;
     assert_eq!(read(&rt).await, kept, "recovered otherwise than it ran");
+    rt.shutdown().await;
+}
+
+/// A state that each turn nests a little deeper, at its innermost point, changes by shallow
+/// patches, but its snapshot (and a whole-state entry) would nest it two levels down: the turn
+/// that would take it past `MAX_JSON_DEPTH` fails its message once, naming why, and the actor
+/// goes on from the state before. Before, the turn was journaled, and every snapshot after it
+/// refused, so compaction failed for good and the journal was never trimmed.
+async fn a_state_nested_too_deep_to_snapshot_is_refused_once(h: &Harness) {
+    use super::Nest;
+    use loom_core::limits::MAX_JSON_DEPTH;
+    let start = || h.runtime_registering(|b| b.register_actor(Nest), |_| {});
+    let rt = start().await;
+    let n = rt.actor::<Nest>("n").unwrap();
+    assert_eq!(n.ask(60).await.unwrap(), 60);
+    let most = MAX_JSON_DEPTH - 2;
+    assert_eq!(n.ask(most - 60).await.unwrap(), most);
+    match n.ask(1).await {
+        Err(AskError::Failed(reason)) => {
+            assert!(
+                reason.contains("its snapshot would nest deeper"),
+                "{reason}"
+            )
+        }
+        other => panic!("a state past the depth a snapshot may hold: {other:?}"),
+    }
+    eventually(WAIT, "the give-up counted", || async {
+        rt.metrics().dead_letters == 1
+    })
+    .await;
+    assert_eq!(n.ask(0).await.unwrap(), most, "the state before it");
+    rt.shutdown().await;
+    let rt = start().await;
+    assert_eq!(rt.actor::<Nest>("n").unwrap().ask(0).await.unwrap(), most);
     rt.shutdown().await;
 }
 
