@@ -37,10 +37,11 @@ pub const READ_JSON_DEPTH: usize = 127;
 /// snapshot, a message, a recorded reply), its own wrapping included (an envelope around a
 /// message's payload, an entry around a state). A record past it is refused when it is written
 /// ([`StoreError::TooLarge`](crate::StoreError::TooLarge), [`Limit::JsonDepth`](crate::Limit::JsonDepth)),
-/// instead of being stored and then read as damaged. The levels between it and
-/// [`READ_JSON_DEPTH`] are for what wraps a record later: a dead letter around a message, an
-/// embedded store's row around a recorded reply, a line of `loom export` or a page of the admin
-/// API around an entry or a snapshot, an entry around the message it invokes.
+/// instead of being stored and then read as damaged. A message may nest one level less: the
+/// entry that invokes it nests its payload one level deeper than its envelope. The levels
+/// between it and [`READ_JSON_DEPTH`] are for what wraps a record later: a dead letter around
+/// a message, an embedded store's row around a recorded reply, a line of `loom export` or a
+/// page of the admin API around an entry or a snapshot.
 pub const MAX_JSON_DEPTH: usize = 120;
 
 /// Largest encoded idempotency result, in bytes (1 MiB).

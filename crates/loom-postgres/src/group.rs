@@ -553,7 +553,7 @@ fn rolled_back(e: &sqlx::Error) -> bool {
 
 /// Whether a request run alone timed out at the server (`statement_timeout`, or a lock
 /// timeout): the requests after it are not run alone, each of which could wait as long, but
-/// answered with its failure, so that a batch that timed out costs at most one timeout more.
+/// answered with its failure, so that a batch that timed out costs at most two bounds more.
 fn timed_out(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("57014" | "55P03")))
 }

@@ -375,7 +375,7 @@ impl<A: Actor> Cell<A> {
                         // attempt would compute it alike.
                         let refused = refuse_non_finite(&self.state, &v, "state")
                             .and_then(|()| refuse_non_finite(&reply, &r, "reply"))
-                            .and_then(|()| refuse_too_deep(&v));
+                            .and_then(|()| refuse_too_deep(&v, &self.value));
                         if let Err(reason) = refused {
                             self.restore_state();
                             tracing::warn!(actor = %self.id, message = %id, %reason, "giving the message up");
@@ -1061,16 +1061,20 @@ pub(crate) fn give_up_after(max_attempts: u32) -> u32 {
     max_attempts.max(1) + 2
 }
 
-/// How many levels a snapshot or a whole-state entry adds around a state (the record, then the
-/// snapshot's body or the entry's kind).
+/// How many levels a snapshot (or a `StateUpgraded` entry) adds around a state: the record,
+/// then the snapshot's body (or the entry's kind).
 const STATE_WRAP: usize = 2;
 
-/// Refuses a state nested too deep for its snapshot (or a whole-state entry) to be stored: its
-/// patches, which name where they change it in a path, may each be shallow, but every snapshot
-/// would be refused, and compaction fail for good.
-fn refuse_too_deep(state: &Value) -> Result<(), String> {
+/// Refuses a state that a turn made too deep for its snapshot to be stored: its patches, which
+/// name where they change it in a path, may each be shallow, but every snapshot would be
+/// refused, and compaction fail for good. (A patch entry nests its value deeper still, and is
+/// checked when it is written.) A state already that deep (journaled by a build before this
+/// check) that the turn does not deepen is let through, so that its actor keeps working.
+fn refuse_too_deep(state: &Value, before: &Value) -> Result<(), String> {
     let depth = crate::codec::value_depth(state);
-    if depth + STATE_WRAP > crate::limits::MAX_JSON_DEPTH {
+    if depth + STATE_WRAP > crate::limits::MAX_JSON_DEPTH
+        && depth > crate::codec::value_depth(before)
+    {
         return Err(format!(
             "the state nests {depth} levels deep: its snapshot would nest deeper than the {} levels a stored record may",
             crate::limits::MAX_JSON_DEPTH
@@ -1147,7 +1151,7 @@ fn unwritable(e: &StoreError) -> Option<String> {
             "its invocation cannot be written: {what} is {size} bytes, over the limit of {limit}"
         )),
         Limit::JsonDepth => Some(format!(
-            "its invocation cannot be written: {what}, deeper than the {limit} levels a stored record may nest"
+            "its invocation cannot be written: {what} is {size}, deeper than the {limit} it may nest"
         )),
         _ => None,
     }

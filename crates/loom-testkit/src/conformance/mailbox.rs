@@ -551,9 +551,11 @@ async fn oversized_message_is_refused_and_nothing_enqueued(store: Arc<dyn Store>
     assert!(d.envelope == fits, "the large message came back different");
 }
 
-/// serde_json reads JSON back no deeper than `MAX_JSON_DEPTH` levels: a message whose payload
-/// nests deeper is refused when it is enqueued, with nothing written, instead of being stored
-/// and then buried at its lease as a damaged frame. One just within the limit comes back whole.
+/// A stored record nests no deeper than `MAX_JSON_DEPTH` levels, short of the `READ_JSON_DEPTH`
+/// serde_json reads back, and a message one less (the entry that invokes it nests its payload
+/// one level deeper): a message nested deeper is refused when it is enqueued, with nothing
+/// written, instead of being stored and then buried at its lease as a damaged frame. One just
+/// within the limit comes back whole.
 async fn a_message_nested_too_deep_to_read_back_is_refused(store: Arc<dyn Store>) {
     use loom_core::limits::MAX_JSON_DEPTH;
     let nested = |levels: usize| {
