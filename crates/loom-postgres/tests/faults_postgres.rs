@@ -13,16 +13,31 @@ use loom_testkit::load::{
 use loom_testkit::servers::PostgresServer;
 
 async fn connect(url: &str) -> PostgresStore {
+    connect_tuned(url, 8, Duration::from_secs(5), Duration::from_secs(2)).await
+}
+
+/// A store of schema `faults` with these pool settings.
+async fn connect_tuned(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: Duration,
+    acquire_timeout: Duration,
+) -> PostgresStore {
     let options = PostgresOptions {
         schema: "faults".into(),
-        max_connections: 8,
-        statement_timeout: Duration::from_secs(5),
-        acquire_timeout: Duration::from_secs(2),
+        max_connections,
+        statement_timeout,
+        acquire_timeout,
         ..PostgresOptions::default()
     };
     PostgresStore::connect_with(url, options)
         .await
         .expect("connect")
+}
+
+/// A plain pool on the server, to look at and hold what the store uses.
+async fn admin(url: &str) -> sqlx::PgPool {
+    sqlx::PgPool::connect(url).await.expect("admin pool")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,9 +105,7 @@ async fn append_held_on_its_row(
 async fn connection_cut_mid_append_is_a_typed_error_and_the_retry_writes_once() {
     let server = PostgresServer::start();
     let store = connect(&server.url()).await;
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     let a = id(0);
     assert_eq!(
         store
@@ -178,21 +191,16 @@ impl Drop for Stopped {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_whose_server_stops_answering_fails_within_its_bound() {
     let server = PostgresServer::start();
-    let options = PostgresOptions {
-        schema: "faults".into(),
-        max_connections: 4,
-        // Long enough that the server does not cancel the statement before the test has
-        // found its process and stopped it.
-        statement_timeout: Duration::from_secs(4),
-        acquire_timeout: Duration::from_secs(1),
-        ..PostgresOptions::default()
-    };
-    let store = PostgresStore::connect_with(&server.url(), options)
-        .await
-        .expect("connect");
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    // A statement timeout long enough that the server does not cancel the statement before
+    // the test has found its process and stopped it.
+    let store = connect_tuned(
+        &server.url(),
+        4,
+        Duration::from_secs(4),
+        Duration::from_secs(1),
+    )
+    .await;
+    let admin = admin(&server.url()).await;
     let a = id(0);
     store
         .append(&a, 1, &[entry(0, 1)])
@@ -290,9 +298,7 @@ async fn every_call_whose_server_stops_answering_fails_within_its_bound() {
         notifications: false,
         ..PostgresOptions::default()
     };
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     let a = id(0);
     let first = PostgresStore::connect_with(&server.url(), options.clone())
         .await
@@ -747,9 +753,7 @@ async fn asking_for_a_held_lease_does_not_wait_for_the_turns_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_waits_for_the_migration_lock_and_needs_no_right_to_create_schemas() {
     let server = PostgresServer::start();
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     let mut held = admin.begin().await.expect("begin");
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('loom schema mig'))")
         .execute(&mut *held)
@@ -858,9 +862,7 @@ async fn a_journal_of_large_entries_is_read_in_pages_bounded_by_bytes() {
 async fn a_function_planted_in_public_is_never_called() {
     let server = PostgresServer::start();
     let store = connect(&server.url()).await;
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     for plant in [
         "CREATE TABLE public.calls (at timestamptz)",
         "CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql AS \
@@ -900,9 +902,7 @@ async fn a_record_purged_while_reserve_looks_at_it_is_reserved_again() {
     use loom_core::{IdempotencyKey, IdempotencyStore, Reservation};
     let server = PostgresServer::start();
     let store = connect(&server.url()).await;
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     let (a, key) = (id(0), IdempotencyKey::new("k").unwrap());
     assert!(matches!(
         store.reserve(&a, &key, Duration::from_millis(1)).await,
@@ -971,9 +971,7 @@ async fn a_record_purged_while_reserve_looks_at_it_is_reserved_again() {
 async fn every_listing_page_is_read_from_an_index_in_byte_order() {
     let server = PostgresServer::start();
     let _store = connect(&server.url()).await;
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let admin = admin(&server.url()).await;
     for query in [
         "SELECT actor FROM faults.journal_meta WHERE actor COLLATE \"C\" > 'a' ORDER BY actor COLLATE \"C\" LIMIT 1000",
         "SELECT actor FROM faults.mailbox WHERE count > 0 AND actor COLLATE \"C\" > 'a' ORDER BY actor COLLATE \"C\" LIMIT 1000",
@@ -1008,19 +1006,14 @@ async fn every_listing_page_is_read_from_an_index_in_byte_order() {
 async fn a_batch_timed_out_on_a_held_row_commits_the_requests_before_it() {
     let server = PostgresServer::start();
     // Four connections: one batch in flight at a time (`group::workers`).
-    let options = PostgresOptions {
-        schema: "faults".into(),
-        max_connections: 4,
-        statement_timeout: Duration::from_secs(2),
-        acquire_timeout: Duration::from_secs(2),
-        ..PostgresOptions::default()
-    };
-    let store = PostgresStore::connect_with(&server.url(), options)
-        .await
-        .expect("connect");
-    let admin = sqlx::PgPool::connect(&server.url())
-        .await
-        .expect("admin pool");
+    let store = connect_tuned(
+        &server.url(),
+        4,
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .await;
+    let admin = admin(&server.url()).await;
     let (held, blocker) = (id(0), id(100));
     for a in [&held, &blocker] {
         store

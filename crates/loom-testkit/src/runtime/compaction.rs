@@ -99,6 +99,21 @@ async fn compaction_racing_appends_loses_nothing(h: &Harness) {
     rt.shutdown().await;
 }
 
+/// Makes the newest kept snapshot of `id` read as corrupt, and starts a runtime that does not
+/// compact; returns it and the journal's info before.
+async fn newest_snapshot_corrupted(
+    h: &Harness,
+    id: &loom_core::ActorId,
+) -> (loom_core::Runtime, loom_core::JournalInfo) {
+    let info = h.store.info(id).await.unwrap();
+    let newest: Seq = *info.snapshots.last().unwrap();
+    h.faults.corrupt_snapshot(id, newest);
+    let rt = h
+        .runtime_with(|c| c.compaction = Compaction::DISABLED)
+        .await;
+    (rt, info)
+}
+
 async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: &Harness) {
     let rt = h.runtime_with(|c| c.compaction = every(10)).await;
     let a = rt.actor::<Account>("alice").unwrap();
@@ -112,12 +127,7 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
     })
     .await;
     rt.shutdown().await;
-    let info = h.store.info(&id).await.unwrap();
-    let newest: Seq = *info.snapshots.last().unwrap();
-    h.faults.corrupt_snapshot(&id, newest);
-    let rt = h
-        .runtime_with(|c| c.compaction = Compaction::DISABLED)
-        .await;
+    let (rt, _) = newest_snapshot_corrupted(h, &id).await;
     assert_eq!(
         rt.actor::<Account>("alice")
             .unwrap()
@@ -148,12 +158,7 @@ async fn recovery_falls_back_to_an_older_snapshot_when_the_newest_is_corrupt(h: 
     assert_eq!(a.ask(AccountMsg::Balance).await.unwrap(), 51);
     assert_eq!(rt.metrics().compactions, 1);
     rt.shutdown().await;
-    let info = h.store.info(&id).await.unwrap();
-    let newest: Seq = *info.snapshots.last().unwrap();
-    h.faults.corrupt_snapshot(&id, newest);
-    let rt = h
-        .runtime_with(|c| c.compaction = Compaction::DISABLED)
-        .await;
+    let (rt, info) = newest_snapshot_corrupted(h, &id).await;
     assert_eq!(
         tokio::time::timeout(
             WAIT,
