@@ -1466,7 +1466,10 @@ fn every_command_speaks_json() {
 /// `journal verify` on a store in use: an actor appends and compacts all the while, as a
 /// node's actor does, and every run of verify says ok. Before, an append between its look at
 /// the journal and its read of the entries, or a compaction trimming under the read, was
-/// reported as damage ("1 of 1 journals failed verification").
+/// reported as damage ("1 of 1 journals failed verification"). Then a journal compacted after
+/// every append could still fail it: a check started over at each trim under its read, up to
+/// five times, and a busy journal trims more often than that; now the read goes on from the new
+/// trim point.
 #[test]
 fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
     use loom_core::{Entry, EntryKind, JournalStore, Snapshot};
@@ -1498,7 +1501,9 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
             while !stop.load(Ordering::Relaxed) {
                 let e = Entry::new(next, EntryKind::Completed { reply: json!(next) });
                 store.append(&a, next, &[e]).await.expect("append");
-                if next.is_multiple_of(4) {
+                // Every other append trims, and the journal never holds more than two entries,
+                // so nearly every read of verify has a trim under it.
+                if next.is_multiple_of(2) {
                     let snapshot = Snapshot::new(next, json!(next));
                     store
                         .compact(&a, &snapshot, 1, None)
