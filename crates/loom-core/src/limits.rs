@@ -97,6 +97,27 @@ pub(crate) fn check_step_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest delay of a scheduled message, a century: [`SendOptions::delay`], a
+/// [`Context::send_after`], the HTTP ingress's `delay_ms`. A longer one is refused when sent
+/// (`SendError::Invalid`, or `StepError::Invalid` in a handler): a due time past it saturated
+/// to "never", and the message held its place in the mailbox, and its key, for good.
+///
+/// [`SendOptions::delay`]: crate::runtime::SendOptions::delay
+/// [`Context::send_after`]: crate::Context::send_after
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Refuses a scheduled message's delay over [`MAX_DELAY`].
+pub(crate) fn check_delay(delay: std::time::Duration) -> Result<(), String> {
+    if delay > MAX_DELAY {
+        return Err(format!(
+            "a message's delay is at most {} s (a century), not {} s",
+            MAX_DELAY.as_secs(),
+            delay.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// Most dead letters purged in one call ([`crate::Mailbox::purge_dead_letters`]).
 pub const MAX_PURGE_IDS: usize = 1000;
 

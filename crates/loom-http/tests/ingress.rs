@@ -240,6 +240,24 @@ async fn bad_requests_get_typed_errors_and_send_nothing() {
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
+        // A delay past a century: before, it saturated to "never" and was taken (202).
+        (
+            req(
+                &format!("/actors/tickets/t1/send?delay_ms={}", u64::MAX),
+                r#"{"Add": 1}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // An event name no wait could receive (over 1 024 bytes): before, taken (202).
+        (
+            req(
+                &format!("/actors/tickets/t1/events/{}", "n".repeat(1025)),
+                r#"{"n": 1}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
         (
             post("/actors/tickets/t1/send")
                 .header("idempotency-key", "")

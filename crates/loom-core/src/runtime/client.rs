@@ -60,6 +60,11 @@ pub enum SendError {
     /// The runtime is shutting down.
     #[error("runtime is shut down")]
     Shutdown,
+    /// A request past a limit other than the message's own: a delay over
+    /// [`MAX_DELAY`](crate::limits::MAX_DELAY), an event name that is empty or over
+    /// [`MAX_STEP_NAME_LEN`](crate::limits::MAX_STEP_NAME_LEN).
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 /// Why `ask` did not return a reply.
@@ -364,6 +369,9 @@ impl AnyActorRef {
         msg: Value,
         opts: SendOptions,
     ) -> Result<Sent, SendError> {
+        if let Some(d) = opts.delay {
+            crate::limits::check_delay(d).map_err(SendError::Invalid)?;
+        }
         let mut env = self.envelope(msg, opts.traceparent.as_deref())?;
         let deliver_at = opts.delay.map(|d| Timestamp::now() + d);
         match opts.idempotency_key {
@@ -563,6 +571,8 @@ impl AnyActorRef {
         opts: EventOptions,
     ) -> Result<Sent, SendError> {
         self.check_kind()?;
+        // As `wait_event` refuses it: an event no wait could receive is not taken either.
+        crate::limits::check_step_name("an event's", name).map_err(SendError::Invalid)?;
         let id = self.id.clone();
         let payload = serde_json::to_value(data).map_err(|e| SendError::Encode(e.to_string()))?;
         crate::finite::refuse_non_finite(data, &payload, "event's data")

@@ -130,9 +130,10 @@ pub(crate) enum Interrupt {
     Unsuspended(StoreError),
 }
 
-/// The longest a message is put back for a suspended wait (a century); a longer sleep (a
-/// "sleep forever") suspends again when the message comes back.
-const MAX_SUSPENSION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The longest a message is put back for a suspended wait (a century, as a scheduled
+/// message's delay may be); a longer sleep (a "sleep forever") suspends again when the message
+/// comes back.
+const MAX_SUSPENSION: Duration = crate::limits::MAX_DELAY;
 
 /// Why [`Context::suspend`] did not suspend (the store wrote nothing; the delivery is still out).
 pub(super) enum Refused {
@@ -801,6 +802,10 @@ impl<'a> Context<'a> {
         let (step, recorded) = self.next_step("send", to.as_str())?;
         if recorded.is_some() {
             return Ok(());
+        }
+        if let Some(d) = delay {
+            crate::limits::check_delay(d)
+                .map_err(|e| StepError::Invalid(format!("message to {to}: {e}")))?;
         }
         let payload = serde_json::to_value(msg)
             .map_err(|e| StepError::Invalid(format!("message to {to} does not encode: {e}")))?;

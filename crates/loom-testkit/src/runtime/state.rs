@@ -275,6 +275,34 @@ async fn oversized_input_through_the_runtime_is_a_typed_error_and_loses_nothing(
             other => panic!("a step named past the limit: {other:?}"),
         }
     }
+    // A delay past a century (before: it saturated to "never", and the message held its place
+    // in the mailbox, and its key, for good), and an event no wait could receive: refused
+    // when sent, in a handler as by a client, nothing enqueued.
+    let far = Step::SendAfter {
+        key: "later".into(),
+        amount: 1,
+        ms: u64::MAX,
+    };
+    match rt.actor::<Worker>("named").unwrap().ask(vec![far]).await {
+        Err(AskError::Rejected(r)) => assert!(r.reason().contains("delay is at most"), "{r:?}"),
+        other => panic!("a delay past the limit in a handler: {other:?}"),
+    }
+    let opts = loom_core::runtime::SendOptions {
+        delay: Some(loom_core::limits::MAX_DELAY + std::time::Duration::from_secs(1)),
+        ..Default::default()
+    };
+    match a.send_with(AccountMsg::Deposit(1), opts).await {
+        Err(SendError::Invalid(e)) => assert!(e.contains("delay is at most"), "{e}"),
+        other => panic!("a delay past the limit: {other:?}"),
+    }
+    for name in [long.as_str(), ""] {
+        match a.deliver_event(name, &1).await {
+            Err(SendError::Invalid(e)) => assert!(e.contains("name is 1 to 1024 bytes"), "{e}"),
+            other => panic!("an event named past the limit: {other:?}"),
+        }
+    }
+    assert_eq!(h.store.pending(&acct("later")).await.unwrap(), 0);
+    assert_eq!(h.store.pending(&id).await.unwrap(), 0);
     // A message over the limit: refused at send, nothing enqueued.
     let big = "x".repeat(MAX_MESSAGE_BYTES);
     match rt
