@@ -130,6 +130,20 @@ pub enum StoreError {
         found: Seq,
     },
 
+    /// The server refused Loom's login, or a command its user may not run, or has no such
+    /// database: a setting to fix (the URL's user or password, the user's grants), not a
+    /// request to change. [Transient](Self::is_transient): a password rotated or a grant
+    /// revoked under a running node comes right once it is fixed, so the runtime retries and
+    /// holds its work meanwhile, and the HTTP ingress answers `503`, not the client's fault.
+    /// A store's `connect` returns it at once.
+    #[error("{backend} refused Loom: {message}")]
+    Denied {
+        /// Which backend.
+        backend: &'static str,
+        /// What the server said, and what to change.
+        message: String,
+    },
+
     /// A request that makes no sense, such as keeping zero snapshots.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -268,7 +282,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Unavailable { .. } | StoreError::Storage { .. }
+            StoreError::Unavailable { .. } | StoreError::Storage { .. } | StoreError::Denied { .. }
         )
     }
 
@@ -309,6 +323,9 @@ impl StoreError {
             ),
             StoreError::Storage { .. } => Some(
                 "the store failed: Loom retries with backoff, and nothing acknowledged was lost; see the cause above",
+            ),
+            StoreError::Denied { .. } => Some(
+                "the store refused Loom's login or a command: fix the user, password, database or grants in the store's URL or on the server; Loom retries meanwhile, and nothing acknowledged was lost",
             ),
             StoreError::Locked { .. } => Some(
                 "another process has the data directory open: stop it, or use another directory",

@@ -125,6 +125,7 @@ impl From<SendError> for ApiError {
             SendError::InvalidId(_) => ApiError::BadKey(text),
             SendError::UnknownKind(_) => ApiError::UnknownKind(text),
             SendError::Encode(_) | SendError::BadMessage { .. } => ApiError::BadMessage(text),
+            SendError::Invalid(_) => ApiError::BadRequest(text),
             SendError::MailboxFull { .. } => ApiError::MailboxFull(text),
             SendError::Store(s) => s.into(),
             SendError::Shutdown => ApiError::Unavailable {
@@ -247,5 +248,30 @@ impl ApiError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store refusing Loom's login (a password rotated under a running node) is `503` with
+    /// the store's hint, for the client to retry; before, `400 bad_request`, a request not to
+    /// be retried.
+    #[test]
+    fn a_store_refusing_loom_is_unavailable_not_the_clients_fault() {
+        let e = StoreError::Denied {
+            backend: "postgres",
+            message: "the login was refused".into(),
+        };
+        let api = ApiError::from(SendError::Store(e));
+        assert!(
+            matches!(&api, ApiError::Unavailable { hint: Some(h), .. } if h.contains("login")),
+            "{api:?}"
+        );
+        assert_eq!(
+            api.status(),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
     }
 }

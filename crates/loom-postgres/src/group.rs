@@ -503,7 +503,14 @@ where
         Err(e) => {
             let alone = rolled_back(&e);
             let e = pe(e);
-            if !alone && matches!(e, StoreError::Unavailable { .. }) {
+            // The server out of reach, or refusing Loom's login: each request alone would fail
+            // alike.
+            if !alone
+                && matches!(
+                    e,
+                    StoreError::Unavailable { .. } | StoreError::Denied { .. }
+                )
+            {
                 return (0..n).map(|_| Err(e.clone())).collect();
             }
             let mut out = Vec::with_capacity(n);

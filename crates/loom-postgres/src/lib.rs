@@ -232,9 +232,15 @@ pub(crate) fn pe(e: sqlx::Error) -> StoreError {
     if transient {
         StoreError::unavailable(BACKEND, e)
     } else if matches!(code.as_deref(), Some("28P01" | "28000")) {
-        StoreError::InvalidRequest(format!("PostgreSQL refused the login: {e}"))
+        StoreError::Denied {
+            backend: BACKEND,
+            message: format!("the login was refused: {e}"),
+        }
     } else if code.as_deref() == Some("3D000") {
-        StoreError::InvalidRequest(format!("PostgreSQL has no such database: {e}"))
+        StoreError::Denied {
+            backend: BACKEND,
+            message: format!("no such database: {e}"),
+        }
     } else {
         StoreError::storage(BACKEND, e)
     }

@@ -568,11 +568,62 @@ async fn bad_urls_schemas_and_logins_are_typed_errors() {
         ("no such database", base.replace("/postgres?", "/nosuchdb?")),
     ] {
         let r = PostgresStore::connect(&url).await;
-        assert!(
-            matches!(r, Err(StoreError::InvalidRequest(_))),
-            "{what}: {r:?}"
-        );
+        assert!(matches!(r, Err(StoreError::Denied { .. })), "{what}: {r:?}");
     }
+}
+
+/// A login refused under a running store (a password rotated, a role locked): `Denied`, which
+/// is transient, so that the runtime holds its work and retries and the ingress answers `503`;
+/// once the login is allowed again the store goes on, nothing acknowledged lost. Before, it was
+/// `InvalidRequest`, refused on its merits: the ingress answered the client `400` (a request
+/// not to retry), and the runtime counted each refused write as a failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_refused_under_a_running_store_is_transient_and_passes() {
+    let server = PostgresServer::start();
+    let admin = admin(&server.url()).await;
+    sqlx::query("CREATE ROLE rotated LOGIN SUPERUSER")
+        .execute(&admin)
+        .await
+        .expect("create role");
+    let store = connect(&server.url().replacen("postgres@", "rotated@", 1)).await;
+    let a = id(1);
+    store.append(&a, 1, &[entry(1, 1)]).await.expect("append");
+    sqlx::query("ALTER ROLE rotated NOLOGIN")
+        .execute(&admin)
+        .await
+        .expect("lock the role");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotated'")
+        .execute(&admin)
+        .await
+        .expect("end its sessions");
+    // The first call may meet a session ended under it (Unavailable); the next ones log in.
+    let mut denied = None;
+    for _ in 0..50 {
+        match store.append(&a, 2, &[entry(1, 2)]).await {
+            Err(e @ StoreError::Denied { .. }) => {
+                denied = Some(e);
+                break;
+            }
+            Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("an append under a locked role: {other:?}"),
+        }
+    }
+    let denied = denied.expect("no call was refused its login");
+    assert!(denied.is_transient(), "{denied:?}");
+    assert!(denied.to_string().contains("login was refused"), "{denied}");
+    assert!(
+        denied.hint().is_some_and(|h| h.contains("login")),
+        "{denied:?}"
+    );
+    sqlx::query("ALTER ROLE rotated LOGIN")
+        .execute(&admin)
+        .await
+        .expect("unlock the role");
+    store
+        .append(&a, 2, &[entry(1, 2)])
+        .await
+        .expect("append once allowed");
+    assert_eq!(store.highest_seq(&a).await.expect("highest"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,17 +273,23 @@ fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), S
 /// [`StoreError::Storage`].
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
-        return StoreError::InvalidRequest(format!("Redis refused the login: {e}"));
+        return StoreError::Denied {
+            backend: BACKEND,
+            message: format!("the login was refused: {e}"),
+        };
     }
     // An ACL user without a command Loom needs (a script's call of one answers "can't run this
     // command"): retrying cannot help, so it is said as what to change, not as a failure.
     if e.code() == Some("NOPERM") || e.to_string().contains("can't run this command") {
-        return StoreError::InvalidRequest(format!(
-            "the Redis user may not run a command Loom needs ({e}): besides reading and writing \
-             the store's keys, Loom's scripts call TIME (@fast), its nodes PUBLISH and SUBSCRIBE \
-             to the store's channels (@pubsub), and load and run scripts (@scripting); give the \
-             user +@all on the store's keys and channels"
-        ));
+        return StoreError::Denied {
+            backend: BACKEND,
+            message: format!(
+                "the Redis user may not run a command Loom needs ({e}): besides reading and \
+                 writing the store's keys, Loom's scripts call TIME (@fast), its nodes PUBLISH \
+                 and SUBSCRIBE to the store's channels (@pubsub), and load and run scripts \
+                 (@scripting); give the user +@all on the store's keys and channels"
+            ),
+        };
     }
     use redis::{ErrorKind, ServerErrorKind};
     // A server still loading its data, or between roles, answers again shortly; so does a

@@ -571,7 +571,9 @@ async fn passwords_and_acl_users_in_the_url() {
     // connect, saying what to grant (before: it connected, and then every request failed as
     // a storage failure to retry).
     match RedisStore::connect(&format!("redis+unix://{sock}?user=narrow&pass=pw")).await {
-        Err(StoreError::InvalidRequest(m)) => assert!(m.contains("may not run a command"), "{m}"),
+        Err(StoreError::Denied { message, .. }) => {
+            assert!(message.contains("may not run a command"), "{message}")
+        }
         other => panic!("a user without TIME: {other:?}"),
     }
     for url in [
@@ -592,7 +594,9 @@ async fn passwords_and_acl_users_in_the_url() {
         format!("redis+unix://{sock}?user=loom&pass=nope"),
     ] {
         match RedisStore::connect(&url).await {
-            Err(StoreError::InvalidRequest(m)) => assert!(m.contains("refused the login"), "{m}"),
+            Err(StoreError::Denied { message, .. }) => {
+                assert!(message.contains("login was refused"), "{message}")
+            }
             other => panic!("{url}: expected a refused login, got {other:?}"),
         }
     }

@@ -405,6 +405,7 @@ fn outcome<R>(r: &StoreResult<R>) -> String {
         StoreError::NodeTaken { .. } => "node_taken",
         StoreError::Unavailable { .. } => "unavailable",
         StoreError::Storage { .. } => "storage",
+        StoreError::Denied { .. } => "denied",
         StoreError::Closed => "closed",
         _ => "error",
     };
