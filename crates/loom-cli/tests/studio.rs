@@ -243,6 +243,17 @@ fn studio_in_a_browser_travels_in_time_and_requeues_with_the_token() {
         );
         shot(&c, "deadletters-refused.png").await;
         c.find(Locator::Id("token")).await.expect("token").send_keys("s3cret").await.expect("type");
+        // A purge, with the token, is asked about first: turned down, nothing goes (before:
+        // one click deleted the message for good).
+        c.find(Locator::Css("button.purge")).await.expect("button").click().await.expect("click");
+        let asked = c.get_alert_text().await.expect("a purge asks first");
+        assert!(asked.contains("deleted for good"), "{asked}");
+        c.dismiss_alert().await.expect("turn it down");
+        assert_eq!(
+            c.execute("return document.querySelectorAll('tr.deadletter').length;", vec![]).await.expect("count"),
+            json!(1),
+            "the purge went ahead though it was turned down"
+        );
         c.find(Locator::Css("button.requeue")).await.expect("button").click().await.expect("click");
         until(&c, "the list emptied", "document.getElementById('no-deadletters')").await;
         let done = c.find(Locator::Id("message")).await.expect("message").text().await.expect("text");
