@@ -106,11 +106,7 @@ pub async fn verify(
                 expected, found, ..
             }) => {
                 failed += 1;
-                let missing = match found - expected {
-                    1 => format!("entry {expected} is missing"),
-                    _ => format!("entries {expected} to {} are missing", found - 1),
-                };
-                problem(format!("{a}: {missing} above the journal's trim point"));
+                problem(format!("{a}: {}", hole(expected, found)));
             }
             Err(e) => {
                 failed += 1;
@@ -181,6 +177,19 @@ pub async fn verify(
     )
 }
 
+/// What a gap that no trim explains means: entries missing (`found` after `expected`), or an
+/// entry out of order (a store giving back one it gave already).
+fn hole(expected: Seq, found: Seq) -> String {
+    match found.checked_sub(expected) {
+        Some(1) => format!("entry {expected} is missing above the journal's trim point"),
+        Some(n) if n > 1 => format!(
+            "entries {expected} to {} are missing above the journal's trim point",
+            found - 1
+        ),
+        _ => format!("entry {found} came where entry {expected} was expected: out of order"),
+    }
+}
+
 /// `summary`, and with `--json` (where stderr holds one object) the problems themselves, the
 /// first hundred of them.
 fn listed(summary: String, problems: &[String], json: bool) -> Failure {
@@ -241,9 +250,10 @@ struct Verified {
 /// `info.highest`, so this ends however busy the journal is; before, a check that only started
 /// over failed on a journal compacted every few appends.
 ///
-/// The snapshots of the first look are loaded, and after a trim under the read those of the
-/// last look too: one of them stands for the entries the read did not see (a trim never
-/// passes the oldest kept snapshot).
+/// The snapshots of the first look are loaded, and after a trim under the read those of every
+/// later look too, among which is the one a compaction wrote for the entries the read did not
+/// see (a trim never passes the oldest kept snapshot), unless a later compaction dropped it
+/// before it was loaded.
 async fn verify_at(
     store: &dyn Store,
     a: &ActorId,
@@ -291,4 +301,29 @@ async fn verify_at(
         store.load_snapshot(a, s).await?;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hole;
+
+    /// A gap no trim explains is named as missing entries; an entry a store gives back out of
+    /// order (before it was expected) is said so, not counted backwards.
+    #[test]
+    fn a_hole_is_named_and_an_entry_out_of_order_counts_nothing_backwards() {
+        assert_eq!(
+            hole(3, 4),
+            "entry 3 is missing above the journal's trim point"
+        );
+        assert_eq!(
+            hole(3, 6),
+            "entries 3 to 5 are missing above the journal's trim point"
+        );
+        for (expected, found) in [(7, 5), (7, 7)] {
+            assert!(
+                hole(expected, found).contains("out of order"),
+                "{expected} {found}"
+            );
+        }
+    }
 }

@@ -325,7 +325,7 @@ impl StoreError {
                 "the store failed: Loom retries with backoff, and nothing acknowledged was lost; see the cause above",
             ),
             StoreError::Denied { .. } => Some(
-                "the store refused Loom's login or a command: fix the user, password, database or grants in the store's URL or on the server; Loom retries meanwhile, and nothing acknowledged was lost",
+                "the store refused Loom's login or a command: fix the user, password, database or grants in the store's URL or on the server; a running node retries meanwhile, and nothing acknowledged was lost",
             ),
             StoreError::Locked { .. } => Some(
                 "another process has the data directory open: stop it, or use another directory",

@@ -190,7 +190,8 @@ async fn run(inner: Arc<Inner>) {
 }
 
 /// Why a call of `relay` failed, and whether for want of the server (a lost connection, no
-/// connection in time, a server shutting down) rather than something of its own transaction.
+/// connection in time, a server shutting down, or a server refusing Loom's login) rather than
+/// something of its own transaction.
 struct Failed {
     error: StoreError,
     unreachable: bool,
@@ -343,9 +344,15 @@ impl Inner {
                 .bind(BATCH)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|e| Failed {
-                    unreachable: crate::unreachable(&e),
-                    error: pe(e),
+                .map_err(|e| {
+                    let unreachable = crate::unreachable(&e);
+                    let error = pe(e);
+                    Failed {
+                        // A refused login refuses every call alike: not tried partition by
+                        // partition (a login per partition, which lockout tools count).
+                        unreachable: unreachable || matches!(error, StoreError::Denied { .. }),
+                        error,
+                    }
                 })?;
         let mut counts: BTreeMap<i32, i64> = BTreeMap::new();
         let mut out = Moved::default();

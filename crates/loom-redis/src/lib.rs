@@ -268,8 +268,15 @@ fn check_replication(r: Replication, response_timeout: Duration) -> Result<(), S
     Ok(())
 }
 
-/// Turns a client error into a store error: connection trouble is [`StoreError::Unavailable`]
-/// (the request may or may not have run; every Loom write is safe to retry), anything else
+/// Whether the server refused a command because Loom's ACL user may not run it (a script's
+/// call of one answers "can't run this command").
+fn not_permitted(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM") || e.to_string().contains("can't run this command")
+}
+
+/// Turns a client error into a store error: a refused login or command is
+/// [`StoreError::Denied`], connection trouble [`StoreError::Unavailable`] (the request may or
+/// may not have run; every Loom write is safe to retry), anything else
 /// [`StoreError::Storage`].
 pub(crate) fn re(e: redis::RedisError) -> StoreError {
     if e.kind() == redis::ErrorKind::AuthenticationFailed {
@@ -278,9 +285,8 @@ pub(crate) fn re(e: redis::RedisError) -> StoreError {
             message: format!("the login was refused: {e}"),
         };
     }
-    // An ACL user without a command Loom needs (a script's call of one answers "can't run this
-    // command"): retrying cannot help, so it is said as what to change, not as a failure.
-    if e.code() == Some("NOPERM") || e.to_string().contains("can't run this command") {
+    // An ACL user without a command Loom needs: said as what to change, not as a failure.
+    if not_permitted(&e) {
         return StoreError::Denied {
             backend: BACKEND,
             message: format!(
@@ -321,7 +327,7 @@ impl RedisStore {
     /// Connects to `url` with the default options: `redis://host:port/db`, `rediss://…` for TLS,
     /// `unix:///path` or `redis+unix:///path` for a socket. Credentials go in the URL:
     /// `redis://user:password@host/` (ACL user; omit `user` for `requirepass`), or
-    /// `redis+unix:///path?user=…&pass=…`. A refused login is [`StoreError::InvalidRequest`].
+    /// `redis+unix:///path?user=…&pass=…`. A refused login is [`StoreError::Denied`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with(url, RedisOptions::default()).await
     }
@@ -385,7 +391,10 @@ impl RedisStore {
                 conn::Replicas::start(&mut conn.clone(), r)
                     .await
                     .map_err(|e| match e.kind() {
-                        // Refused by the server (an ACL, a replica): a setting to fix.
+                        // An ACL user without one of these commands: `Denied`, as every
+                        // command refused Loom is.
+                        _ if not_permitted(&e) => re(e),
+                        // Refused by the server otherwise (a replica): a setting to fix.
                         redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => {
                             StoreError::InvalidRequest(format!(
                                 "waiting for replicas (RedisOptions::replication) needs the commands INFO, CLIENT ID and WAIT on a primary: {e}"

@@ -763,7 +763,7 @@ end
 
 -- The server's clock in ms, run at every connect (on every primary of a cluster): a Redis user
 -- that may not run TIME, which nearly every script calls (`now_ms`), is refused there (`re`:
--- InvalidRequest), not at every request after it. KEYS: one key, for its slot only
+-- Denied), not at every request after it. KEYS: one key, for its slot only
 local function clock(KEYS, ARGV)
   return { 'ok', tostring(now_ms()) }
 end
