@@ -526,6 +526,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return Err(Failure(MEMORY_TARGET.into()));
             }
             let opened = open_or_create(&url).await?;
+            transfer::at_rest(&opened, "import").await?;
             transfer::import(&*opened.store, &url.label(), &input, json).await
         }
         Command::Migrate { from, to } => {
@@ -539,6 +540,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let source = open_existing(&from).await?;
             transfer::at_rest(&source, "migrate").await?;
             let target = open_or_create(&to).await?;
+            transfer::at_rest(&target, "migrate").await?;
             transfer::migrate(&*source.store, &*target.store, &to.label(), json).await
         }
     }

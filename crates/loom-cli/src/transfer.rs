@@ -25,9 +25,12 @@
 //! its journals and no message in the mailboxes it writes to before it writes anything, so a
 //! damaged or truncated file is refused whole. Dead letters and parks are not exported: requeue
 //! the dead letters first, or inspect them in the source; a parked actor's messages run on the
-//! target (`loom migrate` copies parks). Both copy a store at rest: stop the runtimes using it
-//! first (both refuse a Redis or PostgreSQL source that lists live nodes, [`at_rest`]), and its
-//! relay moves what waits between partitions before the copy reads mailboxes.
+//! target (`loom migrate` copies parks). Both copy from and into stores at rest: stop the
+//! runtimes using them first (both refuse a Redis or PostgreSQL source or target that lists
+//! live nodes, [`at_rest`]), and the source's relay moves what waits between partitions before
+//! the copy reads mailboxes. An actor whose journal starts at a trim point is parked while its
+//! journal is written ([`hold_for_copy`]), so that a copy cut short leaves none to recover from
+//! its default state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -183,11 +186,14 @@ async fn drain_outboxes(store: &dyn Store) -> Result<(), Failure> {
     }
 }
 
-/// Refuses a copy from a store that nodes (or client runtimes) still use: the copy reads each
-/// journal and then the mailboxes, so a message handled in between would be copied and run
-/// again on the target, and an actor first written meanwhile would be left out, while the copy
-/// still verified. An embedded store needs no look: opening its directory proves that no
-/// process runs it (whose membership records may not have run out yet, after a crash).
+/// Refuses a copy from or into a store that nodes (or client runtimes) still use. From: the
+/// copy reads each journal and then the mailboxes, so a message handled in between would be
+/// copied and run again on the target, and an actor first written meanwhile would be left out,
+/// while the copy still verified. Into: a node would run an actor whose journal is copied in
+/// part (its snapshots come after its entries), or whose park is not copied yet, and take the
+/// messages the copy then counts. An embedded store needs no look: opening its directory
+/// proves that no process runs it (whose membership records may not have run out yet, after a
+/// crash).
 pub async fn at_rest(source: &loom_cli::store::Opened, what: &str) -> Result<(), Failure> {
     if source.embedded.is_some() {
         return Ok(());
@@ -198,7 +204,7 @@ pub async fn at_rest(source: &loom_cli::store::Opened, what: &str) -> Result<(),
         return Ok(());
     }
     Err(Failure(format!(
-        "{what} copies a store at rest, and {} live node(s) use this one ({}): stop them first \
+        "{what} copies from and into stores at rest, and {} live node(s) use this one ({}): stop them first \
          (`loom cluster status` lists them; a node killed without a shutdown is listed until its \
          heartbeat runs out); nothing was written",
         live.len(),
@@ -627,10 +633,10 @@ async fn write_checked(
     let mut ended = false;
     let mut batch = Batch::default();
     let mut snapshots: Vec<Snapshot> = Vec::new();
-    let mut current: Option<ActorId> = None;
+    let mut current: Option<(ActorId, bool)> = None;
     async fn flush_journal(
         target: &dyn Store,
-        actor: &ActorId,
+        (actor, held): &(ActorId, bool),
         batch: &mut Batch,
         snapshots: &mut Vec<Snapshot>,
     ) -> Result<(), Failure> {
@@ -639,7 +645,7 @@ async fn write_checked(
         for s in snapshots.drain(..) {
             target.save_snapshot(actor, &s, keep).await?;
         }
-        Ok(())
+        release_after_copy(target, actor, *held).await
     }
     let mut buf = Vec::new();
     loop {
@@ -665,8 +671,9 @@ async fn write_checked(
                     flush_journal(target, &a, &mut batch, &mut snapshots).await?;
                     progress.inc(1);
                 }
+                let held = hold_for_copy(target, &actor, trimmed_through).await?;
                 target.begin_at(&actor, trimmed_through).await?;
-                current = Some(actor);
+                current = Some((actor, held));
             }
             Line::Entry { actor, entry } => {
                 batch.add(target, &actor, entry).await?;
@@ -699,6 +706,42 @@ async fn write_checked(
     }
     if !ended {
         return Err(changed("it ends before its end record"));
+    }
+    Ok(())
+}
+
+/// Why a copy parks an actor whose journal starts at a trim point while it writes it. Its
+/// snapshots are written after its entries (an export holds them so), and a journal with a
+/// trim point and no snapshot is how a deleted journal looks, which recovers from the default
+/// state: a copy cut short in between (killed, a full disk) would leave an actor that runs on
+/// from a state it never had. Parked, it waits, and says why (`loom parked list`).
+const COPYING: &str = "a copy (loom import or loom migrate) was writing this actor's journal and did not finish: \
+     its snapshots are missing, so it would recover from its default state; start the copy again into an empty store";
+
+/// Parks `actor` in `target` while a copy writes its journal, if the journal starts at a trim
+/// point (see [`COPYING`]); whether it did. Parked before the journal is begun, so that no cut
+/// leaves it begun and not parked.
+async fn hold_for_copy(
+    target: &dyn Store,
+    actor: &ActorId,
+    trimmed_through: Seq,
+) -> Result<bool, Failure> {
+    if trimmed_through == 0 {
+        return Ok(false);
+    }
+    let park = loom_core::store::Park::new("loom", COPYING);
+    target.park(actor, &park, None).await?;
+    Ok(true)
+}
+
+/// Lets an actor [`hold_for_copy`] parked run again, once its snapshots are written.
+async fn release_after_copy(
+    target: &dyn Store,
+    actor: &ActorId,
+    held: bool,
+) -> Result<(), Failure> {
+    if held {
+        target.unpark(actor).await?;
     }
     Ok(())
 }
@@ -760,6 +803,7 @@ pub async fn migrate(
     let mut counts = Counts::default();
     for a in &actors {
         let info = source.info(a).await?;
+        let held = hold_for_copy(target, a, info.trimmed_through).await?;
         target.begin_at(a, info.trimmed_through).await?;
         let mut entries = source.read(a, SeqRange::all());
         let mut batch = Batch::default();
@@ -776,6 +820,7 @@ pub async fn migrate(
             target.save_snapshot(a, &s, info.snapshots.len()).await?;
             counts.snapshots += 1;
         }
+        release_after_copy(target, a, held).await?;
         counts.journals += 1;
         progress.inc(1);
     }

@@ -1612,3 +1612,90 @@ fn bury_says_when_a_message_out_holds_up_the_rest() {
         "{held}"
     );
 }
+
+/// `loom import` killed (SIGKILL) while it copies journals that start at a trim point: every
+/// actor it left with a trim point and no snapshot yet is parked, saying the copy did not
+/// finish, so no node runs it on from its default state; every actor whose copy finished is
+/// not parked. Before, such an actor looked like a journal deleted and written again, and
+/// recovered from its default state (an account's balance from zero).
+#[test]
+fn an_import_killed_mid_copy_leaves_no_actor_to_recover_from_its_default_state() {
+    use loom_core::store::Parking;
+    use loom_core::{Entry, EntryKind, JournalStore, Snapshot};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (source, file) = (dir.path().join("source"), dir.path().join("export.jsonl"));
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    // 40 accounts of 300 entries of about 1 KiB each, compacted at 200: each journal starts at
+    // a trim point, and its copy takes a few writes.
+    let actors: Vec<ActorId> = (0..40)
+        .map(|n| ActorId::new("acct", format!("a{n}")).expect("id"))
+        .collect();
+    rt.block_on(async {
+        let store = EmbeddedStore::open(&source).expect("open");
+        for a in &actors {
+            let entries: Vec<Entry> = (1..=300)
+                .map(|seq| {
+                    Entry::new(
+                        seq,
+                        EntryKind::Completed {
+                            reply: json!("x".repeat(1000)),
+                        },
+                    )
+                })
+                .collect();
+            store.append(a, 1, &entries).await.expect("append");
+            let snapshot = Snapshot::new(200, json!({"balance": 200}));
+            store.compact(a, &snapshot, 1, None).await.expect("compact");
+        }
+    });
+    let (source_s, file_s) = (
+        source.to_str().expect("path").to_owned(),
+        file.to_str().expect("path").to_owned(),
+    );
+    ok(&["export", "--out", &file_s, "--store", &source_s]);
+    let mut cut = 0;
+    for (attempt, wait_ms) in [40u64, 80, 120, 160, 220, 300, 400, 550, 750, 1000]
+        .into_iter()
+        .enumerate()
+    {
+        let target = dir.path().join(format!("target-{attempt}"));
+        let mut import = std::process::Command::new(env!("CARGO_BIN_EXE_loom"))
+            .args(["import", "--in", &file_s, "--store"])
+            .arg(&target)
+            .env_remove("LOOM_STORE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn loom import");
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        import.kill().expect("SIGKILL");
+        import.wait().expect("wait");
+        if !target.exists() {
+            continue;
+        }
+        rt.block_on(async {
+            let store = EmbeddedStore::open(&target).expect("open the target");
+            for a in &actors {
+                let info = store.info(a).await.expect("info");
+                let parked = store.parked(a).await.expect("parked");
+                if info.trimmed_through > 0 && info.snapshots.is_empty() {
+                    cut += 1;
+                    let reason = parked.map(|p| p.reason).unwrap_or_default();
+                    assert!(
+                        reason.contains("did not finish"),
+                        "{a} holds a trim point and no snapshot, and is not parked: it would recover from its default state ({info:?})"
+                    );
+                } else if !info.snapshots.is_empty() {
+                    assert!(parked.is_none(), "{a} was copied whole and is still parked");
+                }
+            }
+        });
+        if cut > 0 {
+            break;
+        }
+    }
+    assert!(
+        cut > 0,
+        "no kill landed while a journal was copied: the test proved nothing"
+    );
+}

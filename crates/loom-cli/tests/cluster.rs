@@ -275,9 +275,10 @@ fn cluster_status_on_postgres() {
 /// actor whose partition a node owns is refused, naming the node (the node holds the actor's
 /// state in memory, and its next turn would append a change of a state no replay can rebuild),
 /// and `export` and `migrate` refuse a store with live nodes (a copy reads the journals and
-/// then the mailboxes: a message handled in between would be copied and run again). Nothing
-/// is written: the journal is whole, no file or target store is made. Once the node has shut
-/// down, each goes through.
+/// then the mailboxes: a message handled in between would be copied and run again), and so do
+/// `import` and `migrate` into it (a node would run an actor copied in part: before, they
+/// wrote on). Nothing is written: the journal is whole, no file or target store is made. Once
+/// the node has shut down, each goes through.
 fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_flag: &str) {
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let store_url = StoreUrl::parse(url, &Namespace::both(ns)).expect("url");
@@ -329,6 +330,64 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
     );
     let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert!(left.is_empty(), "written: {left:?}");
+    // Into it: an export of another store, at rest, and that store itself.
+    let other = tempfile::tempdir().expect("temp dir");
+    let (other_store, other_export) = (other.path().join("store"), other.path().join("out.json"));
+    let (other_store_s, other_export_s) = (
+        other_store.to_str().expect("path").to_owned(),
+        other_export.to_str().expect("path").to_owned(),
+    );
+    rt.block_on(async {
+        use loom_core::{Entry, EntryKind, JournalStore};
+        let s = loom_core::EmbeddedStore::open(&other_store).expect("open");
+        let a = loom_core::ActorId::new("other", "a").expect("id");
+        let e = Entry::new(
+            1,
+            EntryKind::Completed {
+                reply: serde_json::json!(1),
+            },
+        );
+        s.append(&a, 1, &[e]).await.expect("append");
+    });
+    ok(&[
+        "export",
+        "--out",
+        &other_export_s,
+        "--store",
+        &other_store_s,
+    ]);
+    let (done, _, err) = common::loom(&[
+        "import",
+        "--in",
+        &other_export_s,
+        "--store",
+        url,
+        ns_flag,
+        ns,
+    ]);
+    assert!(
+        !done && err.contains("live node(s) use this one (host-b)"),
+        "{err}"
+    );
+    let (done, _, err) = common::loom(&[
+        "migrate",
+        "--from",
+        &other_store_s,
+        "--to",
+        url,
+        ns_flag,
+        ns,
+    ]);
+    assert!(
+        !done && err.contains("live node(s) use this one (host-b)"),
+        "{err}"
+    );
+    let other_a = loom_core::ActorId::new("other", "a").expect("id");
+    assert_eq!(
+        rt.block_on(store.info(&other_a)).expect("info").highest,
+        0,
+        "copied into a store in use"
+    );
 
     rt.block_on(host.shutdown());
     ok(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
