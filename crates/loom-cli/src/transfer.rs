@@ -645,7 +645,8 @@ async fn write_checked(
         for s in snapshots.drain(..) {
             target.save_snapshot(actor, &s, keep).await?;
         }
-        release_after_copy(target, actor, *held).await
+        // An export holds no parks.
+        release_after_copy(target, actor, *held, None).await
     }
     let mut buf = Vec::new();
     loop {
@@ -734,14 +735,21 @@ async fn hold_for_copy(
     Ok(true)
 }
 
-/// Lets an actor [`hold_for_copy`] parked run again, once its snapshots are written.
+/// Lets an actor [`hold_for_copy`] parked run again, once its snapshots are written; or, if
+/// the source holds it parked (`parked`, which `migrate` copies), puts that park in the
+/// copy's place at once rather than leave it runnable until the parks are copied.
 async fn release_after_copy(
     target: &dyn Store,
     actor: &ActorId,
     held: bool,
+    parked: Option<loom_core::store::Park>,
 ) -> Result<(), Failure> {
-    if held {
-        target.unpark(actor).await?;
+    match (held, parked) {
+        (false, _) => {}
+        (true, Some(park)) => target.park(actor, &park, None).await?,
+        (true, None) => {
+            target.unpark(actor).await?;
+        }
     }
     Ok(())
 }
@@ -820,7 +828,11 @@ pub async fn migrate(
             target.save_snapshot(a, &s, info.snapshots.len()).await?;
             counts.snapshots += 1;
         }
-        release_after_copy(target, a, held).await?;
+        let parked = match held {
+            true => source.parked(a).await?,
+            false => None,
+        };
+        release_after_copy(target, a, held, parked).await?;
         counts.journals += 1;
         progress.inc(1);
     }

@@ -1653,11 +1653,14 @@ fn an_import_killed_mid_copy_leaves_no_actor_to_recover_from_its_default_state()
         file.to_str().expect("path").to_owned(),
     );
     ok(&["export", "--out", &file_s, "--store", &source_s]);
-    let mut cut = 0;
-    for (attempt, wait_ms) in [40u64, 80, 120, 160, 220, 300, 400, 550, 750, 1000]
-        .into_iter()
-        .enumerate()
-    {
+    // Killed later at each attempt, until a kill lands while a journal is written or the
+    // import ends by itself first.
+    let (mut cut, mut wait_ms, mut finished) = (0, 20u64, false);
+    for attempt in 0.. {
+        if cut > 0 || finished {
+            break;
+        }
+        wait_ms = wait_ms * 5 / 4;
         let target = dir.path().join(format!("target-{attempt}"));
         let mut import = std::process::Command::new(env!("CARGO_BIN_EXE_loom"))
             .args(["import", "--in", &file_s, "--store"])
@@ -1668,13 +1671,19 @@ fn an_import_killed_mid_copy_leaves_no_actor_to_recover_from_its_default_state()
             .spawn()
             .expect("spawn loom import");
         std::thread::sleep(Duration::from_millis(wait_ms));
-        import.kill().expect("SIGKILL");
-        import.wait().expect("wait");
+        finished = import.try_wait().expect("try_wait").is_some();
+        if !finished {
+            import.kill().expect("SIGKILL");
+            import.wait().expect("wait");
+        }
         if !target.exists() {
             continue;
         }
         rt.block_on(async {
             let store = EmbeddedStore::open(&target).expect("open the target");
+            // The kill may land after an actor's snapshots and before its unpark: whole, and
+            // still parked (safe). At most that one.
+            let mut whole_and_parked = 0;
             for a in &actors {
                 let info = store.info(a).await.expect("info");
                 let parked = store.parked(a).await.expect("parked");
@@ -1685,14 +1694,15 @@ fn an_import_killed_mid_copy_leaves_no_actor_to_recover_from_its_default_state()
                         reason.contains("did not finish"),
                         "{a} holds a trim point and no snapshot, and is not parked: it would recover from its default state ({info:?})"
                     );
-                } else if !info.snapshots.is_empty() {
-                    assert!(parked.is_none(), "{a} was copied whole and is still parked");
+                } else if !info.snapshots.is_empty() && parked.is_some() {
+                    whole_and_parked += 1;
                 }
             }
+            assert!(
+                whole_and_parked <= 1,
+                "{whole_and_parked} actors copied whole are still parked"
+            );
         });
-        if cut > 0 {
-            break;
-        }
     }
     assert!(
         cut > 0,
