@@ -1689,11 +1689,12 @@ fn an_import_killed_mid_copy_leaves_no_actor_to_recover_from_its_default_state()
                 let parked = store.parked(a).await.expect("parked");
                 if info.trimmed_through > 0 && info.snapshots.is_empty() {
                     cut += 1;
-                    let reason = parked.map(|p| p.reason).unwrap_or_default();
-                    assert!(
-                        reason.contains("did not finish"),
-                        "{a} holds a trim point and no snapshot, and is not parked: it would recover from its default state ({info:?})"
-                    );
+                    match parked {
+                        Some(p) => assert!(p.reason.contains("did not finish"), "{a}: {p:?}"),
+                        None => panic!(
+                            "{a} holds a trim point and no snapshot, and is not parked: it would recover from its default state ({info:?})"
+                        ),
+                    }
                 } else if !info.snapshots.is_empty() && parked.is_some() {
                     whole_and_parked += 1;
                 }

@@ -318,16 +318,15 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
         "{err}"
     );
     assert_eq!(entries(), before, "the journal was touched");
-    let (done, _, err) = common::loom(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
-    assert!(
-        !done && err.contains("live node(s) use this one (host-b)"),
-        "{err}"
-    );
-    let (done, _, err) = common::loom(&["migrate", "--from", url, "--to", &target_s, ns_flag, ns]);
-    assert!(
-        !done && err.contains("live node(s) use this one (host-b)"),
-        "{err}"
-    );
+    let refused_while_live = |args: &[&str]| {
+        let (done, _, err) = common::loom(args);
+        assert!(
+            !done && err.contains("live node(s) use this one (host-b)"),
+            "loom {args:?}: {err}"
+        );
+    };
+    refused_while_live(&["export", "--out", &export_s, "--store", url, ns_flag, ns]);
+    refused_while_live(&["migrate", "--from", url, "--to", &target_s, ns_flag, ns]);
     let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
     assert!(left.is_empty(), "written: {left:?}");
     // Into it: an export of another store, at rest, and that store itself.
@@ -356,7 +355,7 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
         "--store",
         &other_store_s,
     ]);
-    let (done, _, err) = common::loom(&[
+    refused_while_live(&[
         "import",
         "--in",
         &other_export_s,
@@ -365,11 +364,7 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
         ns_flag,
         ns,
     ]);
-    assert!(
-        !done && err.contains("live node(s) use this one (host-b)"),
-        "{err}"
-    );
-    let (done, _, err) = common::loom(&[
+    refused_while_live(&[
         "migrate",
         "--from",
         &other_store_s,
@@ -378,10 +373,6 @@ fn live_nodes_keep_delete_and_copies_off_their_store(url: &str, ns: &str, ns_fla
         ns_flag,
         ns,
     ]);
-    assert!(
-        !done && err.contains("live node(s) use this one (host-b)"),
-        "{err}"
-    );
     let other_a = loom_core::ActorId::new("other", "a").expect("id");
     assert_eq!(
         rt.block_on(store.info(&other_a)).expect("info").highest,
