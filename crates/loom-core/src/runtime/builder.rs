@@ -227,7 +227,7 @@ impl RuntimeBuilder {
             StoreChoice::Memory => Arc::new(EmbeddedStore::in_memory()?),
             StoreChoice::Given(s) => s,
         };
-        let health = Arc::new(health::Observed::default());
+        let health = Arc::new(health::Observed::new(self.config.retry.max));
         let partitions = store.partitions();
         // Reply signals, if the store gives them (a subscription that may still be starting:
         // until it is, the asks' own looks find their replies).

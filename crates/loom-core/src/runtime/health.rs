@@ -14,9 +14,18 @@ use crate::time::Timestamp;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum StoreHealth {
-    /// Its last write succeeded (or none failed yet).
+    /// Its latest write succeeded (or none failed yet), and it is not failing in part.
     Healthy,
-    /// Its requests have failed since `since`, and no write succeeded after.
+    /// Its requests have failed since `since`, and no write succeeded after the latest
+    /// failure; or it fails in part: failures came with successes between them, and the
+    /// retry policy's longest delay (`Config::retry.max`, 30 s by default) has not passed
+    /// since the latest.
+    ///
+    /// A store failing in part (one partition's file, one Redis Cluster shard) fails some
+    /// requests and serves the rest: it stays `Failing`, with `last_success` set, rather than
+    /// turning healthy at each success and failing again at the next failure (the failing
+    /// partition's messages are retried at most that delay apart). One failure followed by
+    /// successes, or a store back after an outage, is healthy at its first success.
     Failing {
         /// When the failures began.
         since: Timestamp,
@@ -28,6 +37,10 @@ pub enum StoreHealth {
         failures: u64,
         /// What to do about it, if there is something to say (a full disk, say).
         hint: Option<String>,
+        /// The latest write that succeeded since `since`, if one did: the store serves some
+        /// requests (it fails in part). `None`: nothing has succeeded since the failures
+        /// began.
+        last_success: Option<Timestamp>,
     },
 }
 
@@ -108,18 +121,67 @@ struct Failing {
     last_at: Instant,
     /// How many failures came since `began`.
     count: u64,
+    /// The latest write that succeeded since `began`, if one did.
+    ok_at: Option<(Instant, Timestamp)>,
+    /// True once a failure came after a success of this episode: the store fails in part.
+    partial: bool,
+    /// True once "works again" was logged for it (at the success that healed it).
+    announced: bool,
+    /// The failures since the latest success: the first of them, when it came, and how many
+    /// (what [`Observed::keeps_failing`] looks at). `None` right after a success.
+    streak: Option<(StoreError, Instant, u64)>,
+}
+
+impl Failing {
+    /// True if a write succeeded after the latest failure.
+    fn succeeding(&self) -> bool {
+        self.ok_at.is_some_and(|(at, _)| at >= self.last_at)
+    }
+
+    /// True if the store shows healthy: writes succeed again, at once for a store that
+    /// failed and came back, and for one failing in part once `heal_after` has passed since
+    /// its latest failure.
+    fn healed(&self, heal_after: Duration) -> bool {
+        self.succeeding() && (!self.partial || self.last_at.elapsed() >= heal_after)
+    }
+
+    /// True if the episode is over: writes succeed and no failure came for `heal_after`.
+    /// Until then it is remembered, healed or not, so that a failure after a success (the
+    /// store failing in part) is seen as such, not as a new failure each time.
+    fn over(&self, heal_after: Duration) -> bool {
+        self.succeeding() && self.last_at.elapsed() >= heal_after
+    }
 }
 
 /// What the runtime's requests met.
-#[derive(Default)]
 pub(crate) struct Observed {
+    /// How long a store failing in part stays failing after its latest failure: the retry
+    /// policy's longest delay, so that a partition retried that far apart does not flap.
+    heal_after: Duration,
     failing: Mutex<Option<Failing>>,
     node: Mutex<Option<NodeHealth>>,
     /// Since when heartbeats are refused, and whether that was logged as an error yet.
     refused: Mutex<Option<(Instant, bool)>>,
 }
 
+impl Default for Observed {
+    fn default() -> Self {
+        Observed::new(crate::runtime::Retry::default().max)
+    }
+}
+
 impl Observed {
+    /// Nothing observed yet; a store failing in part stays failing for `heal_after` after
+    /// its latest failure.
+    pub(crate) fn new(heal_after: Duration) -> Self {
+        Observed {
+            heal_after,
+            failing: Mutex::default(),
+            node: Mutex::default(),
+            refused: Mutex::default(),
+        }
+    }
+
     /// A request failed with `e`: the store is failing if `e` is the store's failure (not a
     /// refusal of the request).
     pub(crate) fn failed(&self, e: &StoreError) {
@@ -127,11 +189,23 @@ impl Observed {
             return;
         }
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        // A failure after the last episode was over begins a new one.
+        self.forget_over(&mut failing);
         match &mut *failing {
             Some(f) => {
+                let now = Instant::now();
+                if f.succeeding() && !f.partial {
+                    tracing::warn!(error = %e, "the store fails in part: some of its requests succeed, others fail; `Runtime::health` shows it failing until none has failed for the longest retry delay");
+                    f.partial = true;
+                    f.announced = false;
+                }
                 f.last = e.clone();
-                f.last_at = Instant::now();
+                f.last_at = now;
                 f.count += 1;
+                match &mut f.streak {
+                    Some((_, _, n)) => *n += 1,
+                    None => f.streak = Some((e.clone(), now, 1)),
+                }
             }
             None => {
                 tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "the store is failing; Loom retries, and `Runtime::health` shows it");
@@ -143,16 +217,43 @@ impl Observed {
                     last: e.clone(),
                     last_at: now,
                     count: 1,
+                    ok_at: None,
+                    partial: false,
+                    announced: false,
+                    streak: Some((e.clone(), now, 1)),
                 });
             }
         }
     }
 
-    /// A write succeeded: the store works.
+    /// A write succeeded: the store works (healthy at once, unless it fails in part: see
+    /// [`StoreHealth::Failing`]).
     pub(crate) fn ok(&self) {
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = failing.take() {
-            tracing::info!(after = ?f.began.elapsed(), "the store works again");
+        if let Some(f) = &mut *failing {
+            f.ok_at = Some((Instant::now(), Timestamp::now()));
+            f.streak = None;
+        }
+        self.announce(&mut failing);
+        self.forget_over(&mut failing);
+    }
+
+    /// Logs once that the store works again, when it shows healthy.
+    fn announce(&self, failing: &mut Option<Failing>) {
+        if let Some(f) = failing
+            && !f.announced
+            && f.healed(self.heal_after)
+        {
+            f.announced = true;
+            tracing::info!(after = ?f.began.elapsed(), failures = f.count, "the store works again");
+        }
+    }
+
+    /// Forgets an episode that is over (see [`Failing::over`]).
+    fn forget_over(&self, failing: &mut Option<Failing>) {
+        self.announce(failing);
+        if failing.as_ref().is_some_and(|f| f.over(self.heal_after)) {
+            *failing = None;
         }
     }
 
@@ -223,13 +324,14 @@ impl Observed {
 
     /// The failure that began it, if the store keeps failing: failures came at least `span`
     /// apart with no success between (one failure, or a burst of them, is not enough: the
-    /// store may work again with nothing asked of it since).
+    /// store may work again with nothing asked of it since; and a store serving some requests
+    /// between failures, failing in part, may serve the caller's).
     pub(crate) fn keeps_failing(&self, span: Duration) -> Option<StoreError> {
         let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
-        failing
-            .as_ref()
-            .filter(|f| f.count >= 2 && f.last_at.duration_since(f.began) >= span)
-            .map(|f| f.first.clone())
+        failing.as_ref().and_then(|f| {
+            let (first, began, n) = f.streak.as_ref()?;
+            (*n >= 2 && f.last_at.duration_since(*began) >= span).then(|| first.clone())
+        })
     }
 
     /// True while another live process holds this node's name (see
@@ -242,21 +344,130 @@ impl Observed {
     }
 
     pub(crate) fn health(&self) -> Health {
-        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        // An idle node's writes may all have come before the failure healed.
+        self.forget_over(&mut failing);
         let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Health {
             relay: None,
             node: node.unwrap_or(NodeHealth::Joining),
             store: match &*failing {
-                None => StoreHealth::Healthy,
-                Some(f) => StoreHealth::Failing {
+                Some(f) if !f.healed(self.heal_after) => StoreHealth::Failing {
                     since: f.since,
                     error: f.first.to_string(),
                     latest: f.last.to_string(),
                     failures: f.count,
                     hint: f.first.hint().or(f.last.hint()).map(str::to_owned),
+                    last_success: f.ok_at.map(|(_, at)| at),
                 },
+                _ => StoreHealth::Healthy,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAL: Duration = Duration::from_secs(30);
+
+    fn down() -> StoreError {
+        StoreError::unavailable("redis", std::io::Error::other("shard 2 is down"))
+    }
+
+    fn failing(o: &Observed) -> bool {
+        matches!(o.health().store, StoreHealth::Failing { .. })
+    }
+
+    fn healthy(o: &Observed) -> bool {
+        o.health().store == StoreHealth::Healthy
+    }
+
+    /// A store failing for one partition serves the others' writes between its failures: the
+    /// health stays failing (saying that writes succeed) instead of turning healthy at each
+    /// success; once the failures stop it heals `heal_after` after the latest. *Before*:
+    /// healthy after every successful write.
+    #[tokio::test(start_paused = true)]
+    async fn a_store_failing_in_part_stays_failing_until_failures_stop() {
+        let o = Observed::new(HEAL);
+        assert!(healthy(&o));
+        // One failure, then a success: a blip, healthy at once.
+        o.failed(&down());
+        o.ok();
+        assert!(healthy(&o), "{:?}", o.health());
+        // Failures with successes between them, as far apart as retries at their longest.
+        for _ in 0..5 {
+            o.failed(&down());
+            tokio::time::advance(Duration::from_millis(200)).await;
+            o.ok();
+            tokio::time::advance(HEAL - Duration::from_secs(1)).await;
+            o.ok();
+        }
+        match o.health().store {
+            StoreHealth::Failing {
+                last_success,
+                failures,
+                ..
+            } => assert!(last_success.is_some() && failures == 6, "{:?}", o.health()),
+            StoreHealth::Healthy => panic!("healthy while failing in part"),
+        }
+        // Its latest success is shown after a failure too, not only after a success.
+        o.failed(&down());
+        match o.health().store {
+            StoreHealth::Failing { last_success, .. } => assert!(last_success.is_some()),
+            StoreHealth::Healthy => panic!("healthy right after a failure"),
+        }
+        // Asks see no streak of failures: each partition's own success came between.
+        assert!(o.keeps_failing(Duration::ZERO).is_none());
+        // The failures stop; writes go on succeeding: healthy once HEAL has passed.
+        o.ok();
+        tokio::time::advance(HEAL - Duration::from_millis(100)).await;
+        o.ok();
+        assert!(failing(&o));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(
+            healthy(&o),
+            "read after HEAL, with no write since: {:?}",
+            o.health()
+        );
+    }
+
+    /// A store down (nothing succeeds) is failing however long ago its latest failure came;
+    /// one back is healthy at its first success, and a failure after that begins anew.
+    #[tokio::test(start_paused = true)]
+    async fn a_store_down_stays_failing_and_one_back_heals_at_once() {
+        let o = Observed::new(HEAL);
+        let other = StoreError::unavailable("redis", std::io::Error::other("connection reset"));
+        o.failed(&down());
+        tokio::time::advance(Duration::from_millis(300)).await;
+        o.failed(&down());
+        assert!(o.keeps_failing(Duration::from_millis(200)).is_some());
+        tokio::time::advance(HEAL * 2).await;
+        assert!(failing(&o), "nothing succeeded: still failing");
+        match o.health().store {
+            StoreHealth::Failing {
+                last_success,
+                failures,
+                ..
+            } => assert_eq!((last_success, failures), (None, 2)),
+            StoreHealth::Healthy => unreachable!(),
+        }
+        o.ok();
+        assert!(healthy(&o), "{:?}", o.health());
+        // A new failure is a new episode, and an ask's streak names its own first error.
+        o.failed(&other);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        o.failed(&down());
+        match o.health().store {
+            StoreHealth::Failing {
+                error, failures, ..
+            } => assert_eq!((error, failures), (other.to_string(), 2)),
+            StoreHealth::Healthy => unreachable!(),
+        }
+        let streak = o
+            .keeps_failing(Duration::from_millis(200))
+            .expect("a streak");
+        assert_eq!(streak.to_string(), other.to_string());
     }
 }
