@@ -34,7 +34,7 @@ use crate::time::Timestamp;
 use super::Shared;
 use super::actor::Actor;
 use super::context::{Context, Interrupt, Invocation, Io};
-use super::metrics::{Count, Latency};
+use super::metrics::{Count, Latency, Metrics};
 use super::record::{Outcome, Recorded};
 use super::replay::{Body, GivenUp, RecoverError, Unfinished, remember, replay, state_patch};
 use super::trace;
@@ -496,14 +496,19 @@ impl<A: Actor> Cell<A> {
         // Before the write: a same-partition send's wake compares it with departures.
         let written = shared.moment();
         let committed = io.commit(turn).await;
-        if committed.is_ok() {
-            shared
-                .metrics
-                .observe(Latency::StoreCommit, A::KIND, committing.elapsed());
-            shared
-                .metrics
-                .observe(Latency::Turn, A::KIND, delivered.elapsed());
-        }
+        let observe = match committed {
+            Ok(_) => Metrics::observe,
+            // A write that timed out or was refused took its time too: a dashboard of commit
+            // latency rises with it.
+            Err(_) => Metrics::observe_failed,
+        };
+        observe(
+            &shared.metrics,
+            Latency::StoreCommit,
+            A::KIND,
+            committing.elapsed(),
+        );
+        observe(&shared.metrics, Latency::Turn, A::KIND, delivered.elapsed());
         match committed {
             Ok(committed) => {
                 shared.health.ok();

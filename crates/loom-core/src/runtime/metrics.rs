@@ -2,18 +2,23 @@
 //! and the same counts, with latency histograms, through the [`metrics`] facade for whatever
 //! recorder the application installs (Prometheus with `loom-http`; none: nothing is recorded).
 //!
-//! Names (all labelled by actor `kind`, never by actor key, so the number of series stays
-//! bounded by the kinds registered):
+//! Names (labelled by actor `kind`, never by actor key, so the number of series stays
+//! bounded by the kinds registered; the gauges of the runtime itself by its `node`):
 //!
 //! | name | type | what |
 //! | --- | --- | --- |
 //! | `loom_invocations_total` … `loom_declined_total` | counter | the [`Count`]s, one per field of [`MetricsSnapshot`] |
-//! | `loom_turn_seconds` | histogram | an invocation's turn: from its message's delivery to its committed write |
-//! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`) |
+//! | `loom_turn_seconds` | histogram | an invocation's turn: from its message's delivery to its committed write (to its write's failure in the series labelled `outcome="failed"`) |
+//! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`), committed (no `outcome` label) or failed (`outcome="failed"`: refused, timed out, fenced) |
 //! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
-//! | `loom_active_actors`, `loom_leases_held`, `loom_partitions_owned`, `loom_store_healthy` (1 or 0) | gauge | set by the exporter when it is read (`loom-http`) |
-//! | `loom_mailboxes_waiting`, `loom_mailboxes_ready`, `loom_mailbox_wait_seconds` (per kind) | gauge | read from the store when the exporter is read (`Mailbox::backlog`): mailboxes holding a message, those ready to run now, and how long the longest-ready has waited |
+//! | `loom_active_actors`, `loom_leases_held`, `loom_partitions_owned`, `loom_store_healthy` (1 or 0; per `node`) | gauge | set by the exporter when it is read (`loom-http`) |
+//! | `loom_mailboxes_waiting`, `loom_mailboxes_ready`, `loom_mailbox_wait_seconds` (per kind) | gauge | read from the store for the exporter (`Mailbox::backlog`), in the background: mailboxes holding a message, those ready to run now, and how long the longest-ready had waited |
+//! | `loom_mailbox_backlog_age_seconds` (per kind) | gauge | how old the reading of those three is (a kind too long to walk within a scrape shows the latest reading that ended) |
 //! | `loom_parked_actors` (per kind) | gauge | read from the store when the exporter is read: actors parked until their code is fixed |
+//!
+//! A failed write is observed under `outcome="failed"` so that commits that time out raise the
+//! latency a dashboard shows (its quantiles sum over both series) without changing the series
+//! of committed turns (`{outcome=""}` selects them alone).
 //!
 //! The facade's handles are made once per kind when the runtime starts (from the recorder
 //! installed then: install one before starting the runtime), so counting a turn allocates
@@ -91,6 +96,11 @@ pub(crate) enum Latency {
 impl Latency {
     const ALL: [Latency; 3] = [Latency::Turn, Latency::StoreCommit, Latency::Activation];
 
+    /// True for the latencies observed when what they time fails too.
+    fn fails(self) -> bool {
+        matches!(self, Latency::Turn | Latency::StoreCommit)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Latency::Turn => "loom_turn_seconds",
@@ -134,6 +144,9 @@ impl std::fmt::Debug for Facade {
 struct Handles {
     counters: [metrics::Counter; Count::ALL.len()],
     histograms: [metrics::Histogram; Latency::ALL.len()],
+    /// The same histograms labelled `outcome="failed"`, for what failed: a turn and its
+    /// write (an activation that fails is not timed).
+    failed: [Option<metrics::Histogram>; Latency::ALL.len()],
 }
 
 impl Metrics {
@@ -145,6 +158,11 @@ impl Metrics {
                 let handles = Handles {
                     counters: Count::ALL.map(|c| metrics::counter!(c.name(), "kind" => kind)),
                     histograms: Latency::ALL.map(|l| metrics::histogram!(l.name(), "kind" => kind)),
+                    failed: Latency::ALL.map(|l| {
+                        l.fails().then(
+                            || metrics::histogram!(l.name(), "kind" => kind, "outcome" => "failed"),
+                        )
+                    }),
                 };
                 (kind, handles)
             })
@@ -193,6 +211,14 @@ impl Metrics {
         }
         if let Some(h) = self.facade.0.get(kind) {
             h.histograms[l as usize].record(took.as_secs_f64());
+        }
+    }
+
+    /// Records that `l` failed after `took` for an actor of `kind` (the facade's histogram
+    /// labelled `outcome="failed"`, for the latencies whose failures are timed).
+    pub(crate) fn observe_failed(&self, l: Latency, kind: &'static str, took: Duration) {
+        if let Some(Some(h)) = self.facade.0.get(kind).map(|h| &h.failed[l as usize]) {
+            h.record(took.as_secs_f64());
         }
     }
 }
