@@ -73,6 +73,7 @@
 
 mod admin;
 mod error;
+mod reads;
 
 use std::time::Duration;
 
@@ -503,12 +504,24 @@ pub enum InstallError {
 struct Monitor {
     rt: Runtime,
     prometheus: PrometheusHandle,
+    /// Each hosted kind's backlog reads (see [`reads`]).
+    backlogs: std::sync::Arc<
+        std::collections::HashMap<
+            &'static str,
+            std::sync::Arc<reads::Background<loom_core::store::Backlog>>,
+        >,
+    >,
+    /// At most four backlog reads at once: a scrape leaves the store's connections to the
+    /// runtime.
+    reading: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// `GET /metrics` (the Prometheus text format: the runtime's counters and latency histograms
 /// per actor kind, see `loom_core::runtime::MetricsSnapshot`, with the gauges of active actors,
-/// held leases and store health read at the scrape, and each hosted kind's mailbox backlog and
-/// parked actors read from the store then, within 2 s; the runtime records only into a recorder installed
+/// held leases and store health read at the scrape (labelled by the runtime's `node`), each
+/// hosted kind's parked actors read from the store then, within 2 s, and its mailbox backlog
+/// read in the background (see `backlogs` in the source: a scrape shows the latest reading,
+/// and its age); the runtime records only into a recorder installed
 /// before it started, see [`install_prometheus`]) and `GET /health` (`200` with the runtime's
 /// [`Health`](loom_core::runtime::Health) as JSON, `503` with it while the store fails, the
 /// node's name is another process's, or the runtime is stopping: `"node": {"state":
@@ -519,7 +532,17 @@ pub fn monitor(rt: Runtime, prometheus: PrometheusHandle) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .route("/health", get(health))
-        .with_state(Monitor { rt, prometheus })
+        .with_state(Monitor {
+            backlogs: std::sync::Arc::new(
+                rt.kinds()
+                    .into_iter()
+                    .map(|k| (k, std::sync::Arc::default()))
+                    .collect(),
+            ),
+            reading: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+            rt,
+            prometheus,
+        })
 }
 
 /// `router`'s routes answered only under the `Host` names in `hosts` (others get `403
@@ -548,18 +571,30 @@ pub fn only_hosts(router: Router, hosts: Vec<String>) -> Router {
 
 async fn scrape(State(m): State<Monitor>) -> Response {
     let now = m.rt.metrics();
-    metrics::gauge!("loom_active_actors").set(now.active as f64);
-    metrics::gauge!("loom_leases_held").set(now.leases_held as f64);
-    metrics::gauge!("loom_partitions_owned").set(now.partitions_owned as f64);
+    // Labelled by node: the gauges of several runtimes in one process (one recorder) are
+    // series of their own. (The store's counts below are the same for every runtime on one
+    // store, and are not.)
+    let node = m.rt.config().node.clone();
+    metrics::gauge!("loom_active_actors", "node" => node.clone()).set(now.active as f64);
+    metrics::gauge!("loom_leases_held", "node" => node.clone()).set(now.leases_held as f64);
+    metrics::gauge!("loom_partitions_owned", "node" => node.clone())
+        .set(now.partitions_owned as f64);
     // The store's own health: a node refused its name is not a failing store (`/health` says
     // both).
     let healthy = m.rt.health().store == loom_core::runtime::StoreHealth::Healthy;
-    metrics::gauge!("loom_store_healthy").set(if healthy { 1.0 } else { 0.0 });
+    metrics::gauge!("loom_store_healthy", "node" => node.clone()).set(if healthy {
+        1.0
+    } else {
+        0.0
+    });
     // The store's reads of one scrape answer within 2 s however many kinds there are.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    backlogs(&m.rt, deadline).await;
-    parked(&m.rt, deadline).await;
-    relays(&**m.rt.store(), deadline).await;
+    // At once, each within the bound: a backlog read past it leaves the others their time.
+    tokio::join!(
+        backlogs(&m, deadline),
+        parked(&m.rt, deadline),
+        relays(&**m.rt.store(), deadline),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -571,43 +606,48 @@ async fn scrape(State(m): State<Monitor>) -> Response {
 }
 
 /// Sets the per-kind mailbox gauges from the store ([`Mailbox::backlog`]: one pass over the
-/// kind's non-empty mailboxes in its ready index, no message read) for every hosted kind, at
-/// most four at a time, all within 2 s. A read that fails or is late sets that kind's gauges to
-/// NaN and says so in the log; the scrape still answers (with `loom_store_healthy` telling
-/// whether the store fails). The counts are the store's, not this node's: every node hosting a
-/// kind reports the same, so aggregate them across nodes with `max`, not `sum`.
+/// kind's non-empty mailboxes in its ready index, no message read) for every hosted kind.
+/// The reads run in the background, at most four at once and one per kind at a time
+/// ([`reads`]): a scrape shows a read that ends within its 2 s, or else the latest that ended
+/// (`loom_mailbox_backlog_age_seconds` says how old), so that a backlog too long to walk in
+/// 2 s is still shown; a read that took a second or more is reused for four times as long, so
+/// frequent scrapes do not keep the store walking. A read that failed (or none yet) sets that
+/// kind's gauges to NaN and says so in the log; the scrape still answers (with
+/// `loom_store_healthy` telling whether the store fails). The counts are the store's, not
+/// this node's: every node hosting a kind reports the same, so aggregate them across nodes
+/// with `max`, not `sum`.
 ///
 /// [`Mailbox::backlog`]: loom_core::Mailbox::backlog
-async fn backlogs(rt: &Runtime, deadline: tokio::time::Instant) {
-    let kinds = rt.kinds();
-    // Each read late on its own (at most four at once: a scrape leaves the store's
-    // connections to the runtime).
-    let mut reads = Vec::with_capacity(kinds.len());
-    for four in kinds.chunks(4) {
-        let part = futures::future::join_all(
-            four.iter()
-                .map(|k| tokio::time::timeout_at(deadline, rt.store().backlog(k))),
-        )
-        .await;
-        reads.extend(part);
-    }
-    for (kind, read) in kinds.iter().copied().zip(reads) {
-        let (waiting, ready, waited) = match read {
-            Ok(Ok(b)) => (
+async fn backlogs(m: &Monitor, deadline: tokio::time::Instant) {
+    let reads = m.backlogs.iter().map(|(&kind, background)| async move {
+        let store = m.rt.store().clone();
+        let read = background
+            .read(deadline, &m.reading, move || async move {
+                store.backlog(kind).await.map_err(|e| e.to_string())
+            })
+            .await;
+        (kind, read)
+    });
+    for (kind, read) in futures::future::join_all(reads).await {
+        let (waiting, ready, waited, age) = match read {
+            Some(reads::Ended {
+                value: Ok(b), at, ..
+            }) => (
                 b.mailboxes as f64,
                 b.ready as f64,
                 b.longest_wait().as_secs_f64(),
+                at.elapsed().as_secs_f64(),
             ),
-            Ok(Err(e)) => {
+            Some(reads::Ended { value: Err(e), .. }) => {
                 tracing::warn!(kind, error = %e, "could not read the mailbox backlog for /metrics");
-                (f64::NAN, f64::NAN, f64::NAN)
+                (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(
                     kind,
-                    "reading the mailbox backlogs for /metrics took over 2 s"
+                    "the mailbox backlog for /metrics is still being read, past 2 s, with no recent reading to show"
                 );
-                (f64::NAN, f64::NAN, f64::NAN)
+                (f64::NAN, f64::NAN, f64::NAN, f64::NAN)
             }
         };
         // Unknown (NaN) rather than the last value when the read failed: a dashboard does not
@@ -615,6 +655,7 @@ async fn backlogs(rt: &Runtime, deadline: tokio::time::Instant) {
         metrics::gauge!("loom_mailboxes_waiting", "kind" => kind).set(waiting);
         metrics::gauge!("loom_mailboxes_ready", "kind" => kind).set(ready);
         metrics::gauge!("loom_mailbox_wait_seconds", "kind" => kind).set(waited);
+        metrics::gauge!("loom_mailbox_backlog_age_seconds", "kind" => kind).set(age);
     }
 }
 

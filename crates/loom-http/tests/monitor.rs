@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use loom_core::runtime::{Runtime, SendOptions};
 use loom_core::{ActorId, Park};
 use loom_testkit::runtime::Counter;
+use serde_json::json;
 use tower::ServiceExt;
 
 async fn scrape(app: &axum::Router) -> String {
@@ -27,11 +28,9 @@ async fn scrape(app: &axum::Router) -> String {
     String::from_utf8(body.to_vec()).expect("text")
 }
 
-fn value(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the scrape:\n{scrape}"))
+fn value(scrape: &str, series: &str) -> f64 {
+    loom_testkit::scrape::value(scrape, series)
+        .unwrap_or_else(|| panic!("no {series} in the scrape:\n{scrape}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,8 +43,12 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         ..Default::default()
     };
     let store = loom_core::EmbeddedStore::open_with(dir.path(), opts).expect("store");
+    // Faults on command: a turn's write refused once, below.
+    let faulty = loom_testkit::faults::FaultyStore::new(std::sync::Arc::new(store));
+    let faults = faulty.faults.clone();
     let rt = Runtime::builder()
-        .store(store)
+        .store(faulty)
+        .configure(|c| c.node = "watched".into())
         .register::<Counter>()
         .start()
         .await
@@ -57,7 +60,7 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         0.0
     );
     assert_eq!(value(&first, r#"loom_parked_actors{kind="counter"}"#), 0.0);
-    assert_eq!(value(&first, "loom_store_healthy"), 1.0);
+    assert_eq!(value(&first, r#"loom_store_healthy{node="watched"}"#), 1.0);
     for p in ["0", "1"] {
         let name = format!("loom_relay_waiting{{partition=\"{p}\"}}");
         assert_eq!(value(&first, &name), 0.0, "{first}");
@@ -125,14 +128,96 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        (status, json["node"]["state"].as_str().map(str::to_owned))
+        (status, json)
     };
-    let (status, node) = health(app.clone()).await;
+    let (status, h) = health(app.clone()).await;
     assert!(
-        status == 200 && node.as_deref() != Some("stopping"),
-        "{status} {node:?}"
+        status == 200 && h["node"]["state"] != "stopping",
+        "{status} {h}"
     );
+    // Committed turns are observed without an `outcome` label; none failed yet.
+    assert!(
+        value(&next, r#"loom_store_commit_seconds_count{kind="counter"}"#) >= 1.0,
+        "{next}"
+    );
+    let failed_turns = r#"loom_turn_seconds_count{kind="counter",outcome="failed"}"#;
+    assert_eq!(
+        loom_testkit::scrape::value(&next, failed_turns).unwrap_or(0.0),
+        0.0,
+        "{next}"
+    );
+    // A turn whose write is refused is observed too, under `outcome="failed"` (*before*: not
+    // at all, so commits that time out left the latency a dashboard shows unchanged). Each
+    // message is retried and counts.
+    for (add, total) in [(3, 5), (4, 9)] {
+        faults
+            .fail_writes
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            rt.actor::<Counter>("now")
+                .expect("ref")
+                .ask(add)
+                .await
+                .expect("ask, retried"),
+            total
+        );
+    }
+    // The store failed, served, and failed again, as one failing in part does: /health says
+    // so, and stays 503 with the store's latest success (*before*: 200 after each success).
+    let (status, h) = health(app.clone()).await;
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["store"]["state"], "failing", "{h}");
+    assert!(h["store"]["last_success"].is_u64(), "{h}");
+    let failed = scrape(&app).await;
+    for name in ["loom_store_commit_seconds", "loom_turn_seconds"] {
+        let series = format!(r#"{name}_count{{kind="counter",outcome="failed"}}"#);
+        assert_eq!(value(&failed, &series), 2.0, "{failed}");
+    }
+
+    // A backlog read slower than the scrape's 2 s bound (a kind of a million mailboxes): the
+    // scrape shows the latest reading and its age, and the read ends in the background for
+    // the next scrape, which starts no second one (*before*: NaN at every scrape, each
+    // starting a walk of its own).
+    let waiting = r#"loom_mailboxes_waiting{kind="counter"}"#;
+    let age = r#"loom_mailbox_backlog_age_seconds{kind="counter"}"#;
+    assert_eq!(value(&failed, waiting), 1.0, "{failed}");
+    assert!(value(&failed, age) < 1.0, "{failed}");
+    rt.actor::<Counter>("later-too")
+        .expect("ref")
+        .send_with(
+            1,
+            SendOptions {
+                delay: Some(Duration::from_secs(3600)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("send");
+    let reads = || faults.backlogs.load(std::sync::atomic::Ordering::SeqCst);
+    let before = reads();
+    faults
+        .slow_backlogs
+        .store(3_000, std::sync::atomic::Ordering::SeqCst);
+    let slow = scrape(&app).await;
+    assert_eq!(value(&slow, waiting), 1.0, "the latest reading: {slow}");
+    assert!(value(&slow, age) >= 2.0, "{slow}");
+    let read = scrape(&app).await;
+    assert_eq!(value(&read, waiting), 2.0, "the read that went on: {read}");
+    assert!(value(&read, age) < 1.0, "{read}");
+    assert_eq!(reads(), before + 1, "one read for both scrapes");
+    // A read that took that long is reused for four times as long: no walk at each scrape.
+    let reused = scrape(&app).await;
+    assert_eq!(value(&reused, waiting), 2.0, "{reused}");
+    assert_eq!(reads(), before + 1, "the read reused");
+    faults
+        .slow_backlogs
+        .store(0, std::sync::atomic::Ordering::SeqCst);
     rt.shutdown().await;
     // A node that stopped taking messages says so (*before*: 200 and "member").
-    assert_eq!(health(app).await, (503, Some("stopping".to_owned())));
+    let (status, h) = health(app).await;
+    assert_eq!(
+        (status, &h["node"]["state"]),
+        (503, &json!("stopping")),
+        "{h}"
+    );
 }

@@ -81,6 +81,11 @@ pub struct Faults {
     pub lookups: AtomicU64,
     /// Scans for ready actors (`ready_actors`, `ready_actors_in`).
     pub ready_scans: AtomicU64,
+    /// Milliseconds each `backlog` read waits before it reads (a kind of a million mailboxes
+    /// walked, a slow server); 0: none.
+    pub slow_backlogs: AtomicU64,
+    /// `backlog` reads begun.
+    pub backlogs: AtomicU64,
     /// While set, `completions` gives no reply signals (a store without them), for the
     /// runtimes started meanwhile.
     pub no_signals: AtomicBool,
@@ -448,6 +453,11 @@ impl Mailbox for FaultyStore {
     }
 
     async fn backlog(&self, kind: &str) -> StoreResult<loom_core::store::Backlog> {
+        self.faults.backlogs.fetch_add(1, Ordering::Relaxed);
+        let slow = self.faults.slow_backlogs.load(Ordering::Relaxed);
+        if slow > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(slow)).await;
+        }
         self.inner.backlog(kind).await
     }
 

@@ -31,6 +31,7 @@ pub mod load;
 pub mod model;
 pub mod racing;
 pub mod runtime;
+pub mod scrape;
 pub mod servers;
 pub mod torture;
 
