@@ -525,9 +525,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if url == StoreUrl::Memory {
                 return Err(Failure(MEMORY_TARGET.into()));
             }
+            // The file first: one refused creates no target store.
+            let checked = transfer::Checked::file(&input)?;
             let opened = open_or_create(&url).await?;
             transfer::at_rest(&opened, "import").await?;
-            transfer::import(&*opened.store, &url.label(), &input, json).await
+            transfer::import(&*opened.store, &url.label(), checked, json).await
         }
         Command::Migrate { from, to } => {
             let (from, to) = (url(&from)?, url(&to)?);

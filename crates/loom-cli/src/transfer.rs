@@ -346,6 +346,33 @@ async fn write_export(store: &dyn Store, file: std::fs::File) -> Result<Counts, 
 }
 
 /// Checks an export file whole: returns its counts and the journals it holds.
+/// An export file [`check`]ed whole, for [`import`]: what it holds, and the file to read it
+/// from again.
+pub struct Checked {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    counts: Counts,
+    journals: Vec<ActorId>,
+    recipients: BTreeSet<ActorId>,
+}
+
+impl Checked {
+    /// Opens and checks the export at `path`, before any store is opened: a file refused here
+    /// leaves no target created.
+    pub fn file(path: &Path) -> Result<Checked, Failure> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
+        let (counts, journals, recipients) = check(&mut file, path)?;
+        Ok(Checked {
+            path: path.to_owned(),
+            file,
+            counts,
+            journals,
+            recipients,
+        })
+    }
+}
+
 fn check(
     file: &mut std::fs::File,
     path: &Path,
@@ -583,12 +610,17 @@ async fn target_is_free<'a>(
 pub async fn import(
     target: &dyn Store,
     into: &str,
-    path: &Path,
+    checked: Checked,
     json: bool,
 ) -> Result<(), Failure> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
-    let (counts, journals, recipients) = check(&mut file, path)?;
+    let Checked {
+        path,
+        mut file,
+        counts,
+        journals,
+        recipients,
+    } = checked;
+    let path = path.as_path();
     check_lanes(&recipients, target)?;
     target_is_free(target, &journals, &recipients).await?;
     let progress = bar(counts.journals, "imported")?;
