@@ -237,6 +237,21 @@ pub async fn export(store: &dyn Store, path: &Path, json: bool) -> Result<(), Fa
         Ok(end) => end,
         Err(Failure(e)) => return Err(discard(&tmp, e)),
     };
+    // Read back as `import` will: a journal the store holds damaged (a hole, an entry or a
+    // snapshot a store would refuse) is found now, while the store can still be looked at,
+    // not when the file is imported after the store is gone.
+    let checked = std::fs::File::open(&tmp)
+        .map_err(|e| Failure(format!("cannot read {} back: {e}", tmp.display())))
+        .and_then(|mut f| {
+            check(
+                &mut f,
+                path,
+                "the store holds what an import would refuse (see `loom journal verify`), so the export was not kept",
+            )
+        });
+    if let Err(Failure(e)) = checked {
+        return Err(discard(&tmp, e));
+    }
     if let Err(e) = std::fs::rename(&tmp, path) {
         let e = format!("cannot move the export into {}: {e}", path.display());
         return Err(discard(&tmp, e));
@@ -362,7 +377,7 @@ impl Checked {
     pub fn file(path: &Path) -> Result<Checked, Failure> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| Failure(format!("cannot open {}: {e}", path.display())))?;
-        let (counts, journals, recipients) = check(&mut file, path)?;
+        let (counts, journals, recipients) = check(&mut file, path, "nothing was imported")?;
         Ok(Checked {
             path: path.to_owned(),
             file,
@@ -373,16 +388,16 @@ impl Checked {
     }
 }
 
+/// Checks the export `file` (named `path` in what it says) whole, as an import must find it:
+/// its counts and checksum, the order of its records, and each record as a store would take
+/// it. A refusal names the line, what is wrong, and `then` (what was done about it).
 fn check(
     file: &mut std::fs::File,
     path: &Path,
+    then: &str,
 ) -> Result<(Counts, Vec<ActorId>, BTreeSet<ActorId>), Failure> {
-    let bad = |n: usize, what: String| {
-        Failure(format!(
-            "{} line {n}: {what}; nothing was imported",
-            path.display()
-        ))
-    };
+    let bad =
+        |n: usize, what: String| Failure(format!("{} line {n}: {what}; {then}", path.display()));
     let mut crc = crc32fast::Hasher::new();
     let mut counts = Counts::default();
     let mut journals = Vec::new();
@@ -972,7 +987,7 @@ mod tests {
         let path = dir.path().join("export.jsonl");
         export(&source, &path, true).await.expect("export");
         let mut file = std::fs::File::open(&path).expect("open");
-        let (counts, _, _) = check(&mut file, &path).expect("check");
+        let (counts, _, _) = check(&mut file, &path, "nothing was imported").expect("check");
         let text = std::fs::read_to_string(&path).expect("read");
         let write = |text: String| {
             let path = path.clone();

@@ -1560,6 +1560,61 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
     assert!(written > 30, "only {written} entries written meanwhile");
 }
 
+/// `loom export` reads back what it wrote as `import` will: a journal whose meta says more
+/// entries than it holds (its tail lost behind the store's back) is refused, and no file is
+/// kept (*before*: written and reported exported, and refused only by the import, after the
+/// store it came from may be gone).
+#[test]
+fn an_export_import_would_refuse_is_not_kept() {
+    use loom_core::{Entry, EntryKind, JournalStore};
+    let server = RedisServer::start();
+    let url = server.url();
+    let c = ActorId::new("lost", "c").expect("id");
+    tokio::runtime::Runtime::new()
+        .expect("tokio")
+        .block_on(async {
+            let store = loom_redis::RedisStore::connect_with(
+                &url,
+                loom_redis::RedisOptions {
+                    prefix: "tail".into(),
+                    ..loom_redis::RedisOptions::default()
+                },
+            )
+            .await
+            .expect("connect");
+            let six: Vec<Entry> = (1..=6)
+                .map(|n| Entry::new(n, EntryKind::Completed { reply: json!(n) }))
+                .collect();
+            store.append(&c, 1, &six).await.expect("append");
+        });
+    let cli = loom_testkit::servers::find_binary("redis-cli", "apt-get install -y redis-tools");
+    let raised = std::process::Command::new(cli)
+        .arg("-s")
+        .arg(server.socket())
+        .args(["HSET", "tail:{lost/c}:jm", "h", "8"])
+        .output()
+        .expect("redis-cli");
+    assert!(raised.status.success(), "{raised:?}");
+    let work = tempfile::tempdir().expect("temp dir");
+    let out = work.path().join("lost.jsonl");
+    let export = [
+        "--redis-prefix",
+        "tail",
+        "export",
+        "--store",
+        url.as_str(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok_, said, err) = loom(&export);
+    assert!(
+        !ok_ && err.contains("lost/c") && err.contains("the export was not kept"),
+        "{said}{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// `mailbox bury` of a mailbox whose first message is out (handed out to a run cut short, here
 /// for an hour) moves nothing, since that message holds up the rest, and says so. Before, it
 /// said the messages left were "delayed, not due yet", which sends an operator the wrong way.
