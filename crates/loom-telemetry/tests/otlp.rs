@@ -109,30 +109,6 @@ async fn the_bank_sends_its_traces_to_the_collector_it_is_given() {
         children >= 10,
         "{children} account invocations are children of a transfer's"
     );
-    // No span names a parent that was never exported. The bank's client sends outside any
-    // span, so each transfer's invocation is a root, sampled by the root sampler's own rule
-    // (*before*: a child of a made-up sampled span, which a parent-based sampler always kept
-    // and a trace viewer showed as missing).
-    let exported: std::collections::HashSet<(&[u8], &[u8])> = spans
-        .iter()
-        .map(|(_, s)| (&s.trace_id[..], &s.span_id[..]))
-        .collect();
-    let orphans: Vec<&str> = spans
-        .iter()
-        .filter(|(_, s)| {
-            !s.parent_span_id.is_empty()
-                && !exported.contains(&(&s.trace_id[..], &s.parent_span_id[..]))
-        })
-        .map(|(_, s)| s.name.as_str())
-        .collect();
-    assert!(
-        orphans.is_empty(),
-        "spans whose parent was never exported: {orphans:?}"
-    );
-    assert!(
-        transfers.iter().any(|t| t.parent_span_id.is_empty()),
-        "no transfer invocation is a root"
-    );
 
     server.abort();
 }

@@ -352,8 +352,8 @@ impl AnyActorRef {
         self.check_kind()?;
         let mut env = Envelope::new(self.id.clone(), payload);
         // The caller's span (a request's `traceparent`, or the current span): the actor's
-        // work joins the caller's trace; its invocation is a root span otherwise.
-        env.traceparent = trace::from_caller(traceparent);
+        // work joins the caller's trace; a new trace otherwise.
+        env.traceparent = Some(trace::outgoing(traceparent, None));
         Ok(env)
     }
 
@@ -587,7 +587,7 @@ impl AnyActorRef {
         };
         let lane = id.event_lane_in(name, self.rt.shared.store.partitions());
         let mut env = Envelope::new(lane.clone(), payload);
-        env.traceparent = trace::from_caller(opts.traceparent.as_deref());
+        env.traceparent = Some(trace::outgoing(opts.traceparent.as_deref(), None));
         env.idempotency_key = Some(key.clone());
         let message_id = env.id;
         // As a send: refused once the runtime shuts down, and over `max_mailbox` events of one

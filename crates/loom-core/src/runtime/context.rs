@@ -917,8 +917,8 @@ impl<'a> Context<'a> {
             // Sent from this invocation's span (or the handler's own): the receiver's span
             // is its child.
             traceparent: Some(trace::outgoing(
+                None,
                 self.inv.envelope.traceparent.as_deref(),
-                &self.inv.envelope.origin(),
             )),
             attempt: 0,
             requeued_from: None,

@@ -10,12 +10,7 @@
 //!    application's request span), else the current OpenTelemetry context;
 //! 3. with no such layer: a new span id in the trace of the message being handled, so that
 //!    logs still tie a chain of messages together;
-//! 4. else, for a message an invocation sends, a trace named by the handled message's id (so
-//!    that the messages one invocation sends share a trace in the logs); a client's message outside any
-//!    span ([`from_caller`]: the HTTP ingress's, for one) carries none, so the invocation
-//!    that handles it is a root span, sampled by the root sampler's own rule. (A new trace
-//!    there would name a sampled parent span that nothing exports: a parent-based sampler
-//!    would then keep every such trace, and a trace viewer show each with a missing parent.)
+//! 4. else a new trace.
 
 use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -86,30 +81,22 @@ pub(crate) fn parent(traceparent: Option<&str>) -> Context {
     }
 }
 
-/// The `traceparent` of a message a client sends now: the caller's (`explicit`), else the
-/// current span's, else none (the receiver's span is then a root). See the module's
-/// documentation.
-pub(crate) fn from_caller(explicit: Option<&str>) -> Option<String> {
+/// The `traceparent` of a message sent now: the caller's (`explicit`), else the current span's,
+/// else a new span in the trace of `handling` (the message being handled), else a new trace.
+/// See the module's documentation.
+pub(crate) fn outgoing(explicit: Option<&str>, handling: Option<&str>) -> String {
     if let Some(span) = explicit.and_then(parse) {
-        return Some(format(&span));
+        return format(&span);
     }
     // The current `tracing` span when an OpenTelemetry layer records it; else the current
     // OpenTelemetry context (a span that layer filters out, say a `debug_span!` under an `INFO`
     // filter, leaves its parent's context active).
     let current = tracing::Span::current().context();
-    [current, Context::current()].into_iter().find_map(|cx| {
+    for cx in [current, Context::current()] {
         let span = cx.span().span_context().clone();
-        span.is_valid().then(|| format(&span))
-    })
-}
-
-/// The `traceparent` of a message an invocation sends now: the current span's (as
-/// [`from_caller`] finds it), else a new span in the trace of `handling` (the `traceparent`
-/// of the message being handled), else in the trace named by `handled` (that message's id).
-/// See the module's documentation.
-pub(crate) fn outgoing(handling: Option<&str>, handled: &crate::MessageId) -> String {
-    if let Some(current) = from_caller(None) {
-        return current;
+        if span.is_valid() {
+            return format(&span);
+        }
     }
     let span = match handling.and_then(parse) {
         Some(p) => SpanContext::new(
@@ -120,8 +107,7 @@ pub(crate) fn outgoing(handling: Option<&str>, handled: &crate::MessageId) -> St
             TraceState::default(),
         ),
         None => SpanContext::new(
-            // A UUID is never all zeros, which W3C trace context refuses.
-            TraceId::from(handled.as_uuid().as_u128()),
+            TraceId::from(crate::seam::uuid_v4().as_u128()),
             span_id(),
             TraceFlags::SAMPLED,
             false,
@@ -145,34 +131,24 @@ mod tests {
     #[test]
     fn a_caller_span_is_the_parent_and_a_handled_message_keeps_its_trace() {
         let caller = format!("00-{TRACE}-00f067aa0ba902b7-01");
-        let handled = crate::MessageId::new();
         // The caller's span is the message's parent as it is.
-        assert_eq!(from_caller(Some(&caller)).as_deref(), Some(caller.as_str()));
+        assert_eq!(outgoing(Some(&caller), None), caller);
         // Sent while handling a message (no OpenTelemetry layer here): same trace, new span.
-        let kid = outgoing(Some(&caller), &handled);
+        let kid = outgoing(None, Some(&caller));
         assert_eq!(kid.len(), 55);
         assert_eq!(&kid[..36], &caller[..36]);
         assert_ne!(&kid[36..52], &caller[36..52]);
         // Unsampled stays unsampled.
-        assert!(
-            outgoing(Some(&format!("00-{TRACE}-00f067aa0ba902b7-00")), &handled).ends_with("-00")
-        );
+        assert!(outgoing(None, Some(&format!("00-{TRACE}-00f067aa0ba902b7-00"))).ends_with("-00"));
         // A later version's traceparent is read and written back as version 00.
         assert_eq!(
-            from_caller(Some(&format!("01-{TRACE}-00f067aa0ba902b7-01"))).as_deref(),
-            Some(caller.as_str())
+            outgoing(Some(&format!("01-{TRACE}-00f067aa0ba902b7-01")), None),
+            caller
         );
-        // A handled message without a traceparent: the sends of its invocation share the
-        // trace its id names, each its own span; another message's sends are another trace.
-        let (a, b) = (outgoing(None, &handled), outgoing(None, &handled));
-        assert_eq!(&a[3..35], &b[3..35]);
-        assert_ne!(&a[36..52], &b[36..52]);
+        // Nothing to go on: a new trace each time.
+        let (a, b) = (outgoing(None, None), outgoing(None, None));
+        assert_ne!(&a[3..35], &b[3..35]);
         assert!(parse(&a).is_some());
-        let c = outgoing(None, &crate::MessageId::new());
-        assert_ne!(&a[3..35], &c[3..35]);
-        // A client outside any span names no parent (*before*: a sampled parent span that
-        // nothing exports).
-        assert_eq!(from_caller(None), None);
     }
 
     #[test]
@@ -182,8 +158,7 @@ mod tests {
             .with_remote_span_context(parse(&caller).expect("valid"))
             .attach();
         // No tracing span records it (no layer here), but it is the current context.
-        assert_eq!(from_caller(None).as_deref(), Some(caller.as_str()));
-        assert_eq!(outgoing(None, &crate::MessageId::new()), caller);
+        assert_eq!(outgoing(None, None), caller);
         // A refused header is refused, not read as the current context.
         let bad = format!("00-{}-00f067aa0ba902b7-01", TRACE.to_uppercase());
         assert!(parse(&bad).is_none());
@@ -209,8 +184,7 @@ mod tests {
             String::new(),
         ] {
             assert!(parse(&bad).is_none(), "{bad:?} was accepted");
-            assert_eq!(from_caller(Some(&bad)), None, "{bad:?} was carried on");
-            let got = outgoing(Some(&bad), &crate::MessageId::new());
+            let got = outgoing(Some(&bad), None);
             assert!(
                 !got.to_lowercase().contains(TRACE),
                 "{bad:?} was carried on: {got}"
