@@ -100,7 +100,7 @@ impl<T: Clone + Send + 'static> Background<T> {
             // Registered before the slot is looked at: a read ending in between still wakes
             // us.
             ended.as_mut().enable();
-            {
+            let begin = {
                 let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
                 let seen = *seen.get_or_insert(slot.ended);
                 match slot.latest.as_ref() {
@@ -110,12 +110,19 @@ impl<T: Clone + Send + 'static> Background<T> {
                     }
                     _ => {}
                 }
-                if !slot.running
-                    && let Some(start) = start.take()
-                {
-                    slot.running = true;
-                    self.spawn(Arc::clone(permits), start());
-                }
+                let begin = !slot.running && start.is_some();
+                slot.running |= begin;
+                begin
+            };
+            // Begun outside the lock: the guard takes it when it ends the read, which may be
+            // at once (a `start` that panics, a runtime shutting down that drops the task).
+            if begin && let Some(start) = start.take() {
+                let ending = Ending {
+                    me: Arc::clone(self),
+                    ended: None,
+                };
+                let read = start();
+                spawn(ending, Arc::clone(permits), read);
             }
             // Late is not an error here: the read goes on for the next scrape, and this one
             // shows what the latest read found, if that may be shown.
@@ -128,62 +135,61 @@ impl<T: Clone + Send + 'static> Background<T> {
         let shown = latest.value.is_ok() && latest.at.elapsed() < STALE_AFTER;
         shown.then(|| latest.clone())
     }
+}
 
-    /// Runs `read` in the background, timed from when a permit is free, and records how it
-    /// ended, whatever happens to it.
-    fn spawn<F>(self: &Arc<Self>, permits: Arc<tokio::sync::Semaphore>, read: F)
-    where
-        F: Future<Output = Result<T, String>> + Send + 'static,
-    {
-        use futures::FutureExt;
-        /// Ends the read in the slot when dropped: as it ended, or as a failure if it never
-        /// did (its task cancelled by a runtime shutting down).
-        struct Ending<T> {
-            me: Arc<Background<T>>,
-            ended: Option<(Result<T, String>, Duration)>,
-        }
-        impl<T> Drop for Ending<T> {
-            fn drop(&mut self) {
-                let (value, took) = self
-                    .ended
-                    .take()
-                    .unwrap_or_else(|| (Err("the read was cancelled".into()), Duration::ZERO));
-                let mut slot = self.me.slot.lock().unwrap_or_else(|p| p.into_inner());
-                slot.latest = Some(Ended {
-                    value,
-                    at: Instant::now(),
-                    took,
-                });
-                slot.ended += 1;
-                slot.running = false;
-                drop(slot);
-                self.me.ended.notify_waiters();
-            }
-        }
-        let ending = Ending {
-            me: Arc::clone(self),
-            ended: None,
-        };
-        tokio::spawn(async move {
-            // Moved in whole (not its field alone): dropped with the task if it is cancelled.
-            let mut ending = ending;
-            // The semaphore is never closed: an error here cannot come.
-            let _permit = permits.acquire_owned().await;
-            let began = Instant::now();
-            let value = match tokio::time::timeout(
-                READ_LIMIT,
-                std::panic::AssertUnwindSafe(read).catch_unwind(),
-            )
-            .await
-            {
-                Ok(Ok(value)) => value,
-                Ok(Err(_)) => Err("the read panicked".into()),
-                Err(_) => Err(format!("the read took over {READ_LIMIT:?}")),
-            };
-            ending.ended = Some((value, began.elapsed()));
-            drop(ending);
+/// Ends a read in its slot when dropped: as it ended, or as a failure if it never did (its
+/// task cancelled by a runtime shutting down, or a `start` that panicked).
+struct Ending<T> {
+    me: Arc<Background<T>>,
+    ended: Option<(Result<T, String>, Duration)>,
+}
+
+impl<T> Drop for Ending<T> {
+    fn drop(&mut self) {
+        let (value, took) = self
+            .ended
+            .take()
+            .unwrap_or_else(|| (Err("the read was cancelled".into()), Duration::ZERO));
+        let mut slot = self.me.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.latest = Some(Ended {
+            value,
+            at: Instant::now(),
+            took,
         });
+        slot.ended += 1;
+        slot.running = false;
+        drop(slot);
+        self.me.ended.notify_waiters();
     }
+}
+
+/// Runs `read` in the background, timed from when a permit is free, and records how it
+/// ended in `ending`, whatever happens to it.
+fn spawn<T, F>(ending: Ending<T>, permits: Arc<tokio::sync::Semaphore>, read: F)
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, String>> + Send + 'static,
+{
+    use futures::FutureExt;
+    tokio::spawn(async move {
+        // Moved in whole (not its field alone): dropped with the task if it is cancelled.
+        let mut ending = ending;
+        // The semaphore is never closed: an error here cannot come.
+        let _permit = permits.acquire_owned().await;
+        let began = Instant::now();
+        let value = match tokio::time::timeout(
+            READ_LIMIT,
+            std::panic::AssertUnwindSafe(read).catch_unwind(),
+        )
+        .await
+        {
+            Ok(Ok(value)) => value,
+            Ok(Err(_)) => Err("the read panicked".into()),
+            Err(_) => Err(format!("the read took over {READ_LIMIT:?}")),
+        };
+        ending.ended = Some((value, began.elapsed()));
+        drop(ending);
+    });
 }
 
 #[cfg(test)]
