@@ -580,13 +580,15 @@ async fn scrape(State(m): State<Monitor>) -> Response {
     metrics::gauge!("loom_partitions_owned", "node" => node.clone())
         .set(now.partitions_owned as f64);
     // The store's own health: a node refused its name is not a failing store (`/health` says
-    // both).
-    let healthy = m.rt.health().store == loom_core::runtime::StoreHealth::Healthy;
-    metrics::gauge!("loom_store_healthy", "node" => node.clone()).set(if healthy {
-        1.0
-    } else {
-        0.0
-    });
+    // both). A degraded store (failing in part) counts as healthy, and says so apart.
+    let store = m.rt.health().store;
+    let (healthy, degraded) = match store {
+        loom_core::runtime::StoreHealth::Healthy => (1.0, 0.0),
+        loom_core::runtime::StoreHealth::Degraded { .. } => (1.0, 1.0),
+        loom_core::runtime::StoreHealth::Failing { .. } => (0.0, 0.0),
+    };
+    metrics::gauge!("loom_store_healthy", "node" => node.clone()).set(healthy);
+    metrics::gauge!("loom_store_degraded", "node" => node.clone()).set(degraded);
     // The store's reads of one scrape answer within 2 s however many kinds there are.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     // At once, each within the bound: a backlog read past it leaves the others their time.

@@ -163,12 +163,18 @@ async fn a_scrape_reads_what_waits_and_what_is_parked_from_the_store() {
         );
     }
     // The store failed, served, and failed again, as one failing in part does: /health says
-    // so, and stays 503 with the store's latest success (*before*: 200 after each success).
+    // it is degraded, with its latest success, and stays 200 (*before*: 200 or 503 by the
+    // latest request).
     let (status, h) = health(app.clone()).await;
-    assert_eq!(status, 503, "{h}");
-    assert_eq!(h["store"]["state"], "failing", "{h}");
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["store"]["state"], "degraded", "{h}");
     assert!(h["store"]["last_success"].is_u64(), "{h}");
     let failed = scrape(&app).await;
+    assert_eq!(value(&failed, r#"loom_store_healthy{node="watched"}"#), 1.0);
+    assert_eq!(
+        value(&failed, r#"loom_store_degraded{node="watched"}"#),
+        1.0
+    );
     for name in ["loom_store_commit_seconds", "loom_turn_seconds"] {
         let series = format!(r#"{name}_count{{kind="counter",outcome="failed"}}"#);
         assert_eq!(value(&failed, &series), 2.0, "{failed}");

@@ -227,7 +227,10 @@ impl RuntimeBuilder {
             StoreChoice::Memory => Arc::new(EmbeddedStore::in_memory()?),
             StoreChoice::Given(s) => s,
         };
-        let health = Arc::new(health::Observed::new(self.config.retry.max));
+        let health = Arc::new(health::Observed::new(
+            &self.config.retry,
+            self.config.lease_ttl,
+        ));
         let partitions = store.partitions();
         // Reply signals, if the store gives them (a subscription that may still be starting:
         // until it is, the asks' own looks find their replies).

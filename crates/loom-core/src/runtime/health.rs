@@ -16,16 +16,31 @@ use crate::time::Timestamp;
 pub enum StoreHealth {
     /// Its latest write succeeded (or none failed yet), and it is not failing in part.
     Healthy,
-    /// Its requests have failed since `since`, and no write succeeded after the latest
-    /// failure; or it fails in part: failures came with successes between them, and the
-    /// retry policy's longest delay (`Config::retry.max`, 30 s by default) has not passed
-    /// since the latest.
-    ///
-    /// A store failing in part (one partition's file, one Redis Cluster shard) fails some
-    /// requests and serves the rest: it stays `Failing`, with `last_success` set, rather than
-    /// turning healthy at each success and failing again at the next failure (the failing
-    /// partition's messages are retried at most that delay apart). One failure followed by
-    /// successes, or a store back after an outage, is healthy at its first success.
+    /// It fails in part: some of its requests fail and others succeed (one partition's file,
+    /// one Redis Cluster shard), or it came back from an outage with requests still failing
+    /// around it. Shown from the first failure after a success until no failure has come
+    /// for half again the retry policy's longest delay (`Config::retry.max`), so that a store
+    /// failing in part does not alternate between healthy and failing with each request.
+    /// Counted as healthy by [`Health::is_healthy`] (and `/health`): every node of a shared
+    /// store sees the same, and taking them all out of a load balancer would turn a partial
+    /// failure into a whole one.
+    Degraded {
+        /// When the failures began.
+        since: Timestamp,
+        /// The failure that began it.
+        error: String,
+        /// The latest failure.
+        latest: String,
+        /// How many failures the runtime's requests met since `since`.
+        failures: u64,
+        /// What to do about it, if there is something to say.
+        hint: Option<String>,
+        /// The latest write that succeeded.
+        last_success: Timestamp,
+    },
+    /// Its requests have failed since `since`, and none succeeded after the latest failure
+    /// (for a store that had been degraded: none for a lease ttl, the time within which a
+    /// node's own heartbeats come).
     Failing {
         /// When the failures began.
         since: Timestamp,
@@ -37,9 +52,8 @@ pub enum StoreHealth {
         failures: u64,
         /// What to do about it, if there is something to say (a full disk, say).
         hint: Option<String>,
-        /// The latest write that succeeded since `since`, if one did: the store serves some
-        /// requests (it fails in part). `None`: nothing has succeeded since the failures
-        /// began.
+        /// The latest write that succeeded since `since`, if one did. `None`: nothing has
+        /// succeeded since the failures began.
         last_success: Option<Timestamp>,
     },
 }
@@ -99,10 +113,11 @@ pub struct Health {
 }
 
 impl Health {
-    /// True if the node can work: the store works, the node's name is its own, and it is not
-    /// stopping. A failing relay ([`Health::relay`]) is shown, not counted.
+    /// True if the node can work: the store works (or is [`StoreHealth::Degraded`]), the
+    /// node's name is its own, and it is not stopping. A failing relay ([`Health::relay`]) is
+    /// shown, not counted.
     pub fn is_healthy(&self) -> bool {
-        self.store == StoreHealth::Healthy
+        !matches!(self.store, StoreHealth::Failing { .. })
             && !matches!(
                 self.node,
                 NodeHealth::NameTaken { .. } | NodeHealth::Stopping
@@ -125,7 +140,7 @@ struct Failing {
     ok_at: Option<(Instant, Timestamp)>,
     /// True once a failure came after a success of this episode: the store fails in part.
     partial: bool,
-    /// True once "works again" was logged for it (at the success that healed it).
+    /// True once "works again" was logged for it.
     announced: bool,
     /// The failures since the latest success: the first of them, when it came, and how many
     /// (what [`Observed::keeps_failing`] looks at). `None` right after a success.
@@ -138,26 +153,53 @@ impl Failing {
         self.ok_at.is_some_and(|(at, _)| at >= self.last_at)
     }
 
-    /// True if the store shows healthy: writes succeed again, at once for a store that
-    /// failed and came back, and for one failing in part once `heal_after` has passed since
-    /// its latest failure.
-    fn healed(&self, heal_after: Duration) -> bool {
-        self.succeeding() && (!self.partial || self.last_at.elapsed() >= heal_after)
+    /// How the store shows: see [`StoreHealth`].
+    fn state(&self, o: &Observed) -> State {
+        if !self.succeeding() {
+            // Nothing succeeded since the latest failure: failing, unless the store was
+            // serving some requests and the latest success is recent (a degraded store's
+            // failures come between its successes).
+            let down = !self.partial
+                || self
+                    .streak
+                    .as_ref()
+                    .is_none_or(|(_, began, _)| began.elapsed() >= o.down_after);
+            if down {
+                return State::Failing;
+            }
+            return State::Degraded;
+        }
+        if self.partial && self.last_at.elapsed() < o.heal_after {
+            State::Degraded
+        } else {
+            State::Healthy
+        }
     }
 
     /// True if the episode is over: writes succeed and no failure came for `heal_after`.
-    /// Until then it is remembered, healed or not, so that a failure after a success (the
-    /// store failing in part) is seen as such, not as a new failure each time.
+    /// Until then it is remembered, shown healthy or not, so that a failure after a success
+    /// (the store failing in part) is seen as such, not as a new failure each time.
     fn over(&self, heal_after: Duration) -> bool {
         self.succeeding() && self.last_at.elapsed() >= heal_after
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Healthy,
+    Degraded,
+    Failing,
+}
+
 /// What the runtime's requests met.
 pub(crate) struct Observed {
-    /// How long a store failing in part stays failing after its latest failure: the retry
-    /// policy's longest delay, so that a partition retried that far apart does not flap.
+    /// How long a store failing in part stays degraded after its latest failure: half again
+    /// the retry policy's longest delay (retries come jittered up to that far apart), so that
+    /// a partition retried at that delay does not flap.
     heal_after: Duration,
+    /// How long a degraded store's failures must go on with no success before it is failing:
+    /// the lease ttl, within which a node's heartbeats come.
+    down_after: Duration,
     failing: Mutex<Option<Failing>>,
     node: Mutex<Option<NodeHealth>>,
     /// Since when heartbeats are refused, and whether that was logged as an error yet.
@@ -166,16 +208,24 @@ pub(crate) struct Observed {
 
 impl Default for Observed {
     fn default() -> Self {
-        Observed::new(crate::runtime::Retry::default().max)
+        let c = crate::runtime::Config::default();
+        Observed::new(&c.retry, c.lease_ttl)
     }
 }
 
 impl Observed {
-    /// Nothing observed yet; a store failing in part stays failing for `heal_after` after
-    /// its latest failure.
-    pub(crate) fn new(heal_after: Duration) -> Self {
+    /// Nothing observed yet, for a runtime retrying with `retry` and renewing leases (and
+    /// beating its heart) within `lease_ttl`.
+    pub(crate) fn new(retry: &crate::runtime::Retry, lease_ttl: Duration) -> Self {
         Observed {
-            heal_after,
+            // Capped: a retry delay of hours would keep a node degraded that long.
+            heal_after: retry
+                .max
+                .saturating_mul(3)
+                .checked_div(2)
+                .unwrap_or(Duration::MAX)
+                .min(Duration::from_secs(600)),
+            down_after: lease_ttl,
             failing: Mutex::default(),
             node: Mutex::default(),
             refused: Mutex::default(),
@@ -195,7 +245,7 @@ impl Observed {
             Some(f) => {
                 let now = Instant::now();
                 if f.succeeding() && !f.partial {
-                    tracing::warn!(error = %e, "the store fails in part: some of its requests succeed, others fail; `Runtime::health` shows it failing until none has failed for the longest retry delay");
+                    tracing::warn!(error = %e, "the store fails in part: some of its requests succeed, others fail; `Runtime::health` shows it degraded until none has failed for half again the longest retry delay");
                     f.partial = true;
                     f.announced = false;
                 }
@@ -227,7 +277,7 @@ impl Observed {
     }
 
     /// A write succeeded: the store works (healthy at once, unless it fails in part: see
-    /// [`StoreHealth::Failing`]).
+    /// [`StoreHealth::Degraded`]).
     pub(crate) fn ok(&self) {
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = &mut *failing {
@@ -242,7 +292,7 @@ impl Observed {
     fn announce(&self, failing: &mut Option<Failing>) {
         if let Some(f) = failing
             && !f.announced
-            && f.healed(self.heal_after)
+            && f.state(self) == State::Healthy
         {
             f.announced = true;
             tracing::info!(after = ?f.began.elapsed(), failures = f.count, "the store works again");
@@ -351,14 +401,23 @@ impl Observed {
         Health {
             relay: None,
             node: node.unwrap_or(NodeHealth::Joining),
-            store: match &*failing {
-                Some(f) if !f.healed(self.heal_after) => StoreHealth::Failing {
+            store: match failing.as_ref().map(|f| (f, f.state(self))) {
+                Some((f, State::Failing)) => StoreHealth::Failing {
                     since: f.since,
                     error: f.first.to_string(),
                     latest: f.last.to_string(),
                     failures: f.count,
                     hint: f.first.hint().or(f.last.hint()).map(str::to_owned),
                     last_success: f.ok_at.map(|(_, at)| at),
+                },
+                Some((f, State::Degraded)) => StoreHealth::Degraded {
+                    since: f.since,
+                    error: f.first.to_string(),
+                    latest: f.last.to_string(),
+                    failures: f.count,
+                    hint: f.first.hint().or(f.last.hint()).map(str::to_owned),
+                    // Degraded only after a success.
+                    last_success: f.ok_at.map_or(f.since, |(_, at)| at),
                 },
                 _ => StoreHealth::Healthy,
             },
@@ -370,104 +429,131 @@ impl Observed {
 mod tests {
     use super::*;
 
+    /// Retries at most 20 s apart: degraded for 30 s after the latest failure.
     const HEAL: Duration = Duration::from_secs(30);
+    /// Leases of 10 s: a degraded store failing that long with no success is failing.
+    const DOWN: Duration = Duration::from_secs(10);
+
+    fn observed() -> Observed {
+        let retry = crate::runtime::Retry {
+            max: Duration::from_secs(20),
+            ..crate::runtime::Retry::default()
+        };
+        Observed::new(&retry, DOWN)
+    }
 
     fn down() -> StoreError {
         StoreError::unavailable("redis", std::io::Error::other("shard 2 is down"))
     }
 
-    fn failing(o: &Observed) -> bool {
-        matches!(o.health().store, StoreHealth::Failing { .. })
-    }
-
-    fn healthy(o: &Observed) -> bool {
-        o.health().store == StoreHealth::Healthy
+    fn state(o: &Observed) -> &'static str {
+        match o.health().store {
+            StoreHealth::Healthy => "healthy",
+            StoreHealth::Degraded { .. } => "degraded",
+            StoreHealth::Failing { .. } => "failing",
+        }
     }
 
     /// A store failing for one partition serves the others' writes between its failures: the
-    /// health stays failing (saying that writes succeed) instead of turning healthy at each
-    /// success; once the failures stop it heals `heal_after` after the latest. *Before*:
-    /// healthy after every successful write.
+    /// health stays degraded (counted healthy, saying what fails and the latest success)
+    /// instead of alternating between healthy and failing with each request; once the
+    /// failures stop it heals HEAL after the latest. *Before*: healthy after every successful
+    /// write, failing after every failure.
     #[tokio::test(start_paused = true)]
-    async fn a_store_failing_in_part_stays_failing_until_failures_stop() {
-        let o = Observed::new(HEAL);
-        assert!(healthy(&o));
+    async fn a_store_failing_in_part_is_degraded_until_failures_stop() {
+        let o = observed();
+        assert_eq!(state(&o), "healthy");
         // One failure, then a success: a blip, healthy at once.
         o.failed(&down());
+        assert_eq!(state(&o), "failing");
         o.ok();
-        assert!(healthy(&o), "{:?}", o.health());
-        // Failures with successes between them, as far apart as retries at their longest.
+        assert_eq!(state(&o), "healthy", "{:?}", o.health());
+        // Failures with successes between them, the failures as far apart as retries at their
+        // longest, the successes (heartbeats) a few seconds apart.
         for _ in 0..5 {
             o.failed(&down());
-            tokio::time::advance(Duration::from_millis(200)).await;
-            o.ok();
-            tokio::time::advance(HEAL - Duration::from_secs(1)).await;
-            o.ok();
+            assert_eq!(state(&o), "degraded", "right after a failure");
+            for _ in 0..8 {
+                tokio::time::advance(Duration::from_secs(3)).await;
+                o.ok();
+                assert_eq!(state(&o), "degraded");
+            }
         }
+        assert!(o.health().is_healthy(), "degraded counts as healthy");
         match o.health().store {
-            StoreHealth::Failing {
-                last_success,
-                failures,
-                ..
-            } => assert!(last_success.is_some() && failures == 6, "{:?}", o.health()),
-            StoreHealth::Healthy => panic!("healthy while failing in part"),
-        }
-        // Its latest success is shown after a failure too, not only after a success.
-        o.failed(&down());
-        match o.health().store {
-            StoreHealth::Failing { last_success, .. } => assert!(last_success.is_some()),
-            StoreHealth::Healthy => panic!("healthy right after a failure"),
+            StoreHealth::Degraded {
+                failures, error, ..
+            } => assert_eq!((failures, error), (6, down().to_string())),
+            other => panic!("{other:?}"),
         }
         // Asks see no streak of failures: each partition's own success came between.
+        o.failed(&down());
         assert!(o.keeps_failing(Duration::ZERO).is_none());
         // The failures stop; writes go on succeeding: healthy once HEAL has passed.
         o.ok();
         tokio::time::advance(HEAL - Duration::from_millis(100)).await;
         o.ok();
-        assert!(failing(&o));
+        assert_eq!(state(&o), "degraded");
         tokio::time::advance(Duration::from_millis(200)).await;
-        assert!(
-            healthy(&o),
-            "read after HEAL, with no write since: {:?}",
-            o.health()
-        );
+        assert_eq!(state(&o), "healthy", "read after HEAL, with no write since");
     }
 
-    /// A store down (nothing succeeds) is failing however long ago its latest failure came;
-    /// one back is healthy at its first success, and a failure after that begins anew.
+    /// A store down (nothing succeeds) is failing however long ago its latest failure came,
+    /// and healthy at its first success; one that was degraded is failing once nothing has
+    /// succeeded for DOWN; a failure after an episode is over begins anew, and an ask's
+    /// streak names its own first error.
     #[tokio::test(start_paused = true)]
-    async fn a_store_down_stays_failing_and_one_back_heals_at_once() {
-        let o = Observed::new(HEAL);
+    async fn a_store_down_is_failing_and_one_back_heals_at_once() {
+        let o = observed();
         let other = StoreError::unavailable("redis", std::io::Error::other("connection reset"));
         o.failed(&down());
         tokio::time::advance(Duration::from_millis(300)).await;
         o.failed(&down());
         assert!(o.keeps_failing(Duration::from_millis(200)).is_some());
         tokio::time::advance(HEAL * 2).await;
-        assert!(failing(&o), "nothing succeeded: still failing");
+        assert!(!o.health().is_healthy());
         match o.health().store {
             StoreHealth::Failing {
                 last_success,
                 failures,
                 ..
             } => assert_eq!((last_success, failures), (None, 2)),
-            StoreHealth::Healthy => unreachable!(),
+            other => panic!("{other:?}"),
         }
         o.ok();
-        assert!(healthy(&o), "{:?}", o.health());
-        // A new failure is a new episode, and an ask's streak names its own first error.
+        assert_eq!(state(&o), "healthy", "{:?}", o.health());
+        // Degraded, then down: failing once no success came for DOWN.
+        tokio::time::advance(HEAL).await;
         o.failed(&other);
-        tokio::time::advance(Duration::from_millis(300)).await;
+        o.ok();
         o.failed(&down());
+        assert_eq!(state(&o), "degraded");
+        tokio::time::advance(DOWN / 2).await;
+        o.failed(&down());
+        assert_eq!(state(&o), "degraded");
+        tokio::time::advance(DOWN / 2).await;
+        assert_eq!(state(&o), "failing");
         match o.health().store {
             StoreHealth::Failing {
-                error, failures, ..
-            } => assert_eq!((error, failures), (other.to_string(), 2)),
-            StoreHealth::Healthy => unreachable!(),
+                error,
+                last_success,
+                ..
+            } => assert!(error == other.to_string() && last_success.is_some()),
+            other => panic!("{other:?}"),
         }
         let streak = o
             .keeps_failing(Duration::from_millis(200))
             .expect("a streak");
-        assert_eq!(streak.to_string(), other.to_string());
+        assert_eq!(
+            streak.to_string(),
+            down().to_string(),
+            "the streak's own first"
+        );
+        // Back: degraded (it had failed in part) until HEAL passes with no failure.
+        o.ok();
+        assert_eq!(state(&o), "degraded");
+        tokio::time::advance(HEAL).await;
+        o.ok();
+        assert_eq!(state(&o), "healthy");
     }
 }

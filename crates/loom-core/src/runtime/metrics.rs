@@ -11,7 +11,7 @@
 //! | `loom_turn_seconds` | histogram | an invocation's turn: from its message's delivery to its committed write (to its write's failure in the series labelled `outcome="failed"`) |
 //! | `loom_store_commit_seconds` | histogram | the turn's atomic write alone (`Store::commit_turn`), committed (no `outcome` label) or failed (`outcome="failed"`: refused, timed out, fenced) |
 //! | `loom_activation_seconds` | histogram | an activation: lease taken, snapshot loaded, tail replayed |
-//! | `loom_active_actors`, `loom_leases_held`, `loom_partitions_owned`, `loom_store_healthy` (1 or 0; per `node`) | gauge | set by the exporter when it is read (`loom-http`) |
+//! | `loom_active_actors`, `loom_leases_held`, `loom_partitions_owned`, `loom_store_healthy` (1 or 0: 1 when degraded too), `loom_store_degraded` (1 or 0; all per `node`) | gauge | set by the exporter when it is read (`loom-http`) |
 //! | `loom_mailboxes_waiting`, `loom_mailboxes_ready`, `loom_mailbox_wait_seconds` (per kind) | gauge | read from the store for the exporter (`Mailbox::backlog`), in the background: mailboxes holding a message, those ready to run now, and how long the longest-ready had waited |
 //! | `loom_mailbox_backlog_age_seconds` (per kind) | gauge | how old the reading of those three is (a kind too long to walk within a scrape shows the latest reading that ended) |
 //! | `loom_parked_actors` (per kind) | gauge | read from the store when the exporter is read: actors parked until their code is fixed |

@@ -268,9 +268,8 @@ impl Runtime {
     /// How the runtime's store is doing: [`StoreHealth::Failing`] (since when, the failure
     /// that began it, the latest, what to do, the latest success) from the first failed write,
     /// lease renewal or mailbox read until a write or renewal succeeds; a store failing in
-    /// part (failures with successes between, as when one partition or shard fails) until
-    /// `Config::retry`'s longest delay has passed since its latest failure, so that it shows
-    /// failing rather than healthy at every other request. A store
+    /// part (failures with successes between, as when one partition or shard fails) shows
+    /// [`StoreHealth::Degraded`] instead of alternating between healthy and failing. A store
     /// failure is also logged once, with the same hint, when it begins. [`Health::relay`]: the
     /// store's relay between partitions, if its moves fail
     /// ([`Store::relay_failure`](crate::Store::relay_failure)), logged once as well.
