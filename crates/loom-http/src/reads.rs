@@ -146,10 +146,12 @@ struct Ending<T> {
 
 impl<T> Drop for Ending<T> {
     fn drop(&mut self) {
-        let (value, took) = self
-            .ended
-            .take()
-            .unwrap_or_else(|| (Err("the read was cancelled".into()), Duration::ZERO));
+        let (value, took) = self.ended.take().unwrap_or_else(|| {
+            (
+                Err("the read was cancelled before it ended".into()),
+                Duration::ZERO,
+            )
+        });
         let mut slot = self.me.slot.lock().unwrap_or_else(|p| p.into_inner());
         slot.latest = Some(Ended {
             value,

@@ -19,8 +19,9 @@ pub enum StoreHealth {
     /// It fails in part: some of its requests fail and others succeed (one partition's file,
     /// one Redis Cluster shard), or it came back from an outage with requests still failing
     /// around it. Shown from the first failure after a success until no failure has come
-    /// for half again the retry policy's longest delay (`Config::retry.max`), so that a store
-    /// failing in part does not alternate between healthy and failing with each request.
+    /// for half again the retry policy's longest delay (`Config::retry.max`) and a lease ttl
+    /// more (at most 10 minutes), so that a store failing in part does not alternate between
+    /// healthy and failing with each request.
     /// Counted as healthy by [`Health::is_healthy`] (and `/health`): every node of a shared
     /// store sees the same, and taking them all out of a load balancer would turn a partial
     /// failure into a whole one.
@@ -39,8 +40,8 @@ pub enum StoreHealth {
         last_success: Timestamp,
     },
     /// Its requests have failed since `since`, and none succeeded after the latest failure
-    /// (for a store that had been degraded: none for a lease ttl, the time within which a
-    /// node's own heartbeats come).
+    /// (for a store that had been degraded: none since a failure a lease ttl ago, the time
+    /// within which a node's own heartbeats come).
     Failing {
         /// When the failures began.
         since: Timestamp,
@@ -140,8 +141,8 @@ struct Failing {
     ok_at: Option<(Instant, Timestamp)>,
     /// True once a failure came after a success of this episode: the store fails in part.
     partial: bool,
-    /// True once "works again" was logged for it.
-    announced: bool,
+    /// The state last logged for it (see [`Observed::note`]).
+    shown: State,
     /// The failures since the latest success: the first of them, when it came, and how many
     /// (what [`Observed::keeps_failing`] looks at). `None` right after a success.
     streak: Option<(StoreError, Instant, u64)>,
@@ -218,12 +219,11 @@ impl Observed {
     /// beating its heart) within `lease_ttl`.
     pub(crate) fn new(retry: &crate::runtime::Retry, lease_ttl: Duration) -> Self {
         Observed {
-            // Capped: a retry delay of hours would keep a node degraded that long.
-            heal_after: retry
-                .max
-                .saturating_mul(3)
-                .checked_div(2)
-                .unwrap_or(Duration::MAX)
+            // Retries at their cap come up to half again it apart, and a lease ttl more for
+            // the failing attempt and its redelivery. Capped: a retry delay of hours would
+            // keep a node degraded that long.
+            heal_after: (retry.max.saturating_mul(3) / 2)
+                .saturating_add(lease_ttl)
                 .min(Duration::from_secs(600)),
             down_after: lease_ttl,
             failing: Mutex::default(),
@@ -244,11 +244,7 @@ impl Observed {
         match &mut *failing {
             Some(f) => {
                 let now = Instant::now();
-                if f.succeeding() && !f.partial {
-                    tracing::warn!(error = %e, "the store fails in part: some of its requests succeed, others fail; `Runtime::health` shows it degraded until none has failed for half again the longest retry delay");
-                    f.partial = true;
-                    f.announced = false;
-                }
+                f.partial |= f.succeeding();
                 f.last = e.clone();
                 f.last_at = now;
                 f.count += 1;
@@ -256,6 +252,7 @@ impl Observed {
                     Some((_, _, n)) => *n += 1,
                     None => f.streak = Some((e.clone(), now, 1)),
                 }
+                self.note(&mut failing);
             }
             None => {
                 tracing::error!(error = %e, hint = e.hint().unwrap_or(""), "the store is failing; Loom retries, and `Runtime::health` shows it");
@@ -269,7 +266,7 @@ impl Observed {
                     count: 1,
                     ok_at: None,
                     partial: false,
-                    announced: false,
+                    shown: State::Failing,
                     streak: Some((e.clone(), now, 1)),
                 });
             }
@@ -284,24 +281,34 @@ impl Observed {
             f.ok_at = Some((Instant::now(), Timestamp::now()));
             f.streak = None;
         }
-        self.announce(&mut failing);
         self.forget_over(&mut failing);
     }
 
-    /// Logs once that the store works again, when it shows healthy.
-    fn announce(&self, failing: &mut Option<Failing>) {
-        if let Some(f) = failing
-            && !f.announced
-            && f.state(self) == State::Healthy
-        {
-            f.announced = true;
-            tracing::info!(after = ?f.began.elapsed(), failures = f.count, "the store works again");
+    /// Logs the store's state when it changes within an episode: failing (again), degraded,
+    /// or working again. (An episode's first failure is logged where it begins.)
+    fn note(&self, failing: &mut Option<Failing>) {
+        let Some(f) = failing else { return };
+        let now = f.state(self);
+        if now == f.shown {
+            return;
+        }
+        f.shown = now;
+        match now {
+            State::Failing => {
+                tracing::error!(error = %f.last, hint = f.last.hint().unwrap_or(""), "the store is failing: nothing it was asked has succeeded since; Loom retries, and `Runtime::health` shows it")
+            }
+            State::Degraded => {
+                tracing::warn!(error = %f.last, "the store fails in part: some of its requests succeed, others fail; `Runtime::health` shows it degraded until none has failed for a while")
+            }
+            State::Healthy => {
+                tracing::info!(after = ?f.began.elapsed(), failures = f.count, "the store works again")
+            }
         }
     }
 
     /// Forgets an episode that is over (see [`Failing::over`]).
     fn forget_over(&self, failing: &mut Option<Failing>) {
-        self.announce(failing);
+        self.note(failing);
         if failing.as_ref().is_some_and(|f| f.over(self.heal_after)) {
             *failing = None;
         }
@@ -429,8 +436,9 @@ impl Observed {
 mod tests {
     use super::*;
 
-    /// Retries at most 20 s apart: degraded for 30 s after the latest failure.
-    const HEAL: Duration = Duration::from_secs(30);
+    /// Retries capped at 20 s (so up to 30 s apart) and leases of 10 s: degraded for 40 s
+    /// after the latest failure.
+    const HEAL: Duration = Duration::from_secs(40);
     /// Leases of 10 s: a degraded store failing that long with no success is failing.
     const DOWN: Duration = Duration::from_secs(10);
 
@@ -440,6 +448,11 @@ mod tests {
             ..crate::runtime::Retry::default()
         };
         Observed::new(&retry, DOWN)
+    }
+
+    /// A moment passes: a success and a failure never share an instant here.
+    async fn tick() {
+        tokio::time::advance(Duration::from_millis(1)).await;
     }
 
     fn down() -> StoreError {
@@ -466,11 +479,13 @@ mod tests {
         // One failure, then a success: a blip, healthy at once.
         o.failed(&down());
         assert_eq!(state(&o), "failing");
+        tick().await;
         o.ok();
         assert_eq!(state(&o), "healthy", "{:?}", o.health());
         // Failures with successes between them, the failures as far apart as retries at their
         // longest, the successes (heartbeats) a few seconds apart.
         for _ in 0..5 {
+            tick().await;
             o.failed(&down());
             assert_eq!(state(&o), "degraded", "right after a failure");
             for _ in 0..8 {
@@ -487,9 +502,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Asks see no streak of failures: each partition's own success came between.
+        tick().await;
         o.failed(&down());
         assert!(o.keeps_failing(Duration::ZERO).is_none());
         // The failures stop; writes go on succeeding: healthy once HEAL has passed.
+        tick().await;
         o.ok();
         tokio::time::advance(HEAL - Duration::from_millis(100)).await;
         o.ok();
@@ -525,7 +542,9 @@ mod tests {
         // Degraded, then down: failing once no success came for DOWN.
         tokio::time::advance(HEAL).await;
         o.failed(&other);
+        tick().await;
         o.ok();
+        tick().await;
         o.failed(&down());
         assert_eq!(state(&o), "degraded");
         tokio::time::advance(DOWN / 2).await;
@@ -550,6 +569,7 @@ mod tests {
             "the streak's own first"
         );
         // Back: degraded (it had failed in part) until HEAL passes with no failure.
+        tick().await;
         o.ok();
         assert_eq!(state(&o), "degraded");
         tokio::time::advance(HEAL).await;
