@@ -193,6 +193,13 @@ enum Command {
         /// invocations (needs LOOM_TOKEN).
         #[arg(long)]
         allow_writes: bool,
+        /// Longest a client may take to send a request's headers, or keep a connection idle,
+        /// in milliseconds; its connection is closed after it.
+        #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+        header_timeout_ms: u64,
+        /// Most connections served at once; more wait in the listen queue.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        max_connections: u64,
     },
     /// Copies every journal, snapshot and waiting message from one store to another, then
     /// verifies the copy. Stop the runtimes using the source first (a Redis or PostgreSQL
@@ -511,9 +518,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             store,
             listen,
             allow_writes,
+            header_timeout_ms,
+            max_connections,
         } => {
             let opened = open_existing(&store.store_url("serve", &ns)?).await?;
-            serve::serve(opened.store.clone(), listen, allow_writes, json).await
+            let guards = loom_http::ServeOptions {
+                header_timeout: std::time::Duration::from_millis(header_timeout_ms),
+                // At most 65 536 by the argument's range.
+                max_connections: max_connections as usize,
+            };
+            serve::serve(opened.store.clone(), listen, allow_writes, guards, json).await
         }
         Command::Export { store, out } => {
             let opened = open_existing(&store.store_url("export", &ns)?).await?;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use loom_core::Store;
-use loom_http::AdminOptions;
+use loom_http::{AdminOptions, ServeOptions};
 
 use crate::output::{Failure, out};
 
@@ -12,6 +12,7 @@ pub async fn serve(
     store: Arc<dyn Store>,
     listen: SocketAddr,
     allow_writes: bool,
+    guards: ServeOptions,
     json: bool,
 ) -> Result<(), Failure> {
     // Only writes use the token: a read-only serve does not look at it.
@@ -81,10 +82,10 @@ pub async fn serve(
             }
         ))?;
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            interrupt.recv().await;
-        })
-        .await
-        .map_err(|e| Failure(format!("serving stopped: {e}")))
+    loom_http::serve(listener, app, guards, async move {
+        // `None`: the signal stream ended, which it does only as the process exits.
+        interrupt.recv().await;
+    })
+    .await;
+    Ok(())
 }

@@ -77,6 +77,90 @@ fn serve_reads_any_store_and_writes_only_when_allowed_with_a_token() {
     stop(server);
 }
 
+/// A connection to `base` (`http://host:port`) that gives up a read after `wait`.
+fn connect(base: &str, wait: Duration) -> std::net::TcpStream {
+    let addr = base.strip_prefix("http://").expect("an http:// address");
+    let c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(wait)).expect("read timeout");
+    c
+}
+
+/// Reads from `c` until the server closes it; `None` when nothing came within its read
+/// timeout. Returns what was read.
+fn read_to_close(c: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            // Reset by the server: closed as well.
+            Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+        }
+    }
+}
+
+#[test]
+fn serve_closes_slow_headers_and_caps_its_connections() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("temp dir");
+    seeded(dir.path());
+    let store = dir.path().to_str().expect("utf-8 path");
+    let (server, base) = serve(
+        store,
+        &["--header-timeout-ms", "500", "--max-connections", "2"],
+        None,
+    );
+    let get = format!(
+        "GET /api/actors HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        base.trim_start_matches("http://")
+    );
+    // Half a request's headers, then nothing (slowloris): closed after the timeout.
+    let began = Instant::now();
+    let mut slow = connect(&base, Duration::from_secs(20));
+    slow.write_all(b"GET /api/actors HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .expect("write");
+    assert!(
+        read_to_close(&mut slow).is_some(),
+        "a trickled request held its connection 20 s"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        began.elapsed()
+    );
+    // Two silent connections take both slots: a third's whole request waits, unanswered,
+    // until their header time is up and they are closed.
+    let began = Instant::now();
+    let mut silent: Vec<_> = (0..2)
+        .map(|_| connect(&base, Duration::from_secs(20)))
+        .collect();
+    // Both accepted before the third connects (the server takes them in order).
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = connect(&base, Duration::from_secs(20));
+    third.write_all(get.as_bytes()).expect("write");
+    let answer = read_to_close(&mut third).expect("the third connection answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        began.elapsed() >= Duration::from_millis(400),
+        "the third was served at once, past the cap: {:?}",
+        began.elapsed()
+    );
+    for c in &mut silent {
+        assert!(read_to_close(c).is_some(), "a silent connection was kept");
+    }
+    stop(server);
+}
+
 fn screenshots() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/studio-screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot dir");

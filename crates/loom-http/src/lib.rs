@@ -41,6 +41,12 @@
 //! when the ask gave none), and asking again with it returns the reply without running the
 //! message twice. A send is safe to retry only with a key.
 //!
+//! Serve the routers with [`serve`], not `axum::serve`: it closes a connection whose headers
+//! take longer than [`ServeOptions::header_timeout`] (and a kept-alive one idle as long), and
+//! serves at most [`ServeOptions::max_connections`] at once, so that clients trickling
+//! headers or opening connections by the thousand hold neither the process's file
+//! descriptors nor its memory.
+//!
 //! ```no_run
 //! use loom_core::runtime::{Actor, Context, Rejected, Runtime};
 //!
@@ -67,13 +73,20 @@
 //! };
 //! let app = loom_http::router(rt.clone(), opts);
 //! // curl localhost:8080/actors/counter/visits/ask --json 2   → 2
-//! axum::serve(listener, app).await?;
+//! // Headers within 30 s, at most 1 024 connections at once, until Ctrl-C.
+//! let ctrl_c = async {
+//!     if tokio::signal::ctrl_c().await.is_err() {
+//!         std::future::pending::<()>().await;
+//!     }
+//! };
+//! loom_http::serve(listener, app, loom_http::ServeOptions::default(), ctrl_c).await;
 //! # Ok(()) }
 //! ```
 
 mod admin;
 mod error;
 mod reads;
+mod serve;
 
 use std::time::Duration;
 
@@ -95,6 +108,7 @@ use serde_json::{Value, json};
 pub use admin::{AdminOptions, MAX_PAGE, MAX_PAGE_BYTES, admin};
 pub use error::{ApiError, RETRY_AFTER_SECS};
 pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
+pub use serve::{ServeOptions, serve};
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 
@@ -120,8 +134,8 @@ pub struct Options {
     pub hosts: Vec<String>,
     /// Longest a request's body may take to arrive (default 30 s); a slower one is refused
     /// with `408 body_timeout`, so that a client trickling a body holds no connection and no
-    /// buffer for longer. (Headers are the server's to time: `axum::serve` does not, so put a
-    /// proxy with a header timeout in front of an ingress open to the Internet.)
+    /// buffer for longer. (Headers are the server's to time: [`serve`] does, with
+    /// [`ServeOptions::header_timeout`]; `axum::serve` does not.)
     pub body_timeout: Duration,
 }
 

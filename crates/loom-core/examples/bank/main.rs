@@ -212,7 +212,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("serving until Ctrl-C");
         tokio::select! {
             _ = interrupt.recv() => {}
-            ended = server => ended??,
+            ended = server => ended?,
         }
         rt.shutdown().await;
     }
@@ -226,7 +226,7 @@ async fn serve(
     rt: &Runtime,
     addr: SocketAddr,
     prometheus: loom_http::PrometheusHandle,
-) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, Box<dyn std::error::Error>> {
+) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     println!("listening on http://{bound}");
@@ -272,7 +272,12 @@ async fn serve(
     if let Some(admin) = admin {
         app = app.merge(admin);
     }
-    Ok(tokio::spawn(
-        async move { axum::serve(listener, app).await },
-    ))
+    // Headers within 30 s, at most 1 024 connections; until the process ends (Ctrl-C above).
+    let guards = loom_http::ServeOptions::default();
+    Ok(tokio::spawn(loom_http::serve(
+        listener,
+        app,
+        guards,
+        std::future::pending(),
+    )))
 }
