@@ -69,6 +69,7 @@ pub struct Faults {
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
     pause_read: Mutex<Option<Arc<ReadPause>>>,
     pause_suspend: Mutex<Option<Arc<ReadPause>>>,
+    pause_delete: Mutex<Option<Arc<ReadPause>>>,
     /// How many failures were injected.
     pub injected: AtomicU64,
     /// Lease renewal calls that reached the store (`renew` and `renew_many`).
@@ -123,6 +124,17 @@ impl Faults {
     pub fn pause_next_suspend(&self) -> Arc<ReadPause> {
         let pause = Arc::new(ReadPause::default());
         *self.pause_suspend.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
+        pause
+    }
+
+    /// Holds the next journal `delete` before it reaches the store, as [`pause_next_read`]
+    /// holds a read: what the case does meanwhile (a node taking the actor's partition, say)
+    /// happens between a tool's last look and its delete.
+    ///
+    /// [`pause_next_read`]: Self::pause_next_read
+    pub fn pause_next_delete(&self) -> Arc<ReadPause> {
+        let pause = Arc::new(ReadPause::default());
+        *self.pause_delete.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
         pause
     }
 
@@ -346,6 +358,16 @@ impl JournalStore for FaultyStore {
     }
 
     async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+        let paused = self
+            .faults
+            .pause_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(pause) = paused {
+            pause.reached.notify_one();
+            pause.resume.notified().await;
+        }
         self.inner.delete(actor).await
     }
 

@@ -124,10 +124,7 @@ const TOOL_LEASE: Duration = Duration::from_secs(30);
 /// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns `actor`'s
 /// partition: that node runs the actor, and may hold its state in memory.
 async fn refuse_while_owned(store: &dyn Store, actor: &ActorId) -> Result<(), StoreError> {
-    let parts = crate::partition::ownership_partitions(store.partitions());
-    let partition =
-        ActorId::partition_lease(actor.kind(), crate::partition::partition_of(actor, parts));
-    match store.holder(&partition).await? {
+    match store.holder(&partition_lease(store, actor)).await? {
         Some(node) => Err(StoreError::LeaseHeld {
             actor: actor.clone(),
             owner: node.owner,
@@ -139,6 +136,12 @@ async fn refuse_while_owned(store: &dyn Store, actor: &ActorId) -> Result<(), St
         }),
         None => Ok(()),
     }
+}
+
+/// The lease of the partition `actor` runs in: the one its node holds.
+fn partition_lease(store: &dyn Store, actor: &ActorId) -> ActorId {
+    let parts = crate::partition::ownership_partitions(store.partitions());
+    ActorId::partition_lease(actor.kind(), crate::partition::partition_of(actor, parts))
 }
 
 async fn release_tool_lease(store: &dyn Store, lease: &crate::store::Lease) {
@@ -153,11 +156,13 @@ async fn release_tool_lease(store: &dyn Store, lease: &crate::store::Lease) {
 /// the actor: such a node holds the actor's state in memory, and its next turn would append to
 /// the emptied journal a change of a state that no replay can rebuild.
 ///
-/// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns the actor's
-/// partition (stop it first, or wait for the kind to have no host). Otherwise it takes the
-/// actor's own lease as `owner` ([`StoreError::LeaseHeld`] if another tool holds it), which
-/// keeps every node's turn for the actor out while it holds it (rule D8), looks at the
-/// partition again (a node may have taken it in between), and deletes.
+/// It takes the lease of the actor's partition as `owner`, as a node taking the partition
+/// would: refused with [`StoreError::LeaseHeld`] naming the node while a node owns it (stop
+/// it first, or wait for the kind to have no host). While the tool holds it no node can take
+/// the partition, and a node that ran the actor before holds a lease this take outdated, whose
+/// writes the store refuses (rule D8): no node's turn lands on the emptied journal. Then it
+/// takes the actor's own lease ([`StoreError::LeaseHeld`] if another tool holds it), deletes,
+/// and releases both.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -169,7 +174,7 @@ async fn release_tool_lease(store: &dyn Store, lease: &crate::store::Lease) {
 /// let actor = ActorId::new("acct", "alice")?;
 /// let failed = EntryKind::Failed { error: "x".into(), dead_lettered: false };
 /// store.append(&actor, 1, &[Entry::new(1, failed)]).await?;
-/// // No node owns acct/alice's partition: the tool takes the actor's own lease and deletes.
+/// // No node owns acct/alice's partition: the tool takes its lease and deletes.
 /// delete_journal(&store, &actor, "loom-cli").await?;
 /// let info = store.info(&actor).await?;
 /// assert_eq!((info.len(), info.highest), (0, 1), "no entry left; its seqs stay used");
@@ -181,13 +186,39 @@ pub async fn delete_journal(
     actor: &ActorId,
     owner: &str,
 ) -> Result<(), StoreError> {
-    refuse_while_owned(store, actor).await?;
-    let lease = store.acquire(actor, owner, TOOL_LEASE).await?;
-    let result = match refuse_while_owned(store, actor).await {
-        Ok(()) => store.delete(actor).await,
+    // The partition's lease, not a look at who holds it: a look and a delete are two steps,
+    // and a node taking the partition between them could load the actor before the delete and
+    // write on top of it after. Taken, it keeps every node off the partition until released.
+    let held = match store
+        .acquire(&partition_lease(store, actor), owner, TOOL_LEASE)
+        .await
+    {
+        Ok(held) => held,
+        // Said of the actor, as every refusal of a tool's is: the node named runs it.
+        Err(StoreError::LeaseHeld {
+            owner,
+            remaining_ms,
+            token,
+            ..
+        }) => {
+            return Err(StoreError::LeaseHeld {
+                actor: actor.clone(),
+                owner,
+                remaining_ms,
+                token,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let result = match store.acquire(actor, owner, TOOL_LEASE).await {
+        Ok(lease) => {
+            let deleted = store.delete(actor).await;
+            release_tool_lease(store, &lease).await;
+            deleted
+        }
         Err(e) => Err(e),
     };
-    release_tool_lease(store, &lease).await;
+    release_tool_lease(store, &held).await;
     result
 }
 

@@ -27,7 +27,73 @@ pub(super) fn cases() -> Vec<RuntimeCase> {
         a_node_that_dies_while_the_roster_cannot_be_read_is_taken_over,
         a_process_superseded_under_its_name_stands_down,
         a_process_refused_its_name_owns_no_partition,
+        a_node_cannot_take_a_partition_while_a_journal_of_it_is_deleted,
     ]
+}
+
+/// `loom journal delete` (`delete_journal`) while a node comes to take the actor's partition:
+/// the node's take, between the tool's start and its delete, is refused, and once the tool is
+/// done the node takes the partition and writes after the deleted journal. Before, the tool
+/// looked at the partition's holder and then deleted under the actor's own lease, which fences
+/// nothing of a node's reads: a node that took the partition in between and loaded the actor
+/// before the delete wrote on top of the emptied journal a change of the deleted state.
+async fn a_node_cannot_take_a_partition_while_a_journal_of_it_is_deleted(h: &Harness) {
+    use loom_core::runtime::delete_journal;
+    use loom_core::store::backend::Turn;
+    use loom_core::{Entry, EntryKind, StoreError};
+    let actor = ActorId::new(Account::KIND, "deleted-under-a-node").expect("id");
+    let failed = |seq| {
+        Entry::new(
+            seq,
+            EntryKind::Failed {
+                error: "x".into(),
+                dead_lettered: false,
+            },
+        )
+    };
+    h.store
+        .append(&actor, 1, &[failed(1), failed(2)])
+        .await
+        .expect("append");
+    let part = ActorId::partition_lease(
+        actor.kind(),
+        partition_of(&actor, ownership_partitions(h.store.partitions())),
+    );
+    let ttl = Duration::from_secs(5);
+    let pause = h.faults.pause_next_delete();
+    let store = h.store.clone();
+    let tool = actor.clone();
+    let deleting = tokio::spawn(async move { delete_journal(&*store, &tool, "loom-tool").await });
+    pause.reached.notified().await;
+    // The delete is about to reach the store: a node taking the partition now is refused.
+    match h.store.acquire(&part, "node-coming", ttl).await {
+        Err(StoreError::LeaseHeld { owner, .. }) => assert_eq!(owner, "loom-tool"),
+        other => {
+            panic!("a node took the partition while a journal of it was being deleted: {other:?}")
+        }
+    }
+    pause.resume.notify_one();
+    deleting
+        .await
+        .expect("the delete did not panic")
+        .expect("deleted");
+    // Released: the node takes it, finds the journal empty, and writes after its seqs.
+    let lease = h
+        .store
+        .acquire(&part, "node-coming", ttl)
+        .await
+        .expect("the partition is free once the delete is done");
+    let info = h.store.info(&actor).await.expect("info");
+    assert_eq!((info.len(), info.highest), (0, 2), "{info:?}");
+    let next = [failed(3)];
+    h.store
+        .commit_turn(Turn {
+            fence: Some(&lease),
+            ..Turn::append(&actor, 3, &next)
+        })
+        .await
+        .expect("a turn after the deleted journal");
+    h.store.release(&lease).await.expect("release");
 }
 
 /// A node's first take of a partition's lease never answers (its connection went silent): the
