@@ -93,7 +93,9 @@ pub async fn verify(
         problems.push(line);
     };
     let (mut checked, mut trimmed_meanwhile) = (0u64, 0u64);
-    let mut failed = 0;
+    // Damage found, and journals an error kept from being checked (a store out of reach): the
+    // exit code tells them apart.
+    let (mut damaged, mut unchecked) = (0, 0);
     for a in &actors {
         match verify_one(store, a).await {
             Ok(v) => {
@@ -105,12 +107,16 @@ pub async fn verify(
             Err(StoreError::Gap {
                 expected, found, ..
             }) => {
-                failed += 1;
+                damaged += 1;
                 problem(format!("{a}: {}", hole(expected, found)));
             }
-            Err(e) => {
-                failed += 1;
+            Err(e @ StoreError::Corrupt { .. }) => {
+                damaged += 1;
                 problem(format!("{a}: {e}"));
+            }
+            Err(e) => {
+                unchecked += 1;
+                problem(format!("{a}: not checked: {e}"));
             }
         }
     }
@@ -123,21 +129,37 @@ pub async fn verify(
         (None, None, Some(p)) => p.outbox_states().await?,
         (None, None, None) => Vec::new(),
     };
-    if !states.is_empty() {
-        let wrong = loom_core::store::backend::check_outboxes(&states);
-        for w in &wrong {
-            problem(w.clone());
-        }
-        if !wrong.is_empty() {
-            return Err(listed(
-                format!(
-                    "{} problems in the partitions' outboxes and high-water marks",
-                    wrong.len()
-                ),
-                &problems,
-                json,
+    let wrong = loom_core::store::backend::check_outboxes(&states);
+    for w in &wrong {
+        problem(w.clone());
+    }
+    if damaged + unchecked + wrong.len() > 0 {
+        let mut said = Vec::new();
+        if damaged > 0 {
+            said.push(format!(
+                "{damaged} of {} journals failed verification",
+                actors.len()
             ));
         }
+        if unchecked > 0 {
+            said.push(format!(
+                "{unchecked} of {} journals could not be checked",
+                actors.len()
+            ));
+        }
+        if !wrong.is_empty() {
+            said.push(format!(
+                "{} problems in the partitions' outboxes and high-water marks",
+                wrong.len()
+            ));
+        }
+        // Damage for sure only when every journal was checked.
+        if unchecked == 0 {
+            loom_cli::output::found_damage();
+        }
+        return Err(listed(said.join("; "), &problems, json));
+    }
+    if !states.is_empty() {
         let waiting: u64 = states.iter().map(|s| s.pending).sum();
         relay_json = serde_json::json!({ "partitions": states.len(), "waiting_to_move": waiting });
         // PostgreSQL's relay keeps no marks (a move deletes what it enqueues).
@@ -150,13 +172,6 @@ pub async fn verify(
             "; {} partitions, {what} consistent, {waiting} messages waiting to move",
             states.len()
         );
-    }
-    if failed > 0 {
-        return Err(listed(
-            format!("{failed} of {} journals failed verification", actors.len()),
-            &problems,
-            json,
-        ));
     }
     // Entries a compaction trimmed before the read reached them were not read: said, so that
     // an ok of a busy store that read little is seen as such.

@@ -38,9 +38,10 @@ impl Common {
 
 /// Runs a command's future on a multi-thread tokio runtime, with logs on stderr and traces
 /// over OTLP when asked ([`loom_telemetry::init`], naming the process `service`), and turns its
-/// outcome into the exit code: a failure is printed as `error: …`, or with `json` as one
-/// object `{"error", "hint"}` on stderr, so that what the command printed on stdout before it
-/// failed (a report, rows) stays parseable.
+/// outcome into the exit code: 0, or for a failure [`output::failure_code`] (1 for damage a
+/// check found, 2 for any other failure). A failure is printed as `error: …`, or with `json`
+/// as one object `{"error", "hint", "damage"}` on stderr, so that what the command printed on
+/// stdout before it failed (a report, rows) stays parseable.
 pub fn main_with<F>(service: &str, json: bool, run: F) -> ExitCode
 where
     F: Future<Output = Result<(), Failure>>,
@@ -59,23 +60,26 @@ where
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(output::EXIT_FAILED);
         }
     };
     let result = rt.block_on(run);
     if let Some(Err(e)) = telemetry.map(loom_telemetry::Telemetry::shutdown) {
         eprintln!("warning: {e}");
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) if json => {
-            let (error, hint) = f.split();
-            eprintln!("{}", serde_json::json!({ "error": error, "hint": hint }));
-            ExitCode::FAILURE
-        }
-        Err(Failure(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
+    let Err(f) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let code = output::failure_code();
+    if json {
+        let (error, hint) = f.split();
+        let damage = code == output::EXIT_DAMAGE;
+        eprintln!(
+            "{}",
+            serde_json::json!({ "error": error, "hint": hint, "damage": damage })
+        );
+    } else {
+        eprintln!("error: {}", f.0);
     }
+    ExitCode::from(code)
 }

@@ -247,7 +247,8 @@ enum JournalCommand {
         #[arg(long)]
         bytes: bool,
     },
-    /// Reads every entry and snapshot and checks it (checksums, numbering, no gaps).
+    /// Reads every entry and snapshot and checks it (checksums, numbering, no gaps). Exits 1
+    /// when it found damage, 2 when an error kept it from checking everything.
     Verify {
         /// Only this actor, as `kind/key`.
         actor: Option<String>,

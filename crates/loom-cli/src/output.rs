@@ -61,6 +61,33 @@ pub fn report(
     if json { out(value) } else { out(sentence) }
 }
 
+/// The exit code of a check that ran to its end and found damage (`loom journal verify`).
+pub const EXIT_DAMAGE: u8 = 1;
+/// The exit code of every other failure: an error stopped the command, or it was refused (as
+/// clap's own for arguments it cannot parse).
+pub const EXIT_FAILED: u8 = 2;
+
+/// Whether this run found damage: see [`found_damage`].
+static DAMAGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this run as having found damage in what it checked, so that its failure exits with
+/// [`EXIT_DAMAGE`] rather than [`EXIT_FAILED`]: a script tells "the data is damaged" from "the
+/// check could not run" (a store out of reach). Only a check that ran to its end marks it;
+/// one an error cut short has found nothing for sure.
+pub fn found_damage() {
+    DAMAGE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The exit code of a failed run: [`EXIT_DAMAGE`] once [`found_damage`] was called, else
+/// [`EXIT_FAILED`].
+pub fn failure_code() -> u8 {
+    if DAMAGE.load(std::sync::atomic::Ordering::SeqCst) {
+        EXIT_DAMAGE
+    } else {
+        EXIT_FAILED
+    }
+}
+
 /// Prints one line of output. A reader that went away (`loom … | head`) ends the program quietly
 /// and successfully, as Unix tools do.
 pub fn out(line: impl std::fmt::Display) -> Result<(), Failure> {

@@ -1539,25 +1539,49 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
         let mut args = vec!["--redis-prefix", "live", "journal", "--store", url.as_str()];
         args.push("verify");
         args.extend(only);
-        loom(&args)
+        common::loom_code(&args)
     };
     for _ in 0..30 {
-        let (ok_, out, err) = verify(Some("live/a"));
-        assert!(ok_ && out.starts_with("ok: 1 journals"), "{out}{err}");
-    }
-    for _ in 0..10 {
-        let (ok_, out, err) = verify(None);
+        let (code, out, err) = verify(Some("live/a"));
         assert!(
-            !ok_ && err.contains("live/b: entry 3 is missing above the journal's trim point")
-                && err.contains("1 of 2 journals failed verification")
-                && !err.contains("live/a"),
+            code == Some(0) && out.starts_with("ok: 1 journals"),
             "{out}{err}"
         );
     }
+    // Damage found: exit 1.
+    for _ in 0..10 {
+        let (code, out, err) = verify(None);
+        assert!(
+            code == Some(1)
+                && err.contains("live/b: entry 3 is missing above the journal's trim point")
+                && err.contains("1 of 2 journals failed verification")
+                && !err.contains("live/a"),
+            "{code:?} {out}{err}"
+        );
+    }
+    // With --json, the error object says it is damage.
+    let (code, _, err) = common::loom_code(&[
+        "--json",
+        "--redis-prefix",
+        "live",
+        "journal",
+        "--store",
+        url.as_str(),
+        "verify",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(err.trim()).expect("one JSON object");
+    assert!(code == Some(1) && v["damage"] == true, "{code:?} {v}");
     stop.store(true, Ordering::Relaxed);
     rt.block_on(writer).expect("writer");
     let written = written.load(Ordering::Relaxed);
     assert!(written > 30, "only {written} entries written meanwhile");
+    // The store gone: nothing was checked, which is no finding of damage: exit 2.
+    drop(server);
+    let (code, out, err) = verify(None);
+    assert!(
+        code == Some(2) && err.contains("error:"),
+        "{code:?} {out}{err}"
+    );
 }
 
 /// `loom export` reads back what it wrote as `import` will: a journal whose meta says more

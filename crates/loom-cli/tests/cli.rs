@@ -113,8 +113,9 @@ fn the_store_comes_from_loom_store_when_not_given() {
     );
 }
 
-/// With `--json`, a failure is one JSON object on stderr (`error`, and `hint`: what to do
-/// when Loom knows, else null), and the exit is still a failure.
+/// With `--json`, a failure is one JSON object on stderr (`error`, `hint`: what to do
+/// when Loom knows, else null, and `damage`: false but for damage a check found), and the exit
+/// is still a failure: 2, for an error.
 #[test]
 fn a_json_command_fails_with_a_json_error() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -122,14 +123,14 @@ fn a_json_command_fails_with_a_json_error() {
     let parse = |err: &str| -> serde_json::Value {
         serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"))
     };
-    let (ok, out, err) = loom(&[
+    let (code, out, err) = common::loom_code(&[
         "journal",
         "ls",
         "--json",
         "--store",
         missing.to_str().expect("utf-8"),
     ]);
-    assert!(!ok);
+    assert_eq!(code, Some(2), "{err}");
     assert!(out.is_empty(), "{out}");
     let v = parse(&err);
     assert!(
@@ -139,6 +140,7 @@ fn a_json_command_fails_with_a_json_error() {
         "{v}"
     );
     assert_eq!(v["hint"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["damage"], false, "{v}");
     let (ok, _, err) = loom(&["journal", "ls", "--store", "redis://127.0.0.1:1", "--json"]);
     assert!(!ok);
     let v = parse(&err);

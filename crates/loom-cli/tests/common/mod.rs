@@ -43,6 +43,20 @@ pub fn loom_dev(args: &[&str]) -> (bool, String, String) {
 }
 
 fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let (code, out, err) = run_code(binary, args, env);
+    (code == Some(0), out, err)
+}
+
+/// Runs `loom` with `args`: its exit code (`None` if a signal ended it), stdout, stderr.
+pub fn loom_code(args: &[&str]) -> (Option<i32>, String, String) {
+    // Set for the tests of the package that builds it: this file is shared by two.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_loom") else {
+        panic!("no loom binary: only the tests of loom-cli run it");
+    };
+    run_code(binary, args, &[])
+}
+
+fn run_code(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let out = Command::new(binary)
         .args(args)
         .env_remove("LOOM_STORE")
@@ -52,7 +66,7 @@ fn run(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, Stri
         .output()
         .expect("run loom");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
