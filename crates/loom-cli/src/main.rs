@@ -527,6 +527,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 header_timeout: std::time::Duration::from_millis(header_timeout_ms),
                 // At most 65 536 by the argument's range.
                 max_connections: max_connections as usize,
+                ..loom_http::ServeOptions::default()
             };
             serve::serve(opened.store.clone(), listen, allow_writes, guards, json).await
         }

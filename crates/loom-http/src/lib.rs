@@ -42,10 +42,11 @@
 //! message twice. A send is safe to retry only with a key.
 //!
 //! Serve the routers with [`serve`], not `axum::serve`: it closes a connection whose headers
-//! take longer than [`ServeOptions::header_timeout`] (and a kept-alive one idle as long), and
-//! serves at most [`ServeOptions::max_connections`] at once, so that clients trickling
-//! headers or opening connections by the thousand hold neither the process's file
-//! descriptors nor its memory.
+//! take longer than [`ServeOptions::header_timeout`] (and a kept-alive one idle as long) or
+//! whose client stops reading its answer ([`ServeOptions::write_timeout`]), and serves at most
+//! [`ServeOptions::max_connections`] at once, so that clients trickling headers, leaving
+//! answers unread or opening connections by the thousand cannot take the process's file
+//! descriptors, which its store needs too.
 //!
 //! ```no_run
 //! use loom_core::runtime::{Actor, Context, Rejected, Runtime};

@@ -1,11 +1,15 @@
 //! Serving the routers of this crate with the guards `axum::serve` leaves out: a time limit on
-//! a request's headers (and on a kept-alive connection's wait for its next request) and a cap
-//! on the connections served at once.
+//! a request's headers (and on a kept-alive connection's wait for its next request), on each
+//! write of an answer, and a cap on the connections served at once.
 //!
-//! Invariant: a connection is accepted only while it holds one of `max_connections` slots, and
-//! gives its slot back when it ends, whether it ended well or not. At the cap, connections wait
-//! in the kernel's listen queue, not in this process: a flood of them cannot take the file
-//! descriptors the runtime's store needs.
+//! Invariants:
+//! - A connection is accepted only while it holds one of the slots, and gives its slot back
+//!   when it ends, whether it ended well or not. At the cap, connections wait in the kernel's
+//!   listen queue, not in this process: a flood of them cannot take the file descriptors the
+//!   runtime's store needs. The slots are at most half the process's open-file limit.
+//! - Every connection ends: one idle or trickling headers at the header timeout, one whose
+//!   client stops reading its answer at the write timeout, and at shutdown whatever is left
+//!   after the shutdown timeout.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,23 +39,55 @@ pub struct ServeOptions {
     /// client trickling headers (slowloris), or keeping a connection idle, holds it no longer.
     /// A request's body has its own limit ([`Options::body_timeout`](crate::Options)).
     pub header_timeout: Duration,
-    /// Most connections served at once (default 1 024; 0 counts as 1). Further connections
-    /// wait in the kernel's listen queue until one closes, so that a flood of connections
-    /// cannot take every file descriptor the process, and its store, needs.
+    /// Longest a write of an answer may wait for the client to take it (default 30 s): a
+    /// client that asks for a large answer and stops reading it has its connection closed.
+    pub write_timeout: Duration,
+    /// Most connections served at once (default 1 024; 0 counts as 1), and at most half the
+    /// process's limit of open files (`ulimit -n`), which the store's files and sockets need
+    /// too. Further connections wait in the kernel's listen queue until one closes.
     pub max_connections: usize,
+    /// Longest [`serve`] waits, once told to stop, for the requests being answered (default
+    /// 30 s); the connections still open then are closed. An ask cut short so still runs its
+    /// message: its client asks again with the idempotency key.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             header_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
 
+/// The slots [`serve`] gives connections: `wanted`, at least 1, and at most half of `files`,
+/// the process's limit of open files, when it has one.
+fn slots_for(wanted: usize, files: Option<u64>) -> usize {
+    let most = files.map_or(usize::MAX, |f| usize::try_from(f / 2).unwrap_or(usize::MAX));
+    wanted.min(most).clamp(1, Semaphore::MAX_PERMITS)
+}
+
+/// The process's soft limit of open files, if it has one.
+fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes one `rlimit` through a pointer to a live, aligned value.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if got != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not read the open-file limit");
+        return None;
+    }
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
 /// Serves `app` on `listener` (HTTP/1.1) until `shutdown` completes, then stops accepting,
-/// lets each connection finish the request it is answering, and returns once all have closed.
+/// lets each connection finish the request it is answering, and returns once all have closed
+/// or [`ServeOptions::shutdown_timeout`] has passed (closing those left).
 ///
 /// Use it in place of `axum::serve` for an ingress that clients you do not control reach:
 /// see [`ServeOptions`]. An error accepting a connection is logged; one that is the process's
@@ -76,12 +112,27 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) {
-    let slots = Arc::new(Semaphore::new(
-        opts.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let files = open_file_limit();
+    let n = slots_for(opts.max_connections, files);
+    if n < opts.max_connections {
+        tracing::warn!(
+            max_connections = opts.max_connections,
+            open_file_limit = files,
+            serving = n,
+            "serving fewer connections at once than asked: half the open-file limit; raise it (ulimit -n) to serve more"
+        );
+    }
+    let slots = Arc::new(Semaphore::new(n));
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // Ended connections' tasks, reaped as new ones come, so that the set stays small.
+        while let Some(ended) = connections.try_join_next() {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "a connection's task panicked");
+            }
+        }
         // A slot before the accept: at the cap, connections wait in the kernel's queue.
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -95,7 +146,13 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    accept_failed(e).await;
+                    if accept_failed(e) {
+                        // Out of file descriptors, say: retrying at once would only repeat it.
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = &mut shutdown => break,
+                        }
+                    }
                     continue;
                 }
             },
@@ -106,12 +163,19 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
         }
+        // hyper times headers only: a write that the client does not take in time fails, which
+        // ends the connection.
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(opts.write_timeout));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            .serve_connection(
+                TokioIo::new(Box::pin(stream)),
+                TowerToHyperService::new(app.clone()),
+            );
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A client gone, a header read timed out: the connection's end, nothing to answer.
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection closed");
@@ -121,22 +185,31 @@ pub async fn serve(
     }
     // Connections still in the kernel's queue are refused from here on.
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(opts.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "closing the connections still answering after the shutdown timeout"
+        );
+    }
+    // Dropped, the set aborts what is left: each task closes its connection.
+    drop(connections);
 }
 
-/// After a failed accept: nothing for an error of the one connection (it is gone); a second's
-/// pause for one of the process (out of file descriptors), which retrying at once would only
-/// repeat.
-async fn accept_failed(e: std::io::Error) {
+/// Whether a failed accept is the process's (out of file descriptors: logged, and worth a
+/// pause) rather than the one connection's (gone already: nothing to do).
+fn accept_failed(e: std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
     if matches!(
         e.kind(),
         ConnectionAborted | ConnectionRefused | ConnectionReset
     ) {
-        return;
+        return false;
     }
     tracing::error!(error = %e, "could not accept a connection; accepting again in a second");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    true
 }
 
 #[cfg(test)]
@@ -158,7 +231,10 @@ mod tests {
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let app = Router::new().route("/", get(|| async { "ok" }));
+        // `/big`: an answer far larger than the socket buffers of both ends.
+        let app = Router::new()
+            .route("/", get(|| async { "ok" }))
+            .route("/big", get(|| async { vec![b'x'; BIG] }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, app, opts, async move {
             // Sent or dropped: either way, stop.
@@ -168,6 +244,7 @@ mod tests {
     }
 
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    const BIG: usize = 64 << 20;
 
     /// Reads one answer of `GET /` (`ok`, 2 bytes) from `c`.
     async fn answer(c: &mut TcpStream) -> String {
@@ -197,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn headers_sent_too_slowly_and_idle_connections_are_closed() {
-        let header_timeout = Duration::from_millis(400);
+        let header_timeout = Duration::from_millis(1000);
         let (addr, _stop, _task) = server(ServeOptions {
             header_timeout,
             ..ServeOptions::default()
@@ -209,7 +286,7 @@ mod tests {
             .await
             .expect("write");
         let took = closed(&mut slow, Duration::from_secs(10)).await;
-        assert!(took >= Duration::from_millis(300), "closed early: {took:?}");
+        assert!(took >= Duration::from_millis(800), "closed early: {took:?}");
         // Nothing at all.
         let mut silent = TcpStream::connect(addr).await.expect("connect");
         closed(&mut silent, Duration::from_secs(10)).await;
@@ -220,11 +297,75 @@ mod tests {
         closed(&mut idle, Duration::from_secs(10)).await;
         // A client that keeps asking is served as long as it asks.
         let mut busy = TcpStream::connect(addr).await.expect("connect");
-        for _ in 0..4 {
+        for _ in 0..6 {
             busy.write_all(REQUEST).await.expect("write");
             answer(&mut busy).await;
-            tokio::time::sleep(header_timeout / 2).await;
+            tokio::time::sleep(header_timeout / 4).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_gives_its_slot_back() {
+        let (addr, _stop, _task) = server(ServeOptions {
+            write_timeout: Duration::from_millis(500),
+            max_connections: 1,
+            ..ServeOptions::default()
+        })
+        .await;
+        // Asks for 64 MiB and reads none of it: the server's write waits, then fails.
+        let mut stalled = TcpStream::connect(addr).await.expect("connect");
+        stalled
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        // The one slot is the stalled client's until its write times out; then this one is
+        // served.
+        let mut next = TcpStream::connect(addr).await.expect("connect");
+        next.write_all(REQUEST).await.expect("write");
+        let got = tokio::time::timeout(Duration::from_secs(20), answer(&mut next))
+            .await
+            .expect("served once the stalled connection was closed");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        // What the stalled client reads now ends short of the answer.
+        let mut read = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), stalled.read(&mut buf)).await {
+                Err(_) => panic!("the stalled connection is still open after {read} bytes"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => read += n,
+            }
+        }
+        assert!(read < BIG, "the whole answer came: {read} bytes");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_what_is_left_after_its_timeout() {
+        let (addr, stop, task) = server(ServeOptions {
+            header_timeout: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_millis(300),
+            ..ServeOptions::default()
+        })
+        .await;
+        // Half a request's headers: not idle, so a graceful shutdown waits for it.
+        let mut half = TcpStream::connect(addr).await.expect("connect");
+        half.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).expect("the server listens for its stop");
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("serve returned after its shutdown timeout, not the header timeout")
+            .expect("serve did not panic");
+        closed(&mut half, Duration::from_secs(20)).await;
+    }
+
+    #[test]
+    fn connections_stay_under_half_the_open_file_limit() {
+        assert_eq!(slots_for(1024, None), 1024);
+        assert_eq!(slots_for(1024, Some(1024)), 512);
+        assert_eq!(slots_for(100, Some(1 << 20)), 100);
+        assert_eq!(slots_for(0, Some(1024)), 1);
+        assert_eq!(slots_for(10, Some(1)), 1);
     }
 
     #[tokio::test]
@@ -232,6 +373,7 @@ mod tests {
         let (addr, stop, task) = server(ServeOptions {
             header_timeout: Duration::from_secs(60),
             max_connections: 2,
+            ..ServeOptions::default()
         })
         .await;
         let mut held = Vec::new();
