@@ -190,6 +190,13 @@ pub async fn delete(store: &dyn Store, actor: &str, yes: bool, json: bool) -> Re
                 remaining_ms as f64 / 1000.0
             )));
         }
+        Err(loom_core::StoreError::LeaseLost { .. }) => {
+            return Err(Failure(format!(
+                "nothing of {a} was deleted: another tool holds it (a `loom mailbox bury` under \
+                 way), or the store answered after this tool's hold on the partition ran out \
+                 (a node may have taken it since); run it again"
+            )));
+        }
         Err(e) => return Err(e.into()),
     }
     report(

@@ -171,7 +171,7 @@ async fn messages_wait_in_the_outbox_while_relays_stop_and_survive_senders_compa
                 .compact(s, &Snapshot::new(10, json!({})), 1, None)
                 .await
                 .unwrap();
-            store.delete(s).await.unwrap();
+            store.delete(s, None).await.unwrap();
         }
     }
     let store = EmbeddedStore::open(dir.path()).unwrap();

@@ -519,7 +519,7 @@ async fn the_state_at_a_seq_at_the_edges_of_a_journal() {
         state_at(&store, &unknown, 1).await,
         Err(StateAtError::NoJournal(_))
     ));
-    store.delete(&a).await.expect("delete");
+    store.delete(&a, None).await.expect("delete");
     assert!(
         matches!(at(12).await, Err(StateAtError::Deleted { highest: 12, .. })),
         "{:?}",

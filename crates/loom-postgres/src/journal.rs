@@ -248,12 +248,19 @@ impl JournalStore for PostgresStore {
         })
     }
 
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
-        sqlx::query(self.q("SELECT {s}.delete($1)"))
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
+        let status: String = sqlx::query_scalar(self.q("SELECT {s}.delete($1, $2)"))
             .bind(actor.as_str())
-            .execute(&self.pool)
+            .bind(fence.map(|l| fence_token(actor, l)).transpose()?)
+            .fetch_one(&self.pool)
             .await
             .map_err(pe)?;
+        if status == "lost" {
+            return Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            });
+        }
         Ok(())
     }
 

@@ -80,7 +80,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// assert_eq!(loom_postgres::MIGRATIONS.len() as i32, loom_postgres::SCHEMA_VERSION);
 /// assert!(loom_postgres::MIGRATIONS[0].contains("CREATE TABLE {s}.journal"));
 /// ```
-pub const MIGRATIONS: [&str; 15] = [
+pub const MIGRATIONS: [&str; 16] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
@@ -96,6 +96,7 @@ pub const MIGRATIONS: [&str; 15] = [
     include_str!("schema_v13.sql"),
     include_str!("schema_v14.sql"),
     include_str!("schema_v15.sql"),
+    include_str!("schema_v16.sql"),
 ];
 
 /// Settings of a [`PostgresStore`].

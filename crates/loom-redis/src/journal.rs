@@ -270,10 +270,23 @@ impl JournalStore for RedisStore {
         }
     }
 
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
         let k = self.keys.journal(actor);
-        self.run(&self.scripts.delete, &[&k.j, &k.jm, &k.sn, &k.sz], vec![])
-            .await?;
+        let (ls, own) = self.keys.fence(actor, fence)?;
+        let mut args = Vec::new();
+        if let Some(l) = fence {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
+        }
+        let mut keys = vec![k.j.as_str(), &k.jm, &k.sn, &k.sz, &ls];
+        keys.extend(own.as_deref());
+        let r = self.run(&self.scripts.delete, &keys, args).await?;
+        if status(&r) == "lost" {
+            return Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            });
+        }
         Ok(())
     }
 

@@ -525,8 +525,12 @@ local function compact(KEYS, ARGV)
   return { 'ok', tostring(j_trim(KEYS[1], KEYS[2], oldest)) }
 end
 
--- KEYS: j, jm, sn, sz
+-- KEYS: j, jm, sn, sz, ls (the fence's), then the actor's own ls for a partition's fence
+-- ARGV: owner, token (with a fence)
 local function delete(KEYS, ARGV)
+  if ARGV[1] then
+    if not fence_held(KEYS[5], KEYS[6], ARGV[1], ARGV[2]) then return { 'lost' } end
+  end
   local h = num(redis.call('HGET', KEYS[2], 'h'))
   redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
   if h > 0 then redis.call('HSET', KEYS[2], 't', h, 'd', h) end

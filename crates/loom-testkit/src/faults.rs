@@ -357,7 +357,7 @@ impl JournalStore for FaultyStore {
             .await
     }
 
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
         let paused = self
             .faults
             .pause_delete
@@ -368,7 +368,7 @@ impl JournalStore for FaultyStore {
             pause.reached.notify_one();
             pause.resume.notified().await;
         }
-        self.inner.delete(actor).await
+        self.inner.delete(actor, fence).await
     }
 
     async fn list_actors(

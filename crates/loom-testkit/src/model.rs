@@ -205,7 +205,7 @@ impl Run {
                 prop_assert_eq!(kind(&got), want, "{:?} gave {:?}", op, got);
             }
             Op::Delete { actor: n } => {
-                let got = self.store().delete(&actor(n)).await;
+                let got = self.store().delete(&actor(n), None).await;
                 let m = &mut self.model[n as usize];
                 m.entries.clear();
                 m.snapshots.clear();

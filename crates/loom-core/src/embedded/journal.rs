@@ -206,6 +206,31 @@ fn compact(
     Ok(oldest)
 }
 
+/// A write's fence and what it fences of the actor, as [`EmbeddedStore::fence_for`] found it:
+/// checked inside the write's transaction.
+type Fence = Option<(Lease, crate::store::backend::FenceOf)>;
+
+/// Refuses the write with [`StoreError::LeaseLost`] unless `fence`, if any, is held.
+fn check(tx: &mut Tx<'_>, actor: &ActorId, fence: &Fence) -> StoreResult<()> {
+    match fence {
+        Some((lease, of)) => lease::check_fence(tx, actor, lease, *of),
+        None => Ok(()),
+    }
+}
+
+impl EmbeddedStore {
+    /// `fence` with what it fences of `actor` (its own lease or its partition's), refused at
+    /// once when it fences nothing of it.
+    fn fence_for(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<Fence> {
+        fence
+            .map(|f| {
+                crate::store::backend::fence_of(actor, f, self.partitions())
+                    .map(|of| (f.clone(), of))
+            })
+            .transpose()
+    }
+}
+
 pub(super) fn delete(tx: &mut Tx<'_>, actor: &ActorId) -> StoreResult<()> {
     let meta = tx.journal_meta.get()?;
     let (highest, trimmed) = meta_of(&**meta, actor.as_str())?;
@@ -348,23 +373,24 @@ impl JournalStore for EmbeddedStore {
     ) -> StoreResult<Seq> {
         let p = self.part(actor);
         let bytes = prepare_snapshot(actor, snapshot, keep)?;
-        let of = fence
-            .map(|f| crate::store::backend::fence_of(actor, f, self.partitions()))
-            .transpose()?;
-        let (actor, seq, fence) = (actor.clone(), snapshot.seq, fence.cloned());
+        let fence = self.fence_for(actor, fence)?;
+        let (actor, seq) = (actor.clone(), snapshot.seq);
         self.write_in(p, move |tx| {
-            if let (Some(fence), Some(of)) = (&fence, of) {
-                lease::check_fence(tx, &actor, fence, of)?;
-            }
+            check(tx, &actor, &fence)?;
             compact(tx, &actor, seq, &bytes, keep)
         })
         .await
     }
 
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
         let p = self.part(actor);
+        let fence = self.fence_for(actor, fence)?;
         let actor = actor.clone();
-        self.write_in(p, move |tx| delete(tx, &actor)).await
+        self.write_in(p, move |tx| {
+            check(tx, &actor, &fence)?;
+            delete(tx, &actor)
+        })
+        .await
     }
 
     async fn begin_at(&self, actor: &ActorId, through: Seq) -> StoreResult<()> {

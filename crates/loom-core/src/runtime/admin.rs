@@ -121,6 +121,11 @@ pub async fn bury_mailbox(
 /// is released when the tool is done, and runs out by itself if the tool dies.
 const TOOL_LEASE: Duration = Duration::from_secs(30);
 
+/// How long [`delete_journal`] takes a partition's lease for: as long as a node's default
+/// lease ttl, so that a tool that dies holding it keeps the partition's actors waiting no
+/// longer than a node's crash would. Its fenced delete fails rather than outlast it.
+const PARTITION_HOLD: Duration = Duration::from_secs(10);
+
 /// Refused with [`StoreError::LeaseHeld`] naming the node while a node owns `actor`'s
 /// partition: that node runs the actor, and may hold its state in memory.
 async fn refuse_while_owned(store: &dyn Store, actor: &ActorId) -> Result<(), StoreError> {
@@ -160,9 +165,11 @@ async fn release_tool_lease(store: &dyn Store, lease: &crate::store::Lease) {
 /// would: refused with [`StoreError::LeaseHeld`] naming the node while a node owns it (stop
 /// it first, or wait for the kind to have no host). While the tool holds it no node can take
 /// the partition, and a node that ran the actor before holds a lease this take outdated, whose
-/// writes the store refuses (rule D8): no node's turn lands on the emptied journal. Then it
-/// takes the actor's own lease ([`StoreError::LeaseHeld`] if another tool holds it), deletes,
-/// and releases both.
+/// writes the store refuses (rule D8): no node's turn lands on the emptied journal. The delete
+/// is fenced by that lease, so one that reaches the store after the lease ran out (a stalled
+/// connection) deletes nothing ([`StoreError::LeaseLost`]), and so is refused while another
+/// tool holds the actor's own lease ([`bury_mailbox`] burying its messages). Then it releases
+/// the lease.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -190,7 +197,7 @@ pub async fn delete_journal(
     // and a node taking the partition between them could load the actor before the delete and
     // write on top of it after. Taken, it keeps every node off the partition until released.
     let held = match store
-        .acquire(&partition_lease(store, actor), owner, TOOL_LEASE)
+        .acquire(&partition_lease(store, actor), owner, PARTITION_HOLD)
         .await
     {
         Ok(held) => held,
@@ -210,14 +217,7 @@ pub async fn delete_journal(
         }
         Err(e) => return Err(e),
     };
-    let result = match store.acquire(actor, owner, TOOL_LEASE).await {
-        Ok(lease) => {
-            let deleted = store.delete(actor).await;
-            release_tool_lease(store, &lease).await;
-            deleted
-        }
-        Err(e) => Err(e),
-    };
+    let result = store.delete(actor, Some(&held)).await;
     release_tool_lease(store, &held).await;
     result
 }

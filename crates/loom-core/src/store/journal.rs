@@ -197,7 +197,10 @@ pub trait JournalStore: Send + Sync + 'static {
     /// Removes every entry and snapshot of the actor. Its highest seq is kept: the next append
     /// must use `highest + 1`, so a seq is never reused; and no snapshot at or below it is
     /// accepted again (a compaction that was under way cannot bring the deleted state back).
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()>;
+    /// Only while `fence` is held ([`StoreError::LeaseLost`] otherwise, nothing deleted; a
+    /// fence is checked as a [`Turn`](crate::store::Turn)'s is): a tool deleting under its
+    /// partition's lease deletes nothing once a node has taken the partition from it.
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()>;
 
     /// Makes an actor that has no journal (highest 0) look as if entries `1..=through` had been
     /// written and trimmed: highest and trim point become `through`, so the next append is

@@ -499,9 +499,15 @@ impl JournalStore for SimStore {
         .await
     }
 
-    async fn delete(&self, actor: &ActorId) -> StoreResult<()> {
-        let id = actor.clone();
-        self.update("delete", actor.as_str(), move |d, _| {
+    async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
+        let of = fence
+            .map(|f| loom_core::store::backend::fence_of(actor, f, self.inner.partitions))
+            .transpose()?;
+        let (id, fence) = (actor.clone(), fence.cloned());
+        self.update("delete", actor.as_str(), move |d, now| {
+            if let (Some(fence), Some(of)) = (&fence, of) {
+                d.leases.check_fence(&id, fence, of, now)?;
+            }
             d.journals.delete(&id);
             Ok(())
         })

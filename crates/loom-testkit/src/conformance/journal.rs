@@ -69,6 +69,7 @@ pub(super) fn cases() -> Vec<Case> {
         strict_read_fails_when_its_start_was_trimmed,
         compact_saves_and_trims_in_one_write,
         compact_fenced_by_a_lost_lease_changes_nothing,
+        delete_fenced_by_a_partition_lease_no_longer_held_deletes_nothing,
         no_snapshot_brings_a_deleted_journal_back,
     ]
 }
@@ -628,7 +629,7 @@ async fn highest_not_reset_by_trim(store: Arc<dyn Store>) {
 async fn highest_not_reset_by_delete_and_seqs_never_reused(store: Arc<dyn Store>) {
     let a = id("a");
     fill(&*store, &a, 10).await;
-    store.delete(&a).await.unwrap();
+    store.delete(&a, None).await.unwrap();
     assert_eq!(store.highest_seq(&a).await.unwrap(), 10);
     assert!(matches!(
         store.append(&a, 1, &entries(1, 1)).await.unwrap_err(),
@@ -636,8 +637,8 @@ async fn highest_not_reset_by_delete_and_seqs_never_reused(store: Arc<dyn Store>
     ));
     store.append(&a, 11, &entries(11, 11)).await.unwrap();
     assert_eq!(all_seqs(&*store, &a).await, vec![11]);
-    store.delete(&a).await.unwrap();
-    store.delete(&a).await.unwrap();
+    store.delete(&a, None).await.unwrap();
+    store.delete(&a, None).await.unwrap();
     assert_eq!(store.highest_seq(&a).await.unwrap(), 11);
 }
 
@@ -671,7 +672,7 @@ async fn deleted_journal_is_not_replayed_and_its_snapshots_are_gone(store: Arc<d
     fill(&*store, &a, 5).await;
     fill(&*store, &b, 5).await;
     store.save_snapshot(&a, &snap(3), 2).await.unwrap();
-    store.delete(&a).await.unwrap();
+    store.delete(&a, None).await.unwrap();
     assert!(all_seqs(&*store, &a).await.is_empty());
     assert!(store.load_snapshot(&a, Seq::MAX).await.unwrap().is_none());
     let info = store.info(&a).await.unwrap();
@@ -1135,7 +1136,7 @@ async fn strict_read_fails_when_its_start_was_trimmed(store: Arc<dyn Store>) {
         span(6, 10)
     );
     // A deleted journal: nothing to read strictly from anywhere it held.
-    store.delete(&a).await.unwrap();
+    store.delete(&a, None).await.unwrap();
     let err = store
         .read(&a, SeqRange::all().from(6).strict())
         .try_collect::<Vec<Entry>>()
@@ -1202,11 +1203,49 @@ async fn compact_fenced_by_a_lost_lease_changes_nothing(store: Arc<dyn Store>) {
     assert_eq!(store.compact(&a, &snap(6), 1, Some(&new)).await.unwrap(), 6);
 }
 
+/// `loom journal delete` deletes under the lease of the actor's partition: held, the journal
+/// goes; run out, taken by a node, or with another tool holding the actor's own lease, nothing
+/// is deleted (rule D11). Before, the delete took no fence: one that reached the store late
+/// emptied a journal a node had loaded meanwhile.
+async fn delete_fenced_by_a_partition_lease_no_longer_held_deletes_nothing(store: Arc<dyn Store>) {
+    use loom_core::partition::{ownership_partitions, partition_of};
+    use std::time::Duration;
+    let (a, b) = (id("a"), id("b"));
+    fill(&*store, &a, 3).await;
+    fill(&*store, &b, 3).await;
+    let parts = ownership_partitions(store.partitions());
+    let part = |x: &ActorId| ActorId::partition_lease(x.kind(), partition_of(x, parts));
+    let (ttl, long) = (Duration::from_millis(300), Duration::from_secs(60));
+    // Held: deleted.
+    let held = store.acquire(&part(&b), "tool", long).await.unwrap();
+    store.delete(&b, Some(&held)).await.unwrap();
+    assert!(all_seqs(&*store, &b).await.is_empty());
+    store.release(&held).await.unwrap();
+    // Held, but another tool holds the actor's own lease: refused.
+    let held = store.acquire(&part(&a), "tool", long).await.unwrap();
+    let other = store.acquire(&a, "other-tool", long).await.unwrap();
+    let err = store.delete(&a, Some(&held)).await.unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    store.release(&other).await.unwrap();
+    store.release(&held).await.unwrap();
+    // Run out, with nobody else holding it: refused.
+    let old = store.acquire(&part(&a), "tool", ttl).await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(150)).await;
+    let err = store.delete(&a, Some(&old)).await.unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    // Taken by a node since: refused.
+    let node = store.acquire(&part(&a), "node", long).await.unwrap();
+    let err = store.delete(&a, Some(&old)).await.unwrap_err();
+    assert!(matches!(err, StoreError::LeaseLost { .. }), "{err:?}");
+    assert_eq!(all_seqs(&*store, &a).await, span(1, 3));
+    store.release(&node).await.unwrap();
+}
+
 async fn no_snapshot_brings_a_deleted_journal_back(store: Arc<dyn Store>) {
     let a = id("a");
     fill(&*store, &a, 5).await;
     store.save_snapshot(&a, &snap(3), 2).await.unwrap();
-    store.delete(&a).await.unwrap();
+    store.delete(&a, None).await.unwrap();
     // A compaction that read the journal before the delete finishes after it: refused, at the
     // deletion point and below.
     for seq in [3, 5] {

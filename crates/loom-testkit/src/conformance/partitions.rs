@@ -317,7 +317,7 @@ async fn a_sender_compacted_or_deleted_before_the_move_still_delivers_once(store
             .compact(s, &loom_core::Snapshot::new(1, json!({})), 1, None)
             .await
             .expect("compact");
-        store.delete(s).await.expect("delete");
+        store.delete(s, None).await.expect("delete");
     }
     for t in &targets {
         arrived(&*store, t, senders.len() as u64).await;
