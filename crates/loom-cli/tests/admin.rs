@@ -1499,7 +1499,7 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
         store.append(&b, 1, &six).await.expect("append");
     });
     let cli = loom_testkit::servers::find_binary("redis-cli", "apt-get install -y redis-tools");
-    let removed = std::process::Command::new(cli)
+    let removed = std::process::Command::new(&cli)
         .arg("-s")
         .arg(server.socket())
         .args(["XDEL", "live:{live/b}:j", "3-0"])
@@ -1571,6 +1571,38 @@ fn verify_of_a_store_in_use_finds_no_damage_in_its_moves() {
     ]);
     let v: serde_json::Value = serde_json::from_str(err.trim()).expect("one JSON object");
     assert!(code == Some(1) && v["damage"] == true, "{code:?} {v}");
+    // live/c: one entry of a format a newer build writes (version byte 9), made by hand: not
+    // damage this build can judge, so exit 2, saying why.
+    let made = std::process::Command::new(&cli)
+        .arg("-s")
+        .arg(server.socket())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            let mut stdin = c.stdin.take().expect("stdin");
+            stdin.write_all(
+                format!(
+                    "XADD live:{{live/c}}:j 1-0 e \"\\x09{}\"\nHSET live:{{live/c}}:jm h 1\n",
+                    "a".repeat(63)
+                )
+                .as_bytes(),
+            )?;
+            drop(stdin);
+            c.wait_with_output()
+        })
+        .expect("redis-cli");
+    assert_eq!(
+        String::from_utf8_lossy(&made.stdout).trim(),
+        "1-0\n1",
+        "{made:?}"
+    );
+    let (code, out, err) = verify(Some("live/c"));
+    assert!(
+        code == Some(2) && err.contains("written by a newer build"),
+        "{code:?} {out}{err}"
+    );
     stop.store(true, Ordering::Relaxed);
     rt.block_on(writer).expect("writer");
     let written = written.load(Ordering::Relaxed);
