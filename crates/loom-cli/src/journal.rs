@@ -110,14 +110,14 @@ pub async fn verify(
                 damaged += 1;
                 problem(format!("{a}: {}", hole(expected, found)));
             }
-            // A record of a format this build does not know was written by a newer one: not
-            // damage this build can judge.
+            // A record of a format version past this build's was written by a newer one: not
+            // damage this build can judge. (A version byte of 0, or one between, is damage.)
             Err(
                 e @ StoreError::Corrupt {
-                    source: loom_core::codec::CodecError::UnknownVersion { .. },
+                    source: loom_core::codec::CodecError::UnknownVersion { found },
                     ..
                 },
-            ) => {
+            ) if found > loom_core::codec::FORMAT_ZSTD => {
                 unchecked += 1;
                 problem(format!(
                     "{a}: not checked: {e} (written by a newer build: check it with that build's loom)"
@@ -166,8 +166,9 @@ pub async fn verify(
                 wrong.len()
             ));
         }
-        // Damage for sure only when every journal was checked.
-        if unchecked == 0 {
+        // Damage found is damage, whatever could not be checked besides; with none found, an
+        // error that kept journals from being checked is a failure to check.
+        if damaged > 0 || !wrong.is_empty() {
             loom_cli::output::found_damage();
         }
         return Err(listed(said.join("; "), &problems, json));

@@ -197,7 +197,8 @@ enum Command {
         /// in milliseconds; its connection is closed after it.
         #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
         header_timeout_ms: u64,
-        /// Most connections served at once; more wait in the listen queue.
+        /// Most connections served at once (at most half the open-file limit, `ulimit -n`);
+        /// more wait in the listen queue.
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
         max_connections: u64,
     },
@@ -248,7 +249,8 @@ enum JournalCommand {
         bytes: bool,
     },
     /// Reads every entry and snapshot and checks it (checksums, numbering, no gaps). Exits 1
-    /// when it found damage, 2 when an error kept it from checking everything.
+    /// when it found damage, 2 when it found none but an error kept it from checking
+    /// everything.
     Verify {
         /// Only this actor, as `kind/key`.
         actor: Option<String>,

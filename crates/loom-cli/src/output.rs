@@ -72,8 +72,7 @@ static DAMAGE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::ne
 
 /// Marks this run as having found damage in what it checked, so that its failure exits with
 /// [`EXIT_DAMAGE`] rather than [`EXIT_FAILED`]: a script tells "the data is damaged" from "the
-/// check could not run" (a store out of reach). Only a check that ran to its end marks it;
-/// one an error cut short has found nothing for sure.
+/// check could not run" (a store out of reach), which found nothing for sure.
 pub fn found_damage() {
     DAMAGE.store(true, std::sync::atomic::Ordering::SeqCst);
 }

@@ -7,9 +7,12 @@
 //!   when it ends, whether it ended well or not. At the cap, connections wait in the kernel's
 //!   listen queue, not in this process: a flood of them cannot take the file descriptors the
 //!   runtime's store needs. The slots are at most half the process's open-file limit.
-//! - Every connection ends: one idle or trickling headers at the header timeout, one whose
-//!   client stops reading its answer at the write timeout, and at shutdown whatever is left
-//!   after the shutdown timeout.
+//! - A connection ends when its client stalls: one idle or trickling headers at the header
+//!   timeout, one whose client stops reading its answer at the write timeout, and at shutdown
+//!   whatever is left after the shutdown timeout. (A client that reads an answer a few bytes
+//!   per write timeout keeps its connection as long as the answer lasts: a limit per client
+//!   is a proxy's.)
+//! - No timeout overflows a clock: each is at most [`LONGEST`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,8 +42,8 @@ pub struct ServeOptions {
     /// client trickling headers (slowloris), or keeping a connection idle, holds it no longer.
     /// A request's body has its own limit ([`Options::body_timeout`](crate::Options)).
     pub header_timeout: Duration,
-    /// Longest a write of an answer may wait for the client to take it (default 30 s): a
-    /// client that asks for a large answer and stops reading it has its connection closed.
+    /// Longest a write of an answer may wait for the client to take any of it (default 30 s):
+    /// a client that asks for a large answer and stops reading it has its connection closed.
     pub write_timeout: Duration,
     /// Most connections served at once (default 1 024; 0 counts as 1), and at most half the
     /// process's limit of open files (`ulimit -n`), which the store's files and sockets need
@@ -62,6 +65,10 @@ impl Default for ServeOptions {
         }
     }
 }
+
+/// The longest any of [`ServeOptions`]' timeouts is taken to be: a year, far from where adding
+/// it to the clock overflows (which hyper and the write timeout's stream would panic at).
+pub const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The slots [`serve`] gives connections: `wanted`, at least 1, and at most half of `files`,
 /// the process's limit of open files, when it has one.
@@ -166,10 +173,10 @@ pub async fn serve(
         // hyper times headers only: a write that the client does not take in time fails, which
         // ends the connection.
         let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-        stream.set_write_timeout(Some(opts.write_timeout));
+        stream.set_write_timeout(Some(opts.write_timeout.min(LONGEST)));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(opts.header_timeout)
+            .header_read_timeout(opts.header_timeout.min(LONGEST))
             .serve_connection(
                 TokioIo::new(Box::pin(stream)),
                 TowerToHyperService::new(app.clone()),
@@ -185,16 +192,13 @@ pub async fn serve(
     }
     // Connections still in the kernel's queue are refused from here on.
     drop(listener);
-    if tokio::time::timeout(opts.shutdown_timeout, graceful.shutdown())
+    if tokio::time::timeout(opts.shutdown_timeout.min(LONGEST), graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!(
-            open = connections.len(),
-            "closing the connections still answering after the shutdown timeout"
-        );
+        tracing::warn!("closing the connections still answering after the shutdown timeout");
     }
-    // Dropped, the set aborts what is left: each task closes its connection.
+    // Dropped, the set aborts what is left: each task, when it stops, closes its connection.
     drop(connections);
 }
 
@@ -244,7 +248,7 @@ mod tests {
     }
 
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    const BIG: usize = 64 << 20;
+    const BIG: usize = 16 << 20;
 
     /// Reads one answer of `GET /` (`ok`, 2 bytes) from `c`.
     async fn answer(c: &mut TcpStream) -> String {
@@ -312,8 +316,13 @@ mod tests {
             ..ServeOptions::default()
         })
         .await;
-        // Asks for 64 MiB and reads none of it: the server's write waits, then fails.
-        let mut stalled = TcpStream::connect(addr).await.expect("connect");
+        // Asks for 16 MiB and reads none of it, with a small receive buffer (so that the
+        // answer cannot fit in the buffers of both ends): the server's write waits, then fails.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(16 << 10)
+            .expect("receive buffer");
+        let mut stalled = socket.connect(addr).await.expect("connect");
         stalled
             .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -351,12 +360,56 @@ mod tests {
         let mut half = TcpStream::connect(addr).await.expect("connect");
         half.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = Instant::now();
         stop.send(()).expect("the server listens for its stop");
         tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .expect("serve returned after its shutdown timeout, not the header timeout")
             .expect("serve did not panic");
+        // It waited for the connection mid-headers (accepted, not dropped with the listener).
+        assert!(
+            stopped.elapsed() >= Duration::from_millis(250),
+            "returned at once: {:?}",
+            stopped.elapsed()
+        );
         closed(&mut half, Duration::from_secs(20)).await;
+    }
+
+    #[tokio::test]
+    async fn timeouts_of_duration_max_serve_and_stall_without_a_panic() {
+        let (addr, _stop, _task) = server(ServeOptions {
+            header_timeout: Duration::MAX,
+            write_timeout: Duration::MAX,
+            shutdown_timeout: Duration::MAX,
+            ..ServeOptions::default()
+        })
+        .await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(REQUEST).await.expect("write");
+        let got = tokio::time::timeout(Duration::from_secs(20), answer(&mut c))
+            .await
+            .expect("answered");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        // A stalled write starts the write timer: the connection stays open.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(16 << 10)
+            .expect("receive buffer");
+        let mut stalled = socket.connect(addr).await.expect("connect");
+        stalled
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut read = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while read < BIG {
+            match tokio::time::timeout(Duration::from_secs(20), stalled.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => panic!("closed after {read} bytes"),
+                Ok(Ok(n)) => read += n,
+                Err(_) => panic!("stuck after {read} bytes"),
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 -- reached the server only after that lease ran out (a stalled connection) could empty a journal
 -- a node had taken and loaded meanwhile, and the node's next turn would write on top of it. Now
 -- the delete checks its fence in its own transaction: 'lost', nothing deleted, once the lease
--- is no longer held. The one-argument `delete` of version 3 stays for older builds.
+-- is no longer held. The one-argument `delete` of version 3 stays (`retire` does as it does).
 -- Every statement can run again on a schema that has it.
 CREATE OR REPLACE FUNCTION {s}.delete(p_actor text, p_fence_token bigint) RETURNS text
 LANGUAGE plpgsql AS $$

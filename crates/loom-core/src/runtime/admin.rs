@@ -117,7 +117,7 @@ pub async fn bury_mailbox(
     result
 }
 
-/// How long a tool's own lease on an actor ([`bury_mailbox`], [`delete_journal`]) lasts; it
+/// How long a tool's own lease on an actor ([`bury_mailbox`]) lasts; it
 /// is released when the tool is done, and runs out by itself if the tool dies.
 const TOOL_LEASE: Duration = Duration::from_secs(30);
 
