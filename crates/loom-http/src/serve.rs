@@ -262,6 +262,20 @@ mod tests {
         String::from_utf8(got).expect("utf-8")
     }
 
+    /// A connection with a small receive buffer (so that a big answer cannot fit in the
+    /// buffers of both ends) that has asked for `/big` and reads none of it yet.
+    async fn ask_for_big(addr: std::net::SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(16 << 10)
+            .expect("receive buffer");
+        let mut c = socket.connect(addr).await.expect("connect");
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        c
+    }
+
     /// Waits (at most `within`) for `c` to be closed by the server; returns how long it took.
     async fn closed(c: &mut TcpStream, within: Duration) -> Duration {
         let began = Instant::now();
@@ -316,17 +330,8 @@ mod tests {
             ..ServeOptions::default()
         })
         .await;
-        // Asks for 16 MiB and reads none of it, with a small receive buffer (so that the
-        // answer cannot fit in the buffers of both ends): the server's write waits, then fails.
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .set_recv_buffer_size(16 << 10)
-            .expect("receive buffer");
-        let mut stalled = socket.connect(addr).await.expect("connect");
-        stalled
-            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
+        // Asks for 16 MiB and reads none of it: the server's write waits, then fails.
+        let mut stalled = ask_for_big(addr).await;
         // The one slot is the stalled client's until its write times out; then this one is
         // served.
         let mut next = TcpStream::connect(addr).await.expect("connect");
@@ -391,15 +396,7 @@ mod tests {
             .expect("answered");
         assert!(got.starts_with("HTTP/1.1 200"), "{got}");
         // A stalled write starts the write timer: the connection stays open.
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .set_recv_buffer_size(16 << 10)
-            .expect("receive buffer");
-        let mut stalled = socket.connect(addr).await.expect("connect");
-        stalled
-            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
+        let mut stalled = ask_for_big(addr).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut read = 0;
         let mut buf = vec![0u8; 1 << 16];

@@ -102,6 +102,37 @@ pub(crate) fn snapshot_reply(
     }
 }
 
+impl RedisStore {
+    /// Runs a journal script fenced by `fence` (`fence_held` in `loom.lua`): the fence's lease
+    /// key (and the actor's own, for a partition's fence) after `keys`, its owner and token
+    /// after `args`. A fence no longer held is [`StoreError::LeaseLost`], nothing written.
+    async fn run_fenced(
+        &self,
+        entry: &'static crate::Entry,
+        actor: &ActorId,
+        keys: &[&str],
+        mut args: Vec<Vec<u8>>,
+        fence: Option<&Lease>,
+    ) -> StoreResult<Vec<Value>> {
+        let (ls, own) = self.keys.fence(actor, fence)?;
+        let mut keys = keys.to_vec();
+        keys.push(&ls);
+        keys.extend(own.as_deref());
+        if let Some(l) = fence {
+            args.push(s(&l.owner));
+            args.push(s(l.token));
+        }
+        let r = self.run(entry, &keys, args).await?;
+        if status(&r) == "lost" {
+            return Err(StoreError::LeaseLost {
+                actor: actor.clone(),
+                token: fence.map_or(0, |l| l.token),
+            });
+        }
+        Ok(r)
+    }
+}
+
 #[async_trait]
 impl JournalStore for RedisStore {
     async fn append(
@@ -208,21 +239,11 @@ impl JournalStore for RedisStore {
     ) -> StoreResult<Seq> {
         let frame = prepare_snapshot(actor, snapshot, keep)?;
         let k = self.keys.journal(actor);
-        let (ls, own) = self.keys.fence(actor, fence)?;
-        let mut args = vec![s(snapshot.seq), s(keep), frame];
-        if let Some(l) = fence {
-            args.push(s(&l.owner));
-            args.push(s(l.token));
-        }
-        let mut keys = vec![k.j.as_str(), &k.jm, &k.sn, &k.sz, &ls];
-        keys.extend(own.as_deref());
-        let r = self.run(&self.scripts.compact, &keys, args).await?;
-        if status(&r) == "lost" {
-            return Err(StoreError::LeaseLost {
-                actor: actor.clone(),
-                token: fence.map_or(0, |l| l.token),
-            });
-        }
+        let args = vec![s(snapshot.seq), s(keep), frame];
+        let keys = [k.j.as_str(), &k.jm, &k.sn, &k.sz];
+        let r = self
+            .run_fenced(&self.scripts.compact, actor, &keys, args, fence)
+            .await?;
         snapshot_reply(actor, snapshot.seq, &r, "compact")
             .and_then(|()| number(r.get(1), "trim point"))
     }
@@ -272,21 +293,9 @@ impl JournalStore for RedisStore {
 
     async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
         let k = self.keys.journal(actor);
-        let (ls, own) = self.keys.fence(actor, fence)?;
-        let mut args = Vec::new();
-        if let Some(l) = fence {
-            args.push(s(&l.owner));
-            args.push(s(l.token));
-        }
-        let mut keys = vec![k.j.as_str(), &k.jm, &k.sn, &k.sz, &ls];
-        keys.extend(own.as_deref());
-        let r = self.run(&self.scripts.delete, &keys, args).await?;
-        if status(&r) == "lost" {
-            return Err(StoreError::LeaseLost {
-                actor: actor.clone(),
-                token: fence.map_or(0, |l| l.token),
-            });
-        }
+        let keys = [k.j.as_str(), &k.jm, &k.sn, &k.sz];
+        self.run_fenced(&self.scripts.delete, actor, &keys, Vec::new(), fence)
+            .await?;
         Ok(())
     }
 

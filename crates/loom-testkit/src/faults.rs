@@ -67,9 +67,9 @@ pub struct Faults {
     pub lost_reply_percent: AtomicU32,
     rng: Mutex<Option<fastrand::Rng>>,
     corrupt: Mutex<HashSet<(ActorId, Seq)>>,
-    pause_read: Mutex<Option<Arc<ReadPause>>>,
-    pause_suspend: Mutex<Option<Arc<ReadPause>>>,
-    pause_delete: Mutex<Option<Arc<ReadPause>>>,
+    pause_read: PauseSlot,
+    pause_suspend: PauseSlot,
+    pause_delete: PauseSlot,
     /// How many failures were injected.
     pub injected: AtomicU64,
     /// Lease renewal calls that reached the store (`renew` and `renew_many`).
@@ -107,13 +107,41 @@ pub struct ReadPause {
     pub resume: tokio::sync::Notify,
 }
 
+/// Where a call waits for the case: armed by a `pause_next_*`, taken by the next such call.
+type PauseSlot = Mutex<Option<Arc<ReadPause>>>;
+
+impl ReadPause {
+    /// Arms `slot` with a new pause, which the case keeps.
+    fn arm(slot: &PauseSlot) -> Arc<ReadPause> {
+        let pause = Arc::new(ReadPause::default());
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
+        pause
+    }
+
+    /// The pause armed in `slot`, if any, taken: only the next call waits.
+    fn take(slot: &PauseSlot) -> Option<Arc<ReadPause>> {
+        slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Tells the case the call has arrived, and waits until the case lets it go on.
+    async fn hold(&self) {
+        self.reached.notify_one();
+        self.resume.notified().await;
+    }
+
+    /// Holds the call here if `slot` is armed.
+    async fn hold_if_armed(slot: &PauseSlot) {
+        if let Some(pause) = Self::take(slot) {
+            pause.hold().await;
+        }
+    }
+}
+
 impl Faults {
     /// Holds the next journal `read` before it reads anything, until the case notifies
     /// `resume` on the returned pause (it is told through `reached` when the read arrives).
     pub fn pause_next_read(&self) -> Arc<ReadPause> {
-        let pause = Arc::new(ReadPause::default());
-        *self.pause_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
-        pause
+        ReadPause::arm(&self.pause_read)
     }
 
     /// Holds the next mailbox `suspend` before it reaches the store, as [`pause_next_read`]
@@ -122,9 +150,7 @@ impl Faults {
     ///
     /// [`pause_next_read`]: Self::pause_next_read
     pub fn pause_next_suspend(&self) -> Arc<ReadPause> {
-        let pause = Arc::new(ReadPause::default());
-        *self.pause_suspend.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
-        pause
+        ReadPause::arm(&self.pause_suspend)
     }
 
     /// Holds the next journal `delete` before it reaches the store, as [`pause_next_read`]
@@ -133,9 +159,7 @@ impl Faults {
     ///
     /// [`pause_next_read`]: Self::pause_next_read
     pub fn pause_next_delete(&self) -> Arc<ReadPause> {
-        let pause = Arc::new(ReadPause::default());
-        *self.pause_delete.lock().unwrap_or_else(|p| p.into_inner()) = Some(pause.clone());
-        pause
+        ReadPause::arm(&self.pause_delete)
     }
 
     /// Makes the snapshot of `actor` at `seq` read as corrupt.
@@ -257,20 +281,13 @@ impl JournalStore for FaultyStore {
         if self.faults.take(&self.faults.fail_reads) {
             return Box::pin(futures::stream::once(async { Err(injected("read")) }));
         }
-        let paused = self
-            .faults
-            .pause_read
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(pause) = paused {
+        if let Some(pause) = ReadPause::take(&self.faults.pause_read) {
             // The read starts only once the case lets it: whatever the case does meanwhile (a
             // compaction, say) happens between the reader's look at the journal and its read.
             let (inner, actor) = (self.inner.clone(), actor.clone());
             return Box::pin(
                 futures::stream::once(async move {
-                    pause.reached.notify_one();
-                    pause.resume.notified().await;
+                    pause.hold().await;
                     inner.read(&actor, range)
                 })
                 .flatten(),
@@ -358,16 +375,7 @@ impl JournalStore for FaultyStore {
     }
 
     async fn delete(&self, actor: &ActorId, fence: Option<&Lease>) -> StoreResult<()> {
-        let paused = self
-            .faults
-            .pause_delete
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(pause) = paused {
-            pause.reached.notify_one();
-            pause.resume.notified().await;
-        }
+        ReadPause::hold_if_armed(&self.faults.pause_delete).await;
         self.inner.delete(actor, fence).await
     }
 
@@ -417,16 +425,7 @@ impl Mailbox for FaultyStore {
         delay: Duration,
         reason: &str,
     ) -> StoreResult<Suspension> {
-        let paused = self
-            .faults
-            .pause_suspend
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(pause) = paused {
-            pause.reached.notify_one();
-            pause.resume.notified().await;
-        }
+        ReadPause::hold_if_armed(&self.faults.pause_suspend).await;
         self.write("suspend", self.inner.suspend(receipt, lane, delay, reason))
             .await
     }
